@@ -1,0 +1,138 @@
+"""S3/MinIO backup store: dataset backups, virtual-entity backups and graph exports.
+
+The one place that talks to S3. Every minio/urllib3 error is wrapped into BackupError with the
+object key, never the credentials. Keys are plain strings like ``datasets/ds-v3/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from ..errors import BackupError
+
+T = TypeVar("T")
+
+
+class BackupStore:
+    def __init__(self, client: Minio, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self._bucket_checked = False
+
+    @classmethod
+    def connect(cls, endpoint: str, access_key: str | None, secret_key: str | None, bucket: str,
+                *, secure: bool = False, region: str = "us-east-1",
+                timeout: float = 30.0) -> BackupStore:
+        # Short timeouts and a bounded retry: an S3 outage must fail a stage, not hang cron.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
+            retries=urllib3.Retry(total=3, backoff_factor=0.2,
+                                  status_forcelist=(500, 502, 503, 504)),
+        )
+        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                       region=region, http_client=http)
+        return cls(client, bucket)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except S3Error as exc:
+            raise BackupError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BackupError(f"S3 {what} failed: {text}") from None
+
+    def ensure_bucket(self) -> None:
+        if self._bucket_checked:
+            return
+
+        def make() -> None:
+            if not self.client.bucket_exists(self.bucket):
+                try:
+                    self.client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+
+        self._call(f"bucket check of {self.bucket}", make)
+        self._bucket_checked = True
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"
+                  ) -> None:
+        self.ensure_bucket()
+        self._call(f"upload of {key}", lambda: self.client.put_object(
+            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type))
+
+    def put_file(self, key: str, path: str, content_type: str = "application/octet-stream"
+                 ) -> None:
+        self.ensure_bucket()
+        self._call(f"upload of {key}", lambda: self.client.fput_object(
+            self.bucket, key, path, content_type=content_type))
+
+    def put_json(self, key: str, obj: Any, *, gzipped: bool = False) -> None:
+        data = json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str).encode()
+        if gzipped:
+            self.put_bytes(key, gzip.compress(data, mtime=0), "application/gzip")
+        else:
+            self.put_bytes(key, data, "application/json")
+
+    def get_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            resp = self.client.get_object(self.bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(f"download of {key}", get)
+
+    def get_json(self, key: str) -> Any:
+        data = self.get_bytes(key)
+        if key.endswith(".gz"):
+            data = gzip.decompress(data)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise BackupError(f"S3 object {key} is not valid JSON") from None
+
+    def get_file(self, key: str, path: str) -> None:
+        self._call(f"download of {key}", lambda: self.client.fget_object(self.bucket, key, path))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return False
+            raise BackupError(f"S3 stat of {key} failed: {exc.code}") from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackupError(f"S3 stat of {key} failed: {exc}") from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        objects = self._call(f"listing of {prefix}", lambda: list(
+            self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        for obj in objects:
+            if obj.object_name:
+                yield obj.object_name
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list(prefix))
+        for key in keys:
+            self._call(f"delete of {key}", lambda k=key: self.client.remove_object(  # type: ignore[misc]
+                self.bucket, k))
+        return len(keys)
+
+    def ping(self) -> None:
+        """Raise BackupError unless the bucket can be reached."""
+        self._call(f"bucket check of {self.bucket}", lambda: self.client.bucket_exists(
+            self.bucket))

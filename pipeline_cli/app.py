@@ -1,0 +1,166 @@
+"""The CLI's context object: settings and outside-system clients, each built lazily once.
+
+Commands ask it for what they need (``app.settings``, ``app.runner()``, ``app.connect()`` ...)
+so that a command that needs no Redis never fails for a missing Redis setting. Everything it
+opens is closed when the Click context closes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+
+from . import db
+from .adapters.backups import BackupStore
+from .adapters.osrm import OsrmClient
+from .runner import Progress, StageRunner, no_progress
+from .settings import Settings, load_settings, redact
+
+
+@dataclass
+class App:
+    config_path: str | None = None
+    json: bool = False
+    log_format: str = "text"
+    verbosity: int = 0
+    resources: ExitStack = field(default_factory=ExitStack)
+    _settings: Settings | None = None
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+    def redact(self, text: str) -> str:
+        """Mask every known secret; works even before (or without) valid settings."""
+        try:
+            return self.settings.redact(text)
+        except Exception:  # settings unreadable: fall back to secrets found in the env
+            import os
+
+            return redact(text, [v for k, v in os.environ.items()
+                                 if k.startswith("PIPELINE_") and v and
+                                 any(w in k for w in ("PASSWORD", "SECRET", "TOKEN", "URL"))])
+
+    @property
+    def database_url(self) -> str:
+        return str(self.settings.require("database", "url"))
+
+    def connect(
+        self, *, autocommit: bool = False, name: str = "pipeline"
+    ) -> psycopg.Connection[Any]:
+        conn = db.connect(self.database_url, autocommit=autocommit, application_name=name,
+                          connect_timeout=self.settings.database.connect_timeout)
+        self.resources.callback(conn.close)
+        return conn
+
+    @property
+    def interactive(self) -> bool:
+        return sys.stderr.isatty() and self.log_format == "text" and self.verbosity >= 0
+
+    def progress_factory(self) -> Callable[[str, int | None], Any]:
+        if not self.interactive or self.json:
+            return no_progress
+        return rich_progress
+
+    def runner(self) -> StageRunner:
+        return StageRunner(
+            self.database_url,
+            redact=self.redact,
+            connect_timeout=self.settings.database.connect_timeout,
+            progress=self.progress_factory(),
+        )
+
+    def backups(self) -> BackupStore:
+        """The S3/MinIO backup store named by the [s3] settings."""
+        s3 = self.settings.s3
+
+        def build() -> BackupStore:
+            return BackupStore.connect(
+                str(self.settings.require("s3", "endpoint")), s3.access_key, s3.secret_key,
+                s3.bucket, secure=s3.secure, region=s3.region)
+
+        return self.cached("backups", build)
+
+    def odata(self) -> Any:
+        """The OData client for [odata] (an ``ODataClient``), closed with the invocation."""
+        def build() -> Any:
+            from .adapters.odata import ODataClient  # lazy: requests only where needed
+
+            client = ODataClient.from_settings(self.settings.odata)
+            self.resources.callback(client.close)
+            return client
+
+        return self.cached("odata", build)
+
+    def redis(self) -> redis.Redis:
+        """A Redis client for [redis] url; connections are opened lazily by redis-py."""
+        def build() -> redis.Redis:
+            client = redis.Redis.from_url(
+                str(self.settings.require("redis", "url")),
+                socket_timeout=self.settings.redis.socket_timeout,
+                socket_connect_timeout=min(self.settings.redis.socket_timeout, 5.0),
+            )
+            self.resources.callback(client.close)
+            return client
+
+        return self.cached("redis", build)
+
+    def osrm(self, pool_size: int | None = None) -> OsrmClient:
+        """An OSRM client for [osrm] url, pooling one connection per request in flight."""
+        def build() -> OsrmClient:
+            o = self.settings.osrm
+            client = OsrmClient(
+                str(self.settings.require("osrm", "url")), profile=o.profile,
+                timeout=o.timeout, retries=o.retries, retry_wait_max=o.retry_wait_max,
+                pool_size=pool_size or self.settings.match.concurrency,
+            )
+            self.resources.callback(client.close)
+            return client
+
+        return self.cached("osrm", build)
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """Build a client once per invocation (e.g. ``app.cached("redis", ...)``)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+@contextmanager
+def rich_progress(description: str, total: int | None = None) -> Iterator[Progress]:
+    """A rich progress bar on stderr, for interactive terminals only."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import (
+        Progress as RichProgress,
+    )
+
+    bar = RichProgress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )
+    with bar:
+        task = bar.add_task(description, total=total)
+
+        class _P:
+            def advance(self, n: int = 1) -> None:
+                bar.advance(task, n)
+
+            def set_total(self, total: int | None) -> None:
+                bar.update(task, total=total)
+
+        yield _P()

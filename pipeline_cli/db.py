@@ -1,0 +1,204 @@
+"""PostgreSQL access: connections, named queries from ``sql/queries/*.sql`` and migrations.
+
+Every psycopg error that leaves this module is wrapped into :class:`DatabaseError` with the
+URL's password masked. Queries are named (``-- name: foo``) and take named parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from .errors import DatabaseError, SchemaError
+from .settings import mask_url
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def sql_dir() -> Path:
+    """``pipeline_cli/sql`` in an installed wheel, the repository's ``sql/`` in a checkout."""
+    for candidate in (_PACKAGE_DIR / "sql", _PACKAGE_DIR.parent / "sql"):
+        if candidate.is_dir():
+            return candidate
+    raise SchemaError("cannot find the sql/ folder with the migrations")
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key derived from a name."""
+    return int.from_bytes(hashlib.sha256(f"pipeline:{name}".encode()).digest()[:8], "big",
+                          signed=True)
+
+
+def connect(
+    url: str,
+    *,
+    application_name: str = "pipeline",
+    autocommit: bool = False,
+    connect_timeout: int = 10,
+) -> psycopg.Connection[dict[str, Any]]:
+    """Open one connection with dict rows. Wraps connection failures into DatabaseError."""
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            application_name=application_name[:63],
+            connect_timeout=connect_timeout,
+        )
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {mask_url(url)}: "
+                            f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    """Turn psycopg errors raised inside the block into DatabaseError."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise DatabaseError(f"database error while {what}: {_first_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------- named queries
+
+
+_NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+
+
+@cache
+def _load_queries(module: str) -> dict[str, str]:
+    text = (sql_dir() / "queries" / f"{module}.sql").read_text(encoding="utf-8")
+    parts = _NAME_RE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        queries[name] = body.strip().rstrip(";").strip()
+    return queries
+
+
+def query(module: str, name: str) -> sql.SQL:
+    """The named query ``name`` from ``sql/queries/<module>.sql``, as a composable SQL object."""
+    try:
+        return sql.SQL(_load_queries(module)[name])  # type: ignore[arg-type,unused-ignore]
+    except KeyError:
+        raise KeyError(f"no query {name!r} in sql/queries/{module}.sql") from None
+
+
+# ---------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+_MIGRATION_RE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for path in sorted(sql_dir().glob("*.sql")):
+        m = _MIGRATION_RE.match(path.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), path))
+    versions = [m.version for m in found]
+    if len(versions) != len(set(versions)):
+        raise SchemaError("two migrations share a number in sql/")
+    return found
+
+
+def latest_version() -> int:
+    all_ = migrations()
+    return all_[-1].version if all_ else 0
+
+
+MIGRATE_LOCK = "db-migrate"
+
+
+@dataclass
+class MigrateResult:
+    applied: list[str]
+    version: int
+
+
+def migrate(conn: psycopg.Connection[Any]) -> MigrateResult:
+    """Apply every pending migration in one transaction under an advisory lock.
+
+    The lock is transaction-scoped and taken before the bookkeeping table is created, so two
+    concurrent runs serialise: the second waits, then finds nothing to do.
+    """
+    applied: list[str] = []
+    with wrap_errors("migrating"), conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATE_LOCK),))
+        conn.execute(query("runner", "create_schema_migrations"))
+        done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
+        for m in migrations():
+            if m.version in done:
+                continue
+            conn.execute(m.path.read_text(encoding="utf-8").encode())
+            conn.execute(
+                query("runner", "record_migration"),
+                {"version": m.version, "name": m.name, "checksum": m.checksum},
+            )
+            applied.append(f"{m.version:03d}_{m.name}")
+    return MigrateResult(applied=applied, version=schema_version(conn))
+
+
+def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+    """The applied migration numbers; empty for an unmigrated database."""
+    with wrap_errors("reading the schema version"):
+        row = conn.execute(
+            "SELECT to_regclass('schema_migrations') IS NOT NULL AS present"
+        ).fetchone()
+        versions: set[int] = set()
+        if row and row["present"]:
+            versions = {r["version"] for r in conn.execute(
+                query("runner", "applied_migrations")).fetchall()}
+        if not conn.autocommit:
+            conn.rollback()
+        return versions
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The highest applied migration, 0 for an unmigrated database."""
+    return max(applied_versions(conn), default=0)
+
+
+def check_schema(conn: psycopg.Connection[Any]) -> int:
+    """Raise SchemaError unless every migration this code knows, and no other, is applied."""
+    have = applied_versions(conn)
+    known = {m.version for m in migrations()}
+    if not have:
+        raise SchemaError("the database is not migrated; run `pipeline db migrate`")
+    if known - have:
+        pending = ", ".join(f"{v:03d}" for v in sorted(known - have))
+        raise SchemaError(
+            f"the database schema is outdated (pending migrations {pending}); "
+            "run `pipeline db migrate`"
+        )
+    if have - known:
+        raise SchemaError(
+            f"the database schema (version {max(have)}) is newer than this pipeline knows "
+            f"({max(known)}); upgrade pipeline before running stages"
+        )
+    return max(have)

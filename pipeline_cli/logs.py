@@ -1,0 +1,68 @@
+"""Logging for cron and terminals: text or one JSON object per line, always on stderr.
+
+Every record passes a redaction filter, so a secret that slips into a message (a URL with a
+password, a token in an error body) is masked before it reaches a log file or a cron mail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "stage", "run_id"}
+
+
+class RedactFilter(logging.Filter):
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redact(record.getMessage())
+        record.args = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """ts, level, stage, run_id, msg, fields: one object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "stage": getattr(record, "stage", None),
+            "run_id": getattr(record, "run_id", None),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "fields": fields,
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stage = getattr(record, "stage", None)
+        where = f" [{stage}]" if stage else ""
+        return f"{ts} {record.levelname.lower():7s}{where} {record.getMessage()}"
+
+
+def setup_logging(fmt: str, verbosity: int, redact: Callable[[str], str]) -> None:
+    """Configure the ``pipeline`` logger tree. verbosity: -1 quiet, 0 normal, 1+ debug."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactFilter(redact))
+    root = logging.getLogger("pipeline")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,110 @@
+"""Rendering results for people (rich tables) and machines (one JSON object on stdout).
+
+Stage commands call :func:`stage_record`; errors raised before a run starts go through
+:func:`error`. Under ``-q`` a success prints nothing, so cron stays silent.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .app import App
+from .errors import LockBusy, PipelineError, ValidationError
+from .runner import RunRecord
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return str(value)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, default=_default, ensure_ascii=False, sort_keys=False)
+
+
+def console() -> Console:
+    return Console(soft_wrap=False, highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    click.echo(dump_json(obj))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*("" if v is None else _fmt(v) for v in row))
+    console().print(t)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, (dict, list)):
+        return dump_json(value)
+    return str(value)
+
+
+def key_values(title: str, items: Mapping[str, Any]) -> None:
+    table(title, ("key", "value"), items.items())
+
+
+def stage_record(app: App, record: RunRecord) -> int:
+    """Print a finished run; return its exit code for the command to exit with."""
+    if app.json:
+        print_json(record.to_json())
+    elif record.error:
+        click.echo(f"pipeline {record.stage}: error: {record.error}", err=True)
+        problems = record.extra.get("problems")
+        if isinstance(problems, list):
+            for problem in problems:
+                click.echo(f"  - {problem}", err=True)
+    elif app.verbosity >= 0:
+        head = f"{record.stage}: {record.status} in {record.duration_ms} ms (run {record.run_id})"
+        click.echo(head + (f": {record.message}" if record.message else ""))
+        if record.counts:
+            key_values("counts", _flatten(record.counts))
+    return record.exit_code
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def error(app: App, exc: PipelineError, *, command: str | None = None) -> None:
+    """One line on stderr, or one JSON object on stdout with --json."""
+    message = app.redact(str(exc))
+    if app.json:
+        status = "busy" if isinstance(exc, LockBusy) else "error"
+        obj: dict[str, Any] = {"status": status, "error": message, "exit_code": exc.exit_code}
+        if command:
+            obj = {"stage": command, **obj}
+        if isinstance(exc, ValidationError) and exc.problems:
+            obj["problems"] = [app.redact(p) for p in exc.problems]
+        print_json(obj)
+        return
+    where = f"pipeline {command}" if command else "pipeline"
+    click.echo(f"{where}: error: {message}", err=True)
+    if isinstance(exc, ValidationError):
+        for problem in exc.problems:
+            click.echo(f"  - {app.redact(problem)}", err=True)
+    sys.stderr.flush()

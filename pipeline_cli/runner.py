@@ -1,0 +1,371 @@
+"""The one mechanism that runs any stage: advisory lock, run history, signals, result.
+
+Every stage goes through :meth:`StageRunner.run`. The runner holds a dedicated autocommit
+"control" session for the whole run: it owns the stage's advisory lock and writes the
+``stage_runs`` row, so when the process dies the session ends, the lock frees itself and the
+row is recognised as ``crashed``. The stage's own database work happens in transactions on
+its own connections, so a failure leaves no partial rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import FrameType
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from . import db
+from .errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Interrupted,
+    LockBusy,
+    PipelineError,
+    exit_code_for,
+)
+
+log = logging.getLogger("pipeline.runner")
+
+SUCCESS, NOOP, FAILED, SKIPPED, CRASHED, RUNNING = (
+    "success", "noop", "failed", "skipped", "crashed", "running"
+)
+
+# Stages that take the singleton lock. match-gps is absent on purpose: any number of workers
+# may run at once because each batch is claimed row by row (FOR UPDATE SKIP LOCKED).
+SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all")
+ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all")
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns. ``extra`` keys appear at the top level of ``--json``."""
+
+    status: str = SUCCESS
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class RunRecord:
+    """A finished run as recorded in ``stage_runs`` and rendered by the CLI."""
+
+    stage: str
+    run_id: str
+    status: str
+    duration_ms: int
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    error: str | None = None
+    exit_code: int = EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "stage": self.stage,
+            "status": self.status,
+            "run_id": self.run_id,
+            "duration_ms": self.duration_ms,
+            "counts": self.counts,
+        }
+        out.update(self.extra)
+        if self.error is not None:
+            out["error"] = self.error
+            out["exit_code"] = self.exit_code
+        return out
+
+
+class Progress(Protocol):
+    def advance(self, n: int = 1) -> None: ...
+    def set_total(self, total: int | None) -> None: ...
+
+
+class _NoProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, total: int | None) -> None:
+        pass
+
+
+ProgressFactory = Callable[[str, "int | None"], Any]  # returns a context manager of Progress
+
+
+@contextmanager
+def no_progress(description: str, total: int | None = None) -> Iterator[Progress]:
+    yield _NoProgress()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT. Stages poll it between units of work via ``ctx.check_stop()``.
+
+    The first signal asks the stage to finish or roll back its current unit; a second one
+    interrupts at once (the open transaction rolls back because the exception unwinds it).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._depth = 0
+        self._saved: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        log.warning("signal %s received: finishing the current unit, then stopping", signum)
+
+    def __enter__(self) -> StopFlag:
+        if self._depth == 0:
+            self.signum = None
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._saved[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                self._saved.clear()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._saved.items():
+                signal.signal(sig, handler)
+            self._saved.clear()
+
+
+class StageLogger(logging.LoggerAdapter[logging.Logger]):
+    """Adds stage and run id to every record, keeping the caller's own ``extra`` fields."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+@dataclass
+class RunContext:
+    """Handed to a stage function: its run id, logger, stop flag and progress reporting."""
+
+    stage: str
+    run_id: str
+    log: logging.LoggerAdapter[logging.Logger]
+    stop: StopFlag
+    progress: ProgressFactory = no_progress
+    started: float = field(default_factory=time.monotonic)
+
+    def check_stop(self) -> None:
+        """Raise Interrupted if a stop signal arrived; call it between units of work."""
+        if self.stop.signum is not None:
+            raise Interrupted(self.stop.signum)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop.requested
+
+
+@dataclass
+class LockHolder:
+    stage: str | None
+    host: str | None
+    pid: int | None
+    since: datetime | None
+    backend_pid: int
+    application_name: str
+
+    def describe(self) -> str:
+        if self.host is not None:
+            since = self.since.isoformat(timespec="seconds") if self.since else "?"
+            return f"host {self.host} pid {self.pid} since {since}"
+        return f"session {self.backend_pid} ({self.application_name or 'unknown'})"
+
+
+def lock_holders(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> dict[str, LockHolder]:
+    """Who holds each named stage lock right now (names without a holder are absent)."""
+    keys = {db.advisory_key(n): n for n in names}
+    with db.wrap_errors("reading lock holders"):
+        rows = conn.execute(db.query("runner", "lock_holders"), {"keys": list(keys)}).fetchall()
+    return {
+        keys[r["key"]]: LockHolder(
+            stage=r["stage"], host=r["host"], pid=r["pid"],
+            since=r["started_at"] or r["backend_start"], backend_pid=r["backend_pid"],
+            application_name=r["application_name"],
+        )
+        for r in rows
+    }
+
+
+def reap_crashed(conn: psycopg.Connection[Any]) -> list[str]:
+    """Mark runs whose process died as ``crashed``; returns their run ids."""
+    with db.wrap_errors("reaping crashed runs"):
+        rows = conn.execute(db.query("runner", "reap_crashed")).fetchall()
+    for r in rows:
+        log.warning("run %s of %s had crashed; recorded as crashed", r["run_id"], r["stage"])
+    return [str(r["run_id"]) for r in rows]
+
+
+_STOP = StopFlag()
+
+
+class StageRunner:
+    """Runs stage functions under the lock/history/signal discipline.
+
+    ``redact`` removes secrets from error text before it is logged or stored.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        redact: Callable[[str], str] = lambda s: s,
+        connect_timeout: int = 10,
+        progress: ProgressFactory = no_progress,
+        host: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.redact = redact
+        self.connect_timeout = connect_timeout
+        self.progress = progress
+        self.host = host or socket.gethostname()
+        self.pid = pid or os.getpid()
+        self.stop = _STOP
+
+    def _control_connection(self, stage: str) -> psycopg.Connection[Any]:
+        return db.connect(
+            self.database_url,
+            autocommit=True,
+            application_name=f"pipeline {stage} {self.host}:{self.pid}",
+            connect_timeout=self.connect_timeout,
+        )
+
+    def _acquire(self, conn: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
+        key = db.advisory_key(stage)
+        deadline = time.monotonic() + (wait or 0)
+        delay = 0.05
+        while True:
+            with db.wrap_errors("taking the stage lock"):
+                row = conn.execute(db.query("runner", "try_lock"), {"key": key}).fetchone()
+            if row and row["locked"]:
+                return
+            if time.monotonic() >= deadline or self.stop.requested:
+                holder = lock_holders(conn, (stage,)).get(stage)
+                who = holder.describe() if holder else "another session (it just finished?)"
+                raise LockBusy(f"{stage} is already running: lock held by {who}",
+                               holder=holder)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+
+    def run(
+        self,
+        stage: str,
+        fn: Callable[[RunContext], StageResult],
+        *,
+        singleton: bool | None = None,
+        wait: float | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> RunRecord:
+        """Run ``fn`` as one recorded run of ``stage``.
+
+        Raises SchemaError, LockBusy or DatabaseError before the run starts (nothing is
+        recorded then). Once the run row exists, every failure is recorded and returned as a
+        RunRecord with status ``failed`` and a non-zero ``exit_code``.
+        """
+        singleton = stage in SINGLETON_STAGES if singleton is None else singleton
+        conn = self._control_connection(stage)
+        try:
+            db.check_schema(conn)
+            reap_crashed(conn)
+            if singleton:
+                self._acquire(conn, stage, wait)
+            return self._run_locked(conn, stage, fn, options or {})
+        finally:
+            conn.close()  # closing the session also frees the advisory lock
+
+    def _run_locked(
+        self,
+        conn: psycopg.Connection[Any],
+        stage: str,
+        fn: Callable[[RunContext], StageResult],
+        options: dict[str, Any],
+    ) -> RunRecord:
+        run_id = str(uuid.uuid4())
+        with db.wrap_errors("recording the run start"):
+            ident = conn.execute(db.query("runner", "backend_identity")).fetchone()
+            assert ident is not None
+            conn.execute(
+                db.query("runner", "insert_run"),
+                {"run_id": run_id, "stage": stage, "host": self.host, "pid": self.pid,
+                 "backend_pid": ident["backend_pid"], "backend_start": ident["backend_start"],
+                 "options": Jsonb(options)},
+            )
+        adapter = StageLogger(
+            logging.getLogger(f"pipeline.{stage}"), {"stage": stage, "run_id": run_id}
+        )
+        ctx = RunContext(stage=stage, run_id=run_id, log=adapter, stop=self.stop,
+                         progress=self.progress)
+        started = time.monotonic()
+        error: str | None = None
+        exit_code = EXIT_OK
+        result = StageResult()
+        with self.stop:
+            adapter.info("started")
+            try:
+                result = fn(ctx)
+            except PipelineError as exc:
+                error, exit_code = self.redact(str(exc)), exc.exit_code
+                result = StageResult(status=FAILED, counts=getattr(exc, "counts", {}) or {},
+                                     extra=getattr(exc, "extra", {}) or {})
+            except Exception as exc:  # a bug: record it, never exit 0
+                error = self.redact(f"internal error: {type(exc).__name__}: {exc}")
+                exit_code = EXIT_FAILED
+                result = StageResult(status=FAILED)
+                adapter.debug("traceback:\n%s", self.redact(traceback.format_exc()))
+        duration_ms = int((time.monotonic() - started) * 1000)
+        status = result.status if error is None else FAILED
+        record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,
+                           counts=result.counts, extra=result.extra,
+                           message=self.redact(result.message), error=error,
+                           exit_code=exit_code if error else EXIT_OK)
+        self._finish(conn, record)
+        if error:
+            adapter.error("failed: %s", error)
+        else:
+            adapter.info("%s in %d ms %s", status, duration_ms, result.message)
+        return record
+
+    def _finish(self, conn: psycopg.Connection[Any], record: RunRecord) -> None:
+        params = {"run_id": record.run_id, "status": record.status,
+                  "duration_ms": record.duration_ms, "counts": Jsonb(record.counts),
+                  "result": Jsonb(record.extra), "error": record.error}
+        try:
+            with db.wrap_errors("recording the run result"):
+                conn.execute(db.query("runner", "finish_run"), params)
+        except PipelineError:
+            # The control session died (e.g. PostgreSQL restarted). Try once on a fresh one;
+            # if that fails too the row stays 'running' and is reaped as 'crashed' later.
+            try:
+                with self._control_connection(record.stage) as fresh, db.wrap_errors(
+                    "recording the run result"
+                ):
+                    fresh.execute(db.query("runner", "finish_run"), params)
+            except PipelineError as exc:
+                log.error("could not record the result of run %s: %s", record.run_id, exc)
+                if record.exit_code == EXIT_OK:
+                    record.exit_code = exit_code_for(exc)
+                    record.status = FAILED
+                    record.error = str(exc)

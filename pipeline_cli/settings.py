@@ -1,0 +1,507 @@
+"""Settings: one frozen object built once from an optional TOML file plus environment variables.
+
+A key ``k`` in TOML section ``[s]`` is overridden by the environment variable ``PIPELINE_S_K``.
+Every setting has one name, one default and one line of documentation (the field's ``doc``);
+``pipeline config show`` lists them with their source, secrets masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "PIPELINE_"
+CONFIG_ENV = "PIPELINE_CONFIG"
+
+
+def setting(default: Any, doc: str, *, secret: bool = False, env: bool = True) -> Any:
+    """Declare a setting: its default, its one-line documentation, whether it is a secret.
+
+    ``env=False`` marks nested tables (e.g. field mappings) that only a TOML file can give.
+    """
+    if isinstance(default, (dict, list)):
+        return field(
+            default_factory=lambda: json.loads(json.dumps(default)),
+            metadata={"doc": doc, "secret": secret, "env": env},
+        )
+    return field(default=default, metadata={"doc": doc, "secret": secret, "env": env})
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str | None = setting(None, "libpq URL of the PostgreSQL database", secret=True)
+    connect_timeout: int = setting(10, "seconds to wait for a database connection")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str | None = setting(None, "Redis URL, e.g. redis://127.0.0.1:6379/0", secret=True)
+    prefix: str = setting("pipeline", "every Redis key starts with this prefix")
+    socket_timeout: float = setting(10.0, "seconds before a Redis call times out")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None = setting(None, "S3/MinIO endpoint as host:port")
+    access_key: str | None = setting(None, "S3 access key")
+    secret_key: str | None = setting(None, "S3 secret key", secret=True)
+    bucket: str = setting("pipeline", "bucket holding dataset backups and graph exports")
+    secure: bool = setting(False, "use HTTPS for S3")
+    region: str = setting("us-east-1", "S3 region name")
+
+
+@dataclass(frozen=True)
+class ODataSettings:
+    url: str | None = setting(None, "OData service root URL")
+    username: str | None = setting(None, "basic-auth user name")
+    password: str | None = setting(None, "basic-auth password", secret=True)
+    token: str | None = setting(None, "bearer token", secret=True)
+    version: str = setting("auto", "OData protocol version: auto, v4 or v2")
+    connect_timeout: float = setting(10.0, "seconds to connect to the OData server")
+    read_timeout: float = setting(60.0, "seconds to wait for an OData response")
+    max_pages: int = setting(10000, "cap on pages per entity set (stops never-ending nextLinks)")
+    max_response_bytes: int = setting(64 * 1024 * 1024, "cap on the size of one response body")
+    retries: int = setting(5, "attempts for connection errors, 5xx, 408 and 429")
+    backoff_base: float = setting(0.5, "first wait between retries, seconds (doubles, jittered)")
+    backoff_max: float = setting(60.0, "longest wait between retries, seconds")
+    page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none")
+    count: bool = setting(True, "ask for $count / $inlinecount to size the progress bars")
+    mapping: dict[str, Any] = setting(
+        {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
+    )
+
+
+@dataclass(frozen=True)
+class OsrmSettings:
+    url: str | None = setting(None, "osrm-routed base URL, e.g. http://127.0.0.1:5000")
+    profile: str = setting("driving", "OSRM profile in request URLs")
+    timeout: float = setting(30.0, "seconds to wait for an OSRM response")
+    retries: int = setting(4, "attempts for connection errors and 5xx")
+    retry_wait_max: float = setting(5.0, "longest wait between OSRM retries, seconds")
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    gap_seconds: int = setting(300, "a time gap above this starts a new GPS batch")
+    max_batch_seconds: int = setting(3600, "longest time span of one GPS batch")
+    lease_seconds: int = setting(300, "how long a claimed batch stays leased to a worker")
+    max_attempts: int = setting(5, "failed attempts before a batch becomes dead")
+    radius_m: float = setting(
+        5.0, "GPS accuracy (std. deviation) sent as OSRM /match radiuses, metres"
+    )
+    chunk_size: int = setting(100, "points per OSRM /match request (server max-matching-size)")
+    chunk_overlap: int = setting(10, "points shared by consecutive chunks")
+    too_short_after_seconds: int = setting(
+        3600, "a one-point batch older than this closes as too_short"
+    )
+    concurrency: int = setting(4, "OSRM requests in flight per process")
+    backoff_base_seconds: float = setting(30.0, "first retry delay of a failed batch")
+    backoff_max_seconds: float = setting(3600.0, "longest retry delay of a failed batch")
+
+
+@dataclass(frozen=True)
+class VirtualSettings:
+    main_spacing_km: float = setting(50.0, "MAIN_GRID spacing over the region of real stops")
+    city_spacing_km: float = setting(10.0, "CITY_GRID spacing around major cities")
+    airport_spacing_km: float = setting(5.0, "AIRPORT_GRID spacing around airports")
+    city_radius_km: float = setting(30.0, "radius of the CITY_GRID around a city")
+    airport_radius_km: float = setting(15.0, "radius of the AIRPORT_GRID around an airport")
+    city_min_stops: int = setting(10, "real stops a city needs to count as major")
+    threshold_fraction: float = setting(
+        0.2, "drop a grid point closer than this fraction of its spacing to a real/denser point"
+    )
+    k: int = setting(4, "nearest neighbours each virtual stop connects to")
+    max_route_km: float = setting(75.0, "longest virtual route")
+    speeds_kmh: dict[str, float] = setting(
+        {"walk": 5.0, "bus": 40.0, "tram": 20.0, "train": 90.0, "ferry": 30.0, "flight": 700.0,
+         "virtual": 50.0},
+        "speed per mode, km/h (virtual routes use 'virtual')",
+    )
+    service_start: str = setting("05:00", "virtual flights' service window start, HH:MM")
+    service_end: str = setting("23:00", "virtual flights' service window end, HH:MM")
+    headway_s: int = setting(1800, "virtual flights' headway, seconds")
+    walk_max_km: float = setting(
+        2.0, "virtual routes up to this long use mode 'walk' and get no flights; 0 = never"
+    )
+    max_virtual_stops: int = setting(
+        5_000_000, "refuse to generate more grid points than this (guards a too-fine spacing)"
+    )
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    retention: int = setting(3, "graph versions kept in Redis")
+    fatal_warnings: bool = setting(
+        False, "treat disconnected components / unreachable stops as fatal"
+    )
+    chunk_size: int = setting(5000, "keys per Redis pipeline flush")
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    ping_url: str | None = setting(
+        None, "healthchecks-style URL: pinged on success, <url>/fail on failure", secret=True
+    )
+    timeout: float = setting(5.0, "seconds for a heartbeat ping (a failed ping never fails a run)")
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    backlog_warning: int = setting(1000, "unprocessed GPS points that make status warn")
+    backlog_critical: int = setting(5000, "unprocessed GPS points that make status critical")
+    backlog_age_warning_s: int = setting(3600, "age of the oldest unprocessed GPS point that warns")
+    backlog_age_critical_s: int = setting(
+        21600, "age of the oldest unprocessed GPS point that is critical"
+    )
+    failed_batches_warning: int = setting(50, "GPS batches waiting for a retry that warn")
+    failed_batches_critical: int = setting(200, "GPS batches waiting for a retry that are critical")
+    dead_batches_warning: int = setting(1, "dead GPS batches that make status warn")
+    dead_batches_critical: int = setting(200, "dead GPS batches that make status critical")
+    failures_warning: int = setting(1, "consecutive failed runs of a stage that warn")
+    failures_critical: int = setting(3, "consecutive failed runs of a stage that are critical")
+    sync_age_warning_h: float = setting(24.0, "hours since the last good sync-odata run that warn")
+    sync_age_critical_h: float = setting(
+        72.0, "hours since the last good sync-odata run that are critical"
+    )
+    overdue_grace_s: int = setting(600, "seconds past the expected run before a stage is overdue")
+    overdue_critical_s: int = setting(21600, "seconds overdue after which a stage is critical")
+    running_warning_s: int = setting(21600, "a run still running after this long warns (stuck?)")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    crontab: str | None = setting(None, "crontab file whose pipeline entries define the schedule")
+    entries: dict[str, str] = setting({}, "stage = cron expression, overrides the crontab")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    odata: ODataSettings = field(default_factory=ODataSettings)
+    osrm: OsrmSettings = field(default_factory=OsrmSettings)
+    match: MatchSettings = field(default_factory=MatchSettings)
+    virtual: VirtualSettings = field(default_factory=VirtualSettings)
+    graph: GraphSettings = field(default_factory=GraphSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    config_file: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def require(self, section: str, key: str) -> Any:
+        """The value of ``[section] key``, or a ConfigError naming it when unset."""
+        value = getattr(getattr(self, section), key)
+        if value in (None, ""):
+            raise ConfigError(
+                f"missing setting [{section}] {key} "
+                f"(set {env_name(section, key)} or [{section}] {key} in the config file)",
+                key=f"{section}.{key}",
+            )
+        return value
+
+    def secrets(self) -> list[str]:
+        """Every secret value (and the password inside any URL) for log redaction."""
+        found: list[str] = []
+        for section, key, value, secret in _iter_values(self):
+            if value in (None, "") or not isinstance(value, str):
+                continue
+            if secret:
+                found.append(value)
+            password = urlsplit(value).password if "://" in value else None
+            if password:
+                found.append(password)
+            del section, key
+        return sorted(set(found), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.secrets())
+
+    def describe(self) -> list[tuple[str, str, str, str]]:
+        """(key, shown value, source, doc) for every setting; secrets masked."""
+        rows = []
+        for section, key, value, secret in _iter_values(self):
+            name = f"{section}.{key}"
+            rows.append(
+                (name, display_value(value, secret), self.sources.get(name, "default"),
+                 _doc(section, key))
+            )
+        return rows
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:***@host/...``: the URL with its password masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def display_value(value: Any, secret: bool) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, str) and "://" in value:
+        masked = mask_url(value)
+        if secret and masked == value and not value.startswith(("postgres", "redis")):
+            return "***"  # a URL that is itself the secret (e.g. a heartbeat token URL)
+        return masked
+    if secret:
+        return "***"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(Settings)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def _doc(section: str, key: str) -> str:
+    cls = _section_types()[section]
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return str(f.metadata.get("doc", ""))
+    return ""
+
+
+def _iter_values(settings: Settings) -> typing.Iterator[tuple[str, str, Any, bool]]:
+    for section in _section_types():
+        obj = getattr(settings, section)
+        for f in dataclasses.fields(obj):
+            yield section, f.name, getattr(obj, f.name), bool(f.metadata.get("secret"))
+
+
+def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError naming it."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if raw is None or (from_env and raw == ""):
+            return None
+        return _coerce(raw, inner[0], name, from_env)
+    try:
+        if annotation is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {raw!r}")
+        if annotation is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(f"expected an integer, got {raw!r}")
+            return int(raw)
+        if annotation is float:
+            if isinstance(raw, bool):
+                raise ValueError(f"expected a number, got {raw!r}")
+            value = float(raw)
+            if value != value:
+                raise ValueError("NaN is not allowed")
+            return value
+        if annotation is str:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError(f"expected a string, got {type(raw).__name__}")
+            return str(raw)
+        if origin is dict:
+            if from_env:
+                raw = json.loads(raw)
+            if not isinstance(raw, dict):
+                raise ValueError("expected a table")
+            value_type = args[1] if len(args) == 2 else Any
+            if value_type is Any:
+                return raw
+            return {str(k): _coerce(v, value_type, f"{name}.{k}", False) for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed setting {name}: {exc}", key=name) from None
+    raise ConfigError(f"setting {name} has an unsupported type", key=name)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the Settings from the TOML file (if any) and the environment."""
+    environ = os.environ if environ is None else environ
+    path = config_file or environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}", key="config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"malformed config file {path}: {exc}", key="config") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    sections = _section_types()
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section [{unknown[0]}] in {path}", key=unknown[0])
+    built: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for section, cls in sections.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"malformed setting [{section}]: expected a table", key=section)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(table) - names)
+        if extra:
+            raise ConfigError(
+                f"unknown setting [{section}] {extra[0]} in {path}", key=f"{section}.{extra[0]}"
+            )
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"{section}.{f.name}"
+            env = env_name(section, f.name)
+            if f.metadata.get("env", True) and env in environ:
+                values[f.name] = _coerce(environ[env], hints[f.name], env, True)
+                sources[name] = f"env {env}"
+            elif f.name in table:
+                values[f.name] = _coerce(table[f.name], hints[f.name], f"[{section}] {f.name}",
+                                         False)
+                sources[name] = f"file {path}"
+        built[section] = cls(**values)
+    settings = Settings(**built, config_file=str(path) if path else None, sources=sources)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    def bad(section: str, key: str, why: str) -> ConfigError:
+        return ConfigError(f"malformed setting [{section}] {key}: {why}", key=f"{section}.{key}")
+
+    if s.database.url and not (
+        s.database.url.startswith(("postgres://", "postgresql://")) or "=" in s.database.url
+    ):
+        raise bad("database", "url", "expected postgresql://... or a libpq conninfo string")
+    if s.redis.url and not s.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise bad("redis", "url", "expected redis://, rediss:// or unix://")
+    if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
+        raise bad("redis", "prefix", "must be non-empty without spaces or glob characters")
+    if s.s3.endpoint and ("://" in s.s3.endpoint or "/" in s.s3.endpoint):
+        raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
+    for section, key in (("odata", "url"), ("osrm", "url"), ("notify", "ping_url")):
+        value = getattr(getattr(s, section), key)
+        if value and not value.startswith(("http://", "https://")):
+            raise bad(section, key, "expected an http:// or https:// URL")
+    if s.odata.version not in ("auto", "v4", "v2"):
+        raise bad("odata", "version", "expected auto, v4 or v2")
+    for key in ("connect_timeout", "read_timeout", "max_pages", "max_response_bytes",
+                "retries"):
+        if getattr(s.odata, key) <= 0:
+            raise bad("odata", key, "must be positive")
+    if s.odata.backoff_base < 0 or s.odata.backoff_max < s.odata.backoff_base:
+        raise bad("odata", "backoff_max", "need 0 <= backoff_base <= backoff_max")
+    if s.odata.mapping:
+        from .adapters.odata import resolve_mapping  # lazy: only configs with a mapping pay
+
+        resolve_mapping(s.odata.mapping)
+    for key in ("gap_seconds", "max_batch_seconds", "lease_seconds", "max_attempts",
+                "chunk_size", "concurrency"):
+        if getattr(s.match, key) <= 0:
+            raise bad("match", key, "must be positive")
+    if not 0 <= s.match.chunk_overlap < s.match.chunk_size // 2 + 1:
+        raise bad("match", "chunk_overlap", "must be >= 0 and at most half of chunk_size")
+    if s.match.chunk_size < 3:
+        raise bad("match", "chunk_size", "must be at least 3 (OSRM's smallest matching size)")
+    if not s.match.radius_m > 0:
+        raise bad("match", "radius_m", "must be positive")
+    if s.match.too_short_after_seconds < 0:
+        raise bad("match", "too_short_after_seconds", "must be >= 0")
+    if not 0 <= s.match.backoff_base_seconds <= s.match.backoff_max_seconds:
+        raise bad("match", "backoff_max_seconds",
+                  "need 0 <= backoff_base_seconds <= backoff_max_seconds")
+    if s.osrm.retries < 1 or s.osrm.timeout <= 0:
+        raise bad("osrm", "retries" if s.osrm.retries < 1 else "timeout", "must be positive")
+    for key in ("main_spacing_km", "city_spacing_km", "airport_spacing_km", "k",
+                "max_route_km", "headway_s", "city_min_stops", "max_virtual_stops"):
+        if getattr(s.virtual, key) <= 0:
+            raise bad("virtual", key, "must be positive")
+    for key in ("city_radius_km", "airport_radius_km", "walk_max_km"):
+        if getattr(s.virtual, key) < 0:
+            raise bad("virtual", key, "must not be negative")
+    if not 0 <= s.virtual.threshold_fraction < 1:
+        raise bad("virtual", "threshold_fraction", "must be >= 0 and < 1")
+    for mode in ("virtual", "walk"):
+        if not s.virtual.speeds_kmh.get(mode, 0) > 0:
+            raise bad("virtual", "speeds_kmh", f"needs a positive speed for mode {mode!r}")
+    window = []
+    for key in ("service_start", "service_end"):
+        value = getattr(s.virtual, key)
+        hh, _, mm = value.partition(":")
+        if not (hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24
+                and int(mm) < 60):
+            raise bad("virtual", key, f"expected HH:MM, got {value!r}")
+        window.append(int(hh) * 60 + int(mm))
+    if window[0] >= window[1]:
+        raise bad("virtual", "service_end", "must be after service_start")
+    if s.graph.retention < 2:
+        raise bad("graph", "retention",
+                  "must be at least 2 (the previous version stays for readers that resolved it)")
+    if s.graph.chunk_size <= 0:
+        raise bad("graph", "chunk_size", "must be positive")
+    for low, high in (("backlog_warning", "backlog_critical"),
+                      ("backlog_age_warning_s", "backlog_age_critical_s"),
+                      ("failed_batches_warning", "failed_batches_critical"),
+                      ("dead_batches_warning", "dead_batches_critical"),
+                      ("failures_warning", "failures_critical"),
+                      ("sync_age_warning_h", "sync_age_critical_h")):
+        if getattr(s.health, low) <= 0:
+            raise bad("health", low, "must be positive")
+        if getattr(s.health, high) < getattr(s.health, low):
+            raise bad("health", high, f"must be at least [health] {low}")
+    if s.notify.timeout <= 0:
+        raise bad("notify", "timeout", "must be positive")
+
+
+def markdown_reference() -> str:
+    """The settings table of docs/configuration.md (regenerate with `make docs`)."""
+    lines = []
+    for section, cls in _section_types().items():
+        lines += [f"\n## [{section}]\n", "| key | environment variable | default | meaning |",
+                  "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default: Any = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                            else f.default)
+            env = env_name(section, f.name) if f.metadata.get("env", True) else "(file only)"
+            secret = " (secret)" if f.metadata.get("secret") else ""
+            lines.append(f"| `{f.name}` | `{env}` | `{display_value(default, False)}` | "
+                         f"{f.metadata.get('doc', '')}{secret} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+"""Drive the CLI from tests: in-process through CliRunner, or as the installed subprocess.
+
+The environment given replaces every ``PIPELINE_*`` variable of the caller, so a developer's
+own settings never leak into a test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from ..cli import cli
+
+
+def _clean_env(env: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    return {**base, **env}
+
+
+class Cli:
+    """Runs the CLI in-process (CliRunner) or as the installed ``pipeline`` subprocess."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        env: dict[str, str | None] = {
+            k: None for k in os.environ if k.startswith("PIPELINE_") and k not in self.env
+        }
+        env.update(self.env)
+        return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+    def subprocess(self, *args: str, timeout: float = 120, **kw: Any
+                   ) -> subprocess.CompletedProcess[str]:
+        exe = Path(sys.executable).with_name("pipeline")
+        return subprocess.run([str(exe), *args], env=_clean_env(self.env), text=True,
+                              capture_output=True, timeout=timeout, **kw)
+
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        exe = Path(sys.executable).with_name("pipeline")
+        return subprocess.Popen([str(exe), *args], env=_clean_env(self.env), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)

@@ -1,0 +1,93 @@
+-- Queries of the stage runner (pipeline_cli/runner.py) and of `pipeline db migrate`.
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, checksum)
+VALUES (%(version)s, %(name)s, %(checksum)s);
+
+-- name: backend_identity
+SELECT pg_backend_pid() AS backend_pid, backend_start
+FROM pg_stat_activity WHERE pid = pg_backend_pid();
+
+-- name: try_lock
+SELECT pg_try_advisory_lock(%(key)s) AS locked;
+
+-- name: unlock
+SELECT pg_advisory_unlock(%(key)s) AS unlocked;
+
+-- name: reap_crashed
+-- A 'running' row whose backend session is gone belongs to a process that died.
+UPDATE stage_runs r
+SET status = 'crashed',
+    finished_at = now(),
+    duration_ms = (extract(epoch FROM now() - r.started_at) * 1000)::bigint,
+    error = coalesce(r.error, 'the process died without recording a result')
+WHERE r.status = 'running'
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_stat_activity a
+      WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start
+  )
+RETURNING r.run_id, r.stage;
+
+-- name: lock_holders
+-- Sessions holding the advisory locks with the given keys, joined to their run rows.
+SELECT k.key, a.pid AS backend_pid, a.application_name, a.backend_start,
+       r.run_id, r.stage, r.host, r.pid, r.started_at
+FROM unnest(%(keys)s::bigint[]) AS k(key)
+JOIN pg_locks l
+  ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ AND l.classid = ((k.key >> 32) & 4294967295)::oid
+ AND l.objid = (k.key & 4294967295)::oid
+JOIN pg_stat_activity a ON a.pid = l.pid
+LEFT JOIN stage_runs r
+  ON r.backend_pid = a.pid AND r.backend_start = a.backend_start AND r.status = 'running';
+
+-- name: insert_run
+INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start, options)
+VALUES (%(run_id)s, %(stage)s, %(host)s, %(pid)s, %(backend_pid)s, %(backend_start)s,
+        %(options)s);
+
+-- name: finish_run
+UPDATE stage_runs
+SET status = %(status)s,
+    finished_at = now(),
+    duration_ms = %(duration_ms)s,
+    counts = %(counts)s,
+    result = %(result)s,
+    error = %(error)s
+WHERE run_id = %(run_id)s;
+
+-- name: last_runs
+-- The newest run of every stage, plus its last success and last failure.
+SELECT s.stage,
+       last.run_id, last.status, last.started_at, last.finished_at, last.duration_ms,
+       last.counts, last.error, last.host, last.pid,
+       ok.finished_at AS last_success_at, ok.duration_ms AS last_success_ms,
+       ok.counts AS last_success_counts,
+       bad.finished_at AS last_failure_at, bad.error AS last_failure_error
+FROM (SELECT DISTINCT stage FROM stage_runs) s
+CROSS JOIN LATERAL (
+    SELECT * FROM stage_runs r WHERE r.stage = s.stage ORDER BY started_at DESC LIMIT 1
+) last
+LEFT JOIN LATERAL (
+    SELECT finished_at, duration_ms, counts FROM stage_runs r
+    WHERE r.stage = s.stage AND r.status IN ('success', 'noop')
+    ORDER BY started_at DESC LIMIT 1
+) ok ON true
+LEFT JOIN LATERAL (
+    SELECT finished_at, error FROM stage_runs r
+    WHERE r.stage = s.stage AND r.status IN ('failed', 'crashed')
+    ORDER BY started_at DESC LIMIT 1
+) bad ON true
+ORDER BY s.stage;

@@ -1,0 +1,95 @@
+"""The CLI edge: help text, exit codes, --json in both positions, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+
+from pipeline_cli.cli import cli
+from pipeline_cli.testing.clirunner import Cli
+
+
+def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((f"{prefix}{name}", cmd))
+        if isinstance(cmd, click.Group):
+            out.extend(all_commands(cmd, f"{prefix}{name} "))
+    return out
+
+
+def test_every_command_has_help_and_is_documented() -> None:
+    docs = "\n".join(p.read_text() for p in (Path(__file__).parents[2] / "docs").glob("*.md"))
+    for name, cmd in all_commands(cli):
+        assert cmd.help and cmd.help.strip(), f"{name} has no help text"
+        assert f"pipeline {name}" in docs, f"`pipeline {name}` is not documented in docs/"
+
+
+def test_root_help_lists_commands(run_cli: Cli) -> None:
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for name in cli.commands:
+        assert name in result.output
+
+
+def test_bad_setting_exits_78_naming_the_key(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_MATCH_GAP_SECONDS"] = "soon"
+    result = run_cli.subprocess("status")
+    assert result.returncode == 78
+    assert "PIPELINE_MATCH_GAP_SECONDS" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_database_url_exits_78(run_cli: Cli) -> None:
+    del run_cli.env["PIPELINE_DATABASE_URL"]
+    result = run_cli("status")
+    assert result.exit_code == 78
+    assert "PIPELINE_DATABASE_URL" in result.output
+
+
+def test_unreachable_database_masks_password(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://u:Sekr1t@127.0.0.1:1/x"
+    result = run_cli.subprocess("status")
+    assert result.returncode == 1
+    assert "Sekr1t" not in result.stderr + result.stdout
+    assert "u:***@127.0.0.1" in result.stderr
+
+
+@pytest.mark.parametrize("args", [("--json", "status"), ("status", "--json")])
+def test_json_before_or_after_subcommand(run_cli: Cli, args: tuple[str, ...]) -> None:
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.output)
+    assert obj["schema"]["version"] >= 1 and "stages" in obj and "locks" in obj
+
+
+def test_db_migrate_json_and_status_table(run_cli: Cli) -> None:
+    result = run_cli("db", "migrate", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["applied"] == []
+    assert "sync-odata" in run_cli("status").output
+
+
+def test_config_show_masks_secrets(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_S3_SECRET_KEY"] = "verysecret"
+    result = run_cli("config", "show", "--json")
+    assert result.exit_code == 0
+    assert "verysecret" not in result.output
+    assert json.loads(result.output)["s3.secret_key"]["value"] == "***"
+
+
+def test_python_dash_m_and_installed_script(run_cli: Cli) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline_cli", "--version"], text=True,
+                          capture_output=True, check=True)
+    assert "pipeline" in proc.stdout
+    assert run_cli.subprocess("--help").returncode == 0
+
+
+def test_usage_error_exits_2(run_cli: Cli) -> None:
+    assert run_cli.subprocess("no-such-command").returncode == 2

@@ -1,0 +1,166 @@
+"""Shared fixtures: real servers, and an isolated namespace per test.
+
+Servers come from ``PIPELINE_TEST_*`` URLs when set, else :class:`LocalServices` finds or starts
+local ones. Each test gets its own database (cloned from a migrated template), Redis prefix and
+S3 bucket, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pipeline_cli import db
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.services import LocalServices, S3Endpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _replace_db(url: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, dbname=name)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[LocalServices]:
+    svc = LocalServices()
+    yield svc
+    svc.stop_all()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(services: LocalServices) -> str:
+    return services.postgres()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """A migrated database that every test's database is cloned from (fast: no re-migrate)."""
+    name = f"pipeline_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with db.connect(_replace_db(pg_admin_url, name), autocommit=True) as conn:
+        db.migrate(conn)
+    yield name
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def _new_database(admin_url: str, template: str | None) -> str:
+    name = f"pipeline_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        if template:
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)))
+        else:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test only."""
+    name = _new_database(pg_admin_url, template_db)
+    yield _replace_db(pg_admin_url, name)
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all (for migration tests)."""
+    name = _new_database(pg_admin_url, None)
+    yield _replace_db(pg_admin_url, name)
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    with db.connect(database_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: LocalServices) -> str:
+    return services.redis()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A unique key prefix; every key under it is removed after the test."""
+    import redis
+
+    prefix = f"pt{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.unlink(*keys[i:i + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def s3(services: LocalServices) -> S3Endpoint:
+    return services.s3()
+
+
+@pytest.fixture
+def s3_bucket(s3: S3Endpoint) -> Iterator[str]:
+    """A unique bucket name; the stage creates it if needed; emptied and removed after."""
+    from minio import Minio
+
+    name = f"pt-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
+                   secure=s3.secure, region=s3.region)
+    if client.bucket_exists(name):
+        for obj in client.list_objects(name, recursive=True):
+            client.remove_object(name, obj.object_name or "")
+        client.remove_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def osrm_url(services: LocalServices) -> str:
+    return services.osrm()
+
+
+@pytest.fixture
+def pipeline_env(database_url: str) -> dict[str, str]:
+    """Environment for the CLI: the test's database; other fixtures add their services."""
+    return {"PIPELINE_DATABASE_URL": database_url}
+
+
+@pytest.fixture
+def full_env(pipeline_env: dict[str, str], redis_url: str, redis_prefix: str, s3: S3Endpoint,
+             s3_bucket: str) -> dict[str, str]:
+    """The test's database, Redis prefix and S3 bucket."""
+    return {
+        **pipeline_env,
+        "PIPELINE_REDIS_URL": redis_url,
+        "PIPELINE_REDIS_PREFIX": redis_prefix,
+        "PIPELINE_S3_ENDPOINT": s3.endpoint,
+        "PIPELINE_S3_ACCESS_KEY": s3.access_key,
+        "PIPELINE_S3_SECRET_KEY": s3.secret_key,
+        "PIPELINE_S3_BUCKET": s3_bucket,
+        "PIPELINE_S3_SECURE": "true" if s3.secure else "false",
+    }
+
+
+@pytest.fixture
+def run_cli(pipeline_env: dict[str, str]) -> Cli:
+    return Cli(pipeline_env)

@@ -1,0 +1,58 @@
+"""Migrations: one transaction under an advisory lock, idempotent, safe to run concurrently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_cli import db
+from pipeline_cli.errors import SchemaError
+
+
+def test_migrate_is_idempotent(empty_database_url: str) -> None:
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        assert db.schema_version(conn) == 0
+        first = db.migrate(conn)
+        assert first.applied and first.version == db.latest_version()
+        again = db.migrate(conn)
+        assert again.applied == [] and again.version == first.version
+        rows = conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+        assert [r["version"] for r in rows] == [m.version for m in db.migrations()]
+
+
+def test_two_concurrent_migrations_both_succeed(empty_database_url: str) -> None:
+    exe = str(Path(sys.executable).with_name("pipeline"))
+    env = {"PATH": "/usr/bin:/bin", "PIPELINE_DATABASE_URL": empty_database_url}
+    procs = [subprocess.Popen([exe, "db", "migrate", "--json"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    applied = sorted(len(__import__("json").loads(o[0])["applied"]) for o in outs)
+    assert applied == [0, len(db.migrations())]
+
+
+def test_check_schema_refuses_unmigrated_and_outdated(empty_database_url: str) -> None:
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        with pytest.raises(SchemaError, match="pipeline db migrate"):
+            db.check_schema(conn)
+        db.migrate(conn)
+        assert db.check_schema(conn) == db.latest_version()
+        conn.execute("DELETE FROM schema_migrations WHERE version = %s", (db.latest_version(),))
+        with pytest.raises(SchemaError, match="outdated.*pipeline db migrate"):
+            db.check_schema(conn)
+
+
+def test_named_queries_parse() -> None:
+    assert "pg_try_advisory_lock" in db.query("runner", "try_lock").as_string(None)
+    with pytest.raises(KeyError):
+        db.query("runner", "no_such_query")
+
+
+def test_advisory_key_is_stable_and_signed_64_bit() -> None:
+    key = db.advisory_key("sync-odata")
+    assert key == db.advisory_key("sync-odata")
+    assert -(2**63) <= key < 2**63
+    assert key != db.advisory_key("gen-virtual")

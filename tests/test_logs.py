@@ -1,0 +1,39 @@
+"""Logs: one JSON object per line with the run's stage and id; secrets never reach stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pipeline_cli.testing.clirunner import Cli
+
+
+def test_json_log_lines_carry_stage_and_run_id(run_cli: Cli) -> None:
+    code = (
+        "import logging, sys\n"
+        "from pipeline_cli.logs import setup_logging\n"
+        "from pipeline_cli.runner import StageRunner, StageResult\n"
+        "setup_logging('json', 0, lambda s: s.replace('hunter2', '***'))\n"
+        "def fn(ctx):\n"
+        "    ctx.log.info('token hunter2 used', extra={'rows': 3})\n"
+        "    return StageResult(status='noop')\n"
+        "StageRunner(sys.argv[1]).run('gen-virtual', fn)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, run_cli.env["PIPELINE_DATABASE_URL"]],
+                          capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert lines, proc.stderr
+    for obj in lines:
+        assert {"ts", "level", "stage", "run_id", "msg", "fields"} <= obj.keys()
+    used = [o for o in lines if "used" in o["msg"]]
+    assert used[0]["stage"] == "gen-virtual" and used[0]["fields"] == {"rows": 3}
+    assert "hunter2" not in proc.stderr
+    assert len({o["run_id"] for o in lines}) == 1
+
+
+def test_log_format_json_flag(run_cli: Cli) -> None:
+    result = run_cli.subprocess("--log-format", "json", "-v", "db", "migrate")
+    assert result.returncode == 0
+    for line in result.stderr.splitlines():
+        json.loads(line)
