@@ -1,0 +1,1459 @@
+"""A real OData V4/V2 HTTP server on 127.0.0.1 for tests, benchmarks and ``make demo``.
+
+It pages entity sets with opaque ``$skiptoken`` nextLinks, speaks both wire formats, checks
+auth, and injects faults (throttling, truncation, timeouts, wrong shapes) on request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import contextlib
+import datetime as dt
+import decimal
+import hashlib
+import hmac
+import json
+import random
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from xml.sax.saxutils import quoteattr
+
+from pipeline_cli.testing.odata_data import (
+    GeneratedRows,
+    read_feed,
+    sample_network,
+    sample_network_lazy,
+)
+
+__all__ = [
+    "FaultKind",
+    "Fault",
+    "ODataServer",
+    "RequestRecord",
+    "connection_reset",
+    "delay",
+    "html",
+    "huge_response",
+    "main",
+    "never_ending_next_link",
+    "sample_network",
+    "sample_network_lazy",
+    "status",
+    "truncated_json",
+    "wrong_shape",
+]
+
+Row = Mapping[str, Any]
+FaultKind = Literal[
+    "status", "truncated_json", "delay", "never_ending_next_link", "huge_response",
+    "wrong_shape", "html", "connection_reset",
+]  # fmt: skip
+
+
+# -- faults ------------------------------------------------------------------------------
+_DEFAULT_SHAPE = object()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour. Build it with the factories (``Fault.status(429)`` or the
+    module-level ``status(429)``), not directly."""
+
+    kind: FaultKind
+    code: int = 0
+    retry_after: int | str | None = None
+    message: str | None = None
+    seconds: float = 0.0
+    nbytes: int = 0
+    content_length: bool = True
+    same_link: bool = False
+    payload: Any = None
+
+    @classmethod
+    def status(
+        cls, code: int, *, retry_after: int | str | None = None, message: str | None = None
+    ) -> Fault:
+        """Answer with this HTTP status and an OData error body (plus ``Retry-After``)."""
+        if not 400 <= code <= 599:
+            raise ValueError("status faults are 4xx/5xx codes")
+        return cls("status", code=code, retry_after=retry_after, message=message)
+
+    @classmethod
+    def truncated_json(cls, *, content_length: bool = True) -> Fault:
+        """Send half of the real body, then close the connection.
+
+        With ``content_length`` the header announces the full size, so the client sees a
+        protocol error (short read); without it the response ends at the close and the client
+        sees a well-formed HTTP response whose JSON is cut.
+        """
+        return cls("truncated_json", content_length=content_length)
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Wait ``seconds`` before answering normally (to trip client read timeouts)."""
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def never_ending_next_link(cls, *, same_link: bool = False) -> Fault:
+        """The paging chain started by the matching request never ends.
+
+        Every page carries a nextLink; past the last row the chain wraps to the first page
+        with a new lap number, so the links never repeat. With ``same_link`` every nextLink
+        is the link to the page just served instead, the simplest loop to detect.
+        """
+        return cls("never_ending_next_link", same_link=same_link)
+
+    @classmethod
+    def huge_response(cls, nbytes: int, *, content_length: bool = True) -> Fault:
+        """A 200 JSON page of ``nbytes`` bytes (one row with a huge string), streamed.
+
+        Without ``content_length`` it is sent chunked: only counting bytes read catches it.
+        """
+        return cls("huge_response", nbytes=nbytes, content_length=content_length)
+
+    @classmethod
+    def wrong_shape(cls, payload: Any = _DEFAULT_SHAPE) -> Fault:
+        """A 200 with valid JSON of the wrong shape: by default ``{"value": 5}`` (V4) or
+        ``{"d": {"results": 5}}`` (V2); pass any JSON-able ``payload`` (e.g. ``[]``)."""
+        return cls("wrong_shape", payload=payload)
+
+    @classmethod
+    def html(cls) -> Fault:
+        """A 200 ``text/html`` page, like a captive portal or proxy login page."""
+        return cls("html")
+
+    @classmethod
+    def connection_reset(cls) -> Fault:
+        """Read the request, then reset the TCP connection without any response."""
+        return cls("connection_reset")
+
+
+status = Fault.status
+truncated_json = Fault.truncated_json
+delay = Fault.delay
+never_ending_next_link = Fault.never_ending_next_link
+huge_response = Fault.huge_response
+wrong_shape = Fault.wrong_shape
+html = Fault.html
+connection_reset = Fault.connection_reset
+
+
+@dataclass
+class _FaultEntry:
+    fault: Fault
+    entity_set: str | None
+    match: str | None
+    remaining: int | None  # None: until cleared
+
+
+# -- request records ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as received. ``headers`` keys are lower-cased; ``query`` is decoded."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    entity_set: str | None
+    target: str  # the raw request target, e.g. "/odata/Stops?$skiptoken=..."
+
+
+class _ODataError(Exception):
+    def __init__(
+        self, http_status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+def _bad_request(message: str, code: str = "BadRequest") -> _ODataError:
+    return _ODataError(400, code, message)
+
+
+# -- $filter -----------------------------------------------------------------------------
+_TOKEN_RE = re.compile(
+    r"""\s*(?:
+        (?P<string>'(?:[^']|'')*')
+      | (?P<dtlit>datetime(?:offset)?'[^']*')
+      | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[dDmMfFlL]?)(?![\w.])
+      | (?P<paren>[()])
+      | (?P<word>[A-Za-z_$][\w/.$]*)
+      | (?P<other>\S)
+    )""",
+    re.VERBOSE,
+)
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+}
+_NUMERIC_TYPES = {"Edm.Int16", "Edm.Int32", "Edm.Int64", "Edm.Double", "Edm.Decimal", "Edm.Byte"}
+Predicate = Callable[[Row], bool]
+
+
+class _FilterParser:
+    """Recursive descent over the supported subset: comparisons, and, or, not, parentheses."""
+
+    def __init__(self, text: str, types: Mapping[str, str]) -> None:
+        self.types = types
+        self.tokens: list[tuple[str, str]] = []
+        for m in _TOKEN_RE.finditer(text):
+            kind = m.lastgroup
+            if kind is not None:  # "other" tokens fail where the parser meets them
+                self.tokens.append((kind, m.group(kind)))
+        self.pos = 0
+
+    def parse(self) -> Predicate:
+        if not self.tokens:
+            raise _bad_request("$filter is empty")
+        pred = self._or()
+        if self.pos != len(self.tokens):
+            raise _bad_request(f"Syntax error in $filter at '{self.tokens[self.pos][1]}'")
+        return pred
+
+    def _peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _next(self) -> tuple[str, str]:
+        tok = self._peek()
+        if tok is None:
+            raise _bad_request("Unexpected end of $filter")
+        self.pos += 1
+        return tok
+
+    def _keyword(self, word: str) -> bool:
+        tok = self._peek()
+        if tok is not None and tok[0] == "word" and tok[1] == word:
+            self.pos += 1
+            return True
+        return False
+
+    def _or(self) -> Predicate:
+        parts = [self._and()]
+        while self._keyword("or"):
+            parts.append(self._and())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda row: any(p(row) for p in parts)
+
+    def _and(self) -> Predicate:
+        parts = [self._unary()]
+        while self._keyword("and"):
+            parts.append(self._unary())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda row: all(p(row) for p in parts)
+
+    def _unary(self) -> Predicate:
+        if self._keyword("not"):
+            inner = self._unary()
+            return lambda row: not inner(row)
+        tok = self._next()
+        if tok == ("paren", "("):
+            inner = self._or()
+            if self._next() != ("paren", ")"):
+                raise _bad_request("Missing ')' in $filter")
+            return inner
+        if tok[0] != "word":
+            raise _bad_request(f"Expected a property name in $filter, got '{tok[1]}'")
+        name = tok[1]
+        after = self._peek()
+        if after == ("paren", "(") or "/" in name:
+            raise _ODataError(
+                400, "NotImplemented", f"$filter function or path '{name}' is not supported"
+            )
+        if name not in self.types:
+            raise _bad_request(f"Could not find a property named '{name}' on the entity type")
+        op_tok = self._next()
+        op = op_tok[1]
+        if op_tok[0] != "word" or op not in ("eq", "ne", "gt", "ge", "lt", "le"):
+            raise _ODataError(400, "NotImplemented", f"$filter operator '{op}' is not supported")
+        value = self._literal(name)
+        if op == "eq":
+            return lambda row: row.get(name) == value
+        if op == "ne":
+            return lambda row: row.get(name) != value
+        if value is None:
+            return lambda row: False
+        compare = _COMPARISONS[op]
+
+        def ordered(row: Row) -> bool:
+            v = row.get(name)
+            return v is not None and compare(v, value)
+
+        return ordered
+
+    def _literal(self, name: str) -> Any:
+        kind, text = self._next()
+        edm = self.types.get(name)
+        if kind == "string":
+            value: Any = text[1:-1].replace("''", "'")
+            ok = edm in (None, "Edm.String", "Edm.Guid")
+        elif kind == "number":
+            digits = text.rstrip("dDmMfFlL")
+            is_int = re.fullmatch(r"-?\d+", digits) is not None
+            value = int(digits) if is_int else float(digits)
+            ok = edm is None or edm in _NUMERIC_TYPES
+        elif kind == "word" and text in ("true", "false"):
+            value = text == "true"
+            ok = edm in (None, "Edm.Boolean")
+        elif kind == "word" and text == "null":
+            return None
+        else:
+            raise _ODataError(400, "NotImplemented", f"$filter literal {text} is not supported")
+        if not ok:
+            raise _bad_request(f"Literal {text} is incompatible with property '{name}' ({edm})")
+        return value
+
+
+# -- value formatting --------------------------------------------------------------------
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _edm_type(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "Edm.Boolean"
+    if isinstance(value, int):
+        return "Edm.Int32" if -(2**31) <= value < 2**31 else "Edm.Int64"
+    if isinstance(value, float):
+        return "Edm.Double"
+    if isinstance(value, decimal.Decimal):
+        return "Edm.Decimal"
+    if isinstance(value, dt.datetime):
+        return "Edm.DateTimeOffset"
+    if isinstance(value, dt.date):
+        return "Edm.Date"
+    if isinstance(value, dt.time):
+        return "Edm.TimeOfDay"
+    return "Edm.String"
+
+
+def _number_text(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal):
+        return value
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _v4_datetime(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return _as_utc(value).isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return value
+
+
+Converter = Callable[[Any], Any]
+
+
+def _v2_datetime(offset: bool) -> Converter:
+    suffix = "+0000" if offset else ""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dt.datetime):
+            moment = _as_utc(value)
+        elif isinstance(value, dt.date):
+            moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+        else:
+            return value
+        ms = (moment - _EPOCH) // dt.timedelta(milliseconds=1)
+        return f"/Date({ms}{suffix})/"
+
+    return convert
+
+
+def _v2_time(value: Any) -> Any:
+    if isinstance(value, dt.time):
+        return f"PT{value.hour:02d}H{value.minute:02d}M{value.second:02d}S"
+    return value
+
+
+def _v4_decimal(value: Any) -> Any:
+    return float(value) if isinstance(value, decimal.Decimal) else value
+
+
+_STRINGIFIED = {"Edm.Int64", "Edm.Decimal", "Edm.Double"}
+_NAMESPACE = "Pipeline.Fixture"
+
+
+# -- per-set state -----------------------------------------------------------------------
+@dataclass
+class _SetState:
+    rows: Sequence[Row]
+    key: str
+    types: dict[str, str]  # every known field -> Edm type ("Edm.String" when only nulls seen)
+    version: int
+
+
+_INFER_SAMPLE = 200
+
+
+def _infer_types(rows: Sequence[Row], key: str, overrides: Mapping[str, str]) -> dict[str, str]:
+    types: dict[str, str] = {}
+    sample = rows[: min(len(rows), _INFER_SAMPLE)]
+    for row in sample:
+        for name, value in row.items():
+            edm = _edm_type(value)
+            if edm is None:
+                types.setdefault(name, "")
+                continue
+            seen = types.get(name)
+            if not seen or (seen == "Edm.Int32" and edm in ("Edm.Int64", "Edm.Double")):
+                types[name] = edm
+    types = {name: edm or "Edm.String" for name, edm in types.items()}
+    types.setdefault(key, "Edm.Int32")
+    types.update(overrides)
+    return types
+
+
+@dataclass(frozen=True)
+class _Options:
+    filter: str | None
+    orderby: tuple[tuple[str, bool], ...]  # (field, descending)
+    select: tuple[str, ...] | None
+    top: int | None
+    skip: int
+    count: bool
+    skiptoken: str | None
+    signed: tuple[tuple[str, str], ...]  # options the skiptoken is bound to
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json;charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _ResultCache:
+    """Filtered and ordered row lists, computed once per (set version, $filter, $orderby)."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple[Any, ...], Sequence[Row]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, key: tuple[Any, ...]) -> Sequence[Row] | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[Any, ...], rows: Sequence[Row]) -> None:
+        with self._lock:
+            self._entries[key] = rows
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# -- HTTP plumbing -----------------------------------------------------------------------
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() shuts connections down and joins handler threads itself
+
+    def __init__(self, app: ODataServer, port: int) -> None:
+        self.app = app
+        self._track_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._handler_threads: set[threading.Thread] = set()
+        super().__init__(("127.0.0.1", port), _Handler)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._track_lock:
+            self._connections.add(request)
+            self._handler_threads.add(threading.current_thread())
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._track_lock:
+                self._connections.discard(request)
+                self._handler_threads.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-response (size caps, timeouts) are expected, not server bugs
+        if not isinstance(_current_exception(), ConnectionError | TimeoutError):
+            self.app._record_error(traceback.format_exc())
+
+    def close_connections(self, timeout: float) -> None:
+        with self._track_lock:
+            connections = list(self._connections)
+            threads = list(self._handler_threads)
+        for conn in connections:
+            # OSError: already closed by its handler, nothing left to wake up
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout)
+
+
+def _current_exception() -> BaseException | None:
+    return sys.exc_info()[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"  # keep-alive, so paging clients reuse one connection
+    server_version = "pipeline-odata-fixture/1.0"
+    timeout = 30  # an idle keep-alive connection gives up its thread after this
+    # headers and body go out in separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK and every small page costs ~40 ms
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.app.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self.server.app._handle(self)
+
+    def _read_only(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.server.app._handle(self)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_MERGE = _read_only
+
+
+# -- the server --------------------------------------------------------------------------
+class ODataServer:
+    """An OData V4 or V2 read-only service over ``data`` (entity set name -> rows).
+
+    ``with ODataServer(sample_network(200)) as server:`` serves it at ``server.url``; tests
+    change data with :meth:`set_rows`/:meth:`update_row`/:meth:`delete_row`/:meth:`shuffle`,
+    queue faults with :meth:`add_fault`, and inspect :attr:`requests` and
+    :meth:`request_count`. All of these are safe to call while requests are in flight.
+
+    Rows are plain dicts; field types (Edm) are inferred from the first rows and can be
+    overridden with ``types={"Stops": {"ID": "Edm.Int64"}}``. Without ``$orderby`` rows are
+    served in stored order; with it, ties are broken by the key, ascending. The
+    ``$skiptoken`` is an offset into the (filtered, ordered) result, so mutating a set between
+    pages shifts rows under a running client, as it does with many real services.
+
+    Value format options: ``v2_numbers_as_strings`` (V2: Edm.Int64/Decimal/Double as JSON
+    strings), ``v2_date_offset`` (V2 dates as ``/Date(ms+0000)/`` instead of ``/Date(ms)/``),
+    ``v2_metadata`` (V2 ``__metadata`` per entity, default on), ``ieee754_compatible`` (V4:
+    Int64/Decimal/Double as strings; also applied when the client's Accept asks for
+    ``IEEE754Compatible=true``).
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Sequence[Row]] | None = None,
+        *,
+        version: str = "v4",
+        root: str = "/odata",
+        page_size: int = 1000,
+        next_link: str = "absolute",
+        empty_last_page: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        keys: Mapping[str, str] | None = None,
+        port: int = 0,
+        types: Mapping[str, Mapping[str, str]] | None = None,
+        v2_numbers_as_strings: bool = False,
+        v2_date_offset: bool = False,
+        v2_metadata: bool = True,
+        ieee754_compatible: bool = False,
+        max_recorded_requests: int = 10_000,
+        verbose: bool = False,
+    ) -> None:
+        if version not in ("v4", "v2"):
+            raise ValueError("version must be 'v4' or 'v2'")
+        if next_link not in ("absolute", "relative"):
+            raise ValueError("next_link must be 'absolute' or 'relative'")
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if (username is None) != (password is None):
+            raise ValueError("basic auth needs both username and password")
+        self.version = version
+        self.root = "/" + root.strip("/") if root.strip("/") else ""
+        self.page_size = page_size
+        self.next_link = next_link
+        self.empty_last_page = empty_last_page
+        self.username = username
+        self.password = password
+        self.token = token
+        self.v2_numbers_as_strings = v2_numbers_as_strings
+        self.v2_date_offset = v2_date_offset
+        self.v2_metadata = v2_metadata
+        self.ieee754_compatible = ieee754_compatible
+        self.verbose = verbose
+        self.errors: list[str] = []  # tracebacks of internal errors (answered with 500)
+        self._port = port
+        self._keys = dict(keys or {})
+        self._type_overrides = {name: dict(t) for name, t in (types or {}).items()}
+        self._lock = threading.RLock()
+        self._sets: dict[str, _SetState] = {}
+        self._versions = 0
+        self._faults: list[_FaultEntry] = []
+        self._requests: collections.deque[RequestRecord] = collections.deque(
+            maxlen=max_recorded_requests
+        )
+        self._counts: collections.Counter[str | None] = collections.Counter()
+        self._total = 0
+        self._cache = _ResultCache()
+        self._secret = secrets.token_bytes(16)
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._bound_port: int | None = None
+        self._thread: threading.Thread | None = None
+        for name, rows in (data or {}).items():
+            self.set_rows(name, rows)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> ODataServer:
+        if self._httpd is not None:
+            raise RuntimeError("server already started")
+        self._stopping.clear()
+        self._httpd = _HTTPServer(self, self._port)
+        self._bound_port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"odata-server-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        self._stopping.set()  # wakes handlers sleeping in a delay fault
+        httpd.shutdown()
+        httpd.close_connections(timeout=5)
+        httpd.server_close()
+        if thread is not None:
+            thread.join(5)
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> ODataServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port; still known after stop(), so tests can probe a dead server."""
+        if self._bound_port is None:
+            raise RuntimeError("server not started")
+        return self._bound_port
+
+    @property
+    def url(self) -> str:
+        """The service root with a trailing slash, e.g. ``http://127.0.0.1:54321/odata/``."""
+        return f"http://127.0.0.1:{self.port}{self.root}/"
+
+    # -- data ----------------------------------------------------------------------------
+    def set_rows(self, entity_set: str, rows: Sequence[Row]) -> None:
+        """Replace (or create) an entity set.
+
+        Rows are copied, so later changes to the caller's dicts do not leak into the server
+        (use :meth:`update_row` and friends); lazily generated sequences are kept as they are.
+        """
+        if not entity_set or not re.fullmatch(r"[A-Za-z_][\w]*", entity_set):
+            raise ValueError(f"not a usable entity set name: {entity_set!r}")
+        stored: Sequence[Row] = rows if isinstance(rows, GeneratedRows) else [dict(r) for r in rows]
+        key = self._keys.get(entity_set, "ID")
+        types = _infer_types(stored, key, self._type_overrides.get(entity_set, {}))
+        with self._lock:
+            self._versions += 1
+            self._sets[entity_set] = _SetState(stored, key, types, self._versions)
+
+    def rows(self, entity_set: str) -> list[dict[str, Any]]:
+        """A copy of a set's rows in stored order."""
+        with self._lock:
+            state = self._state(entity_set)
+        return [dict(r) for r in state.rows]
+
+    def update_row(self, entity_set: str, key: Any, **changes: Any) -> None:
+        """Change fields of the row with this key (copy-on-write: running pages are unaffected)."""
+        with self._lock:
+            state = self._state(entity_set)
+            rows = list(state.rows)
+            pos = self._position(state, key)
+            rows[pos] = {**rows[pos], **changes}
+            self._replace(entity_set, state, rows)
+
+    def delete_row(self, entity_set: str, key: Any) -> None:
+        with self._lock:
+            state = self._state(entity_set)
+            rows = list(state.rows)
+            del rows[self._position(state, key)]
+            self._replace(entity_set, state, rows)
+
+    def add_row(self, entity_set: str, row: Mapping[str, Any]) -> None:
+        with self._lock:
+            state = self._state(entity_set)
+            self._replace(entity_set, state, [*state.rows, dict(row)])
+
+    def shuffle(self, entity_set: str, seed: int = 0) -> None:
+        """Reorder a set's stored rows (what clients without ``$orderby`` get)."""
+        with self._lock:
+            state = self._state(entity_set)
+            rows = list(state.rows)
+            random.Random(seed).shuffle(rows)
+            self._replace(entity_set, state, rows)
+
+    def _state(self, entity_set: str) -> _SetState:
+        try:
+            return self._sets[entity_set]
+        except KeyError:
+            raise KeyError(f"no entity set {entity_set!r}") from None
+
+    def _position(self, state: _SetState, key: Any) -> int:
+        for pos, row in enumerate(state.rows):
+            if row.get(state.key) == key:
+                return pos
+        raise KeyError(f"no row with {state.key}={key!r}")
+
+    def _replace(self, entity_set: str, state: _SetState, rows: list[Row]) -> None:
+        self._versions += 1
+        self._sets[entity_set] = _SetState(rows, state.key, state.types, self._versions)
+
+    # -- faults and records ------------------------------------------------------------
+    def add_fault(
+        self,
+        fault: Fault | Callable[[], Fault],
+        *,
+        entity_set: str | None = None,
+        times: int | None = 1,
+        match: str | None = None,
+    ) -> None:
+        """Queue a fault for the next ``times`` matching requests (``None``: until cleared).
+
+        A request matches when it addresses ``entity_set`` (if given) and its raw target
+        contains ``match`` (if given). Each request consumes at most one fault, the oldest
+        matching one. An uncalled factory (``add_fault(html)``) is called with no arguments.
+        """
+        if times is not None and times < 1:
+            raise ValueError("times must be >= 1 or None")
+        if not isinstance(fault, Fault):
+            fault = fault()
+        with self._lock:
+            self._faults.append(_FaultEntry(fault, entity_set, match, times))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def pending_faults(self) -> int:
+        with self._lock:
+            return len(self._faults)
+
+    def request_count(self, entity_set: str | None = None) -> int:
+        """Requests received in total, or those addressing ``entity_set``."""
+        with self._lock:
+            return self._total if entity_set is None else self._counts[entity_set]
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A snapshot of the recorded requests, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def last_request(self) -> RequestRecord | None:
+        with self._lock:
+            return self._requests[-1] if self._requests else None
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self._counts.clear()
+            self._total = 0
+
+    def _take_fault(self, entity_set: str | None, target: str) -> Fault | None:
+        with self._lock:
+            for entry in self._faults:
+                if entry.entity_set is not None and entry.entity_set != entity_set:
+                    continue
+                if entry.match is not None and entry.match not in target:
+                    continue
+                if entry.remaining is not None:
+                    entry.remaining -= 1
+                    if entry.remaining == 0:
+                        self._faults.remove(entry)
+                return entry.fault
+        return None
+
+    def _record_error(self, text: str) -> None:
+        with self._lock:
+            self.errors.append(text)
+
+    # -- request handling --------------------------------------------------------------
+    def _handle(self, h: _Handler) -> None:
+        split = urlsplit(h.path)
+        path = unquote(split.path)
+        pairs = parse_qsl(split.query, keep_blank_values=True)
+        entity_set = self._entity_set_of(path)
+        record = RequestRecord(
+            method=h.command,
+            path=path,
+            query=dict(pairs),
+            headers={k.lower(): v for k, v in h.headers.items()},
+            entity_set=entity_set,
+            target=h.path,
+        )
+        with self._lock:
+            self._requests.append(record)
+            self._counts[entity_set] += 1
+            self._total += 1
+        fault = self._take_fault(entity_set, h.path)
+        if fault is not None and fault.kind == "delay":
+            if self._stopping.wait(fault.seconds):
+                h.close_connection = True
+                return
+            fault = None
+        if fault is not None and fault.kind == "connection_reset":
+            # SO_LINGER 0: close() sends RST instead of FIN
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            return
+        if fault is not None and fault.kind == "huge_response":
+            self._send_huge(h, fault)
+            return
+        try:
+            if fault is not None and fault.kind in ("status", "html", "wrong_shape"):
+                response = self._fault_response(fault)
+            else:
+                cycle = fault is not None and fault.kind == "never_ending_next_link"
+                same = cycle and fault is not None and fault.same_link
+                response = self._respond(h.command, path, pairs, record.headers, cycle, same)
+        except _ODataError as err:
+            response = self._error(err.http_status, err.code, err.message, err.headers)
+        except Exception:  # a bug in this fixture: answer 500 and keep it for the test to see
+            self._record_error(traceback.format_exc())
+            response = self._error(500, "InternalError", "fixture server error, see .errors")
+        truncate = fault is not None and fault.kind == "truncated_json"
+        full_length = fault is None or fault.content_length
+        self._write(h, response, truncate=truncate, content_length=full_length)
+
+    def _entity_set_of(self, path: str) -> str | None:
+        if not path.startswith(self.root + "/"):
+            return None
+        first = path[len(self.root) + 1 :].split("/", 1)[0].split("(", 1)[0]
+        return first if first and not first.startswith("$") else None
+
+    def _write(
+        self,
+        h: _Handler,
+        response: _Response,
+        *,
+        truncate: bool = False,
+        content_length: bool = True,
+    ) -> None:
+        body = response.body
+        h.send_response(response.status)
+        h.send_header("Content-Type", response.content_type)
+        for name, value in response.headers:
+            h.send_header(name, value)
+        if truncate:
+            if content_length:
+                h.send_header("Content-Length", str(len(body)))
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _send_huge(self, h: _Handler, fault: Fault) -> None:
+        if self.version == "v4":
+            head, tail = b'{"value":[{"ID":1,"padding":"', b'"}]}'
+        else:
+            head, tail = b'{"d":{"results":[{"ID":1,"padding":"', b'"}]}}'
+        pad = max(0, fault.nbytes - len(head) - len(tail))
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json;charset=utf-8")
+        if fault.content_length:
+            h.send_header("Content-Length", str(len(head) + pad + len(tail)))
+        else:
+            h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        block = b"x" * 65536
+
+        def emit(chunk: bytes) -> None:
+            if fault.content_length:
+                h.wfile.write(chunk)
+            elif chunk:
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+        try:
+            emit(head)
+            remaining = pad
+            while remaining > 0 and not self._stopping.is_set():
+                emit(block[: min(remaining, len(block))])
+                remaining -= len(block)
+            emit(tail)
+            if not fault.content_length:
+                h.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hit its size cap and hung up: that is the point of this fault
+        h.close_connection = True
+
+    def _fault_response(self, fault: Fault) -> _Response:
+        if fault.kind == "status":
+            headers: list[tuple[str, str]] = []
+            if fault.retry_after is not None:
+                headers.append(("Retry-After", str(fault.retry_after)))
+            if fault.code == 401:
+                headers.extend(self._challenges(bearer_presented=False))
+            message = fault.message or f"injected fault: HTTP {fault.code}"
+            return self._error(fault.code, f"Injected{fault.code}", message, headers)
+        if fault.kind == "html":
+            page = (
+                "<!DOCTYPE html><html><head><title>Sign in</title></head><body>"
+                "<h1>Proxy authentication</h1><form method='post' action='/login'>"
+                "<input name='user'><input name='password' type='password'></form></body></html>"
+            )
+            return _Response(200, page.encode(), "text/html; charset=utf-8")
+        payload = fault.payload
+        if payload is _DEFAULT_SHAPE:
+            payload = {"value": 5} if self.version == "v4" else {"d": {"results": 5}}
+        return _Response(200, json.dumps(payload).encode(), self._json_content_type(False))
+
+    # -- protocol ------------------------------------------------------------------------
+    def _json_content_type(self, ieee754: bool) -> str:
+        if self.version == "v2":
+            return "application/json;charset=utf-8"
+        flag = ";IEEE754Compatible=true" if ieee754 else ""
+        return f"application/json;odata.metadata=minimal{flag};charset=utf-8"
+
+    def _version_headers(self) -> list[tuple[str, str]]:
+        if self.version == "v4":
+            return [("OData-Version", "4.0")]
+        return [("DataServiceVersion", "2.0")]
+
+    def _error(
+        self, http_status: int, code: str, message: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> _Response:
+        if self.version == "v4":
+            body: dict[str, Any] = {"error": {"code": code, "message": message}}
+        else:
+            body = {"error": {"code": code, "message": {"lang": "en", "value": message}}}
+        return _Response(
+            http_status,
+            json.dumps(body).encode(),
+            self._json_content_type(False),
+            [*self._version_headers(), *headers],
+        )
+
+    def _challenges(self, *, bearer_presented: bool) -> list[tuple[str, str]]:
+        out = []
+        if self.username is not None:
+            out.append(("WWW-Authenticate", 'Basic realm="odata", charset="UTF-8"'))
+        if self.token is not None:
+            extra = ', error="invalid_token"' if bearer_presented else ""
+            out.append(("WWW-Authenticate", f'Bearer realm="odata"{extra}'))
+        return out
+
+    def _check_auth(self, headers: Mapping[str, str]) -> None:
+        if self.username is None and self.token is None:
+            return
+        given = headers.get("authorization", "")
+        scheme, _, credentials = given.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic" and self.username is not None and self.password is not None:
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                decoded = ""
+            expected = f"{self.username}:{self.password}"
+            if hmac.compare_digest(decoded.encode(), expected.encode()):
+                return
+        if (
+            scheme == "bearer"
+            and self.token is not None
+            and hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+        ):
+            return
+        message = "Authorization required" if not given else "Invalid credentials"
+        raise _ODataError(
+            401, "Unauthorized", message, self._challenges(bearer_presented=scheme == "bearer")
+        )
+
+    def _respond(
+        self,
+        method: str,
+        path: str,
+        pairs: list[tuple[str, str]],
+        headers: Mapping[str, str],
+        cycle: bool,
+        same_link: bool,
+    ) -> _Response:
+        if path != self.root and not path.startswith(self.root + "/"):
+            raise _ODataError(404, "NotFound", f"No service at {path}")
+        self._check_auth(headers)
+        if method != "GET":
+            raise _ODataError(
+                405, "MethodNotAllowed", "This service is read-only", [("Allow", "GET")]
+            )
+        rest = path[len(self.root) :].strip("/")
+        if rest == "":
+            return self._service_document()
+        if rest == "$metadata":
+            return self._metadata()
+        segments = rest.split("/")
+        name = segments[0]
+        if "(" in name:
+            raise _ODataError(501, "NotImplemented", "Addressing single entities is not supported")
+        with self._lock:
+            state = self._sets.get(name)
+        if state is None:
+            raise _ODataError(404, "NotFound", f"Resource not found for the segment '{name}'")
+        if len(segments) == 2 and segments[1] == "$count":
+            opts = self._parse_options(pairs, state)
+            total = len(self._result(name, state, opts))
+            return _Response(200, str(total).encode(), "text/plain;charset=utf-8",
+                             self._version_headers())  # fmt: skip
+        if len(segments) > 1:
+            raise _ODataError(404, "NotFound", f"No resource for the segment '{segments[1]}'")
+        opts = self._parse_options(pairs, state)
+        return self._collection(name, state, opts, pairs, headers, cycle, same_link)
+
+    def _service_document(self) -> _Response:
+        with self._lock:
+            names = list(self._sets)
+        if self.version == "v4":
+            body: dict[str, Any] = {
+                "@odata.context": f"{self.url}$metadata",
+                "value": [{"name": n, "kind": "EntitySet", "url": n} for n in names],
+            }
+        else:
+            body = {"d": {"EntitySets": names}}
+        return _Response(200, json.dumps(body).encode(), self._json_content_type(False),
+                         self._version_headers())  # fmt: skip
+
+    def _metadata(self) -> _Response:
+        with self._lock:
+            sets = dict(self._sets)
+        ns = _NAMESPACE
+        types, container = [], []
+        for name, state in sets.items():
+            type_name = _type_name(name)
+            props = "".join(
+                f"<Property Name={quoteattr(f)} Type={quoteattr(self._metadata_type(t))}"
+                + (' Nullable="false"/>' if f == state.key else "/>")
+                for f, t in state.types.items()
+            )
+            types.append(
+                f"<EntityType Name={quoteattr(type_name)}><Key><PropertyRef "
+                f"Name={quoteattr(state.key)}/></Key>{props}</EntityType>"
+            )
+            container.append(
+                f"<EntitySet Name={quoteattr(name)} EntityType={quoteattr(f'{ns}.{type_name}')}/>"
+            )
+        if self.version == "v4":
+            xml = (
+                '<?xml version="1.0" encoding="utf-8"?>'
+                '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx">'
+                f'<edmx:DataServices><Schema Namespace="{ns}" '
+                'xmlns="http://docs.oasis-open.org/odata/ns/edm">'
+                f'{"".join(types)}<EntityContainer Name="Container">{"".join(container)}'
+                "</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
+            )
+        else:
+            xml = (
+                '<?xml version="1.0" encoding="utf-8"?>'
+                '<edmx:Edmx Version="1.0" '
+                'xmlns:edmx="http://schemas.microsoft.com/ado/2007/06/edmx">'
+                '<edmx:DataServices m:DataServiceVersion="2.0" '
+                'xmlns:m="http://schemas.microsoft.com/ado/2007/08/dataservices/metadata">'
+                f'<Schema Namespace="{ns}" xmlns="http://schemas.microsoft.com/ado/2008/09/edm">'
+                f'{"".join(types)}<EntityContainer Name="Container" '
+                f'm:IsDefaultEntityContainer="true">{"".join(container)}'
+                "</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
+            )
+        return _Response(200, xml.encode(), "application/xml;charset=utf-8",
+                         self._version_headers())  # fmt: skip
+
+    def _metadata_type(self, edm: str) -> str:
+        if self.version == "v2":
+            return {
+                "Edm.DateTimeOffset": "Edm.DateTime",
+                "Edm.Date": "Edm.DateTime",
+                "Edm.TimeOfDay": "Edm.Time",
+            }.get(edm, edm)
+        return edm
+
+    def _parse_options(self, pairs: list[tuple[str, str]], state: _SetState) -> _Options:
+        v4 = self.version == "v4"
+        allowed = {"$filter", "$orderby", "$top", "$skip", "$select", "$format", "$skiptoken"}
+        allowed |= {"$count"} if v4 else {"$inlinecount"}
+        seen: dict[str, str] = {}
+        for name, value in pairs:
+            if not name.startswith("$"):
+                continue  # custom query options are the service's business; ignore them
+            if name not in allowed:
+                if name in ("$expand", "$search", "$apply"):
+                    raise _ODataError(400, "NotImplemented", f"{name} is not supported")
+                raise _bad_request(f"The query parameter '{name}' is not supported")
+            if name in seen:
+                raise _bad_request(f"Query option '{name}' was specified more than once")
+            seen[name] = value
+        fmt = seen.get("$format")
+        if fmt is not None and fmt.split(";")[0] not in ("json", "application/json"):
+            raise _ODataError(400, "NotImplemented", f"$format={fmt} is not supported")
+
+        def non_negative(option: str) -> int | None:
+            raw = seen.get(option)
+            if raw is None:
+                return None
+            if not raw.isdigit():
+                raise _bad_request(f"Invalid value '{raw}' for {option}: expected an integer >= 0")
+            return int(raw)
+
+        orderby: list[tuple[str, bool]] = []
+        if seen.get("$orderby"):
+            for item in seen["$orderby"].split(","):
+                parts = item.split()
+                direction = parts[1] if len(parts) == 2 else "asc"
+                if not parts or len(parts) > 2 or direction not in ("asc", "desc"):
+                    raise _bad_request(f"Invalid $orderby item '{item.strip()}'")
+                if parts[0] not in state.types:
+                    raise _bad_request(f"Could not find a property named '{parts[0]}' for $orderby")
+                orderby.append((parts[0], direction == "desc"))
+        select: tuple[str, ...] | None = None
+        if seen.get("$select") and seen["$select"].strip() != "*":
+            select = tuple(s.strip() for s in seen["$select"].split(","))
+            unknown = [s for s in select if s not in state.types]
+            if unknown:
+                raise _bad_request(f"Could not find a property named '{unknown[0]}' for $select")
+        if v4:
+            raw_count = seen.get("$count", "false")
+            if raw_count not in ("true", "false"):
+                raise _bad_request(f"Invalid value '{raw_count}' for $count")
+            count = raw_count == "true"
+        else:
+            raw_count = seen.get("$inlinecount", "none")
+            if raw_count not in ("allpages", "none"):
+                raise _bad_request(f"Invalid value '{raw_count}' for $inlinecount")
+            count = raw_count == "allpages"
+        filter_text = seen.get("$filter")
+        if filter_text is not None:
+            _FilterParser(filter_text, state.types).parse()  # reject bad filters up front
+        signed = tuple(
+            sorted((k, v) for k, v in seen.items() if k in ("$filter", "$orderby", "$select",
+                                                            "$top", "$skip"))
+        )  # fmt: skip
+        return _Options(
+            filter=filter_text,
+            orderby=tuple(orderby),
+            select=select,
+            top=non_negative("$top"),
+            skip=non_negative("$skip") or 0,
+            count=count,
+            skiptoken=seen.get("$skiptoken"),
+            signed=signed,
+        )
+
+    def _result(self, name: str, state: _SetState, opts: _Options) -> Sequence[Row]:
+        """The set's rows after $filter and $orderby, computed once per set version."""
+        if opts.filter is None and not opts.orderby:
+            return state.rows
+        cache_key = (name, state.version, opts.filter, opts.orderby)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        rows: Sequence[Row] = state.rows
+        if opts.filter is not None:
+            predicate = _FilterParser(opts.filter, state.types).parse()
+            try:
+                rows = [r for r in rows if predicate(r)]
+            except TypeError as err:
+                raise _bad_request(f"$filter compares incompatible values: {err}") from None
+        already_sorted = (
+            opts.orderby == ((state.key, False),)
+            and getattr(state.rows, "sorted_by", None) == state.key
+        )
+        if opts.orderby and not already_sorted:
+            # Python's sort is stable, so sorting by the key first and then by each $orderby
+            # item from last to first gives ties a stable key order. Nulls sort lowest.
+            ordered = sorted(rows, key=lambda r: _null_low(r.get(state.key)))
+            try:
+                for fld, desc in reversed(opts.orderby):
+                    ordered.sort(key=_field_sort_key(fld), reverse=desc)
+            except TypeError as err:
+                raise _bad_request(f"$orderby over values that do not compare: {err}") from None
+            rows = ordered
+        self._cache.put(cache_key, rows)
+        return rows
+
+    # -- paging --------------------------------------------------------------------------
+    def _sign(self, name: str, signed: tuple[tuple[str, str], ...], payload: str) -> str:
+        material = json.dumps([name, signed, payload]).encode()
+        return hmac.new(self._secret, material, hashlib.sha256).hexdigest()[:16]
+
+    def _make_token(self, name: str, opts: _Options, offset: int, lap: int, flags: str) -> str:
+        payload = f"{offset}.{lap}.{flags}"
+        raw = f"{payload}.{self._sign(name, opts.signed, payload)}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def _read_token(self, name: str, opts: _Options, token: str) -> tuple[int, int, str]:
+        invalid = _bad_request("The $skiptoken is invalid or does not belong to this query")
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            offset_s, lap_s, flags, sig = raw.split(".")
+            offset, lap = int(offset_s), int(lap_s)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise invalid from None
+        expected = self._sign(name, opts.signed, f"{offset_s}.{lap_s}.{flags}")
+        if not hmac.compare_digest(sig, expected):
+            raise invalid
+        return offset, lap, flags
+
+    def _collection(
+        self,
+        name: str,
+        state: _SetState,
+        opts: _Options,
+        pairs: list[tuple[str, str]],
+        headers: Mapping[str, str],
+        cycle: bool,
+        same_link: bool,
+    ) -> _Response:
+        result = self._result(name, state, opts)
+        total = len(result)
+        window_start = min(opts.skip, total)
+        window_end = total if opts.top is None else min(total, opts.skip + opts.top)
+        window_end = max(window_end, window_start)
+        lap, flags, offset = 0, "", window_start
+        if opts.skiptoken is not None:
+            offset, lap, flags = self._read_token(name, opts, opts.skiptoken)
+        # a never-ending fault marks the chain: the flags travel on in every later token
+        flags = "".join(sorted(set(flags + ("c" if cycle else "") + ("s" if same_link else ""))))
+        page_size, applied = self._page_size(headers)
+        start = min(max(offset, window_start), window_end)
+        end = min(start + page_size, window_end)
+        page = result[start:end]
+
+        next_offset: int | None = None
+        if end < window_end:
+            next_offset = end
+        elif self.empty_last_page and end - start == page_size:
+            next_offset = end  # the data ended on a page boundary: one more, empty page
+        if "s" in flags:
+            next_offset = offset
+        elif "c" in flags and next_offset is None:
+            next_offset, lap = window_start, lap + 1
+        next_url = None
+        if next_offset is not None:
+            token = self._make_token(name, opts, next_offset, lap, flags)
+            # the link keeps the client's options (the token is bound to them) and adds the token
+            query = [f"{quote(k, safe='$')}={_quote(v)}" for k, v in pairs if k != "$skiptoken"]
+            query.append(f"$skiptoken={token}")
+            link = f"{quote(name)}?{'&'.join(query)}"
+            next_url = self.url + link if self.next_link == "absolute" else link
+
+        ieee754 = self.version == "v4" and (
+            self.ieee754_compatible or "ieee754compatible=true" in headers.get("accept", "").lower()
+        )
+        rows_json = self._serialise_rows(name, state, page, opts.select, ieee754)
+        extra = self._version_headers()
+        if applied:
+            extra.append(("Preference-Applied", f"odata.maxpagesize={page_size}"))
+        if self.version == "v4":
+            context = f"{self.url}$metadata#{name}"
+            if opts.select:
+                context += f"({','.join(opts.select)})"
+            parts = [b'{"@odata.context":', _dumps(context)]
+            if opts.count:
+                parts += [b',"@odata.count":', _dumps(str(total) if ieee754 else total)]
+            parts += [b',"value":', rows_json]
+            if next_url is not None:
+                parts += [b',"@odata.nextLink":', _dumps(next_url)]
+            parts.append(b"}")
+        else:
+            parts = [b'{"d":{']
+            if opts.count:
+                parts += [b'"__count":', _dumps(str(total)), b","]
+            parts += [b'"results":', rows_json]
+            if next_url is not None:
+                parts += [b',"__next":', _dumps(next_url)]
+            parts.append(b"}}")
+        return _Response(200, b"".join(parts), self._json_content_type(ieee754), extra)
+
+    def _page_size(self, headers: Mapping[str, str]) -> tuple[int, bool]:
+        match = re.search(r"odata\.maxpagesize=(\d+)", headers.get("prefer", ""))
+        if self.version == "v4" and match and 0 < int(match.group(1)) < self.page_size:
+            return int(match.group(1)), True
+        return self.page_size, False
+
+    def _converters(self, state: _SetState, ieee754: bool) -> list[tuple[str, Converter]]:
+        out: list[tuple[str, Converter]] = []
+        for name, edm in state.types.items():
+            if self.version == "v4":
+                if ieee754 and edm in _STRINGIFIED:
+                    out.append((name, _number_text))
+                elif edm == "Edm.Decimal":
+                    out.append((name, _v4_decimal))
+                elif edm in ("Edm.DateTimeOffset", "Edm.Date", "Edm.TimeOfDay"):
+                    out.append((name, _v4_datetime))
+            else:
+                if self.v2_numbers_as_strings and edm in _STRINGIFIED or edm == "Edm.Decimal":
+                    out.append((name, _number_text))
+                elif edm in ("Edm.DateTimeOffset", "Edm.Date"):
+                    out.append((name, _v2_datetime(self.v2_date_offset)))
+                elif edm == "Edm.TimeOfDay":
+                    out.append((name, _v2_time))
+        return out
+
+    def _serialise_rows(
+        self,
+        name: str,
+        state: _SetState,
+        page: Sequence[Row],
+        select: tuple[str, ...] | None,
+        ieee754: bool,
+    ) -> bytes:
+        converters = self._converters(state, ieee754)
+        if select is not None:
+            converters = [(f, c) for f, c in converters if f in select]
+        v2_meta = self.version == "v2" and self.v2_metadata
+        if not converters and select is None and not v2_meta:
+            return _dumps(page if isinstance(page, list) else list(page))  # the fast path
+        out: list[dict[str, Any]] = []
+        type_name = f"{_NAMESPACE}.{_type_name(name)}"
+        for row in page:
+            item = {f: row.get(f) for f in select} if select is not None else dict(row)
+            for fld, convert in converters:
+                value = item.get(fld)
+                if value is not None:
+                    item[fld] = convert(value)
+            if v2_meta:
+                key = row.get(state.key)
+                literal = quote(f"'{key}'" if isinstance(key, str) else str(key), safe="'")
+                uri = f"{self.url}{name}({literal})"
+                item = {"__metadata": {"uri": uri, "type": type_name}, **item}
+            out.append(item)
+        return _dumps(out)
+
+
+def _type_name(entity_set: str) -> str:
+    if entity_set.endswith("s") and len(entity_set) > 1:
+        return entity_set[:-1]
+    return entity_set + "Type"
+
+
+def _null_low(value: Any) -> tuple[bool, Any]:
+    return (value is not None, value)
+
+
+def _field_sort_key(name: str) -> Callable[[Row], tuple[bool, Any]]:
+    return lambda row: _null_low(row.get(name))
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="$,'():*/")
+
+
+# -- command line ------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline_cli.testing.odata_server",
+        description="Serve a feed file or a generated sample network over OData on 127.0.0.1 "
+        "until SIGTERM/SIGINT. Prints the service root URL on stdout.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="feed file (see odata_data.write_feed)")
+    source.add_argument("--sample", type=int, metavar="N_STOPS", help="generate N stops")
+    parser.add_argument("--seed", type=int, default=0, help="sample generator seed (default 0)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument("--root", default="/odata", help="service root path (default /odata)")
+    parser.add_argument("--version", choices=("v4", "v2"), default="v4", help="OData version")
+    parser.add_argument("--page-size", type=int, default=1000, help="rows per page")
+    parser.add_argument("--next-link", choices=("absolute", "relative"), default="absolute")
+    parser.add_argument("--empty-last-page", action="store_true")
+    parser.add_argument("--username", help="require HTTP basic auth with this user")
+    parser.add_argument("--password", help="password for --username")
+    parser.add_argument("--token", help="require (or also accept) this bearer token")
+    parser.add_argument("--port-file", type=Path, help="write the service root URL here")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args(argv)
+
+    keys: dict[str, str] = {}
+    data: Mapping[str, Sequence[Row]]
+    if args.data is not None:
+        data, keys = read_feed(args.data)
+    else:
+        data = sample_network_lazy(args.sample, args.seed)
+    server = ODataServer(
+        data, version=args.version, root=args.root, page_size=args.page_size,
+        next_link=args.next_link, empty_last_page=args.empty_last_page, username=args.username,
+        password=args.password, token=args.token, keys=keys, port=args.port, verbose=args.verbose,
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with server:
+        if args.port_file is not None:
+            tmp = args.port_file.with_name(args.port_file.name + ".tmp")
+            tmp.write_text(server.url + "\n")
+            tmp.replace(args.port_file)  # readers never see a half-written file
+        print(server.url, flush=True)  # after the file: seeing the URL means both are ready
+        try:
+            while not stop.wait(0.2):
+                pass
+        finally:
+            if args.port_file is not None:
+                args.port_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
