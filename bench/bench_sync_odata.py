@@ -1,0 +1,235 @@
+"""sync-odata: sync wall time / pure page-fetch wall time, and peak RSS of a large sync.
+
+The OData fixture server runs as its own process on 127.0.0.1 serving a generated network
+(lazily, so it holds no feed in memory). In one run, side by side against that server:
+pure fetches (every page fetched and parsed, nothing else), a first sync (every row new), an
+unchanged sync (``noop``). The ratios divide each sync by the mean of the fetches around it.
+Peak RSS is measured in a child process that does nothing but one sync (its own
+``ru_maxrss``), so the server and this process are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pipeline_cli import db
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.adapters.odata import ODataClient, resolve_mapping
+from pipeline_cli.runner import StageRunner
+from pipeline_cli.stages.sync_odata import sync_odata
+from pipeline_cli.testing.odata_data import NetworkShape, sample_network, write_feed
+from pipeline_cli.testing.services import LocalServices
+
+PAGE_SIZE = 1000
+
+
+def stops_for_rows(rows: int) -> int:
+    """Stops n give n + 2n routes + 3 flights per 25 routes = about 3.24 n rows."""
+    n = max(2, int(rows / 3.24))
+    while NetworkShape(n).n_stops + NetworkShape(n).n_routes + NetworkShape(n).n_flights < rows:
+        n += 1
+    return n
+
+
+def total_rows(n_stops: int) -> int:
+    s = NetworkShape(n_stops)
+    return s.n_stops + s.n_routes + s.n_flights
+
+
+@contextmanager
+def odata_server(*source: str) -> Iterator[str]:
+    """The fixture server in its own process; yields its service root URL.
+
+    ``source`` is ``("--sample", N)`` (rows generated lazily) or ``("--data", FILE)``.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-odata-") as tmp:
+        port_file = Path(tmp) / "url"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline_cli.testing.odata_server", *source,
+             "--page-size", str(PAGE_SIZE), "--port-file", str(port_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("OData fixture server did not start")
+                time.sleep(0.05)
+            yield port_file.read_text().strip()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def feeds(n_stops: int, workdir: Path) -> tuple[Path, Path, int]:
+    """The sample network as a feed file, and a copy with 1 % of the rows changed."""
+    data = sample_network(n_stops)
+    original = workdir / "feed.json"
+    write_feed(original, data)
+    changed = 0
+    for rows in data.values():
+        for row in rows[::100]:
+            row["name" if "name" in row else "mode" if "mode" in row else "daysOfWeek"] = (
+                "changed 67" if "name" in row else "bus" if "mode" in row else "67")
+            changed += 1
+    modified = workdir / "feed-changed.json"
+    write_feed(modified, data)
+    return original, modified, changed
+
+
+@contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    name = f"pipeline_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+    try:
+        with db.connect(url, autocommit=True) as conn:
+            db.migrate(conn)
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def client(url: str) -> ODataClient:
+    return ODataClient(url, read_timeout=120, backoff_base=0.1, backoff_max=5)
+
+
+def pure_fetch(url: str) -> tuple[float, int]:
+    """Every page of every set, fetched and parsed exactly as sync does, and nothing else."""
+    mappings = resolve_mapping(None)
+    rows = 0
+    started = time.perf_counter()
+    with client(url) as c:
+        for m in mappings.values():
+            select = sorted({f for f in m.fields.values() if f})
+            for page in c.pages(m.entity_set, orderby=m.key_field, select=select):
+                rows += len(page.rows)
+    return time.perf_counter() - started, rows
+
+
+def one_sync(url: str, database_url: str, s3: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    store = BackupStore.connect(s3["endpoint"], s3["access_key"], s3["secret_key"],
+                                s3["bucket"], secure=s3["secure"])
+    started = time.perf_counter()
+    with client(url) as c:
+        record = StageRunner(database_url).run(
+            "sync-odata", lambda ctx: sync_odata(database_url, c, store, ctx))
+    elapsed = time.perf_counter() - started
+    if record.error:
+        raise RuntimeError(f"sync failed: {record.error}")
+    return elapsed, {"status": record.status, **record.extra, "counts": record.counts}
+
+
+def empty_bucket(s3: dict[str, Any]) -> None:
+    store = BackupStore.connect(s3["endpoint"], s3["access_key"], s3["secret_key"],
+                                s3["bucket"], secure=s3["secure"])
+    if store.client.bucket_exists(s3["bucket"]):
+        store.delete_prefix("")
+        store.client.remove_bucket(s3["bucket"])
+
+
+def ratios(services: LocalServices, rows: int, s3: dict[str, Any]) -> list[dict[str, Any]]:
+    n_stops = stops_for_rows(rows)
+    with tempfile.TemporaryDirectory(prefix="bench-feeds-") as tmp, \
+            scratch_database(services.postgres()) as database_url:
+        original, modified, changed = feeds(n_stops, Path(tmp))
+        with odata_server("--data", str(original)) as url:
+            pure_fetch(url)  # warm-up: imports, connections, the server's sorted result cache
+            f1, fetched = pure_fetch(url)
+            first, first_result = one_sync(url, database_url, s3)
+            f2, _ = pure_fetch(url)
+        with odata_server("--data", str(modified)) as url:
+            pure_fetch(url)
+            g1, _ = pure_fetch(url)
+            update, update_result = one_sync(url, database_url, s3)
+            g2, _ = pure_fetch(url)
+            unchanged, noop_result = one_sync(url, database_url, s3)
+            g3, _ = pure_fetch(url)
+    assert first_result["status"] == "success" and update_result["status"] == "success"
+    assert noop_result["status"] == "noop"
+    updated = sum(update_result["updated"].values())
+    detail = (f"{fetched:,} rows in pages of {PAGE_SIZE} from the fixture server (own process); "
+              f"pure fetches {g1:.2f}/{g2:.2f}/{g3:.2f} s")
+    return [
+        {"name": "sync-odata: changed feed (1 % of rows), sync / pure fetch",
+         "value": round(update / ((g1 + g2) / 2), 3), "goal": "<= 1.3", "unit": "ratio",
+         "detail": f"sync {update:.2f} s, {updated:,} of {changed:,} changed rows updated, "
+                   f"backed up to S3; {detail}"},
+        {"name": "sync-odata: unchanged feed, sync / pure fetch",
+         "value": round(unchanged / ((g2 + g3) / 2), 3), "goal": "<= 1.1", "unit": "ratio",
+         "detail": f"noop sync {unchanged:.2f} s; {detail}"},
+        {"name": "sync-odata: first load (every row new), sync / pure fetch",
+         "value": round(first / ((f1 + f2) / 2), 3), "goal": "(reference)", "unit": "ratio",
+         "detail": f"sync {first:.2f} s into an empty read model; pure fetches "
+                   f"{f1:.2f}/{f2:.2f} s"},
+    ]
+
+
+def peak_rss(services: LocalServices, rows: int, s3: dict[str, Any]) -> dict[str, Any]:
+    n_stops = stops_for_rows(rows)
+    with odata_server("--sample", str(n_stops)) as url, \
+            scratch_database(services.postgres()) as database_url:
+        args = json.dumps({"url": url, "database_url": database_url, "s3": s3})
+        proc = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True,
+                              text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child sync failed: {proc.stderr[-2000:]}")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    mb = child["maxrss_kb"] / 1024
+    return {"name": f"sync-odata: peak RSS of a {total_rows(n_stops) / 1e6:.2g} M-row sync",
+            "value": round(mb, 1), "goal": "< 300", "unit": "MB",
+            "detail": f"ru_maxrss of a child process doing one first sync "
+                      f"({child['rows']:,} rows, {child['seconds']:.1f} s)"}
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    services = LocalServices()
+    try:
+        endpoint = services.s3()
+        s3 = {"endpoint": endpoint.endpoint, "access_key": endpoint.access_key,
+              "secret_key": endpoint.secret_key, "secure": endpoint.secure,
+              "bucket": f"bench-{uuid.uuid4().hex[:10]}"}
+        try:
+            results = ratios(services, 30_000 if quick else 200_000, s3)
+            results.append(peak_rss(services, 100_000 if quick else 1_000_000, s3))
+        finally:
+            empty_bucket(s3)
+    finally:
+        services.stop_all()
+    return results
+
+
+def _child(args: dict[str, Any]) -> None:
+    seconds, result = one_sync(args["url"], args["database_url"], args["s3"])
+    rows = sum(v for k, v in result["counts"].items() if k != "rejected")
+    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "seconds": seconds, "rows": rows}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child(json.loads(sys.argv[2]))
+    else:
+        for item in run(quick="--quick" in sys.argv):
+            print(json.dumps(item), flush=True)

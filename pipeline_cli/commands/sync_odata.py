@@ -1,0 +1,92 @@
+"""``pipeline sync-odata``, ``pipeline datasets list`` and ``pipeline restore dataset``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import db, render
+from ..app import App
+from ..stages.sync_odata import list_datasets, restore_dataset, sync_odata
+from . import json_option, pass_app, run_stage, wait_option
+
+
+@click.command("sync-odata")
+@click.option("--skip-invalid", is_flag=True,
+              help="Load the valid rows and record the rejects (in S3) instead of aborting.")
+@click.option("--dry-run", is_flag=True, help="Fetch, validate and diff; write nothing.")
+@click.option("--force", is_flag=True, help="Make a new dataset version even if unchanged.")
+@wait_option
+@json_option
+@pass_app
+def sync_odata_cmd(app: App, skip_invalid: bool, dry_run: bool, force: bool,
+                   wait: float | None) -> None:
+    """Pull stops, routes and flights from the OData service into a new dataset version."""
+    settings = app.settings.odata
+    client = app.odata()
+    backups = None if dry_run else app.backups()
+    run_stage(app, "sync-odata",
+              lambda ctx: sync_odata(app.database_url, client, backups, ctx,
+                                     mapping=settings.mapping, skip_invalid=skip_invalid,
+                                     dry_run=dry_run, force=force),
+              wait=wait,
+              options={"skip_invalid": skip_invalid, "dry_run": dry_run, "force": force})
+
+
+@click.group("datasets")
+def datasets_group() -> None:
+    """Dataset versions made by sync-odata."""
+
+
+@datasets_group.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Show at most this many versions, newest first.")
+@json_option
+@pass_app
+def datasets_list(app: App, limit: int) -> None:
+    """List dataset versions: hash, row counts, diff, origin, and which one is active."""
+    conn = app.connect(autocommit=True, name="pipeline datasets list")
+    db.check_schema(conn)
+    rows = list_datasets(conn, limit)
+    if app.json:
+        render.print_json({"datasets": rows})
+        return
+    render.table("datasets (rows: stops/routes/flights)",
+                 ("version", "active", "created", "rows", "changes", "source", "hash"),
+                 [(r["version"], "*" if r["active"] else "",
+                   r["created_at"].strftime("%Y-%m-%d %H:%M"),
+                   "/".join(str(r["counts"].get(e, 0)) for e in ("stops", "routes", "flights")),
+                   _changes(r["diff"]),
+                   r["source"] + (f" {r['restored_from']}" if r["restored_from"] else ""),
+                   r["hash"][:10]) for r in rows])
+
+def _changes(diff: dict[str, dict[str, int]]) -> str:
+    total = {k: sum(d.get(k, 0) for d in diff.values()) for k in ("inserted", "updated",
+                                                                   "deleted")}
+    return f"+{total['inserted']} ~{total['updated']} -{total['deleted']}"
+
+
+@click.command("dataset")
+@click.argument("version")
+@wait_option
+@json_option
+@pass_app
+def restore_dataset_cmd(app: App, version: str, wait: float | None) -> None:
+    """Make VERSION's S3 backup the active dataset again, as a new version with its hash.
+
+    Runs under the sync-odata lock (it rewrites the same tables) and is recorded as a
+    sync-odata run with the option restore=VERSION.
+    """
+    backups = app.backups()
+    run_stage(app, "sync-odata",
+              lambda ctx: restore_dataset(app.database_url, backups, ctx, version),
+              wait=wait, options={"restore": version})
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sync_odata_cmd)
+    group.add_command(datasets_group)
+    restore = group.commands.get("restore")
+    if not isinstance(restore, click.Group):  # other areas may add `restore <thing>` too
+        restore = click.Group("restore", help="Restore a backed-up version from S3.")
+        group.add_command(restore)
+    restore.add_command(restore_dataset_cmd)

@@ -1,0 +1,264 @@
+"""The OData client against the real fixture server over HTTP: paging, faults, values, auth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pipeline_cli.adapters.odata import (
+    ODataClient,
+    error_line,
+    parse_bool,
+    parse_key,
+    parse_number,
+    parse_time,
+    resolve_mapping,
+)
+from pipeline_cli.errors import ConfigError, SourceError
+from pipeline_cli.testing.odata_server import (
+    ODataServer,
+    connection_reset,
+    delay,
+    html,
+    huge_response,
+    never_ending_next_link,
+    sample_network,
+    status,
+    truncated_json,
+    wrong_shape,
+)
+
+DATA = sample_network(40)
+
+
+def client(server: ODataServer, **kw: Any) -> ODataClient:
+    opts: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 5, "backoff_base": 0.01,
+                            "backoff_max": 2.0}
+    return ODataClient(server.url, **{**opts, **kw})
+
+
+def fetch(c: ODataClient, entity_set: str = "Stops", **kw: Any) -> list[dict[str, Any]]:
+    return [row for page in c.pages(entity_set, orderby="ID", **kw) for row in page.rows]
+
+
+@pytest.fixture
+def v4() -> Iterator[ODataServer]:
+    with ODataServer(DATA, page_size=7) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+@pytest.mark.parametrize("next_link", ["absolute", "relative"])
+def test_follows_server_paging(version: str, next_link: str) -> None:
+    with ODataServer(DATA, version=version, next_link=next_link, page_size=7,
+                     empty_last_page=True) as srv, client(srv) as c:
+        pages = list(c.pages("Routes", orderby="ID"))
+        assert c.protocol == version
+        assert [len(p.rows) for p in pages] == [7] * 11 + [3]
+        assert [r["ID"] for p in pages for r in p.rows] == list(range(1, 81))
+        assert pages[0].count == 80
+        targets = [r.target for r in srv.requests if r.entity_set == "Routes"]
+        assert "$orderby=ID" in targets[0]
+        assert all("$skiptoken=" in t for t in targets[1:])  # only the server's links
+
+
+def test_empty_last_page_is_normal() -> None:
+    with ODataServer(DATA, page_size=10, empty_last_page=True) as srv, client(srv) as c:
+        pages = list(c.pages("Stops", orderby="ID"))
+    assert [len(p.rows) for p in pages] == [10, 10, 10, 10, 0]
+
+
+def test_forced_version_skips_detection_and_rejects_the_other_shape(v4: ODataServer) -> None:
+    with client(v4, version="v4") as c:
+        assert len(fetch(c)) == 40
+        assert all(r.entity_set == "Stops" for r in v4.requests)
+    with client(v4, version="v2", count=False) as c, \
+            pytest.raises(SourceError, match="V4 response from a V2 service"):
+        fetch(c)
+
+
+def test_429_with_retry_after_is_honoured(v4: ODataServer) -> None:
+    slept: list[float] = []
+    v4.add_fault(status(429, retry_after=1), entity_set="Stops")
+    with client(v4, sleep=slept.append) as c:
+        assert len(fetch(c)) == 40
+    assert slept == [1.0]
+
+
+def test_retry_after_longer_than_backoff_max_fails_at_once(v4: ODataServer) -> None:
+    v4.add_fault(status(503, retry_after=3600), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError, match="retry after 3600 s, longer than "
+                                                           r"\[odata\] backoff_max"):
+        fetch(c)
+    assert v4.request_count("Stops") == 1
+
+
+@pytest.mark.parametrize("fault", [
+    status(500), status(502), status(408), truncated_json(content_length=True),
+    truncated_json(content_length=False), connection_reset(),
+], ids=["500", "502", "408", "truncated-with-length", "truncated-json", "reset"])
+def test_transient_faults_are_retried(v4: ODataServer, fault: Any) -> None:
+    v4.add_fault(fault, entity_set="Stops", match="skiptoken")  # a later page, mid-set
+    with client(v4) as c:
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    assert v4.pending_faults() == 0
+
+
+def test_retries_give_up_with_one_line(v4: ODataServer) -> None:
+    v4.add_fault(truncated_json(content_length=False), entity_set="Stops", times=None)
+    with client(v4, retries=3) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).startswith("OData Stops page 1: malformed JSON")
+    assert str(err.value).endswith("after 3 attempts")
+    assert v4.request_count("Stops") == 3
+
+
+@pytest.mark.parametrize("code", [400, 404])
+def test_other_4xx_fail_at_once_with_the_odata_error(v4: ODataServer, code: int) -> None:
+    v4.add_fault(status(code, message="No such\nthing"), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == f"OData Stops page 1: HTTP {code} Injected{code}: No such thing"
+    assert v4.request_count("Stops") == 1
+
+
+def test_v2_error_body_is_one_line() -> None:
+    with ODataServer(DATA, version="v2") as srv, client(srv) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c, "NoSuchSet")
+    assert str(err.value) == ("OData NoSuchSet page 1: HTTP 404 NotFound: Resource not found "
+                              "for the segment 'NoSuchSet'")
+
+
+def test_error_line_of_non_odata_bodies() -> None:
+    assert error_line(502, b"<html><body>Bad gateway</body></html>", "text/html") == "HTTP 502"
+    assert error_line(500, b"  upstream\n failed ") == "HTTP 500 upstream failed"
+
+
+@pytest.mark.parametrize("same_link", [False, True])
+def test_never_ending_next_link_is_capped(v4: ODataServer, same_link: bool) -> None:
+    v4.add_fault(never_ending_next_link(same_link=same_link), entity_set="Stops")
+    with client(v4, max_pages=25) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    expected = "paging loop" if same_link else "more than 25 pages"
+    assert expected in str(err.value)
+    assert v4.request_count("Stops") <= 26
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_response_size_is_capped(v4: ODataServer, content_length: bool) -> None:
+    v4.add_fault(huge_response(3_000_000, content_length=content_length), entity_set="Stops")
+    with client(v4, max_response_bytes=1_000_000) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "max_response_bytes" in str(err.value)
+
+
+def test_html_and_wrong_shapes_are_clear_errors(v4: ODataServer) -> None:
+    v4.add_fault(html(), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError, match="got text/html"):
+        fetch(c)
+    v4.add_fault(wrong_shape(), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError, match="expected a list of entities"):
+        fetch(c)
+
+
+def test_read_timeout_is_retried(v4: ODataServer) -> None:
+    v4.add_fault(delay(2), entity_set="Stops")
+    with client(v4, read_timeout=0.5) as c:
+        assert len(fetch(c)) == 40
+
+
+def test_unreachable_service_fails_without_hanging() -> None:
+    with ODataServer(DATA) as srv:
+        url = srv.url
+    with ODataClient(url, retries=2, backoff_base=0.01, connect_timeout=1) as c, \
+            pytest.raises(SourceError, match="connection failed"):
+        fetch(c)
+
+
+def test_unicode_and_nulls_pass_through() -> None:
+    rows = [{"ID": 1, "name": "Äänekoski – Яуза \U0001F68C", "city": None}]
+    with ODataServer({"Stops": rows}) as srv, client(srv) as c:
+        assert fetch(c, select=["ID", "name", "city"]) == rows
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_auth_and_secrets_stay_out_of_messages(auth: str) -> None:
+    secret = "s3cr3t-Pa55"
+    kw: dict[str, Any] = ({"username": "etl", "password": secret} if auth == "basic"
+                          else {"token": secret})
+    with ODataServer(DATA, **kw) as srv:
+        with client(srv, **kw) as c:
+            assert len(fetch(c)) == 40
+        wrong = ({"username": "etl", "password": "nope-" + secret} if auth == "basic"
+                 else {"token": "nope-" + secret})
+        with client(srv, **wrong) as c, pytest.raises(SourceError) as err:
+            fetch(c)
+    assert "HTTP 401" in str(err.value) and "check [odata]" in str(err.value)
+    assert secret not in str(err.value)
+
+
+def test_credentials_in_the_url_are_used_but_never_shown() -> None:
+    with ODataServer(DATA, username="etl", password="pw-in-url") as srv:
+        url = srv.url.replace("http://", "http://etl:pw-in-url@")
+        with ODataClient(url, backoff_base=0.01) as c:
+            assert "pw-in-url" not in c.service_url
+            assert len(fetch(c)) == 40
+
+
+def test_next_link_to_another_host_is_refused() -> None:
+    with ODataServer(DATA, page_size=10) as srv, client(srv) as c:
+        c.service_url = c.service_url.replace("127.0.0.1", "localhost")
+        c._detected = "v4"
+        with pytest.raises(SourceError, match="another host"):
+            list(c.pages("Stops", orderby="ID", read_ahead=0))
+
+
+def test_page_size_preference_is_sent(v4: ODataServer) -> None:
+    with client(v4, page_size=5) as c:
+        assert len(list(c.pages("Stops", orderby="ID"))) == 8
+    assert v4.last_request is not None
+    assert v4.last_request.headers["prefer"] == "odata.maxpagesize=5"
+
+
+def test_value_formats() -> None:
+    assert parse_number("61.5") == 61.5 and parse_number(7) == 7.0
+    assert parse_number("12.5m") == 12.5 and parse_number(-0.0) == 0.0
+    for bad in ("NaN", "INF", "", True, "abc", None):
+        with pytest.raises(ValueError):
+            parse_number(bad)
+    assert parse_bool("true") is True and parse_bool(0) is False
+    with pytest.raises(ValueError):
+        parse_bool("yes please")
+    assert parse_key(12) == "12" and parse_key("A-1") == "A-1"
+    for bad in ("", True, 1.5, None):
+        with pytest.raises(ValueError):
+            parse_key(bad)
+    assert parse_time("8:05") == "08:05:00"
+    assert parse_time("23:59:59.000") == "23:59:59"
+    assert parse_time("PT08H30M00S") == "08:30:00"
+    assert parse_time("/Date(30600000)/") == "08:30:00"
+    assert parse_time("/Date(1700000000000+0000)/") == "22:13:20"
+    assert parse_time("/Date(30600000+0130)/") == "10:00:00"
+    assert parse_time("2024-05-01T06:15:00Z") == "06:15:00"
+    for bad in ("24:00", "12:60", "noon", 830, "PT", "-PT1H"):
+        with pytest.raises(ValueError):
+            parse_time(bad)
+
+
+def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
+    m = resolve_mapping({"stops": {"set": "Ostanovki", "filter": "A eq 1",
+                                   "fields": {"id": "Ref_Key", "city": ""}}})
+    assert m["stops"].entity_set == "Ostanovki" and m["stops"].key_field == "Ref_Key"
+    assert m["stops"].fields["latitude"] == "latitude" and m["stops"].fields["city"] == ""
+    assert m["routes"].entity_set == "Routes"
+    bad: list[dict[str, Any]] = [
+        {"buses": {}}, {"stops": {"sets": "X"}}, {"stops": {"fields": {"lat": "L"}}},
+        {"stops": {"fields": {"latitude": ""}}}, {"stops": {"set": "bad name"}},
+        {"flights": {"filter": ""}},
+    ]
+    for raw in bad:
+        with pytest.raises(ConfigError, match=r"\[odata.mapping"):
+            resolve_mapping(raw)

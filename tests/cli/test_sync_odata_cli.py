@@ -1,0 +1,129 @@
+"""The sync-odata, datasets and restore commands, in-process and as the installed script."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli import db
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.odata_server import ODataServer, sample_network
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture
+def server() -> Iterator[ODataServer]:
+    with ODataServer(sample_network(30), page_size=20, username="etl",
+                     password="cli-Secret-42") as srv:
+        yield srv
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str], server: ODataServer) -> Cli:
+    run_cli.env.update(full_env)
+    run_cli.env.update({
+        "PIPELINE_ODATA_URL": server.url, "PIPELINE_ODATA_USERNAME": "etl",
+        "PIPELINE_ODATA_PASSWORD": "cli-Secret-42", "PIPELINE_ODATA_BACKOFF_BASE": "0.01",
+        "PIPELINE_ODATA_BACKOFF_MAX": "1", "PIPELINE_ODATA_READ_TIMEOUT": "5",
+    })
+    return run_cli
+
+
+def as_json(output: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(output)
+    return result
+
+
+def test_sync_json_keys_then_noop(cli: Cli, server: ODataServer) -> None:
+    res = cli("sync-odata", "--json")
+    assert res.exit_code == 0, res.output
+    out = as_json(res.stdout)
+    assert out["status"] == "success" and out["dataset_version"] == "ds-v1"
+    assert out["counts"] == {"stops": 30, "routes": 60, "flights": 9, "rejected": 0}
+    assert out["inserted"] == {"stops": 30, "routes": 60, "flights": 9}
+    assert out["updated"] == out["deleted"] == {"stops": 0, "routes": 0, "flights": 0}
+    server.shuffle("Stops")
+    again = as_json(cli("sync-odata", "--json").stdout)
+    assert again["status"] == "noop" and again["dataset_version"] == "ds-v1"
+
+
+def test_human_output_and_datasets_list_and_restore(cli: Cli, server: ODataServer) -> None:
+    res = cli("sync-odata")
+    assert res.exit_code == 0 and "sync-odata: success" in res.stdout
+    assert "ds-v1 active: stops +30" in res.stdout
+    server.update_row("Stops", 2, name="Other name")
+    assert cli("sync-odata", "--json").exit_code == 0
+    listed = as_json(cli("datasets", "list", "--json").stdout)["datasets"]
+    assert [(d["version"], d["active"]) for d in listed] == [("ds-v2", True), ("ds-v1", False)]
+    table = cli("datasets", "list").stdout
+    assert "ds-v2" in table and "+0 ~1 -0" in table
+    res = cli("restore", "dataset", "ds-v1", "--json")
+    assert res.exit_code == 0, res.output
+    out = as_json(res.stdout)
+    assert out["dataset_version"] == "ds-v3" and out["restored_from"] == "ds-v1"
+    assert out["hash"] == listed[1]["hash"] and out["updated"]["stops"] == 1
+    bad = cli("restore", "dataset", "ds-v42")
+    assert bad.exit_code == 1 and "no dataset version 'ds-v42'" in bad.stderr
+
+
+def test_strict_validation_failure(cli: Cli, server: ODataServer, database_url: str) -> None:
+    server.update_row("Stops", 4, latitude=123.0)
+    res = cli("sync-odata")
+    assert res.exit_code == 1
+    assert "validation failed: 1 problem(s) (Stops: 1 out of range)" in res.stderr
+    assert "  - Stops[ID=4] latitude: 123.0 is outside -90..90" in res.stderr
+    out = as_json(cli("sync-odata", "--json").stdout)
+    assert out["status"] == "failed" and out["exit_code"] == 1
+    assert out["problems"] == ["Stops[ID=4] latitude: 123.0 is outside -90..90"]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
+    skipped = as_json(cli("sync-odata", "--skip-invalid", "--json").stdout)
+    assert skipped["status"] == "success" and skipped["counts"]["rejected"] >= 1
+
+
+def test_dry_run_needs_no_s3_and_writes_nothing(cli: Cli, database_url: str) -> None:
+    for key in [k for k in cli.env if k.startswith("PIPELINE_S3_")]:
+        del cli.env[key]
+    out = as_json(cli("sync-odata", "--dry-run", "--json").stdout)
+    assert out["status"] == "skipped" and out["dry_run"] is True
+    assert out["inserted"]["stops"] == 30 and out["dataset_version"] is None
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM stops").fetchone() == (0,)
+
+
+def test_lock_busy_exits_75(cli: Cli, database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("sync-odata"),))
+        res = cli("sync-odata", "--json")
+        assert res.exit_code == 75
+        assert as_json(res.stdout)["status"] == "busy"
+        assert cli("restore", "dataset", "ds-v1").exit_code == 75
+
+
+def test_installed_script_with_a_mapping_file_keeps_secrets_out(
+        cli: Cli, server: ODataServer, database_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[odata.mapping.stops]\nfilter = "ID ne 30"\n'
+                      '[odata.mapping.stops.fields]\ncity = ""\n')
+    cli.env["PIPELINE_CONFIG"] = str(config)
+    server.add_row("Routes", {"ID": 61, "fromStop_ID": 30, "toStop_ID": 1})
+    proc = cli.subprocess("sync-odata", "--skip-invalid", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = as_json(proc.stdout)
+    assert out["counts"]["stops"] == 29 and out["counts"]["rejected"] >= 1
+    cli.env["PIPELINE_ODATA_PASSWORD"] = "wrong-cli-Secret-42"
+    proc = cli.subprocess("sync-odata")
+    assert proc.returncode == 1 and "HTTP 401" in proc.stderr
+    assert "cli-Secret-42" not in proc.stderr + proc.stdout
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT coalesce(error, '') || counts::text || result::text "
+                            "|| options::text FROM stage_runs").fetchall()
+    assert rows and not any("cli-Secret-42" in r[0] for r in rows)
+    help_text = cli.subprocess("sync-odata", "--help").stdout
+    assert "--skip-invalid" in help_text and "--dry-run" in help_text

@@ -1,0 +1,341 @@
+"""sync-odata against the real OData fixture server, PostgreSQL and S3."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.adapters.odata import ODataClient
+from pipeline_cli.runner import RunRecord, StageResult, StageRunner
+from pipeline_cli.stages.sync_odata import (
+    list_datasets,
+    restore_dataset,
+    status_section,
+    sync_odata,
+)
+from pipeline_cli.testing.odata_server import ODataServer, sample_network, status
+from pipeline_cli.testing.proxy import TcpProxy
+from pipeline_cli.testing.services import S3Endpoint
+
+pytestmark = pytest.mark.s3
+
+
+def network() -> dict[str, list[dict[str, Any]]]:
+    data = sample_network(40)
+    data["Stops"][20]["name"] = "Hämeenlinna \U0001F689 asema\tB"  # unicode and a tab
+    data["Stops"][21]["city"] = None
+    data["Stops"][22]["name"] = None
+    data["Routes"][5]["distanceKm"] = None
+    return data
+
+
+@pytest.fixture
+def server() -> Iterator[ODataServer]:
+    with ODataServer(network(), page_size=15) as srv:
+        yield srv
+
+
+@pytest.fixture
+def backups(s3: S3Endpoint, s3_bucket: str) -> BackupStore:
+    return BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                               secure=s3.secure, region=s3.region)
+
+
+def client_for(server: ODataServer, **kw: Any) -> ODataClient:
+    return ODataClient(server.url, connect_timeout=2, read_timeout=5, backoff_base=0.01,
+                       backoff_max=1.0, **kw)
+
+
+def run(database_url: str, fn: Callable[[Any], StageResult]) -> RunRecord:
+    return StageRunner(database_url).run("sync-odata", fn)
+
+
+@pytest.fixture
+def sync(database_url: str, server: ODataServer, backups: BackupStore
+         ) -> Callable[..., RunRecord]:
+    def do(srv: ODataServer | None = None, store: BackupStore | None = None,
+           **opts: Any) -> RunRecord:
+        with client_for(srv or server) as client:
+            return run(database_url, lambda ctx: sync_odata(
+                database_url, client, store or backups, ctx, **opts))
+    return do
+
+
+def table(conn: psycopg.Connection[Any], name: str) -> list[dict[str, Any]]:
+    order = "seq" if name == "datasets" else "id"
+    return conn.execute(f"SELECT * FROM {name} ORDER BY {order}").fetchall()  # noqa: S608
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    return {t: table(conn, t) for t in ("stops", "routes", "flights", "datasets")}
+
+
+def test_first_sync_loads_the_read_model_and_backs_it_up(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    rec = sync()
+    assert rec.status == "success", rec.error
+    assert rec.extra["dataset_version"] == "ds-v1"
+    assert rec.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+    assert rec.extra["inserted"] == {"stops": 40, "routes": 80, "flights": 12}
+    stops = {r["id"]: r for r in table(conn, "stops")}
+    assert stops["21"]["name"] == "Hämeenlinna \U0001F689 asema\tB"
+    assert stops["22"]["city"] is None and stops["23"]["name"] is None
+    assert stops["1"]["is_airport"] is True
+    ds = list_datasets(conn)
+    assert [(d["version"], d["active"]) for d in ds] == [("ds-v1", True)]
+    keys = set(backups.list("datasets/ds-v1/"))
+    assert {"datasets/ds-v1/manifest.json", "datasets/ds-v1/stops.tsv.gz",
+            "datasets/ds-v1/raw/stops.json-seq.gz"} <= keys
+    manifest = backups.get_json("datasets/ds-v1/manifest.json")
+    assert manifest["hash"] == ds[0]["hash"] == rec.extra["hash"]
+
+
+def test_reordered_feed_is_a_noop_that_writes_nothing(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    assert sync().status == "success"
+    before = snapshot(conn)
+    objects = set(backups.list("datasets/"))
+    for name in ("Stops", "Routes", "Flights"):
+        server.shuffle(name, seed=7)
+    rec = sync()
+    assert rec.status == "noop"
+    assert rec.extra["dataset_version"] == "ds-v1"
+    assert rec.extra["updated"] == {"stops": 0, "routes": 0, "flights": 0}
+    assert snapshot(conn) == before
+    assert set(backups.list("datasets/")) == objects
+
+
+def test_same_data_over_v2_with_string_numbers_hashes_the_same(
+        sync: Callable[..., RunRecord]) -> None:
+    first = sync()
+    with ODataServer(network(), version="v2", page_size=9, next_link="relative",
+                     v2_numbers_as_strings=True) as v2:
+        rec = sync(v2)
+    assert rec.status == "noop", rec.error
+    assert rec.extra["hash"] == first.extra["hash"]
+
+
+def test_one_changed_row_is_exactly_one_update(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    sync()
+    server.update_row("Stops", 30, name="Renamed stop")
+    rec = sync()
+    assert rec.status == "success"
+    assert rec.extra["dataset_version"] == "ds-v2"
+    assert rec.extra["updated"] == {"stops": 1, "routes": 0, "flights": 0}
+    assert rec.extra["inserted"] == {"stops": 0, "routes": 0, "flights": 0}
+    assert rec.extra["deleted"] == {"stops": 0, "routes": 0, "flights": 0}
+    assert conn.execute("SELECT name FROM stops WHERE id = '30'").fetchone() == {
+        "name": "Renamed stop"}
+    active = [d["version"] for d in list_datasets(conn) if d["active"]]
+    assert active == ["ds-v2"]
+
+
+def test_a_deleted_row_is_one_delete(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    sync()
+    server.delete_row("Flights", 5)
+    rec = sync()
+    assert rec.extra["deleted"] == {"stops": 0, "routes": 0, "flights": 1}
+    assert rec.counts["flights"] == 11
+    assert conn.execute("SELECT count(*) AS n FROM flights").fetchone() == {"n": 11}
+
+
+@pytest.mark.parametrize("change", [
+    ("Stops", 7, {"latitude": 95.0}, "Stops[ID=7] latitude: 95.0 is outside -90..90"),
+    ("Routes", 3, {"fromStop_ID": 999}, "Routes[ID=3] fromStop_ID: names Stops '999'"),
+    ("Flights", 2, {"departure": "25:61"}, "Flights[ID=2] departure: expected a time"),
+])
+def test_bad_data_aborts_and_writes_nothing(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        backups: BackupStore, change: tuple[str, int, dict[str, Any], str]) -> None:
+    sync()
+    before = snapshot(conn)
+    objects = set(backups.list("datasets/"))
+    entity_set, key, fields, expected = change
+    server.update_row(entity_set, key, **fields)
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert "validation failed: 1 problem" in (rec.error or "")
+    assert rec.extra["problems"][0].startswith(expected)
+    assert snapshot(conn) == before
+    assert set(backups.list("datasets/")) == objects
+
+
+def test_strict_mode_reports_the_first_20_problems_and_all_counts(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    for key in range(10, 36):
+        server.update_row("Stops", key, longitude=-200)
+    server.add_row("Routes", {"ID": 80, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus"})
+    server.add_row("Routes", {"ID": 500, "fromStop_ID": 1, "toStop_ID": 404, "mode": "bus"})
+    rec = sync()
+    assert rec.status == "failed"
+    assert len(rec.extra["problems"]) == 20
+    assert rec.extra["problems"][0] == "Stops[ID=10] longitude: -200.0 is outside -180..180"
+    # root causes only: routes naming the invalid stops are not reported a second time
+    assert rec.extra["problem_counts"] == {
+        "Stops": {"out_of_range": 26}, "Routes": {"duplicate": 1, "unknown_reference": 1}}
+    assert "validation failed: 28 problem(s)" in (rec.error or "")
+
+
+def test_skip_invalid_loads_valid_rows_and_records_rejects(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    server.update_row("Stops", 7, latitude=None)
+    server.update_row("Flights", 3, daysOfWeek="1238")
+    server.add_row("Routes", {"ID": 80, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus"})
+    rec = sync(skip_invalid=True)
+    assert rec.status == "success", rec.error
+    rejected = rec.counts["rejected"]
+    assert rejected >= 4 and rec.counts["stops"] == 39
+    assert rec.counts["routes"] + rec.counts["flights"] + 39 + rejected == 40 + 81 + 12
+    assert conn.execute("SELECT count(*) AS n FROM stops WHERE id = '7'").fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM routes WHERE id = '80'").fetchone() == {
+        "n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM routes WHERE from_stop_id = '7' "
+                        "OR to_stop_id = '7'").fetchone() == {"n": 0}
+    assert any(r.startswith("Stops[ID=7] latitude: missing") for r in rec.extra["rejects"])
+    assert "Routes[ID=80] ID: key occurs 2 times" in rec.extra["rejects"]
+    import gzip
+    import json
+    raw = backups.get_bytes(f"datasets/{rec.extra['dataset_version']}/rejects.jsonl.gz")
+    rejects = [json.loads(line) for line in gzip.decompress(raw).splitlines()]
+    assert {"set": "Stops", "key": "7", "field": "latitude", "kind": "missing",
+            "problem": "missing required value"} in rejects
+    assert len(rejects) == rejected
+    # the same rejects next time: nothing changed
+    assert sync(skip_invalid=True).status == "noop"
+
+
+def test_dry_run_diffs_and_writes_nothing(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    sync()
+    before = snapshot(conn)
+    server.update_row("Routes", 4, mode="tram")
+    rec = sync(dry_run=True, store=None)
+    assert rec.status == "skipped" and rec.extra["dry_run"] is True
+    assert rec.extra["updated"]["routes"] == 1
+    assert snapshot(conn) == before
+    assert not list(backups.list("datasets/ds-v2/"))
+
+
+def test_force_makes_a_version_of_an_unchanged_feed(
+        sync: Callable[..., RunRecord]) -> None:
+    first = sync()
+    rec = sync(force=True)
+    assert rec.status == "success" and rec.extra["dataset_version"] == "ds-v2"
+    assert rec.extra["hash"] == first.extra["hash"]
+    assert rec.extra["updated"] == {"stops": 0, "routes": 0, "flights": 0}
+
+
+def test_restore_round_trip(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        database_url: str, backups: BackupStore) -> None:
+    v1 = sync()
+    original = {t: table(conn, t) for t in ("stops", "routes", "flights")}
+    server.update_row("Stops", 3, name="changed")
+    server.delete_row("Flights", 1)
+    assert sync().extra["dataset_version"] == "ds-v2"
+    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v1"))
+    assert rec.status == "success", rec.error
+    assert rec.extra["dataset_version"] == "ds-v3"
+    assert rec.extra["hash"] == v1.extra["hash"]
+    assert rec.extra["updated"]["stops"] == 1 and rec.extra["inserted"]["flights"] == 1
+    assert {t: table(conn, t) for t in ("stops", "routes", "flights")} == original
+    rows = {d["version"]: d for d in list_datasets(conn)}
+    assert rows["ds-v3"]["active"] and rows["ds-v3"]["source"] == "restore"
+    assert rows["ds-v3"]["restored_from"] == "ds-v1"
+    assert backups.get_json("datasets/ds-v3/manifest.json")["hash"] == v1.extra["hash"]
+    # the restored version is itself restorable, and the source feed (= ds-v2) is a change again
+    assert sync().extra["dataset_version"] == "ds-v4"
+    again = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v3"))
+    assert again.status == "success" and again.extra["hash"] == v1.extra["hash"]
+
+
+def test_restore_of_an_unknown_version_or_a_corrupt_backup_writes_nothing(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        database_url: str, backups: BackupStore) -> None:
+    sync()
+    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v9"))
+    assert rec.status == "failed" and "no dataset version 'ds-v9'" in (rec.error or "")
+    import gzip
+    data = gzip.decompress(backups.get_bytes("datasets/ds-v1/stops.tsv.gz"))
+    backups.put_bytes("datasets/ds-v1/stops.tsv.gz",
+                      gzip.compress(data.replace(b"Helsinki", b"Helsingfors", 1)))
+    before = snapshot(conn)
+    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v1"))
+    assert rec.status == "failed"
+    assert "corrupt" in (rec.error or "") and "stops" in (rec.error or "")
+    assert snapshot(conn) == before
+
+
+def test_backup_failure_rolls_back_and_the_next_run_reuses_the_version(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        s3: S3Endpoint, s3_bucket: str, backups: BackupStore) -> None:
+    host, port = s3.endpoint.rsplit(":", 1)
+    with TcpProxy(host, int(port)) as proxy:
+        store = BackupStore.connect(f"127.0.0.1:{proxy.port}", s3.access_key, s3.secret_key,
+                                    s3_bucket, secure=s3.secure, region=s3.region,
+                                    timeout=3)
+        store.ensure_bucket()
+        proxy.block()
+        rec = sync(store=store)
+        assert rec.status == "failed" and rec.exit_code == 1
+        assert (rec.error or "").startswith("S3 ")
+        assert table(conn, "datasets") == [] and table(conn, "stops") == []
+        proxy.unblock()
+        rec = sync(store=store)
+    assert rec.status == "success" and rec.extra["dataset_version"] == "ds-v1"
+    assert backups.get_json("datasets/ds-v1/manifest.json")["hash"] == rec.extra["hash"]
+
+
+def test_source_failure_writes_nothing(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    server.add_fault(status(503), entity_set="Flights", times=None)
+    rec = sync()
+    assert rec.status == "failed"
+    assert rec.error == ("OData Flights page 1: HTTP 503 Injected503: injected fault: "
+                         "HTTP 503 after 5 attempts")
+    assert table(conn, "stops") == [] and table(conn, "datasets") == []
+
+
+def test_mapping_renames_sets_and_fields_and_filters(
+        database_url: str, backups: BackupStore, conn: psycopg.Connection[Any]) -> None:
+    data = sample_network(30)
+    stops = [{"Ref_Key": s["ID"], "Description": s["name"], "Lat": s["latitude"],
+              "Lon": s["longitude"], "Active": s["ID"] != 30} for s in data["Stops"]]
+    routes = [r for r in data["Routes"] if 30 not in (r["fromStop_ID"], r["toStop_ID"])]
+    mapping = {
+        "stops": {"set": "Ostanovki", "filter": "Active eq true",
+                  "fields": {"id": "Ref_Key", "name": "Description", "latitude": "Lat",
+                             "longitude": "Lon", "is_airport": "", "city": ""}},
+    }
+    with ODataServer({"Ostanovki": stops, "Routes": routes, "Flights": data["Flights"]},
+                     keys={"Ostanovki": "Ref_Key"}, page_size=8) as srv, \
+            client_for(srv) as client:
+        rec = run(database_url, lambda ctx: sync_odata(database_url, client, backups, ctx,
+                                                       mapping=mapping))
+    assert rec.status == "success", rec.error
+    assert rec.counts["stops"] == 29
+    row = conn.execute("SELECT * FROM stops WHERE id = '1'").fetchone()
+    assert row is not None and row["city"] is None and row["is_airport"] is False
+    assert row["name"] == data["Stops"][0]["name"]
+
+
+def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    assert status_section(conn)["active"] is None
+    sync()
+    section = status_section(conn)
+    assert section["active"]["version"] == "ds-v1"
+    assert section["active"]["counts"]["stops"] == 40
+    assert section["versions"] == 1 and section["last_backup_age_s"] >= 0
