@@ -1,0 +1,311 @@
+"""The vectorised spatial core of gen-virtual: unit vectors, great-circle distances, grids in
+real kilometres on the sphere and nearest-neighbour search on 3-D unit vectors.
+
+Everything works on numpy arrays; nothing loops over pairs of points in Python. Distances are
+great-circle kilometres on a sphere of :data:`EARTH_RADIUS_KM`. Nearest neighbours come from a
+KD-tree on 3-D unit vectors, where the straight-line (chord) distance is monotonic in the
+great-circle distance, so the antimeridian and the poles need no special case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.spatial import cKDTree
+
+EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def unit_vectors(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> FloatArray:
+    """(n, 3) unit vectors for latitudes/longitudes in degrees."""
+    lat = np.radians(np.asarray(lat_deg, dtype=np.float64))
+    lon = np.radians(np.asarray(lon_deg, dtype=np.float64))
+    cos_lat = np.cos(lat)
+    return np.stack((cos_lat * np.cos(lon), cos_lat * np.sin(lon), np.sin(lat)), axis=-1)
+
+
+def to_latlon(xyz: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """Latitude and longitude in degrees of (n, 3) vectors (normalised first)."""
+    v = np.asarray(xyz, dtype=np.float64)
+    v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    lat = np.degrees(np.arcsin(np.clip(v[..., 2], -1.0, 1.0)))
+    lon = np.degrees(np.arctan2(v[..., 1], v[..., 0]))
+    return lat, lon
+
+
+def haversine_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike,
+                 lon2: npt.ArrayLike) -> FloatArray:
+    """Great-circle distance in km, broadcasting over its arguments (degrees)."""
+    p1, p2 = np.radians(np.asarray(lat1, dtype=np.float64)), np.radians(
+        np.asarray(lat2, dtype=np.float64))
+    dlat = p2 - p1
+    dlon = np.radians(np.asarray(lon2, dtype=np.float64) - np.asarray(lon1, dtype=np.float64))
+    a = np.sin(dlat / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlon / 2) ** 2
+    return np.asarray(2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0))))
+
+
+def km_to_chord(km: npt.ArrayLike) -> FloatArray:
+    """Chord length between unit vectors that are ``km`` apart on the surface."""
+    angle = np.minimum(np.asarray(km, dtype=np.float64) / EARTH_RADIUS_KM, np.pi)
+    return np.asarray(2.0 * np.sin(angle / 2.0))
+
+
+def chord_to_km(chord: npt.ArrayLike) -> FloatArray:
+    """Great-circle km between unit vectors whose chord is ``chord``."""
+    c = np.clip(np.asarray(chord, dtype=np.float64), 0.0, 2.0)
+    return np.asarray(2.0 * EARTH_RADIUS_KM * np.arcsin(c / 2.0))
+
+
+def centroid(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> tuple[float, float]:
+    """The spherical centroid (normalised mean unit vector): correct across the antimeridian."""
+    mean = unit_vectors(lat_deg, lon_deg).mean(axis=0)
+    if not np.linalg.norm(mean) > 1e-12:  # antipodal points: fall back to the first point
+        return float(np.atleast_1d(lat_deg)[0]), float(np.atleast_1d(lon_deg)[0])
+    lat, lon = to_latlon(mean)
+    return float(lat), float(lon)
+
+
+def group_centroids(group: IntArray, lat_deg: FloatArray, lon_deg: FloatArray, n_groups: int
+                    ) -> tuple[FloatArray, FloatArray]:
+    """Spherical centroid of every group (``group`` holds 0..n_groups-1 per point)."""
+    xyz = unit_vectors(lat_deg, lon_deg)
+    sums = np.zeros((n_groups, 3))
+    np.add.at(sums, group, xyz)
+    return to_latlon(sums)
+
+
+def longitude_arc(lon_deg: npt.ArrayLike) -> tuple[float, float]:
+    """The shortest arc of longitudes holding every value: ``(west, width)`` in degrees.
+
+    The arc runs east from ``west`` for ``width`` degrees and may cross the antimeridian
+    (stops at 179.9 and -179.9 give west 179.9, width 0.2, not the whole world).
+    """
+    lons = np.sort(np.mod(np.asarray(lon_deg, dtype=np.float64) + 180.0, 360.0) - 180.0)
+    if lons.size == 0:
+        raise ValueError("no longitudes")
+    gaps = np.append(np.diff(lons), lons[0] + 360.0 - lons[-1])
+    widest = int(np.argmax(gaps))
+    west = lons[(widest + 1) % lons.size]
+    return float(west), float(360.0 - gaps[widest])
+
+
+# ---------------------------------------------------------------- grids
+
+
+_KEY_OFFSET = 1 << 31
+
+
+def cell_keys(rows: IntArray, cols: IntArray) -> IntArray:
+    """One int64 per (row, col) cell, for sorting and de-duplication."""
+    return (rows.astype(np.int64) + _KEY_OFFSET) * (1 << 32) + (cols.astype(np.int64)
+                                                                + _KEY_OFFSET)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A global grid with ``spacing_km`` between neighbours in real kilometres.
+
+    Rows are parallels ``spacing_km`` apart along the meridian (row 0 is the equator). Each row
+    holds a whole number of columns around the globe, ``round(circumference / spacing)``, so
+    the east-west spacing is the setting corrected for latitude, and the ring closes at the
+    antimeridian without a short seam. Column 0 is the prime meridian; column indices run
+    from ``-(n // 2)`` so longitudes stay in [-180, 180). A cell ``(row, col)`` is the same
+    point for every dataset, which is what makes virtual stop ids deterministic.
+
+    Towards the poles a ring holds few columns and the rounding error grows: it stays within
+    1 % of the spacing while a ring holds at least 50 columns (below about 86.4 degrees of
+    latitude for a 50 km grid).
+    """
+
+    spacing_km: float
+
+    @property
+    def dlat_deg(self) -> float:
+        return float(np.degrees(self.spacing_km / EARTH_RADIUS_KM))
+
+    @property
+    def max_row(self) -> int:
+        return int(np.floor(90.0 / self.dlat_deg + 1e-9))
+
+    def row_lat(self, rows: npt.ArrayLike) -> FloatArray:
+        return np.clip(np.asarray(rows, dtype=np.float64) * self.dlat_deg, -90.0, 90.0)
+
+    def row_columns(self, rows: npt.ArrayLike) -> IntArray:
+        """Columns around the globe in each row (at least 1, at a pole exactly 1)."""
+        circumference = 2 * np.pi * EARTH_RADIUS_KM * np.cos(np.radians(self.row_lat(rows)))
+        return np.maximum(1, np.rint(circumference / self.spacing_km)).astype(np.int64)
+
+    def canonical_cols(self, rows: IntArray, cols: IntArray) -> IntArray:
+        n = self.row_columns(rows)
+        half = n // 2
+        return np.mod(cols + half, n) - half
+
+    def points(self, rows: IntArray, cols: IntArray) -> tuple[FloatArray, FloatArray]:
+        """Latitude and longitude (degrees) of cells; ``cols`` must be canonical."""
+        n = self.row_columns(rows)
+        # Multiply before dividing: column -n/2 lands on exactly -180, never a hair below.
+        lon = np.clip(cols.astype(np.float64) * 360.0 / n, -180.0, 180.0)
+        return self.row_lat(rows), lon
+
+    def nearest_cells(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike
+                      ) -> tuple[IntArray, IntArray]:
+        """The cell whose grid point is nearest along the row/column axes."""
+        rows = np.clip(np.rint(np.asarray(lat_deg, dtype=np.float64) / self.dlat_deg),
+                       -self.max_row, self.max_row).astype(np.int64)
+        n = self.row_columns(rows)
+        cols = np.rint(np.asarray(lon_deg, dtype=np.float64) / (360.0 / n)).astype(np.int64)
+        return rows, self.canonical_cols(rows, cols)
+
+    def _expand(self, rows: IntArray, west: FloatArray, east: FloatArray
+                ) -> tuple[IntArray, IntArray, IntArray]:
+        """Every cell of each (row, [west, east] longitude span); also the span index.
+
+        ``east - west`` may exceed 360 or cross the antimeridian; a row never yields a cell
+        twice because the count is capped at the ring size.
+        """
+        n = self.row_columns(rows)
+        step = 360.0 / n
+        first = np.floor(west / step + 1e-9).astype(np.int64)
+        last = np.ceil(east / step - 1e-9).astype(np.int64)
+        count = np.minimum(last - first + 1, n)
+        count = np.maximum(count, 0)
+        owner = np.repeat(np.arange(rows.size, dtype=np.int64), count)
+        starts = np.cumsum(count) - count
+        offset = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts, count)
+        out_rows = rows[owner]
+        cols = self.canonical_cols(out_rows, first[owner] + offset)
+        return owner, out_rows, cols
+
+    def count_in_box(self, lat_min: float, lat_max: float, west: float, width: float) -> int:
+        rows = self._box_rows(lat_min, lat_max)
+        n = self.row_columns(rows)
+        step = 360.0 / n
+        first = np.floor(west / step + 1e-9)
+        last = np.ceil((west + width) / step - 1e-9)
+        return int(np.minimum(last - first + 1, n).sum())
+
+    def _box_rows(self, lat_min: float, lat_max: float) -> IntArray:
+        lo = max(int(np.floor(lat_min / self.dlat_deg + 1e-9)), -self.max_row)
+        hi = min(int(np.ceil(lat_max / self.dlat_deg - 1e-9)), self.max_row)
+        return np.arange(lo, hi + 1, dtype=np.int64)
+
+    def cells_in_box(self, lat_min: float, lat_max: float, west: float, width: float
+                     ) -> tuple[IntArray, IntArray]:
+        """Cells covering a latitude band and a longitude arc, snapped outwards to grid lines.
+
+        The arc runs east from ``west`` for ``width`` degrees (see :func:`longitude_arc`).
+        """
+        rows = self._box_rows(lat_min, lat_max)
+        west_a = np.full(rows.size, float(west))
+        _owner, out_rows, cols = self._expand(rows, west_a, west_a + float(width))
+        return out_rows, cols
+
+    def cells_near(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, radius_km: float
+                   ) -> tuple[IntArray, IntArray, IntArray, FloatArray]:
+        """Cells within ``radius_km`` of each centre: (centre index, rows, cols, distance km).
+
+        A cell near two centres appears once per centre; callers pick the owner.
+        """
+        clat = np.atleast_1d(np.asarray(lat_deg, dtype=np.float64))
+        clon = np.atleast_1d(np.asarray(lon_deg, dtype=np.float64))
+        delta = radius_km / EARTH_RADIUS_KM
+        rdeg = np.degrees(delta)
+        lo = np.maximum(np.floor((clat - rdeg) / self.dlat_deg + 1e-9), -self.max_row)
+        hi = np.minimum(np.ceil((clat + rdeg) / self.dlat_deg - 1e-9), self.max_row)
+        nrows = np.maximum(hi - lo + 1, 0).astype(np.int64)
+        centre = np.repeat(np.arange(clat.size, dtype=np.int64), nrows)
+        starts = np.cumsum(nrows) - nrows
+        rows = (np.repeat(lo.astype(np.int64), nrows)
+                + np.arange(int(nrows.sum()), dtype=np.int64) - np.repeat(starts, nrows))
+        # The widest longitude offset a circle of angular radius delta reaches; a circle that
+        # holds a pole spans every longitude.
+        cos_c = np.cos(np.radians(clat))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(cos_c > 0, np.sin(delta) / cos_c, np.inf)
+        half = np.where((np.abs(clat) + rdeg >= 90.0) | (ratio >= 1.0), 180.0,
+                        np.degrees(np.arcsin(np.minimum(ratio, 1.0))))
+        west = clon[centre] - half[centre]
+        east = clon[centre] + half[centre]
+        owner, out_rows, cols = self._expand(rows, west, east)
+        owner_centre = centre[owner]
+        plat, plon = self.points(out_rows, cols)
+        dist = haversine_km(plat, plon, clat[owner_centre], clon[owner_centre])
+        keep = dist <= radius_km * (1 + 1e-12)
+        return owner_centre[keep], out_rows[keep], cols[keep], dist[keep]
+
+
+# ---------------------------------------------------------------- nearest neighbours
+
+
+class PointIndex:
+    """A KD-tree over points on the sphere, queried in great-circle km."""
+
+    def __init__(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> None:
+        self.xyz = unit_vectors(lat_deg, lon_deg).reshape(-1, 3)
+        self.size = len(self.xyz)
+        # balanced_tree=False builds much faster on large inputs at a small query cost.
+        self.tree = cKDTree(self.xyz, balanced_tree=False, compact_nodes=False)
+
+    def nearest(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, k: int = 1,
+                max_km: float | None = None, workers: int = -1
+                ) -> tuple[FloatArray, IntArray]:
+        """(distance km, index) of the k nearest points; misses give (inf, self.size)."""
+        return self.nearest_xyz(unit_vectors(lat_deg, lon_deg).reshape(-1, 3), k, max_km,
+                                workers)
+
+    def nearest_xyz(self, xyz: FloatArray, k: int = 1, max_km: float | None = None,
+                    workers: int = -1) -> tuple[FloatArray, IntArray]:
+        kw: dict[str, Any] = {"k": k, "workers": workers}
+        if max_km is not None:
+            # A hair over the bound so points at exactly max_km are not lost to rounding.
+            kw["distance_upper_bound"] = float(km_to_chord(max_km)) * (1 + 1e-9) + 1e-15
+        chord, idx = self.tree.query(xyz, **kw)
+        chord = np.asarray(chord, dtype=np.float64).reshape(len(xyz), k)
+        idx = np.asarray(idx, dtype=np.int64).reshape(len(xyz), k)
+        km = np.where(np.isfinite(chord), chord_to_km(np.where(np.isfinite(chord), chord, 0)),
+                      np.inf)
+        return km, idx
+
+    def within(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, max_km: float
+               ) -> npt.NDArray[np.bool_]:
+        """True for each query point that has an indexed point closer than ``max_km``."""
+        if self.size == 0 or max_km <= 0:
+            return np.zeros(np.size(lat_deg), dtype=bool)
+        km, _ = self.nearest(lat_deg, lon_deg, k=1, max_km=max_km)
+        return np.asarray(km[:, 0] < max_km)
+
+
+def knn_pairs(xyz: FloatArray, sources: IntArray, k: int, max_km: float, workers: int = -1,
+              tree: cKDTree | None = None) -> tuple[IntArray, IntArray, FloatArray]:
+    """Undirected pairs linking each source point to its k nearest other points within max_km.
+
+    Returns (a, b, km) with a < b, each pair once, sorted by (a, b). Ties in distance are broken
+    by the tree, which is deterministic for the same input order.
+    """
+    if tree is None:
+        tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
+    n = len(xyz)
+    kq = min(k + 1, n)
+    bound = float(km_to_chord(max_km)) * (1 + 1e-9) + 1e-15
+    chord, idx = tree.query(xyz[sources], k=kq, distance_upper_bound=bound, workers=workers)
+    chord = np.asarray(chord).reshape(len(sources), kq)
+    idx = np.asarray(idx, dtype=np.int64).reshape(len(sources), kq)
+    src = np.broadcast_to(sources[:, None], idx.shape)
+    ok = (idx < n) & (idx != src)
+    # Keep the first k hits per row (self is usually the first result and is dropped).
+    ok &= np.cumsum(ok, axis=1) <= k
+    a, b = src[ok], idx[ok]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    key = lo * np.int64(n) + hi
+    key, first = np.unique(key, return_index=True)
+    km = chord_to_km(chord[ok][first])
+    return key // n, key % n, km

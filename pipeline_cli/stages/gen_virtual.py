@@ -1,0 +1,633 @@
+"""gen-virtual (Worker 2): fill the map around the active dataset with virtual entities.
+
+Virtual stops lie on three global grids (MAIN, CITY around major cities, AIRPORT around
+airports), so their ids derive from kind and grid cell and every rerun gives the same rows.
+Each virtual stop is linked to its k nearest stops by virtual routes in both directions, and
+each non-walking route gets one frequency-based virtual flight. One transaction replaces the
+previous generation; the S3 backup is uploaded inside it, before the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
+
+from .. import db, geo
+from ..adapters.backups import BackupStore
+from ..errors import BackupError, DatabaseError, ValidationError
+from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
+from ..settings import VirtualSettings
+
+KINDS = ("MAIN_GRID", "CITY_GRID", "AIRPORT_GRID")
+ID_PREFIX = {"MAIN_GRID": "V:MAIN", "CITY_GRID": "V:CITY", "AIRPORT_GRID": "V:AIRPORT"}
+MODES = ("virtual", "walk")
+DAYS = "1234567"
+CHUNK_ROWS = 200_000
+UNREACHED_SAMPLE = 20
+DRY_RUN = "dry-run"
+NULL = "\\N"
+
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+
+
+# ---------------------------------------------------------------- inputs and the plan
+
+
+@dataclass
+class RealStops:
+    """The active dataset's stops as arrays, ordered by id."""
+
+    ids: list[str]
+    lat: geo.FloatArray
+    lon: geo.FloatArray
+    is_airport: npt.NDArray[np.bool_]
+    city: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, ...]]) -> RealStops:
+        if not rows:
+            return cls([], np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool), [])
+        ids, lat, lon, airport, city = zip(*rows, strict=True)
+        return cls(list(ids), np.asarray(lat, dtype=np.float64),
+                   np.asarray(lon, dtype=np.float64), np.asarray(airport, dtype=bool),
+                   [c.strip() for c in city])
+
+
+@dataclass
+class Anchors:
+    """Centres of dense grids: major cities or airports."""
+
+    names: list[str]
+    lat: geo.FloatArray
+    lon: geo.FloatArray
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class VirtualPlan:
+    """Everything one generation writes, computed in memory from the real stops.
+
+    Routes index the combined array ``real stops + virtual stops``.
+    """
+
+    real: RealStops
+    ids: list[str]
+    lat: geo.FloatArray
+    lon: geo.FloatArray
+    kind: list[str]
+    anchor: list[str | None]
+    route_from: geo.IntArray
+    route_to: geo.IntArray
+    distance_km: geo.FloatArray
+    travel_time_s: geo.FloatArray
+    walk: npt.NDArray[np.bool_]
+    unreached: list[str]
+    anchors: dict[str, int]
+    thresholds_km: dict[str, float]
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_routes(self) -> int:
+        return len(self.route_from)
+
+    @property
+    def n_flights(self) -> int:
+        return int((~self.walk).sum())
+
+    def counts(self) -> dict[str, Any]:
+        walk = int(self.walk.sum())
+        return {
+            "virtual_stops": len(self.ids),
+            "virtual_routes": self.n_routes,
+            "virtual_flights": self.n_flights,
+            "unreached_real_stops": len(self.unreached),
+            "by_kind": {k: self.by_kind.get(k, 0) for k in KINDS},
+            "routes_by_mode": {"virtual": self.n_routes - walk, "walk": walk},
+        }
+
+
+def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
+    """Named cities with at least ``city_min_stops`` stops, then dense clusters of city-less
+    stops (grid cells ``city_radius_km`` wide holding that many stops), both at their
+    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell."""
+    city = np.asarray(real.city, dtype=object)
+    named = city != ""
+    names: list[str] = []
+    lats: list[geo.FloatArray] = []
+    lons: list[geo.FloatArray] = []
+    if named.any():
+        uniq, inverse, counts = np.unique(city[named], return_inverse=True, return_counts=True)
+        clat, clon = geo.group_centroids(inverse, real.lat[named], real.lon[named], len(uniq))
+        big = counts >= s.city_min_stops
+        names += [str(n) for n in uniq[big]]
+        lats.append(clat[big])
+        lons.append(clon[big])
+    loose = ~named
+    if loose.any():
+        grid = geo.Grid(max(s.city_radius_km, s.city_spacing_km))
+        rows, cols = grid.nearest_cells(real.lat[loose], real.lon[loose])
+        _keys, first, inverse, counts = np.unique(
+            geo.cell_keys(rows, cols), return_index=True, return_inverse=True,
+            return_counts=True)
+        clat, clon = geo.group_centroids(inverse.ravel(), real.lat[loose], real.lon[loose],
+                                         len(counts))
+        dense = counts >= s.city_min_stops
+        names += [f"cluster:{r}:{c}" for r, c in zip(rows[first][dense].tolist(),
+                                                      cols[first][dense].tolist(), strict=True)]
+        lats.append(clat[dense])
+        lons.append(clon[dense])
+    if not names:
+        return Anchors([], np.zeros(0), np.zeros(0))
+    return Anchors(names, np.concatenate(lats), np.concatenate(lons))
+
+
+def airports(real: RealStops) -> Anchors:
+    idx = np.flatnonzero(real.is_airport)
+    return Anchors([real.ids[i] for i in idx.tolist()], real.lat[idx], real.lon[idx])
+
+
+def dense_grid(grid: geo.Grid, anchors: Anchors, radius_km: float
+               ) -> tuple[geo.IntArray, geo.IntArray, geo.IntArray]:
+    """Cells within ``radius_km`` of any anchor, each once, owned by its nearest anchor."""
+    if anchors.size == 0 or radius_km <= 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    owner, rows, cols, dist = grid.cells_near(anchors.lat, anchors.lon, radius_km)
+    keys = geo.cell_keys(rows, cols)
+    order = np.lexsort((owner, dist, keys))  # by cell, then nearest anchor, then anchor order
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    sel = order[first]
+    return rows[sel], cols[sel], owner[sel]
+
+
+def _estimate(real: RealStops, cities: Anchors, ports: Anchors, s: VirtualSettings) -> int:
+    """An upper bound on the grid points before filtering (cheap: no points are built)."""
+    west, width = geo.longitude_arc(real.lon)
+    main = geo.Grid(s.main_spacing_km).count_in_box(
+        float(real.lat.min()), float(real.lat.max()), west, width)
+
+    def per_anchor(radius: float, spacing: float) -> int:
+        return int((2 * radius / spacing + 3) ** 2) if radius > 0 else 0
+
+    return (main + cities.size * per_anchor(s.city_radius_km, s.city_spacing_km)
+            + ports.size * per_anchor(s.airport_radius_km, s.airport_spacing_km))
+
+
+def check_input(real: RealStops, version: str) -> None:
+    if real.size < 2:
+        raise ValidationError(
+            f"active dataset {version} has {real.size} stop{'s' if real.size != 1 else ''}; "
+            "gen-virtual needs at least 2 to span a region; nothing was written")
+
+
+def plan_virtual(real: RealStops, s: VirtualSettings, version: str = "",
+                 check_stop: Callable[[], None] = lambda: None) -> VirtualPlan:
+    """Compute the virtual stops, routes and flights for ``real`` (pure, deterministic)."""
+    check_input(real, version)
+    cities, ports = major_cities(real, s), airports(real)
+    estimate = _estimate(real, cities, ports, s)
+    if estimate > s.max_virtual_stops:
+        raise ValidationError(
+            f"the grids would hold about {estimate:,} points, more than [virtual] "
+            f"max_virtual_stops = {s.max_virtual_stops:,}; raise it or widen the spacings; "
+            "nothing was written")
+    frac = s.threshold_fraction
+    block_lat, block_lon = [real.lat], [real.lon]
+    ids: list[str] = []
+    kinds: list[str] = []
+    anchor: list[str | None] = []
+    lat_parts: list[geo.FloatArray] = []
+    lon_parts: list[geo.FloatArray] = []
+    by_kind: dict[str, int] = {}
+    thresholds: dict[str, float] = {}
+    main = geo.Grid(s.main_spacing_km)
+    levels: list[tuple[str, geo.Grid, Anchors | None, float]] = [
+        ("AIRPORT_GRID", geo.Grid(s.airport_spacing_km), ports, s.airport_radius_km),
+        ("CITY_GRID", geo.Grid(s.city_spacing_km), cities, s.city_radius_km),
+        ("MAIN_GRID", main, None, 0.0),
+    ]
+    # Densest grid first: each grid drops points close to real stops or to a denser grid.
+    for kind, grid, owners, radius in levels:
+        if owners is None:
+            west, width = geo.longitude_arc(real.lon)
+            rows, cols = grid.cells_in_box(float(real.lat.min()), float(real.lat.max()),
+                                           west, width)
+            owner_idx = None
+        else:
+            rows, cols, owner_idx = dense_grid(grid, owners, radius)
+        lat, lon = grid.points(rows, cols)
+        threshold = frac * grid.spacing_km
+        thresholds[kind] = threshold
+        blockers = geo.PointIndex(np.concatenate(block_lat), np.concatenate(block_lon))
+        keep = ~blockers.within(lat, lon, threshold)
+        rows, cols, lat, lon = rows[keep], cols[keep], lat[keep], lon[keep]
+        prefix = ID_PREFIX[kind]
+        ids += [f"{prefix}:{r}:{c}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+        kinds += [kind] * len(rows)
+        if owners is None or owner_idx is None:
+            anchor += [None] * len(rows)
+        else:
+            anchor += [owners.names[i] for i in owner_idx[keep].tolist()]
+        lat_parts.append(lat)
+        lon_parts.append(lon)
+        block_lat.append(lat)
+        block_lon.append(lon)
+        by_kind[kind] = len(rows)
+        check_stop()
+    vlat, vlon = np.concatenate(lat_parts), np.concatenate(lon_parts)
+    frm, to, km = _routes(real, vlat, vlon, s)
+    check_stop()
+    walk = km <= s.walk_max_km
+    speed = np.where(walk, s.speeds_kmh["walk"], s.speeds_kmh["virtual"])
+    reached = np.zeros(real.size, dtype=bool)
+    reached[frm[frm < real.size]] = True
+    unreached = [real.ids[i] for i in np.flatnonzero(~reached).tolist()]
+    return VirtualPlan(
+        real=real, ids=ids, lat=vlat, lon=vlon, kind=kinds, anchor=anchor,
+        route_from=frm, route_to=to, distance_km=km,
+        travel_time_s=np.round(km / speed * 3600.0, 1), walk=walk, unreached=unreached,
+        anchors={"cities": sum(not n.startswith("cluster:") for n in cities.names),
+                 "clusters": sum(n.startswith("cluster:") for n in cities.names),
+                 "airports": ports.size},
+        thresholds_km=thresholds, by_kind=by_kind,
+    )
+
+
+def _routes(real: RealStops, vlat: geo.FloatArray, vlon: geo.FloatArray, s: VirtualSettings
+            ) -> tuple[geo.IntArray, geo.IntArray, geo.FloatArray]:
+    """Directed routes (both directions) from kNN pairs, ordered by (from, to) index."""
+    n_real, n_virtual = real.size, len(vlat)
+    if n_virtual == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    xyz = np.vstack((geo.unit_vectors(real.lat, real.lon), geo.unit_vectors(vlat, vlon)))
+    sources = np.arange(n_real, n_real + n_virtual, dtype=np.int64)
+    a, b, km = geo.knn_pairs(xyz, sources, s.k, s.max_route_km)
+    frm = np.concatenate((a, b))
+    to = np.concatenate((b, a))
+    both = np.round(np.concatenate((km, km)), 3).astype(np.float64)
+    order = np.lexsort((to, frm))
+    return frm[order], to[order], both[order]
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Snapshot:
+    version: str | None
+    generation: dict[str, Any] | None
+    real: RealStops | None
+
+
+def read_snapshot(conn: psycopg.Connection[Any], *, force: bool) -> Snapshot:
+    """The active dataset, its newest generation and (when needed) its stops, read in one
+    REPEATABLE READ snapshot so the stops belong to the version read."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # the caller discards conn
+    conn.read_only = True
+    with db.wrap_errors("reading the active dataset"), conn.transaction():
+        ds = conn.execute(db.query("gen_virtual", "active_dataset")).fetchone()
+        if ds is None:
+            return Snapshot(None, None, None)
+        version = str(ds["version"])
+        gen = conn.execute(db.query("gen_virtual", "latest_generation"),
+                           {"version": version}).fetchone()
+        if gen is not None and not force:
+            return Snapshot(version, dict(gen), None)
+        with conn.cursor(row_factory=tuple_row) as cur:
+            rows = cur.execute(db.query("gen_virtual", "read_stops")).fetchall()
+        return Snapshot(version, dict(gen) if gen else None, RealStops.from_rows(rows))
+
+
+def recorded_settings(s: VirtualSettings, plan: VirtualPlan | None = None) -> dict[str, Any]:
+    out = dataclasses.asdict(s)
+    if plan is not None:
+        out["thresholds_km"] = plan.thresholds_km
+    return out
+
+
+def _settings_changed(gen: dict[str, Any], s: VirtualSettings) -> bool:
+    recorded = {k: v for k, v in (gen.get("settings") or {}).items() if k != "thresholds_km"}
+    return recorded != json.loads(json.dumps(dataclasses.asdict(s)))
+
+
+# ---------------------------------------------------------------- COPY text
+
+
+def copy_escape(text: str) -> str:
+    """Escape a value for PostgreSQL's COPY text format."""
+    if _NEEDS_ESCAPE.search(text) is None:
+        return text
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
+def stop_lines(plan: VirtualPlan, version: str) -> Iterator[str]:
+    """COPY text of ``virtual_stops`` in chunks."""
+    v = copy_escape(version)
+    for lo in range(0, len(plan.ids), CHUNK_ROWS):
+        hi = lo + CHUNK_ROWS
+        rows = zip(plan.ids[lo:hi], plan.lat[lo:hi].tolist(), plan.lon[lo:hi].tolist(),
+                   plan.kind[lo:hi], plan.anchor[lo:hi], strict=True)
+        yield "".join(
+            f"{i}\t{la!r}\t{lo_!r}\t{k}\t{NULL if a is None else copy_escape(a)}\t{v}\n"
+            for i, la, lo_, k, a in rows)
+
+
+def _escaped_ids(plan: VirtualPlan) -> list[str]:
+    return [copy_escape(i) for i in plan.real.ids] + plan.ids
+
+
+def route_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator[str]:
+    """COPY text of ``virtual_routes``: id ``VR:<from>><to>``, mode, km, seconds."""
+    ids = _escaped_ids(plan)
+    v = copy_escape(version)
+    for lo in range(0, plan.n_routes, CHUNK_ROWS):
+        hi = lo + CHUNK_ROWS
+        rows = zip(plan.route_from[lo:hi].tolist(), plan.route_to[lo:hi].tolist(),
+                   plan.walk[lo:hi].tolist(), plan.distance_km[lo:hi].tolist(),
+                   plan.travel_time_s[lo:hi].tolist(), strict=True)
+        yield "".join(
+            f"VR:{ids[f]}>{ids[t]}\t{ids[f]}\t{ids[t]}\t{'walk' if w else 'virtual'}"
+            f"\t{km!r}\t{sec!r}\t{v}\n"
+            for f, t, w, km, sec in rows)
+
+
+def flight_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator[str]:
+    """COPY text of ``virtual_flights``: one frequency row per non-walking route."""
+    ids = _escaped_ids(plan)
+    v = copy_escape(version)
+    tail = f"\t{s.service_start}:00\t{s.service_end}:00\t{s.headway_s}\t{DAYS}\t{v}\n"
+    sel = np.flatnonzero(~plan.walk)
+    frm, to = plan.route_from[sel], plan.route_to[sel]
+    for lo in range(0, len(sel), CHUNK_ROWS):
+        hi = lo + CHUNK_ROWS
+        yield "".join(f"VF:{ids[f]}>{ids[t]}\tVR:{ids[f]}>{ids[t]}{tail}"
+                      for f, t in zip(frm[lo:hi].tolist(), to[lo:hi].tolist(), strict=True))
+
+
+# ---------------------------------------------------------------- writing
+
+
+TABLES = (
+    ("virtual_stops", "copy_stops", ("id", "latitude", "longitude", "kind", "anchor_id",
+                                     "dataset_version")),
+    ("virtual_routes", "copy_routes", ("id", "from_stop_id", "to_stop_id", "mode",
+                                       "distance_km", "travel_time_s", "dataset_version")),
+    ("virtual_flights", "copy_flights", ("id", "route_id", "start_time", "end_time",
+                                         "headway_s", "days_of_week", "dataset_version")),
+)
+
+
+@dataclass
+class _Written:
+    path: str
+    rows: int = 0
+    sha256: str = ""
+    size: int = 0
+
+
+def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[str], path: str,
+                ctx: RunContext, expected: int, table: str) -> _Written:
+    """Stream chunks into COPY and, byte for byte, into a gzip file for the backup."""
+    out = _Written(path=path)
+    digest = hashlib.sha256()
+    with ExitStack() as stack:
+        raw: IO[bytes] = stack.enter_context(open(path, "wb"))
+        gz = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1,
+                                               mtime=0))
+        bar = stack.enter_context(ctx.progress(f"writing {table}", expected))
+        cur = stack.enter_context(conn.cursor())
+        copy = stack.enter_context(cur.copy(db.query("gen_virtual", query)))
+        for chunk in chunks:
+            data = chunk.encode()
+            copy.write(data)
+            gz.write(data)
+            digest.update(data)
+            n = chunk.count("\n")
+            out.rows += n
+            bar.advance(n)
+            ctx.check_stop()
+    out.sha256 = digest.hexdigest()
+    out.size = os.path.getsize(path)
+    return out
+
+
+def _upload(backups: BackupStore, prefix: str, written: dict[str, _Written],
+            manifest: dict[str, Any]) -> None:
+    for table, w in written.items():
+        backups.put_file(f"{prefix}{table}.tsv.gz", w.path, "application/gzip")
+    # The manifest goes last: a folder without one is an incomplete (never committed) upload.
+    backups.put_json(f"{prefix}manifest.json", manifest)
+
+
+def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings,
+                     ctx: RunContext, version: str, plan: VirtualPlan, started: float
+                     ) -> tuple[int, str]:
+    """Replace the virtual tables with ``plan`` and back it up, in one transaction.
+
+    Order: delete + COPY + generation row + dataset stats, then the S3 upload (manifest last),
+    then COMMIT. A failed upload rolls the transaction back, so no generation ever points at a
+    missing backup; a failed commit leaves only an unreferenced ``gen-<id>/`` folder in S3
+    (sequence ids are never reused).
+    """
+    counts = plan.counts()
+    with ExitStack() as stack:
+        conn = stack.enter_context(db.connect(database_url, application_name=(
+            f"pipeline gen-virtual {ctx.run_id[:8]}")))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gen-virtual-"))
+        with db.wrap_errors("writing the virtual generation"), conn.transaction():
+            row = conn.execute(db.query("gen_virtual", "lock_dataset"),
+                               {"version": version}).fetchone()
+            if row is None or not row["active"]:
+                raise DatabaseError(
+                    f"dataset {version} stopped being active during generation; nothing was "
+                    "written; run gen-virtual again for the new active dataset")
+            t = time.monotonic()
+            for name in ("delete_flights", "delete_routes", "delete_stops"):
+                conn.execute(db.query("gen_virtual", name))
+            ctx.log.info("deleted the previous generation in %.2f s", time.monotonic() - t)
+            ctx.check_stop()
+            written: dict[str, _Written] = {}
+            lines = {"virtual_stops": (stop_lines(plan, version), len(plan.ids)),
+                     "virtual_routes": (route_lines(plan, version, s), plan.n_routes),
+                     "virtual_flights": (flight_lines(plan, version, s), plan.n_flights)}
+            for table, query, _cols in TABLES:
+                chunks, expected = lines[table]
+                t = time.monotonic()
+                written[table] = _copy_table(conn, query, chunks,
+                                             os.path.join(tmp, f"{table}.tsv.gz"), ctx,
+                                             expected, table)
+                ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows, table,
+                             time.monotonic() - t)
+            orphans = conn.execute(db.query("gen_virtual", "orphan_flights")).fetchone()
+            if orphans and orphans["n"]:
+                raise DatabaseError(f"{orphans['n']} virtual flights name a missing route; "
+                                    "nothing was written")
+            gen_id = int(conn.execute(db.query("gen_virtual", "next_generation_id"))
+                         .fetchone()["id"])  # type: ignore[index]
+            prefix = f"datasets/{version}/virtual/gen-{gen_id}/"
+            settings = recorded_settings(s, plan)
+            created = conn.execute(db.query("gen_virtual", "insert_generation"), {
+                "id": gen_id, "version": version, "settings": Jsonb(settings),
+                "counts": Jsonb(counts), "unreached": Jsonb(plan.unreached),
+                "backup_prefix": prefix,
+                "duration_ms": int((time.monotonic() - started) * 1000),
+                "run_id": ctx.run_id,
+            }).fetchone()["created_at"]  # type: ignore[index]
+            conn.execute(db.query("gen_virtual", "update_dataset_stats"), {
+                "version": version,
+                "stats": Jsonb({"generation_id": gen_id, "created_at": created.isoformat(),
+                                **counts}),
+            })
+            ctx.check_stop()
+            manifest = {
+                "generation_id": gen_id, "dataset_version": version,
+                "created_at": created.isoformat(), "run_id": ctx.run_id,
+                "format": "PostgreSQL COPY text (tab-separated, \\N = NULL), gzip",
+                "settings": settings, "counts": counts, "unreached_stops": plan.unreached,
+                "files": {f"{t}.tsv.gz": {"table": t, "columns": list(cols),
+                                          "rows": written[t].rows, "bytes": written[t].size,
+                                          "sha256_uncompressed": written[t].sha256}
+                          for t, _q, cols in TABLES},
+            }
+            t = time.monotonic()
+            try:
+                _upload(backups, prefix, written, manifest)
+            except BackupError as exc:
+                raise BackupError(f"{exc}; nothing was written (the database transaction "
+                                  "was rolled back)") from None
+            ctx.log.info("uploaded the backup to %s in %.2f s", prefix, time.monotonic() - t)
+    return gen_id, prefix
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _summary(plan: VirtualPlan) -> str:
+    c = plan.counts()
+    kinds = ", ".join(f"{c['by_kind'][k]} {k}" for k in KINDS)
+    return (f"{c['virtual_stops']} virtual stops ({kinds}), {c['virtual_routes']} routes, "
+            f"{c['virtual_flights']} flights; {c['unreached_real_stops']} real stops unreached")
+
+
+def _extra(version: str, plan: VirtualPlan) -> dict[str, Any]:
+    return {"dataset_version": version, "anchors": plan.anchors,
+            "real_stops": plan.real.size,
+            "unreached_sample": plan.unreached[:UNREACHED_SAMPLE]}
+
+
+def generate(database_url: str, backups: BackupStore, settings: VirtualSettings,
+             ctx: RunContext, *, force: bool = False) -> StageResult:
+    """Generate the active dataset's virtual entities unless it already has them.
+
+    Returns ``skipped`` without an active dataset, ``noop`` when the dataset already has a
+    generation (``force`` regenerates), else ``success``. Raises ValidationError for a dataset
+    of fewer than 2 stops, BackupError/DatabaseError when writing fails (nothing is kept).
+    """
+    started = time.monotonic()
+    with db.connect(database_url, application_name="pipeline gen-virtual read") as conn:
+        snap = read_snapshot(conn, force=force)
+    if snap.version is None:
+        return StageResult(status=SKIPPED, message="no active dataset; run `pipeline "
+                           "sync-odata` first (nothing to generate)")
+    version = snap.version
+    if snap.real is None:
+        gen = snap.generation or {}
+        changed = _settings_changed(gen, settings)
+        note = "; the settings have changed since, use --force to regenerate" if changed else ""
+        return StageResult(
+            status=NOOP, counts=dict(gen.get("counts") or {}),
+            extra={"dataset_version": version, "generation_id": gen.get("id"),
+                   "settings_changed": changed},
+            message=f"{version} already has virtual generation {gen.get('id')}{note}")
+    ctx.check_stop()
+    plan = plan_virtual(snap.real, settings, version, ctx.check_stop)
+    ctx.log.info("planned %s", _summary(plan))
+    if plan.unreached:
+        ctx.log.warning("%d real stops are reached by no virtual route (e.g. %s)",
+                        len(plan.unreached), ", ".join(plan.unreached[:5]))
+    gen_id, prefix = write_generation(database_url, backups, settings, ctx, version, plan,
+                                      started)
+    return StageResult(
+        status=SUCCESS, counts=plan.counts(),
+        extra={**_extra(version, plan), "generation_id": gen_id, "backup_prefix": prefix},
+        message=f"{version} generation {gen_id}: {_summary(plan)}")
+
+
+def preview(database_url: str, settings: VirtualSettings) -> StageResult:
+    """What ``generate(force=True)`` would write, computed without writing anything.
+
+    Status ``dry-run`` (or ``skipped`` without an active dataset). Raises like ``generate``
+    for a dataset of fewer than 2 stops.
+    """
+    with db.connect(database_url, application_name="pipeline gen-virtual dry-run") as conn:
+        db.check_schema(conn)
+        snap = read_snapshot(conn, force=True)
+    if snap.version is None or snap.real is None:
+        return StageResult(status=SKIPPED, message="no active dataset; nothing to generate")
+    plan = plan_virtual(snap.real, settings, snap.version)
+    gen = snap.generation
+    return StageResult(
+        status=DRY_RUN, counts=plan.counts(),
+        extra={**_extra(snap.version, plan), "dry_run": True,
+               "current_generation_id": gen["id"] if gen else None,
+               "would_run": gen is None},
+        message=f"would write for {snap.version}: {_summary(plan)}")
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_section(conn: psycopg.Connection[Any], now: datetime | None = None
+                   ) -> dict[str, Any]:
+    """Virtual entities for `pipeline status`: the active dataset's newest generation, its
+    counts and the settings that produced it. Two indexed lookups; JSON-serialisable."""
+    now = now or datetime.now(UTC)
+    with db.wrap_errors("reading the virtual generations"):
+        ds = conn.execute(db.query("gen_virtual", "active_dataset")).fetchone()
+        version = ds["version"] if ds else None
+        gen = conn.execute(db.query("gen_virtual", "latest_generation"),
+                           {"version": version}).fetchone() if version else None
+        newest = conn.execute(db.query("gen_virtual", "newest_generation")).fetchone()
+    out: dict[str, Any] = {
+        "active_dataset": version,
+        "current": gen is not None,
+        "newest_generation_id": newest["id"] if newest else None,
+        "generation": None,
+    }
+    if gen is not None:
+        out["generation"] = {
+            "id": gen["id"], "dataset_version": gen["dataset_version"],
+            "created_at": gen["created_at"].isoformat(),
+            "age_s": round((now - gen["created_at"]).total_seconds(), 1),
+            "counts": gen["counts"], "settings": gen["settings"],
+            "backup_prefix": gen["backup_prefix"], "duration_ms": gen["duration_ms"],
+            "run_id": str(gen["run_id"]) if gen["run_id"] else None,
+        }
+    return out

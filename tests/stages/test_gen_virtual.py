@@ -1,0 +1,281 @@
+"""gen-virtual against real PostgreSQL and S3: grids, thresholds, determinism, noop, backup,
+edge cases (0/1 stops, no dataset, antimeridian at latitude 70) and the backup-failure path."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from pipeline_cli import geo
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.runner import RunRecord, StageRunner
+from pipeline_cli.settings import VirtualSettings
+from pipeline_cli.stages.gen_virtual import generate, status_section
+from pipeline_cli.testing.services import S3Endpoint
+
+Conn = psycopg.Connection[dict[str, Any]]
+Stop = tuple[str, float, float, bool, str | None]
+
+
+def add_dataset(conn: Conn, stops: list[Stop], version: str = "ds-v1") -> None:
+    """An active dataset row plus its stops, as sync-odata would leave them."""
+    seq = int(version.rsplit("v", 1)[1])
+    conn.execute("UPDATE datasets SET active = false WHERE active")
+    conn.execute(
+        "INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+        "VALUES (%s, %s, %s, %s, true)", (version, seq, f"hash-{version}", f"datasets/{version}/"))
+    conn.execute("DELETE FROM stops")
+    with conn.cursor() as cur, cur.copy(
+        "COPY stops (id, latitude, longitude, is_airport, city) FROM STDIN"
+    ) as copy:
+        for row in stops:
+            copy.write_row(row)
+
+
+def helsinki_stops() -> list[Stop]:
+    """A city of 40 stops, an airport, and 60 scattered stops without a city."""
+    rng = np.random.default_rng(42)
+    stops: list[Stop] = []
+    for i in range(40):
+        stops.append((f"hki-{i:03d}", 60.17 + rng.normal(0, 0.03), 24.94 + rng.normal(0, 0.06),
+                      False, "Helsinki"))
+    stops.append(("HEL", 60.3172, 24.9633, True, "Vantaa"))
+    for i in range(60):
+        stops.append((f"rural-{i:03d}", float(rng.uniform(60.4, 61.6)),
+                      float(rng.uniform(22.0, 28.0)), False, None))
+    return stops
+
+
+def antimeridian_stops() -> list[Stop]:
+    """Stops at latitude ~70 on both sides of 180 degrees, one of them an airport."""
+    stops: list[Stop] = [("AIR", 70.0, 179.95, True, "Dateline")]
+    for i, lon in enumerate(np.linspace(178.5, 181.5, 16).tolist()):
+        stops.append((f"am-{i:02d}", 69.6 + 0.05 * i, float((lon + 180) % 360 - 180), False,
+                      "Dateline"))
+    return stops
+
+
+@pytest.fixture
+def backups(s3: S3Endpoint, s3_bucket: str) -> BackupStore:
+    return BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                               secure=s3.secure, region=s3.region)
+
+
+@pytest.fixture
+def run(database_url: str, backups: BackupStore
+        ) -> Iterator[Callable[..., RunRecord]]:
+    def _run(settings: VirtualSettings | None = None, *, force: bool = False,
+             store: BackupStore | None = None) -> RunRecord:
+        s = settings or VirtualSettings(city_min_stops=10)
+        return StageRunner(database_url).run(
+            "gen-virtual", lambda ctx: generate(database_url, store or backups, s, ctx,
+                                                force=force))
+
+    yield _run
+
+
+def table_rows(conn: Conn) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    for table in ("virtual_stops", "virtual_routes", "virtual_flights"):
+        with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+            out[table] = cur.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()  # noqa: S608
+    return out
+
+
+def count(conn: Conn, sql: str) -> int:
+    row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(next(iter(row.values())))
+
+
+def test_generates_all_kinds_records_and_backs_up(conn: Conn, run: Callable[..., RunRecord],
+                                                  backups: BackupStore) -> None:
+    add_dataset(conn, helsinki_stops())
+    rec = run()
+    assert rec.status == "success", rec.error
+    by_kind = rec.counts["by_kind"]
+    assert all(by_kind[k] > 0 for k in ("MAIN_GRID", "CITY_GRID", "AIRPORT_GRID")), by_kind
+    assert rec.counts["virtual_stops"] == sum(by_kind.values()) == count(
+        conn, "SELECT count(*) FROM virtual_stops")
+    assert rec.counts["virtual_routes"] == count(conn, "SELECT count(*) FROM virtual_routes")
+    assert rec.counts["virtual_flights"] == count(conn, "SELECT count(*) FROM virtual_flights")
+    kinds = {r["kind"]: r["n"] for r in conn.execute(
+        "SELECT kind, count(*) AS n FROM virtual_stops GROUP BY kind")}
+    assert kinds == by_kind
+    # anchor_id names the city or airport; the main grid has none.
+    anchors = {(r["kind"], r["anchor_id"]) for r in conn.execute(
+        "SELECT DISTINCT kind, anchor_id FROM virtual_stops")}
+    assert ("CITY_GRID", "Helsinki") in anchors and ("AIRPORT_GRID", "HEL") in anchors
+    assert ("MAIN_GRID", None) in anchors
+    # Every route has its reverse; travel time follows the mode's speed.
+    assert count(conn, """SELECT count(*) FROM virtual_routes r WHERE NOT EXISTS (
+        SELECT 1 FROM virtual_routes b
+        WHERE b.from_stop_id = r.to_stop_id AND b.to_stop_id = r.from_stop_id)""") == 0
+    for r in conn.execute("SELECT mode, distance_km, travel_time_s FROM virtual_routes"):
+        speed = 5.0 if r["mode"] == "walk" else 50.0
+        assert r["travel_time_s"] == pytest.approx(r["distance_km"] / speed * 3600, abs=0.06)
+        assert 0 < r["distance_km"] <= 75.0
+    gen = conn.execute("SELECT * FROM virtual_generations").fetchone()
+    assert gen is not None and gen["dataset_version"] == "ds-v1"
+    assert gen["settings"]["main_spacing_km"] == 50.0 and gen["counts"] == rec.counts
+    assert gen["run_id"] is not None and str(gen["run_id"]) == rec.run_id
+    assert gen["unreached_stops"] == sorted(gen["unreached_stops"])
+    assert len(gen["unreached_stops"]) == rec.counts["unreached_real_stops"]
+    stats = conn.execute("SELECT stats FROM datasets WHERE version = 'ds-v1'").fetchone()
+    assert stats is not None and stats["stats"]["virtual"]["generation_id"] == gen["id"]
+    assert stats["stats"]["virtual"]["by_kind"] == by_kind
+    # S3: three COPY-text files and a manifest under datasets/<version>/virtual/.
+    prefix = f"datasets/ds-v1/virtual/gen-{gen['id']}/"
+    assert rec.extra["backup_prefix"] == gen["backup_prefix"] == prefix
+    assert sorted(backups.list("datasets/ds-v1/virtual/")) == [
+        prefix + n for n in ("manifest.json", "virtual_flights.tsv.gz", "virtual_routes.tsv.gz",
+                             "virtual_stops.tsv.gz")]
+    manifest = backups.get_json(prefix + "manifest.json")
+    assert manifest["generation_id"] == gen["id"] and manifest["counts"] == rec.counts
+    stops_text = gzip.decompress(backups.get_bytes(prefix + "virtual_stops.tsv.gz")).decode()
+    assert len(stops_text.splitlines()) == manifest["files"]["virtual_stops.tsv.gz"]["rows"]
+    assert len(stops_text.splitlines()) == rec.counts["virtual_stops"]
+
+
+def test_no_virtual_stop_within_threshold_of_a_real_or_denser_point(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    stops = helsinki_stops()
+    add_dataset(conn, stops)
+    assert run().status == "success"
+    real = np.array([(s[1], s[2]) for s in stops])
+    virt = conn.execute("SELECT kind, latitude, longitude FROM virtual_stops").fetchall()
+    spacing = {"MAIN_GRID": 50.0, "CITY_GRID": 10.0, "AIRPORT_GRID": 5.0}
+    denser = {"MAIN_GRID": ("CITY_GRID", "AIRPORT_GRID"), "CITY_GRID": ("AIRPORT_GRID",),
+              "AIRPORT_GRID": ()}
+    pts = {k: np.array([(v["latitude"], v["longitude"]) for v in virt if v["kind"] == k])
+           for k in spacing}
+    for kind, p in pts.items():
+        threshold = 0.2 * spacing[kind]
+        d_real = geo.haversine_km(p[:, :1], p[:, 1:], real[None, :, 0], real[None, :, 1])
+        assert d_real.min() >= threshold, kind
+        for other in denser[kind]:
+            q = pts[other]
+            d = geo.haversine_km(p[:, :1], p[:, 1:], q[None, :, 0], q[None, :, 1])
+            assert d.min() >= threshold, (kind, other)
+    # The dense grids stay within their radius of the anchor.
+    air = pts["AIRPORT_GRID"]
+    assert geo.haversine_km(air[:, 0], air[:, 1], 60.3172, 24.9633).max() <= 15.0 + 1e-6
+
+
+def test_rerun_is_noop_and_force_gives_identical_rows(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    add_dataset(conn, helsinki_stops())
+    first = run()
+    assert first.status == "success"
+    before = table_rows(conn)
+    again = run()
+    assert again.status == "noop" and again.extra["generation_id"] == first.extra[
+        "generation_id"]
+    assert again.extra["settings_changed"] is False and again.counts == first.counts
+    forced = run(force=True)
+    assert forced.status == "success"
+    assert forced.extra["generation_id"] > first.extra["generation_id"]
+    assert table_rows(conn) == before  # same ids, same rows, no leftovers
+    assert count(conn, "SELECT count(*) FROM virtual_generations") == 2
+    changed = run(VirtualSettings(city_min_stops=10, main_spacing_km=40.0))
+    assert changed.status == "noop" and changed.extra["settings_changed"] is True
+    assert "--force" in changed.message
+
+
+def test_new_dataset_replaces_the_previous_generation(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    add_dataset(conn, antimeridian_stops(), version="ds-v2")
+    rec = run()
+    assert rec.status == "success" and rec.extra["dataset_version"] == "ds-v2"
+    versions = {r["dataset_version"] for r in conn.execute(
+        "SELECT DISTINCT dataset_version FROM virtual_stops UNION "
+        "SELECT DISTINCT dataset_version FROM virtual_routes UNION "
+        "SELECT DISTINCT dataset_version FROM virtual_flights")}
+    assert versions == {"ds-v2"}
+
+
+@pytest.mark.parametrize("n_stops", [0, 1])
+def test_zero_or_one_stop_fails_clearly_and_writes_nothing(
+        conn: Conn, run: Callable[..., RunRecord], backups: BackupStore, n_stops: int) -> None:
+    add_dataset(conn, helsinki_stops()[:n_stops])
+    backups.ensure_bucket()
+    rec = run()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error is not None and "\n" not in rec.error
+    assert f"has {n_stops} stop" in rec.error and "at least 2" in rec.error
+    for table in ("virtual_generations", "virtual_stops", "virtual_routes", "virtual_flights"):
+        assert count(conn, f"SELECT count(*) FROM {table}") == 0  # noqa: S608
+    assert list(backups.list("datasets/")) == []
+
+
+def test_no_active_dataset_is_skipped(conn: Conn, run: Callable[..., RunRecord]) -> None:
+    rec = run()
+    assert rec.status == "skipped" and rec.exit_code == 0
+    assert "no active dataset" in rec.message
+    assert count(conn, "SELECT count(*) FROM virtual_generations") == 0
+
+
+def test_antimeridian_at_latitude_70(conn: Conn, run: Callable[..., RunRecord]) -> None:
+    stops = antimeridian_stops()
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert all(rec.counts["by_kind"][k] > 0 for k in rec.counts["by_kind"]), rec.counts
+    virt = conn.execute("SELECT id, latitude, longitude, kind FROM virtual_stops").fetchall()
+    lons = np.array([v["longitude"] for v in virt])
+    assert (lons > 179).any() and (lons < -179).any()
+    # The main grid spans the short way across 180 degrees, not around the world.
+    main = [v for v in virt if v["kind"] == "MAIN_GRID"]
+    assert all(abs(v["longitude"]) > 170 for v in main) and len(main) < 40
+    # Routes cross the antimeridian with their true, short great-circle length.
+    pos = {v["id"]: (v["latitude"], v["longitude"]) for v in virt}
+    pos.update({s[0]: (s[1], s[2]) for s in stops})
+    crossing = 0
+    for r in conn.execute("SELECT from_stop_id, to_stop_id, distance_km FROM virtual_routes"):
+        (la1, lo1), (la2, lo2) = pos[r["from_stop_id"]], pos[r["to_stop_id"]]
+        assert r["distance_km"] == pytest.approx(geo.haversine_km(la1, lo1, la2, lo2), abs=2e-3)
+        crossing += abs(lo1 - lo2) > 180
+    assert crossing > 0
+    # Grid neighbours at latitude 70 are one spacing apart, measured by haversine.
+    city = np.array([(v["latitude"], v["longitude"]) for v in virt if v["kind"] == "CITY_GRID"])
+    d = geo.haversine_km(city[:, None, 0], city[:, None, 1], city[None, :, 0], city[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    same_row = np.isclose(city[:, None, 0], city[None, :, 0])
+    adjacent = d[same_row & (d < 15.0)]
+    assert adjacent.size >= len(city) and np.all(np.abs(adjacent / 10.0 - 1) < 0.01)
+    assert d.min() >= 10.0 * 0.99  # no two grid points closer than the spacing
+
+
+def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    before = table_rows(conn)
+    dead = BackupStore.connect("127.0.0.1:9", "k", "s", "nowhere", timeout=2.0)
+    rec = run(force=True, store=dead)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error is not None and "rolled back" in rec.error
+    assert table_rows(conn) == before
+    assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
+
+
+def test_status_section(conn: Conn, run: Callable[..., RunRecord]) -> None:
+    assert status_section(conn) == {"active_dataset": None, "current": False,
+                                    "newest_generation_id": None, "generation": None}
+    add_dataset(conn, helsinki_stops())
+    rec = run()
+    section = status_section(conn)
+    assert section["current"] is True and section["active_dataset"] == "ds-v1"
+    gen = section["generation"]
+    assert gen["id"] == rec.extra["generation_id"] == section["newest_generation_id"]
+    assert gen["counts"]["by_kind"] == rec.counts["by_kind"]
+    assert gen["settings"]["k"] == 4 and gen["age_s"] >= 0
+    add_dataset(conn, helsinki_stops()[:5], version="ds-v2")
+    assert status_section(conn)["current"] is False
