@@ -1,0 +1,314 @@
+"""The Redis graph store: build-graph writes immutable, version-scoped adjacency keys here and
+switches one pointer; the routing API reads them through :class:`GraphReader`.
+
+Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the reference):
+
+- ``<prefix>:graph:active``: the active version (a plain string, switched atomically).
+- ``<prefix>:graph:versions``: sorted set of the versions present, scored by the time each was
+  written or last activated (retention and orphan cleanup read it).
+- ``<prefix>:graph:<version>:meta``: hash written *last*, so its presence means "complete".
+- ``<prefix>:graph:<version>:adj:<stop-id>``: JSON ``[[to, weight_s, route_id, mode], ...]``;
+  every node has one, ``[]`` when it has no outgoing edge.
+
+Keys of a version are never modified once written; a reader that resolved a version can read
+it until retention (which keeps the newest N, so the previous active survives) collects it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ..errors import PipelineError, RedisError
+
+FORMAT = "adjacency-json/1"
+_UNLINK_BATCH = 1000
+_MSET_BATCH = 500  # keys per MSET command inside one pipelined flush
+
+
+class GraphLookupError(PipelineError):
+    """A graph query cannot be answered: no active graph, unknown stop, no path (exit 1)."""
+
+
+class GraphVersionGone(RedisError):
+    """The version a reader resolved was collected meanwhile; resolve the pointer again."""
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One outgoing edge of a node."""
+
+    to: str
+    weight_s: float
+    route_id: str
+    mode: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"to": self.to, "weight_s": self.weight_s, "route_id": self.route_id,
+                "mode": self.mode}
+
+
+def encode_adjacency(edges: list[list[Any]]) -> str:
+    """The stored form of one node's edges: ``[[to, weight_s, route_id, mode], ...]``."""
+    return json.dumps(edges, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_adjacency(raw: bytes | str) -> list[Edge]:
+    return [Edge(str(e[0]), float(e[1]), str(e[2]), str(e[3])) for e in json.loads(raw)]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    """Turn redis-py errors raised inside the block into RedisError."""
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RedisError(f"Redis error while {what}: {text}") from exc
+
+
+class GraphReader:
+    """The read side, as the routing API does it: resolve the active version once, then read
+    only that version's keys (they never change, so the answer is never a mix of versions)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "pipeline") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, "graph", *parts))
+
+    @property
+    def pointer_key(self) -> str:
+        return self.key("active")
+
+    def meta_key(self, version: str) -> str:
+        return self.key(version, "meta")
+
+    def adj_key(self, version: str, stop_id: str) -> str:
+        return self.key(version, "adj", stop_id)
+
+    def active_version(self) -> str | None:
+        with wrap_errors("reading the active graph pointer"):
+            raw = self.client.get(self.pointer_key)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def require_active(self) -> str:
+        version = self.active_version()
+        if version is None:
+            raise GraphLookupError(
+                f"no active graph in Redis ({self.pointer_key} is unset); "
+                "run `pipeline build-graph`")
+        return version
+
+    def meta(self, version: str) -> dict[str, str] | None:
+        with wrap_errors(f"reading the metadata of graph {version}"):
+            raw = self.client.hgetall(self.meta_key(version))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def is_complete(self, version: str) -> bool:
+        with wrap_errors(f"checking graph {version}"):
+            return bool(self.client.exists(self.meta_key(version)))
+
+    def neighbors_many(self, version: str, stop_ids: list[str]) -> dict[str, list[Edge] | None]:
+        """One round trip for many nodes; ``None`` for a stop that is not in the graph.
+
+        Raises GraphVersionGone when the version itself has been collected meanwhile.
+        """
+        if not stop_ids:
+            return {}
+        with wrap_errors(f"reading neighbours in graph {version}"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget([self.adj_key(version, s) for s in stop_ids])
+            pipe.exists(self.meta_key(version))
+            values, meta_exists = pipe.execute()
+        if not meta_exists:
+            raise GraphVersionGone(
+                f"graph version {version} is not in Redis (never written, or collected by "
+                "retention); resolve the active version again")
+        return {s: None if v is None else decode_adjacency(v)
+                for s, v in zip(stop_ids, values, strict=True)}
+
+    def neighbors(self, stop_id: str, version: str | None = None) -> tuple[str, list[Edge]]:
+        """(version, edges) of one stop in ``version`` (default: the active one)."""
+        version = version or self.require_active()
+        edges = self.neighbors_many(version, [stop_id])[stop_id]
+        if edges is None:
+            raise GraphLookupError(f"stop {stop_id!r} is not in graph version {version}")
+        return version, edges
+
+
+class GraphStore(GraphReader):
+    """The write side: versions, the atomic pointer switch, retention, cleanup."""
+
+    # Switch only to a complete version, and only if the pointer still holds what the caller
+    # expects ('*' = anything), so a late revert can never clobber someone else's switch.
+    _SWITCH = """
+    if redis.call('EXISTS', KEYS[2]) == 0 then return {0, ''} end
+    local cur = redis.call('GET', KEYS[1])
+    if ARGV[2] ~= '*' then
+      local want = ARGV[2]
+      if (cur == false and want ~= '') or (cur ~= false and cur ~= want) then
+        return {-1, cur or ''}
+      end
+    end
+    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+    return {1, cur or ''}
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "pipeline", *,
+                 chunk_size: int = 5000) -> None:
+        super().__init__(client, prefix)
+        self.chunk_size = max(1, chunk_size)
+
+    @property
+    def registry_key(self) -> str:
+        return self.key("versions")
+
+    def registered(self) -> list[str]:
+        """Versions present in Redis, newest (written or activated last) first."""
+        with wrap_errors("reading the graph registry"):
+            members = self.client.zrevrange(self.registry_key, 0, -1)
+        return [_text(m) for m in members]
+
+    def is_registered(self, version: str) -> bool:
+        with wrap_errors("reading the graph registry"):
+            return self.client.zscore(self.registry_key, version) is not None
+
+    def write_version(
+        self,
+        version: str,
+        adjacency: Iterable[tuple[str, str]],
+        meta: dict[str, Any],
+        *,
+        after_chunk: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write ``(stop_id, encoded adjacency)`` pairs, then the meta hash; returns the keys.
+
+        The version is registered before its first key, so a crash mid-write leaves a trace
+        that :meth:`cleanup_orphans` finds. ``after_chunk(keys_written)`` runs after every
+        pipelined flush (progress, and fault injection in tests).
+        """
+        with wrap_errors(f"registering graph {version}"):
+            self.client.zadd(self.registry_key, {version: time.time()})
+        written = 0
+        batch: dict[str, str] = {}
+        for stop_id, adj in adjacency:
+            batch[self.adj_key(version, stop_id)] = adj
+            if len(batch) >= self.chunk_size:
+                written += self._flush(version, batch)
+                batch = {}
+                if after_chunk is not None:
+                    after_chunk(written)
+        if batch:
+            written += self._flush(version, batch)
+            if after_chunk is not None:
+                after_chunk(written)
+        fields: dict[Any, Any] = {
+            k: "" if v is None else str(v) for k, v in meta.items()}
+        fields.setdefault("format", FORMAT)
+        fields.setdefault("version", version)
+        with wrap_errors(f"writing the metadata of graph {version}"):
+            self.client.hset(self.meta_key(version), mapping=fields)
+        return written
+
+    def _flush(self, version: str, batch: dict[str, str]) -> int:
+        items = list(batch.items())
+        with wrap_errors(f"writing graph {version}"):
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(0, len(items), _MSET_BATCH):
+                pipe.mset(dict(items[i:i + _MSET_BATCH]))
+            pipe.execute()
+        return len(items)
+
+    def switch_active(self, version: str, *, expected: str | None | object = "*") -> str | None:
+        """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
+        previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
+        want = "*" if expected == "*" else ("" if expected is None else str(expected))
+        with wrap_errors(f"switching the active graph to {version}"):
+            code, previous = self.client.eval(
+                self._SWITCH, 3, self.pointer_key, self.meta_key(version), self.registry_key,
+                version, want, repr(time.time()))
+        prev = previous.decode() if isinstance(previous, bytes) else previous
+        if code == 0:
+            raise RedisError(f"graph version {version} is incomplete in Redis; not activated")
+        if code == -1:
+            raise RedisError(f"the active graph changed meanwhile (now {prev or 'unset'}); "
+                             f"{version} was not activated")
+        return prev or None
+
+    _CLEAR = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+    return 0
+    """
+
+    def clear_active(self, *, expected: str) -> bool:
+        """Unset the pointer if it still holds ``expected`` (undoing a first-ever switch)."""
+        with wrap_errors("clearing the active graph pointer"):
+            return bool(self.client.eval(self._CLEAR, 1, self.pointer_key, expected))
+
+    def delete_version(self, version: str) -> int:
+        """Remove every key of ``version`` with UNLINK in batches; returns the keys removed.
+
+        The meta key goes first (the version stops counting as complete), the registry entry
+        last (a crash midway leaves it registered, so the next cleanup finishes the job).
+        """
+        removed = 0
+        pattern = _glob_escape(self.key(version)) + ":*"
+        with wrap_errors(f"removing graph {version}"):
+            removed += int(self.client.unlink(self.meta_key(version)))
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH):
+                batch.append(key)
+                if len(batch) >= _UNLINK_BATCH:
+                    removed += int(self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(self.client.unlink(*batch))
+            self.client.zrem(self.registry_key, version)
+        return removed
+
+    def retain(self, keep: int, *, protect: Iterable[str] = ()) -> list[str]:
+        """Keep the ``keep`` newest versions (and the active one, and ``protect``); UNLINK the
+        rest. Returns the versions removed."""
+        versions = self.registered()
+        kept = set(versions[:max(1, keep)]) | set(protect)
+        active = self.active_version()
+        if active:
+            kept.add(active)
+        removed = [v for v in versions if v not in kept]
+        for version in removed:
+            self.delete_version(version)
+        return removed
+
+    def cleanup_orphans(self, known: set[str]) -> list[str]:
+        """Remove registered versions that the database does not know (a crashed or failed
+        build), except the active one. Returns the versions removed."""
+        active = self.active_version()
+        orphans = [v for v in self.registered() if v not in known and v != active]
+        for version in orphans:
+            self.delete_version(version)
+        return orphans
+
+    def version_keys(self, version: str) -> int:
+        """How many keys ``version`` has (SCAN; for tests and diagnostics, not the hot path)."""
+        pattern = _glob_escape(self.key(version)) + ":*"
+        with wrap_errors(f"counting the keys of graph {version}"):
+            return sum(1 for _ in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH))

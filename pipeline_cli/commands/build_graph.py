@@ -1,0 +1,125 @@
+"""``pipeline build-graph`` and ``pipeline graph list|activate|neighbors|route``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .. import render
+from ..adapters.graph_store import GraphStore
+from ..app import App
+from ..stages.build_graph import activate_version, build_graph, list_versions, shortest_path
+from . import json_option, pass_app, run_stage, wait_option
+
+
+def graph_store(app: App) -> GraphStore:
+    """The Redis graph store under ``[redis] prefix``, built once per invocation."""
+    return app.cached("graph_store", lambda: GraphStore(
+        app.redis(), app.settings.redis.prefix, chunk_size=app.settings.graph.chunk_size))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+@click.command("build-graph")
+@wait_option
+@click.option("--force", is_flag=True,
+              help="Rebuild even if the newest virtual generation already has a graph.")
+@json_option
+@pass_app
+def build_graph_cmd(app: App, wait: float | None, force: bool) -> None:
+    """Build the stop graph of the active dataset and publish it to Redis atomically."""
+    store, backups = graph_store(app), app.backups()
+    settings = app.settings
+    run_stage(app, "build-graph",
+              lambda ctx: build_graph(app.database_url, store, backups, settings.graph,
+                                      settings.virtual.speeds_kmh, ctx, force=force),
+              wait=wait, options={"force": force})
+
+
+@click.group("graph")
+def graph_group() -> None:
+    """Inspect, roll back and query the published graph versions."""
+
+
+@graph_group.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Show at most this many versions, newest first.")
+@json_option
+@pass_app
+def list_cmd(app: App, limit: int) -> None:
+    """List graph versions: counts, source dataset, active flag, whether Redis holds them."""
+    rows = list_versions(app.connect(autocommit=True, name="pipeline graph list"),
+                         graph_store(app), limit=limit)
+    if app.json:
+        render.print_json({"versions": rows})
+        return
+    render.table("graph versions",
+                 ("version", "active", "redis", "dataset", "gen", "nodes", "edges", "created"),
+                 [(r["version"], "yes" if r["active"] else "", "yes" if r["in_redis"] else "no",
+                   r["dataset_version"], r["virtual_generation_id"], r["nodes"], r["edges"],
+                   f"{r['created_at']:%Y-%m-%d %H:%M}") for r in rows])
+
+
+@graph_group.command("activate")
+@click.argument("version")
+@wait_option
+@json_option
+@pass_app
+def activate_cmd(app: App, version: str, wait: float | None) -> None:
+    """Make VERSION the active graph again (rollback), reloading it from S3 if needed."""
+    store, backups = graph_store(app), app.backups()
+    run_stage(app, "build-graph",
+              lambda ctx: activate_version(app.database_url, store, backups,
+                                           app.settings.graph, version, ctx),
+              wait=wait, options={"activate": version})
+
+
+@graph_group.command("neighbors")
+@click.argument("stop_id")
+@click.option("--version", "version", metavar="VERSION", help="Read this graph version "
+              "instead of the active one.")
+@json_option
+@pass_app
+def neighbors_cmd(app: App, stop_id: str, version: str | None) -> None:
+    """Show the outgoing edges of STOP_ID in the active graph."""
+    version, edges = graph_store(app).neighbors(stop_id, version)
+    if app.json:
+        render.print_json({"graph_version": version, "stop": stop_id,
+                           "neighbors": [e.to_json() for e in edges]})
+        return
+    render.table(f"{stop_id} in {version}: {len(edges)} edges",
+                 ("to", "weight s", "route", "mode"),
+                 [(e.to, e.weight_s, e.route_id, e.mode) for e in edges])
+
+
+@graph_group.command("route")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@click.option("--version", "version", metavar="VERSION", help="Route over this graph version "
+              "instead of the active one.")
+@json_option
+@pass_app
+def route_cmd(app: App, source: str, target: str, version: str | None) -> None:
+    """Fastest path from FROM to TO (Dijkstra over the active graph in Redis); exit 1 if none."""
+    route = shortest_path(graph_store(app), source, target, version=version)
+    if app.json:
+        render.print_json(route.to_json())
+        return
+    click.echo(f"{source} -> {target}: {route.total_s:g} s ({_duration(route.total_s)}), "
+               f"{len(route.stops)} stops, graph {route.version}")
+    elapsed = 0.0
+    rows: list[tuple[Any, ...]] = [(route.stops[0], "", "", "", 0.0)]
+    for stop, leg in zip(route.stops[1:], route.legs, strict=True):
+        elapsed += leg.weight_s
+        rows.append((stop, leg.route_id, leg.mode, leg.weight_s, round(elapsed, 3)))
+    render.table(None, ("stop", "route", "mode", "leg s", "total s"), rows)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(build_graph_cmd)
+    group.add_command(graph_group)

@@ -1,0 +1,706 @@
+"""build-graph (Worker 3): the adjacency graph of every real and virtual stop, published to
+Redis as an immutable version behind one atomically switched pointer, recorded in
+``graph_versions`` and exported to S3; plus the operator queries (list, activate, neighbours,
+route) and the ``status`` section.
+
+Publish order: Redis keys -> graph_versions row -> S3 export -> pointer switch + active flag.
+Any failure keeps the previous version active and removes what this run wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import heapq
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
+
+from .. import db
+from ..adapters.backups import BackupStore
+from ..adapters.graph_store import (
+    Edge,
+    GraphLookupError,
+    GraphReader,
+    GraphStore,
+    encode_adjacency,
+)
+from ..errors import BackupError, RedisError, ValidationError
+from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
+from ..settings import GraphSettings
+
+EXPORT_FORMAT = "pipeline-graph-jsonl/1"
+_SAMPLES = 5  # ids named in a validation message
+
+
+def export_prefix(version: str) -> str:
+    return f"graphs/{version}/"
+
+
+def export_key(version: str) -> str:
+    return f"{export_prefix(version)}graph.jsonl.gz"
+
+
+def manifest_key(version: str) -> str:
+    return f"{export_prefix(version)}manifest.json"
+
+
+# ---------------------------------------------------------------- reading and building
+
+
+@dataclass
+class GraphData:
+    """Nodes (real first, then virtual) and directed edges as parallel arrays."""
+
+    node_ids: list[str]
+    n_real: int
+    src: np.ndarray  # int64 node index, -1 = unknown stop
+    dst: np.ndarray
+    weight: np.ndarray  # float64 seconds
+    route_ids: list[str]
+    modes: list[str]
+    from_ids: list[str]  # the raw endpoint ids, to name unknown stops
+    to_ids: list[str]
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_ids)
+
+    @property
+    def edges(self) -> int:
+        return int(self.src.shape[0])
+
+
+@dataclass
+class Inputs:
+    dataset_version: str | None
+    generation_id: int | None
+    built: dict[str, Any] | None  # newest graph already built from this generation
+
+
+def _read_decision(conn: psycopg.Connection[Any]) -> Inputs:
+    ds = conn.execute(db.query("build_graph", "active_dataset")).fetchone()
+    if ds is None:
+        return Inputs(None, None, None)
+    version = ds["version"]
+    gen = conn.execute(db.query("build_graph", "newest_generation"),
+                       {"dataset_version": version}).fetchone()
+    gen_id = gen["id"] if gen else None
+    built = conn.execute(db.query("build_graph", "graph_for_generation"),
+                         {"dataset_version": version, "generation_id": gen_id}).fetchone()
+    return Inputs(version, gen_id, built)
+
+
+def _speed_lookup(modes: list[str], speeds_kmh: dict[str, float]) -> np.ndarray:
+    """km/h per edge from its mode (case-insensitive); NaN where the mode has no speed."""
+    table = {k.lower(): float(v) for k, v in speeds_kmh.items()}
+    uniq, inverse = np.unique(np.array([(m or "").lower() for m in modes], dtype=object),
+                              return_inverse=True)
+    per_mode = np.array([table.get(str(m), math.nan) for m in uniq], dtype=np.float64)
+    return per_mode[inverse] if len(modes) else np.zeros(0)
+
+
+def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
+               speeds_kmh: dict[str, float]) -> GraphData:
+    """Nodes and weighted edges of the active dataset (call inside the snapshot transaction).
+
+    A real route weighs its fastest scheduled flight (arrival - departure, wrapping past
+    midnight), else distance ÷ the mode's speed; a virtual route weighs its travel_time_s.
+    """
+    params = {"dataset_version": dataset_version}
+    cur = conn.cursor(row_factory=tuple_row)
+    real = [r[0] for r in cur.execute(db.query("build_graph", "real_stops"))]
+    virtual = [r[0] for r in cur.execute(db.query("build_graph", "virtual_stops"), params)]
+    routes = cur.execute(db.query("build_graph", "real_routes")).fetchall()
+    vroutes = cur.execute(db.query("build_graph", "virtual_routes"), params).fetchall()
+
+    node_ids = real + virtual
+    index = {sid: i for i, sid in enumerate(node_ids)}
+    if len(index) != len(node_ids):
+        seen: set[str] = set()
+        dupes = [s for s in node_ids if s in seen or seen.add(s)]  # type: ignore[func-returns-value]
+        raise ValidationError(
+            f"{len(dupes)} stop ids are both real and virtual (e.g. {', '.join(dupes[:3])})",
+            problems=[f"stop {s}: id used by a real and a virtual stop" for s in dupes[:_SAMPLES]])
+
+    # Real routes: flight minimum where scheduled, else distance / speed.
+    modes = [r[3] or "" for r in routes]
+    flight_s = np.array([np.nan if r[5] is None else r[5] for r in routes], dtype=np.float64)
+    dist_km = np.array([np.nan if r[4] is None else r[4] for r in routes], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_speed = dist_km / _speed_lookup(modes, speeds_kmh) * 3600.0
+    real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
+    virtual_w = np.array([r[4] for r in vroutes], dtype=np.float64)
+
+    from_ids = [r[1] for r in routes] + [r[1] for r in vroutes]
+    to_ids = [r[2] for r in routes] + [r[2] for r in vroutes]
+    src = np.fromiter((index.get(s, -1) for s in from_ids), dtype=np.int64, count=len(from_ids))
+    dst = np.fromiter((index.get(s, -1) for s in to_ids), dtype=np.int64, count=len(to_ids))
+    return GraphData(
+        node_ids=node_ids, n_real=len(real), src=src, dst=dst,
+        weight=np.round(np.concatenate([real_w, virtual_w]), 3),
+        route_ids=[r[0] for r in routes] + [r[0] for r in vroutes],
+        modes=modes + [r[3] for r in vroutes], from_ids=from_ids, to_ids=to_ids,
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class Checks:
+    components: int
+    unreachable_real_stops: int
+    warnings: list[str]
+
+
+def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
+    """Raise ValidationError for what would corrupt routing; count what merely looks wrong."""
+    if graph.nodes == 0 or graph.edges == 0:
+        raise ValidationError(
+            f"empty graph ({graph.nodes} nodes, {graph.edges} edges): nothing to publish")
+    summary: list[str] = []
+    problems: list[str] = []
+    unknown = np.flatnonzero((graph.src < 0) | (graph.dst < 0))
+    if unknown.size:
+        summary.append(f"{unknown.size} edges reference unknown stops")
+        for i in unknown[:_SAMPLES]:
+            missing = graph.from_ids[i] if graph.src[i] < 0 else graph.to_ids[i]
+            problems.append(f"route {graph.route_ids[i]}: edge to unknown stop {missing!r}")
+    bad = np.flatnonzero(~np.isfinite(graph.weight) | (graph.weight < 0))
+    if bad.size:
+        summary.append(f"{bad.size} edges have a negative or NaN weight")
+        for i in bad[:_SAMPLES]:
+            w = graph.weight[i]
+            why = ("negative weight" if w < 0 else
+                   f"no flight, and no distance or no speed for mode {graph.modes[i]!r}")
+            problems.append(f"route {graph.route_ids[i]}: {why} ({w})")
+    if problems:
+        exc = ValidationError(f"the graph is invalid ({'; '.join(summary)}): {problems[0]}",
+                              problems=problems)
+        exc.extra = {"problems": problems}  # type: ignore[attr-defined]
+        raise exc
+
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = graph.nodes
+    matrix = coo_matrix((np.ones(graph.edges, dtype=np.int8), (graph.src, graph.dst)),
+                        shape=(n, n)).tocsr()
+    count, labels = connected_components(matrix, directed=True, connection="weak")
+    largest = int(np.bincount(labels).argmax())
+    outside = np.flatnonzero(labels[:graph.n_real] != largest)
+    warnings: list[str] = []
+    if count > 1:
+        size = int((labels == largest).sum())
+        warnings.append(f"{count} connected components (the largest has {size} of {n} nodes)")
+    if outside.size:
+        sample = ", ".join(graph.node_ids[i] for i in outside[:_SAMPLES])
+        warnings.append(f"{outside.size} real stops are unreachable from the main network "
+                        f"(e.g. {sample})")
+    if warnings and fatal_warnings:
+        exc = ValidationError(f"the graph is not connected ([graph] fatal_warnings): "
+                              f"{warnings[0]}", problems=warnings)
+        exc.extra = {"problems": warnings, "components": int(count),  # type: ignore[attr-defined]
+                     "unreachable_real_stops": int(outside.size)}
+        raise exc
+    return Checks(components=int(count), unreachable_real_stops=int(outside.size),
+                  warnings=warnings)
+
+
+# ---------------------------------------------------------------- encoding and export
+
+
+def adjacency(graph: GraphData) -> list[str]:
+    """The encoded adjacency of every node, in node order (``[]`` for no outgoing edge)."""
+    order = np.argsort(graph.src, kind="stable")
+    bounds = np.searchsorted(graph.src[order], np.arange(graph.nodes + 1))
+    ids, routes, modes = graph.node_ids, graph.route_ids, graph.modes
+    dst, weight = graph.dst.tolist(), graph.weight.tolist()
+    ordered = order.tolist()
+    out = []
+    for n in range(graph.nodes):
+        out.append(encode_adjacency([[ids[dst[e]], weight[e], routes[e], modes[e]]
+                                     for e in ordered[bounds[n]:bounds[n + 1]]]))
+    return out
+
+
+def export_lines(node_ids: list[str], n_real: int, adj: list[str]) -> Iterator[str]:
+    """One JSON object per node: ``{"id": ..., "kind": "real"|"virtual", "adj": [...]}``."""
+    for i, (sid, a) in enumerate(zip(node_ids, adj, strict=True)):
+        kind = "real" if i < n_real else "virtual"
+        yield f'{{"id":{json.dumps(sid, ensure_ascii=False)},"kind":"{kind}","adj":{a}}}\n'
+
+
+def parse_export(data: bytes) -> Iterator[tuple[str, str]]:
+    """(stop id, encoded adjacency) for every line of an uncompressed export."""
+    for line in data.splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            yield str(obj["id"]), encode_adjacency(obj["adj"])
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def build_graph(
+    database_url: str,
+    store: GraphStore,
+    backups: BackupStore,
+    settings: GraphSettings,
+    speeds_kmh: dict[str, float],
+    ctx: RunContext,
+    *,
+    force: bool = False,
+    after_chunk: Callable[[int], None] | None = None,
+) -> StageResult:
+    """Build and publish a graph version when the active dataset's newest virtual generation
+    has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
+    started = time.monotonic()
+    with db.connect(database_url, application_name="pipeline build-graph") as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with db.wrap_errors("reading the graph inputs"), conn.transaction():
+            inputs = _read_decision(conn)
+            if inputs.dataset_version is None:
+                return StageResult(status=SKIPPED, message="no active dataset; run "
+                                   "`pipeline sync-odata` first")
+            if inputs.generation_id is None:
+                return StageResult(
+                    status=SKIPPED,
+                    extra={"dataset_version": inputs.dataset_version},
+                    message=f"dataset {inputs.dataset_version} has no virtual entities yet; "
+                            "run `pipeline gen-virtual` first")
+            reason = _reason_to_build(inputs, store, force)
+            if reason is None:
+                built = inputs.built or {}
+                state = "active" if built.get("active") else (
+                    "not active: rolled back; --force rebuilds")
+                return StageResult(
+                    status=NOOP, extra={"graph_version": built.get("version")},
+                    message=f"{built.get('version')} is already built from virtual generation "
+                            f"{inputs.generation_id} ({state})")
+            ctx.log.info("building: %s", reason)
+            graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
+        ctx.check_stop()
+        checks = validate(graph, fatal_warnings=settings.fatal_warnings)
+        for warning in checks.warnings:
+            ctx.log.warning("%s", warning)
+        conn.read_only = False
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        return _publish(conn, store, backups, settings, ctx, inputs, graph, checks, started,
+                        after_chunk)
+
+
+def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool) -> str | None:
+    if force:
+        return "--force"
+    if inputs.built is None:
+        return f"virtual generation {inputs.generation_id} has no graph yet"
+    if inputs.built["active"]:
+        version = inputs.built["version"]
+        if store.active_version() != version or not store.is_complete(version):
+            return f"the active graph {version} is missing from Redis"
+    return None
+
+
+def _new_version(conn: psycopg.Connection[Any], store: GraphStore) -> tuple[str, int]:
+    # The sequence is the source of truth; skip any number Redis already holds (a database
+    # restored from an older backup must never write into a version readers already use).
+    active = store.active_version()
+    while True:
+        with db.wrap_errors("allocating a graph version"):
+            row = conn.execute(db.query("build_graph", "next_seq")).fetchone()
+            conn.commit()
+        assert row is not None
+        seq = int(row["seq"])
+        version = f"graph-v{seq}"
+        if version != active and not store.is_registered(version):
+            return version, seq
+
+
+def _known(conn: psycopg.Connection[Any], versions: list[str]) -> set[str]:
+    with db.wrap_errors("reading graph versions"):
+        rows = conn.execute(db.query("build_graph", "known_versions"),
+                            {"versions": versions}).fetchall()
+        conn.commit()
+    return {r["version"] for r in rows}
+
+
+def _publish(
+    conn: psycopg.Connection[Any],
+    store: GraphStore,
+    backups: BackupStore,
+    settings: GraphSettings,
+    ctx: RunContext,
+    inputs: Inputs,
+    graph: GraphData,
+    checks: Checks,
+    started: float,
+    after_chunk: Callable[[int], None] | None,
+) -> StageResult:
+    assert inputs.dataset_version is not None
+    orphans = store.cleanup_orphans(_known(conn, store.registered()))
+    if orphans:
+        ctx.log.warning("removed %d incomplete graph versions left in Redis: %s",
+                        len(orphans), ", ".join(orphans))
+    version, seq = _new_version(conn, store)
+    previous = store.active_version()
+    adj = adjacency(graph)
+    raw = "".join(export_lines(graph.node_ids, graph.n_real, adj)).encode()
+    checksum = hashlib.sha256(raw).hexdigest()
+    created = datetime.now().astimezone().isoformat(timespec="seconds")
+    meta = {"dataset_version": inputs.dataset_version,
+            "virtual_generation_id": inputs.generation_id, "nodes": graph.nodes,
+            "edges": graph.edges, "checksum": checksum, "created_at": created}
+    warnings = {"components": checks.components,
+                "unreachable_real_stops": checks.unreachable_real_stops}
+    try:
+        with ctx.progress(f"writing {version} to Redis", graph.nodes) as bar:
+            done = 0
+
+            def on_chunk(written: int) -> None:
+                nonlocal done
+                bar.advance(written - done)
+                done = written
+                if after_chunk is not None:
+                    after_chunk(written)
+                ctx.check_stop()
+
+            store.write_version(version, zip(graph.node_ids, adj, strict=True), meta,
+                                after_chunk=on_chunk)
+        build_ms = int((time.monotonic() - started) * 1000)
+        with db.wrap_errors(f"recording graph {version}"):
+            conn.execute(db.query("build_graph", "insert_version"), {
+                "version": version, "seq": seq, "dataset_version": inputs.dataset_version,
+                "generation_id": inputs.generation_id, "nodes": graph.nodes,
+                "edges": graph.edges, "build_ms": build_ms, "checksum": checksum,
+                "export_key": export_key(version), "warnings": Jsonb(warnings),
+                "run_id": ctx.run_id})
+        ctx.check_stop()
+        backups.put_bytes(export_key(version), gzip.compress(raw, 6, mtime=0),
+                          "application/gzip")
+        backups.put_json(manifest_key(version), {
+            "format": EXPORT_FORMAT, "version": version, **meta,
+            "export_key": export_key(version), "sha256": checksum, **warnings})
+        ctx.check_stop()
+        _activate_and_commit(conn, store, version, previous, ctx)
+    except BaseException:
+        _rollback(conn)
+        _discard(store, backups, version, ctx)
+        raise
+    removed = _retain(store, settings, ctx)
+    return StageResult(
+        status=SUCCESS,
+        counts={"nodes": graph.nodes, "edges": graph.edges, **warnings},
+        extra={"graph_version": version, "previous_version": previous,
+               "dataset_version": inputs.dataset_version,
+               "virtual_generation_id": inputs.generation_id, "nodes": graph.nodes,
+               "edges": graph.edges, **warnings, "warnings": checks.warnings,
+               "checksum": checksum, "export_key": export_key(version),
+               "removed_versions": removed},
+        message=f"published {version}: {graph.nodes} nodes, {graph.edges} edges"
+                + (f" ({'; '.join(checks.warnings)})" if checks.warnings else ""),
+    )
+
+
+def _activate_and_commit(conn: psycopg.Connection[Any], store: GraphStore, version: str,
+                         previous: str | None, ctx: RunContext) -> None:
+    """Mark ``version`` active in the open transaction, switch the Redis pointer, COMMIT.
+
+    The pointer switch is the last step before COMMIT; if COMMIT fails the pointer is switched
+    back (only if it still points at ``version``), so both sides keep the previous version.
+    """
+    with db.wrap_errors(f"activating graph {version}"):
+        conn.execute(db.query("build_graph", "deactivate_all"), {"version": version})
+        found = conn.execute(db.query("build_graph", "activate"), {"version": version})
+        if found.fetchone() is None:
+            raise GraphLookupError(f"graph version {version} is not recorded in graph_versions")
+    store.switch_active(version, expected=previous)
+    try:
+        with db.wrap_errors(f"activating graph {version}"):
+            conn.commit()
+    except BaseException:
+        _revert_pointer(store, version, previous, ctx)
+        raise
+
+
+def _rollback(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):  # a dead connection rolled back already
+        conn.rollback()
+
+
+def _revert_pointer(store: GraphStore, version: str, previous: str | None,
+                    ctx: RunContext) -> None:
+    try:
+        if previous is not None:
+            store.switch_active(previous, expected=version)
+        else:
+            store.clear_active(expected=version)
+        ctx.log.warning("the active graph pointer was switched back to %s",
+                        previous or "unset")
+    except RedisError as exc:
+        ctx.log.error("could not switch the graph pointer back to %s (%s); `pipeline status` "
+                      "shows the mismatch, `pipeline graph activate` repairs it",
+                      previous or "unset", exc)
+
+
+def _discard(store: GraphStore, backups: BackupStore, version: str, ctx: RunContext) -> None:
+    """Remove what a failed publish wrote; a failure here is logged, and the next run's orphan
+    cleanup finishes the job (the version stays registered until its keys are gone)."""
+    try:
+        if store.active_version() == version:
+            return  # the switch happened and could not be reverted: never pull a live graph
+        removed = store.delete_version(version)
+        ctx.log.info("removed %d keys of the unpublished graph %s", removed, version)
+    except RedisError as exc:
+        ctx.log.error("could not remove the partial graph %s from Redis (%s); the next "
+                      "build-graph run removes it", version, exc)
+    try:
+        backups.delete_prefix(export_prefix(version))
+    except BackupError as exc:
+        ctx.log.error("could not remove the partial export of %s from S3: %s", version, exc)
+
+
+def _retain(store: GraphStore, settings: GraphSettings, ctx: RunContext) -> list[str]:
+    try:
+        removed = store.retain(settings.retention)
+    except RedisError as exc:  # the publish stands; the next run retries retention
+        ctx.log.warning("graph retention failed: %s", exc)
+        return []
+    if removed:
+        ctx.log.info("retention removed graph versions %s", ", ".join(removed))
+    return removed
+
+
+# ---------------------------------------------------------------- operator commands
+
+
+def list_versions(conn: psycopg.Connection[Any], store: GraphStore, *, limit: int = 50
+                  ) -> list[dict[str, Any]]:
+    """graph_versions rows, newest first, with whether each is complete in Redis."""
+    with db.wrap_errors("listing graph versions"):
+        rows = conn.execute(db.query("build_graph", "list_versions"),
+                            {"limit": limit}).fetchall()
+    pointer = store.active_version()
+    registered = set(store.registered())
+    out = []
+    for r in rows:
+        version = r["version"]
+        out.append({
+            "version": version, "dataset_version": r["dataset_version"],
+            "virtual_generation_id": r["virtual_generation_id"], "nodes": r["nodes"],
+            "edges": r["edges"], "build_ms": r["build_ms"], "checksum": r["checksum"],
+            "export_key": r["export_key"], "warnings": r["warnings"],
+            "created_at": r["created_at"], "activated_at": r["activated_at"],
+            "active": r["active"], "redis_active": version == pointer,
+            "in_redis": version in registered and store.is_complete(version),
+        })
+    return out
+
+
+def activate_version(
+    database_url: str,
+    store: GraphStore,
+    backups: BackupStore,
+    settings: GraphSettings,
+    version: str,
+    ctx: RunContext,
+) -> StageResult:
+    """Make ``version`` the active graph again (rollback). If retention collected its keys,
+    reload them from the S3 export first, verifying the checksum."""
+    with db.connect(database_url, application_name="pipeline graph activate") as conn:
+        with db.wrap_errors(f"reading graph {version}"):
+            row = conn.execute(db.query("build_graph", "get_version"),
+                               {"version": version}).fetchone()
+            conn.commit()
+        if row is None:
+            raise GraphLookupError(f"unknown graph version {version!r} "
+                                   "(see `pipeline graph list`)")
+        previous = store.active_version()
+        complete = store.is_complete(version)
+        if row["active"] and previous == version and complete:
+            return StageResult(status=NOOP, extra={"graph_version": version},
+                               message=f"{version} is already active")
+        reloaded = 0
+        if not complete:
+            reloaded = _reload(store, backups, row, ctx)
+        try:
+            _activate_and_commit(conn, store, version, previous, ctx)
+        except BaseException:
+            _rollback(conn)
+            if reloaded and store.active_version() != version:
+                _discard_keys(store, version, ctx)
+            raise
+    removed = _retain(store, settings, ctx)
+    return StageResult(
+        status=SUCCESS, counts={"reloaded_keys": reloaded},
+        extra={"graph_version": version, "previous_version": previous,
+               "reloaded_from_s3": bool(reloaded), "nodes": row["nodes"], "edges": row["edges"],
+               "removed_versions": removed},
+        message=f"activated {version} (was {previous or 'unset'})"
+                + (f"; reloaded {reloaded} keys from S3" if reloaded else ""))
+
+
+def _discard_keys(store: GraphStore, version: str, ctx: RunContext) -> None:
+    try:
+        store.delete_version(version)
+    except RedisError as exc:
+        ctx.log.error("could not remove the reloaded graph %s: %s", version, exc)
+
+
+def _reload(store: GraphStore, backups: BackupStore, row: dict[str, Any],
+            ctx: RunContext) -> int:
+    version = row["version"]
+    ctx.log.info("graph %s is not in Redis; reloading it from s3 %s", version, row["export_key"])
+    store.delete_version(version)  # a half-collected version: start from nothing
+    try:
+        raw = gzip.decompress(backups.get_bytes(row["export_key"]))
+    except (OSError, EOFError) as exc:
+        raise BackupError(f"S3 export {row['export_key']} is not valid gzip: {exc}") from None
+    if hashlib.sha256(raw).hexdigest() != row["checksum"]:
+        raise BackupError(f"S3 export {row['export_key']} does not match the checksum recorded "
+                          f"for {version}; not activated")
+    meta = {"dataset_version": row["dataset_version"],
+            "virtual_generation_id": row["virtual_generation_id"], "nodes": row["nodes"],
+            "edges": row["edges"], "checksum": row["checksum"],
+            "created_at": row["created_at"].isoformat(timespec="seconds"),
+            "reloaded_from": row["export_key"]}
+    try:
+        written = store.write_version(version, parse_export(raw), meta,
+                                      after_chunk=lambda _n: ctx.check_stop())
+    except BaseException:
+        _discard_keys(store, version, ctx)
+        raise
+    if written != row["nodes"]:
+        _discard_keys(store, version, ctx)
+        raise BackupError(f"S3 export {row['export_key']} holds {written} nodes, "
+                          f"expected {row['nodes']}")
+    return written
+
+
+# ---------------------------------------------------------------- route query
+
+
+@dataclass
+class Route:
+    version: str
+    source: str
+    target: str
+    total_s: float
+    stops: list[str]
+    legs: list[Edge]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "total_s": self.total_s,
+                "stops": self.stops, "graph_version": self.version,
+                "legs": [{"from": a, **e.to_json()}
+                         for a, e in zip(self.stops, self.legs, strict=False)]}
+
+
+def shortest_path(reader: GraphReader, source: str, target: str, *,
+                  version: str | None = None, batch: int = 64) -> Route:
+    """Dijkstra over one graph version in Redis, reading adjacency lazily: each round trip
+    fetches the popped node plus up to ``batch - 1`` frontier nodes likely to be popped next."""
+    version = version or reader.require_active()
+    cache: dict[str, list[Edge] | None] = dict(reader.neighbors_many(version, [source, target]))
+    for stop in (source, target):
+        if cache[stop] is None:
+            raise GraphLookupError(f"stop {stop!r} is not in graph version {version}")
+    dist: dict[str, float] = {source: 0.0}
+    prev: dict[str, tuple[str, Edge]] = {}
+    heap: list[tuple[float, str]] = [(0.0, source)]
+    done: set[str] = set()
+    while heap:
+        d, u = heapq.heappop(heap)
+        if u in done:
+            continue
+        if u == target:
+            break
+        done.add(u)
+        if u not in cache:
+            want = [u] + list(dict.fromkeys(
+                n for _, n in heap[:batch * 2] if n not in cache and n not in done and n != u
+            ))[:batch - 1]
+            cache.update(reader.neighbors_many(version, want))
+        edges = cache.pop(u)
+        if edges is None:
+            raise RedisError(f"graph version {version} has an edge to {u!r}, which has no "
+                             "adjacency key (the version is damaged)")
+        for e in edges:
+            nd = d + e.weight_s
+            if nd < dist.get(e.to, math.inf):
+                dist[e.to] = nd
+                prev[e.to] = (u, e)
+                heapq.heappush(heap, (nd, e.to))
+    if target not in dist:
+        raise GraphLookupError(f"no path from {source!r} to {target!r} in graph version "
+                               f"{version}")
+    stops, legs = [target], []
+    while stops[-1] != source:
+        u, e = prev[stops[-1]]
+        legs.append(e)
+        stops.append(u)
+    stops.reverse()
+    legs.reverse()
+    return Route(version, source, target, round(dist[target], 3), stops, legs)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = None
+                   ) -> dict[str, Any]:
+    """The active graph for ``pipeline status``: its PostgreSQL record, the Redis pointer and
+    whether they agree. Two indexed lookups and two Redis calls."""
+    with db.wrap_errors("reading the active graph"):
+        row = conn.execute(db.query("build_graph", "active_graph")).fetchone()
+        if not conn.autocommit:
+            conn.rollback()
+    out: dict[str, Any] = {
+        "version": row["version"] if row else None,
+        "dataset_version": row["dataset_version"] if row else None,
+        "virtual_generation_id": row["virtual_generation_id"] if row else None,
+        "nodes": row["nodes"] if row else None,
+        "edges": row["edges"] if row else None,
+        "warnings": row["warnings"] if row else {},
+        "created_at": row["created_at"] if row else None,
+        "activated_at": row["activated_at"] if row else None,
+        "redis_pointer": None, "redis_complete": None, "consistent": None, "problem": None,
+    }
+    if reader is None:
+        return out
+    try:
+        pointer = reader.active_version()
+        complete = reader.is_complete(pointer) if pointer else False
+    except RedisError as exc:
+        out["problem"] = f"Redis unreachable: {exc}"
+        out["consistent"] = False
+        return out
+    out["redis_pointer"], out["redis_complete"] = pointer, complete
+    if row is None and pointer is None:
+        out["consistent"], out["problem"] = True, None
+    elif row is None:
+        out["consistent"], out["problem"] = False, (
+            f"Redis points at {pointer} but PostgreSQL has no active graph")
+    elif pointer != row["version"]:
+        out["consistent"], out["problem"] = False, (
+            f"PostgreSQL's active graph is {row['version']} but Redis points at "
+            f"{pointer or 'nothing'}")
+    elif not complete:
+        out["consistent"], out["problem"] = False, (
+            f"the active graph {pointer} is incomplete or missing in Redis")
+    else:
+        out["consistent"] = True
+    return out
+

@@ -1,0 +1,142 @@
+"""The Redis graph store on a real Redis: version layout, the guarded pointer switch,
+deletion in batches, retention, orphan cleanup and error wrapping."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline_cli.adapters.graph_store import (
+    Edge,
+    GraphLookupError,
+    GraphStore,
+    GraphVersionGone,
+    decode_adjacency,
+    encode_adjacency,
+)
+from pipeline_cli.errors import RedisError
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis, redis_prefix: str) -> GraphStore:
+    return GraphStore(client, redis_prefix, chunk_size=3)
+
+
+def adjacency(n: int, tag: str = "") -> list[tuple[str, str]]:
+    return [(f"N{i}", encode_adjacency([[f"N{(i + 1) % n}", float(i), f"R{i}{tag}", "bus"]]
+                                      if i % 4 else []))
+            for i in range(n)]
+
+
+def write(store: GraphStore, version: str, n: int = 10) -> None:
+    store.write_version(version, adjacency(n), {"nodes": n})
+
+
+def test_encoding_round_trips() -> None:
+    raw = encode_adjacency([["B", 12.5, "R1", "bus"], ["Ä:1", 0.0, "R2", "walk"]])
+    assert raw == '[["B",12.5,"R1","bus"],["Ä:1",0.0,"R2","walk"]]'
+    assert decode_adjacency(raw.encode()) == [Edge("B", 12.5, "R1", "bus"),
+                                              Edge("Ä:1", 0.0, "R2", "walk")]
+
+
+def test_write_in_chunks_then_read(store: GraphStore, client: redis.Redis,
+                                   redis_prefix: str) -> None:
+    flushed: list[int] = []
+    written = store.write_version("graph-v1", adjacency(10), {"nodes": 10},
+                                  after_chunk=flushed.append)
+    assert written == 10 and flushed == [3, 6, 9, 10]
+    assert store.meta("graph-v1") == {"nodes": "10", "format": "adjacency-json/1",
+                                      "version": "graph-v1"}
+    assert store.registered() == ["graph-v1"]
+    assert client.get(f"{redis_prefix}:graph:graph-v1:adj:N0") == b"[]"
+    got = store.neighbors_many("graph-v1", ["N1", "N4", "missing"])
+    assert got == {"N1": [Edge("N2", 1.0, "R1", "bus")], "N4": [], "missing": None}
+    with pytest.raises(GraphLookupError, match="no active graph"):
+        store.neighbors("N1")
+    store.switch_active("graph-v1")
+    assert store.neighbors("N1") == ("graph-v1", [Edge("N2", 1.0, "R1", "bus")])
+    with pytest.raises(GraphLookupError, match="'zz' is not in graph version graph-v1"):
+        store.neighbors("zz")
+
+
+def test_switch_refuses_incomplete_versions_and_checks_expected(
+        store: GraphStore, client: redis.Redis) -> None:
+    store.client.set(store.adj_key("graph-v1", "N0"), "[]")  # keys but no meta: incomplete
+    with pytest.raises(RedisError, match="incomplete"):
+        store.switch_active("graph-v1")
+    assert store.active_version() is None
+    write(store, "graph-v1")
+    write(store, "graph-v2")
+    assert store.switch_active("graph-v1", expected=None) is None
+    with pytest.raises(RedisError, match="changed meanwhile"):
+        store.switch_active("graph-v2", expected=None)
+    assert store.switch_active("graph-v2", expected="graph-v1") == "graph-v1"
+    assert store.active_version() == "graph-v2"
+    assert not store.clear_active(expected="graph-v1")
+    assert store.clear_active(expected="graph-v2") and store.active_version() is None
+
+
+def test_delete_version_unlinks_every_key_in_batches(store: GraphStore, client: redis.Redis,
+                                                     redis_prefix: str) -> None:
+    write(store, "graph-v1", 2500)  # more than one UNLINK batch
+    write(store, "graph-v10", 5)  # a version whose name extends the other's must survive
+    assert store.version_keys("graph-v1") == 2501
+    assert store.delete_version("graph-v1") == 2501
+    assert store.version_keys("graph-v1") == 0
+    assert store.registered() == ["graph-v10"] and store.is_complete("graph-v10")
+    with pytest.raises(GraphVersionGone):
+        store.neighbors_many("graph-v1", ["N1"])
+
+
+def test_retention_keeps_newest_and_active(store: GraphStore) -> None:
+    for v in ("graph-v1", "graph-v2", "graph-v3", "graph-v4"):
+        write(store, v)
+    store.switch_active("graph-v1")  # re-scores v1 as the newest (a rollback)
+    assert store.retain(2) == ["graph-v3", "graph-v2"]
+    assert store.registered() == ["graph-v1", "graph-v4"]
+    write(store, "graph-v5")
+    assert store.retain(2, protect=["graph-v4"]) == []
+    assert store.retain(1) == ["graph-v4"]
+    assert set(store.registered()) == {"graph-v5", "graph-v1"}  # v1 is active
+
+
+def test_cleanup_orphans_spares_known_and_active(store: GraphStore) -> None:
+    for v in ("graph-v1", "graph-v2", "graph-v3"):
+        write(store, v)
+    store.switch_active("graph-v2")
+    assert store.cleanup_orphans({"graph-v1"}) == ["graph-v3"]
+    assert set(store.registered()) == {"graph-v1", "graph-v2"}
+
+
+def test_glob_characters_in_versions_are_escaped(store: GraphStore) -> None:
+    write(store, "v[1]")
+    write(store, "v1")
+    assert store.delete_version("v[1]") == 11
+    assert store.version_keys("v1") == 11
+
+
+def test_unreachable_redis_raises_redis_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
+                         retry=Retry(NoBackoff(), 0))
+    try:
+        with pytest.raises(RedisError, match="Redis error while reading the active graph"):
+            GraphStore(client, "x").active_version()
+        with pytest.raises(RedisError, match="writing graph v1|registering graph v1"):
+            GraphStore(client, "x").write_version("v1", adjacency(2), {})
+    finally:
+        client.close()

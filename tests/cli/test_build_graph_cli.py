@@ -1,0 +1,118 @@
+"""`pipeline build-graph` and `pipeline graph ...` through the CLI edge: JSON shapes, exit codes,
+the lock, and the installed script."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli import db
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.graph_fixtures import Network, add_dataset, add_generation, seed_network
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+    run_cli.env.update(full_env)
+    return run_cli
+
+
+@pytest.fixture
+def net(conn: Conn) -> Network:
+    return seed_network(conn, isolated_real=1)
+
+
+def test_build_graph_json_then_noop(cli: Cli, net: Network) -> None:
+    result = cli("build-graph", "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert obj["status"] == "success" and obj["graph_version"] == "graph-v1"
+    assert obj["nodes"] == len(net.nodes)
+    assert obj["edges"] == len(net.routes) + len(net.virtual_routes)
+    assert obj["components"] >= 2 and obj["unreachable_real_stops"] == 1
+    again = json.loads(cli("build-graph", "--json").stdout)
+    assert again["status"] == "noop" and again["graph_version"] == "graph-v1"
+
+
+def test_graph_list_neighbors_route(cli: Cli, net: Network) -> None:
+    assert cli("build-graph").exit_code == 0
+    assert cli("build-graph", "--force").exit_code == 0
+    listed = json.loads(cli("graph", "list", "--json").stdout)["versions"]
+    assert [(v["version"], v["active"], v["in_redis"]) for v in listed] == [
+        ("graph-v2", True, True), ("graph-v1", False, True)]
+    table = cli("graph", "list")
+    assert "graph-v2" in table.output and table.exit_code == 0
+
+    _, a, b, mode, _, _ = net.routes[0]
+    nb = json.loads(cli("graph", "neighbors", a, "--json").stdout)
+    assert nb["graph_version"] == "graph-v2" and nb["stop"] == a
+    assert any(e["to"] == b and e["mode"] == mode for e in nb["neighbors"])
+    assert b in cli("graph", "neighbors", a).output
+
+    route = json.loads(cli("graph", "route", a, b, "--json").stdout)
+    assert {"from", "to", "total_s", "stops"} <= set(route)
+    assert route["from"] == a and route["to"] == b and route["stops"][0] == a
+    assert route["stops"][-1] == b and route["total_s"] > 0
+    text = cli("graph", "route", a, b)
+    assert text.exit_code == 0 and f"{a} -> {b}" in text.output
+
+
+def test_no_path_unknown_stop_and_no_graph_exit_1(cli: Cli, net: Network) -> None:
+    no_graph = cli("graph", "neighbors", net.real_stops[0])
+    assert no_graph.exit_code == 1 and "pipeline build-graph" in no_graph.output
+    assert cli("build-graph").exit_code == 0
+    iso = net.real_stops[-1]  # the isolated stop
+    result = cli("graph", "route", net.real_stops[0], iso)
+    assert result.exit_code == 1
+    assert f"no path from '{net.real_stops[0]}' to '{iso}'" in result.output
+    assert "Traceback" not in result.output
+    as_json = cli("graph", "route", net.real_stops[0], iso, "--json")
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["status"] == "error"
+    unknown = cli("graph", "neighbors", "NO-SUCH-STOP")
+    assert unknown.exit_code == 1 and "'NO-SUCH-STOP' is not in graph version" in unknown.output
+
+
+def test_activate_rollback_via_cli(cli: Cli, net: Network) -> None:
+    for _ in range(2):
+        assert cli("build-graph", "--force").exit_code == 0
+    obj = json.loads(cli("graph", "activate", "graph-v1", "--json").stdout)
+    assert obj["status"] == "success" and obj["previous_version"] == "graph-v2"
+    listed = json.loads(cli("graph", "list", "--json").stdout)["versions"]
+    assert [v["version"] for v in listed if v["active"] and v["redis_active"]] == ["graph-v1"]
+    unknown = cli("graph", "activate", "graph-v42")
+    assert unknown.exit_code == 1 and "unknown graph version" in unknown.output
+
+
+def test_skipped_without_virtual_generation(cli: Cli, conn: Conn) -> None:
+    add_dataset(conn, "ds-v1")
+    result = cli("build-graph", "--json")
+    assert result.exit_code == 0
+    obj = json.loads(result.stdout)
+    assert obj["status"] == "skipped"
+    add_generation(conn, "ds-v1")
+    assert json.loads(cli("build-graph", "--json").stdout)["status"] == "failed"  # empty graph
+
+
+def test_lock_busy_exits_75(cli: Cli, net: Network, database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
+        result = cli("build-graph")
+        assert result.exit_code == 75 and "already running" in result.output
+        assert cli("graph", "activate", "graph-v1").exit_code == 75
+
+
+def test_installed_script_builds_and_routes(cli: Cli, net: Network) -> None:
+    result = cli.subprocess("build-graph", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["graph_version"] == "graph-v1"
+    _, a, b, *_ = net.routes[0]
+    routed = cli.subprocess("graph", "route", a, b, "--json")
+    assert routed.returncode == 0 and json.loads(routed.stdout)["to"] == b
+    invalid = cli.subprocess("graph", "route", a, "NOPE")
+    assert invalid.returncode == 1 and "Traceback" not in invalid.stderr
+    assert len(invalid.stderr.strip().splitlines()) == 1

@@ -1,0 +1,520 @@
+"""build-graph against real PostgreSQL, Redis and S3: publish order, noop, validation, failure
+cleanup, concurrent readers, retention, rollback with reload from S3, routing."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
+from pipeline_cli.errors import DatabaseError, Interrupted, RedisError
+from pipeline_cli.runner import RunContext, RunRecord, StageRunner, StopFlag
+from pipeline_cli.settings import GraphSettings
+from pipeline_cli.stages.build_graph import (
+    activate_version,
+    build_graph,
+    export_key,
+    list_versions,
+    manifest_key,
+    shortest_path,
+    status_section,
+)
+from pipeline_cli.testing.graph_fixtures import (
+    SPEEDS_KMH,
+    Network,
+    add_generation,
+    add_virtual_route,
+    expected_weight,
+    seed_network,
+    to_networkx,
+)
+from pipeline_cli.testing.proxy import TcpProxy
+from pipeline_cli.testing.services import S3Endpoint
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis, redis_prefix: str) -> GraphStore:
+    return GraphStore(client, redis_prefix, chunk_size=16)
+
+
+@pytest.fixture
+def backups(s3: S3Endpoint, s3_bucket: str) -> BackupStore:
+    return BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                               secure=s3.secure, region=s3.region)
+
+
+class Builder:
+    """Runs build-graph / graph activate through the real stage runner."""
+
+    def __init__(self, database_url: str, store: GraphStore, backups: BackupStore) -> None:
+        self.database_url = database_url
+        self.store = store
+        self.backups = backups
+        self.settings = GraphSettings()
+
+    def build(self, *, force: bool = False, store: GraphStore | None = None,
+              backups: BackupStore | None = None,
+              after_chunk: Callable[[int], None] | None = None, **settings: Any) -> RunRecord:
+        cfg = replace(self.settings, **settings)
+        return StageRunner(self.database_url).run("build-graph", lambda ctx: build_graph(
+            self.database_url, store or self.store, backups or self.backups, cfg, SPEEDS_KMH,
+            ctx, force=force, after_chunk=after_chunk))
+
+    def activate(self, version: str) -> RunRecord:
+        return StageRunner(self.database_url).run("build-graph", lambda ctx: activate_version(
+            self.database_url, self.store, self.backups, self.settings, version, ctx))
+
+    def ok(self, **kw: Any) -> str:
+        record = self.build(**kw)
+        assert record.status == "success", record.error
+        return str(record.extra["graph_version"])
+
+
+@pytest.fixture
+def builder(database_url: str, store: GraphStore, backups: BackupStore) -> Builder:
+    return Builder(database_url, store, backups)
+
+
+@pytest.fixture
+def net(conn: Conn) -> Network:
+    return seed_network(conn)
+
+
+def graph_rows(conn: Conn) -> list[dict[str, Any]]:
+    return conn.execute("SELECT * FROM graph_versions ORDER BY seq").fetchall()
+
+
+def all_keys(client: redis.Redis, prefix: str) -> set[str]:
+    return {k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=1000)}
+
+
+# ---------------------------------------------------------------- publish
+
+
+def test_build_publishes_redis_postgres_and_s3(builder: Builder, net: Network, conn: Conn,
+                                               store: GraphStore, backups: BackupStore) -> None:
+    record = builder.build()
+    assert record.status == "success", record.error
+    version = record.extra["graph_version"]
+    edges = len(net.routes) + len(net.virtual_routes)
+    assert record.extra["nodes"] == len(net.nodes) and record.extra["edges"] == edges
+    assert store.active_version() == version
+    [row] = graph_rows(conn)
+    assert row["version"] == version and row["active"]
+    assert row["dataset_version"] == "ds-v1"
+    assert row["virtual_generation_id"] == net.generation_id
+    assert (row["nodes"], row["edges"]) == (len(net.nodes), edges)
+    # every node has a key, even without outgoing edges, so readers can tell "unknown" apart
+    assert store.version_keys(version) == len(net.nodes) + 1  # + meta
+    meta = store.meta(version)
+    assert meta is not None and meta["checksum"] == row["checksum"]
+    raw = gzip.decompress(backups.get_bytes(export_key(version)))
+    assert hashlib.sha256(raw).hexdigest() == row["checksum"]
+    lines = [json.loads(line) for line in raw.splitlines()]
+    n_real = len(net.real_stops)
+    assert {obj["id"] for obj in lines[:n_real]} == set(net.real_stops)
+    assert {obj["id"] for obj in lines[n_real:]} == set(net.virtual_stops)
+    assert [obj["kind"] for obj in lines] == ["real"] * n_real + ["virtual"] * len(
+        net.virtual_stops)
+    manifest = backups.get_json(manifest_key(version))
+    assert manifest["sha256"] == row["checksum"] and manifest["edges"] == edges
+    assert manifest["format"] == "pipeline-graph-jsonl/1"
+
+
+def test_edge_weights_follow_flights_distance_and_travel_time(
+        builder: Builder, net: Network, store: GraphStore) -> None:
+    builder.ok()
+    for rid, a, _b, mode, dist, flights in net.routes:
+        _, edges = store.neighbors(a)
+        [edge] = [e for e in edges if e.route_id == rid]
+        assert edge.mode == mode
+        assert edge.weight_s == pytest.approx(expected_weight(dist, mode, flights), abs=1e-3)
+    for rid, a, b, _mode, _dist, tt in net.virtual_routes[:10]:
+        _, edges = store.neighbors(a)
+        [edge] = [e for e in edges if e.route_id == rid]
+        assert (edge.to, edge.weight_s) == (b, tt)
+
+
+def test_flight_past_midnight_wraps(builder: Builder, conn: Conn, store: GraphStore) -> None:
+    net = seed_network(conn, n_routes=0, n_virtual=2)
+    a, b = net.real_stops[:2]
+    conn.execute("INSERT INTO routes VALUES ('NIGHT', %s, %s, 'flight', 900)", (a, b))
+    conn.execute("INSERT INTO flights VALUES ('N1', 'NIGHT', '23:30', '01:10', '1'), "
+                 "('N2', 'NIGHT', '08:00', '10:00', '2')")
+    add_generation(conn, "ds-v1")
+    builder.ok()
+    [edge] = [e for e in store.neighbors(a)[1] if e.route_id == "NIGHT"]
+    assert edge.weight_s == 100 * 60
+
+
+def test_rerun_is_noop_new_generation_builds_force_rebuilds(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore) -> None:
+    first = builder.ok()
+    again = builder.build()
+    assert again.status == "noop" and first in again.message
+    add_generation(conn, "ds-v1")
+    second = builder.ok()
+    assert second != first and store.active_version() == second
+    assert builder.build().status == "noop"
+    third = builder.ok(force=True)
+    assert store.active_version() == third
+    assert [r["active"] for r in graph_rows(conn)] == [False, False, True]
+
+
+def test_active_graph_missing_from_redis_is_rebuilt(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis) -> None:
+    first = builder.ok()
+    client.delete(store.pointer_key)  # e.g. Redis restarted without persistence
+    record = builder.build()
+    assert record.status == "success" and store.active_version() != first
+
+
+def test_no_active_dataset_or_no_virtual_generation_is_skipped(
+        builder: Builder, conn: Conn, store: GraphStore) -> None:
+    record = builder.build()
+    assert record.status == "skipped" and "sync-odata" in record.message
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES ('ds-v9', 9, 'h', 'datasets/ds-v9/', true)")
+    record = builder.build()
+    assert record.status == "skipped" and record.exit_code == 0
+    assert "ds-v9 has no virtual entities" in record.message and "gen-virtual" in record.message
+    assert store.active_version() is None and graph_rows(conn) == []
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("case", ["unknown_stop", "nan_weight", "unknown_mode", "negative"])
+def test_fatal_validation_writes_nothing(builder: Builder, net: Network, conn: Conn,
+                                         client: redis.Redis, redis_prefix: str,
+                                         case: str) -> None:
+    if case == "unknown_stop":
+        add_virtual_route(conn, "BAD", net.virtual_stops[0], "NOWHERE", 1, 10, "ds-v1")
+    elif case == "nan_weight":
+        a, b = net.real_stops[:2]
+        conn.execute("INSERT INTO routes VALUES ('BAD', %s, %s, 'bus', NULL)", (a, b))
+    elif case == "unknown_mode":
+        a, b = net.real_stops[:2]
+        conn.execute("INSERT INTO routes VALUES ('BAD', %s, %s, 'zeppelin', 10)", (a, b))
+    else:
+        a, b = net.real_stops[:2]
+        conn.execute("INSERT INTO routes VALUES ('BAD', %s, %s, 'bus', -5)", (a, b))
+    record = builder.build()
+    assert record.status == "failed" and record.exit_code == 1
+    assert "BAD" in " ".join(record.extra.get("problems", [])) or "BAD" in (record.error or "")
+    assert graph_rows(conn) == [] and all_keys(client, redis_prefix) == set()
+
+
+def test_empty_graph_is_fatal(builder: Builder, conn: Conn) -> None:
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES ('ds-v1', 1, 'h', 'datasets/ds-v1/', true)")
+    add_generation(conn, "ds-v1")
+    record = builder.build()
+    assert record.status == "failed" and "empty graph" in (record.error or "")
+
+
+def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
+        builder: Builder, conn: Conn, client: redis.Redis, redis_prefix: str) -> None:
+    seed_network(conn, isolated_real=3)
+    record = builder.build(fatal_warnings=True)
+    assert record.status == "failed" and "fatal_warnings" in (record.error or "")
+    assert all_keys(client, redis_prefix) == set()
+    record = builder.build()
+    assert record.status == "success"
+    assert record.extra["components"] >= 4 and record.extra["unreachable_real_stops"] >= 3
+    assert any("unreachable" in w for w in record.extra["warnings"])
+    assert record.counts["unreachable_real_stops"] == record.extra["unreachable_real_stops"]
+
+
+# ---------------------------------------------------------------- failures
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failure_after_half_the_keys_keeps_old_version_and_leaves_no_orphans(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        redis_prefix: str, backups: BackupStore) -> None:
+    old = builder.ok()
+    keys_before = all_keys(client, redis_prefix)
+    half = len(net.nodes) // 2
+    seen: list[int] = []
+
+    def fail_at_half(written: int) -> None:
+        seen.append(written)
+        if written >= half:
+            raise Boom("injected")
+
+    record = builder.build(force=True, after_chunk=fail_at_half)
+    assert record.status == "failed" and "injected" in (record.error or "")
+    assert 0 < seen[-1] < len(net.nodes)  # it really stopped midway
+    assert store.active_version() == old
+    assert all_keys(client, redis_prefix) == keys_before
+    assert [r["version"] for r in graph_rows(conn)] == [old]
+    assert [r["version"] for r in graph_rows(conn) if r["active"]] == [old]
+    assert list(backups.list("graphs/")) == [export_key(old), manifest_key(old)]
+
+
+def test_s3_failure_after_the_metadata_row_rolls_back(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        redis_prefix: str, s3: S3Endpoint, s3_bucket: str) -> None:
+    old = builder.ok()
+    keys_before = all_keys(client, redis_prefix)
+    host, port = s3.endpoint.rsplit(":", 1)
+    with TcpProxy(host, int(port)) as proxy:
+        broken = BackupStore.connect(f"{proxy.address[0]}:{proxy.address[1]}", s3.access_key,
+                                     s3.secret_key, s3_bucket, secure=s3.secure, region=s3.region,
+                                     timeout=3)
+        proxy.block()
+        record = broken_build = builder.build(force=True, backups=broken)
+        broken.client._http.clear()  # type: ignore[attr-defined]
+    assert broken_build.status == "failed" and "S3" in (record.error or "")
+    assert store.active_version() == old
+    assert all_keys(client, redis_prefix) == keys_before
+    assert [r["version"] for r in graph_rows(conn)] == [old]
+
+
+def test_redis_cut_mid_write_keeps_old_version_and_next_run_cleans_up(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        redis_prefix: str, redis_url: str) -> None:
+    old = builder.ok()
+    keys_before = all_keys(client, redis_prefix)
+    url = redis.connection.parse_url(redis_url)
+    with TcpProxy(url.get("host", "127.0.0.1"), int(url.get("port", 6379))) as proxy:
+        proxied = redis.Redis(host=proxy.address[0], port=proxy.address[1],
+                              db=url.get("db", 0), socket_timeout=3,
+                              retry=Retry(NoBackoff(), 0))
+        cut = GraphStore(proxied, redis_prefix, chunk_size=8)
+
+        def block_at_half(written: int) -> None:
+            if written >= len(net.nodes) // 2:
+                proxy.block()
+
+        record = builder.build(force=True, store=cut, after_chunk=block_at_half)
+        proxied.close()
+    assert record.status == "failed" and "Redis" in (record.error or "")
+    # Readers (through the direct connection) still see the old version, complete.
+    assert store.active_version() == old and store.is_complete(old)
+    assert [r["version"] for r in graph_rows(conn)] == [old]
+    leftovers = all_keys(client, redis_prefix) - keys_before
+    assert leftovers  # Redis was unreachable, so the partial keys could not be removed yet
+    builder.ok(force=True)
+    registered = set(store.registered())
+    assert not any(k.split(":")[2] not in registered | {"active", "versions"}
+                   for k in all_keys(client, redis_prefix))
+
+
+@pytest.mark.parametrize("fault", ["postgres_cut", "sigterm"])
+def test_postgres_cut_or_stop_signal_mid_publish_cleans_up(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        redis_prefix: str, database_url: str, backups: BackupStore, fault: str) -> None:
+    old = builder.ok()
+    keys_before = all_keys(client, redis_prefix)
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    ctx = RunContext(stage="build-graph", run_id=str(uuid.uuid4()),
+                     log=logging.LoggerAdapter(logging.getLogger("test"), {}), stop=StopFlag())
+    with TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)) as px:
+        url = psycopg.conninfo.make_conninfo(database_url, host=px.address[0],
+                                             port=str(px.address[1]))
+
+        def fail_at_half(written: int) -> None:
+            if written >= len(net.nodes) // 2:
+                if fault == "postgres_cut":
+                    px.block()
+                else:
+                    ctx.stop.signum = 15
+
+        with pytest.raises((DatabaseError, Interrupted)):
+            build_graph(url, store, backups, builder.settings, SPEEDS_KMH, ctx, force=True,
+                        after_chunk=fail_at_half)
+    assert store.active_version() == old
+    assert all_keys(client, redis_prefix) == keys_before
+    assert [(r["version"], r["active"]) for r in graph_rows(conn)] == [(old, True)]
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_concurrent_reader_never_sees_a_missing_node_or_mixed_version(
+        builder: Builder, conn: Conn, redis_url: str, redis_prefix: str,
+        store: GraphStore) -> None:
+    net = seed_network(conn, n_real=400, n_virtual=400, n_routes=1200)
+    old = builder.ok()
+    started, stop = threading.Event(), threading.Event()
+    seen: list[str] = []
+    errors: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        c = redis.Redis.from_url(redis_url)
+        r = GraphStore(c, redis_prefix)
+        rng = random.Random(1)
+        try:
+            while not stop.is_set():
+                version = r.require_active()  # resolve once, then read only that version
+                got = r.neighbors_many(version, rng.sample(net.nodes, 5))
+                errors.extend(f"{n} missing in {version}" for n, e in got.items() if e is None)
+                if not seen or seen[-1] != version:
+                    seen.append(version)
+                reads[0] += 1
+                started.set()
+        except Exception as exc:  # recorded, asserted below
+            errors.append(repr(exc))
+        finally:
+            started.set()
+            c.close()
+
+    during: list[int] = []
+
+    def slow_chunks(_written: int) -> None:
+        during.append(reads[0])
+        time.sleep(0.005)  # give the reader turns while the new version is half written
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert started.wait(10)
+        new = builder.ok(force=True, after_chunk=slow_chunks)
+        after = reads[0]
+        while reads[0] < after + 20 and thread.is_alive():
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors[:5]
+    assert seen == [old, new]  # never back, never a third version
+    assert during[-1] > during[0]  # reads really happened while the new version was written
+
+
+# ---------------------------------------------------------------- retention and rollback
+
+
+def test_retention_keeps_the_newest_versions_and_the_previous_active(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore,
+        client: redis.Redis, redis_prefix: str) -> None:
+    versions = [builder.ok(force=True) for _ in range(5)]
+    assert store.registered() == versions[::-1][:3]
+    for v in versions[:2]:
+        assert store.version_keys(v) == 0
+    for v in versions[2:]:
+        assert store.is_complete(v)
+    listed = {r["version"]: r for r in list_versions(conn, store)}
+    assert [v for v in versions if listed[v]["in_redis"]] == versions[2:]
+    assert listed[versions[-1]]["active"] and listed[versions[-1]]["redis_active"]
+
+
+def test_rollback_and_reload_from_s3_after_retention(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore,
+        client: redis.Redis) -> None:
+    versions = [builder.ok(force=True) for _ in range(4)]
+    # plain rollback to the previous version: keys still in Redis
+    record = builder.activate(versions[2])
+    assert record.status == "success" and not record.extra["reloaded_from_s3"]
+    assert store.active_version() == versions[2]
+    assert [r["version"] for r in graph_rows(conn) if r["active"]] == [versions[2]]
+    assert builder.build().status == "noop"  # a rollback sticks until something new arrives
+    # the first version was collected by retention: reload it from the export
+    assert store.version_keys(versions[0]) == 0
+    record = builder.activate(versions[0])
+    assert record.status == "success", record.error
+    assert record.extra["reloaded_from_s3"] and record.counts["reloaded_keys"] == len(net.nodes)
+    assert store.active_version() == versions[0]
+    _, edges = store.neighbors(net.real_stops[0])
+    _, same = store.neighbors(net.real_stops[0], versions[3])
+    assert edges == same
+    # the version we rolled back from survives for readers that just resolved it
+    assert store.is_complete(versions[2])
+    assert builder.activate(versions[0]).status == "noop"
+    assert status_section(conn, store)["consistent"] is True
+
+
+def test_activate_unknown_version_and_corrupt_export(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore,
+        backups: BackupStore) -> None:
+    versions = [builder.ok(force=True) for _ in range(4)]
+    record = builder.activate("graph-v999")
+    assert record.status == "failed" and "unknown graph version" in (record.error or "")
+    backups.put_bytes(export_key(versions[0]), gzip.compress(b'{"id":"X","adj":[]}\n'))
+    record = builder.activate(versions[0])
+    assert record.status == "failed" and "checksum" in (record.error or "")
+    assert store.active_version() == versions[3] and store.version_keys(versions[0]) == 0
+
+
+# ---------------------------------------------------------------- routing and status
+
+
+def test_routes_equal_networkx_shortest_paths(builder: Builder, net: Network,
+                                              store: GraphStore) -> None:
+    import networkx as nx
+
+    builder.ok()
+    g = to_networkx(net)
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(40):
+        a, b = rng.sample(net.nodes, 2)
+        try:
+            want = nx.shortest_path_length(g, a, b, weight="weight")
+        except nx.NetworkXNoPath:
+            with pytest.raises(GraphLookupError, match="no path"):
+                shortest_path(store, a, b, batch=4)
+            continue
+        route = shortest_path(store, a, b, batch=4)
+        assert route.total_s == pytest.approx(want, abs=1e-2)
+        assert route.stops[0] == a and route.stops[-1] == b
+        assert sum(leg.weight_s for leg in route.legs) == pytest.approx(route.total_s, abs=1e-2)
+        checked += 1
+    assert checked >= 20
+    same = shortest_path(store, net.nodes[0], net.nodes[0])
+    assert same.total_s == 0 and same.stops == [net.nodes[0]]
+    with pytest.raises(GraphLookupError, match="not in graph"):
+        shortest_path(store, "NOPE", net.nodes[0])
+
+
+def test_reader_sees_a_collected_version_as_gone(builder: Builder, net: Network,
+                                                 store: GraphStore) -> None:
+    first = builder.ok()
+    store.delete_version(first)
+    with pytest.raises(RedisError, match="is not in Redis"):
+        store.neighbors_many(first, net.nodes[:2])
+
+
+def test_status_section_reports_consistency(builder: Builder, net: Network, conn: Conn,
+                                            store: GraphStore, client: redis.Redis) -> None:
+    empty = status_section(conn, store)
+    assert empty["version"] is None and empty["consistent"] is True
+    version = builder.ok()
+    section = status_section(conn, store)
+    assert section["version"] == version and section["redis_pointer"] == version
+    assert section["consistent"] and section["nodes"] == len(net.nodes)
+    json.dumps(section, default=str)
+    client.set(store.pointer_key, "graph-v77")
+    section = status_section(conn, store)
+    assert section["consistent"] is False and "graph-v77" in section["problem"]
+    assert status_section(conn)["redis_pointer"] is None
