@@ -1,0 +1,416 @@
+"""Readers for GPS files (CSV, GPX, GeoJSON) that feed ``pipeline ingest-gps``.
+
+Each reader yields :class:`GpsRow` for a valid point and :class:`RowProblem` for an invalid one
+(NaN, out of range, unparseable time), both with the line it came from, so the stage can report
+and skip or reject. A file that cannot be read at all raises :class:`GpsFileError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import xml.parsers.expat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("csv", "gpx", "geojson")
+MAX_DEVICE_ID = 200
+_SUFFIXES = {".csv": "csv", ".txt": "csv", ".gpx": "gpx", ".geojson": "geojson",
+             ".json": "geojson"}
+# Epoch seconds beyond this (year 2100) are rejected: most likely milliseconds by mistake.
+_MAX_EPOCH = 4102444800.0
+_MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+class GpsFileError(Exception):
+    """The file cannot be read as the format at all (missing, not UTF-8, malformed XML/JSON)."""
+
+
+@dataclass(frozen=True)
+class GpsRow:
+    device_id: str
+    recorded_at: datetime
+    latitude: float
+    longitude: float
+    line: int
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    line: int
+    message: str
+    where: str = ""  # extra position detail, e.g. "feature 3, coordinate 7"
+
+    def describe(self, path: str) -> str:
+        detail = f" ({self.where})" if self.where else ""
+        return f"{path}:{self.line}{detail}: {self.message}"
+
+
+Item = GpsRow | RowProblem
+
+
+def detect_format(path: str | Path, fmt: str | None = None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise GpsFileError(f"unknown format {fmt!r} (expected {', '.join(FORMATS)})")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    try:
+        return _SUFFIXES[suffix]
+    except KeyError:
+        raise GpsFileError(
+            f"cannot tell the format from the name {Path(path).name!r}; use --format"
+        ) from None
+
+
+def read(path: str | Path, fmt: str | None = None, device_id: str | None = None
+         ) -> Iterator[Item]:
+    """Yield the points of one file, in file order; ``device_id`` fills in GPX/GeoJSON ids."""
+    kind = detect_format(path, fmt)
+    if kind == "csv":
+        return read_csv(path)
+    if kind == "gpx":
+        return read_gpx(path, device_id)
+    return read_geojson(path, device_id)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def parse_time(value: Any) -> datetime:
+    """ISO-8601 (no zone means UTC) or epoch seconds, as an aware UTC datetime."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"unparseable time {value!r}")
+    if isinstance(value, (int, float)):
+        return _from_epoch(float(value), value)
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty time")
+    try:
+        return _from_epoch(float(text), text)
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise
+    try:
+        parsed = datetime.fromisoformat(text.replace(" ", "T", 1) if "T" not in text else text)
+    except ValueError:
+        raise ValueError(f"unparseable time {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    if not _MIN_TIME <= parsed < _MAX_TIME:
+        raise ValueError(f"time {text!r} out of range (1970..2099)")
+    return parsed.astimezone(UTC)
+
+
+def _from_epoch(seconds: float, raw: Any) -> datetime:
+    if not math.isfinite(seconds):
+        raise ValueError(f"unparseable time {raw!r}")
+    if not 0 <= seconds < _MAX_EPOCH:
+        raise ValueError(f"epoch time {raw!r} out of range (1970..2099; milliseconds?)")
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _coordinate(value: Any, name: str, limit: float) -> float:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} missing")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {value!r}")
+    if not -limit <= number <= limit:
+        raise ValueError(f"{name} {number} out of range (-{limit:g}..{limit:g})")
+    return number
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            raise ValueError("device_id missing")
+    if not value.strip():
+        raise ValueError("device_id is empty")
+    if "\x00" in value:
+        raise ValueError("device_id contains a NUL character")
+    if len(value) > MAX_DEVICE_ID:
+        raise ValueError(f"device_id longer than {MAX_DEVICE_ID} characters")
+    return value
+
+
+def validate(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str = "") -> Item:
+    try:
+        return GpsRow(_device(device), parse_time(when), _coordinate(lat, "latitude", 90.0),
+                      _coordinate(lon, "longitude", 180.0), line)
+    except ValueError as exc:
+        return RowProblem(line, str(exc), where)
+
+
+# ---------------------------------------------------------------- CSV
+
+_ALIASES = {
+    "device_id": ("device_id", "device", "deviceid"),
+    "recorded_at": ("recorded_at", "time", "timestamp"),
+    "latitude": ("latitude", "lat"),
+    "longitude": ("longitude", "lon", "lng"),
+}
+_ORDER = ("device_id", "recorded_at", "latitude", "longitude")
+
+
+def _header(row: list[str]) -> dict[str, int] | None:
+    names = [c.strip().lower() for c in row]
+    if not any(n in alias for alias in _ALIASES.values() for n in names):
+        return None
+    found: dict[str, int] = {}
+    for column, aliases in _ALIASES.items():
+        for i, name in enumerate(names):
+            if name in aliases:
+                found[column] = i
+                break
+    missing = [c for c in _ORDER if c not in found]
+    if missing:
+        raise GpsFileError(f"line 1: header lacks column(s) {', '.join(missing)}")
+    return found
+
+
+def read_csv(path: str | Path) -> Iterator[Item]:
+    """``device_id,recorded_at,latitude,longitude`` with or without a header row."""
+    try:
+        handle = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+    with handle:
+        reader = csv.reader(handle)
+        columns: dict[str, int] | None = None
+        first = True
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if first:
+                    first = False
+                    columns = _header(row)
+                    if columns is not None:
+                        continue
+                    columns = {c: i for i, c in enumerate(_ORDER)}
+                assert columns is not None
+                width = max(columns.values()) + 1
+                if len(row) < width:
+                    yield RowProblem(line, f"expected {width} fields, got {len(row)}")
+                    continue
+                yield validate(row[columns["device_id"]], row[columns["recorded_at"]],
+                               row[columns["latitude"]], row[columns["longitude"]], line)
+        except UnicodeDecodeError:
+            raise GpsFileError(f"line {reader.line_num + 1}: not UTF-8 text") from None
+        except csv.Error as exc:
+            raise GpsFileError(f"line {reader.line_num}: malformed CSV: {exc}") from None
+
+
+# ---------------------------------------------------------------- GPX
+
+
+def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
+    """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
+    ``<trk><name>``, else the file name without its suffix."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+    parser = xml.parsers.expat.ParserCreate()
+    items: list[Item] = []
+    state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
+    stack: list[str] = []
+    default_device = Path(path).name.split(".")[0]
+
+    def local(tag: str) -> str:
+        return tag.rsplit(":", 1)[-1]
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        name = local(tag)
+        stack.append(name)
+        state["text"] = []
+        if name == "trk":
+            state["trk_name"] = None
+        elif name in ("trkpt", "rtept", "wpt"):
+            state["point"] = {"lat": attrs.get("lat"), "lon": attrs.get("lon"), "time": None,
+                              "line": parser.CurrentLineNumber}
+
+    def end(tag: str) -> None:
+        name = local(tag)
+        stack.pop()
+        text = "".join(state["text"]).strip()
+        point = state["point"]
+        if name == "time" and point is not None:
+            point["time"] = text
+        elif name == "name" and stack and stack[-1] == "trk":
+            state["trk_name"] = text or None
+        elif name in ("trkpt", "rtept", "wpt") and point is not None:
+            device = device_id or (state["trk_name"] if name == "trkpt" else None) \
+                or default_device
+            if point["time"] is None:
+                items.append(RowProblem(point["line"], f"<{name}> has no <time>"))
+            else:
+                items.append(validate(device, point["time"], point["lat"], point["lon"],
+                                      point["line"]))
+            state["point"] = None
+        state["text"] = []
+
+    def chars(data: str) -> None:
+        state["text"].append(data)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise GpsFileError(
+            f"line {exc.lineno}: malformed GPX: {xml.parsers.expat.ErrorString(exc.code)}"
+        ) from None
+    yield from items
+
+
+# ---------------------------------------------------------------- GeoJSON
+
+_WS = re.compile(r"\s*")
+
+
+def _feature_lines(text: str) -> list[int]:
+    """Line numbers of each element of the top-level ``features`` array (best effort)."""
+    decoder = json.JSONDecoder()
+    lines: list[int] = []
+    counted_to, line = 0, 1
+
+    def line_at(pos: int) -> int:
+        nonlocal counted_to, line
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
+        return line
+
+    try:
+        i = _WS.match(text, 0).end()  # type: ignore[union-attr]
+        if text[i] != "{":
+            return []
+        i += 1
+        while True:
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] == "}":
+                return []
+            key, i = decoder.raw_decode(text, i)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]  # skip ':'
+            if key == "features" and text[i] == "[":
+                i += 1
+                while True:
+                    i = _WS.match(text, i).end()  # type: ignore[union-attr]
+                    if text[i] == "]":
+                        return lines
+                    lines.append(line_at(i))
+                    _, i = decoder.raw_decode(text, i)
+                    i = _WS.match(text, i).end()  # type: ignore[union-attr]
+                    if text[i] == ",":
+                        i += 1
+            _, i = decoder.raw_decode(text, i)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] == ",":
+                i += 1
+    except (IndexError, ValueError):
+        return lines
+
+
+def _times(props: dict[str, Any]) -> Any:
+    for key in ("times", "coordTimes", "timestamps"):
+        if key in props:
+            return props[key]
+    coord_props = props.get("coordinateProperties")
+    if isinstance(coord_props, dict):
+        for key in ("times", "coordTimes"):
+            if key in coord_props:
+                return coord_props[key]
+    return None
+
+
+def _point_time(props: dict[str, Any]) -> Any:
+    for key in ("recorded_at", "time", "timestamp"):
+        if key in props:
+            return props[key]
+    return None
+
+
+def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
+    """Point features with a time property, and LineStrings with a ``times`` array.
+
+    The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
+    else the file name without its suffix.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise GpsFileError("not UTF-8 text") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        features = doc.get("features")
+        if not isinstance(features, list):
+            raise GpsFileError("line 1: FeatureCollection without a features array")
+        lines = _feature_lines(text)
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
+        features, lines = [doc], [1]
+    else:
+        raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature")
+    default_device = device_id or Path(path).name.split(".")[0]
+    for n, feature in enumerate(features, start=1):
+        line = lines[n - 1] if n - 1 < len(lines) else 1
+        yield from _feature_items(feature, n, line, default_device)
+
+
+def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iterator[Item]:
+    where = f"feature {n}"
+    if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
+        yield RowProblem(line, "not a Feature with a geometry", where)
+        return
+    props = feature.get("properties") or {}
+    if not isinstance(props, dict):
+        props = {}
+    device = props.get("device_id", props.get("device", default_device))
+    geometry = feature["geometry"]
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    if kind == "Point":
+        if not isinstance(coords, list) or len(coords) < 2:
+            yield RowProblem(line, "Point without [lon, lat] coordinates", where)
+            return
+        when = _point_time(props)
+        if when is None:
+            yield RowProblem(line, "Point has no time property", where)
+            return
+        yield validate(device, when, coords[1], coords[0], line, where)
+    elif kind == "LineString":
+        times = _times(props)
+        if not isinstance(coords, list) or not isinstance(times, list):
+            yield RowProblem(line, "LineString needs coordinates and a times array", where)
+            return
+        if len(times) != len(coords):
+            yield RowProblem(
+                line, f"LineString has {len(coords)} coordinates but {len(times)} times", where)
+            return
+        for i, (pos, when) in enumerate(zip(coords, times, strict=True), start=1):
+            at = f"{where}, coordinate {i}"
+            if not isinstance(pos, list) or len(pos) < 2:
+                yield RowProblem(line, "coordinate is not [lon, lat]", at)
+                continue
+            yield validate(device, when, pos[1], pos[0], line, at)
+    else:
+        yield RowProblem(line, f"unsupported geometry type {kind!r} (Point or LineString)",
+                         where)

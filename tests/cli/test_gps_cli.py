@@ -1,0 +1,203 @@
+"""The GPS commands end to end: ingest-gps, match-gps (in-process and as the installed
+script, with SIGKILL, SIGTERM and four concurrent processes), batches list/requeue."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.testing import traces
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.proxy import CountingHttpProxy
+
+pytestmark = pytest.mark.osrm
+
+OLD = datetime(2024, 5, 1, 8, tzinfo=UTC)
+
+
+@pytest.fixture
+def gps_cli(run_cli: Cli, osrm_url: str) -> Cli:
+    run_cli.env["PIPELINE_OSRM_URL"] = osrm_url
+    return run_cli
+
+
+@pytest.fixture(scope="module")
+def road_points(osrm_url: str) -> list[tuple[float, float]]:
+    """Noisy points along a real route: every 3 consecutive ones make a matchable batch."""
+    with OsrmClient(osrm_url) as c:
+        return traces.make_trace(c, random.Random(21), min_points=60).points
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers: an OSRM that hangs."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def small_batches(conn: psycopg.Connection[Any], road: list[tuple[float, float]],
+                  devices: int, per_device: int) -> None:
+    """``devices * per_device`` batches of 3 points each, 400 s apart."""
+    rows = []
+    for d in range(devices):
+        for b in range(per_device):
+            base = OLD + timedelta(seconds=400 * b)
+            start = (d * 7 + b * 3) % (len(road) - 3)
+            rows += [(f"dev-{d}", base + timedelta(seconds=2 * k), *road[start + k])
+                     for k in range(3)]
+    traces.insert_points(conn, rows)
+
+
+def states(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT status, count(*) AS n FROM processing_batches GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+def test_ingest_gps_json_text_and_strict(gps_cli: Cli, tmp_path: Path,
+                                         conn: psycopg.Connection[Any]) -> None:
+    path = tmp_path / "points.csv"
+    path.write_text("device_id,recorded_at,latitude,longitude\n"
+                    "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                    "bus-1,2024-05-01T08:00:02Z,nan,24.94\n")
+    strict = gps_cli("ingest-gps", str(path), "--strict")
+    assert strict.exit_code == 1
+    assert f"{path}:3" in strict.output and "Traceback" not in strict.output
+    result = gps_cli("ingest-gps", str(path), "--json")
+    assert result.exit_code == 0
+    out = json.loads(result.stdout)
+    assert out["counts"]["rows_loaded"] == 1 and out["counts"]["invalid_rows"] == 1
+    assert out["problems"] == [f"{path}:3: latitude is 'nan'"]
+    text = gps_cli("ingest-gps", str(path))
+    assert "skipped" in text.output and "0 point(s) loaded" in text.output
+
+
+def test_match_gps_installed_script_json(gps_cli: Cli, conn: psycopg.Connection[Any],
+                                         road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=2, per_device=3)
+    result = gps_cli.subprocess("match-gps", "--json", "--concurrency", "2")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["stage"] == "match-gps" and out["status"] == "success"
+    counts = out["counts"]
+    assert counts["batches_created"] == 6 and counts["batches_completed"] == 6
+    assert counts["osrm_requests"] == 6 and counts["batches_failed"] == 0
+    assert counts["points_processed"] == 18 and out["points_per_second"] > 0
+    again = gps_cli.subprocess("match-gps", "--json")
+    assert json.loads(again.stdout)["status"] == "noop"
+
+
+def test_match_gps_needs_an_osrm_url(run_cli: Cli) -> None:
+    result = run_cli("match-gps")
+    assert result.exit_code == 78 and "PIPELINE_OSRM_URL" in result.output
+
+
+def test_batches_list_and_requeue(gps_cli: Cli, conn: psycopg.Connection[Any],
+                                  road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=1, per_device=2)
+    gps_cli.env.update({"PIPELINE_OSRM_URL": "http://127.0.0.1:9", "PIPELINE_OSRM_RETRIES": "1",
+                        "PIPELINE_MATCH_MAX_ATTEMPTS": "1"})
+    down = gps_cli("match-gps")
+    assert down.exit_code == 1 and "unavailable" in down.output
+    listed = json.loads(gps_cli("batches", "list", "--status", "dead", "--json").stdout)
+    assert len(listed["batches"]) == 2
+    assert "unavailable" in listed["batches"][0]["error_message"]
+    table = gps_cli("batches", "list", "--device", "dev-0")
+    assert table.exit_code == 0 and "dead" in table.output
+    requeued = gps_cli("batches", "requeue", "--dead", "--device", "nobody")
+    assert requeued.exit_code == 0 and "requeued 0" in requeued.output
+    assert json.loads(gps_cli("batches", "requeue", "--json").stdout)["requeued"] == 2
+    assert states(conn) == {"pending": 2}
+
+
+def test_sigkill_during_a_batch_then_lease_expiry(gps_cli: Cli, blackhole: str,
+                                                  conn: psycopg.Connection[Any],
+                                                  road_points: list[tuple[float, float]],
+                                                  osrm_url: str) -> None:
+    small_batches(conn, road_points, devices=1, per_device=1)
+    gps_cli.env.update({"PIPELINE_MATCH_LEASE_SECONDS": "2", "PIPELINE_OSRM_URL": blackhole,
+                        "PIPELINE_OSRM_TIMEOUT": "60"})
+    proc = gps_cli.popen("match-gps", "--concurrency", "1")
+    try:
+        deadline = time.monotonic() + 30
+        while states(conn).get("processing") != 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert states(conn) == {"processing": 1}
+    time.sleep(2.2)
+    gps_cli.env["PIPELINE_OSRM_URL"] = osrm_url
+    result = gps_cli("match-gps", "--json")
+    assert result.exit_code == 0
+    counts = json.loads(result.stdout)["counts"]
+    assert counts["leases_rescued"] == 1 and counts["batches_completed"] == 1
+    row = conn.execute("SELECT status, retry_count, polyline_count FROM processing_batches"
+                       ).fetchone()
+    assert (row["status"], row["retry_count"]) == ("completed", 1)
+    lines = conn.execute("SELECT count(*) AS n, count(DISTINCT (device_id, start_time)) AS d"
+                         " FROM cached_polylines").fetchone()
+    assert lines["n"] == lines["d"] == row["polyline_count"]
+
+
+def test_sigterm_finishes_in_flight_and_releases(gps_cli: Cli, conn: psycopg.Connection[Any],
+                                                 road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=20, per_device=20)
+    proc = gps_cli.popen("match-gps", "--concurrency", "2", "--json")
+    try:
+        deadline = time.monotonic() + 30
+        while states(conn).get("completed", 0) < 5:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, err
+    record = json.loads(out)
+    got = states(conn)
+    assert "processing" not in got and got.get("pending", 0) > 0
+    assert record["counts"]["batches_completed"] == got["completed"]
+    unprocessed = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed")
+    assert unprocessed.fetchone()["n"] == 3 * got["pending"]
+
+
+@pytest.mark.slow
+def test_four_processes_complete_each_batch_once(gps_cli: Cli, osrm_url: str,
+                                                 conn: psycopg.Connection[Any],
+                                                 road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=100, per_device=20)
+    with CountingHttpProxy(osrm_url) as proxy:
+        gps_cli.env["PIPELINE_OSRM_URL"] = proxy.url
+        procs = [gps_cli.popen("match-gps", "--json", "--concurrency", "2") for _ in range(4)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+        requests = proxy.count("/match/")
+    records = [json.loads(o[0]) for o in outs]
+    completed = [r["counts"].get("batches_completed", 0) for r in records]
+    assert sum(completed) == 2000 == states(conn)["completed"]
+    assert requests == 2000  # each batch went to OSRM exactly once
+    assert sum(1 for c in completed if c > 0) >= 2  # the work really was shared
+    per_batch = conn.execute("SELECT sum(polyline_count) AS s FROM processing_batches"
+                             ).fetchone()["s"]
+    total = conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"]
+    assert total == per_batch  # no batch wrote its polylines twice

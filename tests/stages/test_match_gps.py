@@ -1,0 +1,303 @@
+"""match-gps against real PostgreSQL and a real osrm-routed on the Helsinki extract.
+
+Traces are synthetic: routed between random points, sampled every 1-3 s, moved 5-8 m, so the
+true path is known (pipeline_cli.testing.traces).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli import polyline
+from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.runner import RunRecord, StageRunner
+from pipeline_cli.settings import MatchSettings
+from pipeline_cli.stages import match_gps as stage
+from pipeline_cli.testing import traces
+from pipeline_cli.testing.proxy import CountingHttpProxy
+from pipeline_cli.testing.services import LocalServices
+
+pytestmark = pytest.mark.osrm
+
+OLD = datetime(2024, 5, 1, 8, tzinfo=UTC)
+
+
+@pytest.fixture
+def proxy(osrm_url: str) -> Iterator[CountingHttpProxy]:
+    with CountingHttpProxy(osrm_url) as p:
+        yield p
+
+
+@pytest.fixture
+def client(proxy: CountingHttpProxy) -> Iterator[OsrmClient]:
+    with OsrmClient(proxy.url, retries=2, retry_wait_max=0.05, pool_size=4) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def trace_pool(osrm_url: str) -> list[traces.Trace]:
+    with OsrmClient(osrm_url) as c:
+        return traces.make_traces(c, 24, seed=11)
+
+
+def run(database_url: str, client: OsrmClient, settings: MatchSettings | None = None,
+        **kw: Any) -> RunRecord:
+    settings = settings or MatchSettings()
+    return StageRunner(database_url).run(
+        "match-gps", lambda ctx: stage.match_gps(database_url, client, settings, ctx, **kw))
+
+
+def add_trace(conn: psycopg.Connection[Any], device: str, trace: traces.Trace,
+              start: datetime = OLD) -> None:
+    trace.start = start
+    traces.insert_points(conn, trace.rows(device))
+
+
+def polylines(conn: psycopg.Connection[Any], device: str) -> list[list[tuple[float, float]]]:
+    rows = conn.execute("SELECT encoded_polyline FROM cached_polylines WHERE device_id = %s"
+                        " ORDER BY start_time", (device,)).fetchall()
+    return [polyline.decode(r["encoded_polyline"]) for r in rows]
+
+
+def batch_states(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT status, count(*) AS n FROM processing_batches GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+# ----------------------------------------------------------------- pure helpers
+
+
+def test_chunk_plan_overlaps() -> None:
+    assert stage.chunk_plan(50, 100, 10) == [(0, 50)]
+    assert stage.chunk_plan(250, 100, 10) == [(0, 100), (90, 190), (180, 250)]
+    plan = stage.chunk_plan(350, 100, 10)
+    assert plan[-1][1] == 350
+    assert all(b[0] == a[1] - 10 for a, b in zip(plan, plan[1:], strict=False))
+
+
+def test_integer_timestamps_drop_repeated_seconds() -> None:
+    kept, stamps = stage.integer_timestamps([10.2, 10.7, 11.0, 11.9, 14.5])
+    assert kept == [0, 2, 4] and stamps == [10, 11, 14]
+
+
+# ----------------------------------------------------------------- batching
+
+
+def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) -> None:
+    rows = [("dev", OLD + timedelta(seconds=s), 60.17, 24.94)
+            for s in (0, 10, 20, 1000, 1010, 5000)]
+    now = datetime.now(UTC)
+    rows += [("live", now - timedelta(seconds=s), 60.17, 24.94) for s in (20, 10)]
+    traces.insert_points(conn, rows)
+    settings = MatchSettings(gap_seconds=300, too_short_after_seconds=3600)
+    first = stage.make_batches(conn, settings)
+    assert (first.created, first.too_short) == (2, 1)
+    assert first.waiting == 1  # the live device may still be driving
+    again = stage.make_batches(conn, settings)
+    assert (again.created, again.too_short, again.points) == (0, 0, 0)
+    got = conn.execute("SELECT coordinate_count, status FROM processing_batches"
+                       " ORDER BY start_time").fetchall()
+    assert [(r["coordinate_count"], r["status"]) for r in got] == [
+        (3, "pending"), (2, "pending"), (1, "too_short")]
+    unbatched = conn.execute("SELECT count(*) AS n FROM gps_points WHERE batch_id IS NULL")
+    assert unbatched.fetchone()["n"] == 2
+
+
+def test_long_runs_are_cut_at_max_batch_seconds(conn: psycopg.Connection[Any]) -> None:
+    traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)
+                                for s in range(0, 1000, 20)])
+    made = stage.make_batches(conn, MatchSettings(max_batch_seconds=300))
+    assert made.created == 4
+    spans = conn.execute("SELECT max(end_time - start_time) AS span FROM processing_batches")
+    assert spans.fetchone()["span"] < timedelta(seconds=300)
+
+
+def test_old_points_are_batched_too(conn: psycopg.Connection[Any]) -> None:
+    """No 24-hour cut-off."""
+    old = datetime(2019, 1, 1, tzinfo=UTC)
+    traces.insert_points(conn, [("d", old + timedelta(seconds=s), 60.17, 24.94)
+                                for s in (0, 5)])
+    assert stage.make_batches(conn, MatchSettings()).created == 1
+
+
+def test_duplicate_inserts_are_ignored(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                 " VALUES ('d', %s, 60.17, 24.94)", (OLD,))
+    conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                 " VALUES ('d', %s, 60.18, 24.95)", (OLD,))
+    row = conn.execute("SELECT count(*) AS n, min(latitude) AS lat, bool_or(processed) AS p,"
+                       " min(source) AS src FROM gps_points").fetchone()
+    assert (row["n"], row["lat"], row["p"], row["src"]) == (1, 60.17, False, "listener")
+
+
+# ----------------------------------------------------------------- matching
+
+
+def test_350_point_trace_is_chunked_and_matches(conn: psycopg.Connection[Any], osrm_url: str,
+                                                database_url: str, client: OsrmClient,
+                                                proxy: CountingHttpProxy) -> None:
+    with OsrmClient(osrm_url) as plain:
+        trace = traces.make_trace(plain, random.Random(3), min_points=350,
+                                  interval_s=(1.0, 1.0), waypoints=3)
+    assert len(trace.points) >= 350
+    add_trace(conn, "long", trace)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["batches_completed"] == 1
+    assert proxy.count("/match/") >= 4  # default server limit: 100 points per request
+    assert traces.judge(trace.truth, polylines(conn, "long")).passed
+    row = conn.execute("SELECT status, osrm_calls, matched_count, coordinate_count"
+                       " FROM processing_batches").fetchone()
+    assert row["status"] == "completed" and row["osrm_calls"] >= 4
+    assert row["matched_count"] >= 0.7 * row["coordinate_count"]  # OSRM skips some points
+    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    assert left["n"] == 0
+
+
+def test_quality_matches_whole_trace_answer(conn: psycopg.Connection[Any], database_url: str,
+                                            client: OsrmClient, services: LocalServices,
+                                            trace_pool: list[traces.Trace]) -> None:
+    """The pipeline on a 100-point server passes at least as many traces as OSRM's own answer
+    on each whole trace from a server with a large --max-matching-size, and >= 95 %."""
+    big_url = services.osrm(max_matching_size=5000)
+    for i, trace in enumerate(trace_pool):
+        add_trace(conn, f"q{i}", trace)
+    record = run(database_url, client)
+    assert record.counts["batches_completed"] == len(trace_pool)
+    pipeline_pass = whole_pass = 0
+    with OsrmClient(big_url) as big:
+        for i, trace in enumerate(trace_pool):
+            pipeline_pass += traces.judge(trace.truth, polylines(conn, f"q{i}")).passed
+            kept, stamps = stage.integer_timestamps(trace.offsets)
+            whole = big.match([trace.points[k] for k in kept],
+                              [1714550400 + s for s in stamps], MatchSettings().radius_m)
+            whole_pass += traces.judge(trace.truth, [m.geometry for m in whole.matchings]).passed
+    assert pipeline_pass >= whole_pass
+    assert pipeline_pass >= 0.95 * len(trace_pool)
+    assert sum(len(t.points) > 100 for t in trace_pool) >= 3  # chunking was exercised
+
+
+def test_no_segment_chunk_is_recorded_not_fatal(conn: psycopg.Connection[Any],
+                                                database_url: str, client: OsrmClient) -> None:
+    far = [("nowhere", OLD + timedelta(seconds=5 * i), 61.5 + i * 1e-4, 26.0)
+           for i in range(5)]
+    traces.insert_points(conn, far)
+    record = run(database_url, client)
+    assert record.exit_code == 0
+    row = conn.execute("SELECT status, chunk_errors, error_message, matched_count"
+                       " FROM processing_batches").fetchone()
+    assert row["status"] == "completed" and row["chunk_errors"] == {"NoSegment": 1}
+    assert row["matched_count"] == 0 and "NoSegment" in row["error_message"]
+    assert record.counts["chunk_errors"] == {"NoSegment": 1}
+
+
+def test_sql_injection_device_ids_are_literal(conn: psycopg.Connection[Any], database_url: str,
+                                              client: OsrmClient,
+                                              trace_pool: list[traces.Trace]) -> None:
+    evil = ["x'); DROP TABLE gps_points; --", "'; UPDATE processing_batches SET status='dead"]
+    for device, trace in zip(evil, trace_pool, strict=False):
+        add_trace(conn, device, trace)
+    record = run(database_url, client)
+    assert record.counts["batches_completed"] == 2
+    stored = {r["device_id"] for r in conn.execute("SELECT device_id FROM cached_polylines")}
+    assert stored == set(evil)
+    assert batch_states(conn) == {"completed": 2}
+
+
+# ----------------------------------------------------------------- failures and leases
+
+
+def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
+                             client: OsrmClient, proxy: CountingHttpProxy,
+                             trace_pool: list[traces.Trace]) -> None:
+    for i, trace in enumerate(trace_pool[:3]):
+        add_trace(conn, f"d{i}", trace)
+    points = conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"]
+    settings = MatchSettings(backoff_base_seconds=0.5, backoff_max_seconds=1.0)
+    proxy.block()
+    down = run(database_url, client, settings, concurrency=2)
+    assert down.exit_code == 1 and "unavailable" in (down.error or "")
+    assert down.counts["batches_failed"] >= 2
+    rows = conn.execute("SELECT status, retry_count, next_attempt_at > now() AS later,"
+                        " error_message FROM processing_batches WHERE status = 'failed'"
+                        ).fetchall()
+    assert rows and all(r["retry_count"] == 1 and r["later"] for r in rows)
+    assert all("unavailable" in r["error_message"] for r in rows)
+    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    assert left["n"] == points  # nothing lost
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    proxy.unblock()
+    time.sleep(1.1)
+    back = run(database_url, client, settings)
+    assert back.exit_code == 0, back.error
+    assert batch_states(conn) == {"completed": 3}
+    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    assert left["n"] == 0
+
+
+def test_failures_become_dead_after_max_attempts_and_requeue(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
+    add_trace(conn, "d", trace_pool[0])
+    settings = MatchSettings(max_attempts=2, backoff_base_seconds=0.0,
+                             backoff_max_seconds=0.0)
+    proxy.block()
+    run(database_url, client, settings)
+    assert batch_states(conn) == {"dead": 1}
+    section = stage.status_section(conn)
+    assert section["dead_batches"] == 1 and section["unprocessed_points"] > 0
+    assert section["oldest_unprocessed_age_s"] > 0
+    proxy.unblock()
+    assert run(database_url, client, settings).status == "noop"  # dead stays dead
+    assert stage.requeue_batches(conn, dead_only=True)["requeued"] == 1
+    row = conn.execute("SELECT status, retry_count FROM processing_batches").fetchone()
+    assert (row["status"], row["retry_count"]) == ("pending", 0)
+    assert run(database_url, client, settings).counts["batches_completed"] == 1
+    section = stage.status_section(conn)
+    assert section["unprocessed_points"] == 0 and section["batches"]["dead"] == 0
+    assert section["completed_last_hour"] == 1
+
+
+def test_expired_lease_is_rescued_without_duplicates(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    add_trace(conn, "d", trace_pool[1])
+    stage.make_batches(conn, MatchSettings())
+    # A worker claims the batch with a 1-second lease and dies.
+    dead = conn.execute(stage.db.query("match_gps", "claim_batch"), {
+        "worker": "ghost:1", "token": "00000000-0000-0000-0000-000000000001",
+        "lease_seconds": 1}).fetchone()
+    assert dead is not None
+    assert run(database_url, client).status == "noop"  # leased: nobody else touches it
+    time.sleep(1.2)
+    assert stage.status_section(conn)["expired_leases"] == 1
+    record = run(database_url, client)
+    assert record.counts["leases_rescued"] == 1 and record.counts["batches_completed"] == 1
+    row = conn.execute("SELECT status, retry_count, polyline_count FROM processing_batches"
+                       ).fetchone()
+    assert (row["status"], row["retry_count"]) == ("completed", 1)
+    n = conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"]
+    assert n == row["polyline_count"] >= 1
+    # The ghost wakes up and tries to complete with its stale token: nothing is written.
+    late = conn.execute(stage.db.query("match_gps", "fail_batch"), {
+        "batch_id": dead["batch_id"], "token": "00000000-0000-0000-0000-000000000001",
+        "max_attempts": 5, "delay_seconds": 0, "error": "x", "osrm_calls": 0}).fetchone()
+    assert late is None
+
+
+def test_max_batches_limits_claims(conn: psycopg.Connection[Any], database_url: str,
+                                   client: OsrmClient, trace_pool: list[traces.Trace]) -> None:
+    for i, trace in enumerate(trace_pool[:4]):
+        add_trace(conn, f"m{i}", trace)
+    record = run(database_url, client, max_batches=2, concurrency=1)
+    assert record.counts["batches_completed"] == 2
+    assert batch_states(conn) == {"completed": 2, "pending": 2}
+    assert record.extra["points_per_second"] > 0
+    assert record.counts["osrm_requests"] >= 2
