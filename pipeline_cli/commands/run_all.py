@@ -1,0 +1,67 @@
+"""``pipeline run-all``: the whole chain as one locked run, for the nightly cron entry."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import render
+from ..app import App
+from ..runner import RunRecord
+from ..stages.run_all import CHAIN, Clients, run_all
+from . import json_option, pass_app, run_stage, wait_option
+from .build_graph import graph_store
+
+
+def show(app: App, record: RunRecord) -> int:
+    """One JSON object (``stages`` holds each stage's result) or a summary table."""
+    if app.json:
+        render.print_json(record.to_json())
+        return record.exit_code
+    if record.error:
+        click.echo(f"pipeline run-all: error: {record.error}", err=True)
+    elif app.verbosity < 0:
+        return record.exit_code
+    stages = record.extra.get("stages", {})
+    click.echo(f"run-all: {record.status} in {record.duration_ms} ms (run {record.run_id})",
+               err=bool(record.error))
+    table = Table()
+    for col in ("stage", "status", "ms", "result"):
+        table.add_column(col)
+    for stage in CHAIN:
+        r = stages.get(stage)
+        if r is None:
+            table.add_row(stage, "-", "", "not reached")
+            continue
+        text = r.get("error") or r.get("message") or r.get("reason") or ""
+        table.add_row(stage, r["status"], str(r.get("duration_ms") or ""), text)
+    # On failure the table goes to stderr with the error, so cron mails the whole story.
+    console = Console(stderr=True, soft_wrap=False, highlight=False) if record.error \
+        else render.console()
+    console.print(table)
+    return record.exit_code
+
+
+@click.command("run-all")
+@wait_option
+@click.option("--gps-max-runtime", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop claiming GPS batches after SECONDS (default: "
+                                      "drain the backlog).")
+@json_option
+@pass_app
+def run_all_cmd(app: App, wait: float | None, gps_max_runtime: float | None) -> None:
+    """Run sync-odata, gen-virtual, build-graph and match-gps in order, each under its own
+    lock; a stage runs only when its upstream produced something new (match-gps: when its
+    backlog has work). Stops at the first failure and exits with that stage's code."""
+    runner = app.runner()
+    clients = Clients(odata=app.odata, backups=app.backups,
+                      graph_store=lambda: graph_store(app), osrm=app.osrm)
+    run_stage(app, "run-all",
+              lambda ctx: run_all(runner, app.settings, clients, ctx, wait=wait,
+                                  gps_max_runtime=gps_max_runtime),
+              wait=wait, options={"gps_max_runtime": gps_max_runtime}, show=show)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(run_all_cmd)

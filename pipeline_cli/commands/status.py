@@ -1,0 +1,265 @@
+"""``pipeline status``: the health of every stage and area, for people, Nagios and Prometheus."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .. import db, render
+from ..adapters.backups import BackupStore
+from ..app import App
+from ..errors import PipelineError
+from ..schedule import build_schedule
+from ..stages.status import (
+    LEVELS,
+    SECTIONS,
+    UNKNOWN,
+    StatusReport,
+    collect_status,
+    human_duration,
+    prometheus_text,
+    write_prometheus,
+)
+from . import json_option, pass_app
+
+# Status must answer fast even when a service hangs: monitors time out after ~10 s.
+S3_TIMEOUT = 3.0
+REDIS_TIMEOUT = 3.0
+STATEMENT_TIMEOUT_MS = 5000
+
+
+def _clients(app: App) -> dict[str, Any]:
+    """Redis and S3 clients for the sections that need them, or None when not configured."""
+    s = app.settings
+    clients: dict[str, Any] = {"redis": None, "backups": None, "redis_prefix": s.redis.prefix}
+    if s.redis.url:
+        import redis
+
+        client = redis.Redis.from_url(s.redis.url, socket_timeout=REDIS_TIMEOUT,
+                                      socket_connect_timeout=REDIS_TIMEOUT)
+        app.resources.callback(client.close)
+        clients["redis"] = client
+    if s.s3.endpoint:
+        clients["backups"] = BackupStore.connect(
+            s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
+            region=s.s3.region, timeout=S3_TIMEOUT)
+    return clients
+
+
+def gather(app: App) -> StatusReport:
+    """Collect the report with the settings and clients of this invocation."""
+    settings = app.settings
+    schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
+    conn = app.connect(autocommit=True, name="pipeline status")
+    with db.wrap_errors("setting the statement timeout"):
+        conn.execute(db.query("status", "statement_timeout"), {"ms": str(STATEMENT_TIMEOUT_MS)})
+    return collect_status(conn, health=settings.health, schedule=schedule, settings=settings,
+                          **_clients(app))
+
+
+def check_line(report: StatusReport | None, error: str | None = None) -> tuple[str, int]:
+    """One Nagios line and its exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+    if report is None:
+        return f"PIPELINE UNKNOWN - {error}", LEVELS[UNKNOWN]
+    level = report.health
+    if report.problems:
+        text = "; ".join(p.message for p in report.problems[:5])
+        if len(report.problems) > 5:
+            text += f"; and {len(report.problems) - 5} more"
+    else:
+        text = f"{sum(1 for s in report.stages.values() if s['last_status'])} stages healthy"
+    gps = report.sections.get("gps", {})
+    perf = [f"collect_ms={report.collect_ms}"]
+    for key in ("unprocessed_points", "oldest_unprocessed_age_s"):
+        if isinstance(gps.get(key), (int, float)):
+            perf.append(f"{key}={gps[key]}")
+    text = " ".join(text.split())  # one line, whatever the messages held
+    return f"PIPELINE {level.upper()} - {text} | {' '.join(perf)}", LEVELS[level]
+
+
+@click.command("status")
+@click.option("--check", is_flag=True,
+              help="Print one line and exit with a Nagios code: 0 OK, 1 WARNING, 2 CRITICAL, "
+                   "3 UNKNOWN (e.g. the database is unreachable). Silent on OK under -q.")
+@click.option("--prometheus", "prometheus", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also write node_exporter textfile metrics to FILE, atomically.")
+@json_option
+@pass_app
+def status(app: App, check: bool, prometheus: str | None) -> None:
+    """Show the health of every stage and area: last runs, overdue stages, dataset, virtual
+    entities, graph, GPS backlog, locks and S3, with a verdict (ok, warning, critical)."""
+    try:
+        report: StatusReport | None = gather(app)
+        error = None
+    except PipelineError as exc:
+        if not (check or prometheus):
+            raise
+        report, error = None, app.redact(str(exc))
+    if prometheus:
+        write_prometheus(prometheus, prometheus_text(report))
+    if check:
+        line, code = check_line(report, error)
+        if code or app.verbosity >= 0:
+            click.echo(app.redact(line))
+        raise click.exceptions.Exit(code)
+    if report is None:  # only --prometheus: the metrics say "down"; the exit code says why
+        click.echo(f"pipeline status: error: {error}", err=True)
+        raise click.exceptions.Exit(LEVELS[UNKNOWN])
+    if app.json:
+        render.print_json(report.to_json())
+    elif app.verbosity >= 0:
+        show(report)
+
+
+def show(report: StatusReport) -> None:
+    """The human view: verdict and problems, the stages, one line per area, locks."""
+    now = report.generated_at
+    click.echo(f"health: {report.health.upper()}   (schema {report.schema_version}/"
+               f"{report.schema_latest}, collected in {report.collect_ms} ms)")
+    for p in report.problems:
+        click.echo(f"  {p.level:8s} {p.message}")
+    table = Table(box=None, pad_edge=False, title_justify="left")
+    for col in ("stage", "last", "started", "took", "last ok", "fails", "next run", "overdue"):
+        table.add_column(col, no_wrap=True)
+    for name, s in report.stages.items():
+        table.add_row(name, _last(s), _ago(now, s["last_started_at"]),
+                      _took(s["last_duration_ms"]), _ago(now, s["last_success_at"]),
+                      str(s["consecutive_failures"] or "-"), _ago(now, s.get("next_run_at")),
+                      _overdue(s))
+    click.echo()
+    render.console().print(table)
+    for name in (*SECTIONS, "s3"):
+        section = report.s3 if name == "s3" else report.sections.get(name, {})
+        text = section.get("error")
+        if text is None:
+            try:
+                text = SUMMARIES[name](section, now)
+            except (KeyError, TypeError, AttributeError, ValueError):  # a new section shape
+                text = " ".join(f"{k}={_short(v)}" for k, v in _flatten(section, depth=1).items()
+                                if v not in (None, {}, []))
+        click.echo(textwrap.fill(text or "-", width=100, initial_indent=f"{name:8s} ",
+                                 subsequent_indent=" " * 9, break_on_hyphens=False))
+    if report.locks:
+        for lock, h in report.locks.items():
+            click.echo(f"lock     {lock} held by {h['host'] or 'session ' + str(h['backend_pid'])}"
+                       f" pid {h['pid']} since {_ago(now, h['since'])}")
+    else:
+        click.echo("locks    none held")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    text = render.dump_json(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ago(now: datetime, when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    delta = (when - now).total_seconds()
+    text = human_duration(abs(delta))
+    return f"in {text}" if delta > 0 else f"{text} ago"
+
+
+def _took(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else human_duration(ms / 1000)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 3) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and depth > 0:
+            out.update(_flatten(v, f"{prefix}{k}.", depth - 1))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _when(value: Any, now: datetime) -> str:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return _ago(now, value)
+
+
+def _dataset(d: dict[str, Any], now: datetime) -> str:
+    a = d["active"]
+    if not a:
+        return f"no active dataset ({d['versions']} versions)"
+    counts = ", ".join(f"{v} {k}" for k, v in a["counts"].items() if v)
+    return (f"{a['version']} active since {_when(a['created_at'], now)} ({a['source']}): "
+            f"{counts}; {d['versions']} versions")
+
+
+def _virtual(v: dict[str, Any], now: datetime) -> str:
+    g = v["generation"]
+    if not g:
+        return f"no virtual entities for {v['active_dataset'] or 'any dataset'}"
+    c = g["counts"]
+    kinds = ", ".join(f"{k.split('_')[0]} {n}" for k, n in c.get("by_kind", {}).items())
+    s = g["settings"]
+    return (f"generation {g['id']} for {g['dataset_version']}, {_when(g['created_at'], now)}: "
+            f"{c['virtual_stops']} stops ({kinds}), {c['virtual_routes']} routes, "
+            f"{c['virtual_flights']} flights; {c.get('unreached_real_stops', 0)} real stops "
+            f"unreached; spacing {s['main_spacing_km']:g}/{s['city_spacing_km']:g}/"
+            f"{s['airport_spacing_km']:g} km, k={s['k']}")
+
+
+def _graph(g: dict[str, Any], now: datetime) -> str:
+    if not g["version"]:
+        return "no active graph" + (f"; Redis points at {g['redis_pointer']}"
+                                    if g.get("redis_pointer") else "")
+    state = "consistent" if g["consistent"] else (
+        "not checked (no Redis)" if g["consistent"] is None else f"BROKEN: {g['problem']}")
+    return (f"{g['version']} for {g['dataset_version']} (generation "
+            f"{g['virtual_generation_id']}): {g['nodes']} nodes, {g['edges']} edges; "
+            f"Redis pointer {g['redis_pointer'] or '-'}: {state}")
+
+
+def _gps(g: dict[str, Any], now: datetime) -> str:
+    b = g["batches"]
+    oldest = (f", oldest {human_duration(g['oldest_unprocessed_age_s'])} old"
+              if g.get("oldest_unprocessed_age_s") is not None else "")
+    return (f"{g['unprocessed_points']}{'+' if g.get('unprocessed_points_capped') else ''} "
+            f"unprocessed points{oldest}; batches: {b['pending']} pending, "
+            f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
+            f"{g['completed_last_hour']} completed in the last hour")
+
+
+def _s3(s: dict[str, Any], now: datetime) -> str:
+    if not s["configured"]:
+        return "not configured"
+    if not s["reachable"]:
+        return f"bucket {s['bucket']} UNREACHABLE"
+    backup = s.get("last_backup")
+    if not backup:
+        return f"bucket {s['bucket']} reachable; no dataset backup yet"
+    return (f"bucket {s['bucket']} reachable; newest backup {backup['key']}, "
+            f"{_when(backup['at'], now)}")
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any], datetime], str]] = {
+    "dataset": _dataset, "virtual": _virtual, "graph": _graph, "gps": _gps, "s3": _s3}
+
+
+def _last(s: dict[str, Any]) -> str:
+    if s["running"]:
+        return f"running ({s['running']})" if s["running"] > 1 else "running"
+    return str(s["last_status"] or "never")
+
+
+def _overdue(s: dict[str, Any]) -> str:
+    if s.get("overdue") is None:
+        return "-"
+    return f"{human_duration(s['overdue_s'])}" if s["overdue"] else "no"
+
+
+def register(group: click.Group) -> None:
+    group.add_command(status)

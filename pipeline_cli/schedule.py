@@ -1,0 +1,222 @@
+"""The schedule: which pipeline command cron runs when, so `status` can tell a late stage.
+
+The schedule comes from a crontab file (``[schedule] crontab``, e.g. an installed copy of
+``crontab.example``) whose lines that invoke ``pipeline <command>`` are recognised, and from
+``[schedule] entries`` (stage = cron expression), which override the file per stage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from .errors import ConfigError
+
+# Subcommands whose runs are recorded in stage_runs and can therefore be overdue.
+SCHEDULED_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "ingest-gps",
+                    "run-all")
+# Command groups: their subcommand is the second word (`pipeline db migrate`).
+_GROUPS = {"db", "config", "graph", "batches", "restore", "demo"}
+# Global options that take a value.
+_VALUE_OPTIONS = {"--config", "--log-format"}
+_NICKNAMES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_ASSIGN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+_SUBCOMMAND_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+# A run that started up to this long before its slot counts for it (cron fires on the minute;
+# clocks and `run-all` calling a stage a few seconds early must not make it "late").
+SLOT_TOLERANCE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class CronEntry:
+    """One recognised line: ``expr`` runs ``pipeline <command> <args>``."""
+
+    expr: str
+    command: str
+    args: tuple[str, ...] = ()
+    source: str = "[schedule] entries"
+    line: int = 0
+    tz: str | None = None
+
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+    def _zone(self, now: datetime) -> tzinfo:
+        if self.tz:
+            try:
+                return ZoneInfo(self.tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                pass
+        return now.tzinfo or datetime.now().astimezone().tzinfo  # type: ignore[return-value]
+
+    def next(self, after: datetime) -> datetime:
+        """The first slot strictly after ``after``."""
+        local = after.astimezone(self._zone(after))
+        slot: datetime = croniter(self.expr, local).get_next(datetime)
+        return slot
+
+
+@dataclass
+class Schedule:
+    """Stage name -> the cron entries that run it."""
+
+    entries: dict[str, list[CronEntry]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    def for_stage(self, stage: str) -> list[CronEntry]:
+        return self.entries.get(stage, [])
+
+    def next_run(self, stage: str, now: datetime) -> datetime | None:
+        found = [e.next(now) for e in self.for_stage(stage)]
+        return min(found) if found else None
+
+    def expected_since(self, stage: str, last_ok: datetime | None, baseline: datetime,
+                       now: datetime) -> datetime | None:
+        """The first slot a good run should have filled but none did, or None if on time.
+
+        ``last_ok`` is when the last good run started; ``baseline`` (e.g. when the schema was
+        installed) stands in for it when the stage never ran. A slot counts as filled by a run
+        that started up to :data:`SLOT_TOLERANCE` before it.
+        """
+        entries = self.for_stage(stage)
+        if not entries:
+            return None
+        base = last_ok + SLOT_TOLERANCE if last_ok is not None else baseline
+        first = min(e.next(base) for e in entries)
+        return first if first <= now else None
+
+    def to_json(self) -> dict[str, list[dict[str, str]]]:
+        return {stage: [{"cron": e.expr, "command": " ".join(("pipeline", e.command, *e.args)),
+                         "from": e.where()} for e in entries]
+                for stage, entries in self.entries.items()}
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    return _VAR_RE.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def _cron_command(raw: str) -> str:
+    """The command part as cron runs it: an unescaped ``%`` ends it (the rest is stdin)."""
+    out = []
+    i = 0
+    while i < len(raw):
+        ch = raw[i]
+        if ch == "\\" and i + 1 < len(raw) and raw[i + 1] == "%":
+            out.append("%")
+            i += 2
+            continue
+        if ch == "%":
+            break
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def find_invocation(command: str) -> tuple[str, tuple[str, ...]] | None:
+    """(subcommand, args) of the first ``pipeline`` call in a shell command line, or None."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    for i, tok in enumerate(tokens):
+        is_script = os.path.basename(tok) == "pipeline"
+        is_module = tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "pipeline_cli"
+        if not (is_script or is_module):
+            continue
+        rest = tokens[i + (2 if is_module else 1):]
+        j = 0
+        while j < len(rest) and rest[j].startswith("-"):
+            j += 2 if rest[j] in _VALUE_OPTIONS else 1
+        words: list[str] = []
+        for tok2 in rest[j:]:
+            if not tok2 or tok2[0] in "&|;<>()":
+                break
+            words.append(tok2)
+        if not words or not _SUBCOMMAND_RE.match(words[0]) or words[0] == "pipeline" \
+                or words[0].startswith("python"):
+            continue  # e.g. a /etc/cron.d user field named "pipeline" before the real call
+        if words[0] in _GROUPS and len(words) > 1:
+            return f"{words[0]} {words[1]}", tuple(words[2:])
+        return words[0], tuple(words[1:])
+    return None
+
+
+def parse_crontab(text: str, source: str = "crontab") -> list[CronEntry]:
+    """Every line of ``text`` that runs ``pipeline``; ConfigError names a bad line."""
+    env: dict[str, str] = {}
+    tz: str | None = None
+    found: list[CronEntry] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        assign = _ASSIGN_RE.match(line)
+        if assign and not line.startswith("@"):
+            value = assign.group(2).strip().strip("'\"")
+            env[assign.group(1)] = _expand(value, env)
+            if assign.group(1) in ("CRON_TZ", "TZ"):
+                tz = value
+            continue
+        fields = line.split(None, 1 if line.startswith("@") else 5)
+        if line.startswith("@reboot"):
+            continue
+        if line.startswith("@"):
+            if fields[0] not in _NICKNAMES or len(fields) < 2:
+                raise ConfigError(f"{source}:{lineno}: unknown cron schedule {fields[0]!r}",
+                                  key="schedule.crontab")
+            expr, command = fields[0], fields[1]
+        else:
+            if len(fields) < 6:
+                raise ConfigError(f"{source}:{lineno}: expected 5 time fields and a command",
+                                  key="schedule.crontab")
+            expr, command = " ".join(fields[:5]), fields[5]
+        if not croniter.is_valid(expr):
+            raise ConfigError(f"{source}:{lineno}: invalid cron expression {expr!r}",
+                              key="schedule.crontab")
+        try:
+            call = find_invocation(_expand(_cron_command(command), env))
+        except ValueError as exc:
+            raise ConfigError(f"{source}:{lineno}: cannot parse the command: {exc}",
+                              key="schedule.crontab") from None
+        if call is not None:
+            found.append(CronEntry(expr=expr, command=call[0], args=call[1], source=source,
+                                   line=lineno, tz=tz))
+    return found
+
+
+def build_schedule(crontab: str | os.PathLike[str] | None,
+                   entries: Mapping[str, str] | None = None) -> Schedule:
+    """The schedule from an optional crontab file plus per-stage overrides."""
+    schedule = Schedule()
+    if crontab:
+        path = Path(crontab)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read [schedule] crontab {path}: {exc.strerror}",
+                              key="schedule.crontab") from None
+        schedule.sources.append(str(path))
+        for entry in parse_crontab(text, str(path)):
+            if entry.command in SCHEDULED_STAGES:
+                schedule.entries.setdefault(entry.command, []).append(entry)
+    for stage, expr in (entries or {}).items():
+        if stage not in SCHEDULED_STAGES:
+            raise ConfigError(f"[schedule] entries: unknown stage {stage!r} "
+                              f"(expected one of {', '.join(SCHEDULED_STAGES)})",
+                              key="schedule.entries")
+        if not croniter.is_valid(expr):
+            raise ConfigError(f"[schedule] entries: invalid cron expression {expr!r} for {stage}",
+                              key="schedule.entries")
+        schedule.entries[stage] = [CronEntry(expr=expr, command=stage)]
+    if entries:
+        schedule.sources.append("[schedule] entries")
+    return schedule
+

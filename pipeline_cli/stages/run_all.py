@@ -1,0 +1,174 @@
+"""run-all: sync-odata -> gen-virtual -> build-graph -> match-gps, as one locked, recorded run.
+
+Each stage function runs through the same :class:`StageRunner` as its own command, so it takes
+its own lock and records its own run, nested inside the outer ``run-all`` run (which holds the
+``run-all`` lock). A downstream stage runs only when its upstream produced something new in this
+run, or left work it has not consumed yet (a cheap probe of the stages' status sections); for
+match-gps, only when its backlog has work. The chain stops at the first failure, and run-all
+fails with that stage's exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .. import db
+from ..errors import LockBusy, PipelineError
+from ..runner import FAILED, NOOP, SUCCESS, RunContext, RunRecord, StageResult, StageRunner
+from ..settings import Settings
+from . import build_graph as build_graph_stage
+from . import gen_virtual as gen_virtual_stage
+from . import match_gps as match_gps_stage
+from . import sync_odata as sync_odata_stage
+
+CHAIN = ("sync-odata", "gen-virtual", "build-graph", "match-gps")
+BUSY = "busy"
+
+
+@dataclass
+class Clients:
+    """Client builders, each called at most once and only by the stage that needs it (so a
+    rerun with no GPS work never needs OSRM). The CLI passes its App's cached builders."""
+
+    odata: Callable[[], Any]
+    backups: Callable[[], Any]
+    graph_store: Callable[[], Any]
+    osrm: Callable[[], Any]
+
+
+class StageFailed(PipelineError):
+    """A stage of the chain failed; run-all exits with that stage's code."""
+
+    def __init__(self, stage: str, error: str, exit_code: int, stages: dict[str, Any]) -> None:
+        super().__init__(f"{stage} failed: {error}")
+        self.exit_code = exit_code
+        self.counts = _counts(stages)
+        self.extra = {"stages": stages, "failed_stage": stage}
+
+
+def _counts(stages: dict[str, Any]) -> dict[str, int]:
+    out = {"ran": 0, "success": 0, "noop": 0, "skipped": 0, "failed": 0}
+    for s in stages.values():
+        if s.get("run_id"):
+            out["ran"] += 1
+        key = s["status"] if s["status"] in out else "failed"
+        out[key] += 1
+    return out
+
+
+def _record_json(record: RunRecord, reason: str) -> dict[str, Any]:
+    out = record.to_json()
+    out.pop("stage", None)
+    out["message"] = record.message
+    out["reason"] = reason
+    return out
+
+
+def _not_run(reason: str) -> dict[str, Any]:
+    """A stage run-all did not start because there was nothing new for it."""
+    return {"status": NOOP, "run_id": None, "duration_ms": 0, "counts": {}, "message": "",
+            "reason": reason}
+
+
+# ---------------------------------------------------------------- what is new downstream
+
+
+def pending_work(conn: psycopg.Connection[Any], stage: str, graph_store: Any = None
+                 ) -> str | None:
+    """Why ``stage`` has unconsumed upstream output, or None: the stages' own status probes."""
+    if stage == "gen-virtual":
+        v = gen_virtual_stage.status_section(conn)
+        if v["active_dataset"] and not v["current"]:
+            return f"dataset {v['active_dataset']} has no virtual entities yet"
+        return None
+    if stage == "build-graph":
+        v = gen_virtual_stage.status_section(conn)
+        gen = v.get("generation")
+        if not gen:
+            return None
+        g = build_graph_stage.status_section(conn, graph_store)
+        if g["virtual_generation_id"] != gen["id"]:
+            return f"virtual generation {gen['id']} has no active graph yet"
+        if g["consistent"] is False:
+            return f"the active graph needs repair: {g['problem']}"
+        return None
+    if stage == "match-gps":
+        gps = match_gps_stage.status_section(conn)
+        ready = gps["unprocessed_points"] - gps["dead_points"]
+        if ready > 0 or gps["expired_leases"]:
+            return f"{gps['unprocessed_points']} unprocessed GPS points"
+        return None
+    return None
+
+
+# ---------------------------------------------------------------- the chain
+
+
+def run_all(
+    runner: StageRunner,
+    settings: Settings,
+    clients: Clients,
+    ctx: RunContext,
+    *,
+    wait: float | None = None,
+    gps_max_runtime: float | None = None,
+) -> StageResult:
+    """Run the chain inside the outer ``run-all`` run (``ctx``); see the module docstring."""
+    url = runner.database_url
+    stage_fns: dict[str, Callable[[RunContext], StageResult]] = {
+        "sync-odata": lambda c: sync_odata_stage.sync_odata(
+            url, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping),
+        "gen-virtual": lambda c: gen_virtual_stage.generate(
+            url, clients.backups(), settings.virtual, c),
+        "build-graph": lambda c: build_graph_stage.build_graph(
+            url, clients.graph_store(), clients.backups(), settings.graph,
+            settings.virtual.speeds_kmh, c),
+        "match-gps": lambda c: match_gps_stage.match_gps(
+            url, clients.osrm(), settings.match, c, max_runtime=gps_max_runtime),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    produced = True  # sync-odata always runs: it is the only way to learn the feed changed
+    with db.connect(url, autocommit=True, application_name="pipeline run-all probe") as conn:
+        for stage in CHAIN:
+            ctx.check_stop()
+            if stage == "sync-odata":
+                reason: str | None = "first stage"
+            elif stage == "match-gps":
+                reason = _probe(conn, stage, clients)
+            elif produced:
+                reason = f"{CHAIN[CHAIN.index(stage) - 1]} produced something new"
+            else:
+                reason = _probe(conn, stage, clients)
+            if reason is None:
+                results[stage] = _not_run("nothing new upstream" if stage != "match-gps"
+                                          else "no GPS backlog")
+                produced = False
+                ctx.log.info("%s: nothing new, not run", stage)
+                continue
+            try:
+                record = runner.run(stage, stage_fns[stage], wait=wait,
+                                    options={"run_all": ctx.run_id})
+            except LockBusy as exc:
+                results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
+                                  "counts": {}, "error": str(exc), "exit_code": exc.exit_code,
+                                  "reason": reason}
+                raise StageFailed(stage, str(exc), exc.exit_code, results) from None
+            results[stage] = _record_json(record, reason)
+            if record.status == FAILED:
+                raise StageFailed(stage, record.error or "failed", record.exit_code, results)
+            produced = record.status == SUCCESS
+    did_work = any(r["status"] == SUCCESS for r in results.values())
+    summary = ", ".join(f"{s} {r['status']}" for s, r in results.items())
+    return StageResult(status=SUCCESS if did_work else NOOP, counts=_counts(results),
+                       extra={"stages": results}, message=summary)
+
+
+def _probe(conn: psycopg.Connection[Any], stage: str, clients: Clients) -> str | None:
+    reader = None
+    if stage == "build-graph":
+        reader = clients.graph_store()
+    return pending_work(conn, stage, reader)

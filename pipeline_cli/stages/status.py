@@ -1,0 +1,519 @@
+"""Status: what an operator or a monitor needs to know about the whole pipeline, in one read.
+
+:func:`collect_status` gathers the run history of every stage (with overdue detection from the
+schedule), the locks held now, one section per area filled by that stage's own
+``status_section`` (dataset, virtual, graph, gps), S3 reachability and backup age, and turns it
+all into a health verdict (ok / warning / critical) against the ``[health]`` thresholds. It only
+reads, except that it records runs whose process died as ``crashed``. Every query is indexed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from .. import db
+from ..errors import PipelineError
+from ..runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
+from ..schedule import SCHEDULED_STAGES, Schedule
+from ..settings import HealthSettings
+
+OK, WARNING, CRITICAL, UNKNOWN = "ok", "warning", "critical", "unknown"
+LEVELS = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
+# Every stage status shows, in pipeline order (ingest-gps runs through the runner too).
+STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all")
+SECTIONS = ("dataset", "virtual", "graph", "gps")
+
+
+@dataclass
+class Problem:
+    level: str
+    area: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"level": self.level, "area": self.area, "message": self.message}
+
+
+@dataclass
+class SectionEnv:
+    """What a section may need: the status connection and the clients that are configured."""
+
+    conn: psycopg.Connection[Any]
+    now: datetime
+    redis: Any = None  # redis.Redis, or None when [redis] url is unset
+    redis_prefix: str = "pipeline"
+    backups: Any = None  # BackupStore, or None when [s3] endpoint is unset
+    settings: Any = None  # Settings, when the caller has them
+
+
+@dataclass
+class StatusReport:
+    schema_version: int
+    schema_latest: int
+    generated_at: datetime
+    health: str = OK
+    problems: list[Problem] = field(default_factory=list)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    locks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    s3: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    collect_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "health": self.health,
+            "problems": [p.to_json() for p in self.problems],
+            "generated_at": self.generated_at,
+            "schema": {"version": self.schema_version, "latest": self.schema_latest},
+            "stages": self.stages,
+        }
+        for name in SECTIONS:
+            out[name] = self.sections.get(name, {})
+        out["locks"] = self.locks
+        out["s3"] = self.s3
+        out["schedule"] = self.schedule
+        out["collect_ms"] = self.collect_ms
+        return out
+
+
+def _holder_json(h: LockHolder) -> dict[str, Any]:
+    return {"host": h.host, "pid": h.pid, "since": h.since, "backend_pid": h.backend_pid,
+            "application": h.application_name}
+
+
+# ---------------------------------------------------------------- sections of the stages
+
+
+def _stage_module(name: str) -> Any:
+    """A stage module imported on first use: status works while a stage is not installed."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _dataset_section(env: SectionEnv) -> dict[str, Any]:
+    return _stage_module("sync_odata").status_section(env.conn, env.now)
+
+
+def _virtual_section(env: SectionEnv) -> dict[str, Any]:
+    return _stage_module("gen_virtual").status_section(env.conn, env.now)
+
+
+def _graph_section(env: SectionEnv) -> dict[str, Any]:
+    from ..adapters.graph_store import GraphReader
+    from . import build_graph
+
+    reader = GraphReader(env.redis, env.redis_prefix) if env.redis is not None else None
+    return build_graph.status_section(env.conn, reader)
+
+
+def _gps_section(env: SectionEnv) -> dict[str, Any]:
+    return _stage_module("match_gps").status_section(env.conn)
+
+
+SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {
+    "dataset": _dataset_section,
+    "virtual": _virtual_section,
+    "graph": _graph_section,
+    "gps": _gps_section,
+}
+
+
+def _run_section(name: str, build: Callable[[SectionEnv], dict[str, Any]], env: SectionEnv
+                 ) -> dict[str, Any]:
+    """A section's dict, or ``{"error": ...}``: one broken area never hides the others."""
+    try:
+        return build(env)
+    except ImportError as exc:
+        return {"error": f"not available in this version ({exc.name or exc})"}
+    except PipelineError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a bug in a section must not take the whole status down
+        return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+    finally:
+        if not env.conn.autocommit and not env.conn.closed:
+            env.conn.rollback()
+
+
+# ---------------------------------------------------------------- run history and schedule
+
+
+def _stage_rows(conn: psycopg.Connection[Any], stages: list[str]) -> dict[str, dict[str, Any]]:
+    with db.wrap_errors("reading the run history"):
+        rows = conn.execute(db.query("status", "stage_summary"),
+                            {"stages": stages}).fetchall()
+    return {r["stage"]: r for r in rows}
+
+
+def _stage_json(r: dict[str, Any] | None) -> dict[str, Any]:
+    r = r or {}
+    return {
+        "last_status": r.get("status"),
+        "last_run_id": str(r["run_id"]) if r.get("run_id") else None,
+        "last_started_at": r.get("started_at"),
+        "last_finished_at": r.get("finished_at"),
+        "last_duration_ms": r.get("duration_ms"),
+        "last_counts": r.get("counts") or {},
+        "last_error": r.get("error"),
+        "last_host": r.get("host"),
+        "last_success_at": r.get("ok_finished_at"),
+        "last_success_started_at": r.get("ok_started_at"),
+        "last_success_duration_ms": r.get("ok_duration_ms"),
+        "last_success_counts": r.get("ok_counts") or {},
+        "last_work_at": r.get("work_finished_at"),
+        "last_failure_at": r.get("bad_finished_at"),
+        "last_failure_error": r.get("bad_error"),
+        "consecutive_failures": r.get("consecutive_failures") or 0,
+        "running": r.get("running") or 0,
+        "running_since": r.get("running_since"),
+    }
+
+
+def _apply_schedule(info: dict[str, Any], stage: str, schedule: Schedule, now: datetime,
+                    installed: datetime, grace: timedelta) -> None:
+    entries = schedule.for_stage(stage)
+    info["schedule"] = [e.expr for e in entries] or None
+    info["next_run_at"] = schedule.next_run(stage, now) if entries else None
+    info["overdue"] = False if entries else None
+    info["overdue_since"] = None
+    info["overdue_s"] = None
+    if not entries:
+        return
+    missed = schedule.expected_since(stage, info["last_success_started_at"], installed, now)
+    if missed is not None and now - missed > grace:
+        info["overdue"] = True
+        info["overdue_since"] = missed
+        info["overdue_s"] = int((now - missed).total_seconds())
+
+
+# ---------------------------------------------------------------- S3
+
+
+def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime) -> dict[str, Any]:
+    """Reachability of the bucket and the age of the newest dataset backup."""
+    if backups is None:
+        return {"configured": False, "reachable": None}
+    out: dict[str, Any] = {"configured": True, "bucket": backups.bucket, "reachable": False,
+                           "last_backup": None, "last_backup_age_s": None}
+    try:
+        backups.ping()
+        out["reachable"] = True
+    except PipelineError as exc:
+        out["error"] = str(exc)
+        return out
+    with db.wrap_errors("reading the newest dataset backup"):
+        row = conn.execute(db.query("status", "newest_backup")).fetchone()
+    if row is None:
+        return out
+    key = f"{row['backup_prefix'].rstrip('/')}/manifest.json"
+    try:
+        stat = backups._call(f"stat of {key}", lambda: backups.client.stat_object(
+            backups.bucket, key))
+        at = stat.last_modified
+        out["last_backup"] = {"key": key, "dataset": row["version"], "at": at}
+        out["last_backup_age_s"] = int((now - at).total_seconds()) if at else None
+    except PipelineError as exc:
+        out["last_backup"] = {"key": key, "dataset": row["version"], "at": None}
+        out["error"] = f"the newest dataset backup is missing or unreadable: {exc}"
+    return out
+
+
+# ---------------------------------------------------------------- health
+
+
+def _num(section: dict[str, Any], *path: str) -> float | None:
+    value: Any = section
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
+    """Every threshold crossed, worst first (seed 002: waiting work, failures, age)."""
+    problems: list[Problem] = []
+
+    def add(level: str, area: str, message: str) -> None:
+        problems.append(Problem(level, area, message))
+
+    now = report.generated_at
+    if report.schema_version < report.schema_latest:
+        add(CRITICAL, "schema", f"schema version {report.schema_version} of "
+            f"{report.schema_latest}: stages refuse to run; run `pipeline db migrate`")
+    for stage, s in report.stages.items():
+        fails = s["consecutive_failures"]
+        if fails >= h.failures_critical:
+            add(CRITICAL, stage, f"{stage} failed {fails} times in a row: {s['last_error']}")
+        elif fails >= h.failures_warning:
+            add(WARNING, stage, f"{stage} last run {s['last_status']}: {s['last_error']}")
+        if s.get("overdue"):
+            late = s["overdue_s"] or 0
+            level = CRITICAL if late >= h.overdue_critical_s else WARNING
+            add(level, stage, f"{stage} is overdue: expected at "
+                f"{s['overdue_since'].isoformat(timespec='minutes')}, "
+                f"{human_duration(late)} ago, no good run since")
+        since = s.get("running_since")
+        if since is not None and (now - since).total_seconds() > h.running_warning_s:
+            add(WARNING, stage, f"{stage} has been running for "
+                f"{human_duration((now - since).total_seconds())} (stuck?)")
+    sync = report.stages.get("sync-odata", {})
+    last_sync = sync.get("last_success_at")
+    if report.schema_version:
+        if last_sync is None:
+            add(WARNING, "sync-odata", "sync-odata has never succeeded: no dataset yet")
+        else:
+            age_h = (now - last_sync).total_seconds() / 3600
+            if age_h >= h.sync_age_critical_h:
+                add(CRITICAL, "sync-odata", f"last good sync-odata was {age_h:.0f} h ago")
+            elif age_h >= h.sync_age_warning_h:
+                add(WARNING, "sync-odata", f"last good sync-odata was {age_h:.0f} h ago")
+    for name in SECTIONS:
+        section = report.sections.get(name, {})
+        if "error" in section and not str(section["error"]).startswith("not available"):
+            add(WARNING, name, f"{name} section unavailable: {section['error']}")
+    graph = report.sections.get("graph", {})
+    if graph.get("consistent") is False:
+        add(CRITICAL, "graph", f"graph: {graph.get('problem') or 'PostgreSQL and Redis disagree'}")
+    gps = report.sections.get("gps", {})
+    _thresholds(add, "gps", _num(gps, "unprocessed_points"), h.backlog_warning,
+                h.backlog_critical, "{:.0f} unprocessed GPS points")
+    _thresholds(add, "gps", _num(gps, "oldest_unprocessed_age_s"), h.backlog_age_warning_s,
+                h.backlog_age_critical_s, "oldest unprocessed GPS point is {:.0f} s old")
+    _thresholds(add, "gps", _num(gps, "batches", "failed"), h.failed_batches_warning,
+                h.failed_batches_critical, "{:.0f} GPS batches failed and waiting for a retry")
+    _thresholds(add, "gps", _num(gps, "batches", "dead"), h.dead_batches_warning,
+                h.dead_batches_critical,
+                "{:.0f} dead GPS batches (`pipeline batches list --status dead`)")
+    if report.s3.get("configured") and report.s3.get("reachable") is False:
+        add(WARNING, "s3", f"S3 unreachable: {report.s3.get('error', '')}".rstrip(": "))
+    elif report.s3.get("error"):
+        add(WARNING, "s3", report.s3["error"])
+    problems.sort(key=lambda p: -LEVELS[p.level])
+    return problems
+
+
+def _thresholds(add: Callable[[str, str, str], None], area: str, value: float | None,
+                warning: float, critical: float, text: str) -> None:
+    if value is None:
+        return
+    if value >= critical:
+        add(CRITICAL, area, text.format(value))
+    elif value >= warning:
+        add(WARNING, area, text.format(value))
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def verdict(problems: list[Problem]) -> str:
+    worst = max((LEVELS[p.level] for p in problems), default=0)
+    return {0: OK, 1: WARNING, 2: CRITICAL, 3: UNKNOWN}[worst]
+
+
+# ---------------------------------------------------------------- the report
+
+
+def collect_status(
+    conn: psycopg.Connection[Any],
+    *,
+    health: HealthSettings | None = None,
+    schedule: Schedule | None = None,
+    redis: Any = None,
+    redis_prefix: str = "pipeline",
+    backups: Any = None,
+    settings: Any = None,
+    sections: dict[str, Callable[[SectionEnv], dict[str, Any]]] | None = None,
+) -> StatusReport:
+    """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
+
+    ``redis`` and ``backups`` are optional clients (None when not configured); their sections
+    then say so instead of failing. Raises DatabaseError only if PostgreSQL itself fails.
+    """
+    started = time.monotonic()
+    health = health or HealthSettings()
+    schedule = schedule or Schedule()
+    version = db.schema_version(conn)
+    with db.wrap_errors("reading the clock"):
+        clock = conn.execute("SELECT now() AS now").fetchone()
+    now: datetime = clock["now"] if clock else datetime.now(UTC)
+    report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
+                          generated_at=now, schedule={"sources": schedule.sources,
+                                                      "entries": schedule.to_json()})
+    if version == 0:
+        report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
+                                   "run `pipeline db migrate`")]
+        report.health = CRITICAL
+        report.collect_ms = int((time.monotonic() - started) * 1000)
+        return report
+    reap_crashed(conn)
+    names = list(dict.fromkeys([*STAGES, *ALL_STAGES, *schedule.entries]))
+    rows = _stage_rows(conn, names)
+    with db.wrap_errors("reading the schema history"):
+        first = conn.execute(db.query("status", "installed_at")).fetchone()
+    installed: datetime = (first or {}).get("installed_at") or now
+    grace = timedelta(seconds=health.overdue_grace_s)
+    for stage in names:
+        info = _stage_json(rows.get(stage))
+        if stage in SCHEDULED_STAGES:
+            _apply_schedule(info, stage, schedule, now, installed, grace)
+        report.stages[stage] = info
+    singletons = tuple(s for s in names if s != "match-gps")
+    report.locks = {n: _holder_json(h) for n, h in lock_holders(conn, singletons).items()}
+    env = SectionEnv(conn=conn, now=now, redis=redis, redis_prefix=redis_prefix, backups=backups,
+                     settings=settings)
+    for name, build in (sections or SECTION_BUILDERS).items():
+        report.sections[name] = _run_section(name, build, env)
+    try:
+        report.s3 = _s3_section(conn, backups, now)
+    except PipelineError as exc:
+        report.s3 = {"configured": backups is not None, "reachable": None, "error": str(exc)}
+    report.problems = assess(report, health)
+    report.health = verdict(report.problems)
+    report.collect_ms = int((time.monotonic() - started) * 1000)
+    return report
+
+
+# ---------------------------------------------------------------- Prometheus textfile
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _metric_name(*parts: str) -> str:
+    name = "_".join(p for p in parts if p)
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name).lower()
+
+
+def _ts(value: Any) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else None
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._typed: set[str] = set()
+
+    def add(self, name: str, value: float | bool | None, help_: str,
+            labels: dict[str, str] | None = None) -> None:
+        if value is None:
+            return
+        if name not in self._typed:
+            self._typed.add(name)
+            self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+        lab = ",".join(f'{k}="{_label(v)}"' for k, v in (labels or {}).items())
+        self.lines.append(f"{name}{{{lab}}} {float(value):.17g}" if lab
+                          else f"{name} {float(value):.17g}")
+
+
+def prometheus_text(report: StatusReport | None) -> str:
+    """node_exporter textfile metrics; ``report`` None means status could not be collected."""
+    m = _Metrics()
+    m.add("pipeline_status_up", report is not None,
+          "1 if pipeline status could read the database")
+    if report is None:
+        m.add("pipeline_health", LEVELS[UNKNOWN],
+              "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
+        return "\n".join(m.lines) + "\n"
+    m.add("pipeline_health", LEVELS[report.health],
+          "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
+    for level in (WARNING, CRITICAL):
+        m.add("pipeline_problems", sum(p.level == level for p in report.problems),
+              "health problems by level", {"level": level})
+    m.add("pipeline_status_collect_seconds", report.collect_ms / 1000,
+          "time taken to collect the status")
+    m.add("pipeline_schema_version", report.schema_version, "applied schema version")
+    for stage, s in report.stages.items():
+        lab = {"stage": stage}
+        m.add("pipeline_stage_last_success_timestamp_seconds", _ts(s["last_success_at"]),
+              "end of the last success or noop run", lab)
+        m.add("pipeline_stage_last_failure_timestamp_seconds", _ts(s["last_failure_at"]),
+              "end of the last failed or crashed run", lab)
+        m.add("pipeline_stage_last_run_timestamp_seconds", _ts(s["last_started_at"]),
+              "start of the last run", lab)
+        if s["last_duration_ms"] is not None:
+            m.add("pipeline_stage_last_duration_seconds", s["last_duration_ms"] / 1000,
+                  "duration of the last run", lab)
+        m.add("pipeline_stage_last_run_ok",
+              None if s["last_status"] is None else s["last_status"] in ("success", "noop"),
+              "1 if the last run succeeded (success or noop)", lab)
+        m.add("pipeline_stage_consecutive_failures", s["consecutive_failures"],
+              "failed or crashed runs since the last good run", lab)
+        m.add("pipeline_stage_running", s["running"], "runs in progress", lab)
+        m.add("pipeline_stage_overdue", s.get("overdue"),
+              "1 if a scheduled run is missing past the grace period", lab)
+        m.add("pipeline_stage_next_run_timestamp_seconds", _ts(s.get("next_run_at")),
+              "next scheduled run", lab)
+    for name in SECTIONS:
+        section = report.sections.get(name, {})
+        m.add("pipeline_section_ok", "error" not in section,
+              "1 if the status section could be read", {"section": name})
+        _numeric_leaves(m, f"pipeline_{name}", section, f"pipeline status {name} section")
+    m.add("pipeline_locks_held", len(report.locks), "stage locks held now")
+    for lock in report.locks:
+        m.add("pipeline_lock_held", 1, "1 while the stage lock is held", {"stage": lock})
+    if report.s3.get("configured"):
+        m.add("pipeline_s3_up", bool(report.s3.get("reachable")), "1 if the S3 bucket answers")
+        m.add("pipeline_s3_last_backup_age_seconds", report.s3.get("last_backup_age_s"),
+              "age of the newest dataset backup")
+    return "\n".join(m.lines) + "\n"
+
+
+def _numeric_leaves(m: _Metrics, prefix: str, obj: Any, help_: str, depth: int = 0) -> None:
+    """Every number or boolean in a section becomes a gauge: gps.batches.dead ->
+    pipeline_gps_batches_dead. Strings and lists are left to `status --json`."""
+    if not isinstance(obj, dict) or depth > 3:
+        return
+    for key, value in obj.items():
+        name = _metric_name(prefix, str(key))
+        if isinstance(value, (bool, int, float)):
+            m.add(name, value, help_)
+        elif isinstance(value, datetime):
+            m.add(f"{name}_timestamp_seconds", value.timestamp(), help_)
+        elif isinstance(value, dict):
+            _numeric_leaves(m, name, value, help_, depth + 1)
+
+
+def write_prometheus(path: str, text: str) -> None:
+    """Write atomically: a temp file in the same directory, then rename over ``path``, so
+    node_exporter never reads half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pipeline-status.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,60 @@
+"""`pipeline run-all` through the CLI: --json stages, summary table, -q, exit codes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline_cli import db
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.odata_server import ODataServer, sample_network
+
+pytestmark = [pytest.mark.osrm, pytest.mark.s3]
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str], osrm_url: str) -> Iterator[Cli]:
+    with ODataServer(sample_network(40), page_size=50) as server:
+        run_cli.env.update(full_env)
+        run_cli.env.update({"PIPELINE_OSRM_URL": osrm_url, "PIPELINE_ODATA_URL": server.url})
+        yield run_cli
+
+
+def test_json_then_quiet_noop_rerun(cli: Cli) -> None:
+    result = cli.subprocess("run-all", "--json")
+    assert result.returncode == 0, result.stderr
+    obj = json.loads(result.stdout)
+    assert obj["stage"] == "run-all" and obj["status"] == "success"
+    assert list(obj["stages"]) == ["sync-odata", "gen-virtual", "build-graph", "match-gps"]
+    assert obj["stages"]["build-graph"]["status"] == "success"
+    assert obj["stages"]["match-gps"] == {**obj["stages"]["match-gps"], "status": "noop",
+                                          "run_id": None, "reason": "no GPS backlog"}
+    quiet = cli.subprocess("-q", "run-all")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    table = cli("run-all")
+    assert table.exit_code == 0
+    assert "run-all: noop" in table.output and "nothing new upstream" in table.output
+
+
+def test_failure_exits_with_the_stage_code_and_mails_the_table(cli: Cli) -> None:
+    cli.env["PIPELINE_ODATA_URL"] = "http://127.0.0.1:9/odata/"
+    cli.env["PIPELINE_ODATA_RETRIES"] = "1"
+    result = cli.subprocess("-q", "run-all")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "\npipeline run-all: error: sync-odata failed:" in result.stderr
+    assert "not reached" in result.stderr and "Traceback" not in result.stderr
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
+    assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
+                                                         ("sync-odata", "failed")]
+
+
+def test_busy_run_all_lock_exits_75(cli: Cli) -> None:
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("run-all"),))
+        result = cli("run-all", "--json")
+    assert result.exit_code == 75
+    assert json.loads(result.output)["status"] == "busy"

@@ -1,0 +1,111 @@
+"""`pipeline status`: --json keys, --check Nagios codes, --prometheus file, human output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline_cli import db
+from pipeline_cli.runner import StageResult, StageRunner
+from pipeline_cli.testing.clirunner import Cli
+
+
+def good_runs(url: str, *stages: str) -> None:
+    for stage in stages or ("sync-odata",):
+        StageRunner(url).run(stage, lambda ctx: StageResult(status="noop"))
+
+
+def test_json_has_every_section(run_cli: Cli) -> None:
+    result = run_cli("status", "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.output)
+    assert {"health", "stages", "dataset", "virtual", "graph", "gps", "locks", "s3",
+            "problems"} <= obj.keys()
+    assert obj["health"] in ("ok", "warning", "critical")
+    assert obj["stages"]["match-gps"]["last_status"] is None
+
+
+def test_check_ok_is_one_line_and_silent_under_q(run_cli: Cli) -> None:
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    result = run_cli("status", "--check")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("PIPELINE OK - ") and result.output.count("\n") == 1
+    quiet = run_cli("-q", "status", "--check")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_check_warning_and_critical(run_cli: Cli, tmp_path: Path) -> None:
+    result = run_cli("status", "--check")  # nothing ever ran
+    assert result.exit_code == 1 and result.output.startswith("PIPELINE WARNING - sync-odata")
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    run_cli.env["PIPELINE_SCHEDULE_CRONTAB"] = str(tmp_path / "crontab")
+    (tmp_path / "crontab").write_text(
+        "PIPELINE=/opt/pipeline/bin/pipeline\n"
+        "* * * * * . /etc/pipeline.env && $PIPELINE -q run-all\n")
+    with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as c:
+        c.execute("UPDATE schema_migrations SET applied_at = now() - interval '1 day'")
+    result = run_cli("-q", "status", "--check")
+    assert result.exit_code == 2, result.output  # overdue for a day: past overdue_critical_s
+    assert result.output.startswith("PIPELINE CRITICAL - run-all is overdue")
+    run_cli.env["PIPELINE_HEALTH_OVERDUE_CRITICAL_S"] = str(7 * 86400)
+    assert run_cli("status", "--check").exit_code == 1
+
+
+def test_check_unknown_when_the_database_is_unreachable(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://pipeline:s3cret@127.0.0.1:9/nope"
+    result = run_cli.subprocess("status", "--check")
+    assert result.returncode == 3, result
+    assert result.stdout.startswith("PIPELINE UNKNOWN - cannot connect to PostgreSQL")
+    assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    # Without --check the normal CLI edge applies: one error line, exit 1.
+    plain = run_cli("status")
+    assert plain.exit_code == 1 and "cannot connect" in plain.output
+
+
+def test_check_unknown_when_unconfigured(run_cli: Cli) -> None:
+    del run_cli.env["PIPELINE_DATABASE_URL"]
+    result = run_cli("status", "--check")
+    assert result.exit_code == 3 and "PIPELINE UNKNOWN - missing setting" in result.output
+
+
+def test_prometheus_file_is_written_atomically(run_cli: Cli, tmp_path: Path) -> None:
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    target = tmp_path / "pipeline.prom"
+    target.write_text("old\n")
+    inode = target.stat().st_ino
+    result = run_cli("-q", "status", "--prometheus", str(target))
+    assert result.exit_code == 0 and result.output == ""
+    text = target.read_text()
+    assert target.stat().st_ino != inode  # replaced by rename, never rewritten in place
+    assert os.listdir(tmp_path) == ["pipeline.prom"]  # no temp file left behind
+    assert "pipeline_status_up 1" in text and "pipeline_health 0" in text
+    assert 'pipeline_stage_last_success_timestamp_seconds{stage="sync-odata"}' in text
+    assert (target.stat().st_mode & 0o777) == 0o644
+
+
+def test_prometheus_when_the_database_is_down(run_cli: Cli, tmp_path: Path) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:9/nope"
+    target = tmp_path / "pipeline.prom"
+    result = run_cli("status", "--check", "--prometheus", str(target))
+    assert result.exit_code == 3
+    assert "pipeline_status_up 0" in target.read_text()
+    assert "pipeline_health 3" in target.read_text()
+
+
+def test_prometheus_into_a_missing_directory_is_one_line(run_cli: Cli, tmp_path: Path) -> None:
+    result = run_cli("status", "--prometheus", str(tmp_path / "nope" / "x.prom"))
+    assert result.exit_code == 1
+    assert result.output.startswith("pipeline status: error: cannot write the metrics file")
+
+
+def test_human_output_names_the_verdict_and_areas(run_cli: Cli) -> None:
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"], "sync-odata", "gen-virtual")
+    result = run_cli("status")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("health: OK")
+    for word in ("sync-odata", "gen-virtual", "noop", "dataset", "virtual", "graph", "gps",
+                 "locks"):
+        assert word in result.output
+    assert "\x1b[" not in result.output  # no colour when not on a terminal

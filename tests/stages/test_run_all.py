@@ -1,0 +1,136 @@
+"""run-all against real services: chaining, noop rerun, stop at the first failure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli import db
+from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.app import App
+from pipeline_cli.commands.build_graph import graph_store
+from pipeline_cli.errors import EXIT_LOCK_BUSY
+from pipeline_cli.runner import RunRecord, StageRunner
+from pipeline_cli.settings import load_settings
+from pipeline_cli.stages.run_all import CHAIN, Clients, run_all
+from pipeline_cli.testing import traces
+from pipeline_cli.testing.odata_server import ODataServer, sample_network
+from pipeline_cli.testing.services import S3Endpoint
+
+pytestmark = [pytest.mark.osrm, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def gps_rows(osrm_url: str) -> list[Any]:
+    with OsrmClient(osrm_url) as client:
+        made = traces.make_traces(client, 2, seed=5)
+    return [row for i, t in enumerate(made) for row in t.rows(f"bus-{i}")]
+
+
+@pytest.fixture
+def server() -> Iterator[ODataServer]:
+    with ODataServer(sample_network(60), page_size=50) as srv:
+        yield srv
+
+
+@pytest.fixture
+def app(database_url: str, redis_url: str, redis_prefix: str, s3: S3Endpoint, s3_bucket: str,
+        osrm_url: str, server: ODataServer) -> Iterator[App]:
+    env = {
+        "PIPELINE_DATABASE_URL": database_url, "PIPELINE_REDIS_URL": redis_url,
+        "PIPELINE_REDIS_PREFIX": redis_prefix, "PIPELINE_S3_ENDPOINT": s3.endpoint,
+        "PIPELINE_S3_ACCESS_KEY": s3.access_key, "PIPELINE_S3_SECRET_KEY": s3.secret_key,
+        "PIPELINE_S3_BUCKET": s3_bucket, "PIPELINE_OSRM_URL": osrm_url,
+        "PIPELINE_ODATA_URL": server.url,
+    }
+    application = App(_settings=load_settings(environ=env))
+    with application.resources:
+        yield application
+
+
+def chain(app: App) -> RunRecord:
+    """One run-all run, built the way the CLI builds it."""
+    runner = app.runner()
+    clients = Clients(odata=app.odata, backups=app.backups,
+                      graph_store=lambda: graph_store(app), osrm=app.osrm)
+    return runner.run("run-all", lambda ctx: run_all(runner, app.settings, clients, ctx))
+
+
+def statuses(record: RunRecord) -> dict[str, str]:
+    return {s: r["status"] for s, r in record.extra["stages"].items()}
+
+
+def runs(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    return [(r["stage"], r["status"]) for r in conn.execute(
+        "SELECT stage, status FROM stage_runs ORDER BY started_at")]
+
+
+def test_chain_then_noop_then_only_what_changed(app: App, conn: psycopg.Connection[Any],
+                                                server: ODataServer, gps_rows: list[Any]
+                                                ) -> None:
+    traces.insert_points(conn, gps_rows)
+    first = chain(app)
+    assert first.status == "success", first.error
+    assert statuses(first) == dict.fromkeys(CHAIN, "success")
+    assert first.extra["stages"]["match-gps"]["counts"]["points_processed"] == len(gps_rows)
+    # Every inner stage recorded its own run, nested in the run-all run.
+    assert sorted(runs(conn)) == sorted([(s, "success") for s in (*CHAIN, "run-all")])
+    inner = conn.execute("SELECT options FROM stage_runs WHERE stage = 'gen-virtual'").fetchone()
+    assert inner and inner["options"] == {"run_all": first.run_id}
+
+    second = chain(app)
+    assert second.status == "noop" and statuses(second) == dict.fromkeys(CHAIN, "noop")
+    # Only sync-odata ran (it is the only way to learn the feed is unchanged).
+    assert [r["run_id"] is not None for r in second.extra["stages"].values()] == [
+        True, False, False, False]
+    assert second.extra["stages"]["match-gps"]["reason"] == "no GPS backlog"
+
+    stop = server.rows("Stops")[0]
+    server.update_row("Stops", stop["ID"], name=stop["name"] + " (renamed)")
+    third = chain(app)
+    assert statuses(third) == {"sync-odata": "success", "gen-virtual": "success",
+                               "build-graph": "success", "match-gps": "noop"}
+
+
+def test_a_downstream_stage_behind_its_upstream_is_caught_up(app: App, database_url: str,
+                                                             conn: psycopg.Connection[Any]
+                                                             ) -> None:
+    # A previous night synced but gen-virtual never ran (it failed, or was killed).
+    runner = StageRunner(database_url)
+    from pipeline_cli.stages.sync_odata import sync_odata
+
+    runner.run("sync-odata", lambda ctx: sync_odata(database_url, app.odata(), app.backups(),
+                                                    ctx))
+    record = chain(app)
+    assert statuses(record) == {"sync-odata": "noop", "gen-virtual": "success",
+                                "build-graph": "success", "match-gps": "noop"}
+    assert "no virtual entities yet" in record.extra["stages"]["gen-virtual"]["reason"]
+
+
+def test_stops_at_the_first_failure_with_its_exit_code(app: App, database_url: str,
+                                                       conn: psycopg.Connection[Any]) -> None:
+    with db.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
+        record = chain(app)
+    assert record.status == "failed" and record.exit_code == EXIT_LOCK_BUSY
+    assert record.error and record.error.startswith("build-graph failed: build-graph is already")
+    assert statuses(record) == {"sync-odata": "success", "gen-virtual": "success",
+                                "build-graph": "busy"}  # match-gps not reached
+    assert record.extra["failed_stage"] == "build-graph"
+    row = conn.execute("SELECT status, result FROM stage_runs WHERE stage = 'run-all'").fetchone()
+    assert row and row["status"] == "failed" and "stages" in row["result"]
+    # The next run picks up where it stopped.
+    again = chain(app)
+    assert statuses(again)["build-graph"] == "success"
+
+
+def test_run_all_holds_its_own_lock(app: App, database_url: str) -> None:
+    with db.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("run-all"),))
+        from pipeline_cli.errors import LockBusy
+
+        with pytest.raises(LockBusy):
+            chain(app)

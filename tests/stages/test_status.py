@@ -1,0 +1,260 @@
+"""collect_status: run history, overdue detection, crashed runs, sections and the verdict."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from pipeline_cli import db
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.errors import SourceError
+from pipeline_cli.runner import RunContext, StageResult, StageRunner
+from pipeline_cli.schedule import build_schedule
+from pipeline_cli.settings import HealthSettings
+from pipeline_cli.stages.status import (
+    CRITICAL,
+    OK,
+    WARNING,
+    SectionEnv,
+    collect_status,
+    prometheus_text,
+)
+from pipeline_cli.testing.services import S3Endpoint
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def run(url: str, stage: str, status: str = "success", *, hours_ago: float = 0.0,
+        conn: Conn | None = None) -> str:
+    """Record one real run of ``stage`` through the runner, optionally moved into the past."""
+    def fn(ctx: RunContext) -> StageResult:
+        if status == "failed":
+            raise SourceError("OData answered 503")
+        return StageResult(status=status, counts={"rows": 1})
+
+    record = StageRunner(url).run(stage, fn)
+    if hours_ago and conn is not None:
+        conn.execute("UPDATE stage_runs SET started_at = started_at - make_interval(secs => %s),"
+                     " finished_at = finished_at - make_interval(secs => %s) WHERE run_id = %s",
+                     (hours_ago * 3600, hours_ago * 3600, record.run_id))
+    return record.run_id
+
+
+def quiet_sections(**over: Any) -> dict[str, Any]:
+    """Section builders that report a healthy, empty area (the stages are tested elsewhere)."""
+    base: dict[str, Any] = {name: (lambda env: {}) for name in ("dataset", "virtual", "graph",
+                                                               "gps")}
+    base.update(over)
+    return base
+
+
+def test_fresh_database_warns_that_nothing_ran(conn: Conn) -> None:
+    report = collect_status(conn, sections=quiet_sections())
+    assert report.health == WARNING
+    assert [p.area for p in report.problems] == ["sync-odata"]
+    assert set(report.stages) >= {"sync-odata", "gen-virtual", "build-graph", "match-gps",
+                                  "run-all"}
+    assert report.stages["sync-odata"]["last_status"] is None
+
+
+def test_good_runs_are_ok_and_counted(conn: Conn, database_url: str) -> None:
+    run(database_url, "sync-odata", "noop")
+    run(database_url, "gen-virtual", "success")
+    report = collect_status(conn, sections=quiet_sections())
+    assert report.health == OK, report.problems
+    s = report.stages["gen-virtual"]
+    assert s["last_status"] == "success" and s["last_success_counts"] == {"rows": 1}
+    assert s["last_work_at"] is not None and s["consecutive_failures"] == 0
+
+
+def test_failures_warn_then_turn_critical(conn: Conn, database_url: str) -> None:
+    run(database_url, "sync-odata", "success")
+    run(database_url, "build-graph", "success")
+    run(database_url, "build-graph", "failed")
+    report = collect_status(conn, sections=quiet_sections())
+    assert report.health == WARNING
+    assert "OData answered 503" in report.problems[0].message
+    run(database_url, "build-graph", "failed")
+    run(database_url, "build-graph", "failed")
+    report = collect_status(conn, sections=quiet_sections())
+    assert report.health == CRITICAL
+    assert report.stages["build-graph"]["consecutive_failures"] == 3
+    assert report.stages["build-graph"]["last_failure_error"] == "OData answered 503"
+    run(database_url, "build-graph", "noop")
+    assert collect_status(conn, sections=quiet_sections()).health == OK
+
+
+def test_overdue_from_the_schedule(conn: Conn, database_url: str) -> None:
+    schedule = build_schedule(None, {"sync-odata": "0 */6 * * *", "match-gps": "* * * * *"})
+    run(database_url, "sync-odata", "success", hours_ago=7, conn=conn)
+    run(database_url, "match-gps", "noop")
+    report = collect_status(conn, schedule=schedule, sections=quiet_sections())
+    sync = report.stages["sync-odata"]
+    assert sync["overdue"] is True and sync["overdue_s"] >= 3600
+    assert sync["schedule"] == ["0 */6 * * *"] and sync["next_run_at"] > report.generated_at
+    assert report.stages["match-gps"]["overdue"] is False
+    assert report.stages["build-graph"]["overdue"] is None  # not scheduled: never overdue
+    assert report.health == WARNING
+    assert any("sync-odata is overdue" in p.message for p in report.problems)
+    # Overdue for longer than overdue_critical_s is critical.
+    strict = HealthSettings(overdue_critical_s=1800)
+    assert collect_status(conn, schedule=schedule, health=strict,
+                          sections=quiet_sections()).health == CRITICAL
+    # A good run fills the slot.
+    run(database_url, "sync-odata", "noop")
+    report = collect_status(conn, schedule=schedule, sections=quiet_sections())
+    assert report.stages["sync-odata"]["overdue"] is False and report.health == OK
+
+
+def test_never_ran_is_overdue_only_after_install_plus_grace(conn: Conn, database_url: str
+                                                            ) -> None:
+    run(database_url, "sync-odata", "success")
+    schedule = build_schedule(None, {"run-all": "* * * * *"})
+    report = collect_status(conn, schedule=schedule, sections=quiet_sections())
+    assert report.stages["run-all"]["overdue"] is False  # installed moments ago
+    conn.execute("UPDATE schema_migrations SET applied_at = now() - interval '1 day'")
+    report = collect_status(conn, schedule=schedule, sections=quiet_sections())
+    assert report.stages["run-all"]["overdue"] is True
+
+
+def test_a_killed_run_shows_as_crashed(conn: Conn, database_url: str) -> None:
+    code = (
+        "import sys, time\n"
+        "from pipeline_cli.runner import StageRunner, StageResult\n"
+        "def fn(ctx):\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    return StageResult()\n"
+        "StageRunner(sys.argv[1]).run('gen-virtual', fn)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, database_url], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        running = collect_status(conn, sections=quiet_sections())
+        assert running.stages["gen-virtual"]["running"] == 1
+        assert running.locks["gen-virtual"]["pid"] == proc.pid
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while True:  # PostgreSQL notices the dead client's session within moments
+        report = collect_status(conn, sections=quiet_sections())
+        if report.stages["gen-virtual"]["last_status"] == "crashed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    s = report.stages["gen-virtual"]
+    assert s["last_status"] == "crashed" and s["running"] == 0
+    assert s["consecutive_failures"] == 1 and "died" in s["last_error"]
+    assert "gen-virtual" not in report.locks
+    assert any(p.area == "gen-virtual" for p in report.problems)
+
+
+def test_gps_thresholds_follow_the_health_settings(conn: Conn, database_url: str) -> None:
+    run(database_url, "sync-odata", "success")
+
+    def gps(points: int, age: int = 0, dead: int = 0, failed: int = 0) -> dict[str, Any]:
+        return quiet_sections(gps=lambda env: {
+            "unprocessed_points": points, "oldest_unprocessed_age_s": age,
+            "batches": {"pending": 1, "failed": failed, "dead": dead}})
+
+    assert collect_status(conn, sections=gps(999)).health == OK
+    assert collect_status(conn, sections=gps(1000)).health == WARNING
+    assert collect_status(conn, sections=gps(5000)).health == CRITICAL
+    assert collect_status(conn, sections=gps(5, age=3600)).health == WARNING
+    assert collect_status(conn, sections=gps(5, age=6 * 3600)).health == CRITICAL
+    assert collect_status(conn, sections=gps(5, dead=1)).health == WARNING
+    assert collect_status(conn, sections=gps(5, failed=200)).health == CRITICAL
+    lenient = HealthSettings(backlog_warning=10_000, backlog_critical=20_000)
+    assert collect_status(conn, sections=gps(5000), health=lenient).health == OK
+
+
+def test_a_failing_section_reports_itself_and_warns(conn: Conn, database_url: str) -> None:
+    run(database_url, "sync-odata", "success")
+
+    def broken(env: SectionEnv) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    report = collect_status(conn, sections=quiet_sections(virtual=broken))
+    assert report.sections["virtual"] == {"error": "internal error: RuntimeError: boom"}
+    assert report.sections["graph"] == {}
+    assert report.health == WARNING
+
+
+def test_real_sections_fill_the_report(conn: Conn, database_url: str, redis_url: str,
+                                       redis_prefix: str) -> None:
+    run(database_url, "sync-odata", "success")
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        report = collect_status(conn, redis=client, redis_prefix=redis_prefix)
+        for name in ("dataset", "virtual", "graph"):
+            assert "error" not in report.sections[name], report.sections[name]
+        assert report.sections["graph"]["consistent"] is True
+        # A Redis pointer that PostgreSQL does not know is critical: the API reads it.
+        client.set(f"{redis_prefix}:graph:active", "graph-v99")
+        report = collect_status(conn, redis=client, redis_prefix=redis_prefix)
+        assert report.sections["graph"]["consistent"] is False
+        assert report.health == CRITICAL
+    finally:
+        client.close()
+
+
+def test_unmigrated_database_is_critical(empty_database_url: str) -> None:
+    with db.connect(empty_database_url, autocommit=True) as c:
+        report = collect_status(c)
+    assert report.health == CRITICAL and "db migrate" in report.problems[0].message
+
+
+@pytest.mark.s3
+def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoint,
+                                     s3_bucket: str) -> None:
+    run(database_url, "sync-odata", "success")
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, timeout=3)
+    store.ensure_bucket()
+    report = collect_status(conn, backups=store, sections=quiet_sections())
+    assert report.s3["reachable"] is True and report.s3["last_backup"] is None
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES ('ds-v1', 1, 'h', 'datasets/ds-v1/', true)")
+    store.put_json("datasets/ds-v1/manifest.json", {"format": "test"})
+    report = collect_status(conn, backups=store, sections=quiet_sections())
+    assert report.s3["last_backup"]["dataset"] == "ds-v1"
+    assert 0 <= report.s3["last_backup_age_s"] < 120
+    assert report.health == OK
+    down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
+    report = collect_status(conn, backups=down, sections=quiet_sections())
+    assert report.s3["reachable"] is False and report.health == WARNING
+
+
+def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:
+    run(database_url, "sync-odata", "success")
+    report = collect_status(conn, sections=quiet_sections(gps=lambda env: {
+        "unprocessed_points": 7, "batches": {"dead": 2}, "device": "x"}))
+    text = prometheus_text(report)
+    line_re = re.compile(r'^[a-z_][a-z0-9_]*(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+-]+$')
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ ", line), line
+            continue
+        assert line_re.match(line), line
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples["pipeline_status_up"] == 1
+    assert samples["pipeline_health"] == 1  # 2 dead batches: warning
+    assert samples["pipeline_gps_unprocessed_points"] == 7
+    assert samples["pipeline_gps_batches_dead"] == 2
+    assert samples['pipeline_stage_consecutive_failures{stage="sync-odata"}'] == 0
+    assert prometheus_text(None).startswith("# HELP pipeline_status_up")

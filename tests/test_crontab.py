@@ -1,0 +1,112 @@
+"""crontab.example holds the schedule the issue asks for, and the schedule parser reads it."""
+
+from __future__ import annotations
+
+import shlex
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline_cli.errors import ConfigError
+from pipeline_cli.schedule import build_schedule, find_invocation, parse_crontab
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "crontab.example"
+
+
+def entries() -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    out: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for e in parse_crontab(EXAMPLE.read_text(), str(EXAMPLE)):
+        out.setdefault(e.command, []).append((e.expr, e.args))
+    return out
+
+
+def test_example_schedule() -> None:
+    found = entries()
+    assert found["sync-odata"] == [("5 */6 * * *", ())]
+    assert found["match-gps"] == [("* * * * *", ("--max-runtime", "55"))]
+    assert found["run-all"][0][0] == "30 2 * * *"
+    (expr, args), = found["status"]
+    assert expr == "*/5 * * * *" and "--check" in args and "--prometheus" in args
+
+
+def test_example_lines_are_cron_safe() -> None:
+    text = EXAMPLE.read_text()
+    assert "MAILTO=" in text and "logrotate" in text and "copytruncate" in text
+    jobs = [line for line in text.splitlines() if line and line[0] in "*0123456789@"]
+    assert len(jobs) == 4
+    for line in jobs:
+        command = line.split(None, 5)[5]
+        words = shlex.split(command.replace("&&", " "))
+        assert ". /etc/pipeline/pipeline.env" in command  # secrets from an env file
+        exe = next(w for w in words if w.endswith("/pipeline"))
+        assert exe.startswith("/")  # absolute paths
+        assert words[words.index(exe) + 1] == "-q"  # silent on success
+
+
+def test_status_reads_the_example(tmp_path: Path) -> None:
+    schedule = build_schedule(EXAMPLE)
+    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all"}
+    now = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
+    assert schedule.next_run("sync-odata", now) == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
+    assert schedule.next_run("match-gps", now) == datetime(2026, 1, 1, 12, 1, tzinfo=UTC)
+    # A good sync at 06:05 covers the 06:05 slot; the 12:05 slot is not due yet.
+    assert schedule.expected_since("sync-odata", now.replace(hour=6, minute=5, second=2),
+                                   now, now) is None
+    later = now + timedelta(hours=1)
+    assert schedule.expected_since("sync-odata", now.replace(hour=6, minute=5, second=2),
+                                   now, later) == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
+    # [schedule] entries override the file per stage.
+    override = build_schedule(EXAMPLE, {"run-all": "0 4 * * *"})
+    assert [e.expr for e in override.for_stage("run-all")] == ["0 4 * * *"]
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("/opt/p/bin/pipeline -q sync-odata", ("sync-odata", ())),
+    ("$PIPELINE --log-format json --config /etc/p.toml run-all --wait 5",
+     ("run-all", ("--wait", "5"))),
+    ("cd /srv && python3 -m pipeline_cli -v match-gps>/dev/null", ("match-gps", ())),
+    ("pipeline db migrate", ("db migrate", ())),
+    ("/usr/bin/backup.sh", None),
+])
+def test_find_invocation(command: str, expected: tuple[str, tuple[str, ...]] | None) -> None:
+    assert find_invocation(command.replace("$PIPELINE", "/x/pipeline")) == expected
+
+
+def test_parse_variables_nicknames_percent_and_cron_d() -> None:
+    text = (
+        "PIPELINE=/opt/pipeline/bin/pipeline\n"
+        "CRON_TZ=Europe/Helsinki\n"
+        "@daily $PIPELINE -q run-all\n"
+        "@reboot $PIPELINE db migrate\n"
+        "*/10 * * * * pipeline ${PIPELINE} -q build-graph % stdin\n"  # cron.d user field
+        "# 0 0 * * * pipeline -q sync-odata\n"
+    )
+    found = parse_crontab(text, "cron.d/pipeline")
+    assert [(e.expr, e.command, e.tz, e.line) for e in found] == [
+        ("@daily", "run-all", "Europe/Helsinki", 3),
+        ("*/10 * * * *", "build-graph", "Europe/Helsinki", 5),
+    ]
+    at = datetime(2026, 6, 1, 20, 0, tzinfo=UTC)  # 23:00 in Helsinki
+    assert found[0].next(at) == datetime(2026, 6, 2, 0, 0, tzinfo=found[0].next(at).tzinfo)
+    assert found[0].next(at).astimezone(UTC) == datetime(2026, 6, 1, 21, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("61 * * * * pipeline sync-odata\n", "crontab:1: invalid cron expression"),
+    ("* * * pipeline sync-odata\n", "crontab:1: expected 5 time fields"),
+    ("@sometimes pipeline sync-odata\n", "crontab:1: unknown cron schedule"),
+    ("\n* * * * * pipeline 'sync-odata\n", "crontab:2: cannot parse the command"),
+])
+def test_bad_lines_name_file_and_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_crontab(text, "crontab")
+
+
+def test_bad_schedule_settings() -> None:
+    with pytest.raises(ConfigError, match="unknown stage 'sync'"):
+        build_schedule(None, {"sync": "* * * * *"})
+    with pytest.raises(ConfigError, match="invalid cron expression"):
+        build_schedule(None, {"sync-odata": "every day"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_schedule("/nonexistent/crontab")
