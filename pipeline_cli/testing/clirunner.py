@@ -7,7 +7,7 @@ own settings never leak into a test.
 from __future__ import annotations
 
 import os
-import subprocess
+import subprocess as sp
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,12 @@ class Cli:
         return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
 
     def subprocess(self, *args: str, timeout: float = 120, **kw: Any
-                   ) -> subprocess.CompletedProcess[str]:
+                   ) -> sp.CompletedProcess[str]:
         exe = Path(sys.executable).with_name("pipeline")
-        return subprocess.run([str(exe), *args], env=_clean_env(self.env), text=True,
+        return sp.run([str(exe), *args], env=_clean_env(self.env), text=True,
                               capture_output=True, timeout=timeout, **kw)
 
-    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+    def popen(self, *args: str, **kw: Any) -> sp.Popen[str]:
         exe = Path(sys.executable).with_name("pipeline")
-        return subprocess.Popen([str(exe), *args], env=_clean_env(self.env), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+        return sp.Popen([str(exe), *args], env=_clean_env(self.env), text=True,
+                                stdout=sp.PIPE, stderr=sp.PIPE, **kw)
