@@ -3,8 +3,15 @@ Redis as an immutable version behind one atomically switched pointer, recorded i
 ``graph_versions`` and exported to S3; plus the operator queries (list, activate, neighbours,
 route) and the ``status`` section.
 
-Publish order: Redis keys -> graph_versions row -> S3 export -> pointer switch + active flag.
-Any failure keeps the previous version active and removes what this run wrote.
+Publish order: Redis keys -> S3 export -> graph_versions row (committed, not yet active) ->
+pointer switch -> active flag (committed). Any failure keeps the previous version active and
+removes what this run wrote.
+
+The Redis pointer switch is the commit point of a publish or an activation. A run killed
+between two of these steps leaves a state that :func:`reconcile` repairs at the start of the
+next build-graph or ``graph activate`` (both hold the build-graph lock): PostgreSQL follows a
+pointer that names a complete version it knows; a recorded version the pointer never reached
+is removed. Readers only ever see a complete version that ``graph_versions`` records.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from ..adapters.graph_store import (
     GraphStore,
     encode_adjacency,
 )
-from ..errors import BackupError, RedisError, ValidationError
+from ..errors import BackupError, PipelineError, RedisError, ValidationError
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import GraphSettings
 
@@ -268,6 +275,7 @@ def build_graph(
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
     with db.connect(database_url, application_name="pipeline build-graph") as conn:
+        reconcile(conn, store, backups, ctx)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
@@ -365,6 +373,7 @@ def _publish(
             "edges": graph.edges, "checksum": checksum, "created_at": created}
     warnings = {"components": checks.components,
                 "unreachable_real_stops": checks.unreachable_real_stops}
+    recorded = False
     try:
         with ctx.progress(f"writing {version} to Redis", graph.nodes) as bar:
             done = 0
@@ -379,14 +388,6 @@ def _publish(
 
             store.write_version(version, zip(graph.node_ids, adj, strict=True), meta,
                                 after_chunk=on_chunk)
-        build_ms = int((time.monotonic() - started) * 1000)
-        with db.wrap_errors(f"recording graph {version}"):
-            conn.execute(db.query("build_graph", "insert_version"), {
-                "version": version, "seq": seq, "dataset_version": inputs.dataset_version,
-                "generation_id": inputs.generation_id, "nodes": graph.nodes,
-                "edges": graph.edges, "build_ms": build_ms, "checksum": checksum,
-                "export_key": export_key(version), "warnings": Jsonb(warnings),
-                "run_id": ctx.run_id})
         ctx.check_stop()
         backups.put_bytes(export_key(version), gzip.compress(raw, 6, mtime=0),
                           "application/gzip")
@@ -394,10 +395,24 @@ def _publish(
             "format": EXPORT_FORMAT, "version": version, **meta,
             "export_key": export_key(version), "sha256": checksum, **warnings})
         ctx.check_stop()
+        build_ms = int((time.monotonic() - started) * 1000)
+        with db.wrap_errors(f"recording graph {version}"):
+            # Committed on its own: from here the version is complete in Redis, S3 and
+            # PostgreSQL, so the pointer switch below never names a version the database
+            # does not know, even if this process dies right after it.
+            conn.execute(db.query("build_graph", "insert_version"), {
+                "version": version, "seq": seq, "dataset_version": inputs.dataset_version,
+                "generation_id": inputs.generation_id, "nodes": graph.nodes,
+                "edges": graph.edges, "build_ms": build_ms, "checksum": checksum,
+                "export_key": export_key(version), "warnings": Jsonb(warnings),
+                "run_id": ctx.run_id})
+            conn.commit()
+        recorded = True
+        ctx.check_stop()
         _activate_and_commit(conn, store, version, previous, ctx)
     except BaseException:
         _rollback(conn)
-        _discard(store, backups, version, ctx)
+        _discard(conn, store, backups, version, ctx, recorded=recorded)
         raise
     removed = _retain(store, settings, ctx)
     return StageResult(
@@ -455,12 +470,37 @@ def _revert_pointer(store: GraphStore, version: str, previous: str | None,
                       previous or "unset", exc)
 
 
-def _discard(store: GraphStore, backups: BackupStore, version: str, ctx: RunContext) -> None:
-    """Remove what a failed publish wrote; a failure here is logged, and the next run's orphan
-    cleanup finishes the job (the version stays registered until its keys are gone)."""
+def _discard(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
+             version: str, ctx: RunContext, *, recorded: bool) -> None:
+    """Remove what a failed publish wrote: its never-activated row first (if ``recorded``),
+    then its keys and export. A failure here is logged; the next run's :func:`reconcile` and
+    orphan cleanup finish the job (a row stays until its keys and export are gone)."""
     try:
         if store.active_version() == version:
             return  # the switch happened and could not be reverted: never pull a live graph
+    except RedisError as exc:
+        ctx.log.error("could not read the graph pointer (%s); %s is left for the next "
+                      "build-graph run to clean up", exc, version)
+        return
+    if not recorded:
+        _remove_version(store, backups, version, ctx)
+        return
+    try:
+        with db.wrap_errors(f"forgetting the unpublished graph {version}"):
+            conn.execute(db.query("build_graph", "delete_unactivated"), {"version": version})
+            kept = conn.execute(db.query("build_graph", "get_version"),
+                                {"version": version}).fetchone()
+            conn.commit()
+    except PipelineError as exc:
+        ctx.log.error("%s; the next build-graph run removes it", exc)
+        return
+    if kept is None:  # an activation whose COMMIT answer was lost stays for reconcile()
+        _remove_version(store, backups, version, ctx)
+
+
+def _remove_version(store: GraphStore, backups: BackupStore, version: str,
+                    ctx: RunContext) -> None:
+    try:
         removed = store.delete_version(version)
         ctx.log.info("removed %d keys of the unpublished graph %s", removed, version)
     except RedisError as exc:
@@ -470,6 +510,53 @@ def _discard(store: GraphStore, backups: BackupStore, version: str, ctx: RunCont
         backups.delete_prefix(export_prefix(version))
     except BackupError as exc:
         ctx.log.error("could not remove the partial export of %s from S3: %s", version, exc)
+
+
+def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
+              ctx: RunContext) -> list[str]:
+    """Repair what a build-graph or ``graph activate`` killed between its stores left behind;
+    call under the build-graph lock. Returns one note per repair (also logged).
+
+    - The pointer names a complete version that PostgreSQL records but does not mark active
+      (killed after the switch, before COMMIT): PostgreSQL follows the pointer.
+    - The pointer names a version PostgreSQL does not record, or one incomplete in Redis:
+      it is switched back to PostgreSQL's active version when Redis holds that complete.
+    - A recorded version that was never activated and that the pointer does not name (killed
+      after recording it, before the switch): it is removed from PostgreSQL, Redis and S3.
+    """
+    notes: list[str] = []
+    pointer = store.active_version()
+    with db.wrap_errors("reconciling the graph pointer"):
+        active = conn.execute(db.query("build_graph", "active_graph")).fetchone()
+        known = conn.execute(db.query("build_graph", "get_version"),
+                             {"version": pointer}).fetchone() if pointer else None
+        conn.commit()
+    active_version = active["version"] if active else None
+    if pointer is not None and pointer != active_version:
+        if known is not None and store.is_complete(pointer):
+            with db.wrap_errors(f"activating graph {pointer}"), conn.transaction():
+                conn.execute(db.query("build_graph", "deactivate_all"), {"version": pointer})
+                conn.execute(db.query("build_graph", "activate"), {"version": pointer})
+            notes.append(f"PostgreSQL now marks {pointer} active, as Redis serves it (the run "
+                         "that switched to it was interrupted before its COMMIT)")
+        elif active_version is not None and store.is_complete(active_version):
+            store.switch_active(active_version, expected=pointer)
+            notes.append(f"the Redis pointer named {pointer}, which PostgreSQL does not record "
+                         f"as complete; switched back to {active_version}")
+    with db.wrap_errors("reading abandoned graph versions"):
+        abandoned = [r["version"] for r in conn.execute(
+            db.query("build_graph", "never_activated"), {"pointer": store.active_version()})]
+        conn.commit()
+    for version in abandoned:
+        with db.wrap_errors(f"forgetting the abandoned graph {version}"):
+            conn.execute(db.query("build_graph", "delete_unactivated"), {"version": version})
+            conn.commit()
+        _remove_version(store, backups, version, ctx)
+        notes.append(f"removed {version}, recorded by a run interrupted before it was "
+                     "activated")
+    for note in notes:
+        ctx.log.warning("%s", note)
+    return notes
 
 
 def _retain(store: GraphStore, settings: GraphSettings, ctx: RunContext) -> list[str]:
@@ -520,6 +607,7 @@ def activate_version(
     """Make ``version`` the active graph again (rollback). If retention collected its keys,
     reload them from the S3 export first, verifying the checksum."""
     with db.connect(database_url, application_name="pipeline graph activate") as conn:
+        reconcile(conn, store, backups, ctx)
         with db.wrap_errors(f"reading graph {version}"):
             row = conn.execute(db.query("build_graph", "get_version"),
                                {"version": version}).fetchone()
@@ -696,7 +784,7 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
     elif pointer != row["version"]:
         out["consistent"], out["problem"] = False, (
             f"PostgreSQL's active graph is {row['version']} but Redis points at "
-            f"{pointer or 'nothing'}")
+            f"{pointer or 'nothing'}; the next `pipeline build-graph` reconciles them")
     elif not complete:
         out["consistent"], out["problem"] = False, (
             f"the active graph {pointer} is incomplete or missing in Redis")

@@ -79,5 +79,16 @@ FROM graph_versions
 ORDER BY seq DESC
 LIMIT %(limit)s;
 
+-- name: never_activated
+-- Versions recorded by a publish that never reached its pointer switch (and not served now).
+SELECT version FROM graph_versions
+WHERE activated_at IS NULL AND NOT active
+  AND version IS DISTINCT FROM %(pointer)s
+ORDER BY seq;
+
+-- name: delete_unactivated
+DELETE FROM graph_versions
+WHERE version = %(version)s AND activated_at IS NULL AND NOT active;
+
 -- name: known_versions
 SELECT version FROM graph_versions WHERE version = ANY(%(versions)s);
