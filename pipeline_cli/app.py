@@ -11,16 +11,19 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-import redis
 
 from . import db
-from .adapters.backups import BackupStore
-from .adapters.osrm import OsrmClient
 from .runner import Progress, StageRunner, no_progress
 from .settings import Settings, load_settings, redact
+
+if TYPE_CHECKING:  # the clients are imported where they are built: a command pays only for
+    import redis  # the outside systems it talks to (cron runs status every few minutes)
+
+    from .adapters.backups import BackupStore
+    from .adapters.osrm import OsrmClient
 
 
 @dataclass
@@ -84,6 +87,8 @@ class App:
         s3 = self.settings.s3
 
         def build() -> BackupStore:
+            from .adapters.backups import BackupStore
+
             return BackupStore.connect(
                 str(self.settings.require("s3", "endpoint")), s3.access_key, s3.secret_key,
                 s3.bucket, secure=s3.secure, region=s3.region)
@@ -104,6 +109,8 @@ class App:
     def redis(self) -> redis.Redis:
         """A Redis client for [redis] url; connections are opened lazily by redis-py."""
         def build() -> redis.Redis:
+            import redis
+
             client = redis.Redis.from_url(
                 str(self.settings.require("redis", "url")),
                 socket_timeout=self.settings.redis.socket_timeout,
@@ -117,6 +124,8 @@ class App:
     def osrm(self, pool_size: int | None = None) -> OsrmClient:
         """An OSRM client for [osrm] url, pooling one connection per request in flight."""
         def build() -> OsrmClient:
+            from .adapters.osrm import OsrmClient
+
             o = self.settings.osrm
             client = OsrmClient(
                 str(self.settings.require("osrm", "url")), profile=o.profile,

@@ -13,7 +13,7 @@ import click
 
 from . import __version__, render
 from .app import App
-from .commands import register_all
+from .commands import COMMANDS, LazyGroup
 from .errors import EXIT_CODES, PipelineError
 from .logs import setup_logging
 
@@ -24,7 +24,7 @@ EPILOG = (
 )
 
 
-class PipelineGroup(click.Group):
+class PipelineGroup(LazyGroup):
     """Turns PipelineError into one line on stderr (or a JSON object) and its exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -39,7 +39,8 @@ class PipelineGroup(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=PipelineGroup, epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.group(cls=PipelineGroup, lazy=COMMANDS, epilog=EPILOG,
+             context_settings={"max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML settings file (default: $PIPELINE_CONFIG).")
 @click.option("--json", "json_", is_flag=True,
@@ -60,8 +61,6 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     ctx.call_on_close(app.resources.close)
     setup_logging(log_format, app.verbosity, app.redact)
 
-
-register_all(cli)
 
 
 def main() -> None:

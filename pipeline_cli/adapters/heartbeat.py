@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
-
 log = logging.getLogger("pipeline.heartbeat")
 
 # Healthchecks keeps the first 100 kB of a ping body as the event log; a summary is enough.
@@ -52,6 +50,8 @@ class Heartbeat:
         """True when the ping was delivered (2xx); never raises."""
         if not self.url:
             return False
+        import requests  # only when a heartbeat is configured: keeps cron start-up light
+
         what = "failure" if fail else "success"
         try:
             with requests.Session() as session:

@@ -7,7 +7,7 @@ Shared options (``--json`` after the subcommand, ``--wait``) are declared once h
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
 import click
@@ -22,14 +22,42 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 pass_app = click.make_pass_decorator(App)
 
-# Modules that define a `register(group)` function. Add a module here to add commands.
-COMMAND_MODULES = ("db", "config", "status", "build_graph", "gen_virtual", "sync_odata", "gps",
-                   "run_all")
+# Top-level command name -> the module whose `register(group)` adds it. A module is imported
+# only when one of its commands runs (or for --help), so `pipeline status` does not pay for
+# scipy or the OData client. Add a command here and in its module's `register`.
+COMMANDS = {
+    "db": "db", "config": "config", "status": "status",
+    "build-graph": "build_graph", "graph": "build_graph",
+    "gen-virtual": "gen_virtual",
+    "sync-odata": "sync_odata", "datasets": "sync_odata", "restore": "sync_odata",
+    "ingest-gps": "gps", "match-gps": "gps", "batches": "gps",
+    "run-all": "run_all",
+}
 
 
-def register_all(group: click.Group) -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(group)
+class LazyGroup(click.Group):
+    """A group that imports a command's module when the command is first looked up."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy = dict(lazy or {})
+        self._loaded: set[str] = set()
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.lazy) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = self.lazy.get(cmd_name)
+        if module is not None and module not in self._loaded:
+            self._loaded.add(module)
+            importlib.import_module(f"{__name__}.{module}").register(self)
+        return super().get_command(ctx, cmd_name)
+
+    def load_all(self) -> MutableMapping[str, click.Command]:
+        """Import every command module (docs and tests walk the whole tree)."""
+        for name in self.lazy:
+            self.get_command(click.Context(self), name)
+        return self.commands
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

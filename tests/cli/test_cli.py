@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 import pytest
 
 from pipeline_cli.cli import cli
+from pipeline_cli.commands import COMMANDS, LazyGroup
 from pipeline_cli.testing.clirunner import Cli
 
 
 def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
     out = []
-    for name, cmd in group.commands.items():
+    commands = group.load_all() if isinstance(group, LazyGroup) else group.commands
+    for name, cmd in commands.items():
         out.append((f"{prefix}{name}", cmd))
         if isinstance(cmd, click.Group):
             out.extend(all_commands(cmd, f"{prefix}{name} "))
@@ -31,8 +35,24 @@ def test_every_command_has_help_and_is_documented() -> None:
 def test_root_help_lists_commands(run_cli: Cli) -> None:
     result = run_cli("--help")
     assert result.exit_code == 0
-    for name in cli.commands:
+    for name in COMMANDS:
         assert name in result.output
+
+
+def test_the_lazy_command_table_matches_the_modules() -> None:
+    assert set(cli.load_all()) == set(COMMANDS)
+
+
+def test_a_command_imports_only_its_own_area() -> None:
+    # `status` runs every few minutes from cron: it must not pay for scipy or the OData client.
+    probe = ("import sys, click\n"
+             "from pipeline_cli.cli import cli\n"
+             "cli.get_command(click.Context(cli), 'status')\n"
+             "print(sorted(m for m in ('scipy', 'requests', 'pipeline_cli.commands.gps')"
+             " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_bad_setting_exits_78_naming_the_key(run_cli: Cli) -> None:
