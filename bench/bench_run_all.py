@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from pipeline_cli import db
+from pipeline_cli.testing.cleanup import drop_prefix
 
 EXE = str(Path(sys.executable).with_name("pipeline"))
 
@@ -109,9 +110,7 @@ def _cleanup_redis(url: str, prefix: str) -> None:
 
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.unlink(*keys[i:i + 500])
+        drop_prefix(client, prefix)
     finally:
         client.close()
 

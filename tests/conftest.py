@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from pipeline_cli import db
+from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
 from pipeline_cli.testing.clirunner import Cli
 from pipeline_cli.testing.services import LocalServices, S3Endpoint
 
@@ -107,9 +108,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     yield prefix
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.unlink(*keys[i:i + 500])
+        drop_prefix(client, prefix)
     finally:
         client.close()
 
@@ -128,10 +127,7 @@ def s3_bucket(s3: S3Endpoint) -> Iterator[str]:
     yield name
     client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
                    secure=s3.secure, region=s3.region)
-    if client.bucket_exists(name):
-        for obj in client.list_objects(name, recursive=True):
-            client.remove_object(name, obj.object_name or "")
-        client.remove_bucket(name)
+    drop_bucket(client, name)
 
 
 @pytest.fixture(scope="session")

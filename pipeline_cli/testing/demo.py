@@ -23,6 +23,7 @@ import click
 import psycopg
 from psycopg import sql
 
+from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
 from pipeline_cli.testing.services import LocalServices, ServiceError, default_state_dir
 from pipeline_cli.testing.services import stop_recorded as stop_services
 
@@ -187,10 +188,8 @@ def _clean(env: dict[str, str]) -> None:
     if env.get("PIPELINE_REDIS_URL"):
         client = redis.Redis.from_url(env["PIPELINE_REDIS_URL"], socket_timeout=5)
         try:
-            keys = list(client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000))
-            for i in range(0, len(keys), 500):
-                client.unlink(*keys[i:i + 500])
-            click.echo(f"removed {len(keys)} Redis keys under {DEMO_PREFIX}:", err=True)
+            removed = drop_prefix(client, DEMO_PREFIX)
+            click.echo(f"removed {removed} Redis keys under {DEMO_PREFIX}:", err=True)
         except redis.RedisError as exc:
             click.echo(f"could not clean Redis: {exc}", err=True)
         finally:
@@ -200,10 +199,7 @@ def _clean(env: dict[str, str]) -> None:
                    secret_key=env.get("PIPELINE_S3_SECRET_KEY"),
                    secure=env.get("PIPELINE_S3_SECURE") == "true")
         try:
-            if s3.bucket_exists(DEMO_BUCKET):
-                for obj in s3.list_objects(DEMO_BUCKET, recursive=True):
-                    s3.remove_object(DEMO_BUCKET, obj.object_name or "")
-                s3.remove_bucket(DEMO_BUCKET)
+            if drop_bucket(s3, DEMO_BUCKET):
                 click.echo(f"removed S3 bucket {DEMO_BUCKET}", err=True)
         except Exception as exc:  # S3 already stopped or unreachable: nothing left to clean
             click.echo(f"could not clean S3: {type(exc).__name__}: {exc}", err=True)

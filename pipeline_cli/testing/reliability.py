@@ -33,6 +33,7 @@ from psycopg import sql
 
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
 from pipeline_cli.testing.odata_server import ODataServer, sample_network
 from pipeline_cli.testing.services import LocalServices, S3Endpoint
 
@@ -478,17 +479,11 @@ class Sandbox:
                 sql.Identifier(self.database)))
         client = redis.Redis.from_url(self.redis_url)
         try:
-            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
-            for i in range(0, len(keys), 500):
-                client.unlink(*keys[i:i + 500])
+            drop_prefix(client, self.prefix)
         finally:
             client.close()
         assert self.s3 is not None
-        s3 = self.s3.client()
-        if s3.bucket_exists(self.bucket):
-            for obj in s3.list_objects(self.bucket, recursive=True):
-                s3.remove_object(self.bucket, obj.object_name or "")
-            s3.remove_bucket(self.bucket)
+        drop_bucket(self.s3.client(), self.bucket)
 
     def __enter__(self) -> Sandbox:
         return self
