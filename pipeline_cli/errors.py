@@ -69,7 +69,9 @@ class SourceError(ServiceError):
 
 
 class OsrmError(ServiceError):
-    pass
+    # Requests the failing trace had sent when this was raised (set by match_trace), so a
+    # failed batch records the OSRM calls it cost like a completed one.
+    osrm_calls: int = 0
 
 
 class ValidationError(PipelineError):

@@ -343,6 +343,9 @@ def match_trace(
             result.chunk_errors["TooBig"] += 1
             chunk_size.shrink(size)
             continue
+        except OsrmError as exc:
+            exc.osrm_calls = result.osrm_calls
+            raise
         break
     pieces = stitch(chunks, geo)
     # Map indices back from sent points to the input points.
@@ -628,7 +631,8 @@ class MatchWorker:
             row = conn.execute(db.query("match_gps", "fail_batch"), {
                 "batch_id": batch.batch_id, "token": batch.token,
                 "max_attempts": self.settings.max_attempts, "delay_seconds": delay,
-                "error": message[:2000], "osrm_calls": 0,
+                "error": message[:2000],
+                "osrm_calls": exc.osrm_calls if isinstance(exc, OsrmError) else 0,
             }).fetchone()
         status = row["status"] if row else "lease_lost"
         self.pool.ctx.log.warning("batch %s failed (attempt %d, now %s): %s",

@@ -226,9 +226,10 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     assert down.exit_code == 1 and "unavailable" in (down.error or "")
     assert down.counts["batches_failed"] >= 2
     rows = conn.execute("SELECT status, retry_count, next_attempt_at > now() AS later,"
-                        " error_message FROM processing_batches WHERE status = 'failed'"
-                        ).fetchall()
+                        " error_message, osrm_calls FROM processing_batches"
+                        " WHERE status = 'failed'").fetchall()
     assert rows and all(r["retry_count"] == 1 and r["later"] for r in rows)
+    assert all(r["osrm_calls"] == 1 for r in rows)  # the first chunk's request, which failed
     assert all("unavailable" in r["error_message"] for r in rows)
     left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
     assert left["n"] == points  # nothing lost
