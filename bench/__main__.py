@@ -48,10 +48,27 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _previous_rows(doc: str, rerun: set[str]
+                   ) -> tuple[list[tuple[str, str, str, str, str, str]], str]:
+    """The table rows of ``doc`` for benchmarks not in ``rerun``, and that doc's date."""
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    old_date = "an earlier run"
+    for line in doc.splitlines():
+        if line.startswith("- date: "):
+            old_date = line.removeprefix("- date: ").split(" (", 1)[0]
+        elif line.startswith("| bench_"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if len(cells) == 6 and cells[0] not in rerun:
+                rows.append((cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]))
+    return rows, old_date
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--only", action="append", default=[], help="run only bench_<ONLY>")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only bench_<ONLY>; the doc keeps the other benchmarks' rows "
+                             "and says when they were measured")
     parser.add_argument("--no-write", action="store_true", help="print, don't rewrite the doc")
     args = parser.parse_args(argv)
 
@@ -75,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"(goal {fig.get('goal', '-')})", file=sys.stderr, flush=True)
         print(f"   ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
 
+    date = datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')
+    date_line = f"- date: {date}"
+    if args.only and DOC.exists():
+        kept, old_date = _previous_rows(DOC.read_text(), set(modules))
+        if kept:
+            rows = sorted(kept + rows, key=lambda r: r[0])  # stable: each module's own order
+            date_line += (f" ({', '.join(modules)}); the other rows are from the run of "
+                          f"{old_date}")
     text = [
         "# Benchmarks",
         "",
@@ -84,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "no test asserts on timing.",
         "",
         f"- machine: {machine()}",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        date_line,
         f"- mode: {'quick (smoke sizes)' if args.quick else 'full'}",
         "",
         "| benchmark | figure | measured | unit | goal | detail |",
