@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -54,8 +55,9 @@ def _previous_rows(doc: str, rerun: set[str]
     rows: list[tuple[str, str, str, str, str, str]] = []
     old_date = "an earlier run"
     for line in doc.splitlines():
-        if line.startswith("- date: "):
-            old_date = line.removeprefix("- date: ").split(" (", 1)[0]
+        if line.startswith("- date: "):  # after a partial run, the oldest date it names
+            dates = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", line)
+            old_date = min(dates) if dates else old_date
         elif line.startswith("| bench_"):
             cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
             if len(cells) == 6 and cells[0] not in rerun:
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         kept, old_date = _previous_rows(DOC.read_text(), set(modules))
         if kept:
             rows = sorted(kept + rows, key=lambda r: r[0])  # stable: each module's own order
-            date_line += (f" ({', '.join(modules)}); the other rows are from the run of "
+            date_line += (f" ({', '.join(modules)}); the other rows are from runs since "
                           f"{old_date}")
     text = [
         "# Benchmarks",

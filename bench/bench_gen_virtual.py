@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from bench import scratch_database
 from pipeline_cli import db, geo
 from pipeline_cli.settings import VirtualSettings
 from pipeline_cli.stages import gen_virtual as gv
@@ -59,49 +60,38 @@ def _bare_knn(plan: gv.VirtualPlan, k: int) -> float:
 
 def _end_to_end(real: gv.RealStops, settings: VirtualSettings) -> tuple[float, dict[str, Any]]:
     """The whole stage on a scratch database and bucket of the local services."""
-    import psycopg
-    from psycopg import sql
-
     from pipeline_cli.adapters.backups import BackupStore
     from pipeline_cli.runner import StageRunner
+    from pipeline_cli.testing.cleanup import drop_bucket
     from pipeline_cli.testing.services import LocalServices
 
     services = LocalServices()
     try:
         admin = services.postgres()
         s3 = services.s3()
-        name = f"bench_gv_{uuid.uuid4().hex[:8]}"
         bucket = f"bench-gv-{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        url = psycopg.conninfo.make_conninfo(admin, dbname=name)
         store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, bucket,
                                     secure=s3.secure, region=s3.region, timeout=120)
         try:
-            with db.connect(url, autocommit=True) as conn:
-                db.migrate(conn)
-                conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
-                             "VALUES ('ds-v1', 1, 'bench', 'datasets/ds-v1/', true)")
-                with conn.cursor() as cur, cur.copy(
-                        "COPY stops (id, latitude, longitude, is_airport, city) FROM STDIN"
-                ) as cp:
-                    for row in zip(real.ids, real.lat.tolist(), real.lon.tolist(),
-                                   real.is_airport.tolist(), real.city, strict=True):
-                        cp.write_row(row)
-            t = time.perf_counter()
-            rec = StageRunner(url).run("gen-virtual", lambda ctx: gv.generate(
-                url, store, settings, ctx))
-            wall = time.perf_counter() - t
+            with scratch_database(admin) as url:
+                with db.connect(url, autocommit=True) as conn:
+                    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, "
+                                 "active) VALUES ('ds-v1', 1, 'bench', 'datasets/ds-v1/', true)")
+                    with conn.cursor() as cur, cur.copy(
+                            "COPY stops (id, latitude, longitude, is_airport, city) FROM STDIN"
+                    ) as cp:
+                        for row in zip(real.ids, real.lat.tolist(), real.lon.tolist(),
+                                       real.is_airport.tolist(), real.city, strict=True):
+                            cp.write_row(row)
+                t = time.perf_counter()
+                rec = StageRunner(url).run("gen-virtual", lambda ctx: gv.generate(
+                    url, store, settings, ctx))
+                wall = time.perf_counter() - t
             if rec.error:
                 raise RuntimeError(rec.error)
             return wall, rec.counts
         finally:
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)))
-            if store.client.bucket_exists(bucket):
-                store.delete_prefix("")
-                store.client.remove_bucket(bucket)
+            drop_bucket(store.client, bucket)
     finally:
         services.stop_all()
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
+from bench import scratch_database
 from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient, OsrmNoMatch
 from pipeline_cli.runner import StageRunner
@@ -92,13 +89,8 @@ def _raw(url: str, trace_list: list[traces.Trace], settings: MatchSettings) -> t
 
 def _pipeline(admin: str, url: str, trace_list: list[traces.Trace],
               settings: MatchSettings) -> tuple[float, dict[str, Any]]:
-    name = f"bench_mg_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
-    try:
+    with scratch_database(admin) as dsn:
         with db.connect(dsn, autocommit=True) as conn:
-            db.migrate(conn)
             rows = []
             for i, trace in enumerate(trace_list):
                 rows += trace.rows(f"bench-{i}")
@@ -108,13 +100,9 @@ def _pipeline(admin: str, url: str, trace_list: list[traces.Trace],
             record = StageRunner(dsn).run("match-gps", lambda ctx: stage.match_gps(
                 dsn, client, settings, ctx, concurrency=CONCURRENCY))
             elapsed = time.perf_counter() - t
-        if record.error:
-            raise RuntimeError(record.error)
-        return elapsed, record.counts
-    finally:
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+    if record.error:
+        raise RuntimeError(record.error)
+    return elapsed, record.counts
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:

@@ -24,14 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
-from pipeline_cli import db
+from bench import scratch_database
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient, resolve_mapping
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
+from pipeline_cli.testing.cleanup import drop_bucket
 from pipeline_cli.testing.odata_data import NetworkShape, sample_network, write_feed
 from pipeline_cli.testing.services import LocalServices
 
@@ -97,22 +95,6 @@ def feeds(n_stops: int, workdir: Path) -> tuple[Path, Path, int]:
     return original, modified, changed
 
 
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    name = f"pipeline_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(admin_url, dbname=name)
-    try:
-        with db.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-
-
 def client(url: str) -> ODataClient:
     return ODataClient(url, read_timeout=120, backoff_base=0.1, backoff_max=5)
 
@@ -146,9 +128,7 @@ def one_sync(url: str, database_url: str, s3: dict[str, Any]) -> tuple[float, di
 def empty_bucket(s3: dict[str, Any]) -> None:
     store = BackupStore.connect(s3["endpoint"], s3["access_key"], s3["secret_key"],
                                 s3["bucket"], secure=s3["secure"])
-    if store.client.bucket_exists(s3["bucket"]):
-        store.delete_prefix("")
-        store.client.remove_bucket(s3["bucket"])
+    drop_bucket(store.client, s3["bucket"])
 
 
 def ratios(services: LocalServices, rows: int, s3: dict[str, Any]) -> list[dict[str, Any]]:
