@@ -39,6 +39,7 @@ __all__ = [
     "EntityMapping",
     "ODataClient",
     "Page",
+    "page_rows",
     "parse_bool",
     "parse_key",
     "parse_number",
@@ -581,6 +582,16 @@ def _unwrap(doc: Any, version: str, what: str) -> tuple[list[dict[str, Any]], st
     except (TypeError, ValueError):
         total = None
     return rows, link, total
+
+
+def page_rows(body: bytes, version: str, what: str) -> list[dict[str, Any]]:
+    """The entities of a page body received earlier (a spooled raw page), checked as
+    :meth:`ODataClient.pages` checks them."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise SourceError(f"OData {what}: malformed JSON in a spooled page") from None
+    return _unwrap(doc, version, what)[0]
 
 
 def _transport_text(exc: BaseException) -> str:

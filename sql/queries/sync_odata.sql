@@ -85,7 +85,7 @@ SELECT count(*) AS deleted FROM gone;
 SET CONSTRAINTS ALL IMMEDIATE;
 
 -- name: active_dataset
-SELECT version, seq, hash, set_hashes, counts, created_at
+SELECT version, seq, hash, set_hashes, counts, created_at, feed_digests
 FROM datasets
 WHERE active;
 
@@ -100,9 +100,9 @@ SELECT coalesce(max(seq), 0) + 1 AS seq FROM datasets;
 
 -- name: insert_dataset
 INSERT INTO datasets (version, seq, hash, set_hashes, counts, diff, source, restored_from,
-                      backup_prefix, run_id, active)
+                      backup_prefix, run_id, feed_digests, active)
 VALUES (%(version)s, %(seq)s, %(hash)s, %(set_hashes)s, %(counts)s, %(diff)s, %(source)s,
-        %(restored_from)s, %(backup_prefix)s, %(run_id)s, false)
+        %(restored_from)s, %(backup_prefix)s, %(run_id)s, %(feed_digests)s, false)
 RETURNING created_at;
 
 -- name: deactivate
