@@ -138,6 +138,35 @@ def test_one_changed_row_is_exactly_one_update(
     assert active == ["ds-v2"]
 
 
+def test_byte_identical_pages_are_a_noop_and_a_late_change_still_counts_every_row(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    first = sync()
+    digests = conn.execute("SELECT feed_digests FROM datasets").fetchone()
+    assert digests is not None and set(digests["feed_digests"]["pages"]) == {
+        "stops", "routes", "flights"}
+    rec = sync()  # the same pages: a noop without parsing a row, same counts and hash
+    assert rec.status == "noop" and rec.counts == first.counts
+    assert rec.extra["hash"] == first.extra["hash"]
+    # only the very last page differs: every page held back is normalised after all
+    server.update_row("Flights", 12, daysOfWeek="67")
+    rec = sync()
+    assert rec.status == "success", rec.error
+    assert rec.counts == first.counts
+    assert rec.extra["updated"] == {"stops": 0, "routes": 0, "flights": 1}
+    assert rec.extra["deleted"] == {"stops": 0, "routes": 0, "flights": 0}
+
+
+def test_strict_run_after_a_version_with_rejects_still_checks_every_row(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    server.update_row("Stops", 7, latitude=95.0)
+    assert sync(skip_invalid=True).status == "success"
+    rec = sync()  # the same bytes, but strict: the bad row is found again
+    assert rec.status == "failed"
+    assert "Stops[ID=7] latitude" in (rec.error or "") or any(
+        "Stops[ID=7] latitude" in p for p in rec.extra.get("problems", []))
+
+
 def test_a_deleted_row_is_one_delete(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
