@@ -652,6 +652,7 @@ class _Loader:
                     for c in COLUMNS[e] if c != "id")
                 row = self.conn.execute(_fmt(
                     "upsert", stage=_ident(f"stage_{e}"), target=_ident(e), cols=_cols(e),
+                    s_cols=sql.SQL(", ").join(sql.Identifier("s", c) for c in COLUMNS[e]),
                     assignments=assignments)).fetchone()
                 assert row is not None
                 diff[e] = {"inserted": int(row["inserted"]), "updated": int(row["updated"])}

@@ -59,11 +59,15 @@ SELECT
       WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.id = t.id)) AS deleted;
 
 -- name: upsert
--- Unchanged rows are not rewritten (no dead tuples, no WAL for them). Counts what it did:
--- xmax is 0 for a freshly inserted row and set for a row updated by ON CONFLICT.
+-- Only new and changed rows reach the INSERT: an unchanged row that hit ON CONFLICT would
+-- still be locked (its tuple and page written) even when the WHERE below rejects it. The
+-- anti-join is one hash join. Counts what it did: xmax is 0 for a freshly inserted row and
+-- set for a row updated by ON CONFLICT.
 WITH up AS (
     INSERT INTO {target} ({cols})
-    SELECT {cols} FROM {stage}
+    SELECT {s_cols} FROM {stage} s
+    LEFT JOIN {target} t ON t.id = s.id
+    WHERE t.id IS NULL OR ROW(s.*) IS DISTINCT FROM ROW(t.*)
     ON CONFLICT (id) DO UPDATE SET {assignments}
     WHERE ROW({target}.*) IS DISTINCT FROM ROW(EXCLUDED.*)
     RETURNING (xmax = 0) AS inserted
