@@ -14,10 +14,13 @@ import gzip
 import hashlib
 import json
 import os
+import queue
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
@@ -443,9 +447,72 @@ class _Written:
     size: int = 0
 
 
-def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[str], path: str,
-                ctx: RunContext, expected: int, table: str) -> _Written:
-    """Stream chunks into COPY and, byte for byte, into a gzip file for the backup."""
+_END = object()
+AHEAD_CHUNKS = 3
+
+
+class _TextAhead:
+    """Formats the COPY text of every table, in order, in a thread up to ``AHEAD_CHUNKS``
+    chunks ahead: the text of the next chunk (and of the next table) is being built while
+    PostgreSQL works through this one, instead of after it."""
+
+    def __init__(self, tables: list[tuple[str, Iterator[str]]]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(AHEAD_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tables,),
+                                        name="gen-virtual-text", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, tables: list[tuple[str, Iterator[str]]]) -> None:
+        try:
+            for table, chunks in tables:
+                for chunk in chunks:
+                    data = chunk.encode()
+                    if not self._put((table, data, data.count(b"\n"))):
+                        return
+                if not self._put((table, _END, 0)):
+                    return
+        except BaseException as exc:  # re-raised in the consuming thread
+            self._put((None, exc, 0))
+
+    def chunks(self, table: str) -> Iterator[tuple[bytes, int]]:
+        """The encoded chunks of ``table`` (which must be the next one) and their rows."""
+        while True:
+            name, data, rows = self._queue.get()
+            if isinstance(data, BaseException):
+                raise data
+            if data is _END:
+                return
+            assert name == table, (name, table)
+            yield data, rows
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _backup_write(gz: gzip.GzipFile, digest: Any, data: bytes) -> None:
+    gz.write(data)  # zlib and hashlib release the GIL on buffers this size
+    digest.update(data)
+
+
+def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[tuple[bytes, int]],
+                path: str, ctx: RunContext, expected: int, table: str) -> _Written:
+    """Stream chunks into COPY and, byte for byte, into a gzip file for the backup.
+
+    Three things overlap: psycopg's queued writer sends to the server from its own thread,
+    the backup is compressed and hashed in another, and the text is formatted in a third
+    (``_TextAhead``); this thread only hands chunks on and polls the stop flag.
+    """
     out = _Written(path=path)
     digest = hashlib.sha256()
     with ExitStack() as stack:
@@ -454,16 +521,20 @@ def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[str]
                                                mtime=0))
         bar = stack.enter_context(ctx.progress(f"writing {table}", expected))
         cur = stack.enter_context(conn.cursor())
-        copy = stack.enter_context(cur.copy(db.query("gen_virtual", query)))
-        for chunk in chunks:
-            data = chunk.encode()
+        copy = stack.enter_context(cur.copy(db.query("gen_virtual", query),
+                                            writer=QueuedLibpqWriter(cur)))
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="gen-virtual-gz"))
+        pending: Future[None] | None = None
+        for data, n in chunks:
             copy.write(data)
-            gz.write(data)
-            digest.update(data)
-            n = chunk.count("\n")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_backup_write, gz, digest, data)
             out.rows += n
             bar.advance(n)
             ctx.check_stop()
+        if pending is not None:
+            pending.result()
     out.sha256 = digest.hexdigest()
     out.size = os.path.getsize(path)
     return out
@@ -505,17 +576,21 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
             ctx.log.info("deleted the previous generation in %.2f s", time.monotonic() - t)
             ctx.check_stop()
             written: dict[str, _Written] = {}
-            lines = {"virtual_stops": (stop_lines(plan, version), len(plan.ids)),
-                     "virtual_routes": (route_lines(plan, version, s), plan.n_routes),
-                     "virtual_flights": (flight_lines(plan, version, s), plan.n_flights)}
-            for table, query, _cols in TABLES:
-                chunks, expected = lines[table]
-                t = time.monotonic()
-                written[table] = _copy_table(conn, query, chunks,
-                                             os.path.join(tmp, f"{table}.tsv.gz"), ctx,
-                                             expected, table)
-                ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows, table,
-                             time.monotonic() - t)
+            expected = {"virtual_stops": len(plan.ids), "virtual_routes": plan.n_routes,
+                        "virtual_flights": plan.n_flights}
+            text = _TextAhead([("virtual_stops", stop_lines(plan, version)),
+                               ("virtual_routes", route_lines(plan, version, s)),
+                               ("virtual_flights", flight_lines(plan, version, s))])
+            try:
+                for table, query, _cols in TABLES:
+                    t = time.monotonic()
+                    written[table] = _copy_table(conn, query, text.chunks(table),
+                                                 os.path.join(tmp, f"{table}.tsv.gz"), ctx,
+                                                 expected[table], table)
+                    ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows,
+                                 table, time.monotonic() - t)
+            finally:
+                text.close()
             orphans = conn.execute(db.query("gen_virtual", "orphan_flights")).fetchone()
             if orphans and orphans["n"]:
                 raise DatabaseError(f"{orphans['n']} virtual flights name a missing route; "
