@@ -540,12 +540,19 @@ def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[tupl
     return out
 
 
-def _upload(backups: BackupStore, prefix: str, written: dict[str, _Written],
-            manifest: dict[str, Any]) -> None:
-    for table, w in written.items():
-        backups.put_file(f"{prefix}{table}.tsv.gz", w.path, "application/gzip")
-    # The manifest goes last: a folder without one is an incomplete (never committed) upload.
-    backups.put_json(f"{prefix}manifest.json", manifest)
+def _upload_failed(exc: BackupError) -> BackupError:
+    return BackupError(f"{exc}; nothing was written (the database transaction was rolled "
+                       "back)")
+
+
+def _raise_failed_upload(uploads: list[Future[None]]) -> None:
+    """Fail fast when an upload already failed, instead of after the last COPY."""
+    for upload in uploads:
+        if upload.done():
+            try:
+                upload.result()
+            except BackupError as exc:
+                raise _upload_failed(exc) from None
 
 
 def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings,
@@ -575,6 +582,15 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
                 conn.execute(db.query("gen_virtual", name))
             ctx.log.info("deleted the previous generation in %.2f s", time.monotonic() - t)
             ctx.check_stop()
+            # The id is taken before the COPY so that each table's backup file can be uploaded
+            # while the next table is copied; a rollback only leaves a gap in the sequence and
+            # a gen-<id>/ folder without a manifest (an incomplete upload, never referenced).
+            gen_id = int(conn.execute(db.query("gen_virtual", "next_generation_id"))
+                         .fetchone()["id"])  # type: ignore[index]
+            prefix = f"datasets/{version}/virtual/gen-{gen_id}/"
+            uploader = ThreadPoolExecutor(1, thread_name_prefix="gen-virtual-upload")
+            stack.callback(uploader.shutdown, wait=True, cancel_futures=True)
+            uploads: list[Future[None]] = []
             written: dict[str, _Written] = {}
             expected = {"virtual_stops": len(plan.ids), "virtual_routes": plan.n_routes,
                         "virtual_flights": plan.n_flights}
@@ -589,15 +605,16 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
                                                  expected[table], table)
                     ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows,
                                  table, time.monotonic() - t)
+                    _raise_failed_upload(uploads)
+                    uploads.append(uploader.submit(
+                        backups.put_file, f"{prefix}{table}.tsv.gz", written[table].path,
+                        "application/gzip"))
             finally:
                 text.close()
             orphans = conn.execute(db.query("gen_virtual", "orphan_flights")).fetchone()
             if orphans and orphans["n"]:
                 raise DatabaseError(f"{orphans['n']} virtual flights name a missing route; "
                                     "nothing was written")
-            gen_id = int(conn.execute(db.query("gen_virtual", "next_generation_id"))
-                         .fetchone()["id"])  # type: ignore[index]
-            prefix = f"datasets/{version}/virtual/gen-{gen_id}/"
             settings = recorded_settings(s, plan)
             created = conn.execute(db.query("gen_virtual", "insert_generation"), {
                 "id": gen_id, "version": version, "settings": Jsonb(settings),
@@ -624,11 +641,14 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
             }
             t = time.monotonic()
             try:
-                _upload(backups, prefix, written, manifest)
+                for upload in uploads:
+                    upload.result()
+                # The manifest goes last: a folder without one is an incomplete (never
+                # committed) upload.
+                backups.put_json(f"{prefix}manifest.json", manifest)
             except BackupError as exc:
-                raise BackupError(f"{exc}; nothing was written (the database transaction "
-                                  "was rolled back)") from None
-            ctx.log.info("uploaded the backup to %s in %.2f s", prefix, time.monotonic() - t)
+                raise _upload_failed(exc) from None
+            ctx.log.info("finished the backup to %s in %.2f s", prefix, time.monotonic() - t)
     return gen_id, prefix
 
 
