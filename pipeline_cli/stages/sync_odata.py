@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import shutil
+import struct
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -297,27 +297,33 @@ def compile_normaliser(mapping: EntityMapping) -> Callable[[dict[str, Any]], tup
 class RowDigests:
     """An order-independent multiset hash of canonical lines.
 
-    Each line's SHA-256 is read as four 64-bit words; the words are summed lane by lane
-    (mod 2^64), so any order of the same lines gives the same sums. numpy adds a whole page
-    at once, which keeps the per-row cost at one SHA-256 call.
+    Each line's SHA-256 is read as four big-endian 64-bit words; the words are summed lane by
+    lane (mod 2^64), so any order of the same lines gives the same sums. A page is unpacked
+    with one struct call and summed by ``sum`` over slices: all in C, and without releasing
+    the GIL. (numpy did the same sums, but each call released and re-took the GIL, and with
+    the read-ahead thread parsing JSON every re-take waited out a switch interval: 0.7 s of
+    a 200k-row sync.)
     """
+
+    _MASK = (1 << 64) - 1
 
     def __init__(self) -> None:
         self.rows = 0
-        self.lanes = np.zeros(4, dtype=np.uint64)
+        self.lanes = [0, 0, 0, 0]
 
     def add(self, lines: list[bytes], *, sign: int = 1) -> None:
         if not lines:
             return
         sha = hashlib.sha256
-        words = np.frombuffer(b"".join([sha(line).digest() for line in lines]), dtype=">u8")
-        total = words.reshape(-1, 4).sum(axis=0, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            self.lanes = self.lanes + total if sign > 0 else self.lanes - total
+        words = struct.unpack(f">{4 * len(lines)}Q",
+                              b"".join([sha(line).digest() for line in lines]))
+        mask = self._MASK
+        self.lanes = [(lane + sign * sum(words[i::4])) & mask
+                      for i, lane in enumerate(self.lanes)]
         self.rows += sign * len(lines)
 
     def hexdigest(self, entity: str) -> str:
-        lanes = "".join(f"{int(x):016x}" for x in self.lanes)
+        lanes = "".join(f"{x:016x}" for x in self.lanes)
         return hashlib.sha256(f"{entity}\n{self.rows}\n{lanes}".encode()).hexdigest()
 
 
