@@ -140,6 +140,12 @@ def test_generates_all_kinds_records_and_backs_up(conn: Conn, run: Callable[...,
     stops_text = gzip.decompress(backups.get_bytes(prefix + "virtual_stops.tsv.gz")).decode()
     assert len(stops_text.splitlines()) == manifest["files"]["virtual_stops.tsv.gz"]["rows"]
     assert len(stops_text.splitlines()) == rec.counts["virtual_stops"]
+    # Every file is in primary-key order (byte order of the ids, which is the order of the
+    # C.UTF-8 collation), so the COPY appends to the b-tree indexes.
+    for table, rows in table_rows(conn).items():
+        lines = gzip.decompress(backups.get_bytes(f"{prefix}{table}.tsv.gz")).splitlines()
+        ids = [line.split(b"\t", 1)[0] for line in lines]
+        assert ids == sorted(ids) == [r[0].encode() for r in rows], table
 
 
 def test_no_virtual_stop_within_threshold_of_a_real_or_denser_point(
