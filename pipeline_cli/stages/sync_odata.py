@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import struct
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +57,12 @@ BACKUP_FORMAT = "pipeline-dataset/1"
 # the validation rules change, so that old digests no longer prove a feed unchanged.
 FEED_DIGEST_FORMAT = 1
 _PAGE_DIGEST_HEX = 32  # blake2b, 16 bytes
+# While pages stream in, the read-ahead thread's socket reads each give up the GIL and must
+# take it back from this thread, which is busy normalising; at the default switch interval
+# (5 ms) every re-take waits that long. Spool writes are buffered for the same reason: a write
+# larger than the buffer releases the GIL too.
+FETCH_SWITCH_INTERVAL = 0.0005
+_SPOOL_BUFFER = 4 * 1024 * 1024
 _NULL = "\\N"
 
 
@@ -447,11 +454,16 @@ class _Loader:
         self.protocol = client.protocol
         self.expected = expected or {}
         self.matching = expected is not None
-        for e in ENTITIES:
-            state = self.sets[e]
-            self._fetch_set(state, client, problems)
-            self.ctx.log.info("%s: %d rows in %d pages", state.mapping.entity_set,
-                              state.read, state.pages)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, FETCH_SWITCH_INTERVAL))
+        try:
+            for e in ENTITIES:
+                state = self.sets[e]
+                self._fetch_set(state, client, problems)
+                self.ctx.log.info("%s: %d rows in %d pages", state.mapping.entity_set,
+                                  state.read, state.pages)
+        finally:
+            sys.setswitchinterval(interval)
         if self.matching and any(len(self.expected.get(e, "")) != _PAGE_DIGEST_HEX * s.pages
                                  for e, s in self.sets.items()):
             self._diverge(problems)
@@ -462,7 +474,8 @@ class _Loader:
         state.normalise = compile_normaliser(m)
         state.raw = self.workdir / f"{state.entity}.raw.json-seq"
         expected = self.expected.get(state.entity, "")
-        with state.raw.open("wb") as raw, state.spool.open("wb") as spool, \
+        with state.raw.open("wb", buffering=_SPOOL_BUFFER) as raw, \
+                state.spool.open("wb", buffering=_SPOOL_BUFFER) as spool, \
                 self.ctx.progress(m.entity_set, None) as bar:
             state.out = spool
             try:
