@@ -43,6 +43,7 @@ BATCHING_LOCK = "match-gps:batching"
 BATCHING_DEVICES = 50  # devices per batch-making transaction
 MIN_CHUNK = 3  # osrm-routed refuses a --max-matching-size below 3
 BACKLOG_COUNT_CAP = 1_000_000
+WORKERS_PER_REQUEST = 2  # worker threads per OSRM request in flight
 _EARTH_M = 6371008.8
 
 # ======================================================================= matching one trace
@@ -462,10 +463,10 @@ class _Pool:
     def __init__(self, ctx: RunContext, max_batches: int | None, deadline: float | None,
                  breaker: int, concurrency: int) -> None:
         self.ctx = ctx
-        # Twice as many workers as requests in flight: while one worker talks to PostgreSQL
-        # (claim, complete) another's request keeps OSRM busy; the semaphore keeps the bound.
+        # More workers than requests in flight: while some talk to PostgreSQL (claim,
+        # complete) others' requests keep OSRM busy; the semaphore keeps the bound.
         self.in_flight = threading.BoundedSemaphore(concurrency)
-        self.workers = 2 * concurrency
+        self.workers = WORKERS_PER_REQUEST * concurrency
         self.lock = threading.Lock()
         self.max_batches = max_batches
         self.deadline = deadline
