@@ -279,6 +279,7 @@ def build_graph(
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
+            conn.execute(db.query("build_graph", "lock_virtual"))
             inputs = _read_decision(conn)
             if inputs.dataset_version is None:
                 return StageResult(status=SKIPPED, message="no active dataset; run "

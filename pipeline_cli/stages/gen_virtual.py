@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
+from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
@@ -430,13 +431,16 @@ def flight_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterato
 
 
 TABLES = (
-    ("virtual_stops", "copy_stops", ("id", "latitude", "longitude", "kind", "anchor_id",
-                                     "dataset_version")),
-    ("virtual_routes", "copy_routes", ("id", "from_stop_id", "to_stop_id", "mode",
-                                       "distance_km", "travel_time_s", "dataset_version")),
-    ("virtual_flights", "copy_flights", ("id", "route_id", "start_time", "end_time",
-                                         "headway_s", "days_of_week", "dataset_version")),
+    ("virtual_stops", ("id", "latitude", "longitude", "kind", "anchor_id", "dataset_version")),
+    ("virtual_routes", ("id", "from_stop_id", "to_stop_id", "mode", "distance_km",
+                        "travel_time_s", "dataset_version")),
+    ("virtual_flights", ("id", "route_id", "start_time", "end_time", "headway_s",
+                         "days_of_week", "dataset_version")),
 )
+LOCK_TIMEOUT_S: float = 2  # seconds per attempt to lock the live tables for the swap
+LOCK_ATTEMPTS = 30  # then give up (nothing is written)
+_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
+                         "TRIGGER", "MAINTAIN"})
 
 
 @dataclass
@@ -505,8 +509,9 @@ def _backup_write(gz: gzip.GzipFile, digest: Any, data: bytes) -> None:
     digest.update(data)
 
 
-def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[tuple[bytes, int]],
-                path: str, ctx: RunContext, expected: int, table: str) -> _Written:
+def _copy_table(conn: psycopg.Connection[Any], statement: sql.SQL | sql.Composed,
+                chunks: Iterator[tuple[bytes, int]], path: str, ctx: RunContext,
+                expected: int, table: str) -> _Written:
     """Stream chunks into COPY and, byte for byte, into a gzip file for the backup.
 
     Three things overlap: psycopg's queued writer sends to the server from its own thread,
@@ -521,8 +526,7 @@ def _copy_table(conn: psycopg.Connection[Any], query: str, chunks: Iterator[tupl
                                                mtime=0))
         bar = stack.enter_context(ctx.progress(f"writing {table}", expected))
         cur = stack.enter_context(conn.cursor())
-        copy = stack.enter_context(cur.copy(db.query("gen_virtual", query),
-                                            writer=QueuedLibpqWriter(cur)))
+        copy = stack.enter_context(cur.copy(statement, writer=QueuedLibpqWriter(cur)))
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="gen-virtual-gz"))
         pending: Future[None] | None = None
         for data, n in chunks:
@@ -555,15 +559,134 @@ def _raise_failed_upload(uploads: list[Future[None]]) -> None:
                 raise _upload_failed(exc) from None
 
 
+def _q(name: str, /, **parts: sql.Composable) -> sql.SQL | sql.Composed:
+    query = db.query("gen_virtual", name)
+    return query.format(**parts) if parts else query
+
+
+@dataclass
+class _Index:
+    name: str
+    constraint: str | None
+    indexdef: str
+    condef: str | None
+    live_name: str | None
+
+
+@dataclass
+class _Target:
+    """Where one table's rows go: a new table swapped in at the end, or the live one."""
+    live: str
+    name: str
+    indexes: list[_Index] = field(default_factory=list)
+
+    @property
+    def swap(self) -> bool:
+        return self.name != self.live
+
+
+def swap_blockers(conn: psycopg.Connection[Any]) -> list[str]:
+    """Why the virtual tables cannot be swapped for new ones (empty: they can)."""
+    out = []
+    for table, _cols in TABLES:
+        rows = conn.execute(_q("swap_blockers"), {"table": table}).fetchall()
+        out += [f"{table}: {r['blocker']}" for r in rows]
+    return out
+
+
+def _prepare_next(conn: psycopg.Connection[Any], live: str) -> _Target:
+    """Create ``<live>_next`` like the live table, without its indexes until the rows are in
+    (one sorted build instead of 4 M index insertions); remember how to rebuild them."""
+    target = _Target(live, f"{live}_next")
+    ident = sql.Identifier(target.name)
+    conn.execute(_q("create_next", next=ident, live=sql.Identifier(live)))
+    for row in conn.execute(_q("next_indexes"), {"live": live, "next": target.name}).fetchall():
+        target.indexes.append(_Index(row["name"], row["conname"], row["indexdef"],
+                                     row["condef"], row["live_name"]))
+    for index in target.indexes:
+        if index.constraint:
+            conn.execute(_q("drop_constraint", table=ident,
+                            name=sql.Identifier(index.constraint)))
+        else:
+            conn.execute(_q("drop_index", name=sql.Identifier(index.name)))
+    return target
+
+
+def _build_indexes(conn: psycopg.Connection[Any], target: _Target, ctx: RunContext) -> None:
+    """Rebuild the indexes ``_prepare_next`` dropped, from PostgreSQL's own definitions."""
+    t = time.monotonic()
+    for index in target.indexes:
+        if index.constraint and index.condef:
+            conn.execute(_q("add_constraint", table=sql.Identifier(target.name),
+                            name=sql.Identifier(index.constraint),
+                            definition=sql.SQL(index.condef)))
+        else:
+            conn.execute(sql.SQL(index.indexdef))
+        ctx.check_stop()
+    ctx.log.info("built %d indexes of %s in %.2f s", len(target.indexes), target.live,
+                 time.monotonic() - t)
+
+
+def _lock_live(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
+    """Take the live tables for the swap, waiting LOCK_TIMEOUT_S at a time (a waiting
+    ACCESS EXCLUSIVE request queues every new reader behind it, so it must not wait long)."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():  # a savepoint: a timeout undoes only this attempt
+                conn.execute(_q("lock_timeout"), {"timeout": f"{LOCK_TIMEOUT_S}s"})
+                conn.execute(_q("lock_live"))
+            conn.execute(_q("lock_timeout"), {"timeout": "0"})
+            return
+        except psycopg.errors.LockNotAvailable:
+            holders = ", ".join(f"{r['who']} (pid {r['pid']})"
+                                for r in conn.execute(_q("lock_holders")).fetchall())
+            ctx.log.info("virtual tables busy (attempt %d of %d; held by %s)", attempt,
+                         LOCK_ATTEMPTS, holders or "nobody now")
+            ctx.check_stop()
+            time.sleep(min(0.1 * attempt, 1.0))
+    raise DatabaseError(
+        f"could not lock the virtual tables for the swap in {LOCK_ATTEMPTS} attempts of "
+        f"{LOCK_TIMEOUT_S} s (long-running readers); nothing was written")
+
+
+def _swap_in(conn: psycopg.Connection[Any], target: _Target) -> None:
+    """Replace the live table by the new one: owner, grants and index names carry over."""
+    live, new = sql.Identifier(target.live), sql.Identifier(target.name)
+    owner = conn.execute(_q("table_owner"), {"table": target.live}).fetchone()
+    assert owner is not None
+    grants = conn.execute(_q("table_grants"), {"table": target.live}).fetchall()
+    conn.execute(_q("drop_live", live=live))
+    conn.execute(_q("rename_table", next=new, live=live))
+    if owner["owner"] != owner["me"]:
+        conn.execute(_q("set_owner", table=live, owner=sql.Identifier(owner["owner"])))
+    for g in grants:
+        if g["privilege_type"] not in _PRIVILEGES:
+            raise DatabaseError(f"unexpected privilege {g['privilege_type']!r} on "
+                                f"{target.live}; nothing was written")
+        conn.execute(_q("grant", privilege=sql.SQL(g["privilege_type"]), table=live,
+                        grantee=sql.SQL("PUBLIC") if g["grantee"] == "PUBLIC"
+                        else sql.Identifier(g["grantee"]),
+                        option=sql.SQL("WITH GRANT OPTION" if g["is_grantable"] else "")))
+    for index in target.indexes:
+        if index.live_name and index.live_name != index.name:
+            conn.execute(_q("rename_index", name=sql.Identifier(index.name),
+                            new_name=sql.Identifier(index.live_name)))
+    conn.execute(_q("analyze", table=live))
+
+
 def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings,
                      ctx: RunContext, version: str, plan: VirtualPlan, started: float
                      ) -> tuple[int, str]:
     """Replace the virtual tables with ``plan`` and back it up, in one transaction.
 
-    Order: delete + COPY + generation row + dataset stats, then the S3 upload (manifest last),
-    then COMMIT. A failed upload rolls the transaction back, so no generation ever points at a
-    missing backup; a failed commit leaves only an unreferenced ``gen-<id>/`` folder in S3
-    (sequence ids are never reused).
+    The rows go into new tables without indexes; the indexes are built once the rows are in
+    and the new tables replace the live ones at the end (a short ACCESS EXCLUSIVE lock). When
+    a swap would break something that depends on a live table (a view, a trigger, ...; see
+    ``swap_blockers``), the old rows are deleted and the new ones copied into the live tables.
+    Then the generation row and the dataset stats, the S3 upload (manifest last) and COMMIT.
+    A failed upload rolls the transaction back, so no generation ever points at a missing
+    backup; a failed commit leaves only an unreferenced ``gen-<id>/`` folder in S3 (sequence
+    ids are never reused).
     """
     counts = plan.counts()
     with ExitStack() as stack:
@@ -578,9 +701,16 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
                     f"dataset {version} stopped being active during generation; nothing was "
                     "written; run gen-virtual again for the new active dataset")
             t = time.monotonic()
-            for name in ("delete_flights", "delete_routes", "delete_stops"):
-                conn.execute(db.query("gen_virtual", name))
-            ctx.log.info("deleted the previous generation in %.2f s", time.monotonic() - t)
+            blockers = swap_blockers(conn)
+            if blockers:
+                ctx.log.info("writing in place, not swapping tables: %s", "; ".join(blockers))
+                targets = [_Target(table, table) for table, _cols in TABLES]
+                for target in reversed(targets):
+                    conn.execute(_q("delete_table", table=sql.Identifier(target.live)))
+                ctx.log.info("deleted the previous generation in %.2f s",
+                             time.monotonic() - t)
+            else:
+                targets = [_prepare_next(conn, table) for table, _cols in TABLES]
             ctx.check_stop()
             # The id is taken before the COPY so that each table's backup file can be uploaded
             # while the next table is copied; a rollback only leaves a gap in the sequence and
@@ -598,23 +728,34 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
                                ("virtual_routes", route_lines(plan, version, s)),
                                ("virtual_flights", flight_lines(plan, version, s))])
             try:
-                for table, query, _cols in TABLES:
+                for target, (table, cols) in zip(targets, TABLES, strict=True):
                     t = time.monotonic()
-                    written[table] = _copy_table(conn, query, text.chunks(table),
+                    # FREEZE: a table created in this transaction is loaded as frozen rows,
+                    # so nothing has to revisit its pages to set hint bits later.
+                    statement = _q("copy_into", table=sql.Identifier(target.name),
+                                   columns=sql.SQL(", ").join(map(sql.Identifier, cols)),
+                                   options=sql.SQL("WITH (FREEZE)" if target.swap else ""))
+                    written[table] = _copy_table(conn, statement, text.chunks(table),
                                                  os.path.join(tmp, f"{table}.tsv.gz"), ctx,
                                                  expected[table], table)
                     ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows,
-                                 table, time.monotonic() - t)
+                                 target.name, time.monotonic() - t)
                     _raise_failed_upload(uploads)
                     uploads.append(uploader.submit(
                         backups.put_file, f"{prefix}{table}.tsv.gz", written[table].path,
                         "application/gzip"))
             finally:
                 text.close()
-            orphans = conn.execute(db.query("gen_virtual", "orphan_flights")).fetchone()
-            if orphans and orphans["n"]:
-                raise DatabaseError(f"{orphans['n']} virtual flights name a missing route; "
-                                    "nothing was written")
+            for target in targets:
+                if target.swap:
+                    _build_indexes(conn, target, ctx)
+                    _raise_failed_upload(uploads)
+            if not blockers:
+                t = time.monotonic()
+                _lock_live(conn, ctx)
+                for target in targets:
+                    _swap_in(conn, target)
+                ctx.log.info("swapped the new tables in in %.2f s", time.monotonic() - t)
             settings = recorded_settings(s, plan)
             created = conn.execute(db.query("gen_virtual", "insert_generation"), {
                 "id": gen_id, "version": version, "settings": Jsonb(settings),
@@ -637,7 +778,7 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
                 "files": {f"{t}.tsv.gz": {"table": t, "columns": list(cols),
                                           "rows": written[t].rows, "bytes": written[t].size,
                                           "sha256_uncompressed": written[t].sha256}
-                          for t, _q, cols in TABLES},
+                          for t, cols in TABLES},
             }
             t = time.monotonic()
             try:

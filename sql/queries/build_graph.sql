@@ -1,5 +1,11 @@
 -- Named queries of build-graph (pipeline_cli/stages/build_graph.py).
 
+-- name: lock_virtual
+-- First in the read snapshot's transaction, before the snapshot is taken: gen-virtual swaps
+-- new tables in at the end of a generation (sql/queries/gen_virtual.sql, lock_live), and a
+-- snapshot taken before that swap would find the new tables empty.
+LOCK TABLE virtual_stops, virtual_routes, virtual_flights IN ACCESS SHARE MODE;
+
 -- name: active_dataset
 SELECT version FROM datasets WHERE active;
 

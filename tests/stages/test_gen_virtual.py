@@ -4,6 +4,7 @@ edge cases (0/1 stops, no dataset, antimeridian at latitude 70) and the backup-f
 from __future__ import annotations
 
 import gzip
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipeline_cli import geo
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import VirtualSettings
+from pipeline_cli.stages import gen_virtual
 from pipeline_cli.stages.gen_virtual import generate, status_section
 from pipeline_cli.testing.services import S3Endpoint
 
@@ -112,6 +114,11 @@ def test_generates_all_kinds_records_and_backs_up(conn: Conn, run: Callable[...,
         "SELECT DISTINCT kind, anchor_id FROM virtual_stops")}
     assert ("CITY_GRID", "Helsinki") in anchors and ("AIRPORT_GRID", "HEL") in anchors
     assert ("MAIN_GRID", None) in anchors
+    # One flight per non-walking route, and no flight names a missing route.
+    assert rec.counts["virtual_flights"] == count(
+        conn, "SELECT count(*) FROM virtual_routes WHERE mode <> 'walk'")
+    assert count(conn, """SELECT count(*) FROM virtual_flights f WHERE NOT EXISTS (
+        SELECT 1 FROM virtual_routes r WHERE r.id = f.route_id)""") == 0
     # Every route has its reverse; travel time follows the mode's speed.
     assert count(conn, """SELECT count(*) FROM virtual_routes r WHERE NOT EXISTS (
         SELECT 1 FROM virtual_routes b
@@ -285,3 +292,90 @@ def test_status_section(conn: Conn, run: Callable[..., RunRecord]) -> None:
     assert gen["settings"]["k"] == 4 and gen["age_s"] >= 0
     add_dataset(conn, helsinki_stops()[:5], version="ds-v2")
     assert status_section(conn)["current"] is False
+
+
+# ---------------------------------------------------------------- swapping the tables in
+
+VIRTUAL = ("virtual_stops", "virtual_routes", "virtual_flights")
+
+
+def table_oids(conn: Conn) -> dict[str, int]:
+    return {t: count(conn, f"SELECT '{t}'::regclass::oid AS oid") for t in VIRTUAL}
+
+
+def index_defs(conn: Conn) -> set[tuple[str, str, str]]:
+    return {(r["tablename"], r["indexname"], r["indexdef"]) for r in conn.execute(
+        "SELECT tablename, indexname, indexdef FROM pg_indexes "
+        "WHERE tablename LIKE 'virtual%%'")}
+
+
+def test_swap_keeps_index_names_an_added_index_and_grants(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    # What an operator may have added: an index and a read-only role for the routing backend.
+    conn.execute("CREATE INDEX virtual_stops_kind_idx ON virtual_stops (kind) "
+                 "WHERE kind <> 'MAIN_GRID'")
+    role = f"gv_reader_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        conn.execute(f'GRANT SELECT ON virtual_stops, virtual_routes TO "{role}"')
+        conn.execute(f'GRANT SELECT, UPDATE ON virtual_flights TO "{role}" WITH GRANT OPTION')
+        indexes, oids = index_defs(conn), table_oids(conn)
+        assert ("virtual_routes", "virtual_routes_from_idx") in {i[:2] for i in indexes}
+        before = table_rows(conn)
+        rec = run(force=True)
+        assert rec.status == "success", rec.error
+        assert table_rows(conn) == before
+        assert all(table_oids(conn)[t] != oids[t] for t in VIRTUAL)  # new tables...
+        assert index_defs(conn) == indexes  # ...with the same indexes under the same names
+        privileges = {(r["table_name"], r["privilege_type"], r["is_grantable"])
+                      for r in conn.execute(
+                          "SELECT table_name, privilege_type, is_grantable "
+                          "FROM information_schema.role_table_grants WHERE grantee = %s",
+                          (role,))}
+        assert privileges == {("virtual_stops", "SELECT", "NO"),
+                              ("virtual_routes", "SELECT", "NO"),
+                              ("virtual_flights", "SELECT", "YES"),
+                              ("virtual_flights", "UPDATE", "YES")}
+        assert count(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE '%%_next'") == 0
+    finally:
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_view_on_a_virtual_table_makes_the_write_in_place(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    conn.execute("CREATE VIEW city_grid AS SELECT id FROM virtual_stops "
+                 "WHERE kind = 'CITY_GRID'")
+    assert gen_virtual.swap_blockers(conn) == [
+        "virtual_stops: view or rule city_grid reads it"]
+    oids, before = table_oids(conn), table_rows(conn)
+    rec = run(force=True)
+    assert rec.status == "success", rec.error
+    assert table_oids(conn) == oids and table_rows(conn) == before
+    assert count(conn, "SELECT count(*) FROM city_grid") == rec.counts["by_kind"]["CITY_GRID"]
+
+
+def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
+        conn: Conn, run: Callable[..., RunRecord], database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    before = table_rows(conn)
+    monkeypatch.setattr(gen_virtual, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(gen_virtual, "LOCK_ATTEMPTS", 2)
+    with psycopg.connect(database_url) as reader:
+        # What build-graph does first in its read snapshot.
+        reader.execute("LOCK TABLE virtual_stops, virtual_routes, virtual_flights "
+                       "IN ACCESS SHARE MODE")
+        rec = run(force=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error is not None and "could not lock the virtual tables" in rec.error
+    assert "\n" not in rec.error
+    assert table_rows(conn) == before
+    assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
+    assert count(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE '%%_next'") == 0
+    assert run(force=True).status == "success"  # and once the reader is gone, it goes through
