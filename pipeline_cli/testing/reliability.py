@@ -544,6 +544,9 @@ def check_datasets(conn: psycopg.Connection[Any], backups: BackupStore | None) -
 def check_virtual(conn: psycopg.Connection[Any], backups: BackupStore | None) -> list[str]:
     """The virtual tables hold exactly the newest generation, whose backup is complete."""
     problems: list[str] = []
+    # The tables a generation loads before swapping them in live and die in its transaction.
+    for r in _rows(conn, "SELECT relname FROM pg_class WHERE relname LIKE 'virtual%%_next'"):
+        problems.append(f"a generation's table {r['relname']} outlived its transaction")
     gens = _rows(conn, "SELECT id, dataset_version, counts, backup_prefix "
                        "FROM virtual_generations ORDER BY id DESC")
     model = {t: _rows(conn, f"SELECT count(*) AS n FROM {t}")[0]["n"]  # noqa: S608

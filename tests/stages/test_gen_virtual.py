@@ -379,3 +379,15 @@ def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
     assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
     assert count(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE '%%_next'") == 0
     assert run(force=True).status == "success"  # and once the reader is gone, it goes through
+
+
+def test_the_kill_checker_sees_a_table_left_from_a_generation(
+        conn: Conn, run: Callable[..., RunRecord], backups: BackupStore) -> None:
+    from pipeline_cli.testing.reliability import check_virtual
+
+    add_dataset(conn, helsinki_stops())
+    assert run().status == "success"
+    assert check_virtual(conn, backups) == []
+    conn.execute("CREATE TABLE virtual_routes_next (LIKE virtual_routes)")
+    assert check_virtual(conn, backups) == [
+        "a generation's table virtual_routes_next outlived its transaction"]
