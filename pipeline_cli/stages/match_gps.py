@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -453,7 +452,7 @@ class _Claimed:
     coordinate_count: int
     retry_count: int
     token: uuid.UUID
-    times: list[datetime]
+    times: list[float]  # epoch seconds
     coordinates: list[LatLon]
 
 
@@ -555,8 +554,9 @@ class MatchWorker:
 
     def _claim(self, conn: psycopg.Connection[Any]) -> _Claimed | None:
         token = uuid.uuid4()
-        with db.wrap_errors("claiming a GPS batch"):
-            row = conn.execute(db.query("match_gps", "claim_batch"), {
+        # Binary results: psycopg loads a binary float8[] about twice as fast as its text.
+        with db.wrap_errors("claiming a GPS batch"), conn.cursor(binary=True) as cur:
+            row = cur.execute(db.query("match_gps", "claim_batch"), {
                 "worker": self.worker, "token": token,
                 "lease_seconds": self.settings.lease_seconds,
             }).fetchone()
@@ -572,7 +572,7 @@ class MatchWorker:
         if self.pool.hard_stop:
             self._release(conn, batch)
             return
-        times = [t.timestamp() for t in batch.times]
+        times = batch.times
         try:
             match = match_trace(self.client, batch.coordinates, times,
                                 radius_m=self.settings.radius_m, chunk_size=self.chunk_size,
