@@ -435,6 +435,12 @@ def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> li
     return [str(r["batch_id"]) for r in rows]
 
 
+def _work_waiting(conn: psycopg.Connection[Any]) -> bool:
+    with db.wrap_errors("looking for GPS work"):
+        row = conn.execute(db.query("match_gps", "work_waiting")).fetchone()
+    return bool(row and (row["batches"] or row["points"]))
+
+
 def backoff_seconds(settings: MatchSettings, attempt: int, rng: random.Random) -> float:
     """Exponential backoff with equal jitter: half fixed, half random."""
     delay = min(settings.backoff_max_seconds,
@@ -698,6 +704,10 @@ def match_gps(
             rescued = rescue_expired(conn, settings)
             if rescued:
                 ctx.log.warning("rescued %d batch(es) whose lease expired", len(rescued))
+            elif pool.claimed and not _work_waiting(conn):
+                # After a round that drained the queue: starting the workers and their
+                # sessions again only to find nothing costs a sizeable share of a short run.
+                break
             claimed_before = pool.claimed
             made = _run_round(conn, database_url, client, settings, pool, chunk_size, worker)
             counts.update(batches_created=made.created, batches_too_short=made.too_short,

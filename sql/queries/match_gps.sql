@@ -207,6 +207,13 @@ SET status = CASE WHEN retry_count + 1 >= %(max_attempts)s THEN 'dead' ELSE 'fai
 WHERE batch_id = %(batch_id)s AND lease_token = %(token)s AND status = 'processing'
 RETURNING status, retry_count, next_attempt_at;
 
+-- name: work_waiting
+-- Whether another round could find anything: a ready batch, or points not in a batch yet.
+-- Both are probes of partial indexes.
+SELECT EXISTS (SELECT 1 FROM processing_batches
+               WHERE status IN ('pending', 'failed') AND next_attempt_at <= now()) AS batches,
+       EXISTS (SELECT 1 FROM gps_points WHERE batch_id IS NULL) AS points;
+
 -- name: release_batch
 -- Give a claimed batch back untouched (stop requested before it was finished).
 UPDATE processing_batches
