@@ -40,6 +40,7 @@ from ..settings import MatchSettings
 
 BATCHING_LOCK = "match-gps:batching"
 BATCHING_DEVICES = 50  # devices per batch-making transaction
+FIRST_SLICE_DEVICES = 8  # the first transaction is small: workers start matching sooner
 MIN_CHUNK = 3  # osrm-routed refuses a --max-matching-size below 3
 BACKLOG_COUNT_CAP = 1_000_000
 WORKERS_PER_REQUEST = 2  # worker threads per OSRM request in flight
@@ -368,14 +369,20 @@ class BatchingResult:
 
 def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
                  devices: int = BATCHING_DEVICES,
-                 stop: Callable[[], bool] = lambda: False) -> BatchingResult:
-    """Cut unbatched points into batches, ``devices`` devices per transaction, so workers can
-    match the first batches while later ones are made. Idempotent: a point joins at most one
+                 stop: Callable[[], bool] = lambda: False,
+                 made: Callable[[], None] = lambda: None) -> BatchingResult:
+    """Cut unbatched points into batches, ``devices`` devices per transaction (fewer in the
+    first), so workers can match the first batches while later ones are made; ``made`` is
+    called after each transaction that created batches. Idempotent: a point joins at most one
     batch. Concurrent workers serialise each slice on an advisory lock."""
     total = BatchingResult()
     after = ""  # device ids are never empty
+    size = min(devices, FIRST_SLICE_DEVICES)
     while not stop():
-        part, last = _make_slice(conn, settings, after, devices)
+        part, last = _make_slice(conn, settings, after, size)
+        size = devices
+        if part.created:
+            made()
         total.created += part.created
         total.too_short += part.too_short
         total.points += part.points
@@ -484,6 +491,7 @@ class _Pool:
         self.fatal: BaseException | None = None
         self.drained = False
         self.batching = False  # batches are still being made: an empty queue is not the end
+        self.slice_made = threading.Event()
         self.counts: Counter[str] = Counter()
         self.chunk_errors: Counter[str] = Counter()
 
@@ -546,7 +554,8 @@ class MatchWorker:
                 if claimed is None:
                     self.pool.unreserve()
                     if self.pool.batching:
-                        time.sleep(0.05)
+                        # Woken as soon as the batch maker commits a slice.
+                        self.pool.slice_made.wait(0.05)
                         continue
                     with self.pool.lock:
                         self.pool.drained = True
@@ -765,7 +774,7 @@ def _run_round(conn: psycopg.Connection[Any], database_url: str, client: OsrmCli
     try:
         try:
             made = make_batches(conn, settings, stop=lambda: bool(
-                pool.ctx.stop_requested or pool.fatal or pool.tripped))
+                pool.ctx.stop_requested or pool.fatal or pool.tripped), made=_wake(pool))
         finally:
             pool.batching = False
         for t in threads:
@@ -782,6 +791,14 @@ def _run_round(conn: psycopg.Connection[Any], database_url: str, client: OsrmCli
             t.join()
         raise
     return made
+
+
+def _wake(pool: _Pool) -> Callable[[], None]:
+    """Wake the workers waiting for batches; a worker that misses it looks again in 50 ms."""
+    def wake() -> None:
+        pool.slice_made.set()
+        pool.slice_made.clear()
+    return wake
 
 
 def _result(counts: Counter[str], pool: _Pool, osrm_requests: int, started: float,
