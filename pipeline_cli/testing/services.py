@@ -683,10 +683,15 @@ def prune_registry(registry: Registry) -> None:
 
 
 def stop_recorded(state_dir: Path | None = None) -> list[ProcessRecord]:
-    """Stop every server recorded in the state dir (the ``down`` command); returns them."""
+    """Stop the servers ``up`` started in the state dir (the ``down`` command); returns them.
+
+    Servers of a test session that is still running (attached, owner alive) are left alone:
+    ``make demo-down`` must not pull PostgreSQL from under a concurrent ``make test``. Those
+    of a session that is gone are stopped too (``prune_registry``).
+    """
     state_dir = Path(state_dir).resolve() if state_dir else default_state_dir()
     registry = Registry(state_dir)
-    records = [r for r in registry.load() if r.alive()]
+    records = [r for r in registry.load() if r.alive() and r.detached]
     _stop(registry, [(r, None) for r in records])
     prune_registry(registry)
     (state_dir / "services.env").unlink(missing_ok=True)
@@ -838,7 +843,8 @@ def up(with_s3: bool, with_osrm: bool) -> None:
     click.echo(f"wrote {env_file}", err=True)
 
 
-@cli.command(help="Stop every server recorded in <state>/services.json.")
+@cli.command(help="Stop the servers `up` started (recorded in <state>/services.json); a "
+             "running test session's own servers are left alone.")
 def down() -> None:
     stopped = stop_recorded()
     for record in stopped:

@@ -343,3 +343,22 @@ def test_cli_up_is_idempotent_private_and_down_stops(tmp_path: Path) -> None:
     assert not is_alive(weed.pid, weed.started)
     assert json.loads((state / "services.json").read_text()) == {"processes": []}
     assert not (state / "services.env").exists()
+
+
+def test_cli_down_leaves_a_running_sessions_servers(tmp_path: Path) -> None:
+    """`make demo-down` stops what `up` started, not the servers of a live test session."""
+    state = tmp_path / "state"
+    session = LocalServices(state)
+    try:
+        session.start_redis_server()
+        LocalServices(state, detached=True).start_redis_server()
+        records = {r.detached: r for r in Registry(state).load()}
+        down = _cli(state, "down")
+        assert down.returncode == 0, down.stderr
+        assert f"stopped {records[True].id}" in down.stderr
+        assert not is_alive(records[True].pid, records[True].started)
+        assert is_alive(records[False].pid, records[False].started)
+        assert [r.id for r in Registry(state).load()] == [records[False].id]
+    finally:
+        session.stop_all()
+    assert not is_alive(records[False].pid, records[False].started)
