@@ -19,6 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,7 @@ def _bare_knn(plan: gv.VirtualPlan, k: int) -> float:
     return time.perf_counter() - t
 
 
-# The bare tables of the floor and the indexes of sql/003_virtual.sql, on them.
-_FLOOR_TABLES = ("virtual_stops", "virtual_routes", "virtual_flights")
+# The indexes of sql/003_virtual.sql, on the bare tables of the floor.
 _FLOOR_INDEXES = (
     "ALTER TABLE floor_virtual_stops ADD PRIMARY KEY (id)",
     "ALTER TABLE floor_virtual_routes ADD PRIMARY KEY (id)",
@@ -77,13 +77,19 @@ _FLOOR_INDEXES = (
 )
 
 
+def _copy_text(plan: gv.VirtualPlan, settings: VirtualSettings
+               ) -> list[tuple[str, Iterator[str]]]:
+    """The stage's own COPY text generators, per table."""
+    return list(zip((table for table, _cols in gv.TABLES), (
+        gv.stop_lines(plan, "ds-v1"), gv.route_lines(plan, "ds-v1", settings),
+        gv.flight_lines(plan, "ds-v1", settings)), strict=True))
+
+
 def _write_text(plan: gv.VirtualPlan, settings: VirtualSettings, folder: Path
                 ) -> list[tuple[str, Path]]:
     """The stage's own COPY text of every table, in plain files."""
     out = []
-    for (table, _cols), lines in zip(gv.TABLES, (
-            gv.stop_lines(plan, "ds-v1"), gv.route_lines(plan, "ds-v1", settings),
-            gv.flight_lines(plan, "ds-v1", settings)), strict=True):
+    for table, lines in _copy_text(plan, settings):
         path = folder / f"{table}.tsv"
         with path.open("wb") as fh:
             for chunk in lines:
@@ -113,7 +119,7 @@ def _postgres_floor(url: str, files: list[tuple[str, Path]]) -> tuple[float, flo
             conn.execute(statement)
         index_s = time.perf_counter() - t
         conn.commit()
-        for table in _FLOOR_TABLES:
+        for table, _path in files:
             conn.execute(sql.SQL("DROP TABLE {}").format(
                 sql.Identifier(f"floor_{table}")))
         conn.commit()
@@ -195,8 +201,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     if quick:
         return out
     t = time.perf_counter()
-    for lines in (gv.stop_lines(plan, "ds-v1"), gv.route_lines(plan, "ds-v1", settings),
-                  gv.flight_lines(plan, "ds-v1", settings)):
+    for _table, lines in _copy_text(plan, settings):
         for chunk in lines:
             chunk.encode()
     text_s = time.perf_counter() - t
