@@ -19,7 +19,6 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +76,11 @@ _FLOOR_INDEXES = (
 )
 
 
-def _copy_text(plan: gv.VirtualPlan, settings: VirtualSettings
-               ) -> list[tuple[str, Iterator[str]]]:
-    """The stage's own COPY text generators, per table."""
-    return list(zip((table for table, _cols in gv.TABLES), (
-        gv.stop_lines(plan, "ds-v1"), gv.route_lines(plan, "ds-v1", settings),
-        gv.flight_lines(plan, "ds-v1", settings)), strict=True))
-
-
 def _write_text(plan: gv.VirtualPlan, settings: VirtualSettings, folder: Path
                 ) -> list[tuple[str, Path]]:
     """The stage's own COPY text of every table, in plain files."""
     out = []
-    for table, lines in _copy_text(plan, settings):
+    for table, lines in gv.copy_text(plan, "ds-v1", settings):
         path = folder / f"{table}.tsv"
         with path.open("wb") as fh:
             for chunk in lines:
@@ -201,7 +192,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     if quick:
         return out
     t = time.perf_counter()
-    for _table, lines in _copy_text(plan, settings):
+    for _table, lines in gv.copy_text(plan, "ds-v1", settings):
         for chunk in lines:
             chunk.encode()
     text_s = time.perf_counter() - t

@@ -427,6 +427,14 @@ def flight_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterato
                       for f, t in zip(frm[lo:hi].tolist(), to[lo:hi].tolist(), strict=True))
 
 
+def copy_text(plan: VirtualPlan, version: str, s: VirtualSettings
+              ) -> list[tuple[str, Iterator[str]]]:
+    """Each virtual table with the generator of its COPY text, in writing order."""
+    return [("virtual_stops", stop_lines(plan, version)),
+            ("virtual_routes", route_lines(plan, version, s)),
+            ("virtual_flights", flight_lines(plan, version, s))]
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -724,9 +732,7 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
             written: dict[str, _Written] = {}
             expected = {"virtual_stops": len(plan.ids), "virtual_routes": plan.n_routes,
                         "virtual_flights": plan.n_flights}
-            text = _TextAhead([("virtual_stops", stop_lines(plan, version)),
-                               ("virtual_routes", route_lines(plan, version, s)),
-                               ("virtual_flights", flight_lines(plan, version, s))])
+            text = _TextAhead(copy_text(plan, version, s))
             try:
                 for target, (table, cols) in zip(targets, TABLES, strict=True):
                     t = time.monotonic()
