@@ -430,7 +430,7 @@ def _validate(s: Settings) -> None:
     if s.odata.backoff_base < 0 or s.odata.backoff_max < s.odata.backoff_base:
         raise bad("odata", "backoff_max", "need 0 <= backoff_base <= backoff_max")
     if s.odata.mapping:
-        from .adapters.odata import resolve_mapping  # lazy: only configs with a mapping pay
+        from .adapters.odata_format import resolve_mapping  # lazy: configs with a mapping pay
 
         resolve_mapping(s.odata.mapping)
     for key in ("gap_seconds", "max_batch_seconds", "lease_seconds", "max_attempts",

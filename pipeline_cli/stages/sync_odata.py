@@ -1,10 +1,12 @@
 """sync-odata: an OData service -> a versioned, validated dataset in the read model.
 
-Pages stream from the source into COPY (staging temp tables) while each row is checked and
-hashed; keys and references are checked in SQL. An unchanged dataset (same canonical,
-order-independent hash as the active one) is a ``noop``; a changed one is upserted into
-stops/routes/flights, recorded as ``ds-v<N>``, backed up to S3 and committed, in that order.
-Restore loads a version's backup through the same path; ``status_section`` feeds ``status``.
+Pages are fetched and spooled raw; a row worker process (:mod:`.sync_worker`) turns them into
+canonical lines, checks, hashes and compares them with the active version's row index while the
+fetch goes on. An unchanged dataset (same canonical, order-independent hash as the active one)
+is a ``noop``. A changed one is written to stops/routes/flights (only its new, changed and
+vanished rows when it could be compared with the row index, else every row through staging
+tables and SQL checks), recorded as ``ds-v<N>``, backed up to S3 and committed, in that order.
+Restore loads a version's backup; ``status_section`` feeds ``status``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ import contextlib
 import gzip
 import hashlib
 import json
-import shutil
-import struct
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,312 +31,38 @@ from psycopg.types.json import Jsonb
 
 from .. import db
 from ..adapters.backups import BackupStore
-from ..adapters.odata import (
-    DEFAULT_MAPPING,
-    EntityMapping,
-    ODataClient,
-    page_rows,
-    parse_bool,
-    parse_key,
-    parse_number,
-    parse_text,
-    parse_time,
-    resolve_mapping,
-)
+from ..adapters.odata import ODataClient
+from ..adapters.odata_format import EntityMapping, resolve_mapping
 from ..errors import BackupError, NothingToDo, ValidationError
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
+from .sync_rows import (
+    CANONICAL_FORMAT,
+    COLUMNS,
+    ENTITIES,
+    INDEX_CHUNK,
+    MAX_PROBLEMS,
+    REFERENCES,
+    Problem,
+    Problems,
+    RowDigests,
+    SetFiles,
+    SetOutput,
+    dataset_hash,
+    gzip_file,
+    index_chunks,
+    unescape_key,
+    write_index,
+)
+from .sync_worker import RowWorker
 
-ENTITIES = ("stops", "routes", "flights")
-COLUMNS: dict[str, tuple[str, ...]] = {e: tuple(DEFAULT_MAPPING[e][1]) for e in ENTITIES}
-# (child entity, column, parent entity): checked in this order, so a parent's rejects cascade.
-REFERENCES = (("routes", "from_stop_id", "stops"), ("routes", "to_stop_id", "stops"),
-              ("flights", "route_id", "routes"))
-MAX_PROBLEMS = 20
 BACKUP_FORMAT = "pipeline-dataset/1"
-# Part of the key of the stored page digests: bump it whenever the canonical form of a row or
-# the validation rules change, so that old digests no longer prove a feed unchanged.
-FEED_DIGEST_FORMAT = 1
 _PAGE_DIGEST_HEX = 32  # blake2b, 16 bytes
-# While pages stream in, the read-ahead thread's socket reads each give up the GIL and must
-# take it back from this thread, which is busy normalising; at the default switch interval
-# (5 ms) every re-take waits that long. Spool writes are buffered for the same reason: a write
-# larger than the buffer releases the GIL too.
+# The read-ahead thread's socket reads each give up the GIL and must take it back from this
+# thread, which spools pages meanwhile; at the default switch interval (5 ms) every re-take
+# may wait that long. Spool writes are buffered for the same reason: a write larger than the
+# buffer releases the GIL too.
 FETCH_SWITCH_INTERVAL = 0.0005
 _SPOOL_BUFFER = 4 * 1024 * 1024
-_NULL = "\\N"
-
-
-# ------------------------------------------------------------------------------ rows
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One bad value or row, named by entity set, key and field as the source calls them."""
-
-    entity_set: str
-    key_field: str
-    key: str | None
-    field: str
-    kind: str  # missing, invalid, out_of_range, duplicate, unknown_reference, empty
-    message: str
-
-    def __str__(self) -> str:
-        key = "?" if self.key is None else self.key
-        return f"{self.entity_set}[{self.key_field}={key}] {self.field}: {self.message}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"set": self.entity_set, "key": self.key, "field": self.field,
-                "kind": self.kind, "problem": self.message}
-
-
-def _escape(text: str) -> str:
-    """COPY text-format escaping: the canonical form of a text value."""
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        text = (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-                .replace("\r", "\\r"))
-    return text
-
-
-def _unescape_key(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            nxt = text[i + 1]
-            out.append({"t": "\t", "n": "\n", "r": "\r"}.get(nxt, nxt))
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _days(value: Any) -> str:
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(text, str) or not text or not text.isdigit()
-            or any(c not in "1234567" for c in text) or len(set(text)) != len(text)):
-        raise ValueError(f"expected distinct day digits 1-7 like \"12345\", got {value!r}")
-    return "".join(sorted(text))
-
-
-def _range(low: float, high: float) -> Callable[[float], str | None]:
-    def check(v: float) -> str | None:
-        return None if low <= v <= high else f"{v!r} is outside {low:g}..{high:g}"
-    return check
-
-
-def _non_negative(v: float) -> str | None:
-    return None if v >= 0 else f"{v!r} is negative"
-
-
-# column -> (parser, canonical text, required, check, text when absent)
-_Spec = tuple[Callable[[Any], Any], Callable[[Any], str], bool,
-              Callable[[Any], str | None] | None, str]
-_KEY: _Spec = (parse_key, _escape, True, None, _NULL)
-_TEXT: _Spec = (parse_text, _escape, False, None, _NULL)
-SPECS: dict[str, dict[str, _Spec]] = {
-    "stops": {
-        "id": _KEY, "name": _TEXT,
-        "latitude": (parse_number, repr, True, _range(-90, 90), _NULL),
-        "longitude": (parse_number, repr, True, _range(-180, 180), _NULL),
-        "is_airport": (parse_bool, lambda b: "t" if b else "f", False, None, "f"),
-        "city": _TEXT,
-    },
-    "routes": {
-        "id": _KEY, "from_stop_id": _KEY, "to_stop_id": _KEY, "mode": _TEXT,
-        "distance_km": (parse_number, repr, False, _non_negative, _NULL),
-    },
-    "flights": {
-        "id": _KEY, "route_id": _KEY,
-        "departure": (parse_time, str, True, None, _NULL),
-        "arrival": (parse_time, str, True, None, _NULL),
-        "days_of_week": (_days, str, True, None, _NULL),
-    },
-}
-
-
-class RowNormaliser:
-    """Turns one source row into its canonical COPY line, or into problems.
-
-    The canonical line (COPY text format, read-model column order, normalised values) is both
-    what is loaded and what is hashed, so equal data always gives equal lines.
-    """
-
-    def __init__(self, mapping: EntityMapping) -> None:
-        self.mapping = mapping
-        self.plan = [(col, mapping.fields[col], *SPECS[mapping.entity][col])
-                     for col in COLUMNS[mapping.entity]]
-
-    def __call__(self, row: dict[str, Any]) -> tuple[str | None, list[Problem]]:
-        parts: list[str] = []
-        problems: list[Problem] = []
-        for _col, source, parse, fmt, required, check, absent in self.plan:
-            value = row.get(source) if source else None
-            if value is None:
-                if required:
-                    problems.append(self._problem(row, source, "missing",
-                                                  "missing required value"))
-                parts.append(absent)
-                continue
-            try:
-                parsed = parse(value)
-            except ValueError as exc:
-                problems.append(self._problem(row, source, "invalid", str(exc)))
-                continue
-            if check is not None and (why := check(parsed)) is not None:
-                problems.append(self._problem(row, source, "out_of_range", why))
-                continue
-            parts.append(fmt(parsed))
-        if problems:
-            return None, problems
-        return "\t".join(parts) + "\n", problems
-
-    def _problem(self, row: dict[str, Any], source: str, kind: str, message: str) -> Problem:
-        key = row.get(self.mapping.key_field)
-        return Problem(self.mapping.entity_set, self.mapping.key_field,
-                       None if key is None else str(key), source, kind, message)
-
-
-# Per-kind fast paths of the compiled normaliser (see compile_normaliser). Each accepts only
-# values whose canonical text is obvious and otherwise hands the row to the generic
-# RowNormaliser, so the canonical form and every problem message are defined in one place.
-_FAST = {
-    "key": """    v = get({f})
-    if type(v) is int:
-        c{i} = str(v)
-    elif type(v) is str and v and v.isprintable() and "\\\\" not in v:
-        c{i} = v
-    else:
-        return slow(row)
-""",
-    "text": """    v = get({f})
-    if v is None:
-        c{i} = "\\\\N"
-    elif type(v) is str and v.isprintable() and "\\\\" not in v:
-        c{i} = v
-    else:
-        return slow(row)
-""",
-    "number": """    v = get({f})
-    if (type(v) is float or type(v) is int) and {lo!r} <= v <= {hi!r}:
-        c{i} = repr(v + 0.0)
-    elif type(v) is str:
-        try:
-            x = float(v)
-        except ValueError:
-            return slow(row)
-        if not {lo!r} <= x <= {hi!r}:
-            return slow(row)
-        c{i} = repr(x + 0.0)
-{absent}    else:
-        return slow(row)
-""",
-    "bool": """    v = get({f})
-    if v is True:
-        c{i} = "t"
-    elif v is False or v is None:
-        c{i} = "f"
-    else:
-        return slow(row)
-""",
-    "memo": """    v = get({f})
-    if type(v) is not str:
-        return slow(row)
-    c{i} = memo{i}.get(v)
-    if c{i} is None:
-        try:
-            c{i} = parse{i}(v)
-        except ValueError:
-            return slow(row)
-        if len(memo{i}) < 100_000:
-            memo{i}[v] = c{i}
-""",
-}
-_MAX_FLOAT = 1.7976931348623157e308
-
-
-def compile_normaliser(mapping: EntityMapping) -> Callable[[dict[str, Any]], tuple[
-        str | None, list[Problem]]]:
-    """A per-mapping function with the common cases inlined (about 5x the generic speed).
-
-    Generated code, because the per-field function calls of the generic loop are most of a
-    sync's CPU time; only field names from the validated mapping reach the source text.
-    """
-    slow = RowNormaliser(mapping)
-    spec = SPECS[mapping.entity]
-    namespace: dict[str, Any] = {"slow": slow}
-    body = ["def normalise(row):\n    get = row.get\n"]
-    names = []
-    for i, col in enumerate(COLUMNS[mapping.entity]):
-        source = mapping.fields[col]
-        parse, _fmt_, required, check, _absent = spec[col]
-        names.append(f"c{i}")
-        if not source:  # not provided by this service: always the absent value
-            body.append(f"    c{i} = {_absent!r}\n")
-            continue
-        f = repr(source)
-        if parse is parse_key:
-            body.append(_FAST["key"].format(f=f, i=i))
-        elif parse is parse_text:
-            body.append(_FAST["text"].format(f=f, i=i))
-        elif parse is parse_number:
-            lo, hi = (-_MAX_FLOAT, _MAX_FLOAT)
-            if col == "latitude":
-                lo, hi = -90.0, 90.0
-            elif col == "longitude":
-                lo, hi = -180.0, 180.0
-            elif check is _non_negative:
-                lo = 0.0
-            absent = "" if required else f'    elif v is None:\n        c{i} = "\\\\N"\n'
-            body.append(_FAST["number"].format(f=f, i=i, lo=lo, hi=hi, absent=absent))
-        elif parse is parse_bool:
-            body.append(_FAST["bool"].format(f=f, i=i))
-        else:
-            namespace[f"memo{i}"] = {}
-            namespace[f"parse{i}"] = parse
-            body.append(_FAST["memo"].format(f=f, i=i))
-    body.append("    return " + ' + "\\t" + '.join(names) + ' + "\\n", None\n')
-    exec("".join(body), namespace)  # noqa: S102 - see the docstring
-    fn: Callable[[dict[str, Any]], tuple[str | None, list[Problem]]] = namespace["normalise"]
-    return fn
-
-
-class RowDigests:
-    """An order-independent multiset hash of canonical lines.
-
-    Each line's SHA-256 is read as four big-endian 64-bit words; the words are summed lane by
-    lane (mod 2^64), so any order of the same lines gives the same sums. A page is unpacked
-    with one struct call and summed by ``sum`` over slices: all in C, and without releasing
-    the GIL. (numpy did the same sums, but each call released and re-took the GIL, and with
-    the read-ahead thread parsing JSON every re-take waited out a switch interval: 0.7 s of
-    a 200k-row sync.)
-    """
-
-    _MASK = (1 << 64) - 1
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.lanes = [0, 0, 0, 0]
-
-    def add(self, lines: list[bytes], *, sign: int = 1) -> None:
-        if not lines:
-            return
-        sha = hashlib.sha256
-        words = struct.unpack(f">{4 * len(lines)}Q",
-                              b"".join([sha(line).digest() for line in lines]))
-        mask = self._MASK
-        self.lanes = [(lane + sign * sum(words[i::4])) & mask
-                      for i, lane in enumerate(self.lanes)]
-        self.rows += sign * len(lines)
-
-    def hexdigest(self, entity: str) -> str:
-        lanes = "".join(f"{x:016x}" for x in self.lanes)
-        return hashlib.sha256(f"{entity}\n{self.rows}\n{lanes}".encode()).hexdigest()
-
-
-def dataset_hash(set_hashes: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{e}:{set_hashes[e]}\n" for e in ENTITIES).encode()
-                          ).hexdigest()
 
 
 # ------------------------------------------------------------------------------ loading
@@ -346,49 +72,17 @@ def dataset_hash(set_hashes: dict[str, str]) -> str:
 class _SetState:
     entity: str
     mapping: EntityMapping
+    files: SetFiles
     digests: RowDigests = field(default_factory=RowDigests)
     read: int = 0
-    spool: Path = Path()
-    raw: Path | None = None
     pages: int = 0
-    invalid_keys: list[str] = field(default_factory=list)  # keys of rows that failed checks
+    has_raw: bool = True  # False for a restore: the raw pages stay with the original version
     page_digests: list[str] = field(default_factory=list)  # of the raw bodies, in order
     page_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in raw
-    deferred: int = 0  # leading pages not normalised yet (equal to the active version's)
-    out: IO[bytes] | None = None  # the spool while this set is being fetched
-    normalise: Callable[[dict[str, Any]], tuple[str | None, list[Problem]]] | None = None
-
-
-@dataclass
-class _Problems:
-    """Every problem is counted; the first MAX_PROBLEMS are kept; rejects go to a file."""
-
-    reject_file: IO[str] | None = None
-    first: list[Problem] = field(default_factory=list)
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    rejected: Counter[str] = field(default_factory=Counter)  # per entity
-
-    def add(self, problem: Problem) -> None:
-        self.counts[(problem.entity_set, problem.kind)] += 1
-        if len(self.first) < MAX_PROBLEMS:
-            self.first.append(problem)
-        if self.reject_file is not None:
-            self.reject_file.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def by_set(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for (entity_set, kind), n in sorted(self.counts.items()):
-            out.setdefault(entity_set, {})[kind] = n
-        return out
-
-    def summary(self) -> str:
-        return "; ".join(
-            f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
-            for s, kinds in self.by_set().items())
+    deferred: int = 0  # leading pages not sent to the worker yet (equal to the active version's)
+    out: IO[bytes] | None = None  # the raw spool while this set is being fetched
+    output: SetOutput | None = None  # what the row worker made of the set
+    rewritten: bool = False  # rejects were taken out of the spool after the worker wrote it
 
 
 def _fmt(template: str, **parts: Any) -> sql.Composed:
@@ -404,22 +98,29 @@ def _cols(entity: str) -> sql.Composed:
 
 
 class _Loader:
-    """One transaction on its own connection: staging tables, checks, diff and apply."""
+    """One transaction on its own connection: the fetch with its row worker, staging tables,
+    checks, diff and apply."""
 
     def __init__(self, conn: psycopg.Connection[Any], workdir: Path, ctx: RunContext,
-                 mappings: dict[str, EntityMapping]) -> None:
+                 mappings: dict[str, EntityMapping], active: dict[str, Any] | None = None
+                 ) -> None:
         self.conn = conn
         self.workdir = workdir
         self.ctx = ctx
-        self.sets = {e: _SetState(e, mappings[e], spool=workdir / f"{e}.tsv") for e in ENTITIES}
+        self.active = active
+        self.sets = {e: _SetState(e, mappings[e], SetFiles.of(workdir, e)) for e in ENTITIES}
         self.protocol = "v4"
         self.expected: dict[str, str] = {}
         self.matching = False
+        self.worker: RowWorker | None = None
+        self.rejects: Path | None = None  # where the worker writes rejects (--skip-invalid)
+        self.worker_stats: dict[str, Any] = {}
+        self.changes_only = False  # write only what differs from the active version's index
         self.feed_digests: dict[str, Any] | None = None  # recorded with the version
 
     def spool(self, entity: str, chunks: Iterable[bytes]) -> None:
         """Write chunks of canonical lines to the entity's spool file."""
-        with self.sets[entity].spool.open("wb") as spool:
+        with self.sets[entity].files.spool.open("wb") as spool:
             for chunk in chunks:
                 spool.write(chunk)
 
@@ -427,65 +128,88 @@ class _Loader:
         """Staging tables for this transaction, filled by COPY from the spools, analyzed."""
         with db.wrap_errors("staging the dataset"):
             for e in ENTITIES:
-                stage = _ident(f"stage_{e}")
-                self.conn.execute(_fmt("create_stage", stage=stage, target=_ident(e)))
-                with self.conn.cursor() as cur, cur.copy(
-                        _fmt("copy_stage", stage=stage, cols=_cols(e))) as copy, \
-                        self.sets[e].spool.open("rb") as spool:
-                    while block := spool.read(1024 * 1024):
-                        copy.write(block)
+                self._stage_file(e, self.sets[e].files.spool)
                 self.ctx.check_stop()
-                # only the key columns: the checks and joins below need nothing else
-                cols = ["id", *(c for child, c, _ in REFERENCES if child == e)]
-                self.conn.execute(_fmt("analyze_stage", stage=stage, cols=sql.SQL(", ").join(
-                    _ident(c) for c in cols)))
 
-    def fetch(self, client: ODataClient, problems: _Problems,
-              expected: dict[str, str] | None) -> bool:
-        """Fetch every set into its raw and canonical spools; True if the feed is unchanged.
+    def _stage_file(self, entity: str, path: Path, *, analyze: bool = True) -> None:
+        stage = _ident(f"stage_{entity}")
+        self.conn.execute(_fmt("create_stage", stage=stage, target=_ident(entity)))
+        with self.conn.cursor() as cur, cur.copy(
+                _fmt("copy_stage", stage=stage, cols=_cols(entity))) as copy, \
+                path.open("rb") as src:
+            while block := src.read(1024 * 1024):
+                copy.write(block)
+        if not analyze:
+            return
+        # only the key columns: the checks and joins need nothing else
+        cols = ["id", *(c for child, c, _ in REFERENCES if child == entity)]
+        self.conn.execute(_fmt("analyze_stage", stage=stage, cols=sql.SQL(", ").join(
+            _ident(c) for c in cols)))
+
+    # ---------------------------------------------------------------- fetch
+
+    def fetch(self, client: ODataClient, problems: Problems,
+              expected: dict[str, str] | None, *, rejects: Path | None = None) -> bool:
+        """Fetch every set into its raw spool; True if the feed is unchanged.
 
         ``expected`` holds the page digests of the active version (per set, concatenated
-        hex). While the pages received equal those byte for byte, rows are not normalised:
-        the pages are only spooled raw. At the first page that differs (or a page too many
-        or too few), the pages held back are normalised from the raw spool and everything
-        after goes through the normal per-row path. True means every page was equal: the
-        feed is the active dataset, which passed every check.
+        hex). While the pages received equal those byte for byte, they are only spooled. At
+        the first page that differs (or a page too many or too few), the row worker starts,
+        takes the pages held back, and then every page as it arrives. True means every page
+        was equal: the feed is the active dataset, which passed every check. Otherwise the
+        worker's results are in each set's ``output`` and its problems in ``problems``.
         """
         self.protocol = client.protocol
         self.expected = expected or {}
         self.matching = expected is not None
+        self.rejects = rejects
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, FETCH_SWITCH_INTERVAL))
         try:
             for e in ENTITIES:
                 state = self.sets[e]
-                self._fetch_set(state, client, problems)
+                self._fetch_set(state, client)
                 self.ctx.log.info("%s: %d rows in %d pages", state.mapping.entity_set,
                                   state.read, state.pages)
+            if self.matching and any(
+                    len(self.expected.get(e, "")) != _PAGE_DIGEST_HEX * s.pages
+                    for e, s in self.sets.items()):
+                self._start_worker(ENTITIES[-1])
+            sys.setswitchinterval(interval)
+            if self.worker is None:
+                return True
+            outputs, found, self.worker_stats = self.worker.finish()
         finally:
             sys.setswitchinterval(interval)
-        if self.matching and any(len(self.expected.get(e, "")) != _PAGE_DIGEST_HEX * s.pages
-                                 for e, s in self.sets.items()):
-            self._diverge(problems)
-        return self.matching
+            if self.worker is not None:
+                self.worker.close()
+        problems.merge(found)
+        for e, state in self.sets.items():
+            state.output = outputs[e]
+            state.digests = outputs[e].digests()
+        self.ctx.log.info("row worker: %.2f s CPU, peak RSS %d MB",
+                          self.worker_stats["cpu_s"], self.worker_stats["peak_rss_kb"] // 1024)
+        return False
 
-    def _fetch_set(self, state: _SetState, client: ODataClient, problems: _Problems) -> None:
+    def _fetch_set(self, state: _SetState, client: ODataClient) -> None:
         m = state.mapping
-        state.normalise = compile_normaliser(m)
-        state.raw = self.workdir / f"{state.entity}.raw.json-seq"
         expected = self.expected.get(state.entity, "")
-        with state.raw.open("wb", buffering=_SPOOL_BUFFER) as raw, \
-                state.spool.open("wb", buffering=_SPOOL_BUFFER) as spool, \
+        with state.files.raw.open("wb", buffering=_SPOOL_BUFFER) as raw, \
                 self.ctx.progress(m.entity_set, None) as bar:
-            state.out = spool
+            state.out = raw
             try:
+                if self.worker is not None:
+                    self.worker.send({"op": "set", "set": state.entity})
+                elif not self.matching:
+                    self._start_worker(state.entity)
                 for page in client.pages(m.entity_set, orderby=m.key_field,
                                          select=_select(m), filter=m.filter):
                     self.ctx.check_stop()
                     if page.number == 1 and page.count is not None:
                         bar.set_total(page.count)
                     raw.write(b"\x1e")  # RFC 7464 JSON text sequence: one record per page
-                    state.page_spans.append((raw.tell(), len(page.body)))
+                    span = (raw.tell(), len(page.body))
+                    state.page_spans.append(span)
                     raw.write(page.body)
                     raw.write(b"\n")
                     digest = hashlib.blake2b(page.body, digest_size=16).hexdigest()
@@ -498,51 +222,65 @@ class _Loader:
                         if expected[i:i + _PAGE_DIGEST_HEX] == digest:
                             state.deferred += 1
                             continue
-                        raw.flush()
-                        self._diverge(problems)
-                    spool.write(self._lines(state, page.rows, problems))
+                        self._start_worker(state.entity)
+                    raw.flush()
+                    assert self.worker is not None
+                    self.worker.page(state.entity, *span, state.pages)
             finally:
                 state.out = None
 
-    def _diverge(self, problems: _Problems) -> None:
-        """The feed differs from the active version: normalise every page held back."""
+    def _start_worker(self, upto: str) -> None:
+        """The feed differs from the active version: start the row worker and hand it every
+        page held back, set by set up to ``upto`` (the set being fetched)."""
         self.matching = False
-        for state in self.sets.values():
-            if not state.deferred:
-                continue
-            assert state.raw is not None
-            with state.raw.open("rb") as raw, contextlib.ExitStack() as stack:
-                out = state.out or stack.enter_context(state.spool.open("ab"))
-                for number, (offset, length) in enumerate(
-                        state.page_spans[:state.deferred], start=1):
-                    self.ctx.check_stop()
-                    raw.seek(offset)
-                    rows = page_rows(raw.read(length), self.protocol,
-                                     f"{state.mapping.entity_set} page {number}")
-                    out.write(self._lines(state, rows, problems))
+        self.worker = RowWorker(self.workdir)
+        indexed = self._write_active_index()
+        self.worker.start(protocol=self.protocol,
+                          mappings={e: s.mapping for e, s in self.sets.items()},
+                          indexed=indexed, rejects=self.rejects)
+        for e in ENTITIES:
+            state = self.sets[e]
+            if state.out is not None:
+                state.out.flush()
+            self.worker.send({"op": "set", "set": e})
+            for number, (offset, length) in enumerate(state.page_spans[:state.deferred],
+                                                      start=1):
+                self.worker.page(e, offset, length, number)
             state.deferred = 0
+            if e == upto:
+                return
 
-    def _lines(self, state: _SetState, rows: list[dict[str, Any]], problems: _Problems
-               ) -> bytes:
-        """The canonical lines of one page's valid rows, hashed; problems for the others."""
-        assert state.normalise is not None
-        normalise = state.normalise
-        key_field = state.mapping.key_field
-        lines: list[str] = []
-        for row in rows:
-            line, found = normalise(row)
-            if line is None:
-                for p in found:
-                    problems.add(p)
-                problems.rejected[state.entity] += 1
-                # a row without a usable key cannot be referenced anyway
-                with contextlib.suppress(ValueError):
-                    state.invalid_keys.append(parse_key(row.get(key_field)))
-                continue
-            lines.append(line)
-        encoded = [line.encode() for line in lines]
-        state.digests.add(encoded)
-        return b"".join(encoded)
+    def _write_active_index(self) -> bool:
+        """The active version's row index as files for the worker; False if it has none
+        (a version made before row indexes existed, or of another canonical format)."""
+        if self.active is None:
+            return False
+        counts = self.active["counts"]
+        seen: dict[str, int] = dict.fromkeys(ENTITIES, 0)
+        with contextlib.ExitStack() as stack:
+            files = {e: (stack.enter_context(s.files.old_keys.open("wb")),
+                         stack.enter_context(s.files.old_digests.open("wb")))
+                     for e, s in self.sets.items()}
+            cur = stack.enter_context(self.conn.cursor(binary=True))
+            with db.wrap_errors("reading the row index"):
+                for r in cur.stream(db.query("sync_odata", "row_index"),
+                                    {"version": self.active["version"]}):
+                    e = r["entity"]
+                    if (r["format"] != CANONICAL_FORMAT or r["chunk"] != seen[e] // INDEX_CHUNK
+                            or len(r["digests"]) != 8 * r["rows"]
+                            or r["keys"].count(b"\n") != r["rows"]):
+                        return False
+                    seen[e] += r["rows"]
+                    files[e][0].write(r["keys"])
+                    files[e][1].write(r["digests"])
+        return all(seen[e] == counts.get(e) for e in ENTITIES)
+
+    def can_write_changes(self, problems: Problems) -> bool:
+        """Whether every set was compared with the active version's row index and nothing
+        at all was wrong: then only new, changed and vanished rows need writing."""
+        return not problems.total and all(
+            s.output is not None and s.output.indexed and not s.output.key_problems
+            for s in self.sets.values())
 
     def backup_chunks(self, state: _SetState, path: Path) -> Iterator[bytes]:
         """Lines of a backed-up ``<entity>.tsv.gz`` (header first), hashed as they go."""
@@ -563,9 +301,7 @@ class _Loader:
             if batch:
                 yield b"".join(batch)
 
-    # ---------------------------------------------------------------- key checks
-
-    def check_keys(self, problems: _Problems, *, reject: bool) -> None:
+    def check_keys(self, problems: Problems, *, reject: bool) -> None:
         """Duplicate keys and dangling references, in SQL. With ``reject`` the offending rows
         leave the staging tables (and their spool lines and digests) and count as rejects."""
         removed: dict[str, set[str]] = {e: set() for e in ENTITIES}
@@ -574,12 +310,13 @@ class _Loader:
                 # Strict mode reports root causes: a reference to a row that is in the feed
                 # but invalid is not also reported as unknown. With reject, it cascades.
                 self.conn.execute(_fmt("create_invalid", invalid=_ident(f"invalid_{e}")))
-                invalid = [] if reject else self.sets[e].invalid_keys
-                if invalid:
+                invalid = self.sets[e].files.invalid
+                if not reject and invalid.exists() and invalid.stat().st_size:
                     with self.conn.cursor() as cur, cur.copy(_fmt(
-                            "copy_invalid", invalid=_ident(f"invalid_{e}"))) as copy:
-                        for key in invalid:
-                            copy.write_row((key,))
+                            "copy_invalid", invalid=_ident(f"invalid_{e}"))) as copy, \
+                            invalid.open(encoding="utf-8") as lines:
+                        for line in lines:
+                            copy.write_row((json.loads(line),))
             for e in ENTITIES:
                 m = self.sets[e].mapping
                 stage = _ident(f"stage_{e}")
@@ -633,17 +370,18 @@ class _Loader:
 
     def _drop_spooled(self, state: _SetState, keys: set[str]) -> None:
         """Rewrite the spool without rows of rejected keys and take them out of the hash."""
-        kept = state.spool.with_suffix(".kept")
+        kept = state.files.spool.with_suffix(".kept")
         dropped: list[bytes] = []
-        with state.spool.open("rb") as src, kept.open("wb") as dst:
+        with state.files.spool.open("rb") as src, kept.open("wb") as dst:
             for line in src:
-                key = _unescape_key(line.split(b"\t", 1)[0].decode())
+                key = unescape_key(line.split(b"\t", 1)[0].decode())
                 if key in keys:
                     dropped.append(line)
                 else:
                     dst.write(line)
-        kept.replace(state.spool)
+        kept.replace(state.files.spool)
         state.digests.add(dropped, sign=-1)
+        state.rewritten = True
 
     # ---------------------------------------------------------------- diff and apply
 
@@ -662,25 +400,76 @@ class _Loader:
         return out
 
     def apply(self) -> dict[str, dict[str, int]]:
-        """Upsert and delete; returns what changed per entity (counted by the statements)."""
+        """Write the dataset into the read model; returns what changed per entity (counted
+        by the statements).
+
+        With ``changes_only``, only the rows the worker found new, changed or vanished are
+        written; if the read model then does not hold exactly the feed's row counts (it was
+        changed behind the row index's back), that is undone and every row is compared.
+        """
+        if self.changes_only:
+            with db.wrap_errors("writing the changes to the read model"):
+                self.conn.execute(db.query("sync_odata", "savepoint_changes"))
+                diff = self._apply_changes()
+                counts = {e: self._count(e) for e in ENTITIES}
+                if all(counts[e] == s.digests.rows for e, s in self.sets.items()):
+                    return diff
+                self.conn.execute(db.query("sync_odata", "rollback_changes"))
+            self.ctx.log.warning(
+                "the read model differs from the row index of %s (rows %s, index says %s); "
+                "comparing every row", self.active and self.active["version"], counts,
+                {e: s.digests.rows for e, s in self.sets.items()})
+            self.changes_only = False
+            self.stage()
+        return self._apply_all()
+
+    def _apply_changes(self) -> dict[str, dict[str, int]]:
+        diff: dict[str, dict[str, int]] = {}
+        for e in ENTITIES:
+            state = self.sets[e]
+            assert state.output is not None
+            diff[e] = {"inserted": 0, "updated": 0}
+            if state.output.inserted or state.output.updated:
+                self._stage_file(e, state.files.changes, analyze=False)
+                diff[e] = self._upsert(e, "upsert_changes")
+        for e in reversed(ENTITIES):
+            text = self.sets[e].files.deleted.read_text(encoding="utf-8")
+            keys = [unescape_key(k) for k in text.split("\n")[:-1]]
+            row = self.conn.execute(_fmt("delete_keys", target=_ident(e)),
+                                    {"keys": keys}).fetchone() if keys else {"deleted": 0}
+            assert row is not None
+            diff[e]["deleted"] = int(row["deleted"])
+        return {e: diff[e] for e in ENTITIES}
+
+    def _count(self, entity: str) -> int:
+        row = self.conn.execute(_fmt("count_rows", target=_ident(entity))).fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    def _apply_all(self) -> dict[str, dict[str, int]]:
+        """Upsert every staged row (unchanged ones are skipped in SQL) and delete vanished."""
         diff: dict[str, dict[str, int]] = {}
         with db.wrap_errors("writing the read model"):
             for e in ENTITIES:
-                assignments = sql.SQL(", ").join(
-                    sql.SQL("{} = EXCLUDED.{}").format(_ident(c), _ident(c))
-                    for c in COLUMNS[e] if c != "id")
-                row = self.conn.execute(_fmt(
-                    "upsert", stage=_ident(f"stage_{e}"), target=_ident(e), cols=_cols(e),
-                    s_cols=sql.SQL(", ").join(sql.Identifier("s", c) for c in COLUMNS[e]),
-                    assignments=assignments)).fetchone()
-                assert row is not None
-                diff[e] = {"inserted": int(row["inserted"]), "updated": int(row["updated"])}
+                diff[e] = self._upsert(e)
             for e in reversed(ENTITIES):
                 row = self.conn.execute(_fmt("delete_vanished", stage=_ident(f"stage_{e}"),
                                              target=_ident(e))).fetchone()
                 assert row is not None
                 diff[e]["deleted"] = int(row["deleted"])
         return {e: diff[e] for e in ENTITIES}
+
+    def _upsert(self, entity: str, query: str = "upsert") -> dict[str, int]:
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(_ident(c), _ident(c))
+            for c in COLUMNS[entity] if c != "id")
+        row = self.conn.execute(_fmt(
+            query, stage=_ident(f"stage_{entity}"), target=_ident(entity),
+            cols=_cols(entity),
+            s_cols=sql.SQL(", ").join(sql.Identifier("s", c) for c in COLUMNS[entity]),
+            assignments=assignments)).fetchone()
+        assert row is not None
+        return {"inserted": int(row["inserted"]), "updated": int(row["updated"])}
 
     def reserve_version(self) -> tuple[int, str]:
         """The next ``ds-v<N>``: safe because we hold the stage lock (seq is UNIQUE too)."""
@@ -693,7 +482,8 @@ class _Loader:
                        set_hashes: dict[str, str], diff: dict[str, dict[str, int]],
                        source: str, restored_from: str | None, extra_counts: dict[str, int]
                        ) -> datetime:
-        """Insert the version and make it active; check the deferred foreign keys now."""
+        """Insert the version, make it active with its row index (the only one kept); check
+        the deferred foreign keys now."""
         with db.wrap_errors("recording the dataset version"):
             counts = {e: s.digests.rows for e, s in self.sets.items()} | extra_counts
             created = self.conn.execute(db.query("sync_odata", "insert_dataset"), {
@@ -706,9 +496,27 @@ class _Loader:
             assert created is not None
             self.conn.execute(db.query("sync_odata", "deactivate"))
             self.conn.execute(db.query("sync_odata", "activate"), {"version": version})
+            self.conn.execute(db.query("sync_odata", "drop_row_indexes"))
+            for e, state in self.sets.items():
+                chunks = index_chunks(*self._index_files(state))
+                for chunk, (keys, digests, n) in enumerate(chunks):
+                    self.conn.execute(db.query("sync_odata", "insert_row_index"), {
+                        "version": version, "entity": e, "chunk": chunk,
+                        "format": CANONICAL_FORMAT, "rows": n, "keys": keys,
+                        "digests": digests})
             self.conn.execute(db.query("sync_odata", "constraints_now"))
         created_at: datetime = created["created_at"]
         return created_at
+
+
+
+    @staticmethod
+    def _index_files(state: _SetState) -> tuple[Path, Path]:
+        """The row index files of the set as written: the worker's, unless the spool was
+        rewritten since (rejects) or never went through the worker (restore)."""
+        if state.output is None or state.rewritten:
+            write_index(state.files.spool, state.files.keys, state.files.digests)
+        return state.files.keys, state.files.digests
 
 
 def _select(m: EntityMapping) -> list[str]:
@@ -719,7 +527,7 @@ def feed_key(client: ODataClient, mappings: dict[str, EntityMapping]) -> str:
     """What the page digests are valid for: same protocol, mapping and first-page URLs."""
     urls = [client.collection_url(m.entity_set, orderby=m.key_field, select=_select(m),
                                   filter=m.filter) for m in mappings.values()]
-    doc = {"format": FEED_DIGEST_FORMAT, "protocol": client.protocol, "urls": urls,
+    doc = {"format": CANONICAL_FORMAT, "protocol": client.protocol, "urls": urls,
            "mapping": {e: m.to_json() for e, m in mappings.items()}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -735,38 +543,31 @@ def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
     return row
 
 
-def _gzip_file(src: Path, dst: Path, header: bytes = b"") -> None:
-    # level 1: three times faster than the default and within ~15 % of its size on this data
-    with src.open("rb") as fin, gzip.open(dst, "wb", compresslevel=1) as fout:
-        if header:
-            fout.write(header)
-        shutil.copyfileobj(fin, fout, 1024 * 1024)
+def _upload_set(backups: BackupStore, state: _SetState, prefix: str) -> dict[str, Any]:
+    """One set's files of a version's backup: its canonical lines and its raw pages.
 
-
-def _upload_data(backups: BackupStore, loader: _Loader, version: str,
-                 rejects: Path | None) -> dict[str, Any]:
-    """The data files of a version's backup (the manifest comes last, see write_version)."""
-    prefix = backup_prefix(version)
-    files: dict[str, Any] = {}
-    for e, state in loader.sets.items():
-        gz = loader.workdir / f"{e}.tsv.gz"
-        _gzip_file(state.spool, gz, ("\t".join(COLUMNS[e]) + "\n").encode())
-        backups.put_file(prefix + f"{e}.tsv.gz", str(gz), "application/gzip")
-        files[e] = {"key": f"{e}.tsv.gz", "rows": state.digests.rows, "bytes": gz.stat().st_size}
-        gz.unlink()
-        if state.raw is not None:
-            raw_gz = loader.workdir / f"{e}.raw.json-seq.gz"
-            _gzip_file(state.raw, raw_gz)
-            backups.put_file(prefix + f"raw/{e}.json-seq.gz", str(raw_gz), "application/gzip")
-            files[f"raw/{e}"] = {"key": f"raw/{e}.json-seq.gz", "pages": state.pages,
-                                 "bytes": raw_gz.stat().st_size}
-            raw_gz.unlink()
-    if rejects is not None and rejects.stat().st_size:
-        rejects_gz = loader.workdir / "rejects.jsonl.gz"
-        _gzip_file(rejects, rejects_gz)
-        backups.put_file(prefix + "rejects.jsonl.gz", str(rejects_gz), "application/gzip")
-        files["rejects"] = {"key": "rejects.jsonl.gz"}
+    The row worker gzipped the set while it went; a spool rewritten since (rejects) or never
+    seen by it (restore) is gzipped here.
+    """
+    e, files = state.entity, {}
+    gz = state.files.spool_gz
+    if state.output is None or state.rewritten:
+        gzip_file(state.files.spool, gz, ("\t".join(COLUMNS[e]) + "\n").encode())
+    backups.put_file(prefix + f"{e}.tsv.gz", str(gz), "application/gzip")
+    files[e] = {"key": f"{e}.tsv.gz", "rows": state.digests.rows, "bytes": gz.stat().st_size}
+    if state.has_raw:
+        raw_gz = state.files.raw_gz
+        backups.put_file(prefix + f"raw/{e}.json-seq.gz", str(raw_gz), "application/gzip")
+        files[f"raw/{e}"] = {"key": f"raw/{e}.json-seq.gz", "pages": state.pages,
+                             "bytes": raw_gz.stat().st_size}
     return files
+
+
+def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[str, Any]:
+    rejects_gz = rejects.with_name("rejects.jsonl.gz")
+    gzip_file(rejects, rejects_gz)
+    backups.put_file(prefix + "rejects.jsonl.gz", str(rejects_gz), "application/gzip")
+    return {"rejects": {"key": "rejects.jsonl.gz"}}
 
 
 def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore, *,
@@ -781,16 +582,23 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
     missing backup; an orphan backup of an uncommitted number is overwritten by the next run.
     """
     seq, version = loader.reserve_version()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backup") as pool:
-        upload = pool.submit(_upload_data, backups, loader, version, rejects)
+    prefix = backup_prefix(version)
+    # one upload thread per set (gzip and the S3 client's work mostly leave the GIL free)
+    with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
+        uploads = [pool.submit(_upload_set, backups, state, prefix)
+                   for state in loader.sets.values()]
+        if rejects is not None and rejects.stat().st_size:
+            uploads.append(pool.submit(_upload_rejects, backups, rejects, prefix))
         try:
             diff = loader.apply()
             created_at = loader.record_version(
                 seq, version, hash_=hash_, set_hashes=set_hashes, diff=diff, source=source,
                 restored_from=restored_from, extra_counts={"rejected": rejected})
         finally:
-            files = upload.result()  # a BackupError wins: it is the root cause more often
-    backups.put_json(backup_prefix(version) + "manifest.json", {
+            files: dict[str, Any] = {}
+            for upload in uploads:  # a BackupError wins: it is the root cause more often
+                files |= upload.result()
+    backups.put_json(prefix + "manifest.json", {
         **manifest, "version": version, "diff": diff, "created_at": created_at.isoformat(),
         "files": files})
     with db.wrap_errors("committing the dataset"):
@@ -845,34 +653,43 @@ def sync_odata(
         with tempfile.TemporaryDirectory(prefix="pipeline-sync-") as tmp:
             workdir = Path(tmp)
             rejects_path = workdir / "rejects.jsonl"
-            with rejects_path.open("w", encoding="utf-8") as rejects:
-                problems = _Problems(reject_file=rejects if skip_invalid else None)
-                loader = _Loader(conn, workdir, ctx, mappings)
-                active = _active(conn)
-                key = feed_key(client, mappings)
-                stored = (active or {}).get("feed_digests") or {}
-                expected = (stored.get("pages") if not force and stored.get("key") == key
-                            else None)
-                if loader.fetch(client, problems, expected):
-                    # Every page byte for byte the active version's: no row was even parsed.
-                    assert active is not None
+            problems = Problems()
+            active = _active(conn)
+            loader = _Loader(conn, workdir, ctx, mappings, active)
+            key = feed_key(client, mappings)
+            stored = (active or {}).get("feed_digests") or {}
+            expected = (stored.get("pages") if not force and stored.get("key") == key
+                        else None)
+            if loader.fetch(client, problems, expected,
+                            rejects=rejects_path if skip_invalid else None):
+                # Every page byte for byte the active version's: no row was even parsed.
+                assert active is not None
+                return StageResult(
+                    status=NOOP, counts={e: int(active["counts"].get(e, 0))
+                                         for e in ENTITIES} | {"rejected": 0},
+                    extra=_result_extra(active["version"], active["hash"], _zero_diff()),
+                    message=f"unchanged since {active['version']}")
+            counts: dict[str, Any] = {e: s.digests.rows for e, s in loader.sets.items()}
+            # Same hash as the active dataset, which passed every check: nothing to do,
+            # and nothing to stage. (The checks below can only remove rows.)
+            if not problems.total and not force and active:
+                hash_, _ = loader.hashes()
+                if active["hash"] == hash_:
                     return StageResult(
-                        status=NOOP, counts={e: int(active["counts"].get(e, 0))
-                                             for e in ENTITIES} | {"rejected": 0},
-                        extra=_result_extra(active["version"], active["hash"], _zero_diff()),
+                        status=NOOP, counts=counts | {"rejected": 0},
+                        extra=_result_extra(active["version"], hash_, _zero_diff()),
                         message=f"unchanged since {active['version']}")
-                counts: dict[str, Any] = {e: s.digests.rows for e, s in loader.sets.items()}
-                # Same hash as the active dataset, which passed every check: nothing to do,
-                # and nothing to stage. (The checks below can only remove rows.)
-                if not problems.total and not force and active:
-                    hash_, _ = loader.hashes()
-                    if active["hash"] == hash_:
-                        return StageResult(
-                            status=NOOP, counts=counts | {"rejected": 0},
-                            extra=_result_extra(active["version"], hash_, _zero_diff()),
-                            message=f"unchanged since {active['version']}")
-                loader.stage()
-                loader.check_keys(problems, reject=skip_invalid)
+            # --force and --dry-run compare every row with the read model in SQL.
+            loader.changes_only = (not force and not dry_run
+                                   and loader.can_write_changes(problems))
+            if not loader.changes_only:
+                with contextlib.ExitStack() as stack:
+                    if skip_invalid:  # after the worker's rejects, the key checks' ones
+                        problems.reject_file = stack.enter_context(
+                            rejects_path.open("a", encoding="utf-8"))
+                    loader.stage()
+                    loader.check_keys(problems, reject=skip_invalid)
+                problems.reject_file = None
             read = {e: s.read for e, s in loader.sets.items()}
             empty = loader.sets["stops"].digests.rows == 0
             if empty:
@@ -922,10 +739,13 @@ def sync_odata(
             version, diff = write_version(
                 conn, loader, backups, hash_=hash_, set_hashes=set_hashes, manifest=manifest,
                 source="sync", rejected=rejected, rejects=rejects_path if rejected else None)
-        ctx.log.info("dataset %s active%s", version, _diff_text(diff))
+        diffed = "row_index" if loader.changes_only else "read_model"
+        ctx.log.info("dataset %s active%s (diffed against the %s)", version, _diff_text(diff),
+                     diffed.replace("_", " "))
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
-                           | {"backup_prefix": backup_prefix(version)},
+                           | {"backup_prefix": backup_prefix(version), "diffed_against": diffed,
+                              "row_worker": loader.worker_stats},
                            message=f"{version} active" + _diff_text(diff))
     finally:
         conn.close()  # without a commit this rolls everything back
@@ -978,13 +798,13 @@ def restore_dataset(database_url: str, backups: BackupStore, ctx: RunContext, ve
                 raise BackupError(f"backup {prefix} is corrupt: the data of "
                                   f"{', '.join(bad) or 'the dataset'} does not match its hash")
             loader.stage()
-            problems = _Problems()
+            problems = Problems()
             loader.check_keys(problems, reject=False)
             if problems.total:
                 raise BackupError(f"backup {prefix} is inconsistent: {problems.summary()}")
             counts: dict[str, Any] = {e: s.digests.rows for e, s in loader.sets.items()}
             for state in loader.sets.values():
-                state.raw = None  # the raw pages stay with the original version
+                state.has_raw = False  # the raw pages stay with the original version
             new_version, diff = write_version(
                 conn, loader, backups, hash_=hash_, set_hashes=set_hashes,
                 manifest={**manifest, "counts": counts, "run_id": ctx.run_id,

@@ -346,19 +346,42 @@ class GeneratedRows(Sequence[Row]):
         return f"<GeneratedRows len={self._length}>"
 
 
+def change_row(row: Row) -> None:
+    """Change one field of a sample row in place (a stop's name, a route's mode, a flight's
+    days): how the benchmarks make a feed with a share of its rows changed."""
+    if "name" in row:
+        row["name"] = "changed 67"
+    elif "mode" in row:
+        row["mode"] = "bus" if row["mode"] != "bus" else "tram"
+    else:
+        row["daysOfWeek"] = "67" if row["daysOfWeek"] != "67" else "12345"
+
+
+def _changing(make: Callable[[int, int], list[Row]], every: int
+              ) -> Callable[[int, int], list[Row]]:
+    def changed(start: int, stop: int) -> list[Row]:
+        rows = make(start, stop)
+        for i in range(-start % every, len(rows), every):
+            change_row(rows[i])
+        return rows
+    return changed
+
+
 def sample_network_lazy(
-    n_stops: int, seed: int = 0, *, routes_per_stop: int = 2, flights_per_route: int = 3
+    n_stops: int, seed: int = 0, *, routes_per_stop: int = 2, flights_per_route: int = 3,
+    changed_every: int = 0,
 ) -> dict[str, GeneratedRows]:
-    """The network of :func:`sample_network` as lazily generated sequences (O(1) memory)."""
-    if n_stops < 0 or routes_per_stop < 1 or flights_per_route < 1:
-        raise ValueError("n_stops must be >= 0, routes_per_stop and flights_per_route >= 1")
+    """The network of :func:`sample_network` as lazily generated sequences (O(1) memory);
+    with ``changed_every`` N, every Nth row of each set is changed (see :func:`change_row`)."""
+    if n_stops < 0 or routes_per_stop < 1 or flights_per_route < 1 or changed_every < 0:
+        raise ValueError("n_stops and changed_every must be >= 0, routes_per_stop and "
+                         "flights_per_route >= 1")
     shape = NetworkShape(n_stops, routes_per_stop, flights_per_route)
     gen = _Generator(shape, seed)
-    return {
-        "Stops": GeneratedRows(shape.n_stops, gen.stops),
-        "Routes": GeneratedRows(shape.n_routes, gen.routes),
-        "Flights": GeneratedRows(shape.n_flights, gen.flights),
-    }
+    makers = {"Stops": (shape.n_stops, gen.stops), "Routes": (shape.n_routes, gen.routes),
+              "Flights": (shape.n_flights, gen.flights)}
+    return {name: GeneratedRows(n, _changing(make, changed_every) if changed_every else make)
+            for name, (n, make) in makers.items()}
 
 
 def sample_network(

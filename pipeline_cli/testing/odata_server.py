@@ -1409,6 +1409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--data", type=Path, help="feed file (see odata_data.write_feed)")
     source.add_argument("--sample", type=int, metavar="N_STOPS", help="generate N stops")
     parser.add_argument("--seed", type=int, default=0, help="sample generator seed (default 0)")
+    parser.add_argument("--changed-every", type=int, default=0, metavar="N",
+                        help="with --sample: change every Nth row of each set")
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     parser.add_argument("--root", default="/odata", help="service root path (default /odata)")
     parser.add_argument("--version", choices=("v4", "v2"), default="v4", help="OData version")
@@ -1427,7 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data is not None:
         data, keys = read_feed(args.data)
     else:
-        data = sample_network_lazy(args.sample, args.seed)
+        data = sample_network_lazy(args.sample, args.seed, changed_every=args.changed_every)
     server = ODataServer(
         data, version=args.version, root=args.root, page_size=args.page_size,
         next_link=args.next_link, empty_last_page=args.empty_last_page, username=args.username,

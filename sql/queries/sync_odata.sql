@@ -76,6 +76,20 @@ SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up;
 
+-- name: upsert_changes
+-- Only the rows the row worker found new or changed are staged, so no anti-join is needed; a
+-- row that turns out equal after all is left alone by the WHERE and counted by neither.
+WITH up AS (
+    INSERT INTO {target} ({cols})
+    SELECT {cols} FROM {stage}
+    ON CONFLICT (id) DO UPDATE SET {assignments}
+    WHERE ROW({target}.*) IS DISTINCT FROM ROW(EXCLUDED.*)
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted,
+       count(*) FILTER (WHERE NOT inserted) AS updated
+FROM up;
+
 -- name: delete_vanished
 WITH gone AS (
     DELETE FROM {target} t
@@ -132,3 +146,38 @@ LEFT JOIN datasets a ON a.active
 LEFT JOIN LATERAL (
     SELECT version, created_at FROM datasets ORDER BY seq DESC LIMIT 1
 ) n ON true;
+
+-- ---------------------------------------------------------------- row index
+
+-- name: row_index
+SELECT entity, chunk, format, rows, keys, digests
+FROM dataset_row_index
+WHERE version = %(version)s
+ORDER BY entity, chunk;
+
+-- name: drop_row_indexes
+-- Only the active version keeps its row index: it is what the next sync compares with.
+DELETE FROM dataset_row_index;
+
+-- name: insert_row_index
+INSERT INTO dataset_row_index (version, entity, chunk, format, rows, keys, digests)
+VALUES (%(version)s, %(entity)s, %(chunk)s, %(format)s, %(rows)s, %(keys)b, %(digests)b);
+
+-- name: savepoint_changes
+SAVEPOINT changes_only;
+
+-- name: rollback_changes
+ROLLBACK TO SAVEPOINT changes_only;
+
+-- name: delete_keys
+-- The rows of the active version that the feed no longer has (found with the row index).
+WITH gone AS (
+    DELETE FROM {target}
+    WHERE id = ANY(%(keys)s::text[])
+    RETURNING 1
+)
+SELECT count(*) AS deleted FROM gone;
+
+-- name: count_rows
+-- After writing only the changes: the read model must hold exactly the feed's rows.
+SELECT count(*) AS n FROM {target};

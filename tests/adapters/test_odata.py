@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline_cli.adapters.odata import (
-    ODataClient,
-    error_line,
+from pipeline_cli.adapters.odata import ODataClient, error_line
+from pipeline_cli.adapters.odata_format import (
     parse_bool,
     parse_key,
     parse_number,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +20,8 @@ from pipeline_cli.stages.sync_odata import (
     status_section,
     sync_odata,
 )
-from pipeline_cli.testing.odata_server import ODataServer, sample_network, status
+from pipeline_cli.testing.odata_server import ODataServer, delay, sample_network, status
+from pipeline_cli.testing.procs import processes_running
 from pipeline_cli.testing.proxy import TcpProxy
 from pipeline_cli.testing.services import S3Endpoint
 
@@ -176,6 +180,104 @@ def test_a_deleted_row_is_one_delete(
     assert rec.extra["deleted"] == {"stops": 0, "routes": 0, "flights": 1}
     assert rec.counts["flights"] == 11
     assert conn.execute("SELECT count(*) AS n FROM flights").fetchone() == {"n": 11}
+
+
+def row_index(conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
+    return [(r["version"], r["entity"], r["n"]) for r in conn.execute(
+        "SELECT version, entity, sum(rows) AS n FROM dataset_row_index "
+        "GROUP BY version, entity ORDER BY version, entity")]
+
+
+def test_a_changed_feed_is_diffed_against_the_row_index_of_the_active_version(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    first = sync()
+    assert first.extra["diffed_against"] == "read_model"  # nothing to compare with yet
+    assert row_index(conn) == [("ds-v1", "flights", 12), ("ds-v1", "routes", 80),
+                               ("ds-v1", "stops", 40)]
+    server.update_row("Stops", 30, name="Renamed stop")
+    server.add_row("Routes", {"ID": 81, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus",
+                              "distanceKm": 3.5})
+    server.delete_row("Flights", 5)
+    rec = sync()
+    assert rec.status == "success", rec.error
+    assert rec.extra["diffed_against"] == "row_index"
+    assert (rec.extra["inserted"], rec.extra["updated"], rec.extra["deleted"]) == (
+        {"stops": 0, "routes": 1, "flights": 0}, {"stops": 1, "routes": 0, "flights": 0},
+        {"stops": 0, "routes": 0, "flights": 1})
+    assert conn.execute("SELECT name FROM stops WHERE id = '30'").fetchone() == {
+        "name": "Renamed stop"}
+    assert conn.execute("SELECT from_stop_id, distance_km FROM routes WHERE id = '81'"
+                        ).fetchone() == {"from_stop_id": "1", "distance_km": 3.5}
+    assert conn.execute("SELECT count(*) AS n FROM flights WHERE id = '5'").fetchone() == {
+        "n": 0}
+    # only the active version keeps its row index
+    assert row_index(conn) == [("ds-v2", "flights", 11), ("ds-v2", "routes", 81),
+                               ("ds-v2", "stops", 40)]
+    worker = rec.extra["row_worker"]
+    assert worker["peak_rss_kb"] > 0 and worker["cpu_s"] > 0
+
+
+def test_a_read_model_changed_behind_the_row_index_is_compared_row_by_row(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    sync()
+    conn.execute("DELETE FROM flights WHERE id = '3'")  # not by the pipeline
+    conn.execute("INSERT INTO stops (id, latitude, longitude) VALUES ('stray', 1, 1)")
+    server.update_row("Stops", 30, name="Renamed stop")
+    rec = sync()
+    assert rec.status == "success", rec.error
+    assert rec.extra["diffed_against"] == "read_model"
+    assert rec.extra["inserted"] == {"stops": 0, "routes": 0, "flights": 1}
+    assert rec.extra["updated"] == {"stops": 1, "routes": 0, "flights": 0}
+    assert rec.extra["deleted"] == {"stops": 1, "routes": 0, "flights": 0}
+    assert [conn.execute(f"SELECT count(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608
+            for t in ("stops", "routes", "flights")] == [40, 80, 12]
+
+
+def test_a_version_without_a_row_index_gets_the_full_comparison_and_then_one(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    sync()
+    conn.execute("DELETE FROM dataset_row_index")  # as after the upgrade that added it
+    server.update_row("Stops", 30, name="Renamed stop")
+    rec = sync()
+    assert rec.extra["diffed_against"] == "read_model"
+    assert rec.extra["updated"] == {"stops": 1, "routes": 0, "flights": 0}
+    assert [e for _, e, _ in row_index(conn)] == ["flights", "routes", "stops"]
+    server.update_row("Stops", 31, name="Renamed too")
+    assert sync().extra["diffed_against"] == "row_index"
+
+
+def test_a_dead_row_worker_fails_the_run_and_nothing_is_written(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    sync()
+    before = snapshot(conn)
+    objects = set(backups.list("datasets/"))
+    server.update_row("Stops", 30, name="Renamed stop")
+    server.add_fault(delay(0.3), entity_set="Routes", times=None)  # time to find the worker
+    result: list[RunRecord] = []
+    runner = threading.Thread(target=lambda: result.append(sync()))
+    runner.start()
+    try:
+        killed = None
+        for _ in range(200):
+            workers = processes_running("pipeline_cli.stages.sync_worker", os.getpid())
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+                break
+            runner.join(0.05)
+        assert killed is not None, "no row worker started"
+    finally:
+        runner.join(30)
+        server.clear_faults()
+    rec = result[0]
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert "row worker exited with code -9" in (rec.error or "")
+    assert snapshot(conn) == before
+    assert set(backups.list("datasets/")) == objects
 
 
 @pytest.mark.parametrize("change", [
