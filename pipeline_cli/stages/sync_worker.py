@@ -138,8 +138,9 @@ class RowWorker:
         self.workdir = workdir
         self.log_path = workdir / "row-worker.log"
         with self.log_path.open("wb") as log:
+            # -P: the current directory is not put on sys.path (nothing there can shadow us)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                [sys.executable, "-P", "-m", __name__], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, close_fds=True)
         self.started = time.monotonic()
 
