@@ -175,7 +175,6 @@ class _Loader:
                     len(self.expected.get(e, "")) != _PAGE_DIGEST_HEX * s.pages
                     for e, s in self.sets.items()):
                 self._start_worker(ENTITIES[-1])
-            sys.setswitchinterval(interval)
             if self.worker is None:
                 return True
             outputs, found, self.worker_stats = self.worker.finish()
