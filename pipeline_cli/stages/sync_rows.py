@@ -410,10 +410,7 @@ class Problems:
 # The row index of a dataset version: every row's canonical key (each followed by a newline)
 # and the first 8 bytes of its canonical line's SHA-256 (big-endian), in the same order. A
 # sync compares the feed's lines with the active version's index and writes only what differs.
-_DIGEST = struct.Struct(">Q")
 SEEN = -1  # an index entry whose key the feed has (digests are >= 0)
-
-
 INDEX_CHUNK = 65_536  # keys per stored row of a row index
 
 
