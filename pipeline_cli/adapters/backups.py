@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -26,6 +27,9 @@ class BackupStore:
         self.client = client
         self.bucket = bucket
         self._bucket_checked = False
+        # Uploads run in several threads; the first ones must not all try to create the
+        # bucket at once (SeaweedFS answered one of them NoSuchBucket meanwhile).
+        self._bucket_lock = threading.Lock()
 
     @classmethod
     def connect(cls, endpoint: str, access_key: str | None, secret_key: str | None, bucket: str,
@@ -62,8 +66,10 @@ class BackupStore:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
 
-        self._call(f"bucket check of {self.bucket}", make)
-        self._bucket_checked = True
+        with self._bucket_lock:
+            if not self._bucket_checked:
+                self._call(f"bucket check of {self.bucket}", make)
+                self._bucket_checked = True
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"
                   ) -> None:
