@@ -33,6 +33,7 @@ from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
+from pipeline_cli.stages.sync_worker import peak_rss_kb
 from pipeline_cli.testing.cleanup import drop_bucket
 from pipeline_cli.testing.odata_data import (
     NetworkShape,
@@ -248,10 +249,8 @@ def _child(args: dict[str, Any]) -> None:
         worker_kb = max(worker_kb, result["row_worker"]["peak_rss_kb"])
         diffed.append(result["diffed_against"])
     rows = sum(v for k, v in result["counts"].items() if k != "rejected")
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text()
-               .splitlines() if line.startswith("VmHWM:"))
-    print(json.dumps({"hwm_kb": hwm, "worker_kb": worker_kb, "seconds": seconds, "rows": rows,
-                      "diffed": diffed}))
+    print(json.dumps({"hwm_kb": peak_rss_kb(), "worker_kb": worker_kb, "seconds": seconds,
+                      "rows": rows, "diffed": diffed}))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ class _SetState:
     output: SetOutput | None = None  # what the row worker made of the set
     rewritten: bool = False  # rejects were taken out of the spool after the worker wrote it
 
+    @property
+    def worker_files_current(self) -> bool:
+        """Whether the worker's gzipped spool and row index files match the spool: not after
+        rejects were taken out of it, nor for a spool it never saw (restore)."""
+        return self.output is not None and not self.rewritten
+
 
 def _fmt(template: str, **parts: Any) -> sql.Composed:
     return db.query("sync_odata", template).format(**parts)
@@ -511,9 +517,8 @@ class _Loader:
 
     @staticmethod
     def _index_files(state: _SetState) -> tuple[Path, Path]:
-        """The row index files of the set as written: the worker's, unless the spool was
-        rewritten since (rejects) or never went through the worker (restore)."""
-        if state.output is None or state.rewritten:
+        """The row index files of the set as written (the worker's, if still current)."""
+        if not state.worker_files_current:
             write_index(state.files.spool, state.files.keys, state.files.digests)
         return state.files.keys, state.files.digests
 
@@ -545,12 +550,11 @@ def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
 def _upload_set(backups: BackupStore, state: _SetState, prefix: str) -> dict[str, Any]:
     """One set's files of a version's backup: its canonical lines and its raw pages.
 
-    The row worker gzipped the set while it went; a spool rewritten since (rejects) or never
-    seen by it (restore) is gzipped here.
+    The row worker gzipped the set while it went; if that file is not current, it is made here.
     """
     e, files = state.entity, {}
     gz = state.files.spool_gz
-    if state.output is None or state.rewritten:
+    if not state.worker_files_current:
         gzip_file(state.files.spool, gz, ("\t".join(COLUMNS[e]) + "\n").encode())
     backups.put_file(prefix + f"{e}.tsv.gz", str(gz), "application/gzip")
     files[e] = {"key": f"{e}.tsv.gz", "rows": state.digests.rows, "bytes": gz.stat().st_size}

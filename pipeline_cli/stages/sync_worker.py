@@ -82,11 +82,12 @@ class _Worker:
         return {"sets": {e: vars(o) for e, o in self.outputs.items()},
                 "problems": self.problems.to_json(),
                 "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-                "peak_rss_kb": _vm_hwm_kb()}
+                "peak_rss_kb": peak_rss_kb()}
 
 
-def _vm_hwm_kb() -> int:
-    """This process's own peak RSS (``ru_maxrss`` would include the forked sync's)."""
+def peak_rss_kb() -> int:
+    """This process's own peak RSS, VmHWM (``ru_maxrss`` would include that of the process
+    it was forked from, which Linux carries over across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
