@@ -33,6 +33,17 @@ def sql_dir() -> Path:
     raise SchemaError("cannot find the sql/ folder with the migrations")
 
 
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+
+
+def copy_escape(text: str) -> str:
+    """Escape a value for COPY's text format (also the canonical form of a text value)."""
+    if _NEEDS_ESCAPE.search(text) is None:
+        return text
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
 def advisory_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key derived from a name."""
     return int.from_bytes(hashlib.sha256(f"pipeline:{name}".encode()).digest()[:8], "big",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from tenacity import (
 )
 
 from ..errors import ConfigError, SourceError
+from ..readahead import ReadAhead
 from .odata_format import unwrap_page
 
 __all__ = ["ODataClient", "Page", "error_line"]
@@ -245,7 +244,7 @@ class ODataClient:
         """
         url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter)
         gen = self._pages(entity_set, url)
-        return _read_ahead(gen, read_ahead) if read_ahead > 0 else gen
+        return _pages_ahead(gen, read_ahead) if read_ahead > 0 else gen
 
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
         origin = _origin(self.service_url)
@@ -380,48 +379,8 @@ def _transport_text(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-_END = object()
-
-
-def _read_ahead(gen: Generator[Page, None, None], depth: int) -> Iterator[Page]:
-    """Run ``gen`` in a thread, ``depth`` pages ahead of the consumer.
-
-    The consumer's per-row work then overlaps the server's work on the next page. Errors
-    from the producer are re-raised in the consumer, in order.
-    """
-    out: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for page in gen:
-                if not put(page):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(exc)
-        finally:
-            gen.close()
-
-    thread = threading.Thread(target=produce, name="odata-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+def _pages_ahead(gen: Generator[Page, None, None], depth: int) -> Iterator[Page]:
+    """``gen`` run ``depth`` pages ahead of the consumer, whose per-row work then overlaps
+    the server's work on the next page."""
+    with ReadAhead(gen, depth, "odata-read-ahead") as pages:
+        yield from pages

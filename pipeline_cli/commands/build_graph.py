@@ -10,6 +10,7 @@ from .. import render
 from ..adapters.graph_store import GraphStore
 from ..app import App
 from ..stages.build_graph import activate_version, build_graph, list_versions, shortest_path
+from ..stages.status import human_duration
 from . import json_option, pass_app, run_stage, wait_option
 
 
@@ -17,12 +18,6 @@ def graph_store(app: App) -> GraphStore:
     """The Redis graph store under ``[redis] prefix``, built once per invocation."""
     return app.cached("graph_store", lambda: GraphStore(
         app.redis(), app.settings.redis.prefix, chunk_size=app.settings.graph.chunk_size))
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
 
 
 @click.command("build-graph")
@@ -110,7 +105,7 @@ def route_cmd(app: App, source: str, target: str, version: str | None) -> None:
     if app.json:
         render.print_json(route.to_json())
         return
-    click.echo(f"{source} -> {target}: {route.total_s:g} s ({_duration(route.total_s)}), "
+    click.echo(f"{source} -> {target}: {route.total_s:g} s ({human_duration(route.total_s)}), "
                f"{len(route.stops)} stops, graph {route.version}")
     elapsed = 0.0
     rows: list[tuple[Any, ...]] = [(route.stops[0], "", "", "", 0.0)]

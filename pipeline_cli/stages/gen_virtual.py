@@ -14,10 +14,7 @@ import gzip
 import hashlib
 import json
 import os
-import queue
-import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,10 +30,19 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_incrementing,
+)
 
 from .. import db, geo
 from ..adapters.backups import BackupStore
 from ..errors import BackupError, DatabaseError, ValidationError
+from ..readahead import ReadAhead
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import VirtualSettings
 
@@ -49,7 +55,6 @@ UNREACHED_SAMPLE = 20
 DRY_RUN = "dry-run"
 NULL = "\\N"
 
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
 
 
 # ---------------------------------------------------------------- inputs and the plan
@@ -375,34 +380,26 @@ def _settings_changed(gen: dict[str, Any], s: VirtualSettings) -> bool:
 # ---------------------------------------------------------------- COPY text
 
 
-def copy_escape(text: str) -> str:
-    """Escape a value for PostgreSQL's COPY text format."""
-    if _NEEDS_ESCAPE.search(text) is None:
-        return text
-    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-            .replace("\r", "\\r"))
-
-
 def stop_lines(plan: VirtualPlan, version: str) -> Iterator[str]:
     """COPY text of ``virtual_stops`` in chunks."""
-    v = copy_escape(version)
+    v = db.copy_escape(version)
     for lo in range(0, len(plan.ids), CHUNK_ROWS):
         hi = lo + CHUNK_ROWS
         rows = zip(plan.ids[lo:hi], plan.lat[lo:hi].tolist(), plan.lon[lo:hi].tolist(),
                    plan.kind[lo:hi], plan.anchor[lo:hi], strict=True)
         yield "".join(
-            f"{i}\t{la!r}\t{lo_!r}\t{k}\t{NULL if a is None else copy_escape(a)}\t{v}\n"
+            f"{i}\t{la!r}\t{lo_!r}\t{k}\t{NULL if a is None else db.copy_escape(a)}\t{v}\n"
             for i, la, lo_, k, a in rows)
 
 
 def _escaped_ids(plan: VirtualPlan) -> list[str]:
-    return [copy_escape(i) for i in plan.real.ids] + plan.ids
+    return [db.copy_escape(i) for i in plan.real.ids] + plan.ids
 
 
 def route_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator[str]:
     """COPY text of ``virtual_routes``: id ``VR:<from>><to>``, mode, km, seconds."""
     ids = _escaped_ids(plan)
-    v = copy_escape(version)
+    v = db.copy_escape(version)
     for lo in range(0, plan.n_routes, CHUNK_ROWS):
         hi = lo + CHUNK_ROWS
         rows = zip(plan.route_from[lo:hi].tolist(), plan.route_to[lo:hi].tolist(),
@@ -417,7 +414,7 @@ def route_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator
 def flight_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator[str]:
     """COPY text of ``virtual_flights``: one frequency row per non-walking route."""
     ids = _escaped_ids(plan)
-    v = copy_escape(version)
+    v = db.copy_escape(version)
     tail = f"\t{s.service_start}:00\t{s.service_end}:00\t{s.headway_s}\t{DAYS}\t{v}\n"
     sel = np.flatnonzero(~plan.walk)
     frm, to = plan.route_from[sel], plan.route_to[sel]
@@ -459,7 +456,6 @@ class _Written:
     size: int = 0
 
 
-_END = object()
 AHEAD_CHUNKS = 3
 
 
@@ -469,47 +465,27 @@ class _TextAhead:
     PostgreSQL works through this one, instead of after it."""
 
     def __init__(self, tables: list[tuple[str, Iterator[str]]]) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(AHEAD_CHUNKS)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(tables,),
-                                        name="gen-virtual-text", daemon=True)
-        self._thread.start()
+        self._items = ReadAhead(self._encode(tables), AHEAD_CHUNKS, "gen-virtual-text")
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, tables: list[tuple[str, Iterator[str]]]) -> None:
-        try:
-            for table, chunks in tables:
-                for chunk in chunks:
-                    data = chunk.encode()
-                    if not self._put((table, data, data.count(b"\n"))):
-                        return
-                if not self._put((table, _END, 0)):
-                    return
-        except BaseException as exc:  # re-raised in the consuming thread
-            self._put((None, exc, 0))
+    @staticmethod
+    def _encode(tables: list[tuple[str, Iterator[str]]]
+                ) -> Iterator[tuple[str, bytes | None, int]]:
+        for table, chunks in tables:
+            for chunk in chunks:
+                data = chunk.encode()
+                yield table, data, data.count(b"\n")
+            yield table, None, 0  # the end of this table
 
     def chunks(self, table: str) -> Iterator[tuple[bytes, int]]:
         """The encoded chunks of ``table`` (which must be the next one) and their rows."""
-        while True:
-            name, data, rows = self._queue.get()
-            if isinstance(data, BaseException):
-                raise data
-            if data is _END:
-                return
+        for name, data, rows in self._items:
             assert name == table, (name, table)
+            if data is None:
+                return
             yield data, rows
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._items.close()
 
 
 def _backup_write(gz: gzip.GzipFile, digest: Any, data: bytes) -> None:
@@ -638,23 +614,26 @@ def _build_indexes(conn: psycopg.Connection[Any], target: _Target, ctx: RunConte
 def _lock_live(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
     """Take the live tables for the swap, waiting LOCK_TIMEOUT_S at a time (a waiting
     ACCESS EXCLUSIVE request queues every new reader behind it, so it must not wait long)."""
-    for attempt in range(1, LOCK_ATTEMPTS + 1):
-        try:
-            with conn.transaction():  # a savepoint: a timeout undoes only this attempt
+
+    def busy(state: RetryCallState) -> None:
+        holders = ", ".join(f"{r['who']} (pid {r['pid']})"
+                            for r in conn.execute(_q("lock_holders")).fetchall())
+        ctx.log.info("virtual tables busy (attempt %d of %d; held by %s)",
+                     state.attempt_number, LOCK_ATTEMPTS, holders or "nobody now")
+        ctx.check_stop()
+
+    try:
+        for attempt in Retrying(retry=retry_if_exception_type(psycopg.errors.LockNotAvailable),
+                                stop=stop_after_attempt(LOCK_ATTEMPTS),
+                                wait=wait_incrementing(0.1, 0.1, max=1.0), before_sleep=busy):
+            with attempt, conn.transaction():  # a savepoint: a timeout undoes only this attempt
                 conn.execute(_q("lock_timeout"), {"timeout": f"{LOCK_TIMEOUT_S}s"})
                 conn.execute(_q("lock_live"))
-            conn.execute(_q("lock_timeout"), {"timeout": "0"})
-            return
-        except psycopg.errors.LockNotAvailable:
-            holders = ", ".join(f"{r['who']} (pid {r['pid']})"
-                                for r in conn.execute(_q("lock_holders")).fetchall())
-            ctx.log.info("virtual tables busy (attempt %d of %d; held by %s)", attempt,
-                         LOCK_ATTEMPTS, holders or "nobody now")
-            ctx.check_stop()
-            time.sleep(min(0.1 * attempt, 1.0))
-    raise DatabaseError(
-        f"could not lock the virtual tables for the swap in {LOCK_ATTEMPTS} attempts of "
-        f"{LOCK_TIMEOUT_S} s (long-running readers); nothing was written")
+    except RetryError:
+        raise DatabaseError(
+            f"could not lock the virtual tables for the swap in {LOCK_ATTEMPTS} attempts of "
+            f"{LOCK_TIMEOUT_S} s (long-running readers); nothing was written") from None
+    conn.execute(_q("lock_timeout"), {"timeout": "0"})
 
 
 def _swap_in(conn: psycopg.Connection[Any], target: _Target) -> None:

@@ -21,6 +21,7 @@ from operator import itemgetter, ne
 from pathlib import Path
 from typing import IO, Any
 
+from .. import db
 from ..adapters.odata_format import (
     DEFAULT_MAPPING,
     EntityMapping,
@@ -85,14 +86,6 @@ class Problem:
                 "kind": self.kind, "problem": self.message}
 
 
-def _escape(text: str) -> str:
-    """COPY text-format escaping: the canonical form of a text value."""
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        text = (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-                .replace("\r", "\\r"))
-    return text
-
-
 def unescape_key(text: str) -> str:
     """The key itself from its canonical (COPY-escaped) text."""
     out, i = [], 0
@@ -129,8 +122,8 @@ def _non_negative(v: float) -> str | None:
 # column -> (parser, canonical text, required, check, text when absent)
 _Spec = tuple[Callable[[Any], Any], Callable[[Any], str], bool,
               Callable[[Any], str | None] | None, str]
-_KEY: _Spec = (parse_key, _escape, True, None, _NULL)
-_TEXT: _Spec = (parse_text, _escape, False, None, _NULL)
+_KEY: _Spec = (parse_key, db.copy_escape, True, None, _NULL)
+_TEXT: _Spec = (parse_text, db.copy_escape, False, None, _NULL)
 SPECS: dict[str, dict[str, _Spec]] = {
     "stops": {
         "id": _KEY, "name": _TEXT,
