@@ -23,6 +23,7 @@ from typing import Any
 from bench import scratch_database
 from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient, OsrmNoMatch
+from pipeline_cli.gps import stitching
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
@@ -70,10 +71,10 @@ def _raw(url: str, trace_list: list[traces.Trace], settings: MatchSettings) -> t
     """Seconds and points for the traces' chunked /match requests from CONCURRENCY threads."""
     requests = []
     for trace in trace_list:
-        kept, stamps = stage.integer_timestamps(trace.offsets)
+        kept, stamps = stitching.integer_timestamps(trace.offsets)
         points = [trace.points[k] for k in kept]
         absolute = [1714550400 + s for s in stamps]
-        for a, b in stage.chunk_plan(len(points), settings.chunk_size, settings.chunk_overlap):
+        for a, b in stitching.chunk_plan(len(points), settings.chunk_size, settings.chunk_overlap):
             requests.append((points[a:b], absolute[a:b]))
     with OsrmClient(url, pool_size=CONCURRENCY) as client:
         def one(req: tuple[list[tuple[float, float]], list[int]]) -> None:

@@ -6,6 +6,7 @@ import click
 
 from .. import db, render
 from ..app import App
+from ..gps import batches as gps_batches
 from ..stages import match_gps as stage
 from ..stages.ingest_gps import ingest_gps
 from . import json_option, pass_app, run_stage
@@ -79,7 +80,7 @@ def list_cmd(app: App, status: str | None, device_id: str | None, limit: int) ->
     """List batches with their state, attempts and last error."""
     conn = app.connect(autocommit=True, name="pipeline batches list")
     db.check_schema(conn)
-    rows = stage.list_batches(conn, status=status, device_id=device_id, limit=limit)
+    rows = gps_batches.list_batches(conn, status=status, device_id=device_id, limit=limit)
     if app.json:
         render.print_json({"batches": rows})
         return
@@ -102,7 +103,7 @@ def requeue(app: App, dead_only: bool, device_id: str | None) -> None:
     """Make dead (and failed) batches pending again with a fresh attempt count."""
     conn = app.connect(autocommit=True, name="pipeline batches requeue")
     db.check_schema(conn)
-    result = stage.requeue_batches(conn, dead_only=dead_only, device_id=device_id)
+    result = gps_batches.requeue_batches(conn, dead_only=dead_only, device_id=device_id)
     if app.json:
         render.print_json(result)
     elif app.verbosity >= 0:

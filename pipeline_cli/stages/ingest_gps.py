@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import db, gpsfiles
+from .. import db
 from ..errors import ValidationError
+from ..gps import files as gpsfiles
 from ..runner import NOOP, SUCCESS, RunContext, StageResult
 
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted

@@ -18,6 +18,7 @@ import psycopg
 
 from .. import db
 from ..errors import LockBusy, PipelineError
+from ..gps import batches as gps_batches
 from ..runner import FAILED, NOOP, SUCCESS, RunContext, RunRecord, StageResult, StageRunner
 from ..settings import Settings
 from . import build_graph as build_graph_stage
@@ -97,7 +98,7 @@ def pending_work(conn: psycopg.Connection[Any], stage: str, graph_store: Any = N
             return f"the active graph needs repair: {g['problem']}"
         return None
     if stage == "match-gps":
-        gps = match_gps_stage.status_section(conn)
+        gps = gps_batches.status_section(conn)
         ready = gps["unprocessed_points"] - gps["dead_points"]
         if ready > 0 or gps["expired_leases"]:
             return f"{gps['unprocessed_points']} unprocessed GPS points"

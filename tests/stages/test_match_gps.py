@@ -15,8 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pipeline_cli import polyline
+from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.gps import batches, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
@@ -75,15 +76,15 @@ def batch_states(conn: psycopg.Connection[Any]) -> dict[str, int]:
 
 
 def test_chunk_plan_overlaps() -> None:
-    assert stage.chunk_plan(50, 100, 10) == [(0, 50)]
-    assert stage.chunk_plan(250, 100, 10) == [(0, 100), (90, 190), (180, 250)]
-    plan = stage.chunk_plan(350, 100, 10)
+    assert stitching.chunk_plan(50, 100, 10) == [(0, 50)]
+    assert stitching.chunk_plan(250, 100, 10) == [(0, 100), (90, 190), (180, 250)]
+    plan = stitching.chunk_plan(350, 100, 10)
     assert plan[-1][1] == 350
     assert all(b[0] == a[1] - 10 for a, b in zip(plan, plan[1:], strict=False))
 
 
 def test_integer_timestamps_drop_repeated_seconds() -> None:
-    kept, stamps = stage.integer_timestamps([10.2, 10.7, 11.0, 11.9, 14.5])
+    kept, stamps = stitching.integer_timestamps([10.2, 10.7, 11.0, 11.9, 14.5])
     assert kept == [0, 2, 4] and stamps == [10, 11, 14]
 
 
@@ -97,10 +98,10 @@ def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) 
     rows += [("live", now - timedelta(seconds=s), 60.17, 24.94) for s in (20, 10)]
     traces.insert_points(conn, rows)
     settings = MatchSettings(gap_seconds=300, too_short_after_seconds=3600)
-    first = stage.make_batches(conn, settings)
+    first = batches.make_batches(conn, settings)
     assert (first.created, first.too_short) == (2, 1)
     assert first.waiting == 1  # the live device may still be driving
-    again = stage.make_batches(conn, settings)
+    again = batches.make_batches(conn, settings)
     assert (again.created, again.too_short, again.points) == (0, 0, 0)
     got = conn.execute("SELECT coordinate_count, status FROM processing_batches"
                        " ORDER BY start_time").fetchall()
@@ -113,7 +114,7 @@ def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) 
 def test_long_runs_are_cut_at_max_batch_seconds(conn: psycopg.Connection[Any]) -> None:
     traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)
                                 for s in range(0, 1000, 20)])
-    made = stage.make_batches(conn, MatchSettings(max_batch_seconds=300))
+    made = batches.make_batches(conn, MatchSettings(max_batch_seconds=300))
     assert made.created == 4
     spans = conn.execute("SELECT max(end_time - start_time) AS span FROM processing_batches")
     assert spans.fetchone()["span"] < timedelta(seconds=300)
@@ -124,7 +125,7 @@ def test_old_points_are_batched_too(conn: psycopg.Connection[Any]) -> None:
     old = datetime(2019, 1, 1, tzinfo=UTC)
     traces.insert_points(conn, [("d", old + timedelta(seconds=s), 60.17, 24.94)
                                 for s in (0, 5)])
-    assert stage.make_batches(conn, MatchSettings()).created == 1
+    assert batches.make_batches(conn, MatchSettings()).created == 1
 
 
 def test_duplicate_inserts_are_ignored(conn: psycopg.Connection[Any]) -> None:
@@ -175,7 +176,7 @@ def test_quality_matches_whole_trace_answer(conn: psycopg.Connection[Any], datab
     with OsrmClient(big_url) as big:
         for i, trace in enumerate(trace_pool):
             pipeline_pass += traces.judge(trace.truth, polylines(conn, f"q{i}")).passed
-            kept, stamps = stage.integer_timestamps(trace.offsets)
+            kept, stamps = stitching.integer_timestamps(trace.offsets)
             whole = big.match([trace.points[k] for k in kept],
                               [1714550400 + s for s in stamps], MatchSettings().radius_m)
             whole_pass += traces.judge(trace.truth, [m.geometry for m in whole.matchings]).passed
@@ -252,16 +253,16 @@ def test_failures_become_dead_after_max_attempts_and_requeue(
     proxy.block()
     run(database_url, client, settings)
     assert batch_states(conn) == {"dead": 1}
-    section = stage.status_section(conn)
+    section = batches.status_section(conn)
     assert section["dead_batches"] == 1 and section["unprocessed_points"] > 0
     assert section["oldest_unprocessed_age_s"] > 0
     proxy.unblock()
     assert run(database_url, client, settings).status == "noop"  # dead stays dead
-    assert stage.requeue_batches(conn, dead_only=True)["requeued"] == 1
+    assert batches.requeue_batches(conn, dead_only=True)["requeued"] == 1
     row = conn.execute("SELECT status, retry_count FROM processing_batches").fetchone()
     assert (row["status"], row["retry_count"]) == ("pending", 0)
     assert run(database_url, client, settings).counts["batches_completed"] == 1
-    section = stage.status_section(conn)
+    section = batches.status_section(conn)
     assert section["unprocessed_points"] == 0 and section["batches"]["dead"] == 0
     assert section["completed_last_hour"] == 1
 
@@ -270,15 +271,15 @@ def test_expired_lease_is_rescued_without_duplicates(
         conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
         trace_pool: list[traces.Trace]) -> None:
     add_trace(conn, "d", trace_pool[1])
-    stage.make_batches(conn, MatchSettings())
+    batches.make_batches(conn, MatchSettings())
     # A worker claims the batch with a 1-second lease and dies.
-    dead = conn.execute(stage.db.query("match_gps", "claim_batch"), {
+    dead = conn.execute(db.query("match_gps", "claim_batch"), {
         "worker": "ghost:1", "token": "00000000-0000-0000-0000-000000000001",
         "lease_seconds": 1}).fetchone()
     assert dead is not None
     assert run(database_url, client).status == "noop"  # leased: nobody else touches it
     time.sleep(1.2)
-    assert stage.status_section(conn)["expired_leases"] == 1
+    assert batches.status_section(conn)["expired_leases"] == 1
     record = run(database_url, client)
     assert record.counts["leases_rescued"] == 1 and record.counts["batches_completed"] == 1
     row = conn.execute("SELECT status, retry_count, polyline_count FROM processing_batches"
@@ -287,7 +288,7 @@ def test_expired_lease_is_rescued_without_duplicates(
     n = conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"]
     assert n == row["polyline_count"] >= 1
     # The ghost wakes up and tries to complete with its stale token: nothing is written.
-    late = conn.execute(stage.db.query("match_gps", "fail_batch"), {
+    late = conn.execute(db.query("match_gps", "fail_batch"), {
         "batch_id": dead["batch_id"], "token": "00000000-0000-0000-0000-000000000001",
         "max_attempts": 5, "delay_seconds": 0, "error": "x", "osrm_calls": 0}).fetchone()
     assert late is None

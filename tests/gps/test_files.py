@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_cli import gpsfiles
-from pipeline_cli.gpsfiles import GpsFileError, GpsRow, RowProblem
+from pipeline_cli.gps import files as gpsfiles
+from pipeline_cli.gps.files import GpsFileError, GpsRow, RowProblem
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

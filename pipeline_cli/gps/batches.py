@@ -1,0 +1,175 @@
+"""GPS batches in PostgreSQL: cutting new points into per-device batches, rescuing expired
+leases, backoff, the backlog for ``status``, and ``pipeline batches list|requeue``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .. import db
+from ..settings import MatchSettings
+
+BATCHING_LOCK = "match-gps:batching"
+BATCHING_DEVICES = 50  # devices per batch-making transaction
+FIRST_SLICE_DEVICES = 8  # the first transaction is small: workers start matching sooner
+BACKLOG_COUNT_CAP = 1_000_000
+
+
+@dataclass
+class BatchingResult:
+    created: int = 0
+    too_short: int = 0
+    points: int = 0
+    waiting: int = 0  # open runs and single points that may still grow
+
+
+def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
+                 devices: int = BATCHING_DEVICES,
+                 stop: Callable[[], bool] = lambda: False,
+                 made: Callable[[], None] = lambda: None) -> BatchingResult:
+    """Cut unbatched points into batches, ``devices`` devices per transaction (fewer in the
+    first), so workers can match the first batches while later ones are made; ``made`` is
+    called after each transaction that created batches. Idempotent: a point joins at most one
+    batch. Concurrent workers serialise each slice on an advisory lock."""
+    total = BatchingResult()
+    after = ""  # device ids are never empty
+    size = min(devices, FIRST_SLICE_DEVICES)
+    while not stop():
+        part, last = _make_slice(conn, settings, after, size)
+        size = devices
+        if part.created:
+            made()
+        total.created += part.created
+        total.too_short += part.too_short
+        total.points += part.points
+        total.waiting += part.waiting
+        if last is None:
+            break
+        after = last
+    return total
+
+
+def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, after: str,
+                devices: int) -> tuple[BatchingResult, str | None]:
+    out = BatchingResult()
+    with db.wrap_errors("making GPS batches"), conn.transaction():
+        conn.execute(db.query("match_gps", "batching_lock"),
+                     {"key": db.advisory_key(BATCHING_LOCK)})
+        rows = conn.execute(db.query("match_gps", "plan_batches"), {
+            "gap_seconds": settings.gap_seconds,
+            "max_batch_seconds": settings.max_batch_seconds,
+            "after": after, "devices": devices,
+        }).fetchall()
+        if not rows:
+            return out, None
+        plan: dict[str, list[Any]] = {k: [] for k in
+                                      ("device_ids", "starts", "ends", "counts", "statuses")}
+        for r in rows:
+            if not r["closed"]:
+                out.waiting += 1
+                continue
+            if r["n"] >= 2:
+                status = "pending"
+            elif r["age_s"] >= settings.too_short_after_seconds:
+                status = "too_short"
+            else:
+                out.waiting += 1
+                continue
+            plan["device_ids"].append(r["device_id"])
+            plan["starts"].append(r["start_time"])
+            plan["ends"].append(r["end_time"])
+            plan["counts"].append(r["n"])
+            plan["statuses"].append(status)
+            out.created += status == "pending"
+            out.too_short += status == "too_short"
+        if plan["device_ids"]:
+            cur = conn.execute(db.query("match_gps", "insert_batches"), plan)
+            out.points = cur.rowcount
+            if out.points != sum(plan["counts"]):
+                # A point arrived inside a planned range meanwhile: it joined that batch.
+                conn.execute(db.query("match_gps", "recount_batches"))
+    return out, max(r["device_id"] for r in rows)
+
+
+def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> list[str]:
+    with db.wrap_errors("rescuing expired leases"):
+        rows = conn.execute(db.query("match_gps", "rescue_expired"),
+                            {"max_attempts": settings.max_attempts}).fetchall()
+    return [str(r["batch_id"]) for r in rows]
+
+
+def work_waiting(conn: psycopg.Connection[Any]) -> bool:
+    with db.wrap_errors("looking for GPS work"):
+        row = conn.execute(db.query("match_gps", "work_waiting")).fetchone()
+    return bool(row and (row["batches"] or row["points"]))
+
+
+def backoff_seconds(settings: MatchSettings, attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay = min(settings.backoff_max_seconds,
+                settings.backoff_base_seconds * 2 ** max(0, attempt - 1))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The GPS backlog for ``pipeline status``: cheap, partial-index queries only."""
+    with db.wrap_errors("reading the GPS backlog"):
+        capped = conn.execute(db.query("match_gps", "backlog_points"),
+                              {"cap": BACKLOG_COUNT_CAP + 1}).fetchone()
+        oldest = conn.execute(db.query("match_gps", "oldest_unprocessed")).fetchone()
+        open_rows = conn.execute(db.query("match_gps", "open_batches")).fetchall()
+        recent = conn.execute(db.query("match_gps", "recent_batches")).fetchone()
+        expired = conn.execute(db.query("match_gps", "expired_leases")).fetchone()
+    assert capped and oldest and recent and expired
+    unbatched = int(capped["n"])
+    batches = {s: 0 for s in ("pending", "processing", "failed", "dead")}
+    waiting_points = {s: 0 for s in batches}
+    next_retry = None
+    for r in open_rows:
+        batches[r["status"]] = int(r["n"])
+        waiting_points[r["status"]] = int(r["points"] or 0)
+        if r["status"] == "failed":
+            next_retry = r["next_attempt_at"]
+    oldest_at = oldest["oldest"]
+    age = (oldest["now"] - oldest_at).total_seconds() if oldest_at is not None else None
+    return {
+        "unprocessed_points": min(unbatched, BACKLOG_COUNT_CAP) + sum(waiting_points.values()),
+        "unprocessed_points_capped": unbatched > BACKLOG_COUNT_CAP,
+        "unbatched_points": min(unbatched, BACKLOG_COUNT_CAP),
+        "oldest_unprocessed_at": oldest_at,
+        "oldest_unprocessed_age_s": round(age, 1) if age is not None else None,
+        "batches": batches,
+        "dead_batches": batches["dead"],
+        "dead_points": waiting_points["dead"],
+        "expired_leases": int(expired["n"]),
+        "next_retry_at": next_retry,
+        "completed_last_hour": int(recent["completed_last_hour"]),
+        "last_completed_at": recent["last_completed_at"],
+    }
+
+
+def list_batches(conn: psycopg.Connection[Any], *, status: str | None = None,
+                 device_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Batches, most recently changed first (``pipeline batches list``)."""
+    with db.wrap_errors("listing GPS batches"):
+        rows = conn.execute(db.query("match_gps", "list_batches"),
+                            {"status": status, "device_id": device_id, "limit": limit}
+                            ).fetchall()
+    return [{**r, "batch_id": str(r["batch_id"])} for r in rows]
+
+
+def requeue_batches(conn: psycopg.Connection[Any], *, dead_only: bool = False,
+                    device_id: str | None = None) -> dict[str, Any]:
+    """Make dead (and, unless ``dead_only``, failed) batches pending with a fresh attempt
+    count, ready at once (``pipeline batches requeue``)."""
+    statuses = ["dead"] if dead_only else ["dead", "failed"]
+    with db.wrap_errors("requeueing GPS batches"):
+        rows = conn.execute(db.query("match_gps", "requeue_batches"),
+                            {"statuses": statuses, "device_id": device_id}).fetchall()
+    return {"requeued": len(rows), "points": sum(r["coordinate_count"] for r in rows),
+            "statuses": statuses, "device_id": device_id}
