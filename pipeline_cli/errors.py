@@ -6,7 +6,10 @@ turns them into an exit code through :data:`EXIT_CODES`. docs/architecture.md re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import StageResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -17,13 +20,19 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
 
 
 class PipelineError(Exception):
-    """Base class: an operator-meaningful failure with a one-line message."""
+    """Base class: an operator-meaningful failure with a one-line message.
+
+    ``partial`` is what the stage had done when it failed (counts, problems): the runner
+    records it with the failure, so a failed run still shows how far it got.
+    """
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str, *, partial: StageResult | None = None,
+                 **details: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.partial = partial
         self.details = details
 
     def __str__(self) -> str:
@@ -77,8 +86,9 @@ class OsrmError(ServiceError):
 class ValidationError(PipelineError):
     """Input data broke a rule. Nothing was written."""
 
-    def __init__(self, message: str, problems: list[str] | None = None, **details: Any) -> None:
-        super().__init__(message, **details)
+    def __init__(self, message: str, problems: list[str] | None = None, *,
+                 partial: StageResult | None = None, **details: Any) -> None:
+        super().__init__(message, partial=partial, **details)
         self.problems = problems or []
 
 

@@ -328,8 +328,7 @@ class StageRunner:
                 result = fn(ctx)
             except PipelineError as exc:
                 error, exit_code = self.redact(str(exc)), exc.exit_code
-                result = StageResult(status=FAILED, counts=getattr(exc, "counts", {}) or {},
-                                     extra=getattr(exc, "extra", {}) or {})
+                result = exc.partial or StageResult()
             except Exception as exc:  # a bug: record it, never exit 0
                 error = self.redact(f"internal error: {type(exc).__name__}: {exc}")
                 exit_code = EXIT_FAILED

@@ -193,10 +193,9 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
                    f"no flight, and no distance or no speed for mode {graph.modes[i]!r}")
             problems.append(f"route {graph.route_ids[i]}: {why} ({w})")
     if problems:
-        exc = ValidationError(f"the graph is invalid ({'; '.join(summary)}): {problems[0]}",
-                              problems=problems)
-        exc.extra = {"problems": problems}  # type: ignore[attr-defined]
-        raise exc
+        raise ValidationError(f"the graph is invalid ({'; '.join(summary)}): {problems[0]}",
+                              problems=problems,
+                              partial=StageResult(extra={"problems": problems}))
 
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -216,11 +215,11 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         warnings.append(f"{outside.size} real stops are unreachable from the main network "
                         f"(e.g. {sample})")
     if warnings and fatal_warnings:
-        exc = ValidationError(f"the graph is not connected ([graph] fatal_warnings): "
-                              f"{warnings[0]}", problems=warnings)
-        exc.extra = {"problems": warnings, "components": int(count),  # type: ignore[attr-defined]
-                     "unreachable_real_stops": int(outside.size)}
-        raise exc
+        raise ValidationError(
+            f"the graph is not connected ([graph] fatal_warnings): {warnings[0]}",
+            problems=warnings, partial=StageResult(extra={
+                "problems": warnings, "components": int(count),
+                "unreachable_real_stops": int(outside.size)}))
     return Checks(components=int(count), unreachable_real_stops=int(outside.size),
                   warnings=warnings)
 

@@ -65,13 +65,12 @@ def ingest_gps(
             ctx.log.info("%s: %d valid, %d invalid rows", name, stats["read"],
                          stats["invalid"])
         if strict and invalid:
-            error = ValidationError(
+            raise ValidationError(
                 f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}",
-                problems=problems)
-            error.extra = {"problems": problems}  # type: ignore[attr-defined]
-            error.counts = {"files": len(files), "rows_read": copied,  # type: ignore[attr-defined]
-                            "invalid_rows": invalid, "rows_loaded": 0}
-            raise error
+                problems=problems, partial=StageResult(
+                    counts={"files": len(files), "rows_read": copied, "invalid_rows": invalid,
+                            "rows_loaded": 0},
+                    extra={"problems": problems}))
         ctx.check_stop()
         loaded = conn.execute(db.query("match_gps", "ingest_insert")).rowcount
     counts: dict[str, Any] = {

@@ -94,13 +94,10 @@ def match_gps(
     cause = pool.tripped or (pool.last_unavailable if pool.unavailable_streak
                              and not counts["batches_completed"] else None)
     if cause is not None:
-        failure = OsrmUnavailable(
+        raise OsrmUnavailable(
             f"stopped: OSRM unavailable ({cause}); "
             f"{counts['batches_failed'] + counts['batches_dead']} batch(es) failed and will "
-            "be retried")
-        failure.counts = result.counts  # type: ignore[attr-defined]
-        failure.extra = result.extra  # type: ignore[attr-defined]
-        raise failure
+            "be retried", partial=result)
     return result
 
 
@@ -130,5 +127,5 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
 def _attach(exc: PipelineError, counts: Counter[str], pool: Pool, osrm_requests: int,
             started: float) -> None:
     result = _result(counts, pool, osrm_requests, started, "", 0, 0)
-    exc.counts = result.counts  # type: ignore[attr-defined]
-    exc.extra = {"points_per_second": result.extra["points_per_second"]}  # type: ignore[attr-defined]
+    exc.partial = StageResult(counts=result.counts,
+                              extra={"points_per_second": result.extra["points_per_second"]})

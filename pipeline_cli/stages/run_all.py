@@ -45,10 +45,9 @@ class StageFailed(PipelineError):
     """A stage of the chain failed; run-all exits with that stage's code."""
 
     def __init__(self, stage: str, error: str, exit_code: int, stages: dict[str, Any]) -> None:
-        super().__init__(f"{stage} failed: {error}")
+        super().__init__(f"{stage} failed: {error}", partial=StageResult(
+            counts=_counts(stages), extra={"stages": stages, "failed_stage": stage}))
         self.exit_code = exit_code
-        self.counts = _counts(stages)
-        self.extra = {"stages": stages, "failed_stage": stage}
 
 
 def _counts(stages: dict[str, Any]) -> dict[str, int]:

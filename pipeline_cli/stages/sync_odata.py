@@ -700,13 +700,12 @@ def sync_odata(
                                      None, "-", "empty", "no valid stops in the feed; "
                                      "refusing to empty the read model"))
             if empty or (problems.total and not skip_invalid):
-                err = ValidationError(
+                first = [str(p) for p in problems.first]
+                raise ValidationError(
                     f"validation failed: {problems.total} problem(s) ({problems.summary()}); "
-                    "nothing was written", [str(p) for p in problems.first])
-                err.counts = read  # type: ignore[attr-defined]
-                err.extra = {"problems": [str(p) for p in problems.first],  # type: ignore[attr-defined]
-                             "problem_counts": problems.by_set()}
-                raise err
+                    "nothing was written", first, partial=StageResult(
+                        counts=read,
+                        extra={"problems": first, "problem_counts": problems.by_set()}))
             hash_, set_hashes = loader.hashes()
             rejected = sum(problems.rejected.values())
             counts = {e: s.digests.rows for e, s in loader.sets.items()}
