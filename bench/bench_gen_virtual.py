@@ -28,6 +28,7 @@ from scipy.spatial import cKDTree
 
 from bench import scratch_database
 from pipeline_cli import db, geo
+from pipeline_cli.db import Database
 from pipeline_cli.settings import VirtualSettings
 from pipeline_cli.stages import gen_virtual as gv
 
@@ -158,8 +159,8 @@ def _end_to_end(real: gv.RealStops, settings: VirtualSettings, plan: gv.VirtualP
                             conn.execute("CREATE VIEW bench_in_place AS "
                                          "SELECT id FROM virtual_stops")
                     t = time.perf_counter()
-                    rec = StageRunner(url).run("gen-virtual", lambda ctx: gv.generate(
-                        url, store, settings, ctx, force=force))  # noqa: B023
+                    rec = StageRunner(Database(url)).run("gen-virtual", lambda ctx: gv.generate(
+                        Database(url), store, settings, ctx, force=force))  # noqa: B023
                     walls.append(time.perf_counter() - t)
                     if rec.error:
                         raise RuntimeError(rec.error)

@@ -23,6 +23,7 @@ from typing import Any
 from bench import scratch_database
 from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient, OsrmNoMatch
+from pipeline_cli.db import Database
 from pipeline_cli.gps import stitching
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.settings import MatchSettings
@@ -98,8 +99,8 @@ def _pipeline(admin: str, url: str, trace_list: list[traces.Trace],
             traces.insert_points(conn, rows)
         with OsrmClient(url, pool_size=CONCURRENCY) as client:
             t = time.perf_counter()
-            record = StageRunner(dsn).run("match-gps", lambda ctx: stage.match_gps(
-                dsn, client, settings, ctx, concurrency=CONCURRENCY))
+            record = StageRunner(Database(dsn)).run("match-gps", lambda ctx: stage.match_gps(
+                Database(dsn), client, settings, ctx, concurrency=CONCURRENCY))
             elapsed = time.perf_counter() - t
     if record.error:
         raise RuntimeError(record.error)

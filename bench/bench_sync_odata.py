@@ -31,6 +31,7 @@ from bench import scratch_database
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
+from pipeline_cli.db import Database
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
 from pipeline_cli.stages.sync_worker import peak_rss_kb
@@ -126,8 +127,8 @@ def one_sync(url: str, database_url: str, s3: dict[str, Any]) -> tuple[float, di
                                 s3["bucket"], secure=s3["secure"])
     started = time.perf_counter()
     with client(url) as c:
-        record = StageRunner(database_url).run(
-            "sync-odata", lambda ctx: sync_odata(database_url, c, store, ctx))
+        record = StageRunner(Database(database_url)).run(
+            "sync-odata", lambda ctx: sync_odata(Database(database_url), c, store, ctx))
     elapsed = time.perf_counter() - started
     if record.error:
         raise RuntimeError(f"sync failed: {record.error}")

@@ -54,14 +54,15 @@ class App:
                                  any(w in k for w in ("PASSWORD", "SECRET", "TOKEN", "URL"))])
 
     @property
-    def database_url(self) -> str:
-        return str(self.settings.require("database", "url"))
+    def database(self) -> db.Database:
+        """How to reach PostgreSQL ([database] url, exit 78 if unset): stages take this."""
+        return db.Database(str(self.settings.require("database", "url")),
+                           connect_timeout=self.settings.database.connect_timeout)
 
     def connect(
         self, *, autocommit: bool = False, name: str = "pipeline"
     ) -> psycopg.Connection[Any]:
-        conn = db.connect(self.database_url, autocommit=autocommit, application_name=name,
-                          connect_timeout=self.settings.database.connect_timeout)
+        conn = self.database.connect(name, autocommit=autocommit)
         self.resources.callback(conn.close)
         return conn
 
@@ -76,9 +77,8 @@ class App:
 
     def runner(self) -> StageRunner:
         return StageRunner(
-            self.database_url,
+            self.database,
             redact=self.redact,
-            connect_timeout=self.settings.database.connect_timeout,
             progress=self.progress_factory(),
         )
 

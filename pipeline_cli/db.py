@@ -71,6 +71,24 @@ def connect(
                             f"{_first_line(exc)}") from None
 
 
+@dataclass(frozen=True)
+class Database:
+    """How the pipeline reaches PostgreSQL: stages and the runner take one of these instead of
+    a URL, so one place decides how a connection is made (timeouts, and the pooler mode of a
+    managed PostgreSQL). Each call opens a new connection that the caller closes."""
+
+    url: str
+    connect_timeout: int = 10
+
+    def connect(self, name: str = "pipeline", *,
+                autocommit: bool = False) -> psycopg.Connection[dict[str, Any]]:
+        return connect(self.url, application_name=name, autocommit=autocommit,
+                       connect_timeout=self.connect_timeout)
+
+    def __repr__(self) -> str:  # never the password
+        return f"Database({mask_url(self.url)!r})"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -229,29 +229,22 @@ class StageRunner:
 
     def __init__(
         self,
-        database_url: str,
+        database: db.Database,
         *,
         redact: Callable[[str], str] = lambda s: s,
-        connect_timeout: int = 10,
         progress: ProgressFactory = no_progress,
         host: str | None = None,
         pid: int | None = None,
     ) -> None:
-        self.database_url = database_url
+        self.database = database
         self.redact = redact
-        self.connect_timeout = connect_timeout
         self.progress = progress
         self.host = host or socket.gethostname()
         self.pid = pid or os.getpid()
         self.stop = _STOP
 
     def _control_connection(self, stage: str) -> psycopg.Connection[Any]:
-        return db.connect(
-            self.database_url,
-            autocommit=True,
-            application_name=f"pipeline {stage} {self.host}:{self.pid}",
-            connect_timeout=self.connect_timeout,
-        )
+        return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}", autocommit=True)
 
     def _acquire(self, conn: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
         key = db.advisory_key(stage)

@@ -13,12 +13,13 @@ def test_json_log_lines_carry_stage_and_run_id(run_cli: Cli) -> None:
     code = (
         "import logging, sys\n"
         "from pipeline_cli.logs import setup_logging\n"
+        "from pipeline_cli.db import Database\n"
         "from pipeline_cli.runner import StageRunner, StageResult\n"
         "setup_logging('json', 0, lambda s: s.replace('hunter2', '***'))\n"
         "def fn(ctx):\n"
         "    ctx.log.info('token hunter2 used', extra={'rows': 3})\n"
         "    return StageResult(status='noop')\n"
-        "StageRunner(sys.argv[1]).run('gen-virtual', fn)\n"
+        "StageRunner(Database(sys.argv[1])).run('gen-virtual', fn)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, run_cli.env["PIPELINE_DATABASE_URL"]],
                           capture_output=True, text=True, check=True)

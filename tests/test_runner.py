@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from pipeline_cli import db
+from pipeline_cli.db import Database
 from pipeline_cli.errors import LockBusy, SchemaError, ValidationError
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
 from pipeline_cli.stages.status import collect_status
@@ -37,7 +38,7 @@ CHILD = textwrap.dedent("""
                 ctx.check_stop()
         return StageResult(counts={"rows": 1000})
 
-    record = StageRunner(url).run("sync-odata", stage)
+    record = StageRunner(db.Database(url)).run("sync-odata", stage)
     print("STATUS", record.status, record.exit_code, flush=True)
     sys.exit(record.exit_code)
 """)
@@ -60,7 +61,7 @@ def scratch_rows(conn: psycopg.Connection[Any]) -> int:
 
 
 def test_success_is_recorded(database_url: str, conn: psycopg.Connection[Any]) -> None:
-    record = StageRunner(database_url).run(
+    record = StageRunner(Database(database_url)).run(
         "gen-virtual", lambda ctx: StageResult(counts={"stops": 3}, extra={"x": 1}))
     assert record.status == "success" and record.exit_code == 0
     assert record.to_json()["x"] == 1
@@ -75,7 +76,7 @@ def test_failure_is_recorded_with_exit_code(database_url: str,
     def failing(ctx: RunContext) -> StageResult:
         raise ValidationError("stops ID=7: latitude 91 out of range")
 
-    record = StageRunner(database_url).run("sync-odata", failing)
+    record = StageRunner(Database(database_url)).run("sync-odata", failing)
     assert record.status == "failed" and record.exit_code == 1
     row = conn.execute("SELECT status, error FROM stage_runs").fetchone()
     assert row == {"status": "failed", "error": "stops ID=7: latitude 91 out of range"}
@@ -85,7 +86,7 @@ def test_bug_in_stage_is_failed_not_exit_0(database_url: str) -> None:
     def buggy(ctx: RunContext) -> StageResult:
         return {}["missing"]  # type: ignore[no-any-return]
 
-    record = StageRunner(database_url).run("gen-virtual", buggy)
+    record = StageRunner(Database(database_url)).run("gen-virtual", buggy)
     assert record.status == "failed" and record.exit_code == 1
     assert record.error is not None and "KeyError" in record.error
 
@@ -94,8 +95,8 @@ def test_errors_are_redacted_in_history(database_url: str, conn: psycopg.Connect
     def leaky(ctx: RunContext) -> StageResult:
         raise ValidationError("token hunter2 rejected")
 
-    StageRunner(database_url, redact=lambda s: s.replace("hunter2", "***")).run("sync-odata",
-                                                                               leaky)
+    StageRunner(Database(database_url), redact=lambda s: s.replace("hunter2", "***")).run(
+        "sync-odata", leaky)
     row = conn.execute("SELECT error FROM stage_runs").fetchone()
     assert row is not None and "hunter2" not in row["error"]
 
@@ -108,7 +109,7 @@ def test_busy_lock_exits_at_once_and_touches_nothing(database_url: str,
     try:
         started = time.monotonic()
         with pytest.raises(LockBusy, match="build-graph is already running"):
-            StageRunner(database_url).run("build-graph",
+            StageRunner(Database(database_url)).run("build-graph",
                                           lambda ctx: called.append(1) or StageResult())
         assert time.monotonic() - started < 1.0
     finally:
@@ -121,7 +122,7 @@ def test_busy_lock_names_the_holder_run(database_url: str) -> None:
     proc = start_child(database_url)
     try:
         with pytest.raises(LockBusy) as err:
-            StageRunner(database_url).run("sync-odata", lambda ctx: StageResult())
+            StageRunner(Database(database_url)).run("sync-odata", lambda ctx: StageResult())
         assert f"pid {proc.pid}" in str(err.value) and "host " in str(err.value)
     finally:
         proc.kill()
@@ -137,8 +138,8 @@ def test_wait_takes_the_lock_once_free(database_url: str) -> None:
     import threading
 
     threading.Timer(0.5, holder.close).start()
-    record = StageRunner(database_url).run("gen-virtual", lambda ctx: StageResult(status="noop"),
-                                           wait=10)
+    record = StageRunner(Database(database_url)).run(
+        "gen-virtual", lambda ctx: StageResult(status="noop"), wait=10)
     assert record.status == "noop"
 
 
@@ -146,7 +147,7 @@ def test_match_gps_is_not_a_singleton(database_url: str) -> None:
     holder = db.connect(database_url, autocommit=True)
     holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("match-gps"),))
     try:
-        record = StageRunner(database_url).run("match-gps", lambda ctx: StageResult())
+        record = StageRunner(Database(database_url)).run("match-gps", lambda ctx: StageResult())
         assert record.status == "success"
     finally:
         holder.close()
@@ -154,7 +155,7 @@ def test_match_gps_is_not_a_singleton(database_url: str) -> None:
 
 def test_refuses_unmigrated_schema(empty_database_url: str) -> None:
     with pytest.raises(SchemaError, match="pipeline db migrate"):
-        StageRunner(empty_database_url).run("sync-odata", lambda ctx: StageResult())
+        StageRunner(Database(empty_database_url)).run("sync-odata", lambda ctx: StageResult())
 
 
 def test_sigkill_mid_transaction_leaves_no_rows_and_shows_crashed(
@@ -175,7 +176,8 @@ def test_sigkill_mid_transaction_leaves_no_rows_and_shows_crashed(
     assert "sync-odata" not in report.locks
     assert scratch_rows(conn) == 0
     # and the next run is free to go
-    assert StageRunner(database_url).run("sync-odata", lambda c: StageResult()).status == "success"
+    rerun = StageRunner(Database(database_url)).run("sync-odata", lambda c: StageResult())
+    assert rerun.status == "success"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -31,7 +31,7 @@ def build_graph_cmd(app: App, wait: float | None, force: bool) -> None:
     store, backups = graph_store(app), app.backups()
     settings = app.settings
     run_stage(app, "build-graph",
-              lambda ctx: build_graph(app.database_url, store, backups, settings.graph,
+              lambda ctx: build_graph(app.database, store, backups, settings.graph,
                                       settings.virtual.speeds_kmh, ctx, force=force),
               wait=wait, options={"force": force})
 
@@ -69,7 +69,7 @@ def activate_cmd(app: App, version: str, wait: float | None) -> None:
     """Make VERSION the active graph again (rollback), reloading it from S3 if needed."""
     store, backups = graph_store(app), app.backups()
     run_stage(app, "build-graph",
-              lambda ctx: activate_version(app.database_url, store, backups,
+              lambda ctx: activate_version(app.database, store, backups,
                                            app.settings.graph, version, ctx),
               wait=wait, options={"activate": version})
 

@@ -25,7 +25,7 @@ def gen_virtual(app: App, force: bool, dry_run: bool, wait: float | None) -> Non
     settings = app.settings.virtual
     if dry_run:
         started = time.monotonic()
-        result = preview(app.database_url, settings)
+        result = preview(app.database, settings)
         obj = {"stage": "gen-virtual", "status": result.status,
                "duration_ms": int((time.monotonic() - started) * 1000),
                "counts": result.counts, **result.extra, "message": result.message}
@@ -38,7 +38,7 @@ def gen_virtual(app: App, force: bool, dry_run: bool, wait: float | None) -> Non
         return
     backups = app.backups()
     run_stage(app, "gen-virtual",
-              lambda ctx: generate(app.database_url, backups, settings, ctx, force=force),
+              lambda ctx: generate(app.database, backups, settings, ctx, force=force),
               wait=wait, options={"force": force})
 
 

@@ -30,7 +30,7 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
     """Load GPS points from CSV, GPX or GeoJSON files into gps_points (one transaction)."""
     record = run_stage(
         app, "ingest-gps",
-        lambda ctx: ingest_gps(app.database_url, files, ctx, fmt=fmt, device_id=device_id,
+        lambda ctx: ingest_gps(app.database, files, ctx, fmt=fmt, device_id=device_id,
                                strict=strict),
         options={"files": list(files), "format": fmt, "strict": strict}, singleton=False)
     if not app.json:
@@ -57,7 +57,7 @@ def match(app: App, concurrency: int | None, max_batches: int | None,
     client = app.osrm(pool_size=concurrency or settings.match.concurrency)
     run_stage(
         app, "match-gps",
-        lambda ctx: stage.match_gps(app.database_url, client, settings.match, ctx,
+        lambda ctx: stage.match_gps(app.database, client, settings.match, ctx,
                                     concurrency=concurrency, max_batches=max_batches,
                                     max_runtime=max_runtime),
         options={"concurrency": concurrency, "max_batches": max_batches,

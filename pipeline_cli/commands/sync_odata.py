@@ -25,7 +25,7 @@ def sync_odata_cmd(app: App, skip_invalid: bool, dry_run: bool, force: bool,
     client = app.odata()
     backups = None if dry_run else app.backups()
     run_stage(app, "sync-odata",
-              lambda ctx: sync_odata(app.database_url, client, backups, ctx,
+              lambda ctx: sync_odata(app.database, client, backups, ctx,
                                      mapping=settings.mapping, skip_invalid=skip_invalid,
                                      dry_run=dry_run, force=force),
               wait=wait,
@@ -78,7 +78,7 @@ def restore_dataset_cmd(app: App, version: str, wait: float | None) -> None:
     """
     backups = app.backups()
     run_stage(app, "sync-odata",
-              lambda ctx: restore_dataset(app.database_url, backups, ctx, version),
+              lambda ctx: restore_dataset(app.database, backups, ctx, version),
               wait=wait, options={"restore": version})
 
 

@@ -117,9 +117,9 @@ class Pool:
 class MatchWorker:
     """Matches batches until the queue is empty, a limit is hit or a stop is requested."""
 
-    def __init__(self, database_url: str, client: OsrmClient, settings: MatchSettings,
+    def __init__(self, database: db.Database, client: OsrmClient, settings: MatchSettings,
                  pool: Pool, chunk_size: ChunkSize, worker: str, index: int) -> None:
-        self.database_url = database_url
+        self.database = database
         self.client = client
         self.settings = settings
         self.pool = pool
@@ -130,8 +130,8 @@ class MatchWorker:
 
     def run(self) -> None:
         try:
-            conn = db.connect(self.database_url, autocommit=True,
-                              application_name=f"pipeline match-gps {self.worker}/{self.index}")
+            conn = self.database.connect(f"pipeline match-gps {self.worker}/{self.index}",
+                                         autocommit=True)
         except PipelineError as exc:
             with self.pool.lock:
                 self.pool.fatal = self.pool.fatal or exc
@@ -262,7 +262,7 @@ class MatchWorker:
         self.pool.add(batches_released=1)
 
 
-def run_round(conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+def run_round(conn: psycopg.Connection[Any], database: db.Database, client: OsrmClient,
                settings: MatchSettings, pool: Pool, chunk_size: ChunkSize,
                worker: str) -> BatchingResult:
     """Start the workers, make batches while they already match the first ones, wait."""
@@ -271,7 +271,7 @@ def run_round(conn: psycopg.Connection[Any], database_url: str, client: OsrmClie
     pool.slices = 0
     threads = [
         threading.Thread(
-            target=MatchWorker(database_url, client, settings, pool, chunk_size, worker,
+            target=MatchWorker(database, client, settings, pool, chunk_size, worker,
                                i).run,
             name=f"match-gps-{i}", daemon=True)
         for i in range(pool.workers)

@@ -260,7 +260,7 @@ def parse_export(data: bytes) -> Iterator[tuple[str, str]]:
 
 
 def build_graph(
-    database_url: str,
+    database: db.Database,
     store: GraphStore,
     backups: BackupStore,
     settings: GraphSettings,
@@ -273,7 +273,7 @@ def build_graph(
     """Build and publish a graph version when the active dataset's newest virtual generation
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
-    with db.connect(database_url, application_name="pipeline build-graph") as conn:
+    with database.connect(name="pipeline build-graph") as conn:
         reconcile(conn, store, backups, ctx)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -597,7 +597,7 @@ def list_versions(conn: psycopg.Connection[Any], store: GraphStore, *, limit: in
 
 
 def activate_version(
-    database_url: str,
+    database: db.Database,
     store: GraphStore,
     backups: BackupStore,
     settings: GraphSettings,
@@ -606,7 +606,7 @@ def activate_version(
 ) -> StageResult:
     """Make ``version`` the active graph again (rollback). If retention collected its keys,
     reload them from the S3 export first, verifying the checksum."""
-    with db.connect(database_url, application_name="pipeline graph activate") as conn:
+    with database.connect(name="pipeline graph activate") as conn:
         reconcile(conn, store, backups, ctx)
         with db.wrap_errors(f"reading graph {version}"):
             row = conn.execute(db.query("build_graph", "get_version"),

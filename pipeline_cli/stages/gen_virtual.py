@@ -661,7 +661,7 @@ def _swap_in(conn: psycopg.Connection[Any], target: _Target) -> None:
     conn.execute(_q("analyze", table=live))
 
 
-def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings,
+def write_generation(database: db.Database, backups: BackupStore, s: VirtualSettings,
                      ctx: RunContext, version: str, plan: VirtualPlan, started: float
                      ) -> tuple[int, str]:
     """Replace the virtual tables with ``plan`` and back it up, in one transaction.
@@ -677,7 +677,7 @@ def write_generation(database_url: str, backups: BackupStore, s: VirtualSettings
     """
     counts = plan.counts()
     with ExitStack() as stack:
-        conn = stack.enter_context(db.connect(database_url, application_name=(
+        conn = stack.enter_context(database.connect(name=(
             f"pipeline gen-virtual {ctx.run_id[:8]}")))
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gen-virtual-"))
         with db.wrap_errors("writing the virtual generation"), conn.transaction():
@@ -794,7 +794,7 @@ def _extra(version: str, plan: VirtualPlan) -> dict[str, Any]:
             "unreached_sample": plan.unreached[:UNREACHED_SAMPLE]}
 
 
-def generate(database_url: str, backups: BackupStore, settings: VirtualSettings,
+def generate(database: db.Database, backups: BackupStore, settings: VirtualSettings,
              ctx: RunContext, *, force: bool = False) -> StageResult:
     """Generate the active dataset's virtual entities unless it already has them.
 
@@ -803,7 +803,7 @@ def generate(database_url: str, backups: BackupStore, settings: VirtualSettings,
     of fewer than 2 stops, BackupError/DatabaseError when writing fails (nothing is kept).
     """
     started = time.monotonic()
-    with db.connect(database_url, application_name="pipeline gen-virtual read") as conn:
+    with database.connect(name="pipeline gen-virtual read") as conn:
         snap = read_snapshot(conn, force=force)
     if snap.version is None:
         return StageResult(status=SKIPPED, message="no active dataset; run `pipeline "
@@ -824,7 +824,7 @@ def generate(database_url: str, backups: BackupStore, settings: VirtualSettings,
     if plan.unreached:
         ctx.log.warning("%d real stops are reached by no virtual route (e.g. %s)",
                         len(plan.unreached), ", ".join(plan.unreached[:5]))
-    gen_id, prefix = write_generation(database_url, backups, settings, ctx, version, plan,
+    gen_id, prefix = write_generation(database, backups, settings, ctx, version, plan,
                                       started)
     return StageResult(
         status=SUCCESS, counts=plan.counts(),
@@ -832,13 +832,13 @@ def generate(database_url: str, backups: BackupStore, settings: VirtualSettings,
         message=f"{version} generation {gen_id}: {_summary(plan)}")
 
 
-def preview(database_url: str, settings: VirtualSettings) -> StageResult:
+def preview(database: db.Database, settings: VirtualSettings) -> StageResult:
     """What ``generate(force=True)`` would write, computed without writing anything.
 
     Status ``dry-run`` (or ``skipped`` without an active dataset). Raises like ``generate``
     for a dataset of fewer than 2 stops.
     """
-    with db.connect(database_url, application_name="pipeline gen-virtual dry-run") as conn:
+    with database.connect(name="pipeline gen-virtual dry-run") as conn:
         db.check_schema(conn)
         snap = read_snapshot(conn, force=True)
     if snap.version is None or snap.real is None:

@@ -21,7 +21,7 @@ MAX_REPORTED = 100  # problems listed in the result; all of them are counted
 
 
 def ingest_gps(
-    database_url: str,
+    database: db.Database,
     files: Sequence[str | Path],
     ctx: RunContext,
     *,
@@ -38,7 +38,7 @@ def ingest_gps(
             gpsfiles.detect_format(path, fmt)
         except gpsfiles.GpsFileError as exc:
             raise ValidationError(f"{path}: {exc}") from None
-    with db.connect(database_url, application_name="pipeline ingest-gps") as conn, \
+    with database.connect(name="pipeline ingest-gps") as conn, \
             db.wrap_errors("loading GPS files"), conn.transaction():
         conn.execute(db.query("match_gps", "ingest_staging"))
         for path in files:

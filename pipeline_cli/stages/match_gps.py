@@ -30,7 +30,7 @@ def worker_name() -> str:
 
 
 def match_gps(
-    database_url: str,
+    database: db.Database,
     client: OsrmClient,
     settings: MatchSettings,
     ctx: RunContext,
@@ -55,8 +55,7 @@ def match_gps(
     chunk_size = ChunkSize(settings.chunk_size, settings.chunk_overlap)
     requests_before = client.requests
     counts: Counter[str] = Counter()
-    conn = db.connect(database_url, autocommit=True,
-                      application_name=f"pipeline match-gps {worker}")
+    conn = database.connect(autocommit=True, name=f"pipeline match-gps {worker}")
     try:
         while True:
             rescued = rescue_expired(conn, settings)
@@ -67,7 +66,7 @@ def match_gps(
                 # sessions again only to find nothing costs a sizeable share of a short run.
                 break
             claimed_before = pool.claimed
-            made = run_round(conn, database_url, client, settings, pool, chunk_size, worker)
+            made = run_round(conn, database, client, settings, pool, chunk_size, worker)
             counts.update(batches_created=made.created, batches_too_short=made.too_short,
                           leases_rescued=len(rescued))
             if pool.fatal is not None:

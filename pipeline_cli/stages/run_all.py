@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 
-from .. import db
 from ..errors import LockBusy, PipelineError
 from ..gps import batches as gps_batches
 from ..runner import FAILED, NOOP, SUCCESS, RunContext, RunRecord, StageResult, StageRunner
@@ -118,21 +117,21 @@ def run_all(
     gps_max_runtime: float | None = None,
 ) -> StageResult:
     """Run the chain inside the outer ``run-all`` run (``ctx``); see the module docstring."""
-    url = runner.database_url
+    database = runner.database
     stage_fns: dict[str, Callable[[RunContext], StageResult]] = {
         "sync-odata": lambda c: sync_odata_stage.sync_odata(
-            url, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping),
+            database, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping),
         "gen-virtual": lambda c: gen_virtual_stage.generate(
-            url, clients.backups(), settings.virtual, c),
+            database, clients.backups(), settings.virtual, c),
         "build-graph": lambda c: build_graph_stage.build_graph(
-            url, clients.graph_store(), clients.backups(), settings.graph,
+            database, clients.graph_store(), clients.backups(), settings.graph,
             settings.virtual.speeds_kmh, c),
         "match-gps": lambda c: match_gps_stage.match_gps(
-            url, clients.osrm(), settings.match, c, max_runtime=gps_max_runtime),
+            database, clients.osrm(), settings.match, c, max_runtime=gps_max_runtime),
     }
     results: dict[str, dict[str, Any]] = {}
     produced = True  # sync-odata always runs: it is the only way to learn the feed changed
-    with db.connect(url, autocommit=True, application_name="pipeline run-all probe") as conn:
+    with database.connect("pipeline run-all probe", autocommit=True) as conn:
         for stage in CHAIN:
             ctx.check_stop()
             if stage == "sync-odata":

@@ -117,7 +117,9 @@ def _graph_section(env: SectionEnv) -> dict[str, Any]:
 
 
 def _gps_section(env: SectionEnv) -> dict[str, Any]:
-    return _stage_module("match_gps").status_section(env.conn)
+    from ..gps.batches import status_section
+
+    return status_section(env.conn)
 
 
 SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {

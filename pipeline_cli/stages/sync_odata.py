@@ -624,15 +624,15 @@ def _zero_diff() -> dict[str, dict[str, int]]:
     return {e: {"inserted": 0, "updated": 0, "deleted": 0} for e in ENTITIES}
 
 
-def _connect(database_url: str, ctx: RunContext) -> psycopg.Connection[Any]:
-    return db.connect(database_url, application_name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
+def _connect(database: db.Database, ctx: RunContext) -> psycopg.Connection[Any]:
+    return database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
 
 
 # ------------------------------------------------------------------------------ sync
 
 
 def sync_odata(
-    database_url: str,
+    database: db.Database,
     client: ODataClient,
     backups: BackupStore | None,
     ctx: RunContext,
@@ -651,7 +651,7 @@ def sync_odata(
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")
-    conn = _connect(database_url, ctx)
+    conn = _connect(database, ctx)
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-sync-") as tmp:
             workdir = Path(tmp)
@@ -761,14 +761,14 @@ def _diff_text(diff: dict[str, dict[str, int]]) -> str:
 # ------------------------------------------------------------------------------ restore
 
 
-def restore_dataset(database_url: str, backups: BackupStore, ctx: RunContext, version: str
+def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext, version: str
                     ) -> StageResult:
     """Make ``version``'s S3 backup the active dataset again, as a new version (same hash).
 
     The backup is verified against its manifest and the ``datasets`` row (hash per set);
     a mismatch is a BackupError and nothing is written.
     """
-    conn = _connect(database_url, ctx)
+    conn = _connect(database, ctx)
     try:
         with db.wrap_errors("reading the dataset version"):
             row = conn.execute(db.query("sync_odata", "get_dataset"),

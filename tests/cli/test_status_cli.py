@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 
 from pipeline_cli import db
+from pipeline_cli.db import Database
 from pipeline_cli.runner import StageResult, StageRunner
 from pipeline_cli.testing.clirunner import Cli
 
 
 def good_runs(url: str, *stages: str) -> None:
     for stage in stages or ("sync-odata",):
-        StageRunner(url).run(stage, lambda ctx: StageResult(status="noop"))
+        StageRunner(Database(url)).run(stage, lambda ctx: StageResult(status="noop"))
 
 
 def test_json_has_every_section(run_cli: Cli) -> None:

@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
+from pipeline_cli.db import Database
 from pipeline_cli.errors import DatabaseError, Interrupted, RedisError
 from pipeline_cli.runner import RunContext, RunRecord, StageRunner, StopFlag
 from pipeline_cli.settings import GraphSettings
@@ -81,13 +82,15 @@ class Builder:
               backups: BackupStore | None = None,
               after_chunk: Callable[[int], None] | None = None, **settings: Any) -> RunRecord:
         cfg = replace(self.settings, **settings)
-        return StageRunner(self.database_url).run("build-graph", lambda ctx: build_graph(
-            self.database_url, store or self.store, backups or self.backups, cfg, SPEEDS_KMH,
-            ctx, force=force, after_chunk=after_chunk))
+        database = Database(self.database_url)
+        return StageRunner(database).run("build-graph", lambda ctx: build_graph(
+            database, store or self.store, backups or self.backups, cfg, SPEEDS_KMH, ctx,
+            force=force, after_chunk=after_chunk))
 
     def activate(self, version: str) -> RunRecord:
-        return StageRunner(self.database_url).run("build-graph", lambda ctx: activate_version(
-            self.database_url, self.store, self.backups, self.settings, version, ctx))
+        database = Database(self.database_url)
+        return StageRunner(database).run("build-graph", lambda ctx: activate_version(
+            database, self.store, self.backups, self.settings, version, ctx))
 
     def ok(self, **kw: Any) -> str:
         record = self.build(**kw)
@@ -351,8 +354,8 @@ def test_postgres_cut_or_stop_signal_mid_publish_cleans_up(
                     ctx.stop.signum = 15
 
         with pytest.raises((DatabaseError, Interrupted)):
-            build_graph(url, store, backups, builder.settings, SPEEDS_KMH, ctx, force=True,
-                        after_chunk=fail_at_half)
+            build_graph(Database(url), store, backups, builder.settings, SPEEDS_KMH, ctx,
+                        force=True, after_chunk=fail_at_half)
     assert store.active_version() == old
     assert all_keys(client, redis_prefix) == keys_before
     assert [(r["version"], r["active"]) for r in graph_rows(conn)] == [(old, True)]

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline_cli import geo
 from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.db import Database
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import VirtualSettings
 from pipeline_cli.stages import gen_virtual
@@ -74,8 +75,8 @@ def run(database_url: str, backups: BackupStore
     def _run(settings: VirtualSettings | None = None, *, force: bool = False,
              store: BackupStore | None = None) -> RunRecord:
         s = settings or VirtualSettings(city_min_stops=10)
-        return StageRunner(database_url).run(
-            "gen-virtual", lambda ctx: generate(database_url, store or backups, s, ctx,
+        return StageRunner(Database(database_url)).run(
+            "gen-virtual", lambda ctx: generate(Database(database_url), store or backups, s, ctx,
                                                 force=force))
 
     yield _run

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from pipeline_cli.db import Database
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.stages.ingest_gps import ingest_gps
 
@@ -15,8 +16,9 @@ HEADER = "device_id,recorded_at,latitude,longitude\n"
 
 
 def ingest(database_url: str, files: list[Path], **kw: Any) -> RunRecord:
-    return StageRunner(database_url).run(
-        "ingest-gps", lambda ctx: ingest_gps(database_url, files, ctx, **kw), singleton=False)
+    database = Database(database_url)
+    return StageRunner(database).run(
+        "ingest-gps", lambda ctx: ingest_gps(database, files, ctx, **kw), singleton=False)
 
 
 def count(conn: psycopg.Connection[Any]) -> int:

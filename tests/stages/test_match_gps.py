@@ -17,6 +17,7 @@ import pytest
 
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.db import Database
 from pipeline_cli.gps import batches, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
@@ -51,8 +52,9 @@ def trace_pool(osrm_url: str) -> list[traces.Trace]:
 def run(database_url: str, client: OsrmClient, settings: MatchSettings | None = None,
         **kw: Any) -> RunRecord:
     settings = settings or MatchSettings()
-    return StageRunner(database_url).run(
-        "match-gps", lambda ctx: stage.match_gps(database_url, client, settings, ctx, **kw))
+    database = Database(database_url)
+    return StageRunner(database).run(
+        "match-gps", lambda ctx: stage.match_gps(database, client, settings, ctx, **kw))
 
 
 def add_trace(conn: psycopg.Connection[Any], device: str, trace: traces.Trace,

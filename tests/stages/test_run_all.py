@@ -12,6 +12,7 @@ from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.app import App
 from pipeline_cli.commands.build_graph import graph_store
+from pipeline_cli.db import Database
 from pipeline_cli.errors import EXIT_LOCK_BUSY
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import load_settings
@@ -99,10 +100,10 @@ def test_a_downstream_stage_behind_its_upstream_is_caught_up(app: App, database_
                                                              conn: psycopg.Connection[Any]
                                                              ) -> None:
     # A previous night synced but gen-virtual never ran (it failed, or was killed).
-    runner = StageRunner(database_url)
+    runner = StageRunner(Database(database_url))
     from pipeline_cli.stages.sync_odata import sync_odata
 
-    runner.run("sync-odata", lambda ctx: sync_odata(database_url, app.odata(), app.backups(),
+    runner.run("sync-odata", lambda ctx: sync_odata(runner.database, app.odata(), app.backups(),
                                                     ctx))
     record = chain(app)
     assert statuses(record) == {"sync-odata": "noop", "gen-virtual": "success",

@@ -14,6 +14,7 @@ import redis as redis_lib
 
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.db import Database
 from pipeline_cli.errors import SourceError
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
 from pipeline_cli.schedule import build_schedule
@@ -39,7 +40,7 @@ def run(url: str, stage: str, status: str = "success", *, hours_ago: float = 0.0
             raise SourceError("OData answered 503")
         return StageResult(status=status, counts={"rows": 1})
 
-    record = StageRunner(url).run(stage, fn)
+    record = StageRunner(Database(url)).run(stage, fn)
     if hours_ago and conn is not None:
         conn.execute("UPDATE stage_runs SET started_at = started_at - make_interval(secs => %s),"
                      " finished_at = finished_at - make_interval(secs => %s) WHERE run_id = %s",
@@ -130,12 +131,13 @@ def test_never_ran_is_overdue_only_after_install_plus_grace(conn: Conn, database
 def test_a_killed_run_shows_as_crashed(conn: Conn, database_url: str) -> None:
     code = (
         "import sys, time\n"
+        "from pipeline_cli.db import Database\n"
         "from pipeline_cli.runner import StageRunner, StageResult\n"
         "def fn(ctx):\n"
         "    print('started', flush=True)\n"
         "    time.sleep(60)\n"
         "    return StageResult()\n"
-        "StageRunner(sys.argv[1]).run('gen-virtual', fn)\n"
+        "StageRunner(Database(sys.argv[1])).run('gen-virtual', fn)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, database_url], stdout=subprocess.PIPE,
                             text=True)

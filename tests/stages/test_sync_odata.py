@@ -13,6 +13,7 @@ import pytest
 
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
+from pipeline_cli.db import Database
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.stages.sync_odata import (
     list_datasets,
@@ -54,8 +55,13 @@ def client_for(server: ODataServer, **kw: Any) -> ODataClient:
                        backoff_max=1.0, **kw)
 
 
+def restore(database_url: str, backups: BackupStore, version: str) -> RunRecord:
+    return run(database_url, lambda ctx: restore_dataset(Database(database_url), backups, ctx,
+                                                         version))
+
+
 def run(database_url: str, fn: Callable[[Any], StageResult]) -> RunRecord:
-    return StageRunner(database_url).run("sync-odata", fn)
+    return StageRunner(Database(database_url)).run("sync-odata", fn)
 
 
 @pytest.fixture
@@ -65,7 +71,7 @@ def sync(database_url: str, server: ODataServer, backups: BackupStore
            **opts: Any) -> RunRecord:
         with client_for(srv or server) as client:
             return run(database_url, lambda ctx: sync_odata(
-                database_url, client, store or backups, ctx, **opts))
+                Database(database_url), client, store or backups, ctx, **opts))
     return do
 
 
@@ -376,7 +382,7 @@ def test_restore_round_trip(
     server.update_row("Stops", 3, name="changed")
     server.delete_row("Flights", 1)
     assert sync().extra["dataset_version"] == "ds-v2"
-    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v1"))
+    rec = restore(database_url, backups, "ds-v1")
     assert rec.status == "success", rec.error
     assert rec.extra["dataset_version"] == "ds-v3"
     assert rec.extra["hash"] == v1.extra["hash"]
@@ -388,7 +394,7 @@ def test_restore_round_trip(
     assert backups.get_json("datasets/ds-v3/manifest.json")["hash"] == v1.extra["hash"]
     # the restored version is itself restorable, and the source feed (= ds-v2) is a change again
     assert sync().extra["dataset_version"] == "ds-v4"
-    again = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v3"))
+    again = restore(database_url, backups, "ds-v3")
     assert again.status == "success" and again.extra["hash"] == v1.extra["hash"]
 
 
@@ -396,14 +402,14 @@ def test_restore_of_an_unknown_version_or_a_corrupt_backup_writes_nothing(
         sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
         database_url: str, backups: BackupStore) -> None:
     sync()
-    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v9"))
+    rec = restore(database_url, backups, "ds-v9")
     assert rec.status == "failed" and "no dataset version 'ds-v9'" in (rec.error or "")
     import gzip
     data = gzip.decompress(backups.get_bytes("datasets/ds-v1/stops.tsv.gz"))
     backups.put_bytes("datasets/ds-v1/stops.tsv.gz",
                       gzip.compress(data.replace(b"Helsinki", b"Helsingfors", 1)))
     before = snapshot(conn)
-    rec = run(database_url, lambda ctx: restore_dataset(database_url, backups, ctx, "ds-v1"))
+    rec = restore(database_url, backups, "ds-v1")
     assert rec.status == "failed"
     assert "corrupt" in (rec.error or "") and "stops" in (rec.error or "")
     assert snapshot(conn) == before
@@ -454,7 +460,7 @@ def test_mapping_renames_sets_and_fields_and_filters(
     with ODataServer({"Ostanovki": stops, "Routes": routes, "Flights": data["Flights"]},
                      keys={"Ostanovki": "Ref_Key"}, page_size=8) as srv, \
             client_for(srv) as client:
-        rec = run(database_url, lambda ctx: sync_odata(database_url, client, backups, ctx,
+        rec = run(database_url, lambda ctx: sync_odata(Database(database_url), client, backups, ctx,
                                                        mapping=mapping))
     assert rec.status == "success", rec.error
     assert rec.counts["stops"] == 29
