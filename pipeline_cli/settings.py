@@ -76,6 +76,10 @@ class ODataSettings:
     backoff_max: float = setting(60.0, "longest wait between retries, seconds")
     page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none")
     count: bool = setting(True, "ask for $count / $inlinecount to size the progress bars")
+    foreign_next_link: str = setting(
+        "rewrite", "a nextLink to another host: 'rewrite' follows its path and query on the "
+        "host of [odata] url, 'refuse' fails the sync"
+    )
     mapping: dict[str, Any] = setting(
         {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
     )
@@ -423,6 +427,8 @@ def _validate(s: Settings) -> None:
             raise bad(section, key, "expected an http:// or https:// URL")
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
+    if s.odata.foreign_next_link not in ("rewrite", "refuse"):
+        raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
     for key in ("connect_timeout", "read_timeout", "max_pages", "max_response_bytes",
                 "retries"):
         if getattr(s.odata, key) <= 0:
