@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb
 from .. import db, geo
 from ..adapters.backups import BackupStore
 from ..errors import BackupError, DatabaseError, ValidationError
+from ..modes import speed_table
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import VirtualSettings
 
@@ -275,7 +276,8 @@ def plan_virtual(real: RealStops, s: VirtualSettings, version: str = "",
     frm, to, km = _routes(real, ids, vlat, vlon, s)
     check_stop()
     walk = km <= s.walk_max_km
-    speed = np.where(walk, s.speeds_kmh["walk"], s.speeds_kmh["virtual"])
+    speeds = speed_table(s.speeds_kmh)
+    speed = np.where(walk, speeds["walk"], speeds["virtual"])
     reached = np.zeros(real.size, dtype=bool)
     reached[frm[frm < real.size]] = True
     unreached = [real.ids[i] for i in np.flatnonzero(~reached).tolist()]
