@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .modes import DEFAULT_SPEEDS_KMH, duplicate_names
 
 ENV_PREFIX = "PIPELINE_"
 CONFIG_ENV = "PIPELINE_CONFIG"
@@ -76,6 +77,10 @@ class ODataSettings:
     backoff_max: float = setting(60.0, "longest wait between retries, seconds")
     page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none")
     count: bool = setting(True, "ask for $count / $inlinecount to size the progress bars")
+    foreign_next_link: str = setting(
+        "rewrite", "a nextLink to another host: 'rewrite' follows its path and query on the "
+        "host of [odata] url, 'refuse' fails the sync"
+    )
     mapping: dict[str, Any] = setting(
         {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
     )
@@ -123,9 +128,9 @@ class VirtualSettings:
     k: int = setting(4, "nearest neighbours each virtual stop connects to")
     max_route_km: float = setting(75.0, "longest virtual route")
     speeds_kmh: dict[str, float] = setting(
-        {"walk": 5.0, "bus": 40.0, "tram": 20.0, "train": 90.0, "ferry": 30.0, "flight": 700.0,
-         "virtual": 50.0},
-        "speed per mode, km/h (virtual routes use 'virtual')",
+        DEFAULT_SPEEDS_KMH,
+        "speed per route mode, km/h, merged over these defaults; names are case-insensitive "
+        "and take the aliases in docs/build-graph.md (virtual routes use 'virtual')",
     )
     service_start: str = setting("05:00", "virtual flights' service window start, HH:MM")
     service_end: str = setting("23:00", "virtual flights' service window end, HH:MM")
@@ -423,6 +428,8 @@ def _validate(s: Settings) -> None:
             raise bad(section, key, "expected an http:// or https:// URL")
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
+    if s.odata.foreign_next_link not in ("rewrite", "refuse"):
+        raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
     for key in ("connect_timeout", "read_timeout", "max_pages", "max_response_bytes",
                 "retries"):
         if getattr(s.odata, key) <= 0:
@@ -459,9 +466,12 @@ def _validate(s: Settings) -> None:
             raise bad("virtual", key, "must not be negative")
     if not 0 <= s.virtual.threshold_fraction < 1:
         raise bad("virtual", "threshold_fraction", "must be >= 0 and < 1")
-    for mode in ("virtual", "walk"):
-        if not s.virtual.speeds_kmh.get(mode, 0) > 0:
-            raise bad("virtual", "speeds_kmh", f"needs a positive speed for mode {mode!r}")
+    for mode, speed in s.virtual.speeds_kmh.items():
+        if not speed > 0:
+            raise bad("virtual", "speeds_kmh", f"the speed of mode {mode!r} must be positive")
+    twice = duplicate_names(s.virtual.speeds_kmh)
+    if twice:
+        raise bad("virtual", "speeds_kmh", f"{twice[0]!r} and {twice[1]!r} name the same mode")
     window = []
     for key in ("service_start", "service_end"):
         value = getattr(s.virtual, key)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from ..readahead import ReadAhead
 from .odata_format import unwrap_page
 
 __all__ = ["ODataClient", "Page", "error_line"]
+
+log = logging.getLogger("pipeline.odata")
 
 # ------------------------------------------------------------------------------ client
 
@@ -130,10 +134,14 @@ class ODataClient:
         backoff_max: float = 60.0,
         page_size: int = 0,
         count: bool = True,
+        foreign_next_link: str = "rewrite",
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if version not in ("auto", "v4", "v2"):
             raise ConfigError("malformed setting [odata] version: expected auto, v4 or v2")
+        if foreign_next_link not in ("rewrite", "refuse"):
+            raise ConfigError("malformed setting [odata] foreign_next_link: expected rewrite "
+                              "or refuse")
         url, url_user, url_password = _strip_userinfo(service_url)
         self.service_url = url.rstrip("/") + "/"
         self.version = version
@@ -148,6 +156,9 @@ class ODataClient:
                          + wait_random(0, backoff_base))
         self.page_size = page_size
         self.count = count
+        self.foreign_next_link = foreign_next_link
+        self._rewrite_logged = False  # logged once per client (one sync), not per page
+        self._rewrite_lock = threading.Lock()  # the read-ahead threads share the client
         self._sleep = sleep
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
@@ -170,7 +181,7 @@ class ODataClient:
             connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
             max_pages=s.max_pages, max_response_bytes=s.max_response_bytes, retries=s.retries,
             backoff_base=s.backoff_base, backoff_max=s.backoff_max, page_size=s.page_size,
-            count=s.count,
+            count=s.count, foreign_next_link=s.foreign_next_link,
         )
 
     def close(self) -> None:
@@ -269,13 +280,29 @@ class ODataClient:
                 return
             resolved = urljoin(next_url, link)
             if _origin(resolved) != origin:
-                raise SourceError(f"OData {what}: nextLink points to another host "
-                                  f"({_origin(resolved)[1]}); refusing to send credentials there")
+                resolved = self._on_service_origin(resolved, what)
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
                                   "(a paging loop)")
             seen.add(resolved)
             next_url = resolved
+
+    def _on_service_origin(self, link: str, what: str) -> str:
+        """A nextLink naming another host (an internal host name behind a reverse proxy,
+        ``localhost`` for ``127.0.0.1``): its path and query on the configured origin, so the
+        credentials only ever go to the host of ``[odata] url``."""
+        scheme, host, port = _origin(link)
+        if self.foreign_next_link == "refuse":
+            raise SourceError(f"OData {what}: nextLink points to another host ({host}); "
+                              "refusing to follow it ([odata] foreign_next_link = refuse)")
+        parts, base = urlsplit(link), urlsplit(self.service_url)
+        with self._rewrite_lock:
+            first, self._rewrite_logged = not self._rewrite_logged, True
+        if first:
+            log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
+                     "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
+                     base.netloc)
+        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
 
     # -------------------------------------------------------------------- HTTP
 

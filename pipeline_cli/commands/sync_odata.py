@@ -27,7 +27,8 @@ def sync_odata_cmd(app: App, skip_invalid: bool, dry_run: bool, force: bool,
     run_stage(app, "sync-odata",
               lambda ctx: sync_odata(app.database, client, backups, ctx,
                                      mapping=settings.mapping, skip_invalid=skip_invalid,
-                                     dry_run=dry_run, force=force),
+                                     dry_run=dry_run, force=force,
+                                     speeds_kmh=app.settings.virtual.speeds_kmh),
               wait=wait,
               options={"skip_invalid": skip_invalid, "dry_run": dry_run, "force": force})
 

@@ -23,6 +23,7 @@ import heapq
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,7 @@ from ..adapters.graph_store import (
     encode_adjacency,
 )
 from ..errors import BackupError, PipelineError, RedisError, ValidationError
+from ..modes import canonical, describe_unknown, speed_table, unknown_modes
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import GraphSettings
 
@@ -109,11 +111,10 @@ def _read_decision(conn: psycopg.Connection[Any]) -> Inputs:
 
 
 def _speed_lookup(modes: list[str], speeds_kmh: dict[str, float]) -> np.ndarray:
-    """km/h per edge from its mode (case-insensitive); NaN where the mode has no speed."""
-    table = {k.lower(): float(v) for k, v in speeds_kmh.items()}
-    uniq, inverse = np.unique(np.array([(m or "").lower() for m in modes], dtype=object),
-                              return_inverse=True)
-    per_mode = np.array([table.get(str(m), math.nan) for m in uniq], dtype=np.float64)
+    """km/h per edge from its mode (see :mod:`pipeline_cli.modes`); NaN where it has none."""
+    table = speed_table(speeds_kmh)
+    uniq, inverse = np.unique(np.array(modes, dtype=object), return_inverse=True)
+    per_mode = np.array([table.get(canonical(m), math.nan) for m in uniq], dtype=np.float64)
     return per_mode[inverse] if len(modes) else np.zeros(0)
 
 
@@ -144,8 +145,16 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     modes = [r[3] or "" for r in routes]
     flight_s = np.array([np.nan if r[5] is None else r[5] for r in routes], dtype=np.float64)
     dist_km = np.array([np.nan if r[4] is None else r[4] for r in routes], dtype=np.float64)
+    speed = _speed_lookup(modes, speeds_kmh)
+    needs_speed = np.isnan(flight_s) & np.isnan(speed)
+    if needs_speed.any():  # one error naming every mode, before any edge is judged
+        counts = Counter(modes[i] for i in np.flatnonzero(needs_speed).tolist())
+        unknown = unknown_modes(counts, speed_table(speeds_kmh))
+        exc = ValidationError(describe_unknown(unknown))
+        exc.extra = {"unknown_modes": unknown}  # type: ignore[attr-defined]
+        raise exc
     with np.errstate(divide="ignore", invalid="ignore"):
-        by_speed = dist_km / _speed_lookup(modes, speeds_kmh) * 3600.0
+        by_speed = dist_km / speed * 3600.0
     real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
     virtual_w = np.array([r[4] for r in vroutes], dtype=np.float64)
 
@@ -189,8 +198,7 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         summary.append(f"{bad.size} edges have a negative or NaN weight")
         for i in bad[:_SAMPLES]:
             w = graph.weight[i]
-            why = ("negative weight" if w < 0 else
-                   f"no flight, and no distance or no speed for mode {graph.modes[i]!r}")
+            why = "negative weight" if w < 0 else "no flight and no distance"
             problems.append(f"route {graph.route_ids[i]}: {why} ({w})")
     if problems:
         raise ValidationError(f"the graph is invalid ({'; '.join(summary)}): {problems[0]}",

@@ -42,6 +42,7 @@ from tenacity import (
 from .. import db, geo
 from ..adapters.backups import BackupStore
 from ..errors import BackupError, DatabaseError, ValidationError
+from ..modes import speed_table
 from ..readahead import ReadAhead
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import VirtualSettings
@@ -280,7 +281,8 @@ def plan_virtual(real: RealStops, s: VirtualSettings, version: str = "",
     frm, to, km = _routes(real, ids, vlat, vlon, s)
     check_stop()
     walk = km <= s.walk_max_km
-    speed = np.where(walk, s.speeds_kmh["walk"], s.speeds_kmh["virtual"])
+    speeds = speed_table(s.speeds_kmh)
+    speed = np.where(walk, speeds["walk"], speeds["virtual"])
     reached = np.zeros(real.size, dtype=bool)
     reached[frm[frm < real.size]] = True
     unreached = [real.ids[i] for i in np.flatnonzero(~reached).tolist()]

@@ -120,7 +120,8 @@ def run_all(
     database = runner.database
     stage_fns: dict[str, Callable[[RunContext], StageResult]] = {
         "sync-odata": lambda c: sync_odata_stage.sync_odata(
-            database, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping),
+            database, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping,
+            speeds_kmh=settings.virtual.speeds_kmh),
         "gen-virtual": lambda c: gen_virtual_stage.generate(
             database, clients.backups(), settings.virtual, c),
         "build-graph": lambda c: build_graph_stage.build_graph(

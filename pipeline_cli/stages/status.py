@@ -23,6 +23,7 @@ import psycopg
 
 from .. import db
 from ..errors import PipelineError
+from ..modes import describe_unknown
 from ..runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
 from ..schedule import SCHEDULED_STAGES, Schedule
 from ..settings import HealthSettings
@@ -171,6 +172,7 @@ def _stage_json(r: dict[str, Any] | None) -> dict[str, Any]:
         "last_success_started_at": r.get("ok_started_at"),
         "last_success_duration_ms": r.get("ok_duration_ms"),
         "last_success_counts": r.get("ok_counts") or {},
+        "last_success_unknown_modes": r.get("ok_unknown_modes") or {},
         "last_work_at": r.get("work_finished_at"),
         "last_failure_at": r.get("bad_finished_at"),
         "last_failure_error": r.get("bad_error"),
@@ -281,6 +283,10 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
                 add(CRITICAL, "sync-odata", f"last good sync-odata was {age_h:.0f} h ago")
             elif age_h >= h.sync_age_warning_h:
                 add(WARNING, "sync-odata", f"last good sync-odata was {age_h:.0f} h ago")
+    unknown = sync.get("last_success_unknown_modes")
+    if unknown:
+        add(WARNING, "sync-odata", f"the last good sync-odata found {describe_unknown(unknown)}"
+            "; build-graph fails until then")
     for name in SECTIONS:
         section = report.sections.get(name, {})
         if "error" in section and not str(section["error"]).startswith("not available"):

@@ -18,7 +18,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +34,7 @@ from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient
 from ..adapters.odata_format import EntityMapping, resolve_mapping
 from ..errors import BackupError, NothingToDo, ValidationError
+from ..modes import describe_unknown, speed_table, unknown_modes
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from .sync_rows import (
     CANONICAL_FORMAT,
@@ -641,13 +642,42 @@ def sync_odata(
     skip_invalid: bool = False,
     dry_run: bool = False,
     force: bool = False,
+    speeds_kmh: Mapping[str, float] | None = None,
 ) -> StageResult:
     """Fetch, validate, hash and diff the feed; write a new dataset version if it changed.
 
     Strict by default: any problem raises ValidationError and nothing is written. With
     ``skip_invalid`` bad rows (and rows that reference them) are left out and recorded.
-    ``backups`` may be None only for a dry run.
+    ``backups`` may be None only for a dry run. The result notes the route modes of the
+    active dataset that have no speed in ``speeds_kmh`` (``[virtual] speeds_kmh``), on which
+    build-graph would fail.
     """
+    result = _sync(database, client, backups, ctx, mapping=mapping,
+                   skip_invalid=skip_invalid, dry_run=dry_run, force=force)
+    if dry_run:  # the read model still holds the active dataset, not the feed
+        return result
+    with _connect(database, ctx) as conn, db.wrap_errors("reading the route modes"):
+        counts = {r["mode"]: r["routes"]
+                  for r in conn.execute(db.query("sync_odata", "route_modes"))}
+    unknown = unknown_modes(counts, speed_table(speeds_kmh or {}))
+    result.extra["unknown_modes"] = unknown
+    if unknown:
+        note = f"note: {describe_unknown(unknown)}; build-graph fails until then"
+        result.message = f"{result.message}; {note}" if result.message else note
+    return result
+
+
+def _sync(
+    database: db.Database,
+    client: ODataClient,
+    backups: BackupStore | None,
+    ctx: RunContext,
+    *,
+    mapping: dict[str, Any] | None,
+    skip_invalid: bool,
+    dry_run: bool,
+    force: bool,
+) -> StageResult:
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")

@@ -569,6 +569,10 @@ class ODataServer:
     ``v2_metadata`` (V2 ``__metadata`` per entity, default on), ``ieee754_compatible`` (V4:
     Int64/Decimal/Double as strings; also applied when the client's Accept asks for
     ``IEEE754Compatible=true``).
+
+    ``next_link_base`` makes absolute nextLinks start with another service root than
+    :attr:`url`, as a service behind a reverse proxy names its internal host
+    (``"http://localhost:{port}/odata/"``; ``{port}`` is the bound port).
     """
 
     def __init__(
@@ -579,6 +583,7 @@ class ODataServer:
         root: str = "/odata",
         page_size: int = 1000,
         next_link: str = "absolute",
+        next_link_base: str | None = None,
         empty_last_page: bool = False,
         username: str | None = None,
         password: str | None = None,
@@ -605,6 +610,7 @@ class ODataServer:
         self.root = "/" + root.strip("/") if root.strip("/") else ""
         self.page_size = page_size
         self.next_link = next_link
+        self.next_link_base = next_link_base
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1290,7 +1296,8 @@ class ODataServer:
             query = [f"{quote(k, safe='$')}={_quote(v)}" for k, v in pairs if k != "$skiptoken"]
             query.append(f"$skiptoken={token}")
             link = f"{quote(name)}?{'&'.join(query)}"
-            next_url = self.url + link if self.next_link == "absolute" else link
+            base = (self.next_link_base or self.url).replace("{port}", str(self.port))
+            next_url = base + link if self.next_link == "absolute" else link
 
         ieee754 = self.version == "v4" and (
             self.ieee754_compatible or "ieee754compatible=true" in headers.get("accept", "").lower()

@@ -10,6 +10,7 @@ SELECT s.stage,
        last.counts, last.error, last.host,
        ok.started_at AS ok_started_at, ok.finished_at AS ok_finished_at,
        ok.duration_ms AS ok_duration_ms, ok.counts AS ok_counts,
+       ok.unknown_modes AS ok_unknown_modes,
        work.finished_at AS work_finished_at,
        bad.finished_at AS bad_finished_at, bad.error AS bad_error,
        fails.n AS consecutive_failures,
@@ -22,10 +23,12 @@ LEFT JOIN LATERAL (
 ) last ON true
 LEFT JOIN LATERAL (
     SELECT * FROM (
-        (SELECT r.started_at, r.finished_at, r.duration_ms, r.counts FROM stage_runs r
+        (SELECT r.started_at, r.finished_at, r.duration_ms, r.counts,
+                r.result -> 'unknown_modes' AS unknown_modes FROM stage_runs r
          WHERE r.stage = s.stage AND r.status = 'success' ORDER BY r.started_at DESC LIMIT 1)
         UNION ALL
-        (SELECT r.started_at, r.finished_at, r.duration_ms, r.counts FROM stage_runs r
+        (SELECT r.started_at, r.finished_at, r.duration_ms, r.counts,
+                r.result -> 'unknown_modes' AS unknown_modes FROM stage_runs r
          WHERE r.stage = s.stage AND r.status = 'noop' ORDER BY r.started_at DESC LIMIT 1)
     ) u ORDER BY u.started_at DESC LIMIT 1
 ) ok ON true

@@ -181,3 +181,10 @@ SELECT count(*) AS deleted FROM gone;
 -- name: count_rows
 -- After writing only the changes: the read model must hold exactly the feed's rows.
 SELECT count(*) AS n FROM {target};
+
+-- name: route_modes
+-- Routes without a scheduled flight, per mode: build-graph weighs them by distance / speed.
+SELECT r.mode, count(*) AS routes
+FROM routes r
+WHERE NOT EXISTS (SELECT 1 FROM flights f WHERE f.route_id = r.id)
+GROUP BY r.mode;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from pipeline_cli.testing.odata_server import (
     truncated_json,
     wrong_shape,
 )
+from pipeline_cli.testing.proxy import CountingHttpProxy
 
 DATA = sample_network(40)
 
@@ -207,12 +209,44 @@ def test_credentials_in_the_url_are_used_but_never_shown() -> None:
             assert len(fetch(c)) == 40
 
 
-def test_next_link_to_another_host_is_refused() -> None:
-    with ODataServer(DATA, page_size=10) as srv, client(srv) as c:
-        c.service_url = c.service_url.replace("127.0.0.1", "localhost")
-        c._detected = "v4"
-        with pytest.raises(SourceError, match="another host"):
-            list(c.pages("Stops", orderby="ID", read_ahead=0))
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_next_link_on_another_host_is_followed_on_the_configured_origin(version: str) -> None:
+    # The links name a "foreign" host (localhost, on a proxy's port) that counts what it gets:
+    # the pages come from the configured 127.0.0.1 and the credentials never go there.
+    auth = {"username": "etl", "password": "pw-Foreign-1"}
+    with ODataServer(DATA, version=version, page_size=7, **auth) as srv, \
+            CountingHttpProxy(srv.url) as foreign:
+        srv.next_link_base = foreign.url.replace("127.0.0.1", "localhost") + "/odata/"
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = seen.append  # type: ignore[method-assign]
+        logger = logging.getLogger("pipeline.odata")
+        logger.addHandler(handler)
+        level, logger.level = logger.level, logging.INFO
+        try:
+            with client(srv, **auth) as c:
+                assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+                assert [r["ID"] for r in fetch(c, "Routes")] == list(range(1, 81))
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        assert foreign.count() == 0
+        pages = [r for r in srv.requests if r.entity_set is not None]
+        assert len(pages) == 6 + 12 and all("authorization" in r.headers for r in pages)
+        assert all("$skiptoken=" in r.target for r in pages if "$orderby" not in r.target)
+    assert len(seen) == 1 and "localhost" in seen[0].getMessage()  # once, not per page
+
+
+def test_next_link_to_another_host_is_refused_when_configured() -> None:
+    refused = (r"nextLink points to another host \(localhost\); "
+               r"refusing to follow it \(\[odata\] foreign_next_link = refuse\)")
+    with ODataServer(DATA, page_size=10, next_link_base="http://localhost:{port}/odata/") as srv, \
+            client(srv, foreign_next_link="refuse") as c, \
+            pytest.raises(SourceError, match=refused):
+        list(c.pages("Stops", orderby="ID", read_ahead=0))
+    assert srv.request_count("Stops") == 1
+    with pytest.raises(ConfigError, match="foreign_next_link"):
+        ODataClient("http://127.0.0.1:1/", foreign_next_link="maybe")
 
 
 def test_page_size_preference_is_sent(v4: ODataServer) -> None:

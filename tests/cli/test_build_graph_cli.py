@@ -12,6 +12,7 @@ import pytest
 from pipeline_cli import db
 from pipeline_cli.testing.clirunner import Cli
 from pipeline_cli.testing.graph_fixtures import Network, add_dataset, add_generation, seed_network
+from pipeline_cli.testing.odata_server import ODataServer, sample_network
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -116,3 +117,56 @@ def test_installed_script_builds_and_routes(cli: Cli, net: Network) -> None:
     invalid = cli.subprocess("graph", "route", a, "NOPE")
     assert invalid.returncode == 1 and "Traceback" not in invalid.stderr
     assert len(invalid.stderr.strip().splitlines()) == 1
+
+
+def test_route_modes_of_other_vocabularies_and_unknown_ones(cli: Cli, conn: Conn) -> None:
+    # Another feed's mode names: rail, air, Tram, Metro (no flights: weighed by speed).
+    data = sample_network(30)
+    names = ["rail", "air", "Tram", "Metro", "light-rail", "Coach"]
+    for i, route in enumerate(r for r in data["Routes"] if r["mode"] != "flight"):
+        route["mode"] = names[i % len(names)]
+    with ODataServer(data, page_size=50) as srv:
+        cli.env["PIPELINE_ODATA_URL"] = srv.url
+        synced = json.loads(cli("sync-odata", "--json").stdout)
+        assert synced["status"] == "success" and synced["unknown_modes"] == {}
+        assert cli("gen-virtual").exit_code == 0
+        built = cli("build-graph", "--json")
+        assert built.exit_code == 0, built.output
+        assert json.loads(built.stdout)["status"] == "success"
+
+        # Modes nobody knows: sync-odata notes them (not under -q), status warns, and
+        # build-graph fails with one line naming each with its routes and the setting.
+        plain = [r["ID"] for r in data["Routes"] if r["mode"] != "flight"]
+        for key in plain[:3]:
+            srv.update_row("Routes", key, mode="Hovercraft")
+        srv.update_row("Routes", plain[3], mode="zeppelin")
+        quiet = cli("-q", "sync-odata")
+        assert quiet.exit_code == 0 and quiet.output == ""
+        human = cli("sync-odata")
+        assert human.exit_code == 0
+        assert "note: no speed for route modes 'hovercraft' (3 routes)" in human.stdout
+        again = json.loads(cli("sync-odata", "--json").stdout)  # a noop notes them too
+        assert again["status"] == "noop"
+        assert again["unknown_modes"] == {"hovercraft": 3, "zeppelin": 1}
+        status = json.loads(cli("status", "--json").stdout)
+        warned = [p["message"] for p in status["problems"] if p["area"] == "sync-odata"]
+        assert any("'hovercraft' (3 routes), 'zeppelin' (1 route)" in m for m in warned), status
+        assert cli("gen-virtual").exit_code == 0
+        failed = cli("build-graph")
+        assert failed.exit_code == 1
+        errors = [line for line in failed.stderr.splitlines() if line.startswith("pipeline ")]
+        assert errors == [
+            "pipeline build-graph: error: no speed for route modes 'hovercraft' (3 routes), "
+            "'zeppelin' (1 route); add a speed in km/h to [virtual] speeds_kmh, e.g. "
+            "speeds_kmh = { hovercraft = 60, zeppelin = 60 } under [virtual] in the config "
+            "file, or PIPELINE_VIRTUAL_SPEEDS_KMH='{\"hovercraft\": 60, \"zeppelin\": 60}'"]
+        assert conn.execute("SELECT count(*) AS n FROM graph_versions "
+                            "WHERE NOT active").fetchone() == {"n": 0}
+
+        # User speeds add the new modes; the defaults stay.
+        cli.env["PIPELINE_VIRTUAL_SPEEDS_KMH"] = '{"Hovercraft": 60, "zeppelin": 100}'
+        note = cli("sync-odata")
+        assert note.exit_code == 0 and "no speed" not in note.output
+        assert cli("build-graph").exit_code == 0
+        status = json.loads(cli("status", "--json").stdout)
+        assert not [p for p in status["problems"] if "no speed" in p["message"]]

@@ -127,3 +127,30 @@ def test_installed_script_with_a_mapping_file_keeps_secrets_out(
     assert rows and not any("cli-Secret-42" in r[0] for r in rows)
     help_text = cli.subprocess("sync-odata", "--help").stdout
     assert "--skip-invalid" in help_text and "--dry-run" in help_text
+
+
+def test_v2_next_links_on_another_host_sync_from_the_configured_one(
+        cli: Cli, database_url: str) -> None:
+    # A V2 service configured as 127.0.0.1 whose __next links name localhost (as a reverse
+    # proxy or the service's own host name would): the whole feed comes from 127.0.0.1.
+    with ODataServer(sample_network(30), version="v2", page_size=7, username="etl",
+                     password="cli-Secret-42",
+                     next_link_base="http://localhost:{port}/odata/") as v2:
+        cli.env["PIPELINE_ODATA_URL"] = v2.url
+        out = as_json(cli("sync-odata", "--json").stdout)
+        assert out["status"] == "success", out
+        assert out["counts"] == {"stops": 30, "routes": 60, "flights": 9, "rejected": 0}
+        assert all(r.target.startswith("/odata/") for r in v2.requests)
+
+        v2.update_row("Stops", 2, name="Other name")
+        cli.env["PIPELINE_ODATA_FOREIGN_NEXT_LINK"] = "refuse"
+        res = cli("sync-odata")
+        assert res.exit_code == 1, res.output
+        lines = res.stderr.strip().splitlines()
+        assert lines[-1] == ("pipeline sync-odata: error: OData Stops page 1: nextLink points "
+                             "to another host (localhost); refusing to follow it ([odata] "
+                             "foreign_next_link = refuse)")
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
+            row = conn.execute("SELECT name FROM stops WHERE id = '2'").fetchone()
+            assert row is not None and row[0] != "Other name"

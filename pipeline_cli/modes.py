@@ -1,0 +1,89 @@
+"""Route modes: the one place that turns a feed's mode name into a speed.
+
+build-graph weighs a real route without a scheduled flight by ``distance ÷ speed of its
+mode``; sync-odata uses the same lookup to note modes that have no speed. Names are compared
+normalised (lower case, ``-`` and spaces as ``_``) and through the aliases of the common
+vocabularies (GTFS route types, ERP code lists); ``[virtual] speeds_kmh`` is merged over the
+built-in speeds, so it can change a speed or add a mode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+SETTING = "[virtual] speeds_kmh"
+ENV_VAR = "PIPELINE_VIRTUAL_SPEEDS_KMH"
+
+# km/h by canonical mode; 'virtual' weighs gen-virtual's routes, 'walk' its short ones.
+DEFAULT_SPEEDS_KMH: dict[str, float] = {
+    "walk": 5.0, "bus": 40.0, "tram": 20.0, "subway": 35.0, "rail": 90.0, "ferry": 30.0,
+    "cable_car": 15.0, "funicular": 10.0, "monorail": 40.0, "air": 700.0, "virtual": 50.0,
+}
+
+ALIASES: dict[str, str] = {
+    "streetcar": "tram", "light_rail": "tram",
+    "metro": "subway",
+    "train": "rail",
+    "coach": "bus", "trolleybus": "bus",
+    "boat": "ferry",
+    "gondola": "cable_car", "aerial_lift": "cable_car",
+    "flight": "air", "plane": "air",
+}
+
+
+def normalise(mode: str | None) -> str:
+    """``' Light-Rail '`` -> ``'light_rail'``; None -> ``''``."""
+    return re.sub(r"[-\s]+", "_", (mode or "").strip().lower())
+
+
+def canonical(mode: str | None) -> str:
+    """The normalised name, with an alias replaced by the mode it names."""
+    name = normalise(mode)
+    return ALIASES.get(name, name)
+
+
+def speed_table(configured: Mapping[str, float]) -> dict[str, float]:
+    """Canonical mode -> km/h: the built-in speeds with ``configured`` merged over them."""
+    table = {canonical(k): float(v) for k, v in DEFAULT_SPEEDS_KMH.items()}
+    table.update({canonical(k): float(v) for k, v in configured.items()})
+    return table
+
+
+def duplicate_names(configured: Mapping[str, float]) -> list[str]:
+    """Keys of ``configured`` that name the same mode (``train`` and ``Rail``)."""
+    seen: dict[str, str] = {}
+    for key in configured:
+        if canonical(key) in seen:
+            return [seen[canonical(key)], key]
+        seen[canonical(key)] = key
+    return []
+
+
+def unknown_modes(route_counts: Mapping[str | None, int], speeds: Mapping[str, float]
+                  ) -> dict[str, int]:
+    """Normalised mode -> routes, for the modes of ``route_counts`` that ``speeds`` (a
+    :func:`speed_table`) has no speed for; most routes first."""
+    unknown: dict[str, int] = {}
+    for mode, n in route_counts.items():
+        if canonical(mode) not in speeds:
+            unknown[normalise(mode)] = unknown.get(normalise(mode), 0) + int(n)
+    return dict(sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
+def describe_unknown(unknown: Mapping[str, int]) -> str:
+    """``no speed for route mode 'x' (3 routes), ...; add ...``: which modes, how many
+    routes each, and the exact setting to add them to."""
+    unknown = dict(sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])))
+    listed = ", ".join(f"{m!r} ({n} route{'s' if n != 1 else ''})" for m, n in unknown.items())
+    toml = ", ".join(f"{_toml_key(m)} = 60" for m in unknown)
+    env = json.dumps(dict.fromkeys(unknown, 60))
+    plural = "s" if len(unknown) != 1 else ""
+    return (f"no speed for route mode{plural} {listed}; add a speed in km/h to {SETTING}, "
+            f"e.g. speeds_kmh = {{ {toml} }} under [virtual] in the config file, or "
+            f"{ENV_VAR}='{env}'")
