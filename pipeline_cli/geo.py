@@ -83,21 +83,6 @@ def group_centroids(group: IntArray, lat_deg: FloatArray, lon_deg: FloatArray, n
     return to_latlon(sums)
 
 
-def longitude_arc(lon_deg: npt.ArrayLike) -> tuple[float, float]:
-    """The shortest arc of longitudes holding every value: ``(west, width)`` in degrees.
-
-    The arc runs east from ``west`` for ``width`` degrees and may cross the antimeridian
-    (stops at 179.9 and -179.9 give west 179.9, width 0.2, not the whole world).
-    """
-    lons = np.sort(np.mod(np.asarray(lon_deg, dtype=np.float64) + 180.0, 360.0) - 180.0)
-    if lons.size == 0:
-        raise ValueError("no longitudes")
-    gaps = np.append(np.diff(lons), lons[0] + 360.0 - lons[-1])
-    widest = int(np.argmax(gaps))
-    west = lons[(widest + 1) % lons.size]
-    return float(west), float(360.0 - gaps[widest])
-
-
 # ---------------------------------------------------------------- grids
 
 
@@ -185,14 +170,6 @@ class Grid:
         cols = self.canonical_cols(out_rows, first[owner] + offset)
         return owner, out_rows, cols
 
-    def count_in_box(self, lat_min: float, lat_max: float, west: float, width: float) -> int:
-        rows = self._box_rows(lat_min, lat_max)
-        n = self.row_columns(rows)
-        step = 360.0 / n
-        first = np.floor(west / step + 1e-9)
-        last = np.ceil((west + width) / step - 1e-9)
-        return int(np.minimum(last - first + 1, n).sum())
-
     def _box_rows(self, lat_min: float, lat_max: float) -> IntArray:
         lo = max(int(np.floor(lat_min / self.dlat_deg + 1e-9)), -self.max_row)
         hi = min(int(np.ceil(lat_max / self.dlat_deg - 1e-9)), self.max_row)
@@ -202,12 +179,130 @@ class Grid:
                      ) -> tuple[IntArray, IntArray]:
         """Cells covering a latitude band and a longitude arc, snapped outwards to grid lines.
 
-        The arc runs east from ``west`` for ``width`` degrees (see :func:`longitude_arc`).
+        The arc runs east from ``west`` for ``width`` degrees and may cross the antimeridian.
         """
         rows = self._box_rows(lat_min, lat_max)
         west_a = np.full(rows.size, float(west))
         _owner, out_rows, cols = self._expand(rows, west_a, west_a + float(width))
         return out_rows, cols
+
+    def cells_within(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, radius_km: float
+                     ) -> tuple[IntArray, IntArray]:
+        """Every cell whose point lies within ``radius_km`` of at least one of the points,
+        each once, by (row, column).
+
+        Works on one centre per occupied cell and on row spans (see :meth:`_spans`), so a
+        dense network costs no more than a sparse one; a KD-tree query on the points decides
+        the cells near the edge of the reach.
+        """
+        lat = np.atleast_1d(np.asarray(lat_deg, dtype=np.float64))
+        lon = np.atleast_1d(np.asarray(lon_deg, dtype=np.float64))
+        if lat.size == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        clat, clon, margin = self._thin(lat, lon)
+        rows, first, count = self._spans(clat, clon, radius_km + margin, inner=False)
+        owner = np.repeat(np.arange(rows.size, dtype=np.int64), count)
+        starts = np.cumsum(count) - count
+        out_rows = rows[owner]
+        cols = first[owner] + np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts,
+                                                                                   count)
+        # By the triangle inequality a cell within radius - margin of a centre is within
+        # radius of a point: only the cells outside those spans need the KD-tree query.
+        check = np.ones(out_rows.size, dtype=bool)
+        if radius_km > margin:
+            srows, sfirst, scount = self._spans(clat, clon, radius_km - margin, inner=True)
+            span_start = self._span_key(srows, sfirst)
+            key = self._span_key(out_rows, cols)
+            j = np.searchsorted(span_start, key, side="right") - 1
+            sure = (j >= 0) & (key < span_start[np.maximum(j, 0)] + scount[np.maximum(j, 0)])
+            check = ~sure
+        cols = self.canonical_cols(out_rows, cols)
+        keep = ~check
+        plat, plon = self.points(out_rows[check], cols[check])
+        km, _ = PointIndex(lat, lon).nearest(plat, plon, max_km=radius_km)
+        keep[check] = km[:, 0] <= radius_km * (1 + 1e-12)
+        return out_rows[keep], cols[keep]
+
+    def count_near(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, radius_km: float
+                   ) -> int:
+        """An upper bound on the cells :meth:`cells_within` gives, without building them."""
+        lat = np.atleast_1d(np.asarray(lat_deg, dtype=np.float64))
+        lon = np.atleast_1d(np.asarray(lon_deg, dtype=np.float64))
+        if lat.size == 0:
+            return 0
+        clat, clon, margin = self._thin(lat, lon)
+        return int(self._spans(clat, clon, radius_km + margin, inner=False)[2].sum())
+
+    def _thin(self, lat: FloatArray, lon: FloatArray) -> tuple[FloatArray, FloatArray, float]:
+        """One centre per occupied cell (a network has many stops per cell): the cells'
+        points, and the farthest any point lies from its cell's point."""
+        rows, cols = self.nearest_cells(lat, lon)
+        _keys, first = np.unique(cell_keys(rows, cols), return_index=True)
+        plat, plon = self.points(rows, cols)
+        margin = float(haversine_km(lat, lon, plat, plon).max())
+        return plat[first], plon[first], margin
+
+    def _span_key(self, rows: IntArray, cols: IntArray) -> IntArray:
+        """Orders cells by row, then column 0 .. n-1."""
+        return (rows + self.max_row) * np.int64(1 << 32) + cols
+
+    def _spans(self, clat: FloatArray, clon: FloatArray, radius_km: float, *, inner: bool
+               ) -> tuple[IntArray, IntArray, IntArray]:
+        """Disjoint spans of cells ``(row, first column, count)``, sorted, covering the cells
+        within ``radius_km`` of the centres: all of them and a few more (``inner=False``), or
+        only such cells (``inner=True``). Columns count eastwards from the prime meridian,
+        0 .. n-1, so a span never crosses the end of its ring.
+        """
+        delta = min(radius_km / EARTH_RADIUS_KM, np.pi)
+        rdeg = np.degrees(delta)
+        lo = np.maximum(np.floor((clat - rdeg) / self.dlat_deg), -self.max_row)
+        hi = np.minimum(np.ceil((clat + rdeg) / self.dlat_deg), self.max_row)
+        nrows = np.maximum(hi - lo + 1, 0).astype(np.int64)
+        centre = np.repeat(np.arange(clat.size, dtype=np.int64), nrows)
+        starts = np.cumsum(nrows) - nrows
+        rows = (np.repeat(lo.astype(np.int64), nrows)
+                + np.arange(int(nrows.sum()), dtype=np.int64) - np.repeat(starts, nrows))
+        # Where the cap of angular radius delta crosses the row's parallel: half-width
+        # arccos(ratio) around the centre's longitude (spherical law of cosines). ratio <= -1:
+        # the cap holds the whole ring; > 1: it misses the row. At a pole (the row's or the
+        # centre's) the row is all in or all out: in when num <= 0.
+        phi, phic = np.radians(self.row_lat(rows)), np.radians(clat[centre])
+        denom = np.cos(phi) * np.cos(phic)
+        num = np.cos(delta) - np.sin(phi) * np.sin(phic)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(denom > 1e-12, num / denom, np.where(num <= 0, -1.0, 2.0))
+        half = np.degrees(np.arccos(np.clip(ratio, -1.0, 1.0)))
+        n = self.row_columns(rows)
+        step = 360.0 / n
+        west, east = (clon[centre] - half) / step, (clon[centre] + half) / step
+        if inner:
+            first, last = np.ceil(west + 1e-9), np.floor(east - 1e-9)
+        else:
+            first, last = np.floor(west), np.ceil(east)
+        count = np.minimum(last - first + 1, n).astype(np.int64)
+        whole = (ratio <= -1.0) | (count >= n)
+        first = np.where(whole, 0, np.mod(first.astype(np.int64), n))
+        count = np.where(ratio > 1.0, 0, np.where(whole, n, np.maximum(count, 0)))
+        # A span past the end of its ring continues at column 0.
+        over = np.maximum(first + count - n, 0)
+        wrap = over > 0
+        rows = np.concatenate((rows, rows[wrap]))
+        first = np.concatenate((first, np.zeros(int(wrap.sum()), dtype=np.int64)))
+        count = np.concatenate((count - over, over[wrap]))
+        used = count > 0
+        rows, first, count = rows[used], first[used], count[used]
+        # Merge overlapping or touching spans of a row: in (row, first) order a span starts a
+        # new group unless it begins at most one column after the furthest end so far.
+        order = np.lexsort((first, rows))
+        rows, first, end = rows[order], first[order], (first + count - 1)[order]
+        base = self._span_key(rows, np.zeros_like(rows))
+        furthest = np.maximum.accumulate(base + end) - base
+        new = np.ones(rows.size, dtype=bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (first[1:] > furthest[:-1] + 1)
+        heads = np.flatnonzero(new)
+        tails = np.append(heads[1:] - 1, rows.size - 1)
+        return rows[heads], first[heads], furthest[tails] - first[heads] + 1
 
     def cells_near(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, radius_km: float
                    ) -> tuple[IntArray, IntArray, IntArray, FloatArray]:

@@ -117,6 +117,10 @@ class MatchSettings:
 @dataclass(frozen=True)
 class VirtualSettings:
     main_spacing_km: float = setting(50.0, "MAIN_GRID spacing over the region of real stops")
+    grid_reach_km: float = setting(
+        200.0, "MAIN_GRID only this far around real stops, km (200: 4 cells of hinterland "
+        "beyond the outermost stops, yet no grid over the sea between two regions)"
+    )
     city_spacing_km: float = setting(10.0, "CITY_GRID spacing around major cities")
     airport_spacing_km: float = setting(5.0, "AIRPORT_GRID spacing around airports")
     city_radius_km: float = setting(30.0, "radius of the CITY_GRID around a city")
@@ -457,8 +461,8 @@ def _validate(s: Settings) -> None:
                   "need 0 <= backoff_base_seconds <= backoff_max_seconds")
     if s.osrm.retries < 1 or s.osrm.timeout <= 0:
         raise bad("osrm", "retries" if s.osrm.retries < 1 else "timeout", "must be positive")
-    for key in ("main_spacing_km", "city_spacing_km", "airport_spacing_km", "k",
-                "max_route_km", "headway_s", "city_min_stops", "max_virtual_stops"):
+    for key in ("main_spacing_km", "grid_reach_km", "city_spacing_km", "airport_spacing_km",
+                "k", "max_route_km", "headway_s", "city_min_stops", "max_virtual_stops"):
         if getattr(s.virtual, key) <= 0:
             raise bad("virtual", key, "must be positive")
     for key in ("city_radius_km", "airport_radius_km", "walk_max_km"):

@@ -28,13 +28,9 @@ def test_chord_round_trip_and_unit_vectors() -> None:
     assert d == pytest.approx(geo.haversine_km(70, 179.9, 70, -179.9))
 
 
-def test_centroid_and_longitude_arc_across_the_antimeridian() -> None:
+def test_centroid_across_the_antimeridian() -> None:
     lat, lon = geo.centroid([10.0, 10.0], [179.0, -179.0])
     assert abs(lon) == pytest.approx(180.0) and lat == pytest.approx(10.0, abs=0.01)
-    west, width = geo.longitude_arc([179.9, -179.9, 179.5])
-    assert west == pytest.approx(179.5) and width == pytest.approx(0.6)
-    assert geo.longitude_arc([20.0, 30.0, 25.0]) == pytest.approx((20.0, 10.0))
-    assert geo.longitude_arc([5.0]) == (5.0, 0.0)
 
 
 @pytest.mark.parametrize("spacing", [50.0, 10.0, 5.0])
@@ -96,6 +92,55 @@ def test_cells_near_is_a_disc_across_the_antimeridian_and_near_the_pole() -> Non
     la, lo = grid.points(r_all, c_all)
     inside = geo.haversine_km(la, lo, 70.0, 179.95) <= 30.0
     assert inside.sum() == np.sum(owner == 0)
+
+
+def _two_continents() -> tuple[np.ndarray, np.ndarray]:
+    """Stops around Paris and around Sao Paulo, 9,400 km apart."""
+    rng = np.random.default_rng(5)
+    lat = np.concatenate((48.85 + rng.normal(0, 0.5, 60), -23.55 + rng.normal(0, 0.5, 60)))
+    lon = np.concatenate((2.35 + rng.normal(0, 0.8, 60), -46.63 + rng.normal(0, 0.8, 60)))
+    return lat, lon
+
+
+@pytest.mark.parametrize(("spacing", "radius", "lat", "lon"), [
+    (50.0, 200.0, *_two_continents()),
+    (25.0, 40.0, *_two_continents()),
+    (50.0, 200.0, [70.0, 69.8, 70.2], [179.9, -179.8, 178.9]),  # across the antimeridian
+    (50.0, 300.0, [89.9, 88.5, 87.0], [0.0, 120.0, -100.0]),  # a cap holding the pole
+    (50.0, 150.0, [-89.99, -85.0], [10.0, -170.0]),
+    (22.5, 20.0, [0.0, 0.001], [0.0, -0.001]),  # a reach smaller than the spacing
+])
+def test_cells_within_equals_brute_force(spacing: float, radius: float, lat: list[float],
+                                         lon: list[float]) -> None:
+    grid = geo.Grid(spacing)
+    rows, cols = grid.cells_within(lat, lon, radius)
+    keys = geo.cell_keys(rows, cols)
+    assert len(np.unique(keys)) == len(keys) > 0
+    assert np.array_equal(cols, grid.canonical_cols(rows, cols))
+    # Every cell within the radius of a point, and no other: check every ring of the band.
+    band = np.degrees(radius / geo.EARTH_RADIUS_KM) + 1.0
+    r_all, c_all = grid.cells_in_box(min(lat) - band, max(lat) + band, -180.0, 360.0)
+    la, lo = grid.points(r_all, c_all)
+    index = geo.PointIndex(lat, lon)
+    km, _ = index.nearest(la, lo)
+    expected = geo.cell_keys(r_all, c_all)[km[:, 0] <= radius]
+    assert set(keys.tolist()) == set(expected.tolist())
+    assert grid.count_near(lat, lon, radius) >= len(keys)
+
+
+def test_cells_within_two_regions_gives_two_grids_not_the_ocean() -> None:
+    lat, lon = _two_continents()
+    grid = geo.Grid(50.0)
+    rows, cols = grid.cells_within(lat, lon, 200.0)
+    plat, plon = grid.points(rows, cols)
+    europe = geo.haversine_km(plat, plon, 48.85, 2.35) < 1500
+    brazil = geo.haversine_km(plat, plon, -23.55, -46.63) < 1500
+    assert europe.sum() > 30 and brazil.sum() > 30 and np.all(europe | brazil)
+    # About the area of two discs of the reach (plus the regions' spread), not the band.
+    disc = np.pi * (200.0 + 3 * 80.0) ** 2 / 50.0**2
+    assert len(rows) < 2 * disc
+    assert grid.count_near(lat, lon, 200.0) < 2 * disc
+    assert geo.Grid(50.0).count_near([], [], 200.0) == 0
 
 
 def test_nearest_cells_snaps_to_a_grid_point() -> None:

@@ -102,3 +102,19 @@ def test_installed_script_generates(cli: Cli, conn: Conn) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "success"
     assert count(conn, "virtual_routes") > 0 and count(conn, "virtual_flights") > 0
+
+
+def test_quiet_success_with_unreached_stops_prints_nothing(cli: Cli, conn: Conn) -> None:
+    """Unreached real stops are expected: logged at info, counted, shown by `status`; so
+    `-q` (cron) prints nothing on a success."""
+    activate(conn, 30)
+    proc = cli.subprocess("-q", "gen-virtual")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    gen = conn.execute("SELECT counts, unreached_stops FROM virtual_generations").fetchone()
+    assert gen is not None
+    unreached = gen["counts"]["unreached_real_stops"]
+    assert unreached == len(gen["unreached_stops"]) > 0
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["virtual"]["generation"]["counts"]["unreached_real_stops"] == unreached
+    assert f"{unreached} real stops unreached" in cli("status").output

@@ -245,9 +245,11 @@ def test_antimeridian_at_latitude_70(conn: Conn, run: Callable[..., RunRecord]) 
     virt = conn.execute("SELECT id, latitude, longitude, kind FROM virtual_stops").fetchall()
     lons = np.array([v["longitude"] for v in virt])
     assert (lons > 179).any() and (lons < -179).any()
-    # The main grid spans the short way across 180 degrees, not around the world.
+    # The main grid spans the short way across 180 degrees, not around the world (a ring at
+    # latitude 70 holds 274 cells): the reach of 200 km around the stops on both sides.
     main = [v for v in virt if v["kind"] == "MAIN_GRID"]
-    assert all(abs(v["longitude"]) > 170 for v in main) and len(main) < 40
+    assert all(abs(v["longitude"]) > 170 for v in main) and len(main) < 100
+    assert any(v["longitude"] > 0 for v in main) and any(v["longitude"] < 0 for v in main)
     # Routes cross the antimeridian with their true, short great-circle length.
     pos = {v["id"]: (v["latitude"], v["longitude"]) for v in virt}
     pos.update({s[0]: (s[1], s[2]) for s in stops})
@@ -265,6 +267,49 @@ def test_antimeridian_at_latitude_70(conn: Conn, run: Callable[..., RunRecord]) 
     adjacent = d[same_row & (d < 15.0)]
     assert adjacent.size >= len(city) and np.all(np.abs(adjacent / 10.0 - 1) < 0.01)
     assert d.min() >= 10.0 * 0.99  # no two grid points closer than the spacing
+
+
+def two_continent_stops() -> list[Stop]:
+    """A network with a region around Paris and one around Sao Paulo, 9,400 km apart."""
+    rng = np.random.default_rng(11)
+    stops: list[Stop] = []
+    for name, (lat, lon) in {"Paris": (48.85, 2.35), "Sao Paulo": (-23.55, -46.63)}.items():
+        for i in range(40):
+            stops.append((f"{name[:3]}-{i:02d}", lat + rng.normal(0, 0.8),
+                          lon + rng.normal(0, 1.2), False, name if i < 20 else None))
+    return stops
+
+
+@pytest.mark.parametrize("reach", [None, 120.0])
+def test_two_continents_get_two_main_grids_not_the_ocean_between(
+        conn: Conn, run: Callable[..., RunRecord], reach: float | None) -> None:
+    stops = two_continent_stops()
+    add_dataset(conn, stops)
+    # The max_virtual_stops guard counts the grids around the stops too, not the band.
+    s = (VirtualSettings(city_min_stops=10, max_virtual_stops=3000) if reach is None
+         else VirtualSettings(city_min_stops=10, max_virtual_stops=3000, grid_reach_km=reach))
+    reach_km = s.grid_reach_km
+    assert reach_km <= 400
+    rec = run(s)
+    assert rec.status == "success", rec.error
+    main = np.array([(v["latitude"], v["longitude"]) for v in conn.execute(
+        "SELECT latitude, longitude FROM virtual_stops WHERE kind = 'MAIN_GRID'")])
+    assert len(main) == rec.counts["by_kind"]["MAIN_GRID"]
+    # Every main grid stop lies within the reach of a real stop: none over the Atlantic.
+    real = np.array([(st[1], st[2]) for st in stops])
+    km, _ = geo.PointIndex(real[:, 0], real[:, 1]).nearest(main[:, 0], main[:, 1])
+    assert km[:, 0].max() <= reach_km + 1e-6
+    # Each region gets its own grid, reaching out past its stops...
+    europe = geo.haversine_km(main[:, 0], main[:, 1], 48.85, 2.35) < 2000
+    brazil = geo.haversine_km(main[:, 0], main[:, 1], -23.55, -46.63) < 2000
+    assert np.all(europe ^ brazil)
+    assert europe.sum() > 20 and brazil.sum() > 20
+    assert km[:, 0].max() > reach_km - s.main_spacing_km
+    # ...and the count is at most two discs of the reach around regions a few hundred km
+    # across (155 + 222 cells by default), not the 18,566 cells of the band between them.
+    disc = np.pi * (reach_km + 250.0) ** 2 / s.main_spacing_km ** 2
+    assert len(main) < 2 * disc
+    assert rec.counts["virtual_stops"] < 2 * disc + 1000
 
 
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
