@@ -1,0 +1,57 @@
+"""What the CLI writes where nobody watches a terminal: pipes and cron mail get whole values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from pipeline_cli.testing.clirunner import Cli
+
+LONG_DEVICE = "vehicle-" + "0123456789abcdef" * 5  # far wider than an 80-column table cell
+
+
+def test_batches_list_into_a_pipe_shows_whole_ids(run_cli: Cli,
+                                                  conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(
+        "INSERT INTO processing_batches (device_id, start_time, end_time, coordinate_count,"
+        " status, error_message) VALUES (%s, now(), now(), 3, 'dead', %s) RETURNING batch_id",
+        (LONG_DEVICE, "OSRM unavailable at http://127.0.0.1:9/match/v1/driving (refused)"),
+    ).fetchone()
+    assert row is not None
+    result = run_cli("batches", "list")  # CliRunner's stdout is not a TTY, as in `| cat`
+    assert result.exit_code == 0, result.output
+    assert str(row["batch_id"]) in result.output
+    assert LONG_DEVICE in result.output
+    assert "http://127.0.0.1:9/match/v1/driving (refused)" in result.output
+    assert "…" not in result.output
+
+
+def test_config_show_into_a_pipe_shows_whole_values(run_cli: Cli) -> None:
+    prefix = "pipeline-" + "x" * 90
+    run_cli.env["PIPELINE_REDIS_PREFIX"] = prefix
+    result = run_cli("config", "show")
+    assert result.exit_code == 0
+    line = next(ln for ln in result.output.splitlines() if "redis.prefix" in ln)
+    assert prefix in line and "PIPELINE_REDIS_PREFIX" in line and "every Redis key" in line
+
+
+def test_config_show_keeps_a_conninfo_database_visible(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = (
+        "host=db-primary.internal port=5433 dbname=routing_prod user=etl password=Sekr1t-pw")
+    for args in (("config", "show"), ("config", "show", "--json")):
+        result = run_cli(*args)
+        assert result.exit_code == 0
+        assert "Sekr1t" not in result.output
+        assert "host=db-primary.internal" in result.output
+        assert "dbname=routing_prod" in result.output
+        assert "password=***" in result.output
+
+
+def test_quoted_conninfo_password_and_url_password_are_masked(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "host=db dbname=app password='a b\\'c'"
+    out = run_cli("config", "show").output
+    assert "dbname=app" in out and "password=***" in out and "b\\'c" not in out
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://etl:Sekr1t@db:5432/app?password=Sekr1t"
+    out = run_cli("config", "show").output
+    assert "Sekr1t" not in out and "etl:***@db:5432/app" in out
