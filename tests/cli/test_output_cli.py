@@ -1,7 +1,10 @@
-"""What the CLI writes where nobody watches a terminal: pipes and cron mail get whole values."""
+"""What the CLI writes where nobody watches a terminal: pipes and cron mail get whole values,
+and global options work after the subcommand."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -55,3 +58,26 @@ def test_quoted_conninfo_password_and_url_password_are_masked(run_cli: Cli) -> N
     run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://etl:Sekr1t@db:5432/app?password=Sekr1t"
     out = run_cli("config", "show").output
     assert "Sekr1t" not in out and "etl:***@db:5432/app" in out
+
+
+def test_global_options_after_the_subcommand(run_cli: Cli, tmp_path: Path) -> None:
+    points = tmp_path / "points.csv"
+    points.write_text("device_id,recorded_at,latitude,longitude\n"
+                      "dev-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    quiet = run_cli.subprocess("ingest-gps", str(points), "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    # logging is reconfigured from the options after the subcommand: JSON lines on stderr
+    logged = run_cli.subprocess("ingest-gps", str(points), "--log-format", "json", "-v")
+    assert logged.returncode == 0, logged.stderr
+    lines = logged.stderr.splitlines()
+    assert lines and all(json.loads(ln)["level"] for ln in lines), logged.stderr
+    assert "1 valid" in logged.stderr
+    nested = run_cli("config", "show", "-q", "-v")
+    assert nested.exit_code == 0 and "database.url" in nested.output
+
+
+def test_quiet_after_the_subcommand_still_reports_a_failure(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://u@127.0.0.1:1/x"
+    proc = run_cli.subprocess("status", "-q")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("pipeline status: error:")
