@@ -1,5 +1,5 @@
 """What the CLI writes where nobody watches a terminal: pipes and cron mail get whole values,
-and global options work after the subcommand."""
+global options work after the subcommand, and shell completion is one command away."""
 
 from __future__ import annotations
 
@@ -81,3 +81,21 @@ def test_quiet_after_the_subcommand_still_reports_a_failure(run_cli: Cli) -> Non
     proc = run_cli.subprocess("status", "-q")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("pipeline status: error:")
+
+
+def test_completion_scripts(run_cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = run_cli("completion", shell)
+        assert result.exit_code == 0 and "_PIPELINE_COMPLETE" in result.output
+    assert run_cli("completion", "tcsh").exit_code == 2
+    # the script's protocol, run against the installed script: subcommands complete lazily
+    run_cli.env.update({"_PIPELINE_COMPLETE": "bash_complete", "COMP_WORDS": "pipeline run-",
+                        "COMP_CWORD": "1"})
+    proc = run_cli.subprocess()
+    assert proc.returncode == 0 and proc.stdout.split() == ["plain,run-all"]
+
+
+def test_completion_is_documented() -> None:
+    root = Path(__file__).parents[2]
+    for doc in ("README.md", "docs/operations.md"):
+        assert "pipeline completion" in (root / doc).read_text(), doc
