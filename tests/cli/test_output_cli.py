@@ -76,6 +76,18 @@ def test_global_options_after_the_subcommand(run_cli: Cli, tmp_path: Path) -> No
     assert nested.exit_code == 0 and "database.url" in nested.output
 
 
+def test_quiet_ingest_that_skips_rows_is_a_silent_success(run_cli: Cli, tmp_path: Path) -> None:
+    points = tmp_path / "points.csv"
+    points.write_text("device_id,recorded_at,latitude,longitude\n"
+                      "dev-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                      "dev-1,2024-05-01T08:00:02Z,nan,24.94\n")
+    for args in (("-q", "ingest-gps", str(points)), ("ingest-gps", str(points), "-q")):
+        proc = run_cli.subprocess(*args)
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+    loud = run_cli("ingest-gps", str(points))
+    assert "skipped" in loud.output and "latitude is 'nan'" in loud.output
+
+
 def test_quiet_after_the_subcommand_still_reports_a_failure(run_cli: Cli) -> None:
     run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://u@127.0.0.1:1/x"
     proc = run_cli.subprocess("status", "-q")
