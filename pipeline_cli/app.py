@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import db
+from .logs import setup_logging
 from .runner import Progress, StageRunner, no_progress
 from .settings import Settings, load_settings, redact
 
@@ -52,6 +53,10 @@ class App:
             return redact(text, [v for k, v in os.environ.items()
                                  if k.startswith("PIPELINE_") and v and
                                  any(w in k for w in ("PASSWORD", "SECRET", "TOKEN", "URL"))])
+
+    def configure_logging(self) -> None:
+        """(Re)configure the ``pipeline`` loggers for this verbosity and log format."""
+        setup_logging(self.log_format, self.verbosity, self.redact)
 
     @property
     def database(self) -> db.Database:

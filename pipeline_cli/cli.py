@@ -15,7 +15,6 @@ from . import __version__, render
 from .app import App
 from .commands import COMMANDS, LazyGroup
 from .errors import EXIT_CODES, PipelineError
-from .logs import setup_logging
 
 EPILOG = (
     "Settings come from --config FILE (or PIPELINE_CONFIG) and are overridden by environment "
@@ -49,7 +48,7 @@ class PipelineGroup(LazyGroup):
               show_default=True, help="Log lines on stderr as text or one JSON object each.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True,
-              help="Only warnings and errors; no summary on success (for cron).")
+              help="Only errors: nothing on success (for cron).")
 @click.version_option(__version__, prog_name="pipeline")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: str,
@@ -59,8 +58,7 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
               verbosity=-1 if quiet else verbose)
     ctx.obj = app
     ctx.call_on_close(app.resources.close)
-    setup_logging(log_format, app.verbosity, app.redact)
-
+    app.configure_logging()
 
 
 def main() -> None:

@@ -55,8 +55,11 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(fmt: str, verbosity: int, redact: Callable[[str], str]) -> None:
-    """Configure the ``pipeline`` logger tree. verbosity: -1 quiet, 0 normal, 1+ debug."""
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    """Configure the ``pipeline`` logger tree. verbosity: -1 quiet, 0 normal, 1+ debug.
+
+    Quiet is errors only: cron mails whatever a job prints, and a success must not mail.
+    """
+    level = {-1: logging.ERROR, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactFilter(redact))

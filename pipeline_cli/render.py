@@ -31,8 +31,17 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, default=_default, ensure_ascii=False, sort_keys=False)
 
 
-def console() -> Console:
-    return Console(soft_wrap=False, highlight=False)
+# Width of tables written to a pipe, a file or a cron mail: wide enough that no value (an id,
+# an error) is ever cut or wrapped; a table is only as wide as its content needs.
+PIPE_WIDTH = 100_000
+
+
+def console(*, stderr: bool = False) -> Console:
+    """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else."""
+    c = Console(stderr=stderr, soft_wrap=False, highlight=False)
+    if not c.is_terminal:
+        c = Console(stderr=stderr, soft_wrap=False, highlight=False, width=PIPE_WIDTH)
+    return c
 
 
 def print_json(obj: Any) -> None:
@@ -42,7 +51,7 @@ def print_json(obj: Any) -> None:
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     t = Table(title=title, title_justify="left")
     for col in columns:
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal folds an id, never cuts it
     for row in rows:
         t.add_row(*("" if v is None else _fmt(v) for v in row))
     console().print(t)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
 from .modes import DEFAULT_SPEEDS_KMH, duplicate_names
@@ -266,14 +270,39 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+# ``password=VALUE`` in a libpq conninfo string (VALUE bare or single-quoted with \\ escapes)
+# or in a URL's query string (libpq accepts ``postgresql://db/app?password=...`` too).
+_PASSWORD_PARAM = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#]+)")
+
+
+def mask_password(text: str) -> str:
+    """The connection string with only its password masked: ``password=***`` in a libpq
+    conninfo (``host=db dbname=app password=***``), ``user:***@`` in a URL's userinfo."""
+    if "://" in text:
+        text = mask_url(text)
+    return _PASSWORD_PARAM.sub(r"\1***", text)
+
+
+def is_conninfo(text: str) -> bool:
+    """True for a libpq key=value connection string naming a server or database."""
+    if "=" not in text or "://" in text:
+        return False
+    try:  # libpq's own parser: quoting rules, and it rejects unknown keywords
+        params = conninfo_to_dict(text)
+    except psycopg.Error:
+        return False
+    return bool(params.keys() & {"host", "hostaddr", "dbname", "service"})
+
+
 def display_value(value: Any, secret: bool) -> str:
     if value is None:
         return "(unset)"
     if isinstance(value, str) and "://" in value:
-        masked = mask_url(value)
-        if secret and masked == value and not value.startswith(("postgres", "redis")):
+        if secret and mask_url(value) == value and not value.startswith(("postgres", "redis")):
             return "***"  # a URL that is itself the secret (e.g. a heartbeat token URL)
-        return masked
+        return mask_password(value)
+    if secret and isinstance(value, str) and is_conninfo(value):
+        return mask_password(value)  # host and dbname stay visible: which database it is
     if secret:
         return "***"
     if isinstance(value, (dict, list)):

@@ -1,7 +1,8 @@
 """Click commands, one module per area; each command is a thin shell around one library call.
 
-Shared options (``--json`` after the subcommand, ``--wait``) are declared once here, and
-:func:`run_stage` is the single path from a command to the stage runner and back to an exit code.
+Shared options (``--json``, ``-q``, ``-v`` and ``--log-format`` after the subcommand, ``--wait``)
+are declared once here, and :func:`run_stage` is the single path from a command to the stage
+runner and back to an exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=click.Command)
 
 pass_app = click.make_pass_decorator(App)
 
@@ -32,6 +34,7 @@ COMMANDS = {
     "sync-odata": "sync_odata", "datasets": "sync_odata", "restore": "sync_odata",
     "ingest-gps": "gps", "match-gps": "gps", "batches": "gps",
     "run-all": "run_all",
+    "completion": "completion",
 }
 
 
@@ -53,6 +56,9 @@ class LazyGroup(click.Group):
             importlib.import_module(f"{__name__}.{module}").register(self)
         return super().get_command(ctx, cmd_name)
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(global_options(cmd), name)
+
     def load_all(self) -> MutableMapping[str, click.Command]:
         """Import every command module (docs and tests walk the whole tree)."""
         for name in self.lazy:
@@ -70,6 +76,50 @@ def json_option(fn: F) -> F:
     return click.option("--json", "json_", is_flag=True, expose_value=False,
                         callback=_set_json, is_eager=True,
                         help="Print one JSON object on stdout.")(fn)
+
+
+def _set_app(ctx: click.Context, **changes: Any) -> None:
+    app = ctx.ensure_object(App)
+    for key, value in changes.items():
+        setattr(app, key, value)
+    app.configure_logging()  # the group configured it before this command's options were read
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _set_app(ctx, verbosity=-1)
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        _set_app(ctx, verbosity=max(ctx.ensure_object(App).verbosity, 0) + value)
+
+
+def _set_log_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _set_app(ctx, log_format=value)
+
+
+def global_options(cmd: C) -> C:
+    """``-q``, ``-v`` and ``--log-format`` accepted after the subcommand too
+    (``pipeline run-all -q``). The group adds them to every command it registers, and to the
+    commands of a registered subgroup, so no command declares them itself."""
+    have = {p.name for p in cmd.params}
+    for option in (
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+                     help="Only errors; nothing on success (as before the command)."),
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbose,
+                     help="More logging, -vv for debug (as before the command)."),
+        click.Option(["--log-format"], type=click.Choice(["text", "json"]), default=None,
+                     expose_value=False, callback=_set_log_format,
+                     help="Log lines as text or JSON (as before the command)."),
+    ):
+        if option.name not in have:
+            cmd.params.append(option)
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            global_options(sub)
+    return cmd
 
 
 def wait_option(fn: F) -> F:

@@ -33,7 +33,7 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
         lambda ctx: ingest_gps(app.database, files, ctx, fmt=fmt, device_id=device_id,
                                strict=strict),
         options={"files": list(files), "format": fmt, "strict": strict}, singleton=False)
-    if not app.json:
+    if not app.json and app.verbosity >= 0:  # -q: the run record keeps them; cron stays silent
         for problem in record.extra.get("problems", []):
             click.echo(f"  skipped {problem}", err=True)
 

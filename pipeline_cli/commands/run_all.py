@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from .. import render
@@ -28,7 +27,7 @@ def show(app: App, record: RunRecord) -> int:
                err=bool(record.error))
     table = Table()
     for col in ("stage", "status", "ms", "result"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for stage in CHAIN:
         r = stages.get(stage)
         if r is None:
@@ -37,9 +36,7 @@ def show(app: App, record: RunRecord) -> int:
         text = r.get("error") or r.get("message") or r.get("reason") or ""
         table.add_row(stage, r["status"], str(r.get("duration_ms") or ""), text)
     # On failure the table goes to stderr with the error, so cron mails the whole story.
-    console = Console(stderr=True, soft_wrap=False, highlight=False) if record.error \
-        else render.console()
-    console.print(table)
+    render.console(stderr=bool(record.error)).print(table)
     return record.exit_code
 
 

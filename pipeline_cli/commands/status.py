@@ -125,7 +125,7 @@ def show(report: StatusReport) -> None:
         click.echo(f"  {p.level:8s} {p.message}")
     table = Table(box=None, pad_edge=False, title_justify="left")
     for col in ("stage", "last", "started", "took", "last ok", "fails", "next run", "overdue"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=True, overflow="fold")
     for name, s in report.stages.items():
         table.add_row(name, _last(s), _ago(now, s["last_started_at"]),
                       _took(s["last_duration_ms"]), _ago(now, s["last_success_at"]),
@@ -143,7 +143,8 @@ def show(report: StatusReport) -> None:
                 text = " ".join(f"{k}={_short(v)}" for k, v in _flatten(section, depth=1).items()
                                 if v not in (None, {}, []))
         click.echo(textwrap.fill(text or "-", width=100, initial_indent=f"{name:8s} ",
-                                 subsequent_indent=" " * 9, break_on_hyphens=False))
+                                 subsequent_indent=" " * 9, break_on_hyphens=False,
+                                 break_long_words=False))  # never cut an id
     if report.locks:
         for lock, h in report.locks.items():
             click.echo(f"lock     {lock} held by {h['host'] or 'session ' + str(h['backend_pid'])}"

@@ -10,6 +10,7 @@ reads, except that it records runs whose process died as ``crashed``. Every quer
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import tempfile
 import time
@@ -430,8 +431,21 @@ class _Metrics:
             self._typed.add(name)
             self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
         lab = ",".join(f'{k}="{_label(v)}"' for k, v in (labels or {}).items())
-        self.lines.append(f"{name}{{{lab}}} {float(value):.17g}" if lab
-                          else f"{name} {float(value):.17g}")
+        self.lines.append(f"{name}{{{lab}}} {_sample(value)}" if lab
+                          else f"{name} {_sample(value)}")
+
+
+def _sample(value: float | bool) -> str:
+    """A sample value in the exposition format: the shortest text that reads back as the same
+    float (0.486, not 0.48599999999999999), integers without ".0", and +Inf/-Inf/NaN."""
+    x = float(value)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    if x.is_integer() and abs(x) < 2**53:
+        return str(int(x))
+    return repr(x)
 
 
 def prometheus_text(report: StatusReport | None) -> str:

@@ -38,6 +38,17 @@ def test_json_then_quiet_noop_rerun(cli: Cli) -> None:
     assert "run-all: noop" in table.output and "nothing new upstream" in table.output
 
 
+@pytest.mark.parametrize("args", [("-q", "run-all"), ("run-all", "-q")])
+def test_quiet_success_writes_nothing_for_cron_to_mail(cli: Cli, args: tuple[str, ...]) -> None:
+    # a first run does real work in every stage, and gen-virtual leaves real stops unreached
+    result = cli.subprocess(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        row = conn.execute("SELECT counts FROM stage_runs WHERE stage = 'gen-virtual'").fetchone()
+    assert row is not None and row["counts"]["unreached_real_stops"] > 0
+
+
 def test_failure_exits_with_the_stage_code_and_mails_the_table(cli: Cli) -> None:
     cli.env["PIPELINE_ODATA_URL"] = "http://127.0.0.1:9/odata/"
     cli.env["PIPELINE_ODATA_RETRIES"] = "1"

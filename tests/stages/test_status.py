@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -263,3 +264,18 @@ def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:
     assert samples["pipeline_gps_batches_dead"] == 2
     assert samples['pipeline_stage_consecutive_failures{stage="sync-odata"}'] == 0
     assert prometheus_text(None).startswith("# HELP pipeline_status_up")
+
+
+def test_prometheus_values_have_no_float_noise(conn: Conn) -> None:
+    report = dataclasses.replace(collect_status(conn, sections=quiet_sections(gps=lambda env: {
+        "unprocessed_points": 7, "lag_s": 0.1 + 0.2, "rate": 1e-7, "big": 2.5e20})),
+        collect_ms=486)
+    text = prometheus_text(report)
+    assert "\npipeline_status_collect_seconds 0.486\n" in text
+    assert "\npipeline_gps_unprocessed_points 7\n" in text
+    assert "\npipeline_gps_lag_s 0.30000000000000004\n" in text  # exact, just not padded
+    assert "\npipeline_gps_rate 1e-07\n" in text and "\npipeline_gps_big 2.5e+20\n" in text
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            value = line.rsplit(" ", 1)[1]
+            assert len(value) <= 24 and float(value) == float(value), line

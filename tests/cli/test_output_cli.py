@@ -1,0 +1,113 @@
+"""What the CLI writes where nobody watches a terminal: pipes and cron mail get whole values,
+global options work after the subcommand, and shell completion is one command away."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pipeline_cli.testing.clirunner import Cli
+
+LONG_DEVICE = "vehicle-" + "0123456789abcdef" * 5  # far wider than an 80-column table cell
+
+
+def test_batches_list_into_a_pipe_shows_whole_ids(run_cli: Cli,
+                                                  conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(
+        "INSERT INTO processing_batches (device_id, start_time, end_time, coordinate_count,"
+        " status, error_message) VALUES (%s, now(), now(), 3, 'dead', %s) RETURNING batch_id",
+        (LONG_DEVICE, "OSRM unavailable at http://127.0.0.1:9/match/v1/driving (refused)"),
+    ).fetchone()
+    assert row is not None
+    result = run_cli("batches", "list")  # CliRunner's stdout is not a TTY, as in `| cat`
+    assert result.exit_code == 0, result.output
+    assert str(row["batch_id"]) in result.output
+    assert LONG_DEVICE in result.output
+    assert "http://127.0.0.1:9/match/v1/driving (refused)" in result.output
+    assert "…" not in result.output
+
+
+def test_config_show_into_a_pipe_shows_whole_values(run_cli: Cli) -> None:
+    prefix = "pipeline-" + "x" * 90
+    run_cli.env["PIPELINE_REDIS_PREFIX"] = prefix
+    result = run_cli("config", "show")
+    assert result.exit_code == 0
+    line = next(ln for ln in result.output.splitlines() if "redis.prefix" in ln)
+    assert prefix in line and "PIPELINE_REDIS_PREFIX" in line and "every Redis key" in line
+
+
+def test_config_show_keeps_a_conninfo_database_visible(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = (
+        "host=db-primary.internal port=5433 dbname=routing_prod user=etl password=Sekr1t-pw")
+    for args in (("config", "show"), ("config", "show", "--json")):
+        result = run_cli(*args)
+        assert result.exit_code == 0
+        assert "Sekr1t" not in result.output
+        assert "host=db-primary.internal" in result.output
+        assert "dbname=routing_prod" in result.output
+        assert "password=***" in result.output
+
+
+def test_quoted_conninfo_password_and_url_password_are_masked(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "host=db dbname=app password='a b\\'c'"
+    out = run_cli("config", "show").output
+    assert "dbname=app" in out and "password=***" in out and "b\\'c" not in out
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://etl:Sekr1t@db:5432/app?password=Sekr1t"
+    out = run_cli("config", "show").output
+    assert "Sekr1t" not in out and "etl:***@db:5432/app" in out
+
+
+def test_global_options_after_the_subcommand(run_cli: Cli, tmp_path: Path) -> None:
+    points = tmp_path / "points.csv"
+    points.write_text("device_id,recorded_at,latitude,longitude\n"
+                      "dev-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    quiet = run_cli.subprocess("ingest-gps", str(points), "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    # logging is reconfigured from the options after the subcommand: JSON lines on stderr
+    logged = run_cli.subprocess("ingest-gps", str(points), "--log-format", "json", "-v")
+    assert logged.returncode == 0, logged.stderr
+    lines = logged.stderr.splitlines()
+    assert lines and all(json.loads(ln)["level"] for ln in lines), logged.stderr
+    assert "1 valid" in logged.stderr
+    nested = run_cli("config", "show", "-q", "-v")
+    assert nested.exit_code == 0 and "database.url" in nested.output
+
+
+def test_quiet_ingest_that_skips_rows_is_a_silent_success(run_cli: Cli, tmp_path: Path) -> None:
+    points = tmp_path / "points.csv"
+    points.write_text("device_id,recorded_at,latitude,longitude\n"
+                      "dev-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                      "dev-1,2024-05-01T08:00:02Z,nan,24.94\n")
+    for args in (("-q", "ingest-gps", str(points)), ("ingest-gps", str(points), "-q")):
+        proc = run_cli.subprocess(*args)
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+    loud = run_cli("ingest-gps", str(points))
+    assert "skipped" in loud.output and "latitude is 'nan'" in loud.output
+
+
+def test_quiet_after_the_subcommand_still_reports_a_failure(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://u@127.0.0.1:1/x"
+    proc = run_cli.subprocess("status", "-q")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("pipeline status: error:")
+
+
+def test_completion_scripts(run_cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = run_cli("completion", shell)
+        assert result.exit_code == 0 and "_PIPELINE_COMPLETE" in result.output
+    assert run_cli("completion", "tcsh").exit_code == 2
+    # the script's protocol, run against the installed script: subcommands complete lazily
+    run_cli.env.update({"_PIPELINE_COMPLETE": "bash_complete", "COMP_WORDS": "pipeline run-",
+                        "COMP_CWORD": "1"})
+    proc = run_cli.subprocess()
+    assert proc.returncode == 0 and proc.stdout.split() == ["plain,run-all"]
+
+
+def test_completion_is_documented() -> None:
+    root = Path(__file__).parents[2]
+    for doc in ("README.md", "docs/operations.md"):
+        assert "pipeline completion" in (root / doc).read_text(), doc
