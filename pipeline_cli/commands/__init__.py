@@ -32,7 +32,7 @@ COMMANDS = {
     "sync-odata": "sync_odata", "datasets": "sync_odata", "restore": "sync_odata",
     "ingest-gps": "gps", "match-gps": "gps", "batches": "gps",
     "run-all": "run_all",
-    "export": "export",
+    "doctor": "doctor", "export": "export",
 }
 
 
