@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg.conninfo
 
 from . import db
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, RedisError
 from .settings import Settings
 
 # What each check needs; "every setting named below is set" in the settings check.
@@ -157,9 +157,12 @@ def _redis(s: Settings) -> str:
 
     from .adapters.graph_store import wrap_errors
 
-    client = redis.Redis.from_url(str(s.require("redis", "url")),
-                                  socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
-                                  socket_connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
+    try:
+        client = redis.Redis.from_url(str(s.require("redis", "url")),
+                                      socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
+                                      socket_connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise RedisError(f"the Redis URL is unusable: {exc}") from None
     try:
         with wrap_errors("pinging"):
             client.ping()

@@ -41,8 +41,12 @@ class BackupStore:
             retries=urllib3.Retry(total=3, backoff_factor=0.2,
                                   status_forcelist=(500, 502, 503, 504)),
         )
-        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
-                       region=region, http_client=http)
+        try:
+            client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                           secure=secure, region=region, http_client=http)
+        except ValueError as exc:  # a malformed endpoint, e.g. a port that is not a number
+            http.clear()
+            raise BackupError(f"S3 endpoint {endpoint!r} is unusable: {exc}") from None
         return cls(client, bucket)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:

@@ -175,6 +175,18 @@ def test_closed_port_fails_only_its_check(cli: Cli, system: str) -> None:
     assert by_name(obj)[system]["detail"]
 
 
+@pytest.mark.parametrize(("name", "value", "system"), [
+    ("PIPELINE_REDIS_URL", "redis://127.0.0.1:notaport/0", "redis"),
+    ("PIPELINE_S3_ENDPOINT", "127.0.0.1:notaport", "s3"),
+    ("PIPELINE_OSRM_URL", "http://127.0.0.1:notaport", "osrm"),
+])
+def test_unusable_endpoint_is_a_failed_check_not_a_traceback(cli: Cli, name: str, value: str,
+                                                             system: str) -> None:
+    cli.env[name] = value
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == [system], obj
+
+
 def test_wrong_s3_secret_fails_s3(cli: Cli) -> None:
     cli.env["PIPELINE_S3_SECRET_KEY"] = "wrong-" + SECRET
     code, obj = doctor(cli)
