@@ -100,6 +100,8 @@ def test_stops_with_bbox_and_virtual(cli: Cli, conn: Conn) -> None:
                 if BBox.parse(box).contains(*f["geometry"]["coordinates"])}
     assert 0 < len(inside) < len(every)
     assert {f["properties"]["id"] for f in inside} == expected
+    proc = cli.subprocess("export", "geojson", "stops", "--bbox", box)  # the installed script
+    assert proc.returncode == 0 and collection(proc.stdout) == inside
     virtual = collection(cli("export", "geojson", "stops", "--virtual").stdout)
     assert len(virtual) == len(net.virtual_stops)
     assert {f["properties"]["kind"] for f in virtual} == {"MAIN_GRID"}
