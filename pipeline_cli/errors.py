@@ -92,6 +92,12 @@ class ValidationError(PipelineError):
         self.problems = problems or []
 
 
+class UsageError(PipelineError):
+    """A malformed option value that Click's own types cannot check (e.g. a --bbox)."""
+
+    exit_code = EXIT_USAGE
+
+
 class NothingToDo(PipelineError):
     """A precondition for the stage is not met (e.g. no active dataset); nothing was written."""
 

@@ -41,8 +41,12 @@ class BackupStore:
             retries=urllib3.Retry(total=3, backoff_factor=0.2,
                                   status_forcelist=(500, 502, 503, 504)),
         )
-        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
-                       region=region, http_client=http)
+        try:
+            client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                           secure=secure, region=region, http_client=http)
+        except ValueError as exc:  # a malformed endpoint, e.g. a port that is not a number
+            http.clear()
+            raise BackupError(f"S3 endpoint {endpoint!r} is unusable: {exc}") from None
         return cls(client, bucket)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -51,7 +55,10 @@ class BackupStore:
         except S3Error as exc:
             raise BackupError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            cause: BaseException = exc
+            if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+                cause = exc.reason  # the cause, not urllib3's wrapper around it
+            text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             raise BackupError(f"S3 {what} failed: {text}") from None
 
     def ensure_bucket(self) -> None:
@@ -137,6 +144,21 @@ class BackupStore:
             self._call(f"delete of {key}", lambda k=key: self.client.remove_object(  # type: ignore[misc]
                 self.bucket, k))
         return len(keys)
+
+    def bucket_exists(self) -> bool:
+        return self._call(f"bucket check of {self.bucket}",
+                          lambda: self.client.bucket_exists(self.bucket))
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete of {key}", lambda: self.client.remove_object(self.bucket, key))
+
+    def may_create_buckets(self, probe_bucket: str) -> None:
+        """Create and at once remove ``probe_bucket``: raises BackupError unless the
+        credentials may create buckets (the honest answer; S3 has no "may I" call)."""
+        self._call(f"creation of probe bucket {probe_bucket}",
+                   lambda: self.client.make_bucket(probe_bucket))
+        self._call(f"removal of probe bucket {probe_bucket}",
+                   lambda: self.client.remove_bucket(probe_bucket))
 
     def ping(self) -> None:
         """Raise BackupError unless the bucket can be reached."""

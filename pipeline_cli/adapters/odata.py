@@ -243,6 +243,17 @@ class ODataClient:
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
+    def probe(self, entity_set: str, *, filter: str | None = None) -> int:
+        """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
+        options = [("$top", "1")] + ([("$filter", filter)] if filter else [])
+        if self.protocol == "v2":
+            options.append(("$format", "json"))
+        query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
+        doc = self._get_json(f"{self.service_url}{quote(entity_set)}?{query}",
+                             f"{entity_set} $top=1")
+        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set)
+        return len(rows)
+
     # -------------------------------------------------------------------- paging
 
     def pages(self, entity_set: str, *, orderby: str | None = None,

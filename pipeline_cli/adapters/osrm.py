@@ -180,6 +180,17 @@ class OsrmClient:
         route["coordinates"] = polyline.decode(str(route.get("geometry", "")))
         return route
 
+    def nearest(self, point: LatLon) -> dict[str, Any]:
+        """``/nearest`` for one (lat, lon): the first waypoint (``location`` is [lon, lat],
+        ``distance`` in metres)."""
+        lat, lon = point
+        body = self._get(f"/nearest/v1/{self.profile}/{lon:.6f},{lat:.6f}",
+                         {"number": "1", "generate_hints": "false"})
+        waypoints = body.get("waypoints")
+        if not isinstance(waypoints, list) or not waypoints or not isinstance(waypoints[0], dict):
+            raise OsrmError(f"OSRM /nearest answered without waypoints: {str(body)[:200]}")
+        return waypoints[0]
+
     # ---------------------------------------------------------------- HTTP
 
     def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:

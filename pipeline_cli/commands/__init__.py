@@ -35,6 +35,7 @@ COMMANDS = {
     "ingest-gps": "gps", "match-gps": "gps", "batches": "gps",
     "run-all": "run_all",
     "completion": "completion",
+    "doctor": "doctor", "export": "export",
 }
 
 

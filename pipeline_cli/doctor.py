@@ -1,0 +1,251 @@
+"""``pipeline doctor``: a pre-flight check of the settings and every outside system.
+
+Each check talks to one system through its adapter, reads only (the S3 probe object and probe
+bucket are removed at once) and turns the project's own errors into a failed :class:`Check`,
+so one broken system never hides the state of the others. Nothing is recorded in run history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg.conninfo
+
+from . import db
+from .errors import ConfigError, PipelineError, RedisError
+from .settings import Settings
+
+# What each check needs; "every setting named below is set" in the settings check.
+REQUIRED = (("database", "url"), ("redis", "url"), ("s3", "endpoint"), ("osrm", "url"),
+            ("odata", "url"))
+ORDER = ("settings", "database", "redis", "s3", "osrm", "odata")
+# doctor must answer in seconds even when a system hangs: short timeouts, no retries.
+TIMEOUT = 5.0
+
+LonLat = tuple[float, float]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    ms: int
+    endpoint: str = ""  # where the system is, secrets masked (for the table, not the JSON)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "ms": self.ms}
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def settings_ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.name == "settings")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+
+
+class _Failed(PipelineError):
+    """A check's own verdict (not an outside error): the system answered, but wrongly."""
+
+
+def settings_failure(exc: ConfigError) -> DoctorReport:
+    """The report when the settings cannot even be loaded (the command exits 78)."""
+    return DoctorReport([Check("settings", False, str(exc), 0)])
+
+
+def run_doctor(settings: Settings, *, point: LonLat | None = None) -> DoctorReport:
+    """Run every check in :data:`ORDER`; ``point`` (lon, lat) is where OSRM is asked
+    ``/nearest`` (default: the centroid of the stops, else 0,0)."""
+    checks: dict[str, Callable[[], str]] = {
+        "settings": lambda: _settings(settings),
+        "database": lambda: _database(settings),
+        "redis": lambda: _redis(settings),
+        "s3": lambda: _s3(settings),
+        "osrm": lambda: _osrm(settings, point),
+        "odata": lambda: _odata(settings),
+    }
+    report = DoctorReport()
+    for name in ORDER:
+        started = time.monotonic()
+        endpoint = _endpoint(settings, name)
+        try:
+            detail, ok = checks[name](), True
+        except PipelineError as exc:
+            detail, ok = str(exc), False
+        ms = int((time.monotonic() - started) * 1000)
+        report.checks.append(Check(name, ok, settings.redact(detail), ms,
+                                   settings.redact(endpoint)))
+    return report
+
+
+def _endpoint(s: Settings, name: str) -> str:
+    """Where the system is, without user or password (the URLs themselves may be secrets)."""
+    if name == "settings":
+        return s.config_file or "(environment)"
+    if name == "s3":
+        return f"{s.s3.endpoint or '(unset)'} bucket {s.s3.bucket}"
+    url = {"database": s.database.url, "redis": s.redis.url, "osrm": s.osrm.url,
+           "odata": s.odata.url}[name]
+    if not url:
+        return "(unset)"
+    if name == "database" and "://" not in url:  # a libpq conninfo string
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error:
+            return "(unparsable conninfo)"
+        url = f"postgresql://{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+    try:
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=""))
+    except ValueError:
+        return "(unparsable URL)"
+
+
+# ---------------------------------------------------------------------------- the checks
+# Each returns its detail line on success and raises a PipelineError on failure.
+
+
+def _settings(s: Settings) -> str:
+    from .adapters.odata_format import resolve_mapping
+
+    missing = [f"[{sec}] {key}" for sec, key in REQUIRED if getattr(getattr(s, sec), key)
+               in (None, "")]
+    resolve_mapping(s.odata.mapping)  # ConfigError names a bad key
+    if missing:
+        raise ConfigError(f"missing setting{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(missing)}")
+    return f"loaded from {s.config_file or 'the environment'}; every required setting is set"
+
+
+def _database_of(s: Settings, url: str) -> db.Database:
+    return db.Database(url, connect_timeout=int(min(s.database.connect_timeout, TIMEOUT)))
+
+
+def _database(s: Settings) -> str:
+    url = str(s.require("database", "url"))
+    conn = _database_of(s, url).connect("pipeline doctor", autocommit=True)
+    try:
+        with db.wrap_errors("reading the server version"):
+            row = conn.execute("SHOW server_version").fetchone()
+        version = row["server_version"] if row else "?"
+        schema = db.check_schema(conn)  # SchemaError for a pending (or unknown) migration
+        with db.wrap_errors("checking table privileges"):
+            denied = [r["name"] for r in conn.execute(db.query("doctor", "unwritable_tables"))]
+    finally:
+        conn.close()
+    if denied:
+        raise _Failed(f"PostgreSQL {version}, schema {schema}: the role cannot insert, update "
+                      f"and delete in {', '.join(denied[:5])}"
+                      + (f" and {len(denied) - 5} more" if len(denied) > 5 else ""))
+    return f"PostgreSQL {version}; schema {schema} is current; the role can write every table"
+
+
+def _redis(s: Settings) -> str:
+    import redis
+
+    from .adapters.graph_store import wrap_errors
+
+    try:
+        client = redis.Redis.from_url(str(s.require("redis", "url")),
+                                      socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
+                                      socket_connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise RedisError(f"the Redis URL is unusable: {exc}") from None
+    try:
+        with wrap_errors("pinging"):
+            client.ping()
+            server = client.info("server")
+            cluster = client.info("cluster")
+    finally:
+        client.close()
+    mode = "yes" if str(cluster.get("cluster_enabled", 0)) == "1" else "no"
+    return f"PONG; Redis {server.get('redis_version', '?')}; cluster: {mode}"
+
+
+def _s3(s: Settings) -> str:
+    from .adapters.backups import BackupStore
+
+    store = BackupStore.connect(str(s.require("s3", "endpoint")), s.s3.access_key,
+                                s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
+                                region=s.s3.region, timeout=TIMEOUT)
+    token = uuid.uuid4().hex[:12]
+    if not store.bucket_exists():
+        # S3 has no "may I create a bucket" call: create a uniquely named one and remove it.
+        store.may_create_buckets(f"pipeline-doctor-{token}")
+        return (f"bucket {s.s3.bucket} does not exist yet; the credentials may create "
+                "buckets, so the first run will create it")
+    key, data = f"doctor/probe-{token}", f"pipeline doctor {token}".encode()
+    store.put_bytes(key, data, "text/plain")
+    try:
+        if store.get_bytes(key) != data:
+            raise _Failed(f"S3 bucket {s.s3.bucket}: the probe object read back differently")
+    finally:
+        store.delete(key)
+    return f"bucket {s.s3.bucket}: probe object written, read and deleted"
+
+
+def _osrm(s: Settings, point: LonLat | None) -> str:
+    from .adapters.osrm import OsrmClient
+
+    where = "--point"
+    if point is None:
+        point, where = _stops_centroid(s)
+    client = OsrmClient(str(s.require("osrm", "url")), profile=s.osrm.profile,
+                        timeout=min(s.osrm.timeout, TIMEOUT), retries=1, pool_size=1)
+    try:
+        waypoint = client.nearest((point[1], point[0]))
+    finally:
+        client.close()
+    return (f"/nearest ({s.osrm.profile}) for {point[0]:.5f},{point[1]:.5f} ({where}): a road "
+            f"{float(waypoint.get('distance', 0.0)):.0f} m away")
+
+
+def _stops_centroid(s: Settings) -> tuple[LonLat, str]:
+    """The centroid of the real stops when the database answers and has some, else 0,0
+    (OSRM's /nearest snaps from anywhere, so the check still proves server and profile)."""
+    if not s.database.url:
+        return (0.0, 0.0), "default 0,0"
+    try:
+        conn = _database_of(s, s.database.url).connect("pipeline doctor", autocommit=True)
+        try:
+            with db.wrap_errors("reading the stops' centroid"):
+                row = conn.execute(db.query("doctor", "stops_centroid")).fetchone()
+        finally:
+            conn.close()
+    except PipelineError:
+        return (0.0, 0.0), "default 0,0"
+    if not row or row["lon"] is None:
+        return (0.0, 0.0), "default 0,0"
+    return (float(row["lon"]), float(row["lat"])), "centroid of the stops"
+
+
+def _odata(s: Settings) -> str:
+    from .adapters.odata import ODataClient
+    from .adapters.odata_format import resolve_mapping
+
+    # One attempt with short timeouts: doctor reports, cron's sync-odata retries.
+    quick = dataclasses.replace(s.odata, retries=1,
+                                connect_timeout=min(s.odata.connect_timeout, TIMEOUT),
+                                read_timeout=min(s.odata.read_timeout, TIMEOUT))
+    with ODataClient.from_settings(quick) as client:
+        protocol = client.protocol  # the service root, with the configured credentials
+        sets = []
+        for mapping in resolve_mapping(s.odata.mapping).values():
+            client.probe(mapping.entity_set, filter=mapping.filter)
+            sets.append(mapping.entity_set)
+    return f"OData {protocol} service answers; $top=1 ok for {', '.join(sets)}"

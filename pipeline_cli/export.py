@@ -1,0 +1,196 @@
+"""``pipeline export geojson``: what the pipeline made, as RFC 7946 GeoJSON for a map.
+
+Each ``*_features`` function is a generator reading PostgreSQL through a server-side cursor
+(and Redis in chunks for the graph), so an export of millions of features never sits in memory;
+:func:`write_collection` writes them one by one. Coordinates are [longitude, latitude].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from . import db, polyline
+from .adapters.graph_store import GraphLookupError, GraphReader
+from .errors import PipelineError, UsageError
+
+CHUNK = 2000  # rows per server-side cursor fetch, and source nodes per Redis MGET
+Feature = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BBox:
+    """W,S,E,N in degrees; W > E is a box across the antimeridian."""
+
+    west: float
+    south: float
+    east: float
+    north: float
+
+    @classmethod
+    def parse(cls, text: str) -> BBox:
+        parts = text.split(",")
+        try:
+            if len(parts) != 4:
+                raise ValueError
+            west, south, east, north = (float(p) for p in parts)
+        except ValueError:
+            raise UsageError(f"malformed --bbox {text!r}: expected W,S,E,N in degrees") from None
+        if not all(-180 <= v <= 180 for v in (west, east)) or not all(
+                -90 <= v <= 90 for v in (south, north)):
+            raise UsageError(f"malformed --bbox {text!r}: longitudes must be in [-180, 180] "
+                             "and latitudes in [-90, 90]")
+        if south > north:
+            raise UsageError(f"malformed --bbox {text!r}: south is above north")
+        return cls(west, south, east, north)
+
+    def contains(self, lon: float, lat: float) -> bool:
+        if not self.south <= lat <= self.north:
+            return False
+        if self.west <= self.east:
+            return self.west <= lon <= self.east
+        return lon >= self.west or lon <= self.east  # across the antimeridian
+
+
+def parse_time(text: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time for --since/--until; a time without zone is UTC."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"malformed {option} {text!r}: expected an ISO 8601 time, "
+                         "e.g. 2026-12-01T08:00:00Z") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@contextmanager
+def _rows(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
+          ) -> Iterator[Iterable[dict[str, Any]]]:
+    """A server-side cursor over the named query: rows arrive CHUNK at a time."""
+    with db.wrap_errors(f"exporting ({name})"), conn.transaction(), conn.cursor(
+            name=f"export_{name}", row_factory=dict_row) as cur:
+        cur.itersize = CHUNK
+        cur.execute(db.query("export", name), params)
+        yield cur
+
+
+def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Feature:
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+            "properties": properties}
+
+
+def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) -> Feature:
+    return {"type": "Feature", "geometry": {"type": "LineString", "coordinates": coordinates},
+            "properties": properties}
+
+
+def polyline_features(conn: psycopg.Connection[Any], *, device: str | None = None,
+                      since: datetime | None = None, until: datetime | None = None
+                      ) -> Iterator[Feature]:
+    """One LineString per cached polyline (overlapping [since, until]), oldest first."""
+    params = {"device": device, "since": since, "until": until}
+    with _rows(conn, "polylines", params) as rows:
+        for r in rows:
+            try:
+                points = polyline.decode(r["encoded_polyline"])
+            except ValueError as exc:
+                raise PipelineError(f"cached polyline {r['id']} is malformed: {exc}") from None
+            yield _line_feature([[lon, lat] for lat, lon in points], {
+                "id": r["id"], "device": r["device_id"],
+                "start_time": r["start_time"].isoformat(), "end_time": r["end_time"].isoformat(),
+                "point_count": r["point_count"], "confidence": r["osrm_confidence"],
+                "batch_id": None if r["batch_id"] is None else str(r["batch_id"])})
+
+
+def stop_features(conn: psycopg.Connection[Any], *, virtual: bool = False,
+                  bbox: BBox | None = None) -> Iterator[Feature]:
+    """Real stops (or virtual stops with their kind) as Points, inside ``bbox`` if given."""
+    params: dict[str, Any] = {"bbox": bbox is not None, "west": None, "south": None,
+                              "east": None, "north": None}
+    if bbox is not None:
+        params.update(west=bbox.west, south=bbox.south, east=bbox.east, north=bbox.north)
+    with _rows(conn, "virtual_stops" if virtual else "stops", params) as rows:
+        for r in rows:
+            props = {k: v for k, v in r.items() if k not in ("latitude", "longitude")}
+            yield _point_feature(r["longitude"], r["latitude"], props)
+
+
+def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
+                   version: str | None = None, bbox: BBox | None = None) -> Iterator[Feature]:
+    """The edges of graph ``version`` (default: the active one) as LineStrings from stop to
+    stop, with weight (seconds), mode and route; with ``bbox``, edges with an endpoint in it."""
+    version = version or reader.require_active()
+    if not reader.is_complete(version):
+        raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
+                               "collected by retention)")
+    with _rows(conn, "graph_nodes", {}) as rows:
+        chunk: list[dict[str, Any]] = []
+        for r in rows:
+            chunk.append(r)
+            if len(chunk) >= CHUNK:
+                yield from _edges(conn, reader, version, chunk, bbox)
+                chunk = []
+        yield from _edges(conn, reader, version, chunk, bbox)
+
+
+def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,
+           nodes: list[dict[str, Any]], bbox: BBox | None) -> Iterator[Feature]:
+    if not nodes:
+        return
+    where = {n["id"]: (n["longitude"], n["latitude"]) for n in nodes}
+    adjacency = reader.neighbors_many(version, list(where))
+    targets = {e.to for edges in adjacency.values() for e in edges or () if e.to not in where}
+    if targets:  # the far ends of this chunk's edges; the cursor's transaction is still open
+        with db.wrap_errors("reading edge ends"):
+            for t in conn.execute(db.query("export", "node_coordinates"),
+                                  {"ids": sorted(targets)}):
+                where[t["id"]] = (t["longitude"], t["latitude"])
+    for node in nodes:
+        a = where[node["id"]]
+        for e in adjacency.get(node["id"]) or ():
+            b = where.get(e.to)
+            if b is None:  # a stop the current dataset no longer has: no place to draw it
+                continue
+            if bbox is not None and not (bbox.contains(*a) or bbox.contains(*b)):
+                continue
+            yield _line_feature([list(a), list(b)], {
+                "from": node["id"], "to": e.to, "weight": e.weight_s, "mode": e.mode,
+                "route_id": e.route_id, "version": version})
+
+
+def write_collection(features: Iterable[Feature], out: IO[str]) -> int:
+    """Write a FeatureCollection feature by feature; the number of features written."""
+    out.write('{"type":"FeatureCollection","features":[\n')
+    n = 0
+    for feature in features:
+        if n:
+            out.write(",\n")
+        out.write(json.dumps(feature, ensure_ascii=False, separators=(",", ":")))
+        n += 1
+    out.write("\n]}\n")
+    return n
+
+
+def write_file(features: Iterable[Feature], path: str) -> int:
+    """Write to a temporary file beside ``path`` and rename it at the end, so a failed export
+    leaves no half-written file (and an earlier export at ``path`` stays whole)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".geojson.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            n = write_collection(features, out)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return n

@@ -1,0 +1,17 @@
+-- Queries of `pipeline doctor` (pipeline_cli/doctor.py). Read-only: doctor writes nothing.
+
+-- name: unwritable_tables
+-- The pipeline's tables (every table in the schema of schema_migrations) that the role cannot
+-- insert into, update and delete from. has_table_privilege checks without writing a row.
+SELECT c.oid::regclass::text AS name
+FROM pg_class c
+WHERE c.relnamespace = (SELECT relnamespace FROM pg_class
+                        WHERE oid = to_regclass('schema_migrations'))
+  AND c.relkind IN ('r', 'p')
+  AND NOT (has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'UPDATE')
+           AND has_table_privilege(c.oid, 'DELETE'))
+ORDER BY 1;
+
+-- name: stops_centroid
+-- Where OSRM is asked /nearest when no --point is given.
+SELECT avg(longitude) AS lon, avg(latitude) AS lat FROM stops;

@@ -1,0 +1,215 @@
+"""`pipeline doctor`: every check against the real servers, a failing system for each check,
+exit codes, the JSON shape, and that it leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pipeline_cli import db
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.odata_server import ODataServer, sample_network
+from pipeline_cli.testing.procs import free_port
+from pipeline_cli.testing.services import S3Endpoint
+
+pytestmark = [pytest.mark.s3, pytest.mark.osrm]
+
+SECRET = "doctor-Secret-42"
+NAMES = ["settings", "database", "redis", "s3", "osrm", "odata"]
+
+
+@pytest.fixture
+def odata() -> Iterator[ODataServer]:
+    with ODataServer(sample_network(10), username="etl", password=SECRET) as srv:
+        yield srv
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str], osrm_url: str, odata: ODataServer) -> Cli:
+    run_cli.env.update(full_env)
+    run_cli.env.update({"PIPELINE_OSRM_URL": osrm_url, "PIPELINE_ODATA_URL": odata.url,
+                        "PIPELINE_ODATA_USERNAME": "etl", "PIPELINE_ODATA_PASSWORD": SECRET})
+    return run_cli
+
+
+def doctor(cli: Cli, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("doctor", "--json", *args)
+    obj = json.loads(result.stdout)
+    assert SECRET not in result.output
+    return result.exit_code, obj
+
+
+def by_name(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    assert [c["name"] for c in obj["checks"]] == NAMES[:len(obj["checks"])]
+    return {c["name"]: c for c in obj["checks"]}
+
+
+def failed(obj: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in obj["checks"] if not c["ok"]]
+
+
+def bucket_names(s3: S3Endpoint) -> set[str]:
+    return {b.name for b in s3.client().list_buckets()}
+
+
+def table_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    tables = [r["relname"] for r in conn.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = "
+        "'public'::regnamespace ORDER BY 1")]
+    counts = {}
+    for t in tables:
+        row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(t)))
+        counts[t] = row.fetchone()["n"]  # type: ignore[index]
+    return counts
+
+
+def test_all_pass_and_nothing_is_left_behind(cli: Cli, conn: psycopg.Connection[Any],
+                                             s3: S3Endpoint, s3_bucket: str) -> None:
+    s3.client().make_bucket(s3_bucket)
+    before, buckets = table_counts(conn), bucket_names(s3)
+    code, obj = doctor(cli)
+    assert code == 0 and obj["ok"] is True, obj
+    checks = by_name(obj)
+    assert set(checks) == set(NAMES)
+    assert all(isinstance(c["ms"], int) and c["detail"] for c in checks.values())
+    assert "PostgreSQL" in checks["database"]["detail"]
+    assert "cluster: no" in checks["redis"]["detail"]
+    assert "written, read and deleted" in checks["s3"]["detail"]
+    assert "Stops" in checks["odata"]["detail"]
+    # no run record, no row, no new table, no probe object, no probe bucket
+    assert table_counts(conn) == before
+    assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
+    assert list(s3.client().list_objects(s3_bucket, recursive=True)) == []
+    assert bucket_names(s3) == buckets
+
+
+def test_table_names_the_failing_system_without_secrets(cli: Cli) -> None:
+    cli.env["PIPELINE_ODATA_PASSWORD"] = "wrong-" + SECRET
+    result = cli("doctor")
+    assert result.exit_code == 1
+    assert "odata" in result.output and "FAIL" in result.output and "401" in result.output
+    assert "[odata] username" in " ".join(result.output.split())  # not eaten as rich markup
+    assert SECRET not in result.output and "doctor: FAILED: odata" in result.output
+    assert "http://127.0.0.1" in result.output  # the endpoint
+    assert "postgresql://127.0.0.1" in result.output  # the database's, without user/password
+
+
+def test_missing_bucket_that_may_be_created_passes(cli: Cli, s3: S3Endpoint,
+                                                   s3_bucket: str) -> None:
+    buckets = bucket_names(s3)
+    code, obj = doctor(cli)
+    assert code == 0, obj
+    assert "first run will create it" in by_name(obj)["s3"]["detail"]
+    assert bucket_names(s3) == buckets and s3_bucket not in buckets
+
+
+def test_invalid_settings_exit_78(cli: Cli) -> None:
+    cli.env["PIPELINE_DATABASE_URL"] = "mysql://nope"
+    code, obj = doctor(cli)
+    assert code == 78 and obj["ok"] is False and failed(obj) == ["settings"]
+    assert "[database] url" in obj["checks"][0]["detail"]
+
+
+def test_missing_setting_fails_settings_and_its_system_but_runs_the_rest(cli: Cli) -> None:
+    del cli.env["PIPELINE_OSRM_URL"]
+    code, obj = doctor(cli)
+    assert code == 78 and failed(obj) == ["settings", "osrm"]
+    assert "[osrm] url" in by_name(obj)["settings"]["detail"]
+
+
+def test_pending_migration_fails_database(cli: Cli, empty_database_url: str) -> None:
+    with db.connect(empty_database_url, autocommit=True) as conn:  # all but the last migration
+        conn.execute(db.query("runner", "create_schema_migrations"))
+        for m in db.migrations()[:-1]:
+            conn.execute(m.path.read_text(encoding="utf-8").encode())
+            conn.execute(db.query("runner", "record_migration"),
+                         {"version": m.version, "name": m.name, "checksum": m.checksum})
+    cli.env["PIPELINE_DATABASE_URL"] = empty_database_url
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["database"]
+    assert "pending migrations" in by_name(obj)["database"]["detail"]
+
+
+def test_role_that_cannot_write_fails_database(cli: Cli, database_url: str,
+                                               pg_admin_url: str) -> None:
+    role = f"doctor_ro_{free_port()}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'")
+    try:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+            owner.execute(f"GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+                          f"TO {role}")
+            owner.execute(f"REVOKE DELETE ON stage_runs FROM {role}")
+        info = psycopg.conninfo.conninfo_to_dict(database_url)
+        cli.env["PIPELINE_DATABASE_URL"] = psycopg.conninfo.make_conninfo(
+            "", **{**info, "user": role, "password": SECRET})
+        code, obj = doctor(cli)
+        assert code == 1 and failed(obj) == ["database"]
+        assert "stage_runs" in by_name(obj)["database"]["detail"]
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(f"DROP OWNED BY {role}")
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("system", ["database", "redis", "s3", "osrm", "odata"])
+def test_closed_port_fails_only_its_check(cli: Cli, system: str) -> None:
+    """A stopped server (nothing listens on the port): its check fails, the others run."""
+    port = free_port()
+    cli.env.update({
+        "database": {"PIPELINE_DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:{port}/x"},
+        "redis": {"PIPELINE_REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0"},
+        "s3": {"PIPELINE_S3_ENDPOINT": f"127.0.0.1:{port}"},
+        "osrm": {"PIPELINE_OSRM_URL": f"http://127.0.0.1:{port}"},
+        "odata": {"PIPELINE_ODATA_URL": f"http://127.0.0.1:{port}/odata/"},
+    }[system])
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == [system], obj
+    assert by_name(obj)[system]["detail"]
+
+
+@pytest.mark.parametrize(("name", "value", "system"), [
+    ("PIPELINE_REDIS_URL", "redis://127.0.0.1:notaport/0", "redis"),
+    ("PIPELINE_S3_ENDPOINT", "127.0.0.1:notaport", "s3"),
+    ("PIPELINE_OSRM_URL", "http://127.0.0.1:notaport", "osrm"),
+])
+def test_unusable_endpoint_is_a_failed_check_not_a_traceback(cli: Cli, name: str, value: str,
+                                                             system: str) -> None:
+    cli.env[name] = value
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == [system], obj
+
+
+def test_wrong_s3_secret_fails_s3(cli: Cli) -> None:
+    cli.env["PIPELINE_S3_SECRET_KEY"] = "wrong-" + SECRET
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["s3"], obj
+
+
+def test_missing_entity_set_fails_odata(cli: Cli, tmp_path: Any) -> None:
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[odata.mapping.routes]\nset = "Marshruty"\n')
+    result = cli("--config", str(config), "doctor", "--json")
+    obj = json.loads(result.stdout)
+    assert result.exit_code == 1 and failed(obj) == ["odata"], obj
+    assert "Marshruty" in by_name(obj)["odata"]["detail"]
+
+
+def test_point_option_and_malformed_point(cli: Cli) -> None:
+    code, obj = doctor(cli, "--point", "24.94,60.17")
+    assert code == 0 and "24.94000,60.17000 (--point)" in by_name(obj)["osrm"]["detail"]
+    bad = cli("doctor", "--point", "north")
+    assert bad.exit_code == 2 and "malformed --point" in bad.stderr
+
+
+def test_installed_script(cli: Cli) -> None:
+    proc = cli.subprocess("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True

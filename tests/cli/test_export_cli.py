@@ -1,0 +1,144 @@
+"""`pipeline export geojson`: polylines that decode to the stored ones, stops in a box, and the
+edges of a built graph, as RFC 7946 FeatureCollections."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline_cli import polyline
+from pipeline_cli.export import BBox
+from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.graph_fixtures import seed_network
+
+Conn = psycopg.Connection[dict[str, Any]]
+pytestmark = pytest.mark.s3
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+    run_cli.env.update(full_env)
+    return run_cli
+
+
+def collection(text: str) -> list[dict[str, Any]]:
+    obj = json.loads(text)
+    assert obj["type"] == "FeatureCollection"
+    return list(obj["features"])
+
+
+def add_polylines(conn: Conn) -> list[dict[str, Any]]:
+    rows = []
+    for i, device in enumerate(["bus-1", "bus-1", "bus-2"]):
+        # Helsinki: latitude 60, longitude 24, so a lat/lon swap cannot go unnoticed
+        points = [(60.17 + i * 0.01 + k * 0.001, 24.94 + k * 0.002) for k in range(5 + i)]
+        rows.append(conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, gen_random_uuid()) RETURNING *",
+            (device, T0 + timedelta(hours=i), T0 + timedelta(hours=i, minutes=30),
+             polyline.encode(points), 0.5 + i / 10, len(points), len(points) + 1)).fetchone())
+    return rows
+
+
+def test_polylines_one_feature_each_decoding_to_the_stored_polyline(cli: Cli, conn: Conn
+                                                                    ) -> None:
+    stored = {r["id"]: r for r in add_polylines(conn)}
+    result = cli("export", "geojson", "polylines")
+    assert result.exit_code == 0, result.output
+    features = collection(result.stdout)
+    assert sorted(f["properties"]["id"] for f in features) == sorted(stored)
+    for f in features:
+        row = stored[f["properties"]["id"]]
+        assert f["geometry"]["type"] == "LineString"
+        lon, lat = f["geometry"]["coordinates"][0]
+        assert 24 < lon < 25 and 60 < lat < 61  # RFC 7946: longitude first
+        assert polyline.encode([(la, lo) for lo, la in f["geometry"]["coordinates"]]) == (
+            row["encoded_polyline"])
+        p = f["properties"]
+        assert p["device"] == row["device_id"] and p["point_count"] == row["point_count"]
+        assert p["confidence"] == row["osrm_confidence"]
+        assert p["batch_id"] == str(row["batch_id"])
+        assert datetime.fromisoformat(p["start_time"]) == row["start_time"]
+        assert datetime.fromisoformat(p["end_time"]) == row["end_time"]
+
+
+def test_polylines_filters_and_atomic_output_file(cli: Cli, conn: Conn, tmp_path: Path) -> None:
+    add_polylines(conn)
+    out = tmp_path / "lines.geojson"
+    result = cli("export", "geojson", "polylines", "--device", "bus-1",
+                 "--since", (T0 + timedelta(minutes=45)).isoformat(), "--output", str(out))
+    assert result.exit_code == 0 and result.stdout == ""
+    features = collection(out.read_text())
+    assert [f["properties"]["device"] for f in features] == ["bus-1"]
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left
+    bad = cli("export", "geojson", "polylines", "--until", "yesterday", "--output", str(out))
+    assert bad.exit_code == 2 and "malformed --until" in bad.stderr
+
+
+def test_failed_export_leaves_no_file(cli: Cli, tmp_path: Path) -> None:
+    cli.env["PIPELINE_REDIS_PREFIX"] = "nothing-here"
+    out = tmp_path / "graph.geojson"
+    result = cli("export", "geojson", "graph", "--output", str(out))
+    assert result.exit_code == 1 and "no active graph" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stops_with_bbox_and_virtual(cli: Cli, conn: Conn) -> None:
+    net = seed_network(conn)
+    every = collection(cli("export", "geojson", "stops").stdout)
+    assert len(every) == len(net.real_stops)
+    box = "24.2,60.2,24.8,60.8"
+    inside = collection(cli("export", "geojson", "stops", "--bbox", box).stdout)
+    expected = {f["properties"]["id"] for f in every
+                if BBox.parse(box).contains(*f["geometry"]["coordinates"])}
+    assert 0 < len(inside) < len(every)
+    assert {f["properties"]["id"] for f in inside} == expected
+    proc = cli.subprocess("export", "geojson", "stops", "--bbox", box)  # the installed script
+    assert proc.returncode == 0 and collection(proc.stdout) == inside
+    virtual = collection(cli("export", "geojson", "stops", "--virtual").stdout)
+    assert len(virtual) == len(net.virtual_stops)
+    assert {f["properties"]["kind"] for f in virtual} == {"MAIN_GRID"}
+    for bad in ("1,2,3", "a,b,c,d", "0,80,10,70", "200,0,10,10"):
+        result = cli("export", "geojson", "stops", "--bbox", bad)
+        assert result.exit_code == 2 and "malformed --bbox" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bbox_across_the_antimeridian() -> None:
+    box = BBox.parse("170,-20,-170,20")
+    assert box.contains(175, 0) and box.contains(-175, 0)
+    assert not box.contains(0, 0) and not box.contains(175, 30)
+
+
+def test_graph_edges_after_build_graph(cli: Cli, conn: Conn) -> None:
+    net = seed_network(conn)
+    built = json.loads(cli("build-graph", "--json").stdout)
+    features = collection(cli("export", "geojson", "graph").stdout)
+    assert len(features) == built["edges"]
+    coords = {r["id"]: [r["longitude"], r["latitude"]] for r in conn.execute(
+        "SELECT id, longitude, latitude FROM stops UNION ALL "
+        "SELECT id, longitude, latitude FROM virtual_stops")}
+    pairs = {(a, b) for _, a, b, *_ in net.routes} | {(a, b) for _, a, b, *_ in
+                                                      net.virtual_routes}
+    for f in features:
+        p = f["properties"]
+        assert (p["from"], p["to"]) in pairs and p["version"] == built["graph_version"]
+        assert f["geometry"]["coordinates"] == [coords[p["from"]], coords[p["to"]]]
+        assert p["weight"] > 0 and p["mode"]
+    named = collection(cli("export", "geojson", "graph", "--version",
+                           built["graph_version"]).stdout)
+    assert named == features
+    box = BBox.parse("24.0,60.0,24.5,60.5")
+    boxed = collection(cli("export", "geojson", "graph", "--bbox", "24.0,60.0,24.5,60.5").stdout)
+    assert boxed == [f for f in features if any(box.contains(*c) for c in
+                                                f["geometry"]["coordinates"])]
+    assert 0 < len(boxed) < len(features)
+    gone = cli("export", "geojson", "graph", "--version", "graph-v99")
+    assert gone.exit_code == 1 and "graph-v99" in gone.stderr
