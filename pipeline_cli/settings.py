@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -212,18 +213,16 @@ class Settings:
         return value
 
     def secrets(self) -> list[str]:
-        """Every secret value (and the password inside any URL) for log redaction."""
+        """Every secret value (and the password inside any URL or conninfo) for redaction."""
         found: list[str] = []
-        for section, key, value, secret in _iter_values(self):
+        for _section, _key, value, secret in _iter_values(self):
             if value in (None, "") or not isinstance(value, str):
                 continue
             if secret:
                 found.append(value)
-            password = urlsplit(value).password if "://" in value else None
-            if password:
-                found.append(password)
-            del section, key
-        return sorted(set(found), key=len, reverse=True)
+            found += [(m.group("pw") or m.group("pw2") or "").strip("'")
+                      for m in _PASSWORDS.finditer(value)]
+        return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         return redact(text, self.secrets())
@@ -245,16 +244,19 @@ def env_name(section: str, key: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``scheme://user:***@host/...``: the URL with its password masked."""
+    """``scheme://user:***@host/...``: the URL with its password masked (a libpq conninfo
+    ``host=... password=...`` keeps everything but the password too)."""
+    if "://" not in url:
+        return mask_passwords(url)
     try:
         parts = urlsplit(url)
     except ValueError:
         return "***"
     if parts.password is None:
-        return url
+        return mask_passwords(url)
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return mask_passwords(urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}")))
 
 
 def display_value(value: Any, secret: bool) -> str:
@@ -272,11 +274,47 @@ def display_value(value: Any, secret: bool) -> str:
     return str(value)
 
 
+# Where a password sits is known from the text's structure: the userinfo of any URL
+# (postgresql://, redis://, http://: ``scheme://user:PASSWORD@``) and libpq's ``password=``
+# (conninfo strings and URL query parameters). Only the password part is replaced.
+_PASSWORDS = re.compile(
+    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@]*:(?P<pw>[^\s/?#]*)@"
+    r"|\bpassword\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)",
+    re.IGNORECASE,
+)
+
+# A secret value shorter than this is never searched for in free text: with a password "o",
+# "sync-odata" became "sync-***data", and the mask itself told where the password was. Such a
+# secret is masked only where its place is known (above) and settings are shown by name. The
+# same length is the floor of the test suite's leak scanner (testing.reliability.find_secrets).
+MIN_SEARCHED_SECRET = 6
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with every URL userinfo password and libpq ``password=`` value as ``***``."""
+    def mask(m: re.Match[str]) -> str:
+        group = "pw" if m.group("pw") is not None else "pw2"
+        start, end = m.start(group) - m.start(), m.end(group) - m.start()
+        return m.group(0)[:start] + "***" + m.group(0)[end:]
+
+    return _PASSWORDS.sub(mask, text)
+
+
 def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    """Mask passwords where the text's structure places them, and each secret value of at
+    least MIN_SEARCHED_SECRET characters where it stands as a whole value (a token, a URL
+    component), never inside a longer word. Nothing else in ``text`` changes."""
+    text = mask_passwords(text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SEARCHED_SECRET:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
     return text
+
+
+def secret_env_names() -> list[str]:
+    """The environment variables of every secret setting (for redaction without settings)."""
+    return [env_name(section, f.name) for section, cls in _section_types().items()
+            for f in dataclasses.fields(cls) if f.metadata.get("secret")]
 
 
 def _section_types() -> dict[str, type]:

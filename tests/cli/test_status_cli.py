@@ -109,3 +109,10 @@ def test_human_output_names_the_verdict_and_areas(run_cli: Cli) -> None:
                  "locks"):
         assert word in result.output
     assert "\x1b[" not in result.output  # no colour when not on a terminal
+
+
+def test_short_secrets_do_not_change_the_output(run_cli: Cli) -> None:
+    plain = run_cli("status", "--check").output.split(" | ")[0]
+    assert "sync-odata has never succeeded: no dataset yet" in plain
+    run_cli.env.update({"PIPELINE_ODATA_PASSWORD": "o", "PIPELINE_S3_SECRET_KEY": "in"})
+    assert run_cli("status", "--check").output.split(" | ")[0] == plain
