@@ -75,7 +75,7 @@ def test_unreachable_database_masks_password(run_cli: Cli) -> None:
     result = run_cli.subprocess("status")
     assert result.returncode == 1
     assert "Sekr1t" not in result.stderr + result.stdout
-    assert "u:***@127.0.0.1" in result.stderr
+    assert "PostgreSQL 127.0.0.1:1/x connection failed: connection refused" in result.stderr
 
 
 @pytest.mark.parametrize("args", [("--json", "status"), ("status", "--json")])
