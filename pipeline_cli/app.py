@@ -7,6 +7,7 @@ opens is closed when the Click context closes.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +19,7 @@ import psycopg
 from . import db
 from .logs import setup_logging
 from .runner import Progress, StageRunner, no_progress
-from .settings import Settings, load_settings, redact
+from .settings import Settings, load_settings, redact, secret_env_names
 
 if TYPE_CHECKING:  # the clients are imported where they are built: a command pays only for
     import redis  # the outside systems it talks to (cron runs status every few minutes)
@@ -44,15 +45,13 @@ class App:
         return self._settings
 
     def redact(self, text: str) -> str:
-        """Mask every known secret; works even before (or without) valid settings."""
+        """Mask passwords and secret values (see :func:`settings.redact`); works even before
+        (or without) valid settings, from the secret settings' environment variables."""
         try:
             return self.settings.redact(text)
-        except Exception:  # settings unreadable: fall back to secrets found in the env
-            import os
-
-            return redact(text, [v for k, v in os.environ.items()
-                                 if k.startswith("PIPELINE_") and v and
-                                 any(w in k for w in ("PASSWORD", "SECRET", "TOKEN", "URL"))])
+        except Exception:  # settings unreadable (this runs on error paths: never raise here)
+            return redact(text, [os.environ[name] for name in secret_env_names()
+                                 if os.environ.get(name)])
 
     def configure_logging(self) -> None:
         """(Re)configure the ``pipeline`` loggers for this verbosity and log format."""

@@ -33,8 +33,17 @@ class PipelineGroup(LazyGroup):
             app = ctx.find_object(App) or App()
             render.error(app, exc, command=ctx.invoked_subcommand)
             ctx.exit(exc.exit_code)
+        except click.ClickException as exc:  # a usage error after the subcommand's name
+            app = ctx.find_object(App) or App()
+            if app.log_format != "json":
+                raise
+            render.stderr_error(app, f"pipeline {ctx.invoked_subcommand}: error: "
+                                f"{exc.format_message()}", stage=ctx.invoked_subcommand,
+                                exit_code=exc.exit_code)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("pipeline: interrupted", err=True)
+            render.stderr_error(ctx.find_object(App) or App(), "pipeline: interrupted",
+                                exit_code=130)
             ctx.exit(130)
 
 

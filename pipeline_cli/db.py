@@ -17,10 +17,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, SchemaError
-from .settings import mask_url
+from .errors import DatabaseError, SchemaError, endpoint, service_error
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -67,8 +67,18 @@ def connect(
             connect_timeout=connect_timeout,
         )
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {mask_url(url)}: "
-                            f"{_first_line(exc)}") from None
+        raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
+                            exc) from None
+
+
+def _endpoint(url: str) -> str:
+    """``host:port/dbname`` of a libpq URL or conninfo string (never its password)."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "(malformed [database] url)"
+    host = str(info.get("host") or info.get("hostaddr") or "localhost")
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class Database:
                        connect_timeout=self.connect_timeout)
 
     def __repr__(self) -> str:  # never the password
-        return f"Database({mask_url(self.url)!r})"
+        return f"Database({endpoint(self.url)!r})"
 
 
 def _first_line(exc: BaseException) -> str:

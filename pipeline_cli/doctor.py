@@ -167,7 +167,7 @@ def _redis(s: Settings) -> str:
     except ValueError as exc:  # e.g. a port that is not a number
         raise RedisError(f"the Redis URL is unusable: {exc}") from None
     try:
-        with wrap_errors("pinging"):
+        with wrap_errors(client, "pinging"):
             client.ping()
             server = client.info("server")
             cluster = client.info("cluster")

@@ -6,7 +6,9 @@ turns them into an exit code through :data:`EXIT_CODES`. docs/architecture.md re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from .runner import StageResult
@@ -109,6 +111,75 @@ class Interrupted(PipelineError):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+S = TypeVar("S", bound="ServiceError")
+
+_log = logging.getLogger("pipeline.services")
+
+# Driver texts (requests, urllib3, minio, redis-py, psycopg) name the failure somewhere inside a
+# long message that also holds the request URL (an OSRM polyline, an S3 query string). These
+# markers turn it into the short phrase an operator needs; the full text goes to the debug log.
+_CAUSES = (
+    ("connection refused", "connection refused"),
+    ("name or service not known", "host name not found"),
+    ("nodename nor servname", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("connection reset", "connection reset"),
+    ("remote end closed connection", "connection closed by the server"),
+    ("server closed the connection", "connection closed by the server"),
+    ("connection aborted", "connection aborted"),
+    ("certificate verify failed", "TLS certificate not trusted"),
+    ("timed out", "timed out"),
+    ("timeout reading", "timed out"),
+    ("timeout connecting", "timed out"),
+)
+MAX_CAUSE = 120
+
+
+def endpoint(url: str) -> str:
+    """``scheme://host:port`` of a URL: no credentials, path or query (a ``host:port`` or
+    ``host:port/dbname`` that is not a URL stays as it is)."""
+    if "://" not in url:
+        return url.rsplit("@", 1)[-1]
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}"
+
+
+def cause(exc: BaseException | str) -> str:
+    """A short phrase for a driver error (``connection refused``, ``timed out``), or the first
+    line of its text (or of a given text) without URLs, cut to MAX_CAUSE characters."""
+    if isinstance(exc, BaseException):
+        chain = [str(exc)]
+        inner: BaseException | None = exc.__cause__ or exc.__context__
+        while inner is not None and len(chain) < 5:
+            chain.append(str(inner))
+            inner = inner.__cause__ or inner.__context__
+        lowered = " ".join(chain).lower()
+        for marker, phrase in _CAUSES:
+            if marker in lowered:
+                return phrase
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, BaseException):  # drop the request's URL and query string
+        first = " ".join(w for w in first.split() if "://" not in w and "?" not in w)
+        first = first or type(exc).__name__
+    return first if len(first) <= MAX_CAUSE else first[:MAX_CAUSE - 1] + "…"
+
+
+def service_error(cls: type[S], system: str, where: str, what: str,
+                  exc: BaseException | str | None = None, **details: Any) -> S:
+    """The one shape of an outside system's failure: ``SYSTEM ENDPOINT WHAT: CAUSE``, e.g.
+    ``OSRM http://127.0.0.1:5055 unreachable: connection refused``. ``where`` is passed through
+    :func:`endpoint`; the driver's full text is logged at debug (``-v``), never in the line."""
+    message = f"{system} {endpoint(where)} {what}"
+    if exc is not None:
+        message += f": {cause(exc)}"
+        _log.debug("%s %s %s: %s: %s", system, endpoint(where), what,
+                   type(exc).__name__ if isinstance(exc, BaseException) else "detail", exc)
+    return cls(" ".join(message.split()), **details)
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -24,6 +24,9 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.redact(record.getMessage())
         record.args = None
+        for key, value in vars(record).items():  # extra= fields reach JSON logs too
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, self.redact(value))
         return True
 
 
@@ -32,18 +35,31 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {k: v for k, v in vars(record).items() if k not in _STANDARD}
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "stage": getattr(record, "stage", None),
-            "run_id": getattr(record, "run_id", None),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            "fields": fields,
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return json_line(record.levelname.lower(), record.getMessage(), logger=record.name,
+                         stage=getattr(record, "stage", None),
+                         run_id=getattr(record, "run_id", None), fields=fields,
+                         created=record.created, exc=exc)
+
+
+def json_line(level: str, msg: str, *, logger: str = "pipeline", stage: str | None = None,
+              run_id: str | None = None, fields: dict[str, Any] | None = None,
+              created: float | None = None, exc: str | None = None) -> str:
+    """One log object: ts, level, stage, run_id, logger, msg, fields (and exc). The CLI's own
+    error lines use it too, so under ``--log-format json`` every stderr line is one object."""
+    when = datetime.fromtimestamp(created, UTC) if created is not None else datetime.now(UTC)
+    out: dict[str, Any] = {
+        "ts": when.isoformat(timespec="milliseconds"),
+        "level": level,
+        "stage": stage,
+        "run_id": run_id,
+        "logger": logger,
+        "msg": msg,
+        "fields": fields or {},
+    }
+    if exc:
+        out["exc"] = exc
+    return json.dumps(out, default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .app import App
 from .errors import LockBusy, PipelineError, ValidationError
+from .logs import json_line
 from .runner import RunRecord
 
 
@@ -76,11 +77,10 @@ def stage_record(app: App, record: RunRecord) -> int:
     if app.json:
         print_json(record.to_json())
     elif record.error:
-        click.echo(f"pipeline {record.stage}: error: {record.error}", err=True)
         problems = record.extra.get("problems")
-        if isinstance(problems, list):
-            for problem in problems:
-                click.echo(f"  - {problem}", err=True)
+        stderr_error(app, f"pipeline {record.stage}: error: {record.error}",
+                     problems if isinstance(problems, list) else [], stage=record.stage,
+                     run_id=record.run_id, exit_code=record.exit_code)
     elif app.verbosity >= 0:
         head = f"{record.stage}: {record.status} in {record.duration_ms} ms (run {record.run_id})"
         click.echo(head + (f": {record.message}" if record.message else ""))
@@ -112,8 +112,22 @@ def error(app: App, exc: PipelineError, *, command: str | None = None) -> None:
         print_json(obj)
         return
     where = f"pipeline {command}" if command else "pipeline"
-    click.echo(f"{where}: error: {message}", err=True)
-    if isinstance(exc, ValidationError):
-        for problem in exc.problems:
-            click.echo(f"  - {app.redact(problem)}", err=True)
+    problems = [app.redact(p) for p in exc.problems] if isinstance(exc, ValidationError) else []
+    stderr_error(app, f"{where}: error: {message}", problems, stage=command,
+                 exit_code=exc.exit_code)
+
+
+def stderr_error(app: App, line: str, problems: Sequence[str] = (), *, stage: str | None = None,
+                 run_id: str | None = None, level: str = "error", **fields: Any) -> None:
+    """An error line (and its problems, indented) on stderr; under ``--log-format json`` one
+    log object instead, so every stderr line parses as JSON."""
+    if app.log_format == "json":
+        if problems:
+            fields["problems"] = list(problems)
+        click.echo(json_line(level, line, logger="pipeline.cli", stage=stage, run_id=run_id,
+                             fields=fields), err=True)
+    else:
+        click.echo(line, err=True)
+        for problem in problems:
+            click.echo(f"  - {problem}", err=True)
     sys.stderr.flush()

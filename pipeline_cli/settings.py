@@ -17,7 +17,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -225,18 +224,16 @@ class Settings:
         return value
 
     def secrets(self) -> list[str]:
-        """Every secret value (and the password inside any URL) for log redaction."""
+        """Every secret value (and the password inside any URL or conninfo) for redaction."""
         found: list[str] = []
-        for section, key, value, secret in _iter_values(self):
+        for _section, _key, value, secret in _iter_values(self):
             if value in (None, "") or not isinstance(value, str):
                 continue
             if secret:
                 found.append(value)
-            password = urlsplit(value).password if "://" in value else None
-            if password:
-                found.append(password)
-            del section, key
-        return sorted(set(found), key=len, reverse=True)
+            found += [(m.group("pw") or m.group("pw2") or "").strip("'")
+                      for m in _PASSWORDS.finditer(value)]
+        return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         return redact(text, self.secrets())
@@ -257,32 +254,6 @@ def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
 
 
-def mask_url(url: str) -> str:
-    """``scheme://user:***@host/...``: the URL with its password masked."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-# ``password=VALUE`` in a libpq conninfo string (VALUE bare or single-quoted with \\ escapes)
-# or in a URL's query string (libpq accepts ``postgresql://db/app?password=...`` too).
-_PASSWORD_PARAM = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#]+)")
-
-
-def mask_password(text: str) -> str:
-    """The connection string with only its password masked: ``password=***`` in a libpq
-    conninfo (``host=db dbname=app password=***``), ``user:***@`` in a URL's userinfo."""
-    if "://" in text:
-        text = mask_url(text)
-    return _PASSWORD_PARAM.sub(r"\1***", text)
-
-
 def is_conninfo(text: str) -> bool:
     """True for a libpq key=value connection string naming a server or database."""
     if "=" not in text or "://" in text:
@@ -298,11 +269,12 @@ def display_value(value: Any, secret: bool) -> str:
     if value is None:
         return "(unset)"
     if isinstance(value, str) and "://" in value:
-        if secret and mask_url(value) == value and not value.startswith(("postgres", "redis")):
+        masked = mask_passwords(value)
+        if secret and masked == value and not value.startswith(("postgres", "redis")):
             return "***"  # a URL that is itself the secret (e.g. a heartbeat token URL)
-        return mask_password(value)
+        return masked
     if secret and isinstance(value, str) and is_conninfo(value):
-        return mask_password(value)  # host and dbname stay visible: which database it is
+        return mask_passwords(value)  # host and dbname stay visible: which database it is
     if secret:
         return "***"
     if isinstance(value, (dict, list)):
@@ -310,11 +282,47 @@ def display_value(value: Any, secret: bool) -> str:
     return str(value)
 
 
+# Where a password sits is known from the text's structure: the userinfo of any URL
+# (postgresql://, redis://, http://: ``scheme://user:PASSWORD@``) and libpq's ``password=``
+# (conninfo strings and URL query parameters). Only the password part is replaced.
+_PASSWORDS = re.compile(
+    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@]*:(?P<pw>[^\s/?#]*)@"
+    r"|\bpassword\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)",
+    re.IGNORECASE,
+)
+
+# A secret value shorter than this is never searched for in free text: with a password "o",
+# "sync-odata" became "sync-***data", and the mask itself told where the password was. Such a
+# secret is masked only where its place is known (above) and settings are shown by name. The
+# same length is the floor of the test suite's leak scanner (testing.reliability.find_secrets).
+MIN_SEARCHED_SECRET = 6
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with every URL userinfo password and libpq ``password=`` value as ``***``."""
+    def mask(m: re.Match[str]) -> str:
+        group = "pw" if m.group("pw") is not None else "pw2"
+        start, end = m.start(group) - m.start(), m.end(group) - m.start()
+        return m.group(0)[:start] + "***" + m.group(0)[end:]
+
+    return _PASSWORDS.sub(mask, text)
+
+
 def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    """Mask passwords where the text's structure places them, and each secret value of at
+    least MIN_SEARCHED_SECRET characters where it stands as a whole value (a token, a URL
+    component), never inside a longer word. Nothing else in ``text`` changes."""
+    text = mask_passwords(text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SEARCHED_SECRET:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
     return text
+
+
+def secret_env_names() -> list[str]:
+    """The environment variables of every secret setting (for redaction without settings)."""
+    return [env_name(section, f.name) for section, cls in _section_types().items()
+            for f in dataclasses.fields(cls) if f.metadata.get("secret")]
 
 
 def _section_types() -> dict[str, type]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from pipeline_cli.errors import ConfigError
-from pipeline_cli.settings import load_settings, markdown_reference, mask_url
+from pipeline_cli.settings import load_settings, markdown_reference, mask_passwords
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -69,8 +72,8 @@ def test_require_names_env_variable() -> None:
 
 
 def test_mask_url_and_redaction() -> None:
-    assert mask_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
-    assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert mask_passwords("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert mask_passwords("redis://h:6379/0") == "redis://h:6379/0"
     s = load_settings(None, {
         "PIPELINE_DATABASE_URL": "postgresql://u:topsecret@h/db",
         "PIPELINE_S3_SECRET_KEY": "s3secretvalue",
@@ -84,6 +87,36 @@ def test_mask_url_and_redaction() -> None:
     assert shown["database.url"] == "postgresql://u:***@h/db"
     assert shown["s3.secret_key"] == "***"
     assert shown["odata.token"] == "***"
+
+
+@pytest.mark.parametrize("secret", ["o", "in"])
+def test_short_secrets_leave_ordinary_text_alone(secret: str) -> None:
+    s = load_settings(None, {
+        "PIPELINE_ODATA_PASSWORD": secret, "PIPELINE_S3_SECRET_KEY": secret,
+        "PIPELINE_DATABASE_URL": f"postgresql://u:{secret}@h/db",
+    })
+    text = ("sync-odata has never succeeded: no dataset yet\n"
+            "Stops: 400 rows in 1 pages; done in 2 s (info)")
+    assert s.redact(text) == text
+    # where the structure says "this is a password", it is masked whatever its length
+    assert s.redact(f"at postgresql://u:{secret}@h/db, redis://:{secret}@r:6379/0 and "
+                    f"host=h password={secret} dbname=d") == (
+        "at postgresql://u:***@h/db, redis://:***@r:6379/0 and host=h password=*** dbname=d")
+
+
+def test_long_secrets_are_masked_as_whole_values(conn: psycopg.Connection[Any]) -> None:
+    token = "tok-" + secrets.token_urlsafe(16)
+    s = load_settings(None, {"PIPELINE_ODATA_TOKEN": token,
+                             "PIPELINE_REDIS_URL": "redis://:r3dis-Pass-77@127.0.0.1:6379/0"})
+    with pytest.raises(psycopg.Error) as err:  # a driver's exception that quotes the value
+        conn.execute("SELECT %s::int", (token,))
+    assert token in str(err.value)
+    assert s.redact(str(err.value)) == str(err.value).replace(token, "***")
+    assert s.redact("AUTH r3dis-Pass-77 failed") == "AUTH *** failed"
+    assert s.redact(f"GET http://etl:{token}@odata/x?password={token}&a=1") == (
+        "GET http://etl:***@odata/x?password=***&a=1")
+    # part of a longer word is not the value: left as it is
+    assert s.redact(f"x{token}y") == f"x{token}y"
 
 
 def test_every_setting_is_documented() -> None:

@@ -17,15 +17,16 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
-from ..errors import BackupError
+from ..errors import BackupError, service_error
 
 T = TypeVar("T")
 
 
 class BackupStore:
-    def __init__(self, client: Minio, bucket: str) -> None:
+    def __init__(self, client: Minio, bucket: str, endpoint: str = "") -> None:
         self.client = client
         self.bucket = bucket
+        self.endpoint = endpoint  # host:port, for messages
         self._bucket_checked = False
         # Uploads run in several threads; the first ones must not all try to create the
         # bucket at once (SeaweedFS answered one of them NoSuchBucket meanwhile).
@@ -47,19 +48,17 @@ class BackupStore:
         except ValueError as exc:  # a malformed endpoint, e.g. a port that is not a number
             http.clear()
             raise BackupError(f"S3 endpoint {endpoint!r} is unusable: {exc}") from None
-        return cls(client, bucket)
+        return cls(client, bucket, endpoint)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except S3Error as exc:
-            raise BackupError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
+            raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
+                                f"{exc.code}: {exc.message}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            cause: BaseException = exc
-            if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-                cause = exc.reason  # the cause, not urllib3's wrapper around it
-            text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-            raise BackupError(f"S3 {what} failed: {text}") from None
+            raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
+                                exc) from None
 
     def ensure_bucket(self) -> None:
         if self._bucket_checked:
@@ -127,9 +126,11 @@ class BackupStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 return False
-            raise BackupError(f"S3 stat of {key} failed: {exc.code}") from None
+            raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
+                                exc.code) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackupError(f"S3 stat of {key} failed: {exc}") from None
+            raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
+                                exc) from None
 
     def list(self, prefix: str) -> Iterator[str]:
         objects = self._call(f"listing of {prefix}", lambda: list(

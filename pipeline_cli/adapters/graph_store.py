@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from ..errors import PipelineError, RedisError
+from ..errors import PipelineError, RedisError, service_error
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
@@ -72,13 +72,15 @@ def _glob_escape(text: str) -> str:
 
 
 @contextmanager
-def wrap_errors(what: str) -> Iterator[None]:
-    """Turn redis-py errors raised inside the block into RedisError."""
+def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
+    """Turn redis-py errors raised inside the block into RedisError naming the server."""
     try:
         yield
     except redis.exceptions.RedisError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RedisError(f"Redis error while {what}: {text}") from exc
+        kw = client.connection_pool.connection_kwargs
+        where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', 6379)}"
+        raise service_error(RedisError, "Redis", str(where), f"failed while {what}",
+                            exc) from None
 
 
 class GraphReader:
@@ -103,7 +105,7 @@ class GraphReader:
         return self.key(version, "adj", stop_id)
 
     def active_version(self) -> str | None:
-        with wrap_errors("reading the active graph pointer"):
+        with wrap_errors(self.client, "reading the active graph pointer"):
             raw = self.client.get(self.pointer_key)
         return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -116,14 +118,14 @@ class GraphReader:
         return version
 
     def meta(self, version: str) -> dict[str, str] | None:
-        with wrap_errors(f"reading the metadata of graph {version}"):
+        with wrap_errors(self.client, f"reading the metadata of graph {version}"):
             raw = self.client.hgetall(self.meta_key(version))
         if not raw:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
 
     def is_complete(self, version: str) -> bool:
-        with wrap_errors(f"checking graph {version}"):
+        with wrap_errors(self.client, f"checking graph {version}"):
             return bool(self.client.exists(self.meta_key(version)))
 
     def neighbors_many(self, version: str, stop_ids: list[str]) -> dict[str, list[Edge] | None]:
@@ -133,7 +135,7 @@ class GraphReader:
         """
         if not stop_ids:
             return {}
-        with wrap_errors(f"reading neighbours in graph {version}"):
+        with wrap_errors(self.client, f"reading neighbours in graph {version}"):
             pipe = self.client.pipeline(transaction=False)
             pipe.mget([self.adj_key(version, s) for s in stop_ids])
             pipe.exists(self.meta_key(version))
@@ -184,12 +186,12 @@ class GraphStore(GraphReader):
 
     def registered(self) -> list[str]:
         """Versions present in Redis, newest (written or activated last) first."""
-        with wrap_errors("reading the graph registry"):
+        with wrap_errors(self.client, "reading the graph registry"):
             members = self.client.zrevrange(self.registry_key, 0, -1)
         return [_text(m) for m in members]
 
     def is_registered(self, version: str) -> bool:
-        with wrap_errors("reading the graph registry"):
+        with wrap_errors(self.client, "reading the graph registry"):
             return self.client.zscore(self.registry_key, version) is not None
 
     def write_version(
@@ -206,7 +208,7 @@ class GraphStore(GraphReader):
         that :meth:`cleanup_orphans` finds. ``after_chunk(keys_written)`` runs after every
         pipelined flush (progress, and fault injection in tests).
         """
-        with wrap_errors(f"registering graph {version}"):
+        with wrap_errors(self.client, f"registering graph {version}"):
             self.client.zadd(self.registry_key, {version: time.time()})
         written = 0
         batch: dict[str, str] = {}
@@ -225,13 +227,13 @@ class GraphStore(GraphReader):
             k: "" if v is None else str(v) for k, v in meta.items()}
         fields.setdefault("format", FORMAT)
         fields.setdefault("version", version)
-        with wrap_errors(f"writing the metadata of graph {version}"):
+        with wrap_errors(self.client, f"writing the metadata of graph {version}"):
             self.client.hset(self.meta_key(version), mapping=fields)
         return written
 
     def _flush(self, version: str, batch: dict[str, str]) -> int:
         items = list(batch.items())
-        with wrap_errors(f"writing graph {version}"):
+        with wrap_errors(self.client, f"writing graph {version}"):
             pipe = self.client.pipeline(transaction=False)
             for i in range(0, len(items), _MSET_BATCH):
                 pipe.mset(dict(items[i:i + _MSET_BATCH]))
@@ -242,7 +244,7 @@ class GraphStore(GraphReader):
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
         previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
         want = "*" if expected == "*" else ("" if expected is None else str(expected))
-        with wrap_errors(f"switching the active graph to {version}"):
+        with wrap_errors(self.client, f"switching the active graph to {version}"):
             code, previous = self.client.eval(
                 self._SWITCH, 3, self.pointer_key, self.meta_key(version), self.registry_key,
                 version, want, repr(time.time()))
@@ -261,7 +263,7 @@ class GraphStore(GraphReader):
 
     def clear_active(self, *, expected: str) -> bool:
         """Unset the pointer if it still holds ``expected`` (undoing a first-ever switch)."""
-        with wrap_errors("clearing the active graph pointer"):
+        with wrap_errors(self.client, "clearing the active graph pointer"):
             return bool(self.client.eval(self._CLEAR, 1, self.pointer_key, expected))
 
     def delete_version(self, version: str) -> int:
@@ -272,7 +274,7 @@ class GraphStore(GraphReader):
         """
         removed = 0
         pattern = _glob_escape(self.key(version)) + ":*"
-        with wrap_errors(f"removing graph {version}"):
+        with wrap_errors(self.client, f"removing graph {version}"):
             removed += int(self.client.unlink(self.meta_key(version)))
             batch: list[bytes] = []
             for key in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH):
@@ -310,5 +312,5 @@ class GraphStore(GraphReader):
     def version_keys(self, version: str) -> int:
         """How many keys ``version`` has (SCAN; for tests and diagnostics, not the hot path)."""
         pattern = _glob_escape(self.key(version)) + ":*"
-        with wrap_errors(f"counting the keys of graph {version}"):
+        with wrap_errors(self.client, f"counting the keys of graph {version}"):
             return sum(1 for _ in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH))

@@ -31,7 +31,7 @@ from tenacity import (
     wait_random,
 )
 
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, service_error
 from ..readahead import ReadAhead
 from .odata_format import unwrap_page
 
@@ -333,7 +333,8 @@ class ODataClient:
             return retrying(self._get_once, url, what)
         except _Retryable as exc:
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
-            raise SourceError(f"OData {what}: {exc.message}{tries}") from None
+            raise service_error(SourceError, "OData", self.service_url, what,
+                                f"{exc.message}{tries}") from None
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -348,7 +349,8 @@ class ODataClient:
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(_transport_text(exc)) from None
         except requests.RequestException as exc:
-            raise SourceError(f"OData {what}: {_transport_text(exc)}") from None
+            raise service_error(SourceError, "OData", self.service_url, what,
+                                _transport_text(exc)) from None
         with resp:
             content_type = resp.headers.get("Content-Type", "")
             if resp.status_code >= 300:
@@ -364,7 +366,7 @@ class ODataClient:
                     raise _Retryable(line, after)
                 hint = " (check [odata] username/password/token)" if resp.status_code in (
                     401, 403) else ""
-                raise SourceError(f"OData {what}: {line}{hint}")
+                raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what, limit=self.max_response_bytes)
         if "html" in content_type.lower():
             raise SourceError(f"OData {what}: expected JSON, got {content_type.split(';')[0]} "

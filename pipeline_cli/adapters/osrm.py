@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from .. import polyline
-from ..errors import OsrmError
+from ..errors import OsrmError, service_error
 
 LatLon = tuple[float, float]
 
@@ -49,7 +49,8 @@ class OsrmNoMatch(OsrmError):
 
 
 class _Transient(Exception):
-    """A failure worth retrying (wrapped so tenacity retries only these)."""
+    """A failure worth retrying (wrapped so tenacity retries only these); ``args[0]`` is the
+    driver's exception or a short text such as ``HTTP 503``."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ class OsrmClient:
                                 "generate_hints": "false", "continue_straight": "true"})
         routes = body.get("routes")
         if not isinstance(routes, list) or not routes:
-            raise OsrmError(f"OSRM /route answered without routes: {str(body)[:200]}")
+            raise service_error(OsrmError, "OSRM", self.base_url, "/route answered without routes",
+                                str(body))
         route: dict[str, Any] = routes[0]
         route["coordinates"] = polyline.decode(str(route.get("geometry", "")))
         return route
@@ -206,11 +208,12 @@ class OsrmClient:
                 with attempt:
                     return self._once(url, params)
         except _Transient as exc:
-            raise OsrmUnavailable(
-                f"OSRM at {self.base_url} unavailable after {self.retries} attempt(s): {exc}"
-            ) from None
+            tries = f" after {self.retries} attempts" if self.retries > 1 else ""
+            raise service_error(OsrmUnavailable, "OSRM", self.base_url,
+                                f"unavailable{tries}", exc.args[0]) from None
         except RetryError as exc:  # pragma: no cover - reraise=True makes this unreachable
-            raise OsrmUnavailable(f"OSRM at {self.base_url} unavailable: {exc}") from None
+            raise service_error(OsrmUnavailable, "OSRM", self.base_url, "unavailable",
+                                exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _once(self, url: str, params: dict[str, str]) -> dict[str, Any]:
@@ -219,20 +222,23 @@ class OsrmClient:
         try:
             response = self.session.get(url, params=params, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Transient(_short(exc)) from None
+            raise _Transient(exc) from None
         except requests.RequestException as exc:
-            raise OsrmError(f"OSRM request failed: {_short(exc)}") from None
+            raise service_error(OsrmError, "OSRM", self.base_url, "request failed",
+                                exc) from None
         with response:
             if response.status_code >= 500:
-                raise _Transient(f"HTTP {response.status_code} {response.text[:200]!r}")
+                raise _Transient(f"HTTP {response.status_code} {response.text[:200]}")
             try:
                 body = response.json()
             except ValueError:
-                raise OsrmError(
-                    f"OSRM answered HTTP {response.status_code} with a non-JSON body "
-                    f"{response.text[:200]!r}") from None
+                raise service_error(
+                    OsrmError, "OSRM", self.base_url,
+                    f"answered HTTP {response.status_code} with a non-JSON body",
+                    response.text[:2000]) from None
         if not isinstance(body, dict):
-            raise OsrmError(f"OSRM answered with unexpected JSON {str(body)[:200]}")
+            raise service_error(OsrmError, "OSRM", self.base_url, "answered with unexpected JSON",
+                                str(body)[:2000])
         code = str(body.get("code", ""))
         if code == "Ok":
             return body
@@ -241,12 +247,8 @@ class OsrmClient:
             raise OsrmTooBig(f"OSRM TooBig: {message}", code=code)
         if code in ("NoMatch", "NoSegment"):
             raise OsrmNoMatch(f"OSRM {code}: {message}", code)
-        raise OsrmError(f"OSRM {code or 'error'}: {message}", code=code)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+        raise service_error(OsrmError, "OSRM", self.base_url, f"answered {code or 'an error'}",
+                            message, code=code)
 
 
 def _parse_match(body: dict[str, Any]) -> MatchResult:

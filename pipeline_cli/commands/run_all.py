@@ -18,11 +18,15 @@ def show(app: App, record: RunRecord) -> int:
     if app.json:
         render.print_json(record.to_json())
         return record.exit_code
+    stages = record.extra.get("stages", {})
+    if record.error and app.log_format == "json":  # the whole story in one log object
+        render.stderr_error(app, f"pipeline run-all: error: {record.error}", stage="run-all",
+                            run_id=record.run_id, exit_code=record.exit_code, stages=stages)
+        return record.exit_code
     if record.error:
         click.echo(f"pipeline run-all: error: {record.error}", err=True)
     elif app.verbosity < 0:
         return record.exit_code
-    stages = record.extra.get("stages", {})
     click.echo(f"run-all: {record.status} in {record.duration_ms} ms (run {record.run_id})",
                err=bool(record.error))
     table = Table()

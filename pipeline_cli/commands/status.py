@@ -108,7 +108,8 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
             click.echo(app.redact(line))
         raise click.exceptions.Exit(code)
     if report is None:  # only --prometheus: the metrics say "down"; the exit code says why
-        click.echo(f"pipeline status: error: {error}", err=True)
+        render.stderr_error(app, f"pipeline status: error: {error}", stage="status",
+                            exit_code=LEVELS[UNKNOWN])
         raise click.exceptions.Exit(LEVELS[UNKNOWN])
     if app.json:
         render.print_json(report.to_json())

@@ -94,7 +94,7 @@ def match_gps(
                              and not counts["batches_completed"] else None)
     if cause is not None:
         raise OsrmUnavailable(
-            f"stopped: OSRM unavailable ({cause}); "
+            f"stopped: {cause}; "
             f"{counts['batches_failed'] + counts['batches_dead']} batch(es) failed and will "
             "be retried", partial=result)
     return result

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.errors import BackupError
+from pipeline_cli.testing.procs import free_port
 from pipeline_cli.testing.services import S3Endpoint
 
 pytestmark = pytest.mark.s3
@@ -25,3 +27,15 @@ def test_concurrent_first_uploads_create_the_bucket_once(s3: S3Endpoint, s3_buck
     with ThreadPoolExecutor(len(files)) as pool:
         list(pool.map(lambda p: store.put_file(f"t/{p.name}", str(p)), files))
     assert sorted(store.list("t/")) == sorted(f"t/{p.name}" for p in files)
+
+
+def test_s3_down_is_one_short_line_naming_the_endpoint(s3: S3Endpoint, s3_bucket: str) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there: a stopped S3
+    store = BackupStore.connect(endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, timeout=2)
+    with pytest.raises(BackupError) as err:
+        store.put_json("datasets/ds-v1/manifest.json", {"a": 1})
+    message = str(err.value)
+    assert message.startswith(f"S3 {endpoint} ") and message.endswith(": connection refused")
+    assert "\n" not in message and len(message) < 200
+    assert s3.secret_key not in message and "X-Amz" not in message and "?" not in message

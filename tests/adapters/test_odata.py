@@ -16,7 +16,7 @@ from pipeline_cli.adapters.odata_format import (
     parse_time,
     resolve_mapping,
 )
-from pipeline_cli.errors import ConfigError, SourceError
+from pipeline_cli.errors import ConfigError, SourceError, endpoint
 from pipeline_cli.testing.odata_server import (
     ODataServer,
     connection_reset,
@@ -111,7 +111,7 @@ def test_retries_give_up_with_one_line(v4: ODataServer) -> None:
     v4.add_fault(truncated_json(content_length=False), entity_set="Stops", times=None)
     with client(v4, retries=3) as c, pytest.raises(SourceError) as err:
         fetch(c)
-    assert str(err.value).startswith("OData Stops page 1: malformed JSON")
+    assert str(err.value).startswith(f"OData {endpoint(v4.url)} Stops page 1: malformed JSON")
     assert str(err.value).endswith("after 3 attempts")
     assert v4.request_count("Stops") == 3
 
@@ -121,7 +121,8 @@ def test_other_4xx_fail_at_once_with_the_odata_error(v4: ODataServer, code: int)
     v4.add_fault(status(code, message="No such\nthing"), entity_set="Stops")
     with client(v4) as c, pytest.raises(SourceError) as err:
         fetch(c)
-    assert str(err.value) == f"OData Stops page 1: HTTP {code} Injected{code}: No such thing"
+    assert str(err.value) == (f"OData {endpoint(v4.url)} Stops page 1: HTTP {code} "
+                              f"Injected{code}: No such thing")
     assert v4.request_count("Stops") == 1
 
 
@@ -129,8 +130,8 @@ def test_v2_error_body_is_one_line() -> None:
     with ODataServer(DATA, version="v2") as srv, client(srv) as c, \
             pytest.raises(SourceError) as err:
         fetch(c, "NoSuchSet")
-    assert str(err.value) == ("OData NoSuchSet page 1: HTTP 404 NotFound: Resource not found "
-                              "for the segment 'NoSuchSet'")
+    assert str(err.value) == (f"OData {endpoint(srv.url)} NoSuchSet page 1: HTTP 404 NotFound: "
+                              "Resource not found for the segment 'NoSuchSet'")
 
 
 def test_error_line_of_non_odata_bodies() -> None:

@@ -72,6 +72,17 @@ def test_connection_errors_are_retried_then_wrapped() -> None:
         assert c.requests == 3
 
 
+def test_osrm_down_is_one_short_line_naming_the_endpoint() -> None:
+    base = f"http://127.0.0.1:{free_port()}"
+    trace = [(60.17 + i * 1e-4, 24.94 + i * 1e-4) for i in range(100)]  # a long polyline
+    with (OsrmClient(base, retries=2, retry_wait_max=0.05) as c,
+          pytest.raises(OsrmUnavailable) as err):
+        c.match(trace, list(range(0, 500, 5)), 5.0)
+    message = str(err.value)
+    assert message == f"OSRM {base} unavailable after 2 attempts: connection refused"
+    assert "\n" not in message and len(message) < 200 and "polyline" not in message
+
+
 def test_blocked_proxy_then_back(osrm_url: str) -> None:
     with CountingHttpProxy(osrm_url) as proxy, OsrmClient(proxy.url, retries=2,
                                                           retry_wait_max=0.05) as c:

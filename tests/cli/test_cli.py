@@ -84,7 +84,7 @@ def test_unreachable_database_masks_password(run_cli: Cli) -> None:
     result = run_cli.subprocess("status")
     assert result.returncode == 1
     assert "Sekr1t" not in result.stderr + result.stdout
-    assert "u:***@127.0.0.1" in result.stderr
+    assert "PostgreSQL 127.0.0.1:1/x connection failed: connection refused" in result.stderr
 
 
 @pytest.mark.parametrize("args", [("--json", "status"), ("status", "--json")])
@@ -122,3 +122,22 @@ def test_python_dash_m_and_installed_script(run_cli: Cli) -> None:
 
 def test_usage_error_exits_2(run_cli: Cli) -> None:
     assert run_cli.subprocess("no-such-command").returncode == 2
+
+
+@pytest.mark.parametrize("args", [
+    ("sync-odata",),  # refused before the run: no [odata] url
+    ("ingest-gps", "--strict", "{bad}"),  # a recorded failed run with its problems
+    ("match-gps", "--no-such-option"),  # a usage error after the subcommand
+])
+def test_json_log_format_makes_every_stderr_line_json(run_cli: Cli, tmp_path: Path,
+                                                      args: tuple[str, ...]) -> None:
+    bad = tmp_path / "points.csv"
+    bad.write_text("device_id,recorded_at,latitude,longitude\n"
+                   "car-1,2024-01-01T00:00:00Z,91.0,24.94\n")
+    result = run_cli.subprocess("--log-format", "json",
+                                *(a.replace("{bad}", str(bad)) for a in args))
+    assert result.returncode != 0
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1]["level"] == "error", result.stderr
+    assert lines[-1]["msg"].startswith(f"pipeline {args[0]}: error: ")
+    assert lines[-1]["fields"]["exit_code"] == result.returncode

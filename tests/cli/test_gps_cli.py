@@ -19,6 +19,7 @@ import pytest
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.testing import traces
 from pipeline_cli.testing.clirunner import Cli
+from pipeline_cli.testing.procs import free_port
 from pipeline_cli.testing.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
@@ -98,6 +99,26 @@ def test_match_gps_installed_script_json(gps_cli: Cli, conn: psycopg.Connection[
     assert counts["points_processed"] == 18 and out["points_per_second"] > 0
     again = gps_cli.subprocess("match-gps", "--json")
     assert json.loads(again.stdout)["status"] == "noop"
+
+
+def test_osrm_down_gives_one_short_error_line(gps_cli: Cli, conn: psycopg.Connection[Any],
+                                              road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=1, per_device=2)
+    down = f"http://127.0.0.1:{free_port()}"  # a stopped osrm-routed
+    gps_cli.env.update({"PIPELINE_OSRM_URL": down, "PIPELINE_OSRM_RETRIES": "1"})
+    result = gps_cli.subprocess("-v", "match-gps")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    error = lines[-1]
+    assert error.startswith(f"pipeline match-gps: error: stopped: OSRM {down} unavailable: "
+                            "connection refused;"), error
+    assert len(error) < 200
+    # The driver's text (with the request's polyline) is in the debug lines only.
+    assert any("polyline6(" in line for line in lines if " debug " in line)
+    assert not any("polyline" in line for line in lines if " debug " not in line)
+    status = gps_cli.subprocess("status").stdout
+    assert f"OSRM {down} unavailable: connection refused" in status
+    assert "polyline" not in status and max(map(len, status.splitlines())) < 200
 
 
 def test_match_gps_needs_an_osrm_url(run_cli: Cli) -> None:

@@ -57,12 +57,12 @@ def test_check_unknown_when_the_database_is_unreachable(run_cli: Cli) -> None:
     run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://pipeline:s3cret@127.0.0.1:9/nope"
     result = run_cli.subprocess("status", "--check")
     assert result.returncode == 3, result
-    assert result.stdout.startswith("PIPELINE UNKNOWN - cannot connect to PostgreSQL")
+    assert result.stdout.startswith("PIPELINE UNKNOWN - PostgreSQL 127.0.0.1:")
     assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr
     assert "s3cret" not in result.stdout + result.stderr
     # Without --check the normal CLI edge applies: one error line, exit 1.
     plain = run_cli("status")
-    assert plain.exit_code == 1 and "cannot connect" in plain.output
+    assert plain.exit_code == 1 and "connection failed" in plain.output
 
 
 def test_check_unknown_when_unconfigured(run_cli: Cli) -> None:
@@ -110,3 +110,10 @@ def test_human_output_names_the_verdict_and_areas(run_cli: Cli) -> None:
                  "locks"):
         assert word in result.output
     assert "\x1b[" not in result.output  # no colour when not on a terminal
+
+
+def test_short_secrets_do_not_change_the_output(run_cli: Cli) -> None:
+    plain = run_cli("status", "--check").output.split(" | ")[0]
+    assert "sync-odata has never succeeded: no dataset yet" in plain
+    run_cli.env.update({"PIPELINE_ODATA_PASSWORD": "o", "PIPELINE_S3_SECRET_KEY": "in"})
+    assert run_cli("status", "--check").output.split(" | ")[0] == plain

@@ -13,6 +13,7 @@ import pytest
 from pipeline_cli import db
 from pipeline_cli.testing.clirunner import Cli
 from pipeline_cli.testing.odata_server import ODataServer, sample_network
+from pipeline_cli.testing.procs import free_port
 
 pytestmark = pytest.mark.s3
 
@@ -154,3 +155,26 @@ def test_v2_next_links_on_another_host_sync_from_the_configured_one(
             assert conn.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
             row = conn.execute("SELECT name FROM stops WHERE id = '2'").fetchone()
             assert row is not None and row[0] != "Other name"
+
+
+def test_a_two_character_password_is_not_masked_in_ordinary_text(
+        run_cli: Cli, full_env: dict[str, str]) -> None:
+    with ODataServer(sample_network(30), page_size=20, username="etl", password="in") as srv:
+        run_cli.env.update({**full_env, "PIPELINE_ODATA_URL": srv.url,
+                            "PIPELINE_ODATA_USERNAME": "etl", "PIPELINE_ODATA_PASSWORD": "in"})
+        result = run_cli.subprocess("sync-odata")
+    assert result.returncode == 0, result.stderr
+    assert "Stops: 30 rows in 2 pages" in result.stderr
+    assert "***" not in result.stdout + result.stderr
+
+
+def test_s3_down_is_one_line_in_the_error_and_in_status(cli: Cli) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"  # a stopped S3
+    cli.env["PIPELINE_S3_ENDPOINT"] = endpoint
+    result = cli.subprocess("sync-odata")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"pipeline sync-odata: error: S3 {endpoint} "), error
+    assert error.endswith(": connection refused") and len(error) < 200
+    status = cli.subprocess("status").stdout
+    assert f"S3 {endpoint} " in status and max(map(len, status.splitlines())) < 200

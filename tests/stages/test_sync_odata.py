@@ -14,6 +14,7 @@ import pytest
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.db import Database
+from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.stages.sync_odata import (
     list_datasets,
@@ -441,8 +442,8 @@ def test_source_failure_writes_nothing(
     server.add_fault(status(503), entity_set="Flights", times=None)
     rec = sync()
     assert rec.status == "failed"
-    assert rec.error == ("OData Flights page 1: HTTP 503 Injected503: injected fault: "
-                         "HTTP 503 after 5 attempts")
+    assert rec.error == (f"OData {endpoint(server.url)} Flights page 1: HTTP 503 Injected503: "
+                         "injected fault: HTTP 503 after 5 attempts")
     assert table(conn, "stops") == [] and table(conn, "datasets") == []
 
 
