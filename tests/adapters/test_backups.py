@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
-from pipeline_cli.testing.services import S3Endpoint
 
 pytestmark = pytest.mark.s3
 

@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import traces
 from pipeline_cli.adapters.osrm import OsrmClient
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.proxy import CountingHttpProxy
+from tests.support.clirunner import Cli
+from tests.support.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
 

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import Fault
-from pipeline_cli.testing.reliability import Sandbox, run_pipeline
+from devtools.odata_server import Fault
+from tests.support.clirunner import Cli
+from tests.support.reliability import Sandbox, run_pipeline
 
 SandboxFactory = Callable[..., Sandbox]
 FUZZ = settings(deadline=None, derandomize=True, database=None,

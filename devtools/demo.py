@@ -23,9 +23,9 @@ import click
 import psycopg
 from psycopg import sql
 
-from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
-from pipeline_cli.testing.services import LocalServices, ServiceError, default_state_dir
-from pipeline_cli.testing.services import stop_recorded as stop_services
+from devtools.cleanup import drop_bucket, drop_prefix
+from devtools.services import LocalServices, ServiceError, default_state_dir
+from devtools.services import stop_recorded as stop_services
 
 DEMO_DB = "pipeline_demo"
 DEMO_PREFIX = "pipeline-demo"
@@ -62,7 +62,7 @@ def _odata_up(state: Path) -> str:
     url_file.unlink(missing_ok=True)
     log = (state / "logs" / "odata.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline_cli.testing.odata_server", "--sample", "400",
+        [sys.executable, "-m", "devtools.odata_server", "--sample", "400",
          "--port", "0", "--page-size", "500", "--port-file", str(url_file)],
         stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
     )
@@ -141,8 +141,8 @@ def _traces_file(env: dict[str, str]) -> Path:
     path = _state() / "demo" / "traces.csv"
     if path.exists():
         return path
+    from devtools.traces import make_traces
     from pipeline_cli.adapters.osrm import OsrmClient
-    from pipeline_cli.testing.traces import make_traces
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with OsrmClient(env["PIPELINE_OSRM_URL"]) as client:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import quoteattr
 
-from pipeline_cli.testing.odata_data import (
+from devtools.odata_data import (
     GeneratedRows,
     read_feed,
     sample_network,
@@ -1401,7 +1401,7 @@ def _quote(value: str) -> str:
 # -- command line ------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline_cli.testing.odata_server",
+        prog="python -m devtools.odata_server",
         description="Serve a feed file or a generated sample network over OData on 127.0.0.1 "
         "until SIGTERM/SIGINT. Prints the service root URL on stdout.",
     )

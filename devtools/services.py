@@ -33,8 +33,8 @@ from minio import Minio
 from minio.error import MinioException
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from pipeline_cli.testing.osrm_assets import OsrmAssets
-from pipeline_cli.testing.procs import (
+from devtools.osrm_assets import OsrmAssets
+from devtools.procs import (
     LOOPBACK,
     ProcessRecord,
     Registry,
