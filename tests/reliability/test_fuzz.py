@@ -107,7 +107,7 @@ def strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if v is not MISSING} for r in rows]
 
 
-# The fixture server infers its $metadata from the rows; a real service has a fixed schema,
+# The fixture server infers its field types from the rows; a real service has a fixed schema,
 # so it is declared here and only the values are fuzzed.
 TYPES = {
     "Stops": {"ID": "Edm.Int64", "name": "Edm.String", "latitude": "Edm.Double",
