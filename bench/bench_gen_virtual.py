@@ -125,10 +125,10 @@ def _end_to_end(real: gv.RealStops, settings: VirtualSettings, plan: gv.VirtualP
     written in place (a view on ``virtual_stops`` blocks the swap); the PostgreSQL floor
     (COPY and index seconds, between the first generation and the regeneration); and the
     counts."""
+    from devtools.cleanup import drop_bucket
+    from devtools.services import LocalServices
     from pipeline_cli.adapters.backups import BackupStore
     from pipeline_cli.runner import StageRunner
-    from pipeline_cli.testing.cleanup import drop_bucket
-    from pipeline_cli.testing.services import LocalServices
 
     services = LocalServices()
     try:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import scratch_database
+from devtools import traces
+from devtools.services import LocalServices
 from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient, OsrmNoMatch
 from pipeline_cli.db import Database
@@ -28,8 +30,6 @@ from pipeline_cli.gps import stitching
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.services import LocalServices
 
 GOAL = 0.80
 CONCURRENCY = 4

@@ -6,7 +6,7 @@
   exactly once, no point lost, OSRM requests (counted by a proxy) equal to the chunks sent;
 - 8 racing ``pipeline build-graph`` processes: the losers' lock path, from their own start.
 
-The same harness as tests/reliability (pipeline_cli.testing.reliability), real servers only.
+The same harness as tests/reliability (tests.support.reliability), real servers only.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import tempfile
 import time
 from typing import Any
 
-from pipeline_cli.testing.proxy import CountingHttpProxy
-from pipeline_cli.testing.reliability import (
+from devtools.services import LocalServices
+from tests.support.proxy import CountingHttpProxy
+from tests.support.reliability import (
     ForkServer,
     Sandbox,
     add_gps_work,
@@ -28,7 +29,6 @@ from pipeline_cli.testing.reliability import (
     run_released,
     small_network,
 )
-from pipeline_cli.testing.services import LocalServices
 
 STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all")
 

@@ -23,8 +23,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from devtools.cleanup import drop_prefix
 from pipeline_cli import db
-from pipeline_cli.testing.cleanup import drop_prefix
 
 EXE = str(Path(sys.executable).with_name("pipeline"))
 
@@ -42,10 +42,10 @@ def _pipeline(env: dict[str, str], *args: str) -> tuple[float, dict[str, Any]]:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
+    from devtools import traces
+    from devtools.odata_server import ODataServer, sample_network
+    from devtools.services import LocalServices
     from pipeline_cli.adapters.osrm import OsrmClient
-    from pipeline_cli.testing import traces
-    from pipeline_cli.testing.odata_server import ODataServer, sample_network
-    from pipeline_cli.testing.services import LocalServices
 
     repeat = 3
     services = LocalServices()

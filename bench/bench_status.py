@@ -82,7 +82,7 @@ def _time(fn: Any, repeat: int) -> float:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from pipeline_cli.testing.services import LocalServices
+    from devtools.services import LocalServices
 
     points = 1_000_000 if quick else 10_000_000
     runs = 100_000 if quick else 500_000

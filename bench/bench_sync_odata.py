@@ -28,6 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import scratch_database
+from devtools.cleanup import drop_bucket
+from devtools.odata_data import (
+    NetworkShape,
+    change_row,
+    sample_network,
+    write_feed,
+)
+from devtools.services import LocalServices
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
@@ -35,14 +43,6 @@ from pipeline_cli.db import Database
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
 from pipeline_cli.stages.sync_worker import peak_rss_kb
-from pipeline_cli.testing.cleanup import drop_bucket
-from pipeline_cli.testing.odata_data import (
-    NetworkShape,
-    change_row,
-    sample_network,
-    write_feed,
-)
-from pipeline_cli.testing.services import LocalServices
 
 PAGE_SIZE = 1000
 
@@ -69,7 +69,7 @@ def odata_server(*source: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="bench-odata-") as tmp:
         port_file = Path(tmp) / "url"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline_cli.testing.odata_server", *source,
+            [sys.executable, "-m", "devtools.odata_server", *source,
              "--page-size", str(PAGE_SIZE), "--port-file", str(port_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:

@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from devtools.cleanup import drop_bucket, drop_prefix
+from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
-from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.services import LocalServices, S3Endpoint
+from tests.support.clirunner import Cli
 
 REPO = Path(__file__).resolve().parents[1]
 

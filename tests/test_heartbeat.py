@@ -20,7 +20,7 @@ from pipeline_cli.app import App
 from pipeline_cli.commands import pass_app, run_stage
 from pipeline_cli.errors import SourceError
 from pipeline_cli.runner import RunContext, StageResult
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 
 class PingServer:

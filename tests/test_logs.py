@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 
 def test_json_log_lines_carry_stage_and_run_id(run_cli: Cli) -> None:

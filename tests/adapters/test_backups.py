@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.procs import free_port
+from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.errors import BackupError
-from pipeline_cli.testing.procs import free_port
-from pipeline_cli.testing.services import S3Endpoint
 
 pytestmark = pytest.mark.s3
 

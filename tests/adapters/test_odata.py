@@ -8,16 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline_cli.adapters.odata import ODataClient, error_line
-from pipeline_cli.adapters.odata_format import (
-    parse_bool,
-    parse_key,
-    parse_number,
-    parse_time,
-    resolve_mapping,
-)
-from pipeline_cli.errors import ConfigError, SourceError, endpoint
-from pipeline_cli.testing.odata_server import (
+from devtools.odata_server import (
     ODataServer,
     connection_reset,
     delay,
@@ -29,7 +20,16 @@ from pipeline_cli.testing.odata_server import (
     truncated_json,
     wrong_shape,
 )
-from pipeline_cli.testing.proxy import CountingHttpProxy
+from pipeline_cli.adapters.odata import ODataClient, error_line
+from pipeline_cli.adapters.odata_format import (
+    parse_bool,
+    parse_key,
+    parse_number,
+    parse_time,
+    resolve_mapping,
+)
+from pipeline_cli.errors import ConfigError, SourceError, endpoint
+from tests.support.proxy import CountingHttpProxy
 
 DATA = sample_network(40)
 

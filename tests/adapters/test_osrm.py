@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from devtools import traces
+from devtools.procs import free_port
 from pipeline_cli.adapters.osrm import (
     OsrmClient,
     OsrmNoMatch,
@@ -15,9 +17,7 @@ from pipeline_cli.adapters.osrm import (
     clamp_confidence,
 )
 from pipeline_cli.errors import OsrmError
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.procs import free_port
-from pipeline_cli.testing.proxy import CountingHttpProxy
+from tests.support.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
 

@@ -9,10 +9,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.odata_server import ODataServer, sample_network
 from pipeline_cli import db
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.graph_fixtures import Network, add_dataset, add_generation, seed_network
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
+from tests.support.clirunner import Cli
+from tests.support.graph_fixtures import Network, add_dataset, add_generation, seed_network
 
 Conn = psycopg.Connection[dict[str, Any]]
 

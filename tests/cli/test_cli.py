@@ -13,7 +13,7 @@ import pytest
 from pipeline_cli import docs_gen
 from pipeline_cli.cli import cli
 from pipeline_cli.commands import COMMANDS, LazyGroup
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 
 def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:

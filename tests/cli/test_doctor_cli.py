@@ -11,11 +11,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from devtools.odata_server import ODataServer, sample_network
+from devtools.procs import free_port
+from devtools.services import S3Endpoint
 from pipeline_cli import db
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
-from pipeline_cli.testing.procs import free_port
-from pipeline_cli.testing.services import S3Endpoint
+from tests.support.clirunner import Cli
 
 pytestmark = [pytest.mark.s3, pytest.mark.osrm]
 

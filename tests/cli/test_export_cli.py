@@ -13,8 +13,8 @@ import pytest
 
 from pipeline_cli import polyline
 from pipeline_cli.export import BBox
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.graph_fixtures import seed_network
+from tests.support.clirunner import Cli
+from tests.support.graph_fixtures import seed_network
 
 Conn = psycopg.Connection[dict[str, Any]]
 pytestmark = pytest.mark.s3

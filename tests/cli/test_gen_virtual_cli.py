@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 Conn = psycopg.Connection[dict[str, Any]]
 

@@ -16,11 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import traces
+from devtools.procs import free_port
 from pipeline_cli.adapters.osrm import OsrmClient
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.procs import free_port
-from pipeline_cli.testing.proxy import CountingHttpProxy
+from tests.support.clirunner import Cli
+from tests.support.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 LONG_DEVICE = "vehicle-" + "0123456789abcdef" * 5  # far wider than an 80-column table cell
 

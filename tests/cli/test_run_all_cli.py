@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from devtools.odata_server import ODataServer, sample_network
 from pipeline_cli import db
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
+from tests.support.clirunner import Cli
 
 pytestmark = [pytest.mark.osrm, pytest.mark.s3]
 

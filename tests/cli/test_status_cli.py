@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline_cli import db
 from pipeline_cli.db import Database
 from pipeline_cli.runner import StageResult, StageRunner
-from pipeline_cli.testing.clirunner import Cli
+from tests.support.clirunner import Cli
 
 
 def good_runs(url: str, *stages: str) -> None:

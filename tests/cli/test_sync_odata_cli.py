@@ -10,10 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.odata_server import ODataServer, sample_network
+from devtools.procs import free_port
 from pipeline_cli import db
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
-from pipeline_cli.testing.procs import free_port
+from tests.support.clirunner import Cli
 
 pytestmark = pytest.mark.s3
 

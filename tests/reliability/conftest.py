@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pipeline_cli.testing import reliability
-from pipeline_cli.testing.reliability import Sandbox, password_role, small_network
-from pipeline_cli.testing.services import LocalServices
+from devtools.services import LocalServices
+from tests.support import reliability
+from tests.support.reliability import Sandbox, password_role, small_network
 
 SandboxFactory = Callable[..., Sandbox]
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from devtools import traces
+from devtools.odata_server import Fault
 from pipeline_cli.adapters.osrm import OsrmClient
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import Fault
-from pipeline_cli.testing.proxy import CountingHttpProxy
-from pipeline_cli.testing.reliability import (
+from tests.support.clirunner import Cli
+from tests.support.proxy import CountingHttpProxy
+from tests.support.reliability import (
     ProcResult,
     Sandbox,
     check_gps,

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline_cli.testing.clirunner import Cli
-from pipeline_cli.testing.odata_server import Fault
-from pipeline_cli.testing.reliability import Sandbox, run_pipeline
+from devtools.odata_server import Fault
+from tests.support.clirunner import Cli
+from tests.support.reliability import Sandbox, run_pipeline
 
 SandboxFactory = Callable[..., Sandbox]
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -107,7 +107,7 @@ def strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if v is not MISSING} for r in rows]
 
 
-# The fixture server infers its $metadata from the rows; a real service has a fixed schema,
+# The fixture server infers its field types from the rows; a real service has a fixed schema,
 # so it is declared here and only the values are fuzzed.
 TYPES = {
     "Stops": {"ID": "Edm.Int64", "name": "Edm.String", "latitude": "Edm.Double",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_cli.testing.reliability import (
+from tests.support.reliability import (
     ForkServer,
     Sandbox,
     check_graph,

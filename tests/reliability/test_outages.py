@@ -15,10 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.odata_server import Fault
+from devtools.services import LocalServices
 from pipeline_cli import db
-from pipeline_cli.testing.odata_server import Fault
-from pipeline_cli.testing.proxy import CountingHttpProxy, TcpProxy
-from pipeline_cli.testing.reliability import (
+from tests.support.proxy import CountingHttpProxy, TcpProxy
+from tests.support.reliability import (
     ForkServer,
     ProcResult,
     Sandbox,
@@ -27,7 +28,6 @@ from pipeline_cli.testing.reliability import (
     small_network,
     stop_restarted_postgres,
 )
-from pipeline_cli.testing.services import LocalServices
 
 SandboxFactory = Callable[..., Sandbox]
 RETRIES = 3

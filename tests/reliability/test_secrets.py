@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from pipeline_cli import db
-from pipeline_cli.testing.proxy import TcpProxy
-from pipeline_cli.testing.reliability import (
+from tests.support.proxy import TcpProxy
+from tests.support.reliability import (
     ForkServer,
     ProcResult,
     Sandbox,

@@ -21,6 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
 from pipeline_cli.db import Database
@@ -36,7 +37,7 @@ from pipeline_cli.stages.build_graph import (
     shortest_path,
     status_section,
 )
-from pipeline_cli.testing.graph_fixtures import (
+from tests.support.graph_fixtures import (
     SPEEDS_KMH,
     Network,
     add_generation,
@@ -45,8 +46,7 @@ from pipeline_cli.testing.graph_fixtures import (
     seed_network,
     to_networkx,
 )
-from pipeline_cli.testing.proxy import TcpProxy
-from pipeline_cli.testing.services import S3Endpoint
+from tests.support.proxy import TcpProxy
 
 Conn = psycopg.Connection[dict[str, Any]]
 

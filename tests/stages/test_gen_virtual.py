@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from devtools.services import S3Endpoint
 from pipeline_cli import geo
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
@@ -19,7 +20,6 @@ from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import VirtualSettings
 from pipeline_cli.stages import gen_virtual
 from pipeline_cli.stages.gen_virtual import generate, status_section
-from pipeline_cli.testing.services import S3Endpoint
 
 Conn = psycopg.Connection[dict[str, Any]]
 Stop = tuple[str, float, float, bool, str | None]
@@ -429,7 +429,7 @@ def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
 
 def test_the_kill_checker_sees_a_table_left_from_a_generation(
         conn: Conn, run: Callable[..., RunRecord], backups: BackupStore) -> None:
-    from pipeline_cli.testing.reliability import check_virtual
+    from tests.support.reliability import check_virtual
 
     add_dataset(conn, helsinki_stops())
     assert run().status == "success"

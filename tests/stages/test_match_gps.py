@@ -1,7 +1,7 @@
 """match-gps against real PostgreSQL and a real osrm-routed on the Helsinki extract.
 
 Traces are synthetic: routed between random points, sampled every 1-3 s, moved 5-8 m, so the
-true path is known (pipeline_cli.testing.traces).
+true path is known (devtools.traces).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import traces
+from devtools.services import LocalServices
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.db import Database
@@ -22,9 +24,7 @@ from pipeline_cli.gps import batches, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.proxy import CountingHttpProxy
-from pipeline_cli.testing.services import LocalServices
+from tests.support.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
 

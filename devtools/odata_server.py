@@ -13,12 +13,10 @@ import collections
 import contextlib
 import datetime as dt
 import decimal
-import hashlib
 import hmac
 import json
 import random
 import re
-import secrets
 import signal
 import socket
 import struct
@@ -32,9 +30,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
-from xml.sax.saxutils import quoteattr
 
-from pipeline_cli.testing.odata_data import (
+from devtools.odata_data import (
     GeneratedRows,
     read_feed,
     sample_network,
@@ -191,140 +188,32 @@ def _bad_request(message: str, code: str = "BadRequest") -> _ODataError:
 
 
 # -- $filter -----------------------------------------------------------------------------
-_TOKEN_RE = re.compile(
-    r"""\s*(?:
-        (?P<string>'(?:[^']|'')*')
-      | (?P<dtlit>datetime(?:offset)?'[^']*')
-      | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[dDmMfFlL]?)(?![\w.])
-      | (?P<paren>[()])
-      | (?P<word>[A-Za-z_$][\w/.$]*)
-      | (?P<other>\S)
-    )""",
-    re.VERBOSE,
+# Only what the mapping tests send: one comparison, ``<property> eq|ne <literal>``.
+_FILTER_RE = re.compile(
+    r"\s*(?P<name>[A-Za-z_]\w*)\s+(?P<op>eq|ne)\s+"
+    r"(?P<literal>'(?:[^']|'')*'|-?\d+(?:\.\d+)?|true|false|null)\s*"
 )
-_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
-    "gt": lambda a, b: a > b,
-    "ge": lambda a, b: a >= b,
-    "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b,
-}
-_NUMERIC_TYPES = {"Edm.Int16", "Edm.Int32", "Edm.Int64", "Edm.Double", "Edm.Decimal", "Edm.Byte"}
 Predicate = Callable[[Row], bool]
 
 
-class _FilterParser:
-    """Recursive descent over the supported subset: comparisons, and, or, not, parentheses."""
-
-    def __init__(self, text: str, types: Mapping[str, str]) -> None:
-        self.types = types
-        self.tokens: list[tuple[str, str]] = []
-        for m in _TOKEN_RE.finditer(text):
-            kind = m.lastgroup
-            if kind is not None:  # "other" tokens fail where the parser meets them
-                self.tokens.append((kind, m.group(kind)))
-        self.pos = 0
-
-    def parse(self) -> Predicate:
-        if not self.tokens:
-            raise _bad_request("$filter is empty")
-        pred = self._or()
-        if self.pos != len(self.tokens):
-            raise _bad_request(f"Syntax error in $filter at '{self.tokens[self.pos][1]}'")
-        return pred
-
-    def _peek(self) -> tuple[str, str] | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def _next(self) -> tuple[str, str]:
-        tok = self._peek()
-        if tok is None:
-            raise _bad_request("Unexpected end of $filter")
-        self.pos += 1
-        return tok
-
-    def _keyword(self, word: str) -> bool:
-        tok = self._peek()
-        if tok is not None and tok[0] == "word" and tok[1] == word:
-            self.pos += 1
-            return True
-        return False
-
-    def _or(self) -> Predicate:
-        parts = [self._and()]
-        while self._keyword("or"):
-            parts.append(self._and())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda row: any(p(row) for p in parts)
-
-    def _and(self) -> Predicate:
-        parts = [self._unary()]
-        while self._keyword("and"):
-            parts.append(self._unary())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda row: all(p(row) for p in parts)
-
-    def _unary(self) -> Predicate:
-        if self._keyword("not"):
-            inner = self._unary()
-            return lambda row: not inner(row)
-        tok = self._next()
-        if tok == ("paren", "("):
-            inner = self._or()
-            if self._next() != ("paren", ")"):
-                raise _bad_request("Missing ')' in $filter")
-            return inner
-        if tok[0] != "word":
-            raise _bad_request(f"Expected a property name in $filter, got '{tok[1]}'")
-        name = tok[1]
-        after = self._peek()
-        if after == ("paren", "(") or "/" in name:
-            raise _ODataError(
-                400, "NotImplemented", f"$filter function or path '{name}' is not supported"
-            )
-        if name not in self.types:
-            raise _bad_request(f"Could not find a property named '{name}' on the entity type")
-        op_tok = self._next()
-        op = op_tok[1]
-        if op_tok[0] != "word" or op not in ("eq", "ne", "gt", "ge", "lt", "le"):
-            raise _ODataError(400, "NotImplemented", f"$filter operator '{op}' is not supported")
-        value = self._literal(name)
-        if op == "eq":
-            return lambda row: row.get(name) == value
-        if op == "ne":
-            return lambda row: row.get(name) != value
-        if value is None:
-            return lambda row: False
-        compare = _COMPARISONS[op]
-
-        def ordered(row: Row) -> bool:
-            v = row.get(name)
-            return v is not None and compare(v, value)
-
-        return ordered
-
-    def _literal(self, name: str) -> Any:
-        kind, text = self._next()
-        edm = self.types.get(name)
-        if kind == "string":
-            value: Any = text[1:-1].replace("''", "'")
-            ok = edm in (None, "Edm.String", "Edm.Guid")
-        elif kind == "number":
-            digits = text.rstrip("dDmMfFlL")
-            is_int = re.fullmatch(r"-?\d+", digits) is not None
-            value = int(digits) if is_int else float(digits)
-            ok = edm is None or edm in _NUMERIC_TYPES
-        elif kind == "word" and text in ("true", "false"):
-            value = text == "true"
-            ok = edm in (None, "Edm.Boolean")
-        elif kind == "word" and text == "null":
-            return None
-        else:
-            raise _ODataError(400, "NotImplemented", f"$filter literal {text} is not supported")
-        if not ok:
-            raise _bad_request(f"Literal {text} is incompatible with property '{name}' ({edm})")
-        return value
+def _filter(text: str, types: Mapping[str, str]) -> Predicate:
+    match = _FILTER_RE.fullmatch(text)
+    if match is None:
+        raise _ODataError(400, "NotImplemented",
+                          f"$filter '{text}' is not supported: only '<property> eq|ne <literal>'")
+    name, op, literal = match["name"], match["op"], match["literal"]
+    if name not in types:
+        raise _bad_request(f"Could not find a property named '{name}' on the entity type")
+    value: Any
+    if literal.startswith("'"):
+        value = literal[1:-1].replace("''", "'")
+    elif literal in ("true", "false", "null"):
+        value = {"true": True, "false": False, "null": None}[literal]
+    else:
+        value = float(literal) if "." in literal else int(literal)
+    if op == "eq":
+        return lambda row: row.get(name) == value
+    return lambda row: row.get(name) != value
 
 
 # -- value formatting --------------------------------------------------------------------
@@ -441,7 +330,6 @@ class _Options:
     skip: int
     count: bool
     skiptoken: str | None
-    signed: tuple[tuple[str, str], ...]  # options the skiptoken is bound to
 
 
 @dataclass
@@ -634,7 +522,6 @@ class ODataServer:
         self._counts: collections.Counter[str | None] = collections.Counter()
         self._total = 0
         self._cache = _ResultCache()
-        self._secret = secrets.token_bytes(16)
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._bound_port: int | None = None
@@ -1044,8 +931,6 @@ class ODataServer:
         rest = path[len(self.root) :].strip("/")
         if rest == "":
             return self._service_document()
-        if rest == "$metadata":
-            return self._metadata()
         segments = rest.split("/")
         name = segments[0]
         if "(" in name:
@@ -1076,58 +961,6 @@ class ODataServer:
             body = {"d": {"EntitySets": names}}
         return _Response(200, json.dumps(body).encode(), self._json_content_type(False),
                          self._version_headers())  # fmt: skip
-
-    def _metadata(self) -> _Response:
-        with self._lock:
-            sets = dict(self._sets)
-        ns = _NAMESPACE
-        types, container = [], []
-        for name, state in sets.items():
-            type_name = _type_name(name)
-            props = "".join(
-                f"<Property Name={quoteattr(f)} Type={quoteattr(self._metadata_type(t))}"
-                + (' Nullable="false"/>' if f == state.key else "/>")
-                for f, t in state.types.items()
-            )
-            types.append(
-                f"<EntityType Name={quoteattr(type_name)}><Key><PropertyRef "
-                f"Name={quoteattr(state.key)}/></Key>{props}</EntityType>"
-            )
-            container.append(
-                f"<EntitySet Name={quoteattr(name)} EntityType={quoteattr(f'{ns}.{type_name}')}/>"
-            )
-        if self.version == "v4":
-            xml = (
-                '<?xml version="1.0" encoding="utf-8"?>'
-                '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx">'
-                f'<edmx:DataServices><Schema Namespace="{ns}" '
-                'xmlns="http://docs.oasis-open.org/odata/ns/edm">'
-                f'{"".join(types)}<EntityContainer Name="Container">{"".join(container)}'
-                "</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
-            )
-        else:
-            xml = (
-                '<?xml version="1.0" encoding="utf-8"?>'
-                '<edmx:Edmx Version="1.0" '
-                'xmlns:edmx="http://schemas.microsoft.com/ado/2007/06/edmx">'
-                '<edmx:DataServices m:DataServiceVersion="2.0" '
-                'xmlns:m="http://schemas.microsoft.com/ado/2007/08/dataservices/metadata">'
-                f'<Schema Namespace="{ns}" xmlns="http://schemas.microsoft.com/ado/2008/09/edm">'
-                f'{"".join(types)}<EntityContainer Name="Container" '
-                f'm:IsDefaultEntityContainer="true">{"".join(container)}'
-                "</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
-            )
-        return _Response(200, xml.encode(), "application/xml;charset=utf-8",
-                         self._version_headers())  # fmt: skip
-
-    def _metadata_type(self, edm: str) -> str:
-        if self.version == "v2":
-            return {
-                "Edm.DateTimeOffset": "Edm.DateTime",
-                "Edm.Date": "Edm.DateTime",
-                "Edm.TimeOfDay": "Edm.Time",
-            }.get(edm, edm)
-        return edm
 
     def _parse_options(self, pairs: list[tuple[str, str]], state: _SetState) -> _Options:
         v4 = self.version == "v4"
@@ -1184,11 +1017,7 @@ class ODataServer:
             count = raw_count == "allpages"
         filter_text = seen.get("$filter")
         if filter_text is not None:
-            _FilterParser(filter_text, state.types).parse()  # reject bad filters up front
-        signed = tuple(
-            sorted((k, v) for k, v in seen.items() if k in ("$filter", "$orderby", "$select",
-                                                            "$top", "$skip"))
-        )  # fmt: skip
+            _filter(filter_text, state.types)  # reject bad filters up front
         return _Options(
             filter=filter_text,
             orderby=tuple(orderby),
@@ -1197,7 +1026,6 @@ class ODataServer:
             skip=non_negative("$skip") or 0,
             count=count,
             skiptoken=seen.get("$skiptoken"),
-            signed=signed,
         )
 
     def _result(self, name: str, state: _SetState, opts: _Options) -> Sequence[Row]:
@@ -1210,11 +1038,8 @@ class ODataServer:
             return hit
         rows: Sequence[Row] = state.rows
         if opts.filter is not None:
-            predicate = _FilterParser(opts.filter, state.types).parse()
-            try:
-                rows = [r for r in rows if predicate(r)]
-            except TypeError as err:
-                raise _bad_request(f"$filter compares incompatible values: {err}") from None
+            predicate = _filter(opts.filter, state.types)
+            rows = [r for r in rows if predicate(r)]
         already_sorted = (
             opts.orderby == ((state.key, False),)
             and getattr(state.rows, "sorted_by", None) == state.key
@@ -1233,27 +1058,19 @@ class ODataServer:
         return rows
 
     # -- paging --------------------------------------------------------------------------
-    def _sign(self, name: str, signed: tuple[tuple[str, str], ...], payload: str) -> str:
-        material = json.dumps([name, signed, payload]).encode()
-        return hmac.new(self._secret, material, hashlib.sha256).hexdigest()[:16]
+    @staticmethod
+    def _make_token(offset: int, lap: int, flags: str) -> str:
+        """``offset.lap.flags``: where the next page starts in the (filtered, ordered) result,
+        the lap of a never-ending chain, and the fault flags that travel along it."""
+        return f"{offset}.{lap}.{flags}"
 
-    def _make_token(self, name: str, opts: _Options, offset: int, lap: int, flags: str) -> str:
-        payload = f"{offset}.{lap}.{flags}"
-        raw = f"{payload}.{self._sign(name, opts.signed, payload)}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    def _read_token(self, name: str, opts: _Options, token: str) -> tuple[int, int, str]:
-        invalid = _bad_request("The $skiptoken is invalid or does not belong to this query")
+    @staticmethod
+    def _read_token(token: str) -> tuple[int, int, str]:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            offset_s, lap_s, flags, sig = raw.split(".")
-            offset, lap = int(offset_s), int(lap_s)
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            raise invalid from None
-        expected = self._sign(name, opts.signed, f"{offset_s}.{lap_s}.{flags}")
-        if not hmac.compare_digest(sig, expected):
-            raise invalid
-        return offset, lap, flags
+            offset, lap, flags = token.split(".")
+            return int(offset), int(lap), flags
+        except ValueError:
+            raise _bad_request("The $skiptoken is invalid") from None
 
     def _collection(
         self,
@@ -1272,7 +1089,7 @@ class ODataServer:
         window_end = max(window_end, window_start)
         lap, flags, offset = 0, "", window_start
         if opts.skiptoken is not None:
-            offset, lap, flags = self._read_token(name, opts, opts.skiptoken)
+            offset, lap, flags = self._read_token(opts.skiptoken)
         # a never-ending fault marks the chain: the flags travel on in every later token
         flags = "".join(sorted(set(flags + ("c" if cycle else "") + ("s" if same_link else ""))))
         page_size, applied = self._page_size(headers)
@@ -1291,8 +1108,8 @@ class ODataServer:
             next_offset, lap = window_start, lap + 1
         next_url = None
         if next_offset is not None:
-            token = self._make_token(name, opts, next_offset, lap, flags)
-            # the link keeps the client's options (the token is bound to them) and adds the token
+            token = self._make_token(next_offset, lap, flags)
+            # the link keeps the client's options and adds the token
             query = [f"{quote(k, safe='$')}={_quote(v)}" for k, v in pairs if k != "$skiptoken"]
             query.append(f"$skiptoken={token}")
             link = f"{quote(name)}?{'&'.join(query)}"
@@ -1408,7 +1225,7 @@ def _quote(value: str) -> str:
 # -- command line ------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline_cli.testing.odata_server",
+        prog="python -m devtools.odata_server",
         description="Serve a feed file or a generated sample network over OData on 127.0.0.1 "
         "until SIGTERM/SIGINT. Prints the service root URL on stdout.",
     )

@@ -31,12 +31,12 @@ import psycopg
 import redis
 from psycopg import sql
 
+from devtools.cleanup import drop_bucket, drop_prefix
+from devtools.odata_server import ODataServer, sample_network
+from devtools.procs import processes_running
+from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
-from pipeline_cli.testing.cleanup import drop_bucket, drop_prefix
-from pipeline_cli.testing.odata_server import ODataServer, sample_network
-from pipeline_cli.testing.procs import processes_running
-from pipeline_cli.testing.services import LocalServices, S3Endpoint
 
 __all__ = [
     "ForkServer", "KillReport", "ProcResult", "Sandbox", "add_gps_work", "check_all",
