@@ -44,4 +44,4 @@ clean: demo-down
 	rm -rf $(LOCAL)
 
 docs: install
-	$(PY) -m pipeline_cli.docs_gen
+	$(PY) -m devtools.docs_gen

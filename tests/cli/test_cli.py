@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from pipeline_cli import docs_gen
+from devtools import docs_gen
 from pipeline_cli.cli import cli
 from pipeline_cli.commands import COMMANDS, LazyGroup
 from tests.support.clirunner import Cli

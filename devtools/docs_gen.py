@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .settings import markdown_reference
+from pipeline_cli.settings import markdown_reference
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 WIDTH = 100
@@ -62,7 +62,7 @@ def _walk(cmd: click.Command, ctx: click.Context) -> list[tuple[click.Context, c
 
 def commands_page() -> str:
     """docs/commands.md: one section per command with its ``--help`` text verbatim."""
-    from .cli import cli
+    from pipeline_cli.cli import cli
 
     root = click.Context(cli, info_name="pipeline", terminal_width=WIDTH, max_content_width=WIDTH)
     sections = [f"## `{ctx.command_path}`\n\n```text\n{cmd.get_help(ctx).rstrip()}\n```\n"
