@@ -179,6 +179,19 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
         return versions
 
 
+def describe_schema(applied: set[int]) -> str:
+    """The schema by version, never by count (numbers may have gaps, e.g. no 006):
+    ``schema 009 (current)``, ``schema 007, pending 008, 009``, ``schema none, pending ...``."""
+    known = {m.version for m in migrations()}
+    text = f"schema {max(applied):03d}" if applied else "schema none"
+    pending = sorted(known - applied)
+    if pending:
+        return f"{text}, pending {', '.join(f'{v:03d}' for v in pending)}"
+    if applied - known:
+        return f"{text} (newer than this pipeline: {max(known):03d})"
+    return f"{text} (current)"
+
+
 def schema_version(conn: psycopg.Connection[Any]) -> int:
     """The highest applied migration, 0 for an unmigrated database."""
     return max(applied_versions(conn), default=0)
