@@ -80,6 +80,7 @@ class App:
             redact=self.redact,
             connect_timeout=self.settings.database.connect_timeout,
             progress=self.progress_factory(),
+            limits=self.settings.runner.limits(),
         )
 
     def backups(self) -> BackupStore:

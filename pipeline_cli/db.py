@@ -7,7 +7,9 @@ URL's password masked. Queries are named (``-- name: foo``) and take named param
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from psycopg.rows import dict_row
 
 from .errors import DatabaseError, SchemaError
 from .settings import mask_url
+
+log = logging.getLogger("pipeline.db")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -48,7 +52,7 @@ def connect(
 ) -> psycopg.Connection[dict[str, Any]]:
     """Open one connection with dict rows. Wraps connection failures into DatabaseError."""
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             url,
             autocommit=autocommit,
             row_factory=dict_row,
@@ -58,6 +62,31 @@ def connect(
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {mask_url(url)}: "
                             f"{_first_line(exc)}") from None
+    _OPEN.add(conn)
+    return conn
+
+
+# Every connection this process opened and has not dropped, so that a run passing its hard
+# limit can cancel its statements on the server (see cancel_statements).
+_OPEN: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+
+def cancel_statements(timeout: float = 5.0) -> int:
+    """Ask the server to cancel every statement running on this process's connections.
+
+    Safe to call from a signal handler. The cancelled statement raises QueryCanceled in the
+    code that runs it, which rolls its transaction back cleanly. Returns how many were running.
+    """
+    cancelled = 0
+    for conn in list(_OPEN):
+        if conn.closed or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+            continue
+        cancelled += 1
+        try:
+            conn.cancel_safe(timeout=timeout)
+        except psycopg.Error as exc:  # the server is unreachable: the caller interrupts instead
+            log.warning("could not cancel a running statement: %s", _first_line(exc))
+    return cancelled
 
 
 def _first_line(exc: BaseException) -> str:

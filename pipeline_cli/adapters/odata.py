@@ -381,6 +381,7 @@ def _transport_text(exc: BaseException) -> str:
 
 
 _END = object()
+READ_AHEAD_JOIN_S = 2.0
 
 
 def _read_ahead(gen: Generator[Page, None, None], depth: int) -> Iterator[Page]:
@@ -424,4 +425,6 @@ def _read_ahead(gen: Generator[Page, None, None], depth: int) -> Iterator[Page]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        # Bounded: a consumer stopped early (an error, the run's hard limit) must not wait for
+        # a request still in flight; the daemon thread drops that page when it arrives.
+        thread.join(timeout=READ_AHEAD_JOIN_S)
