@@ -58,6 +58,7 @@ def match(app: App, concurrency: int | None, max_batches: int | None,
     Safe to run on many hosts at once: batches are claimed row by row under a lease.
     """
     settings = app.settings
+    settings.runner.check_budget("--max-runtime", max_runtime, "match-gps")
     client = app.osrm(pool_size=concurrency or settings.match.concurrency)
     run_stage(
         app, "match-gps",
