@@ -16,8 +16,8 @@ import pytest
 from pipeline_cli import db
 from pipeline_cli.db import Database
 from pipeline_cli.errors import LockBusy, SchemaError, ValidationError
+from pipeline_cli.health import collect_status
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
-from pipeline_cli.stages.status import collect_status
 
 # A stand-in stage run in a child process: it writes rows in one transaction, announces
 # that it is mid-transaction, then sleeps until killed or signalled.

@@ -9,8 +9,8 @@ import click
 from .. import render
 from ..adapters.graph_store import GraphStore
 from ..app import App
+from ..health import human_duration
 from ..stages.build_graph import activate_version, build_graph, list_versions, shortest_path
-from ..stages.status import human_duration
 from . import json_option, pass_app, run_stage, wait_option
 
 

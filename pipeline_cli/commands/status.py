@@ -11,20 +11,11 @@ import click
 from rich.table import Table
 
 from .. import db, render
-from ..adapters.backups import BackupStore
 from ..app import App
 from ..errors import PipelineError
+from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
+from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
-from ..stages.status import (
-    LEVELS,
-    SECTIONS,
-    UNKNOWN,
-    StatusReport,
-    collect_status,
-    human_duration,
-    prometheus_text,
-    write_prometheus,
-)
 from . import json_option, pass_app
 
 # Status must answer fast even when a service hangs: monitors time out after ~10 s.
@@ -36,19 +27,9 @@ STATEMENT_TIMEOUT_MS = 5000
 def _clients(app: App) -> dict[str, Any]:
     """Redis and S3 clients for the sections that need them, or None when not configured."""
     s = app.settings
-    clients: dict[str, Any] = {"redis": None, "backups": None, "redis_prefix": s.redis.prefix}
-    if s.redis.url:
-        import redis
-
-        client = redis.Redis.from_url(s.redis.url, socket_timeout=REDIS_TIMEOUT,
-                                      socket_connect_timeout=REDIS_TIMEOUT)
-        app.resources.callback(client.close)
-        clients["redis"] = client
-    if s.s3.endpoint:
-        clients["backups"] = BackupStore.connect(
-            s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
-            region=s.s3.region, timeout=S3_TIMEOUT)
-    return clients
+    return {"redis": app.redis(timeout=REDIS_TIMEOUT) if s.redis.url else None,
+            "backups": app.backups(timeout=S3_TIMEOUT) if s.s3.endpoint else None,
+            "redis_prefix": s.redis.prefix}
 
 
 def gather(app: App) -> StatusReport:

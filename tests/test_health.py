@@ -18,17 +18,17 @@ from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import SourceError
-from pipeline_cli.runner import RunContext, StageResult, StageRunner
-from pipeline_cli.schedule import build_schedule
-from pipeline_cli.settings import HealthSettings
-from pipeline_cli.stages.status import (
+from pipeline_cli.health import (
     CRITICAL,
     OK,
     WARNING,
     SectionEnv,
     collect_status,
-    prometheus_text,
 )
+from pipeline_cli.render import prometheus_text
+from pipeline_cli.runner import RunContext, StageResult, StageRunner
+from pipeline_cli.schedule import build_schedule
+from pipeline_cli.settings import HealthSettings
 
 Conn = psycopg.Connection[dict[str, Any]]
 
