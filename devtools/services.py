@@ -44,6 +44,7 @@ from devtools.procs import (
     file_lock,
     free_port_pairs,
     free_ports,
+    is_alive,
     log_tail,
     remove_paths,
     signal_stop,
@@ -669,7 +670,7 @@ def prune_registry(registry: Registry) -> None:
         for record in records:
             if not record.alive():
                 dead.append(record)
-            elif not record.detached and not _pid_alive(record.owner_pid):
+            elif not record.detached and not is_alive(record.owner_pid):
                 orphans.append(record)
             else:
                 keep.append(record)
@@ -699,16 +700,6 @@ def stop_recorded(state_dir: Path | None = None) -> list[ProcessRecord]:
     prune_registry(registry)
     (state_dir / "services.env").unlink(missing_ok=True)
     return records
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _postgres_bin_dir() -> Path | None:
