@@ -44,8 +44,8 @@ SUCCESS, NOOP, FAILED, SKIPPED, CRASHED, RUNNING = (
 
 # Stages that take the singleton lock. match-gps is absent on purpose: any number of workers
 # may run at once because each batch is claimed row by row (FOR UPDATE SKIP LOCKED).
-SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all")
-ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all")
+SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all", "prune")
+ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all", "prune")
 
 
 @dataclass
@@ -271,12 +271,16 @@ class StageRunner:
         singleton: bool | None = None,
         wait: float | None = None,
         options: dict[str, Any] | None = None,
+        dry_run: bool = False,
     ) -> RunRecord:
         """Run ``fn`` as one recorded run of ``stage``.
 
         Raises SchemaError, LockBusy or DatabaseError before the run starts (nothing is
         recorded then). Once the run row exists, every failure is recorded and returned as a
         RunRecord with status ``failed`` and a non-zero ``exit_code``.
+
+        A ``dry_run`` takes the lock (so it never races a real run) but writes no row in the
+        run history, so a failure streak before it stays visible.
         """
         singleton = stage in SINGLETON_STAGES if singleton is None else singleton
         conn = self._control_connection(stage)
@@ -285,7 +289,7 @@ class StageRunner:
             reap_crashed(conn)
             if singleton:
                 self._acquire(conn, stage, wait)
-            return self._run_locked(conn, stage, fn, options or {})
+            return self._run_locked(conn, stage, fn, options or {}, record_run=not dry_run)
         finally:
             conn.close()  # closing the session also frees the advisory lock
 
@@ -295,17 +299,12 @@ class StageRunner:
         stage: str,
         fn: Callable[[RunContext], StageResult],
         options: dict[str, Any],
+        *,
+        record_run: bool = True,
     ) -> RunRecord:
         run_id = str(uuid.uuid4())
-        with db.wrap_errors("recording the run start"):
-            ident = conn.execute(db.query("runner", "backend_identity")).fetchone()
-            assert ident is not None
-            conn.execute(
-                db.query("runner", "insert_run"),
-                {"run_id": run_id, "stage": stage, "host": self.host, "pid": self.pid,
-                 "backend_pid": ident["backend_pid"], "backend_start": ident["backend_start"],
-                 "options": Jsonb(options)},
-            )
+        if record_run:
+            self._start(conn, stage, run_id, options)
         adapter = StageLogger(
             logging.getLogger(f"pipeline.{stage}"), {"stage": stage, "run_id": run_id}
         )
@@ -333,12 +332,25 @@ class StageRunner:
                            counts=result.counts, extra=result.extra,
                            message=self.redact(result.message), error=error,
                            exit_code=exit_code if error else EXIT_OK)
-        self._finish(conn, record)
+        if record_run:
+            self._finish(conn, record)
         if error:
             adapter.error("failed: %s", error)
         else:
             adapter.info("%s in %d ms %s", status, duration_ms, result.message)
         return record
+
+    def _start(self, conn: psycopg.Connection[Any], stage: str, run_id: str,
+               options: dict[str, Any]) -> None:
+        with db.wrap_errors("recording the run start"):
+            ident = conn.execute(db.query("runner", "backend_identity")).fetchone()
+            assert ident is not None
+            conn.execute(
+                db.query("runner", "insert_run"),
+                {"run_id": run_id, "stage": stage, "host": self.host, "pid": self.pid,
+                 "backend_pid": ident["backend_pid"], "backend_start": ident["backend_start"],
+                 "options": Jsonb(options)},
+            )
 
     def _finish(self, conn: psycopg.Connection[Any], record: RunRecord) -> None:
         params = {"run_id": record.run_id, "status": record.status,
