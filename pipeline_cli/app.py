@@ -84,6 +84,7 @@ class App:
             self.database,
             redact=self.redact,
             progress=self.progress_factory(),
+            limits=self.settings.runner.limits(),
         )
 
     def backups(self) -> BackupStore:

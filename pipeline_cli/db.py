@@ -7,7 +7,9 @@ URL's password masked. Queries are named (``-- name: foo``) and take named param
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, SchemaError, endpoint, service_error
+from .errors import DatabaseError, SchemaError, service_error
+
+log = logging.getLogger("pipeline.db")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -59,7 +63,7 @@ def connect(
 ) -> psycopg.Connection[dict[str, Any]]:
     """Open one connection with dict rows. Wraps connection failures into DatabaseError."""
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             url,
             autocommit=autocommit,
             row_factory=dict_row,
@@ -69,6 +73,8 @@ def connect(
     except psycopg.Error as exc:
         raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
                             exc) from None
+    _OPEN.add(conn)
+    return conn
 
 
 def _endpoint(url: str) -> str:
@@ -96,7 +102,30 @@ class Database:
                        connect_timeout=self.connect_timeout)
 
     def __repr__(self) -> str:  # never the password
-        return f"Database({endpoint(self.url)!r})"
+        return f"Database({_endpoint(self.url)!r})"
+
+
+# Every connection this process opened and has not dropped, so that a run passing its hard
+# limit can cancel its statements on the server (see cancel_statements).
+_OPEN: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+
+def cancel_statements(timeout: float = 5.0) -> int:
+    """Ask the server to cancel every statement running on this process's connections.
+
+    Safe to call from a signal handler. The cancelled statement raises QueryCanceled in the
+    code that runs it, which rolls its transaction back cleanly. Returns how many were running.
+    """
+    cancelled = 0
+    for conn in list(_OPEN):
+        if conn.closed or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+            continue
+        cancelled += 1
+        try:
+            conn.cancel_safe(timeout=timeout)
+        except psycopg.Error as exc:  # the server is unreachable: the caller interrupts instead
+            log.warning("could not cancel a running statement: %s", _first_line(exc))
+    return cancelled
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,6 +245,19 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
         if not conn.autocommit:
             conn.rollback()
         return versions
+
+
+def describe_schema(applied: set[int]) -> str:
+    """The schema by version, never by count (numbers may have gaps, e.g. no 006):
+    ``schema 009 (current)``, ``schema 007, pending 008, 009``, ``schema none, pending ...``."""
+    known = {m.version for m in migrations()}
+    text = f"schema {max(applied):03d}" if applied else "schema none"
+    pending = sorted(known - applied)
+    if pending:
+        return f"{text}, pending {', '.join(f'{v:03d}' for v in pending)}"
+    if applied - known:
+        return f"{text} (newer than this pipeline: {max(known):03d})"
+    return f"{text} (current)"
 
 
 def schema_version(conn: psycopg.Connection[Any]) -> int:

@@ -4,7 +4,8 @@ Every stage goes through :meth:`StageRunner.run`. The runner holds a dedicated a
 "control" session for the whole run: it owns the stage's advisory lock and writes the
 ``stage_runs`` row, so when the process dies the session ends, the lock frees itself and the
 row is recognised as ``crashed``. The stage's own database work happens in transactions on
-its own connections, so a failure leaves no partial rows.
+its own connections, so a failure leaves no partial rows. Every run has a hard limit
+(``[runner] timeout_<stage>``): when it passes, the run is stopped and recorded as failed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +35,7 @@ from .errors import (
     Interrupted,
     LockBusy,
     PipelineError,
+    TimedOut,
     exit_code_for,
 )
 
@@ -149,6 +152,82 @@ class StopFlag:
             self._saved.clear()
 
 
+# After the hard limit passes, the running statements are cancelled so their transactions roll
+# back cleanly; a run that has not ended this many seconds later is interrupted where it stands.
+CANCEL_GRACE_S = 5.0
+
+
+@dataclass(eq=False)
+class _Limit:
+    stage: str
+    seconds: float
+    deadline: float
+    expired: bool = False
+
+
+class HardLimits:
+    """The hard limits of the runs in progress, enforced with SIGALRM.
+
+    Runs nest (run-all runs each stage through the runner), so the alarm is armed for the
+    earliest deadline of all of them. When it fires, the running PostgreSQL statements are
+    cancelled (the stage then fails with QueryCanceled, its transaction rolled back) or, when
+    none is running, ``TimedOut`` is raised where the stage stands, as a second Ctrl-C does.
+    Stages also see it at their next ``ctx.check_stop()``. Outside the main thread, where
+    signals cannot be used, runs have no hard limit.
+    """
+
+    def __init__(self) -> None:
+        self._active: list[_Limit] = []
+        self._saved: Any = None
+
+    def expired(self) -> _Limit | None:
+        return next((lim for lim in self._active if lim.expired), None)
+
+    @contextmanager
+    def limit(self, stage: str, seconds: float | None) -> Iterator[_Limit | None]:
+        if not seconds or threading.current_thread() is not threading.main_thread():
+            yield None
+            return
+        lim = _Limit(stage, seconds, time.monotonic() + seconds)
+        if not self._active:
+            self._saved = signal.signal(signal.SIGALRM, self._fire)
+        self._active.append(lim)
+        self._arm()
+        try:
+            yield lim
+        finally:
+            self._active.remove(lim)
+            if self._active:
+                self._arm()
+            else:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, self._saved)
+
+    def _arm(self) -> None:
+        pending = [lim.deadline for lim in self._active if not lim.expired]
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(min(pending) - time.monotonic(), 0.001))
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        first = self.expired() is None
+        for each in self._active:
+            each.expired = each.expired or each.deadline <= now + 0.001
+        lim = self.expired()
+        if lim is None:  # woken early (a nested run re-armed the timer): wait on
+            self._arm()
+            return
+        log.debug("%s: hard limit of %g s passed: stopping the run", lim.stage, lim.seconds)
+        if first and db.cancel_statements():
+            signal.setitimer(signal.ITIMER_REAL, CANCEL_GRACE_S)
+            return
+        self._arm()  # a nested run's own limit may still be pending
+        raise TimedOut(lim.stage, lim.seconds)
+
+
+_LIMITS = HardLimits()
+
+
 class StageLogger(logging.LoggerAdapter[logging.Logger]):
     """Adds stage and run id to every record, keeping the caller's own ``extra`` fields."""
 
@@ -167,11 +246,16 @@ class RunContext:
     stop: StopFlag
     progress: ProgressFactory = no_progress
     started: float = field(default_factory=time.monotonic)
+    limits: HardLimits = field(default_factory=lambda: _LIMITS)
 
     def check_stop(self) -> None:
-        """Raise Interrupted if a stop signal arrived; call it between units of work."""
+        """Raise Interrupted after a stop signal, TimedOut after the hard limit passed (this
+        run's or an enclosing run-all's); call it between units of work."""
         if self.stop.signum is not None:
             raise Interrupted(self.stop.signum)
+        expired = self.limits.expired()
+        if expired is not None:
+            raise TimedOut(expired.stage, expired.seconds, own=expired.stage == self.stage)
 
     @property
     def stop_requested(self) -> bool:
@@ -224,7 +308,8 @@ _STOP = StopFlag()
 class StageRunner:
     """Runs stage functions under the lock/history/signal discipline.
 
-    ``redact`` removes secrets from error text before it is logged or stored.
+    ``redact`` removes secrets from error text before it is logged or stored; ``limits``
+    maps a stage to its hard limit in seconds (a stage absent from it has none).
     """
 
     def __init__(
@@ -235,6 +320,7 @@ class StageRunner:
         progress: ProgressFactory = no_progress,
         host: str | None = None,
         pid: int | None = None,
+        limits: Mapping[str, float] | None = None,
     ) -> None:
         self.database = database
         self.redact = redact
@@ -242,6 +328,7 @@ class StageRunner:
         self.host = host or socket.gethostname()
         self.pid = pid or os.getpid()
         self.stop = _STOP
+        self.limits = dict(limits or {})
 
     def _control_connection(self, stage: str) -> psycopg.Connection[Any]:
         return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}", autocommit=True)
@@ -279,8 +366,9 @@ class StageRunner:
         recorded then). Once the run row exists, every failure is recorded and returned as a
         RunRecord with status ``failed`` and a non-zero ``exit_code``.
 
-        A ``dry_run`` takes the lock (so it never races a real run) but writes no row in the
-        run history, so a failure streak before it stays visible.
+        A ``dry_run`` takes the lock (so it never races a real run) but is not a run of the
+        stage: it writes no row in the run history, so status and health never see it and a
+        failure streak before it stays visible.
         """
         singleton = stage in SINGLETON_STAGES if singleton is None else singleton
         conn = self._control_connection(stage)
@@ -314,10 +402,12 @@ class StageRunner:
         error: str | None = None
         exit_code = EXIT_OK
         result = StageResult()
+        limit: _Limit | None = None
         with self.stop:
-            adapter.info("started")
+            adapter.info("started" if record_run else "started (dry run: not recorded)")
             try:
-                result = fn(ctx)
+                with _LIMITS.limit(stage, self.limits.get(stage)) as limit:
+                    result = fn(ctx)
             except PipelineError as exc:
                 error, exit_code = self.redact(str(exc)), exc.exit_code
                 result = exc.partial or StageResult()
@@ -326,6 +416,14 @@ class StageRunner:
                 exit_code = EXIT_FAILED
                 result = StageResult(status=FAILED)
                 adapter.debug("traceback:\n%s", self.redact(traceback.format_exc()))
+            expired = limit if limit is not None and limit.expired else _LIMITS.expired()
+            if expired is not None:
+                # Whatever the stage raised on its way out (QueryCanceled from the cancelled
+                # statement, or nothing), the run ended because a hard limit passed: its own,
+                # or that of the run-all it is part of.
+                timed_out = TimedOut(expired.stage, expired.seconds, own=expired is limit)
+                error, exit_code = str(timed_out), timed_out.exit_code
+                result = StageResult(status=FAILED, counts=result.counts, extra=result.extra)
         duration_ms = int((time.monotonic() - started) * 1000)
         status = result.status if error is None else FAILED
         record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,

@@ -203,6 +203,37 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class RunnerSettings:
+    timeout_sync_odata: float = setting(7200.0, "hard limit of a sync-odata run, seconds")
+    timeout_gen_virtual: float = setting(3600.0, "hard limit of a gen-virtual run, seconds")
+    timeout_build_graph: float = setting(3600.0, "hard limit of a build-graph run, seconds")
+    timeout_ingest_gps: float = setting(3600.0, "hard limit of an ingest-gps run, seconds")
+    timeout_match_gps: float = setting(
+        3600.0, "hard limit of a match-gps run, seconds (above its --max-runtime)"
+    )
+    timeout_run_all: float = setting(
+        14400.0, "hard limit of a run-all run (the whole chain), seconds"
+    )
+    timeout_prune: float = setting(3600.0, "hard limit of a prune run, seconds")
+
+    def limits(self) -> dict[str, float]:
+        """Stage name -> hard limit in seconds."""
+        return {f.name.removeprefix("timeout_").replace("_", "-"): float(getattr(self, f.name))
+                for f in dataclasses.fields(self)}
+
+    def check_budget(self, option: str, seconds: float | None, *stages: str) -> None:
+        """A soft budget (``option``, e.g. --max-runtime) must end before the hard limits."""
+        for stage in stages:
+            limit = self.limits()[stage]
+            if seconds is not None and seconds >= limit:
+                key = f"timeout_{stage.replace('-', '_')}"
+                raise ConfigError(
+                    f"{option} {seconds:g} must be below [runner] {key} ({limit:g} s): the "
+                    "soft budget has to end the run before the hard limit stops it",
+                    key=f"runner.{key}")
+
+
+@dataclass(frozen=True)
 class ScheduleSettings:
     crontab: str | None = setting(None, "crontab file whose pipeline entries define the schedule")
     entries: dict[str, str] = setting({}, "stage = cron expression, overrides the crontab")
@@ -221,6 +252,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict)
@@ -558,6 +590,9 @@ def _validate(s: Settings) -> None:
         raise bad("retention", "chunk_size", "must be positive")
     if s.notify.timeout <= 0:
         raise bad("notify", "timeout", "must be positive")
+    for f in dataclasses.fields(s.runner):
+        if not getattr(s.runner, f.name) > 0:
+            raise bad("runner", f.name, "must be positive")
 
 
 def markdown_reference() -> str:

@@ -65,6 +65,7 @@ def match(app: App, concurrency: int | None, max_batches: int | None,
                   options={"dry_run": True})
         return
     settings = app.settings
+    settings.runner.check_budget("--max-runtime", max_runtime, "match-gps")
     client = app.osrm(pool_size=concurrency or settings.match.concurrency)
     run_stage(
         app, "match-gps",

@@ -59,6 +59,8 @@ def run_all_cmd(app: App, wait: float | None, gps_max_runtime: float | None,
     """Run sync-odata, gen-virtual, build-graph and match-gps in order, each under its own
     lock; a stage runs only when its upstream produced something new (match-gps: when its
     backlog has work). Stops at the first failure and exits with that stage's code."""
+    app.settings.runner.check_budget("--gps-max-runtime", gps_max_runtime, "match-gps",
+                                     "run-all")
     runner = app.runner()
     clients = Clients(odata=app.odata, backups=app.backups,
                       graph_store=lambda: graph_store(app), osrm=app.osrm)

@@ -120,8 +120,8 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
 def show(report: StatusReport) -> None:
     """The human view: verdict and problems, the stages, one line per area, locks."""
     now = report.generated_at
-    click.echo(f"health: {report.health.upper()}   (schema {report.schema_version}/"
-               f"{report.schema_latest}, collected in {report.collect_ms} ms)")
+    click.echo(f"health: {report.health.upper()}   ({report.schema_summary}, "
+               f"collected in {report.collect_ms} ms)")
     for p in report.problems:
         click.echo(f"  {p.level:8s} {p.message}")
     table = Table(box=None, pad_edge=False, title_justify="left")

@@ -64,6 +64,7 @@ class StatusReport:
     schema_version: int
     schema_latest: int
     generated_at: datetime
+    schema_applied: set[int] = field(default_factory=set)
     health: str = OK
     problems: list[Problem] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -73,12 +74,22 @@ class StatusReport:
     schedule: dict[str, Any] = field(default_factory=dict)
     collect_ms: int = 0
 
+    @property
+    def schema_pending(self) -> list[int]:
+        return sorted({m.version for m in db.migrations()} - self.schema_applied)
+
+    @property
+    def schema_summary(self) -> str:
+        """``schema 009 (current)`` or ``schema 007, pending 008, 009``: versions, not counts."""
+        return db.describe_schema(self.schema_applied)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "health": self.health,
             "problems": [p.to_json() for p in self.problems],
             "generated_at": self.generated_at,
-            "schema": {"version": self.schema_version, "latest": self.schema_latest},
+            "schema": {"version": self.schema_version, "latest": self.schema_latest,
+                       "pending": self.schema_pending, "summary": self.schema_summary},
             "stages": self.stages,
         }
         for name in SECTIONS:
@@ -260,9 +271,9 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         problems.append(Problem(level, area, message))
 
     now = report.generated_at
-    if report.schema_version < report.schema_latest:
-        add(CRITICAL, "schema", f"schema version {report.schema_version} of "
-            f"{report.schema_latest}: stages refuse to run; run `pipeline db migrate`")
+    if report.schema_version and report.schema_pending:
+        add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
+            "run `pipeline db migrate`")
     for stage, s in report.stages.items():
         fails = s["consecutive_failures"]
         if fails >= h.failures_critical:
@@ -367,13 +378,15 @@ def collect_status(
     started = time.monotonic()
     health = health or HealthSettings()
     schedule = schedule or Schedule()
-    version = db.schema_version(conn)
+    applied = db.applied_versions(conn)
+    version = max(applied, default=0)
     with db.wrap_errors("reading the clock"):
         clock = conn.execute("SELECT now() AS now").fetchone()
     now: datetime = clock["now"] if clock else datetime.now(UTC)
     report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
-                          generated_at=now, schedule={"sources": schedule.sources,
-                                                      "entries": schedule.to_json()})
+                          generated_at=now, schema_applied=applied,
+                          schedule={"sources": schedule.sources,
+                                    "entries": schedule.to_json()})
     if version == 0:
         report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
                                    "run `pipeline db migrate`")]
