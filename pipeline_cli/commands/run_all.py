@@ -27,7 +27,8 @@ def show(app: App, record: RunRecord) -> int:
         click.echo(f"pipeline run-all: error: {record.error}", err=True)
     elif app.verbosity < 0:
         return record.exit_code
-    click.echo(f"run-all: {record.status} in {record.duration_ms} ms (run {record.run_id})",
+    run = f"run {record.run_id}" if record.recorded else "dry run, not recorded"
+    click.echo(f"run-all: {record.status} in {record.duration_ms} ms ({run})",
                err=bool(record.error))
     table = Table()
     for col in ("stage", "status", "ms", "result"):

@@ -233,7 +233,6 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
                               "counts": {}, "error": str(exc), "exit_code": exc.exit_code}
             raise StageFailed(stage, str(exc), exc.exit_code, results) from None
         results[stage] = _record_json(record, "dry run")
-        results[stage]["run_id"] = None  # nothing was recorded under it
         if record.status == FAILED:
             raise StageFailed(stage, record.error or "failed", record.exit_code, results)
         would = _would_produce(stage, record)

@@ -49,7 +49,9 @@ def test_dry_run_then_prune_then_noop(cli: Cli, conn: Conn) -> None:
     dry = cli("prune", "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
     out = json.loads(dry.stdout)
-    assert out["status"] == "dry-run" and out["dry_run"] is True
+    assert out["status"] == "dry-run" and out["dry_run"] is True and out["run_id"] is None
+    assert "prune: dry-run in" in (text := cli("prune", "--dry-run").stdout)
+    assert "(dry run, not recorded): would delete 2 gps points, 1 gps batches" in text
     assert out["counts"]["gps_points"] == 2 and out["counts"]["gps_batches"] == 1
     assert runs(conn) == [("prune", "failed")]
     assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 2}
