@@ -18,10 +18,10 @@ from . import json_option, pass_app, run_stage, wait_option
 def prune_cmd(app: App, dry_run: bool, wait: float | None) -> None:
     """Delete what [retention] says is due: processed GPS points and their batches, stale
     polylines, old run history, old dataset versions with their S3 objects (noop if none)."""
-    backups = app.backups()
+    settings = app.settings.retention
+    backups = app.backups() if settings.datasets else None  # only datasets have S3 objects
     run_stage(app, "prune",
-              lambda ctx: prune(app.database, backups, app.settings.retention, ctx,
-                                dry_run=dry_run),
+              lambda ctx: prune(app.database, backups, settings, ctx, dry_run=dry_run),
               wait=wait, dry_run=dry_run, options={"dry_run": dry_run})
 
 

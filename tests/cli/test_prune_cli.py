@@ -81,3 +81,10 @@ def test_bad_setting_is_one_line(cli: Cli, conn: Conn) -> None:
 def test_installed_script(cli: Cli) -> None:
     proc = cli.subprocess("-q", "prune")
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+
+def test_without_dataset_retention_s3_is_not_needed(run_cli: Cli, conn: Conn) -> None:
+    old_batch(conn)
+    run_cli.env["PIPELINE_RETENTION_DATASETS"] = "0"  # no [s3] settings at all
+    out = json.loads(run_cli("prune", "--json").stdout)
+    assert out["status"] == "success" and out["counts"]["gps_points"] == 2
