@@ -27,8 +27,9 @@ from .settings import HealthSettings
 OK, WARNING, CRITICAL, UNKNOWN = "ok", "warning", "critical", "unknown"
 LEVELS = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
 # Every stage status shows, in pipeline order (ingest-gps runs through the runner too).
-STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all")
-SECTIONS = ("dataset", "virtual", "graph", "gps")
+STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all",
+          "prune")
+SECTIONS = ("dataset", "virtual", "graph", "gps", "prune")
 
 
 @dataclass
@@ -129,11 +130,18 @@ def _gps_section(env: SectionEnv) -> dict[str, Any]:
     return status_section(env.conn)
 
 
+def _prune_section(env: SectionEnv) -> dict[str, Any]:
+    from .stages.prune import status_section
+
+    return status_section(env.conn, env.now)
+
+
 SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {
     "dataset": _dataset_section,
     "virtual": _virtual_section,
     "graph": _graph_section,
     "gps": _gps_section,
+    "prune": _prune_section,
 }
 
 

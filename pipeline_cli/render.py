@@ -85,9 +85,11 @@ def stage_record(app: App, record: RunRecord) -> int:
         problems = record.extra.get("problems")
         stderr_error(app, f"pipeline {record.stage}: error: {record.error}",
                      problems if isinstance(problems, list) else [], stage=record.stage,
-                     run_id=record.run_id, exit_code=record.exit_code)
+                     run_id=record.run_id if record.recorded else None,
+                     exit_code=record.exit_code)
     elif app.verbosity >= 0:
-        head = f"{record.stage}: {record.status} in {record.duration_ms} ms (run {record.run_id})"
+        run = f"run {record.run_id}" if record.recorded else "dry run, not recorded"
+        head = f"{record.stage}: {record.status} in {record.duration_ms} ms ({run})"
         click.echo(head + (f": {record.message}" if record.message else ""))
         if record.counts:
             key_values("counts", _flatten(record.counts))

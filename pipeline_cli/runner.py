@@ -47,8 +47,8 @@ SUCCESS, NOOP, FAILED, SKIPPED, CRASHED, RUNNING = (
 
 # Stages that take the singleton lock. match-gps is absent on purpose: any number of workers
 # may run at once because each batch is claimed row by row (FOR UPDATE SKIP LOCKED).
-SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all")
-ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all")
+SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all", "prune")
+ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all", "prune")
 
 
 @dataclass
@@ -74,12 +74,13 @@ class RunRecord:
     message: str = ""
     error: str | None = None
     exit_code: int = EXIT_OK
+    recorded: bool = True  # False for a dry run: no stage_runs row has this run id
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "stage": self.stage,
             "status": self.status,
-            "run_id": self.run_id,
+            "run_id": self.run_id if self.recorded else None,
             "duration_ms": self.duration_ms,
             "counts": self.counts,
         }
@@ -429,7 +430,7 @@ class StageRunner:
         record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,
                            counts=result.counts, extra=result.extra,
                            message=self.redact(result.message), error=error,
-                           exit_code=exit_code if error else EXIT_OK)
+                           exit_code=exit_code if error else EXIT_OK, recorded=record_run)
         if record_run:
             self._finish(conn, record)
         if error:

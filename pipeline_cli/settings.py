@@ -160,6 +160,18 @@ class GraphSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    gps_days: int = setting(
+        30, "days processed GPS points (and their finished batches) are kept; 0 = forever")
+    polyline_days: int = setting(
+        0, "days a cached polyline is kept after it was created or last read; 0 = forever")
+    runs_days: int = setting(90, "days of run history kept; 0 = forever")
+    datasets: int = setting(
+        10, "dataset versions kept (with their S3 backups); 0 = all")
+    chunk_size: int = setting(10000, "rows prune deletes per transaction")
+
+
+@dataclass(frozen=True)
 class NotifySettings:
     ping_url: str | None = setting(
         None, "healthchecks-style URL: pinged on success, <url>/fail on failure", secret=True
@@ -202,6 +214,7 @@ class RunnerSettings:
     timeout_run_all: float = setting(
         14400.0, "hard limit of a run-all run (the whole chain), seconds"
     )
+    timeout_prune: float = setting(3600.0, "hard limit of a prune run, seconds")
 
     def limits(self) -> dict[str, float]:
         """Stage name -> hard limit in seconds."""
@@ -236,6 +249,7 @@ class Settings:
     match: MatchSettings = field(default_factory=MatchSettings)
     virtual: VirtualSettings = field(default_factory=VirtualSettings)
     graph: GraphSettings = field(default_factory=GraphSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
@@ -569,6 +583,11 @@ def _validate(s: Settings) -> None:
             raise bad("health", low, "must be positive")
         if getattr(s.health, high) < getattr(s.health, low):
             raise bad("health", high, f"must be at least [health] {low}")
+    for key in ("gps_days", "polyline_days", "runs_days", "datasets"):
+        if getattr(s.retention, key) < 0:
+            raise bad("retention", key, "must not be negative (0 keeps forever)")
+    if s.retention.chunk_size <= 0:
+        raise bad("retention", "chunk_size", "must be positive")
     if s.notify.timeout <= 0:
         raise bad("notify", "timeout", "must be positive")
     for f in dataclasses.fields(s.runner):

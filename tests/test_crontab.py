@@ -27,6 +27,7 @@ def test_example_schedule() -> None:
     assert found["sync-odata"] == [("5 */6 * * *", ())]
     assert found["match-gps"] == [("* * * * *", ("--max-runtime", "55"))]
     assert found["run-all"][0][0] == "30 2 * * *"
+    assert found["prune"] == [("45 3 * * *", ())]
     (expr, args), = found["status"]
     assert expr == "*/5 * * * *" and "--check" in args and "--prometheus" in args
 
@@ -35,7 +36,7 @@ def test_example_lines_are_cron_safe() -> None:
     text = EXAMPLE.read_text()
     assert "MAILTO=" in text and "logrotate" in text and "copytruncate" in text
     jobs = [line for line in text.splitlines() if line and line[0] in "*0123456789@"]
-    assert len(jobs) == 4
+    assert len(jobs) == 5
     for line in jobs:
         command = line.split(None, 5)[5]
         words = shlex.split(command.replace("&&", " "))
@@ -47,7 +48,7 @@ def test_example_lines_are_cron_safe() -> None:
 
 def test_every_job_has_an_outer_timeout_above_its_hard_limit() -> None:
     jobs = [line for line in EXAMPLE.read_text().splitlines() if line and line[0] in "*0123456789"]
-    assert len(jobs) == 4
+    assert len(jobs) == 5
     for line in jobs:
         command = line.split(None, 5)[5]
         words = shlex.split(command.replace("&&", " "))
@@ -67,7 +68,7 @@ def test_every_job_has_an_outer_timeout_above_its_hard_limit() -> None:
 
 def test_status_reads_the_example(tmp_path: Path) -> None:
     schedule = build_schedule(EXAMPLE)
-    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all"}
+    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all", "prune"}
     now = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
     assert schedule.next_run("sync-odata", now) == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
     assert schedule.next_run("match-gps", now) == datetime(2026, 1, 1, 12, 1, tzinfo=UTC)

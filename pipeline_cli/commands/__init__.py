@@ -36,6 +36,7 @@ COMMANDS = {
     "run-all": "run_all",
     "completion": "completion",
     "doctor": "doctor", "export": "export",
+    "prune": "prune",
 }
 
 

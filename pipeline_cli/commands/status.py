@@ -228,8 +228,16 @@ def _s3(s: dict[str, Any], now: datetime) -> str:
             f"{_when(backup['at'], now)}")
 
 
+def _prune(p: dict[str, Any], now: datetime) -> str:
+    if p["last_run_at"] is None:
+        return "never ran"
+    removed = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["removed"].items())
+    return f"last ran {_ago(now, p['last_run_at'])}: removed {removed or 'nothing'}"
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any], datetime], str]] = {
-    "dataset": _dataset, "virtual": _virtual, "graph": _graph, "gps": _gps, "s3": _s3}
+    "dataset": _dataset, "virtual": _virtual, "graph": _graph, "gps": _gps, "prune": _prune,
+    "s3": _s3}
 
 
 def _last(s: dict[str, Any]) -> str:

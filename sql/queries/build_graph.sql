@@ -98,3 +98,8 @@ WHERE version = %(version)s AND activated_at IS NULL AND NOT active;
 
 -- name: known_versions
 SELECT version FROM graph_versions WHERE version = ANY(%(versions)s);
+
+-- name: peek_seq
+-- The number the next build would take (a dry run must not consume one).
+SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS seq
+FROM graph_version_seq;
