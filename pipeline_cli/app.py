@@ -60,8 +60,9 @@ class App:
     @property
     def database(self) -> db.Database:
         """How to reach PostgreSQL ([database] url, exit 78 if unset): stages take this."""
+        d = self.settings.database
         return db.Database(str(self.settings.require("database", "url")),
-                           connect_timeout=self.settings.database.connect_timeout)
+                           connect_timeout=d.connect_timeout, pooler=d.pooler)
 
     def connect(
         self, *, autocommit: bool = False, name: str = "pipeline"

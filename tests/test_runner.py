@@ -206,7 +206,7 @@ def test_hard_limit_stops_a_stage_blocked_in_postgresql(
             own.execute("SELECT pg_sleep(600)")
         return StageResult()
 
-    record = StageRunner(database_url, limits={"sync-odata": 2}).run("sync-odata", hung)
+    record = StageRunner(Database(database_url), limits={"sync-odata": 2}).run("sync-odata", hung)
     assert record.status == "failed" and record.exit_code == 124
     assert record.error == "hard limit of 2 s passed"
     row = conn.execute("SELECT status, error FROM stage_runs").fetchone()
@@ -227,7 +227,7 @@ def test_hard_limit_interrupts_a_stage_blocked_outside_postgresql(database_url: 
         time.sleep(600)  # e.g. a read from a service that never answers
         return StageResult()
 
-    runner = StageRunner(database_url, limits={"gen-virtual": 1})
+    runner = StageRunner(Database(database_url), limits={"gen-virtual": 1})
     record = runner.run("gen-virtual", hung)
     assert (record.status, record.exit_code, record.error) == (
         "failed", 124, "hard limit of 1 s passed")
@@ -239,7 +239,7 @@ def test_hard_limit_interrupts_a_stage_blocked_outside_postgresql(database_url: 
 
 @pytest.mark.timeout(120, method="thread")
 def test_run_all_limit_stops_the_stage_inside_it(database_url: str) -> None:
-    runner = StageRunner(database_url, limits={"run-all": 1, "sync-odata": 600})
+    runner = StageRunner(Database(database_url), limits={"run-all": 1, "sync-odata": 600})
 
     def inner(ctx: RunContext) -> StageResult:
         while True:
@@ -261,7 +261,7 @@ def test_dry_run_takes_the_lock_but_records_nothing(
     def failing(ctx: RunContext) -> StageResult:
         raise ValidationError("bad feed")
 
-    runner = StageRunner(database_url)
+    runner = StageRunner(Database(database_url))
     runner.run("sync-odata", failing)
     holder = db.connect(database_url, autocommit=True)
     try:

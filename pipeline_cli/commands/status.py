@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .. import db, render
+from .. import render
 from ..adapters.backups import BackupStore
 from ..app import App
 from ..errors import PipelineError
@@ -56,8 +56,9 @@ def gather(app: App) -> StatusReport:
     settings = app.settings
     schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
     conn = app.connect(autocommit=True, name="pipeline status")
-    with db.wrap_errors("setting the statement timeout"):
-        conn.execute(db.query("status", "statement_timeout"), {"ms": str(STATEMENT_TIMEOUT_MS)})
+    # Through a transaction pooler the timeout is not set (it would stick to a shared server
+    # session): the pooler's own query_timeout bounds status there (docs/operations.md).
+    app.database.set_session(conn, "statement_timeout", str(STATEMENT_TIMEOUT_MS))
     return collect_status(conn, health=settings.health, schedule=schedule, settings=settings,
                           **_clients(app))
 
