@@ -113,15 +113,14 @@ class App:
         return self.cached("odata", build)
 
     def redis(self) -> redis.Redis:
-        """A Redis client for [redis] url; connections are opened lazily by redis-py."""
+        """A Redis client for [redis] url (a cluster client with [redis] cluster)."""
         def build() -> redis.Redis:
-            import redis
+            from .adapters.graph_store import connect
 
-            client = redis.Redis.from_url(
-                str(self.settings.require("redis", "url")),
-                socket_timeout=self.settings.redis.socket_timeout,
-                socket_connect_timeout=min(self.settings.redis.socket_timeout, 5.0),
-            )
+            r = self.settings.redis
+            client = connect(str(self.settings.require("redis", "url")), cluster=r.cluster,
+                             socket_timeout=r.socket_timeout,
+                             connect_timeout=min(r.socket_timeout, 5.0))
             self.resources.callback(client.close)
             return client
 

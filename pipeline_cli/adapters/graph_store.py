@@ -12,6 +12,12 @@ Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the ref
 
 Keys of a version are never modified once written; a reader that resolved a version can read
 it until retention (which keeps the newest N, so the previous active survives) collects it.
+
+The same code runs on one server and on a Redis Cluster (``[redis] cluster``): a version's keys
+spread over every slot (no hash tag, so no node has to hold a whole graph), so every command
+here touches one key, or is split per slot by redis-py (UNLINK, SCAN over every primary). The
+pointer switch is a Lua CAS on the pointer key alone; completeness (meta) is checked before it
+and again after it. docs/build-graph.md "Redis Cluster" has the measured trade-off.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from ..errors import PipelineError, RedisError, service_error
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
-_MSET_BATCH = 500  # keys per MSET command inside one pipelined flush
 
 
 class GraphLookupError(PipelineError):
@@ -71,15 +76,42 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def connect(url: str, *, cluster: bool = False, socket_timeout: float = 10.0,
+            connect_timeout: float = 5.0) -> redis.Redis:
+    """A client for ``url``: a ``RedisCluster`` (typed as ``redis.Redis``, whose commands it
+    shares) when ``cluster``; connections open lazily. Every Redis client is made here."""
+    if cluster:
+        try:
+            client: Any = redis.RedisCluster.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
+        except redis.exceptions.RedisError as exc:  # the cluster client asks for slots at once
+            raise service_error(RedisError, "Redis Cluster", _url_endpoint(url),
+                                "failed while reading the cluster slots", exc) from None
+        return client
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=connect_timeout)
+
+
+def _url_endpoint(url: str) -> str:
+    return url.split("@")[-1].split("://")[-1].split("/")[0] or "?"
+
+
+def endpoint(client: redis.Redis) -> str:
+    """``host:port`` (or socket path) of a client, never its password."""
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_default_node()
+        return f"{node.host}:{node.port}" if node else "?"
+    kw = client.connection_pool.connection_kwargs
+    return str(kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', 6379)}")
+
+
 @contextmanager
 def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
     """Turn redis-py errors raised inside the block into RedisError naming the server."""
     try:
         yield
     except redis.exceptions.RedisError as exc:
-        kw = client.connection_pool.connection_kwargs
-        where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', 6379)}"
-        raise service_error(RedisError, "Redis", str(where), f"failed while {what}",
+        raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
                             exc) from None
 
 
@@ -136,10 +168,12 @@ class GraphReader:
         if not stop_ids:
             return {}
         with wrap_errors(self.client, f"reading neighbours in graph {version}"):
+            # one GET per key, not MGET: a version's keys are in many slots of a cluster
             pipe = self.client.pipeline(transaction=False)
-            pipe.mget([self.adj_key(version, s) for s in stop_ids])
+            for stop_id in stop_ids:
+                pipe.get(self.adj_key(version, stop_id))
             pipe.exists(self.meta_key(version))
-            values, meta_exists = pipe.execute()
+            *values, meta_exists = pipe.execute()
         if not meta_exists:
             raise GraphVersionGone(
                 f"graph version {version} is not in Redis (never written, or collected by "
@@ -159,10 +193,10 @@ class GraphReader:
 class GraphStore(GraphReader):
     """The write side: versions, the atomic pointer switch, retention, cleanup."""
 
-    # Switch only to a complete version, and only if the pointer still holds what the caller
-    # expects ('*' = anything), so a late revert can never clobber someone else's switch.
+    # Switch only if the pointer still holds what the caller expects ('*' = anything), so a
+    # late revert can never clobber someone else's switch. It touches the pointer key alone
+    # (a cluster runs a script only on keys of one slot): completeness is checked around it.
     _SWITCH = """
-    if redis.call('EXISTS', KEYS[2]) == 0 then return {0, ''} end
     local cur = redis.call('GET', KEYS[1])
     if ARGV[2] ~= '*' then
       local want = ARGV[2]
@@ -171,7 +205,6 @@ class GraphStore(GraphReader):
       end
     end
     redis.call('SET', KEYS[1], ARGV[1])
-    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
     return {1, cur or ''}
     """
 
@@ -232,29 +265,41 @@ class GraphStore(GraphReader):
         return written
 
     def _flush(self, version: str, batch: dict[str, str]) -> int:
-        items = list(batch.items())
+        # One SET per key, pipelined: a version's keys spread over a cluster's slots, where
+        # MSET would need every key in one slot (bench_graph_cluster measures the cost).
         with wrap_errors(self.client, f"writing graph {version}"):
             pipe = self.client.pipeline(transaction=False)
-            for i in range(0, len(items), _MSET_BATCH):
-                pipe.mset(dict(items[i:i + _MSET_BATCH]))
+            for key, value in batch.items():
+                pipe.set(key, value)
             pipe.execute()
-        return len(items)
+        return len(batch)
 
     def switch_active(self, version: str, *, expected: str | None | object = "*") -> str | None:
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
         previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
         want = "*" if expected == "*" else ("" if expected is None else str(expected))
-        with wrap_errors(self.client, f"switching the active graph to {version}"):
-            code, previous = self.client.eval(
-                self._SWITCH, 3, self.pointer_key, self.meta_key(version), self.registry_key,
-                version, want, repr(time.time()))
-        prev = previous.decode() if isinstance(previous, bytes) else previous
-        if code == 0:
+        if not self.is_complete(version):
             raise RedisError(f"graph version {version} is incomplete in Redis; not activated")
+        with wrap_errors(self.client, f"switching the active graph to {version}"):
+            code, previous = self.client.eval(self._SWITCH, 1, self.pointer_key, version, want)
+        prev = previous.decode() if isinstance(previous, bytes) else previous
         if code == -1:
             raise RedisError(f"the active graph changed meanwhile (now {prev or 'unset'}); "
                              f"{version} was not activated")
+        if not self.is_complete(version):  # collected between the check and the switch
+            self._revert(version, prev or None)
+            raise RedisError(f"graph version {version} was removed while it was activated; "
+                             f"the pointer is back on {prev or 'nothing'}")
+        with wrap_errors(self.client, "recording the activation in the graph registry"):
+            self.client.zadd(self.registry_key, {version: time.time()})
         return prev or None
+
+    def _revert(self, version: str, previous: str | None) -> None:
+        if previous is None:
+            self.clear_active(expected=version)
+            return
+        with wrap_errors(self.client, "reverting the active graph pointer"):
+            self.client.eval(self._SWITCH, 1, self.pointer_key, previous, version)
 
     _CLEAR = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

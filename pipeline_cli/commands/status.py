@@ -38,12 +38,16 @@ def _clients(app: App) -> dict[str, Any]:
     s = app.settings
     clients: dict[str, Any] = {"redis": None, "backups": None, "redis_prefix": s.redis.prefix}
     if s.redis.url:
-        import redis
+        from ..adapters.graph_store import connect
 
-        client = redis.Redis.from_url(s.redis.url, socket_timeout=REDIS_TIMEOUT,
-                                      socket_connect_timeout=REDIS_TIMEOUT)
-        app.resources.callback(client.close)
-        clients["redis"] = client
+        try:
+            client = connect(s.redis.url, cluster=s.redis.cluster, socket_timeout=REDIS_TIMEOUT,
+                             connect_timeout=REDIS_TIMEOUT)
+        except PipelineError as exc:  # a cluster client reads the slots at once: the graph
+            clients["redis"] = exc  # section reports the error
+        else:
+            app.resources.callback(client.close)
+            clients["redis"] = client
     if s.s3.endpoint:
         clients["backups"] = BackupStore.connect(
             s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,

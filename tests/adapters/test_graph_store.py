@@ -1,5 +1,6 @@
-"""The Redis graph store on a real Redis: version layout, the guarded pointer switch,
-deletion in batches, retention, orphan cleanup and error wrapping."""
+"""The Redis graph store on a real Redis, a single server and a 3-master cluster: version
+layout, the guarded pointer switch, deletion in batches, retention, orphan cleanup and error
+wrapping."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.graph_store import (
     Edge,
     GraphLookupError,
@@ -19,12 +21,14 @@ from pipeline_cli.adapters.graph_store import (
     decode_adjacency,
     encode_adjacency,
 )
+from devtools.cleanup import drop_prefix
 from pipeline_cli.errors import RedisError
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+def client(redis_env: dict[str, str]) -> Iterator[redis.Redis]:
+    c = graph_store.connect(redis_env["PIPELINE_REDIS_URL"],
+                            cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
     yield c
     c.close()
 
@@ -139,4 +143,24 @@ def test_unreachable_redis_raises_redis_error() -> None:
         with pytest.raises(RedisError, match="writing graph v1|registering graph v1"):
             GraphStore(client, "x").write_version("v1", adjacency(2), {})
     finally:
+        client.close()
+
+
+def test_on_a_cluster_a_version_spreads_over_every_node_and_gc_reaches_each(
+        redis_cluster_url: str, redis_prefix: str) -> None:
+    client = graph_store.connect(redis_cluster_url, cluster=True)
+    try:
+        store = GraphStore(client, redis_prefix, chunk_size=50)
+        write(store, "graph-v1", 300)
+        assert isinstance(client, redis.RedisCluster)
+        per_node = [sum(1 for _ in node.redis_connection.scan_iter(
+            match=f"{redis_prefix}:graph:graph-v1:*", count=1000))
+            for node in client.get_primaries()]
+        assert len(per_node) == 3 and all(n > 0 for n in per_node) and sum(per_node) == 301
+        store.switch_active("graph-v1")
+        assert store.neighbors("N1")[1] == [Edge("N2", 1.0, "R1", "bus")]
+        assert store.delete_version("graph-v1") == 301
+        assert store.version_keys("graph-v1") == 0
+    finally:
+        drop_prefix(client, redis_prefix)
         client.close()

@@ -18,8 +18,10 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 @pytest.fixture
-def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+def cli(run_cli: Cli, full_env: dict[str, str], redis_env: dict[str, str]) -> Cli:
+    """Every test here runs against a single Redis and against a 3-master Redis Cluster."""
     run_cli.env.update(full_env)
+    run_cli.env.update(redis_env)
     return run_cli
 
 
