@@ -12,6 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devtools.cleanup import drop_prefix
 from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.graph_store import (
     Edge,
@@ -21,7 +22,6 @@ from pipeline_cli.adapters.graph_store import (
     decode_adjacency,
     encode_adjacency,
 )
-from devtools.cleanup import drop_prefix
 from pipeline_cli.errors import RedisError
 
 
