@@ -457,7 +457,9 @@ class LocalServices:
             ini.write_text("\n".join([
                 "[databases]", f"* = {target}", "", "[pgbouncer]",
                 f"listen_addr = {LOOPBACK}", f"listen_port = {ports[0]}",
-                "unix_socket_dir =", "auth_type = trust",
+                # every client logs in as the backend role of [databases] (the sandboxes'
+                # password roles too): PgBouncer checks no password, PostgreSQL trusts it
+                "unix_socket_dir =", "auth_type = any",
                 f"auth_file = {folder / 'userlist.txt'}", "pool_mode = transaction",
                 "max_client_conn = 1000", "default_pool_size = 40",
                 "ignore_startup_parameters = extra_float_digits", "",
