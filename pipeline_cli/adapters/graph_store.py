@@ -13,11 +13,14 @@ Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the ref
 Keys of a version are never modified once written; a reader that resolved a version can read
 it until retention (which keeps the newest N, so the previous active survives) collects it.
 
-The same code runs on one server and on a Redis Cluster (``[redis] cluster``): a version's keys
-spread over every slot (no hash tag, so no node has to hold a whole graph), so every command
-here touches one key, or is split per slot by redis-py (UNLINK, SCAN over every primary). The
-pointer switch is a Lua CAS on the pointer key alone; completeness (meta) is checked before it
-and again after it. docs/build-graph.md "Redis Cluster" has the measured trade-off.
+On a Redis Cluster (``[redis] cluster``) the version segment is a hash tag, ``{<version>}``
+(``<prefix>:graph:{graph-v3}:adj:S1``): all keys of one version share a slot, so the same
+pipelined MSETs, the one-round-trip MGET and UNLINK work unchanged, on the node that serves
+that slot; successive versions land on different nodes. The pointer and the registry are
+keys of their own (other slots): the pointer switch is a Lua CAS on the pointer key alone,
+with completeness (meta) checked before it and again after it. Measured against spreading a
+version over every slot in bench/bench_graph_cluster.py; the limit (a version must fit one
+node's memory) is in docs/build-graph.md "Redis Cluster".
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..errors import PipelineError, RedisError, service_error
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
+_MSET_BATCH = 500  # keys per MSET command inside one pipelined flush
 
 
 class GraphLookupError(PipelineError):
@@ -122,19 +126,32 @@ class GraphReader:
     def __init__(self, client: redis.Redis, prefix: str = "pipeline") -> None:
         self.client = client
         self.prefix = prefix
+        self.cluster = isinstance(client, redis.RedisCluster)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, "graph", *parts))
+
+    def version_segment(self, version: str) -> str:
+        """How ``version`` is spelled in its keys: a hash tag on a cluster (one slot)."""
+        return f"{{{version}}}" if self.cluster else version
+
+    def version_client(self, version: str) -> redis.Redis:
+        """The client to pipeline a version's multi-key commands on: on a cluster, the node
+        serving the version's slot (redis-py's cluster pipeline refuses MSET and MGET)."""
+        if not self.cluster:
+            return self.client
+        node = self.client.get_node_from_key(self.meta_key(version))  # type: ignore[attr-defined]
+        return node.redis_connection
 
     @property
     def pointer_key(self) -> str:
         return self.key("active")
 
     def meta_key(self, version: str) -> str:
-        return self.key(version, "meta")
+        return self.key(self.version_segment(version), "meta")
 
     def adj_key(self, version: str, stop_id: str) -> str:
-        return self.key(version, "adj", stop_id)
+        return self.key(self.version_segment(version), "adj", stop_id)
 
     def active_version(self) -> str | None:
         with wrap_errors(self.client, "reading the active graph pointer"):
@@ -168,12 +185,10 @@ class GraphReader:
         if not stop_ids:
             return {}
         with wrap_errors(self.client, f"reading neighbours in graph {version}"):
-            # one GET per key, not MGET: a version's keys are in many slots of a cluster
-            pipe = self.client.pipeline(transaction=False)
-            for stop_id in stop_ids:
-                pipe.get(self.adj_key(version, stop_id))
+            pipe = self.version_client(version).pipeline(transaction=False)
+            pipe.mget([self.adj_key(version, s) for s in stop_ids])
             pipe.exists(self.meta_key(version))
-            *values, meta_exists = pipe.execute()
+            values, meta_exists = pipe.execute()
         if not meta_exists:
             raise GraphVersionGone(
                 f"graph version {version} is not in Redis (never written, or collected by "
@@ -265,14 +280,13 @@ class GraphStore(GraphReader):
         return written
 
     def _flush(self, version: str, batch: dict[str, str]) -> int:
-        # One SET per key, pipelined: a version's keys spread over a cluster's slots, where
-        # MSET would need every key in one slot (bench_graph_cluster measures the cost).
+        items = list(batch.items())
         with wrap_errors(self.client, f"writing graph {version}"):
-            pipe = self.client.pipeline(transaction=False)
-            for key, value in batch.items():
-                pipe.set(key, value)
+            pipe = self.version_client(version).pipeline(transaction=False)
+            for i in range(0, len(items), _MSET_BATCH):
+                pipe.mset(dict(items[i:i + _MSET_BATCH]))
             pipe.execute()
-        return len(batch)
+        return len(items)
 
     def switch_active(self, version: str, *, expected: str | None | object = "*") -> str | None:
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
@@ -318,7 +332,7 @@ class GraphStore(GraphReader):
         last (a crash midway leaves it registered, so the next cleanup finishes the job).
         """
         removed = 0
-        pattern = _glob_escape(self.key(version)) + ":*"
+        pattern = _glob_escape(self.key(self.version_segment(version))) + ":*"
         with wrap_errors(self.client, f"removing graph {version}"):
             removed += int(self.client.unlink(self.meta_key(version)))
             batch: list[bytes] = []
@@ -356,6 +370,6 @@ class GraphStore(GraphReader):
 
     def version_keys(self, version: str) -> int:
         """How many keys ``version`` has (SCAN; for tests and diagnostics, not the hot path)."""
-        pattern = _glob_escape(self.key(version)) + ":*"
+        pattern = _glob_escape(self.key(self.version_segment(version))) + ":*"
         with wrap_errors(self.client, f"counting the keys of graph {version}"):
             return sum(1 for _ in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH))

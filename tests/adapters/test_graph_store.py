@@ -64,7 +64,8 @@ def test_write_in_chunks_then_read(store: GraphStore, client: redis.Redis,
     assert store.meta("graph-v1") == {"nodes": "10", "format": "adjacency-json/1",
                                       "version": "graph-v1"}
     assert store.registered() == ["graph-v1"]
-    assert client.get(f"{redis_prefix}:graph:graph-v1:adj:N0") == b"[]"
+    segment = "{graph-v1}" if isinstance(client, redis.RedisCluster) else "graph-v1"
+    assert client.get(f"{redis_prefix}:graph:{segment}:adj:N0") == b"[]"
     got = store.neighbors_many("graph-v1", ["N1", "N4", "missing"])
     assert got == {"N1": [Edge("N2", 1.0, "R1", "bus")], "N4": [], "missing": None}
     with pytest.raises(GraphLookupError, match="no active graph"):
@@ -146,21 +147,24 @@ def test_unreachable_redis_raises_redis_error() -> None:
         client.close()
 
 
-def test_on_a_cluster_a_version_spreads_over_every_node_and_gc_reaches_each(
-        redis_cluster_url: str, redis_prefix: str) -> None:
+def test_on_a_cluster_a_version_is_one_slot_and_gc_finds_it(redis_cluster_url: str,
+                                                             redis_prefix: str) -> None:
     client = graph_store.connect(redis_cluster_url, cluster=True)
     try:
-        store = GraphStore(client, redis_prefix, chunk_size=50)
-        write(store, "graph-v1", 300)
         assert isinstance(client, redis.RedisCluster)
-        per_node = [sum(1 for _ in node.redis_connection.scan_iter(
-            match=f"{redis_prefix}:graph:graph-v1:*", count=1000))
-            for node in client.get_primaries()]
-        assert len(per_node) == 3 and all(n > 0 for n in per_node) and sum(per_node) == 301
-        store.switch_active("graph-v1")
+        store = GraphStore(client, redis_prefix, chunk_size=50)
+        for v in ("graph-v1", "graph-v2", "graph-v3"):
+            write(store, v, 120)
+        for v in ("graph-v1", "graph-v2", "graph-v3"):  # every key of a version on one node
+            per_node = [sum(1 for _ in node.redis_connection.scan_iter(
+                match=f"{redis_prefix}:graph:{{{v}}}:*", count=1000))
+                for node in client.get_primaries()]
+            assert sorted(per_node) == [0, 0, 121], (v, per_node)
+        store.switch_active("graph-v3")
         assert store.neighbors("N1")[1] == [Edge("N2", 1.0, "R1", "bus")]
-        assert store.delete_version("graph-v1") == 301
-        assert store.version_keys("graph-v1") == 0
+        assert store.retain(1) == ["graph-v2", "graph-v1"]  # SCAN reaches every node
+        assert store.version_keys("graph-v1") == store.version_keys("graph-v2") == 0
+        assert store.version_keys("graph-v3") == 121
     finally:
         drop_prefix(client, redis_prefix)
         client.close()
