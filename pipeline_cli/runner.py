@@ -1,7 +1,7 @@
 """The one mechanism that runs any stage: advisory lock, run history, signals, result.
 
 Every stage goes through :meth:`StageRunner.run`. The runner keeps a "lock" transaction open on
-a control connection for the whole run: it holds the stage's advisory lock (singleton stages)
+a connection of its own for the whole run: it holds the stage's advisory lock (singleton stages)
 and the run's own lock, both transaction-scoped, so they end with the transaction, or with the
 process when it dies. That works the same through a transaction pooler (PgBouncer pins one
 server session to an open transaction) and without one. The ``stage_runs`` row is written on a
@@ -22,7 +22,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -401,7 +401,12 @@ class StageRunner:
                                     record_run=not dry_run)
         finally:
             if lock is not None:
-                lock.close()  # ends the lock transaction: the locks are free
+                # Ending the transaction frees the locks; a pooler then reuses the server
+                # session (closing mid-transaction would make it drop it). A connection that
+                # broke has no transaction left to end.
+                with suppress(psycopg.Error):
+                    lock.rollback()
+                lock.close()
             control.close()
 
     def _run_locked(
