@@ -60,8 +60,9 @@ class App:
     @property
     def database(self) -> db.Database:
         """How to reach PostgreSQL ([database] url, exit 78 if unset): stages take this."""
+        d = self.settings.database
         return db.Database(str(self.settings.require("database", "url")),
-                           connect_timeout=self.settings.database.connect_timeout)
+                           connect_timeout=d.connect_timeout, pooler=d.pooler)
 
     def connect(
         self, *, autocommit: bool = False, name: str = "pipeline"
@@ -114,17 +115,16 @@ class App:
         return self.cached("odata", build)
 
     def redis(self, timeout: float | None = None) -> redis.Redis:
-        """A Redis client for [redis] url (``timeout``: per call, default [redis]
-        socket_timeout); connections are opened lazily by redis-py."""
+        """A Redis client for [redis] url (a cluster client with [redis] cluster; ``timeout``:
+        per call, default [redis] socket_timeout); connections are opened lazily by redis-py."""
         seconds = timeout or self.settings.redis.socket_timeout
 
         def build() -> redis.Redis:
-            import redis
+            from .adapters.graph_store import connect
 
-            client = redis.Redis.from_url(
-                str(self.settings.require("redis", "url")),
-                socket_timeout=seconds, socket_connect_timeout=min(seconds, 5.0),
-            )
+            client = connect(str(self.settings.require("redis", "url")),
+                             cluster=self.settings.redis.cluster, socket_timeout=seconds,
+                             connect_timeout=min(seconds, 5.0))
             self.resources.callback(client.close)
             return client
 

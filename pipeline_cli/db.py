@@ -60,8 +60,13 @@ def connect(
     application_name: str = "pipeline",
     autocommit: bool = False,
     connect_timeout: int = 10,
+    prepare: bool = True,
 ) -> psycopg.Connection[dict[str, Any]]:
-    """Open one connection with dict rows. Wraps connection failures into DatabaseError."""
+    """Open one connection with dict rows. Wraps connection failures into DatabaseError.
+
+    ``prepare=False`` turns off psycopg's automatic server-side prepared statements (they live
+    in a server session, which a transaction pooler hands to other clients).
+    """
     try:
         conn = psycopg.connect(
             url,
@@ -73,6 +78,8 @@ def connect(
     except psycopg.Error as exc:
         raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
                             exc) from None
+    if not prepare:
+        conn.prepare_threshold = None
     _OPEN.add(conn)
     return conn
 
@@ -87,19 +94,47 @@ def _endpoint(url: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
+POOLER_NONE, POOLER_TRANSACTION = "none", "transaction"
+
+
 @dataclass(frozen=True)
 class Database:
     """How the pipeline reaches PostgreSQL: stages and the runner take one of these instead of
     a URL, so one place decides how a connection is made (timeouts, and the pooler mode of a
-    managed PostgreSQL). Each call opens a new connection that the caller closes."""
+    managed PostgreSQL). Each call opens a new connection that the caller closes.
+
+    With ``pooler="transaction"`` (PgBouncer ``pool_mode = transaction``) each transaction may
+    run on a different server session, shared with other clients: so no server-side prepared
+    statements, and no session state (:meth:`set_session` does nothing; code that needs a
+    setting uses ``SET LOCAL`` inside its transaction). Locks live in transactions (see
+    runner.py), which the pooler keeps on one server session until they end.
+    """
 
     url: str
     connect_timeout: int = 10
+    pooler: str = POOLER_NONE
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a transaction pooler sits in front of PostgreSQL."""
+        return self.pooler == POOLER_TRANSACTION
 
     def connect(self, name: str = "pipeline", *,
                 autocommit: bool = False) -> psycopg.Connection[dict[str, Any]]:
         return connect(self.url, application_name=name, autocommit=autocommit,
-                       connect_timeout=self.connect_timeout)
+                       connect_timeout=self.connect_timeout, prepare=not self.pooled)
+
+    def set_session(self, conn: psycopg.Connection[Any], name: str, value: str) -> bool:
+        """Set a session parameter for this connection's life when that is safe; returns
+        whether it was set. Through a transaction pooler it is not: the setting would stay on
+        a server session that other clients then use (e.g. a 5 s statement timeout on someone
+        else's gen-virtual), so it is skipped there (an optimisation or a safety net, never
+        needed for correctness)."""
+        if self.pooled:
+            return False
+        with wrap_errors(f"setting {name}"):
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        return True
 
     def __repr__(self) -> str:  # never the password
         return f"Database({_endpoint(self.url)!r})"

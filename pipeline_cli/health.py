@@ -48,7 +48,7 @@ class SectionEnv:
 
     conn: psycopg.Connection[Any]
     now: datetime
-    redis: Any = None  # redis.Redis, or None when [redis] url is unset
+    redis: Any = None  # redis.Redis, None when [redis] url is unset, or the connect error
     redis_prefix: str = "pipeline"
     backups: Any = None  # BackupStore, or None when [s3] endpoint is unset
     settings: Any = None  # Settings, when the caller has them
@@ -120,6 +120,8 @@ def _graph_section(env: SectionEnv) -> dict[str, Any]:
     from .adapters.graph_store import GraphReader
     from .stages import build_graph
 
+    if isinstance(env.redis, PipelineError):  # a cluster client failed to read the slots
+        raise env.redis
     reader = GraphReader(env.redis, env.redis_prefix) if env.redis is not None else None
     return build_graph.status_section(env.conn, reader)
 
@@ -369,7 +371,8 @@ def collect_status(
     """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
 
     ``redis`` and ``backups`` are optional clients (None when not configured); their sections
-    then say so instead of failing. Raises DatabaseError only if PostgreSQL itself fails.
+    then say so instead of failing (``redis`` may also be the error of connecting to it).
+    Raises DatabaseError only if PostgreSQL itself fails.
     """
     started = time.monotonic()
     health = health or HealthSettings()

@@ -1,11 +1,14 @@
 """The one mechanism that runs any stage: advisory lock, run history, signals, result.
 
-Every stage goes through :meth:`StageRunner.run`. The runner holds a dedicated autocommit
-"control" session for the whole run: it owns the stage's advisory lock and writes the
-``stage_runs`` row, so when the process dies the session ends, the lock frees itself and the
-row is recognised as ``crashed``. The stage's own database work happens in transactions on
-its own connections, so a failure leaves no partial rows. Every run has a hard limit
-(``[runner] timeout_<stage>``): when it passes, the run is stopped and recorded as failed.
+Every stage goes through :meth:`StageRunner.run`. The runner keeps a "lock" transaction open on
+a connection of its own for the whole run: it holds the stage's advisory lock (singleton stages)
+and the run's own lock, both transaction-scoped, so they end with the transaction, or with the
+process when it dies. That works the same through a transaction pooler (PgBouncer pins one
+server session to an open transaction) and without one. The ``stage_runs`` row is written on a
+second, autocommit connection, so it is visible at once; a ``running`` row whose run lock
+nobody holds is recognised as ``crashed``. The stage's own database work happens in
+transactions on its own connections, so a failure leaves no partial rows. Every run has a hard
+limit (``[runner] timeout_<stage>``): when it passes, the run is stopped and recorded as failed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -294,10 +297,20 @@ def lock_holders(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> dict[
     }
 
 
+def run_lock_key(run_id: str) -> int:
+    """The advisory key a run holds while its process lives (see :func:`reap_crashed`)."""
+    return db.advisory_key(f"run:{run_id}")
+
+
 def reap_crashed(conn: psycopg.Connection[Any]) -> list[str]:
     """Mark runs whose process died as ``crashed``; returns their run ids."""
     with db.wrap_errors("reaping crashed runs"):
-        rows = conn.execute(db.query("runner", "reap_crashed")).fetchall()
+        running = [str(r["run_id"]) for r in conn.execute(db.query("runner", "running_runs"))]
+        rows = conn.execute(db.query("runner", "reap_crashed"), {
+            "run_ids": running, "keys": [run_lock_key(r) for r in running]}).fetchall() \
+            if running else []
+        if not conn.autocommit:
+            conn.commit()
     for r in rows:
         log.warning("run %s of %s had crashed; recorded as crashed", r["run_id"], r["stage"])
     return [str(r["run_id"]) for r in rows]
@@ -331,20 +344,25 @@ class StageRunner:
         self.stop = _STOP
         self.limits = dict(limits or {})
 
-    def _control_connection(self, stage: str) -> psycopg.Connection[Any]:
-        return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}", autocommit=True)
+    def _connection(self, stage: str, *, autocommit: bool) -> psycopg.Connection[Any]:
+        return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}",
+                                     autocommit=autocommit)
 
-    def _acquire(self, conn: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
+    def _acquire(self, lock: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
+        """Take the stage lock inside ``lock``'s transaction; between attempts the transaction
+        ends, so a waiting run pins no server session of a pooler."""
         key = db.advisory_key(stage)
         deadline = time.monotonic() + (wait or 0)
         delay = 0.05
         while True:
             with db.wrap_errors("taking the stage lock"):
-                row = conn.execute(db.query("runner", "try_lock"), {"key": key}).fetchone()
-            if row and row["locked"]:
-                return
+                row = lock.execute(db.query("runner", "try_lock"), {"key": key}).fetchone()
+                if row and row["locked"]:
+                    return
+                lock.rollback()
             if time.monotonic() >= deadline or self.stop.requested:
-                holder = lock_holders(conn, (stage,)).get(stage)
+                holder = lock_holders(lock, (stage,)).get(stage)
+                lock.rollback()
                 who = holder.describe() if holder else "another session (it just finished?)"
                 raise LockBusy(f"{stage} is already running: lock held by {who}",
                                holder=holder)
@@ -372,19 +390,30 @@ class StageRunner:
         failure streak before it stays visible.
         """
         singleton = stage in SINGLETON_STAGES if singleton is None else singleton
-        conn = self._control_connection(stage)
+        control = self._connection(stage, autocommit=True)
+        lock: psycopg.Connection[Any] | None = None
         try:
-            db.check_schema(conn)
-            reap_crashed(conn)
+            db.check_schema(control)
+            reap_crashed(control)
+            lock = self._connection(stage, autocommit=False)
             if singleton:
-                self._acquire(conn, stage, wait)
-            return self._run_locked(conn, stage, fn, options or {}, record_run=not dry_run)
+                self._acquire(lock, stage, wait)
+            return self._run_locked(control, lock, stage, fn, options or {},
+                                    record_run=not dry_run)
         finally:
-            conn.close()  # closing the session also frees the advisory lock
+            if lock is not None:
+                # Ending the transaction frees the locks; a pooler then reuses the server
+                # session (closing mid-transaction would make it drop it). A connection that
+                # broke has no transaction left to end.
+                with suppress(psycopg.Error):
+                    lock.rollback()
+                lock.close()
+            control.close()
 
     def _run_locked(
         self,
         conn: psycopg.Connection[Any],
+        lock: psycopg.Connection[Any],
         stage: str,
         fn: Callable[[RunContext], StageResult],
         options: dict[str, Any],
@@ -393,7 +422,7 @@ class StageRunner:
     ) -> RunRecord:
         run_id = str(uuid.uuid4())
         if record_run:
-            self._start(conn, stage, run_id, options)
+            self._start(conn, lock, stage, run_id, options)
         adapter = StageLogger(
             logging.getLogger(f"pipeline.{stage}"), {"stage": stage, "run_id": run_id}
         )
@@ -439,10 +468,13 @@ class StageRunner:
             adapter.info("%s in %d ms %s", status, duration_ms, result.message)
         return record
 
-    def _start(self, conn: psycopg.Connection[Any], stage: str, run_id: str,
-               options: dict[str, Any]) -> None:
+    def _start(self, conn: psycopg.Connection[Any], lock: psycopg.Connection[Any], stage: str,
+               run_id: str, options: dict[str, Any]) -> None:
+        """Take the run's own lock in the lock transaction, then write the ``running`` row:
+        so a row whose lock is free always means its process is gone."""
         with db.wrap_errors("recording the run start"):
-            ident = conn.execute(db.query("runner", "backend_identity")).fetchone()
+            lock.execute(db.query("runner", "try_lock"), {"key": run_lock_key(run_id)})
+            ident = lock.execute(db.query("runner", "backend_identity")).fetchone()
             assert ident is not None
             conn.execute(
                 db.query("runner", "insert_run"),
@@ -462,7 +494,7 @@ class StageRunner:
             # The control session died (e.g. PostgreSQL restarted). Try once on a fresh one;
             # if that fails too the row stays 'running' and is reaped as 'crashed' later.
             try:
-                with self._control_connection(record.stage) as fresh, db.wrap_errors(
+                with self._connection(record.stage, autocommit=True) as fresh, db.wrap_errors(
                     "recording the run result"
                 ):
                     fresh.execute(db.query("runner", "finish_run"), params)

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .modes import DEFAULT_SPEEDS_KMH, duplicate_names
 
 ENV_PREFIX = "PIPELINE_"
+POOLERS = ("none", "transaction")
 CONFIG_ENV = "PIPELINE_CONFIG"
 
 
@@ -45,6 +46,10 @@ def setting(default: Any, doc: str, *, secret: bool = False, env: bool = True) -
 class DatabaseSettings:
     url: str | None = setting(None, "libpq URL of the PostgreSQL database", secret=True)
     connect_timeout: int = setting(10, "seconds to wait for a database connection")
+    pooler: str = setting(
+        "none", "what sits between the pipeline and PostgreSQL: 'none', or 'transaction' for "
+        "PgBouncer-style transaction pooling (no prepared statements, no session state)"
+    )
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class RedisSettings:
     url: str | None = setting(None, "Redis URL, e.g. redis://127.0.0.1:6379/0", secret=True)
     prefix: str = setting("pipeline", "every Redis key starts with this prefix")
     socket_timeout: float = setting(10.0, "seconds before a Redis call times out")
+    cluster: bool = setting(False, "[redis] url names a node of a Redis Cluster (cluster client)")
 
 
 @dataclass(frozen=True)
@@ -502,6 +508,8 @@ def _validate(s: Settings) -> None:
         s.database.url.startswith(("postgres://", "postgresql://")) or "=" in s.database.url
     ):
         raise bad("database", "url", "expected postgresql://... or a libpq conninfo string")
+    if s.database.pooler not in POOLERS:
+        raise bad("database", "pooler", f"expected {' or '.join(POOLERS)}")
     if s.redis.url and not s.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise bad("redis", "url", "expected redis://, rediss:// or unix://")
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):

@@ -48,7 +48,7 @@ def test_check_schema_refuses_unmigrated_and_outdated(empty_database_url: str) -
 
 
 def test_named_queries_parse() -> None:
-    assert "pg_try_advisory_lock" in db.query("runner", "try_lock").as_string(None)
+    assert "pg_try_advisory_xact_lock" in db.query("runner", "try_lock").as_string(None)
     with pytest.raises(KeyError):
         db.query("runner", "no_such_query")
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .. import db, render
+from .. import render
 from ..app import App
 from ..errors import PipelineError
 from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
@@ -27,8 +27,13 @@ STATEMENT_TIMEOUT_MS = 5000
 def _clients(app: App) -> dict[str, Any]:
     """Redis and S3 clients for the sections that need them, or None when not configured."""
     s = app.settings
-    return {"redis": app.redis(timeout=REDIS_TIMEOUT) if s.redis.url else None,
-            "backups": app.backups(timeout=S3_TIMEOUT) if s.s3.endpoint else None,
+    redis: Any = None
+    if s.redis.url:
+        try:
+            redis = app.redis(timeout=REDIS_TIMEOUT)
+        except PipelineError as exc:  # a cluster client reads the slots at once: the graph
+            redis = exc  # section reports the error
+    return {"redis": redis, "backups": app.backups(timeout=S3_TIMEOUT) if s.s3.endpoint else None,
             "redis_prefix": s.redis.prefix}
 
 
@@ -37,8 +42,9 @@ def gather(app: App) -> StatusReport:
     settings = app.settings
     schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
     conn = app.connect(autocommit=True, name="pipeline status")
-    with db.wrap_errors("setting the statement timeout"):
-        conn.execute(db.query("status", "statement_timeout"), {"ms": str(STATEMENT_TIMEOUT_MS)})
+    # Through a transaction pooler the timeout is not set (it would stick to a shared server
+    # session): the pooler's own query_timeout bounds status there (docs/operations.md).
+    app.database.set_session(conn, "statement_timeout", str(STATEMENT_TIMEOUT_MS))
     return collect_status(conn, health=settings.health, schedule=schedule, settings=settings,
                           **_clients(app))
 

@@ -18,8 +18,10 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 @pytest.fixture
-def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+def cli(run_cli: Cli, full_env: dict[str, str], redis_env: dict[str, str]) -> Cli:
+    """Every test here runs against a single Redis and against a 3-master Redis Cluster."""
     run_cli.env.update(full_env)
+    run_cli.env.update(redis_env)
     return run_cli
 
 
@@ -61,6 +63,8 @@ def test_graph_list_neighbors_route(cli: Cli, net: Network) -> None:
     assert route["stops"][-1] == b and route["total_s"] > 0
     text = cli("graph", "route", a, b)
     assert text.exit_code == 0 and f"{a} -> {b}" in text.output
+    graph = json.loads(cli("status", "--json").stdout)["graph"]
+    assert graph["version"] == graph["redis_pointer"] == "graph-v2" and graph["consistent"]
 
 
 def test_no_path_unknown_stop_and_no_graph_exit_1(cli: Cli, net: Network) -> None:
