@@ -3,7 +3,7 @@
 Points are cut into per-device batches (``gps.batches``). A pool of workers (``gps.workers``)
 claims batches with ``FOR UPDATE SKIP LOCKED`` under a lease, matches them through OSRM in
 overlapping chunks that are stitched back together (``gps.stitching``), and writes a batch's
-polylines, its points' ``processed`` flag and its completion in one statement. Failures back
+polylines and its completion in one statement; no point row is ever written. Failures back
 off exponentially and become ``dead`` after ``max_attempts``; expired leases are rescued.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from .. import db
 from ..adapters.osrm import OsrmClient, OsrmUnavailable
 from ..errors import Interrupted, PipelineError
+from ..gps import partitions
 from ..gps.batches import rescue_expired, work_waiting
 from ..gps.stitching import ChunkSize
 from ..gps.workers import Pool, run_round
@@ -57,6 +58,9 @@ def match_gps(
     counts: Counter[str] = Counter()
     conn = database.connect(autocommit=True, name=f"pipeline match-gps {worker}")
     try:
+        created = partitions.ensure(conn)
+        if created:
+            ctx.log.info("created GPS partition(s) %s", ", ".join(created))
         while True:
             rescued = rescue_expired(conn, settings)
             if rescued:

@@ -109,7 +109,7 @@ def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) 
                        " ORDER BY start_time").fetchall()
     assert [(r["coordinate_count"], r["status"]) for r in got] == [
         (3, "pending"), (2, "pending"), (1, "too_short")]
-    unbatched = conn.execute("SELECT count(*) AS n FROM gps_points WHERE batch_id IS NULL")
+    unbatched = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NULL")
     assert unbatched.fetchone()["n"] == 2
 
 
@@ -136,7 +136,7 @@ def test_duplicate_inserts_are_ignored(conn: psycopg.Connection[Any]) -> None:
     conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
                  " VALUES ('d', %s, 60.18, 24.95)", (OLD,))
     row = conn.execute("SELECT count(*) AS n, min(latitude) AS lat, bool_or(processed) AS p,"
-                       " min(source) AS src FROM gps_points").fetchone()
+                       " min(source) AS src FROM gps_point_status").fetchone()
     assert (row["n"], row["lat"], row["p"], row["src"]) == (1, 60.17, False, "listener")
 
 
@@ -160,7 +160,7 @@ def test_350_point_trace_is_chunked_and_matches(conn: psycopg.Connection[Any], o
                        " FROM processing_batches").fetchone()
     assert row["status"] == "completed" and row["osrm_calls"] >= 4
     assert row["matched_count"] >= 0.7 * row["coordinate_count"]  # OSRM skips some points
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == 0
 
 
@@ -234,7 +234,7 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     assert rows and all(r["retry_count"] == 1 and r["later"] for r in rows)
     assert all(r["osrm_calls"] == 1 for r in rows)  # the first chunk's request, which failed
     assert all("unavailable" in r["error_message"] for r in rows)
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == points  # nothing lost
     assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
     proxy.unblock()
@@ -242,7 +242,7 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     back = run(database_url, client, settings)
     assert back.exit_code == 0, back.error
     assert batch_states(conn) == {"completed": 3}
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == 0
 
 
