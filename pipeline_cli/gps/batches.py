@@ -117,6 +117,42 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
     return out
 
 
+def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, Any]:
+    """What a batcher pass would do now, in a read-only transaction that writes nothing: the
+    batches it would make (and the points in them), the runs still open, and the batches
+    ready to be claimed (``match-gps --dry-run``)."""
+    out: dict[str, Any] = {"batches_to_make": 0, "too_short_to_close": 0, "points_to_batch": 0,
+                           "open_runs": 0}
+    with db.wrap_errors("planning GPS batches"), conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
+        assert start is not None
+        earliest: dict[str, Any] = {}
+        for r in conn.execute(db.query("match_gps", "fresh_devices"), {"seen": start["seen"]}):
+            old, new = earliest.get(r["device_id"]), r["earliest"]
+            earliest[r["device_id"]] = new if old is None else (
+                old if new is None else min(old, new))
+        devices = sorted(earliest)
+        rows = conn.execute(db.query("match_gps", "plan_batches"), {
+            "devices": devices, "earliest": [earliest[d] for d in devices],
+            "seen": start["seen"], "gap_seconds": settings.gap_seconds,
+            "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
+        for r in rows:
+            if r["closed"] and r["n"] >= 2:
+                out["batches_to_make"] += 1
+                out["points_to_batch"] += r["n"]
+            elif r["closed"] and (r["between_batches"]
+                                  or r["age_s"] >= settings.too_short_after_seconds):
+                out["too_short_to_close"] += 1
+                out["points_to_batch"] += r["n"]
+            else:
+                out["open_runs"] += 1
+        ready = conn.execute(db.query("match_gps", "ready_batches"), {"limit": 50}).fetchall()
+        out["ready_batches"] = [{**r, "batch_id": str(r["batch_id"])} for r in ready]
+        out["backlog"] = status_section(conn)
+    return out
+
+
 def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> list[str]:
     with db.wrap_errors("rescuing expired leases"):
         rows = conn.execute(db.query("match_gps", "rescue_expired"),

@@ -298,6 +298,14 @@ SET status = CASE WHEN retry_count = 0 THEN 'pending' ELSE 'failed' END,
 WHERE batch_id = %(batch_id)s AND lease_token = %(token)s AND status = 'processing'
 RETURNING status;
 
+-- name: ready_batches
+-- The batches a worker would claim next, in claim order.
+SELECT batch_id, device_id, start_time, end_time, status, coordinate_count, retry_count
+FROM processing_batches
+WHERE status IN ('pending', 'failed') AND next_attempt_at <= now()
+ORDER BY next_attempt_at
+LIMIT %(limit)s;
+
 -- name: list_batches
 SELECT batch_id, device_id, start_time, end_time, status, coordinate_count, matched_count,
        polyline_count, osrm_calls, retry_count, next_attempt_at, lease_expires_at, worker,

@@ -422,3 +422,27 @@ def test_points_without_a_partition_wait_in_the_default_one(
                          " FROM gps_points GROUP BY 1").fetchall()
     assert [(r["part"], r["n"]) for r in where] == [("gps_points_p20210304", n)]
     assert reliability.check_gps(conn) == []
+
+
+def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], database_url: str,
+                                            trace_pool: list[traces.Trace]) -> None:
+    add_trace(conn, "a", trace_pool[0])
+    add_trace(conn, "b", trace_pool[1])
+    batches.make_batches(conn, MatchSettings())  # a and b: pending batches
+    add_trace(conn, "c", trace_pool[2])  # c: points no batch holds yet
+    tables = ("processing_batches", "gps_batching_cursor", "gps_waiting_devices",
+              "stage_runs", "cached_polylines")
+
+    def snapshot() -> list[Any]:
+        return [conn.execute(f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text),"
+                             f" '')) AS h FROM {name} t").fetchone()["h"] for name in tables]
+
+    before = snapshot()
+    result = stage.match_gps_dry_run(Database(database_url), MatchSettings())
+    assert snapshot() == before
+    assert result.counts["batches_to_make"] == 1
+    assert result.counts["points_to_batch"] == len(trace_pool[2].points)
+    assert result.counts["batches_ready"] == 2
+    assert result.counts["points_ready"] == len(trace_pool[0].points) + len(
+        trace_pool[1].points)
+    assert {r["device_id"] for r in result.extra["ready_batches"]} == {"a", "b"}
