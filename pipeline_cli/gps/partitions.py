@@ -43,7 +43,6 @@ class PruneResult:
     partitions_dropped: list[str] = field(default_factory=list)
     points_dropped: int = 0  # in dropped partitions
     points_deleted: int = 0  # row by row, in chunks
-    points_kept_unprocessed: int = 0
 
 
 def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 10_000,

@@ -423,7 +423,12 @@ WITH parts AS (
     SELECT name, reltuples, lo, lo + interval '1 day' AS hi FROM parts
     WHERE lo < %(cutoff)s
 )
-SELECT name, hi <= %(cutoff)s AS whole, greatest(reltuples, 0)::bigint AS points,
+-- A day is never dropped before yesterday is over: the days ahead are kept for new points.
+SELECT name,
+       hi <= %(cutoff)s
+       AND hi <= (date_trunc('day', now() AT TIME ZONE 'UTC') - interval '1 day')
+                 AT TIME ZONE 'UTC' AS whole,
+       greatest(reltuples, 0)::bigint AS points,
        NOT EXISTS (SELECT 1 FROM processing_batches b
                    WHERE b.status IN ('pending', 'processing', 'failed', 'dead')
                      AND b.start_time < hi AND b.end_time >= lo)
