@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline_cli import db
-from pipeline_cli.gps import batches
 from pipeline_cli.errors import SchemaError
+from pipeline_cli.gps import batches
 from pipeline_cli.settings import MatchSettings
 
 
@@ -83,7 +83,8 @@ def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
             " SELECT 'a', '2024-05-01 09:00Z'::timestamptz + s * interval '1 s', 60.17, 24.94,"
             " %s FROM generate_series(0, 1) s", (waiting["batch_id"],))
         conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
-                     " VALUES ('b', '2026-01-01 10:00Z', 1, 2), ('b', '2026-01-01 10:00:05Z', 1, 2)")
+                     " VALUES ('b', '2026-01-01 10:00Z', 1, 2),"
+                     " ('b', '2026-01-01 10:00:05Z', 1, 2)")
         conn.execute("INSERT INTO cached_polylines (device_id, start_time, end_time,"
                      " encoded_polyline, point_count, source_coordinates_count, batch_id)"
                      " VALUES ('a', '2024-05-01 08:00Z', '2024-05-01 08:00:02Z', '_p~iF~ps|U',"

@@ -8,7 +8,6 @@ and skip or reject. A file that cannot be read at all raises :class:`GpsFileErro
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools import traces
 from devtools.services import LocalServices
@@ -434,8 +435,10 @@ def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], datab
               "stage_runs", "cached_polylines")
 
     def snapshot() -> list[Any]:
-        return [conn.execute(f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text),"
-                             f" '')) AS h FROM {name} t").fetchone()["h"] for name in tables]
+        query = sql.SQL("SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), ''))"
+                        " AS h FROM {} t")
+        return [conn.execute(query.format(sql.Identifier(name))).fetchone()["h"]
+                for name in tables]
 
     before = snapshot()
     result = stage.match_gps_dry_run(Database(database_url), MatchSettings())
