@@ -20,6 +20,20 @@ FIRST_SLICE_DEVICES = 8  # the first transaction is small: workers start matchin
 DEFAULT_PARTITION_CAP = 1_000_000  # status counts at most this many, as information
 
 
+def unseen(snapshot: str) -> dict[str, Any]:
+    """The arrivals a snapshot (``xmin:xmax:xip,...``) does not see, as query parameters:
+    from its xmax on, and the transactions it lists as running."""
+    _, xmax, xip = snapshot.split(":")
+    return {"seen_xmax": int(xmax), "seen_xip": [int(x) for x in xip.split(",") if x]}
+
+
+def cursor(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """``unseen`` of the batching cursor: the arrivals no batcher pass has looked at yet."""
+    row = conn.execute("SELECT seen::text AS seen FROM gps_batching_cursor").fetchone()
+    assert row is not None
+    return unseen(row["seen"])
+
+
 @dataclass
 class BatchingResult:
     created: int = 0
@@ -46,7 +60,7 @@ def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
         assert start is not None
         seen = start["seen"]
         earliest: dict[str, Any] = {}
-        for r in conn.execute(db.query("match_gps", "fresh_devices"), {"seen": seen}):
+        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(seen)):
             old = earliest.get(r["device_id"])
             new = r["earliest"]
             earliest[r["device_id"]] = new if old is None else (
@@ -79,7 +93,7 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
     with db.wrap_errors("making GPS batches"), conn.transaction():
         conn.execute(db.query("match_gps", "batching_lock"),
                      {"key": db.advisory_key(BATCHING_LOCK)})
-        params = {"devices": devices, "earliest": earliest, "seen": seen}
+        params = {"devices": devices, "earliest": earliest, **unseen(seen)}
         rows = conn.execute(db.query("match_gps", "plan_batches"), {
             **params, "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds,
@@ -128,14 +142,14 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
         assert start is not None
         earliest: dict[str, Any] = {}
-        for r in conn.execute(db.query("match_gps", "fresh_devices"), {"seen": start["seen"]}):
+        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(start["seen"])):
             old, new = earliest.get(r["device_id"]), r["earliest"]
             earliest[r["device_id"]] = new if old is None else (
                 old if new is None else min(old, new))
         devices = sorted(earliest)
         rows = conn.execute(db.query("match_gps", "plan_batches"), {
             "devices": devices, "earliest": [earliest[d] for d in devices],
-            "seen": start["seen"], "gap_seconds": settings.gap_seconds,
+            **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
         for r in rows:
             if r["closed"] and r["n"] >= 2:
@@ -162,7 +176,7 @@ def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> li
 
 def work_waiting(conn: psycopg.Connection[Any]) -> bool:
     with db.wrap_errors("looking for GPS work"):
-        row = conn.execute(db.query("match_gps", "work_waiting")).fetchone()
+        row = conn.execute(db.query("match_gps", "work_waiting"), cursor(conn)).fetchone()
     return bool(row and (row["batches"] or row["points"]))
 
 
@@ -177,7 +191,7 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """The GPS backlog for ``pipeline status``: an exact count that reads only the backlog
     (open batches, new arrivals, open runs), never the processed history."""
     with db.wrap_errors("reading the GPS backlog"):
-        backlog = conn.execute(db.query("match_gps", "backlog_points")).fetchone()
+        backlog = conn.execute(db.query("match_gps", "backlog_points"), cursor(conn)).fetchone()
         open_rows = conn.execute(db.query("match_gps", "open_batches")).fetchall()
         recent = conn.execute(db.query("match_gps", "recent_batches")).fetchone()
         expired = conn.execute(db.query("match_gps", "expired_leases")).fetchone()

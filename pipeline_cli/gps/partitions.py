@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from .. import db
+from . import batches
 
 DAYS_AHEAD = 7  # partitions exist this many days ahead, so the listener never waits on DDL
 PARTITION_LOCK = "gps:partitions"
@@ -55,7 +56,7 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
     out = PruneResult()
     with db.wrap_errors("listing GPS partitions"):
         parts = conn.execute(db.query("match_gps", "prunable_partitions"),
-                             {"cutoff": cutoff}).fetchall()
+                             {"cutoff": cutoff, **batches.cursor(conn)}).fetchall()
     if not conn.autocommit:
         conn.commit()
     for p in parts:

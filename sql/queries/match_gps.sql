@@ -6,7 +6,9 @@ SELECT pg_advisory_xact_lock(%(key)s);
 
 -- name: batching_pass
 -- A pass starts with a snapshot: once every slice of the pass is done, every arrival this
--- snapshot sees has been looked at, and it becomes the cursor.
+-- snapshot sees has been looked at, and it becomes the cursor. An arrival the cursor does not
+-- see is at or after its xmax or in its list of transactions then running: the queries take
+-- those two as plain values, so the planner estimates them and probes the BRIN index.
 SELECT txid_current_snapshot()::text AS upto, seen::text AS seen FROM gps_batching_cursor;
 
 -- name: fresh_devices
@@ -14,8 +16,8 @@ SELECT txid_current_snapshot()::text AS upto, seen::text AS seen FROM gps_batchi
 -- earliest time among them, and devices whose newest run was still open last time.
 SELECT device_id, min(recorded_at) AS earliest
 FROM gps_points
-WHERE arrival >= txid_snapshot_xmin(%(seen)s::txid_snapshot)
-  AND NOT txid_visible_in_snapshot(arrival, %(seen)s::txid_snapshot)
+WHERE arrival >= %(seen_xmax)s::bigint
+   OR arrival = ANY(%(seen_xip)s::bigint[])
 GROUP BY device_id
 UNION ALL
 SELECT device_id, NULL FROM gps_waiting_devices;
@@ -45,8 +47,8 @@ WITH chosen AS MATERIALIZED (
     FROM chosen c
     JOIN gps_points p ON p.device_id = c.device_id
                      AND p.recorded_at BETWEEN c.earliest AND c.until
-                     AND p.arrival >= txid_snapshot_xmin(%(seen)s::txid_snapshot)
-                     AND NOT txid_visible_in_snapshot(p.arrival, %(seen)s::txid_snapshot)
+                     AND (p.arrival >= %(seen_xmax)s::bigint
+                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
     LEFT JOIN LATERAL (SELECT b.end_time FROM processing_batches b
                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
                        ORDER BY b.start_time DESC LIMIT 1) pb ON true
@@ -116,8 +118,8 @@ FROM (
     SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
     FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
     JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
-                     AND p.arrival >= txid_snapshot_xmin(%(seen)s::txid_snapshot)
-                     AND NOT txid_visible_in_snapshot(p.arrival, %(seen)s::txid_snapshot)
+                     AND (p.arrival >= %(seen_xmax)s::bigint
+                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
     CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
                         WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
                         ORDER BY b.start_time DESC LIMIT 1) cb
@@ -283,9 +285,9 @@ RETURNING status, retry_count, next_attempt_at;
 -- looked at (BRIN probe), or a device with an open run.
 SELECT EXISTS (SELECT 1 FROM processing_batches
                WHERE status IN ('pending', 'failed') AND next_attempt_at <= now()) AS batches,
-       EXISTS (SELECT 1 FROM gps_points p, gps_batching_cursor c
-               WHERE p.arrival >= txid_snapshot_xmin(c.seen)
-                 AND NOT txid_visible_in_snapshot(p.arrival, c.seen))
+       EXISTS (SELECT 1 FROM gps_points p
+               WHERE p.arrival >= %(seen_xmax)s::bigint
+                  OR p.arrival = ANY(%(seen_xip)s::bigint[]))
        OR EXISTS (SELECT 1 FROM gps_waiting_devices) AS points;
 
 -- name: release_batch
@@ -333,12 +335,14 @@ RETURNING batch_id, coordinate_count;
 -- The exact number of unprocessed points, without reading processed history: the points in
 -- open batches (their time ranges, through the primary key), the points after the last batch
 -- of a device with an open run or a new arrival, and new arrivals that fall between batches
--- or into a finished batch that did not read them.
-WITH cur AS (SELECT seen FROM gps_batching_cursor),
-fresh AS MATERIALIZED (
-    SELECT p.device_id, p.recorded_at, p.arrival FROM gps_points p, cur
-    WHERE p.arrival >= txid_snapshot_xmin(cur.seen)
-      AND NOT txid_visible_in_snapshot(p.arrival, cur.seen)
+-- or into a finished batch that did not read them. A new arrival is one the cursor snapshot
+-- does not see: at or after its xmax, or in its list of transactions then running (both
+-- probes of the BRIN index). Every per-device and per-batch count is a correlated subquery,
+-- so it is an index range scan whatever the planner estimates.
+WITH fresh AS MATERIALIZED (
+    SELECT p.device_id, p.recorded_at, p.arrival FROM gps_points p
+    WHERE p.arrival >= %(seen_xmax)s::bigint
+       OR p.arrival = ANY(%(seen_xip)s::bigint[])
 ), devices AS MATERIALIZED (
     SELECT d.device_id,
            (SELECT b.end_time FROM processing_batches b WHERE b.device_id = d.device_id
@@ -346,16 +350,20 @@ fresh AS MATERIALIZED (
     FROM (SELECT device_id FROM gps_waiting_devices
           UNION SELECT device_id FROM fresh) d
 ), in_open AS (
-    SELECT count(*) AS n, min(p.recorded_at) AS oldest
+    SELECT sum(x.n) AS n, min(x.oldest) AS oldest
     FROM processing_batches b
-    JOIN gps_points p ON p.device_id = b.device_id
-                     AND p.recorded_at BETWEEN b.start_time AND b.end_time
+    CROSS JOIN LATERAL (SELECT count(*) AS n, min(p.recorded_at) AS oldest
+                        FROM gps_points p
+                        WHERE p.device_id = b.device_id
+                          AND p.recorded_at BETWEEN b.start_time AND b.end_time) x
     WHERE b.status IN ('pending', 'processing', 'failed', 'dead')
 ), unbatched AS (
-    SELECT count(*) AS n, min(p.recorded_at) AS oldest
+    SELECT sum(x.n) AS n, min(x.oldest) AS oldest
     FROM devices d
-    JOIN gps_points p ON p.device_id = d.device_id
-                     AND p.recorded_at > coalesce(d.until, '-infinity')
+    CROSS JOIN LATERAL (SELECT count(*) AS n, min(p.recorded_at) AS oldest
+                        FROM gps_points p
+                        WHERE p.device_id = d.device_id
+                          AND p.recorded_at > coalesce(d.until, '-infinity')) x
 ), late AS (
     SELECT count(*) AS n, min(f.recorded_at) AS oldest
     FROM fresh f JOIN devices d ON d.device_id = f.device_id AND f.recorded_at <= d.until
@@ -368,8 +376,8 @@ fresh AS MATERIALIZED (
        OR (cb.status IN ('completed', 'too_short')
            AND NOT txid_visible_in_snapshot(f.arrival, cb.points_snapshot))
 )
-SELECT (SELECT n FROM in_open)::bigint AS in_batches,
-       ((SELECT n FROM unbatched) + (SELECT n FROM late))::bigint AS unbatched,
+SELECT coalesce((SELECT n FROM in_open), 0)::bigint AS in_batches,
+       (coalesce((SELECT n FROM unbatched), 0) + (SELECT n FROM late))::bigint AS unbatched,
        least((SELECT oldest FROM in_open), (SELECT oldest FROM unbatched),
              (SELECT oldest FROM late)) AS oldest,
        now() AS now;
@@ -432,10 +440,10 @@ SELECT name,
        NOT EXISTS (SELECT 1 FROM processing_batches b
                    WHERE b.status IN ('pending', 'processing', 'failed', 'dead')
                      AND b.start_time < hi AND b.end_time >= lo)
-       AND NOT EXISTS (SELECT 1 FROM gps_points p, gps_batching_cursor c
+       AND NOT EXISTS (SELECT 1 FROM gps_points p
                        WHERE p.recorded_at >= lo AND p.recorded_at < hi
-                         AND p.arrival >= txid_snapshot_xmin(c.seen)
-                         AND NOT txid_visible_in_snapshot(p.arrival, c.seen))
+                         AND (p.arrival >= %(seen_xmax)s::bigint
+                              OR p.arrival = ANY(%(seen_xip)s::bigint[])))
        AND NOT EXISTS (SELECT 1 FROM gps_waiting_devices w
                        JOIN gps_points p ON p.device_id = w.device_id
                         AND p.recorded_at >= lo AND p.recorded_at < hi
