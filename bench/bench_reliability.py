@@ -79,7 +79,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     "coalesce(sum(osrm_calls), 0) AS calls FROM processing_batches").fetchone()
                 assert row is not None
                 processed = conn.execute(
-                    "SELECT count(*) FILTER (WHERE processed) AS n FROM gps_points").fetchone()
+                    "SELECT count(*) FILTER (WHERE processed) AS n FROM gps_point_status"
+                ).fetchone()
                 assert processed is not None
                 by_workers = sum(o["counts"]["batches_completed"] for o in outs)
                 problems = check_gps(conn)

@@ -11,6 +11,8 @@ import pytest
 
 from pipeline_cli import db
 from pipeline_cli.errors import SchemaError
+from pipeline_cli.gps import batches
+from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
 
@@ -85,3 +87,59 @@ def test_db_status_check_gates_a_deploy_and_status_shows_versions(
     assert obj["pending"] == [int(v) for v in versions[-2:]] and obj["summary"] == behind
     assert behind in run_cli("status").stdout
     assert json.loads(run_cli("status", "--json").stdout)["schema"]["summary"] == behind
+
+
+def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
+        empty_database_url: str) -> None:
+    """Migration 013 converts an installation with data in place: processed points stay
+    processed, points of a pending batch and points in no batch stay to be matched."""
+    before = max(m.version for m in db.migrations() if m.version < 13)
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=before)
+        assert db.schema_version(conn) == before
+        done, waiting = conn.execute(
+            "INSERT INTO processing_batches (device_id, start_time, end_time, status,"
+            " coordinate_count, polyline_count) VALUES"
+            " ('a', '2024-05-01 08:00Z', '2024-05-01 08:00:02Z', 'completed', 3, 1),"
+            " ('a', '2024-05-01 09:00Z', '2024-05-01 09:00:01Z', 'pending', 2, NULL)"
+            " RETURNING batch_id").fetchall()
+        conn.execute(
+            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed,"
+            " batch_id) SELECT 'a', '2024-05-01 08:00Z'::timestamptz + s * interval '1 s',"
+            " 60.17, 24.94, true, %s FROM generate_series(0, 2) s", (done["batch_id"],))
+        conn.execute(
+            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, batch_id)"
+            " SELECT 'a', '2024-05-01 09:00Z'::timestamptz + s * interval '1 s', 60.17, 24.94,"
+            " %s FROM generate_series(0, 1) s", (waiting["batch_id"],))
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES ('b', '2026-01-01 10:00Z', 1, 2),"
+                     " ('b', '2026-01-01 10:00:05Z', 1, 2)")
+        conn.execute("INSERT INTO cached_polylines (device_id, start_time, end_time,"
+                     " encoded_polyline, point_count, source_coordinates_count, batch_id)"
+                     " VALUES ('a', '2024-05-01 08:00Z', '2024-05-01 08:00:02Z', '_p~iF~ps|U',"
+                     " 3, 3, %s)", (done["batch_id"],))
+
+        assert db.migrate(conn).applied[-1] == "013_gps_partitions"
+
+        state = {(r["device_id"], r["processed"], r["batch_id"]): r["n"] for r in conn.execute(
+            "SELECT device_id, processed, batch_id, count(*) AS n FROM gps_point_status"
+            " GROUP BY 1, 2, 3")}
+        assert state == {("a", True, done["batch_id"]): 3, ("a", False, waiting["batch_id"]): 2,
+                         ("b", False, None): 2}
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'gps_points'")
+        assert kind.fetchone()["relkind"] == "p"
+        parts = {r["relname"] for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'gps_points'::regclass")}
+        assert {"gps_points_p20240501", "gps_points_p20260101", "gps_points_default"} <= parts
+        assert conn.execute("SELECT count(*) AS n FROM gps_points_default").fetchone()["n"] == 0
+        assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 1
+        section = batches.status_section(conn)
+        assert section["unprocessed_points"] == 4 and section["unbatched_points"] == 2
+        # The batcher makes a batch of the two new points only; the old ones are left alone.
+        made = batches.make_batches(conn, MatchSettings(gap_seconds=60))
+        assert (made.created, made.points, made.reopened) == (1, 2, 0)
+        # A repeated plain INSERT is still stored once, without an error.
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES ('b', '2026-01-01 10:00Z', 3, 4)")
+        assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"] == 7

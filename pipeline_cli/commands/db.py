@@ -7,6 +7,7 @@ import click
 from .. import db, render
 from ..app import App
 from ..errors import EXIT_CONFIG
+from ..gps import partitions
 from . import json_option, pass_app
 
 
@@ -19,9 +20,11 @@ def db_group() -> None:
 @json_option
 @pass_app
 def migrate(app: App) -> None:
-    """Apply pending migrations in one transaction (safe to run concurrently)."""
+    """Apply pending migrations in one transaction (safe to run concurrently), then create
+    the GPS partitions of the days ahead."""
     conn = app.connect(autocommit=True, name="pipeline db migrate")
     result = db.migrate(conn)
+    partitions.ensure(conn)
     if app.json:
         render.print_json({"applied": result.applied, "version": result.version})
     elif app.verbosity >= 0:

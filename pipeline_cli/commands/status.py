@@ -216,10 +216,13 @@ def _gps(g: dict[str, Any], now: datetime) -> str:
     b = g["batches"]
     oldest = (f", oldest {human_duration(g['oldest_unprocessed_age_s'])} old"
               if g.get("oldest_unprocessed_age_s") is not None else "")
-    return (f"{g['unprocessed_points']}{'+' if g.get('unprocessed_points_capped') else ''} "
+    # Information, not a warning: the next match-gps run gives those days a partition.
+    parked = (f"; {g['default_partition_points']} point(s) in the default partition"
+              if g.get("default_partition_points") else "")
+    return (f"{g['unprocessed_points']} "
             f"unprocessed points{oldest}; batches: {b['pending']} pending, "
             f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
-            f"{g['completed_last_hour']} completed in the last hour")
+            f"{g['completed_last_hour']} completed in the last hour{parked}")
 
 
 def _s3(s: dict[str, Any], now: datetime) -> str:

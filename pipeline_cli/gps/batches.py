@@ -17,7 +17,21 @@ from ..settings import MatchSettings
 BATCHING_LOCK = "match-gps:batching"
 BATCHING_DEVICES = 50  # devices per batch-making transaction
 FIRST_SLICE_DEVICES = 8  # the first transaction is small: workers start matching sooner
-BACKLOG_COUNT_CAP = 1_000_000
+DEFAULT_PARTITION_CAP = 1_000_000  # status counts at most this many, as information
+
+
+def unseen(snapshot: str) -> dict[str, Any]:
+    """The arrivals a snapshot (``xmin:xmax:xip,...``) does not see, as query parameters:
+    from its xmax on, and the transactions it lists as running."""
+    _, xmax, xip = snapshot.split(":")
+    return {"seen_xmax": int(xmax), "seen_xip": [int(x) for x in xip.split(",") if x]}
+
+
+def cursor(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """``unseen`` of the batching cursor: the arrivals no batcher pass has looked at yet."""
+    row = conn.execute("SELECT seen::text AS seen FROM gps_batching_cursor").fetchone()
+    assert row is not None
+    return unseen(row["seen"])
 
 
 @dataclass
@@ -26,59 +40,81 @@ class BatchingResult:
     too_short: int = 0
     points: int = 0
     waiting: int = 0  # open runs and single points that may still grow
+    reopened: int = 0  # batches that late points sent back to pending
 
 
 def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
                  devices: int = BATCHING_DEVICES,
                  stop: Callable[[], bool] = lambda: False,
                  made: Callable[[], None] = lambda: None) -> BatchingResult:
-    """Cut unbatched points into batches, ``devices`` devices per transaction (fewer in the
-    first), so workers can match the first batches while later ones are made; ``made`` is
-    called after each transaction that created batches. Idempotent: a point joins at most one
-    batch. Concurrent workers serialise each slice on an advisory lock."""
+    """One batcher pass: cut the points no batch holds into batches, and send back to pending
+    the batches that late points fall into, ``devices`` devices per transaction (fewer in
+    the first), so workers can match the first batches while later ones are made; ``made``
+    is called after each transaction that created or reopened batches. No point row is
+    written. The pass looks at every arrival its starting snapshot sees; only a pass that
+    went through all its devices advances the cursor, so an interrupted one is redone (every
+    step is idempotent). Concurrent workers serialise each slice on an advisory lock."""
     total = BatchingResult()
-    after = ""  # device ids are never empty
+    with db.wrap_errors("making GPS batches"):
+        start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
+        assert start is not None
+        seen = start["seen"]
+        earliest: dict[str, Any] = {}
+        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(seen)):
+            old = earliest.get(r["device_id"])
+            new = r["earliest"]
+            earliest[r["device_id"]] = new if old is None else (
+                old if new is None else min(old, new))
+    order = sorted(earliest)
     size = min(devices, FIRST_SLICE_DEVICES)
-    while not stop():
-        part, last = _make_slice(conn, settings, after, size)
+    at = 0
+    while at < len(order):
+        if stop():
+            return total
+        chosen = order[at:at + size]
+        at += size
         size = devices
-        if part.created:
+        part = _make_slice(conn, settings, seen, chosen, [earliest[d] for d in chosen])
+        if part.created or part.reopened:
             made()
         total.created += part.created
         total.too_short += part.too_short
         total.points += part.points
         total.waiting += part.waiting
-        if last is None:
-            break
-        after = last
+        total.reopened += part.reopened
+    with db.wrap_errors("advancing the GPS batching cursor"):
+        conn.execute(db.query("match_gps", "advance_cursor"), {"upto": start["upto"]})
     return total
 
 
-def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, after: str,
-                devices: int) -> tuple[BatchingResult, str | None]:
+def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: str,
+                devices: list[str], earliest: list[Any]) -> BatchingResult:
     out = BatchingResult()
     with db.wrap_errors("making GPS batches"), conn.transaction():
         conn.execute(db.query("match_gps", "batching_lock"),
                      {"key": db.advisory_key(BATCHING_LOCK)})
+        params = {"devices": devices, "earliest": earliest, **unseen(seen)}
         rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            "gap_seconds": settings.gap_seconds,
+            **params, "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds,
-            "after": after, "devices": devices,
         }).fetchall()
-        if not rows:
-            return out, None
+        out.reopened = len(conn.execute(db.query("match_gps", "reopen_batches"),
+                                        params).fetchall())
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
+        waiting: set[str] = set()
         for r in rows:
             if not r["closed"]:
-                out.waiting += 1
-                continue
-            if r["n"] >= 2:
+                status = None
+            elif r["n"] >= 2:
                 status = "pending"
-            elif r["age_s"] >= settings.too_short_after_seconds:
-                status = "too_short"
+            elif r["between_batches"] or r["age_s"] >= settings.too_short_after_seconds:
+                status = "too_short"  # a point between two batches cannot wait for more
             else:
+                status = None
+            if status is None:
                 out.waiting += 1
+                waiting.add(r["device_id"])
                 continue
             plan["device_ids"].append(r["device_id"])
             plan["starts"].append(r["start_time"])
@@ -87,13 +123,48 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, after: s
             plan["statuses"].append(status)
             out.created += status == "pending"
             out.too_short += status == "too_short"
+            out.points += r["n"]
         if plan["device_ids"]:
-            cur = conn.execute(db.query("match_gps", "insert_batches"), plan)
-            out.points = cur.rowcount
-            if out.points != sum(plan["counts"]):
-                # A point arrived inside a planned range meanwhile: it joined that batch.
-                conn.execute(db.query("match_gps", "recount_batches"))
-    return out, max(r["device_id"] for r in rows)
+            conn.execute(db.query("match_gps", "insert_batches"), plan)
+        conn.execute(db.query("match_gps", "set_waiting"),
+                     {"slice": devices, "waiting": sorted(waiting)})
+    return out
+
+
+def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, Any]:
+    """What a batcher pass would do now, in a read-only transaction that writes nothing: the
+    batches it would make (and the points in them), the runs still open, and the batches
+    ready to be claimed (``match-gps --dry-run``)."""
+    out: dict[str, Any] = {"batches_to_make": 0, "too_short_to_close": 0, "points_to_batch": 0,
+                           "open_runs": 0}
+    with db.wrap_errors("planning GPS batches"), conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
+        assert start is not None
+        earliest: dict[str, Any] = {}
+        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(start["seen"])):
+            old, new = earliest.get(r["device_id"]), r["earliest"]
+            earliest[r["device_id"]] = new if old is None else (
+                old if new is None else min(old, new))
+        devices = sorted(earliest)
+        rows = conn.execute(db.query("match_gps", "plan_batches"), {
+            "devices": devices, "earliest": [earliest[d] for d in devices],
+            **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
+            "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
+        for r in rows:
+            if r["closed"] and r["n"] >= 2:
+                out["batches_to_make"] += 1
+                out["points_to_batch"] += r["n"]
+            elif r["closed"] and (r["between_batches"]
+                                  or r["age_s"] >= settings.too_short_after_seconds):
+                out["too_short_to_close"] += 1
+                out["points_to_batch"] += r["n"]
+            else:
+                out["open_runs"] += 1
+        ready = conn.execute(db.query("match_gps", "ready_batches"), {"limit": 50}).fetchall()
+        out["ready_batches"] = [{**r, "batch_id": str(r["batch_id"])} for r in ready]
+        out["backlog"] = status_section(conn)
+    return out
 
 
 def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> list[str]:
@@ -105,7 +176,7 @@ def rescue_expired(conn: psycopg.Connection[Any], settings: MatchSettings) -> li
 
 def work_waiting(conn: psycopg.Connection[Any]) -> bool:
     with db.wrap_errors("looking for GPS work"):
-        row = conn.execute(db.query("match_gps", "work_waiting")).fetchone()
+        row = conn.execute(db.query("match_gps", "work_waiting"), cursor(conn)).fetchone()
     return bool(row and (row["batches"] or row["points"]))
 
 
@@ -117,16 +188,16 @@ def backoff_seconds(settings: MatchSettings, attempt: int, rng: random.Random) -
 
 
 def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """The GPS backlog for ``pipeline status``: cheap, partial-index queries only."""
+    """The GPS backlog for ``pipeline status``: an exact count that reads only the backlog
+    (open batches, new arrivals, open runs), never the processed history."""
     with db.wrap_errors("reading the GPS backlog"):
-        capped = conn.execute(db.query("match_gps", "backlog_points"),
-                              {"cap": BACKLOG_COUNT_CAP + 1}).fetchone()
-        oldest = conn.execute(db.query("match_gps", "oldest_unprocessed")).fetchone()
+        backlog = conn.execute(db.query("match_gps", "backlog_points"), cursor(conn)).fetchone()
         open_rows = conn.execute(db.query("match_gps", "open_batches")).fetchall()
         recent = conn.execute(db.query("match_gps", "recent_batches")).fetchone()
         expired = conn.execute(db.query("match_gps", "expired_leases")).fetchone()
-    assert capped and oldest and recent and expired
-    unbatched = int(capped["n"])
+        default = conn.execute(db.query("match_gps", "default_partition_points"),
+                               {"cap": DEFAULT_PARTITION_CAP + 1}).fetchone()
+    assert backlog and recent and expired and default
     batches = {s: 0 for s in ("pending", "processing", "failed", "dead")}
     waiting_points = {s: 0 for s in batches}
     next_retry = None
@@ -135,14 +206,13 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         waiting_points[r["status"]] = int(r["points"] or 0)
         if r["status"] == "failed":
             next_retry = r["next_attempt_at"]
-    oldest_at = oldest["oldest"]
-    age = (oldest["now"] - oldest_at).total_seconds() if oldest_at is not None else None
+    oldest_at = backlog["oldest"]
+    age = (backlog["now"] - oldest_at).total_seconds() if oldest_at is not None else None
     return {
-        "unprocessed_points": min(unbatched, BACKLOG_COUNT_CAP) + sum(waiting_points.values()),
-        "unprocessed_points_capped": unbatched > BACKLOG_COUNT_CAP,
-        "unbatched_points": min(unbatched, BACKLOG_COUNT_CAP),
+        "unprocessed_points": int(backlog["in_batches"]) + int(backlog["unbatched"]),
+        "unbatched_points": int(backlog["unbatched"]),
         "oldest_unprocessed_at": oldest_at,
-        "oldest_unprocessed_age_s": round(age, 1) if age is not None else None,
+        "oldest_unprocessed_age_s": round(max(age, 0.0), 1) if age is not None else None,
         "batches": batches,
         "dead_batches": batches["dead"],
         "dead_points": waiting_points["dead"],
@@ -150,6 +220,8 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "next_retry_at": next_retry,
         "completed_last_hour": int(recent["completed_last_hour"]),
         "last_completed_at": recent["last_completed_at"],
+        # Information, not a warning: the next match-gps run gives them a partition.
+        "default_partition_points": min(int(default["n"]), DEFAULT_PARTITION_CAP),
     }
 
 

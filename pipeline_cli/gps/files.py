@@ -1,4 +1,5 @@
-"""Readers for GPS files (CSV, GPX, GeoJSON) that feed ``pipeline ingest-gps``.
+"""Readers for GPS files that feed ``pipeline ingest-gps``: GPX and GeoJSON are parsed here;
+CSV goes to PostgreSQL as raw lines and only its header is read here.
 
 Each reader yields :class:`GpsRow` for a valid point and :class:`RowProblem` for an invalid one
 (NaN, out of range, unparseable time), both with the line it came from, so the stage can report
@@ -7,7 +8,6 @@ and skip or reject. A file that cannot be read at all raises :class:`GpsFileErro
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -71,10 +71,11 @@ def detect_format(path: str | Path, fmt: str | None = None) -> str:
 
 def read(path: str | Path, fmt: str | None = None, device_id: str | None = None
          ) -> Iterator[Item]:
-    """Yield the points of one file, in file order; ``device_id`` fills in GPX/GeoJSON ids."""
+    """Yield the points of a GPX or GeoJSON file, in file order; ``device_id`` fills in ids.
+    CSV files are split and checked by PostgreSQL itself (stages/ingest_gps.py)."""
     kind = detect_format(path, fmt)
     if kind == "csv":
-        return read_csv(path)
+        raise GpsFileError("CSV files are read by PostgreSQL (ingest-gps), not here")
     if kind == "gpx":
         return read_gpx(path, device_id)
     return read_geojson(path, device_id)
@@ -161,10 +162,11 @@ _ALIASES = {
     "latitude": ("latitude", "lat"),
     "longitude": ("longitude", "lon", "lng"),
 }
-_ORDER = ("device_id", "recorded_at", "latitude", "longitude")
+CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 
 
-def _header(row: list[str]) -> dict[str, int] | None:
+def csv_header(row: list[str]) -> dict[str, int] | None:
+    """The column of each field named by a header row; None when the row is data."""
     names = [c.strip().lower() for c in row]
     if not any(n in alias for alias in _ALIASES.values() for n in names):
         return None
@@ -174,44 +176,10 @@ def _header(row: list[str]) -> dict[str, int] | None:
             if name in aliases:
                 found[column] = i
                 break
-    missing = [c for c in _ORDER if c not in found]
+    missing = [c for c in CSV_COLUMNS if c not in found]
     if missing:
         raise GpsFileError(f"line 1: header lacks column(s) {', '.join(missing)}")
     return found
-
-
-def read_csv(path: str | Path) -> Iterator[Item]:
-    """``device_id,recorded_at,latitude,longitude`` with or without a header row."""
-    try:
-        handle = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise GpsFileError(f"cannot read: {exc.strerror}") from None
-    with handle:
-        reader = csv.reader(handle)
-        columns: dict[str, int] | None = None
-        first = True
-        try:
-            for row in reader:
-                line = reader.line_num
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if first:
-                    first = False
-                    columns = _header(row)
-                    if columns is not None:
-                        continue
-                    columns = {c: i for i, c in enumerate(_ORDER)}
-                assert columns is not None
-                width = max(columns.values()) + 1
-                if len(row) < width:
-                    yield RowProblem(line, f"expected {width} fields, got {len(row)}")
-                    continue
-                yield validate(row[columns["device_id"]], row[columns["recorded_at"]],
-                               row[columns["latitude"]], row[columns["longitude"]], line)
-        except UnicodeDecodeError:
-            raise GpsFileError(f"line {reader.line_num + 1}: not UTF-8 text") from None
-        except csv.Error as exc:
-            raise GpsFileError(f"line {reader.line_num}: malformed CSV: {exc}") from None
 
 
 # ---------------------------------------------------------------- GPX

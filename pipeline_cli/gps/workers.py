@@ -202,7 +202,8 @@ class MatchWorker:
             note = "no matching: " + (", ".join(sorted(match.chunk_errors)) or "empty")
         params = {
             "batch_id": batch.batch_id, "token": batch.token,
-            "matched": match.matched_points, "polylines": len(pieces),
+            "points": len(times), "matched": match.matched_points,
+            "polylines": len(pieces),
             "osrm_calls": match.osrm_calls, "chunk_errors": Jsonb(dict(match.chunk_errors)),
             "note": note, "duration_ms": duration_ms,
             "starts": [times[p.first] for p in pieces],
@@ -220,7 +221,7 @@ class MatchWorker:
                                       batch.batch_id)
             self.pool.add(batches_lease_lost=1)
             return
-        self.pool.add(batches_completed=1, points_processed=row["points"],
+        self.pool.add(batches_completed=1, points_processed=len(times),
                       points_matched=match.matched_points, polylines=row["polylines"])
         with self.pool.lock:
             self.pool.chunk_errors.update(match.chunk_errors)

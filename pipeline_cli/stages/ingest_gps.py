@@ -1,23 +1,31 @@
 """ingest-gps: load GPS files (CSV, GPX, GeoJSON) into ``gps_points`` with COPY.
 
-All files of one run load in one transaction: rows stream through COPY into a temporary table
-and move into ``gps_points`` with ``ON CONFLICT DO NOTHING`` (the same device and time is
-stored once). Invalid rows are reported with file and line and skipped; with ``strict`` any
-invalid row, and without it any unreadable file, rejects the run with nothing loaded.
+All files of one run load in one transaction. A CSV file goes to PostgreSQL as it is, one
+COPY of its raw lines, and SQL splits, checks and casts the fields; GPX and GeoJSON are read
+in Python and their fields COPYed to the same checks. Invalid rows are reported with file and
+line and skipped; with ``strict`` any invalid row, and without it any unreadable file,
+rejects the run with nothing loaded. The same device and time is stored once.
 """
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from .. import db
 from ..errors import ValidationError
 from ..gps import files as gpsfiles
+from ..gps import partitions
 from ..runner import NOOP, SUCCESS, RunContext, StageResult
 
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted
+COPY_BLOCK = 1 << 20
+_COPY_LINE = re.compile(r"line (\d+)")
 
 
 def ingest_gps(
@@ -30,54 +38,56 @@ def ingest_gps(
     strict: bool = False,
 ) -> StageResult:
     """Load ``files`` into gps_points; returns counts of rows read, loaded, duplicate, invalid."""
-    problems: list[str] = []
-    invalid = copied = 0
-    per_file: dict[str, dict[str, int]] = {}
+    kinds = []
     for path in files:  # fail on an unknown format before touching the database
         try:
-            gpsfiles.detect_format(path, fmt)
+            kinds.append(gpsfiles.detect_format(path, fmt))
         except gpsfiles.GpsFileError as exc:
             raise ValidationError(f"{path}: {exc}") from None
     with database.connect(name="pipeline ingest-gps") as conn, \
             db.wrap_errors("loading GPS files"), conn.transaction():
         conn.execute(db.query("match_gps", "ingest_staging"))
-        for path in files:
+        for index, (path, kind) in enumerate(zip(files, kinds, strict=True)):
             ctx.check_stop()
-            name = str(path)
-            source = f"file:{Path(path).name}"[:200]
-            stats = {"read": 0, "invalid": 0}
-            with conn.cursor() as cur, cur.copy(db.query("match_gps", "ingest_copy")) as cp:
-                try:
-                    for item in gpsfiles.read(path, fmt, device_id):
-                        if isinstance(item, gpsfiles.RowProblem):
-                            stats["invalid"] += 1
-                            if len(problems) < MAX_REPORTED:
-                                problems.append(item.describe(name))
-                            continue
-                        copied += 1
-                        stats["read"] += 1
-                        cp.write_row((item.device_id, item.recorded_at, item.latitude,
-                                      item.longitude, source, copied))
-                except gpsfiles.GpsFileError as exc:
-                    raise ValidationError(f"{name}: {exc}; nothing loaded") from None
-            invalid += stats["invalid"]
-            per_file[name] = stats
+            try:
+                if kind == "csv":
+                    _stage_csv(conn, path, index)
+                else:
+                    _stage_parsed(conn, path, kind, index, device_id)
+            except gpsfiles.GpsFileError as exc:
+                raise ValidationError(f"{path}: {exc}; nothing loaded") from None
+            conn.execute(db.query("match_gps", "ingest_check"),
+                         {"source": f"file:{Path(path).name}"[:200]})
+            conn.execute(db.query("match_gps", "ingest_next_file"))
+        found = conn.execute(db.query("match_gps", "ingest_problems"),
+                             {"limit": MAX_REPORTED}).fetchall()
+        problems = [gpsfiles.RowProblem(r["line"], r["problem"], r["place"] or "").describe(
+            str(files[r["file"]])) for r in found]
+        per_file: dict[str, dict[str, int]] = {str(p): {"read": 0, "invalid": 0} for p in files}
+        for r in conn.execute(db.query("match_gps", "ingest_counts")):
+            per_file[str(files[r["file"]])] = {"read": int(r["valid"]),
+                                               "invalid": int(r["invalid"])}
+        for name, stats in per_file.items():
             ctx.log.info("%s: %d valid, %d invalid rows", name, stats["read"],
                          stats["invalid"])
+        valid = sum(s["read"] for s in per_file.values())
+        invalid = sum(s["invalid"] for s in per_file.values())
         if strict and invalid:
             raise ValidationError(
                 f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}",
                 problems=problems, partial=StageResult(
-                    counts={"files": len(files), "rows_read": copied, "invalid_rows": invalid,
+                    counts={"files": len(files), "rows_read": valid, "invalid_rows": invalid,
                             "rows_loaded": 0},
                     extra={"problems": problems}))
         ctx.check_stop()
+        days = [r["day"] for r in conn.execute(db.query("match_gps", "ingest_days"))]
+        partitions.ensure(conn, days)
         loaded = conn.execute(db.query("match_gps", "ingest_insert")).rowcount
     counts: dict[str, Any] = {
-        "files": len(files), "rows_read": copied + invalid, "rows_loaded": loaded,
-        "duplicates": copied - loaded, "invalid_rows": invalid,
+        "files": len(files), "rows_read": valid + invalid, "rows_loaded": loaded,
+        "duplicates": valid - loaded, "invalid_rows": invalid,
     }
-    message = f"{loaded} point(s) loaded, {copied - loaded} duplicate(s) skipped"
+    message = f"{loaded} point(s) loaded, {valid - loaded} duplicate(s) skipped"
     if invalid:
         message += f", {invalid} invalid row(s) skipped"
     extra: dict[str, Any] = {"files": per_file}
@@ -85,3 +95,56 @@ def ingest_gps(
         extra["problems"] = problems
     return StageResult(status=SUCCESS if loaded else NOOP, counts=counts, extra=extra,
                        message=message)
+
+
+def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int) -> None:
+    """COPY the raw lines, then let SQL split them by the header's column order."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise gpsfiles.GpsFileError(f"cannot read: {exc.strerror}") from None
+    with handle:
+        try:
+            with conn.transaction(), conn.cursor() as cur, \
+                    cur.copy(db.query("match_gps", "ingest_copy_raw")) as cp:
+                block = handle.read(COPY_BLOCK)
+                if block.startswith(b"\xef\xbb\xbf"):
+                    block = block[3:]
+                while block:
+                    cp.write(block)
+                    block = handle.read(COPY_BLOCK)
+        except psycopg.errors.DataError as exc:
+            where = _COPY_LINE.search(exc.diag.context or "")
+            line = f"line {where.group(1)}: " if where else ""
+            reason = "not UTF-8 text" if isinstance(
+                exc, psycopg.errors.CharacterNotInRepertoire) else exc.diag.message_primary
+            raise gpsfiles.GpsFileError(f"{line}{reason}") from None
+    first = conn.execute(db.query("match_gps", "ingest_first_line")).fetchone()
+    if first is None:
+        return
+    header = next(csv.reader([first["raw"]]))
+    columns = gpsfiles.csv_header(header)
+    skip = first["line"] if columns is not None else 0
+    columns = columns or {c: i for i, c in enumerate(gpsfiles.CSV_COLUMNS)}
+    conn.execute(db.query("match_gps", "ingest_csv_fields"), {
+        "file": index, "skip": skip, "width": max(columns.values()) + 1,
+        "device_col": columns["device_id"] + 1, "time_col": columns["recorded_at"] + 1,
+        "lat_col": columns["latitude"] + 1, "lon_col": columns["longitude"] + 1})
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,
+                  device_id: str | None) -> None:
+    """COPY the fields of a GPX or GeoJSON file, parsed in Python, to the common checks."""
+    with conn.cursor() as cur, cur.copy(db.query("match_gps", "ingest_copy_fields")) as cp:
+        for item in gpsfiles.read(path, kind, device_id):
+            if isinstance(item, gpsfiles.RowProblem):
+                cp.write_row((index, item.line, item.where or None, None, None, None, None,
+                              item.message))
+            else:
+                cp.write_row((index, item.line, None, _text(item.device_id),
+                              _text(item.recorded_at), _text(item.latitude),
+                              _text(item.longitude), None))

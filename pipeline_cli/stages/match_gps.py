@@ -3,7 +3,7 @@
 Points are cut into per-device batches (``gps.batches``). A pool of workers (``gps.workers``)
 claims batches with ``FOR UPDATE SKIP LOCKED`` under a lease, matches them through OSRM in
 overlapping chunks that are stitched back together (``gps.stitching``), and writes a batch's
-polylines, its points' ``processed`` flag and its completion in one statement. Failures back
+polylines and its completion in one statement; no point row is ever written. Failures back
 off exponentially and become ``dead`` after ``max_attempts``; expired leases are rescued.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from .. import db
 from ..adapters.osrm import OsrmClient, OsrmUnavailable
 from ..errors import Interrupted, PipelineError
+from ..gps import batches, partitions
 from ..gps.batches import rescue_expired, work_waiting
 from ..gps.stitching import ChunkSize
 from ..gps.workers import Pool, run_round
@@ -57,6 +58,9 @@ def match_gps(
     counts: Counter[str] = Counter()
     conn = database.connect(autocommit=True, name=f"pipeline match-gps {worker}")
     try:
+        created = partitions.ensure(conn)
+        if created:
+            ctx.log.info("created GPS partition(s) %s", ", ".join(created))
         while True:
             rescued = rescue_expired(conn, settings)
             if rescued:
@@ -98,6 +102,26 @@ def match_gps(
             f"{counts['batches_failed'] + counts['batches_dead']} batch(es) failed and will "
             "be retried", partial=result)
     return result
+
+
+def match_gps_dry_run(database: db.Database, settings: MatchSettings) -> StageResult:
+    """What ``match-gps`` would do now, writing nothing (no batch, no lease, no partition):
+    the batches it would make from waiting points, the open runs, and the batches waiting to
+    be matched with their points."""
+    with database.connect(name="pipeline match-gps --dry-run", autocommit=True) as conn:
+        planned = batches.plan(conn, settings)
+    backlog = planned.pop("backlog")
+    ready = planned["ready_batches"]
+    counts = {k: planned[k] for k in ("batches_to_make", "too_short_to_close",
+                                      "points_to_batch", "open_runs")}
+    counts.update(batches_ready=len(ready), points_ready=sum(r["coordinate_count"]
+                                                             for r in ready),
+                  unprocessed_points=backlog["unprocessed_points"])
+    message = (f"would make {counts['batches_to_make']} batch(es) of "
+               f"{counts['points_to_batch']} point(s); {len(ready)} batch(es) of "
+               f"{counts['points_ready']} point(s) ready to match (dry run: nothing written)")
+    return StageResult(status=NOOP, counts=counts,
+                       extra={"ready_batches": ready, "backlog": backlog}, message=message)
 
 
 def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float,

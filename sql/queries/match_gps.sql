@@ -4,93 +4,162 @@
 -- Serialises batch making across workers; held until the making transaction ends.
 SELECT pg_advisory_xact_lock(%(key)s);
 
+-- name: batching_pass
+-- A pass starts with a snapshot: once every slice of the pass is done, every arrival this
+-- snapshot sees has been looked at, and it becomes the cursor. An arrival the cursor does not
+-- see is at or after its xmax or in its list of transactions then running: the queries take
+-- those two as plain values, so the planner estimates them and probes the BRIN index.
+SELECT txid_current_snapshot()::text AS upto, seen::text AS seen FROM gps_batching_cursor;
+
+-- name: fresh_devices
+-- Devices with arrivals the cursor does not see (through the BRIN index on arrival), with the
+-- earliest time among them, and devices whose newest run was still open last time.
+SELECT device_id, min(recorded_at) AS earliest
+FROM gps_points
+WHERE arrival >= %(seen_xmax)s::bigint
+   OR arrival = ANY(%(seen_xip)s::bigint[])
+GROUP BY device_id
+UNION ALL
+SELECT device_id, NULL FROM gps_waiting_devices;
+
 -- name: plan_batches
--- Unbatched points cut into runs per device: a gap above gap_seconds starts a new segment,
--- and a segment is cut into max_batch_seconds buckets. A bucket is closed (final) when a later
--- bucket or segment of the same device exists, or when its segment ended more than
--- gap_seconds ago (no point can still join it). Works on the next %(devices)s devices after
--- %(after)s, found by a loose index scan of the unbatched-points index.
--- The per-point work is one sort and one pass of window functions; windows and groups use a
--- per-slice device number, not device_id, so the sort compares integers, not text under the
--- database's collation (half the CPU of partitioning by device_id).
-WITH RECURSIVE devs AS (
-    (SELECT device_id FROM gps_points
-     WHERE batch_id IS NULL AND device_id > %(after)s
-     ORDER BY device_id LIMIT 1)
-    UNION ALL
-    SELECT (SELECT g.device_id FROM gps_points g
-            WHERE g.batch_id IS NULL AND g.device_id > devs.device_id
-            ORDER BY g.device_id LIMIT 1)
-    FROM devs WHERE devs.device_id IS NOT NULL
-), chosen AS (  -- referenced twice, so materialised once: each device keeps its number
-    SELECT device_id, row_number() OVER () AS dev
-    FROM devs WHERE device_id IS NOT NULL LIMIT %(devices)s
+-- The points of these devices that no batch holds, cut into runs: the points after the
+-- device's last batch, and late arrivals that fall between two batches (grouped by the batch
+-- that follows them: a run never spans a batch, so batches never overlap). A gap above
+-- gap_seconds starts a new segment, and a segment is cut into max_batch_seconds buckets. A
+-- bucket is closed (final) when it lies between batches, when a later bucket or segment of
+-- the same run exists, or when its segment ended more than gap_seconds ago. Windows and
+-- groups use a per-slice device number, not device_id, so the sort compares integers, not
+-- text under the database's collation.
+WITH chosen AS MATERIALIZED (
+    SELECT c.device_id, c.dev, c.earliest,
+           (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
+            ORDER BY b.start_time DESC LIMIT 1) AS until
+    FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[])
+         WITH ORDINALITY AS c(device_id, earliest, dev)
 ), pts AS (
-    SELECT c.dev, p.recorded_at,
-           coalesce(p.recorded_at - lag(p.recorded_at) OVER w
-                    > make_interval(secs => %(gap_seconds)s), true) AS starts_segment
+    SELECT c.dev, p.recorded_at, 'infinity'::timestamptz AS run
     FROM chosen c
-    JOIN gps_points p ON p.device_id = c.device_id AND p.batch_id IS NULL
-    WINDOW w AS (PARTITION BY c.dev ORDER BY p.recorded_at)
+    JOIN gps_points p ON p.device_id = c.device_id
+                     AND p.recorded_at > coalesce(c.until, '-infinity')
+    UNION ALL
+    SELECT c.dev, p.recorded_at, nb.start_time
+    FROM chosen c
+    JOIN gps_points p ON p.device_id = c.device_id
+                     AND p.recorded_at BETWEEN c.earliest AND c.until
+                     AND (p.arrival >= %(seen_xmax)s::bigint
+                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+    LEFT JOIN LATERAL (SELECT b.end_time FROM processing_batches b
+                       WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
+                       ORDER BY b.start_time DESC LIMIT 1) pb ON true
+    CROSS JOIN LATERAL (SELECT b.start_time FROM processing_batches b
+                        WHERE b.device_id = c.device_id AND b.start_time > p.recorded_at
+                        ORDER BY b.start_time LIMIT 1) nb
+    WHERE pb.end_time IS NULL OR pb.end_time < p.recorded_at
+), starts AS (
+    SELECT dev, run, recorded_at,
+           coalesce(recorded_at - lag(recorded_at) OVER w
+                    > make_interval(secs => %(gap_seconds)s), true) AS starts_segment
+    FROM pts
+    WINDOW w AS (PARTITION BY dev, run ORDER BY recorded_at)
 ), segs AS (
-    SELECT dev, recorded_at,
+    SELECT dev, run, recorded_at,
            count(*) FILTER (WHERE starts_segment) OVER w AS seg,
            max(recorded_at) FILTER (WHERE starts_segment) OVER w AS seg_start
-    FROM pts
-    WINDOW w AS (PARTITION BY dev ORDER BY recorded_at)
+    FROM starts
+    WINDOW w AS (PARTITION BY dev, run ORDER BY recorded_at)
 ), grouped AS (
-    SELECT dev, seg,
+    SELECT dev, run, seg,
            -- date_part is double precision: extract() would compute in numeric, slowly.
            floor(date_part('epoch', recorded_at - seg_start) / %(max_batch_seconds)s)::bigint
                AS bucket,
            min(recorded_at) AS start_time, max(recorded_at) AS end_time, count(*) AS n
     FROM segs
-    GROUP BY dev, seg, bucket
+    GROUP BY dev, run, seg, bucket
 ), marked AS (
-    SELECT dev, start_time, end_time, n, seg, bucket,
-           max(seg) OVER (PARTITION BY dev) AS last_seg,
-           max(bucket) OVER (PARTITION BY dev, seg) AS last_bucket,
-           max(end_time) OVER (PARTITION BY dev, seg) AS seg_end
+    SELECT dev, run, start_time, end_time, n, seg, bucket,
+           max(seg) OVER (PARTITION BY dev, run) AS last_seg,
+           max(bucket) OVER (PARTITION BY dev, run, seg) AS last_bucket,
+           max(end_time) OVER (PARTITION BY dev, run, seg) AS seg_end
     FROM grouped
 )
 SELECT c.device_id, m.start_time, m.end_time, m.n::integer AS n,
-       m.seg < m.last_seg
+       m.run <> 'infinity' AS between_batches,
+       m.run <> 'infinity'
+           OR m.seg < m.last_seg
            OR m.bucket < m.last_bucket
            OR m.seg_end < now() - make_interval(secs => %(gap_seconds)s) AS closed,
        extract(epoch FROM now() - m.end_time)::double precision AS age_s
 FROM marked m JOIN chosen c USING (dev)
 ORDER BY c.device_id, m.start_time;
 
--- name: insert_batches
--- Creates the batches and hands each its points in one statement; too_short batches are
--- closed at once (their points count as processed: there is nothing to match).
-WITH plan AS (
-    SELECT * FROM unnest(%(device_ids)s::text[], %(starts)s::timestamptz[],
-                         %(ends)s::timestamptz[], %(counts)s::integer[], %(statuses)s::text[])
-        AS p(device_id, start_time, end_time, coordinate_count, status)
-), ins AS (
-    INSERT INTO processing_batches (device_id, start_time, end_time, coordinate_count, status,
-                                    processing_completed_at, error_message)
-    SELECT device_id, start_time, end_time, coordinate_count, status,
-           CASE WHEN status = 'too_short' THEN now() END,
-           CASE WHEN status = 'too_short' THEN 'fewer than 2 points' END
-    FROM plan
-    RETURNING batch_id, device_id, start_time, end_time, status
-)
-UPDATE gps_points p
-SET batch_id = ins.batch_id, processed = (ins.status = 'too_short')
-FROM ins
-WHERE p.device_id = ins.device_id
-  AND p.recorded_at BETWEEN ins.start_time AND ins.end_time
-  AND p.batch_id IS NULL;
-
--- name: recount_batches
--- After a point arrived inside a batch's time range between planning and inserting.
+-- name: reopen_batches
+-- Late arrivals inside a batch's time range that the batch did not read: a finished or
+-- running batch goes back to pending and is matched again with them (its polylines are
+-- replaced then; a running worker loses its lease). A pending or failed batch reads them when
+-- claimed and only gets its count updated; a dead one waits for a requeue. The snapshot test
+-- is on the batch row itself, so a claim or completion committing meanwhile is re-checked.
 UPDATE processing_batches b
-SET coordinate_count = (SELECT count(*) FROM gps_points p
-                        WHERE p.device_id = b.device_id AND p.batch_id = b.batch_id
-                          AND p.recorded_at BETWEEN b.start_time AND b.end_time)
-WHERE b.status IN ('pending', 'too_short') AND b.created_at = now();
+SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
+                  ELSE b.status END,
+    retry_count = CASE WHEN b.status IN ('completed', 'too_short') THEN 0
+                       ELSE b.retry_count END,
+    next_attempt_at = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+                           THEN now() ELSE b.next_attempt_at END,
+    lease_expires_at = NULL,
+    lease_token = NULL,
+    coordinate_count = (SELECT count(*) FROM gps_points p
+                        WHERE p.device_id = b.device_id
+                          AND p.recorded_at BETWEEN b.start_time AND b.end_time),
+    error_message = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+                         THEN 'reopened: points arrived late' ELSE b.error_message END,
+    updated_at = now()
+FROM (
+    SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
+    FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
+    JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
+                     AND (p.arrival >= %(seen_xmax)s::bigint
+                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+    CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
+                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
+                        ORDER BY b.start_time DESC LIMIT 1) cb
+    WHERE cb.end_time >= p.recorded_at
+    GROUP BY cb.batch_id
+) late
+WHERE b.batch_id = late.batch_id AND b.status <> 'dead'
+  AND (b.points_snapshot IS NULL
+       OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
+                  WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)))
+RETURNING b.batch_id, b.status;
+
+-- name: insert_batches
+-- A too_short batch is closed at once (its point counts as processed: there is nothing to
+-- match); it read what its making statement sees.
+INSERT INTO processing_batches (device_id, start_time, end_time, coordinate_count, status,
+                                processing_completed_at, error_message, points_snapshot)
+SELECT device_id, start_time, end_time, coordinate_count, status,
+       CASE WHEN status = 'too_short' THEN now() END,
+       CASE WHEN status = 'too_short' THEN 'fewer than 2 points' END,
+       CASE WHEN status = 'too_short' THEN txid_current_snapshot() END
+FROM unnest(%(device_ids)s::text[], %(starts)s::timestamptz[], %(ends)s::timestamptz[],
+            %(counts)s::integer[], %(statuses)s::text[])
+     AS p(device_id, start_time, end_time, coordinate_count, status);
+
+-- name: set_waiting
+-- The devices of a slice whose newest run is still open are looked at again next pass.
+WITH gone AS (
+    DELETE FROM gps_waiting_devices
+    WHERE device_id = ANY(%(slice)s::text[]) AND device_id <> ALL(%(waiting)s::text[])
+)
+INSERT INTO gps_waiting_devices (device_id)
+SELECT unnest(%(waiting)s::text[])
+ON CONFLICT (device_id) DO UPDATE SET updated_at = now();
+
+-- name: advance_cursor
+-- Never backwards: another process may have finished a later pass meanwhile.
+UPDATE gps_batching_cursor
+SET seen = %(upto)s::txid_snapshot, updated_at = now()
+WHERE txid_snapshot_xmax(seen) <= txid_snapshot_xmax(%(upto)s::txid_snapshot);
 
 -- name: rescue_expired
 -- A lease that ran out belongs to a worker that died or hung: it counts as a failed attempt.
@@ -112,7 +181,9 @@ WHERE b.batch_id IN (
 RETURNING b.batch_id, b.status;
 
 -- name: claim_batch
--- Claims the oldest ready batch and returns it with its points, in one round trip. Times come
+-- Claims the oldest ready batch and returns it with its points, in one round trip; the
+-- batch records the snapshot it read them with (every point of its time range that this
+-- statement sees). Times come
 -- as epoch seconds (double precision holds every microsecond exactly for centuries, and
 -- to_timestamp gives back the same timestamptz): far cheaper for the worker to load than
 -- timestamptz values.
@@ -123,6 +194,7 @@ SET status = 'processing',
     lease_token = %(token)s,
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
     processing_started_at = now(),
+    points_snapshot = txid_current_snapshot(),
     updated_at = now()
 WHERE b.batch_id = (
     SELECT batch_id FROM processing_batches
@@ -141,15 +213,16 @@ FROM c, LATERAL (
            array_agg(longitude ORDER BY recorded_at) AS lons
     FROM gps_points
     WHERE device_id = c.device_id AND recorded_at BETWEEN c.start_time AND c.end_time
-      AND batch_id = c.batch_id AND NOT processed
 ) p;
 
 -- name: complete_batch
--- One statement, so one transaction: the polylines, the points and the batch row change
--- together or not at all. Nothing happens unless this worker still holds the lease.
+-- One statement, so one transaction: the batch row and its polylines change together or not
+-- at all, and no point row is written. Matching a batch again (late points) replaces the
+-- polylines of its time range. Nothing happens unless this worker still holds the lease.
 WITH b AS (
     UPDATE processing_batches
     SET status = 'completed',
+        coordinate_count = %(points)s,
         matched_count = %(matched)s,
         polyline_count = %(polylines)s,
         osrm_calls = osrm_calls + %(osrm_calls)s,
@@ -161,6 +234,13 @@ WITH b AS (
         updated_at = now()
     WHERE batch_id = %(batch_id)s AND lease_token = %(token)s AND status = 'processing'
     RETURNING batch_id, device_id, start_time, end_time, coordinate_count
+), stale AS (  -- an earlier matching of this range that the new one does not overwrite
+    DELETE FROM cached_polylines c
+    USING b
+    WHERE c.device_id = b.device_id AND c.start_time BETWEEN b.start_time AND b.end_time
+      AND c.start_time NOT IN (SELECT to_timestamp(t)
+                               FROM unnest(%(starts)s::double precision[]) t)
+    RETURNING 1
 ), lines AS (
     INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline,
                                   osrm_confidence, point_count, source_coordinates_count,
@@ -182,17 +262,10 @@ WITH b AS (
         batch_id = EXCLUDED.batch_id,
         created_at = now()
     RETURNING 1
-), pts AS (
-    UPDATE gps_points p
-    SET processed = true
-    FROM b
-    WHERE p.device_id = b.device_id AND p.recorded_at BETWEEN b.start_time AND b.end_time
-      AND p.batch_id = b.batch_id AND NOT p.processed
-    RETURNING 1
 )
 SELECT (SELECT count(*) FROM b)::integer AS batches,
        (SELECT count(*) FROM lines)::integer AS polylines,
-       (SELECT count(*) FROM pts)::integer AS points;
+       (SELECT count(*) FROM stale)::integer AS replaced;
 
 -- name: fail_batch
 UPDATE processing_batches
@@ -208,11 +281,14 @@ WHERE batch_id = %(batch_id)s AND lease_token = %(token)s AND status = 'processi
 RETURNING status, retry_count, next_attempt_at;
 
 -- name: work_waiting
--- Whether another round could find anything: a ready batch, or points not in a batch yet.
--- Both are probes of partial indexes.
+-- Whether another round could find anything: a ready batch, an arrival the batcher has not
+-- looked at (BRIN probe), or a device with an open run.
 SELECT EXISTS (SELECT 1 FROM processing_batches
                WHERE status IN ('pending', 'failed') AND next_attempt_at <= now()) AS batches,
-       EXISTS (SELECT 1 FROM gps_points WHERE batch_id IS NULL) AS points;
+       EXISTS (SELECT 1 FROM gps_points p
+               WHERE p.arrival >= %(seen_xmax)s::bigint
+                  OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+       OR EXISTS (SELECT 1 FROM gps_waiting_devices) AS points;
 
 -- name: release_batch
 -- Give a claimed batch back untouched (stop requested before it was finished).
@@ -223,6 +299,14 @@ SET status = CASE WHEN retry_count = 0 THEN 'pending' ELSE 'failed' END,
     updated_at = now()
 WHERE batch_id = %(batch_id)s AND lease_token = %(token)s AND status = 'processing'
 RETURNING status;
+
+-- name: ready_batches
+-- The batches a worker would claim next, in claim order.
+SELECT batch_id, device_id, start_time, end_time, status, coordinate_count, retry_count
+FROM processing_batches
+WHERE status IN ('pending', 'failed') AND next_attempt_at <= now()
+ORDER BY next_attempt_at
+LIMIT %(limit)s;
 
 -- name: list_batches
 SELECT batch_id, device_id, start_time, end_time, status, coordinate_count, matched_count,
@@ -248,16 +332,59 @@ WHERE status = ANY(%(statuses)s::text[])
 RETURNING batch_id, coordinate_count;
 
 -- name: backlog_points
--- Points not yet in a batch, capped so status stays fast with millions waiting. Points in
--- open batches are added from open_batches.
-SELECT count(*)::bigint AS n
-FROM (SELECT 1 FROM gps_points WHERE batch_id IS NULL LIMIT %(cap)s) t;
-
--- name: oldest_unprocessed
-SELECT least((SELECT min(recorded_at) FROM gps_points WHERE batch_id IS NULL),
-             (SELECT min(start_time) FROM processing_batches
-              WHERE status IN ('pending', 'processing', 'failed', 'dead'))) AS oldest,
+-- The exact number of unprocessed points, without reading processed history: the points in
+-- open batches (their time ranges, through the primary key), the points after the last batch
+-- of a device with an open run or a new arrival, and new arrivals that fall between batches
+-- or into a finished batch that did not read them. A new arrival is one the cursor snapshot
+-- does not see: at or after its xmax, or in its list of transactions then running (both
+-- probes of the BRIN index). Every per-device and per-batch count is a correlated subquery,
+-- so it is an index range scan whatever the planner estimates.
+WITH fresh AS MATERIALIZED (
+    SELECT p.device_id, p.recorded_at, p.arrival FROM gps_points p
+    WHERE p.arrival >= %(seen_xmax)s::bigint
+       OR p.arrival = ANY(%(seen_xip)s::bigint[])
+), devices AS MATERIALIZED (
+    SELECT d.device_id,
+           (SELECT b.end_time FROM processing_batches b WHERE b.device_id = d.device_id
+            ORDER BY b.start_time DESC LIMIT 1) AS until
+    FROM (SELECT device_id FROM gps_waiting_devices
+          UNION SELECT device_id FROM fresh) d
+), in_open AS (
+    SELECT sum(x.n) AS n, min(x.oldest) AS oldest
+    FROM processing_batches b
+    CROSS JOIN LATERAL (SELECT count(*) AS n, min(p.recorded_at) AS oldest
+                        FROM gps_points p
+                        WHERE p.device_id = b.device_id
+                          AND p.recorded_at BETWEEN b.start_time AND b.end_time) x
+    WHERE b.status IN ('pending', 'processing', 'failed', 'dead')
+), unbatched AS (
+    SELECT sum(x.n) AS n, min(x.oldest) AS oldest
+    FROM devices d
+    CROSS JOIN LATERAL (SELECT count(*) AS n, min(p.recorded_at) AS oldest
+                        FROM gps_points p
+                        WHERE p.device_id = d.device_id
+                          AND p.recorded_at > coalesce(d.until, '-infinity')) x
+), late AS (
+    SELECT count(*) AS n, min(f.recorded_at) AS oldest
+    FROM fresh f JOIN devices d ON d.device_id = f.device_id AND f.recorded_at <= d.until
+    LEFT JOIN LATERAL (SELECT b.status, b.end_time, b.points_snapshot
+                       FROM processing_batches b
+                       WHERE b.device_id = f.device_id AND b.start_time <= f.recorded_at
+                       ORDER BY b.start_time DESC LIMIT 1) cb
+           ON cb.end_time >= f.recorded_at
+    WHERE cb.status IS NULL
+       OR (cb.status IN ('completed', 'too_short')
+           AND NOT txid_visible_in_snapshot(f.arrival, cb.points_snapshot))
+)
+SELECT coalesce((SELECT n FROM in_open), 0)::bigint AS in_batches,
+       (coalesce((SELECT n FROM unbatched), 0) + (SELECT n FROM late))::bigint AS unbatched,
+       least((SELECT oldest FROM in_open), (SELECT oldest FROM unbatched),
+             (SELECT oldest FROM late)) AS oldest,
        now() AS now;
+
+-- name: default_partition_points
+-- Points whose day has no partition yet (capped: the count is information).
+SELECT count(*)::bigint AS n FROM (SELECT 1 FROM gps_points_default LIMIT %(cap)s) t;
 
 -- name: open_batches
 SELECT status, count(*)::bigint AS n, sum(coordinate_count)::bigint AS points,
@@ -277,26 +404,234 @@ SELECT (SELECT count(*) FROM processing_batches
 SELECT count(*)::bigint AS n FROM processing_batches
 WHERE status = 'processing' AND lease_expires_at < now();
 
+-- ---------------------------------------------------------------- partitions
+
+-- name: partition_days
+SELECT to_date(substr(c.relname, 13), 'YYYYMMDD') AS day
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8}$';
+
+-- name: default_partition_days
+SELECT DISTINCT (recorded_at AT TIME ZONE 'UTC')::date AS day FROM gps_points_default;
+
+-- name: add_partition
+SELECT gps_add_partition(%(day)s::date);
+
+-- name: prunable_partitions
+-- Daily partitions that begin before the cutoff, then the default partition. A day is done
+-- when no open batch overlaps it, no arrival there is new to the batcher, and no device with
+-- an open run has points there after its last batch: then every point of it lies in a
+-- finished batch that read it.
+WITH parts AS (
+    SELECT c.relname::text AS name, c.reltuples,
+           to_date(substr(c.relname, 13), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' AS lo
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8}$'
+), due AS (
+    SELECT name, reltuples, lo, lo + interval '1 day' AS hi FROM parts
+    WHERE lo < %(cutoff)s
+)
+-- A day is never dropped before yesterday is over: the days ahead are kept for new points.
+SELECT name,
+       hi <= %(cutoff)s
+       AND hi <= (date_trunc('day', now() AT TIME ZONE 'UTC') - interval '1 day')
+                 AT TIME ZONE 'UTC' AS whole,
+       greatest(reltuples, 0)::bigint AS points,
+       NOT EXISTS (SELECT 1 FROM processing_batches b
+                   WHERE b.status IN ('pending', 'processing', 'failed', 'dead')
+                     AND b.start_time < hi AND b.end_time >= lo)
+       AND NOT EXISTS (SELECT 1 FROM gps_points p
+                       WHERE p.recorded_at >= lo AND p.recorded_at < hi
+                         AND (p.arrival >= %(seen_xmax)s::bigint
+                              OR p.arrival = ANY(%(seen_xip)s::bigint[])))
+       AND NOT EXISTS (SELECT 1 FROM gps_waiting_devices w
+                       JOIN gps_points p ON p.device_id = w.device_id
+                        AND p.recorded_at >= lo AND p.recorded_at < hi
+                       WHERE p.recorded_at > coalesce(
+                           (SELECT b.end_time FROM processing_batches b
+                            WHERE b.device_id = w.device_id
+                            ORDER BY b.start_time DESC LIMIT 1), '-infinity')) AS done
+FROM due
+UNION ALL
+SELECT 'gps_points_default', false, 0, false
+ORDER BY name;
+
+-- name: prune_chunk
+-- Up to %(chunk)s processed points of one partition recorded before the cutoff.
+WITH doomed AS (
+    SELECT p.ctid
+    FROM {part} p
+    JOIN LATERAL (SELECT b.status, b.end_time, b.points_snapshot FROM processing_batches b
+                  WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
+                  ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
+    WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
+      AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
+    LIMIT %(chunk)s
+), gone AS (
+    DELETE FROM {part} p WHERE p.ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
+)
+SELECT count(*) AS n FROM gone;
+
+-- name: prune_count
+SELECT count(*) AS n
+FROM {part} p
+JOIN LATERAL (SELECT b.status, b.end_time, b.points_snapshot FROM processing_batches b
+              WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
+              ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
+WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
+  AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
+  AND %(chunk)s > 0;
+
 -- ---------------------------------------------------------------- ingest-gps
 
 -- name: ingest_staging
-CREATE TEMP TABLE gps_ingest (
+-- The raw lines of a CSV file, the fields of any file, and the fields after the checks.
+-- Times without a zone are UTC.
+SET LOCAL TimeZone = 'UTC';
+CREATE TEMP TABLE gps_ingest_raw (
+    line integer GENERATED ALWAYS AS IDENTITY,
+    raw  text
+) ON COMMIT DROP;
+CREATE TEMP TABLE gps_ingest_fields (
+    file      integer,
+    line      integer,
+    place     text,
+    device_id text,
+    recorded  text,
+    lat       text,
+    lon       text,
+    problem   text
+) ON COMMIT DROP;
+CREATE TEMP TABLE gps_ingest_checked (
+    file        integer,
+    line        integer,
+    place       text,
     device_id   text,
     recorded_at timestamptz,
     latitude    double precision,
     longitude   double precision,
     source      text,
-    seq         bigint
+    problem     text
 ) ON COMMIT DROP;
 
--- name: ingest_copy
-COPY gps_ingest (device_id, recorded_at, latitude, longitude, source, seq) FROM STDIN;
+-- name: ingest_copy_raw
+-- Each line as one field: a delimiter and quote no text file has, so COPY splits nothing.
+COPY gps_ingest_raw (raw) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x02');
+
+-- name: ingest_copy_fields
+COPY gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
+
+-- name: ingest_first_line
+SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,]*$' ORDER BY line LIMIT 1;
+
+-- name: ingest_csv_fields
+-- The fields of the CSV lines; gps_csv_fields handles the (rare) lines with quotes.
+INSERT INTO gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem)
+SELECT %(file)s::integer AS file, r.line, NULL::text AS place,
+        f[%(device_col)s] AS device_id, f[%(time_col)s] AS recorded,
+        f[%(lat_col)s] AS lat, f[%(lon_col)s] AS lon,
+        CASE WHEN cardinality(f) < %(width)s
+             THEN format('expected %%s fields, got %%s', %(width)s, cardinality(f)) END
+            AS problem
+ FROM gps_ingest_raw r,
+      LATERAL (SELECT CASE WHEN strpos(r.raw, '"') = 0 THEN string_to_array(r.raw, ',')
+                           ELSE gps_csv_fields(r.raw) END AS f) s
+ WHERE r.raw !~ '^[\s,]*$' AND r.line > %(skip)s;
+
+-- name: ingest_next_file
+TRUNCATE gps_ingest_raw, gps_ingest_fields RESTART IDENTITY
+
+-- name: ingest_check
+-- The checks of every row, whatever the file format: fields come in as text, a row leaves
+-- typed or with the reason it is refused. Casts run only on text the patterns accepted, so
+-- no row can fail the statement. OFFSET 0 keeps each level a subquery of its own: flattened,
+-- every reference would repeat the expressions below it (hundreds of regex calls a row).
+INSERT INTO gps_ingest_checked (file, line, place, device_id, recorded_at, latitude,
+                                longitude, source, problem)
+SELECT file, line, place, device_id,
+       CASE WHEN reason IS NULL THEN t END,
+       -- In range, so rounding to 15 decimals loses nothing a double holds and never
+       -- underflows.
+       CASE WHEN reason IS NULL THEN round(la, 15)::double precision END,
+       CASE WHEN reason IS NULL THEN round(lo, 15)::double precision END, %(source)s, reason
+FROM (
+    SELECT *,
+           coalesce(problem,
+               CASE WHEN device_id IS NULL THEN 'device_id missing'
+                    WHEN btrim(device_id) = '' THEN 'device_id is empty'
+                    WHEN length(device_id) > 200 THEN 'device_id longer than 200 characters'
+               END,
+               CASE WHEN tv IS NULL THEN 'time missing'
+                    WHEN tv = '' THEN 'empty time'
+                    WHEN tnum AND t IS NULL
+                        THEN format('epoch time %%L out of range (1970..2099; milliseconds?)',
+                                    tv)
+                    WHEN t IS NULL THEN format('unparseable time %%L', tv)
+                    WHEN t < '1970-01-01Z' OR t >= '2100-01-01Z'
+                        THEN format('time %%L out of range (1970..2099)', tv)
+               END,
+               CASE WHEN lav IS NULL THEN 'latitude missing'
+                    WHEN lav ~* '^[+-]?(nan|inf|infinity)$' THEN format('latitude is %%L', lav)
+                    WHEN la IS NULL THEN format('latitude %%L is not a number', lav)
+                    WHEN la NOT BETWEEN -90 AND 90
+                        THEN format('latitude %%s out of range (-90..90)', la)
+               END,
+               CASE WHEN lov IS NULL THEN 'longitude missing'
+                    WHEN lov ~* '^[+-]?(nan|inf|infinity)$' THEN format('longitude is %%L', lov)
+                    WHEN lo IS NULL THEN format('longitude %%L is not a number', lov)
+                    WHEN lo NOT BETWEEN -180 AND 180
+                        THEN format('longitude %%s out of range (-180..180)', lo)
+               END) AS reason
+    FROM (
+        SELECT *,
+               CASE WHEN tnum THEN
+                        CASE WHEN tv::numeric >= 0 AND tv::numeric < 4102444800
+                             THEN to_timestamp(tv::double precision) END
+                    WHEN tiso AND (substr(tv, 9, 2)::integer <= 28
+                                   OR substr(tv, 9, 2)::integer <= date_part('day',
+                                       make_date(substr(tv, 1, 4)::integer,
+                                                 substr(tv, 6, 2)::integer, 1)
+                                       + interval '1 month - 1 day'))
+                    THEN tv::timestamptz
+               END AS t,
+               CASE WHEN lav ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
+                    THEN lav::numeric END AS la,
+               CASE WHEN lov ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
+                    THEN lov::numeric END AS lo
+        FROM (
+            SELECT *,
+                   tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$' AS tnum,
+                   -- Every field in range (the day against its month above); no capture
+                   -- groups, which would make the match many times slower.
+                   tv ~ ('^[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])'
+                         '(?:[T ](?:[01][0-9]|2[0-3]):[0-5][0-9]'
+                         '(?::[0-5][0-9](?:\.[0-9]+)?)?)?'
+                         '(?:[Zz]|[+-](?:0[0-9]|1[0-5])(?::?[0-5][0-9])?)?$') AS tiso
+            FROM (SELECT f.*, btrim(f.recorded) AS tv, btrim(f.lat) AS lav,
+                         btrim(f.lon) AS lov
+                  FROM gps_ingest_fields f OFFSET 0) a
+            OFFSET 0) b
+        OFFSET 0) c
+    OFFSET 0) d;
+
+-- name: ingest_problems
+SELECT file, line, place, problem FROM gps_ingest_checked
+WHERE problem IS NOT NULL ORDER BY file, line LIMIT %(limit)s;
+
+-- name: ingest_counts
+SELECT file, count(*) FILTER (WHERE problem IS NULL) AS valid,
+       count(*) FILTER (WHERE problem IS NOT NULL) AS invalid
+FROM gps_ingest_checked GROUP BY file;
+
+-- name: ingest_days
+SELECT DISTINCT (recorded_at AT TIME ZONE 'UTC')::date AS day FROM gps_ingest_checked
+WHERE problem IS NULL;
 
 -- name: ingest_insert
--- The same device and time is stored once: the first row of a file wins within the load,
--- and a point already stored wins over the file.
+-- The same device and time is stored once: the first row of the run wins within the load,
+-- and a point already stored wins over the file (the duplicate rule of gps_points).
 INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, source)
 SELECT DISTINCT ON (device_id, recorded_at) device_id, recorded_at, latitude, longitude, source
-FROM gps_ingest
-ORDER BY device_id, recorded_at, seq
-ON CONFLICT (device_id, recorded_at) DO NOTHING;
+FROM gps_ingest_checked
+WHERE problem IS NULL
+ORDER BY device_id, recorded_at, file, line;

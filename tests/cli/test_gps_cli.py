@@ -198,7 +198,7 @@ def test_sigterm_finishes_in_flight_and_releases(gps_cli: Cli, conn: psycopg.Con
     got = states(conn)
     assert "processing" not in got and got.get("pending", 0) > 0
     assert record["counts"]["batches_completed"] == got["completed"]
-    unprocessed = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed")
+    unprocessed = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed")
     assert unprocessed.fetchone()["n"] == 3 * got["pending"]
 
 

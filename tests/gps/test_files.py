@@ -1,9 +1,10 @@
-"""GPS file readers: CSV (ISO and epoch), GPX, GeoJSON; invalid rows carry their line."""
+"""GPS file readers: GPX, GeoJSON and the CSV header; invalid rows carry their line.
+
+CSV rows are split and checked by PostgreSQL: tests/stages/test_ingest_gps.py."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,54 +25,6 @@ def rows(items: list[GpsRow | RowProblem]) -> list[GpsRow]:
 
 def problems(items: list[GpsRow | RowProblem]) -> list[RowProblem]:
     return [i for i in items if isinstance(i, RowProblem)]
-
-
-def test_csv_iso_and_epoch_with_header(tmp_path: Path) -> None:
-    path = write(tmp_path, "a.csv", "device_id,recorded_at,latitude,longitude\n"
-                 "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n"
-                 "bus-1,1714550401,60.171,24.941\n"
-                 "bus-1,2024-05-01 08:00:02+03:00,60.172,24.942\n")
-    got = rows(list(gpsfiles.read(path)))
-    assert [r.recorded_at for r in got] == [
-        datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC), datetime(2024, 5, 1, 8, 0, 1, tzinfo=UTC),
-        datetime(2024, 5, 1, 5, 0, 2, tzinfo=UTC)]
-    assert [r.line for r in got] == [2, 3, 4]
-    assert got[0] == GpsRow("bus-1", got[0].recorded_at, 60.17, 24.94, 2)
-
-
-def test_csv_header_in_another_order_and_without_header(tmp_path: Path) -> None:
-    reordered = write(tmp_path, "b.csv", "lat,lon,time,device\n60.1,24.9,1714550400,d\n")
-    assert rows(list(gpsfiles.read(reordered)))[0].device_id == "d"
-    bare = write(tmp_path, "c.csv", "d,1714550400,60.1,24.9\n")
-    assert rows(list(gpsfiles.read(bare)))[0].latitude == 60.1
-
-
-def test_csv_invalid_rows_name_their_lines(tmp_path: Path) -> None:
-    path = write(tmp_path, "bad.csv", "device_id,recorded_at,latitude,longitude\n"
-                 "d,2024-05-01T08:00:00Z,NaN,24.9\n"
-                 "d,2024-05-01T08:00:01Z,91,24.9\n"
-                 "d,yesterday,60.1,24.9\n"
-                 "d,2024-05-01T08:00:03Z,60.1\n"
-                 "\n"
-                 ",2024-05-01T08:00:04Z,60.1,24.9\n"
-                 "d,1714550400000,60.1,24.9\n"
-                 "d,2024-05-01T08:00:05Z,60.1,-181\n"
-                 "d,2024-05-01T08:00:06Z,60.1,24.9\n")
-    items = list(gpsfiles.read(path))
-    assert [r.line for r in rows(items)] == [10]
-    found = {p.line: p.message for p in problems(items)}
-    assert sorted(found) == [2, 3, 4, 5, 7, 8, 9]
-    assert "latitude" in found[2] and "out of range" in found[3]
-    assert "unparseable time" in found[4] and "fields" in found[5]
-    assert "device_id" in found[7]
-    assert "milliseconds" in found[8] and "longitude" in found[9]
-    assert problems(items)[0].describe("bad.csv").startswith("bad.csv:2: ")
-
-
-def test_csv_header_missing_a_column_is_a_file_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "h.csv", "device_id,recorded_at,latitude\n")
-    with pytest.raises(GpsFileError, match="longitude"):
-        list(gpsfiles.read(path))
 
 
 def test_gpx_track_points_with_lines(tmp_path: Path) -> None:
@@ -136,10 +89,12 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     path = write(tmp_path, "points.dat", "d,1714550400,60.1,24.9\n")
     with pytest.raises(GpsFileError, match="--format"):
         list(gpsfiles.read(path))
-    assert len(rows(list(gpsfiles.read(path, "csv")))) == 1
+    assert gpsfiles.detect_format(path, "csv") == "csv"
 
 
-def test_device_ids_are_kept_literally(tmp_path: Path) -> None:
-    evil = "x'); DROP TABLE gps_points; --"
-    path = write(tmp_path, "e.csv", f'"{evil}",1714550400,60.1,24.9\n')
-    assert rows(list(gpsfiles.read(path)))[0].device_id == evil
+def test_csv_header_names_columns_in_any_order() -> None:
+    assert gpsfiles.csv_header(["lat", "lon", "time", "device"]) == {
+        "latitude": 0, "longitude": 1, "recorded_at": 2, "device_id": 3}
+    assert gpsfiles.csv_header(["d", "1714550400", "60.1", "24.9"]) is None
+    with pytest.raises(GpsFileError, match="longitude"):
+        gpsfiles.csv_header(["device_id", "recorded_at", "latitude"])

@@ -132,7 +132,7 @@ def test_match_gps_workers_complete_every_batch_exactly_once(
         assert sum(o["counts"]["batches_created"] for o in outs) == 2000
         assert all(o["counts"]["batches_lease_lost"] == 0 for o in outs)
         points = conn.execute("SELECT count(*) AS n, count(*) FILTER (WHERE processed) AS p, "
-                              "count(DISTINCT batch_id) AS b FROM gps_points").fetchone()
+                              "count(DISTINCT batch_id) AS b FROM gps_point_status").fetchone()
         assert points == {"n": len(rows), "p": len(rows), "b": 2000}
         assert sum(o["counts"]["points_processed"] for o in outs) == len(rows)
         calls = conn.execute("SELECT sum(osrm_calls) AS n FROM processing_batches").fetchone()

@@ -170,7 +170,7 @@ def test_osrm_stops_mid_match(make_sandbox: SandboxFactory, server: ForkServer,
         assert again.exit_code == 0, again.describe()
         assert one(conn, "SELECT count(*) FROM processing_batches WHERE status <> 'completed'"
                    ) == 0
-        assert one(conn, "SELECT count(*) FROM gps_points WHERE NOT processed") == 0
+        assert one(conn, "SELECT count(*) FROM gps_point_status WHERE NOT processed") == 0
         assert sb.check() == []
 
 

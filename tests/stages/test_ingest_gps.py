@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def test_csv_loads_and_duplicates_are_stored_once(tmp_path: Path, database_url: 
     assert first.exit_code == 0
     assert first.counts == {"files": 1, "rows_read": 3, "rows_loaded": 2, "duplicates": 1,
                             "invalid_rows": 0}
-    row = conn.execute("SELECT latitude, source, processed FROM gps_points"
+    row = conn.execute("SELECT latitude, source, processed FROM gps_point_status"
                        " ORDER BY recorded_at LIMIT 1").fetchone()
     assert (row["latitude"], row["source"], row["processed"]) == (60.17, "file:a.csv", False)
     again = ingest(database_url, [path])
@@ -95,3 +96,91 @@ def test_gpx_and_geojson(tmp_path: Path, database_url: str,
     devices = {r["device_id"]: r["n"] for r in conn.execute(
         "SELECT device_id, count(*) AS n FROM gps_points GROUP BY device_id")}
     assert devices == {"van": 2, "tram": 2}
+
+
+def stored(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(r.values()) for r in conn.execute(
+        "SELECT device_id, recorded_at, latitude, longitude FROM gps_points"
+        " ORDER BY device_id, recorded_at")]
+
+
+def test_csv_iso_and_epoch_times(tmp_path: Path, database_url: str,
+                                 conn: psycopg.Connection[Any]) -> None:
+    path = tmp_path / "a.csv"
+    path.write_bytes(("\ufeff" + HEADER + "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                      "bus-1,1714550401,60.171,24.941\n"
+                      "bus-1,2024-05-01 08:00:02+03:00,60.172,24.942\n"
+                      "bus-1,2024-05-01T09:00:00.25,6e1,2.5e1\n").encode())
+    windows = tmp_path / "w.csv"  # CRLF line ends throughout
+    windows.write_bytes(b"w,2024-05-01T08:00:00Z,1,2\r\nw,2024-05-01T08:00:01Z,1,2\r\n")
+    record = ingest(database_url, [path, windows])
+    assert record.counts["rows_loaded"] == 6, record.extra
+    assert stored(conn)[:4] == [
+        ("bus-1", datetime(2024, 5, 1, 5, 0, 2, tzinfo=UTC), 60.172, 24.942),
+        ("bus-1", datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC), 60.17, 24.94),
+        ("bus-1", datetime(2024, 5, 1, 8, 0, 1, tzinfo=UTC), 60.171, 24.941),
+        ("bus-1", datetime(2024, 5, 1, 9, 0, 0, 250000, tzinfo=UTC), 60.0, 25.0)]
+
+
+def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database_url: str,
+                                                        conn: psycopg.Connection[Any]) -> None:
+    reordered = tmp_path / "b.csv"
+    reordered.write_text("lat,lon,time,device\n60.1,24.9,1714550400,d\n")
+    bare = tmp_path / "c.dat"
+    bare.write_text("e,1714550400,60.2,24.8\n")
+    record = ingest(database_url, [reordered, bare], fmt="csv")
+    assert record.counts["rows_loaded"] == 2
+    assert [(r[0], r[2]) for r in stored(conn)] == [("d", 60.1), ("e", 60.2)]
+
+
+def test_csv_invalid_rows_name_their_lines(tmp_path: Path, database_url: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(HEADER + "d,2024-05-01T08:00:00Z,NaN,24.9\n"
+                    "d,2024-05-01T08:00:01Z,91,24.9\n"
+                    "d,yesterday,60.1,24.9\n"
+                    "d,2024-05-01T08:00:03Z,60.1\n"
+                    "\n"
+                    ",2024-05-01T08:00:04Z,60.1,24.9\n"
+                    "d,1714550400000,60.1,24.9\n"
+                    "d,2024-05-01T08:00:05Z,60.1,-181\n"
+                    "d,2024-05-01T08:00:06Z,60.1,24.9\n"
+                    "d,2024-02-30T08:00:00Z,60.1,24.9\n"
+                    "d,2024-05-01T25:00:00Z,60.1,24.9\n"
+                    "d,1960-05-01T08:00:00Z,60.1,24.9\n"
+                    "d,2024-05-01T08:00:07Z,1e999,abc\n")
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == 1 and record.counts["invalid_rows"] == 11
+    found = {int(p.split(":")[1]): p.split(": ", 1)[1] for p in record.extra["problems"]}
+    assert sorted(found) == [2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 14]
+    assert "latitude" in found[2] and "out of range" in found[3]
+    assert "unparseable time" in found[4] and "fields" in found[5]
+    assert "device_id" in found[7]
+    assert "milliseconds" in found[8] and "longitude" in found[9]
+    assert "unparseable time" in found[11] and "unparseable time" in found[12]
+    assert "out of range" in found[13] and "latitude" in found[14]
+    assert record.extra["problems"][0].startswith(f"{path}:2: ")
+
+
+def test_csv_unreadable_files_load_nothing(tmp_path: Path, database_url: str,
+                                           conn: psycopg.Connection[Any]) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text(HEADER + "d,2024-05-01T08:00:00Z,60.1,24.9\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"d,2024-05-01T08:00:00Z,60.1,24.9\nd\xe9,2024-05-01T08:00:01Z,60,24\n")
+    record = ingest(database_url, [good, latin])
+    assert record.exit_code == 1 and "latin.csv: line 2: not UTF-8" in (record.error or "")
+    headless = tmp_path / "h.csv"
+    headless.write_text("device_id,recorded_at,latitude\n")
+    record = ingest(database_url, [good, headless])
+    assert record.exit_code == 1 and "longitude" in (record.error or "")
+    assert count(conn) == 0
+
+
+def test_csv_quoted_fields_are_kept_literally(tmp_path: Path, database_url: str,
+                                              conn: psycopg.Connection[Any]) -> None:
+    evil = 'x\'); DROP TABLE gps_points; --, "quoted"'
+    path = tmp_path / "e.csv"
+    path.write_text('"' + evil.replace('"', '""') + '",1714550400,60.1,24.9\n')
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == 1
+    assert stored(conn)[0][0] == evil

@@ -14,16 +14,18 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools import traces
 from devtools.services import LocalServices
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.db import Database
-from pipeline_cli.gps import batches, stitching
+from pipeline_cli.gps import batches, partitions, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
+from tests.support import reliability
 from tests.support.proxy import CountingHttpProxy
 
 pytestmark = pytest.mark.osrm
@@ -109,7 +111,7 @@ def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) 
                        " ORDER BY start_time").fetchall()
     assert [(r["coordinate_count"], r["status"]) for r in got] == [
         (3, "pending"), (2, "pending"), (1, "too_short")]
-    unbatched = conn.execute("SELECT count(*) AS n FROM gps_points WHERE batch_id IS NULL")
+    unbatched = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NULL")
     assert unbatched.fetchone()["n"] == 2
 
 
@@ -136,7 +138,7 @@ def test_duplicate_inserts_are_ignored(conn: psycopg.Connection[Any]) -> None:
     conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
                  " VALUES ('d', %s, 60.18, 24.95)", (OLD,))
     row = conn.execute("SELECT count(*) AS n, min(latitude) AS lat, bool_or(processed) AS p,"
-                       " min(source) AS src FROM gps_points").fetchone()
+                       " min(source) AS src FROM gps_point_status").fetchone()
     assert (row["n"], row["lat"], row["p"], row["src"]) == (1, 60.17, False, "listener")
 
 
@@ -160,7 +162,7 @@ def test_350_point_trace_is_chunked_and_matches(conn: psycopg.Connection[Any], o
                        " FROM processing_batches").fetchone()
     assert row["status"] == "completed" and row["osrm_calls"] >= 4
     assert row["matched_count"] >= 0.7 * row["coordinate_count"]  # OSRM skips some points
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == 0
 
 
@@ -234,7 +236,7 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     assert rows and all(r["retry_count"] == 1 and r["later"] for r in rows)
     assert all(r["osrm_calls"] == 1 for r in rows)  # the first chunk's request, which failed
     assert all("unavailable" in r["error_message"] for r in rows)
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == points  # nothing lost
     assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
     proxy.unblock()
@@ -242,7 +244,7 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     back = run(database_url, client, settings)
     assert back.exit_code == 0, back.error
     assert batch_states(conn) == {"completed": 3}
-    left = conn.execute("SELECT count(*) AS n FROM gps_points WHERE NOT processed").fetchone()
+    left = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE NOT processed").fetchone()
     assert left["n"] == 0
 
 
@@ -305,3 +307,145 @@ def test_max_batches_limits_claims(conn: psycopg.Connection[Any], database_url: 
     assert batch_states(conn) == {"completed": 2, "pending": 2}
     assert record.extra["points_per_second"] > 0
     assert record.counts["osrm_requests"] >= 2
+
+
+# ----------------------------------------------------------------- append-only, late points
+
+
+def point_versions(conn: psycopg.Connection[Any]) -> dict[tuple[str, datetime], str]:
+    return {(r["device_id"], r["recorded_at"]): r["v"] for r in conn.execute(
+        "SELECT device_id, recorded_at, tableoid::regclass::text || ctid::text"
+        " || xmin::text AS v FROM gps_points")}
+
+
+def point_updates(conn: psycopg.Connection[Any]) -> int:
+    """Row updates of gps_points' partitions, once the sessions of finished runs are gone
+    (a backend flushes its statistics when it exits)."""
+    for _ in range(100):
+        busy = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE datname ="
+                            " current_database() AND pid <> pg_backend_pid()").fetchone()
+        if busy["n"] == 0:
+            break
+        time.sleep(0.1)
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT coalesce(sum(n_tup_upd), 0)::bigint AS n FROM pg_stat_user_tables"
+                       " WHERE relname LIKE 'gps_points%'").fetchone()
+    return int(row["n"])
+
+
+def test_matching_writes_no_point_row(conn: psycopg.Connection[Any], database_url: str,
+                                      client: OsrmClient,
+                                      trace_pool: list[traces.Trace]) -> None:
+    for i, trace in enumerate(trace_pool[:4]):
+        add_trace(conn, f"d{i}", trace)
+    partitions.ensure(conn)  # out of the default partition before the versions are taken
+    before, updates = point_versions(conn), point_updates(conn)
+    record = run(database_url, client)
+    assert record.counts["batches_completed"] == 4
+    assert point_versions(conn) == before  # same row versions: nothing updated or moved
+    assert point_updates(conn) == updates == 0
+    assert conn.execute("SELECT bool_and(processed) AS p FROM gps_point_status"
+                        ).fetchone()["p"] is True
+
+
+def test_late_points_are_matched_and_replace_their_window(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """Late points inside a matched batch send it back to be matched again (its polylines
+    replaced); late points between two batches get a batch of their own; every point ends
+    in exactly one finished batch."""
+    first, middle, last = trace_pool[3], trace_pool[4], trace_pool[5]
+    first.start, middle.start, last.start = OLD, OLD + timedelta(hours=1), \
+        OLD + timedelta(hours=2)
+    rows = first.rows("d")
+    held = rows[5::7]  # these arrive after their window was matched
+    traces.insert_points(conn, [r for r in rows if r not in held] + last.rows("d"))
+    assert run(database_url, client).counts["batches_completed"] == 2
+    matched_before = conn.execute("SELECT batch_id, processing_completed_at FROM"
+                                  " processing_batches ORDER BY start_time").fetchall()
+    traces.insert_points(conn, held + middle.rows("d"))
+    section = batches.status_section(conn)
+    assert section["unprocessed_points"] == len(held) + len(middle.points)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["batches_completed"] == 2  # the reopened window and the gap
+    assert batch_states(conn) == {"completed": 3}
+    again = {r["batch_id"]: r["processing_completed_at"] for r in conn.execute(
+        "SELECT batch_id, processing_completed_at FROM processing_batches")}
+    assert again[matched_before[0]["batch_id"]] > matched_before[0]["processing_completed_at"]
+    assert again[matched_before[1]["batch_id"]] == matched_before[1]["processing_completed_at"]
+    assert batches.status_section(conn)["unprocessed_points"] == 0
+    per_point = conn.execute("SELECT count(*) FILTER (WHERE NOT processed) AS left,"
+                             " count(*) AS n FROM gps_point_status").fetchone()
+    assert per_point == {"left": 0, "n": len(rows) + len(middle.points) + len(last.points)}
+    assert reliability.check_gps(conn) == []
+    window = [polyline.decode(r["encoded_polyline"]) for r in conn.execute(
+        "SELECT encoded_polyline FROM cached_polylines WHERE start_time < %s"
+        " ORDER BY start_time", (OLD + timedelta(hours=1),))]
+    assert traces.judge(first.truth, window).passed
+
+
+def test_late_point_takes_a_running_batch_back(conn: psycopg.Connection[Any],
+                                               database_url: str, client: OsrmClient,
+                                               trace_pool: list[traces.Trace]) -> None:
+    rows = trace_pool[6].rows("d")
+    traces.insert_points(conn, rows[:-3] + rows[-2:])
+    batches.make_batches(conn, MatchSettings())
+    ghost = conn.execute(db.query("match_gps", "claim_batch"), {
+        "worker": "ghost:1", "token": "00000000-0000-0000-0000-000000000001",
+        "lease_seconds": 300}).fetchone()
+    traces.insert_points(conn, [rows[-3]])  # arrives while the ghost matches without it
+    made = batches.make_batches(conn, MatchSettings())
+    assert made.reopened == 1 and made.created == 0
+    row = conn.execute("SELECT status, coordinate_count, lease_token FROM processing_batches"
+                       ).fetchone()
+    assert (row["status"], row["coordinate_count"], row["lease_token"]) == (
+        "pending", len(rows), None)
+    done = conn.execute(db.query("match_gps", "fail_batch"), {
+        "batch_id": ghost["batch_id"], "token": "00000000-0000-0000-0000-000000000001",
+        "max_attempts": 5, "delay_seconds": 0, "error": "x", "osrm_calls": 0}).fetchone()
+    assert done is None  # the ghost's lease is gone
+    assert run(database_url, client).counts["points_processed"] == len(rows)
+    assert reliability.check_gps(conn) == []
+
+
+def test_points_without_a_partition_wait_in_the_default_one(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    add_trace(conn, "d", trace_pool[7], start=datetime(2021, 3, 4, 5, tzinfo=UTC))
+    n = len(trace_pool[7].points)
+    section = batches.status_section(conn)
+    assert section["default_partition_points"] == n
+    record = run(database_url, client)  # makes the day's partition and moves them in
+    assert record.counts["points_processed"] == n
+    assert batches.status_section(conn)["default_partition_points"] == 0
+    where = conn.execute("SELECT tableoid::regclass::text AS part, count(*) AS n"
+                         " FROM gps_points GROUP BY 1").fetchall()
+    assert [(r["part"], r["n"]) for r in where] == [("gps_points_p20210304", n)]
+    assert reliability.check_gps(conn) == []
+
+
+def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], database_url: str,
+                                            trace_pool: list[traces.Trace]) -> None:
+    add_trace(conn, "a", trace_pool[0])
+    add_trace(conn, "b", trace_pool[1])
+    batches.make_batches(conn, MatchSettings())  # a and b: pending batches
+    add_trace(conn, "c", trace_pool[2])  # c: points no batch holds yet
+    tables = ("processing_batches", "gps_batching_cursor", "gps_waiting_devices",
+              "stage_runs", "cached_polylines")
+
+    def snapshot() -> list[Any]:
+        query = sql.SQL("SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), ''))"
+                        " AS h FROM {} t")
+        return [conn.execute(query.format(sql.Identifier(name))).fetchone()["h"]
+                for name in tables]
+
+    before = snapshot()
+    result = stage.match_gps_dry_run(Database(database_url), MatchSettings())
+    assert snapshot() == before
+    assert result.counts["batches_to_make"] == 1
+    assert result.counts["points_to_batch"] == len(trace_pool[2].points)
+    assert result.counts["batches_ready"] == 2
+    assert result.counts["points_ready"] == len(trace_pool[0].points) + len(
+        trace_pool[1].points)
+    assert {r["device_id"] for r in result.extra["ready_batches"]} == {"a", "b"}

@@ -620,24 +620,31 @@ def check_graph(conn: psycopg.Connection[Any], client: redis.Redis | None, prefi
 
 
 def check_gps(conn: psycopg.Connection[Any]) -> list[str]:
-    """No lost point, none matched twice: every point is unprocessed or in a completed
-    (or too_short) batch; a completed batch has all its points processed and exactly the
-    polylines it recorded; no two polylines of a device overlap in time."""
+    """No lost point, none matched twice: batches of a device never overlap, so a point lies
+    in at most one; a processed point is in a completed (or too_short) batch that read it; a
+    finished batch counts the points of its range and has exactly the polylines it
+    recorded; no two polylines of a device overlap in time."""
     problems: list[str] = []
+    overlapping = _rows(conn, """
+        SELECT count(*) AS n FROM processing_batches a JOIN processing_batches b
+          ON a.device_id = b.device_id AND a.batch_id < b.batch_id
+         AND a.start_time <= b.end_time AND b.start_time <= a.end_time""")
+    if overlapping[0]["n"]:
+        problems.append(f"{overlapping[0]['n']} pair(s) of batches of one device overlap "
+                        "(a point in two batches)")
     bad = _rows(conn, """
-        SELECT p.processed, b.status, count(*) AS n
-        FROM gps_points p LEFT JOIN processing_batches b ON b.batch_id = p.batch_id
-        WHERE (p.processed AND (b.status IS NULL OR b.status NOT IN ('completed', 'too_short')))
-           OR (NOT p.processed AND b.status IN ('completed', 'too_short'))
-           OR (p.batch_id IS NOT NULL AND b.batch_id IS NULL)
+        SELECT processed, batch_status, count(*) AS n FROM gps_point_status
+        WHERE processed AND batch_status NOT IN ('completed', 'too_short')
         GROUP BY 1, 2""")
     for r in bad:
         problems.append(f"{r['n']} point(s) processed={r['processed']} in a batch with status "
-                        f"{r['status']}")
+                        f"{r['batch_status']}")
     counts = _rows(conn, """
-        SELECT b.batch_id, b.coordinate_count, count(p.id) AS n
-        FROM processing_batches b LEFT JOIN gps_points p ON p.batch_id = b.batch_id
-        GROUP BY b.batch_id HAVING count(p.id) <> b.coordinate_count LIMIT 5""")
+        SELECT b.batch_id, b.coordinate_count, count(p.device_id) AS n
+        FROM processing_batches b LEFT JOIN gps_points p
+          ON p.device_id = b.device_id AND p.recorded_at BETWEEN b.start_time AND b.end_time
+        WHERE b.status IN ('completed', 'too_short')
+        GROUP BY b.batch_id HAVING count(p.device_id) <> b.coordinate_count LIMIT 5""")
     for r in counts:
         problems.append(f"batch {r['batch_id']} says {r['coordinate_count']} points, holds "
                         f"{r['n']}")
@@ -1077,7 +1084,7 @@ def _drain(sb: Sandbox, server: ForkServer) -> list[str]:
     left = sb.connect().execute(
         "SELECT (SELECT count(*) FROM processing_batches WHERE status NOT IN "
         "('completed', 'too_short')) AS open, "
-        "(SELECT count(*) FROM gps_points WHERE NOT processed) AS points").fetchone()
+        "(SELECT count(*) FROM gps_point_status WHERE NOT processed) AS points").fetchone()
     assert left is not None
     problems = [f"drain: {left['open']} batch(es) still open, {left['points']} point(s) "
                 "unprocessed"] if left["open"] or left["points"] else []

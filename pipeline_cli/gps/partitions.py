@@ -1,0 +1,82 @@
+"""The daily partitions of ``gps_points``: created ahead by ``db migrate`` and the GPS stages,
+points parked in the default partition moved into their day, and retention that drops a
+whole day once all of it is processed and deletes in chunks where it cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .. import db
+from . import batches
+
+DAYS_AHEAD = 7  # partitions exist this many days ahead, so the listener never waits on DDL
+PARTITION_LOCK = "gps:partitions"
+
+
+def ensure(conn: psycopg.Connection[Any], days: list[date] | None = None,
+           today: date | None = None) -> list[str]:
+    """Create the daily partitions of yesterday to ``DAYS_AHEAD`` days ahead, of ``days``,
+    and of every day the default partition holds points of (moving those points in).
+    Returns the partitions created. Runs in its own transaction."""
+    today = today or datetime.now(UTC).date()
+    wanted = {today + timedelta(days=i) for i in range(-1, DAYS_AHEAD + 1)} | set(days or ())
+    created: list[str] = []
+    with db.wrap_errors("creating GPS partitions"), conn.transaction():
+        conn.execute(db.query("match_gps", "batching_lock"),
+                     {"key": db.advisory_key(PARTITION_LOCK)})
+        parked = conn.execute(db.query("match_gps", "default_partition_days")).fetchall()
+        wanted |= {r["day"] for r in parked}
+        existing = {r["day"] for r in conn.execute(db.query("match_gps", "partition_days"))}
+        for day in sorted(wanted - existing):
+            conn.execute(db.query("match_gps", "add_partition"), {"day": day})
+            created.append(f"gps_points_p{day:%Y%m%d}")
+    return created
+
+
+@dataclass
+class PruneResult:
+    partitions_dropped: list[str] = field(default_factory=list)
+    points_dropped: int = 0  # in dropped partitions
+    points_deleted: int = 0  # row by row, in chunks
+
+
+def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 10_000,
+          dry_run: bool = False) -> PruneResult:
+    """Remove processed points recorded before ``cutoff``: a daily partition that lies wholly
+    before it and holds no unprocessed point is detached and dropped (no dead tuples, no
+    vacuum); elsewhere (a day partly before the cutoff, a day with unprocessed points, the
+    default partition) processed points are deleted ``chunk_rows`` at a time, one
+    transaction per chunk, so locks stay short."""
+    out = PruneResult()
+    with db.wrap_errors("listing GPS partitions"):
+        parts = conn.execute(db.query("match_gps", "prunable_partitions"),
+                             {"cutoff": cutoff, **batches.cursor(conn)}).fetchall()
+    if not conn.autocommit:
+        conn.commit()
+    for p in parts:
+        ident = sql.Identifier(p["name"])
+        if p["whole"] and p["done"]:
+            out.partitions_dropped.append(p["name"])
+            out.points_dropped += int(p["points"])
+            if not dry_run:
+                with db.wrap_errors(f"dropping {p['name']}"), conn.transaction():
+                    conn.execute(sql.SQL("ALTER TABLE gps_points DETACH PARTITION {}")
+                                 .format(ident))
+                    conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+            continue
+        while True:
+            with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():
+                query = db.query("match_gps", "prune_count" if dry_run else "prune_chunk")
+                row = conn.execute(query.format(part=ident),
+                                   {"cutoff": cutoff, "chunk": chunk_rows}).fetchone()
+            n = int(row["n"]) if row else 0
+            out.points_deleted += n
+            if dry_run or n < chunk_rows:
+                break
+    return out

@@ -1,0 +1,67 @@
+"""Daily partitions of gps_points: made ahead, parked points moved in, retention that drops
+whole days and deletes in chunks elsewhere (against a real PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from devtools import traces
+from pipeline_cli.gps import batches, partitions
+from pipeline_cli.settings import MatchSettings
+
+
+def where(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    return {r["part"]: r["n"] for r in conn.execute(
+        "SELECT tableoid::regclass::text AS part, count(*) AS n FROM gps_points GROUP BY 1")}
+
+
+def day_points(device: str, day: date, seconds: range) -> list[tuple[str, datetime, float,
+                                                                     float]]:
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return [(device, start + timedelta(seconds=s), 60.17, 24.94) for s in seconds]
+
+
+def test_partitions_ahead_and_parked_points_moved(conn: psycopg.Connection[Any]) -> None:
+    today = date(2030, 6, 1)
+    traces.insert_points(conn, day_points("d", date(2019, 2, 3), range(0, 30, 10)))
+    assert where(conn) == {"gps_points_default": 3}
+    assert batches.status_section(conn)["default_partition_points"] == 3
+    created = partitions.ensure(conn, today=today)
+    assert "gps_points_p20190203" in created and "gps_points_p20300608" in created
+    assert "gps_points_p20300531" in created and "gps_points_p20300609" not in created
+    assert where(conn) == {"gps_points_p20190203": 3}
+    assert partitions.ensure(conn, today=today) == []
+    assert batches.status_section(conn)["default_partition_points"] == 0
+
+
+def test_prune_drops_done_days_and_deletes_in_chunks(conn: psycopg.Connection[Any]) -> None:
+    days = [date(2021, 1, d) for d in (1, 2, 3)]
+    partitions.ensure(conn, days[:2])
+    old = day_points("a", date(2020, 12, 31), range(0, 5))  # parked in the default partition
+    rows = old + day_points("a", days[0], range(0, 50, 5)) + day_points(
+        "a", days[1], range(0, 86400, 8640)) + day_points("a", days[2], range(0, 20, 5))
+    traces.insert_points(conn, rows)
+    batches.make_batches(conn, MatchSettings(max_batch_seconds=3600, gap_seconds=60))
+    # Matching without OSRM: every batch before 2021-01-03 completes, the last one waits.
+    conn.execute("UPDATE processing_batches SET status = 'completed',"
+                 " points_snapshot = txid_current_snapshot()"
+                 " WHERE start_time < '2021-01-03Z'")
+    cutoff = datetime(2021, 1, 2, 12, tzinfo=UTC)
+    dry = partitions.prune(conn, cutoff, chunk_rows=2, dry_run=True)
+    assert dry.partitions_dropped == ["gps_points_p20210101"]
+    assert where(conn)["gps_points_p20210101"] == 10
+    done = partitions.prune(conn, cutoff, chunk_rows=2)
+    assert done.partitions_dropped == ["gps_points_p20210101"]
+    assert done.points_deleted == 5 + 5  # the default partition's and the first half-day's
+    left = where(conn)
+    assert "gps_points_p20210101" not in left
+    assert left == {"gps_points_p20210102": 5, "gps_points_default": 4}
+    assert conn.execute("SELECT min(recorded_at) AS t FROM gps_points_p20210102"
+                        ).fetchone()["t"] >= cutoff
+    # Unprocessed points are never pruned, whatever their age.
+    again = partitions.prune(conn, datetime(2030, 1, 1, tzinfo=UTC), chunk_rows=2)
+    assert again.partitions_dropped == ["gps_points_p20210102"]
+    assert where(conn) == {"gps_points_default": 4}
