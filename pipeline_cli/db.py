@@ -180,8 +180,9 @@ class MigrateResult:
     version: int
 
 
-def migrate(conn: psycopg.Connection[Any]) -> MigrateResult:
-    """Apply every pending migration in one transaction under an advisory lock.
+def migrate(conn: psycopg.Connection[Any], *, until: int | None = None) -> MigrateResult:
+    """Apply every pending migration (up to number ``until``, to test an upgrade from an
+    older schema) in one transaction under an advisory lock.
 
     The lock is transaction-scoped and taken before the bookkeeping table is created, so two
     concurrent runs serialise: the second waits, then finds nothing to do.
@@ -192,7 +193,7 @@ def migrate(conn: psycopg.Connection[Any]) -> MigrateResult:
         conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
         for m in migrations():
-            if m.version in done:
+            if m.version in done or (until is not None and m.version > until):
                 continue
             conn.execute(m.path.read_text(encoding="utf-8").encode())
             conn.execute(
