@@ -17,6 +17,23 @@ CREATE TABLE virtual_frequencies (
     PRIMARY KEY (generation_id, mode)
 );
 
+-- An operator's view on the old table would be dropped with it: stop, naming it, instead.
+DO $$
+DECLARE
+    views text;
+BEGIN
+    SELECT string_agg(DISTINCT r.ev_class::regclass::text, ', ') INTO views
+    FROM pg_depend d
+    JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+    WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = 'virtual_flights'::regclass
+      AND r.ev_class <> 'virtual_flights'::regclass;
+    IF views IS NOT NULL THEN
+        RAISE EXCEPTION 'migration 012 turns the table virtual_flights into a view, and views '
+            'read it: %; drop them, migrate, then create them again', views;
+    END IF;
+END
+$$;
+
 -- The existing generation keeps its flights: its one service per mode moves into the new
 -- table. Flights that differed within a mode (never written by gen-virtual) would violate the
 -- primary key and stop the migration instead of being lost.
@@ -59,6 +76,4 @@ BEGIN
 END
 $$;
 
--- Fails, naming them, if an operator's views read the old table: drop them, migrate, and
--- create them again on the view.
 DROP TABLE virtual_flights_before_012;
