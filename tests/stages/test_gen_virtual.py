@@ -462,7 +462,7 @@ def test_upgrade_keeps_the_flights_their_columns_and_grants(empty_database_url: 
             columns = conn.execute(FLIGHT_COLUMNS).fetchall()
             flights = conn.execute("SELECT * FROM virtual_flights ORDER BY id").fetchall()
             assert len(flights) == 2
-            assert db.migrate(conn).applied == ["012_virtual_frequency"]
+            assert db.migrate(conn).applied[0] == "012_virtual_frequency"  # (and later ones)
             assert conn.execute(FLIGHT_COLUMNS).fetchall() == columns
             assert conn.execute("SELECT * FROM virtual_flights ORDER BY id").fetchall() == flights
             assert conn.execute("SELECT generation_id, mode, headway_s "
