@@ -1060,7 +1060,7 @@ def _outlived(sb: Sandbox, wait: float = 5.0) -> list[str]:
 
     def ours() -> list[int]:
         pids = []
-        for pid in processes_running("pipeline_cli.stages.sync_worker"):
+        for pid in processes_running("pipeline_cli.sync.worker"):
             with contextlib.suppress(OSError):
                 if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     pids.append(pid)
