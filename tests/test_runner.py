@@ -275,3 +275,30 @@ def test_dry_run_takes_the_lock_but_records_nothing(
     rows = conn.execute("SELECT status FROM stage_runs").fetchall()
     assert rows == [{"status": "failed"}]
     assert collect_status(conn).stages["sync-odata"]["consecutive_failures"] == 1
+
+
+def test_a_running_row_is_crashed_when_its_run_lock_is_free_whatever_its_backend(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    """Through a transaction pooler the backend pid a run recorded belongs to a shared server
+    session that outlives the process: only the run's own lock tells a live run from a dead one."""
+    from pipeline_cli.runner import reap_crashed
+
+    seen: dict[str, Any] = {}
+
+    def stage(ctx: RunContext) -> StageResult:
+        # a live run is never reaped, even by a reaper on another connection
+        with db.connect(database_url, autocommit=True) as other:
+            seen["reaped_while_live"] = reap_crashed(other)
+        return StageResult()
+
+    record = StageRunner(Database(database_url)).run("match-gps", stage)
+    assert record.status == "success" and seen["reaped_while_live"] == []
+    # A row left 'running' by a process that died, recorded with the backend of a session that
+    # is still alive (this very connection: what a pooler's shared server session looks like).
+    conn.execute(
+        "INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start) "
+        "SELECT gen_random_uuid(), 'match-gps', 'h1', 1, pid, backend_start "
+        "FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+    assert len(reap_crashed(conn)) == 1
+    assert conn.execute("SELECT status FROM stage_runs WHERE host = 'h1'").fetchone() == {
+        "status": "crashed"}

@@ -83,7 +83,8 @@ def _glob_escape(text: str) -> str:
 def connect(url: str, *, cluster: bool = False, socket_timeout: float = 10.0,
             connect_timeout: float = 5.0) -> redis.Redis:
     """A client for ``url``: a ``RedisCluster`` (typed as ``redis.Redis``, whose commands it
-    shares) when ``cluster``; connections open lazily. Every Redis client is made here."""
+    shares) when ``cluster``. A server's client connects lazily; a cluster client reads the
+    slot map at once (RedisError if it cannot). Every Redis client of the pipeline is made here."""
     if cluster:
         try:
             client: Any = redis.RedisCluster.from_url(

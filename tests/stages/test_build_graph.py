@@ -1,5 +1,6 @@
-"""build-graph against real PostgreSQL, Redis and S3: publish order, noop, validation, failure
-cleanup, concurrent readers, retention, rollback with reload from S3, routing."""
+"""build-graph against real PostgreSQL, Redis (one server and a 3-master cluster) and S3:
+publish order, noop, validation, failure cleanup, concurrent readers, retention, rollback with
+reload from S3, routing."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devtools.services import S3Endpoint
+from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
 from pipeline_cli.db import Database
@@ -52,8 +54,10 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+def client(redis_env: dict[str, str]) -> Iterator[redis.Redis]:
+    """A single Redis, then a 3-master Redis Cluster: every test here runs on both."""
+    c = graph_store.connect(redis_env["PIPELINE_REDIS_URL"],
+                            cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
     yield c
     c.close()
 
@@ -306,6 +310,7 @@ def test_s3_failure_after_the_metadata_row_rolls_back(
     assert [r["version"] for r in graph_rows(conn)] == [old]
 
 
+@pytest.mark.parametrize("redis_env", ["single"], indirect=True)  # the proxy fronts one server
 def test_redis_cut_mid_write_keeps_old_version_and_next_run_cleans_up(
         builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
         redis_prefix: str, redis_url: str) -> None:
@@ -368,7 +373,7 @@ def test_postgres_cut_or_stop_signal_mid_publish_cleans_up(
 
 
 def test_concurrent_reader_never_sees_a_missing_node_or_mixed_version(
-        builder: Builder, conn: Conn, redis_url: str, redis_prefix: str,
+        builder: Builder, conn: Conn, redis_env: dict[str, str], redis_prefix: str,
         store: GraphStore) -> None:
     net = seed_network(conn, n_real=400, n_virtual=400, n_routes=1200)
     old = builder.ok()
@@ -378,7 +383,8 @@ def test_concurrent_reader_never_sees_a_missing_node_or_mixed_version(
     reads = [0]
 
     def reader() -> None:
-        c = redis.Redis.from_url(redis_url)
+        c = graph_store.connect(redis_env["PIPELINE_REDIS_URL"],
+                                cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
         r = GraphStore(c, redis_prefix)
         rng = random.Random(1)
         try:
