@@ -37,7 +37,7 @@ CREATE TABLE bare_points (
 )
 """
 LISTENER = "INSERT INTO {} (device_id, recorded_at, latitude, longitude) VALUES (%s, %s, %s, %s)"
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _csv(path: Path, points: int) -> None:
