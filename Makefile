@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 LOCAL  ?= .local
 DEMO_ENV := $(LOCAL)/demo.env
 
-.PHONY: docs install fetch services test test-fast lint demo demo-down bench clean
+.PHONY: docs install fetch services test test-containers test-fast lint demo demo-down bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ fetch: install
 
 test: fetch
 	$(BIN)/pytest
+
+# The stage and reliability tests against PostgreSQL, Redis and S3 containers (testcontainers);
+# sets up Docker and builds the images where needed (devtools/containers/lane.sh).
+test-containers: fetch
+	devtools/containers/lane.sh
 
 test-fast: install
 	$(BIN)/pytest -m "not slow"

@@ -21,7 +21,7 @@ import redis
 from psycopg import sql
 
 from pipeline_cli import db
-from pipeline_cli.stages.status import collect_status
+from pipeline_cli.health import collect_status
 
 FILL = """
 INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)

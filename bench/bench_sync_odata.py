@@ -42,7 +42,7 @@ from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
-from pipeline_cli.stages.sync_worker import peak_rss_kb
+from pipeline_cli.sync.worker import peak_rss_kb
 
 PAGE_SIZE = 1000
 

@@ -44,6 +44,7 @@ from devtools.procs import (
     file_lock,
     free_port_pairs,
     free_ports,
+    is_alive,
     log_tail,
     remove_paths,
     signal_stop,
@@ -70,7 +71,8 @@ S3_ACCESS_KEY = "pipeline-local"
 OSRM_PROBE_PATH = "/nearest/v1/driving/24.9414,60.1699"
 
 WEED_COMPONENTS = ("master", "volume", "filer", "s3", "admin")
-STARTUP_TIMEOUT = {"postgres": 30.0, "redis": 10.0, "s3": 30.0, "osrm": 60.0}
+STARTUP_TIMEOUT = {"postgres": 30.0, "redis": 10.0, "s3": 30.0, "osrm": 60.0, "pgbouncer": 15.0}
+CLUSTER_MASTERS = 3
 # weed needs ~4 s to stop on SIGTERM; postgres stops on SIGINT (fast shutdown) in < 1 s.
 STOP_TIMEOUT = {"postgres": 15.0, "redis": 5.0, "s3": 15.0, "osrm": 5.0}
 
@@ -220,6 +222,8 @@ class LocalServices:
         self._started: dict[str, Spawned] = {}
         self._postgres: str | None = None
         self._redis: str | None = None
+        self._redis_cluster: str | None = None
+        self._pgbouncer: str | None = None
         self._s3: S3Endpoint | None = None
         self._osrm: dict[tuple[str, int | None, int | None], str] = {}
         self._atexit = False
@@ -380,6 +384,100 @@ class LocalServices:
                            probe=lambda: redis_answers(url), cwd=workdir)
 
         return self._start("redis", 1, make).url
+
+    def redis_cluster(self, exe: str | None = None) -> str:
+        """``redis://127.0.0.1:PORT/0`` of one node of a 3-master Redis Cluster of our own
+        (``--cluster-enabled yes``, joined by ``redis-cli --cluster create``)."""
+        if self._redis_cluster:
+            return self._redis_cluster
+        exe = exe or _redis_server_exe()
+        cli_exe = str(Path(exe).with_name("redis-cli"))
+        if not Path(cli_exe).is_file():
+            cli_exe = shutil.which("redis-cli") or cli_exe
+        workdir = self.state_dir / "redis"
+        workdir.mkdir(parents=True, exist_ok=True)
+        nodes: list[str] = []
+        for _ in range(CLUSTER_MASTERS):
+            folder = Path(tempfile.mkdtemp(prefix="redis-cluster-", dir=workdir))
+
+            def make(ports: list[int], folder: Path = folder) -> _Launch:
+                url = f"redis://{LOOPBACK}:{ports[0]}/0"
+                # the bus port is chosen free too (the default, port + 10000, may be taken)
+                cmd = [exe, "--bind", LOOPBACK, "--port", str(ports[0]),
+                       "--cluster-enabled", "yes", "--cluster-port", str(ports[1]),
+                       "--cluster-config-file", str(folder / "nodes.conf"),
+                       "--save", "", "--appendonly", "no", "--daemonize", "no",
+                       "--dir", str(folder)]
+                return _Launch(ident=f"redis-cluster-{ports[0]}", cmd=cmd, url=url,
+                               probe=lambda: redis_answers(url), cwd=folder, cleanup=[folder])
+
+            nodes.append(self._start("redis", 2, make).url)
+        addresses = [urlsplit(u).netloc for u in nodes]
+        result = subprocess.run(
+            [cli_exe, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"], capture_output=True, text=True, check=False, timeout=60)
+        if result.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed:\n{result.stdout[-2000:]}"
+                               f"{result.stderr[-2000:]}")
+        client = redis.Redis.from_url(nodes[0], socket_timeout=2)
+        try:
+            Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.1), reraise=True,
+                     retry=retry_if_exception_type((_NotReady, redis.RedisError)))(
+                lambda: _cluster_ok(client))
+        finally:
+            client.close()
+        self.sources["redis-cluster"] = "started"
+        self._redis_cluster = nodes[0]
+        return nodes[0]
+
+    # ------------------------------------------------------------------ PgBouncer
+
+    def pgbouncer(self) -> str:
+        """Admin libpq URL (database ``postgres``) of a PgBouncer of our own in
+        ``pool_mode = transaction`` in front of :meth:`postgres`; any database name works.
+
+        Debian's ``pgbouncer`` is installed with apt-get when missing and we are root (as on a
+        fresh CI machine). PgBouncer refuses to run as root: it runs as ``postgres`` then, with
+        its files in a folder that user can read.
+        """
+        if self._pgbouncer:
+            return self._pgbouncer
+        exe = _pgbouncer_exe()
+        backend = psycopg.conninfo.conninfo_to_dict(self.postgres())
+        user = _postgres_os_user()
+        folder = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir=self._postgres_base(user)))
+        folder.chmod(0o755)
+        role = str(backend.get("user") or "postgres")
+        target = " ".join(f"{k}={backend[k]}" for k in ("host", "port", "user", "password")
+                          if backend.get(k))
+        (folder / "userlist.txt").write_text(f'"{role}" ""\n', encoding="utf-8")
+
+        def make(ports: list[int]) -> _Launch:
+            url = f"postgresql://{role}@{LOOPBACK}:{ports[0]}/postgres"
+            ini = folder / "pgbouncer.ini"
+            ini.write_text("\n".join([
+                "[databases]", f"* = {target}", "", "[pgbouncer]",
+                f"listen_addr = {LOOPBACK}", f"listen_port = {ports[0]}",
+                # every client logs in as the backend role of [databases] (the sandboxes'
+                # password roles too): PgBouncer checks no password, PostgreSQL trusts it
+                "unix_socket_dir =", "auth_type = any",
+                f"auth_file = {folder / 'userlist.txt'}", "pool_mode = transaction",
+                "max_client_conn = 1000", "default_pool_size = 40",
+                "ignore_startup_parameters = extra_float_digits", "",
+            ]), encoding="utf-8")
+            for path in folder.iterdir():
+                path.chmod(0o644)  # ini and userlist hold no secret unless the URL has one:
+            if backend.get("password"):  # then only the postgres user may read them
+                for path in folder.iterdir():
+                    path.chmod(0o600)
+                    if user:
+                        shutil.chown(path, user, user)
+            return _Launch(ident=f"pgbouncer-{ports[0]}", cmd=[exe, str(ini)], url=url,
+                           probe=lambda: postgres_is_admin(url), cwd=folder, user=user,
+                           stop_signal=signal.SIGINT, cleanup=[folder])
+
+        self._pgbouncer = self._start("pgbouncer", 1, make).url
+        return self._pgbouncer
 
     # ------------------------------------------------------------------ S3
 
@@ -552,7 +650,7 @@ class LocalServices:
         spawned = list(self._started.values())
         self._started.clear()
         _stop(self.registry, [(s.record, s.popen) for s in spawned])
-        self._postgres = self._redis = None
+        self._postgres = self._redis = self._redis_cluster = self._pgbouncer = None
         self._s3 = None
         self._osrm.clear()
         if self._atexit:
@@ -669,7 +767,7 @@ def prune_registry(registry: Registry) -> None:
         for record in records:
             if not record.alive():
                 dead.append(record)
-            elif not record.detached and not _pid_alive(record.owner_pid):
+            elif not record.detached and not is_alive(record.owner_pid):
                 orphans.append(record)
             else:
                 keep.append(record)
@@ -699,16 +797,6 @@ def stop_recorded(state_dir: Path | None = None) -> list[ProcessRecord]:
     prune_registry(registry)
     (state_dir / "services.env").unlink(missing_ok=True)
     return records
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _postgres_bin_dir() -> Path | None:
@@ -809,6 +897,36 @@ def _package_folder(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _cluster_ok(client: redis.Redis) -> None:
+    """Raise _NotReady until every slot is served (the nodes gossip for a moment after
+    ``--cluster create``)."""
+    if str(client.cluster("info").get("cluster_state")) != "ok":
+        raise _NotReady("redis-cluster")
+
+
+def _pgbouncer_exe() -> str:
+    """Debian's pgbouncer; installed with apt-get when missing and we are root."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "pgbouncer"]
+        done = subprocess.run(install, capture_output=True, text=True, check=False, env=env,
+                              timeout=600)
+        if done.returncode != 0:  # a fresh machine has no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False,
+                           env=env, timeout=600)
+            done = subprocess.run(install, capture_output=True, text=True, check=False,
+                                  env=env, timeout=600)
+        found = shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+        if found:
+            return found
+        raise ServiceError(f"apt-get install pgbouncer failed:\n{done.stderr[-2000:]}")
+    raise ServiceError("no pgbouncer: install Debian's pgbouncer package "
+                       "(apt-get install pgbouncer)")
 
 
 def _redis_server_exe() -> str:

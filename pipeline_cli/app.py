@@ -60,8 +60,9 @@ class App:
     @property
     def database(self) -> db.Database:
         """How to reach PostgreSQL ([database] url, exit 78 if unset): stages take this."""
+        d = self.settings.database
         return db.Database(str(self.settings.require("database", "url")),
-                           connect_timeout=self.settings.database.connect_timeout)
+                           connect_timeout=d.connect_timeout, pooler=d.pooler)
 
     def connect(
         self, *, autocommit: bool = False, name: str = "pipeline"
@@ -84,10 +85,12 @@ class App:
             self.database,
             redact=self.redact,
             progress=self.progress_factory(),
+            limits=self.settings.runner.limits(),
         )
 
-    def backups(self) -> BackupStore:
-        """The S3/MinIO backup store named by the [s3] settings."""
+    def backups(self, timeout: float | None = None) -> BackupStore:
+        """The S3/MinIO backup store named by the [s3] settings (``timeout``: per request,
+        shorter than the stages' default for a command that must answer fast)."""
         s3 = self.settings.s3
 
         def build() -> BackupStore:
@@ -95,9 +98,10 @@ class App:
 
             return BackupStore.connect(
                 str(self.settings.require("s3", "endpoint")), s3.access_key, s3.secret_key,
-                s3.bucket, secure=s3.secure, region=s3.region)
+                s3.bucket, secure=s3.secure, region=s3.region,
+                **({"timeout": timeout} if timeout else {}))
 
-        return self.cached("backups", build)
+        return self.cached(f"backups:{timeout}", build)
 
     def odata(self) -> Any:
         """The OData client for [odata] (an ``ODataClient``), closed with the invocation."""
@@ -110,20 +114,21 @@ class App:
 
         return self.cached("odata", build)
 
-    def redis(self) -> redis.Redis:
-        """A Redis client for [redis] url; connections are opened lazily by redis-py."""
-        def build() -> redis.Redis:
-            import redis
+    def redis(self, timeout: float | None = None) -> redis.Redis:
+        """A Redis client for [redis] url (a cluster client with [redis] cluster; ``timeout``:
+        per call, default [redis] socket_timeout); connections are opened lazily by redis-py."""
+        seconds = timeout or self.settings.redis.socket_timeout
 
-            client = redis.Redis.from_url(
-                str(self.settings.require("redis", "url")),
-                socket_timeout=self.settings.redis.socket_timeout,
-                socket_connect_timeout=min(self.settings.redis.socket_timeout, 5.0),
-            )
+        def build() -> redis.Redis:
+            from .adapters.graph_store import connect
+
+            client = connect(str(self.settings.require("redis", "url")),
+                             cluster=self.settings.redis.cluster, socket_timeout=seconds,
+                             connect_timeout=min(seconds, 5.0))
             self.resources.callback(client.close)
             return client
 
-        return self.cached("redis", build)
+        return self.cached(f"redis:{timeout}", build)
 
     def osrm(self, pool_size: int | None = None) -> OsrmClient:
         """An OSRM client for [osrm] url, pooling one connection per request in flight."""

@@ -7,7 +7,9 @@ URL's password masked. Queries are named (``-- name: foo``) and take named param
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, SchemaError, endpoint, service_error
+from .errors import DatabaseError, SchemaError, service_error
+
+log = logging.getLogger("pipeline.db")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -56,10 +60,15 @@ def connect(
     application_name: str = "pipeline",
     autocommit: bool = False,
     connect_timeout: int = 10,
+    prepare: bool = True,
 ) -> psycopg.Connection[dict[str, Any]]:
-    """Open one connection with dict rows. Wraps connection failures into DatabaseError."""
+    """Open one connection with dict rows. Wraps connection failures into DatabaseError.
+
+    ``prepare=False`` turns off psycopg's automatic server-side prepared statements (they live
+    in a server session, which a transaction pooler hands to other clients).
+    """
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             url,
             autocommit=autocommit,
             row_factory=dict_row,
@@ -69,6 +78,10 @@ def connect(
     except psycopg.Error as exc:
         raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
                             exc) from None
+    if not prepare:
+        conn.prepare_threshold = None
+    _OPEN.add(conn)
+    return conn
 
 
 def _endpoint(url: str) -> str:
@@ -81,22 +94,73 @@ def _endpoint(url: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
+POOLER_NONE, POOLER_TRANSACTION = "none", "transaction"
+
+
 @dataclass(frozen=True)
 class Database:
     """How the pipeline reaches PostgreSQL: stages and the runner take one of these instead of
     a URL, so one place decides how a connection is made (timeouts, and the pooler mode of a
-    managed PostgreSQL). Each call opens a new connection that the caller closes."""
+    managed PostgreSQL). Each call opens a new connection that the caller closes.
+
+    With ``pooler="transaction"`` (PgBouncer ``pool_mode = transaction``) each transaction may
+    run on a different server session, shared with other clients: so no server-side prepared
+    statements, and no session state (:meth:`set_session` does nothing; code that needs a
+    setting uses ``SET LOCAL`` inside its transaction). Locks live in transactions (see
+    runner.py), which the pooler keeps on one server session until they end.
+    """
 
     url: str
     connect_timeout: int = 10
+    pooler: str = POOLER_NONE
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a transaction pooler sits in front of PostgreSQL."""
+        return self.pooler == POOLER_TRANSACTION
 
     def connect(self, name: str = "pipeline", *,
                 autocommit: bool = False) -> psycopg.Connection[dict[str, Any]]:
         return connect(self.url, application_name=name, autocommit=autocommit,
-                       connect_timeout=self.connect_timeout)
+                       connect_timeout=self.connect_timeout, prepare=not self.pooled)
+
+    def set_session(self, conn: psycopg.Connection[Any], name: str, value: str) -> bool:
+        """Set a session parameter for this connection's life when that is safe; returns
+        whether it was set. Through a transaction pooler it is not: the setting would stay on
+        a server session that other clients then use (e.g. a 5 s statement timeout on someone
+        else's gen-virtual), so it is skipped there (an optimisation or a safety net, never
+        needed for correctness)."""
+        if self.pooled:
+            return False
+        with wrap_errors(f"setting {name}"):
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        return True
 
     def __repr__(self) -> str:  # never the password
-        return f"Database({endpoint(self.url)!r})"
+        return f"Database({_endpoint(self.url)!r})"
+
+
+# Every connection this process opened and has not dropped, so that a run passing its hard
+# limit can cancel its statements on the server (see cancel_statements).
+_OPEN: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+
+def cancel_statements(timeout: float = 5.0) -> int:
+    """Ask the server to cancel every statement running on this process's connections.
+
+    Safe to call from a signal handler. The cancelled statement raises QueryCanceled in the
+    code that runs it, which rolls its transaction back cleanly. Returns how many were running.
+    """
+    cancelled = 0
+    for conn in list(_OPEN):
+        if conn.closed or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+            continue
+        cancelled += 1
+        try:
+            conn.cancel_safe(timeout=timeout)
+        except psycopg.Error as exc:  # the server is unreachable: the caller interrupts instead
+            log.warning("could not cancel a running statement: %s", _first_line(exc))
+    return cancelled
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,6 +281,19 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
         if not conn.autocommit:
             conn.rollback()
         return versions
+
+
+def describe_schema(applied: set[int]) -> str:
+    """The schema by version, never by count (numbers may have gaps, e.g. no 006):
+    ``schema 009 (current)``, ``schema 007, pending 008, 009``, ``schema none, pending ...``."""
+    known = {m.version for m in migrations()}
+    text = f"schema {max(applied):03d}" if applied else "schema none"
+    pending = sorted(known - applied)
+    if pending:
+        return f"{text}, pending {', '.join(f'{v:03d}' for v in pending)}"
+    if applied - known:
+        return f"{text} (newer than this pipeline: {max(known):03d})"
+    return f"{text} (current)"
 
 
 def schema_version(conn: psycopg.Connection[Any]) -> int:

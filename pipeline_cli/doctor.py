@@ -133,7 +133,27 @@ def _settings(s: Settings) -> str:
 
 
 def _database_of(s: Settings, url: str) -> db.Database:
-    return db.Database(url, connect_timeout=int(min(s.database.connect_timeout, TIMEOUT)))
+    return db.Database(url, connect_timeout=int(min(s.database.connect_timeout, TIMEOUT)),
+                       pooler=s.database.pooler)
+
+
+def _transaction_pooled(database: db.Database) -> bool:
+    """Whether two open client connections ever share one server session: true through a
+    transaction (or statement) pooler, never on a direct or session-pooled connection. The
+    pooler hands its idle server session to the next transaction, so a few tries suffice."""
+    first = database.connect("pipeline doctor", autocommit=True)
+    second = database.connect("pipeline doctor", autocommit=True)
+    try:
+        with db.wrap_errors("probing for a transaction pooler"):
+            for _ in range(5):
+                a = first.execute("SELECT pg_backend_pid() AS pid").fetchone()
+                b = second.execute("SELECT pg_backend_pid() AS pid").fetchone()
+                if a and b and a["pid"] == b["pid"]:
+                    return True
+    finally:
+        first.close()
+        second.close()
+    return False
 
 
 def _database(s: Settings) -> str:
@@ -152,7 +172,16 @@ def _database(s: Settings) -> str:
         raise _Failed(f"PostgreSQL {version}, schema {schema}: the role cannot insert, update "
                       f"and delete in {', '.join(denied[:5])}"
                       + (f" and {len(denied) - 5} more" if len(denied) > 5 else ""))
-    return f"PostgreSQL {version}; schema {schema} is current; the role can write every table"
+    pooled = _transaction_pooled(_database_of(s, url))
+    if pooled and not s.database.pooler == db.POOLER_TRANSACTION:
+        raise _Failed("PostgreSQL is reached through a transaction pooler but [database] pooler "
+                      "is none: set [database] pooler = \"transaction\" "
+                      "(PIPELINE_DATABASE_POOLER)")
+    pooler = ("through a transaction pooler" if pooled else
+              "pooler = transaction (no pooler seen; also correct without one)"
+              if s.database.pooler == db.POOLER_TRANSACTION else "direct")
+    return (f"PostgreSQL {version}; schema {schema} is current; the role can write every "
+            f"table; {pooler}")
 
 
 def _redis(s: Settings) -> str:
@@ -160,7 +189,7 @@ def _redis(s: Settings) -> str:
 
     from .adapters.graph_store import wrap_errors
 
-    try:
+    try:  # a plain client even for a cluster: PING and INFO answer on the node of the URL
         client = redis.Redis.from_url(str(s.require("redis", "url")),
                                       socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
                                       socket_connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
@@ -170,11 +199,20 @@ def _redis(s: Settings) -> str:
         with wrap_errors(client, "pinging"):
             client.ping()
             server = client.info("server")
-            cluster = client.info("cluster")
+            enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+            state = str(client.cluster("info").get("cluster_state")) if enabled else ""
     finally:
         client.close()
-    mode = "yes" if str(cluster.get("cluster_enabled", 0)) == "1" else "no"
-    return f"PONG; Redis {server.get('redis_version', '?')}; cluster: {mode}"
+    version = server.get("redis_version", "?")
+    if enabled and not s.redis.cluster:
+        raise _Failed(f"Redis {version} is a Redis Cluster node but [redis] cluster is false: "
+                      "set [redis] cluster = true (PIPELINE_REDIS_CLUSTER)")
+    if s.redis.cluster and not enabled:
+        raise _Failed(f"[redis] cluster is true but Redis {version} is not a cluster node: "
+                      "set [redis] cluster = false")
+    if enabled and state != "ok":
+        raise _Failed(f"Redis Cluster state is {state or '?'}: some slots are not served")
+    return f"PONG; Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}"
 
 
 def _s3(s: Settings) -> str:

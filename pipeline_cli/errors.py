@@ -18,6 +18,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LOCK_BUSY = 75  # EX_TEMPFAIL: someone else is doing this work right now
 EXIT_CONFIG = 78  # EX_CONFIG: settings or database schema are not usable
+EXIT_TIMED_OUT = 124  # as timeout(1): the stage's hard limit passed
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
 
 
@@ -182,6 +183,19 @@ def service_error(cls: type[S], system: str, where: str, what: str,
     return cls(" ".join(message.split()), **details)
 
 
+class TimedOut(PipelineError):
+    """The run passed its hard limit ([runner] timeout_<stage>) and was stopped."""
+
+    exit_code = EXIT_TIMED_OUT
+
+    def __init__(self, stage: str, seconds: float, *, own: bool = True) -> None:
+        # A stage inside run-all may be stopped by run-all's limit: say whose limit it was.
+        prefix = "" if own else f"{stage}'s "
+        super().__init__(f"{prefix}hard limit of {seconds:g} s passed")
+        self.stage = stage
+        self.seconds = seconds
+
+
 def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, PipelineError):
         return exc.exit_code
@@ -194,5 +208,6 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage error (bad option or argument)",
     EXIT_LOCK_BUSY: "another run holds the stage lock; nothing was touched",
     EXIT_CONFIG: "configuration or database-schema error (run `pipeline db migrate`)",
+    EXIT_TIMED_OUT: "the stage's hard limit ([runner] timeout_<stage>) passed; recorded as failed",
     EXIT_INTERRUPTED: "interrupted by SIGINT (SIGTERM gives 143); the run is recorded as failed",
 }

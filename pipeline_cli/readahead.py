@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 _END = object()
+JOIN_S = 2.0
 
 
 class ReadAhead(Generic[T]):
@@ -71,7 +72,9 @@ class ReadAhead(Generic[T]):
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        # Bounded: a consumer stopped early (an error, the run's hard limit) must not wait for
+        # an item still being made (a request in flight); the daemon thread drops it.
+        self._thread.join(timeout=JOIN_S)
 
     def __enter__(self) -> ReadAhead[T]:
         return self

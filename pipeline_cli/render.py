@@ -7,8 +7,12 @@ Stage commands call :func:`stage_record`; errors raised before a run starts go t
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
 from datetime import date, datetime
 from typing import Any
 
@@ -18,6 +22,7 @@ from rich.table import Table
 
 from .app import App
 from .errors import LockBusy, PipelineError, ValidationError
+from .health import CRITICAL, LEVELS, SECTIONS, UNKNOWN, WARNING, StatusReport
 from .logs import json_line
 from .runner import RunRecord
 
@@ -80,9 +85,11 @@ def stage_record(app: App, record: RunRecord) -> int:
         problems = record.extra.get("problems")
         stderr_error(app, f"pipeline {record.stage}: error: {record.error}",
                      problems if isinstance(problems, list) else [], stage=record.stage,
-                     run_id=record.run_id, exit_code=record.exit_code)
+                     run_id=record.run_id if record.recorded else None,
+                     exit_code=record.exit_code)
     elif app.verbosity >= 0:
-        head = f"{record.stage}: {record.status} in {record.duration_ms} ms (run {record.run_id})"
+        run = f"run {record.run_id}" if record.recorded else "dry run, not recorded"
+        head = f"{record.stage}: {record.status} in {record.duration_ms} ms ({run})"
         click.echo(head + (f": {record.message}" if record.message else ""))
         if record.counts:
             key_values("counts", _flatten(record.counts))
@@ -131,3 +138,142 @@ def stderr_error(app: App, line: str, problems: Sequence[str] = (), *, stage: st
         for problem in problems:
             click.echo(f"  - {problem}", err=True)
     sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- Prometheus textfile
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _metric_name(*parts: str) -> str:
+    name = "_".join(p for p in parts if p)
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name).lower()
+
+
+def _ts(value: Any) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else None
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._typed: set[str] = set()
+
+    def add(self, name: str, value: float | bool | None, help_: str,
+            labels: dict[str, str] | None = None) -> None:
+        if value is None:
+            return
+        if name not in self._typed:
+            self._typed.add(name)
+            self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+        lab = ",".join(f'{k}="{_label(v)}"' for k, v in (labels or {}).items())
+        self.lines.append(f"{name}{{{lab}}} {_sample(value)}" if lab
+                          else f"{name} {_sample(value)}")
+
+
+def _sample(value: float | bool) -> str:
+    """A sample value in the exposition format: the shortest text that reads back as the same
+    float (0.486, not 0.48599999999999999), integers without ".0", and +Inf/-Inf/NaN."""
+    x = float(value)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    if x.is_integer() and abs(x) < 2**53:
+        return str(int(x))
+    return repr(x)
+
+
+def prometheus_text(report: StatusReport | None) -> str:
+    """node_exporter textfile metrics; ``report`` None means status could not be collected."""
+    m = _Metrics()
+    m.add("pipeline_status_up", report is not None,
+          "1 if pipeline status could read the database")
+    if report is None:
+        m.add("pipeline_health", LEVELS[UNKNOWN],
+              "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
+        return "\n".join(m.lines) + "\n"
+    m.add("pipeline_health", LEVELS[report.health],
+          "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
+    for level in (WARNING, CRITICAL):
+        m.add("pipeline_problems", sum(p.level == level for p in report.problems),
+              "health problems by level", {"level": level})
+    m.add("pipeline_status_collect_seconds", report.collect_ms / 1000,
+          "time taken to collect the status")
+    m.add("pipeline_schema_version", report.schema_version, "applied schema version")
+    for stage, s in report.stages.items():
+        lab = {"stage": stage}
+        m.add("pipeline_stage_last_success_timestamp_seconds", _ts(s["last_success_at"]),
+              "end of the last success or noop run", lab)
+        m.add("pipeline_stage_last_failure_timestamp_seconds", _ts(s["last_failure_at"]),
+              "end of the last failed or crashed run", lab)
+        m.add("pipeline_stage_last_run_timestamp_seconds", _ts(s["last_started_at"]),
+              "start of the last run", lab)
+        if s["last_duration_ms"] is not None:
+            m.add("pipeline_stage_last_duration_seconds", s["last_duration_ms"] / 1000,
+                  "duration of the last run", lab)
+        m.add("pipeline_stage_last_run_ok",
+              None if s["last_status"] is None else s["last_status"] in ("success", "noop"),
+              "1 if the last run succeeded (success or noop)", lab)
+        m.add("pipeline_stage_consecutive_failures", s["consecutive_failures"],
+              "failed or crashed runs since the last good run", lab)
+        m.add("pipeline_stage_running", s["running"], "runs in progress", lab)
+        m.add("pipeline_stage_overdue", s.get("overdue"),
+              "1 if a scheduled run is missing past the grace period", lab)
+        m.add("pipeline_stage_next_run_timestamp_seconds", _ts(s.get("next_run_at")),
+              "next scheduled run", lab)
+    for name in SECTIONS:
+        section = report.sections.get(name, {})
+        m.add("pipeline_section_ok", "error" not in section,
+              "1 if the status section could be read", {"section": name})
+        _numeric_leaves(m, f"pipeline_{name}", section, f"pipeline status {name} section")
+    m.add("pipeline_locks_held", len(report.locks), "stage locks held now")
+    for lock in report.locks:
+        m.add("pipeline_lock_held", 1, "1 while the stage lock is held", {"stage": lock})
+    if report.s3.get("configured"):
+        m.add("pipeline_s3_up", bool(report.s3.get("reachable")), "1 if the S3 bucket answers")
+        m.add("pipeline_s3_last_backup_age_seconds", report.s3.get("last_backup_age_s"),
+              "age of the newest dataset backup")
+    return "\n".join(m.lines) + "\n"
+
+
+def _numeric_leaves(m: _Metrics, prefix: str, obj: Any, help_: str, depth: int = 0) -> None:
+    """Every number or boolean in a section becomes a gauge: gps.batches.dead ->
+    pipeline_gps_batches_dead. Strings and lists are left to `status --json`."""
+    if not isinstance(obj, dict) or depth > 3:
+        return
+    for key, value in obj.items():
+        name = _metric_name(prefix, str(key))
+        if isinstance(value, (bool, int, float)):
+            m.add(name, value, help_)
+        elif isinstance(value, datetime):
+            m.add(f"{name}_timestamp_seconds", value.timestamp(), help_)
+        elif isinstance(value, dict):
+            _numeric_leaves(m, name, value, help_, depth + 1)
+
+
+def write_prometheus(path: str, text: str) -> None:
+    """Write atomically: a temp file in the same directory, then rename over ``path``, so
+    node_exporter never reads half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pipeline-status.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise

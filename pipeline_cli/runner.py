@@ -1,10 +1,14 @@
 """The one mechanism that runs any stage: advisory lock, run history, signals, result.
 
-Every stage goes through :meth:`StageRunner.run`. The runner holds a dedicated autocommit
-"control" session for the whole run: it owns the stage's advisory lock and writes the
-``stage_runs`` row, so when the process dies the session ends, the lock frees itself and the
-row is recognised as ``crashed``. The stage's own database work happens in transactions on
-its own connections, so a failure leaves no partial rows.
+Every stage goes through :meth:`StageRunner.run`. The runner keeps a "lock" transaction open on
+a connection of its own for the whole run: it holds the stage's advisory lock (singleton stages)
+and the run's own lock, both transaction-scoped, so they end with the transaction, or with the
+process when it dies. That works the same through a transaction pooler (PgBouncer pins one
+server session to an open transaction) and without one. The ``stage_runs`` row is written on a
+second, autocommit connection, so it is visible at once; a ``running`` row whose run lock
+nobody holds is recognised as ``crashed``. The stage's own database work happens in
+transactions on its own connections, so a failure leaves no partial rows. Every run has a hard
+limit (``[runner] timeout_<stage>``): when it passes, the run is stopped and recorded as failed.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -33,6 +38,7 @@ from .errors import (
     Interrupted,
     LockBusy,
     PipelineError,
+    TimedOut,
     exit_code_for,
 )
 
@@ -44,8 +50,8 @@ SUCCESS, NOOP, FAILED, SKIPPED, CRASHED, RUNNING = (
 
 # Stages that take the singleton lock. match-gps is absent on purpose: any number of workers
 # may run at once because each batch is claimed row by row (FOR UPDATE SKIP LOCKED).
-SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all")
-ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all")
+SINGLETON_STAGES = ("sync-odata", "gen-virtual", "build-graph", "run-all", "prune")
+ALL_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "run-all", "prune")
 
 
 @dataclass
@@ -71,12 +77,13 @@ class RunRecord:
     message: str = ""
     error: str | None = None
     exit_code: int = EXIT_OK
+    recorded: bool = True  # False for a dry run: no stage_runs row has this run id
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "stage": self.stage,
             "status": self.status,
-            "run_id": self.run_id,
+            "run_id": self.run_id if self.recorded else None,
             "duration_ms": self.duration_ms,
             "counts": self.counts,
         }
@@ -149,6 +156,82 @@ class StopFlag:
             self._saved.clear()
 
 
+# After the hard limit passes, the running statements are cancelled so their transactions roll
+# back cleanly; a run that has not ended this many seconds later is interrupted where it stands.
+CANCEL_GRACE_S = 5.0
+
+
+@dataclass(eq=False)
+class _Limit:
+    stage: str
+    seconds: float
+    deadline: float
+    expired: bool = False
+
+
+class HardLimits:
+    """The hard limits of the runs in progress, enforced with SIGALRM.
+
+    Runs nest (run-all runs each stage through the runner), so the alarm is armed for the
+    earliest deadline of all of them. When it fires, the running PostgreSQL statements are
+    cancelled (the stage then fails with QueryCanceled, its transaction rolled back) or, when
+    none is running, ``TimedOut`` is raised where the stage stands, as a second Ctrl-C does.
+    Stages also see it at their next ``ctx.check_stop()``. Outside the main thread, where
+    signals cannot be used, runs have no hard limit.
+    """
+
+    def __init__(self) -> None:
+        self._active: list[_Limit] = []
+        self._saved: Any = None
+
+    def expired(self) -> _Limit | None:
+        return next((lim for lim in self._active if lim.expired), None)
+
+    @contextmanager
+    def limit(self, stage: str, seconds: float | None) -> Iterator[_Limit | None]:
+        if not seconds or threading.current_thread() is not threading.main_thread():
+            yield None
+            return
+        lim = _Limit(stage, seconds, time.monotonic() + seconds)
+        if not self._active:
+            self._saved = signal.signal(signal.SIGALRM, self._fire)
+        self._active.append(lim)
+        self._arm()
+        try:
+            yield lim
+        finally:
+            self._active.remove(lim)
+            if self._active:
+                self._arm()
+            else:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, self._saved)
+
+    def _arm(self) -> None:
+        pending = [lim.deadline for lim in self._active if not lim.expired]
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(min(pending) - time.monotonic(), 0.001))
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        first = self.expired() is None
+        for each in self._active:
+            each.expired = each.expired or each.deadline <= now + 0.001
+        lim = self.expired()
+        if lim is None:  # woken early (a nested run re-armed the timer): wait on
+            self._arm()
+            return
+        log.debug("%s: hard limit of %g s passed: stopping the run", lim.stage, lim.seconds)
+        if first and db.cancel_statements():
+            signal.setitimer(signal.ITIMER_REAL, CANCEL_GRACE_S)
+            return
+        self._arm()  # a nested run's own limit may still be pending
+        raise TimedOut(lim.stage, lim.seconds)
+
+
+_LIMITS = HardLimits()
+
+
 class StageLogger(logging.LoggerAdapter[logging.Logger]):
     """Adds stage and run id to every record, keeping the caller's own ``extra`` fields."""
 
@@ -167,11 +250,16 @@ class RunContext:
     stop: StopFlag
     progress: ProgressFactory = no_progress
     started: float = field(default_factory=time.monotonic)
+    limits: HardLimits = field(default_factory=lambda: _LIMITS)
 
     def check_stop(self) -> None:
-        """Raise Interrupted if a stop signal arrived; call it between units of work."""
+        """Raise Interrupted after a stop signal, TimedOut after the hard limit passed (this
+        run's or an enclosing run-all's); call it between units of work."""
         if self.stop.signum is not None:
             raise Interrupted(self.stop.signum)
+        expired = self.limits.expired()
+        if expired is not None:
+            raise TimedOut(expired.stage, expired.seconds, own=expired.stage == self.stage)
 
     @property
     def stop_requested(self) -> bool:
@@ -209,10 +297,20 @@ def lock_holders(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> dict[
     }
 
 
+def run_lock_key(run_id: str) -> int:
+    """The advisory key a run holds while its process lives (see :func:`reap_crashed`)."""
+    return db.advisory_key(f"run:{run_id}")
+
+
 def reap_crashed(conn: psycopg.Connection[Any]) -> list[str]:
     """Mark runs whose process died as ``crashed``; returns their run ids."""
     with db.wrap_errors("reaping crashed runs"):
-        rows = conn.execute(db.query("runner", "reap_crashed")).fetchall()
+        running = [str(r["run_id"]) for r in conn.execute(db.query("runner", "running_runs"))]
+        rows = conn.execute(db.query("runner", "reap_crashed"), {
+            "run_ids": running, "keys": [run_lock_key(r) for r in running]}).fetchall() \
+            if running else []
+        if not conn.autocommit:
+            conn.commit()
     for r in rows:
         log.warning("run %s of %s had crashed; recorded as crashed", r["run_id"], r["stage"])
     return [str(r["run_id"]) for r in rows]
@@ -224,7 +322,8 @@ _STOP = StopFlag()
 class StageRunner:
     """Runs stage functions under the lock/history/signal discipline.
 
-    ``redact`` removes secrets from error text before it is logged or stored.
+    ``redact`` removes secrets from error text before it is logged or stored; ``limits``
+    maps a stage to its hard limit in seconds (a stage absent from it has none).
     """
 
     def __init__(
@@ -235,6 +334,7 @@ class StageRunner:
         progress: ProgressFactory = no_progress,
         host: str | None = None,
         pid: int | None = None,
+        limits: Mapping[str, float] | None = None,
     ) -> None:
         self.database = database
         self.redact = redact
@@ -242,21 +342,27 @@ class StageRunner:
         self.host = host or socket.gethostname()
         self.pid = pid or os.getpid()
         self.stop = _STOP
+        self.limits = dict(limits or {})
 
-    def _control_connection(self, stage: str) -> psycopg.Connection[Any]:
-        return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}", autocommit=True)
+    def _connection(self, stage: str, *, autocommit: bool) -> psycopg.Connection[Any]:
+        return self.database.connect(f"pipeline {stage} {self.host}:{self.pid}",
+                                     autocommit=autocommit)
 
-    def _acquire(self, conn: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
+    def _acquire(self, lock: psycopg.Connection[Any], stage: str, wait: float | None) -> None:
+        """Take the stage lock inside ``lock``'s transaction; between attempts the transaction
+        ends, so a waiting run pins no server session of a pooler."""
         key = db.advisory_key(stage)
         deadline = time.monotonic() + (wait or 0)
         delay = 0.05
         while True:
             with db.wrap_errors("taking the stage lock"):
-                row = conn.execute(db.query("runner", "try_lock"), {"key": key}).fetchone()
-            if row and row["locked"]:
-                return
+                row = lock.execute(db.query("runner", "try_lock"), {"key": key}).fetchone()
+                if row and row["locked"]:
+                    return
+                lock.rollback()
             if time.monotonic() >= deadline or self.stop.requested:
-                holder = lock_holders(conn, (stage,)).get(stage)
+                holder = lock_holders(lock, (stage,)).get(stage)
+                lock.rollback()
                 who = holder.describe() if holder else "another session (it just finished?)"
                 raise LockBusy(f"{stage} is already running: lock held by {who}",
                                holder=holder)
@@ -271,41 +377,52 @@ class StageRunner:
         singleton: bool | None = None,
         wait: float | None = None,
         options: dict[str, Any] | None = None,
+        dry_run: bool = False,
     ) -> RunRecord:
         """Run ``fn`` as one recorded run of ``stage``.
 
         Raises SchemaError, LockBusy or DatabaseError before the run starts (nothing is
         recorded then). Once the run row exists, every failure is recorded and returned as a
         RunRecord with status ``failed`` and a non-zero ``exit_code``.
+
+        A ``dry_run`` takes the lock (so it never races a real run) but is not a run of the
+        stage: it writes no row in the run history, so status and health never see it and a
+        failure streak before it stays visible.
         """
         singleton = stage in SINGLETON_STAGES if singleton is None else singleton
-        conn = self._control_connection(stage)
+        control = self._connection(stage, autocommit=True)
+        lock: psycopg.Connection[Any] | None = None
         try:
-            db.check_schema(conn)
-            reap_crashed(conn)
+            db.check_schema(control)
+            reap_crashed(control)
+            lock = self._connection(stage, autocommit=False)
             if singleton:
-                self._acquire(conn, stage, wait)
-            return self._run_locked(conn, stage, fn, options or {})
+                self._acquire(lock, stage, wait)
+            return self._run_locked(control, lock, stage, fn, options or {},
+                                    record_run=not dry_run)
         finally:
-            conn.close()  # closing the session also frees the advisory lock
+            if lock is not None:
+                # Ending the transaction frees the locks; a pooler then reuses the server
+                # session (closing mid-transaction would make it drop it). A connection that
+                # broke has no transaction left to end.
+                with suppress(psycopg.Error):
+                    lock.rollback()
+                lock.close()
+            control.close()
 
     def _run_locked(
         self,
         conn: psycopg.Connection[Any],
+        lock: psycopg.Connection[Any],
         stage: str,
         fn: Callable[[RunContext], StageResult],
         options: dict[str, Any],
+        *,
+        record_run: bool = True,
     ) -> RunRecord:
         run_id = str(uuid.uuid4())
-        with db.wrap_errors("recording the run start"):
-            ident = conn.execute(db.query("runner", "backend_identity")).fetchone()
-            assert ident is not None
-            conn.execute(
-                db.query("runner", "insert_run"),
-                {"run_id": run_id, "stage": stage, "host": self.host, "pid": self.pid,
-                 "backend_pid": ident["backend_pid"], "backend_start": ident["backend_start"],
-                 "options": Jsonb(options)},
-            )
+        if record_run:
+            self._start(conn, lock, stage, run_id, options)
         adapter = StageLogger(
             logging.getLogger(f"pipeline.{stage}"), {"stage": stage, "run_id": run_id}
         )
@@ -315,10 +432,12 @@ class StageRunner:
         error: str | None = None
         exit_code = EXIT_OK
         result = StageResult()
+        limit: _Limit | None = None
         with self.stop:
-            adapter.info("started")
+            adapter.info("started" if record_run else "started (dry run: not recorded)")
             try:
-                result = fn(ctx)
+                with _LIMITS.limit(stage, self.limits.get(stage)) as limit:
+                    result = fn(ctx)
             except PipelineError as exc:
                 error, exit_code = self.redact(str(exc)), exc.exit_code
                 result = exc.partial or StageResult()
@@ -327,18 +446,42 @@ class StageRunner:
                 exit_code = EXIT_FAILED
                 result = StageResult(status=FAILED)
                 adapter.debug("traceback:\n%s", self.redact(traceback.format_exc()))
+            expired = limit if limit is not None and limit.expired else _LIMITS.expired()
+            if expired is not None:
+                # Whatever the stage raised on its way out (QueryCanceled from the cancelled
+                # statement, or nothing), the run ended because a hard limit passed: its own,
+                # or that of the run-all it is part of.
+                timed_out = TimedOut(expired.stage, expired.seconds, own=expired is limit)
+                error, exit_code = str(timed_out), timed_out.exit_code
+                result = StageResult(status=FAILED, counts=result.counts, extra=result.extra)
         duration_ms = int((time.monotonic() - started) * 1000)
         status = result.status if error is None else FAILED
         record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,
                            counts=result.counts, extra=result.extra,
                            message=self.redact(result.message), error=error,
-                           exit_code=exit_code if error else EXIT_OK)
-        self._finish(conn, record)
+                           exit_code=exit_code if error else EXIT_OK, recorded=record_run)
+        if record_run:
+            self._finish(conn, record)
         if error:
             adapter.error("failed: %s", error)
         else:
             adapter.info("%s in %d ms %s", status, duration_ms, result.message)
         return record
+
+    def _start(self, conn: psycopg.Connection[Any], lock: psycopg.Connection[Any], stage: str,
+               run_id: str, options: dict[str, Any]) -> None:
+        """Take the run's own lock in the lock transaction, then write the ``running`` row:
+        so a row whose lock is free always means its process is gone."""
+        with db.wrap_errors("recording the run start"):
+            lock.execute(db.query("runner", "try_lock"), {"key": run_lock_key(run_id)})
+            ident = lock.execute(db.query("runner", "backend_identity")).fetchone()
+            assert ident is not None
+            conn.execute(
+                db.query("runner", "insert_run"),
+                {"run_id": run_id, "stage": stage, "host": self.host, "pid": self.pid,
+                 "backend_pid": ident["backend_pid"], "backend_start": ident["backend_start"],
+                 "options": Jsonb(options)},
+            )
 
     def _finish(self, conn: psycopg.Connection[Any], record: RunRecord) -> None:
         params = {"run_id": record.run_id, "status": record.status,
@@ -351,7 +494,7 @@ class StageRunner:
             # The control session died (e.g. PostgreSQL restarted). Try once on a fresh one;
             # if that fails too the row stays 'running' and is reaped as 'crashed' later.
             try:
-                with self._control_connection(record.stage) as fresh, db.wrap_errors(
+                with self._connection(record.stage, autocommit=True) as fresh, db.wrap_errors(
                     "recording the run result"
                 ):
                     fresh.execute(db.query("runner", "finish_run"), params)

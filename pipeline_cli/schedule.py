@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 # Subcommands whose runs are recorded in stage_runs and can therefore be overdue.
 SCHEDULED_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "ingest-gps",
-                    "run-all")
+                    "run-all", "prune")
 # Command groups: their subcommand is the second word (`pipeline db migrate`).
 _GROUPS = {"db", "config", "graph", "batches", "restore", "demo"}
 # Global options that take a value.

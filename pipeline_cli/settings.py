@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .modes import DEFAULT_SPEEDS_KMH, duplicate_names
 
 ENV_PREFIX = "PIPELINE_"
+POOLERS = ("none", "transaction")
 CONFIG_ENV = "PIPELINE_CONFIG"
 
 
@@ -45,6 +46,10 @@ def setting(default: Any, doc: str, *, secret: bool = False, env: bool = True) -
 class DatabaseSettings:
     url: str | None = setting(None, "libpq URL of the PostgreSQL database", secret=True)
     connect_timeout: int = setting(10, "seconds to wait for a database connection")
+    pooler: str = setting(
+        "none", "what sits between the pipeline and PostgreSQL: 'none', or 'transaction' for "
+        "PgBouncer-style transaction pooling (no prepared statements, no session state)"
+    )
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class RedisSettings:
     url: str | None = setting(None, "Redis URL, e.g. redis://127.0.0.1:6379/0", secret=True)
     prefix: str = setting("pipeline", "every Redis key starts with this prefix")
     socket_timeout: float = setting(10.0, "seconds before a Redis call times out")
+    cluster: bool = setting(False, "[redis] url names a node of a Redis Cluster (cluster client)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,18 @@ class GraphSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    gps_days: int = setting(
+        30, "days processed GPS points (and their finished batches) are kept; 0 = forever")
+    polyline_days: int = setting(
+        0, "days a cached polyline is kept after it was created or last read; 0 = forever")
+    runs_days: int = setting(90, "days of run history kept; 0 = forever")
+    datasets: int = setting(
+        10, "dataset versions kept (with their S3 backups); 0 = all")
+    chunk_size: int = setting(10000, "rows prune deletes per transaction")
+
+
+@dataclass(frozen=True)
 class NotifySettings:
     ping_url: str | None = setting(
         None, "healthchecks-style URL: pinged on success, <url>/fail on failure", secret=True
@@ -191,6 +209,37 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class RunnerSettings:
+    timeout_sync_odata: float = setting(7200.0, "hard limit of a sync-odata run, seconds")
+    timeout_gen_virtual: float = setting(3600.0, "hard limit of a gen-virtual run, seconds")
+    timeout_build_graph: float = setting(3600.0, "hard limit of a build-graph run, seconds")
+    timeout_ingest_gps: float = setting(3600.0, "hard limit of an ingest-gps run, seconds")
+    timeout_match_gps: float = setting(
+        3600.0, "hard limit of a match-gps run, seconds (above its --max-runtime)"
+    )
+    timeout_run_all: float = setting(
+        14400.0, "hard limit of a run-all run (the whole chain), seconds"
+    )
+    timeout_prune: float = setting(3600.0, "hard limit of a prune run, seconds")
+
+    def limits(self) -> dict[str, float]:
+        """Stage name -> hard limit in seconds."""
+        return {f.name.removeprefix("timeout_").replace("_", "-"): float(getattr(self, f.name))
+                for f in dataclasses.fields(self)}
+
+    def check_budget(self, option: str, seconds: float | None, *stages: str) -> None:
+        """A soft budget (``option``, e.g. --max-runtime) must end before the hard limits."""
+        for stage in stages:
+            limit = self.limits()[stage]
+            if seconds is not None and seconds >= limit:
+                key = f"timeout_{stage.replace('-', '_')}"
+                raise ConfigError(
+                    f"{option} {seconds:g} must be below [runner] {key} ({limit:g} s): the "
+                    "soft budget has to end the run before the hard limit stops it",
+                    key=f"runner.{key}")
+
+
+@dataclass(frozen=True)
 class ScheduleSettings:
     crontab: str | None = setting(None, "crontab file whose pipeline entries define the schedule")
     entries: dict[str, str] = setting({}, "stage = cron expression, overrides the crontab")
@@ -206,8 +255,10 @@ class Settings:
     match: MatchSettings = field(default_factory=MatchSettings)
     virtual: VirtualSettings = field(default_factory=VirtualSettings)
     graph: GraphSettings = field(default_factory=GraphSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict)
@@ -457,6 +508,8 @@ def _validate(s: Settings) -> None:
         s.database.url.startswith(("postgres://", "postgresql://")) or "=" in s.database.url
     ):
         raise bad("database", "url", "expected postgresql://... or a libpq conninfo string")
+    if s.database.pooler not in POOLERS:
+        raise bad("database", "pooler", f"expected {' or '.join(POOLERS)}")
     if s.redis.url and not s.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise bad("redis", "url", "expected redis://, rediss:// or unix://")
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
@@ -538,8 +591,16 @@ def _validate(s: Settings) -> None:
             raise bad("health", low, "must be positive")
         if getattr(s.health, high) < getattr(s.health, low):
             raise bad("health", high, f"must be at least [health] {low}")
+    for key in ("gps_days", "polyline_days", "runs_days", "datasets"):
+        if getattr(s.retention, key) < 0:
+            raise bad("retention", key, "must not be negative (0 keeps forever)")
+    if s.retention.chunk_size <= 0:
+        raise bad("retention", "chunk_size", "must be positive")
     if s.notify.timeout <= 0:
         raise bad("notify", "timeout", "must be positive")
+    for f in dataclasses.fields(s.runner):
+        if not getattr(s.runner, f.name) > 0:
+            raise bad("runner", f.name, "must be positive")
 
 
 def markdown_reference() -> str:

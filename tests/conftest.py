@@ -114,6 +114,44 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_url(services: LocalServices) -> str:
+    """One node of a 3-master Redis Cluster the harness started for this session."""
+    return services.redis_cluster()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_env(request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+              ) -> Iterator[dict[str, str]]:
+    """The [redis] settings of a single server, then of the 3-master cluster (tests that take
+    this run once on each); keys under the test's prefix are removed from the cluster too."""
+    if request.param == "single":
+        yield {"PIPELINE_REDIS_URL": redis_url, "PIPELINE_REDIS_CLUSTER": "false"}
+        return
+    import redis
+
+    url = request.getfixturevalue("redis_cluster_url")
+    yield {"PIPELINE_REDIS_URL": url, "PIPELINE_REDIS_CLUSTER": "true"}
+    client = redis.RedisCluster.from_url(url)
+    try:
+        drop_prefix(client, redis_prefix)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(services: LocalServices) -> str:
+    """Admin URL of a PgBouncer in pool_mode = transaction in front of the test PostgreSQL."""
+    return services.pgbouncer()
+
+
+@pytest.fixture
+def pooled_database_url(database_url: str, pgbouncer_url: str) -> str:
+    """The test's database, reached through PgBouncer in transaction pooling mode."""
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    return _replace_db(pgbouncer_url, str(name))
+
+
+@pytest.fixture(scope="session")
 def s3(services: LocalServices) -> S3Endpoint:
     return services.s3()
 

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline_cli.errors import ConfigError
 from pipeline_cli.schedule import build_schedule, find_invocation, parse_crontab
+from pipeline_cli.settings import RunnerSettings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "crontab.example"
 
@@ -26,6 +27,7 @@ def test_example_schedule() -> None:
     assert found["sync-odata"] == [("5 */6 * * *", ())]
     assert found["match-gps"] == [("* * * * *", ("--max-runtime", "55"))]
     assert found["run-all"][0][0] == "30 2 * * *"
+    assert found["prune"] == [("45 3 * * *", ())]
     (expr, args), = found["status"]
     assert expr == "*/5 * * * *" and "--check" in args and "--prometheus" in args
 
@@ -34,7 +36,7 @@ def test_example_lines_are_cron_safe() -> None:
     text = EXAMPLE.read_text()
     assert "MAILTO=" in text and "logrotate" in text and "copytruncate" in text
     jobs = [line for line in text.splitlines() if line and line[0] in "*0123456789@"]
-    assert len(jobs) == 4
+    assert len(jobs) == 5
     for line in jobs:
         command = line.split(None, 5)[5]
         words = shlex.split(command.replace("&&", " "))
@@ -44,9 +46,29 @@ def test_example_lines_are_cron_safe() -> None:
         assert words[words.index(exe) + 1] == "-q"  # silent on success
 
 
+def test_every_job_has_an_outer_timeout_above_its_hard_limit() -> None:
+    jobs = [line for line in EXAMPLE.read_text().splitlines() if line and line[0] in "*0123456789"]
+    assert len(jobs) == 5
+    for line in jobs:
+        command = line.split(None, 5)[5]
+        words = shlex.split(command.replace("&&", " "))
+        env = dict(w.split("=", 1) for w in words if w.startswith("PIPELINE_"))
+        stage, args = find_invocation(command) or ("", ())
+        at = words.index("timeout")
+        assert words[at + 1] == "-k" and int(words[at + 2]) > 0  # then SIGKILL
+        outer = float(words[at + 3])
+        assert words[at + 4].endswith("/pipeline")
+        limits = load_settings(None, env).runner.limits()
+        if stage in limits:
+            assert limits[stage] + 60 <= outer, line  # the run records its failure first
+        if "--max-runtime" in args:
+            assert float(args[args.index("--max-runtime") + 1]) < limits[stage]
+    assert RunnerSettings().limits()["match-gps"] > 55
+
+
 def test_status_reads_the_example(tmp_path: Path) -> None:
     schedule = build_schedule(EXAMPLE)
-    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all"}
+    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all", "prune"}
     now = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
     assert schedule.next_run("sync-odata", now) == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
     assert schedule.next_run("match-gps", now) == datetime(2026, 1, 1, 12, 1, tzinfo=UTC)

@@ -16,8 +16,8 @@ import pytest
 from pipeline_cli import db
 from pipeline_cli.db import Database
 from pipeline_cli.errors import LockBusy, SchemaError, ValidationError
+from pipeline_cli.health import collect_status
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
-from pipeline_cli.stages.status import collect_status
 
 # A stand-in stage run in a child process: it writes rows in one transaction, announces
 # that it is mid-transaction, then sleeps until killed or signalled.
@@ -192,3 +192,86 @@ def test_signal_rolls_back_and_records(database_url: str, conn: psycopg.Connecti
     row = conn.execute("SELECT status, error FROM stage_runs").fetchone()
     assert row is not None and row["status"] == "failed"
     assert f"signal {int(sig)}" in row["error"]
+
+
+# ---------------------------------------------------------------- hard limit
+
+
+@pytest.mark.timeout(120, method="thread")  # the runner's hard limit owns SIGALRM
+def test_hard_limit_stops_a_stage_blocked_in_postgresql(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    def hung(ctx: RunContext) -> StageResult:
+        with db.connect(database_url) as own, own.transaction(), db.wrap_errors("sleeping"):
+            own.execute("CREATE TABLE scratch (n int)")
+            own.execute("SELECT pg_sleep(600)")
+        return StageResult()
+
+    record = StageRunner(Database(database_url), limits={"sync-odata": 2}).run("sync-odata", hung)
+    assert record.status == "failed" and record.exit_code == 124
+    assert record.error == "hard limit of 2 s passed"
+    row = conn.execute("SELECT status, error FROM stage_runs").fetchone()
+    assert row == {"status": "failed", "error": "hard limit of 2 s passed"}
+    # The statement was cancelled on the server and its transaction rolled back.
+    assert scratch_rows(conn) == 0
+    sleeping = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
+                            "WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'")
+    assert sleeping.fetchone() == {"n": 0}
+    stage = collect_status(conn).stages["sync-odata"]
+    assert stage["last_status"] == "failed" and stage["consecutive_failures"] == 1
+    assert stage["last_error"] == "hard limit of 2 s passed"
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_hard_limit_interrupts_a_stage_blocked_outside_postgresql(database_url: str) -> None:
+    def hung(ctx: RunContext) -> StageResult:
+        time.sleep(600)  # e.g. a read from a service that never answers
+        return StageResult()
+
+    runner = StageRunner(Database(database_url), limits={"gen-virtual": 1})
+    record = runner.run("gen-virtual", hung)
+    assert (record.status, record.exit_code, record.error) == (
+        "failed", 124, "hard limit of 1 s passed")
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+    # A run within its limit is untouched by it.
+    assert runner.run("gen-virtual", lambda ctx: StageResult()).status == "success"
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_run_all_limit_stops_the_stage_inside_it(database_url: str) -> None:
+    runner = StageRunner(Database(database_url), limits={"run-all": 1, "sync-odata": 600})
+
+    def inner(ctx: RunContext) -> StageResult:
+        while True:
+            time.sleep(0.05)
+            ctx.check_stop()
+
+    def chain(ctx: RunContext) -> StageResult:
+        record = runner.run("sync-odata", inner)
+        return StageResult(extra={"inner": record.error})
+
+    record = runner.run("run-all", chain)
+    assert (record.status, record.exit_code) == ("failed", 124)
+    assert record.error == "hard limit of 1 s passed"
+    assert record.extra["inner"] == "run-all's hard limit of 1 s passed"
+
+
+def test_dry_run_takes_the_lock_but_records_nothing(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    def failing(ctx: RunContext) -> StageResult:
+        raise ValidationError("bad feed")
+
+    runner = StageRunner(Database(database_url))
+    runner.run("sync-odata", failing)
+    holder = db.connect(database_url, autocommit=True)
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("sync-odata"),))
+        with pytest.raises(LockBusy):
+            runner.run("sync-odata", lambda ctx: StageResult(), dry_run=True)
+    finally:
+        holder.close()
+    record = runner.run("sync-odata", lambda ctx: StageResult(status="skipped"), dry_run=True)
+    assert record.status == "skipped" and record.exit_code == 0
+    rows = conn.execute("SELECT status FROM stage_runs").fetchall()
+    assert rows == [{"status": "failed"}]
+    assert collect_status(conn).stages["sync-odata"]["consecutive_failures"] == 1

@@ -55,6 +55,9 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("", {"PIPELINE_ODATA_VERSION": "v3"}, "[odata] version"),
         ("", {"PIPELINE_S3_ENDPOINT": "http://h:9000"}, "[s3] endpoint"),
         ("", {"PIPELINE_VIRTUAL_GRID_REACH_KM": "0"}, "[virtual] grid_reach_km"),
+        ("[runner]\ntimeout_sync_odata = 0\n", {}, "[runner] timeout_sync_odata"),
+        ("", {"PIPELINE_DATABASE_POOLER": "session"}, "[database] pooler"),
+        ("", {"PIPELINE_REDIS_CLUSTER": "maybe"}, "PIPELINE_REDIS_CLUSTER"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str],

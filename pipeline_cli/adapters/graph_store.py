@@ -12,6 +12,15 @@ Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the ref
 
 Keys of a version are never modified once written; a reader that resolved a version can read
 it until retention (which keeps the newest N, so the previous active survives) collects it.
+
+On a Redis Cluster (``[redis] cluster``) the version segment is a hash tag, ``{<version>}``
+(``<prefix>:graph:{graph-v3}:adj:S1``): all keys of one version share a slot, so the same
+pipelined MSETs, the one-round-trip MGET and UNLINK work unchanged, on the node that serves
+that slot; successive versions land on different nodes. The pointer and the registry are
+keys of their own (other slots): the pointer switch is a Lua CAS on the pointer key alone,
+with completeness (meta) checked before it and again after it. Measured against spreading a
+version over every slot in bench/bench_graph_cluster.py; the limit (a version must fit one
+node's memory) is in docs/build-graph.md "Redis Cluster".
 """
 
 from __future__ import annotations
@@ -71,15 +80,42 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def connect(url: str, *, cluster: bool = False, socket_timeout: float = 10.0,
+            connect_timeout: float = 5.0) -> redis.Redis:
+    """A client for ``url``: a ``RedisCluster`` (typed as ``redis.Redis``, whose commands it
+    shares) when ``cluster``; connections open lazily. Every Redis client is made here."""
+    if cluster:
+        try:
+            client: Any = redis.RedisCluster.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
+        except redis.exceptions.RedisError as exc:  # the cluster client asks for slots at once
+            raise service_error(RedisError, "Redis Cluster", _url_endpoint(url),
+                                "failed while reading the cluster slots", exc) from None
+        return client
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=connect_timeout)
+
+
+def _url_endpoint(url: str) -> str:
+    return url.split("@")[-1].split("://")[-1].split("/")[0] or "?"
+
+
+def endpoint(client: redis.Redis) -> str:
+    """``host:port`` (or socket path) of a client, never its password."""
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_default_node()
+        return f"{node.host}:{node.port}" if node else "?"
+    kw = client.connection_pool.connection_kwargs
+    return str(kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', 6379)}")
+
+
 @contextmanager
 def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
     """Turn redis-py errors raised inside the block into RedisError naming the server."""
     try:
         yield
     except redis.exceptions.RedisError as exc:
-        kw = client.connection_pool.connection_kwargs
-        where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', 6379)}"
-        raise service_error(RedisError, "Redis", str(where), f"failed while {what}",
+        raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
                             exc) from None
 
 
@@ -90,19 +126,32 @@ class GraphReader:
     def __init__(self, client: redis.Redis, prefix: str = "pipeline") -> None:
         self.client = client
         self.prefix = prefix
+        self.cluster = isinstance(client, redis.RedisCluster)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, "graph", *parts))
+
+    def version_segment(self, version: str) -> str:
+        """How ``version`` is spelled in its keys: a hash tag on a cluster (one slot)."""
+        return f"{{{version}}}" if self.cluster else version
+
+    def version_client(self, version: str) -> redis.Redis:
+        """The client to pipeline a version's multi-key commands on: on a cluster, the node
+        serving the version's slot (redis-py's cluster pipeline refuses MSET and MGET)."""
+        if not self.cluster:
+            return self.client
+        node = self.client.get_node_from_key(self.meta_key(version))  # type: ignore[attr-defined]
+        return node.redis_connection
 
     @property
     def pointer_key(self) -> str:
         return self.key("active")
 
     def meta_key(self, version: str) -> str:
-        return self.key(version, "meta")
+        return self.key(self.version_segment(version), "meta")
 
     def adj_key(self, version: str, stop_id: str) -> str:
-        return self.key(version, "adj", stop_id)
+        return self.key(self.version_segment(version), "adj", stop_id)
 
     def active_version(self) -> str | None:
         with wrap_errors(self.client, "reading the active graph pointer"):
@@ -136,7 +185,7 @@ class GraphReader:
         if not stop_ids:
             return {}
         with wrap_errors(self.client, f"reading neighbours in graph {version}"):
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.version_client(version).pipeline(transaction=False)
             pipe.mget([self.adj_key(version, s) for s in stop_ids])
             pipe.exists(self.meta_key(version))
             values, meta_exists = pipe.execute()
@@ -159,10 +208,10 @@ class GraphReader:
 class GraphStore(GraphReader):
     """The write side: versions, the atomic pointer switch, retention, cleanup."""
 
-    # Switch only to a complete version, and only if the pointer still holds what the caller
-    # expects ('*' = anything), so a late revert can never clobber someone else's switch.
+    # Switch only if the pointer still holds what the caller expects ('*' = anything), so a
+    # late revert can never clobber someone else's switch. It touches the pointer key alone
+    # (a cluster runs a script only on keys of one slot): completeness is checked around it.
     _SWITCH = """
-    if redis.call('EXISTS', KEYS[2]) == 0 then return {0, ''} end
     local cur = redis.call('GET', KEYS[1])
     if ARGV[2] ~= '*' then
       local want = ARGV[2]
@@ -171,7 +220,6 @@ class GraphStore(GraphReader):
       end
     end
     redis.call('SET', KEYS[1], ARGV[1])
-    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
     return {1, cur or ''}
     """
 
@@ -234,7 +282,7 @@ class GraphStore(GraphReader):
     def _flush(self, version: str, batch: dict[str, str]) -> int:
         items = list(batch.items())
         with wrap_errors(self.client, f"writing graph {version}"):
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.version_client(version).pipeline(transaction=False)
             for i in range(0, len(items), _MSET_BATCH):
                 pipe.mset(dict(items[i:i + _MSET_BATCH]))
             pipe.execute()
@@ -244,17 +292,28 @@ class GraphStore(GraphReader):
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
         previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
         want = "*" if expected == "*" else ("" if expected is None else str(expected))
-        with wrap_errors(self.client, f"switching the active graph to {version}"):
-            code, previous = self.client.eval(
-                self._SWITCH, 3, self.pointer_key, self.meta_key(version), self.registry_key,
-                version, want, repr(time.time()))
-        prev = previous.decode() if isinstance(previous, bytes) else previous
-        if code == 0:
+        if not self.is_complete(version):
             raise RedisError(f"graph version {version} is incomplete in Redis; not activated")
+        with wrap_errors(self.client, f"switching the active graph to {version}"):
+            code, previous = self.client.eval(self._SWITCH, 1, self.pointer_key, version, want)
+        prev = previous.decode() if isinstance(previous, bytes) else previous
         if code == -1:
             raise RedisError(f"the active graph changed meanwhile (now {prev or 'unset'}); "
                              f"{version} was not activated")
+        if not self.is_complete(version):  # collected between the check and the switch
+            self._revert(version, prev or None)
+            raise RedisError(f"graph version {version} was removed while it was activated; "
+                             f"the pointer is back on {prev or 'nothing'}")
+        with wrap_errors(self.client, "recording the activation in the graph registry"):
+            self.client.zadd(self.registry_key, {version: time.time()})
         return prev or None
+
+    def _revert(self, version: str, previous: str | None) -> None:
+        if previous is None:
+            self.clear_active(expected=version)
+            return
+        with wrap_errors(self.client, "reverting the active graph pointer"):
+            self.client.eval(self._SWITCH, 1, self.pointer_key, previous, version)
 
     _CLEAR = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -273,7 +332,7 @@ class GraphStore(GraphReader):
         last (a crash midway leaves it registered, so the next cleanup finishes the job).
         """
         removed = 0
-        pattern = _glob_escape(self.key(version)) + ":*"
+        pattern = _glob_escape(self.key(self.version_segment(version))) + ":*"
         with wrap_errors(self.client, f"removing graph {version}"):
             removed += int(self.client.unlink(self.meta_key(version)))
             batch: list[bytes] = []
@@ -311,6 +370,6 @@ class GraphStore(GraphReader):
 
     def version_keys(self, version: str) -> int:
         """How many keys ``version`` has (SCAN; for tests and diagnostics, not the hot path)."""
-        pattern = _glob_escape(self.key(version)) + ":*"
+        pattern = _glob_escape(self.key(self.version_segment(version))) + ":*"
         with wrap_errors(self.client, f"counting the keys of graph {version}"):
             return sum(1 for _ in self.client.scan_iter(match=pattern, count=_UNLINK_BATCH))

@@ -15,28 +15,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, SourceError
+from ..read_model import COLUMNS, OPTIONAL_COLUMNS
 
 # ------------------------------------------------------------------------------ mapping
 
-# Read-model entity -> (default OData entity set, read-model column -> default OData field).
-# The first column of each entity is its key. Order matters: routes reference stops and
-# flights reference routes, so sets are fetched and validated in this order.
-DEFAULT_MAPPING: dict[str, tuple[str, dict[str, str]]] = {
-    "stops": ("Stops", {
-        "id": "ID", "name": "name", "latitude": "latitude", "longitude": "longitude",
-        "is_airport": "isAirport", "city": "city",
-    }),
-    "routes": ("Routes", {
-        "id": "ID", "from_stop_id": "fromStop_ID", "to_stop_id": "toStop_ID", "mode": "mode",
-        "distance_km": "distanceKm",
-    }),
-    "flights": ("Flights", {
-        "id": "ID", "route_id": "route_ID", "departure": "departure", "arrival": "arrival",
-        "days_of_week": "daysOfWeek",
-    }),
+# Read-model table -> (default OData entity set, {read-model column: default OData field}).
+# The read model owns its tables and columns (pipeline_cli/read_model.py); this maps the
+# service's names onto them, in the read model's order. A mapped field of "" leaves an
+# optional column out.
+_DEFAULT_SETS = {"stops": "Stops", "routes": "Routes", "flights": "Flights"}
+_DEFAULT_FIELDS = {
+    "stops": {"id": "ID", "is_airport": "isAirport"},
+    "routes": {"id": "ID", "from_stop_id": "fromStop_ID", "to_stop_id": "toStop_ID",
+               "distance_km": "distanceKm"},
+    "flights": {"id": "ID", "route_id": "route_ID", "days_of_week": "daysOfWeek"},
 }
-# Columns a mapping may leave out (mapped to ""): they are then always NULL / false.
-OPTIONAL_COLUMNS = frozenset({"name", "city", "is_airport", "mode", "distance_km"})
+DEFAULT_MAPPING: dict[str, tuple[str, dict[str, str]]] = {
+    table: (_DEFAULT_SETS[table], {c: _DEFAULT_FIELDS[table].get(c, c) for c in columns})
+    for table, columns in COLUMNS.items()
+}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ COMMANDS = {
     "run-all": "run_all",
     "completion": "completion",
     "doctor": "doctor", "export": "export",
+    "prune": "prune",
 }
 
 
@@ -137,12 +138,18 @@ def run_stage(
     options: dict[str, Any] | None = None,
     singleton: bool | None = None,
     show: Callable[[App, RunRecord], int] = render.stage_record,
+    dry_run: bool = False,
 ) -> RunRecord:
     """Run one stage through the runner, render the record (``show``), ping the heartbeat
-    ([notify] ping_url, best effort), and exit with the record's code."""
-    beat = Heartbeat(app.settings.notify.ping_url, app.settings.notify.timeout)
+    ([notify] ping_url, best effort), and exit with the record's code.
+
+    A ``dry_run`` is not a run of the stage: the runner records nothing and the heartbeat is
+    not pinged, so neither status nor the monitor takes it for a success or a failure."""
+    beat = Heartbeat(None if dry_run else app.settings.notify.ping_url,
+                     app.settings.notify.timeout)
     try:
-        record = app.runner().run(stage, fn, wait=wait, options=options, singleton=singleton)
+        record = app.runner().run(stage, fn, wait=wait, options=options, singleton=singleton,
+                                  dry_run=dry_run)
     except LockBusy:
         raise  # the run holding the lock is doing the work and will ping
     except PipelineError as exc:  # refused before it started: schema, database, settings

@@ -9,8 +9,14 @@ import click
 from .. import render
 from ..adapters.graph_store import GraphStore
 from ..app import App
-from ..stages.build_graph import activate_version, build_graph, list_versions, shortest_path
-from ..stages.status import human_duration
+from ..health import human_duration
+from ..stages.build_graph import (
+    activate_version,
+    build_graph,
+    list_versions,
+    plan,
+    shortest_path,
+)
 from . import json_option, pass_app, run_stage, wait_option
 
 
@@ -24,12 +30,21 @@ def graph_store(app: App) -> GraphStore:
 @wait_option
 @click.option("--force", is_flag=True,
               help="Rebuild even if the newest virtual generation already has a graph.")
+@click.option("--dry-run", is_flag=True,
+              help="Say which version would be built from which inputs, validated; write "
+                   "nothing, record no run.")
 @json_option
 @pass_app
-def build_graph_cmd(app: App, wait: float | None, force: bool) -> None:
+def build_graph_cmd(app: App, wait: float | None, force: bool, dry_run: bool) -> None:
     """Build the stop graph of the active dataset and publish it to Redis atomically."""
-    store, backups = graph_store(app), app.backups()
-    settings = app.settings
+    store, settings = graph_store(app), app.settings
+    if dry_run:
+        run_stage(app, "build-graph",
+                  lambda ctx: plan(app.database, store, settings.graph,
+                                   settings.virtual.speeds_kmh, force=force),
+                  wait=wait, dry_run=True, options={"force": force, "dry_run": True})
+        return
+    backups = app.backups()
     run_stage(app, "build-graph",
               lambda ctx: build_graph(app.database, store, backups, settings.graph,
                                       settings.virtual.speeds_kmh, ctx, force=force),

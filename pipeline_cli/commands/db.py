@@ -6,6 +6,7 @@ import click
 
 from .. import db, render
 from ..app import App
+from ..errors import EXIT_CONFIG
 from ..gps import partitions
 from . import json_option, pass_app
 
@@ -32,21 +33,30 @@ def migrate(app: App) -> None:
 
 
 @db_group.command("status")
+@click.option("--check", is_flag=True,
+              help="Exit 78 when a migration is pending (gates a deploy); print only then.")
 @json_option
 @pass_app
-def db_status(app: App) -> None:
-    """Show the applied and pending migrations."""
+def db_status(app: App, check: bool) -> None:
+    """Show the applied and pending migrations, by version."""
     conn = app.connect(autocommit=True, name="pipeline db status")
     applied = db.applied_versions(conn)
-    have = max(applied, default=0)
-    rows = [(m.version, m.name, "applied" if m.version in applied else "pending")
+    rows = [(f"{m.version:03d}", m.name, "applied" if m.version in applied else "pending")
             for m in db.migrations()]
+    pending = [int(v) for v, _, state in rows if state == "pending"]
+    code = EXIT_CONFIG if check and pending else 0
     if app.json:
-        render.print_json({"version": have, "latest": db.latest_version(),
-                           "migrations": [dict(zip(("version", "name", "state"), r, strict=True))
-                                          for r in rows]})
-    else:
-        render.table(f"schema version {have}", ("version", "name", "state"), rows)
+        render.print_json({"version": max(applied, default=0), "latest": db.latest_version(),
+                           "pending": pending, "summary": db.describe_schema(applied),
+                           "migrations": [{"version": int(v), "name": n, "state": s}
+                                          for v, n, s in rows]})
+    elif code:
+        click.echo(f"pipeline db status: {db.describe_schema(applied)}: "
+                   "run `pipeline db migrate`", err=True)
+    elif not check or app.verbosity >= 0:
+        render.table(db.describe_schema(applied), ("version", "name", "state"), rows)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 def register(group: click.Group) -> None:

@@ -49,15 +49,23 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
               help="Stop claiming after N batches.")
 @click.option("--max-runtime", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop claiming after SECONDS (fits a cron slot).")
+@click.option("--dry-run", is_flag=True,
+              help="Show the batches and points waiting; claim and write nothing, record no "
+                   "run.")
 @json_option
 @pass_app
 def match(app: App, concurrency: int | None, max_batches: int | None,
-          max_runtime: float | None) -> None:
+          max_runtime: float | None, dry_run: bool) -> None:
     """Batch new GPS points and map-match ready batches through OSRM into cached_polylines.
 
     Safe to run on many hosts at once: batches are claimed row by row under a lease.
     """
+    if dry_run:
+        run_stage(app, "match-gps", lambda ctx: stage.preview(app.database), dry_run=True,
+                  options={"dry_run": True})
+        return
     settings = app.settings
+    settings.runner.check_budget("--max-runtime", max_runtime, "match-gps")
     client = app.osrm(pool_size=concurrency or settings.match.concurrency)
     run_stage(
         app, "match-gps",

@@ -27,7 +27,8 @@ def show(app: App, record: RunRecord) -> int:
         click.echo(f"pipeline run-all: error: {record.error}", err=True)
     elif app.verbosity < 0:
         return record.exit_code
-    click.echo(f"run-all: {record.status} in {record.duration_ms} ms (run {record.run_id})",
+    run = f"run {record.run_id}" if record.recorded else "dry run, not recorded"
+    click.echo(f"run-all: {record.status} in {record.duration_ms} ms ({run})",
                err=bool(record.error))
     table = Table()
     for col in ("stage", "status", "ms", "result"):
@@ -49,19 +50,26 @@ def show(app: App, record: RunRecord) -> int:
 @click.option("--gps-max-runtime", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop claiming GPS batches after SECONDS (default: "
                                       "drain the backlog).")
+@click.option("--dry-run", is_flag=True,
+              help="Each stage's dry run, judged as if its upstream had run: say what would "
+                   "change; write nothing, record no run.")
 @json_option
 @pass_app
-def run_all_cmd(app: App, wait: float | None, gps_max_runtime: float | None) -> None:
+def run_all_cmd(app: App, wait: float | None, gps_max_runtime: float | None,
+                dry_run: bool) -> None:
     """Run sync-odata, gen-virtual, build-graph and match-gps in order, each under its own
     lock; a stage runs only when its upstream produced something new (match-gps: when its
     backlog has work). Stops at the first failure and exits with that stage's code."""
+    app.settings.runner.check_budget("--gps-max-runtime", gps_max_runtime, "match-gps",
+                                     "run-all")
     runner = app.runner()
     clients = Clients(odata=app.odata, backups=app.backups,
                       graph_store=lambda: graph_store(app), osrm=app.osrm)
     run_stage(app, "run-all",
               lambda ctx: run_all(runner, app.settings, clients, ctx, wait=wait,
-                                  gps_max_runtime=gps_max_runtime),
-              wait=wait, options={"gps_max_runtime": gps_max_runtime}, show=show)
+                                  gps_max_runtime=gps_max_runtime, dry_run=dry_run),
+              wait=wait, options={"gps_max_runtime": gps_max_runtime, "dry_run": dry_run},
+              show=show, dry_run=dry_run)
 
 
 def register(group: click.Group) -> None:

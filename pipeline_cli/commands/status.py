@@ -10,21 +10,12 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .. import db, render
-from ..adapters.backups import BackupStore
+from .. import render
 from ..app import App
 from ..errors import PipelineError
+from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
+from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
-from ..stages.status import (
-    LEVELS,
-    SECTIONS,
-    UNKNOWN,
-    StatusReport,
-    collect_status,
-    human_duration,
-    prometheus_text,
-    write_prometheus,
-)
 from . import json_option, pass_app
 
 # Status must answer fast even when a service hangs: monitors time out after ~10 s.
@@ -36,19 +27,14 @@ STATEMENT_TIMEOUT_MS = 5000
 def _clients(app: App) -> dict[str, Any]:
     """Redis and S3 clients for the sections that need them, or None when not configured."""
     s = app.settings
-    clients: dict[str, Any] = {"redis": None, "backups": None, "redis_prefix": s.redis.prefix}
+    redis: Any = None
     if s.redis.url:
-        import redis
-
-        client = redis.Redis.from_url(s.redis.url, socket_timeout=REDIS_TIMEOUT,
-                                      socket_connect_timeout=REDIS_TIMEOUT)
-        app.resources.callback(client.close)
-        clients["redis"] = client
-    if s.s3.endpoint:
-        clients["backups"] = BackupStore.connect(
-            s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
-            region=s.s3.region, timeout=S3_TIMEOUT)
-    return clients
+        try:
+            redis = app.redis(timeout=REDIS_TIMEOUT)
+        except PipelineError as exc:  # a cluster client reads the slots at once: the graph
+            redis = exc  # section reports the error
+    return {"redis": redis, "backups": app.backups(timeout=S3_TIMEOUT) if s.s3.endpoint else None,
+            "redis_prefix": s.redis.prefix}
 
 
 def gather(app: App) -> StatusReport:
@@ -56,8 +42,9 @@ def gather(app: App) -> StatusReport:
     settings = app.settings
     schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
     conn = app.connect(autocommit=True, name="pipeline status")
-    with db.wrap_errors("setting the statement timeout"):
-        conn.execute(db.query("status", "statement_timeout"), {"ms": str(STATEMENT_TIMEOUT_MS)})
+    # Through a transaction pooler the timeout is not set (it would stick to a shared server
+    # session): the pooler's own query_timeout bounds status there (docs/operations.md).
+    app.database.set_session(conn, "statement_timeout", str(STATEMENT_TIMEOUT_MS))
     return collect_status(conn, health=settings.health, schedule=schedule, settings=settings,
                           **_clients(app))
 
@@ -120,8 +107,8 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
 def show(report: StatusReport) -> None:
     """The human view: verdict and problems, the stages, one line per area, locks."""
     now = report.generated_at
-    click.echo(f"health: {report.health.upper()}   (schema {report.schema_version}/"
-               f"{report.schema_latest}, collected in {report.collect_ms} ms)")
+    click.echo(f"health: {report.health.upper()}   ({report.schema_summary}, "
+               f"collected in {report.collect_ms} ms)")
     for p in report.problems:
         click.echo(f"  {p.level:8s} {p.message}")
     table = Table(box=None, pad_edge=False, title_justify="left")
@@ -250,8 +237,16 @@ def _s3(s: dict[str, Any], now: datetime) -> str:
             f"{_when(backup['at'], now)}")
 
 
+def _prune(p: dict[str, Any], now: datetime) -> str:
+    if p["last_run_at"] is None:
+        return "never ran"
+    removed = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["removed"].items())
+    return f"last ran {_ago(now, p['last_run_at'])}: removed {removed or 'nothing'}"
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any], datetime], str]] = {
-    "dataset": _dataset, "virtual": _virtual, "graph": _graph, "gps": _gps, "s3": _s3}
+    "dataset": _dataset, "virtual": _virtual, "graph": _graph, "gps": _gps, "prune": _prune,
+    "s3": _s3}
 
 
 def _last(s: dict[str, Any]) -> str:

@@ -13,7 +13,8 @@ from . import json_option, pass_app, run_stage, wait_option
 @click.command("sync-odata")
 @click.option("--skip-invalid", is_flag=True,
               help="Load the valid rows and record the rejects (in S3) instead of aborting.")
-@click.option("--dry-run", is_flag=True, help="Fetch, validate and diff; write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Fetch, validate and diff; write nothing, record no run (takes the lock).")
 @click.option("--force", is_flag=True, help="Make a new dataset version even if unchanged.")
 @wait_option
 @json_option
@@ -29,7 +30,7 @@ def sync_odata_cmd(app: App, skip_invalid: bool, dry_run: bool, force: bool,
                                      mapping=settings.mapping, skip_invalid=skip_invalid,
                                      dry_run=dry_run, force=force,
                                      speeds_kmh=app.settings.virtual.speeds_kmh),
-              wait=wait,
+              wait=wait, dry_run=dry_run,
               options={"skip_invalid": skip_invalid, "dry_run": dry_run, "force": force})
 
 

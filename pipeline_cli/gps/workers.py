@@ -137,10 +137,9 @@ class MatchWorker:
                 self.pool.fatal = self.pool.fatal or exc
             return
         try:
-            with db.wrap_errors("preparing a match-gps session"):
-                # A commit lost in a PostgreSQL crash only means the batch is matched again
-                # after its lease expires; every write is one atomic statement either way.
-                conn.execute("SET synchronous_commit = off")
+            # A commit lost in a PostgreSQL crash only means the batch is matched again
+            # after its lease expires; every write is one atomic statement either way.
+            self.database.set_session(conn, "synchronous_commit", "off")
             while self.pool.reserve():
                 seen = self.pool.slices  # read before the claim: a later slice wakes us
                 claimed = self._claim(conn)

@@ -49,6 +49,7 @@ from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import GraphSettings
 
 EXPORT_FORMAT = "pipeline-graph-jsonl/1"
+DRY_RUN = "dry-run"
 _SAMPLES = 5  # ids named in a validation message
 
 
@@ -150,9 +151,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     if needs_speed.any():  # one error naming every mode, before any edge is judged
         counts = Counter(modes[i] for i in np.flatnonzero(needs_speed).tolist())
         unknown = unknown_modes(counts, speed_table(speeds_kmh))
-        exc = ValidationError(describe_unknown(unknown))
-        exc.extra = {"unknown_modes": unknown}  # type: ignore[attr-defined]
-        raise exc
+        raise ValidationError(describe_unknown(unknown),
+                              partial=StageResult(extra={"unknown_modes": unknown}))
     with np.errstate(divide="ignore", invalid="ignore"):
         by_speed = dist_km / speed * 3600.0
     real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
@@ -316,6 +316,60 @@ def build_graph(
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         return _publish(conn, store, backups, settings, ctx, inputs, graph, checks, started,
                         after_chunk)
+
+
+def plan(
+    database: db.Database,
+    store: GraphStore,
+    settings: GraphSettings,
+    speeds_kmh: dict[str, float],
+    *,
+    force: bool = False,
+    upstream: str | None = None,
+) -> StageResult:
+    """What :func:`build_graph` would do, decided and validated the same way; writes nothing
+    (no reconcile, no sequence number, no key). ``upstream`` names new input an upstream dry
+    run would make (run-all --dry-run): the build is then judged from it, not from the tables.
+
+    Status ``dry-run`` (``skipped`` as the real run without an active dataset or generation);
+    raises ValidationError where the real run would."""
+    with database.connect(name="pipeline build-graph dry-run") as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with db.wrap_errors("reading the graph inputs"), conn.transaction():
+            conn.execute(db.query("build_graph", "lock_virtual"))
+            inputs = _read_decision(conn)
+            row = conn.execute(db.query("build_graph", "peek_seq")).fetchone()
+            version = f"graph-v{row['seq']}" if row else None
+            extra: dict[str, Any] = {"dry_run": True, "dataset_version": inputs.dataset_version,
+                                     "generation_id": inputs.generation_id}
+            if upstream is not None:
+                return StageResult(status=DRY_RUN, extra=extra | {
+                    "would_run": True, "graph_version": version},
+                    message=f"would build {version} from {upstream}")
+            if inputs.dataset_version is None or inputs.generation_id is None:
+                what = ("no active dataset" if inputs.dataset_version is None else
+                        f"dataset {inputs.dataset_version} has no virtual entities yet")
+                return StageResult(status=SKIPPED, extra=extra,
+                                   message=f"{what}; nothing to build")
+            reason = _reason_to_build(inputs, store, force)
+            if reason is None:
+                built = (inputs.built or {}).get("version")
+                return StageResult(status=DRY_RUN, extra=extra | {
+                    "would_run": False, "graph_version": built},
+                    message=f"would do nothing: {built} is already built from virtual "
+                            f"generation {inputs.generation_id}")
+            graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
+    checks = validate(graph, fatal_warnings=settings.fatal_warnings)
+    return StageResult(
+        status=DRY_RUN, counts={"nodes": graph.nodes, "edges": graph.edges},
+        extra=extra | {"would_run": True, "graph_version": version, "reason": reason,
+                       "components": checks.components,
+                       "unreachable_real_stops": checks.unreachable_real_stops,
+                       "warnings": checks.warnings},
+        message=f"would build {version} from dataset {inputs.dataset_version}, virtual "
+                f"generation {inputs.generation_id} ({reason}): {graph.nodes} nodes, "
+                f"{graph.edges} edges")
 
 
 def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool) -> str | None:

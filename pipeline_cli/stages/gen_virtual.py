@@ -3,8 +3,9 @@
 Virtual stops lie on three global grids (MAIN, CITY around major cities, AIRPORT around
 airports), so their ids derive from kind and grid cell and every rerun gives the same rows.
 Each virtual stop is linked to its k nearest stops by virtual routes in both directions, and
-each non-walking route gets one frequency-based virtual flight. One transaction replaces the
-previous generation; the S3 backup is uploaded inside it, before the commit.
+each non-walking route gets one frequency-based virtual flight, whose service is stored once
+per mode (``virtual_flights`` is a view). One transaction replaces the previous generation in
+place; the S3 backup is uploaded inside it, before the commit.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from ..settings import VirtualSettings
 KINDS = ("MAIN_GRID", "CITY_GRID", "AIRPORT_GRID")
 ID_PREFIX = {"MAIN_GRID": "V:MAIN", "CITY_GRID": "V:CITY", "AIRPORT_GRID": "V:AIRPORT"}
 MODES = ("virtual", "walk")
+FLIGHT_MODES = ("virtual",)  # the route modes whose routes have flights
 DAYS = "1234567"
 CHUNK_ROWS = 200_000
 UNREACHED_SAMPLE = 20
@@ -410,25 +412,19 @@ def route_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator
             for f, t, w, km, sec in rows)
 
 
-def flight_lines(plan: VirtualPlan, version: str, s: VirtualSettings) -> Iterator[str]:
-    """COPY text of ``virtual_flights``: one frequency row per non-walking route."""
-    ids = _escaped_ids(plan)
+def frequency_lines(generation_id: int, version: str, s: VirtualSettings) -> Iterator[str]:
+    """COPY text of ``virtual_frequencies``: the service of each flight mode, once."""
     v = db.copy_escape(version)
-    tail = f"\t{s.service_start}:00\t{s.service_end}:00\t{s.headway_s}\t{DAYS}\t{v}\n"
-    sel = np.flatnonzero(~plan.walk)
-    frm, to = plan.route_from[sel], plan.route_to[sel]
-    for lo in range(0, len(sel), CHUNK_ROWS):
-        hi = lo + CHUNK_ROWS
-        yield "".join(f"VF:{ids[f]}>{ids[t]}\tVR:{ids[f]}>{ids[t]}{tail}"
-                      for f, t in zip(frm[lo:hi].tolist(), to[lo:hi].tolist(), strict=True))
+    yield "".join(f"{generation_id}\t{mode}\t{s.service_start}:00\t{s.service_end}:00"
+                  f"\t{s.headway_s}\t{DAYS}\t{v}\n" for mode in FLIGHT_MODES)
 
 
-def copy_text(plan: VirtualPlan, version: str, s: VirtualSettings
+def copy_text(plan: VirtualPlan, version: str, s: VirtualSettings, generation_id: int
               ) -> list[tuple[str, Iterator[str]]]:
     """Each virtual table with the generator of its COPY text, in writing order."""
     return [("virtual_stops", stop_lines(plan, version)),
             ("virtual_routes", route_lines(plan, version, s)),
-            ("virtual_flights", flight_lines(plan, version, s))]
+            ("virtual_frequencies", frequency_lines(generation_id, version, s))]
 
 
 # ---------------------------------------------------------------- writing
@@ -438,13 +434,11 @@ TABLES = (
     ("virtual_stops", ("id", "latitude", "longitude", "kind", "anchor_id", "dataset_version")),
     ("virtual_routes", ("id", "from_stop_id", "to_stop_id", "mode", "distance_km",
                         "travel_time_s", "dataset_version")),
-    ("virtual_flights", ("id", "route_id", "start_time", "end_time", "headway_s",
-                         "days_of_week", "dataset_version")),
+    ("virtual_frequencies", ("generation_id", "mode", "start_time", "end_time", "headway_s",
+                             "days_of_week", "dataset_version")),
 )
-LOCK_TIMEOUT_S: float = 2  # seconds per attempt to lock the live tables for the swap
+LOCK_TIMEOUT_S: float = 2  # seconds per attempt to lock the virtual tables
 LOCK_ATTEMPTS = 30  # then give up (nothing is written)
-_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
-                         "TRIGGER", "MAINTAIN"})
 
 
 @dataclass
@@ -547,71 +541,8 @@ def _q(name: str, /, **parts: sql.Composable) -> sql.SQL | sql.Composed:
     return query.format(**parts) if parts else query
 
 
-@dataclass
-class _Index:
-    name: str
-    constraint: str | None
-    indexdef: str
-    condef: str | None
-    live_name: str | None
-
-
-@dataclass
-class _Target:
-    """Where one table's rows go: a new table swapped in at the end, or the live one."""
-    live: str
-    name: str
-    indexes: list[_Index] = field(default_factory=list)
-
-    @property
-    def swap(self) -> bool:
-        return self.name != self.live
-
-
-def swap_blockers(conn: psycopg.Connection[Any]) -> list[str]:
-    """Why the virtual tables cannot be swapped for new ones (empty: they can)."""
-    out = []
-    for table, _cols in TABLES:
-        rows = conn.execute(_q("swap_blockers"), {"table": table}).fetchall()
-        out += [f"{table}: {r['blocker']}" for r in rows]
-    return out
-
-
-def _prepare_next(conn: psycopg.Connection[Any], live: str) -> _Target:
-    """Create ``<live>_next`` like the live table, without its indexes until the rows are in
-    (one sorted build instead of 4 M index insertions); remember how to rebuild them."""
-    target = _Target(live, f"{live}_next")
-    ident = sql.Identifier(target.name)
-    conn.execute(_q("create_next", next=ident, live=sql.Identifier(live)))
-    for row in conn.execute(_q("next_indexes"), {"live": live, "next": target.name}).fetchall():
-        target.indexes.append(_Index(row["name"], row["conname"], row["indexdef"],
-                                     row["condef"], row["live_name"]))
-    for index in target.indexes:
-        if index.constraint:
-            conn.execute(_q("drop_constraint", table=ident,
-                            name=sql.Identifier(index.constraint)))
-        else:
-            conn.execute(_q("drop_index", name=sql.Identifier(index.name)))
-    return target
-
-
-def _build_indexes(conn: psycopg.Connection[Any], target: _Target, ctx: RunContext) -> None:
-    """Rebuild the indexes ``_prepare_next`` dropped, from PostgreSQL's own definitions."""
-    t = time.monotonic()
-    for index in target.indexes:
-        if index.constraint and index.condef:
-            conn.execute(_q("add_constraint", table=sql.Identifier(target.name),
-                            name=sql.Identifier(index.constraint),
-                            definition=sql.SQL(index.condef)))
-        else:
-            conn.execute(sql.SQL(index.indexdef))
-        ctx.check_stop()
-    ctx.log.info("built %d indexes of %s in %.2f s", len(target.indexes), target.live,
-                 time.monotonic() - t)
-
-
-def _lock_live(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
-    """Take the live tables for the swap, waiting LOCK_TIMEOUT_S at a time (a waiting
+def _lock_tables(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
+    """Take the virtual tables for the write, waiting LOCK_TIMEOUT_S at a time (a waiting
     ACCESS EXCLUSIVE request queues every new reader behind it, so it must not wait long)."""
 
     def busy(state: RetryCallState) -> None:
@@ -627,52 +558,25 @@ def _lock_live(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
                                 wait=wait_incrementing(0.1, 0.1, max=1.0), before_sleep=busy):
             with attempt, conn.transaction():  # a savepoint: a timeout undoes only this attempt
                 conn.execute(_q("lock_timeout"), {"timeout": f"{LOCK_TIMEOUT_S}s"})
-                conn.execute(_q("lock_live"))
+                conn.execute(_q("lock_tables"))
     except RetryError:
         raise DatabaseError(
-            f"could not lock the virtual tables for the swap in {LOCK_ATTEMPTS} attempts of "
+            f"could not lock the virtual tables in {LOCK_ATTEMPTS} attempts of "
             f"{LOCK_TIMEOUT_S} s (long-running readers); nothing was written") from None
     conn.execute(_q("lock_timeout"), {"timeout": "0"})
-
-
-def _swap_in(conn: psycopg.Connection[Any], target: _Target) -> None:
-    """Replace the live table by the new one: owner, grants and index names carry over."""
-    live, new = sql.Identifier(target.live), sql.Identifier(target.name)
-    owner = conn.execute(_q("table_owner"), {"table": target.live}).fetchone()
-    assert owner is not None
-    grants = conn.execute(_q("table_grants"), {"table": target.live}).fetchall()
-    conn.execute(_q("drop_live", live=live))
-    conn.execute(_q("rename_table", next=new, live=live))
-    if owner["owner"] != owner["me"]:
-        conn.execute(_q("set_owner", table=live, owner=sql.Identifier(owner["owner"])))
-    for g in grants:
-        if g["privilege_type"] not in _PRIVILEGES:
-            raise DatabaseError(f"unexpected privilege {g['privilege_type']!r} on "
-                                f"{target.live}; nothing was written")
-        conn.execute(_q("grant", privilege=sql.SQL(g["privilege_type"]), table=live,
-                        grantee=sql.SQL("PUBLIC") if g["grantee"] == "PUBLIC"
-                        else sql.Identifier(g["grantee"]),
-                        option=sql.SQL("WITH GRANT OPTION" if g["is_grantable"] else "")))
-    for index in target.indexes:
-        if index.live_name and index.live_name != index.name:
-            conn.execute(_q("rename_index", name=sql.Identifier(index.name),
-                            new_name=sql.Identifier(index.live_name)))
-    conn.execute(_q("analyze", table=live))
 
 
 def write_generation(database: db.Database, backups: BackupStore, s: VirtualSettings,
                      ctx: RunContext, version: str, plan: VirtualPlan, started: float
                      ) -> tuple[int, str]:
-    """Replace the virtual tables with ``plan`` and back it up, in one transaction.
+    """Replace the virtual tables' rows with ``plan`` and back it up, in one transaction.
 
-    The rows go into new tables without indexes; the indexes are built once the rows are in
-    and the new tables replace the live ones at the end (a short ACCESS EXCLUSIVE lock). When
-    a swap would break something that depends on a live table (a view, a trigger, ...; see
-    ``swap_blockers``), the old rows are deleted and the new ones copied into the live tables.
-    Then the generation row and the dataset stats, the S3 upload (manifest last) and COMMIT.
-    A failed upload rolls the transaction back, so no generation ever points at a missing
-    backup; a failed commit leaves only an unreferenced ``gen-<id>/`` folder in S3 (sequence
-    ids are never reused).
+    The tables are locked, emptied with TRUNCATE and loaded with COPY FREEZE in place, so
+    everything attached to them (views, the ``virtual_flights`` view among them, grants,
+    indexes, triggers) stays as it is. Then the generation row and the dataset stats, the S3
+    upload (manifest last) and COMMIT. A failed upload rolls the transaction back, so no
+    generation ever points at a missing backup; a failed commit leaves only an unreferenced
+    ``gen-<id>/`` folder in S3 (sequence ids are never reused).
     """
     counts = plan.counts()
     with ExitStack() as stack:
@@ -686,17 +590,10 @@ def write_generation(database: db.Database, backups: BackupStore, s: VirtualSett
                 raise DatabaseError(
                     f"dataset {version} stopped being active during generation; nothing was "
                     "written; run gen-virtual again for the new active dataset")
-            t = time.monotonic()
-            blockers = swap_blockers(conn)
-            if blockers:
-                ctx.log.info("writing in place, not swapping tables: %s", "; ".join(blockers))
-                targets = [_Target(table, table) for table, _cols in TABLES]
-                for target in reversed(targets):
-                    conn.execute(_q("delete_table", table=sql.Identifier(target.live)))
-                ctx.log.info("deleted the previous generation in %.2f s",
-                             time.monotonic() - t)
-            else:
-                targets = [_prepare_next(conn, table) for table, _cols in TABLES]
+            # ACCESS EXCLUSIVE from here to the commit: readers wait for the new rows
+            # rather than see the tables empty (TRUNCATE is not MVCC-safe).
+            _lock_tables(conn, ctx)
+            conn.execute(_q("truncate"))
             ctx.check_stop()
             # The id is taken before the COPY so that each table's backup file can be uploaded
             # while the next table is copied; a rollback only leaves a gap in the sequence and
@@ -709,37 +606,28 @@ def write_generation(database: db.Database, backups: BackupStore, s: VirtualSett
             uploads: list[Future[None]] = []
             written: dict[str, _Written] = {}
             expected = {"virtual_stops": len(plan.ids), "virtual_routes": plan.n_routes,
-                        "virtual_flights": plan.n_flights}
-            text = _TextAhead(copy_text(plan, version, s))
+                        "virtual_frequencies": len(FLIGHT_MODES)}
+            text = _TextAhead(copy_text(plan, version, s, gen_id))
             try:
-                for target, (table, cols) in zip(targets, TABLES, strict=True):
+                for table, cols in TABLES:
                     t = time.monotonic()
-                    # FREEZE: a table created in this transaction is loaded as frozen rows,
+                    # FREEZE: a table truncated in this transaction is loaded as frozen rows,
                     # so nothing has to revisit its pages to set hint bits later.
-                    statement = _q("copy_into", table=sql.Identifier(target.name),
-                                   columns=sql.SQL(", ").join(map(sql.Identifier, cols)),
-                                   options=sql.SQL("WITH (FREEZE)" if target.swap else ""))
+                    statement = _q("copy_into", table=sql.Identifier(table),
+                                   columns=sql.SQL(", ").join(map(sql.Identifier, cols)))
                     written[table] = _copy_table(conn, statement, text.chunks(table),
                                                  os.path.join(tmp, f"{table}.tsv.gz"), ctx,
                                                  expected[table], table)
                     ctx.log.info("copied %d rows into %s in %.2f s", written[table].rows,
-                                 target.name, time.monotonic() - t)
+                                 table, time.monotonic() - t)
                     _raise_failed_upload(uploads)
                     uploads.append(uploader.submit(
                         backups.put_file, f"{prefix}{table}.tsv.gz", written[table].path,
                         "application/gzip"))
             finally:
                 text.close()
-            for target in targets:
-                if target.swap:
-                    _build_indexes(conn, target, ctx)
-                    _raise_failed_upload(uploads)
-            if not blockers:
-                t = time.monotonic()
-                _lock_live(conn, ctx)
-                for target in targets:
-                    _swap_in(conn, target)
-                ctx.log.info("swapped the new tables in in %.2f s", time.monotonic() - t)
+            for table, _cols in TABLES:
+                conn.execute(_q("analyze", table=sql.Identifier(table)))
             settings = recorded_settings(s, plan)
             created = conn.execute(db.query("gen_virtual", "insert_generation"), {
                 "id": gen_id, "version": version, "settings": Jsonb(settings),

@@ -152,3 +152,26 @@ def _attach(exc: PipelineError, counts: Counter[str], pool: Pool, osrm_requests:
     result = _result(counts, pool, osrm_requests, started, "", 0, 0)
     exc.partial = StageResult(counts=result.counts,
                               extra={"points_per_second": result.extra["points_per_second"]})
+
+
+def preview(database: db.Database) -> StageResult:
+    """What a match-gps run would find waiting (``--dry-run``): the backlog as ``status``
+    reads it, from the same cheap queries; claims, batches and writes nothing."""
+    from ..gps.batches import status_section
+
+    with database.connect(name="pipeline match-gps dry-run", autocommit=True) as conn:
+        gps = status_section(conn)
+    b = gps["batches"]
+    would = (gps["unprocessed_points"] - gps["dead_points"] > 0) or gps["expired_leases"] > 0
+    counts = {"unbatched_points": gps["unbatched_points"],
+              "unprocessed_points": gps["unprocessed_points"],
+              "pending_batches": b["pending"], "failed_batches": b["failed"],
+              "processing_batches": b["processing"], "expired_leases": gps["expired_leases"],
+              "dead_batches": b["dead"]}
+    message = (f"would match: {gps['unbatched_points']} points to batch, {b['pending']} "
+               f"pending and {b['failed']} failed batches ({gps['unprocessed_points']} points "
+               f"waiting), {gps['expired_leases']} expired leases"
+               if would else "would do nothing: no GPS backlog")
+    return StageResult(status="dry-run", counts=counts,
+                       extra={"dry_run": True, "would_run": would,
+                              "next_retry_at": gps["next_retry_at"]}, message=message)

@@ -18,7 +18,16 @@ import psycopg
 
 from ..errors import LockBusy, PipelineError
 from ..gps import batches as gps_batches
-from ..runner import FAILED, NOOP, SUCCESS, RunContext, RunRecord, StageResult, StageRunner
+from ..runner import (
+    FAILED,
+    NOOP,
+    SKIPPED,
+    SUCCESS,
+    RunContext,
+    RunRecord,
+    StageResult,
+    StageRunner,
+)
 from ..settings import Settings
 from . import build_graph as build_graph_stage
 from . import gen_virtual as gen_virtual_stage
@@ -115,9 +124,12 @@ def run_all(
     *,
     wait: float | None = None,
     gps_max_runtime: float | None = None,
+    dry_run: bool = False,
 ) -> StageResult:
     """Run the chain inside the outer ``run-all`` run (``ctx``); see the module docstring."""
     database = runner.database
+    if dry_run:
+        return _dry_run(runner, settings, clients, ctx, wait=wait)
     stage_fns: dict[str, Callable[[RunContext], StageResult]] = {
         "sync-odata": lambda c: sync_odata_stage.sync_odata(
             database, clients.odata(), clients.backups(), c, mapping=settings.odata.mapping,
@@ -172,3 +184,64 @@ def _probe(conn: psycopg.Connection[Any], stage: str, clients: Clients) -> str |
     if stage == "build-graph":
         reader = clients.graph_store()
     return pending_work(conn, stage, reader)
+
+
+# ---------------------------------------------------------------- the chain, dry
+
+
+def _would_produce(stage: str, record: RunRecord) -> bool:
+    """Whether a stage's dry run says the real run would make something new."""
+    if stage == "sync-odata":  # its dry run is 'skipped' with a diff when the feed changed
+        return record.status == SKIPPED and bool(record.extra.get("dry_run"))
+    return bool(record.extra.get("would_run"))
+
+
+def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: RunContext, *,
+             wait: float | None) -> StageResult:
+    """``run-all --dry-run``: every stage's own dry run, each through the runner with
+    ``dry_run`` (its lock, no run row). A downstream stage is judged as if its upstream had
+    run: after a feed change gen-virtual "would regenerate for the new dataset" and build-graph
+    "would build from it", without reading tables the real upstream run would have changed."""
+    database = runner.database
+    new: str | None = None  # what the upstream stage would make, in words
+
+    def gen_virtual(c: RunContext) -> StageResult:
+        if new is not None:
+            return StageResult(status=gen_virtual_stage.DRY_RUN,
+                               extra={"dry_run": True, "would_run": True},
+                               message=f"would regenerate for {new}")
+        return gen_virtual_stage.preview(database, settings.virtual)
+
+    fns: dict[str, Callable[[RunContext], StageResult]] = {
+        "sync-odata": lambda c: sync_odata_stage.sync_odata(
+            database, clients.odata(), None, c, mapping=settings.odata.mapping,
+            dry_run=True, speeds_kmh=settings.virtual.speeds_kmh),
+        "gen-virtual": gen_virtual,
+        "build-graph": lambda c: build_graph_stage.plan(
+            database, clients.graph_store(), settings.graph, settings.virtual.speeds_kmh,
+            upstream=new),
+        "match-gps": lambda c: match_gps_stage.preview(database),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for stage in CHAIN:
+        ctx.check_stop()
+        try:
+            record = runner.run(stage, fns[stage], wait=wait, dry_run=True,
+                                options={"run_all": ctx.run_id, "dry_run": True})
+        except LockBusy as exc:
+            results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
+                              "counts": {}, "error": str(exc), "exit_code": exc.exit_code}
+            raise StageFailed(stage, str(exc), exc.exit_code, results) from None
+        results[stage] = _record_json(record, "dry run")
+        if record.status == FAILED:
+            raise StageFailed(stage, record.error or "failed", record.exit_code, results)
+        would = _would_produce(stage, record)
+        results[stage]["would_run"] = would
+        if stage == "sync-odata":
+            new = "the new dataset sync-odata would make" if would else None
+        elif stage == "gen-virtual":
+            new = ("the new virtual generation gen-virtual would make"
+                   if would else None)
+    summary = "; ".join(f"{s}: {r.get('message') or r['status']}" for s, r in results.items())
+    return StageResult(status="dry-run", counts=_counts(results),
+                       extra={"stages": results, "dry_run": True}, message=summary)

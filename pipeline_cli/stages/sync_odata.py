@@ -1,12 +1,12 @@
 """sync-odata: an OData service -> a versioned, validated dataset in the read model.
 
-Pages are fetched and spooled raw; a row worker process (:mod:`.sync_worker`) turns them into
-canonical lines, checks, hashes and compares them with the active version's row index while the
-fetch goes on. An unchanged dataset (same canonical, order-independent hash as the active one)
-is a ``noop``. A changed one is written to stops/routes/flights (only its new, changed and
-vanished rows when it could be compared with the row index, else every row through staging
-tables and SQL checks), recorded as ``ds-v<N>``, backed up to S3 and committed, in that order.
-Restore loads a version's backup; ``status_section`` feeds ``status``.
+Pages are fetched and spooled raw; a row worker process (:mod:`pipeline_cli.sync.worker`) turns
+them into canonical lines, checks, hashes and compares them with the active version's row index
+while the fetch goes on. An unchanged dataset (same canonical, order-independent hash as the
+active one) is a ``noop``. A changed one is written to stops/routes/flights (only its new,
+changed and vanished rows when it could be compared with the row index, else every row through
+staging tables and SQL checks), recorded as ``ds-v<N>``, backed up to S3 and committed, in that
+order. Restore loads a version's backup; ``status_section`` feeds ``status``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..adapters.odata_format import EntityMapping, resolve_mapping
 from ..errors import BackupError, NothingToDo, ValidationError
 from ..modes import describe_unknown, speed_table, unknown_modes
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
-from .sync_rows import (
+from ..sync.rows import (
     CANONICAL_FORMAT,
     COLUMNS,
     ENTITIES,
@@ -54,7 +54,7 @@ from .sync_rows import (
     unescape_key,
     write_index,
 )
-from .sync_worker import RowWorker
+from ..sync.worker import RowWorker
 
 BACKUP_FORMAT = "pipeline-dataset/1"
 _PAGE_DIGEST_HEX = 32  # blake2b, 16 bytes

@@ -1,9 +1,9 @@
 -- Named queries of build-graph (pipeline_cli/stages/build_graph.py).
 
 -- name: lock_virtual
--- First in the read snapshot's transaction, before the snapshot is taken: gen-virtual swaps
--- new tables in at the end of a generation (sql/queries/gen_virtual.sql, lock_live), and a
--- snapshot taken before that swap would find the new tables empty.
+-- First in the read snapshot's transaction, before the snapshot is taken: gen-virtual
+-- truncates and reloads these tables (sql/queries/gen_virtual.sql, lock_tables; the view locks
+-- its tables), and a snapshot taken before its commit would see the new rows.
 LOCK TABLE virtual_stops, virtual_routes, virtual_flights IN ACCESS SHARE MODE;
 
 -- name: active_dataset
@@ -98,3 +98,8 @@ WHERE version = %(version)s AND activated_at IS NULL AND NOT active;
 
 -- name: known_versions
 SELECT version FROM graph_versions WHERE version = ANY(%(versions)s);
+
+-- name: peek_seq
+-- The number the next build would take (a dry run must not consume one).
+SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS seq
+FROM graph_version_seq;

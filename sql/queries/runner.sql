@@ -16,32 +16,45 @@ INSERT INTO schema_migrations (version, name, checksum)
 VALUES (%(version)s, %(name)s, %(checksum)s);
 
 -- name: backend_identity
+-- The server session this connection is on right now; inside the run's open transaction that
+-- is the one holding the run's locks, even through a transaction pooler.
 SELECT pg_backend_pid() AS backend_pid, backend_start
 FROM pg_stat_activity WHERE pid = pg_backend_pid();
 
 -- name: try_lock
-SELECT pg_try_advisory_lock(%(key)s) AS locked;
+-- Transaction-scoped: held until the runner ends the transaction it keeps open for the run.
+SELECT pg_try_advisory_xact_lock(%(key)s) AS locked;
 
--- name: unlock
-SELECT pg_advisory_unlock(%(key)s) AS unlocked;
+-- name: running_runs
+SELECT run_id FROM stage_runs WHERE status = 'running';
 
 -- name: reap_crashed
--- A 'running' row whose backend session is gone belongs to a process that died.
+-- A 'running' row whose run lock nobody holds belongs to a process that died: the runner holds
+-- that lock in a transaction open for the whole run, which ends with the process (also through
+-- a pooler, which closes the server side of a client that vanished mid-transaction). No
+-- backend pid is trusted: a pooler hands one server session to many clients.
 UPDATE stage_runs r
 SET status = 'crashed',
     finished_at = now(),
     duration_ms = (extract(epoch FROM now() - r.started_at) * 1000)::bigint,
     error = coalesce(r.error, 'the process died without recording a result')
-WHERE r.status = 'running'
+FROM unnest(%(run_ids)s::uuid[], %(keys)s::bigint[]) AS k(run_id, key)
+WHERE r.run_id = k.run_id
+  AND r.status = 'running'
   AND NOT EXISTS (
-      SELECT 1 FROM pg_stat_activity a
-      WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start
+      SELECT 1 FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.classid = ((k.key >> 32) & 4294967295)::oid
+        AND l.objid = (k.key & 4294967295)::oid
   )
 RETURNING r.run_id, r.stage;
 
 -- name: lock_holders
--- Sessions holding the advisory locks with the given keys, joined to their run rows.
-SELECT k.key, a.pid AS backend_pid, a.application_name, a.backend_start,
+-- Sessions holding the advisory locks with the given keys, joined to their run rows (the run
+-- recorded the server session of its lock transaction; the newest running row wins).
+SELECT DISTINCT ON (k.key)
+       k.key, a.pid AS backend_pid, a.application_name, a.backend_start,
        r.run_id, r.stage, r.host, r.pid, r.started_at
 FROM unnest(%(keys)s::bigint[]) AS k(key)
 JOIN pg_locks l
@@ -51,7 +64,8 @@ JOIN pg_locks l
  AND l.objid = (k.key & 4294967295)::oid
 JOIN pg_stat_activity a ON a.pid = l.pid
 LEFT JOIN stage_runs r
-  ON r.backend_pid = a.pid AND r.backend_start = a.backend_start AND r.status = 'running';
+  ON r.backend_pid = a.pid AND r.backend_start = a.backend_start AND r.status = 'running'
+ORDER BY k.key, r.started_at DESC NULLS LAST;
 
 -- name: insert_run
 INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start, options)

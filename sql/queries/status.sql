@@ -66,6 +66,3 @@ SELECT min(applied_at) AS installed_at FROM schema_migrations;
 -- The newest dataset version and where its backup lives (datasets.seq is unique: one probe).
 SELECT version, backup_prefix, created_at FROM datasets ORDER BY seq DESC LIMIT 1;
 
--- name: statement_timeout
--- Status must answer within a monitor's timeout even when a table is locked.
-SELECT set_config('statement_timeout', %(ms)s, false);

@@ -1,5 +1,6 @@
-"""The Redis graph store on a real Redis: version layout, the guarded pointer switch,
-deletion in batches, retention, orphan cleanup and error wrapping."""
+"""The Redis graph store on a real Redis, a single server and a 3-master cluster: version
+layout, the guarded pointer switch, deletion in batches, retention, orphan cleanup and error
+wrapping."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devtools.cleanup import drop_prefix
+from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.graph_store import (
     Edge,
     GraphLookupError,
@@ -23,8 +26,9 @@ from pipeline_cli.errors import RedisError
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+def client(redis_env: dict[str, str]) -> Iterator[redis.Redis]:
+    c = graph_store.connect(redis_env["PIPELINE_REDIS_URL"],
+                            cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
     yield c
     c.close()
 
@@ -60,7 +64,8 @@ def test_write_in_chunks_then_read(store: GraphStore, client: redis.Redis,
     assert store.meta("graph-v1") == {"nodes": "10", "format": "adjacency-json/1",
                                       "version": "graph-v1"}
     assert store.registered() == ["graph-v1"]
-    assert client.get(f"{redis_prefix}:graph:graph-v1:adj:N0") == b"[]"
+    segment = "{graph-v1}" if isinstance(client, redis.RedisCluster) else "graph-v1"
+    assert client.get(f"{redis_prefix}:graph:{segment}:adj:N0") == b"[]"
     got = store.neighbors_many("graph-v1", ["N1", "N4", "missing"])
     assert got == {"N1": [Edge("N2", 1.0, "R1", "bus")], "N4": [], "missing": None}
     with pytest.raises(GraphLookupError, match="no active graph"):
@@ -139,4 +144,27 @@ def test_unreachable_redis_raises_redis_error() -> None:
         with pytest.raises(RedisError, match="writing graph v1|registering graph v1"):
             GraphStore(client, "x").write_version("v1", adjacency(2), {})
     finally:
+        client.close()
+
+
+def test_on_a_cluster_a_version_is_one_slot_and_gc_finds_it(redis_cluster_url: str,
+                                                             redis_prefix: str) -> None:
+    client = graph_store.connect(redis_cluster_url, cluster=True)
+    try:
+        assert isinstance(client, redis.RedisCluster)
+        store = GraphStore(client, redis_prefix, chunk_size=50)
+        for v in ("graph-v1", "graph-v2", "graph-v3"):
+            write(store, v, 120)
+        for v in ("graph-v1", "graph-v2", "graph-v3"):  # every key of a version on one node
+            per_node = [sum(1 for _ in node.redis_connection.scan_iter(
+                match=f"{redis_prefix}:graph:{{{v}}}:*", count=1000))
+                for node in client.get_primaries()]
+            assert sorted(per_node) == [0, 0, 121], (v, per_node)
+        store.switch_active("graph-v3")
+        assert store.neighbors("N1")[1] == [Edge("N2", 1.0, "R1", "bus")]
+        assert store.retain(1) == ["graph-v2", "graph-v1"]  # SCAN reaches every node
+        assert store.version_keys("graph-v1") == store.version_keys("graph-v2") == 0
+        assert store.version_keys("graph-v3") == 121
+    finally:
+        drop_prefix(client, redis_prefix)
         client.close()

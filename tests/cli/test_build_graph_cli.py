@@ -18,8 +18,10 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 @pytest.fixture
-def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+def cli(run_cli: Cli, full_env: dict[str, str], redis_env: dict[str, str]) -> Cli:
+    """Every test here runs against a single Redis and against a 3-master Redis Cluster."""
     run_cli.env.update(full_env)
+    run_cli.env.update(redis_env)
     return run_cli
 
 
@@ -61,6 +63,8 @@ def test_graph_list_neighbors_route(cli: Cli, net: Network) -> None:
     assert route["stops"][-1] == b and route["total_s"] > 0
     text = cli("graph", "route", a, b)
     assert text.exit_code == 0 and f"{a} -> {b}" in text.output
+    graph = json.loads(cli("status", "--json").stdout)["graph"]
+    assert graph["version"] == graph["redis_pointer"] == "graph-v2" and graph["consistent"]
 
 
 def test_no_path_unknown_stop_and_no_graph_exit_1(cli: Cli, net: Network) -> None:
@@ -170,3 +174,28 @@ def test_route_modes_of_other_vocabularies_and_unknown_ones(cli: Cli, conn: Conn
         assert cli("build-graph").exit_code == 0
         status = json.loads(cli("status", "--json").stdout)
         assert not [p for p in status["problems"] if "no speed" in p["message"]]
+
+
+def test_dry_run_says_what_it_would_build_and_writes_nothing(cli: Cli, net: Network,
+                                                             conn: Conn) -> None:
+    dry = cli("build-graph", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    obj = json.loads(dry.stdout)
+    assert obj["status"] == "dry-run" and obj["would_run"] is True
+    assert obj["graph_version"] == "graph-v1" and obj["dataset_version"] == "ds-v1"
+    assert obj["generation_id"] == net.generation_id
+    assert obj["counts"]["nodes"] == len(net.nodes)
+    for table in ("graph_versions", "stage_runs"):
+        assert conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone() == {"n": 0}  # noqa: S608
+    assert conn.execute("SELECT last_value, is_called FROM graph_version_seq").fetchone() == {
+        "last_value": 1, "is_called": False}
+    assert cli("build-graph").exit_code == 0
+    noop = cli("build-graph", "--dry-run")
+    assert noop.exit_code == 0 and "would do nothing: graph-v1 is already built" in noop.stdout
+    # An unknown mode fails the dry run as it fails the real run: exit 1, no run recorded.
+    unscheduled = next(r for r in net.routes if not r[5])  # weighed by its mode's speed
+    conn.execute("UPDATE routes SET mode = 'zeppelin' WHERE id = %s", (unscheduled[0],))
+    conn.execute("UPDATE stage_runs SET status = 'failed'")  # a streak that must stay visible
+    bad = cli("build-graph", "--dry-run", "--force")
+    assert bad.exit_code == 1 and "zeppelin" in bad.stderr
+    assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 1}

@@ -72,6 +72,16 @@ def test_bad_setting_exits_78_naming_the_key(run_cli: Cli) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args", [("match-gps", "--max-runtime", "60"),
+                                  ("run-all", "--gps-max-runtime", "60")])
+def test_soft_budget_must_end_before_the_hard_limit(run_cli: Cli, args: tuple[str, ...]) -> None:
+    run_cli.env["PIPELINE_RUNNER_TIMEOUT_MATCH_GPS"] = "60"
+    result = run_cli(*args)
+    assert result.exit_code == 78
+    assert f"{args[1]} 60 must be below [runner] timeout_match_gps (60 s)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 def test_missing_database_url_exits_78(run_cli: Cli) -> None:
     del run_cli.env["PIPELINE_DATABASE_URL"]
     result = run_cli("status")

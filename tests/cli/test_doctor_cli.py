@@ -213,3 +213,24 @@ def test_installed_script(cli: Cli) -> None:
     proc = cli.subprocess("doctor", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
+
+
+def test_cluster_mode_and_pooler_must_match_the_settings(
+        cli: Cli, redis_cluster_url: str, redis_url: str, pooled_database_url: str) -> None:
+    cli.env.update({"PIPELINE_REDIS_URL": redis_cluster_url, "PIPELINE_REDIS_CLUSTER": "false",
+                    "PIPELINE_DATABASE_URL": pooled_database_url})
+    code, obj = doctor(cli)
+    checks = by_name(obj)
+    assert code == 1 and failed(obj) == ["database", "redis"], obj
+    assert "set [redis] cluster = true" in checks["redis"]["detail"]
+    assert "transaction pooler" in checks["database"]["detail"]
+    assert "[database] pooler" in checks["database"]["detail"]
+    cli.env.update({"PIPELINE_REDIS_CLUSTER": "true", "PIPELINE_DATABASE_POOLER": "transaction"})
+    code, obj = doctor(cli)
+    checks = by_name(obj)
+    assert failed(obj) == [], obj
+    assert "cluster: yes, state ok" in checks["redis"]["detail"]
+    assert "through a transaction pooler" in checks["database"]["detail"]
+    cli.env["PIPELINE_REDIS_URL"] = redis_url  # a single server with the cluster setting
+    code, obj = doctor(cli)
+    assert failed(obj) == ["redis"] and "not a cluster node" in by_name(obj)["redis"]["detail"]

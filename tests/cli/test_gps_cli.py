@@ -222,3 +222,19 @@ def test_four_processes_complete_each_batch_once(gps_cli: Cli, osrm_url: str,
                              ).fetchone()["s"]
     total = conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"]
     assert total == per_batch  # no batch wrote its polylines twice
+
+
+def test_match_gps_dry_run_shows_the_backlog_and_claims_nothing(run_cli: Cli, conn: Any
+                                                                ) -> None:
+    for i in range(3):
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude) "
+                     "VALUES ('bus', now() - make_interval(secs => %s), 60.17, 24.94)", (i,))
+    result = run_cli("match-gps", "--dry-run", "--json")  # no OSRM needed: nothing is matched
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "dry-run" and out["would_run"] is True
+    assert out["counts"]["unbatched_points"] == 3 and out["counts"]["pending_batches"] == 0
+    assert conn.execute("SELECT count(*) AS n FROM processing_batches").fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM gps_points WHERE batch_id IS NOT NULL"
+                        ).fetchone() == {"n": 0}

@@ -69,3 +69,24 @@ def test_busy_run_all_lock_exits_75(cli: Cli) -> None:
         result = cli("run-all", "--json")
     assert result.exit_code == 75
     assert json.loads(result.output)["status"] == "busy"
+
+
+def test_dry_run_on_a_fresh_database_says_what_would_happen_and_records_nothing(cli: Cli
+                                                                               ) -> None:
+    table = cli("run-all", "--dry-run")
+    assert table.exit_code == 0, table.output
+    assert "run-all: dry-run" in table.output
+    assert "would regenerate for the new dataset" in table.output
+    assert "would build graph-v1 from the new virtual generation" in table.output
+    obj = json.loads(cli("run-all", "--dry-run", "--json").stdout)
+    assert obj["status"] == "dry-run" and obj["dry_run"] is True
+    assert obj["stages"]["sync-odata"]["inserted"]["stops"] == 40
+    # A failing upstream fails the dry run with its exit code, and records nothing either.
+    cli.env["PIPELINE_ODATA_URL"] = "http://127.0.0.1:9/odata/"
+    cli.env["PIPELINE_ODATA_RETRIES"] = "1"
+    failed = cli("run-all", "--dry-run")
+    assert failed.exit_code == 1 and "sync-odata failed" in failed.stderr
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        for table_name in ("stage_runs", "datasets", "virtual_generations", "graph_versions"):
+            row = conn.execute(f"SELECT count(*) AS n FROM {table_name}").fetchone()  # noqa: S608
+            assert row == {"n": 0}, table_name

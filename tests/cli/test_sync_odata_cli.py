@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from devtools.odata_server import ODataServer, sample_network
+from devtools.odata_server import ODataServer, delay, sample_network
 from devtools.procs import free_port
 from pipeline_cli import db
 from tests.support.clirunner import Cli
@@ -96,6 +96,33 @@ def test_dry_run_needs_no_s3_and_writes_nothing(cli: Cli, database_url: str) -> 
     assert out["inserted"]["stops"] == 30 and out["dataset_version"] is None
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM stops").fetchone() == (0,)
+
+
+def test_dry_run_is_not_a_run_and_keeps_the_failure_streak(cli: Cli, database_url: str) -> None:
+    cli.env["PIPELINE_ODATA_PASSWORD"] = "wrong"
+    assert cli("sync-odata").exit_code == 1
+    cli.env["PIPELINE_ODATA_PASSWORD"] = "cli-Secret-42"
+    out = as_json(cli("sync-odata", "--dry-run", "--json").stdout)
+    assert out["status"] == "skipped" and out["dry_run"] is True
+    stage = as_json(cli("status", "--json").stdout)["stages"]["sync-odata"]
+    assert stage["last_status"] == "failed" and stage["consecutive_failures"] == 1
+    assert "HTTP 401" in stage["last_error"]
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT status, options->>'dry_run' FROM stage_runs").fetchall()
+    assert rows == [("failed", "false")]
+
+
+@pytest.mark.timeout(120, method="thread")  # the runner's hard limit owns SIGALRM
+def test_hard_limit_ends_a_sync_hung_on_the_source(cli: Cli, server: ODataServer) -> None:
+    server.add_fault(delay(600), entity_set="Routes", times=None)  # answers after 10 min
+    cli.env.update({"PIPELINE_ODATA_READ_TIMEOUT": "900",
+                    "PIPELINE_RUNNER_TIMEOUT_SYNC_ODATA": "2"})
+    res = cli("sync-odata", "--json")
+    assert res.exit_code == 124
+    out = as_json(res.stdout)
+    assert out["status"] == "failed" and out["error"] == "hard limit of 2 s passed"
+    status = cli("status")
+    assert "sync-odata last run failed: hard limit of 2 s passed" in status.stdout
 
 
 def test_lock_busy_exits_75(cli: Cli, database_url: str) -> None:

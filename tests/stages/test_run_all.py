@@ -135,3 +135,49 @@ def test_run_all_holds_its_own_lock(app: App, database_url: str) -> None:
 
         with pytest.raises(LockBusy):
             chain(app)
+
+
+def snapshot(conn: psycopg.Connection[Any], app: App) -> dict[str, Any]:
+    """Row counts of every table, every Redis key of the test's prefix, every S3 object."""
+    tables = [r["tablename"] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")]
+    rows = {t: conn.execute(f'SELECT count(*) AS n FROM "{t}"').fetchone() for t in tables}  # noqa: S608
+    prefix = app.settings.redis.prefix
+    keys = sorted(k.decode() if isinstance(k, bytes) else k
+                  for k in app.redis().scan_iter(match=f"{prefix}:*"))
+    return {"rows": rows, "redis": keys, "s3": sorted(app.backups().list(""))}
+
+
+def dry_chain(app: App) -> RunRecord:
+    runner = app.runner()
+    clients = Clients(odata=app.odata, backups=app.backups,
+                      graph_store=lambda: graph_store(app), osrm=app.osrm)
+    return runner.run("run-all", lambda ctx: run_all(runner, app.settings, clients, ctx,
+                                                     dry_run=True), dry_run=True)
+
+
+def test_dry_run_after_a_feed_change_writes_nothing_and_says_what_would_change(
+        app: App, conn: psycopg.Connection[Any], server: ODataServer, gps_rows: list[Any]
+) -> None:
+    assert chain(app).status == "success"
+    traces.insert_points(conn, gps_rows[:50])
+    stop = server.rows("Stops")[0]
+    server.update_row("Stops", stop["ID"], name=stop["name"] + " (renamed)")
+    before = snapshot(conn, app)
+
+    dry = dry_chain(app)
+    assert dry.status == "dry-run", dry.error
+    stages = dry.extra["stages"]
+    assert {s: r["would_run"] for s, r in stages.items()} == dict.fromkeys(CHAIN, True)
+    assert stages["sync-odata"]["updated"]["stops"] == 1
+    assert "would regenerate for the new dataset" in stages["gen-virtual"]["message"]
+    assert stages["build-graph"]["message"].startswith("would build graph-v2 from the new")
+    assert stages["match-gps"]["counts"]["unbatched_points"] == 50
+    assert all(r["run_id"] is None for r in stages.values())
+    assert snapshot(conn, app) == before  # stage_runs included: no row at all
+
+    # Unchanged feed, no GPS: every stage says it would do nothing.
+    assert chain(app).status == "success"
+    quiet = dry_chain(app).extra["stages"]
+    assert {s: r["would_run"] for s, r in quiet.items()} == dict.fromkeys(CHAIN, False)
+    assert quiet["build-graph"]["message"].startswith("would do nothing: graph-v2")

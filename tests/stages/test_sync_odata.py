@@ -270,7 +270,7 @@ def test_a_dead_row_worker_fails_the_run_and_nothing_is_written(
     try:
         killed = None
         for _ in range(200):
-            workers = processes_running("pipeline_cli.stages.sync_worker", os.getpid())
+            workers = processes_running("pipeline_cli.sync.worker", os.getpid())
             if workers:
                 killed = workers[0]
                 os.kill(killed, signal.SIGKILL)

@@ -457,7 +457,7 @@ class Sandbox:
     def reset_tables(self, tables: Iterable[str] | None = None) -> None:
         """Empty the data tables (fast reuse of one database across hypothesis examples)."""
         names = list(tables or ("cached_polylines", "gps_points", "processing_batches",
-                                "graph_versions", "virtual_flights", "virtual_routes",
+                                "graph_versions", "virtual_frequencies", "virtual_routes",
                                 "virtual_stops", "virtual_generations", "flights", "routes",
                                 "stops", "datasets", "stage_runs"))
         with db.connect(self.database_url, autocommit=True) as conn:
@@ -545,9 +545,6 @@ def check_datasets(conn: psycopg.Connection[Any], backups: BackupStore | None) -
 def check_virtual(conn: psycopg.Connection[Any], backups: BackupStore | None) -> list[str]:
     """The virtual tables hold exactly the newest generation, whose backup is complete."""
     problems: list[str] = []
-    # The tables a generation loads before swapping them in live and die in its transaction.
-    for r in _rows(conn, "SELECT relname FROM pg_class WHERE relname LIKE 'virtual%%_next'"):
-        problems.append(f"a generation's table {r['relname']} outlived its transaction")
     gens = _rows(conn, "SELECT id, dataset_version, counts, backup_prefix "
                        "FROM virtual_generations ORDER BY id DESC")
     model = {t: _rows(conn, f"SELECT count(*) AS n FROM {t}")[0]["n"]  # noqa: S608
@@ -561,6 +558,11 @@ def check_virtual(conn: psycopg.Connection[Any], backups: BackupStore | None) ->
         if newest["counts"].get(t) != n:
             problems.append(f"{t} has {n} rows, generation {newest['id']} says "
                             f"{newest['counts'].get(t)}")
+    frequencies = {r["generation_id"] for r in _rows(
+        conn, "SELECT generation_id FROM virtual_frequencies")}
+    if frequencies != {newest["id"]}:
+        problems.append(f"virtual_frequencies holds generations {sorted(frequencies)}, not "
+                        f"the newest, {newest['id']}")
     if backups is not None and newest["backup_prefix"]:
         key = f"{newest['backup_prefix']}manifest.json"
         if not backups.exists(key):
@@ -1058,7 +1060,7 @@ def _outlived(sb: Sandbox, wait: float = 5.0) -> list[str]:
 
     def ours() -> list[int]:
         pids = []
-        for pid in processes_running("pipeline_cli.stages.sync_worker"):
+        for pid in processes_running("pipeline_cli.sync.worker"):
             with contextlib.suppress(OSError):
                 if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     pids.append(pid)

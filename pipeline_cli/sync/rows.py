@@ -3,7 +3,7 @@
 The canonical line (COPY text format, read-model column order, normalised values) is what is
 loaded, backed up and hashed, so equal data always gives equal lines. ``SetProcessor`` runs the
 raw pages of one entity set through it and compares every line with the active version's row
-index. It runs in the row worker process (:mod:`.sync_worker`): no HTTP, no database here.
+index. It runs in the row worker process (:mod:`.worker`): no HTTP, no database here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import IO, Any
 
 from .. import db
 from ..adapters.odata_format import (
-    DEFAULT_MAPPING,
     EntityMapping,
     page_rows,
     parse_bool,
@@ -32,6 +31,7 @@ from ..adapters.odata_format import (
     parse_text,
     parse_time,
 )
+from ..read_model import COLUMNS, ENTITIES, REFERENCES
 
 try:  # ISA-L's deflate writes gzip three times as fast as zlib's level 1, and smaller
     from isal import isal_zlib as _deflate
@@ -50,11 +50,6 @@ def _builtin_sha256() -> Callable[[bytes], Any]:
 
 _row_sha256 = _builtin_sha256()
 
-ENTITIES = ("stops", "routes", "flights")
-COLUMNS: dict[str, tuple[str, ...]] = {e: tuple(DEFAULT_MAPPING[e][1]) for e in ENTITIES}
-# (child entity, column, parent entity): checked in this order, so a parent's rejects cascade.
-REFERENCES = (("routes", "from_stop_id", "stops"), ("routes", "to_stop_id", "stops"),
-              ("flights", "route_id", "routes"))
 MAX_PROBLEMS = 20
 # Bump whenever the canonical form of a row or the validation rules change: page digests and
 # row indexes stored with an older format then no longer vouch for a feed.

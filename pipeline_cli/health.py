@@ -9,31 +9,27 @@ reads, except that it records runs whose process died as ``crashed``. Every quer
 
 from __future__ import annotations
 
-import importlib
-import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from .. import db
-from ..errors import PipelineError
-from ..modes import describe_unknown
-from ..runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
-from ..schedule import SCHEDULED_STAGES, Schedule
-from ..settings import HealthSettings
+from . import db
+from .errors import PipelineError
+from .modes import describe_unknown
+from .runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
+from .schedule import SCHEDULED_STAGES, Schedule
+from .settings import HealthSettings
 
 OK, WARNING, CRITICAL, UNKNOWN = "ok", "warning", "critical", "unknown"
 LEVELS = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
 # Every stage status shows, in pipeline order (ingest-gps runs through the runner too).
-STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all")
-SECTIONS = ("dataset", "virtual", "graph", "gps")
+STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all",
+          "prune")
+SECTIONS = ("dataset", "virtual", "graph", "gps", "prune")
 
 
 @dataclass
@@ -52,7 +48,7 @@ class SectionEnv:
 
     conn: psycopg.Connection[Any]
     now: datetime
-    redis: Any = None  # redis.Redis, or None when [redis] url is unset
+    redis: Any = None  # redis.Redis, None when [redis] url is unset, or the connect error
     redis_prefix: str = "pipeline"
     backups: Any = None  # BackupStore, or None when [s3] endpoint is unset
     settings: Any = None  # Settings, when the caller has them
@@ -63,6 +59,7 @@ class StatusReport:
     schema_version: int
     schema_latest: int
     generated_at: datetime
+    schema_applied: set[int] = field(default_factory=set)
     health: str = OK
     problems: list[Problem] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,12 +69,22 @@ class StatusReport:
     schedule: dict[str, Any] = field(default_factory=dict)
     collect_ms: int = 0
 
+    @property
+    def schema_pending(self) -> list[int]:
+        return sorted({m.version for m in db.migrations()} - self.schema_applied)
+
+    @property
+    def schema_summary(self) -> str:
+        """``schema 009 (current)`` or ``schema 007, pending 008, 009``: versions, not counts."""
+        return db.describe_schema(self.schema_applied)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "health": self.health,
             "problems": [p.to_json() for p in self.problems],
             "generated_at": self.generated_at,
-            "schema": {"version": self.schema_version, "latest": self.schema_latest},
+            "schema": {"version": self.schema_version, "latest": self.schema_latest,
+                       "pending": self.schema_pending, "summary": self.schema_summary},
             "stages": self.stages,
         }
         for name in SECTIONS:
@@ -97,31 +104,38 @@ def _holder_json(h: LockHolder) -> dict[str, Any]:
 # ---------------------------------------------------------------- sections of the stages
 
 
-def _stage_module(name: str) -> Any:
-    """A stage module imported on first use: status works while a stage is not installed."""
-    return importlib.import_module(f"{__package__}.{name}")
-
-
 def _dataset_section(env: SectionEnv) -> dict[str, Any]:
-    return _stage_module("sync_odata").status_section(env.conn, env.now)
+    from .stages.sync_odata import status_section  # imported per section: status stays light
+
+    return status_section(env.conn, env.now)
 
 
 def _virtual_section(env: SectionEnv) -> dict[str, Any]:
-    return _stage_module("gen_virtual").status_section(env.conn, env.now)
+    from .stages.gen_virtual import status_section
+
+    return status_section(env.conn, env.now)
 
 
 def _graph_section(env: SectionEnv) -> dict[str, Any]:
-    from ..adapters.graph_store import GraphReader
-    from . import build_graph
+    from .adapters.graph_store import GraphReader
+    from .stages import build_graph
 
+    if isinstance(env.redis, PipelineError):  # a cluster client failed to read the slots
+        raise env.redis
     reader = GraphReader(env.redis, env.redis_prefix) if env.redis is not None else None
     return build_graph.status_section(env.conn, reader)
 
 
 def _gps_section(env: SectionEnv) -> dict[str, Any]:
-    from ..gps.batches import status_section
+    from .gps.batches import status_section
 
     return status_section(env.conn)
+
+
+def _prune_section(env: SectionEnv) -> dict[str, Any]:
+    from .stages.prune import status_section
+
+    return status_section(env.conn, env.now)
 
 
 SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {
@@ -129,6 +143,7 @@ SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {
     "virtual": _virtual_section,
     "graph": _graph_section,
     "gps": _gps_section,
+    "prune": _prune_section,
 }
 
 
@@ -254,9 +269,9 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         problems.append(Problem(level, area, message))
 
     now = report.generated_at
-    if report.schema_version < report.schema_latest:
-        add(CRITICAL, "schema", f"schema version {report.schema_version} of "
-            f"{report.schema_latest}: stages refuse to run; run `pipeline db migrate`")
+    if report.schema_version and report.schema_pending:
+        add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
+            "run `pipeline db migrate`")
     for stage, s in report.stages.items():
         fails = s["consecutive_failures"]
         if fails >= h.failures_critical:
@@ -356,18 +371,21 @@ def collect_status(
     """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
 
     ``redis`` and ``backups`` are optional clients (None when not configured); their sections
-    then say so instead of failing. Raises DatabaseError only if PostgreSQL itself fails.
+    then say so instead of failing (``redis`` may also be the error of connecting to it).
+    Raises DatabaseError only if PostgreSQL itself fails.
     """
     started = time.monotonic()
     health = health or HealthSettings()
     schedule = schedule or Schedule()
-    version = db.schema_version(conn)
+    applied = db.applied_versions(conn)
+    version = max(applied, default=0)
     with db.wrap_errors("reading the clock"):
         clock = conn.execute("SELECT now() AS now").fetchone()
     now: datetime = clock["now"] if clock else datetime.now(UTC)
     report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
-                          generated_at=now, schedule={"sources": schedule.sources,
-                                                      "entries": schedule.to_json()})
+                          generated_at=now, schema_applied=applied,
+                          schedule={"sources": schedule.sources,
+                                    "entries": schedule.to_json()})
     if version == 0:
         report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
                                    "run `pipeline db migrate`")]
@@ -403,139 +421,3 @@ def collect_status(
 
 
 # ---------------------------------------------------------------- Prometheus textfile
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _metric_name(*parts: str) -> str:
-    name = "_".join(p for p in parts if p)
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name).lower()
-
-
-def _ts(value: Any) -> float | None:
-    return value.timestamp() if isinstance(value, datetime) else None
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._typed: set[str] = set()
-
-    def add(self, name: str, value: float | bool | None, help_: str,
-            labels: dict[str, str] | None = None) -> None:
-        if value is None:
-            return
-        if name not in self._typed:
-            self._typed.add(name)
-            self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
-        lab = ",".join(f'{k}="{_label(v)}"' for k, v in (labels or {}).items())
-        self.lines.append(f"{name}{{{lab}}} {_sample(value)}" if lab
-                          else f"{name} {_sample(value)}")
-
-
-def _sample(value: float | bool) -> str:
-    """A sample value in the exposition format: the shortest text that reads back as the same
-    float (0.486, not 0.48599999999999999), integers without ".0", and +Inf/-Inf/NaN."""
-    x = float(value)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    if x.is_integer() and abs(x) < 2**53:
-        return str(int(x))
-    return repr(x)
-
-
-def prometheus_text(report: StatusReport | None) -> str:
-    """node_exporter textfile metrics; ``report`` None means status could not be collected."""
-    m = _Metrics()
-    m.add("pipeline_status_up", report is not None,
-          "1 if pipeline status could read the database")
-    if report is None:
-        m.add("pipeline_health", LEVELS[UNKNOWN],
-              "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
-        return "\n".join(m.lines) + "\n"
-    m.add("pipeline_health", LEVELS[report.health],
-          "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
-    for level in (WARNING, CRITICAL):
-        m.add("pipeline_problems", sum(p.level == level for p in report.problems),
-              "health problems by level", {"level": level})
-    m.add("pipeline_status_collect_seconds", report.collect_ms / 1000,
-          "time taken to collect the status")
-    m.add("pipeline_schema_version", report.schema_version, "applied schema version")
-    for stage, s in report.stages.items():
-        lab = {"stage": stage}
-        m.add("pipeline_stage_last_success_timestamp_seconds", _ts(s["last_success_at"]),
-              "end of the last success or noop run", lab)
-        m.add("pipeline_stage_last_failure_timestamp_seconds", _ts(s["last_failure_at"]),
-              "end of the last failed or crashed run", lab)
-        m.add("pipeline_stage_last_run_timestamp_seconds", _ts(s["last_started_at"]),
-              "start of the last run", lab)
-        if s["last_duration_ms"] is not None:
-            m.add("pipeline_stage_last_duration_seconds", s["last_duration_ms"] / 1000,
-                  "duration of the last run", lab)
-        m.add("pipeline_stage_last_run_ok",
-              None if s["last_status"] is None else s["last_status"] in ("success", "noop"),
-              "1 if the last run succeeded (success or noop)", lab)
-        m.add("pipeline_stage_consecutive_failures", s["consecutive_failures"],
-              "failed or crashed runs since the last good run", lab)
-        m.add("pipeline_stage_running", s["running"], "runs in progress", lab)
-        m.add("pipeline_stage_overdue", s.get("overdue"),
-              "1 if a scheduled run is missing past the grace period", lab)
-        m.add("pipeline_stage_next_run_timestamp_seconds", _ts(s.get("next_run_at")),
-              "next scheduled run", lab)
-    for name in SECTIONS:
-        section = report.sections.get(name, {})
-        m.add("pipeline_section_ok", "error" not in section,
-              "1 if the status section could be read", {"section": name})
-        _numeric_leaves(m, f"pipeline_{name}", section, f"pipeline status {name} section")
-    m.add("pipeline_locks_held", len(report.locks), "stage locks held now")
-    for lock in report.locks:
-        m.add("pipeline_lock_held", 1, "1 while the stage lock is held", {"stage": lock})
-    if report.s3.get("configured"):
-        m.add("pipeline_s3_up", bool(report.s3.get("reachable")), "1 if the S3 bucket answers")
-        m.add("pipeline_s3_last_backup_age_seconds", report.s3.get("last_backup_age_s"),
-              "age of the newest dataset backup")
-    return "\n".join(m.lines) + "\n"
-
-
-def _numeric_leaves(m: _Metrics, prefix: str, obj: Any, help_: str, depth: int = 0) -> None:
-    """Every number or boolean in a section becomes a gauge: gps.batches.dead ->
-    pipeline_gps_batches_dead. Strings and lists are left to `status --json`."""
-    if not isinstance(obj, dict) or depth > 3:
-        return
-    for key, value in obj.items():
-        name = _metric_name(prefix, str(key))
-        if isinstance(value, (bool, int, float)):
-            m.add(name, value, help_)
-        elif isinstance(value, datetime):
-            m.add(f"{name}_timestamp_seconds", value.timestamp(), help_)
-        elif isinstance(value, dict):
-            _numeric_leaves(m, name, value, help_, depth + 1)
-
-
-def write_prometheus(path: str, text: str) -> None:
-    """Write atomically: a temp file in the same directory, then rename over ``path``, so
-    node_exporter never reads half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".pipeline-status.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise PipelineError(f"cannot write the metrics file {path}: {exc.strerror}") from None
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise

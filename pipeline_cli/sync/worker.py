@@ -1,7 +1,7 @@
 """sync-odata's row worker: a second process that turns spooled raw pages into canonical rows.
 
 The sync's own process fetches the pages (a thread reads ahead) and only spools them raw. This
-process parses, checks, hashes and indexes them (:class:`~.sync_rows.SetProcessor`) on the
+process parses, checks, hashes and indexes them (:class:`~.rows.SetProcessor`) on the
 other core, so the fetch never waits for the GIL. One JSON line per message on stdin; one reply
 line on stdout at the end (or an error as soon as one happens). The pages stay in the raw spool
 files of the sync's work folder; only their offsets cross the pipe.
@@ -21,7 +21,7 @@ from typing import IO, Any, NoReturn
 
 from .. import errors
 from ..adapters.odata_format import EntityMapping
-from .sync_rows import (
+from .rows import (
     ENTITIES,
     REFERENCES,
     Problems,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline_cli.adapters.odata_format import resolve_mapping
-from pipeline_cli.stages.sync_rows import (
+from pipeline_cli.sync.rows import (
     COLUMNS,
     INDEX_CHUNK,
     SEEN,

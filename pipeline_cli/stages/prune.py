@@ -1,0 +1,179 @@
+"""prune: the daily housekeeping that keeps tables and the bucket from growing without bound.
+
+Under ``[retention]`` (0 keeps forever) it deletes processed GPS points with their finished
+batches, stale cached polylines, old run history, and dataset versions beyond the newest N
+(with their virtual generations, graph versions and S3 objects). Every delete takes at most
+``chunk_size`` rows in its own short transaction, so ingest and readers never wait long; a
+dry run counts the same predicates and deletes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from .. import db
+from ..adapters.backups import BackupStore
+from ..runner import NOOP, SUCCESS, RunContext, StageResult
+from ..settings import RetentionSettings
+from .build_graph import export_prefix
+
+DRY_RUN = "dry-run"
+KINDS = ("gps_points", "gps_batches", "polylines", "stage_runs", "datasets",
+         "virtual_generations", "graph_versions", "s3_objects")
+
+
+@dataclass
+class _Pass:
+    """One prune pass: its connection, clock, chunk size and whether it only counts."""
+
+    conn: psycopg.Connection[Any]
+    now: datetime
+    chunk: int
+    dry_run: bool
+    ctx: RunContext
+
+    def cutoff(self, days: int) -> datetime:
+        return self.now - timedelta(days=days)
+
+    def count(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        with db.wrap_errors(f"counting what prune would delete ({name})"):
+            row = self.conn.execute(db.query("prune", name), params).fetchone()
+        assert row is not None
+        return dict(row)
+
+    def delete_chunks(self, name: str, params: dict[str, Any]) -> int:
+        """Run a chunked delete until it deletes nothing; returns the rows deleted."""
+        total = 0
+        while True:
+            self.ctx.check_stop()  # between chunks: each one is committed on its own
+            with db.wrap_errors(f"pruning ({name})"), self.conn.transaction():
+                n = self.conn.execute(db.query("prune", name),
+                                      params | {"chunk": self.chunk}).rowcount
+            total += n
+            if n == 0:
+                return total
+
+
+def prune(database: db.Database, backups: BackupStore | None, settings: RetentionSettings,
+          ctx: RunContext, *, dry_run: bool = False) -> StageResult:
+    """Delete what ``settings`` says is due (``dry_run``: count it). ``backups`` may be None
+    only for a dry run, or when no dataset is due."""
+    counts = dict.fromkeys(KINDS, 0)
+    with database.connect(name="pipeline prune", autocommit=True) as conn:
+        with db.wrap_errors("reading the clock"):
+            clock = conn.execute("SELECT now() AS now").fetchone()
+        assert clock is not None
+        p = _Pass(conn, clock["now"], settings.chunk_size, dry_run, ctx)
+        if settings.gps_days:
+            counts.update(_prune_gps(p, settings.gps_days))
+        if settings.polyline_days:
+            counts["polylines"] = _prune_polylines(p, settings.polyline_days)
+        if settings.runs_days:
+            counts["stage_runs"] = _prune_runs(p, settings.runs_days)
+        datasets: list[str] = []
+        if settings.datasets:
+            datasets = _prune_datasets(p, backups, settings.datasets, counts)
+    summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
+    extra: dict[str, Any] = {"datasets_deleted": datasets}
+    if dry_run:
+        return StageResult(status=DRY_RUN, counts=counts, extra=extra | {"dry_run": True},
+                           message=f"would delete {summary}" if summary
+                           else "nothing is due")
+    return StageResult(status=SUCCESS if summary else NOOP, counts=counts, extra=extra,
+                       message=f"deleted {summary}" if summary else "nothing is due")
+
+
+def _prune_gps(p: _Pass, days: int) -> dict[str, int]:
+    """GPS points processed more than ``days`` ago go with their finished batches; points no
+    finished batch covers stay whatever their age, and dead batches stay (the evidence).
+
+    Today's model: a point is processed when its batch (``batch_id``) is completed or
+    too_short. Kept in this one function so the partitioned GPS storage can replace it."""
+    params = {"cutoff": p.cutoff(days)}
+    if p.dry_run:
+        due = p.count("gps_due", params)
+        return {"gps_points": int(due["points"]), "gps_batches": int(due["batches"])}
+    points = batches = 0
+    while True:
+        p.ctx.check_stop()
+        with db.wrap_errors("pruning GPS points"), p.conn.transaction():
+            row = p.conn.execute(db.query("prune", "gps_delete_chunk"),
+                                 params | {"chunk": p.chunk}).fetchone()
+        assert row is not None
+        points += int(row["points"])
+        batches += int(row["batches"])
+        if not row["batches"]:
+            return {"gps_points": points, "gps_batches": batches}
+
+
+def _prune_polylines(p: _Pass, days: int) -> int:
+    params = {"cutoff": p.cutoff(days)}
+    if p.dry_run:
+        return int(p.count("polylines_due", params)["n"])
+    return p.delete_chunks("polylines_delete_chunk", params)
+
+
+def _prune_runs(p: _Pass, days: int) -> int:
+    with db.wrap_errors("reading the runs status needs"):
+        keep = [r["run_id"] for r in p.conn.execute(db.query("prune", "runs_keep"))]
+    params = {"cutoff": p.cutoff(days), "keep": keep}
+    if p.dry_run:
+        return int(p.count("runs_due", params)["n"])
+    return p.delete_chunks("runs_delete_chunk", params)
+
+
+def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int,
+                    counts: dict[str, int]) -> list[str]:
+    """Dataset versions beyond the ``keep`` newest, with their generations and graph versions
+    and the S3 objects of all three; never the active dataset or the active graph's.
+
+    S3 goes first, then the rows in one transaction: a failure in between leaves the rows,
+    and the next run deletes what is left of the objects, so no object is ever orphaned."""
+    with db.wrap_errors("reading the dataset versions"):
+        due = p.conn.execute(db.query("prune", "datasets_due"), {"keep": keep}).fetchall()
+    done = []
+    for d in due:
+        p.ctx.check_stop()
+        prefixes = [d["backup_prefix"], *(export_prefix(v) for v in d["graphs"])]
+        if p.dry_run:
+            counts["datasets"] += 1
+            counts["virtual_generations"] += len(d["generations"])
+            counts["graph_versions"] += len(d["graphs"])
+            if backups is not None:
+                counts["s3_objects"] += sum(len(list(backups.list(x))) for x in prefixes)
+            done.append(d["version"])
+            continue
+        if backups is None:
+            raise ValueError("a backup store is needed to delete dataset versions")
+        for prefix in prefixes:
+            counts["s3_objects"] += backups.delete_prefix(prefix)
+        with db.wrap_errors(f"deleting dataset {d['version']}"), p.conn.transaction():
+            row = p.conn.execute(db.query("prune", "dataset_delete"),
+                                 {"version": d["version"]}).fetchone()
+            assert row is not None
+            if not row["datasets"]:  # it became active (a restore) since it was listed
+                continue
+            p.conn.execute(db.query("prune", "dataset_delete_row"), {"version": d["version"]})
+        counts["datasets"] += 1
+        counts["virtual_generations"] += int(row["generations"])
+        counts["graph_versions"] += int(row["graph_versions"])
+        p.ctx.log.info("deleted dataset %s (%d generations, graph versions %s)",
+                       d["version"], row["generations"], ", ".join(d["graphs"]) or "none")
+        done.append(d["version"])
+    return done
+
+
+
+def status_section(conn: psycopg.Connection[Any], now: datetime | None = None
+                   ) -> dict[str, Any]:
+    """When prune last ran well and what it removed, for `pipeline status` (one indexed read)."""
+    with db.wrap_errors("reading the last prune run"):
+        row = conn.execute(db.query("prune", "last_run")).fetchone()
+    if row is None:
+        return {"last_run_at": None, "last_status": None, "removed": {}}
+    return {"last_run_at": row["finished_at"], "last_status": row["status"],
+            "removed": {k: n for k, n in (row["counts"] or {}).items() if n}}

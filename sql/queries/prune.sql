@@ -1,0 +1,120 @@
+-- Queries of `pipeline prune` (pipeline_cli/stages/prune.py). Every delete takes at most
+-- %(chunk)s rows (of its own table; GPS: points) and runs in its own short transaction, with
+-- FOR UPDATE SKIP LOCKED so a row another session holds is left for the next pass.
+
+-- name: gps_due
+-- What the GPS part would delete: finished batches wholly older than the cutoff, and their
+-- processed points. A point no finished batch covers is never counted (nor deleted).
+SELECT count(*) AS batches, coalesce(sum(p.n), 0)::bigint AS points
+FROM processing_batches b
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM gps_points g
+    WHERE g.device_id = b.device_id AND g.recorded_at BETWEEN b.start_time AND b.end_time
+      AND g.batch_id = b.batch_id AND g.processed
+) p
+WHERE b.status IN ('completed', 'too_short') AND b.end_time < %(cutoff)s;
+
+-- name: gps_delete_chunk
+-- The oldest due batches whose points add up to at most %(chunk)s (at least one batch), their
+-- processed points, then the batches: one statement, one transaction.
+WITH due AS (
+    SELECT batch_id, coordinate_count, end_time FROM processing_batches
+    WHERE status IN ('completed', 'too_short') AND end_time < %(cutoff)s
+    ORDER BY end_time, batch_id
+    LIMIT %(chunk)s
+    FOR UPDATE SKIP LOCKED
+), sized AS (
+    SELECT batch_id,
+           sum(coordinate_count) OVER w AS upto,
+           row_number() OVER w AS n
+    FROM due
+    WINDOW w AS (ORDER BY end_time, batch_id ROWS UNBOUNDED PRECEDING)
+), b AS (
+    DELETE FROM processing_batches pb USING sized
+    WHERE pb.batch_id = sized.batch_id AND (sized.upto <= %(chunk)s OR sized.n = 1)
+    RETURNING pb.batch_id, pb.device_id, pb.start_time, pb.end_time
+), p AS (
+    DELETE FROM gps_points g USING b
+    WHERE g.device_id = b.device_id AND g.recorded_at BETWEEN b.start_time AND b.end_time
+      AND g.batch_id = b.batch_id AND g.processed
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM b) AS batches, (SELECT count(*) FROM p) AS points;
+
+-- name: polylines_due
+SELECT count(*) AS n FROM cached_polylines
+WHERE created_at < %(cutoff)s AND (last_accessed IS NULL OR last_accessed < %(cutoff)s);
+
+-- name: polylines_delete_chunk
+WITH due AS (
+    SELECT id FROM cached_polylines
+    WHERE created_at < %(cutoff)s AND (last_accessed IS NULL OR last_accessed < %(cutoff)s)
+    LIMIT %(chunk)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM cached_polylines c USING due WHERE c.id = due.id;
+
+-- name: runs_keep
+-- Runs kept whatever their age: the newest run and the newest good run of each stage, which
+-- `status` reads (last run, last success, overdue).
+SELECT run_id FROM (
+    SELECT DISTINCT ON (stage) run_id FROM stage_runs ORDER BY stage, started_at DESC
+) newest
+UNION
+SELECT run_id FROM (
+    SELECT DISTINCT ON (stage) run_id FROM stage_runs WHERE status IN ('success', 'noop')
+    ORDER BY stage, started_at DESC
+) good;
+
+-- name: runs_due
+SELECT count(*) AS n FROM stage_runs
+WHERE started_at < %(cutoff)s AND status <> 'running' AND run_id <> ALL(%(keep)s::uuid[]);
+
+-- name: runs_delete_chunk
+WITH due AS (
+    SELECT run_id FROM stage_runs
+    WHERE started_at < %(cutoff)s AND status <> 'running' AND run_id <> ALL(%(keep)s::uuid[])
+    LIMIT %(chunk)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM stage_runs r USING due WHERE r.run_id = due.run_id;
+
+-- name: datasets_due
+-- Dataset versions beyond the %(keep)s newest, except the active one and any version the
+-- active graph was built from; with the generations and graph versions made from them.
+SELECT d.version, d.backup_prefix,
+       coalesce((SELECT array_agg(g.id ORDER BY g.id) FROM virtual_generations g
+                 WHERE g.dataset_version = d.version), '{}') AS generations,
+       coalesce((SELECT array_agg(gv.version ORDER BY gv.seq) FROM graph_versions gv
+                 WHERE gv.dataset_version = d.version AND NOT gv.active), '{}') AS graphs
+FROM datasets d
+WHERE NOT d.active
+  AND d.version NOT IN (SELECT dataset_version FROM graph_versions WHERE active)
+  AND d.version NOT IN (SELECT version FROM datasets ORDER BY seq DESC LIMIT %(keep)s)
+ORDER BY d.seq;
+
+-- name: dataset_delete
+-- One dataset version's rows, re-checking the guards under the row lock (a restore or a graph
+-- activation may have happened since datasets_due).
+WITH d AS (
+    SELECT version FROM datasets
+    WHERE version = %(version)s AND NOT active
+      AND version NOT IN (SELECT dataset_version FROM graph_versions WHERE active)
+    FOR UPDATE
+), gv AS (
+    DELETE FROM graph_versions g USING d
+    WHERE g.dataset_version = d.version AND NOT g.active RETURNING 1
+), vg AS (
+    DELETE FROM virtual_generations g USING d WHERE g.dataset_version = d.version RETURNING 1
+)
+SELECT (SELECT count(*) FROM d) AS datasets, (SELECT count(*) FROM gv) AS graph_versions,
+       (SELECT count(*) FROM vg) AS generations;
+
+-- name: dataset_delete_row
+DELETE FROM datasets WHERE version = %(version)s AND NOT active;
+
+-- name: last_run
+-- The newest good prune run, for `pipeline status`.
+SELECT status, finished_at, counts FROM stage_runs
+WHERE stage = 'prune' AND status IN ('success', 'noop')
+ORDER BY started_at DESC LIMIT 1;

@@ -1,0 +1,90 @@
+"""`pipeline prune` at the CLI edge: --json counts, --dry-run records no run and keeps a failure
+streak visible, status shows the last prune, a bad setting, and the installed script."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.support.clirunner import Cli
+
+Conn = psycopg.Connection[dict[str, Any]]
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture
+def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
+    run_cli.env.update(full_env)
+    return run_cli
+
+
+def old_batch(conn: Conn) -> None:
+    start = datetime.now(UTC) - timedelta(days=60)
+    row = conn.execute(
+        "INSERT INTO processing_batches (device_id, start_time, end_time, status, "
+        "coordinate_count) VALUES ('bus', %s, %s, 'completed', 2) RETURNING batch_id",
+        (start, start + timedelta(seconds=1))).fetchone()
+    assert row is not None
+    for i in range(2):
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, "
+                     "processed, batch_id) VALUES ('bus', %s, 60.1, 24.9, true, %s)",
+                     (start + timedelta(seconds=i), row["batch_id"]))
+
+
+def runs(conn: Conn) -> list[tuple[str, str]]:
+    return [(r["stage"], r["status"]) for r in conn.execute(
+        "SELECT stage, status FROM stage_runs ORDER BY started_at")]
+
+
+def test_dry_run_then_prune_then_noop(cli: Cli, conn: Conn) -> None:
+    old_batch(conn)
+    # A failed prune before: the dry run must not end the streak.
+    conn.execute("INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start, "
+                 "finished_at, status, error) VALUES (gen_random_uuid(), 'prune', 'h', 1, 1, "
+                 "now(), now(), 'failed', 'boom')")
+    dry = cli("prune", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    out = json.loads(dry.stdout)
+    assert out["status"] == "dry-run" and out["dry_run"] is True and out["run_id"] is None
+    assert "prune: dry-run in" in (text := cli("prune", "--dry-run").stdout)
+    assert "(dry run, not recorded): would delete 2 gps points, 1 gps batches" in text
+    assert out["counts"]["gps_points"] == 2 and out["counts"]["gps_batches"] == 1
+    assert runs(conn) == [("prune", "failed")]
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 2}
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["stages"]["prune"]["consecutive_failures"] == 1
+
+    real = json.loads(cli("prune", "--json").stdout)
+    assert real["status"] == "success" and real["counts"]["gps_points"] == 2
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 0}
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["prune"]["removed"] == {"gps_points": 2, "gps_batches": 1}
+    assert "removed 2 gps points, 1 gps batches" in cli("status").stdout
+
+    again = cli("prune")
+    assert again.exit_code == 0 and "noop" in again.stdout
+    assert runs(conn) == [("prune", "failed"), ("prune", "success"), ("prune", "noop")]
+
+
+def test_bad_setting_is_one_line(cli: Cli, conn: Conn) -> None:
+    cli.env["PIPELINE_RETENTION_GPS_DAYS"] = "-1"
+    result = cli("prune")
+    assert result.exit_code == 78
+    assert "[retention] gps_days" in result.stderr and "Traceback" not in result.output
+    assert runs(conn) == []
+
+
+def test_installed_script(cli: Cli) -> None:
+    proc = cli.subprocess("-q", "prune")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+
+def test_without_dataset_retention_s3_is_not_needed(run_cli: Cli, conn: Conn) -> None:
+    old_batch(conn)
+    run_cli.env["PIPELINE_RETENTION_DATASETS"] = "0"  # no [s3] settings at all
+    out = json.loads(run_cli("prune", "--json").stdout)
+    assert out["status"] == "success" and out["counts"]["gps_points"] == 2

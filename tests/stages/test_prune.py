@@ -1,0 +1,192 @@
+"""prune against real PostgreSQL and S3: what is due goes in chunks, what must stay stays, a
+rerun is a noop, and a dry run deletes nothing and records no run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from devtools.services import S3Endpoint
+from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.db import Database
+from pipeline_cli.runner import RunRecord, StageRunner
+from pipeline_cli.settings import RetentionSettings
+from pipeline_cli.stages.build_graph import export_prefix
+from pipeline_cli.stages.prune import prune
+from pipeline_cli.stages.sync_odata import backup_prefix
+
+pytestmark = pytest.mark.s3
+
+Conn = psycopg.Connection[Any]
+NOW = datetime.now(UTC)
+OLD = NOW - timedelta(days=40)
+RECENT = NOW - timedelta(days=1)
+
+
+@pytest.fixture
+def backups(s3: S3Endpoint, s3_bucket: str) -> BackupStore:
+    return BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                               secure=s3.secure, region=s3.region)
+
+
+def run(database_url: str, backups: BackupStore | None, settings: RetentionSettings,
+        *, dry_run: bool = False) -> RunRecord:
+    database = Database(database_url)
+    return StageRunner(database).run(
+        "prune", lambda ctx: prune(database, backups, settings, ctx, dry_run=dry_run),
+        dry_run=dry_run)
+
+
+def add_batch(conn: Conn, device: str, start: datetime, points: int, status: str) -> None:
+    """A batch of ``points`` points one second apart, in the state match-gps leaves it."""
+    processed = status in ("completed", "too_short")
+    end = start + timedelta(seconds=points - 1)
+    row = conn.execute(
+        "INSERT INTO processing_batches (device_id, start_time, end_time, status, "
+        "coordinate_count) VALUES (%s, %s, %s, %s, %s) RETURNING batch_id",
+        (device, start, end, status, points)).fetchone()
+    assert row is not None
+    for i in range(points):
+        conn.execute(
+            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed, "
+            "batch_id) VALUES (%s, %s, 60.17, 24.94, %s, %s)",
+            (device, start + timedelta(seconds=i), processed, row["batch_id"]))
+
+
+def add_unbatched(conn: Conn, device: str, start: datetime, points: int) -> None:
+    for i in range(points):
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude) "
+                     "VALUES (%s, %s, 60.17, 24.94)", (device, start + timedelta(seconds=i)))
+
+
+def gps_state(conn: Conn) -> tuple[list[tuple[str, str | None, bool]], list[str]]:
+    points = [(r["device_id"], r["status"], r["processed"]) for r in conn.execute(
+        "SELECT p.device_id, b.status, p.processed FROM gps_points p "
+        "LEFT JOIN processing_batches b USING (batch_id) ORDER BY p.device_id, p.recorded_at")]
+    batches = [r["status"] for r in conn.execute(
+        "SELECT status FROM processing_batches ORDER BY device_id, start_time")]
+    return points, batches
+
+
+def test_old_processed_points_go_recent_and_unprocessed_stay(
+        database_url: str, conn: Conn) -> None:
+    add_batch(conn, "a-old", OLD, 5, "completed")        # due: 5 points, 1 batch
+    add_batch(conn, "b-old-short", OLD, 1, "too_short")  # due: 1 point, 1 batch
+    add_batch(conn, "c-recent", RECENT, 4, "completed")  # too young
+    add_batch(conn, "d-dead", OLD, 3, "dead")            # evidence: kept
+    add_batch(conn, "e-failed", OLD, 2, "failed")        # waiting for a retry: kept
+    add_unbatched(conn, "f-unbatched", OLD, 3)           # never processed: kept
+    settings = RetentionSettings(chunk_size=2, runs_days=0, datasets=0)
+
+    first = run(database_url, None, settings)
+    assert first.status == "success", first.error
+    assert first.counts["gps_points"] == 6 and first.counts["gps_batches"] == 2
+    points, batches = gps_state(conn)
+    assert points == ([("c-recent", "completed", True)] * 4 + [("d-dead", "dead", False)] * 3
+                      + [("e-failed", "failed", False)] * 2 + [("f-unbatched", None, False)] * 3)
+    assert batches == ["completed", "dead", "failed"]
+
+    again = run(database_url, None, settings)
+    assert again.status == "noop" and not any(again.counts.values())
+    assert gps_state(conn) == (points, batches)
+
+
+def test_polylines_and_run_history(database_url: str, conn: Conn) -> None:
+    for device, created, accessed in (("old", OLD, None), ("read", OLD, RECENT),
+                                      ("new", RECENT, None)):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "point_count, source_coordinates_count, created_at, last_accessed) "
+            "VALUES (%s, %s, %s, '_p~iF~ps|U', 2, 2, %s, %s)",
+            (device, created, created, created, accessed))
+    old_run = NOW - timedelta(days=100)
+    for i, (stage, status) in enumerate((("sync-odata", "success"), ("sync-odata", "failed"),
+                                         ("sync-odata", "success"), ("build-graph", "noop"))):
+        conn.execute(
+            "INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start, "
+            "started_at, finished_at, status) VALUES (gen_random_uuid(), %s, 'h', 1, 1, now(), "
+            "%s, %s, %s)", (stage, old_run + timedelta(minutes=i), old_run, status))
+    settings = RetentionSettings(gps_days=0, polyline_days=7, runs_days=90, datasets=0)
+    record = run(database_url, None, settings)
+    assert record.counts["polylines"] == 1 and record.counts["stage_runs"] == 2
+    assert [r["device_id"] for r in conn.execute(
+        "SELECT device_id FROM cached_polylines ORDER BY device_id")] == ["new", "read"]
+    # Status still sees each stage's newest run (here also its newest good run), and the
+    # prune run itself.
+    assert sorted((r["stage"], r["status"]) for r in conn.execute(
+        "SELECT stage, status FROM stage_runs")) == [
+        ("build-graph", "noop"), ("prune", "success"), ("sync-odata", "success")]
+
+
+def add_dataset(conn: Conn, backups: BackupStore, seq: int, *, active: bool = False) -> str:
+    version = f"ds-v{seq}"
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES (%s, %s, 'h', %s, %s)", (version, seq, backup_prefix(version), active))
+    gen = conn.execute(
+        "INSERT INTO virtual_generations (dataset_version, settings, backup_prefix) "
+        "VALUES (%s, '{}', %s) RETURNING id",
+        (version, f"datasets/{version}/virtual/gen-0/")).fetchone()
+    assert gen is not None
+    conn.execute("UPDATE virtual_generations SET backup_prefix = %s WHERE id = %s",
+                 (f"{backup_prefix(version)}virtual/gen-{gen['id']}/", gen["id"]))
+    backups.put_json(f"{backup_prefix(version)}manifest.json", {"version": version})
+    backups.put_json(f"{backup_prefix(version)}virtual/gen-{gen['id']}/stops.json.gz", [],
+                     gzipped=True)
+    return version
+
+
+def add_graph(conn: Conn, backups: BackupStore, seq: int, dataset: str, *, active: bool
+              ) -> str:
+    version = f"graph-v{seq}"
+    conn.execute(
+        "INSERT INTO graph_versions (version, seq, dataset_version, nodes, edges, build_ms, "
+        "checksum, export_key, active) VALUES (%s, %s, %s, 1, 0, 1, 'c', %s, %s)",
+        (version, seq, dataset, f"{export_prefix(version)}graph.jsonl.gz", active))
+    backups.put_bytes(f"{export_prefix(version)}graph.jsonl.gz", b"x")
+    backups.put_json(f"{export_prefix(version)}manifest.json", {})
+    return version
+
+
+def test_datasets_keep_the_newest_the_active_and_the_graphs(
+        database_url: str, conn: Conn, backups: BackupStore) -> None:
+    v1, v2, v3, v4, v5 = (add_dataset(conn, backups, i, active=i == 5) for i in range(1, 6))
+    add_graph(conn, backups, 1, v1, active=True)  # the active graph was built from v1
+    g2 = add_graph(conn, backups, 2, v2, active=False)
+    add_graph(conn, backups, 4, v4, active=False)
+    settings = RetentionSettings(gps_days=0, runs_days=0, datasets=2)
+    before = sorted(backups.list(""))
+
+    dry = run(database_url, backups, settings, dry_run=True)
+    assert dry.status == "dry-run" and dry.extra["datasets_deleted"] == [v2, v3]
+    assert dry.counts["datasets"] == 2 and dry.counts["graph_versions"] == 1
+    assert dry.counts["s3_objects"] == 6  # 2 per dataset, 2 of graph-v2
+    assert sorted(backups.list("")) == before
+    assert conn.execute("SELECT count(*) AS n FROM datasets").fetchone() == {"n": 5}
+    assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
+
+    record = run(database_url, backups, settings)
+    assert record.status == "success", record.error
+    assert record.counts == dry.counts
+    assert [r["version"] for r in conn.execute(
+        "SELECT version FROM datasets ORDER BY seq")] == [v1, v4, v5]
+    assert [r["version"] for r in conn.execute(
+        "SELECT version FROM graph_versions ORDER BY seq")] == ["graph-v1", "graph-v4"]
+    assert [r["dataset_version"] for r in conn.execute(
+        "SELECT dataset_version FROM virtual_generations ORDER BY id")] == [v1, v4, v5]
+    left = sorted(backups.list(""))
+    assert left == sorted(k for k in before if not k.startswith(
+        (backup_prefix(v2), backup_prefix(v3), export_prefix(g2))))
+    assert len(left) == len(before) - 6
+
+    assert run(database_url, backups, settings).status == "noop"
+
+
+def test_zero_keeps_everything(database_url: str, conn: Conn) -> None:
+    add_batch(conn, "a", OLD - timedelta(days=3650), 2, "completed")
+    record = run(database_url, None, RetentionSettings(gps_days=0, polyline_days=0, runs_days=0,
+                                                       datasets=0))
+    assert record.status == "noop" and record.message == "nothing is due"
+    assert len(gps_state(conn)[0]) == 2
