@@ -119,7 +119,7 @@ def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
                      " VALUES ('a', '2024-05-01 08:00Z', '2024-05-01 08:00:02Z', '_p~iF~ps|U',"
                      " 3, 3, %s)", (done["batch_id"],))
 
-        assert db.migrate(conn).applied[-1] == "013_gps_partitions"
+        assert "013_gps_partitions" in db.migrate(conn).applied
 
         state = {(r["device_id"], r["processed"], r["batch_id"]): r["n"] for r in conn.execute(
             "SELECT device_id, processed, batch_id, count(*) AS n FROM gps_point_status"

@@ -61,8 +61,9 @@ def match(app: App, concurrency: int | None, max_batches: int | None,
     Safe to run on many hosts at once: batches are claimed row by row under a lease.
     """
     if dry_run:
-        run_stage(app, "match-gps", lambda ctx: stage.preview(app.database), dry_run=True,
-                  options={"dry_run": True})
+        run_stage(app, "match-gps",
+                  lambda ctx: stage.preview(app.database, app.settings.match),
+                  dry_run=True, options={"dry_run": True})
         return
     settings = app.settings
     settings.runner.check_budget("--max-runtime", max_runtime, "match-gps")

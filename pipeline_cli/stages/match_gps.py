@@ -104,26 +104,6 @@ def match_gps(
     return result
 
 
-def match_gps_dry_run(database: db.Database, settings: MatchSettings) -> StageResult:
-    """What ``match-gps`` would do now, writing nothing (no batch, no lease, no partition):
-    the batches it would make from waiting points, the open runs, and the batches waiting to
-    be matched with their points."""
-    with database.connect(name="pipeline match-gps --dry-run", autocommit=True) as conn:
-        planned = batches.plan(conn, settings)
-    backlog = planned.pop("backlog")
-    ready = planned["ready_batches"]
-    counts = {k: planned[k] for k in ("batches_to_make", "too_short_to_close",
-                                      "points_to_batch", "open_runs")}
-    counts.update(batches_ready=len(ready), points_ready=sum(r["coordinate_count"]
-                                                             for r in ready),
-                  unprocessed_points=backlog["unprocessed_points"])
-    message = (f"would make {counts['batches_to_make']} batch(es) of "
-               f"{counts['points_to_batch']} point(s); {len(ready)} batch(es) of "
-               f"{counts['points_ready']} point(s) ready to match (dry run: nothing written)")
-    return StageResult(status=NOOP, counts=counts,
-                       extra={"ready_batches": ready, "backlog": backlog}, message=message)
-
-
 def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float,
             worker: str, concurrency: int, chunk_size: int) -> StageResult:
     elapsed = max(time.monotonic() - started, 1e-9)
@@ -154,24 +134,32 @@ def _attach(exc: PipelineError, counts: Counter[str], pool: Pool, osrm_requests:
                               extra={"points_per_second": result.extra["points_per_second"]})
 
 
-def preview(database: db.Database) -> StageResult:
-    """What a match-gps run would find waiting (``--dry-run``): the backlog as ``status``
-    reads it, from the same cheap queries; claims, batches and writes nothing."""
-    from ..gps.batches import status_section
-
+def preview(database: db.Database, settings: MatchSettings | None = None) -> StageResult:
+    """What a match-gps run would do now (``--dry-run``), in a read-only transaction that
+    writes nothing (no batch, lease, partition or cursor move): the batches a pass would make
+    from waiting points, the batches ready to be claimed with their points (the first 50
+    listed), and the backlog as ``status`` reads it."""
     with database.connect(name="pipeline match-gps dry-run", autocommit=True) as conn:
-        gps = status_section(conn)
+        planned = batches.plan(conn, settings or MatchSettings())
+    gps = planned["backlog"]
+    ready = planned["ready_batches"]
     b = gps["batches"]
     would = (gps["unprocessed_points"] - gps["dead_points"] > 0) or gps["expired_leases"] > 0
     counts = {"unbatched_points": gps["unbatched_points"],
               "unprocessed_points": gps["unprocessed_points"],
               "pending_batches": b["pending"], "failed_batches": b["failed"],
               "processing_batches": b["processing"], "expired_leases": gps["expired_leases"],
-              "dead_batches": b["dead"]}
-    message = (f"would match: {gps['unbatched_points']} points to batch, {b['pending']} "
-               f"pending and {b['failed']} failed batches ({gps['unprocessed_points']} points "
-               f"waiting), {gps['expired_leases']} expired leases"
+              "dead_batches": b["dead"],
+              "batches_to_make": planned["batches_to_make"],
+              "too_short_to_close": planned["too_short_to_close"],
+              "points_to_batch": planned["points_to_batch"], "open_runs": planned["open_runs"],
+              "batches_ready": len(ready),
+              "points_ready": sum(r["coordinate_count"] for r in ready)}
+    message = (f"would match: {gps['unbatched_points']} points to batch "
+               f"({planned['batches_to_make']} new batches), {b['pending']} pending and "
+               f"{b['failed']} failed batches ({gps['unprocessed_points']} points waiting), "
+               f"{gps['expired_leases']} expired leases"
                if would else "would do nothing: no GPS backlog")
     return StageResult(status="dry-run", counts=counts,
-                       extra={"dry_run": True, "would_run": would,
+                       extra={"dry_run": True, "would_run": would, "ready_batches": ready,
                               "next_retry_at": gps["next_retry_at"]}, message=message)

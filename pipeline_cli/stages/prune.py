@@ -17,6 +17,7 @@ import psycopg
 
 from .. import db
 from ..adapters.backups import BackupStore
+from ..gps import partitions
 from ..runner import NOOP, SUCCESS, RunContext, StageResult
 from ..settings import RetentionSettings
 from .build_graph import export_prefix
@@ -88,26 +89,19 @@ def prune(database: db.Database, backups: BackupStore | None, settings: Retentio
 
 
 def _prune_gps(p: _Pass, days: int) -> dict[str, int]:
-    """GPS points processed more than ``days`` ago go with their finished batches; points no
-    finished batch covers stay whatever their age, and dead batches stay (the evidence).
-
-    Today's model: a point is processed when its batch (``batch_id``) is completed or
-    too_short. Kept in this one function so the partitioned GPS storage can replace it."""
-    params = {"cutoff": p.cutoff(days)}
+    """GPS points processed more than ``days`` ago, then the finished batches before the cutoff
+    that no longer hold a point; points no finished batch has read stay whatever their age,
+    and dead batches stay (the evidence). A daily partition wholly due and wholly processed is
+    dropped in one step; elsewhere points go in chunks (``gps.partitions.prune``)."""
+    cutoff = p.cutoff(days)
+    pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run)
+    points = pruned.points_dropped + pruned.points_deleted
+    params = {"cutoff": cutoff}
     if p.dry_run:
-        due = p.count("gps_due", params)
-        return {"gps_points": int(due["points"]), "gps_batches": int(due["batches"])}
-    points = batches = 0
-    while True:
-        p.ctx.check_stop()
-        with db.wrap_errors("pruning GPS points"), p.conn.transaction():
-            row = p.conn.execute(db.query("prune", "gps_delete_chunk"),
-                                 params | {"chunk": p.chunk}).fetchone()
-        assert row is not None
-        points += int(row["points"])
-        batches += int(row["batches"])
-        if not row["batches"]:
-            return {"gps_points": points, "gps_batches": batches}
+        return {"gps_points": points,
+                "gps_batches": int(p.count("gps_batches_due", params)["n"])}
+    return {"gps_points": points,
+            "gps_batches": p.delete_chunks("gps_batches_delete_chunk", params)}
 
 
 def _prune_polylines(p: _Pass, days: int) -> int:

@@ -570,13 +570,15 @@ FROM (
                     WHEN t < '1970-01-01Z' OR t >= '2100-01-01Z'
                         THEN format('time %%L out of range (1970..2099)', tv)
                END,
-               CASE WHEN lav IS NULL THEN 'latitude missing'
+               CASE WHEN la BETWEEN -90 AND 90 THEN NULL  -- the common case first
+                    WHEN lav IS NULL THEN 'latitude missing'
                     WHEN lav ~* '^[+-]?(nan|inf|infinity)$' THEN format('latitude is %%L', lav)
                     WHEN la IS NULL THEN format('latitude %%L is not a number', lav)
                     WHEN la NOT BETWEEN -90 AND 90
                         THEN format('latitude %%s out of range (-90..90)', la)
                END,
-               CASE WHEN lov IS NULL THEN 'longitude missing'
+               CASE WHEN lo BETWEEN -180 AND 180 THEN NULL
+                    WHEN lov IS NULL THEN 'longitude missing'
                     WHEN lov ~* '^[+-]?(nan|inf|infinity)$' THEN format('longitude is %%L', lov)
                     WHEN lo IS NULL THEN format('longitude %%L is not a number', lov)
                     WHEN lo NOT BETWEEN -180 AND 180

@@ -1,45 +1,30 @@
 -- Queries of `pipeline prune` (pipeline_cli/stages/prune.py). Every delete takes at most
--- %(chunk)s rows (of its own table; GPS: points) and runs in its own short transaction, with
+-- %(chunk)s rows (of its own table) and runs in its own short transaction, with
 -- FOR UPDATE SKIP LOCKED so a row another session holds is left for the next pass.
 
--- name: gps_due
--- What the GPS part would delete: finished batches wholly older than the cutoff, and their
--- processed points. A point no finished batch covers is never counted (nor deleted).
-SELECT count(*) AS batches, coalesce(sum(p.n), 0)::bigint AS points
-FROM processing_batches b
-CROSS JOIN LATERAL (
-    SELECT count(*) AS n FROM gps_points g
-    WHERE g.device_id = b.device_id AND g.recorded_at BETWEEN b.start_time AND b.end_time
-      AND g.batch_id = b.batch_id AND g.processed
-) p
-WHERE b.status IN ('completed', 'too_short') AND b.end_time < %(cutoff)s;
+-- name: gps_batches_due
+-- Finished batches before the cutoff that read every point of their range: once their points
+-- are pruned they hold none.
+SELECT count(*) AS n FROM processing_batches b
+WHERE b.status IN ('completed', 'too_short') AND b.end_time < %(cutoff)s
+  AND NOT EXISTS (SELECT 1 FROM gps_points g
+                  WHERE g.device_id = b.device_id
+                    AND g.recorded_at BETWEEN b.start_time AND b.end_time
+                    AND NOT txid_visible_in_snapshot(g.arrival, b.points_snapshot));
 
--- name: gps_delete_chunk
--- The oldest due batches whose points add up to at most %(chunk)s (at least one batch), their
--- processed points, then the batches: one statement, one transaction.
+-- name: gps_batches_delete_chunk
+-- Finished batches before the cutoff whose points are all gone (pruned with their partition
+-- or in chunks): a late point there later gets a batch of its own.
 WITH due AS (
-    SELECT batch_id, coordinate_count, end_time FROM processing_batches
-    WHERE status IN ('completed', 'too_short') AND end_time < %(cutoff)s
-    ORDER BY end_time, batch_id
+    SELECT b.batch_id FROM processing_batches b
+    WHERE b.status IN ('completed', 'too_short') AND b.end_time < %(cutoff)s
+      AND NOT EXISTS (SELECT 1 FROM gps_points g
+                      WHERE g.device_id = b.device_id
+                        AND g.recorded_at BETWEEN b.start_time AND b.end_time)
     LIMIT %(chunk)s
     FOR UPDATE SKIP LOCKED
-), sized AS (
-    SELECT batch_id,
-           sum(coordinate_count) OVER w AS upto,
-           row_number() OVER w AS n
-    FROM due
-    WINDOW w AS (ORDER BY end_time, batch_id ROWS UNBOUNDED PRECEDING)
-), b AS (
-    DELETE FROM processing_batches pb USING sized
-    WHERE pb.batch_id = sized.batch_id AND (sized.upto <= %(chunk)s OR sized.n = 1)
-    RETURNING pb.batch_id, pb.device_id, pb.start_time, pb.end_time
-), p AS (
-    DELETE FROM gps_points g USING b
-    WHERE g.device_id = b.device_id AND g.recorded_at BETWEEN b.start_time AND b.end_time
-      AND g.batch_id = b.batch_id AND g.processed
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM b) AS batches, (SELECT count(*) FROM p) AS points;
+DELETE FROM processing_batches pb USING due WHERE pb.batch_id = due.batch_id;
 
 -- name: polylines_due
 SELECT count(*) AS n FROM cached_polylines

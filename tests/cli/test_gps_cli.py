@@ -236,5 +236,5 @@ def test_match_gps_dry_run_shows_the_backlog_and_claims_nothing(run_cli: Cli, co
     assert out["counts"]["unbatched_points"] == 3 and out["counts"]["pending_batches"] == 0
     assert conn.execute("SELECT count(*) AS n FROM processing_batches").fetchone() == {"n": 0}
     assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
-    assert conn.execute("SELECT count(*) AS n FROM gps_points WHERE batch_id IS NOT NULL"
+    assert conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NOT NULL"
                         ).fetchone() == {"n": 0}

@@ -23,16 +23,15 @@ def cli(run_cli: Cli, full_env: dict[str, str]) -> Cli:
 
 
 def old_batch(conn: Conn) -> None:
+    """Two points and the completed batch that read them (its snapshot sees them)."""
     start = datetime.now(UTC) - timedelta(days=60)
-    row = conn.execute(
-        "INSERT INTO processing_batches (device_id, start_time, end_time, status, "
-        "coordinate_count) VALUES ('bus', %s, %s, 'completed', 2) RETURNING batch_id",
-        (start, start + timedelta(seconds=1))).fetchone()
-    assert row is not None
     for i in range(2):
-        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, "
-                     "processed, batch_id) VALUES ('bus', %s, 60.1, 24.9, true, %s)",
-                     (start + timedelta(seconds=i), row["batch_id"]))
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES ('bus', %s, 60.1, 24.9)", (start + timedelta(seconds=i),))
+    conn.execute(
+        "INSERT INTO processing_batches (device_id, start_time, end_time, status, "
+        "coordinate_count, points_snapshot) VALUES ('bus', %s, %s, 'completed', 2,"
+        " txid_current_snapshot())", (start, start + timedelta(seconds=1)))
 
 
 def runs(conn: Conn) -> list[tuple[str, str]]:

@@ -441,7 +441,7 @@ def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], datab
                 for name in tables]
 
     before = snapshot()
-    result = stage.match_gps_dry_run(Database(database_url), MatchSettings())
+    result = stage.preview(Database(database_url), MatchSettings())
     assert snapshot() == before
     assert result.counts["batches_to_make"] == 1
     assert result.counts["points_to_batch"] == len(trace_pool[2].points)

@@ -12,8 +12,9 @@ import pytest
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
+from pipeline_cli.gps import batches, partitions
 from pipeline_cli.runner import RunRecord, StageRunner
-from pipeline_cli.settings import RetentionSettings
+from pipeline_cli.settings import MatchSettings, RetentionSettings
 from pipeline_cli.stages.build_graph import export_prefix
 from pipeline_cli.stages.prune import prune
 from pipeline_cli.stages.sync_odata import backup_prefix
@@ -41,19 +42,15 @@ def run(database_url: str, backups: BackupStore | None, settings: RetentionSetti
 
 
 def add_batch(conn: Conn, device: str, start: datetime, points: int, status: str) -> None:
-    """A batch of ``points`` points one second apart, in the state match-gps leaves it."""
-    processed = status in ("completed", "too_short")
-    end = start + timedelta(seconds=points - 1)
-    row = conn.execute(
+    """A batch of ``points`` points one second apart, in the state match-gps leaves it: a
+    finished batch read its points (its snapshot is taken after they were inserted)."""
+    add_unbatched(conn, device, start, points)
+    conn.execute(
         "INSERT INTO processing_batches (device_id, start_time, end_time, status, "
-        "coordinate_count) VALUES (%s, %s, %s, %s, %s) RETURNING batch_id",
-        (device, start, end, status, points)).fetchone()
-    assert row is not None
-    for i in range(points):
-        conn.execute(
-            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed, "
-            "batch_id) VALUES (%s, %s, 60.17, 24.94, %s, %s)",
-            (device, start + timedelta(seconds=i), processed, row["batch_id"]))
+        "coordinate_count, points_snapshot) VALUES (%s, %s, %s, %s, %s,"
+        " CASE WHEN %s THEN txid_current_snapshot() END)",
+        (device, start, start + timedelta(seconds=points - 1), status, points,
+         status in ("completed", "too_short")))
 
 
 def add_unbatched(conn: Conn, device: str, start: datetime, points: int) -> None:
@@ -63,9 +60,9 @@ def add_unbatched(conn: Conn, device: str, start: datetime, points: int) -> None
 
 
 def gps_state(conn: Conn) -> tuple[list[tuple[str, str | None, bool]], list[str]]:
-    points = [(r["device_id"], r["status"], r["processed"]) for r in conn.execute(
-        "SELECT p.device_id, b.status, p.processed FROM gps_points p "
-        "LEFT JOIN processing_batches b USING (batch_id) ORDER BY p.device_id, p.recorded_at")]
+    points = [(r["device_id"], r["batch_status"], r["processed"]) for r in conn.execute(
+        "SELECT device_id, batch_status, processed FROM gps_point_status"
+        " ORDER BY device_id, recorded_at")]
     batches = [r["status"] for r in conn.execute(
         "SELECT status FROM processing_batches ORDER BY device_id, start_time")]
     return points, batches
@@ -190,3 +187,21 @@ def test_zero_keeps_everything(database_url: str, conn: Conn) -> None:
                                                        datasets=0))
     assert record.status == "noop" and record.message == "nothing is due"
     assert len(gps_state(conn)[0]) == 2
+
+
+def test_a_processed_day_goes_as_a_whole_partition(database_url: str, conn: Conn) -> None:
+    day = (OLD - timedelta(days=1)).date()
+    partitions.ensure(conn, [day])
+    start = datetime(day.year, day.month, day.day, 6, tzinfo=UTC)
+    add_batch(conn, "a", start, 5, "completed")
+    add_batch(conn, "b", start + timedelta(hours=1), 3, "pending")  # unprocessed: stays
+    add_batch(conn, "c", OLD, 2, "completed")  # in the default partition: deleted by chunks
+    batches.make_batches(conn, MatchSettings())  # a pass: every arrival has been looked at
+    name = f"gps_points_p{day:%Y%m%d}"
+    conn.execute("UPDATE processing_batches SET status = 'completed',"
+                 " points_snapshot = txid_current_snapshot() WHERE device_id = 'b'")
+    record = run(database_url, None, RetentionSettings(runs_days=0, datasets=0))
+    assert record.counts["gps_points"] == 10 and record.counts["gps_batches"] == 3
+    left = conn.execute("SELECT to_regclass(%s) AS t", (name,)).fetchone()
+    assert left["t"] is None  # dropped, not emptied row by row
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"] == 0
