@@ -170,7 +170,9 @@ def test_pgbouncer_pools_transactions_as_postgres_on_loopback(services: LocalSer
                 b.execute("SELECT pg_backend_pid()").fetchone()}
         # two clients, one idle server session: transaction pooling hands it to both
         assert len(pids) == 1
-    [record] = [r for r in Registry(services.state_dir).load() if r.kind == "pgbouncer"]
+    # This session's PgBouncer: another test session may share the state dir (its own records).
+    [record] = [r for r in Registry(services.state_dir).load()
+                if r.kind == "pgbouncer" and r.url == pgbouncer_url]
     if os.geteuid() == 0:  # PgBouncer refuses root: it runs as postgres
         import pwd
 
