@@ -133,7 +133,8 @@ LEFT JOIN LATERAL (
 -- string_to_array): quoted fields may hold commas and doubled quotes.
 CREATE FUNCTION gps_csv_fields(line text) RETURNS text[]
 LANGUAGE sql IMMUTABLE STRICT AS $$
-    SELECT array_agg(CASE WHEN m[1] LIKE '"%' THEN replace(substr(m[1], 2, length(m[1]) - 2),
+    SELECT array_agg(CASE WHEN m[1] ~ '^".*"$' AND length(m[1]) >= 2
+                          THEN replace(substr(m[1], 2, length(m[1]) - 2),
                                                            '""', '"')
                           ELSE m[1] END ORDER BY n)
     FROM regexp_matches(line, '(?:^|,)("(?:[^"]|"")*"|[^,]*)', 'g') WITH ORDINALITY AS r(m, n)

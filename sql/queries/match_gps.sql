@@ -530,11 +530,17 @@ INSERT INTO gps_ingest_fields (file, line, place, device_id, recorded, lat, lon,
 SELECT %(file)s::integer AS file, r.line, NULL::text AS place,
         f[%(device_col)s] AS device_id, f[%(time_col)s] AS recorded,
         f[%(lat_col)s] AS lat, f[%(lon_col)s] AS lon,
-        CASE WHEN cardinality(f) < %(width)s
+        CASE WHEN f IS NULL
+             THEN 'unbalanced quotes (a quoted field must not span lines)'
+             WHEN cardinality(f) < %(width)s
              THEN format('expected %%s fields, got %%s', %(width)s, cardinality(f)) END
             AS problem
  FROM gps_ingest_raw r,
+      -- An odd number of quotes: a quoted field that goes on past the line end. The lines
+      -- are read one by one, so such a row is refused and named, never guessed at.
       LATERAL (SELECT CASE WHEN strpos(r.raw, '"') = 0 THEN string_to_array(r.raw, ',')
+                           WHEN (length(r.raw) - length(replace(r.raw, '"', ''))) %% 2 = 1
+                           THEN NULL
                            ELSE gps_csv_fields(r.raw) END AS f) s
  WHERE r.raw !~ '^[\s,]*$' AND r.line > %(skip)s;
 
