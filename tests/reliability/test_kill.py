@@ -63,6 +63,7 @@ def test_kill_9_with_gps(make_sandbox: SandboxFactory, server: ForkServer, osrm_
 
 @pytest.mark.slow
 @pytest.mark.osrm
+@pytest.mark.timeout(2400)  # 50 kill-and-recover trials; minutes on a loaded 2-core machine
 @pytest.mark.parametrize("stage", ["sync-odata", "gen-virtual", "build-graph", "match-gps",
                                    "run-all"])
 def test_kill_9_fifty_trials(make_sandbox: SandboxFactory, server: ForkServer, osrm_url: str,
