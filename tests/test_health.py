@@ -123,6 +123,9 @@ def test_never_ran_is_overdue_only_after_install_plus_grace(conn: Conn, database
                                                             ) -> None:
     run(database_url, "sync-odata", "success")
     schedule = build_schedule(None, {"run-all": "* * * * *"})
+    # The test database is a clone of the session's template, migrated when the session began
+    # (maybe more than the grace period ago): make the install "moments ago" explicitly.
+    conn.execute("UPDATE schema_migrations SET applied_at = now()")
     report = collect_status(conn, schedule=schedule, sections=quiet_sections())
     assert report.stages["run-all"]["overdue"] is False  # installed moments ago
     conn.execute("UPDATE schema_migrations SET applied_at = now() - interval '1 day'")
