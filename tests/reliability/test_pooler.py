@@ -91,8 +91,11 @@ def test_four_match_gps_workers_complete_each_batch_once(pooled: SandboxFactory,
     assert sum(o["counts"]["batches_completed"] for o in outs) == 200
     assert sum(o["counts"]["points_processed"] for o in outs) == len(rows)
     assert check_gps(conn) == []
-    crashed = conn.execute("SELECT count(*) AS n FROM stage_runs WHERE status <> 'success'")
-    assert crashed.fetchone() == {"n": 0}  # no live worker was taken for a crashed one
+    # a worker that starts after the others took every batch ends as a no-op, which is fine;
+    # none may show as crashed or failed (a live worker taken for a crashed one)
+    runs = {r["status"]: r["n"] for r in conn.execute(
+        "SELECT status, count(*) AS n FROM stage_runs GROUP BY 1").fetchall()}
+    assert set(runs) <= {"success", "noop"} and sum(runs.values()) == 4, runs
 
 
 @pytest.fixture(scope="module")
