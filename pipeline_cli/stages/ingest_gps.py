@@ -111,7 +111,14 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int) -> N
                 if block.startswith(b"\xef\xbb\xbf"):
                     block = block[3:]
                 while block:
-                    cp.write(block)
+                    while block.endswith(b"\r"):  # keep a CRLF in one block
+                        more = handle.read(1)
+                        if not more:
+                            break
+                        block += more
+                    # COPY wants one line-end style per file; files edited on two systems
+                    # mix them. CRLF -> LF keeps every line number.
+                    cp.write(block.replace(b"\r\n", b"\n"))
                     block = handle.read(COPY_BLOCK)
         except psycopg.errors.DataError as exc:
             where = _COPY_LINE.search(exc.diag.context or "")

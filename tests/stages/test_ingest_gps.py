@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from pipeline_cli.db import Database
 from pipeline_cli.runner import RunRecord, StageRunner
+from pipeline_cli.stages import ingest_gps as ingest_module
 from pipeline_cli.stages.ingest_gps import ingest_gps
 
 HEADER = "device_id,recorded_at,latitude,longitude\n"
@@ -113,13 +115,29 @@ def test_csv_iso_and_epoch_times(tmp_path: Path, database_url: str,
                       "bus-1,2024-05-01T09:00:00.25,6e1,2.5e1\n").encode())
     windows = tmp_path / "w.csv"  # CRLF line ends throughout
     windows.write_bytes(b"w,2024-05-01T08:00:00Z,1,2\r\nw,2024-05-01T08:00:01Z,1,2\r\n")
-    record = ingest(database_url, [path, windows])
-    assert record.counts["rows_loaded"] == 6, record.extra
+    mixed = tmp_path / "m.csv"  # edited on two systems: LF and CRLF line ends in one file
+    mixed.write_bytes(b"m,2024-05-01T08:00:00Z,1,2\nm,2024-05-01T08:00:01Z,1,2\r\n"
+                      b"m,2024-05-01T08:00:02Z,1,2\n")
+    record = ingest(database_url, [path, windows, mixed])
+    assert record.counts["rows_loaded"] == 9, record.extra
     assert stored(conn)[:4] == [
         ("bus-1", datetime(2024, 5, 1, 5, 0, 2, tzinfo=UTC), 60.172, 24.942),
         ("bus-1", datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC), 60.17, 24.94),
         ("bus-1", datetime(2024, 5, 1, 8, 0, 1, tzinfo=UTC), 60.171, 24.941),
         ("bus-1", datetime(2024, 5, 1, 9, 0, 0, 250000, tzinfo=UTC), 60.0, 25.0)]
+
+
+def test_csv_line_ends_split_across_copy_blocks(tmp_path: Path, database_url: str,
+                                                 conn: psycopg.Connection[Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_module, "COPY_BLOCK", 7)  # many CRLFs fall on a block edge
+    path = tmp_path / "crlf.csv"
+    lines = [f"d,2024-05-01T08:00:{s:02d}Z,60.1,24.9" for s in range(40)]
+    path.write_bytes(("\r\n".join(lines[:20]) + "\n" + "\r\n".join(lines[20:]) + "\r\n")
+                     .encode())
+    record = ingest(database_url, [path])
+    assert record.counts == {"files": 1, "rows_read": 40, "rows_loaded": 40,
+                             "duplicates": 0, "invalid_rows": 0}, record.extra
 
 
 def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database_url: str,
