@@ -1,31 +1,26 @@
 """Readers for GPS files that feed ``pipeline ingest-gps``: GPX and GeoJSON are parsed here;
 CSV goes to PostgreSQL as raw lines and only its header is read here.
 
-Each reader yields :class:`GpsRow` for a valid point and :class:`RowProblem` for an invalid one
-(NaN, out of range, unparseable time), both with the line it came from, so the stage can report
-and skip or reject. A file that cannot be read at all raises :class:`GpsFileError`.
+Each reader yields :class:`GpsRow`, a point's fields as text, and :class:`RowProblem` for what
+is not a point at all (a track point without a time, a feature without coordinates), both with
+the line they came from. The fields are checked by PostgreSQL, with the same checks as CSV
+(``ingest_check``). A file that cannot be read at all raises :class:`GpsFileError`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import xml.parsers.expat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("csv", "gpx", "geojson")
-MAX_DEVICE_ID = 200
+CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 _SUFFIXES = {".csv": "csv", ".txt": "csv", ".gpx": "gpx", ".geojson": "geojson",
              ".json": "geojson"}
-# Epoch seconds beyond this (year 2100) are rejected: most likely milliseconds by mistake.
-_MAX_EPOCH = 4102444800.0
-_MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 class GpsFileError(Exception):
@@ -34,11 +29,13 @@ class GpsFileError(Exception):
 
 @dataclass(frozen=True)
 class GpsRow:
-    device_id: str
-    recorded_at: datetime
-    latitude: float
-    longitude: float
+    """A point's fields as text, unchecked (see ``ingest_check`` in sql/queries)."""
+    device_id: str | None
+    recorded_at: str | None
+    latitude: str | None
+    longitude: str | None
     line: int
+    where: str = ""  # extra position detail, e.g. "feature 3, coordinate 7"
 
 
 @dataclass(frozen=True)
@@ -81,77 +78,26 @@ def read(path: str | Path, fmt: str | None = None, device_id: str | None = None
     return read_geojson(path, device_id)
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- fields
 
 
-def parse_time(value: Any) -> datetime:
-    """ISO-8601 (no zone means UTC) or epoch seconds, as an aware UTC datetime."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"unparseable time {value!r}")
-    if isinstance(value, (int, float)):
-        return _from_epoch(float(value), value)
-    text = str(value).strip()
-    if not text:
-        raise ValueError("empty time")
-    try:
-        return _from_epoch(float(text), text)
-    except ValueError as exc:
-        if "out of range" in str(exc):
-            raise
-    try:
-        parsed = datetime.fromisoformat(text.replace(" ", "T", 1) if "T" not in text else text)
-    except ValueError:
-        raise ValueError(f"unparseable time {text!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    if not _MIN_TIME <= parsed < _MAX_TIME:
-        raise ValueError(f"time {text!r} out of range (1970..2099)")
-    return parsed.astimezone(UTC)
+def _text(value: Any) -> str | None:
+    """A field as the text the checks in SQL read: JSON numbers as Python writes them,
+    anything else that is not a string as JSON (refused there as not a number or time)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value)
 
 
-def _from_epoch(seconds: float, raw: Any) -> datetime:
-    if not math.isfinite(seconds):
-        raise ValueError(f"unparseable time {raw!r}")
-    if not 0 <= seconds < _MAX_EPOCH:
-        raise ValueError(f"epoch time {raw!r} out of range (1970..2099; milliseconds?)")
-    return datetime.fromtimestamp(seconds, tz=UTC)
-
-
-def _coordinate(value: Any, name: str, limit: float) -> float:
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{name} missing")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} is {value!r}")
-    if not -limit <= number <= limit:
-        raise ValueError(f"{name} {number} out of range (-{limit:g}..{limit:g})")
-    return number
-
-
-def _device(value: Any) -> str:
-    if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        else:
-            raise ValueError("device_id missing")
-    if not value.strip():
-        raise ValueError("device_id is empty")
-    if "\x00" in value:
-        raise ValueError("device_id contains a NUL character")
-    if len(value) > MAX_DEVICE_ID:
-        raise ValueError(f"device_id longer than {MAX_DEVICE_ID} characters")
-    return value
-
-
-def validate(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str = "") -> Item:
-    try:
-        return GpsRow(_device(device), parse_time(when), _coordinate(lat, "latitude", 90.0),
-                      _coordinate(lon, "longitude", 180.0), line)
-    except ValueError as exc:
-        return RowProblem(line, str(exc), where)
+def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str = "") -> Item:
+    """The fields of one point as text; PostgreSQL checks them (the same checks as CSV)."""
+    fields = (_text(device), _text(when), _text(lat), _text(lon))
+    for name, value in zip(CSV_COLUMNS, fields, strict=True):
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold it
+            return RowProblem(line, f"{name} contains a NUL character", where)
+    return GpsRow(*fields, line=line, where=where)
 
 
 # ---------------------------------------------------------------- CSV
@@ -162,7 +108,6 @@ _ALIASES = {
     "latitude": ("latitude", "lat"),
     "longitude": ("longitude", "lon", "lng"),
 }
-CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 
 
 def csv_header(row: list[str]) -> dict[str, int] | None:
@@ -226,8 +171,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
             if point["time"] is None:
                 items.append(RowProblem(point["line"], f"<{name}> has no <time>"))
             else:
-                items.append(validate(device, point["time"], point["lat"], point["lon"],
-                                      point["line"]))
+                items.append(text_point(device, point["time"], point["lat"], point["lon"],
+                                           point["line"]))
             state["point"] = None
         state["text"] = []
 
@@ -363,7 +308,7 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iter
         if when is None:
             yield RowProblem(line, "Point has no time property", where)
             return
-        yield validate(device, when, coords[1], coords[0], line, where)
+        yield text_point(device, when, coords[1], coords[0], line, where)
     elif kind == "LineString":
         times = _times(props)
         if not isinstance(coords, list) or not isinstance(times, list):
@@ -378,7 +323,7 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iter
             if not isinstance(pos, list) or len(pos) < 2:
                 yield RowProblem(line, "coordinate is not [lon, lat]", at)
                 continue
-            yield validate(device, when, pos[1], pos[0], line, at)
+            yield text_point(device, when, pos[1], pos[0], line, at)
     else:
         yield RowProblem(line, f"unsupported geometry type {kind!r} (Point or LineString)",
                          where)

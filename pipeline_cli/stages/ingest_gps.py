@@ -2,9 +2,10 @@
 
 All files of one run load in one transaction. A CSV file goes to PostgreSQL as it is, one
 COPY of its raw lines, and SQL splits, checks and casts the fields; GPX and GeoJSON are read
-in Python and their fields COPYed to the same checks. Invalid rows are reported with file and
-line and skipped; with ``strict`` any invalid row, and without it any unreadable file,
-rejects the run with nothing loaded. The same device and time is stored once.
+in Python and their fields COPYed, as text, to the same checks. Invalid rows are reported
+with file and line and skipped; with ``strict`` any invalid row, and without it any
+unreadable file, rejects the run with nothing loaded. The same device and time is stored
+once.
 """
 
 from __future__ import annotations
@@ -139,19 +140,14 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int) -> N
         "lat_col": columns["latitude"] + 1, "lon_col": columns["longitude"] + 1})
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,
                   device_id: str | None) -> None:
-    """COPY the fields of a GPX or GeoJSON file, parsed in Python, to the common checks."""
+    """COPY the fields of a GPX or GeoJSON file, as text, to the common checks."""
     with conn.cursor() as cur, cur.copy(db.query("match_gps", "ingest_copy_fields")) as cp:
         for item in gpsfiles.read(path, kind, device_id):
             if isinstance(item, gpsfiles.RowProblem):
                 cp.write_row((index, item.line, item.where or None, None, None, None, None,
                               item.message))
             else:
-                cp.write_row((index, item.line, None, _text(item.device_id),
-                              _text(item.recorded_at), _text(item.latitude),
-                              _text(item.longitude), None))
+                cp.write_row((index, item.line, item.where or None, item.device_id,
+                              item.recorded_at, item.latitude, item.longitude, None))

@@ -42,8 +42,11 @@ def test_gpx_track_points_with_lines(tmp_path: Path) -> None:
 </gpx>
 """)
     items = list(gpsfiles.read(path))
-    assert [(r.device_id, r.line) for r in rows(items)] == [("van-7", 6), ("van-7", 7)]
-    assert [p.line for p in problems(items)] == [8, 9]
+    # The fields go to PostgreSQL as text and are checked there (lat 95 too); a point without
+    # a time is no point at all.
+    assert [(r.device_id, r.latitude, r.line) for r in rows(items)] == [
+        ("van-7", "60.17", 6), ("van-7", "60.171", 7), ("van-7", "95", 8)]
+    assert [(p.line, p.message) for p in problems(items)] == [(9, "<trkpt> has no <time>")]
     assert rows(list(gpsfiles.read(path, device_id="other")))[0].device_id == "other"
 
 
@@ -69,14 +72,28 @@ def test_geojson_points_and_linestring(tmp_path: Path) -> None:
     path = write(tmp_path, "t.geojson", json.dumps(doc, indent=1))
     items = list(gpsfiles.read(path))
     got = rows(items)
-    assert [(r.device_id, r.longitude) for r in got] == [
-        ("p1", 24.94), ("p1", 24.941), ("l1", 24.94), ("l1", 24.941)]
+    assert [(r.device_id, r.recorded_at, r.longitude, r.where) for r in got] == [
+        ("p1", "2024-05-01T08:00:00Z", "24.94", "feature 1"),
+        ("p1", "1714550402", "24.941", "feature 2"),
+        ("l1", "2024-05-01T08:00:00Z", "24.94", "feature 3, coordinate 1"),
+        ("l1", "2024-05-01T08:00:02Z", "24.941", "feature 3, coordinate 2"),
+        ("l1", "bad", "24.942", "feature 3, coordinate 3")]  # refused by the SQL checks
     bad = problems(items)
-    assert [p.where for p in bad] == ["feature 3, coordinate 3", "feature 4"]
+    assert [p.where for p in bad] == ["feature 4"]
     text = path.read_text()
     # Line numbers point at the feature in the file.
-    assert text.splitlines()[bad[1].line - 1].strip() == "{"
-    assert bad[0].line < bad[1].line
+    assert text.splitlines()[bad[0].line - 1].strip() == "{"
+    assert got[-1].line < bad[0].line
+
+
+def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
+    doc = {"type": "Feature", "properties": {"device_id": 42, "time": True},
+           "geometry": {"type": "Point", "coordinates": [[1], None]}}
+    items = list(gpsfiles.read(write(tmp_path, "odd.geojson", json.dumps(doc))))
+    assert items == [GpsRow("42", "true", None, "[1]", line=1, where="feature 1")]
+    doc["properties"] = {"device_id": "a\u0000b", "time": 1}
+    items = list(gpsfiles.read(write(tmp_path, "nul.geojson", json.dumps(doc))))
+    assert items == [RowProblem(1, "device_id contains a NUL character", "feature 1")]
 
 
 def test_geojson_malformed_json(tmp_path: Path) -> None:

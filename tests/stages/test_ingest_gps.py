@@ -100,6 +100,26 @@ def test_gpx_and_geojson(tmp_path: Path, database_url: str,
     assert devices == {"van": 2, "tram": 2}
 
 
+def test_gpx_and_geojson_fields_meet_the_csv_checks(tmp_path: Path, database_url: str) -> None:
+    gpx = tmp_path / "ride.gpx"
+    gpx.write_text("""<gpx><trk><name>van</name><trkseg>
+<trkpt lat="95" lon="24.94"><time>2024-05-01T08:00:00Z</time></trkpt>
+<trkpt lat="60.1" lon="24.94"><time>1714550400000</time></trkpt>
+<trkpt lat="60.1" lon="24.94"><time>2024-05-01T08:00:00Z</time></trkpt>
+</trkseg></trk></gpx>
+""")
+    geo = tmp_path / "line.geojson"
+    geo.write_text(json.dumps({"type": "Feature", "properties": {
+        "device_id": "tram", "times": ["2024-05-01T08:00:00Z", "noon"]},
+        "geometry": {"type": "LineString", "coordinates": [[24.94, 60.17], [True, 60.18]]}}))
+    record = ingest(database_url, [gpx, geo])
+    assert record.counts["rows_loaded"] == 2 and record.counts["invalid_rows"] == 3
+    assert record.extra["problems"] == [
+        f"{gpx}:2: latitude 95 out of range (-90..90)",
+        f"{gpx}:3: epoch time '1714550400000' out of range (1970..2099; milliseconds?)",
+        f"{geo}:1 (feature 1, coordinate 2): unparseable time 'noon'"]
+
+
 def stored(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return [tuple(r.values()) for r in conn.execute(
         "SELECT device_id, recorded_at, latitude, longitude FROM gps_points"
