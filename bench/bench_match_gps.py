@@ -1,4 +1,4 @@
-"""match-gps throughput as a share of raw OSRM throughput (goal: >= 0.80).
+"""match-gps throughput as a share of raw OSRM throughput (goal: >= 0.85 on real roads).
 
 Both sides use the same osrm-routed, the same synthetic traces (routed, sampled every 1-3 s,
 5-8 m noise) and the same number of requests in flight, measured one after the other in one
@@ -9,7 +9,8 @@ run:
 - pipeline: the match-gps stage on a scratch database holding those traces as GPS points:
   batching, claiming, matching, stitching and the completing transaction.
 
-Quick mode uses the Helsinki extract; full mode a synthetic grid city fed to osrm-extract.
+The goal is on the Helsinki extract (real roads); full mode also publishes the figure on a
+synthetic grid city fed to osrm-extract, with no goal of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipeline_cli.runner import StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
 
-GOAL = 0.80
+GOAL = 0.85
 CONCURRENCY = 4
 
 
@@ -107,43 +108,55 @@ def _pipeline(admin: str, url: str, trace_list: list[traces.Trace],
     return elapsed, record.counts
 
 
+def _measure(url: str, admin: str, network: str, trace_list: list[traces.Trace],
+             settings: MatchSettings, goal: str) -> dict[str, Any]:
+    # Alternate the two sides and keep each one's best run: the machine is shared, and the
+    # best run is the one least disturbed by others.
+    raw_runs, pipe_runs = [], []
+    for _ in range(2):
+        raw_s, points = _raw(url, trace_list, settings)
+        raw_runs.append(raw_s)
+        pipe_s, counts = _pipeline(admin, url, trace_list, settings)
+        pipe_runs.append(pipe_s)
+    raw_pps = points / min(raw_runs)
+    pipe_pps = counts["points_processed"] / min(pipe_runs)
+    detail = (f"{len(trace_list)} traces, {points:,} points on the {network}; concurrency "
+              f"{CONCURRENCY}; pipeline {pipe_pps:,.0f} points/s ({counts['batches_completed']} "
+              f"batches, {counts['osrm_requests']} requests, {min(pipe_runs):.2f} s incl. "
+              f"batching) vs raw /match {raw_pps:,.0f} points/s (best of 2 alternating runs "
+              "each)")
+    return {"name": f"match-gps points/s ÷ raw OSRM /match points/s, {network}",
+            "value": round(pipe_pps / raw_pps, 3), "goal": goal, "unit": "ratio",
+            "detail": detail}
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Real roads (the Helsinki extract) against the goal; in full mode also a synthetic grid
+    city, published without a goal of its own."""
     settings = MatchSettings()
     services = LocalServices()
+    figures = []
     try:
         admin = services.postgres()
-        if quick:
-            url, network, bbox = services.osrm(), "Helsinki extract", traces.HELSINKI_BBOX
-            count = 300
-        else:
+        url = services.osrm()
+        with OsrmClient(url) as client:
+            trace_list = traces.make_traces(client, 300, seed=5, bbox=traces.HELSINKI_BBOX,
+                                            min_length_m=600.0)
+        figures.append(_measure(url, admin, "Helsinki extract", trace_list, settings,
+                                f">= {GOAL:.2f}"))
+        if not quick:
             size = 60
             osm = services.state_dir / "bench" / f"grid-city-{size}.osm"
             bbox = grid_city_osm(osm, size)
             url = services.start_osrm_routed(services.osrm_dataset(osm, f"grid{size}"))
-            network, count = f"synthetic {size}x{size} grid city", 600
-        with OsrmClient(url) as client:
-            trace_list = traces.make_traces(client, count, seed=5, bbox=bbox,
-                                            min_length_m=600.0)
-        # Alternate the two sides and keep each one's best run: the machine is shared, and
-        # the best run is the one least disturbed by others.
-        raw_runs, pipe_runs = [], []
-        for _ in range(2):
-            raw_s, points = _raw(url, trace_list, settings)
-            raw_runs.append(raw_s)
-            pipe_s, counts = _pipeline(admin, url, trace_list, settings)
-            pipe_runs.append(pipe_s)
-        raw_pps = points / min(raw_runs)
-        pipe_pps = counts["points_processed"] / min(pipe_runs)
-        pipe_s = min(pipe_runs)
+            with OsrmClient(url) as client:
+                trace_list = traces.make_traces(client, 600, seed=5, bbox=bbox,
+                                                min_length_m=600.0)
+            figures.append(_measure(url, admin, f"synthetic {size}x{size} grid city",
+                                    trace_list, settings, "(info)"))
     finally:
         services.stop_all()
-    ratio = pipe_pps / raw_pps
-    detail = (f"{len(trace_list)} traces, {points:,} points on the {network}; concurrency "
-              f"{CONCURRENCY}; pipeline {pipe_pps:,.0f} points/s ({counts['batches_completed']} "
-              f"batches, {counts['osrm_requests']} requests, {pipe_s:.2f} s incl. batching) vs "
-              f"raw /match {raw_pps:,.0f} points/s (best of 2 alternating runs each)")
-    return [{"name": "match-gps points/s ÷ raw OSRM /match points/s", "value": round(ratio, 3),
-             "goal": f">= {GOAL:.2f}", "unit": "ratio", "detail": detail}]
+    return figures
 
 
 if __name__ == "__main__":
