@@ -419,13 +419,14 @@ class LocalServices:
         if result.returncode != 0:
             raise ServiceError(f"redis-cli --cluster create failed:\n{result.stdout[-2000:]}"
                                f"{result.stderr[-2000:]}")
-        client = redis.Redis.from_url(nodes[0], socket_timeout=2)
+        clients = [redis.Redis.from_url(u, socket_timeout=2) for u in nodes]
         try:
             Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.1), reraise=True,
                      retry=retry_if_exception_type((_NotReady, redis.RedisError)))(
-                lambda: _cluster_ok(client))
+                lambda: _cluster_ok(clients))
         finally:
-            client.close()
+            for client in clients:
+                client.close()
         self.sources["redis-cluster"] = "started"
         self._redis_cluster = nodes[0]
         return nodes[0]
@@ -899,11 +900,16 @@ def _package_folder(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _cluster_ok(client: redis.Redis) -> None:
-    """Raise _NotReady until every slot is served (the nodes gossip for a moment after
-    ``--cluster create``)."""
-    if str(client.cluster("info").get("cluster_state")) != "ok":
-        raise _NotReady("redis-cluster")
+def _cluster_ok(clients: list[redis.Redis]) -> None:
+    """Raise _NotReady until every node knows every node and serves every slot: the nodes
+    gossip for a moment after ``--cluster create``, and a node that has not heard yet
+    answers CLUSTERDOWN (one CI run's first cluster test failed so)."""
+    for client in clients:
+        info = client.cluster("info")
+        if (str(info.get("cluster_state")) != "ok"
+                or int(info.get("cluster_known_nodes", 0)) != len(clients)
+                or int(info.get("cluster_slots_ok", 0)) != 16384):
+            raise _NotReady("redis-cluster")
 
 
 def _pgbouncer_exe() -> str:
