@@ -190,7 +190,8 @@ def backoff_seconds(settings: MatchSettings, attempt: int, rng: random.Random) -
 def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """The GPS backlog for ``pipeline status``: an exact count that reads only the backlog
     (open batches, new arrivals, open runs), never the processed history."""
-    with db.wrap_errors("reading the GPS backlog"):
+    with db.wrap_errors("reading the GPS backlog"), conn.transaction():
+        conn.execute(db.query("match_gps", "no_jit"))
         backlog = conn.execute(db.query("match_gps", "backlog_points"), cursor(conn)).fetchone()
         open_rows = conn.execute(db.query("match_gps", "open_batches")).fetchall()
         recent = conn.execute(db.query("match_gps", "recent_batches")).fetchone()
