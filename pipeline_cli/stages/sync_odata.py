@@ -15,7 +15,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -58,11 +57,8 @@ from ..sync.worker import RowWorker
 
 BACKUP_FORMAT = "pipeline-dataset/1"
 _PAGE_DIGEST_HEX = 32  # blake2b, 16 bytes
-# The read-ahead thread's socket reads each give up the GIL and must take it back from this
-# thread, which spools pages meanwhile; at the default switch interval (5 ms) every re-take
-# may wait that long. Spool writes are buffered for the same reason: a write larger than the
-# buffer releases the GIL too.
-FETCH_SWITCH_INTERVAL = 0.0005
+# Spool writes are buffered: each write to the file gives up the GIL, which the read-ahead
+# thread then holds.
 _SPOOL_BUFFER = 4 * 1024 * 1024
 
 
@@ -170,8 +166,6 @@ class _Loader:
         self.expected = expected or {}
         self.matching = expected is not None
         self.rejects = rejects
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, FETCH_SWITCH_INTERVAL))
         try:
             for e in ENTITIES:
                 state = self.sets[e]
@@ -186,7 +180,6 @@ class _Loader:
                 return True
             outputs, found, self.worker_stats = self.worker.finish()
         finally:
-            sys.setswitchinterval(interval)
             if self.worker is not None:
                 self.worker.close()
         problems.merge(found)

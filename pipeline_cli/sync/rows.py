@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import struct
 from collections import Counter
@@ -39,16 +38,6 @@ except ImportError:  # pragma: no cover - a platform without an isal wheel
     import zlib as _deflate  # type: ignore[no-redef]
 
 
-def _builtin_sha256() -> Callable[[bytes], Any]:
-    """CPython's own SHA-256: the same digests, cheaper than OpenSSL's for short lines."""
-    for name in ("_sha256", "_sha2"):  # CPython 3.11, 3.12+
-        with contextlib.suppress(ImportError):
-            fn: Callable[[bytes], Any] = importlib.import_module(name).sha256
-            return fn
-    return hashlib.sha256  # pragma: no cover
-
-
-_row_sha256 = _builtin_sha256()
 
 MAX_PROBLEMS = 20
 # Bump whenever the canonical form of a row or the validation rules change: page digests and
@@ -325,7 +314,7 @@ class RowDigests:
         four per line (the first of each is the line's entry in the row index)."""
         if not lines:
             return ()
-        sha = _row_sha256
+        sha = hashlib.sha256
         words = struct.unpack(f">{4 * len(lines)}Q",
                               b"".join([sha(line).digest() for line in lines]))
         mask = self._MASK
@@ -404,7 +393,7 @@ INDEX_CHUNK = 65_536  # keys per stored row of a row index
 
 def write_index(spool: Path, keys: Path, digests: Path) -> None:
     """The row index files of a spool of canonical lines."""
-    sha = _row_sha256
+    sha = hashlib.sha256
     with spool.open("rb") as src, keys.open("wb") as k, digests.open("wb") as d:
         for line in src:
             k.write(line[:line.index(b"\t")] + b"\n")
