@@ -170,7 +170,7 @@ def _database(s: Settings) -> str:
         conn.close()
     if denied:
         raise _Failed(f"PostgreSQL {version}, schema {schema}: the role cannot insert, update "
-                      f"and delete in {', '.join(denied[:5])}"
+                      f"and delete in (or, for virtual tables, truncate) {', '.join(denied[:5])}"
                       + (f" and {len(denied) - 5} more" if len(denied) > 5 else ""))
     pooled = _transaction_pooled(_database_of(s, url))
     if pooled and not s.database.pooler == db.POOLER_TRANSACTION:

@@ -39,10 +39,12 @@ TRUNCATE virtual_stops, virtual_routes, virtual_frequencies;
 -- The indexes of the emptied tables are dropped for the load and built again after it
 -- (rebuild_indexes): one build of sorted rows costs a fraction of a b-tree insertion per row.
 -- Their definitions come from the catalog, so an index an operator added comes back as it
--- was, with its comment. An index that something depends on (a foreign key, a view that
--- relies on a primary key) or that carries a flag a rebuild would lose (replica identity,
--- CLUSTER) stays, kept up row by row. All of it is inside the write's transaction, under its
--- ACCESS EXCLUSIVE lock: a failure or a kill puts every index back as it was.
+-- was, with its comment. An index stays, kept up row by row, when the stage's role does not
+-- own its table (dropping needs ownership; TRUNCATE and INSERT are enough for the rest), when
+-- something depends on it (a foreign key, a view that relies on a primary key), or when it
+-- carries a flag a rebuild would lose (replica identity, CLUSTER). All of it is inside the
+-- write's transaction, under its ACCESS EXCLUSIVE lock: a failure or a kill puts every index
+-- back as it was.
 CREATE TEMP TABLE gen_virtual_indexes ON COMMIT DROP AS
 SELECT i.indexrelid::regclass::text AS name,
        CASE WHEN c.oid IS NULL THEN format('DROP INDEX %s', i.indexrelid::regclass)
@@ -59,8 +61,10 @@ SELECT i.indexrelid::regclass::text AS name,
                         i.indrelid::regclass, obj_description(c.oid, 'pg_constraint'))
        END AS comment_ddl
 FROM pg_index i
+JOIN pg_class t ON t.oid = i.indrelid
 LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
 WHERE i.indrelid IN ('virtual_stops'::regclass, 'virtual_routes'::regclass)
+  AND pg_has_role(t.relowner, 'USAGE')
   AND NOT i.indisreplident AND NOT i.indisclustered
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.deptype = 'n'

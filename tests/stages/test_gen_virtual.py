@@ -422,6 +422,33 @@ def test_regeneration_keeps_views_indexes_and_grants(
         conn.execute(f'DROP ROLE "{role}"')
 
 
+def test_a_role_that_does_not_own_the_tables_keeps_their_indexes(
+        conn: Conn, database_url: str, backups: BackupStore) -> None:
+    """Dropping an index needs the table's owner; a role with only the privileges (migrations
+    run by an administrator) still generates, keeping the indexes up row by row."""
+    add_dataset(conn, helsinki_stops())
+    role, password = f"gv_writer_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+    try:
+        conn.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        conn.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+        oids = {r["oid"] for r in conn.execute(
+            "SELECT indexrelid::int AS oid FROM pg_index WHERE indrelid IN "
+            "('virtual_stops'::regclass, 'virtual_routes'::regclass)")}
+        url = psycopg.conninfo.make_conninfo(database_url, user=role, password=password)
+        rec = StageRunner(Database(url)).run("gen-virtual", lambda ctx: generate(
+            Database(url), backups, VirtualSettings(city_min_stops=10), ctx))
+        assert rec.status == "success", rec.error
+        assert count(conn, "SELECT count(*) FROM virtual_routes") == rec.counts[
+            "virtual_routes"] > 0
+        assert {r["oid"] for r in conn.execute(
+            "SELECT indexrelid::int AS oid FROM pg_index WHERE indrelid IN "
+            "('virtual_stops'::regclass, 'virtual_routes'::regclass)")} == oids
+    finally:
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
 def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
         conn: Conn, run: Callable[..., RunRecord], database_url: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
