@@ -38,7 +38,6 @@ except ImportError:  # pragma: no cover - a platform without an isal wheel
     import zlib as _deflate  # type: ignore[no-redef]
 
 
-
 MAX_PROBLEMS = 20
 # Bump whenever the canonical form of a row or the validation rules change: page digests and
 # row indexes stored with an older format then no longer vouch for a feed.
