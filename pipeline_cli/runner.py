@@ -47,6 +47,7 @@ log = logging.getLogger("pipeline.runner")
 SUCCESS, NOOP, FAILED, SKIPPED, CRASHED, RUNNING = (
     "success", "noop", "failed", "skipped", "crashed", "running"
 )
+DRY_RUN = "dry-run"  # the result of a dry run, which writes no run row
 
 # Stages that take the singleton lock. match-gps is absent on purpose: any number of workers
 # may run at once because each batch is claimed row by row (FOR UPDATE SKIP LOCKED).

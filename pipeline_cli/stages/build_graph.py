@@ -45,11 +45,10 @@ from ..adapters.graph_store import (
 )
 from ..errors import BackupError, PipelineError, RedisError, ValidationError
 from ..modes import canonical, describe_unknown, speed_table, unknown_modes
-from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import GraphSettings
 
 EXPORT_FORMAT = "pipeline-graph-jsonl/1"
-DRY_RUN = "dry-run"
 _SAMPLES = 5  # ids named in a validation message
 
 

@@ -45,7 +45,7 @@ from ..adapters.backups import BackupStore
 from ..errors import BackupError, DatabaseError, ValidationError
 from ..modes import speed_table
 from ..readahead import ReadAhead
-from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import VirtualSettings
 
 KINDS = ("MAIN_GRID", "CITY_GRID", "AIRPORT_GRID")
@@ -55,7 +55,6 @@ FLIGHT_MODES = ("virtual",)  # the route modes whose routes have flights
 DAYS = "1234567"
 CHUNK_ROWS = 200_000
 UNREACHED_SAMPLE = 20
-DRY_RUN = "dry-run"
 NULL = "\\N"
 
 

@@ -22,7 +22,7 @@ from ..gps import batches, partitions
 from ..gps.batches import rescue_expired, work_waiting
 from ..gps.stitching import ChunkSize
 from ..gps.workers import Pool, run_round
-from ..runner import NOOP, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, NOOP, SUCCESS, RunContext, StageResult
 from ..settings import MatchSettings
 
 
@@ -160,6 +160,6 @@ def preview(database: db.Database, settings: MatchSettings | None = None) -> Sta
                f"{b['failed']} failed batches ({gps['unprocessed_points']} points waiting), "
                f"{gps['expired_leases']} expired leases"
                if would else "would do nothing: no GPS backlog")
-    return StageResult(status="dry-run", counts=counts,
+    return StageResult(status=DRY_RUN, counts=counts,
                        extra={"dry_run": True, "would_run": would, "ready_batches": ready,
                               "next_retry_at": gps["next_retry_at"]}, message=message)

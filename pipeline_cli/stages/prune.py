@@ -18,11 +18,10 @@ import psycopg
 from .. import db
 from ..adapters.backups import BackupStore
 from ..gps import partitions
-from ..runner import NOOP, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, NOOP, SUCCESS, RunContext, StageResult
 from ..settings import RetentionSettings
 from .build_graph import export_prefix
 
-DRY_RUN = "dry-run"
 KINDS = ("gps_points", "gps_batches", "polylines", "stage_runs", "datasets",
          "virtual_generations", "graph_versions", "s3_objects")
 
@@ -159,7 +158,6 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int,
                        d["version"], row["generations"], ", ".join(d["graphs"]) or "none")
         done.append(d["version"])
     return done
-
 
 
 def status_section(conn: psycopg.Connection[Any], now: datetime | None = None

@@ -19,6 +19,7 @@ import psycopg
 from ..errors import LockBusy, PipelineError
 from ..gps import batches as gps_batches
 from ..runner import (
+    DRY_RUN,
     FAILED,
     NOOP,
     SKIPPED,
@@ -207,7 +208,7 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
 
     def gen_virtual(c: RunContext) -> StageResult:
         if new is not None:
-            return StageResult(status=gen_virtual_stage.DRY_RUN,
+            return StageResult(status=DRY_RUN,
                                extra={"dry_run": True, "would_run": True},
                                message=f"would regenerate for {new}")
         return gen_virtual_stage.preview(database, settings.virtual)
@@ -243,5 +244,5 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
             new = ("the new virtual generation gen-virtual would make"
                    if would else None)
     summary = "; ".join(f"{s}: {r.get('message') or r['status']}" for s, r in results.items())
-    return StageResult(status="dry-run", counts=_counts(results),
+    return StageResult(status=DRY_RUN, counts=_counts(results),
                        extra={"stages": results, "dry_run": True}, message=summary)
