@@ -29,7 +29,7 @@ def unseen(snapshot: str) -> dict[str, Any]:
 
 def cursor(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """``unseen`` of the batching cursor: the arrivals no batcher pass has looked at yet."""
-    row = conn.execute("SELECT seen::text AS seen FROM gps_batching_cursor").fetchone()
+    row = conn.execute(db.query("match_gps", "batching_cursor")).fetchone()
     assert row is not None
     return unseen(row["seen"])
 
@@ -59,12 +59,7 @@ def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
         start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
         assert start is not None
         seen = start["seen"]
-        earliest: dict[str, Any] = {}
-        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(seen)):
-            old = earliest.get(r["device_id"])
-            new = r["earliest"]
-            earliest[r["device_id"]] = new if old is None else (
-                old if new is None else min(old, new))
+        earliest = _fresh_devices(conn, seen)
     order = sorted(earliest)
     size = min(devices, FIRST_SLICE_DEVICES)
     at = 0
@@ -87,6 +82,30 @@ def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
     return total
 
 
+def _fresh_devices(conn: psycopg.Connection[Any], seen: str) -> dict[str, Any]:
+    """The devices with arrivals the snapshot ``seen`` does not see, each with the earliest of
+    those arrivals, and the devices waiting on an open run (None when that is all)."""
+    earliest: dict[str, Any] = {}
+    for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(seen)):
+        old, new = earliest.get(r["device_id"]), r["earliest"]
+        earliest[r["device_id"]] = new if old is None else (
+            old if new is None else min(old, new))
+    return earliest
+
+
+def _run_status(r: dict[str, Any], settings: MatchSettings) -> str | None:
+    """What a planned run of points becomes: a ``pending`` batch, a ``too_short`` one closed
+    at once (a single point between two batches cannot wait for more), or None while it may
+    still grow."""
+    if not r["closed"]:
+        return None
+    if r["n"] >= 2:
+        return "pending"
+    if r["between_batches"] or r["age_s"] >= settings.too_short_after_seconds:
+        return "too_short"
+    return None
+
+
 def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: str,
                 devices: list[str], earliest: list[Any]) -> BatchingResult:
     out = BatchingResult()
@@ -104,14 +123,7 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting: set[str] = set()
         for r in rows:
-            if not r["closed"]:
-                status = None
-            elif r["n"] >= 2:
-                status = "pending"
-            elif r["between_batches"] or r["age_s"] >= settings.too_short_after_seconds:
-                status = "too_short"  # a point between two batches cannot wait for more
-            else:
-                status = None
+            status = _run_status(r, settings)
             if status is None:
                 out.waiting += 1
                 waiting.add(r["device_id"])
@@ -141,26 +153,19 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         conn.execute("SET TRANSACTION READ ONLY")
         start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
         assert start is not None
-        earliest: dict[str, Any] = {}
-        for r in conn.execute(db.query("match_gps", "fresh_devices"), unseen(start["seen"])):
-            old, new = earliest.get(r["device_id"]), r["earliest"]
-            earliest[r["device_id"]] = new if old is None else (
-                old if new is None else min(old, new))
+        earliest = _fresh_devices(conn, start["seen"])
         devices = sorted(earliest)
         rows = conn.execute(db.query("match_gps", "plan_batches"), {
             "devices": devices, "earliest": [earliest[d] for d in devices],
             **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
         for r in rows:
-            if r["closed"] and r["n"] >= 2:
-                out["batches_to_make"] += 1
-                out["points_to_batch"] += r["n"]
-            elif r["closed"] and (r["between_batches"]
-                                  or r["age_s"] >= settings.too_short_after_seconds):
-                out["too_short_to_close"] += 1
-                out["points_to_batch"] += r["n"]
-            else:
+            status = _run_status(r, settings)
+            if status is None:
                 out["open_runs"] += 1
+                continue
+            out["batches_to_make" if status == "pending" else "too_short_to_close"] += 1
+            out["points_to_batch"] += r["n"]
         ready = conn.execute(db.query("match_gps", "ready_batches"), {"limit": 50}).fetchall()
         out["ready_batches"] = [{**r, "batch_id": str(r["batch_id"])} for r in ready]
         out["backlog"] = status_section(conn)

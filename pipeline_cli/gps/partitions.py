@@ -64,14 +64,11 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
         if p["whole"] and p["done"]:
             out.partitions_dropped.append(p["name"])
             with db.wrap_errors(f"dropping {p['name']}"), conn.transaction():
-                # Exact, for the counts; one index-only pass over the day.
-                row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(ident)
-                                   ).fetchone()
+                row = conn.execute(db.query("match_gps", "partition_points").format(
+                    part=ident)).fetchone()
                 out.points_dropped += int(row["n"]) if row else 0
                 if not dry_run:
-                    conn.execute(sql.SQL("ALTER TABLE gps_points DETACH PARTITION {}")
-                                 .format(ident))
-                    conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+                    conn.execute(db.query("match_gps", "drop_partition").format(part=ident))
             continue
         while True:
             with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():

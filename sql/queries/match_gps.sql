@@ -11,6 +11,9 @@ SELECT pg_advisory_xact_lock(%(key)s);
 -- those two as plain values, so the planner estimates them and probes the BRIN index.
 SELECT txid_current_snapshot()::text AS upto, seen::text AS seen FROM gps_batching_cursor;
 
+-- name: batching_cursor
+SELECT seen::text AS seen FROM gps_batching_cursor;
+
 -- name: fresh_devices
 -- Devices with arrivals the cursor does not see (through the BRIN index on arrival), with the
 -- earliest time among them, and devices whose newest run was still open last time.
@@ -463,6 +466,14 @@ FROM due
 UNION ALL
 SELECT 'gps_points_default', false, 0, false
 ORDER BY name;
+
+-- name: partition_points
+-- Exact, for prune's counts: one index-only pass over the day.
+SELECT count(*) AS n FROM {part};
+
+-- name: drop_partition
+ALTER TABLE gps_points DETACH PARTITION {part};
+DROP TABLE {part};
 
 -- name: prune_chunk
 -- Up to %(chunk)s processed points of one partition recorded before the cutoff.
