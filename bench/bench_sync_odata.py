@@ -9,9 +9,9 @@ is the best sync over the best fetch of five such pairs (the machine is shared, 
 swing both ways), and the detail gives the spread of the per-pair ratios.
 Peak RSS is measured in a child process that does nothing but two syncs (a first one, then one
 with 1 % of the rows changed): its own ``VmHWM`` (the high-water mark of its address space
-after exec) plus the one its row worker reports for itself, so the servers and this process are
-not counted. Not ``ru_maxrss``: Linux carries that over from the forked copy of this (large)
-benchmark process across exec, which once reported this process's 980 MB as the sync's.
+after exec), so the servers and this process are not counted. Not ``ru_maxrss``: Linux carries
+that over from the forked copy of this (large) benchmark process across exec, which once
+reported this process's 980 MB as the sync's.
 """
 
 from __future__ import annotations
@@ -42,9 +42,17 @@ from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.runner import StageRunner
 from pipeline_cli.stages.sync_odata import sync_odata
-from pipeline_cli.sync.worker import peak_rss_kb
 
 PAGE_SIZE = 1000
+
+
+def peak_rss_kb() -> int:
+    """This process's own peak RSS, VmHWM (``ru_maxrss`` would include that of the process
+    it was forked from, which Linux carries over across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0  # pragma: no cover - not Linux
 
 
 def stops_for_rows(rows: int) -> int:
@@ -200,8 +208,8 @@ def ratios(services: LocalServices, rows: int, s3: dict[str, Any], rounds: int
 
 
 def peak_rss(services: LocalServices, rows: int, s3: dict[str, Any]) -> dict[str, Any]:
-    """A first sync, then one of the same feed with 1 % of its rows changed (diffed against
-    the row index, which the row worker holds in memory), in one child process."""
+    """A first sync, then one of the same feed with 1 % of its rows changed, in one child
+    process."""
     n_stops = stops_for_rows(rows)
     with odata_server("--sample", str(n_stops)) as url, \
             odata_server("--sample", str(n_stops), "--changed-every", "100") as changed, \
@@ -212,15 +220,11 @@ def peak_rss(services: LocalServices, rows: int, s3: dict[str, Any]) -> dict[str
     if proc.returncode != 0:
         raise RuntimeError(f"child sync failed: {proc.stderr[-2000:]}")
     child = json.loads(proc.stdout.strip().splitlines()[-1])
-    own, worker = child["hwm_kb"] / 1024, child["worker_kb"] / 1024
     return {"name": f"sync-odata: peak RSS of a {total_rows(n_stops) / 1e6:.2g} M-row sync",
-            "value": round(own + worker, 1), "goal": "< 300", "unit": "MB",
-            "detail": f"the sync's process {own:.0f} MB + its row worker process "
-                      f"{worker:.0f} MB (VmHWM of each; their sum bounds the peak of both "
-                      f"together); a first sync ({child['rows']:,} rows, "
+            "value": round(child["hwm_kb"] / 1024, 1), "goal": "< 300", "unit": "MB",
+            "detail": f"VmHWM of the sync's process; a first sync ({child['rows']:,} rows, "
                       f"{child['seconds'][0]:.1f} s) and one with 1 % of the rows changed "
-                      f"({child['seconds'][1]:.1f} s, diffed against the row index: "
-                      f"{child['diffed'][1]}), one after the other in one process"}
+                      f"({child['seconds'][1]:.1f} s), one after the other in one process"}
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -242,16 +246,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _child(args: dict[str, Any]) -> None:
-    seconds, worker_kb, diffed = [], 0, []
+    seconds = []
     for url in args["urls"]:
         elapsed, result = one_sync(url, args["database_url"], args["s3"])
         assert result["status"] == "success", result
         seconds.append(elapsed)
-        worker_kb = max(worker_kb, result["row_worker"]["peak_rss_kb"])
-        diffed.append(result["diffed_against"])
     rows = sum(v for k, v in result["counts"].items() if k != "rejected")
-    print(json.dumps({"hwm_kb": peak_rss_kb(), "worker_kb": worker_kb, "seconds": seconds,
-                      "rows": rows, "diffed": diffed}))
+    print(json.dumps({"hwm_kb": peak_rss_kb(), "seconds": seconds, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -163,23 +163,6 @@ def is_alive(pid: int, started: int | None = None) -> bool:
     return started is None or int(fields[19]) == started
 
 
-def processes_running(module: str, parent: int | None = None) -> list[int]:
-    """Live processes started as ``python -m <module>`` (children of ``parent`` if given)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        fields = _proc_stat(int(proc.name))
-        if (module.encode() in argv and fields is not None and fields[0] not in ("Z", "X")
-                and (parent is None or int(fields[1]) == parent)):
-            found.append(int(proc.name))
-    return found
-
-
 # --------------------------------------------------------------------------- records
 
 

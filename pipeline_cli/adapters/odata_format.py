@@ -1,14 +1,12 @@
-"""OData JSON formats without HTTP: the entity mapping, the shape of a page and value formats.
+"""OData without HTTP: the entity mapping and the shape of a page.
 
-The OData client (:mod:`pipeline_cli.adapters.odata`) uses it to read pages, and the sync-odata
-row worker to parse spooled pages in its own process, which therefore never imports requests.
+The OData client (:mod:`pipeline_cli.adapters.odata`) reads pages with it; settings and
+``doctor`` check a mapping with it without importing requests. The values of a row are read
+and checked in PostgreSQL by sync-odata (sql/015_sync_in_sql.sql).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -103,100 +101,6 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
     return out
 
 
-# ------------------------------------------------------------------------------ values
-
-_V2_DATE_RE = re.compile(r"^/Date\((-?\d+)(?:([+-])(\d{4}))?\)/$")
-_DURATION_RE = re.compile(r"^-?P(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)$")
-_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?$")
-
-
-def parse_number(value: Any) -> float:
-    """A JSON number, or a number sent as a string (V2 Edm.Double/Decimal, IEEE754Compatible)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {json.dumps(value)}")
-    if isinstance(value, int | float):
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ValueError(f"number {value} is too large") from None
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip().rstrip("dDmMfF") if value.strip() else "x")
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    else:
-        raise ValueError(f"expected a number, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number + 0.0  # -0.0 -> 0.0, so equal values have one canonical form
-
-
-def parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def parse_key(value: Any) -> str:
-    """A key as text: integers (Edm.Int32/Int64, also sent as strings) and strings."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"expected a string or integer key, got {json.dumps(value)}")
-    text = str(value)
-    if not text or "\x00" in text:
-        raise ValueError("key is empty" if not text else "key contains a NUL character")
-    return text
-
-
-def parse_text(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"expected text, got {type(value).__name__}")
-    text = str(value)
-    if "\x00" in text:
-        raise ValueError("text contains a NUL character")
-    return text
-
-
-def parse_datetime(value: str) -> dt.datetime:
-    """V2 ``/Date(ms)/`` or ``/Date(ms+0000)/`` (offset in minutes as HHMM), or ISO 8601."""
-    m = _V2_DATE_RE.match(value)
-    if m:
-        moment = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=int(m[1]))
-        if m[2]:
-            offset = dt.timedelta(hours=int(m[3][:2]), minutes=int(m[3][2:]))
-            return moment.astimezone(dt.timezone(offset if m[2] == "+" else -offset))
-        return moment
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def parse_time(value: Any) -> str:
-    """A time of day as ``HH:MM:SS``: ``HH:MM``, ``HH:MM:SS``, V2 ``PT08H30M00S``, V4
-    ``Edm.TimeOfDay``, or a date-time (V2 ``/Date(ms)/``, ISO) whose local time is taken."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a time HH:MM, got {json.dumps(value)}")
-    text = value.strip()
-    hours = minutes = seconds = -1
-    m = _TIME_RE.match(text)
-    if m:
-        hours, minutes, seconds = int(m[1]), int(m[2]), int(m[3] or 0)
-    elif (d := _DURATION_RE.match(text)) and any(d.groups()) and not text.startswith("-"):
-        hours, minutes = int(d[1] or 0), int(d[2] or 0)
-        seconds = int(float(d[3] or 0))
-    elif text.startswith("/Date(") or "T" in text:
-        try:
-            moment = parse_datetime(text)
-        except ValueError:
-            raise ValueError(f"expected a time HH:MM, got {value!r}") from None
-        hours, minutes, seconds = moment.hour, moment.minute, moment.second
-    if not (0 <= hours <= 23 and 0 <= minutes <= 59 and 0 <= seconds <= 59):
-        raise ValueError(f"expected a time HH:MM, got {value!r}")
-    return f"{hours:02d}:{minutes:02d}:{seconds:02d}"
-
-
-
 # ------------------------------------------------------------------------------ pages
 
 
@@ -224,13 +128,3 @@ def unwrap_page(doc: Any, version: str, what: str
     except (TypeError, ValueError):
         total = None
     return rows, link, total
-
-
-def page_rows(body: bytes, version: str, what: str) -> list[dict[str, Any]]:
-    """The entities of a page body received earlier (a spooled raw page), checked as
-    :meth:`ODataClient.pages` checks them."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise SourceError(f"OData {what}: malformed JSON in a spooled page") from None
-    return unwrap_page(doc, version, what)[0]

@@ -1,12 +1,21 @@
 """sync-odata: an OData service -> a versioned, validated dataset in the read model.
 
-Pages are fetched and spooled raw; a row worker process (:mod:`pipeline_cli.sync.worker`) turns
-them into canonical lines, checks, hashes and compares them with the active version's row index
-while the fetch goes on. An unchanged dataset (same canonical, order-independent hash as the
-active one) is a ``noop``. A changed one is written to stops/routes/flights (only its new,
-changed and vanished rows when it could be compared with the row index, else every row through
-staging tables and SQL checks), recorded as ``ds-v<N>``, backed up to S3 and committed, in that
-order. Restore loads a version's backup; ``status_section`` feeds ``status``.
+One path for every sync (first load, changed or unchanged feed, ``--force``, ``--dry-run``)
+and for a restore, which replays a version's backed-up pages through it:
+
+1. **Stage.** Each set's pages are fetched in order and spooled raw (the backup keeps them).
+   While every page is byte for byte the active version's (same digest), pages are only
+   spooled. From the first one that differs, the pages held back and every later one go to
+   PostgreSQL: one INSERT per page, run by a writer thread while the next page is fetched.
+   ``json_to_recordset`` turns a page into rows and the ``sync_*`` functions
+   (sql/015_sync_in_sql.sql) turn each field into its read-model value; a refused row keeps
+   its raw fields. Every page equal to the active version's: ``noop``, nothing staged.
+2. **Check,** in SQL: refused rows, duplicate keys, references to rows that are not in the
+   feed. Strict: any problem is a ValidationError and nothing is written. ``--skip-invalid``:
+   those rows (and the rows that reference them) leave the stage and are recorded as rejects.
+3. **Diff and apply,** in SQL against the read model: insert the new rows, update the changed,
+   delete the vanished. Nothing changed (and no ``--force``): ``noop``. ``--dry-run``: counts.
+4. **Record** ``ds-v<N>``, back up the raw pages and a manifest to S3, commit.
 """
 
 from __future__ import annotations
@@ -15,12 +24,14 @@ import contextlib
 import gzip
 import hashlib
 import json
+import shutil
 import tempfile
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,500 +43,441 @@ from .. import db
 from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient
 from ..adapters.odata_format import EntityMapping, resolve_mapping
-from ..errors import BackupError, NothingToDo, ValidationError
+from ..errors import BackupError, NothingToDo, SourceError, ValidationError
 from ..modes import describe_unknown, speed_table, unknown_modes
+from ..read_model import COLUMNS, ENTITIES, OPTIONAL_COLUMNS, REFERENCES
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
-from ..sync.rows import (
-    CANONICAL_FORMAT,
-    COLUMNS,
-    ENTITIES,
-    INDEX_CHUNK,
-    MAX_PROBLEMS,
-    REFERENCES,
-    Problem,
-    Problems,
-    RowDigests,
-    SetFiles,
-    SetOutput,
-    dataset_hash,
-    gzip_file,
-    index_chunks,
-    unescape_key,
-    write_index,
-)
-from ..sync.worker import RowWorker
 
-BACKUP_FORMAT = "pipeline-dataset/1"
-_PAGE_DIGEST_HEX = 32  # blake2b, 16 bytes
-# Spool writes are buffered: each write to the file gives up the GIL, which the read-ahead
-# thread then holds.
-_SPOOL_BUFFER = 4 * 1024 * 1024
+BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages replay the same way
+# Bump whenever the sync_* rules of sql/ change: stored page digests then no longer vouch for
+# a feed (1 was the row worker's Python rules).
+CHECKS = 2
+MAX_PROBLEMS = 20
+_DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
+_IN_FLIGHT = 3  # pages handed to PostgreSQL ahead of the one being fetched
+_RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page
+
+# Read-model column -> (kind of value, low, high); see sql/015_sync_in_sql.sql for the kinds.
+KINDS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
+    "stops": {"id": ("key", None, None), "name": ("text", None, None),
+              "latitude": ("number", -90, 90), "longitude": ("number", -180, 180),
+              "is_airport": ("bool", None, None), "city": ("text", None, None)},
+    "routes": {"id": ("key", None, None), "from_stop_id": ("key", None, None),
+               "to_stop_id": ("key", None, None), "mode": ("text", None, None),
+               "distance_km": ("number", 0, None)},
+    "flights": {"id": ("key", None, None), "route_id": ("key", None, None),
+                "departure": ("time", None, None), "arrival": ("time", None, None),
+                "days_of_week": ("days", None, None)},
+}
+_ABSENT = {"bool": "false", "number": "NULL::double precision", "time": "NULL::time"}
 
 
-# ------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------ problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad value or row, named by entity set, key and field as the source calls them."""
+
+    entity_set: str
+    key_field: str
+    key: str | None
+    field: str
+    kind: str  # missing, invalid, out_of_range, duplicate, unknown_reference, empty
+    message: str
+
+    def __str__(self) -> str:
+        key = "?" if self.key is None else self.key
+        return f"{self.entity_set}[{self.key_field}={key}] {self.field}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"set": self.entity_set, "key": self.key, "field": self.field,
+                "kind": self.kind, "problem": self.message}
 
 
 @dataclass
-class _SetState:
-    entity: str
-    mapping: EntityMapping
-    files: SetFiles
-    digests: RowDigests = field(default_factory=RowDigests)
-    read: int = 0
-    pages: int = 0
-    has_raw: bool = True  # False for a restore: the raw pages stay with the original version
-    page_digests: list[str] = field(default_factory=list)  # of the raw bodies, in order
-    page_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in raw
-    deferred: int = 0  # leading pages not sent to the worker yet (equal to the active version's)
-    out: IO[bytes] | None = None  # the raw spool while this set is being fetched
-    output: SetOutput | None = None  # what the row worker made of the set
-    rewritten: bool = False  # rejects were taken out of the spool after the worker wrote it
+class Problems:
+    """Every problem is counted; the first MAX_PROBLEMS are kept; rejects go to a file."""
+
+    reject_file: IO[str] | None = None
+    first: list[Problem] = field(default_factory=list)
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # rows per entity
+
+    def add(self, problem: Problem) -> None:
+        self.counts[(problem.entity_set, problem.kind)] += 1
+        if len(self.first) < MAX_PROBLEMS:
+            self.first.append(problem)
+        if self.reject_file is not None:
+            self.reject_file.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
 
     @property
-    def worker_files_current(self) -> bool:
-        """Whether the worker's gzipped spool and row index files match the spool: not after
-        rejects were taken out of it, nor for a spool it never saw (restore)."""
-        return self.output is not None and not self.rewritten
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def by_set(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (entity_set, kind), n in sorted(self.counts.items()):
+            out.setdefault(entity_set, {})[kind] = n
+        return out
+
+    def summary(self) -> str:
+        return "; ".join(
+            f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
+            for s, kinds in self.by_set().items())
 
 
-def _fmt(template: str, **parts: Any) -> sql.Composed:
-    return db.query("sync_odata", template).format(**parts)
+def _key_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------ SQL
+
+
+def _q(name: str, **parts: Any) -> sql.Composed:
+    return db.query("sync_odata", name).format(**parts)
+
+
+def _one(conn: psycopg.Connection[Any], query: sql.SQL | sql.Composed,
+         params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    row: dict[str, Any] | None = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row
 
 
 def _ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
 
-def _cols(entity: str) -> sql.Composed:
-    return sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS[entity])
+def _list(names: Iterator[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(*([prefix] if prefix else []), n) for n in names)
+
+
+@dataclass(frozen=True)
+class _SetSQL:
+    """The statements of one set, made from its mapping: which source fields fill which
+    read-model columns, and how each is checked."""
+
+    entity: str
+    mapping: EntityMapping
+    protocol: str
+
+    @property
+    def stage(self) -> sql.Identifier:
+        return _ident(f"stage_{self.entity}")
+
+    @property
+    def fields(self) -> list[str]:
+        """The distinct source fields read, in a fixed order (a field may fill two columns)."""
+        return sorted({f for f in self.mapping.fields.values() if f})
+
+    @cached_property
+    def page_insert(self) -> sql.Composed:
+        """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage."""
+        fields = self.fields
+        f = {name: _ident(f"f{i}") for i, name in enumerate(fields)}
+        values, bad = [], []
+        for col in COLUMNS[self.entity]:
+            kind, low, high = KINDS[self.entity][col]
+            c = _ident(f"c_{col}")
+            src = self.mapping.fields[col]
+            if not src:
+                values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
+                continue
+            values.append(sql.SQL("sync_{}({}) AS {}").format(sql.SQL(kind), f[src], c))
+            bad.append(sql.SQL("{} IS NULL").format(c) if col not in OPTIONAL_COLUMNS
+                       else sql.SQL("({} IS NULL AND {} IS NOT NULL)").format(c, f[src]))
+            if low is not None and high is not None:
+                bad.append(sql.SQL("NOT {} BETWEEN {} AND {}").format(
+                    c, sql.Literal(low), sql.Literal(high)))
+            elif low is not None:
+                bad.append(sql.SQL("{} < {}").format(c, sql.Literal(low)))
+        out = [sql.SQL("coalesce({}, false)").format(_ident(f"c_{col}"))
+               if KINDS[self.entity][col][0] == "bool" else _ident(f"c_{col}")
+               for col in COLUMNS[self.entity]]
+        rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
+                else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
+        return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
+                  out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
+                  raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
+                  rows=rows,
+                  defs=sql.SQL(", ").join(sql.SQL("{} json").format(_ident(n)) for n in fields),
+                  names=sql.SQL(", ").join(f.values()))
+
+    def checks(self) -> dict[str, Any]:
+        """Parameters of the ``problems`` query: the checked columns with their fields."""
+        fields = self.fields
+        cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
+        kinds = [KINDS[self.entity][c] for c in cols]
+        return {"cols": cols, "fields": [fields.index(self.mapping.fields[c]) for c in cols],
+                "kinds": [k for k, _, _ in kinds], "lows": [lo for _, lo, _ in kinds],
+                "highs": [hi for _, _, hi in kinds],
+                "required": [c not in OPTIONAL_COLUMNS for c in cols],
+                "key": fields.index(self.mapping.key_field)}
+
+
+# ------------------------------------------------------------------------------ staging
+
+
+@dataclass
+class _Set:
+    entity: str
+    mapping: EntityMapping
+    raw: Path  # the spooled pages
+    rows: int = 0  # rows received
+    digests: list[str] = field(default_factory=list)  # per page, of the raw body
+    pages: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, length, base)
+    sent: int = 0  # pages handed to PostgreSQL
+
+
+class _Writer:
+    """Runs statements on the connection in one thread, at most ``_IN_FLIGHT`` ahead of the
+    caller, which meanwhile fetches the next page (the thread waits on PostgreSQL without
+    the GIL). A failed statement is re-raised by the next ``send`` or by ``finish``."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-stage")
+        self.pending: deque[Future[None]] = deque()
+
+    def _run(self, query: sql.Composed, params: dict[str, Any]) -> None:
+        with db.wrap_errors("staging a page"):
+            self.conn.execute(query, params)
+
+    def send(self, query: sql.Composed, params: dict[str, Any]) -> None:
+        self.pending.append(self.pool.submit(self._run, query, params))
+        while len(self.pending) > _IN_FLIGHT:
+            self.pending.popleft().result()
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Loader:
-    """One transaction on its own connection: the fetch with its row worker, staging tables,
-    checks, diff and apply."""
+    """One transaction on its own connection: stage, check, diff and apply."""
 
     def __init__(self, conn: psycopg.Connection[Any], workdir: Path, ctx: RunContext,
-                 mappings: dict[str, EntityMapping], active: dict[str, Any] | None = None
-                 ) -> None:
+                 mappings: dict[str, EntityMapping], protocol: str) -> None:
         self.conn = conn
-        self.workdir = workdir
         self.ctx = ctx
-        self.active = active
-        self.sets = {e: _SetState(e, mappings[e], SetFiles.of(workdir, e)) for e in ENTITIES}
-        self.protocol = "v4"
-        self.expected: dict[str, str] = {}
-        self.matching = False
-        self.worker: RowWorker | None = None
-        self.rejects: Path | None = None  # where the worker writes rejects (--skip-invalid)
-        self.worker_stats: dict[str, Any] = {}
-        self.changes_only = False  # write only what differs from the active version's index
-        self.feed_digests: dict[str, Any] | None = None  # recorded with the version
+        self.sets = {e: _Set(e, mappings[e], workdir / f"{e}.json-seq") for e in ENTITIES}
+        self.sql = {e: _SetSQL(e, mappings[e], protocol) for e in ENTITIES}
+        self.writer: _Writer | None = None  # set once the first page is staged
 
-    def spool(self, entity: str, chunks: Iterable[bytes]) -> None:
-        """Write chunks of canonical lines to the entity's spool file."""
-        with self.sets[entity].files.spool.open("wb") as spool:
-            for chunk in chunks:
-                spool.write(chunk)
+    # ---------------------------------------------------------------- stage
 
-    def stage(self) -> None:
-        """Staging tables for this transaction, filled by COPY from the spools, analyzed."""
-        with db.wrap_errors("staging the dataset"):
-            for e in ENTITIES:
-                self._stage_file(e, self.sets[e].files.spool)
-                self.ctx.check_stop()
-
-    def _stage_file(self, entity: str, path: Path, *, analyze: bool = True) -> None:
-        stage = _ident(f"stage_{entity}")
-        self.conn.execute(_fmt("create_stage", stage=stage, target=_ident(entity)))
-        with self.conn.cursor() as cur, cur.copy(
-                _fmt("copy_stage", stage=stage, cols=_cols(entity))) as copy, \
-                path.open("rb") as src:
-            while block := src.read(1024 * 1024):
-                copy.write(block)
-        if not analyze:
-            return
-        # only the key columns: the checks and joins need nothing else
-        cols = ["id", *(c for child, c, _ in REFERENCES if child == entity)]
-        self.conn.execute(_fmt("analyze_stage", stage=stage, cols=sql.SQL(", ").join(
-            _ident(c) for c in cols)))
-
-    # ---------------------------------------------------------------- fetch
-
-    def fetch(self, client: ODataClient, problems: Problems,
-              expected: dict[str, str] | None, *, rejects: Path | None = None) -> bool:
-        """Fetch every set into its raw spool; True if the feed is unchanged.
-
-        ``expected`` holds the page digests of the active version (per set, concatenated
-        hex). While the pages received equal those byte for byte, they are only spooled. At
-        the first page that differs (or a page too many or too few), the row worker starts,
-        takes the pages held back, and then every page as it arrives. True means every page
-        was equal: the feed is the active dataset, which passed every check. Otherwise the
-        worker's results are in each set's ``output`` and its problems in ``problems``.
-        """
-        self.protocol = client.protocol
-        self.expected = expected or {}
-        self.matching = expected is not None
-        self.rejects = rejects
+    def fetch(self, client: ODataClient, expected: Mapping[str, str] | None) -> bool:
+        """Fetch and spool every set; True if every page equals the active version's
+        (``expected``: its page digests per set, concatenated hex), so nothing was staged."""
         try:
             for e in ENTITIES:
-                state = self.sets[e]
-                self._fetch_set(state, client)
-                self.ctx.log.info("%s: %d rows in %d pages", state.mapping.entity_set,
-                                  state.read, state.pages)
-            if self.matching and any(
-                    len(self.expected.get(e, "")) != _PAGE_DIGEST_HEX * s.pages
-                    for e, s in self.sets.items()):
-                self._start_worker(ENTITIES[-1])
-            if self.worker is None:
+                st, m = self.sets[e], self.sets[e].mapping
+                with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
+                    for page in client.pages(m.entity_set, orderby=m.key_field,
+                                             select=_select(m), filter=m.filter):
+                        self.ctx.check_stop()
+                        if page.number == 1 and page.count is not None:
+                            bar.set_total(page.count)
+                        self._spool(st, out, page.body, len(page.rows))
+                        bar.advance(len(page.rows))
+                        i = len(st.digests) - 1
+                        if self.writer is not None:
+                            self._send(st, page.body, st.pages[i][2])
+                        elif (expected is None or expected.get(e, "")[
+                                i * _DIGEST_HEX:(i + 1) * _DIGEST_HEX] != st.digests[i]):
+                            out.flush()
+                            self._start()  # this page differs: stage it and those held back
+                self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
+                                  len(st.pages))
+            if self.writer is None and (expected is None or any(
+                    len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
+                    for e, s in self.sets.items())):
+                self._start()  # a page too few, or nothing to compare with
+            if self.writer is None:
                 return True
-            outputs, found, self.worker_stats = self.worker.finish()
+            self.writer.finish()
         finally:
-            if self.worker is not None:
-                self.worker.close()
-        problems.merge(found)
-        for e, state in self.sets.items():
-            state.output = outputs[e]
-            state.digests = outputs[e].digests()
-        self.ctx.log.info("row worker: %.2f s CPU, peak RSS %d MB",
-                          self.worker_stats["cpu_s"], self.worker_stats["peak_rss_kb"] // 1024)
+            if self.writer is not None:
+                self.writer.close()
         return False
 
-    def _fetch_set(self, state: _SetState, client: ODataClient) -> None:
-        m = state.mapping
-        expected = self.expected.get(state.entity, "")
-        with state.files.raw.open("wb", buffering=_SPOOL_BUFFER) as raw, \
-                self.ctx.progress(m.entity_set, None) as bar:
-            state.out = raw
-            try:
-                if self.worker is not None:
-                    self.worker.send({"op": "set", "set": state.entity})
-                elif not self.matching:
-                    self._start_worker(state.entity)
-                for page in client.pages(m.entity_set, orderby=m.key_field,
-                                         select=_select(m), filter=m.filter):
+    def replay(self, files: Mapping[str, Path]) -> None:
+        """Stage a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
+        for e, path in files.items():
+            st = self.sets[e]
+            with gzip.open(path, "rb") as src, st.raw.open("wb") as out:
+                for body in _records(src):
                     self.ctx.check_stop()
-                    if page.number == 1 and page.count is not None:
-                        bar.set_total(page.count)
-                    raw.write(b"\x1e")  # RFC 7464 JSON text sequence: one record per page
-                    span = (raw.tell(), len(page.body))
-                    state.page_spans.append(span)
-                    raw.write(page.body)
-                    raw.write(b"\n")
-                    digest = hashlib.blake2b(page.body, digest_size=16).hexdigest()
-                    i = len(state.page_digests) * _PAGE_DIGEST_HEX
-                    state.page_digests.append(digest)
-                    state.pages += 1
-                    state.read += len(page.rows)
-                    bar.advance(len(page.rows))
-                    if self.matching:
-                        if expected[i:i + _PAGE_DIGEST_HEX] == digest:
-                            state.deferred += 1
-                            continue
-                        self._start_worker(state.entity)
-                    raw.flush()
-                    assert self.worker is not None
-                    self.worker.page(state.entity, *span, state.pages)
-            finally:
-                state.out = None
+                    self._spool(st, out, body, 0)
+        try:
+            self._start()
+            assert self.writer is not None
+            self.writer.finish()
+        finally:
+            assert self.writer is not None
+            self.writer.close()
 
-    def _start_worker(self, upto: str) -> None:
-        """The feed differs from the active version: start the row worker and hand it every
-        page held back, set by set up to ``upto`` (the set being fetched)."""
-        self.matching = False
-        self.worker = RowWorker(self.workdir)
-        indexed = self._write_active_index()
-        self.worker.start(protocol=self.protocol,
-                          mappings={e: s.mapping for e, s in self.sets.items()},
-                          indexed=indexed, rejects=self.rejects)
-        for e in ENTITIES:
-            state = self.sets[e]
-            if state.out is not None:
-                state.out.flush()
-            self.worker.send({"op": "set", "set": e})
-            for number, (offset, length) in enumerate(state.page_spans[:state.deferred],
-                                                      start=1):
-                self.worker.page(e, offset, length, number)
-            state.deferred = 0
-            if e == upto:
-                return
+    def _spool(self, st: _Set, out: IO[bytes], body: bytes, rows: int) -> None:
+        out.write(_RS)
+        st.pages.append((out.tell(), len(body), st.rows))
+        out.write(body + b"\n")
+        st.digests.append(hashlib.blake2b(body, digest_size=16).hexdigest())
+        st.rows += rows
 
-    def _write_active_index(self) -> bool:
-        """The active version's row index as files for the worker; False if it has none
-        (a version made before row indexes existed, or of another canonical format)."""
-        if self.active is None:
-            return False
-        counts = self.active["counts"]
-        seen: dict[str, int] = dict.fromkeys(ENTITIES, 0)
-        with contextlib.ExitStack() as stack:
-            files = {e: (stack.enter_context(s.files.old_keys.open("wb")),
-                         stack.enter_context(s.files.old_digests.open("wb")))
-                     for e, s in self.sets.items()}
-            cur = stack.enter_context(self.conn.cursor(binary=True))
-            with db.wrap_errors("reading the row index"):
-                for r in cur.stream(db.query("sync_odata", "row_index"),
-                                    {"version": self.active["version"]}):
-                    e = r["entity"]
-                    if (r["format"] != CANONICAL_FORMAT or r["chunk"] != seen[e] // INDEX_CHUNK
-                            or len(r["digests"]) != 8 * r["rows"]
-                            or r["keys"].count(b"\n") != r["rows"]):
-                        return False
-                    seen[e] += r["rows"]
-                    files[e][0].write(r["keys"])
-                    files[e][1].write(r["digests"])
-        return all(seen[e] == counts.get(e) for e in ENTITIES)
-
-    def can_write_changes(self, problems: Problems) -> bool:
-        """Whether every set was compared with the active version's row index and nothing
-        at all was wrong: then only new, changed and vanished rows need writing."""
-        return not problems.total and all(
-            s.output is not None and s.output.indexed and not s.output.key_problems
-            for s in self.sets.values())
-
-    def backup_chunks(self, state: _SetState, path: Path) -> Iterator[bytes]:
-        """Lines of a backed-up ``<entity>.tsv.gz`` (header first), hashed as they go."""
-        with gzip.open(path, "rb") as fh, self.ctx.progress(state.entity, None) as bar:
-            header = fh.readline().decode().rstrip("\n").split("\t")
-            if tuple(header) != COLUMNS[state.entity]:
-                raise BackupError(f"backup {path.name}: unexpected columns {header}")
-            batch: list[bytes] = []
-            for line in fh:
-                batch.append(line)
-                if len(batch) >= 5000:
-                    self.ctx.check_stop()
-                    state.digests.add(batch)
-                    bar.advance(len(batch))
-                    yield b"".join(batch)
-                    batch = []
-            state.digests.add(batch)
-            if batch:
-                yield b"".join(batch)
-
-    def check_keys(self, problems: Problems, *, reject: bool) -> None:
-        """Duplicate keys and dangling references, in SQL. With ``reject`` the offending rows
-        leave the staging tables (and their spool lines and digests) and count as rejects."""
-        removed: dict[str, set[str]] = {e: set() for e in ENTITIES}
-        with db.wrap_errors("checking keys and references"):
+    def _start(self) -> None:
+        """Create the staging tables and stage every page spooled so far."""
+        with db.wrap_errors("creating the staging tables"):
             for e in ENTITIES:
-                # Strict mode reports root causes: a reference to a row that is in the feed
-                # but invalid is not also reported as unknown. With reject, it cascades.
-                self.conn.execute(_fmt("create_invalid", invalid=_ident(f"invalid_{e}")))
-                invalid = self.sets[e].files.invalid
-                if not reject and invalid.exists() and invalid.stat().st_size:
-                    with self.conn.cursor() as cur, cur.copy(_fmt(
-                            "copy_invalid", invalid=_ident(f"invalid_{e}"))) as copy, \
-                            invalid.open(encoding="utf-8") as lines:
-                        for line in lines:
-                            copy.write_row((json.loads(line),))
+                self.conn.execute(_q("create_stage", stage=self.sql[e].stage,
+                                     target=_ident(e), cols=_list(COLUMNS[e])))
+        self.writer = _Writer(self.conn)
+        for st in self.sets.values():
+            self._start_set(st)
+
+    def _start_set(self, st: _Set) -> None:
+        if st.sent == len(st.pages):
+            return
+        with st.raw.open("rb") as src:
+            for offset, length, base in st.pages[st.sent:]:
+                src.seek(offset)
+                self._send(st, src.read(length), base)
+
+    def _send(self, st: _Set, body: bytes, base: int) -> None:
+        assert self.writer is not None
+        self.writer.send(self.sql[st.entity].page_insert,
+                         {"page": _page_text(body, st.mapping.entity_set), "base": base})
+        st.sent += 1
+
+    # ---------------------------------------------------------------- check
+
+    def check(self, problems: Problems, *, reject: bool) -> None:
+        """Refused rows, duplicate keys and dangling references, in SQL. With ``reject`` the
+        offending rows leave the stage (a reference to a rejected row cascades); otherwise a
+        reference to a refused row is not reported again (root causes only)."""
+        with db.wrap_errors("checking the feed"):
             for e in ENTITIES:
-                m = self.sets[e].mapping
-                stage = _ident(f"stage_{e}")
-                if reject:
-                    rows = self.conn.execute(_fmt("delete_duplicates", stage=stage)).fetchall()
-                    dup_counts = Counter(r["id"] for r in rows)
-                    items = [(k, n) for k, n in sorted(dup_counts.items())]
-                else:
-                    rows = self.conn.execute(_fmt("duplicate_keys", stage=stage),
-                                             {"limit": MAX_PROBLEMS}).fetchall()
-                    items = [(r["id"], r["n"]) for r in rows]
-                    if rows and rows[0]["total"] > len(rows):
-                        problems.counts[(m.entity_set, "duplicate")] += (
-                            rows[0]["total"] - len(rows))
-                for key, n in items:
-                    # strict: one problem per key; reject: one record per rejected row
-                    for _ in range(n if reject else 1):
-                        problems.add(Problem(m.entity_set, m.key_field, key, m.key_field,
-                                             "duplicate", f"key occurs {n} times"))
-                    if reject:
-                        removed[e].add(key)
-                        problems.rejected[e] += n
+                self.conn.execute(_q("analyze_stage", stage=self.sql[e].stage))
+                self._refused(e, problems, reject=reject)
+                self._duplicates(e, problems, reject=reject)
                 for child, col, parent in REFERENCES:
-                    if child != e:
-                        continue
-                    field_name = m.fields[col]
-                    parts = {"stage": stage, "col": _ident(col),
-                             "parent": _ident(f"stage_{parent}"),
-                             "invalid": _ident(f"invalid_{parent}")}
-                    if reject:
-                        rows = self.conn.execute(_fmt("delete_dangling", **parts)).fetchall()
-                    else:
-                        rows = self.conn.execute(_fmt("dangling", **parts),
-                                                 {"limit": MAX_PROBLEMS}).fetchall()
-                        if rows and rows[0]["total"] > len(rows):
-                            problems.counts[(m.entity_set, "unknown_reference")] += (
-                                rows[0]["total"] - len(rows))
-                    parent_set = self.sets[parent].mapping.entity_set
-                    for r in sorted(rows, key=lambda r: r["id"]):
-                        problems.add(Problem(m.entity_set, m.key_field, r["id"], field_name,
-                                             "unknown_reference",
-                                             f"names {parent_set} {r['ref']!r}, which is not "
-                                             "in the feed" + (" or was rejected" if reject
-                                                              else "")))
-                        if reject:
-                            removed[e].add(r["id"])
-                            problems.rejected[e] += 1
-        for e, keys in removed.items():
-            if keys:
-                self._drop_spooled(self.sets[e], keys)
+                    if child == e:
+                        self._dangling(e, col, parent, problems, reject=reject)
 
-    def _drop_spooled(self, state: _SetState, keys: set[str]) -> None:
-        """Rewrite the spool without rows of rejected keys and take them out of the hash."""
-        kept = state.files.spool.with_suffix(".kept")
-        dropped: list[bytes] = []
-        with state.files.spool.open("rb") as src, kept.open("wb") as dst:
-            for line in src:
-                key = unescape_key(line.split(b"\t", 1)[0].decode())
-                if key in keys:
-                    dropped.append(line)
-                else:
-                    dst.write(line)
-        kept.replace(state.files.spool)
-        state.digests.add(dropped, sign=-1)
-        state.rewritten = True
+    def _refused(self, e: str, problems: Problems, *, reject: bool) -> None:
+        m, s = self.sets[e].mapping, self.sql[e]
+        params = s.checks()
+        n_last = None
+        with self.conn.cursor() as cur:
+            for r in cur.stream(_q("problems", stage=s.stage), params):
+                problems.add(Problem(m.entity_set, m.key_field, _key_text(r["key"]),
+                                     m.fields[r["col"]], r["kind"], r["message"]))
+                if reject and r["n"] != n_last:
+                    problems.rejected[e] += 1
+                n_last = r["n"]
+        if reject:
+            self.conn.execute(_q("delete_refused", stage=s.stage))
+
+    def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
+        m, stage = self.sets[e].mapping, self.sql[e].stage
+        rows = self.conn.execute(_q("duplicate_keys", stage=stage)).fetchall()
+        for r in rows:
+            # strict: one problem per key; reject: one record per rejected row
+            for _ in range(r["n"] if reject else 1):
+                problems.add(Problem(m.entity_set, m.key_field, r["id"], m.key_field,
+                                     "duplicate", f"key occurs {r['n']} times"))
+            if reject:
+                problems.rejected[e] += r["n"]
+        if reject and rows:
+            self.conn.execute(_q("delete_duplicates", stage=stage))
+
+    def _dangling(self, e: str, col: str, parent: str, problems: Problems, *,
+                  reject: bool) -> None:
+        m = self.sets[e].mapping
+        parent_set = self.sets[parent].mapping.entity_set
+        rows = self.conn.execute(_q("delete_dangling" if reject else "dangling",
+                                    stage=self.sql[e].stage, col=_ident(col),
+                                    parent=self.sql[parent].stage)).fetchall()
+        for r in sorted(rows, key=lambda r: r["n"]):
+            problems.add(Problem(m.entity_set, m.key_field, r["id"], m.fields[col],
+                                 "unknown_reference",
+                                 f"names {parent_set} {r['ref']!r}, which is not in the feed"
+                                 + (" or was rejected" if reject else "")))
+            if reject:
+                problems.rejected[e] += 1
+
+    def counts(self) -> dict[str, int]:
+        with db.wrap_errors("counting the staged rows"):
+            return {e: int(_one(self.conn, _q("count_stage", stage=self.sql[e].stage))["n"])
+                    for e in ENTITIES}
+
+    def hashes(self) -> tuple[str, dict[str, str]]:
+        """The dataset hash and the hash of each set, of the staged rows."""
+        with db.wrap_errors("hashing the dataset"):
+            self.conn.execute(db.query("sync_odata", "hash_settings"))
+            per_set = {e: str(_one(self.conn, _q("set_hash", stage=self.sql[e].stage,
+                                                 cols=_list(COLUMNS[e], "s")))["hash"])
+                       for e in ENTITIES}
+        return dataset_hash(per_set), per_set
 
     # ---------------------------------------------------------------- diff and apply
 
-    def hashes(self) -> tuple[str, dict[str, str]]:
-        per_set = {e: s.digests.hexdigest(e) for e, s in self.sets.items()}
-        return dataset_hash(per_set), per_set
-
     def diff(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
         with db.wrap_errors("computing the diff"):
-            for e in ENTITIES:
-                row = self.conn.execute(_fmt("diff", stage=_ident(f"stage_{e}"),
-                                             target=_ident(e))).fetchone()
-                assert row is not None
-                out[e] = {k: int(row[k]) for k in ("inserted", "updated", "deleted")}
-        return out
+            return {e: self._counted("diff", e) for e in ENTITIES}
 
     def apply(self) -> dict[str, dict[str, int]]:
-        """Write the dataset into the read model; returns what changed per entity (counted
-        by the statements).
-
-        With ``changes_only``, only the rows the worker found new, changed or vanished are
-        written; if the read model then does not hold exactly the feed's row counts (it was
-        changed behind the row index's back), that is undone and every row is compared.
-        """
-        if self.changes_only:
-            with db.wrap_errors("writing the changes to the read model"):
-                self.conn.execute(db.query("sync_odata", "savepoint_changes"))
-                diff = self._apply_changes()
-                counts = {e: self._count(e) for e in ENTITIES}
-                if all(counts[e] == s.digests.rows for e, s in self.sets.items()):
-                    return diff
-                self.conn.execute(db.query("sync_odata", "rollback_changes"))
-            self.ctx.log.warning(
-                "the read model differs from the row index of %s (rows %s, index says %s); "
-                "comparing every row", self.active and self.active["version"], counts,
-                {e: s.digests.rows for e, s in self.sets.items()})
-            self.changes_only = False
-            self.stage()
-        return self._apply_all()
-
-    def _apply_changes(self) -> dict[str, dict[str, int]]:
-        diff: dict[str, dict[str, int]] = {}
-        for e in ENTITIES:
-            state = self.sets[e]
-            assert state.output is not None
-            diff[e] = {"inserted": 0, "updated": 0}
-            if state.output.inserted or state.output.updated:
-                self._stage_file(e, state.files.changes, analyze=False)
-                diff[e] = self._upsert(e, "upsert_changes")
-        for e in reversed(ENTITIES):
-            text = self.sets[e].files.deleted.read_text(encoding="utf-8")
-            keys = [unescape_key(k) for k in text.split("\n")[:-1]]
-            row = self.conn.execute(_fmt("delete_keys", target=_ident(e)),
-                                    {"keys": keys}).fetchone() if keys else {"deleted": 0}
-            assert row is not None
-            diff[e]["deleted"] = int(row["deleted"])
-        return {e: diff[e] for e in ENTITIES}
-
-    def _count(self, entity: str) -> int:
-        row = self.conn.execute(_fmt("count_rows", target=_ident(entity))).fetchone()
-        assert row is not None
-        return int(row["n"])
-
-    def _apply_all(self) -> dict[str, dict[str, int]]:
-        """Upsert every staged row (unchanged ones are skipped in SQL) and delete vanished."""
-        diff: dict[str, dict[str, int]] = {}
+        """Write the staged dataset into the read model: what changed, per entity."""
         with db.wrap_errors("writing the read model"):
-            for e in ENTITIES:
-                diff[e] = self._upsert(e)
+            diff = {e: self._counted("upsert", e) for e in ENTITIES}
             for e in reversed(ENTITIES):
-                row = self.conn.execute(_fmt("delete_vanished", stage=_ident(f"stage_{e}"),
-                                             target=_ident(e))).fetchone()
-                assert row is not None
-                diff[e]["deleted"] = int(row["deleted"])
+                diff[e] |= self._counted("delete_vanished", e)
         return {e: diff[e] for e in ENTITIES}
 
-    def _upsert(self, entity: str, query: str = "upsert") -> dict[str, int]:
-        assignments = sql.SQL(", ").join(
-            sql.SQL("{} = EXCLUDED.{}").format(_ident(c), _ident(c))
-            for c in COLUMNS[entity] if c != "id")
-        row = self.conn.execute(_fmt(
-            query, stage=_ident(f"stage_{entity}"), target=_ident(entity),
-            cols=_cols(entity),
-            s_cols=sql.SQL(", ").join(sql.Identifier("s", c) for c in COLUMNS[entity]),
-            assignments=assignments)).fetchone()
-        assert row is not None
-        return {"inserted": int(row["inserted"]), "updated": int(row["updated"])}
-
-    def reserve_version(self) -> tuple[int, str]:
-        """The next ``ds-v<N>``: safe because we hold the stage lock (seq is UNIQUE too)."""
-        with db.wrap_errors("reserving the dataset version"):
-            seq_row = self.conn.execute(db.query("sync_odata", "next_seq")).fetchone()
-        assert seq_row is not None
-        return int(seq_row["seq"]), f"ds-v{seq_row['seq']}"
-
-    def record_version(self, seq: int, version: str, *, hash_: str,
-                       set_hashes: dict[str, str], diff: dict[str, dict[str, int]],
-                       source: str, restored_from: str | None, extra_counts: dict[str, int]
-                       ) -> datetime:
-        """Insert the version, make it active with its row index (the only one kept); check
-        the deferred foreign keys now."""
-        with db.wrap_errors("recording the dataset version"):
-            counts = {e: s.digests.rows for e, s in self.sets.items()} | extra_counts
-            created = self.conn.execute(db.query("sync_odata", "insert_dataset"), {
-                "version": version, "seq": seq, "hash": hash_, "set_hashes": Jsonb(set_hashes),
-                "counts": Jsonb(counts), "diff": Jsonb(diff), "source": source,
-                "restored_from": restored_from, "backup_prefix": backup_prefix(version),
-                "run_id": self.ctx.run_id,
-                "feed_digests": None if self.feed_digests is None else Jsonb(self.feed_digests),
-            }).fetchone()
-            assert created is not None
-            self.conn.execute(db.query("sync_odata", "deactivate"))
-            self.conn.execute(db.query("sync_odata", "activate"), {"version": version})
-            self.conn.execute(db.query("sync_odata", "drop_row_indexes"))
-            for e, state in self.sets.items():
-                chunks = index_chunks(*self._index_files(state))
-                for chunk, (keys, digests, n) in enumerate(chunks):
-                    self.conn.execute(db.query("sync_odata", "insert_row_index"), {
-                        "version": version, "entity": e, "chunk": chunk,
-                        "format": CANONICAL_FORMAT, "rows": n, "keys": keys,
-                        "digests": digests})
-            self.conn.execute(db.query("sync_odata", "constraints_now"))
-        created_at: datetime = created["created_at"]
-        return created_at
+    def _counted(self, name: str, e: str) -> dict[str, int]:
+        cols = COLUMNS[e]
+        row = _one(self.conn, _q(
+            name, stage=self.sql[e].stage, target=_ident(e), cols=_list(cols),
+            s_cols=_list(cols, "s"), t_cols=_list(cols, "t"),
+            assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
+                _ident(c), _ident(c)) for c in cols if c != "id")))
+        return {k: int(v) for k, v in row.items()}
 
 
+def _records(src: gzip.GzipFile) -> Iterator[bytes]:
+    """The records of a JSON text sequence, each without its separator and final newline."""
+    buf = b""
+    while block := src.read(1024 * 1024):
+        *done, buf = (buf + block).split(_RS)
+        yield from (r[:-1] if r.endswith(b"\n") else r for r in done if r)
+    if buf:
+        yield buf[:-1] if buf.endswith(b"\n") else buf
 
-    @staticmethod
-    def _index_files(state: _SetState) -> tuple[Path, Path]:
-        """The row index files of the set as written (the worker's, if still current)."""
-        if not state.worker_files_current:
-            write_index(state.files.spool, state.files.keys, state.files.digests)
-        return state.files.keys, state.files.digests
+
+def _page_text(body: bytes, entity_set: str) -> str:
+    try:
+        return body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SourceError(f"OData {entity_set}: a page is not UTF-8") from None
 
 
 def _select(m: EntityMapping) -> list[str]:
     return sorted({f for f in m.fields.values() if f})
 
 
+def dataset_hash(set_hashes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{e}:{set_hashes[e]}\n" for e in ENTITIES).encode()
+                          ).hexdigest()
+
+
 def feed_key(client: ODataClient, mappings: dict[str, EntityMapping]) -> str:
-    """What the page digests are valid for: same protocol, mapping and first-page URLs."""
+    """What page digests are valid for: the checks, protocol, mapping and first-page URLs."""
     urls = [client.collection_url(m.entity_set, orderby=m.key_field, select=_select(m),
                                   filter=m.filter) for m in mappings.values()]
-    doc = {"format": CANONICAL_FORMAT, "protocol": client.protocol, "urls": urls,
+    doc = {"checks": CHECKS, "protocol": client.protocol, "urls": urls,
            "mapping": {e: m.to_json() for e, m in mappings.items()}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -534,73 +486,83 @@ def backup_prefix(version: str) -> str:
     return f"datasets/{version}/"
 
 
-def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
-    with db.wrap_errors("reading the active dataset"):
-        row: dict[str, Any] | None = conn.execute(
-            db.query("sync_odata", "active_dataset")).fetchone()
-    return row
+# ------------------------------------------------------------------------------ versions
 
 
-def _upload_set(backups: BackupStore, state: _SetState, prefix: str) -> dict[str, Any]:
-    """One set's files of a version's backup: its canonical lines and its raw pages.
+@dataclass
+class _Version:
+    """What a new version records besides its rows."""
 
-    The row worker gzipped the set while it went; if that file is not current, it is made here.
-    """
-    e, files = state.entity, {}
-    gz = state.files.spool_gz
-    if not state.worker_files_current:
-        gzip_file(state.files.spool, gz, ("\t".join(COLUMNS[e]) + "\n").encode())
-    backups.put_file(prefix + f"{e}.tsv.gz", str(gz), "application/gzip")
-    files[e] = {"key": f"{e}.tsv.gz", "rows": state.digests.rows, "bytes": gz.stat().st_size}
-    if state.has_raw:
-        raw_gz = state.files.raw_gz
-        backups.put_file(prefix + f"raw/{e}.json-seq.gz", str(raw_gz), "application/gzip")
-        files[f"raw/{e}"] = {"key": f"raw/{e}.json-seq.gz", "pages": state.pages,
-                             "bytes": raw_gz.stat().st_size}
-    return files
+    counts: dict[str, int]
+    manifest: dict[str, Any]
+    source: str
+    restored_from: str | None = None
+    feed_digests: dict[str, Any] | None = None
+    rejects: Path | None = None
+    hashes: tuple[str, dict[str, str]] | None = None  # (dataset, per set); None: hash the stage
+
+
+def _upload_raw(backups: BackupStore, st: _Set, prefix: str) -> dict[str, Any]:
+    gz = st.raw.with_suffix(".json-seq.gz")
+    with st.raw.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1024 * 1024)
+    key = f"raw/{st.entity}.json-seq.gz"
+    backups.put_file(prefix + key, str(gz), "application/gzip")
+    return {f"raw/{st.entity}": {"key": key, "pages": len(st.pages), "rows": st.rows,
+                                 "bytes": gz.stat().st_size}}
 
 
 def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[str, Any]:
-    rejects_gz = rejects.with_name("rejects.jsonl.gz")
-    gzip_file(rejects, rejects_gz)
-    backups.put_file(prefix + "rejects.jsonl.gz", str(rejects_gz), "application/gzip")
+    gz = rejects.with_suffix(".jsonl.gz")
+    with rejects.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst)
+    backups.put_file(prefix + "rejects.jsonl.gz", str(gz), "application/gzip")
     return {"rejects": {"key": "rejects.jsonl.gz"}}
 
 
-def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore, *,
-                  hash_: str, set_hashes: dict[str, str], manifest: dict[str, Any],
-                  source: str, restored_from: str | None = None, rejected: int = 0,
-                  rejects: Path | None = None) -> tuple[str, dict[str, dict[str, int]]]:
-    """Apply the staged dataset as a new active version, back it up, then commit.
+def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore,
+                  ctx: RunContext, v: _Version, diff: dict[str, dict[str, int]], *,
+                  upload_raw: bool) -> tuple[str, str]:
+    """Record the applied dataset as the new active version, back it up, then commit; returns
+    the version and its hash.
 
-    Order: reserve ``ds-v<N>``; upload the data files (in a thread, while PostgreSQL applies
-    the upsert in this transaction); record the version; upload the manifest; COMMIT. Any
+    Order: reserve ``ds-v<N>``; upload the raw pages (in threads, while PostgreSQL hashes the
+    rows and records the version in this transaction); upload the manifest; COMMIT. Any
     failure before the COMMIT rolls the transaction back, so a version never points at a
     missing backup; an orphan backup of an uncommitted number is overwritten by the next run.
     """
-    seq, version = loader.reserve_version()
-    prefix = backup_prefix(version)
-    # one upload thread per set (gzip and the S3 client's work mostly leave the GIL free)
+    with db.wrap_errors("reserving the dataset version"):
+        seq = int(_one(conn, db.query("sync_odata", "next_seq"))["seq"])
+    version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
     with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
-        uploads = [pool.submit(_upload_set, backups, state, prefix)
-                   for state in loader.sets.values()]
-        if rejects is not None and rejects.stat().st_size:
-            uploads.append(pool.submit(_upload_rejects, backups, rejects, prefix))
+        uploads = [pool.submit(_upload_raw, backups, st, prefix)
+                   for st in loader.sets.values() if upload_raw]
+        if v.rejects is not None and v.rejects.stat().st_size:
+            uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
         try:
-            diff = loader.apply()
-            created_at = loader.record_version(
-                seq, version, hash_=hash_, set_hashes=set_hashes, diff=diff, source=source,
-                restored_from=restored_from, extra_counts={"rejected": rejected})
+            hash_, set_hashes = v.hashes or loader.hashes()
+            with db.wrap_errors("recording the dataset version"):
+                created = _one(conn, db.query("sync_odata", "insert_dataset"), {
+                    "version": version, "seq": seq, "hash": hash_,
+                    "set_hashes": Jsonb(set_hashes), "counts": Jsonb(v.counts),
+                    "diff": Jsonb(diff), "source": v.source, "restored_from": v.restored_from,
+                    "backup_prefix": prefix, "run_id": ctx.run_id,
+                    "feed_digests": None if v.feed_digests is None else Jsonb(v.feed_digests),
+                })["created_at"]
+                conn.execute(db.query("sync_odata", "deactivate"))
+                conn.execute(db.query("sync_odata", "activate"), {"version": version})
+                conn.execute(db.query("sync_odata", "constraints_now"))
         finally:
             files: dict[str, Any] = {}
             for upload in uploads:  # a BackupError wins: it is the root cause more often
                 files |= upload.result()
     backups.put_json(prefix + "manifest.json", {
-        **manifest, "version": version, "diff": diff, "created_at": created_at.isoformat(),
-        "files": files})
+        **v.manifest, "version": version, "hash": hash_, "set_hashes": set_hashes,
+        "counts": v.counts, "diff": diff, "created_at": created.isoformat(), "files": files,
+        "run_id": ctx.run_id, "source": v.source})
     with db.wrap_errors("committing the dataset"):
         conn.commit()
-    return version, diff
+    return version, hash_
 
 
 def _result_extra(version: str | None, hash_: str, diff: dict[str, dict[str, int]]
@@ -618,8 +580,28 @@ def _zero_diff() -> dict[str, dict[str, int]]:
     return {e: {"inserted": 0, "updated": 0, "deleted": 0} for e in ENTITIES}
 
 
+def _diff_text(diff: dict[str, dict[str, int]]) -> str:
+    parts = [f"{e} +{d['inserted']} ~{d['updated']} -{d['deleted']}" for e, d in diff.items()]
+    return ": " + ", ".join(parts)
+
+
 def _connect(database: db.Database, ctx: RunContext) -> psycopg.Connection[Any]:
     return database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
+
+
+def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+    with db.wrap_errors("reading the active dataset"):
+        row: dict[str, Any] | None = conn.execute(
+            db.query("sync_odata", "active_dataset")).fetchone()
+    return row
+
+
+def _noop(active: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None
+          ) -> StageResult:
+    return StageResult(status=NOOP, counts=counts,
+                       extra=_result_extra(active["version"], active["hash"], _zero_diff())
+                       | (extra or {}),
+                       message=f"unchanged since {active['version']}")
 
 
 # ------------------------------------------------------------------------------ sync
@@ -637,7 +619,7 @@ def sync_odata(
     force: bool = False,
     speeds_kmh: Mapping[str, float] | None = None,
 ) -> StageResult:
-    """Fetch, validate, hash and diff the feed; write a new dataset version if it changed.
+    """Fetch, check and diff the feed; write a new dataset version if it changed.
 
     Strict by default: any problem raises ValidationError and nothing is written. With
     ``skip_invalid`` bad rows (and rows that reference them) are left out and recorded.
@@ -660,17 +642,9 @@ def sync_odata(
     return result
 
 
-def _sync(
-    database: db.Database,
-    client: ODataClient,
-    backups: BackupStore | None,
-    ctx: RunContext,
-    *,
-    mapping: dict[str, Any] | None,
-    skip_invalid: bool,
-    dry_run: bool,
-    force: bool,
-) -> StageResult:
+def _sync(database: db.Database, client: ODataClient, backups: BackupStore | None,
+          ctx: RunContext, *, mapping: dict[str, Any] | None, skip_invalid: bool,
+          dry_run: bool, force: bool) -> StageResult:
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")
@@ -678,107 +652,71 @@ def _sync(
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-sync-") as tmp:
             workdir = Path(tmp)
-            rejects_path = workdir / "rejects.jsonl"
-            problems = Problems()
             active = _active(conn)
-            loader = _Loader(conn, workdir, ctx, mappings, active)
+            loader = _Loader(conn, workdir, ctx, mappings, client.protocol)
             key = feed_key(client, mappings)
             stored = (active or {}).get("feed_digests") or {}
-            expected = (stored.get("pages") if not force and stored.get("key") == key
-                        else None)
-            if loader.fetch(client, problems, expected,
-                            rejects=rejects_path if skip_invalid else None):
-                # Every page byte for byte the active version's: no row was even parsed.
+            expected = stored.get("pages") if not force and stored.get("key") == key else None
+            if loader.fetch(client, expected):
+                # every page byte for byte the active version's: nothing was even staged
                 assert active is not None
-                return StageResult(
-                    status=NOOP, counts={e: int(active["counts"].get(e, 0))
-                                         for e in ENTITIES} | {"rejected": 0},
-                    extra=_result_extra(active["version"], active["hash"], _zero_diff()),
-                    message=f"unchanged since {active['version']}")
-            counts: dict[str, Any] = {e: s.digests.rows for e, s in loader.sets.items()}
-            # Same hash as the active dataset, which passed every check: nothing to do,
-            # and nothing to stage. (The checks below can only remove rows.)
-            if not problems.total and not force and active:
-                hash_, _ = loader.hashes()
-                if active["hash"] == hash_:
-                    return StageResult(
-                        status=NOOP, counts=counts | {"rejected": 0},
-                        extra=_result_extra(active["version"], hash_, _zero_diff()),
-                        message=f"unchanged since {active['version']}")
-            # --force and --dry-run compare every row with the read model in SQL.
-            loader.changes_only = (not force and not dry_run
-                                   and loader.can_write_changes(problems))
-            if not loader.changes_only:
-                with contextlib.ExitStack() as stack:
-                    if skip_invalid:  # after the worker's rejects, the key checks' ones
-                        problems.reject_file = stack.enter_context(
-                            rejects_path.open("a", encoding="utf-8"))
-                    loader.stage()
-                    loader.check_keys(problems, reject=skip_invalid)
-                problems.reject_file = None
-            read = {e: s.read for e, s in loader.sets.items()}
-            empty = loader.sets["stops"].digests.rows == 0
-            if empty:
+                return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
+                             | {"rejected": 0})
+            problems = Problems()
+            rejects = workdir / "rejects.jsonl"
+            with contextlib.ExitStack() as stack:
+                if skip_invalid:
+                    problems.reject_file = stack.enter_context(
+                        rejects.open("w", encoding="utf-8"))
+                loader.check(problems, reject=skip_invalid)
+            problems.reject_file = None
+            counts: dict[str, int] = loader.counts()
+            if counts["stops"] == 0:
                 problems.add(Problem(mappings["stops"].entity_set, mappings["stops"].key_field,
                                      None, "-", "empty", "no valid stops in the feed; "
                                      "refusing to empty the read model"))
-            if empty or (problems.total and not skip_invalid):
+            if counts["stops"] == 0 or (problems.total and not skip_invalid):
                 first = [str(p) for p in problems.first]
                 raise ValidationError(
                     f"validation failed: {problems.total} problem(s) ({problems.summary()}); "
                     "nothing was written", first, partial=StageResult(
-                        counts=read,
+                        counts={e: s.rows for e, s in loader.sets.items()},
                         extra={"problems": first, "problem_counts": problems.by_set()}))
-            hash_, set_hashes = loader.hashes()
             rejected = sum(problems.rejected.values())
-            counts = {e: s.digests.rows for e, s in loader.sets.items()}
             counts["rejected"] = rejected
             reject_extra: dict[str, Any] = {}
             if rejected:
                 reject_extra = {"rejects": [str(p) for p in problems.first],
                                 "rejected_by_set": dict(problems.rejected)}
                 ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
-            if active and active["hash"] == hash_ and not force:
-                return StageResult(
-                    status=NOOP, counts=counts,
-                    extra=_result_extra(active["version"], hash_, _zero_diff()) | reject_extra,
-                    message=f"unchanged since {active['version']}")
             if dry_run:
                 diff = loader.diff()
                 return StageResult(
                     status=SKIPPED, counts=counts,
-                    extra=_result_extra(active["version"] if active else None, hash_, diff)
+                    extra=_result_extra(active["version"] if active else None, "", diff)
                     | reject_extra | {"dry_run": True},
                     message="dry run: nothing written" + _diff_text(diff))
+            diff = loader.apply()
+            if active is not None and not force and not any(
+                    n for d in diff.values() for n in d.values()):
+                return _noop(active, counts, reject_extra)  # same rows: rolled back
             assert backups is not None
-            if not rejected:  # a feed with rejects always gets the full check again
-                loader.feed_digests = {"key": key, "pages": {
-                    e: "".join(st.page_digests) for e, st in loader.sets.items()}}
-            manifest = {
-                "format": BACKUP_FORMAT, "hash": hash_, "set_hashes": set_hashes,
-                "counts": counts, "run_id": ctx.run_id, "source": "sync",
-                "odata": {"service": client.service_url, "protocol": client.protocol,
-                          "mapping": {e: m.to_json() for e, m in mappings.items()}},
-                "columns": {e: list(COLUMNS[e]) for e in ENTITIES},
-            }
-            version, diff = write_version(
-                conn, loader, backups, hash_=hash_, set_hashes=set_hashes, manifest=manifest,
-                source="sync", rejected=rejected, rejects=rejects_path if rejected else None)
-        diffed = "row_index" if loader.changes_only else "read_model"
-        ctx.log.info("dataset %s active%s (diffed against the %s)", version, _diff_text(diff),
-                     diffed.replace("_", " "))
+            version, hash_ = write_version(conn, loader, backups, ctx, _Version(
+                counts=counts, source="sync",
+                manifest={"format": BACKUP_FORMAT, "raw_prefix": None,
+                          "odata": {"service": client.service_url, "protocol": client.protocol,
+                                    "mapping": {e: m.to_json() for e, m in mappings.items()}}},
+                # a feed with rejects always gets the full check again
+                feed_digests=None if rejected else {"key": key, "pages": {
+                    e: "".join(st.digests) for e, st in loader.sets.items()}},
+                rejects=rejects if rejected else None), diff, upload_raw=True)
+        ctx.log.info("dataset %s active%s", version, _diff_text(diff))
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
-                           | {"backup_prefix": backup_prefix(version), "diffed_against": diffed,
-                              "row_worker": loader.worker_stats},
+                           | {"backup_prefix": backup_prefix(version)},
                            message=f"{version} active" + _diff_text(diff))
     finally:
         conn.close()  # without a commit this rolls everything back
-
-
-def _diff_text(diff: dict[str, dict[str, int]]) -> str:
-    parts = [f"{e} +{d['inserted']} ~{d['updated']} -{d['deleted']}" for e, d in diff.items()]
-    return ": " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------ restore
@@ -788,8 +726,10 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                     ) -> StageResult:
     """Make ``version``'s S3 backup the active dataset again, as a new version (same hash).
 
-    The backup is verified against its manifest and the ``datasets`` row (hash per set);
-    a mismatch is a BackupError and nothing is written.
+    The backed-up raw pages are staged and checked as a sync stages them (with its rejects,
+    if it had any). The result must have the version's hash (per set): a mismatch is a
+    BackupError and nothing is written. A version of backup format 1 (made by the row
+    worker, whose hashes were of another form) is checked by its row counts instead.
     """
     conn = _connect(database, ctx)
     try:
@@ -800,42 +740,42 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
             raise NothingToDo(f"no dataset version {version!r} (see `pipeline datasets list`)")
         prefix = row["backup_prefix"]
         manifest = backups.get_json(prefix + "manifest.json")
-        if not isinstance(manifest, dict) or manifest.get("format") != BACKUP_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in (
+                BACKUP_FORMAT, "pipeline-dataset/1"):
             raise BackupError(f"backup {prefix}manifest.json is not a {BACKUP_FORMAT} manifest")
         if manifest.get("hash") != row["hash"]:
             raise BackupError(f"backup {prefix} does not match {version}: hash differs")
-        mappings = resolve_mapping(manifest.get("odata", {}).get("mapping"))
+        odata = manifest.get("odata") or {}
+        raw_prefix = manifest.get("raw_prefix") or prefix + "raw/"
         with tempfile.TemporaryDirectory(prefix="pipeline-restore-") as tmp:
             workdir = Path(tmp)
-            loader = _Loader(conn, workdir, ctx, mappings)
-            for e in ENTITIES:
-                info = manifest.get("files", {}).get(e)
-                if not isinstance(info, dict) or "key" not in info:
-                    raise BackupError(f"backup {prefix}manifest.json lists no file for {e}")
-                local = workdir / f"{e}.download.tsv.gz"
-                backups.get_file(prefix + info["key"], str(local))
-                state = loader.sets[e]
-                loader.spool(e, loader.backup_chunks(state, local))
-                local.unlink()
-            hash_, set_hashes = loader.hashes()
-            if hash_ != row["hash"]:
-                bad = [e for e in ENTITIES if set_hashes[e] != row["set_hashes"].get(e)]
-                raise BackupError(f"backup {prefix} is corrupt: the data of "
-                                  f"{', '.join(bad) or 'the dataset'} does not match its hash")
-            loader.stage()
+            loader = _Loader(conn, workdir, ctx, resolve_mapping(odata.get("mapping")),
+                             odata.get("protocol", "v4"))
+            files = {e: workdir / f"{e}.download.gz" for e in ENTITIES}
+            for e, local in files.items():
+                backups.get_file(f"{raw_prefix}{e}.json-seq.gz", str(local))
+            loader.replay(files)
             problems = Problems()
-            loader.check_keys(problems, reject=False)
-            if problems.total:
-                raise BackupError(f"backup {prefix} is inconsistent: {problems.summary()}")
-            counts: dict[str, Any] = {e: s.digests.rows for e, s in loader.sets.items()}
-            for state in loader.sets.values():
-                state.has_raw = False  # the raw pages stay with the original version
-            new_version, diff = write_version(
-                conn, loader, backups, hash_=hash_, set_hashes=set_hashes,
-                manifest={**manifest, "counts": counts, "run_id": ctx.run_id,
-                          "source": "restore", "restored_from": version,
-                          "raw_prefix": manifest.get("raw_prefix", prefix + "raw/")},
-                source="restore", restored_from=version)
+            loader.check(problems, reject=bool(row["counts"].get("rejected")))
+            counts: dict[str, int] = loader.counts() | {
+                "rejected": sum(problems.rejected.values())}
+            hash_, set_hashes = loader.hashes()
+            if manifest["format"] == BACKUP_FORMAT:
+                bad = [e for e in ENTITIES if set_hashes[e] != row["set_hashes"].get(e)]
+            else:
+                bad = [e for e in ENTITIES if counts[e] != row["counts"].get(e)]
+                hash_, set_hashes = row["hash"], row["set_hashes"]
+            if bad or (problems.total and not problems.rejected):
+                raise BackupError(f"backup {prefix} is corrupt: the data of "
+                                  f"{', '.join(bad) or 'the dataset'} does not match "
+                                  f"{version}" + (f" ({problems.summary()})"
+                                                  if problems.total else ""))
+            diff = loader.apply()
+            new_version, _ = write_version(conn, loader, backups, ctx, _Version(
+                counts=counts, source="restore", restored_from=version,
+                hashes=(hash_, set_hashes),
+                manifest={"format": manifest["format"], "raw_prefix": raw_prefix,
+                          "restored_from": version, "odata": odata}), diff, upload_raw=False)
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(new_version, hash_, diff)
                            | {"restored_from": version,

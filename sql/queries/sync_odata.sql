@@ -1,89 +1,110 @@
 -- Queries of sync-odata (pipeline_cli/stages/sync_odata.py). Templates in braces ({stage},
--- {target}, {cols}, ...) are filled with psycopg.sql identifiers by the stage, never with text.
+-- {target}, {cols}, ...) are filled with psycopg.sql identifiers and fragments made by the
+-- stage from the read model's columns and the OData mapping, never with text from the feed.
 
 -- name: create_stage
--- A staging copy of one read-model table for this transaction: no keys, so duplicates and
--- dangling references can be found (and reported) in SQL after the COPY.
-CREATE TEMP TABLE {stage} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP;
+-- One set of the feed for this transaction: the read-model columns without their constraints
+-- (so that duplicates and dangling references can be found and named), the row's place in the
+-- feed (n) and, for a row with a refused value, its raw fields (bad).
+CREATE TEMP TABLE {stage} ON COMMIT DROP AS
+SELECT 0::bigint AS n, {cols}, NULL::json AS bad FROM {target} WITH NO DATA;
 
--- name: copy_stage
-COPY {stage} ({cols}) FROM STDIN;
+-- name: page_insert
+-- One page: json_to_recordset reads the source fields as raw JSON values (f0, f1, ...), the
+-- sync_* functions of sql/015_sync_in_sql.sql make them read-model values (NULL if refused),
+-- and a row with a refused value keeps its raw fields for the problem report. OFFSET 0 keeps
+-- the inner query whole, so each function runs once per value.
+INSERT INTO {stage} (n, {cols}, bad)
+SELECT n, {out}, CASE WHEN {bad} THEN json_build_array({raw}) END
+FROM (
+    SELECT %(base)s::bigint + x.n AS n, {values}, {raw}
+    FROM (SELECT %(page)s::json AS p) page,
+         ROWS FROM (json_to_recordset({rows}) AS ({defs})) WITH ORDINALITY AS x({names}, n)
+    OFFSET 0
+) s;
 
 -- name: analyze_stage
--- autovacuum never analyzes temporary tables; without statistics the checks below plan badly.
-ANALYZE {stage} ({cols});
+-- autovacuum never analyzes temporary tables; without statistics the checks plan badly.
+ANALYZE {stage};
+
+-- name: problems
+-- Why each refused row was refused: one row per refused value, in feed and column order.
+SELECT b.n, c.col, p.problem[1] AS kind, p.problem[2] AS message,
+       b.bad -> %(key)s::integer AS key
+FROM {stage} b
+CROSS JOIN LATERAL unnest(%(cols)s::text[], %(kinds)s::text[], %(fields)s::integer[],
+                          %(required)s::boolean[], %(lows)s::float8[], %(highs)s::float8[])
+    WITH ORDINALITY AS c(col, kind, field, required, low, high, ord)
+CROSS JOIN LATERAL (SELECT sync_problem(c.kind, b.bad -> c.field, c.required, c.low, c.high)
+                    AS problem) p
+WHERE b.bad IS NOT NULL AND p.problem IS NOT NULL
+ORDER BY b.n, c.ord;
+
+-- name: delete_refused
+DELETE FROM {stage} WHERE bad IS NOT NULL;
 
 -- name: duplicate_keys
-SELECT id, count(*) AS n, count(*) OVER () AS total
+-- Keys that more than one accepted row has.
+SELECT id, count(*) AS n
 FROM {stage}
+WHERE bad IS NULL
 GROUP BY id
 HAVING count(*) > 1
-ORDER BY id
-LIMIT %(limit)s;
+ORDER BY min(n);
 
 -- name: delete_duplicates
 -- --skip-invalid: every row of a duplicated key goes (which of them is right is unknowable).
 DELETE FROM {stage}
-WHERE id IN (SELECT id FROM {stage} GROUP BY id HAVING count(*) > 1)
-RETURNING id;
-
--- name: create_invalid
--- Keys of rows that failed the per-row checks (strict mode), so that references to them are
--- not reported a second time as unknown.
-CREATE TEMP TABLE {invalid} (id text) ON COMMIT DROP;
-
--- name: copy_invalid
-COPY {invalid} (id) FROM STDIN;
+WHERE id IN (SELECT id FROM {stage} GROUP BY id HAVING count(*) > 1);
 
 -- name: dangling
-SELECT c.id, c.{col} AS ref, count(*) OVER () AS total
+-- Accepted rows naming a parent key that no row of the feed has. A parent row that was
+-- refused still counts as there: the report names root causes only.
+SELECT c.n, c.id, c.{col} AS ref
 FROM {stage} c
-WHERE NOT EXISTS (SELECT 1 FROM {parent} p WHERE p.id = c.{col})
-  AND NOT EXISTS (SELECT 1 FROM {invalid} i WHERE i.id = c.{col})
-ORDER BY c.id
-LIMIT %(limit)s;
+WHERE c.bad IS NULL
+  AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE p.id = c.{col});
 
 -- name: delete_dangling
+-- --skip-invalid: refused and duplicated parents are gone already, so this cascades.
 DELETE FROM {stage} c
 WHERE NOT EXISTS (SELECT 1 FROM {parent} p WHERE p.id = c.{col})
-RETURNING c.id, c.{col} AS ref;
+RETURNING c.n, c.id, c.{col} AS ref;
+
+-- name: count_stage
+SELECT count(*) AS n FROM {stage};
+
+-- name: hash_settings
+-- How a row is written for its hash: doubles in their shortest exact form, whatever the
+-- server's default.
+SET LOCAL extra_float_digits = 1;
+
+-- name: set_hash
+-- A set's hash: the md5 of its rows as PostgreSQL writes a row, in the byte order of keys.
+SELECT coalesce(md5(string_agg(ROW({cols})::text, E'\n' ORDER BY s.id COLLATE "C")), md5(''))
+       AS hash
+FROM {stage} s;
 
 -- name: diff
--- Rows the sync would insert, change and delete in one read-model table.
+-- --dry-run: the rows the sync would insert, change and delete in one read-model table.
 SELECT
     (SELECT count(*) FROM {stage} s
       WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.id = s.id)) AS inserted,
     (SELECT count(*) FROM {stage} s JOIN {target} t ON t.id = s.id
-      WHERE ROW(s.*) IS DISTINCT FROM ROW(t.*)) AS updated,
+      WHERE ({s_cols}) IS DISTINCT FROM ({t_cols})) AS updated,
     (SELECT count(*) FROM {target} t
       WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.id = t.id)) AS deleted;
 
 -- name: upsert
 -- Only new and changed rows reach the INSERT: an unchanged row that hit ON CONFLICT would
--- still be locked (its tuple and page written) even when the WHERE below rejects it. The
--- anti-join is one hash join. Counts what it did: xmax is 0 for a freshly inserted row and
--- set for a row updated by ON CONFLICT.
+-- still be locked (its tuple and page written). The anti-join is one hash join. Counts what it
+-- did: xmax is 0 for a freshly inserted row and set for a row updated by ON CONFLICT.
 WITH up AS (
     INSERT INTO {target} ({cols})
     SELECT {s_cols} FROM {stage} s
     LEFT JOIN {target} t ON t.id = s.id
-    WHERE t.id IS NULL OR ROW(s.*) IS DISTINCT FROM ROW(t.*)
+    WHERE t.id IS NULL OR ({s_cols}) IS DISTINCT FROM ({t_cols})
     ON CONFLICT (id) DO UPDATE SET {assignments}
-    WHERE ROW({target}.*) IS DISTINCT FROM ROW(EXCLUDED.*)
-    RETURNING (xmax = 0) AS inserted
-)
-SELECT count(*) FILTER (WHERE inserted) AS inserted,
-       count(*) FILTER (WHERE NOT inserted) AS updated
-FROM up;
-
--- name: upsert_changes
--- Only the rows the row worker found new or changed are staged, so no anti-join is needed; a
--- row that turns out equal after all is left alone by the WHERE and counted by neither.
-WITH up AS (
-    INSERT INTO {target} ({cols})
-    SELECT {cols} FROM {stage}
-    ON CONFLICT (id) DO UPDATE SET {assignments}
-    WHERE ROW({target}.*) IS DISTINCT FROM ROW(EXCLUDED.*)
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
@@ -146,41 +167,6 @@ LEFT JOIN datasets a ON a.active
 LEFT JOIN LATERAL (
     SELECT version, created_at FROM datasets ORDER BY seq DESC LIMIT 1
 ) n ON true;
-
--- ---------------------------------------------------------------- row index
-
--- name: row_index
-SELECT entity, chunk, format, rows, keys, digests
-FROM dataset_row_index
-WHERE version = %(version)s
-ORDER BY entity, chunk;
-
--- name: drop_row_indexes
--- Only the active version keeps its row index: it is what the next sync compares with.
-DELETE FROM dataset_row_index;
-
--- name: insert_row_index
-INSERT INTO dataset_row_index (version, entity, chunk, format, rows, keys, digests)
-VALUES (%(version)s, %(entity)s, %(chunk)s, %(format)s, %(rows)s, %(keys)b, %(digests)b);
-
--- name: savepoint_changes
-SAVEPOINT changes_only;
-
--- name: rollback_changes
-ROLLBACK TO SAVEPOINT changes_only;
-
--- name: delete_keys
--- The rows of the active version that the feed no longer has (found with the row index).
-WITH gone AS (
-    DELETE FROM {target}
-    WHERE id = ANY(%(keys)s::text[])
-    RETURNING 1
-)
-SELECT count(*) AS deleted FROM gone;
-
--- name: count_rows
--- After writing only the changes: the read model must hold exactly the feed's rows.
-SELECT count(*) AS n FROM {target};
 
 -- name: route_modes
 -- Routes without a scheduled flight, per mode: build-graph weighs them by distance / speed.

@@ -21,13 +21,7 @@ from devtools.odata_server import (
     wrong_shape,
 )
 from pipeline_cli.adapters.odata import ODataClient, error_line
-from pipeline_cli.adapters.odata_format import (
-    parse_bool,
-    parse_key,
-    parse_number,
-    parse_time,
-    resolve_mapping,
-)
+from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.errors import ConfigError, SourceError, endpoint
 from tests.support.proxy import CountingHttpProxy
 
@@ -255,31 +249,6 @@ def test_page_size_preference_is_sent(v4: ODataServer) -> None:
         assert len(list(c.pages("Stops", orderby="ID"))) == 8
     assert v4.last_request is not None
     assert v4.last_request.headers["prefer"] == "odata.maxpagesize=5"
-
-
-def test_value_formats() -> None:
-    assert parse_number("61.5") == 61.5 and parse_number(7) == 7.0
-    assert parse_number("12.5m") == 12.5 and parse_number(-0.0) == 0.0
-    for bad in ("NaN", "INF", "", True, "abc", None):
-        with pytest.raises(ValueError):
-            parse_number(bad)
-    assert parse_bool("true") is True and parse_bool(0) is False
-    with pytest.raises(ValueError):
-        parse_bool("yes please")
-    assert parse_key(12) == "12" and parse_key("A-1") == "A-1"
-    for bad in ("", True, 1.5, None):
-        with pytest.raises(ValueError):
-            parse_key(bad)
-    assert parse_time("8:05") == "08:05:00"
-    assert parse_time("23:59:59.000") == "23:59:59"
-    assert parse_time("PT08H30M00S") == "08:30:00"
-    assert parse_time("/Date(30600000)/") == "08:30:00"
-    assert parse_time("/Date(1700000000000+0000)/") == "22:13:20"
-    assert parse_time("/Date(30600000+0130)/") == "10:00:00"
-    assert parse_time("2024-05-01T06:15:00Z") == "06:15:00"
-    for bad in ("24:00", "12:60", "noon", 830, "PT", "-PT1H"):
-        with pytest.raises(ValueError):
-            parse_time(bad)
 
 
 def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:

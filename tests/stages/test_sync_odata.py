@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +10,6 @@ import psycopg
 import pytest
 
 from devtools.odata_server import ODataServer, delay, sample_network, status
-from devtools.procs import processes_running
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
@@ -100,8 +97,9 @@ def test_first_sync_loads_the_read_model_and_backs_it_up(
     ds = list_datasets(conn)
     assert [(d["version"], d["active"]) for d in ds] == [("ds-v1", True)]
     keys = set(backups.list("datasets/ds-v1/"))
-    assert {"datasets/ds-v1/manifest.json", "datasets/ds-v1/stops.tsv.gz",
-            "datasets/ds-v1/raw/stops.json-seq.gz"} <= keys
+    assert keys == {"datasets/ds-v1/manifest.json", "datasets/ds-v1/raw/stops.json-seq.gz",
+                    "datasets/ds-v1/raw/routes.json-seq.gz",
+                    "datasets/ds-v1/raw/flights.json-seq.gz"}
     manifest = backups.get_json("datasets/ds-v1/manifest.json")
     assert manifest["hash"] == ds[0]["hash"] == rec.extra["hash"]
 
@@ -189,26 +187,18 @@ def test_a_deleted_row_is_one_delete(
     assert conn.execute("SELECT count(*) AS n FROM flights").fetchone() == {"n": 11}
 
 
-def row_index(conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
-    return [(r["version"], r["entity"], r["n"]) for r in conn.execute(
-        "SELECT version, entity, sum(rows) AS n FROM dataset_row_index "
-        "GROUP BY version, entity ORDER BY version, entity")]
-
-
-def test_a_changed_feed_is_diffed_against_the_row_index_of_the_active_version(
+def test_a_changed_feed_writes_only_its_new_changed_and_vanished_rows(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
-    first = sync()
-    assert first.extra["diffed_against"] == "read_model"  # nothing to compare with yet
-    assert row_index(conn) == [("ds-v1", "flights", 12), ("ds-v1", "routes", 80),
-                               ("ds-v1", "stops", 40)]
+    sync()
     server.update_row("Stops", 30, name="Renamed stop")
     server.add_row("Routes", {"ID": 81, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus",
                               "distanceKm": 3.5})
     server.delete_row("Flights", 5)
+    before = conn.execute("SELECT sum(n_tup_upd) AS upd FROM pg_stat_user_tables "
+                          "WHERE relname IN ('stops', 'routes', 'flights')").fetchone()
     rec = sync()
     assert rec.status == "success", rec.error
-    assert rec.extra["diffed_against"] == "row_index"
     assert (rec.extra["inserted"], rec.extra["updated"], rec.extra["deleted"]) == (
         {"stops": 0, "routes": 1, "flights": 0}, {"stops": 1, "routes": 0, "flights": 0},
         {"stops": 0, "routes": 0, "flights": 1})
@@ -218,14 +208,13 @@ def test_a_changed_feed_is_diffed_against_the_row_index_of_the_active_version(
                         ).fetchone() == {"from_stop_id": "1", "distance_km": 3.5}
     assert conn.execute("SELECT count(*) AS n FROM flights WHERE id = '5'").fetchone() == {
         "n": 0}
-    # only the active version keeps its row index
-    assert row_index(conn) == [("ds-v2", "flights", 11), ("ds-v2", "routes", 81),
-                               ("ds-v2", "stops", 40)]
-    worker = rec.extra["row_worker"]
-    assert worker["peak_rss_kb"] > 0 and worker["cpu_s"] > 0
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    after = conn.execute("SELECT sum(n_tup_upd) AS upd FROM pg_stat_user_tables "
+                         "WHERE relname IN ('stops', 'routes', 'flights')").fetchone()
+    assert after is not None and before is not None and after["upd"] - before["upd"] <= 1
 
 
-def test_a_read_model_changed_behind_the_row_index_is_compared_row_by_row(
+def test_a_read_model_changed_behind_the_pipelines_back_is_repaired(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
     sync()
@@ -234,7 +223,6 @@ def test_a_read_model_changed_behind_the_row_index_is_compared_row_by_row(
     server.update_row("Stops", 30, name="Renamed stop")
     rec = sync()
     assert rec.status == "success", rec.error
-    assert rec.extra["diffed_against"] == "read_model"
     assert rec.extra["inserted"] == {"stops": 0, "routes": 0, "flights": 1}
     assert rec.extra["updated"] == {"stops": 1, "routes": 0, "flights": 0}
     assert rec.extra["deleted"] == {"stops": 1, "routes": 0, "flights": 0}
@@ -242,49 +230,69 @@ def test_a_read_model_changed_behind_the_row_index_is_compared_row_by_row(
             for t in ("stops", "routes", "flights")] == [40, 80, 12]
 
 
-def test_a_version_without_a_row_index_gets_the_full_comparison_and_then_one(
-        sync: Callable[..., RunRecord], server: ODataServer,
-        conn: psycopg.Connection[Any]) -> None:
-    sync()
-    conn.execute("DELETE FROM dataset_row_index")  # as after the upgrade that added it
-    server.update_row("Stops", 30, name="Renamed stop")
-    rec = sync()
-    assert rec.extra["diffed_against"] == "read_model"
-    assert rec.extra["updated"] == {"stops": 1, "routes": 0, "flights": 0}
-    assert [e for _, e, _ in row_index(conn)] == ["flights", "routes", "stops"]
-    server.update_row("Stops", 31, name="Renamed too")
-    assert sync().extra["diffed_against"] == "row_index"
-
-
-def test_a_dead_row_worker_fails_the_run_and_nothing_is_written(
+def test_a_sync_whose_database_session_dies_fails_and_writes_nothing(
         sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
         backups: BackupStore) -> None:
     sync()
     before = snapshot(conn)
     objects = set(backups.list("datasets/"))
     server.update_row("Stops", 30, name="Renamed stop")
-    server.add_fault(delay(0.3), entity_set="Routes", times=None)  # time to find the worker
+    server.add_fault(delay(0.3), entity_set="Routes", times=None)  # time to find the session
     result: list[RunRecord] = []
     runner = threading.Thread(target=lambda: result.append(sync()))
     runner.start()
     try:
-        killed = None
+        killed = False
         for _ in range(200):
-            workers = processes_running("pipeline_cli.sync.worker", os.getpid())
-            if workers:
-                killed = workers[0]
-                os.kill(killed, signal.SIGKILL)
+            row = conn.execute(
+                "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE "
+                "'pipeline sync-odata %' AND xact_start IS NOT NULL").fetchone()
+            if row is not None and row["done"]:
+                killed = True
                 break
             runner.join(0.05)
-        assert killed is not None, "no row worker started"
+        assert killed, "no sync session found"
     finally:
         runner.join(30)
         server.clear_faults()
     rec = result[0]
     assert rec.status == "failed" and rec.exit_code == 1
-    assert "row worker exited with code -9" in (rec.error or "")
+    assert (rec.error or "").startswith("database error while staging a page"), rec.error
     assert snapshot(conn) == before
     assert set(backups.list("datasets/")) == objects
+
+
+def test_value_rules(conn: psycopg.Connection[Any]) -> None:
+    """The sync_* functions of sql/015: what each kind of column accepts, and as what."""
+    def value(kind: str, raw: str) -> Any:
+        row = conn.execute(f"SELECT sync_{kind}(%s::json) AS v", (raw,)).fetchone()  # noqa: S608
+        assert row is not None
+        return row["v"]
+
+    assert value("number", '"61.5"') == 61.5 and value("number", "7") == 7.0
+    assert value("number", '"12.5m"') == 12.5 and str(value("number", "-0.0")) == "0.0"
+    assert value("number", "1e3") == 1000.0 and value("number", '" 1.5 "') == 1.5
+    for bad in ('"NaN"', '"INF"', '""', "true", '"abc"', "1e999", "[1]"):
+        assert value("number", bad) is None, bad
+    assert value("bool", '"true"') is True and value("bool", "0") is False
+    assert value("bool", '" TRUE "') is True and value("bool", '"yes please"') is None
+    assert value("key", "12") == "12" and value("key", '"A-1"') == "A-1"
+    for bad in ('""', "true", "1.5", '"a\\u0000"'):
+        assert value("key", bad) is None, bad
+    assert value("key", '"a\\\\u0000"') == "a\\u0000"  # an escaped backslash, not a NUL
+    assert value("text", "5") == "5" and value("text", '"tab\\there"') == "tab\there"
+    assert value("text", "false") is None and value("text", '{"a": 1}') is None
+    times = {'"8:05"': "08:05:00", '"23:59:59.000"': "23:59:59", '"PT08H30M00S"': "08:30:00",
+             '"/Date(30600000)/"': "08:30:00", '"/Date(1700000000000+0000)/"': "22:13:20",
+             '"/Date(30600000+0130)/"': "10:00:00", '"2024-05-01T06:15:00Z"': "06:15:00"}
+    for raw, want in times.items():
+        assert str(value("time", raw)) == want, raw
+    for bad in ('"24:00"', '"12:60"', '"noon"', "830", '"PT"', '"-PT1H"'):
+        assert value("time", bad) is None, bad
+    assert value("days", '"531"') == "135" and value("days", "67") == "67"
+    for bad in ('"11"', '"8"', '""', '"1 2"', "1.5"):
+        assert value("days", bad) is None, bad
 
 
 @pytest.mark.parametrize("change", [
@@ -406,8 +414,8 @@ def test_restore_of_an_unknown_version_or_a_corrupt_backup_writes_nothing(
     rec = restore(database_url, backups, "ds-v9")
     assert rec.status == "failed" and "no dataset version 'ds-v9'" in (rec.error or "")
     import gzip
-    data = gzip.decompress(backups.get_bytes("datasets/ds-v1/stops.tsv.gz"))
-    backups.put_bytes("datasets/ds-v1/stops.tsv.gz",
+    data = gzip.decompress(backups.get_bytes("datasets/ds-v1/raw/stops.json-seq.gz"))
+    backups.put_bytes("datasets/ds-v1/raw/stops.json-seq.gz",
                       gzip.compress(data.replace(b"Helsinki", b"Helsingfors", 1)))
     before = snapshot(conn)
     rec = restore(database_url, backups, "ds-v1")

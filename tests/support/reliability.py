@@ -33,7 +33,6 @@ from psycopg import sql
 
 from devtools.cleanup import drop_bucket, drop_prefix
 from devtools.odata_server import ODataServer, sample_network
-from devtools.procs import processes_running
 from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
@@ -1019,8 +1018,6 @@ def kill_trials(sb: Sandbox, server: ForkServer, stage: str, trials: int, *, see
         res = server.run_killed(command, sb.env, when_line=_STARTED, after_line=pause)
         if "Traceback" in res.stderr:
             report.problems.append(f"{tag}: traceback: {res.stderr[-500:]}")
-        if res.killed:
-            report.problems += [f"{tag}: {p}" for p in _outlived(sb)]
         if not res.killed and res.exit_code != 0:
             report.problems.append(f"{tag}: the unkilled run failed: {res.describe()}")
         where = f"after kill at +{pause:.3f} s" if res.killed else "after an unkilled run"
@@ -1050,29 +1047,6 @@ def kill_trials(sb: Sandbox, server: ForkServer, stage: str, trials: int, *, see
     if stage == "match-gps" or (stage == "run-all" and "PIPELINE_OSRM_URL" in sb.env):
         report.problems += _drain(sb, server)
     return report
-
-
-def _outlived(sb: Sandbox, wait: float = 5.0) -> list[str]:
-    """A sync-odata row worker must end by itself once the sync that started it is killed
-    (it reads the end of its input); one still running after ``wait`` s is killed, and a
-    problem."""
-    marker = f"PIPELINE_DATABASE_URL={sb.database_url}".encode()
-
-    def ours() -> list[int]:
-        pids = []
-        for pid in processes_running("pipeline_cli.sync.worker"):
-            with contextlib.suppress(OSError):
-                if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    pids.append(pid)
-        return pids
-
-    deadline = time.monotonic() + wait
-    while (left := ours()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return [f"row worker {pid} still ran {wait:g} s after its sync was killed" for pid in left]
 
 
 def _drain(sb: Sandbox, server: ForkServer) -> list[str]:
