@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections import Counter, deque
@@ -176,6 +177,8 @@ class _SetSQL:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage."""
         fields = self.fields
         f = {name: _ident(f"f{i}") for i, name in enumerate(fields)}
+        rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
+                else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
         values, bad = [], []
         for col in COLUMNS[self.entity]:
             kind, low, high = KINDS[self.entity][col]
@@ -184,7 +187,14 @@ class _SetSQL:
             if not src:
                 values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
                 continue
-            values.append(sql.SQL("sync_{}({}) AS {}").format(sql.SQL(kind), f[src], c))
+            if kind in ("key", "text"):  # the JSON type, only for a value that needs it
+                jtype = sql.SQL("CASE WHEN sync_suspect({f}) THEN json_typeof({rows} -> "
+                                "(x.n - 1)::integer -> {name}) END").format(
+                    f=f[src], rows=rows, name=sql.Literal(src))
+                values.append(sql.SQL("sync_{}({}, {}) AS {}").format(
+                    sql.SQL(kind), f[src], jtype, c))
+            else:
+                values.append(sql.SQL("sync_{}({}) AS {}").format(sql.SQL(kind), f[src], c))
             bad.append(sql.SQL("{} IS NULL").format(c) if col not in OPTIONAL_COLUMNS
                        else sql.SQL("({} IS NULL AND {} IS NOT NULL)").format(c, f[src]))
             if low is not None and high is not None:
@@ -195,13 +205,11 @@ class _SetSQL:
         out = [sql.SQL("coalesce({}, false)").format(_ident(f"c_{col}"))
                if KINDS[self.entity][col][0] == "bool" else _ident(f"c_{col}")
                for col in COLUMNS[self.entity]]
-        rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
-                else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
                   out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
                   rows=rows,
-                  defs=sql.SQL(", ").join(sql.SQL("{} json").format(_ident(n)) for n in fields),
+                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(_ident(n)) for n in fields),
                   names=sql.SQL(", ").join(f.values()))
 
     def checks(self) -> dict[str, Any]:
@@ -209,11 +217,12 @@ class _SetSQL:
         fields = self.fields
         cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
         kinds = [KINDS[self.entity][c] for c in cols]
-        return {"cols": cols, "fields": [fields.index(self.mapping.fields[c]) for c in cols],
+        return {"cols": cols,  # field numbers in the ARRAY of texts, counted from 1
+                "fields": [fields.index(self.mapping.fields[c]) + 1 for c in cols],
                 "kinds": [k for k, _, _ in kinds], "lows": [lo for _, lo, _ in kinds],
                 "highs": [hi for _, _, hi in kinds],
                 "required": [c not in OPTIONAL_COLUMNS for c in cols],
-                "key": fields.index(self.mapping.key_field)}
+                "key": fields.index(self.mapping.key_field) + 1}
 
 
 # ------------------------------------------------------------------------------ staging
@@ -228,6 +237,7 @@ class _Set:
     digests: list[str] = field(default_factory=list)  # per page, of the raw body
     pages: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, length, base)
     sent: int = 0  # pages handed to PostgreSQL
+    gz: Future[Path] | None = None  # the spool gzipped for the backup
 
 
 class _Writer:
@@ -267,6 +277,19 @@ class _Loader:
         self.sets = {e: _Set(e, mappings[e], workdir / f"{e}.json-seq") for e in ENTITIES}
         self.sql = {e: _SetSQL(e, mappings[e], protocol) for e in ENTITIES}
         self.writer: _Writer | None = None  # set once the first page is staged
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-gzip")
+
+    def __enter__(self) -> _Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def compress(self) -> None:
+        """Gzip the raw spools for the backup, in a thread while PostgreSQL checks and applies
+        (zlib leaves the GIL free)."""
+        for st in self.sets.values():
+            st.gz = self.pool.submit(_gzip, st.raw, st.raw.with_suffix(".json-seq.gz"))
 
     # ---------------------------------------------------------------- stage
 
@@ -306,13 +329,16 @@ class _Loader:
         return False
 
     def replay(self, files: Mapping[str, Path]) -> None:
-        """Stage a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
+        """Spool a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
         for e, path in files.items():
             st = self.sets[e]
             with gzip.open(path, "rb") as src, st.raw.open("wb") as out:
                 for body in _records(src):
                     self.ctx.check_stop()
                     self._spool(st, out, body, 0)
+
+    def stage(self) -> None:
+        """Stage every page spooled (restore)."""
         try:
             self._start()
             assert self.writer is not None
@@ -331,6 +357,7 @@ class _Loader:
     def _start(self) -> None:
         """Create the staging tables and stage every page spooled so far."""
         with db.wrap_errors("creating the staging tables"):
+            self.conn.execute(db.query("sync_odata", "stage_settings"))
             for e in ENTITIES:
                 self.conn.execute(_q("create_stage", stage=self.sql[e].stage,
                                      target=_ident(e), cols=_list(COLUMNS[e])))
@@ -359,8 +386,11 @@ class _Loader:
         offending rows leave the stage (a reference to a rejected row cascades); otherwise a
         reference to a refused row is not reported again (root causes only)."""
         with db.wrap_errors("checking the feed"):
+            self.conn.execute(db.query("sync_odata", "analyze_sample"))
             for e in ENTITIES:
-                self.conn.execute(_q("analyze_stage", stage=self.sql[e].stage))
+                keys = ["id", "bad", *(c for child, c, _ in REFERENCES if child == e)]
+                self.conn.execute(_q("analyze_stage", stage=self.sql[e].stage,
+                                     cols=_list(tuple(keys))))
                 self._refused(e, problems, reject=reject)
                 self._duplicates(e, problems, reject=reject)
                 for child, col, parent in REFERENCES:
@@ -415,12 +445,10 @@ class _Loader:
                     for e in ENTITIES}
 
     def hashes(self) -> tuple[str, dict[str, str]]:
-        """The dataset hash and the hash of each set, of the staged rows."""
-        with db.wrap_errors("hashing the dataset"):
-            self.conn.execute(db.query("sync_odata", "hash_settings"))
-            per_set = {e: str(_one(self.conn, _q("set_hash", stage=self.sql[e].stage,
-                                                 cols=_list(COLUMNS[e], "s")))["hash"])
-                       for e in ENTITIES}
+        """The version's hash and each set's: of the raw pages read (their digests, in order),
+        so a restore, which replays them, must come out with the same."""
+        per_set = {e: hashlib.sha256("".join(s.digests).encode()).hexdigest()
+                   for e, s in self.sets.items()}
         return dataset_hash(per_set), per_set
 
     # ---------------------------------------------------------------- diff and apply
@@ -457,11 +485,17 @@ def _records(src: gzip.GzipFile) -> Iterator[bytes]:
         yield buf[:-1] if buf.endswith(b"\n") else buf
 
 
+# A JSON \u0000 escape (not an escaped backslash before "u0000"): PostgreSQL text cannot hold
+# NUL, so it is sent as \uffff, which the sync_* rules refuse.
+_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _page_text(body: bytes, entity_set: str) -> str:
     try:
-        return body.decode("utf-8-sig")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise SourceError(f"OData {entity_set}: a page is not UTF-8") from None
+    return _NUL.sub(r"\1\\uffff", text) if "\\u0000" in text else text
 
 
 def _select(m: EntityMapping) -> list[str]:
@@ -499,23 +533,25 @@ class _Version:
     restored_from: str | None = None
     feed_digests: dict[str, Any] | None = None
     rejects: Path | None = None
-    hashes: tuple[str, dict[str, str]] | None = None  # (dataset, per set); None: hash the stage
+    hashes: tuple[str, dict[str, str]] | None = None  # (dataset, per set); None: of the pages
+
+
+def _gzip(src: Path, dst: Path) -> Path:
+    with src.open("rb") as fin, gzip.open(dst, "wb", compresslevel=1) as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+    return dst
 
 
 def _upload_raw(backups: BackupStore, st: _Set, prefix: str) -> dict[str, Any]:
-    gz = st.raw.with_suffix(".json-seq.gz")
-    with st.raw.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
-        shutil.copyfileobj(src, dst, 1024 * 1024)
-    key = f"raw/{st.entity}.json-seq.gz"
+    assert st.gz is not None
+    gz, key = st.gz.result(), f"raw/{st.entity}.json-seq.gz"
     backups.put_file(prefix + key, str(gz), "application/gzip")
     return {f"raw/{st.entity}": {"key": key, "pages": len(st.pages), "rows": st.rows,
                                  "bytes": gz.stat().st_size}}
 
 
 def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[str, Any]:
-    gz = rejects.with_suffix(".jsonl.gz")
-    with rejects.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
-        shutil.copyfileobj(src, dst)
+    gz = _gzip(rejects, rejects.with_suffix(".jsonl.gz"))
     backups.put_file(prefix + "rejects.jsonl.gz", str(gz), "application/gzip")
     return {"rejects": {"key": "rejects.jsonl.gz"}}
 
@@ -526,8 +562,8 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
     """Record the applied dataset as the new active version, back it up, then commit; returns
     the version and its hash.
 
-    Order: reserve ``ds-v<N>``; upload the raw pages (in threads, while PostgreSQL hashes the
-    rows and records the version in this transaction); upload the manifest; COMMIT. Any
+    Order: reserve ``ds-v<N>``; upload the raw pages (in threads, while the version is recorded
+    in this transaction); upload the manifest; COMMIT. Any
     failure before the COMMIT rolls the transaction back, so a version never points at a
     missing backup; an orphan backup of an uncommitted number is overwritten by the next run.
     """
@@ -650,10 +686,11 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
         raise ValueError("a backup store is needed unless dry_run")
     conn = _connect(database, ctx)
     try:
-        with tempfile.TemporaryDirectory(prefix="pipeline-sync-") as tmp:
-            workdir = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="pipeline-sync-")))
             active = _active(conn)
-            loader = _Loader(conn, workdir, ctx, mappings, client.protocol)
+            loader = stack.enter_context(_Loader(conn, workdir, ctx, mappings, client.protocol))
             key = feed_key(client, mappings)
             stored = (active or {}).get("feed_digests") or {}
             expected = stored.get("pages") if not force and stored.get("key") == key else None
@@ -662,11 +699,13 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 assert active is not None
                 return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
                              | {"rejected": 0})
+            if not dry_run:
+                loader.compress()
             problems = Problems()
             rejects = workdir / "rejects.jsonl"
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as files:
                 if skip_invalid:
-                    problems.reject_file = stack.enter_context(
+                    problems.reject_file = files.enter_context(
                         rejects.open("w", encoding="utf-8"))
                 loader.check(problems, reject=skip_invalid)
             problems.reject_file = None
@@ -726,10 +765,11 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                     ) -> StageResult:
     """Make ``version``'s S3 backup the active dataset again, as a new version (same hash).
 
-    The backed-up raw pages are staged and checked as a sync stages them (with its rejects,
-    if it had any). The result must have the version's hash (per set): a mismatch is a
-    BackupError and nothing is written. A version of backup format 1 (made by the row
-    worker, whose hashes were of another form) is checked by its row counts instead.
+    The backed-up raw pages must be those the version was read from (its hash, per set) and
+    are then staged and checked as a sync stages them (with its rejects, if it had any), to
+    the version's row counts; a mismatch is a BackupError and nothing is written. A version
+    of backup format 1 (made by the row worker, whose hashes were of its canonical rows) is
+    checked by its row counts only.
     """
     conn = _connect(database, ctx)
     try:
@@ -747,29 +787,34 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
             raise BackupError(f"backup {prefix} does not match {version}: hash differs")
         odata = manifest.get("odata") or {}
         raw_prefix = manifest.get("raw_prefix") or prefix + "raw/"
-        with tempfile.TemporaryDirectory(prefix="pipeline-restore-") as tmp:
-            workdir = Path(tmp)
-            loader = _Loader(conn, workdir, ctx, resolve_mapping(odata.get("mapping")),
-                             odata.get("protocol", "v4"))
+        with contextlib.ExitStack() as stack:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="pipeline-restore-")))
+            loader = stack.enter_context(_Loader(
+                conn, workdir, ctx, resolve_mapping(odata.get("mapping")),
+                odata.get("protocol", "v4")))
             files = {e: workdir / f"{e}.download.gz" for e in ENTITIES}
             for e, local in files.items():
                 backups.get_file(f"{raw_prefix}{e}.json-seq.gz", str(local))
             loader.replay(files)
+            hash_, set_hashes = loader.hashes()
+            if manifest["format"] == BACKUP_FORMAT:
+                bad = [e for e in ENTITIES if set_hashes[e] != row["set_hashes"].get(e)]
+                if bad:
+                    raise BackupError(f"backup {prefix} is corrupt: the pages of "
+                                      f"{', '.join(bad)} are not those {version} was read from")
+            else:  # format 1 hashed its canonical rows: its row counts are checked below
+                hash_, set_hashes = row["hash"], row["set_hashes"]
+            loader.stage()
             problems = Problems()
             loader.check(problems, reject=bool(row["counts"].get("rejected")))
             counts: dict[str, int] = loader.counts() | {
                 "rejected": sum(problems.rejected.values())}
-            hash_, set_hashes = loader.hashes()
-            if manifest["format"] == BACKUP_FORMAT:
-                bad = [e for e in ENTITIES if set_hashes[e] != row["set_hashes"].get(e)]
-            else:
-                bad = [e for e in ENTITIES if counts[e] != row["counts"].get(e)]
-                hash_, set_hashes = row["hash"], row["set_hashes"]
-            if bad or (problems.total and not problems.rejected):
-                raise BackupError(f"backup {prefix} is corrupt: the data of "
-                                  f"{', '.join(bad) or 'the dataset'} does not match "
-                                  f"{version}" + (f" ({problems.summary()})"
-                                                  if problems.total else ""))
+            wrong = [e for e in ENTITIES if counts[e] != row["counts"].get(e)]
+            if wrong or (problems.total and not problems.rejected):
+                why = (f"the row counts of {', '.join(wrong)} differ" if wrong
+                       else problems.summary())
+                raise BackupError(f"backup {prefix} does not give {version}: {why}")
             diff = loader.apply()
             new_version, _ = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="restore", restored_from=version,
