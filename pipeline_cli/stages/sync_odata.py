@@ -6,7 +6,7 @@ and for a restore, which replays a version's backed-up pages through it:
 1. **Stage.** Each set's pages are fetched in order and spooled raw (the backup keeps them).
    While every page is byte for byte the active version's (same digest), pages are only
    spooled. From the first one that differs, the pages held back and every later one go to
-   PostgreSQL: one INSERT per page, run by a writer thread while the next page is fetched.
+   PostgreSQL: one INSERT per page, sent in pipeline mode while the next page is fetched.
    ``json_to_recordset`` turns a page into rows and the ``sync_*`` functions
    (sql/015_sync_in_sql.sql) turn each field into its read-model value; a refused row keeps
    its raw fields. Every page equal to the active version's: ``noop``, nothing staged.
@@ -27,7 +27,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +55,6 @@ BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages repl
 CHECKS = 2
 MAX_PROBLEMS = 20
 _DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
-_IN_FLIGHT = 3  # pages handed to PostgreSQL ahead of the one being fetched
 _RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page
 
 # Read-model column -> (kind of value, low, high); see sql/015_sync_in_sql.sql for the kinds.
@@ -128,10 +127,6 @@ class Problems:
             for s, kinds in self.by_set().items())
 
 
-def _key_text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 # ------------------------------------------------------------------------------ SQL
 
 
@@ -154,14 +149,20 @@ def _list(names: Iterator[str] | tuple[str, ...], prefix: str | None = None) -> 
     return sql.SQL(", ").join(sql.Identifier(*([prefix] if prefix else []), n) for n in names)
 
 
-@dataclass(frozen=True)
-class _SetSQL:
-    """The statements of one set, made from its mapping: which source fields fill which
-    read-model columns, and how each is checked."""
+@dataclass
+class _Set:
+    """One entity set: how it is read (its mapping, and the statements made from it) and what
+    this run has received of it."""
 
     entity: str
     mapping: EntityMapping
     protocol: str
+    raw: Path  # the spooled pages
+    rows: int = 0  # rows received
+    digests: list[str] = field(default_factory=list)  # per page, of the raw body
+    pages: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, length, base)
+    staged: int = 0  # pages handed to PostgreSQL
+    gz: Future[Path] | None = None  # the spool gzipped for the backup
 
     @property
     def stage(self) -> sql.Identifier:
@@ -170,20 +171,18 @@ class _SetSQL:
     @property
     def fields(self) -> list[str]:
         """The distinct source fields read, in a fixed order (a field may fill two columns)."""
-        return sorted({f for f in self.mapping.fields.values() if f})
+        return _select(self.mapping)
 
     @cached_property
     def page_insert(self) -> sql.Composed:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage."""
-        fields = self.fields
-        f = {name: _ident(f"f{i}") for i, name in enumerate(fields)}
+        f = {name: _ident(f"f{i}") for i, name in enumerate(self.fields)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
                 else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
         values, bad = [], []
         for col in COLUMNS[self.entity]:
             kind, low, high = KINDS[self.entity][col]
-            c = _ident(f"c_{col}")
-            src = self.mapping.fields[col]
+            c, src = _ident(f"c_{col}"), self.mapping.fields[col]
             if not src:
                 values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
                 continue
@@ -202,69 +201,28 @@ class _SetSQL:
                     c, sql.Literal(low), sql.Literal(high)))
             elif low is not None:
                 bad.append(sql.SQL("{} < {}").format(c, sql.Literal(low)))
-        out = [sql.SQL("coalesce({}, false)").format(_ident(f"c_{col}"))
-               if KINDS[self.entity][col][0] == "bool" else _ident(f"c_{col}")
-               for col in COLUMNS[self.entity]]
+        out = [sql.SQL("coalesce({}, false)" if KINDS[self.entity][col][0] == "bool" else "{}"
+                       ).format(_ident(f"c_{col}")) for col in COLUMNS[self.entity]]
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
                   out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
-                  rows=rows,
-                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(_ident(n)) for n in fields),
-                  names=sql.SQL(", ").join(f.values()))
+                  rows=rows, names=sql.SQL(", ").join(f.values()),
+                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(_ident(n))
+                                          for n in self.fields))
 
     def checks(self) -> dict[str, Any]:
         """Parameters of the ``problems`` query: the checked columns with their fields."""
-        fields = self.fields
         cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
         kinds = [KINDS[self.entity][c] for c in cols]
         return {"cols": cols,  # field numbers in the ARRAY of texts, counted from 1
-                "fields": [fields.index(self.mapping.fields[c]) + 1 for c in cols],
+                "fields": [self.fields.index(self.mapping.fields[c]) + 1 for c in cols],
                 "kinds": [k for k, _, _ in kinds], "lows": [lo for _, lo, _ in kinds],
                 "highs": [hi for _, _, hi in kinds],
                 "required": [c not in OPTIONAL_COLUMNS for c in cols],
-                "key": fields.index(self.mapping.key_field) + 1}
+                "key": self.fields.index(self.mapping.key_field) + 1}
 
 
 # ------------------------------------------------------------------------------ staging
-
-
-@dataclass
-class _Set:
-    entity: str
-    mapping: EntityMapping
-    raw: Path  # the spooled pages
-    rows: int = 0  # rows received
-    digests: list[str] = field(default_factory=list)  # per page, of the raw body
-    pages: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, length, base)
-    sent: int = 0  # pages handed to PostgreSQL
-    gz: Future[Path] | None = None  # the spool gzipped for the backup
-
-
-class _Writer:
-    """Runs statements on the connection in one thread, at most ``_IN_FLIGHT`` ahead of the
-    caller, which meanwhile fetches the next page (the thread waits on PostgreSQL without
-    the GIL). A failed statement is re-raised by the next ``send`` or by ``finish``."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-stage")
-        self.pending: deque[Future[None]] = deque()
-
-    def _run(self, query: sql.Composed, params: dict[str, Any]) -> None:
-        with db.wrap_errors("staging a page"):
-            self.conn.execute(query, params)
-
-    def send(self, query: sql.Composed, params: dict[str, Any]) -> None:
-        self.pending.append(self.pool.submit(self._run, query, params))
-        while len(self.pending) > _IN_FLIGHT:
-            self.pending.popleft().result()
-
-    def finish(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Loader:
@@ -274,9 +232,9 @@ class _Loader:
                  mappings: dict[str, EntityMapping], protocol: str) -> None:
         self.conn = conn
         self.ctx = ctx
-        self.sets = {e: _Set(e, mappings[e], workdir / f"{e}.json-seq") for e in ENTITIES}
-        self.sql = {e: _SetSQL(e, mappings[e], protocol) for e in ENTITIES}
-        self.writer: _Writer | None = None  # set once the first page is staged
+        self.sets = {e: _Set(e, mappings[e], protocol, workdir / f"{e}.json-seq")
+                     for e in ENTITIES}
+        self.staging = False  # from the first page that differs from the active version's
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-gzip")
 
     def __enter__(self) -> _Loader:
@@ -295,8 +253,12 @@ class _Loader:
 
     def fetch(self, client: ODataClient, expected: Mapping[str, str] | None) -> bool:
         """Fetch and spool every set; True if every page equals the active version's
-        (``expected``: its page digests per set, concatenated hex), so nothing was staged."""
-        try:
+        (``expected``: its page digests per set, concatenated hex), so nothing was staged.
+
+        PostgreSQL takes each page while the next is fetched: the INSERTs go out in pipeline
+        mode, without waiting for their results (a failed one fails the pipeline at its end).
+        """
+        with db.wrap_errors("staging the feed"), self.conn.pipeline():
             for e in ENTITIES:
                 st, m = self.sets[e], self.sets[e].mapping
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
@@ -308,25 +270,19 @@ class _Loader:
                         self._spool(st, out, page.body, len(page.rows))
                         bar.advance(len(page.rows))
                         i = len(st.digests) - 1
-                        if self.writer is not None:
-                            self._send(st, page.body, st.pages[i][2])
+                        if self.staging:
+                            self._stage(st, page.body, st.pages[i][2])
                         elif (expected is None or expected.get(e, "")[
                                 i * _DIGEST_HEX:(i + 1) * _DIGEST_HEX] != st.digests[i]):
                             out.flush()
-                            self._start()  # this page differs: stage it and those held back
+                            self.stage()  # this page differs: stage it and those held back
                 self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
                                   len(st.pages))
-            if self.writer is None and (expected is None or any(
+            if not self.staging and (expected is None or any(
                     len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
                     for e, s in self.sets.items())):
-                self._start()  # a page too few, or nothing to compare with
-            if self.writer is None:
-                return True
-            self.writer.finish()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-        return False
+                self.stage()  # a page too few, or nothing to compare with
+        return not self.staging
 
     def replay(self, files: Mapping[str, Path]) -> None:
         """Spool a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
@@ -337,16 +293,6 @@ class _Loader:
                     self.ctx.check_stop()
                     self._spool(st, out, body, 0)
 
-    def stage(self) -> None:
-        """Stage every page spooled (restore)."""
-        try:
-            self._start()
-            assert self.writer is not None
-            self.writer.finish()
-        finally:
-            assert self.writer is not None
-            self.writer.close()
-
     def _spool(self, st: _Set, out: IO[bytes], body: bytes, rows: int) -> None:
         out.write(_RS)
         st.pages.append((out.tell(), len(body), st.rows))
@@ -354,30 +300,26 @@ class _Loader:
         st.digests.append(hashlib.blake2b(body, digest_size=16).hexdigest())
         st.rows += rows
 
-    def _start(self) -> None:
-        """Create the staging tables and stage every page spooled so far."""
-        with db.wrap_errors("creating the staging tables"):
+    def stage(self) -> None:
+        """Create the staging tables (once) and stage every page spooled and not staged."""
+        if not self.staging:
             self.conn.execute(db.query("sync_odata", "stage_settings"))
-            for e in ENTITIES:
-                self.conn.execute(_q("create_stage", stage=self.sql[e].stage,
-                                     target=_ident(e), cols=_list(COLUMNS[e])))
-        self.writer = _Writer(self.conn)
+            for e, st in self.sets.items():
+                self.conn.execute(_q("create_stage", stage=st.stage, target=_ident(e),
+                                     cols=_list(COLUMNS[e])))
+            self.staging = True
         for st in self.sets.values():
-            self._start_set(st)
+            if st.staged == len(st.pages):
+                continue
+            with st.raw.open("rb") as src:
+                for offset, length, base in st.pages[st.staged:]:
+                    src.seek(offset)
+                    self._stage(st, src.read(length), base)
 
-    def _start_set(self, st: _Set) -> None:
-        if st.sent == len(st.pages):
-            return
-        with st.raw.open("rb") as src:
-            for offset, length, base in st.pages[st.sent:]:
-                src.seek(offset)
-                self._send(st, src.read(length), base)
-
-    def _send(self, st: _Set, body: bytes, base: int) -> None:
-        assert self.writer is not None
-        self.writer.send(self.sql[st.entity].page_insert,
-                         {"page": _page_text(body, st.mapping.entity_set), "base": base})
-        st.sent += 1
+    def _stage(self, st: _Set, body: bytes, base: int) -> None:
+        self.conn.execute(st.page_insert,
+                          {"page": _page_text(body, st.mapping.entity_set), "base": base})
+        st.staged += 1
 
     # ---------------------------------------------------------------- check
 
@@ -389,7 +331,7 @@ class _Loader:
             self.conn.execute(db.query("sync_odata", "analyze_sample"))
             for e in ENTITIES:
                 keys = ["id", "bad", *(c for child, c, _ in REFERENCES if child == e)]
-                self.conn.execute(_q("analyze_stage", stage=self.sql[e].stage,
+                self.conn.execute(_q("analyze_stage", stage=self.sets[e].stage,
                                      cols=_list(tuple(keys))))
                 self._refused(e, problems, reject=reject)
                 self._duplicates(e, problems, reject=reject)
@@ -398,12 +340,12 @@ class _Loader:
                         self._dangling(e, col, parent, problems, reject=reject)
 
     def _refused(self, e: str, problems: Problems, *, reject: bool) -> None:
-        m, s = self.sets[e].mapping, self.sql[e]
+        m, s = self.sets[e].mapping, self.sets[e]
         params = s.checks()
         n_last = None
         with self.conn.cursor() as cur:
             for r in cur.stream(_q("problems", stage=s.stage), params):
-                problems.add(Problem(m.entity_set, m.key_field, _key_text(r["key"]),
+                problems.add(Problem(m.entity_set, m.key_field, r["key"],
                                      m.fields[r["col"]], r["kind"], r["message"]))
                 if reject and r["n"] != n_last:
                     problems.rejected[e] += 1
@@ -412,7 +354,7 @@ class _Loader:
             self.conn.execute(_q("delete_refused", stage=s.stage))
 
     def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
-        m, stage = self.sets[e].mapping, self.sql[e].stage
+        m, stage = self.sets[e].mapping, self.sets[e].stage
         rows = self.conn.execute(_q("duplicate_keys", stage=stage)).fetchall()
         for r in rows:
             # strict: one problem per key; reject: one record per rejected row
@@ -429,8 +371,8 @@ class _Loader:
         m = self.sets[e].mapping
         parent_set = self.sets[parent].mapping.entity_set
         rows = self.conn.execute(_q("delete_dangling" if reject else "dangling",
-                                    stage=self.sql[e].stage, col=_ident(col),
-                                    parent=self.sql[parent].stage)).fetchall()
+                                    stage=self.sets[e].stage, col=_ident(col),
+                                    parent=self.sets[parent].stage)).fetchall()
         for r in sorted(rows, key=lambda r: r["n"]):
             problems.add(Problem(m.entity_set, m.key_field, r["id"], m.fields[col],
                                  "unknown_reference",
@@ -441,7 +383,7 @@ class _Loader:
 
     def counts(self) -> dict[str, int]:
         with db.wrap_errors("counting the staged rows"):
-            return {e: int(_one(self.conn, _q("count_stage", stage=self.sql[e].stage))["n"])
+            return {e: int(_one(self.conn, _q("count_stage", stage=self.sets[e].stage))["n"])
                     for e in ENTITIES}
 
     def hashes(self) -> tuple[str, dict[str, str]]:
@@ -468,7 +410,7 @@ class _Loader:
     def _counted(self, name: str, e: str) -> dict[str, int]:
         cols = COLUMNS[e]
         row = _one(self.conn, _q(
-            name, stage=self.sql[e].stage, target=_ident(e), cols=_list(cols),
+            name, stage=self.sets[e].stage, target=_ident(e), cols=_list(cols),
             s_cols=_list(cols, "s"), t_cols=_list(cols, "t"),
             assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
                 _ident(c), _ident(c)) for c in cols if c != "id")))
@@ -558,9 +500,9 @@ def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[st
 
 def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore,
                   ctx: RunContext, v: _Version, diff: dict[str, dict[str, int]], *,
-                  upload_raw: bool) -> tuple[str, str]:
+                  upload_raw: bool) -> tuple[str, str, list[tuple[str | None, int]]]:
     """Record the applied dataset as the new active version, back it up, then commit; returns
-    the version and its hash.
+    the version, its hash and its route modes (recorded in ``stats``, for the runs after).
 
     Order: reserve ``ds-v<N>``; upload the raw pages (in threads, while the version is recorded
     in this transaction); upload the manifest; COMMIT. Any
@@ -577,6 +519,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
             uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
         try:
             hash_, set_hashes = v.hashes or loader.hashes()
+            modes = _route_modes(conn)
             with db.wrap_errors("recording the dataset version"):
                 created = _one(conn, db.query("sync_odata", "insert_dataset"), {
                     "version": version, "seq": seq, "hash": hash_,
@@ -584,6 +527,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
                     "diff": Jsonb(diff), "source": v.source, "restored_from": v.restored_from,
                     "backup_prefix": prefix, "run_id": ctx.run_id,
                     "feed_digests": None if v.feed_digests is None else Jsonb(v.feed_digests),
+                    "stats": Jsonb({"route_modes": modes}),
                 })["created_at"]
                 conn.execute(db.query("sync_odata", "deactivate"))
                 conn.execute(db.query("sync_odata", "activate"), {"version": version})
@@ -598,7 +542,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
         "run_id": ctx.run_id, "source": v.source})
     with db.wrap_errors("committing the dataset"):
         conn.commit()
-    return version, hash_
+    return version, hash_, modes
 
 
 def _result_extra(version: str | None, hash_: str, diff: dict[str, dict[str, int]]
@@ -663,14 +607,14 @@ def sync_odata(
     active dataset that have no speed in ``speeds_kmh`` (``[virtual] speeds_kmh``), on which
     build-graph would fail.
     """
-    result = _sync(database, client, backups, ctx, mapping=mapping,
-                   skip_invalid=skip_invalid, dry_run=dry_run, force=force)
+    result, modes = _sync(database, client, backups, ctx, mapping=mapping,
+                          skip_invalid=skip_invalid, dry_run=dry_run, force=force)
     if dry_run:  # the read model still holds the active dataset, not the feed
         return result
-    with _connect(database, ctx) as conn, db.wrap_errors("reading the route modes"):
-        counts = {r["mode"]: r["routes"]
-                  for r in conn.execute(db.query("sync_odata", "route_modes"))}
-    unknown = unknown_modes(counts, speed_table(speeds_kmh or {}))
+    if modes is None:  # an active version made before its route modes were recorded
+        with _connect(database, ctx) as conn:
+            modes = _route_modes(conn)
+    unknown = unknown_modes(dict(modes), speed_table(speeds_kmh or {}))
     result.extra["unknown_modes"] = unknown
     if unknown:
         note = f"note: {describe_unknown(unknown)}; build-graph fails until then"
@@ -678,9 +622,17 @@ def sync_odata(
     return result
 
 
+def _route_modes(conn: psycopg.Connection[Any]) -> list[tuple[str | None, int]]:
+    with db.wrap_errors("reading the route modes"):
+        return [(r["mode"], int(r["routes"]))
+                for r in conn.execute(db.query("sync_odata", "route_modes"))]
+
+
 def _sync(database: db.Database, client: ODataClient, backups: BackupStore | None,
           ctx: RunContext, *, mapping: dict[str, Any] | None, skip_invalid: bool,
-          dry_run: bool, force: bool) -> StageResult:
+          dry_run: bool, force: bool
+          ) -> tuple[StageResult, list[tuple[str | None, int]] | None]:
+    """The sync, and the route modes of the dataset now active (None if not recorded)."""
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")
@@ -698,7 +650,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 # every page byte for byte the active version's: nothing was even staged
                 assert active is not None
                 return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
-                             | {"rejected": 0})
+                             | {"rejected": 0}), active["stats"].get("route_modes")
             if not dry_run:
                 loader.compress()
             problems = Problems()
@@ -734,13 +686,14 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                     status=SKIPPED, counts=counts,
                     extra=_result_extra(active["version"] if active else None, "", diff)
                     | reject_extra | {"dry_run": True},
-                    message="dry run: nothing written" + _diff_text(diff))
+                    message="dry run: nothing written" + _diff_text(diff)), None
             diff = loader.apply()
             if active is not None and not force and not any(
                     n for d in diff.values() for n in d.values()):
-                return _noop(active, counts, reject_extra)  # same rows: rolled back
+                # the same rows: rolled back
+                return _noop(active, counts, reject_extra), active["stats"].get("route_modes")
             assert backups is not None
-            version, hash_ = write_version(conn, loader, backups, ctx, _Version(
+            version, hash_, modes = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="sync",
                 manifest={"format": BACKUP_FORMAT, "raw_prefix": None,
                           "odata": {"service": client.service_url, "protocol": client.protocol,
@@ -753,7 +706,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
                            | {"backup_prefix": backup_prefix(version)},
-                           message=f"{version} active" + _diff_text(diff))
+                           message=f"{version} active" + _diff_text(diff)), modes
     finally:
         conn.close()  # without a commit this rolls everything back
 
@@ -805,7 +758,8 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                                       f"{', '.join(bad)} are not those {version} was read from")
             else:  # format 1 hashed its canonical rows: its row counts are checked below
                 hash_, set_hashes = row["hash"], row["set_hashes"]
-            loader.stage()
+            with db.wrap_errors("staging the backup"), conn.pipeline():
+                loader.stage()
             problems = Problems()
             loader.check(problems, reject=bool(row["counts"].get("rejected")))
             counts: dict[str, int] = loader.counts() | {
@@ -816,7 +770,7 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                        else problems.summary())
                 raise BackupError(f"backup {prefix} does not give {version}: {why}")
             diff = loader.apply()
-            new_version, _ = write_version(conn, loader, backups, ctx, _Version(
+            new_version, _, _ = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="restore", restored_from=version,
                 hashes=(hash_, set_hashes),
                 manifest={"format": manifest["format"], "raw_prefix": raw_prefix,

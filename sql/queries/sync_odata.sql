@@ -10,9 +10,8 @@
 -- work_mem those hashes spill to disk. JIT: the planner costs the checks over a whole feed
 -- high enough to compile them, which took 0.15 s per query for a query that runs in
 -- milliseconds.
-SET LOCAL temp_buffers = '256MB';
-SET LOCAL work_mem = '64MB';
-SET LOCAL jit = off;
+SELECT set_config('temp_buffers', '256MB', true), set_config('work_mem', '64MB', true),
+       set_config('jit', 'off', true);
 
 -- name: create_stage
 -- One set of the feed for this transaction: the read-model columns without their constraints
@@ -131,7 +130,7 @@ SELECT count(*) AS deleted FROM gone;
 SET CONSTRAINTS ALL IMMEDIATE;
 
 -- name: active_dataset
-SELECT version, seq, hash, set_hashes, counts, created_at, feed_digests
+SELECT version, seq, hash, set_hashes, counts, created_at, feed_digests, stats
 FROM datasets
 WHERE active;
 
@@ -146,9 +145,9 @@ SELECT coalesce(max(seq), 0) + 1 AS seq FROM datasets;
 
 -- name: insert_dataset
 INSERT INTO datasets (version, seq, hash, set_hashes, counts, diff, source, restored_from,
-                      backup_prefix, run_id, feed_digests, active)
+                      backup_prefix, run_id, feed_digests, stats, active)
 VALUES (%(version)s, %(seq)s, %(hash)s, %(set_hashes)s, %(counts)s, %(diff)s, %(source)s,
-        %(restored_from)s, %(backup_prefix)s, %(run_id)s, %(feed_digests)s, false)
+        %(restored_from)s, %(backup_prefix)s, %(run_id)s, %(feed_digests)s, %(stats)s, false)
 RETURNING created_at;
 
 -- name: deactivate
@@ -177,6 +176,7 @@ LEFT JOIN LATERAL (
 
 -- name: route_modes
 -- Routes without a scheduled flight, per mode: build-graph weighs them by distance / speed.
+-- Recorded with each version (datasets.stats.route_modes), so an unchanged feed need not ask.
 SELECT r.mode, count(*) AS routes
 FROM routes r
 WHERE NOT EXISTS (SELECT 1 FROM flights f WHERE f.route_id = r.id)

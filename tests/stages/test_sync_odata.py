@@ -258,7 +258,7 @@ def test_a_sync_whose_database_session_dies_fails_and_writes_nothing(
         server.clear_faults()
     rec = result[0]
     assert rec.status == "failed" and rec.exit_code == 1
-    assert (rec.error or "").startswith("database error while staging a page"), rec.error
+    assert (rec.error or "").startswith("database error while staging the feed"), rec.error
     assert snapshot(conn) == before
     assert set(backups.list("datasets/")) == objects
 
