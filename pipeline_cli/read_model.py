@@ -18,3 +18,16 @@ OPTIONAL_COLUMNS = frozenset({"name", "city", "is_airport", "mode", "distance_km
 # (child table, column, parent table): checked in this order, so a parent's rejects cascade.
 REFERENCES = (("routes", "from_stop_id", "stops"), ("routes", "to_stop_id", "stops"),
               ("flights", "route_id", "routes"))
+# Table -> column -> (kind of value, low, high): how sync-odata reads and checks each column
+# (the rules of each kind are in sql/015_sync_in_sql.sql).
+KINDS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
+    "stops": {"id": ("key", None, None), "name": ("text", None, None),
+              "latitude": ("number", -90, 90), "longitude": ("number", -180, 180),
+              "is_airport": ("bool", None, None), "city": ("text", None, None)},
+    "routes": {"id": ("key", None, None), "from_stop_id": ("key", None, None),
+               "to_stop_id": ("key", None, None), "mode": ("text", None, None),
+               "distance_km": ("number", 0, None)},
+    "flights": {"id": ("key", None, None), "route_id": ("key", None, None),
+                "departure": ("time", None, None), "arrival": ("time", None, None),
+                "days_of_week": ("days", None, None)},
+}

@@ -3,9 +3,8 @@
 It follows server-driven paging exactly as the server gives it, retries transient failures
 (connection errors, 5xx, 408, 429 with ``Retry-After``) with tenacity, caps pages and response
 sizes so a misbehaving server cannot hang cron, and wraps every failure into SourceError with
-a one-line message that never carries credentials. Value formats (``/Date(ms)/``, numbers
-sent as strings, ``PT08H30M00S``), the shape of a page and the field mapping are in
-:mod:`pipeline_cli.adapters.odata_format`.
+a one-line message that never carries credentials. The shape of a page and the field mapping
+are in :mod:`pipeline_cli.adapters.odata_format`; sync-odata reads the values in PostgreSQL.
 """
 
 from __future__ import annotations

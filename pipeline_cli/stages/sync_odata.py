@@ -46,7 +46,7 @@ from ..adapters.odata import ODataClient
 from ..adapters.odata_format import EntityMapping, resolve_mapping
 from ..errors import BackupError, NothingToDo, SourceError, ValidationError
 from ..modes import describe_unknown, speed_table, unknown_modes
-from ..read_model import COLUMNS, ENTITIES, OPTIONAL_COLUMNS, REFERENCES
+from ..read_model import COLUMNS, ENTITIES, KINDS, OPTIONAL_COLUMNS, REFERENCES
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 
 BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages replay the same way
@@ -57,18 +57,6 @@ MAX_PROBLEMS = 20
 _DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
 _RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page
 
-# Read-model column -> (kind of value, low, high); see sql/015_sync_in_sql.sql for the kinds.
-KINDS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
-    "stops": {"id": ("key", None, None), "name": ("text", None, None),
-              "latitude": ("number", -90, 90), "longitude": ("number", -180, 180),
-              "is_airport": ("bool", None, None), "city": ("text", None, None)},
-    "routes": {"id": ("key", None, None), "from_stop_id": ("key", None, None),
-               "to_stop_id": ("key", None, None), "mode": ("text", None, None),
-               "distance_km": ("number", 0, None)},
-    "flights": {"id": ("key", None, None), "route_id": ("key", None, None),
-                "departure": ("time", None, None), "arrival": ("time", None, None),
-                "days_of_week": ("days", None, None)},
-}
 _ABSENT = {"bool": "false", "number": "NULL::double precision", "time": "NULL::time"}
 
 
@@ -499,22 +487,22 @@ def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[st
 
 
 def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore,
-                  ctx: RunContext, v: _Version, diff: dict[str, dict[str, int]], *,
-                  upload_raw: bool) -> tuple[str, str, list[tuple[str | None, int]]]:
+                  ctx: RunContext, v: _Version, diff: dict[str, dict[str, int]]
+                  ) -> tuple[str, str, list[tuple[str | None, int]]]:
     """Record the applied dataset as the new active version, back it up, then commit; returns
     the version, its hash and its route modes (recorded in ``stats``, for the runs after).
 
-    Order: reserve ``ds-v<N>``; upload the raw pages (in threads, while the version is recorded
-    in this transaction); upload the manifest; COMMIT. Any
-    failure before the COMMIT rolls the transaction back, so a version never points at a
-    missing backup; an orphan backup of an uncommitted number is overwritten by the next run.
+    Order: reserve ``ds-v<N>``; upload the raw pages of a sync (in threads, while the version
+    is recorded in this transaction); upload the manifest; COMMIT. Any failure before the
+    COMMIT rolls the transaction back, so a version never points at a missing backup; an
+    orphan backup of an uncommitted number is overwritten by the next run.
     """
     with db.wrap_errors("reserving the dataset version"):
         seq = int(_one(conn, db.query("sync_odata", "next_seq"))["seq"])
     version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
     with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
         uploads = [pool.submit(_upload_raw, backups, st, prefix)
-                   for st in loader.sets.values() if upload_raw]
+                   for st in loader.sets.values() if v.source == "sync"]
         if v.rejects is not None and v.rejects.stat().st_size:
             uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
         try:
@@ -701,7 +689,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 # a feed with rejects always gets the full check again
                 feed_digests=None if rejected else {"key": key, "pages": {
                     e: "".join(st.digests) for e, st in loader.sets.items()}},
-                rejects=rejects if rejected else None), diff, upload_raw=True)
+                rejects=rejects if rejected else None), diff)
         ctx.log.info("dataset %s active%s", version, _diff_text(diff))
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
@@ -774,7 +762,7 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                 counts=counts, source="restore", restored_from=version,
                 hashes=(hash_, set_hashes),
                 manifest={"format": manifest["format"], "raw_prefix": raw_prefix,
-                          "restored_from": version, "odata": odata}), diff, upload_raw=False)
+                          "restored_from": version, "odata": odata}), diff)
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(new_version, hash_, diff)
                            | {"restored_from": version,
