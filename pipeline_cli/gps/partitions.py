@@ -5,6 +5,7 @@ whole day once all of it is processed and deletes in chunks where it cannot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -47,12 +48,14 @@ class PruneResult:
 
 
 def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 10_000,
-          dry_run: bool = False) -> PruneResult:
+          dry_run: bool = False, check_stop: Callable[[], None] = lambda: None
+          ) -> PruneResult:
     """Remove processed points recorded before ``cutoff``: a daily partition that lies wholly
     before it and holds no unprocessed point is detached and dropped (no dead tuples, no
     vacuum); elsewhere (a day partly before the cutoff, a day with unprocessed points, the
     default partition) processed points are deleted ``chunk_rows`` at a time, one
-    transaction per chunk, so locks stay short."""
+    transaction per chunk, so locks stay short. ``check_stop`` runs before each of those
+    transactions (a stop request ends the pass between them)."""
     out = PruneResult()
     with db.wrap_errors("listing GPS partitions"):
         parts = conn.execute(db.query("match_gps", "prunable_partitions"),
@@ -62,6 +65,7 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
     for p in parts:
         ident = sql.Identifier(p["name"])
         if p["whole"] and p["done"]:
+            check_stop()
             out.partitions_dropped.append(p["name"])
             with db.wrap_errors(f"dropping {p['name']}"), conn.transaction():
                 row = conn.execute(db.query("match_gps", "partition_points").format(
@@ -71,6 +75,7 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
                     conn.execute(db.query("match_gps", "drop_partition").format(part=ident))
             continue
         while True:
+            check_stop()
             with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():
                 query = db.query("match_gps", "prune_count" if dry_run else "prune_chunk")
                 row = conn.execute(query.format(part=ident),

@@ -93,7 +93,8 @@ def _prune_gps(p: _Pass, days: int) -> dict[str, int]:
     and dead batches stay (the evidence). A daily partition wholly due and wholly processed is
     dropped in one step; elsewhere points go in chunks (``gps.partitions.prune``)."""
     cutoff = p.cutoff(days)
-    pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run)
+    pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run,
+                              check_stop=p.ctx.check_stop)
     points = pruned.points_dropped + pruned.points_deleted
     params = {"cutoff": cutoff}
     if p.dry_run:

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
 from devtools import traces
 from pipeline_cli.gps import batches, partitions
@@ -65,3 +66,28 @@ def test_prune_drops_done_days_and_deletes_in_chunks(conn: psycopg.Connection[An
     again = partitions.prune(conn, datetime(2030, 1, 1, tzinfo=UTC), chunk_rows=2)
     assert again.partitions_dropped == ["gps_points_p20210102"]
     assert where(conn) == {"gps_points_default": 4}
+
+
+def test_prune_asks_to_stop_before_each_transaction(conn: psycopg.Connection[Any]) -> None:
+    day = date(2021, 1, 1)
+    partitions.ensure(conn, [day])
+    traces.insert_points(conn, day_points("a", day, range(0, 50, 5))
+                         + day_points("a", date(2020, 12, 31), range(0, 5)))
+    batches.make_batches(conn, MatchSettings(max_batch_seconds=3600, gap_seconds=60))
+    conn.execute("UPDATE processing_batches SET status = 'completed',"
+                 " points_snapshot = txid_current_snapshot()")
+    cutoff = datetime(2021, 1, 2, tzinfo=UTC)
+
+    class Stop(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        partitions.prune(conn, cutoff, chunk_rows=2, check_stop=stop)
+    assert where(conn) == {"gps_points_p20210101": 10, "gps_points_default": 5}
+    asked: list[int] = []
+    done = partitions.prune(conn, cutoff, chunk_rows=2, check_stop=lambda: asked.append(1))
+    assert done.partitions_dropped == ["gps_points_p20210101"] and done.points_deleted == 5
+    assert len(asked) == 1 + 3  # the drop, then three chunks of the default partition
