@@ -672,7 +672,8 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 diff = loader.diff()
                 return StageResult(
                     status=SKIPPED, counts=counts,
-                    extra=_result_extra(active["version"] if active else None, "", diff)
+                    extra=_result_extra(active["version"] if active else None,
+                                        loader.hashes()[0], diff)
                     | reject_extra | {"dry_run": True},
                     message="dry run: nothing written" + _diff_text(diff)), None
             diff = loader.apply()
