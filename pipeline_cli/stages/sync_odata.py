@@ -316,7 +316,6 @@ class _Loader:
         offending rows leave the stage (a reference to a rejected row cascades); otherwise a
         reference to a refused row is not reported again (root causes only)."""
         with db.wrap_errors("checking the feed"):
-            self.conn.execute(db.query("sync_odata", "analyze_sample"))
             for e in ENTITIES:
                 keys = ["id", "bad", *(c for child, c, _ in REFERENCES if child == e)]
                 self.conn.execute(_q("analyze_stage", stage=self.sets[e].stage,
