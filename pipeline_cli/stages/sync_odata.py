@@ -44,7 +44,7 @@ from .. import db
 from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient
 from ..adapters.odata_format import EntityMapping, resolve_mapping
-from ..errors import BackupError, NothingToDo, SourceError, ValidationError
+from ..errors import BackupError, DatabaseError, NothingToDo, SourceError, ValidationError
 from ..modes import describe_unknown, speed_table, unknown_modes
 from ..read_model import COLUMNS, ENTITIES, KINDS, OPTIONAL_COLUMNS, REFERENCES
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
@@ -312,15 +312,20 @@ class _Loader:
     # ---------------------------------------------------------------- check
 
     def check(self, problems: Problems, *, reject: bool) -> None:
-        """Refused rows, duplicate keys and dangling references, in SQL. With ``reject`` the
-        offending rows leave the stage (a reference to a rejected row cascades); otherwise a
-        reference to a refused row is not reported again (root causes only)."""
+        """Refused rows, in SQL. With ``reject`` they leave the stage."""
         with db.wrap_errors("checking the feed"):
             for e in ENTITIES:
                 keys = ["id", "bad", *(c for child, c, _ in REFERENCES if child == e)]
                 self.conn.execute(_q("analyze_stage", stage=self.sets[e].stage,
                                      cols=_list(tuple(keys))))
                 self._refused(e, problems, reject=reject)
+
+    def check_keys(self, problems: Problems, *, reject: bool) -> None:
+        """Duplicate keys and dangling references, in SQL. With ``reject`` the offending rows
+        leave the stage (a reference to a rejected row cascades); otherwise a reference to a
+        refused row is not reported again (root causes only)."""
+        with db.wrap_errors("checking keys and references"):
+            for e in ENTITIES:
                 self._duplicates(e, problems, reject=reject)
                 for child, col, parent in REFERENCES:
                     if child == e:
@@ -386,12 +391,29 @@ class _Loader:
         with db.wrap_errors("computing the diff"):
             return {e: self._counted("diff", e) for e in ENTITIES}
 
-    def apply(self) -> dict[str, dict[str, int]]:
-        """Write the staged dataset into the read model: what changed, per entity."""
+    def apply(self) -> dict[str, dict[str, int]] | None:
+        """Write the staged dataset into the read model: what changed, per entity.
+
+        PostgreSQL then verifies the keys, which check_keys need not have: the deferred
+        foreign keys (a reference to a row not in the feed), an upsert that meets a key twice,
+        and a read model left with fewer rows than the stage (a key twice in the feed). If
+        any fails, the apply is undone and None returned.
+        """
         with db.wrap_errors("writing the read model"):
-            diff = {e: self._counted("upsert", e) for e in ENTITIES}
-            for e in reversed(ENTITIES):
-                diff[e] |= self._counted("delete_vanished", e)
+            self.conn.execute(db.query("sync_odata", "savepoint_apply"))
+            try:
+                diff = {e: self._counted("upsert", e) for e in ENTITIES}
+                for e in reversed(ENTITIES):
+                    diff[e] |= self._counted("delete_vanished", e)
+                self.conn.execute(db.query("sync_odata", "constraints_now"))
+                if any(_one(self.conn, _q("count_rows", target=_ident(e)))["n"]
+                       != _one(self.conn, _q("count_stage", stage=st.stage))["n"]
+                       for e, st in self.sets.items()):
+                    raise _KeyTwice
+            except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation,
+                    _KeyTwice):
+                self.conn.execute(db.query("sync_odata", "rollback_apply"))
+                return None
         return {e: diff[e] for e in ENTITIES}
 
     def _counted(self, name: str, e: str) -> dict[str, int]:
@@ -402,6 +424,10 @@ class _Loader:
             assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
                 _ident(c), _ident(c)) for c in cols if c != "id")))
         return {k: int(v) for k, v in row.items()}
+
+
+class _KeyTwice(Exception):
+    """The read model holds fewer rows than the stage: a key occurs twice in the feed."""
 
 
 def _records(src: gzip.GzipFile) -> Iterator[bytes]:
@@ -518,7 +544,6 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
                 })["created_at"]
                 conn.execute(db.query("sync_odata", "deactivate"))
                 conn.execute(db.query("sync_odata", "activate"), {"version": version})
-                conn.execute(db.query("sync_odata", "constraints_now"))
         finally:
             files: dict[str, Any] = {}
             for upload in uploads:  # a BackupError wins: it is the root cause more often
@@ -609,6 +634,19 @@ def sync_odata(
     return result
 
 
+def _invalid(problems: Problems, loader: _Loader) -> ValidationError:
+    first = [str(p) for p in problems.first]
+    if not problems.total:  # the read model's own constraints refused what the checks passed
+        raise DatabaseError("database error while writing the read model: its keys or "
+                            "references refuse the feed, which has no duplicate key and no "
+                            "unknown reference")
+    return ValidationError(
+        f"validation failed: {problems.total} problem(s) ({problems.summary()}); "
+        "nothing was written", first, partial=StageResult(
+            counts={e: s.rows for e, s in loader.sets.items()},
+            extra={"problems": first, "problem_counts": problems.by_set()}))
+
+
 def _route_modes(conn: psycopg.Connection[Any]) -> list[tuple[str | None, int]]:
     with db.wrap_errors("reading the route modes"):
         return [(r["mode"], int(r["routes"]))
@@ -647,6 +685,10 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                     problems.reject_file = files.enter_context(
                         rejects.open("w", encoding="utf-8"))
                 loader.check(problems, reject=skip_invalid)
+                # A clean strict run leaves the keys to the apply, which has PostgreSQL
+                # verify them; a report names them all.
+                if skip_invalid or dry_run or problems.total:
+                    loader.check_keys(problems, reject=skip_invalid)
             problems.reject_file = None
             counts: dict[str, int] = loader.counts()
             if counts["stops"] == 0:
@@ -654,12 +696,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                                      None, "-", "empty", "no valid stops in the feed; "
                                      "refusing to empty the read model"))
             if counts["stops"] == 0 or (problems.total and not skip_invalid):
-                first = [str(p) for p in problems.first]
-                raise ValidationError(
-                    f"validation failed: {problems.total} problem(s) ({problems.summary()}); "
-                    "nothing was written", first, partial=StageResult(
-                        counts={e: s.rows for e, s in loader.sets.items()},
-                        extra={"problems": first, "problem_counts": problems.by_set()}))
+                raise _invalid(problems, loader)
             rejected = sum(problems.rejected.values())
             counts["rejected"] = rejected
             reject_extra: dict[str, Any] = {}
@@ -668,14 +705,18 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                                 "rejected_by_set": dict(problems.rejected)}
                 ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
             if dry_run:
-                diff = loader.diff()
+                counted = loader.diff()
                 return StageResult(
                     status=SKIPPED, counts=counts,
                     extra=_result_extra(active["version"] if active else None,
-                                        loader.hashes()[0], diff)
+                                        loader.hashes()[0], counted)
                     | reject_extra | {"dry_run": True},
-                    message="dry run: nothing written" + _diff_text(diff)), None
-            diff = loader.apply()
+                    message="dry run: nothing written" + _diff_text(counted)), None
+            applied = loader.apply()
+            if applied is None:  # a duplicate key or a dangling reference: name them
+                loader.check_keys(problems, reject=False)
+                raise _invalid(problems, loader)
+            diff = applied
             if active is not None and not force and not any(
                     n for d in diff.values() for n in d.values()):
                 # the same rows: rolled back
@@ -750,6 +791,7 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                 loader.stage()
             problems = Problems()
             loader.check(problems, reject=bool(row["counts"].get("rejected")))
+            loader.check_keys(problems, reject=bool(row["counts"].get("rejected")))
             counts: dict[str, int] = loader.counts() | {
                 "rejected": sum(problems.rejected.values())}
             wrong = [e for e in ENTITIES if counts[e] != row["counts"].get(e)]
@@ -758,6 +800,9 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                        else problems.summary())
                 raise BackupError(f"backup {prefix} does not give {version}: {why}")
             diff = loader.apply()
+            if diff is None:
+                raise BackupError(f"backup {prefix} does not give {version}: the read "
+                                  "model's keys refuse it")
             new_version, _, _ = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="restore", restored_from=version,
                 hashes=(hash_, set_hashes),

@@ -122,9 +122,19 @@ WITH gone AS (
 )
 SELECT count(*) AS deleted FROM gone;
 
+-- name: savepoint_apply
+SAVEPOINT apply;
+
+-- name: rollback_apply
+ROLLBACK TO SAVEPOINT apply;
+
 -- name: constraints_now
--- Check the deferred foreign keys now, before the backup upload, not at COMMIT.
+-- Check the deferred foreign keys now (a reference to a row the feed does not have), before
+-- the backup upload, not at COMMIT.
 SET CONSTRAINTS ALL IMMEDIATE;
+
+-- name: count_rows
+SELECT count(*) AS n FROM {target};
 
 -- name: active_dataset
 SELECT version, seq, hash, set_hashes, counts, created_at, feed_digests, stats

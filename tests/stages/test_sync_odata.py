@@ -246,8 +246,8 @@ def test_a_sync_whose_database_session_dies_fails_and_writes_nothing(
         for _ in range(200):
             row = conn.execute(
                 "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name LIKE "
-                "'pipeline sync-odata %' AND xact_start IS NOT NULL").fetchone()
+                "WHERE datname = current_database() AND xact_start IS NOT NULL "
+                "AND application_name ~ '^pipeline sync-odata [0-9a-f]{8}$'").fetchone()
             if row is not None and row["done"]:
                 killed = True
                 break
@@ -331,6 +331,20 @@ def test_bad_data_aborts_and_writes_nothing(
     assert rec.extra["problems"][0].startswith(expected)
     assert snapshot(conn) == before
     assert set(backups.list("datasets/")) == objects
+
+
+def test_a_key_twice_is_refused_even_when_both_rows_equal_the_read_model(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any]
+        ) -> None:
+    """The clean strict path leaves duplicates to the apply: an identical second copy of a
+    row changes nothing there, so the row counts must catch it."""
+    sync()
+    before = snapshot(conn)
+    server.add_row("Flights", dict(network()["Flights"][4]))
+    rec = sync()
+    assert rec.status == "failed", rec.error
+    assert rec.extra["problems"] == ["Flights[ID=5] ID: key occurs 2 times"]
+    assert snapshot(conn) == before
 
 
 def test_strict_mode_reports_the_first_20_problems_and_all_counts(
