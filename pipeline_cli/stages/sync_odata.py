@@ -387,10 +387,6 @@ class _Loader:
 
     # ---------------------------------------------------------------- diff and apply
 
-    def diff(self) -> dict[str, dict[str, int]]:
-        with db.wrap_errors("computing the diff"):
-            return {e: self._counted("diff", e) for e in ENTITIES}
-
     def apply(self) -> dict[str, dict[str, int]] | None:
         """Write the staged dataset into the read model: what changed, per entity.
 
@@ -687,7 +683,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 loader.check(problems, reject=skip_invalid)
                 # A clean strict run leaves the keys to the apply, which has PostgreSQL
                 # verify them; a report names them all.
-                if skip_invalid or dry_run or problems.total:
+                if skip_invalid or problems.total:
                     loader.check_keys(problems, reject=skip_invalid)
             problems.reject_file = None
             counts: dict[str, int] = loader.counts()
@@ -704,14 +700,6 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 reject_extra = {"rejects": [str(p) for p in problems.first],
                                 "rejected_by_set": dict(problems.rejected)}
                 ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
-            if dry_run:
-                counted = loader.diff()
-                return StageResult(
-                    status=SKIPPED, counts=counts,
-                    extra=_result_extra(active["version"] if active else None,
-                                        loader.hashes()[0], counted)
-                    | reject_extra | {"dry_run": True},
-                    message="dry run: nothing written" + _diff_text(counted)), None
             applied = loader.apply()
             if applied is None:  # a duplicate key or a dangling reference: name them
                 loader.check_keys(problems, reject=False)
@@ -721,6 +709,13 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                     n for d in diff.values() for n in d.values()):
                 # the same rows: rolled back
                 return _noop(active, counts, reject_extra), active["stats"].get("route_modes")
+            if dry_run:  # what a run would have written; the connection closes uncommitted
+                return StageResult(
+                    status=SKIPPED, counts=counts,
+                    extra=_result_extra(active["version"] if active else None,
+                                        loader.hashes()[0], diff)
+                    | reject_extra | {"dry_run": True},
+                    message="dry run: nothing written" + _diff_text(diff)), None
             assert backups is not None
             version, hash_, modes = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="sync",

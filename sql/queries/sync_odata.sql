@@ -88,16 +88,6 @@ RETURNING c.n, c.id, c.{col} AS ref;
 -- name: count_stage
 SELECT count(*) AS n FROM {stage};
 
--- name: diff
--- --dry-run: the rows the sync would insert, change and delete in one read-model table.
-SELECT
-    (SELECT count(*) FROM {stage} s
-      WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.id = s.id)) AS inserted,
-    (SELECT count(*) FROM {stage} s JOIN {target} t ON t.id = s.id
-      WHERE ({s_cols}) IS DISTINCT FROM ({t_cols})) AS updated,
-    (SELECT count(*) FROM {target} t
-      WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.id = t.id)) AS deleted;
-
 -- name: upsert
 -- Only new and changed rows reach the INSERT: an unchanged row that hit ON CONFLICT would
 -- still be locked (its tuple and page written). The anti-join is one hash join. Counts what it
