@@ -148,7 +148,7 @@ class _Set:
     raw: Path  # the spooled pages
     rows: int = 0  # rows received
     digests: list[str] = field(default_factory=list)  # per page, of the raw body
-    pages: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, length, base)
+    pages: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in raw
     staged: int = 0  # pages handed to PostgreSQL
     gz: Future[Path] | None = None  # the spool gzipped for the backup
 
@@ -163,7 +163,9 @@ class _Set:
 
     @cached_property
     def page_insert(self) -> sql.Composed:
-        """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage."""
+        """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage.
+        A row's number ``n`` is its place in the feed: page number << 32 plus its place in the
+        page, so it needs no count of the rows before it (a restore has none)."""
         f = {name: _ident(f"f{i}") for i, name in enumerate(self.fields)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
                 else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
@@ -259,7 +261,7 @@ class _Loader:
                         bar.advance(len(page.rows))
                         i = len(st.digests) - 1
                         if self.staging:
-                            self._stage(st, page.body, st.pages[i][2])
+                            self._stage(st, page.body)
                         elif (expected is None or expected.get(e, "")[
                                 i * _DIGEST_HEX:(i + 1) * _DIGEST_HEX] != st.digests[i]):
                             out.flush()
@@ -283,7 +285,7 @@ class _Loader:
 
     def _spool(self, st: _Set, out: IO[bytes], body: bytes, rows: int) -> None:
         out.write(_RS)
-        st.pages.append((out.tell(), len(body), st.rows))
+        st.pages.append((out.tell(), len(body)))
         out.write(body + b"\n")
         st.digests.append(hashlib.blake2b(body, digest_size=16).hexdigest())
         st.rows += rows
@@ -300,13 +302,14 @@ class _Loader:
             if st.staged == len(st.pages):
                 continue
             with st.raw.open("rb") as src:
-                for offset, length, base in st.pages[st.staged:]:
+                for offset, length in st.pages[st.staged:]:
                     src.seek(offset)
-                    self._stage(st, src.read(length), base)
+                    self._stage(st, src.read(length))
 
-    def _stage(self, st: _Set, body: bytes, base: int) -> None:
-        self.conn.execute(st.page_insert,
-                          {"page": _page_text(body, st.mapping.entity_set), "base": base})
+    def _stage(self, st: _Set, body: bytes) -> None:
+        """Stage the set's next page not staged yet."""
+        self.conn.execute(st.page_insert, {"page": _page_text(body, st.mapping.entity_set),
+                                           "base": st.staged << 32})
         st.staged += 1
 
     # ---------------------------------------------------------------- check

@@ -461,6 +461,22 @@ def test_a_version_made_before_migration_015_restores_by_its_row_counts(
     assert rec.status == "failed" and "the row counts of stops differ" in (rec.error or "")
 
 
+def test_restore_of_a_version_with_rejects_rejects_the_same_rows(
+        sync: Callable[..., RunRecord], server: ODataServer, database_url: str,
+        backups: BackupStore) -> None:
+    # the 7th row of the first and of the second page (15 rows a page)
+    server.update_row("Stops", 7, latitude=None)
+    server.update_row("Stops", 22, latitude=None)
+    first = sync(skip_invalid=True)
+    assert first.status == "success", first.error
+    assert first.extra["rejected_by_set"]["stops"] == 2
+    server.update_row("Stops", 3, name="changed")
+    assert sync(skip_invalid=True).extra["dataset_version"] == "ds-v2"
+    rec = restore(database_url, backups, "ds-v1")
+    assert rec.status == "success", rec.error
+    assert rec.counts == first.counts and rec.extra["hash"] == first.extra["hash"]
+
+
 def test_restore_of_an_unknown_version_or_a_corrupt_backup_writes_nothing(
         sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
         database_url: str, backups: BackupStore) -> None:
