@@ -390,13 +390,13 @@ class _Loader:
 
     # ---------------------------------------------------------------- diff and apply
 
-    def apply(self) -> dict[str, dict[str, int]] | None:
+    def apply(self, staged: Mapping[str, int]) -> dict[str, dict[str, int]] | None:
         """Write the staged dataset into the read model: what changed, per entity.
 
         PostgreSQL then verifies the keys, which check_keys need not have: the deferred
         foreign keys (a reference to a row not in the feed), an upsert that meets a key twice,
-        and a read model left with fewer rows than the stage (a key twice in the feed). If
-        any fails, the apply is undone and None returned.
+        and a read model left with fewer rows than the stage holds (``staged``, per entity: a
+        key twice in the feed). If any fails, the apply is undone and None returned.
         """
         with db.wrap_errors("writing the read model"):
             self.conn.execute(db.query("sync_odata", "savepoint_apply"))
@@ -405,9 +405,8 @@ class _Loader:
                 for e in reversed(ENTITIES):
                     diff[e] |= self._counted("delete_vanished", e)
                 self.conn.execute(db.query("sync_odata", "constraints_now"))
-                if any(_one(self.conn, _q("count_rows", target=_ident(e)))["n"]
-                       != _one(self.conn, _q("count_stage", stage=st.stage))["n"]
-                       for e, st in self.sets.items()):
+                if any(_one(self.conn, _q("count_rows", target=_ident(e)))["n"] != staged[e]
+                       for e in ENTITIES):
                     raise _KeyTwice
             except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation,
                     _KeyTwice):
@@ -703,7 +702,7 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 reject_extra = {"rejects": [str(p) for p in problems.first],
                                 "rejected_by_set": dict(problems.rejected)}
                 ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
-            applied = loader.apply()
+            applied = loader.apply(counts)
             if applied is None:  # a duplicate key or a dangling reference: name them
                 loader.check_keys(problems, reject=False)
                 raise _invalid(problems, loader)
@@ -797,7 +796,7 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                 why = (f"the row counts of {', '.join(wrong)} differ" if wrong
                        else problems.summary())
                 raise BackupError(f"backup {prefix} does not give {version}: {why}")
-            diff = loader.apply()
+            diff = loader.apply(counts)
             if diff is None:
                 raise BackupError(f"backup {prefix} does not give {version}: the read "
                                   "model's keys refuse it")
