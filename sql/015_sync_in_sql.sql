@@ -16,7 +16,8 @@
 -- PostgreSQL text cannot hold NUL: the stage sends a string's \u0000 as \uffff, which every
 -- rule refuses (as "contains a NUL character").
 -- The fast branch of each function is plain SQL that PostgreSQL inlines into the page query;
--- the rare forms go to a PL/pgSQL function.
+-- the rare forms go to a *_slow function, STRICT so that a missing value (NULL) never calls
+-- it.
 -- The row index of 008 is no longer read: the diff is a join with the read model.
 
 DROP TABLE dataset_row_index;
@@ -45,7 +46,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 CREATE FUNCTION sync_number_slow(t text) RETURNS double precision
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     x double precision;
 BEGIN
@@ -78,7 +79,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 CREATE FUNCTION sync_time_slow(t text) RETURNS time
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     m text[];
     shift interval := '0';
@@ -121,7 +122,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 CREATE FUNCTION sync_days_slow(t text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT CASE WHEN t ~ '^[1-7]{1,7}$' AND t !~ '(.).*\1'
                 THEN array_to_string(ARRAY(SELECT d FROM unnest(string_to_array(t, NULL)) d
                                            ORDER BY d), '') END
