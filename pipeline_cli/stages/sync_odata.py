@@ -401,9 +401,7 @@ class _Loader:
         with db.wrap_errors("writing the read model"):
             self.conn.execute(db.query("sync_odata", "savepoint_apply"))
             try:
-                diff = {e: self._counted("upsert", e) for e in ENTITIES}
-                for e in reversed(ENTITIES):
-                    diff[e] |= self._counted("delete_vanished", e)
+                diff = {e: self._counted("apply", e) for e in ENTITIES}
                 self.conn.execute(db.query("sync_odata", "constraints_now"))
                 if any(_one(self.conn, _q("count_rows", target=_ident(e)))["n"] != staged[e]
                        for e in ENTITIES):
@@ -530,7 +528,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
             uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
         try:
             hash_, set_hashes = v.hashes or loader.hashes()
-            modes = _route_modes(conn)
+            modes = _route_modes(conn, loader.sets["routes"].stage, loader.sets["flights"].stage)
             with db.wrap_errors("recording the dataset version"):
                 created = _one(conn, db.query("sync_odata", "insert_dataset"), {
                     "version": version, "seq": seq, "hash": hash_,
@@ -645,10 +643,12 @@ def _invalid(problems: Problems, loader: _Loader) -> ValidationError:
             extra={"problems": first, "problem_counts": problems.by_set()}))
 
 
-def _route_modes(conn: psycopg.Connection[Any]) -> list[tuple[str | None, int]]:
+def _route_modes(conn: psycopg.Connection[Any], routes: sql.Identifier = _ident("routes"),
+                 flights: sql.Identifier = _ident("flights")) -> list[tuple[str | None, int]]:
+    """Of the read model, or of the stage an apply has just made it equal to."""
     with db.wrap_errors("reading the route modes"):
         return [(r["mode"], int(r["routes"]))
-                for r in conn.execute(db.query("sync_odata", "route_modes"))]
+                for r in conn.execute(_q("route_modes", routes=routes, flights=flights))]
 
 
 def _sync(database: db.Database, client: ODataClient, backups: BackupStore | None,
