@@ -91,3 +91,18 @@ def test_prune_asks_to_stop_before_each_transaction(conn: psycopg.Connection[Any
     done = partitions.prune(conn, cutoff, chunk_rows=2, check_stop=lambda: asked.append(1))
     assert done.partitions_dropped == ["gps_points_p20210101"] and done.points_deleted == 5
     assert len(asked) == 1 + 3  # the drop, then three chunks of the default partition
+
+
+@pytest.mark.parametrize("lat, lon", [(90.5, 24.9), (-90.5, 24.9), (60.1, 180.5),
+                                      (float("nan"), 24.9), (60.1, float("nan"))])
+def test_a_point_out_of_range_is_refused_in_every_partition(
+        conn: psycopg.Connection[Any], lat: float, lon: float) -> None:
+    """The point checks (written with double precision bounds by migration 017) hold in the
+    default partition and in a partition made after the migration."""
+    partitions.ensure(conn, [date(2031, 3, 4)])
+    for day in (date(2031, 3, 4), date(2001, 1, 1)):  # a new partition; the default one
+        with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+            traces.insert_points(conn, [("d", datetime(day.year, day.month, day.day,
+                                                       tzinfo=UTC), lat, lon)])
+    traces.insert_points(conn, [("d", datetime(2031, 3, 4, tzinfo=UTC), 90.0, -180.0)])
+    assert where(conn) == {"gps_points_p20310304": 1}
