@@ -303,6 +303,15 @@ def run_lock_key(run_id: str) -> int:
     return db.advisory_key(f"run:{run_id}")
 
 
+def _lock_alive(lock: psycopg.Connection[Any]) -> bool:
+    """Whether the session that holds the run's locks is still there."""
+    try:
+        lock.execute(db.query("runner", "lock_alive")).fetchone()
+    except psycopg.Error:
+        return False
+    return True
+
+
 def reap_crashed(conn: psycopg.Connection[Any]) -> list[str]:
     """Mark runs whose process died as ``crashed``; returns their run ids."""
     with db.wrap_errors("reaping crashed runs"):
@@ -447,6 +456,10 @@ class StageRunner:
                 exit_code = EXIT_FAILED
                 result = StageResult(status=FAILED)
                 adapter.debug("traceback:\n%s", self.redact(traceback.format_exc()))
+            if error is None and not _lock_alive(lock):
+                error = ("the stage lock was lost during the run (the database session holding "
+                         "it ended); another run may have overlapped this one")
+                exit_code = EXIT_FAILED
             expired = limit if limit is not None and limit.expired else _LIMITS.expired()
             if expired is not None:
                 # Whatever the stage raised on its way out (QueryCanceled from the cancelled

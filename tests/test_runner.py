@@ -302,3 +302,43 @@ def test_a_running_row_is_crashed_when_its_run_lock_is_free_whatever_its_backend
     assert len(reap_crashed(conn)) == 1
     assert conn.execute("SELECT status FROM stage_runs WHERE host = 'h1'").fetchone() == {
         "status": "crashed"}
+
+
+def test_a_run_whose_lock_session_ends_is_recorded_failed(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    """The stage lock lives in the runner's own session; if that session ends mid-run (an
+    administrator, a restart of a pooler) another run may start, so the run must not record
+    success."""
+    def stage(ctx: RunContext) -> StageResult:
+        with db.connect(database_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(backend_pid) FROM stage_runs"
+                          " WHERE run_id = %s", (ctx.run_id,))
+        return StageResult(counts={"rows": 1})
+
+    record = StageRunner(Database(database_url)).run("gen-virtual", stage)
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.error is not None and "stage lock was lost" in record.error
+    row = conn.execute("SELECT status, error FROM stage_runs WHERE run_id = %s",
+                       (record.run_id,)).fetchone()
+    assert row is not None and row["status"] == "failed" and "lock was lost" in row["error"]
+
+
+def test_the_lock_outlives_an_idle_in_transaction_timeout(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    """The lock's transaction sits idle for the whole run: a server's or role's
+    idle_in_transaction_session_timeout must not end it (and free the lock) mid-run."""
+    url = psycopg.conninfo.make_conninfo(
+        database_url, options="-c idle_in_transaction_session_timeout=200")
+
+    def stage(ctx: RunContext) -> StageResult:
+        time.sleep(0.8)
+        with db.connect(database_url, autocommit=True) as other:
+            held = other.execute(
+                "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = (SELECT backend_pid FROM stage_runs WHERE run_id = %s)",
+                (ctx.run_id,)).fetchone()
+        return StageResult(counts={"locks": held["n"] if held else 0})
+
+    record = StageRunner(Database(url)).run("gen-virtual", stage)
+    assert record.status == "success", record.error
+    assert record.counts["locks"] == 2  # the stage lock and the run's own

@@ -23,7 +23,14 @@ FROM pg_stat_activity WHERE pid = pg_backend_pid();
 
 -- name: try_lock
 -- Transaction-scoped: held until the runner ends the transaction it keeps open for the run.
-SELECT pg_try_advisory_xact_lock(%(key)s) AS locked;
+-- That transaction sits idle for the whole run, so a server or role setting of
+-- idle_in_transaction_session_timeout would end the session and free the lock mid-run.
+SELECT pg_try_advisory_xact_lock(%(key)s) AS locked,
+       set_config('idle_in_transaction_session_timeout', '0', true) AS no_idle_timeout;
+
+-- name: lock_alive
+-- The session holding the run's locks still answers (it ends with its connection).
+SELECT 1 AS alive;
 
 -- name: running_runs
 SELECT run_id FROM stage_runs WHERE status = 'running';
