@@ -574,7 +574,11 @@ def _diff_text(diff: dict[str, dict[str, int]]) -> str:
 
 
 def _connect(database: db.Database, ctx: RunContext) -> psycopg.Connection[Any]:
-    return database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
+    """The connection of the run's one transaction (begun here)."""
+    conn = database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
+    with db.wrap_errors("starting the transaction"):
+        conn.execute(db.query("sync_odata", "long_transaction"))
+    return conn
 
 
 def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:

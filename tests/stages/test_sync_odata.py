@@ -263,6 +263,18 @@ def test_a_sync_whose_database_session_dies_fails_and_writes_nothing(
     assert set(backups.list("datasets/")) == objects
 
 
+def test_a_slow_source_outlasts_an_idle_in_transaction_timeout(
+        database_url: str, server: ODataServer, backups: BackupStore) -> None:
+    """The sync's transaction idles while the OData server prepares each page; a server's or
+    role's idle_in_transaction_session_timeout must not end it mid-sync."""
+    url = psycopg.conninfo.make_conninfo(
+        database_url, options="-c idle_in_transaction_session_timeout=100")
+    server.add_fault(delay(0.3), entity_set="Routes", times=None)
+    with client_for(server) as client:
+        rec = run(url, lambda ctx: sync_odata(Database(url), client, backups, ctx))
+    assert rec.status == "success", rec.error
+
+
 def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     """The sync_* functions of sql/015: what each kind of column accepts, and as what (the
     text json_to_recordset read; a key's or text's JSON type comes with it when suspect)."""
