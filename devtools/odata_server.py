@@ -1215,7 +1215,11 @@ def _field_sort_key(name: str) -> Callable[[Row], tuple[bool, Any]]:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only a \u escape can carry it
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def _quote(value: str) -> str:

@@ -42,7 +42,7 @@ from psycopg.types.json import Jsonb
 
 from .. import db
 from ..adapters.backups import BackupStore
-from ..adapters.odata import ODataClient
+from ..adapters.odata import ODataClient, Page
 from ..adapters.odata_format import EntityMapping, resolve_mapping
 from ..errors import BackupError, DatabaseError, NothingToDo, SourceError, ValidationError
 from ..modes import describe_unknown, speed_table, unknown_modes
@@ -257,6 +257,8 @@ class _Loader:
                         self.ctx.check_stop()
                         if page.number == 1 and page.count is not None:
                             bar.set_total(page.count)
+                        if _UNPAIRED.search(page.body):
+                            _refuse_surrogates(m, page)
                         self._spool(st, out, page.body, len(page.rows))
                         bar.advance(len(page.rows))
                         i = len(st.digests) - 1
@@ -439,6 +441,29 @@ def _records(src: gzip.GzipFile) -> Iterator[bytes]:
 # A JSON \u0000 escape (not an escaped backslash before "u0000"): PostgreSQL text cannot hold
 # NUL, so it is sent as \uffff, which the sync_* rules refuse.
 _NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+# A UTF-16 surrogate escape without its other half: JSON text that is no text (RFC 8259 8.2).
+# Pairs (an emoji written as two escapes) are fine.
+_UNPAIRED = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                       rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]")
+
+
+def _refuse_surrogates(m: EntityMapping, page: Page) -> None:
+    """SourceError naming the row and field whose value holds a lone surrogate (Python's
+    parser keeps it as a code point); PostgreSQL refuses such a string only as a database
+    error naming nothing."""
+    for row in page.rows:
+        for field_name in _select(m):
+            v = row.get(field_name)
+            bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None) \
+                if isinstance(v, str) else None
+            if bad is not None:
+                key = str(row.get(m.key_field)).encode("utf-8", "backslashreplace").decode()
+                raise SourceError(
+                    f"OData {m.entity_set} page {page.number}: {m.entity_set}[{m.key_field}="
+                    f"{key}] {field_name}: a lone UTF-16 surrogate (\\u{ord(bad):04x}) is "
+                    "not text; nothing was written")
 
 
 def _page_text(body: bytes, entity_set: str) -> str:

@@ -275,6 +275,22 @@ def test_a_slow_source_outlasts_an_idle_in_transaction_timeout(
     assert rec.status == "success", rec.error
 
 
+def test_a_lone_surrogate_is_named_and_nothing_is_written(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """A string escape \\ud800 without its other half is no text: the run names the set, row
+    and field (PostgreSQL alone would refuse the page naming nothing). A pair is an emoji."""
+    sync()
+    before = snapshot(conn)
+    server.update_row("Stops", 7, name="\U0001F689 ok")  # sent as UTF-8, read as one char
+    server.update_row("Routes", 9, mode="bus\ud800")
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error is not None and "Routes[ID=" in rec.error and "] mode: a lone UTF-16" \
+        " surrogate (\\ud800)" in rec.error, rec.error
+    assert snapshot(conn) == before
+
+
 def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     """The sync_* functions of sql/015: what each kind of column accepts, and as what (the
     text json_to_recordset read; a key's or text's JSON type comes with it when suspect)."""
