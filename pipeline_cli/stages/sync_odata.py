@@ -392,6 +392,30 @@ class _Loader:
 
     # ---------------------------------------------------------------- diff and apply
 
+    def load(self, problems: Problems, *, reject: bool
+             ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Check the stage, then apply it: its row counts (and ``rejected``), and what
+        changed. ValidationError, nothing applied, if a problem is left (``reject`` false) or
+        no stop is. A clean strict run leaves duplicate keys and dangling references to the
+        apply, which has PostgreSQL verify them; only if that fails are they looked for, to
+        name them all."""
+        self.check(problems, reject=reject)
+        if reject or problems.total:
+            self.check_keys(problems, reject=reject)
+        counts = self.counts()
+        if counts["stops"] == 0:
+            m = self.sets["stops"].mapping
+            problems.add(Problem(m.entity_set, m.key_field, None, "-", "empty",
+                                 "no valid stops in the feed; refusing to empty the read model"))
+        if counts["stops"] == 0 or (problems.total and not reject):
+            raise _invalid(problems, self)
+        counts["rejected"] = sum(problems.rejected.values())
+        diff = self.apply(counts)
+        if diff is None:  # a duplicate key or a dangling reference: name them
+            self.check_keys(problems, reject=False)
+            raise _invalid(problems, self)
+        return counts, diff
+
     def apply(self, staged: Mapping[str, int]) -> dict[str, dict[str, int]] | None:
         """Write the staged dataset into the read model: what changed, per entity.
 
@@ -711,31 +735,14 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 if skip_invalid:
                     problems.reject_file = files.enter_context(
                         rejects.open("w", encoding="utf-8"))
-                loader.check(problems, reject=skip_invalid)
-                # A clean strict run leaves the keys to the apply, which has PostgreSQL
-                # verify them; a report names them all.
-                if skip_invalid or problems.total:
-                    loader.check_keys(problems, reject=skip_invalid)
+                counts, diff = loader.load(problems, reject=skip_invalid)
             problems.reject_file = None
-            counts: dict[str, int] = loader.counts()
-            if counts["stops"] == 0:
-                problems.add(Problem(mappings["stops"].entity_set, mappings["stops"].key_field,
-                                     None, "-", "empty", "no valid stops in the feed; "
-                                     "refusing to empty the read model"))
-            if counts["stops"] == 0 or (problems.total and not skip_invalid):
-                raise _invalid(problems, loader)
-            rejected = sum(problems.rejected.values())
-            counts["rejected"] = rejected
+            rejected = counts["rejected"]
             reject_extra: dict[str, Any] = {}
             if rejected:
                 reject_extra = {"rejects": [str(p) for p in problems.first],
                                 "rejected_by_set": dict(problems.rejected)}
                 ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
-            applied = loader.apply(counts)
-            if applied is None:  # a duplicate key or a dangling reference: name them
-                loader.check_keys(problems, reject=False)
-                raise _invalid(problems, loader)
-            diff = applied
             if active is not None and not force and not any(
                     n for d in diff.values() for n in d.values()):
                 # the same rows: rolled back
@@ -815,20 +822,15 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                 hash_, set_hashes = row["hash"], row["set_hashes"]
             with db.wrap_errors("staging the backup"), conn.pipeline():
                 loader.stage()
-            problems = Problems()
-            loader.check(problems, reject=bool(row["counts"].get("rejected")))
-            loader.check_keys(problems, reject=bool(row["counts"].get("rejected")))
-            counts: dict[str, int] = loader.counts() | {
-                "rejected": sum(problems.rejected.values())}
+            try:  # rejects again the rows the version rejected
+                counts, diff = loader.load(Problems(),
+                                           reject=bool(row["counts"].get("rejected")))
+            except ValidationError as exc:
+                raise BackupError(f"backup {prefix} does not give {version}: {exc}") from None
             wrong = [e for e in ENTITIES if counts[e] != row["counts"].get(e)]
-            if wrong or (problems.total and not problems.rejected):
-                why = (f"the row counts of {', '.join(wrong)} differ" if wrong
-                       else problems.summary())
-                raise BackupError(f"backup {prefix} does not give {version}: {why}")
-            diff = loader.apply(counts)
-            if diff is None:
-                raise BackupError(f"backup {prefix} does not give {version}: the read "
-                                  "model's keys refuse it")
+            if wrong:  # still uncommitted: the connection closes without a commit
+                raise BackupError(f"backup {prefix} does not give {version}: the row counts "
+                                  f"of {', '.join(wrong)} differ")
             new_version, _, _ = write_version(conn, loader, backups, ctx, _Version(
                 counts=counts, source="restore", restored_from=version,
                 hashes=(hash_, set_hashes),
