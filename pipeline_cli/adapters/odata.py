@@ -237,19 +237,18 @@ class ODataClient:
         if self.count:
             options.append(("$count", "true") if self.protocol == "v4"
                            else ("$inlinecount", "allpages"))
+        return self._url(entity_set, options)
+
+    def _url(self, entity_set: str, options: list[tuple[str, str]]) -> str:
         if self.protocol == "v2":
-            options.append(("$format", "json"))
+            options = [*options, ("$format", "json")]
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
     def probe(self, entity_set: str, *, filter: str | None = None) -> int:
         """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
-        options = [("$top", "1")] + ([("$filter", filter)] if filter else [])
-        if self.protocol == "v2":
-            options.append(("$format", "json"))
-        query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
-        doc = self._get_json(f"{self.service_url}{quote(entity_set)}?{query}",
-                             f"{entity_set} $top=1")
+        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else []))
+        doc = self._get_json(url, f"{entity_set} $top=1")
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set)
         return len(rows)
 
