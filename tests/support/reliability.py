@@ -989,7 +989,7 @@ def kill_trials(sb: Sandbox, server: ForkServer, stage: str, trials: int, *, see
     ``crashed``, and that the next run exits 0 (and the invariants hold again).
 
     ``window`` is the span after the "started" line the kill moment is drawn from (default:
-    1.1 x the shorter of two measured uninterrupted runs, so some kills land after the end:
+    1.1 x the shortest of three measured uninterrupted runs, so some kills land after the end:
     those trials count as ``finished_first``).
     """
     report = KillReport(stage)
@@ -1001,7 +1001,10 @@ def kill_trials(sb: Sandbox, server: ForkServer, stage: str, trials: int, *, see
             return report
     if window is None:
         durations = []
-        for warmup in (-2, -1):  # the run's own recorded duration, "started" to result
+        # The run's own recorded duration, "started" to result. Three runs: the first ones
+        # of a fresh sandbox can be slow (cold caches), and a window set by them let half of
+        # the kills of a 60 ms sync land after its end.
+        for warmup in (-3, -2, -1):
             _make_work(sb, stage, warmup)
             timed = server.run([*command, "--json"], sb.env)
             if timed.exit_code != 0:
