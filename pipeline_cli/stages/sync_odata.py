@@ -477,8 +477,9 @@ def _refuse_surrogates(m: EntityMapping, page: Page) -> None:
     """SourceError naming the row and field whose value holds a lone surrogate (Python's
     parser joins a pair into one character and keeps a lone half as a code point);
     PostgreSQL refuses such a string only as a database error naming nothing."""
+    fields = _select(m)
     for row in page.rows:
-        for field_name in _select(m):
+        for field_name in fields:
             v = row.get(field_name)
             bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None) \
                 if isinstance(v, str) else None
