@@ -163,6 +163,16 @@ def cancel_statements(timeout: float = 5.0) -> int:
     return cancelled
 
 
+def long_transaction(conn: psycopg.Connection[Any]) -> None:
+    """Let the open transaction idle as long as it must: for a stage whose one transaction
+    waits on another system between its statements (an OData server's pages, S3 uploads), a
+    server's or role's ``idle_in_transaction_session_timeout`` must not end it and fail the
+    run. Transaction-local (``SET LOCAL``), so pooler-safe; the runner's hard limit per stage
+    bounds the run instead. (The runner's lock transaction does the same in ``try_lock``.)"""
+    with wrap_errors("starting the transaction"):
+        conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

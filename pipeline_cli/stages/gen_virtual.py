@@ -584,6 +584,7 @@ def write_generation(database: db.Database, backups: BackupStore, s: VirtualSett
             f"pipeline gen-virtual {ctx.run_id[:8]}")))
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gen-virtual-"))
         with db.wrap_errors("writing the virtual generation"), conn.transaction():
+            db.long_transaction(conn)  # it waits for the S3 uploads before COMMIT
             row = conn.execute(db.query("gen_virtual", "lock_dataset"),
                                {"version": version}).fetchone()
             if row is None or not row["active"]:

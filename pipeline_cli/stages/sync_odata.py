@@ -626,8 +626,7 @@ def _diff_text(diff: dict[str, dict[str, int]]) -> str:
 def _connect(database: db.Database, ctx: RunContext) -> psycopg.Connection[Any]:
     """The connection of the run's one transaction (begun here)."""
     conn = database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
-    with db.wrap_errors("starting the transaction"):
-        conn.execute(db.query("sync_odata", "long_transaction"))
+    db.long_transaction(conn)  # it waits on the OData server between pages
     return conn
 
 

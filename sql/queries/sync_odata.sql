@@ -127,12 +127,6 @@ SET CONSTRAINTS ALL IMMEDIATE;
 -- name: count_rows
 SELECT count(*) AS n FROM {target};
 
--- name: long_transaction
--- A sync is one transaction, and it waits on the OData server between pages (minutes, for a
--- slow one): a server or role setting of idle_in_transaction_session_timeout must not end
--- it. The runner's hard limit ([runner] timeout_sync_odata) bounds the run instead.
-SELECT set_config('idle_in_transaction_session_timeout', '0', true);
-
 -- name: active_dataset
 SELECT version, seq, hash, set_hashes, counts, created_at, feed_digests, stats
 FROM datasets

@@ -20,6 +20,7 @@ from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import VirtualSettings
 from pipeline_cli.stages import gen_virtual
 from pipeline_cli.stages.gen_virtual import generate, status_section
+from tests.support.proxy import TcpProxy
 
 Conn = psycopg.Connection[dict[str, Any]]
 Stop = tuple[str, float, float, bool, str | None]
@@ -333,6 +334,24 @@ def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
     assert rec.status == "failed" and rec.exit_code == 1
     assert rec.error is not None and "rolled back" in rec.error
     assert table_rows(conn) == before
+    assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
+
+
+def test_a_slow_s3_outlasts_an_idle_in_transaction_timeout(
+        database_url: str, conn: Conn, s3: S3Endpoint, s3_bucket: str) -> None:
+    """The generation's transaction waits for the S3 uploads before its COMMIT; a server's or
+    role's idle_in_transaction_session_timeout must not end it and fail the run."""
+    add_dataset(conn, helsinki_stops())
+    url = psycopg.conninfo.make_conninfo(
+        database_url, options="-c idle_in_transaction_session_timeout=100")
+    host, port = s3.endpoint.rsplit(":", 1)
+    with TcpProxy(host, int(port), delay=0.3) as slow:
+        store = BackupStore.connect(f"{slow.address[0]}:{slow.port}", s3.access_key,
+                                    s3.secret_key, s3_bucket, secure=s3.secure,
+                                    region=s3.region)
+        rec = StageRunner(Database(url)).run("gen-virtual", lambda ctx: generate(
+            Database(url), store, VirtualSettings(city_min_stops=10), ctx))
+    assert rec.status == "success", rec.error
     assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
 
 

@@ -13,6 +13,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -123,15 +124,16 @@ class _TcpHandler(socketserver.BaseRequestHandler):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 proxy._switch.admit(upstream)
                 try:
-                    _pump(client, upstream)
+                    _pump(client, upstream, proxy.delay)
                 finally:
                     proxy._switch.release(upstream)
         finally:
             proxy._switch.release(client)
 
 
-def _pump(a: socket.socket, b: socket.socket) -> None:
-    """Copy bytes both ways until either side closes or errors."""
+def _pump(a: socket.socket, b: socket.socket, delay: float = 0.0) -> None:
+    """Copy bytes both ways until either side closes or errors; what ``a`` sends waits
+    ``delay`` seconds a read first."""
     peer = {a: b, b: a}
     with selectors.DefaultSelector() as sel:
         sel.register(a, selectors.EVENT_READ)
@@ -143,6 +145,8 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if delay and src is a:
+                        time.sleep(delay)
                     peer[src].sendall(data)
                 except OSError:
                     return
@@ -152,12 +156,14 @@ class TcpProxy:
     """Threaded TCP forwarder on ``127.0.0.1:<port>`` to ``target_host:target_port``.
 
     ``block()`` resets every live connection and every new one until ``unblock()``: to a client
-    it looks like the service went down. ``connections`` counts accepted connections.
+    it looks like the service went down. ``connections`` counts accepted connections. With
+    ``delay`` each read from a client waits that many seconds before it goes on: a slow link.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, delay: float = 0.0) -> None:
         self.target_host = target_host
         self.target_port = target_port
+        self.delay = delay
         self.connections = 0
         self._lock = threading.Lock()
         self._switch = _Switch()
