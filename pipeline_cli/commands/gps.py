@@ -20,7 +20,8 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
 @click.option("--format", "fmt", type=click.Choice(["csv", "gpx", "geojson"]), default=None,
               help="File format; by default from the suffix (.csv, .gpx, .geojson/.json).")
 @click.option("--device", "device_id", default=None, metavar="ID",
-              help="Device id for GPX/GeoJSON points that do not name one.")
+              help="Device id for points that do not name one (GPX, GeoJSON, a CSV file "
+                   "without a device column).")
 @click.option("--strict", is_flag=True,
               help="Reject everything if any row is invalid (default: report and skip).")
 @json_option

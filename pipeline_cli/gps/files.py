@@ -9,6 +9,7 @@ the line they came from. The fields are checked by PostgreSQL, with the same che
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import xml.parsers.expat
@@ -103,27 +104,54 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 # ---------------------------------------------------------------- CSV
 
 _ALIASES = {
-    "device_id": ("device_id", "device", "deviceid"),
-    "recorded_at": ("recorded_at", "time", "timestamp"),
+    "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
+                  "unit_id", "imei"),
+    "recorded_at": ("recorded_at", "time", "timestamp", "datetime", "date_time", "time_utc",
+                    "timestamp_utc", "gps_time"),
     "latitude": ("latitude", "lat"),
-    "longitude": ("longitude", "lon", "lng"),
+    "longitude": ("longitude", "lon", "lng", "long"),
 }
+CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 
 
-def csv_header(row: list[str]) -> dict[str, int] | None:
-    """The column of each field named by a header row; None when the row is data."""
-    names = [c.strip().lower() for c in row]
-    if not any(n in alias for alias in _ALIASES.values() for n in names):
-        return None
+@dataclass(frozen=True)
+class CsvLayout:
+    delimiter: str
+    columns: dict[str, int]  # field -> column, from 0; no device_id: the file has none
+    header_line: int  # 0: no header
+
+
+def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
+    """How a CSV file is laid out, from its first non-blank line (``first``, at ``line``).
+
+    A header (a cell naming a field, case, spaces and punctuation aside) is split by the
+    delimiter under which most of its cells name one, and must name every field; the device
+    may be missing when ``device_given`` (--device). Otherwise the line is data in the order
+    of CSV_COLUMNS, split by the delimiter it holds most of."""
+    delimiter = max(CSV_DELIMITERS, key=lambda d: len(_named(first, d)))
+    columns = _named(first, delimiter)
+    if not columns:
+        return CsvLayout(max(CSV_DELIMITERS, key=first.count),
+                         {c: i for i, c in enumerate(CSV_COLUMNS)}, 0)
+    missing = [c for c in CSV_COLUMNS
+               if c not in columns and not (c == "device_id" and device_given)]
+    if missing:
+        hint = " (--device names the device of a file without one)" \
+            if "device_id" in missing else ""
+        raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
+    return CsvLayout(delimiter, columns, line)
+
+
+def _named(line: str, delimiter: str) -> dict[str, int]:
+    """The column of each field that a cell of ``line``, split at ``delimiter``, names."""
+    cells = next(csv.reader([line], delimiter=delimiter), [])
+    names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
     found: dict[str, int] = {}
     for column, aliases in _ALIASES.items():
         for i, name in enumerate(names):
             if name in aliases:
                 found[column] = i
                 break
-    missing = [c for c in CSV_COLUMNS if c not in found]
-    if missing:
-        raise GpsFileError(f"line 1: header lacks column(s) {', '.join(missing)}")
     return found
 
 

@@ -10,7 +10,6 @@ once.
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ def ingest_gps(
             ctx.check_stop()
             try:
                 if kind == "csv":
-                    _stage_csv(conn, path, index)
+                    _stage_csv(conn, path, index, device_id)
                 else:
                     _stage_parsed(conn, path, kind, index, device_id)
             except gpsfiles.GpsFileError as exc:
@@ -98,8 +97,10 @@ def ingest_gps(
                        message=message)
 
 
-def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int) -> None:
-    """COPY the raw lines, then let SQL split them by the header's column order."""
+def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
+               device_id: str | None) -> None:
+    """COPY the raw lines, then let SQL split them by the layout of the first line (see
+    ``gpsfiles.csv_layout``); ``device_id`` is the device of a file without a device column."""
     try:
         handle = open(path, "rb")  # noqa: SIM115 (closed below)
     except OSError as exc:
@@ -130,14 +131,15 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int) -> N
     first = conn.execute(db.query("match_gps", "ingest_first_line")).fetchone()
     if first is None:
         return
-    header = next(csv.reader([first["raw"]]))
-    columns = gpsfiles.csv_header(header)
-    skip = first["line"] if columns is not None else 0
-    columns = columns or {c: i for i, c in enumerate(gpsfiles.CSV_COLUMNS)}
+    layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
+    cols, sep = layout.columns, layout.delimiter
+    device_col = cols.get("device_id")
     conn.execute(db.query("match_gps", "ingest_csv_fields"), {
-        "file": index, "skip": skip, "width": max(columns.values()) + 1,
-        "device_col": columns["device_id"] + 1, "time_col": columns["recorded_at"] + 1,
-        "lat_col": columns["latitude"] + 1, "lon_col": columns["longitude"] + 1})
+        "file": index, "skip": layout.header_line, "width": max(cols.values()) + 1,
+        "delimiter": sep, "blank": f"^[\\s{sep}]*$", "decimal_comma": sep != ",",
+        "device": device_id, "device_col": None if device_col is None else device_col + 1,
+        "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,
+        "lon_col": cols["longitude"] + 1})
 
 
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,

@@ -541,15 +541,25 @@ COPY gps_ingest_raw (raw) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x0
 COPY gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
 
 -- name: ingest_first_line
-SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,]*$' ORDER BY line LIMIT 1;
+-- The first line with more than blanks and separators: a header, or the first row.
+SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,;]*$' ORDER BY line LIMIT 1;
 
 -- name: ingest_csv_fields
--- The fields of the CSV lines; gps_csv_fields handles the (rare) lines with quotes. OFFSET 0
--- splits each line once: flattened, every use of f below would split it again.
+-- The fields of the CSV lines, split at %(delimiter)s (a comma, semicolon or tab);
+-- gps_csv_fields handles the (rare) lines with quotes. A file without a device column takes
+-- %(device)s (--device). Where the delimiter is not a comma (a spreadsheet's export where
+-- the comma is the decimal mark), "60,17" is a latitude of 60.17. OFFSET 0 splits each line
+-- once: flattened, every use of f below would split it again.
 INSERT INTO gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem)
 SELECT %(file)s::integer AS file, line, NULL::text AS place,
-       f[%(device_col)s] AS device_id, f[%(time_col)s] AS recorded,
-       f[%(lat_col)s] AS lat, f[%(lon_col)s] AS lon,
+       coalesce(f[%(device_col)s::integer], %(device)s::text) AS device_id,
+       f[%(time_col)s] AS recorded,
+       CASE WHEN %(decimal_comma)s
+            THEN regexp_replace(f[%(lat_col)s], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+            ELSE f[%(lat_col)s] END AS lat,
+       CASE WHEN %(decimal_comma)s
+            THEN regexp_replace(f[%(lon_col)s], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+            ELSE f[%(lon_col)s] END AS lon,
        CASE WHEN f IS NULL
             THEN 'unbalanced quotes (a quoted field must not span lines)'
             WHEN cardinality(f) < %(width)s
@@ -559,11 +569,11 @@ FROM (SELECT line,
              -- An odd number of quotes: a quoted field that goes on past the line end. The
              -- lines are read one by one, so such a row is refused and named, never guessed
              -- at.
-             CASE WHEN strpos(raw, '"') = 0 THEN string_to_array(raw, ',')
+             CASE WHEN strpos(raw, '"') = 0 THEN string_to_array(raw, %(delimiter)s)
                   WHEN (length(raw) - length(replace(raw, '"', ''))) %% 2 = 1 THEN NULL
-                  ELSE gps_csv_fields(raw) END AS f
+                  ELSE gps_csv_fields(raw, %(delimiter)s) END AS f
       FROM gps_ingest_raw
-      WHERE raw !~ '^[\s,]*$' AND line > %(skip)s
+      WHERE raw !~ %(blank)s AND line > %(skip)s
       OFFSET 0) r;
 
 -- name: ingest_next_file

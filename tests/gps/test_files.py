@@ -109,9 +109,22 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     assert gpsfiles.detect_format(path, "csv") == "csv"
 
 
-def test_csv_header_names_columns_in_any_order() -> None:
-    assert gpsfiles.csv_header(["lat", "lon", "time", "device"]) == {
-        "latitude": 0, "longitude": 1, "recorded_at": 2, "device_id": 3}
-    assert gpsfiles.csv_header(["d", "1714550400", "60.1", "24.9"]) is None
-    with pytest.raises(GpsFileError, match="longitude"):
-        gpsfiles.csv_header(["device_id", "recorded_at", "latitude"])
+def test_csv_layout_from_the_first_line() -> None:
+    """A header names the columns in any order (names compared without case, spaces or
+    punctuation) and picks the delimiter; data lines take the delimiter they hold most of."""
+    layout = gpsfiles.csv_layout("lat,lon,time,device", 1)
+    assert layout == gpsfiles.CsvLayout(",", {"latitude": 0, "longitude": 1,
+                                              "recorded_at": 2, "device_id": 3}, 1)
+    assert gpsfiles.csv_layout("Device ID;Timestamp (UTC);Lat.;Lon.", 3).delimiter == ";"
+    assert gpsfiles.csv_layout("Device ID;Time UTC;Lat.;Lon.", 3).columns == {
+        "device_id": 0, "recorded_at": 1, "latitude": 2, "longitude": 3}
+    assert gpsfiles.csv_layout("vehicle\tgps_time\tlatitude\tlong", 1).delimiter == "\t"
+    data = gpsfiles.csv_layout("d,1714550400,60.1,24.9", 1)
+    assert data.header_line == 0 and data.delimiter == ","
+    assert data.columns == {c: i for i, c in enumerate(gpsfiles.CSV_COLUMNS)}
+    assert gpsfiles.csv_layout("d;1714550400;60,1;24,9", 1).delimiter == ";"
+    with pytest.raises(GpsFileError, match="line 2: header lacks column.s. longitude"):
+        gpsfiles.csv_layout("device_id,recorded_at,latitude", 2)
+    with pytest.raises(GpsFileError, match="device_id .--device"):
+        gpsfiles.csv_layout("time,lat,lon", 1)
+    assert "device_id" not in gpsfiles.csv_layout("time,lat,lon", 1, device_given=True).columns

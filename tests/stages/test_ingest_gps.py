@@ -171,6 +171,28 @@ def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database
     assert [(r[0], r[2]) for r in stored(conn)] == [("d", 60.1), ("e", 60.2)]
 
 
+def test_csv_from_a_spreadsheet_semicolons_tabs_decimal_commas_and_device(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    """Semicolon- and tab-separated files, as spreadsheets export them where the comma is the
+    decimal mark; a file of one device without a device column takes --device."""
+    semi = tmp_path / "semi.csv"
+    semi.write_text("Device ID;Timestamp;Lat;Lon\n"
+                    "d;2024-05-01T08:00:00Z;60,17;24,94\n"
+                    '"e;2";2024-05-01T08:00:00Z;-33,5;-70.25\n'
+                    "d;2024-05-01T08:00:01Z;60,1,7;24,94\n"
+                    ";;;\n")
+    tabs = tmp_path / "tabs.csv"
+    tabs.write_text("time\tlat\tlon\n2024-05-01T08:00:02Z\t60.5\t24,5\n")
+    record = ingest(database_url, [semi, tabs], device_id="tracker")
+    assert record.counts["rows_loaded"] == 3 and record.counts["invalid_rows"] == 1
+    assert record.extra["problems"] == [f"{semi}:4: latitude '60,1,7' is not a number"]
+    assert [(r[0], r[2], r[3]) for r in stored(conn)] == [
+        ("d", 60.17, 24.94), ("e;2", -33.5, -70.25), ("tracker", 60.5, 24.5)]
+    no_device = ingest(database_url, [tabs])
+    assert no_device.status == "failed" and no_device.error is not None
+    assert "header lacks column(s) device_id (--device" in no_device.error
+
+
 def test_csv_invalid_rows_name_their_lines(tmp_path: Path, database_url: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(HEADER + "d,2024-05-01T08:00:00Z,NaN,24.9\n"
