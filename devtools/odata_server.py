@@ -456,7 +456,8 @@ class ODataServer:
     strings), ``v2_date_offset`` (V2 dates as ``/Date(ms+0000)/`` instead of ``/Date(ms)/``),
     ``v2_metadata`` (V2 ``__metadata`` per entity, default on), ``ieee754_compatible`` (V4:
     Int64/Decimal/Double as strings; also applied when the client's Accept asks for
-    ``IEEE754Compatible=true``).
+    ``IEEE754Compatible=true``), ``unprefixed_annotations`` (V4: ``@context``, ``@count`` and
+    ``@nextLink`` without ``odata.``, as OData 4.01 services may write them).
 
     ``next_link_base`` makes absolute nextLinks start with another service root than
     :attr:`url`, as a service behind a reverse proxy names its internal host
@@ -483,6 +484,7 @@ class ODataServer:
         v2_date_offset: bool = False,
         v2_metadata: bool = True,
         ieee754_compatible: bool = False,
+        unprefixed_annotations: bool = False,
         max_recorded_requests: int = 10_000,
         verbose: bool = False,
     ) -> None:
@@ -507,6 +509,7 @@ class ODataServer:
         self.v2_date_offset = v2_date_offset
         self.v2_metadata = v2_metadata
         self.ieee754_compatible = ieee754_compatible
+        self.annotation = "@" if unprefixed_annotations else "@odata."
         self.verbose = verbose
         self.errors: list[str] = []  # tracebacks of internal errors (answered with 500)
         self._port = port
@@ -1127,12 +1130,13 @@ class ODataServer:
             context = f"{self.url}$metadata#{name}"
             if opts.select:
                 context += f"({','.join(opts.select)})"
-            parts = [b'{"@odata.context":', _dumps(context)]
+            a = self.annotation.encode()
+            parts = [b'{"' + a + b'context":', _dumps(context)]
             if opts.count:
-                parts += [b',"@odata.count":', _dumps(str(total) if ieee754 else total)]
+                parts += [b',"' + a + b'count":', _dumps(str(total) if ieee754 else total)]
             parts += [b',"value":', rows_json]
             if next_url is not None:
-                parts += [b',"@odata.nextLink":', _dumps(next_url)]
+                parts += [b',"' + a + b'nextLink":', _dumps(next_url)]
             parts.append(b"}")
         else:
             parts = [b'{"d":{']

@@ -104,12 +104,24 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
 # ------------------------------------------------------------------------------ pages
 
 
+_NEXT_LINKS = ("@odata.nextLink", "odata.nextLink", "@nextLink")
+_COUNTS = ("@odata.count", "odata.count", "@count")
+
+
 def unwrap_page(doc: Any, version: str, what: str
                 ) -> tuple[list[dict[str, Any]], str | None, int | None]:
     """(rows, nextLink, count) of a collection page; SourceError for a wrong shape."""
     if version == "v4":
-        rows, link = doc.get("value"), doc.get("@odata.nextLink", doc.get("odata.nextLink"))
-        count = doc.get("@odata.count", doc.get("odata.count"))
+        # OData 4.0 names them @odata.nextLink (odata.nextLink in its first JSON drafts);
+        # 4.01 services may drop the prefix. Another spelling would end the feed at this
+        # page and delete the rest of the read model: it is refused instead.
+        rows = doc.get("value")
+        link = next((doc[k] for k in _NEXT_LINKS if k in doc), None)
+        count = next((doc[k] for k in _COUNTS if k in doc), None)
+        if link is None and any(k.lower().endswith("nextlink") for k in doc):
+            odd = next(k for k in doc if k.lower().endswith("nextlink"))
+            raise SourceError(f"OData {what}: a paging link named {odd!r} is not an OData "
+                              "nextLink; refusing to read the set as this page alone")
     else:
         d = doc["d"]
         if isinstance(d, list):

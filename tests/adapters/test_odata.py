@@ -21,7 +21,7 @@ from devtools.odata_server import (
     wrong_shape,
 )
 from pipeline_cli.adapters.odata import ODataClient, error_line
-from pipeline_cli.adapters.odata_format import resolve_mapping
+from pipeline_cli.adapters.odata_format import resolve_mapping, unwrap_page
 from pipeline_cli.errors import ConfigError, SourceError, endpoint
 from tests.support.proxy import CountingHttpProxy
 
@@ -57,6 +57,19 @@ def test_follows_server_paging(version: str, next_link: str) -> None:
         targets = [r.target for r in srv.requests if r.entity_set == "Routes"]
         assert "$orderby=ID" in targets[0]
         assert all("$skiptoken=" in t for t in targets[1:])  # only the server's links
+
+
+def test_unprefixed_annotations_of_odata_401_page_on() -> None:
+    with ODataServer(DATA, page_size=7, unprefixed_annotations=True) as srv, client(srv) as c:
+        pages = list(c.pages("Routes", orderby="ID"))
+    assert [r["ID"] for p in pages for r in p.rows] == list(range(1, 81))
+    assert pages[0].count == 80
+
+
+def test_a_paging_link_of_another_name_is_refused_not_taken_for_the_end() -> None:
+    with pytest.raises(SourceError, match="'@odata.nextlink' is not an OData nextLink"):
+        unwrap_page({"value": [{"ID": 1}], "@odata.nextlink": "Stops?$skiptoken=1"}, "v4",
+                    "Stops page 1")
 
 
 def test_empty_last_page_is_normal() -> None:
