@@ -4,8 +4,8 @@ All files of one run load in one transaction. A CSV file goes to PostgreSQL as i
 COPY of its raw lines, and SQL splits, checks and casts the fields; GPX and GeoJSON are read
 in Python and their fields COPYed, as text, to the same checks. Invalid rows are reported
 with file and line and skipped; with ``strict`` any invalid row, and without it any
-unreadable file, rejects the run with nothing loaded. The same device and time is stored
-once.
+unreadable file or any file without one valid row, rejects the run with nothing loaded. The
+same device and time is stored once.
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ def ingest_gps(
                          stats["invalid"])
         valid = sum(s["read"] for s in per_file.values())
         invalid = sum(s["invalid"] for s in per_file.values())
+        for name, stats in per_file.items():
+            if stats["invalid"] and not stats["read"]:
+                # Not one good row: the file is not what its format says (another layout,
+                # another separator), not a file with a few bad rows to skip.
+                first = next((p for p in problems if p.startswith(f"{name}:")), None)
+                raise ValidationError(
+                    f"{name}: none of its {stats['invalid']} row(s) is valid"
+                    + (f" (first: line {first.removeprefix(name + ':')})" if first else "")
+                    + "; nothing loaded", problems=problems, partial=StageResult(
+                        counts={"files": len(files), "rows_read": valid,
+                                "invalid_rows": invalid, "rows_loaded": 0},
+                        extra={"problems": problems}))
         if strict and invalid:
             raise ValidationError(
                 f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}",

@@ -193,6 +193,21 @@ def test_csv_from_a_spreadsheet_semicolons_tabs_decimal_commas_and_device(
     assert "header lacks column(s) device_id (--device" in no_device.error
 
 
+def test_a_file_without_one_valid_row_rejects_the_run(tmp_path: Path, database_url: str,
+                                                      conn: psycopg.Connection[Any]) -> None:
+    """Not one good row: another layout, not a few bad rows to skip (a cron run under -q would
+    otherwise succeed silently having loaded nothing)."""
+    good = tmp_path / "good.csv"
+    good.write_text(HEADER + "d,2024-05-01T08:00:00Z,60.1,24.9\n")
+    piped = tmp_path / "piped.csv"
+    piped.write_text("d|2024-05-01T08:00:00Z|60.1|24.9\nd|2024-05-01T08:00:01Z|60.1|24.9\n")
+    record = ingest(database_url, [good, piped])
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.error == (f"{piped}: none of its 2 row(s) is valid (first: line 1: expected "
+                            "4 fields, got 1); nothing loaded")
+    assert count(conn) == 0
+
+
 def test_csv_invalid_rows_name_their_lines(tmp_path: Path, database_url: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(HEADER + "d,2024-05-01T08:00:00Z,NaN,24.9\n"
