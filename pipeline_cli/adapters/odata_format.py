@@ -51,7 +51,12 @@ class EntityMapping:
         return {"set": self.entity_set, "fields": dict(self.fields), "filter": self.filter}
 
 
-_NAME_RE = re.compile(r"^[A-Za-z_][\w.]*$")
+# An OData name: a letter of any script or "_", then letters, digits or "_" (CSDL's
+# SimpleIdentifier; 1C:Enterprise services name sets and fields in Cyrillic); "." for a
+# qualified name.
+_NAME_RE = re.compile(r"^[^\W\d][\w.]*$")
+# PostgreSQL reads a field by its name and cuts names at 63 bytes (NAMEDATALEN - 1).
+_NAME_BYTES = 63
 
 
 def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
@@ -94,6 +99,9 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
                           f"{', '.join(default_fields)})")
             if not isinstance(name, str) or (name and not _NAME_RE.match(name)):
                 raise bad(f".{entity}.fields", f"{column} must be a field name, got {name!r}")
+            if len(name.encode()) > _NAME_BYTES:
+                raise bad(f".{entity}.fields", f"{column}: a field name longer than "
+                          f"{_NAME_BYTES} bytes cannot be read, got {name!r}")
             if not name and column not in OPTIONAL_COLUMNS:
                 raise bad(f".{entity}.fields", f"{column} is required and cannot be \"\"")
             fields[column] = name

@@ -270,10 +270,13 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
     assert m["stops"].entity_set == "Ostanovki" and m["stops"].key_field == "Ref_Key"
     assert m["stops"].fields["latitude"] == "latitude" and m["stops"].fields["city"] == ""
     assert m["routes"].entity_set == "Routes"
+    assert resolve_mapping({"stops": {"set": "Остановки", "fields": {"name": "Д" * 31}}}
+                           )["stops"].entity_set == "Остановки"
     bad: list[dict[str, Any]] = [
         {"buses": {}}, {"stops": {"sets": "X"}}, {"stops": {"fields": {"lat": "L"}}},
         {"stops": {"fields": {"latitude": ""}}}, {"stops": {"set": "bad name"}},
-        {"flights": {"filter": ""}},
+        {"flights": {"filter": ""}}, {"stops": {"set": "1Stops"}},
+        {"stops": {"fields": {"name": "Д" * 32}}},  # 64 bytes: PostgreSQL would cut it
     ]
     for raw in bad:
         with pytest.raises(ConfigError, match=r"\[odata.mapping"):

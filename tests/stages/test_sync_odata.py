@@ -587,6 +587,26 @@ def test_mapping_renames_sets_and_fields_and_filters(
     assert row["name"] == data["Stops"][0]["name"]
 
 
+def test_mapping_takes_names_in_any_script(
+        database_url: str, backups: BackupStore, conn: psycopg.Connection[Any]) -> None:
+    """A 1C:Enterprise service names its sets and fields in Cyrillic."""
+    data = sample_network(30)
+    stops = [{"Ref_Key": s["ID"], "Наименование": s["name"], "Широта": s["latitude"],
+              "Долгота": s["longitude"]} for s in data["Stops"]]
+    mapping = {"stops": {"set": "Catalog_Остановки",
+                         "fields": {"id": "Ref_Key", "name": "Наименование", "latitude": "Широта",
+                                    "longitude": "Долгота", "is_airport": "", "city": ""}}}
+    with ODataServer({"Catalog_Остановки": stops, "Routes": data["Routes"],
+                      "Flights": data["Flights"]}, keys={"Catalog_Остановки": "Ref_Key"},
+                     page_size=8) as srv, client_for(srv) as client:
+        rec = run(database_url, lambda ctx: sync_odata(Database(database_url), client, backups, ctx,
+                                                       mapping=mapping))
+    assert rec.status == "success", rec.error
+    row = conn.execute("SELECT * FROM stops WHERE id = '1'").fetchone()
+    assert row is not None and row["name"] == data["Stops"][0]["name"]
+    assert row["latitude"] == data["Stops"][0]["latitude"]
+
+
 def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
     assert status_section(conn)["active"] is None
     sync()
