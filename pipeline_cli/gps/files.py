@@ -10,9 +10,12 @@ the line they came from. The fields are checked by PostgreSQL, with the same che
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import re
 import xml.parsers.expat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +57,43 @@ Item = GpsRow | RowProblem
 
 
 def detect_format(path: str | Path, fmt: str | None = None) -> str:
+    """The format named by ``fmt``, else by the file's suffix (before a ``.gz``)."""
     if fmt:
         if fmt not in FORMATS:
             raise GpsFileError(f"unknown format {fmt!r} (expected {', '.join(FORMATS)})")
         return fmt
-    suffix = Path(path).suffix.lower()
+    name = Path(path).name.lower()
+    suffix = Path(name.removesuffix(".gz")).suffix
     try:
         return _SUFFIXES[suffix]
     except KeyError:
         raise GpsFileError(
             f"cannot tell the format from the name {Path(path).name!r}; use --format"
         ) from None
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# What reading a damaged gzip file raises.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def open_binary(path: str | Path) -> io.BufferedIOBase:
+    """The file for reading, decompressed as it is read if it is gzip (told by its first
+    bytes, whatever its name)."""
+    try:
+        with open(path, "rb") as probe:
+            gzipped = probe.read(2) == _GZIP_MAGIC
+        return gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+
+
+def _read_all(path: str | Path) -> bytes:
+    with open_binary(path) as handle:
+        try:
+            return handle.read()
+        except READ_ERRORS as exc:
+            raise GpsFileError(f"cannot read: {exc}") from None
 
 
 def read(path: str | Path, fmt: str | None = None, device_id: str | None = None
@@ -161,10 +190,7 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
 def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
     ``<trk><name>``, else the file name without its suffix."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+    data = _read_all(path)
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
@@ -293,9 +319,7 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     else the file name without its suffix.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise GpsFileError(f"cannot read: {exc.strerror}") from None
+        text = _read_all(path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise GpsFileError("not UTF-8 text") from None
     try:

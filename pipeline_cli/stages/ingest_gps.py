@@ -113,11 +113,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                device_id: str | None) -> None:
     """COPY the raw lines, then let SQL split them by the layout of the first line (see
     ``gpsfiles.csv_layout``); ``device_id`` is the device of a file without a device column."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise gpsfiles.GpsFileError(f"cannot read: {exc.strerror}") from None
-    with handle:
+    with gpsfiles.open_binary(path) as handle:
         try:
             with conn.transaction(), conn.cursor() as cur, \
                     cur.copy(db.query("match_gps", "ingest_copy_raw")) as cp:
@@ -140,6 +136,8 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             reason = "not UTF-8 text" if isinstance(
                 exc, psycopg.errors.CharacterNotInRepertoire) else exc.diag.message_primary
             raise gpsfiles.GpsFileError(f"{line}{reason}") from None
+        except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
+            raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None
     first = conn.execute(db.query("match_gps", "ingest_first_line")).fetchone()
     if first is None:
         return

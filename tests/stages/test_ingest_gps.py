@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,26 @@ def test_gpx_and_geojson(tmp_path: Path, database_url: str,
     devices = {r["device_id"]: r["n"] for r in conn.execute(
         "SELECT device_id, count(*) AS n FROM gps_points GROUP BY device_id")}
     assert devices == {"van": 2, "tram": 2}
+
+
+def test_gzipped_files_are_read_as_they_are(tmp_path: Path, database_url: str,
+                                            conn: psycopg.Connection[Any]) -> None:
+    """Trackers and portals export .gz: any file that is gzip is decompressed as it is read
+    (told by its first bytes), and its format is the suffix before .gz."""
+    csv_gz = tmp_path / "points.csv.gz"
+    csv_gz.write_bytes(gzip.compress((HEADER + "".join(
+        f"d,2024-05-01T08:00:{s:02d}Z,60.1,24.9\r\n" for s in range(50))).encode()))
+    gpx_gz = tmp_path / "ride.gpx.gz"
+    gpx_gz.write_bytes(gzip.compress(b"""<gpx><trk><name>van</name><trkseg>
+<trkpt lat="60.17" lon="24.94"><time>2024-05-01T08:00:00Z</time></trkpt></trkseg></trk></gpx>"""))
+    record = ingest(database_url, [csv_gz, gpx_gz])
+    assert record.counts["rows_loaded"] == 51, record.error
+    damaged = tmp_path / "damaged.csv.gz"
+    damaged.write_bytes(csv_gz.read_bytes()[:-20])
+    failed = ingest(database_url, [damaged])
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.startswith(f"{damaged}: cannot read: ") and "nothing loaded" in failed.error
+    assert count(conn) == 51
 
 
 def test_gpx_and_geojson_fields_meet_the_csv_checks(tmp_path: Path, database_url: str) -> None:
