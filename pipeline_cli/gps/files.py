@@ -362,20 +362,33 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iter
             return
         yield text_point(device, when, coords[1], coords[0], line, where)
     elif kind == "LineString":
+        yield from _line(device, coords, _times(props), line, where)
+    elif kind == "MultiLineString":  # a track of several segments, e.g. from togeojson
         times = _times(props)
-        if not isinstance(coords, list) or not isinstance(times, list):
-            yield RowProblem(line, "LineString needs coordinates and a times array", where)
+        if not isinstance(coords, list) or not isinstance(times, list) \
+                or len(times) != len(coords):
+            yield RowProblem(line, "MultiLineString needs coordinates and a times array per "
+                             "segment", where)
             return
-        if len(times) != len(coords):
-            yield RowProblem(
-                line, f"LineString has {len(coords)} coordinates but {len(times)} times", where)
-            return
-        for i, (pos, when) in enumerate(zip(coords, times, strict=True), start=1):
-            at = f"{where}, coordinate {i}"
-            if not isinstance(pos, list) or len(pos) < 2:
-                yield RowProblem(line, "coordinate is not [lon, lat]", at)
-                continue
-            yield text_point(device, when, pos[1], pos[0], line, at)
+        for j, (part, part_times) in enumerate(zip(coords, times, strict=True), start=1):
+            yield from _line(device, part, part_times, line, f"{where}, segment {j}")
     else:
-        yield RowProblem(line, f"unsupported geometry type {kind!r} (Point or LineString)",
-                         where)
+        yield RowProblem(line, f"unsupported geometry type {kind!r} (Point, LineString or "
+                         "MultiLineString)", where)
+
+
+def _line(device: Any, coords: Any, times: Any, line: int, where: str) -> Iterator[Item]:
+    """The points of one line: its coordinates with the times of the same index."""
+    if not isinstance(coords, list) or not isinstance(times, list):
+        yield RowProblem(line, "LineString needs coordinates and a times array", where)
+        return
+    if len(times) != len(coords):
+        yield RowProblem(
+            line, f"LineString has {len(coords)} coordinates but {len(times)} times", where)
+        return
+    for i, (pos, when) in enumerate(zip(coords, times, strict=True), start=1):
+        at = f"{where}, coordinate {i}"
+        if not isinstance(pos, list) or len(pos) < 2:
+            yield RowProblem(line, "coordinate is not [lon, lat]", at)
+            continue
+        yield text_point(device, when, pos[1], pos[0], line, at)

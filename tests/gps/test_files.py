@@ -86,6 +86,23 @@ def test_geojson_points_and_linestring(tmp_path: Path) -> None:
     assert got[-1].line < bad[0].line
 
 
+def test_geojson_multilinestring_of_a_track_in_segments(tmp_path: Path) -> None:
+    """A GPX track of several segments, as togeojson writes it: one times array per line."""
+    doc = {"type": "Feature", "properties": {"name": "van", "coordTimes": [
+        ["2024-05-01T08:00:00Z", "2024-05-01T08:00:01Z"], ["2024-05-01T08:05:00Z"]]},
+        "geometry": {"type": "MultiLineString", "coordinates": [
+            [[24.94, 60.17], [24.941, 60.171]], [[24.95, 60.18]]]}}
+    items = list(gpsfiles.read(write(tmp_path, "van.geojson", json.dumps(doc)), device_id="v"))
+    assert [(r.device_id, r.recorded_at, r.latitude, r.where) for r in rows(items)] == [
+        ("v", "2024-05-01T08:00:00Z", "60.17", "feature 1, segment 1, coordinate 1"),
+        ("v", "2024-05-01T08:00:01Z", "60.171", "feature 1, segment 1, coordinate 2"),
+        ("v", "2024-05-01T08:05:00Z", "60.18", "feature 1, segment 2, coordinate 1")]
+    doc["properties"]["coordTimes"] = ["2024-05-01T08:00:00Z"]  # not one array per segment
+    items = list(gpsfiles.read(write(tmp_path, "odd.geojson", json.dumps(doc))))
+    assert [p.message for p in problems(items)] == [
+        "MultiLineString needs coordinates and a times array per segment"]
+
+
 def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
     doc = {"type": "Feature", "properties": {"device_id": 42, "time": True},
            "geometry": {"type": "Point", "coordinates": [[1], None]}}
