@@ -23,8 +23,8 @@ from typing import Any
 
 FORMATS = ("csv", "gpx", "geojson")
 CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
-_SUFFIXES = {".csv": "csv", ".txt": "csv", ".gpx": "gpx", ".geojson": "geojson",
-             ".json": "geojson"}
+_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".gpx": "gpx",
+             ".geojson": "geojson", ".json": "geojson"}
 
 
 class GpsFileError(Exception):

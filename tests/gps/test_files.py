@@ -124,6 +124,7 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     with pytest.raises(GpsFileError, match="--format"):
         list(gpsfiles.read(path))
     assert gpsfiles.detect_format(path, "csv") == "csv"
+    assert gpsfiles.detect_format("a.TSV") == "csv" and gpsfiles.detect_format("b.gpx.gz") == "gpx"
 
 
 def test_csv_layout_from_the_first_line() -> None:
