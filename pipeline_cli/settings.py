@@ -85,7 +85,8 @@ class ODataSettings:
     backoff_base: float = setting(0.5, "first wait between retries, seconds (doubles, jittered)")
     backoff_max: float = setting(60.0, "longest wait between retries, seconds")
     page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none")
-    count: bool = setting(True, "ask for $count / $inlinecount to size the progress bars")
+    count: bool = setting(True, "ask for $count / $inlinecount: sizes the progress bars, "
+                          "and a set read with fewer rows than counted fails the sync")
     foreign_next_link: str = setting(
         "rewrite", "a nextLink to another host: 'rewrite' follows its path and query on the "
         "host of [odata] url, 'refuse' fails the sync"

@@ -251,12 +251,13 @@ class _Loader:
         with db.wrap_errors("staging the feed"), self.conn.pipeline():
             for e in ENTITIES:
                 st, m = self.sets[e], self.sets[e].mapping
+                announced = None
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
                     for page in client.pages(m.entity_set, orderby=m.key_field,
                                              select=_select(m), filter=m.filter):
                         self.ctx.check_stop()
                         if page.number == 1 and page.count is not None:
-                            bar.set_total(page.count)
+                            bar.set_total(announced := page.count)
                         if _SURROGATE.search(page.body):
                             _refuse_surrogates(m, page)
                         self._spool(st, out, page.body, len(page.rows))
@@ -270,6 +271,14 @@ class _Loader:
                             self.stage()  # this page differs: stage it and those held back
                 self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
                                   len(st.pages))
+                if announced is not None and st.rows < announced:
+                    # Rows the pages never held would be deleted from the read model. (More
+                    # is no loss: a row added meanwhile, or a server that caps its count.)
+                    raise SourceError(
+                        f"OData {m.entity_set}: the server counted {announced} entities but "
+                        f"its pages held {st.rows} (the set changed while it was read, or "
+                        "its paging skipped rows); nothing was written ([odata] count = "
+                        "false skips this check)")
             if not self.staging and (expected is None or any(
                     len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
                     for e, s in self.sets.items())):

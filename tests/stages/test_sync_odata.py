@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from devtools.odata_server import ODataServer, delay, sample_network, status
+from devtools.odata_server import ODataServer, delay, sample_network, status, wrong_shape
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
@@ -139,6 +139,26 @@ def test_an_odata_401_service_without_the_odata_prefix_gives_the_same_dataset(
         rec = sync(v401)
     assert rec.status == "noop", rec.error
     assert rec.extra["hash"] == first.extra["hash"]
+
+
+def test_fewer_rows_than_the_server_counted_fail_the_sync(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """Rows the server counts (@odata.count) but its pages never hold (a row deleted while an
+    offset-paging server was read shifts the rest past a page) would be deleted from the read
+    model: the sync fails instead, and says how to skip the check."""
+    sync()
+    before = snapshot(conn)
+    stops = network()["Stops"]
+    server.add_fault(wrong_shape({"@odata.count": len(stops) + 1, "value": stops}),
+                     entity_set="Stops", match="orderby")
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == (f"OData Stops: the server counted {len(stops) + 1} entities but its "
+                         f"pages held {len(stops)} (the set changed while it was read, or its "
+                         "paging skipped rows); nothing was written ([odata] count = false "
+                         "skips this check)")
+    assert snapshot(conn) == before
 
 
 def test_one_changed_row_is_exactly_one_update(
