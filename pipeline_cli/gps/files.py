@@ -157,8 +157,9 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     delimiter under which most of its cells name one, and must name every field; the device
     may be missing when ``device_given`` (--device). Otherwise the line is data in the order
     of CSV_COLUMNS, split by the delimiter it holds most of."""
-    delimiter = max(CSV_DELIMITERS, key=lambda d: len(_named(first, d)))
-    columns = _named(first, delimiter)
+    named = {d: _named(first, d) for d in CSV_DELIMITERS}
+    delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
+    columns = named[delimiter]
     if not columns:
         return CsvLayout(max(CSV_DELIMITERS, key=first.count),
                          {c: i for i, c in enumerate(CSV_COLUMNS)}, 0)

@@ -72,25 +72,26 @@ def ingest_gps(
                          stats["invalid"])
         valid = sum(s["read"] for s in per_file.values())
         invalid = sum(s["invalid"] for s in per_file.values())
-        for name, stats in per_file.items():
+
+        def rejected(message: str) -> ValidationError:
+            return ValidationError(message, problems=problems, partial=StageResult(
+                counts={"files": len(files), "rows_read": valid, "invalid_rows": invalid,
+                        "rows_loaded": 0},
+                extra={"problems": problems}))
+
+        for index, path in enumerate(files):
+            stats = per_file[str(path)]
             if stats["invalid"] and not stats["read"]:
                 # Not one good row: the file is not what its format says (another layout,
                 # another separator), not a file with a few bad rows to skip.
-                first = next((p for p in problems if p.startswith(f"{name}:")), None)
-                raise ValidationError(
-                    f"{name}: none of its {stats['invalid']} row(s) is valid"
-                    + (f" (first: line {first.removeprefix(name + ':')})" if first else "")
-                    + "; nothing loaded", problems=problems, partial=StageResult(
-                        counts={"files": len(files), "rows_read": valid,
-                                "invalid_rows": invalid, "rows_loaded": 0},
-                        extra={"problems": problems}))
+                first = next((p.removeprefix(f"{path}:") for r, p in
+                              zip(found, problems, strict=True) if r["file"] == index), None)
+                raise rejected(f"{path}: none of its {stats['invalid']} row(s) is valid"
+                               + (f" (first: line {first})" if first else "")
+                               + "; nothing loaded")
         if strict and invalid:
-            raise ValidationError(
-                f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}",
-                problems=problems, partial=StageResult(
-                    counts={"files": len(files), "rows_read": valid, "invalid_rows": invalid,
-                            "rows_loaded": 0},
-                    extra={"problems": problems}))
+            raise rejected(
+                f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}")
         ctx.check_stop()
         days = [r["day"] for r in conn.execute(db.query("match_gps", "ingest_days"))]
         partitions.ensure(conn, days)
