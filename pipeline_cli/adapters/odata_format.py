@@ -126,8 +126,9 @@ def unwrap_page(doc: Any, version: str, what: str
         rows = doc.get("value")
         link = next((doc[k] for k in _NEXT_LINKS if k in doc), None)
         count = next((doc[k] for k in _COUNTS if k in doc), None)
-        if link is None and any(k.lower().endswith("nextlink") for k in doc):
-            odd = next(k for k in doc if k.lower().endswith("nextlink"))
+        odd = None if link is not None else next(
+            (k for k in doc if k.lower().endswith("nextlink")), None)
+        if odd is not None:
             raise SourceError(f"OData {what}: a paging link named {odd!r} is not an OData "
                               "nextLink; refusing to read the set as this page alone")
     else:
