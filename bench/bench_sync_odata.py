@@ -41,6 +41,7 @@ from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.runner import StageRunner
+from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import sync_odata
 
 PAGE_SIZE = 1000
@@ -114,7 +115,7 @@ def feeds(n_stops: int, workdir: Path) -> tuple[Path, Path, int]:
 
 
 def client(url: str) -> ODataClient:
-    return ODataClient(url, read_timeout=120, backoff_base=0.1, backoff_max=5)
+    return ODataClient(ODataSettings(url=url, read_timeout=120, backoff_base=0.1, backoff_max=5))
 
 
 def pure_fetch(url: str) -> tuple[float, int]:

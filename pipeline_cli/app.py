@@ -108,7 +108,7 @@ class App:
         def build() -> Any:
             from .adapters.odata import ODataClient  # lazy: requests only where needed
 
-            client = ODataClient.from_settings(self.settings.odata)
+            client = ODataClient(self.settings.odata)
             self.resources.callback(client.close)
             return client
 

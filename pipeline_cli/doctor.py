@@ -280,7 +280,7 @@ def _odata(s: Settings) -> str:
     quick = dataclasses.replace(s.odata, retries=1,
                                 connect_timeout=min(s.odata.connect_timeout, TIMEOUT),
                                 read_timeout=min(s.odata.read_timeout, TIMEOUT))
-    with ODataClient.from_settings(quick) as client:
+    with ODataClient(quick) as client:
         protocol = client.protocol  # the service root, with the configured credentials
         sets = []
         for mapping in resolve_mapping(s.odata.mapping).values():

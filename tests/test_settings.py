@@ -53,6 +53,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("[odata]\nusernme = 'x'\n", {}, "usernme"),
         ("[odata\n", {}, "malformed config file"),
         ("", {"PIPELINE_ODATA_VERSION": "v3"}, "[odata] version"),
+        ("", {"PIPELINE_ODATA_FOREIGN_NEXT_LINK": "maybe"}, "[odata] foreign_next_link"),
         ("", {"PIPELINE_S3_ENDPOINT": "http://h:9000"}, "[s3] endpoint"),
         ("", {"PIPELINE_VIRTUAL_GRID_REACH_KM": "0"}, "[virtual] grid_reach_km"),
         ("[runner]\ntimeout_sync_odata = 0\n", {}, "[runner] timeout_sync_odata"),

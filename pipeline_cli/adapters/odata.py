@@ -13,11 +13,10 @@ import datetime as dt
 import email.utils
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import requests
@@ -34,6 +33,9 @@ from ..errors import ConfigError, SourceError, service_error
 from ..readahead import ReadAhead
 from .odata_format import unwrap_page
 
+if TYPE_CHECKING:
+    from ..settings import ODataSettings
+
 __all__ = ["ODataClient", "Page", "error_line"]
 
 log = logging.getLogger("pipeline.odata")
@@ -48,7 +50,6 @@ class Page:
     number: int
     rows: list[dict[str, Any]]
     body: bytes
-    version: str  # "v4" or "v2"
     count: int | None  # the total from @odata.count / __count, when the server sent one
 
 
@@ -94,14 +95,6 @@ def error_line(status: int, body: bytes, content_type: str = "") -> str:
     return f"HTTP {status}" + (f" {text[:300]}" if text else "")
 
 
-def _strip_userinfo(url: str) -> tuple[str, str | None, str | None]:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url, None, None
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=host)), parts.username, parts.password
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -116,72 +109,30 @@ class ODataClient:
     or messages.
     """
 
-    def __init__(
-        self,
-        service_url: str,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        version: str = "auto",
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_pages: int = 10_000,
-        max_response_bytes: int = 64 * 1024 * 1024,
-        retries: int = 5,
-        backoff_base: float = 0.5,
-        backoff_max: float = 60.0,
-        page_size: int = 0,
-        count: bool = True,
-        foreign_next_link: str = "rewrite",
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if version not in ("auto", "v4", "v2"):
-            raise ConfigError("malformed setting [odata] version: expected auto, v4 or v2")
-        if foreign_next_link not in ("rewrite", "refuse"):
-            raise ConfigError("malformed setting [odata] foreign_next_link: expected rewrite "
-                              "or refuse")
-        url, url_user, url_password = _strip_userinfo(service_url)
-        self.service_url = url.rstrip("/") + "/"
-        self.version = version
-        self.timeout = (connect_timeout, read_timeout)
-        self.max_pages = max_pages
-        self.max_response_bytes = max_response_bytes
-        self.retries = max(1, retries)
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+    def __init__(self, s: ODataSettings, *, sleep: Callable[[float], None] = time.sleep
+                 ) -> None:
+        if not s.url:
+            raise ConfigError("missing setting [odata] url (set PIPELINE_ODATA_URL or "
+                              "[odata] url in the config file)", key="odata.url")
+        self.settings = s
+        parts = urlsplit(s.url)  # credentials in the URL go to the session, not into URLs
+        self.service_url = urlunsplit(
+            parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/"
+        self.retries = max(1, s.retries)
         # base * 2^n capped at backoff_max, plus up to base of jitter so clients spread out
-        self._backoff = (wait_exponential(multiplier=backoff_base, max=backoff_max)
-                         + wait_random(0, backoff_base))
-        self.page_size = page_size
-        self.count = count
-        self.foreign_next_link = foreign_next_link
+        self._backoff = (wait_exponential(multiplier=s.backoff_base, max=s.backoff_max)
+                         + wait_random(0, s.backoff_base))
         self._rewrite_logged = False  # logged once per client (one sync), not per page
-        self._rewrite_lock = threading.Lock()  # the read-ahead threads share the client
         self._sleep = sleep
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
         self.session.headers["User-Agent"] = "pipeline-cli sync-odata"
-        username, password = username or url_user, password or url_password
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        username = s.username or parts.username
+        if s.token:
+            self.session.headers["Authorization"] = f"Bearer {s.token}"
         elif username is not None:
-            self.session.auth = (username, password or "")
-        self._detected: str | None = None if version == "auto" else version
-
-    @classmethod
-    def from_settings(cls, s: Any) -> ODataClient:
-        """Build from an ``ODataSettings`` (``[odata]`` section)."""
-        if not s.url:
-            raise ConfigError("missing setting [odata] url (set PIPELINE_ODATA_URL or "
-                              "[odata] url in the config file)", key="odata.url")
-        return cls(
-            s.url, username=s.username, password=s.password, token=s.token, version=s.version,
-            connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
-            max_pages=s.max_pages, max_response_bytes=s.max_response_bytes, retries=s.retries,
-            backoff_base=s.backoff_base, backoff_max=s.backoff_max, page_size=s.page_size,
-            count=s.count, foreign_next_link=s.foreign_next_link,
-        )
+            self.session.auth = (username, s.password or parts.password or "")
+        self._detected: str | None = None if s.version == "auto" else s.version
 
     def close(self) -> None:
         self.session.close()
@@ -220,8 +171,8 @@ class ODataClient:
         }
         if self._detected is None:
             headers["MaxDataServiceVersion"] = "3.0"
-        if self.page_size > 0:
-            headers["Prefer"] = f"odata.maxpagesize={self.page_size}"
+        if self.settings.page_size > 0:
+            headers["Prefer"] = f"odata.maxpagesize={self.settings.page_size}"
         return headers
 
     def collection_url(self, entity_set: str, *, orderby: str | None = None,
@@ -234,7 +185,7 @@ class ODataClient:
             options.append(("$select", ",".join(select)))
         if orderby:
             options.append(("$orderby", orderby))
-        if self.count:
+        if self.settings.count:
             options.append(("$count", "true") if self.protocol == "v4"
                            else ("$inlinecount", "allpages"))
         return self._url(entity_set, options)
@@ -255,16 +206,14 @@ class ODataClient:
     # -------------------------------------------------------------------- paging
 
     def pages(self, entity_set: str, *, orderby: str | None = None,
-              select: list[str] | None = None, filter: str | None = None,
-              read_ahead: int = 2) -> Iterator[Page]:
+              select: list[str] | None = None, filter: str | None = None) -> Iterator[Page]:
         """Every page of an entity set, in server order, following nextLinks to the end.
 
-        With ``read_ahead`` > 0 a background thread fetches the next pages while the caller
-        works on this one (bounded, so memory stays at a few pages).
+        A background thread fetches the next two pages while the caller works on this one.
         """
         url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter)
-        gen = self._pages(entity_set, url)
-        return _pages_ahead(gen, read_ahead) if read_ahead > 0 else gen
+        with ReadAhead(self._pages(entity_set, url), 2, "odata-read-ahead") as pages:
+            yield from pages
 
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
         origin = _origin(self.service_url)
@@ -273,10 +222,9 @@ class ODataClient:
         next_url: str | None = url
         while next_url is not None:
             number += 1
-            if number > self.max_pages:
-                raise SourceError(
-                    f"OData {entity_set}: more than {self.max_pages} pages ([odata] max_pages); "
-                    "the server's nextLink never ends")
+            if number > self.settings.max_pages:
+                raise SourceError(f"OData {entity_set}: more than {self.settings.max_pages} "
+                                  "pages ([odata] max_pages); the server's nextLink never ends")
             what = f"{entity_set} page {number}"
             body, doc = self._get(next_url, what)
             page_version = self._shape_version(doc, what)
@@ -284,7 +232,7 @@ class ODataClient:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
             rows, link, count = unwrap_page(doc, page_version, what)
-            yield Page(number, rows, body, page_version, count)
+            yield Page(number, rows, body, count)
             if link is None:
                 return
             resolved = urljoin(next_url, link)
@@ -301,13 +249,12 @@ class ODataClient:
         ``localhost`` for ``127.0.0.1``): its path and query on the configured origin, so the
         credentials only ever go to the host of ``[odata] url``."""
         scheme, host, port = _origin(link)
-        if self.foreign_next_link == "refuse":
+        if self.settings.foreign_next_link == "refuse":
             raise SourceError(f"OData {what}: nextLink points to another host ({host}); "
                               "refusing to follow it ([odata] foreign_next_link = refuse)")
         parts, base = urlsplit(link), urlsplit(self.service_url)
-        with self._rewrite_lock:
-            first, self._rewrite_logged = not self._rewrite_logged, True
-        if first:
+        if not self._rewrite_logged:
+            self._rewrite_logged = True
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
@@ -342,8 +289,8 @@ class ODataClient:
 
     def _get_once(self, url: str, what: str) -> tuple[bytes, Any]:
         try:
-            resp = self.session.get(url, headers=self._headers(), timeout=self.timeout,
-                                    stream=True)
+            resp = self.session.get(url, headers=self._headers(), stream=True, timeout=(
+                self.settings.connect_timeout, self.settings.read_timeout))
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(_transport_text(exc)) from None
         except requests.RequestException as exc:
@@ -352,20 +299,20 @@ class ODataClient:
         with resp:
             content_type = resp.headers.get("Content-Type", "")
             if resp.status_code >= 300:
-                body = self._read(resp, what, limit=64 * 1024)
+                body = self._read(resp, what, error=True)
                 line = error_line(resp.status_code, body, content_type)
                 if resp.status_code in _RETRY_STATUSES or resp.status_code >= 500:
                     after = _retry_after(resp.headers.get("Retry-After"))
-                    if after is not None and after > self.backoff_max:
+                    if after is not None and after > self.settings.backoff_max:
                         raise SourceError(
                             f"OData {what}: {line}; the server asks to retry after "
                             f"{after:.0f} s, longer than [odata] backoff_max "
-                            f"({self.backoff_max:g} s)")
+                            f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after)
                 hint = " (check [odata] username/password/token)" if resp.status_code in (
                     401, 403) else ""
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
-            body = self._read(resp, what, limit=self.max_response_bytes)
+            body = self._read(resp, what)
         if "html" in content_type.lower():
             raise SourceError(f"OData {what}: expected JSON, got {content_type.split(';')[0]} "
                               "(a login page or proxy in the way?)")
@@ -377,9 +324,11 @@ class ODataClient:
                              if isinstance(exc, json.JSONDecodeError) else "malformed JSON"
                              ) from None
 
-    def _read(self, resp: requests.Response, what: str, *, limit: int) -> bytes:
+    def _read(self, resp: requests.Response, what: str, *, error: bool = False) -> bytes:
+        """The body, up to [odata] max_response_bytes; of an error, its first 64 KiB."""
+        limit = 64 * 1024 if error else self.settings.max_response_bytes
         declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit and limit == self.max_response_bytes:
+        if not error and declared.isdigit() and int(declared) > limit:
             raise SourceError(f"OData {what}: response of {int(declared)} bytes is larger than "
                               f"[odata] max_response_bytes ({limit})")
         chunks: list[bytes] = []
@@ -388,8 +337,8 @@ class ODataClient:
             for chunk in resp.iter_content(256 * 1024):
                 total += len(chunk)
                 if total > limit:
-                    if limit != self.max_response_bytes:
-                        break  # an error body: the start is enough
+                    if error:
+                        break  # the start is enough
                     raise SourceError(f"OData {what}: response larger than [odata] "
                                       f"max_response_bytes ({limit})")
                 chunks.append(chunk)
@@ -415,10 +364,3 @@ def _transport_text(exc: BaseException) -> str:
                 return f"connection failed: {marker.lower()}"
         return "connection failed"
     return type(exc).__name__
-
-
-def _pages_ahead(gen: Generator[Page, None, None], depth: int) -> Iterator[Page]:
-    """``gen`` run ``depth`` pages ahead of the consumer, whose per-row work then overlaps
-    the server's work on the next page."""
-    with ReadAhead(gen, depth, "odata-read-ahead") as pages:
-        yield from pages

@@ -16,6 +16,7 @@ from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.db import Database
 from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
+from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
     list_datasets,
     restore_dataset,
@@ -49,8 +50,8 @@ def backups(s3: S3Endpoint, s3_bucket: str) -> BackupStore:
 
 
 def client_for(server: ODataServer, **kw: Any) -> ODataClient:
-    return ODataClient(server.url, connect_timeout=2, read_timeout=5, backoff_base=0.01,
-                       backoff_max=1.0, **kw)
+    return ODataClient(ODataSettings(url=server.url, connect_timeout=2, read_timeout=5,
+                                     backoff_base=0.01, backoff_max=1.0, **kw))
 
 
 def restore(database_url: str, backups: BackupStore, version: str) -> RunRecord:
