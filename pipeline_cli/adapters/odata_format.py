@@ -47,6 +47,11 @@ class EntityMapping:
     def key_field(self) -> str:
         return self.fields["id"]
 
+    @property
+    def select(self) -> list[str]:
+        """The distinct fields read, in a fixed order (a field may fill two columns)."""
+        return sorted({f for f in self.fields.values() if f})
+
     def to_json(self) -> dict[str, Any]:
         return {"set": self.entity_set, "fields": dict(self.fields), "filter": self.filter}
 

@@ -156,17 +156,12 @@ class _Set:
     def stage(self) -> sql.Identifier:
         return _ident(f"stage_{self.entity}")
 
-    @property
-    def fields(self) -> list[str]:
-        """The distinct source fields read, in a fixed order (a field may fill two columns)."""
-        return _select(self.mapping)
-
     @cached_property
     def page_insert(self) -> sql.Composed:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage.
         A row's number ``n`` is its place in the feed: page number << 32 plus its place in the
         page, so it needs no count of the rows before it (a restore has none)."""
-        f = {name: _ident(f"f{i}") for i, name in enumerate(self.fields)}
+        f = {name: _ident(f"f{i}") for i, name in enumerate(self.mapping.select)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
                 else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
         values, bad = [], []
@@ -196,20 +191,20 @@ class _Set:
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
                   out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
-                  rows=rows, names=sql.SQL(", ").join(f.values()),
+                  rows=rows,
                   defs=sql.SQL(", ").join(sql.SQL("{} text").format(_ident(n))
-                                          for n in self.fields))
+                                          for n in self.mapping.select))
 
     def checks(self) -> dict[str, Any]:
         """Parameters of the ``problems`` query: the checked columns with their fields."""
         cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
         kinds = [KINDS[self.entity][c] for c in cols]
         return {"cols": cols,  # field numbers in the ARRAY of texts, counted from 1
-                "fields": [self.fields.index(self.mapping.fields[c]) + 1 for c in cols],
+                "fields": [self.mapping.select.index(self.mapping.fields[c]) + 1 for c in cols],
                 "kinds": [k for k, _, _ in kinds], "lows": [lo for _, lo, _ in kinds],
                 "highs": [hi for _, _, hi in kinds],
                 "required": [c not in OPTIONAL_COLUMNS for c in cols],
-                "key": self.fields.index(self.mapping.key_field) + 1}
+                "key": self.mapping.select.index(self.mapping.key_field) + 1}
 
 
 # ------------------------------------------------------------------------------ staging
@@ -254,7 +249,7 @@ class _Loader:
                 announced = None
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
                     for page in client.pages(m.entity_set, orderby=m.key_field,
-                                             select=_select(m), filter=m.filter):
+                                             select=m.select, filter=m.filter):
                         self.ctx.check_stop()
                         if page.number == 1 and page.count is not None:
                             bar.set_total(announced := page.count)
@@ -327,12 +322,19 @@ class _Loader:
 
     def check(self, problems: Problems, *, reject: bool) -> None:
         """Refused rows, in SQL. With ``reject`` they leave the stage."""
-        with db.wrap_errors("checking the feed"):
-            for e in ENTITIES:
-                keys = ["id", "bad", *(c for child, c, _ in REFERENCES if child == e)]
-                self.conn.execute(_q("analyze_stage", stage=self.sets[e].stage,
-                                     cols=_list(tuple(keys))))
-                self._refused(e, problems, reject=reject)
+        with db.wrap_errors("checking the feed"), self.conn.cursor() as cur:
+            for e, s in self.sets.items():
+                keys = ("id", "bad", *(c for child, c, _ in REFERENCES if child == e))
+                cur.execute(_q("analyze_stage", stage=s.stage, cols=_list(keys)))
+                m, n_last = s.mapping, None
+                for r in cur.stream(_q("problems", stage=s.stage), s.checks()):
+                    problems.add(Problem(m.entity_set, m.key_field, r["key"],
+                                         m.fields[r["col"]], r["kind"], r["message"]))
+                    if reject and r["n"] != n_last:
+                        problems.rejected[e] += 1
+                    n_last = r["n"]
+                if reject:
+                    cur.execute(_q("delete_refused", stage=s.stage))
 
     def check_keys(self, problems: Problems, *, reject: bool) -> None:
         """Duplicate keys and dangling references, in SQL. With ``reject`` the offending rows
@@ -344,20 +346,6 @@ class _Loader:
                 for child, col, parent in REFERENCES:
                     if child == e:
                         self._dangling(e, col, parent, problems, reject=reject)
-
-    def _refused(self, e: str, problems: Problems, *, reject: bool) -> None:
-        m, s = self.sets[e].mapping, self.sets[e]
-        params = s.checks()
-        n_last = None
-        with self.conn.cursor() as cur:
-            for r in cur.stream(_q("problems", stage=s.stage), params):
-                problems.add(Problem(m.entity_set, m.key_field, r["key"],
-                                     m.fields[r["col"]], r["kind"], r["message"]))
-                if reject and r["n"] != n_last:
-                    problems.rejected[e] += 1
-                n_last = r["n"]
-        if reject:
-            self.conn.execute(_q("delete_refused", stage=s.stage))
 
     def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
         m, stage = self.sets[e].mapping, self.sets[e].stage
@@ -384,8 +372,8 @@ class _Loader:
                                  "unknown_reference",
                                  f"names {parent_set} {r['ref']!r}, which is not in the feed"
                                  + (" or was rejected" if reject else "")))
-            if reject:
-                problems.rejected[e] += 1
+        if reject:
+            problems.rejected[e] += len(rows)
 
     def counts(self) -> dict[str, int]:
         with db.wrap_errors("counting the staged rows"):
@@ -438,14 +426,14 @@ class _Loader:
             try:
                 diff = {e: self._counted("apply", e) for e in ENTITIES}
                 self.conn.execute(db.query("sync_odata", "constraints_now"))
-                if any(_one(self.conn, _q("count_rows", target=_ident(e)))["n"] != staged[e]
-                       for e in ENTITIES):
-                    raise _KeyTwice
-            except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation,
-                    _KeyTwice):
+            except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation):
+                diff = None
+            if diff is None or any(  # fewer rows than staged: a key twice in the feed
+                    _one(self.conn, _q("count_rows", target=_ident(e)))["n"] != staged[e]
+                    for e in ENTITIES):
                 self.conn.execute(db.query("sync_odata", "rollback_apply"))
                 return None
-        return {e: diff[e] for e in ENTITIES}
+        return diff
 
     def _counted(self, name: str, e: str) -> dict[str, int]:
         cols = COLUMNS[e]
@@ -455,10 +443,6 @@ class _Loader:
             assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
                 _ident(c), _ident(c)) for c in cols if c != "id")))
         return {k: int(v) for k, v in row.items()}
-
-
-class _KeyTwice(Exception):
-    """The read model holds fewer rows than the stage: a key occurs twice in the feed."""
 
 
 def _records(src: gzip.GzipFile) -> Iterator[bytes]:
@@ -486,9 +470,8 @@ def _refuse_surrogates(m: EntityMapping, page: Page) -> None:
     """SourceError naming the row and field whose value holds a lone surrogate (Python's
     parser joins a pair into one character and keeps a lone half as a code point);
     PostgreSQL refuses such a string only as a database error naming nothing."""
-    fields = _select(m)
     for row in page.rows:
-        for field_name in fields:
+        for field_name in m.select:
             v = row.get(field_name)
             bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None) \
                 if isinstance(v, str) else None
@@ -508,10 +491,6 @@ def _page_text(body: bytes, entity_set: str) -> str:
     return _NUL.sub(r"\1\\uffff", text) if "\\u0000" in text else text
 
 
-def _select(m: EntityMapping) -> list[str]:
-    return sorted({f for f in m.fields.values() if f})
-
-
 def dataset_hash(set_hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{e}:{set_hashes[e]}\n" for e in ENTITIES).encode()
                           ).hexdigest()
@@ -519,7 +498,7 @@ def dataset_hash(set_hashes: dict[str, str]) -> str:
 
 def feed_key(client: ODataClient, mappings: dict[str, EntityMapping]) -> str:
     """What page digests are valid for: the checks, protocol, mapping and first-page URLs."""
-    urls = [client.collection_url(m.entity_set, orderby=m.key_field, select=_select(m),
+    urls = [client.collection_url(m.entity_set, orderby=m.key_field, select=m.select,
                                   filter=m.filter) for m in mappings.values()]
     doc = {"checks": CHECKS, "protocol": client.protocol, "urls": urls,
            "mapping": {e: m.to_json() for e, m in mappings.items()}}

@@ -30,7 +30,7 @@ SELECT n, {out}, CASE WHEN {bad} THEN ARRAY[{raw}] END
 FROM (
     SELECT %(base)s::bigint + x.n AS n, {values}, {raw}
     FROM (SELECT %(page)s::json AS p) page,
-         ROWS FROM (json_to_recordset({rows}) AS ({defs})) WITH ORDINALITY AS x({names}, n)
+         ROWS FROM (json_to_recordset({rows}) AS ({defs})) WITH ORDINALITY AS x({raw}, n)
     OFFSET 0
 ) s;
 
