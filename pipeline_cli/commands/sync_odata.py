@@ -67,7 +67,12 @@ def _changes(diff: dict[str, dict[str, int]]) -> str:
     return f"+{total['inserted']} ~{total['updated']} -{total['deleted']}"
 
 
-@click.command("dataset")
+@click.group("restore")
+def restore_group() -> None:
+    """Restore a backed-up version from S3."""
+
+
+@restore_group.command("dataset")
 @click.argument("version")
 @wait_option
 @json_option
@@ -85,10 +90,5 @@ def restore_dataset_cmd(app: App, version: str, wait: float | None) -> None:
 
 
 def register(group: click.Group) -> None:
-    group.add_command(sync_odata_cmd)
-    group.add_command(datasets_group)
-    restore = group.commands.get("restore")
-    if not isinstance(restore, click.Group):  # other areas may add `restore <thing>` too
-        restore = click.Group("restore", help="Restore a backed-up version from S3.")
-        group.add_command(restore)
-    restore.add_command(restore_dataset_cmd)
+    for command in (sync_odata_cmd, datasets_group, restore_group):
+        group.add_command(command)

@@ -211,13 +211,16 @@ class _Set:
 
 
 class _Loader:
-    """One transaction on its own connection: stage, check, diff and apply."""
+    """One transaction on its own connection: stage, check, diff and apply. Its files (the
+    spooled pages, their gzipped copies, the rejects) are in a temporary directory."""
 
-    def __init__(self, conn: psycopg.Connection[Any], workdir: Path, ctx: RunContext,
+    def __init__(self, conn: psycopg.Connection[Any], ctx: RunContext,
                  mappings: dict[str, EntityMapping], protocol: str) -> None:
         self.conn = conn
         self.ctx = ctx
-        self.sets = {e: _Set(e, mappings[e], protocol, workdir / f"{e}.json-seq")
+        self.tmp = tempfile.TemporaryDirectory(prefix=f"pipeline-{ctx.stage}-")
+        self.workdir = Path(self.tmp.name)
+        self.sets = {e: _Set(e, mappings[e], protocol, self.workdir / f"{e}.json-seq")
                      for e in ENTITIES}
         self.staging = False  # from the first page that differs from the active version's
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-gzip")
@@ -227,6 +230,7 @@ class _Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.tmp.cleanup()
 
     def compress(self) -> None:
         """Gzip the raw spools for the backup, in a thread while PostgreSQL checks and applies
@@ -280,10 +284,11 @@ class _Loader:
                 self.stage()  # a page too few, or nothing to compare with
         return not self.staging
 
-    def replay(self, files: Mapping[str, Path]) -> None:
+    def replay(self, backups: BackupStore, raw_prefix: str) -> None:
         """Spool a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
-        for e, path in files.items():
-            st = self.sets[e]
+        for e, st in self.sets.items():
+            path = self.workdir / f"{e}.download.gz"
+            backups.get_file(f"{raw_prefix}{e}.json-seq.gz", str(path))
             with gzip.open(path, "rb") as src, st.raw.open("wb") as out:
                 for body in _records(src):
                     self.ctx.check_stop()
@@ -540,8 +545,7 @@ def _upload_raw(backups: BackupStore, st: _Set, prefix: str) -> dict[str, Any]:
 
 
 def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[str, Any]:
-    gz = _gzip(rejects, rejects.with_suffix(".jsonl.gz"))
-    backups.put_file(prefix + "rejects.jsonl.gz", str(gz), "application/gzip")
+    backups.put_file(prefix + "rejects.jsonl.gz", str(rejects), "application/gzip")
     return {"rejects": {"key": "rejects.jsonl.gz"}}
 
 
@@ -562,7 +566,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
     with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
         uploads = [pool.submit(_upload_raw, backups, st, prefix)
                    for st in loader.sets.values() if v.source == "sync"]
-        if v.rejects is not None and v.rejects.stat().st_size:
+        if v.rejects is not None:
             uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
         try:
             hash_, set_hashes = v.hashes or loader.hashes()
@@ -593,17 +597,8 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
 
 def _result_extra(version: str | None, hash_: str, diff: dict[str, dict[str, int]]
                   ) -> dict[str, Any]:
-    return {
-        "dataset_version": version,
-        "hash": hash_,
-        "inserted": {e: d["inserted"] for e, d in diff.items()},
-        "updated": {e: d["updated"] for e, d in diff.items()},
-        "deleted": {e: d["deleted"] for e, d in diff.items()},
-    }
-
-
-def _zero_diff() -> dict[str, dict[str, int]]:
-    return {e: {"inserted": 0, "updated": 0, "deleted": 0} for e in ENTITIES}
+    return {"dataset_version": version, "hash": hash_} | {
+        k: {e: d[k] for e, d in diff.items()} for k in ("inserted", "updated", "deleted")}
 
 
 def _diff_text(diff: dict[str, dict[str, int]]) -> str:
@@ -628,8 +623,9 @@ def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
 def _noop(active: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None
           ) -> StageResult:
     return StageResult(status=NOOP, counts=counts,
-                       extra=_result_extra(active["version"], active["hash"], _zero_diff())
-                       | (extra or {}),
+                       extra=_result_extra(active["version"], active["hash"], {
+                           e: dict.fromkeys(("inserted", "updated", "deleted"), 0)
+                           for e in ENTITIES}) | (extra or {}),
                        message=f"unchanged since {active['version']}")
 
 
@@ -700,65 +696,56 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")
-    conn = _connect(database, ctx)
-    try:
-        with contextlib.ExitStack() as stack:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                prefix="pipeline-sync-")))
-            active = _active(conn)
-            loader = stack.enter_context(_Loader(conn, workdir, ctx, mappings, client.protocol))
-            key = feed_key(client, mappings)
-            stored = (active or {}).get("feed_digests") or {}
-            expected = stored.get("pages") if not force and stored.get("key") == key else None
-            if loader.fetch(client, expected):
-                # every page byte for byte the active version's: nothing was even staged
-                assert active is not None
-                return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
-                             | {"rejected": 0}), active["stats"].get("route_modes")
-            if not dry_run:
-                loader.compress()
-            problems = Problems()
-            rejects = workdir / "rejects.jsonl"
-            with contextlib.ExitStack() as files:
-                if skip_invalid:
-                    problems.reject_file = files.enter_context(
-                        rejects.open("w", encoding="utf-8"))
-                counts, diff = loader.load(problems, reject=skip_invalid)
-            problems.reject_file = None
-            rejected = counts["rejected"]
-            reject_extra: dict[str, Any] = {}
-            if rejected:
-                reject_extra = {"rejects": [str(p) for p in problems.first],
-                                "rejected_by_set": dict(problems.rejected)}
-                ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
-            if active is not None and not force and not any(
-                    n for d in diff.values() for n in d.values()):
-                # the same rows: rolled back
-                return _noop(active, counts, reject_extra), active["stats"].get("route_modes")
-            if dry_run:  # what a run would have written; the connection closes uncommitted
-                return StageResult(
-                    status=SKIPPED, counts=counts,
-                    extra=_result_extra(active["version"] if active else None,
-                                        loader.hashes()[0], diff)
-                    | reject_extra | {"dry_run": True},
-                    message="dry run: nothing written" + _diff_text(diff)), None
-            assert backups is not None
-            version, hash_, modes = write_version(conn, loader, backups, ctx, _Version(
-                counts=counts, source="sync",
-                manifest={"format": BACKUP_FORMAT, "raw_prefix": None,
-                          "odata": {"service": client.service_url, "protocol": client.protocol,
-                                    "mapping": {e: m.to_json() for e, m in mappings.items()}}},
-                # a feed with rejects always gets the full check again
-                feed_digests=None if rejected else {"key": key, "pages": {
-                    e: "".join(st.digests) for e, st in loader.sets.items()}},
-                rejects=rejects if rejected else None), diff)
+    # closed without a commit, the connection rolls everything back
+    with contextlib.closing(_connect(database, ctx)) as conn, \
+            _Loader(conn, ctx, mappings, client.protocol) as loader:
+        active = _active(conn)
+        key = feed_key(client, mappings)
+        stored = (active or {}).get("feed_digests") or {}
+        expected = stored.get("pages") if not force and stored.get("key") == key else None
+        if loader.fetch(client, expected):
+            # every page byte for byte the active version's: nothing was even staged
+            assert active is not None
+            return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
+                         | {"rejected": 0}), active["stats"].get("route_modes")
+        if not dry_run:
+            loader.compress()
+        rejects = loader.workdir / "rejects.jsonl.gz"
+        with gzip.open(rejects, "wt", encoding="utf-8", compresslevel=1) as reject_file:
+            problems = Problems(reject_file if skip_invalid else None)
+            counts, diff = loader.load(problems, reject=skip_invalid)
+        rejected = counts["rejected"]
+        reject_extra: dict[str, Any] = {}
+        if rejected:
+            reject_extra = {"rejects": [str(p) for p in problems.first],
+                            "rejected_by_set": dict(problems.rejected)}
+            ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
+        if active is not None and not force and not any(
+                n for d in diff.values() for n in d.values()):
+            # the same rows: rolled back
+            return _noop(active, counts, reject_extra), active["stats"].get("route_modes")
+        if dry_run:  # what a run would have written; the connection closes uncommitted
+            return StageResult(
+                status=SKIPPED, counts=counts,
+                extra=_result_extra(active["version"] if active else None,
+                                    loader.hashes()[0], diff)
+                | reject_extra | {"dry_run": True},
+                message="dry run: nothing written" + _diff_text(diff)), None
+        assert backups is not None
+        version, hash_, modes = write_version(conn, loader, backups, ctx, _Version(
+            counts=counts, source="sync",
+            manifest={"format": BACKUP_FORMAT, "raw_prefix": None,
+                      "odata": {"service": client.service_url, "protocol": client.protocol,
+                                "mapping": {e: m.to_json() for e, m in mappings.items()}}},
+            # a feed with rejects always gets the full check again
+            feed_digests=None if rejected else {"key": key, "pages": {
+                e: "".join(st.digests) for e, st in loader.sets.items()}},
+            rejects=rejects if rejected else None), diff)
         ctx.log.info("dataset %s active%s", version, _diff_text(diff))
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
                            | {"backup_prefix": backup_prefix(version)},
                            message=f"{version} active" + _diff_text(diff)), modes
-    finally:
-        conn.close()  # without a commit this rolls everything back
 
 
 # ------------------------------------------------------------------------------ restore
@@ -774,8 +761,7 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
     of backup format 1 (made by the row worker, whose hashes were of its canonical rows) is
     checked by its row counts only.
     """
-    conn = _connect(database, ctx)
-    try:
+    with contextlib.closing(_connect(database, ctx)) as conn:
         with db.wrap_errors("reading the dataset version"):
             row = conn.execute(db.query("sync_odata", "get_dataset"),
                                {"version": version}).fetchone()
@@ -790,16 +776,9 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
             raise BackupError(f"backup {prefix} does not match {version}: hash differs")
         odata = manifest.get("odata") or {}
         raw_prefix = manifest.get("raw_prefix") or prefix + "raw/"
-        with contextlib.ExitStack() as stack:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                prefix="pipeline-restore-")))
-            loader = stack.enter_context(_Loader(
-                conn, workdir, ctx, resolve_mapping(odata.get("mapping")),
-                odata.get("protocol", "v4")))
-            files = {e: workdir / f"{e}.download.gz" for e in ENTITIES}
-            for e, local in files.items():
-                backups.get_file(f"{raw_prefix}{e}.json-seq.gz", str(local))
-            loader.replay(files)
+        with _Loader(conn, ctx, resolve_mapping(odata.get("mapping")),
+                     odata.get("protocol", "v4")) as loader:
+            loader.replay(backups, raw_prefix)
             hash_, set_hashes = loader.hashes()
             if manifest["format"] == BACKUP_FORMAT:
                 bad = [e for e in ENTITIES if set_hashes[e] != row["set_hashes"].get(e)]
@@ -824,14 +803,11 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
                 hashes=(hash_, set_hashes),
                 manifest={"format": manifest["format"], "raw_prefix": raw_prefix,
                           "restored_from": version, "odata": odata}), diff)
-        return StageResult(status=SUCCESS, counts=counts,
-                           extra=_result_extra(new_version, hash_, diff)
-                           | {"restored_from": version,
-                              "backup_prefix": backup_prefix(new_version)},
-                           message=f"{new_version} active (restored from {version})"
-                           + _diff_text(diff))
-    finally:
-        conn.close()
+    return StageResult(status=SUCCESS, counts=counts,
+                       extra=_result_extra(new_version, hash_, diff)
+                       | {"restored_from": version, "backup_prefix": backup_prefix(new_version)},
+                       message=f"{new_version} active (restored from {version})"
+                       + _diff_text(diff))
 
 
 # ------------------------------------------------------------------------------ reading
@@ -853,21 +829,18 @@ def status_section(conn: psycopg.Connection[Any], now: datetime | None = None
     """
     now = now or datetime.now(UTC)
     with db.wrap_errors("reading the dataset summary"):
-        r = conn.execute(db.query("sync_odata", "dataset_summary")).fetchone()
-    assert r is not None
-    active = None
-    if r["version"] is not None:
-        active = {
-            "version": r["version"], "hash": r["hash"], "counts": r["counts"],
-            "diff": r["diff"], "source": r["source"],
-            "created_at": r["created_at"].isoformat(),
-            "age_s": round((now - r["created_at"]).total_seconds(), 1),
-        }
+        r = _one(conn, db.query("sync_odata", "dataset_summary"))
+
+    def age(t: datetime | None) -> float | None:
+        return None if t is None else round((now - t).total_seconds(), 1)
+
+    newest = r["newest_created_at"]
     return {
-        "active": active,
+        "active": None if r["version"] is None else {
+            **{k: r[k] for k in ("version", "hash", "counts", "diff", "source")},
+            "created_at": r["created_at"].isoformat(), "age_s": age(r["created_at"])},
         "versions": int(r["versions"]),
         "newest_version": r["newest_version"],
-        "last_backup_at": r["newest_created_at"].isoformat() if r["newest_created_at"] else None,
-        "last_backup_age_s": (round((now - r["newest_created_at"]).total_seconds(), 1)
-                              if r["newest_created_at"] else None),
+        "last_backup_at": newest.isoformat() if newest else None,
+        "last_backup_age_s": age(newest),
     }
