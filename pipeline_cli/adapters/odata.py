@@ -1,10 +1,7 @@
 """OData V4/V2 client: the one place that talks to the source service of ``sync-odata``.
 
-It follows server-driven paging exactly as the server gives it, retries transient failures
-(connection errors, 5xx, 408, 429 with ``Retry-After``) with tenacity, caps pages and response
-sizes so a misbehaving server cannot hang cron, and wraps every failure into SourceError with
-a one-line message that never carries credentials. The shape of a page and the field mapping
-are in :mod:`pipeline_cli.adapters.odata_format`; sync-odata reads the values in PostgreSQL.
+It follows the server's paging, retries transient failures, caps pages and body sizes, and
+fails with one-line SourceErrors that never carry credentials (page shapes: odata_format).
 """
 
 from __future__ import annotations
@@ -40,9 +37,6 @@ __all__ = ["ODataClient", "Page", "error_line"]
 
 log = logging.getLogger("pipeline.odata")
 
-# ------------------------------------------------------------------------------ client
-
-
 @dataclass(frozen=True)
 class Page:
     """One page as the server sent it (``body``) and as parsed (``rows``)."""
@@ -60,7 +54,8 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_CONNECTION_FAILURES = ("Connection refused", "Name or service not known", "Connection reset",
+                        "Remote end closed connection", "Connection aborted")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -149,7 +144,7 @@ class ODataClient:
     def protocol(self) -> str:
         """``v4`` or ``v2``: forced by settings, else detected from the service document."""
         if self._detected is None:
-            doc = self._get_json(self.service_url, "the service document")
+            doc = self._get(self.service_url, "the service document")[1]
             self._detected = self._shape_version(doc, "the service document")
         return self._detected
 
@@ -199,7 +194,7 @@ class ODataClient:
     def probe(self, entity_set: str, *, filter: str | None = None) -> int:
         """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
         url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else []))
-        doc = self._get_json(url, f"{entity_set} $top=1")
+        doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set)
         return len(rows)
 
@@ -262,18 +257,11 @@ class ODataClient:
 
     # -------------------------------------------------------------------- HTTP
 
-    def _get_json(self, url: str, what: str) -> Any:
-        return self._get(url, what)[1]
-
     def _get(self, url: str, what: str) -> tuple[bytes, Any]:
         """GET with retries; returns (body, parsed JSON) or raises SourceError."""
-        retrying = Retrying(
-            stop=stop_after_attempt(self.retries),
-            wait=self._wait,
-            retry=retry_if_exception_type(_Retryable),
-            sleep=self._sleep,
-            reraise=True,
-        )
+        retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
+                            retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
+                            reraise=True)
         try:
             return retrying(self._get_once, url, what)
         except _Retryable as exc:
@@ -301,7 +289,7 @@ class ODataClient:
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
                 line = error_line(resp.status_code, body, content_type)
-                if resp.status_code in _RETRY_STATUSES or resp.status_code >= 500:
+                if resp.status_code in (408, 429) or resp.status_code >= 500:
                     after = _retry_after(resp.headers.get("Retry-After"))
                     if after is not None and after > self.settings.backoff_max:
                         raise SourceError(
@@ -352,15 +340,10 @@ class ODataClient:
 def _transport_text(exc: BaseException) -> str:
     """A short description of a requests error without URLs (they may carry secrets)."""
     if isinstance(exc, requests.Timeout):
-        return "timed out" if not isinstance(exc, requests.ConnectTimeout) else (
-            "connect timed out")
+        return "connect timed out" if isinstance(exc, requests.ConnectTimeout) else "timed out"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "connection closed mid-response"
     if isinstance(exc, requests.ConnectionError):
-        text = str(exc)
-        for marker in ("Connection refused", "Name or service not known", "Connection reset",
-                       "Remote end closed connection", "Connection aborted"):
-            if marker in text:
-                return f"connection failed: {marker.lower()}"
-        return "connection failed"
+        marker = next((m for m in _CONNECTION_FAILURES if m in str(exc)), None)
+        return "connection failed" + (f": {marker.lower()}" if marker else "")
     return type(exc).__name__

@@ -1,8 +1,5 @@
-"""OData without HTTP: the entity mapping and the shape of a page.
-
-The OData client (:mod:`pipeline_cli.adapters.odata`) reads pages with it; settings and
-``doctor`` check a mapping with it without importing requests. The values of a row are read
-and checked in PostgreSQL by sync-odata (sql/015_sync_in_sql.sql).
+"""OData without HTTP: the entity mapping and the shape of a page, for the client and for
+settings and ``doctor``, which check a mapping without importing requests.
 """
 
 from __future__ import annotations

@@ -57,15 +57,10 @@ def datasets_list(app: App, limit: int) -> None:
                  [(r["version"], "*" if r["active"] else "",
                    r["created_at"].strftime("%Y-%m-%d %H:%M"),
                    "/".join(str(r["counts"].get(e, 0)) for e in ("stops", "routes", "flights")),
-                   _changes(r["diff"]),
+                   "+{} ~{} -{}".format(*(sum(d.get(k, 0) for d in r["diff"].values())
+                                          for k in ("inserted", "updated", "deleted"))),
                    r["source"] + (f" {r['restored_from']}" if r["restored_from"] else ""),
                    r["hash"][:10]) for r in rows])
-
-def _changes(diff: dict[str, dict[str, int]]) -> str:
-    total = {k: sum(d.get(k, 0) for d in diff.values()) for k in ("inserted", "updated",
-                                                                   "deleted")}
-    return f"+{total['inserted']} ~{total['updated']} -{total['deleted']}"
-
 
 @click.group("restore")
 def restore_group() -> None:

@@ -1,21 +1,8 @@
 """sync-odata: an OData service -> a versioned, validated dataset in the read model.
 
-One path for every sync (first load, changed or unchanged feed, ``--force``, ``--dry-run``)
-and for a restore, which replays a version's backed-up pages through it:
-
-1. **Stage.** Each set's pages are fetched in order and spooled raw (the backup keeps them).
-   While every page is byte for byte the active version's (same digest), pages are only
-   spooled. From the first one that differs, the pages held back and every later one go to
-   PostgreSQL: one INSERT per page, sent in pipeline mode while the next page is fetched.
-   ``json_to_recordset`` turns a page into rows and the ``sync_*`` functions
-   (sql/015_sync_in_sql.sql) turn each field into its read-model value; a refused row keeps
-   its raw fields. Every page equal to the active version's: ``noop``, nothing staged.
-2. **Check,** in SQL: refused rows, duplicate keys, references to rows that are not in the
-   feed. Strict: any problem is a ValidationError and nothing is written. ``--skip-invalid``:
-   those rows (and the rows that reference them) leave the stage and are recorded as rejects.
-3. **Diff and apply,** in SQL against the read model: insert the new rows, update the changed,
-   delete the vanished. Nothing changed (and no ``--force``): ``noop``. ``--dry-run``: counts.
-4. **Record** ``ds-v<N>``, back up the raw pages and a manifest to S3, commit.
+One path for every sync (first load, changed or unchanged feed, ``--force``, ``--dry-run``) and
+for a restore: stage the pages, check, diff and apply in SQL, record the version, back it up
+and commit, all in one transaction; docs/sync-odata.md ("One path") describes each step.
 """
 
 from __future__ import annotations
@@ -78,10 +65,6 @@ class Problem:
         key = "?" if self.key is None else self.key
         return f"{self.entity_set}[{self.key_field}={key}] {self.field}: {self.message}"
 
-    def to_json(self) -> dict[str, Any]:
-        return {"set": self.entity_set, "key": self.key, "field": self.field,
-                "kind": self.kind, "problem": self.message}
-
 
 @dataclass
 class Problems:
@@ -97,7 +80,9 @@ class Problems:
         if len(self.first) < MAX_PROBLEMS:
             self.first.append(problem)
         if self.reject_file is not None:
-            self.reject_file.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
+            self.reject_file.write(json.dumps({
+                "set": problem.entity_set, "key": problem.key, "field": problem.field,
+                "kind": problem.kind, "problem": problem.message}, ensure_ascii=False) + "\n")
 
     @property
     def total(self) -> int:
@@ -129,10 +114,6 @@ def _one(conn: psycopg.Connection[Any], query: sql.SQL | sql.Composed,
     return row
 
 
-def _ident(name: str) -> sql.Identifier:
-    return sql.Identifier(name)
-
-
 def _list(names: Iterator[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(*([prefix] if prefix else []), n) for n in names)
 
@@ -154,20 +135,20 @@ class _Set:
 
     @property
     def stage(self) -> sql.Identifier:
-        return _ident(f"stage_{self.entity}")
+        return sql.Identifier(f"stage_{self.entity}")
 
     @cached_property
     def page_insert(self) -> sql.Composed:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage.
         A row's number ``n`` is its place in the feed: page number << 32 plus its place in the
         page, so it needs no count of the rows before it (a restore has none)."""
-        f = {name: _ident(f"f{i}") for i, name in enumerate(self.mapping.select)}
+        f = {name: sql.Identifier(f"f{i}") for i, name in enumerate(self.mapping.select)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
                 else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
         values, bad = [], []
         for col in COLUMNS[self.entity]:
             kind, low, high = KINDS[self.entity][col]
-            c, src = _ident(f"c_{col}"), self.mapping.fields[col]
+            c, src = sql.Identifier(f"c_{col}"), self.mapping.fields[col]
             if not src:
                 values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
                 continue
@@ -187,24 +168,23 @@ class _Set:
             elif low is not None:
                 bad.append(sql.SQL("{} < {}").format(c, sql.Literal(low)))
         out = [sql.SQL("coalesce({}, false)" if KINDS[self.entity][col][0] == "bool" else "{}"
-                       ).format(_ident(f"c_{col}")) for col in COLUMNS[self.entity]]
+                       ).format(sql.Identifier(f"c_{col}")) for col in COLUMNS[self.entity]]
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
                   out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
                   rows=rows,
-                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(_ident(n))
+                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(n))
                                           for n in self.mapping.select))
 
     def checks(self) -> dict[str, Any]:
         """Parameters of the ``problems`` query: the checked columns with their fields."""
         cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
-        kinds = [KINDS[self.entity][c] for c in cols]
-        return {"cols": cols,  # field numbers in the ARRAY of texts, counted from 1
-                "fields": [self.mapping.select.index(self.mapping.fields[c]) + 1 for c in cols],
-                "kinds": [k for k, _, _ in kinds], "lows": [lo for _, lo, _ in kinds],
-                "highs": [hi for _, _, hi in kinds],
+        kinds, lows, highs = zip(*(KINDS[self.entity][c] for c in cols), strict=True)
+        select = self.mapping.select  # field numbers in the ARRAY of texts, counted from 1
+        return {"cols": cols, "fields": [select.index(self.mapping.fields[c]) + 1 for c in cols],
+                "kinds": list(kinds), "lows": list(lows), "highs": list(highs),
                 "required": [c not in OPTIONAL_COLUMNS for c in cols],
-                "key": self.mapping.select.index(self.mapping.key_field) + 1}
+                "key": select.index(self.mapping.key_field) + 1}
 
 
 # ------------------------------------------------------------------------------ staging
@@ -240,7 +220,7 @@ class _Loader:
 
     # ---------------------------------------------------------------- stage
 
-    def fetch(self, client: ODataClient, expected: Mapping[str, str] | None) -> bool:
+    def fetch(self, client: ODataClient, expected: Mapping[str, str]) -> bool:
         """Fetch and spool every set; True if every page equals the active version's
         (``expected``: its page digests per set, concatenated hex), so nothing was staged.
 
@@ -264,8 +244,8 @@ class _Loader:
                         i = len(st.digests) - 1
                         if self.staging:
                             self._stage(st, page.body)
-                        elif (expected is None or expected.get(e, "")[
-                                i * _DIGEST_HEX:(i + 1) * _DIGEST_HEX] != st.digests[i]):
+                        elif expected.get(e, "")[
+                                i * _DIGEST_HEX:(i + 1) * _DIGEST_HEX] != st.digests[i]:
                             out.flush()
                             self.stage()  # this page differs: stage it and those held back
                 self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
@@ -278,10 +258,9 @@ class _Loader:
                         f"its pages held {st.rows} (the set changed while it was read, or "
                         "its paging skipped rows); nothing was written ([odata] count = "
                         "false skips this check)")
-            if not self.staging and (expected is None or any(
-                    len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
-                    for e, s in self.sets.items())):
-                self.stage()  # a page too few, or nothing to compare with
+            if not self.staging and any(len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
+                                        for e, s in self.sets.items()):
+                self.stage()  # the active version had a page more
         return not self.staging
 
     def replay(self, backups: BackupStore, raw_prefix: str) -> None:
@@ -306,7 +285,7 @@ class _Loader:
         if not self.staging:
             self.conn.execute(db.query("sync_odata", "stage_settings"))
             for e, st in self.sets.items():
-                self.conn.execute(_q("create_stage", stage=st.stage, target=_ident(e),
+                self.conn.execute(_q("create_stage", stage=st.stage, target=sql.Identifier(e),
                                      cols=_list(COLUMNS[e])))
             self.staging = True
         for st in self.sets.values():
@@ -370,7 +349,7 @@ class _Loader:
         m = self.sets[e].mapping
         parent_set = self.sets[parent].mapping.entity_set
         rows = self.conn.execute(_q("delete_dangling" if reject else "dangling",
-                                    stage=self.sets[e].stage, col=_ident(col),
+                                    stage=self.sets[e].stage, col=sql.Identifier(col),
                                     parent=self.sets[parent].stage)).fetchall()
         for r in sorted(rows, key=lambda r: r["n"]):
             problems.add(Problem(m.entity_set, m.key_field, r["id"], m.fields[col],
@@ -380,17 +359,13 @@ class _Loader:
         if reject:
             problems.rejected[e] += len(rows)
 
-    def counts(self) -> dict[str, int]:
-        with db.wrap_errors("counting the staged rows"):
-            return {e: int(_one(self.conn, _q("count_stage", stage=self.sets[e].stage))["n"])
-                    for e in ENTITIES}
-
     def hashes(self) -> tuple[str, dict[str, str]]:
         """The version's hash and each set's: of the raw pages read (their digests, in order),
         so a restore, which replays them, must come out with the same."""
         per_set = {e: hashlib.sha256("".join(s.digests).encode()).hexdigest()
                    for e, s in self.sets.items()}
-        return dataset_hash(per_set), per_set
+        return hashlib.sha256("".join(f"{e}:{per_set[e]}\n" for e in ENTITIES).encode()
+                              ).hexdigest(), per_set
 
     # ---------------------------------------------------------------- diff and apply
 
@@ -404,7 +379,9 @@ class _Loader:
         self.check(problems, reject=reject)
         if reject or problems.total:
             self.check_keys(problems, reject=reject)
-        counts = self.counts()
+        with db.wrap_errors("counting the staged rows"):
+            counts = {e: int(_one(self.conn, _q("count_stage", stage=s.stage))["n"])
+                      for e, s in self.sets.items()}
         if counts["stops"] == 0:
             m = self.sets["stops"].mapping
             problems.add(Problem(m.entity_set, m.key_field, None, "-", "empty",
@@ -434,7 +411,7 @@ class _Loader:
             except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation):
                 diff = None
             if diff is None or any(  # fewer rows than staged: a key twice in the feed
-                    _one(self.conn, _q("count_rows", target=_ident(e)))["n"] != staged[e]
+                    _one(self.conn, _q("count_rows", target=sql.Identifier(e)))["n"] != staged[e]
                     for e in ENTITIES):
                 self.conn.execute(db.query("sync_odata", "rollback_apply"))
                 return None
@@ -443,10 +420,10 @@ class _Loader:
     def _counted(self, name: str, e: str) -> dict[str, int]:
         cols = COLUMNS[e]
         row = _one(self.conn, _q(
-            name, stage=self.sets[e].stage, target=_ident(e), cols=_list(cols),
+            name, stage=self.sets[e].stage, target=sql.Identifier(e), cols=_list(cols),
             s_cols=_list(cols, "s"), t_cols=_list(cols, "t"),
             assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
-                _ident(c), _ident(c)) for c in cols if c != "id")))
+                sql.Identifier(c), sql.Identifier(c)) for c in cols if c != "id")))
         return {k: int(v) for k, v in row.items()}
 
 
@@ -496,11 +473,6 @@ def _page_text(body: bytes, entity_set: str) -> str:
     return _NUL.sub(r"\1\\uffff", text) if "\\u0000" in text else text
 
 
-def dataset_hash(set_hashes: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{e}:{set_hashes[e]}\n" for e in ENTITIES).encode()
-                          ).hexdigest()
-
-
 def feed_key(client: ODataClient, mappings: dict[str, EntityMapping]) -> str:
     """What page digests are valid for: the checks, protocol, mapping and first-page URLs."""
     urls = [client.collection_url(m.entity_set, orderby=m.key_field, select=m.select,
@@ -515,19 +487,6 @@ def backup_prefix(version: str) -> str:
 
 
 # ------------------------------------------------------------------------------ versions
-
-
-@dataclass
-class _Version:
-    """What a new version records besides its rows."""
-
-    counts: dict[str, int]
-    manifest: dict[str, Any]
-    source: str
-    restored_from: str | None = None
-    feed_digests: dict[str, Any] | None = None
-    rejects: Path | None = None
-    hashes: tuple[str, dict[str, str]] | None = None  # (dataset, per set); None: of the pages
 
 
 def _gzip(src: Path, dst: Path) -> Path:
@@ -550,10 +509,14 @@ def _upload_rejects(backups: BackupStore, rejects: Path, prefix: str) -> dict[st
 
 
 def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: BackupStore,
-                  ctx: RunContext, v: _Version, diff: dict[str, dict[str, int]]
+                  ctx: RunContext, diff: dict[str, dict[str, int]], *, counts: dict[str, int],
+                  manifest: dict[str, Any], source: str, restored_from: str | None = None,
+                  feed_digests: dict[str, Any] | None = None, rejects: Path | None = None,
+                  hashes: tuple[str, dict[str, str]] | None = None
                   ) -> tuple[str, str, list[tuple[str | None, int]]]:
     """Record the applied dataset as the new active version, back it up, then commit; returns
     the version, its hash and its route modes (recorded in ``stats``, for the runs after).
+    ``hashes`` (the version's, each set's) are those of the pages read unless given.
 
     Order: reserve ``ds-v<N>``; upload the raw pages of a sync (in threads, while the version
     is recorded in this transaction); upload the manifest; COMMIT. Any failure before the
@@ -565,19 +528,19 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
     version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
     with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
         uploads = [pool.submit(_upload_raw, backups, st, prefix)
-                   for st in loader.sets.values() if v.source == "sync"]
-        if v.rejects is not None:
-            uploads.append(pool.submit(_upload_rejects, backups, v.rejects, prefix))
+                   for st in loader.sets.values() if source == "sync"]
+        if rejects is not None:
+            uploads.append(pool.submit(_upload_rejects, backups, rejects, prefix))
         try:
-            hash_, set_hashes = v.hashes or loader.hashes()
-            modes = _route_modes(conn, loader.sets["routes"].stage, loader.sets["flights"].stage)
+            hash_, set_hashes = hashes or loader.hashes()
+            modes = _route_modes(conn, "stage_")
             with db.wrap_errors("recording the dataset version"):
                 created = _one(conn, db.query("sync_odata", "insert_dataset"), {
                     "version": version, "seq": seq, "hash": hash_,
-                    "set_hashes": Jsonb(set_hashes), "counts": Jsonb(v.counts),
-                    "diff": Jsonb(diff), "source": v.source, "restored_from": v.restored_from,
+                    "set_hashes": Jsonb(set_hashes), "counts": Jsonb(counts),
+                    "diff": Jsonb(diff), "source": source, "restored_from": restored_from,
                     "backup_prefix": prefix, "run_id": ctx.run_id,
-                    "feed_digests": None if v.feed_digests is None else Jsonb(v.feed_digests),
+                    "feed_digests": None if feed_digests is None else Jsonb(feed_digests),
                     "stats": Jsonb({"route_modes": modes}),
                 })["created_at"]
                 conn.execute(db.query("sync_odata", "deactivate"))
@@ -587,9 +550,9 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
             for upload in uploads:  # a BackupError wins: it is the root cause more often
                 files |= upload.result()
     backups.put_json(prefix + "manifest.json", {
-        **v.manifest, "version": version, "hash": hash_, "set_hashes": set_hashes,
-        "counts": v.counts, "diff": diff, "created_at": created.isoformat(), "files": files,
-        "run_id": ctx.run_id, "source": v.source})
+        **manifest, "version": version, "hash": hash_, "set_hashes": set_hashes,
+        "counts": counts, "diff": diff, "created_at": created.isoformat(), "files": files,
+        "run_id": ctx.run_id, "source": source})
     with db.wrap_errors("committing the dataset"):
         conn.commit()
     return version, hash_, modes
@@ -611,13 +574,6 @@ def _connect(database: db.Database, ctx: RunContext) -> psycopg.Connection[Any]:
     conn = database.connect(name=f"pipeline {ctx.stage} {ctx.run_id[:8]}")
     db.long_transaction(conn)  # it waits on the OData server between pages
     return conn
-
-
-def _active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
-    with db.wrap_errors("reading the active dataset"):
-        row: dict[str, Any] | None = conn.execute(
-            db.query("sync_odata", "active_dataset")).fetchone()
-    return row
 
 
 def _noop(active: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None
@@ -680,12 +636,13 @@ def _invalid(problems: Problems, loader: _Loader) -> ValidationError:
             extra={"problems": first, "problem_counts": problems.by_set()}))
 
 
-def _route_modes(conn: psycopg.Connection[Any], routes: sql.Identifier = _ident("routes"),
-                 flights: sql.Identifier = _ident("flights")) -> list[tuple[str | None, int]]:
-    """Of the read model, or of the stage an apply has just made it equal to."""
+def _route_modes(conn: psycopg.Connection[Any], prefix: str = "") -> list[tuple[str | None, int]]:
+    """Of the read model, or (``prefix`` "stage_") of the stage an apply has just made it
+    equal to."""
     with db.wrap_errors("reading the route modes"):
         return [(r["mode"], int(r["routes"]))
-                for r in conn.execute(_q("route_modes", routes=routes, flights=flights))]
+                for r in conn.execute(_q("route_modes", routes=sql.Identifier(prefix + "routes"),
+                                                 flights=sql.Identifier(prefix + "flights")))]
 
 
 def _sync(database: db.Database, client: ODataClient, backups: BackupStore | None,
@@ -699,10 +656,11 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
     # closed without a commit, the connection rolls everything back
     with contextlib.closing(_connect(database, ctx)) as conn, \
             _Loader(conn, ctx, mappings, client.protocol) as loader:
-        active = _active(conn)
+        with db.wrap_errors("reading the active dataset"):
+            active = conn.execute(db.query("sync_odata", "active_dataset")).fetchone()
         key = feed_key(client, mappings)
         stored = (active or {}).get("feed_digests") or {}
-        expected = stored.get("pages") if not force and stored.get("key") == key else None
+        expected = stored.get("pages", {}) if not force and stored.get("key") == key else {}
         if loader.fetch(client, expected):
             # every page byte for byte the active version's: nothing was even staged
             assert active is not None
@@ -732,15 +690,15 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
                 | reject_extra | {"dry_run": True},
                 message="dry run: nothing written" + _diff_text(diff)), None
         assert backups is not None
-        version, hash_, modes = write_version(conn, loader, backups, ctx, _Version(
-            counts=counts, source="sync",
+        version, hash_, modes = write_version(
+            conn, loader, backups, ctx, diff, counts=counts, source="sync",
             manifest={"format": BACKUP_FORMAT, "raw_prefix": None,
                       "odata": {"service": client.service_url, "protocol": client.protocol,
                                 "mapping": {e: m.to_json() for e, m in mappings.items()}}},
             # a feed with rejects always gets the full check again
             feed_digests=None if rejected else {"key": key, "pages": {
                 e: "".join(st.digests) for e, st in loader.sets.items()}},
-            rejects=rejects if rejected else None), diff)
+            rejects=rejects if rejected else None)
         ctx.log.info("dataset %s active%s", version, _diff_text(diff))
         return StageResult(status=SUCCESS, counts=counts,
                            extra=_result_extra(version, hash_, diff) | reject_extra
@@ -798,11 +756,11 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
             if wrong:  # still uncommitted: the connection closes without a commit
                 raise BackupError(f"backup {prefix} does not give {version}: the row counts "
                                   f"of {', '.join(wrong)} differ")
-            new_version, _, _ = write_version(conn, loader, backups, ctx, _Version(
-                counts=counts, source="restore", restored_from=version,
-                hashes=(hash_, set_hashes),
+            new_version, _, _ = write_version(
+                conn, loader, backups, ctx, diff, counts=counts, source="restore",
+                restored_from=version, hashes=(hash_, set_hashes),
                 manifest={"format": manifest["format"], "raw_prefix": raw_prefix,
-                          "restored_from": version, "odata": odata}), diff)
+                          "restored_from": version, "odata": odata})
     return StageResult(status=SUCCESS, counts=counts,
                        extra=_result_extra(new_version, hash_, diff)
                        | {"restored_from": version, "backup_prefix": backup_prefix(new_version)},
