@@ -31,6 +31,13 @@ def test_every_command_has_help_text() -> None:
         assert cmd.help and cmd.help.strip(), f"{name} has no help text"
 
 
+def test_every_command_takes_the_global_options_after_its_name() -> None:
+    # `pipeline restore dataset ds-v3 -q` was a usage error: that command joined its group
+    # after the group had been given the options.
+    for name, cmd in all_commands(cli):
+        assert {"quiet", "verbose", "log_format"} <= {p.name for p in cmd.params}, name
+
+
 def test_generated_docs_are_current() -> None:
     # docs/commands.md and the settings table are generated (`make docs`); a stale page fails.
     docs = Path(__file__).parents[2] / "docs"
