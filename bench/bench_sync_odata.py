@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pipeline_cli
 from bench import scratch_database
 from devtools.cleanup import drop_bucket
 from devtools.odata_data import (
@@ -228,6 +229,17 @@ def peak_rss(services: LocalServices, rows: int, s3: dict[str, Any]) -> dict[str
                       f"({child['seconds'][1]:.1f} s), one after the other in one process"}
 
 
+def module_lines() -> dict[str, Any]:
+    """Lines of the package's modules whose path names sync or odata (the CLI command too)."""
+    package = Path(pipeline_cli.__file__).parent
+    lines = {str(p.relative_to(package)): len(p.read_text(encoding="utf-8").splitlines())
+             for p in sorted(package.rglob("*.py"))
+             if "sync" in str(p.relative_to(package)) or "odata" in str(p.relative_to(package))}
+    return {"name": "sync-odata: lines of the modules whose path names sync or odata",
+            "value": sum(lines.values()), "goal": "<= 1400", "unit": "lines",
+            "detail": ", ".join(f"{path} {n}" for path, n in lines.items())}
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     services = LocalServices()
     try:
@@ -239,6 +251,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             results = ratios(services, 30_000 if quick else 200_000, s3,
                              rounds=2 if quick else 5)
             results.append(peak_rss(services, 100_000 if quick else 1_000_000, s3))
+            results.append(module_lines())
         finally:
             empty_bucket(s3)
     finally:
