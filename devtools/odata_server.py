@@ -43,6 +43,7 @@ __all__ = [
     "Fault",
     "ODataServer",
     "RequestRecord",
+    "atom",
     "connection_reset",
     "delay",
     "html",
@@ -59,7 +60,7 @@ __all__ = [
 Row = Mapping[str, Any]
 FaultKind = Literal[
     "status", "truncated_json", "delay", "never_ending_next_link", "huge_response",
-    "wrong_shape", "html", "connection_reset",
+    "wrong_shape", "html", "atom", "connection_reset",
 ]  # fmt: skip
 
 
@@ -136,6 +137,12 @@ class Fault:
         return cls("html")
 
     @classmethod
+    def atom(cls) -> Fault:
+        """A 200 Atom XML feed (``application/atom+xml``), as a service that does not answer
+        in JSON (an old V2 service, or one that ignores ``$format=json``) sends."""
+        return cls("atom")
+
+    @classmethod
     def connection_reset(cls) -> Fault:
         """Read the request, then reset the TCP connection without any response."""
         return cls("connection_reset")
@@ -148,6 +155,7 @@ never_ending_next_link = Fault.never_ending_next_link
 huge_response = Fault.huge_response
 wrong_shape = Fault.wrong_shape
 html = Fault.html
+atom = Fault.atom
 connection_reset = Fault.connection_reset
 
 
@@ -753,7 +761,7 @@ class ODataServer:
             self._send_huge(h, fault)
             return
         try:
-            if fault is not None and fault.kind in ("status", "html", "wrong_shape"):
+            if fault is not None and fault.kind in ("status", "html", "atom", "wrong_shape"):
                 response = self._fault_response(fault)
             else:
                 cycle = fault is not None and fault.kind == "never_ending_next_link"
@@ -850,6 +858,10 @@ class ODataServer:
                 "<input name='user'><input name='password' type='password'></form></body></html>"
             )
             return _Response(200, page.encode(), "text/html; charset=utf-8")
+        if fault.kind == "atom":
+            feed = ('<?xml version="1.0" encoding="utf-8"?><feed xmlns='
+                    '"http://www.w3.org/2005/Atom"><title type="text">Stops</title></feed>')
+            return _Response(200, feed.encode(), "application/atom+xml;type=feed;charset=utf-8")
         payload = fault.payload
         if payload is _DEFAULT_SHAPE:
             payload = {"value": 5} if self.version == "v4" else {"d": {"results": 5}}

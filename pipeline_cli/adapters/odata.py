@@ -301,9 +301,11 @@ class ODataClient:
                     401, 403) else ""
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what)
-        if "html" in content_type.lower():
-            raise SourceError(f"OData {what}: expected JSON, got {content_type.split(';')[0]} "
-                              "(a login page or proxy in the way?)")
+        kind = content_type.split(";")[0].strip().lower()
+        if "html" in kind or "xml" in kind:  # not a JSON body cut short: no retry
+            raise SourceError(f"OData {what}: expected JSON, got {kind} " + (
+                "(a login page or proxy in the way?)" if "html" in kind else
+                "(the service answers in XML; sync-odata reads OData JSON)"))
         try:
             return body, json.loads(body)
         except ValueError as exc:

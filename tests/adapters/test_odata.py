@@ -11,6 +11,7 @@ import pytest
 
 from devtools.odata_server import (
     ODataServer,
+    atom,
     connection_reset,
     delay,
     html,
@@ -174,6 +175,16 @@ def test_html_and_wrong_shapes_are_clear_errors(v4: ODataServer) -> None:
     v4.add_fault(wrong_shape(), entity_set="Stops")
     with client(v4) as c, pytest.raises(SourceError, match="expected a list of entities"):
         fetch(c)
+
+
+def test_an_xml_answer_fails_at_once_naming_its_type(v4: ODataServer) -> None:
+    # An Atom feed was "malformed JSON (...; truncated?)", asked for five times with backoff.
+    v4.add_fault(atom(), times=None)  # the service document (auto-detection) and every set
+    with client(v4) as c, pytest.raises(SourceError, match=r"the service document: expected "
+                                        r"JSON, got application/atom\+xml \(the service answers "
+                                        r"in XML"):
+        fetch(c)
+    assert len(v4.requests) == 1
 
 
 def test_read_timeout_is_retried(v4: ODataServer) -> None:
