@@ -174,8 +174,11 @@ def long_transaction(conn: psycopg.Connection[Any]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's first line, with the server's hint when it gives one (what to change)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    hint = exc.diag.message_hint if isinstance(exc, psycopg.Error) else None
+    return f"{line} (hint: {hint.rstrip('.')})" if hint else line
 
 
 @contextmanager

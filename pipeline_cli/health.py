@@ -320,6 +320,15 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     _thresholds(add, "gps", _num(gps, "batches", "dead"), h.dead_batches_warning,
                 h.dead_batches_critical,
                 "{:.0f} dead GPS batches (`pipeline batches list --status dead`)")
+    partitions, slots = _num(gps, "partitions"), _num(gps, "lock_slots")
+    if partitions and slots and 4 * partitions > slots:
+        # A batching pass takes two locks a partition: over half the table is a warning,
+        # over all of it (the pass fails) critical.
+        add(CRITICAL if 4 * partitions > 2 * slots else WARNING, "gps",
+            f"gps_points has {partitions:.0f} partitions: a match-gps batching pass locks two "
+            f"per partition and the server's lock table holds {slots:.0f} for all sessions "
+            "(\"out of shared memory\" when it runs out); raise max_locks_per_transaction "
+            "or drop old days with `pipeline prune`")
     if report.s3.get("configured") and report.s3.get("reachable") is False:
         add(WARNING, "s3", f"S3 unreachable: {report.s3.get('error', '')}".rstrip(": "))
     elif report.s3.get("error"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_cli import db
-from pipeline_cli.errors import SchemaError
+from pipeline_cli.errors import DatabaseError, SchemaError
 from pipeline_cli.gps import batches
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
@@ -47,6 +47,14 @@ def test_check_schema_refuses_unmigrated_and_outdated(empty_database_url: str) -
         conn.execute("DELETE FROM schema_migrations WHERE version = %s", (db.latest_version(),))
         with pytest.raises(SchemaError, match="outdated.*pipeline db migrate"):
             db.check_schema(conn)
+
+
+def test_a_database_error_carries_the_servers_hint(empty_database_url: str) -> None:
+    # "out of shared memory" alone does not say which setting to raise; its hint does.
+    expected = r"while probing: function no_such_fn\(integer\) does not exist \(hint: No func"
+    with db.connect(empty_database_url, autocommit=True) as conn, \
+            pytest.raises(DatabaseError, match=expected), db.wrap_errors("probing"):
+        conn.execute("SELECT no_such_fn(1)")
 
 
 def test_named_queries_parse() -> None:

@@ -191,6 +191,22 @@ def test_gps_thresholds_follow_the_health_settings(conn: Conn, database_url: str
     assert collect_status(conn, sections=gps(5000), health=lenient).health == OK
 
 
+def test_partitions_near_the_servers_lock_table_warn_then_turn_critical(
+        conn: Conn, database_url: str) -> None:
+    # 3,659 daily partitions (a ten-year import) made match-gps fail "out of shared memory"
+    # with PostgreSQL's default lock table (6,400 slots), and status said nothing.
+    run(database_url, "sync-odata", "success")
+
+    def gps(partitions: int) -> dict[str, Any]:
+        return quiet_sections(gps=lambda env: {"partitions": partitions, "lock_slots": 6400})
+
+    assert collect_status(conn, sections=gps(1600)).health == OK
+    report = collect_status(conn, sections=gps(1601))
+    assert report.health == WARNING
+    assert "max_locks_per_transaction" in report.problems[0].message
+    assert collect_status(conn, sections=gps(3201)).health == CRITICAL
+
+
 def test_a_failing_section_reports_itself_and_warns(conn: Conn, database_url: str) -> None:
     run(database_url, "sync-odata", "success")
 
@@ -209,8 +225,10 @@ def test_real_sections_fill_the_report(conn: Conn, database_url: str, redis_url:
     client = redis_lib.Redis.from_url(redis_url)
     try:
         report = collect_status(conn, redis=client, redis_prefix=redis_prefix)
-        for name in ("dataset", "virtual", "graph"):
+        for name in ("dataset", "virtual", "graph", "gps"):
             assert "error" not in report.sections[name], report.sections[name]
+        gps = report.sections["gps"]
+        assert gps["partitions"] >= 9 and gps["lock_slots"] >= 64  # the days made ahead
         assert report.sections["graph"]["consistent"] is True
         # A Redis pointer that PostgreSQL does not know is critical: the API reads it.
         client.set(f"{redis_prefix}:graph:active", "graph-v99")

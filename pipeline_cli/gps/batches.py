@@ -203,7 +203,8 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         expired = conn.execute(db.query("match_gps", "expired_leases")).fetchone()
         default = conn.execute(db.query("match_gps", "default_partition_points"),
                                {"cap": DEFAULT_PARTITION_CAP + 1}).fetchone()
-    assert backlog and recent and expired and default
+        locks = conn.execute(db.query("match_gps", "partition_locks")).fetchone()
+    assert backlog and recent and expired and default and locks
     batches = {s: 0 for s in ("pending", "processing", "failed", "dead")}
     waiting_points = {s: 0 for s in batches}
     next_retry = None
@@ -228,6 +229,8 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "last_completed_at": recent["last_completed_at"],
         # Information, not a warning: the next match-gps run gives them a partition.
         "default_partition_points": min(int(default["n"]), DEFAULT_PARTITION_CAP),
+        "partitions": int(locks["partitions"]),
+        "lock_slots": int(locks["lock_slots"]),
     }
 
 

@@ -397,6 +397,15 @@ SELECT set_config('jit', 'off', true);
 -- Points whose day has no partition yet (capped: the count is information).
 SELECT count(*)::bigint AS n FROM (SELECT 1 FROM gps_points_default LIMIT %(cap)s) t;
 
+-- name: partition_locks
+-- A batching pass reads every partition of gps_points through its arrival index, so it takes
+-- two locks per partition from the server's shared lock table, which holds
+-- max_locks_per_transaction x (max_connections + max_prepared_transactions) for all sessions.
+SELECT (SELECT count(*) FROM pg_inherits WHERE inhparent = 'gps_points'::regclass) AS partitions,
+       current_setting('max_locks_per_transaction')::bigint
+       * (current_setting('max_connections')::bigint
+          + current_setting('max_prepared_transactions')::bigint) AS lock_slots;
+
 -- name: open_batches
 SELECT status, count(*)::bigint AS n, sum(coordinate_count)::bigint AS points,
        min(next_attempt_at) AS next_attempt_at, min(start_time) AS oldest
