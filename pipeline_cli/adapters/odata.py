@@ -302,13 +302,15 @@ class ODataClient:
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what)
         kind = content_type.split(";")[0].strip().lower()
-        if "html" in kind or "xml" in kind:  # not a JSON body cut short: no retry
-            raise SourceError(f"OData {what}: expected JSON, got {kind} " + (
-                "(a login page or proxy in the way?)" if "html" in kind else
-                "(the service answers in XML; sync-odata reads OData JSON)"))
+        if "html" in kind:
+            raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "
+                              "in the way?)")
         try:
             return body, json.loads(body)
         except ValueError as exc:
+            if "xml" in kind:  # an XML answer, not a JSON body cut short: no retry
+                raise SourceError(f"OData {what}: expected JSON, got {kind} (the service "
+                                  "answers in XML; sync-odata reads OData JSON)") from None
             # a body cut short by a dropped connection: worth another try
             raise _Retryable(f"malformed JSON ({exc.msg} at byte {exc.pos}; truncated?)"
                              if isinstance(exc, json.JSONDecodeError) else "malformed JSON"
