@@ -533,7 +533,7 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
             uploads.append(pool.submit(_upload_rejects, backups, rejects, prefix))
         try:
             hash_, set_hashes = hashes or loader.hashes()
-            modes = _route_modes(conn, "stage_")
+            modes = _route_modes(conn, loader.sets["routes"].stage, loader.sets["flights"].stage)
             with db.wrap_errors("recording the dataset version"):
                 created = _one(conn, db.query("sync_odata", "insert_dataset"), {
                     "version": version, "seq": seq, "hash": hash_,
@@ -636,13 +636,13 @@ def _invalid(problems: Problems, loader: _Loader) -> ValidationError:
             extra={"problems": first, "problem_counts": problems.by_set()}))
 
 
-def _route_modes(conn: psycopg.Connection[Any], prefix: str = "") -> list[tuple[str | None, int]]:
-    """Of the read model, or (``prefix`` "stage_") of the stage an apply has just made it
-    equal to."""
+def _route_modes(conn: psycopg.Connection[Any], *tables: sql.Identifier
+                 ) -> list[tuple[str | None, int]]:
+    """Of the read model, or of the stage (``tables``) an apply has just made equal to it."""
+    routes, flights = tables or (sql.Identifier("routes"), sql.Identifier("flights"))
     with db.wrap_errors("reading the route modes"):
         return [(r["mode"], int(r["routes"]))
-                for r in conn.execute(_q("route_modes", routes=sql.Identifier(prefix + "routes"),
-                                                 flights=sql.Identifier(prefix + "flights")))]
+                for r in conn.execute(_q("route_modes", routes=routes, flights=flights))]
 
 
 def _sync(database: db.Database, client: ODataClient, backups: BackupStore | None,
