@@ -56,6 +56,7 @@ class _Retryable(Exception):
 
 _CONNECTION_FAILURES = ("Connection refused", "Name or service not known", "Connection reset",
                         "Remote end closed connection", "Connection aborted")
+_AUTH, _NAMES = " (check [odata] username/password/token)", " (check the names in [odata.mapping])"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -297,8 +298,7 @@ class ODataClient:
                             f"{after:.0f} s, longer than [odata] backoff_max "
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after)
-                hint = " (check [odata] username/password/token)" if resp.status_code in (
-                    401, 403) else ""
+                hint = {401: _AUTH, 403: _AUTH, 400: _NAMES, 404: _NAMES}.get(resp.status_code, "")
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what)
         kind = content_type.split(";")[0].strip().lower()

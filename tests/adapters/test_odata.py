@@ -132,17 +132,26 @@ def test_other_4xx_fail_at_once_with_the_odata_error(v4: ODataServer, code: int)
     v4.add_fault(status(code, message="No such\nthing"), entity_set="Stops")
     with client(v4) as c, pytest.raises(SourceError) as err:
         fetch(c)
-    assert str(err.value) == (f"OData {endpoint(v4.url)} Stops page 1: HTTP {code} "
-                              f"Injected{code}: No such thing")
+    assert str(err.value) == (f"OData {endpoint(v4.url)} Stops page 1 (check the names in "
+                              f"[odata.mapping]): HTTP {code} Injected{code}: No such thing")
     assert v4.request_count("Stops") == 1
+
+
+def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
+    # Another service's vocabulary: the server's 400 names the field, the hint the setting.
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c, select=["ID", "isAirprt"])
+    assert "(check the names in [odata.mapping]): HTTP 400" in str(err.value)
+    assert "Could not find a property named 'isAirprt'" in str(err.value)
 
 
 def test_v2_error_body_is_one_line() -> None:
     with ODataServer(DATA, version="v2") as srv, client(srv) as c, \
             pytest.raises(SourceError) as err:
         fetch(c, "NoSuchSet")
-    assert str(err.value) == (f"OData {endpoint(srv.url)} NoSuchSet page 1: HTTP 404 NotFound: "
-                              "Resource not found for the segment 'NoSuchSet'")
+    assert str(err.value) == (f"OData {endpoint(srv.url)} NoSuchSet page 1 (check the names in "
+                              "[odata.mapping]): HTTP 404 NotFound: Resource not found for the "
+                              "segment 'NoSuchSet'")
 
 
 def test_error_line_of_non_odata_bodies() -> None:
