@@ -49,6 +49,7 @@ __all__ = [
     "html",
     "huge_response",
     "main",
+    "mislabelled",
     "never_ending_next_link",
     "sample_network",
     "sample_network_lazy",
@@ -60,7 +61,7 @@ __all__ = [
 Row = Mapping[str, Any]
 FaultKind = Literal[
     "status", "truncated_json", "delay", "never_ending_next_link", "huge_response",
-    "wrong_shape", "html", "atom", "connection_reset",
+    "wrong_shape", "html", "atom", "mislabelled", "connection_reset",
 ]  # fmt: skip
 
 
@@ -82,6 +83,7 @@ class Fault:
     content_length: bool = True
     same_link: bool = False
     payload: Any = None
+    content_type: str = ""
 
     @classmethod
     def status(
@@ -143,6 +145,12 @@ class Fault:
         return cls("atom")
 
     @classmethod
+    def mislabelled(cls, content_type: str = "text/xml") -> Fault:
+        """The real answer under another ``Content-Type`` (services that label their JSON
+        ``text/xml`` or ``text/plain`` exist)."""
+        return cls("mislabelled", content_type=content_type)
+
+    @classmethod
     def connection_reset(cls) -> Fault:
         """Read the request, then reset the TCP connection without any response."""
         return cls("connection_reset")
@@ -156,6 +164,7 @@ huge_response = Fault.huge_response
 wrong_shape = Fault.wrong_shape
 html = Fault.html
 atom = Fault.atom
+mislabelled = Fault.mislabelled
 connection_reset = Fault.connection_reset
 
 
@@ -767,6 +776,8 @@ class ODataServer:
                 cycle = fault is not None and fault.kind == "never_ending_next_link"
                 same = cycle and fault is not None and fault.same_link
                 response = self._respond(h.command, path, pairs, record.headers, cycle, same)
+                if fault is not None and fault.kind == "mislabelled":
+                    response.content_type = fault.content_type
         except _ODataError as err:
             response = self._error(err.http_status, err.code, err.message, err.headers)
         except Exception:  # a bug in this fixture: answer 500 and keep it for the test to see

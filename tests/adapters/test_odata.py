@@ -16,6 +16,7 @@ from devtools.odata_server import (
     delay,
     html,
     huge_response,
+    mislabelled,
     never_ending_next_link,
     sample_network,
     status,
@@ -194,6 +195,15 @@ def test_an_xml_answer_fails_at_once_naming_its_type(v4: ODataServer) -> None:
                                         r"in XML"):
         fetch(c)
     assert len(v4.requests) == 1
+
+
+@pytest.mark.parametrize("content_type", ["text/xml", "text/plain; charset=utf-8"])
+def test_json_under_another_content_type_is_read(v4: ODataServer, content_type: str) -> None:
+    with client(v4) as c:
+        expected = fetch(c)
+    v4.add_fault(mislabelled(content_type), times=None)
+    with client(v4) as c:
+        assert fetch(c) == expected and len(expected) == 40
 
 
 def test_read_timeout_is_retried(v4: ODataServer) -> None:
