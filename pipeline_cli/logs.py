@@ -79,9 +79,12 @@ def setup_logging(fmt: str, verbosity: int, redact: Callable[[str], str]) -> Non
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactFilter(redact))
-    root = logging.getLogger("pipeline")
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
+    # psycopg's own warnings ("error ignored terminating <Pipeline ...>") repeat an error the
+    # run reports anyway; unhandled they went to stderr raw, even under -q and in JSON logs.
+    for name, at in (("pipeline", level), ("psycopg", max(level, logging.ERROR))):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(at)
+        logger.propagate = False

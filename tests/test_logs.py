@@ -38,3 +38,24 @@ def test_log_format_json_flag(run_cli: Cli) -> None:
     assert result.returncode == 0
     for line in result.stderr.splitlines():
         json.loads(line)
+
+
+def test_psycopg_warnings_do_not_reach_stderr_raw(run_cli: Cli) -> None:
+    # Leaving a pipeline block on an error made psycopg warn "error ignored terminating
+    # <psycopg.Pipeline [INERROR] (host=... user=... database=...)>": raw text on stderr,
+    # under -q and amid JSON log lines alike.
+    code = (
+        "import sys, psycopg\n"
+        "from pipeline_cli.logs import setup_logging\n"
+        "setup_logging('json', 0, lambda s: s)\n"
+        "with psycopg.connect(sys.argv[1]) as conn:\n"
+        "    try:\n"
+        "        with conn.pipeline():\n"
+        "            conn.execute(\"SELECT 'NaN'::json\")\n"
+        "            raise RuntimeError('the stage failed')\n"
+        "    except (RuntimeError, psycopg.Error):\n"
+        "        pass\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, run_cli.env["PIPELINE_DATABASE_URL"]],
+                          capture_output=True, text=True, check=True)
+    assert proc.stderr == ""

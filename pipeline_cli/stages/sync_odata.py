@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -237,8 +238,8 @@ class _Loader:
                         self.ctx.check_stop()
                         if page.number == 1 and page.count is not None:
                             bar.set_total(announced := page.count)
-                        if _SURROGATE.search(page.body):
-                            _refuse_surrogates(m, page)
+                        if _SUSPECT.search(page.body):
+                            _refuse_not_json(m, page)
                         self._spool(st, out, page.body, len(page.rows))
                         bar.advance(len(page.rows))
                         i = len(st.digests) - 1
@@ -442,27 +443,32 @@ def _records(src: gzip.GzipFile) -> Iterator[bytes]:
 _NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-# A UTF-16 surrogate escape: a pair is one character (an emoji), but half of one is no text
-# (RFC 8259 8.2). This plain pattern scans a page in microseconds; only a page it finds is
-# looked at row by row.
-_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A UTF-16 surrogate escape (a pair is one character, an emoji; half of one is no text, RFC
+# 8259 8.2), or NaN/Infinity, which Python's parser reads and PostgreSQL's refuses. This plain
+# pattern scans a page in microseconds; only a page it finds is looked at row by row.
+_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 
 
-def _refuse_surrogates(m: EntityMapping, page: Page) -> None:
-    """SourceError naming the row and field whose value holds a lone surrogate (Python's
-    parser joins a pair into one character and keeps a lone half as a code point);
-    PostgreSQL refuses such a string only as a database error naming nothing."""
+def _not_json(v: Any) -> str | None:
+    """Why PostgreSQL would refuse ``v`` (a value Python's JSON parser accepted), or None."""
+    if isinstance(v, str):
+        bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None)
+        return None if bad is None else f"a lone UTF-16 surrogate (\\u{ord(bad):04x}) is not text"
+    if isinstance(v, float):
+        return None if math.isfinite(v) else f"{json.dumps(v)} is not a JSON number"
+    children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+    return next(filter(None, map(_not_json, children)), None)
+
+
+def _refuse_not_json(m: EntityMapping, page: Page) -> None:
+    """SourceError naming the row and field (mapped or not: PostgreSQL reads the whole page)
+    of a value that is not JSON; PostgreSQL refuses the page naming nothing."""
     for row in page.rows:
-        for field_name in m.select:
-            v = row.get(field_name)
-            bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None) \
-                if isinstance(v, str) else None
-            if bad is not None:
+        for field_name, v in row.items():
+            if (why := _not_json(v)) is not None:
                 key = str(row.get(m.key_field)).encode("utf-8", "backslashreplace").decode()
-                raise SourceError(
-                    f"OData {m.entity_set} page {page.number}: {m.entity_set}[{m.key_field}="
-                    f"{key}] {field_name}: a lone UTF-16 surrogate (\\u{ord(bad):04x}) is "
-                    "not text; nothing was written")
+                raise SourceError(f"OData {m.entity_set} page {page.number}: {m.entity_set}["
+                                  f"{m.key_field}={key}] {field_name}: {why}; nothing was written")
 
 
 def _page_text(body: bytes, entity_set: str) -> str:

@@ -18,6 +18,7 @@ from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
+    _not_json,
     list_datasets,
     restore_dataset,
     status_section,
@@ -321,6 +322,29 @@ def test_a_lone_surrogate_is_named_and_nothing_is_written(
     assert rec.error is not None and "Routes[ID=" in rec.error and "] mode: a lone UTF-16" \
         " surrogate (\\ud800)" in rec.error, rec.error
     assert snapshot(conn) == before
+
+
+def test_nan_is_named_and_nothing_is_written(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """NaN is no JSON number: Python's parser reads it, PostgreSQL's refuses the whole page
+    (naming nothing, whatever field holds it); the run names the set, row and field."""
+    sync()
+    before = snapshot(conn)
+    server.update_row("Stops", 7, name=float("nan"))  # a bare NaN in the page's JSON
+    rec = sync(skip_invalid=True)  # not a row to skip: the page is not JSON
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error is not None and "Stops page 1: Stops[ID=7] name: NaN is not a JSON " \
+        "number; nothing was written" in rec.error, rec.error
+    assert snapshot(conn) == before
+
+
+def test_not_json_values_anywhere_in_a_row() -> None:
+    # A server that ignores $select sends fields the mapping does not read; PostgreSQL reads
+    # them all the same.
+    assert _not_json({"uri": ["a", "b\udc00"]}) == "a lone UTF-16 surrogate (\\udc00) is not text"
+    assert _not_json([1.5, float("-inf")]) == "-Infinity is not a JSON number"
+    assert _not_json({"name": "\U0001F689", "n": 2.5, "x": None, "ok": True}) is None
 
 
 def test_value_rules(conn: psycopg.Connection[Any]) -> None:
