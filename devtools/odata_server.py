@@ -145,10 +145,10 @@ class Fault:
         return cls("atom")
 
     @classmethod
-    def mislabelled(cls, content_type: str = "text/xml") -> Fault:
+    def mislabelled(cls, content_type: str = "text/xml", encoding: str = "utf-8") -> Fault:
         """The real answer under another ``Content-Type`` (services that label their JSON
-        ``text/xml`` or ``text/plain`` exist)."""
-        return cls("mislabelled", content_type=content_type)
+        ``text/xml`` or ``text/plain`` exist), its body encoded in ``encoding``."""
+        return cls("mislabelled", content_type=content_type, message=encoding)
 
     @classmethod
     def connection_reset(cls) -> Fault:
@@ -778,6 +778,7 @@ class ODataServer:
                 response = self._respond(h.command, path, pairs, record.headers, cycle, same)
                 if fault is not None and fault.kind == "mislabelled":
                     response.content_type = fault.content_type
+                    response.body = response.body.decode().encode(fault.message or "utf-8")
         except _ODataError as err:
             response = self._error(err.http_status, err.code, err.message, err.headers)
         except Exception:  # a bug in this fixture: answer 500 and keep it for the test to see

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -521,6 +522,13 @@ def _validate(s: Settings) -> None:
         value = getattr(getattr(s, section), key)
         if value and not value.startswith(("http://", "https://")):
             raise bad(section, key, "expected an http:// or https:// URL")
+        try:
+            parts = urlsplit(value or "http://-")
+            parts.port  # noqa: B018  (raises for a port that is no number or out of range)
+        except ValueError as exc:
+            raise bad(section, key, str(exc).lower()) from None
+        if not parts.hostname:
+            raise bad(section, key, "no host name")
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):
@@ -530,7 +538,8 @@ def _validate(s: Settings) -> None:
         if getattr(s.odata, key) <= 0:
             raise bad("odata", key, "must be positive")
     if s.odata.backoff_base < 0 or s.odata.backoff_max < s.odata.backoff_base:
-        raise bad("odata", "backoff_max", "need 0 <= backoff_base <= backoff_max")
+        raise bad("odata", "backoff_base" if s.odata.backoff_base < 0 else "backoff_max",
+                  "need 0 <= backoff_base <= backoff_max")
     if s.odata.mapping:
         from .adapters.odata_format import resolve_mapping  # lazy: configs with a mapping pay
 

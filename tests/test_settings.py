@@ -59,6 +59,11 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("[runner]\ntimeout_sync_odata = 0\n", {}, "[runner] timeout_sync_odata"),
         ("", {"PIPELINE_DATABASE_POOLER": "session"}, "[database] pooler"),
         ("", {"PIPELINE_REDIS_CLUSTER": "maybe"}, "PIPELINE_REDIS_CLUSTER"),
+        ("", {"PIPELINE_ODATA_URL": "http://u:pw@h:99999/odata/"},
+         "[odata] url: port out of range 0-65535"),
+        ("", {"PIPELINE_OSRM_URL": "http://h:port/"}, "[osrm] url: port could not be cast"),
+        ("", {"PIPELINE_ODATA_URL": "https:///odata/"}, "[odata] url: no host name"),
+        ("", {"PIPELINE_ODATA_BACKOFF_BASE": "-1"}, "[odata] backoff_base"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str],

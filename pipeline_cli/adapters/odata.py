@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 from tenacity import (
@@ -112,8 +112,10 @@ class ODataClient:
                               "[odata] url in the config file)", key="odata.url")
         self.settings = s
         parts = urlsplit(s.url)  # credentials in the URL go to the session, not into URLs
-        self.service_url = urlunsplit(
-            parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/"
+        self.service_url = urlunsplit(parts._replace(
+            netloc=parts.netloc.rpartition("@")[2], query="", fragment="")).rstrip("/") + "/"
+        # The URL's own query (SAP's sap-client=100) goes with every request that lacks it.
+        self._query = parse_qsl(parts.query, keep_blank_values=True)
         self.retries = max(1, s.retries)
         # base * 2^n capped at backoff_max, plus up to base of jitter so clients spread out
         self._backoff = (wait_exponential(multiplier=s.backoff_base, max=s.backoff_max)
@@ -123,11 +125,11 @@ class ODataClient:
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
         self.session.headers["User-Agent"] = "pipeline-cli sync-odata"
-        username = s.username or parts.username
+        username = s.username or (parts.username and unquote(parts.username))  # p%40ss: p@ss
         if s.token:
             self.session.headers["Authorization"] = f"Bearer {s.token}"
         elif username is not None:
-            self.session.auth = (username, s.password or parts.password or "")
+            self.session.auth = (username, s.password or unquote(parts.password or ""))
         self._detected: str | None = None if s.version == "auto" else s.version
 
     def close(self) -> None:
@@ -222,7 +224,7 @@ class ODataClient:
                 raise SourceError(f"OData {entity_set}: more than {self.settings.max_pages} "
                                   "pages ([odata] max_pages); the server's nextLink never ends")
             what = f"{entity_set} page {number}"
-            body, doc = self._get(next_url, what)
+            body, doc = self._get(next_url, what, link=number > 1)
             page_version = self._shape_version(doc, what)
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
@@ -233,17 +235,18 @@ class ODataClient:
                 return
             resolved = urljoin(next_url, link)
             if _origin(resolved) != origin:
-                resolved = self._on_service_origin(resolved, what)
+                resolved = self._on_service_origin(resolved, entity_set, what)
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
                                   "(a paging loop)")
             seen.add(resolved)
             next_url = resolved
 
-    def _on_service_origin(self, link: str, what: str) -> str:
+    def _on_service_origin(self, link: str, entity_set: str, what: str) -> str:
         """A nextLink naming another host (an internal host name behind a reverse proxy,
         ``localhost`` for ``127.0.0.1``): its path and query on the configured origin, so the
-        credentials only ever go to the host of ``[odata] url``."""
+        credentials only ever go to the host of ``[odata] url``. A path outside the service
+        root's (a proxy that maps /gw/odata to the gateway's /odata) is re-rooted there."""
         scheme, host, port = _origin(link)
         if self.settings.foreign_next_link == "refuse":
             raise SourceError(f"OData {what}: nextLink points to another host ({host}); "
@@ -254,17 +257,21 @@ class ODataClient:
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
-        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+        path, at = parts.path, parts.path.rfind("/" + quote(entity_set))
+        if not path.startswith(base.path) and at >= 0:
+            path = base.path + path[at + 1:]
+        return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
 
     # -------------------------------------------------------------------- HTTP
 
-    def _get(self, url: str, what: str) -> tuple[bytes, Any]:
-        """GET with retries; returns (body, parsed JSON) or raises SourceError."""
+    def _get(self, url: str, what: str, *, link: bool = False) -> tuple[bytes, Any]:
+        """GET with retries; returns (body, parsed JSON) or raises SourceError. ``link``: the
+        URL is a server's nextLink, not one built from [odata.mapping]."""
         retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                             retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                             reraise=True)
         try:
-            return retrying(self._get_once, url, what)
+            return retrying(self._get_once, url, what, link)
         except _Retryable as exc:
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
             raise service_error(SourceError, "OData", self.service_url, what,
@@ -276,7 +283,11 @@ class ODataClient:
             return exc.retry_after
         return float(self._backoff(state))
 
-    def _get_once(self, url: str, what: str) -> tuple[bytes, Any]:
+    def _get_once(self, url: str, what: str, link: bool) -> tuple[bytes, Any]:
+        parts = urlsplit(url)
+        if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
+            url = urlunsplit(parts._replace(query="&".join(filter(None, (
+                parts.query, urlencode(missing))))))
         try:
             resp = self.session.get(url, headers=self._headers(), stream=True, timeout=(
                 self.settings.connect_timeout, self.settings.read_timeout))
@@ -298,7 +309,8 @@ class ODataClient:
                             f"{after:.0f} s, longer than [odata] backoff_max "
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after)
-                hint = {401: _AUTH, 403: _AUTH, 400: _NAMES, 404: _NAMES}.get(resp.status_code, "")
+                hint = ({401: _AUTH, 403: _AUTH} | ({} if link else {400: _NAMES, 404: _NAMES})
+                        ).get(resp.status_code, "")
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what)
         kind = content_type.split(";")[0].strip().lower()
@@ -307,6 +319,9 @@ class ODataClient:
                               "in the way?)")
         try:
             return body, json.loads(body)
+        except UnicodeDecodeError:  # not a body cut short: no retry
+            raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
+                              f"{content_type or 'none'})") from None
         except ValueError as exc:
             if "xml" in kind:  # an XML answer, not a JSON body cut short: no retry
                 raise SourceError(f"OData {what}: expected JSON, got {kind} (the service "

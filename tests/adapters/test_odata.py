@@ -206,6 +206,18 @@ def test_json_under_another_content_type_is_read(v4: ODataServer, content_type: 
         assert fetch(c) == expected and len(expected) == 40
 
 
+def test_a_page_not_in_utf8_fails_at_once(v4: ODataServer) -> None:
+    # It was "malformed JSON", asked for five times with backoff.
+    v4.update_row("Stops", 3, name="Töölö")
+    v4.add_fault(mislabelled("application/json; charset=iso-8859-1", "latin-1"),
+                 entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: a page is not UTF-8 (Content-Type: "
+                              "application/json; charset=iso-8859-1)")
+    assert v4.request_count("Stops") == 1
+
+
 def test_read_timeout_is_retried(v4: ODataServer) -> None:
     v4.add_fault(delay(2), entity_set="Stops")
     with client(v4, read_timeout=0.5) as c:
@@ -251,6 +263,27 @@ def test_credentials_in_the_url_are_used_but_never_shown() -> None:
             assert len(fetch(c)) == 40
 
 
+def test_percent_encoded_credentials_in_the_url_are_decoded() -> None:
+    # A password with @ : / or a space can only be written percent-encoded in a URL; it was
+    # sent encoded, and the service answered 401.
+    with ODataServer(DATA, username="etl ops", password="p@ss w/rd:1") as srv:
+        url = srv.url.replace("http://", "http://etl%20ops:p%40ss%20w%2Frd%3A1@")
+        with ODataClient(ODataSettings(url=url, backoff_base=0.01)) as c:
+            assert len(fetch(c)) == 40
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_the_urls_own_query_goes_with_every_request(version: str) -> None:
+    # SAP gateways want ?sap-client=100 on every request; it became "?sap-client=100/Stops".
+    with ODataServer(DATA, version=version, page_size=8) as srv, ODataClient(ODataSettings(
+            url=f"{srv.url}?sap-client=100", backoff_base=0.01)) as c:
+        assert len(fetch(c)) == 40
+        assert c.service_url == srv.url.rstrip("/") + "/"
+        assert len(srv.requests) == 6  # the service document and five pages
+        assert all(r.query.get("sap-client") == "100" for r in srv.requests), srv.requests
+        assert all(r.target.count("sap-client") == 1 for r in srv.requests)
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_next_link_on_another_host_is_followed_on_the_configured_origin(version: str) -> None:
     # The links name a "foreign" host (localhost, on a proxy's port) that counts what it gets:
@@ -277,6 +310,24 @@ def test_next_link_on_another_host_is_followed_on_the_configured_origin(version:
         assert len(pages) == 6 + 12 and all("authorization" in r.headers for r in pages)
         assert all("$skiptoken=" in r.target for r in pages if "$orderby" not in r.target)
     assert len(seen) == 1 and "localhost" in seen[0].getMessage()  # once, not per page
+
+
+def test_a_next_link_behind_a_path_mapping_proxy_is_rerooted_on_the_service_root() -> None:
+    # The proxy publishes the gateway's /odata as /gw/odata; the gateway names itself and its
+    # own path. Followed as written, page 2 was /odata/Stops: a 404 blamed on the mapping.
+    with ODataServer(DATA, root="/gw/odata", page_size=10,
+                     next_link_base="http://sapgw01.corp.internal:8000/odata/") as srv, \
+            client(srv) as c:
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
+
+
+def test_a_failing_next_link_does_not_blame_the_mapping(v4: ODataServer) -> None:
+    v4.add_fault(status(404, message="skiptoken expired"), entity_set="Stops",
+                 match="skiptoken")
+    with client(v4, page_size=10) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "Stops page 2: HTTP 404" in str(err.value) and "mapping" not in str(err.value)
 
 
 def test_next_link_to_another_host_is_refused_when_configured() -> None:
