@@ -43,10 +43,12 @@ PIPE_WIDTH = 100_000
 
 
 def console(*, stderr: bool = False) -> Console:
-    """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else."""
-    c = Console(stderr=stderr, soft_wrap=False, highlight=False)
+    """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else. No
+    markup: "missing setting [odata] url" or a stop named "Kamppi [M]" print as written."""
+    c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False)
     if not c.is_terminal:
-        c = Console(stderr=stderr, soft_wrap=False, highlight=False, width=PIPE_WIDTH)
+        c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
+                    width=PIPE_WIDTH)
     return c
 
 

@@ -156,6 +156,8 @@ class ODataClient:
             return "v4"
         if isinstance(doc, dict) and isinstance(doc.get("d"), dict | list):
             return "v2"
+        if isinstance(doc, dict) and ("error" in doc or "odata.error" in doc):  # under HTTP 200
+            raise SourceError(f"OData {what}: {error_line(200, json.dumps(doc).encode())}")
         raise SourceError(f"OData {what}: not an OData JSON response (no 'value' or 'd')")
 
     def _headers(self) -> dict[str, str]:

@@ -178,6 +178,16 @@ def test_response_size_is_capped(v4: ODataServer, content_length: bool) -> None:
     assert "max_response_bytes" in str(err.value)
 
 
+def test_an_error_body_under_http_200_is_shown(v4: ODataServer) -> None:
+    # SAP gateways do this when the backend is down; it was "not an OData JSON response".
+    v4.add_fault(wrong_shape({"error": {"code": "SY/530", "message": {
+        "lang": "en", "value": "Backend system ERP_100 not reachable"}}}), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: HTTP 200 SY/530: Backend system ERP_100 not "
+                              "reachable")
+
+
 def test_html_and_wrong_shapes_are_clear_errors(v4: ODataServer) -> None:
     v4.add_fault(html(), entity_set="Stops")
     with client(v4) as c, pytest.raises(SourceError, match="got text/html"):

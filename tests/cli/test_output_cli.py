@@ -37,6 +37,9 @@ def test_config_show_into_a_pipe_shows_whole_values(run_cli: Cli) -> None:
     assert result.exit_code == 0
     line = next(ln for ln in result.output.splitlines() if "redis.prefix" in ln)
     assert prefix in line and "PIPELINE_REDIS_PREFIX" in line and "every Redis key" in line
+    # Text in brackets is not rich markup: "[odata] url" was printed as " url" (and so was
+    # an error naming a setting in run-all's table).
+    assert "on the host of [odata] url" in result.output
 
 
 def test_config_show_keeps_a_conninfo_database_visible(run_cli: Cli) -> None:
