@@ -372,10 +372,14 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     assert value("text", "false", "boolean") is None
     times = {"8:05": "08:05:00", "23:59:59.000": "23:59:59", "PT08H30M00S": "08:30:00",
              "/Date(30600000)/": "08:30:00", "/Date(1700000000000+0000)/": "22:13:20",
-             "/Date(30600000+0130)/": "10:00:00", "2024-05-01T06:15:00Z": "06:15:00"}
+             "2024-05-01T06:15:00Z": "06:15:00",
+             # A V2 offset is in minutes (datajs, Olingo): +0120 is two hours east of UTC.
+             "/Date(30600000+0120)/": "10:30:00", "/Date(30600000-0330)/": "03:00:00",
+             "/Date(30600000+60)/": "09:30:00", "/Date(1700000000000+0060)/": "23:13:20"}
     for raw, want in times.items():
         assert str(value("time", raw)) == want, raw
-    for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H"):
+    for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H", "/Date(30600000+1100)/",
+                "/Date(30600000+12345)/"):
         assert value("time", bad) is None, bad
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
