@@ -141,6 +141,10 @@ WHERE version = %(version)s;
 -- name: next_seq
 SELECT coalesce(max(seq), 0) + 1 AS seq FROM datasets;
 
+-- name: run_known
+-- Whether a backup's run is one of this database's (an orphan upload of a crashed run).
+SELECT EXISTS (SELECT 1 FROM stage_runs WHERE run_id::text = %(run_id)s) AS known;
+
 -- name: insert_dataset
 INSERT INTO datasets (version, seq, hash, set_hashes, counts, diff, source, restored_from,
                       backup_prefix, run_id, feed_digests, stats, active)

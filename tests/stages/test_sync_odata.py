@@ -602,6 +602,24 @@ def test_backup_failure_rolls_back_and_the_next_run_reuses_the_version(
     assert backups.get_json("datasets/ds-v1/manifest.json")["hash"] == rec.extra["hash"]
 
 
+def test_a_bucket_holding_another_databases_versions_is_refused(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any],
+        backups: BackupStore) -> None:
+    """Two deployments on one bucket number their versions alike: the second's ds-v1
+    overwrote the first's committed backup in silence (found only by a later restore)."""
+    assert sync().status == "success"
+    theirs = backups.get_bytes("datasets/ds-v1/manifest.json")
+    # This database as another deployment's would be: no versions, no runs of its own.
+    conn.execute("TRUNCATE datasets, stage_runs CASCADE")
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert f"S3 bucket '{backups.bucket}' already holds datasets/ds-v1/ of run " in (
+        rec.error or ""), rec.error
+    assert "another deployment" in (rec.error or "")
+    assert backups.get_bytes("datasets/ds-v1/manifest.json") == theirs
+    assert table(conn, "datasets") == []
+
+
 def test_source_failure_writes_nothing(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
