@@ -478,7 +478,8 @@ class ODataServer:
 
     ``next_link_base`` makes absolute nextLinks start with another service root than
     :attr:`url`, as a service behind a reverse proxy names its internal host
-    (``"http://localhost:{port}/odata/"``; ``{port}`` is the bound port).
+    (``"http://localhost:{port}/odata/"``; ``{port}`` is the bound port). Set the attribute
+    ``ignore_select`` to answer every field whatever ``$select`` asks, as some services do.
     """
 
     def __init__(
@@ -518,6 +519,7 @@ class ODataServer:
         self.page_size = page_size
         self.next_link = next_link
         self.next_link_base = next_link_base
+        self.ignore_select = False
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1146,7 +1148,8 @@ class ODataServer:
         ieee754 = self.version == "v4" and (
             self.ieee754_compatible or "ieee754compatible=true" in headers.get("accept", "").lower()
         )
-        rows_json = self._serialise_rows(name, state, page, opts.select, ieee754)
+        rows_json = self._serialise_rows(name, state, page,
+                                         None if self.ignore_select else opts.select, ieee754)
         extra = self._version_headers()
         if applied:
             extra.append(("Preference-Applied", f"odata.maxpagesize={page_size}"))

@@ -11,7 +11,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -449,26 +448,21 @@ _NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 _SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 
 
-def _not_json(v: Any) -> str | None:
-    """Why PostgreSQL would refuse ``v`` (a value Python's JSON parser accepted), or None."""
-    if isinstance(v, str):
-        bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None)
-        return None if bad is None else f"a lone UTF-16 surrogate (\\u{ord(bad):04x}) is not text"
-    if isinstance(v, float):
-        return None if math.isfinite(v) else f"{json.dumps(v)} is not a JSON number"
-    children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
-    return next(filter(None, map(_not_json, children)), None)
-
-
 def _refuse_not_json(m: EntityMapping, page: Page) -> None:
     """SourceError naming the row and field (mapped or not: PostgreSQL reads the whole page)
     of a value that is not JSON; PostgreSQL refuses the page naming nothing."""
     for row in page.rows:
         for field_name, v in row.items():
-            if (why := _not_json(v)) is not None:
+            try:
+                json.dumps(v, allow_nan=False, ensure_ascii=False).encode()
+            except ValueError as exc:  # UnicodeEncodeError: a lone surrogate
+                why = (f"a lone UTF-16 surrogate (\\u{ord(exc.object[exc.start]):04x}) is not "
+                       "text" if isinstance(exc, UnicodeEncodeError) else "NaN or Infinity is "
+                       "not a JSON number")
                 key = str(row.get(m.key_field)).encode("utf-8", "backslashreplace").decode()
                 raise SourceError(f"OData {m.entity_set} page {page.number}: {m.entity_set}["
-                                  f"{m.key_field}={key}] {field_name}: {why}; nothing was written")
+                                  f"{m.key_field}={key}] {field_name}: {why}; nothing was written"
+                                  ) from None
 
 
 def _page_text(body: bytes, entity_set: str) -> str:
