@@ -56,7 +56,8 @@ class Pool:
         self.hard_stop = False
         self.unavailable_streak = 0
         self.tripped: OsrmError | None = None
-        self.last_unavailable: BaseException | None = None
+        self.last_error: BaseException | None = None  # of the newest failed batch
+        self.failed: dict[str, str] = {}  # batch id -> its state after its last failure here
         self.fatal: BaseException | None = None
         self.drained = False
         self.batching = False  # batches are still being made: an empty queue is not the end
@@ -246,8 +247,9 @@ class MatchWorker:
             status, "batches_failed")
         self.pool.add(**{key: 1})
         with self.pool.lock:
+            self.pool.last_error = exc
+            self.pool.failed[str(batch.batch_id)] = status
             if unavailable:
-                self.pool.last_unavailable = exc
                 self.pool.unavailable_streak += 1
                 if self.pool.unavailable_streak >= self.pool.breaker and isinstance(
                         exc, OsrmError):

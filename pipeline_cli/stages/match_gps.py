@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import db
 from ..adapters.osrm import OsrmClient, OsrmUnavailable
-from ..errors import Interrupted, PipelineError
+from ..errors import Interrupted, OsrmError, PipelineError
 from ..gps import batches, partitions
 from ..gps.batches import rescue_expired, work_waiting
 from ..gps.stitching import ChunkSize
@@ -92,15 +92,19 @@ def match_gps(
         stopped = Interrupted(ctx.stop.signum or 15)
         _attach(stopped, counts, pool, osrm_requests, started)
         raise stopped
-    # Exit 1 when OSRM was unreachable: enough failures in a row to stop claiming, or no
-    # batch completed at all while the last one failed for it.
-    cause = pool.tripped or (pool.last_unavailable if pool.unavailable_streak
+    # Exit 1 when OSRM was unreachable (enough failures in a row to stop claiming), or when
+    # batches failed and none completed, whatever the cause (a proxy's HTML page, a wrong
+    # [osrm] url path): a run that matched nothing is no success.
+    cause = pool.tripped or (pool.last_error if pool.failed
                              and not counts["batches_completed"] else None)
     if cause is not None:
-        raise OsrmUnavailable(
-            f"stopped: {cause}; "
-            f"{counts['batches_failed'] + counts['batches_dead']} batch(es) failed and will "
-            "be retried", partial=result)
+        fate = Counter(pool.failed.values())  # a batch may fail twice in one run
+        fates = ([f"{fate['failed']} batch(es) failed and will be retried"] if fate["failed"]
+                 else []) + ([f"{fate['dead']} batch(es) failed for the last time ([match] "
+                              "max_attempts; `pipeline batches requeue` retries them)"]
+                             if fate["dead"] else [])
+        raise (OsrmUnavailable if isinstance(cause, OsrmUnavailable) else OsrmError)(
+            f"stopped: {cause}; {'; '.join(fates)}", partial=result)
     return result
 
 

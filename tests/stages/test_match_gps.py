@@ -248,6 +248,28 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
     assert left["n"] == 0
 
 
+def test_a_run_whose_every_batch_failed_is_no_success(
+        conn: psycopg.Connection[Any], database_url: str, osrm_url: str,
+        trace_pool: list[traces.Trace]) -> None:
+    """A wrong [osrm] url path (osrm-routed answers 400 InvalidUrl), like a proxy's error
+    page, is no outage: the run said success, exit 0, with every batch failed."""
+    for i, trace in enumerate(trace_pool[:2]):
+        add_trace(conn, f"d{i}", trace)
+    settings = MatchSettings(max_attempts=2, backoff_base_seconds=4.0,
+                             backoff_max_seconds=4.0)  # no second attempt within a run
+    with OsrmClient(f"{osrm_url}/wrong/path", retries=1) as wrong:
+        first = run(database_url, wrong, settings)
+        assert first.exit_code == 1 and first.counts["batches_failed"] == 2, first.error
+        assert "answered InvalidUrl" in (first.error or "")
+        assert (first.error or "").endswith("; 2 batch(es) failed and will be retried")
+        time.sleep(4.1)
+        last = run(database_url, wrong, settings)
+    assert last.exit_code == 1 and last.counts["batches_dead"] == 2
+    assert (last.error or "").endswith("; 2 batch(es) failed for the last time ([match] "
+                                       "max_attempts; `pipeline batches requeue` retries them)")
+    assert batch_states(conn) == {"dead": 2}
+
+
 def test_failures_become_dead_after_max_attempts_and_requeue(
         conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
         proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
