@@ -7,8 +7,10 @@ Each ``*_features`` function is a generator reading PostgreSQL through a server-
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -169,10 +171,14 @@ def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,
 
 
 def write_collection(features: Iterable[Feature], out: IO[str]) -> int:
-    """Write a FeatureCollection feature by feature; the number of features written."""
+    """Write a FeatureCollection feature by feature; the number of features written. The
+    first feature is read before anything is written, so a failure known at the start (no
+    active graph, Redis down) leaves the output empty rather than a collection cut short."""
+    items = iter(features)
+    first = next(items, None)
     out.write('{"type":"FeatureCollection","features":[\n')
     n = 0
-    for feature in features:
+    for feature in itertools.chain([] if first is None else [first], items):
         if n:
             out.write(",\n")
         out.write(json.dumps(feature, ensure_ascii=False, separators=(",", ":")))
@@ -182,15 +188,29 @@ def write_collection(features: Iterable[Feature], out: IO[str]) -> int:
 
 
 def write_file(features: Iterable[Feature], path: str) -> int:
-    """Write to a temporary file beside ``path`` and rename it at the end, so a failed export
-    leaves no half-written file (and an earlier export at ``path`` stays whole)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".geojson.tmp", dir=folder)
+    """Write to a temporary file beside ``path`` (a symlink's target) and rename it at the
+    end, so a failed export leaves no half-written file (and an earlier export stays whole).
+    The file keeps the mode of the one it replaces, else gets the umask's. A FIFO or a device
+    (``/dev/stdout``) is written to directly. OSError becomes a one-line error."""
+    target = os.path.realpath(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            n = write_collection(features, out)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return n
+        if os.path.exists(target) and not os.path.isfile(target):
+            with open(target, "w", encoding="utf-8") as out:
+                return write_collection(features, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else \
+            0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".geojson.tmp",
+                                   dir=os.path.dirname(target))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                n = write_collection(features, out)
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return n
+    except OSError as exc:
+        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import export
+from .. import db, export
 from ..adapters.graph_store import GraphReader
 from ..app import App
 from . import pass_app
@@ -26,6 +26,12 @@ def bbox_option(fn: F) -> F:
     return click.option("--bbox", metavar="W,S,E,N",
                         help="Only features inside this box (degrees; W > E crosses the "
                              "antimeridian).")(fn)
+
+
+def _connect(app: App) -> Any:
+    conn = app.connect(name="pipeline export")
+    db.check_schema(conn)  # not migrated: exit 78 naming `pipeline db migrate`
+    return conn
 
 
 def _write(features: Iterable[export.Feature], output: str | None) -> None:
@@ -56,7 +62,7 @@ def polylines(app: App, device: str | None, since: str | None, until: str | None
     """One LineString per cached polyline: device, start and end time, point count, OSRM
     confidence, batch id."""
     start, end = export.parse_time(since, "--since"), export.parse_time(until, "--until")
-    _write(export.polyline_features(app.connect(name="pipeline export"), device=device,
+    _write(export.polyline_features(_connect(app), device=device,
                                     since=start, until=end), output)
 
 
@@ -68,7 +74,7 @@ def polylines(app: App, device: str | None, since: str | None, until: str | None
 def stops(app: App, virtual: bool, bbox: str | None, output: str | None) -> None:
     """Real stops, or virtual stops with their kind, as Points."""
     box = export.BBox.parse(bbox) if bbox else None
-    _write(export.stop_features(app.connect(name="pipeline export"), virtual=virtual, bbox=box),
+    _write(export.stop_features(_connect(app), virtual=virtual, bbox=box),
            output)
 
 
@@ -82,7 +88,7 @@ def graph(app: App, version: str | None, bbox: str | None, output: str | None) -
     with --bbox, the edges with an endpoint inside."""
     box = export.BBox.parse(bbox) if bbox else None
     reader = GraphReader(app.redis(), app.settings.redis.prefix)
-    _write(export.graph_features(app.connect(name="pipeline export"), reader, version=version,
+    _write(export.graph_features(_connect(app), reader, version=version,
                                  bbox=box), output)
 
 

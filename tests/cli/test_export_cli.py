@@ -4,6 +4,9 @@ edges of a built graph, as RFC 7946 FeatureCollections."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,43 @@ def test_failed_export_leaves_no_file(cli: Cli, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failure_known_at_the_start_writes_nothing_to_stdout(cli: Cli) -> None:
+    # `... | gzip > graph.geojson.gz` was left with an opened collection.
+    cli.env["PIPELINE_REDIS_PREFIX"] = "nothing-here"
+    result = cli("export", "geojson", "graph")
+    assert result.exit_code == 1 and "no active graph" in result.stderr
+    assert result.stdout == ""
+
+
+def test_output_files_as_operators_name_them(cli: Cli, conn: Conn, tmp_path: Path) -> None:
+    add_polylines(conn)
+    export = ("export", "geojson", "polylines", "--output")
+    # A missing folder was a traceback.
+    missing = cli(*export, str(tmp_path / "no" / "x.geojson"))
+    assert missing.exit_code == 1 and "Traceback" not in missing.stderr
+    assert f"cannot write {tmp_path / 'no' / 'x.geojson'}: No such file or directory" in \
+        missing.stderr
+    # A symlink stays one, its target gets the export; an existing file keeps its mode (it
+    # was 0600, whatever it had been).
+    target = tmp_path / "real.geojson"
+    target.write_text("old")
+    target.chmod(0o644)
+    link = tmp_path / "link.geojson"
+    link.symlink_to(target)
+    assert cli(*export, str(link)).exit_code == 0
+    assert link.is_symlink() and len(collection(target.read_text())) == 3
+    assert target.stat().st_mode & 0o777 == 0o644
+    # A FIFO is written to, not replaced by a file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    assert cli(*export, str(fifo)).exit_code == 0
+    reader.join(10)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and len(collection(got[0])) == 3
+
+
 def test_stops_with_bbox_and_virtual(cli: Cli, conn: Conn) -> None:
     net = seed_network(conn)
     every = collection(cli("export", "geojson", "stops").stdout)
@@ -142,3 +182,11 @@ def test_graph_edges_after_build_graph(cli: Cli, conn: Conn) -> None:
     assert 0 < len(boxed) < len(features)
     gone = cli("export", "geojson", "graph", "--version", "graph-v99")
     assert gone.exit_code == 1 and "graph-v99" in gone.stderr
+
+
+def test_an_unmigrated_database_exits_78(cli: Cli, empty_database_url: str) -> None:
+    # It was exit 1, 'relation "cached_polylines" does not exist'.
+    cli.env["PIPELINE_DATABASE_URL"] = empty_database_url
+    result = cli("export", "geojson", "polylines")
+    assert result.exit_code == 78 and "pipeline db migrate" in result.stderr
+    assert result.stdout == ""
