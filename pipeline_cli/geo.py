@@ -10,11 +10,13 @@ great-circle distance, so the antimeridian and the poles need no special case.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy.spatial import cKDTree
+
+if TYPE_CHECKING:  # scipy.spatial takes about 0.4 s to import: `status` and `--help` need none
+    from scipy.spatial import cKDTree
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
 
@@ -348,6 +350,8 @@ class PointIndex:
         self.xyz = unit_vectors(lat_deg, lon_deg).reshape(-1, 3)
         self.size = len(self.xyz)
         # balanced_tree=False builds much faster on large inputs at a small query cost.
+        from scipy.spatial import cKDTree
+
         self.tree = cKDTree(self.xyz, balanced_tree=False, compact_nodes=False)
 
     def nearest(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike, k: int = 1,
@@ -387,6 +391,8 @@ def knn_pairs(xyz: FloatArray, sources: IntArray, k: int, max_km: float, workers
     by the tree, which is deterministic for the same input order.
     """
     if tree is None:
+        from scipy.spatial import cKDTree
+
         tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
     n = len(xyz)
     kq = min(k + 1, n)
