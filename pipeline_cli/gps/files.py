@@ -141,6 +141,7 @@ _ALIASES = {
     "longitude": ("longitude", "lon", "lng", "long"),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,17 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]
     if not columns:
-        return CsvLayout(max(CSV_DELIMITERS, key=first.count),
-                         {c: i for i, c in enumerate(CSV_COLUMNS)}, 0)
+        delimiter = max(CSV_DELIMITERS, key=first.count)
+        cells = next(csv.reader([first], delimiter=delimiter), [])
+        if len(cells) > 1 and not any(_NUMBER.fullmatch(c.strip().replace(",", "."))
+                                      for c in cells):
+            # Cells, not one of them a number: a header in names this reader does not know
+            # ("Breite"), which read as data would put the columns in the default order and
+            # could swap latitude and longitude in silence.
+            raise GpsFileError(f"line {line}: neither a header naming the columns nor a row of "
+                               f"data: {first.strip()[:80]!r} (header names: device_id, "
+                               "recorded_at, latitude, longitude, or their aliases)")
+        return CsvLayout(delimiter, {c: i for i, c in enumerate(CSV_COLUMNS)}, 0)
     missing = [c for c in CSV_COLUMNS
                if c not in columns and not (c == "device_id" and device_given)]
     if missing:

@@ -128,25 +128,34 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                             break
                         block += more
                     # COPY wants one line-end style per file; files edited on two systems
-                    # mix them. CRLF -> LF keeps every line number.
-                    cp.write(block.replace(b"\r\n", b"\n"))
+                    # mix them. CRLF and a lone CR (old Mac, or a last line's) -> LF keeps
+                    # every line number; a CR within a line is no text a quoted field may hold
+                    # here anyway (a quoted field must not span lines).
+                    cp.write(block.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
                     block = handle.read(COPY_BLOCK)
         except psycopg.errors.DataError as exc:
             where = _COPY_LINE.search(exc.diag.context or "")
             line = f"line {where.group(1)}: " if where else ""
-            reason = "not UTF-8 text" if isinstance(
-                exc, psycopg.errors.CharacterNotInRepertoire) else exc.diag.message_primary
+            reason = exc.diag.message_primary or ""
+            if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
+                reason = "a NUL byte (no text holds one)" if "0x00" in reason else \
+                    "not UTF-8 text"
             raise gpsfiles.GpsFileError(f"{line}{reason}") from None
         except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
             raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None
-    first = conn.execute(db.query("match_gps", "ingest_first_line")).fetchone()
+    first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
+    hint = 0  # the line of a spreadsheet's "sep=;" (its separator), above the header
+    if first is not None and re.fullmatch(r"sep=.", first["raw"].strip()):
+        hint = first["line"]
+        first = conn.execute(db.query("match_gps", "ingest_first_line"),
+                             {"after": hint}).fetchone()
     if first is None:
         return
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
     cols, sep = layout.columns, layout.delimiter
     device_col = cols.get("device_id")
     conn.execute(db.query("match_gps", "ingest_csv_fields"), {
-        "file": index, "skip": layout.header_line, "width": max(cols.values()) + 1,
+        "file": index, "skip": max(layout.header_line, hint), "width": max(cols.values()) + 1,
         "delimiter": sep, "blank": f"^[\\s{sep}]*$", "decimal_comma": sep != ",",
         "device": device_id, "device_col": None if device_col is None else device_col + 1,
         "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,

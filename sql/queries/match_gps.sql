@@ -550,8 +550,10 @@ COPY gps_ingest_raw (raw) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x0
 COPY gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
 
 -- name: ingest_first_line
--- The first line with more than blanks and separators: a header, or the first row.
-SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,;]*$' ORDER BY line LIMIT 1;
+-- The first line after %(after)s with more than blanks and separators: a header, or the
+-- first row.
+SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,;]*$' AND line > %(after)s
+ORDER BY line LIMIT 1;
 
 -- name: ingest_csv_fields
 -- The fields of the CSV lines, split at %(delimiter)s (a comma, semicolon or tab);

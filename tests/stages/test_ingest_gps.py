@@ -214,6 +214,39 @@ def test_csv_from_a_spreadsheet_semicolons_tabs_decimal_commas_and_device(
     assert "header lacks column(s) device_id (--device" in no_device.error
 
 
+def test_a_header_this_reader_does_not_know_is_refused_not_read_as_data(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Read as data, the default column order put 24.94 into the latitude: valid, and wrong.
+    german = tmp_path / "export.csv"
+    german.write_text("Gerät,Zeit,Länge,Breite\nsx,2024-03-06T10:00:00Z,24.94,60.17\n")
+    record = ingest(database_url, [german])
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.error == (f"{german}: line 1: neither a header naming the columns nor a row "
+                            "of data: 'Gerät,Zeit,Länge,Breite' (header names: device_id, "
+                            "recorded_at, latitude, longitude, or their aliases); nothing loaded")
+    # A spreadsheet's separator line above the header is its own convention.
+    excel = tmp_path / "excel.csv"
+    excel.write_text("sep=;\ndevice;time;lon;lat\nsx;2024-03-06T10:00:00Z;24,94;60,17\n")
+    headless = tmp_path / "headless.csv"
+    headless.write_text("sep=,\nsy,2024-03-06T10:00:00Z,60.17,24.94\n")
+    record = ingest(database_url, [excel, headless])
+    assert record.counts["rows_loaded"] == 2 and record.counts["invalid_rows"] == 0
+    assert [(r[0], r[2], r[3]) for r in stored(conn)] == [("sx", 60.17, 24.94),
+                                                          ("sy", 60.17, 24.94)]
+
+
+def test_a_lone_cr_and_a_nul_byte(tmp_path: Path, database_url: str,
+                                  conn: psycopg.Connection[Any]) -> None:
+    last = tmp_path / "last.csv"  # LF lines, the last ended by a CR alone
+    last.write_bytes(b"d,2024-05-01T08:00:00Z,1,2\nd,2024-05-01T08:00:01Z,1,2\r")
+    assert ingest(database_url, [last]).counts["rows_loaded"] == 2
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"d,2024-05-01T08:00:02Z,1,2\nd,2024-05-01T08:00:03Z,1\x00,2\n")
+    record = ingest(database_url, [nul])
+    assert record.status == "failed" and record.error is not None
+    assert "nul.csv: line 2: a NUL byte (no text holds one)" in record.error, record.error
+
+
 def test_a_file_without_one_valid_row_rejects_the_run(tmp_path: Path, database_url: str,
                                                       conn: psycopg.Connection[Any]) -> None:
     """Not one good row: another layout, not a few bad rows to skip (a cron run under -q would
