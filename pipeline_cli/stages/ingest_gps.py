@@ -37,7 +37,12 @@ def ingest_gps(
     device_id: str | None = None,
     strict: bool = False,
 ) -> StageResult:
-    """Load ``files`` into gps_points; returns counts of rows read, loaded, duplicate, invalid."""
+    """Load ``files`` into gps_points; returns counts of rows read, loaded, duplicate, invalid.
+    A file named twice (overlapping globs) is read once."""
+    unique: dict[Path, str | Path] = {}
+    for path in files:
+        unique.setdefault(Path(path).resolve(), path)
+    files = list(unique.values())
     kinds = []
     for path in files:  # fail on an unknown format before touching the database
         try:
@@ -75,7 +80,8 @@ def ingest_gps(
 
         def rejected(message: str) -> ValidationError:
             return ValidationError(message, problems=problems, partial=StageResult(
-                counts={"files": len(files), "rows_read": valid, "invalid_rows": invalid,
+                counts={"files": len(files), "rows_read": valid + invalid,
+                        "invalid_rows": invalid,
                         "rows_loaded": 0},
                 extra={"problems": problems}))
 

@@ -45,6 +45,10 @@ def test_csv_loads_and_duplicates_are_stored_once(tmp_path: Path, database_url: 
     again = ingest(database_url, [path])
     assert again.status == "noop" and again.counts["duplicates"] == 3
     assert count(conn) == 2
+    # Overlapping globs name a file twice: read once (the counts were of one entry per name).
+    twice = ingest(database_url, [path, tmp_path / "." / "a.csv", path])
+    assert twice.counts == {"files": 1, "rows_read": 3, "rows_loaded": 0, "duplicates": 3,
+                            "invalid_rows": 0}
 
 
 def test_invalid_rows_are_reported_and_skipped(tmp_path: Path, database_url: str,
@@ -70,6 +74,7 @@ def test_strict_rejects_everything(tmp_path: Path, database_url: str,
     assert record.exit_code == 1 and "--strict" in (record.error or "")
     assert f"{bad}:3" in (record.error or "")
     assert count(conn) == 0
+    assert (record.counts["rows_read"], record.counts["invalid_rows"]) == (3, 1)
 
 
 def test_malformed_file_loads_nothing(tmp_path: Path, database_url: str,
