@@ -19,7 +19,7 @@ import psycopg.conninfo
 
 from . import db
 from .errors import ConfigError, PipelineError, RedisError
-from .settings import Settings
+from .settings import Settings, mask_passwords
 
 # What each check needs; "every setting named below is set" in the settings check.
 REQUIRED = (("database", "url"), ("redis", "url"), ("s3", "endpoint"), ("osrm", "url"),
@@ -88,8 +88,10 @@ def run_doctor(settings: Settings, *, point: LonLat | None = None) -> DoctorRepo
         except PipelineError as exc:
             detail, ok = str(exc), False
         ms = int((time.monotonic() - started) * 1000)
+        # The endpoint holds no user, password or query; redacted as a whole secret value,
+        # a Redis URL without a password was shown as "***".
         report.checks.append(Check(name, ok, settings.redact(detail), ms,
-                                   settings.redact(endpoint)))
+                                   mask_passwords(endpoint)))
     return report
 
 

@@ -284,7 +284,7 @@ class Settings:
                 continue
             if secret:
                 found.append(value)
-            found += [(m.group("pw") or m.group("pw2") or "").strip("'")
+            found += [(m.group("pw") or m.group("pw2") or m.group("pw3") or "").strip("'")
                       for m in _PASSWORDS.finditer(value)]
         return sorted({s for s in found if s}, key=len, reverse=True)
 
@@ -340,7 +340,9 @@ def display_value(value: Any, secret: bool) -> str:
 # (conninfo strings and URL query parameters). Only the password part is replaced.
 _PASSWORDS = re.compile(
     r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@]*:(?P<pw>[^\s/?#]*)@"
-    r"|\bpassword\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)",
+    r"|\bpassword\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)"
+    # a credential in a URL's query (?token=..., &api_key=...)
+    r"|[?&](?:access_token|api_?key|auth|key|secret|sig|signature|token)=(?P<pw3>[^\s&#]+)",
     re.IGNORECASE,
 )
 
@@ -352,9 +354,10 @@ MIN_SEARCHED_SECRET = 6
 
 
 def mask_passwords(text: str) -> str:
-    """``text`` with every URL userinfo password and libpq ``password=`` value as ``***``."""
+    """``text`` with every URL userinfo password, libpq ``password=`` value and credential in
+    a URL's query (``?token=``, ``&api_key=``) as ``***``."""
     def mask(m: re.Match[str]) -> str:
-        group = "pw" if m.group("pw") is not None else "pw2"
+        group = next(g for g in ("pw", "pw2", "pw3") if m.group(g) is not None)
         start, end = m.start(group) - m.start(), m.end(group) - m.start()
         return m.group(0)[:start] + "***" + m.group(0)[end:]
 

@@ -83,6 +83,10 @@ def test_require_names_env_variable() -> None:
 def test_mask_url_and_redaction() -> None:
     assert mask_passwords("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert mask_passwords("redis://h:6379/0") == "redis://h:6379/0"
+    # A service's credential in its URL's query (config show printed it).
+    assert mask_passwords("https://h/odata/?sap-client=100&api_key=K3y0nly") == (
+        "https://h/odata/?sap-client=100&api_key=***")
+    assert mask_passwords("http://h/x?token=T0ken#top") == "http://h/x?token=***#top"
     s = load_settings(None, {
         "PIPELINE_DATABASE_URL": "postgresql://u:topsecret@h/db",
         "PIPELINE_S3_SECRET_KEY": "s3secretvalue",

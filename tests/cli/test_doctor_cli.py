@@ -97,6 +97,9 @@ def test_table_names_the_failing_system_without_secrets(cli: Cli) -> None:
     assert SECRET not in result.output and "doctor: FAILED: odata" in result.output
     assert "http://127.0.0.1" in result.output  # the endpoint
     assert "postgresql://127.0.0.1" in result.output  # the database's, without user/password
+    # A Redis URL without a password is no secret to mask (it was shown as "***").
+    redis_line = next(line for line in result.output.splitlines() if "redis" in line)
+    assert "redis://127.0.0.1" in redis_line and "***" not in redis_line, redis_line
 
 
 def test_missing_bucket_that_may_be_created_passes(cli: Cli, s3: S3Endpoint,
@@ -181,13 +184,20 @@ def test_closed_port_fails_only_its_check(cli: Cli, system: str) -> None:
 @pytest.mark.parametrize(("name", "value", "system"), [
     ("PIPELINE_REDIS_URL", "redis://127.0.0.1:notaport/0", "redis"),
     ("PIPELINE_S3_ENDPOINT", "127.0.0.1:notaport", "s3"),
-    ("PIPELINE_OSRM_URL", "http://127.0.0.1:notaport", "osrm"),
 ])
 def test_unusable_endpoint_is_a_failed_check_not_a_traceback(cli: Cli, name: str, value: str,
                                                              system: str) -> None:
     cli.env[name] = value
     code, obj = doctor(cli)
     assert code == 1 and failed(obj) == [system], obj
+
+
+def test_an_http_url_with_a_bad_port_is_a_settings_error(cli: Cli) -> None:
+    cli.env["PIPELINE_OSRM_URL"] = "http://127.0.0.1:notaport"
+    code, obj = doctor(cli)
+    assert code == 78 and failed(obj) == ["settings"], obj
+    assert "malformed setting [osrm] url: port could not be cast" in by_name(obj)["settings"][
+        "detail"]
 
 
 def test_wrong_s3_secret_fails_s3(cli: Cli) -> None:
