@@ -8,6 +8,7 @@ Every setting has one name, one default and one line of documentation (the field
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -500,6 +501,17 @@ def load_settings(
                                          False)
                 sources[name] = f"file {path}"
         built[section] = cls(**values)
+        # A typo in a variable's name was ignored in silence (the file's typos are errors).
+        prefix = env_name(section, "")
+        known = {env_name(section, f.name) for f in dataclasses.fields(cls)
+                 if f.metadata.get("env", True)}
+        for var in sorted(v for v in environ if v.startswith(prefix) and v not in known):
+            if var.removeprefix(prefix).lower() in names:
+                raise ConfigError(f"{var}: [{section}] {var.removeprefix(prefix).lower()} can "
+                                  "be set only in the config file", key=var)
+            close = difflib.get_close_matches(var, known, n=1)
+            raise ConfigError(f"unknown setting {var} in the environment" + (
+                f" (did you mean {close[0]}?)" if close else ""), key=var)
     settings = Settings(**built, config_file=str(path) if path else None, sources=sources)
     _validate(settings)
     return settings

@@ -64,6 +64,11 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("", {"PIPELINE_OSRM_URL": "http://h:port/"}, "[osrm] url: port could not be cast"),
         ("", {"PIPELINE_ODATA_URL": "https:///odata/"}, "[odata] url: no host name"),
         ("", {"PIPELINE_ODATA_BACKOFF_BASE": "-1"}, "[odata] backoff_base"),
+        # A typo in a variable's name was ignored in silence (the file's were errors).
+        ("", {"PIPELINE_MATCH_GAP_SECOND": "60"},
+         "unknown setting PIPELINE_MATCH_GAP_SECOND in the environment (did you mean "
+         "PIPELINE_MATCH_GAP_SECONDS?)"),
+        ("", {"PIPELINE_ODATA_MAPPING": "{}"}, "[odata] mapping can be set only in the config"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str],
