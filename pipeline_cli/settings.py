@@ -433,8 +433,8 @@ def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
             if isinstance(raw, bool):
                 raise ValueError(f"expected a number, got {raw!r}")
             value = float(raw)
-            if value != value:
-                raise ValueError("NaN is not allowed")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"expected a finite number, got {raw!r}")
             return value
         if annotation is str:
             if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
@@ -583,6 +583,12 @@ def _validate(s: Settings) -> None:
     for key in ("city_radius_km", "airport_radius_km", "walk_max_km"):
         if getattr(s.virtual, key) < 0:
             raise bad("virtual", key, "must not be negative")
+    for key in ("main_spacing_km", "grid_reach_km", "city_spacing_km", "airport_spacing_km",
+                "max_route_km", "city_radius_km", "airport_radius_km", "walk_max_km"):
+        if getattr(s.virtual, key) > 20_015:
+            raise bad("virtual", key, "must be at most half the Earth's circumference (20015)")
+    if s.virtual.headway_s > 86400:
+        raise bad("virtual", "headway_s", "must be at most a day (86400)")
     if not 0 <= s.virtual.threshold_fraction < 1:
         raise bad("virtual", "threshold_fraction", "must be >= 0 and < 1")
     for mode, speed in s.virtual.speeds_kmh.items():

@@ -69,6 +69,14 @@ def test_config_file_from_env(tmp_path: Path) -> None:
          "unknown setting PIPELINE_MATCH_GAP_SECOND in the environment (did you mean "
          "PIPELINE_MATCH_GAP_SECONDS?)"),
         ("", {"PIPELINE_ODATA_MAPPING": "{}"}, "[odata] mapping can be set only in the config"),
+        # Infinite or oversized values failed the run after all its work, or as a traceback.
+        ("[virtual]\nmax_route_km = inf\n", {}, "[virtual] max_route_km: expected a finite"),
+        ("", {"PIPELINE_VIRTUAL_SPEEDS_KMH": '{"bus": 1e999}'}, "SPEEDS_KMH.bus: expected a "
+         "finite number"),
+        ("", {"PIPELINE_VIRTUAL_MAIN_SPACING_KM": "1e300"}, "[virtual] main_spacing_km: must "
+         "be at most half"),
+        ("", {"PIPELINE_VIRTUAL_HEADWAY_S": "99999999999"}, "[virtual] headway_s: must be at "
+         "most a day"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str],
