@@ -6,9 +6,10 @@ from typing import Any
 
 import click
 
-from .. import render
+from .. import db, render
 from ..adapters.graph_store import GraphStore
 from ..app import App
+from ..errors import UsageError
 from ..health import human_duration
 from ..stages.build_graph import (
     activate_version,
@@ -16,6 +17,7 @@ from ..stages.build_graph import (
     list_versions,
     plan,
     shortest_path,
+    version_exists,
 )
 from . import json_option, pass_app, run_stage, wait_option
 
@@ -63,8 +65,9 @@ def graph_group() -> None:
 @pass_app
 def list_cmd(app: App, limit: int) -> None:
     """List graph versions: counts, source dataset, active flag, whether Redis holds them."""
-    rows = list_versions(app.connect(autocommit=True, name="pipeline graph list"),
-                         graph_store(app), limit=limit)
+    conn = app.connect(autocommit=True, name="pipeline graph list")
+    db.check_schema(conn)
+    rows = list_versions(conn, graph_store(app), limit=limit)
     if app.json:
         render.print_json({"versions": rows})
         return
@@ -82,6 +85,10 @@ def list_cmd(app: App, limit: int) -> None:
 @pass_app
 def activate_cmd(app: App, version: str, wait: float | None) -> None:
     """Make VERSION the active graph again (rollback), reloading it from S3 if needed."""
+    conn = app.connect(autocommit=True, name="pipeline graph activate")
+    db.check_schema(conn)
+    if not version_exists(conn, version):  # a typo: no run recorded, no failure streak
+        raise UsageError(f"unknown graph version {version!r} (see `pipeline graph list`)")
     store, backups = graph_store(app), app.backups()
     run_stage(app, "build-graph",
               lambda ctx: activate_version(app.database, store, backups,

@@ -634,6 +634,13 @@ def _retain(store: GraphStore, settings: GraphSettings, ctx: RunContext) -> list
 # ---------------------------------------------------------------- operator commands
 
 
+def version_exists(conn: psycopg.Connection[Any], version: str) -> bool:
+    """Whether graph_versions has ``version`` (any state)."""
+    with db.wrap_errors(f"reading graph {version}"):
+        return conn.execute(db.query("build_graph", "get_version"),
+                            {"version": version}).fetchone() is not None
+
+
 def list_versions(conn: psycopg.Connection[Any], store: GraphStore, *, limit: int = 50
                   ) -> list[dict[str, Any]]:
     """graph_versions rows, newest first, with whether each is complete in Redis."""

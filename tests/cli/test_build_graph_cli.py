@@ -82,15 +82,18 @@ def test_no_path_unknown_stop_and_no_graph_exit_1(cli: Cli, net: Network) -> Non
     assert unknown.exit_code == 1 and "'NO-SUCH-STOP' is not in graph version" in unknown.output
 
 
-def test_activate_rollback_via_cli(cli: Cli, net: Network) -> None:
+def test_activate_rollback_via_cli(cli: Cli, net: Network, conn: Conn) -> None:
     for _ in range(2):
         assert cli("build-graph", "--force").exit_code == 0
     obj = json.loads(cli("graph", "activate", "graph-v1", "--json").stdout)
     assert obj["status"] == "success" and obj["previous_version"] == "graph-v2"
     listed = json.loads(cli("graph", "list", "--json").stdout)["versions"]
     assert [v["version"] for v in listed if v["active"] and v["redis_active"]] == ["graph-v1"]
+    # A typo is a usage error, not a failed build-graph run (three made status CRITICAL).
+    runs = conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone()["n"]
     unknown = cli("graph", "activate", "graph-v42")
-    assert unknown.exit_code == 1 and "unknown graph version" in unknown.output
+    assert unknown.exit_code == 2 and "unknown graph version 'graph-v42'" in unknown.output
+    assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone()["n"] == runs
 
 
 def test_skipped_without_virtual_generation(cli: Cli, conn: Conn) -> None:
@@ -104,6 +107,7 @@ def test_skipped_without_virtual_generation(cli: Cli, conn: Conn) -> None:
 
 
 def test_lock_busy_exits_75(cli: Cli, net: Network, database_url: str) -> None:
+    assert cli("build-graph").exit_code == 0  # graph-v1 exists: activate gets to the lock
     with psycopg.connect(database_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
         result = cli("build-graph")
