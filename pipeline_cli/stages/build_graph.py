@@ -380,6 +380,8 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool) -> str | No
         version = inputs.built["version"]
         if store.active_version() != version or not store.is_complete(version):
             return f"the active graph {version} is missing from Redis"
+    if store.active_version() is None:  # not even a rolled-back version could be reloaded
+        return "Redis serves no graph"
     return None
 
 
@@ -604,6 +606,22 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
             store.switch_active(active_version, expected=pointer)
             notes.append(f"the Redis pointer named {pointer}, which PostgreSQL does not record "
                          f"as complete; switched back to {active_version}")
+    pointer = store.active_version()
+    if active is not None and pointer in (None, active["version"]) and not (
+            pointer and store.is_complete(pointer)):
+        # Redis lost the active graph (flushed, restarted empty). After a rollback the build
+        # decision would not rebuild it (the newest build is another version), so nothing
+        # would bring it back: point at it again, reloaded from its S3 export if need be, as
+        # `graph activate` does.
+        version = str(active["version"])
+        try:
+            if not store.is_complete(version):
+                _reload(store, backups, dict(active), ctx)
+            store.switch_active(version, expected=pointer)
+            notes.append(f"Redis did not serve the active graph {version}; it does again")
+        except (BackupError, RedisError) as exc:
+            ctx.log.warning("the active graph %s is not in Redis and could not be reloaded: %s",
+                            version, exc)
     with db.wrap_errors("reading abandoned graph versions"):
         abandoned = [r["version"] for r in conn.execute(
             db.query("build_graph", "never_activated"), {"pointer": store.active_version()})]

@@ -193,12 +193,23 @@ def test_rerun_is_noop_new_generation_builds_force_rebuilds(
     assert [r["active"] for r in graph_rows(conn)] == [False, False, True]
 
 
-def test_active_graph_missing_from_redis_is_rebuilt(
-        builder: Builder, net: Network, store: GraphStore, client: redis.Redis) -> None:
+def test_active_graph_missing_from_redis_is_served_again(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        conn: Conn) -> None:
     first = builder.ok()
-    client.delete(store.pointer_key)  # e.g. Redis restarted without persistence
+    client.delete(store.pointer_key)  # the pointer lost, the version's keys still there
     record = builder.build()
-    assert record.status == "success" and store.active_version() != first
+    assert record.status == "noop" and store.active_version() == first
+    # Redis restarted empty after a rollback: the newest build is not the active version, so
+    # the build decision saw nothing to do, run after run, while no graph was served.
+    second = builder.ok(force=True)
+    assert builder.activate(first).status == "success"
+    for key in client.scan_iter(f"{store.prefix}:*"):
+        client.delete(key)
+    record = builder.build()
+    assert record.status == "noop" and store.active_version() == first != second
+    assert store.is_complete(first)  # reloaded from its S3 export
+    assert graph_rows(conn)[0]["version"] == first and graph_rows(conn)[0]["active"]
 
 
 def test_no_active_dataset_or_no_virtual_generation_is_skipped(
