@@ -35,6 +35,7 @@ def synthetic_graph(edges: int, degree: int = 4, seed: int = 1) -> GraphData:
         route_ids=[f"R{i:08d}" for i in range(src.size)],
         modes=[modes[i % 4] for i in range(src.size)],
         from_ids=[node_ids[i] for i in src.tolist()], to_ids=[node_ids[i] for i in dst.tolist()],
+        speeds_kmh={},
     )
 
 

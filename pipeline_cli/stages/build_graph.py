@@ -80,6 +80,7 @@ class GraphData:
     modes: list[str]
     from_ids: list[str]  # the raw endpoint ids, to name unknown stops
     to_ids: list[str]
+    speeds_kmh: dict[str, float]  # the speed table the routes without flights were weighed by
 
     @property
     def nodes(self) -> int:
@@ -166,6 +167,7 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
         weight=np.round(np.concatenate([real_w, virtual_w]), 3),
         route_ids=[r[0] for r in routes] + [r[0] for r in vroutes],
         modes=modes + [r[3] for r in vroutes], from_ids=from_ids, to_ids=to_ids,
+        speeds_kmh=speed_table(speeds_kmh),
     )
 
 
@@ -296,7 +298,7 @@ def build_graph(
                     extra={"dataset_version": inputs.dataset_version},
                     message=f"dataset {inputs.dataset_version} has no virtual entities yet; "
                             "run `pipeline gen-virtual` first")
-            reason = _reason_to_build(inputs, store, force)
+            reason = _reason_to_build(inputs, store, force, speeds_kmh)
             if reason is None:
                 built = inputs.built or {}
                 state = "active" if built.get("active") else (
@@ -351,7 +353,7 @@ def plan(
                         f"dataset {inputs.dataset_version} has no virtual entities yet")
                 return StageResult(status=SKIPPED, extra=extra,
                                    message=f"{what}; nothing to build")
-            reason = _reason_to_build(inputs, store, force)
+            reason = _reason_to_build(inputs, store, force, speeds_kmh)
             if reason is None:
                 built = (inputs.built or {}).get("version")
                 return StageResult(status=DRY_RUN, extra=extra | {
@@ -371,11 +373,15 @@ def plan(
                 f"{graph.edges} edges")
 
 
-def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool) -> str | None:
+def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
+                     speeds_kmh: dict[str, float]) -> str | None:
     if force:
         return "--force"
     if inputs.built is None:
         return f"virtual generation {inputs.generation_id} has no graph yet"
+    used = inputs.built["speeds_kmh"]
+    if used is not None and used != speed_table(speeds_kmh):
+        return f"the route speeds ([virtual] speeds_kmh) differ from {inputs.built['version']}'s"
     if inputs.built["active"]:
         version = inputs.built["version"]
         if store.active_version() != version or not store.is_complete(version):
@@ -468,7 +474,7 @@ def _publish(
                 "generation_id": inputs.generation_id, "nodes": graph.nodes,
                 "edges": graph.edges, "build_ms": build_ms, "checksum": checksum,
                 "export_key": export_key(version), "warnings": Jsonb(warnings),
-                "run_id": ctx.run_id})
+                "run_id": ctx.run_id, "speeds_kmh": Jsonb(graph.speeds_kmh)})
             conn.commit()
         recorded = True
         ctx.check_stop()

@@ -22,7 +22,7 @@ FROM graph_versions
 WHERE active;
 
 -- name: graph_for_generation
-SELECT version, active
+SELECT version, active, speeds_kmh
 FROM graph_versions
 WHERE dataset_version = %(dataset_version)s
   AND virtual_generation_id IS NOT DISTINCT FROM %(generation_id)s
@@ -60,9 +60,9 @@ SELECT nextval('graph_version_seq') AS seq;
 
 -- name: insert_version
 INSERT INTO graph_versions (version, seq, dataset_version, virtual_generation_id, nodes, edges,
-                            build_ms, checksum, export_key, warnings, run_id)
+                            build_ms, checksum, export_key, warnings, run_id, speeds_kmh)
 VALUES (%(version)s, %(seq)s, %(dataset_version)s, %(generation_id)s, %(nodes)s, %(edges)s,
-        %(build_ms)s, %(checksum)s, %(export_key)s, %(warnings)s, %(run_id)s);
+        %(build_ms)s, %(checksum)s, %(export_key)s, %(warnings)s, %(run_id)s, %(speeds_kmh)s);
 
 -- name: deactivate_all
 UPDATE graph_versions SET active = false WHERE active AND version <> %(version)s;

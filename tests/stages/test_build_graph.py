@@ -96,6 +96,11 @@ class Builder:
         return StageRunner(database).run("build-graph", lambda ctx: activate_version(
             database, self.store, self.backups, self.settings, version, ctx))
 
+    def with_speeds(self, speeds_kmh: dict[str, float]) -> RunRecord:
+        database = Database(self.database_url)
+        return StageRunner(database).run("build-graph", lambda ctx: build_graph(
+            database, self.store, self.backups, self.settings, speeds_kmh, ctx))
+
     def ok(self, **kw: Any) -> str:
         record = self.build(**kw)
         assert record.status == "success", record.error
@@ -210,6 +215,20 @@ def test_active_graph_missing_from_redis_is_served_again(
     assert record.status == "noop" and store.active_version() == first != second
     assert store.is_complete(first)  # reloaded from its S3 export
     assert graph_rows(conn)[0]["version"] == first and graph_rows(conn)[0]["active"]
+
+
+def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: Conn) -> None:
+    """A graph weighed with the old [virtual] speeds_kmh stayed active in silence (noop)."""
+    first = builder.ok()
+    assert builder.build().status == "noop"
+    slower = builder.with_speeds({**SPEEDS_KMH, "Bus": 10.0})  # another spelling of bus
+    assert slower.status == "success", slower.error
+    assert slower.extra["graph_version"] != first
+    assert graph_rows(conn)[-1]["speeds_kmh"]["bus"] == 10.0
+    assert builder.with_speeds({**SPEEDS_KMH, "bus": 10.0}).status == "noop"
+    # A graph built before its speeds were recorded is not rebuilt for that alone.
+    conn.execute("UPDATE graph_versions SET speeds_kmh = NULL")
+    assert builder.build().status == "noop"
 
 
 def test_no_active_dataset_or_no_virtual_generation_is_skipped(
