@@ -544,11 +544,13 @@ def _lock_tables(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
     """Take the virtual tables for the write, waiting LOCK_TIMEOUT_S at a time (a waiting
     ACCESS EXCLUSIVE request queues every new reader behind it, so it must not wait long)."""
 
+    held_by = ["nobody now"]
+
     def busy(state: RetryCallState) -> None:
-        holders = ", ".join(f"{r['who']} (pid {r['pid']})"
-                            for r in conn.execute(_q("lock_holders")).fetchall())
+        held_by[0] = ", ".join(f"{r['who']} (pid {r['pid']})" for r in conn.execute(
+            _q("lock_holders")).fetchall()) or "nobody now"
         ctx.log.info("virtual tables busy (attempt %d of %d; held by %s)",
-                     state.attempt_number, LOCK_ATTEMPTS, holders or "nobody now")
+                     state.attempt_number, LOCK_ATTEMPTS, held_by[0])
         ctx.check_stop()
 
     try:
@@ -561,7 +563,8 @@ def _lock_tables(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
     except RetryError:
         raise DatabaseError(
             f"could not lock the virtual tables in {LOCK_ATTEMPTS} attempts of "
-            f"{LOCK_TIMEOUT_S} s (long-running readers); nothing was written") from None
+            f"{LOCK_TIMEOUT_S} s (long-running readers; last held by {held_by[0]}); nothing "
+            "was written") from None
     conn.execute(_q("lock_timeout"), {"timeout": "0"})
 
 

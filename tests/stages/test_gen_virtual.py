@@ -476,13 +476,16 @@ def test_a_reader_holding_the_tables_past_the_attempts_fails_the_run_cleanly(
     before = table_rows(conn)
     monkeypatch.setattr(gen_virtual, "LOCK_TIMEOUT_S", 0.2)
     monkeypatch.setattr(gen_virtual, "LOCK_ATTEMPTS", 2)
-    with psycopg.connect(database_url) as reader:
+    with psycopg.connect(database_url, application_name="nightly-report") as reader:
         # What build-graph does first in its read snapshot.
         reader.execute("LOCK TABLE virtual_stops, virtual_routes, virtual_flights "
                        "IN ACCESS SHARE MODE")
+        pid = reader.info.backend_pid
         rec = run(force=True)
     assert rec.status == "failed" and rec.exit_code == 1
     assert rec.error is not None and "could not lock the virtual tables" in rec.error
+    # Who holds them is in the error itself (it was in info lines only, which -q hides).
+    assert f"last held by nightly-report (pid {pid})" in rec.error, rec.error
     assert "\n" not in rec.error
     assert table_rows(conn) == before
     assert count(conn, "SELECT count(*) FROM virtual_generations") == 1
