@@ -92,8 +92,20 @@ def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Featur
 
 
 def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) -> Feature:
-    return {"type": "Feature", "geometry": {"type": "LineString", "coordinates": coordinates},
-            "properties": properties}
+    """A LineString, or a MultiLineString cut at the antimeridian where a segment crosses it
+    (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map)."""
+    parts = [coordinates[:1]]
+    for (lon0, lat0), (lon1, lat1) in zip(coordinates, coordinates[1:], strict=False):
+        if abs(lon1 - lon0) > 180:  # the short way round crosses it
+            edge = 180.0 if lon0 > 0 else -180.0
+            span = lon1 - lon0 + (360 if lon0 > 0 else -360)
+            lat = lat0 if span == 0 else lat0 + (lat1 - lat0) * (edge - lon0) / span
+            parts[-1].append([edge, lat])
+            parts.append([[-edge, lat]])
+        parts[-1].append([lon1, lat1])
+    geometry = {"type": "LineString", "coordinates": parts[0]} if len(parts) == 1 else \
+        {"type": "MultiLineString", "coordinates": parts}
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
 def polyline_features(conn: psycopg.Connection[Any], *, device: str | None = None,

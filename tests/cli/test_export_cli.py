@@ -190,3 +190,16 @@ def test_an_unmigrated_database_exits_78(cli: Cli, empty_database_url: str) -> N
     result = cli("export", "geojson", "polylines")
     assert result.exit_code == 78 and "pipeline db migrate" in result.stderr
     assert result.stdout == ""
+
+
+def test_a_line_across_the_antimeridian_is_cut_there(cli: Cli, conn: Conn) -> None:
+    # A ferry's matched track in Fiji: drawn as written it spanned the whole map.
+    points = [(-17.0, 179.9), (-17.2, -179.9), (-17.3, -179.8)]
+    conn.execute(
+        "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+        "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+        "VALUES ('ferry', %s, %s, %s, 0.9, 3, 3, gen_random_uuid())",
+        (T0, T0 + timedelta(hours=1), polyline.encode(points)))
+    [feature] = collection(cli("export", "geojson", "polylines").stdout)
+    assert feature["geometry"] == {"type": "MultiLineString", "coordinates": [
+        [[179.9, -17.0], [180.0, -17.1]], [[-180.0, -17.1], [-179.9, -17.2], [-179.8, -17.3]]]}
