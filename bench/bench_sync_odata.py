@@ -251,7 +251,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             results = ratios(services, 30_000 if quick else 200_000, s3,
                              rounds=2 if quick else 5)
             # The RSS run syncs into a database of its own, which numbers its versions from
-            # ds-v1 again: a bucket holding another database's versions is refused.
+            # ds-v1 again (a number another database's backup holds would be skipped).
             empty_bucket(s3)
             results.append(peak_rss(services, 100_000 if quick else 1_000_000, s3))
             results.append(module_lines())
