@@ -34,7 +34,8 @@ def migrate(app: App) -> None:
 
 @db_group.command("status")
 @click.option("--check", is_flag=True,
-              help="Exit 78 when a migration is pending (gates a deploy); print only then.")
+              help="Exit 78 when a migration is pending (gates a deploy); with -q, print "
+                   "only then.")
 @json_option
 @pass_app
 def db_status(app: App, check: bool) -> None:
