@@ -535,10 +535,12 @@ def _validate(s: Settings) -> None:
         raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
     for section, key in (("odata", "url"), ("osrm", "url"), ("notify", "ping_url")):
         value = getattr(getattr(s, section), key)
-        if value and not value.startswith(("http://", "https://")):
+        if not value:
+            continue
+        if not value.startswith(("http://", "https://")):
             raise bad(section, key, "expected an http:// or https:// URL")
         try:
-            parts = urlsplit(value or "http://-")
+            parts = urlsplit(value)
             parts.port  # noqa: B018  (raises for a port that is no number or out of range)
         except ValueError as exc:
             raise bad(section, key, str(exc).lower()) from None

@@ -269,6 +269,10 @@ class ODataClient:
     def _get(self, url: str, what: str, *, link: bool = False) -> tuple[bytes, Any]:
         """GET with retries; returns (body, parsed JSON) or raises SourceError. ``link``: the
         URL is a server's nextLink, not one built from [odata.mapping]."""
+        parts = urlsplit(url)  # the URL's own query, once for all attempts
+        if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
+            url = urlunsplit(parts._replace(query="&".join(filter(None, (
+                parts.query, urlencode(missing))))))
         retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                             retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                             reraise=True)
@@ -286,10 +290,6 @@ class ODataClient:
         return float(self._backoff(state))
 
     def _get_once(self, url: str, what: str, link: bool) -> tuple[bytes, Any]:
-        parts = urlsplit(url)
-        if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
-            url = urlunsplit(parts._replace(query="&".join(filter(None, (
-                parts.query, urlencode(missing))))))
         try:
             resp = self.session.get(url, headers=self._headers(), stream=True, timeout=(
                 self.settings.connect_timeout, self.settings.read_timeout))

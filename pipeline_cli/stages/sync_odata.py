@@ -528,17 +528,17 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
     # A version's prefix may hold an orphan upload of a crashed run here (reused), or a
     # version this database never made (another deployment on the bucket, or a database
     # restored from an older backup): never overwritten, the number is skipped.
-    while backups.exists(backup_prefix(f"ds-v{seq}") + "manifest.json"):
-        theirs = str(backups.get_json(backup_prefix(f"ds-v{seq}") + "manifest.json")
-                     .get("run_id"))
+    version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
+    while backups.exists(prefix + "manifest.json"):
+        theirs = str(backups.get_json(prefix + "manifest.json").get("run_id"))
         if _one(conn, db.query("sync_odata", "run_known"), {"run_id": theirs})["known"]:
             break
-        ctx.log.warning("S3 bucket %r holds ds-v%d of run %s, which this database never ran "
+        seq += 1
+        ctx.log.warning("S3 bucket %r holds %s of run %s, which this database never ran "
                         "(another deployment backing up into it, or a database restored from "
                         "an older backup?); kept, and this version is ds-v%d", backups.bucket,
-                        seq, theirs[:8], seq + 1)
-        seq += 1
-    version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
+                        version, theirs[:8], seq)
+        version, prefix = f"ds-v{seq}", backup_prefix(f"ds-v{seq}")
     with ThreadPoolExecutor(max_workers=len(ENTITIES), thread_name_prefix="backup") as pool:
         uploads = [pool.submit(_upload_raw, backups, st, prefix)
                    for st in loader.sets.values() if source == "sync"]
