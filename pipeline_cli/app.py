@@ -65,10 +65,14 @@ class App:
                            connect_timeout=d.connect_timeout, pooler=d.pooler)
 
     def connect(
-        self, *, autocommit: bool = False, name: str = "pipeline"
+        self, *, autocommit: bool = False, name: str = "pipeline", migrated: bool = False
     ) -> psycopg.Connection[Any]:
+        """A connection closed with the command; ``migrated``: SchemaError (exit 78, naming
+        `pipeline db migrate`) unless the schema is current, for commands that read it."""
         conn = self.database.connect(name, autocommit=autocommit)
         self.resources.callback(conn.close)
+        if migrated:
+            db.check_schema(conn)
         return conn
 
     @property

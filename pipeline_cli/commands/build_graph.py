@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .. import db, render
+from .. import render
 from ..adapters.graph_store import GraphStore
 from ..app import App
 from ..errors import UsageError
@@ -65,9 +65,8 @@ def graph_group() -> None:
 @pass_app
 def list_cmd(app: App, limit: int) -> None:
     """List graph versions: counts, source dataset, active flag, whether Redis holds them."""
-    conn = app.connect(autocommit=True, name="pipeline graph list")
-    db.check_schema(conn)
-    rows = list_versions(conn, graph_store(app), limit=limit)
+    rows = list_versions(app.connect(autocommit=True, name="pipeline graph list",
+                                     migrated=True), graph_store(app), limit=limit)
     if app.json:
         render.print_json({"versions": rows})
         return
@@ -85,8 +84,7 @@ def list_cmd(app: App, limit: int) -> None:
 @pass_app
 def activate_cmd(app: App, version: str, wait: float | None) -> None:
     """Make VERSION the active graph again (rollback), reloading it from S3 if needed."""
-    conn = app.connect(autocommit=True, name="pipeline graph activate")
-    db.check_schema(conn)
+    conn = app.connect(autocommit=True, name="pipeline graph activate", migrated=True)
     if not version_exists(conn, version):  # a typo: no run recorded, no failure streak
         raise UsageError(f"unknown graph version {version!r} (see `pipeline graph list`)")
     store, backups = graph_store(app), app.backups()

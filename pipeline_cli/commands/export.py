@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import db, export
+from .. import export
 from ..adapters.graph_store import GraphReader
 from ..app import App
 from . import pass_app
@@ -26,12 +26,6 @@ def bbox_option(fn: F) -> F:
     return click.option("--bbox", metavar="W,S,E,N",
                         help="Only features inside this box (degrees; W > E crosses the "
                              "antimeridian).")(fn)
-
-
-def _connect(app: App) -> Any:
-    conn = app.connect(name="pipeline export")
-    db.check_schema(conn)  # not migrated: exit 78 naming `pipeline db migrate`
-    return conn
 
 
 def _write(features: Iterable[export.Feature], output: str | None) -> None:
@@ -62,8 +56,8 @@ def polylines(app: App, device: str | None, since: str | None, until: str | None
     """One LineString per cached polyline: device, start and end time, point count, OSRM
     confidence, batch id."""
     start, end = export.parse_time(since, "--since"), export.parse_time(until, "--until")
-    _write(export.polyline_features(_connect(app), device=device,
-                                    since=start, until=end), output)
+    conn = app.connect(name="pipeline export", migrated=True)
+    _write(export.polyline_features(conn, device=device, since=start, until=end), output)
 
 
 @geojson.command("stops")
@@ -74,8 +68,8 @@ def polylines(app: App, device: str | None, since: str | None, until: str | None
 def stops(app: App, virtual: bool, bbox: str | None, output: str | None) -> None:
     """Real stops, or virtual stops with their kind, as Points."""
     box = export.BBox.parse(bbox) if bbox else None
-    _write(export.stop_features(_connect(app), virtual=virtual, bbox=box),
-           output)
+    conn = app.connect(name="pipeline export", migrated=True)
+    _write(export.stop_features(conn, virtual=virtual, bbox=box), output)
 
 
 @geojson.command("graph")
@@ -88,8 +82,8 @@ def graph(app: App, version: str | None, bbox: str | None, output: str | None) -
     with --bbox, the edges with an endpoint inside."""
     box = export.BBox.parse(bbox) if bbox else None
     reader = GraphReader(app.redis(), app.settings.redis.prefix)
-    _write(export.graph_features(_connect(app), reader, version=version,
-                                 bbox=box), output)
+    conn = app.connect(name="pipeline export", migrated=True)
+    _write(export.graph_features(conn, reader, version=version, bbox=box), output)
 
 
 def register(group: click.Group) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import db, render
+from .. import render
 from ..app import App
 from ..gps import batches as gps_batches
 from ..stages import match_gps as stage
@@ -93,8 +93,7 @@ def batches() -> None:
 @pass_app
 def list_cmd(app: App, status: str | None, device_id: str | None, limit: int) -> None:
     """List batches with their state, attempts and last error."""
-    conn = app.connect(autocommit=True, name="pipeline batches list")
-    db.check_schema(conn)
+    conn = app.connect(autocommit=True, name="pipeline batches list", migrated=True)
     rows = gps_batches.list_batches(conn, status=status, device_id=device_id, limit=limit)
     if app.json:
         render.print_json({"batches": rows})
@@ -116,8 +115,7 @@ def list_cmd(app: App, status: str | None, device_id: str | None, limit: int) ->
 @pass_app
 def requeue(app: App, dead_only: bool, device_id: str | None) -> None:
     """Make dead (and failed) batches pending again with a fresh attempt count."""
-    conn = app.connect(autocommit=True, name="pipeline batches requeue")
-    db.check_schema(conn)
+    conn = app.connect(autocommit=True, name="pipeline batches requeue", migrated=True)
     result = gps_batches.requeue_batches(conn, dead_only=dead_only, device_id=device_id)
     if app.json:
         render.print_json(result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import db, render
+from .. import render
 from ..app import App
 from ..stages.sync_odata import list_datasets, restore_dataset, sync_odata
 from . import json_option, pass_app, run_stage, wait_option
@@ -46,8 +46,7 @@ def datasets_group() -> None:
 @pass_app
 def datasets_list(app: App, limit: int) -> None:
     """List dataset versions: hash, row counts, diff, origin, and which one is active."""
-    conn = app.connect(autocommit=True, name="pipeline datasets list")
-    db.check_schema(conn)
+    conn = app.connect(autocommit=True, name="pipeline datasets list", migrated=True)
     rows = list_datasets(conn, limit)
     if app.json:
         render.print_json({"datasets": rows})
