@@ -6,8 +6,6 @@ fails with one-line SourceErrors that never carry credentials (page shapes: odat
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import json
 import logging
 import time
@@ -25,6 +23,8 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+from urllib3.exceptions import InvalidHeader
+from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, service_error
 from ..readahead import ReadAhead
@@ -60,19 +60,11 @@ _AUTH, _NAMES = " (check [odata] username/password/token)", " (check the names i
 
 
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date (urllib3 reads both)."""
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return float(Retry().parse_retry_after(value)) if value else None
+    except InvalidHeader:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
 def error_line(status: int, body: bytes, content_type: str = "") -> str:

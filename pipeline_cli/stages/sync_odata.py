@@ -325,11 +325,10 @@ class _Loader:
         leave the stage (a reference to a rejected row cascades); otherwise a reference to a
         refused row is not reported again (root causes only)."""
         with db.wrap_errors("checking keys and references"):
-            for e in ENTITIES:
+            for e in ENTITIES:  # parents first: REFERENCES name them first too
                 self._duplicates(e, problems, reject=reject)
-                for child, col, parent in REFERENCES:
-                    if child == e:
-                        self._dangling(e, col, parent, problems, reject=reject)
+            for child, col, parent in REFERENCES:
+                self._dangling(child, col, parent, problems, reject=reject)
 
     def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
         m, stage = self.sets[e].mapping, self.sets[e].stage
@@ -406,7 +405,7 @@ class _Loader:
         with db.wrap_errors("writing the read model"):
             self.conn.execute(db.query("sync_odata", "savepoint_apply"))
             try:
-                diff = {e: self._counted("apply", e) for e in ENTITIES}
+                diff = {e: self._apply(e) for e in ENTITIES}
                 self.conn.execute(db.query("sync_odata", "constraints_now"))
             except (psycopg.errors.ForeignKeyViolation, psycopg.errors.CardinalityViolation):
                 diff = None
@@ -417,10 +416,10 @@ class _Loader:
                 return None
         return diff
 
-    def _counted(self, name: str, e: str) -> dict[str, int]:
+    def _apply(self, e: str) -> dict[str, int]:
         cols = COLUMNS[e]
         row = _one(self.conn, _q(
-            name, stage=self.sets[e].stage, target=sql.Identifier(e), cols=_list(cols),
+            "apply", stage=self.sets[e].stage, target=sql.Identifier(e), cols=_list(cols),
             s_cols=_list(cols, "s"), t_cols=_list(cols, "t"),
             assignments=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(
                 sql.Identifier(c), sql.Identifier(c)) for c in cols if c != "id")))
@@ -798,20 +797,16 @@ def status_section(conn: psycopg.Connection[Any], now: datetime | None = None
     Every version is backed up before it is committed, so the newest version's creation time
     is the time of the last dataset backup.
     """
-    now = now or datetime.now(UTC)
     with db.wrap_errors("reading the dataset summary"):
-        r = _one(conn, db.query("sync_odata", "dataset_summary"))
-
-    def age(t: datetime | None) -> float | None:
-        return None if t is None else round((now - t).total_seconds(), 1)
-
+        r = _one(conn, db.query("sync_odata", "dataset_summary"),
+                 {"now": now or datetime.now(UTC)})
     newest = r["newest_created_at"]
     return {
         "active": None if r["version"] is None else {
             **{k: r[k] for k in ("version", "hash", "counts", "diff", "source")},
-            "created_at": r["created_at"].isoformat(), "age_s": age(r["created_at"])},
+            "created_at": r["created_at"].isoformat(), "age_s": r["age_s"]},
         "versions": int(r["versions"]),
         "newest_version": r["newest_version"],
         "last_backup_at": newest.isoformat() if newest else None,
-        "last_backup_age_s": age(newest),
+        "last_backup_age_s": r["newest_age_s"],
     }

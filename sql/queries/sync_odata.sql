@@ -167,8 +167,11 @@ LIMIT %(limit)s;
 
 -- name: dataset_summary
 -- For status: the active dataset, the newest version (its backup is the newest) and how many.
+-- Ages are in seconds at %(now)s, to a tenth.
 SELECT a.version, a.hash, a.counts, a.diff, a.source, a.created_at,
+       round(extract(epoch FROM %(now)s - a.created_at), 1)::float8 AS age_s,
        n.version AS newest_version, n.created_at AS newest_created_at,
+       round(extract(epoch FROM %(now)s - n.created_at), 1)::float8 AS newest_age_s,
        (SELECT count(*) FROM datasets) AS versions
 FROM (SELECT 1) one
 LEFT JOIN datasets a ON a.active
