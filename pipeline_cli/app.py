@@ -172,8 +172,8 @@ def rich_progress(description: str, total: int | None = None) -> Iterator[Progre
     )
 
     bar = RichProgress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=Console(stderr=True, emoji=False), transient=True,
     )
     with bar:
         task = bar.add_task(description, total=total)

@@ -44,11 +44,12 @@ PIPE_WIDTH = 100_000
 
 def console(*, stderr: bool = False) -> Console:
     """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else. No
-    markup: "missing setting [odata] url" or a stop named "Kamppi [M]" print as written."""
-    c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False)
+    markup and no emoji codes: "missing setting [odata] url", a stop named "Kamppi [M]" or a
+    route VR:V:MAIN:1>... (":v:" would become an emoji) print as written."""
+    c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
     if not c.is_terminal:
         c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
-                    width=PIPE_WIDTH)
+                    emoji=False, width=PIPE_WIDTH)
     return c
 
 

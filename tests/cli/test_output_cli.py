@@ -42,6 +42,18 @@ def test_config_show_into_a_pipe_shows_whole_values(run_cli: Cli) -> None:
     assert "on the host of [odata] url" in result.output
 
 
+def test_emoji_codes_in_values_print_as_written(run_cli: Cli,
+                                                conn: psycopg.Connection[Any]) -> None:
+    # rich read ":V:" in a virtual route id (VR:V:MAIN:1>...) and ":smile:" in a device name
+    # as emoji codes, in every table.
+    device = "bus:smile:1:v:2"
+    conn.execute("INSERT INTO processing_batches (device_id, start_time, end_time,"
+                 " coordinate_count, status) VALUES (%s, now(), now(), 3, 'dead')", (device,))
+    result = run_cli("batches", "list")
+    assert result.exit_code == 0, result.output
+    assert device in result.output
+
+
 def test_config_show_keeps_a_conninfo_database_visible(run_cli: Cli) -> None:
     run_cli.env["PIPELINE_DATABASE_URL"] = (
         "host=db-primary.internal port=5433 dbname=routing_prod user=etl password=Sekr1t-pw")
