@@ -1237,11 +1237,12 @@ def _type_name(entity_set: str) -> str:
     return entity_set + "Type"
 
 
-def _null_low(value: Any) -> tuple[bool, Any]:
-    return (value is not None, value)
+def _null_low(value: Any) -> tuple[bool, bool, Any]:
+    """Nulls first, then numbers, then strings: a set may mix 7 and "V:1" as keys."""
+    return (value is not None, isinstance(value, str), value)
 
 
-def _field_sort_key(name: str) -> Callable[[Row], tuple[bool, Any]]:
+def _field_sort_key(name: str) -> Callable[[Row], tuple[bool, bool, Any]]:
     return lambda row: _null_low(row.get(name))
 
 

@@ -38,8 +38,9 @@ from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 
 BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages replay the same way
 # Bump whenever the sync_* rules of sql/ change: stored page digests then no longer vouch for
-# a feed (1 was the row worker's Python rules; 3: V2 /Date offsets in minutes, sql/019).
-CHECKS = 3
+# a feed (1 was the row worker's Python rules; 3: V2 /Date offsets in minutes, sql/019; 4:
+# reserved ids, length limits, no hexadecimal, real dates, sql/021).
+CHECKS = 4
 MAX_PROBLEMS = 20
 _DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
 _RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page
@@ -63,6 +64,7 @@ class Problem:
 
     def __str__(self) -> str:
         key = "?" if self.key is None else self.key
+        key = key if len(key) <= 80 else key[:77] + "..."  # a key refused for its length
         return f"{self.entity_set}[{self.key_field}={key}] {self.field}: {self.message}"
 
 
@@ -325,7 +327,7 @@ class _Loader:
         leave the stage (a reference to a rejected row cascades); otherwise a reference to a
         refused row is not reported again (root causes only)."""
         with db.wrap_errors("checking keys and references"):
-            for e in ENTITIES:  # parents first: REFERENCES name them first too
+            for e in ENTITIES:  # then references, parents' first: rejects cascade down
                 self._duplicates(e, problems, reject=reject)
             for child, col, parent in REFERENCES:
                 self._dangling(child, col, parent, problems, reject=reject)

@@ -367,7 +367,8 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     assert value("number", "61.5") == 61.5 and value("number", "7") == 7.0
     assert value("number", "12.5m") == 12.5 and str(value("number", "-0.0")) == "0.0"
     assert value("number", "1e3") == 1000.0 and value("number", " 1.5 ") == 1.5
-    for bad in ("NaN", "INF", "", "true", "abc", "1e999", "[1]", "1.2.3"):
+    for bad in ("NaN", "INF", "", "true", "abc", "1e999", "[1]", "1.2.3",
+                "0x10", "0X5A", "0x1p3", "0x1f"):  # the float input reads hexadecimal
         assert value("number", bad) is None, bad
     assert value("bool", "true") is True and value("bool", "0") is False
     assert value("bool", " TRUE ") is True and value("bool", "yes please") is None
@@ -377,6 +378,12 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
         assert value("key", text, jtype) is None, text
     assert value("text", "5") == "5" and value("text", "[closed]", "string") == "[closed]"
     assert value("text", "false", "boolean") is None
+    # gen-virtual's ids, and values no B-tree index entry can hold (2704 bytes)
+    for reserved in ("V:MAIN:133:28", "VR:1>2"):
+        assert value("key", reserved) is None, reserved
+    assert value("key", "VIP:1") == "VIP:1" and value("key", "v:1") == "v:1"
+    assert value("key", "k" * 2000) and value("key", "k" * 2001) is None
+    assert value("text", "é" * 1000) and value("text", "é" * 1001) is None
     times = {"8:05": "08:05:00", "23:59:59.000": "23:59:59", "PT08H30M00S": "08:30:00",
              "/Date(30600000)/": "08:30:00", "/Date(1700000000000+0000)/": "22:13:20",
              "2024-05-01T06:15:00Z": "06:15:00",
@@ -386,7 +393,7 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     for raw, want in times.items():
         assert str(value("time", raw)) == want, raw
     for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H", "/Date(30600000+1100)/",
-                "/Date(30600000+12345)/"):
+                "/Date(30600000+12345)/", "2026-13-45T08:00:00", "2026-02-30T08:00:00"):
         assert value("time", bad) is None, bad
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
@@ -405,6 +412,27 @@ def test_values_that_are_not_strings_or_hold_nul_are_refused_and_named(
         "Stops[ID=3] name: expected text, got true",
         "Stops[ID=4] city: contains a NUL character",
         'Routes[ID=6] fromStop_ID: expected a string or number key, got {"x":1}']
+
+
+def test_reserved_ids_and_overlong_values_are_refused_and_skippable(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    # A real stop V:MAIN:... broke gen-virtual's unique index on every run after the sync, and
+    # a 3,000-byte city failed the whole sync (even --skip-invalid) on stops_city_idx.
+    server.add_row("Stops", {**network()["Stops"][0], "ID": "V:MAIN:133:28"})
+    server.update_row("Stops", 4, city="c" * 3000)
+    server.update_row("Stops", 5, latitude="0x10")
+    server.add_row("Stops", {**network()["Stops"][0], "ID": "k" * 3000})
+    rec = sync()
+    assert rec.status == "failed"
+    assert rec.extra["problems"] == [
+        "Stops[ID=4] city: longer than 2000 bytes (3000)",
+        "Stops[ID=5] latitude: expected a number, got '0x10'",
+        "Stops[ID=V:MAIN:133:28] ID: 'V:MAIN:133:28' starts with V:, which names "
+        "gen-virtual's stops and routes",
+        f"Stops[ID={'k' * 77}...] ID: longer than 2000 bytes (3000)"]  # the key cut short
+    rec = sync(skip_invalid=True)
+    assert rec.status == "success", rec.error
+    assert rec.counts["stops"] == 38
 
 
 @pytest.mark.parametrize("change", [
