@@ -36,14 +36,15 @@ SELECT id FROM stops ORDER BY id;
 SELECT id FROM virtual_stops WHERE dataset_version = %(dataset_version)s ORDER BY id;
 
 -- name: real_routes
--- The fastest scheduled flight of each route, in seconds; an arrival before the departure
--- wraps past midnight.
+-- The fastest scheduled flight of each route, in seconds; an arrival at or before the
+-- departure wraps past midnight, so an arrival equal to it is a day later (1 to 86400 s: a
+-- flight of 0 s would make its route free).
 SELECT r.id, r.from_stop_id, r.to_stop_id, r.mode, r.distance_km, f.min_s
 FROM routes r
 LEFT JOIN (
     SELECT route_id,
            min(mod((extract(epoch FROM arrival) - extract(epoch FROM departure))::numeric
-                   + 86400, 86400))::double precision AS min_s
+                   + 86399, 86400) + 1)::double precision AS min_s
     FROM flights
     GROUP BY route_id
 ) f ON f.route_id = r.id

@@ -184,6 +184,19 @@ def test_flight_past_midnight_wraps(builder: Builder, conn: Conn, store: GraphSt
     assert edge.weight_s == 100 * 60
 
 
+def test_a_flight_arriving_at_its_departure_time_takes_a_day(
+        builder: Builder, conn: Conn, store: GraphStore) -> None:
+    # It weighed 0 s, and the fastest flight decides: one such row made its route free.
+    net = seed_network(conn, n_routes=0, n_virtual=2)
+    a, b = net.real_stops[:2]
+    conn.execute("INSERT INTO routes VALUES ('SAME', %s, %s, 'bus', 10)", (a, b))
+    conn.execute("INSERT INTO flights VALUES ('S1', 'SAME', '08:00', '08:00', '1')")
+    add_generation(conn, "ds-v1")
+    builder.ok()
+    [edge] = [e for e in store.neighbors(a)[1] if e.route_id == "SAME"]
+    assert edge.weight_s == 86400
+
+
 def test_rerun_is_noop_new_generation_builds_force_rebuilds(
         builder: Builder, net: Network, conn: Conn, store: GraphStore) -> None:
     first = builder.ok()

@@ -129,7 +129,7 @@ def expected_weight(distance_km: float | None, mode: str,
         durations = []
         for dep, arr in flights:
             d = datetime.combine(datetime.min, arr) - datetime.combine(datetime.min, dep)
-            durations.append(d.total_seconds() % 86400)
+            durations.append(d.total_seconds() % 86400 or 86400)  # equal times: a day
         return min(durations)
     assert distance_km is not None
     return distance_km / SPEEDS_KMH[mode] * 3600
