@@ -145,8 +145,9 @@ class VirtualSettings:
     max_route_km: float = setting(75.0, "longest virtual route")
     speeds_kmh: dict[str, float] = setting(
         DEFAULT_SPEEDS_KMH,
-        "speed per route mode, km/h, merged over these defaults; names are case-insensitive "
-        "and take the aliases in docs/build-graph.md (virtual routes use 'virtual')",
+        "speed per route mode, km/h (0.1 to 10000), merged over these defaults; names are "
+        "case-insensitive and take the aliases in docs/build-graph.md (virtual routes use "
+        "'virtual')",
     )
     service_start: str = setting("05:00", "virtual flights' service window start, HH:MM")
     service_end: str = setting("23:00", "virtual flights' service window end, HH:MM")
@@ -594,8 +595,9 @@ def _validate(s: Settings) -> None:
     if not 0 <= s.virtual.threshold_fraction < 1:
         raise bad("virtual", "threshold_fraction", "must be >= 0 and < 1")
     for mode, speed in s.virtual.speeds_kmh.items():
-        if not speed > 0:
-            raise bad("virtual", "speeds_kmh", f"the speed of mode {mode!r} must be positive")
+        if not 0.1 <= speed <= 10_000:  # 1e-310 km/h gave routes an infinite weight
+            raise bad("virtual", "speeds_kmh",
+                      f"the speed of mode {mode!r} must be 0.1 to 10000 km/h, got {speed:g}")
     twice = duplicate_names(s.virtual.speeds_kmh)
     if twice:
         raise bad("virtual", "speeds_kmh", f"{twice[0]!r} and {twice[1]!r} name the same mode")

@@ -39,7 +39,9 @@ def test_the_unknown_modes_message_names_counts_and_the_setting() -> None:
 
 def test_settings_need_positive_speeds_and_one_name_per_mode() -> None:
     assert load_settings(environ={"PIPELINE_VIRTUAL_SPEEDS_KMH": '{"rail": 100}'})
-    for bad, why in (('{"rail": 0}', "must be positive"),
+    for bad, why in (('{"rail": 0}', "must be 0.1 to 10000 km/h, got 0"),
+                     ('{"bus": 1e-310}', "must be 0.1 to 10000 km/h, got 1e-310"),
+                     ('{"bus": 1e9}', "must be 0.1 to 10000 km/h"),
                      ('{"train": 90, "Rail": 100}', "name the same mode")):
         with pytest.raises(Exception, match=why):
             load_settings(environ={"PIPELINE_VIRTUAL_SPEEDS_KMH": bad})
