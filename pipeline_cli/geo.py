@@ -85,6 +85,29 @@ def group_centroids(group: IntArray, lat_deg: FloatArray, lon_deg: FloatArray, n
     return to_latlon(sums)
 
 
+def chained(group: IntArray, lat_deg: FloatArray, lon_deg: FloatArray, link_km: float
+            ) -> IntArray:
+    """A label per point: points of one group that a chain of steps of about ``link_km`` or
+    less joins share a label, those of different groups never do. Single linkage over the
+    cells, ``link_km / 2`` wide, that the points fall in: a dense city costs its cells, not
+    its stops squared."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    grid = Grid(link_km / 2)
+    rows, cols = grid.nearest_cells(lat_deg, lon_deg)
+    cells, first, back = np.unique(np.column_stack([group, cell_keys(rows, cols)]), axis=0,
+                                   return_index=True, return_inverse=True)
+    xyz = unit_vectors(*grid.points(rows[first], cols[first])).reshape(-1, 3)
+    pairs = cKDTree(xyz).query_pairs(float(km_to_chord(link_km)), output_type="ndarray")
+    pairs = pairs[cells[pairs[:, 0], 0] == cells[pairs[:, 1], 0]]
+    links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(cells), len(cells)))
+    label: IntArray = connected_components(links, directed=False)[1]
+    return label[back.ravel()]
+
+
 # ---------------------------------------------------------------- grids
 
 

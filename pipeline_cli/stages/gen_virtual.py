@@ -145,17 +145,23 @@ class VirtualPlan:
 def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     """Named cities with at least ``city_min_stops`` stops, then dense clusters of city-less
     stops (grid cells ``city_radius_km`` wide holding that many stops), both at their
-    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell."""
+    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. A name is
+    a city per place it is used in: its stops chained by steps of ``2 × city_radius_km`` at
+    most (Springfield in two states is two cities; their centroid lies in no city)."""
     city = np.asarray(real.city, dtype=object)
     named = city != ""
     names: list[str] = []
     lats: list[geo.FloatArray] = []
     lons: list[geo.FloatArray] = []
-    if named.any():
-        uniq, inverse, counts = np.unique(city[named], return_inverse=True, return_counts=True)
-        clat, clon = geo.group_centroids(inverse, real.lat[named], real.lon[named], len(uniq))
+    if named.any() and s.city_radius_km > 0:
+        lat, lon = real.lat[named], real.lon[named]
+        inverse = np.unique(city[named], return_inverse=True)[1].ravel()
+        place = geo.chained(inverse, lat, lon, 2 * s.city_radius_km)
+        _, first, group, counts = np.unique(place, return_index=True, return_inverse=True,
+                                            return_counts=True)
+        clat, clon = geo.group_centroids(group.ravel(), lat, lon, len(counts))
         big = counts >= s.city_min_stops
-        names += [str(n) for n in uniq[big]]
+        names += [str(n) for n in city[named][first[big]]]
         lats.append(clat[big])
         lons.append(clon[big])
     loose = ~named

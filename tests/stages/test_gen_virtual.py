@@ -324,6 +324,26 @@ def test_two_continents_get_two_main_grids_not_the_ocean_between(
     assert rec.counts["virtual_stops"] < 2 * disc + 1000
 
 
+def test_a_city_name_used_in_two_places_is_two_cities(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # One centroid for both put a city grid in the South China Sea, thousands of km from any
+    # stop, and build-graph then reported it as a component of its own.
+    rng = np.random.default_rng(7)
+    stops: list[Stop] = [(f"{place}-{i:02d}", lat + rng.normal(0, 0.02), lon + rng.normal(0, 0.02),
+                          False, "Springfield")
+                         for place, lat, lon in (("fi", 60.17, 24.94), ("au", -33.87, 151.2))
+                         for i in range(12)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    city = np.array([(v["latitude"], v["longitude"]) for v in conn.execute(
+        "SELECT latitude, longitude FROM virtual_stops WHERE kind = 'CITY_GRID'")])
+    real = np.array([(st[1], st[2]) for st in stops])
+    km, nearest = geo.PointIndex(real[:, 0], real[:, 1]).nearest(city[:, 0], city[:, 1])
+    assert km[:, 0].max() < 50
+    assert {stops[i][0][:2] for i in nearest[:, 0].tolist()} == {"fi", "au"}
+
+
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     add_dataset(conn, helsinki_stops())
