@@ -190,13 +190,13 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
     problems: list[str] = []
     unknown = np.flatnonzero((graph.src < 0) | (graph.dst < 0))
     if unknown.size:
-        summary.append(f"{unknown.size} edges reference unknown stops")
+        summary.append(f"{unknown.size} edge(s) reference unknown stops")
         for i in unknown[:_SAMPLES]:
             missing = graph.from_ids[i] if graph.src[i] < 0 else graph.to_ids[i]
             problems.append(f"route {graph.route_ids[i]}: edge to unknown stop {missing!r}")
     bad = np.flatnonzero(~np.isfinite(graph.weight) | (graph.weight < 0))
     if bad.size:
-        summary.append(f"{bad.size} edges have a negative or NaN weight")
+        summary.append(f"{bad.size} edge(s) with a negative or NaN weight")
         for i in bad[:_SAMPLES]:
             w = graph.weight[i]
             why = "negative weight" if w < 0 else "no flight and no distance"

@@ -63,8 +63,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        key = "?" if self.key is None else self.key
-        key = key if len(key) <= 80 else key[:77] + "..."  # a key refused for its length
+        if self.key is None:  # of the whole set: no valid stops
+            return f"{self.entity_set}: {self.message}"
+        key = self.key if len(self.key) <= 80 else self.key[:77] + "..."  # refused as too long
         return f"{self.entity_set}[{self.key_field}={key}] {self.field}: {self.message}"
 
 
@@ -77,10 +78,11 @@ class Problems:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)  # rows per entity
 
-    def add(self, problem: Problem) -> None:
+    def add(self, problem: Problem, *, lead: bool = False) -> None:
+        """Count it, keep it if among the first (``lead``: put it first), record a reject."""
         self.counts[(problem.entity_set, problem.kind)] += 1
-        if len(self.first) < MAX_PROBLEMS:
-            self.first.append(problem)
+        self.first[:] = ([problem, *self.first] if lead else [*self.first, problem]
+                         )[:MAX_PROBLEMS]
         if self.reject_file is not None:
             self.reject_file.write(json.dumps({
                 "set": problem.entity_set, "key": problem.key, "field": problem.field,
@@ -386,7 +388,8 @@ class _Loader:
         if counts["stops"] == 0:
             m = self.sets["stops"].mapping
             problems.add(Problem(m.entity_set, m.key_field, None, "-", "empty",
-                                 "no valid stops in the feed; refusing to empty the read model"))
+                                 "no valid stops in the feed; refusing to empty the read model"),
+                         lead=True)  # why the run stops, with --skip-invalid too
         if counts["stops"] == 0 or (problems.total and not reject):
             raise _invalid(problems, self)
         counts["rejected"] = sum(problems.rejected.values())
@@ -691,7 +694,8 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
         if rejected:
             reject_extra = {"rejects": [str(p) for p in problems.first],
                             "rejected_by_set": dict(problems.rejected)}
-            ctx.log.warning("skipped %d invalid rows (%s)", rejected, problems.summary())
+            ctx.log.warning("skipped %d invalid rows; their problems: %s", rejected,
+                            problems.summary())
         if active is not None and not force and not any(
                 n for d in diff.values() for n in d.values()):
             # the same rows: rolled back

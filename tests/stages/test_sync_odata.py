@@ -486,6 +486,20 @@ def test_strict_mode_reports_the_first_20_problems_and_all_counts(
     assert "validation failed: 28 problem(s)" in (rec.error or "")
 
 
+def test_a_feed_without_one_valid_stop_never_empties_the_read_model(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    sync()
+    before = snapshot(conn)
+    for row in network()["Stops"]:
+        server.update_row("Stops", row["ID"], latitude=200)
+    rec = sync(skip_invalid=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.extra["problems"][0] == (
+        "Stops: no valid stops in the feed; refusing to empty the read model")
+    assert snapshot(conn) == before
+
+
 def test_skip_invalid_loads_valid_rows_and_records_rejects(
         sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
         backups: BackupStore) -> None:
