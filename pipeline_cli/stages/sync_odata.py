@@ -362,6 +362,19 @@ class _Loader:
         if reject:
             problems.rejected[e] += len(rows)
 
+    def _unweighable(self, problems: Problems, *, reject: bool) -> None:
+        """Routes with neither a distance nor a flight, which would fail every build-graph."""
+        m = self.sets["routes"].mapping
+        with db.wrap_errors("checking the routes' weights"):
+            rows = self.conn.execute(_q(
+                "delete_unweighable_routes" if reject else "unweighable_routes",
+                routes=self.sets["routes"].stage, flights=self.sets["flights"].stage)).fetchall()
+        for r in sorted(rows, key=lambda r: r["n"]):
+            problems.add(Problem(m.entity_set, m.key_field, r["id"],
+                                 m.fields["distance_km"] or "distance_km", "missing",
+                                 "no distance and no flight: build-graph cannot weigh the route"))
+        problems.rejected["routes"] += len(rows) if reject else 0
+
     def hashes(self) -> tuple[str, dict[str, str]]:
         """The version's hash and each set's: of the raw pages read (their digests, in order),
         so a restore, which replays them, must come out with the same."""
@@ -382,6 +395,7 @@ class _Loader:
         self.check(problems, reject=reject)
         if reject or problems.total:
             self.check_keys(problems, reject=reject)
+        self._unweighable(problems, reject=reject)
         with db.wrap_errors("counting the staged rows"):
             counts = {e: int(_one(self.conn, _q("count_stage", stage=s.stage))["n"])
                       for e, s in self.sets.items()}

@@ -85,6 +85,21 @@ DELETE FROM {stage} c
 WHERE NOT EXISTS (SELECT 1 FROM {parent} p WHERE p.id = c.{col})
 RETURNING c.n, c.id, c.{col} AS ref;
 
+-- name: unweighable_routes
+-- Accepted routes that build-graph could not weigh: no distance and no flight in the feed (a
+-- refused flight still counts as there: the report names root causes only).
+SELECT r.n, r.id
+FROM {routes} r
+WHERE r.bad IS NULL AND r.distance_km IS NULL
+  AND NOT EXISTS (SELECT 1 FROM {flights} f WHERE f.route_id = r.id);
+
+-- name: delete_unweighable_routes
+-- --skip-invalid: after the flights' rejects, so a route whose flights all went goes too.
+DELETE FROM {routes} r
+WHERE r.distance_km IS NULL
+  AND NOT EXISTS (SELECT 1 FROM {flights} f WHERE f.route_id = r.id)
+RETURNING r.n, r.id;
+
 -- name: count_stage
 SELECT count(*) AS n FROM {stage};
 

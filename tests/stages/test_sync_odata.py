@@ -33,7 +33,7 @@ def network() -> dict[str, list[dict[str, Any]]]:
     data["Stops"][20]["name"] = "Hämeenlinna \U0001F689 asema\tB"  # unicode and a tab
     data["Stops"][21]["city"] = None
     data["Stops"][22]["name"] = None
-    data["Routes"][5]["distanceKm"] = None
+    data["Routes"][0]["distanceKm"] = None  # route 1 has flights: it needs no distance
     return data
 
 
@@ -474,8 +474,10 @@ def test_strict_mode_reports_the_first_20_problems_and_all_counts(
         sync: Callable[..., RunRecord], server: ODataServer) -> None:
     for key in range(10, 36):
         server.update_row("Stops", key, longitude=-200)
-    server.add_row("Routes", {"ID": 80, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus"})
-    server.add_row("Routes", {"ID": 500, "fromStop_ID": 1, "toStop_ID": 404, "mode": "bus"})
+    server.add_row("Routes", {"ID": 80, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus",
+                              "distanceKm": 1.0})
+    server.add_row("Routes", {"ID": 500, "fromStop_ID": 1, "toStop_ID": 404, "mode": "bus",
+                              "distanceKm": 1.0})
     rec = sync()
     assert rec.status == "failed"
     assert len(rec.extra["problems"]) == 20
@@ -484,6 +486,21 @@ def test_strict_mode_reports_the_first_20_problems_and_all_counts(
     assert rec.extra["problem_counts"] == {
         "Stops": {"out_of_range": 26}, "Routes": {"duplicate": 1, "unknown_reference": 1}}
     assert "validation failed: 28 problem(s)" in (rec.error or "")
+
+
+def test_a_route_without_distance_or_flight_is_refused(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    # It passed, and then every build-graph failed on it ("no flight and no distance").
+    server.update_row("Routes", 6, distanceKm=None)  # route 6 has no flight
+    rec = sync()
+    assert rec.status == "failed"
+    assert rec.extra["problems"] == [
+        "Routes[ID=6] distanceKm: no distance and no flight: build-graph cannot weigh the route"]
+    server.update_row("Flights", 1, daysOfWeek="9")  # route 1's flights, one of them refused
+    server.update_row("Routes", 1, distanceKm=None)
+    rec = sync(skip_invalid=True)
+    assert rec.status == "success", rec.error
+    assert rec.counts["routes"] == 79 and rec.extra["rejected_by_set"]["routes"] == 1
 
 
 def test_a_feed_without_one_valid_stop_never_empties_the_read_model(
