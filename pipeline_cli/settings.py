@@ -471,6 +471,9 @@ def load_settings(
             raise ConfigError(f"config file not found: {path}", key="config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"malformed config file {path}: {exc}", key="config") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"malformed config file {path}: not UTF-8 (byte {exc.start})",
+                              key="config") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     sections = _section_types()
@@ -518,6 +521,40 @@ def load_settings(
     return settings
 
 
+def _host_port(url: str, section: str, key: str, bad: Any) -> Any:
+    """``urlsplit(url)``, or the ConfigError ``bad`` makes for a port that is no number or
+    out of range, a broken IPv6 address or no host."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises for a port that is no number or out of range)
+    except ValueError as exc:
+        raise bad(section, key, str(exc).lower()) from None
+    if not parts.hostname:
+        raise bad(section, key, "no host name")
+    return parts
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_conninfo(url: str, bad: Any) -> None:
+    """What libpq would refuse only when connecting, named now: a malformed URL (its message
+    holds no password: libpq names the part it could not read), a port or an sslmode."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise bad("database", "url", mask_passwords(str(exc).splitlines()[0]).rstrip(":")
+                  ) from None
+    if "@" in str(params.get("host") or ""):  # the rest of a password, so not shown
+        raise bad("database", "url", "a host name cannot hold '@' (write an @ in the user "
+                  "name or password as %40)")
+    for port in filter(None, str(params.get("port") or "").split(",")):
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise bad("database", "url", f"port must be 1 to 65535, got {port!r}")
+    if params.get("sslmode") not in (None, *_SSLMODES):
+        raise bad("database", "url", f"sslmode must be one of {', '.join(_SSLMODES)}")
+
+
 def _validate(s: Settings) -> None:
     def bad(section: str, key: str, why: str) -> ConfigError:
         return ConfigError(f"malformed setting [{section}] {key}: {why}", key=f"{section}.{key}")
@@ -526,27 +563,32 @@ def _validate(s: Settings) -> None:
         s.database.url.startswith(("postgres://", "postgresql://")) or "=" in s.database.url
     ):
         raise bad("database", "url", "expected postgresql://... or a libpq conninfo string")
+    if s.database.url:
+        _check_conninfo(s.database.url, bad)
     if s.database.pooler not in POOLERS:
         raise bad("database", "pooler", f"expected {' or '.join(POOLERS)}")
     if s.redis.url and not s.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise bad("redis", "url", "expected redis://, rediss:// or unix://")
+    if s.redis.url and not s.redis.url.startswith("unix://"):
+        parts = _host_port(s.redis.url, "redis", "url", bad)
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise bad("redis", "url", f"the database must be a number, got {parts.path!r}")
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
         raise bad("redis", "prefix", "must be non-empty without spaces or glob characters")
     if s.s3.endpoint and ("://" in s.s3.endpoint or "/" in s.s3.endpoint):
         raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
+    if s.s3.endpoint:
+        _host_port("//" + s.s3.endpoint, "s3", "endpoint", bad)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.s3.bucket or "a.b"):
+        raise bad("s3", "bucket", "an S3 bucket name is 3-63 lowercase letters, digits, dots "
+                  "and hyphens, starting and ending with a letter or digit")
     for section, key in (("odata", "url"), ("osrm", "url"), ("notify", "ping_url")):
         value = getattr(getattr(s, section), key)
         if not value:
             continue
         if not value.startswith(("http://", "https://")):
             raise bad(section, key, "expected an http:// or https:// URL")
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018  (raises for a port that is no number or out of range)
-        except ValueError as exc:
-            raise bad(section, key, str(exc).lower()) from None
-        if not parts.hostname:
-            raise bad(section, key, "no host name")
+        _host_port(value, section, key, bad)
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):

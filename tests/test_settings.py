@@ -37,9 +37,9 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
 
 
 def test_config_file_from_env(tmp_path: Path) -> None:
-    path = write(tmp_path, '[s3]\nbucket = "b1"\nsecure = true\n')
+    path = write(tmp_path, '[s3]\nbucket = "b01"\nsecure = true\n')
     s = load_settings(None, {"PIPELINE_CONFIG": str(path)})
-    assert s.s3.bucket == "b1" and s.s3.secure is True
+    assert s.s3.bucket == "b01" and s.s3.secure is True
 
 
 @pytest.mark.parametrize(
@@ -77,6 +77,22 @@ def test_config_file_from_env(tmp_path: Path) -> None:
          "be at most half"),
         ("", {"PIPELINE_VIRTUAL_HEADWAY_S": "99999999999"}, "[virtual] headway_s: must be at "
          "most a day"),
+        # What the drivers would refuse only when connecting, as a traceback or exit 1.
+        ("", {"PIPELINE_REDIS_URL": "redis://:pw@127.0.0.1:notaport/0"},
+         "[redis] url: port could not be cast"),
+        ("", {"PIPELINE_REDIS_URL": "redis://:pw@[::1/0"}, "[redis] url: invalid ipv6 url"),
+        ("", {"PIPELINE_REDIS_URL": "redis://h:6379/abc"}, "[redis] url: the database must"),
+        ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
+        ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
+        ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h:99999/x"},
+         "[database] url: port must be 1 to 65535, got '99999'"),
+        ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h/x?sslmode=bogus"},
+         "[database] url: sslmode must be one of"),
+        ("", {"PIPELINE_DATABASE_URL": "postgresql://u:pw@[::1:5999/x"},
+         "[database] url: end of string reached"),
+        ("", {"PIPELINE_DATABASE_URL": "postgres://u:QSEC@RET6@127.0.0.1/x"},
+         "[database] url: a host name cannot hold '@' (write an @ in the user name or "
+         "password as %40)"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str],
@@ -86,6 +102,20 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
     assert err.value.exit_code == 78
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"\xff\xfe bad\n")
+    with pytest.raises(ConfigError, match="malformed config file .*bad.toml: not UTF-8"):
+        load_settings(path, {})
+
+
+def test_secrets_stay_out_of_malformed_url_messages() -> None:
+    for url in ("postgres://u:QSEC@RET6@127.0.0.1/x", "postgresql://u:QSEC@[::1:5999/x"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, {"PIPELINE_DATABASE_URL": url})
+        assert "QSEC" not in str(err.value) and "RET6" not in str(err.value)
 
 
 def test_require_names_env_variable() -> None:
