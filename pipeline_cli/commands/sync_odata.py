@@ -6,7 +6,8 @@ import click
 
 from .. import render
 from ..app import App
-from ..stages.sync_odata import list_datasets, restore_dataset, sync_odata
+from ..errors import UsageError
+from ..stages.sync_odata import dataset_exists, list_datasets, restore_dataset, sync_odata
 from . import json_option, pass_app, run_stage, wait_option
 
 
@@ -77,6 +78,9 @@ def restore_dataset_cmd(app: App, version: str, wait: float | None) -> None:
     Runs under the sync-odata lock (it rewrites the same tables) and is recorded as a
     sync-odata run with the option restore=VERSION.
     """
+    conn = app.connect(autocommit=True, name="pipeline restore dataset", migrated=True)
+    if not dataset_exists(conn, version):  # a typo: no run recorded, no failure streak
+        raise UsageError(f"unknown dataset version {version!r} (see `pipeline datasets list`)")
     backups = app.backups()
     run_stage(app, "sync-odata",
               lambda ctx: restore_dataset(app.database, backups, ctx, version),

@@ -803,6 +803,12 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
 # ------------------------------------------------------------------------------ reading
 
 
+def dataset_exists(conn: psycopg.Connection[Any], version: str) -> bool:
+    with db.wrap_errors("reading the dataset version"):
+        return conn.execute(db.query("sync_odata", "get_dataset"),
+                            {"version": version}).fetchone() is not None
+
+
 def list_datasets(conn: psycopg.Connection[Any], limit: int = 50) -> list[dict[str, Any]]:
     """The newest dataset versions first."""
     with db.wrap_errors("listing datasets"):

@@ -69,8 +69,11 @@ def test_human_output_and_datasets_list_and_restore(cli: Cli, server: ODataServe
     out = as_json(res.stdout)
     assert out["dataset_version"] == "ds-v3" and out["restored_from"] == "ds-v1"
     assert out["hash"] == listed[1]["hash"] and out["updated"]["stops"] == 1
+    # A typo is a usage error, not a failed sync-odata run (three made status CRITICAL).
+    runs = as_json(cli("status", "--json").stdout)["stages"]["sync-odata"]
     bad = cli("restore", "dataset", "ds-v42")
-    assert bad.exit_code == 1 and "no dataset version 'ds-v42'" in bad.stderr
+    assert bad.exit_code == 2 and "unknown dataset version 'ds-v42'" in bad.output
+    assert as_json(cli("status", "--json").stdout)["stages"]["sync-odata"] == runs
 
 
 def test_strict_validation_failure(cli: Cli, server: ODataServer, database_url: str) -> None:
