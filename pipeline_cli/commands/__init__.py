@@ -8,6 +8,7 @@ runner and back to an exit code.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -124,8 +125,29 @@ def global_options(cmd: C) -> C:
     return cmd
 
 
+class Seconds(click.FloatRange):
+    """A finite number of seconds, at least 0 (``positive``: more than 0). FloatRange lets
+    nan through, which reached the run record as invalid JSON."""
+
+    name = "seconds"
+
+    def __init__(self, *, positive: bool = False) -> None:
+        super().__init__(min=0, min_open=positive)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
+# Rows a list command shows: a larger --limit reached PostgreSQL as "bigint out of range".
+LIMIT = click.IntRange(min=1, max=1_000_000)
+
+
 def wait_option(fn: F) -> F:
-    return click.option("--wait", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+    return click.option("--wait", type=Seconds(), default=None, metavar="SECONDS",
                         help="Wait up to SECONDS for a busy stage lock instead of exiting 75.")(fn)
 
 

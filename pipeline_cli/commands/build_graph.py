@@ -19,7 +19,7 @@ from ..stages.build_graph import (
     shortest_path,
     version_exists,
 )
-from . import json_option, pass_app, run_stage, wait_option
+from . import LIMIT, json_option, pass_app, run_stage, wait_option
 
 
 def graph_store(app: App) -> GraphStore:
@@ -59,7 +59,7 @@ def graph_group() -> None:
 
 
 @graph_group.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--limit", type=LIMIT, default=50, show_default=True,
               help="Show at most this many versions, newest first.")
 @json_option
 @pass_app

@@ -9,7 +9,7 @@ from ..app import App
 from ..gps import batches as gps_batches
 from ..stages import match_gps as stage
 from ..stages.ingest_gps import ingest_gps
-from . import json_option, pass_app, run_stage
+from . import LIMIT, Seconds, json_option, pass_app, run_stage
 
 STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
 
@@ -49,7 +49,7 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
               help="OSRM requests in flight (default [match] concurrency).")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, metavar="N",
               help="Stop claiming after N batches.")
-@click.option("--max-runtime", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-runtime", type=Seconds(positive=True), default=None,
               metavar="SECONDS", help="Stop claiming after SECONDS (fits a cron slot).")
 @click.option("--dry-run", is_flag=True,
               help="Show the batches and points waiting; claim and write nothing, record no "
@@ -87,7 +87,7 @@ def batches() -> None:
 @batches.command("list")
 @click.option("--status", type=click.Choice(STATES), default=None, help="Only this state.")
 @click.option("--device", "device_id", default=None, metavar="ID", help="Only this device.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--limit", type=LIMIT, default=50, show_default=True,
               help="Most recently changed first.")
 @json_option
 @pass_app

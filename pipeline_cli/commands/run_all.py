@@ -9,7 +9,7 @@ from .. import render
 from ..app import App
 from ..runner import RunRecord
 from ..stages.run_all import CHAIN, Clients, run_all
-from . import json_option, pass_app, run_stage, wait_option
+from . import Seconds, json_option, pass_app, run_stage, wait_option
 from .build_graph import graph_store
 
 
@@ -47,7 +47,7 @@ def show(app: App, record: RunRecord) -> int:
 
 @click.command("run-all")
 @wait_option
-@click.option("--gps-max-runtime", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--gps-max-runtime", type=Seconds(positive=True), default=None,
               metavar="SECONDS", help="Stop claiming GPS batches after SECONDS (default: "
                                       "drain the backlog).")
 @click.option("--dry-run", is_flag=True,

@@ -8,7 +8,7 @@ from .. import render
 from ..app import App
 from ..errors import UsageError
 from ..stages.sync_odata import dataset_exists, list_datasets, restore_dataset, sync_odata
-from . import json_option, pass_app, run_stage, wait_option
+from . import LIMIT, json_option, pass_app, run_stage, wait_option
 
 
 @click.command("sync-odata")
@@ -41,7 +41,7 @@ def datasets_group() -> None:
 
 
 @datasets_group.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--limit", type=LIMIT, default=50, show_default=True,
               help="Show at most this many versions, newest first.")
 @json_option
 @pass_app

@@ -158,3 +158,14 @@ def test_json_log_format_makes_every_stderr_line_json(run_cli: Cli, tmp_path: Pa
     assert lines and lines[-1]["level"] == "error", result.stderr
     assert lines[-1]["msg"].startswith(f"pipeline {args[0]}: error: ")
     assert lines[-1]["fields"]["exit_code"] == result.returncode
+
+
+@pytest.mark.parametrize("args", [
+    ("match-gps", "--max-runtime", "nan"), ("run-all", "--gps-max-runtime", "inf"),
+    ("prune", "--wait", "nan"), ("batches", "list", "--limit", "99999999999999999999"),
+])
+def test_options_refuse_nan_and_numbers_the_database_cannot_take(run_cli: Cli,
+                                                                 args: tuple[str, ...]) -> None:
+    # nan reached the run record as invalid JSON; a huge --limit, PostgreSQL's bigint.
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
