@@ -88,15 +88,24 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
             raise
         report, error = None, app.redact(str(exc))
     if prometheus:
-        write_prometheus(prometheus, prometheus_text(report))
+        try:
+            write_prometheus(prometheus, prometheus_text(report))
+        except PipelineError as exc:
+            if not check:
+                raise
+            report, error = None, str(exc)  # the monitor still gets its line: UNKNOWN, why
     if check:
         line, code = check_line(report, error)
         if code or app.verbosity >= 0:
             click.echo(app.redact(line))
         raise click.exceptions.Exit(code)
     if report is None:  # only --prometheus: the metrics say "down"; the exit code says why
-        render.stderr_error(app, f"pipeline status: error: {error}", stage="status",
-                            exit_code=LEVELS[UNKNOWN])
+        if app.json:  # stdout stays one JSON object, as without --prometheus
+            render.print_json({"stage": "status", "status": "error", "error": error,
+                               "exit_code": LEVELS[UNKNOWN]})
+        else:
+            render.stderr_error(app, f"pipeline status: error: {error}", stage="status",
+                                exit_code=LEVELS[UNKNOWN])
         raise click.exceptions.Exit(LEVELS[UNKNOWN])
     if app.json:
         render.print_json(report.to_json())

@@ -99,6 +99,19 @@ def test_prometheus_into_a_missing_directory_is_one_line(run_cli: Cli, tmp_path:
     result = run_cli("status", "--prometheus", str(tmp_path / "nope" / "x.prom"))
     assert result.exit_code == 1
     assert result.output.startswith("pipeline status: error: cannot write the metrics file")
+    # A monitor still gets its one line (it printed nothing, and exit 1 read as WARNING).
+    result = run_cli("status", "--check", "--prometheus", str(tmp_path / "nope" / "x.prom"))
+    assert result.exit_code == 3
+    assert result.stdout.startswith("PIPELINE UNKNOWN - cannot write the metrics file")
+
+
+def test_json_and_prometheus_when_the_database_is_down_is_one_json_object(
+        run_cli: Cli, tmp_path: Path) -> None:
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:9/nope"
+    result = run_cli("status", "--json", "--prometheus", str(tmp_path / "pipeline.prom"))
+    assert result.exit_code == 3
+    obj = json.loads(result.stdout)  # it printed nothing
+    assert obj["status"] == "error" and obj["exit_code"] == 3 and "127.0.0.1" in obj["error"]
 
 
 def test_human_output_names_the_verdict_and_areas(run_cli: Cli) -> None:
