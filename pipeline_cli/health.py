@@ -272,6 +272,9 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     if report.schema_version and report.schema_pending:
         add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
             "run `pipeline db migrate`")
+    elif report.schema_applied - {m.version for m in db.migrations()}:  # a rolled-back deploy
+        add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
+            "upgrade pipeline")
     for stage, s in report.stages.items():
         fails = s["consecutive_failures"]
         if fails >= h.failures_critical:

@@ -84,6 +84,18 @@ def test_db_status_check_gates_a_deploy_and_status_shows_versions(
     status = run_cli("status").stdout
     assert f"schema {versions[-1]} (current)" in status
     assert f"{len(versions)}/" not in status and "/" + str(int(versions[-1])) not in status
+    # A database migrated by a newer release (a rolled-back deploy): stages refuse to run, so
+    # the deploy gate and the monitor must not say all is well.
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name, checksum) "
+                     "VALUES (999, 'future', 'x')")
+    res = run_cli("db", "status", "--check")
+    assert res.exit_code == 78 and "newer than this pipeline" in res.stderr
+    assert "upgrade pipeline" in res.stderr
+    check = run_cli("status", "--check")
+    assert check.exit_code == 2 and "PIPELINE CRITICAL - schema 999" in check.stdout
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = 999")
     # A database two migrations behind: the deploy gate fails and both views name them.
     with db.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM schema_migrations WHERE version >= %s", (int(versions[-2]),))
