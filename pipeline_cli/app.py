@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -65,11 +65,17 @@ class App:
                            connect_timeout=d.connect_timeout, pooler=d.pooler)
 
     def connect(
-        self, *, autocommit: bool = False, name: str = "pipeline", migrated: bool = False
+        self, *, autocommit: bool = False, name: str = "pipeline", migrated: bool = False,
+        connect_timeout: int | None = None,
     ) -> psycopg.Connection[Any]:
         """A connection closed with the command; ``migrated``: SchemaError (exit 78, naming
-        `pipeline db migrate`) unless the schema is current, for commands that read it."""
-        conn = self.database.connect(name, autocommit=autocommit)
+        `pipeline db migrate`) unless the schema is current, for commands that read it;
+        ``connect_timeout``: at most these seconds, for a command that must answer fast."""
+        database = self.database
+        if connect_timeout:
+            database = replace(
+                database, connect_timeout=min(database.connect_timeout, connect_timeout))
+        conn = database.connect(name, autocommit=autocommit)
         self.resources.callback(conn.close)
         if migrated:
             db.check_schema(conn)
@@ -93,17 +99,20 @@ class App:
         )
 
     def backups(self, timeout: float | None = None) -> BackupStore:
-        """The S3/MinIO backup store named by the [s3] settings (``timeout``: per request,
-        shorter than the stages' default for a command that must answer fast)."""
+        """The S3/MinIO backup store named by the [s3] settings (``timeout``: per request and
+        no retry, for a command that must answer fast)."""
         s3 = self.settings.s3
 
         def build() -> BackupStore:
             from .adapters.backups import BackupStore
 
-            return BackupStore.connect(
-                str(self.settings.require("s3", "endpoint")), s3.access_key, s3.secret_key,
-                s3.bucket, secure=s3.secure, region=s3.region,
-                **({"timeout": timeout} if timeout else {}))
+            endpoint = str(self.settings.require("s3", "endpoint"))
+            if timeout:
+                return BackupStore.connect(endpoint, s3.access_key, s3.secret_key, s3.bucket,
+                                           secure=s3.secure, region=s3.region, timeout=timeout,
+                                           retries=0)
+            return BackupStore.connect(endpoint, s3.access_key, s3.secret_key, s3.bucket,
+                                       secure=s3.secure, region=s3.region)
 
         return self.cached(f"backups:{timeout}", build)
 

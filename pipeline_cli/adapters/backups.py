@@ -35,11 +35,11 @@ class BackupStore:
     @classmethod
     def connect(cls, endpoint: str, access_key: str | None, secret_key: str | None, bucket: str,
                 *, secure: bool = False, region: str = "us-east-1",
-                timeout: float = 30.0) -> BackupStore:
+                timeout: float = 30.0, retries: int = 3) -> BackupStore:
         # Short timeouts and a bounded retry: an S3 outage must fail a stage, not hang cron.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
-            retries=urllib3.Retry(total=3, backoff_factor=0.2,
+            retries=urllib3.Retry(total=retries, backoff_factor=0.2,
                                   status_forcelist=(500, 502, 503, 504)),
         )
         try:

@@ -19,7 +19,8 @@ from ..schedule import build_schedule
 from . import json_option, pass_app
 
 # Status must answer fast even when a service hangs: monitors time out after ~10 s.
-S3_TIMEOUT = 3.0
+S3_TIMEOUT = 3.0  # per request, without retries
+CONNECT_TIMEOUT = 3  # PostgreSQL ([database] connect_timeout when shorter)
 REDIS_TIMEOUT = 3.0
 STATEMENT_TIMEOUT_MS = 5000
 
@@ -41,7 +42,7 @@ def gather(app: App) -> StatusReport:
     """Collect the report with the settings and clients of this invocation."""
     settings = app.settings
     schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
-    conn = app.connect(autocommit=True, name="pipeline status")
+    conn = app.connect(autocommit=True, name="pipeline status", connect_timeout=CONNECT_TIMEOUT)
     # Through a transaction pooler the timeout is not set (it would stick to a shared server
     # session): the pooler's own query_timeout bounds status there (docs/operations.md).
     app.database.set_session(conn, "statement_timeout", str(STATEMENT_TIMEOUT_MS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -130,3 +131,26 @@ def test_short_secrets_do_not_change_the_output(run_cli: Cli) -> None:
     assert "sync-odata has never succeeded: no dataset yet" in plain
     run_cli.env.update({"PIPELINE_ODATA_PASSWORD": "o", "PIPELINE_S3_SECRET_KEY": "in"})
     assert run_cli("status", "--check").output.split(" | ")[0] == plain
+
+
+def test_a_hung_s3_is_asked_once(run_cli: Cli) -> None:
+    """A server that accepts and never answers: status gives it one 3 s try, not four (13 s
+    with the stages' retries, longer than a monitor waits)."""
+    import socket
+
+    server, accepted = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        run_cli.env["PIPELINE_S3_ENDPOINT"] = f"127.0.0.1:{server.getsockname()[1]}"
+        result = run_cli("status", "--check")
+        assert "S3 unreachable" in result.stdout and "timed out" in result.stdout
+        server.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                accepted.append(server.accept()[0])
+        assert len(accepted) == 1
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
