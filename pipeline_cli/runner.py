@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from . import db
 from .errors import (
     EXIT_FAILED,
+    EXIT_LOCK_BUSY,
     EXIT_OK,
     Interrupted,
     LockBusy,
@@ -469,7 +470,10 @@ class StageRunner:
                 error, exit_code = str(timed_out), timed_out.exit_code
                 result = StageResult(status=FAILED, counts=result.counts, extra=result.extra)
         duration_ms = int((time.monotonic() - started) * 1000)
-        status = result.status if error is None else FAILED
+        # Busy (exit 75) inside the run: a run-all met a stage another run holds; that run
+        # does the work, so this one is skipped, not a failure for status to count.
+        status = (result.status if error is None
+                  else SKIPPED if exit_code == EXIT_LOCK_BUSY else FAILED)
         record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,
                            counts=result.counts, extra=result.extra,
                            message=self.redact(result.message), error=error,

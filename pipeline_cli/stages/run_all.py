@@ -51,10 +51,13 @@ class Clients:
 
 
 class StageFailed(PipelineError):
-    """A stage of the chain failed; run-all exits with that stage's code."""
+    """A stage of the chain failed, or was busy (exit 75: the runner records the run-all as
+    skipped, not failed: another run is doing that work); run-all exits with that code."""
 
     def __init__(self, stage: str, error: str, exit_code: int, stages: dict[str, Any]) -> None:
-        super().__init__(f"{stage} failed: {error}", partial=StageResult(
+        busy = stages.get(stage, {}).get("status") == BUSY
+        super().__init__(f"{'stopped at' if busy else stage + ' failed'}"
+                         f"{' ' + stage if busy else ''}: {error}", partial=StageResult(
             counts=_counts(stages), extra={"stages": stages, "failed_stage": stage}))
         self.exit_code = exit_code
 
