@@ -122,10 +122,12 @@ class StopFlag:
 
     The first signal asks the stage to finish or roll back its current unit; a second one
     interrupts at once (the open transaction rolls back because the exception unwinds it).
+    Inside :meth:`RunContext.interruptible` the first one does too.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at_once = False  # a signal now interrupts where the stage stands
         self._depth = 0
         self._saved: dict[int, Any] = {}
 
@@ -134,7 +136,8 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
+        if self.signum is not None or self.at_once:
+            self.signum = signum
             raise Interrupted(signum)
         self.signum = signum
         log.warning("signal %s received: finishing the current unit, then stopping", signum)
@@ -253,6 +256,18 @@ class RunContext:
     progress: ProgressFactory = no_progress
     started: float = field(default_factory=time.monotonic)
     limits: HardLimits = field(default_factory=lambda: _LIMITS)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch where stopping at any point loses nothing (an open transaction that will
+        roll back): the first stop signal interrupts at once instead of waiting for the next
+        ``check_stop()``, which a server that never answers would hold off for minutes."""
+        self.check_stop()
+        before, self.stop.at_once = self.stop.at_once, True
+        try:
+            yield
+        finally:
+            self.stop.at_once = before
 
     def check_stop(self) -> None:
         """Raise Interrupted after a stop signal, TimedOut after the hard limit passed (this

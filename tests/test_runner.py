@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -192,6 +193,22 @@ def test_signal_rolls_back_and_records(database_url: str, conn: psycopg.Connecti
     row = conn.execute("SELECT status, error FROM stage_runs").fetchone()
     assert row is not None and row["status"] == "failed"
     assert f"signal {int(sig)}" in row["error"]
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_the_first_signal_interrupts_an_interruptible_stretch(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # sync-odata waited for its next unit while a server never answered: 5 min of retries
+    # after a Ctrl-C, then exit 1. Where stopping loses nothing, the first signal stops it.
+    def hung(ctx: RunContext) -> StageResult:
+        with ctx.interruptible():
+            time.sleep(600)  # a request to a server that never answers
+        return StageResult()
+
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    record = StageRunner(Database(database_url)).run("sync-odata", hung)
+    assert (record.status, record.exit_code) == ("failed", 130)
+    assert record.error == "interrupted by signal 2"
 
 
 # ---------------------------------------------------------------- hard limit

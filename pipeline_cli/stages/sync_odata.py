@@ -684,15 +684,19 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
     mappings = resolve_mapping(mapping)
     if backups is None and not dry_run:
         raise ValueError("a backup store is needed unless dry_run")
+    with ctx.interruptible():  # a stop signal ends the run even while the server hangs
+        protocol = client.protocol  # the first request: the service document
     # closed without a commit, the connection rolls everything back
     with contextlib.closing(_connect(database, ctx)) as conn, \
-            _Loader(conn, ctx, mappings, client.protocol) as loader:
+            _Loader(conn, ctx, mappings, protocol) as loader:
         with db.wrap_errors("reading the active dataset"):
             active = conn.execute(db.query("sync_odata", "active_dataset")).fetchone()
-        key = feed_key(client, mappings)
-        stored = (active or {}).get("feed_digests") or {}
-        expected = stored.get("pages", {}) if not force and stored.get("key") == key else {}
-        if loader.fetch(client, expected):
+        with ctx.interruptible():  # nothing is written before write_version: stopping rolls back
+            key = feed_key(client, mappings)
+            stored = (active or {}).get("feed_digests") or {}
+            expected = stored.get("pages", {}) if not force and stored.get("key") == key else {}
+            unchanged = loader.fetch(client, expected)
+        if unchanged:
             # every page byte for byte the active version's: nothing was even staged
             assert active is not None
             return _noop(active, {e: int(active["counts"].get(e, 0)) for e in ENTITIES}
