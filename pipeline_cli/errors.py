@@ -137,7 +137,7 @@ _CAUSES = (
     ("timeout reading", "timed out"),
     ("timeout connecting", "timed out"),
 )
-MAX_CAUSE = 120
+MAX_CAUSE = 200  # whole sentences: S3 SignatureDoesNotMatch is 130
 
 
 def endpoint(url: str) -> str:
@@ -164,6 +164,8 @@ def cause(exc: BaseException | str) -> str:
             if marker in lowered:
                 return phrase
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "FATAL:" in first:  # libpq: 'connection failed: connection to server at ... failed:
+        first = first[first.index("FATAL:"):]  # FATAL: database "x" does not exist'
     if isinstance(exc, BaseException):  # drop the request's URL and query string
         first = " ".join(w for w in first.split() if "://" not in w and "?" not in w)
         first = first or type(exc).__name__

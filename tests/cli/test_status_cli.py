@@ -154,3 +154,16 @@ def test_a_hung_s3_is_asked_once(run_cli: Cli) -> None:
         for conn in accepted:
             conn.close()
         server.close()
+
+
+def test_a_database_that_does_not_exist_is_named_whole(run_cli: Cli) -> None:
+    # It read 'connection failed: connection failed: connection to server at ... FATAL:
+    # database "..." does not exi…': the cause cut off before its point.
+    from psycopg.conninfo import make_conninfo
+
+    run_cli.env["PIPELINE_DATABASE_URL"] = make_conninfo(run_cli.env["PIPELINE_DATABASE_URL"],
+                                                         dbname="no_such_database_here")
+    result = run_cli("status")
+    assert result.exit_code == 1
+    assert ('connection failed: FATAL: database "no_such_database_here" does not exist'
+            in result.stderr), result.stderr
