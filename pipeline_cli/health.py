@@ -225,14 +225,18 @@ def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime) -> d
     out: dict[str, Any] = {"configured": True, "bucket": backups.bucket, "reachable": False,
                            "last_backup": None, "last_backup_age_s": None}
     try:
-        backups.ping()
+        out["bucket_exists"] = backups.bucket_exists()
         out["reachable"] = True
     except PipelineError as exc:
         out["error"] = str(exc)
         return out
     with db.wrap_errors("reading the newest dataset backup"):
         row = conn.execute(db.query("status", "newest_backup")).fetchone()
-    if row is None:
+    if row is None:  # nothing backed up yet: the first backup creates the bucket
+        return out
+    if not out["bucket_exists"]:
+        out["error"] = (f"bucket {backups.bucket} does not exist: the backups of "
+                        f"{row['version']} and every version before it are not there")
         return out
     key = f"{row['backup_prefix'].rstrip('/')}/manifest.json"
     try:

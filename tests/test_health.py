@@ -264,6 +264,14 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
     report = collect_status(conn, backups=down, sections=quiet_sections())
     assert report.s3["reachable"] is False and report.health == WARNING
+    # A bucket that is gone (deleted, or a typo in [s3] bucket) said "reachable", and only
+    # that the newest manifest was missing ("NoSuchKey").
+    gone = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket + "-gone",
+                               secure=s3.secure, region=s3.region, timeout=3)
+    report = collect_status(conn, backups=gone, sections=quiet_sections())
+    assert report.s3["bucket_exists"] is False and report.health == WARNING
+    assert report.s3["error"] == (f"bucket {s3_bucket}-gone does not exist: the backups of "
+                                  "ds-v1 and every version before it are not there")
 
 
 def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:

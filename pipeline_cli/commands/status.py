@@ -242,7 +242,8 @@ def _s3(s: dict[str, Any], now: datetime) -> str:
         return f"bucket {s['bucket']} UNREACHABLE"
     backup = s.get("last_backup")
     if not backup:
-        return f"bucket {s['bucket']} reachable; no dataset backup yet"
+        return (f"bucket {s['bucket']} reachable; no dataset backup yet" if s.get("bucket_exists")
+                else f"bucket {s['bucket']} does not exist yet; the first backup creates it")
     return (f"bucket {s['bucket']} reachable; newest backup {backup['key']}, "
             f"{_when(backup['at'], now)}")
 
