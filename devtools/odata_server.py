@@ -479,7 +479,8 @@ class ODataServer:
     ``next_link_base`` makes absolute nextLinks start with another service root than
     :attr:`url`, as a service behind a reverse proxy names its internal host
     (``"http://localhost:{port}/odata/"``; ``{port}`` is the bound port). Set the attribute
-    ``ignore_select`` to answer every field whatever ``$select`` asks, as some services do.
+    ``ignore_select`` to answer every field whatever ``$select`` asks, as some services do,
+    and ``raw_names_in_links`` to write set names unencoded in nextLinks, as 1C does.
     """
 
     def __init__(
@@ -520,6 +521,7 @@ class ODataServer:
         self.next_link = next_link
         self.next_link_base = next_link_base
         self.ignore_select = False
+        self.raw_names_in_links = False  # as 1C writes them: Catalog_Остановки, not %D0%9E...
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1141,7 +1143,7 @@ class ODataServer:
             # the link keeps the client's options and adds the token
             query = [f"{quote(k, safe='$')}={_quote(v)}" for k, v in pairs if k != "$skiptoken"]
             query.append(f"$skiptoken={token}")
-            link = f"{quote(name)}?{'&'.join(query)}"
+            link = f"{name if self.raw_names_in_links else quote(name)}?{'&'.join(query)}"
             base = (self.next_link_base or self.url).replace("{port}", str(self.port))
             next_url = base + link if self.next_link == "absolute" else link
 

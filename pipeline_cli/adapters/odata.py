@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -251,7 +252,10 @@ class ODataClient:
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
-        path, at = parts.path, parts.path.rfind("/" + quote(entity_set))
+        path = parts.path  # the set's name as sent: raw UTF-8, or %-encoded in either case
+        spellings = {entity_set, quote(entity_set), re.sub(
+            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(entity_set))}
+        at = max(path.rfind("/" + name) for name in spellings)
         if not path.startswith(base.path) and at >= 0:
             path = base.path + path[at + 1:]
         return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))

@@ -4,6 +4,7 @@ settings and ``doctor``, which check a mapping without importing requests.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,8 +147,13 @@ def unwrap_page(doc: Any, version: str, what: str
         raise SourceError(f"OData {what}: an entity is not a JSON object")
     if link is not None and (not isinstance(link, str) or not link):
         raise SourceError(f"OData {what}: malformed nextLink {link!r}")
-    try:
-        total = int(count) if count is not None and not isinstance(count, bool) else None
-    except (TypeError, ValueError):
-        total = None
-    return rows, link, total
+    total = None
+    if count is not None:  # a number, or a string holding one (IEEE754Compatible, V2)
+        try:
+            total = float(count) if not isinstance(count, bool) else math.nan
+        except (TypeError, ValueError):
+            total = math.nan
+        if not (total >= 0 and total.is_integer()):  # unread, the missing-rows check is off
+            raise SourceError(f"OData {what}: malformed count {count!r} ([odata] count = false "
+                              "stops asking for it)")
+    return rows, link, None if total is None else int(total)

@@ -135,6 +135,7 @@ class _Set:
     digests: list[str] = field(default_factory=list)  # per page, of the raw body
     pages: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in raw
     staged: int = 0  # pages handed to PostgreSQL
+    announced: int | None = None  # the server's count of the set, when it sent one
     gz: Future[Path] | None = None  # the spool gzipped for the backup
 
     @property
@@ -234,13 +235,13 @@ class _Loader:
         with db.wrap_errors("staging the feed"), self.conn.pipeline():
             for e in ENTITIES:
                 st, m = self.sets[e], self.sets[e].mapping
-                announced = None
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
                     for page in client.pages(m.entity_set, orderby=m.key_field,
                                              select=m.select, filter=m.filter):
                         self.ctx.check_stop()
                         if page.number == 1 and page.count is not None:
-                            bar.set_total(announced := page.count)
+                            st.announced = page.count
+                            bar.set_total(page.count)
                         if _SUSPECT.search(page.body):
                             _refuse_not_json(m, page)
                         self._spool(st, out, page.body, len(page.rows))
@@ -254,14 +255,18 @@ class _Loader:
                             self.stage()  # this page differs: stage it and those held back
                 self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
                                   len(st.pages))
-                if announced is not None and st.rows < announced:
+                if st.announced is not None and st.rows < st.announced:
                     # Rows the pages never held would be deleted from the read model. (More
                     # is no loss: a row added meanwhile, or a server that caps its count.)
                     raise SourceError(
-                        f"OData {m.entity_set}: the server counted {announced} entities but "
-                        f"its pages held {st.rows} (the set changed while it was read, or "
+                        f"OData {m.entity_set}: the server counted {st.announced} entities "
+                        f"but its pages held {st.rows} (the set changed while it was read, or "
                         "its paging skipped rows); nothing was written ([odata] count = "
                         "false skips this check)")
+                if st.announced is None and client.settings.count:
+                    self.ctx.log.warning(
+                        "OData %s: the server sent no count, so rows its paging skips cannot "
+                        "be noticed ([odata] count = false stops asking for one)", m.entity_set)
             if not self.staging and any(len(expected.get(e, "")) != _DIGEST_HEX * len(s.digests)
                                         for e, s in self.sets.items()):
                 self.stage()  # the active version had a page more
@@ -335,8 +340,19 @@ class _Loader:
                 self._dangling(child, col, parent, problems, reject=reject)
 
     def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
-        m, stage = self.sets[e].mapping, self.sets[e].stage
+        st = self.sets[e]
+        m, stage = st.mapping, st.stage
         rows = self.conn.execute(_q("duplicate_keys", stage=stage)).fetchall()
+        distinct = st.rows - sum(r["n"] - 1 for r in rows)
+        if reject and st.announced is not None and distinct < st.announced:
+            # Repeats may stand in for rows that never came (paging without a stable order):
+            # dropping them as duplicates would lose those in silence.
+            raise SourceError(
+                f"OData {m.entity_set}: the server counted {st.announced} entities but its "
+                f"pages held {distinct} distinct keys ({st.rows - distinct} row(s) came again: "
+                "paging that repeated rows in place of others, or a mapped id that is not the "
+                "set's key); --skip-invalid does not drop them, so nothing was written "
+                "([odata] count = false skips this check)")
         for r in rows:
             # strict: one problem per key; reject: one record per rejected row
             for _ in range(r["n"] if reject else 1):

@@ -332,6 +332,18 @@ def test_a_next_link_behind_a_path_mapping_proxy_is_rerooted_on_the_service_root
     assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
 
 
+def test_a_next_link_naming_a_cyrillic_set_is_rerooted_too() -> None:
+    # A 1C:Enterprise set named in its links unencoded: looked for only as upper-case
+    # %-escapes, the name was not found, and page 2 went to /odata/... (a 404).
+    name = "Catalog_Остановки"
+    with ODataServer({name: DATA["Stops"]}, root="/gw/odata", page_size=10,
+                     next_link_base="http://1c.corp.internal/odata/") as srv, \
+            client(srv) as c:
+        srv.raw_names_in_links = True
+        assert [r["ID"] for r in fetch(c, name)] == list(range(1, 41))
+    assert {r.path for r in srv.requests[1:]} == {"/gw/odata/" + name}
+
+
 def test_a_failing_next_link_does_not_blame_the_mapping(v4: ODataServer) -> None:
     v4.add_fault(status(404, message="skiptoken expired"), entity_set="Stops",
                  match="skiptoken")

@@ -129,6 +129,7 @@ def test_hard_limit_ends_a_sync_hung_on_the_source(cli: Cli, server: ODataServer
 
 
 def test_lock_busy_exits_75(cli: Cli, database_url: str) -> None:
+    assert cli("sync-odata").exit_code == 0  # ds-v1, for the restore
     with psycopg.connect(database_url, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("sync-odata"),))
         res = cli("sync-odata", "--json")

@@ -67,8 +67,8 @@ def run(database_url: str, fn: Callable[[Any], StageResult]) -> RunRecord:
 def sync(database_url: str, server: ODataServer, backups: BackupStore
          ) -> Callable[..., RunRecord]:
     def do(srv: ODataServer | None = None, store: BackupStore | None = None,
-           **opts: Any) -> RunRecord:
-        with client_for(srv or server) as client:
+           odata: dict[str, Any] | None = None, **opts: Any) -> RunRecord:
+        with client_for(srv or server, **(odata or {})) as client:
             return run(database_url, lambda ctx: sync_odata(
                 Database(database_url), client, store or backups, ctx, **opts))
     return do
@@ -503,6 +503,34 @@ def test_a_route_without_distance_or_flight_is_refused(
     assert rec.counts["routes"] == 79 and rec.extra["rejected_by_set"]["routes"] == 1
 
 
+def test_paging_that_repeats_rows_in_place_of_others_fails_even_with_skip_invalid(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    # Page 2 served page 1's rows again: the count held (40 rows), --skip-invalid dropped the
+    # repeats as duplicate keys, and stops 16-30 vanished with exit 0, named nowhere.
+    sync()
+    before = snapshot(conn)
+    again = {"value": network()["Stops"][:15], "@odata.count": 40,
+             "@odata.nextLink": "Stops?$orderby=ID&$skiptoken=30.0."}
+    server.add_fault(wrong_shape(again), entity_set="Stops", match="skiptoken=15.0")
+    rec = sync(skip_invalid=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == (
+        "OData Stops: the server counted 40 entities but its pages held 25 distinct keys (15 "
+        "row(s) came again: paging that repeated rows in place of others, or a mapped id that "
+        "is not the set's key); --skip-invalid does not drop them, so nothing was written "
+        "([odata] count = false skips this check)")
+    assert snapshot(conn) == before
+
+
+def test_a_count_that_is_no_number_fails_instead_of_switching_the_check_off(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    page = {"value": network()["Stops"][:15], "@odata.count": "forty"}
+    server.add_fault(wrong_shape(page), entity_set="Stops", match="$count=true")
+    rec = sync()
+    assert rec.status == "failed" and "Stops page 1: malformed count 'forty'" in (rec.error or "")
+
+
 def test_a_feed_without_one_valid_stop_never_empties_the_read_model(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
@@ -523,7 +551,11 @@ def test_skip_invalid_loads_valid_rows_and_records_rejects(
     server.update_row("Stops", 7, latitude=None)
     server.update_row("Flights", 3, daysOfWeek="1238")
     server.add_row("Routes", {"ID": 80, "fromStop_ID": 1, "toStop_ID": 2, "mode": "bus"})
-    rec = sync(skip_invalid=True)
+    # The server counts route 80 twice: repeats that may stand for rows never sent are not
+    # dropped, unless the count is not asked for.
+    assert "81 entities but its pages held 80 distinct keys" in (
+        sync(skip_invalid=True).error or "")
+    rec = sync(skip_invalid=True, odata={"count": False})
     assert rec.status == "success", rec.error
     rejected = rec.counts["rejected"]
     assert rejected >= 4 and rec.counts["stops"] == 39
@@ -543,7 +575,7 @@ def test_skip_invalid_loads_valid_rows_and_records_rejects(
             "problem": "missing required value"} in rejects
     assert len(rejects) == rejected
     # the same rejects next time: nothing changed
-    assert sync(skip_invalid=True).status == "noop"
+    assert sync(skip_invalid=True, odata={"count": False}).status == "noop"
 
 
 def test_dry_run_diffs_and_writes_nothing(
