@@ -116,6 +116,9 @@ def ingest_gps(
                        message=message)
 
 
+_END_OF_DATA = re.compile(rb"^\\\.$", re.MULTILINE)  # COPY's end-of-data marker line
+
+
 def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                device_id: str | None) -> None:
     """COPY the raw lines, then let SQL split them by the layout of the first line (see
@@ -128,6 +131,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                 if block.startswith(b"\xef\xbb\xbf"):
                     block = block[3:]
                 while block:
+                    block += handle.readline(COPY_BLOCK)  # end at a line end, mostly
                     while block.endswith(b"\r"):  # keep a CRLF in one block
                         more = handle.read(1)
                         if not more:
@@ -137,7 +141,10 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                     # mix them. CRLF and a lone CR (old Mac, or a last line's) -> LF keeps
                     # every line number; a CR within a line is no text a quoted field may hold
                     # here anyway (a quoted field must not span lines).
-                    cp.write(block.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+                    block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                    if b"\\." in block:  # a line '\.' would end COPY's data: the rest lost
+                        block = _END_OF_DATA.sub(b"\x02\\.\x02", block)  # quoted: a line
+                    cp.write(block)
                     block = handle.read(COPY_BLOCK)
         except psycopg.errors.DataError as exc:
             where = _COPY_LINE.search(exc.diag.context or "")

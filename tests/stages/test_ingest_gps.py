@@ -186,6 +186,19 @@ def test_csv_line_ends_split_across_copy_blocks(tmp_path: Path, database_url: st
                              "duplicates": 0, "invalid_rows": 0}, record.extra
 
 
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_a_line_holding_only_a_backslash_dot_is_a_bad_row_not_the_end(
+        tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    # COPY reads a line '\.' as the end of its data: the rows after it were lost, exit 0.
+    monkeypatch.setattr(ingest_module, "COPY_BLOCK", block)
+    path = tmp_path / "eod.csv"
+    rows = [f"d,2024-05-01T08:00:{s:02d}Z,60.1,24.9" for s in range(6)]
+    path.write_text("\n".join([*rows[:3], "\\.", *rows[3:]]) + "\n\\.")
+    record = ingest(database_url, [path])
+    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (6, 2), record.extra
+    assert [p.split(":")[1] for p in record.extra["problems"]] == ["4", "8"]
+
+
 def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database_url: str,
                                                         conn: psycopg.Connection[Any]) -> None:
     reordered = tmp_path / "b.csv"
