@@ -93,15 +93,16 @@ def _fresh_devices(conn: psycopg.Connection[Any], seen: str) -> dict[str, Any]:
     return earliest
 
 
-def _run_status(r: dict[str, Any], settings: MatchSettings) -> str | None:
+def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> str | None:
     """What a planned run of points becomes: a ``pending`` batch, a ``too_short`` one closed
-    at once (a single point between two batches cannot wait for more), or None while it may
-    still grow."""
+    at once, or None while it may still grow. Only the device's last run may wait: a single
+    point with a later run (or between two batches) cannot grow, and once a batch is made
+    after it, no later pass would look at it again."""
     if not r["closed"]:
         return None
     if r["n"] >= 2:
         return "pending"
-    if r["between_batches"] or r["age_s"] >= settings.too_short_after_seconds:
+    if r["between_batches"] or not last or r["age_s"] >= settings.too_short_after_seconds:
         return "too_short"
     return None
 
@@ -122,8 +123,9 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting: set[str] = set()
-        for r in rows:
-            status = _run_status(r, settings)
+        for i, r in enumerate(rows):  # by device, then time
+            last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
+            status = _run_status(r, settings, last=last)
             if status is None:
                 out.waiting += 1
                 waiting.add(r["device_id"])
@@ -159,8 +161,9 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
             "devices": devices, "earliest": [earliest[d] for d in devices],
             **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
-        for r in rows:
-            status = _run_status(r, settings)
+        for i, r in enumerate(rows):  # by device, then time
+            last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
+            status = _run_status(r, settings, last=last)
             if status is None:
                 out["open_runs"] += 1
                 continue

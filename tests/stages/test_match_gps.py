@@ -115,6 +115,21 @@ def test_batches_split_on_gaps_and_are_made_once(conn: psycopg.Connection[Any]) 
     assert unbatched.fetchone()["n"] == 2
 
 
+def test_a_lone_point_before_a_trace_is_closed_not_left_behind(
+        conn: psycopg.Connection[Any]) -> None:
+    # It waited for company while the trace after it became a batch; no later pass looked
+    # before that batch again, status did not count the point and prune deleted it.
+    now = datetime.now(UTC)
+    traces.insert_points(conn, [("lone", now - timedelta(minutes=30), 60.17, 24.94)] + [
+        ("lone", now - timedelta(minutes=20, seconds=-5 * i), 60.17, 24.94) for i in range(20)])
+    settings = MatchSettings(gap_seconds=300, too_short_after_seconds=3600)
+    made = batches.make_batches(conn, settings)
+    assert (made.created, made.too_short) == (1, 1)
+    unbatched = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NULL")
+    assert unbatched.fetchone()["n"] == 0
+    assert batches.status_section(conn)["unprocessed_points"] == 20  # the trace, pending
+
+
 def test_long_runs_are_cut_at_max_batch_seconds(conn: psycopg.Connection[Any]) -> None:
     traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)
                                 for s in range(0, 1000, 20)])
