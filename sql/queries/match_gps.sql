@@ -615,22 +615,22 @@ FROM (
                     WHEN t IS NULL AND NOT tiso
                          AND tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
                         THEN format('epoch time %%L out of range (1970..2099; milliseconds?)',
-                                    tv)
-                    WHEN t IS NULL THEN format('unparseable time %%L', tv)
+                                    left(tv, 64))
+                    WHEN t IS NULL THEN format('unparseable time %%L', left(tv, 64))
                     WHEN t < '1970-01-01Z' OR t >= '2100-01-01Z'
                         THEN format('time %%L out of range (1970..2099)', tv)
                END,
                CASE WHEN la BETWEEN -90 AND 90 THEN NULL  -- the common case first
                     WHEN lav IS NULL THEN 'latitude missing'
                     WHEN lav ~* '^[+-]?(nan|inf|infinity)$' THEN format('latitude is %%L', lav)
-                    WHEN la IS NULL THEN format('latitude %%L is not a number', lav)
+                    WHEN la IS NULL THEN format('latitude %%L is not a number', left(lav, 64))
                     WHEN la NOT BETWEEN -90 AND 90
                         THEN format('latitude %%s out of range (-90..90)', la)
                END,
                CASE WHEN lo BETWEEN -180 AND 180 THEN NULL
                     WHEN lov IS NULL THEN 'longitude missing'
                     WHEN lov ~* '^[+-]?(nan|inf|infinity)$' THEN format('longitude is %%L', lov)
-                    WHEN lo IS NULL THEN format('longitude %%L is not a number', lov)
+                    WHEN lo IS NULL THEN format('longitude %%L is not a number', left(lov, 64))
                     WHEN lo NOT BETWEEN -180 AND 180
                         THEN format('longitude %%s out of range (-180..180)', lo)
                END) AS reason
@@ -645,13 +645,17 @@ FROM (
                                                 substr(tv, 6, 2)::integer, 1)
                                       + interval '1 month - 1 day')
                              THEN tv::timestamptz END
-                    WHEN tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$' THEN
+                    -- At most 64 characters: numeric overflows on a million digits.
+                    WHEN octet_length(tv) <= 64
+                         AND tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$' THEN
                         CASE WHEN tv::numeric >= 0 AND tv::numeric < 4102444800
                              THEN to_timestamp(tv::double precision) END
                END AS t,
-               CASE WHEN lav ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
+               CASE WHEN octet_length(lav) <= 64
+                         AND lav ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
                     THEN lav::numeric END AS la,
-               CASE WHEN lov ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
+               CASE WHEN octet_length(lov) <= 64
+                         AND lov ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
                     THEN lov::numeric END AS lo
         FROM (
             SELECT *,

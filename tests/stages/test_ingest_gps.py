@@ -199,6 +199,20 @@ def test_a_line_holding_only_a_backslash_dot_is_a_bad_row_not_the_end(
     assert [p.split(":")[1] for p in record.extra["problems"]] == ["4", "8"]
 
 
+def test_a_number_of_a_million_digits_is_a_bad_row(tmp_path: Path, database_url: str) -> None:
+    # numeric overflowed: the whole run failed with a bare database error, no file:line.
+    path = tmp_path / "big.csv"
+    huge = "6" * 1_048_576
+    path.write_text(f"d,2024-05-01T08:00:00Z,60.1,24.9\nd,2024-05-01T08:00:05Z,{huge},24.9\n"
+                    f"d,{huge},60.1,24.9\nd,2024-05-01T08:00:10Z,60.1,24.9\n")
+    record = ingest(database_url, [path])
+    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (2, 2), record.error
+    assert record.extra["problems"][0].endswith(f"big.csv:2: latitude '{huge[:64]}' is not a "
+                                                "number")
+    assert record.extra["problems"][1].endswith(f"big.csv:3: epoch time '{huge[:64]}' out of "
+                                                "range (1970..2099; milliseconds?)")
+
+
 def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database_url: str,
                                                         conn: psycopg.Connection[Any]) -> None:
     reordered = tmp_path / "b.csv"
