@@ -161,6 +161,9 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     named = {d: _named(first, d) for d in CSV_DELIMITERS}
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]
+    if sum(bool(_NUMBER.fullmatch(c.strip().replace(",", "."))) for c in next(
+            csv.reader([first], delimiter=delimiter), [])) >= 2:
+        columns = {}  # numbers: a row whose device is named like a column ("lat", "long")
     if not columns:
         delimiter = max(CSV_DELIMITERS, key=first.count)
         cells = next(csv.reader([first], delimiter=delimiter), [])

@@ -213,6 +213,15 @@ def test_a_number_of_a_million_digits_is_a_bad_row(tmp_path: Path, database_url:
                                                 "range (1970..2099; milliseconds?)")
 
 
+def test_a_headerless_file_whose_device_is_named_like_a_column(tmp_path: Path,
+                                                                database_url: str) -> None:
+    # "long" (a longitude alias) made the first row a header lacking three columns.
+    path = tmp_path / "long.csv"
+    path.write_text("long,2024-05-01T08:00:00Z,60.1,24.9\nlong,2024-05-01T08:00:05Z,60.1,24.9\n")
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == 2, record.error
+
+
 def test_csv_header_in_another_order_and_without_header(tmp_path: Path, database_url: str,
                                                         conn: psycopg.Connection[Any]) -> None:
     reordered = tmp_path / "b.csv"
