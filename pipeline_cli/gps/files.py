@@ -229,7 +229,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
         stack.pop()
         text = "".join(state["text"]).strip()
         point = state["point"]
-        if name == "time" and point is not None:
+        if name == "time" and point is not None and stack and stack[-1] in (
+                "trkpt", "rtept", "wpt"):  # the point's own, not an extension's <e:time>
             point["time"] = text
         elif name == "name" and stack and stack[-1] == "trk":
             state["trk_name"] = text or None

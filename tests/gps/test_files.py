@@ -50,6 +50,19 @@ def test_gpx_track_points_with_lines(tmp_path: Path) -> None:
     assert rows(list(gpsfiles.read(path, device_id="other")))[0].device_id == "other"
 
 
+def test_gpx_extension_times_are_not_the_points_time(tmp_path: Path) -> None:
+    # An <e:time> inside <extensions> replaced the point's own <time>: 'unparseable time'.
+    path = write(tmp_path, "ext.gpx", """<gpx xmlns:e="urn:x"><trk><trkseg>
+<trkpt lat="60.17" lon="24.94"><time>2024-05-01T08:00:00Z</time>
+<extensions><e:time>junk</e:time></extensions></trkpt>
+<trkpt lat="60.17" lon="24.94"><extensions><e:time>2024-05-01T08:00:02Z</e:time></extensions>
+</trkpt></trkseg></trk></gpx>
+""")
+    items = list(gpsfiles.read(path))
+    assert [r.recorded_at for r in rows(items)] == ["2024-05-01T08:00:00Z"]
+    assert [p.message for p in problems(items)] == ["<trkpt> has no <time>"]
+
+
 def test_gpx_malformed_is_a_file_error_with_line(tmp_path: Path) -> None:
     path = write(tmp_path, "broken.gpx", "<gpx>\n<trk>\n<trkpt lat='1' lon='2'>\n</gpx>\n")
     with pytest.raises(GpsFileError, match="line 4"):
