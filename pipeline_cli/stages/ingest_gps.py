@@ -116,7 +116,14 @@ def ingest_gps(
                        message=message)
 
 
-_END_OF_DATA = re.compile(rb"^\\\.$", re.MULTILINE)  # COPY's end-of-data marker line
+# Lines COPY would not take as one field: its end-of-data marker '\.' (the rest of the file
+# was lost), and lines holding the delimiter or quote of ingest_copy_raw (control bytes, which
+# refused the whole file). Quoted, each is a line like any other, reported as file:line.
+_QUOTE_LINE = re.compile(rb"^(?:\\\.|.*[\x01\x02].*)$", re.MULTILINE)
+
+
+def _quoted(line: re.Match[bytes]) -> bytes:
+    return b"\x02" + line.group(0).replace(b"\x02", b"\x02\x02") + b"\x02"
 
 
 def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
@@ -142,8 +149,8 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                     # every line number; a CR within a line is no text a quoted field may hold
                     # here anyway (a quoted field must not span lines).
                     block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-                    if b"\\." in block:  # a line '\.' would end COPY's data: the rest lost
-                        block = _END_OF_DATA.sub(b"\x02\\.\x02", block)  # quoted: a line
+                    if b"\\." in block or b"\x01" in block or b"\x02" in block:
+                        block = _QUOTE_LINE.sub(_quoted, block)
                     cp.write(block)
                     block = handle.read(COPY_BLOCK)
         except psycopg.errors.DataError as exc:

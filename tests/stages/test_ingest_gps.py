@@ -187,16 +187,18 @@ def test_csv_line_ends_split_across_copy_blocks(tmp_path: Path, database_url: st
 
 
 @pytest.mark.parametrize("block", [7, 1 << 20])
-def test_a_line_holding_only_a_backslash_dot_is_a_bad_row_not_the_end(
+def test_lines_copy_would_not_read_as_one_field_are_bad_rows_not_the_end(
         tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
     # COPY reads a line '\.' as the end of its data: the rows after it were lost, exit 0.
+    # A control byte that is the raw COPY's delimiter or quote refused the whole file.
     monkeypatch.setattr(ingest_module, "COPY_BLOCK", block)
     path = tmp_path / "eod.csv"
     rows = [f"d,2024-05-01T08:00:{s:02d}Z,60.1,24.9" for s in range(6)]
-    path.write_text("\n".join([*rows[:3], "\\.", *rows[3:]]) + "\n\\.")
+    path.write_text("\n".join([*rows[:3], "\\.", rows[3], "d,x\x01y,\x02,1", *rows[4:]])
+                    + "\n\\.")
     record = ingest(database_url, [path])
-    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (6, 2), record.extra
-    assert [p.split(":")[1] for p in record.extra["problems"]] == ["4", "8"]
+    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (6, 3), record.extra
+    assert [p.split(":")[1] for p in record.extra["problems"]] == ["4", "6", "9"]
 
 
 def test_a_number_of_a_million_digits_is_a_bad_row(tmp_path: Path, database_url: str) -> None:
