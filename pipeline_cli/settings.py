@@ -597,6 +597,8 @@ def _validate(s: Settings) -> None:
                 "retries"):
         if getattr(s.odata, key) <= 0:
             raise bad("odata", key, "must be positive")
+    if s.odata.page_size < 0:
+        raise bad("odata", "page_size", "must be 0 (the server's page size) or more")
     if s.odata.backoff_base < 0 or s.odata.backoff_max < s.odata.backoff_base:
         raise bad("odata", "backoff_base" if s.odata.backoff_base < 0 else "backoff_max",
                   "need 0 <= backoff_base <= backoff_max")

@@ -84,6 +84,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("", {"PIPELINE_REDIS_URL": "redis://h:6379/abc"}, "[redis] url: the database must"),
         ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
         ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
+        ("", {"PIPELINE_ODATA_PAGE_SIZE": "-1"}, "[odata] page_size: must be 0"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h:99999/x"},
          "[database] url: port must be 1 to 65535, got '99999'"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h/x?sslmode=bogus"},

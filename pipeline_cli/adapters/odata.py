@@ -80,6 +80,7 @@ def error_line(status: int, body: bytes, content_type: str = "") -> str:
     except (ValueError, AttributeError):
         if "html" not in content_type.lower():
             message = body[:300].decode("utf-8", "replace")
+    code = "" if code == str(status) else code  # not 'HTTP 401 401: Unauthorized'
     text = " ".join(f"{code}: {message}".strip(": ").split())
     return f"HTTP {status}" + (f" {text[:300]}" if text else "")
 

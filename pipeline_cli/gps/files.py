@@ -364,7 +364,8 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iter
     props = feature.get("properties") or {}
     if not isinstance(props, dict):
         props = {}
-    device = props.get("device_id", props.get("device", default_device))
+    device = next((v for v in (props.get("device_id"), props.get("device")) if v is not None),
+                  default_device)  # a null property is no device: the file's is used
     geometry = feature["geometry"]
     kind, coords = geometry.get("type"), geometry.get("coordinates")
     if kind == "Point":

@@ -158,6 +158,9 @@ def test_v2_error_body_is_one_line() -> None:
 def test_error_line_of_non_odata_bodies() -> None:
     assert error_line(502, b"<html><body>Bad gateway</body></html>", "text/html") == "HTTP 502"
     assert error_line(500, b"  upstream\n failed ") == "HTTP 500 upstream failed"
+    # a code that only repeats the status
+    assert error_line(401, b'{"error": {"code": "401", "message": "Unauthorized"}}') == \
+        "HTTP 401 Unauthorized"
 
 
 @pytest.mark.parametrize("same_link", [False, True])

@@ -124,6 +124,10 @@ def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
     doc["properties"] = {"device_id": "a\u0000b", "time": 1}
     items = list(gpsfiles.read(write(tmp_path, "nul.geojson", json.dumps(doc))))
     assert items == [RowProblem(1, "device_id contains a NUL character", "feature 1")]
+    # A null device is none: the file's name (or --device) stands in, as when it is absent.
+    doc["properties"] = {"device_id": None, "time": 1}
+    items = list(gpsfiles.read(write(tmp_path, "van-9.geojson", json.dumps(doc))))
+    assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-9"]
 
 
 def test_geojson_malformed_json(tmp_path: Path) -> None:
