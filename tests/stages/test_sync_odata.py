@@ -389,11 +389,13 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
              "2024-05-01T06:15:00Z": "06:15:00",
              # A V2 offset is in minutes (datajs, Olingo): +0120 is two hours east of UTC.
              "/Date(30600000+0120)/": "10:30:00", "/Date(30600000-0330)/": "03:00:00",
-             "/Date(30600000+60)/": "09:30:00", "/Date(1700000000000+0060)/": "23:13:20"}
+             "/Date(30600000+60)/": "09:30:00", "/Date(1700000000000+0060)/": "23:13:20",
+             "P0DT8H0M0S": "08:00:00", "P00DT08H30M00S": "08:30:00"}  # Edm.Duration, 0 days
     for raw, want in times.items():
         assert str(value("time", raw)) == want, raw
     for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H", "/Date(30600000+1100)/",
-                "/Date(30600000+12345)/", "2026-13-45T08:00:00", "2026-02-30T08:00:00"):
+                "/Date(30600000+12345)/", "2026-13-45T08:00:00", "2026-02-30T08:00:00",
+                "P1DT2H"):
         assert value("time", bad) is None, bad
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
