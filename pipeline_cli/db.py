@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, SchemaError, service_error
+from .errors import DatabaseError, Interrupted, SchemaError, TimedOut, service_error
 
 log = logging.getLogger("pipeline.db")
 
@@ -187,6 +187,10 @@ def wrap_errors(what: str) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
+        if isinstance(exc.__context__, Interrupted | TimedOut):
+            # A stop raised in the block, and psycopg, leaving pipeline mode half-way, raised
+            # over it ("cannot exit pipeline mode while busy"): the stop is the cause.
+            raise exc.__context__ from None
         raise DatabaseError(f"database error while {what}: {_first_line(exc)}") from exc
 
 

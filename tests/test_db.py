@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pipeline_cli import db
-from pipeline_cli.errors import DatabaseError, SchemaError
+from pipeline_cli.errors import DatabaseError, Interrupted, SchemaError
 from pipeline_cli.gps import batches
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
@@ -163,3 +164,14 @@ def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
         conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
                      " VALUES ('b', '2026-01-01 10:00Z', 3, 4)")
         assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"] == 7
+
+
+def test_a_stop_is_not_hidden_by_the_database_error_it_caused() -> None:
+    # A Ctrl-C while sync-odata staged pages: psycopg, leaving pipeline mode half-way, raised
+    # "cannot exit pipeline mode while busy" over it, and the run failed with exit 1 as a
+    # database error instead of exit 130.
+    with pytest.raises(Interrupted), db.wrap_errors("staging the feed"):
+        try:
+            raise Interrupted(2)
+        finally:
+            raise psycopg.OperationalError("cannot exit pipeline mode while busy")  # noqa: B012
