@@ -662,7 +662,7 @@ FROM (
                    -- Every field in range (the day against its month above); no capture
                    -- groups, which would make the match many times slower.
                    tv ~ ('^[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])'
-                         '(?:[T ](?:[01][0-9]|2[0-3]):[0-5][0-9]'
+                         '(?:[Tt ](?:[01][0-9]|2[0-3]):[0-5][0-9]'
                          '(?::[0-5][0-9](?:\.[0-9]+)?)?)?'
                          '(?:[Zz]|[+-](?:0[0-9]|1[0-5])(?::?[0-5][0-9])?)?$') AS tiso
             FROM (SELECT f.*, btrim(f.recorded) AS tv, btrim(f.lat) AS lav,

@@ -161,11 +161,13 @@ def test_csv_iso_and_epoch_times(tmp_path: Path, database_url: str,
                       "bus-1,2024-05-01T09:00:00.25,6e1,2.5e1\n").encode())
     windows = tmp_path / "w.csv"  # CRLF line ends throughout
     windows.write_bytes(b"w,2024-05-01T08:00:00Z,1,2\r\nw,2024-05-01T08:00:01Z,1,2\r\n")
+    lower = tmp_path / "l.csv"  # RFC 3339 allows a lower-case t and z
+    lower.write_bytes(b"l,2024-05-01t08:00:00z,1,2\n")
     mixed = tmp_path / "m.csv"  # edited on two systems: LF and CRLF line ends in one file
     mixed.write_bytes(b"m,2024-05-01T08:00:00Z,1,2\nm,2024-05-01T08:00:01Z,1,2\r\n"
                       b"m,2024-05-01T08:00:02Z,1,2\n")
-    record = ingest(database_url, [path, windows, mixed])
-    assert record.counts["rows_loaded"] == 9, record.extra
+    record = ingest(database_url, [path, windows, mixed, lower])
+    assert record.counts["rows_loaded"] == 10, record.extra
     assert stored(conn)[:4] == [
         ("bus-1", datetime(2024, 5, 1, 5, 0, 2, tzinfo=UTC), 60.172, 24.942),
         ("bus-1", datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC), 60.17, 24.94),
