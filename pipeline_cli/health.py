@@ -74,6 +74,11 @@ class StatusReport:
         return sorted({m.version for m in db.migrations()} - self.schema_applied)
 
     @property
+    def schema_unknown(self) -> list[int]:
+        """Applied migrations this code does not know: a newer release migrated the database."""
+        return sorted(self.schema_applied - {m.version for m in db.migrations()})
+
+    @property
     def schema_summary(self) -> str:
         """``schema 009 (current)`` or ``schema 007, pending 008, 009``: versions, not counts."""
         return db.describe_schema(self.schema_applied)
@@ -276,7 +281,7 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     if report.schema_version and report.schema_pending:
         add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
             "run `pipeline db migrate`")
-    elif report.schema_applied - {m.version for m in db.migrations()}:  # a rolled-back deploy
+    elif report.schema_unknown:  # a rolled-back deploy
         add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
             "upgrade pipeline")
     for stage, s in report.stages.items():

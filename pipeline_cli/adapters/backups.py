@@ -160,8 +160,3 @@ class BackupStore:
                    lambda: self.client.make_bucket(probe_bucket))
         self._call(f"removal of probe bucket {probe_bucket}",
                    lambda: self.client.remove_bucket(probe_bucket))
-
-    def ping(self) -> None:
-        """Raise BackupError unless the bucket can be reached."""
-        self._call(f"bucket check of {self.bucket}", lambda: self.client.bucket_exists(
-            self.bucket))

@@ -5,7 +5,7 @@ leases, backoff, the backlog for ``status``, and ``pipeline batches list|requeue
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,14 @@ def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> st
     return None
 
 
+def _run_statuses(rows: list[dict[str, Any]], settings: MatchSettings
+                  ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """Each planned run (ordered by device, then time) with what it becomes."""
+    for i, r in enumerate(rows):
+        last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
+        yield r, _run_status(r, settings, last=last)
+
+
 def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: str,
                 devices: list[str], earliest: list[Any]) -> BatchingResult:
     out = BatchingResult()
@@ -123,9 +131,7 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting: set[str] = set()
-        for i, r in enumerate(rows):  # by device, then time
-            last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
-            status = _run_status(r, settings, last=last)
+        for r, status in _run_statuses(rows, settings):
             if status is None:
                 out.waiting += 1
                 waiting.add(r["device_id"])
@@ -161,9 +167,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
             "devices": devices, "earliest": [earliest[d] for d in devices],
             **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
-        for i, r in enumerate(rows):  # by device, then time
-            last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
-            status = _run_status(r, settings, last=last)
+        for r, status in _run_statuses(rows, settings):
             if status is None:
                 out["open_runs"] += 1
                 continue
