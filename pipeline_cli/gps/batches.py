@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -41,6 +42,9 @@ class BatchingResult:
     points: int = 0
     waiting: int = 0  # open runs and single points that may still grow
     reopened: int = 0  # batches that late points sent back to pending
+    # Devices with points dated more than gap_seconds ahead: (how many, the latest time).
+    # They wait unbatched (a clock glitch must not close the live run) until that time.
+    future: dict[str, tuple[int, datetime]] = field(default_factory=dict)
 
 
 def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
@@ -77,6 +81,7 @@ def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
         total.points += part.points
         total.waiting += part.waiting
         total.reopened += part.reopened
+        total.future |= part.future
     with db.wrap_errors("advancing the GPS batching cursor"):
         conn.execute(db.query("match_gps", "advance_cursor"), {"upto": start["upto"]})
     return total
@@ -126,11 +131,12 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
             **params, "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds,
         }).fetchall()
+        out.future = _future(conn, settings, devices)
         out.reopened = len(conn.execute(db.query("match_gps", "reopen_batches"),
                                         params).fetchall())
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
-        waiting: set[str] = set()
+        waiting = set(out.future)
         for r, status in _run_statuses(rows, settings):
             if status is None:
                 out.waiting += 1
@@ -151,12 +157,28 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
     return out
 
 
+def future_text(future: dict[str, tuple[int, datetime]]) -> str:
+    """A warning naming the devices whose points are dated ahead (the first five)."""
+    named = ", ".join(f"{d!r} ({n} point(s), up to {t.isoformat()})"
+                      for d, (n, t) in sorted(future.items())[:5])
+    more = f" and {len(future) - 5} more device(s)" if len(future) > 5 else ""
+    return (f"GPS points dated more than [match] gap_seconds ahead wait until their time "
+            f"comes (is a device clock wrong?): {named}{more}")
+
+
+def _future(conn: psycopg.Connection[Any], settings: MatchSettings, devices: list[str]
+            ) -> dict[str, tuple[int, datetime]]:
+    rows = conn.execute(db.query("match_gps", "future_points"),
+                        {"devices": devices, "gap_seconds": settings.gap_seconds})
+    return {r["device_id"]: (r["n"], r["latest"]) for r in rows}
+
+
 def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, Any]:
     """What a batcher pass would do now, in a read-only transaction that writes nothing: the
     batches it would make (and the points in them), the runs still open, and the batches
     ready to be claimed (``match-gps --dry-run``)."""
     out: dict[str, Any] = {"batches_to_make": 0, "too_short_to_close": 0, "points_to_batch": 0,
-                           "open_runs": 0}
+                           "open_runs": 0, "future_points": 0}
     with db.wrap_errors("planning GPS batches"), conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
         start = conn.execute(db.query("match_gps", "batching_pass")).fetchone()
@@ -173,6 +195,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
                 continue
             out["batches_to_make" if status == "pending" else "too_short_to_close"] += 1
             out["points_to_batch"] += r["n"]
+        out["future_points"] = sum(n for n, _ in _future(conn, settings, devices).values())
         ready = conn.execute(db.query("match_gps", "ready_batches"), {"limit": 50}).fetchall()
         out["ready_batches"] = [{**r, "batch_id": str(r["batch_id"])} for r in ready]
         out["backlog"] = status_section(conn)

@@ -19,7 +19,7 @@ from .. import db
 from ..adapters.osrm import OsrmClient, OsrmUnavailable
 from ..errors import Interrupted, OsrmError, PipelineError
 from ..gps import batches, partitions
-from ..gps.batches import rescue_expired, work_waiting
+from ..gps.batches import future_text, rescue_expired, work_waiting
 from ..gps.stitching import ChunkSize
 from ..gps.workers import Pool, run_round
 from ..runner import DRY_RUN, NOOP, SUCCESS, RunContext, StageResult
@@ -56,6 +56,7 @@ def match_gps(
     chunk_size = ChunkSize(settings.chunk_size, settings.chunk_overlap)
     requests_before = client.requests
     counts: Counter[str] = Counter()
+    warned_future = False
     conn = database.connect(autocommit=True, name=f"pipeline match-gps {worker}")
     try:
         created = partitions.ensure(conn)
@@ -73,6 +74,9 @@ def match_gps(
             made = run_round(conn, database, client, settings, pool, chunk_size, worker)
             counts.update(batches_created=made.created, batches_too_short=made.too_short,
                           leases_rescued=len(rescued))
+            if made.future and not warned_future:  # once a run
+                warned_future = True
+                ctx.log.warning(future_text(made.future))
             if pool.fatal is not None:
                 raise pool.fatal
             progressed = pool.claimed > claimed_before
@@ -157,6 +161,7 @@ def preview(database: db.Database, settings: MatchSettings | None = None) -> Sta
               "batches_to_make": planned["batches_to_make"],
               "too_short_to_close": planned["too_short_to_close"],
               "points_to_batch": planned["points_to_batch"], "open_runs": planned["open_runs"],
+              "future_points": planned["future_points"],
               "batches_ready": len(ready),
               "points_ready": sum(r["coordinate_count"] for r in ready)}
     message = (f"would match: {gps['unbatched_points']} points to batch "

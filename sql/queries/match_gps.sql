@@ -33,7 +33,9 @@ SELECT device_id, NULL FROM gps_waiting_devices;
 -- bucket is closed (final) when it lies between batches, when a later bucket or segment of
 -- the same run exists, or when its segment ended more than gap_seconds ago. Windows and
 -- groups use a per-slice device number, not device_id, so the sort compares integers, not
--- text under the database's collation.
+-- text under the database's collation. Points dated more than gap_seconds ahead wait
+-- (future_points): a device clock's glitch would otherwise close the live run at once, and
+-- every run after it until that time came.
 WITH chosen AS MATERIALIZED (
     SELECT c.device_id, c.dev, c.earliest,
            (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
@@ -45,6 +47,7 @@ WITH chosen AS MATERIALIZED (
     FROM chosen c
     JOIN gps_points p ON p.device_id = c.device_id
                      AND p.recorded_at > coalesce(c.until, '-infinity')
+                     AND p.recorded_at <= now() + make_interval(secs => %(gap_seconds)s)
     UNION ALL
     SELECT c.dev, p.recorded_at, nb.start_time
     FROM chosen c
@@ -95,6 +98,16 @@ SELECT c.device_id, m.start_time, m.end_time, m.n::integer AS n,
        extract(epoch FROM now() - m.end_time)::double precision AS age_s
 FROM marked m JOIN chosen c USING (dev)
 ORDER BY c.device_id, m.start_time;
+
+-- name: future_points
+-- The points of these devices dated more than gap_seconds ahead, which plan_batches leaves
+-- for a later pass: their devices wait until that time has come.
+SELECT c.device_id, count(*)::integer AS n, max(p.recorded_at) AS latest
+FROM unnest(%(devices)s::text[]) AS c(device_id)
+JOIN gps_points p ON p.device_id = c.device_id
+                 AND p.recorded_at > now() + make_interval(secs => %(gap_seconds)s)
+GROUP BY c.device_id
+ORDER BY c.device_id;
 
 -- name: reopen_batches
 -- Late arrivals inside a batch's time range that the batch did not read: a finished or

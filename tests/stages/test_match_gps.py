@@ -130,6 +130,41 @@ def test_a_lone_point_before_a_trace_is_closed_not_left_behind(
     assert batches.status_section(conn)["unprocessed_points"] == 20  # the trace, pending
 
 
+def test_a_point_dated_ahead_does_not_close_the_live_run(conn: psycopg.Connection[Any]) -> None:
+    # One point from a device clock's glitch, a year ahead, was a later segment: the live run
+    # was closed at once, and so was every run after it, pass by pass, until that time came.
+    now = datetime.now(UTC)
+    traces.insert_points(conn, [("dev", now - timedelta(seconds=s), 60.17, 24.94)
+                                for s in (40, 30, 20, 10)]
+                         + [("dev", now + timedelta(days=365), 60.17, 24.94)])
+    settings = MatchSettings(gap_seconds=300, too_short_after_seconds=0)
+    made = batches.make_batches(conn, settings)
+    assert (made.created, made.too_short, made.waiting) == (0, 0, 1)  # the live run waits
+    assert list(made.future) == ["dev"] and made.future["dev"][0] == 1
+    assert "'dev' (1 point(s), up to " in batches.future_text(made.future)
+    assert batches.plan(conn, settings)["future_points"] == 1
+    assert batches.status_section(conn)["unbatched_points"] == 5  # counted, not lost
+
+
+def test_a_point_dated_ahead_is_batched_once_its_time_has_come(
+        conn: psycopg.Connection[Any]) -> None:
+    now = datetime.now(UTC)
+    traces.insert_points(conn, [("dev", now - timedelta(seconds=60 - i), 60.17, 24.94)
+                                for i in range(5)]
+                         + [("dev", now + timedelta(seconds=4), 60.17, 24.94)])
+    settings = MatchSettings(gap_seconds=1, too_short_after_seconds=0)
+    first = batches.make_batches(conn, settings)
+    assert (first.created, list(first.future)) == (1, ["dev"])  # the cursor moves on
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the device waits: later passes look again
+        time.sleep(0.5)
+        if batches.make_batches(conn, settings).too_short:
+            break
+    statuses = conn.execute("SELECT coordinate_count AS n, status FROM processing_batches"
+                            " ORDER BY start_time").fetchall()
+    assert [(r["n"], r["status"]) for r in statuses] == [(5, "pending"), (1, "too_short")]
+
+
 def test_long_runs_are_cut_at_max_batch_seconds(conn: psycopg.Connection[Any]) -> None:
     traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)
                                 for s in range(0, 1000, 20)])
