@@ -51,6 +51,7 @@ __all__ = [
     "main",
     "mislabelled",
     "never_ending_next_link",
+    "no_content",
     "sample_network",
     "sample_network_lazy",
     "status",
@@ -61,7 +62,7 @@ __all__ = [
 Row = Mapping[str, Any]
 FaultKind = Literal[
     "status", "truncated_json", "delay", "never_ending_next_link", "huge_response",
-    "wrong_shape", "html", "atom", "mislabelled", "connection_reset",
+    "wrong_shape", "html", "atom", "mislabelled", "connection_reset", "no_content",
 ]  # fmt: skip
 
 
@@ -151,6 +152,11 @@ class Fault:
         return cls("mislabelled", content_type=content_type, message=encoding)
 
     @classmethod
+    def no_content(cls, code: int = 204) -> Fault:
+        """A success without a body: HTTP 204, or 200 with ``Content-Length: 0``."""
+        return cls("no_content", code=code)
+
+    @classmethod
     def connection_reset(cls) -> Fault:
         """Read the request, then reset the TCP connection without any response."""
         return cls("connection_reset")
@@ -166,6 +172,7 @@ html = Fault.html
 atom = Fault.atom
 mislabelled = Fault.mislabelled
 connection_reset = Fault.connection_reset
+no_content = Fault.no_content
 
 
 @dataclass
@@ -774,7 +781,8 @@ class ODataServer:
             self._send_huge(h, fault)
             return
         try:
-            if fault is not None and fault.kind in ("status", "html", "atom", "wrong_shape"):
+            if fault is not None and fault.kind in ("status", "html", "atom", "wrong_shape",
+                                                    "no_content"):
                 response = self._fault_response(fault)
             else:
                 cycle = fault is not None and fault.kind == "never_ending_next_link"
@@ -874,6 +882,8 @@ class ODataServer:
                 "<input name='user'><input name='password' type='password'></form></body></html>"
             )
             return _Response(200, page.encode(), "text/html; charset=utf-8")
+        if fault.kind == "no_content":
+            return _Response(fault.code, b"", self._json_content_type(False))
         if fault.kind == "atom":
             feed = ('<?xml version="1.0" encoding="utf-8"?><feed xmlns='
                     '"http://www.w3.org/2005/Atom"><title type="text">Stops</title></feed>')

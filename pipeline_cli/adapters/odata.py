@@ -312,6 +312,9 @@ class ODataClient:
                         ).get(resp.status_code, "")
                 raise service_error(SourceError, "OData", self.service_url, what + hint, line)
             body = self._read(resp, what)
+        if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
+                                 resp.headers.get("Content-Length") == "0"):
+            raise SourceError(f"OData {what}: HTTP {resp.status_code} with an empty body")
         kind = content_type.split(";")[0].strip().lower()
         if "html" in kind:
             raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "

@@ -18,6 +18,7 @@ from devtools.odata_server import (
     huge_response,
     mislabelled,
     never_ending_next_link,
+    no_content,
     sample_network,
     status,
     truncated_json,
@@ -189,6 +190,16 @@ def test_an_error_body_under_http_200_is_shown(v4: ODataServer) -> None:
         fetch(c)
     assert str(err.value) == ("OData Stops page 1: HTTP 200 SY/530: Backend system ERP_100 not "
                               "reachable")
+
+
+@pytest.mark.parametrize("code", [204, 200])
+def test_an_empty_success_fails_at_once(v4: ODataServer, code: int) -> None:
+    # It was "malformed JSON (Expecting value at byte 0; truncated?)", asked for five times.
+    v4.add_fault(no_content(code), entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == f"OData Stops page 1: HTTP {code} with an empty body"
+    assert v4.request_count("Stops") == 1
 
 
 def test_html_and_wrong_shapes_are_clear_errors(v4: ODataServer) -> None:
