@@ -14,6 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "stage", "run_id"}
+# A control character in text from outside (a feed's key holding a newline) would forge lines
+# of its own in a text log or error line: it is shown escaped.
+_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
+            | {9: "\\t", 10: "\\n", 13: "\\r"})
+
+
+def one_line(text: str) -> str:
+    return text.translate(_ESCAPES)
 
 
 class RedactFilter(logging.Filter):
@@ -67,7 +75,7 @@ class TextFormatter(logging.Formatter):
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         stage = getattr(record, "stage", None)
         where = f" [{stage}]" if stage else ""
-        return f"{ts} {record.levelname.lower():7s}{where} {record.getMessage()}"
+        return f"{ts} {record.levelname.lower():7s}{where} {one_line(record.getMessage())}"
 
 
 def setup_logging(fmt: str, verbosity: int, redact: Callable[[str], str]) -> None:

@@ -23,7 +23,7 @@ from rich.table import Table
 from .app import App
 from .errors import LockBusy, PipelineError, ValidationError
 from .health import CRITICAL, LEVELS, SECTIONS, UNKNOWN, WARNING, StatusReport
-from .logs import json_line
+from .logs import json_line, one_line
 from .runner import RunRecord
 
 
@@ -137,9 +137,9 @@ def stderr_error(app: App, line: str, problems: Sequence[str] = (), *, stage: st
         click.echo(json_line(level, line, logger="pipeline.cli", stage=stage, run_id=run_id,
                              fields=fields), err=True)
     else:
-        click.echo(line, err=True)
+        click.echo(one_line(line), err=True)
         for problem in problems:
-            click.echo(f"  - {problem}", err=True)
+            click.echo(f"  - {one_line(problem)}", err=True)
     sys.stderr.flush()
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
+from pipeline_cli.logs import TextFormatter
 from tests.support.clirunner import Cli
 
 
@@ -59,3 +61,9 @@ def test_psycopg_warnings_do_not_reach_stderr_raw(run_cli: Cli) -> None:
     proc = subprocess.run([sys.executable, "-c", code, run_cli.env["PIPELINE_DATABASE_URL"]],
                           capture_output=True, text=True, check=True)
     assert proc.stderr == ""
+
+
+def test_text_logs_show_control_characters_escaped() -> None:
+    record = logging.makeLogRecord({"msg": "stop %s", "args": ("S2\nFAKE\x1b[2J",),
+                                    "levelname": "WARNING"})
+    assert TextFormatter().format(record).endswith(" stop S2\\nFAKE\\x1b[2J")

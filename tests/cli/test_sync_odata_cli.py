@@ -91,6 +91,18 @@ def test_strict_validation_failure(cli: Cli, server: ODataServer, database_url: 
     assert skipped["status"] == "success" and skipped["counts"]["rejected"] >= 1
 
 
+def test_a_feed_cannot_forge_lines_in_the_error_output(cli: Cli, server: ODataServer) -> None:
+    # A newline in a key or value printed a line of the feed's choosing below the error.
+    server.update_row("Stops", 4, latitude="95\r\nFAKE: all good")
+    res = cli("sync-odata")
+    assert res.exit_code == 1
+    assert not any(line.startswith("FAKE") for line in res.stderr.splitlines())
+    assert "expected a number, got '95\\r\\nFAKE: all good'" in res.stderr
+    out = as_json(cli("sync-odata", "--json").stdout)  # JSON keeps the text as it is
+    assert out["problems"] == ["Stops[ID=4] latitude: expected a number, got "
+                               "'95\r\nFAKE: all good'"]
+
+
 def test_dry_run_needs_no_s3_and_writes_nothing(cli: Cli, database_url: str) -> None:
     for key in [k for k in cli.env if k.startswith("PIPELINE_S3_")]:
         del cli.env[key]
