@@ -131,7 +131,8 @@ class Fault:
     @classmethod
     def wrong_shape(cls, payload: Any = _DEFAULT_SHAPE) -> Fault:
         """A 200 with valid JSON of the wrong shape: by default ``{"value": 5}`` (V4) or
-        ``{"d": {"results": 5}}`` (V2); pass any JSON-able ``payload`` (e.g. ``[]``)."""
+        ``{"d": {"results": 5}}`` (V2); pass any JSON-able ``payload`` (e.g. ``[]``), or
+        ``bytes`` to send as they are."""
         return cls("wrong_shape", payload=payload)
 
     @classmethod
@@ -891,7 +892,8 @@ class ODataServer:
         payload = fault.payload
         if payload is _DEFAULT_SHAPE:
             payload = {"value": 5} if self.version == "v4" else {"d": {"results": 5}}
-        return _Response(200, json.dumps(payload).encode(), self._json_content_type(False))
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return _Response(200, body, self._json_content_type(False))
 
     # -- protocol ------------------------------------------------------------------------
     def _json_content_type(self, ieee754: bool) -> str:

@@ -77,7 +77,7 @@ def error_line(status: int, body: bytes, content_type: str = "") -> str:
         code = str(err.get("code") or "")
         msg = err.get("message")
         message = str(msg.get("value", "") if isinstance(msg, dict) else (msg or ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         if "html" not in content_type.lower():
             message = body[:300].decode("utf-8", "replace")
     code = "" if code == str(status) else code  # not 'HTTP 401 401: Unauthorized'
@@ -300,7 +300,8 @@ class ODataClient:
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
                 line = error_line(resp.status_code, body, content_type)
-                if resp.status_code in (408, 429) or resp.status_code >= 500:
+                if resp.status_code in (408, 429) or resp.status_code >= 500 and \
+                        resp.status_code not in (501, 505):  # not implemented: no retry
                     after = _retry_after(resp.headers.get("Retry-After"))
                     if after is not None and after > self.settings.backoff_max:
                         raise SourceError(
@@ -321,6 +322,8 @@ class ODataClient:
                               "in the way?)")
         try:
             return body, json.loads(body)
+        except RecursionError:
+            raise SourceError(f"OData {what}: JSON nested too deeply to read") from None
         except UnicodeDecodeError:  # not a body cut short: no retry
             raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
                               f"{content_type or 'none'})") from None

@@ -129,8 +129,8 @@ def unwrap_page(doc: Any, version: str, what: str
         rows = doc.get("value")
         link = next((doc[k] for k in _NEXT_LINKS if k in doc), None)
         count = next((doc[k] for k in _COUNTS if k in doc), None)
-        odd = None if link is not None else next(
-            (k for k in doc if k.lower().endswith("nextlink")), None)
+        odd = None if link is not None else next(  # a null link is the end, as in V2
+            (k for k in doc if k.lower().endswith("nextlink") and k not in _NEXT_LINKS), None)
         if odd is not None:
             raise SourceError(f"OData {what}: a paging link named {odd!r} is not an OData "
                               "nextLink; refusing to read the set as this page alone")

@@ -78,6 +78,14 @@ def test_a_paging_link_of_another_name_is_refused_not_taken_for_the_end() -> Non
                     "Stops page 1")
 
 
+@pytest.mark.parametrize("key", ["@odata.nextLink", "odata.nextLink", "@nextLink"])
+def test_a_null_next_link_ends_the_set(key: str) -> None:
+    # Some serializers write the link on the last page as null; it was refused as a paging
+    # link "of another name" (V2's "__next": null was read as the end).
+    assert unwrap_page({"value": [{"ID": 1}], key: None}, "v4", "Stops page 3") == (
+        [{"ID": 1}], None, None)
+
+
 def test_empty_last_page_is_normal() -> None:
     with ODataServer(DATA, page_size=10, empty_last_page=True) as srv, client(srv) as c:
         pages = list(c.pages("Stops", orderby="ID"))
@@ -127,6 +135,25 @@ def test_retries_give_up_with_one_line(v4: ODataServer) -> None:
     assert str(err.value).startswith(f"OData {endpoint(v4.url)} Stops page 1: malformed JSON")
     assert str(err.value).endswith("after 3 attempts")
     assert v4.request_count("Stops") == 3
+
+
+@pytest.mark.parametrize("code", [501, 505])
+def test_not_implemented_fails_at_once(v4: ODataServer, code: int) -> None:
+    # 501 (a service that does not implement $orderby, say) was asked for five times.
+    v4.add_fault(status(code), entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError, match=f"HTTP {code} Injected{code}"):
+        fetch(c)
+    assert v4.request_count("Stops") == 1
+
+
+def test_json_nested_too_deeply_is_named(v4: ODataServer) -> None:
+    # It was "internal error: RecursionError", naming no set or page.
+    deep = b'{"value": [{"ID": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    v4.add_fault(wrong_shape(deep), entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == "OData Stops page 1: JSON nested too deeply to read"
+    assert v4.request_count("Stops") == 1
 
 
 @pytest.mark.parametrize("code", [400, 404])
