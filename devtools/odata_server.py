@@ -1046,7 +1046,7 @@ class ODataServer:
         if seen.get("$select") and seen["$select"].strip() != "*":
             select = tuple(s.strip() for s in seen["$select"].split(","))
             unknown = [s for s in select if s not in state.types]
-            if unknown:
+            if unknown and not self.ignore_select:
                 raise _bad_request(f"Could not find a property named '{unknown[0]}' for $select")
         if v4:
             raw_count = seen.get("$count", "false")

@@ -8,6 +8,7 @@ and commit, all in one transaction; docs/sync-odata.md ("One path") describes ea
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gzip
 import hashlib
 import json
@@ -235,10 +236,16 @@ class _Loader:
         with db.wrap_errors("staging the feed"), self.conn.pipeline():
             for e in ENTITIES:
                 st, m = self.sets[e], self.sets[e].mapping
+                absent, names = set(m.select), set[str]()  # mapped fields no entity has shown
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
                     for page in client.pages(m.entity_set, orderby=m.key_field,
                                              select=m.select, filter=m.filter):
                         self.ctx.check_stop()
+                        for row in page.rows if absent else ():  # mostly the first row only
+                            names |= row.keys()
+                            absent -= row.keys()
+                            if not absent:
+                                break
                         if page.number == 1 and page.count is not None:
                             st.announced = page.count
                             bar.set_total(page.count)
@@ -255,6 +262,8 @@ class _Loader:
                             self.stage()  # this page differs: stage it and those held back
                 self.ctx.log.info("%s: %d rows in %d pages", m.entity_set, st.rows,
                                   len(st.pages))
+                if absent and st.rows:  # every value NULL, every is_airport false, in silence
+                    raise SourceError(_absent_fields(m, absent, names))
                 if st.announced is not None and st.rows < st.announced:
                     # Rows the pages never held would be deleted from the read model. (More
                     # is no loss: a row added meanwhile, or a server that caps its count.)
@@ -497,6 +506,20 @@ def _refuse_not_json(m: EntityMapping, page: Page) -> None:
                 raise SourceError(f"OData {m.entity_set} page {page.number}: {m.entity_set}["
                                   f"{m.key_field}={key}] {field_name}: {why}; nothing was written"
                                   ) from None
+
+
+def _absent_fields(m: EntityMapping, absent: set[str], names: set[str]) -> str:
+    """Which mapped fields no entity of the set had, with the names it did have that come
+    close (another service's spelling: ``IsAirport`` for ``isAirport``)."""
+    def one(name: str) -> str:
+        columns = "/".join(c for c, f in m.fields.items() if f == name)
+        close = [n for n in names if n.lower() == name.lower()] or difflib.get_close_matches(
+            name, sorted(names), n=1)
+        return f"{name!r} ({columns}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+    return (f"OData {m.entity_set}: no entity has the field(s) "
+            f"{', '.join(one(n) for n in sorted(absent))} of [odata.mapping.{m.entity}.fields];"
+            " map each to the service's name (or an optional one to \"\" to leave it out); "
+            "nothing was written")
 
 
 def _page_text(body: bytes, entity_set: str) -> str:

@@ -354,6 +354,25 @@ def test_a_bad_value_in_a_field_the_mapping_does_not_read_is_named(
     assert snapshot(conn) == before
 
 
+def test_a_mapped_field_no_entity_has_is_named_not_read_as_null(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    # A service that spells it IsAirport and ignores $select: every is_airport was stored
+    # false and every name NULL, exit 0, nothing said; a rename later would wipe them.
+    sync()
+    before = snapshot(conn)
+    server.ignore_select = True
+    server.set_rows("Stops", [{("IsAirport" if k == "isAirport" else k): v for k, v in r.items()
+                               if k != "name"} for r in server.rows("Stops")])
+    rec = sync(skip_invalid=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == (
+        "OData Stops: no entity has the field(s) 'isAirport' (is_airport; did you mean "
+        "'IsAirport'?), 'name' (name) of [odata.mapping.stops.fields]; map each to the "
+        "service's name (or an optional one to \"\" to leave it out); nothing was written")
+    assert snapshot(conn) == before
+
+
 def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     """The sync_* functions of sql/015: what each kind of column accepts, and as what (the
     text json_to_recordset read; a key's or text's JSON type comes with it when suspect)."""
