@@ -360,6 +360,27 @@ def test_csv_quoted_fields_are_kept_literally(tmp_path: Path, database_url: str,
     assert stored(conn)[0][0] == evil
 
 
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_csv_empty_first_field_of_a_quoted_line_keeps_its_place(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any], delimiter: str) -> None:
+    # The empty first field was dropped and every column moved left: the device became
+    # 2024-01-06T10:00:00Z at epoch 60.17 s, latitude 24.93, with --strict too.
+    path = tmp_path / "e.csv"
+    path.write_text(delimiter.join(["note", "device_id", "recorded_at", "latitude", "longitude",
+                                    "speed"]) + "\n"
+                    + delimiter.join(["", '"Bus 1, north"', "2024-01-06T10:00:00Z", "60.17",
+                                      "24.93", "12.5"]) + "\n"
+                    + delimiter.join(['""', "b", "2024-01-06T10:00:01Z", '"60.5"', "24.9", ""])
+                    + "\n")
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    assert set(stored(conn)) == {
+        ("Bus 1, north", datetime(2024, 1, 6, 10, tzinfo=UTC), 60.17, 24.93),
+        ("b", datetime(2024, 1, 6, 10, 0, 1, tzinfo=UTC), 60.5, 24.9)}
+    fields = conn.execute("SELECT gps_csv_fields(%s, %s) AS f", (',"a",,"",b,', ",")).fetchone()
+    assert fields["f"] == ["", "a", "", "", "b", ""]
+
+
 def test_csv_quoted_field_across_lines_is_refused_by_line(tmp_path: Path,
                                                           database_url: str) -> None:
     # Lines are split in SQL one by one: a quoted field that runs past a line end (found by the
