@@ -9,6 +9,7 @@ the line they came from. The fields are checked by PostgreSQL, with the same che
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -77,15 +78,22 @@ _GZIP_MAGIC = b"\x1f\x8b"
 READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-def open_binary(path: str | Path) -> io.BufferedIOBase:
+@contextlib.contextmanager
+def open_binary(path: str | Path) -> Iterator[io.BufferedIOBase]:
     """The file for reading, decompressed as it is read if it is gzip (told by its first
-    bytes, whatever its name)."""
+    bytes, whatever its name). Opened once: a pipe (``<(zcat ...)``, /dev/stdin) cannot be
+    read twice."""
     try:
-        with open(path, "rb") as probe:
-            gzipped = probe.read(2) == _GZIP_MAGIC
-        return gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115
+        raw = open(path, "rb")  # noqa: SIM115
+        gzipped = raw.peek(2)[:2] == _GZIP_MAGIC
     except OSError as exc:
         raise GpsFileError(f"cannot read: {exc.strerror}") from None
+    with raw:
+        if not gzipped:
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped
 
 
 def _read_all(path: str | Path) -> bytes:
@@ -183,6 +191,16 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
             if "device_id" in missing else ""
         raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
     return CsvLayout(delimiter, columns, line)
+
+
+def above_csv_header(line: str) -> bool:
+    """A spreadsheet's ``sep=;`` line, or a ``#`` comment (an exporter's "# exported by
+    MyTracker 2.1"), that is not itself a header naming columns (``#device,time,lat,lon``):
+    skipped above the header or first row. Read as the first row, a comment put the file in
+    the default column order, which could swap latitude and longitude."""
+    if re.fullmatch(r"sep=.", line.strip(" \r\n")):
+        return True
+    return line.lstrip().startswith("#") and not any(_named(line, d) for d in CSV_DELIMITERS)
 
 
 def _named(line: str, delimiter: str) -> dict[str, int]:

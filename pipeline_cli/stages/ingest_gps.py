@@ -164,8 +164,8 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
             raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None
     first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
-    hint = 0  # the line of a spreadsheet's "sep=;" (its separator), above the header
-    if first is not None and re.fullmatch(r"sep=.", first["raw"].strip()):
+    hint = 0  # a spreadsheet's "sep=;" line and "#" comments above the header or first row
+    while first is not None and gpsfiles.above_csv_header(first["raw"]):
         hint = first["line"]
         first = conn.execute(db.query("match_gps", "ingest_first_line"),
                              {"after": hint}).fetchone()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -278,6 +280,48 @@ def test_a_header_this_reader_does_not_know_is_refused_not_read_as_data(
     assert record.counts["rows_loaded"] == 2 and record.counts["invalid_rows"] == 0
     assert [(r[0], r[2], r[3]) for r in stored(conn)] == [("sx", 60.17, 24.94),
                                                           ("sy", 60.17, 24.94)]
+
+
+def test_comment_lines_above_the_header_are_skipped(tmp_path: Path, database_url: str,
+                                                   conn: psycopg.Connection[Any]) -> None:
+    # "# exported by MyTracker 2.1" was read as the first row: the file went in the default
+    # column order and its lon,lat header became a bad row, so every point was swapped.
+    tracker = tmp_path / "tracker.csv"
+    tracker.write_text("# exported by MyTracker 2.1\n#\ndevice,time,lon,lat\n"
+                       "sw,2024-01-06T10:00:00Z,24.93,60.17\n")
+    headless = tmp_path / "headless.csv"  # comments above the first row of data
+    headless.write_text("# no header\nhl,2024-01-06T10:00:00Z,60.17,24.93\n")
+    commented = tmp_path / "commented.csv"  # a header behind a "#" is still the header
+    commented.write_text("#device\ttime\tlon\tlat\nch\t2024-01-06T10:00:00Z\t24.93\t60.17\n")
+    tabs = tmp_path / "tabs.csv"  # a spreadsheet's "sep=<tab>" line (it was refused)
+    tabs.write_text("sep=\t\ndevice\ttime\tlon\tlat\ntb\t2024-01-06T10:00:00Z\t24.93\t60.17\n")
+    record = ingest(database_url, [tracker, headless, commented, tabs], strict=True)
+    assert record.status == "success", record.error
+    assert sorted((r[0], r[2], r[3]) for r in stored(conn)) == [
+        ("ch", 60.17, 24.93), ("hl", 60.17, 24.93), ("sw", 60.17, 24.93), ("tb", 60.17, 24.93)]
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as pipe:
+        pipe.write(data)
+
+
+def test_a_pipe_is_read_once(tmp_path: Path, database_url: str,
+                             conn: psycopg.Connection[Any]) -> None:
+    # <(zcat day.csv.gz) and /dev/stdin: the gzip probe read the pipe dry, then the file was
+    # opened again and found empty; noop, exit 0, every point lost.
+    rows = "".join(f"p,2024-01-06T10:00:{s:02d}Z,60.17,24.93\n" for s in range(50))
+    for data in (rows.encode(), gzip.compress(rows.encode())):
+        read_end, write_end = os.pipe()  # what bash's <(...) hands over as /dev/fd/N
+        writer = threading.Thread(target=_write_and_close, args=(write_end, data))
+        writer.start()
+        try:
+            record = ingest(database_url, [f"/dev/fd/{read_end}"], fmt="csv")
+        finally:
+            writer.join()
+            os.close(read_end)
+        assert record.counts["rows_read"] == 50, record
+    assert count(conn) == 50
 
 
 def test_a_lone_cr_and_a_nul_byte(tmp_path: Path, database_url: str,
