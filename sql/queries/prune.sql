@@ -65,17 +65,25 @@ WITH due AS (
 DELETE FROM stage_runs r USING due WHERE r.run_id = due.run_id;
 
 -- name: datasets_due
--- Dataset versions beyond the %(keep)s newest, except the active one and any version the
--- active graph was built from; with the generations and graph versions made from them.
+-- Dataset versions beyond the %(keep)s newest, except the active one, any version the
+-- active graph was built from, and the versions a kept one was restored from (a restore's
+-- backup reads the raw pages under its source's prefix); with the generations and graph
+-- versions made from them.
+WITH RECURSIVE kept AS (
+    SELECT version, restored_from FROM datasets
+    WHERE active
+       OR version IN (SELECT dataset_version FROM graph_versions WHERE active)
+       OR version IN (SELECT version FROM datasets ORDER BY seq DESC LIMIT %(keep)s)
+    UNION
+    SELECT s.version, s.restored_from FROM kept k JOIN datasets s ON s.version = k.restored_from
+)
 SELECT d.version, d.backup_prefix,
        coalesce((SELECT array_agg(g.id ORDER BY g.id) FROM virtual_generations g
                  WHERE g.dataset_version = d.version), '{}') AS generations,
        coalesce((SELECT array_agg(gv.version ORDER BY gv.seq) FROM graph_versions gv
                  WHERE gv.dataset_version = d.version AND NOT gv.active), '{}') AS graphs
 FROM datasets d
-WHERE NOT d.active
-  AND d.version NOT IN (SELECT dataset_version FROM graph_versions WHERE active)
-  AND d.version NOT IN (SELECT version FROM datasets ORDER BY seq DESC LIMIT %(keep)s)
+WHERE d.version NOT IN (SELECT version FROM kept)
 ORDER BY d.seq;
 
 -- name: dataset_delete

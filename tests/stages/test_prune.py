@@ -181,6 +181,20 @@ def test_datasets_keep_the_newest_the_active_and_the_graphs(
     assert run(database_url, backups, settings).status == "noop"
 
 
+def test_a_restored_version_keeps_the_version_whose_raw_pages_it_reads(
+        database_url: str, conn: Conn, backups: BackupStore) -> None:
+    # A restore's backup names its source's raw/ files: pruning the source (the runbook's
+    # "restore an older dataset", then the next prune) left the active version unrestorable.
+    v1, v2, v3, v4 = (add_dataset(conn, backups, i, active=i == 4) for i in range(1, 5))
+    conn.execute("UPDATE datasets SET restored_from = %s WHERE version = %s", (v1, v3))
+    conn.execute("UPDATE datasets SET restored_from = %s WHERE version = %s", (v3, v4))
+    record = run(database_url, backups, RetentionSettings(gps_days=0, runs_days=0, datasets=1))
+    assert record.extra["datasets_deleted"] == [v2]
+    assert [r["version"] for r in conn.execute(
+        "SELECT version FROM datasets ORDER BY seq")] == [v1, v3, v4]
+    assert list(backups.list(backup_prefix(v1)))
+
+
 def test_zero_keeps_everything(database_url: str, conn: Conn) -> None:
     add_batch(conn, "a", OLD - timedelta(days=3650), 2, "completed")
     record = run(database_url, None, RetentionSettings(gps_days=0, polyline_days=0, runs_days=0,
