@@ -80,6 +80,11 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+# redis-py's cluster client raises RedisClusterException, which is no RedisError, for a
+# server without cluster support ("Cluster mode is not enabled on this node").
+_DRIVER_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+
 def connect(url: str, *, cluster: bool = False, socket_timeout: float = 10.0,
             connect_timeout: float = 5.0) -> redis.Redis:
     """A client for ``url``: a ``RedisCluster`` (typed as ``redis.Redis``, whose commands it
@@ -89,7 +94,7 @@ def connect(url: str, *, cluster: bool = False, socket_timeout: float = 10.0,
         try:
             client: Any = redis.RedisCluster.from_url(
                 url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
-        except redis.exceptions.RedisError as exc:  # the cluster client asks for slots at once
+        except _DRIVER_ERRORS as exc:  # the cluster client asks for slots at once
             raise service_error(RedisError, "Redis Cluster", _url_endpoint(url),
                                 "failed while reading the cluster slots", exc) from None
         return client
@@ -115,7 +120,7 @@ def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
     """Turn redis-py errors raised inside the block into RedisError naming the server."""
     try:
         yield
-    except redis.exceptions.RedisError as exc:
+    except _DRIVER_ERRORS as exc:
         raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
                             exc) from None
 

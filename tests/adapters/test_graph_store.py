@@ -168,3 +168,9 @@ def test_on_a_cluster_a_version_is_one_slot_and_gc_finds_it(redis_cluster_url: s
     finally:
         drop_prefix(client, redis_prefix)
         client.close()
+
+
+def test_cluster_mode_against_a_single_server_is_a_redis_error(redis_url: str) -> None:
+    # redis-py's RedisClusterException is no RedisError: status --check printed a traceback.
+    with pytest.raises(RedisError, match="Cluster mode is not enabled"):
+        graph_store.connect(redis_url, cluster=True)
