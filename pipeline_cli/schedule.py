@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from .errors import ConfigError
 
@@ -149,6 +149,17 @@ def find_invocation(command: str) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+def _cron_problem(expr: str) -> str | None:
+    """Why ``expr`` cannot schedule a stage: not cron, or no slot ever (``0 0 31 2 *``)."""
+    if not croniter.is_valid(expr):
+        return "invalid cron expression"
+    try:
+        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        return "a cron expression that never fires"
+    return None
+
+
 def parse_crontab(text: str, source: str = "crontab") -> list[CronEntry]:
     """Every line of ``text`` that runs ``pipeline``; ConfigError names a bad line."""
     env: dict[str, str] = {}
@@ -178,9 +189,8 @@ def parse_crontab(text: str, source: str = "crontab") -> list[CronEntry]:
                 raise ConfigError(f"{source}:{lineno}: expected 5 time fields and a command",
                                   key="schedule.crontab")
             expr, command = " ".join(fields[:5]), fields[5]
-        if not croniter.is_valid(expr):
-            raise ConfigError(f"{source}:{lineno}: invalid cron expression {expr!r}",
-                              key="schedule.crontab")
+        if (why := _cron_problem(expr)) is not None:
+            raise ConfigError(f"{source}:{lineno}: {why} {expr!r}", key="schedule.crontab")
         try:
             call = find_invocation(_expand(_cron_command(command), env))
         except ValueError as exc:
@@ -199,7 +209,8 @@ def build_schedule(crontab: str | os.PathLike[str] | None,
     if crontab:
         path = Path(crontab)
         try:
-            text = path.read_text(encoding="utf-8")
+            # A comment in Latin-1 is no reason to refuse the schedule.
+            text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise ConfigError(f"cannot read [schedule] crontab {path}: {exc.strerror}",
                               key="schedule.crontab") from None
@@ -212,8 +223,8 @@ def build_schedule(crontab: str | os.PathLike[str] | None,
             raise ConfigError(f"[schedule] entries: unknown stage {stage!r} "
                               f"(expected one of {', '.join(SCHEDULED_STAGES)})",
                               key="schedule.entries")
-        if not croniter.is_valid(expr):
-            raise ConfigError(f"[schedule] entries: invalid cron expression {expr!r} for {stage}",
+        if (why := _cron_problem(expr)) is not None:
+            raise ConfigError(f"[schedule] entries: {why} {expr!r} for {stage}",
                               key="schedule.entries")
         schedule.entries[stage] = [CronEntry(expr=expr, command=stage)]
     if entries:

@@ -118,6 +118,8 @@ def test_parse_variables_nicknames_percent_and_cron_d() -> None:
     ("61 * * * * pipeline sync-odata\n", "crontab:1: invalid cron expression"),
     ("* * * pipeline sync-odata\n", "crontab:1: expected 5 time fields"),
     ("@sometimes pipeline sync-odata\n", "crontab:1: unknown cron schedule"),
+    # It passed, then status crashed on it (CroniterBadDateError).
+    ("0 0 31 2 * pipeline sync-odata\n", "crontab:1: a cron expression that never fires"),
     ("\n* * * * * pipeline 'sync-odata\n", "crontab:2: cannot parse the command"),
 ])
 def test_bad_lines_name_file_and_line(text: str, message: str) -> None:
@@ -130,5 +132,14 @@ def test_bad_schedule_settings() -> None:
         build_schedule(None, {"sync": "* * * * *"})
     with pytest.raises(ConfigError, match="invalid cron expression"):
         build_schedule(None, {"sync-odata": "every day"})
+    with pytest.raises(ConfigError, match="never fires '0 0 30 2 \\*' for sync-odata"):
+        build_schedule(None, {"sync-odata": "0 0 30 2 *"})
     with pytest.raises(ConfigError, match="cannot read"):
         build_schedule("/nonexistent/crontab")
+
+
+def test_a_crontab_not_in_utf8_is_read(tmp_path: Path) -> None:
+    # A Latin-1 comment was a UnicodeDecodeError traceback from status.
+    path = tmp_path / "crontab"
+    path.write_bytes("# Päivitys\n*/5 * * * * pipeline sync-odata\n".encode("latin-1"))
+    assert list(build_schedule(path).entries) == ["sync-odata"]
