@@ -555,10 +555,24 @@ def _check_conninfo(url: str, bad: Any) -> None:
         raise bad("database", "url", f"sslmode must be one of {', '.join(_SSLMODES)}")
 
 
+def _duration_cap(key: str) -> tuple[int, str] | None:
+    """The largest value a duration setting may have, by its unit (its name says it)."""
+    if key.endswith("_days"):
+        return 36_500, "100 years"
+    if key.endswith("_h"):
+        return 87_600, "10 years"
+    if key.endswith(("_s", "_seconds", "timeout")) or key.startswith("timeout_"):
+        return 315_360_000, "10 years in seconds"
+    return None
+
+
 def _validate(s: Settings) -> None:
     def bad(section: str, key: str, why: str) -> ConfigError:
         return ConfigError(f"malformed setting [{section}] {key}: {why}", key=f"{section}.{key}")
 
+    if s.database.connect_timeout <= 0 or s.redis.socket_timeout <= 0:
+        raise bad(*(("database", "connect_timeout") if s.database.connect_timeout <= 0
+                    else ("redis", "socket_timeout")), "must be positive")
     if s.database.url and not (
         s.database.url.startswith(("postgres://", "postgresql://")) or "=" in s.database.url
     ):
@@ -680,6 +694,12 @@ def _validate(s: Settings) -> None:
     for f in dataclasses.fields(s.runner):
         if not getattr(s.runner, f.name) > 0:
             raise bad("runner", f.name, "must be positive")
+    for part in dataclasses.fields(s):  # durations beyond these overflow date arithmetic
+        values = getattr(s, part.name)
+        for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value, cap = getattr(values, f.name), _duration_cap(f.name)
+            if cap is not None and isinstance(value, int | float) and abs(value) > cap[0]:
+                raise bad(part.name, f.name, f"must be at most {cap[0]:,} ({cap[1]})")
 
 
 def markdown_reference() -> str:

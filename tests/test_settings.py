@@ -77,6 +77,17 @@ def test_config_file_from_env(tmp_path: Path) -> None:
          "be at most half"),
         ("", {"PIPELINE_VIRTUAL_HEADWAY_S": "99999999999"}, "[virtual] headway_s: must be at "
          "most a day"),
+        # Durations that overflowed date arithmetic: "internal error: OverflowError" after a
+        # recorded run, or a traceback from status.
+        ("", {"PIPELINE_RETENTION_RUNS_DAYS": "99999999"}, "[retention] runs_days: must be at "
+         "most 36,500 (100 years)"),
+        ("", {"PIPELINE_RUNNER_TIMEOUT_PRUNE": "1e300"}, "[runner] timeout_prune: must be at "
+         "most 315,360,000"),
+        ("", {"PIPELINE_HEALTH_OVERDUE_GRACE_S": "99999999999999999999"},
+         "[health] overdue_grace_s: must be at most"),
+        ("", {"PIPELINE_HEALTH_SYNC_AGE_CRITICAL_H": "1e9"}, "[health] sync_age_critical_h"),
+        ("", {"PIPELINE_REDIS_SOCKET_TIMEOUT": "-1"}, "[redis] socket_timeout: must be positive"),
+        ("", {"PIPELINE_DATABASE_CONNECT_TIMEOUT": "0"}, "[database] connect_timeout: must be"),
         # What the drivers would refuse only when connecting, as a traceback or exit 1.
         ("", {"PIPELINE_REDIS_URL": "redis://:pw@127.0.0.1:notaport/0"},
          "[redis] url: port could not be cast"),
