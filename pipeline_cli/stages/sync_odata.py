@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -284,12 +285,15 @@ class _Loader:
     def replay(self, backups: BackupStore, raw_prefix: str) -> None:
         """Spool a version's backed-up ``<set>.json-seq.gz`` files (restore)."""
         for e, st in self.sets.items():
-            path = self.workdir / f"{e}.download.gz"
-            backups.get_file(f"{raw_prefix}{e}.json-seq.gz", str(path))
-            with gzip.open(path, "rb") as src, st.raw.open("wb") as out:
-                for body in _records(src):
-                    self.ctx.check_stop()
-                    self._spool(st, out, body, 0)
+            path, key = self.workdir / f"{e}.download.gz", f"{raw_prefix}{e}.json-seq.gz"
+            backups.get_file(key, str(path))
+            try:
+                with gzip.open(path, "rb") as src, st.raw.open("wb") as out:
+                    for body in _records(src):
+                        self.ctx.check_stop()
+                        self._spool(st, out, body, 0)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # cut short, or not gzip
+                raise BackupError(f"backup {key} is damaged: {exc}") from None
 
     def _spool(self, st: _Set, out: IO[bytes], body: bytes, rows: int) -> None:
         out.write(_RS)

@@ -699,6 +699,15 @@ def test_restore_of_an_unknown_version_or_a_corrupt_backup_writes_nothing(
     assert rec.status == "failed"
     assert "corrupt" in (rec.error or "") and "stops" in (rec.error or "")
     assert snapshot(conn) == before
+    # A damaged file (cut short, or no gzip at all) was "internal error: EOFError", unnamed.
+    whole = gzip.compress(data)
+    for damaged in (whole[:len(whole) // 2], b"not gzip"):
+        backups.put_bytes("datasets/ds-v1/raw/stops.json-seq.gz", damaged)
+        rec = restore(database_url, backups, "ds-v1")
+        assert rec.status == "failed" and rec.exit_code == 1, rec.error
+        assert (rec.error or "").startswith(
+            "backup datasets/ds-v1/raw/stops.json-seq.gz is damaged: "), rec.error
+        assert snapshot(conn) == before
 
 
 def test_backup_failure_rolls_back_and_the_next_run_reuses_the_version(
