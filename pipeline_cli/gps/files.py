@@ -221,7 +221,7 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
 
 def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
-    ``<trk><name>``, else the file name without its suffix."""
+    ``<trk><name>``, else the file name up to its first dot."""
     data = _read_all(path)
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
@@ -349,7 +349,7 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     """Point features with a time property, and LineStrings with a ``times`` array.
 
     The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
-    else the file name without its suffix.
+    else the file name up to its first dot.
     """
     try:
         text = _read_all(path).decode("utf-8-sig")
@@ -359,6 +359,8 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:  # was "internal error", naming no file
+        raise GpsFileError("JSON nested too deeply to read") from None
     if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
         features = doc.get("features")
         if not isinstance(features, list):

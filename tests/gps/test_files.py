@@ -136,6 +136,13 @@ def test_geojson_malformed_json(tmp_path: Path) -> None:
         list(gpsfiles.read(path))
 
 
+def test_geojson_nested_too_deeply(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.geojson", '{"type": "Feature", "properties": {"x": '
+                 + "[" * 100_000 + "]" * 100_000 + "}}")
+    with pytest.raises(GpsFileError, match="JSON nested too deeply to read"):
+        list(gpsfiles.read(path))
+
+
 def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     path = write(tmp_path, "points.dat", "d,1714550400,60.1,24.9\n")
     with pytest.raises(GpsFileError, match="--format"):
