@@ -151,8 +151,11 @@ def _label(value: str) -> str:
 
 
 def _metric_name(*parts: str) -> str:
+    """ASCII letters, digits and "_" only: the exposition format allows no others, and one
+    "métro" mode made node_exporter refuse the whole file."""
     name = "_".join(p for p in parts if p)
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name).lower()
+    return "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_"
+                   for c in name).lower()
 
 
 def _ts(value: Any) -> float | None:
@@ -160,20 +163,25 @@ def _ts(value: Any) -> float | None:
 
 
 class _Metrics:
+    """Gauges by family: each family's samples together under its HELP and TYPE, as the
+    exposition format requires, in whatever order they are added; the first sample of a name
+    and labels wins (two keys may map to one name)."""
+
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._typed: set[str] = set()
+        self.families: dict[str, tuple[str, dict[str, str]]] = {}
 
     def add(self, name: str, value: float | bool | None, help_: str,
             labels: dict[str, str] | None = None) -> None:
         if value is None:
             return
-        if name not in self._typed:
-            self._typed.add(name)
-            self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
         lab = ",".join(f'{k}="{_label(v)}"' for k, v in (labels or {}).items())
-        self.lines.append(f"{name}{{{lab}}} {_sample(value)}" if lab
-                          else f"{name} {_sample(value)}")
+        self.families.setdefault(name, (help_, {}))[1].setdefault(
+            lab, f"{name}{{{lab}}} {_sample(value)}" if lab else f"{name} {_sample(value)}")
+
+    def text(self) -> str:
+        return "".join(f"# HELP {name} {help_}\n# TYPE {name} gauge\n"
+                       + "".join(f"{s}\n" for s in samples.values())
+                       for name, (help_, samples) in self.families.items())
 
 
 def _sample(value: float | bool) -> str:
@@ -197,7 +205,7 @@ def prometheus_text(report: StatusReport | None) -> str:
     if report is None:
         m.add("pipeline_health", LEVELS[UNKNOWN],
               "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
-        return "\n".join(m.lines) + "\n"
+        return m.text()
     m.add("pipeline_health", LEVELS[report.health],
           "health verdict: 0 ok, 1 warning, 2 critical, 3 unknown")
     for level in (WARNING, CRITICAL):
@@ -239,7 +247,7 @@ def prometheus_text(report: StatusReport | None) -> str:
         m.add("pipeline_s3_up", bool(report.s3.get("reachable")), "1 if the S3 bucket answers")
         m.add("pipeline_s3_last_backup_age_seconds", report.s3.get("last_backup_age_s"),
               "age of the newest dataset backup")
-    return "\n".join(m.lines) + "\n"
+    return m.text()
 
 
 def _numeric_leaves(m: _Metrics, prefix: str, obj: Any, help_: str, depth: int = 0) -> None:

@@ -53,7 +53,8 @@ def gather(app: App) -> StatusReport:
 def check_line(report: StatusReport | None, error: str | None = None) -> tuple[str, int]:
     """One Nagios line and its exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
     if report is None:
-        return f"PIPELINE UNKNOWN - {error}", LEVELS[UNKNOWN]
+        return f"PIPELINE UNKNOWN - {' '.join(str(error).replace('|', '/').split())}", \
+            LEVELS[UNKNOWN]
     level = report.health
     if report.problems:
         text = "; ".join(p.message for p in report.problems[:5])
@@ -66,7 +67,8 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
     for key in ("unprocessed_points", "oldest_unprocessed_age_s"):
         if isinstance(gps.get(key), (int, float)):
             perf.append(f"{key}={gps[key]}")
-    text = " ".join(text.split())  # one line, whatever the messages held
+    # One line, whatever the messages held; a "|" (a file name's) would start perfdata.
+    text = " ".join(text.replace("|", "/").split())
     return f"PIPELINE {level.upper()} - {text} | {' '.join(perf)}", LEVELS[level]
 
 

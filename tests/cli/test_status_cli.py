@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline_cli import db
+from pipeline_cli import db, render
+from pipeline_cli.commands.status import check_line
 from pipeline_cli.db import Database
 from pipeline_cli.runner import StageResult, StageRunner
 from tests.support.clirunner import Cli
@@ -85,6 +86,22 @@ def test_prometheus_file_is_written_atomically(run_cli: Cli, tmp_path: Path) -> 
     assert "pipeline_status_up 1" in text and "pipeline_health 0" in text
     assert 'pipeline_stage_last_success_timestamp_seconds{stage="sync-odata"}' in text
     assert (target.stat().st_mode & 0o777) == 0o644
+    # Each family's samples together under one HELP and TYPE (they were interleaved stage by
+    # stage, which the exposition format forbids), and names in ASCII only.
+    families = [line.split("{")[0].split()[0] for line in text.splitlines()
+                if not line.startswith("#")]
+    runs = [name for i, name in enumerate(families) if i == 0 or families[i - 1] != name]
+    assert len(runs) == len(set(runs)), runs
+    assert text.count("# TYPE ") == len(set(families)) and text.isascii()
+
+
+def test_metric_names_and_nagios_lines_stay_in_their_syntax() -> None:
+    # A mode named "métro" made node_exporter refuse the whole file; a "|" in a message (a
+    # file name's) started the perfdata early.
+    assert render._metric_name("pipeline_virtual", "speeds_kmh", "métro") == \
+        "pipeline_virtual_speeds_kmh_m_tro"
+    line, code = check_line(None, "cannot read bad|name.csv\nat all")
+    assert line == "PIPELINE UNKNOWN - cannot read bad/name.csv at all" and code == 3
 
 
 def test_prometheus_when_the_database_is_down(run_cli: Cli, tmp_path: Path) -> None:
