@@ -157,18 +157,24 @@ class MatchWorker:
             conn.close()
 
     def _claim(self, conn: psycopg.Connection[Any]) -> _Claimed | None:
-        token = uuid.uuid4()
+        """The next ready batch with its points, or None when none is ready."""
         # Binary results: psycopg loads a binary float8[] about twice as fast as its text.
         with db.wrap_errors("claiming a GPS batch"), conn.cursor(binary=True) as cur:
-            row = cur.execute(db.query("match_gps", "claim_batch"), {
-                "worker": self.worker, "token": token,
-                "lease_seconds": self.settings.lease_seconds,
-            }).fetchone()
-        if row is None:
-            return None
-        coordinates = list(zip(row["lats"] or [], row["lons"] or [], strict=True))
+            while True:
+                token = uuid.uuid4()
+                row = cur.execute(db.query("match_gps", "claim_batch"), {
+                    "worker": self.worker, "token": token,
+                    "lease_seconds": self.settings.lease_seconds,
+                }).fetchone()
+                if row is None:
+                    return None
+                points = cur.execute(db.query("match_gps", "claim_points"),
+                                     {**row, "token": token}, prepare=False).fetchone()
+                if points is not None and points["leased"]:
+                    break  # else late points sent it back to pending meanwhile: the next one
+        coordinates = list(zip(points["lats"] or [], points["lons"] or [], strict=True))
         return _Claimed(row["batch_id"], row["device_id"], row["coordinate_count"],
-                        row["retry_count"], token, row["times"] or [], coordinates)
+                        row["retry_count"], token, points["times"] or [], coordinates)
 
     def _process(self, conn: psycopg.Connection[Any], batch: _Claimed) -> None:
         log = self.pool.ctx.log

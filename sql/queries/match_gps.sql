@@ -197,13 +197,7 @@ WHERE b.batch_id IN (
 RETURNING b.batch_id, b.status;
 
 -- name: claim_batch
--- Claims the oldest ready batch and returns it with its points, in one round trip; the
--- batch records the snapshot it read them with (every point of its time range that this
--- statement sees). Times come
--- as epoch seconds (double precision holds every microsecond exactly for centuries, and
--- to_timestamp gives back the same timestamptz): far cheaper for the worker to load than
--- timestamptz values.
-WITH c AS (
+-- Claims the oldest ready batch (claim_points then reads its points).
 UPDATE processing_batches b
 SET status = 'processing',
     worker = %(worker)s,
@@ -220,16 +214,28 @@ WHERE b.batch_id = (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING b.batch_id, b.device_id, b.start_time, b.end_time, b.coordinate_count,
-          b.retry_count
+          b.retry_count;
+
+-- name: claim_points
+-- The points of a batch just claimed, if this worker still holds its lease; the batch records
+-- the snapshot they were read with (every point of its time range that this statement sees).
+-- The device and time range come as values, never from a join, so that PostgreSQL plans only
+-- the partitions of the batch's days: a join left every partition in the plan, and eight
+-- workers claiming at once over 500 daily partitions ran out of the server's lock table. Run
+-- unprepared for the same reason (a generic plan locks every partition). Times come as epoch
+-- seconds (double precision holds every microsecond exactly for centuries, and to_timestamp
+-- gives back the same timestamptz): far cheaper for the worker to load than timestamptz.
+WITH leased AS (
+    UPDATE processing_batches SET points_snapshot = txid_current_snapshot()
+    WHERE batch_id = %(batch_id)s AND lease_token = %(token)s
+    RETURNING batch_id
 )
-SELECT c.*, p.times, p.lats, p.lons
-FROM c, LATERAL (
-    SELECT array_agg(date_part('epoch', recorded_at) ORDER BY recorded_at) AS times,
-           array_agg(latitude ORDER BY recorded_at) AS lats,
-           array_agg(longitude ORDER BY recorded_at) AS lons
-    FROM gps_points
-    WHERE device_id = c.device_id AND recorded_at BETWEEN c.start_time AND c.end_time
-) p;
+SELECT EXISTS (SELECT 1 FROM leased) AS leased,
+       array_agg(date_part('epoch', recorded_at) ORDER BY recorded_at) AS times,
+       array_agg(latitude ORDER BY recorded_at) AS lats,
+       array_agg(longitude ORDER BY recorded_at) AS lons
+FROM gps_points
+WHERE device_id = %(device_id)s AND recorded_at BETWEEN %(start_time)s AND %(end_time)s;
 
 -- name: complete_batch
 -- One statement, so one transaction: the batch row and its polylines change together or not

@@ -165,6 +165,29 @@ def test_a_point_dated_ahead_is_batched_once_its_time_has_come(
     assert [(r["n"], r["status"]) for r in statuses] == [(5, "pending"), (1, "too_short")]
 
 
+def test_a_claim_locks_only_the_partitions_of_its_batch(conn: psycopg.Connection[Any]) -> None:
+    # The claim read the points through a join, so every partition stayed in its plan: eight
+    # workers claiming at once over 500 daily partitions ran out of the lock table ("out of
+    # shared memory") on every run, and nothing was matched again.
+    days = [OLD - timedelta(days=d) for d in range(40)]
+    partitions.ensure(conn, [d.date() for d in days])
+    traces.insert_points(conn, [("d", day + timedelta(seconds=s), 60.17, 24.94)
+                                for day in days for s in (0, 10)])
+    batches.make_batches(conn, MatchSettings())
+    token = "00000000-0000-0000-0000-000000000001"
+    with conn.transaction():
+        row = conn.execute(db.query("match_gps", "claim_batch"), {
+            "worker": "w:1", "token": token, "lease_seconds": 60}).fetchone()
+        assert row is not None
+        points = conn.execute(db.query("match_gps", "claim_points"), {**row, "token": token},
+                              prepare=False).fetchone()
+        assert points["leased"] and len(points["times"]) == 2
+        locked = conn.execute(
+            "SELECT count(*) AS n FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE l.pid = pg_backend_pid() AND c.relname LIKE 'gps_points_p%%'").fetchone()
+    assert locked["n"] <= 3  # the batch's day: the partition and its indexes
+
+
 def test_long_runs_are_cut_at_max_batch_seconds(conn: psycopg.Connection[Any]) -> None:
     traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)
                                 for s in range(0, 1000, 20)])
