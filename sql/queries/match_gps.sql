@@ -540,6 +540,7 @@ CREATE TEMP TABLE gps_ingest_raw (
     raw  text
 ) ON COMMIT DROP;
 CREATE TEMP TABLE gps_ingest_fields (
+    seq       bigint GENERATED ALWAYS AS IDENTITY,  -- file order where lines repeat (GeoJSON)
     file      integer,
     line      integer,
     place     text,
@@ -550,6 +551,7 @@ CREATE TEMP TABLE gps_ingest_fields (
     problem   text
 ) ON COMMIT DROP;
 CREATE TEMP TABLE gps_ingest_checked (
+    seq         bigint,
     file        integer,
     line        integer,
     place       text,
@@ -614,9 +616,9 @@ TRUNCATE gps_ingest_raw, gps_ingest_fields RESTART IDENTITY
 -- typed or with the reason it is refused. Casts run only on text the patterns accepted, so
 -- no row can fail the statement. OFFSET 0 keeps each level a subquery of its own: flattened,
 -- every reference would repeat the expressions below it (hundreds of regex calls a row).
-INSERT INTO gps_ingest_checked (file, line, place, device_id, recorded_at, latitude,
+INSERT INTO gps_ingest_checked (seq, file, line, place, device_id, recorded_at, latitude,
                                 longitude, source, problem)
-SELECT file, line, place, device_id,
+SELECT seq, file, line, place, device_id,
        CASE WHEN reason IS NULL THEN t END,
        -- In range, so rounding to 15 decimals loses nothing a double holds and never
        -- underflows.
@@ -705,10 +707,11 @@ SELECT DISTINCT (recorded_at AT TIME ZONE 'UTC')::date AS day FROM gps_ingest_ch
 WHERE problem IS NULL;
 
 -- name: ingest_insert
--- The same device and time is stored once: the first row of the run wins within the load,
--- and a point already stored wins over the file (the duplicate rule of gps_points).
+-- The same device and time is stored once: the first row of the run wins within the load
+-- (by file order: the coordinates of a GeoJSON line, or a GPX file on one line, share a line
+-- number), and a point already stored wins over the file (the duplicate rule of gps_points).
 INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, source)
 SELECT DISTINCT ON (device_id, recorded_at) device_id, recorded_at, latitude, longitude, source
 FROM gps_ingest_checked
 WHERE problem IS NULL
-ORDER BY device_id, recorded_at, file, line;
+ORDER BY device_id, recorded_at, file, line, seq;

@@ -282,6 +282,21 @@ def test_a_header_this_reader_does_not_know_is_refused_not_read_as_data(
                                                           ("sy", 60.17, 24.94)]
 
 
+def test_the_first_of_a_repeated_time_wins_within_a_line(tmp_path: Path, database_url: str,
+                                                         conn: psycopg.Connection[Any]) -> None:
+    # A LineString's coordinates (or a GPX file on one line) share a line number: which of two
+    # points with one time was kept depended on the sort, about half each way.
+    times = [f"2024-01-06T10:{m:02d}:{s:02d}Z" for m in range(10) for s in range(0, 60, 2)]
+    coords = [[24.93, 60.17]] * len(times) + [[24.94, 60.18]] * len(times)
+    path = tmp_path / "line.geojson"
+    path.write_text(json.dumps({"type": "Feature", "properties": {"device_id": "d",
+                                "times": times + times},
+                                "geometry": {"type": "LineString", "coordinates": coords}}))
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == len(times), record.counts
+    assert {(r[2], r[3]) for r in stored(conn)} == {(60.17, 24.93)}
+
+
 def test_comment_lines_above_the_header_are_skipped(tmp_path: Path, database_url: str,
                                                    conn: psycopg.Connection[Any]) -> None:
     # "# exported by MyTracker 2.1" was read as the first row: the file went in the default
