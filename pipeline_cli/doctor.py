@@ -222,7 +222,7 @@ def _s3(s: Settings) -> str:
 
     store = BackupStore.connect(str(s.require("s3", "endpoint")), s.s3.access_key,
                                 s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
-                                region=s.s3.region, timeout=TIMEOUT)
+                                region=s.s3.region, timeout=TIMEOUT, retries=0)
     token = uuid.uuid4().hex[:12]
     if not store.bucket_exists():
         # S3 has no "may I create a bucket" call: create a uniquely named one and remove it.

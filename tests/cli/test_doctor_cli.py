@@ -3,7 +3,10 @@ exit codes, the JSON shape, and that it leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,6 +182,23 @@ def test_closed_port_fails_only_its_check(cli: Cli, system: str) -> None:
     code, obj = doctor(cli)
     assert code == 1 and failed(obj) == [system], obj
     assert by_name(obj)[system]["detail"]
+
+
+def test_a_hung_s3_is_asked_once(cli: Cli) -> None:
+    # The S3 check retried a server that accepts and never answers three times (21 s).
+    seen: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    seen.append(hung.accept()[0])
+        threading.Thread(target=accept, daemon=True).start()
+        cli.env["PIPELINE_S3_ENDPOINT"] = f"127.0.0.1:{hung.getsockname()[1]}"
+        code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["s3"], obj
+    assert len(seen) == 1
+    for conn in seen:
+        conn.close()
 
 
 @pytest.mark.parametrize(("name", "value", "setting"), [
