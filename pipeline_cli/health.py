@@ -285,11 +285,14 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
             "upgrade pipeline")
     for stage, s in report.stages.items():
-        fails = s["consecutive_failures"]
+        # The failure's own error: the newest run may be a retry still running, or skipped.
+        fails, error, last = s["consecutive_failures"], s["last_failure_error"], s["last_status"]
         if fails >= h.failures_critical:
-            add(CRITICAL, stage, f"{stage} failed {fails} times in a row: {s['last_error']}")
+            add(CRITICAL, stage, f"{stage} failed {fails} times in a row: {error}")
         elif fails >= h.failures_warning:
-            add(WARNING, stage, f"{stage} last run {s['last_status']}: {s['last_error']}")
+            add(WARNING, stage, f"{stage} last run {last}: {error}" if last in (
+                "failed", "crashed") else f"{stage} failed {fails} time(s) since its last good "
+                f"run (now {last}): {error}")
         if s.get("overdue"):
             late = s["overdue_s"] or 0
             level = CRITICAL if late >= h.overdue_critical_s else WARNING

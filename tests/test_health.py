@@ -6,6 +6,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -91,6 +92,30 @@ def test_failures_warn_then_turn_critical(conn: Conn, database_url: str) -> None
     assert report.stages["build-graph"]["last_failure_error"] == "OData answered 503"
     run(database_url, "build-graph", "noop")
     assert collect_status(conn, sections=quiet_sections()).health == OK
+
+
+def test_a_failure_keeps_its_message_while_a_retry_runs(conn: Conn, database_url: str) -> None:
+    # It read "sync-odata last run running: None" (and "skipped: None" after a busy lock).
+    run(database_url, "sync-odata", "success")
+    run(database_url, "sync-odata", "failed")
+    started, done = threading.Event(), threading.Event()
+
+    def retry(ctx: RunContext) -> StageResult:
+        started.set()
+        done.wait(30)
+        return StageResult(status="noop")
+
+    runner = threading.Thread(target=StageRunner(Database(database_url)).run,
+                              args=("sync-odata", retry))
+    runner.start()
+    try:
+        assert started.wait(30)
+        report = collect_status(conn, sections=quiet_sections())
+    finally:
+        done.set()
+        runner.join()
+    assert report.problems[0].message == ("sync-odata failed 1 time(s) since its last good run"
+                                          " (now running): OData answered 503")
 
 
 def test_overdue_from_the_schedule(conn: Conn, database_url: str) -> None:
