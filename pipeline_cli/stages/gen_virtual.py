@@ -755,7 +755,9 @@ def preview(database: db.Database, settings: VirtualSettings) -> StageResult:
         extra={**_extra(snap.version, plan), "dry_run": True,
                "current_generation_id": gen["id"] if gen else None,
                "would_run": gen is None},
-        message=f"would write for {snap.version}: {_summary(plan)}")
+        message=f"would write for {snap.version}: {_summary(plan)}" if gen is None else
+        f"would do nothing: {snap.version} already has virtual generation {gen['id']} "
+        f"(--force would write: {_summary(plan)})")
 
 
 # ---------------------------------------------------------------- status

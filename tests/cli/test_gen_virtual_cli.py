@@ -76,6 +76,11 @@ def test_dry_run_writes_nothing(cli: Cli, conn: Conn) -> None:
     # The dry run agrees with the real run.
     real = json.loads(cli("gen-virtual", "--json").stdout)
     assert real["counts"] == out["counts"]
+    # Once generated, a run is a noop: the dry run said "would write" all the same.
+    again = cli("gen-virtual", "--dry-run")
+    assert again.exit_code == 0 and (
+        f"would do nothing: ds-v1 already has virtual generation {real['generation_id']} "
+        "(--force would write: ") in again.output
 
 
 def test_no_active_dataset_is_skipped_exit_0(cli: Cli, conn: Conn) -> None:
