@@ -295,7 +295,8 @@ class LockHolder:
     def describe(self) -> str:
         if self.host is not None:
             since = self.since.isoformat(timespec="seconds") if self.since else "?"
-            return f"host {self.host} pid {self.pid} since {since}"
+            pid = f" pid {self.pid}" if self.pid is not None else ""
+            return f"host {self.host}{pid} since {since}"
         return f"session {self.backend_pid} ({self.application_name or 'unknown'})"
 
 

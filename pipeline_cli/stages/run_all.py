@@ -67,8 +67,8 @@ def _counts(stages: dict[str, Any]) -> dict[str, int]:
     for s in stages.values():
         if s.get("run_id"):
             out["ran"] += 1
-        key = s["status"] if s["status"] in out else "failed"
-        out[key] += 1
+        status = "skipped" if s["status"] == BUSY else s["status"]  # another run has it
+        out[status if status in out else "failed"] += 1
     return out
 
 

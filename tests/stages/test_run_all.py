@@ -123,6 +123,8 @@ def test_stops_at_the_first_failure_with_its_exit_code(app: App, database_url: s
     assert statuses(record) == {"sync-odata": "success", "gen-virtual": "success",
                                 "build-graph": "busy"}  # match-gps not reached
     assert record.extra["failed_stage"] == "build-graph"
+    assert (record.counts["skipped"], record.counts["failed"]) == (1, 0)  # it said failed 1
+    assert "pid None" not in record.error
     row = conn.execute("SELECT status, result FROM stage_runs WHERE stage = 'run-all'").fetchone()
     assert row and row["status"] == "skipped" and "stages" in row["result"]
     # The next run picks up where it stopped.
