@@ -515,8 +515,12 @@ class ODataServer:
         max_recorded_requests: int = 10_000,
         verbose: bool = False,
     ) -> None:
-        if version not in ("v4", "v2"):
-            raise ValueError("version must be 'v4' or 'v2'")
+        if version not in ("v4", "v3", "v2"):
+            raise ValueError("version must be 'v4', 'v3' or 'v2'")
+        # v3: OData V3 JSON light (WCF Data Services 5.x): V4's shapes, with odata.metadata,
+        # odata.count and odata.nextLink, and $inlinecount instead of $count.
+        self.v3 = version == "v3"
+        version = "v4" if self.v3 else version
         if next_link not in ("absolute", "relative"):
             raise ValueError("next_link must be 'absolute' or 'relative'")
         if page_size < 1:
@@ -538,7 +542,7 @@ class ODataServer:
         self.v2_date_offset = v2_date_offset
         self.v2_metadata = v2_metadata
         self.ieee754_compatible = ieee754_compatible
-        self.annotation = "@" if unprefixed_annotations else "@odata."
+        self.annotation = "odata." if self.v3 else "@" if unprefixed_annotations else "@odata."
         self.verbose = verbose
         self.errors: list[str] = []  # tracebacks of internal errors (answered with 500)
         self._port = port
@@ -903,6 +907,8 @@ class ODataServer:
         return f"application/json;odata.metadata=minimal{flag};charset=utf-8"
 
     def _version_headers(self) -> list[tuple[str, str]]:
+        if self.v3:
+            return [("DataServiceVersion", "3.0")]
         if self.version == "v4":
             return [("OData-Version", "4.0")]
         return [("DataServiceVersion", "2.0")]
@@ -997,7 +1003,7 @@ class ODataServer:
             names = list(self._sets)
         if self.version == "v4":
             body: dict[str, Any] = {
-                "@odata.context": f"{self.url}$metadata",
+                "odata.metadata" if self.v3 else "@odata.context": f"{self.url}$metadata",
                 "value": [{"name": n, "kind": "EntitySet", "url": n} for n in names],
             }
         else:
@@ -1008,7 +1014,7 @@ class ODataServer:
     def _parse_options(self, pairs: list[tuple[str, str]], state: _SetState) -> _Options:
         v4 = self.version == "v4"
         allowed = {"$filter", "$orderby", "$top", "$skip", "$select", "$format", "$skiptoken"}
-        allowed |= {"$count"} if v4 else {"$inlinecount"}
+        allowed |= {"$count"} if v4 and not self.v3 else {"$inlinecount"}
         seen: dict[str, str] = {}
         for name, value in pairs:
             if not name.startswith("$"):
@@ -1048,7 +1054,7 @@ class ODataServer:
             unknown = [s for s in select if s not in state.types]
             if unknown and not self.ignore_select:
                 raise _bad_request(f"Could not find a property named '{unknown[0]}' for $select")
-        if v4:
+        if v4 and not self.v3:
             raw_count = seen.get("$count", "false")
             if raw_count not in ("true", "false"):
                 raise _bad_request(f"Invalid value '{raw_count}' for $count")
@@ -1172,7 +1178,8 @@ class ODataServer:
             if opts.select:
                 context += f"({','.join(opts.select)})"
             a = self.annotation.encode()
-            parts = [b'{"' + a + b'context":', _dumps(context)]
+            parts = [b'{"odata.metadata":' if self.v3 else b'{"' + a + b'context":',
+                     _dumps(context)]
             if opts.count:
                 parts += [b',"' + a + b'count":', _dumps(str(total) if ieee754 else total)]
             parts += [b',"value":', rows_json]

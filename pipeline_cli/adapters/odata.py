@@ -125,6 +125,7 @@ class ODataClient:
         elif username is not None:
             self.session.auth = (username, s.password or unquote(parts.password or ""))
         self._detected: str | None = None if s.version == "auto" else s.version
+        self._v3 = False
 
     def close(self) -> None:
         self.session.close()
@@ -143,6 +144,9 @@ class ODataClient:
         if self._detected is None:
             doc = self._get(self.service_url, "the service document")[1]
             self._detected = self._shape_version(doc, "the service document")
+            # OData V3 JSON light (WCF Data Services 5.x) pages like V4, but counts with
+            # $inlinecount: it refused $count=true with HTTP 400.
+            self._v3 = self._detected == "v4" and "odata.metadata" in doc
         return self._detected
 
     def _shape_version(self, doc: Any, what: str) -> str:
@@ -163,7 +167,7 @@ class ODataClient:
                       "application/json;q=0.9",
             "OData-MaxVersion": "4.0",
         }
-        if self._detected is None:
+        if self._detected is None or self._v3:
             headers["MaxDataServiceVersion"] = "3.0"
         if self.settings.page_size > 0:
             headers["Prefer"] = f"odata.maxpagesize={self.settings.page_size}"
@@ -180,7 +184,7 @@ class ODataClient:
         if orderby:
             options.append(("$orderby", orderby))
         if self.settings.count:
-            options.append(("$count", "true") if self.protocol == "v4"
+            options.append(("$count", "true") if self.protocol == "v4" and not self._v3
                            else ("$inlinecount", "allpages"))
         return self._url(entity_set, options)
 

@@ -65,6 +65,16 @@ def test_follows_server_paging(version: str, next_link: str) -> None:
         assert all("$skiptoken=" in t for t in targets[1:])  # only the server's links
 
 
+def test_an_odata_v3_json_light_service_pages_and_counts() -> None:
+    # WCF Data Services 5.x: V4's shapes with odata.metadata, odata.count and odata.nextLink,
+    # but $inlinecount; $count=true was refused with HTTP 400, so such a service never synced.
+    with ODataServer(DATA, version="v3", page_size=7) as srv, client(srv) as c:
+        pages = list(c.pages("Routes", orderby="ID"))
+    assert [r["ID"] for p in pages for r in p.rows] == list(range(1, 81))
+    assert pages[0].count == 80
+    assert "$inlinecount=allpages" in srv.requests[1].target
+
+
 def test_unprefixed_annotations_of_odata_401_page_on() -> None:
     with ODataServer(DATA, page_size=7, unprefixed_annotations=True) as srv, client(srv) as c:
         pages = list(c.pages("Routes", orderby="ID"))

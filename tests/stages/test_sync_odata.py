@@ -142,6 +142,14 @@ def test_an_odata_401_service_without_the_odata_prefix_gives_the_same_dataset(
     assert rec.extra["hash"] == first.extra["hash"]
 
 
+def test_an_odata_v3_service_gives_the_same_dataset(sync: Callable[..., RunRecord]) -> None:
+    first = sync()
+    with ODataServer(network(), version="v3", page_size=15) as v3:
+        rec = sync(v3)
+    assert rec.status == "noop", rec.error
+    assert rec.extra["hash"] == first.extra["hash"]
+
+
 def test_fewer_rows_than_the_server_counted_fail_the_sync(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
