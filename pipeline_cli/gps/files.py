@@ -144,7 +144,7 @@ _ALIASES = {
     "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
                   "unit_id", "imei"),
     "recorded_at": ("recorded_at", "time", "timestamp", "datetime", "date_time", "time_utc",
-                    "timestamp_utc", "gps_time"),
+                    "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # fixTime: Traccar
     "latitude": ("latitude", "lat"),
     "longitude": ("longitude", "lon", "lng", "long"),
 }

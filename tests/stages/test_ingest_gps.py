@@ -308,12 +308,16 @@ def test_comment_lines_above_the_header_are_skipped(tmp_path: Path, database_url
     headless.write_text("# no header\nhl,2024-01-06T10:00:00Z,60.17,24.93\n")
     commented = tmp_path / "commented.csv"  # a header behind a "#" is still the header
     commented.write_text("#device\ttime\tlon\tlat\nch\t2024-01-06T10:00:00Z\t24.93\t60.17\n")
+    traccar = tmp_path / "traccar.csv"  # Traccar's export names the time fixTime
+    traccar.write_text("deviceId,fixTime,latitude,longitude,speed\n"
+                       "tr,2024-01-06T10:00:00Z,60.17,24.93,3.5\n")
     tabs = tmp_path / "tabs.csv"  # a spreadsheet's "sep=<tab>" line (it was refused)
     tabs.write_text("sep=\t\ndevice\ttime\tlon\tlat\ntb\t2024-01-06T10:00:00Z\t24.93\t60.17\n")
-    record = ingest(database_url, [tracker, headless, commented, tabs], strict=True)
+    record = ingest(database_url, [tracker, headless, commented, tabs, traccar], strict=True)
     assert record.status == "success", record.error
     assert sorted((r[0], r[2], r[3]) for r in stored(conn)) == [
-        ("ch", 60.17, 24.93), ("hl", 60.17, 24.93), ("sw", 60.17, 24.93), ("tb", 60.17, 24.93)]
+        ("ch", 60.17, 24.93), ("hl", 60.17, 24.93), ("sw", 60.17, 24.93), ("tb", 60.17, 24.93),
+        ("tr", 60.17, 24.93)]
 
 
 def _write_and_close(fd: int, data: bytes) -> None:
