@@ -7,6 +7,7 @@ the runner and renders the result with :mod:`pipeline_cli.render`. This module a
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -26,6 +27,12 @@ EPILOG = (
 class PipelineGroup(LazyGroup):
     """Turns PipelineError into one line on stderr (or a JSON object) and its exit code."""
 
+    raw_args: list[str] = []  # as given: a usage error comes before --log-format is read
+
+    def main(self, args: Any = None, *a: Any, **kw: Any) -> Any:
+        self.raw_args = list(sys.argv[1:] if args is None else args)
+        return super().main(args, *a, **kw)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -33,11 +40,19 @@ class PipelineGroup(LazyGroup):
             app = ctx.find_object(App) or App()
             render.error(app, exc, command=ctx.invoked_subcommand)
             ctx.exit(exc.exit_code)
-        except click.ClickException as exc:  # a usage error after the subcommand's name
+        except click.ClickException as exc:  # a usage error, before the options were read
             app = ctx.find_object(App) or App()
-            if app.log_format != "json":
+            raw = self.raw_args
+            json_logs = app.log_format == "json" or "--log-format=json" in raw or any(
+                a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+            where = f"pipeline {ctx.invoked_subcommand}" if ctx.invoked_subcommand \
+                else "pipeline"
+            if app.json or "--json" in raw:  # one JSON object on stdout, as for other errors
+                render.print_json({"status": "error", "error": exc.format_message(),
+                                   "exit_code": exc.exit_code})
+            if not json_logs:
                 raise
-            render.stderr_error(app, f"pipeline {ctx.invoked_subcommand}: error: "
+            render.stderr_error(App(log_format="json"), f"{where}: error: "
                                 f"{exc.format_message()}", stage=ctx.invoked_subcommand,
                                 exit_code=exc.exit_code)
             ctx.exit(exc.exit_code)

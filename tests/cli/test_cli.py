@@ -161,6 +161,23 @@ def test_json_log_format_makes_every_stderr_line_json(run_cli: Cli, tmp_path: Pa
 
 
 @pytest.mark.parametrize("args", [
+    ("--log-format", "json", "no-such-command"),
+    ("match-gps", "--no-such-option", "--log-format", "json"),
+    ("--json", "match-gps", "--no-such-option", "--log-format=json"),
+])
+def test_usage_errors_follow_log_format_and_json_wherever_given(
+        run_cli: Cli, args: tuple[str, ...]) -> None:
+    # An unknown command, or an option after the subcommand, was a plain-text usage message
+    # under --log-format json; with --json nothing came on stdout.
+    result = run_cli.subprocess(*args)
+    assert result.returncode == 2
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0]["fields"]["exit_code"] == 2, result.stderr
+    if "--json" in args:
+        assert json.loads(result.stdout)["exit_code"] == 2
+
+
+@pytest.mark.parametrize("args", [
     ("match-gps", "--max-runtime", "nan"), ("run-all", "--gps-max-runtime", "inf"),
     ("prune", "--wait", "nan"), ("batches", "list", "--limit", "99999999999999999999"),
 ])
