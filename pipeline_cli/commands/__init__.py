@@ -142,6 +142,21 @@ class Seconds(click.FloatRange):
         return seconds
 
 
+class NonEmpty(click.ParamType):
+    """``inner`` (text by default), refusing "": ``--version "$V"`` with V unset read the
+    active graph, ``-o ""`` wrote to stdout and ``--prometheus ""`` nothing, in silence."""
+
+    def __init__(self, inner: click.ParamType = click.STRING) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty (an unset shell variable?)", param, ctx)
+        return self.inner.convert(value, param, ctx)
+
+
 # Rows a list command shows: a larger --limit reached PostgreSQL as "bigint out of range".
 LIMIT = click.IntRange(min=1, max=1_000_000)
 

@@ -19,7 +19,7 @@ from ..stages.build_graph import (
     shortest_path,
     version_exists,
 )
-from . import LIMIT, json_option, pass_app, run_stage, wait_option
+from . import LIMIT, NonEmpty, json_option, pass_app, run_stage, wait_option
 
 
 def graph_store(app: App) -> GraphStore:
@@ -96,7 +96,8 @@ def activate_cmd(app: App, version: str, wait: float | None) -> None:
 
 @graph_group.command("neighbors")
 @click.argument("stop_id")
-@click.option("--version", "version", metavar="VERSION", help="Read this graph version "
+@click.option("--version", "version", metavar="VERSION", type=NonEmpty(),
+              help="Read this graph version "
               "instead of the active one.")
 @json_option
 @pass_app
@@ -115,7 +116,8 @@ def neighbors_cmd(app: App, stop_id: str, version: str | None) -> None:
 @graph_group.command("route")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
-@click.option("--version", "version", metavar="VERSION", help="Route over this graph version "
+@click.option("--version", "version", metavar="VERSION", type=NonEmpty(),
+              help="Route over this graph version "
               "instead of the active one.")
 @json_option
 @pass_app

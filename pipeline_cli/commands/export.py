@@ -11,13 +11,14 @@ import click
 from .. import export
 from ..adapters.graph_store import GraphReader
 from ..app import App
-from . import pass_app
+from . import NonEmpty, pass_app
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def output_option(fn: F) -> F:
-    return click.option("--output", "-o", metavar="FILE", type=click.Path(dir_okay=False),
+    return click.option("--output", "-o", metavar="FILE",
+                        type=NonEmpty(click.Path(dir_okay=False)),
                         help="Write to FILE (atomically: a failed export leaves no file) "
                              "instead of stdout.")(fn)
 
@@ -46,7 +47,7 @@ def geojson() -> None:
 
 
 @geojson.command("polylines")
-@click.option("--device", metavar="ID", help="Only this device's polylines.")
+@click.option("--device", metavar="ID", type=NonEmpty(), help="Only this device's polylines.")
 @click.option("--since", metavar="TIME", help="Only polylines ending at or after TIME (ISO 8601).")
 @click.option("--until", metavar="TIME", help="Only polylines starting at or before TIME.")
 @output_option
@@ -73,7 +74,8 @@ def stops(app: App, virtual: bool, bbox: str | None, output: str | None) -> None
 
 
 @geojson.command("graph")
-@click.option("--version", metavar="V", help="This graph version instead of the active one.")
+@click.option("--version", metavar="V", type=NonEmpty(),
+              help="This graph version instead of the active one.")
 @bbox_option
 @output_option
 @pass_app

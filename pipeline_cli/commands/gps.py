@@ -9,7 +9,7 @@ from ..app import App
 from ..gps import batches as gps_batches
 from ..stages import match_gps as stage
 from ..stages.ingest_gps import ingest_gps
-from . import LIMIT, Seconds, json_option, pass_app, run_stage
+from . import LIMIT, NonEmpty, Seconds, json_option, pass_app, run_stage
 
 STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
 
@@ -20,7 +20,7 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
 @click.option("--format", "fmt", type=click.Choice(["csv", "gpx", "geojson"]), default=None,
               help="File format; by default from the suffix (.csv/.tsv, .gpx, .geojson/.json; "
                    "before a .gz, as gzipped files are read too).")
-@click.option("--device", "device_id", default=None, metavar="ID",
+@click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
               help="Device id for points that do not name one (GPX, GeoJSON, a CSV file "
                    "without a device column).")
 @click.option("--strict", is_flag=True,
@@ -86,7 +86,8 @@ def batches() -> None:
 
 @batches.command("list")
 @click.option("--status", type=click.Choice(STATES), default=None, help="Only this state.")
-@click.option("--device", "device_id", default=None, metavar="ID", help="Only this device.")
+@click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
+              help="Only this device.")
 @click.option("--limit", type=LIMIT, default=50, show_default=True,
               help="Most recently changed first.")
 @json_option
@@ -110,7 +111,8 @@ def list_cmd(app: App, status: str | None, device_id: str | None, limit: int) ->
 @batches.command("requeue")
 @click.option("--dead", "dead_only", is_flag=True, help="Only dead batches (default: dead "
               "and failed).")
-@click.option("--device", "device_id", default=None, metavar="ID", help="Only this device.")
+@click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
+              help="Only this device.")
 @json_option
 @pass_app
 def requeue(app: App, dead_only: bool, device_id: str | None) -> None:

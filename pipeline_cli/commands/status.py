@@ -16,7 +16,7 @@ from ..errors import PipelineError
 from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
 from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
-from . import json_option, pass_app
+from . import NonEmpty, json_option, pass_app
 
 # Status must answer fast even when a service hangs: monitors time out after ~10 s.
 S3_TIMEOUT = 3.0  # per request, without retries
@@ -76,7 +76,8 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
 @click.option("--check", is_flag=True,
               help="Print one line and exit with a Nagios code: 0 OK, 1 WARNING, 2 CRITICAL, "
                    "3 UNKNOWN (e.g. the database is unreachable). Silent on OK under -q.")
-@click.option("--prometheus", "prometheus", metavar="FILE", type=click.Path(dir_okay=False),
+@click.option("--prometheus", "prometheus", metavar="FILE",
+              type=NonEmpty(click.Path(dir_okay=False)),
               help="Also write node_exporter textfile metrics to FILE, atomically.")
 @json_option
 @pass_app

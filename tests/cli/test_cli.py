@@ -178,6 +178,19 @@ def test_usage_errors_follow_log_format_and_json_wherever_given(
 
 
 @pytest.mark.parametrize("args", [
+    ("export", "geojson", "graph", "--version", ""),
+    ("graph", "neighbors", "S1", "--version", ""),
+    ("export", "geojson", "stops", "-o", ""), ("status", "--prometheus", " "),
+    ("batches", "list", "--device", ""), ("ingest-gps", "--device", "", "x.csv"),
+])
+def test_an_empty_option_value_is_refused_not_read_as_absent(run_cli: Cli,
+                                                             args: tuple[str, ...]) -> None:
+    # `--version "$V"` with V unset exported the active graph; -o "" wrote to stdout.
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "must not be empty" in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [
     ("match-gps", "--max-runtime", "nan"), ("run-all", "--gps-max-runtime", "inf"),
     ("prune", "--wait", "nan"), ("batches", "list", "--limit", "99999999999999999999"),
 ])
