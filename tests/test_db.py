@@ -166,6 +166,45 @@ def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
         assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"] == 7
 
 
+def test_upgrade_cuts_the_overlapping_batches_of_old_late_points(
+        empty_database_url: str) -> None:
+    """Before 013 late points inside a finished batch got a batch of their own. Read by 013's
+    rule (the latest batch starting at or before a point), the older batch's points after the
+    late one lost their batch: unprocessed, never batched again, pruned with their day."""
+    before = max(m.version for m in db.migrations() if m.version < 13)
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=before)
+        done, late = conn.execute(
+            "INSERT INTO processing_batches (device_id, start_time, end_time, status,"
+            " coordinate_count) VALUES"
+            " ('a', '2024-05-01 08:00Z', '2024-05-01 08:10Z', 'completed', 61),"
+            " ('a', '2024-05-01 08:02:00.5Z', '2024-05-01 08:02:03.5Z', 'pending', 3)"
+            " RETURNING batch_id").fetchall()
+        conn.execute(
+            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed,"
+            " batch_id) SELECT 'a', '2024-05-01 08:00Z'::timestamptz + s * interval '10 s',"
+            " 60.17, 24.94, true, %s FROM generate_series(0, 60) s", (done["batch_id"],))
+        conn.execute(
+            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, batch_id)"
+            " SELECT 'a', '2024-05-01 08:02:00.5Z'::timestamptz + s * interval '1 s', 60.17,"
+            " 24.94, %s FROM generate_series(0, 3) s", (late["batch_id"],))
+
+        assert "024_gps_overlapping_batches" in db.migrate(conn).applied
+
+        state = {(r["processed"], r["batch_status"]): r["n"] for r in conn.execute(
+            "SELECT processed, batch_status, count(*) AS n FROM gps_point_status GROUP BY 1, 2")}
+        # All 61 old points stay processed (none lies in the late batch's 3 s), in the pieces
+        # before and after the late batch, which holds its 4 late points (to be matched).
+        assert state == {(True, "completed"): 61, (False, "pending"): 4}, state
+        ranges = conn.execute("SELECT start_time, end_time, status, coordinate_count AS n"
+                              " FROM processing_batches ORDER BY start_time").fetchall()
+        assert [(r["status"], r["n"]) for r in ranges] == [
+            ("completed", 13), ("pending", 4), ("completed", 48)]
+        assert all(a["end_time"] < b["start_time"] for a, b in zip(ranges, ranges[1:]))
+        assert batches.status_section(conn)["unprocessed_points"] == 4
+        assert db.migrate(conn).applied == []
+
+
 def test_a_stop_is_not_hidden_by_the_database_error_it_caused() -> None:
     # A Ctrl-C while sync-odata staged pages: psycopg, leaving pipeline mode half-way, raised
     # "cannot exit pipeline mode while busy" over it, and the run failed with exit 1 as a
