@@ -80,7 +80,8 @@ def describe_unknown(unknown: Mapping[str, int]) -> str:
     """``no speed for route mode 'x' (3 routes), ...; add ...``: which modes, how many
     routes each, and the exact setting to add them to."""
     unknown = dict(sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])))
-    listed = ", ".join(f"{m!r} ({n} route{'s' if n != 1 else ''})" for m, n in unknown.items())
+    listed = ", ".join(f"{m!r} ({n} route{'s' if n != 1 else ''}"
+                       + (" without a mode" if not m else "") + ")" for m, n in unknown.items())
     toml = ", ".join(f"{_toml_key(m)} = 60" for m in unknown)
     env = json.dumps(dict.fromkeys(unknown, 60))
     plural = "s" if len(unknown) != 1 else ""

@@ -37,6 +37,11 @@ def test_the_unknown_modes_message_names_counts_and_the_setting() -> None:
     assert """PIPELINE_VIRTUAL_SPEEDS_KMH='{"zeppelin": 60, "sky lift": 60}'""" in text
 
 
+def test_routes_without_a_mode_are_named_so() -> None:
+    text = describe_unknown({"": 2})
+    assert "'' (2 routes without a mode)" in text and '"" = 60' in text
+
+
 def test_settings_need_positive_speeds_and_one_name_per_mode() -> None:
     assert load_settings(environ={"PIPELINE_VIRTUAL_SPEEDS_KMH": '{"rail": 100}'})
     for bad, why in (('{"rail": 0}', "must be 0.1 to 10000 km/h, got 0"),
