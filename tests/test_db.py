@@ -200,7 +200,8 @@ def test_upgrade_cuts_the_overlapping_batches_of_old_late_points(
                               " FROM processing_batches ORDER BY start_time").fetchall()
         assert [(r["status"], r["n"]) for r in ranges] == [
             ("completed", 13), ("pending", 4), ("completed", 48)]
-        assert all(a["end_time"] < b["start_time"] for a, b in zip(ranges, ranges[1:]))
+        assert all(a["end_time"] < b["start_time"]
+                   for a, b in zip(ranges, ranges[1:], strict=False))
         assert batches.status_section(conn)["unprocessed_points"] == 4
         assert db.migrate(conn).applied == []
 
