@@ -26,7 +26,8 @@ KINDS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
               "is_airport": ("bool", None, None), "city": ("text", None, None)},
     "routes": {"id": ("key", None, None), "from_stop_id": ("key", None, None),
                "to_stop_id": ("key", None, None), "mode": ("text", None, None),
-               "distance_km": ("number", 0, None)},
+               # 100,000 km: more than twice round the Earth; 1e308 passed and weighed inf
+               "distance_km": ("number", 0, 100_000)},
     "flights": {"id": ("key", None, None), "route_id": ("key", None, None),
                 "departure": ("time", None, None), "arrival": ("time", None, None),
                 "days_of_week": ("days", None, None)},

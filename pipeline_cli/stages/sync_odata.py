@@ -41,8 +41,9 @@ from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages replay the same way
 # Bump whenever the sync_* rules of sql/ change: stored page digests then no longer vouch for
 # a feed (1 was the row worker's Python rules; 3: V2 /Date offsets in minutes, sql/019; 4:
-# reserved ids, length limits, no hexadecimal, real dates, sql/021).
-CHECKS = 4
+# reserved ids, length limits, no hexadecimal, real dates, sql/021; 5: distance_km at most
+# 100,000).
+CHECKS = 5
 MAX_PROBLEMS = 20
 _DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
 _RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page

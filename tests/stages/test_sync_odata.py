@@ -532,6 +532,15 @@ def test_a_route_without_distance_or_flight_is_refused(
     assert rec.counts["routes"] == 79 and rec.extra["rejected_by_set"]["routes"] == 1
 
 
+def test_a_distance_beyond_any_route_is_refused(sync: Callable[..., RunRecord],
+                                               server: ODataServer) -> None:
+    # 1e308 km passed, and build-graph then failed on an infinite weight, misnamed.
+    server.update_row("Routes", 6, distanceKm=1e308)
+    rec = sync()
+    assert rec.status == "failed"
+    assert rec.extra["problems"] == ["Routes[ID=6] distanceKm: 1e+308 is outside 0..100000"]
+
+
 def test_paging_that_repeats_rows_in_place_of_others_fails_even_with_skip_invalid(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
