@@ -23,13 +23,16 @@ WHERE NOT %(bbox)s
 ORDER BY id;
 
 -- name: virtual_stops
+-- Of the active dataset only: after a gen-virtual that failed on a new dataset, the table
+-- still holds an older dataset's generation (even once prune has deleted that dataset).
 SELECT id, kind, anchor_id, dataset_version, longitude, latitude
 FROM virtual_stops
-WHERE NOT %(bbox)s
+WHERE dataset_version = (SELECT version FROM datasets WHERE active)
+  AND (NOT %(bbox)s
    OR (latitude BETWEEN %(south)s::float8 AND %(north)s::float8
        AND CASE WHEN %(west)s::float8 <= %(east)s::float8
                 THEN longitude BETWEEN %(west)s::float8 AND %(east)s::float8
-                ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END)
+                ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END))
 ORDER BY id;
 
 -- name: graph_nodes
