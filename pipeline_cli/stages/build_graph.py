@@ -427,10 +427,6 @@ def _publish(
     after_chunk: Callable[[int], None] | None,
 ) -> StageResult:
     assert inputs.dataset_version is not None
-    orphans = store.cleanup_orphans(_known(conn, store.registered()))
-    if orphans:
-        ctx.log.warning("removed %d incomplete graph versions left in Redis: %s",
-                        len(orphans), ", ".join(orphans))
     version, seq = _new_version(conn, store)
     previous = store.active_version()
     adj = adjacency(graph)
@@ -592,6 +588,8 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
       it is switched back to PostgreSQL's active version when Redis holds that complete.
     - A recorded version that was never activated and that the pointer does not name (killed
       after recording it, before the switch): it is removed from PostgreSQL, Redis and S3.
+    - A version registered in Redis that PostgreSQL does not record (killed while writing its
+      keys): its keys are removed.
     """
     notes: list[str] = []
     pointer = store.active_version()
@@ -639,6 +637,10 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
         _remove_version(store, backups, version, ctx)
         notes.append(f"removed {version}, recorded by a run interrupted before it was "
                      "activated")
+    orphans = store.cleanup_orphans(_known(conn, store.registered()))
+    if orphans:  # a run killed while writing keys (a build with nothing new left them)
+        notes.append(f"removed {len(orphans)} incomplete graph versions left in Redis: "
+                     f"{', '.join(orphans)}")
     for note in notes:
         ctx.log.warning("%s", note)
     return notes

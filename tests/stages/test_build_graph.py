@@ -334,6 +334,20 @@ def test_failure_after_half_the_keys_keeps_old_version_and_leaves_no_orphans(
     assert list(backups.list("graphs/")) == [export_key(old), manifest_key(old)]
 
 
+def test_a_build_with_nothing_new_removes_keys_a_killed_build_left(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        redis_prefix: str) -> None:
+    # Only a build that published cleaned them: after kill -9 mid-write the half version
+    # stayed in Redis through every build-graph that had nothing new to build.
+    builder.ok()
+    keys_before = all_keys(client, redis_prefix)
+    store.write_version("graph-v99", [("S1", "half")], {})  # as a killed run leaves it
+    record = builder.build()
+    assert record.status == "noop", record.error
+    assert not store.is_registered("graph-v99")
+    assert all_keys(client, redis_prefix) == keys_before
+
+
 def test_s3_failure_after_the_metadata_row_rolls_back(
         builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
         redis_prefix: str, s3: S3Endpoint, s3_bucket: str) -> None:
