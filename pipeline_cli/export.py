@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -24,6 +25,8 @@ from psycopg.rows import dict_row
 from . import db, polyline
 from .adapters.graph_store import GraphLookupError, GraphReader
 from .errors import PipelineError, UsageError
+
+log = logging.getLogger("pipeline.export")
 
 CHUNK = 2000  # rows per server-side cursor fetch, and source nodes per Redis MGET
 Feature = dict[str, Any]
@@ -147,18 +150,25 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
     if not reader.is_complete(version):
         raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
                                "collected by retention)")
+    left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)
     with _rows(conn, "graph_nodes", {}) as rows:
         chunk: list[dict[str, Any]] = []
         for r in rows:
             chunk.append(r)
             if len(chunk) >= CHUNK:
-                yield from _edges(conn, reader, version, chunk, bbox)
+                yield from _edges(conn, reader, version, chunk, bbox, left_out)
                 chunk = []
-        yield from _edges(conn, reader, version, chunk, bbox)
+        yield from _edges(conn, reader, version, chunk, bbox, left_out)
+    if left_out[0]:
+        log.warning("%s: %d edge(s) to stops not in the active dataset left out, and any "
+                    "from them (the graph was built from %s; edges are drawn at the active "
+                    "dataset's stops)", version, left_out[0],
+                    (reader.meta(version) or {}).get("dataset_version") or "another dataset")
 
 
 def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,
-           nodes: list[dict[str, Any]], bbox: BBox | None) -> Iterator[Feature]:
+           nodes: list[dict[str, Any]], bbox: BBox | None, left_out: list[int]
+           ) -> Iterator[Feature]:
     if not nodes:
         return
     where = {n["id"]: (n["longitude"], n["latitude"]) for n in nodes}
@@ -174,6 +184,7 @@ def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,
         for e in adjacency.get(node["id"]) or ():
             b = where.get(e.to)
             if b is None:  # a stop the current dataset no longer has: no place to draw it
+                left_out[0] += 1
                 continue
             if bbox is not None and not (bbox.contains(*a) or bbox.contains(*b)):
                 continue
