@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -110,6 +111,16 @@ def test_db_status_check_gates_a_deploy_and_status_shows_versions(
     assert json.loads(run_cli("status", "--json").stdout)["schema"]["summary"] == behind
 
 
+def _old_points(conn: psycopg.Connection[Any], batch_id: Any, start: str, step: str, n: int,
+                *, processed: bool = False) -> None:
+    """``n`` points of device 'a' in ``batch_id``, ``step`` apart, as a schema before 013
+    stored them (each marked processed, or not)."""
+    conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude,"
+                 " processed, batch_id) SELECT 'a', %s::timestamptz + s * %s::interval, 60.17,"
+                 " 24.94, %s, %s FROM generate_series(0, %s - 1) s",
+                 (start, step, processed, batch_id, n))
+
+
 def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
         empty_database_url: str) -> None:
     """Migration 013 converts an installation with data in place: processed points stay
@@ -124,14 +135,8 @@ def test_upgrade_to_partitioned_gps_points_keeps_points_batches_and_polylines(
             " ('a', '2024-05-01 08:00Z', '2024-05-01 08:00:02Z', 'completed', 3, 1),"
             " ('a', '2024-05-01 09:00Z', '2024-05-01 09:00:01Z', 'pending', 2, NULL)"
             " RETURNING batch_id").fetchall()
-        conn.execute(
-            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed,"
-            " batch_id) SELECT 'a', '2024-05-01 08:00Z'::timestamptz + s * interval '1 s',"
-            " 60.17, 24.94, true, %s FROM generate_series(0, 2) s", (done["batch_id"],))
-        conn.execute(
-            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, batch_id)"
-            " SELECT 'a', '2024-05-01 09:00Z'::timestamptz + s * interval '1 s', 60.17, 24.94,"
-            " %s FROM generate_series(0, 1) s", (waiting["batch_id"],))
+        _old_points(conn, done["batch_id"], "2024-05-01 08:00Z", "1 s", 3, processed=True)
+        _old_points(conn, waiting["batch_id"], "2024-05-01 09:00Z", "1 s", 2)
         conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
                      " VALUES ('b', '2026-01-01 10:00Z', 1, 2),"
                      " ('b', '2026-01-01 10:00:05Z', 1, 2)")
@@ -180,14 +185,8 @@ def test_upgrade_cuts_the_overlapping_batches_of_old_late_points(
             " ('a', '2024-05-01 08:00Z', '2024-05-01 08:10Z', 'completed', 61),"
             " ('a', '2024-05-01 08:02:00.5Z', '2024-05-01 08:02:03.5Z', 'pending', 3)"
             " RETURNING batch_id").fetchall()
-        conn.execute(
-            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, processed,"
-            " batch_id) SELECT 'a', '2024-05-01 08:00Z'::timestamptz + s * interval '10 s',"
-            " 60.17, 24.94, true, %s FROM generate_series(0, 60) s", (done["batch_id"],))
-        conn.execute(
-            "INSERT INTO gps_points (device_id, recorded_at, latitude, longitude, batch_id)"
-            " SELECT 'a', '2024-05-01 08:02:00.5Z'::timestamptz + s * interval '1 s', 60.17,"
-            " 24.94, %s FROM generate_series(0, 3) s", (late["batch_id"],))
+        _old_points(conn, done["batch_id"], "2024-05-01 08:00Z", "10 s", 61, processed=True)
+        _old_points(conn, late["batch_id"], "2024-05-01 08:02:00.5Z", "1 s", 4)
 
         assert "024_gps_overlapping_batches" in db.migrate(conn).applied
 

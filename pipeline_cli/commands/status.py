@@ -50,11 +50,15 @@ def gather(app: App) -> StatusReport:
                           **_clients(app))
 
 
+def _nagios_text(text: str) -> str:
+    """One line, whatever the messages held; a "|" (a file name's) would start perfdata."""
+    return " ".join(text.replace("|", "/").split())
+
+
 def check_line(report: StatusReport | None, error: str | None = None) -> tuple[str, int]:
     """One Nagios line and its exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
     if report is None:
-        return f"PIPELINE UNKNOWN - {' '.join(str(error).replace('|', '/').split())}", \
-            LEVELS[UNKNOWN]
+        return f"PIPELINE UNKNOWN - {_nagios_text(str(error))}", LEVELS[UNKNOWN]
     level = report.health
     if report.problems:
         text = "; ".join(p.message for p in report.problems[:5])
@@ -67,9 +71,7 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
     for key in ("unprocessed_points", "oldest_unprocessed_age_s"):
         if isinstance(gps.get(key), (int, float)):
             perf.append(f"{key}={gps[key]}")
-    # One line, whatever the messages held; a "|" (a file name's) would start perfdata.
-    text = " ".join(text.replace("|", "/").split())
-    return f"PIPELINE {level.upper()} - {text} | {' '.join(perf)}", LEVELS[level]
+    return f"PIPELINE {level.upper()} - {_nagios_text(text)} | {' '.join(perf)}", LEVELS[level]
 
 
 @click.command("status")
