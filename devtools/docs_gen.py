@@ -19,8 +19,9 @@ overridden by an environment variable: key `k` in section `[s]` is `PIPELINE_S_K
 malformed setting stops the command with a one-line error naming the key, exit code 78; so
 does an unknown key in the file, or a `PIPELINE_<SECTION>_...` variable of a known section that
 names no setting (a typo). `pipeline config show` prints the effective value of each (secrets
-masked) and its source. Secrets are better given in the environment (an env file readable only
-by the cron user) than in the TOML file.
+masked) and its source; with `--json`, each as its JSON type (null when unset). Secrets are
+better given in the environment (an env file readable only by the cron user) than in the TOML
+file.
 
 Tables marked "(file only)" are nested TOML tables, e.g. the OData field mapping.
 

@@ -293,15 +293,15 @@ class Settings:
     def redact(self, text: str) -> str:
         return redact(text, self.secrets())
 
-    def describe(self) -> list[tuple[str, str, str, str]]:
-        """(key, shown value, source, doc) for every setting; secrets masked."""
+    def describe(self, *, typed: bool = False) -> list[tuple[str, Any, str, str]]:
+        """(key, shown value, source, doc) for every setting; secrets masked. ``typed``: the
+        value as JSON has it (a number, a boolean, null when unset, an object), for --json."""
         rows = []
         for section, key, value, secret in _iter_values(self):
             name = f"{section}.{key}"
-            rows.append(
-                (name, display_value(value, secret), self.sources.get(name, "default"),
-                 _doc(section, key))
-            )
+            shown = (value if typed and (value is None or not secret and isinstance(
+                value, (bool, int, float, dict, list))) else display_value(value, secret))
+            rows.append((name, shown, self.sources.get(name, "default"), _doc(section, key)))
         return rows
 
 

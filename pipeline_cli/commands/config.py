@@ -19,7 +19,7 @@ def config_group() -> None:
 @pass_app
 def show(app: App) -> None:
     """List every setting with its value (secrets masked), source and meaning."""
-    rows = app.settings.describe()
+    rows = app.settings.describe(typed=app.json)
     if app.json:
         render.print_json({k: {"value": v, "source": s} for k, v, s, _ in rows})
     else:

@@ -127,6 +127,17 @@ def test_config_show_masks_secrets(run_cli: Cli) -> None:
     assert json.loads(result.output)["s3.secret_key"]["value"] == "***"
 
 
+def test_config_show_json_keeps_types(run_cli: Cli) -> None:
+    """A monitor reading --json gets numbers, booleans, objects and null, not their text."""
+    run_cli.env["PIPELINE_MATCH_GAP_SECONDS"] = "120"
+    run_cli.env.pop("PIPELINE_ODATA_TOKEN", None)
+    shown = json.loads(run_cli("config", "show", "--json").output)
+    assert shown["match.gap_seconds"] == {"value": 120, "source": "env PIPELINE_MATCH_GAP_SECONDS"}
+    assert shown["redis.cluster"]["value"] is False
+    assert shown["virtual.speeds_kmh"]["value"]["bus"] == 40.0
+    assert shown["odata.token"]["value"] is None
+
+
 def test_python_dash_m_and_installed_script(run_cli: Cli) -> None:
     import subprocess
     import sys
