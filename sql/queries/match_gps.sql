@@ -635,8 +635,11 @@ FROM (
                     WHEN tv = '' THEN 'empty time'
                     WHEN t IS NULL AND NOT tiso
                          AND tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'
-                        THEN format('epoch time %%L out of range (1970..2099; milliseconds?)',
-                                    left(tv, 64))
+                        THEN CASE WHEN octet_length(tv) <= 64 AND tv::numeric < 315964800
+                                  THEN format('epoch time %%L before 1980-01-06, when GPS time '
+                                              'began (a date written YYYYMMDD?)', tv)
+                                  ELSE format('epoch time %%L out of range (1980-01-06..2099; '
+                                              'milliseconds?)', left(tv, 64)) END
                     WHEN t IS NULL THEN format('unparseable time %%L', left(tv, 64))
                     WHEN t < '1970-01-01Z' OR t >= '2100-01-01Z'
                         THEN format('time %%L out of range (1970..2099)', tv)
@@ -669,7 +672,9 @@ FROM (
                     -- At most 64 characters: numeric overflows on a million digits.
                     WHEN octet_length(tv) <= 64
                          AND tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$' THEN
-                        CASE WHEN tv::numeric >= 0 AND tv::numeric < 4102444800
+                        -- From the start of GPS time: a smaller number is no
+                        -- device's clock but a date written YYYYMMDD (20240109 is 1970-08-23).
+                        CASE WHEN tv::numeric >= 315964800 AND tv::numeric < 4102444800
                              THEN to_timestamp(tv::double precision) END
                END AS t,
                CASE WHEN octet_length(lav) <= 64

@@ -144,7 +144,7 @@ def test_gpx_and_geojson_fields_meet_the_csv_checks(tmp_path: Path, database_url
     assert record.counts["rows_loaded"] == 2 and record.counts["invalid_rows"] == 3
     assert record.extra["problems"] == [
         f"{gpx}:2: latitude 95 out of range (-90..90)",
-        f"{gpx}:3: epoch time '1714550400000' out of range (1970..2099; milliseconds?)",
+        f"{gpx}:3: epoch time '1714550400000' out of range (1980-01-06..2099; milliseconds?)",
         f"{geo}:1 (feature 1, coordinate 2): unparseable time 'noon'"]
 
 
@@ -216,7 +216,22 @@ def test_a_number_of_a_million_digits_is_a_bad_row(tmp_path: Path, database_url:
     assert record.extra["problems"][0].endswith(f"big.csv:2: latitude '{huge[:64]}' is not a "
                                                 "number")
     assert record.extra["problems"][1].endswith(f"big.csv:3: epoch time '{huge[:64]}' out of "
-                                                "range (1970..2099; milliseconds?)")
+                                                "range (1980-01-06..2099; milliseconds?)")
+
+
+def test_a_date_written_yyyymmdd_is_not_read_as_epoch_seconds(tmp_path: Path,
+                                                               database_url: str) -> None:
+    # 20240109 was stored as 1970-08-23T06:01:49Z, with exit 0.
+    path = tmp_path / "compact.csv"
+    path.write_text("device,time,lat,lon\nd,20240109,60.1,24.9\nd,0,60.1,24.9\n"
+                    "d,315964800,60.1,24.9\nd,1714550400.5,60.1,24.9\n")
+    record = ingest(database_url, [path])
+    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (2, 2), record.error
+    assert record.extra["problems"] == [
+        f"{path}:2: epoch time '20240109' before 1980-01-06, when GPS time began (a date "
+        "written YYYYMMDD?)",
+        f"{path}:3: epoch time '0' before 1980-01-06, when GPS time began (a date written "
+        "YYYYMMDD?)"]
 
 
 def test_a_headerless_file_whose_device_is_named_like_a_column(tmp_path: Path,
