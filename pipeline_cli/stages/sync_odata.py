@@ -356,7 +356,8 @@ class _Loader:
     def _duplicates(self, e: str, problems: Problems, *, reject: bool) -> None:
         st = self.sets[e]
         m, stage = st.mapping, st.stage
-        rows = self.conn.execute(_q("duplicate_keys", stage=stage)).fetchall()
+        cols = _list(COLUMNS[e])
+        rows = self.conn.execute(_q("duplicate_keys", stage=stage, cols=cols)).fetchall()
         distinct = st.rows - sum(r["n"] - 1 for r in rows)
         if reject and st.announced is not None and distinct < st.announced:
             # Repeats may stand in for rows that never came (paging without a stable order):
@@ -368,14 +369,18 @@ class _Loader:
                 "set's key); --skip-invalid does not drop them, so nothing was written "
                 "([odata] count = false skips this check)")
         for r in rows:
-            # strict: one problem per key; reject: one record per rejected row
-            for _ in range(r["n"] if reject else 1):
+            # strict: one problem per key; reject: one record per rejected row (of rows all
+            # the same, the first is kept: dropping it would delete a row the source has)
+            left_out = r["n"] - 1 if r["same"] else r["n"]
+            for _ in range(left_out if reject else 1):
                 problems.add(Problem(m.entity_set, m.key_field, r["id"], m.key_field,
-                                     "duplicate", f"key occurs {r['n']} times"))
+                                     "duplicate", f"key occurs {r['n']} times" + (
+                                         ", the same row each time" if r["same"] else "")
+                                     + ("; the first is kept" if reject and r["same"] else "")))
             if reject:
-                problems.rejected[e] += r["n"]
+                problems.rejected[e] += left_out
         if reject and rows:
-            self.conn.execute(_q("delete_duplicates", stage=stage))
+            self.conn.execute(_q("delete_duplicates", stage=stage, cols=cols))
 
     def _dangling(self, e: str, col: str, parent: str, problems: Problems, *,
                   reject: bool) -> None:

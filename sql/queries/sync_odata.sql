@@ -58,8 +58,9 @@ ORDER BY b.n, c.ord;
 DELETE FROM {stage} WHERE bad IS NOT NULL;
 
 -- name: duplicate_keys
--- Keys that more than one accepted row has.
-SELECT id, count(*) AS n
+-- Keys that more than one accepted row has, and whether those rows are all the same ({cols}:
+-- every column; a row repeated by paging that shifted under it).
+SELECT id, count(*) AS n, count(DISTINCT ({cols})) = 1 AS same
 FROM {stage}
 WHERE bad IS NULL
 GROUP BY id
@@ -67,9 +68,12 @@ HAVING count(*) > 1
 ORDER BY min(n);
 
 -- name: delete_duplicates
--- --skip-invalid: every row of a duplicated key goes (which of them is right is unknowable).
-DELETE FROM {stage}
-WHERE id IN (SELECT id FROM {stage} GROUP BY id HAVING count(*) > 1);
+-- --skip-invalid: every row of a key whose rows differ goes (which of them is right is
+-- unknowable); of rows that are all the same, the first stays.
+DELETE FROM {stage} s
+USING (SELECT id, min(n) AS first, count(DISTINCT ({cols})) = 1 AS same
+       FROM {stage} GROUP BY id HAVING count(*) > 1) d
+WHERE s.id = d.id AND NOT (d.same AND s.n = d.first);
 
 -- name: dangling
 -- Accepted rows naming a parent key that no row of the feed has. A parent row that was
