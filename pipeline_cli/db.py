@@ -80,6 +80,14 @@ def connect(
                             exc) from None
     if not prepare:
         conn.prepare_threshold = None
+    if not (conn.info.parameter_status("DateStyle") or "ISO").startswith("ISO"):
+        # psycopg reads dates only in ISO style, and a database set to 'SQL, DMY' gave a
+        # traceback on every command. PgBouncer keeps DateStyle per client, so this is
+        # pooler-safe.
+        with wrap_errors("setting DateStyle"):
+            conn.execute("SET DateStyle = ISO")
+            if not autocommit:
+                conn.commit()
     _OPEN.add(conn)
     return conn
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pipeline_cli import db
 from pipeline_cli.errors import DatabaseError, Interrupted, SchemaError
-from pipeline_cli.gps import batches
+from pipeline_cli.gps import batches, partitions
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
@@ -214,3 +216,46 @@ def test_a_stop_is_not_hidden_by_the_database_error_it_caused() -> None:
             raise Interrupted(2)
         finally:
             raise psycopg.OperationalError("cannot exit pipeline mode while busy")  # noqa: B012
+
+
+def test_upgrade_moves_points_no_partition_can_name_and_refuses_new_ones(
+        empty_database_url: str) -> None:
+    """A listener's point of the year 55984 (milliseconds written as seconds) failed every
+    later ingest-gps and match-gps run while creating its partition. Migration 025 moves such
+    points aside, keeps them, and refuses new ones."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=24)
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES ('a', to_timestamp(1704535200000), 60.1, 24.9),"
+                     " ('a', 'infinity', 60.1, 24.9), ('a', '0100-01-01 BC', 60.1, 24.9),"
+                     " ('a', '2024-01-06 10:00Z', 60.1, 24.9)")
+        with pytest.raises(DatabaseError, match="date too large"):
+            partitions.ensure(conn)
+        assert db.migrate(conn).applied == ["025_gps_time_range"]
+        assert "gps_points_p20240106" in partitions.ensure(conn)
+        assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 1}
+        assert conn.execute("SELECT count(*) AS n FROM gps_points_out_of_range"
+                            " WHERE device_id = 'a'").fetchone() == {"n": 3}
+        for when in ("infinity", "55984-07-27", "1969-12-31 23:59:59Z", "2100-01-01Z"):
+            with pytest.raises(psycopg.errors.CheckViolation,
+                               match="gps_points_recorded_at_check"):
+                conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude,"
+                             " longitude) VALUES ('b', %s, 60.1, 24.9)", (when,))
+
+
+def test_a_database_in_another_datestyle(empty_database_url: str) -> None:
+    """'SQL, DMY' with a zone abbreviation that reads back as another zone gave a traceback
+    on every command, and partitions bounded at the wrong hour."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        name = conn.info.dbname
+        conn.execute(sql.SQL("ALTER DATABASE {} SET DateStyle = 'SQL, DMY'").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Kolkata'").format(
+            sql.Identifier(name)))
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn)
+        partitions.ensure(conn, [date(2024, 1, 6)])
+        bound = conn.execute("SELECT pg_get_expr(relpartbound, oid) AS b FROM pg_class"
+                             " WHERE relname = 'gps_points_p20240106'").fetchone()
+        assert bound is not None and "2024-01-06 05:30:00+05:30" in bound["b"], bound
+        assert conn.execute("SELECT now() AS t").fetchone()["t"].tzinfo is not None

@@ -100,7 +100,10 @@ def ingest_gps(
                 f"{invalid} invalid row(s) (--strict): nothing loaded; first: {problems[0]}")
         ctx.check_stop()
         days = [r["day"] for r in conn.execute(db.query("match_gps", "ingest_days"))]
-        partitions.ensure(conn, days)
+        # Committed at once on a connection of its own: attaching a partition locks the
+        # default one, and held until this load commits, that lock made the listener wait.
+        with database.connect(name="pipeline ingest-gps partitions") as own:
+            partitions.ensure(own, days)
         loaded = conn.execute(db.query("match_gps", "ingest_insert")).rowcount
     counts: dict[str, Any] = {
         "files": len(files), "rows_read": valid + invalid, "rows_loaded": loaded,
