@@ -21,8 +21,9 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
               help="File format; by default from the suffix (.csv/.tsv, .gpx, .geojson/.json; "
                    "before a .gz, as gzipped files are read too).")
 @click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
-              help="Device id for points that do not name one (GPX, GeoJSON, a CSV file "
-                   "without a device column).")
+              help="Device id of every GPX point (over its track's name, which is often a "
+                   "device's generic 'ACTIVE LOG'), and of GeoJSON features and CSV rows that "
+                   "name none. Without it a file's name up to its first dot names its device.")
 @click.option("--strict", is_flag=True,
               help="Reject everything if any row is invalid (default: report and skip).")
 @json_option

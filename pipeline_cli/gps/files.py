@@ -129,8 +129,23 @@ def _text(value: Any) -> str | None:
     return json.dumps(value)
 
 
+_NO_DEVICE = "no device id: read from a pipe, the file has no name to take it from (--device)"
+
+
+def file_device(path: str | Path) -> str | None:
+    """The device a file's name gives (``bus-12.2024-01-06.gpx`` is ``bus-12``); None for a
+    pipe (``<(zcat ...)`` is /dev/fd/63, /dev/stdin), whose name is no device."""
+    return Path(path).name.split(".")[0] if Path(path).is_file() else None
+
+
 def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str = "") -> Item:
-    """The fields of one point as text; PostgreSQL checks them (the same checks as CSV)."""
+    """The fields of one point as text; PostgreSQL checks them (the same checks as CSV). A
+    device id is text or a whole number (12.0 is the listener's "12")."""
+    if isinstance(device, float) and device.is_integer():
+        device = int(device)
+    if isinstance(device, (bool, float, dict, list)):
+        return RowProblem(line, f"device_id {json.dumps(device)[:40]} is not text or a whole "
+                          "number", where)
     fields = (_text(device), _text(when), _text(lat), _text(lon))
     for name, value in zip(CSV_COLUMNS, fields, strict=True):
         if value is not None and "\x00" in value:  # PostgreSQL text cannot hold it
@@ -195,12 +210,15 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
 
 def above_csv_header(line: str) -> bool:
     """A spreadsheet's ``sep=;`` line, or a ``#`` comment (an exporter's "# exported by
-    MyTracker 2.1"), that is not itself a header naming columns (``#device,time,lat,lon``):
+    MyTracker 2.1", "# Time (UTC)"), that is not itself a header naming at least the time and
+    coordinate columns (``#device,time,lat,lon``):
     skipped above the header or first row. Read as the first row, a comment put the file in
     the default column order, which could swap latitude and longitude."""
     if re.fullmatch(r"sep=.", line.strip(" \r\n")):
         return True
-    return line.lstrip().startswith("#") and not any(_named(line, d) for d in CSV_DELIMITERS)
+    return line.lstrip().startswith("#") and not any(
+        {"recorded_at", "latitude", "longitude"} <= _named(line, d).keys()
+        for d in CSV_DELIMITERS)
 
 
 def _named(line: str, delimiter: str) -> dict[str, int]:
@@ -227,7 +245,7 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
     stack: list[str] = []
-    default_device = Path(path).name.split(".")[0]
+    default_device = file_device(path)
 
     def local(tag: str) -> str:
         return tag.rsplit(":", 1)[-1]
@@ -257,6 +275,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
                 or default_device
             if point["time"] is None:
                 items.append(RowProblem(point["line"], f"<{name}> has no <time>"))
+            elif device is None:
+                items.append(RowProblem(point["line"], _NO_DEVICE))
             else:
                 items.append(text_point(device, point["time"], point["lat"], point["lon"],
                                            point["line"]))
@@ -370,13 +390,14 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
         features, lines = [doc], [1]
     else:
         raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature")
-    default_device = device_id or Path(path).name.split(".")[0]
+    default_device = device_id or file_device(path)
     for n, feature in enumerate(features, start=1):
         line = lines[n - 1] if n - 1 < len(lines) else 1
         yield from _feature_items(feature, n, line, default_device)
 
 
-def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iterator[Item]:
+def _feature_items(feature: Any, n: int, line: int, default_device: str | None
+                   ) -> Iterator[Item]:
     where = f"feature {n}"
     if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
         yield RowProblem(line, "not a Feature with a geometry", where)
@@ -386,6 +407,9 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str) -> Iter
         props = {}
     device = next((v for v in (props.get("device_id"), props.get("device")) if v is not None),
                   default_device)  # a null property is no device: the file's is used
+    if device is None:
+        yield RowProblem(line, _NO_DEVICE, where)
+        return
     geometry = feature["geometry"]
     kind, coords = geometry.get("type"), geometry.get("coordinates")
     if kind == "Point":

@@ -130,6 +130,43 @@ def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
     assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-9"]
 
 
+def test_a_device_id_is_text_or_a_whole_number(tmp_path: Path) -> None:
+    # 12.0 was stored as device "12.0" (the listener's is "12"), true as "true".
+    feature = {"type": "Feature", "properties": {"device_id": 12.0, "time": 1714550400},
+               "geometry": {"type": "Point", "coordinates": [24.9, 60.1]}}
+    doc = {"type": "FeatureCollection", "features": [
+        feature, {**feature, "properties": {"device_id": True, "time": 1714550400}},
+        {**feature, "properties": {"device_id": 12.5, "time": 1714550400}}]}
+    items = list(gpsfiles.read(write(tmp_path, "ids.geojson", json.dumps(doc))))
+    assert [r.device_id for r in rows(items)] == ["12"]
+    assert [p.message for p in problems(items)] == [
+        "device_id true is not text or a whole number",
+        "device_id 12.5 is not text or a whole number"]
+
+
+def test_a_pipe_names_no_device(tmp_path: Path) -> None:
+    """<(cat bus.gpx) is /dev/fd/63: its points were stored as device "63" (and /dev/stdin's
+    as "stdin"), a second device beside the same track loaded from the file."""
+    import os
+    import threading
+    gpx = ('<gpx version="1.1" xmlns="http://www.topografix.com/GPX/1/1"><trk><trkseg>'
+           '<trkpt lat="60.17" lon="24.94"><time>2024-05-01T08:00:00Z</time></trkpt>'
+           '</trkseg></trk></gpx>')
+    fifo = tmp_path / "63"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(gpx,))
+    writer.start()
+    items = list(gpsfiles.read(fifo, fmt="gpx"))
+    writer.join()
+    assert items == [RowProblem(1, "no device id: read from a pipe, the file has no name to "
+                                   "take it from (--device)")]
+    writer = threading.Thread(target=fifo.write_text, args=(gpx,))
+    writer.start()
+    assert [r.device_id for r in rows(list(gpsfiles.read(fifo, fmt="gpx", device_id="bus")))
+            ] == ["bus"]
+    writer.join()
+
+
 def test_geojson_malformed_json(tmp_path: Path) -> None:
     path = write(tmp_path, "x.geojson", '{"type": "FeatureCollection",\n "features": [,]}')
     with pytest.raises(GpsFileError, match="line 2"):

@@ -317,7 +317,8 @@ def test_comment_lines_above_the_header_are_skipped(tmp_path: Path, database_url
     # "# exported by MyTracker 2.1" was read as the first row: the file went in the default
     # column order and its lon,lat header became a bad row, so every point was swapped.
     tracker = tmp_path / "tracker.csv"
-    tracker.write_text("# exported by MyTracker 2.1\n#\ndevice,time,lon,lat\n"
+    # "# Time (UTC)" names one column: it is a comment, not a header lacking three columns.
+    tracker.write_text("# exported by MyTracker 2.1\n#\n# Time (UTC)\ndevice,time,lon,lat\n"
                        "sw,2024-01-06T10:00:00Z,24.93,60.17\n")
     headless = tmp_path / "headless.csv"  # comments above the first row of data
     headless.write_text("# no header\nhl,2024-01-06T10:00:00Z,60.17,24.93\n")
