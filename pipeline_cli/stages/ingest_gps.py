@@ -133,6 +133,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                device_id: str | None) -> None:
     """COPY the raw lines, then let SQL split them by the layout of the first line (see
     ``gpsfiles.csv_layout``); ``device_id`` is the device of a file without a device column."""
+    nul = False  # a NUL byte (a logger's power-loss padding) makes its line a bad row
     with gpsfiles.open_binary(path) as handle:
         try:
             with conn.transaction(), conn.cursor() as cur, \
@@ -152,6 +153,8 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                     # every line number; a CR within a line is no text a quoted field may hold
                     # here anyway (a quoted field must not span lines).
                     block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                    if b"\x00" in block:  # no text holds one: U+FFFD, refused in SQL
+                        block, nul = block.replace(b"\x00", "\ufffd".encode()), True
                     if b"\\." in block or b"\x01" in block or b"\x02" in block:
                         block = _QUOTE_LINE.sub(_quoted, block)
                     cp.write(block)
@@ -161,8 +164,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             line = f"line {where.group(1)}: " if where else ""
             reason = exc.diag.message_primary or ""
             if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
-                reason = "a NUL byte (no text holds one)" if "0x00" in reason else \
-                    "not UTF-8 text"
+                reason = "not UTF-8 text"
             raise gpsfiles.GpsFileError(f"{line}{reason}") from None
         except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
             raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None
@@ -182,7 +184,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         "delimiter": sep, "blank": f"^[\\s{sep}]*$", "decimal_comma": sep != ",",
         "device": device_id, "device_col": None if device_col is None else device_col + 1,
         "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,
-        "lon_col": cols["longitude"] + 1})
+        "lon_col": cols["longitude"] + 1, "nul": nul})
 
 
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,

@@ -592,7 +592,8 @@ SELECT %(file)s::integer AS file, line, NULL::text AS place,
        CASE WHEN %(decimal_comma)s
             THEN regexp_replace(f[%(lon_col)s], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
             ELSE f[%(lon_col)s] END AS lon,
-       CASE WHEN f IS NULL
+       CASE WHEN nul THEN 'a NUL byte (no text holds one)'
+            WHEN f IS NULL
             THEN 'unbalanced quotes (a quoted field must not span lines)'
             WHEN cardinality(f) < %(width)s
             THEN format('expected %%s fields, got %%s', %(width)s, cardinality(f)) END
@@ -603,7 +604,9 @@ FROM (SELECT line,
              -- at.
              CASE WHEN strpos(raw, '"') = 0 THEN string_to_array(raw, %(delimiter)s)
                   WHEN (length(raw) - length(replace(raw, '"', ''))) %% 2 = 1 THEN NULL
-                  ELSE gps_csv_fields(raw, %(delimiter)s) END AS f
+                  ELSE gps_csv_fields(raw, %(delimiter)s) END AS f,
+             -- A NUL byte came as U+FFFD (%(nul)s: the file had one): that line is a bad row.
+             %(nul)s AND strpos(raw, U&'\FFFD') > 0 AS nul
       FROM gps_ingest_raw
       WHERE raw !~ %(blank)s AND line > %(skip)s
       OFFSET 0) r;
