@@ -516,6 +516,12 @@ def _refuse_not_json(m: EntityMapping, page: Page) -> None:
                 raise SourceError(f"OData {m.entity_set} page {page.number}: {m.entity_set}["
                                   f"{m.key_field}={key}] {field_name}: {why}; nothing was written"
                                   ) from None
+    try:  # not in a row: in an annotation of the page (PostgreSQL reads it too)
+        json.dumps(json.loads(page.body), allow_nan=False, ensure_ascii=False).encode()
+    except ValueError:
+        raise SourceError(f"OData {m.entity_set} page {page.number}: an annotation of the page "
+                          "holds NaN, Infinity or a lone UTF-16 surrogate, which are not JSON; "
+                          "nothing was written") from None
 
 
 def _absent_fields(m: EntityMapping, absent: set[str], names: set[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -344,6 +345,19 @@ def test_nan_is_named_and_nothing_is_written(
     assert rec.error is not None and "Stops page 1: Stops[ID=7] name: NaN or Infinity is not " \
         "a JSON number; nothing was written" in rec.error, rec.error
     assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("annotation", [b"NaN", b'"half \\ud800"'])
+def test_a_bad_value_in_a_page_annotation_names_the_set_and_page(
+        sync: Callable[..., RunRecord], server: ODataServer, annotation: bytes) -> None:
+    # It was "database error while staging the feed: invalid input syntax for type json".
+    page = json.dumps({"@x.score": 0, "value": server.rows("Routes")}).encode()
+    server.add_fault(wrong_shape(page.replace(b'"@x.score": 0', b'"@x.score": ' + annotation)),
+                     entity_set="Routes")
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == ("OData Routes page 1: an annotation of the page holds NaN, Infinity "
+                         "or a lone UTF-16 surrogate, which are not JSON; nothing was written")
 
 
 def test_a_bad_value_in_a_field_the_mapping_does_not_read_is_named(
