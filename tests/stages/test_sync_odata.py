@@ -720,6 +720,36 @@ def test_a_version_made_before_migration_015_restores_by_its_row_counts(
     assert rec.status == "failed" and "the row counts of stops differ" in (rec.error or "")
 
 
+def test_restore_reads_the_pages_with_the_mapping_the_version_was_read_with(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        database_url: str, backups: BackupStore) -> None:
+    # A hand-edited manifest (latitude and longitude swapped) restored swapped coordinates
+    # under the same hash; a malformed one was "malformed setting [odata.mapping]", exit 78.
+    sync()
+    server.update_row("Stops", 3, name="changed")
+    assert sync().extra["dataset_version"] == "ds-v2"
+    before = snapshot(conn)
+    key = "datasets/ds-v1/manifest.json"
+    manifest = backups.get_json(key)
+    fields = manifest["odata"]["mapping"]["stops"]["fields"]
+    fields["latitude"], fields["longitude"] = fields["longitude"], fields["latitude"]
+    for odata in (manifest["odata"], {**manifest["odata"], "mapping": "garbage"}):
+        backups.put_json(key, {**manifest, "odata": odata})
+        rec = restore(database_url, backups, "ds-v1")
+        assert rec.status == "failed" and rec.exit_code == 1
+        assert rec.error == ("backup datasets/ds-v1/manifest.json does not match ds-v1: its "
+                             "OData protocol or mapping is not the one the version was read "
+                             "with")
+        assert snapshot(conn) == before
+    # a version recorded without it: the manifest is read, a malformed one named
+    conn.execute("UPDATE datasets SET stats = stats - 'odata'")
+    backups.put_json(key, {**manifest, "odata": {**manifest["odata"], "mapping": {"buses": {}}}})
+    rec = restore(database_url, backups, "ds-v1")
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert (rec.error or "").startswith("backup datasets/ds-v1/manifest.json: malformed "
+                                        "setting [odata.mapping]"), rec.error
+
+
 def test_restore_of_a_version_with_rejects_rejects_the_same_rows(
         sync: Callable[..., RunRecord], server: ODataServer, database_url: str,
         backups: BackupStore) -> None:
