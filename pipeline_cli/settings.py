@@ -91,7 +91,8 @@ class ODataSettings:
                           "and a set read with fewer rows than counted fails the sync")
     foreign_next_link: str = setting(
         "rewrite", "a nextLink to another host: 'rewrite' follows its path and query on the "
-        "host of [odata] url, 'refuse' fails the sync"
+        "host of [odata] url, 'refuse' fails the sync; a redirect to another host too: "
+        "'rewrite' follows it, 'refuse' fails"
     )
     mapping: dict[str, Any] = setting(
         {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
@@ -600,13 +601,17 @@ def _validate(s: Settings) -> None:
         value = getattr(getattr(s, section), key)
         if not value:
             continue
-        if not value.startswith(("http://", "https://")):
+        if not value.lower().startswith(("http://", "https://")):  # HTTP:// too
             raise bad(section, key, "expected an http:// or https:// URL")
         _host_port(value, section, key, bad)
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):
         raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
+    if s.odata.token and not (s.odata.token.isascii() and s.odata.token.isprintable()):
+        # an HTTP header holds only these; a pasted newline or zero-width space is invisible
+        raise bad("odata", "token", "must be printable ASCII (a stray newline, space or "
+                  "non-ASCII character in it?)")
     for key in ("connect_timeout", "read_timeout", "max_pages", "max_response_bytes",
                 "retries"):
         if getattr(s.odata, key) <= 0:

@@ -96,6 +96,11 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
         ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
         ("", {"PIPELINE_ODATA_PAGE_SIZE": "-1"}, "[odata] page_size: must be 0"),
+        # A token an HTTP header cannot hold was "internal error: UnicodeEncodeError" or
+        # sent with its pasted newline or zero-width space.
+        ("", {"PIPELINE_ODATA_TOKEN": "abc\u200bdef"}, "[odata] token: must be printable"),
+        ("", {"PIPELINE_ODATA_TOKEN": "abcdef\n"}, "[odata] token: must be printable"),
+        ("[odata]\ntoken = 'caf\u00e9'\n", {}, "[odata] token: must be printable"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h:99999/x"},
          "[database] url: port must be 1 to 65535, got '99999'"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h/x?sslmode=bogus"},
@@ -114,6 +119,11 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
     assert err.value.exit_code == 78
+
+
+def test_url_schemes_are_case_insensitive() -> None:
+    # HTTP://host/... was refused with exit 78.
+    assert load_settings(None, {"PIPELINE_ODATA_URL": "HTTP://h:8080/odata/"}).odata.url
 
 
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:

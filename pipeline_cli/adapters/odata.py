@@ -6,6 +6,7 @@ fails with one-line SourceErrors that never carry credentials (page shapes: odat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -14,6 +15,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
+from xml.etree import ElementTree
 
 import requests
 from tenacity import (
@@ -27,7 +29,7 @@ from tenacity import (
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
-from ..errors import ConfigError, SourceError, service_error
+from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
 from .odata_format import unwrap_page
 
@@ -49,15 +51,18 @@ class Page:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None,
+                 where: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.where = where  # the URL contacted, when a redirect made it another host
 
 
 _CONNECTION_FAILURES = ("Connection refused", "Name or service not known", "Connection reset",
                         "Remote end closed connection", "Connection aborted")
 _AUTH, _NAMES = " (check [odata] username/password/token)", " (check the names in [odata.mapping])"
+_URL = " (check [odata] url)"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -78,7 +83,16 @@ def error_line(status: int, body: bytes, content_type: str = "") -> str:
         msg = err.get("message")
         message = str(msg.get("value", "") if isinstance(msg, dict) else (msg or ""))
     except (ValueError, AttributeError, RecursionError):
-        if "html" not in content_type.lower():
+        root = None
+        if body.lstrip()[:1] == b"<" and b"<!" not in body:  # no DTD: no entity expansion
+            with contextlib.suppress(ElementTree.ParseError):
+                root = ElementTree.fromstring(body)
+        if root is not None and root.tag.rpartition("}")[2] == "error":  # V2 XML (SAP)
+            texts: dict[str, str] = {}
+            for e in root.iter():
+                texts.setdefault(e.tag.rpartition("}")[2], e.text or "")
+            code, message = texts.get("code", ""), texts.get("message", "")
+        elif "html" not in content_type.lower():
             message = body[:300].decode("utf-8", "replace")
     code = "" if code == str(status) else code  # not 'HTTP 401 401: Unauthorized'
     text = " ".join(f"{code}: {message}".strip(": ").split())
@@ -115,6 +129,7 @@ class ODataClient:
         self._backoff = (wait_exponential(multiplier=s.backoff_base, max=s.backoff_max)
                          + wait_random(0, s.backoff_base))
         self._rewrite_logged = False  # logged once per client (one sync), not per page
+        self._redirect_logged = False
         self._sleep = sleep
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
@@ -123,7 +138,9 @@ class ODataClient:
         if s.token:
             self.session.headers["Authorization"] = f"Bearer {s.token}"
         elif username is not None:
-            self.session.auth = (username, s.password or unquote(parts.password or ""))
+            # UTF-8, as RFC 7617 says (requests would send a str as Latin-1, or fail)
+            self.session.auth = requests.auth.HTTPBasicAuth(
+                username.encode(), (s.password or unquote(parts.password or "")).encode())
         self._detected: str | None = None if s.version == "auto" else s.version
         self._v3 = False
 
@@ -142,7 +159,7 @@ class ODataClient:
     def protocol(self) -> str:
         """``v4`` or ``v2``: forced by settings, else detected from the service document."""
         if self._detected is None:
-            doc = self._get(self.service_url, "the service document")[1]
+            doc = self._get(self.service_url, "the service document", names=_URL)[1]
             self._detected = self._shape_version(doc, "the service document")
             # OData V3 JSON light (WCF Data Services 5.x) pages like V4, but counts with
             # $inlinecount: it refused $count=true with HTTP 400.
@@ -198,7 +215,8 @@ class ODataClient:
         """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
         url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else []))
         doc = self._get(url, f"{entity_set} $top=1")[1]
-        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set)
+        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
+                                          False)
         return len(rows)
 
     # -------------------------------------------------------------------- paging
@@ -224,12 +242,12 @@ class ODataClient:
                 raise SourceError(f"OData {entity_set}: more than {self.settings.max_pages} "
                                   "pages ([odata] max_pages); the server's nextLink never ends")
             what = f"{entity_set} page {number}"
-            body, doc = self._get(next_url, what, link=number > 1)
+            body, doc = self._get(next_url, what, names="" if number > 1 else _NAMES)
             page_version = self._shape_version(doc, what)
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
-            rows, link, count = unwrap_page(doc, page_version, what)
+            rows, link, count = unwrap_page(doc, page_version, what, self.settings.count)
             yield Page(number, rows, body, count)
             if link is None:
                 return
@@ -267,9 +285,9 @@ class ODataClient:
 
     # -------------------------------------------------------------------- HTTP
 
-    def _get(self, url: str, what: str, *, link: bool = False) -> tuple[bytes, Any]:
-        """GET with retries; returns (body, parsed JSON) or raises SourceError. ``link``: the
-        URL is a server's nextLink, not one built from [odata.mapping]."""
+    def _get(self, url: str, what: str, *, names: str = _NAMES) -> tuple[bytes, Any]:
+        """GET with retries; returns (body, parsed JSON) or raises SourceError. ``names``: the
+        setting a 400/404 blames ("" for a server's nextLink, not built from settings)."""
         parts = urlsplit(url)  # the URL's own query, once for all attempts
         if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
             url = urlunsplit(parts._replace(query="&".join(filter(None, (
@@ -278,11 +296,12 @@ class ODataClient:
                             retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                             reraise=True)
         try:
-            return retrying(self._get_once, url, what, link)
+            return retrying(self._get_once, url, what, names)
         except _Retryable as exc:
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
-            raise service_error(SourceError, "OData", self.service_url, what,
-                                f"{exc.message}{tries}") from None
+            line = service_error(SourceError, "OData", exc.where or self.service_url, what,
+                                 exc.message)  # shortened, then the attempts added
+            raise SourceError(f"{line}{tries}") from None
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -290,12 +309,32 @@ class ODataClient:
             return exc.retry_after
         return float(self._backoff(state))
 
-    def _get_once(self, url: str, what: str, link: bool) -> tuple[bytes, Any]:
+    def _redirected(self, resp: requests.Response, what: str) -> None:
+        """A redirect to another origin: refused, or followed (and logged once), as set by
+        [odata] foreign_next_link. requests drops the credentials on the way."""
+        target = urljoin(resp.url, resp.headers.get("Location", ""))
+        if not resp.is_redirect or _origin(target) == _origin(self.service_url):
+            return
+        if self.settings.foreign_next_link == "refuse":
+            resp.close()
+            raise SourceError(f"OData {what}: redirected to another host ({_origin(target)[1]}"
+                              "); refusing to follow it ([odata] foreign_next_link = refuse)")
+        if not self._redirect_logged:
+            self._redirect_logged = True
+            log.info("the OData service redirects to %s; following it ([odata] "
+                     "foreign_next_link = rewrite)", endpoint(target))
+
+    def _get_once(self, url: str, what: str, names: str) -> tuple[bytes, Any]:
         try:
             resp = self.session.get(url, headers=self._headers(), stream=True, timeout=(
-                self.settings.connect_timeout, self.settings.read_timeout))
+                self.settings.connect_timeout, self.settings.read_timeout),
+                hooks={"response": lambda r, **_: self._redirected(r, what)})
+        except requests.exceptions.SSLError as exc:  # a certificate or TLS setup: no retry
+            raise service_error(SourceError, "OData", self.service_url, what,
+                                _transport_text(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retryable(_transport_text(exc)) from None
+            raise _Retryable(_transport_text(exc), where=getattr(exc.request, "url", None)
+                             ) from None
         except requests.RequestException as exc:
             raise service_error(SourceError, "OData", self.service_url, what,
                                 _transport_text(exc)) from None
@@ -312,10 +351,9 @@ class ODataClient:
                             f"OData {what}: {line}; the server asks to retry after "
                             f"{after:.0f} s, longer than [odata] backoff_max "
                             f"({self.settings.backoff_max:g} s)")
-                    raise _Retryable(line, after)
-                hint = ({401: _AUTH, 403: _AUTH} | ({} if link else {400: _NAMES, 404: _NAMES})
-                        ).get(resp.status_code, "")
-                raise service_error(SourceError, "OData", self.service_url, what + hint, line)
+                    raise _Retryable(line, after, resp.url)
+                hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
+                raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
                                  resp.headers.get("Content-Length") == "0"):
@@ -334,11 +372,18 @@ class ODataClient:
         except ValueError as exc:
             if "xml" in kind:  # an XML answer, not a JSON body cut short: no retry
                 raise SourceError(f"OData {what}: expected JSON, got {kind} (the service "
-                                  "answers in XML; sync-odata reads OData JSON)") from None
+                                  "answers in XML; sync-odata reads OData JSON" + (
+                                      "; for a V2 service set [odata] version = v2" if
+                                      self._detected is None else "") + ")") from None
+            if body.lstrip()[:1] == b"<":  # markup under a JSON label: not cut short either
+                text = " ".join(body.decode("utf-8", "replace").split())
+                raise SourceError(f"OData {what}: expected JSON, got {kind or 'a body'} "
+                                  f"starting {''.join(filter(str.isprintable, text))[:60]!r}"
+                                  ) from None
             # a body cut short by a dropped connection: worth another try
-            raise _Retryable(f"malformed JSON ({exc.msg} at byte {exc.pos}; truncated?)"
-                             if isinstance(exc, json.JSONDecodeError) else "malformed JSON"
-                             ) from None
+            raise _Retryable(  # 'Invalid control character at' at byte 34: one 'at'
+                f"malformed JSON ({exc.msg.removesuffix(' at')} at byte {exc.pos}; truncated?)"
+                if isinstance(exc, json.JSONDecodeError) else "malformed JSON") from None
 
     def _read(self, resp: requests.Response, what: str, *, error: bool = False) -> bytes:
         """The body, up to [odata] max_response_bytes; of an error, its first 64 KiB."""
@@ -369,6 +414,12 @@ def _transport_text(exc: BaseException) -> str:
     """A short description of a requests error without URLs (they may carry secrets)."""
     if isinstance(exc, requests.Timeout):
         return "connect timed out" if isinstance(exc, requests.ConnectTimeout) else "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):  # its reason, without the URL
+        why = re.search(r"\] (.+?) \(_ssl", str(exc))
+        reason = why.group(1) if why else "handshake failed"
+        if "certificate verify failed" in reason:
+            return "TLS certificate verification failed" + reason.partition("failed")[2]
+        return f"TLS error: {reason}"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "connection closed mid-response"
     if isinstance(exc, requests.ConnectionError):

@@ -119,9 +119,10 @@ _NEXT_LINKS = ("@odata.nextLink", "odata.nextLink", "@nextLink")
 _COUNTS = ("@odata.count", "odata.count", "@count")
 
 
-def unwrap_page(doc: Any, version: str, what: str
+def unwrap_page(doc: Any, version: str, what: str, counted: bool = True
                 ) -> tuple[list[dict[str, Any]], str | None, int | None]:
-    """(rows, nextLink, count) of a collection page; SourceError for a wrong shape."""
+    """(rows, nextLink, count) of a collection page; SourceError for a wrong shape. Unless
+    ``counted`` (a count asked for), a count the server sends anyway is ignored."""
     if version == "v4":
         # OData 4.0 names them @odata.nextLink (odata.nextLink in its first JSON drafts);
         # 4.01 services may drop the prefix. Another spelling would end the feed at this
@@ -148,7 +149,7 @@ def unwrap_page(doc: Any, version: str, what: str
     if link is not None and (not isinstance(link, str) or not link):
         raise SourceError(f"OData {what}: malformed nextLink {link!r}")
     total = None
-    if count is not None:  # a number, or a string holding one (IEEE754Compatible, V2)
+    if count is not None and counted:  # a number, or a string of one (IEEE754Compatible, V2)
         try:
             total = float(count) if not isinstance(count, bool) else math.nan
         except (TypeError, ValueError):

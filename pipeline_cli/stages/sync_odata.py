@@ -33,7 +33,14 @@ from .. import db
 from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient, Page
 from ..adapters.odata_format import EntityMapping, resolve_mapping
-from ..errors import BackupError, DatabaseError, NothingToDo, SourceError, ValidationError
+from ..errors import (
+    BackupError,
+    ConfigError,
+    DatabaseError,
+    NothingToDo,
+    SourceError,
+    ValidationError,
+)
 from ..modes import describe_unknown, speed_table, unknown_modes
 from ..read_model import COLUMNS, ENTITIES, KINDS, OPTIONAL_COLUMNS, REFERENCES
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
@@ -516,6 +523,12 @@ def _refuse_not_json(m: EntityMapping, page: Page) -> None:
                 raise SourceError(f"OData {m.entity_set} page {page.number}: {m.entity_set}["
                                   f"{m.key_field}={key}] {field_name}: {why}; nothing was written"
                                   ) from None
+    try:  # not in a row: in an annotation of the page (PostgreSQL reads it too)
+        json.dumps(json.loads(page.body), allow_nan=False, ensure_ascii=False).encode()
+    except ValueError:
+        raise SourceError(f"OData {m.entity_set} page {page.number}: an annotation of the page "
+                          "holds NaN, Infinity or a lone UTF-16 surrogate, which are not JSON; "
+                          "nothing was written") from None
 
 
 def _absent_fields(m: EntityMapping, absent: set[str], names: set[str]) -> str:
@@ -546,6 +559,13 @@ def feed_key(client: ODataClient, mappings: dict[str, EntityMapping]) -> str:
                                   filter=m.filter) for m in mappings.values()]
     doc = {"checks": CHECKS, "protocol": client.protocol, "urls": urls,
            "mapping": {e: m.to_json() for e, m in mappings.items()}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _odata_digest(odata: Any) -> str:
+    """Of the protocol and mapping a version's pages are read with: recorded with the version
+    (``stats``), so a restore reads them as they were read, whatever its manifest says."""
+    doc = [odata.get("protocol"), odata.get("mapping")] if isinstance(odata, dict) else odata
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -621,7 +641,8 @@ def write_version(conn: psycopg.Connection[Any], loader: _Loader, backups: Backu
                     "diff": Jsonb(diff), "source": source, "restored_from": restored_from,
                     "backup_prefix": prefix, "run_id": ctx.run_id,
                     "feed_digests": None if feed_digests is None else Jsonb(feed_digests),
-                    "stats": Jsonb({"route_modes": modes}),
+                    "stats": Jsonb({"route_modes": modes,
+                                    "odata": _odata_digest(manifest.get("odata"))}),
                 })["created_at"]
                 conn.execute(db.query("sync_odata", "deactivate"))
                 conn.execute(db.query("sync_odata", "activate"), {"version": version})
@@ -818,9 +839,22 @@ def restore_dataset(database: db.Database, backups: BackupStore, ctx: RunContext
         if manifest.get("hash") != row["hash"]:
             raise BackupError(f"backup {prefix} does not match {version}: hash differs")
         odata = manifest.get("odata") or {}
+        recorded = row["stats"].get("odata")  # None: a version recorded before it was
+        if recorded is None:
+            ctx.log.warning("%s does not record its [odata.mapping]: that of %smanifest.json is "
+                            "taken unchecked", version, prefix)
+        elif recorded != _odata_digest(odata):
+            raise BackupError(f"backup {prefix}manifest.json does not match {version}: its "
+                              "OData protocol or mapping is not the one the version was read "
+                              "with")
+        try:
+            if not isinstance(odata, dict) or not isinstance(odata.get("mapping") or {}, dict):
+                raise BackupError(f"backup {prefix}manifest.json: its OData mapping is malformed")
+            mappings = resolve_mapping(odata.get("mapping"))
+        except ConfigError as exc:
+            raise BackupError(f"backup {prefix}manifest.json: {exc}") from None
         raw_prefix = manifest.get("raw_prefix") or prefix + "raw/"
-        with _Loader(conn, ctx, resolve_mapping(odata.get("mapping")),
-                     odata.get("protocol", "v4")) as loader:
+        with _Loader(conn, ctx, mappings, odata.get("protocol", "v4")) as loader:
             loader.replay(backups, raw_prefix)
             hash_, set_hashes = loader.hashes()
             if manifest["format"] == BACKUP_FORMAT:

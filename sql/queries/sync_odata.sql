@@ -153,7 +153,7 @@ WHERE active;
 
 -- name: get_dataset
 SELECT version, seq, hash, set_hashes, counts, diff, source, restored_from, backup_prefix,
-       created_at, active
+       created_at, active, stats
 FROM datasets
 WHERE version = %(version)s;
 

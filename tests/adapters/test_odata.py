@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import ssl
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,7 +42,7 @@ def client(server: ODataServer, **kw: Any) -> ODataClient:
     opts: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 5, "backoff_base": 0.01,
                             "backoff_max": 2.0}
     sleep = kw.pop("sleep", time.sleep)
-    return ODataClient(ODataSettings(url=server.url, **{**opts, **kw}), sleep=sleep)
+    return ODataClient(ODataSettings(**{"url": server.url, **opts, **kw}), sleep=sleep)
 
 
 def fetch(c: ODataClient, entity_set: str = "Stops", **kw: Any) -> list[dict[str, Any]]:
@@ -253,7 +258,7 @@ def test_an_xml_answer_fails_at_once_naming_its_type(v4: ODataServer) -> None:
     v4.add_fault(atom(), times=None)  # the service document (auto-detection) and every set
     with client(v4) as c, pytest.raises(SourceError, match=r"the service document: expected "
                                         r"JSON, got application/atom\+xml \(the service answers "
-                                        r"in XML"):
+                                        r"in XML.*; for a V2 service set \[odata\] version = v2"):
         fetch(c)
     assert len(v4.requests) == 1
 
@@ -437,3 +442,149 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
     for raw in bad:
         with pytest.raises(ConfigError, match=r"\[odata.mapping"):
             resolve_mapping(raw)
+
+
+@pytest.mark.parametrize("count", [5, "unknown"])
+def test_a_count_not_asked_for_is_ignored(v4: ODataServer, count: Any) -> None:
+    # [odata] count = false, and the server counts anyway (ignoring $filter, or as a word):
+    # "the server counted 5 entities but its pages held 1", or "malformed count".
+    v4.add_fault(wrong_shape({"value": [{"ID": 1}], "@odata.count": count}), entity_set="Stops")
+    with client(v4, count=False) as c:
+        assert [(p.rows, p.count) for p in c.pages("Stops")] == [([{"ID": 1}], None)]
+
+
+@pytest.mark.parametrize(("user", "password"), [("Администратор", "пароль"),
+                                                ("José", "pässwörd")])
+def test_basic_credentials_are_sent_in_utf8(user: str, password: str) -> None:
+    # Cyrillic was "internal error: UnicodeEncodeError: 'latin-1'"; Latin-1 went as Latin-1,
+    # and a service reading UTF-8 (RFC 7617) answered 401.
+    with ODataServer(DATA, username=user, password=password) as srv, \
+            client(srv, username=user, password=password) as c:
+        assert len(fetch(c)) == 40
+
+
+def test_a_wrong_service_url_points_at_the_url_not_the_mapping(v4: ODataServer) -> None:
+    with client(v4, url=v4.url.replace("/odata", "/odta")) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "the service document (check [odata] url): HTTP 404" in str(err.value)
+
+
+def test_an_upper_case_scheme_is_a_url_like_any_other(v4: ODataServer) -> None:
+    with client(v4, url=v4.url.replace("http://", "HTTP://")) as c:
+        assert len(fetch(c)) == 40
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[str]:
+    """An HTTPS port with a self-signed certificate: every handshake fails to verify."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.handle_error = lambda *a: None  # type: ignore[method-assign]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/odata/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_tls_failures_are_named_and_not_retried(tls_server: str, v4: ODataServer) -> None:
+    # Both were "connection failed after 5 attempts".
+    with ODataClient(ODataSettings(url=tls_server, backoff_base=1)) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (f"OData {endpoint(tls_server)} the service document: TLS "
+                              "certificate verification failed: self-signed certificate")
+    with client(v4, url=v4.url.replace("http://", "https://"), backoff_base=1) as c, \
+            pytest.raises(SourceError, match=r"the service document: TLS error: \w+") as err:
+        fetch(c)
+    assert "attempts" not in str(err.value)
+
+
+class _Redirects(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(307)
+        self.send_header("Location", self.server.target + self.path)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def redirecting(v4: ODataServer) -> Iterator[str]:
+    """A service URL that redirects every request to ``v4`` named ``localhost``."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Redirects)
+    httpd.target = f"http://localhost:{v4.port}"  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/odata/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_redirect_to_another_host_follows_the_foreign_next_link_policy(
+        v4: ODataServer, redirecting: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Redirects were followed in silence, with foreign_next_link = refuse too.
+    with client(v4, url=redirecting, foreign_next_link="refuse") as c, \
+            pytest.raises(SourceError, match=r"the service document: redirected to another host "
+                          r"\(localhost\); refusing to follow it"):
+        fetch(c)
+    assert v4.request_count() == 0
+    with caplog.at_level(logging.INFO, logger="pipeline.odata"), \
+            client(v4, url=redirecting) as c:
+        assert len(fetch(c)) == 40 and len(fetch(c, "Routes")) == 80
+    assert [r.getMessage() for r in caplog.records if "redirects" in r.getMessage()] == [
+        f"the OData service redirects to http://localhost:{v4.port}; following it ([odata] "
+        "foreign_next_link = rewrite)"]
+    v4.add_fault(status(404), entity_set="Stops")  # named as the host that answered
+    with client(v4, url=redirecting) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).startswith(f"OData http://localhost:{v4.port} Stops page 1")
+
+
+def test_an_xml_error_body_is_read() -> None:
+    # SAP's V2 errors were shown raw, cut at 300 characters.
+    body = (b'<?xml version="1.0" encoding="utf-8"?><error xmlns="http://schemas.microsoft.com/'
+            b'ado/2007/08/dataservices/metadata"><code>SY/530</code><message xml:lang="en">'
+            b'Backend system ERP_100 not reachable</message><innererror><transactionid>'
+            b'5F0C</transactionid></innererror></error>')
+    assert error_line(503, body, "application/xml") == (
+        "HTTP 503 SY/530: Backend system ERP_100 not reachable")
+    # a DTD (entities that expand) is not parsed: the text is shown as it is
+    bomb = b'<!DOCTYPE e [<!ENTITY a "aaaa">]><error><code>&a;</code></error>'
+    assert error_line(500, bomb, "application/xml").startswith("HTTP 500 <!DOCTYPE")
+
+
+def test_the_attempts_survive_a_long_error(v4: ODataServer) -> None:
+    v4.add_fault(status(503, message="overloaded " * 50), entity_set="Stops", times=None)
+    with client(v4, retries=2) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).endswith("… after 2 attempts")
+
+
+def test_markup_labelled_json_fails_at_once_showing_its_start(v4: ODataServer) -> None:
+    # A login page labelled application/json was "malformed JSON (Expecting value at byte 0;
+    # truncated?) after 5 attempts".
+    v4.add_fault(wrong_shape(b"\n<html>\n<head><title>Sign in</title></head><body>Please "
+                             b"sign in to continue to the gateway</body></html>"),
+                 entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (
+        "OData Stops page 1: expected JSON, got application/json starting '<html> <head>"
+        "<title>Sign in</title></head><body>Please sign '")
+    assert v4.request_count("Stops") == 1
+
+
+def test_a_raw_control_character_is_named_once(v4: ODataServer) -> None:
+    v4.add_fault(wrong_shape(b'{"value": [{"ID": 1, "name": "a\tb"}]}'), entity_set="Stops")
+    with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -344,6 +345,19 @@ def test_nan_is_named_and_nothing_is_written(
     assert rec.error is not None and "Stops page 1: Stops[ID=7] name: NaN or Infinity is not " \
         "a JSON number; nothing was written" in rec.error, rec.error
     assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("annotation", [b"NaN", b'"half \\ud800"'])
+def test_a_bad_value_in_a_page_annotation_names_the_set_and_page(
+        sync: Callable[..., RunRecord], server: ODataServer, annotation: bytes) -> None:
+    # It was "database error while staging the feed: invalid input syntax for type json".
+    page = json.dumps({"@x.score": 0, "value": server.rows("Routes")}).encode()
+    server.add_fault(wrong_shape(page.replace(b'"@x.score": 0', b'"@x.score": ' + annotation)),
+                     entity_set="Routes")
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == ("OData Routes page 1: an annotation of the page holds NaN, Infinity "
+                         "or a lone UTF-16 surrogate, which are not JSON; nothing was written")
 
 
 def test_a_bad_value_in_a_field_the_mapping_does_not_read_is_named(
@@ -704,6 +718,36 @@ def test_a_version_made_before_migration_015_restores_by_its_row_counts(
                  "WHERE version = 'ds-v1'")
     rec = restore(database_url, backups, "ds-v1")
     assert rec.status == "failed" and "the row counts of stops differ" in (rec.error or "")
+
+
+def test_restore_reads_the_pages_with_the_mapping_the_version_was_read_with(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any],
+        database_url: str, backups: BackupStore) -> None:
+    # A hand-edited manifest (latitude and longitude swapped) restored swapped coordinates
+    # under the same hash; a malformed one was "malformed setting [odata.mapping]", exit 78.
+    sync()
+    server.update_row("Stops", 3, name="changed")
+    assert sync().extra["dataset_version"] == "ds-v2"
+    before = snapshot(conn)
+    key = "datasets/ds-v1/manifest.json"
+    manifest = backups.get_json(key)
+    fields = manifest["odata"]["mapping"]["stops"]["fields"]
+    fields["latitude"], fields["longitude"] = fields["longitude"], fields["latitude"]
+    for odata in (manifest["odata"], {**manifest["odata"], "mapping": "garbage"}):
+        backups.put_json(key, {**manifest, "odata": odata})
+        rec = restore(database_url, backups, "ds-v1")
+        assert rec.status == "failed" and rec.exit_code == 1
+        assert rec.error == ("backup datasets/ds-v1/manifest.json does not match ds-v1: its "
+                             "OData protocol or mapping is not the one the version was read "
+                             "with")
+        assert snapshot(conn) == before
+    # a version recorded without it: the manifest is read, a malformed one named
+    conn.execute("UPDATE datasets SET stats = stats - 'odata'")
+    backups.put_json(key, {**manifest, "odata": {**manifest["odata"], "mapping": {"buses": {}}}})
+    rec = restore(database_url, backups, "ds-v1")
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert (rec.error or "").startswith("backup datasets/ds-v1/manifest.json: malformed "
+                                        "setting [odata.mapping]"), rec.error
 
 
 def test_restore_of_a_version_with_rejects_rejects_the_same_rows(
