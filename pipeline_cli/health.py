@@ -303,6 +303,8 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         if since is not None and (now - since).total_seconds() > h.running_warning_s:
             add(WARNING, stage, f"{stage} has been running for "
                 f"{human_duration((now - since).total_seconds())} (stuck?)")
+    for text in report.schedule.get("warnings", []):
+        add(WARNING, "schedule", text)
     sync = report.stages.get("sync-odata", {})
     last_sync = sync.get("last_success_at")
     if report.schema_version:
@@ -409,7 +411,8 @@ def collect_status(
     report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
                           generated_at=now, schema_applied=applied,
                           schedule={"sources": schedule.sources,
-                                    "entries": schedule.to_json()})
+                                    "entries": schedule.to_json(),
+                                    "warnings": schedule.warnings})
     if version == 0:
         report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
                                    "run `pipeline db migrate`")]
