@@ -191,9 +191,11 @@ class TimedOut(PipelineError):
     exit_code = EXIT_TIMED_OUT
 
     def __init__(self, stage: str, seconds: float, *, own: bool = True) -> None:
-        # A stage inside run-all may be stopped by run-all's limit: say whose limit it was.
+        # A stage inside run-all may be stopped by run-all's limit: say whose limit it was,
+        # and name the setting, so an operator knows what to raise.
         prefix = "" if own else f"{stage}'s "
-        super().__init__(f"{prefix}hard limit of {seconds:g} s passed")
+        setting = f"[runner] timeout_{stage.replace('-', '_')}"
+        super().__init__(f"{prefix}hard limit of {seconds:g} s passed ({setting})")
         self.stage = stage
         self.seconds = seconds
 

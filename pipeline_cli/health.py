@@ -64,6 +64,7 @@ class StatusReport:
     problems: list[Problem] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     locks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    locks_error: str | None = None  # why the locks were not read (an unmigrated database)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +96,8 @@ class StatusReport:
         for name in SECTIONS:
             out[name] = self.sections.get(name, {})
         out["locks"] = self.locks
+        if self.locks_error is not None:
+            out["locks_error"] = self.locks_error
         out["s3"] = self.s3
         out["schedule"] = self.schedule
         out["collect_ms"] = self.collect_ms
@@ -303,6 +306,8 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         if since is not None and (now - since).total_seconds() > h.running_warning_s:
             add(WARNING, stage, f"{stage} has been running for "
                 f"{human_duration((now - since).total_seconds())} (stuck?)")
+    for text in report.schedule.get("warnings", []):
+        add(WARNING, "schedule", text)
     sync = report.stages.get("sync-odata", {})
     last_sync = sync.get("last_success_at")
     if report.schema_version:
@@ -409,10 +414,15 @@ def collect_status(
     report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
                           generated_at=now, schema_applied=applied,
                           schedule={"sources": schedule.sources,
-                                    "entries": schedule.to_json()})
+                                    "entries": schedule.to_json(),
+                                    "warnings": schedule.warnings})
     if version == 0:
         report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
                                    "run `pipeline db migrate`")]
+        # Nothing was read: no section may look healthy, nor the locks free.
+        skipped = "not collected: the database is not migrated"
+        report.sections = {name: {"error": skipped} for name in SECTIONS}
+        report.locks_error = skipped
         report.health = CRITICAL
         report.collect_ms = int((time.monotonic() - started) * 1000)
         return report

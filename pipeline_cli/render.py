@@ -240,7 +240,8 @@ def prometheus_text(report: StatusReport | None) -> str:
         m.add("pipeline_section_ok", "error" not in section,
               "1 if the status section could be read", {"section": name})
         _numeric_leaves(m, f"pipeline_{name}", section, f"pipeline status {name} section")
-    m.add("pipeline_locks_held", len(report.locks), "stage locks held now")
+    m.add("pipeline_locks_held", None if report.locks_error else len(report.locks),
+          "stage locks held now")
     for lock in report.locks:
         m.add("pipeline_lock_held", 1, "1 while the stage lock is held", {"stage": lock})
     if report.s3.get("configured"):

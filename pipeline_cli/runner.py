@@ -346,6 +346,30 @@ def reap_crashed(conn: psycopg.Connection[Any]) -> list[str]:
 _STOP = StopFlag()
 
 
+def ignore_late_signals() -> Callable[[], None]:
+    """From here on SIGTERM and SIGINT are logged and ignored; returns what restores the
+    previous handlers (nothing changes outside the main thread).
+
+    For the CLI once a run's result is recorded: a signal while it renders the result and
+    closes its clients (cron's ``timeout``, a deploy) must leave the recorded result's exit
+    code, not make it 143 with nothing said."""
+    def late(signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %s after the run was recorded: exiting with its result", signum)
+
+    saved: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            saved[sig] = signal.signal(sig, late)
+    except ValueError:  # not the main thread
+        pass
+
+    def restore() -> None:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 class StageRunner:
     """Runs stage functions under the lock/history/signal discipline.
 
@@ -485,22 +509,24 @@ class StageRunner:
                 timed_out = TimedOut(expired.stage, expired.seconds, own=expired is limit)
                 error, exit_code = str(timed_out), timed_out.exit_code
                 result = StageResult(status=FAILED, counts=result.counts, extra=result.extra)
-        duration_ms = int((time.monotonic() - started) * 1000)
-        # Busy (exit 75) inside the run: a run-all met a stage another run holds; that run
-        # does the work, so this one is skipped, not a failure for status to count.
-        status = (result.status if error is None
-                  else SKIPPED if exit_code == EXIT_LOCK_BUSY else FAILED)
-        record = RunRecord(stage=stage, run_id=run_id, status=status, duration_ms=duration_ms,
-                           counts=result.counts, extra=result.extra,
-                           message=self.redact(result.message), error=error,
-                           exit_code=exit_code if error else EXIT_OK, recorded=record_run)
-        if record_run:
-            self._finish(conn, record)
-        if error:
-            adapter.error("failed: %s", error)
-        else:
-            adapter.info("%s in %d ms %s", status, duration_ms, result.message)
-        return record
+            # Still under the stop flag: a signal now lets the result be recorded as it is
+            # (with the default handler back, it killed the process and the run "crashed").
+            duration_ms = int((time.monotonic() - started) * 1000)
+            # Busy (exit 75) inside the run: a run-all met a stage another run holds; that run
+            # does the work, so this one is skipped, not a failure for status to count.
+            status = (result.status if error is None
+                      else SKIPPED if exit_code == EXIT_LOCK_BUSY else FAILED)
+            record = RunRecord(stage=stage, run_id=run_id, status=status,
+                               duration_ms=duration_ms, counts=result.counts, extra=result.extra,
+                               message=self.redact(result.message), error=error,
+                               exit_code=exit_code if error else EXIT_OK, recorded=record_run)
+            if record_run:
+                self._finish(conn, record)
+            if error:
+                adapter.error("failed: %s", error)
+            else:
+                adapter.info("%s in %d ms %s", status, duration_ms, result.message)
+            return record
 
     def _start(self, conn: psycopg.Connection[Any], lock: psycopg.Connection[Any], stage: str,
                run_id: str, options: dict[str, Any]) -> None:

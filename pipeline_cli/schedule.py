@@ -25,11 +25,14 @@ SCHEDULED_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "in
                     "run-all", "prune")
 # Command groups: their subcommand is the second word (`pipeline db migrate`).
 _GROUPS = {"db", "config", "graph", "batches", "restore", "demo"}
+# Every top-level command: a `pipeline` token followed by another word (a /etc/cron.d user
+# field named "pipeline", then `set -a && ...`) is not the call, and the search goes on.
+COMMANDS = frozenset({*SCHEDULED_STAGES, *_GROUPS, "status", "doctor", "export", "completion",
+                      "datasets"})
 # Global options that take a value.
 _VALUE_OPTIONS = {"--config", "--log-format"}
 _NICKNAMES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 _ASSIGN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
-_SUBCOMMAND_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 _VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 # A run that started up to this long before its slot counts for it (cron fires on the minute;
 # clocks and `run-all` calling a stage a few seconds early must not make it "late").
@@ -50,17 +53,19 @@ class CronEntry:
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.line else self.source
 
-    def _zone(self, now: datetime) -> tzinfo:
+    def _zone(self) -> tzinfo:
         if self.tz:
             try:
                 return ZoneInfo(self.tz)
             except (ZoneInfoNotFoundError, ValueError):
                 pass
-        return now.tzinfo or datetime.now().astimezone().tzinfo  # type: ignore[return-value]
+        # Cron's local time: the host's zone (TZ, /etc/localtime), not PostgreSQL's, whose
+        # session TimeZone ``now`` carries.
+        return datetime.now().astimezone().tzinfo  # type: ignore[return-value]
 
     def next(self, after: datetime) -> datetime:
         """The first slot strictly after ``after``."""
-        local = after.astimezone(self._zone(after))
+        local = after.astimezone(self._zone())
         slot: datetime = croniter(self.expr, local).get_next(datetime)
         return slot
 
@@ -71,6 +76,8 @@ class Schedule:
 
     entries: dict[str, list[CronEntry]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    # Crontab lines that call pipeline but name no command: status shows them as a warning.
+    warnings: list[str] = field(default_factory=list)
 
     def for_stage(self, stage: str) -> list[CronEntry]:
         return self.entries.get(stage, [])
@@ -121,16 +128,23 @@ def _cron_command(raw: str) -> str:
     return "".join(out)
 
 
-def find_invocation(command: str) -> tuple[str, tuple[str, ...]] | None:
-    """(subcommand, args) of the first ``pipeline`` call in a shell command line, or None."""
+def _tokens(command: str) -> list[str]:
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
-    tokens = list(lexer)
-    for i, tok in enumerate(tokens):
-        is_script = os.path.basename(tok) == "pipeline"
-        is_module = tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "pipeline_cli"
-        if not (is_script or is_module):
-            continue
+    return list(lexer)
+
+
+def _calls(tokens: list[str]) -> list[int]:
+    """Where ``pipeline`` (or ``python -m pipeline_cli``) appears: each may start a call."""
+    return [i for i, tok in enumerate(tokens) if os.path.basename(tok) == "pipeline"
+            or (tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "pipeline_cli")]
+
+
+def find_invocation(command: str) -> tuple[str, tuple[str, ...]] | None:
+    """(subcommand, args) of the first ``pipeline`` call in a shell command line, or None."""
+    tokens = _tokens(command)
+    for i in _calls(tokens):
+        is_module = tokens[i] == "-m"
         rest = tokens[i + (2 if is_module else 1):]
         j = 0
         while j < len(rest) and rest[j].startswith("-"):
@@ -140,8 +154,7 @@ def find_invocation(command: str) -> tuple[str, tuple[str, ...]] | None:
             if not tok2 or tok2[0] in "&|;<>()":
                 break
             words.append(tok2)
-        if not words or not _SUBCOMMAND_RE.match(words[0]) or words[0] == "pipeline" \
-                or words[0].startswith("python"):
+        if not words or words[0] not in COMMANDS:
             continue  # e.g. a /etc/cron.d user field named "pipeline" before the real call
         if words[0] in _GROUPS and len(words) > 1:
             return f"{words[0]} {words[1]}", tuple(words[2:])
@@ -160,8 +173,12 @@ def _cron_problem(expr: str) -> str | None:
     return None
 
 
-def parse_crontab(text: str, source: str = "crontab") -> list[CronEntry]:
-    """Every line of ``text`` that runs ``pipeline``; ConfigError names a bad line."""
+def parse_crontab(text: str, source: str = "crontab",
+                  warnings: list[str] | None = None) -> list[CronEntry]:
+    """Every line of ``text`` that runs ``pipeline``; ConfigError names a bad line.
+
+    A line that calls pipeline but names no command it knows is added to ``warnings``.
+    """
     env: dict[str, str] = {}
     tz: str | None = None
     found: list[CronEntry] = []
@@ -191,11 +208,18 @@ def parse_crontab(text: str, source: str = "crontab") -> list[CronEntry]:
             expr, command = " ".join(fields[:5]), fields[5]
         if (why := _cron_problem(expr)) is not None:
             raise ConfigError(f"{source}:{lineno}: {why} {expr!r}", key="schedule.crontab")
+        expanded = _expand(_cron_command(command), env)
         try:
-            call = find_invocation(_expand(_cron_command(command), env))
+            call = find_invocation(expanded)
         except ValueError as exc:
             raise ConfigError(f"{source}:{lineno}: cannot parse the command: {exc}",
                               key="schedule.crontab") from None
+        tokens = _tokens(expanded)
+        # A bare leading "pipeline" is a /etc/cron.d user field: that user may run other jobs.
+        if call is None and warnings is not None and [
+                i for i in _calls(tokens) if i or tokens[0] != "pipeline"]:
+            warnings.append(f"{source}:{lineno} calls pipeline but names no pipeline command: "
+                            "status cannot tell when it is overdue")
         if call is not None:
             found.append(CronEntry(expr=expr, command=call[0], args=call[1], source=source,
                                    line=lineno, tz=tz))
@@ -215,7 +239,7 @@ def build_schedule(crontab: str | os.PathLike[str] | None,
             raise ConfigError(f"cannot read [schedule] crontab {path}: {exc.strerror}",
                               key="schedule.crontab") from None
         schedule.sources.append(str(path))
-        for entry in parse_crontab(text, str(path)):
+        for entry in parse_crontab(text, str(path), schedule.warnings):
             if entry.command in SCHEDULED_STAGES:
                 schedule.entries.setdefault(entry.command, []).append(entry)
     for stage, expr in (entries or {}).items():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shlex
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from pipeline_cli.errors import ConfigError
-from pipeline_cli.schedule import build_schedule, find_invocation, parse_crontab
+from pipeline_cli.schedule import COMMANDS, build_schedule, find_invocation, parse_crontab
 from pipeline_cli.settings import RunnerSettings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "crontab.example"
@@ -143,3 +144,49 @@ def test_a_crontab_not_in_utf8_is_read(tmp_path: Path) -> None:
     path = tmp_path / "crontab"
     path.write_bytes("# Päivitys\n*/5 * * * * pipeline sync-odata\n".encode("latin-1"))
     assert list(build_schedule(path).entries) == ["sync-odata"]
+
+
+def test_cron_d_copy_of_the_example(tmp_path: Path) -> None:
+    # Copied to /etc/cron.d with the user field "pipeline": status found no stage at all, as the
+    # user field was read as the call and `set` as its command.
+    lines = [" ".join([*line.split(None, 5)[:5], "pipeline", line.split(None, 5)[5]])
+             if line[0] in "*0123456789" else line
+             for line in EXAMPLE.read_text().splitlines() if line]
+    path = tmp_path / "pipeline"
+    path.write_text("\n".join(lines) + "\n")
+    schedule = build_schedule(path)
+    assert set(schedule.entries) == {"sync-odata", "match-gps", "run-all", "prune"}
+    assert schedule.warnings == []
+
+
+def test_a_line_calling_pipeline_without_a_command_is_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "crontab"
+    path.write_text("*/5 * * * * /opt/p/bin/pipeline -q sync_odata\n"
+                    "0 1 * * * pipeline /usr/local/bin/backup.sh\n"  # cron.d: another job
+                    "0 2 * * * /opt/p/bin/pipeline -q status --check\n")
+    schedule = build_schedule(path)
+    assert schedule.entries == {}
+    assert schedule.warnings == [f"{path}:1 calls pipeline but names no pipeline command: "
+                                 "status cannot tell when it is overdue"]
+
+
+def test_times_are_the_hosts_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read in PostgreSQL's zone (that of `now`), a Helsinki host's on-time 02:30 prune was
+    # "expected at 02:30+00:00".
+    monkeypatch.setenv("TZ", "Europe/Helsinki")
+    time.tzset()
+    try:
+        schedule = build_schedule(None, {"prune": "30 2 * * *"})
+        now = datetime(2026, 12, 6, 14, 0, tzinfo=UTC)
+        assert schedule.next_run("prune", now) == datetime(2026, 12, 7, 0, 30, tzinfo=UTC)
+        ran = datetime(2026, 12, 6, 0, 30, 5, tzinfo=UTC)  # 02:30:05 in Helsinki
+        assert schedule.expected_since("prune", ran, ran, now) is None
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_every_command_is_known_to_the_schedule() -> None:
+    from pipeline_cli.commands import COMMANDS as CLI_COMMANDS
+
+    assert set(CLI_COMMANDS) <= COMMANDS

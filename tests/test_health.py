@@ -144,6 +144,19 @@ def test_overdue_from_the_schedule(conn: Conn, database_url: str) -> None:
     assert report.stages["sync-odata"]["overdue"] is False and report.health == OK
 
 
+def test_a_crontab_line_naming_no_command_is_a_warning(conn: Conn, database_url: str,
+                                                       tmp_path: Any) -> None:
+    run(database_url, "sync-odata", "success")
+    path = tmp_path / "crontab"
+    path.write_text("* * * * * /opt/p/bin/pipeline -q sync_odata\n")
+    report = collect_status(conn, schedule=build_schedule(path), sections=quiet_sections())
+    assert report.health == WARNING
+    assert [(p.area, p.message) for p in report.problems] == [
+        ("schedule", f"{path}:1 calls pipeline but names no pipeline command: "
+                     "status cannot tell when it is overdue")]
+    assert report.to_json()["schedule"]["warnings"] == [report.problems[0].message]
+
+
 def test_never_ran_is_overdue_only_after_install_plus_grace(conn: Conn, database_url: str
                                                             ) -> None:
     run(database_url, "sync-odata", "success")

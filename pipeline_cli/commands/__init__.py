@@ -18,7 +18,7 @@ from .. import render
 from ..adapters.heartbeat import Heartbeat
 from ..app import App
 from ..errors import LockBusy, PipelineError
-from ..runner import RunContext, RunRecord, StageResult
+from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)
@@ -166,6 +166,16 @@ def wait_option(fn: F) -> F:
                         help="Wait up to SECONDS for a busy stage lock instead of exiting 75.")(fn)
 
 
+def _keep_the_result(app: App) -> None:
+    """The result is recorded: a stop signal from now until the process exits (rendering,
+    closing the clients) leaves its exit code. The handlers come back after the clients are
+    closed: the restore goes under everything ``app.resources`` already holds."""
+    restore = ignore_late_signals()
+    clients = app.resources.pop_all()
+    app.resources.callback(restore)
+    app.resources.enter_context(clients)
+
+
 def run_stage(
     app: App,
     stage: str,
@@ -187,6 +197,7 @@ def run_stage(
     try:
         record = app.runner().run(stage, fn, wait=wait, options=options, singleton=singleton,
                                   dry_run=dry_run)
+        _keep_the_result(app)
     except LockBusy:
         raise  # the run holding the lock is doing the work and will ping
     except PipelineError as exc:  # refused before it started: schema, database, settings

@@ -19,12 +19,14 @@ def show(app: App, record: RunRecord) -> int:
         render.print_json(record.to_json())
         return record.exit_code
     stages = record.extra.get("stages", {})
+    problems = record.extra.get("problems") or []  # the failed stage's, as it shows them alone
     if record.error and app.log_format == "json":  # the whole story in one log object
-        render.stderr_error(app, f"pipeline run-all: error: {record.error}", stage="run-all",
-                            run_id=record.run_id, exit_code=record.exit_code, stages=stages)
+        render.stderr_error(app, f"pipeline run-all: error: {record.error}", problems,
+                            stage="run-all", run_id=record.run_id, exit_code=record.exit_code,
+                            stages=stages)
         return record.exit_code
     if record.error:
-        click.echo(f"pipeline run-all: error: {record.error}", err=True)
+        render.stderr_error(app, f"pipeline run-all: error: {record.error}", problems)
     elif app.verbosity < 0:
         return record.exit_code
     run = f"run {record.run_id}" if record.recorded else "dry run, not recorded"

@@ -148,12 +148,21 @@ def show(report: StatusReport) -> None:
         click.echo(textwrap.fill(text or "-", width=100, initial_indent=f"{name:8s} ",
                                  subsequent_indent=" " * 9, break_on_hyphens=False,
                                  break_long_words=False))  # never cut an id
-    if report.locks:
+    if report.locks_error:
+        click.echo(f"locks    {report.locks_error}")
+    elif report.locks:
         for lock, h in report.locks.items():
-            click.echo(f"lock     {lock} held by {h['host'] or 'session ' + str(h['backend_pid'])}"
-                       f" pid {h['pid']} since {_ago(now, h['since'])}")
+            click.echo(f"lock     {lock} held by {_holder(h, now)}")
     else:
         click.echo("locks    none held")
+
+
+def _holder(h: dict[str, Any], now: datetime) -> str:
+    """Who holds a lock, worded as the lock-busy error words it (runner.LockHolder)."""
+    if h["host"] is None:  # a session that is not a pipeline run (psql, another tool)
+        return f"session {h['backend_pid']} ({h['application'] or 'unknown'})"
+    pid = f" pid {h['pid']}" if h["pid"] is not None else ""
+    return f"host {h['host']}{pid} since {_ago(now, h['since'])}"
 
 
 def _short(value: Any) -> str:

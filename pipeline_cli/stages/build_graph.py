@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -327,10 +327,13 @@ def plan(
     *,
     force: bool = False,
     upstream: str | None = None,
+    upstream_unknown_modes: Mapping[str, int] | None = None,
 ) -> StageResult:
     """What :func:`build_graph` would do, decided and validated the same way; writes nothing
     (no reconcile, no sequence number, no key). ``upstream`` names new input an upstream dry
-    run would make (run-all --dry-run): the build is then judged from it, not from the tables.
+    run would make (run-all --dry-run): the build is then judged from it, not from the tables,
+    and fails as the real build would on the route modes without a speed of the dataset it
+    would get (``upstream_unknown_modes``, from sync-odata's dry run).
 
     Status ``dry-run`` (``skipped`` as the real run without an active dataset or generation);
     raises ValidationError where the real run would."""
@@ -345,6 +348,10 @@ def plan(
             extra: dict[str, Any] = {"dry_run": True, "dataset_version": inputs.dataset_version,
                                      "generation_id": inputs.generation_id}
             if upstream is not None:
+                if upstream_unknown_modes:
+                    unknown = dict(upstream_unknown_modes)
+                    raise ValidationError(describe_unknown(unknown),
+                                          partial=StageResult(extra={"unknown_modes": unknown}))
                 return StageResult(status=DRY_RUN, extra=extra | {
                     "would_run": True, "graph_version": version},
                     message=f"would build {version} from {upstream}")

@@ -17,8 +17,9 @@ import psycopg
 
 from .. import db
 from ..adapters.backups import BackupStore
+from ..errors import PipelineError
 from ..gps import partitions
-from ..runner import DRY_RUN, NOOP, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, FAILED, NOOP, SUCCESS, RunContext, StageResult
 from ..settings import RetentionSettings
 from .build_graph import export_prefix
 
@@ -35,6 +36,7 @@ class _Pass:
     chunk: int
     dry_run: bool
     ctx: RunContext
+    counts: dict[str, int]
 
     def cutoff(self, days: int) -> datetime:
         return self.now - timedelta(days=days)
@@ -45,17 +47,17 @@ class _Pass:
         assert row is not None
         return dict(row)
 
-    def delete_chunks(self, name: str, params: dict[str, Any]) -> int:
-        """Run a chunked delete until it deletes nothing; returns the rows deleted."""
-        total = 0
+    def delete_chunks(self, kind: str, name: str, params: dict[str, Any]) -> None:
+        """Run a chunked delete until it deletes nothing, adding each committed chunk to
+        ``counts[kind]`` at once (a later failure still reports it)."""
         while True:
             self.ctx.check_stop()  # between chunks: each one is committed on its own
             with db.wrap_errors(f"pruning ({name})"), self.conn.transaction():
                 n = self.conn.execute(db.query("prune", name),
                                       params | {"chunk": self.chunk}).rowcount
-            total += n
+            self.counts[kind] += n
             if n == 0:
-                return total
+                return
 
 
 def prune(database: db.Database, backups: BackupStore | None, settings: RetentionSettings,
@@ -63,20 +65,27 @@ def prune(database: db.Database, backups: BackupStore | None, settings: Retentio
     """Delete what ``settings`` says is due (``dry_run``: count it). ``backups`` may be None
     only for a dry run, or when no dataset is due."""
     counts = dict.fromkeys(KINDS, 0)
-    with database.connect(name="pipeline prune", autocommit=True) as conn:
-        with db.wrap_errors("reading the clock"):
-            clock = conn.execute("SELECT now() AS now").fetchone()
-        assert clock is not None
-        p = _Pass(conn, clock["now"], settings.chunk_size, dry_run, ctx)
-        if settings.gps_days:
-            counts.update(_prune_gps(p, settings.gps_days))
-        if settings.polyline_days:
-            counts["polylines"] = _prune_polylines(p, settings.polyline_days)
-        if settings.runs_days:
-            counts["stage_runs"] = _prune_runs(p, settings.runs_days)
-        datasets: list[str] = []
-        if settings.datasets:
-            datasets = _prune_datasets(p, backups, settings.datasets, counts)
+    datasets: list[str] = []
+    try:
+        with database.connect(name="pipeline prune", autocommit=True) as conn:
+            with db.wrap_errors("reading the clock"):
+                clock = conn.execute("SELECT now() AS now").fetchone()
+            assert clock is not None
+            p = _Pass(conn, clock["now"], settings.chunk_size, dry_run, ctx, counts)
+            if settings.gps_days:
+                _prune_gps(p, settings.gps_days)
+            if settings.polyline_days:
+                _prune_polylines(p, settings.polyline_days)
+            if settings.runs_days:
+                _prune_runs(p, settings.runs_days)
+            if settings.datasets:
+                _prune_datasets(p, backups, settings.datasets, datasets)
+    except PipelineError as exc:
+        # What was deleted before the failure stays deleted: the failed run reports it.
+        if exc.partial is None:
+            exc.partial = StageResult(status=FAILED, counts=counts,
+                                      extra={"datasets_deleted": datasets})
+        raise
     summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
     extra: dict[str, Any] = {"datasets_deleted": datasets}
     if dry_run:
@@ -87,7 +96,7 @@ def prune(database: db.Database, backups: BackupStore | None, settings: Retentio
                        message=f"deleted {summary}" if summary else "nothing is due")
 
 
-def _prune_gps(p: _Pass, days: int) -> dict[str, int]:
+def _prune_gps(p: _Pass, days: int) -> None:
     """GPS points processed more than ``days`` ago, then the finished batches before the cutoff
     that no longer hold a point; points no finished batch has read stay whatever their age,
     and dead batches stay (the evidence). A daily partition wholly due and wholly processed is
@@ -95,56 +104,57 @@ def _prune_gps(p: _Pass, days: int) -> dict[str, int]:
     cutoff = p.cutoff(days)
     pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run,
                               check_stop=p.ctx.check_stop)
-    points = pruned.points_dropped + pruned.points_deleted
+    p.counts["gps_points"] = pruned.points_dropped + pruned.points_deleted
     params = {"cutoff": cutoff}
     if p.dry_run:
-        return {"gps_points": points,
-                "gps_batches": int(p.count("gps_batches_due", params)["n"])}
-    return {"gps_points": points,
-            "gps_batches": p.delete_chunks("gps_batches_delete_chunk", params)}
+        p.counts["gps_batches"] = int(p.count("gps_batches_due", params)["n"])
+    else:
+        p.delete_chunks("gps_batches", "gps_batches_delete_chunk", params)
 
 
-def _prune_polylines(p: _Pass, days: int) -> int:
+def _prune_polylines(p: _Pass, days: int) -> None:
     params = {"cutoff": p.cutoff(days)}
     if p.dry_run:
-        return int(p.count("polylines_due", params)["n"])
-    return p.delete_chunks("polylines_delete_chunk", params)
+        p.counts["polylines"] = int(p.count("polylines_due", params)["n"])
+    else:
+        p.delete_chunks("polylines", "polylines_delete_chunk", params)
 
 
-def _prune_runs(p: _Pass, days: int) -> int:
+def _prune_runs(p: _Pass, days: int) -> None:
     with db.wrap_errors("reading the runs status needs"):
         keep = [r["run_id"] for r in p.conn.execute(db.query("prune", "runs_keep"))]
     params = {"cutoff": p.cutoff(days), "keep": keep}
     if p.dry_run:
-        return int(p.count("runs_due", params)["n"])
-    return p.delete_chunks("runs_delete_chunk", params)
+        p.counts["stage_runs"] = int(p.count("runs_due", params)["n"])
+    else:
+        p.delete_chunks("stage_runs", "runs_delete_chunk", params)
 
 
-def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int,
-                    counts: dict[str, int]) -> list[str]:
+def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list[str]
+                    ) -> None:
     """Dataset versions beyond the ``keep`` newest, with their generations and graph versions
-    and the S3 objects of all three; never the active dataset or the active graph's.
+    and the S3 objects of all three; never the active dataset or the active graph's. Each
+    version deleted (or, in a dry run, due) is appended to ``done``.
 
     S3 goes first, then the rows in one transaction: a failure in between leaves the rows,
     and the next run deletes what is left of the objects, so no object is ever orphaned."""
     with db.wrap_errors("reading the dataset versions"):
         due = p.conn.execute(db.query("prune", "datasets_due"), {"keep": keep}).fetchall()
-    done = []
     for d in due:
         p.ctx.check_stop()
         prefixes = [d["backup_prefix"], *(export_prefix(v) for v in d["graphs"])]
         if p.dry_run:
-            counts["datasets"] += 1
-            counts["virtual_generations"] += len(d["generations"])
-            counts["graph_versions"] += len(d["graphs"])
+            p.counts["datasets"] += 1
+            p.counts["virtual_generations"] += len(d["generations"])
+            p.counts["graph_versions"] += len(d["graphs"])
             if backups is not None:
-                counts["s3_objects"] += sum(len(list(backups.list(x))) for x in prefixes)
+                p.counts["s3_objects"] += sum(len(list(backups.list(x))) for x in prefixes)
             done.append(d["version"])
             continue
         if backups is None:
             raise ValueError("a backup store is needed to delete dataset versions")
         for prefix in prefixes:
-            counts["s3_objects"] += backups.delete_prefix(prefix)
+            p.counts["s3_objects"] += backups.delete_prefix(prefix)
         with db.wrap_errors(f"deleting dataset {d['version']}"), p.conn.transaction():
             row = p.conn.execute(db.query("prune", "dataset_delete"),
                                  {"version": d["version"]}).fetchone()
@@ -152,13 +162,12 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int,
             if not row["datasets"]:  # it became active (a restore) since it was listed
                 continue
             p.conn.execute(db.query("prune", "dataset_delete_row"), {"version": d["version"]})
-        counts["datasets"] += 1
-        counts["virtual_generations"] += int(row["generations"])
-        counts["graph_versions"] += int(row["graph_versions"])
+        p.counts["datasets"] += 1
+        p.counts["virtual_generations"] += int(row["generations"])
+        p.counts["graph_versions"] += int(row["graph_versions"])
         p.ctx.log.info("deleted dataset %s (%d generations, graph versions %s)",
                        d["version"], row["generations"], ", ".join(d["graphs"]) or "none")
         done.append(d["version"])
-    return done
 
 
 def status_section(conn: psycopg.Connection[Any], now: datetime | None = None

@@ -10,7 +10,8 @@ fails with that stage's exit code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,13 @@ class StageFailed(PipelineError):
 
     def __init__(self, stage: str, error: str, exit_code: int, stages: dict[str, Any]) -> None:
         busy = stages.get(stage, {}).get("status") == BUSY
+        extra: dict[str, Any] = {"stages": stages, "failed_stage": stage}
+        problems = stages.get(stage, {}).get("problems")
+        if problems:  # shown under the error line, as the stage on its own shows them
+            extra["problems"] = problems
         super().__init__(f"{'stopped at' if busy else stage + ' failed'}"
                          f"{' ' + stage if busy else ''}: {error}", partial=StageResult(
-            counts=_counts(stages), extra={"stages": stages, "failed_stage": stage}))
+            counts=_counts(stages), extra=extra))
         self.exit_code = exit_code
 
 
@@ -68,8 +73,25 @@ def _counts(stages: dict[str, Any]) -> dict[str, int]:
         if s.get("run_id"):
             out["ran"] += 1
         status = "skipped" if s["status"] == BUSY else s["status"]  # another run has it
-        out[status if status in out else "failed"] += 1
+        if status == DRY_RUN:  # a stage's dry run that passed, in run-all --dry-run
+            out["dry_run"] = out.get("dry_run", 0) + 1
+        else:
+            out[status if status in out else "failed"] += 1
     return out
+
+
+@contextmanager
+def _keeping(results: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """A stop signal or hard limit between stages keeps what the stages already did in the
+    run-all's result and record (a stage's own failure carries them in StageFailed)."""
+    try:
+        yield
+    except StageFailed:
+        raise
+    except PipelineError as exc:
+        if exc.partial is None:
+            exc.partial = StageResult(counts=_counts(results), extra={"stages": results})
+        raise
 
 
 def _record_json(record: RunRecord, reason: str) -> dict[str, Any]:
@@ -148,7 +170,7 @@ def run_all(
     }
     results: dict[str, dict[str, Any]] = {}
     produced = True  # sync-odata always runs: it is the only way to learn the feed changed
-    with database.connect("pipeline run-all probe", autocommit=True) as conn:
+    with _keeping(results), database.connect("pipeline run-all probe", autocommit=True) as conn:
         for stage in CHAIN:
             ctx.check_stop()
             if stage == "sync-odata":
@@ -208,6 +230,7 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
     "would build from it", without reading tables the real upstream run would have changed."""
     database = runner.database
     new: str | None = None  # what the upstream stage would make, in words
+    unknown: dict[str, int] = {}  # route modes without a speed in the dataset build-graph gets
 
     def gen_virtual(c: RunContext) -> StageResult:
         if new is not None:
@@ -223,29 +246,31 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
         "gen-virtual": gen_virtual,
         "build-graph": lambda c: build_graph_stage.plan(
             database, clients.graph_store(), settings.graph, settings.virtual.speeds_kmh,
-            upstream=new),
+            upstream=new, upstream_unknown_modes=unknown),
         "match-gps": lambda c: match_gps_stage.preview(database),
     }
     results: dict[str, dict[str, Any]] = {}
-    for stage in CHAIN:
-        ctx.check_stop()
-        try:
-            record = runner.run(stage, fns[stage], wait=wait, dry_run=True,
-                                options={"run_all": ctx.run_id, "dry_run": True})
-        except LockBusy as exc:
-            results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
-                              "counts": {}, "error": str(exc), "exit_code": exc.exit_code}
-            raise StageFailed(stage, str(exc), exc.exit_code, results) from None
-        results[stage] = _record_json(record, "dry run")
-        if record.status == FAILED:
-            raise StageFailed(stage, record.error or "failed", record.exit_code, results)
-        would = _would_produce(stage, record)
-        results[stage]["would_run"] = would
-        if stage == "sync-odata":
-            new = "the new dataset sync-odata would make" if would else None
-        elif stage == "gen-virtual":
-            new = ("the new virtual generation gen-virtual would make"
-                   if would else None)
+    with _keeping(results):
+        for stage in CHAIN:
+            ctx.check_stop()
+            try:
+                record = runner.run(stage, fns[stage], wait=wait, dry_run=True,
+                                    options={"run_all": ctx.run_id, "dry_run": True})
+            except LockBusy as exc:
+                results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
+                                  "counts": {}, "error": str(exc), "exit_code": exc.exit_code}
+                raise StageFailed(stage, str(exc), exc.exit_code, results) from None
+            results[stage] = _record_json(record, "dry run")
+            if record.status == FAILED:
+                raise StageFailed(stage, record.error or "failed", record.exit_code, results)
+            would = _would_produce(stage, record)
+            results[stage]["would_run"] = would
+            if stage == "sync-odata":
+                new = "the new dataset sync-odata would make" if would else None
+                unknown = record.extra.get("unknown_modes") or {}
+            elif stage == "gen-virtual":
+                new = ("the new virtual generation gen-virtual would make"
+                       if would else None)
     summary = "; ".join(f"{s}: {r.get('message') or r['status']}" for s, r in results.items())
     return StageResult(status=DRY_RUN, counts=_counts(results),
                        extra={"stages": results, "dry_run": True}, message=summary)

@@ -706,12 +706,12 @@ def sync_odata(
     Strict by default: any problem raises ValidationError and nothing is written. With
     ``skip_invalid`` bad rows (and rows that reference them) are left out and recorded.
     ``backups`` may be None only for a dry run. The result notes the route modes of the
-    active dataset that have no speed in ``speeds_kmh`` (``[virtual] speeds_kmh``), on which
-    build-graph would fail.
+    active dataset (of the feed, for a dry run) that have no speed in ``speeds_kmh``
+    (``[virtual] speeds_kmh``), on which build-graph would fail.
     """
     result, modes = _sync(database, client, backups, ctx, mapping=mapping,
                           skip_invalid=skip_invalid, dry_run=dry_run, force=force)
-    if dry_run:  # the read model still holds the active dataset, not the feed
+    if modes is None and dry_run:  # the read model still holds the active dataset, not the feed
         return result
     if modes is None:  # an active version made before its route modes were recorded
         with _connect(database, ctx) as conn:
@@ -789,12 +789,13 @@ def _sync(database: db.Database, client: ODataClient, backups: BackupStore | Non
             # the same rows: rolled back
             return _noop(active, counts, reject_extra), active["stats"].get("route_modes")
         if dry_run:  # what a run would have written; the connection closes uncommitted
+            modes = _route_modes(conn, loader.sets["routes"].stage, loader.sets["flights"].stage)
             return StageResult(
                 status=SKIPPED, counts=counts,
                 extra=_result_extra(active["version"] if active else None,
                                     loader.hashes()[0], diff)
                 | reject_extra | {"dry_run": True},
-                message="dry run: nothing written" + _diff_text(diff)), None
+                message="dry run: nothing written" + _diff_text(diff)), modes
         assert backups is not None
         version, hash_, modes = write_version(
             conn, loader, backups, ctx, diff, counts=counts, source="sync",

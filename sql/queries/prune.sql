@@ -40,16 +40,24 @@ WITH due AS (
 DELETE FROM cached_polylines c USING due WHERE c.id = due.id;
 
 -- name: runs_keep
--- Runs kept whatever their age: the newest run and the newest good run of each stage, which
--- `status` reads (last run, last success, overdue).
+-- Runs kept whatever their age: those `status` reads. Per stage the newest run (last run), the
+-- newest success (last work) and noop (with it, the last good run: overdue), and every failed
+-- or crashed run after the newest good one (failures in a row: pruning them turned "failed 5
+-- times in a row" into 1).
+WITH good AS (
+    SELECT DISTINCT ON (stage, status) run_id, stage, started_at FROM stage_runs
+    WHERE status IN ('success', 'noop') ORDER BY stage, status, started_at DESC
+)
+SELECT run_id FROM good
+UNION
 SELECT run_id FROM (
     SELECT DISTINCT ON (stage) run_id FROM stage_runs ORDER BY stage, started_at DESC
 ) newest
 UNION
-SELECT run_id FROM (
-    SELECT DISTINCT ON (stage) run_id FROM stage_runs WHERE status IN ('success', 'noop')
-    ORDER BY stage, started_at DESC
-) good;
+SELECT r.run_id FROM stage_runs r
+LEFT JOIN (SELECT stage, max(started_at) AS started_at FROM good GROUP BY stage) g
+    ON g.stage = r.stage
+WHERE r.status IN ('failed', 'crashed') AND r.started_at > coalesce(g.started_at, '-infinity');
 
 -- name: runs_due
 SELECT count(*) AS n FROM stage_runs

@@ -11,6 +11,7 @@ import click
 import pytest
 
 from devtools import docs_gen
+from pipeline_cli import db
 from pipeline_cli.cli import cli
 from pipeline_cli.commands import COMMANDS, LazyGroup
 from tests.support.clirunner import Cli
@@ -210,3 +211,49 @@ def test_options_refuse_nan_and_numbers_the_database_cannot_take(run_cli: Cli,
     # nan reached the run record as invalid JSON; a huge --limit, PostgreSQL's bigint.
     result = run_cli(*args)
     assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
+
+
+LATE_SIGNAL = """
+import os, signal, sys
+import click
+from pipeline_cli import render
+from pipeline_cli.app import App
+from pipeline_cli.commands import run_stage
+from pipeline_cli.runner import StageResult
+
+def term() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def show(app, record):
+    if sys.argv[1] == "render":
+        term()
+    return render.stage_record(app, record)
+
+@click.command()
+@click.pass_context
+def main(ctx):
+    app = App()
+    ctx.obj = app
+    ctx.call_on_close(app.resources.close)
+    if sys.argv[1] == "cleanup":
+        app.resources.callback(term)  # as a client that closes slowly
+    run_stage(app, "gen-virtual", lambda c: StageResult(status="noop", message="nothing new"),
+              show=show)
+
+main([])
+"""
+
+
+@pytest.mark.parametrize("when", ["render", "cleanup"])
+def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
+        run_cli: Cli, when: str) -> None:
+    # SIGTERM just after the run recorded success (while the result was rendered and the
+    # clients closed, the handlers already restored) gave exit 143 with nothing on stderr.
+    env = {**run_cli.env, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL, when], env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "gen-virtual: noop" in done.stdout
+    with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        row = conn.execute("SELECT status FROM stage_runs").fetchone()
+    assert row == {"status": "noop"}

@@ -90,3 +90,17 @@ def test_dry_run_on_a_fresh_database_says_what_would_happen_and_records_nothing(
         for table_name in ("stage_runs", "datasets", "virtual_generations", "graph_versions"):
             row = conn.execute(f"SELECT count(*) AS n FROM {table_name}").fetchone()  # noqa: S608
             assert row == {"n": 0}, table_name
+
+
+def test_a_failed_stage_problems_are_mailed_with_the_error(run_cli: Cli,
+                                                          full_env: dict[str, str]) -> None:
+    # The mail said "validation failed: 1 problem(s) (Stops: 1 out of range)" and no more.
+    with ODataServer(sample_network(40), page_size=50) as server:
+        server.update_row("Stops", 7, latitude=95.0)
+        run_cli.env.update(full_env)
+        run_cli.env["PIPELINE_ODATA_URL"] = server.url
+        result = run_cli.subprocess("-q", "run-all")
+    assert result.returncode == 1
+    assert ("pipeline run-all: error: sync-odata failed: validation failed: 1 problem(s)"
+            in result.stderr)
+    assert "\n  - Stops[ID=7] latitude: 95.0 is outside -90..90\n" in result.stderr

@@ -184,3 +184,37 @@ def test_a_database_that_does_not_exist_is_named_whole(run_cli: Cli) -> None:
     assert result.exit_code == 1
     assert ('connection failed: FATAL: database "no_such_database_here" does not exist'
             in result.stderr), result.stderr
+
+
+def test_a_lock_held_by_another_session_is_worded_as_the_busy_error(run_cli: Cli) -> None:
+    # The locks line said "held by session 16311 pid None".
+    url = run_cli.env["PIPELINE_DATABASE_URL"]
+    with db.connect(url, autocommit=True) as holder:
+        holder.execute("SET application_name = 'nightly-report'")
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
+        backend = holder.execute("SELECT pg_backend_pid() AS pid").fetchone()
+        assert backend is not None
+        result = run_cli("status")
+    assert result.exit_code in (0, 1, 2), result.output
+    assert (f"lock     build-graph held by session {backend['pid']} (nightly-report)\n"
+            in result.output)
+    assert "pid None" not in result.output
+
+
+def test_an_unmigrated_database_reads_no_section_and_no_lock(run_cli: Cli, tmp_path: Path,
+                                                             empty_database_url: str) -> None:
+    # The metrics said pipeline_section_ok 1 for every section and the text "locks none held",
+    # though nothing was read.
+    run_cli.env["PIPELINE_DATABASE_URL"] = empty_database_url
+    prom = tmp_path / "pipeline.prom"
+    result = run_cli("status", "--prometheus", str(prom))
+    assert result.exit_code == 0, result.output
+    assert "locks    not collected: the database is not migrated" in result.output
+    assert "none held" not in result.output
+    text = prom.read_text()
+    assert 'pipeline_section_ok{section="dataset"} 0' in text
+    assert "pipeline_section_ok{" in text and 'section_ok{section="gps"} 1' not in text
+    assert "pipeline_locks_held" not in text
+    obj = json.loads(run_cli("status", "--json").output)
+    assert obj["gps"] == {"error": "not collected: the database is not migrated"}
+    assert obj["locks"] == {} and obj["locks_error"].startswith("not collected")

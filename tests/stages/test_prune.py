@@ -13,6 +13,7 @@ from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.gps import batches, partitions
+from pipeline_cli.health import collect_status
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings, RetentionSettings
 from pipeline_cli.stages.build_graph import export_prefix
@@ -116,6 +117,54 @@ def test_polylines_and_run_history(database_url: str, conn: Conn) -> None:
     assert sorted((r["stage"], r["status"]) for r in conn.execute(
         "SELECT stage, status FROM stage_runs")) == [
         ("build-graph", "noop"), ("prune", "success"), ("sync-odata", "success")]
+
+
+def add_run(conn: Conn, stage: str, status: str, started: datetime) -> None:
+    conn.execute(
+        "INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, backend_start, "
+        "started_at, finished_at, status, error) VALUES (gen_random_uuid(), %s, 'h', 1, 1, "
+        "now(), %s, %s, %s, CASE WHEN %s = 'failed' THEN 'OData answered 503' END)",
+        (stage, started, started, status, status))
+
+
+def test_run_history_keeps_what_status_reads(database_url: str, conn: Conn) -> None:
+    # Five failures in a row, the four oldest past runs_days: prune deleted them and status
+    # said "failed 1 time" (a warning) instead of "5 times in a row" (critical); and an old
+    # success before a newer noop went, so build-graph's last_work_at became null.
+    good = NOW - timedelta(days=200)
+    add_run(conn, "sync-odata", "success", good)
+    for i in range(5):
+        add_run(conn, "sync-odata", "failed", good + timedelta(days=10 * (i + 1)))
+    add_run(conn, "build-graph", "success", good)
+    add_run(conn, "build-graph", "failed", good + timedelta(days=1))
+    add_run(conn, "build-graph", "noop", good + timedelta(days=2))
+    add_run(conn, "build-graph", "noop", good + timedelta(days=3))
+    before = collect_status(conn).stages
+    assert before["sync-odata"]["consecutive_failures"] == 5
+
+    record = run(database_url, None, RetentionSettings(gps_days=0, runs_days=90, datasets=0))
+    assert record.counts["stage_runs"] == 2, record.error  # build-graph's failure, older noop
+    after = collect_status(conn).stages
+    for stage in ("sync-odata", "build-graph"):
+        for key in ("consecutive_failures", "last_success_at", "last_work_at",
+                    "last_started_at"):
+            assert after[stage][key] == before[stage][key], (stage, key)
+
+
+def test_a_failure_midway_reports_what_was_already_deleted(database_url: str, conn: Conn,
+                                                           backups: BackupStore) -> None:
+    # S3 unreachable at the dataset step: the run said "failed {}" though it had deleted run
+    # history.
+    for i in range(3):
+        add_run(conn, "sync-odata", "noop", NOW - timedelta(days=200 + i))
+    for seq in range(1, 4):
+        add_dataset(conn, backups, seq, active=seq == 3)
+    down = BackupStore.connect("127.0.0.1:9", "k", "s", backups.bucket, timeout=1, retries=0)
+    record = run(database_url, down, RetentionSettings(gps_days=0, runs_days=90, datasets=1))
+    assert record.status == "failed" and record.error and "S3" in record.error
+    assert record.counts["stage_runs"] == 2 and record.counts["datasets"] == 0
+    row = conn.execute("SELECT counts, result FROM stage_runs WHERE stage = 'prune'").fetchone()
+    assert row and row["counts"]["stage_runs"] == 2 and row["result"]["datasets_deleted"] == []
 
 
 def add_dataset(conn: Conn, backups: BackupStore, seq: int, *, active: bool = False) -> str:

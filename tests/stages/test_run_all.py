@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,3 +187,53 @@ def test_dry_run_after_a_feed_change_writes_nothing_and_says_what_would_change(
     quiet = dry_chain(app).extra["stages"]
     assert {s: r["would_run"] for s, r in quiet.items()} == dict.fromkeys(CHAIN, False)
     assert quiet["build-graph"]["message"].startswith("would do nothing: graph-v2")
+
+
+def test_dry_run_counts_dry_runs_as_such_and_fails_where_build_graph_would(
+        app: App, server: ODataServer) -> None:
+    # Every stage's dry run passed, yet counts said {"failed": 3}, exit 0.
+    fresh = dry_chain(app)
+    assert fresh.status == "dry-run", fresh.error
+    assert fresh.counts == {"ran": 0, "success": 0, "noop": 0, "skipped": 1, "failed": 0,
+                            "dry_run": 3}
+    # A route mode with no speed: the real build-graph fails, the dry run said "would build".
+    plain = [r["ID"] for r in server.rows("Routes") if r["mode"] != "flight"]
+    server.update_row("Routes", plain[0], mode="Hovercraft")
+    dry = dry_chain(app)
+    assert dry.status == "failed" and dry.exit_code == 1
+    assert dry.extra["failed_stage"] == "build-graph"
+    assert dry.error and dry.error.startswith(
+        "build-graph failed: no speed for route mode 'hovercraft' (1 route)")
+    assert dry.extra["stages"]["sync-odata"]["unknown_modes"] == {"hovercraft": 1}
+    assert (dry.counts["failed"], dry.counts["dry_run"]) == (1, 1)
+
+
+def test_a_stop_signal_between_stages_keeps_what_they_did(app: App,
+                                                          conn: psycopg.Connection[Any]) -> None:
+    class SignalAfterGenVirtual(StageRunner):
+        def run(self, stage: str, fn: Any, **kw: Any) -> RunRecord:
+            record = super().run(stage, fn, **kw)
+            if stage == "gen-virtual":  # as a SIGTERM that gen-virtual did not see
+                os.kill(os.getpid(), signal.SIGTERM)
+            return record
+
+    inner = SignalAfterGenVirtual(app.runner().database)
+    clients = Clients(odata=app.odata, backups=app.backups,
+                      graph_store=lambda: graph_store(app), osrm=app.osrm)
+    record = app.runner().run("run-all", lambda ctx: run_all(inner, app.settings, clients, ctx))
+    assert record.exit_code == 143 and record.status == "failed"
+    # It said {"status": "failed", "counts": {}} with no stages, and the table "not reached".
+    assert statuses(record) == {"sync-odata": "success", "gen-virtual": "success"}
+    assert (record.counts["ran"], record.counts["success"]) == (2, 2)
+    row = conn.execute("SELECT counts, result FROM stage_runs WHERE stage = 'run-all'").fetchone()
+    assert row and row["counts"]["success"] == 2
+    assert list(row["result"]["stages"]) == ["sync-odata", "gen-virtual"]
+
+
+def test_a_failed_stage_problems_come_with_the_run_all_error(app: App,
+                                                             server: ODataServer) -> None:
+    server.update_row("Stops", 7, latitude=95.0)
+    record = chain(app)
+    assert record.status == "failed" and record.error
+    assert record.error.startswith("sync-odata failed: validation failed: 1 problem(s)")
+    assert record.extra["problems"] == ["Stops[ID=7] latitude: 95.0 is outside -90..90"]
