@@ -390,12 +390,13 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
     used = inputs.built["speeds_kmh"]
     if used is not None and used != speed_table(speeds_kmh):
         return f"the route speeds ([virtual] speeds_kmh) differ from {inputs.built['version']}'s"
-    if inputs.built["active"]:
-        version = inputs.built["version"]
-        if store.active_version() != version or not store.is_complete(version):
-            return f"the active graph {version} is missing from Redis"
-    if store.active_version() is None:  # not even a rolled-back version could be reloaded
+    pointer = store.active_version()
+    if inputs.built["active"] and pointer != inputs.built["version"]:
+        return f"the active graph {inputs.built['version']} is missing from Redis"
+    if pointer is None:  # not even a rolled-back version could be reloaded
         return "Redis serves no graph"
+    if not store.is_complete(pointer):  # its lost keys could not be reloaded (reconcile)
+        return f"the active graph {pointer} is incomplete in Redis"
     return None
 
 

@@ -256,6 +256,23 @@ def test_lost_adjacency_keys_of_the_active_graph_are_reported_and_reloaded(
     assert len(graph_rows(conn)) == 1 and builder.build().status == "noop"
 
 
+def test_lost_keys_of_a_rolled_back_graph_without_its_export_build_a_new_version(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        backups: BackupStore, conn: Conn) -> None:
+    """After a rollback, keys lost and the export gone: build-graph said noop, run after run,
+    while status said the graph was incomplete."""
+    first = builder.ok()
+    builder.ok(force=True)
+    assert builder.activate(first).status == "success"
+    client.delete(store.adj_key(first, net.nodes[0]))
+    backups.delete_prefix(export_key(first).rsplit("/", 1)[0] + "/")
+    record = builder.build()
+    assert record.status == "success", record.error
+    third = record.extra["graph_version"]
+    assert third != first and store.active_version() == third
+    assert status_section(conn, store)["consistent"] is True
+
+
 def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: Conn) -> None:
     """A graph weighed with the old [virtual] speeds_kmh stayed active in silence (noop)."""
     first = builder.ok()
