@@ -147,7 +147,7 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
     """The edges of graph ``version`` (default: the active one) as LineStrings from stop to
     stop, with weight (seconds), mode and route; with ``bbox``, edges with an endpoint in it."""
     version = version or reader.require_active()
-    if not reader.is_complete(version):
+    if not reader.has_meta(version):
         raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
                                "collected by retention)")
     left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)

@@ -42,6 +42,19 @@ def test_config_file_from_env(tmp_path: Path) -> None:
     assert s.s3.bucket == "b01" and s.s3.secure is True
 
 
+DOCS = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(
+    str(p.relative_to(DOCS)) for p in (DOCS / "docs").glob("*.md"))])
+def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
+    """docs/operations.md's [schedule] example split an inline table over two lines: pasted
+    as written, every command exited 78 (malformed config file)."""
+    blocks = (DOCS / doc).read_text().split("```toml\n")[1:]
+    for block in blocks:
+        load_settings(write(tmp_path, block.split("```")[0]), {})
+
+
 @pytest.mark.parametrize(
     ("text", "env", "needle"),
     [

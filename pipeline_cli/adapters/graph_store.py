@@ -6,7 +6,8 @@ Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the ref
 - ``<prefix>:graph:active``: the active version (a plain string, switched atomically).
 - ``<prefix>:graph:versions``: sorted set of the versions present, scored by the time each was
   written or last activated (retention and orphan cleanup read it).
-- ``<prefix>:graph:<version>:meta``: hash written *last*, so its presence means "complete".
+- ``<prefix>:graph:<version>:meta``: hash written *last*, so its presence means "written";
+  "complete" also needs one adjacency key per node it records (:meth:`missing_keys`).
 - ``<prefix>:graph:<version>:adj:<stop-id>``: JSON ``[[to, weight_s, route_id, mode], ...]``;
   every node has one, ``[]`` when it has no outgoing edge.
 
@@ -39,6 +40,7 @@ from ..errors import PipelineError, RedisError, service_error
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
 _MSET_BATCH = 500  # keys per MSET command inside one pipelined flush
+_SCAN_COUNT = 10_000  # buckets per SCAN when counting a version's keys: fewer round trips
 
 
 class GraphLookupError(PipelineError):
@@ -179,9 +181,38 @@ class GraphReader:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def is_complete(self, version: str) -> bool:
+    def has_meta(self, version: str) -> bool:
+        """Whether ``version``'s meta exists: written last, removed first, so this tells a
+        version being written or collected from one that was written (one EXISTS). Keys lost
+        afterwards (eviction, a stray DEL) need :meth:`is_complete`."""
         with wrap_errors(self.client, f"checking graph {version}"):
             return bool(self.client.exists(self.meta_key(version)))
+
+    def missing_keys(self, version: str) -> int | None:
+        """How many adjacency keys ``version`` lacks against the ``nodes`` its meta records
+        (evicted, deleted by hand); None when it has no meta (never written, or collected).
+
+        Exact: one SCAN, on the server holding the version, of the version's ``adj`` keys.
+        It walks that server's keyspace (about 0.3 s per 100 k nodes); one key per node
+        leaves no cheaper exact count, so status and build-graph call it once or twice a run
+        and the read path never does.
+        """
+        meta = self.meta(version)
+        if meta is None:
+            return None
+        try:
+            nodes = int(meta.get("nodes", ""))
+        except ValueError:  # no count recorded: nothing to compare with
+            return 0
+        pattern = _glob_escape(self.adj_key(version, "")) + "*"
+        with wrap_errors(self.client, f"counting the keys of graph {version}"):
+            client = self.version_client(version)
+            present = set(client.scan_iter(match=pattern, count=_SCAN_COUNT))
+        return max(0, nodes - len(present))
+
+    def is_complete(self, version: str) -> bool:
+        """Meta present and every node's adjacency key with it (see :meth:`missing_keys`)."""
+        return self.missing_keys(version) == 0
 
     def neighbors_many(self, version: str, stop_ids: list[str]) -> dict[str, list[Edge] | None]:
         """One round trip for many nodes; ``None`` for a stop that is not in the graph.
@@ -298,7 +329,7 @@ class GraphStore(GraphReader):
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
         previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
         want = "*" if expected == "*" else ("" if expected is None else str(expected))
-        if not self.is_complete(version):
+        if not self.has_meta(version):  # callers checked its keys; this guards collection
             raise RedisError(f"graph version {version} is incomplete in Redis; not activated")
         with wrap_errors(self.client, f"switching the active graph to {version}"):
             code, previous = self.client.eval(self._SWITCH, 1, self.pointer_key, version, want)
@@ -306,7 +337,7 @@ class GraphStore(GraphReader):
         if code == -1:
             raise RedisError(f"the active graph changed meanwhile (now {prev or 'unset'}); "
                              f"{version} was not activated")
-        if not self.is_complete(version):  # collected between the check and the switch
+        if not self.has_meta(version):  # collected between the check and the switch
             self._revert(version, prev or None)
             raise RedisError(f"graph version {version} was removed while it was activated; "
                              f"the pointer is back on {prev or 'nothing'}")

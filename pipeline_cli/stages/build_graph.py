@@ -283,7 +283,7 @@ def build_graph(
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
     with database.connect(name="pipeline build-graph") as conn:
-        reconcile(conn, store, backups, ctx)
+        repaired = reconcile(conn, store, backups, ctx)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
@@ -303,10 +303,15 @@ def build_graph(
                 built = inputs.built or {}
                 state = "active" if built.get("active") else (
                     "not active: rolled back; --force rebuilds")
-                return StageResult(
-                    status=NOOP, extra={"graph_version": built.get("version")},
-                    message=f"{built.get('version')} is already built from virtual generation "
-                            f"{inputs.generation_id} ({state})")
+                message = (f"{built.get('version')} is already built from virtual generation "
+                           f"{inputs.generation_id} ({state})")
+                if repaired:  # the run did work: a repair is no noop
+                    return StageResult(
+                        status=SUCCESS, extra={"graph_version": built.get("version"),
+                                               "repaired": repaired},
+                        message=f"repaired: {'; '.join(repaired)}; {message}")
+                return StageResult(status=NOOP, extra={"graph_version": built.get("version")},
+                                   message=message)
             ctx.log.info("building: %s", reason)
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
         ctx.check_stop()
@@ -315,8 +320,11 @@ def build_graph(
             ctx.log.warning("%s", warning)
         conn.read_only = False
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        return _publish(conn, store, backups, settings, ctx, inputs, graph, checks, started,
-                        after_chunk)
+        result = _publish(conn, store, backups, settings, ctx, inputs, graph, checks,
+                          started, after_chunk)
+    if repaired:
+        result.extra["repaired"] = repaired
+    return result
 
 
 def plan(
@@ -389,12 +397,13 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
     used = inputs.built["speeds_kmh"]
     if used is not None and used != speed_table(speeds_kmh):
         return f"the route speeds ([virtual] speeds_kmh) differ from {inputs.built['version']}'s"
-    if inputs.built["active"]:
-        version = inputs.built["version"]
-        if store.active_version() != version or not store.is_complete(version):
-            return f"the active graph {version} is missing from Redis"
-    if store.active_version() is None:  # not even a rolled-back version could be reloaded
+    pointer = store.active_version()
+    if inputs.built["active"] and pointer != inputs.built["version"]:
+        return f"the active graph {inputs.built['version']} is missing from Redis"
+    if pointer is None:  # not even a rolled-back version could be reloaded
         return "Redis serves no graph"
+    if not store.is_complete(pointer):  # its lost keys could not be reloaded (reconcile)
+        return f"the active graph {pointer} is incomplete in Redis"
     return None
 
 
@@ -593,6 +602,8 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
       (killed after the switch, before COMMIT): PostgreSQL follows the pointer.
     - The pointer names a version PostgreSQL does not record, or one incomplete in Redis:
       it is switched back to PostgreSQL's active version when Redis holds that complete.
+    - Redis lost the pointer to PostgreSQL's active version, or keys of it (flushed, evicted,
+      deleted by hand): the lost keys are reloaded from its S3 export and the pointer set.
     - A recorded version that was never activated and that the pointer does not name (killed
       after recording it, before the switch): it is removed from PostgreSQL, Redis and S3.
     - A version registered in Redis that PostgreSQL does not record (killed while writing its
@@ -618,18 +629,24 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
             notes.append(f"the Redis pointer named {pointer}, which PostgreSQL does not record "
                          f"as complete; switched back to {active_version}")
     pointer = store.active_version()
-    if active is not None and pointer in (None, active["version"]) and not (
-            pointer and store.is_complete(pointer)):
-        # Redis lost the active graph (flushed, restarted empty). After a rollback the build
-        # decision would not rebuild it (the newest build is another version), so nothing
-        # would bring it back: point at it again, reloaded from its S3 export if need be, as
-        # `graph activate` does.
+    missing = store.missing_keys(str(active["version"])) if (
+        active is not None and pointer in (None, active["version"])) else 0
+    if active is not None and (pointer is None or missing != 0):
+        # Redis lost the active graph (flushed, restarted empty) or some of its keys (evicted,
+        # deleted by hand). After a rollback the build decision would not rebuild it (the
+        # newest build is another version), so nothing would bring it back: point at it
+        # again, reloaded from its S3 export if need be, as `graph activate` does. Lost keys
+        # are written back in place (same content, checksum verified): readers keep the rest.
         version = str(active["version"])
+        lost = ("the pointer to" if missing == 0 else "the keys of" if missing is None else
+                f"{missing} of the {active['nodes']} adjacency keys of")
         try:
-            if not store.is_complete(version):
-                _reload(store, backups, dict(active), ctx)
+            if missing != 0:
+                _reload(store, backups, dict(active), ctx, in_place=missing is not None)
             store.switch_active(version, expected=pointer)
-            notes.append(f"Redis did not serve the active graph {version}; it does again")
+            notes.append(f"Redis had lost {lost} the active graph {version}; "
+                         + ("it points at it again" if missing == 0 else
+                            f"reloaded from s3 {active['export_key']}"))
         except (BackupError, RedisError) as exc:
             ctx.log.warning("the active graph %s is not in Redis and could not be reloaded: %s",
                             version, exc)
@@ -749,10 +766,18 @@ def _discard_keys(store: GraphStore, version: str, ctx: RunContext) -> None:
 
 
 def _reload(store: GraphStore, backups: BackupStore, row: dict[str, Any],
-            ctx: RunContext) -> int:
+            ctx: RunContext, *, in_place: bool = False) -> int:
+    """Write ``row``'s version back to Redis from its S3 export; returns the keys written.
+
+    ``in_place`` (the active version lost some keys): every key is written over what is left,
+    with the same content, and nothing is removed first or on failure: readers keep the keys
+    that survived. Otherwise the version is removed first (a half-collected version) and again
+    if the reload fails."""
     version = row["version"]
-    ctx.log.info("graph %s is not in Redis; reloading it from s3 %s", version, row["export_key"])
-    store.delete_version(version)  # a half-collected version: start from nothing
+    ctx.log.info("graph %s is not (wholly) in Redis; reloading it from s3 %s", version,
+                 row["export_key"])
+    if not in_place:
+        store.delete_version(version)  # a half-collected version: start from nothing
     try:
         raw = gzip.decompress(backups.get_bytes(row["export_key"]))
     except (OSError, EOFError) as exc:
@@ -769,10 +794,12 @@ def _reload(store: GraphStore, backups: BackupStore, row: dict[str, Any],
         written = store.write_version(version, parse_export(raw), meta,
                                       after_chunk=lambda _n: ctx.check_stop())
     except BaseException:
-        _discard_keys(store, version, ctx)
+        if not in_place:
+            _discard_keys(store, version, ctx)
         raise
     if written != row["nodes"]:
-        _discard_keys(store, version, ctx)
+        if not in_place:
+            _discard_keys(store, version, ctx)
         raise BackupError(f"S3 export {row['export_key']} holds {written} nodes, "
                           f"expected {row['nodes']}")
     return written
@@ -871,11 +898,12 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         return out
     try:
         pointer = reader.active_version()
-        complete = reader.is_complete(pointer) if pointer else False
+        missing = reader.missing_keys(pointer) if pointer else None
     except RedisError as exc:
         out["problem"] = f"Redis unreachable: {exc}"
         out["consistent"] = False
         return out
+    complete = missing == 0
     out["redis_pointer"], out["redis_complete"] = pointer, complete
     if row is None and pointer is None:
         out["consistent"], out["problem"] = True, None
@@ -886,9 +914,14 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         out["consistent"], out["problem"] = False, (
             f"PostgreSQL's active graph is {row['version']} but Redis points at "
             f"{pointer or 'nothing'}; the next `pipeline build-graph` reconciles them")
-    elif not complete:
+    elif missing is None:
         out["consistent"], out["problem"] = False, (
-            f"the active graph {pointer} is incomplete or missing in Redis")
+            f"the active graph {pointer} is missing in Redis (no meta key)")
+    elif missing:
+        out["consistent"], out["problem"] = False, (
+            f"the active graph {pointer} lacks {missing} of its {row['nodes']} adjacency keys "
+            "in Redis (evicted or deleted); the next `pipeline build-graph` reloads them from "
+            "S3")
     else:
         out["consistent"] = True
     return out

@@ -105,6 +105,19 @@ def test_delete_version_unlinks_every_key_in_batches(store: GraphStore, client: 
         store.neighbors_many("graph-v1", ["N1"])
 
 
+def test_lost_adjacency_keys_make_a_version_incomplete(store: GraphStore,
+                                                       client: redis.Redis) -> None:
+    """Keys evicted or deleted while the meta stayed counted as complete: status said ok."""
+    write(store, "graph-v1", 40)
+    write(store, "graph-v10", 5)  # a version whose name extends the other's is not counted
+    assert store.missing_keys("graph-v1") == 0 and store.is_complete("graph-v1")
+    for i in range(0, 40, 3):
+        client.delete(store.adj_key("graph-v1", f"N{i}"))
+    assert store.missing_keys("graph-v1") == 14 and not store.is_complete("graph-v1")
+    assert store.has_meta("graph-v1") and store.is_complete("graph-v10")
+    assert store.missing_keys("graph-v9") is None and not store.is_complete("graph-v9")
+
+
 def test_retention_keeps_newest_and_active(store: GraphStore) -> None:
     for v in ("graph-v1", "graph-v2", "graph-v3", "graph-v4"):
         write(store, v)

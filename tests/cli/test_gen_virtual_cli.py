@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pipeline_cli import db
 from tests.support.clirunner import Cli
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -81,6 +82,22 @@ def test_dry_run_writes_nothing(cli: Cli, conn: Conn) -> None:
     assert again.exit_code == 0 and (
         f"would do nothing: ds-v1 already has virtual generation {real['generation_id']} "
         "(--force would write: ") in again.output
+
+
+def test_dry_run_takes_the_lock_like_the_other_stages(cli: Cli, conn: Conn,
+                                                      database_url: str) -> None:
+    """It took no lock: while a real run held it, the dry run answered from a state about to
+    change, unlike every other stage's dry run (75 when busy)."""
+    activate(conn, 30)
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("gen-virtual"),))
+        busy = cli("gen-virtual", "--dry-run")
+        assert busy.exit_code == 75 and "already running" in busy.output
+    out = json.loads(cli("gen-virtual", "--dry-run", "--json").stdout)
+    assert out["run_id"] is None and out["status"] == "dry-run"
+    text = cli("gen-virtual", "--dry-run")
+    assert "(dry run, not recorded): would write for ds-v1" in text.output
+    assert count(conn, "stage_runs") == 0
 
 
 def test_no_active_dataset_is_skipped_exit_0(cli: Cli, conn: Conn) -> None:

@@ -217,7 +217,11 @@ def test_active_graph_missing_from_redis_is_served_again(
     first = builder.ok()
     client.delete(store.pointer_key)  # the pointer lost, the version's keys still there
     record = builder.build()
-    assert record.status == "noop" and store.active_version() == first
+    # A repair is work done: it was reported and recorded as noop, shown only in the log.
+    assert record.status == "success" and store.active_version() == first
+    assert record.message.startswith(f"repaired: Redis had lost the pointer to the active "
+                                     f"graph {first}")
+    assert record.extra["repaired"] and builder.build().status == "noop"
     # Redis restarted empty after a rollback: the newest build is not the active version, so
     # the build decision saw nothing to do, run after run, while no graph was served.
     second = builder.ok(force=True)
@@ -225,9 +229,48 @@ def test_active_graph_missing_from_redis_is_served_again(
     for key in client.scan_iter(f"{store.prefix}:*"):
         client.delete(key)
     record = builder.build()
-    assert record.status == "noop" and store.active_version() == first != second
+    assert record.status == "success" and store.active_version() == first != second
+    assert "reloaded from s3" in record.message
     assert store.is_complete(first)  # reloaded from its S3 export
     assert graph_rows(conn)[0]["version"] == first and graph_rows(conn)[0]["active"]
+
+
+def test_lost_adjacency_keys_of_the_active_graph_are_reported_and_reloaded(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        conn: Conn) -> None:
+    """Keys evicted or deleted while `meta` stayed: status said consistent, build-graph said
+    noop, and routing missed stops until someone ran --force."""
+    first = builder.ok()
+    lost = net.nodes[::3]
+    for stop in lost:
+        client.delete(store.adj_key(first, stop))
+    section = status_section(conn, store)
+    assert section["consistent"] is False and section["redis_complete"] is False
+    assert f"lacks {len(lost)} of its {len(net.nodes)} adjacency keys" in section["problem"]
+    record = builder.build()
+    assert record.status == "success", record.error
+    assert f"Redis had lost {len(lost)} of the {len(net.nodes)} adjacency keys" in record.message
+    assert store.active_version() == first and store.is_complete(first)  # in place, same version
+    assert store.neighbors(lost[0])[0] == first
+    assert status_section(conn, store)["consistent"] is True
+    assert len(graph_rows(conn)) == 1 and builder.build().status == "noop"
+
+
+def test_lost_keys_of_a_rolled_back_graph_without_its_export_build_a_new_version(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        backups: BackupStore, conn: Conn) -> None:
+    """After a rollback, keys lost and the export gone: build-graph said noop, run after run,
+    while status said the graph was incomplete."""
+    first = builder.ok()
+    builder.ok(force=True)
+    assert builder.activate(first).status == "success"
+    client.delete(store.adj_key(first, net.nodes[0]))
+    backups.delete_prefix(export_key(first).rsplit("/", 1)[0] + "/")
+    record = builder.build()
+    assert record.status == "success", record.error
+    third = record.extra["graph_version"]
+    assert third != first and store.active_version() == third
+    assert status_section(conn, store)["consistent"] is True
 
 
 def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: Conn) -> None:
@@ -343,7 +386,8 @@ def test_a_build_with_nothing_new_removes_keys_a_killed_build_left(
     keys_before = all_keys(client, redis_prefix)
     store.write_version("graph-v99", [("S1", "half")], {})  # as a killed run leaves it
     record = builder.build()
-    assert record.status == "noop", record.error
+    assert record.status == "success", record.error  # a repair is no noop
+    assert "removed 1 incomplete graph versions left in Redis: graph-v99" in record.message
     assert not store.is_registered("graph-v99")
     assert all_keys(client, redis_prefix) == keys_before
 
