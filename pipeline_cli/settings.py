@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -290,10 +290,16 @@ class Settings:
             found += [(m.group("pw") or m.group("pw2") or m.group("pw3") or "").strip("'")
                       for m in _PASSWORDS.finditer(value)]
             found += libpq_passwords(value)
-        if self.odata.username is not None and self.odata.password:
-            # a server that echoes the Authorization header puts this in its error body
-            found.append(base64.b64encode(
-                f"{self.odata.username}:{self.odata.password}".encode()).decode())
+        # A server that echoes the Authorization header puts this in its error body; the
+        # user and password are the adapter's: the settings', else the URL's own.
+        try:
+            parts = urlsplit(self.odata.url or "")
+            user = self.odata.username or unquote(parts.username or "")
+            password = self.odata.password or unquote(parts.password or "")
+        except ValueError:
+            user = password = ""
+        if user and password:
+            found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
         return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:

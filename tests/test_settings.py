@@ -211,6 +211,8 @@ def test_basic_auth_header_and_azure_keys_are_redacted() -> None:
                              "PIPELINE_ODATA_PASSWORD": "Basic-Secret-77"})
     header = "Authorization: Basic ZXRsOkJhc2ljLVNlY3JldC03Nw=="
     assert s.redact(f"HTTP 500: echo {header}") == "HTTP 500: echo Authorization: Basic ***"
+    in_url = load_settings(None, {"PIPELINE_ODATA_URL": "https://etl:Basic-Secret-77@o.example/"})
+    assert in_url.redact(header) == "Authorization: Basic ***"
     assert mask_passwords("https://f.example/api/x?code=AzF1234&subscription-key=K99") == (
         "https://f.example/api/x?code=***&subscription-key=***")
 
