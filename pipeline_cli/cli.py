@@ -7,14 +7,17 @@ the runner and renders the result with :mod:`pipeline_cli.render`. This module a
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import traceback
 from typing import Any
 
 import click
 
 from . import __version__, render
 from .app import App
-from .commands import COMMANDS, LazyGroup
+from .commands import COMMANDS, LazyGroup, NonEmpty
 from .errors import EXIT_CODES, PipelineError
 
 EPILOG = (
@@ -31,7 +34,29 @@ class PipelineGroup(LazyGroup):
 
     def main(self, args: Any = None, *a: Any, **kw: Any) -> Any:
         self.raw_args = list(sys.argv[1:] if args is None else args)
-        return super().main(args, *a, **kw)
+        try:
+            return super().main(args, *a, **kw)
+        except OSError as exc:  # Click pacifies EPIPE (`| head`); a full disk was a traceback
+            if exc.errno == errno.EPIPE or not _writing_stdout(exc):
+                raise
+            self._output_failed(exc)
+        finally:
+            try:
+                sys.stdout.flush()
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:
+                    self._output_failed(exc)
+
+    def _output_failed(self, exc: OSError) -> None:
+        """stdout could not be written (a full disk, a quota): one line on stderr, exit 1. A
+        stage's run stays as recorded: its work is done, only its report was lost."""
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (the rest would fail again at exit)
+        raw = self.raw_args
+        json_logs = "--log-format=json" in raw or any(
+            a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+        render.stderr_error(App(log_format="json" if json_logs else "text"),
+                            f"pipeline: cannot write the output: {exc.strerror}", exit_code=1)
+        sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -64,13 +89,13 @@ class PipelineGroup(LazyGroup):
 
 @click.group(cls=PipelineGroup, lazy=COMMANDS, epilog=EPILOG,
              context_settings={"max_content_width": 100})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", type=NonEmpty(click.Path()), metavar="FILE",
               help="TOML settings file (default: $PIPELINE_CONFIG).")
 @click.option("--json", "json_", is_flag=True,
               help="Print one JSON object on stdout instead of tables.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines on stderr as text or one JSON object each.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Only errors: nothing on success (for cron).")
 @click.version_option(__version__, prog_name="pipeline")
@@ -83,6 +108,19 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     ctx.obj = app
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
+
+
+def _writing_stdout(exc: OSError) -> bool:
+    """True when ``exc`` came from writing stdout (click.echo's or rich's ``file``)."""
+    for frame, _line in traceback.walk_tb(exc.__traceback__):
+        for stream in (frame.f_locals.get("file"),
+                       getattr(frame.f_locals.get("self"), "file", None)):
+            try:
+                if stream is sys.stdout or (stream is not None and stream.fileno() == 1):
+                    return True
+            except (AttributeError, OSError, ValueError):
+                continue
+    return False
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import psycopg.conninfo
 
 from . import db
 from .errors import ConfigError, PipelineError, RedisError
-from .settings import Settings, mask_passwords
+from .settings import Settings, redact
 
 # What each check needs; "every setting named below is set" in the settings check.
 REQUIRED = (("database", "url"), ("redis", "url"), ("s3", "endpoint"), ("osrm", "url"),
@@ -89,9 +89,11 @@ def run_doctor(settings: Settings, *, point: LonLat | None = None) -> DoctorRepo
             detail, ok = str(exc), False
         ms = int((time.monotonic() - started) * 1000)
         # The endpoint holds no user, password or query; redacted as a whole secret value,
-        # a Redis URL without a password was shown as "***".
+        # a Redis URL without a password was shown as "***". Its passwords are masked all
+        # the same, in case a '#' or '/' in one moved where the URL's parts split.
         report.checks.append(Check(name, ok, settings.redact(detail), ms,
-                                   mask_passwords(endpoint)))
+                                   redact(endpoint, [p for p in settings.secrets()
+                                                     if "://" not in p and "=" not in p])))
     return report
 
 
@@ -105,15 +107,20 @@ def _endpoint(s: Settings, name: str) -> str:
            "odata": s.odata.url}[name]
     if not url:
         return "(unset)"
-    if name == "database" and "://" not in url:  # a libpq conninfo string
+    if name == "database":  # libpq's reading: a '#' or '?' in a URL's password is the password
         try:
             info = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error:
             return "(unparsable conninfo)"
-        url = f"postgresql://{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        port = f":{info['port']}" if info.get("port") else ""
+        url = f"postgresql://{info.get('host', '')}{port}/{info.get('dbname', '')}"
+    scheme, _, rest = url.partition("://")
+    # the user and password end at the last '@' ('#', '?' or '/' can be in a password)
+    rest = rest.rsplit("@", 1)[-1]
     try:
-        parts = urlsplit(url)
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=""))
+        parts = urlsplit(f"{scheme}://{rest}")
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="",
+                                         fragment=""))
     except ValueError:
         return "(unparsable URL)"
 
@@ -124,10 +131,12 @@ def _endpoint(s: Settings, name: str) -> str:
 
 def _settings(s: Settings) -> str:
     from .adapters.odata_format import resolve_mapping
+    from .schedule import build_schedule
 
     missing = [f"[{sec}] {key}" for sec, key in REQUIRED if getattr(getattr(s, sec), key)
                in (None, "")]
     resolve_mapping(s.odata.mapping)  # ConfigError names a bad key
+    build_schedule(s.schedule.crontab, s.schedule.entries)  # as status reads it: else 78 there
     if missing:
         raise ConfigError(f"missing setting{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(missing)}")

@@ -7,6 +7,7 @@ Every setting has one name, one default and one line of documentation (the field
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import json
@@ -18,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -289,6 +290,17 @@ class Settings:
                 found.append(value)
             found += [(m.group("pw") or m.group("pw2") or m.group("pw3") or "").strip("'")
                       for m in _PASSWORDS.finditer(value)]
+            found += libpq_passwords(value)
+        # A server that echoes the Authorization header puts this in its error body; the
+        # user and password are the adapter's: the settings', else the URL's own.
+        try:
+            parts = urlsplit(self.odata.url or "")
+            user = self.odata.username or unquote(parts.username or "")
+            password = self.odata.password or unquote(parts.password or "")
+        except ValueError:
+            user = password = ""
+        if user and password:
+            found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
         return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
@@ -324,6 +336,8 @@ def is_conninfo(text: str) -> bool:
 def display_value(value: Any, secret: bool) -> str:
     if value is None:
         return "(unset)"
+    if secret and isinstance(value, str) and libpq_passwords(value):
+        return mask_libpq(value)  # host and dbname stay visible: which database it is
     if isinstance(value, str) and "://" in value:
         masked = mask_passwords(value)
         if secret and masked == value and not value.startswith(("postgres", "redis")):
@@ -343,9 +357,11 @@ def display_value(value: Any, secret: bool) -> str:
 # (conninfo strings and URL query parameters). Only the password part is replaced.
 _PASSWORDS = re.compile(
     r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@]*:(?P<pw>[^\s/?#]*)@"
-    r"|\bpassword\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)"
-    # a credential in a URL's query (?token=..., &api_key=...)
-    r"|[?&](?:access_token|api_?key|auth|key|secret|sig|signature|token)=(?P<pw3>[^\s&#]+)",
+    r"|\b(?:ssl)?password\s*=\s*(?P<pw2>'(?:[^'\\]|\\.)*'|[^\s'&;,)]+)"
+    # a credential in a URL's query (?token=..., &api_key=...; Azure's ?code= and
+    # &subscription-key=)
+    r"|[?&](?:access_token|api_?key|auth|code|key|secret|sig|signature|subscription-key|token)"
+    r"=(?P<pw3>[^\s&#]+)",
     re.IGNORECASE,
 )
 
@@ -371,10 +387,44 @@ def redact(text: str, secrets: list[str]) -> str:
     """Mask passwords where the text's structure places them, and each secret value of at
     least MIN_SEARCHED_SECRET characters where it stands as a whole value (a token, a URL
     component), never inside a longer word. Nothing else in ``text`` changes."""
-    text = mask_passwords(text)
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= MIN_SEARCHED_SECRET:
+    searched = [s for s in sorted(secrets, key=len, reverse=True) if len(s) >= MIN_SEARCHED_SECRET]
+
+    def sub(text: str, values: list[str]) -> str:
+        for secret in values:
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+        return text
+
+    # A plain secret (a password) first and whole: mask_passwords stops a password at a ','
+    # or '#' libpq reads as part of it, and the rest stayed shown. A URL or conninfo secret
+    # last, so that its host stays readable once its password is masked.
+    text = sub(text, [s for s in searched if "://" not in s and "=" not in s])
+    return sub(mask_passwords(text), [s for s in searched if "://" in s or "=" in s])
+
+
+def libpq_passwords(text: str) -> list[str]:
+    """The passwords (every key ending in "password") of a libpq URL or conninfo string, as
+    libpq reads them; [] for any other text."""
+    if not (text.startswith(("postgres://", "postgresql://")) or is_conninfo(text)):
+        return []
+    try:
+        params = conninfo_to_dict(text)
+    except psycopg.Error:
+        return []
+    return [str(v) for k, v in params.items() if k.endswith("password") and v]
+
+
+def mask_libpq(text: str) -> str:
+    """A libpq URL or conninfo string with its passwords as ``***``, split where libpq splits:
+    a URL's password runs to the first '@' or '/', a conninfo value to unescaped whitespace."""
+    passwords = libpq_passwords(text)
+    text = re.sub(r"^(postgres(?:ql)?://[^@/:]*:)[^@/]*(?=@)", r"\1***", text)
+    text = re.sub(r"([?&][a-z]*password=)[^&]*", r"\1***", text)
+    if "://" not in text:
+        text = re.sub(r"(\b[a-z]*password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)",
+                      r"\1***", text)
+    for password in passwords:  # what the patterns missed (a short one: not searched for)
+        if len(password) >= MIN_SEARCHED_SECRET:
+            text = text.replace(password, "***")
     return text
 
 
@@ -464,23 +514,29 @@ def load_settings(
     environ = os.environ if environ is None else environ
     path = config_file or environ.get(CONFIG_ENV) or None
     data: dict[str, Any] = {}
+    shown = printable_path(path) if path else ""
     if path:
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+            with open(path, "rb") as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
+                data = tomllib.loads(fh.read().decode("utf-8-sig"))
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}", key="config") from None
+            raise ConfigError(f"config file not found: {shown}", key="config") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"malformed config file {path}: {exc}", key="config") from None
+            raise ConfigError(f"malformed config file {shown}: {exc}", key="config") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"malformed config file {path}: not UTF-8 (byte {exc.start})",
+            raise ConfigError(f"malformed config file {shown}: not UTF-8 (byte {exc.start})",
                               key="config") from None
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config file {shown}: {exc.strerror}",
+                              key="config") from None
     sections = _section_types()
     unknown = sorted(set(data) - set(sections))
+    for name in unknown:
+        if not isinstance(data[name], dict):
+            raise ConfigError(f"setting {name} in {shown} is outside any section (put it "
+                              "below its [section] line)", key=name)
     if unknown:
-        raise ConfigError(f"unknown config section [{unknown[0]}] in {path}", key=unknown[0])
+        raise ConfigError(f"unknown config section [{unknown[0]}] in {shown}", key=unknown[0])
     built: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, cls in sections.items():
@@ -492,19 +548,25 @@ def load_settings(
         extra = sorted(set(table) - names)
         if extra:
             raise ConfigError(
-                f"unknown setting [{section}] {extra[0]} in {path}", key=f"{section}.{extra[0]}"
+                f"unknown setting [{section}] {extra[0]} in {shown}", key=f"{section}.{extra[0]}"
             )
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f"{section}.{f.name}"
             env = env_name(section, f.name)
             if f.metadata.get("env", True) and env in environ:
+                if not _is_utf8(environ[env]):
+                    raise ConfigError(f"malformed setting {env}: not valid UTF-8 (an env file "
+                                      "in Latin-1?)", key=env)
                 values[f.name] = _coerce(environ[env], hints[f.name], env, True)
                 sources[name] = f"env {env}"
             elif f.name in table:
                 values[f.name] = _coerce(table[f.name], hints[f.name], f"[{section}] {f.name}",
                                          False)
-                sources[name] = f"file {path}"
+                sources[name] = f"file {shown}"
+            if name in sources:
+                _check_text(values[f.name], hints[f.name],
+                            env if sources[name].startswith("env") else f"[{section}] {f.name}")
         built[section] = cls(**values)
         # A typo in a variable's name was ignored in silence (the file's typos are errors).
         prefix = env_name(section, "")
@@ -517,9 +579,50 @@ def load_settings(
             close = difflib.get_close_matches(var, known, n=1)
             raise ConfigError(f"unknown setting {var} in the environment" + (
                 f" (did you mean {close[0]}?)" if close else ""), key=var)
-    settings = Settings(**built, config_file=str(path) if path else None, sources=sources)
+    settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """A file name as text: bytes that are not UTF-8 (a legitimate Latin-1 file name) escaped
+    as \\xe9, so that it can go into a message, JSON or the database."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for an environment value holding bytes that are not UTF-8 (Python keeps them as
+    lone surrogates, which no encoder takes later: a traceback)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_CONTROL_HINTS = {"\r": " (an env file with CRLF line ends?)"}
+
+
+def _check_text(value: Any, annotation: Any, name: str) -> None:
+    """A string setting holds no control character (a CRLF env file left a '\\r' in a Redis
+    prefix, and the graph went to keys nobody reads) and, without a None default, is not
+    empty (an empty bucket or OSRM profile failed only later, deep in a run)."""
+    if not isinstance(value, str):
+        return
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"malformed setting {name}: holds the control character "
+                          f"{bad!r}{_CONTROL_HINTS.get(bad, '')}", key=name)
+    if annotation is str and not value:
+        raise ConfigError(f"malformed setting {name}: must not be empty", key=name)
+
+
+def _without_values(message: str) -> str:
+    """A URL parser's message without the fragment it quotes: that fragment can be part of
+    the password (an unencoded '/', '#' or '%' in it moved the split)."""
+    text = re.sub(r"""\s*(?:as\s+)?(["'])(?:(?!\1).)*\1""", "", message).strip().rstrip(":")
+    return text + (" (write a '/', '#', '?', '@' or '%' in a password percent-encoded, e.g. "
+                   "%2F for '/')")
 
 
 def _host_port(url: str, section: str, key: str, bad: Any) -> Any:
@@ -529,7 +632,7 @@ def _host_port(url: str, section: str, key: str, bad: Any) -> Any:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises for a port that is no number or out of range)
     except ValueError as exc:
-        raise bad(section, key, str(exc).lower()) from None
+        raise bad(section, key, _without_values(str(exc).lower())) from None
     if not parts.hostname:
         raise bad(section, key, "no host name")
     return parts
@@ -544,14 +647,13 @@ def _check_conninfo(url: str, bad: Any) -> None:
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error as exc:
-        raise bad("database", "url", mask_passwords(str(exc).splitlines()[0]).rstrip(":")
-                  ) from None
+        raise bad("database", "url", _without_values(str(exc).splitlines()[0])) from None
     if "@" in str(params.get("host") or ""):  # the rest of a password, so not shown
         raise bad("database", "url", "a host name cannot hold '@' (write an @ in the user "
                   "name or password as %40)")
     for port in filter(None, str(params.get("port") or "").split(",")):
         if not (port.isdigit() and 0 < int(port) < 65536):
-            raise bad("database", "url", f"port must be 1 to 65535, got {port!r}")
+            raise bad("database", "url", _without_values("port must be 1 to 65535"))
     if params.get("sslmode") not in (None, *_SSLMODES):
         raise bad("database", "url", f"sslmode must be one of {', '.join(_SSLMODES)}")
 
@@ -587,7 +689,7 @@ def _validate(s: Settings) -> None:
     if s.redis.url and not s.redis.url.startswith("unix://"):
         parts = _host_port(s.redis.url, "redis", "url", bad)
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise bad("redis", "url", f"the database must be a number, got {parts.path!r}")
+            raise bad("redis", "url", _without_values("the database must be a number"))
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
         raise bad("redis", "prefix", "must be non-empty without spaces or glob characters")
     if s.s3.endpoint and ("://" in s.s3.endpoint or "/" in s.s3.endpoint):
@@ -642,6 +744,9 @@ def _validate(s: Settings) -> None:
                   "need 0 <= backoff_base_seconds <= backoff_max_seconds")
     if s.osrm.retries < 1 or s.osrm.timeout <= 0:
         raise bad("osrm", "retries" if s.osrm.retries < 1 else "timeout", "must be positive")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.osrm.profile):
+        raise bad("osrm", "profile", "expected a profile name such as driving (letters, digits, "
+                  "'_', '-', '.'): it is a part of every request's URL path")
     for key in ("main_spacing_km", "grid_reach_km", "city_spacing_km", "airport_spacing_km",
                 "k", "max_route_km", "headway_s", "city_min_stops", "max_virtual_stops"):
         if getattr(s.virtual, key) <= 0:
@@ -703,6 +808,11 @@ def _validate(s: Settings) -> None:
         values = getattr(s, part.name)
         for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
             value, cap = getattr(values, f.name), _duration_cap(f.name)
+            # No number here means anything below 0 (a wait, a grace, a count): a negative
+            # [osrm] retry_wait_max passed and crashed matching with "sleep length must be
+            # non-negative".
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise bad(part.name, f.name, "must not be negative")
             if cap is not None and isinstance(value, int | float) and abs(value) > cap[0]:
                 raise bad(part.name, f.name, f"must be at most {cap[0]:,} ({cap[1]})")
 

@@ -115,7 +115,7 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         ("", {"PIPELINE_ODATA_TOKEN": "abcdef\n"}, "[odata] token: must be printable"),
         ("[odata]\ntoken = 'caf\u00e9'\n", {}, "[odata] token: must be printable"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h:99999/x"},
-         "[database] url: port must be 1 to 65535, got '99999'"),
+         "[database] url: port must be 1 to 65535 (write"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h/x?sslmode=bogus"},
          "[database] url: sslmode must be one of"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u:pw@[::1:5999/x"},
@@ -151,6 +151,93 @@ def test_secrets_stay_out_of_malformed_url_messages() -> None:
         with pytest.raises(ConfigError) as err:
             load_settings(None, {"PIPELINE_DATABASE_URL": url})
         assert "QSEC" not in str(err.value) and "RET6" not in str(err.value)
+
+
+@pytest.mark.parametrize(("env", "secret"), [
+    ({"PIPELINE_DATABASE_URL": "postgresql://postgres:100%SecretTail99@127.0.0.1:5432/x"},
+     "SecretTail99"),
+    ({"PIPELINE_DATABASE_URL": "postgresql://postgres:MyDbPw/rest@127.0.0.1:5432/x"}, "MyDbPw"),
+    ({"PIPELINE_REDIS_URL": "redis://:Pa#ssSecret@127.0.0.1:6379/0"}, "Pa"),
+    ({"PIPELINE_ODATA_URL": "https://etl:Pa#ssSecret@odata.example/svc"}, "Pa"),
+])
+def test_a_malformed_url_is_named_without_its_content(env: dict[str, str], secret: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env)
+    assert "url:" in str(err.value) and "percent-encoded" in str(err.value)
+    assert secret not in str(err.value).replace("Pass", "")
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"PIPELINE_REDIS_PREFIX": "h3-d\r"}, "PIPELINE_REDIS_PREFIX: holds the control character "
+     "'\\r' (an env file with CRLF line ends?)"),
+    ({"PIPELINE_OSRM_URL": "http://h:5000\t"}, "PIPELINE_OSRM_URL: holds the control character"),
+    ({"PIPELINE_REDIS_PREFIX": "h3-c\udce9"}, "PIPELINE_REDIS_PREFIX: not valid UTF-8"),
+    ({"PIPELINE_DATABASE_URL": "postgresql://u:p\udce4@h/x"}, "PIPELINE_DATABASE_URL: not valid"),
+    ({"PIPELINE_S3_BUCKET": ""}, "PIPELINE_S3_BUCKET: must not be empty"),
+    ({"PIPELINE_OSRM_PROFILE": ""}, "PIPELINE_OSRM_PROFILE: must not be empty"),
+    ({"PIPELINE_S3_REGION": ""}, "PIPELINE_S3_REGION: must not be empty"),
+    ({"PIPELINE_OSRM_PROFILE": "car/x"}, "[osrm] profile: expected a profile name"),
+    ({"PIPELINE_OSRM_RETRY_WAIT_MAX": "-1"}, "[osrm] retry_wait_max: must not be negative"),
+    ({"PIPELINE_HEALTH_OVERDUE_GRACE_S": "-1"}, "[health] overdue_grace_s: must not be negative"),
+    ({"PIPELINE_HEALTH_OVERDUE_CRITICAL_S": "-5"}, "[health] overdue_critical_s: must not be"),
+    ({"PIPELINE_HEALTH_RUNNING_WARNING_S": "-5"}, "[health] running_warning_s: must not be"),
+])
+def test_unusable_text_and_numbers_are_refused(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env)
+    assert needle in str(err.value)
+
+
+def test_a_control_character_in_the_file_is_refused_but_not_in_a_mapping(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[s3\] region: holds the control character"):
+        load_settings(write(tmp_path, '[s3]\nregion = "eu\\r"\n'), {})
+    with pytest.raises(ConfigError, match=r"\[s3\] bucket: must not be empty"):
+        load_settings(write(tmp_path, '[s3]\nbucket = ""\n'), {})
+
+
+def test_a_key_outside_any_section_and_a_bom(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="setting gap_seconds in .* is outside any section"):
+        load_settings(write(tmp_path, "gap_seconds = 1\n[match]\n"), {})
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff[match]\ngap_seconds = 120\n".encode())
+    assert load_settings(path, {}).match.gap_seconds == 120
+
+
+def test_a_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*: Is a directory"):
+        load_settings(None, {"PIPELINE_CONFIG": str(tmp_path)})
+
+
+def test_libpq_passwords_are_masked_where_libpq_ends_them() -> None:
+    cases = {
+        "host=h password=Sec,retTail12345 dbname=x": "host=h password=*** dbname=x",
+        "host=h password=Sec;retTail12345 dbname=x": "host=h password=*** dbname=x",
+        "host=h password=Sec&retTail12345 dbname=x": "host=h password=*** dbname=x",
+        "host=h password=Sec)retTail12345 dbname=x": "host=h password=*** dbname=x",
+        "host=h sslpassword=KeyPass12345 dbname=x": "host=h sslpassword=*** dbname=x",
+        "postgresql://postgres:Pa#ssSecret@127.0.0.1/x": "postgresql://postgres:***@127.0.0.1/x",
+        "postgresql://postgres:Pa?ss@127.0.0.1/x": "postgresql://postgres:***@127.0.0.1/x",
+        "postgresql://u@h/x?sslpassword=KeyPass12345": "postgresql://u@h/x?sslpassword=***",
+    }
+    for url, masked in cases.items():
+        s = load_settings(None, {"PIPELINE_DATABASE_URL": url})
+        shown = {k: v for k, v, _src, _doc in s.describe()}
+        typed = {k: v for k, v, _src, _doc in s.describe(typed=True)}
+        assert shown["database.url"] == masked == typed["database.url"], url
+        for leak in ("retTail", "KeyPass", "ssSecret", "Pa?ss"):
+            assert leak not in s.redact(f"cannot connect: {url} (password {url.split('=')[-1]})")
+
+
+def test_basic_auth_header_and_azure_keys_are_redacted() -> None:
+    s = load_settings(None, {"PIPELINE_ODATA_USERNAME": "etl",
+                             "PIPELINE_ODATA_PASSWORD": "Basic-Secret-77"})
+    header = "Authorization: Basic ZXRsOkJhc2ljLVNlY3JldC03Nw=="
+    assert s.redact(f"HTTP 500: echo {header}") == "HTTP 500: echo Authorization: Basic ***"
+    in_url = load_settings(None, {"PIPELINE_ODATA_URL": "https://etl:Basic-Secret-77@o.example/"})
+    assert in_url.redact(header) == "Authorization: Basic ***"
+    assert mask_passwords("https://f.example/api/x?code=AzF1234&subscription-key=K99") == (
+        "https://f.example/api/x?code=***&subscription-key=***")
 
 
 def test_require_names_env_variable() -> None:

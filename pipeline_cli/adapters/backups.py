@@ -55,7 +55,7 @@ class BackupStore:
             return fn()
         except S3Error as exc:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
-                                f"{exc.code}: {exc.message}") from None
+                                f"{exc.code}{_hint(exc)}: {exc.message}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 exc) from None
@@ -127,7 +127,7 @@ class BackupStore:
             if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 return False
             raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
-                                exc.code) from None
+                                f"{exc.code}{_hint(exc)}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
                                 exc) from None
@@ -160,3 +160,11 @@ class BackupStore:
                    lambda: self.client.make_bucket(probe_bucket))
         self._call(f"removal of probe bucket {probe_bucket}",
                    lambda: self.client.remove_bucket(probe_bucket))
+
+
+# A wrong secret key reads only "AccessDenied" (or a signature mismatch): say which settings.
+_CREDENTIAL_CODES = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
+
+
+def _hint(exc: S3Error) -> str:
+    return " (check [s3] access_key/secret_key)" if exc.code in _CREDENTIAL_CODES else ""

@@ -7,6 +7,7 @@ import click
 from .. import render
 from ..app import App
 from ..gps import batches as gps_batches
+from ..settings import printable_path
 from ..stages import match_gps as stage
 from ..stages.ingest_gps import ingest_gps
 from . import LIMIT, NonEmpty, Seconds, json_option, pass_app, run_stage
@@ -35,7 +36,8 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
         app, "ingest-gps",
         lambda ctx: ingest_gps(app.database, files, ctx, fmt=fmt, device_id=device_id,
                                strict=strict),
-        options={"files": list(files), "format": fmt, "strict": strict}, singleton=False)
+        options={"files": [printable_path(f) for f in files], "format": fmt, "strict": strict},
+        singleton=False)
     if not app.json and app.verbosity >= 0:  # -q: the run record keeps them; cron stays silent
         for problem in record.extra.get("problems", []):
             if app.log_format == "json":

@@ -22,6 +22,7 @@ from ..errors import ValidationError
 from ..gps import files as gpsfiles
 from ..gps import partitions
 from ..runner import NOOP, SUCCESS, RunContext, StageResult
+from ..settings import printable_path
 
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted
 COPY_BLOCK = 1 << 20
@@ -43,12 +44,15 @@ def ingest_gps(
     for path in files:
         unique.setdefault(Path(path).resolve(), path)
     files = list(unique.values())
+    # A file name that is not UTF-8 (Latin-1) is legitimate, but no message, JSON or database
+    # text can hold it: it failed as "invalid input syntax for type json", nothing loaded.
+    names = [printable_path(path) for path in files]
     kinds = []
-    for path in files:  # fail on an unknown format before touching the database
-        try:
+    for path, name in zip(files, names, strict=True):  # an unknown format fails before
+        try:                                             # the database is touched
             kinds.append(gpsfiles.detect_format(path, fmt))
         except gpsfiles.GpsFileError as exc:
-            raise ValidationError(f"{path}: {exc}") from None
+            raise ValidationError(f"{name}: {exc}") from None
     with database.connect(name="pipeline ingest-gps") as conn, \
             db.wrap_errors("loading GPS files"), conn.transaction():
         conn.execute(db.query("match_gps", "ingest_staging"))
@@ -60,18 +64,18 @@ def ingest_gps(
                 else:
                     _stage_parsed(conn, path, kind, index, device_id)
             except gpsfiles.GpsFileError as exc:
-                raise ValidationError(f"{path}: {exc}; nothing loaded") from None
+                raise ValidationError(f"{names[index]}: {exc}; nothing loaded") from None
             conn.execute(db.query("match_gps", "ingest_check"),
-                         {"source": f"file:{Path(path).name}"[:200]})
+                         {"source": f"file:{Path(names[index]).name}"[:200]})
             conn.execute(db.query("match_gps", "ingest_next_file"))
         found = conn.execute(db.query("match_gps", "ingest_problems"),
                              {"limit": MAX_REPORTED}).fetchall()
         problems = [gpsfiles.RowProblem(r["line"], r["problem"], r["place"] or "").describe(
-            str(files[r["file"]])) for r in found]
-        per_file: dict[str, dict[str, int]] = {str(p): {"read": 0, "invalid": 0} for p in files}
+            names[r["file"]]) for r in found]
+        per_file: dict[str, dict[str, int]] = {n: {"read": 0, "invalid": 0} for n in names}
         for r in conn.execute(db.query("match_gps", "ingest_counts")):
-            per_file[str(files[r["file"]])] = {"read": int(r["valid"]),
-                                               "invalid": int(r["invalid"])}
+            per_file[names[r["file"]]] = {"read": int(r["valid"]),
+                                          "invalid": int(r["invalid"])}
         for name, stats in per_file.items():
             ctx.log.info("%s: %d valid, %d invalid rows", name, stats["read"],
                          stats["invalid"])
@@ -85,8 +89,8 @@ def ingest_gps(
                         "rows_loaded": 0},
                 extra={"problems": problems}))
 
-        for index, path in enumerate(files):
-            stats = per_file[str(path)]
+        for index, path in enumerate(names):
+            stats = per_file[path]
             if stats["invalid"] and not stats["read"]:
                 # Not one good row: the file is not what its format says (another layout,
                 # another separator), not a file with a few bad rows to skip.

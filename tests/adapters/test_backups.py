@@ -39,3 +39,12 @@ def test_s3_down_is_one_short_line_naming_the_endpoint(s3: S3Endpoint, s3_bucket
     assert message.startswith(f"S3 {endpoint} ") and message.endswith(": connection refused")
     assert "\n" not in message and len(message) < 200
     assert s3.secret_key not in message and "X-Amz" not in message and "?" not in message
+
+
+def test_a_wrong_secret_names_the_settings_to_check(s3: S3Endpoint, s3_bucket: str) -> None:
+    # "AccessDenied" alone left the operator guessing which setting was wrong.
+    store = BackupStore.connect(s3.endpoint, s3.access_key, "wrong-" + s3.secret_key,
+                                s3_bucket, retries=0)
+    with pytest.raises(BackupError) as err:
+        store.put_bytes("x", b"x")
+    assert "(check [s3] access_key/secret_key)" in str(err.value), str(err.value)

@@ -257,3 +257,43 @@ def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
     with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
         row = conn.execute("SELECT status FROM stage_runs").fetchone()
     assert row == {"status": "noop"}
+
+
+def test_an_empty_config_option_is_a_usage_error(run_cli: Cli) -> None:
+    # `--config "$CFG"` with CFG unset ran on the defaults (a prune with default retention).
+    result = run_cli("--config", "", "config", "show")
+    assert result.exit_code == 2 and "'--config': must not be empty" in result.output
+
+
+def test_a_config_path_that_is_a_directory_exits_78_either_way(run_cli: Cli,
+                                                              tmp_path: Path) -> None:
+    by_option = run_cli("--config", str(tmp_path), "config", "show")
+    run_cli.env["PIPELINE_CONFIG"] = str(tmp_path)
+    by_env = run_cli("config", "show")
+    for result in (by_option, by_env):
+        assert result.exit_code == 78 and "Is a directory" in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [
+    ("restore", "dataset", "x\udce9"), ("graph", "activate", "x\udce9"),
+    ("graph", "route", "S1", "x\udce9"), ("batches", "list", "--device", "x\udce9"),
+    ("batches", "requeue", "--device", "x\udce9"),
+    ("ingest-gps", "--device", "x\udce9", __file__),
+])
+def test_an_argument_that_is_not_utf8_is_a_usage_error(run_cli: Cli,
+                                                       args: tuple[str, ...]) -> None:
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "not valid UTF-8" in result.output, result.output
+
+
+def test_a_full_disk_on_stdout_is_one_line_not_a_traceback(run_cli: Cli) -> None:
+    for args in (("config", "show"), ("--json", "config", "show"), ("--version",)):
+        with open("/dev/full", "w") as full:
+            proc = run_cli.subprocess(*args, stdout=full, stderr=subprocess.PIPE)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == "pipeline: cannot write the output: No space left on device\n"
+
+
+def test_verbose_help_says_what_one_v_does(run_cli: Cli) -> None:
+    assert "-vv" not in run_cli("--help").output and "-vv" not in run_cli("status",
+                                                                          "--help").output

@@ -105,6 +105,33 @@ def test_table_names_the_failing_system_without_secrets(cli: Cli) -> None:
     assert "redis://127.0.0.1" in redis_line and "***" not in redis_line, redis_line
 
 
+@pytest.mark.parametrize("url", ["postgresql://{u}:Pa#ssSecret@{h}/{d}",
+                                 "postgresql://{u}:Pa?ssSecret@{h}/{d}",
+                                 "host={h} user={u} dbname={d} password=Sec,retSecret"])
+def test_the_endpoint_never_shows_a_password(cli: Cli, database_url: str, url: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+    info = conninfo_to_dict(database_url)
+    cli.env["PIPELINE_DATABASE_URL"] = url.format(u=info.get("user", "postgres"),
+                                                  h=info.get("host"), d=info.get("dbname"))
+    result = cli("doctor")
+    assert "ssSecret" not in result.output and "retSecret" not in result.output, result.output
+    assert f"postgresql://{info.get('host')}" in result.output
+
+
+@pytest.mark.parametrize(("toml", "needle"), [
+    ('[schedule]\nentries = {"sync-odata" = "every day"}\n', "[schedule] entries"),
+    ('[schedule]\nentries = {"sync-data" = "0 3 * * *"}\n', "unknown stage 'sync-data'"),
+    ('[schedule]\ncrontab = "/nonexistent/crontab"\n', "cannot read [schedule] crontab"),
+])
+def test_a_schedule_status_cannot_read_fails_settings(cli: Cli, tmp_path: Any, toml: str,
+                                                      needle: str) -> None:
+    (tmp_path / "p.toml").write_text(toml)
+    cli.env["PIPELINE_CONFIG"] = str(tmp_path / "p.toml")
+    code, obj = doctor(cli)
+    assert code == 78 and "settings" in failed(obj), obj
+    assert needle in by_name(obj)["settings"]["detail"]
+
+
 def test_missing_bucket_that_may_be_created_passes(cli: Cli, s3: S3Endpoint,
                                                    s3_bucket: str) -> None:
     buckets = bucket_names(s3)

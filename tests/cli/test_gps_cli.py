@@ -4,6 +4,7 @@ script, with SIGKILL, SIGTERM and four concurrent processes), batches list/reque
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -84,6 +85,24 @@ def test_ingest_gps_json_text_and_strict(gps_cli: Cli, tmp_path: Path,
     assert out["problems"] == [f"{path}:3: latitude is 'nan'"]
     text = gps_cli("ingest-gps", str(path))
     assert "skipped" in text.output and "0 point(s) loaded" in text.output
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_is_recorded_escaped(
+        gps_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any]) -> None:
+    # It failed with "invalid input syntax for type json": nothing loaded, no run recorded.
+    path = os.path.join(os.fsencode(tmp_path), b"pts-\xe9.csv")
+    with open(path, "w") as fh:
+        fh.write("device_id,recorded_at,latitude,longitude\n"
+                 "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                 "bus-1,2024-05-01T08:00:02Z,nan,24.94\n")
+    result = gps_cli("ingest-gps", os.fsdecode(path), "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["counts"]["rows_loaded"] == 1
+    shown = f"{tmp_path}/pts-\\xe9.csv"
+    assert out["problems"] == [f"{shown}:3: latitude is 'nan'"]
+    run = conn.execute("SELECT options FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
+    assert run is not None and run["options"]["files"] == [shown]
 
 
 def test_match_gps_installed_script_json(gps_cli: Cli, conn: psycopg.Connection[Any],

@@ -38,8 +38,10 @@ class Cli:
     def subprocess(self, *args: str, timeout: float = 120, **kw: Any
                    ) -> sp.CompletedProcess[str]:
         exe = Path(sys.executable).with_name("pipeline")
+        if "stdout" not in kw and "stderr" not in kw:  # else the caller's streams
+            kw["capture_output"] = True
         return sp.run([str(exe), *args], env=_clean_env(self.env), text=True,
-                              capture_output=True, timeout=timeout, **kw)
+                      timeout=timeout, **kw)
 
     def popen(self, *args: str, **kw: Any) -> sp.Popen[str]:
         exe = Path(sys.executable).with_name("pipeline")
