@@ -112,7 +112,8 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         # A token an HTTP header cannot hold was "internal error: UnicodeEncodeError" or
         # sent with its pasted newline or zero-width space.
         ("", {"PIPELINE_ODATA_TOKEN": "abc\u200bdef"}, "[odata] token: must be printable"),
-        ("", {"PIPELINE_ODATA_TOKEN": "abcdef\n"}, "[odata] token: must be printable"),
+        ("", {"PIPELINE_ODATA_TOKEN": "abcdef\n"},
+         "PIPELINE_ODATA_TOKEN: holds the control character '\\n'"),
         ("[odata]\ntoken = 'caf\u00e9'\n", {}, "[odata] token: must be printable"),
         ("", {"PIPELINE_DATABASE_URL": "postgresql://u@h:99999/x"},
          "[database] url: port must be 1 to 65535 (write"),
