@@ -555,7 +555,7 @@ def load_settings(
             name = f"{section}.{f.name}"
             env = env_name(section, f.name)
             if f.metadata.get("env", True) and env in environ:
-                if not _is_utf8(environ[env]):
+                if not is_utf8(environ[env]):
                     raise ConfigError(f"malformed setting {env}: not valid UTF-8 (an env file "
                                       "in Latin-1?)", key=env)
                 values[f.name] = _coerce(environ[env], hints[f.name], env, True)
@@ -590,9 +590,9 @@ def printable_path(path: str | os.PathLike[str]) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _is_utf8(text: str) -> bool:
-    """False for an environment value holding bytes that are not UTF-8 (Python keeps them as
-    lone surrogates, which no encoder takes later: a traceback)."""
+def is_utf8(text: str) -> bool:
+    """False for a value (an environment variable, an argument) holding bytes that are not
+    UTF-8: Python keeps them as lone surrogates, which no encoder takes later (a traceback)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -20,6 +20,7 @@ from ..adapters.heartbeat import Heartbeat
 from ..app import App
 from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
+from ..settings import is_utf8
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)
@@ -144,21 +145,13 @@ def _check_utf8(cmd: click.Command) -> None:
                 continue
             value = ctx.params.get(param.name)
             for item in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(item, str) and not _is_utf8(item):
+                if isinstance(item, str) and not is_utf8(item):
                     raise click.BadParameter("not valid UTF-8 (only a file name may hold "
                                              "other bytes)", ctx=ctx, param=param)
         return callback(*args, **kwargs)
 
     checked.utf8_checked = True  # type: ignore[attr-defined]
     cmd.callback = checked
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # Python keeps bytes that are not UTF-8 as lone surrogates
-        return False
-    return True
 
 
 class Seconds(click.FloatRange):
