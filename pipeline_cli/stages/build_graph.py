@@ -283,7 +283,7 @@ def build_graph(
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
     with database.connect(name="pipeline build-graph") as conn:
-        repaired = reconcile(conn, store, backups, ctx)
+        repaired, counted = reconcile(conn, store, backups, ctx)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
@@ -298,7 +298,7 @@ def build_graph(
                     extra={"dataset_version": inputs.dataset_version},
                     message=f"dataset {inputs.dataset_version} has no virtual entities yet; "
                             "run `pipeline gen-virtual` first")
-            reason = _reason_to_build(inputs, store, force, speeds_kmh)
+            reason = _reason_to_build(inputs, store, force, speeds_kmh, complete=counted)
             if reason is None:
                 built = inputs.built or {}
                 state = "active" if built.get("active") else (
@@ -389,7 +389,10 @@ def plan(
 
 
 def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
-                     speeds_kmh: dict[str, float]) -> str | None:
+                     speeds_kmh: dict[str, float], *, complete: str | None = None
+                     ) -> str | None:
+    """Why to build, or None. ``complete``: a version whose keys reconcile() has just
+    counted, or written back, whole (under the lock): not counted again."""
     if force:
         return "--force"
     if inputs.built is None:
@@ -402,7 +405,7 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
         return f"the active graph {inputs.built['version']} is missing from Redis"
     if pointer is None:  # not even a rolled-back version could be reloaded
         return "Redis serves no graph"
-    if not store.is_complete(pointer):  # its lost keys could not be reloaded (reconcile)
+    if pointer != complete and not store.is_complete(pointer):  # reconcile could not reload
         return f"the active graph {pointer} is incomplete in Redis"
     return None
 
@@ -594,9 +597,11 @@ def _remove_version(store: GraphStore, backups: BackupStore, version: str,
 
 
 def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
-              ctx: RunContext) -> list[str]:
+              ctx: RunContext) -> tuple[list[str], str | None]:
     """Repair what a build-graph or ``graph activate`` killed between its stores left behind;
-    call under the build-graph lock. Returns one note per repair (also logged).
+    call under the build-graph lock. Returns one note per repair (also logged), and the
+    active version if this pass found it whole in Redis or wrote it back whole (its keys are
+    counted by a SCAN: the build decision need not count them again).
 
     - The pointer names a complete version that PostgreSQL records but does not mark active
       (killed after the switch, before COMMIT): PostgreSQL follows the pointer.
@@ -610,6 +615,7 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
       keys): its keys are removed.
     """
     notes: list[str] = []
+    counted: str | None = None
     pointer = store.active_version()
     with db.wrap_errors("reconciling the graph pointer"):
         active = conn.execute(db.query("build_graph", "active_graph")).fetchone()
@@ -631,7 +637,9 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
     pointer = store.active_version()
     missing = store.missing_keys(str(active["version"])) if (
         active is not None and pointer in (None, active["version"])) else 0
-    if active is not None and (pointer is None or missing != 0):
+    if active is not None and pointer == active["version"] and missing == 0:
+        counted = pointer  # counted whole just now
+    elif active is not None and (pointer is None or missing != 0):
         # Redis lost the active graph (flushed, restarted empty) or some of its keys (evicted,
         # deleted by hand). After a rollback the build decision would not rebuild it (the
         # newest build is another version), so nothing would bring it back: point at it
@@ -644,6 +652,7 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
             if missing != 0:
                 _reload(store, backups, dict(active), ctx, in_place=missing is not None)
             store.switch_active(version, expected=pointer)
+            counted = version
             notes.append(f"Redis had lost {lost} the active graph {version}; "
                          + ("it points at it again" if missing == 0 else
                             f"reloaded from s3 {active['export_key']}"))
@@ -667,7 +676,7 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
                      f"{', '.join(orphans)}")
     for note in notes:
         ctx.log.warning("%s", note)
-    return notes
+    return notes, counted
 
 
 def _retain(store: GraphStore, settings: GraphSettings, ctx: RunContext) -> list[str]:
