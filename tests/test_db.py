@@ -231,7 +231,7 @@ def test_upgrade_moves_points_no_partition_can_name_and_refuses_new_ones(
                      " ('a', '2024-01-06 10:00Z', 60.1, 24.9)")
         with pytest.raises(DatabaseError, match="date too large"):
             partitions.ensure(conn)
-        assert db.migrate(conn).applied == ["025_gps_time_range"]
+        assert db.migrate(conn, target=25).applied == ["025_gps_time_range"]
         assert "gps_points_p20240106" in partitions.ensure(conn)
         assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 1}
         assert conn.execute("SELECT count(*) AS n FROM gps_points_out_of_range"
@@ -241,6 +241,46 @@ def test_upgrade_moves_points_no_partition_can_name_and_refuses_new_ones(
                                match="gps_points_recorded_at_check"):
                 conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude,"
                              " longitude) VALUES ('b', %s, 60.1, 24.9)", (when,))
+
+
+def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> None:
+    """Migration 026 moves the latitude and longitude checks into domains: a catalog change
+    that keeps every stored point, partition and index file, the status view and its grants,
+    and still refuses a point out of range in every partition."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=25)
+        partitions.ensure(conn, [date(2024, 1, 6)])
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES ('a', '2024-01-06 10:00Z', 60.1, 24.9),"
+                     " ('a', '2024-01-06 10:00:01Z', -90, 180), ('b', '1999-01-01Z', 0, 0)")
+        conn.execute("DROP ROLE IF EXISTS pipeline_test_map_reader")
+        conn.execute("CREATE ROLE pipeline_test_map_reader")
+        try:
+            conn.execute("GRANT SELECT ON gps_point_status TO pipeline_test_map_reader")
+            files = "SELECT relname, relfilenode FROM pg_class WHERE relname LIKE 'gps_points%'"
+            before = {r["relname"]: r["relfilenode"] for r in conn.execute(files)}
+
+            assert db.migrate(conn).applied == ["026_gps_point_domains"]
+
+            assert {r["relname"]: r["relfilenode"] for r in conn.execute(files)} == before
+            assert conn.execute("SELECT count(*) AS n FROM gps_point_status").fetchone() == {
+                "n": 3}
+            readers = conn.execute("SELECT has_table_privilege('pipeline_test_map_reader',"
+                                   " 'gps_point_status', 'SELECT') AS ok").fetchone()
+            assert readers == {"ok": True}
+            checks = conn.execute("SELECT count(*) AS n FROM pg_constraint WHERE contype = 'c'"
+                                  " AND conrelid::regclass::text LIKE 'gps_points%'"
+                                  " AND pg_get_constraintdef(oid) ~ 'latitude|longitude'")
+            assert checks.fetchone() == {"n": 0}
+            for day in ("2024-01-06 11:00Z", "2001-01-01Z"):  # a partition; the default one
+                for lat, lon in ((90.5, 0.0), (float("nan"), 0.0), (0.0, -180.5)):
+                    with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+                        conn.execute("INSERT INTO gps_points (device_id, recorded_at,"
+                                     " latitude, longitude) VALUES ('c', %s, %s, %s)",
+                                     (day, lat, lon))
+        finally:
+            conn.execute("DROP OWNED BY pipeline_test_map_reader")
+            conn.execute("DROP ROLE pipeline_test_map_reader")
 
 
 def test_a_database_in_another_datestyle(empty_database_url: str) -> None:

@@ -225,6 +225,8 @@ RETURNING b.batch_id, b.device_id, b.start_time, b.end_time, b.coordinate_count,
 -- unprepared for the same reason (a generic plan locks every partition). Times come as epoch
 -- seconds (double precision holds every microsecond exactly for centuries, and to_timestamp
 -- gives back the same timestamptz): far cheaper for the worker to load than timestamptz.
+-- Latitude and longitude are domains (026): an array of them is an array of the domain, which
+-- the driver would read as text, so they are aggregated as float8.
 WITH leased AS (
     UPDATE processing_batches SET points_snapshot = txid_current_snapshot()
     WHERE batch_id = %(batch_id)s AND lease_token = %(token)s
@@ -232,8 +234,8 @@ WITH leased AS (
 )
 SELECT EXISTS (SELECT 1 FROM leased) AS leased,
        array_agg(date_part('epoch', recorded_at) ORDER BY recorded_at) AS times,
-       array_agg(latitude ORDER BY recorded_at) AS lats,
-       array_agg(longitude ORDER BY recorded_at) AS lons
+       array_agg(latitude::float8 ORDER BY recorded_at) AS lats,
+       array_agg(longitude::float8 ORDER BY recorded_at) AS lons
 FROM gps_points
 WHERE device_id = %(device_id)s AND recorded_at BETWEEN %(start_time)s AND %(end_time)s;
 
