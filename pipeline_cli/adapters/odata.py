@@ -173,6 +173,8 @@ class ODataClient:
             return "v2"
         if isinstance(doc, dict) and ("error" in doc or "odata.error" in doc):  # under HTTP 200
             raise SourceError(f"OData {what}: {error_line(200, json.dumps(doc).encode())}")
+        if isinstance(doc, dict) and {"@odata.context", "@context", "odata.metadata"} & doc.keys():
+            return "v4"  # an entity: Business Central's root is a company, companies(<id>)/
         raise SourceError(f"OData {what}: not an OData JSON response (no 'value' or 'd')")
 
     def _headers(self) -> dict[str, str]:

@@ -107,6 +107,17 @@ def test_empty_last_page_is_normal() -> None:
     assert [len(p.rows) for p in pages] == [10, 10, 10, 10, 0]
 
 
+def test_a_service_root_that_is_an_entity_is_detected_as_v4(v4: ODataServer) -> None:
+    # Business Central's API root is a company, .../api/v2.0/companies(<id>)/: its "service
+    # document" is that entity, with an @odata.context and no 'value', and the sync failed
+    # with "not an OData JSON response" unless the operator guessed [odata] version = v4.
+    v4.add_fault(wrong_shape({"@odata.context": f"{v4.url}$metadata#companies/$entity",
+                              "@odata.etag": 'W/"JzE5OzE7Jw=="', "id": "5f0e4a1c-e2c1",
+                              "name": "CRONUS"}))
+    with client(v4) as c:
+        assert c.protocol == "v4" and len(fetch(c)) == 40
+
+
 def test_forced_version_skips_detection_and_rejects_the_other_shape(v4: ODataServer) -> None:
     with client(v4, version="v4") as c:
         assert len(fetch(c)) == 40
