@@ -213,9 +213,12 @@ class ODataClient:
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
-    def probe(self, entity_set: str, *, filter: str | None = None) -> int:
-        """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
-        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else []))
+    def probe(self, entity_set: str, *, filter: str | None = None,
+              select: list[str] | None = None) -> int:
+        """GET ``<set>?$top=1`` (with the sync's ``$filter`` and ``$select``): the rows
+        answered (0 or 1), or SourceError naming the set (or the field the server refused)."""
+        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else [])
+                        + ([("$select", ",".join(select))] if select else []))
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
