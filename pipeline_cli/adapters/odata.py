@@ -296,7 +296,7 @@ class ODataClient:
         parts = urlsplit(url)  # the URL's own query, once for all attempts
         if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
             url = urlunsplit(parts._replace(query="&".join(filter(None, (
-                parts.query, urlencode(missing))))))
+                parts.query, urlencode(missing, quote_via=quote))))))
         retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                             retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                             reraise=True)

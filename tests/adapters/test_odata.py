@@ -361,6 +361,17 @@ def test_the_urls_own_query_goes_with_every_request(version: str) -> None:
         assert all(r.target.count("sap-client") == 1 for r in srv.requests)
 
 
+def test_the_urls_own_query_keeps_a_space_as_percent_20() -> None:
+    # Business Central's OData web services take ?company=CRONUS%20International%20Ltd.; it
+    # went out form-encoded, CRONUS+International+Ltd., and a '+' is a plus to a service
+    # that reads its query as RFC 3986 says: a company that does not exist.
+    company = "company=CRONUS%20International%20Ltd."
+    with ODataServer(DATA, page_size=20) as srv, ODataClient(ODataSettings(
+            url=f"{srv.url}?{company}", backoff_base=0.01)) as c:
+        assert len(fetch(c)) == 40
+    assert all(company in r.target for r in srv.requests), srv.requests
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_next_link_on_another_host_is_followed_on_the_configured_origin(version: str) -> None:
     # The links name a "foreign" host (localhost, on a proxy's port) that counts what it gets:
