@@ -237,7 +237,7 @@ class ODataClient:
             yield from pages
 
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
-        origin = _origin(self.service_url)
+        origin, root = _origin(self.service_url), urlsplit(self.service_url).path
         seen: set[str] = {url}
         number = 0
         next_url: str | None = url
@@ -257,7 +257,7 @@ class ODataClient:
             if link is None:
                 return
             resolved = urljoin(next_url, link)
-            if _origin(resolved) != origin:
+            if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
                 resolved = self._on_service_origin(resolved, entity_set, what)
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
@@ -269,13 +269,14 @@ class ODataClient:
         """A nextLink naming another host (an internal host name behind a reverse proxy,
         ``localhost`` for ``127.0.0.1``): its path and query on the configured origin, so the
         credentials only ever go to the host of ``[odata] url``. A path outside the service
-        root's (a proxy that maps /gw/odata to the gateway's /odata) is re-rooted there."""
-        scheme, host, port = _origin(link)
-        if self.settings.foreign_next_link == "refuse":
+        root's (a proxy that maps /gw/odata to the gateway's /odata), on any host, is
+        re-rooted there."""
+        (scheme, host, port), foreign = _origin(link), _origin(link) != _origin(self.service_url)
+        if foreign and self.settings.foreign_next_link == "refuse":
             raise SourceError(f"OData {what}: nextLink points to another host ({host}); "
                               "refusing to follow it ([odata] foreign_next_link = refuse)")
         parts, base = urlsplit(link), urlsplit(self.service_url)
-        if not self._rewrite_logged:
+        if foreign and not self._rewrite_logged:
             self._rewrite_logged = True
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,

@@ -410,6 +410,17 @@ def test_a_next_link_behind_a_path_mapping_proxy_is_rerooted_on_the_service_root
     assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
 
 
+def test_a_next_link_on_the_same_host_outside_the_service_root_is_rerooted() -> None:
+    # A gateway behind a proxy that passes on X-Forwarded-Host but not the path prefix names
+    # the published host with its own path: page 2 was /odata/Stops there, a 404. No other
+    # host is involved, so foreign_next_link = refuse does not refuse it.
+    with ODataServer(DATA, root="/gw/odata", page_size=10,
+                     next_link_base="http://127.0.0.1:{port}/odata/") as srv, \
+            client(srv, foreign_next_link="refuse") as c:
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
+
+
 def test_a_next_link_naming_a_cyrillic_set_is_rerooted_too() -> None:
     # A 1C:Enterprise set named in its links unencoded: looked for only as upper-case
     # %-escapes, the name was not found, and page 2 went to /odata/... (a 404).
