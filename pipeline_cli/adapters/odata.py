@@ -359,6 +359,9 @@ class ODataClient:
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after, resp.url)
                 hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
+                if resp.status_code == 400 and hint and "count" in line.lower() and \
+                        "count=" in url:  # the server names the $count, $inlinecount we sent
+                    hint = hint[:-1] + ", or [odata] count = false if it refuses a count)"
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short

@@ -192,6 +192,21 @@ def test_other_4xx_fail_at_once_with_the_odata_error(v4: ODataServer, code: int)
     assert v4.request_count("Stops") == 1
 
 
+@pytest.mark.parametrize("version", ["v4", "v3", "v2"])
+def test_a_refused_count_points_at_the_count_setting(version: str) -> None:
+    # ASP.NET Core OData allows no $count unless the service enables it, and some gateways
+    # no $inlinecount: the 400 was blamed on the names of [odata.mapping] alone. (A 400 that
+    # does not mention a count, a field's name, says nothing of the setting.)
+    with ODataServer(DATA, version=version) as srv:
+        srv.add_fault(status(400, message="Query option 'Count' is not allowed."),
+                      entity_set="Stops")
+        with client(srv) as c, pytest.raises(SourceError, match=r"Stops page 1 \(check the "
+                r"names in \[odata.mapping\], or \[odata\] count = false if it refuses"):
+            fetch(c)
+        with client(srv, count=False) as c:
+            assert len(fetch(c)) == 40
+
+
 def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
     # Another service's vocabulary: the server's 400 names the field, the hint the setting.
     with client(v4) as c, pytest.raises(SourceError) as err:
