@@ -215,8 +215,7 @@ class ODataClient:
 
     def probe(self, entity_set: str, *, filter: str | None = None,
               select: list[str] | None = None) -> int:
-        """GET ``<set>?$top=1`` (with the sync's ``$filter`` and ``$select``): the rows
-        answered (0 or 1), or SourceError naming the set (or the field the server refused)."""
+        """GET ``<set>?$top=1`` with the sync's $filter and $select: the rows (0 or 1)."""
         url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else [])
                         + ([("$select", ",".join(select))] if select else []))
         doc = self._get(url, f"{entity_set} $top=1")[1]
