@@ -221,6 +221,9 @@ class ODataClient:
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
+        if rows and (missing := sorted(set(select or ()) - rows[0].keys())):  # $select ignored
+            raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
+                              + _NAMES)
         return len(rows)
 
     # -------------------------------------------------------------------- paging

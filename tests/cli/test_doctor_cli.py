@@ -258,7 +258,8 @@ def test_missing_entity_set_fails_odata(cli: Cli, tmp_path: Any) -> None:
     assert "Marshruty" in by_name(obj)["odata"]["detail"]
 
 
-def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, tmp_path: Any) -> None:
+def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServer,
+                                                      tmp_path: Any) -> None:
     # doctor asked for $top=1 without the sync's $select: "ok" for a field spelt as another
     # service spells it, and the sync then failed on it.
     config = tmp_path / "pipeline.toml"
@@ -268,6 +269,12 @@ def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, tmp_path: Any) -
     assert result.exit_code == 1 and failed(obj) == ["odata"], obj
     assert "'IsAirport'" in by_name(obj)["odata"]["detail"]
     assert "[odata.mapping]" in by_name(obj)["odata"]["detail"]
+    odata.ignore_select = True  # as some services do: the entity is looked at instead
+    result = cli("--config", str(config), "doctor", "--json")
+    obj = json.loads(result.stdout)
+    assert result.exit_code == 1 and by_name(obj)["odata"]["detail"] == (
+        "OData Stops $top=1: the entity has no field 'IsAirport' (check the names in "
+        "[odata.mapping])"), obj
 
 
 def test_point_option_and_malformed_point(cli: Cli) -> None:
