@@ -295,6 +295,6 @@ def _odata(s: Settings) -> str:
         protocol = client.protocol  # the service root, with the configured credentials
         sets = []
         for mapping in resolve_mapping(s.odata.mapping).values():
-            client.probe(mapping.entity_set, filter=mapping.filter)
+            client.probe(mapping.entity_set, filter=mapping.filter, select=mapping.select)
             sets.append(mapping.entity_set)
     return f"OData {protocol} service answers; $top=1 ok for {', '.join(sets)}"

@@ -173,6 +173,8 @@ class ODataClient:
             return "v2"
         if isinstance(doc, dict) and ("error" in doc or "odata.error" in doc):  # under HTTP 200
             raise SourceError(f"OData {what}: {error_line(200, json.dumps(doc).encode())}")
+        if isinstance(doc, dict) and {"@odata.context", "@context", "odata.metadata"} & doc.keys():
+            return "v4"  # an entity: Business Central's root is a company, companies(<id>)/
         raise SourceError(f"OData {what}: not an OData JSON response (no 'value' or 'd')")
 
     def _headers(self) -> dict[str, str]:
@@ -211,12 +213,17 @@ class ODataClient:
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
-    def probe(self, entity_set: str, *, filter: str | None = None) -> int:
-        """GET ``<set>?$top=1``: the rows answered (0 or 1), or SourceError naming the set."""
-        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else []))
+    def probe(self, entity_set: str, *, filter: str | None = None,
+              select: list[str] | None = None) -> int:
+        """GET ``<set>?$top=1`` with the sync's $filter and $select: the rows (0 or 1)."""
+        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else [])
+                        + ([("$select", ",".join(select))] if select else []))
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
+        if rows and (missing := sorted(set(select or ()) - rows[0].keys())):  # $select ignored
+            raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
+                              + _NAMES)
         return len(rows)
 
     # -------------------------------------------------------------------- paging
@@ -232,7 +239,7 @@ class ODataClient:
             yield from pages
 
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
-        origin = _origin(self.service_url)
+        origin, root = _origin(self.service_url), urlsplit(self.service_url).path
         seen: set[str] = {url}
         number = 0
         next_url: str | None = url
@@ -252,7 +259,7 @@ class ODataClient:
             if link is None:
                 return
             resolved = urljoin(next_url, link)
-            if _origin(resolved) != origin:
+            if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
                 resolved = self._on_service_origin(resolved, entity_set, what)
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
@@ -264,13 +271,14 @@ class ODataClient:
         """A nextLink naming another host (an internal host name behind a reverse proxy,
         ``localhost`` for ``127.0.0.1``): its path and query on the configured origin, so the
         credentials only ever go to the host of ``[odata] url``. A path outside the service
-        root's (a proxy that maps /gw/odata to the gateway's /odata) is re-rooted there."""
-        scheme, host, port = _origin(link)
-        if self.settings.foreign_next_link == "refuse":
+        root's (a proxy that maps /gw/odata to the gateway's /odata), on any host, is
+        re-rooted there."""
+        (scheme, host, port), foreign = _origin(link), _origin(link) != _origin(self.service_url)
+        if foreign and self.settings.foreign_next_link == "refuse":
             raise SourceError(f"OData {what}: nextLink points to another host ({host}); "
                               "refusing to follow it ([odata] foreign_next_link = refuse)")
         parts, base = urlsplit(link), urlsplit(self.service_url)
-        if not self._rewrite_logged:
+        if foreign and not self._rewrite_logged:
             self._rewrite_logged = True
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
@@ -291,7 +299,7 @@ class ODataClient:
         parts = urlsplit(url)  # the URL's own query, once for all attempts
         if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
             url = urlunsplit(parts._replace(query="&".join(filter(None, (
-                parts.query, urlencode(missing))))))
+                parts.query, urlencode(missing, quote_via=quote))))))
         retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                             retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                             reraise=True)
@@ -353,6 +361,9 @@ class ODataClient:
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after, resp.url)
                 hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
+                if resp.status_code == 400 and hint and "count" in line.lower() and \
+                        "count=" in url:  # the server names the $count, $inlinecount we sent
+                    hint = hint[:-1] + ", or [odata] count = false if it refuses a count)"
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short

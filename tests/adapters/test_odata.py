@@ -107,6 +107,17 @@ def test_empty_last_page_is_normal() -> None:
     assert [len(p.rows) for p in pages] == [10, 10, 10, 10, 0]
 
 
+def test_a_service_root_that_is_an_entity_is_detected_as_v4(v4: ODataServer) -> None:
+    # Business Central's API root is a company, .../api/v2.0/companies(<id>)/: its "service
+    # document" is that entity, with an @odata.context and no 'value', and the sync failed
+    # with "not an OData JSON response" unless the operator guessed [odata] version = v4.
+    v4.add_fault(wrong_shape({"@odata.context": f"{v4.url}$metadata#companies/$entity",
+                              "@odata.etag": 'W/"JzE5OzE7Jw=="', "id": "5f0e4a1c-e2c1",
+                              "name": "CRONUS"}))
+    with client(v4) as c:
+        assert c.protocol == "v4" and len(fetch(c)) == 40
+
+
 def test_forced_version_skips_detection_and_rejects_the_other_shape(v4: ODataServer) -> None:
     with client(v4, version="v4") as c:
         assert len(fetch(c)) == 40
@@ -179,6 +190,21 @@ def test_other_4xx_fail_at_once_with_the_odata_error(v4: ODataServer, code: int)
     assert str(err.value) == (f"OData {endpoint(v4.url)} Stops page 1 (check the names in "
                               f"[odata.mapping]): HTTP {code} Injected{code}: No such thing")
     assert v4.request_count("Stops") == 1
+
+
+@pytest.mark.parametrize("version", ["v4", "v3", "v2"])
+def test_a_refused_count_points_at_the_count_setting(version: str) -> None:
+    # ASP.NET Core OData allows no $count unless the service enables it, and some gateways
+    # no $inlinecount: the 400 was blamed on the names of [odata.mapping] alone. (A 400 that
+    # does not mention a count, a field's name, says nothing of the setting.)
+    with ODataServer(DATA, version=version) as srv:
+        srv.add_fault(status(400, message="Query option 'Count' is not allowed."),
+                      entity_set="Stops")
+        with client(srv) as c, pytest.raises(SourceError, match=r"Stops page 1 \(check the "
+                r"names in \[odata.mapping\], or \[odata\] count = false if it refuses"):
+            fetch(c)
+        with client(srv, count=False) as c:
+            assert len(fetch(c)) == 40
 
 
 def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
@@ -350,6 +376,17 @@ def test_the_urls_own_query_goes_with_every_request(version: str) -> None:
         assert all(r.target.count("sap-client") == 1 for r in srv.requests)
 
 
+def test_the_urls_own_query_keeps_a_space_as_percent_20() -> None:
+    # Business Central's OData web services take ?company=CRONUS%20International%20Ltd.; it
+    # went out form-encoded, CRONUS+International+Ltd., and a '+' is a plus to a service
+    # that reads its query as RFC 3986 says: a company that does not exist.
+    company = "company=CRONUS%20International%20Ltd."
+    with ODataServer(DATA, page_size=20) as srv, ODataClient(ODataSettings(
+            url=f"{srv.url}?{company}", backoff_base=0.01)) as c:
+        assert len(fetch(c)) == 40
+    assert all(company in r.target for r in srv.requests), srv.requests
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_next_link_on_another_host_is_followed_on_the_configured_origin(version: str) -> None:
     # The links name a "foreign" host (localhost, on a proxy's port) that counts what it gets:
@@ -384,6 +421,17 @@ def test_a_next_link_behind_a_path_mapping_proxy_is_rerooted_on_the_service_root
     with ODataServer(DATA, root="/gw/odata", page_size=10,
                      next_link_base="http://sapgw01.corp.internal:8000/odata/") as srv, \
             client(srv) as c:
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
+
+
+def test_a_next_link_on_the_same_host_outside_the_service_root_is_rerooted() -> None:
+    # A gateway behind a proxy that passes on X-Forwarded-Host but not the path prefix names
+    # the published host with its own path: page 2 was /odata/Stops there, a 404. No other
+    # host is involved, so foreign_next_link = refuse does not refuse it.
+    with ODataServer(DATA, root="/gw/odata", page_size=10,
+                     next_link_base="http://127.0.0.1:{port}/odata/") as srv, \
+            client(srv, foreign_next_link="refuse") as c:
         assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
     assert [r.path for r in srv.requests[1:]] == ["/gw/odata/Stops"] * 4
 

@@ -258,6 +258,25 @@ def test_missing_entity_set_fails_odata(cli: Cli, tmp_path: Any) -> None:
     assert "Marshruty" in by_name(obj)["odata"]["detail"]
 
 
+def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServer,
+                                                      tmp_path: Any) -> None:
+    # doctor asked for $top=1 without the sync's $select: "ok" for a field spelt as another
+    # service spells it, and the sync then failed on it.
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[odata.mapping.stops]\nfields = { is_airport = "IsAirport" }\n')
+    result = cli("--config", str(config), "doctor", "--json")
+    obj = json.loads(result.stdout)
+    assert result.exit_code == 1 and failed(obj) == ["odata"], obj
+    assert "'IsAirport'" in by_name(obj)["odata"]["detail"]
+    assert "[odata.mapping]" in by_name(obj)["odata"]["detail"]
+    odata.ignore_select = True  # as some services do: the entity is looked at instead
+    result = cli("--config", str(config), "doctor", "--json")
+    obj = json.loads(result.stdout)
+    assert result.exit_code == 1 and by_name(obj)["odata"]["detail"] == (
+        "OData Stops $top=1: the entity has no field 'IsAirport' (check the names in "
+        "[odata.mapping])"), obj
+
+
 def test_point_option_and_malformed_point(cli: Cli) -> None:
     code, obj = doctor(cli, "--point", "24.94,60.17")
     assert code == 0 and "24.94000,60.17000 (--point)" in by_name(obj)["osrm"]["detail"]

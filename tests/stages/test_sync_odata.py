@@ -431,7 +431,11 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
              # A V2 offset is in minutes (datajs, Olingo): +0120 is two hours east of UTC.
              "/Date(30600000+0120)/": "10:30:00", "/Date(30600000-0330)/": "03:00:00",
              "/Date(30600000+60)/": "09:30:00", "/Date(1700000000000+0060)/": "23:13:20",
-             "P0DT8H0M0S": "08:00:00", "P00DT08H30M00S": "08:30:00"}  # Edm.Duration, 0 days
+             "P0DT8H0M0S": "08:00:00", "P00DT08H30M00S": "08:30:00",  # Edm.Duration, 0 days
+             # .NET services (Business Central, Dataverse): 7 fractional digits, and
+             # XmlConvert's shortest duration
+             "08:30:00.0000000": "08:30:00", "2024-03-01T07:30:59.9999999+01:00": "07:30:59",
+             "PT8H30M": "08:30:00", "PT9H": "09:00:00"}
     for raw, want in times.items():
         assert str(value("time", raw)) == want, raw
     for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H", "/Date(30600000+1100)/",
