@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("csv", "gpx", "geojson")
+# For messages about a file in another format (KML, NMEA, JSON Lines, FIT).
+READ_FORMATS = ("ingest-gps reads CSV (.csv, .tsv, .txt), GPX (.gpx) and GeoJSON (.geojson, "
+                ".json), each also gzipped (.gz)")
 CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".gpx": "gpx",
              ".geojson": "geojson", ".json": "geojson"}
@@ -252,6 +255,9 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
 
     def start(tag: str, attrs: dict[str, str]) -> None:
         name = local(tag)
+        if not stack and name != "gpx":  # KML or other XML: it read as a GPX without points
+            raise GpsFileError(f"line {parser.CurrentLineNumber}: not GPX: its root element "
+                               f"is <{name}>; {READ_FORMATS}")
         stack.append(name)
         state["text"] = []
         if name == "trk":

@@ -207,3 +207,20 @@ def test_csv_layout_from_the_first_line() -> None:
     with pytest.raises(GpsFileError, match="device_id .--device"):
         gpsfiles.csv_layout("time,lat,lon", 1)
     assert "device_id" not in gpsfiles.csv_layout("time,lat,lon", 1, device_given=True).columns
+
+
+def test_xml_that_is_not_gpx_is_refused_not_read_as_empty(tmp_path: Path) -> None:
+    # A KML track given with --format gpx (or named .gpx) had no <trkpt>: a noop, exit 0,
+    # every point of its <gx:Track> left behind in silence.
+    path = write(tmp_path, "track.gpx", """<?xml version="1.0" encoding="UTF-8"?>
+<kml xmlns="http://www.opengis.net/kml/2.2" xmlns:gx="http://www.google.com/kml/ext/2.2">
+<Document><Placemark><gx:Track><when>2024-01-06T10:00:00Z</when>
+<gx:coord>24.94 60.17 12</gx:coord></gx:Track></Placemark></Document></kml>
+""")
+    with pytest.raises(GpsFileError, match=r"^line 2: not GPX: its root element is <kml>; "
+                       "ingest-gps reads CSV .*, GPX .* and GeoJSON"):
+        list(gpsfiles.read(path))
+    # A namespace prefix on the root is still GPX.
+    gpx = write(tmp_path, "p.gpx", '<g:gpx xmlns:g="http://www.topografix.com/GPX/1/1"><g:wpt '
+                'lat="60.17" lon="24.94"><g:time>2024-01-06T10:00:00Z</g:time></g:wpt></g:gpx>')
+    assert [r.latitude for r in rows(list(gpsfiles.read(gpx)))] == ["60.17"]
