@@ -72,8 +72,8 @@ def detect_format(path: str | Path, fmt: str | None = None) -> str:
         return _SUFFIXES[suffix]
     except KeyError:
         raise GpsFileError(
-            f"cannot tell the format from the name {Path(path).name!r}; use --format"
-        ) from None
+            f"cannot tell the format from the name {Path(path).name!r}: {READ_FORMATS}; "
+            "--format names the format of such a file under another name") from None
 
 
 _GZIP_MAGIC = b"\x1f\x8b"

@@ -184,6 +184,13 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     path = write(tmp_path, "points.dat", "d,1714550400,60.1,24.9\n")
     with pytest.raises(GpsFileError, match="--format"):
         list(gpsfiles.read(path))
+    # "use --format" alone sent the operator of a KML, NMEA or FIT file looking for a format
+    # option that does not exist: the message names the formats read.
+    with pytest.raises(GpsFileError, match=r"^cannot tell the format from the name "
+                       r"'track.kml': ingest-gps reads CSV \(.csv, .tsv, .txt\), GPX \(.gpx\) and "
+                       r"GeoJSON \(.geojson, .json\), each also gzipped \(.gz\); --format names "
+                       "the format of such a file under another name"):
+        gpsfiles.detect_format("track.kml")
     assert gpsfiles.detect_format(path, "csv") == "csv"
     assert gpsfiles.detect_format("a.TSV") == "csv" and gpsfiles.detect_format("b.gpx.gz") == "gpx"
 
