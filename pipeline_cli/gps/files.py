@@ -309,8 +309,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
 _WS = re.compile(r"\s*")
 
 
-def _feature_lines(text: str) -> list[int]:
-    """Line numbers of each element of the top-level ``features`` array (best effort)."""
+def _feature_lines(text: str, array: str = "features") -> list[int]:
+    """Line numbers of each element of the top-level ``array`` (best effort)."""
     decoder = json.JSONDecoder()
     lines: list[int] = []
     counted_to, line = 0, 1
@@ -333,7 +333,7 @@ def _feature_lines(text: str) -> list[int]:
             key, i = decoder.raw_decode(text, i)
             i = _WS.match(text, i).end()  # type: ignore[union-attr]
             i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]  # skip ':'
-            if key == "features" and text[i] == "[":
+            if key == array and text[i] == "[":
                 i += 1
                 while True:
                     i = _WS.match(text, i).end()  # type: ignore[union-attr]
@@ -372,7 +372,8 @@ def _point_time(props: dict[str, Any]) -> Any:
 
 
 def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
-    """Point features with a time property, and LineStrings with a ``times`` array.
+    """Point features with a time property, and LineStrings with a ``times`` array, of a
+    FeatureCollection, one Feature, or Overland's ``{"locations": [...]}``.
 
     The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
     else the file name up to its first dot.
@@ -394,6 +395,9 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
         lines = _feature_lines(text)
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features, lines = [doc], [1]
+    elif isinstance(doc, dict) and "type" not in doc and isinstance(doc.get("locations"), list):
+        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key.
+        features, lines = doc["locations"], _feature_lines(text, "locations")
     else:
         raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature")
     default_device = device_id or file_device(path)

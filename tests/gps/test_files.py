@@ -231,3 +231,20 @@ def test_xml_that_is_not_gpx_is_refused_not_read_as_empty(tmp_path: Path) -> Non
     gpx = write(tmp_path, "p.gpx", '<g:gpx xmlns:g="http://www.topografix.com/GPX/1/1"><g:wpt '
                 'lat="60.17" lon="24.94"><g:time>2024-01-06T10:00:00Z</g:time></g:wpt></g:gpx>')
     assert [r.latitude for r in rows(list(gpsfiles.read(gpx)))] == ["60.17"]
+
+
+def test_overland_locations_are_geojson_features(tmp_path: Path) -> None:
+    # Overland posts and exports {"locations": [Feature, ...]}: GeoJSON Points under another
+    # key. It was refused as "expected a GeoJSON FeatureCollection or Feature".
+    path = write(tmp_path, "overland.json", """{"locations": [
+ {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.94, 60.17]},
+  "properties": {"timestamp": "2024-01-06T10:00:00Z", "device_id": "x", "speed": 0}},
+ {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.941, 60.171]},
+  "properties": {"timestamp": "2024-01-06T10:00:05Z"}}
+]}
+""")
+    items = list(gpsfiles.read(path))
+    assert [(r.device_id, r.recorded_at, r.latitude, r.line, r.where) for r in rows(items)] == [
+        ("x", "2024-01-06T10:00:00Z", "60.17", 2, "feature 1"),
+        ("overland", "2024-01-06T10:00:05Z", "60.171", 4, "feature 2")]
+    assert problems(items) == []
