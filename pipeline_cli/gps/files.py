@@ -244,6 +244,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
     ``<trk><name>``, else the file name up to its first dot."""
     data = _read_all(path)
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():
+        return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
@@ -382,6 +384,8 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
         text = _read_all(path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise GpsFileError("not UTF-8 text") from None
+    if not text.strip():
+        return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

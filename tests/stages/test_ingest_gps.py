@@ -476,3 +476,16 @@ def test_csv_quoted_field_across_lines_is_refused_by_line(tmp_path: Path,
     assert record.counts["rows_loaded"] == 1 and record.counts["invalid_rows"] == 2
     assert all("unbalanced quotes" in p for p in record.extra["problems"])
     assert record.extra["problems"][0].startswith(f"{path}:2: ")
+
+
+def test_an_empty_file_of_any_format_is_a_noop(tmp_path: Path, database_url: str) -> None:
+    # An exporter's quiet hour leaves an empty file: a noop for CSV, but "malformed JSON:
+    # Expecting value" and "malformed GPX: no element found", exit 1, for the others.
+    files = []
+    for name, data in [("a.csv", b""), ("b.gpx", b""), ("c.geojson", b"\n \r\n"),
+                       ("d.json", b"\xef\xbb\xbf"), ("e.gpx.gz", gzip.compress(b""))]:
+        files.append(tmp_path / name)
+        files[-1].write_bytes(data)
+    record = ingest(database_url, files)
+    assert record.status == "noop" and record.exit_code == 0, record.error
+    assert record.counts["rows_read"] == 0
