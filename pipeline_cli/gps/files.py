@@ -9,6 +9,7 @@ the line they came from. The fields are checked by PostgreSQL, with the same che
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -97,6 +98,35 @@ def open_binary(path: str | Path) -> Iterator[io.BufferedIOBase]:
             return
         with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
             yield unzipped
+
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_UTF16_BARE = "UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with the mark)"
+
+
+def utf8(handle: io.BufferedIOBase) -> io.BufferedIOBase | codecs.StreamRecoder:
+    """``handle`` as UTF-8: UTF-16 with a byte-order mark (Excel's "Unicode text",
+    PowerShell) is re-encoded as it is read. Without the mark, every other byte of ASCII
+    text is NUL: refused by name rather than read as one bad row a line."""
+    start = handle.peek(2)[:2]  # type: ignore[attr-defined]  # buffered and gzip files peek
+    if start in _UTF16_BOMS:
+        return codecs.EncodedFile(handle, "utf-8", "utf-16")
+    if len(start) == 2 and (start[0] == 0) != (start[1] == 0):
+        raise GpsFileError(_UTF16_BARE)
+    return handle
+
+
+def _decode(data: bytes) -> str:
+    """A GeoJSON file's text: UTF-8 (a BOM aside), or UTF-16 with a byte-order mark."""
+    try:
+        if data[:2] in _UTF16_BOMS:
+            return data.decode("utf-16")
+        if len(data) >= 2 and (data[0] == 0) != (data[1] == 0):
+            raise GpsFileError(_UTF16_BARE)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise GpsFileError("not UTF-8 text" if data[:2] not in _UTF16_BOMS
+                           else "not UTF-16 text, though it starts as UTF-16 does") from None
 
 
 def _read_all(path: str | Path) -> bytes:
@@ -380,10 +410,7 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
     else the file name up to its first dot.
     """
-    try:
-        text = _read_all(path).decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise GpsFileError("not UTF-8 text") from None
+    text = _decode(_read_all(path))
     if not text.strip():
         return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
     try:

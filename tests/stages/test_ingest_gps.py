@@ -489,3 +489,33 @@ def test_an_empty_file_of_any_format_is_a_noop(tmp_path: Path, database_url: str
     record = ingest(database_url, files)
     assert record.status == "noop" and record.exit_code == 0, record.error
     assert record.counts["rows_read"] == 0
+
+
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_utf16_files_from_windows_tools_load(tmp_path: Path, database_url: str,
+                                             conn: psycopg.Connection[Any],
+                                             monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    # Excel's "Unicode text" and PowerShell write UTF-16 with a byte-order mark: refused as
+    # "line 1: not UTF-8 text" (a GPX file in UTF-16 loaded, its parser reads the mark).
+    monkeypatch.setattr(ingest_module, "COPY_BLOCK", block)
+    text = ("device_id\trecorded_at\tlatitude\tlongitude\r\n"
+            + "".join(f"ü{s}\t2024-01-06T10:00:{s:02d}Z\t60.17\t24.94\r\n" for s in range(5)))
+    little = tmp_path / "le.csv"
+    little.write_bytes(text.encode("utf-16"))  # with a BOM, in this machine's (little) order
+    big = tmp_path / "be.csv.gz"
+    big.write_bytes(gzip.compress(b"\xfe\xff" + text.replace("ü", "b").encode("utf-16-be")))
+    geo = tmp_path / "g.geojson"
+    geo.write_bytes(json.dumps({"type": "Feature", "properties": {
+        "device_id": "gé", "time": "2024-01-06T10:00:00Z"},
+        "geometry": {"type": "Point", "coordinates": [24.94, 60.17]}}).encode("utf-16"))
+    record = ingest(database_url, [little, big, geo], strict=True)
+    assert record.counts["rows_loaded"] == 11, record.error
+    assert {r[0] for r in stored(conn)} == {"gé", *(f"ü{s}" for s in range(5)),
+                                           *(f"b{s}" for s in range(5))}
+    # Without the mark, every other byte of it is NUL: named, not read as one bad row a line.
+    bare = tmp_path / "bare.csv"
+    bare.write_bytes(text.encode("utf-16-le"))
+    record = ingest(database_url, [bare])
+    assert record.status == "failed" and record.error == (
+        f"{bare}: UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with "
+        "the mark); nothing loaded")
