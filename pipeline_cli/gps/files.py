@@ -416,6 +416,9 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object a line, as OwnTracks writes
+            raise GpsFileError(f"line {exc.lineno}: a second JSON value after the first (JSON "
+                               f"Lines?): not GeoJSON; {READ_FORMATS}") from None
         raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
     except RecursionError:  # was "internal error", naming no file
         raise GpsFileError("JSON nested too deeply to read") from None
@@ -430,11 +433,24 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
         # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key.
         features, lines = doc["locations"], _feature_lines(text, "locations")
     else:
-        raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature")
+        raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
+                           f"{_found(doc)}; {READ_FORMATS}")
     default_device = device_id or file_device(path)
     for n, feature in enumerate(features, start=1):
         line = lines[n - 1] if n - 1 < len(lines) else 1
         yield from _feature_items(feature, n, line, default_device)
+
+
+def _found(doc: Any) -> str:
+    """What a JSON document that is no GeoJSON is, for the message refusing it."""
+    if isinstance(doc, dict):
+        for key in ("type", "_type"):  # OwnTracks names its type "_type"
+            if isinstance(doc.get(key), str):
+                return f"an object of {key} {doc[key][:40]!r}"
+        return "an object without a type"
+    if isinstance(doc, list):
+        return "an array"
+    return "a string" if isinstance(doc, str) else f"the value {json.dumps(doc)}"  # 3, null
 
 
 def _feature_items(feature: Any, n: int, line: int, default_device: str | None

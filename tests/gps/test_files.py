@@ -248,3 +248,21 @@ def test_overland_locations_are_geojson_features(tmp_path: Path) -> None:
         ("x", "2024-01-06T10:00:00Z", "60.17", 2, "feature 1"),
         ("overland", "2024-01-06T10:00:05Z", "60.171", 4, "feature 2")]
     assert problems(items) == []
+
+
+def test_json_that_is_not_geojson_says_what_it_found(tmp_path: Path) -> None:
+    # OwnTracks writes one JSON object a line: "line 2: malformed JSON: Extra data" did not
+    # say the file is of a format ingest-gps does not read.
+    lines = write(tmp_path, "owntracks.json",
+                  '{"_type":"location","lat":60.17,"lon":24.94,"tid":"ab","tst":1704535200}\n'
+                  '{"_type":"location","lat":60.18,"lon":24.95,"tid":"ab","tst":1704535205}\n')
+    with pytest.raises(GpsFileError, match=r"^line 2: a second JSON value after the first "
+                       r"\(JSON Lines\?\): not GeoJSON; ingest-gps reads CSV .*"):
+        list(gpsfiles.read(lines))
+    one = write(tmp_path, "one.json", '{"_type":"location","lat":60.17,"lon":24.94}')
+    with pytest.raises(GpsFileError, match=r"^line 1: expected a GeoJSON FeatureCollection or "
+                       r"Feature, found an object of _type 'location'; ingest-gps reads CSV"):
+        list(gpsfiles.read(one))
+    array = write(tmp_path, "array.json", '[{"_type":"location"}]')
+    with pytest.raises(GpsFileError, match="found an array;"):
+        list(gpsfiles.read(array))
