@@ -197,6 +197,7 @@ _ALIASES = {
     "longitude": ("longitude", "lon", "lng", "long"),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
+_NMEA = re.compile(r"(\$[A-Z]{5}),")  # $GPRMC, $GNGGA, $PGRMZ: talker and sentence
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -214,6 +215,10 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     delimiter under which most of its cells name one, and must name every field; the device
     may be missing when ``device_given`` (--device). Otherwise the line is data in the order
     of CSV_COLUMNS, split by the delimiter it holds most of."""
+    nmea = _NMEA.match(first.strip())
+    if nmea:  # read as data, every row was a device "$GPRMC" at a time before 1980
+        raise GpsFileError(f"line {line}: NMEA sentences ({nmea.group(1)}), not CSV; "
+                           f"{READ_FORMATS}")
     named = {d: _named(first, d) for d in CSV_DELIMITERS}
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]

@@ -266,3 +266,13 @@ def test_json_that_is_not_geojson_says_what_it_found(tmp_path: Path) -> None:
     array = write(tmp_path, "array.json", '[{"_type":"location"}]')
     with pytest.raises(GpsFileError, match="found an array;"):
         list(gpsfiles.read(array))
+
+
+def test_nmea_sentences_are_refused_as_nmea() -> None:
+    # A logger's .txt of NMEA read as rows of device "$GPRMC" at epoch 100000: every row "a
+    # date written YYYYMMDD?", which sent the operator looking at dates.
+    with pytest.raises(GpsFileError, match=r"^line 3: NMEA sentences \(\$GPRMC\), not CSV; "
+                       "ingest-gps reads CSV .*GPX"):
+        gpsfiles.csv_layout("$GPRMC,100000,A,6010.200,N,02456.400,E,000.0,090.0,060124,,,A*6A",
+                            3)
+    assert gpsfiles.csv_layout("$bus,1714550400,60.1,24.9", 1).header_line == 0
