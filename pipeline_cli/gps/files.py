@@ -188,11 +188,13 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 
 # ---------------------------------------------------------------- CSV
 
+# Most specific first: a header naming a field twice ("time" local beside "time_utc", a
+# portal's "timestamp" of receipt beside "gps_time") gives it the earlier alias's column.
 _ALIASES = {
     "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
                   "unit_id", "imei"),
-    "recorded_at": ("recorded_at", "time", "timestamp", "datetime", "date_time", "time_utc",
-                    "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # fixTime: Traccar
+    "recorded_at": ("recorded_at", "time_utc", "timestamp_utc", "gps_time", "fixtime",
+                    "fix_time", "time", "timestamp", "datetime", "date_time"),  # fixTime: Traccar
     "latitude": ("latitude", "lat"),
     "longitude": ("longitude", "lon", "lng", "long"),
 }
@@ -265,9 +267,9 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
     names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
     found: dict[str, int] = {}
     for column, aliases in _ALIASES.items():
-        for i, name in enumerate(names):
-            if name in aliases:
-                found[column] = i
+        for alias in aliases:
+            if alias in names:
+                found[column] = names.index(alias)
                 break
     return found
 

@@ -519,3 +519,20 @@ def test_utf16_files_from_windows_tools_load(tmp_path: Path, database_url: str,
     assert record.status == "failed" and record.error == (
         f"{bare}: UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with "
         "the mark); nothing loaded")
+
+
+def test_a_header_naming_the_time_twice_takes_the_utc_or_fix_time(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Loggers write the local time beside the UTC one, trackers' portals the server's time
+    # beside the fix: the first of the columns was taken, and a local time without a zone was
+    # stored as UTC, two hours off, with exit 0.
+    local = tmp_path / "logger.csv"
+    local.write_text("device,time,time_utc,lat,lon\nd,2024-01-06 12:00:00,2024-01-06 10:00:00,"
+                     "60.17,24.94\n")
+    portal = tmp_path / "portal.csv"
+    portal.write_text("imei,timestamp,gps_time,lat,lon\np,2024-01-06T10:00:09Z,"
+                      "2024-01-06T10:00:00Z,60.17,24.94\n")
+    record = ingest(database_url, [local, portal], strict=True)
+    assert record.status == "success", record.error
+    assert [(r[0], r[1]) for r in stored(conn)] == [
+        ("d", datetime(2024, 1, 6, 10, tzinfo=UTC)), ("p", datetime(2024, 1, 6, 10, tzinfo=UTC))]
