@@ -276,3 +276,13 @@ def test_nmea_sentences_are_refused_as_nmea() -> None:
         gpsfiles.csv_layout("$GPRMC,100000,A,6010.200,N,02456.400,E,000.0,090.0,060124,,,A*6A",
                             3)
     assert gpsfiles.csv_layout("$bus,1714550400,60.1,24.9", 1).header_line == 0
+
+
+def test_geojson_in_utf16_without_its_mark_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "u.geojson"
+    path.write_bytes('{"type": "FeatureCollection", "features": []}'.encode("utf-16-le"))
+    with pytest.raises(GpsFileError, match="^UTF-16 text without a byte-order mark: save it"):
+        list(gpsfiles.read(path))
+    path.write_bytes(b"\xff\xfe\x00\xd8")  # a lone surrogate: starts as UTF-16, is not
+    with pytest.raises(GpsFileError, match="^not UTF-16 text, though it starts as UTF-16"):
+        list(gpsfiles.read(path))
