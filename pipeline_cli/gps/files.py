@@ -469,8 +469,11 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
     props = feature.get("properties") or {}
     if not isinstance(props, dict):
         props = {}
-    device = next((v for v in (props.get("device_id"), props.get("device")) if v is not None),
-                  default_device)  # a null property is no device: the file's is used
+    # A null or blank property is no device (Overland's device_id is "" until one is set):
+    # --device or the file's name is used.
+    device = next((v for v in (props.get("device_id"), props.get("device"))
+                   if v is not None and not (isinstance(v, str) and not v.strip())),
+                  default_device)
     if device is None:
         yield RowProblem(line, _NO_DEVICE, where)
         return

@@ -128,6 +128,12 @@ def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
     doc["properties"] = {"device_id": None, "time": 1}
     items = list(gpsfiles.read(write(tmp_path, "van-9.geojson", json.dumps(doc))))
     assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-9"]
+    # So is an empty one (Overland's device_id until one is set): every point was refused as
+    # "device_id is empty", and --device could not stand in for it.
+    doc["properties"] = {"device_id": "", "device": " ", "time": 1}
+    items = list(gpsfiles.read(write(tmp_path, "van-9.geojson", json.dumps(doc)),
+                               device_id="van-10"))
+    assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-10"]
 
 
 def test_a_device_id_is_text_or_a_whole_number(tmp_path: Path) -> None:
