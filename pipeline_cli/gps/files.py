@@ -189,12 +189,13 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 # ---------------------------------------------------------------- CSV
 
 # Most specific first: a header naming a field twice ("time" local beside "time_utc", a
-# portal's "timestamp" of receipt beside "gps_time") gives it the earlier alias's column.
+# portal's "timestamp" of receipt beside "gps_time", "time" of day beside "date" and
+# "datetime") gives it the earlier alias's column.
 _ALIASES = {
     "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
                   "unit_id", "imei"),
     "recorded_at": ("recorded_at", "time_utc", "timestamp_utc", "gps_time", "fixtime",
-                    "fix_time", "time", "timestamp", "datetime", "date_time"),  # fixTime: Traccar
+                    "fix_time", "datetime", "date_time", "timestamp", "time"),  # fixTime: Traccar
     "latitude": ("latitude", "lat"),
     "longitude": ("longitude", "lon", "lng", "long"),
 }
