@@ -26,10 +26,11 @@ from typing import Any
 FORMATS = ("csv", "gpx", "geojson")
 # For messages about a file in another format (KML, NMEA, JSON Lines, FIT).
 READ_FORMATS = ("ingest-gps reads CSV (.csv, .tsv, .txt), GPX (.gpx) and GeoJSON (.geojson, "
-                ".json), each also gzipped (.gz)")
+                ".json; .geojsonl, .geojsons: one Feature a line), each also gzipped (.gz)")
 CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".gpx": "gpx",
-             ".geojson": "geojson", ".json": "geojson"}
+             ".geojson": "geojson", ".json": "geojson", ".geojsonl": "geojson",
+             ".geojsons": "geojson"}
 
 
 class GpsFileError(Exception):
@@ -413,7 +414,7 @@ def _point_time(props: dict[str, Any]) -> Any:
 
 def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Point features with a time property, and LineStrings with a ``times`` array, of a
-    FeatureCollection, one Feature, or Overland's ``{"locations": [...]}``.
+    FeatureCollection, one Feature, Features one a line, or Overland's ``{"locations": [...]}``.
 
     The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
     else the file name up to its first dot.
@@ -424,6 +425,12 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
+        sequence = _sequence(text) if exc.msg == "Extra data" or text.lstrip(
+            " \t\r\n").startswith("\x1e") else None
+        if sequence is not None:
+            for n, (feature, line) in enumerate(zip(*sequence, strict=True), start=1):
+                yield from _feature_items(feature, n, line, device_id or file_device(path))
+            return
         if exc.msg == "Extra data":  # one object a line, as OwnTracks writes
             raise GpsFileError(f"line {exc.lineno}: a second JSON value after the first (JSON "
                                f"Lines?): not GeoJSON; {READ_FORMATS}") from None
@@ -447,6 +454,23 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     for n, feature in enumerate(features, start=1):
         line = lines[n - 1] if n - 1 < len(lines) else 1
         yield from _feature_items(feature, n, line, default_device)
+
+
+def _sequence(text: str) -> tuple[list[Any], list[int]] | None:
+    """The Features of GeoJSON one a line, each perhaps after an RS (RFC 8142's text
+    sequences, ogr2ogr's GeoJSONSeq), with their lines; None if a line is no Feature."""
+    features, lines = [], []
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if raw.strip():  # str.strip takes the RS (U+001E) too
+            try:
+                doc = json.loads(raw.strip())
+            except (ValueError, RecursionError):
+                return None
+            if not (isinstance(doc, dict) and doc.get("type") == "Feature"):
+                return None
+            features.append(doc)
+            lines.append(line)
+    return features, lines
 
 
 def _found(doc: Any) -> str:

@@ -194,8 +194,9 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     # option that does not exist: the message names the formats read.
     with pytest.raises(GpsFileError, match=r"^cannot tell the format from the name "
                        r"'track.kml': ingest-gps reads CSV \(.csv, .tsv, .txt\), GPX \(.gpx\) and "
-                       r"GeoJSON \(.geojson, .json\), each also gzipped \(.gz\); --format names "
-                       "the format of such a file under another name"):
+                       r"GeoJSON \(.geojson, .json; .geojsonl, .geojsons: one Feature a line\), "
+                       r"each also gzipped \(.gz\); --format names the format of such a file "
+                       "under another name"):
         gpsfiles.detect_format("track.kml")
     assert gpsfiles.detect_format(path, "csv") == "csv"
     assert gpsfiles.detect_format("a.TSV") == "csv" and gpsfiles.detect_format("b.gpx.gz") == "gpx"
@@ -291,4 +292,21 @@ def test_geojson_in_utf16_without_its_mark_is_named(tmp_path: Path) -> None:
         list(gpsfiles.read(path))
     path.write_bytes(b"\xff\xfe\x00\xd8")  # a lone surrogate: starts as UTF-16, is not
     with pytest.raises(GpsFileError, match="^not UTF-16 text, though it starts as UTF-16"):
+        list(gpsfiles.read(path))
+
+
+def test_geojson_text_sequences_one_feature_a_line(tmp_path: Path) -> None:
+    # ogr2ogr's GeoJSONSeq (RFC 8142, each Feature after an RS) and newline-delimited GeoJSON
+    # were refused as "malformed JSON": Features, one a line.
+    feature = {"type": "Feature", "properties": {"device_id": "s", "time": "2024-01-06T10:00:00Z"},
+               "geometry": {"type": "Point", "coordinates": [24.94, 60.17]}}
+    later = {**feature, "properties": {"device_id": "s", "time": "2024-01-06T10:00:05Z"}}
+    for name, sep in [("rs.geojsons", "\x1e"), ("nl.geojsonl", ""), ("nl.geojson", "")]:
+        path = write(tmp_path, name, f"{sep}{json.dumps(feature)}\n\n{sep}{json.dumps(later)}\n")
+        items = list(gpsfiles.read(path))
+        assert [(r.recorded_at, r.line, r.where) for r in rows(items)] == [
+            ("2024-01-06T10:00:00Z", 1, "feature 1"), ("2024-01-06T10:00:05Z", 3, "feature 2")]
+    # A line that is no Feature: the file is no sequence of them.
+    path = write(tmp_path, "mixed.geojsonl", json.dumps(feature) + '\n{"_type": "location"}\n')
+    with pytest.raises(GpsFileError, match="^line 2: a second JSON value"):
         list(gpsfiles.read(path))
