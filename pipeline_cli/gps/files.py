@@ -422,22 +422,22 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     text = _decode(_read_all(path))
     if not text.strip():
         return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
+    sequence: tuple[Any, list[int]] | None = None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        sequence = _sequence(text) if exc.msg == "Extra data" or text.lstrip(
-            " \t\r\n").startswith("\x1e") else None
-        if sequence is not None:
-            for n, (feature, line) in enumerate(zip(*sequence, strict=True), start=1):
-                yield from _feature_items(feature, n, line, device_id or file_device(path))
-            return
-        if exc.msg == "Extra data":  # one object a line, as OwnTracks writes
+        if exc.msg == "Extra data" or text.lstrip(" \t\r\n").startswith("\x1e"):
+            sequence = _sequence(text)
+        if sequence is None and exc.msg == "Extra data":  # one object a line, as OwnTracks
             raise GpsFileError(f"line {exc.lineno}: a second JSON value after the first (JSON "
                                f"Lines?): not GeoJSON; {READ_FORMATS}") from None
-        raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
+        if sequence is None:
+            raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
     except RecursionError:  # was "internal error", naming no file
         raise GpsFileError("JSON nested too deeply to read") from None
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+    if sequence is not None:
+        features, lines = sequence
+    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
         features = doc.get("features")
         if not isinstance(features, list):
             raise GpsFileError("line 1: FeatureCollection without a features array")
