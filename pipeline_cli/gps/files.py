@@ -223,6 +223,12 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     if nmea:  # read as data, every row was a device "$GPRMC" at a time before 1980
         raise GpsFileError(f"line {line}: NMEA sentences ({nmea.group(1)}), not CSV; "
                            f"{READ_FORMATS}")
+    # A GPX file saved as .txt, a GeoJSON file given --format csv: read as data, every line
+    # was a row of one field.
+    other = "XML" if re.match(r"<[?!A-Za-z]", first.strip()) else "JSON" if re.match(
+        r"\{\s*$|\{\s*\"|\[\s*$|\[\s*[{\[]", first.strip()) else None
+    if other:
+        raise GpsFileError(f"line {line}: {other}, not CSV; {READ_FORMATS}")
     named = {d: _named(first, d) for d in CSV_DELIMITERS}
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]

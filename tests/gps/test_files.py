@@ -285,6 +285,18 @@ def test_nmea_sentences_are_refused_as_nmea() -> None:
     assert gpsfiles.csv_layout("$bus,1714550400,60.1,24.9", 1).header_line == 0
 
 
+@pytest.mark.parametrize(("first", "found"), [
+    ('<?xml version="1.0" encoding="UTF-8"?>', "XML"), ("<gpx>", "XML"),
+    ("{", "JSON"), ('{"type": "FeatureCollection",', "JSON"), ('[{"_type":"location"}]', "JSON")])
+def test_xml_or_json_read_as_csv_is_named(first: str, found: str) -> None:
+    # A GPX file saved as .txt, or --format csv on a GeoJSON file: each line was a row
+    # "expected 4 fields, got 1", a hundred of them listed.
+    with pytest.raises(GpsFileError, match=rf"^line 2: {found}, not CSV; ingest-gps reads"):
+        gpsfiles.csv_layout(first, 2)
+    # A device written as a braced GUID is no JSON.
+    assert gpsfiles.csv_layout("{6F9619FF-8B86},1714550400,60.1,24.9", 1).header_line == 0
+
+
 def test_geojson_in_utf16_without_its_mark_is_named(tmp_path: Path) -> None:
     path = tmp_path / "u.geojson"
     path.write_bytes('{"type": "FeatureCollection", "features": []}'.encode("utf-16-le"))
