@@ -126,7 +126,7 @@ def _decode(data: bytes) -> str:
             raise GpsFileError(_UTF16_BARE)
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise GpsFileError("not UTF-8 text" if data[:2] not in _UTF16_BOMS
+        raise GpsFileError("not UTF-8 text (save it as UTF-8)" if data[:2] not in _UTF16_BOMS
                            else "not UTF-16 text, though it starts as UTF-16 does") from None
 
 

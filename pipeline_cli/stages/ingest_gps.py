@@ -169,7 +169,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             line = f"line {where.group(1)}: " if where else ""
             reason = exc.diag.message_primary or ""
             if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
-                reason = "not UTF-8 text"
+                reason = "not UTF-8 text (save it as UTF-8; Excel: 'CSV UTF-8')"
             raise gpsfiles.GpsFileError(f"{line}{reason}") from None
         except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
             raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None

@@ -322,3 +322,10 @@ def test_geojson_text_sequences_one_feature_a_line(tmp_path: Path) -> None:
     path = write(tmp_path, "mixed.geojsonl", json.dumps(feature) + '\n{"_type": "location"}\n')
     with pytest.raises(GpsFileError, match="^line 2: a second JSON value"):
         list(gpsfiles.read(path))
+
+
+def test_geojson_not_utf8_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "latin.geojson"
+    path.write_bytes('{"type": "Feature", "properties": {"device": "Gerät"}}'.encode("latin-1"))
+    with pytest.raises(GpsFileError, match=r"^not UTF-8 text \(save it as UTF-8\)$"):
+        list(gpsfiles.read(path))
