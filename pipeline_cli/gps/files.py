@@ -201,7 +201,8 @@ _ALIASES = {
     "longitude": ("longitude", "lon", "lng", "long"),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
-_NMEA = re.compile(r"(\$[A-Z]{5}),")  # $GPRMC, $GNGGA, $PGRMZ: talker and sentence
+# $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
+_NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -219,7 +220,7 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     delimiter under which most of its cells name one, and must name every field; the device
     may be missing when ``device_given`` (--device). Otherwise the line is data in the order
     of CSV_COLUMNS, split by the delimiter it holds most of."""
-    nmea = _NMEA.match(first.strip())
+    nmea = _NMEA.fullmatch(first.strip())
     if nmea:  # read as data, every row was a device "$GPRMC" at a time before 1980
         raise GpsFileError(f"line {line}: NMEA sentences ({nmea.group(1)}), not CSV; "
                            f"{READ_FORMATS}")

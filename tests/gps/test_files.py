@@ -283,6 +283,7 @@ def test_nmea_sentences_are_refused_as_nmea() -> None:
         gpsfiles.csv_layout("$GPRMC,100000,A,6010.200,N,02456.400,E,000.0,090.0,060124,,,A*6A",
                             3)
     assert gpsfiles.csv_layout("$bus,1714550400,60.1,24.9", 1).header_line == 0
+    assert gpsfiles.csv_layout("$FLEET,1714550400,60.1,24.9", 1).header_line == 0
 
 
 @pytest.mark.parametrize(("first", "found"), [
