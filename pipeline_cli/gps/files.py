@@ -189,16 +189,17 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 
 # ---------------------------------------------------------------- CSV
 
-# Most specific first: a header naming a field twice ("time" local beside "time_utc", a
-# portal's "timestamp" of receipt beside "gps_time", "time" of day beside "date" and
-# "datetime") gives it the earlier alias's column.
+# Tiers, most specific first: a header naming the time twice ("time" local beside
+# "time_utc", a portal's "timestamp" of receipt beside "gps_time") takes the UTC or fix
+# time. Within a tier the first column wins ("time" ISO before an app's "timestamp" in ms).
 _ALIASES = {
-    "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
-                  "unit_id", "imei"),
-    "recorded_at": ("recorded_at", "time_utc", "timestamp_utc", "gps_time", "fixtime",
-                    "fix_time", "datetime", "date_time", "timestamp", "time"),  # fixTime: Traccar
-    "latitude": ("latitude", "lat"),
-    "longitude": ("longitude", "lon", "lng", "long"),
+    "device_id": (("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
+                   "unit_id", "imei"),),
+    "recorded_at": (("recorded_at",),
+                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # Traccar
+                    ("time", "timestamp", "datetime", "date_time")),
+    "latitude": (("latitude", "lat"),),
+    "longitude": (("longitude", "lon", "lng", "long"),),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
@@ -275,10 +276,11 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
     cells = next(csv.reader([line], delimiter=delimiter), [])
     names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
     found: dict[str, int] = {}
-    for column, aliases in _ALIASES.items():
-        for alias in aliases:
-            if alias in names:
-                found[column] = names.index(alias)
+    for column, tiers in _ALIASES.items():
+        for tier in tiers:
+            hit = next((i for i, name in enumerate(names) if name in tier), None)
+            if hit is not None:
+                found[column] = hit
                 break
     return found
 

@@ -534,10 +534,10 @@ def test_a_header_naming_the_time_twice_takes_the_utc_or_fix_time(
     portal = tmp_path / "portal.csv"
     portal.write_text("imei,timestamp,gps_time,lat,lon\np,2024-01-06T10:00:09Z,"
                       "2024-01-06T10:00:00Z,60.17,24.94\n")
-    split = tmp_path / "split.csv"  # the time of day beside the date and the whole time
-    split.write_text("unit_id,date,time,datetime,lat,lon\ns,2024-01-06,10:00:00,"
-                     "2024-01-06T10:00:00Z,60.17,24.94\n")
-    record = ingest(database_url, [local, portal, split], strict=True)
+    app = tmp_path / "app.csv"  # of two generic names, the first column: ISO before millis
+    app.write_text("unit_id,time,timestamp,lat,lon\ns,2024-01-06T10:00:00Z,1704535200000,"
+                   "60.17,24.94\n")
+    record = ingest(database_url, [local, portal, app], strict=True)
     assert record.status == "success", record.error
     assert [(r[0], r[1]) for r in stored(conn)] == [
         ("d", datetime(2024, 1, 6, 10, tzinfo=UTC)), ("p", datetime(2024, 1, 6, 10, tzinfo=UTC)),
