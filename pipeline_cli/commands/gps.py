@@ -19,8 +19,9 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.option("--format", "fmt", type=click.Choice(["csv", "gpx", "geojson"]), default=None,
-              help="File format; by default from the suffix (.csv/.tsv, .gpx, .geojson/.json; "
-                   "before a .gz, as gzipped files are read too).")
+              help="File format; by default from the suffix (.csv/.tsv/.txt, .gpx, "
+                   ".geojson/.json/.geojsonl/.geojsons; before a .gz, as gzipped files are read "
+                   "too).")
 @click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
               help="Device id of every GPX point (over its track's name, which is often a "
                    "device's generic 'ACTIVE LOG'), and of GeoJSON features and CSV rows that "

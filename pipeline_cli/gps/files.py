@@ -9,6 +9,7 @@ the line they came from. The fields are checked by PostgreSQL, with the same che
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -23,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("csv", "gpx", "geojson")
+# For messages about a file in another format (KML, NMEA, JSON Lines, FIT).
+READ_FORMATS = ("ingest-gps reads CSV (.csv, .tsv, .txt), GPX (.gpx) and GeoJSON (.geojson, "
+                ".json; .geojsonl, .geojsons: one Feature a line), each also gzipped (.gz)")
 CSV_COLUMNS = ("device_id", "recorded_at", "latitude", "longitude")
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".gpx": "gpx",
-             ".geojson": "geojson", ".json": "geojson"}
+             ".geojson": "geojson", ".json": "geojson", ".geojsonl": "geojson",
+             ".geojsons": "geojson"}
 
 
 class GpsFileError(Exception):
@@ -69,8 +74,8 @@ def detect_format(path: str | Path, fmt: str | None = None) -> str:
         return _SUFFIXES[suffix]
     except KeyError:
         raise GpsFileError(
-            f"cannot tell the format from the name {Path(path).name!r}; use --format"
-        ) from None
+            f"cannot tell the format from the name {Path(path).name!r}: {READ_FORMATS}; "
+            "--format names the format of such a file under another name") from None
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -94,6 +99,35 @@ def open_binary(path: str | Path) -> Iterator[io.BufferedIOBase]:
             return
         with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
             yield unzipped
+
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_UTF16_BARE = "UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with the mark)"
+
+
+def utf8(handle: io.BufferedIOBase) -> io.BufferedIOBase | codecs.StreamRecoder:
+    """``handle`` as UTF-8: UTF-16 with a byte-order mark (Excel's "Unicode text",
+    PowerShell) is re-encoded as it is read. Without the mark, every other byte of ASCII
+    text is NUL: refused by name rather than read as one bad row a line."""
+    start = handle.peek(2)[:2]  # type: ignore[attr-defined]  # buffered and gzip files peek
+    if start in _UTF16_BOMS:
+        return codecs.EncodedFile(handle, "utf-8", "utf-16")
+    if len(start) == 2 and (start[0] == 0) != (start[1] == 0):
+        raise GpsFileError(_UTF16_BARE)
+    return handle
+
+
+def _decode(data: bytes) -> str:
+    """A GeoJSON file's text: UTF-8 (a BOM aside), or UTF-16 with a byte-order mark."""
+    try:
+        if data[:2] in _UTF16_BOMS:
+            return data.decode("utf-16")
+        if len(data) >= 2 and (data[0] == 0) != (data[1] == 0):
+            raise GpsFileError(_UTF16_BARE)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise GpsFileError("not UTF-8 text (save it as UTF-8)" if data[:2] not in _UTF16_BOMS
+                           else "not UTF-16 text, though it starts as UTF-16 does") from None
 
 
 def _read_all(path: str | Path) -> bytes:
@@ -155,15 +189,21 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 
 # ---------------------------------------------------------------- CSV
 
+# Tiers, most specific first: a header naming the time twice ("time" local beside
+# "time_utc", a portal's "timestamp" of receipt beside "gps_time") takes the UTC or fix
+# time. Within a tier the first column wins ("time" ISO before an app's "timestamp" in ms).
 _ALIASES = {
-    "device_id": ("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
-                  "unit_id", "imei"),
-    "recorded_at": ("recorded_at", "time", "timestamp", "datetime", "date_time", "time_utc",
-                    "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # fixTime: Traccar
-    "latitude": ("latitude", "lat"),
-    "longitude": ("longitude", "lon", "lng", "long"),
+    "device_id": (("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
+                   "unit_id", "imei"),),
+    "recorded_at": (("recorded_at",),
+                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # Traccar
+                    ("time", "timestamp", "datetime", "date_time")),
+    "latitude": (("latitude", "lat"),),
+    "longitude": (("longitude", "lon", "lng", "long"),),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
+# $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
+_NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -181,6 +221,16 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     delimiter under which most of its cells name one, and must name every field; the device
     may be missing when ``device_given`` (--device). Otherwise the line is data in the order
     of CSV_COLUMNS, split by the delimiter it holds most of."""
+    nmea = _NMEA.fullmatch(first.strip())
+    if nmea:  # read as data, every row was a device "$GPRMC" at a time before 1980
+        raise GpsFileError(f"line {line}: NMEA sentences ({nmea.group(1)}), not CSV; "
+                           f"{READ_FORMATS}")
+    # A GPX file saved as .txt, a GeoJSON file given --format csv: read as data, every line
+    # was a row of one field.
+    other = "XML" if re.match(r"<[?!A-Za-z]", first.strip()) else "JSON" if re.match(
+        r"\{\s*$|\{\s*\"|\[\s*$|\[\s*[{\[]", first.strip()) else None
+    if other:
+        raise GpsFileError(f"line {line}: {other}, not CSV; {READ_FORMATS}")
     named = {d: _named(first, d) for d in CSV_DELIMITERS}
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]
@@ -226,10 +276,11 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
     cells = next(csv.reader([line], delimiter=delimiter), [])
     names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
     found: dict[str, int] = {}
-    for column, aliases in _ALIASES.items():
-        for i, name in enumerate(names):
-            if name in aliases:
-                found[column] = i
+    for column, tiers in _ALIASES.items():
+        for tier in tiers:
+            hit = next((i for i, name in enumerate(names) if name in tier), None)
+            if hit is not None:
+                found[column] = hit
                 break
     return found
 
@@ -241,6 +292,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
     ``<trk><name>``, else the file name up to its first dot."""
     data = _read_all(path)
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():
+        return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
@@ -252,6 +305,9 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
 
     def start(tag: str, attrs: dict[str, str]) -> None:
         name = local(tag)
+        if not stack and name != "gpx":  # KML or other XML: it read as a GPX without points
+            raise GpsFileError(f"line {parser.CurrentLineNumber}: not GPX: its root element "
+                               f"is <{name}>; {READ_FORMATS}")
         stack.append(name)
         state["text"] = []
         if name == "trk":
@@ -303,8 +359,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
 _WS = re.compile(r"\s*")
 
 
-def _feature_lines(text: str) -> list[int]:
-    """Line numbers of each element of the top-level ``features`` array (best effort)."""
+def _feature_lines(text: str, array: str = "features") -> list[int]:
+    """Line numbers of each element of the top-level ``array`` (best effort)."""
     decoder = json.JSONDecoder()
     lines: list[int] = []
     counted_to, line = 0, 1
@@ -327,7 +383,7 @@ def _feature_lines(text: str) -> list[int]:
             key, i = decoder.raw_decode(text, i)
             i = _WS.match(text, i).end()  # type: ignore[union-attr]
             i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]  # skip ':'
-            if key == "features" and text[i] == "[":
+            if key == array and text[i] == "[":
                 i += 1
                 while True:
                     i = _WS.match(text, i).end()  # type: ignore[union-attr]
@@ -366,34 +422,76 @@ def _point_time(props: dict[str, Any]) -> Any:
 
 
 def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
-    """Point features with a time property, and LineStrings with a ``times`` array.
+    """Point features with a time property, and LineStrings with a ``times`` array, of a
+    FeatureCollection, one Feature, Features one a line, or Overland's ``{"locations": [...]}``.
 
     The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
     else the file name up to its first dot.
     """
-    try:
-        text = _read_all(path).decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise GpsFileError("not UTF-8 text") from None
+    text = _decode(_read_all(path))
+    if not text.strip():
+        return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
+    sequence: tuple[Any, list[int]] | None = None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
+        if exc.msg == "Extra data" or text.lstrip(" \t\r\n").startswith("\x1e"):
+            sequence = _sequence(text)
+        if sequence is None and exc.msg == "Extra data":  # one object a line, as OwnTracks
+            raise GpsFileError(f"line {exc.lineno}: a second JSON value after the first (JSON "
+                               f"Lines?): not GeoJSON; {READ_FORMATS}") from None
+        if sequence is None:
+            raise GpsFileError(f"line {exc.lineno}: malformed JSON: {exc.msg}") from None
     except RecursionError:  # was "internal error", naming no file
         raise GpsFileError("JSON nested too deeply to read") from None
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+    if sequence is not None:
+        features, lines = sequence
+    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
         features = doc.get("features")
         if not isinstance(features, list):
             raise GpsFileError("line 1: FeatureCollection without a features array")
         lines = _feature_lines(text)
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features, lines = [doc], [1]
+    elif isinstance(doc, dict) and "type" not in doc and isinstance(doc.get("locations"), list):
+        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key.
+        features, lines = doc["locations"], _feature_lines(text, "locations")
     else:
-        raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature")
+        raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
+                           f"{_found(doc)}; {READ_FORMATS}")
     default_device = device_id or file_device(path)
     for n, feature in enumerate(features, start=1):
         line = lines[n - 1] if n - 1 < len(lines) else 1
         yield from _feature_items(feature, n, line, default_device)
+
+
+def _sequence(text: str) -> tuple[list[Any], list[int]] | None:
+    """The Features of GeoJSON one a line, each perhaps after an RS (RFC 8142's text
+    sequences, ogr2ogr's GeoJSONSeq), with their lines; None if a line is no Feature."""
+    features, lines = [], []
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if raw.strip():  # str.strip takes the RS (U+001E) too
+            try:
+                doc = json.loads(raw.strip())
+            except (ValueError, RecursionError):
+                return None
+            if not (isinstance(doc, dict) and doc.get("type") == "Feature"):
+                return None
+            features.append(doc)
+            lines.append(line)
+    return features, lines
+
+
+def _found(doc: Any) -> str:
+    """What a JSON document that is no GeoJSON is, for the message refusing it."""
+    if isinstance(doc, dict):
+        for key in ("type", "_type"):  # OwnTracks names its type "_type"
+            if isinstance(doc.get(key), str):
+                return f"an object of {key} {doc[key][:40]!r}"
+        return "an object without a type"
+    if isinstance(doc, list):
+        return "an array"
+    return "a string" if isinstance(doc, str) else f"the value {json.dumps(doc)}"  # 3, null
 
 
 def _feature_items(feature: Any, n: int, line: int, default_device: str | None
@@ -405,8 +503,11 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
     props = feature.get("properties") or {}
     if not isinstance(props, dict):
         props = {}
-    device = next((v for v in (props.get("device_id"), props.get("device")) if v is not None),
-                  default_device)  # a null property is no device: the file's is used
+    # A null or blank property is no device (Overland's device_id is "" until one is set):
+    # --device or the file's name is used.
+    device = next((v for v in (props.get("device_id"), props.get("device"))
+                   if v is not None and not (isinstance(v, str) and not v.strip())),
+                  default_device)
     if device is None:
         yield RowProblem(line, _NO_DEVICE, where)
         return

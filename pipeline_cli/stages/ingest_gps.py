@@ -138,8 +138,9 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
     """COPY the raw lines, then let SQL split them by the layout of the first line (see
     ``gpsfiles.csv_layout``); ``device_id`` is the device of a file without a device column."""
     nul = False  # a NUL byte (a logger's power-loss padding) makes its line a bad row
-    with gpsfiles.open_binary(path) as handle:
+    with gpsfiles.open_binary(path) as raw:
         try:
+            handle = gpsfiles.utf8(raw)
             with conn.transaction(), conn.cursor() as cur, \
                     cur.copy(db.query("match_gps", "ingest_copy_raw")) as cp:
                 block = handle.read(COPY_BLOCK)
@@ -168,10 +169,13 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             line = f"line {where.group(1)}: " if where else ""
             reason = exc.diag.message_primary or ""
             if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
-                reason = "not UTF-8 text"
+                reason = "not UTF-8 text (save it as UTF-8; Excel: 'CSV UTF-8')"
             raise gpsfiles.GpsFileError(f"{line}{reason}") from None
         except gpsfiles.READ_ERRORS as exc:  # a damaged gzip file
             raise gpsfiles.GpsFileError(f"cannot read: {exc}") from None
+        except UnicodeDecodeError:  # only UTF-16 is decoded here (gpsfiles.utf8)
+            raise gpsfiles.GpsFileError(
+                "not UTF-16 text, though it starts as UTF-16 does") from None
     first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
     hint = 0  # a spreadsheet's "sep=;" line and "#" comments above the header or first row
     while first is not None and gpsfiles.above_csv_header(first["raw"]):

@@ -128,6 +128,12 @@ def test_geojson_values_of_other_json_types_become_text(tmp_path: Path) -> None:
     doc["properties"] = {"device_id": None, "time": 1}
     items = list(gpsfiles.read(write(tmp_path, "van-9.geojson", json.dumps(doc))))
     assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-9"]
+    # So is an empty one (Overland's device_id until one is set): every point was refused as
+    # "device_id is empty", and --device could not stand in for it.
+    doc["properties"] = {"device_id": "", "device": " ", "time": 1}
+    items = list(gpsfiles.read(write(tmp_path, "van-9.geojson", json.dumps(doc)),
+                               device_id="van-10"))
+    assert [i.device_id for i in items if isinstance(i, GpsRow)] == ["van-10"]
 
 
 def test_a_device_id_is_text_or_a_whole_number(tmp_path: Path) -> None:
@@ -184,6 +190,14 @@ def test_unknown_suffix_needs_format(tmp_path: Path) -> None:
     path = write(tmp_path, "points.dat", "d,1714550400,60.1,24.9\n")
     with pytest.raises(GpsFileError, match="--format"):
         list(gpsfiles.read(path))
+    # "use --format" alone sent the operator of a KML, NMEA or FIT file looking for a format
+    # option that does not exist: the message names the formats read.
+    with pytest.raises(GpsFileError, match=r"^cannot tell the format from the name "
+                       r"'track.kml': ingest-gps reads CSV \(.csv, .tsv, .txt\), GPX \(.gpx\) and "
+                       r"GeoJSON \(.geojson, .json; .geojsonl, .geojsons: one Feature a line\), "
+                       r"each also gzipped \(.gz\); --format names the format of such a file "
+                       "under another name"):
+        gpsfiles.detect_format("track.kml")
     assert gpsfiles.detect_format(path, "csv") == "csv"
     assert gpsfiles.detect_format("a.TSV") == "csv" and gpsfiles.detect_format("b.gpx.gz") == "gpx"
 
@@ -207,3 +221,112 @@ def test_csv_layout_from_the_first_line() -> None:
     with pytest.raises(GpsFileError, match="device_id .--device"):
         gpsfiles.csv_layout("time,lat,lon", 1)
     assert "device_id" not in gpsfiles.csv_layout("time,lat,lon", 1, device_given=True).columns
+
+
+def test_xml_that_is_not_gpx_is_refused_not_read_as_empty(tmp_path: Path) -> None:
+    # A KML track given with --format gpx (or named .gpx) had no <trkpt>: a noop, exit 0,
+    # every point of its <gx:Track> left behind in silence.
+    path = write(tmp_path, "track.gpx", """<?xml version="1.0" encoding="UTF-8"?>
+<kml xmlns="http://www.opengis.net/kml/2.2" xmlns:gx="http://www.google.com/kml/ext/2.2">
+<Document><Placemark><gx:Track><when>2024-01-06T10:00:00Z</when>
+<gx:coord>24.94 60.17 12</gx:coord></gx:Track></Placemark></Document></kml>
+""")
+    with pytest.raises(GpsFileError, match=r"^line 2: not GPX: its root element is <kml>; "
+                       "ingest-gps reads CSV .*, GPX .* and GeoJSON"):
+        list(gpsfiles.read(path))
+    # A namespace prefix on the root is still GPX.
+    gpx = write(tmp_path, "p.gpx", '<g:gpx xmlns:g="http://www.topografix.com/GPX/1/1"><g:wpt '
+                'lat="60.17" lon="24.94"><g:time>2024-01-06T10:00:00Z</g:time></g:wpt></g:gpx>')
+    assert [r.latitude for r in rows(list(gpsfiles.read(gpx)))] == ["60.17"]
+
+
+def test_overland_locations_are_geojson_features(tmp_path: Path) -> None:
+    # Overland posts and exports {"locations": [Feature, ...]}: GeoJSON Points under another
+    # key. It was refused as "expected a GeoJSON FeatureCollection or Feature".
+    path = write(tmp_path, "overland.json", """{"locations": [
+ {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.94, 60.17]},
+  "properties": {"timestamp": "2024-01-06T10:00:00Z", "device_id": "x", "speed": 0}},
+ {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.941, 60.171]},
+  "properties": {"timestamp": "2024-01-06T10:00:05Z"}}
+]}
+""")
+    items = list(gpsfiles.read(path))
+    assert [(r.device_id, r.recorded_at, r.latitude, r.line, r.where) for r in rows(items)] == [
+        ("x", "2024-01-06T10:00:00Z", "60.17", 2, "feature 1"),
+        ("overland", "2024-01-06T10:00:05Z", "60.171", 4, "feature 2")]
+    assert problems(items) == []
+
+
+def test_json_that_is_not_geojson_says_what_it_found(tmp_path: Path) -> None:
+    # OwnTracks writes one JSON object a line: "line 2: malformed JSON: Extra data" did not
+    # say the file is of a format ingest-gps does not read.
+    lines = write(tmp_path, "owntracks.json",
+                  '{"_type":"location","lat":60.17,"lon":24.94,"tid":"ab","tst":1704535200}\n'
+                  '{"_type":"location","lat":60.18,"lon":24.95,"tid":"ab","tst":1704535205}\n')
+    with pytest.raises(GpsFileError, match=r"^line 2: a second JSON value after the first "
+                       r"\(JSON Lines\?\): not GeoJSON; ingest-gps reads CSV .*"):
+        list(gpsfiles.read(lines))
+    one = write(tmp_path, "one.json", '{"_type":"location","lat":60.17,"lon":24.94}')
+    with pytest.raises(GpsFileError, match=r"^line 1: expected a GeoJSON FeatureCollection or "
+                       r"Feature, found an object of _type 'location'; ingest-gps reads CSV"):
+        list(gpsfiles.read(one))
+    array = write(tmp_path, "array.json", '[{"_type":"location"}]')
+    with pytest.raises(GpsFileError, match="found an array;"):
+        list(gpsfiles.read(array))
+
+
+def test_nmea_sentences_are_refused_as_nmea() -> None:
+    # A logger's .txt of NMEA read as rows of device "$GPRMC" at epoch 100000: every row "a
+    # date written YYYYMMDD?", which sent the operator looking at dates.
+    with pytest.raises(GpsFileError, match=r"^line 3: NMEA sentences \(\$GPRMC\), not CSV; "
+                       "ingest-gps reads CSV .*GPX"):
+        gpsfiles.csv_layout("$GPRMC,100000,A,6010.200,N,02456.400,E,000.0,090.0,060124,,,A*6A",
+                            3)
+    assert gpsfiles.csv_layout("$bus,1714550400,60.1,24.9", 1).header_line == 0
+    assert gpsfiles.csv_layout("$FLEET,1714550400,60.1,24.9", 1).header_line == 0
+
+
+@pytest.mark.parametrize(("first", "found"), [
+    ('<?xml version="1.0" encoding="UTF-8"?>', "XML"), ("<gpx>", "XML"),
+    ("{", "JSON"), ('{"type": "FeatureCollection",', "JSON"), ('[{"_type":"location"}]', "JSON")])
+def test_xml_or_json_read_as_csv_is_named(first: str, found: str) -> None:
+    # A GPX file saved as .txt, or --format csv on a GeoJSON file: each line was a row
+    # "expected 4 fields, got 1", a hundred of them listed.
+    with pytest.raises(GpsFileError, match=rf"^line 2: {found}, not CSV; ingest-gps reads"):
+        gpsfiles.csv_layout(first, 2)
+    # A device written as a braced GUID is no JSON.
+    assert gpsfiles.csv_layout("{6F9619FF-8B86},1714550400,60.1,24.9", 1).header_line == 0
+
+
+def test_geojson_in_utf16_without_its_mark_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "u.geojson"
+    path.write_bytes('{"type": "FeatureCollection", "features": []}'.encode("utf-16-le"))
+    with pytest.raises(GpsFileError, match="^UTF-16 text without a byte-order mark: save it"):
+        list(gpsfiles.read(path))
+    path.write_bytes(b"\xff\xfe\x00\xd8")  # a lone surrogate: starts as UTF-16, is not
+    with pytest.raises(GpsFileError, match="^not UTF-16 text, though it starts as UTF-16"):
+        list(gpsfiles.read(path))
+
+
+def test_geojson_text_sequences_one_feature_a_line(tmp_path: Path) -> None:
+    # ogr2ogr's GeoJSONSeq (RFC 8142, each Feature after an RS) and newline-delimited GeoJSON
+    # were refused as "malformed JSON": Features, one a line.
+    feature = {"type": "Feature", "properties": {"device_id": "s", "time": "2024-01-06T10:00:00Z"},
+               "geometry": {"type": "Point", "coordinates": [24.94, 60.17]}}
+    later = {**feature, "properties": {"device_id": "s", "time": "2024-01-06T10:00:05Z"}}
+    for name, sep in [("rs.geojsons", "\x1e"), ("nl.geojsonl", ""), ("nl.geojson", "")]:
+        path = write(tmp_path, name, f"{sep}{json.dumps(feature)}\n\n{sep}{json.dumps(later)}\n")
+        items = list(gpsfiles.read(path))
+        assert [(r.recorded_at, r.line, r.where) for r in rows(items)] == [
+            ("2024-01-06T10:00:00Z", 1, "feature 1"), ("2024-01-06T10:00:05Z", 3, "feature 2")]
+    # A line that is no Feature: the file is no sequence of them.
+    path = write(tmp_path, "mixed.geojsonl", json.dumps(feature) + '\n{"_type": "location"}\n')
+    with pytest.raises(GpsFileError, match="^line 2: a second JSON value"):
+        list(gpsfiles.read(path))
+
+
+def test_geojson_not_utf8_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "latin.geojson"
+    path.write_bytes('{"type": "Feature", "properties": {"device": "Gerät"}}'.encode("latin-1"))
+    with pytest.raises(GpsFileError, match=r"^not UTF-8 text \(save it as UTF-8\)$"):
+        list(gpsfiles.read(path))

@@ -425,7 +425,9 @@ def test_csv_unreadable_files_load_nothing(tmp_path: Path, database_url: str,
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"d,2024-05-01T08:00:00Z,60.1,24.9\nd\xe9,2024-05-01T08:00:01Z,60,24\n")
     record = ingest(database_url, [good, latin])
-    assert record.exit_code == 1 and "latin.csv: line 2: not UTF-8" in (record.error or "")
+    # Excel on Windows saves "CSV" in the machine's code page: the message says what to do.
+    assert record.exit_code == 1 and record.error == (
+        f"{latin}: line 2: not UTF-8 text (save it as UTF-8; Excel: 'CSV UTF-8'); nothing loaded")
     headless = tmp_path / "h.csv"
     headless.write_text("device_id,recorded_at,latitude\n")
     record = ingest(database_url, [good, headless])
@@ -476,3 +478,67 @@ def test_csv_quoted_field_across_lines_is_refused_by_line(tmp_path: Path,
     assert record.counts["rows_loaded"] == 1 and record.counts["invalid_rows"] == 2
     assert all("unbalanced quotes" in p for p in record.extra["problems"])
     assert record.extra["problems"][0].startswith(f"{path}:2: ")
+
+
+def test_an_empty_file_of_any_format_is_a_noop(tmp_path: Path, database_url: str) -> None:
+    # An exporter's quiet hour leaves an empty file: a noop for CSV, but "malformed JSON:
+    # Expecting value" and "malformed GPX: no element found", exit 1, for the others.
+    files = []
+    for name, data in [("a.csv", b""), ("b.gpx", b""), ("c.geojson", b"\n \r\n"),
+                       ("d.json", b"\xef\xbb\xbf"), ("e.gpx.gz", gzip.compress(b""))]:
+        files.append(tmp_path / name)
+        files[-1].write_bytes(data)
+    record = ingest(database_url, files)
+    assert record.status == "noop" and record.exit_code == 0, record.error
+    assert record.counts["rows_read"] == 0
+
+
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_utf16_files_from_windows_tools_load(tmp_path: Path, database_url: str,
+                                             conn: psycopg.Connection[Any],
+                                             monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    # Excel's "Unicode text" and PowerShell write UTF-16 with a byte-order mark: refused as
+    # "line 1: not UTF-8 text" (a GPX file in UTF-16 loaded, its parser reads the mark).
+    monkeypatch.setattr(ingest_module, "COPY_BLOCK", block)
+    text = ("device_id\trecorded_at\tlatitude\tlongitude\r\n"
+            + "".join(f"ü{s}\t2024-01-06T10:00:{s:02d}Z\t60.17\t24.94\r\n" for s in range(5)))
+    little = tmp_path / "le.csv"
+    little.write_bytes(text.encode("utf-16"))  # with a BOM, in this machine's (little) order
+    big = tmp_path / "be.csv.gz"
+    big.write_bytes(gzip.compress(b"\xfe\xff" + text.replace("ü", "b").encode("utf-16-be")))
+    geo = tmp_path / "g.geojson"
+    geo.write_bytes(json.dumps({"type": "Feature", "properties": {
+        "device_id": "gé", "time": "2024-01-06T10:00:00Z"},
+        "geometry": {"type": "Point", "coordinates": [24.94, 60.17]}}).encode("utf-16"))
+    record = ingest(database_url, [little, big, geo], strict=True)
+    assert record.counts["rows_loaded"] == 11, record.error
+    assert {r[0] for r in stored(conn)} == {"gé", *(f"ü{s}" for s in range(5)),
+                                           *(f"b{s}" for s in range(5))}
+    # Without the mark, every other byte of it is NUL: named, not read as one bad row a line.
+    bare = tmp_path / "bare.csv"
+    bare.write_bytes(text.encode("utf-16-le"))
+    record = ingest(database_url, [bare])
+    assert record.status == "failed" and record.error == (
+        f"{bare}: UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with "
+        "the mark); nothing loaded")
+
+
+def test_a_header_naming_the_time_twice_takes_the_utc_or_fix_time(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Loggers write the local time beside the UTC one, trackers' portals the server's time
+    # beside the fix: the first of the columns was taken, and a local time without a zone was
+    # stored as UTC, two hours off, with exit 0.
+    local = tmp_path / "logger.csv"
+    local.write_text("device,time,time_utc,lat,lon\nd,2024-01-06 12:00:00,2024-01-06 10:00:00,"
+                     "60.17,24.94\n")
+    portal = tmp_path / "portal.csv"
+    portal.write_text("imei,timestamp,gps_time,lat,lon\np,2024-01-06T10:00:09Z,"
+                      "2024-01-06T10:00:00Z,60.17,24.94\n")
+    app = tmp_path / "app.csv"  # of two generic names, the first column: ISO before millis
+    app.write_text("unit_id,time,timestamp,lat,lon\ns,2024-01-06T10:00:00Z,1704535200000,"
+                   "60.17,24.94\n")
+    record = ingest(database_url, [local, portal, app], strict=True)
+    assert record.status == "success", record.error
+    assert [(r[0], r[1]) for r in stored(conn)] == [
+        ("d", datetime(2024, 1, 6, 10, tzinfo=UTC)), ("p", datetime(2024, 1, 6, 10, tzinfo=UTC)),
+        ("s", datetime(2024, 1, 6, 10, tzinfo=UTC))]
