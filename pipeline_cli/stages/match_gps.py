@@ -72,8 +72,9 @@ def match_gps(
                 break
             claimed_before = pool.claimed
             made = run_round(conn, database, client, settings, pool, chunk_size, worker)
+            # A too_short batch (one point) is finished when made: its point is processed.
             counts.update(batches_created=made.created, batches_too_short=made.too_short,
-                          leases_rescued=len(rescued))
+                          points_processed=made.too_short, leases_rescued=len(rescued))
             if made.future and not warned_future:  # once a run
                 warned_future = True
                 ctx.log.warning(future_text(made.future))

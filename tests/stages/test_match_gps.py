@@ -544,3 +544,23 @@ def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], datab
     assert result.counts["points_ready"] == len(trace_pool[0].points) + len(
         trace_pool[1].points)
     assert {r["device_id"] for r in result.extra["ready_batches"]} == {"a", "b"}
+
+
+# ----------------------------------------------------------------- what a run and a dry run report
+
+
+def test_points_processed_counts_the_points_of_too_short_batches(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A lone point closed as too_short is processed (gps_point_status says so); the run's
+    points_processed left it out."""
+    add_trace(conn, "d", trace_pool[8])
+    traces.insert_points(conn, [("lone", OLD, 60.17, 24.94)])
+    record = run(database_url, client)
+    assert record.counts["batches_too_short"] == 1 and record.counts["batches_completed"] == 1
+    processed = conn.execute("SELECT count(*) FILTER (WHERE processed) AS n"
+                             " FROM gps_point_status").fetchone()["n"]
+    assert processed == len(trace_pool[8].points) + 1
+    assert record.counts["points_processed"] == processed
+
+
