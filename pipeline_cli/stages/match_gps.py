@@ -118,8 +118,8 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
     elapsed = max(time.monotonic() - started, 1e-9)
     full: dict[str, Any] = {k: counts.get(k, 0) for k in (
         "batches_created", "batches_too_short", "leases_rescued", "batches_completed",
-        "batches_failed", "batches_dead", "batches_released", "batches_lease_lost",
-        "points_matched", "points_processed", "polylines")}
+        "batches_stationary", "batches_failed", "batches_dead", "batches_released",
+        "batches_lease_lost", "points_matched", "points_processed", "polylines")}
     full["osrm_requests"] = osrm_requests
     if pool.chunk_errors:
         full["chunk_errors"] = dict(pool.chunk_errors)
@@ -130,6 +130,8 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
                                 "batches_completed", "batches_failed", "batches_dead"))
     message = (f"{full['batches_completed']} batch(es) completed, "
                f"{full['points_matched']} points matched at {pps:g} points/s")
+    if full["batches_stationary"]:
+        message += f" ({full['batches_stationary']} stationary: did not move)"
     if full["batches_failed"] or full["batches_dead"]:
         message += f"; {full['batches_failed']} failed, {full['batches_dead']} dead"
     return StageResult(status=SUCCESS if did else NOOP, counts=full, extra=extra,

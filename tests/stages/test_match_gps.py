@@ -564,3 +564,30 @@ def test_points_processed_counts_the_points_of_too_short_batches(
     assert record.counts["points_processed"] == processed
 
 
+@pytest.mark.parametrize("points", [30, 250])  # one OSRM request, and chunks
+def test_a_parked_vehicle_completes_as_stationary(conn: psycopg.Connection[Any],
+                                                  database_url: str, client: OsrmClient,
+                                                  proxy: CountingHttpProxy,
+                                                  points: int) -> None:
+    """A parked vehicle sends the same place every 5 s (give or take a metre): its batch was
+    sent to OSRM and completed with 'no matching: empty' or a polyline of one spot."""
+    traces.insert_points(conn, [("parked", OLD + timedelta(seconds=5 * i),
+                                 60.16990 + (i % 2) * 1e-5, 24.93840) for i in range(points)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    counts = record.counts
+    assert (counts["batches_completed"], counts["batches_stationary"]) == (1, 1)
+    assert (counts["points_processed"], counts["points_matched"]) == (points, 0)
+    assert "chunk_errors" not in counts and proxy.count("/match/") == 0
+    row = conn.execute("SELECT status, error_message, polyline_count, chunk_errors,"
+                       " coordinate_count FROM processing_batches").fetchone()
+    assert row["status"] == "completed" and row["polyline_count"] == 0
+    assert row["chunk_errors"] == {} and row["coordinate_count"] == points
+    assert row["error_message"] == (f"stationary: all {points} points within 5 m; "
+                                    "nothing to match")
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    assert conn.execute("SELECT bool_and(processed) AS p FROM gps_point_status"
+                        ).fetchone()["p"] is True
+    assert run(database_url, client).status == "noop"  # nothing is retried
+
+
