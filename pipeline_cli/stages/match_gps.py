@@ -162,13 +162,16 @@ def preview(database: db.Database, settings: MatchSettings | None = None) -> Sta
               "processing_batches": b["processing"], "expired_leases": gps["expired_leases"],
               "dead_batches": b["dead"],
               "batches_to_make": planned["batches_to_make"],
+              "batches_to_reopen": planned["batches_to_reopen"],
               "too_short_to_close": planned["too_short_to_close"],
               "points_to_batch": planned["points_to_batch"], "open_runs": planned["open_runs"],
               "future_points": planned["future_points"],
               "batches_ready": len(ready),
               "points_ready": sum(r["coordinate_count"] for r in ready)}
     message = (f"would match: {gps['unbatched_points']} points to batch "
-               f"({planned['batches_to_make']} new batches), {b['pending']} pending and "
+               f"({planned['batches_to_make']} new batches), "
+               f"{planned['batches_to_reopen']} batch(es) to reopen for late points, "
+               f"{b['pending']} pending and "
                f"{b['failed']} failed batches ({gps['unprocessed_points']} points waiting), "
                f"{gps['expired_leases']} expired leases"
                if would else "would do nothing: no GPS backlog")

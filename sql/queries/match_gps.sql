@@ -109,6 +109,20 @@ JOIN gps_points p ON p.device_id = c.device_id
 GROUP BY c.device_id
 ORDER BY c.device_id;
 
+-- name: late_arrivals
+-- The batches that arrivals the cursor does not see (of these devices, from their earliest
+-- time on) fall into, each with those arrivals. Part of reopen_batches and reopen_preview.
+SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
+FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
+JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
+                 AND (p.arrival >= %(seen_xmax)s::bigint
+                      OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
+                    WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
+                    ORDER BY b.start_time DESC LIMIT 1) cb
+WHERE cb.end_time >= p.recorded_at
+GROUP BY cb.batch_id
+
 -- name: reopen_batches
 -- Late arrivals inside a batch's time range that the batch did not read: a finished or
 -- running batch goes back to pending and is matched again with them (its polylines are
@@ -130,23 +144,22 @@ SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN
     error_message = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
                          THEN 'reopened: points arrived late' ELSE b.error_message END,
     updated_at = now()
-FROM (
-    SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
-    FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
-    JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
-                     AND (p.arrival >= %(seen_xmax)s::bigint
-                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
-    CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
-                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
-                        ORDER BY b.start_time DESC LIMIT 1) cb
-    WHERE cb.end_time >= p.recorded_at
-    GROUP BY cb.batch_id
-) late
+FROM ({late_arrivals}) late
 WHERE b.batch_id = late.batch_id AND b.status <> 'dead'
   AND (b.points_snapshot IS NULL
        OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
                   WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)))
 RETURNING b.batch_id, b.status;
+
+-- name: reopen_preview
+-- The batches reopen_batches would send back to pending now (match-gps --dry-run): it reads.
+SELECT count(*)::integer AS batches
+FROM processing_batches b
+JOIN ({late_arrivals}) late USING (batch_id)
+WHERE b.status IN ('completed', 'too_short', 'processing')
+  AND (b.points_snapshot IS NULL
+       OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
+                  WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)));
 
 -- name: insert_batches
 -- A too_short batch is closed at once (its point counts as processed: there is nothing to

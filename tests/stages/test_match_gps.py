@@ -591,3 +591,17 @@ def test_a_parked_vehicle_completes_as_stationary(conn: psycopg.Connection[Any],
     assert run(database_url, client).status == "noop"  # nothing is retried
 
 
+def test_dry_run_counts_the_batches_late_points_would_reopen(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    rows = trace_pool[9].rows("d")
+    traces.insert_points(conn, rows[:10] + rows[11:])
+    assert run(database_url, client).counts["batches_completed"] == 1
+    traces.insert_points(conn, [rows[10]])  # late, inside the completed batch
+    preview = stage.preview(Database(database_url), MatchSettings())
+    assert preview.extra["would_run"] is True
+    assert preview.counts["batches_to_reopen"] == 1
+    assert "1 batch(es) to reopen" in preview.message
+    assert batches.make_batches(conn, MatchSettings()).reopened == 1  # as the run would
+
+
