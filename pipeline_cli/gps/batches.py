@@ -42,7 +42,7 @@ class BatchingResult:
     too_short: int = 0
     points: int = 0
     waiting: int = 0  # open runs and single points that may still grow
-    reopened: int = 0  # batches that late points sent back to pending
+    reopened: int = 0  # batches that late points sent back to pending or recounted
     # Devices with points dated more than gap_seconds ahead: (how many, the latest time).
     # They wait unbatched (a clock glitch must not close the live run) until that time.
     future: dict[str, tuple[int, datetime]] = field(default_factory=dict)

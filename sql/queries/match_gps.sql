@@ -126,9 +126,10 @@ GROUP BY cb.batch_id
 -- name: reopen_batches
 -- Late arrivals inside a batch's time range that the batch did not read: a finished or
 -- running batch goes back to pending and is matched again with them (its polylines are
--- replaced then; a running worker loses its lease). A pending or failed batch reads them when
--- claimed and only gets its count updated; a dead one waits for a requeue. The snapshot test
--- is on the batch row itself, so a claim or completion committing meanwhile is re-checked.
+-- replaced then; a running worker loses its lease). A pending, failed or dead batch only gets
+-- its count updated: the first two read them when claimed, a dead one waits for a requeue
+-- (and `batches list`, `status` and the requeue show its points). The snapshot test is on the
+-- batch row itself, so a claim or completion committing meanwhile is re-checked.
 UPDATE processing_batches b
 SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
                   ELSE b.status END,
@@ -145,7 +146,7 @@ SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN
                          THEN 'reopened: points arrived late' ELSE b.error_message END,
     updated_at = now()
 FROM ({late_arrivals}) late
-WHERE b.batch_id = late.batch_id AND b.status <> 'dead'
+WHERE b.batch_id = late.batch_id
   AND (b.points_snapshot IS NULL
        OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
                   WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)))

@@ -605,3 +605,21 @@ def test_dry_run_counts_the_batches_late_points_would_reopen(
     assert batches.make_batches(conn, MatchSettings()).reopened == 1  # as the run would
 
 
+def test_a_dead_batch_counts_the_points_that_arrive_late(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
+    rows = trace_pool[10].rows("d")
+    traces.insert_points(conn, rows[:10] + rows[11:])
+    settings = MatchSettings(max_attempts=1)
+    proxy.block()
+    assert run(database_url, client, settings).counts["batches_dead"] == 1
+    traces.insert_points(conn, [rows[10]])  # late, inside the dead batch
+    batches.make_batches(conn, settings)
+    listed = batches.list_batches(conn, status="dead")
+    assert [r["coordinate_count"] for r in listed] == [len(rows)]
+    section = batches.status_section(conn)
+    assert section["dead_points"] == section["unprocessed_points"] == len(rows)
+    # Only a requeue can help a dead batch: a run would find nothing to do.
+    assert stage.preview(Database(database_url), settings).extra["would_run"] is False
+    proxy.unblock()
+    assert batches.requeue_batches(conn, dead_only=True)["points"] == len(rows)
