@@ -619,6 +619,7 @@ def test_a_dead_batch_counts_the_points_that_arrive_late(
     assert [r["coordinate_count"] for r in listed] == [len(rows)]
     section = batches.status_section(conn)
     assert section["dead_points"] == section["unprocessed_points"] == len(rows)
+    assert reliability.check_gps(conn) == []
     # Only a requeue can help a dead batch: a run would find nothing to do.
     assert stage.preview(Database(database_url), settings).extra["would_run"] is False
     proxy.unblock()
