@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .. import db
 from ..settings import MatchSettings
@@ -41,7 +42,7 @@ class BatchingResult:
     too_short: int = 0
     points: int = 0
     waiting: int = 0  # open runs and single points that may still grow
-    reopened: int = 0  # batches that late points sent back to pending
+    reopened: int = 0  # batches that late points sent back to pending or recounted
     # Devices with points dated more than gap_seconds ahead: (how many, the latest time).
     # They wait unbatched (a clock glitch must not close the live run) until that time.
     future: dict[str, tuple[int, datetime]] = field(default_factory=dict)
@@ -98,6 +99,13 @@ def _fresh_devices(conn: psycopg.Connection[Any], seen: str) -> dict[str, Any]:
     return earliest
 
 
+def _late(name: str) -> sql.Composed:
+    """A query over ``late_arrivals``: the run's reopen_batches and the dry run's preview of
+    it read the same batches."""
+    return db.query("match_gps", name).format(
+        late_arrivals=db.query("match_gps", "late_arrivals"))
+
+
 def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> str | None:
     """What a planned run of points becomes: a ``pending`` batch, a ``too_short`` one closed
     at once, or None while it may still grow. Only the device's last run may wait: a single
@@ -132,8 +140,7 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
             "max_batch_seconds": settings.max_batch_seconds,
         }).fetchall()
         out.future = _future(conn, settings, devices)
-        out.reopened = len(conn.execute(db.query("match_gps", "reopen_batches"),
-                                        params).fetchall())
+        out.reopened = len(conn.execute(_late("reopen_batches"), params).fetchall())
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting = set(out.future)
@@ -175,8 +182,9 @@ def _future(conn: psycopg.Connection[Any], settings: MatchSettings, devices: lis
 
 def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, Any]:
     """What a batcher pass would do now, in a read-only transaction that writes nothing: the
-    batches it would make (and the points in them), the runs still open, and the batches
-    ready to be claimed (``match-gps --dry-run``)."""
+    batches it would make (and the points in them), the runs still open, the batches late
+    points would send back to pending, and the batches ready to be claimed (``match-gps
+    --dry-run``)."""
     out: dict[str, Any] = {"batches_to_make": 0, "too_short_to_close": 0, "points_to_batch": 0,
                            "open_runs": 0, "future_points": 0}
     with db.wrap_errors("planning GPS batches"), conn.transaction():
@@ -185,10 +193,14 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         assert start is not None
         earliest = _fresh_devices(conn, start["seen"])
         devices = sorted(earliest)
+        params = {"devices": devices, "earliest": [earliest[d] for d in devices],
+                  **unseen(start["seen"])}
         rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            "devices": devices, "earliest": [earliest[d] for d in devices],
-            **unseen(start["seen"]), "gap_seconds": settings.gap_seconds,
+            **params, "gap_seconds": settings.gap_seconds,
             "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
+        reopen = conn.execute(_late("reopen_preview"), params).fetchone()
+        assert reopen is not None
+        out["batches_to_reopen"] = reopen["batches"]
         for r, status in _run_statuses(rows, settings):
             if status is None:
                 out["open_runs"] += 1

@@ -52,6 +52,7 @@ class TraceMatch:
     osrm_calls: int = 0
     chunk_errors: Counter[str] = field(default_factory=Counter)
     chunk_size: int = 0  # after any TooBig shrinking
+    stationary: bool = False  # every point within radius_m of the first: not sent to OSRM
 
     @property
     def matched_points(self) -> int:
@@ -70,6 +71,15 @@ def integer_timestamps(times: Sequence[float]) -> tuple[list[int], list[int]]:
         kept.append(i)
         stamps.append(second)
     return kept, stamps
+
+
+def stationary(coordinates: Sequence[LatLon], radius_m: float) -> bool:
+    """Whether every point lies within ``radius_m`` (the GPS accuracy) of the first: a
+    parked vehicle. OSRM made a line of one spot of such a trace, or in chunks nothing."""
+    if not coordinates:
+        return False
+    geo = _Geo(coordinates[0][0])
+    return all(geo.distance(coordinates[0], p) <= radius_m for p in coordinates)
 
 
 def chunk_plan(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
@@ -285,12 +295,16 @@ def match_trace(
     chunk_size: ChunkSize,
     in_flight: AbstractContextManager[Any] | None = None,
 ) -> TraceMatch:
-    """Match one time-ordered trace, in chunks. ``NoMatch``/``NoSegment`` on a chunk is
+    """Match one time-ordered trace, in chunks; a trace that stays within ``radius_m`` of its
+    first point is ``stationary`` and not sent. ``NoMatch``/``NoSegment`` on a chunk is
     recorded in ``chunk_errors``; other OSRM failures raise. ``in_flight`` (a semaphore) is
     held around each request to bound the requests in flight across threads."""
     gate = in_flight if in_flight is not None else nullcontext()
     kept, stamps = integer_timestamps(times)
     result = TraceMatch(sent=kept)
+    if stationary(coordinates, radius_m):
+        result.stationary = True
+        return result
     if len(kept) < 2:
         result.chunk_errors["too_few_points"] += 1
         return result

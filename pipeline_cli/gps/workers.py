@@ -205,7 +205,10 @@ class MatchWorker:
         pieces = match.pieces
         times = batch.times
         note = None
-        if not pieces:
+        if match.stationary:
+            note = (f"stationary: all {len(times)} points within {self.settings.radius_m:g} m;"
+                    " nothing to match")
+        elif not pieces:
             note = "no matching: " + (", ".join(sorted(match.chunk_errors)) or "empty")
         params = {
             "batch_id": batch.batch_id, "token": batch.token,
@@ -228,8 +231,9 @@ class MatchWorker:
                                       batch.batch_id)
             self.pool.add(batches_lease_lost=1)
             return
-        self.pool.add(batches_completed=1, points_processed=len(times),
-                      points_matched=match.matched_points, polylines=row["polylines"])
+        self.pool.add(batches_completed=1, batches_stationary=int(match.stationary),
+                      points_processed=len(times), points_matched=match.matched_points,
+                      polylines=row["polylines"])
         with self.pool.lock:
             self.pool.chunk_errors.update(match.chunk_errors)
 

@@ -72,8 +72,9 @@ def match_gps(
                 break
             claimed_before = pool.claimed
             made = run_round(conn, database, client, settings, pool, chunk_size, worker)
+            # A too_short batch (one point) is finished when made: its point is processed.
             counts.update(batches_created=made.created, batches_too_short=made.too_short,
-                          leases_rescued=len(rescued))
+                          points_processed=made.too_short, leases_rescued=len(rescued))
             if made.future and not warned_future:  # once a run
                 warned_future = True
                 ctx.log.warning(future_text(made.future))
@@ -117,8 +118,8 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
     elapsed = max(time.monotonic() - started, 1e-9)
     full: dict[str, Any] = {k: counts.get(k, 0) for k in (
         "batches_created", "batches_too_short", "leases_rescued", "batches_completed",
-        "batches_failed", "batches_dead", "batches_released", "batches_lease_lost",
-        "points_matched", "points_processed", "polylines")}
+        "batches_stationary", "batches_failed", "batches_dead", "batches_released",
+        "batches_lease_lost", "points_matched", "points_processed", "polylines")}
     full["osrm_requests"] = osrm_requests
     if pool.chunk_errors:
         full["chunk_errors"] = dict(pool.chunk_errors)
@@ -129,6 +130,8 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
                                 "batches_completed", "batches_failed", "batches_dead"))
     message = (f"{full['batches_completed']} batch(es) completed, "
                f"{full['points_matched']} points matched at {pps:g} points/s")
+    if full["batches_stationary"]:
+        message += f" ({full['batches_stationary']} stationary: did not move)"
     if full["batches_failed"] or full["batches_dead"]:
         message += f"; {full['batches_failed']} failed, {full['batches_dead']} dead"
     return StageResult(status=SUCCESS if did else NOOP, counts=full, extra=extra,
@@ -159,13 +162,16 @@ def preview(database: db.Database, settings: MatchSettings | None = None) -> Sta
               "processing_batches": b["processing"], "expired_leases": gps["expired_leases"],
               "dead_batches": b["dead"],
               "batches_to_make": planned["batches_to_make"],
+              "batches_to_reopen": planned["batches_to_reopen"],
               "too_short_to_close": planned["too_short_to_close"],
               "points_to_batch": planned["points_to_batch"], "open_runs": planned["open_runs"],
               "future_points": planned["future_points"],
               "batches_ready": len(ready),
               "points_ready": sum(r["coordinate_count"] for r in ready)}
     message = (f"would match: {gps['unbatched_points']} points to batch "
-               f"({planned['batches_to_make']} new batches), {b['pending']} pending and "
+               f"({planned['batches_to_make']} new batches), "
+               f"{planned['batches_to_reopen']} batch(es) to reopen for late points, "
+               f"{b['pending']} pending and "
                f"{b['failed']} failed batches ({gps['unprocessed_points']} points waiting), "
                f"{gps['expired_leases']} expired leases"
                if would else "would do nothing: no GPS backlog")

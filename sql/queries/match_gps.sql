@@ -109,12 +109,27 @@ JOIN gps_points p ON p.device_id = c.device_id
 GROUP BY c.device_id
 ORDER BY c.device_id;
 
+-- name: late_arrivals
+-- The batches that arrivals the cursor does not see (of these devices, from their earliest
+-- time on) fall into, each with those arrivals. Part of reopen_batches and reopen_preview.
+SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
+FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
+JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
+                 AND (p.arrival >= %(seen_xmax)s::bigint
+                      OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
+                    WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
+                    ORDER BY b.start_time DESC LIMIT 1) cb
+WHERE cb.end_time >= p.recorded_at
+GROUP BY cb.batch_id
+
 -- name: reopen_batches
 -- Late arrivals inside a batch's time range that the batch did not read: a finished or
 -- running batch goes back to pending and is matched again with them (its polylines are
--- replaced then; a running worker loses its lease). A pending or failed batch reads them when
--- claimed and only gets its count updated; a dead one waits for a requeue. The snapshot test
--- is on the batch row itself, so a claim or completion committing meanwhile is re-checked.
+-- replaced then; a running worker loses its lease). A pending, failed or dead batch only gets
+-- its count updated: the first two read them when claimed, a dead one waits for a requeue
+-- (and `batches list`, `status` and the requeue show its points). The snapshot test is on the
+-- batch row itself, so a claim or completion committing meanwhile is re-checked.
 UPDATE processing_batches b
 SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
                   ELSE b.status END,
@@ -130,23 +145,22 @@ SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN
     error_message = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
                          THEN 'reopened: points arrived late' ELSE b.error_message END,
     updated_at = now()
-FROM (
-    SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
-    FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
-    JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
-                     AND (p.arrival >= %(seen_xmax)s::bigint
-                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
-    CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
-                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
-                        ORDER BY b.start_time DESC LIMIT 1) cb
-    WHERE cb.end_time >= p.recorded_at
-    GROUP BY cb.batch_id
-) late
-WHERE b.batch_id = late.batch_id AND b.status <> 'dead'
+FROM ({late_arrivals}) late
+WHERE b.batch_id = late.batch_id
   AND (b.points_snapshot IS NULL
        OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
                   WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)))
 RETURNING b.batch_id, b.status;
+
+-- name: reopen_preview
+-- The batches reopen_batches would send back to pending now (match-gps --dry-run): it reads.
+SELECT count(*)::integer AS batches
+FROM processing_batches b
+JOIN ({late_arrivals}) late USING (batch_id)
+WHERE b.status IN ('completed', 'too_short', 'processing')
+  AND (b.points_snapshot IS NULL
+       OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
+                  WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)));
 
 -- name: insert_batches
 -- A too_short batch is closed at once (its point counts as processed: there is nothing to

@@ -544,3 +544,83 @@ def test_dry_run_reports_and_writes_nothing(conn: psycopg.Connection[Any], datab
     assert result.counts["points_ready"] == len(trace_pool[0].points) + len(
         trace_pool[1].points)
     assert {r["device_id"] for r in result.extra["ready_batches"]} == {"a", "b"}
+
+
+# ----------------------------------------------------------------- what a run and a dry run report
+
+
+def test_points_processed_counts_the_points_of_too_short_batches(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A lone point closed as too_short is processed (gps_point_status says so); the run's
+    points_processed left it out."""
+    add_trace(conn, "d", trace_pool[8])
+    traces.insert_points(conn, [("lone", OLD, 60.17, 24.94)])
+    record = run(database_url, client)
+    assert record.counts["batches_too_short"] == 1 and record.counts["batches_completed"] == 1
+    processed = conn.execute("SELECT count(*) FILTER (WHERE processed) AS n"
+                             " FROM gps_point_status").fetchone()["n"]
+    assert processed == len(trace_pool[8].points) + 1
+    assert record.counts["points_processed"] == processed
+
+
+@pytest.mark.parametrize("points", [30, 250])  # one OSRM request, and chunks
+def test_a_parked_vehicle_completes_as_stationary(conn: psycopg.Connection[Any],
+                                                  database_url: str, client: OsrmClient,
+                                                  proxy: CountingHttpProxy,
+                                                  points: int) -> None:
+    """A parked vehicle sends the same place every 5 s (give or take a metre): its batch was
+    sent to OSRM and completed with 'no matching: empty' or a polyline of one spot."""
+    traces.insert_points(conn, [("parked", OLD + timedelta(seconds=5 * i),
+                                 60.16990 + (i % 2) * 1e-5, 24.93840) for i in range(points)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    counts = record.counts
+    assert (counts["batches_completed"], counts["batches_stationary"]) == (1, 1)
+    assert (counts["points_processed"], counts["points_matched"]) == (points, 0)
+    assert "chunk_errors" not in counts and proxy.count("/match/") == 0
+    row = conn.execute("SELECT status, error_message, polyline_count, chunk_errors,"
+                       " coordinate_count FROM processing_batches").fetchone()
+    assert row["status"] == "completed" and row["polyline_count"] == 0
+    assert row["chunk_errors"] == {} and row["coordinate_count"] == points
+    assert row["error_message"] == (f"stationary: all {points} points within 5 m; "
+                                    "nothing to match")
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    assert conn.execute("SELECT bool_and(processed) AS p FROM gps_point_status"
+                        ).fetchone()["p"] is True
+    assert run(database_url, client).status == "noop"  # nothing is retried
+
+
+def test_dry_run_counts_the_batches_late_points_would_reopen(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    rows = trace_pool[9].rows("d")
+    traces.insert_points(conn, rows[:10] + rows[11:])
+    assert run(database_url, client).counts["batches_completed"] == 1
+    traces.insert_points(conn, [rows[10]])  # late, inside the completed batch
+    preview = stage.preview(Database(database_url), MatchSettings())
+    assert preview.extra["would_run"] is True
+    assert preview.counts["batches_to_reopen"] == 1
+    assert "1 batch(es) to reopen" in preview.message
+    assert batches.make_batches(conn, MatchSettings()).reopened == 1  # as the run would
+
+
+def test_a_dead_batch_counts_the_points_that_arrive_late(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
+    rows = trace_pool[10].rows("d")
+    traces.insert_points(conn, rows[:10] + rows[11:])
+    settings = MatchSettings(max_attempts=1)
+    proxy.block()
+    assert run(database_url, client, settings).counts["batches_dead"] == 1
+    traces.insert_points(conn, [rows[10]])  # late, inside the dead batch
+    batches.make_batches(conn, settings)
+    listed = batches.list_batches(conn, status="dead")
+    assert [r["coordinate_count"] for r in listed] == [len(rows)]
+    section = batches.status_section(conn)
+    assert section["dead_points"] == section["unprocessed_points"] == len(rows)
+    assert reliability.check_gps(conn) == []
+    # Only a requeue can help a dead batch: a run would find nothing to do.
+    assert stage.preview(Database(database_url), settings).extra["would_run"] is False
+    proxy.unblock()
+    assert batches.requeue_batches(conn, dead_only=True)["points"] == len(rows)

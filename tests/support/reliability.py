@@ -644,7 +644,7 @@ def check_gps(conn: psycopg.Connection[Any]) -> list[str]:
         SELECT b.batch_id, b.coordinate_count, count(p.device_id) AS n
         FROM processing_batches b LEFT JOIN gps_points p
           ON p.device_id = b.device_id AND p.recorded_at BETWEEN b.start_time AND b.end_time
-        WHERE b.status IN ('completed', 'too_short')
+        WHERE b.status IN ('completed', 'too_short', 'dead')
         GROUP BY b.batch_id HAVING count(p.device_id) <> b.coordinate_count LIMIT 5""")
     for r in counts:
         problems.append(f"batch {r['batch_id']} says {r['coordinate_count']} points, holds "
