@@ -95,6 +95,10 @@ class ODataSettings:
         "host of [odata] url, 'refuse' fails the sync; a redirect to another host too: "
         "'rewrite' follows it, 'refuse' fails"
     )
+    ca_file: str | None = setting(
+        None, "PEM file of the certificate authorities to trust for the OData server (a "
+        "private CA); unset: the public CAs bundled with certifi"
+    )
     mapping: dict[str, Any] = setting(
         {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
     )

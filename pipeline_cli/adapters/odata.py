@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 from xml.etree import ElementTree
@@ -133,6 +134,11 @@ class ODataClient:
         self._sleep = sleep
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
+        if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
+            if not Path(s.ca_file).is_file():
+                raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file",
+                                  key="odata.ca_file")
+            self.session.verify = s.ca_file
         self.session.headers["User-Agent"] = "pipeline-cli sync-odata"
         username = s.username or (parts.username and unquote(parts.username))  # p%40ss: p@ss
         if s.token:
@@ -428,8 +434,9 @@ def _transport_text(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.SSLError):  # its reason, without the URL
         why = re.search(r"\] (.+?) \(_ssl", str(exc))
         reason = why.group(1) if why else "handshake failed"
-        if "certificate verify failed" in reason:
-            return "TLS certificate verification failed" + reason.partition("failed")[2]
+        if "certificate verify failed" in reason:  # a private CA goes in [odata] ca_file
+            return ("TLS certificate verification failed" + reason.partition("failed")[2]
+                    + " (a private CA: set [odata] ca_file)")
         return f"TLS error: {reason}"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "connection closed mid-response"

@@ -529,7 +529,8 @@ def tls_server(tmp_path: Path) -> Iterator[str]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
+                    str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -548,11 +549,23 @@ def test_tls_failures_are_named_and_not_retried(tls_server: str, v4: ODataServer
             pytest.raises(SourceError) as err:
         fetch(c)
     assert str(err.value) == (f"OData {endpoint(tls_server)} the service document: TLS "
-                              "certificate verification failed: self-signed certificate")
+                              "certificate verification failed: self-signed certificate (a "
+                              "private CA: set [odata] ca_file)")
     with client(v4, url=v4.url.replace("http://", "https://"), backoff_base=1) as c, \
             pytest.raises(SourceError, match=r"the service document: TLS error: \w+") as err:
         fetch(c)
     assert "attempts" not in str(err.value)
+
+
+def test_a_private_ca_is_trusted_from_ca_file(tls_server: str, tmp_path: Path) -> None:
+    """requests trusts only certifi's CAs, and trust_env keeps REQUESTS_CA_BUNDLE out: a
+    gateway signed by a company's own CA could not be reached at all."""
+    settings = ODataSettings(url=tls_server, retries=1, ca_file=str(tmp_path / "cert.pem"))
+    with ODataClient(settings) as c, pytest.raises(SourceError) as err:
+        fetch(c)  # the handshake passes; the bare server answers GET with 501
+    assert "HTTP 501" in str(err.value) and "TLS" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"\[odata\] ca_file '/nowhere.pem' is not a"):
+        ODataClient(ODataSettings(url=tls_server, ca_file="/nowhere.pem"))
 
 
 class _Redirects(BaseHTTPRequestHandler):
