@@ -300,18 +300,11 @@ def build_graph(
                             "run `pipeline gen-virtual` first")
             reason = _reason_to_build(inputs, store, force, speeds_kmh, complete=counted)
             if reason is None:
-                built = inputs.built or {}
-                state = "active" if built.get("active") else (
-                    "not active: rolled back; --force rebuilds")
-                message = (f"{built.get('version')} is already built from virtual generation "
-                           f"{inputs.generation_id} ({state})")
+                extra, message = _nothing_to_build(inputs, store.active_version())
                 if repaired:  # the run did work: a repair is no noop
-                    return StageResult(
-                        status=SUCCESS, extra={"graph_version": built.get("version"),
-                                               "repaired": repaired},
-                        message=f"repaired: {'; '.join(repaired)}; {message}")
-                return StageResult(status=NOOP, extra={"graph_version": built.get("version")},
-                                   message=message)
+                    return StageResult(status=SUCCESS, extra=extra | {"repaired": repaired},
+                                       message=f"repaired: {'; '.join(repaired)}; {message}")
+                return StageResult(status=NOOP, extra=extra, message=message)
             ctx.log.info("building: %s", reason)
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
         ctx.check_stop()
@@ -370,11 +363,9 @@ def plan(
                                    message=f"{what}; nothing to build")
             reason = _reason_to_build(inputs, store, force, speeds_kmh)
             if reason is None:
-                built = (inputs.built or {}).get("version")
-                return StageResult(status=DRY_RUN, extra=extra | {
-                    "would_run": False, "graph_version": built},
-                    message=f"would do nothing: {built} is already built from virtual "
-                            f"generation {inputs.generation_id}")
+                same, message = _nothing_to_build(inputs, store.active_version())
+                return StageResult(status=DRY_RUN, extra=extra | same | {"would_run": False},
+                                   message=f"would do nothing: {message}")
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
     checks = validate(graph, fatal_warnings=settings.fatal_warnings)
     return StageResult(
@@ -386,6 +377,18 @@ def plan(
         message=f"would build {version} from dataset {inputs.dataset_version}, virtual "
                 f"generation {inputs.generation_id} ({reason}): {graph.nodes} nodes, "
                 f"{graph.edges} edges")
+
+
+def _nothing_to_build(inputs: Inputs, active: str | None) -> tuple[dict[str, Any], str]:
+    """The result of a run with nothing to build: ``graph_version`` is the version the
+    routing API serves (after a rollback, not the newest build, which is ``built_version``)."""
+    built = (inputs.built or {}).get("version")
+    extra = {"graph_version": active, "built_version": built}
+    if active == built:
+        return extra, (f"{active} is active, already built from virtual generation "
+                       f"{inputs.generation_id}")
+    return extra, (f"{active} is active (rolled back from {built}, the newest build of "
+                   f"virtual generation {inputs.generation_id}; --force rebuilds)")
 
 
 def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,

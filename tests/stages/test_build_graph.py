@@ -36,6 +36,7 @@ from pipeline_cli.stages.build_graph import (
     export_key,
     list_versions,
     manifest_key,
+    plan,
     shortest_path,
     status_section,
 )
@@ -565,6 +566,27 @@ def test_rollback_and_reload_from_s3_after_retention(
     assert store.is_complete(versions[2])
     assert builder.activate(versions[0]).status == "noop"
     assert status_section(conn, store)["consistent"] is True
+
+
+def test_a_noop_after_a_rollback_names_the_active_version(
+        builder: Builder, net: Network, database_url: str, store: GraphStore) -> None:
+    """After `graph activate` of an older version, a build with nothing new reported the
+    newest build as its graph_version, not the version the routing API serves."""
+    first = builder.ok()
+    second = builder.ok(force=True)
+    assert builder.activate(first).status == "success"
+    record = builder.build()
+    assert record.status == "noop", record.error
+    assert record.extra["graph_version"] == first == store.active_version()
+    assert record.extra["built_version"] == second
+    assert record.message.startswith(f"{first} is active (rolled back from {second}")
+    dry = plan(Database(database_url), store, builder.settings, SPEEDS_KMH)
+    assert dry.extra["would_run"] is False and dry.extra["graph_version"] == first
+    assert dry.extra["built_version"] == second and f"{first} is active" in dry.message
+    # without a rollback the two are one version
+    third = builder.ok(force=True)
+    record = builder.build()
+    assert record.extra["graph_version"] == record.extra["built_version"] == third
 
 
 def test_activate_unknown_version_and_corrupt_export(
