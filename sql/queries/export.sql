@@ -24,7 +24,7 @@ ORDER BY id;
 
 -- name: virtual_stops
 -- Of the active dataset only: after a gen-virtual that failed on a new dataset, the table
--- still holds an older dataset's generation (even once prune has deleted that dataset).
+-- still holds an older dataset's generation (until prune deletes that dataset).
 SELECT id, kind, anchor_id, dataset_version, longitude, latitude
 FROM virtual_stops
 WHERE dataset_version = (SELECT version FROM datasets WHERE active)
