@@ -80,7 +80,7 @@ class GraphData:
     modes: list[str]
     from_ids: list[str]  # the raw endpoint ids, to name unknown stops
     to_ids: list[str]
-    speeds_kmh: dict[str, float]  # the speed table the routes without flights were weighed by
+    speeds_kmh: dict[str, float]  # the speed of each mode a route without flights used
 
     @property
     def nodes(self) -> int:
@@ -155,6 +155,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
                               partial=StageResult(extra={"unknown_modes": unknown}))
     with np.errstate(divide="ignore", invalid="ignore"):
         by_speed = dist_km / speed * 3600.0
+    table = speed_table(speeds_kmh)
+    used = {canonical(modes[i]) for i in np.flatnonzero(np.isnan(flight_s)).tolist()}
     real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
     virtual_w = np.array([r[4] for r in vroutes], dtype=np.float64)
 
@@ -167,7 +169,7 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
         weight=np.round(np.concatenate([real_w, virtual_w]), 3),
         route_ids=[r[0] for r in routes] + [r[0] for r in vroutes],
         modes=modes + [r[3] for r in vroutes], from_ids=from_ids, to_ids=to_ids,
-        speeds_kmh=speed_table(speeds_kmh),
+        speeds_kmh={m: table[m] for m in sorted(used)},
     )
 
 
@@ -400,9 +402,12 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
         return "--force"
     if inputs.built is None:
         return f"virtual generation {inputs.generation_id} has no graph yet"
-    used = inputs.built["speeds_kmh"]
-    if used is not None and used != speed_table(speeds_kmh):
-        return f"the route speeds ([virtual] speeds_kmh) differ from {inputs.built['version']}'s"
+    used = inputs.built["speeds_kmh"]  # the speeds its routes were weighed by (or NULL)
+    table = speed_table(speeds_kmh)
+    changed = sorted(m for m, v in (used or {}).items() if table.get(m) != v)
+    if changed:  # a speed no route is weighed by would build the same graph again
+        return (f"the speeds of route modes {', '.join(map(repr, changed))} ([virtual] "
+                f"speeds_kmh) differ from {inputs.built['version']}'s")
     pointer = store.active_version()
     if inputs.built["active"] and pointer != inputs.built["version"]:
         return f"the active graph {inputs.built['version']} is missing from Redis"

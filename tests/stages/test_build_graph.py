@@ -28,6 +28,7 @@ from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import DatabaseError, Interrupted, RedisError
+from pipeline_cli.modes import canonical
 from pipeline_cli.runner import RunContext, RunRecord, StageRunner, StopFlag
 from pipeline_cli.settings import GraphSettings
 from pipeline_cli.stages.build_graph import (
@@ -286,6 +287,22 @@ def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: 
     # A graph built before its speeds were recorded is not rebuilt for that alone.
     conn.execute("UPDATE graph_versions SET speeds_kmh = NULL")
     assert builder.build().status == "noop"
+
+
+def test_a_speed_no_route_is_weighed_by_changes_nothing(
+        builder: Builder, net: Network, conn: Conn) -> None:
+    """A new speed for a mode no route uses (or for `virtual`, whose routes weigh their
+    travel_time_s) said "the route speeds differ" and published an identical graph."""
+    first = builder.ok()
+    for change in ({"funicular": 3.0}, {"hovercraft": 60.0}, {"virtual": 80.0}):
+        record = builder.with_speeds({**SPEEDS_KMH, **change})
+        assert record.status == "noop", (change, record.message)
+    assert [r["version"] for r in graph_rows(conn)] == [first]
+    # only the speeds the graph was weighed by are recorded with it
+    flightless = {canonical(m) for _, _, _, m, _, flights in net.routes if not flights}
+    assert set(graph_rows(conn)[0]["speeds_kmh"]) == flightless and "ferry" in flightless
+    record = builder.with_speeds({**SPEEDS_KMH, "ferry": 15.0})
+    assert record.status == "success", record.error
 
 
 def test_no_active_dataset_or_no_virtual_generation_is_skipped(
