@@ -365,6 +365,34 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     assert record.counts["unreachable_real_stops"] == record.extra["unreachable_real_stops"]
 
 
+def test_self_loops_are_left_out_and_zero_weight_edges_counted(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore) -> None:
+    """A route from a stop to itself reached Redis, and an edge of 0 s between two stops at
+    one place passed in silence."""
+    a, b = net.real_stops[:2]
+    conn.execute("INSERT INTO routes VALUES ('LOOP', %s, %s, 'bus', 12)", (a, a))
+    conn.execute("INSERT INTO routes VALUES ('SAME', %s, %s, 'bus', 0)", (a, b))
+    add_virtual_route(conn, "VLOOP", net.virtual_stops[0], net.virtual_stops[0], 0, 0, "ds-v1")
+    add_generation(conn, "ds-v1")
+    record = builder.build(fatal_warnings=True)  # notes, not a disconnected network
+    assert record.status == "success", record.error
+    edges = len(net.routes) + len(net.virtual_routes) + 1  # SAME, not the two loops
+    assert record.extra["edges"] == record.counts["edges"] == edges
+    assert (record.extra["self_loops"], record.extra["zero_weight_edges"]) == (2, 1)
+    assert record.counts["self_loops"] == 2 and record.counts["zero_weight_edges"] == 1
+    notes = record.extra["warnings"]
+    assert "2 self-loop(s) left out (a route from a stop to itself, e.g. LOOP at " \
+        f"{a})" in notes
+    assert f"1 edge(s) of 0 s between two stops (e.g. SAME: {a} -> {b})" in notes[-1]
+    version = record.extra["graph_version"]
+    _, out = store.neighbors(a)
+    assert [e.route_id for e in out if e.to == a] == []
+    assert [e.weight_s for e in out if e.route_id == "SAME"] == [0.0]
+    row = graph_rows(conn)[-1]
+    assert row["edges"] == edges and row["warnings"]["self_loops"] == 2
+    assert store.meta(version)["edges"] == str(edges)
+
+
 # ---------------------------------------------------------------- failures
 
 
