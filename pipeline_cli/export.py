@@ -96,15 +96,26 @@ def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Featur
 
 def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) -> Feature:
     """A LineString, or a MultiLineString cut at the antimeridian where a segment crosses it
-    (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map)."""
-    parts = [coordinates[:1]]
-    for (lon0, lat0), (lon1, lat1) in zip(coordinates, coordinates[1:], strict=False):
+    (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map).
+    A point on it (longitude 180 or -180, one meridian) is written on the side of the segment
+    that reaches it, so no part of zero length is drawn along the map's edge."""
+    parts = [[list(coordinates[0])]] if coordinates else [[]]
+    for lon1, lat1 in coordinates[1:]:
+        lon0, lat0 = parts[-1][-1]
+        if abs(lon1) == 180 and abs(lon1 - lon0) > 180:
+            lon1 = -lon1  # reached from this side
         if abs(lon1 - lon0) > 180:  # the short way round crosses it
-            edge = 180.0 if lon0 > 0 else -180.0
-            span = lon1 - lon0 + (360 if lon0 > 0 else -360)
-            lat = lat0 if span == 0 else lat0 + (lat1 - lat0) * (edge - lon0) / span
-            parts[-1].append([edge, lat])
-            parts.append([[-edge, lat]])
+            if abs(lon0) == 180:  # it starts on the antimeridian: go on from its other side
+                if len(parts[-1]) == 1:
+                    parts[-1][0] = [-lon0, lat0]
+                else:
+                    parts.append([[-lon0, lat0]])
+            else:
+                edge = 180.0 if lon0 > 0 else -180.0
+                span = lon1 - lon0 + (360 if lon0 > 0 else -360)
+                lat = lat0 + (lat1 - lat0) * (edge - lon0) / span
+                parts[-1].append([edge, lat])
+                parts.append([[-edge, lat]])
         parts[-1].append([lon1, lat1])
     geometry = {"type": "LineString", "coordinates": parts[0]} if len(parts) == 1 else \
         {"type": "MultiLineString", "coordinates": parts}

@@ -221,3 +221,31 @@ def test_a_line_across_the_antimeridian_is_cut_there(cli: Cli, conn: Conn) -> No
     [feature] = collection(cli("export", "geojson", "polylines").stdout)
     assert feature["geometry"] == {"type": "MultiLineString", "coordinates": [
         [[179.9, -17.0], [180.0, -17.1]], [[-180.0, -17.1], [-179.9, -17.2], [-179.8, -17.3]]]}
+
+
+def test_a_point_on_the_antimeridian_is_drawn_on_the_side_it_is_reached_from(
+        cli: Cli, conn: Conn) -> None:
+    # gen-virtual puts grid points at longitude -180.0, and stops may sit at 180.0: a line to
+    # one from the other side got a part of zero length, [[-180, lat], [-180, lat]].
+    tracks = {
+        "through": [(-16.9, 179.8), (-17.0, -180.0), (-17.1, -179.8)],
+        "from-it": [(63.4, -180.0), (63.4, 178.99)],
+        "to-it": [(71.0, 179.5), (70.6, -180.0)],
+        "along-it": [(10.0, 180.0), (11.0, -180.0)],
+    }
+    for i, (device, points) in enumerate(tracks.items()):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+            "VALUES (%s, %s, %s, %s, 0.9, %s, %s, gen_random_uuid())",
+            (device, T0 + timedelta(hours=i), T0 + timedelta(hours=i, minutes=30),
+             polyline.encode(points), len(points), len(points)))
+    got = {f["properties"]["device"]: f["geometry"]
+           for f in collection(cli("export", "geojson", "polylines").stdout)}
+    assert got == {
+        "through": {"type": "MultiLineString", "coordinates": [
+            [[179.8, -16.9], [180.0, -17.0]], [[-180.0, -17.0], [-179.8, -17.1]]]},
+        "from-it": {"type": "LineString", "coordinates": [[180.0, 63.4], [178.99, 63.4]]},
+        "to-it": {"type": "LineString", "coordinates": [[179.5, 71.0], [180.0, 70.6]]},
+        "along-it": {"type": "LineString", "coordinates": [[180.0, 10.0], [180.0, 11.0]]},
+    }
