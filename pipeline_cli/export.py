@@ -161,6 +161,7 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
     if not reader.has_meta(version):
         raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
                                "collected by retention)")
+    _say_whose_stops(conn, reader, version)
     left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)
     with _rows(conn, "graph_nodes", {}) as rows:
         chunk: list[dict[str, Any]] = []
@@ -175,6 +176,23 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
                     "from them (the graph was built from %s; edges are drawn at the active "
                     "dataset's stops)", version, left_out[0],
                     (reader.meta(version) or {}).get("dataset_version") or "another dataset")
+
+
+def _say_whose_stops(conn: psycopg.Connection[Any], reader: GraphReader, version: str
+                     ) -> None:
+    """Warn when ``version`` was built from other stops than the tables hold (a rollback to a
+    graph of an older dataset or generation): their positions are only in that dataset's raw
+    backup, so the edges are drawn at today's, and the map should not pass for the graph's."""
+    meta = reader.meta(version) or {}
+    with db.wrap_errors("reading the active dataset"), conn.transaction():
+        here = conn.execute(db.query("export", "drawn_at")).fetchone()
+    assert here is not None
+    built = (meta.get("dataset_version"), meta.get("virtual_generation_id"))
+    drawn = (here["dataset_version"], str(here["virtual_generation_id"]))
+    if built[0] is not None and built != drawn:
+        log.warning("%s was built from dataset %s, virtual generation %s; it is drawn at the "
+                    "stops of dataset %s, virtual generation %s (stops that moved since are "
+                    "drawn where they are now)", version, *built, *drawn)
 
 
 def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,

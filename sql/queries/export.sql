@@ -35,6 +35,12 @@ WHERE dataset_version = (SELECT version FROM datasets WHERE active)
                 ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END))
 ORDER BY id;
 
+-- name: drawn_at
+-- Whose stops graph_nodes reads: the active dataset's real stops, and the virtual stops of the
+-- newest generation (gen-virtual replaces the tables' content with each one).
+SELECT (SELECT version FROM datasets WHERE active) AS dataset_version,
+       (SELECT max(id) FROM virtual_generations) AS virtual_generation_id;
+
 -- name: graph_nodes
 -- Every stop a graph node can be: real and virtual stops share one id space.
 SELECT id, longitude, latitude FROM stops

@@ -17,7 +17,7 @@ import pytest
 from pipeline_cli import polyline
 from pipeline_cli.export import BBox
 from tests.support.clirunner import Cli
-from tests.support.graph_fixtures import seed_network
+from tests.support.graph_fixtures import add_dataset, add_generation, seed_network
 
 Conn = psycopg.Connection[dict[str, Any]]
 pytestmark = pytest.mark.s3
@@ -249,3 +249,27 @@ def test_a_point_on_the_antimeridian_is_drawn_on_the_side_it_is_reached_from(
         "to-it": {"type": "LineString", "coordinates": [[179.5, 71.0], [180.0, 70.6]]},
         "along-it": {"type": "LineString", "coordinates": [[180.0, 10.0], [180.0, 11.0]]},
     }
+
+
+def test_a_graph_of_another_dataset_says_whose_positions_it_is_drawn_at(
+        cli: Cli, conn: Conn) -> None:
+    # After a rollback to a graph of an older dataset, the export drew it at the active
+    # dataset's stops and said nothing unless an edge had lost its stop.
+    net = seed_network(conn)
+    assert cli("build-graph").exit_code == 0
+    add_dataset(conn, "ds-v2", seq=2)
+    moved = net.real_stops[0]
+    conn.execute("UPDATE stops SET latitude = latitude + 1 WHERE id = %s", (moved,))
+    conn.execute("UPDATE virtual_stops SET dataset_version = 'ds-v2'")
+    conn.execute("UPDATE virtual_routes SET dataset_version = 'ds-v2'")
+    generation = add_generation(conn, "ds-v2")
+    assert cli("build-graph").exit_code == 0
+    assert cli("graph", "activate", "graph-v1").exit_code == 0
+    result = cli("export", "geojson", "graph")
+    assert result.exit_code == 0 and collection(result.stdout)
+    assert ("graph-v1 was built from dataset ds-v1, virtual generation "
+            f"{net.generation_id}; it is drawn at the stops of dataset ds-v2, virtual "
+            f"generation {generation} (stops that moved since are drawn where they are now)"
+            ) in result.stderr
+    current = cli("export", "geojson", "graph", "--version", "graph-v2")
+    assert current.exit_code == 0 and "was built from" not in current.stderr
