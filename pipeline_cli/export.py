@@ -96,15 +96,26 @@ def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Featur
 
 def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) -> Feature:
     """A LineString, or a MultiLineString cut at the antimeridian where a segment crosses it
-    (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map)."""
-    parts = [coordinates[:1]]
-    for (lon0, lat0), (lon1, lat1) in zip(coordinates, coordinates[1:], strict=False):
+    (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map).
+    A point on it (longitude 180 or -180, one meridian) is written on the side of the segment
+    that reaches it, so no part of zero length is drawn along the map's edge."""
+    parts = [[list(coordinates[0])]] if coordinates else [[]]
+    for lon1, lat1 in coordinates[1:]:
+        lon0, lat0 = parts[-1][-1]
+        if abs(lon1) == 180 and abs(lon1 - lon0) > 180:
+            lon1 = -lon1  # reached from this side
         if abs(lon1 - lon0) > 180:  # the short way round crosses it
-            edge = 180.0 if lon0 > 0 else -180.0
-            span = lon1 - lon0 + (360 if lon0 > 0 else -360)
-            lat = lat0 if span == 0 else lat0 + (lat1 - lat0) * (edge - lon0) / span
-            parts[-1].append([edge, lat])
-            parts.append([[-edge, lat]])
+            if abs(lon0) == 180:  # it starts on the antimeridian: go on from its other side
+                if len(parts[-1]) == 1:
+                    parts[-1][0] = [-lon0, lat0]
+                else:
+                    parts.append([[-lon0, lat0]])
+            else:
+                edge = 180.0 if lon0 > 0 else -180.0
+                span = lon1 - lon0 + (360 if lon0 > 0 else -360)
+                lat = lat0 + (lat1 - lat0) * (edge - lon0) / span
+                parts[-1].append([edge, lat])
+                parts.append([[-edge, lat]])
         parts[-1].append([lon1, lat1])
     geometry = {"type": "LineString", "coordinates": parts[0]} if len(parts) == 1 else \
         {"type": "MultiLineString", "coordinates": parts}
@@ -150,6 +161,7 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
     if not reader.has_meta(version):
         raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
                                "collected by retention)")
+    _say_whose_stops(conn, reader, version)
     left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)
     with _rows(conn, "graph_nodes", {}) as rows:
         chunk: list[dict[str, Any]] = []
@@ -164,6 +176,23 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
                     "from them (the graph was built from %s; edges are drawn at the active "
                     "dataset's stops)", version, left_out[0],
                     (reader.meta(version) or {}).get("dataset_version") or "another dataset")
+
+
+def _say_whose_stops(conn: psycopg.Connection[Any], reader: GraphReader, version: str
+                     ) -> None:
+    """Warn when ``version`` was built from other stops than the tables hold (a rollback to a
+    graph of an older dataset or generation): their positions are only in that dataset's raw
+    backup, so the edges are drawn at today's, and the map should not pass for the graph's."""
+    meta = reader.meta(version) or {}
+    with db.wrap_errors("reading the active dataset"), conn.transaction():
+        here = conn.execute(db.query("export", "drawn_at")).fetchone()
+    assert here is not None
+    built = (meta.get("dataset_version"), meta.get("virtual_generation_id"))
+    drawn = (here["dataset_version"], str(here["virtual_generation_id"]))
+    if built[0] is not None and built != drawn:
+        log.warning("%s was built from dataset %s, virtual generation %s; it is drawn at the "
+                    "stops of dataset %s, virtual generation %s (stops that moved since are "
+                    "drawn where they are now)", version, *built, *drawn)
 
 
 def _edges(conn: psycopg.Connection[Any], reader: GraphReader, version: str,

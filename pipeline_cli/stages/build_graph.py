@@ -25,7 +25,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -80,7 +80,9 @@ class GraphData:
     modes: list[str]
     from_ids: list[str]  # the raw endpoint ids, to name unknown stops
     to_ids: list[str]
-    speeds_kmh: dict[str, float]  # the speed table the routes without flights were weighed by
+    speeds_kmh: dict[str, float]  # the speed of each mode a route without flights used
+    # (route id, stop) of the routes left out because they lead from a stop to itself
+    self_loops: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def nodes(self) -> int:
@@ -155,6 +157,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
                               partial=StageResult(extra={"unknown_modes": unknown}))
     with np.errstate(divide="ignore", invalid="ignore"):
         by_speed = dist_km / speed * 3600.0
+    table = speed_table(speeds_kmh)
+    used = {canonical(modes[i]) for i in np.flatnonzero(np.isnan(flight_s)).tolist()}
     real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
     virtual_w = np.array([r[4] for r in vroutes], dtype=np.float64)
 
@@ -162,12 +166,24 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     to_ids = [r[2] for r in routes] + [r[2] for r in vroutes]
     src = np.fromiter((index.get(s, -1) for s in from_ids), dtype=np.int64, count=len(from_ids))
     dst = np.fromiter((index.get(s, -1) for s in to_ids), dtype=np.int64, count=len(to_ids))
+    weight = np.round(np.concatenate([real_w, virtual_w]), 3)
+    route_ids = [r[0] for r in routes] + [r[0] for r in vroutes]
+    modes += [r[3] for r in vroutes]
+    # A route from a stop to itself leads nowhere: the routing API never gets it.
+    loops = np.flatnonzero((src == dst) & (src >= 0)).tolist()
+    self_loops = [(route_ids[i], from_ids[i]) for i in loops]
+    if loops:
+        keep = np.ones(len(src), dtype=bool)
+        keep[loops] = False
+        kept = np.flatnonzero(keep).tolist()
+        src, dst, weight = src[keep], dst[keep], weight[keep]
+        route_ids, modes, from_ids, to_ids = ([x[i] for i in kept] for x in (
+            route_ids, modes, from_ids, to_ids))
     return GraphData(
-        node_ids=node_ids, n_real=len(real), src=src, dst=dst,
-        weight=np.round(np.concatenate([real_w, virtual_w]), 3),
-        route_ids=[r[0] for r in routes] + [r[0] for r in vroutes],
-        modes=modes + [r[3] for r in vroutes], from_ids=from_ids, to_ids=to_ids,
-        speeds_kmh=speed_table(speeds_kmh),
+        node_ids=node_ids, n_real=len(real), src=src, dst=dst, weight=weight,
+        route_ids=route_ids, modes=modes, from_ids=from_ids, to_ids=to_ids,
+        speeds_kmh={m: table[m] for m in sorted(used)},
+        self_loops=self_loops,
     )
 
 
@@ -178,7 +194,14 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
 class Checks:
     components: int
     unreachable_real_stops: int
+    self_loops: int
+    zero_weight_edges: int
     warnings: list[str]
+
+    def counts(self) -> dict[str, int]:
+        return {"components": self.components,
+                "unreachable_real_stops": self.unreachable_real_stops,
+                "self_loops": self.self_loops, "zero_weight_edges": self.zero_weight_edges}
 
 
 def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
@@ -229,7 +252,19 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
             problems=warnings, partial=StageResult(extra={
                 "problems": warnings, "components": int(count),
                 "unreachable_real_stops": int(outside.size)}))
+    # Notes, never fatal: the data says so, and the graph routes correctly either way.
+    if graph.self_loops:
+        route, stop = graph.self_loops[0]
+        warnings.append(f"{len(graph.self_loops)} self-loop(s) left out (a route from a stop "
+                        f"to itself, e.g. {route} at {stop})")
+    free = np.flatnonzero(graph.weight == 0)
+    if free.size:  # two stops at one place (platforms of a station): legitimate, but worth a look
+        i = int(free[0])
+        warnings.append(f"{free.size} edge(s) of 0 s between two stops (e.g. "
+                        f"{graph.route_ids[i]}: {graph.from_ids[i]} -> {graph.to_ids[i]}); "
+                        "published")
     return Checks(components=int(count), unreachable_real_stops=int(outside.size),
+                  self_loops=len(graph.self_loops), zero_weight_edges=int(free.size),
                   warnings=warnings)
 
 
@@ -300,18 +335,11 @@ def build_graph(
                             "run `pipeline gen-virtual` first")
             reason = _reason_to_build(inputs, store, force, speeds_kmh, complete=counted)
             if reason is None:
-                built = inputs.built or {}
-                state = "active" if built.get("active") else (
-                    "not active: rolled back; --force rebuilds")
-                message = (f"{built.get('version')} is already built from virtual generation "
-                           f"{inputs.generation_id} ({state})")
+                extra, message = _nothing_to_build(inputs, store.active_version())
                 if repaired:  # the run did work: a repair is no noop
-                    return StageResult(
-                        status=SUCCESS, extra={"graph_version": built.get("version"),
-                                               "repaired": repaired},
-                        message=f"repaired: {'; '.join(repaired)}; {message}")
-                return StageResult(status=NOOP, extra={"graph_version": built.get("version")},
-                                   message=message)
+                    return StageResult(status=SUCCESS, extra=extra | {"repaired": repaired},
+                                       message=f"repaired: {'; '.join(repaired)}; {message}")
+                return StageResult(status=NOOP, extra=extra, message=message)
             ctx.log.info("building: %s", reason)
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
         ctx.check_stop()
@@ -370,22 +398,30 @@ def plan(
                                    message=f"{what}; nothing to build")
             reason = _reason_to_build(inputs, store, force, speeds_kmh)
             if reason is None:
-                built = (inputs.built or {}).get("version")
-                return StageResult(status=DRY_RUN, extra=extra | {
-                    "would_run": False, "graph_version": built},
-                    message=f"would do nothing: {built} is already built from virtual "
-                            f"generation {inputs.generation_id}")
+                same, message = _nothing_to_build(inputs, store.active_version())
+                return StageResult(status=DRY_RUN, extra=extra | same | {"would_run": False},
+                                   message=f"would do nothing: {message}")
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
     checks = validate(graph, fatal_warnings=settings.fatal_warnings)
     return StageResult(
         status=DRY_RUN, counts={"nodes": graph.nodes, "edges": graph.edges},
         extra=extra | {"would_run": True, "graph_version": version, "reason": reason,
-                       "components": checks.components,
-                       "unreachable_real_stops": checks.unreachable_real_stops,
-                       "warnings": checks.warnings},
+                       **checks.counts(), "warnings": checks.warnings},
         message=f"would build {version} from dataset {inputs.dataset_version}, virtual "
                 f"generation {inputs.generation_id} ({reason}): {graph.nodes} nodes, "
                 f"{graph.edges} edges")
+
+
+def _nothing_to_build(inputs: Inputs, active: str | None) -> tuple[dict[str, Any], str]:
+    """The result of a run with nothing to build: ``graph_version`` is the version the
+    routing API serves (after a rollback, not the newest build, which is ``built_version``)."""
+    built = (inputs.built or {}).get("version")
+    extra = {"graph_version": active, "built_version": built}
+    if active == built:
+        return extra, (f"{active} is active, already built from virtual generation "
+                       f"{inputs.generation_id}")
+    return extra, (f"{active} is active (rolled back from {built}, the newest build of "
+                   f"virtual generation {inputs.generation_id}; --force rebuilds)")
 
 
 def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
@@ -397,9 +433,12 @@ def _reason_to_build(inputs: Inputs, store: GraphStore, force: bool,
         return "--force"
     if inputs.built is None:
         return f"virtual generation {inputs.generation_id} has no graph yet"
-    used = inputs.built["speeds_kmh"]
-    if used is not None and used != speed_table(speeds_kmh):
-        return f"the route speeds ([virtual] speeds_kmh) differ from {inputs.built['version']}'s"
+    used = inputs.built["speeds_kmh"]  # the speeds its routes were weighed by (or NULL)
+    table = speed_table(speeds_kmh)
+    changed = sorted(m for m, v in (used or {}).items() if table.get(m) != v)
+    if changed:  # a speed no route is weighed by would build the same graph again
+        return (f"the speeds of route modes {', '.join(map(repr, changed))} ([virtual] "
+                f"speeds_kmh) differ from {inputs.built['version']}'s")
     pointer = store.active_version()
     if inputs.built["active"] and pointer != inputs.built["version"]:
         return f"the active graph {inputs.built['version']} is missing from Redis"
@@ -455,8 +494,7 @@ def _publish(
     meta = {"dataset_version": inputs.dataset_version,
             "virtual_generation_id": inputs.generation_id, "nodes": graph.nodes,
             "edges": graph.edges, "checksum": checksum, "created_at": created}
-    warnings = {"components": checks.components,
-                "unreachable_real_stops": checks.unreachable_real_stops}
+    warnings = checks.counts()
     recorded = False
     try:
         with ctx.progress(f"writing {version} to Redis", graph.nodes) as bar:

@@ -24,7 +24,8 @@ from ..settings import RetentionSettings
 from .build_graph import export_prefix
 
 KINDS = ("gps_points", "gps_batches", "polylines", "stage_runs", "datasets",
-         "virtual_generations", "graph_versions", "s3_objects")
+         "virtual_generations", "virtual_stops", "virtual_routes", "graph_versions",
+         "s3_objects")
 
 
 @dataclass
@@ -132,8 +133,10 @@ def _prune_runs(p: _Pass, days: int) -> None:
 
 def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list[str]
                     ) -> None:
-    """Dataset versions beyond the ``keep`` newest, with their generations and graph versions
-    and the S3 objects of all three; never the active dataset or the active graph's. Each
+    """Dataset versions beyond the ``keep`` newest, with their generations, graph versions,
+    the S3 objects of all three and, in the same transaction as the rows, their virtual
+    entities if the virtual tables still hold them; never the active dataset or the active
+    graph's. Each
     version deleted (or, in a dry run, due) is appended to ``done``.
 
     S3 goes first, then the rows in one transaction: a failure in between leaves the rows,
@@ -147,6 +150,9 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
             p.counts["datasets"] += 1
             p.counts["virtual_generations"] += len(d["generations"])
             p.counts["graph_versions"] += len(d["graphs"])
+            virtual = p.count("virtual_due", {"version": d["version"]})
+            p.counts["virtual_stops"] += int(virtual["virtual_stops"])
+            p.counts["virtual_routes"] += int(virtual["virtual_routes"])
             if backups is not None:
                 p.counts["s3_objects"] += sum(len(list(backups.list(x))) for x in prefixes)
             done.append(d["version"])
@@ -165,6 +171,8 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
         p.counts["datasets"] += 1
         p.counts["virtual_generations"] += int(row["generations"])
         p.counts["graph_versions"] += int(row["graph_versions"])
+        p.counts["virtual_stops"] += int(row["virtual_stops"])
+        p.counts["virtual_routes"] += int(row["virtual_routes"])
         p.ctx.log.info("deleted dataset %s (%d generations, graph versions %s)",
                        d["version"], row["generations"], ", ".join(d["graphs"]) or "none")
         done.append(d["version"])

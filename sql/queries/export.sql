@@ -24,7 +24,7 @@ ORDER BY id;
 
 -- name: virtual_stops
 -- Of the active dataset only: after a gen-virtual that failed on a new dataset, the table
--- still holds an older dataset's generation (even once prune has deleted that dataset).
+-- still holds an older dataset's generation (until prune deletes that dataset).
 SELECT id, kind, anchor_id, dataset_version, longitude, latitude
 FROM virtual_stops
 WHERE dataset_version = (SELECT version FROM datasets WHERE active)
@@ -34,6 +34,12 @@ WHERE dataset_version = (SELECT version FROM datasets WHERE active)
                 THEN longitude BETWEEN %(west)s::float8 AND %(east)s::float8
                 ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END))
 ORDER BY id;
+
+-- name: drawn_at
+-- Whose stops graph_nodes reads: the active dataset's real stops, and the virtual stops of the
+-- newest generation (gen-virtual replaces the tables' content with each one).
+SELECT (SELECT version FROM datasets WHERE active) AS dataset_version,
+       (SELECT max(id) FROM virtual_generations) AS virtual_generation_id;
 
 -- name: graph_nodes
 -- Every stop a graph node can be: real and virtual stops share one id space.

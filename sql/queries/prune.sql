@@ -96,7 +96,8 @@ ORDER BY d.seq;
 
 -- name: dataset_delete
 -- One dataset version's rows, re-checking the guards under the row lock (a restore or a graph
--- activation may have happened since datasets_due).
+-- activation may have happened since datasets_due), with its generations and, when the virtual
+-- tables still hold them (gen-virtual failed on every newer dataset), its virtual entities.
 WITH d AS (
     SELECT version FROM datasets
     WHERE version = %(version)s AND NOT active
@@ -107,9 +108,29 @@ WITH d AS (
     WHERE g.dataset_version = d.version AND NOT g.active RETURNING 1
 ), vg AS (
     DELETE FROM virtual_generations g USING d WHERE g.dataset_version = d.version RETURNING 1
+), vs AS (
+    -- The entity tables hold one generation (gen-virtual truncates them): the first row says
+    -- whose, so a dataset whose entities are not there costs no scan of millions of rows.
+    DELETE FROM virtual_stops s USING d WHERE s.dataset_version = d.version
+      AND (SELECT dataset_version FROM virtual_stops LIMIT 1) = %(version)s RETURNING 1
+), vr AS (
+    DELETE FROM virtual_routes r USING d WHERE r.dataset_version = d.version
+      AND (SELECT dataset_version FROM virtual_routes LIMIT 1) = %(version)s RETURNING 1
+), vf AS (
+    DELETE FROM virtual_frequencies f USING d WHERE f.dataset_version = d.version RETURNING 1
 )
 SELECT (SELECT count(*) FROM d) AS datasets, (SELECT count(*) FROM gv) AS graph_versions,
-       (SELECT count(*) FROM vg) AS generations;
+       (SELECT count(*) FROM vg) AS generations, (SELECT count(*) FROM vs) AS virtual_stops,
+       (SELECT count(*) FROM vr) AS virtual_routes;
+
+-- name: virtual_due
+-- What dataset_delete would delete from the virtual tables (for a dry run).
+SELECT (SELECT count(*) FROM virtual_stops WHERE dataset_version = %(version)s
+          AND (SELECT dataset_version FROM virtual_stops LIMIT 1) = %(version)s
+       ) AS virtual_stops,
+       (SELECT count(*) FROM virtual_routes WHERE dataset_version = %(version)s
+          AND (SELECT dataset_version FROM virtual_routes LIMIT 1) = %(version)s
+       ) AS virtual_routes;
 
 -- name: dataset_delete_row
 DELETE FROM datasets WHERE version = %(version)s AND NOT active;

@@ -17,7 +17,7 @@ import pytest
 from pipeline_cli import polyline
 from pipeline_cli.export import BBox
 from tests.support.clirunner import Cli
-from tests.support.graph_fixtures import seed_network
+from tests.support.graph_fixtures import add_dataset, add_generation, seed_network
 
 Conn = psycopg.Connection[dict[str, Any]]
 pytestmark = pytest.mark.s3
@@ -221,3 +221,55 @@ def test_a_line_across_the_antimeridian_is_cut_there(cli: Cli, conn: Conn) -> No
     [feature] = collection(cli("export", "geojson", "polylines").stdout)
     assert feature["geometry"] == {"type": "MultiLineString", "coordinates": [
         [[179.9, -17.0], [180.0, -17.1]], [[-180.0, -17.1], [-179.9, -17.2], [-179.8, -17.3]]]}
+
+
+def test_a_point_on_the_antimeridian_is_drawn_on_the_side_it_is_reached_from(
+        cli: Cli, conn: Conn) -> None:
+    # gen-virtual puts grid points at longitude -180.0, and stops may sit at 180.0: a line to
+    # one from the other side got a part of zero length, [[-180, lat], [-180, lat]].
+    tracks = {
+        "through": [(-16.9, 179.8), (-17.0, -180.0), (-17.1, -179.8)],
+        "from-it": [(63.4, -180.0), (63.4, 178.99)],
+        "to-it": [(71.0, 179.5), (70.6, -180.0)],
+        "along-it": [(10.0, 180.0), (11.0, -180.0)],
+    }
+    for i, (device, points) in enumerate(tracks.items()):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+            "VALUES (%s, %s, %s, %s, 0.9, %s, %s, gen_random_uuid())",
+            (device, T0 + timedelta(hours=i), T0 + timedelta(hours=i, minutes=30),
+             polyline.encode(points), len(points), len(points)))
+    got = {f["properties"]["device"]: f["geometry"]
+           for f in collection(cli("export", "geojson", "polylines").stdout)}
+    assert got == {
+        "through": {"type": "MultiLineString", "coordinates": [
+            [[179.8, -16.9], [180.0, -17.0]], [[-180.0, -17.0], [-179.8, -17.1]]]},
+        "from-it": {"type": "LineString", "coordinates": [[180.0, 63.4], [178.99, 63.4]]},
+        "to-it": {"type": "LineString", "coordinates": [[179.5, 71.0], [180.0, 70.6]]},
+        "along-it": {"type": "LineString", "coordinates": [[180.0, 10.0], [180.0, 11.0]]},
+    }
+
+
+def test_a_graph_of_another_dataset_says_whose_positions_it_is_drawn_at(
+        cli: Cli, conn: Conn) -> None:
+    # After a rollback to a graph of an older dataset, the export drew it at the active
+    # dataset's stops and said nothing unless an edge had lost its stop.
+    net = seed_network(conn)
+    assert cli("build-graph").exit_code == 0
+    add_dataset(conn, "ds-v2", seq=2)
+    moved = net.real_stops[0]
+    conn.execute("UPDATE stops SET latitude = latitude + 1 WHERE id = %s", (moved,))
+    conn.execute("UPDATE virtual_stops SET dataset_version = 'ds-v2'")
+    conn.execute("UPDATE virtual_routes SET dataset_version = 'ds-v2'")
+    generation = add_generation(conn, "ds-v2")
+    assert cli("build-graph").exit_code == 0
+    assert cli("graph", "activate", "graph-v1").exit_code == 0
+    result = cli("export", "geojson", "graph")
+    assert result.exit_code == 0 and collection(result.stdout)
+    assert ("graph-v1 was built from dataset ds-v1, virtual generation "
+            f"{net.generation_id}; it is drawn at the stops of dataset ds-v2, virtual "
+            f"generation {generation} (stops that moved since are drawn where they are now)"
+            ) in result.stderr
+    current = cli("export", "geojson", "graph", "--version", "graph-v2")
+    assert current.exit_code == 0 and "was built from" not in current.stderr

@@ -28,6 +28,7 @@ from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import DatabaseError, Interrupted, RedisError
+from pipeline_cli.modes import canonical
 from pipeline_cli.runner import RunContext, RunRecord, StageRunner, StopFlag
 from pipeline_cli.settings import GraphSettings
 from pipeline_cli.stages.build_graph import (
@@ -36,6 +37,7 @@ from pipeline_cli.stages.build_graph import (
     export_key,
     list_versions,
     manifest_key,
+    plan,
     shortest_path,
     status_section,
 )
@@ -287,6 +289,22 @@ def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: 
     assert builder.build().status == "noop"
 
 
+def test_a_speed_no_route_is_weighed_by_changes_nothing(
+        builder: Builder, net: Network, conn: Conn) -> None:
+    """A new speed for a mode no route uses (or for `virtual`, whose routes weigh their
+    travel_time_s) said "the route speeds differ" and published an identical graph."""
+    first = builder.ok()
+    for change in ({"funicular": 3.0}, {"hovercraft": 60.0}, {"virtual": 80.0}):
+        record = builder.with_speeds({**SPEEDS_KMH, **change})
+        assert record.status == "noop", (change, record.message)
+    assert [r["version"] for r in graph_rows(conn)] == [first]
+    # only the speeds the graph was weighed by are recorded with it
+    flightless = {canonical(m) for _, _, _, m, _, flights in net.routes if not flights}
+    assert set(graph_rows(conn)[0]["speeds_kmh"]) == flightless and "ferry" in flightless
+    record = builder.with_speeds({**SPEEDS_KMH, "ferry": 15.0})
+    assert record.status == "success", record.error
+
+
 def test_no_active_dataset_or_no_virtual_generation_is_skipped(
         builder: Builder, conn: Conn, store: GraphStore) -> None:
     record = builder.build()
@@ -345,6 +363,34 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     assert record.extra["components"] >= 4 and record.extra["unreachable_real_stops"] >= 3
     assert any("unreachable" in w for w in record.extra["warnings"])
     assert record.counts["unreachable_real_stops"] == record.extra["unreachable_real_stops"]
+
+
+def test_self_loops_are_left_out_and_zero_weight_edges_counted(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore) -> None:
+    """A route from a stop to itself reached Redis, and an edge of 0 s between two stops at
+    one place passed in silence."""
+    a, b = net.real_stops[:2]
+    conn.execute("INSERT INTO routes VALUES ('LOOP', %s, %s, 'bus', 12)", (a, a))
+    conn.execute("INSERT INTO routes VALUES ('SAME', %s, %s, 'bus', 0)", (a, b))
+    add_virtual_route(conn, "VLOOP", net.virtual_stops[0], net.virtual_stops[0], 0, 0, "ds-v1")
+    add_generation(conn, "ds-v1")
+    record = builder.build(fatal_warnings=True)  # notes, not a disconnected network
+    assert record.status == "success", record.error
+    edges = len(net.routes) + len(net.virtual_routes) + 1  # SAME, not the two loops
+    assert record.extra["edges"] == record.counts["edges"] == edges
+    assert (record.extra["self_loops"], record.extra["zero_weight_edges"]) == (2, 1)
+    assert record.counts["self_loops"] == 2 and record.counts["zero_weight_edges"] == 1
+    notes = record.extra["warnings"]
+    assert "2 self-loop(s) left out (a route from a stop to itself, e.g. LOOP at " \
+        f"{a})" in notes
+    assert f"1 edge(s) of 0 s between two stops (e.g. SAME: {a} -> {b})" in notes[-1]
+    version = record.extra["graph_version"]
+    _, out = store.neighbors(a)
+    assert [e.route_id for e in out if e.to == a] == []
+    assert [e.weight_s for e in out if e.route_id == "SAME"] == [0.0]
+    row = graph_rows(conn)[-1]
+    assert row["edges"] == edges and row["warnings"]["self_loops"] == 2
+    assert store.meta(version)["edges"] == str(edges)
 
 
 # ---------------------------------------------------------------- failures
@@ -565,6 +611,27 @@ def test_rollback_and_reload_from_s3_after_retention(
     assert store.is_complete(versions[2])
     assert builder.activate(versions[0]).status == "noop"
     assert status_section(conn, store)["consistent"] is True
+
+
+def test_a_noop_after_a_rollback_names_the_active_version(
+        builder: Builder, net: Network, database_url: str, store: GraphStore) -> None:
+    """After `graph activate` of an older version, a build with nothing new reported the
+    newest build as its graph_version, not the version the routing API serves."""
+    first = builder.ok()
+    second = builder.ok(force=True)
+    assert builder.activate(first).status == "success"
+    record = builder.build()
+    assert record.status == "noop", record.error
+    assert record.extra["graph_version"] == first == store.active_version()
+    assert record.extra["built_version"] == second
+    assert record.message.startswith(f"{first} is active (rolled back from {second}")
+    dry = plan(Database(database_url), store, builder.settings, SPEEDS_KMH)
+    assert dry.extra["would_run"] is False and dry.extra["graph_version"] == first
+    assert dry.extra["built_version"] == second and f"{first} is active" in dry.message
+    # without a rollback the two are one version
+    third = builder.ok(force=True)
+    record = builder.build()
+    assert record.extra["graph_version"] == record.extra["built_version"] == third
 
 
 def test_activate_unknown_version_and_corrupt_export(

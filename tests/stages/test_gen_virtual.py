@@ -281,6 +281,31 @@ def test_antimeridian_at_latitude_70(conn: Conn, run: Callable[..., RunRecord]) 
     assert d.min() >= 10.0 * 0.99  # no two grid points closer than the spacing
 
 
+def test_fiji_with_stops_on_the_antimeridian_itself(conn: Conn,
+                                                    run: Callable[..., RunRecord]) -> None:
+    """South of the equator, with stops at 180.0 and -180.0 (one meridian): one grid around
+    the islands, routes the short way round."""
+    stops: list[Stop] = [("NAN", -17.755, 177.443, True, "Nadi"), ("SUV", -18.14, 178.44, False,
+                         None), ("TAV", -16.84, -179.98, False, None), ("E180", -16.9, 180.0,
+                         False, None), ("W180", -17.0, -180.0, False, None),
+                         ("LAU", -17.6, -179.9, False, None)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    virt = conn.execute("SELECT id, latitude, longitude FROM virtual_stops").fetchall()
+    assert virt and all(abs(v["longitude"]) > 174 for v in virt)
+    assert all(-21 < v["latitude"] < -14 for v in virt)
+    pos = {v["id"]: (v["latitude"], v["longitude"]) for v in virt}
+    pos.update({s[0]: (s[1], s[2]) for s in stops})
+    crossing = 0
+    for r in conn.execute("SELECT from_stop_id, to_stop_id, distance_km FROM virtual_routes"):
+        (la1, lo1), (la2, lo2) = pos[r["from_stop_id"]], pos[r["to_stop_id"]]
+        assert r["distance_km"] == pytest.approx(geo.haversine_km(la1, lo1, la2, lo2), abs=2e-3)
+        assert 0 < r["distance_km"] <= 75.0
+        crossing += abs(lo1 - lo2) > 180
+    assert crossing > 0
+
+
 def two_continent_stops() -> list[Stop]:
     """A network with a region around Paris and one around Sao Paulo, 9,400 km apart."""
     rng = np.random.default_rng(11)

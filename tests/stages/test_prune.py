@@ -230,6 +230,60 @@ def test_datasets_keep_the_newest_the_active_and_the_graphs(
     assert run(database_url, backups, settings).status == "noop"
 
 
+def add_virtual_entities(conn: Conn, version: str) -> None:
+    """A generation's entities in the virtual tables, as gen-virtual leaves them."""
+    gen = conn.execute("SELECT max(id) AS id FROM virtual_generations WHERE dataset_version = %s",
+                       (version,)).fetchone()
+    assert gen is not None
+    conn.execute("INSERT INTO virtual_stops (id, latitude, longitude, kind, dataset_version) "
+                 "VALUES ('V:MAIN:1:1', 60, 24, 'MAIN_GRID', %s), "
+                 "('V:MAIN:1:2', 60, 25, 'MAIN_GRID', %s)", (version, version))
+    conn.execute("INSERT INTO virtual_routes (id, from_stop_id, to_stop_id, mode, distance_km, "
+                 "travel_time_s, dataset_version) VALUES ('VR:V:MAIN:1:1>V:MAIN:1:2', "
+                 "'V:MAIN:1:1', 'V:MAIN:1:2', 'virtual', 55, 3960, %s)",
+                 (version,))
+    conn.execute("INSERT INTO virtual_frequencies (generation_id, mode, start_time, end_time, "
+                 "headway_s, dataset_version) VALUES (%s, 'virtual', '05:00', '23:00', 1800, %s)",
+                 (gen["id"], version))
+
+
+def virtual_rows(conn: Conn) -> dict[str, int]:
+    return {t: conn.execute(f"SELECT count(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608
+            for t in ("virtual_stops", "virtual_routes", "virtual_frequencies")}
+
+
+def test_a_deleted_dataset_takes_its_virtual_entities_along(
+        database_url: str, conn: Conn, backups: BackupStore) -> None:
+    # gen-virtual ran for v2 and failed for v3 and v4: the virtual tables still held v2's
+    # entities after prune had deleted v2 and its generation row, for no reader to use.
+    v1, v2, v3, v4 = (add_dataset(conn, backups, i, active=i == 4) for i in range(1, 5))
+    add_virtual_entities(conn, v2)
+    settings = RetentionSettings(gps_days=0, runs_days=0, datasets=1)
+    dry = run(database_url, backups, settings, dry_run=True)
+    assert (dry.counts["virtual_stops"], dry.counts["virtual_routes"]) == (2, 1)
+    assert virtual_rows(conn) == {"virtual_stops": 2, "virtual_routes": 1,
+                                  "virtual_frequencies": 1}
+    record = run(database_url, backups, settings)
+    assert record.status == "success", record.error
+    assert record.extra["datasets_deleted"] == [v1, v2, v3]
+    assert record.counts == dry.counts
+    assert virtual_rows(conn) == {"virtual_stops": 0, "virtual_routes": 0,
+                                  "virtual_frequencies": 0}
+
+
+def test_virtual_entities_of_a_kept_dataset_stay(
+        database_url: str, conn: Conn, backups: BackupStore) -> None:
+    # The active graph was built from v1's generation: v1 stays, and so do its entities.
+    v1, _v2, _v3 = (add_dataset(conn, backups, i, active=i == 3) for i in range(1, 4))
+    add_graph(conn, backups, 1, v1, active=True)
+    add_virtual_entities(conn, v1)
+    record = run(database_url, backups, RetentionSettings(gps_days=0, runs_days=0, datasets=1))
+    assert record.extra["datasets_deleted"] == ["ds-v2"]
+    assert record.counts["virtual_stops"] == 0
+    assert virtual_rows(conn) == {"virtual_stops": 2, "virtual_routes": 1,
+                                  "virtual_frequencies": 1}
+
+
 def test_a_restored_version_keeps_the_version_whose_raw_pages_it_reads(
         database_url: str, conn: Conn, backups: BackupStore) -> None:
     # A restore's backup names its source's raw/ files: pruning the source (the runbook's
