@@ -53,7 +53,9 @@ def ingest_gps(
             kinds.append(gpsfiles.detect_format(path, fmt))
         except gpsfiles.GpsFileError as exc:
             raise ValidationError(f"{name}: {exc}") from None
-    with database.connect(name="pipeline ingest-gps") as conn, \
+    # Until the commit, a stop signal ends the run at once: the transaction rolls back, and
+    # the partitions are made in one transaction of their own (Ctrl-C waited for the load).
+    with ctx.interruptible(), database.connect(name="pipeline ingest-gps") as conn, \
             db.wrap_errors("loading GPS files"), conn.transaction():
         conn.execute(db.query("match_gps", "ingest_staging"))
         for index, (path, kind) in enumerate(zip(files, kinds, strict=True)):

@@ -105,6 +105,36 @@ def test_a_file_name_that_is_not_utf8_loads_and_is_recorded_escaped(
     assert run is not None and run["options"]["files"] == [shown]
 
 
+def test_ctrl_c_during_an_ingest_stops_at_once_with_nothing_loaded(
+        gps_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any]) -> None:
+    # The first Ctrl-C waited for the whole load to finish (15 s for 1.5 M rows), then rolled
+    # it back; the server went on with its statement after the client had gone.
+    fifo = tmp_path / "points.csv"
+    os.mkfifo(fifo)
+    proc = gps_cli.popen("ingest-gps", str(fifo))
+    try:
+        with open(fifo, "w") as writer:  # a load still being read: the pipe stays open
+            writer.write("device_id,recorded_at,latitude,longitude\n"
+                         "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+            writer.flush()
+            deadline = time.monotonic() + 30
+            while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                                   "'pipeline ingest-gps' AND state = 'active'").fetchone():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted by signal 2" in err and "Traceback" not in err
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 0}
+    run = conn.execute("SELECT status FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
+    assert run == {"status": "failed"}
+
+
 def test_match_gps_installed_script_json(gps_cli: Cli, conn: psycopg.Connection[Any],
                                          road_points: list[tuple[float, float]]) -> None:
     small_batches(conn, road_points, devices=2, per_device=3)
