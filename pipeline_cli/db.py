@@ -22,7 +22,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, Interrupted, SchemaError, TimedOut, service_error
+from .errors import (
+    DatabaseError,
+    Interrupted,
+    ReadOnlyDatabase,
+    SchemaError,
+    TimedOut,
+    service_error,
+)
 
 log = logging.getLogger("pipeline.db")
 
@@ -199,7 +206,14 @@ def wrap_errors(what: str) -> Iterator[None]:
             # A stop raised in the block, and psycopg, leaving pipeline mode half-way, raised
             # over it ("cannot exit pipeline mode while busy"): the stop is the cause.
             raise exc.__context__ from None
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            raise ReadOnlyDatabase(f"PostgreSQL refused a write while {what}: {READ_ONLY}"
+                                   ) from exc
         raise DatabaseError(f"database error while {what}: {_first_line(exc)}") from exc
+
+
+READ_ONLY = ("the database is read-only (a standby, or default_transaction_read_only = on); "
+             "[database] url must name the primary")
 
 
 # ---------------------------------------------------------------- named queries

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import click
+import psycopg
+import psycopg.sql
 import pytest
 
 from devtools import docs_gen
@@ -216,6 +218,8 @@ def test_options_refuse_nan_and_numbers_the_database_cannot_take(run_cli: Cli,
 LATE_SIGNAL = """
 import os, signal, sys
 import click
+import psycopg
+import psycopg.sql
 from pipeline_cli import render
 from pipeline_cli.app import App
 from pipeline_cli.commands import run_stage
@@ -297,3 +301,25 @@ def test_a_full_disk_on_stdout_is_one_line_not_a_traceback(run_cli: Cli) -> None
 def test_verbose_help_says_what_one_v_does(run_cli: Cli) -> None:
     assert "-vv" not in run_cli("--help").output and "-vv" not in run_cli("status",
                                                                           "--help").output
+
+
+def test_a_read_only_database_is_a_configuration_error_that_doctor_finds(
+        run_cli: Cli, database_url: str, tmp_path: Path) -> None:
+    # A read replica given by mistake: doctor said "the role can write every table", and
+    # every stage failed with exit 1 and PostgreSQL's "cannot execute INSERT in a read-only
+    # transaction", as if an outage that the next run would retry.
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on"
+                                      ).format(psycopg.sql.Identifier(name)))
+    points = tmp_path / "points.csv"
+    points.write_text("bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    for args in (("ingest-gps", str(points)), ("db", "migrate"), ("batches", "requeue")):
+        result = run_cli.subprocess(*args)
+        assert result.returncode == 78, result.stderr
+        line, = result.stderr.strip().splitlines()[-1:]
+        assert "the database is read-only" in line and "[database] url" in line
+        assert "Traceback" not in result.stderr
+    checks = {c["name"]: c for c in json.loads(run_cli("--json", "doctor").stdout)["checks"]}
+    assert not checks["database"]["ok"]
+    assert "the database is read-only" in checks["database"]["detail"]
