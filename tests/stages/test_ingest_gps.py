@@ -476,3 +476,24 @@ def test_csv_quoted_field_across_lines_is_refused_by_line(tmp_path: Path,
     assert record.counts["rows_loaded"] == 1 and record.counts["invalid_rows"] == 2
     assert all("unbalanced quotes" in p for p in record.extra["problems"])
     assert record.extra["problems"][0].startswith(f"{path}:2: ")
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_point_another_load_commits_meanwhile_is_a_duplicate_not_an_error(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Two ingests (or an ingest and the listener) of the same points at once: the rule that
+    # skips stored points cannot see the other's uncommitted rows, so the primary key waited
+    # for it and then failed the run: "duplicate key value violates unique constraint".
+    path = tmp_path / "late.csv"
+    path.write_text(HEADER + "bus,2024-05-01T08:00:00Z,60.17,24.94\n"
+                    "bus,2024-05-01T08:00:05Z,60.171,24.941\n")
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT gps_add_partition('2024-05-01')")
+        other.commit()
+        other.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                      " VALUES ('bus', '2024-05-01T08:00:00Z', 60.0, 24.0)")
+        threading.Timer(1.0, other.commit).start()  # once the ingest waits on this row
+        record = ingest(database_url, [path])
+    assert record.status == "success", record.error
+    assert record.counts["rows_loaded"] == 1 and record.counts["duplicates"] == 1
+    assert count(conn) == 2
