@@ -61,6 +61,11 @@ class LazyGroup(click.Group):
             importlib.import_module(f"{__name__}.{module}").register(self)
         return super().get_command(ctx, cmd_name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.lazy and args[0] not in self.commands:
+            self.load_all()  # Click's "Did you mean" looks only at the commands loaded so far
+        return super().resolve_command(ctx, args)
+
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         super().add_command(global_options(cmd), name)
 

@@ -323,3 +323,15 @@ def test_a_read_only_database_is_a_configuration_error_that_doctor_finds(
     checks = {c["name"]: c for c in json.loads(run_cli("--json", "doctor").stdout)["checks"]}
     assert not checks["database"]["ok"]
     assert "the database is read-only" in checks["database"]["detail"]
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    (("statsu",), "Did you mean 'status'?"), (("db", "migarte"), "Did you mean 'migrate'?"),
+    (("--json", "sync-data"), "Did you mean 'sync-odata'?"), (("frobnicate",), None)])
+def test_a_mistyped_command_gets_a_suggestion(run_cli: Cli, args: tuple[str, ...],
+                                              hint: str | None) -> None:
+    # Click suggests a mistyped option ("Did you mean '--json'?") but not a command.
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert f"No such command '{args[-1]}'." in result.output
+    assert (hint in result.output) if hint else "Did you mean" not in result.output
