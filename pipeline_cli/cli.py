@@ -125,7 +125,20 @@ def _writing_stdout(exc: OSError) -> bool:
 
 def main() -> None:
     """Console-script entry point."""
+    _utf8_streams()
     cli(prog_name="pipeline")
+
+
+def _utf8_streams() -> None:
+    """stdout is UTF-8 whatever the locale or PYTHONIOENCODING says: JSON and GeoJSON must be
+    (RFC 8259, 7946), and an ASCII or Latin-1 stdout failed with a UnicodeEncodeError
+    traceback on a stop named "Jyväskylä" or "Москва". stderr keeps its encoding, with
+    escapes for what it cannot show, so a log line never fails."""
+    for stream, change in ((sys.stdout, {"encoding": "utf-8"}),
+                           (sys.stderr, {"errors": "backslashreplace"})):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(**change)
 
 
 if __name__ == "__main__":  # pragma: no cover

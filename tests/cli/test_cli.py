@@ -335,3 +335,15 @@ def test_a_mistyped_command_gets_a_suggestion(run_cli: Cli, args: tuple[str, ...
     assert result.exit_code == 2
     assert f"No such command '{args[-1]}'." in result.output
     assert (hint in result.output) if hint else "Did you mean" not in result.output
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("args", [("config", "show"), ("--json", "config", "show")])
+def test_output_is_utf8_whatever_the_locale_says(run_cli: Cli, encoding: str,
+                                                 args: tuple[str, ...]) -> None:
+    # An ASCII stdout (PYTHONIOENCODING, an old locale) gave a UnicodeEncodeError traceback
+    # for a table holding "Jyväskylä"; a Latin-1 one wrote JSON that jq cannot read.
+    run_cli.env.update({"PIPELINE_REDIS_PREFIX": "Jyväskylä→", "PYTHONIOENCODING": encoding})
+    result = run_cli.subprocess(*args, encoding="utf-8")  # strict: Latin-1 bytes fail here
+    assert result.returncode == 0, result.stderr
+    assert "Jyväskylä→" in result.stdout
