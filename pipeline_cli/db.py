@@ -81,6 +81,10 @@ def connect(
             row_factory=dict_row,
             application_name=application_name[:63],
             connect_timeout=connect_timeout,
+            # Over a database's or role's default (LATIN1 for an old application): files are
+            # COPYed as UTF-8 bytes, which were read as Latin-1 and stored garbled, in
+            # silence. A startup parameter, so pooler-safe (PgBouncer tracks it per client).
+            client_encoding="UTF8",
         )
     except psycopg.Error as exc:
         raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from devtools import traces
@@ -287,3 +288,21 @@ def test_match_gps_dry_run_shows_the_backlog_and_claims_nothing(run_cli: Cli, co
     assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
     assert conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NOT NULL"
                         ).fetchone() == {"n": 0}
+
+
+def test_a_database_whose_client_encoding_is_latin1_stores_text_as_utf8(
+        run_cli: Cli, tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # ALTER DATABASE ... SET client_encoding = LATIN1 (an old application's default): the
+    # UTF-8 bytes of a file were read as Latin-1 and stored garbled ('ÐÐ¾ÑÐºÐ²Ð°-1'), in
+    # silence, and `batches list --device Москва-1` ended in a UnicodeEncodeError traceback.
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET client_encoding = 'LATIN1'").format(
+        psycopg.sql.Identifier(name)))
+    path = tmp_path / "points.csv"
+    path.write_text("Москва-1,2024-05-01T08:00:00Z,60.17,24.94\n", encoding="utf-8")
+    loaded = run_cli.subprocess("ingest-gps", str(path))
+    assert loaded.returncode == 0, loaded.stderr
+    stored = conn.execute("SELECT device_id FROM gps_points").fetchall()
+    assert stored == [{"device_id": "Москва-1"}]
+    listed = run_cli.subprocess("batches", "list", "--device", "Москва-1")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
