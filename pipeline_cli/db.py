@@ -99,6 +99,16 @@ def connect(
             conn.execute("SET DateStyle = ISO")
             if not autocommit:
                 conn.commit()
+    with wrap_errors("reading extra_float_digits"):
+        # Below 1 (a database's or role's default), floats are sent rounded: coordinates read
+        # as 6e+01, and gen-virtual planned a third of its stops, in silence. Set only then,
+        # to PostgreSQL's default: through a transaction pooler a SET stays on the session.
+        row = conn.execute("SELECT current_setting('extra_float_digits')::int < 1 AS rounded"
+                           ).fetchone()
+        if row and row["rounded"]:
+            conn.execute("SET extra_float_digits = 1")
+        if not autocommit:
+            conn.commit()
     _OPEN.add(conn)
     return conn
 

@@ -299,3 +299,19 @@ def test_a_database_in_another_datestyle(empty_database_url: str) -> None:
                              " WHERE relname = 'gps_points_p20240106'").fetchone()
         assert bound is not None and "2024-01-06 05:30:00+05:30" in bound["b"], bound
         assert conn.execute("SELECT now() AS t").fetchone()["t"].tzinfo is not None
+
+
+@pytest.mark.parametrize("pooler", [db.POOLER_NONE, db.POOLER_TRANSACTION])
+def test_a_database_that_sends_floats_with_fewer_digits(empty_database_url: str,
+                                                        pooler: str) -> None:
+    """ALTER DATABASE ... SET extra_float_digits = -15 (below 1, floats go out rounded):
+    coordinates read as 6e+01, so gen-virtual planned 295 virtual stops instead of 899 and
+    the graph lost half its nodes, in silence."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET extra_float_digits = -15").format(
+            sql.Identifier(conn.info.dbname)))
+    database = db.Database(empty_database_url, pooler=pooler)
+    with database.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT 60.1768663::float8 AS lat, 24.9507565::real AS lon"
+                           ).fetchone()
+    assert row == {"lat": 60.1768663, "lon": pytest.approx(24.9507565, abs=1e-6)}
