@@ -99,6 +99,13 @@ def connect(
             conn.execute("SET DateStyle = ISO")
             if not autocommit:
                 conn.commit()
+    if conn.info.parameter_status("standard_conforming_strings") == "off":
+        # The SQL is written for the default since 9.1 (U&'\FFFF', backslashes): off, db
+        # migrate failed. PgBouncer keeps it per client too.
+        with wrap_errors("setting standard_conforming_strings"):
+            conn.execute("SET standard_conforming_strings = on")
+            if not autocommit:
+                conn.commit()
     with wrap_errors("reading extra_float_digits"):
         # Below 1 (a database's or role's default), floats are sent rounded: coordinates read
         # as 6e+01, and gen-virtual planned a third of its stops, in silence. Set only then,

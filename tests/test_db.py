@@ -315,3 +315,14 @@ def test_a_database_that_sends_floats_with_fewer_digits(empty_database_url: str,
         row = conn.execute("SELECT 60.1768663::float8 AS lat, 24.9507565::real AS lon"
                            ).fetchone()
     assert row == {"lat": 60.1768663, "lon": pytest.approx(24.9507565, abs=1e-6)}
+
+
+def test_a_database_without_standard_conforming_strings(empty_database_url: str) -> None:
+    """ALTER DATABASE ... SET standard_conforming_strings = off (a pre-9.1 application's
+    default): db migrate failed with 'unsafe use of string constant with Unicode escapes'."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET standard_conforming_strings = off").format(
+            sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn)
+        assert conn.execute(r"SELECT '\t' AS t").fetchone() == {"t": "\\t"}
