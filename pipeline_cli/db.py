@@ -106,14 +106,25 @@ def connect(
             conn.execute("SET standard_conforming_strings = on")
             if not autocommit:
                 conn.commit()
-    with wrap_errors("reading extra_float_digits"):
-        # Below 1 (a database's or role's default), floats are sent rounded: coordinates read
-        # as 6e+01, and gen-virtual planned a third of its stops, in silence. Set only then,
-        # to PostgreSQL's default: through a transaction pooler a SET stays on the session.
-        row = conn.execute("SELECT current_setting('extra_float_digits')::int < 1 AS rounded"
-                           ).fetchone()
-        if row and row["rounded"]:
+    # The SQL is written for READ COMMITTED (claims with SKIP LOCKED, a rule that sees rows
+    # committed meanwhile): a database defaulting to serializable failed match-gps's claims
+    # with 'could not serialize access'. psycopg says so in each BEGIN (pooler-safe).
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    with wrap_errors("reading the session defaults"):
+        row = conn.execute(
+            "SELECT current_setting('extra_float_digits')::int < 1 AS rounded, "
+            "current_setting('default_transaction_isolation') <> 'read committed' AS isolated"
+        ).fetchone() or {}
+        # Below 1 (a database's or role's default), floats are sent rounded: coordinates
+        # read as 6e+01, and gen-virtual planned a third of its stops, in silence. Set only
+        # then, to PostgreSQL's default: through a transaction pooler a SET stays on the
+        # server session.
+        if row.get("rounded"):
             conn.execute("SET extra_float_digits = 1")
+        # An autocommit statement sends no BEGIN, so it takes the session's default; not
+        # through a pooler, where it would change other clients' transactions.
+        if row.get("isolated") and autocommit and prepare:
+            conn.execute("SET default_transaction_isolation = 'read committed'")
         if not autocommit:
             conn.commit()
     _OPEN.add(conn)

@@ -326,3 +326,21 @@ def test_a_database_without_standard_conforming_strings(empty_database_url: str)
     with db.connect(empty_database_url, autocommit=True) as conn:
         db.migrate(conn)
         assert conn.execute(r"SELECT '\t' AS t").fetchone() == {"t": "\\t"}
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_database_whose_default_isolation_is_serializable(empty_database_url: str,
+                                                            autocommit: bool) -> None:
+    """ALTER DATABASE ... SET default_transaction_isolation = serializable: match-gps
+    completed its batches, then a worker's claim (FOR UPDATE SKIP LOCKED, written for READ
+    COMMITTED) failed with 'could not serialize access': exit 1 on every run, counts lost."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = "
+                             "'serializable'").format(sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=autocommit) as conn:
+        row = conn.execute("SELECT current_setting('transaction_isolation') AS i").fetchone()
+        assert row == {"i": "read committed"}
+        with conn.transaction():
+            row = conn.execute("SELECT current_setting('transaction_isolation') AS i"
+                               ).fetchone()
+        assert row == {"i": "read committed"}
