@@ -5,3 +5,24 @@ into cached polylines. Every stage runs through :mod:`pipeline_cli.runner`.
 """
 
 __version__ = "0.1.0"
+
+
+def main() -> None:
+    """The console script: ``pipeline.cli.main``, and until its modules are loaded (a third
+    of a second, where a Ctrl-C right after Enter printed a 20-line KeyboardInterrupt
+    traceback) a Ctrl-C exits 130 with one line, as it does later."""
+    import signal
+    import sys
+
+    def interrupted(signum: int, frame: object) -> None:
+        sys.stderr.write("pipeline: interrupted\n")
+        raise SystemExit(130)
+
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not if ignored
+    if ours:
+        signal.signal(signal.SIGINT, interrupted)
+    from .cli import main as cli_main
+
+    if ours:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    cli_main()

@@ -347,3 +347,18 @@ def test_output_is_utf8_whatever_the_locale_says(run_cli: Cli, encoding: str,
     result = run_cli.subprocess(*args, encoding="utf-8")  # strict: Latin-1 bytes fail here
     assert result.returncode == 0, result.stderr
     assert "Jyväskylä→" in result.stdout
+
+
+def test_ctrl_c_while_the_modules_load_is_one_line_not_a_traceback(run_cli: Cli) -> None:
+    # A Ctrl-C right after Enter landed in the imports (a third of a second): a 20-line
+    # KeyboardInterrupt traceback. Sent at steps through start-up, it never gives one.
+    import signal
+    import time
+
+    for step in range(12):
+        proc = run_cli.popen("config", "show", start_new_session=True)
+        time.sleep(0.04 * step)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, (step, err)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (step, proc.returncode, err)
