@@ -241,7 +241,13 @@ def wrap_errors(what: str) -> Iterator[None]:
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
             raise ReadOnlyDatabase(f"PostgreSQL refused a write while {what}: {READ_ONLY}"
                                    ) from exc
-        raise DatabaseError(f"database error while {what}: {_first_line(exc)}") from exc
+        line = _first_line(exc)
+        if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in line:
+            # Whose? A run's hard limit cancels with 'user request'; status sets 5 s itself.
+            line += (" (if the database or role sets statement_timeout, raise it or set it to "
+                     "0 for the pipeline's role: each run is bounded by [runner] "
+                     "timeout_<stage>)")
+        raise DatabaseError(f"database error while {what}: {line}") from exc
 
 
 READ_ONLY = ("the database is read-only (a standby, or default_transaction_read_only = on); "

@@ -344,3 +344,20 @@ def test_a_database_whose_default_isolation_is_serializable(empty_database_url: 
             row = conn.execute("SELECT current_setting('transaction_isolation') AS i"
                                ).fetchone()
         assert row == {"i": "read committed"}
+
+
+def test_a_statement_timeout_of_the_database_is_named_with_the_remedy(
+        empty_database_url: str) -> None:
+    """ALTER DATABASE ... SET statement_timeout = '1s' (a guard for an application's
+    queries): a large ingest failed with 'canceling statement due to statement timeout', and
+    the operator had to find out whose timeout it was."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = '100ms'").format(
+            sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=True) as conn, \
+            pytest.raises(DatabaseError) as raised, db.wrap_errors("loading GPS files"):
+        conn.execute("SELECT pg_sleep(1)")
+    assert str(raised.value) == (
+        "database error while loading GPS files: canceling statement due to statement timeout"
+        " (if the database or role sets statement_timeout, raise it or set it to 0 for the"
+        " pipeline's role: each run is bounded by [runner] timeout_<stage>)")
