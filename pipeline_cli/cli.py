@@ -58,6 +58,13 @@ class PipelineGroup(LazyGroup):
                             f"pipeline: cannot write the output: {exc.strerror}", exit_code=1)
         sys.exit(1)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            _json_hint(exc)
+            raise
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -66,6 +73,7 @@ class PipelineGroup(LazyGroup):
             render.error(app, exc, command=ctx.invoked_subcommand)
             ctx.exit(exc.exit_code)
         except click.ClickException as exc:  # a usage error, before the options were read
+            _json_hint(exc)
             app = ctx.find_object(App) or App()
             raw = self.raw_args
             json_logs = app.log_format == "json" or "--log-format=json" in raw or any(
@@ -108,6 +116,13 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     ctx.obj = app
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
+
+
+def _json_hint(exc: click.ClickException) -> None:
+    """``--format json`` got "Did you mean '--log-format'?", which gives JSON log lines on
+    stderr and tables still on stdout: it means ``--json``."""
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--format":
+        exc.possibilities = ["--json"]  # type: ignore[misc]
 
 
 def _writing_stdout(exc: OSError) -> bool:

@@ -362,3 +362,13 @@ def test_ctrl_c_while_the_modules_load_is_one_line_not_a_traceback(run_cli: Cli)
         _out, err = proc.communicate(timeout=30)
         assert "Traceback" not in err, (step, err)
         assert proc.returncode in (0, 130, -signal.SIGINT), (step, proc.returncode, err)
+
+
+@pytest.mark.parametrize("args", [("status", "--format", "json"), ("--format", "json", "status"),
+                                  ("datasets", "list", "--format=json")])
+def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
+                                                      args: tuple[str, ...]) -> None:
+    # "Did you mean '--log-format'?": that gives JSON log lines on stderr, tables on stdout.
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert "No such option '--format'. Did you mean '--json'?" in result.output
