@@ -51,12 +51,24 @@ class PipelineGroup(LazyGroup):
         """stdout could not be written (a full disk, a quota): one line on stderr, exit 1. A
         stage's run stays as recorded: its work is done, only its report was lost."""
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (the rest would fail again at exit)
-        raw = self.raw_args
-        json_logs = "--log-format=json" in raw or any(
-            a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
-        render.stderr_error(App(log_format="json" if json_logs else "text"),
+        render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
                             f"pipeline: cannot write the output: {exc.strerror}", exit_code=1)
         sys.exit(1)
+
+    def _json_logs(self) -> bool:
+        """Whether --log-format json was given, read from the raw arguments (for an error
+        that comes before, or without, the parsed options)."""
+        raw = self.raw_args
+        return "--log-format=json" in raw or any(
+            a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # Click said "Aborted!" and exit 1 for a Ctrl-C here
+            render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
+                                "pipeline: interrupted", exit_code=130)
+            sys.exit(130)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -76,8 +88,7 @@ class PipelineGroup(LazyGroup):
             _json_hint(exc)
             app = ctx.find_object(App) or App()
             raw = self.raw_args
-            json_logs = app.log_format == "json" or "--log-format=json" in raw or any(
-                a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+            json_logs = app.log_format == "json" or self._json_logs()
             where = f"pipeline {ctx.invoked_subcommand}" if ctx.invoked_subcommand \
                 else "pipeline"
             if app.json or "--json" in raw:  # one JSON object on stdout, as for other errors
