@@ -331,6 +331,7 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
     applied: list[str] = []
     with wrap_errors("migrating"), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATE_LOCK),))
+        _check_search_path(conn)  # else a second, empty schema where the search_path points
         conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
         for m in migrations():
@@ -373,6 +374,19 @@ def describe_schema(applied: set[int]) -> str:
     return f"{text} (current)"
 
 
+def _check_search_path(conn: psycopg.Connection[Any]) -> None:
+    """SchemaError when the pipeline's tables exist in a schema the search_path does not
+    reach: 'not migrated; run pipeline db migrate' led to a second, empty schema."""
+    rows = conn.execute(query("runner", "tables_elsewhere")).fetchall()
+    if rows:
+        names = ", ".join(r["schema"] for r in rows)
+        raise SchemaError(
+            f"the pipeline's tables are in schema {names}, which the search_path "
+            f"({rows[0]['search_path']}) does not reach: reset the database's or role's "
+            f"search_path, or name the schema in [database] url "
+            f"(options=-csearch_path={rows[0]['schema']})")
+
+
 def schema_version(conn: psycopg.Connection[Any]) -> int:
     """The highest applied migration, 0 for an unmigrated database."""
     return max(applied_versions(conn), default=0)
@@ -383,6 +397,10 @@ def check_schema(conn: psycopg.Connection[Any]) -> int:
     have = applied_versions(conn)
     known = {m.version for m in migrations()}
     if not have:
+        with wrap_errors("reading the schema version"):
+            _check_search_path(conn)
+            if not conn.autocommit:
+                conn.rollback()
         raise SchemaError("the database is not migrated; run `pipeline db migrate`")
     if known - have:
         pending = ", ".join(f"{v:03d}" for v in sorted(known - have))

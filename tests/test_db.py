@@ -16,6 +16,7 @@ from psycopg import sql
 from pipeline_cli import db
 from pipeline_cli.errors import DatabaseError, Interrupted, SchemaError
 from pipeline_cli.gps import batches, partitions
+from pipeline_cli.health import collect_status
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
@@ -361,3 +362,23 @@ def test_a_statement_timeout_of_the_database_is_named_with_the_remedy(
         "database error while loading GPS files: canceling statement due to statement timeout"
         " (if the database or role sets statement_timeout, raise it or set it to 0 for the"
         " pipeline's role: each run is bounded by [runner] timeout_<stage>)")
+
+
+def test_a_search_path_that_misses_the_tables_is_named_not_migrated_again(
+        database_url: str) -> None:
+    """ALTER DATABASE ... SET search_path = other, after the tables were made in public: every
+    command said 'the database is not migrated; run pipeline db migrate', and that migrate
+    made a second, empty schema in 'other' where the stages then started from nothing."""
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA other")
+        conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = other").format(
+            sql.Identifier(conn.info.dbname)))
+    expected = "the pipeline's tables are in schema public, which the search_path"
+    with db.connect(database_url, autocommit=True) as conn:
+        with pytest.raises(SchemaError, match=expected):
+            db.check_schema(conn)
+        with pytest.raises(SchemaError, match=expected):
+            db.migrate(conn)
+        tables = conn.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'other'")
+        assert tables.fetchone() == {"n": 0}
+        assert [p.message for p in collect_status(conn).problems][0].startswith(expected)
