@@ -6,6 +6,7 @@ Stage commands call :func:`stage_record`; errors raised before a run starts go t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -44,14 +45,21 @@ def dump_json(obj: Any) -> str:
 PIPE_WIDTH = 100_000
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """A closed pipe (`| head`) is the caller's to judge, as for click.echo: rich exited 1
+        on its own, so a stage that had succeeded reported 'the stage failed' to cron."""
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def console(*, stderr: bool = False, whole: bool = False) -> Console:
     """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else (and
     with ``whole``). No markup and no emoji codes: "missing setting [odata] url", a stop
     named "Kamppi [M]" or a route VR:V:MAIN:1>... (":v:" would become an emoji) print as
     written."""
-    c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
+    c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
     if whole or not c.is_terminal:
-        c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
+        c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
                     emoji=False, width=PIPE_WIDTH)
     return c
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -237,7 +239,11 @@ def run_stage(
     except PipelineError as exc:  # refused before it started: schema, database, settings
         beat.failure(stage, f"pipeline {stage}: {app.redact(str(exc))}")
         raise
-    code = show(app, record)
+    try:
+        code = show(app, record)
+    except BrokenPipeError:  # `| head`: the reader left; the run's own exit code stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+        code = record.exit_code
     summary = (f"pipeline {stage}: {record.status} in {record.duration_ms} ms, run "
                f"{record.run_id}" + (f": {record.error}" if record.error else ""))
     if code:

@@ -306,3 +306,20 @@ def test_a_database_whose_client_encoding_is_latin1_stores_text_as_utf8(
     assert stored == [{"device_id": "Москва-1"}]
     listed = run_cli.subprocess("batches", "list", "--device", "Москва-1")
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+
+
+@pytest.mark.parametrize("json_", [["--json"], []])
+def test_a_reader_that_stops_reading_leaves_the_runs_exit_code(
+        run_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any], json_: list[str]) -> None:
+    # `pipeline ingest-gps ... | head -1` under pipefail: the load was done and recorded a
+    # success, but the closed pipe made it exit 1, "the stage failed", to cron.
+    path = tmp_path / "points.csv"
+    path.write_text("bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    proc = run_cli.popen(*json_, "ingest-gps", str(path))
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the result is written
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err
+    run = conn.execute("SELECT status FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
+    assert run == {"status": "success"}
