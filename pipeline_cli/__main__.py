@@ -1,5 +1,5 @@
 """``python -m pipeline_cli`` runs the same CLI as the ``pipeline`` console script."""
 
-from .cli import main
+from . import main
 
 main()

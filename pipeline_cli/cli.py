@@ -51,12 +51,31 @@ class PipelineGroup(LazyGroup):
         """stdout could not be written (a full disk, a quota): one line on stderr, exit 1. A
         stage's run stays as recorded: its work is done, only its report was lost."""
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (the rest would fail again at exit)
-        raw = self.raw_args
-        json_logs = "--log-format=json" in raw or any(
-            a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
-        render.stderr_error(App(log_format="json" if json_logs else "text"),
+        render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
                             f"pipeline: cannot write the output: {exc.strerror}", exit_code=1)
         sys.exit(1)
+
+    def _json_logs(self) -> bool:
+        """Whether --log-format json was given, read from the raw arguments (for an error
+        that comes before, or without, the parsed options)."""
+        raw = self.raw_args
+        return "--log-format=json" in raw or any(
+            a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # Click said "Aborted!" and exit 1 for a Ctrl-C here
+            render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
+                                "pipeline: interrupted", exit_code=130)
+            sys.exit(130)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            _json_hint(exc)
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,10 +85,10 @@ class PipelineGroup(LazyGroup):
             render.error(app, exc, command=ctx.invoked_subcommand)
             ctx.exit(exc.exit_code)
         except click.ClickException as exc:  # a usage error, before the options were read
+            _json_hint(exc)
             app = ctx.find_object(App) or App()
             raw = self.raw_args
-            json_logs = app.log_format == "json" or "--log-format=json" in raw or any(
-                a == "--log-format" and b == "json" for a, b in zip(raw, raw[1:], strict=False))
+            json_logs = app.log_format == "json" or self._json_logs()
             where = f"pipeline {ctx.invoked_subcommand}" if ctx.invoked_subcommand \
                 else "pipeline"
             if app.json or "--json" in raw:  # one JSON object on stdout, as for other errors
@@ -110,6 +129,13 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     app.configure_logging()
 
 
+def _json_hint(exc: click.ClickException) -> None:
+    """``--format json`` got "Did you mean '--log-format'?", which gives JSON log lines on
+    stderr and tables still on stdout: it means ``--json``."""
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--format":
+        exc.possibilities = ["--json"]  # type: ignore[misc]
+
+
 def _writing_stdout(exc: OSError) -> bool:
     """True when ``exc`` came from writing stdout (click.echo's or rich's ``file``)."""
     for frame, _line in traceback.walk_tb(exc.__traceback__):
@@ -125,7 +151,20 @@ def _writing_stdout(exc: OSError) -> bool:
 
 def main() -> None:
     """Console-script entry point."""
+    _utf8_streams()
     cli(prog_name="pipeline")
+
+
+def _utf8_streams() -> None:
+    """stdout is UTF-8 whatever the locale or PYTHONIOENCODING says: JSON and GeoJSON must be
+    (RFC 8259, 7946), and an ASCII or Latin-1 stdout failed with a UnicodeEncodeError
+    traceback on a stop named "Jyväskylä" or "Москва". stderr keeps its encoding, with
+    escapes for what it cannot show, so a log line never fails."""
+    for stream, change in ((sys.stdout, {"encoding": "utf-8"}),
+                           (sys.stderr, {"errors": "backslashreplace"})):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(**change)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .errors import DatabaseError, Interrupted, SchemaError, TimedOut, service_error
+from .errors import (
+    DatabaseError,
+    Interrupted,
+    ReadOnlyDatabase,
+    SchemaError,
+    TimedOut,
+    service_error,
+)
 
 log = logging.getLogger("pipeline.db")
 
@@ -74,6 +81,10 @@ def connect(
             row_factory=dict_row,
             application_name=application_name[:63],
             connect_timeout=connect_timeout,
+            # Over a database's or role's default (LATIN1 for an old application): files are
+            # COPYed as UTF-8 bytes, which were read as Latin-1 and stored garbled, in
+            # silence. A startup parameter, so pooler-safe (PgBouncer tracks it per client).
+            client_encoding="UTF8",
         )
     except psycopg.Error as exc:
         raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
@@ -88,6 +99,34 @@ def connect(
             conn.execute("SET DateStyle = ISO")
             if not autocommit:
                 conn.commit()
+    if conn.info.parameter_status("standard_conforming_strings") == "off":
+        # The SQL is written for the default since 9.1 (U&'\FFFF', backslashes): off, db
+        # migrate failed. PgBouncer keeps it per client too.
+        with wrap_errors("setting standard_conforming_strings"):
+            conn.execute("SET standard_conforming_strings = on")
+            if not autocommit:
+                conn.commit()
+    # The SQL is written for READ COMMITTED (claims with SKIP LOCKED, a rule that sees rows
+    # committed meanwhile): a database defaulting to serializable failed match-gps's claims
+    # with 'could not serialize access'. psycopg says so in each BEGIN (pooler-safe).
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    with wrap_errors("reading the session defaults"):
+        row = conn.execute(
+            "SELECT current_setting('extra_float_digits')::int < 1 AS rounded, "
+            "current_setting('default_transaction_isolation') <> 'read committed' AS isolated"
+        ).fetchone() or {}
+        # Below 1 (a database's or role's default), floats are sent rounded: coordinates
+        # read as 6e+01, and gen-virtual planned a third of its stops, in silence. Set only
+        # then, to PostgreSQL's default: through a transaction pooler a SET stays on the
+        # server session.
+        if row.get("rounded"):
+            conn.execute("SET extra_float_digits = 1")
+        # An autocommit statement sends no BEGIN, so it takes the session's default; not
+        # through a pooler, where it would change other clients' transactions.
+        if row.get("isolated") and autocommit and prepare:
+            conn.execute("SET default_transaction_isolation = 'read committed'")
+        if not autocommit:
+            conn.commit()
     _OPEN.add(conn)
     return conn
 
@@ -199,7 +238,20 @@ def wrap_errors(what: str) -> Iterator[None]:
             # A stop raised in the block, and psycopg, leaving pipeline mode half-way, raised
             # over it ("cannot exit pipeline mode while busy"): the stop is the cause.
             raise exc.__context__ from None
-        raise DatabaseError(f"database error while {what}: {_first_line(exc)}") from exc
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            raise ReadOnlyDatabase(f"PostgreSQL refused a write while {what}: {READ_ONLY}"
+                                   ) from exc
+        line = _first_line(exc)
+        if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in line:
+            # Whose? A run's hard limit cancels with 'user request'; status sets 5 s itself.
+            line += (" (if the database or role sets statement_timeout, raise it or set it to "
+                     "0 for the pipeline's role: each run is bounded by [runner] "
+                     "timeout_<stage>)")
+        raise DatabaseError(f"database error while {what}: {line}") from exc
+
+
+READ_ONLY = ("the database is read-only (a standby, or default_transaction_read_only = on); "
+             "[database] url must name the primary")
 
 
 # ---------------------------------------------------------------- named queries
@@ -279,6 +331,7 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
     applied: list[str] = []
     with wrap_errors("migrating"), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATE_LOCK),))
+        _check_search_path(conn)  # else a second, empty schema where the search_path points
         conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
         for m in migrations():
@@ -321,6 +374,19 @@ def describe_schema(applied: set[int]) -> str:
     return f"{text} (current)"
 
 
+def _check_search_path(conn: psycopg.Connection[Any]) -> None:
+    """SchemaError when the pipeline's tables exist in a schema the search_path does not
+    reach: 'not migrated; run pipeline db migrate' led to a second, empty schema."""
+    rows = conn.execute(query("runner", "tables_elsewhere")).fetchall()
+    if rows:
+        names = ", ".join(r["schema"] for r in rows)
+        raise SchemaError(
+            f"the pipeline's tables are in schema {names}, which the search_path "
+            f"({rows[0]['search_path']}) does not reach: reset the database's or role's "
+            f"search_path, or name the schema in [database] url "
+            f"(options=-csearch_path={rows[0]['schema']})")
+
+
 def schema_version(conn: psycopg.Connection[Any]) -> int:
     """The highest applied migration, 0 for an unmigrated database."""
     return max(applied_versions(conn), default=0)
@@ -331,6 +397,10 @@ def check_schema(conn: psycopg.Connection[Any]) -> int:
     have = applied_versions(conn)
     known = {m.version for m in migrations()}
     if not have:
+        with wrap_errors("reading the schema version"):
+            _check_search_path(conn)
+            if not conn.autocommit:
+                conn.rollback()
         raise SchemaError("the database is not migrated; run `pipeline db migrate`")
     if known - have:
         pending = ", ".join(f"{v:03d}" for v in sorted(known - have))

@@ -172,8 +172,12 @@ def _database(s: Settings) -> str:
     conn = _database_of(s, url).connect("pipeline doctor", autocommit=True)
     try:
         with db.wrap_errors("reading the server version"):
-            row = conn.execute("SHOW server_version").fetchone()
+            row = conn.execute("SELECT current_setting('server_version') AS server_version, "
+                               "current_setting('transaction_read_only') = 'on' AS read_only"
+                               ).fetchone()
         version = row["server_version"] if row else "?"
+        if row and row["read_only"]:  # a replica passed, and every stage then failed
+            raise _Failed(f"PostgreSQL {version}: {db.READ_ONLY}")
         schema = db.check_schema(conn)  # SchemaError for a pending (or unknown) migration
         with db.wrap_errors("checking table privileges"):
             denied = [r["name"] for r in conn.execute(db.query("doctor", "unwritable_tables"))]

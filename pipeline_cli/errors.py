@@ -68,6 +68,13 @@ class DatabaseError(ServiceError):
     pass
 
 
+class ReadOnlyDatabase(DatabaseError):
+    """[database] url names a database that refuses writes (a standby, or
+    ``default_transaction_read_only``): a setting to fix, not an outage the next run outlives."""
+
+    exit_code = EXIT_CONFIG
+
+
 class RedisError(ServiceError):
     pass
 

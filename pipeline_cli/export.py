@@ -78,6 +78,16 @@ def parse_time(text: str | None, option: str) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def parse_range(since: str | None, until: str | None
+                ) -> tuple[datetime | None, datetime | None]:
+    """--since and --until; swapped (since after until) is a usage error, not an export
+    that is empty by definition."""
+    start, end = parse_time(since, "--since"), parse_time(until, "--until")
+    if start is not None and end is not None and start > end:
+        raise UsageError(f"--since {since!r} is after --until {until!r}")
+    return start, end
+
+
 @contextmanager
 def _rows(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
           ) -> Iterator[Iterable[dict[str, Any]]]:

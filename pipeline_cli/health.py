@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from . import db
-from .errors import PipelineError
+from .errors import PipelineError, SchemaError
 from .modes import describe_unknown
 from .runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
 from .schedule import SCHEDULED_STAGES, Schedule
@@ -417,8 +417,10 @@ def collect_status(
                                     "entries": schedule.to_json(),
                                     "warnings": schedule.warnings})
     if version == 0:
-        report.problems = [Problem(CRITICAL, "schema", "the database is not migrated; "
-                                   "run `pipeline db migrate`")]
+        try:  # the same line as every other command (tables the search_path misses)
+            db.check_schema(conn)
+        except SchemaError as exc:
+            report.problems = [Problem(CRITICAL, "schema", str(exc))]
         # Nothing was read: no section may look healthy, nor the locks free.
         skipped = "not collected: the database is not migrated"
         report.sections = {name: {"error": skipped} for name in SECTIONS}

@@ -6,6 +6,7 @@ Stage commands call :func:`stage_record`; errors raised before a run starts go t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,7 +18,9 @@ from datetime import date, datetime
 from typing import Any
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from .app import App
@@ -42,15 +45,35 @@ def dump_json(obj: Any) -> str:
 PIPE_WIDTH = 100_000
 
 
-def console(*, stderr: bool = False) -> Console:
-    """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else. No
-    markup and no emoji codes: "missing setting [odata] url", a stop named "Kamppi [M]" or a
-    route VR:V:MAIN:1>... (":v:" would become an emoji) print as written."""
-    c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
-    if not c.is_terminal:
-        c = Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """A closed pipe (`| head`) is the caller's to judge, as for click.echo: rich exited 1
+        on its own, so a stage that had succeeded reported 'the stage failed' to cron."""
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def console(*, stderr: bool = False, whole: bool = False) -> Console:
+    """Tables at the terminal's width on a TTY; full values, unwrapped, anywhere else (and
+    with ``whole``). No markup and no emoji codes: "missing setting [odata] url", a stop
+    named "Kamppi [M]" or a route VR:V:MAIN:1>... (":v:" would become an emoji) print as
+    written."""
+    c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
+    if whole or not c.is_terminal:
+        c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
                     emoji=False, width=PIPE_WIDTH)
     return c
+
+
+def show(t: Table, *, stderr: bool = False) -> None:
+    """Print a table at the terminal's width, folding long values, or whole (the terminal
+    wraps its lines) when not even its headers fit: squeezed that far, rich left the cells
+    empty (COLUMNS=20: every value of `datasets list` lost) or folded them a letter or two
+    a line."""
+    c = console(stderr=stderr)
+    headers = sum(cell_len(str(col.header)) + 3 for col in t.columns) + 1  # with borders
+    if c.is_terminal and max(headers, Measurement.get(c, c.options, t).minimum) > c.width:
+        c = console(stderr=stderr, whole=True)
+    c.print(t)
 
 
 def print_json(obj: Any) -> None:
@@ -63,7 +86,7 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
         t.add_column(col, overflow="fold")  # a narrow terminal folds an id, never cuts it
     for row in rows:
         t.add_row(*("" if v is None else _fmt(v) for v in row))
-    console().print(t)
+    show(t)
 
 
 def _fmt(value: Any) -> str:

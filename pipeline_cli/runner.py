@@ -138,6 +138,7 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None or self.at_once:
             self.signum = signum
+            db.cancel_statements()  # else the server runs the statement on, only to roll back
             raise Interrupted(signum)
         self.signum = signum
         log.warning("signal %s received: finishing the current unit, then stopping", signum)

@@ -524,7 +524,10 @@ def load_settings(
             with open(path, "rb") as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
                 data = tomllib.loads(fh.read().decode("utf-8-sig"))
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {shown}", key="config") from None
+            hint = "" if not os.fspath(path).startswith("~") else (
+                " (a ~ is expanded by a shell, not by a crontab or a systemd "
+                "EnvironmentFile: give the full path)")
+            raise ConfigError(f"config file not found: {shown}{hint}", key="config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"malformed config file {shown}: {exc}", key="config") from None
         except UnicodeDecodeError as exc:

@@ -16,6 +16,7 @@ from psycopg import sql
 from pipeline_cli import db
 from pipeline_cli.errors import DatabaseError, Interrupted, SchemaError
 from pipeline_cli.gps import batches, partitions
+from pipeline_cli.health import collect_status
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
@@ -299,3 +300,85 @@ def test_a_database_in_another_datestyle(empty_database_url: str) -> None:
                              " WHERE relname = 'gps_points_p20240106'").fetchone()
         assert bound is not None and "2024-01-06 05:30:00+05:30" in bound["b"], bound
         assert conn.execute("SELECT now() AS t").fetchone()["t"].tzinfo is not None
+
+
+@pytest.mark.parametrize("pooler", [db.POOLER_NONE, db.POOLER_TRANSACTION])
+def test_a_database_that_sends_floats_with_fewer_digits(empty_database_url: str,
+                                                        pooler: str) -> None:
+    """ALTER DATABASE ... SET extra_float_digits = -15 (below 1, floats go out rounded):
+    coordinates read as 6e+01, so gen-virtual planned 295 virtual stops instead of 899 and
+    the graph lost half its nodes, in silence."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET extra_float_digits = -15").format(
+            sql.Identifier(conn.info.dbname)))
+    database = db.Database(empty_database_url, pooler=pooler)
+    with database.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT 60.1768663::float8 AS lat, 24.9507565::real AS lon"
+                           ).fetchone()
+    assert row == {"lat": 60.1768663, "lon": pytest.approx(24.9507565, abs=1e-6)}
+
+
+def test_a_database_without_standard_conforming_strings(empty_database_url: str) -> None:
+    """ALTER DATABASE ... SET standard_conforming_strings = off (a pre-9.1 application's
+    default): db migrate failed with 'unsafe use of string constant with Unicode escapes'."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET standard_conforming_strings = off").format(
+            sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn)
+        assert conn.execute(r"SELECT '\t' AS t").fetchone() == {"t": "\\t"}
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_database_whose_default_isolation_is_serializable(empty_database_url: str,
+                                                            autocommit: bool) -> None:
+    """ALTER DATABASE ... SET default_transaction_isolation = serializable: match-gps
+    completed its batches, then a worker's claim (FOR UPDATE SKIP LOCKED, written for READ
+    COMMITTED) failed with 'could not serialize access': exit 1 on every run, counts lost."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = "
+                             "'serializable'").format(sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=autocommit) as conn:
+        row = conn.execute("SELECT current_setting('transaction_isolation') AS i").fetchone()
+        assert row == {"i": "read committed"}
+        with conn.transaction():
+            row = conn.execute("SELECT current_setting('transaction_isolation') AS i"
+                               ).fetchone()
+        assert row == {"i": "read committed"}
+
+
+def test_a_statement_timeout_of_the_database_is_named_with_the_remedy(
+        empty_database_url: str) -> None:
+    """ALTER DATABASE ... SET statement_timeout = '1s' (a guard for an application's
+    queries): a large ingest failed with 'canceling statement due to statement timeout', and
+    the operator had to find out whose timeout it was."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = '100ms'").format(
+            sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url, autocommit=True) as conn, \
+            pytest.raises(DatabaseError) as raised, db.wrap_errors("loading GPS files"):
+        conn.execute("SELECT pg_sleep(1)")
+    assert str(raised.value) == (
+        "database error while loading GPS files: canceling statement due to statement timeout"
+        " (if the database or role sets statement_timeout, raise it or set it to 0 for the"
+        " pipeline's role: each run is bounded by [runner] timeout_<stage>)")
+
+
+def test_a_search_path_that_misses_the_tables_is_named_not_migrated_again(
+        database_url: str) -> None:
+    """ALTER DATABASE ... SET search_path = other, after the tables were made in public: every
+    command said 'the database is not migrated; run pipeline db migrate', and that migrate
+    made a second, empty schema in 'other' where the stages then started from nothing."""
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA other")
+        conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = other").format(
+            sql.Identifier(conn.info.dbname)))
+    expected = "the pipeline's tables are in schema public, which the search_path"
+    with db.connect(database_url, autocommit=True) as conn:
+        with pytest.raises(SchemaError, match=expected):
+            db.check_schema(conn)
+        with pytest.raises(SchemaError, match=expected):
+            db.migrate(conn)
+        tables = conn.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'other'")
+        assert tables.fetchone() == {"n": 0}
+        assert [p.message for p in collect_status(conn).problems][0].startswith(expected)

@@ -211,6 +211,27 @@ def test_the_first_signal_interrupts_an_interruptible_stretch(
     assert record.error == "interrupted by signal 2"
 
 
+@pytest.mark.timeout(60, method="thread")
+def test_a_signal_in_an_interruptible_stretch_cancels_its_statement(
+        database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # The process stopped at once, but the server ran the statement on to its end (minutes
+    # of an ingest's checks), holding its locks, only to roll it back.
+    def loading(ctx: RunContext) -> StageResult:
+        with ctx.interruptible(), db.connect(database_url) as own, own.transaction(), \
+                db.wrap_errors("sleeping"):
+            own.execute("CREATE TABLE scratch (n int)")
+            own.execute("SELECT pg_sleep(600)")
+        return StageResult()
+
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    record = StageRunner(Database(database_url)).run("ingest-gps", loading)
+    assert (record.status, record.exit_code) == ("failed", 130)
+    assert scratch_rows(conn) == 0
+    sleeping = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
+                            "WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'")
+    assert sleeping.fetchone() == {"n": 0}
+
+
 # ---------------------------------------------------------------- hard limit
 
 

@@ -301,3 +301,13 @@ def test_long_secrets_are_masked_as_whole_values(conn: psycopg.Connection[Any]) 
 def test_every_setting_is_documented() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert markdown_reference().strip() in docs, "run `make docs` to regenerate the table"
+
+
+def test_a_config_path_with_a_tilde_nobody_expanded_says_so() -> None:
+    # PIPELINE_CONFIG=~/pipeline.toml in a crontab or a systemd EnvironmentFile, which do not
+    # expand it: "config file not found: ~/pipeline.toml", and the file is right there.
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, environ={"PIPELINE_CONFIG": "~/no-such-pipeline.toml"})
+    assert str(raised.value) == (
+        "config file not found: ~/no-such-pipeline.toml (a ~ is expanded by a shell, not by"
+        " a crontab or a systemd EnvironmentFile: give the full path)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -60,6 +62,11 @@ class LazyGroup(click.Group):
             self._loaded.add(module)
             importlib.import_module(f"{__name__}.{module}").register(self)
         return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.lazy and args[0] not in self.commands:
+            self.load_all()  # Click's "Did you mean" looks only at the commands loaded so far
+        return super().resolve_command(ctx, args)
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         super().add_command(global_options(cmd), name)
@@ -232,7 +239,11 @@ def run_stage(
     except PipelineError as exc:  # refused before it started: schema, database, settings
         beat.failure(stage, f"pipeline {stage}: {app.redact(str(exc))}")
         raise
-    code = show(app, record)
+    try:
+        code = show(app, record)
+    except BrokenPipeError:  # `| head`: the reader left; the run's own exit code stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+        code = record.exit_code
     summary = (f"pipeline {stage}: {record.status} in {record.duration_ms} ms, run "
                f"{record.run_id}" + (f": {record.error}" if record.error else ""))
     if code:

@@ -58,7 +58,7 @@ def show(app: App, report: DoctorReport) -> None:
         # Text, not markup: a detail such as "[odata] password" must print as it is
         table.add_row(c.name, "ok" if c.ok else "FAIL", Text(c.endpoint), Text(c.detail),
                       str(c.ms))
-    render.console().print(table)
+    render.show(table)
     failed = [c.name for c in report.checks if not c.ok]
     click.echo(f"doctor: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}")
 

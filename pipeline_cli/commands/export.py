@@ -56,7 +56,7 @@ def polylines(app: App, device: str | None, since: str | None, until: str | None
               output: str | None) -> None:
     """One LineString per cached polyline: device, start and end time, point count, OSRM
     confidence, batch id."""
-    start, end = export.parse_time(since, "--since"), export.parse_time(until, "--until")
+    start, end = export.parse_range(since, until)
     conn = app.connect(name="pipeline export", migrated=True)
     _write(export.polyline_features(conn, device=device, since=start, until=end), output)
 

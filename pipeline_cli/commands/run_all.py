@@ -43,7 +43,7 @@ def show(app: App, record: RunRecord) -> int:
         text = r.get("error") or r.get("message") or r.get("reason") or ""
         table.add_row(stage, r["status"], str(r.get("duration_ms") or ""), text)
     # On failure the table goes to stderr with the error, so cron mails the whole story.
-    render.console(stderr=bool(record.error)).print(table)
+    render.show(table, stderr=bool(record.error))
     return record.exit_code
 
 

@@ -135,7 +135,7 @@ def show(report: StatusReport) -> None:
                       str(s["consecutive_failures"] or "-"), _ago(now, s.get("next_run_at")),
                       _overdue(s))
     click.echo()
-    render.console().print(table)
+    render.show(table)
     for name in (*SECTIONS, "s3"):
         section = report.s3 if name == "s3" else report.sections.get(name, {})
         text = section.get("error")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from .. import db
 from ..errors import ValidationError
@@ -24,6 +25,7 @@ from ..gps import partitions
 from ..runner import NOOP, SUCCESS, RunContext, StageResult
 from ..settings import printable_path
 
+INSERT_ATTEMPTS = 5  # each waits for a concurrent load to commit: more is a busy race
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted
 COPY_BLOCK = 1 << 20
 _COPY_LINE = re.compile(r"line (\d+)")
@@ -53,7 +55,9 @@ def ingest_gps(
             kinds.append(gpsfiles.detect_format(path, fmt))
         except gpsfiles.GpsFileError as exc:
             raise ValidationError(f"{name}: {exc}") from None
-    with database.connect(name="pipeline ingest-gps") as conn, \
+    # Until the commit, a stop signal ends the run at once: the transaction rolls back, and
+    # the partitions are made in one transaction of their own (Ctrl-C waited for the load).
+    with ctx.interruptible(), database.connect(name="pipeline ingest-gps") as conn, \
             db.wrap_errors("loading GPS files"), conn.transaction():
         conn.execute(db.query("match_gps", "ingest_staging"))
         for index, (path, kind) in enumerate(zip(files, kinds, strict=True)):
@@ -108,7 +112,7 @@ def ingest_gps(
         # default one, and held until this load commits, that lock made the listener wait.
         with database.connect(name="pipeline ingest-gps partitions") as own:
             partitions.ensure(own, days)
-        loaded = conn.execute(db.query("match_gps", "ingest_insert")).rowcount
+        loaded = _insert(conn)
     counts: dict[str, Any] = {
         "files": len(files), "rows_read": valid + invalid, "rows_loaded": loaded,
         "duplicates": valid - loaded, "invalid_rows": invalid,
@@ -121,6 +125,18 @@ def ingest_gps(
         extra["problems"] = problems
     return StageResult(status=SUCCESS if loaded else NOOP, counts=counts, extra=extra,
                        message=message)
+
+
+def _insert(conn: psycopg.Connection[Any]) -> int:
+    """Insert the valid rows; returns how many were new. A load committed meanwhile (another
+    ingest-gps, the listener) of the same device and time: the rule that skips stored points
+    cannot see its rows before it commits, so the primary key waits for it, then refuses the
+    row; run again (a savepoint), the statement sees them and skips them as duplicates."""
+    for attempt in Retrying(retry=retry_if_exception_type(psycopg.errors.UniqueViolation),
+                            stop=stop_after_attempt(INSERT_ATTEMPTS), reraise=True):
+        with attempt, conn.transaction():
+            return conn.execute(db.query("match_gps", "ingest_insert")).rowcount
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # Lines COPY would not take as one field: its end-of-data marker '\.' (the rest of the file

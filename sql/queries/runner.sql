@@ -8,6 +8,15 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- name: tables_elsewhere
+-- Where the pipeline's tables are when the search_path does not reach them (a search_path
+-- changed for the database or role after the migration).
+SELECT n.nspname AS schema, current_setting('search_path') AS search_path
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = 'schema_migrations' AND c.relkind = 'r'
+  AND to_regclass('schema_migrations') IS NULL
+ORDER BY 1;
+
 -- name: applied_migrations
 SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version;
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import click
+import psycopg
+import psycopg.sql
 import pytest
 
 from devtools import docs_gen
@@ -216,6 +218,8 @@ def test_options_refuse_nan_and_numbers_the_database_cannot_take(run_cli: Cli,
 LATE_SIGNAL = """
 import os, signal, sys
 import click
+import psycopg
+import psycopg.sql
 from pipeline_cli import render
 from pipeline_cli.app import App
 from pipeline_cli.commands import run_stage
@@ -297,3 +301,74 @@ def test_a_full_disk_on_stdout_is_one_line_not_a_traceback(run_cli: Cli) -> None
 def test_verbose_help_says_what_one_v_does(run_cli: Cli) -> None:
     assert "-vv" not in run_cli("--help").output and "-vv" not in run_cli("status",
                                                                           "--help").output
+
+
+def test_a_read_only_database_is_a_configuration_error_that_doctor_finds(
+        run_cli: Cli, database_url: str, tmp_path: Path) -> None:
+    # A read replica given by mistake: doctor said "the role can write every table", and
+    # every stage failed with exit 1 and PostgreSQL's "cannot execute INSERT in a read-only
+    # transaction", as if an outage that the next run would retry.
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on"
+                                      ).format(psycopg.sql.Identifier(name)))
+    points = tmp_path / "points.csv"
+    points.write_text("bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    for args in (("ingest-gps", str(points)), ("db", "migrate"), ("batches", "requeue")):
+        result = run_cli.subprocess(*args)
+        assert result.returncode == 78, result.stderr
+        line, = result.stderr.strip().splitlines()[-1:]
+        assert "the database is read-only" in line and "[database] url" in line
+        assert "Traceback" not in result.stderr
+    checks = {c["name"]: c for c in json.loads(run_cli("--json", "doctor").stdout)["checks"]}
+    assert not checks["database"]["ok"]
+    assert "the database is read-only" in checks["database"]["detail"]
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    (("statsu",), "Did you mean 'status'?"), (("db", "migarte"), "Did you mean 'migrate'?"),
+    (("--json", "sync-data"), "Did you mean 'sync-odata'?"), (("frobnicate",), None)])
+def test_a_mistyped_command_gets_a_suggestion(run_cli: Cli, args: tuple[str, ...],
+                                              hint: str | None) -> None:
+    # Click suggests a mistyped option ("Did you mean '--json'?") but not a command.
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert f"No such command '{args[-1]}'." in result.output
+    assert (hint in result.output) if hint else "Did you mean" not in result.output
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("args", [("config", "show"), ("--json", "config", "show")])
+def test_output_is_utf8_whatever_the_locale_says(run_cli: Cli, encoding: str,
+                                                 args: tuple[str, ...]) -> None:
+    # An ASCII stdout (PYTHONIOENCODING, an old locale) gave a UnicodeEncodeError traceback
+    # for a table holding "Jyväskylä"; a Latin-1 one wrote JSON that jq cannot read.
+    run_cli.env.update({"PIPELINE_REDIS_PREFIX": "Jyväskylä→", "PYTHONIOENCODING": encoding})
+    result = run_cli.subprocess(*args, encoding="utf-8")  # strict: Latin-1 bytes fail here
+    assert result.returncode == 0, result.stderr
+    assert "Jyväskylä→" in result.stdout
+
+
+def test_ctrl_c_while_the_modules_load_is_one_line_not_a_traceback(run_cli: Cli) -> None:
+    # A Ctrl-C right after Enter landed in the imports (a third of a second): a 20-line
+    # KeyboardInterrupt traceback. Sent at steps through start-up, it never gives one.
+    import signal
+    import time
+
+    for step in range(12):  # from 0.12 s: not Python's own start-up, which no code can guard
+        proc = run_cli.popen("config", "show", start_new_session=True)
+        time.sleep(0.12 + 0.04 * step)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, (step, err)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (step, proc.returncode, err)
+
+
+@pytest.mark.parametrize("args", [("status", "--format", "json"), ("--format", "json", "status"),
+                                  ("datasets", "list", "--format=json")])
+def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
+                                                      args: tuple[str, ...]) -> None:
+    # "Did you mean '--log-format'?": that gives JSON log lines on stderr, tables on stdout.
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert "No such option '--format'. Did you mean '--json'?" in result.output

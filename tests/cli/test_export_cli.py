@@ -85,6 +85,15 @@ def test_polylines_filters_and_atomic_output_file(cli: Cli, conn: Conn, tmp_path
     assert bad.exit_code == 2 and "malformed --until" in bad.stderr
 
 
+def test_since_after_until_is_a_usage_error_not_an_empty_export(run_cli: Cli) -> None:
+    # Swapped dates exported an empty collection with exit 0: "no polylines that day?"
+    result = run_cli("export", "geojson", "polylines", "--since", "2026-12-02",
+                     "--until", "2026-12-01T23:00:00+00:00")
+    assert result.exit_code == 2
+    assert "--since '2026-12-02' is after --until '2026-12-01T23:00:00+00:00'" in result.stderr
+    assert result.stdout == ""
+
+
 def test_failed_export_leaves_no_file(cli: Cli, tmp_path: Path) -> None:
     cli.env["PIPELINE_REDIS_PREFIX"] = "nothing-here"
     out = tmp_path / "graph.geojson"

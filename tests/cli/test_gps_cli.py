@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from devtools import traces
@@ -103,6 +104,36 @@ def test_a_file_name_that_is_not_utf8_loads_and_is_recorded_escaped(
     assert out["problems"] == [f"{shown}:3: latitude is 'nan'"]
     run = conn.execute("SELECT options FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
     assert run is not None and run["options"]["files"] == [shown]
+
+
+def test_ctrl_c_during_an_ingest_stops_at_once_with_nothing_loaded(
+        gps_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any]) -> None:
+    # The first Ctrl-C waited for the whole load to finish (15 s for 1.5 M rows), then rolled
+    # it back; the server went on with its statement after the client had gone.
+    fifo = tmp_path / "points.csv"
+    os.mkfifo(fifo)
+    proc = gps_cli.popen("ingest-gps", str(fifo))
+    try:
+        with open(fifo, "w") as writer:  # a load still being read: the pipe stays open
+            writer.write("device_id,recorded_at,latitude,longitude\n"
+                         "bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+            writer.flush()
+            deadline = time.monotonic() + 30
+            while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                                   "'pipeline ingest-gps' AND state = 'active'").fetchone():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted by signal 2" in err and "Traceback" not in err
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 0}
+    run = conn.execute("SELECT status FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
+    assert run == {"status": "failed"}
 
 
 def test_match_gps_installed_script_json(gps_cli: Cli, conn: psycopg.Connection[Any],
@@ -257,3 +288,38 @@ def test_match_gps_dry_run_shows_the_backlog_and_claims_nothing(run_cli: Cli, co
     assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
     assert conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NOT NULL"
                         ).fetchone() == {"n": 0}
+
+
+def test_a_database_whose_client_encoding_is_latin1_stores_text_as_utf8(
+        run_cli: Cli, tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # ALTER DATABASE ... SET client_encoding = LATIN1 (an old application's default): the
+    # UTF-8 bytes of a file were read as Latin-1 and stored garbled ('ÐÐ¾ÑÐºÐ²Ð°-1'), in
+    # silence, and `batches list --device Москва-1` ended in a UnicodeEncodeError traceback.
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET client_encoding = 'LATIN1'").format(
+        psycopg.sql.Identifier(name)))
+    path = tmp_path / "points.csv"
+    path.write_text("Москва-1,2024-05-01T08:00:00Z,60.17,24.94\n", encoding="utf-8")
+    loaded = run_cli.subprocess("ingest-gps", str(path))
+    assert loaded.returncode == 0, loaded.stderr
+    stored = conn.execute("SELECT device_id FROM gps_points").fetchall()
+    assert stored == [{"device_id": "Москва-1"}]
+    listed = run_cli.subprocess("batches", "list", "--device", "Москва-1")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+
+
+@pytest.mark.parametrize("json_", [["--json"], []])
+def test_a_reader_that_stops_reading_leaves_the_runs_exit_code(
+        run_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any], json_: list[str]) -> None:
+    # `pipeline ingest-gps ... | head -1` under pipefail: the load was done and recorded a
+    # success, but the closed pipe made it exit 1, "the stage failed", to cron.
+    path = tmp_path / "points.csv"
+    path.write_text("bus-1,2024-05-01T08:00:00Z,60.17,24.94\n")
+    proc = run_cli.popen(*json_, "ingest-gps", str(path))
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the result is written
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err
+    run = conn.execute("SELECT status FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
+    assert run == {"status": "success"}

@@ -126,3 +126,13 @@ def test_completion_is_documented() -> None:
     root = Path(__file__).parents[2]
     for doc in ("README.md", "docs/operations.md"):
         assert "pipeline completion" in (root / doc).read_text(), doc
+
+
+def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli) -> None:
+    # COLUMNS=20 (a split tmux pane): rich squeezed every column below its narrowest, and
+    # `datasets list` showed a grid of empty cells, every value lost.
+    run_cli.env.update({"FORCE_COLOR": "1", "COLUMNS": "20"})  # a terminal 20 wide
+    result = run_cli.subprocess("config", "show")
+    assert result.returncode == 0, result.stderr
+    assert "database.connect_timeout" in result.stdout
+    assert "seconds to wait for a database connection" in result.stdout

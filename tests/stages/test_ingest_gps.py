@@ -542,3 +542,24 @@ def test_a_header_naming_the_time_twice_takes_the_utc_or_fix_time(
     assert [(r[0], r[1]) for r in stored(conn)] == [
         ("d", datetime(2024, 1, 6, 10, tzinfo=UTC)), ("p", datetime(2024, 1, 6, 10, tzinfo=UTC)),
         ("s", datetime(2024, 1, 6, 10, tzinfo=UTC))]
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_point_another_load_commits_meanwhile_is_a_duplicate_not_an_error(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Two ingests (or an ingest and the listener) of the same points at once: the rule that
+    # skips stored points cannot see the other's uncommitted rows, so the primary key waited
+    # for it and then failed the run: "duplicate key value violates unique constraint".
+    path = tmp_path / "late.csv"
+    path.write_text(HEADER + "bus,2024-05-01T08:00:00Z,60.17,24.94\n"
+                    "bus,2024-05-01T08:00:05Z,60.171,24.941\n")
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT gps_add_partition('2024-05-01')")
+        other.commit()
+        other.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                      " VALUES ('bus', '2024-05-01T08:00:00Z', 60.0, 24.0)")
+        threading.Timer(1.0, other.commit).start()  # once the ingest waits on this row
+        record = ingest(database_url, [path])
+    assert record.status == "success", record.error
+    assert record.counts["rows_loaded"] == 1 and record.counts["duplicates"] == 1
+    assert count(conn) == 2
