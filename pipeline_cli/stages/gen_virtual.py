@@ -145,7 +145,8 @@ class VirtualPlan:
 def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     """Named cities with at least ``city_min_stops`` stops, then dense clusters of city-less
     stops (grid cells ``city_radius_km`` wide holding that many stops), both at their
-    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. A name is
+    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. Names are
+    compared ignoring case and spacing; a city is named as its first stop spells it. A name is
     a city per place it is used in: its stops chained by steps of ``2 × city_radius_km`` at
     most (Springfield in two states is two cities; their centroid lies in no city)."""
     city = np.asarray(real.city, dtype=object)
@@ -155,7 +156,10 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     lons: list[geo.FloatArray] = []
     if named.any() and s.city_radius_km > 0:
         lat, lon = real.lat[named], real.lon[named]
-        inverse = np.unique(city[named], return_inverse=True)[1].ravel()
+        # One city per name whatever its case and spacing: a feed that spells it
+        # 'Helsinki' and 'HELSINKI' would otherwise split it below city_min_stops.
+        key = np.asarray([" ".join(c.split()).casefold() for c in city[named]], dtype=object)
+        inverse = np.unique(key, return_inverse=True)[1].ravel()
         place = geo.chained(inverse, lat, lon, 2 * s.city_radius_km)
         _, first, group, counts = np.unique(place, return_index=True, return_inverse=True,
                                             return_counts=True)

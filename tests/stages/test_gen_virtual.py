@@ -369,6 +369,24 @@ def test_a_city_name_used_in_two_places_is_two_cities(
     assert {stops[i][0][:2] for i in nearest[:, 0].tolist()} == {"fi", "au"}
 
 
+def test_a_city_spelled_in_several_cases_is_one_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 16 stops of one city, its name in three spellings: no spelling had 10 stops, so the
+    # city got no grid at all.
+    rng = np.random.default_rng(5)
+    spellings = ["Helsinki", "HELSINKI", "helsinki ", "Helsinki"]
+    stops: list[Stop] = [(f"hki-{i:02d}", 60.17 + rng.normal(0, 0.02),
+                          24.94 + rng.normal(0, 0.04), False, spellings[i % 4])
+                         for i in range(16)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 1
+    # Named after the spelling of its first stop by id.
+    assert {r["anchor_id"] for r in conn.execute(
+        "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
+
+
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     add_dataset(conn, helsinki_stops())
