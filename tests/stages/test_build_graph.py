@@ -166,12 +166,28 @@ def test_edge_weights_follow_flights_distance_and_travel_time(
     for rid, a, _b, mode, dist, flights in net.routes:
         _, edges = store.neighbors(a)
         [edge] = [e for e in edges if e.route_id == rid]
-        assert edge.mode == mode
+        assert edge.mode == canonical(mode)
         assert edge.weight_s == pytest.approx(expected_weight(dist, mode, flights), abs=1e-3)
     for rid, a, b, _mode, _dist, tt in net.virtual_routes[:10]:
         _, edges = store.neighbors(a)
         [edge] = [e for e in edges if e.route_id == rid]
         assert (edge.to, edge.weight_s) == (b, tt)
+
+
+def test_edges_carry_the_canonical_mode(builder: Builder, conn: Conn,
+                                        store: GraphStore) -> None:
+    # The edge carried the feed's spelling: a routing API saw 'BUS', 'bus' and 'Ferry '
+    # (and 'Light Rail' for a tram) as modes of their own.
+    net = seed_network(conn, n_routes=0, n_virtual=2)
+    a, b = net.real_stops[:2]
+    for rid, mode in (("UP", "BUS"), ("SP", "Ferry "), ("LR", "Light Rail"), ("NO", None)):
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, %s, 10)", (rid, a, b, mode))
+    conn.execute("INSERT INTO flights VALUES ('F1', 'NO', '08:00', '08:30', '1')")
+    add_generation(conn, "ds-v1")
+    builder.ok()
+    modes = {e.route_id: e.mode for e in store.neighbors(a)[1]}
+    assert {r: modes[r] for r in ("UP", "SP", "LR", "NO")} == {
+        "UP": "bus", "SP": "ferry", "LR": "tram", "NO": ""}
 
 
 def test_flight_past_midnight_wraps(builder: Builder, conn: Conn, store: GraphStore) -> None:
