@@ -2,10 +2,11 @@
 
 Virtual stops lie on three global grids (MAIN, CITY around major cities, AIRPORT around
 airports), so their ids derive from kind and grid cell and every rerun gives the same rows.
-Each virtual stop is linked to its k nearest stops by virtual routes in both directions, and
-each non-walking route gets one frequency-based virtual flight, whose service is stored once
-per mode (``virtual_flights`` is a view). One transaction replaces the previous generation in
-place; the S3 backup is uploaded inside it, before the commit.
+Each virtual stop is linked to its k nearest stops (and each real stop none of them picks to
+its nearest virtual stop) by virtual routes in both directions, and each non-walking route
+gets one frequency-based virtual flight, whose service is stored once per mode
+(``virtual_flights`` is a view). One transaction replaces the previous generation in place;
+the S3 backup is uploaded inside it, before the commit.
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ def _ranks(order: geo.IntArray) -> geo.IntArray:
 
 def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.FloatArray,
             s: VirtualSettings) -> tuple[geo.IntArray, geo.IntArray, geo.FloatArray]:
-    """Directed routes (both directions) from kNN pairs, in route-id order.
+    """Directed routes (both directions) from kNN pairs and from each real stop that none of
+    them reaches to its nearest virtual stop, in route-id order.
 
     A route id is ``VR:<from>><to>``, so sorting by (rank of ``from + '>'``, rank of ``to``)
     is sorting by id (exactly so while no stop id contains '>'), without building the ids.
@@ -336,6 +338,19 @@ def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.Fl
     xyz = np.vstack((geo.unit_vectors(real.lat, real.lon), geo.unit_vectors(vlat, vlon)))
     sources = np.arange(n_real, n_real + n_virtual, dtype=np.int64)
     a, b, km = geo.knn_pairs(xyz, sources, s.k, s.max_route_km)
+    # A real stop that no virtual stop counts among its k nearest (in a dense city, or one of
+    # several stops at one place) would be an island in the graph unless a real route leaves
+    # it: link it to its nearest virtual stop.
+    reached = np.zeros(n_real, dtype=bool)
+    reached[a[a < n_real]] = True
+    lone = np.flatnonzero(~reached)
+    if lone.size:
+        near, idx = geo.PointIndex(vlat, vlon, xyz[n_real:]).nearest_xyz(
+            xyz[lone], 1, s.max_route_km)
+        hit = idx[:, 0] < n_virtual
+        a = np.concatenate((a, lone[hit]))
+        b = np.concatenate((b, idx[hit, 0] + n_real))
+        km = np.concatenate((km, near[hit, 0]))
     frm = np.concatenate((a, b))
     to = np.concatenate((b, a))
     both = np.round(np.concatenate((km, km)), 3).astype(np.float64)

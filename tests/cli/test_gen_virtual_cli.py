@@ -127,9 +127,10 @@ def test_installed_script_generates(cli: Cli, conn: Conn) -> None:
 
 
 def test_quiet_success_with_unreached_stops_prints_nothing(cli: Cli, conn: Conn) -> None:
-    """Unreached real stops are expected: logged at info, counted, shown by `status`; so
-    `-q` (cron) prints nothing on a success."""
+    """Unreached real stops (no virtual stop within max_route_km) are logged at info,
+    counted, shown by `status`; `-q` (cron) prints nothing on a success."""
     activate(conn, 30)
+    cli.env["PIPELINE_VIRTUAL_MAX_ROUTE_KM"] = "3"
     proc = cli.subprocess("-q", "gen-virtual")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""

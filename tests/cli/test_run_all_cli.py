@@ -41,6 +41,8 @@ def test_json_then_quiet_noop_rerun(cli: Cli) -> None:
 @pytest.mark.parametrize("args", [("-q", "run-all"), ("run-all", "-q")])
 def test_quiet_success_writes_nothing_for_cron_to_mail(cli: Cli, args: tuple[str, ...]) -> None:
     # a first run does real work in every stage, and gen-virtual leaves real stops unreached
+    # (no virtual stop within 3 km of them)
+    cli.env["PIPELINE_VIRTUAL_MAX_ROUTE_KM"] = "3"
     result = cli.subprocess(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""

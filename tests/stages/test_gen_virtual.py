@@ -387,6 +387,26 @@ def test_a_city_spelled_in_several_cases_is_one_city(
         "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.03])
+def test_every_real_stop_gets_a_virtual_route(
+        conn: Conn, run: Callable[..., RunRecord], spread: float) -> None:
+    # 12 platforms of one station at one point, or a city of 40 stops: each virtual stop
+    # linked its k nearest, the same few, and the other stops stayed islands in the graph.
+    rng = np.random.default_rng(3)
+    stops: list[Stop] = [(f"st-{i:02d}", 60.17 + rng.normal(0, spread),
+                          24.94 + rng.normal(0, 2 * spread), False, "Helsinki")
+                         for i in range(12 if spread == 0 else 40)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.counts["unreached_real_stops"] == 0 and rec.extra["unreached_sample"] == []
+    linked = {(r["from_stop_id"], r["to_stop_id"]) for r in conn.execute(
+        "SELECT from_stop_id, to_stop_id FROM virtual_routes")}
+    for sid, *_ in stops:
+        assert any(a == sid for a, _ in linked) and any(b == sid for _, b in linked), sid
+    assert all((b, a) in linked for a, b in linked)
+
+
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     add_dataset(conn, helsinki_stops())
