@@ -325,8 +325,9 @@ def _ranks(order: geo.IntArray) -> geo.IntArray:
 
 def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.FloatArray,
             s: VirtualSettings) -> tuple[geo.IntArray, geo.IntArray, geo.FloatArray]:
-    """Directed routes (both directions) from kNN pairs and from each real stop that none of
-    them reaches to its nearest virtual stop, in route-id order.
+    """Directed routes (both directions) from kNN pairs (and, for a virtual stop next to a
+    real stop, its k nearest virtual stops), and from each real stop that none of them reaches
+    to its nearest virtual stop, in route-id order.
 
     A route id is ``VR:<from>><to>``, so sorting by (rank of ``from + '>'``, rank of ``to``)
     is sorting by id (exactly so while no stop id contains '>'), without building the ids.
@@ -338,15 +339,28 @@ def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.Fl
     xyz = np.vstack((geo.unit_vectors(real.lat, real.lon), geo.unit_vectors(vlat, vlon)))
     sources = np.arange(n_real, n_real + n_virtual, dtype=np.int64)
     a, b, km = geo.knn_pairs(xyz, sources, s.k, s.max_route_km)
-    # A real stop that no virtual stop counts among its k nearest (in a dense city, or one of
-    # several stops at one place) would be an island in the graph unless a real route leaves
-    # it: link it to its nearest virtual stop.
+    # Pairs hold a < b, so a real stop (index below n_real) is always `a`.
+    with_real = a < n_real
     reached = np.zeros(n_real, dtype=bool)
-    reached[a[a < n_real]] = True
+    reached[a[with_real]] = True
     lone = np.flatnonzero(~reached)
+    star = np.unique(b[with_real]) - n_real
+    if lone.size or star.size:
+        virtual = geo.PointIndex(vlat, vlon, xyz[n_real:])
+    if star.size:
+        # Where real stops are dense, a virtual stop's k nearest can all be real: that star,
+        # joined to no other virtual stop, is an island of the graph. A virtual stop next to a
+        # real stop also links its k nearest virtual stops.
+        va, vb, vkm = geo.knn_pairs(virtual.xyz, star, s.k, s.max_route_km, tree=virtual.tree)
+        a, b = np.concatenate((a, va + n_real)), np.concatenate((b, vb + n_real))
+        km = np.concatenate((km, vkm))
+        _, first = np.unique(a * np.int64(n_real + n_virtual) + b, return_index=True)
+        a, b, km = a[first], b[first], km[first]
     if lone.size:
-        near, idx = geo.PointIndex(vlat, vlon, xyz[n_real:]).nearest_xyz(
-            xyz[lone], 1, s.max_route_km)
+        # A real stop that no virtual stop counts among its k nearest (in a dense city, or one
+        # of several stops at one place) would be an island unless a real route leaves it:
+        # link it to its nearest virtual stop.
+        near, idx = virtual.nearest_xyz(xyz[lone], 1, s.max_route_km)
         hit = idx[:, 0] < n_virtual
         a = np.concatenate((a, lone[hit]))
         b = np.concatenate((b, idx[hit, 0] + n_real))

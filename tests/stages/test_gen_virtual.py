@@ -407,6 +407,30 @@ def test_every_real_stop_gets_a_virtual_route(
     assert all((b, a) in linked for a, b in linked)
 
 
+def test_a_dense_network_gets_one_connected_virtual_network(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 2,000 stops over 330 x 330 km, a stop every 7 km: a city grid stop's k nearest were all
+    # real stops, and that star, joined to no other virtual stop, was an island of the graph
+    # (8 components; build-graph: 48 real stops unreachable).
+    rng = np.random.default_rng(9)
+    stops: list[Stop] = [(f"d{i:04d}", float(rng.uniform(61, 64)), float(rng.uniform(23, 29)),
+                          False, None) for i in range(2000)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ids = [st[0] for st in stops] + [r["id"] for r in conn.execute("SELECT id FROM virtual_stops")]
+    index = {sid: i for i, sid in enumerate(ids)}
+    pairs = np.array([(index[r["from_stop_id"]], index[r["to_stop_id"]]) for r in conn.execute(
+        "SELECT from_stop_id, to_stop_id FROM virtual_routes")])
+    links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(ids), len(ids)))
+    n, label = connected_components(links, directed=False)
+    assert n == 1, np.bincount(label)
+
+
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     add_dataset(conn, helsinki_stops())
