@@ -220,10 +220,12 @@ def _estimate(real: RealStops, cities: Anchors, ports: Anchors, s: VirtualSettin
 
 
 def check_input(real: RealStops, version: str) -> None:
-    if real.size < 2:
+    # One stop is a network too: the grids lie within reach of the stops, not in a box
+    # spanned by them.
+    if real.size == 0:
         raise ValidationError(
-            f"active dataset {version} has {real.size} stop{'s' if real.size != 1 else ''}; "
-            "gen-virtual needs at least 2 to span a region; nothing was written")
+            f"active dataset {version} has 0 stops; gen-virtual has nothing to place virtual "
+            "stops around; nothing was written")
 
 
 def plan_virtual(real: RealStops, s: VirtualSettings, version: str = "",
@@ -735,7 +737,7 @@ def generate(database: db.Database, backups: BackupStore, settings: VirtualSetti
 
     Returns ``skipped`` without an active dataset, ``noop`` when the dataset already has a
     generation (``force`` regenerates), else ``success``. Raises ValidationError for a dataset
-    of fewer than 2 stops, BackupError/DatabaseError when writing fails (nothing is kept).
+    without stops, BackupError/DatabaseError when writing fails (nothing is kept).
     """
     started = time.monotonic()
     with database.connect(name="pipeline gen-virtual read") as conn:
@@ -774,7 +776,7 @@ def preview(database: db.Database, settings: VirtualSettings) -> StageResult:
     """What ``generate(force=True)`` would write, computed without writing anything.
 
     Status ``dry-run`` (or ``skipped`` without an active dataset). Raises like ``generate``
-    for a dataset of fewer than 2 stops.
+    for a dataset without stops.
     """
     with database.connect(name="pipeline gen-virtual dry-run") as conn:
         db.check_schema(conn)

@@ -1,5 +1,5 @@
 """`pipeline gen-virtual` at the CLI edge: --json counts by kind, noop, --force, --dry-run,
-no active dataset, a one-stop dataset, and the installed script as a subprocess."""
+no active dataset, a dataset without stops, and the installed script as a subprocess."""
 
 from __future__ import annotations
 
@@ -109,12 +109,12 @@ def test_no_active_dataset_is_skipped_exit_0(cli: Cli, conn: Conn) -> None:
     assert count(conn, "virtual_generations") == 0
 
 
-def test_one_stop_is_one_line_exit_1_via_installed_script(cli: Cli, conn: Conn) -> None:
-    activate(conn, 1)
+def test_no_stop_is_one_line_exit_1_via_installed_script(cli: Cli, conn: Conn) -> None:
+    activate(conn, 0)
     proc = cli.subprocess("-q", "gen-virtual")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pipeline gen-virtual:")]
-    assert len(errors) == 1 and "ds-v1 has 1 stop" in errors[0], proc.stderr
+    assert len(errors) == 1 and "ds-v1 has 0 stops" in errors[0], proc.stderr
     assert proc.stdout == ""
     assert count(conn, "virtual_stops") == 0 and count(conn, "virtual_generations") == 0
 
