@@ -149,12 +149,14 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. Names are
     compared ignoring case and spacing; a city is named as its first stop spells it. A name is
     a city per place it is used in: its stops chained by steps of ``2 × city_radius_km`` at
-    most (Springfield in two states is two cities; their centroid lies in no city)."""
+    most (Springfield in two states is two cities; their centroid lies in no city). The stops of
+    a place too small to be a city join the clusters like stops without a city."""
     city = np.asarray(real.city, dtype=object)
     named = city != ""
     names: list[str] = []
     lats: list[geo.FloatArray] = []
     lons: list[geo.FloatArray] = []
+    loose = ~named
     if named.any() and s.city_radius_km > 0:
         lat, lon = real.lat[named], real.lon[named]
         # One city per name whatever its case and spacing: a feed that spells it
@@ -169,7 +171,10 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
         names += [str(n) for n in city[named][first[big]]]
         lats.append(clat[big])
         lons.append(clon[big])
-    loose = ~named
+        # The stops of a place too small to be a city count towards a dense cluster, as if
+        # they had no city: a metro area whose city column names 30 suburbs of 6 stops each
+        # is as dense as the same stops without one.
+        loose[np.flatnonzero(named)[~big[group.ravel()]]] = True
     if loose.any():
         grid = geo.Grid(max(s.city_radius_km, s.city_spacing_km))
         rows, cols = grid.nearest_cells(real.lat[loose], real.lon[loose])

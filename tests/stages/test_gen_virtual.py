@@ -397,6 +397,23 @@ def test_a_city_spelled_in_several_cases_is_one_city(
         "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_stops_of_small_named_places_count_towards_a_dense_cluster(
+        conn: Conn, run: Callable[..., RunRecord], named: bool) -> None:
+    # 180 stops of a metro area whose city column names 30 suburbs of 6 stops each: no
+    # suburb reached city_min_stops, and named stops never joined a density cluster, so the
+    # area got no CITY_GRID, while the same stops without a city got one.
+    rng = np.random.default_rng(2)
+    stops: list[Stop] = [(f"m{m:02d}-{i}", 60.2 + rng.normal(0, 0.04),
+                          24.9 + rng.normal(0, 0.08), False, f"Suburb {m}" if named else None)
+                         for m in range(30) for i in range(6)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"] == {"cities": 0, "clusters": 1, "airports": 0}
+    assert rec.counts["by_kind"]["CITY_GRID"] > 0
+
+
 @pytest.mark.parametrize("spread", [0.0, 0.03])
 def test_every_real_stop_gets_a_virtual_route(
         conn: Conn, run: Callable[..., RunRecord], spread: float) -> None:
