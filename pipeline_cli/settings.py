@@ -138,7 +138,8 @@ class VirtualSettings:
     main_spacing_km: float = setting(50.0, "MAIN_GRID spacing over the region of real stops")
     grid_reach_km: float = setting(
         200.0, "MAIN_GRID only this far around real stops, km (200: 4 cells of hinterland "
-        "beyond the outermost stops, yet no grid over the sea between two regions)"
+        "beyond the outermost stops, yet no grid over the sea between two regions); at least "
+        "main_spacing_km"
     )
     city_spacing_km: float = setting(10.0, "CITY_GRID spacing around major cities")
     airport_spacing_km: float = setting(5.0, "AIRPORT_GRID spacing around airports")
@@ -773,6 +774,13 @@ def _validate(s: Settings) -> None:
                   f"main_spacing_km = {s.virtual.main_spacing_km:g}), or main grid points get no "
                   f"routes to each other; got {s.virtual.max_route_km:g}: raise it or lower "
                   "main_spacing_km")
+    # Every stop lies within about 0.75 spacings of a main grid point: a shorter reach leaves
+    # stops with no main grid point, and a network without cities or airports with none.
+    if s.virtual.grid_reach_km < s.virtual.main_spacing_km:
+        raise bad("virtual", "grid_reach_km",
+                  f"must be at least main_spacing_km ({s.virtual.main_spacing_km:g}), or a stop "
+                  f"may have no main grid point within reach; got {s.virtual.grid_reach_km:g}: "
+                  "raise it or lower main_spacing_km")
     if s.virtual.headway_s > 86400:
         raise bad("virtual", "headway_s", "must be at most a day (86400)")
     if not 0 <= s.virtual.threshold_fraction < 1:
