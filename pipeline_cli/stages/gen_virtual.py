@@ -144,13 +144,14 @@ class VirtualPlan:
 
 
 def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
-    """Named cities with at least ``city_min_stops`` stops, then dense clusters of city-less
-    stops (grid cells ``city_radius_km`` wide holding that many stops), both at their
-    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. Names are
-    compared ignoring case and spacing; a city is named as its first stop spells it. A name is
-    a city per place it is used in: its stops chained by steps of ``2 × city_radius_km`` at
-    most (Springfield in two states is two cities; their centroid lies in no city). The stops of
-    a place too small to be a city join the clusters like stops without a city."""
+    """Named cities with at least ``city_min_stops`` stops and one within ``city_radius_km``
+    of their centre, then dense clusters of city-less stops (grid cells ``city_radius_km``
+    wide holding that many stops), both at their spherical centroid. A cluster is named
+    ``cluster:<row>:<col>`` after its cell. Names are compared ignoring case and spacing; a
+    city is named as its first stop spells it. A name is a city per place it is used in: its
+    stops chained by steps of ``2 × city_radius_km`` at most (Springfield in two states is two
+    cities; their centroid lies in no city). The stops of a place that is no city join the
+    clusters like stops without a city."""
     city = np.asarray(real.city, dtype=object)
     named = city != ""
     names: list[str] = []
@@ -166,15 +167,22 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
         place = geo.chained(inverse, lat, lon, 2 * s.city_radius_km)
         _, first, group, counts = np.unique(place, return_index=True, return_inverse=True,
                                             return_counts=True)
-        clat, clon = geo.group_centroids(group.ravel(), lat, lon, len(counts))
-        big = counts >= s.city_min_stops
+        group = group.ravel()
+        clat, clon = geo.group_centroids(group, lat, lon, len(counts))
+        # A region's name on stops strung along 1,000 km of coast chains into one place whose
+        # centre lies far from all of them: a place with no stop within city_radius_km of its
+        # centre is no city.
+        km = geo.haversine_km(lat, lon, clat[group], clon[group])
+        nearest = np.full(len(counts), np.inf)
+        np.minimum.at(nearest, group, km)
+        big = (counts >= s.city_min_stops) & (nearest <= s.city_radius_km)
         names += [str(n) for n in city[named][first[big]]]
         lats.append(clat[big])
         lons.append(clon[big])
         # The stops of a place too small to be a city count towards a dense cluster, as if
         # they had no city: a metro area whose city column names 30 suburbs of 6 stops each
         # is as dense as the same stops without one.
-        loose[np.flatnonzero(named)[~big[group.ravel()]]] = True
+        loose[np.flatnonzero(named)[~big[group]]] = True
     if loose.any():
         grid = geo.Grid(max(s.city_radius_km, s.city_spacing_km))
         rows, cols = grid.nearest_cells(real.lat[loose], real.lon[loose])

@@ -397,6 +397,20 @@ def test_a_city_spelled_in_several_cases_is_one_city(
         "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
 
 
+def test_a_region_name_along_a_coast_is_no_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 40 stops named after their region along a 1,200 km arc of coast, a stop every 30 km:
+    # chained into one place, they put a city grid around their centroid, inland, 60 km
+    # from the nearest of them.
+    t = np.linspace(0, np.pi, 40)
+    stops: list[Stop] = [(f"no-{i:02d}", 64 + 5 * float(np.sin(x)), 15 + 12 * float(np.cos(x)),
+                          False, "Nordland") for i, x in enumerate(t)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 0 and rec.counts["by_kind"]["CITY_GRID"] == 0
+
+
 @pytest.mark.parametrize("named", [False, True])
 def test_stops_of_small_named_places_count_towards_a_dense_cluster(
         conn: Conn, run: Callable[..., RunRecord], named: bool) -> None:
