@@ -260,6 +260,16 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         route, stop = graph.self_loops[0]
         warnings.append(f"{len(graph.self_loops)} self-loop(s) left out (a route from a stop "
                         f"to itself, e.g. {route} at {stop})")
+    # One component counts weakly: a stop that a one-way route alone joins to the main
+    # network can be reached and not left, or left and not reached (HEL -> NRT, no flight back).
+    strong = connected_components(matrix, directed=True, connection="strong")[1]
+    main = labels == largest
+    core = int(np.bincount(strong[main]).argmax())
+    one_way = np.flatnonzero(main[:graph.n_real] & (strong[:graph.n_real] != core))
+    if one_way.size:
+        sample = ", ".join(graph.node_ids[i] for i in one_way[:_SAMPLES])
+        warnings.append(f"{one_way.size} real stop(s) joined to the main network one way only "
+                        f"(e.g. {sample}): a route back or there is missing")
     free = np.flatnonzero(graph.weight == 0)
     if free.size:  # two stops at one place (platforms of a station): legitimate, but worth a look
         i = int(free[0])

@@ -381,6 +381,22 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     assert record.counts["unreachable_real_stops"] == record.extra["unreachable_real_stops"]
 
 
+def test_a_stop_joined_one_way_only_is_named(builder: Builder, conn: Conn) -> None:
+    # HEL -> NRT had no flight back: the graph counted one component, no warning, and every
+    # route from Tokyo to Helsinki had no path.
+    net = seed_network(conn, n_real=3, n_routes=0, n_virtual=0)
+    a, b, c = net.real_stops
+    for rid, x, y in (("AB", a, b), ("BA", b, a), ("BC", b, c)):
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, 'air', 500)", (rid, x, y))
+    add_generation(conn, "ds-v1")
+    record = builder.build()
+    assert record.status == "success", record.error
+    assert record.extra["components"] == 1 and record.extra["unreachable_real_stops"] == 0
+    assert f"1 real stop(s) joined to the main network one way only (e.g. {c}): a route " \
+        "back or there is missing" in record.extra["warnings"]
+    assert builder.build(force=True, fatal_warnings=True).status == "success"  # a note
+
+
 def test_self_loops_are_left_out_and_zero_weight_edges_counted(
         builder: Builder, net: Network, conn: Conn, store: GraphStore) -> None:
     """A route from a stop to itself reached Redis, and an edge of 0 s between two stops at
