@@ -369,8 +369,10 @@ class Grid:
 class PointIndex:
     """A KD-tree over points on the sphere, queried in great-circle km."""
 
-    def __init__(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> None:
-        self.xyz = unit_vectors(lat_deg, lon_deg).reshape(-1, 3)
+    def __init__(self, lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike,
+                 xyz: FloatArray | None = None) -> None:
+        """``xyz``, when given, holds the points' unit vectors already (saves computing them)."""
+        self.xyz = unit_vectors(lat_deg, lon_deg).reshape(-1, 3) if xyz is None else xyz
         self.size = len(self.xyz)
         # balanced_tree=False builds much faster on large inputs at a small query cost.
         from scipy.spatial import cKDTree

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import tomllib
@@ -137,7 +138,8 @@ class VirtualSettings:
     main_spacing_km: float = setting(50.0, "MAIN_GRID spacing over the region of real stops")
     grid_reach_km: float = setting(
         200.0, "MAIN_GRID only this far around real stops, km (200: 4 cells of hinterland "
-        "beyond the outermost stops, yet no grid over the sea between two regions)"
+        "beyond the outermost stops, yet no grid over the sea between two regions); at least "
+        "main_spacing_km"
     )
     city_spacing_km: float = setting(10.0, "CITY_GRID spacing around major cities")
     airport_spacing_km: float = setting(5.0, "AIRPORT_GRID spacing around airports")
@@ -148,7 +150,8 @@ class VirtualSettings:
         0.2, "drop a grid point closer than this fraction of its spacing to a real/denser point"
     )
     k: int = setting(4, "nearest neighbours each virtual stop connects to")
-    max_route_km: float = setting(75.0, "longest virtual route")
+    max_route_km: float = setting(
+        75.0, "longest virtual route (at least 1.414 x main_spacing_km, a grid cell's diagonal)")
     speeds_kmh: dict[str, float] = setting(
         DEFAULT_SPEEDS_KMH,
         "speed per route mode, km/h (0.1 to 10000), merged over these defaults; names are "
@@ -765,6 +768,22 @@ def _validate(s: Settings) -> None:
                 "max_route_km", "city_radius_km", "airport_radius_km", "walk_max_km"):
         if getattr(s.virtual, key) > 20_015:
             raise bad("virtual", key, "must be at most half the Earth's circumference (20015)")
+    # A main grid point's farthest neighbour (diagonal) is about sqrt(2) spacings away: with
+    # shorter routes the main grid points get no routes to each other, and the graph falls
+    # apart into islands.
+    if s.virtual.max_route_km < math.sqrt(2) * s.virtual.main_spacing_km:
+        raise bad("virtual", "max_route_km",
+                  f"must be at least {math.sqrt(2) * s.virtual.main_spacing_km:.1f} km (1.414 x "
+                  f"main_spacing_km = {s.virtual.main_spacing_km:g}), or main grid points get no "
+                  f"routes to each other; got {s.virtual.max_route_km:g}: raise it or lower "
+                  "main_spacing_km")
+    # Every stop lies within about 0.75 spacings of a main grid point: a shorter reach leaves
+    # stops with no main grid point, and a network without cities or airports with none.
+    if s.virtual.grid_reach_km < s.virtual.main_spacing_km:
+        raise bad("virtual", "grid_reach_km",
+                  f"must be at least main_spacing_km ({s.virtual.main_spacing_km:g}), or a stop "
+                  f"may have no main grid point within reach; got {s.virtual.grid_reach_km:g}: "
+                  "raise it or lower main_spacing_km")
     if s.virtual.headway_s > 86400:
         raise bad("virtual", "headway_s", "must be at most a day (86400)")
     if not 0 <= s.virtual.threshold_fraction < 1:

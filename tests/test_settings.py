@@ -90,6 +90,14 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
          "be at most half"),
         ("", {"PIPELINE_VIRTUAL_HEADWAY_S": "99999999999"}, "[virtual] headway_s: must be at "
          "most a day"),
+        # A main grid coarser than the longest route left its points without routes between
+        # them: 13 components of a 15-node graph, and gen-virtual said success.
+        ("", {"PIPELINE_VIRTUAL_MAIN_SPACING_KM": "100"}, "[virtual] max_route_km: must be "
+         "at least 141.4 km (1.414 x main_spacing_km = 100"),
+        # A reach shorter than the spacing left stops without a main grid point: two stops
+        # got no virtual stop at all, and build-graph failed on an empty graph.
+        ("", {"PIPELINE_VIRTUAL_GRID_REACH_KM": "10"}, "[virtual] grid_reach_km: must be at "
+         "least main_spacing_km (50)"),
         # Durations that overflowed date arithmetic: "internal error: OverflowError" after a
         # recorded run, or a traceback from status.
         ("", {"PIPELINE_RETENTION_RUNS_DAYS": "99999999"}, "[retention] runs_days: must be at "

@@ -144,14 +144,17 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
             f"{len(dupes)} stop ids are both real and virtual (e.g. {', '.join(dupes[:3])})",
             problems=[f"stop {s}: id used by a real and a virtual stop" for s in dupes[:_SAMPLES]])
 
-    # Real routes: flight minimum where scheduled, else distance / speed.
-    modes = [r[3] or "" for r in routes]
+    # Real routes: flight minimum where scheduled, else distance / speed. Edges carry the
+    # canonical mode, so the API sees one name per mode however a feed spells it.
+    names = {m: canonical(m) for m in {r[3] for r in routes}}
+    modes = [names[r[3]] for r in routes]
     flight_s = np.array([np.nan if r[5] is None else r[5] for r in routes], dtype=np.float64)
     dist_km = np.array([np.nan if r[4] is None else r[4] for r in routes], dtype=np.float64)
     speed = _speed_lookup(modes, speeds_kmh)
     needs_speed = np.isnan(flight_s) & np.isnan(speed)
     if needs_speed.any():  # one error naming every mode, before any edge is judged
-        counts = Counter(modes[i] for i in np.flatnonzero(needs_speed).tolist())
+        counts: Counter[str | None] = Counter(
+            modes[i] for i in np.flatnonzero(needs_speed).tolist())
         unknown = unknown_modes(counts, speed_table(speeds_kmh))
         raise ValidationError(describe_unknown(unknown),
                               partial=StageResult(extra={"unknown_modes": unknown}))
@@ -257,6 +260,16 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         route, stop = graph.self_loops[0]
         warnings.append(f"{len(graph.self_loops)} self-loop(s) left out (a route from a stop "
                         f"to itself, e.g. {route} at {stop})")
+    # One component counts weakly: a stop that a one-way route alone joins to the main
+    # network can be reached and not left, or left and not reached (HEL -> NRT, no flight back).
+    strong = connected_components(matrix, directed=True, connection="strong")[1]
+    main = labels == largest
+    core = int(np.bincount(strong[main]).argmax())
+    one_way = np.flatnonzero(main[:graph.n_real] & (strong[:graph.n_real] != core))
+    if one_way.size:
+        sample = ", ".join(graph.node_ids[i] for i in one_way[:_SAMPLES])
+        warnings.append(f"{one_way.size} real stop(s) joined to the main network one way only "
+                        f"(e.g. {sample}): a route back or there is missing")
     free = np.flatnonzero(graph.weight == 0)
     if free.size:  # two stops at one place (platforms of a station): legitimate, but worth a look
         i = int(free[0])

@@ -2,10 +2,11 @@
 
 Virtual stops lie on three global grids (MAIN, CITY around major cities, AIRPORT around
 airports), so their ids derive from kind and grid cell and every rerun gives the same rows.
-Each virtual stop is linked to its k nearest stops by virtual routes in both directions, and
-each non-walking route gets one frequency-based virtual flight, whose service is stored once
-per mode (``virtual_flights`` is a view). One transaction replaces the previous generation in
-place; the S3 backup is uploaded inside it, before the commit.
+Each virtual stop is linked to its k nearest stops (and each real stop none of them picks to
+its nearest virtual stop) by virtual routes in both directions, and each non-walking route
+gets one frequency-based virtual flight, whose service is stored once per mode
+(``virtual_flights`` is a view). One transaction replaces the previous generation in place;
+the S3 backup is uploaded inside it, before the commit.
 """
 
 from __future__ import annotations
@@ -143,28 +144,45 @@ class VirtualPlan:
 
 
 def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
-    """Named cities with at least ``city_min_stops`` stops, then dense clusters of city-less
-    stops (grid cells ``city_radius_km`` wide holding that many stops), both at their
-    spherical centroid. A cluster is named ``cluster:<row>:<col>`` after its cell. A name is
-    a city per place it is used in: its stops chained by steps of ``2 × city_radius_km`` at
-    most (Springfield in two states is two cities; their centroid lies in no city)."""
+    """Named cities with at least ``city_min_stops`` stops and one within ``city_radius_km``
+    of their centre, then dense clusters of city-less stops (grid cells ``city_radius_km``
+    wide holding that many stops), both at their spherical centroid. A cluster is named
+    ``cluster:<row>:<col>`` after its cell. Names are compared ignoring case and spacing; a
+    city is named as its first stop spells it. A name is a city per place it is used in: its
+    stops chained by steps of ``2 × city_radius_km`` at most (Springfield in two states is two
+    cities; their centroid lies in no city). The stops of a place that is no city join the
+    clusters like stops without a city."""
     city = np.asarray(real.city, dtype=object)
     named = city != ""
     names: list[str] = []
     lats: list[geo.FloatArray] = []
     lons: list[geo.FloatArray] = []
+    loose = ~named
     if named.any() and s.city_radius_km > 0:
         lat, lon = real.lat[named], real.lon[named]
-        inverse = np.unique(city[named], return_inverse=True)[1].ravel()
+        # One city per name whatever its case and spacing: a feed that spells it
+        # 'Helsinki' and 'HELSINKI' would otherwise split it below city_min_stops.
+        key = np.asarray([" ".join(c.split()).casefold() for c in city[named]], dtype=object)
+        inverse = np.unique(key, return_inverse=True)[1].ravel()
         place = geo.chained(inverse, lat, lon, 2 * s.city_radius_km)
         _, first, group, counts = np.unique(place, return_index=True, return_inverse=True,
                                             return_counts=True)
-        clat, clon = geo.group_centroids(group.ravel(), lat, lon, len(counts))
-        big = counts >= s.city_min_stops
+        group = group.ravel()
+        clat, clon = geo.group_centroids(group, lat, lon, len(counts))
+        # A region's name on stops strung along 1,000 km of coast chains into one place whose
+        # centre lies far from all of them: a place with no stop within city_radius_km of its
+        # centre is no city.
+        km = geo.haversine_km(lat, lon, clat[group], clon[group])
+        nearest = np.full(len(counts), np.inf)
+        np.minimum.at(nearest, group, km)
+        big = (counts >= s.city_min_stops) & (nearest <= s.city_radius_km)
         names += [str(n) for n in city[named][first[big]]]
         lats.append(clat[big])
         lons.append(clon[big])
-    loose = ~named
+        # The stops of a place too small to be a city count towards a dense cluster, as if
+        # they had no city: a metro area whose city column names 30 suburbs of 6 stops each
+        # is as dense as the same stops without one.
+        loose[np.flatnonzero(named)[~big[group]]] = True
     if loose.any():
         grid = geo.Grid(max(s.city_radius_km, s.city_spacing_km))
         rows, cols = grid.nearest_cells(real.lat[loose], real.lon[loose])
@@ -215,10 +233,12 @@ def _estimate(real: RealStops, cities: Anchors, ports: Anchors, s: VirtualSettin
 
 
 def check_input(real: RealStops, version: str) -> None:
-    if real.size < 2:
+    # One stop is a network too: the grids lie within reach of the stops, not in a box
+    # spanned by them.
+    if real.size == 0:
         raise ValidationError(
-            f"active dataset {version} has {real.size} stop{'s' if real.size != 1 else ''}; "
-            "gen-virtual needs at least 2 to span a region; nothing was written")
+            f"active dataset {version} has 0 stops; gen-virtual has nothing to place virtual "
+            "stops around; nothing was written")
 
 
 def plan_virtual(real: RealStops, s: VirtualSettings, version: str = "",
@@ -320,7 +340,9 @@ def _ranks(order: geo.IntArray) -> geo.IntArray:
 
 def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.FloatArray,
             s: VirtualSettings) -> tuple[geo.IntArray, geo.IntArray, geo.FloatArray]:
-    """Directed routes (both directions) from kNN pairs, in route-id order.
+    """Directed routes (both directions) from kNN pairs (and, for a virtual stop next to a
+    real stop, its k nearest virtual stops), and from each real stop that none of them reaches
+    to its nearest virtual stop, in route-id order.
 
     A route id is ``VR:<from>><to>``, so sorting by (rank of ``from + '>'``, rank of ``to``)
     is sorting by id (exactly so while no stop id contains '>'), without building the ids.
@@ -332,6 +354,32 @@ def _routes(real: RealStops, vids: list[str], vlat: geo.FloatArray, vlon: geo.Fl
     xyz = np.vstack((geo.unit_vectors(real.lat, real.lon), geo.unit_vectors(vlat, vlon)))
     sources = np.arange(n_real, n_real + n_virtual, dtype=np.int64)
     a, b, km = geo.knn_pairs(xyz, sources, s.k, s.max_route_km)
+    # Pairs hold a < b, so a real stop (index below n_real) is always `a`.
+    with_real = a < n_real
+    reached = np.zeros(n_real, dtype=bool)
+    reached[a[with_real]] = True
+    lone = np.flatnonzero(~reached)
+    star = np.unique(b[with_real]) - n_real
+    if lone.size or star.size:
+        virtual = geo.PointIndex(vlat, vlon, xyz[n_real:])
+    if star.size:
+        # Where real stops are dense, a virtual stop's k nearest can all be real: that star,
+        # joined to no other virtual stop, is an island of the graph. A virtual stop next to a
+        # real stop also links its k nearest virtual stops.
+        va, vb, vkm = geo.knn_pairs(virtual.xyz, star, s.k, s.max_route_km, tree=virtual.tree)
+        a, b = np.concatenate((a, va + n_real)), np.concatenate((b, vb + n_real))
+        km = np.concatenate((km, vkm))
+        _, first = np.unique(a * np.int64(n_real + n_virtual) + b, return_index=True)
+        a, b, km = a[first], b[first], km[first]
+    if lone.size:
+        # A real stop that no virtual stop counts among its k nearest (in a dense city, or one
+        # of several stops at one place) would be an island unless a real route leaves it:
+        # link it to its nearest virtual stop.
+        near, idx = virtual.nearest_xyz(xyz[lone], 1, s.max_route_km)
+        hit = idx[:, 0] < n_virtual
+        a = np.concatenate((a, lone[hit]))
+        b = np.concatenate((b, idx[hit, 0] + n_real))
+        km = np.concatenate((km, near[hit, 0]))
     frm = np.concatenate((a, b))
     to = np.concatenate((b, a))
     both = np.round(np.concatenate((km, km)), 3).astype(np.float64)
@@ -702,7 +750,7 @@ def generate(database: db.Database, backups: BackupStore, settings: VirtualSetti
 
     Returns ``skipped`` without an active dataset, ``noop`` when the dataset already has a
     generation (``force`` regenerates), else ``success``. Raises ValidationError for a dataset
-    of fewer than 2 stops, BackupError/DatabaseError when writing fails (nothing is kept).
+    without stops, BackupError/DatabaseError when writing fails (nothing is kept).
     """
     started = time.monotonic()
     with database.connect(name="pipeline gen-virtual read") as conn:
@@ -741,7 +789,7 @@ def preview(database: db.Database, settings: VirtualSettings) -> StageResult:
     """What ``generate(force=True)`` would write, computed without writing anything.
 
     Status ``dry-run`` (or ``skipped`` without an active dataset). Raises like ``generate``
-    for a dataset of fewer than 2 stops.
+    for a dataset without stops.
     """
     with database.connect(name="pipeline gen-virtual dry-run") as conn:
         db.check_schema(conn)

@@ -1,15 +1,16 @@
 """`pipeline gen-virtual` at the CLI edge: --json counts by kind, noop, --force, --dry-run,
-no active dataset, a one-stop dataset, and the installed script as a subprocess."""
+no active dataset, a dataset without stops, and the installed script as a subprocess."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 
-from pipeline_cli import db
+from pipeline_cli import db, geo
 from tests.support.clirunner import Cli
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -108,12 +109,12 @@ def test_no_active_dataset_is_skipped_exit_0(cli: Cli, conn: Conn) -> None:
     assert count(conn, "virtual_generations") == 0
 
 
-def test_one_stop_is_one_line_exit_1_via_installed_script(cli: Cli, conn: Conn) -> None:
-    activate(conn, 1)
+def test_no_stop_is_one_line_exit_1_via_installed_script(cli: Cli, conn: Conn) -> None:
+    activate(conn, 0)
     proc = cli.subprocess("-q", "gen-virtual")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pipeline gen-virtual:")]
-    assert len(errors) == 1 and "ds-v1 has 1 stop" in errors[0], proc.stderr
+    assert len(errors) == 1 and "ds-v1 has 0 stops" in errors[0], proc.stderr
     assert proc.stdout == ""
     assert count(conn, "virtual_stops") == 0 and count(conn, "virtual_generations") == 0
 
@@ -127,16 +128,26 @@ def test_installed_script_generates(cli: Cli, conn: Conn) -> None:
 
 
 def test_quiet_success_with_unreached_stops_prints_nothing(cli: Cli, conn: Conn) -> None:
-    """Unreached real stops are expected: logged at info, counted, shown by `status`; so
-    `-q` (cron) prints nothing on a success."""
-    activate(conn, 30)
+    """Unreached real stops (no virtual stop within max_route_km) are logged at info,
+    counted, shown by `status`; `-q` (cron) prints nothing on a success."""
+    # Nine stops on the points of a 3 x 3 block of main grid cells: the threshold drops every
+    # main grid point of the block, so the middle stop's nearest virtual stop is 100 km away.
+    grid = geo.Grid(50.0)
+    rows, cols = np.repeat(np.arange(134, 137), 3), np.tile(np.arange(14, 17), 3)
+    lat, lon = grid.points(rows, cols)
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES ('ds-v1', 1, 'h1', 'datasets/ds-v1/', true)")
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO stops (id, latitude, longitude) VALUES (%s, %s, %s)",
+                        [(f"g{i}", la, lo) for i, (la, lo) in enumerate(zip(
+                            lat.tolist(), lon.tolist(), strict=True))])
     proc = cli.subprocess("-q", "gen-virtual")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     gen = conn.execute("SELECT counts, unreached_stops FROM virtual_generations").fetchone()
     assert gen is not None
     unreached = gen["counts"]["unreached_real_stops"]
-    assert unreached == len(gen["unreached_stops"]) > 0
+    assert gen["unreached_stops"] == ["g4"] and unreached == 1
     status = json.loads(cli("status", "--json").stdout)
     assert status["virtual"]["generation"]["counts"]["unreached_real_stops"] == unreached
     assert f"{unreached} real stops unreached" in cli("status").output

@@ -40,13 +40,15 @@ def test_json_then_quiet_noop_rerun(cli: Cli) -> None:
 
 @pytest.mark.parametrize("args", [("-q", "run-all"), ("run-all", "-q")])
 def test_quiet_success_writes_nothing_for_cron_to_mail(cli: Cli, args: tuple[str, ...]) -> None:
-    # a first run does real work in every stage, and gen-virtual leaves real stops unreached
+    # a first run does real work in every stage (-q with unreached real stops:
+    # tests/cli/test_gen_virtual_cli.py)
     result = cli.subprocess(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
-        row = conn.execute("SELECT counts FROM stage_runs WHERE stage = 'gen-virtual'").fetchone()
-    assert row is not None and row["counts"]["unreached_real_stops"] > 0
+        row = conn.execute("SELECT status, counts FROM stage_runs "
+                           "WHERE stage = 'gen-virtual'").fetchone()
+    assert row is not None and row["status"] == "success" and row["counts"]["virtual_stops"] > 0
 
 
 def test_failure_exits_with_the_stage_code_and_mails_the_table(cli: Cli) -> None:

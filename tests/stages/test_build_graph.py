@@ -166,12 +166,28 @@ def test_edge_weights_follow_flights_distance_and_travel_time(
     for rid, a, _b, mode, dist, flights in net.routes:
         _, edges = store.neighbors(a)
         [edge] = [e for e in edges if e.route_id == rid]
-        assert edge.mode == mode
+        assert edge.mode == canonical(mode)
         assert edge.weight_s == pytest.approx(expected_weight(dist, mode, flights), abs=1e-3)
     for rid, a, b, _mode, _dist, tt in net.virtual_routes[:10]:
         _, edges = store.neighbors(a)
         [edge] = [e for e in edges if e.route_id == rid]
         assert (edge.to, edge.weight_s) == (b, tt)
+
+
+def test_edges_carry_the_canonical_mode(builder: Builder, conn: Conn,
+                                        store: GraphStore) -> None:
+    # The edge carried the feed's spelling: a routing API saw 'BUS', 'bus' and 'Ferry '
+    # (and 'Light Rail' for a tram) as modes of their own.
+    net = seed_network(conn, n_routes=0, n_virtual=2)
+    a, b = net.real_stops[:2]
+    for rid, mode in (("UP", "BUS"), ("SP", "Ferry "), ("LR", "Light Rail"), ("NO", None)):
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, %s, 10)", (rid, a, b, mode))
+    conn.execute("INSERT INTO flights VALUES ('F1', 'NO', '08:00', '08:30', '1')")
+    add_generation(conn, "ds-v1")
+    builder.ok()
+    modes = {e.route_id: e.mode for e in store.neighbors(a)[1]}
+    assert {r: modes[r] for r in ("UP", "SP", "LR", "NO")} == {
+        "UP": "bus", "SP": "ferry", "LR": "tram", "NO": ""}
 
 
 def test_flight_past_midnight_wraps(builder: Builder, conn: Conn, store: GraphStore) -> None:
@@ -363,6 +379,22 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     assert record.extra["components"] >= 4 and record.extra["unreachable_real_stops"] >= 3
     assert any("unreachable" in w for w in record.extra["warnings"])
     assert record.counts["unreachable_real_stops"] == record.extra["unreachable_real_stops"]
+
+
+def test_a_stop_joined_one_way_only_is_named(builder: Builder, conn: Conn) -> None:
+    # HEL -> NRT had no flight back: the graph counted one component, no warning, and every
+    # route from Tokyo to Helsinki had no path.
+    net = seed_network(conn, n_real=3, n_routes=0, n_virtual=0)
+    a, b, c = net.real_stops
+    for rid, x, y in (("AB", a, b), ("BA", b, a), ("BC", b, c)):
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, 'air', 500)", (rid, x, y))
+    add_generation(conn, "ds-v1")
+    record = builder.build()
+    assert record.status == "success", record.error
+    assert record.extra["components"] == 1 and record.extra["unreachable_real_stops"] == 0
+    assert f"1 real stop(s) joined to the main network one way only (e.g. {c}): a route " \
+        "back or there is missing" in record.extra["warnings"]
+    assert builder.build(force=True, fatal_warnings=True).status == "success"  # a note
 
 
 def test_self_loops_are_left_out_and_zero_weight_edges_counted(

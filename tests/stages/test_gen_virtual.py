@@ -1,5 +1,5 @@
 """gen-virtual against real PostgreSQL and S3: grids, thresholds, determinism, noop, backup,
-edge cases (0/1 stops, no dataset, antimeridian at latitude 70) and the backup-failure path."""
+edge cases (0 and 1 stops, no dataset, antimeridian at latitude 70) and the backup-failure path."""
 
 from __future__ import annotations
 
@@ -227,18 +227,28 @@ def test_new_dataset_replaces_the_previous_generation(
     assert versions == {"ds-v2"}
 
 
-@pytest.mark.parametrize("n_stops", [0, 1])
-def test_zero_or_one_stop_fails_clearly_and_writes_nothing(
-        conn: Conn, run: Callable[..., RunRecord], backups: BackupStore, n_stops: int) -> None:
-    add_dataset(conn, helsinki_stops()[:n_stops])
+def test_no_stop_fails_clearly_and_writes_nothing(
+        conn: Conn, run: Callable[..., RunRecord], backups: BackupStore) -> None:
+    add_dataset(conn, [])
     backups.ensure_bucket()
     rec = run()
     assert rec.status == "failed" and rec.exit_code == 1
     assert rec.error is not None and "\n" not in rec.error
-    assert f"has {n_stops} stop" in rec.error and "at least 2" in rec.error
+    assert "has 0 stops" in rec.error and "nothing was written" in rec.error
     for table in ("virtual_generations", "virtual_stops", "virtual_routes", "virtual_flights"):
         assert count(conn, f"SELECT count(*) FROM {table}") == 0  # noqa: S608
     assert list(backups.list("datasets/")) == []
+
+
+def test_one_stop_gets_its_coverage(conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # A network of one station failed ("needs at least 2 to span a region", a rule of the
+    # bounding-box grid), so build-graph was skipped on every run after it.
+    add_dataset(conn, [("HEL", 60.3172, 24.9633, True, None)])
+    rec = run()
+    assert rec.status == "success", rec.error
+    assert rec.counts["by_kind"]["MAIN_GRID"] > 0 and rec.counts["by_kind"]["AIRPORT_GRID"] > 0
+    assert rec.counts["unreached_real_stops"] == 0
+    assert count(conn, "SELECT count(*) FROM virtual_routes WHERE from_stop_id = 'HEL'") > 0
 
 
 def test_no_active_dataset_is_skipped(conn: Conn, run: Callable[..., RunRecord]) -> None:
@@ -367,6 +377,99 @@ def test_a_city_name_used_in_two_places_is_two_cities(
     km, nearest = geo.PointIndex(real[:, 0], real[:, 1]).nearest(city[:, 0], city[:, 1])
     assert km[:, 0].max() < 50
     assert {stops[i][0][:2] for i in nearest[:, 0].tolist()} == {"fi", "au"}
+
+
+def test_a_city_spelled_in_several_cases_is_one_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 16 stops of one city, its name in three spellings: no spelling had 10 stops, so the
+    # city got no grid at all.
+    rng = np.random.default_rng(5)
+    spellings = ["Helsinki", "HELSINKI", "helsinki ", "Helsinki"]
+    stops: list[Stop] = [(f"hki-{i:02d}", 60.17 + rng.normal(0, 0.02),
+                          24.94 + rng.normal(0, 0.04), False, spellings[i % 4])
+                         for i in range(16)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 1
+    # Named after the spelling of its first stop by id.
+    assert {r["anchor_id"] for r in conn.execute(
+        "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
+
+
+def test_a_region_name_along_a_coast_is_no_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 40 stops named after their region along a 1,200 km arc of coast, a stop every 30 km:
+    # chained into one place, they put a city grid around their centroid, inland, 60 km
+    # from the nearest of them.
+    t = np.linspace(0, np.pi, 40)
+    stops: list[Stop] = [(f"no-{i:02d}", 64 + 5 * float(np.sin(x)), 15 + 12 * float(np.cos(x)),
+                          False, "Nordland") for i, x in enumerate(t)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 0 and rec.counts["by_kind"]["CITY_GRID"] == 0
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_stops_of_small_named_places_count_towards_a_dense_cluster(
+        conn: Conn, run: Callable[..., RunRecord], named: bool) -> None:
+    # 180 stops of a metro area whose city column names 30 suburbs of 6 stops each: no
+    # suburb reached city_min_stops, and named stops never joined a density cluster, so the
+    # area got no CITY_GRID, while the same stops without a city got one.
+    rng = np.random.default_rng(2)
+    stops: list[Stop] = [(f"m{m:02d}-{i}", 60.2 + rng.normal(0, 0.04),
+                          24.9 + rng.normal(0, 0.08), False, f"Suburb {m}" if named else None)
+                         for m in range(30) for i in range(6)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"] == {"cities": 0, "clusters": 1, "airports": 0}
+    assert rec.counts["by_kind"]["CITY_GRID"] > 0
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.03])
+def test_every_real_stop_gets_a_virtual_route(
+        conn: Conn, run: Callable[..., RunRecord], spread: float) -> None:
+    # 12 platforms of one station at one point, or a city of 40 stops: each virtual stop
+    # linked its k nearest, the same few, and the other stops stayed islands in the graph.
+    rng = np.random.default_rng(3)
+    stops: list[Stop] = [(f"st-{i:02d}", 60.17 + rng.normal(0, spread),
+                          24.94 + rng.normal(0, 2 * spread), False, "Helsinki")
+                         for i in range(12 if spread == 0 else 40)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.counts["unreached_real_stops"] == 0 and rec.extra["unreached_sample"] == []
+    linked = {(r["from_stop_id"], r["to_stop_id"]) for r in conn.execute(
+        "SELECT from_stop_id, to_stop_id FROM virtual_routes")}
+    for sid, *_ in stops:
+        assert any(a == sid for a, _ in linked) and any(b == sid for _, b in linked), sid
+    assert all((b, a) in linked for a, b in linked)
+
+
+def test_a_dense_network_gets_one_connected_virtual_network(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # 2,000 stops over 330 x 330 km, a stop every 7 km: a city grid stop's k nearest were all
+    # real stops, and that star, joined to no other virtual stop, was an island of the graph
+    # (8 components; build-graph: 48 real stops unreachable).
+    rng = np.random.default_rng(9)
+    stops: list[Stop] = [(f"d{i:04d}", float(rng.uniform(61, 64)), float(rng.uniform(23, 29)),
+                          False, None) for i in range(2000)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ids = [st[0] for st in stops] + [r["id"] for r in conn.execute("SELECT id FROM virtual_stops")]
+    index = {sid: i for i, sid in enumerate(ids)}
+    pairs = np.array([(index[r["from_stop_id"]], index[r["to_stop_id"]]) for r in conn.execute(
+        "SELECT from_stop_id, to_stop_id FROM virtual_routes")])
+    links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(ids), len(ids)))
+    n, label = connected_components(links, directed=False)
+    assert n == 1, np.bincount(label)
 
 
 def test_backup_failure_rolls_back_and_keeps_the_previous_generation(
