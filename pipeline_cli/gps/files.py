@@ -105,29 +105,32 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _UTF16_BARE = "UTF-16 text without a byte-order mark: save it as UTF-8 (or UTF-16 with the mark)"
 
 
-def utf8(handle: io.BufferedIOBase) -> io.BufferedIOBase | codecs.StreamRecoder:
-    """``handle`` as UTF-8: UTF-16 with a byte-order mark (Excel's "Unicode text",
-    PowerShell) is re-encoded as it is read. Without the mark, every other byte of ASCII
-    text is NUL: refused by name rather than read as one bad row a line."""
-    start = handle.peek(2)[:2]  # type: ignore[attr-defined]  # buffered and gzip files peek
+def _utf16(start: bytes) -> bool:
+    """Whether a file starting with ``start`` (its first two bytes) is UTF-16 with a
+    byte-order mark. Without the mark, every other byte of ASCII text is NUL: refused by name
+    rather than read as one bad row a line."""
     if start in _UTF16_BOMS:
-        return codecs.EncodedFile(handle, "utf-8", "utf-16")
+        return True
     if len(start) == 2 and (start[0] == 0) != (start[1] == 0):
         raise GpsFileError(_UTF16_BARE)
-    return handle
+    return False
+
+
+def utf8(handle: io.BufferedIOBase) -> io.BufferedIOBase | codecs.StreamRecoder:
+    """``handle`` as UTF-8: UTF-16 with a byte-order mark (Excel's "Unicode text",
+    PowerShell) is re-encoded as it is read."""
+    start = handle.peek(2)[:2]  # type: ignore[attr-defined]  # buffered and gzip files peek
+    return codecs.EncodedFile(handle, "utf-8", "utf-16") if _utf16(start) else handle
 
 
 def _decode(data: bytes) -> str:
     """A GeoJSON file's text: UTF-8 (a BOM aside), or UTF-16 with a byte-order mark."""
+    utf16 = _utf16(data[:2])
     try:
-        if data[:2] in _UTF16_BOMS:
-            return data.decode("utf-16")
-        if len(data) >= 2 and (data[0] == 0) != (data[1] == 0):
-            raise GpsFileError(_UTF16_BARE)
-        return data.decode("utf-8-sig")
+        return data.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError:
-        raise GpsFileError("not UTF-8 text (save it as UTF-8)" if data[:2] not in _UTF16_BOMS
-                           else "not UTF-16 text, though it starts as UTF-16 does") from None
+        raise GpsFileError("not UTF-16 text, though it starts as UTF-16 does" if utf16
+                           else "not UTF-8 text (save it as UTF-8)") from None
 
 
 def _read_all(path: str | Path) -> bytes:
