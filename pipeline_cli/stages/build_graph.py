@@ -151,17 +151,17 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     flight_s = np.array([np.nan if r[5] is None else r[5] for r in routes], dtype=np.float64)
     dist_km = np.array([np.nan if r[4] is None else r[4] for r in routes], dtype=np.float64)
     speed = _speed_lookup(modes, speeds_kmh)
+    table = speed_table(speeds_kmh)
     needs_speed = np.isnan(flight_s) & np.isnan(speed)
     if needs_speed.any():  # one error naming every mode, before any edge is judged
         counts: Counter[str | None] = Counter(
             modes[i] for i in np.flatnonzero(needs_speed).tolist())
-        unknown = unknown_modes(counts, speed_table(speeds_kmh))
+        unknown = unknown_modes(counts, table)
         raise ValidationError(describe_unknown(unknown),
                               partial=StageResult(extra={"unknown_modes": unknown}))
     with np.errstate(divide="ignore", invalid="ignore"):
         by_speed = dist_km / speed * 3600.0
-    table = speed_table(speeds_kmh)
-    used = {canonical(modes[i]) for i in np.flatnonzero(np.isnan(flight_s)).tolist()}
+    used = {modes[i] for i in np.flatnonzero(np.isnan(flight_s)).tolist()}  # canonical
     real_w = np.where(np.isnan(flight_s), by_speed, flight_s)
     virtual_w = np.array([r[4] for r in vroutes], dtype=np.float64)
 
