@@ -411,8 +411,10 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     for bad in ("NaN", "INF", "", "true", "abc", "1e999", "[1]", "1.2.3",
                 "0x10", "0X5A", "0x1p3", "0x1f"):  # the float input reads hexadecimal
         assert value("number", bad) is None, bad
-    assert value("bool", "true") is True and value("bool", "0") is False
-    assert value("bool", " TRUE ") is True and value("bool", "yes please") is None
+    for spelling, want in BOOL_SPELLINGS.items():
+        assert value("bool", spelling) is want, spelling
+    for bad in BOOL_REFUSED:
+        assert value("bool", bad) is None, bad
     assert value("key", "12") == "12" and value("key", "A-1") == "A-1"
     assert value("key", "true", "string") == "true"  # a station may be called that
     for text, jtype in (("", None), ("true", "boolean"), ("{}", "object"), ("a\uffff", None)):
@@ -445,6 +447,51 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
         assert value("days", bad) is None, bad
+
+
+# PostgreSQL's boolean input, exactly, and SAP's ABAP flag ('X', blank), in any case and with
+# blanks around (sql/027). A JSON true/false and the numbers 1/0 arrive as the same texts.
+BOOL_SPELLINGS = {
+    **{s: True for s in ("true", "t", "yes", "y", "on", "1", "X", "x", " TRUE ", "Yes", "ON",
+                         "T", "Y", "\ttrue\n")},
+    **{s: False for s in ("false", "f", "no", "n", "off", "0", "", " ", "  ", "FALSE", "No",
+                          "OFF", "F", "N", " 0 ", "\t")}}
+# PostgreSQL's unique prefixes ('tr', 'of'), other numbers, doubled flags, words.
+BOOL_REFUSED = ("tr", "fa", "ye", "of", "maybe", "2", "-1", "1.0", "01", "XX", "x x", "yes please",
+                "null", "none", "[]", "{}", "a\uffff")
+
+
+def test_every_boolean_spelling_loads_through_a_real_sync(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """An SAP service's ABAP flags ('X', ' ', ''), the other spellings as strings, JSON
+    true/false and the JSON numbers 1/0 all load; a JSON null is false, as before."""
+    values: list[Any] = [*BOOL_SPELLINGS, True, False, 1, 0, None]
+    wants = [*BOOL_SPELLINGS.values(), True, False, True, False, False]
+    for key, v in enumerate(values, start=1):
+        server.update_row("Stops", key, isAirport=v)
+    rec = sync()
+    assert rec.status == "success", rec.error
+    got = {r["id"]: r["is_airport"] for r in table(conn, "stops")}
+    assert [got[str(key)] for key in range(1, len(values) + 1)] == wants
+    # SAP is an OData V2 service: the same values over V2 give the same rows
+    data = {name: server.rows(name) for name in ("Stops", "Routes", "Flights")}
+    with ODataServer(data, version="v2", page_size=9) as v2:
+        rec = sync(v2)
+    assert rec.status == "noop", rec.error
+
+
+def test_other_boolean_spellings_are_refused_and_named(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    refused = ("tr", "maybe", "2", "XX", "of")
+    for key, v in enumerate([*refused, 2, 1.0], start=1):
+        server.update_row("Stops", key, isAirport=v)
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    accepted = "expected true or false (or t/f, yes/no, y/n, on/off, 1/0, X/blank), got "
+    assert [p for p in rec.extra["problems"] if p.startswith("Stops[")] == [
+        f"Stops[ID={key}] isAirport: {accepted}'{v}'"
+        for key, v in enumerate([*refused, "2", "1.0"], start=1)]
 
 
 def test_values_that_are_not_strings_or_hold_nul_are_refused_and_named(
