@@ -261,7 +261,7 @@ def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> N
             files = "SELECT relname, relfilenode FROM pg_class WHERE relname LIKE 'gps_points%'"
             before = {r["relname"]: r["relfilenode"] for r in conn.execute(files)}
 
-            assert db.migrate(conn).applied == ["026_gps_point_domains"]
+            assert db.migrate(conn, target=26).applied == ["026_gps_point_domains"]
 
             assert {r["relname"]: r["relfilenode"] for r in conn.execute(files)} == before
             assert conn.execute("SELECT count(*) AS n FROM gps_point_status").fetchone() == {
