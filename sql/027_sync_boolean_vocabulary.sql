@@ -10,6 +10,9 @@
 -- field mapped to "") is missing, which for the optional is_airport also means false.
 -- Only values refused before are read now, so stored page digests still vouch for the feeds
 -- they saw (as for 022); the problem message lists the spellings.
+-- sync_problem is replaced whole for that message; it also lowers the text with the C
+-- collation when it tells a non-finite number: under a Turkish ICU collation lower('INF')
+-- is 'ınf' (dotless i), and 'INF' was called "a number" instead of "a finite number".
 
 CREATE OR REPLACE FUNCTION sync_bool(t text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -54,7 +57,8 @@ BEGIN
     WHEN 'number' THEN
         x := sync_number(t);
         IF x IS NULL THEN
-            RETURN ARRAY['invalid', CASE WHEN lower(btrim(t)) ~ '^[+-]?(nan|inf|infinity)$'
+            RETURN ARRAY['invalid', CASE WHEN lower(btrim(t) COLLATE "C")
+                                               ~ '^[+-]?(nan|inf|infinity)$'
                                           OR t ~ '^-?[0-9.]+[eE]'
                                          THEN 'expected a finite number, got '
                                          ELSE 'expected a number, got ' END || quoted];

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools.odata_server import ODataServer, delay, sample_network, status, wrong_shape
 from devtools.services import S3Endpoint
@@ -447,6 +448,18 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
         assert value("days", bad) is None, bad
+
+
+def test_a_non_finite_number_is_named_under_a_turkish_collation(
+        conn: psycopg.Connection[Any]) -> None:
+    """lower('INF') is 'ınf' (dotless i) under a Turkish ICU collation, which a database or
+    its default may use: the message still says the number is not finite (sql/027)."""
+    for collation in ("C", "tr-TR-x-icu"):
+        row = conn.execute(sql.SQL("SELECT sync_problem('number', %s COLLATE {}, true, NULL,"
+                                   " NULL) AS p").format(sql.Identifier(collation)),
+                           ("INF",)).fetchone()
+        assert row is not None and row["p"] == [
+            "invalid", "expected a finite number, got 'INF'"], collation
 
 
 # PostgreSQL's boolean input, exactly, and SAP's ABAP flag ('X', blank), in any case and with
