@@ -3,8 +3,8 @@
 build-graph weighs a real route without a scheduled flight by ``distance ÷ speed of its
 mode``; sync-odata uses the same lookup to note modes that have no speed. Names are compared
 normalised (lower case, ``-`` and spaces as ``_``) and through the aliases of the common
-vocabularies (GTFS route types, ERP code lists); ``[virtual] speeds_kmh`` is merged over the
-built-in speeds, so it can change a speed or add a mode.
+vocabularies (GTFS route type names, NeTEx, OpenStreetMap); ``[virtual] speeds_kmh`` is
+merged over the built-in speeds, so it can change a speed or add a mode.
 """
 
 from __future__ import annotations
@@ -22,14 +22,24 @@ DEFAULT_SPEEDS_KMH: dict[str, float] = {
     "cable_car": 15.0, "funicular": 10.0, "monorail": 40.0, "air": 700.0, "virtual": 50.0,
 }
 
+# Names of the common vocabularies (GTFS route type names, NeTEx/Transmodel modes,
+# OpenStreetMap route=*, plain English) that name one of the modes above, and only those:
+# a name whose mode or speed is a guess has no alias (intercity: a train or a bus;
+# high_speed_rail: two to three times rail's speed; shuttle, taxi, share_taxi), so that it
+# fails build-graph loudly, naming the setting, instead of weighing routes wrongly in silence.
+# Keys are normalised, and without GTFS's "Service" (see canonical).
 ALIASES: dict[str, str] = {
-    "streetcar": "tram", "light_rail": "tram",
-    "metro": "subway",
-    "train": "rail",
-    "coach": "bus", "trolleybus": "bus",
-    "boat": "ferry",
-    "gondola": "cable_car", "aerial_lift": "cable_car",
-    "flight": "air", "plane": "air",
+    "streetcar": "tram", "light_rail": "tram", "cable_tram": "tram",
+    "metro": "subway", "underground": "subway", "u_bahn": "subway", "urban_railway": "subway",
+    "train": "rail", "railway": "rail", "railroad": "rail", "commuter_rail": "rail",
+    "suburban_railway": "rail", "regional_rail": "rail", "s_bahn": "rail",
+    "coach": "bus", "trolleybus": "bus", "minibus": "bus", "brt": "bus",
+    "bus_rapid_transit": "bus",
+    "boat": "ferry", "ship": "ferry", "water": "ferry", "water_transport": "ferry",
+    "water_taxi": "ferry",
+    "gondola": "cable_car", "aerial_lift": "cable_car", "aerialway": "cable_car",
+    "cableway": "cable_car", "telecabin": "cable_car", "lift": "cable_car",
+    "flight": "air", "plane": "air", "airplane": "air", "aeroplane": "air", "aircraft": "air",
 }
 
 
@@ -39,8 +49,12 @@ def normalise(mode: str | None) -> str:
 
 
 def canonical(mode: str | None) -> str:
-    """The normalised name, with an alias replaced by the mode it names."""
+    """The normalised name without a trailing ``_service`` (GTFS's extended route type
+    names: ``Railway Service``, ``Tram Service``), with an alias replaced by the mode it
+    names."""
     name = normalise(mode)
+    if name.endswith("_service") and len(name) > len("_service"):
+        name = name[:-len("_service")]
     return ALIASES.get(name, name)
 
 

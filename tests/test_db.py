@@ -261,7 +261,7 @@ def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> N
             files = "SELECT relname, relfilenode FROM pg_class WHERE relname LIKE 'gps_points%'"
             before = {r["relname"]: r["relfilenode"] for r in conn.execute(files)}
 
-            assert db.migrate(conn).applied == ["026_gps_point_domains"]
+            assert db.migrate(conn, target=26).applied == ["026_gps_point_domains"]
 
             assert {r["relname"]: r["relfilenode"] for r in conn.execute(files)} == before
             assert conn.execute("SELECT count(*) AS n FROM gps_point_status").fetchone() == {
@@ -282,6 +282,39 @@ def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> N
         finally:
             conn.execute("DROP OWNED BY pipeline_test_map_reader")
             conn.execute("DROP ROLE pipeline_test_map_reader")
+
+
+def test_upgrade_to_the_boolean_vocabulary_keeps_sync_bool_inlined(
+        empty_database_url: str) -> None:
+    """Migration 027 widens sync_bool to PostgreSQL's boolean spellings and SAP's flag. It
+    stays an immutable, parallel-safe SQL function that the planner inlines into the page
+    query (it runs once per value of a feed), and the message names the spellings."""
+    def problem(conn: psycopg.Connection[Any], value: str) -> Any:
+        row = conn.execute("SELECT sync_problem('bool', %s, false, NULL, NULL) AS p",
+                           (value,)).fetchone()
+        return row and row["p"]
+
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=26)
+        assert conn.execute("SELECT sync_bool('X') AS v").fetchone() == {"v": None}
+        assert problem(conn, "X") == ["invalid", "expected true or false, got 'X'"]
+
+        assert db.migrate(conn, target=27).applied == ["027_sync_boolean_vocabulary"]
+
+        assert conn.execute("SELECT sync_bool('X') AS x, sync_bool(' ') AS blank,"
+                            " sync_bool('tr') AS prefix").fetchone() == {
+            "x": True, "blank": False, "prefix": None}
+        assert problem(conn, "X") is None and problem(conn, "maybe") == [
+            "invalid", "expected true or false (or t/f, yes/no, y/n, on/off, 1/0, X/blank), "
+            "got 'maybe'"]
+        fn = conn.execute("SELECT provolatile, proparallel, proisstrict, l.lanname"
+                          " FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+                          " WHERE proname = 'sync_bool'").fetchall()
+        assert fn == [{"provolatile": "i", "proparallel": "s", "proisstrict": False,
+                       "lanname": "sql"}]
+        plan = "\n".join(r["QUERY PLAN"] for r in conn.execute(
+            "EXPLAIN VERBOSE SELECT sync_bool(f) FROM (VALUES ('true'), ('X')) v(f)"))
+        assert "sync_bool" not in plan and "CASE" in plan, plan
 
 
 def test_a_database_in_another_datestyle(empty_database_url: str) -> None:

@@ -305,6 +305,37 @@ def test_changed_route_speeds_build_again(builder: Builder, net: Network, conn: 
     assert builder.build().status == "noop"
 
 
+def test_names_an_alias_now_gives_a_mode_weigh_and_rebuild(
+        builder: Builder, conn: Conn, store: GraphStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Feeds name modes in GTFS's, NeTEx's or OpenStreetMap's words: 'S-Bahn' and 'Railway
+    Service' are rail, weighed by rail's speed; 'High Speed Rail Service' is still unknown.
+    A graph an older release weighed by a speed configured for 's_bahn' (a name of its own
+    then) builds again, as that speed now is rail's."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    net = seed_network(conn, n_routes=0, n_virtual=2)
+    a, b = net.real_stops[:2]
+    for rid, mode in (("SB", "S-Bahn"), ("RS", "Railway Service"), ("HS", "High Speed Rail")):
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, %s, 90)", (rid, a, b, mode))
+    record = builder.build()
+    assert record.status == "failed" and record.extra["unknown_modes"] == {"high_speed_rail": 1}
+    conn.execute("INSERT INTO flights VALUES ('H1', 'HS', '08:00', '08:30', '1')")
+    first = builder.ok()
+    edges = {e.route_id: (e.mode, e.weight_s) for e in store.neighbors(a)[1]}
+    assert {r: edges[r] for r in ("SB", "RS", "HS")} == {
+        "SB": ("rail", 3600.0), "RS": ("rail", 3600.0), "HS": ("high_speed_rail", 1800.0)}
+    # as an older release recorded it: 's_bahn' a mode of its own, at the configured speed
+    conn.execute("""UPDATE graph_versions SET speeds_kmh = '{"s_bahn": 60.0}'""")
+    record = builder.with_speeds({**SPEEDS_KMH, "s_bahn": 60.0})
+    assert record.status == "success", record.error
+    assert record.extra["graph_version"] != first
+    assert "building: the speeds of route modes 's_bahn' ([virtual] speeds_kmh) differ from " \
+        f"{first}'s" in caplog.messages
+    edges = {e.route_id: (e.mode, e.weight_s) for e in store.neighbors(a)[1]}
+    assert edges["SB"] == edges["RS"] == ("rail", 5400.0)
+    assert graph_rows(conn)[-1]["speeds_kmh"] == {"rail": 60.0}
+
+
 def test_a_speed_no_route_is_weighed_by_changes_nothing(
         builder: Builder, net: Network, conn: Conn) -> None:
     """A new speed for a mode no route uses (or for `virtual`, whose routes weigh their

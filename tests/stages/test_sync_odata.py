@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools.odata_server import ODataServer, delay, sample_network, status, wrong_shape
 from devtools.services import S3Endpoint
@@ -411,8 +412,10 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     for bad in ("NaN", "INF", "", "true", "abc", "1e999", "[1]", "1.2.3",
                 "0x10", "0X5A", "0x1p3", "0x1f"):  # the float input reads hexadecimal
         assert value("number", bad) is None, bad
-    assert value("bool", "true") is True and value("bool", "0") is False
-    assert value("bool", " TRUE ") is True and value("bool", "yes please") is None
+    for spelling, want in BOOL_SPELLINGS.items():
+        assert value("bool", spelling) is want, spelling
+    for bad in BOOL_REFUSED:
+        assert value("bool", bad) is None, bad
     assert value("key", "12") == "12" and value("key", "A-1") == "A-1"
     assert value("key", "true", "string") == "true"  # a station may be called that
     for text, jtype in (("", None), ("true", "boolean"), ("{}", "object"), ("a\uffff", None)):
@@ -445,6 +448,63 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     assert value("days", "531") == "135" and value("days", "67") == "67"
     for bad in ("11", "8", "", "1 2", "1.5"):
         assert value("days", bad) is None, bad
+
+
+def test_a_non_finite_number_is_named_under_a_turkish_collation(
+        conn: psycopg.Connection[Any]) -> None:
+    """lower('INF') is 'ınf' (dotless i) under a Turkish ICU collation, which a database or
+    its default may use: the message still says the number is not finite (sql/027)."""
+    for collation in ("C", "tr-TR-x-icu"):
+        row = conn.execute(sql.SQL("SELECT sync_problem('number', %s COLLATE {}, true, NULL,"
+                                   " NULL) AS p").format(sql.Identifier(collation)),
+                           ("INF",)).fetchone()
+        assert row is not None and row["p"] == [
+            "invalid", "expected a finite number, got 'INF'"], collation
+
+
+# PostgreSQL's boolean input, exactly, and SAP's ABAP flag ('X', blank), in any case and with
+# blanks around (sql/027). A JSON true/false and the numbers 1/0 arrive as the same texts.
+BOOL_SPELLINGS = {
+    **{s: True for s in ("true", "t", "yes", "y", "on", "1", "X", "x", " TRUE ", "Yes", "ON",
+                         "T", "Y", "\ttrue\n")},
+    **{s: False for s in ("false", "f", "no", "n", "off", "0", "", " ", "  ", "FALSE", "No",
+                          "OFF", "F", "N", " 0 ", "\t")}}
+# PostgreSQL's unique prefixes ('tr', 'of'), other numbers, doubled flags, words.
+BOOL_REFUSED = ("tr", "fa", "ye", "of", "maybe", "2", "-1", "1.0", "01", "XX", "x x", "yes please",
+                "null", "none", "[]", "{}", "a\uffff")
+
+
+def test_every_boolean_spelling_loads_through_a_real_sync(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """An SAP service's ABAP flags ('X', ' ', ''), the other spellings as strings, JSON
+    true/false and the JSON numbers 1/0 all load; a JSON null is false, as before."""
+    values: list[Any] = [*BOOL_SPELLINGS, True, False, 1, 0, None]
+    wants = [*BOOL_SPELLINGS.values(), True, False, True, False, False]
+    for key, v in enumerate(values, start=1):
+        server.update_row("Stops", key, isAirport=v)
+    rec = sync()
+    assert rec.status == "success", rec.error
+    got = {r["id"]: r["is_airport"] for r in table(conn, "stops")}
+    assert [got[str(key)] for key in range(1, len(values) + 1)] == wants
+    # SAP is an OData V2 service: the same values over V2 give the same rows
+    data = {name: server.rows(name) for name in ("Stops", "Routes", "Flights")}
+    with ODataServer(data, version="v2", page_size=9) as v2:
+        rec = sync(v2)
+    assert rec.status == "noop", rec.error
+
+
+def test_other_boolean_spellings_are_refused_and_named(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    refused = ("tr", "maybe", "2", "XX", "of")
+    for key, v in enumerate([*refused, 2, 1.0], start=1):
+        server.update_row("Stops", key, isAirport=v)
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    accepted = "expected true or false (or t/f, yes/no, y/n, on/off, 1/0, X/blank), got "
+    assert [p for p in rec.extra["problems"] if p.startswith("Stops[")] == [
+        f"Stops[ID={key}] isAirport: {accepted}'{v}'"
+        for key, v in enumerate([*refused, "2", "1.0"], start=1)]
 
 
 def test_values_that_are_not_strings_or_hold_nul_are_refused_and_named(
