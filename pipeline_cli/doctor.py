@@ -299,6 +299,7 @@ def _odata(s: Settings) -> str:
         protocol = client.protocol  # the service root, with the configured credentials
         sets = []
         for mapping in resolve_mapping(s.odata.mapping).values():
-            client.probe(mapping.entity_set, filter=mapping.filter, select=mapping.select)
+            client.probe(mapping.entity_set, orderby=mapping.key_field, filter=mapping.filter,
+                         select=mapping.select)  # the sync's first page
             sets.append(mapping.entity_set)
     return f"OData {protocol} service answers; $top=1 ok for {', '.join(sets)}"

@@ -96,6 +96,8 @@ class ODataSettings:
         "host of [odata] url, 'refuse' fails the sync; a redirect to another host too: "
         "'rewrite' follows it, 'refuse' fails"
     )
+    orderby: bool = setting(True, "ask for $orderby=<key field>, a stable paging order; false "
+                            "for a service that refuses $orderby")
     ca_file: str | None = setting(
         None, "PEM file of the certificate authorities to trust for the OData server (a "
         "private CA); unset: the public CAs bundled with certifi"

@@ -199,19 +199,21 @@ class ODataClient:
         return headers
 
     def collection_url(self, entity_set: str, *, orderby: str | None = None,
-                       select: list[str] | None = None, filter: str | None = None) -> str:
-        """The first-page URL; later pages come only from the server's nextLinks."""
+                       select: list[str] | None = None, filter: str | None = None,
+                       top: int | None = None) -> str:
+        """The first-page URL; later pages come only from the server's nextLinks. ``orderby``
+        is left out with [odata] orderby = false."""
         options: list[tuple[str, str]] = []
         if filter:
             options.append(("$filter", filter))
         if select:
             options.append(("$select", ",".join(select)))
-        if orderby:
+        if orderby and self.settings.orderby:
             options.append(("$orderby", orderby))
         if self.settings.count:
             options.append(("$count", "true") if self.protocol == "v4" and not self._v3
                            else ("$inlinecount", "allpages"))
-        return self._url(entity_set, options)
+        return self._url(entity_set, options + ([("$top", str(top))] if top else []))
 
     def _url(self, entity_set: str, options: list[tuple[str, str]]) -> str:
         if self.protocol == "v2":
@@ -219,11 +221,11 @@ class ODataClient:
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
-    def probe(self, entity_set: str, *, filter: str | None = None,
-              select: list[str] | None = None) -> int:
-        """GET ``<set>?$top=1`` with the sync's $filter and $select: the rows (0 or 1)."""
-        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else [])
-                        + ([("$select", ",".join(select))] if select else []))
+    def probe(self, entity_set: str, *, orderby: str | None = None,
+              filter: str | None = None, select: list[str] | None = None) -> int:
+        """GET the sync's first page with ``$top=1``: the rows (0 or 1)."""
+        url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter,
+                                  top=1)
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
@@ -367,9 +369,8 @@ class ODataClient:
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after, resp.url)
                 hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
-                if resp.status_code == 400 and hint and "count" in line.lower() and \
-                        "count=" in url:  # the server names the $count, $inlinecount we sent
-                    hint = hint[:-1] + ", or [odata] count = false if it refuses a count)"
+                if resp.status_code in (400, 501):
+                    hint = _refused_option(hint, line, url)
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
@@ -425,6 +426,17 @@ class ODataClient:
                 requests.exceptions.ContentDecodingError) as exc:
             raise _Retryable(f"response cut short: {_transport_text(exc)}") from None
         return b"".join(chunks)
+
+
+def _refused_option(hint: str, line: str, url: str) -> str:
+    """``hint`` with the setting that leaves out a query option the server's 400/501 names
+    (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
+    supported") and that we sent."""
+    for option, setting in (("count", "count = false if it refuses a count"),
+                            ("orderby", "orderby = false leaves $orderby out")):
+        if option in line.lower() and f"{option}=" in url:  # $count, $inlinecount, $orderby
+            return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"
+    return hint
 
 
 def _transport_text(exc: BaseException) -> str:

@@ -277,6 +277,19 @@ def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServ
         "[odata.mapping])"), obj
 
 
+def test_odata_probes_with_the_syncs_orderby(cli: Cli, odata: ODataServer) -> None:
+    # doctor asked for $top=1 without $orderby: "ok" for a service that refuses it, and the
+    # sync then failed.
+    odata.refuse_orderby = 501
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["odata"], obj
+    assert "Stops $top=1 ([odata] orderby = false leaves $orderby out): HTTP 501" in by_name(
+        obj)["odata"]["detail"]
+    cli.env["PIPELINE_ODATA_ORDERBY"] = "false"
+    code, obj = doctor(cli)
+    assert code == 0, obj
+
+
 def test_point_option_and_malformed_point(cli: Cli) -> None:
     code, obj = doctor(cli, "--point", "24.94,60.17")
     assert code == 0 and "24.94000,60.17000 (--point)" in by_name(obj)["osrm"]["detail"]

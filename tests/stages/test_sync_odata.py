@@ -14,11 +14,13 @@ from devtools.odata_server import ODataServer, delay, sample_network, status, wr
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
+from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
+    feed_key,
     list_datasets,
     restore_dataset,
     status_section,
@@ -841,6 +843,23 @@ def test_source_failure_writes_nothing(
     assert rec.error == (f"OData {endpoint(server.url)} Flights page 1: HTTP 503 Injected503: "
                          "injected fault: HTTP 503 after 5 attempts")
     assert table(conn, "stops") == [] and table(conn, "datasets") == []
+
+
+def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    server.refuse_orderby = 400
+    rec = sync()
+    assert rec.status == "failed" and "[odata] orderby = false leaves $orderby out" in str(
+        rec.error)
+    first = sync(odata={"orderby": False})
+    assert first.status == "success", first.error
+    assert first.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+    assert sync(odata={"orderby": False}).status == "noop"  # its page digests match
+    assert not any("orderby" in r.target for r in server.requests if r.entity_set != "Stops")
+    mappings = resolve_mapping(None)
+    with client_for(server) as ordered, client_for(server, orderby=False) as unordered:
+        # the page digests of one are no use to the other: the server orders them otherwise
+        assert feed_key(ordered, mappings) != feed_key(unordered, mappings)
 
 
 def test_mapping_renames_sets_and_fields_and_filters(
