@@ -133,7 +133,19 @@ class ODataClient:
         self._redirect_logged = False
         self._sleep = sleep
         self.session = requests.Session()
-        self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
+        self.session.trust_env = False  # no ~/.netrc or REQUESTS_CA_BUNDLE surprises under cron
+        # ...but the proxy of the environment, as curl and pip take it (HTTPS_PROXY, NO_PROXY
+        # and the rest, read by requests' own functions), unless [odata] proxy says ("": none)
+        proxy = s.proxy if s.proxy is not None else requests.utils.select_proxy(
+            self.service_url, requests.utils.get_environ_proxies(self.service_url))
+        self.proxy = (proxy if "://" in proxy else f"http://{proxy}") if proxy else None
+        self.via = self.proxy and f"proxy {endpoint(self.proxy)} " + (
+            "([odata] proxy)" if s.proxy else "(from the environment; [odata] proxy overrides)")
+        if self.proxy and not self.proxy.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"the {self.via} is not an http:// or https:// proxy",
+                              key="odata.proxy")
+        if self.proxy:
+            self.session.proxies = {"http": self.proxy, "https": self.proxy}
         if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
             if not Path(s.ca_file).is_file():
                 raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file",
@@ -348,6 +360,12 @@ class ODataClient:
         except requests.exceptions.SSLError as exc:  # a certificate or TLS setup: no retry
             raise service_error(SourceError, "OData", self.service_url, what,
                                 _transport_text(exc)) from None
+        except requests.exceptions.ProxyError as exc:  # 407/502 to an https CONNECT too
+            tunnel = re.search(r"Tunnel connection failed: (\d+)", str(exc))
+            if tunnel and tunnel.group(1) == "407":
+                raise self._proxy_refused(what) from None
+            raise _Retryable(f"{self.via}: " + (f"HTTP {tunnel.group(1)}" if tunnel else
+                                               _transport_text(exc))) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(_transport_text(exc), where=getattr(exc.request, "url", None)
                              ) from None
@@ -359,6 +377,10 @@ class ODataClient:
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
                 line = error_line(resp.status_code, body, content_type)
+                if resp.status_code == 407:
+                    raise self._proxy_refused(what)
+                if self.via and resp.status_code in (502, 503, 504):  # the proxy's, mostly
+                    line = f"{self.via}: {line}"
                 if resp.status_code in (408, 429) or resp.status_code >= 500 and \
                         resp.status_code not in (501, 505):  # not implemented: no retry
                     after = _retry_after(resp.headers.get("Retry-After"))
@@ -402,6 +424,12 @@ class ODataClient:
             raise _Retryable(  # 'Invalid control character at' at byte 34: one 'at'
                 f"malformed JSON ({exc.msg.removesuffix(' at')} at byte {exc.pos}; truncated?)"
                 if isinstance(exc, json.JSONDecodeError) else "malformed JSON") from None
+
+    def _proxy_refused(self, what: str) -> SourceError:
+        """A 407: the proxy's page would say no more; no retry, the same answer would come."""
+        return SourceError(f"OData {endpoint(self.service_url)} {what}: {self.via or 'a proxy'}"
+                           ": HTTP 407 Proxy Authentication Required (it asks for a user and "
+                           "password: check them in its URL, http://user:password@host:port)")
 
     def _read(self, resp: requests.Response, what: str, *, error: bool = False) -> bytes:
         """The body, up to [odata] max_response_bytes; of an error, its first 64 KiB."""

@@ -26,7 +26,7 @@ from pipeline_cli.stages.sync_odata import (
     status_section,
     sync_odata,
 )
-from tests.support.proxy import TcpProxy
+from tests.support.proxy import ForwardHttpProxy, TcpProxy
 
 pytestmark = pytest.mark.s3
 
@@ -843,6 +843,23 @@ def test_source_failure_writes_nothing(
     assert rec.error == (f"OData {endpoint(server.url)} Flights page 1: HTTP 503 Injected503: "
                          "injected fault: HTTP 503 after 5 attempts")
     assert table(conn, "stops") == [] and table(conn, "datasets") == []
+
+
+def test_a_sync_through_a_proxy_keeps_its_password_out_of_the_run_history(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    secret = "proxy-Secret-9"
+    with ForwardHttpProxy(username="etl", password=secret) as proxy:
+        proxied = {"proxy": f"http://etl:{secret}@127.0.0.1:{proxy.port}"}
+        rec = sync(odata=proxied)
+        assert rec.status == "success", rec.error
+        assert len(proxy.forwarded) == len(server.requests) > 3  # every request, every set
+        proxy.status = 502
+        rec = sync(odata=proxied, force=True)
+    assert rec.status == "failed" and rec.error is not None
+    assert rec.error.endswith(f"proxy {proxy.url} ([odata] proxy): HTTP 502 after 5 attempts")
+    rows = conn.execute("SELECT * FROM stage_runs").fetchall()
+    assert len(rows) == 2 and secret not in repr(rows)
 
 
 def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
