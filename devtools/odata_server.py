@@ -488,7 +488,9 @@ class ODataServer:
     :attr:`url`, as a service behind a reverse proxy names its internal host
     (``"http://localhost:{port}/odata/"``; ``{port}`` is the bound port). Set the attribute
     ``ignore_select`` to answer every field whatever ``$select`` asks, as some services do,
-    and ``raw_names_in_links`` to write set names unencoded in nextLinks, as 1C does.
+    and ``raw_names_in_links`` to write set names unencoded in nextLinks, as 1C does. Set
+    ``refuse_orderby`` to 400 or 501 to answer any ``$orderby`` with that status, as services
+    with a computed key or some SAP gateway entity sets do.
     """
 
     def __init__(
@@ -534,6 +536,7 @@ class ODataServer:
         self.next_link_base = next_link_base
         self.ignore_select = False
         self.raw_names_in_links = False  # as 1C writes them: Catalog_Остановки, not %D0%9E...
+        self.refuse_orderby = 0  # 400 or 501: the status any $orderby is answered with
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1039,6 +1042,9 @@ class ODataServer:
             return int(raw)
 
         orderby: list[tuple[str, bool]] = []
+        if self.refuse_orderby and "$orderby" in seen:
+            raise _ODataError(self.refuse_orderby, "NotSupported",
+                              "The query option '$orderby' is not supported for this entity set")
         if seen.get("$orderby"):
             for item in seen["$orderby"].split(","):
                 parts = item.split()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg.conninfo
 
 from . import db
-from .errors import ConfigError, PipelineError, RedisError
+from .errors import ConfigError, PipelineError, RedisError, SourceError
 from .settings import Settings, redact
 
 # What each check needs; "every setting named below is set" in the settings check.
@@ -296,9 +296,16 @@ def _odata(s: Settings) -> str:
                                 connect_timeout=min(s.odata.connect_timeout, TIMEOUT),
                                 read_timeout=min(s.odata.read_timeout, TIMEOUT))
     with ODataClient(quick) as client:
-        protocol = client.protocol  # the service root, with the configured credentials
+        via = f"via {client.via}" if client.via else "no proxy"
         sets = []
-        for mapping in resolve_mapping(s.odata.mapping).values():
-            client.probe(mapping.entity_set, filter=mapping.filter, select=mapping.select)
-            sets.append(mapping.entity_set)
-    return f"OData {protocol} service answers; $top=1 ok for {', '.join(sets)}"
+        try:
+            protocol = client.protocol  # the service root, with the configured credentials
+            for mapping in resolve_mapping(s.odata.mapping).values():
+                client.probe(mapping.entity_set, orderby=mapping.key_field,
+                             filter=mapping.filter, select=mapping.select)  # the sync's first page
+                sets.append(mapping.entity_set)
+        except SourceError as exc:  # which proxy the failing request went through
+            if client.via and client.via not in str(exc):
+                raise SourceError(f"{exc} ({via})") from None
+            raise
+    return f"OData {protocol} service answers ({via}); $top=1 ok for {', '.join(sets)}"

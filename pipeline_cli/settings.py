@@ -33,17 +33,17 @@ POOLERS = ("none", "transaction")
 CONFIG_ENV = "PIPELINE_CONFIG"
 
 
-def setting(default: Any, doc: str, *, secret: bool = False, env: bool = True) -> Any:
+def setting(default: Any, doc: str, *, secret: bool = False, env: bool = True,
+            empty: bool = False) -> Any:
     """Declare a setting: its default, its one-line documentation, whether it is a secret.
 
     ``env=False`` marks nested tables (e.g. field mappings) that only a TOML file can give.
+    ``empty=True``: an empty environment variable is the value "" (it means unset otherwise).
     """
+    metadata = {"doc": doc, "secret": secret, "env": env, "empty": empty}
     if isinstance(default, (dict, list)):
-        return field(
-            default_factory=lambda: json.loads(json.dumps(default)),
-            metadata={"doc": doc, "secret": secret, "env": env},
-        )
-    return field(default=default, metadata={"doc": doc, "secret": secret, "env": env})
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,12 @@ class ODataSettings:
         "rewrite", "a nextLink to another host: 'rewrite' follows its path and query on the "
         "host of [odata] url, 'refuse' fails the sync; a redirect to another host too: "
         "'rewrite' follows it, 'refuse' fails"
+    )
+    orderby: bool = setting(True, "ask for $orderby=<key field>, a stable paging order; false "
+                            "for a service that refuses $orderby")
+    proxy: str | None = setting(
+        None, "HTTP proxy URL for the OData server, over HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/"
+        "NO_PROXY of the environment (used when unset); \"\" = no proxy", empty=True
     )
     ca_file: str | None = setting(
         None, "PEM file of the certificate authorities to trust for the OData server (a "
@@ -568,7 +574,8 @@ def load_settings(
                 if not is_utf8(environ[env]):
                     raise ConfigError(f"malformed setting {env}: not valid UTF-8 (an env file "
                                       "in Latin-1?)", key=env)
-                values[f.name] = _coerce(environ[env], hints[f.name], env, True)
+                values[f.name] = "" if f.metadata.get("empty") and not environ[env] else _coerce(
+                    environ[env], hints[f.name], env, True)
                 sources[name] = f"env {env}"
             elif f.name in table:
                 values[f.name] = _coerce(table[f.name], hints[f.name], f"[{section}] {f.name}",
@@ -709,7 +716,8 @@ def _validate(s: Settings) -> None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.s3.bucket or "a.b"):
         raise bad("s3", "bucket", "an S3 bucket name is 3-63 lowercase letters, digits, dots "
                   "and hyphens, starting and ending with a letter or digit")
-    for section, key in (("odata", "url"), ("osrm", "url"), ("notify", "ping_url")):
+    for section, key in (("odata", "url"), ("odata", "proxy"), ("osrm", "url"),
+                         ("notify", "ping_url")):
         value = getattr(getattr(s, section), key)
         if not value:
             continue

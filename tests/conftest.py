@@ -29,6 +29,14 @@ def _replace_db(url: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(url, dbname=name)
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OData client takes HTTP_PROXY and the like from the environment: a developer's
+    proxy must not stand between the tests and their loopback servers."""
+    for name in [n for n in os.environ if n.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[LocalServices]:
     svc = LocalServices()

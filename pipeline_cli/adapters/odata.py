@@ -133,7 +133,19 @@ class ODataClient:
         self._redirect_logged = False
         self._sleep = sleep
         self.session = requests.Session()
-        self.session.trust_env = False  # no ~/.netrc or proxy surprises under cron
+        self.session.trust_env = False  # no ~/.netrc or REQUESTS_CA_BUNDLE surprises under cron
+        # ...but the proxy of the environment, as curl and pip take it (HTTPS_PROXY, NO_PROXY
+        # and the rest, read by requests' own functions), unless [odata] proxy says ("": none)
+        proxy = s.proxy if s.proxy is not None else requests.utils.select_proxy(
+            self.service_url, requests.utils.get_environ_proxies(self.service_url))
+        self.proxy = (proxy if "://" in proxy else f"http://{proxy}") if proxy else None
+        self.via = self.proxy and f"proxy {endpoint(self.proxy)} " + (
+            "([odata] proxy)" if s.proxy else "(from the environment; [odata] proxy overrides)")
+        if self.proxy and not self.proxy.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"the {self.via} is not an http:// or https:// proxy",
+                              key="odata.proxy")
+        if self.proxy:
+            self.session.proxies = {"http": self.proxy, "https": self.proxy}
         if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
             if not Path(s.ca_file).is_file():
                 raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file",
@@ -199,19 +211,21 @@ class ODataClient:
         return headers
 
     def collection_url(self, entity_set: str, *, orderby: str | None = None,
-                       select: list[str] | None = None, filter: str | None = None) -> str:
-        """The first-page URL; later pages come only from the server's nextLinks."""
+                       select: list[str] | None = None, filter: str | None = None,
+                       top: int | None = None) -> str:
+        """The first-page URL; later pages come only from the server's nextLinks. ``orderby``
+        is left out with [odata] orderby = false."""
         options: list[tuple[str, str]] = []
         if filter:
             options.append(("$filter", filter))
         if select:
             options.append(("$select", ",".join(select)))
-        if orderby:
+        if orderby and self.settings.orderby:
             options.append(("$orderby", orderby))
         if self.settings.count:
             options.append(("$count", "true") if self.protocol == "v4" and not self._v3
                            else ("$inlinecount", "allpages"))
-        return self._url(entity_set, options)
+        return self._url(entity_set, options + ([("$top", str(top))] if top else []))
 
     def _url(self, entity_set: str, options: list[tuple[str, str]]) -> str:
         if self.protocol == "v2":
@@ -219,11 +233,11 @@ class ODataClient:
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
-    def probe(self, entity_set: str, *, filter: str | None = None,
-              select: list[str] | None = None) -> int:
-        """GET ``<set>?$top=1`` with the sync's $filter and $select: the rows (0 or 1)."""
-        url = self._url(entity_set, [("$top", "1")] + ([("$filter", filter)] if filter else [])
-                        + ([("$select", ",".join(select))] if select else []))
+    def probe(self, entity_set: str, *, orderby: str | None = None,
+              filter: str | None = None, select: list[str] | None = None) -> int:
+        """GET the sync's first page with ``$top=1``: the rows (0 or 1)."""
+        url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter,
+                                  top=1)
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
@@ -346,6 +360,12 @@ class ODataClient:
         except requests.exceptions.SSLError as exc:  # a certificate or TLS setup: no retry
             raise service_error(SourceError, "OData", self.service_url, what,
                                 _transport_text(exc)) from None
+        except requests.exceptions.ProxyError as exc:  # 407/502 to an https CONNECT too
+            tunnel = re.search(r"Tunnel connection failed: (\d+)", str(exc))
+            if tunnel and tunnel.group(1) == "407":
+                raise self._proxy_refused(what) from None
+            raise _Retryable(f"{self.via}: " + (f"HTTP {tunnel.group(1)}" if tunnel else
+                                               _transport_text(exc))) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(_transport_text(exc), where=getattr(exc.request, "url", None)
                              ) from None
@@ -357,6 +377,10 @@ class ODataClient:
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
                 line = error_line(resp.status_code, body, content_type)
+                if resp.status_code == 407:
+                    raise self._proxy_refused(what)
+                if self.via and resp.status_code in (502, 503, 504):  # the proxy's, mostly
+                    line = f"{self.via}: {line}"
                 if resp.status_code in (408, 429) or resp.status_code >= 500 and \
                         resp.status_code not in (501, 505):  # not implemented: no retry
                     after = _retry_after(resp.headers.get("Retry-After"))
@@ -367,9 +391,8 @@ class ODataClient:
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after, resp.url)
                 hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
-                if resp.status_code == 400 and hint and "count" in line.lower() and \
-                        "count=" in url:  # the server names the $count, $inlinecount we sent
-                    hint = hint[:-1] + ", or [odata] count = false if it refuses a count)"
+                if resp.status_code in (400, 501):
+                    hint = _refused_option(hint, line, url)
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
@@ -402,6 +425,12 @@ class ODataClient:
                 f"malformed JSON ({exc.msg.removesuffix(' at')} at byte {exc.pos}; truncated?)"
                 if isinstance(exc, json.JSONDecodeError) else "malformed JSON") from None
 
+    def _proxy_refused(self, what: str) -> SourceError:
+        """A 407: the proxy's page would say no more; no retry, the same answer would come."""
+        return SourceError(f"OData {endpoint(self.service_url)} {what}: {self.via or 'a proxy'}"
+                           ": HTTP 407 Proxy Authentication Required (it asks for a user and "
+                           "password: check them in its URL, http://user:password@host:port)")
+
     def _read(self, resp: requests.Response, what: str, *, error: bool = False) -> bytes:
         """The body, up to [odata] max_response_bytes; of an error, its first 64 KiB."""
         limit = 64 * 1024 if error else self.settings.max_response_bytes
@@ -425,6 +454,17 @@ class ODataClient:
                 requests.exceptions.ContentDecodingError) as exc:
             raise _Retryable(f"response cut short: {_transport_text(exc)}") from None
         return b"".join(chunks)
+
+
+def _refused_option(hint: str, line: str, url: str) -> str:
+    """``hint`` with the setting that leaves out a query option the server's 400/501 names
+    (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
+    supported") and that we sent."""
+    for option, setting in (("count", "count = false if it refuses a count"),
+                            ("orderby", "orderby = false leaves $orderby out")):
+        if option in line.lower() and f"{option}=" in url:  # $count, $inlinecount, $orderby
+            return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"
+    return hint
 
 
 def _transport_text(exc: BaseException) -> str:

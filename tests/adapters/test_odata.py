@@ -216,6 +216,27 @@ def test_a_refused_count_points_at_the_count_setting(version: str) -> None:
             assert len(fetch(c)) == 40
 
 
+@pytest.mark.parametrize(("code", "hint"), [
+    (400, "(check the names in [odata.mapping], or [odata] orderby = false leaves $orderby "
+          "out)"), (501, "([odata] orderby = false leaves $orderby out)")])
+def test_a_refused_orderby_points_at_the_orderby_setting(v4: ODataServer, code: int,
+                                                         hint: str) -> None:
+    # Services with a computed key, custom Web API services and some SAP gateway entity sets
+    # refuse $orderby; the sync always sent it.
+    v4.refuse_orderby = code
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (f"OData {endpoint(v4.url)} Stops page 1 {hint}: HTTP {code} "
+                              "NotSupported: The query option '$orderby' is not supported for "
+                              "this entity set")
+    assert v4.request_count("Stops") == 1  # a 501 is not retried either
+    with client(v4, orderby=False) as c:
+        assert sorted(r["ID"] for r in fetch(c)) == list(range(1, 41))
+        assert c.probe("Stops", orderby="ID") == 1
+    assert [r.target for r in v4.requests if "orderby" in r.target] == [
+        "/odata/Stops?$orderby=ID&$count=true"]
+
+
 def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
     # Another service's vocabulary: the server's 400 names the field, the hint the setting.
     with client(v4) as c, pytest.raises(SourceError) as err:

@@ -18,7 +18,9 @@ from devtools.odata_server import ODataServer, sample_network
 from devtools.procs import free_port
 from devtools.services import S3Endpoint
 from pipeline_cli import db
+from pipeline_cli.errors import endpoint
 from tests.support.clirunner import Cli
+from tests.support.proxy import ForwardHttpProxy
 
 pytestmark = [pytest.mark.s3, pytest.mark.osrm]
 
@@ -275,6 +277,47 @@ def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServ
     assert result.exit_code == 1 and by_name(obj)["odata"]["detail"] == (
         "OData Stops $top=1: the entity has no field 'IsAirport' (check the names in "
         "[odata.mapping])"), obj
+
+
+def test_odata_names_the_proxy_it_went_through_without_its_password(
+        cli: Cli, odata: ODataServer) -> None:
+    with ForwardHttpProxy(username="etl", password=SECRET) as proxy:
+        cli.env["HTTP_PROXY"] = f"http://etl:{SECRET}@127.0.0.1:{proxy.port}"
+        code, obj = doctor(cli)
+        assert code == 0, obj
+        assert by_name(obj)["odata"]["detail"].startswith(
+            f"OData v4 service answers (via proxy {proxy.url} (from the environment; [odata] "
+            "proxy overrides)); $top=1 ok for ")
+        # the service root and each set (OSRM's requests take HTTP_PROXY as well)
+        assert len([t for t in proxy.forwarded if t.startswith(odata.url)]) == 4
+        cli.env["PIPELINE_ODATA_PASSWORD"] = "wrong"  # a failure of the server's own
+        code, obj = doctor(cli)
+        assert code == 1 and by_name(obj)["odata"]["detail"].endswith(
+            f"Invalid credentials (via proxy {proxy.url} (from the environment; [odata] proxy "
+            "overrides))"
+        ), obj
+        cli.env["PIPELINE_ODATA_PASSWORD"] = SECRET
+        cli.env["PIPELINE_ODATA_PROXY"] = proxy.url  # without the password: 407
+        code, obj = doctor(cli)
+        assert code == 1 and by_name(obj)["odata"]["detail"].startswith(
+            f"OData {endpoint(odata.url)} the service document: proxy {proxy.url} "
+            "([odata] proxy): HTTP 407 Proxy Authentication Required"), obj
+        cli.env["PIPELINE_ODATA_PROXY"] = ""
+        code, obj = doctor(cli)
+        assert code == 0 and "(no proxy)" in by_name(obj)["odata"]["detail"], obj
+
+
+def test_odata_probes_with_the_syncs_orderby(cli: Cli, odata: ODataServer) -> None:
+    # doctor asked for $top=1 without $orderby: "ok" for a service that refuses it, and the
+    # sync then failed.
+    odata.refuse_orderby = 501
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["odata"], obj
+    assert "Stops $top=1 ([odata] orderby = false leaves $orderby out): HTTP 501" in by_name(
+        obj)["odata"]["detail"]
+    cli.env["PIPELINE_ODATA_ORDERBY"] = "false"
+    code, obj = doctor(cli)
+    assert code == 0, obj
 
 
 def test_point_option_and_malformed_point(cli: Cli) -> None:

@@ -14,6 +14,7 @@ from devtools.odata_server import ODataServer, delay, sample_network
 from devtools.procs import free_port
 from pipeline_cli import db
 from tests.support.clirunner import Cli
+from tests.support.proxy import ForwardHttpProxy
 
 pytestmark = pytest.mark.s3
 
@@ -222,3 +223,19 @@ def test_s3_down_is_one_line_in_the_error_and_in_status(cli: Cli) -> None:
     assert error.endswith(": connection refused") and len(error) < 200
     status = cli.subprocess("status").stdout
     assert f"S3 {endpoint} " in status and max(map(len, status.splitlines())) < 200
+
+
+def test_a_sync_through_the_environments_proxy_keeps_its_password_out(
+        cli: Cli, server: ODataServer) -> None:
+    secret = "proxy-Secret-5"
+    with ForwardHttpProxy(username="etl", password=secret) as proxy:
+        cli.env["http_proxy"] = f"http://etl:{secret}@127.0.0.1:{proxy.port}"
+        ok = cli.subprocess("-v", "sync-odata")
+        assert ok.returncode == 0, ok.stderr
+        assert len(proxy.forwarded) == server.request_count() > 3
+        cli.env["http_proxy"] = f"http://etl:{secret}@127.0.0.1:{free_port()}"
+        failed = cli.subprocess("-v", "sync-odata")
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].endswith(
+        "(from the environment; [odata] proxy overrides): connection failed: connection "
+        "refused after 5 attempts"), failed.stderr
+    assert secret not in ok.stdout + ok.stderr + failed.stdout + failed.stderr

@@ -15,17 +15,19 @@ from devtools.odata_server import ODataServer, delay, sample_network, status, wr
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
+from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
+    feed_key,
     list_datasets,
     restore_dataset,
     status_section,
     sync_odata,
 )
-from tests.support.proxy import TcpProxy
+from tests.support.proxy import ForwardHttpProxy, TcpProxy
 
 pytestmark = pytest.mark.s3
 
@@ -901,6 +903,40 @@ def test_source_failure_writes_nothing(
     assert rec.error == (f"OData {endpoint(server.url)} Flights page 1: HTTP 503 Injected503: "
                          "injected fault: HTTP 503 after 5 attempts")
     assert table(conn, "stops") == [] and table(conn, "datasets") == []
+
+
+def test_a_sync_through_a_proxy_keeps_its_password_out_of_the_run_history(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    secret = "proxy-Secret-9"
+    with ForwardHttpProxy(username="etl", password=secret) as proxy:
+        proxied = {"proxy": f"http://etl:{secret}@127.0.0.1:{proxy.port}"}
+        rec = sync(odata=proxied)
+        assert rec.status == "success", rec.error
+        assert len(proxy.forwarded) == len(server.requests) > 3  # every request, every set
+        proxy.status = 502
+        rec = sync(odata=proxied, force=True)
+    assert rec.status == "failed" and rec.error is not None
+    assert rec.error.endswith(f"proxy {proxy.url} ([odata] proxy): HTTP 502 after 5 attempts")
+    rows = conn.execute("SELECT * FROM stage_runs").fetchall()
+    assert len(rows) == 2 and secret not in repr(rows)
+
+
+def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    server.refuse_orderby = 400
+    rec = sync()
+    assert rec.status == "failed" and "[odata] orderby = false leaves $orderby out" in str(
+        rec.error)
+    first = sync(odata={"orderby": False})
+    assert first.status == "success", first.error
+    assert first.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+    assert sync(odata={"orderby": False}).status == "noop"  # its page digests match
+    assert not any("orderby" in r.target for r in server.requests if r.entity_set != "Stops")
+    mappings = resolve_mapping(None)
+    with client_for(server) as ordered, client_for(server, orderby=False) as unordered:
+        # the page digests of one are no use to the other: the server orders them otherwise
+        assert feed_key(ordered, mappings) != feed_key(unordered, mappings)
 
 
 def test_mapping_renames_sets_and_fields_and_filters(

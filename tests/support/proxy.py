@@ -1,11 +1,13 @@
 """Fault-injection proxies that sit between the pipeline and a real server in tests.
 
 :class:`TcpProxy` forwards raw TCP (PostgreSQL, Redis) and can cut every connection;
-:class:`CountingHttpProxy` forwards HTTP/1.1 (OSRM) and counts requests by path.
+:class:`CountingHttpProxy` forwards HTTP/1.1 (OSRM) and counts requests by path;
+:class:`ForwardHttpProxy` is a forward proxy (``HTTP_PROXY``) that can ask for credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import selectors
@@ -17,7 +19,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 LOOPBACK = "127.0.0.1"
 # Paths are counted up to this length: OSRM paths carry every coordinate and can be huge.
@@ -380,6 +382,156 @@ class CountingHttpProxy:
             self._counts[path] += 1
 
     def __enter__(self) -> CountingHttpProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- forward proxy
+
+
+class _ForwardServer(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, proxy: ForwardHttpProxy) -> None:
+        self.proxy = proxy
+        super().__init__((LOOPBACK, 0), _ForwardHandler)
+
+
+class _ForwardHandler(BaseHTTPRequestHandler):
+    """Absolute-URI requests (``GET http://host:port/path``) go to that host on a connection
+    of their own; ``CONNECT host:port`` is tunnelled."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ForwardServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.close_connection = not self.server.proxy._switch.admit(self.connection)
+
+    def handle(self) -> None:
+        if not self.close_connection:
+            super().handle()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.proxy._switch.release(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _reply(self, code: int, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        body = f"<html><body><h1>{code} {self.responses[code][0]}</h1></body></html>".encode()
+        self.send_response(code)
+        for key, value in (*headers, ("Content-Type", "text/html"),
+                           ("Content-Length", str(len(body)))):
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self) -> None:
+        proxy = self.server.proxy
+        if proxy.credentials and self.headers.get("Proxy-Authorization") != (
+                f"Basic {proxy.credentials}"):
+            with proxy._lock:
+                proxy.refused += 1
+            self._reply(407, (("Proxy-Authenticate", 'Basic realm="proxy"'),))
+            return
+        if proxy.status:
+            self._reply(proxy.status)
+            return
+        if self.command == "CONNECT":
+            host, _, port = self.path.rpartition(":")
+            try:
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+            except (OSError, ValueError):
+                self._reply(502)
+                return
+            with proxy._lock:
+                proxy.forwarded.append(self.path)
+            self.send_response(200, "Connection established")
+            self.end_headers()
+            with upstream:
+                _pump(self.connection, upstream)
+            self.close_connection = True
+            return
+        target = urlsplit(self.path)
+        if target.scheme != "http" or not target.hostname:
+            self._reply(400)  # not an absolute URI: a client that takes us for the server
+            return
+        with proxy._lock:
+            proxy.forwarded.append(self.path)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream_conn = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=60)
+        try:
+            upstream_conn.request(self.command, urlunsplit(("", "", target.path or "/",
+                                                            target.query, "")), None, headers)
+            response = upstream_conn.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException):
+            self._reply(502)
+            return
+        finally:
+            upstream_conn.close()
+        self.send_response(response.status, response.reason)
+        for key, value in response.getheaders():
+            if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_HEAD = do_CONNECT = _forward
+
+
+class ForwardHttpProxy:
+    """A forward HTTP proxy on ``127.0.0.1``, as ``HTTP_PROXY`` names one: it forwards
+    absolute-URI requests and tunnels ``CONNECT``, and ``forwarded`` lists the targets it
+    passed on. With ``username``/``password`` a request without that ``Proxy-Authorization``
+    gets 407 (counted in ``refused``); ``status`` (502, 503) answers every request with it.
+    """
+
+    def __init__(self, *, username: str | None = None, password: str | None = None) -> None:
+        self.credentials = base64.b64encode(f"{username}:{password}".encode()).decode() if (
+            username is not None) else None
+        self.forwarded: list[str] = []
+        self.refused = 0
+        self.status = 0
+        self._lock = threading.Lock()
+        self._switch = _Switch()
+        self._server: _ForwardServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> ForwardHttpProxy:
+        self._server = _ForwardServer(self)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name=f"ForwardHttpProxy:{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        self._switch.close()  # wakes handlers idling on keep-alive reads
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> ForwardHttpProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
