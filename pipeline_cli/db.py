@@ -392,6 +392,29 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return max(applied_versions(conn), default=0)
 
 
+def deployment_id(conn: psycopg.Connection[Any]) -> str | None:
+    """This database's identity as a deployment (``deployment.id``, sql/028): it claims the
+    Redis prefix with it. None before migration 028, or when the row was deleted by hand.
+    Reads in the caller's transaction."""
+    with wrap_errors("reading the deployment identity"):
+        present = conn.execute(query("runner", "has_deployment")).fetchone()
+        if not (present and present["present"]):
+            return None
+        row = conn.execute(query("runner", "deployment_id")).fetchone()
+    return str(row["id"]) if row else None
+
+
+def require_deployment_id(conn: psycopg.Connection[Any]) -> str:
+    """:func:`deployment_id`, or SchemaError for a database without one (a command that
+    writes graph keys must not claim a prefix without it)."""
+    identity = deployment_id(conn)
+    if identity is None:
+        raise SchemaError("the table deployment holds no row (migration 028 made one; deleted "
+                          "by hand?): INSERT INTO deployment DEFAULT VALUES gives this database "
+                          "a new identity")
+    return identity
+
+
 def check_schema(conn: psycopg.Connection[Any]) -> int:
     """Raise SchemaError unless every migration this code knows, and no other, is applied."""
     have = applied_versions(conn)

@@ -227,7 +227,41 @@ def _redis(s: Settings) -> str:
                       "set [redis] cluster = false")
     if enabled and state != "ok":
         raise _Failed(f"Redis Cluster state is {state or '?'}: some slots are not served")
-    return f"PONG; Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}"
+    return (f"PONG; Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}; "
+            f"{_prefix_owner(s)}")
+
+
+def _prefix_owner(s: Settings) -> str:
+    """Whose ``[redis] prefix`` is: this database's, nobody's yet, or (PrefixOwned, the check
+    fails) another database's, whose build-graph runs would otherwise delete each other's
+    graphs. Reads only: claiming is build-graph's."""
+    from .adapters.graph_store import GraphReader, connect
+
+    identity = None
+    if s.database.url:
+        try:
+            conn = _database_of(s, s.database.url).connect("pipeline doctor", autocommit=True)
+            try:
+                identity = db.deployment_id(conn)
+            finally:
+                conn.close()
+        except PipelineError:  # the database check says why
+            pass
+    client = connect(str(s.require("redis", "url")), cluster=s.redis.cluster,
+                     socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
+                     connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
+    try:
+        reader = GraphReader(client, s.redis.prefix)
+        owner = reader.owner() if identity is None else reader.check_owner(identity)
+    finally:
+        client.close()
+    prefix = f"prefix {s.redis.prefix!r}"
+    if identity is None:
+        return (f"{prefix}: owner {owner or 'none'}, not compared (no database identity: "
+                "see the database check)")
+    if owner is None:
+        return f"{prefix} is unclaimed: the first build-graph claims it for this database"
+    return f"{prefix} belongs to this database"
 
 
 def _s3(s: Settings) -> str:

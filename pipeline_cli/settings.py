@@ -59,7 +59,8 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class RedisSettings:
     url: str | None = setting(None, "Redis URL, e.g. redis://127.0.0.1:6379/0", secret=True)
-    prefix: str = setting("pipeline", "every Redis key starts with this prefix")
+    prefix: str = setting("pipeline", "every Redis key starts with this prefix; one prefix "
+                          "per database (build-graph claims it)")
     socket_timeout: float = setting(10.0, "seconds before a Redis call times out")
     cluster: bool = setting(False, "[redis] url names a node of a Redis Cluster (cluster client)")
 

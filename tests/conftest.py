@@ -97,6 +97,19 @@ def empty_database_url(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def other_database_url(pg_admin_url: str) -> Iterator[str]:
+    """A second installation's database: migrated from nothing, not cloned from the template
+    as every test's database is, so it is another deployment (sql/028 gives it an identity of
+    its own)."""
+    name = _new_database(pg_admin_url, None)
+    url = _replace_db(pg_admin_url, name)
+    with db.connect(url, autocommit=True) as conn:
+        db.migrate(conn)
+    yield url
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
 def conn(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     with db.connect(database_url, autocommit=True) as c:
         yield c

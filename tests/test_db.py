@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,42 @@ def test_upgrade_to_the_boolean_vocabulary_keeps_sync_bool_inlined(
         plan = "\n".join(r["QUERY PLAN"] for r in conn.execute(
             "EXPLAIN VERBOSE SELECT sync_bool(f) FROM (VALUES ('true'), ('X')) v(f)"))
         assert "sync_bool" not in plan and "CASE" in plan, plan
+
+
+def test_upgrade_gives_the_database_one_identity_and_the_roles_of_its_tables(
+        empty_database_url: str, other_database_url: str) -> None:
+    """Migration 028 on an existing installation: one deployment row with a random id (the
+    owner of its Redis prefix), readable and writable by a role that could write
+    graph_versions (the pipeline's role, when another role owns the tables), so neither
+    build-graph nor doctor's privilege check fails after the upgrade."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=27)
+        conn.execute("DROP ROLE IF EXISTS pipeline_test_writer")
+        conn.execute("CREATE ROLE pipeline_test_writer")
+        try:
+            conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON graph_versions "
+                         "TO pipeline_test_writer")
+            assert db.deployment_id(conn) is None  # status of the older schema reads on
+
+            assert db.migrate(conn).applied == ["028_deployment_identity"]
+
+            identity = db.require_deployment_id(conn)
+            assert str(uuid.UUID(identity)) == identity
+            privileges = conn.execute(
+                "SELECT p, has_table_privilege('pipeline_test_writer', 'deployment', p) AS ok"
+                " FROM unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p").fetchall()
+            assert all(r["ok"] for r in privileges), privileges
+            with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+                conn.execute("INSERT INTO deployment DEFAULT VALUES")
+            assert db.migrate(conn).applied == [] and db.deployment_id(conn) == identity
+            conn.execute("DELETE FROM deployment")
+            with pytest.raises(SchemaError, match="INSERT INTO deployment DEFAULT VALUES"):
+                db.require_deployment_id(conn)
+        finally:
+            conn.execute("DROP OWNED BY pipeline_test_writer")
+            conn.execute("DROP ROLE pipeline_test_writer")
+    with db.connect(other_database_url, autocommit=True) as other:  # another installation
+        assert db.require_deployment_id(other) not in (identity, None)
 
 
 def test_a_database_in_another_datestyle(empty_database_url: str) -> None:

@@ -3,6 +3,9 @@ switches one pointer; the routing API reads them through :class:`GraphReader`.
 
 Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the reference):
 
+- ``<prefix>:graph:owner``: the identity of the one database that publishes under the prefix
+  (``deployment.id``, sql/028); every command that writes or deletes graph keys claims it
+  first, or stops when another database holds it (:meth:`GraphStore.claim`).
 - ``<prefix>:graph:active``: the active version (a plain string, switched atomically).
 - ``<prefix>:graph:versions``: sorted set of the versions present, scored by the time each was
   written or last activated (retention and orphan cleanup read it).
@@ -18,8 +21,9 @@ On a Redis Cluster (``[redis] cluster``) the version segment is a hash tag, ``{<
 (``<prefix>:graph:{graph-v3}:adj:S1``): all keys of one version share a slot, so the same
 pipelined MSETs, the one-round-trip MGET and UNLINK work unchanged, on the node that serves
 that slot; successive versions land on different nodes. The pointer and the registry are
-keys of their own (other slots): the pointer switch is a Lua CAS on the pointer key alone,
-with completeness (meta) checked before it and again after it. Measured against spreading a
+keys of their own (other slots), and so is the owner key: the pointer switch is a Lua CAS
+on the pointer key alone, with completeness (meta) checked before it and again after it, and
+the owner is claimed by a script on the owner key alone. Measured against spreading a
 version over every slot in bench/bench_graph_cluster.py; the limit (a version must fit one
 node's memory) is in docs/build-graph.md "Redis Cluster".
 """
@@ -35,7 +39,7 @@ from typing import Any
 
 import redis
 
-from ..errors import PipelineError, RedisError, service_error
+from ..errors import ConfigError, PipelineError, RedisError, service_error
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
@@ -45,6 +49,17 @@ _SCAN_COUNT = 10_000  # buckets per SCAN when counting a version's keys: fewer r
 
 class GraphLookupError(PipelineError):
     """A graph query cannot be answered: no active graph, unknown stop, no path (exit 1)."""
+
+
+class PrefixOwned(ConfigError):
+    """The Redis prefix holds another database's graphs (exit 78): nothing is written."""
+
+    def __init__(self, prefix: str, owner: str, identity: str) -> None:
+        super().__init__(
+            f"Redis prefix {prefix!r} holds the graphs of another database (deployment "
+            f"{owner}; this database is {identity}): give each database a prefix of its own, "
+            "[redis] prefix (PIPELINE_REDIS_PREFIX)")
+        self.owner = owner
 
 
 class GraphVersionGone(RedisError):
@@ -155,6 +170,24 @@ class GraphReader:
     def pointer_key(self) -> str:
         return self.key("active")
 
+    @property
+    def owner_key(self) -> str:
+        return self.key("owner")
+
+    def owner(self) -> str | None:
+        """The identity of the database that claimed the prefix; None while unclaimed."""
+        with wrap_errors(self.client, "reading the owner of the graph prefix"):
+            raw = self.client.get(self.owner_key)
+        return None if raw is None else _text(raw)
+
+    def check_owner(self, identity: str) -> str | None:
+        """The prefix's owner (None while unclaimed); PrefixOwned when it is not ``identity``.
+        Reads only: a dry run, status and doctor ask, the writing commands :meth:`claim`."""
+        owner = self.owner()
+        if owner is not None and owner != identity:
+            raise PrefixOwned(self.prefix, owner, identity)
+        return owner
+
     def meta_key(self, version: str) -> str:
         return self.key(self.version_segment(version), "meta")
 
@@ -260,10 +293,31 @@ class GraphStore(GraphReader):
     return {1, cur or ''}
     """
 
+    # Set the owner if unset, in one step; the owner it holds afterwards. One key: it runs on
+    # a cluster too, on the node of the owner key's slot.
+    _CLAIM = """
+    local cur = redis.call('GET', KEYS[1])
+    if cur then return cur end
+    redis.call('SET', KEYS[1], ARGV[1])
+    return ARGV[1]
+    """
+
     def __init__(self, client: redis.Redis, prefix: str = "pipeline", *,
                  chunk_size: int = 5000) -> None:
         super().__init__(client, prefix)
         self.chunk_size = max(1, chunk_size)
+
+    def claim(self, identity: str) -> None:
+        """Make ``identity`` (this database's ``deployment.id``) the prefix's owner if it has
+        none, atomically; PrefixOwned (exit 78) if another database owns it. Every command
+        that writes or deletes graph keys calls it before its first write: otherwise it would
+        take the other database's versions for orphans and delete them, and switch the
+        pointer its routing API reads. A prefix with graphs and no owner (written before
+        owners existed) goes to the first database that claims it."""
+        with wrap_errors(self.client, "claiming the graph prefix"):
+            owner = _text(self.client.eval(self._CLAIM, 1, self.owner_key, identity))
+        if owner != identity:
+            raise PrefixOwned(self.prefix, owner, identity)
 
     @property
     def registry_key(self) -> str:

@@ -228,7 +228,8 @@ def _virtual(v: dict[str, Any], now: datetime) -> str:
 def _graph(g: dict[str, Any], now: datetime) -> str:
     if not g["version"]:
         return "no active graph" + (f"; Redis points at {g['redis_pointer']}"
-                                    if g.get("redis_pointer") else "")
+                                    if g.get("redis_pointer") else "") + (
+            f": BROKEN: {g['problem']}" if g.get("consistent") is False else "")
     state = "consistent" if g["consistent"] else (
         "not checked (no Redis)" if g["consistent"] is None else f"BROKEN: {g['problem']}")
     return (f"{g['version']} for {g['dataset_version']} (generation "

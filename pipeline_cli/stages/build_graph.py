@@ -3,6 +3,9 @@ Redis as an immutable version behind one atomically switched pointer, recorded i
 ``graph_versions`` and exported to S3; plus the operator queries (list, activate, neighbours,
 route) and the ``status`` section.
 
+Before it writes or deletes anything in Redis, a run claims the ``[redis] prefix`` for its
+database and stops (exit 78) if another database owns it: one prefix, one database.
+
 Publish order: Redis keys -> S3 export -> graph_versions row (committed, not yet active) ->
 pointer switch -> active flag (committed). Any failure keeps the previous version active and
 removes what this run wrote.
@@ -41,6 +44,7 @@ from ..adapters.graph_store import (
     GraphLookupError,
     GraphReader,
     GraphStore,
+    PrefixOwned,
     encode_adjacency,
 )
 from ..errors import BackupError, PipelineError, RedisError, ValidationError
@@ -331,6 +335,7 @@ def build_graph(
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
     with database.connect(name="pipeline build-graph") as conn:
+        claim_prefix(conn, store)
         repaired, counted = reconcile(conn, store, backups, ctx)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -390,6 +395,7 @@ def plan(
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
+            store.check_owner(db.require_deployment_id(conn))  # the real run would stop here
             conn.execute(db.query("build_graph", "lock_virtual"))
             inputs = _read_decision(conn)
             row = conn.execute(db.query("build_graph", "peek_seq")).fetchone()
@@ -647,6 +653,15 @@ def _remove_version(store: GraphStore, backups: BackupStore, version: str,
         ctx.log.error("could not remove the partial export of %s from S3: %s", version, exc)
 
 
+def claim_prefix(conn: psycopg.Connection[Any], store: GraphStore) -> None:
+    """Claim the Redis prefix for this database before anything is written or deleted under
+    it; PrefixOwned (exit 78) when another database owns it (see :meth:`GraphStore.claim`)."""
+    identity = db.require_deployment_id(conn)
+    with db.wrap_errors("reading the deployment identity"):
+        conn.commit()
+    store.claim(identity)
+
+
 def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
               ctx: RunContext) -> tuple[list[str], str | None]:
     """Repair what a build-graph or ``graph activate`` killed between its stores left behind;
@@ -785,6 +800,7 @@ def activate_version(
     """Make ``version`` the active graph again (rollback). If retention collected its keys,
     reload them from the S3 export first, verifying the checksum."""
     with database.connect(name="pipeline graph activate") as conn:
+        claim_prefix(conn, store)
         reconcile(conn, store, backups, ctx)
         with db.wrap_errors(f"reading graph {version}"):
             row = conn.execute(db.query("build_graph", "get_version"),
@@ -938,9 +954,11 @@ def shortest_path(reader: GraphReader, source: str, target: str, *,
 def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = None
                    ) -> dict[str, Any]:
     """The active graph for ``pipeline status``: its PostgreSQL record, the Redis pointer and
-    whether they agree. Two indexed lookups and two Redis calls."""
+    whether they agree, and whether the prefix belongs to this database. Three indexed
+    lookups and three Redis calls."""
     with db.wrap_errors("reading the active graph"):
         row = conn.execute(db.query("build_graph", "active_graph")).fetchone()
+        identity = db.deployment_id(conn)
         if not conn.autocommit:
             conn.rollback()
     out: dict[str, Any] = {
@@ -952,12 +970,20 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         "warnings": row["warnings"] if row else {},
         "created_at": row["created_at"] if row else None,
         "activated_at": row["activated_at"] if row else None,
+        "deployment_id": identity, "redis_owner": None,
         "redis_pointer": None, "redis_complete": None, "consistent": None, "problem": None,
     }
     if reader is None:
         return out
     try:
+        out["redis_owner"] = owner = reader.owner()
         pointer = reader.active_version()
+        if owner is not None and identity is not None and owner != identity:
+            # The pointer and versions are another database's: comparing them with this
+            # database's graphs would name a repair that build-graph refuses to make.
+            out["redis_pointer"], out["consistent"] = pointer, False
+            out["problem"] = str(PrefixOwned(reader.prefix, owner, identity))
+            return out
         missing = reader.missing_keys(pointer) if pointer else None
     except RedisError as exc:
         out["problem"] = f"Redis unreachable: {exc}"

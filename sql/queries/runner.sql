@@ -1,4 +1,5 @@
--- Queries of the stage runner (pipeline_cli/runner.py) and of `pipeline db migrate`.
+-- Queries of the stage runner (pipeline_cli/runner.py), of `pipeline db migrate` and of the
+-- database's identity (pipeline_cli/db.py).
 
 -- name: create_schema_migrations
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -23,6 +24,15 @@ SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY versi
 -- name: record_migration
 INSERT INTO schema_migrations (version, name, checksum)
 VALUES (%(version)s, %(name)s, %(checksum)s);
+
+-- name: has_deployment
+-- Whether the deployment table exists (migration 028): status of an older schema reads on.
+SELECT to_regclass('deployment') IS NOT NULL AS present;
+
+-- name: deployment_id
+-- This database's identity as a deployment (sql/028_deployment_identity.sql), the owner it
+-- claims its Redis prefix for.
+SELECT id::text AS id FROM deployment;
 
 -- name: backend_identity
 -- The server session this connection is on right now; inside the run's open transaction that

@@ -19,6 +19,7 @@ from pipeline_cli.adapters.graph_store import (
     GraphLookupError,
     GraphStore,
     GraphVersionGone,
+    PrefixOwned,
     decode_adjacency,
     encode_adjacency,
 )
@@ -136,6 +137,25 @@ def test_cleanup_orphans_spares_known_and_active(store: GraphStore) -> None:
     store.switch_active("graph-v2")
     assert store.cleanup_orphans({"graph-v1"}) == ["graph-v3"]
     assert set(store.registered()) == {"graph-v1", "graph-v2"}
+
+
+def test_the_first_claim_owns_the_prefix(store: GraphStore, client: redis.Redis) -> None:
+    """One prefix, one database: a claim sets the owner only where none is, atomically (one
+    script on the owner key alone, which a cluster runs on that key's node)."""
+    assert store.owner() is None and store.check_owner("db-a") is None
+    store.claim("db-a")
+    store.claim("db-a")  # again: still ours
+    assert store.owner() == "db-a" == client.get(store.owner_key).decode()
+    with pytest.raises(PrefixOwned, match=(
+            f"^Redis prefix '{store.prefix}' holds the graphs of another database "
+            r"\(deployment db-a; this database is db-b\): give each database a prefix of its "
+            r"own, \[redis\] prefix \(PIPELINE_REDIS_PREFIX\)$")) as caught:
+        store.claim("db-b")
+    assert caught.value.exit_code == 78 and caught.value.owner == "db-a"
+    with pytest.raises(PrefixOwned):
+        store.check_owner("db-b")
+    assert store.owner() == "db-a" and store.check_owner("db-a") == "db-a"
+    assert store.owner_key == f"{store.prefix}:graph:owner"
 
 
 def test_glob_characters_in_versions_are_escaped(store: GraphStore) -> None:

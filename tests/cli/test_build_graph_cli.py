@@ -205,3 +205,32 @@ def test_dry_run_says_what_it_would_build_and_writes_nothing(cli: Cli, net: Netw
     bad = cli("build-graph", "--dry-run", "--force")
     assert bad.exit_code == 1 and "zeppelin" in bad.stderr
     assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 1}
+
+
+def test_a_second_database_on_the_prefix_exits_78_and_status_says_why(
+        cli: Cli, net: Network, database_url: str, other_database_url: str) -> None:
+    """Two installations with one Redis and the same prefix: the second one's build-graph is
+    a one-line configuration error and writes nothing; its status names the problem; the
+    first one's commands keep working."""
+    assert cli("build-graph").exit_code == 0
+    with db.connect(other_database_url, autocommit=True) as other:
+        seed_network(other, seed=3)
+    prefix = cli.env["PIPELINE_REDIS_PREFIX"]
+    cli.env["PIPELINE_DATABASE_URL"] = other_database_url
+    refused = cli.subprocess("build-graph")
+    assert refused.returncode == 78 and "Traceback" not in refused.stderr, refused.stderr
+    error = refused.stderr.strip().splitlines()[-1]  # after the run's log lines
+    assert error.startswith(f"pipeline build-graph: error: Redis prefix '{prefix}' holds the "
+                            "graphs of another database (deployment ")
+    assert error.endswith("[redis] prefix (PIPELINE_REDIS_PREFIX)")
+    graph = json.loads(cli("status", "--json").stdout)["graph"]
+    assert graph["consistent"] is False and "another database" in graph["problem"]
+    assert graph["redis_pointer"] == "graph-v1" and graph["version"] is None
+    text = cli("status")
+    assert "Traceback" not in text.output and "holds the graphs of another" in text.output
+    assert cli("status", "--check").exit_code == 2  # CRITICAL
+    cli.env["PIPELINE_DATABASE_URL"] = database_url
+    graph = json.loads(cli("status", "--json").stdout)["graph"]
+    assert graph["consistent"] is True and graph["redis_owner"] == graph["deployment_id"]
+    assert cli("graph", "neighbors", net.real_stops[0]).exit_code == 0
+    assert json.loads(cli("build-graph", "--json").stdout)["status"] == "noop"

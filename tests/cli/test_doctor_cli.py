@@ -352,3 +352,37 @@ def test_cluster_mode_and_pooler_must_match_the_settings(
     cli.env["PIPELINE_REDIS_URL"] = redis_url  # a single server with the cluster setting
     code, obj = doctor(cli)
     assert failed(obj) == ["redis"] and "not a cluster node" in by_name(obj)["redis"]["detail"]
+
+
+def test_a_prefix_another_database_owns_fails_redis_with_the_fix(
+        cli: Cli, conn: psycopg.Connection[Any], redis_env: dict[str, str]) -> None:
+    """The Redis prefix claimed by another database (two installations on one Redis with the
+    same prefix): build-graph would exit 78, so doctor fails the redis check and says what to
+    set. Doctor claims nothing itself."""
+    from pipeline_cli.adapters.graph_store import GraphStore, connect
+
+    cli.env.update(redis_env)
+    code, obj = doctor(cli)
+    assert code == 0, obj
+    prefix = cli.env["PIPELINE_REDIS_PREFIX"]
+    assert by_name(obj)["redis"]["detail"].endswith(
+        f"prefix '{prefix}' is unclaimed: the first build-graph claims it for this database")
+    client = connect(redis_env["PIPELINE_REDIS_URL"],
+                     cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
+    try:
+        store = GraphStore(client, prefix)
+        assert store.owner() is None
+        ours = db.require_deployment_id(conn)
+        store.claim(ours)
+        code, obj = doctor(cli)
+        assert code == 0 and by_name(obj)["redis"]["detail"].endswith(
+            f"prefix '{prefix}' belongs to this database"), obj
+        client.set(store.owner_key, "7d3c9e52-0000-4000-8000-000000000001")
+        code, obj = doctor(cli)
+        assert code == 1 and failed(obj) == ["redis"], obj
+        assert by_name(obj)["redis"]["detail"] == (
+            f"Redis prefix '{prefix}' holds the graphs of another database (deployment "
+            f"7d3c9e52-0000-4000-8000-000000000001; this database is {ours}): give each "
+            "database a prefix of its own, [redis] prefix (PIPELINE_REDIS_PREFIX)")
+    finally:
+        client.close()

@@ -23,9 +23,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devtools.services import S3Endpoint
+from pipeline_cli import db
 from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.backups import BackupStore
-from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore
+from pipeline_cli.adapters.graph_store import GraphLookupError, GraphStore, PrefixOwned
 from pipeline_cli.db import Database
 from pipeline_cli.errors import DatabaseError, Interrupted, RedisError
 from pipeline_cli.modes import canonical
@@ -388,7 +389,9 @@ def test_fatal_validation_writes_nothing(builder: Builder, net: Network, conn: C
         assert record.extra["unknown_modes"] == {"zeppelin": 1}
     else:
         assert "BAD" in " ".join(record.extra.get("problems", []))
-    assert graph_rows(conn) == [] and all_keys(client, redis_prefix) == set()
+    # nothing but the claim of the prefix, made before any other work
+    assert graph_rows(conn) == [] and all_keys(client, redis_prefix) == {
+        f"{redis_prefix}:graph:owner"}
 
 
 def test_empty_graph_is_fatal(builder: Builder, conn: Conn) -> None:
@@ -404,7 +407,7 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     seed_network(conn, isolated_real=3)
     record = builder.build(fatal_warnings=True)
     assert record.status == "failed" and "fatal_warnings" in (record.error or "")
-    assert all_keys(client, redis_prefix) == set()
+    assert all_keys(client, redis_prefix) == {f"{redis_prefix}:graph:owner"}
     record = builder.build()
     assert record.status == "success"
     assert record.extra["components"] >= 4 and record.extra["unreachable_real_stops"] >= 3
@@ -547,7 +550,7 @@ def test_redis_cut_mid_write_keeps_old_version_and_next_run_cleans_up(
     assert leftovers  # Redis was unreachable, so the partial keys could not be removed yet
     builder.ok(force=True)
     registered = set(store.registered())
-    assert not any(k.split(":")[2] not in registered | {"active", "versions"}
+    assert not any(k.split(":")[2] not in registered | {"active", "versions", "owner"}
                    for k in all_keys(client, redis_prefix))
 
 
@@ -761,3 +764,84 @@ def test_status_section_reports_consistency(builder: Builder, net: Network, conn
     section = status_section(conn, store)
     assert section["consistent"] is False and "graph-v77" in section["problem"]
     assert status_section(conn)["redis_pointer"] is None
+
+
+# ---------------------------------------------------------------- one prefix, one database
+
+
+@pytest.fixture
+def other(other_database_url: str) -> Iterator[Conn]:
+    """Another installation's database (its own deployment identity) with a network."""
+    with db.connect(other_database_url, autocommit=True) as c:
+        seed_network(c, seed=11)
+        yield c
+
+
+def identity(conn: Conn) -> str:
+    row = conn.execute("SELECT id::text AS id FROM deployment").fetchone()
+    assert row is not None
+    return str(row["id"])
+
+
+def test_a_second_database_on_the_same_prefix_is_refused(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        other: Conn, other_database_url: str, backups: BackupStore) -> None:
+    """Two installations (staging and production, two cities) left at the default prefix:
+    each build-graph took the other's versions for orphans, deleted them and switched the
+    pointer to its own graph, so the other's routing API served the wrong network."""
+    ours = builder.ok()
+    assert store.owner() == identity(conn) != identity(other)
+    keys = all_keys(client, store.prefix)
+    theirs = Builder(other_database_url, store, backups)
+    record = theirs.build()
+    assert record.status == "failed" and record.exit_code == 78, record.error
+    assert record.error == (
+        f"Redis prefix '{store.prefix}' holds the graphs of another database (deployment "
+        f"{identity(conn)}; this database is {identity(other)}): give each database a prefix "
+        "of its own, [redis] prefix (PIPELINE_REDIS_PREFIX)")
+    with pytest.raises(PrefixOwned):  # the dry run says so too, and claims nothing
+        plan(Database(other_database_url), store, builder.settings, SPEEDS_KMH)
+    # graph activate: the version does not matter, the prefix is refused first
+    other.execute("INSERT INTO graph_versions (version, seq, dataset_version, "
+                  "virtual_generation_id, nodes, edges, build_ms, checksum, export_key, "
+                  "warnings) SELECT %s, 1, version, 1, 1, 1, 1, 'x', 'graphs/x', '{}' "
+                  "FROM datasets", (ours,))
+    assert theirs.activate(ours).exit_code == 78
+    assert store.active_version() == ours and all_keys(client, store.prefix) == keys
+    assert [r["version"] for r in graph_rows(other)] == [ours]  # only the row made above
+    # their status names the problem; ours stays consistent
+    section = status_section(other, store)
+    assert section["consistent"] is False and section["problem"] == record.error
+    assert section["redis_owner"] == identity(conn) != section["deployment_id"]
+    assert status_section(conn, store)["consistent"] is True
+    assert builder.build().status == "noop"
+
+
+def test_a_prefix_with_graphs_and_no_owner_is_claimed_by_its_first_build(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        other_database_url: str, other: Conn, backups: BackupStore) -> None:
+    """An installation upgraded from before owner keys: its graphs are there, the owner key
+    is not. Its first build-graph claims the prefix and keeps its graph."""
+    first = builder.ok()
+    client.delete(store.owner_key)  # as every prefix was before the upgrade
+    keys = all_keys(client, store.prefix)
+    assert status_section(conn, store)["consistent"] is True  # status claims nothing
+    assert store.owner() is None
+    record = builder.build()
+    assert record.status == "noop" and store.active_version() == first, record.error
+    assert store.owner() == identity(conn)
+    assert all_keys(client, store.prefix) == keys | {store.owner_key}
+    assert Builder(other_database_url, store, backups).build().exit_code == 78
+    assert store.active_version() == first
+
+
+def test_read_only_work_claims_nothing(builder: Builder, net: Network, conn: Conn,
+                                       database_url: str, store: GraphStore) -> None:
+    """A dry run, status and graph list read the prefix and leave it unclaimed."""
+    dry = plan(Database(database_url), store, builder.settings, SPEEDS_KMH)
+    assert dry.extra["would_run"] is True
+    status_section(conn, store)
+    list_versions(conn, store)
+    assert store.owner() is None
+    builder.ok()
+    assert store.owner() == identity(conn)

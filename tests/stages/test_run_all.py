@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from devtools import traces
+from devtools.cleanup import drop_bucket
 from devtools.odata_server import ODataServer, sample_network
 from devtools.services import S3Endpoint
 from pipeline_cli import db
@@ -237,3 +238,29 @@ def test_a_failed_stage_problems_come_with_the_run_all_error(app: App,
     assert record.status == "failed" and record.error
     assert record.error.startswith("sync-odata failed: validation failed: 1 problem(s)")
     assert record.extra["problems"] == ["Stops[ID=7] latitude: 95.0 is outside -90..90"]
+
+
+def test_a_second_database_on_the_same_prefix_stops_at_build_graph(
+        app: App, other_database_url: str, server: ODataServer, s3: S3Endpoint) -> None:
+    """Two installations with one Redis and prefix: the nightly run-all of the second one
+    stops at build-graph with exit 78, its dry run too, and the first one's graph stays."""
+    assert chain(app).status == "success"
+    ours = graph_store(app).active_version()
+    bucket = f"{app.settings.s3.bucket}-b"
+    theirs = App(_settings=load_settings(environ={
+        "PIPELINE_DATABASE_URL": other_database_url,
+        "PIPELINE_REDIS_URL": str(app.settings.redis.url),
+        "PIPELINE_REDIS_PREFIX": app.settings.redis.prefix,
+        "PIPELINE_S3_ENDPOINT": s3.endpoint, "PIPELINE_S3_ACCESS_KEY": s3.access_key,
+        "PIPELINE_S3_SECRET_KEY": s3.secret_key, "PIPELINE_S3_BUCKET": bucket,
+        "PIPELINE_OSRM_URL": str(app.settings.osrm.url), "PIPELINE_ODATA_URL": server.url}))
+    try:
+        with theirs.resources:
+            for record in (dry_chain(theirs), chain(theirs)):
+                assert record.status == "failed" and record.exit_code == 78, record.error
+                assert record.extra["failed_stage"] == "build-graph"
+                assert record.error and "[redis] prefix (PIPELINE_REDIS_PREFIX)" in record.error
+    finally:
+        drop_bucket(s3.client(), bucket)
+    assert graph_store(app).active_version() == ours
+    assert chain(app).status == "noop"
