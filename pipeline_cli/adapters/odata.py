@@ -265,10 +265,13 @@ class ODataClient:
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
         origin, root = _origin(self.service_url), urlsplit(self.service_url).path
         client = self.settings.paging == "client"
+        # later client-driven pages: the first URL without the count (the first page's is the
+        # set's; asking again would have the server count the set on every request)
+        later = re.sub(r"\$(?:count=true|inlinecount=allpages)&", "", url)
         seen: set[str] = {url}
         number = received = 0
         next_url: str | None = url
-        body = b""
+        previous: object = None  # the first row of the page before
         while next_url is not None:
             number += 1
             if number > self.settings.max_pages:
@@ -276,7 +279,7 @@ class ODataClient:
                                   "pages ([odata] max_pages); " + (
                                       "raise it or [odata] page_size" if client else
                                       "the server's nextLink never ends"))
-            what, previous = f"{entity_set} page {number}", body
+            what = f"{entity_set} page {number}"
             try:
                 body, doc = self._get(next_url, what, names="" if number > 1 else _NAMES)
             except SourceError as exc:
@@ -289,13 +292,14 @@ class ODataClient:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
             rows, link, count = unwrap_page(doc, page_version, what, self.settings.count)
-            if client and rows and body == previous:
+            if client and rows and rows[0] == previous:  # keys differ from page to page
                 raise SourceError(f"OData {what}: the rows of page {number - 1} again (the "
                                   "server ignores $skip; [odata] paging = \"server\")")
             yield Page(number, rows, body, count)
+            previous = rows[0] if rows else None
             if client:  # by rows received: right under a server's cap; its nextLink is moot
                 received += len(rows)
-                next_url = f"{url}&$skip={received}" if rows else None
+                next_url = f"{later}&$skip={received}" if rows else None
                 continue
             if link is None:
                 return

@@ -534,6 +534,10 @@ def test_client_paging_reads_a_service_that_does_not_page(version: str) -> None:
     first = next(r for r in srv.requests if r.query.get("$top") == "7")
     assert first.query["$orderby"] == "ID" and "$skip" not in first.query
     assert skips(srv, "Routes")[2:] == [str(n) for n in range(7, 81, 7)] + ["80"]
+    # the set is counted once: with the first page
+    counted = [r for r in srv.requests if r.query.get("$top") == "7"
+               and ("$count" in r.query or "$inlinecount" in r.query)]
+    assert [r.query.get("$skip") for r in counted] == [None]
 
 
 @pytest.mark.parametrize("cap", ["max_top", "server_pages"])
