@@ -490,7 +490,11 @@ class ODataServer:
     ``ignore_select`` to answer every field whatever ``$select`` asks, as some services do,
     and ``raw_names_in_links`` to write set names unencoded in nextLinks, as 1C does. Set
     ``refuse_orderby`` to 400 or 501 to answer any ``$orderby`` with that status, as services
-    with a computed key or some SAP gateway entity sets do.
+    with a computed key or some SAP gateway entity sets do. ``$top`` and ``$skip`` are
+    honoured (pages within them follow ``page_size``); set ``server_paging`` to False to answer
+    every request whole in one page (no nextLink, no ``odata.maxpagesize``), as SEGW-generated
+    SAP services do, ``max_top`` to cap ``$top`` there in silence, and ``ignore_skip`` to
+    answer as if no ``$skip`` were asked.
     """
 
     def __init__(
@@ -537,6 +541,9 @@ class ODataServer:
         self.ignore_select = False
         self.raw_names_in_links = False  # as 1C writes them: Catalog_Остановки, not %D0%9E...
         self.refuse_orderby = 0  # 400 or 501: the status any $orderby is answered with
+        self.server_paging = True  # False: every answer whole, without nextLinks
+        self.max_top = 0  # > 0: a larger $top gets this many rows, in silence
+        self.ignore_skip = False
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1139,15 +1146,20 @@ class ODataServer:
     ) -> _Response:
         result = self._result(name, state, opts)
         total = len(result)
-        window_start = min(opts.skip, total)
-        window_end = total if opts.top is None else min(total, opts.skip + opts.top)
+        skip, top = 0 if self.ignore_skip else opts.skip, opts.top
+        if top is not None and self.max_top:
+            top = min(top, self.max_top)
+        window_start = min(skip, total)
+        window_end = total if top is None else min(total, skip + top)
         window_end = max(window_end, window_start)
         lap, flags, offset = 0, "", window_start
         if opts.skiptoken is not None:
             offset, lap, flags = self._read_token(opts.skiptoken)
         # a never-ending fault marks the chain: the flags travel on in every later token
         flags = "".join(sorted(set(flags + ("c" if cycle else "") + ("s" if same_link else ""))))
-        page_size, applied = self._page_size(headers)
+        # without server paging one page holds the whole window, and no empty page follows
+        page_size, applied = (self._page_size(headers) if self.server_paging
+                              else (total + 1, False))
         start = min(max(offset, window_start), window_end)
         end = min(start + page_size, window_end)
         page = result[start:end]

@@ -89,7 +89,10 @@ class ODataSettings:
     retries: int = setting(5, "attempts for connection errors, 5xx, 408 and 429")
     backoff_base: float = setting(0.5, "first wait between retries, seconds (doubles, jittered)")
     backoff_max: float = setting(60.0, "longest wait between retries, seconds")
-    page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none")
+    page_size: int = setting(0, "odata.maxpagesize preference sent to the server; 0 = none. "
+                             "With paging = 'client' also the $top of each request (0: 1000)")
+    paging: str = setting("server", "'server' follows the server's nextLinks; 'client' pages "
+                          "with $top/$skip, for a service that sends a whole set at once")
     count: bool = setting(True, "ask for $count / $inlinecount: sizes the progress bars, "
                           "and a set read with fewer rows than counted fails the sync")
     foreign_next_link: str = setting(
@@ -739,6 +742,11 @@ def _validate(s: Settings) -> None:
             raise bad("odata", key, "must be positive")
     if s.odata.page_size < 0:
         raise bad("odata", "page_size", "must be 0 (the server's page size) or more")
+    if s.odata.paging not in ("server", "client"):
+        raise bad("odata", "paging", "expected server or client")
+    if s.odata.paging == "client" and not s.odata.orderby:
+        raise bad("odata", "paging", "'client' needs [odata] orderby = true: $skip needs a "
+                  "stable order")
     if s.odata.backoff_base < 0 or s.odata.backoff_max < s.odata.backoff_base:
         raise bad("odata", "backoff_base" if s.odata.backoff_base < 0 else "backoff_max",
                   "need 0 <= backoff_base <= backoff_max")

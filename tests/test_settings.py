@@ -117,6 +117,10 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
         ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
         ("", {"PIPELINE_ODATA_PAGE_SIZE": "-1"}, "[odata] page_size: must be 0"),
+        ("", {"PIPELINE_ODATA_PAGING": "skip"}, "[odata] paging: expected server or client"),
+        # $skip over an order the server may change between requests loses and repeats rows
+        ("[odata]\npaging = 'client'\norderby = false\n", {}, "malformed setting [odata] "
+         "paging: 'client' needs [odata] orderby = true: $skip needs a stable order"),
         # A token an HTTP header cannot hold was "internal error: UnicodeEncodeError" or
         # sent with its pasted newline or zero-width space.
         ("", {"PIPELINE_ODATA_TOKEN": "abc\u200bdef"}, "[odata] token: must be printable"),

@@ -213,8 +213,9 @@ class ODataClient:
     def collection_url(self, entity_set: str, *, orderby: str | None = None,
                        select: list[str] | None = None, filter: str | None = None,
                        top: int | None = None) -> str:
-        """The first-page URL; later pages come only from the server's nextLinks. ``orderby``
-        is left out with [odata] orderby = false."""
+        """The first-page URL: with [odata] paging = client it asks for ``$top`` rows (later
+        pages add ``$skip``), else later pages come only from the server's nextLinks.
+        ``orderby`` is left out with [odata] orderby = false."""
         options: list[tuple[str, str]] = []
         if filter:
             options.append(("$filter", filter))
@@ -225,6 +226,8 @@ class ODataClient:
         if self.settings.count:
             options.append(("$count", "true") if self.protocol == "v4" and not self._v3
                            else ("$inlinecount", "allpages"))
+        if self.settings.paging == "client":
+            top = top or self.settings.page_size or 1000
         return self._url(entity_set, options + ([("$top", str(top))] if top else []))
 
     def _url(self, entity_set: str, options: list[tuple[str, str]]) -> str:
@@ -250,7 +253,8 @@ class ODataClient:
 
     def pages(self, entity_set: str, *, orderby: str | None = None,
               select: list[str] | None = None, filter: str | None = None) -> Iterator[Page]:
-        """Every page of an entity set, in server order, following nextLinks to the end.
+        """Every page of an entity set, in server order: following nextLinks to the end, or
+        with [odata] paging = client by ``$skip`` to the first empty page.
 
         A background thread fetches the next two pages while the caller works on this one.
         """
@@ -260,22 +264,43 @@ class ODataClient:
 
     def _pages(self, entity_set: str, url: str) -> Generator[Page, None, None]:
         origin, root = _origin(self.service_url), urlsplit(self.service_url).path
+        client = self.settings.paging == "client"
+        # later client-driven pages: the first URL without the count (the first page's is the
+        # set's; asking again would have the server count the set on every request)
+        later = re.sub(r"\$(?:count=true|inlinecount=allpages)&", "", url)
         seen: set[str] = {url}
-        number = 0
+        number = received = 0
         next_url: str | None = url
+        previous: object = None  # the first row of the page before
         while next_url is not None:
             number += 1
             if number > self.settings.max_pages:
                 raise SourceError(f"OData {entity_set}: more than {self.settings.max_pages} "
-                                  "pages ([odata] max_pages); the server's nextLink never ends")
+                                  "pages ([odata] max_pages); " + (
+                                      "raise it or [odata] page_size" if client else
+                                      "the server's nextLink never ends"))
             what = f"{entity_set} page {number}"
-            body, doc = self._get(next_url, what, names="" if number > 1 else _NAMES)
+            try:
+                body, doc = self._get(next_url, what, names="" if number > 1 else _NAMES)
+            except SourceError as exc:
+                if number == 1 and not client and exc.details.get("too_large"):
+                    raise SourceError(f"{exc}; a service that sends the whole set at once "
+                                      "needs [odata] paging = \"client\"") from None
+                raise
             page_version = self._shape_version(doc, what)
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
             rows, link, count = unwrap_page(doc, page_version, what, self.settings.count)
+            if client and rows and rows[0] == previous:  # keys differ from page to page
+                raise SourceError(f"OData {what}: the rows of page {number - 1} again (the "
+                                  "server ignores $skip; [odata] paging = \"server\")")
             yield Page(number, rows, body, count)
+            previous = rows[0] if rows else None
+            if client:  # by rows received: right under a server's cap; its nextLink is moot
+                received += len(rows)
+                next_url = f"{later}&$skip={received}" if rows else None
+                continue
             if link is None:
                 return
             resolved = urljoin(next_url, link)
@@ -437,7 +462,7 @@ class ODataClient:
         declared = resp.headers.get("Content-Length", "")
         if not error and declared.isdigit() and int(declared) > limit:
             raise SourceError(f"OData {what}: response of {int(declared)} bytes is larger than "
-                              f"[odata] max_response_bytes ({limit})")
+                              f"[odata] max_response_bytes ({limit})", too_large=True)
         chunks: list[bytes] = []
         total = 0
         try:
@@ -447,7 +472,7 @@ class ODataClient:
                     if error:
                         break  # the start is enough
                     raise SourceError(f"OData {what}: response larger than [odata] "
-                                      f"max_response_bytes ({limit})")
+                                      f"max_response_bytes ({limit})", too_large=True)
                 chunks.append(chunk)
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,

@@ -277,7 +277,18 @@ def test_response_size_is_capped(v4: ODataServer, content_length: bool) -> None:
     v4.add_fault(huge_response(3_000_000, content_length=content_length), entity_set="Stops")
     with client(v4, max_response_bytes=1_000_000) as c, pytest.raises(SourceError) as err:
         fetch(c)
-    assert "max_response_bytes" in str(err.value)
+    assert "max_response_bytes (1000000); a service that sends the whole set at once needs " \
+        '[odata] paging = "client"' in str(err.value)  # a first page too large: no paging
+
+
+@pytest.mark.parametrize(("paging", "match"), [("server", "skiptoken"), ("client", None)])
+def test_a_large_page_of_a_paging_client_or_server_has_no_paging_hint(
+        v4: ODataServer, paging: str, match: str | None) -> None:
+    v4.add_fault(huge_response(3_000_000), entity_set="Stops", match=match)
+    with client(v4, max_response_bytes=1_000_000, paging=paging) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).endswith("max_response_bytes (1000000)")
 
 
 def test_an_error_body_under_http_200_is_shown(v4: ODataServer) -> None:
@@ -501,6 +512,73 @@ def test_page_size_preference_is_sent(v4: ODataServer) -> None:
         assert len(list(c.pages("Stops", orderby="ID"))) == 8
     assert v4.last_request is not None
     assert v4.last_request.headers["prefer"] == "odata.maxpagesize=5"
+
+
+def skips(srv: ODataServer, entity_set: str) -> list[str | None]:
+    return [r.query.get("$skip") for r in srv.requests if r.entity_set == entity_set]
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_client_paging_reads_a_service_that_does_not_page(version: str) -> None:
+    # A SEGW service sends a whole set in one answer: past max_response_bytes, or one page
+    # PostgreSQL reads as one JSON text. $top/$skip pages it, to the first empty page.
+    with ODataServer(DATA, version=version) as srv:
+        srv.server_paging = False
+        with client(srv) as c:
+            assert [len(p.rows) for p in c.pages("Routes", orderby="ID")] == [80]
+        with client(srv, paging="client", page_size=7) as c:
+            pages = list(c.pages("Routes", orderby="ID"))
+    assert [len(p.rows) for p in pages] == [7] * 11 + [3, 0]
+    assert [r["ID"] for p in pages for r in p.rows] == list(range(1, 81))
+    assert [p.count for p in pages][0] == 80
+    first = next(r for r in srv.requests if r.query.get("$top") == "7")
+    assert first.query["$orderby"] == "ID" and "$skip" not in first.query
+    assert skips(srv, "Routes")[2:] == [str(n) for n in range(7, 81, 7)] + ["80"]
+    # the set is counted once: with the first page
+    counted = [r for r in srv.requests if r.query.get("$top") == "7"
+               and ("$count" in r.query or "$inlinecount" in r.query)]
+    assert [r.query.get("$skip") for r in counted] == [None]
+
+
+@pytest.mark.parametrize("cap", ["max_top", "server_pages"])
+def test_client_paging_advances_by_the_rows_a_capped_server_sends(cap: str) -> None:
+    # A server that sends fewer rows than $top asks (its cap, or its own page within $top,
+    # with a nextLink) would lose the rest if $skip advanced by $top.
+    with ODataServer(DATA, page_size=5 if cap == "server_pages" else 1000) as srv:
+        srv.max_top = 5 if cap == "max_top" else 0
+        with client(srv, paging="client", page_size=7) as c:
+            pages = list(c.pages("Stops", orderby="ID"))
+    assert [len(p.rows) for p in pages] == [5] * 8 + [0]
+    assert [r["ID"] for p in pages for r in p.rows] == list(range(1, 41))
+    assert skips(srv, "Stops") == [None, *(str(n) for n in range(5, 41, 5))]
+    assert not any("$skiptoken" in r.target for r in srv.requests)  # nextLinks not followed
+
+
+def test_client_paging_of_an_empty_set_is_one_page() -> None:
+    with ODataServer({**DATA, "Stops": []}) as srv, client(srv, paging="client") as c:
+        pages = list(c.pages("Stops", orderby="ID"))
+        assert c.collection_url("Stops").endswith("$count=true&$top=1000")  # 0: 1000
+        assert "$top=1&" in c.collection_url("Stops", top=1) + "&"  # doctor's probe
+    assert [(len(p.rows), p.count) for p in pages] == [(0, 0)]
+    assert srv.request_count("Stops") == 1
+
+
+def test_client_paging_of_a_server_that_ignores_skip_fails_at_once() -> None:
+    with ODataServer(DATA) as srv, client(srv, paging="client", page_size=7) as c:
+        srv.ignore_skip = True
+        with pytest.raises(SourceError) as err:
+            list(c.pages("Stops", orderby="ID"))
+    assert str(err.value) == ('OData Stops page 2: the rows of page 1 again (the server '
+                              'ignores $skip; [odata] paging = "server")')
+    assert srv.request_count("Stops") == 2
+
+
+def test_client_paging_is_capped_by_max_pages(v4: ODataServer) -> None:
+    with client(v4, paging="client", page_size=7, max_pages=3) as c, \
+            pytest.raises(SourceError) as err:
+        list(c.pages("Stops", orderby="ID"))
+    assert str(err.value) == ("OData Stops: more than 3 pages ([odata] max_pages); raise it or "
+                              "[odata] page_size")
 
 
 def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:

@@ -320,6 +320,16 @@ def test_odata_probes_with_the_syncs_orderby(cli: Cli, odata: ODataServer) -> No
     assert code == 0, obj
 
 
+def test_odata_probes_the_first_page_of_client_paging_with_top_1(
+        cli: Cli, odata: ODataServer) -> None:
+    cli.env.update({"PIPELINE_ODATA_PAGING": "client", "PIPELINE_ODATA_PAGE_SIZE": "50"})
+    odata.reset_requests()
+    code, obj = doctor(cli)
+    assert code == 0, obj
+    probes = [r.query for r in odata.requests if r.entity_set]
+    assert len(probes) == 3 and all(q["$top"] == "1" and "$skip" not in q for q in probes)
+
+
 def test_point_option_and_malformed_point(cli: Cli) -> None:
     code, obj = doctor(cli, "--point", "24.94,60.17")
     assert code == 0 and "24.94000,60.17000 (--point)" in by_name(obj)["osrm"]["detail"]

@@ -239,3 +239,26 @@ def test_a_sync_through_the_environments_proxy_keeps_its_password_out(
         "(from the environment; [odata] proxy overrides): connection failed: connection "
         "refused after 5 attempts"), failed.stderr
     assert secret not in ok.stdout + ok.stderr + failed.stdout + failed.stderr
+
+
+def test_a_service_that_does_not_page_points_at_client_paging(
+        cli: Cli, server: ODataServer) -> None:
+    server.server_paging = False  # each set in one answer, larger than the cap
+    cli.env["PIPELINE_ODATA_MAX_RESPONSE_BYTES"] = "3000"
+    res = cli("sync-odata")
+    assert res.exit_code == 1
+    error = res.stderr.strip().splitlines()[-1]
+    assert "OData Stops page 1: response of " in error and error.endswith(
+        ' bytes is larger than [odata] max_response_bytes (3000); a service that sends the '
+        'whole set at once needs [odata] paging = "client"'), res.stderr
+    cli.env.update({"PIPELINE_ODATA_PAGING": "client", "PIPELINE_ODATA_PAGE_SIZE": "10"})
+    out = as_json(cli("sync-odata", "--json").stdout)
+    assert out["status"] == "success"
+    assert out["counts"] == {"stops": 30, "routes": 60, "flights": 9, "rejected": 0}
+    cli.env["PIPELINE_ODATA_ORDERBY"] = "false"  # $skip over an order that may change
+    requests = server.request_count()
+    bad = cli("sync-odata")
+    assert bad.exit_code == 78 and bad.stderr.strip().splitlines()[-1].endswith(
+        "malformed setting [odata] paging: 'client' needs [odata] orderby = true: $skip "
+        "needs a stable order"), bad.stderr
+    assert server.request_count() == requests

@@ -939,6 +939,39 @@ def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
         assert feed_key(ordered, mappings) != feed_key(unordered, mappings)
 
 
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_client_paging_syncs_a_service_that_does_not_page(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str) -> None:
+    client_paged = {"paging": "client", "page_size": 15}
+    with ODataServer(network(), version=version) as srv:
+        srv.server_paging = False
+        first = sync(srv, odata=client_paged)
+        assert first.status == "success", first.error
+        assert first.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+        # digests of every page, the empty last one too, under the client-paged URLs' key
+        mappings = resolve_mapping(None)
+        with client_for(srv) as server_paged, client_for(srv, **client_paged) as paged:
+            key = feed_key(paged, mappings)
+            assert feed_key(server_paged, mappings) != key  # switching modes changes it
+        digests = conn.execute("SELECT feed_digests FROM datasets").fetchone()["feed_digests"]
+        assert digests["key"] == key and len(digests["pages"]["stops"]) == 4 * 32
+        assert sync(srv, odata=client_paged).status == "noop"
+        assert sync(srv).status == "noop"  # one page per set: other pages, the same rows
+
+
+def test_client_paging_still_checks_the_count(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    stops = network()["Stops"]
+    server.add_fault(wrong_shape({"@odata.count": len(stops) + 1, "value": stops}),
+                     entity_set="Stops")  # the first page; $skip=40 then finds none
+    rec = sync(odata={"paging": "client", "page_size": 15})
+    assert rec.status == "failed" and rec.error is not None
+    assert rec.error.startswith(f"OData Stops: the server counted {len(stops) + 1} entities "
+                                f"but its pages held {len(stops)}")
+    assert [r.query.get("$skip") for r in server.requests if r.entity_set == "Stops"] == [
+        None, "40"]
+
+
 def test_mapping_renames_sets_and_fields_and_filters(
         database_url: str, backups: BackupStore, conn: psycopg.Connection[Any]) -> None:
     data = sample_network(30)
