@@ -168,12 +168,13 @@ class _Set:
         # A property a path reads into is read as json (t0, t1, ...), and each mapped field is
         # one text of it in a lateral subquery (OFFSET 0: once per row, not at each use).
         # Without paths the statement is the plain one: json_to_recordset's texts are the f's.
-        nested = {name.split("/")[0] for name in m.sources if "/" in name}
+        nested = {name.partition("/")[0] for name in m.sources if "/" in name}
         t = {name: sql.Identifier(f"t{i}") for i, name in enumerate(m.select)} if nested else f
 
-        def at(src: str, op: str) -> sql.Composable:  # in its property, read as json
+        def at(src: str, op: str) -> sql.Composable | None:  # None: its property is text
             top, *path = src.split("/")
-            return sql.SQL("x.{} {} {}").format(t[top], sql.SQL(op), sql.Literal(path))
+            return sql.SQL("x.{} {} {}").format(t[top], sql.SQL(op), sql.Literal(path)
+                                                ) if top in nested else None
         values, bad = [], []
         for col in COLUMNS[self.entity]:
             kind, low, high = KINDS[self.entity][col]
@@ -182,8 +183,8 @@ class _Set:
                 values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
                 continue
             if kind in ("key", "text"):  # the JSON type, only for a value that needs it
-                of = at(src, "#>") if src.split("/")[0] in nested else sql.SQL(
-                    "{} -> (x.n - 1)::integer -> {}").format(rows, sql.Literal(src))
+                of = at(src, "#>") or sql.SQL("{} -> (x.n - 1)::integer -> {}").format(
+                    rows, sql.Literal(src))
                 values.append(sql.SQL("sync_{}({}, CASE WHEN sync_suspect({}) THEN "
                                       "json_typeof({}) END) AS {}").format(
                     sql.SQL(kind), f[src], f[src], of, c))
@@ -199,8 +200,8 @@ class _Set:
         out = [sql.SQL("coalesce({}, false)" if KINDS[self.entity][col][0] == "bool" else "{}"
                        ).format(sql.Identifier(f"c_{col}")) for col in COLUMNS[self.entity]]
         lateral = sql.SQL(", LATERAL (SELECT {} OFFSET 0) AS y({})").format(
-            sql.SQL(", ").join(at(name, "#>>") if name.split("/")[0] in nested else
-                               sql.SQL("x.{}").format(t[name]) for name in m.sources),
+            sql.SQL(", ").join(at(name, "#>>") or sql.SQL("x.{}").format(t[name])
+                               for name in m.sources),
             sql.SQL(", ").join(f.values())
         ) if nested else sql.SQL("")
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
