@@ -402,6 +402,21 @@ def sample_network(
     return {name: rows[:] for name, rows in lazy.items()}
 
 
+def trippin_airports(stops: Sequence[Row]) -> list[Row]:
+    """Sample stops in the shape of the Airports of TripPin, OData's V4 sample service
+    (services.odata.org/TripPinRESTierService): the key ``IcaoCode`` (the stop's ID as text,
+    so the routes still name them) and the city's name and the position, a GeoJSON point
+    (``[longitude, latitude]``), inside the complex ``Location``."""
+    return [
+        {"IcaoCode": str(s["ID"]), "Name": s["name"], "IataCode": f"X{s['ID']:02d}",
+         "Location": {"Address": f"{s['ID']} Asematie", "City": {
+             "Name": s["city"], "CountryRegion": "Finland", "Region": "Uusimaa"},
+             "Loc": {"type": "Point", "coordinates": [s["longitude"], s["latitude"]],
+                     "crs": {"type": "name", "properties": {"name": "EPSG:4326"}}}}}
+        for s in stops
+    ]  # fmt: skip
+
+
 # -- feed files --------------------------------------------------------------------------
 def write_feed(
     path: str | os.PathLike[str],

@@ -36,6 +36,7 @@ from devtools.odata_data import (
     read_feed,
     sample_network,
     sample_network_lazy,
+    trippin_airports,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "sample_network",
     "sample_network_lazy",
     "status",
+    "trippin_airports",
     "truncated_json",
     "wrong_shape",
 ]
@@ -266,6 +268,8 @@ def _edm_type(value: Any) -> str | None:
         return "Edm.Date"
     if isinstance(value, dt.time):
         return "Edm.TimeOfDay"
+    if isinstance(value, dict):
+        return _COMPLEX
     return "Edm.String"
 
 
@@ -314,6 +318,17 @@ def _v4_decimal(value: Any) -> Any:
 
 _STRINGIFIED = {"Edm.Int64", "Edm.Decimal", "Edm.Double"}
 _NAMESPACE = "Pipeline.Fixture"
+_COMPLEX = f"{_NAMESPACE}.Complex"  # a nested object: a complex type (or a GeoJSON point)
+
+
+def _v2_complex(name: str) -> Converter:
+    """V2 JSON gives each complex value, nested ones too, its own ``__metadata``."""
+    def convert(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {"__metadata": {"type": f"{_NAMESPACE}.{name}"},
+                **{k: _v2_complex(k)(v) for k, v in value.items()}}
+    return convert
 
 
 # -- per-set state -----------------------------------------------------------------------
@@ -472,10 +487,12 @@ class ODataServer:
     :meth:`request_count`. All of these are safe to call while requests are in flight.
 
     Rows are plain dicts; field types (Edm) are inferred from the first rows and can be
-    overridden with ``types={"Stops": {"ID": "Edm.Int64"}}``. Without ``$orderby`` rows are
-    served in stored order; with it, ties are broken by the key, ascending. The
-    ``$skiptoken`` is an offset into the (filtered, ordered) result, so mutating a set between
-    pages shifts rows under a running client, as it does with many real services.
+    overridden with ``types={"Stops": {"ID": "Edm.Int64"}}``; a nested dict is a complex value
+    (V2 gives it and each dict in it a ``__metadata``; see ``trippin_airports``). Without
+    ``$orderby`` rows are served in stored order; with it, ties are broken by the key,
+    ascending. The ``$skiptoken`` is an offset into the (filtered, ordered) result, so
+    mutating a set between pages shifts rows under a running client, as it does with many
+    real services.
 
     Value format options: ``v2_numbers_as_strings`` (V2: Edm.Int64/Decimal/Double as JSON
     strings), ``v2_date_offset`` (V2 dates as ``/Date(ms+0000)/`` instead of ``/Date(ms)/``),
@@ -1237,6 +1254,8 @@ class ODataServer:
                     out.append((name, _v2_datetime(self.v2_date_offset)))
                 elif edm == "Edm.TimeOfDay":
                     out.append((name, _v2_time))
+                elif edm == _COMPLEX and self.v2_metadata:
+                    out.append((name, _v2_complex(name)))
         return out
 
     def _serialise_rows(

@@ -335,8 +335,8 @@ def _odata(s: Settings) -> str:
         try:
             protocol = client.protocol  # the service root, with the configured credentials
             for mapping in resolve_mapping(s.odata.mapping).values():
-                client.probe(mapping.entity_set, orderby=mapping.key_field,
-                             filter=mapping.filter, select=mapping.select)  # the sync's first page
+                client.probe(mapping.entity_set, orderby=mapping.key_field, select=mapping.select,
+                             filter=mapping.filter, fields=mapping.sources)  # the sync's first page
                 sets.append(mapping.entity_set)
         except SourceError as exc:  # which proxy the failing request went through
             if client.via and client.via not in str(exc):

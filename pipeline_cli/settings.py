@@ -111,7 +111,8 @@ class ODataSettings:
         "private CA); unset: the public CAs bundled with certifi"
     )
     mapping: dict[str, Any] = setting(
-        {}, "entity-set and field mapping ([odata.mapping.stops] etc.)", env=False
+        {}, "entity-set and field mapping ([odata.mapping.stops] etc.; a field but the key "
+        "may be a path into complex values: Location/City/Name)", env=False
     )
 
 

@@ -32,7 +32,7 @@ from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
-from .odata_format import unwrap_page
+from .odata_format import has_field, unwrap_page
 
 if TYPE_CHECKING:
     from ..settings import ODataSettings
@@ -237,14 +237,17 @@ class ODataClient:
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
 
     def probe(self, entity_set: str, *, orderby: str | None = None,
-              filter: str | None = None, select: list[str] | None = None) -> int:
-        """GET the sync's first page with ``$top=1``: the rows (0 or 1)."""
+              filter: str | None = None, select: list[str] | None = None,
+              fields: list[str] | None = None) -> int:
+        """GET the sync's first page with ``$top=1``: the rows (0 or 1). The row must have
+        each of ``fields`` (names or paths; default ``select``)."""
         url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter,
                                   top=1)
         doc = self._get(url, f"{entity_set} $top=1")[1]
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
-        if rows and (missing := sorted(set(select or ()) - rows[0].keys())):  # $select ignored
+        missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
+        if missing:  # the server ignored $select, or a path is not the entity's
             raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
                               + _NAMES)
         return len(rows)

@@ -38,7 +38,7 @@ class EntityMapping:
 
     entity: str  # read-model table: stops, routes, flights
     entity_set: str  # OData entity set name
-    fields: dict[str, str]  # read-model column -> OData field ("" = not provided)
+    fields: dict[str, str]  # read-model column -> OData field or path ("" = not provided)
     filter: str | None = None
 
     @property
@@ -47,7 +47,14 @@ class EntityMapping:
 
     @property
     def select(self) -> list[str]:
-        """The distinct fields read, in a fixed order (a field may fill two columns)."""
+        """The distinct properties read ($select), in a fixed order: a property may fill two
+        columns, and a path reads inside its first segment's property."""
+        return sorted({f.partition("/")[0] for f in self.fields.values() if f})
+
+    @property
+    def sources(self) -> list[str]:
+        """The distinct mapped fields and paths as written, in a fixed order: what a row is
+        read into, one text each (the same as ``select`` when no path is mapped)."""
         return sorted({f for f in self.fields.values() if f})
 
     def to_json(self) -> dict[str, Any]:
@@ -58,6 +65,9 @@ class EntityMapping:
 # SimpleIdentifier; 1C:Enterprise services name sets and fields in Cyrillic); "." for a
 # qualified name.
 _NAME_RE = re.compile(r"^[^\W\d][\w.]*$")
+# A field of the mapping: a name, or a path into complex values (OData's own syntax,
+# Location/Loc/coordinates/1), whose later segments may be array indexes.
+_FIELD_RE = re.compile(r"[^\W\d][\w.]*(/([^\W\d][\w.]*|0|[1-9][0-9]{0,8}))*")
 # PostgreSQL reads a field by its name and cuts names at 63 bytes (NAMEDATALEN - 1).
 _NAME_BYTES = 63
 
@@ -67,7 +77,8 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
 
     ``[odata.mapping.stops] set = "Ostanovki", filter = "...", fields = {id = "Ref_Key"}``
     renames the set, adds a ``$filter`` and renames fields; fields not given keep their
-    default names; an optional field mapped to ``""`` is not read at all.
+    default names; an optional field mapped to ``""`` is not read at all. A field other than
+    the key may be a path into complex values: ``latitude = "Location/Loc/coordinates/1"``.
     """
     raw = raw or {}
 
@@ -100,9 +111,13 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             if column not in default_fields:
                 raise bad(f".{entity}.fields", f"unknown column {column!r} (expected one of "
                           f"{', '.join(default_fields)})")
-            if not isinstance(name, str) or (name and not _NAME_RE.match(name)):
-                raise bad(f".{entity}.fields", f"{column} must be a field name, got {name!r}")
-            if len(name.encode()) > _NAME_BYTES:
+            if not isinstance(name, str) or (name and not _FIELD_RE.fullmatch(name)):
+                raise bad(f".{entity}.fields", f"{column} must be a field name or a path of "
+                          f"names and array indexes (Location/City/Name), got {name!r}")
+            if column == "id" and "/" in name:  # $orderby sorts by it, and keys are plain
+                raise bad(f".{entity}.fields", f"id is the key: a property name, not a path, "
+                          f"got {name!r}")
+            if len(name.partition("/")[0].encode()) > _NAME_BYTES:
                 raise bad(f".{entity}.fields", f"{column}: a field name longer than "
                           f"{_NAME_BYTES} bytes cannot be read, got {name!r}")
             if not name and column not in OPTIONAL_COLUMNS:
@@ -110,6 +125,25 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             fields[column] = name
         out[entity] = EntityMapping(entity, entity_set, fields, filter_)
     return out
+
+
+def has_field(row: Mapping[str, Any], field: str) -> bool:
+    """Whether an entity has a mapped field or path: not if an object on the way lacks a
+    segment's name, or the path goes on past a value that is no object or array. A null on
+    the way, or an array too short, is an entity without the value, not a wrong path."""
+    value: Any = row
+    for segment in field.split("/"):
+        if value is None:
+            return True
+        if isinstance(value, list) and segment.isdigit():
+            if int(segment) >= len(value):
+                return True
+            value = value[int(segment)]
+        elif isinstance(value, dict) and segment in value:
+            value = value[segment]
+        else:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ pages

@@ -32,7 +32,7 @@ from psycopg.types.json import Jsonb
 from .. import db
 from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient, Page
-from ..adapters.odata_format import EntityMapping, resolve_mapping
+from ..adapters.odata_format import EntityMapping, has_field, resolve_mapping
 from ..errors import (
     BackupError,
     ConfigError,
@@ -161,22 +161,33 @@ class _Set:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage.
         A row's number ``n`` is its place in the feed: page number << 32 plus its place in the
         page, so it needs no count of the rows before it (a restore has none)."""
-        f = {name: sql.Identifier(f"f{i}") for i, name in enumerate(self.mapping.select)}
+        m = self.mapping
+        f = {name: sql.Identifier(f"f{i}") for i, name in enumerate(m.sources)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
                 else sql.SQL("coalesce(p -> 'd' -> 'results', p -> 'd')"))
+        # A property a path reads into is read as json (t0, t1, ...), and each mapped field is
+        # one text of it in a lateral subquery (OFFSET 0: once per row, not at each use).
+        # Without paths the statement is the plain one: json_to_recordset's texts are the f's.
+        nested = {name.partition("/")[0] for name in m.sources if "/" in name}
+        t = {name: sql.Identifier(f"t{i}") for i, name in enumerate(m.select)} if nested else f
+
+        def at(src: str, op: str) -> sql.Composable | None:  # None: its property is text
+            top, *path = src.split("/")
+            return sql.SQL("x.{} {} {}").format(t[top], sql.SQL(op), sql.Literal(path)
+                                                ) if top in nested else None
         values, bad = [], []
         for col in COLUMNS[self.entity]:
             kind, low, high = KINDS[self.entity][col]
-            c, src = sql.Identifier(f"c_{col}"), self.mapping.fields[col]
+            c, src = sql.Identifier(f"c_{col}"), m.fields[col]
             if not src:
                 values.append(sql.SQL(_ABSENT.get(kind, "NULL::text") + " AS {}").format(c))
                 continue
             if kind in ("key", "text"):  # the JSON type, only for a value that needs it
-                jtype = sql.SQL("CASE WHEN sync_suspect({f}) THEN json_typeof({rows} -> "
-                                "(x.n - 1)::integer -> {name}) END").format(
-                    f=f[src], rows=rows, name=sql.Literal(src))
-                values.append(sql.SQL("sync_{}({}, {}) AS {}").format(
-                    sql.SQL(kind), f[src], jtype, c))
+                of = at(src, "#>") or sql.SQL("{} -> (x.n - 1)::integer -> {}").format(
+                    rows, sql.Literal(src))
+                values.append(sql.SQL("sync_{}({}, CASE WHEN sync_suspect({}) THEN "
+                                      "json_typeof({}) END) AS {}").format(
+                    sql.SQL(kind), f[src], f[src], of, c))
             else:
                 values.append(sql.SQL("sync_{}({}) AS {}").format(sql.SQL(kind), f[src], c))
             bad.append(sql.SQL("{} IS NULL").format(c) if col not in OPTIONAL_COLUMNS
@@ -188,22 +199,27 @@ class _Set:
                 bad.append(sql.SQL("{} < {}").format(c, sql.Literal(low)))
         out = [sql.SQL("coalesce({}, false)" if KINDS[self.entity][col][0] == "bool" else "{}"
                        ).format(sql.Identifier(f"c_{col}")) for col in COLUMNS[self.entity]]
+        lateral = sql.SQL(", LATERAL (SELECT {} OFFSET 0) AS y({})").format(
+            sql.SQL(", ").join(at(name, "#>>") or sql.SQL("x.{}").format(t[name])
+                               for name in m.sources),
+            sql.SQL(", ").join(f.values())
+        ) if nested else sql.SQL("")
         return _q("page_insert", stage=self.stage, cols=_list(COLUMNS[self.entity]),
                   out=sql.SQL(", ").join(out), values=sql.SQL(", ").join(values),
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
-                  rows=rows,
-                  defs=sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(n))
-                                          for n in self.mapping.select))
+                  rows=rows, props=sql.SQL(", ").join(t.values()), lateral=lateral,
+                  defs=sql.SQL(", ").join(sql.SQL("{} json" if n in nested else "{} text"
+                                                  ).format(sql.Identifier(n)) for n in m.select))
 
     def checks(self) -> dict[str, Any]:
         """Parameters of the ``problems`` query: the checked columns with their fields."""
         cols = [c for c in COLUMNS[self.entity] if self.mapping.fields[c]]
         kinds, lows, highs = zip(*(KINDS[self.entity][c] for c in cols), strict=True)
-        select = self.mapping.select  # field numbers in the ARRAY of texts, counted from 1
-        return {"cols": cols, "fields": [select.index(self.mapping.fields[c]) + 1 for c in cols],
+        sources = self.mapping.sources  # field numbers in the ARRAY of texts, counted from 1
+        return {"cols": cols, "fields": [sources.index(self.mapping.fields[c]) + 1 for c in cols],
                 "kinds": list(kinds), "lows": list(lows), "highs": list(highs),
                 "required": [c not in OPTIONAL_COLUMNS for c in cols],
-                "key": select.index(self.mapping.key_field) + 1}
+                "key": sources.index(self.mapping.key_field) + 1}
 
 
 # ------------------------------------------------------------------------------ staging
@@ -249,14 +265,14 @@ class _Loader:
         with db.wrap_errors("staging the feed"), self.conn.pipeline():
             for e in ENTITIES:
                 st, m = self.sets[e], self.sets[e].mapping
-                absent, names = set(m.select), set[str]()  # mapped fields no entity has shown
+                absent, names = set(m.sources), set[str]()  # mapped fields no entity has shown
                 with st.raw.open("wb") as out, self.ctx.progress(m.entity_set, None) as bar:
                     for page in client.pages(m.entity_set, orderby=m.key_field,
                                              select=m.select, filter=m.filter):
                         self.ctx.check_stop()
                         for row in page.rows if absent else ():  # mostly the first row only
                             names |= row.keys()
-                            absent -= row.keys()
+                            absent -= {f for f in absent if has_field(row, f)}
                             if not absent:
                                 break
                         if page.number == 1 and page.count is not None:
@@ -536,13 +552,15 @@ def _refuse_not_json(m: EntityMapping, page: Page) -> None:
 
 
 def _absent_fields(m: EntityMapping, absent: set[str], names: set[str]) -> str:
-    """Which mapped fields no entity of the set had, with the names it did have that come
-    close (another service's spelling: ``IsAirport`` for ``isAirport``)."""
+    """Which mapped fields (or paths) no entity of the set had, with the names it did have
+    that come close (another service's spelling: ``IsAirport`` for ``isAirport``)."""
     def one(name: str) -> str:
         columns = "/".join(c for c, f in m.fields.items() if f == name)
-        close = [n for n in names if n.lower() == name.lower()] or difflib.get_close_matches(
-            name, sorted(names), n=1)
-        return f"{name!r} ({columns}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+        top, slash, path = name.partition("/")  # a path whose property is there: no guess
+        close = [] if top in names else [n for n in names if n.lower() == top.lower()] or \
+            difflib.get_close_matches(top, sorted(names), n=1)
+        return f"{name!r} ({columns}" + (f"; did you mean {close[0] + slash + path!r}?)"
+                                         if close else ")")
     return (f"OData {m.entity_set}: no entity has the field(s) "
             f"{', '.join(one(n) for n in sorted(absent))} of [odata.mapping.{m.entity}.fields];"
             " map each to the service's name (or an optional one to \"\" to leave it out); "

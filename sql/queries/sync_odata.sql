@@ -24,13 +24,15 @@ SELECT 0::bigint AS n, {cols}, NULL::text[] AS bad FROM {target} WITH NO DATA;
 -- One page: json_to_recordset reads the source fields as text (f0, f1, ...), the sync_*
 -- functions of sql/015_sync_in_sql.sql make them read-model values (NULL if refused), and a
 -- row with a refused value keeps those texts for the problem report. OFFSET 0 keeps the inner
--- query whole, so each function runs once per value.
+-- query whole, so each function runs once per value. A mapped path reads into a property,
+-- which is then read as json (t0, t1, ...): a lateral subquery takes the text at each path
+-- (f0, f1, ...) from it (see _Set.page_insert); without paths the lateral is left out.
 INSERT INTO {stage} (n, {cols}, bad)
 SELECT n, {out}, CASE WHEN {bad} THEN ARRAY[{raw}] END
 FROM (
     SELECT %(base)s::bigint + x.n AS n, {values}, {raw}
     FROM (SELECT %(page)s::json AS p) page,
-         ROWS FROM (json_to_recordset({rows}) AS ({defs})) WITH ORDINALITY AS x({raw}, n)
+         ROWS FROM (json_to_recordset({rows}) AS ({defs})) WITH ORDINALITY AS x({props}, n){lateral}
     OFFSET 0
 ) s;
 

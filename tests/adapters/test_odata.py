@@ -31,7 +31,7 @@ from devtools.odata_server import (
     wrong_shape,
 )
 from pipeline_cli.adapters.odata import ODataClient, error_line
-from pipeline_cli.adapters.odata_format import resolve_mapping, unwrap_page
+from pipeline_cli.adapters.odata_format import has_field, resolve_mapping, unwrap_page
 from pipeline_cli.errors import ConfigError, SourceError, endpoint
 from pipeline_cli.settings import ODataSettings
 from tests.support.proxy import CountingHttpProxy
@@ -598,6 +598,35 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
     for raw in bad:
         with pytest.raises(ConfigError, match=r"\[odata.mapping"):
             resolve_mapping(raw)
+
+
+def test_a_mapped_field_may_be_a_path_into_complex_values_but_not_the_key() -> None:
+    m = resolve_mapping({"stops": {"fields": {
+        "latitude": "Location/Loc/coordinates/1", "longitude": "Location/Loc/coordinates/0",
+        "city": "Location/City/Name", "name": "Location/Д" * 30}}})["stops"]
+    assert m.select == ["ID", "Location", "isAirport"]  # $select: each property once
+    assert m.sources == ["ID", "Location/City/Name", "Location/Loc/coordinates/0",
+                         "Location/Loc/coordinates/1", "Location/Д" * 30, "isAirport"]
+    bad = {"Location/": "must be a field name or a path", "/Loc": "", "Location//Loc": "",
+           "Location/01": "", "Location/-1": "", "Location/1a": "", "Location/ Loc": "",
+           "Lat\n": "", "Location/Loc\n": "", "Д" * 32 + "/Loc": "longer than 63 bytes"}
+    for name, why in bad.items():
+        with pytest.raises(ConfigError, match=r"\[odata.mapping.stops.fields\]: latitude.*"
+                           + (why or "must be")):
+            resolve_mapping({"stops": {"fields": {"latitude": name}}})
+    with pytest.raises(ConfigError, match=r"id is the key: a property name, not a path, "
+                       "got 'Location/Code'"):
+        resolve_mapping({"stops": {"fields": {"id": "Location/Code"}}})
+
+
+def test_an_entity_has_a_path_unless_an_object_on_it_lacks_a_name() -> None:
+    row = {"ID": 1, "Location": {"City": None, "Loc": {"coordinates": [24.9]}}, "Gone": None}
+    for path in ("ID", "Gone", "Gone/Name", "Location/City/Name", "Location/Loc/coordinates/0",
+                 "Location/Loc/coordinates/1"):  # a null on the way, or an array too short
+        assert has_field(row, path), path
+    for path in ("id", "Location/Lco", "Location/Loc/coordinates/x", "ID/Name",
+                 "Location/Loc/0", "Location/Loc/coordinates/0/x"):
+        assert not has_field(row, path), path
 
 
 @pytest.mark.parametrize("count", [5, "unknown"])

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from devtools.odata_server import ODataServer, sample_network
+from devtools.odata_server import ODataServer, sample_network, trippin_airports
 from devtools.procs import free_port
 from devtools.services import S3Endpoint
 from pipeline_cli import db
@@ -277,6 +277,27 @@ def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServ
     assert result.exit_code == 1 and by_name(obj)["odata"]["detail"] == (
         "OData Stops $top=1: the entity has no field 'IsAirport' (check the names in "
         "[odata.mapping])"), obj
+
+
+def test_odata_follows_the_mapped_paths_into_the_probed_entity(
+        cli: Cli, odata: ODataServer, tmp_path: Any) -> None:
+    odata.set_rows("Airports", trippin_airports(sample_network(10)["Stops"]))
+    config = tmp_path / "pipeline.toml"
+    cli.env["PIPELINE_CONFIG"] = str(config)
+    for city, code, detail in (
+            ("Location/City/Name", 0, "$top=1 ok for Airports, Routes, Flights"),
+            ("Location/Cty/Name", 1, "OData Airports $top=1: the entity has no field "
+                                     "'Location/Cty/Name' (check the names in [odata.mapping])"),
+            ("Location//Name", 78, "malformed setting [odata.mapping.stops.fields]: city must "
+                                   "be a field name or a path")):
+        config.write_text('[odata.mapping.stops]\nset = "Airports"\n'
+                          '[odata.mapping.stops.fields]\nid = "IcaoCode"\nname = "Name"\n'
+                          'latitude = "Location/Loc/coordinates/1"\n'
+                          f'longitude = "Location/Loc/coordinates/0"\ncity = "{city}"\n'
+                          'is_airport = ""\n')
+        result, obj = doctor(cli)
+        check = "settings" if code == 78 else "odata"
+        assert result == code and detail in by_name(obj)[check]["detail"], obj
 
 
 def test_odata_names_the_proxy_it_went_through_without_its_password(

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from devtools.odata_server import ODataServer, delay, sample_network
+from devtools.odata_server import ODataServer, delay, sample_network, trippin_airports
 from devtools.procs import free_port
 from pipeline_cli import db
 from tests.support.clirunner import Cli
@@ -173,6 +173,41 @@ def test_installed_script_with_a_mapping_file_keeps_secrets_out(
     assert rows and not any("cli-Secret-42" in r[0] for r in rows)
     help_text = cli.subprocess("sync-odata", "--help").stdout
     assert "--skip-invalid" in help_text and "--dry-run" in help_text
+
+
+def test_a_path_mapping_from_the_config_file(cli: Cli, database_url: str,
+                                            tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.toml"
+    cli.env["PIPELINE_CONFIG"] = str(config)
+
+    def mapping(latitude: str, id_: str = "IcaoCode") -> None:
+        config.write_text('[odata.mapping.stops]\nset = "Airports"\n'
+                          f'[odata.mapping.stops.fields]\nid = "{id_}"\nname = "Name"\n'
+                          f'latitude = "{latitude}"\nlongitude = "Location/Loc/coordinates/0"\n'
+                          'city = "Location/City/Name"\nis_airport = ""\n')
+
+    data = sample_network(30)
+    with ODataServer({"Airports": trippin_airports(data["Stops"]), "Routes": data["Routes"],
+                      "Flights": data["Flights"]}, version="v2", keys={"Airports": "IcaoCode"},
+                     username="etl", password="cli-Secret-42") as srv:
+        cli.env["PIPELINE_ODATA_URL"] = srv.url
+        mapping("Location/Loc/coordinates/1")
+        out = as_json(cli("sync-odata", "--json").stdout)
+        assert out["status"] == "success" and out["counts"]["stops"] == 30, out
+        for latitude, id_, why in (
+                ("Location/Loc/coordinates/-1", "IcaoCode", "latitude must be a field name or "
+                 "a path of names and array indexes (Location/City/Name), got "
+                 "'Location/Loc/coordinates/-1'"),
+                ("Location/Loc/coordinates/1", "Location/Code", "id is the key: a property "
+                 "name, not a path, got 'Location/Code'")):
+            mapping(latitude, id_)
+            res = cli("sync-odata")
+            assert res.exit_code == 78, res.output
+            assert f"malformed setting [odata.mapping.stops.fields]: {why}" in res.stderr
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT latitude, city FROM stops WHERE id = '2'").fetchone()
+        assert row == (data["Stops"][1]["latitude"], data["Stops"][1]["city"])
+        assert conn.execute("SELECT count(*) FROM stage_runs").fetchone() == (1,)
 
 
 def test_v2_next_links_on_another_host_sync_from_the_configured_one(

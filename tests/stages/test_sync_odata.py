@@ -5,14 +5,24 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from devtools.odata_server import ODataServer, delay, sample_network, status, wrong_shape
+from devtools.odata_server import (
+    ODataServer,
+    delay,
+    sample_network,
+    sample_network_lazy,
+    status,
+    trippin_airports,
+    wrong_shape,
+)
 from devtools.services import S3Endpoint
+from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
@@ -21,6 +31,7 @@ from pipeline_cli.errors import endpoint
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
+    _Set,
     feed_key,
     list_datasets,
     restore_dataset,
@@ -1013,6 +1024,165 @@ def test_mapping_takes_names_in_any_script(
     row = conn.execute("SELECT * FROM stops WHERE id = '1'").fetchone()
     assert row is not None and row["name"] == data["Stops"][0]["name"]
     assert row["latitude"] == data["Stops"][0]["latitude"]
+
+
+# The TripPin-shaped Airports (devtools/odata_data.py): positions and city names inside
+# complex values, read through paths.
+TRIPPIN: dict[str, Any] = {"stops": {"set": "Airports", "fields": {
+    "id": "IcaoCode", "name": "Name", "latitude": "Location/Loc/coordinates/1",
+    "longitude": "Location/Loc/coordinates/0", "city": "Location/City/Name", "is_airport": ""}}}
+
+
+def trippin(version: str = "v4") -> ODataServer:
+    data = network()
+    return ODataServer({"Airports": trippin_airports(data["Stops"]), "Routes": data["Routes"],
+                        "Flights": data["Flights"]}, version=version,
+                       keys={"Airports": "IcaoCode"}, page_size=15)
+
+
+def trippin_with(**fields: str) -> dict[str, Any]:
+    return {"stops": {**TRIPPIN["stops"], "fields": {**TRIPPIN["stops"]["fields"], **fields}}}
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_paths_read_positions_and_names_inside_complex_values(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str) -> None:
+    with trippin(version) as srv:
+        with client_for(srv) as client:  # V2 gives each complex value its own __metadata
+            row = next(iter(client.pages("Airports", select=["Location"]))).rows[0]
+        assert ("__metadata" in row["Location"]["City"]) == (version == "v2")
+        srv.reset_requests()
+        rec = sync(srv, mapping=TRIPPIN)
+        assert rec.status == "success", rec.error
+        assert rec.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+        # Location once, however many columns read from it
+        assert [r.target.split("&")[0] for r in srv.requests if r.entity_set == "Airports"][
+            0] == "/odata/Airports?$select=IcaoCode,Location,Name"
+        assert sync(srv, mapping=TRIPPIN).status == "noop"
+    stops = {s["ID"]: s for s in network()["Stops"]}
+    assert [(r["name"], r["latitude"], r["longitude"], r["city"], r["is_airport"])
+            for r in table(conn, "stops")] == [
+        (s["name"], s["latitude"], s["longitude"], s["city"], False)
+        for s in sorted(stops.values(), key=lambda s: str(s["ID"]))]
+
+
+def test_a_null_or_missing_nested_value_is_a_problem_named_by_its_path(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    with trippin() as srv:
+        loc = srv.rows("Airports")[0]["Location"]
+        srv.update_row("Airports", "3", Location=None)
+        srv.update_row("Airports", "5", Location={k: v for k, v in loc.items() if k != "Loc"})
+        srv.update_row("Airports", "6", Location={**loc, "Loc": {"coordinates": [24.9]}})
+        srv.update_row("Airports", "7", Location={**loc, "City": {"Name": True}})
+        srv.update_row("Airports", "8", Location={**loc, "City": {"Name": "true"}})  # a name
+        srv.update_row("Airports", "9", Location={**loc, "City": None})  # city is optional
+        rec = sync(srv, mapping=TRIPPIN)
+        assert rec.status == "failed" and rec.extra["problems"] == [
+            "Airports[IcaoCode=3] Location/Loc/coordinates/1: missing required value",
+            "Airports[IcaoCode=3] Location/Loc/coordinates/0: missing required value",
+            "Airports[IcaoCode=5] Location/Loc/coordinates/1: missing required value",
+            "Airports[IcaoCode=5] Location/Loc/coordinates/0: missing required value",
+            "Airports[IcaoCode=6] Location/Loc/coordinates/1: missing required value",
+            "Airports[IcaoCode=7] Location/City/Name: expected text, got true"], rec.error
+        rec = sync(srv, mapping=TRIPPIN, skip_invalid=True)
+    assert rec.status == "success" and rec.counts["stops"] == 36, rec.error
+    stops = {r["id"]: r for r in table(conn, "stops")}
+    assert stops["8"]["city"] == "true" and stops["9"]["city"] is None
+    assert not {"3", "5", "6", "7"} & set(stops)
+
+
+@pytest.mark.parametrize(("path", "named"), [
+    ("Locaton/Loc/coordinates/1",
+     "'Locaton/Loc/coordinates/1' (latitude; did you mean 'Location/Loc/coordinates/1'?)"),
+    ("Location/Lco/coordinates/1", "'Location/Lco/coordinates/1' (latitude)"),
+    ("Location/Loc/coordinates/x", "'Location/Loc/coordinates/x' (latitude)"),
+])
+def test_a_mapped_path_no_entity_has_is_named_not_read_as_null(
+        sync: Callable[..., RunRecord], path: str, named: str) -> None:
+    with trippin() as srv:
+        srv.ignore_select = True  # a service that ignores a $select naming no property
+        rec = sync(srv, mapping=trippin_with(latitude=path), skip_invalid=True)
+    assert rec.status == "failed" and rec.error == (
+        f"OData Airports: no entity has the field(s) {named} of [odata.mapping.stops.fields]; "
+        "map each to the service's name (or an optional one to \"\" to leave it out); nothing "
+        "was written")
+
+
+def test_a_reference_may_be_a_path(sync: Callable[..., RunRecord],
+                                   conn: psycopg.Connection[Any]) -> None:
+    data = network()
+    data["Routes"] = [{**r, "Ends": {"From": r["fromStop_ID"], "To": [r["toStop_ID"]]}}
+                      for r in data["Routes"]]
+    mapping = {"routes": {"fields": {"from_stop_id": "Ends/From", "to_stop_id": "Ends/To/0"}}}
+    with ODataServer(data, page_size=15) as srv:
+        assert sync(srv, mapping=mapping).status == "success"
+        assert [(r["from_stop_id"], r["to_stop_id"]) for r in table(conn, "routes")] == [
+            (str(r["fromStop_ID"]), str(r["toStop_ID"]))
+            for r in sorted(data["Routes"], key=lambda r: str(r["ID"]))]
+        srv.update_row("Routes", 2, Ends={"From": 1, "To": [999]})
+        rec = sync(srv, mapping=mapping)
+    assert rec.extra["problems"] == [
+        "Routes[ID=2] Ends/To/0: names Stops '999', which is not in the feed"], rec.error
+
+
+def test_a_version_read_through_paths_restores_with_them(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], database_url: str,
+        backups: BackupStore) -> None:
+    with trippin() as srv:
+        v1 = sync(srv, mapping=TRIPPIN)
+        original = {t: table(conn, t) for t in ("stops", "routes", "flights")}
+        srv.update_row("Airports", "3", Name="changed")
+        assert sync(srv, mapping=TRIPPIN).extra["dataset_version"] == "ds-v2"
+    manifest = backups.get_json("datasets/ds-v1/manifest.json")
+    assert manifest["odata"]["mapping"]["stops"]["fields"]["latitude"] == \
+        "Location/Loc/coordinates/1"
+    rec = restore(database_url, backups, "ds-v1")
+    assert rec.status == "success" and rec.extra["hash"] == v1.extra["hash"], rec.error
+    assert {t: table(conn, t) for t in ("stops", "routes", "flights")} == original
+
+
+def test_the_feed_key_changes_with_a_path(server: ODataServer) -> None:
+    # page digests read with latitude and longitude swapped must not vouch for these
+    swapped = trippin_with(latitude="Location/Loc/coordinates/0",
+                           longitude="Location/Loc/coordinates/1")
+    with client_for(server) as client:
+        assert feed_key(client, resolve_mapping(TRIPPIN)) != feed_key(
+            client, resolve_mapping(swapped))
+
+
+def test_without_a_path_a_page_is_read_as_before_paths(conn: psycopg.Connection[Any]) -> None:
+    """page_insert runs for every value of a 200 k-row feed: without a path mapped, each
+    field is json_to_recordset's text itself, with no lateral subquery (the statement is the
+    one from before paths); with one, the lateral reads the paths once per row."""
+    rows = sample_network_lazy(200_000)["Stops"][:1000]
+    plans = {}
+    with conn.transaction():
+        conn.execute(db.query("sync_odata", "create_stage").format(
+            stage=sql.Identifier("stage_stops"), target=sql.Identifier("stops"),
+            cols=sql.SQL("id, name, latitude, longitude, is_airport, city")))
+        for name, mapping, page in (("plain", None, rows),
+                                    ("paths", TRIPPIN, trippin_airports(rows))):
+            insert = _Set("stops", resolve_mapping(mapping)["stops"], "v4", Path("-")).page_insert
+            params = {"page": json.dumps({"value": page}), "base": 0}
+            plans[name] = "\n".join(r["QUERY PLAN"] for r in conn.execute(
+                sql.SQL("EXPLAIN (COSTS OFF) ") + insert, params))
+            if name == "plain":
+                assert insert.as_string(conn).endswith(
+                    "ROWS FROM (json_to_recordset(p -> 'value') AS (\"ID\" text, \"city\" text, "
+                    "\"isAirport\" text, \"latitude\" text, \"longitude\" text, \"name\" text)) "
+                    "WITH ORDINALITY AS x(\"f0\", \"f1\", \"f2\", \"f3\", \"f4\", \"f5\", n)\n"
+                    "    OFFSET 0\n) s")
+            conn.execute(insert, params)
+        staged = conn.execute("SELECT count(*) AS n, count(bad) AS bad, "
+                              "count(DISTINCT (latitude, longitude, city)) AS same "
+                              "FROM stage_stops").fetchone()
+    assert staged == {"n": 2000, "bad": 0, "same": 1000}  # the same values both ways
+    assert plans == {  # one function scan per page; a path adds a projection per row
+        "plain": "Insert on stage_stops\n  ->  Subquery Scan on s\n"
+                 "        ->  Function Scan on json_to_recordset x",
+        "paths": "Insert on stage_stops\n  ->  Subquery Scan on s\n        ->  Nested Loop\n"
+                 "              ->  Function Scan on json_to_recordset x\n"
+                 "              ->  Result"}
 
 
 def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
