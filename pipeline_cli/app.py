@@ -110,9 +110,9 @@ class App:
             if timeout:
                 return BackupStore.connect(endpoint, s3.access_key, s3.secret_key, s3.bucket,
                                            secure=s3.secure, region=s3.region, timeout=timeout,
-                                           retries=0)
+                                           retries=0, prefix=s3.prefix)
             return BackupStore.connect(endpoint, s3.access_key, s3.secret_key, s3.bucket,
-                                       secure=s3.secure, region=s3.region)
+                                       secure=s3.secure, region=s3.region, prefix=s3.prefix)
 
         return self.cached(f"backups:{timeout}", build)
 

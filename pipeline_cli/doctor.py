@@ -269,7 +269,8 @@ def _s3(s: Settings) -> str:
 
     store = BackupStore.connect(str(s.require("s3", "endpoint")), s.s3.access_key,
                                 s.s3.secret_key, s.s3.bucket, secure=s.s3.secure,
-                                region=s.s3.region, timeout=TIMEOUT, retries=0)
+                                region=s.s3.region, timeout=TIMEOUT, retries=0,
+                                prefix=s.s3.prefix)
     token = uuid.uuid4().hex[:12]
     if not store.bucket_exists():
         # S3 has no "may I create a bucket" call: create a uniquely named one and remove it.
@@ -283,7 +284,33 @@ def _s3(s: Settings) -> str:
             raise _Failed(f"S3 bucket {s.s3.bucket}: the probe object read back differently")
     finally:
         store.delete(key)
-    return f"bucket {s.s3.bucket}: probe object written, read and deleted"
+    return (f"bucket {s.s3.bucket}{f', prefix {store.prefix!r}' if store.prefix else ''}: "
+            f"probe object written, read and deleted; {_next_export(s, store)}")
+
+
+def _next_export(s: Settings, store: Any) -> str:
+    """Whether build-graph may write its next export: ExportOwned (the check fails) when the
+    bucket and key prefix hold another database's export at this database's next graph
+    version (two installations on one bucket), as build-graph would stop there. Reads only."""
+    from .stages.build_graph import check_export_free, export_prefix
+
+    identity, row = None, None
+    if s.database.url:
+        try:
+            conn = _database_of(s, s.database.url).connect("pipeline doctor", autocommit=True)
+            try:
+                identity = db.deployment_id(conn)
+                with db.wrap_errors("reading the graph version sequence"):
+                    row = conn.execute(db.query("build_graph", "peek_seq")).fetchone()
+            finally:
+                conn.close()
+        except PipelineError:  # the database check says why
+            pass
+    if identity is None or row is None:
+        return "graph exports not compared (no database identity: see the database check)"
+    version = f"graph-v{row['seq']}"
+    check_export_free(store, version, identity)
+    return f"the next graph export, {export_prefix(version)}, is free"
 
 
 def _osrm(s: Settings, point: LonLat | None) -> str:

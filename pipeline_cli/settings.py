@@ -73,6 +73,10 @@ class S3Settings:
     bucket: str = setting("pipeline", "bucket holding dataset backups and graph exports")
     secure: bool = setting(False, "use HTTPS for S3")
     region: str = setting("us-east-1", "S3 region name")
+    prefix: str = setting(
+        "", "key prefix of every object written to the bucket, e.g. 'staging' (\"\" = none); "
+        "installations sharing a bucket each need one of their own", empty=True
+    )
 
 
 @dataclass(frozen=True)
@@ -588,7 +592,8 @@ def load_settings(
                 sources[name] = f"file {shown}"
             if name in sources:
                 _check_text(values[f.name], hints[f.name],
-                            env if sources[name].startswith("env") else f"[{section}] {f.name}")
+                            env if sources[name].startswith("env") else f"[{section}] {f.name}",
+                            may_be_empty=bool(f.metadata.get("empty")))
         built[section] = cls(**values)
         # A typo in a variable's name was ignored in silence (the file's typos are errors).
         prefix = env_name(section, "")
@@ -625,7 +630,7 @@ def is_utf8(text: str) -> bool:
 _CONTROL_HINTS = {"\r": " (an env file with CRLF line ends?)"}
 
 
-def _check_text(value: Any, annotation: Any, name: str) -> None:
+def _check_text(value: Any, annotation: Any, name: str, *, may_be_empty: bool = False) -> None:
     """A string setting holds no control character (a CRLF env file left a '\\r' in a Redis
     prefix, and the graph went to keys nobody reads) and, without a None default, is not
     empty (an empty bucket or OSRM profile failed only later, deep in a run)."""
@@ -635,7 +640,7 @@ def _check_text(value: Any, annotation: Any, name: str) -> None:
     if bad is not None:
         raise ConfigError(f"malformed setting {name}: holds the control character "
                           f"{bad!r}{_CONTROL_HINTS.get(bad, '')}", key=name)
-    if annotation is str and not value:
+    if annotation is str and not value and not may_be_empty:
         raise ConfigError(f"malformed setting {name}: must not be empty", key=name)
 
 
@@ -718,6 +723,11 @@ def _validate(s: Settings) -> None:
         raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
     if s.s3.endpoint:
         _host_port("//" + s.s3.endpoint, "s3", "endpoint", bad)
+    if s.s3.prefix and not re.fullmatch(r"/*[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/*",
+                                        s.s3.prefix) or any(
+            p in (".", "..") for p in s.s3.prefix.split("/")):
+        raise bad("s3", "prefix", "expected segments of letters, digits and - _ . ! * ' ( ) "
+                  "separated by '/', e.g. 'staging' or 'pipeline/city-a'")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.s3.bucket or "a.b"):
         raise bad("s3", "bucket", "an S3 bucket name is 3-63 lowercase letters, digits, dots "
                   "and hyphens, starting and ending with a letter or digit")
@@ -872,6 +882,7 @@ def markdown_reference() -> str:
                             else f.default)
             env = env_name(section, f.name) if f.metadata.get("env", True) else "(file only)"
             secret = " (secret)" if f.metadata.get("secret") else ""
-            lines.append(f"| `{f.name}` | `{env}` | `{display_value(default, False)}` | "
+            shown = display_value(default, False) if default != "" else '""'
+            lines.append(f"| `{f.name}` | `{env}` | `{shown}` | "
                          f"{f.metadata.get('doc', '')}{secret} |")
     return "\n".join(lines) + "\n"

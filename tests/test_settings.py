@@ -116,6 +116,9 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         ("", {"PIPELINE_REDIS_URL": "redis://h:6379/abc"}, "[redis] url: the database must"),
         ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
         ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
+        ("", {"PIPELINE_S3_PREFIX": "city a"}, "[s3] prefix: expected segments of letters"),
+        ("", {"PIPELINE_S3_PREFIX": "a//b"}, "[s3] prefix: expected segments"),
+        ("", {"PIPELINE_S3_PREFIX": "a/../b"}, "[s3] prefix: expected segments"),
         ("", {"PIPELINE_ODATA_PAGE_SIZE": "-1"}, "[odata] page_size: must be 0"),
         ("", {"PIPELINE_ODATA_PAGING": "skip"}, "[odata] paging: expected server or client"),
         # $skip over an order the server may change between requests loses and repeats rows
@@ -207,6 +210,10 @@ def test_a_control_character_in_the_file_is_refused_but_not_in_a_mapping(
         load_settings(write(tmp_path, '[s3]\nregion = "eu\\r"\n'), {})
     with pytest.raises(ConfigError, match=r"\[s3\] bucket: must not be empty"):
         load_settings(write(tmp_path, '[s3]\nbucket = ""\n'), {})
+    # a key prefix may be empty: the keys of today, as before the setting existed
+    assert load_settings(write(tmp_path, '[s3]\nprefix = ""\n'), {}).s3.prefix == ""
+    assert load_settings(None, {"PIPELINE_S3_PREFIX": ""}).s3.prefix == ""
+    assert load_settings(None, {"PIPELINE_S3_PREFIX": "/city-a/"}).s3.prefix == "/city-a/"
 
 
 def test_a_key_outside_any_section_and_a_bom(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """S3/MinIO backup store: dataset backups, virtual-entity backups and graph exports.
 
 The one place that talks to S3. Every minio/urllib3 error is wrapped into BackupError with the
-object key, never the credentials. Keys are plain strings like ``datasets/ds-v3/manifest.json``.
+object key, never the credentials. Keys are plain strings like ``datasets/ds-v3/manifest.json``,
+relative to the store's key prefix (``[s3] prefix``, "" by default): every call adds it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ T = TypeVar("T")
 
 
 class BackupStore:
-    def __init__(self, client: Minio, bucket: str, endpoint: str = "") -> None:
+    def __init__(self, client: Minio, bucket: str, endpoint: str = "", prefix: str = ""
+                 ) -> None:
         self.client = client
         self.bucket = bucket
         self.endpoint = endpoint  # host:port, for messages
+        # Two installations on one bucket each write under a prefix of their own: every key
+        # is relative to it, so the stages and the keys recorded in PostgreSQL never name it.
+        self.prefix = normalize_prefix(prefix)
         self._bucket_checked = False
         # Uploads run in several threads; the first ones must not all try to create the
         # bucket at once (SeaweedFS answered one of them NoSuchBucket meanwhile).
@@ -35,7 +40,7 @@ class BackupStore:
     @classmethod
     def connect(cls, endpoint: str, access_key: str | None, secret_key: str | None, bucket: str,
                 *, secure: bool = False, region: str = "us-east-1",
-                timeout: float = 30.0, retries: int = 3) -> BackupStore:
+                timeout: float = 30.0, retries: int = 3, prefix: str = "") -> BackupStore:
         # Short timeouts and a bounded retry: an S3 outage must fail a stage, not hang cron.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
@@ -48,7 +53,15 @@ class BackupStore:
         except ValueError as exc:  # a malformed endpoint, e.g. a port that is not a number
             http.clear()
             raise BackupError(f"S3 endpoint {endpoint!r} is unusable: {exc}") from None
-        return cls(client, bucket, endpoint)
+        return cls(client, bucket, endpoint, prefix)
+
+    @property
+    def location(self) -> str:
+        """Where the keys are, for messages: ``bucket 'b'`` or ``bucket 'b', prefix 'p/'``."""
+        return f"bucket {self.bucket!r}" + (f", prefix {self.prefix!r}" if self.prefix else "")
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -80,14 +93,14 @@ class BackupStore:
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"
                   ) -> None:
         self.ensure_bucket()
-        self._call(f"upload of {key}", lambda: self.client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type))
+        self._call(f"upload of {self._key(key)}", lambda: self.client.put_object(
+            self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type))
 
     def put_file(self, key: str, path: str, content_type: str = "application/octet-stream"
                  ) -> None:
         self.ensure_bucket()
-        self._call(f"upload of {key}", lambda: self.client.fput_object(
-            self.bucket, key, path, content_type=content_type))
+        self._call(f"upload of {self._key(key)}", lambda: self.client.fput_object(
+            self.bucket, self._key(key), path, content_type=content_type))
 
     def put_json(self, key: str, obj: Any, *, gzipped: bool = False) -> None:
         data = json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str).encode()
@@ -98,52 +111,88 @@ class BackupStore:
 
     def get_bytes(self, key: str) -> bytes:
         def get() -> bytes:
-            resp = self.client.get_object(self.bucket, key)
+            resp = self.client.get_object(self.bucket, self._key(key))
             try:
                 return resp.read()
             finally:
                 resp.close()
                 resp.release_conn()
 
-        return self._call(f"download of {key}", get)
+        return self._call(f"download of {self._key(key)}", get)
 
     def get_json(self, key: str) -> Any:
         data = self.get_bytes(key)
-        if key.endswith(".gz"):
-            data = gzip.decompress(data)
+        return self._parse_json(key, data)
+
+    def get_json_if_any(self, key: str) -> Any:
+        """:meth:`get_json`, or None when there is no such object (one GET either way)."""
         try:
+            resp = self.client.get_object(self.bucket, self._key(key))
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return None
+            raise service_error(BackupError, "S3", self.endpoint,
+                                f"download of {self._key(key)} failed",
+                                f"{exc.code}{_hint(exc)}: {exc.message}") from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise service_error(BackupError, "S3", self.endpoint,
+                                f"download of {self._key(key)} failed", exc) from None
+        return self._parse_json(key, data)
+
+    def _parse_json(self, key: str, data: bytes) -> Any:
+        try:
+            if key.endswith(".gz"):
+                data = gzip.decompress(data)
             return json.loads(data)
-        except ValueError:
-            raise BackupError(f"S3 object {key} is not valid JSON") from None
+        except (ValueError, OSError, EOFError):
+            raise BackupError(f"S3 object {self._key(key)} is not valid JSON") from None
 
     def get_file(self, key: str, path: str) -> None:
-        self._call(f"download of {key}", lambda: self.client.fget_object(self.bucket, key, path))
+        self._call(f"download of {self._key(key)}",
+                   lambda: self.client.fget_object(self.bucket, self._key(key), path))
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.stat_object(self.bucket, key)
+            self.client.stat_object(self.bucket, self._key(key))
             return True
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            if exc.code in _MISSING:
                 return False
-            raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
+            raise service_error(BackupError, "S3", self.endpoint,
+                                f"stat of {self._key(key)} failed",
                                 f"{exc.code}{_hint(exc)}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise service_error(BackupError, "S3", self.endpoint, f"stat of {key} failed",
-                                exc) from None
+            raise service_error(BackupError, "S3", self.endpoint,
+                                f"stat of {self._key(key)} failed", exc) from None
 
     def list(self, prefix: str) -> Iterator[str]:
-        objects = self._call(f"listing of {prefix}", lambda: list(
-            self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        """The keys under ``prefix`` (relative to the store's prefix, as the others take);
+        none in a bucket not made yet (the first upload makes it)."""
+        def listing() -> list[Any]:
+            try:
+                return list(self.client.list_objects(self.bucket, prefix=self._key(prefix),
+                                                     recursive=True))
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return []
+                raise
+
+        objects = self._call(f"listing of {self._key(prefix)}", listing)
         for obj in objects:
             if obj.object_name:
-                yield obj.object_name
+                yield obj.object_name[len(self.prefix):]
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for key in keys:
-            self._call(f"delete of {key}", lambda k=key: self.client.remove_object(  # type: ignore[misc]
-                self.bucket, k))
+            self._call(f"delete of {self._key(key)}",
+                       lambda k=key: self.client.remove_object(  # type: ignore[misc]
+                           self.bucket, self._key(k)))
         return len(keys)
 
     def bucket_exists(self) -> bool:
@@ -151,7 +200,8 @@ class BackupStore:
                           lambda: self.client.bucket_exists(self.bucket))
 
     def delete(self, key: str) -> None:
-        self._call(f"delete of {key}", lambda: self.client.remove_object(self.bucket, key))
+        self._call(f"delete of {self._key(key)}",
+                   lambda: self.client.remove_object(self.bucket, self._key(key)))
 
     def may_create_buckets(self, probe_bucket: str) -> None:
         """Create and at once remove ``probe_bucket``: raises BackupError unless the
@@ -160,6 +210,16 @@ class BackupStore:
                    lambda: self.client.make_bucket(probe_bucket))
         self._call(f"removal of probe bucket {probe_bucket}",
                    lambda: self.client.remove_bucket(probe_bucket))
+
+
+_MISSING = ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``[s3] prefix`` as keys start with it: "" (none), else ending in one "/" (``city-a``
+    and ``city-a/`` are one prefix; the settings check what it may hold)."""
+    stripped = prefix.strip("/")
+    return stripped + "/" if stripped else ""
 
 
 # A wrong secret key reads only "AccessDenied" (or a signature mismatch): say which settings.

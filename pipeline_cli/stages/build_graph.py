@@ -4,7 +4,9 @@ Redis as an immutable version behind one atomically switched pointer, recorded i
 route) and the ``status`` section.
 
 Before it writes or deletes anything in Redis, a run claims the ``[redis] prefix`` for its
-database and stops (exit 78) if another database owns it: one prefix, one database.
+database and stops (exit 78) if another database owns it: one prefix, one database. In S3 an
+export's manifest names its deployment: a run never writes over, nor deletes, another
+database's export (two installations on one bucket number their versions alike).
 
 Publish order: Redis keys -> S3 export -> graph_versions row (committed, not yet active) ->
 pointer switch -> active flag (committed). Any failure keeps the previous version active and
@@ -47,7 +49,7 @@ from ..adapters.graph_store import (
     PrefixOwned,
     encode_adjacency,
 )
-from ..errors import BackupError, PipelineError, RedisError, ValidationError
+from ..errors import BackupError, ConfigError, PipelineError, RedisError, ValidationError
 from ..modes import canonical, describe_unknown, speed_table, unknown_modes
 from ..runner import DRY_RUN, NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 from ..settings import GraphSettings
@@ -66,6 +68,66 @@ def export_key(version: str) -> str:
 
 def manifest_key(version: str) -> str:
     return f"{export_prefix(version)}manifest.json"
+
+
+class ExportOwned(ConfigError):
+    """The bucket holds another database's export at the version this one would write
+    (exit 78): two installations back up into one bucket and key prefix. Nothing is written."""
+
+    def __init__(self, location: str, version: str, owner: str | None, identity: str) -> None:
+        whose = f"deployment {owner}" if owner else "its manifest names no deployment"
+        super().__init__(
+            f"S3 {location} holds the graph export {export_prefix(version)} of another "
+            f"database ({whose}; this database is {identity}): give each database a bucket or "
+            "a key prefix of its own, [s3] bucket or [s3] prefix (PIPELINE_S3_PREFIX)")
+        self.owner = owner
+
+
+def export_owner(backups: BackupStore, version: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``version``'s export manifest (None without one) and the deployment it names (None for
+    an export written before manifests named one). One GET."""
+    manifest = backups.get_json_if_any(manifest_key(version))
+    if not isinstance(manifest, dict):
+        return (None if manifest is None else {}), None
+    owner = manifest.get("deployment")
+    return manifest, str(owner) if owner else None
+
+
+def check_export_free(backups: BackupStore, version: str, identity: str) -> None:
+    """ExportOwned unless ``graphs/<version>/`` is empty or holds this database's own export
+    (a run killed after its upload): a version number this database never recorded, so
+    anything else there is another database's. One LIST, and one GET if a manifest is there."""
+    keys = list(backups.list(export_prefix(version)))
+    if not keys:
+        return
+    owner = export_owner(backups, version)[1] if manifest_key(version) in keys else None
+    if owner != identity:
+        raise ExportOwned(backups.location, version, owner, identity)
+
+
+def delete_export(backups: BackupStore, version: str, identity: str, *, ours: bool,
+                  checksum: str | None = None, dry_run: bool = False
+                  ) -> tuple[int, str | None]:
+    """Delete ``version``'s export if it is this database's: its manifest names this
+    deployment; or it names none (an export without a manifest, or written before manifests
+    named their deployment), ``ours`` (this database recorded the version, or this run wrote
+    it) and its sha256 is not another than ``checksum`` (the one this database recorded).
+    Returns the objects deleted (``dry_run``: that would be) and, when it is left alone, why.
+    One GET of the manifest, then the LIST and DELETEs."""
+    manifest, owner = export_owner(backups, version)
+    theirs = (manifest or {}).get("sha256")
+    if owner is not None and owner != identity:
+        why = f"deployment {owner}'s"
+    elif owner is None and not ours:
+        why = "not written by this database"
+    elif owner is None and checksum and theirs and theirs != checksum:
+        why = f"not the {version} this database recorded (another checksum)"
+    else:
+        if dry_run:
+            return len(list(backups.list(export_prefix(version)))), None
+        return backups.delete_prefix(export_prefix(version)), None
+    return 0, (f"the S3 export {export_prefix(version)} is {why}: another database backs up "
+               f"into {backups.location}? Left alone")
 
 
 # ---------------------------------------------------------------- reading and building
@@ -335,8 +397,8 @@ def build_graph(
     has none yet (or when the active graph is missing from Redis); ``force`` rebuilds."""
     started = time.monotonic()
     with database.connect(name="pipeline build-graph") as conn:
-        claim_prefix(conn, store)
-        repaired, counted = reconcile(conn, store, backups, ctx)
+        identity = claim_prefix(conn, store)
+        repaired, counted = reconcile(conn, store, backups, ctx, identity)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with db.wrap_errors("reading the graph inputs"), conn.transaction():
@@ -367,7 +429,7 @@ def build_graph(
         conn.read_only = False
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         result = _publish(conn, store, backups, settings, ctx, inputs, graph, checks,
-                          started, after_chunk)
+                          started, after_chunk, identity)
     if repaired:
         result.extra["repaired"] = repaired
     return result
@@ -502,9 +564,11 @@ def _publish(
     checks: Checks,
     started: float,
     after_chunk: Callable[[int], None] | None,
+    identity: str,
 ) -> StageResult:
     assert inputs.dataset_version is not None
     version, seq = _new_version(conn, store)
+    check_export_free(backups, version, identity)  # before anything of it is written
     previous = store.active_version()
     adj = adjacency(graph)
     raw = "".join(export_lines(graph.node_ids, graph.n_real, adj)).encode()
@@ -514,7 +578,7 @@ def _publish(
             "virtual_generation_id": inputs.generation_id, "nodes": graph.nodes,
             "edges": graph.edges, "checksum": checksum, "created_at": created}
     warnings = checks.counts()
-    recorded = False
+    recorded = uploading = False
     try:
         with ctx.progress(f"writing {version} to Redis", graph.nodes) as bar:
             done = 0
@@ -530,10 +594,11 @@ def _publish(
             store.write_version(version, zip(graph.node_ids, adj, strict=True), meta,
                                 after_chunk=on_chunk)
         ctx.check_stop()
+        uploading = True
         backups.put_bytes(export_key(version), gzip.compress(raw, 6, mtime=0),
                           "application/gzip")
         backups.put_json(manifest_key(version), {
-            "format": EXPORT_FORMAT, "version": version, **meta,
+            "format": EXPORT_FORMAT, "version": version, **meta, "deployment": identity,
             "export_key": export_key(version), "sha256": checksum, **warnings})
         ctx.check_stop()
         build_ms = int((time.monotonic() - started) * 1000)
@@ -553,7 +618,8 @@ def _publish(
         _activate_and_commit(conn, store, version, previous, ctx)
     except BaseException:
         _rollback(conn)
-        _discard(conn, store, backups, version, ctx, recorded=recorded)
+        _discard(conn, store, backups, version, ctx, identity, recorded=recorded,
+                 uploaded=uploading)
         raise
     removed = _retain(store, settings, ctx)
     return StageResult(
@@ -612,10 +678,12 @@ def _revert_pointer(store: GraphStore, version: str, previous: str | None,
 
 
 def _discard(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
-             version: str, ctx: RunContext, *, recorded: bool) -> None:
+             version: str, ctx: RunContext, identity: str, *, recorded: bool,
+             uploaded: bool) -> None:
     """Remove what a failed publish wrote: its never-activated row first (if ``recorded``),
-    then its keys and export. A failure here is logged; the next run's :func:`reconcile` and
-    orphan cleanup finish the job (a row stays until its keys and export are gone)."""
+    then its keys and (if it began to ``upload`` it) its export. A failure here is logged; the
+    next run's :func:`reconcile` and orphan cleanup finish the job (a row stays until its keys
+    and export are gone)."""
     try:
         if store.active_version() == version:
             return  # the switch happened and could not be reverted: never pull a live graph
@@ -624,7 +692,7 @@ def _discard(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupSt
                       "build-graph run to clean up", exc, version)
         return
     if not recorded:
-        _remove_version(store, backups, version, ctx)
+        _remove_version(store, backups if uploaded else None, version, ctx, identity)
         return
     try:
         with db.wrap_errors(f"forgetting the unpublished graph {version}"):
@@ -636,34 +704,43 @@ def _discard(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupSt
         ctx.log.error("%s; the next build-graph run removes it", exc)
         return
     if kept is None:  # an activation whose COMMIT answer was lost stays for reconcile()
-        _remove_version(store, backups, version, ctx)
+        _remove_version(store, backups, version, ctx, identity)
 
 
-def _remove_version(store: GraphStore, backups: BackupStore, version: str,
-                    ctx: RunContext) -> None:
+def _remove_version(store: GraphStore, backups: BackupStore | None, version: str,
+                    ctx: RunContext, identity: str) -> None:
+    """Remove an unpublished version's keys and (``backups``) its export, which this database
+    recorded or this run wrote: never another deployment's export at the same key."""
     try:
         removed = store.delete_version(version)
         ctx.log.info("removed %d keys of the unpublished graph %s", removed, version)
     except RedisError as exc:
         ctx.log.error("could not remove the partial graph %s from Redis (%s); the next "
                       "build-graph run removes it", version, exc)
+    if backups is None:
+        return
     try:
-        backups.delete_prefix(export_prefix(version))
+        _, kept = delete_export(backups, version, identity, ours=True)
     except BackupError as exc:
         ctx.log.error("could not remove the partial export of %s from S3: %s", version, exc)
+        return
+    if kept:
+        ctx.log.warning("%s", kept)
 
 
-def claim_prefix(conn: psycopg.Connection[Any], store: GraphStore) -> None:
+def claim_prefix(conn: psycopg.Connection[Any], store: GraphStore) -> str:
     """Claim the Redis prefix for this database before anything is written or deleted under
-    it; PrefixOwned (exit 78) when another database owns it (see :meth:`GraphStore.claim`)."""
+    it; PrefixOwned (exit 78) when another database owns it (see :meth:`GraphStore.claim`).
+    Returns this database's deployment id."""
     identity = db.require_deployment_id(conn)
     with db.wrap_errors("reading the deployment identity"):
         conn.commit()
     store.claim(identity)
+    return identity
 
 
 def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupStore,
-              ctx: RunContext) -> tuple[list[str], str | None]:
+              ctx: RunContext, identity: str) -> tuple[list[str], str | None]:
     """Repair what a build-graph or ``graph activate`` killed between its stores left behind;
     call under the build-graph lock. Returns one note per repair (also logged), and the
     active version if this pass found it whole in Redis or wrote it back whole (its keys are
@@ -733,7 +810,7 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
         with db.wrap_errors(f"forgetting the abandoned graph {version}"):
             conn.execute(db.query("build_graph", "delete_unactivated"), {"version": version})
             conn.commit()
-        _remove_version(store, backups, version, ctx)
+        _remove_version(store, backups, version, ctx, identity)
         notes.append(f"removed {version}, recorded by a run interrupted before it was "
                      "activated")
     orphans = store.cleanup_orphans(_known(conn, store.registered()))
@@ -800,8 +877,8 @@ def activate_version(
     """Make ``version`` the active graph again (rollback). If retention collected its keys,
     reload them from the S3 export first, verifying the checksum."""
     with database.connect(name="pipeline graph activate") as conn:
-        claim_prefix(conn, store)
-        reconcile(conn, store, backups, ctx)
+        identity = claim_prefix(conn, store)
+        reconcile(conn, store, backups, ctx, identity)
         with db.wrap_errors(f"reading graph {version}"):
             row = conn.execute(db.query("build_graph", "get_version"),
                                {"version": version}).fetchone()

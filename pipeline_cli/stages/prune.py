@@ -2,7 +2,8 @@
 
 Under ``[retention]`` (0 keeps forever) it deletes processed GPS points with their finished
 batches, stale cached polylines, old run history, and dataset versions beyond the newest N
-(with their virtual generations, graph versions and S3 objects). Every delete takes at most
+(with their virtual generations, graph versions and S3 objects; never another deployment's
+objects on a shared bucket). Every delete takes at most
 ``chunk_size`` rows in its own short transaction, so ingest and readers never wait long; a
 dry run counts the same predicates and deletes nothing.
 """
@@ -21,7 +22,7 @@ from ..errors import PipelineError
 from ..gps import partitions
 from ..runner import DRY_RUN, FAILED, NOOP, SUCCESS, RunContext, StageResult
 from ..settings import RetentionSettings
-from .build_graph import export_prefix
+from .build_graph import delete_export
 
 KINDS = ("gps_points", "gps_batches", "polylines", "stage_runs", "datasets",
          "virtual_generations", "virtual_stops", "virtual_routes", "graph_versions",
@@ -143,9 +144,9 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
     and the next run deletes what is left of the objects, so no object is ever orphaned."""
     with db.wrap_errors("reading the dataset versions"):
         due = p.conn.execute(db.query("prune", "datasets_due"), {"keep": keep}).fetchall()
+    identity = db.require_deployment_id(p.conn) if due else ""
     for d in due:
         p.ctx.check_stop()
-        prefixes = [d["backup_prefix"], *(export_prefix(v) for v in d["graphs"])]
         if p.dry_run:
             p.counts["datasets"] += 1
             p.counts["virtual_generations"] += len(d["generations"])
@@ -154,13 +155,12 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
             p.counts["virtual_stops"] += int(virtual["virtual_stops"])
             p.counts["virtual_routes"] += int(virtual["virtual_routes"])
             if backups is not None:
-                p.counts["s3_objects"] += sum(len(list(backups.list(x))) for x in prefixes)
+                p.counts["s3_objects"] += _delete_objects(p, backups, d, identity)
             done.append(d["version"])
             continue
         if backups is None:
             raise ValueError("a backup store is needed to delete dataset versions")
-        for prefix in prefixes:
-            p.counts["s3_objects"] += backups.delete_prefix(prefix)
+        p.counts["s3_objects"] += _delete_objects(p, backups, d, identity)
         with db.wrap_errors(f"deleting dataset {d['version']}"), p.conn.transaction():
             row = p.conn.execute(db.query("prune", "dataset_delete"),
                                  {"version": d["version"]}).fetchone()
@@ -176,6 +176,32 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
         p.ctx.log.info("deleted dataset %s (%d generations, graph versions %s)",
                        d["version"], row["generations"], ", ".join(d["graphs"]) or "none")
         done.append(d["version"])
+
+
+def _delete_objects(p: _Pass, backups: BackupStore, d: dict[str, Any], identity: str) -> int:
+    """Delete (in a dry run: count) the S3 objects of dataset ``d`` and its graph versions
+    that are this database's. Another installation backing up into the same bucket and key
+    prefix may have written at the same keys (versions are numbered per database): a graph
+    export whose manifest names another deployment (or, written before manifests named one,
+    another checksum than recorded), or a dataset backup whose manifest names a run other
+    than the one that recorded the version, is left alone. One GET per manifest."""
+    n = 0
+    prefix = d["backup_prefix"]
+    manifest = backups.get_json_if_any(prefix + "manifest.json")
+    theirs = manifest.get("run_id") if isinstance(manifest, dict) else None
+    if theirs is not None and d["run_id"] is not None and str(theirs) != d["run_id"]:
+        p.ctx.log.warning("the S3 backup %s of %s was written by run %s, which did not record "
+                          "it (another database on this bucket and key prefix?); left alone",
+                          prefix, d["version"], str(theirs)[:8])
+    else:
+        n += (len(list(backups.list(prefix))) if p.dry_run else backups.delete_prefix(prefix))
+    for version, checksum in zip(d["graphs"], d["checksums"], strict=True):
+        deleted, kept = delete_export(backups, version, identity, ours=True, checksum=checksum,
+                                      dry_run=p.dry_run)
+        n += deleted
+        if kept:
+            p.ctx.log.warning("%s", kept)
+    return n
 
 
 def status_section(conn: psycopg.Connection[Any], now: datetime | None = None

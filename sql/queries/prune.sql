@@ -75,8 +75,9 @@ DELETE FROM stage_runs r USING due WHERE r.run_id = due.run_id;
 -- name: datasets_due
 -- Dataset versions beyond the %(keep)s newest, except the active one, any version the
 -- active graph was built from, and the versions a kept one was restored from (a restore's
--- backup reads the raw pages under its source's prefix); with the generations and graph
--- versions made from them.
+-- backup reads the raw pages under its source's prefix); with the run that recorded it, and
+-- the generations and graph versions (with their checksums) made from them: prune checks the
+-- S3 manifests against these before it deletes an object (docs/prune.md).
 WITH RECURSIVE kept AS (
     SELECT version, restored_from FROM datasets
     WHERE active
@@ -85,11 +86,13 @@ WITH RECURSIVE kept AS (
     UNION
     SELECT s.version, s.restored_from FROM kept k JOIN datasets s ON s.version = k.restored_from
 )
-SELECT d.version, d.backup_prefix,
+SELECT d.version, d.backup_prefix, d.run_id::text AS run_id,
        coalesce((SELECT array_agg(g.id ORDER BY g.id) FROM virtual_generations g
                  WHERE g.dataset_version = d.version), '{}') AS generations,
        coalesce((SELECT array_agg(gv.version ORDER BY gv.seq) FROM graph_versions gv
-                 WHERE gv.dataset_version = d.version AND NOT gv.active), '{}') AS graphs
+                 WHERE gv.dataset_version = d.version AND NOT gv.active), '{}') AS graphs,
+       coalesce((SELECT array_agg(gv.checksum ORDER BY gv.seq) FROM graph_versions gv
+                 WHERE gv.dataset_version = d.version AND NOT gv.active), '{}') AS checksums
 FROM datasets d
 WHERE d.version NOT IN (SELECT version FROM kept)
 ORDER BY d.seq;

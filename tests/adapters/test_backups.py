@@ -48,3 +48,29 @@ def test_a_wrong_secret_names_the_settings_to_check(s3: S3Endpoint, s3_bucket: s
     with pytest.raises(BackupError) as err:
         store.put_bytes("x", b"x")
     assert "(check [s3] access_key/secret_key)" in str(err.value), str(err.value)
+
+
+def test_a_key_prefix_keeps_every_key_under_it(s3: S3Endpoint, s3_bucket: str) -> None:
+    """[s3] prefix: two installations on one bucket each write under a prefix of their own;
+    the stages' keys (and those PostgreSQL records) stay relative to it."""
+    plain = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region)
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, prefix="/city-b/")
+    assert store.prefix == "city-b/" and store.location == f"bucket '{s3_bucket}', prefix 'city-b/'"
+    assert store.get_json_if_any("graphs/graph-v1/manifest.json") is None  # no bucket yet
+    assert list(store.list("graphs/")) == []
+    plain.put_json("graphs/graph-v1/manifest.json", {"deployment": "a"})
+    store.put_json("graphs/graph-v1/manifest.json", {"deployment": "b"})
+    store.put_bytes("graphs/graph-v1/graph.jsonl.gz", b"x")
+    assert sorted(plain.list("")) == ["city-b/graphs/graph-v1/graph.jsonl.gz",
+                                      "city-b/graphs/graph-v1/manifest.json",
+                                      "graphs/graph-v1/manifest.json"]
+    assert sorted(store.list("graphs/")) == ["graphs/graph-v1/graph.jsonl.gz",
+                                             "graphs/graph-v1/manifest.json"]
+    assert store.get_json_if_any("graphs/graph-v1/manifest.json") == {"deployment": "b"}
+    assert store.exists("graphs/graph-v1/graph.jsonl.gz")
+    assert store.delete_prefix("graphs/graph-v1/") == 2
+    assert plain.get_json("graphs/graph-v1/manifest.json") == {"deployment": "a"}
+    with pytest.raises(BackupError, match="download of city-b/graphs/graph-v1/manifest.json"):
+        store.get_json("graphs/graph-v1/manifest.json")

@@ -234,3 +234,26 @@ def test_a_second_database_on_the_prefix_exits_78_and_status_says_why(
     assert graph["consistent"] is True and graph["redis_owner"] == graph["deployment_id"]
     assert cli("graph", "neighbors", net.real_stops[0]).exit_code == 0
     assert json.loads(cli("build-graph", "--json").stdout)["status"] == "noop"
+
+
+def test_a_second_database_on_the_bucket_exits_78_until_it_has_a_key_prefix(
+        cli: Cli, net: Network, database_url: str, other_database_url: str) -> None:
+    """Two installations, one bucket, each its own Redis prefix: the second one's build-graph
+    would have written over the first one's graph-v1 export; it is a one-line configuration
+    error naming the fix, and with [s3] prefix it builds."""
+    assert cli("build-graph").exit_code == 0
+    with db.connect(other_database_url, autocommit=True) as other:
+        seed_network(other, seed=3)
+    bucket = cli.env["PIPELINE_S3_BUCKET"]
+    cli.env["PIPELINE_DATABASE_URL"] = other_database_url
+    cli.env["PIPELINE_REDIS_PREFIX"] += ":other"  # under the test's: cleaned up too
+    refused = cli.subprocess("build-graph")
+    assert refused.returncode == 78 and "Traceback" not in refused.stderr, refused.stderr
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"pipeline build-graph: error: S3 bucket '{bucket}' holds the "
+                            "graph export graphs/graph-v1/ of another database (deployment ")
+    assert error.endswith("[s3] bucket or [s3] prefix (PIPELINE_S3_PREFIX)")
+    cli.env["PIPELINE_S3_PREFIX"] = "city-b"
+    built = json.loads(cli("build-graph", "--json").stdout)
+    assert built["status"] == "success" and built["graph_version"] == "graph-v2", built
+    assert built["export_key"] == "graphs/graph-v2/graph.jsonl.gz"  # relative to the prefix

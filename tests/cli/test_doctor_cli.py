@@ -417,3 +417,35 @@ def test_a_prefix_another_database_owns_fails_redis_with_the_fix(
             "database a prefix of its own, [redis] prefix (PIPELINE_REDIS_PREFIX)")
     finally:
         client.close()
+
+
+def test_another_databases_export_at_the_next_graph_version_fails_s3_with_the_fix(
+        cli: Cli, conn: psycopg.Connection[Any], s3: S3Endpoint, s3_bucket: str) -> None:
+    """Two installations backing up into one bucket: build-graph would stop (exit 78) at the
+    version whose export the other database wrote, so doctor fails the s3 check and says what
+    to set; with a key prefix of its own the check passes."""
+    from pipeline_cli.adapters.backups import BackupStore
+
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region)
+    ours = db.require_deployment_id(conn)
+    theirs = "7d3c9e52-0000-4000-8000-000000000001"
+    store.put_json("graphs/graph-v1/manifest.json", {"deployment": theirs})
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["s3"], obj
+    assert by_name(obj)["s3"]["detail"] == (
+        f"S3 bucket '{s3_bucket}' holds the graph export graphs/graph-v1/ of another database "
+        f"(deployment {theirs}; this database is {ours}): give each database a bucket or a "
+        "key prefix of its own, [s3] bucket or [s3] prefix (PIPELINE_S3_PREFIX)")
+    store.put_json("graphs/graph-v1/manifest.json", {"deployment": ours})  # its own: fine
+    code, obj = doctor(cli)
+    assert code == 0 and by_name(obj)["s3"]["detail"].endswith(
+        "the next graph export, graphs/graph-v1/, is free"), obj
+    store.put_json("graphs/graph-v1/manifest.json", {"deployment": theirs})
+    cli.env["PIPELINE_S3_PREFIX"] = "city-b/"
+    code, obj = doctor(cli)
+    assert code == 0, obj
+    assert by_name(obj)["s3"]["detail"] == (
+        f"bucket {s3_bucket}, prefix 'city-b/': probe object written, read and deleted; the "
+        "next graph export, graphs/graph-v1/, is free")
+    assert sorted(store.list("")) == ["graphs/graph-v1/manifest.json"]  # no probe left

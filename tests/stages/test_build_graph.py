@@ -845,3 +845,77 @@ def test_read_only_work_claims_nothing(builder: Builder, net: Network, conn: Con
     assert store.owner() is None
     builder.ok()
     assert store.owner() == identity(conn)
+
+
+# ---------------------------------------------------------------- one bucket, two databases
+
+
+@pytest.fixture
+def other_store(client: redis.Redis, redis_prefix: str) -> GraphStore:
+    """The other installation's Redis prefix (under the test's, so it is cleaned up too)."""
+    return GraphStore(client, f"{redis_prefix}:other", chunk_size=16)
+
+
+def export_state(backups: BackupStore, version: str) -> tuple[bytes, dict[str, Any]]:
+    return backups.get_bytes(export_key(version)), backups.get_json(manifest_key(version))
+
+
+def test_a_second_database_on_the_bucket_never_overwrites_an_export(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, other: Conn,
+        other_database_url: str, other_store: GraphStore, backups: BackupStore,
+        s3: S3Endpoint, s3_bucket: str) -> None:
+    """Two installations backing up into one bucket (their own Redis prefixes): graph versions
+    are numbered by each database's sequence, so the second one's graph-v1 export replaced
+    the first one's, and the first one's rollback to graph-v1 failed its checksum."""
+    ours = builder.ok()
+    before = export_state(backups, ours)
+    assert before[1]["deployment"] == identity(conn)
+    theirs = Builder(other_database_url, other_store, backups)
+    record = theirs.build()
+    assert record.status == "failed" and record.exit_code == 78, record.error
+    assert record.error == (
+        f"S3 bucket '{s3_bucket}' holds the graph export graphs/{ours}/ of another database "
+        f"(deployment {identity(conn)}; this database is {identity(other)}): give each "
+        "database a bucket or a key prefix of its own, [s3] bucket or [s3] prefix "
+        "(PIPELINE_S3_PREFIX)")
+    assert export_state(backups, ours) == before
+    assert other_store.registered() == [] and graph_rows(other) == []  # nothing written
+    # with a key prefix of its own it builds, and leaves our exports alone
+    prefixed = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                   secure=s3.secure, region=s3.region, prefix="other")
+    theirs = Builder(other_database_url, other_store, prefixed)
+    first_of_theirs = theirs.ok()
+    assert export_state(backups, ours) == before
+    assert prefixed.get_json(manifest_key(first_of_theirs))["deployment"] == identity(other)
+    assert sorted(backups.list("other/")) == [
+        f"other/{export_key(first_of_theirs)}", f"other/{manifest_key(first_of_theirs)}"]
+    # ours rolls back to its first graph, reloaded from its own export, after retention
+    for _ in range(3):
+        builder.ok(force=True)
+    assert store.version_keys(ours) == 0
+    record = builder.activate(ours)
+    assert record.status == "success" and record.extra["reloaded_from_s3"], record.error
+
+
+def test_a_failed_publish_never_deletes_another_databases_export(
+        builder: Builder, net: Network, conn: Conn, other: Conn, other_database_url: str,
+        other_store: GraphStore, backups: BackupStore) -> None:
+    """The other database publishes the same version number while this one writes its Redis
+    keys, then this one fails: its cleanup deleted the prefix graphs/<version>/, which held
+    the other database's export by then."""
+    theirs = Builder(other_database_url, other_store, backups)
+    published: list[str] = []
+
+    def meanwhile(written: int) -> None:
+        if not published:
+            published.append(builder.ok())
+            raise Boom("injected")
+
+    record = theirs.build(after_chunk=meanwhile)
+    assert record.status == "failed" and "injected" in (record.error or ""), record.error
+    [version] = published
+    assert backups.get_json(manifest_key(version))["deployment"] == identity(conn)
+    raw = gzip.decompress(backups.get_bytes(export_key(version)))
+    [row] = graph_rows(conn)
+    assert hashlib.sha256(raw).hexdigest() == row["checksum"]
+    assert other_store.registered() == []  # its own Redis keys are gone all the same

@@ -3,6 +3,7 @@ rerun is a noop, and a dry run deletes nothing and records no run."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -322,3 +323,41 @@ def test_a_processed_day_goes_as_a_whole_partition(database_url: str, conn: Conn
     left = conn.execute("SELECT to_regclass(%s) AS t", (name,)).fetchone()
     assert left["t"] is None  # dropped, not emptied row by row
     assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"] == 0
+
+
+def test_objects_another_database_wrote_at_the_same_keys_stay(
+        database_url: str, conn: Conn, backups: BackupStore) -> None:
+    """Two installations backing up into one bucket number their versions alike: prune
+    deleted graphs/<version>/ and datasets/<version>/ by name, whoever had written them last,
+    and the other installation lost its backups (its `graph activate` found nothing)."""
+    ours = str(conn.execute("SELECT id FROM deployment").fetchone()["id"])  # type: ignore[index]
+    theirs = "7d3c9e52-0000-4000-8000-000000000001"
+    v1, v2, v3, v4, _v5 = (add_dataset(conn, backups, i, active=i == 5) for i in range(1, 6))
+    run_ids = {v: str(uuid.uuid4()) for v in (v1, v2)}
+    for v, run_id in run_ids.items():
+        conn.execute("UPDATE datasets SET run_id = %s WHERE version = %s", (run_id, v))
+    # v1's backup is another run's now (a manifest naming a run that did not record v1)
+    backups.put_json(f"{backup_prefix(v1)}manifest.json", {"run_id": str(uuid.uuid4())})
+    backups.put_json(f"{backup_prefix(v2)}manifest.json", {"run_id": run_ids[v2]})
+    g1, g2, g3, g4 = (add_graph(conn, backups, i, v, active=False)
+                      for i, v in enumerate((v1, v2, v3, v4), 1))
+    manifests = {g1: {"deployment": theirs, "sha256": "c"},  # another deployment's
+                 g2: {"deployment": ours, "sha256": "c"},  # ours
+                 g3: {"sha256": "other"},  # written before manifests named one: another's
+                 g4: {"sha256": "c"}}  # written before: the one recorded, ours
+    for g, manifest in manifests.items():
+        backups.put_json(f"{export_prefix(g)}manifest.json", manifest)
+    settings = RetentionSettings(gps_days=0, runs_days=0, datasets=1)
+    before = sorted(backups.list(""))
+    stay = [k for k in before if k.startswith(
+        (f"{backup_prefix(v1)}", export_prefix(g1), export_prefix(g3), backup_prefix("ds-v5")))]
+
+    dry = run(database_url, backups, settings, dry_run=True)
+    assert dry.extra["datasets_deleted"] == [v1, v2, v3, v4]
+    assert dry.counts["s3_objects"] == len(before) - len(stay) == 10
+    assert sorted(backups.list("")) == before
+    record = run(database_url, backups, settings)
+    assert record.status == "success", record.error
+    assert record.counts == dry.counts
+    assert sorted(backups.list("")) == sorted(stay)
+    assert conn.execute("SELECT count(*) AS n FROM graph_versions").fetchone() == {"n": 0}
