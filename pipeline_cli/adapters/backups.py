@@ -109,9 +109,15 @@ class BackupStore:
         else:
             self.put_bytes(key, data, "application/json")
 
-    def get_bytes(self, key: str) -> bytes:
-        def get() -> bytes:
-            resp = self.client.get_object(self.bucket, self._key(key))
+    def _download(self, key: str, *, missing_ok: bool = False) -> bytes | None:
+        """The object's bytes; None for a missing one if ``missing_ok`` (one GET either way)."""
+        def get() -> bytes | None:
+            try:
+                resp = self.client.get_object(self.bucket, self._key(key))
+            except S3Error as exc:
+                if missing_ok and exc.code in _MISSING:
+                    return None
+                raise
             try:
                 return resp.read()
             finally:
@@ -120,29 +126,18 @@ class BackupStore:
 
         return self._call(f"download of {self._key(key)}", get)
 
+    def get_bytes(self, key: str) -> bytes:
+        data = self._download(key)
+        assert data is not None
+        return data
+
     def get_json(self, key: str) -> Any:
-        data = self.get_bytes(key)
-        return self._parse_json(key, data)
+        return self._parse_json(key, self.get_bytes(key))
 
     def get_json_if_any(self, key: str) -> Any:
-        """:meth:`get_json`, or None when there is no such object (one GET either way)."""
-        try:
-            resp = self.client.get_object(self.bucket, self._key(key))
-            try:
-                data = resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-        except S3Error as exc:
-            if exc.code in _MISSING:
-                return None
-            raise service_error(BackupError, "S3", self.endpoint,
-                                f"download of {self._key(key)} failed",
-                                f"{exc.code}{_hint(exc)}: {exc.message}") from None
-        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise service_error(BackupError, "S3", self.endpoint,
-                                f"download of {self._key(key)} failed", exc) from None
-        return self._parse_json(key, data)
+        """:meth:`get_json`, or None when there is no such object."""
+        data = self._download(key, missing_ok=True)
+        return None if data is None else self._parse_json(key, data)
 
     def _parse_json(self, key: str, data: bytes) -> Any:
         try:
