@@ -285,6 +285,22 @@ def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> N
             conn.execute("DROP ROLE pipeline_test_map_reader")
 
 
+def test_upgrade_to_the_days_vocabulary_reads_what_was_refused(empty_database_url: str
+                                                               ) -> None:
+    """Migration 029 reads days of operation in other spellings; the digits read the same."""
+    def days(conn: psycopg.Connection[Any], value: str) -> Any:
+        row = conn.execute("SELECT sync_days(%s) AS d", (value,)).fetchone()
+        return row and row["d"]
+
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=28)
+        assert [days(conn, v) for v in ("531", "12345", "Mo-Fr", "1 3 5 7")] == [
+            "135", "12345", None, None]
+        assert db.migrate(conn, target=29).applied == ["029_sync_days_vocabulary"]
+        assert [days(conn, v) for v in ("531", "12345", "Mo-Fr", "1 3 5 7", "11")] == [
+            "135", "12345", "12345", "1357", None]
+
+
 def test_upgrade_to_the_boolean_vocabulary_keeps_sync_bool_inlined(
         empty_database_url: str) -> None:
     """Migration 027 widens sync_bool to PostgreSQL's boolean spellings and SAP's flag. It
@@ -333,7 +349,7 @@ def test_upgrade_gives_the_database_one_identity_and_the_roles_of_its_tables(
                          "TO pipeline_test_writer")
             assert db.deployment_id(conn) is None  # status of the older schema reads on
 
-            assert db.migrate(conn).applied == ["028_deployment_identity"]
+            assert db.migrate(conn, target=28).applied == ["028_deployment_identity"]
 
             identity = db.require_deployment_id(conn)
             assert str(uuid.UUID(identity)) == identity
@@ -343,7 +359,8 @@ def test_upgrade_gives_the_database_one_identity_and_the_roles_of_its_tables(
             assert all(r["ok"] for r in privileges), privileges
             with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
                 conn.execute("INSERT INTO deployment DEFAULT VALUES")
-            assert db.migrate(conn).applied == [] and db.deployment_id(conn) == identity
+            assert db.migrate(conn, target=28).applied == []
+            assert db.deployment_id(conn) == identity
             conn.execute("DELETE FROM deployment")
             with pytest.raises(SchemaError, match="INSERT INTO deployment DEFAULT VALUES"):
                 db.require_deployment_id(conn)

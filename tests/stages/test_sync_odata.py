@@ -458,8 +458,9 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
                 "/Date(30600000+12345)/", "2026-13-45T08:00:00", "2026-02-30T08:00:00",
                 "P1DT2H"):
         assert value("time", bad) is None, bad
-    assert value("days", "531") == "135" and value("days", "67") == "67"
-    for bad in ("11", "8", "", "1 2", "1.5"):
+    for spelling, want in DAY_SPELLINGS.items():
+        assert value("days", spelling) == want, spelling
+    for bad in DAYS_REFUSED:
         assert value("days", bad) is None, bad
 
 
@@ -485,6 +486,35 @@ BOOL_SPELLINGS = {
 # PostgreSQL's unique prefixes ('tr', 'of'), other numbers, doubled flags, words.
 BOOL_REFUSED = ("tr", "fa", "ye", "of", "maybe", "2", "-1", "1.0", "01", "XX", "x x", "yes please",
                 "null", "none", "[]", "{}", "a\uffff")
+
+
+# Days of operation as other services write them (sql/029), Monday = 1: digits in any order,
+# seven places Monday first (IATA SSIM, a bitmask), lists and ranges of English names, JSON
+# arrays. Stored as the distinct digits, sorted.
+DAY_SPELLINGS = {
+    "531": "135", "67": "67", "12345": "12345", "1 2": "12", "1,3,5": "135",
+    "1 3 5 7": "1357", "1.3.5.7": "1357", " 2 4 6 ": "246", "12345  ": "12345",
+    "1010100": "135", "1111111": "1234567", "1234560": "123456",
+    "Mo-Fr": "12345", "Monday - Friday": "12345", "mon,wed,fri": "135", "MO WE FR": "135",
+    "Sat, Sun": "67", "Mon and Thu": "14", "fr-mo": "1567", "1-5": "12345", "Tues;Thurs": "24",
+    "daily": "1234567", "Weekdays": "12345", "weekends": "67",
+    "[1, 3, 5]": "135", '["Mon", "Wed"]': "13"}
+# Repeats, 0 and 8, an empty list, days of no week, words.
+DAYS_REFUSED = ("11", "112", "Mon,Mon", "mo-fr,fr", "8", "0", "", "1.5", "0000000", "mo-xx",
+                "x", "noon", "[]", "Monday-", "lundi")
+
+
+def test_other_spellings_of_the_days_load_through_a_real_sync(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    with ODataServer(sample_network(200), page_size=15) as srv:  # 48 flights
+        for key, spelling in enumerate(DAY_SPELLINGS, start=1):
+            srv.update_row("Flights", key, daysOfWeek=spelling)
+        srv.update_row("Flights", len(DAY_SPELLINGS) + 1, daysOfWeek=[1, 3, 5])  # JSON array
+        rec = sync(srv)
+    assert rec.status == "success", rec.error
+    got = {r["id"]: r["days_of_week"] for r in table(conn, "flights")}
+    assert [got[str(key)] for key in range(1, len(DAY_SPELLINGS) + 2)] == [
+        *DAY_SPELLINGS.values(), "135"]
 
 
 def test_every_boolean_spelling_loads_through_a_real_sync(
