@@ -20,7 +20,7 @@ REFERENCES = (("routes", "from_stop_id", "stops"), ("routes", "to_stop_id", "sto
               ("flights", "route_id", "routes"))
 # Table -> column -> (kind of value, low, high): how sync-odata reads and checks each column
 # (the rules of each kind are in sql/015_sync_in_sql.sql and the migrations that replace its
-# functions: 016, 019, 021, 022, 027, 029).
+# functions: 016, 019, 021, 022, 027, 029, 030).
 KINDS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
     "stops": {"id": ("key", None, None), "name": ("text", None, None),
               "latitude": ("number", -90, 90), "longitude": ("number", -180, 180),

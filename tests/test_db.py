@@ -285,6 +285,22 @@ def test_upgrade_to_point_domains_rewrites_nothing(empty_database_url: str) -> N
             conn.execute("DROP ROLE pipeline_test_map_reader")
 
 
+def test_upgrade_to_the_time_vocabulary_reads_what_was_refused(empty_database_url: str
+                                                               ) -> None:
+    """Migration 030 reads HHMM and 12-hour times; the times read before read the same."""
+    def time_of(conn: psycopg.Connection[Any], value: str) -> Any:
+        row = conn.execute("SELECT sync_time(%s)::text AS t", (value,)).fetchone()
+        return row and row["t"]
+
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=29)
+        assert [time_of(conn, v) for v in ("08:30", "PT8H30M", "0830", "8:30 PM")] == [
+            "08:30:00", "08:30:00", None, None]
+        assert db.migrate(conn, target=30).applied == ["030_sync_time_vocabulary"]
+        assert [time_of(conn, v) for v in ("08:30", "PT8H30M", "0830", "8:30 PM", "830")] == [
+            "08:30:00", "08:30:00", "08:30:00", "20:30:00", None]
+
+
 def test_upgrade_to_the_days_vocabulary_reads_what_was_refused(empty_database_url: str
                                                                ) -> None:
     """Migration 029 reads days of operation in other spellings; the digits read the same."""

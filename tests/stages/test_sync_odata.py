@@ -451,12 +451,16 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
              # .NET services (Business Central, Dataverse): 7 fractional digits, and
              # XmlConvert's shortest duration
              "08:30:00.0000000": "08:30:00", "2024-03-01T07:30:59.9999999+01:00": "07:30:59",
-             "PT8H30M": "08:30:00", "PT9H": "09:00:00"}
+             "PT8H30M": "08:30:00", "PT9H": "09:00:00",
+             # HHMM (IATA SSIM), H.MM, HhMM and a 12-hour clock (sql/030)
+             "0830": "08:30:00", "2359": "23:59:00", "8.30": "08:30:00", "08h30": "08:30:00",
+             "8:30 PM": "20:30:00", "08:30:15 a.m.": "08:30:15", "12 AM": "00:00:00",
+             "12:05 pm": "12:05:00", "11PM": "23:00:00"}
     for raw, want in times.items():
         assert str(value("time", raw)) == want, raw
     for bad in ("24:00", "12:60", "noon", "830", "PT", "-PT1H", "/Date(30600000+1100)/",
                 "/Date(30600000+12345)/", "2026-13-45T08:00:00", "2026-02-30T08:00:00",
-                "P1DT2H"):
+                "P1DT2H", "2460", "8.5", "25:30", "13:00 PM", "0:30 AM", "1230 PM", "8h"):
         assert value("time", bad) is None, bad
     for spelling, want in DAY_SPELLINGS.items():
         assert value("days", spelling) == want, spelling
@@ -504,17 +508,20 @@ DAYS_REFUSED = ("11", "112", "Mon,Mon", "mo-fr,fr", "8", "0", "", "1.5", "000000
                 "x", "noon", "[]", "Monday-", "lundi")
 
 
-def test_other_spellings_of_the_days_load_through_a_real_sync(
+def test_other_spellings_of_days_and_times_load_through_a_real_sync(
         sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
     with ODataServer(sample_network(200), page_size=15) as srv:  # 48 flights
         for key, spelling in enumerate(DAY_SPELLINGS, start=1):
             srv.update_row("Flights", key, daysOfWeek=spelling)
         srv.update_row("Flights", len(DAY_SPELLINGS) + 1, daysOfWeek=[1, 3, 5])  # JSON array
+        srv.update_row("Flights", 1, departure="0830", arrival="9:45 PM")  # times too (030)
         rec = sync(srv)
     assert rec.status == "success", rec.error
     got = {r["id"]: r["days_of_week"] for r in table(conn, "flights")}
     assert [got[str(key)] for key in range(1, len(DAY_SPELLINGS) + 2)] == [
         *DAY_SPELLINGS.values(), "135"]
+    first = next(r for r in table(conn, "flights") if r["id"] == "1")
+    assert (str(first["departure"]), str(first["arrival"])) == ("08:30:00", "21:45:00")
 
 
 def test_every_boolean_spelling_loads_through_a_real_sync(
