@@ -214,6 +214,7 @@ def _redis(s: Settings) -> str:
         with wrap_errors(client, "pinging"):
             client.ping()
             server = client.info("server")
+            memory = client.info("memory")
             enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
             state = str(client.cluster("info").get("cluster_state")) if enabled else ""
     finally:
@@ -227,6 +228,13 @@ def _redis(s: Settings) -> str:
                       "set [redis] cluster = false")
     if enabled and state != "ok":
         raise _Failed(f"Redis Cluster state is {state or '?'}: some slots are not served")
+    policy, limit = str(memory.get("maxmemory_policy", "")), int(memory.get("maxmemory", 0))
+    if limit and policy.startswith("allkeys-"):  # graph keys have no TTL: volatile-* spares them
+        raise _Failed(f"Redis {version} has maxmemory-policy {policy} with maxmemory "
+                      f"{limit / 2**20:.0f} MiB: when it fills up it evicts any key, a graph's "
+                      "included, and the routing API misses stops in silence; set "
+                      "maxmemory-policy noeviction (build-graph then fails loudly) or maxmemory 0 "
+                      "(no limit)")
     return (f"PONG; Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}; "
             f"{_prefix_owner(s)}")
 

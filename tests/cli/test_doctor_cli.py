@@ -16,7 +16,7 @@ from psycopg import sql
 
 from devtools.odata_server import ODataServer, sample_network, trippin_airports
 from devtools.procs import free_port
-from devtools.services import S3Endpoint
+from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.errors import endpoint
 from tests.support.clirunner import Cli
@@ -383,6 +383,34 @@ def test_cluster_mode_and_pooler_must_match_the_settings(
     cli.env["PIPELINE_REDIS_URL"] = redis_url  # a single server with the cluster setting
     code, obj = doctor(cli)
     assert failed(obj) == ["redis"] and "not a cluster node" in by_name(obj)["redis"]["detail"]
+
+
+def test_a_redis_that_evicts_any_key_fails_redis_with_the_fix(
+        cli: Cli, services: LocalServices, redis_prefix: str) -> None:
+    """An allkeys-* eviction policy under a memory limit (a Redis set up as a cache) deletes
+    graph keys when it fills up, and the routing API then misses stops in silence. Without a
+    limit, or with noeviction, the check passes."""
+    import redis
+
+    url = services.start_redis_server()
+    client = redis.Redis.from_url(url)
+    try:
+        client.config_set("maxmemory", str(100 * 2**20))
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        cli.env.update({"PIPELINE_REDIS_URL": url, "PIPELINE_REDIS_CLUSTER": "false",
+                        "PIPELINE_REDIS_PREFIX": redis_prefix})
+        code, obj = doctor(cli)
+        assert code == 1 and failed(obj) == ["redis"], obj
+        detail = by_name(obj)["redis"]["detail"]
+        assert "maxmemory-policy allkeys-lru with maxmemory 100 MiB" in detail, detail
+        assert "set maxmemory-policy noeviction" in detail
+        client.config_set("maxmemory-policy", "noeviction")
+        assert doctor(cli)[0] == 0
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("maxmemory", "0")  # no limit: nothing is ever evicted
+        assert doctor(cli)[0] == 0
+    finally:
+        client.close()
 
 
 def test_a_prefix_another_database_owns_fails_redis_with_the_fix(
