@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ class RequestRecord:
     headers: dict[str, str]
     entity_set: str | None
     target: str  # the raw request target, e.g. "/odata/Stops?$skiptoken=..."
+    body: bytes = b""  # of a POST (the token endpoint's form)
 
 
 class _ODataError(Exception):
@@ -456,6 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive, so paging clients reuse one connection
     server_version = "pipeline-odata-fixture/1.0"
+    body = b""
     timeout = 30  # an idle keep-alive connection gives up its thread after this
     # headers and body go out in separate writes; with Nagle on, the body waits for the
     # client's delayed ACK and every small page costs ~40 ms
@@ -466,12 +469,12 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def do_GET(self) -> None:
+        self.body = b""  # the handler lives on for the next request of the connection
         self.server.app._handle(self)
 
     def _read_only(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        self.body = self.rfile.read(length) if length else b""
         self.server.app._handle(self)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_MERGE = _read_only
@@ -565,6 +568,11 @@ class ODataServer:
         self.username = username
         self.password = password
         self.token = token
+        # OAuth 2.0 client credentials (RFC 6749 4.4): {"client_id": ..., "client_secret": ...,
+        # "lifetime": seconds, "scope": optional}. POST /token issues random bearer tokens,
+        # and the service then takes only a token issued and not expired (nor revoked).
+        self.oauth: dict[str, Any] | None = None
+        self._issued: dict[str, float] = {}  # token -> monotonic expiry
         self.v2_numbers_as_strings = v2_numbers_as_strings
         self.v2_date_offset = v2_date_offset
         self.v2_metadata = v2_metadata
@@ -642,6 +650,11 @@ class ODataServer:
     def url(self) -> str:
         """The service root with a trailing slash, e.g. ``http://127.0.0.1:54321/odata/``."""
         return f"http://127.0.0.1:{self.port}{self.root}/"
+
+    @property
+    def token_url(self) -> str:
+        """The OAuth token endpoint (answers once :attr:`oauth` is set)."""
+        return f"http://127.0.0.1:{self.port}/token"
 
     # -- data ----------------------------------------------------------------------------
     def set_rows(self, entity_set: str, rows: Sequence[Row]) -> None:
@@ -756,6 +769,15 @@ class ODataServer:
         with self._lock:
             return self._requests[-1] if self._requests else None
 
+    def revoke_tokens(self) -> None:
+        """Forget every issued OAuth token: the service answers 401 to them from now on."""
+        with self._lock:
+            self._issued.clear()
+
+    def token_requests(self) -> list[RequestRecord]:
+        with self._lock:
+            return [r for r in self._requests if r.path == "/token"]
+
     def reset_requests(self) -> None:
         with self._lock:
             self._requests.clear()
@@ -793,12 +815,16 @@ class ODataServer:
             headers={k.lower(): v for k, v in h.headers.items()},
             entity_set=entity_set,
             target=h.path,
+            body=h.body,
         )
         with self._lock:
             self._requests.append(record)
             self._counts[entity_set] += 1
             self._total += 1
         fault = self._take_fault(entity_set, h.path)
+        if self.oauth is not None and path == "/token" and fault is None:
+            self._write(h, self._token_response(h.command, record))
+            return
         if fault is not None and fault.kind == "delay":
             if self._stopping.wait(fault.seconds):
                 h.close_connection = True
@@ -963,7 +989,52 @@ class ODataServer:
             out.append(("WWW-Authenticate", f'Bearer realm="odata"{extra}'))
         return out
 
+    def _token_response(self, method: str, record: RequestRecord) -> _Response:
+        """The token endpoint: client authentication by HTTP basic (or client_id and
+        client_secret in the form), errors as RFC 6749 5.2 JSON."""
+        assert self.oauth is not None
+
+        def refuse(code: int, error: str, description: str) -> _Response:
+            body = json.dumps({"error": error, "error_description": description}).encode()
+            return _Response(code, body, "application/json;charset=utf-8",
+                             [("Cache-Control", "no-store")])
+
+        if method != "POST":
+            return refuse(405, "invalid_request", "POST required")
+        form = dict(parse_qsl(record.body.decode("utf-8", "replace")))
+        scheme, _, credentials = record.headers.get("authorization", "").partition(" ")
+        client_id, client_secret = form.get("client_id", ""), form.get("client_secret", "")
+        if scheme.lower() == "basic":
+            with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+                client_id, _, client_secret = base64.b64decode(
+                    credentials.strip(), validate=True).decode().partition(":")
+        if not (hmac.compare_digest(client_id.encode(), self.oauth["client_id"].encode())
+                and hmac.compare_digest(client_secret.encode(),
+                                        self.oauth["client_secret"].encode())):
+            return refuse(401, "invalid_client", "Client authentication failed.\r\n"
+                          "Trace ID: 0f3c")
+        if form.get("grant_type") != "client_credentials":
+            return refuse(400, "unsupported_grant_type", "grant_type must be client_credentials")
+        if self.oauth.get("scope") and form.get("scope") != self.oauth["scope"]:
+            return refuse(400, "invalid_scope", f"scope {form.get('scope')!r} is not valid")
+        token = base64.urlsafe_b64encode(random.randbytes(32)).decode().rstrip("=")
+        lifetime = float(self.oauth.get("lifetime", 3600))
+        with self._lock:
+            self._issued[token] = time.monotonic() + lifetime
+        answer = {"access_token": token, "token_type": "Bearer", "expires_in": int(lifetime)}
+        return _Response(200, json.dumps(answer).encode(), "application/json;charset=utf-8",
+                         [("Cache-Control", "no-store")])
+
     def _check_auth(self, headers: Mapping[str, str]) -> None:
+        if self.oauth is not None:
+            scheme, _, given_token = headers.get("authorization", "").partition(" ")
+            with self._lock:
+                expiry = self._issued.get(given_token.strip()) if scheme.lower() == "bearer" \
+                    else None
+            if expiry is None or expiry <= time.monotonic():
+                raise _ODataError(401, "Unauthorized", "Invalid or expired token", [
+                    ("WWW-Authenticate", 'Bearer error="invalid_token"')])
+            return
         if self.username is None and self.token is None:
             return
         given = headers.get("authorization", "")

@@ -85,6 +85,13 @@ class ODataSettings:
     username: str | None = setting(None, "basic-auth user name")
     password: str | None = setting(None, "basic-auth password", secret=True)
     token: str | None = setting(None, "bearer token", secret=True)
+    token_url: str | None = setting(None, "OAuth 2.0 token endpoint: bearer tokens by the "
+                                    "client-credentials grant, renewed before they expire")
+    client_id: str | None = setting(None, "OAuth client id (with token_url)")
+    client_secret: str | None = setting(None, "OAuth client secret (with token_url)",
+                                        secret=True)
+    scope: str | None = setting(None, "OAuth scope asked for (with token_url), e.g. "
+                                "https://org.crm.dynamics.com/.default")
     version: str = setting("auto", "OData protocol version: auto, v4 or v2")
     connect_timeout: float = setting(10.0, "seconds to connect to the OData server")
     read_timeout: float = setting(60.0, "seconds to wait for an OData response")
@@ -323,6 +330,9 @@ class Settings:
             user = password = ""
         if user and password:
             found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+        if self.odata.client_id and self.odata.client_secret:  # the token endpoint's basic auth
+            found.append(base64.b64encode(
+                f"{self.odata.client_id}:{self.odata.client_secret}".encode()).decode())
         return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
@@ -731,8 +741,8 @@ def _validate(s: Settings) -> None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.s3.bucket or "a.b"):
         raise bad("s3", "bucket", "an S3 bucket name is 3-63 lowercase letters, digits, dots "
                   "and hyphens, starting and ending with a letter or digit")
-    for section, key in (("odata", "url"), ("odata", "proxy"), ("osrm", "url"),
-                         ("notify", "ping_url")):
+    for section, key in (("odata", "url"), ("odata", "proxy"), ("odata", "token_url"),
+                         ("osrm", "url"), ("notify", "ping_url")):
         value = getattr(getattr(s, section), key)
         if not value:
             continue
@@ -747,6 +757,17 @@ def _validate(s: Settings) -> None:
         # an HTTP header holds only these; a pasted newline or zero-width space is invisible
         raise bad("odata", "token", "must be printable ASCII (a stray newline, space or "
                   "non-ASCII character in it?)")
+    if s.odata.token_url:
+        if s.odata.token:
+            raise bad("odata", "token", "set either a static token or token_url (the client-"
+                      "credentials grant), not both")
+        for key in ("client_id", "client_secret"):
+            if not getattr(s.odata, key):
+                raise ConfigError(f"missing setting [odata] {key}: [odata] token_url needs it "
+                                  f"(set {env_name('odata', key)} or [odata] {key} in the "
+                                  "config file)", key=f"odata.{key}")
+        if ":" in str(s.odata.client_id):
+            raise bad("odata", "client_id", "must not contain ':' (HTTP basic auth)")
     for key in ("connect_timeout", "read_timeout", "max_pages", "max_response_bytes",
                 "retries"):
         if getattr(s.odata, key) <= 0:

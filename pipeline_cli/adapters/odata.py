@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -64,6 +65,17 @@ _CONNECTION_FAILURES = ("Connection refused", "Name or service not known", "Conn
                         "Remote end closed connection", "Connection aborted")
 _AUTH, _NAMES = " (check [odata] username/password/token)", " (check the names in [odata.mapping])"
 _URL = " (check [odata] url)"
+_OAUTH = " (check [odata] client_id/client_secret/scope)"
+_OAUTH_REFUSED = " (a fresh token from [odata] token_url was refused: check [odata] scope " \
+    "and the client's access to the service)"
+
+
+class _TokenRejected(Exception):
+    """The service answered 401 to a fetched access token: renew it, try the request again."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("access token refused")
+        self.token = token
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -153,7 +165,15 @@ class ODataClient:
             self.session.verify = s.ca_file
         self.session.headers["User-Agent"] = "pipeline-cli sync-odata"
         username = s.username or (parts.username and unquote(parts.username))  # p%40ss: p@ss
-        if s.token:
+        # [odata] token_url: bearer tokens by the client-credentials grant, fetched before the
+        # first request and again near their expiry or on a 401 (_bearer)
+        self._token_lock = threading.Lock()  # the read-ahead thread asks for tokens too
+        self._access: str | None = None
+        self._renew_at: float | None = None  # monotonic; None: until the service refuses it
+        self._fetched: list[str] = []  # every token fetched: kept out of messages
+        if s.token_url:
+            pass
+        elif s.token:
             self.session.headers["Authorization"] = f"Bearer {s.token}"
         elif username is not None:
             # UTF-8, as RFC 7617 says (requests would send a str as Latin-1, or fail)
@@ -348,16 +368,111 @@ class ODataClient:
         if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
             url = urlunsplit(parts._replace(query="&".join(filter(None, (
                 parts.query, urlencode(missing, quote_via=quote))))))
-        retrying = Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
-                            retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
-                            reraise=True)
         try:
-            return retrying(self._get_once, url, what, names)
+            try:
+                return self._retrying()(self._get_once, url, what, names, False)
+            except _TokenRejected as rejected:  # revoked, or expired early: once more
+                with self._token_lock:
+                    if self._access == rejected.token:
+                        self._access = None
+                log.info("the OData service refused the access token; fetching a new one")
+                return self._retrying()(self._get_once, url, what, names, True)
         except _Retryable as exc:
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
             line = service_error(SourceError, "OData", exc.where or self.service_url, what,
                                  exc.message)  # shortened, then the attempts added
             raise SourceError(f"{line}{tries}") from None
+        except SourceError as exc:  # a server that echoes the Authorization header
+            if (clean := self._scrub(exc.message)) != exc.message:
+                raise SourceError(clean, partial=exc.partial, **exc.details) from None
+            raise
+
+    def _retrying(self) -> Retrying:
+        return Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
+                        retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
+                        reraise=True)
+
+    def _scrub(self, text: str) -> str:
+        for token in self._fetched:
+            text = text.replace(token, "***")
+        return text
+
+    # -------------------------------------------------------------------- OAuth
+
+    def _bearer(self) -> str:
+        """The access token of [odata] token_url: fetched once, reused, renewed within 60 s
+        of its expiry (half its lifetime for a short one)."""
+        with self._token_lock:
+            if self._access is None or (self._renew_at is not None
+                                        and time.monotonic() >= self._renew_at):
+                self._access, lifetime = self._fetch_token()
+                self._fetched.append(self._access)
+                self._renew_at = None if lifetime is None else (
+                    time.monotonic() + lifetime - min(60.0, lifetime / 2))
+            return self._access
+
+    def _fetch_token(self) -> tuple[str, float | None]:
+        try:
+            return self._retrying()(self._fetch_token_once)
+        except _Retryable as exc:
+            tries = f" after {self.retries} attempts" if self.retries > 1 else ""
+            raise SourceError(f"OData token endpoint {endpoint(str(self.settings.token_url))}"
+                              f": {exc.message}{tries}") from None
+
+    def _fetch_token_once(self) -> tuple[str, float | None]:
+        """POST the client-credentials grant (RFC 6749 4.4); (access_token, expires_in)."""
+        s = self.settings
+        where = f"OData token endpoint {endpoint(str(s.token_url))}"
+        form = {"grant_type": "client_credentials", **({"scope": s.scope} if s.scope else {})}
+        # HTTP basic, as RFC 6749 2.3.1 prefers; the id and secret as they are (as curl -u
+        # sends them): XSUAA decodes form-encoded ones only when told, Azure's need none.
+        auth = requests.auth.HTTPBasicAuth(str(s.client_id).encode(),
+                                           str(s.client_secret).encode())
+        try:
+            resp = self.session.post(str(s.token_url), data=form, auth=auth, stream=True,
+                                     headers={"Accept": "application/json"},
+                                     allow_redirects=False,
+                                     timeout=(s.connect_timeout, s.read_timeout))
+        except (requests.exceptions.SSLError, requests.exceptions.InvalidURL) as exc:
+            raise SourceError(f"{where}: {_transport_text(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:  # a proxy's too
+            raise _Retryable(_transport_text(exc)) from None
+        except requests.RequestException as exc:
+            raise SourceError(f"{where}: {_transport_text(exc)}") from None
+        with resp:
+            body = self._read(resp, "token", error=True)  # an answer of a few hundred bytes
+        code = resp.status_code
+        if code in (408, 429) or code >= 500 and code not in (501, 505):
+            raise _Retryable(f"HTTP {code}", _retry_after(resp.headers.get("Retry-After")))
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            doc = None
+        doc = doc if isinstance(doc, dict) else {}
+        if code != 200:
+            if isinstance(doc.get("error"), str):  # RFC 6749 5.2: error, error_description
+                text = " ".join(f"{doc['error']}: {doc.get('error_description') or ''}"
+                                .strip(": ").split())
+                line = f"HTTP {code} {text[:300]}"
+            else:  # not an OAuth answer (a gateway's page, an OData error)
+                line = error_line(code, body, resp.headers.get("Content-Type", ""))
+            raise SourceError(self._scrub(f"{where}: {line}") + (
+                _OAUTH if code in (400, 401) else " (check [odata] token_url)"))
+        token = doc.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise SourceError(f"{where}: the answer has no access_token"
+                              + ("" if doc else " (not a JSON object)"))
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            raise SourceError(f"{where}: the access_token is not a printable ASCII word")
+        if str(doc.get("token_type") or "bearer").lower() != "bearer":
+            raise SourceError(f"{where}: token_type {str(doc['token_type'])[:30]!r}, not Bearer")
+        try:  # a number; Azure AD v1 sent a string
+            lifetime: float | None = float(doc["expires_in"])
+        except (KeyError, TypeError, ValueError):
+            lifetime = None  # reused until the service refuses it
+        log.debug("fetched an access token from %s (expires in %s s)", endpoint(
+            str(s.token_url)), lifetime)
+        return token, lifetime
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -380,9 +495,14 @@ class ODataClient:
             log.info("the OData service redirects to %s; following it ([odata] "
                      "foreign_next_link = rewrite)", endpoint(target))
 
-    def _get_once(self, url: str, what: str, names: str) -> tuple[bytes, Any]:
+    def _get_once(self, url: str, what: str, names: str, renewed: bool
+                  ) -> tuple[bytes, Any]:
+        headers = self._headers()
+        bearer = self._bearer() if self.settings.token_url else None
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
         try:
-            resp = self.session.get(url, headers=self._headers(), stream=True, timeout=(
+            resp = self.session.get(url, headers=headers, stream=True, timeout=(
                 self.settings.connect_timeout, self.settings.read_timeout),
                 hooks={"response": lambda r, **_: self._redirected(r, what)})
         except requests.exceptions.SSLError as exc:  # a certificate or TLS setup: no retry
@@ -404,7 +524,9 @@ class ODataClient:
             content_type = resp.headers.get("Content-Type", "")
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
-                line = error_line(resp.status_code, body, content_type)
+                line = self._scrub(error_line(resp.status_code, body, content_type))
+                if resp.status_code == 401 and bearer is not None and not renewed:
+                    raise _TokenRejected(bearer)
                 if resp.status_code == 407:
                     raise self._proxy_refused(what)
                 if self.via and resp.status_code in (502, 503, 504):  # the proxy's, mostly
@@ -418,7 +540,8 @@ class ODataClient:
                             f"{after:.0f} s, longer than [odata] backoff_max "
                             f"({self.settings.backoff_max:g} s)")
                     raise _Retryable(line, after, resp.url)
-                hint = {401: _AUTH, 403: _AUTH, 400: names, 404: names}.get(resp.status_code, "")
+                auth = _AUTH if bearer is None else _OAUTH_REFUSED
+                hint = {401: auth, 403: auth, 400: names, 404: names}.get(resp.status_code, "")
                 if resp.status_code in (400, 501):
                     hint = _refused_option(hint, line, url)
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
