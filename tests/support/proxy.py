@@ -89,6 +89,38 @@ class _Switch:
             _reset(sock)
 
 
+class _Served:
+    """What the proxies share: a server run in a daemon thread from ``start()`` to ``stop()``,
+    and the switch that cuts its live connections when it stops (or is blocked)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._switch = _Switch()
+        self._server: socketserver.TCPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _serve(self, server: socketserver.TCPServer, name: str) -> None:
+        self._switch.reopen()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        self._switch.close()  # wakes handlers idling on keep-alive reads
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # --------------------------------------------------------------------------- TCP
 
 
@@ -154,7 +186,7 @@ def _pump(a: socket.socket, b: socket.socket, delay: float = 0.0) -> None:
                     return
 
 
-class TcpProxy:
+class TcpProxy(_Served):
     """Threaded TCP forwarder on ``127.0.0.1:<port>`` to ``target_host:target_port``.
 
     ``block()`` resets every live connection and every new one until ``unblock()``: to a client
@@ -167,10 +199,7 @@ class TcpProxy:
         self.target_port = target_port
         self.delay = delay
         self.connections = 0
-        self._lock = threading.Lock()
-        self._switch = _Switch()
-        self._server: _TcpServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self.port = 0
 
     @property
@@ -180,26 +209,10 @@ class TcpProxy:
     def start(self) -> TcpProxy:
         if self._server is not None:
             return self
-        self._switch.reopen()
-        self._server = _TcpServer(self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"TcpProxy:{self.port}", daemon=True,
-        )
-        self._thread.start()
+        server = _TcpServer(self)
+        self.port = server.server_address[1]
+        self._serve(server, f"TcpProxy:{self.port}")
         return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        self._switch.close()
-        server.server_close()
-        if thread is not None:
-            thread.join()
 
     def block(self) -> None:
         self._switch.block()
@@ -209,9 +222,6 @@ class TcpProxy:
 
     def __enter__(self) -> TcpProxy:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -315,7 +325,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _forward
 
 
-class CountingHttpProxy:
+class CountingHttpProxy(_Served):
     """HTTP/1.1 forwarder to ``target_base_url`` that counts requests by path prefix.
 
     Used to count OSRM ``/match`` calls. Keep-alive clients (requests.Session) are served on
@@ -331,35 +341,16 @@ class CountingHttpProxy:
         self._netloc = parts.netloc
         self._base_path = parts.path.rstrip("/")
         self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._switch = _Switch()
-        self._server: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self.url = ""
 
     def start(self) -> CountingHttpProxy:
         if self._server is not None:
             return self
-        self._switch.reopen()
-        self._server = _HttpServer(self)
-        self.url = f"http://{LOOPBACK}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"CountingHttpProxy:{self.url}", daemon=True,
-        )
-        self._thread.start()
+        server = _HttpServer(self)
+        self.url = f"http://{LOOPBACK}:{server.server_address[1]}"
+        self._serve(server, f"CountingHttpProxy:{self.url}")
         return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        self._switch.close()  # wakes handlers idling on keep-alive reads
-        server.server_close()
-        if thread is not None:
-            thread.join()
 
     def block(self) -> None:
         self._switch.block()
@@ -383,9 +374,6 @@ class CountingHttpProxy:
 
     def __enter__(self) -> CountingHttpProxy:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- forward proxy
@@ -488,7 +476,7 @@ class _ForwardHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_CONNECT = _forward
 
 
-class ForwardHttpProxy:
+class ForwardHttpProxy(_Served):
     """A forward HTTP proxy on ``127.0.0.1``, as ``HTTP_PROXY`` names one: it forwards
     absolute-URI requests and tunnels ``CONNECT``, and ``forwarded`` lists the targets it
     passed on. With ``username``/``password`` a request without that ``Proxy-Authorization``
@@ -501,10 +489,7 @@ class ForwardHttpProxy:
         self.forwarded: list[str] = []
         self.refused = 0
         self.status = 0
-        self._lock = threading.Lock()
-        self._switch = _Switch()
-        self._server: _ForwardServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self.port = 0
 
     @property
@@ -512,27 +497,10 @@ class ForwardHttpProxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> ForwardHttpProxy:
-        self._server = _ForwardServer(self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name=f"ForwardHttpProxy:{self.port}", daemon=True)
-        self._thread.start()
+        server = _ForwardServer(self)
+        self.port = server.server_address[1]
+        self._serve(server, f"ForwardHttpProxy:{self.port}")
         return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        self._switch.close()  # wakes handlers idling on keep-alive reads
-        server.server_close()
-        if thread is not None:
-            thread.join()
 
     def __enter__(self) -> ForwardHttpProxy:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
