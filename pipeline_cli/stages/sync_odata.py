@@ -278,7 +278,7 @@ class _Loader:
                         if page.number == 1 and page.count is not None:
                             st.announced = page.count
                             bar.set_total(page.count)
-                        if _SUSPECT.search(page.body):
+                        if _suspect(page.body):
                             _refuse_not_json(m, page)
                         self._spool(st, out, page.body, len(page.rows))
                         bar.advance(len(page.rows))
@@ -523,9 +523,14 @@ _NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 # A UTF-16 surrogate escape (a pair is one character, an emoji; half of one is no text, RFC
-# 8259 8.2), or NaN/Infinity, which Python's parser reads and PostgreSQL's refuses. This plain
-# pattern scans a page in microseconds; only a page it finds is looked at row by row.
-_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
+# 8259 8.2), or NaN/Infinity, which Python's parser reads and PostgreSQL's refuses. Only a page
+# where one is found is looked at row by row. Three plain scans, not one pattern with three
+# alternatives: a third of the time, and the scan holds the fetching thread's interpreter.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _suspect(body: bytes) -> bool:
+    return b"NaN" in body or b"Infinity" in body or _SURROGATE.search(body) is not None
 
 
 def _refuse_not_json(m: EntityMapping, page: Page) -> None:
