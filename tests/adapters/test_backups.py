@@ -105,3 +105,10 @@ def test_a_bucket_that_does_not_exist_is_named_with_what_to_do(s3: S3Endpoint,
             read()
         assert f"bucket {s3_bucket!r} does not exist" in str(err.value), str(err.value)
         assert "[s3] bucket" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_endpoint_with_a_trailing_slash(s3: S3Endpoint, s3_bucket: str) -> None:
+    store = BackupStore.connect(s3.endpoint + "/", s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region)
+    store.put_bytes("x", b"x")
+    assert store.get_bytes("x") == b"x"
