@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
@@ -87,8 +87,8 @@ def connect(
             client_encoding="UTF8",
         )
     except psycopg.Error as exc:
-        raise service_error(DatabaseError, "PostgreSQL", _endpoint(url), "connection failed",
-                            exc) from None
+        raise service_error(DatabaseError, "PostgreSQL", _endpoint(url, exc.pgconn),
+                            "connection failed", exc) from None
     if not prepare:
         conn.prepare_threshold = None
     if not (conn.info.parameter_status("DateStyle") or "ISO").startswith("ISO"):
@@ -131,14 +131,38 @@ def connect(
     return conn
 
 
-def _endpoint(url: str) -> str:
-    """``host:port/dbname`` of a libpq URL or conninfo string (never its password)."""
+def target(url: str) -> dict[str, str]:
+    """The host, port, dbname and user libpq takes for ``url``: the URL's own, else those of
+    the PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, the PGSERVICE entry) and libpq's
+    defaults. A service named in the URL itself is read only when connecting: its parts stay
+    unset here (``service`` says which). {} for a malformed URL."""
     try:
-        info = conninfo_to_dict(url)
+        info = {k: str(v) for k, v in conninfo_to_dict(url).items() if v not in (None, "")}
     except psycopg.Error:
+        return {}
+    if "service" not in info:
+        for option in pq.Conninfo.get_defaults():
+            key = option.keyword.decode()
+            if key in ("host", "hostaddr", "port", "dbname", "user", "service") \
+                    and key not in info and option.val:
+                info[key] = option.val.decode()
+    return info
+
+
+def _endpoint(url: str, pgconn: pq.abc.PGconn | None = None) -> str:
+    """``host:port/dbname`` of a libpq URL or conninfo string (never its password), as libpq
+    resolved them when ``pgconn`` (a failed attempt's connection) knows them."""
+    if pgconn is not None and pgconn.host:
+        return (f"{pgconn.host.decode(errors='replace')}:{pgconn.port.decode()}/"
+                f"{pgconn.db.decode(errors='replace')}")
+    info = target(url)
+    if not info:
         return "(malformed [database] url)"
-    host = str(info.get("host") or info.get("hostaddr") or "localhost")
-    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+    host = info.get("host") or info.get("hostaddr")
+    if host is None and "service" in info:
+        return f"service {info['service']}"
+    return (f"{host or 'localhost'}:{info.get('port') or 5432}/"
+            f"{info.get('dbname') or info.get('user') or ''}")
 
 
 POOLER_NONE, POOLER_TRANSACTION = "none", "transaction"

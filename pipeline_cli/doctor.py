@@ -13,9 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg.conninfo
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import db
 from .errors import ConfigError, PipelineError, RedisError, SourceError
@@ -108,19 +106,25 @@ def _endpoint(s: Settings, name: str) -> str:
     if not url:
         return "(unset)"
     if name == "database":  # libpq's reading: a '#' or '?' in a URL's password is the password
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.Error:
+        info = db.target(url)  # and the parts it left to PGHOST, PGSERVICE and the like
+        if not info:
             return "(unparsable conninfo)"
+        host = info.get("host") or info.get("hostaddr") or ""
+        if not host and "service" in info:
+            return f"service {info['service']}"
         port = f":{info['port']}" if info.get("port") else ""
-        url = f"postgresql://{info.get('host', '')}{port}/{info.get('dbname', '')}"
+        # a socket directory is the host, written percent-encoded as libpq reads it
+        return f"postgresql://{quote(host, safe='') if host.startswith('/') else host}{port}" \
+               f"/{info.get('dbname') or info.get('user') or ''}"
     scheme, _, rest = url.partition("://")
     # the user and password end at the last '@' ('#', '?' or '/' can be in a password)
     rest = rest.rsplit("@", 1)[-1]
     try:
         parts = urlsplit(f"{scheme}://{rest}")
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="",
-                                         fragment=""))
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="",
+                                          fragment=""))
+        # urlunsplit drops the '//' of an empty host: unix:///run/redis.sock
+        return shown.replace(":", "://", 1) if not parts.netloc else shown
     except ValueError:
         return "(unparsable URL)"
 

@@ -140,6 +140,11 @@ _CAUSES = (
     ("server closed the connection", "connection closed by the server"),
     ("connection aborted", "connection aborted"),
     ("certificate verify failed", "TLS certificate not trusted"),
+    # TLS asked of a plain server (rediss://, [s3] secure = true): an HTTP server answers the
+    # handshake with plain text, Redis waits for a command and never answers it.
+    ("wrong version number", "the server does not speak TLS on this port"),
+    ("handshake operation timed out", "TLS handshake timed out (does the server speak TLS "
+     "on this port?)"),
     ("timed out", "timed out"),
     ("timeout reading", "timed out"),
     ("timeout connecting", "timed out"),

@@ -67,7 +67,8 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class S3Settings:
-    endpoint: str | None = setting(None, "S3/MinIO endpoint as host:port")
+    endpoint: str | None = setting(None, "S3/MinIO endpoint as host:port (no scheme: see "
+                                   "secure)")
     access_key: str | None = setting(None, "S3 access key")
     secret_key: str | None = setting(None, "S3 secret key", secret=True)
     bucket: str = setting("pipeline", "bucket holding dataset backups and graph exports")
@@ -729,10 +730,13 @@ def _validate(s: Settings) -> None:
             raise bad("redis", "url", _without_values("the database must be a number"))
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
         raise bad("redis", "prefix", "must be non-empty without spaces or glob characters")
-    if s.s3.endpoint and ("://" in s.s3.endpoint or "/" in s.s3.endpoint):
+    if s.s3.endpoint and "://" in s.s3.endpoint:
         raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
+    if s.s3.endpoint and "/" in s.s3.endpoint.rstrip("/"):  # a trailing '/' is harmless
+        raise bad("s3", "endpoint", "expected host:port without a path (S3 serves buckets "
+                  "from the endpoint's root)")
     if s.s3.endpoint:
-        _host_port("//" + s.s3.endpoint, "s3", "endpoint", bad)
+        _host_port("//" + s.s3.endpoint.rstrip("/"), "s3", "endpoint", bad)
     if s.s3.prefix and not re.fullmatch(r"/*[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/*",
                                         s.s3.prefix) or any(
             p in (".", "..") for p in s.s3.prefix.split("/")):

@@ -485,3 +485,116 @@ def test_a_search_path_that_misses_the_tables_is_named_not_migrated_again(
         tables = conn.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'other'")
         assert tables.fetchone() == {"n": 0}
         assert [p.message for p in collect_status(conn).problems][0].startswith(expected)
+
+
+# ------------------------------------------------- connection settings as operators write them
+
+
+def _parts(url: str) -> dict[str, Any]:
+    return psycopg.conninfo.conninfo_to_dict(url)
+
+
+def _socket_dir(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SHOW unix_socket_directories").fetchone()
+    folders = [d.strip() for d in str(row[0] if row else "").split(",") if d.strip()]
+    if not folders or folders[0].startswith("@"):
+        pytest.skip("the test server listens on no socket directory")
+    return folders[0]
+
+
+@pytest.mark.parametrize("form", [
+    "postgres://{user}@{host}:{port}/{db}",
+    "postgresql://{user}@{host}:{port}/{db}?sslmode=disable",
+    "postgresql://{user}@{host}:{port}/{db}?sslmode=prefer",
+    # a password with '@', ':', '/' and '%', percent-encoded (trust auth ignores it; libpq must
+    # still split the URL where the password ends)
+    "postgresql://{user}:p%40ss%3Aw%2Fo%25rdSecret1@{host}:{port}/{db}",
+    "postgresql:///{db}?host={socket}&port={port}&user={user}",
+    "postgresql://{socket_encoded}:{port}/{db}?user={user}",
+    "host={socket} port={port} dbname={db} user={user}",
+])
+def test_url_forms_operators_write_reach_the_database(database_url: str, run_cli: Cli,
+                                                      form: str) -> None:
+    from urllib.parse import quote
+
+    info = _parts(database_url)
+    socket = _socket_dir(database_url) if "socket" in form else ""
+    url = form.format(user=info.get("user") or "postgres", host=info.get("host"),
+                      port=info.get("port") or 5432, db=info["dbname"], socket=socket,
+                      socket_encoded=quote(socket, safe=""))
+    run_cli.env["PIPELINE_DATABASE_URL"] = url
+    result = run_cli("--json", "db", "status", "--check")
+    assert result.exit_code == 0, result.output
+    assert "Secret1" not in result.output
+    with db.connect(url) as conn:
+        row = conn.execute("SELECT current_database() AS name").fetchone()
+    assert row == {"name": info["dbname"]}
+
+
+def test_parts_left_to_the_libpq_environment_and_service_file(
+        database_url: str, run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting that leaves the host, port or database to PGHOST, PGSERVICE and the like:
+    it reaches that server, and an error names the server libpq tried (it named
+    localhost:5432 whatever PGHOST said)."""
+    from devtools.procs import free_port
+
+    info, closed = _parts(database_url), free_port()
+    (tmp_path / "pg_service.conf").write_text(
+        f"[pipeline]\nhost={info.get('host')}\nport={info.get('port') or 5432}\n"
+        f"dbname={info['dbname']}\nuser={info.get('user') or 'postgres'}\n"
+        f"[closed]\nhost=127.0.0.1\nport={closed}\ndbname=nowhere\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "pg_service.conf"))
+    for env in ({"PIPELINE_DATABASE_URL": "service=pipeline"},
+                {"PIPELINE_DATABASE_URL": "postgresql://?service=pipeline"},
+                {"PIPELINE_DATABASE_URL": "postgresql://", "PGSERVICE": "pipeline"},
+                {"PIPELINE_DATABASE_URL": f"dbname={info['dbname']}",
+                 "PGHOST": str(info.get("host")), "PGPORT": str(info.get("port") or 5432),
+                 "PGUSER": str(info.get("user") or "postgres"), "PGPASSWORD": "pgpassSecret1"}):
+        run_cli.env = {**run_cli.env, **env}
+        result = run_cli("db", "status", "--check")
+        assert result.exit_code == 0, (env, result.output)
+        for name in ("PGSERVICE", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"):
+            run_cli.env.pop(name, None)
+    for env in ({"PIPELINE_DATABASE_URL": "service=closed"},
+                {"PIPELINE_DATABASE_URL": "postgresql://", "PGSERVICE": "closed"},
+                {"PIPELINE_DATABASE_URL": "dbname=nowhere", "PGHOST": "127.0.0.1",
+                 "PGPORT": str(closed), "PGPASSWORD": "pgpassSecret1"}):
+        run_cli.env = {**run_cli.env, **env}
+        result = run_cli("db", "status")
+        assert result.exit_code == 1, result.output
+        assert f"PostgreSQL 127.0.0.1:{closed}/nowhere connection failed: connection refused" \
+            in result.output, (env, result.output)
+        assert "Secret1" not in result.output
+        for name in ("PGSERVICE", "PGHOST", "PGPORT", "PGPASSWORD"):
+            run_cli.env.pop(name, None)
+
+
+def test_a_database_owner_that_is_no_superuser_migrates_it(pg_admin_url: str,
+                                                           run_cli: Cli) -> None:
+    """The usual managed-PostgreSQL setup: the pipeline's role owns its database, nothing more
+    (PostgreSQL 15 no longer lets every role create in schema public)."""
+    suffix = uuid.uuid4().hex[:8]
+    role, name = f"pipeline_owner_{suffix}", f"pipeline_owned_{suffix}"
+    password = "Ow@n:er/%Secret1"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                              "PASSWORD {}").format(sql.Identifier(role), password))
+        admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(name), sql.Identifier(role)))
+    try:
+        from urllib.parse import quote
+
+        info = _parts(pg_admin_url)
+        run_cli.env["PIPELINE_DATABASE_URL"] = (
+            f"postgresql://{role}:{quote(password, safe='')}@{info.get('host')}:"
+            f"{info.get('port') or 5432}/{name}")
+        result = run_cli("db", "migrate")
+        assert result.exit_code == 0, result.output
+        assert run_cli("db", "status", "--check").exit_code == 0
+        assert "Secret1" not in result.output
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -330,3 +330,20 @@ def test_a_config_path_with_a_tilde_nobody_expanded_says_so() -> None:
     assert str(raised.value) == (
         "config file not found: ~/no-such-pipeline.toml (a ~ is expanded by a shell, not by"
         " a crontab or a systemd EnvironmentFile: give the full path)")
+
+
+@pytest.mark.parametrize(("endpoint", "needle"), [
+    ("https://s3.example.com", "without a scheme (use [s3] secure)"),
+    ("http://minio:9000/", "without a scheme (use [s3] secure)"),
+    # said "without a scheme" for an endpoint that has none
+    ("minio:9000/s3", "without a path (S3 serves buckets from the endpoint's root)"),
+    ("minio:9000/s3/", "without a path"),
+])
+def test_an_s3_endpoint_with_a_scheme_or_path_says_which(endpoint: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"PIPELINE_S3_ENDPOINT": endpoint})
+    assert needle in str(err.value) and "[s3] endpoint" in str(err.value)
+
+
+def test_an_s3_endpoint_with_a_trailing_slash_is_taken() -> None:
+    assert load_settings(None, {"PIPELINE_S3_ENDPOINT": "minio:9000/"}).s3.endpoint

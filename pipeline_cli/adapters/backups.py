@@ -67,8 +67,12 @@ class BackupStore:
         try:
             return fn()
         except S3Error as exc:
+            detail = f"{exc.code}{_hint(exc)}: {exc.message}"
+            if exc.code == "NoSuchBucket":  # the server's message names no bucket
+                detail = (f"NoSuchBucket: bucket {self.bucket!r} does not exist: check [s3] "
+                          "bucket and endpoint (a stage that writes creates it)")
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
-                                f"{exc.code}{_hint(exc)}: {exc.message}") from None
+                                detail) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,3 +75,40 @@ def test_a_key_prefix_keeps_every_key_under_it(s3: S3Endpoint, s3_bucket: str) -
     assert plain.get_json("graphs/graph-v1/manifest.json") == {"deployment": "a"}
     with pytest.raises(BackupError, match="download of city-b/graphs/graph-v1/manifest.json"):
         store.get_json("graphs/graph-v1/manifest.json")
+
+
+def test_secure_against_a_plain_http_server_says_so(s3: S3Endpoint, s3_bucket: str) -> None:
+    # [s3] secure = true against a plain-HTTP S3: urllib3's 'Max retries exceeded with url
+    # ... WRONG_VERSION_NUMBER', 200 characters, did not say TLS was the trouble.
+    if s3.secure:
+        pytest.skip("the test S3 speaks TLS")
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=True, region=s3.region, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(BackupError) as err:
+        store.put_bytes("x", b"x")
+    assert time.monotonic() - started < 10
+    message = str(err.value)
+    assert "does not speak TLS" in message and "\n" not in message, message
+    assert s3.secret_key not in message and "HTTPSConnectionPool" not in message
+
+
+def test_a_bucket_that_does_not_exist_is_named_with_what_to_do(s3: S3Endpoint,
+                                                               s3_bucket: str) -> None:
+    # A restore from a mistyped bucket read "NoSuchBucket: The specified bucket does not
+    # exist": which one, and what now?
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, retries=0)
+    for read in (lambda: store.get_json("datasets/ds-v1/manifest.json"),
+                 lambda: store.delete("datasets/ds-v1/manifest.json")):
+        with pytest.raises(BackupError) as err:
+            read()
+        assert f"bucket {s3_bucket!r} does not exist" in str(err.value), str(err.value)
+        assert "[s3] bucket" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_endpoint_with_a_trailing_slash(s3: S3Endpoint, s3_bucket: str) -> None:
+    store = BackupStore.connect(s3.endpoint + "/", s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region)
+    store.put_bytes("x", b"x")
+    assert store.get_bytes("x") == b"x"

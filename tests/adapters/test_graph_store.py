@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -207,3 +208,82 @@ def test_cluster_mode_against_a_single_server_is_a_redis_error(redis_url: str) -
     # redis-py's RedisClusterException is no RedisError: status --check printed a traceback.
     with pytest.raises(RedisError, match="Cluster mode is not enabled"):
         graph_store.connect(redis_url, cluster=True)
+
+
+# ------------------------------------------------- Redis URLs as operators write them
+
+
+def test_an_acl_user_and_a_database_number_in_the_url(redis_url: str,
+                                                      redis_prefix: str) -> None:
+    """redis://user:password@host:port/3: the graph goes to database 3 as that ACL user (a
+    password with '@', ':', '/' and '%' percent-encoded); a wrong password is one line
+    without it."""
+    from urllib.parse import quote, urlsplit
+
+    admin = redis.Redis.from_url(redis_url)
+    user, password = f"{redis_prefix}-user", "Us@r:p/w%Secret1"
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=[f"{redis_prefix}*"],
+                      commands=["+@all"])
+    where = urlsplit(redis_url).netloc.rsplit("@", 1)[-1]
+    good = f"redis://{user}:{quote(password, safe='')}@{where}/3"
+    client = graph_store.connect(good, socket_timeout=5.0)
+    try:
+        GraphStore(client, redis_prefix).claim("deployment-a")
+        for number, owner in ((3, b"deployment-a"), (0, None)):
+            with redis.Redis.from_url(f"redis://{where}/{number}") as plain:
+                assert plain.get(f"{redis_prefix}:graph:owner") == owner
+        wrong = graph_store.connect(f"redis://{user}:wrongSecret2@{where}/3", socket_timeout=5.0)
+        with pytest.raises(RedisError) as err:
+            GraphStore(wrong, redis_prefix).owner()
+        wrong.close()
+        assert "invalid username-password pair" in str(err.value)
+        assert "Secret" not in str(err.value) and "\n" not in str(err.value)
+    finally:
+        client.close()
+        with redis.Redis.from_url(f"redis://{where}/3") as plain:
+            drop_prefix(plain, redis_prefix)
+        admin.acl_deluser(user)
+        admin.close()
+
+
+def test_rediss_against_a_server_without_tls_says_so(redis_url: str) -> None:
+    """rediss:// to a plain Redis: the TLS handshake gets no answer; the error said only 'timed
+    out', as for a server that is down."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(redis_url).netloc.rsplit("@", 1)[-1]
+    client = graph_store.connect(f"rediss://{where}/0", socket_timeout=1.0, connect_timeout=1.0)
+    try:
+        with pytest.raises(RedisError) as err:
+            GraphStore(client, "x").active_version()
+    finally:
+        client.close()
+    assert "TLS" in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_unix_socket_url(tmp_path: Path) -> None:
+    """unix:///path/redis.sock (the test Redis has no socket: a server of its own here)."""
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("no redis-server")
+    path = f"{tmp_path}/redis.sock"
+    server = subprocess.Popen([exe, "--port", "0", "--unixsocket", path, "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with socket.socket(socket.AF_UNIX) as probe:
+                if probe.connect_ex(path) == 0:
+                    break
+            time.sleep(0.05)
+        client = graph_store.connect(f"unix://{path}?db=2")
+        GraphStore(client, "p").claim("deployment-a")
+        assert GraphStore(client, "p").owner() == "deployment-a"
+        assert graph_store.endpoint(client) == path
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -477,3 +477,34 @@ def test_another_databases_export_at_the_next_graph_version_fails_s3_with_the_fi
         f"bucket {s3_bucket}, prefix 'city-b/': probe object written, read and deleted; the "
         "next graph export, graphs/graph-v1/, is free")
     assert sorted(store.list("")) == ["graphs/graph-v1/manifest.json"]  # no probe left
+
+
+def endpoint_of(cli: Cli, name: str) -> str:
+    """The endpoint column of check ``name`` in doctor's table."""
+    result = cli("doctor")
+    line = next(line for line in result.output.splitlines() if line.startswith(f"{name} "))
+    return line.split()[2]
+
+
+def test_the_endpoint_is_the_server_libpq_and_redis_take(
+        cli: Cli, database_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket URL was shown as postgresql:/var/run/... or unix:/tmp/..., a URL that leaves
+    the server to PGSERVICE or PGHOST as postgresql:/ (libpq's environment decides)."""
+    from urllib.parse import quote
+
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SHOW unix_socket_directories").fetchone()
+    socket = str(row[0] if row else "").split(",")[0].strip()
+    port, name = info.get("port") or 5432, info["dbname"]
+    if socket and not socket.startswith("@"):
+        cli.env["PIPELINE_DATABASE_URL"] = f"postgresql:///{name}?host={socket}&port={port}"
+        assert endpoint_of(cli, "database") == (
+            f"postgresql://{quote(socket, safe='')}:{port}/{name}")
+    (tmp_path / "pg_service.conf").write_text(
+        f"[pipeline]\nhost={info.get('host')}\nport={port}\ndbname={name}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "pg_service.conf"))
+    cli.env.update({"PIPELINE_DATABASE_URL": "postgresql://", "PGSERVICE": "pipeline"})
+    assert endpoint_of(cli, "database") == f"postgresql://{info.get('host')}:{port}/{name}"
+    cli.env.update({"PIPELINE_REDIS_URL": "unix:///run/nowhere/redis.sock?db=2"})
+    assert endpoint_of(cli, "redis") == "unix:///run/nowhere/redis.sock"
