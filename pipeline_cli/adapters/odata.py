@@ -1,7 +1,9 @@
 """OData V4/V2 client: the one place that talks to the source service of ``sync-odata``.
 
 It follows the server's paging, retries transient failures, caps pages and body sizes, and
-fails with one-line SourceErrors that never carry credentials (page shapes: odata_format).
+fails with one-line SourceErrors that never put credentials in (what a server echoes, a
+fetched token too, is masked by settings' redaction wherever it is shown; page shapes:
+odata_format).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
+from ..settings import add_runtime_secret
 from .odata_format import has_field, unwrap_page
 
 if TYPE_CHECKING:
@@ -170,7 +173,6 @@ class ODataClient:
         self._token_lock = threading.Lock()  # the read-ahead thread asks for tokens too
         self._access: str | None = None
         self._renew_at: float | None = None  # monotonic; None: until the service refuses it
-        self._fetched: list[str] = []  # every token fetched: kept out of messages
         if s.token_url:
             pass
         elif s.token:
@@ -382,20 +384,11 @@ class ODataClient:
             line = service_error(SourceError, "OData", exc.where or self.service_url, what,
                                  exc.message)  # shortened, then the attempts added
             raise SourceError(f"{line}{tries}") from None
-        except SourceError as exc:  # a server that echoes the Authorization header
-            if (clean := self._scrub(exc.message)) != exc.message:
-                raise SourceError(clean, partial=exc.partial, **exc.details) from None
-            raise
 
     def _retrying(self) -> Retrying:
         return Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                         retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                         reraise=True)
-
-    def _scrub(self, text: str) -> str:
-        for token in self._fetched:
-            text = text.replace(token, "***")
-        return text
 
     # -------------------------------------------------------------------- OAuth
 
@@ -406,7 +399,6 @@ class ODataClient:
             if self._access is None or (self._renew_at is not None
                                         and time.monotonic() >= self._renew_at):
                 self._access, lifetime = self._fetch_token()
-                self._fetched.append(self._access)
                 self._renew_at = None if lifetime is None else (
                     time.monotonic() + lifetime - min(60.0, lifetime / 2))
             return self._access
@@ -456,12 +448,15 @@ class ODataClient:
                 line = f"HTTP {code} {text[:300]}"
             else:  # not an OAuth answer (a gateway's page, an OData error)
                 line = error_line(code, body, resp.headers.get("Content-Type", ""))
-            raise SourceError(self._scrub(f"{where}: {line}") + (
+            raise SourceError(f"{where}: {line}" + (
                 _OAUTH if code in (400, 401) else " (check [odata] token_url)"))
         token = doc.get("access_token")
         if not isinstance(token, str) or not token:
             raise SourceError(f"{where}: the answer has no access_token"
                               + ("" if doc else " (not a JSON object)"))
+        # masked from now on wherever a message, log line or run record quotes it (a
+        # service may echo the Authorization header, in an error or in a page)
+        add_runtime_secret(token)
         if not (token.isascii() and token.isprintable()) or " " in token:
             raise SourceError(f"{where}: the access_token is not a printable ASCII word")
         if str(doc.get("token_type") or "bearer").lower() != "bearer":
@@ -524,7 +519,7 @@ class ODataClient:
             content_type = resp.headers.get("Content-Type", "")
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
-                line = self._scrub(error_line(resp.status_code, body, content_type))
+                line = error_line(resp.status_code, body, content_type)
                 if resp.status_code == 401 and bearer is not None and not renewed:
                     raise _TokenRejected(bearer)
                 if resp.status_code == 407:
