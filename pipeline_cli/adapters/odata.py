@@ -538,7 +538,8 @@ class ODataClient:
                 auth = _AUTH if bearer is None else _OAUTH_REFUSED
                 hint = {401: auth, 403: auth, 400: names, 404: names}.get(resp.status_code, "")
                 if resp.status_code in (400, 501):
-                    hint = _refused_option(hint, line, url)
+                    hint = _refused_option(hint, line, url,
+                                           client_paging=self.settings.paging == "client")
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
@@ -602,13 +603,18 @@ class ODataClient:
         return b"".join(chunks)
 
 
-def _refused_option(hint: str, line: str, url: str) -> str:
+def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> str:
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
-    supported") and that we sent."""
-    for option, setting in (("count", "count = false if it refuses a count"),
-                            ("orderby", "orderby = false leaves $orderby out")):
-        if option in line.lower() and f"{option}=" in url:  # $count, $inlinecount, $orderby
+    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip (as words:
+    not the 'top' of 'Stops'; doctor's $top=1 is not paging), $orderby."""
+    options = [("count", "count=", "count = false if it refuses a count")]
+    if client_paging:
+        options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
+                        'paging = "server" if it refuses $top/$skip'))
+    options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
+    for named, sent, setting in options:
+        if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"
     return hint
 
