@@ -606,13 +606,15 @@ class ODataClient:
 def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> str:
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
-    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip (as words:
-    not the 'top' of 'Stops'; doctor's $top=1 is not paging), $orderby."""
-    options = [("count", "count=", "count = false if it refuses a count")]
+    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby
+    (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not paging, and
+    client paging needs $orderby)."""
+    options = [(r"(?<![a-z])(?:inline)?count", "count=", "count = false if it refuses a count")]
     if client_paging:
         options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
                         'paging = "server" if it refuses $top/$skip'))
-    options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
+    else:
+        options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
     for named, sent, setting in options:
         if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"

@@ -263,6 +263,19 @@ def test_a_refused_top_or_skip_points_at_the_paging_setting(
     assert "paging" not in str(err.value)
 
 
+def test_a_hint_needs_the_option_named_not_a_word_holding_it(v4: ODataServer) -> None:
+    # 'account' holds 'count'; and client paging needs $orderby, so its refusal does not
+    # point at orderby = false (a configuration error in that mode)
+    v4.add_fault(status(400, message="No property 'Account' in Stops"), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "count = false" not in str(err.value)
+    v4.refuse_orderby = 400
+    with client(v4, paging="client", page_size=7) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "orderby = false" not in str(err.value)
+
+
 def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
     # Another service's vocabulary: the server's 400 names the field, the hint the setting.
     with client(v4) as c, pytest.raises(SourceError) as err:

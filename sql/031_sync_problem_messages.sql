@@ -1,9 +1,10 @@
--- The problem of a refused days of operation still said "expected distinct day digits 1-7
--- like "12345"", while 029 reads seven places, day names and ranges, JSON arrays and
--- daily/weekdays/weekends too: the message sent an operator toward the digits alone. It now
--- names the forms read, briefly (docs/sync-odata.md lists them whole). sync_problem is
--- replaced whole, as in 027; only the days message differs. Only a message changes: every
--- value reads as before, and stored page digests still vouch for the feeds they saw.
+-- The problems of a refused days of operation and time still named one form each ("distinct
+-- day digits 1-7 like "12345"", "a time HH:MM"), while 029 and 030 read seven places, day
+-- names and ranges, JSON arrays, daily/weekdays/weekends, and HHMM, 8.30, 8h30 and a 12-hour
+-- clock too: the messages sent an operator toward one form alone. They now name the forms
+-- read, briefly (docs/sync-odata.md lists them whole). sync_problem is replaced whole, as in
+-- 027; only these two messages differ. Only messages change: every value reads as before,
+-- and stored page digests still vouch for the feeds they saw.
 
 CREATE OR REPLACE FUNCTION sync_problem(kind text, t text, required boolean,
                                         low double precision, high double precision)
@@ -55,7 +56,9 @@ BEGIN
         END IF;
     WHEN 'time' THEN
         IF sync_time(t) IS NULL THEN
-            RETURN ARRAY['invalid', 'expected a time HH:MM, got ' || quoted];
+            RETURN ARRAY['invalid', 'expected a time of day (HH:MM, HH:MM:SS, HHMM "0830", '
+                                    || '"8.30", "8h30", "8:30 PM"; hours 0-23), got '
+                                    || quoted];
         END IF;
     WHEN 'days' THEN
         IF sync_days(t) IS NULL THEN
