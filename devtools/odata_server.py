@@ -569,8 +569,9 @@ class ODataServer:
         self.password = password
         self.token = token
         # OAuth 2.0 client credentials (RFC 6749 4.4): {"client_id": ..., "client_secret": ...,
-        # "lifetime": seconds, "scope": optional}. POST /token issues random bearer tokens,
-        # and the service then takes only a token issued and not expired (nor revoked).
+        # "lifetime": seconds, "scope": optional, "token": optional}. POST /token issues random
+        # bearer tokens (or "token", to echo a known one in a page), and the service then
+        # takes only a token issued and not expired (nor revoked).
         self.oauth: dict[str, Any] | None = None
         self._issued: dict[str, float] = {}  # token -> monotonic expiry
         self.v2_numbers_as_strings = v2_numbers_as_strings
@@ -1017,7 +1018,8 @@ class ODataServer:
             return refuse(400, "unsupported_grant_type", "grant_type must be client_credentials")
         if self.oauth.get("scope") and form.get("scope") != self.oauth["scope"]:
             return refuse(400, "invalid_scope", f"scope {form.get('scope')!r} is not valid")
-        token = base64.urlsafe_b64encode(random.randbytes(32)).decode().rstrip("=")
+        token = self.oauth.get("token") or base64.urlsafe_b64encode(
+            random.randbytes(32)).decode().rstrip("=")
         lifetime = float(self.oauth.get("lifetime", 3600))
         with self._lock:
             self._issued[token] = time.monotonic() + lifetime

@@ -371,6 +371,17 @@ def ignore_late_signals() -> Callable[[], None]:
     return restore
 
 
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` (JSON-like: dicts, lists, scalars) with every string passed through ``redact``."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, redact) for v in value]
+    return value
+
+
 class StageRunner:
     """Runs stage functions under the lock/history/signal discipline.
 
@@ -517,8 +528,11 @@ class StageRunner:
             # does the work, so this one is skipped, not a failure for status to count.
             status = (result.status if error is None
                       else SKIPPED if exit_code == EXIT_LOCK_BUSY else FAILED)
+            # the extra holds text from outside (problems quote the feed's values): a secret
+            # a service echoed is masked there as in the error
             record = RunRecord(stage=stage, run_id=run_id, status=status,
-                               duration_ms=duration_ms, counts=result.counts, extra=result.extra,
+                               duration_ms=duration_ms, counts=result.counts,
+                               extra=_redacted(result.extra, self.redact),
                                message=self.redact(result.message), error=error,
                                exit_code=exit_code if error else EXIT_OK, recorded=record_run)
             if record_run:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import threading
 import tomllib
 import types
 import typing
@@ -334,6 +335,8 @@ class Settings:
         if self.odata.client_id and self.odata.client_secret:  # the token endpoint's basic auth
             found.append(base64.b64encode(
                 f"{self.odata.client_id}:{self.odata.client_secret}".encode()).decode())
+        with _RUNTIME_LOCK:
+            found += _RUNTIME_SECRETS
         return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
@@ -349,6 +352,20 @@ class Settings:
                 value, (bool, int, float, dict, list))) else display_value(value, secret))
             rows.append((name, shown, self.sources.get(name, "default"), _doc(section, key)))
         return rows
+
+
+# Secrets no setting holds, known only once the process has them: the access tokens fetched
+# from [odata] token_url. Settings.secrets() lists them with its own, so the one redaction
+# (output, logs, run history) masks a token a service echoes in a page or an error body.
+_RUNTIME_SECRETS: list[str] = []
+_RUNTIME_LOCK = threading.Lock()  # the OData read-ahead thread fetches tokens too
+
+
+def add_runtime_secret(value: str) -> None:
+    """Mask ``value`` wherever the settings' secrets are masked, for the rest of the process."""
+    with _RUNTIME_LOCK:
+        if value not in _RUNTIME_SECRETS:
+            _RUNTIME_SECRETS.append(value)
 
 
 def env_name(section: str, key: str) -> str:

@@ -301,6 +301,36 @@ def test_upgrade_to_the_time_vocabulary_reads_what_was_refused(empty_database_ur
             "08:30:00", "08:30:00", "08:30:00", "20:30:00", None]
 
 
+def test_upgrade_to_the_days_and_time_messages_name_the_forms_read(empty_database_url: str
+                                                                  ) -> None:
+    """Migration 031 replaces sync_problem for its days and time messages: they named one form
+    each, which 029 and 030 no longer read alone; the other messages stay as they were."""
+    def problem(conn: psycopg.Connection[Any], kind: str, value: str) -> Any:
+        row = conn.execute("SELECT sync_problem(%s, %s, true, NULL, NULL) AS p",
+                           (kind, value)).fetchone()
+        return row and row["p"]
+
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        db.migrate(conn, target=30)
+        before = {k: problem(conn, k, v) for k, v in (
+            ("bool", "maybe"), ("number", "INF"), ("key", "V:1"))}
+        assert problem(conn, "time", "noon") == ["invalid", "expected a time HH:MM, got 'noon'"]
+        assert problem(conn, "days", "lundi") == [
+            "invalid", 'expected distinct day digits 1-7 like "12345", got \'lundi\'']
+        assert db.migrate(conn, target=31).applied == ["031_sync_problem_messages"]
+        assert problem(conn, "time", "25:30") == [
+            "invalid", 'expected a time of day (HH:MM, HH:MM:SS, HHMM "0830", "8.30", "8h30", '
+            '"8:30 PM"; hours 0-23), got \'25:30\'']
+        assert problem(conn, "days", "lundi") == [
+            "invalid", 'expected days of operation (digits 1-7 "135", seven places "1010100" '
+            'or "1 3 5 7", days and ranges "Mon, Wed" or "Mo-Fr", a JSON array, daily, '
+            "weekdays, weekends), got 'lundi'"]
+        assert problem(conn, "days", "Mo-Fr") is None and problem(conn, "days", None) == [
+            "missing", "missing required value"]
+        assert {k: problem(conn, k, v) for k, v in (
+            ("bool", "maybe"), ("number", "INF"), ("key", "V:1"))} == before
+
+
 def test_upgrade_to_the_days_vocabulary_reads_what_was_refused(empty_database_url: str
                                                                ) -> None:
     """Migration 029 reads days of operation in other spellings; the digits read the same."""

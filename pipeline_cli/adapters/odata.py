@@ -1,7 +1,9 @@
 """OData V4/V2 client: the one place that talks to the source service of ``sync-odata``.
 
 It follows the server's paging, retries transient failures, caps pages and body sizes, and
-fails with one-line SourceErrors that never carry credentials (page shapes: odata_format).
+fails with one-line SourceErrors that never put credentials in (what a server echoes, a
+fetched token too, is masked by settings' redaction wherever it is shown; page shapes:
+odata_format).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
+from ..settings import add_runtime_secret
 from .odata_format import has_field, unwrap_page
 
 if TYPE_CHECKING:
@@ -170,7 +173,6 @@ class ODataClient:
         self._token_lock = threading.Lock()  # the read-ahead thread asks for tokens too
         self._access: str | None = None
         self._renew_at: float | None = None  # monotonic; None: until the service refuses it
-        self._fetched: list[str] = []  # every token fetched: kept out of messages
         if s.token_url:
             pass
         elif s.token:
@@ -382,20 +384,11 @@ class ODataClient:
             line = service_error(SourceError, "OData", exc.where or self.service_url, what,
                                  exc.message)  # shortened, then the attempts added
             raise SourceError(f"{line}{tries}") from None
-        except SourceError as exc:  # a server that echoes the Authorization header
-            if (clean := self._scrub(exc.message)) != exc.message:
-                raise SourceError(clean, partial=exc.partial, **exc.details) from None
-            raise
 
     def _retrying(self) -> Retrying:
         return Retrying(stop=stop_after_attempt(self.retries), wait=self._wait,
                         retry=retry_if_exception_type(_Retryable), sleep=self._sleep,
                         reraise=True)
-
-    def _scrub(self, text: str) -> str:
-        for token in self._fetched:
-            text = text.replace(token, "***")
-        return text
 
     # -------------------------------------------------------------------- OAuth
 
@@ -406,7 +399,6 @@ class ODataClient:
             if self._access is None or (self._renew_at is not None
                                         and time.monotonic() >= self._renew_at):
                 self._access, lifetime = self._fetch_token()
-                self._fetched.append(self._access)
                 self._renew_at = None if lifetime is None else (
                     time.monotonic() + lifetime - min(60.0, lifetime / 2))
             return self._access
@@ -456,12 +448,15 @@ class ODataClient:
                 line = f"HTTP {code} {text[:300]}"
             else:  # not an OAuth answer (a gateway's page, an OData error)
                 line = error_line(code, body, resp.headers.get("Content-Type", ""))
-            raise SourceError(self._scrub(f"{where}: {line}") + (
+            raise SourceError(f"{where}: {line}" + (
                 _OAUTH if code in (400, 401) else " (check [odata] token_url)"))
         token = doc.get("access_token")
         if not isinstance(token, str) or not token:
             raise SourceError(f"{where}: the answer has no access_token"
                               + ("" if doc else " (not a JSON object)"))
+        # masked from now on wherever a message, log line or run record quotes it (a
+        # service may echo the Authorization header, in an error or in a page)
+        add_runtime_secret(token)
         if not (token.isascii() and token.isprintable()) or " " in token:
             raise SourceError(f"{where}: the access_token is not a printable ASCII word")
         if str(doc.get("token_type") or "bearer").lower() != "bearer":
@@ -524,7 +519,7 @@ class ODataClient:
             content_type = resp.headers.get("Content-Type", "")
             if resp.status_code >= 300:
                 body = self._read(resp, what, error=True)
-                line = self._scrub(error_line(resp.status_code, body, content_type))
+                line = error_line(resp.status_code, body, content_type)
                 if resp.status_code == 401 and bearer is not None and not renewed:
                     raise _TokenRejected(bearer)
                 if resp.status_code == 407:
@@ -543,7 +538,8 @@ class ODataClient:
                 auth = _AUTH if bearer is None else _OAUTH_REFUSED
                 hint = {401: auth, 403: auth, 400: names, 404: names}.get(resp.status_code, "")
                 if resp.status_code in (400, 501):
-                    hint = _refused_option(hint, line, url)
+                    hint = _refused_option(hint, line, url,
+                                           client_paging=self.settings.paging == "client")
                 raise service_error(SourceError, "OData", resp.url, what + hint, line)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
@@ -607,13 +603,20 @@ class ODataClient:
         return b"".join(chunks)
 
 
-def _refused_option(hint: str, line: str, url: str) -> str:
+def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> str:
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
-    supported") and that we sent."""
-    for option, setting in (("count", "count = false if it refuses a count"),
-                            ("orderby", "orderby = false leaves $orderby out")):
-        if option in line.lower() and f"{option}=" in url:  # $count, $inlinecount, $orderby
+    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby
+    (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not paging, and
+    client paging needs $orderby)."""
+    options = [(r"(?<![a-z])(?:inline)?count", "count=", "count = false if it refuses a count")]
+    if client_paging:
+        options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
+                        'paging = "server" if it refuses $top/$skip'))
+    else:
+        options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
+    for named, sent, setting in options:
+        if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"
     return hint
 

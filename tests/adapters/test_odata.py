@@ -237,6 +237,45 @@ def test_a_refused_orderby_points_at_the_orderby_setting(v4: ODataServer, code: 
         "/odata/Stops?$orderby=ID&$count=true"]
 
 
+@pytest.mark.parametrize(("code", "match", "message", "hint"), [
+    (400, "$top", "Query option 'Top' is not allowed.", "Stops page 1 (check the names in "
+     "[odata.mapping], or [odata] paging = \"server\" if it refuses $top/$skip)"),
+    (501, "$skip", "The query option '$skip' is not supported", "Stops page 2 ([odata] "
+     "paging = \"server\" if it refuses $top/$skip)")])
+def test_a_refused_top_or_skip_points_at_the_paging_setting(
+        v4: ODataServer, code: int, match: str, message: str, hint: str) -> None:
+    # ASP.NET Core OData allows no $top or $skip unless the service enables them, and some
+    # gateways implement neither: client paging got the bare error.
+    v4.add_fault(status(code, message=message), entity_set="Stops", match=match)
+    with client(v4, paging="client", page_size=7) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (f"OData {endpoint(v4.url)} {hint}: HTTP {code} Injected{code}: "
+                              f"{message}")
+    # under server paging no hint names it (doctor's $top=1 is not paging), nor without a
+    # $top or $skip named (the 'top' of 'Stops' is not)
+    v4.add_fault(status(400, message=message), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        c.probe("Stops")
+    assert "paging" not in str(err.value)
+    v4.add_fault(status(400, message="No property 'Name' in Stops"), entity_set="Stops")
+    with client(v4, paging="client") as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "paging" not in str(err.value)
+
+
+def test_a_hint_needs_the_option_named_not_a_word_holding_it(v4: ODataServer) -> None:
+    # 'account' holds 'count'; and client paging needs $orderby, so its refusal does not
+    # point at orderby = false (a configuration error in that mode)
+    v4.add_fault(status(400, message="No property 'Account' in Stops"), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "count = false" not in str(err.value)
+    v4.refuse_orderby = 400
+    with client(v4, paging="client", page_size=7) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "orderby = false" not in str(err.value)
+
+
 def test_an_unknown_field_name_points_at_the_mapping(v4: ODataServer) -> None:
     # Another service's vocabulary: the server's 400 names the field, the hint the setting.
     with client(v4) as c, pytest.raises(SourceError) as err:

@@ -149,7 +149,9 @@ def test_an_echoed_token_is_masked(server: ODataServer) -> None:
                          entity_set="Stops")
         with pytest.raises(SourceError) as err:
             c.probe("Stops")
-    assert token not in str(err.value) and "Bearer ***" in str(err.value)
+    # once fetched, the token is masked as the settings' secrets are, wherever it is shown
+    shown = load_settings(None, {}).redact(str(err.value))
+    assert token not in shown and shown.endswith("bad request with Bearer ***")
 
 
 @pytest.mark.parametrize(("env", "needle"), [
@@ -216,3 +218,33 @@ def test_sync_and_doctor_with_client_credentials_keep_secrets_out(
     assert len(rows) == 2
     for text in [output, *(r[0] for r in rows)]:
         assert SECRET not in text and issued not in text
+
+
+def test_a_fetched_token_a_service_echoes_in_a_200_body_never_leaves(
+        cli: Cli, server: ODataServer, database_url: str) -> None:
+    """A token fetched at run time is a secret like the settings' own: a service that quotes
+    it in a value (a problem names it) or in an error object under HTTP 200 (the error line
+    and the log name it) has it masked in the output, the logs and the run history."""
+    token = "eyJ0eXAiOiJKV1Qi.echoed-access-token.Zm9vYmFy"
+    server.oauth = {**(server.oauth or {}), "token": token}
+    server.update_row("Flights", 1, daysOfWeek=f"Bearer {token}")  # a value quoting the header
+    strict = cli.subprocess("-v", "sync-odata")
+    assert strict.returncode == 1 and "daysOfWeek: expected" in strict.stderr, strict.stderr
+    skipped = cli.subprocess("-v", "--log-format", "json", "--json", "sync-odata",
+                             "--skip-invalid")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "got 'Bearer ***'" in json.loads(skipped.stdout)["rejects"][0]
+    server.add_fault(wrong_shape({"error": {"code": "Expired", "message": f"token {token} "
+                                            "expired"}}), entity_set="Stops", times=None)
+    failed = cli.subprocess("-v", "sync-odata")
+    assert failed.returncode == 1 and "HTTP 200 Expired: token *** expired" in failed.stderr
+    doctor = cli.subprocess("--json", "doctor")
+    assert "token *** expired" in doctor.stdout
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT coalesce(error, '') || counts::text || result::text "
+                            "|| options::text FROM stage_runs").fetchall()
+    assert len(rows) == 3
+    assert "Bearer ***" in rows[0][0] and "token *** expired" in rows[2][0]
+    for proc in (strict, skipped, failed, doctor):
+        assert token not in proc.stdout + proc.stderr
+    assert all(token not in r[0] for r in rows)

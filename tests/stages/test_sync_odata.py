@@ -524,6 +524,22 @@ def test_other_spellings_of_days_and_times_load_through_a_real_sync(
     assert (str(first["departure"]), str(first["arrival"])) == ("08:30:00", "21:45:00")
 
 
+def test_refused_days_are_named_with_the_forms_that_are_read(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    """The problem of a refused days value names the forms read (sql/031), not the digits
+    alone (sql/029 read many more)."""
+    refused = ("Mon,Mon", "lundi", "0000000")
+    for key, v in enumerate(refused, start=1):
+        server.update_row("Flights", key, daysOfWeek=v)
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    forms = ("expected days of operation (digits 1-7 \"135\", seven places \"1010100\" or "
+             "\"1 3 5 7\", days and ranges \"Mon, Wed\" or \"Mo-Fr\", a JSON array, daily, "
+             "weekdays, weekends), got ")
+    assert [p for p in rec.extra["problems"] if p.startswith("Flights[")] == [
+        f"Flights[ID={key}] daysOfWeek: {forms}'{v}'" for key, v in enumerate(refused, start=1)]
+
+
 def test_every_boolean_spelling_loads_through_a_real_sync(
         sync: Callable[..., RunRecord], server: ODataServer,
         conn: psycopg.Connection[Any]) -> None:
