@@ -33,7 +33,7 @@ from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
-from .odata_format import has_field, unwrap_page
+from .odata_format import close_name, has_field, unwrap_page
 
 if TYPE_CHECKING:
     from ..settings import ODataSettings
@@ -269,8 +269,9 @@ class ODataClient:
                                           False)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
         if missing:  # the server ignored $select, or a path is not the entity's
+            close = close_name(missing[0], rows[0])  # as the sync says it
             raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
-                              + _NAMES)
+                              + (f" (did you mean {close!r}? {_NAMES[2:]}" if close else _NAMES))
         return len(rows)
 
     # -------------------------------------------------------------------- paging

@@ -4,9 +4,10 @@ settings and ``doctor``, which check a mapping without importing requests.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,20 @@ def has_field(row: Mapping[str, Any], field: str) -> bool:
         else:
             return False
     return True
+
+
+def close_name(field: str, names: Iterable[str]) -> str | None:
+    """The name entities have that a mapped field (or a path's property) they lack comes
+    closest to: the same in another case (``IsAirport`` for ``isAirport``; OData names are
+    case-sensitive, and a server that resolves them in any case answers with its own), else a
+    near spelling; with the rest of the path. None if the property is there."""
+    top, slash, path = field.partition("/")
+    names = sorted(names)
+    if top in names:
+        return None
+    close = [n for n in names if n.lower() == top.lower()] or \
+        difflib.get_close_matches(top, names, n=1)
+    return close[0] + slash + path if close else None
 
 
 # ------------------------------------------------------------------------------ pages

@@ -558,6 +558,17 @@ def test_set_and_root_names_that_urls_encode(version: str, next_link: str) -> No
     assert {r.path for r in srv.requests[1:]} == {f"{root}/Fixture_Container.Stops"}
 
 
+def test_a_field_in_another_case_is_named_with_the_services_spelling() -> None:
+    # ASP.NET Core OData resolves $select and $orderby in any case and answers with its own
+    # names: doctor said only "the entity has no field 'id'", where the sync suggests 'ID'.
+    with ODataServer(DATA) as srv, client(srv) as c:
+        srv.case_insensitive = True
+        with pytest.raises(SourceError) as err:
+            c.probe("Stops", orderby="id", select=["id", "latitude"])
+    assert str(err.value) == ("OData Stops $top=1: the entity has no field 'id' (did you mean "
+                              "'ID'? check the names in [odata.mapping])")
+
+
 def test_page_size_preference_is_sent(v4: ODataServer) -> None:
     with client(v4, page_size=5) as c:
         assert len(list(c.pages("Stops", orderby="ID"))) == 8
