@@ -100,7 +100,10 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             raise bad(f".{entity}", f"unknown key {extra[0]!r} (expected set, filter, fields)")
         entity_set = table.get("set", default_set)
         if not isinstance(entity_set, str) or not _NAME_RE.match(entity_set):
-            raise bad(f".{entity}", f"set must be an entity set name, got {entity_set!r}")
+            path, _, name = str(entity_set).rstrip("/").rpartition("/")
+            raise bad(f".{entity}", f"set must be an entity set name, got {entity_set!r}" + (
+                f"; the path to it goes at the end of [odata] url (.../{path}/) and set = "
+                f"\"{name}\"" if path and _NAME_RE.match(name) else ""))
         filter_ = table.get("filter")
         if filter_ is not None and (not isinstance(filter_, str) or not filter_.strip()):
             raise bad(f".{entity}", "filter must be a non-empty $filter expression")

@@ -662,6 +662,17 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
             resolve_mapping(raw)
 
 
+def test_a_set_given_with_its_path_points_at_the_url() -> None:
+    # Business Central's OData web services address a set below its company:
+    # .../ODataV4/Company('CRONUS USA, Inc.')/Customers. The path belongs in [odata] url.
+    with pytest.raises(ConfigError) as err:
+        resolve_mapping({"stops": {"set": "Company('CRONUS USA, Inc.')/Customers"}})
+    assert str(err.value) == (
+        "malformed setting [odata.mapping.stops]: set must be an entity set name, got "
+        "\"Company('CRONUS USA, Inc.')/Customers\"; the path to it goes at the end of [odata] "
+        "url (.../Company('CRONUS USA, Inc.')/) and set = \"Customers\"")
+
+
 def test_a_mapped_field_may_be_a_path_into_complex_values_but_not_the_key() -> None:
     m = resolve_mapping({"stops": {"fields": {
         "latitude": "Location/Loc/coordinates/1", "longitude": "Location/Loc/coordinates/0",
