@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from devtools.odata_data import (
     GeneratedRows,
@@ -515,6 +515,18 @@ class ODataServer:
     every request whole in one page (no nextLink, no ``odata.maxpagesize``), as SEGW-generated
     SAP services do, ``max_top`` to cap ``$top`` there in silence, and ``ignore_skip`` to
     answer as if no ``$skip`` were asked.
+
+    Names and links: ``context_root`` is the path of the service root whose ``$metadata`` the
+    context URL names, when ``root`` lies deeper (a Business Central company:
+    ``root="/api/v2.0/companies(7)", context_root="/api/v2.0"``); relative nextLinks are then
+    relative to the context URL, as OData JSON 4.0 says (``companies(7)/Stops?...``), or with
+    ``next_link="request"`` to the request URL (``Stops?...``). Set ``skiptoken_suffix`` to
+    end every ``$skiptoken`` with those characters (written form-encoded, checked when read
+    back), ``next_link_fragment`` to end every nextLink with it (``#page``), and
+    ``case_insensitive`` to resolve ``$select`` and ``$orderby`` names in any case and answer
+    with the properties' own names, as ASP.NET Core OData does by default. A set name may be
+    container-qualified (``Container.Stops``, as OData V2 addresses a set outside the default
+    container), and a root may hold characters URLs percent-encode.
     """
 
     def __init__(
@@ -523,6 +535,7 @@ class ODataServer:
         *,
         version: str = "v4",
         root: str = "/odata",
+        context_root: str | None = None,
         page_size: int = 1000,
         next_link: str = "absolute",
         next_link_base: str | None = None,
@@ -547,14 +560,18 @@ class ODataServer:
         # odata.count and odata.nextLink, and $inlinecount instead of $count.
         self.v3 = version == "v3"
         version = "v4" if self.v3 else version
-        if next_link not in ("absolute", "relative"):
-            raise ValueError("next_link must be 'absolute' or 'relative'")
+        if next_link not in ("absolute", "relative", "request"):
+            raise ValueError("next_link must be 'absolute', 'relative' or 'request'")
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
         if (username is None) != (password is None):
             raise ValueError("basic auth needs both username and password")
         self.version = version
         self.root = "/" + root.strip("/") if root.strip("/") else ""
+        self.context_root = self.root if context_root is None else (
+            "/" + context_root.strip("/") if context_root.strip("/") else "")
+        if not self.root.startswith(self.context_root):
+            raise ValueError("context_root must be root or a path above it")
         self.page_size = page_size
         self.next_link = next_link
         self.next_link_base = next_link_base
@@ -564,6 +581,9 @@ class ODataServer:
         self.server_paging = True  # False: every answer whole, without nextLinks
         self.max_top = 0  # > 0: a larger $top gets this many rows, in silence
         self.ignore_skip = False
+        self.skiptoken_suffix = ""
+        self.next_link_fragment = ""
+        self.case_insensitive = False
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -650,7 +670,12 @@ class ODataServer:
     @property
     def url(self) -> str:
         """The service root with a trailing slash, e.g. ``http://127.0.0.1:54321/odata/``."""
-        return f"http://127.0.0.1:{self.port}{self.root}/"
+        return f"http://127.0.0.1:{self.port}{quote(self.root, safe=_ROOT_SAFE)}/"
+
+    @property
+    def _context_url(self) -> str:
+        """The service root whose ``$metadata`` the context URLs name (see ``context_root``)."""
+        return f"http://127.0.0.1:{self.port}{quote(self.context_root, safe=_ROOT_SAFE)}/"
 
     @property
     def token_url(self) -> str:
@@ -664,7 +689,7 @@ class ODataServer:
         Rows are copied, so later changes to the caller's dicts do not leak into the server
         (use :meth:`update_row` and friends); lazily generated sequences are kept as they are.
         """
-        if not entity_set or not re.fullmatch(r"[A-Za-z_][\w]*", entity_set):
+        if not entity_set or not re.fullmatch(r"[A-Za-z_][\w.]*", entity_set):
             raise ValueError(f"not a usable entity set name: {entity_set!r}")
         stored: Sequence[Row] = rows if isinstance(rows, GeneratedRows) else [dict(r) for r in rows]
         key = self._keys.get(entity_set, "ID")
@@ -1138,6 +1163,11 @@ class ODataServer:
                 raise _bad_request(f"Invalid value '{raw}' for {option}: expected an integer >= 0")
             return int(raw)
 
+        def named(name: str) -> str:  # a property's own name, in any case if case_insensitive
+            if name in state.types or not self.case_insensitive:
+                return name
+            return next((t for t in state.types if t.lower() == name.lower()), name)
+
         orderby: list[tuple[str, bool]] = []
         if self.refuse_orderby and "$orderby" in seen:
             raise _ODataError(self.refuse_orderby, "NotSupported",
@@ -1148,12 +1178,12 @@ class ODataServer:
                 direction = parts[1] if len(parts) == 2 else "asc"
                 if not parts or len(parts) > 2 or direction not in ("asc", "desc"):
                     raise _bad_request(f"Invalid $orderby item '{item.strip()}'")
-                if parts[0] not in state.types:
+                if named(parts[0]) not in state.types:
                     raise _bad_request(f"Could not find a property named '{parts[0]}' for $orderby")
-                orderby.append((parts[0], direction == "desc"))
+                orderby.append((named(parts[0]), direction == "desc"))
         select: tuple[str, ...] | None = None
         if seen.get("$select") and seen["$select"].strip() != "*":
-            select = tuple(s.strip() for s in seen["$select"].split(","))
+            select = tuple(named(s.strip()) for s in seen["$select"].split(","))
             unknown = [s for s in select if s not in state.types]
             if unknown and not self.ignore_select:
                 raise _bad_request(f"Could not find a property named '{unknown[0]}' for $select")
@@ -1244,7 +1274,10 @@ class ODataServer:
         window_end = max(window_end, window_start)
         lap, flags, offset = 0, "", window_start
         if opts.skiptoken is not None:
-            offset, lap, flags = self._read_token(opts.skiptoken)
+            if not opts.skiptoken.endswith(self.skiptoken_suffix):
+                raise _bad_request("The $skiptoken is invalid")
+            offset, lap, flags = self._read_token(
+                opts.skiptoken[:len(opts.skiptoken) - len(self.skiptoken_suffix)])
         # a never-ending fault marks the chain: the flags travel on in every later token
         flags = "".join(sorted(set(flags + ("c" if cycle else "") + ("s" if same_link else ""))))
         # without server paging one page holds the whole window, and no empty page follows
@@ -1265,13 +1298,15 @@ class ODataServer:
             next_offset, lap = window_start, lap + 1
         next_url = None
         if next_offset is not None:
-            token = self._make_token(next_offset, lap, flags)
+            token = self._make_token(next_offset, lap, flags) + self.skiptoken_suffix
             # the link keeps the client's options and adds the token
             query = [f"{quote(k, safe='$')}={_quote(v)}" for k, v in pairs if k != "$skiptoken"]
-            query.append(f"$skiptoken={token}")
+            query.append("$skiptoken=" + quote_plus(token, safe="'=/"))
             link = f"{name if self.raw_names_in_links else quote(name)}?{'&'.join(query)}"
             base = (self.next_link_base or self.url).replace("{port}", str(self.port))
-            next_url = base + link if self.next_link == "absolute" else link
+            inner = self.url[len(self._context_url):]  # relative to the context URL
+            next_url = {"absolute": base + link, "relative": inner + link,
+                        "request": link}[self.next_link] + self.next_link_fragment
 
         ieee754 = self.version == "v4" and (
             self.ieee754_compatible or "ieee754compatible=true" in headers.get("accept", "").lower()
@@ -1282,7 +1317,7 @@ class ODataServer:
         if applied:
             extra.append(("Preference-Applied", f"odata.maxpagesize={page_size}"))
         if self.version == "v4":
-            context = f"{self.url}$metadata#{name}"
+            context = f"{self._context_url}$metadata#{self.url[len(self._context_url):]}{name}"
             if opts.select:
                 context += f"({','.join(opts.select)})"
             a = self.annotation.encode()
@@ -1385,6 +1420,9 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
+_ROOT_SAFE = "/()',"  # a root as Business Central writes it: Company('CRONUS%20Ltd.')
+
+
 def _quote(value: str) -> str:
     return quote(value, safe="$,'():*/")
 
@@ -1406,7 +1444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", default="/odata", help="service root path (default /odata)")
     parser.add_argument("--version", choices=("v4", "v2"), default="v4", help="OData version")
     parser.add_argument("--page-size", type=int, default=1000, help="rows per page")
-    parser.add_argument("--next-link", choices=("absolute", "relative"), default="absolute")
+    parser.add_argument("--next-link", choices=("absolute", "relative", "request"),
+                        default="absolute")
     parser.add_argument("--empty-last-page", action="store_true")
     parser.add_argument("--username", help="require HTTP basic auth with this user")
     parser.add_argument("--password", help="password for --username")

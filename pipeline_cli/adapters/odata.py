@@ -36,7 +36,7 @@ from urllib3.util.retry import Retry
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
 from ..settings import add_runtime_secret
-from .odata_format import has_field, unwrap_page
+from .odata_format import close_name, has_field, unwrap_page
 
 if TYPE_CHECKING:
     from ..settings import ODataSettings
@@ -68,6 +68,7 @@ _CONNECTION_FAILURES = ("Connection refused", "Name or service not known", "Conn
                         "Remote end closed connection", "Connection aborted")
 _AUTH, _NAMES = " (check [odata] username/password/token)", " (check the names in [odata.mapping])"
 _URL = " (check [odata] url)"
+_CONTEXTS = ("@odata.context", "@context", "odata.metadata")  # V4, 4.01 unprefixed, V3
 _OAUTH = " (check [odata] client_id/client_secret/scope)"
 _OAUTH_REFUSED = " (a fresh token from [odata] token_url was refused: check [odata] scope " \
     "and the client's access to the service)"
@@ -213,7 +214,7 @@ class ODataClient:
             return "v2"
         if isinstance(doc, dict) and ("error" in doc or "odata.error" in doc):  # under HTTP 200
             raise SourceError(f"OData {what}: {error_line(200, json.dumps(doc).encode())}")
-        if isinstance(doc, dict) and {"@odata.context", "@context", "odata.metadata"} & doc.keys():
+        if isinstance(doc, dict) and set(_CONTEXTS) & doc.keys():
             return "v4"  # an entity: Business Central's root is a company, companies(<id>)/
         raise SourceError(f"OData {what}: not an OData JSON response (no 'value' or 'd')")
 
@@ -270,8 +271,9 @@ class ODataClient:
                                           False)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
         if missing:  # the server ignored $select, or a path is not the entity's
+            close = close_name(missing[0], rows[0])  # as the sync says it
             raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
-                              + _NAMES)
+                              + (f" (did you mean {close!r}? {_NAMES[2:]}" if close else _NAMES))
         return len(rows)
 
     # -------------------------------------------------------------------- paging
@@ -328,7 +330,7 @@ class ODataClient:
                 continue
             if link is None:
                 return
-            resolved = urljoin(next_url, link)
+            resolved = urljoin(_link_base(next_url, doc), link)
             if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
                 resolved = self._on_service_origin(resolved, entity_set, what)
             if resolved in seen:
@@ -601,6 +603,16 @@ class ODataClient:
                 requests.exceptions.ContentDecodingError) as exc:
             raise _Retryable(f"response cut short: {_transport_text(exc)}") from None
         return b"".join(chunks)
+
+
+def _link_base(url: str, doc: Any) -> str:
+    """What a relative nextLink is relative to: the page's context URL (OData JSON 4.0, 4.6),
+    which names the service root's $metadata, though the set lies deeper (a Business Central
+    company's .../api/v2.0/companies(7)/Stops links to companies(7)/Stops?...); taken on the
+    host asked, as a relative link names no other. Without one (V2), the request URL."""
+    context = next((doc[k] for k in _CONTEXTS if isinstance(doc.get(k), str)), "")
+    path = urlsplit(context).path
+    return urljoin(url, path) if path else url
 
 
 def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> str:

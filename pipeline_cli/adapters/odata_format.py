@@ -4,9 +4,10 @@ settings and ``doctor``, which check a mapping without importing requests.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,10 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             raise bad(f".{entity}", f"unknown key {extra[0]!r} (expected set, filter, fields)")
         entity_set = table.get("set", default_set)
         if not isinstance(entity_set, str) or not _NAME_RE.match(entity_set):
-            raise bad(f".{entity}", f"set must be an entity set name, got {entity_set!r}")
+            path, _, name = str(entity_set).rstrip("/").rpartition("/")
+            raise bad(f".{entity}", f"set must be an entity set name, got {entity_set!r}" + (
+                f"; the path to it goes at the end of [odata] url (.../{path}/) and set = "
+                f"\"{name}\"" if path and _NAME_RE.match(name) else ""))
         filter_ = table.get("filter")
         if filter_ is not None and (not isinstance(filter_, str) or not filter_.strip()):
             raise bad(f".{entity}", "filter must be a non-empty $filter expression")
@@ -144,6 +148,20 @@ def has_field(row: Mapping[str, Any], field: str) -> bool:
         else:
             return False
     return True
+
+
+def close_name(field: str, names: Iterable[str]) -> str | None:
+    """The name entities have that a mapped field (or a path's property) they lack comes
+    closest to: the same in another case (``IsAirport`` for ``isAirport``; OData names are
+    case-sensitive, and a server that resolves them in any case answers with its own), else a
+    near spelling; with the rest of the path. None if the property is there."""
+    top, slash, path = field.partition("/")
+    names = sorted(names)
+    if top in names:
+        return None
+    close = [n for n in names if n.lower() == top.lower()] or \
+        difflib.get_close_matches(top, names, n=1)
+    return close[0] + slash + path if close else None
 
 
 # ------------------------------------------------------------------------------ pages

@@ -8,7 +8,6 @@ and commit, all in one transaction; docs/sync-odata.md ("One path") describes ea
 from __future__ import annotations
 
 import contextlib
-import difflib
 import gzip
 import hashlib
 import json
@@ -32,7 +31,7 @@ from psycopg.types.json import Jsonb
 from .. import db
 from ..adapters.backups import BackupStore
 from ..adapters.odata import ODataClient, Page
-from ..adapters.odata_format import EntityMapping, has_field, resolve_mapping
+from ..adapters.odata_format import EntityMapping, close_name, has_field, resolve_mapping
 from ..errors import (
     BackupError,
     ConfigError,
@@ -561,11 +560,8 @@ def _absent_fields(m: EntityMapping, absent: set[str], names: set[str]) -> str:
     that come close (another service's spelling: ``IsAirport`` for ``isAirport``)."""
     def one(name: str) -> str:
         columns = "/".join(c for c, f in m.fields.items() if f == name)
-        top, slash, path = name.partition("/")  # a path whose property is there: no guess
-        close = [] if top in names else [n for n in names if n.lower() == top.lower()] or \
-            difflib.get_close_matches(top, sorted(names), n=1)
-        return f"{name!r} ({columns}" + (f"; did you mean {close[0] + slash + path!r}?)"
-                                         if close else ")")
+        close = close_name(name, names)  # a path whose property is there: no guess
+        return f"{name!r} ({columns}" + (f"; did you mean {close!r}?)" if close else ")")
     return (f"OData {m.entity_set}: no entity has the field(s) "
             f"{', '.join(one(n) for n in sorted(absent))} of [odata.mapping.{m.entity}.fields];"
             " map each to the service's name (or an optional one to \"\" to leave it out); "

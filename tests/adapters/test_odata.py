@@ -546,6 +546,68 @@ def test_next_link_to_another_host_is_refused_when_configured() -> None:
     assert srv.request_count("Stops") == 1
 
 
+@pytest.mark.parametrize("next_link", ["relative", "request"])
+def test_a_relative_next_link_below_a_deeper_root_resolves_against_the_context_url(
+        next_link: str) -> None:
+    # OData JSON 4.0 (4.6): a relative URL is relative to the context URL, the service root
+    # where $metadata is. Below a root that is a company (Business Central's
+    # .../api/v2.0/companies(7)/), companies(7)/Stops?... was read against the request URL:
+    # .../companies(7)/companies(7)/Stops, an error. A link relative to the request URL, as
+    # some servers write it, is still followed.
+    with ODataServer(DATA, root="/api/v2.0/companies(7)", context_root="/api/v2.0",
+                     next_link=next_link, page_size=10) as srv, client(srv) as c:
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    assert [r.path for r in srv.requests[1:]] == ["/api/v2.0/companies(7)/Stops"] * 4
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_skiptoken_and_a_fragment_reach_the_server_as_written(version: str) -> None:
+    # '+' for a blank, %2B for a plus, quotes, '=' and '/' of a base64 token: sent as the
+    # server wrote them (the server reads its token back, or answers 400); the #fragment not.
+    with ODataServer(DATA, version=version, page_size=10) as srv, client(srv) as c:
+        srv.skiptoken_suffix, srv.next_link_fragment = "'O''B+r%2B/x= y'==", "#page"
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+    later = [r for r in srv.requests if "$skiptoken" in r.query]
+    assert len(later) == 3 and all("#" not in r.target for r in later)
+    assert all(r.query["$skiptoken"].endswith(srv.skiptoken_suffix) for r in later)
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_filter_with_quotes_ampersands_hashes_and_any_script_pages_on(version: str) -> None:
+    name = "O'Brien & Søn #1 +Åbo/Турку?"
+    rows = [{**r, "name": name if r["ID"] % 3 else r["name"]} for r in DATA["Stops"]]
+    odata_filter = "name eq '" + name.replace("'", "''") + "'"
+    with ODataServer({"Stops": rows}, version=version, page_size=10) as srv, \
+            client(srv) as c:
+        assert [r["ID"] for r in fetch(c, filter=odata_filter)] == [
+            r["ID"] for r in rows if r["name"] == name]
+    assert [r.query["$filter"] for r in srv.requests[1:]] == [odata_filter] * 3
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+@pytest.mark.parametrize("next_link", ["absolute", "relative"])
+def test_set_and_root_names_that_urls_encode(version: str, next_link: str) -> None:
+    # OData V2 names a set outside the default container Container.Set; Business Central's
+    # OData web services put the company, a quoted string with blanks, in the root.
+    root = "/ODataV4/Company('CRONUS USA, Inc.')"
+    with ODataServer({"Fixture_Container.Stops": DATA["Stops"]}, version=version, root=root,
+                     next_link=next_link, page_size=10) as srv, client(srv) as c:
+        assert "%20" in srv.url
+        assert [r["ID"] for r in fetch(c, "Fixture_Container.Stops")] == list(range(1, 41))
+    assert {r.path for r in srv.requests[1:]} == {f"{root}/Fixture_Container.Stops"}
+
+
+def test_a_field_in_another_case_is_named_with_the_services_spelling() -> None:
+    # ASP.NET Core OData resolves $select and $orderby in any case and answers with its own
+    # names: doctor said only "the entity has no field 'id'", where the sync suggests 'ID'.
+    with ODataServer(DATA) as srv, client(srv) as c:
+        srv.case_insensitive = True
+        with pytest.raises(SourceError) as err:
+            c.probe("Stops", orderby="id", select=["id", "latitude"])
+    assert str(err.value) == ("OData Stops $top=1: the entity has no field 'id' (did you mean "
+                              "'ID'? check the names in [odata.mapping])")
+
+
 def test_page_size_preference_is_sent(v4: ODataServer) -> None:
     with client(v4, page_size=5) as c:
         assert len(list(c.pages("Stops", orderby="ID"))) == 8
@@ -637,6 +699,17 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
     for raw in bad:
         with pytest.raises(ConfigError, match=r"\[odata.mapping"):
             resolve_mapping(raw)
+
+
+def test_a_set_given_with_its_path_points_at_the_url() -> None:
+    # Business Central's OData web services address a set below its company:
+    # .../ODataV4/Company('CRONUS USA, Inc.')/Customers. The path belongs in [odata] url.
+    with pytest.raises(ConfigError) as err:
+        resolve_mapping({"stops": {"set": "Company('CRONUS USA, Inc.')/Customers"}})
+    assert str(err.value) == (
+        "malformed setting [odata.mapping.stops]: set must be an entity set name, got "
+        "\"Company('CRONUS USA, Inc.')/Customers\"; the path to it goes at the end of [odata] "
+        "url (.../Company('CRONUS USA, Inc.')/) and set = \"Customers\"")
 
 
 def test_a_mapped_field_may_be_a_path_into_complex_values_but_not_the_key() -> None:

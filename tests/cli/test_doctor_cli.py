@@ -275,8 +275,8 @@ def test_a_mapped_field_the_service_lacks_fails_odata(cli: Cli, odata: ODataServ
     result = cli("--config", str(config), "doctor", "--json")
     obj = json.loads(result.stdout)
     assert result.exit_code == 1 and by_name(obj)["odata"]["detail"] == (
-        "OData Stops $top=1: the entity has no field 'IsAirport' (check the names in "
-        "[odata.mapping])"), obj
+        "OData Stops $top=1: the entity has no field 'IsAirport' (did you mean 'isAirport'? "
+        "check the names in [odata.mapping])"), obj
 
 
 def test_odata_follows_the_mapped_paths_into_the_probed_entity(

@@ -1059,6 +1059,43 @@ def test_mapping_renames_sets_and_fields_and_filters(
     assert row["name"] == data["Stops"][0]["name"]
 
 
+def test_string_keys_with_quotes_guids_and_numbers_as_text_load_and_are_named(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    # Keys are texts: a quote stays a quote, a GUID a string, and a route naming stop 1 by
+    # the number 1 (V4 Edm.Int32) finds the stop whose key is "1" (V2 Edm.String).
+    data = network()
+    keys = {1: "1", 2: "O'Brien", 3: "5f0e4a1c-e2c1-4a7b-9d1e-0c2a7f3b8e11", 4: 'Q"uo\\te'}
+    for stop in data["Stops"]:
+        stop["ID"] = keys.get(stop["ID"], stop["ID"])
+    for route in data["Routes"]:
+        route["fromStop_ID"] = keys.get(route["fromStop_ID"], route["fromStop_ID"])
+        if route["toStop_ID"] != 1:
+            route["toStop_ID"] = keys.get(route["toStop_ID"], route["toStop_ID"])
+    data["Stops"][1]["latitude"] = 95.0
+    with ODataServer(data, page_size=15) as srv:
+        rec = sync(srv)
+        assert rec.status == "failed" and rec.extra["problems"] == [
+            "Stops[ID=O'Brien] latitude: 95.0 is outside -90..90"]
+        srv.update_row("Stops", "O'Brien", latitude=60.0)
+        assert sync(srv).status == "success"
+    ids = {r["id"] for r in table(conn, "stops")}
+    assert set(keys.values()) <= ids
+    assert {r["to_stop_id"] for r in table(conn, "routes")} >= {"1", "O'Brien"}
+
+
+def test_an_empty_page_with_a_next_link_is_read_past(
+        sync: Callable[..., RunRecord], server: ODataServer, conn: psycopg.Connection[Any]
+        ) -> None:
+    # A server that filters after paging sends an empty page with a link to the rest.
+    server.add_fault(wrong_shape({"value": [], "@odata.nextLink":
+                                  "Stops?$orderby=ID&$skiptoken=15.0.&again=1"}),
+                     entity_set="Stops", match="skiptoken=15.0.")
+    rec = sync()
+    assert rec.status == "success", rec.error
+    assert server.pending_faults() == 0
+    assert len(table(conn, "stops")) == 40
+
+
 def test_mapping_takes_names_in_any_script(
         database_url: str, backups: BackupStore, conn: psycopg.Connection[Any]) -> None:
     """A 1C:Enterprise service names its sets and fields in Cyrillic."""
