@@ -117,8 +117,25 @@ def no_progress(description: str, total: int | None = None) -> Iterator[Progress
     yield _NoProgress()
 
 
+# SIGHUP too: a hung-up SSH session or terminal stops a run as SIGTERM does, with its line and
+# exit code (129), instead of killing it unrecorded (``running``, later ``crashed``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _catch_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> dict[int, Any]:
+    """Install ``handler`` for the STOP_SIGNALS; returns the previous handlers. A SIGHUP that
+    is ignored (``nohup``) stays ignored. ValueError outside the main thread."""
+    saved: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        saved[sig] = signal.signal(sig, handler)
+    return saved
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT. Stages poll it between units of work via ``ctx.check_stop()``.
+    """Set by SIGTERM/SIGINT/SIGHUP. Stages poll it between units of work via
+    ``ctx.check_stop()``.
 
     The first signal asks the stage to finish or roll back its current unit; a second one
     interrupts at once (the open transaction rolls back because the exception unwinds it).
@@ -147,8 +164,7 @@ class StopFlag:
         if self._depth == 0:
             self.signum = None
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._saved[sig] = signal.signal(sig, self._handle)
+                self._saved = _catch_stop_signals(self._handle)
             except ValueError:  # not the main thread: signals stay with the caller
                 self._saved.clear()
         self._depth += 1
@@ -348,8 +364,8 @@ _STOP = StopFlag()
 
 
 def ignore_late_signals() -> Callable[[], None]:
-    """From here on SIGTERM and SIGINT are logged and ignored; returns what restores the
-    previous handlers (nothing changes outside the main thread).
+    """From here on the stop signals (SIGTERM, SIGINT, SIGHUP) are logged and ignored;
+    returns what restores the previous handlers (nothing changes outside the main thread).
 
     For the CLI once a run's result is recorded: a signal while it renders the result and
     closes its clients (cron's ``timeout``, a deploy) must leave the recorded result's exit
@@ -358,11 +374,8 @@ def ignore_late_signals() -> Callable[[], None]:
         log.warning("signal %s after the run was recorded: exiting with its result", signum)
 
     saved: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            saved[sig] = signal.signal(sig, late)
-    except ValueError:  # not the main thread
-        pass
+    with suppress(ValueError):  # not the main thread
+        saved = _catch_stop_signals(late)
 
     def restore() -> None:
         for sig, handler in saved.items():
