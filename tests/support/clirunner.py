@@ -48,13 +48,15 @@ class Cli:
         this runner's settings and ``extra``."""
         return {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", **self.env, **extra}
 
-    def cron(self, *args: str, timeout: float = 120, **kw: Any) -> sp.CompletedProcess[str]:
-        """The installed script as cron starts it: its environment, cwd /, stdin /dev/null."""
+    def cron(self, *args: str, wrapper: tuple[str, ...] = (), timeout: float = 120, **kw: Any
+             ) -> sp.CompletedProcess[str]:
+        """The installed script as cron starts it: its environment, cwd /, stdin /dev/null;
+        behind ``wrapper`` if given (``("sh", "-c", 'exec "$@" >&-', "sh")``)."""
         exe = Path(sys.executable).with_name("pipeline")
         if "stdout" not in kw and "stderr" not in kw:
             kw["capture_output"] = True
         kw.setdefault("env", self.cron_env())
-        return sp.run([str(exe), *args], text=True, timeout=timeout, cwd="/",
+        return sp.run([*wrapper, str(exe), *args], text=True, timeout=timeout, cwd="/",
                       stdin=sp.DEVNULL, **kw)
 
     def cron_popen(self, *args: str, wrapper: tuple[str, ...] = (), **kw: Any
