@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -133,6 +134,20 @@ def _catch_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> dict
     return saved
 
 
+def _leave_terminal() -> None:
+    """After a hangup the terminal is gone and every write to it fails (EIO): the run's last
+    lines went nowhere and Python exited 120. Its streams now write to /dev/null, so the run
+    ends with its own code (129); a pipe or file (cron's mail, a log) keeps its lines."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            with suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (or /dev/null itself)
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT/SIGHUP. Stages poll it between units of work via
     ``ctx.check_stop()``.
@@ -153,6 +168,8 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            _leave_terminal()
         if self.signum is not None or self.at_once:
             self.signum = signum
             db.cancel_statements()  # else the server runs the statement on, only to roll back

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +162,34 @@ def test_a_stop_signal_from_cron_or_a_hung_up_session_is_one_line_and_releases_t
     assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
                                                          ("sync-odata", "failed")]
     assert held == {"n": 0} and datasets == {"n": 0}
+
+
+def test_a_hung_up_terminal_ends_the_run_with_129(run_cli: Cli, full_env: dict[str, str],
+                                                  osrm_url: str) -> None:
+    # An operator's SSH session drops mid run-all: the run was recorded failed, but every
+    # later write to the gone terminal failed (EIO), and Python exited 120.
+    with ODataServer(sample_network(40), page_size=10) as server:
+        server.add_fault(delay(60), entity_set="Routes", times=None)
+        run_cli.env.update({**full_env, "PIPELINE_OSRM_URL": osrm_url,
+                            "PIPELINE_ODATA_URL": server.url})
+        terminal, tty = pty.openpty()
+        exe = str(Path(sys.executable).with_name("pipeline"))
+        # setsid --ctty: the run leads a session whose controlling terminal is the pty
+        proc = subprocess.Popen(["setsid", "--ctty", exe, "run-all"], stdin=tty, stdout=tty,
+                                stderr=tty, env=run_cli.cron_env(TERM="xterm"), cwd="/")
+        os.close(tty)
+        try:
+            deadline = time.monotonic() + 30
+            while server.request_count("Routes") == 0:
+                assert time.monotonic() < deadline and proc.poll() is None
+                with contextlib.suppress(OSError):
+                    os.read(terminal, 4096)  # as a terminal shows the log lines
+                time.sleep(0.05)
+        finally:
+            os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+            code = proc.wait(timeout=30)
+    assert code == 129
+    with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
+    assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
+                                                         ("sync-odata", "failed")]
