@@ -151,8 +151,29 @@ def _writing_stdout(exc: OSError) -> bool:
 
 def main() -> None:
     """Console-script entry point."""
+    _closed_streams()
     _utf8_streams()
     cli(prog_name="pipeline")
+
+
+def _closed_streams() -> None:
+    """stdin, stdout or stderr closed by the caller (``>&-`` in a cron line): Python made
+    it None, and exit 1 with an AttributeError traceback followed even a silent success.
+    Each gets its descriptor back, so a socket opened later cannot take it: stdin and stderr
+    on /dev/null (nothing to read; nowhere to tell), stdout on a descriptor that refuses
+    writes, so that output fails as a full disk does: one line on stderr, exit 1."""
+    for fd, name, flags in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_RDONLY),
+                            (2, "stderr", os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, flags)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            mode = "r" if name == "stdin" else "w"
+            setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False,  # noqa: SIM115
+                                    errors="backslashreplace" if fd == 2 else None))
 
 
 def _utf8_streams() -> None:

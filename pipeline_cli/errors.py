@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 EXIT_LOCK_BUSY = 75  # EX_TEMPFAIL: someone else is doing this work right now
 EXIT_CONFIG = 78  # EX_CONFIG: settings or database schema are not usable
 EXIT_TIMED_OUT = 124  # as timeout(1): the stage's hard limit passed
-EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129
 
 
 class PipelineError(Exception):
@@ -113,7 +113,7 @@ class NothingToDo(PipelineError):
 
 
 class Interrupted(PipelineError):
-    """SIGTERM/SIGINT arrived; the current unit was finished or rolled back."""
+    """SIGTERM/SIGINT/SIGHUP arrived; the current unit was finished or rolled back."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
@@ -225,5 +225,6 @@ EXIT_CODES: dict[int, str] = {
     EXIT_LOCK_BUSY: "another run holds the stage lock; nothing was touched",
     EXIT_CONFIG: "configuration or database-schema error (run `pipeline db migrate`)",
     EXIT_TIMED_OUT: "the stage's hard limit ([runner] timeout_<stage>) passed; recorded as failed",
-    EXIT_INTERRUPTED: "interrupted by SIGINT (SIGTERM gives 143); the run is recorded as failed",
+    EXIT_INTERRUPTED: "interrupted by SIGINT (SIGTERM gives 143, SIGHUP 129); the run is recorded "
+                      "as failed",
 }

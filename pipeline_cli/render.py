@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import click
@@ -87,6 +87,12 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for row in rows:
         t.add_row(*("" if v is None else _fmt(v) for v in row))
     show(t)
+
+
+def utc_minute(value: datetime) -> str:
+    """A time for a table cell, in UTC as the log lines give it (``2026-12-07 02:21Z``): the
+    database session's time zone (the server's, or PGTZ) is not the reader's."""
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M}Z"
 
 
 def _fmt(value: Any) -> str:

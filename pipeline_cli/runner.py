@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -117,8 +118,39 @@ def no_progress(description: str, total: int | None = None) -> Iterator[Progress
     yield _NoProgress()
 
 
+# SIGHUP too: a hung-up SSH session or terminal stops a run as SIGTERM does, with its line and
+# exit code (129), instead of killing it unrecorded (``running``, later ``crashed``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _catch_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> dict[int, Any]:
+    """Install ``handler`` for the STOP_SIGNALS; returns the previous handlers. A SIGHUP that
+    is ignored (``nohup``) stays ignored. ValueError outside the main thread."""
+    saved: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        saved[sig] = signal.signal(sig, handler)
+    return saved
+
+
+def _leave_terminal() -> None:
+    """After a hangup the terminal is gone and every write to it fails (EIO): the run's last
+    lines went nowhere and Python exited 120. Its streams now write to /dev/null, so the run
+    ends with its own code (129); a pipe or file (cron's mail, a log) keeps its lines."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            with suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (or /dev/null itself)
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT. Stages poll it between units of work via ``ctx.check_stop()``.
+    """Set by SIGTERM/SIGINT/SIGHUP. Stages poll it between units of work via
+    ``ctx.check_stop()``.
 
     The first signal asks the stage to finish or roll back its current unit; a second one
     interrupts at once (the open transaction rolls back because the exception unwinds it).
@@ -136,6 +168,8 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            _leave_terminal()
         if self.signum is not None or self.at_once:
             self.signum = signum
             db.cancel_statements()  # else the server runs the statement on, only to roll back
@@ -147,8 +181,7 @@ class StopFlag:
         if self._depth == 0:
             self.signum = None
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._saved[sig] = signal.signal(sig, self._handle)
+                self._saved = _catch_stop_signals(self._handle)
             except ValueError:  # not the main thread: signals stay with the caller
                 self._saved.clear()
         self._depth += 1
@@ -348,8 +381,8 @@ _STOP = StopFlag()
 
 
 def ignore_late_signals() -> Callable[[], None]:
-    """From here on SIGTERM and SIGINT are logged and ignored; returns what restores the
-    previous handlers (nothing changes outside the main thread).
+    """From here on the stop signals (SIGTERM, SIGINT, SIGHUP) are logged and ignored;
+    returns what restores the previous handlers (nothing changes outside the main thread).
 
     For the CLI once a run's result is recorded: a signal while it renders the result and
     closes its clients (cron's ``timeout``, a deploy) must leave the recorded result's exit
@@ -358,11 +391,8 @@ def ignore_late_signals() -> Callable[[], None]:
         log.warning("signal %s after the run was recorded: exiting with its result", signum)
 
     saved: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            saved[sig] = signal.signal(sig, late)
-    except ValueError:  # not the main thread
-        pass
+    with suppress(ValueError):  # not the main thread
+        saved = _catch_stop_signals(late)
 
     def restore() -> None:
         for sig, handler in saved.items():

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterBadDateError, croniter
 
 from .errors import ConfigError
+from .settings import path_hint
 
 # Subcommands whose runs are recorded in stage_runs and can therefore be overdue.
 SCHEDULED_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "ingest-gps",
@@ -236,7 +237,8 @@ def build_schedule(crontab: str | os.PathLike[str] | None,
             # A comment in Latin-1 is no reason to refuse the schedule.
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise ConfigError(f"cannot read [schedule] crontab {path}: {exc.strerror}",
+            hint = path_hint(crontab) if isinstance(exc, FileNotFoundError) else ""
+            raise ConfigError(f"cannot read [schedule] crontab {path}: {exc.strerror}{hint}",
                               key="schedule.crontab") from None
         schedule.sources.append(str(path))
         for entry in parse_crontab(text, str(path), schedule.warnings):

@@ -570,10 +570,8 @@ def load_settings(
             with open(path, "rb") as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
                 data = tomllib.loads(fh.read().decode("utf-8-sig"))
         except FileNotFoundError:
-            hint = "" if not os.fspath(path).startswith("~") else (
-                " (a ~ is expanded by a shell, not by a crontab or a systemd "
-                "EnvironmentFile: give the full path)")
-            raise ConfigError(f"config file not found: {shown}{hint}", key="config") from None
+            raise ConfigError(f"config file not found: {shown}{path_hint(path)}",
+                              key="config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"malformed config file {shown}: {exc}", key="config") from None
         except UnicodeDecodeError as exc:
@@ -637,6 +635,22 @@ def load_settings(
     settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def path_hint(path: str | os.PathLike[str]) -> str:
+    """Why a file that an operator sees may not be found by a job: a ``~`` nobody expanded,
+    or a relative path (cron and systemd start jobs in another directory); else ""."""
+    text = os.fsdecode(path)
+    if text.startswith("~"):
+        return (" (a ~ is expanded by a shell, not by a crontab or a systemd EnvironmentFile: "
+                "give the full path)")
+    if not os.path.isabs(text):
+        try:
+            where = printable_path(os.getcwd())
+        except OSError:  # the working directory was removed
+            where = "?"
+        return f" (relative to the working directory {where}: give the full path)"
+    return ""
 
 
 def printable_path(path: str | os.PathLike[str]) -> str:

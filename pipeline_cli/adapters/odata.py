@@ -164,8 +164,10 @@ class ODataClient:
             self.session.proxies = {"http": self.proxy, "https": self.proxy}
         if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
             if not Path(s.ca_file).is_file():
-                raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file",
-                                  key="odata.ca_file")
+                from ..settings import path_hint  # settings are imported already
+
+                raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file"
+                                  f"{path_hint(s.ca_file)}", key="odata.ca_file")
             self.session.verify = s.ca_file
         self.session.headers["User-Agent"] = "pipeline-cli sync-odata"
         username = s.username or (parts.username and unquote(parts.username))  # p%40ss: p@ss

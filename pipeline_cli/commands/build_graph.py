@@ -74,7 +74,7 @@ def list_cmd(app: App, limit: int) -> None:
                  ("version", "active", "redis", "dataset", "gen", "nodes", "edges", "created"),
                  [(r["version"], "yes" if r["active"] else "", "yes" if r["in_redis"] else "no",
                    r["dataset_version"], r["virtual_generation_id"], r["nodes"], r["edges"],
-                   f"{r['created_at']:%Y-%m-%d %H:%M}") for r in rows])
+                   render.utc_minute(r["created_at"])) for r in rows])
 
 
 @graph_group.command("activate")

@@ -55,7 +55,7 @@ def datasets_list(app: App, limit: int) -> None:
     render.table("datasets (rows: stops/routes/flights)",
                  ("version", "active", "created", "rows", "changes", "source", "hash"),
                  [(r["version"], "*" if r["active"] else "",
-                   r["created_at"].strftime("%Y-%m-%d %H:%M"),
+                   render.utc_minute(r["created_at"]),
                    "/".join(str(r["counts"].get(e, 0)) for e in ("stops", "routes", "flights")),
                    "+{} ~{} -{}".format(*(sum(d.get(k, 0) for d in r["diff"].values())
                                           for k in ("inserted", "updated", "deleted"))),

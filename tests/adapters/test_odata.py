@@ -815,6 +815,10 @@ def test_a_private_ca_is_trusted_from_ca_file(tls_server: str, tmp_path: Path) -
     assert "HTTP 501" in str(err.value) and "TLS" not in str(err.value)
     with pytest.raises(ConfigError, match=r"\[odata\] ca_file '/nowhere.pem' is not a"):
         ODataClient(ODataSettings(url=tls_server, ca_file="/nowhere.pem"))
+    # a job started by cron looks for a relative path elsewhere than the operator's shell
+    with pytest.raises(ConfigError, match=r"is not a readable file \(relative to the working "
+                       r"directory /.*: give the full path\)$"):
+        ODataClient(ODataSettings(url=tls_server, ca_file="etc/nowhere.pem"))
 
 
 class _Redirects(BaseHTTPRequestHandler):

@@ -372,3 +372,47 @@ def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
     result = run_cli(*args)
     assert result.exit_code == 2
     assert "No such option '--format'. Did you mean '--json'?" in result.output
+
+
+CLOSED = ("sh", "-c", 'exec "$@" >&-', "sh")  # cron lines and scripts that close stdout
+
+
+@pytest.mark.parametrize(("args", "code", "line"), [
+    (("-q", "db", "migrate"), 0, ""),  # writes nothing: nothing is lost
+    (("db", "migrate"), 1, "pipeline: cannot write the output: Bad file descriptor\n"),
+    (("--version",), 1, "pipeline: cannot write the output: Bad file descriptor\n"),
+])
+def test_a_closed_stdout_is_one_line_not_a_traceback(run_cli: Cli, args: tuple[str, ...],
+                                                     code: int, line: str) -> None:
+    # `pipeline -q run-all >&-` (stdout closed): an AttributeError traceback and exit 1 after
+    # a successful run, for output nobody had asked for.
+    proc = run_cli.cron(*args, wrapper=CLOSED)
+    assert (proc.returncode, proc.stderr) == (code, line)
+
+
+def test_closed_stdin_stdout_and_stderr_keep_the_exit_code(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_MATCH_GAP_SECONDS"] = "soon"
+    proc = run_cli.cron("status", wrapper=("sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh"))
+    assert proc.returncode == 78
+
+
+@pytest.mark.parametrize(("variable", "value", "args", "code", "says"), [
+    ("PIPELINE_CONFIG", "etc/pipeline.toml", ("status",), 78,
+     "pipeline status: error: config file not found: etc/pipeline.toml (relative to the "
+     "working directory /: give the full path)"),
+    ("PIPELINE_SCHEDULE_CRONTAB", "etc/crontab", ("status", "--check"), 3,
+     "PIPELINE UNKNOWN - cannot read [schedule] crontab etc/crontab: No such file or directory"
+     " (relative to the working directory /: give the full path)"),
+    ("PIPELINE_SCHEDULE_CRONTAB", "~/crontab", ("status", "--check"), 3,
+     "PIPELINE UNKNOWN - cannot read [schedule] crontab ~/crontab: No such file or directory"
+     " (a ~ is expanded by a shell, not by a crontab or a systemd EnvironmentFile: give the "
+     "full path)"),
+])
+def test_a_relative_path_under_cron_names_the_directory_it_was_looked_for_in(
+        run_cli: Cli, variable: str, value: str, args: tuple[str, ...], code: int,
+        says: str) -> None:
+    # The file is there when an operator tries the line from /etc; cron starts the job
+    # elsewhere, and "config file not found: etc/pipeline.toml" did not say where it looked.
+    proc = run_cli.cron(*args, env=run_cli.cron_env(**{variable: value}))
+    assert proc.returncode == code
+    assert (proc.stdout + proc.stderr).strip() == says

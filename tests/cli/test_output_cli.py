@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from tests.support.clirunner import Cli
+from tests.support.graph_fixtures import add_dataset
 
 LONG_DEVICE = "vehicle-" + "0123456789abcdef" * 5  # far wider than an 80-column table cell
 
@@ -136,3 +138,26 @@ def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli) -> Non
     assert result.returncode == 0, result.stderr
     assert "database.connect_timeout" in result.stdout
     assert "seconds to wait for a database connection" in result.stdout
+
+
+def test_list_tables_show_times_in_utc_whatever_the_database_time_zone(
+        run_cli: Cli, full_env: dict[str, str], database_url: str,
+        conn: psycopg.Connection[Any]) -> None:
+    # `datasets list` and `graph list` showed "2026-01-02 08:34", the database session's
+    # local time (a server whose timezone is Asia/Kolkata) without saying so, beside log
+    # lines and messages in UTC.
+    run_cli.env.update(full_env)
+    add_dataset(conn)
+    conn.execute("INSERT INTO graph_versions (version, seq, dataset_version, nodes, edges, "
+                 "build_ms, checksum, export_key) VALUES ('graph-v1', 1, 'ds-v1', 1, 0, 1, "
+                 "'c', 'graphs/graph-v1/graph.jsonl.gz')")
+    for table in ("datasets", "graph_versions"):
+        conn.execute(psycopg.sql.SQL("UPDATE {} SET created_at = '2026-01-02 03:04:05+00'"
+                                     ).format(psycopg.sql.Identifier(table)))
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Kolkata'").format(
+        psycopg.sql.Identifier(str(name))))
+    for args in (("datasets", "list"), ("graph", "list")):
+        shown = run_cli.cron(*args, env=run_cli.cron_env(TZ="America/New_York"))
+        assert shown.returncode == 0, shown.stderr
+        assert "2026-01-02 03:04Z" in shown.stdout and "08:34" not in shown.stdout, shown.stdout

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from devtools.odata_server import ODataServer, sample_network
+from devtools.odata_server import ODataServer, delay, sample_network
 from pipeline_cli import db
 from tests.support.clirunner import Cli
 
@@ -106,3 +116,80 @@ def test_a_failed_stage_problems_are_mailed_with_the_error(run_cli: Cli,
     assert ("pipeline run-all: error: sync-odata failed: validation failed: 1 problem(s)"
             in result.stderr)
     assert "\n  - Stops[ID=7] latitude: 95.0 is outside -90..90\n" in result.stderr
+
+
+@pytest.mark.parametrize(("how", "code"), [("SIGTERM", 143), ("SIGHUP", 129),
+                                           ("timeout", 124)])
+def test_a_stop_signal_from_cron_or_a_hung_up_session_is_one_line_and_releases_the_lock(
+        run_cli: Cli, full_env: dict[str, str], osrm_url: str, how: str, code: int) -> None:
+    # SIGHUP (an SSH session hung up) killed run-all with no line and exit 129 from the
+    # shell: the runs stayed `running` until a later run reaped them as `crashed`.
+    # `timeout 5` sends SIGTERM and exits 124 itself (its own code, not the pipeline's 143).
+    with ODataServer(sample_network(40), page_size=10) as server:
+        server.add_fault(delay(60), entity_set="Routes", times=None)  # a source that hangs
+        run_cli.env.update({**full_env, "PIPELINE_OSRM_URL": osrm_url,
+                            "PIPELINE_ODATA_URL": server.url})
+        proc = run_cli.cron_popen("run-all", wrapper=("timeout", "5") if how == "timeout"
+                                  else ())
+        try:
+            deadline = time.monotonic() + 30
+            while server.request_count("Routes") == 0:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+                time.sleep(0.05)
+            second = run_cli.cron("run-all")  # while the first holds the lock
+            if how != "timeout":
+                proc.send_signal(getattr(signal, how))
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert second.returncode == 75 and second.stdout == ""
+    assert re.fullmatch(r"pipeline run-all: error: run-all is already running: lock held by "
+                        rf"host {re.escape(socket.gethostname())} pid \d+ since \S+\+00:00\n",
+                        second.stderr), second.stderr
+    signum = signal.SIGTERM if how == "timeout" else getattr(signal, how)
+    assert proc.returncode == code, err
+    errors = [line for line in err.splitlines() if line.startswith("pipeline")]
+    assert errors == [f"pipeline run-all: error: sync-odata failed: interrupted by signal "
+                      f"{int(signum)}"] and "Traceback" not in err
+    with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
+        held = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND database = (SELECT oid FROM pg_database "
+                            "WHERE datname = current_database())").fetchone()
+        datasets = conn.execute("SELECT count(*) AS n FROM datasets").fetchone()
+    assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
+                                                         ("sync-odata", "failed")]
+    assert held == {"n": 0} and datasets == {"n": 0}
+
+
+def test_a_hung_up_terminal_ends_the_run_with_129(run_cli: Cli, full_env: dict[str, str],
+                                                  osrm_url: str) -> None:
+    # An operator's SSH session drops mid run-all: the run was recorded failed, but every
+    # later write to the gone terminal failed (EIO), and Python exited 120.
+    with ODataServer(sample_network(40), page_size=10) as server:
+        server.add_fault(delay(60), entity_set="Routes", times=None)
+        run_cli.env.update({**full_env, "PIPELINE_OSRM_URL": osrm_url,
+                            "PIPELINE_ODATA_URL": server.url})
+        terminal, tty = pty.openpty()
+        exe = str(Path(sys.executable).with_name("pipeline"))
+        # setsid --ctty: the run leads a session whose controlling terminal is the pty
+        proc = subprocess.Popen(["setsid", "--ctty", exe, "run-all"], stdin=tty, stdout=tty,
+                                stderr=tty, env=run_cli.cron_env(TERM="xterm"), cwd="/")
+        os.close(tty)
+        try:
+            deadline = time.monotonic() + 30
+            while server.request_count("Routes") == 0:
+                assert time.monotonic() < deadline and proc.poll() is None
+                with contextlib.suppress(OSError):
+                    os.read(terminal, 4096)  # as a terminal shows the log lines
+                time.sleep(0.05)
+        finally:
+            os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+            code = proc.wait(timeout=30)
+    assert code == 129
+    with db.connect(run_cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
+    assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
+                                                         ("sync-odata", "failed")]

@@ -43,6 +43,29 @@ class Cli:
         return sp.run([str(exe), *args], env=_clean_env(self.env), text=True,
                       timeout=timeout, **kw)
 
+    def cron_env(self, **extra: str) -> dict[str, str]:
+        """The environment cron gives a job (PATH and SHELL only: no HOME, LANG or TERM) plus
+        this runner's settings and ``extra``."""
+        return {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", **self.env, **extra}
+
+    def cron(self, *args: str, wrapper: tuple[str, ...] = (), timeout: float = 120, **kw: Any
+             ) -> sp.CompletedProcess[str]:
+        """The installed script as cron starts it: its environment, cwd /, stdin /dev/null;
+        behind ``wrapper`` if given (``("sh", "-c", 'exec "$@" >&-', "sh")``)."""
+        exe = Path(sys.executable).with_name("pipeline")
+        if "stdout" not in kw and "stderr" not in kw:
+            kw["capture_output"] = True
+        kw.setdefault("env", self.cron_env())
+        return sp.run([*wrapper, str(exe), *args], text=True, timeout=timeout, cwd="/",
+                      stdin=sp.DEVNULL, **kw)
+
+    def cron_popen(self, *args: str, wrapper: tuple[str, ...] = (), **kw: Any
+                   ) -> sp.Popen[str]:
+        """:meth:`cron` in the background, behind ``wrapper`` if given (``("timeout", "5")``)."""
+        exe = str(Path(sys.executable).with_name("pipeline"))
+        return sp.Popen([*wrapper, exe, *args], env=kw.pop("env", self.cron_env()), text=True,
+                        cwd="/", stdin=sp.DEVNULL, stdout=sp.PIPE, stderr=sp.PIPE, **kw)
+
     def popen(self, *args: str, **kw: Any) -> sp.Popen[str]:
         exe = Path(sys.executable).with_name("pipeline")
         return sp.Popen([str(exe), *args], env=_clean_env(self.env), text=True,
