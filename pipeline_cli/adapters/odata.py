@@ -35,7 +35,7 @@ from urllib3.util.retry import Retry
 
 from ..errors import ConfigError, SourceError, endpoint, service_error
 from ..readahead import ReadAhead
-from ..settings import add_runtime_secret
+from ..settings import add_runtime_secret, path_hint
 from .odata_format import close_name, has_field, unwrap_page
 
 if TYPE_CHECKING:
@@ -164,8 +164,6 @@ class ODataClient:
             self.session.proxies = {"http": self.proxy, "https": self.proxy}
         if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
             if not Path(s.ca_file).is_file():
-                from ..settings import path_hint  # settings are imported already
-
                 raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file"
                                   f"{path_hint(s.ca_file)}", key="odata.ca_file")
             self.session.verify = s.ca_file
