@@ -40,6 +40,21 @@ _VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*
 SLOT_TOLERANCE = timedelta(seconds=60)
 
 
+def host_zone() -> tzinfo:
+    """Cron's local time: the host's zone (TZ, else /etc/localtime), not PostgreSQL's, whose
+    session TimeZone ``now`` carries. A zone with its rules, so slots past a daylight-saving
+    change are not an hour off; only a TZ that names no zone file (a POSIX rule such as
+    ``<+0330>-3:30``) falls back to today's offset."""
+    name = os.environ.get("TZ", "/etc/localtime").lstrip(":") or "UTC"
+    try:
+        if name.startswith("/"):
+            with open(name, "rb") as f:
+                return ZoneInfo.from_file(f)
+        return ZoneInfo(name)
+    except (OSError, ValueError, ZoneInfoNotFoundError):
+        return datetime.now().astimezone().tzinfo  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class CronEntry:
     """One recognised line: ``expr`` runs ``pipeline <command> <args>``."""
@@ -60,9 +75,7 @@ class CronEntry:
                 return ZoneInfo(self.tz)
             except (ZoneInfoNotFoundError, ValueError):
                 pass
-        # Cron's local time: the host's zone (TZ, /etc/localtime), not PostgreSQL's, whose
-        # session TimeZone ``now`` carries.
-        return datetime.now().astimezone().tzinfo  # type: ignore[return-value]
+        return host_zone()
 
     def next(self, after: datetime) -> datetime:
         """The first slot strictly after ``after``."""

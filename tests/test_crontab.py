@@ -186,6 +186,31 @@ def test_times_are_the_hosts_local_time(monkeypatch: pytest.MonkeyPatch) -> None
         time.tzset()
 
 
+@pytest.mark.parametrize("tz", ["Europe/Helsinki", ":Europe/Helsinki", None])
+def test_slots_past_a_daylight_saving_change_keep_the_local_hour(
+        monkeypatch: pytest.MonkeyPatch, tz: str | None, tmp_path: Path) -> None:
+    # The host's zone was taken as today's UTC offset: every slot on the other side of a
+    # daylight-saving change was an hour off, and status called an on-time run overdue.
+    if tz is None:  # no TZ: /etc/localtime's zone, here a copy of Helsinki's
+        source = Path("/usr/share/zoneinfo/Europe/Helsinki")
+        if not source.is_file():
+            pytest.skip("no system zone files")
+        monkeypatch.setenv("TZ", str(tmp_path / "localtime"))
+        (tmp_path / "localtime").write_bytes(source.read_bytes())
+    else:
+        monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        schedule = build_schedule(None, {"prune": "30 2 * * *"})
+        winter, summer = datetime(2027, 1, 10, 12, tzinfo=UTC), datetime(2027, 7, 10, 12,
+                                                                          tzinfo=UTC)
+        assert schedule.next_run("prune", winter) == datetime(2027, 1, 11, 0, 30, tzinfo=UTC)
+        assert schedule.next_run("prune", summer) == datetime(2027, 7, 10, 23, 30, tzinfo=UTC)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_every_command_is_known_to_the_schedule() -> None:
     from pipeline_cli.commands import COMMANDS as CLI_COMMANDS
 
