@@ -272,7 +272,8 @@ def _prefix_owner(s: Settings) -> str:
         return (f"{prefix}: owner {owner or 'none'}, not compared (no database identity: "
                 "see the database check)")
     if owner is None:
-        return f"{prefix} is unclaimed: the first build-graph claims it for this database"
+        return (f"{prefix} is unclaimed: the first build-graph that writes a graph claims it "
+                "for this database")
     return f"{prefix} belongs to this database"
 
 

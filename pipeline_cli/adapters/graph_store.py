@@ -4,8 +4,9 @@ switches one pointer; the routing API reads them through :class:`GraphReader`.
 Layout (every key starts with ``[redis] prefix``; docs/build-graph.md is the reference):
 
 - ``<prefix>:graph:owner``: the identity of the one database that publishes under the prefix
-  (``deployment.id``, sql/028); every command that writes or deletes graph keys claims it
-  first, or stops when another database holds it (:meth:`GraphStore.claim`).
+  (``deployment.id``, sql/028); every command that writes or deletes graph keys checks it
+  before any work and claims it just before its first write, or stops when another database
+  holds it (:meth:`GraphStore.claim_before_writing`).
 - ``<prefix>:graph:active``: the active version (a plain string, switched atomically).
 - ``<prefix>:graph:versions``: sorted set of the versions present, scored by the time each was
   written or last activated (retention and orphan cleanup read it).
@@ -306,6 +307,8 @@ class GraphStore(GraphReader):
                  chunk_size: int = 5000) -> None:
         super().__init__(client, prefix)
         self.chunk_size = max(1, chunk_size)
+        self._claim_for: str | None = None  # the identity to claim at the first write
+        self._claimed = False
 
     def claim(self, identity: str) -> None:
         """Make ``identity`` (this database's ``deployment.id``) the prefix's owner if it has
@@ -318,6 +321,24 @@ class GraphStore(GraphReader):
             owner = _text(self.client.eval(self._CLAIM, 1, self.owner_key, identity))
         if owner != identity:
             raise PrefixOwned(self.prefix, owner, identity)
+
+    def claim_before_writing(self, identity: str) -> None:
+        """Check the owner now (reads only: PrefixOwned, exit 78, before any work) and
+        :meth:`claim` the prefix for ``identity`` just before this store's first write or
+        delete (:meth:`ensure_claimed`). A run that writes nothing (a noop, a build that
+        fails validation) leaves an unclaimed prefix unclaimed: a first failed build on a
+        shared Redis must not take the prefix for its database. Each call arms a new claim
+        (one per run: the owner key may have been deleted by hand meanwhile)."""
+        self.check_owner(identity)
+        self._claim_for, self._claimed = identity, False
+
+    def ensure_claimed(self) -> None:
+        """Make the claim :meth:`claim_before_writing` armed, once; every method that writes
+        or deletes keys calls it first, so another database claiming the prefix after the
+        check stops the run before its first write. Nothing to do for a store not armed."""
+        if self._claim_for is not None and not self._claimed:
+            self.claim(self._claim_for)
+            self._claimed = True
 
     @property
     def registry_key(self) -> str:
@@ -347,6 +368,7 @@ class GraphStore(GraphReader):
         that :meth:`cleanup_orphans` finds. ``after_chunk(keys_written)`` runs after every
         pipelined flush (progress, and fault injection in tests).
         """
+        self.ensure_claimed()
         with wrap_errors(self.client, f"registering graph {version}"):
             self.client.zadd(self.registry_key, {version: time.time()})
         written = 0
@@ -383,6 +405,7 @@ class GraphStore(GraphReader):
         """Point ``<prefix>:graph:active`` at ``version`` in one atomic step; returns the
         previous version. ``expected`` (a version, None for "unset", or "*") guards the swap."""
         want = "*" if expected == "*" else ("" if expected is None else str(expected))
+        self.ensure_claimed()
         if not self.has_meta(version):  # callers checked its keys; this guards collection
             raise RedisError(f"graph version {version} is incomplete in Redis; not activated")
         with wrap_errors(self.client, f"switching the active graph to {version}"):
@@ -413,6 +436,7 @@ class GraphStore(GraphReader):
 
     def clear_active(self, *, expected: str) -> bool:
         """Unset the pointer if it still holds ``expected`` (undoing a first-ever switch)."""
+        self.ensure_claimed()
         with wrap_errors(self.client, "clearing the active graph pointer"):
             return bool(self.client.eval(self._CLEAR, 1, self.pointer_key, expected))
 
@@ -422,6 +446,7 @@ class GraphStore(GraphReader):
         The meta key goes first (the version stops counting as complete), the registry entry
         last (a crash midway leaves it registered, so the next cleanup finishes the job).
         """
+        self.ensure_claimed()
         removed = 0
         pattern = _glob_escape(self.key(self.version_segment(version))) + ":*"
         with wrap_errors(self.client, f"removing graph {version}"):

@@ -1,33 +1,40 @@
 """Click commands, one module per area; each command is a thin shell around one library call.
 
 Shared options (``--json``, ``-q``, ``-v`` and ``--log-format`` after the subcommand, ``--wait``)
-are declared once here, and :func:`run_stage` is the single path from a command to the stage
-runner and back to an exit code.
+are declared once here, :func:`run_stage` is the single path from a command to the stage
+runner and back to an exit code, and :func:`graph_store` / :func:`graph_reader` the way to the
+graph in Redis.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 import os
 import sys
 from collections.abc import Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import psycopg
 
-from .. import render
+from .. import db, render
 from ..adapters.heartbeat import Heartbeat
 from ..app import App
 from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
 from ..settings import is_utf8
 
+if TYPE_CHECKING:  # imported where it is built: `pipeline status` does not pay for it
+    from ..adapters.graph_store import GraphStore
+
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)
 
 pass_app = click.make_pass_decorator(App)
+log = logging.getLogger("pipeline.cli")
 
 # Top-level command name -> the module whose `register(group)` adds it. A module is imported
 # only when one of its commands runs (or for --help), so `pipeline status` does not pay for
@@ -251,3 +258,51 @@ def run_stage(
         raise click.exceptions.Exit(code)
     beat.success(stage, summary)
     return record
+
+
+def graph_store(app: App) -> GraphStore:
+    """The Redis graph store under ``[redis] prefix``, built once per invocation."""
+    from ..adapters.graph_store import GraphStore
+
+    return app.cached("graph_store", lambda: GraphStore(
+        app.redis(), app.settings.redis.prefix, chunk_size=app.settings.graph.chunk_size))
+
+
+def graph_reader(app: App, conn: psycopg.Connection[Any] | None = None) -> GraphStore:
+    """:func:`graph_store` for a command that only reads graph keys (``graph list``,
+    ``neighbors``, ``route``, ``export geojson graph``). When another database owns the prefix,
+    what it reads is that database's graph: one warning line on stderr says so, naming both
+    deployments and ``[redis] prefix`` as status and doctor do, and the command still answers
+    (the commands that write stop there, exit 78). An unclaimed prefix (written before owners
+    existed) is silent, and so is ``-q``. ``conn``: the command's own connection, to read this
+    database's identity from; else one is opened, only when the prefix has an owner."""
+    from ..adapters.graph_store import PrefixOwned
+
+    store = graph_store(app)
+    if app.verbosity < 0:
+        return store
+    owner = store.owner()
+    if owner is None:
+        return store
+    try:
+        if conn is None:
+            conn = app.connect(autocommit=True, name="pipeline graph", connect_timeout=5)
+        identity = db.deployment_id(conn)
+    except PipelineError as exc:  # no identity to compare with (doctor says so): the read goes on
+        log.debug("the owner of the Redis prefix is not compared: %s", exc)
+        return store
+    if identity is not None and owner != identity:
+        log.warning("%s; `%s` reads that database's graph",
+                    PrefixOwned(store.prefix, owner, identity), _command_path(),
+                    extra={"redis_owner": owner, "deployment_id": identity})
+    return store
+
+
+def _command_path() -> str:
+    """``pipeline graph route``, whatever name the script was invoked by."""
+    ctx: click.Context | None = click.get_current_context()
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["pipeline", *reversed(names)])

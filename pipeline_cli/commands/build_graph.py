@@ -7,7 +7,6 @@ from typing import Any
 import click
 
 from .. import render
-from ..adapters.graph_store import GraphStore
 from ..app import App
 from ..errors import UsageError
 from ..health import human_duration
@@ -19,13 +18,16 @@ from ..stages.build_graph import (
     shortest_path,
     version_exists,
 )
-from . import LIMIT, NonEmpty, json_option, pass_app, run_stage, wait_option
-
-
-def graph_store(app: App) -> GraphStore:
-    """The Redis graph store under ``[redis] prefix``, built once per invocation."""
-    return app.cached("graph_store", lambda: GraphStore(
-        app.redis(), app.settings.redis.prefix, chunk_size=app.settings.graph.chunk_size))
+from . import (
+    LIMIT,
+    NonEmpty,
+    graph_reader,
+    graph_store,
+    json_option,
+    pass_app,
+    run_stage,
+    wait_option,
+)
 
 
 @click.command("build-graph")
@@ -65,8 +67,8 @@ def graph_group() -> None:
 @pass_app
 def list_cmd(app: App, limit: int) -> None:
     """List graph versions: counts, source dataset, active flag, whether Redis holds them."""
-    rows = list_versions(app.connect(autocommit=True, name="pipeline graph list",
-                                     migrated=True), graph_store(app), limit=limit)
+    conn = app.connect(autocommit=True, name="pipeline graph list", migrated=True)
+    rows = list_versions(conn, graph_reader(app, conn), limit=limit)
     if app.json:
         render.print_json({"versions": rows})
         return
@@ -103,7 +105,7 @@ def activate_cmd(app: App, version: str, wait: float | None) -> None:
 @pass_app
 def neighbors_cmd(app: App, stop_id: str, version: str | None) -> None:
     """Show the outgoing edges of STOP_ID in the active graph."""
-    version, edges = graph_store(app).neighbors(stop_id, version)
+    version, edges = graph_reader(app).neighbors(stop_id, version)
     if app.json:
         render.print_json({"graph_version": version, "stop": stop_id,
                            "neighbors": [e.to_json() for e in edges]})
@@ -123,7 +125,7 @@ def neighbors_cmd(app: App, stop_id: str, version: str | None) -> None:
 @pass_app
 def route_cmd(app: App, source: str, target: str, version: str | None) -> None:
     """Fastest path from FROM to TO (Dijkstra over the active graph in Redis); exit 1 if none."""
-    route = shortest_path(graph_store(app), source, target, version=version)
+    route = shortest_path(graph_reader(app), source, target, version=version)
     if app.json:
         render.print_json(route.to_json())
         return

@@ -9,9 +9,8 @@ from typing import Any, TypeVar
 import click
 
 from .. import export
-from ..adapters.graph_store import GraphReader
 from ..app import App
-from . import NonEmpty, pass_app
+from . import NonEmpty, graph_reader, pass_app
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,9 +82,9 @@ def graph(app: App, version: str | None, bbox: str | None, output: str | None) -
     """The edges of the active (or --version) graph as LineStrings with weight (s) and mode;
     with --bbox, the edges with an endpoint inside."""
     box = export.BBox.parse(bbox) if bbox else None
-    reader = GraphReader(app.redis(), app.settings.redis.prefix)
     conn = app.connect(name="pipeline export", migrated=True)
-    _write(export.graph_features(conn, reader, version=version, bbox=box), output)
+    _write(export.graph_features(conn, graph_reader(app, conn), version=version, bbox=box),
+           output)
 
 
 def register(group: click.Group) -> None:

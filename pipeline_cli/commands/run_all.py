@@ -9,8 +9,7 @@ from .. import render
 from ..app import App
 from ..runner import RunRecord
 from ..stages.run_all import CHAIN, Clients, run_all
-from . import Seconds, json_option, pass_app, run_stage, wait_option
-from .build_graph import graph_store
+from . import Seconds, graph_store, json_option, pass_app, run_stage, wait_option
 
 
 def show(app: App, record: RunRecord) -> int:

@@ -3,8 +3,9 @@ Redis as an immutable version behind one atomically switched pointer, recorded i
 ``graph_versions`` and exported to S3; plus the operator queries (list, activate, neighbours,
 route) and the ``status`` section.
 
-Before it writes or deletes anything in Redis, a run claims the ``[redis] prefix`` for its
-database and stops (exit 78) if another database owns it: one prefix, one database. In S3 an
+A run stops (exit 78) before any work if another database owns the ``[redis] prefix``, and
+claims the prefix for its database just before it first writes or deletes a key there: one
+prefix, one database; a run that writes nothing (noop, failed validation) claims nothing. In S3 an
 export's manifest names its deployment: a run never writes over, nor deletes, another
 database's export (two installations on one bucket number their versions alike).
 
@@ -579,6 +580,7 @@ def _publish(
             "edges": graph.edges, "checksum": checksum, "created_at": created}
     warnings = checks.counts()
     recorded = uploading = False
+    store.ensure_claimed()  # outside the try: a refused claim wrote nothing to discard
     try:
         with ctx.progress(f"writing {version} to Redis", graph.nodes) as bar:
             done = 0
@@ -729,13 +731,13 @@ def _remove_version(store: GraphStore, backups: BackupStore | None, version: str
 
 
 def claim_prefix(conn: psycopg.Connection[Any], store: GraphStore) -> str:
-    """Claim the Redis prefix for this database before anything is written or deleted under
-    it; PrefixOwned (exit 78) when another database owns it (see :meth:`GraphStore.claim`).
-    Returns this database's deployment id."""
+    """PrefixOwned (exit 78) at once when another database owns the Redis prefix; else the
+    prefix is claimed for this database just before ``store``'s first write or delete (see
+    :meth:`GraphStore.claim_before_writing`). Returns this database's deployment id."""
     identity = db.require_deployment_id(conn)
     with db.wrap_errors("reading the deployment identity"):
         conn.commit()
-    store.claim(identity)
+    store.claim_before_writing(identity)
     return identity
 
 
@@ -768,6 +770,7 @@ def reconcile(conn: psycopg.Connection[Any], store: GraphStore, backups: BackupS
     active_version = active["version"] if active else None
     if pointer is not None and pointer != active_version:
         if known is not None and store.is_complete(pointer):
+            store.ensure_claimed()  # PostgreSQL follows the pointer as this database's own
             with db.wrap_errors(f"activating graph {pointer}"), conn.transaction():
                 conn.execute(db.query("build_graph", "deactivate_all"), {"version": pointer})
                 conn.execute(db.query("build_graph", "activate"), {"version": pointer})

@@ -159,6 +159,31 @@ def test_the_first_claim_owns_the_prefix(store: GraphStore, client: redis.Redis)
     assert store.owner_key == f"{store.prefix}:graph:owner"
 
 
+def test_an_armed_claim_waits_for_the_first_write(store: GraphStore,
+                                                  client: redis.Redis) -> None:
+    """build-graph checks the owner before any work and claims the prefix only at its first
+    write: a run that writes nothing (a noop, a failed validation) leaves the prefix free.
+    Another database claiming it between the check and the write stops that write."""
+    store.claim_before_writing("db-a")
+    store.registered(), store.active_version(), store.missing_keys("graph-v1")  # reads only
+    assert store.owner() is None
+    write(store, "graph-v1")
+    assert store.owner() == "db-a"
+    with pytest.raises(PrefixOwned):  # another database's run stops at its check
+        GraphStore(client, store.prefix).claim_before_writing("db-b")
+    client.delete(store.owner_key)  # handed over by hand: each run arms a claim of its own
+    store.claim_before_writing("db-b")
+    client.set(store.owner_key, "db-c")  # db-c claims between db-b's check and first write
+    for attempt in (lambda: write(store, "graph-v2"), lambda: store.switch_active("graph-v1"),
+                    lambda: store.delete_version("graph-v1"),
+                    lambda: store.clear_active(expected="graph-v1")):
+        with pytest.raises(PrefixOwned, match="deployment db-c; this database is db-b"):
+            attempt()
+    assert store.registered() == ["graph-v1"] and store.active_version() is None
+    assert store.is_complete("graph-v1") and not store.is_registered("graph-v2")
+    assert store.owner() == "db-c"
+
+
 def test_glob_characters_in_versions_are_escaped(store: GraphStore) -> None:
     write(store, "v[1]")
     write(store, "v1")

@@ -236,6 +236,57 @@ def test_a_second_database_on_the_prefix_exits_78_and_status_says_why(
     assert json.loads(cli("build-graph", "--json").stdout)["status"] == "noop"
 
 
+def test_graph_queries_on_a_prefix_another_database_owns_answer_with_a_warning(
+        cli: Cli, net: Network, conn: Conn, other_database_url: str) -> None:
+    """Two installations with one Redis and the same prefix: the graph queries of the one
+    that does not own it read the other's graph. They answer, as status and doctor do, with
+    one warning line on stderr naming both deployments and [redis] prefix; the owner's own
+    queries, -q and an unclaimed prefix (an installation from before owners) stay silent."""
+    from pipeline_cli.adapters.graph_store import connect
+
+    assert cli("build-graph").exit_code == 0
+    _, a, b, _, _, _ = net.routes[0]
+    queries = {"graph list": ("graph", "list"), "graph neighbors": ("graph", "neighbors", a),
+               "graph route": ("graph", "route", a, b),
+               "export geojson graph": ("export", "geojson", "graph")}
+    for args in queries.values():
+        mine = cli(*args)
+        assert mine.exit_code == 0 and "another database" not in mine.stderr, mine.output
+    ours = db.require_deployment_id(conn)
+    with db.connect(other_database_url, autocommit=True) as other:
+        theirs = db.require_deployment_id(other)
+    prefix = cli.env["PIPELINE_REDIS_PREFIX"]
+    cli.env["PIPELINE_DATABASE_URL"] = other_database_url
+    for command, args in queries.items():
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.stderr.splitlines() if "another database" in line]
+        assert len(lines) == 1 and " warning " in lines[0], result.stderr
+        assert lines[0].endswith(
+            f"Redis prefix '{prefix}' holds the graphs of another database (deployment "
+            f"{ours}; this database is {theirs}): give each database a prefix of its own, "
+            f"[redis] prefix (PIPELINE_REDIS_PREFIX); `pipeline {command}` reads that "
+            "database's graph"), lines[0]
+    route = json.loads(cli("graph", "route", a, b, "--json").stdout)  # stdout: the answer
+    assert route["stops"][0] == a and route["stops"][-1] == b
+    logged = cli("graph", "neighbors", a, "--log-format", "json")
+    obj = json.loads(logged.stderr)
+    assert obj["level"] == "warning" and obj["fields"] == {"redis_owner": ours,
+                                                         "deployment_id": theirs}
+    assert cli("graph", "neighbors", a, "-q").stderr == ""
+    installed = cli.subprocess("graph", "neighbors", a)
+    assert installed.returncode == 0 and installed.stderr.rstrip().endswith(
+        "`pipeline graph neighbors` reads that database's graph"), installed.stderr
+    client = connect(cli.env["PIPELINE_REDIS_URL"],
+                     cluster=cli.env["PIPELINE_REDIS_CLUSTER"] == "true")
+    try:
+        client.delete(f"{prefix}:graph:owner")
+    finally:
+        client.close()
+    unclaimed = cli("graph", "route", a, b)
+    assert unclaimed.exit_code == 0 and unclaimed.stderr == "", unclaimed.stderr
+
+
 def test_a_second_database_on_the_bucket_exits_78_until_it_has_a_key_prefix(
         cli: Cli, net: Network, database_url: str, other_database_url: str) -> None:
     """Two installations, one bucket, each its own Redis prefix: the second one's build-graph

@@ -425,7 +425,8 @@ def test_a_prefix_another_database_owns_fails_redis_with_the_fix(
     assert code == 0, obj
     prefix = cli.env["PIPELINE_REDIS_PREFIX"]
     assert by_name(obj)["redis"]["detail"].endswith(
-        f"prefix '{prefix}' is unclaimed: the first build-graph claims it for this database")
+        f"prefix '{prefix}' is unclaimed: the first build-graph that writes a graph claims it "
+        "for this database")
     client = connect(redis_env["PIPELINE_REDIS_URL"],
                      cluster=redis_env["PIPELINE_REDIS_CLUSTER"] == "true")
     try:

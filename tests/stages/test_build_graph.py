@@ -389,9 +389,8 @@ def test_fatal_validation_writes_nothing(builder: Builder, net: Network, conn: C
         assert record.extra["unknown_modes"] == {"zeppelin": 1}
     else:
         assert "BAD" in " ".join(record.extra.get("problems", []))
-    # nothing but the claim of the prefix, made before any other work
-    assert graph_rows(conn) == [] and all_keys(client, redis_prefix) == {
-        f"{redis_prefix}:graph:owner"}
+    # nothing at all: not even the claim of the prefix, made only before a first write
+    assert graph_rows(conn) == [] and all_keys(client, redis_prefix) == set()
 
 
 def test_empty_graph_is_fatal(builder: Builder, conn: Conn) -> None:
@@ -407,7 +406,7 @@ def test_disconnected_graph_warns_with_counts_or_fails_when_fatal(
     seed_network(conn, isolated_real=3)
     record = builder.build(fatal_warnings=True)
     assert record.status == "failed" and "fatal_warnings" in (record.error or "")
-    assert all_keys(client, redis_prefix) == {f"{redis_prefix}:graph:owner"}
+    assert all_keys(client, redis_prefix) == set()
     record = builder.build()
     assert record.status == "success"
     assert record.extra["components"] >= 4 and record.extra["unreachable_real_stops"] >= 3
@@ -817,11 +816,12 @@ def test_a_second_database_on_the_same_prefix_is_refused(
     assert builder.build().status == "noop"
 
 
-def test_a_prefix_with_graphs_and_no_owner_is_claimed_by_its_first_build(
+def test_a_prefix_with_graphs_and_no_owner_is_claimed_by_its_first_build_that_writes(
         builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
         other_database_url: str, other: Conn, backups: BackupStore) -> None:
     """An installation upgraded from before owner keys: its graphs are there, the owner key
-    is not. Its first build-graph claims the prefix and keeps its graph."""
+    is not. A noop build writes nothing and claims nothing; its first build that writes
+    claims the prefix and keeps its graph."""
     first = builder.ok()
     client.delete(store.owner_key)  # as every prefix was before the upgrade
     keys = all_keys(client, store.prefix)
@@ -829,10 +829,11 @@ def test_a_prefix_with_graphs_and_no_owner_is_claimed_by_its_first_build(
     assert store.owner() is None
     record = builder.build()
     assert record.status == "noop" and store.active_version() == first, record.error
-    assert store.owner() == identity(conn)
-    assert all_keys(client, store.prefix) == keys | {store.owner_key}
+    assert store.owner() is None and all_keys(client, store.prefix) == keys
+    second = builder.ok(force=True)
+    assert store.owner() == identity(conn) and store.active_version() == second
     assert Builder(other_database_url, store, backups).build().exit_code == 78
-    assert store.active_version() == first
+    assert store.active_version() == second
 
 
 def test_read_only_work_claims_nothing(builder: Builder, net: Network, conn: Conn,
@@ -845,6 +846,27 @@ def test_read_only_work_claims_nothing(builder: Builder, net: Network, conn: Con
     assert store.owner() is None
     builder.ok()
     assert store.owner() == identity(conn)
+
+
+def test_a_first_build_that_fails_validation_leaves_a_shared_prefix_free(
+        builder: Builder, net: Network, conn: Conn, store: GraphStore, client: redis.Redis,
+        other: Conn, other_database_url: str, backups: BackupStore) -> None:
+    """Two installations on one Redis and prefix: the first build of one fails validation.
+    It wrote nothing, so it must not take the prefix either: the other installation, whose
+    graph is valid, builds and owns it; the first one is then refused (exit 78) as before."""
+    a, b = net.real_stops[:2]
+    conn.execute("INSERT INTO routes VALUES ('BAD', %s, %s, 'bus', -5)", (a, b))
+    failed = builder.build()
+    assert failed.status == "failed" and failed.exit_code == 1, failed.error
+    assert all_keys(client, store.prefix) == set()
+    theirs = Builder(other_database_url, store, backups).build()
+    assert theirs.status == "success", theirs.error
+    assert store.owner() == identity(other)
+    conn.execute("DELETE FROM routes WHERE id = 'BAD'")
+    refused = builder.build()
+    assert refused.exit_code == 78 and "holds the graphs of another database" in (
+        refused.error or "")
+    assert store.active_version() == theirs.extra["graph_version"]
 
 
 # ---------------------------------------------------------------- one bucket, two databases
