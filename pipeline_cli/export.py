@@ -62,7 +62,9 @@ class BBox:
         if not self.south <= lat <= self.north:
             return False
         if self.west <= self.east:
-            return self.west <= lon <= self.east
+            # 180 and -180 are one meridian: a box that ends at 180 holds a point at -180.
+            return self.west <= lon <= self.east or abs(lon) == 180 and (
+                self.west <= -lon <= self.east)
         return lon >= self.west or lon <= self.east  # across the antimeridian
 
 

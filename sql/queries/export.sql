@@ -19,6 +19,9 @@ WHERE NOT %(bbox)s
    OR (latitude BETWEEN %(south)s::float8 AND %(north)s::float8
        AND CASE WHEN %(west)s::float8 <= %(east)s::float8
                 THEN longitude BETWEEN %(west)s::float8 AND %(east)s::float8
+                     -- 180 and -180 are one meridian
+                     OR abs(longitude) = 180
+                        AND -longitude BETWEEN %(west)s::float8 AND %(east)s::float8
                 ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END)
 ORDER BY id;
 
@@ -32,6 +35,9 @@ WHERE dataset_version = (SELECT version FROM datasets WHERE active)
    OR (latitude BETWEEN %(south)s::float8 AND %(north)s::float8
        AND CASE WHEN %(west)s::float8 <= %(east)s::float8
                 THEN longitude BETWEEN %(west)s::float8 AND %(east)s::float8
+                     -- 180 and -180 are one meridian
+                     OR abs(longitude) = 180
+                        AND -longitude BETWEEN %(west)s::float8 AND %(east)s::float8
                 ELSE longitude >= %(west)s::float8 OR longitude <= %(east)s::float8 END))
 ORDER BY id;
 

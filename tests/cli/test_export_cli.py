@@ -172,6 +172,30 @@ def test_bbox_across_the_antimeridian() -> None:
     assert not box.contains(0, 0) and not box.contains(175, 30)
 
 
+def test_a_box_that_ends_at_the_antimeridian_holds_the_points_on_it(cli: Cli, conn: Conn
+                                                                   ) -> None:
+    # 180 and -180 are one meridian, and gen-virtual's grid points on it are at -180: a box
+    # of Fiji's west half, 170..180, left them out (and a box -180..-170 the stops at 180).
+    version = add_dataset(conn)
+    for sid, lon in {"E180": 180.0, "W180": -180.0, "E179": 179.5, "W179": -179.5}.items():
+        conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES (%s, %s, -17, %s)",
+                     (sid, sid, lon))
+    conn.execute("INSERT INTO virtual_stops (id, latitude, longitude, kind, dataset_version) "
+                 "VALUES ('V:MAIN:-38:-400', -17.1, -180.0, 'MAIN_GRID', %s)", (version,))
+    boxes = {"170,-20,180,20": {"E180", "W180", "E179"},
+             "-180,-20,-170,20": {"E180", "W180", "W179"},
+             "179.5,-20,-179.5,20": {"E180", "W180", "E179", "W179"}}
+    for box, expected in boxes.items():
+        got = collection(cli("export", "geojson", "stops", "--bbox", box).stdout)
+        assert {f["properties"]["id"] for f in got} == expected, box
+        assert {sid for sid, lon in (("E180", 180), ("W180", -180), ("E179", 179.5),
+                                     ("W179", -179.5)) if BBox.parse(box).contains(lon, -17)
+                } == expected, box  # the graph's edges are kept by BBox.contains
+    west = collection(cli("export", "geojson", "stops", "--virtual", "--bbox",
+                          "170,-20,180,20").stdout)
+    assert [f["properties"]["id"] for f in west] == ["V:MAIN:-38:-400"]
+
+
 def test_graph_edges_after_build_graph(cli: Cli, conn: Conn) -> None:
     net = seed_network(conn)
     built = json.loads(cli("build-graph", "--json").stdout)
