@@ -108,6 +108,7 @@ def _two_continents() -> tuple[np.ndarray, np.ndarray]:
     (50.0, 200.0, [70.0, 69.8, 70.2], [179.9, -179.8, 178.9]),  # across the antimeridian
     (50.0, 300.0, [89.9, 88.5, 87.0], [0.0, 120.0, -100.0]),  # a cap holding the pole
     (50.0, 150.0, [-89.99, -85.0], [10.0, -170.0]),
+    (50.0, 200.0, [90.0, 90.0, -90.0], [0.0, -123.0, 180.0]),  # on the poles themselves
     (22.5, 20.0, [0.0, 0.001], [0.0, -0.001]),  # a reach smaller than the spacing
 ])
 def test_cells_within_equals_brute_force(spacing: float, radius: float, lat: list[float],
