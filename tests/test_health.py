@@ -347,3 +347,24 @@ def test_prometheus_values_have_no_float_noise(conn: Conn) -> None:
         if not line.startswith("#"):
             value = line.rsplit(" ", 1)[1]
             assert len(value) <= 24 and float(value) == float(value), line
+
+
+def test_a_database_clock_off_the_hosts_is_named(conn: Conn, database_url: str) -> None:
+    # Runs are stamped with the database's clock, cron starts them by the host's: a database
+    # 5 min behind made every 6-hourly run count for the slot before its own, and the stage
+    # "overdue" for hours with nothing said about why.
+    from datetime import UTC, datetime, timedelta
+
+    run(database_url, "sync-odata", "success")
+    report = collect_status(conn, sections=quiet_sections())
+    assert abs(report.clock_skew_s) < 5 and report.health == OK, report.problems
+    ahead = collect_status(conn, sections=quiet_sections(),
+                           host_clock=lambda: datetime.now(UTC) + timedelta(minutes=5))
+    assert -305 < ahead.clock_skew_s < -295 and ahead.health == WARNING
+    assert [(p.area, p.message) for p in ahead.problems] == [
+        ("clock", "the database's clock is 5 min behind this host's: status judges ages and "
+                  "overdue stages by the database's clock, cron starts runs by the host's "
+                  "(synchronise both with NTP)")]
+    assert ahead.to_json()["clock_skew_s"] == ahead.clock_skew_s
+    assert f"\npipeline_database_clock_skew_seconds {ahead.clock_skew_s:g}\n" in \
+        prometheus_text(ahead)
