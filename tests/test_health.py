@@ -332,6 +332,12 @@ def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:
     assert samples["pipeline_gps_batches_dead"] == 2
     assert samples['pipeline_stage_consecutive_failures{stage="sync-odata"}'] == 0
     assert prometheus_text(None).startswith("# HELP pipeline_status_up")
+    # Prometheus's own parser reads every sample back, each family under its one TYPE.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(text))
+    assert sum(len(f.samples) for f in families) == len(samples)
+    assert len({f.name for f in families}) == len(families) == text.count("# TYPE ")
 
 
 def test_prometheus_values_have_no_float_noise(conn: Conn) -> None:
