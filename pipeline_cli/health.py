@@ -232,19 +232,25 @@ def _apply_schedule(info: dict[str, Any], stage: str, schedule: Schedule, now: d
 
 
 def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime) -> dict[str, Any]:
-    """Reachability of the bucket and the age of the newest dataset backup."""
+    """Reachability of the bucket and the age of the newest dataset backup: the same keys in
+    every state (null when unknown), and ``error`` when there is one."""
+    out: dict[str, Any] = {"configured": backups is not None, "bucket": None, "reachable": None,
+                           "bucket_exists": None, "last_backup": None, "last_backup_age_s": None}
     if backups is None:
-        return {"configured": False, "reachable": None}
-    out: dict[str, Any] = {"configured": True, "bucket": backups.bucket, "reachable": False,
-                           "last_backup": None, "last_backup_age_s": None}
+        return out
+    out.update(bucket=backups.bucket, reachable=False)
     try:
         out["bucket_exists"] = backups.bucket_exists()
         out["reachable"] = True
     except PipelineError as exc:
         out["error"] = str(exc)
         return out
-    with db.wrap_errors("reading the newest dataset backup"):
-        row = conn.execute(db.query("status", "newest_backup")).fetchone()
+    try:
+        with db.wrap_errors("reading the newest dataset backup"):
+            row = conn.execute(db.query("status", "newest_backup")).fetchone()
+    except PipelineError as exc:
+        out["error"] = str(exc)
+        return out
     if row is None:  # nothing backed up yet: the first backup creates the bucket
         return out
     if not out["bucket_exists"]:
@@ -462,10 +468,7 @@ def collect_status(
                      settings=settings)
     for name, build in (sections or SECTION_BUILDERS).items():
         report.sections[name] = _run_section(name, build, env)
-    try:
-        report.s3 = _s3_section(conn, backups, now)
-    except PipelineError as exc:
-        report.s3 = {"configured": backups is not None, "reachable": None, "error": str(exc)}
+    report.s3 = _s3_section(conn, backups, now)
     report.problems = assess(report, health)
     report.health = verdict(report.problems)
     report.collect_ms = int((time.monotonic() - started) * 1000)

@@ -299,9 +299,16 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     assert report.s3["last_backup"]["dataset"] == "ds-v1"
     assert 0 <= report.s3["last_backup_age_s"] < 120
     assert report.health == OK
+    keys = {"configured", "bucket", "reachable", "bucket_exists", "last_backup",
+            "last_backup_age_s"}
+    assert report.s3.keys() == keys
     down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
     report = collect_status(conn, backups=down, sections=quiet_sections())
     assert report.s3["reachable"] is False and report.health == WARNING
+    # The same keys in every state (bucket_exists was missing when unreachable), an error too.
+    assert report.s3.keys() == keys | {"error"} and report.s3["bucket_exists"] is None
+    assert collect_status(conn, sections=quiet_sections()).s3 == {
+        "configured": False, **dict.fromkeys(keys - {"configured"})}
     # A bucket that is gone (deleted, or a typo in [s3] bucket) said "reachable", and only
     # that the newest manifest was missing ("NoSuchKey").
     gone = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket + "-gone",
