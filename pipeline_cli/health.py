@@ -21,7 +21,7 @@ from . import db
 from .errors import PipelineError, SchemaError
 from .modes import describe_unknown
 from .runner import ALL_STAGES, LockHolder, lock_holders, reap_crashed
-from .schedule import SCHEDULED_STAGES, Schedule
+from .schedule import SCHEDULED_STAGES, SLOT_TOLERANCE, Schedule
 from .settings import HealthSettings
 
 OK, WARNING, CRITICAL, UNKNOWN = "ok", "warning", "critical", "unknown"
@@ -30,6 +30,9 @@ LEVELS = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
 STAGES = ("sync-odata", "gen-virtual", "build-graph", "ingest-gps", "match-gps", "run-all",
           "prune")
 SECTIONS = ("dataset", "virtual", "graph", "gps", "prune")
+# Runs are stamped with the database's clock, cron starts them by the host's: further apart
+# than a slot's tolerance, runs count for the wrong slots (and ages are off as much).
+CLOCK_SKEW_WARNING_S = SLOT_TOLERANCE.total_seconds()
 
 
 @dataclass
@@ -69,6 +72,7 @@ class StatusReport:
     s3: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     collect_ms: int = 0
+    clock_skew_s: float = 0.0  # the database's clock minus this host's
 
     @property
     def schema_pending(self) -> list[int]:
@@ -89,6 +93,7 @@ class StatusReport:
             "health": self.health,
             "problems": [p.to_json() for p in self.problems],
             "generated_at": self.generated_at,
+            "clock_skew_s": self.clock_skew_s,
             "schema": {"version": self.schema_version, "latest": self.schema_latest,
                        "pending": self.schema_pending, "summary": self.schema_summary},
             "stages": self.stages,
@@ -227,19 +232,25 @@ def _apply_schedule(info: dict[str, Any], stage: str, schedule: Schedule, now: d
 
 
 def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime) -> dict[str, Any]:
-    """Reachability of the bucket and the age of the newest dataset backup."""
+    """Reachability of the bucket and the age of the newest dataset backup: the same keys in
+    every state (null when unknown), and ``error`` when there is one."""
+    out: dict[str, Any] = {"configured": backups is not None, "bucket": None, "reachable": None,
+                           "bucket_exists": None, "last_backup": None, "last_backup_age_s": None}
     if backups is None:
-        return {"configured": False, "reachable": None}
-    out: dict[str, Any] = {"configured": True, "bucket": backups.bucket, "reachable": False,
-                           "last_backup": None, "last_backup_age_s": None}
+        return out
+    out.update(bucket=backups.bucket, reachable=False)
     try:
         out["bucket_exists"] = backups.bucket_exists()
         out["reachable"] = True
     except PipelineError as exc:
         out["error"] = str(exc)
         return out
-    with db.wrap_errors("reading the newest dataset backup"):
-        row = conn.execute(db.query("status", "newest_backup")).fetchone()
+    try:
+        with db.wrap_errors("reading the newest dataset backup"):
+            row = conn.execute(db.query("status", "newest_backup")).fetchone()
+    except PipelineError as exc:
+        out["error"] = str(exc)
+        return out
     if row is None:  # nothing backed up yet: the first backup creates the bucket
         return out
     if not out["bucket_exists"]:
@@ -281,6 +292,12 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
         problems.append(Problem(level, area, message))
 
     now = report.generated_at
+    skew = report.clock_skew_s
+    if abs(skew) > CLOCK_SKEW_WARNING_S:
+        add(WARNING, "clock", f"the database's clock is {human_duration(abs(skew))} "
+            f"{'ahead of' if skew > 0 else 'behind'} this host's: status judges ages and overdue "
+            "stages by the database's clock, cron starts runs by the host's (synchronise both "
+            "with NTP)")
     if report.schema_version and report.schema_pending:
         add(CRITICAL, "schema", f"{report.schema_summary}: stages refuse to run; "
             "run `pipeline db migrate`")
@@ -396,6 +413,7 @@ def collect_status(
     backups: Any = None,
     settings: Any = None,
     sections: dict[str, Callable[[SectionEnv], dict[str, Any]]] | None = None,
+    host_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> StatusReport:
     """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
 
@@ -408,14 +426,18 @@ def collect_status(
     schedule = schedule or Schedule()
     applied = db.applied_versions(conn)
     version = max(applied, default=0)
+    before = host_clock()
     with db.wrap_errors("reading the clock"):
         clock = conn.execute("SELECT now() AS now").fetchone()
-    now: datetime = clock["now"] if clock else datetime.now(UTC)
+    after = host_clock()
+    now: datetime = clock["now"] if clock else after
     report = StatusReport(schema_version=version, schema_latest=db.latest_version(),
                           generated_at=now, schema_applied=applied,
                           schedule={"sources": schedule.sources,
                                     "entries": schedule.to_json(),
-                                    "warnings": schedule.warnings})
+                                    "warnings": schedule.warnings},
+                          clock_skew_s=round((now - (before + (after - before) / 2))
+                                             .total_seconds(), 1))
     if version == 0:
         try:  # the same line as every other command (tables the search_path misses)
             db.check_schema(conn)
@@ -446,10 +468,7 @@ def collect_status(
                      settings=settings)
     for name, build in (sections or SECTION_BUILDERS).items():
         report.sections[name] = _run_section(name, build, env)
-    try:
-        report.s3 = _s3_section(conn, backups, now)
-    except PipelineError as exc:
-        report.s3 = {"configured": backups is not None, "reachable": None, "error": str(exc)}
+    report.s3 = _s3_section(conn, backups, now)
     report.problems = assess(report, health)
     report.health = verdict(report.problems)
     report.collect_ms = int((time.monotonic() - started) * 1000)

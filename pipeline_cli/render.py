@@ -243,6 +243,8 @@ def prometheus_text(report: StatusReport | None) -> str:
     m.add("pipeline_status_collect_seconds", report.collect_ms / 1000,
           "time taken to collect the status")
     m.add("pipeline_schema_version", report.schema_version, "applied schema version")
+    m.add("pipeline_database_clock_skew_seconds", report.clock_skew_s,
+          "the database's clock minus this host's")
     for stage, s in report.stages.items():
         lab = {"stage": stage}
         m.add("pipeline_stage_last_success_timestamp_seconds", _ts(s["last_success_at"]),

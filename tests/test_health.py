@@ -299,9 +299,16 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     assert report.s3["last_backup"]["dataset"] == "ds-v1"
     assert 0 <= report.s3["last_backup_age_s"] < 120
     assert report.health == OK
+    keys = {"configured", "bucket", "reachable", "bucket_exists", "last_backup",
+            "last_backup_age_s"}
+    assert report.s3.keys() == keys
     down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
     report = collect_status(conn, backups=down, sections=quiet_sections())
     assert report.s3["reachable"] is False and report.health == WARNING
+    # The same keys in every state (bucket_exists was missing when unreachable), an error too.
+    assert report.s3.keys() == keys | {"error"} and report.s3["bucket_exists"] is None
+    assert collect_status(conn, sections=quiet_sections()).s3 == {
+        "configured": False, **dict.fromkeys(keys - {"configured"})}
     # A bucket that is gone (deleted, or a typo in [s3] bucket) said "reachable", and only
     # that the newest manifest was missing ("NoSuchKey").
     gone = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket + "-gone",
@@ -332,6 +339,12 @@ def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:
     assert samples["pipeline_gps_batches_dead"] == 2
     assert samples['pipeline_stage_consecutive_failures{stage="sync-odata"}'] == 0
     assert prometheus_text(None).startswith("# HELP pipeline_status_up")
+    # Prometheus's own parser reads every sample back, each family under its one TYPE.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(text))
+    assert sum(len(f.samples) for f in families) == len(samples)
+    assert len({f.name for f in families}) == len(families) == text.count("# TYPE ")
 
 
 def test_prometheus_values_have_no_float_noise(conn: Conn) -> None:
@@ -347,3 +360,24 @@ def test_prometheus_values_have_no_float_noise(conn: Conn) -> None:
         if not line.startswith("#"):
             value = line.rsplit(" ", 1)[1]
             assert len(value) <= 24 and float(value) == float(value), line
+
+
+def test_a_database_clock_off_the_hosts_is_named(conn: Conn, database_url: str) -> None:
+    # Runs are stamped with the database's clock, cron starts them by the host's: a database
+    # 5 min behind made every 6-hourly run count for the slot before its own, and the stage
+    # "overdue" for hours with nothing said about why.
+    from datetime import UTC, datetime, timedelta
+
+    run(database_url, "sync-odata", "success")
+    report = collect_status(conn, sections=quiet_sections())
+    assert abs(report.clock_skew_s) < 5 and report.health == OK, report.problems
+    ahead = collect_status(conn, sections=quiet_sections(),
+                           host_clock=lambda: datetime.now(UTC) + timedelta(minutes=5))
+    assert -305 < ahead.clock_skew_s < -295 and ahead.health == WARNING
+    assert [(p.area, p.message) for p in ahead.problems] == [
+        ("clock", "the database's clock is 5 min behind this host's: status judges ages and "
+                  "overdue stages by the database's clock, cron starts runs by the host's "
+                  "(synchronise both with NTP)")]
+    assert ahead.to_json()["clock_skew_s"] == ahead.clock_skew_s
+    assert f"\npipeline_database_clock_skew_seconds {ahead.clock_skew_s:g}\n" in \
+        prometheus_text(ahead)

@@ -14,6 +14,7 @@ from .. import render
 from ..app import App
 from ..errors import PipelineError
 from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
+from ..logs import one_line
 from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
 from . import NonEmpty, json_option, pass_app
@@ -50,9 +51,18 @@ def gather(app: App) -> StatusReport:
                           **_clients(app))
 
 
-def _nagios_text(text: str) -> str:
-    """One line, whatever the messages held; a "|" (a file name's) would start perfdata."""
-    return " ".join(text.replace("|", "/").split())
+# NRPE 2 passes on 1,023 bytes of a plugin's output and cuts the rest, perfdata first (NRPE 3
+# and Nagios more): a failed run's error (an OData error body) is cut instead.
+CHECK_LINE_BYTES = 1000
+CHECK_PROBLEM_BYTES = 200
+
+
+def _nagios_text(text: str, limit: int = CHECK_LINE_BYTES) -> str:
+    """One printable line of at most ``limit`` UTF-8 bytes, whatever the messages held: a "|"
+    (a file name's) would start perfdata, a control character reach the monitor as it was."""
+    text = one_line(" ".join(text.replace("|", "/").split()))
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit - 3].decode(errors="ignore") + "..."
 
 
 def check_line(report: StatusReport | None, error: str | None = None) -> tuple[str, int]:
@@ -61,7 +71,8 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
         return f"PIPELINE UNKNOWN - {_nagios_text(str(error))}", LEVELS[UNKNOWN]
     level = report.health
     if report.problems:
-        text = "; ".join(p.message for p in report.problems[:5])
+        text = "; ".join(_nagios_text(p.message, CHECK_PROBLEM_BYTES)
+                         for p in report.problems[:5])
         if len(report.problems) > 5:
             text += f"; and {len(report.problems) - 5} more"
     else:
@@ -71,7 +82,10 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
     for key in ("unprocessed_points", "oldest_unprocessed_age_s"):
         if isinstance(gps.get(key), (int, float)):
             perf.append(f"{key}={gps[key]}")
-    return f"PIPELINE {level.upper()} - {_nagios_text(text)} | {' '.join(perf)}", LEVELS[level]
+    head = f"PIPELINE {level.upper()} - "
+    perfdata = " | " + " ".join(perf)
+    text = _nagios_text(text, CHECK_LINE_BYTES - len(head) - len(perfdata))
+    return head + text + perfdata, LEVELS[level]
 
 
 @click.command("status")
@@ -124,8 +138,8 @@ def show(report: StatusReport) -> None:
     now = report.generated_at
     click.echo(f"health: {report.health.upper()}   ({report.schema_summary}, "
                f"collected in {report.collect_ms} ms)")
-    for p in report.problems:
-        click.echo(f"  {p.level:8s} {p.message}")
+    for p in report.problems:  # a failed run's error may hold newlines (an OData body)
+        click.echo(f"  {p.level:8s} {one_line(p.message)}")
     table = Table(box=None, pad_edge=False, title_justify="left")
     for col in ("stage", "last", "started", "took", "last ok", "fails", "next run", "overdue"):
         table.add_column(col, no_wrap=True, overflow="fold")

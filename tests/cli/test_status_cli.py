@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 from pipeline_cli import db, render
@@ -218,3 +219,34 @@ def test_an_unmigrated_database_reads_no_section_and_no_lock(run_cli: Cli, tmp_p
     obj = json.loads(run_cli("status", "--json").output)
     assert obj["gps"] == {"error": "not collected: the database is not migrated"}
     assert obj["locks"] == {} and obj["locks_error"].startswith("not collected")
+
+
+def test_check_line_stays_short_and_on_its_syntax_whatever_the_error(run_cli: Cli) -> None:
+    # A failed run's error is text nobody here wrote (an OData error body): 3 such failures
+    # gave a 15 kB line, which NRPE 2 cuts at 1 kB, perfdata first; and a control character
+    # reached the monitor as it was.
+    from pipeline_cli.errors import SourceError
+
+    body = ('OData 500: "bad" \\ C:\\x | a=1;2 \r\n second line \x07\x1b]0;title\x07 '
+            + "é中" * 3000)
+
+    def fail(ctx: object) -> StageResult:
+        raise SourceError(body)
+
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    for _ in range(3):
+        StageRunner(Database(run_cli.env["PIPELINE_DATABASE_URL"])).run("build-graph", fail)
+    result = run_cli.subprocess("status", "--check")
+    assert result.returncode == 2, result
+    line = result.stdout
+    assert len(line.encode()) <= 1024 and line.endswith("\n") and line.count("\n") == 1, line
+    assert line.startswith('PIPELINE CRITICAL - build-graph failed 3 times in a row: OData 500: '
+                           '"bad" \\ C:\\x / a=1;2 second line \\x07\\x1b]0;title\\x07 é中é中')
+    text, perf = line[:-1].split(" | ")
+    assert text.endswith("...") and all(c.isprintable() for c in text), text
+    assert re.fullmatch(r"collect_ms=\d+ unprocessed_points=\d+", perf), perf
+    # The human view keeps the whole error, on its problem's line as the error lines show it.
+    human = run_cli("status").output.splitlines()
+    assert human[1].startswith('  critical build-graph failed 3 times in a row: OData 500: '
+                               '"bad" \\ C:\\x | a=1;2 \\r\\n second line \\x07\\x1b]0;')
+    assert human[1].endswith("é中" * 3000) and human[2] == "", human[:3]
