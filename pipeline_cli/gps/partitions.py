@@ -20,23 +20,46 @@ DAYS_AHEAD = 7  # partitions exist this many days ahead, so the listener never w
 PARTITION_LOCK = "gps:partitions"
 
 
+class PartitionsBusy(Exception):
+    """``ensure`` gave up waiting for the locks that making a partition takes."""
+
+
 def ensure(conn: psycopg.Connection[Any], days: list[date] | None = None,
-           today: date | None = None) -> list[str]:
+           today: date | None = None, *, lock_timeout_ms: int | None = None) -> list[str]:
     """Create the daily partitions of yesterday to ``DAYS_AHEAD`` days ahead, of ``days``,
     and of every day the default partition holds points of (moving those points in).
-    Returns the partitions created. Runs in its own transaction."""
+    Returns the partitions created. Runs in its own transaction. Making a partition locks
+    the default partition, so it waits for every open transaction that wrote or read there;
+    with ``lock_timeout_ms`` it gives up after that long, creates nothing and raises
+    :class:`PartitionsBusy`."""
     today = today or datetime.now(UTC).date()
     wanted = {today + timedelta(days=i) for i in range(-1, DAYS_AHEAD + 1)} | set(days or ())
     created: list[str] = []
-    with db.wrap_errors("creating GPS partitions"), conn.transaction():
-        conn.execute(db.query("match_gps", "batching_lock"),
-                     {"key": db.advisory_key(PARTITION_LOCK)})
-        parked = conn.execute(db.query("match_gps", "default_partition_days")).fetchall()
-        wanted |= {r["day"] for r in parked}
-        existing = {r["day"] for r in conn.execute(db.query("match_gps", "partition_days"))}
-        for day in sorted(wanted - existing):
-            conn.execute(db.query("match_gps", "add_partition"), {"day": day})
-            created.append(f"gps_points_p{day:%Y%m%d}")
+    with db.wrap_errors("creating GPS partitions"):
+        try:
+            with conn.transaction():
+                if lock_timeout_ms is not None:
+                    conn.execute(db.query("match_gps", "partition_lock_timeout"),
+                                 {"timeout": f"{lock_timeout_ms}ms"})
+                conn.execute(db.query("match_gps", "batching_lock"),
+                             {"key": db.advisory_key(PARTITION_LOCK)})
+                parked = conn.execute(db.query("match_gps", "default_partition_days")
+                                      ).fetchall()
+                wanted |= {r["day"] for r in parked}
+                existing = {r["day"] for r in conn.execute(db.query("match_gps",
+                                                                    "partition_days"))}
+                for day in sorted(wanted - existing):
+                    conn.execute(db.query("match_gps", "add_partition"), {"day": day})
+                    created.append(f"gps_points_p{day:%Y%m%d}")
+        except psycopg.errors.LockNotAvailable:
+            if lock_timeout_ms is None:
+                raise
+            raise PartitionsBusy(
+                f"GPS partitions not made this run: after {lock_timeout_ms / 1000:g} s an "
+                "open transaction (a listener's, holding points of a day without a "
+                "partition, or a long read of gps_points) still holds the default partition; "
+                "its points are matched where they are, and the next run tries again"
+            ) from None
     return created
 
 

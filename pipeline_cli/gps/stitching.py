@@ -17,6 +17,7 @@ from ..adapters.osrm import LatLon, MatchResult, OsrmClient, OsrmNoMatch, OsrmTo
 from ..errors import OsrmError
 
 MIN_CHUNK = 3  # osrm-routed refuses a --max-matching-size below 3
+NO_FIX = (0.0, 0.0)  # what many trackers send without a GPS fix
 _EARTH_M = 6371008.8
 
 
@@ -295,14 +296,19 @@ def match_trace(
     chunk_size: ChunkSize,
     in_flight: AbstractContextManager[Any] | None = None,
 ) -> TraceMatch:
-    """Match one time-ordered trace, in chunks; a trace that stays within ``radius_m`` of its
-    first point is ``stationary`` and not sent. ``NoMatch``/``NoSegment`` on a chunk is
-    recorded in ``chunk_errors``; other OSRM failures raise. ``in_flight`` (a semaphore) is
-    held around each request to bound the requests in flight across threads."""
+    """Match one time-ordered trace, in chunks; points at exactly (0, 0) (no fix) are
+    ignored, and a trace whose other points stay within ``radius_m`` of the first is
+    ``stationary`` and not sent. ``NoMatch``/``NoSegment`` on a chunk is recorded in
+    ``chunk_errors``; other OSRM failures raise. ``in_flight`` (a semaphore) is held around
+    each request to bound the requests in flight across threads."""
     gate = in_flight if in_flight is not None else nullcontext()
-    kept, stamps = integer_timestamps(times)
+    # Trackers report exactly (0, 0) when they have no fix: such a point is no place, so it
+    # is neither sent nor allowed to make a parked vehicle look as if it moved.
+    fixed = [i for i, p in enumerate(coordinates) if p != NO_FIX]
+    kept_fixed, stamps = integer_timestamps([times[i] for i in fixed])
+    kept = [fixed[i] for i in kept_fixed]
     result = TraceMatch(sent=kept)
-    if stationary(coordinates, radius_m):
+    if stationary([coordinates[i] for i in fixed], radius_m):
         result.stationary = True
         return result
     if len(kept) < 2:

@@ -25,6 +25,10 @@ from ..gps.workers import Pool, run_round
 from ..runner import DRY_RUN, NOOP, SUCCESS, RunContext, StageResult
 from ..settings import MatchSettings
 
+# Making a partition waits for the default partition's lock; partitions are housekeeping
+# (points are matched from the default partition too), so a run waits this long, then matches.
+PARTITION_LOCK_TIMEOUT_MS = 2000
+
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -59,7 +63,11 @@ def match_gps(
     warned_future = False
     conn = database.connect(autocommit=True, name=f"pipeline match-gps {worker}")
     try:
-        created = partitions.ensure(conn)
+        try:
+            created = partitions.ensure(conn, lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS)
+        except partitions.PartitionsBusy as exc:
+            created = []
+            ctx.log.warning("%s", exc)
         if created:
             ctx.log.info("created GPS partition(s) %s", ", ".join(created))
         while True:

@@ -26,7 +26,7 @@ from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
 from pipeline_cli.stages import match_gps as stage
 from tests.support import reliability
-from tests.support.proxy import CountingHttpProxy
+from tests.support.proxy import CountingHttpProxy, TcpProxy
 
 pytestmark = pytest.mark.osrm
 
@@ -624,3 +624,202 @@ def test_a_dead_batch_counts_the_points_that_arrive_late(
     assert stage.preview(Database(database_url), settings).extra["would_run"] is False
     proxy.unblock()
     assert batches.requeue_batches(conn, dead_only=True)["points"] == len(rows)
+
+
+# ----------------------------------------------------------------- data as fleets send it
+
+
+def listener_insert(conn: psycopg.Connection[Any],
+                    rows: list[tuple[str, datetime, float, float]]) -> None:
+    """The listener's plain INSERT, one row a statement (the duplicate rule applies)."""
+    for row in rows:
+        conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                     " VALUES (%s, %s, %s, %s)", row)
+
+
+def assert_all_processed(conn: psycopg.Connection[Any], unprocessed: int = 0) -> None:
+    """Every point in exactly one finished batch (or ``unprocessed`` waiting), and polylines
+    that are lines: not empty, one per (device, start)."""
+    assert reliability.check_gps(conn) == []
+    left = conn.execute("SELECT count(*) FILTER (WHERE NOT processed) AS n"
+                        " FROM gps_point_status").fetchone()["n"]
+    assert left == batches.status_section(conn)["unprocessed_points"] == unprocessed
+    lines = conn.execute("SELECT device_id, start_time, encoded_polyline FROM cached_polylines"
+                         ).fetchall()
+    assert len({(r["device_id"], r["start_time"]) for r in lines}) == len(lines)
+    assert all(len(set(polyline.decode(r["encoded_polyline"]))) >= 2 for r in lines)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_points_arriving_shuffled_across_runs_end_in_one_batch_each(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace], seed: int) -> None:
+    """A device's drives (gaps of seconds to an hour between them) arrive in random order,
+    in six parts with a run after each; one part comes in a listener transaction that stays
+    open across all those runs."""
+    rng = random.Random(seed)
+    rows: list[tuple[str, datetime, float, float]] = []
+    at = OLD
+    for k in range(4):
+        trace = trace_pool[(3 * seed + k) % len(trace_pool)]
+        rows += [("d", at + timedelta(seconds=s), lat, lon)
+                 for s, (lat, lon) in zip(trace.offsets, trace.points, strict=True)]
+        at = rows[-1][1] + timedelta(seconds=rng.choice([2, 100, 400, 4000]))
+    rng.shuffle(rows)
+    cuts = sorted(rng.sample(range(1, len(rows)), 5))
+    parts = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)]
+    partitions.ensure(conn, [OLD.date(), at.date()])
+    with psycopg.connect(database_url) as slow:
+        listener_insert(slow, parts.pop())
+        for part in parts:
+            listener_insert(conn, part)
+            assert run(database_url, client).exit_code == 0
+    assert run(database_url, client).exit_code == 0
+    assert_all_processed(conn)
+
+
+def test_a_trace_across_midnight_is_one_batch_over_two_partitions(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    trace = trace_pool[5]
+    midnight = datetime(2023, 11, 5, tzinfo=UTC)
+    add_trace(conn, "night", trace, start=midnight - timedelta(seconds=trace.offsets[-1] / 2))
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["points_processed"] == len(trace.points)
+    assert batch_states(conn) == {"completed": 1}
+    days = conn.execute("SELECT count(DISTINCT tableoid) AS n FROM gps_points").fetchone()["n"]
+    assert days == 2
+    assert traces.judge(trace.truth, polylines(conn, "night")).passed
+    assert_all_processed(conn)
+
+
+def test_a_stretch_outside_the_map_in_a_chunked_trace(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        osrm_url: str) -> None:
+    """110 points in the middle of a 350-point trace lie outside the extract (a whole chunk
+    answers NoSegment): the rest is still matched, in lines on either side."""
+    with OsrmClient(osrm_url) as plain:
+        trace = traces.make_trace(plain, random.Random(5), min_points=350,
+                                  interval_s=(1.0, 1.0), waypoints=3)
+    rows = trace.rows("d")
+    rows[120:230] = [(d, t, 60.5 + i * 1e-4, 25.5) for i, (d, t, _, _) in
+                     enumerate(rows[120:230])]
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["points_processed"] == len(rows)
+    row = conn.execute("SELECT matched_count, polyline_count FROM processing_batches"
+                       ).fetchone()
+    assert row["matched_count"] >= 0.7 * (len(rows) - 110) and row["polyline_count"] >= 2
+    assert_all_processed(conn)
+
+
+def test_20000_points_of_one_device_in_one_run(conn: psycopg.Connection[Any],
+                                              database_url: str, client: OsrmClient,
+                                              trace_pool: list[traces.Trace]) -> None:
+    rows: list[tuple[str, datetime, float, float]] = []
+    at, k = OLD, 0
+    while len(rows) < 20_000:
+        trace = trace_pool[k % len(trace_pool)]
+        k += 1
+        rows += [("big", at + timedelta(seconds=s), lat, lon)
+                 for s, (lat, lon) in zip(trace.offsets, trace.points, strict=True)]
+        at = rows[-1][1] + timedelta(seconds=2)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    counts = record.counts
+    assert counts["points_processed"] == len(rows)
+    assert counts["batches_completed"] == counts["batches_created"] >= 5  # max_batch_seconds
+    assert counts["polylines"] == conn.execute("SELECT count(*) AS n FROM cached_polylines"
+                                               ).fetchone()["n"]
+    assert counts["osrm_requests"] >= len(rows) // 100
+    assert_all_processed(conn)
+
+
+def test_osrm_too_slow_fails_batches_for_a_retry(conn: psycopg.Connection[Any],
+                                                 database_url: str, osrm_url: str,
+                                                 trace_pool: list[traces.Trace]) -> None:
+    """OSRM answering after [osrm] timeout: every try times out, the batches fail with their
+    points unprocessed, the run exits 1; once OSRM is fast again they complete."""
+    for i in range(4):
+        add_trace(conn, f"d{i}", trace_pool[i])
+    points = sum(len(trace_pool[i].points) for i in range(4))
+    host, port = osrm_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    settings = MatchSettings(backoff_base_seconds=0.2, backoff_max_seconds=0.4)
+    with TcpProxy(host, int(port), delay=1.0) as slow, OsrmClient(
+            f"http://127.0.0.1:{slow.port}", timeout=0.3, retries=2,
+            retry_wait_max=0.05) as client:
+        record = run(database_url, client, settings, concurrency=2)
+    assert record.exit_code == 1 and "timed out" in (record.error or "")
+    assert record.counts["batches_failed"] >= 2 and record.counts["batches_completed"] == 0
+    assert_all_processed(conn, unprocessed=points)
+    time.sleep(0.5)  # the backoff
+    with OsrmClient(osrm_url) as fast:
+        assert run(database_url, fast, settings).counts["batches_completed"] == 4
+    assert_all_processed(conn)
+
+
+def test_an_open_listener_transaction_on_a_day_without_partition_does_not_stop_matching(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A device reset to 1980 sends a point through a listener whose transaction stays open:
+    the point waits in the default partition, whose lock making any partition needs. Every
+    run waited on that lock, matching nothing, until the hard time limit."""
+    # A guard: without the fix the run fails after this instead of hanging the test.
+    conn.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = '10s'").format(
+        sql.Identifier(conn.info.dbname)))
+    add_trace(conn, "d", trace_pool[0], start=datetime.now(UTC) - timedelta(hours=1))
+    partitions.ensure(conn)
+    with psycopg.connect(database_url) as listener:
+        listener_insert(listener, [("reset", datetime(1980, 1, 6, 0, 0, 5, tzinfo=UTC),
+                                    60.17, 24.94)])
+        # Committed by another listener: a day the run has to make (as the first run after
+        # midnight UTC makes the day a week ahead).
+        listener_insert(conn, [("reset2", datetime(1980, 1, 7, 0, 0, 5, tzinfo=UTC),
+                                60.17, 24.94)])
+        record = run(database_url, client)
+        assert record.exit_code == 0, record.error
+        assert record.counts["batches_completed"] == 1
+    record = run(database_url, client)  # committed: its day is made, the point moved
+    assert record.exit_code == 0, record.error
+    made = conn.execute("SELECT to_regclass('gps_points_p19800106') IS NOT NULL AS a,"
+                        " to_regclass('gps_points_p19800107') IS NOT NULL AS b").fetchone()
+    assert made == {"a": True, "b": True}
+    assert_all_processed(conn)
+
+
+@pytest.mark.parametrize("glitch", [0, 20])
+def test_a_parked_vehicle_with_no_fix_points_is_still_stationary(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        proxy: CountingHttpProxy, glitch: int) -> None:
+    """Trackers send (0, 0) when they have no fix. One such point, first or in between, made
+    a parked vehicle's batch go to OSRM, which drew lines of one spot."""
+    rows = [("parked", OLD + timedelta(seconds=5 * i), 60.16990 + (i % 2) * 1e-5, 24.93840)
+            for i in range(60)]
+    rows[glitch] = (*rows[glitch][:2], 0.0, 0.0)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert (record.counts["batches_stationary"], record.counts["points_processed"]) == (1, 60)
+    assert proxy.count("/match/") == 0
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    assert_all_processed(conn)
+
+
+def test_no_fix_points_are_not_sent_to_osrm(conn: psycopg.Connection[Any], database_url: str,
+                                           client: OsrmClient,
+                                           trace_pool: list[traces.Trace]) -> None:
+    trace = trace_pool[12]
+    rows = trace.rows("d")
+    for i in (0, len(rows) // 2):
+        rows[i] = (*rows[i][:2], 0.0, 0.0)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["points_processed"] == len(rows)
+    row = conn.execute("SELECT polyline_count, chunk_errors FROM processing_batches").fetchone()
+    assert row["polyline_count"] == 1 and row["chunk_errors"] == {}
+    assert traces.judge(trace.truth, polylines(conn, "d")).passed
+    assert_all_processed(conn)
