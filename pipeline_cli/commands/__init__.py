@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import psycopg
 
-from .. import db, render
+from .. import render
 from ..adapters.heartbeat import Heartbeat
 from ..app import App
+from ..db import deployment_id  # not `db.`: this package's `db` commands shadow that name
 from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
 from ..settings import is_utf8
@@ -287,7 +288,7 @@ def graph_reader(app: App, conn: psycopg.Connection[Any] | None = None) -> Graph
     try:
         if conn is None:
             conn = app.connect(autocommit=True, name="pipeline graph", connect_timeout=5)
-        identity = db.deployment_id(conn)
+        identity = deployment_id(conn)
     except PipelineError as exc:  # no identity to compare with (doctor says so): the read goes on
         log.debug("the owner of the Redis prefix is not compared: %s", exc)
         return store
