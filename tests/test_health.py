@@ -23,6 +23,7 @@ from pipeline_cli.health import (
     CRITICAL,
     OK,
     WARNING,
+    Budget,
     SectionEnv,
     collect_status,
 )
@@ -381,3 +382,38 @@ def test_a_database_clock_off_the_hosts_is_named(conn: Conn, database_url: str) 
     assert ahead.to_json()["clock_skew_s"] == ahead.clock_skew_s
     assert f"\npipeline_database_clock_skew_seconds {ahead.clock_skew_s:g}\n" in \
         prometheus_text(ahead)
+
+
+def test_tables_held_locked_cost_the_budget_once(conn: Conn, database_url: str) -> None:
+    # Each section waited out its own 5 s statement timeout: 21 s with the tables of a
+    # `db migrate` held locked, past a monitor's 10 s. Now later sections get what is left.
+    run(database_url, "sync-odata", "success")
+    budget = Budget(seconds=3, statement_s=2, set_timeout=Database(database_url).set_session)
+    with db.connect(database_url) as holder:  # a transaction: the locks stay until it ends
+        holder.execute("LOCK TABLE datasets, virtual_generations, graph_versions, gps_points,"
+                       " processing_batches IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        report = collect_status(conn, sections=None, budget=budget)
+        took = time.monotonic() - started
+    assert took < 6, took  # 3 s and a generous margin, not 5 sections x 2 s
+    errors = {name: section.get("error") for name, section in report.sections.items()}
+    assert "statement timeout" in errors["dataset"], errors
+    for name in ("dataset", "virtual", "graph", "gps"):  # the locked ones
+        assert errors[name], errors
+    assert errors["prune"] == "not collected: status's time budget of 3 s ran out", errors
+    assert report.health == WARNING
+    assert "prune section unavailable: not collected: status's time budget" in " ".join(
+        p.message for p in report.problems)
+    assert "locks_error" not in report.to_json() and report.stages["sync-odata"]["last_status"]
+
+
+def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,
+                                                                 database_url: str) -> None:
+    # A session setting would stick to a server session that other clients then use.
+    pooled = Database(database_url, pooler=db.POOLER_TRANSACTION)
+    collect_status(conn, sections=quiet_sections(), budget=Budget(
+        seconds=8, set_timeout=pooled.set_session))
+    assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "0"}
+    collect_status(conn, sections=quiet_sections(), budget=Budget(
+        seconds=8, set_timeout=Database(database_url).set_session))
+    assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "5s"}

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from pipeline_cli import db, render
@@ -250,3 +251,25 @@ def test_check_line_stays_short_and_on_its_syntax_whatever_the_error(run_cli: Cl
     assert human[1].startswith('  critical build-graph failed 3 times in a row: OData 500: '
                                '"bad" \\ C:\\x | a=1;2 \\r\\n second line \\x07\\x1b]0;')
     assert human[1].endswith("é中" * 3000) and human[2] == "", human[:3]
+
+
+# The tables the sections read (dataset, virtual, graph, gps, prune, s3), not stage_runs:
+# the run history is status itself, and without it status is UNKNOWN.
+SECTION_TABLES = "datasets, virtual_generations, graph_versions, gps_points, processing_batches"
+
+
+def test_tables_held_locked_cannot_hold_status_past_its_budget(run_cli: Cli) -> None:
+    # A `db migrate` (or a long transaction) held them in ACCESS EXCLUSIVE mode: each section
+    # waited out its own 5 s statement timeout and status took 25 s, past NRPE's 10 s, so the
+    # monitor said "socket timeout" instead of status's own line.
+    url = run_cli.env["PIPELINE_DATABASE_URL"]
+    good_runs(url)
+    with db.connect(url) as holder:  # a transaction: the locks stay until it ends
+        holder.execute(f"LOCK TABLE {SECTION_TABLES} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = run_cli.subprocess("status", "--check")
+        took = time.monotonic() - started
+    assert took < 12, f"{took:.1f} s: {result}"  # the budget (8 s) and a generous margin
+    assert result.returncode == 1, result
+    assert result.stdout.startswith("PIPELINE WARNING - "), result.stdout
+    assert "section unavailable" in result.stdout, result.stdout
