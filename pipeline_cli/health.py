@@ -171,7 +171,7 @@ def _graph_section(env: SectionEnv) -> dict[str, Any]:
 def _gps_section(env: SectionEnv) -> dict[str, Any]:
     from .gps.batches import status_section
 
-    return status_section(env.conn)
+    return status_section(env.conn, env.settings.match if env.settings is not None else None)
 
 
 def _prune_section(env: SectionEnv) -> dict[str, Any]:

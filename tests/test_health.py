@@ -8,17 +8,20 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 import redis as redis_lib
 
+from devtools import traces
 from devtools.services import S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import SourceError
+from pipeline_cli.gps import batches
 from pipeline_cli.health import (
     CRITICAL,
     OK,
@@ -30,7 +33,7 @@ from pipeline_cli.health import (
 from pipeline_cli.render import prometheus_text
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
 from pipeline_cli.schedule import build_schedule
-from pipeline_cli.settings import HealthSettings
+from pipeline_cli.settings import HealthSettings, MatchSettings
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -417,3 +420,19 @@ def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,
     collect_status(conn, sections=quiet_sections(), budget=Budget(
         seconds=8, set_timeout=Database(database_url).set_session))
     assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "5s"}
+
+
+def test_points_dated_ahead_are_counted_apart(conn: Conn, database_url: str) -> None:
+    # A device clock a year ahead: its point waited unbatched, counted only within
+    # unbatched_points, and nothing in status said why it waited.
+    run(database_url, "sync-odata", "success")
+    now = datetime.now(UTC)
+    traces.insert_points(conn, [("dev", now - timedelta(seconds=s), 60.17, 24.94)
+                                for s in (40, 30, 20, 10)]
+                         + [("dev", now + timedelta(days=365), 60.17, 24.94)])
+    batches.make_batches(conn, MatchSettings())  # the pass sets the device aside
+    report = collect_status(conn)
+    gps = report.sections["gps"]
+    assert (gps["future_points"], gps["unbatched_points"]) == (1, 5), gps
+    assert report.health == OK, report.problems  # information, not a problem
+    assert "\npipeline_gps_future_points 1\n" in prometheus_text(report)

@@ -268,10 +268,12 @@ def _gps(g: dict[str, Any], now: datetime) -> str:
     # Information, not a warning: the next match-gps run gives those days a partition.
     parked = (f"; {g['default_partition_points']} point(s) in the default partition"
               if g.get("default_partition_points") else "")
+    future = (f"; {g['future_points']} point(s) dated ahead wait until their time comes "
+              "(a device clock ahead?)" if g.get("future_points") else "")
     return (f"{g['unprocessed_points']} "
             f"unprocessed points{oldest}; batches: {b['pending']} pending, "
             f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
-            f"{g['completed_last_hour']} completed in the last hour{parked}")
+            f"{g['completed_last_hour']} completed in the last hour{parked}{future}")
 
 
 def _s3(s: dict[str, Any], now: datetime) -> str:

@@ -7,12 +7,16 @@ import json
 import os
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from devtools import traces
 from pipeline_cli import db, render
 from pipeline_cli.commands.status import check_line
 from pipeline_cli.db import Database
+from pipeline_cli.gps import batches
 from pipeline_cli.runner import StageResult, StageRunner
+from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
 
@@ -273,3 +277,19 @@ def test_tables_held_locked_cannot_hold_status_past_its_budget(run_cli: Cli) -> 
     assert result.returncode == 1, result
     assert result.stdout.startswith("PIPELINE WARNING - "), result.stdout
     assert "section unavailable" in result.stdout, result.stdout
+
+
+def test_points_dated_ahead_are_named_in_the_gps_line(run_cli: Cli) -> None:
+    url = run_cli.env["PIPELINE_DATABASE_URL"]
+    good_runs(url)
+    now = datetime.now(UTC)
+    with db.connect(url, autocommit=True) as conn:
+        traces.insert_points(conn, [("dev", now - timedelta(seconds=10), 60.17, 24.94),
+                                    ("dev", now + timedelta(days=365), 60.17, 24.94)])
+        assert "dated ahead" not in run_cli("status").output
+        batches.make_batches(conn, MatchSettings())
+    assert json.loads(run_cli("status", "--json").output)["gps"]["future_points"] == 1
+    result = run_cli("status")
+    assert result.exit_code == 0, result.output
+    gps = result.output.split("\ngps ", 1)[1].split("\nprune ", 1)[0]
+    assert " 1 point(s) dated ahead wait until their time comes" in " ".join(gps.split()), gps
