@@ -9,6 +9,7 @@ reads, except that it records runs whose process died as ``crashed``. Every quer
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ SECTIONS = ("dataset", "virtual", "graph", "gps", "prune")
 # Runs are stamped with the database's clock, cron starts them by the host's: further apart
 # than a slot's tolerance, runs count for the wrong slots (and ages are off as much).
 CLOCK_SKEW_WARNING_S = SLOT_TOLERANCE.total_seconds()
+MIN_STEP_S = 0.1  # less time left than this: a step is not started
 
 
 @dataclass
@@ -43,6 +45,33 @@ class Problem:
 
     def to_json(self) -> dict[str, str]:
         return {"level": self.level, "area": self.area, "message": self.message}
+
+
+@dataclass
+class Budget:
+    """The time status may take in all, and at most per statement. Before each step the
+    statement timeout is cut to the time left, so tables held locked (a ``db migrate``) cost
+    that time once, not one statement timeout per section; a step with no time left is not
+    started (``{"error": ...}``). ``set_timeout`` sets a session parameter
+    (``Database.set_session``, which skips it through a transaction pooler); without it the
+    budget only skips the steps it has no time for."""
+
+    seconds: float = math.inf
+    statement_s: float = 5.0
+    set_timeout: Callable[[psycopg.Connection[Any], str, str], bool] | None = None
+    started: float = field(default_factory=time.monotonic)  # before connecting, if the caller
+    _timeout_ms: int | None = field(default=None, init=False, repr=False)
+
+    def arm(self, conn: psycopg.Connection[Any]) -> None:
+        """Cut the statement timeout to the time left; PipelineError when none is left."""
+        left = min(self.statement_s, self.seconds - (time.monotonic() - self.started))
+        if left < MIN_STEP_S:
+            raise PipelineError(f"not collected: status's time budget of {self.seconds:g} s "
+                                "ran out")
+        ms = int(left * 1000) if math.isfinite(left) else 0  # 0: no timeout
+        if self.set_timeout is not None and ms != self._timeout_ms:
+            self.set_timeout(conn, "statement_timeout", str(ms))
+            self._timeout_ms = ms
 
 
 @dataclass
@@ -142,7 +171,7 @@ def _graph_section(env: SectionEnv) -> dict[str, Any]:
 def _gps_section(env: SectionEnv) -> dict[str, Any]:
     from .gps.batches import status_section
 
-    return status_section(env.conn)
+    return status_section(env.conn, env.settings.match if env.settings is not None else None)
 
 
 def _prune_section(env: SectionEnv) -> dict[str, Any]:
@@ -160,10 +189,11 @@ SECTION_BUILDERS: dict[str, Callable[[SectionEnv], dict[str, Any]]] = {
 }
 
 
-def _run_section(name: str, build: Callable[[SectionEnv], dict[str, Any]], env: SectionEnv
-                 ) -> dict[str, Any]:
+def _run_section(name: str, build: Callable[[SectionEnv], dict[str, Any]], env: SectionEnv,
+                 budget: Budget) -> dict[str, Any]:
     """A section's dict, or ``{"error": ...}``: one broken area never hides the others."""
     try:
+        budget.arm(env.conn)
         return build(env)
     except ImportError as exc:
         return {"error": f"not available in this version ({exc.name or exc})"}
@@ -231,14 +261,21 @@ def _apply_schedule(info: dict[str, Any], stage: str, schedule: Schedule, now: d
 # ---------------------------------------------------------------- S3
 
 
-def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime) -> dict[str, Any]:
+def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime, budget: Budget
+                ) -> dict[str, Any]:
     """Reachability of the bucket and the age of the newest dataset backup: the same keys in
     every state (null when unknown), and ``error`` when there is one."""
     out: dict[str, Any] = {"configured": backups is not None, "bucket": None, "reachable": None,
                            "bucket_exists": None, "last_backup": None, "last_backup_age_s": None}
     if backups is None:
         return out
-    out.update(bucket=backups.bucket, reachable=False)
+    out["bucket"] = backups.bucket
+    try:
+        budget.arm(conn)
+    except PipelineError as exc:
+        out["error"] = str(exc)
+        return out
+    out["reachable"] = False
     try:
         out["bucket_exists"] = backups.bucket_exists()
         out["reachable"] = True
@@ -414,16 +451,20 @@ def collect_status(
     settings: Any = None,
     sections: dict[str, Callable[[SectionEnv], dict[str, Any]]] | None = None,
     host_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    budget: Budget | None = None,
 ) -> StatusReport:
     """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
 
     ``redis`` and ``backups`` are optional clients (None when not configured); their sections
     then say so instead of failing (``redis`` may also be the error of connecting to it).
-    Raises DatabaseError only if PostgreSQL itself fails.
+    ``budget`` bounds the whole collection (none by default). Raises PipelineError only if
+    PostgreSQL itself fails, or the budget runs out before the run history is read.
     """
     started = time.monotonic()
     health = health or HealthSettings()
     schedule = schedule or Schedule()
+    budget = budget or Budget()
+    budget.arm(conn)
     applied = db.applied_versions(conn)
     version = max(applied, default=0)
     before = host_clock()
@@ -450,9 +491,12 @@ def collect_status(
         report.health = CRITICAL
         report.collect_ms = int((time.monotonic() - started) * 1000)
         return report
+    budget.arm(conn)
     reap_crashed(conn)
     names = list(dict.fromkeys([*STAGES, *ALL_STAGES, *schedule.entries]))
+    budget.arm(conn)
     rows = _stage_rows(conn, names)
+    budget.arm(conn)
     with db.wrap_errors("reading the schema history"):
         first = conn.execute(db.query("status", "installed_at")).fetchone()
     installed: datetime = (first or {}).get("installed_at") or now
@@ -463,12 +507,17 @@ def collect_status(
             _apply_schedule(info, stage, schedule, now, installed, grace)
         report.stages[stage] = info
     singletons = tuple(s for s in names if s != "match-gps")
-    report.locks = {n: _holder_json(h) for n, h in lock_holders(conn, singletons).items()}
+    try:
+        budget.arm(conn)
+    except PipelineError as exc:
+        report.locks_error = str(exc)
+    else:
+        report.locks = {n: _holder_json(h) for n, h in lock_holders(conn, singletons).items()}
     env = SectionEnv(conn=conn, now=now, redis=redis, redis_prefix=redis_prefix, backups=backups,
                      settings=settings)
     for name, build in (sections or SECTION_BUILDERS).items():
-        report.sections[name] = _run_section(name, build, env)
-    report.s3 = _s3_section(conn, backups, now)
+        report.sections[name] = _run_section(name, build, env, budget)
+    report.s3 = _s3_section(conn, backups, now, budget)
     report.problems = assess(report, health)
     report.health = verdict(report.problems)
     report.collect_ms = int((time.monotonic() - started) * 1000)

@@ -8,28 +8,32 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 import redis as redis_lib
 
+from devtools import traces
 from devtools.services import S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import SourceError
+from pipeline_cli.gps import batches
 from pipeline_cli.health import (
     CRITICAL,
     OK,
     WARNING,
+    Budget,
     SectionEnv,
     collect_status,
 )
 from pipeline_cli.render import prometheus_text
 from pipeline_cli.runner import RunContext, StageResult, StageRunner
 from pipeline_cli.schedule import build_schedule
-from pipeline_cli.settings import HealthSettings
+from pipeline_cli.settings import HealthSettings, MatchSettings
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -381,3 +385,54 @@ def test_a_database_clock_off_the_hosts_is_named(conn: Conn, database_url: str) 
     assert ahead.to_json()["clock_skew_s"] == ahead.clock_skew_s
     assert f"\npipeline_database_clock_skew_seconds {ahead.clock_skew_s:g}\n" in \
         prometheus_text(ahead)
+
+
+def test_tables_held_locked_cost_the_budget_once(conn: Conn, database_url: str) -> None:
+    # Each section waited out its own 5 s statement timeout: 21 s with the tables of a
+    # `db migrate` held locked, past a monitor's 10 s. Now later sections get what is left.
+    run(database_url, "sync-odata", "success")
+    budget = Budget(seconds=3, statement_s=2, set_timeout=Database(database_url).set_session)
+    with db.connect(database_url) as holder:  # a transaction: the locks stay until it ends
+        holder.execute("LOCK TABLE datasets, virtual_generations, graph_versions, gps_points,"
+                       " processing_batches IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        report = collect_status(conn, sections=None, budget=budget)
+        took = time.monotonic() - started
+    assert took < 6, took  # 3 s and a generous margin, not 5 sections x 2 s
+    errors = {name: section.get("error") for name, section in report.sections.items()}
+    assert "statement timeout" in errors["dataset"], errors
+    for name in ("dataset", "virtual", "graph", "gps"):  # the locked ones
+        assert errors[name], errors
+    assert errors["prune"] == "not collected: status's time budget of 3 s ran out", errors
+    assert report.health == WARNING
+    assert "prune section unavailable: not collected: status's time budget" in " ".join(
+        p.message for p in report.problems)
+    assert "locks_error" not in report.to_json() and report.stages["sync-odata"]["last_status"]
+
+
+def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,
+                                                                 database_url: str) -> None:
+    # A session setting would stick to a server session that other clients then use.
+    pooled = Database(database_url, pooler=db.POOLER_TRANSACTION)
+    collect_status(conn, sections=quiet_sections(), budget=Budget(
+        seconds=8, set_timeout=pooled.set_session))
+    assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "0"}
+    collect_status(conn, sections=quiet_sections(), budget=Budget(
+        seconds=8, set_timeout=Database(database_url).set_session))
+    assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "5s"}
+
+
+def test_points_dated_ahead_are_counted_apart(conn: Conn, database_url: str) -> None:
+    # A device clock a year ahead: its point waited unbatched, counted only within
+    # unbatched_points, and nothing in status said why it waited.
+    run(database_url, "sync-odata", "success")
+    now = datetime.now(UTC)
+    traces.insert_points(conn, [("dev", now - timedelta(seconds=s), 60.17, 24.94)
+                                for s in (40, 30, 20, 10)]
+                         + [("dev", now + timedelta(days=365), 60.17, 24.94)])
+    batches.make_batches(conn, MatchSettings())  # the pass sets the device aside
+    report = collect_status(conn)
+    gps = report.sections["gps"]
+    assert (gps["future_points"], gps["unbatched_points"]) == (1, 5), gps
+    assert report.health == OK, report.problems  # information, not a problem
+    assert "\npipeline_gps_future_points 1\n" in prometheus_text(report)

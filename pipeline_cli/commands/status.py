@@ -13,17 +13,26 @@ from rich.table import Table
 from .. import render
 from ..app import App
 from ..errors import PipelineError
-from ..health import LEVELS, SECTIONS, UNKNOWN, StatusReport, collect_status, human_duration
+from ..health import (
+    LEVELS,
+    SECTIONS,
+    UNKNOWN,
+    Budget,
+    StatusReport,
+    collect_status,
+    human_duration,
+)
 from ..logs import one_line
 from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
 from . import NonEmpty, json_option, pass_app
 
-# Status must answer fast even when a service hangs: monitors time out after ~10 s.
+# Status must answer fast even when a service hangs: monitors time out after ~10 s (NRPE).
 S3_TIMEOUT = 3.0  # per request, without retries
 CONNECT_TIMEOUT = 3  # PostgreSQL ([database] connect_timeout when shorter)
 REDIS_TIMEOUT = 3.0
-STATEMENT_TIMEOUT_MS = 5000
+STATEMENT_TIMEOUT_S = 5.0  # the most one statement may take
+BUDGET_S = 8.0  # the whole collection, connecting included: later steps get what is left
 
 
 def _clients(app: App) -> dict[str, Any]:
@@ -43,12 +52,13 @@ def gather(app: App) -> StatusReport:
     """Collect the report with the settings and clients of this invocation."""
     settings = app.settings
     schedule = build_schedule(settings.schedule.crontab, settings.schedule.entries)
-    conn = app.connect(autocommit=True, name="pipeline status", connect_timeout=CONNECT_TIMEOUT)
     # Through a transaction pooler the timeout is not set (it would stick to a shared server
     # session): the pooler's own query_timeout bounds status there (docs/operations.md).
-    app.database.set_session(conn, "statement_timeout", str(STATEMENT_TIMEOUT_MS))
+    budget = Budget(seconds=BUDGET_S, statement_s=STATEMENT_TIMEOUT_S,
+                    set_timeout=app.database.set_session)
+    conn = app.connect(autocommit=True, name="pipeline status", connect_timeout=CONNECT_TIMEOUT)
     return collect_status(conn, health=settings.health, schedule=schedule, settings=settings,
-                          **_clients(app))
+                          budget=budget, **_clients(app))
 
 
 # NRPE 2 passes on 1,023 bytes of a plugin's output and cuts the rest, perfdata first (NRPE 3
@@ -258,10 +268,12 @@ def _gps(g: dict[str, Any], now: datetime) -> str:
     # Information, not a warning: the next match-gps run gives those days a partition.
     parked = (f"; {g['default_partition_points']} point(s) in the default partition"
               if g.get("default_partition_points") else "")
+    future = (f"; {g['future_points']} point(s) dated ahead wait until their time comes "
+              "(a device clock ahead?)" if g.get("future_points") else "")
     return (f"{g['unprocessed_points']} "
             f"unprocessed points{oldest}; batches: {b['pending']} pending, "
             f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
-            f"{g['completed_last_hour']} completed in the last hour{parked}")
+            f"{g['completed_last_hour']} completed in the last hour{parked}{future}")
 
 
 def _s3(s: dict[str, Any], now: datetime) -> str:

@@ -210,7 +210,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         out["future_points"] = sum(n for n, _ in _future(conn, settings, devices).values())
         ready = conn.execute(db.query("match_gps", "ready_batches"), {"limit": 50}).fetchall()
         out["ready_batches"] = [{**r, "batch_id": str(r["batch_id"])} for r in ready]
-        out["backlog"] = status_section(conn)
+        out["backlog"] = status_section(conn, settings)
     return out
 
 
@@ -234,12 +234,20 @@ def backoff_seconds(settings: MatchSettings, attempt: int, rng: random.Random) -
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+def status_section(conn: psycopg.Connection[Any], settings: MatchSettings | None = None
+                   ) -> dict[str, Any]:
     """The GPS backlog for ``pipeline status``: an exact count that reads only the backlog
-    (open batches, new arrivals, open runs), never the processed history."""
+    (open batches, new arrivals, open runs), never the processed history. ``future_points``
+    (of them, the points dated more than ``gap_seconds`` ahead) probes only the devices the
+    last batcher pass set aside (``gps_waiting_devices``), not the new arrivals: listing
+    those (fresh_devices) took 230-280 ms with 50 k new among 2 M points, the future probe
+    of 2,000 devices 15-20 ms."""
+    settings = settings or MatchSettings()
     with db.wrap_errors("reading the GPS backlog"), conn.transaction():
         conn.execute(db.query("match_gps", "no_jit"))
         backlog = conn.execute(db.query("match_gps", "backlog_points"), cursor(conn)).fetchone()
+        waiting = [r["device_id"] for r in conn.execute(db.query("match_gps", "waiting_devices"))]
+        future = _future(conn, settings, waiting)
         open_rows = conn.execute(db.query("match_gps", "open_batches")).fetchall()
         recent = conn.execute(db.query("match_gps", "recent_batches")).fetchone()
         expired = conn.execute(db.query("match_gps", "expired_leases")).fetchone()
@@ -260,6 +268,8 @@ def status_section(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     return {
         "unprocessed_points": int(backlog["in_batches"]) + int(backlog["unbatched"]),
         "unbatched_points": int(backlog["unbatched"]),
+        # Information: they wait for their time (a device clock ahead), as match-gps warns.
+        "future_points": sum(n for n, _ in future.values()),
         "oldest_unprocessed_at": oldest_at,
         "oldest_unprocessed_age_s": round(max(age, 0.0), 1) if age is not None else None,
         "batches": batches,

@@ -109,6 +109,11 @@ JOIN gps_points p ON p.device_id = c.device_id
 GROUP BY c.device_id
 ORDER BY c.device_id;
 
+-- name: waiting_devices
+-- The devices a batcher pass set aside (an open run, points dated ahead), for status's
+-- future_points: a primary-key scan, unlike the new arrivals.
+SELECT device_id FROM gps_waiting_devices ORDER BY device_id;
+
 -- name: late_arrivals
 -- The batches that arrivals the cursor does not see (of these devices, from their earliest
 -- time on) fall into, each with those arrivals. Part of reopen_batches and reopen_preview.

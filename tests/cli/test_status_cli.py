@@ -6,12 +6,17 @@ import contextlib
 import json
 import os
 import re
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from devtools import traces
 from pipeline_cli import db, render
 from pipeline_cli.commands.status import check_line
 from pipeline_cli.db import Database
+from pipeline_cli.gps import batches
 from pipeline_cli.runner import StageResult, StageRunner
+from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
 
 
@@ -250,3 +255,41 @@ def test_check_line_stays_short_and_on_its_syntax_whatever_the_error(run_cli: Cl
     assert human[1].startswith('  critical build-graph failed 3 times in a row: OData 500: '
                                '"bad" \\ C:\\x | a=1;2 \\r\\n second line \\x07\\x1b]0;')
     assert human[1].endswith("é中" * 3000) and human[2] == "", human[:3]
+
+
+# The tables the sections read (dataset, virtual, graph, gps, prune, s3), not stage_runs:
+# the run history is status itself, and without it status is UNKNOWN.
+SECTION_TABLES = "datasets, virtual_generations, graph_versions, gps_points, processing_batches"
+
+
+def test_tables_held_locked_cannot_hold_status_past_its_budget(run_cli: Cli) -> None:
+    # A `db migrate` (or a long transaction) held them in ACCESS EXCLUSIVE mode: each section
+    # waited out its own 5 s statement timeout and status took 25 s, past NRPE's 10 s, so the
+    # monitor said "socket timeout" instead of status's own line.
+    url = run_cli.env["PIPELINE_DATABASE_URL"]
+    good_runs(url)
+    with db.connect(url) as holder:  # a transaction: the locks stay until it ends
+        holder.execute(f"LOCK TABLE {SECTION_TABLES} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = run_cli.subprocess("status", "--check")
+        took = time.monotonic() - started
+    assert took < 12, f"{took:.1f} s: {result}"  # the budget (8 s) and a generous margin
+    assert result.returncode == 1, result
+    assert result.stdout.startswith("PIPELINE WARNING - "), result.stdout
+    assert "section unavailable" in result.stdout, result.stdout
+
+
+def test_points_dated_ahead_are_named_in_the_gps_line(run_cli: Cli) -> None:
+    url = run_cli.env["PIPELINE_DATABASE_URL"]
+    good_runs(url)
+    now = datetime.now(UTC)
+    with db.connect(url, autocommit=True) as conn:
+        traces.insert_points(conn, [("dev", now - timedelta(seconds=10), 60.17, 24.94),
+                                    ("dev", now + timedelta(days=365), 60.17, 24.94)])
+        assert "dated ahead" not in run_cli("status").output
+        batches.make_batches(conn, MatchSettings())
+    assert json.loads(run_cli("status", "--json").output)["gps"]["future_points"] == 1
+    result = run_cli("status")
+    assert result.exit_code == 0, result.output
+    gps = result.output.split("\ngps ", 1)[1].split("\nprune ", 1)[0]
+    assert " 1 point(s) dated ahead wait until their time comes" in " ".join(gps.split()), gps
