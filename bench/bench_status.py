@@ -2,8 +2,8 @@
 
 A throwaway database gets 10 M gps_points (1 M in quick mode) of 2 000 devices in daily
 partitions, made with generate_series: 99 % processed history in 198 k completed batches, a
-half-percent in 2 000 pending batches, a half-percent of new arrivals, and 500 k stage_runs
-(a year of match-gps every minute). Then
+half-percent in 2 000 pending batches, a half-percent of new arrivals, every device waiting
+with an open run, and 500 k stage_runs (a year of match-gps every minute). Then
 ``collect_status`` (every section, with Redis for the graph check) is timed, side by side with a
 sequential ``count(*)`` over gps_points, the cost a status that scanned the table would pay.
 Goal: < 300 ms.
@@ -74,6 +74,10 @@ def _fill(url: str, points: int, runs: int) -> float:
         conn.execute(BATCHES, {"window": window, "pending_end": pending_end})
         conn.execute("UPDATE gps_batching_cursor SET seen = txid_current_snapshot()")
         conn.execute(FILL, {"lo": pending_end + 1, "hi": points})
+        # Every device waits with an open run, as in a fleet that drives: status probes each
+        # for points dated ahead.
+        conn.execute("INSERT INTO gps_waiting_devices (device_id) "
+                     "SELECT 'dev-' || g FROM generate_series(0, 1999) g")
         conn.execute(RUNS, {"runs": runs})
         conn.execute("VACUUM ANALYZE")
     return time.perf_counter() - started
