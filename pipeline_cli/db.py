@@ -234,6 +234,12 @@ def cancel_statements(timeout: float = 5.0) -> int:
     return cancelled
 
 
+def set_local(conn: psycopg.Connection[Any], name: str, value: str) -> None:
+    """Set a parameter for the rest of the open transaction (``SET LOCAL``): pooler-safe, as
+    it ends with the transaction."""
+    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+
+
 def long_transaction(conn: psycopg.Connection[Any]) -> None:
     """Let the open transaction idle as long as it must: for a stage whose one transaction
     waits on another system between its statements (an OData server's pages, S3 uploads), a
@@ -241,7 +247,7 @@ def long_transaction(conn: psycopg.Connection[Any]) -> None:
     run. Transaction-local (``SET LOCAL``), so pooler-safe; the runner's hard limit per stage
     bounds the run instead. (The runner's lock transaction does the same in ``try_lock``.)"""
     with wrap_errors("starting the transaction"):
-        conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
+        set_local(conn, "idle_in_transaction_session_timeout", "0")
 
 
 def _first_line(exc: BaseException) -> str:

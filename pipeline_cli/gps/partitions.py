@@ -38,9 +38,8 @@ def ensure(conn: psycopg.Connection[Any], days: list[date] | None = None,
     with db.wrap_errors("creating GPS partitions"):
         try:
             with conn.transaction():
-                if lock_timeout_ms is not None:
-                    conn.execute(db.query("match_gps", "partition_lock_timeout"),
-                                 {"timeout": f"{lock_timeout_ms}ms"})
+                if lock_timeout_ms is not None:  # for this transaction only
+                    db.set_local(conn, "lock_timeout", f"{lock_timeout_ms}ms")
                 conn.execute(db.query("match_gps", "batching_lock"),
                              {"key": db.advisory_key(PARTITION_LOCK)})
                 parked = conn.execute(db.query("match_gps", "default_partition_days")

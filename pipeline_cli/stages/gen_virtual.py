@@ -612,14 +612,14 @@ def _lock_tables(conn: psycopg.Connection[Any], ctx: RunContext) -> None:
                                 stop=stop_after_attempt(LOCK_ATTEMPTS),
                                 wait=wait_incrementing(0.1, 0.1, max=1.0), before_sleep=busy):
             with attempt, conn.transaction():  # a savepoint: a timeout undoes only this attempt
-                conn.execute(_q("lock_timeout"), {"timeout": f"{LOCK_TIMEOUT_S}s"})
+                db.set_local(conn, "lock_timeout", f"{LOCK_TIMEOUT_S}s")
                 conn.execute(_q("lock_tables"))
     except RetryError:
         raise DatabaseError(
             f"could not lock the virtual tables in {LOCK_ATTEMPTS} attempts of "
             f"{LOCK_TIMEOUT_S} s (long-running readers; last held by {held_by[0]}); nothing "
             "was written") from None
-    conn.execute(_q("lock_timeout"), {"timeout": "0"})
+    db.set_local(conn, "lock_timeout", "0")
 
 
 def write_generation(database: db.Database, backups: BackupStore, s: VirtualSettings,

@@ -102,9 +102,6 @@ COPY {table} ({columns}) FROM STDIN WITH (FREEZE);
 -- snapshot) and holds new ones off until the new generation is committed.
 LOCK TABLE virtual_stops, virtual_routes, virtual_frequencies IN ACCESS EXCLUSIVE MODE;
 
--- name: lock_timeout
-SELECT set_config('lock_timeout', %(timeout)s, true);
-
 -- name: lock_holders
 SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), a.usename) AS who
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid

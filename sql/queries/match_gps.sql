@@ -474,11 +474,6 @@ WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8
 -- name: default_partition_days
 SELECT DISTINCT (recorded_at AT TIME ZONE 'UTC')::date AS day FROM gps_points_default;
 
--- name: partition_lock_timeout
--- For the rest of the transaction: match-gps makes partitions only when it gets their locks
--- soon (an open transaction on the default partition would hold every run up otherwise).
-SELECT set_config('lock_timeout', %(timeout)s, true);
-
 -- name: add_partition
 SELECT gps_add_partition(%(day)s::date);
 
