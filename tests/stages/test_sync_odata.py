@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pipeline_cli.adapters.odata import ODataClient
 from pipeline_cli.adapters.odata_format import resolve_mapping
 from pipeline_cli.db import Database
 from pipeline_cli.errors import endpoint
+from pipeline_cli.read_model import COLUMNS, ENTITIES
 from pipeline_cli.runner import RunRecord, StageResult, StageRunner
 from pipeline_cli.settings import ODataSettings
 from pipeline_cli.stages.sync_odata import (
@@ -1273,6 +1275,25 @@ def test_without_a_path_a_page_is_read_as_before_paths(conn: psycopg.Connection[
         "paths": "Insert on stage_stops\n  ->  Subquery Scan on s\n        ->  Nested Loop\n"
                  "              ->  Function Scan on json_to_recordset x\n"
                  "              ->  Result"}
+
+
+def test_the_read_rules_are_inlined_into_the_staging_statement(
+        conn: psycopg.Connection[Any]) -> None:
+    """Each sync_* rule runs for every value of the feed: PostgreSQL inlines an SQL function
+    (a few expressions per value) unless its body is more volatile than it is declared, and
+    then each value is a function call of its own, about three times the cost. Only the slow
+    paths, for values in another notation, may be calls."""
+    with conn.transaction():
+        for e in ENTITIES:
+            conn.execute(db.query("sync_odata", "create_stage").format(
+                stage=sql.Identifier(f"stage_{e}"), target=sql.Identifier(e),
+                cols=sql.SQL(", ").join(map(sql.Identifier, COLUMNS[e]))))
+            insert = _Set(e, resolve_mapping(None)[e], "v4", Path("-")).page_insert
+            plan = "\n".join(r["QUERY PLAN"] for r in conn.execute(
+                sql.SQL("EXPLAIN (VERBOSE, COSTS OFF) ") + insert,
+                {"page": json.dumps({"value": []}), "base": 0}))
+            calls = set(re.findall(r"\b(sync_\w+)\(", plan))
+            assert calls <= {"sync_number_slow", "sync_time_slow", "sync_days_slow"}, (e, calls)
 
 
 def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
