@@ -68,8 +68,8 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class S3Settings:
-    endpoint: str | None = setting(None, "S3/MinIO endpoint as host:port (no scheme: see "
-                                   "secure)")
+    endpoint: str | None = setting(None, "S3/MinIO endpoint as host:port, or http:// or "
+                                   "https:// then host:port (the scheme sets secure)")
     access_key: str | None = setting(None, "S3 access key")
     secret_key: str | None = setting(None, "S3 secret key", secret=True)
     bucket: str = setting("pipeline", "bucket holding dataset backups and graph exports")
@@ -632,9 +632,31 @@ def load_settings(
             close = difflib.get_close_matches(var, known, n=1)
             raise ConfigError(f"unknown setting {var} in the environment" + (
                 f" (did you mean {close[0]}?)" if close else ""), key=var)
+    built["s3"] = _s3_scheme(built["s3"], sources)
     settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def _s3_scheme(s3: S3Settings, sources: dict[str, str]) -> S3Settings:
+    """An endpoint as boto3, aws-cli and mc take it (operators paste it): the minio client
+    takes host:port, and the scheme says [s3] secure, unless secure was set to the opposite."""
+    scheme, sep, rest = (s3.endpoint or "").partition("://")
+    if not sep:
+        return s3
+    secure = {"http": False, "https": True}.get(scheme.lower())
+    if secure is None or not rest.strip("/"):
+        raise ConfigError("malformed setting [s3] endpoint: expected host:port, "
+                          "http://host:port or https://host:port", key="s3.endpoint")
+    endpoint = "PIPELINE_S3_ENDPOINT" if sources["s3.endpoint"].startswith("env") \
+        else "[s3] endpoint"
+    if "s3.secure" in sources and s3.secure != secure:
+        flag = "PIPELINE_S3_SECURE" if sources["s3.secure"].startswith("env") else "[s3] secure"
+        raise ConfigError(f"conflicting settings: {endpoint} starts with {scheme.lower()}:// "
+                          f"but {flag} is {str(s3.secure).lower()} (drop one)", key="s3.secure")
+    sources.setdefault("s3.secure",
+                       f"{sources['s3.endpoint']} (the {scheme.lower()}:// of [s3] endpoint)")
+    return dataclasses.replace(s3, endpoint=rest, secure=secure)
 
 
 def path_hint(path: str | os.PathLike[str]) -> str:
@@ -761,11 +783,12 @@ def _validate(s: Settings) -> None:
             raise bad("redis", "url", _without_values("the database must be a number"))
     if not s.redis.prefix or any(c in s.redis.prefix for c in " \t\n*?[]"):
         raise bad("redis", "prefix", "must be non-empty without spaces or glob characters")
-    if s.s3.endpoint and "://" in s.s3.endpoint:
-        raise bad("s3", "endpoint", "expected host:port without a scheme (use [s3] secure)")
     if s.s3.endpoint and "/" in s.s3.endpoint.rstrip("/"):  # a trailing '/' is harmless
         raise bad("s3", "endpoint", "expected host:port without a path (S3 serves buckets "
                   "from the endpoint's root)")
+    if s.s3.endpoint and "@" in s.s3.endpoint:  # a pasted URL's credentials: not shown
+        raise bad("s3", "endpoint", "expected host:port without a user or password (set "
+                  "[s3] access_key and secret_key)")
     if s.s3.endpoint:
         _host_port("//" + s.s3.endpoint.rstrip("/"), "s3", "endpoint", bad)
     if s.s3.prefix and not re.fullmatch(r"/*[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/*",

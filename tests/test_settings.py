@@ -67,7 +67,7 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         ("[odata\n", {}, "malformed config file"),
         ("", {"PIPELINE_ODATA_VERSION": "v3"}, "[odata] version"),
         ("", {"PIPELINE_ODATA_FOREIGN_NEXT_LINK": "maybe"}, "[odata] foreign_next_link"),
-        ("", {"PIPELINE_S3_ENDPOINT": "http://h:9000"}, "[s3] endpoint"),
+        ("", {"PIPELINE_S3_ENDPOINT": "s3://h:9000"}, "[s3] endpoint"),
         ("", {"PIPELINE_VIRTUAL_GRID_REACH_KM": "0"}, "[virtual] grid_reach_km"),
         ("[runner]\ntimeout_sync_odata = 0\n", {}, "[runner] timeout_sync_odata"),
         ("", {"PIPELINE_DATABASE_POOLER": "session"}, "[database] pooler"),
@@ -333,8 +333,9 @@ def test_a_config_path_with_a_tilde_nobody_expanded_says_so() -> None:
 
 
 @pytest.mark.parametrize(("endpoint", "needle"), [
-    ("https://s3.example.com", "without a scheme (use [s3] secure)"),
-    ("http://minio:9000/", "without a scheme (use [s3] secure)"),
+    ("s3://bucket", "expected host:port, http://host:port or https://host:port"),
+    ("https://", "expected host:port, http://host:port or https://host:port"),
+    ("https://s3.example.com/bucket", "without a path"),
     # said "without a scheme" for an endpoint that has none
     ("minio:9000/s3", "without a path (S3 serves buckets from the endpoint's root)"),
     ("minio:9000/s3/", "without a path"),
@@ -347,3 +348,53 @@ def test_an_s3_endpoint_with_a_scheme_or_path_says_which(endpoint: str, needle: 
 
 def test_an_s3_endpoint_with_a_trailing_slash_is_taken() -> None:
     assert load_settings(None, {"PIPELINE_S3_ENDPOINT": "minio:9000/"}).s3.endpoint
+
+
+@pytest.mark.parametrize(("endpoint", "host", "secure"), [
+    ("http://127.0.0.1:8333", "127.0.0.1:8333", False),
+    ("https://s3.example.com/", "s3.example.com/", True),
+    ("HTTPS://s3.example.com:9000", "s3.example.com:9000", True),
+])
+def test_an_s3_endpoint_with_a_scheme_sets_secure(tmp_path: Path, endpoint: str, host: str,
+                                                  secure: bool) -> None:
+    # The form boto3, aws-cli and mc take, so operators paste it: it was refused ("without a
+    # scheme (use [s3] secure)"). The minio client takes host:port and secure apart.
+    path = write(tmp_path, f"[s3]\nendpoint = '{endpoint}'\n")
+    for s in (load_settings(path, {}), load_settings(None, {"PIPELINE_S3_ENDPOINT": endpoint})):
+        assert (s.s3.endpoint, s.s3.secure) == (host, secure)
+        shown = {name: (value, source) for name, value, source, _ in s.describe()}
+        assert shown["s3.endpoint"][0] == host
+        assert shown["s3.secure"][1].endswith(f"(the {endpoint[:endpoint.index(':')].lower()}"
+                                              ":// of [s3] endpoint)")
+    # set explicitly to the same, it is taken
+    agreeing = load_settings(path, {"PIPELINE_S3_SECURE": str(secure).lower()})
+    assert (agreeing.s3.endpoint, agreeing.s3.secure) == (host, secure)
+    assert agreeing.sources["s3.secure"] == "env PIPELINE_S3_SECURE"
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ("[s3]\nendpoint = 'https://s3.example.com'\nsecure = false\n", {},
+     "conflicting settings: [s3] endpoint starts with https:// but [s3] secure is false "
+     "(drop one)"),
+    ("[s3]\nendpoint = 'http://127.0.0.1:8333'\n", {"PIPELINE_S3_SECURE": "true"},
+     "conflicting settings: [s3] endpoint starts with http:// but PIPELINE_S3_SECURE is true "
+     "(drop one)"),
+    ("[s3]\nsecure = true\n", {"PIPELINE_S3_ENDPOINT": "http://127.0.0.1:8333"},
+     "conflicting settings: PIPELINE_S3_ENDPOINT starts with http:// but [s3] secure is true "
+     "(drop one)"),
+])
+def test_an_s3_scheme_contradicting_secure_names_both(tmp_path: Path, text: str,
+                                                      env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env)
+    assert str(err.value) == message
+
+
+def test_an_s3_endpoint_with_credentials_is_refused_without_showing_them() -> None:
+    # A pasted http://user:password@host:9000 reached the minio client, whose refusal
+    # ("S3 endpoint 'user:password@host:9000' is unusable") doctor printed, password and all.
+    for endpoint in ("http://key:s3cr3t-pw@minio:9000", "key:s3cr3t-pw@minio:9000"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, {"PIPELINE_S3_ENDPOINT": endpoint})
+        assert str(err.value) == ("malformed setting [s3] endpoint: expected host:port without "
+                                  "a user or password (set [s3] access_key and secret_key)")

@@ -11,7 +11,9 @@ import pytest
 from devtools.procs import free_port
 from devtools.services import S3Endpoint
 from pipeline_cli.adapters.backups import BackupStore
+from pipeline_cli.app import App
 from pipeline_cli.errors import BackupError
+from pipeline_cli.settings import load_settings
 
 pytestmark = pytest.mark.s3
 
@@ -112,3 +114,17 @@ def test_an_endpoint_with_a_trailing_slash(s3: S3Endpoint, s3_bucket: str) -> No
                                 secure=s3.secure, region=s3.region)
     store.put_bytes("x", b"x")
     assert store.get_bytes("x") == b"x"
+
+
+def test_an_endpoint_pasted_with_its_scheme(s3: S3Endpoint, s3_bucket: str) -> None:
+    # [s3] endpoint = "http://host:port", as boto3, aws-cli and mc take it, was refused; the
+    # App hands the minio client host:port and the scheme's secure.
+    scheme = "https" if s3.secure else "http"
+    app = App(_settings=load_settings(environ={
+        "PIPELINE_S3_ENDPOINT": f"{scheme}://{s3.endpoint}/", "PIPELINE_S3_BUCKET": s3_bucket,
+        "PIPELINE_S3_ACCESS_KEY": s3.access_key, "PIPELINE_S3_SECRET_KEY": s3.secret_key,
+        "PIPELINE_S3_REGION": s3.region}))
+    store = app.backups()
+    store.put_bytes("x", b"x")
+    assert store.get_bytes("x") == b"x"
+    assert store.endpoint == s3.endpoint + "/"
