@@ -105,19 +105,24 @@ def match_gps(
         stopped = Interrupted(ctx.stop.signum or 15)
         _attach(stopped, counts, pool, osrm_requests, started)
         raise stopped
-    # Exit 1 when OSRM was unreachable (enough failures in a row to stop claiming), or when
+    # Exit 1 when OSRM was unreachable (enough failures in a row to stop claiming), when
     # batches failed and none completed, whatever the cause (a proxy's HTML page, a wrong
-    # [osrm] url path): a run that matched nothing is no success.
-    cause = pool.tripped or (pool.last_error if pool.failed
-                             and not counts["batches_completed"] else None)
+    # [osrm] url path): a run that matched nothing is no success; or when a batch became dead
+    # even beside completed ones: its points wait for an operator. A batch that will be
+    # retried beside completed ones is transient: the next run takes it, exit 0.
+    fate = Counter(pool.failed.values())  # a batch may fail twice in one run
+    done = counts["batches_completed"]
+    halted = pool.tripped or (pool.last_error if pool.failed and not done else None)
+    cause = halted or (pool.last_error if fate["dead"] else None)
     if cause is not None:
-        fate = Counter(pool.failed.values())  # a batch may fail twice in one run
         fates = ([f"{fate['failed']} batch(es) failed and will be retried"] if fate["failed"]
                  else []) + ([f"{fate['dead']} batch(es) failed for the last time ([match] "
                               "max_attempts; `pipeline batches requeue` retries them)"]
                              if fate["dead"] else [])
+        head = f"stopped: {cause}" if halted else \
+            f"{done} batch(es) completed; last error: {cause}"
         raise (OsrmUnavailable if isinstance(cause, OsrmUnavailable) else OsrmError)(
-            f"stopped: {cause}; {'; '.join(fates)}", partial=result)
+            f"{head}; {'; '.join(fates)}", partial=result)
     return result
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from devtools import traces
 from devtools.procs import free_port
+from pipeline_cli import polyline
 from pipeline_cli.adapters.osrm import OsrmClient
 from tests.support.clirunner import Cli
 from tests.support.proxy import CountingHttpProxy
@@ -169,6 +170,25 @@ def test_osrm_down_gives_one_short_error_line(gps_cli: Cli, conn: psycopg.Connec
     status = gps_cli.subprocess("status").stdout
     assert f"OSRM {down} unavailable: connection refused" in status
     assert "polyline" not in status and max(map(len, status.splitlines())) < 200
+
+
+def test_a_dead_batch_beside_completed_ones_exits_1_with_counts(
+        gps_cli: Cli, conn: psycopg.Connection[Any], osrm_url: str,
+        road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=2, per_device=1)  # dev-1 starts at road[7]
+    with CountingHttpProxy(osrm_url) as proxy:
+        proxy.refuse("polyline6(" + polyline.encode(road_points[7:8], 6))
+        gps_cli.env.update({"PIPELINE_OSRM_URL": proxy.url, "PIPELINE_OSRM_RETRIES": "1",
+                            "PIPELINE_MATCH_MAX_ATTEMPTS": "1"})
+        result = gps_cli("match-gps", "--json")
+    assert result.exit_code == 1, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "failed" and out["exit_code"] == 1
+    assert (out["counts"]["batches_completed"], out["counts"]["batches_dead"]) == (1, 1)
+    assert out["error"].startswith(f"1 batch(es) completed; last error: OSRM {proxy.url} ")
+    assert out["error"].endswith("; 1 batch(es) failed for the last time ([match] "
+                                 "max_attempts; `pipeline batches requeue` retries them)")
+    assert states(conn) == {"completed": 1, "dead": 1}
 
 
 def test_match_gps_needs_an_osrm_url(run_cli: Cli) -> None:

@@ -366,6 +366,33 @@ def test_failures_become_dead_after_max_attempts_and_requeue(
     assert section["completed_last_hour"] == 1
 
 
+def test_a_batch_that_dies_fails_the_run_though_others_completed(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
+    """A batch that will be retried leaves a run's exit 0; one that failed for the last time
+    (dead: its points wait for `batches requeue`) exits 1, even beside completed batches."""
+    add_trace(conn, "bad", trace_pool[0])
+    add_trace(conn, "good", trace_pool[1])
+    proxy.refuse("polyline6(" + polyline.encode(trace_pool[0].points[:1], 6))
+    settings = MatchSettings(max_attempts=2, backoff_base_seconds=2.0,
+                             backoff_max_seconds=2.0)  # no second attempt within a run
+    first = run(database_url, client, settings)
+    assert first.exit_code == 0, first.error
+    assert (first.counts["batches_completed"], first.counts["batches_failed"]) == (1, 1)
+    assert (first.message or "").endswith("; 1 failed, 0 dead")
+    add_trace(conn, "later", trace_pool[2])
+    time.sleep(2.1)
+    last = run(database_url, client, settings)
+    assert last.exit_code == 1, last.message
+    assert (last.counts["batches_completed"], last.counts["batches_dead"]) == (1, 1)
+    error = last.error or ""
+    assert error.startswith("1 batch(es) completed; last error: OSRM "), error
+    assert "unavailable" in error and "\n" not in error
+    assert error.endswith("; 1 batch(es) failed for the last time ([match] max_attempts; "
+                          "`pipeline batches requeue` retries them)")
+    assert batch_states(conn) == {"completed": 2, "dead": 1}
+
+
 def test_expired_lease_is_rescued_without_duplicates(
         conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
         trace_pool: list[traces.Trace]) -> None:

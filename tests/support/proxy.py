@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 LOOPBACK = "127.0.0.1"
 # Paths are counted up to this length: OSRM paths carry every coordinate and can be huge.
@@ -274,7 +274,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         proxy = self.server.proxy
-        if proxy._switch.blocked:
+        if proxy._switch.blocked or proxy._refuses(self.path):
             _reset(self.connection)
             self.close_connection = True
             return
@@ -329,7 +329,8 @@ class CountingHttpProxy(_Served):
     """HTTP/1.1 forwarder to ``target_base_url`` that counts requests by path prefix.
 
     Used to count OSRM ``/match`` calls. Keep-alive clients (requests.Session) are served on
-    one connection each. While blocked, requests get their connection reset, no response.
+    one connection each. While blocked, requests get their connection reset, no response;
+    after ``refuse(fragment)``, only the requests whose unquoted path contains ``fragment``.
     """
 
     def __init__(self, target_base_url: str) -> None:
@@ -341,6 +342,7 @@ class CountingHttpProxy(_Served):
         self._netloc = parts.netloc
         self._base_path = parts.path.rstrip("/")
         self._counts: Counter[str] = Counter()
+        self._refused: str | None = None
         super().__init__()
         self.url = ""
 
@@ -357,6 +359,16 @@ class CountingHttpProxy(_Served):
 
     def unblock(self) -> None:
         self._switch.unblock()
+
+    def refuse(self, fragment: str) -> None:
+        """Reset the requests whose unquoted path contains ``fragment`` (one OSRM trace's
+        encoded first point, say) and forward the others: a fault for some batches only."""
+        with self._lock:
+            self._refused = fragment
+
+    def _refuses(self, raw_path: str) -> bool:
+        with self._lock:
+            return self._refused is not None and self._refused in unquote(raw_path)
 
     def count(self, path_prefix: str = "/") -> int:
         """Requests forwarded so far whose path (query string excluded) starts with the prefix."""
