@@ -111,10 +111,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 db.migrate(conn)
             fill_s = _fill(url, points, runs)
             with db.connect(url, autocommit=True) as conn:
-                report = collect_status(conn, redis=client, redis_prefix=f"bench-{name}")
+                report = collect_status(conn, redis=lambda seconds: client,
+                                        redis_prefix=f"bench-{name}")
                 errors = {k: v["error"] for k, v in report.sections.items() if "error" in v}
                 status_s = _time(lambda: collect_status(
-                    conn, redis=client, redis_prefix=f"bench-{name}"), 9 if quick else 15)
+                    conn, redis=lambda seconds: client, redis_prefix=f"bench-{name}"),
+                    9 if quick else 15)
                 scan_s = _time(lambda: conn.execute(
                     "SELECT count(*) FROM gps_points").fetchone(), 3)
             gps = report.sections.get("gps", {})

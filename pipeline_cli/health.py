@@ -62,16 +62,29 @@ class Budget:
     started: float = field(default_factory=time.monotonic)  # before connecting, if the caller
     _timeout_ms: int | None = field(default=None, init=False, repr=False)
 
-    def arm(self, conn: psycopg.Connection[Any]) -> None:
-        """Cut the statement timeout to the time left; PipelineError when none is left."""
-        left = min(self.statement_s, self.seconds - (time.monotonic() - self.started))
+    def left(self) -> float:
+        """The seconds the next step may take (inf without a budget); PipelineError when none
+        is left. The one place time left becomes a timeout: of a statement, and of the Redis
+        and S3 clients the sections make (capped by their own per-call limit)."""
+        left = self.seconds - (time.monotonic() - self.started)
         if left < MIN_STEP_S:
             raise PipelineError(f"not collected: status's time budget of {self.seconds:g} s "
                                 "ran out")
+        return left
+
+    def arm(self, conn: psycopg.Connection[Any]) -> None:
+        """Cut the statement timeout to the time left; PipelineError when none is left."""
+        left = min(self.statement_s, self.left())
         ms = int(left * 1000) if math.isfinite(left) else 0  # 0: no timeout
         if self.set_timeout is not None and ms != self._timeout_ms:
             self.set_timeout(conn, "statement_timeout", str(ms))
             self._timeout_ms = ms
+
+
+# Makes a client whose calls give up after at most the seconds given (a Redis or S3 client:
+# a hung server must not outlast status's budget, and redis-py and minio take a timeout only
+# when the client is made).
+Connector = Callable[[float], Any]
 
 
 @dataclass
@@ -80,10 +93,11 @@ class SectionEnv:
 
     conn: psycopg.Connection[Any]
     now: datetime
-    redis: Any = None  # redis.Redis, None when [redis] url is unset, or the connect error
+    redis: Connector | None = None  # a redis.Redis, None when [redis] url is unset
     redis_prefix: str = "pipeline"
-    backups: Any = None  # BackupStore, or None when [s3] endpoint is unset
+    backups: Connector | None = None  # a BackupStore, None when [s3] endpoint is unset
     settings: Any = None  # Settings, when the caller has them
+    budget: Budget = field(default_factory=Budget)
 
 
 @dataclass
@@ -162,9 +176,9 @@ def _graph_section(env: SectionEnv) -> dict[str, Any]:
     from .adapters.graph_store import GraphReader
     from .stages import build_graph
 
-    if isinstance(env.redis, PipelineError):  # a cluster client failed to read the slots
-        raise env.redis
-    reader = GraphReader(env.redis, env.redis_prefix) if env.redis is not None else None
+    # A cluster client reads the slots as it is made: that error is the section's.
+    reader = (GraphReader(env.redis(env.budget.left()), env.redis_prefix)
+              if env.redis is not None else None)
     return build_graph.status_section(env.conn, reader)
 
 
@@ -261,20 +275,22 @@ def _apply_schedule(info: dict[str, Any], stage: str, schedule: Schedule, now: d
 # ---------------------------------------------------------------- S3
 
 
-def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime, budget: Budget
-                ) -> dict[str, Any]:
+def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: datetime,
+                budget: Budget) -> dict[str, Any]:
     """Reachability of the bucket and the age of the newest dataset backup: the same keys in
-    every state (null when unknown), and ``error`` when there is one."""
-    out: dict[str, Any] = {"configured": backups is not None, "bucket": None, "reachable": None,
+    every state (null when unknown), and ``error`` when there is one. Each S3 call gets at
+    most the time left."""
+    out: dict[str, Any] = {"configured": connect is not None, "bucket": None, "reachable": None,
                            "bucket_exists": None, "last_backup": None, "last_backup_age_s": None}
-    if backups is None:
+    if connect is None:
         return out
-    out["bucket"] = backups.bucket
     try:
         budget.arm(conn)
+        backups = connect(budget.left())
     except PipelineError as exc:
         out["error"] = str(exc)
         return out
+    out["bucket"] = backups.bucket
     out["reachable"] = False
     try:
         out["bucket_exists"] = backups.bucket_exists()
@@ -295,6 +311,11 @@ def _s3_section(conn: psycopg.Connection[Any], backups: Any, now: datetime, budg
                         f"{row['version']} and every version before it are not there")
         return out
     key = f"{row['backup_prefix'].rstrip('/')}/manifest.json"
+    try:
+        backups = connect(budget.left())  # the bucket check may have used most of it
+    except PipelineError as exc:
+        out["error"] = str(exc)
+        return out
     try:
         stat = backups._call(f"stat of {key}", lambda: backups.client.stat_object(
             backups.bucket, key))
@@ -445,9 +466,9 @@ def collect_status(
     *,
     health: HealthSettings | None = None,
     schedule: Schedule | None = None,
-    redis: Any = None,
+    redis: Connector | None = None,
     redis_prefix: str = "pipeline",
-    backups: Any = None,
+    backups: Connector | None = None,
     settings: Any = None,
     sections: dict[str, Callable[[SectionEnv], dict[str, Any]]] | None = None,
     host_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -455,10 +476,11 @@ def collect_status(
 ) -> StatusReport:
     """Build the report. ``conn`` should be autocommit; the schema may be unmigrated.
 
-    ``redis`` and ``backups`` are optional clients (None when not configured); their sections
-    then say so instead of failing (``redis`` may also be the error of connecting to it).
-    ``budget`` bounds the whole collection (none by default). Raises PipelineError only if
-    PostgreSQL itself fails, or the budget runs out before the run history is read.
+    ``redis`` and ``backups`` make the optional clients (None when not configured; their
+    sections then say so instead of failing), given the seconds their calls may take.
+    ``budget`` bounds the whole collection (none by default), Redis and S3 calls included.
+    Raises PipelineError only if PostgreSQL itself fails, or the budget runs out before the
+    run history is read.
     """
     started = time.monotonic()
     health = health or HealthSettings()
@@ -514,7 +536,7 @@ def collect_status(
     else:
         report.locks = {n: _holder_json(h) for n, h in lock_holders(conn, singletons).items()}
     env = SectionEnv(conn=conn, now=now, redis=redis, redis_prefix=redis_prefix, backups=backups,
-                     settings=settings)
+                     settings=settings, budget=budget)
     for name, build in (sections or SECTION_BUILDERS).items():
         report.sections[name] = _run_section(name, build, env, budget)
     report.s3 = _s3_section(conn, backups, now, budget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import redis as redis_lib
 from devtools import traces
 from devtools.services import S3Endpoint
 from pipeline_cli import db
+from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.errors import SourceError
@@ -266,7 +268,7 @@ def test_real_sections_fill_the_report(conn: Conn, database_url: str, redis_url:
     run(database_url, "sync-odata", "success")
     client = redis_lib.Redis.from_url(redis_url)
     try:
-        report = collect_status(conn, redis=client, redis_prefix=redis_prefix)
+        report = collect_status(conn, redis=lambda seconds: client, redis_prefix=redis_prefix)
         for name in ("dataset", "virtual", "graph", "gps"):
             assert "error" not in report.sections[name], report.sections[name]
         gps = report.sections["gps"]
@@ -274,7 +276,7 @@ def test_real_sections_fill_the_report(conn: Conn, database_url: str, redis_url:
         assert report.sections["graph"]["consistent"] is True
         # A Redis pointer that PostgreSQL does not know is critical: the API reads it.
         client.set(f"{redis_prefix}:graph:active", "graph-v99")
-        report = collect_status(conn, redis=client, redis_prefix=redis_prefix)
+        report = collect_status(conn, redis=lambda seconds: client, redis_prefix=redis_prefix)
         assert report.sections["graph"]["consistent"] is False
         assert report.health == CRITICAL
     finally:
@@ -294,12 +296,12 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
                                 secure=s3.secure, region=s3.region, timeout=3)
     store.ensure_bucket()
-    report = collect_status(conn, backups=store, sections=quiet_sections())
+    report = collect_status(conn, backups=lambda seconds: store, sections=quiet_sections())
     assert report.s3["reachable"] is True and report.s3["last_backup"] is None
     conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
                  "VALUES ('ds-v1', 1, 'h', 'datasets/ds-v1/', true)")
     store.put_json("datasets/ds-v1/manifest.json", {"format": "test"})
-    report = collect_status(conn, backups=store, sections=quiet_sections())
+    report = collect_status(conn, backups=lambda seconds: store, sections=quiet_sections())
     assert report.s3["last_backup"]["dataset"] == "ds-v1"
     assert 0 <= report.s3["last_backup_age_s"] < 120
     assert report.health == OK
@@ -307,7 +309,7 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
             "last_backup_age_s"}
     assert report.s3.keys() == keys
     down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
-    report = collect_status(conn, backups=down, sections=quiet_sections())
+    report = collect_status(conn, backups=lambda seconds: down, sections=quiet_sections())
     assert report.s3["reachable"] is False and report.health == WARNING
     # The same keys in every state (bucket_exists was missing when unreachable), an error too.
     assert report.s3.keys() == keys | {"error"} and report.s3["bucket_exists"] is None
@@ -317,7 +319,7 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     # that the newest manifest was missing ("NoSuchKey").
     gone = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket + "-gone",
                                secure=s3.secure, region=s3.region, timeout=3)
-    report = collect_status(conn, backups=gone, sections=quiet_sections())
+    report = collect_status(conn, backups=lambda seconds: gone, sections=quiet_sections())
     assert report.s3["bucket_exists"] is False and report.health == WARNING
     assert report.s3["error"] == (f"bucket {s3_bucket}-gone does not exist: the backups of "
                                   "ds-v1 and every version before it are not there")
@@ -408,6 +410,42 @@ def test_tables_held_locked_cost_the_budget_once(conn: Conn, database_url: str) 
     assert "prune section unavailable: not collected: status's time budget" in " ".join(
         p.message for p in report.problems)
     assert "locks_error" not in report.to_json() and report.stages["sync-odata"]["last_status"]
+
+
+def test_a_hung_redis_or_s3_costs_the_budget_not_its_own_timeout(conn: Conn,
+                                                                  database_url: str) -> None:
+    # A server that accepts and never answers (stopped, hung, a firewall dropping packets)
+    # held status for the client's own timeout, 10 s a call, past its budget of 2 s.
+    run(database_url, "sync-odata", "success")
+    clients: list[redis_lib.Redis] = []
+
+    def redis(seconds: float) -> redis_lib.Redis:
+        clients.append(graph_store.connect(f"redis://{where}", socket_timeout=min(seconds, 10)))
+        return clients[-1]
+
+    def backups(seconds: float) -> BackupStore:
+        return BackupStore.connect(where, "key", "secret", "status-bucket",
+                                   timeout=min(seconds, 10), retries=0)
+
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:
+        where = f"127.0.0.1:{hung.getsockname()[1]}"
+        try:
+            took, reports = [], []
+            for connector in ({"redis": redis}, {"backups": backups}):
+                budget = Budget(seconds=2, set_timeout=Database(database_url).set_session)
+                started = time.monotonic()
+                reports.append(collect_status(conn, budget=budget, **connector))
+                took.append(time.monotonic() - started)
+        finally:
+            for client in clients:
+                client.close()
+    assert max(took) < 6, took  # 2 s and a generous margin, not 10 s
+    graph, s3 = reports[0].sections["graph"], reports[1].s3
+    assert re.fullmatch(rf"Redis unreachable: Redis {where} did not answer within [\d.]+ s "
+                        "while reading the owner of the graph prefix", graph["problem"]), graph
+    assert re.fullmatch(rf"S3 {where} did not answer the bucket check of status-bucket within "
+                        r"[\d.]+ s", s3["error"]), s3
+    assert s3["reachable"] is False and reports[1].health == WARNING
 
 
 def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,

@@ -24,9 +24,10 @@ T = TypeVar("T")
 
 
 class BackupStore:
-    def __init__(self, client: Minio, bucket: str, endpoint: str = "", prefix: str = ""
-                 ) -> None:
+    def __init__(self, client: Minio, bucket: str, endpoint: str = "", prefix: str = "",
+                 timeout: float | None = None) -> None:
         self.client = client
+        self.timeout = timeout  # seconds a request waits for an answer, for messages
         self.bucket = bucket
         self.endpoint = endpoint  # host:port, for messages
         # Two installations on one bucket each write under a prefix of their own: every key
@@ -53,7 +54,7 @@ class BackupStore:
         except ValueError as exc:  # a malformed endpoint, e.g. a port that is not a number
             http.clear()
             raise BackupError(f"S3 endpoint {endpoint!r} is unusable: {exc}") from None
-        return cls(client, bucket, endpoint, prefix)
+        return cls(client, bucket, endpoint, prefix, timeout)
 
     @property
     def location(self) -> str:
@@ -74,6 +75,13 @@ class BackupStore:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 detail) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            # Without retries urllib3 raises MaxRetryError, the timeout as its reason.
+            timed_out = isinstance(exc, urllib3.exceptions.TimeoutError) or isinstance(
+                getattr(exc, "reason", None), urllib3.exceptions.TimeoutError)
+            if timed_out and self.timeout is not None:
+                raise service_error(BackupError, "S3", self.endpoint,
+                                    f"did not answer the {what} within "
+                                    f"{round(self.timeout, 1):g} s") from None
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 exc) from None
 

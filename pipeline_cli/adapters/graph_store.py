@@ -138,9 +138,26 @@ def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
     """Turn redis-py errors raised inside the block into RedisError naming the server."""
     try:
         yield
+    except redis.exceptions.TimeoutError as exc:  # a server that accepts and never answers
+        seconds = _socket_timeout(client)
+        if seconds is None:
+            raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
+                                exc) from None
+        raise service_error(RedisError, "Redis", endpoint(client),
+                            f"did not answer within {seconds:g} s while {what}") from None
     except _DRIVER_ERRORS as exc:
         raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
                             exc) from None
+
+
+def _socket_timeout(client: redis.Redis) -> float | None:
+    """The seconds a call of ``client`` waits for an answer (None: no limit)."""
+    if isinstance(client, redis.RedisCluster):
+        kw = client.nodes_manager.connection_kwargs
+    else:
+        kw = client.connection_pool.connection_kwargs
+    seconds = kw.get("socket_timeout")
+    return round(float(seconds), 1) if seconds else None
 
 
 class GraphReader:

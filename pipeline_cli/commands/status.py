@@ -36,16 +36,18 @@ BUDGET_S = 8.0  # the whole collection, connecting included: later steps get wha
 
 
 def _clients(app: App) -> dict[str, Any]:
-    """Redis and S3 clients for the sections that need them, or None when not configured."""
+    """What makes the Redis and S3 clients for the sections that need them (None when not
+    configured): a call gets the time status has left, at most its own timeout."""
     s = app.settings
-    redis: Any = None
-    if s.redis.url:
-        try:
-            redis = app.redis(timeout=REDIS_TIMEOUT)
-        except PipelineError as exc:  # a cluster client reads the slots at once: the graph
-            redis = exc  # section reports the error
-    return {"redis": redis, "backups": app.backups(timeout=S3_TIMEOUT) if s.s3.endpoint else None,
-            "redis_prefix": s.redis.prefix}
+
+    def redis(seconds: float) -> Any:
+        return app.redis(timeout=min(seconds, REDIS_TIMEOUT))
+
+    def backups(seconds: float) -> Any:
+        return app.backups(timeout=min(seconds, S3_TIMEOUT))
+
+    return {"redis": redis if s.redis.url else None,
+            "backups": backups if s.s3.endpoint else None, "redis_prefix": s.redis.prefix}
 
 
 def gather(app: App) -> StatusReport:
