@@ -369,6 +369,27 @@ def test_an_xml_answer_fails_at_once_naming_its_type(v4: ODataServer) -> None:
     assert len(v4.requests) == 1
 
 
+def test_a_v2_service_found_by_its_json_service_document_is_asked_without_format() -> None:
+    # WCF Data Services before 5.0 (SharePoint 2010's ListData.svc) answer JSON to the Accept
+    # header and refuse $format: "The query parameter '$format' begins with a system-reserved
+    # '$' character but is not recognized." Only version = v2 (no service document) sends it.
+    refused = ("The query parameter '$format' begins with a system-reserved '$' character "
+               "but is not recognized.")
+    with ODataServer(DATA, version="v2") as srv:
+        srv.add_fault(status(400, message=refused), match="$format", times=None)
+        with client(srv) as c:
+            assert len(fetch(c)) == 40 and c.probe("Stops") == 1
+        with client(srv, version="v2") as c, pytest.raises(SourceError, match=r"Stops page 1 "
+                r"\(check the names in \[odata.mapping\], or \[odata\] version = \"auto\" "
+                r"leaves \$format out\)"):
+            fetch(c)
+        srv.clear_faults()  # a service whose sets answer XML to the Accept header
+        srv.add_fault(atom(), entity_set="Stops", times=None)
+        with client(srv) as c, pytest.raises(SourceError, match=r"Stops page 1: expected "
+                                             r"JSON, .*; for a V2 service set \[odata\] version"):
+            fetch(c)
+
+
 @pytest.mark.parametrize("content_type", ["text/xml", "text/plain; charset=utf-8"])
 def test_json_under_another_content_type_is_read(v4: ODataServer, content_type: str) -> None:
     with client(v4) as c:
