@@ -581,6 +581,21 @@ def test_a_relative_next_link_below_a_deeper_root_resolves_against_the_context_u
     assert [r.path for r in srv.requests[1:]] == ["/api/v2.0/companies(7)/Stops"] * 4
 
 
+def test_a_relative_context_url_and_next_link_page_on() -> None:
+    # SAP S/4HANA (RAP), CAP and Olingo write the context URL itself relative, "$metadata#Stops",
+    # with a relative nextLink, an ETag per entity and SAP's metadataEtag.
+    with ODataServer(DATA, root="/sap/opu/odata4/sap/zapi/srvd_a2x/sap/zstops/0001") as srv:
+        page = {"@odata.context": "$metadata#Stops", "@odata.metadataEtag": 'W/"20240517"'}
+        rows = [{"@odata.etag": f'W/"SADL-0{r["ID"]}"', **r} for r in DATA["Stops"]]
+        srv.add_fault(wrong_shape({**page, "value": rows[20:]}), match="skiptoken=20")
+        srv.add_fault(wrong_shape({**page, "value": rows[:20],
+                                   "@odata.nextLink": "Stops?$skiptoken=20"}), entity_set="Stops")
+        with client(srv) as c:
+            assert fetch(c) == rows
+        assert srv.requests[-1].target == "/sap/opu/odata4/sap/zapi/srvd_a2x/sap/zstops/0001/" \
+            "Stops?$skiptoken=20"
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_a_skiptoken_and_a_fragment_reach_the_server_as_written(version: str) -> None:
     # '+' for a blank, %2B for a plus, quotes, '=' and '/' of a base64 token: sent as the
