@@ -254,7 +254,9 @@ class ODataClient:
         return self._url(entity_set, options + ([("$top", str(top))] if top else []))
 
     def _url(self, entity_set: str, options: list[tuple[str, str]]) -> str:
-        if self.protocol == "v2":
+        # A V2 service found by its JSON service document answers JSON to the Accept header
+        # (WCF Data Services before 5.0 refuse $format); version = v2 skips that document.
+        if self.protocol == "v2" and self.settings.version == "v2":
             options = [*options, ("$format", "json")]
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
         return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
@@ -563,7 +565,8 @@ class ODataClient:
                 raise SourceError(f"OData {what}: expected JSON, got {kind} (the service "
                                   "answers in XML; sync-odata reads OData JSON" + (
                                       "; for a V2 service set [odata] version = v2" if
-                                      self._detected is None else "") + ")") from None
+                                      self.settings.version == "auto" and
+                                      self._detected != "v4" else "") + ")") from None
             if body.lstrip()[:1] == b"<":  # markup under a JSON label: not cut short either
                 text = " ".join(body.decode("utf-8", "replace").split())
                 raise SourceError(f"OData {what}: expected JSON, got {kind or 'a body'} "
@@ -618,15 +621,16 @@ def _link_base(url: str, doc: Any) -> str:
 def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> str:
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
-    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby
-    (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not paging, and
-    client paging needs $orderby)."""
+    supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby,
+    V2's $format (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not
+    paging, and client paging needs $orderby)."""
     options = [(r"(?<![a-z])(?:inline)?count", "count=", "count = false if it refuses a count")]
     if client_paging:
         options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
                         'paging = "server" if it refuses $top/$skip'))
     else:
         options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
+    options.append((r"\$format", "$format=", 'version = "auto" leaves $format out'))
     for named, sent, setting in options:
         if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"

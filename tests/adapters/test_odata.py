@@ -369,6 +369,27 @@ def test_an_xml_answer_fails_at_once_naming_its_type(v4: ODataServer) -> None:
     assert len(v4.requests) == 1
 
 
+def test_a_v2_service_found_by_its_json_service_document_is_asked_without_format() -> None:
+    # WCF Data Services before 5.0 (SharePoint 2010's ListData.svc) answer JSON to the Accept
+    # header and refuse $format: "The query parameter '$format' begins with a system-reserved
+    # '$' character but is not recognized." Only version = v2 (no service document) sends it.
+    refused = ("The query parameter '$format' begins with a system-reserved '$' character "
+               "but is not recognized.")
+    with ODataServer(DATA, version="v2") as srv:
+        srv.add_fault(status(400, message=refused), match="$format", times=None)
+        with client(srv) as c:
+            assert len(fetch(c)) == 40 and c.probe("Stops") == 1
+        with client(srv, version="v2") as c, pytest.raises(SourceError, match=r"Stops page 1 "
+                r"\(check the names in \[odata.mapping\], or \[odata\] version = \"auto\" "
+                r"leaves \$format out\)"):
+            fetch(c)
+        srv.clear_faults()  # a service whose sets answer XML to the Accept header
+        srv.add_fault(atom(), entity_set="Stops", times=None)
+        with client(srv) as c, pytest.raises(SourceError, match=r"Stops page 1: expected "
+                                             r"JSON, .*; for a V2 service set \[odata\] version"):
+            fetch(c)
+
+
 @pytest.mark.parametrize("content_type", ["text/xml", "text/plain; charset=utf-8"])
 def test_json_under_another_content_type_is_read(v4: ODataServer, content_type: str) -> None:
     with client(v4) as c:
@@ -558,6 +579,21 @@ def test_a_relative_next_link_below_a_deeper_root_resolves_against_the_context_u
                      next_link=next_link, page_size=10) as srv, client(srv) as c:
         assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
     assert [r.path for r in srv.requests[1:]] == ["/api/v2.0/companies(7)/Stops"] * 4
+
+
+def test_a_relative_context_url_and_next_link_page_on() -> None:
+    # SAP S/4HANA (RAP), CAP and Olingo write the context URL itself relative, "$metadata#Stops",
+    # with a relative nextLink, an ETag per entity and SAP's metadataEtag.
+    with ODataServer(DATA, root="/sap/opu/odata4/sap/zapi/srvd_a2x/sap/zstops/0001") as srv:
+        page = {"@odata.context": "$metadata#Stops", "@odata.metadataEtag": 'W/"20240517"'}
+        rows = [{"@odata.etag": f'W/"SADL-0{r["ID"]}"', **r} for r in DATA["Stops"]]
+        srv.add_fault(wrong_shape({**page, "value": rows[20:]}), match="skiptoken=20")
+        srv.add_fault(wrong_shape({**page, "value": rows[:20],
+                                   "@odata.nextLink": "Stops?$skiptoken=20"}), entity_set="Stops")
+        with client(srv) as c:
+            assert fetch(c) == rows
+        assert srv.requests[-1].target == "/sap/opu/odata4/sap/zapi/srvd_a2x/sap/zstops/0001/" \
+            "Stops?$skiptoken=20"
 
 
 @pytest.mark.parametrize("version", ["v4", "v2"])
