@@ -628,3 +628,21 @@ def test_a_database_owner_that_is_no_superuser_migrates_it(pg_admin_url: str,
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_the_listener_forms_of_insert(conn: psycopg.Connection[Any]) -> None:
+    """docs/match-gps.md, "Duplicates": a repeated plain INSERT is stored once; a batched
+    INSERT that repeats a point within itself needs ON CONFLICT DO NOTHING, which the rule
+    allows; RETURNING is refused by PostgreSQL on a table with a conditional rule."""
+    insert = ("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude) VALUES "
+              "('l', '2026-01-01 10:00Z', 60.1, 24.9)")
+    repeated = ", ('l', '2026-01-01 10:00:01Z', 60.1, 24.9)" * 2
+    conn.execute(insert)
+    conn.execute(insert)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(insert + repeated)
+    conn.execute(insert + repeated + " ON CONFLICT DO NOTHING")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="INSERT RETURNING"):
+        conn.execute(insert + " RETURNING device_id")
+    n = conn.execute("SELECT count(*) AS n FROM gps_points WHERE device_id = 'l'").fetchone()
+    assert n == {"n": 2}
