@@ -192,6 +192,18 @@ def test_a_dead_batch_beside_completed_ones_exits_1_with_counts(
     assert states(conn) == {"completed": 1, "dead": 1}
 
 
+def test_osrm_behind_a_path_prefix(gps_cli: Cli, conn: psycopg.Connection[Any], osrm_url: str,
+                                   road_points: list[tuple[float, float]]) -> None:
+    """[osrm] url may carry a path: a reverse proxy serving osrm-routed under /osrm/."""
+    small_batches(conn, road_points, devices=1, per_device=2)
+    with CountingHttpProxy(osrm_url, prefix="/osrm") as proxy:
+        gps_cli.env["PIPELINE_OSRM_URL"] = f"{proxy.url}/osrm/"
+        result = gps_cli("match-gps", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["batches_completed"] == 2
+    assert proxy.count("/match/v1/driving/") == 2
+
+
 def test_a_server_radius_cap_is_one_line_naming_the_settings(
         gps_cli: Cli, conn: psycopg.Connection[Any], services: LocalServices,
         road_points: list[tuple[float, float]]) -> None:

@@ -264,6 +264,24 @@ def test_quality_matches_whole_trace_answer(conn: psycopg.Connection[Any], datab
     assert sum(len(t.points) > 100 for t in trace_pool) >= 3  # chunking was exercised
 
 
+def test_a_server_capped_at_3_points_per_match_is_adapted_to(
+        conn: psycopg.Connection[Any], database_url: str, services: LocalServices,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed --max-matching-size 3 (its smallest; public servers cap requests too)
+    answers TooBig to the default 100-point chunks: the chunk size shrinks to 3 and every
+    trace is still matched, its points processed once."""
+    for i, trace in enumerate(trace_pool[:4]):
+        add_trace(conn, f"s{i}", trace)
+    with OsrmClient(services.osrm(max_matching_size=3), retries=1) as small:
+        record = run(database_url, small)
+    assert record.exit_code == 0, record.error
+    assert record.extra["chunk_size"] == 3 and record.counts["chunk_errors"]["TooBig"] >= 1
+    assert batch_states(conn) == {"completed": 4}
+    assert all(traces.judge(trace.truth, polylines(conn, f"s{i}")).passed
+               for i, trace in enumerate(trace_pool[:4]))
+    assert_all_processed(conn)
+
+
 def test_no_segment_chunk_is_recorded_not_fatal(conn: psycopg.Connection[Any],
                                                 database_url: str, client: OsrmClient) -> None:
     far = [("nowhere", OLD + timedelta(seconds=5 * i), 61.5 + i * 1e-4, 26.0)
