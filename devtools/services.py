@@ -574,6 +574,7 @@ class LocalServices:
         self,
         *,
         max_matching_size: int | None = None,
+        max_matching_radius: float | None = None,
         port: int | None = None,
         dataset: str = "helsinki",
     ) -> str:
@@ -586,7 +587,7 @@ class LocalServices:
         if configured:
             self.sources["osrm"] = "env"
             return configured.rstrip("/")
-        key = (dataset, max_matching_size, port)
+        key = (dataset, max_matching_size, max_matching_radius, port)
         if key in self._osrm:
             return self._osrm[key]
         if dataset == "helsinki":
@@ -599,10 +600,12 @@ class LocalServices:
             lambda r: (
                 r.params.get("prefix") == str(prefix)
                 and r.params.get("max_matching_size") == max_matching_size
+                and r.params.get("max_matching_radius") == max_matching_radius
                 and (port is None or r.params.get("port") == port)
                 and http_answers(r.url + OSRM_PROBE_PATH)
             ),
-        ) or self.start_osrm_routed(prefix, port=port, max_matching_size=max_matching_size)
+        ) or self.start_osrm_routed(prefix, port=port, max_matching_size=max_matching_size,
+                                    max_matching_radius=max_matching_radius)
         self._osrm[key] = url
         return url
 
@@ -614,9 +617,11 @@ class LocalServices:
         return self.assets.dataset(osm_path, name)
 
     def start_osrm_routed(
-        self, prefix: Path, *, port: int | None = None, max_matching_size: int | None = None
+        self, prefix: Path, *, port: int | None = None, max_matching_size: int | None = None,
+        max_matching_radius: float | None = None,
     ) -> str:
-        """osrm-routed on ``prefix`` (a ``.osrm`` path), on ``port`` or a free one."""
+        """osrm-routed on ``prefix`` (a ``.osrm`` path), on ``port`` or a free one;
+        ``max_matching_radius`` caps the /match radiuses it accepts (metres)."""
         if max_matching_size is not None and max_matching_size < 3:
             # osrm-routed exits with status 1 and no message at all for values below 3.
             raise ServiceError(f"max_matching_size must be >= 3, got {max_matching_size}")
@@ -629,13 +634,15 @@ class LocalServices:
                    "-l", "WARNING"]
             if max_matching_size is not None:
                 cmd += ["--max-matching-size", str(max_matching_size)]
+            if max_matching_radius is not None:
+                cmd += ["--max-matching-radius", f"{max_matching_radius:g}"]
             cmd.append(str(prefix))
             return _Launch(
                 ident=f"osrm-{chosen}", cmd=cmd, url=url,
                 probe=lambda: http_answers(url + OSRM_PROBE_PATH), env=tools.env(),
                 cwd=Path(prefix).parent,
                 params={"prefix": str(prefix), "max_matching_size": max_matching_size,
-                        "port": chosen},
+                        "max_matching_radius": max_matching_radius, "port": chosen},
             )
 
         return self._start("osrm", 0 if port else 1, make).url

@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from .. import polyline
-from ..errors import OsrmError, service_error
+from ..errors import EXIT_CONFIG, OsrmError, service_error
 
 LatLon = tuple[float, float]
 
@@ -37,6 +37,14 @@ class OsrmUnavailable(OsrmError):
 
 class OsrmTooBig(OsrmError):
     """``TooBig``: more coordinates than the server's ``--max-matching-size``."""
+
+
+class OsrmRefused(OsrmError):
+    """The server's limits refuse what every request of this configuration sends (``TooBig``
+    for the radiuses, above its ``--max-matching-radius``): no trace would fare better, so a
+    run stops rather than fail batch after batch."""
+
+    exit_code = EXIT_CONFIG
 
 
 class OsrmNoMatch(OsrmError):
@@ -165,7 +173,18 @@ class OsrmClient:
             "overview": "full",
             "generate_hints": "false",
         }
-        body = self._get(path, params)
+        try:
+            body = self._get(path, params)
+        except OsrmTooBig as exc:
+            # osrm-routed answers TooBig both for too many coordinates and for radiuses above
+            # --max-matching-radius; only its message tells them apart.
+            if "radius" not in str(exc).lower():
+                raise
+            raise service_error(
+                OsrmRefused, "OSRM", self.base_url,
+                f"refuses /match radiuses of {max(radii):g} m ({exc}): lower [match] radius_m "
+                "to its --max-matching-radius or raise that osrm-routed option",
+                code="TooBig") from None
         return _parse_match(body)
 
     def route(self, waypoints: Sequence[LatLon]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .. import db
-from ..adapters.osrm import LatLon, OsrmClient, OsrmUnavailable
+from ..adapters.osrm import LatLon, OsrmClient, OsrmRefused, OsrmUnavailable
 from ..errors import Interrupted, OsrmError, PipelineError
 from ..runner import RunContext
 from ..settings import MatchSettings
@@ -259,7 +259,9 @@ class MatchWorker:
         with self.pool.lock:
             self.pool.last_error = exc
             self.pool.failed[str(batch.batch_id)] = status
-            if unavailable:
+            if isinstance(exc, OsrmRefused):  # every other batch would fail the same way
+                self.pool.tripped = self.pool.tripped or exc
+            elif unavailable:
                 self.pool.unavailable_streak += 1
                 if self.pool.unavailable_streak >= self.pool.breaker and isinstance(
                         exc, OsrmError):

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from .. import db
-from ..adapters.osrm import OsrmClient, OsrmUnavailable
+from ..adapters.osrm import OsrmClient, OsrmRefused, OsrmUnavailable
 from ..errors import Interrupted, OsrmError, PipelineError
 from ..gps import batches, partitions
 from ..gps.batches import future_text, rescue_expired, work_waiting
@@ -109,7 +109,8 @@ def match_gps(
     # batches failed and none completed, whatever the cause (a proxy's HTML page, a wrong
     # [osrm] url path): a run that matched nothing is no success; or when a batch became dead
     # even beside completed ones: its points wait for an operator. A batch that will be
-    # retried beside completed ones is transient: the next run takes it, exit 0.
+    # retried beside completed ones is transient: the next run takes it, exit 0. A server that
+    # refuses this configuration (OsrmRefused) stopped the run at once: exit 78, as settings.
     fate = Counter(pool.failed.values())  # a batch may fail twice in one run
     done = counts["batches_completed"]
     halted = pool.tripped or (pool.last_error if pool.failed and not done else None)
@@ -121,8 +122,8 @@ def match_gps(
                              if fate["dead"] else [])
         head = f"stopped: {cause}" if halted else \
             f"{done} batch(es) completed; last error: {cause}"
-        raise (OsrmUnavailable if isinstance(cause, OsrmUnavailable) else OsrmError)(
-            f"{head}; {'; '.join(fates)}", partial=result)
+        kind = type(cause) if isinstance(cause, (OsrmUnavailable, OsrmRefused)) else OsrmError
+        raise kind(f"{head}; {'; '.join(fates)}", partial=result)
     return result
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from devtools import traces
 from devtools.procs import free_port
+from devtools.services import LocalServices
 from pipeline_cli import polyline
 from pipeline_cli.adapters.osrm import OsrmClient
 from tests.support.clirunner import Cli
@@ -189,6 +190,33 @@ def test_a_dead_batch_beside_completed_ones_exits_1_with_counts(
     assert out["error"].endswith("; 1 batch(es) failed for the last time ([match] "
                                  "max_attempts; `pipeline batches requeue` retries them)")
     assert states(conn) == {"completed": 1, "dead": 1}
+
+
+def test_osrm_behind_a_path_prefix(gps_cli: Cli, conn: psycopg.Connection[Any], osrm_url: str,
+                                   road_points: list[tuple[float, float]]) -> None:
+    """[osrm] url may carry a path: a reverse proxy serving osrm-routed under /osrm/."""
+    small_batches(conn, road_points, devices=1, per_device=2)
+    with CountingHttpProxy(osrm_url, prefix="/osrm") as proxy:
+        gps_cli.env["PIPELINE_OSRM_URL"] = f"{proxy.url}/osrm/"
+        result = gps_cli("match-gps", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["batches_completed"] == 2
+    assert proxy.count("/match/v1/driving/") == 2
+
+
+def test_a_server_radius_cap_is_one_line_naming_the_settings(
+        gps_cli: Cli, conn: psycopg.Connection[Any], services: LocalServices,
+        road_points: list[tuple[float, float]]) -> None:
+    small_batches(conn, road_points, devices=1, per_device=2)
+    capped = services.osrm(max_matching_radius=3)
+    gps_cli.env.update({"PIPELINE_OSRM_URL": capped, "PIPELINE_MATCH_CONCURRENCY": "1"})
+    result = gps_cli("match-gps")
+    assert result.exit_code == 78, result.output
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert lines[-1].startswith(f"pipeline match-gps: error: stopped: OSRM {capped} refuses "
+                                "/match radiuses of 5 m"), lines[-1]
+    assert "[match] radius_m" in lines[-1] and "--max-matching-radius" in lines[-1]
 
 
 def test_match_gps_needs_an_osrm_url(run_cli: Cli) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ from devtools.services import LocalServices
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
 from pipeline_cli.db import Database
+from pipeline_cli.errors import EXIT_CONFIG
 from pipeline_cli.gps import batches, partitions, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import MatchSettings
@@ -262,6 +264,24 @@ def test_quality_matches_whole_trace_answer(conn: psycopg.Connection[Any], datab
     assert sum(len(t.points) > 100 for t in trace_pool) >= 3  # chunking was exercised
 
 
+def test_a_server_capped_at_3_points_per_match_is_adapted_to(
+        conn: psycopg.Connection[Any], database_url: str, services: LocalServices,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed --max-matching-size 3 (its smallest; public servers cap requests too)
+    answers TooBig to the default 100-point chunks: the chunk size shrinks to 3 and every
+    trace is still matched, its points processed once."""
+    for i, trace in enumerate(trace_pool[:4]):
+        add_trace(conn, f"s{i}", trace)
+    with OsrmClient(services.osrm(max_matching_size=3), retries=1) as small:
+        record = run(database_url, small)
+    assert record.exit_code == 0, record.error
+    assert record.extra["chunk_size"] == 3 and record.counts["chunk_errors"]["TooBig"] >= 1
+    assert batch_states(conn) == {"completed": 4}
+    assert all(traces.judge(trace.truth, polylines(conn, f"s{i}")).passed
+               for i, trace in enumerate(trace_pool[:4]))
+    assert_all_processed(conn)
+
+
 def test_no_segment_chunk_is_recorded_not_fatal(conn: psycopg.Connection[Any],
                                                 database_url: str, client: OsrmClient) -> None:
     far = [("nowhere", OLD + timedelta(seconds=5 * i), 61.5 + i * 1e-4, 26.0)
@@ -341,6 +361,32 @@ def test_a_run_whose_every_batch_failed_is_no_success(
     assert (last.error or "").endswith("; 2 batch(es) failed for the last time ([match] "
                                        "max_attempts; `pipeline batches requeue` retries them)")
     assert batch_states(conn) == {"dead": 2}
+
+
+def test_a_server_radius_cap_below_radius_m_stops_the_run_naming_both_settings(
+        conn: psycopg.Connection[Any], database_url: str, services: LocalServices,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed --max-matching-radius 3 answers TooBig to the 5 m radiuses: not a chunk
+    too large (shrinking it would not help), so the run stops at once with exit 78 and a
+    line naming the option and [match] radius_m; once radius_m fits, the batches match."""
+    capped = services.osrm(max_matching_radius=3)
+    for i, trace in enumerate(trace_pool[:6]):
+        add_trace(conn, f"r{i}", trace)
+    settings = MatchSettings(concurrency=1, backoff_base_seconds=0.0, backoff_max_seconds=0.0)
+    with CountingHttpProxy(capped) as proxy, OsrmClient(proxy.url, retries=1) as client:
+        first = run(database_url, client, settings)
+        error = first.error or ""
+        assert first.exit_code == EXIT_CONFIG, error
+        assert "--max-matching-radius" in error and "[match] radius_m" in error, error
+        assert "\n" not in error
+        assert proxy.count("/match/") <= 2  # one per worker: no shrinking, no more batches
+        states = batch_states(conn)
+        assert states.get("failed", 0) <= 2 and states["pending"] >= 4, states
+        assert reliability.check_gps(conn) == []
+        last = run(database_url, client, replace(settings, radius_m=3.0))
+    assert last.exit_code == 0, last.error
+    assert batch_states(conn) == {"completed": 6}
+    assert_all_processed(conn)
 
 
 def test_failures_become_dead_after_max_attempts_and_requeue(

@@ -278,6 +278,11 @@ class _HttpHandler(BaseHTTPRequestHandler):
             _reset(self.connection)
             self.close_connection = True
             return
+        if proxy._prefix:
+            if not self.path.startswith(proxy._prefix + "/"):
+                self.send_error(404, "not under " + proxy._prefix)
+                return
+            self.path = self.path[len(proxy._prefix):]
         proxy._record(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
@@ -331,9 +336,11 @@ class CountingHttpProxy(_Served):
     Used to count OSRM ``/match`` calls. Keep-alive clients (requests.Session) are served on
     one connection each. While blocked, requests get their connection reset, no response;
     after ``refuse(fragment)``, only the requests whose unquoted path contains ``fragment``.
+    With ``prefix`` (``/osrm``) it is a reverse proxy that serves the target under that path:
+    the prefix is cut off before forwarding, and a path outside it gets a 404.
     """
 
-    def __init__(self, target_base_url: str) -> None:
+    def __init__(self, target_base_url: str, *, prefix: str = "") -> None:
         parts = urlsplit(target_base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"expected an http:// base URL, got {target_base_url!r}")
@@ -341,6 +348,7 @@ class CountingHttpProxy(_Served):
         self._port = parts.port or 80
         self._netloc = parts.netloc
         self._base_path = parts.path.rstrip("/")
+        self._prefix = prefix.rstrip("/")
         self._counts: Counter[str] = Counter()
         self._refused: str | None = None
         super().__init__()
