@@ -107,6 +107,9 @@ def _prune_gps(p: _Pass, days: int) -> None:
     pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run,
                               check_stop=p.ctx.check_stop)
     p.counts["gps_points"] = pruned.points_dropped + pruned.points_deleted
+    for name in pruned.partitions_kept:
+        p.ctx.log.info("%s not dropped (a point came in, or an open transaction held "
+                       "gps_points): its processed points were deleted in chunks", name)
     params = {"cutoff": cutoff}
     if p.dry_run:
         p.counts["gps_batches"] = int(p.count("gps_batches_due", params)["n"])

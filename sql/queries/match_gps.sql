@@ -481,7 +481,7 @@ SELECT gps_add_partition(%(day)s::date);
 -- Daily partitions that begin before the cutoff, then the default partition. A day is done
 -- when no open batch overlaps it, no arrival there is new to the batcher, and no device with
 -- an open run has points there after its last batch: then every point of it lies in a
--- finished batch that read it.
+-- finished batch that read it. With %(only)s, that day alone (prune's check under the lock).
 WITH parts AS (
     SELECT c.relname::text AS name, c.reltuples,
            to_date(substr(c.relname, 13), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' AS lo
@@ -489,7 +489,7 @@ WITH parts AS (
     WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8}$'
 ), due AS (
     SELECT name, reltuples, lo, lo + interval '1 day' AS hi FROM parts
-    WHERE lo < %(cutoff)s
+    WHERE lo < %(cutoff)s AND (%(only)s::text IS NULL OR name = %(only)s::text)
 )
 -- A day is never dropped before yesterday is over: the days ahead are kept for new points.
 SELECT name,
@@ -513,12 +513,17 @@ SELECT name,
                             ORDER BY b.start_time DESC LIMIT 1), '-infinity')) AS done
 FROM due
 UNION ALL
-SELECT 'gps_points_default', false, 0, false
+SELECT 'gps_points_default', false, 0, false WHERE %(only)s::text IS NULL
 ORDER BY name;
 
 -- name: partition_points
 -- Exact, for prune's counts: one index-only pass over the day.
 SELECT count(*) AS n FROM {part};
+
+-- name: lock_partition
+-- Before a day is dropped, so that no point enters it between the check and the drop: the
+-- parent first (ONLY: not every day), as an INSERT routed through it locks them, then the day.
+LOCK TABLE ONLY gps_points, {part} IN ACCESS EXCLUSIVE MODE;
 
 -- name: drop_partition
 ALTER TABLE gps_points DETACH PARTITION {part};
