@@ -427,7 +427,7 @@ def late_point(conn: Conn, device: str, at: datetime) -> None:
 
 
 @pytest.mark.parametrize("case", ["unbatched", "pending", "failed", "dead", "processing",
-                                  "late-reopened"])
+                                  "late", "late-reopened"])
 def test_an_old_day_with_one_unprocessed_point_stays(
         database_url: str, conn: Conn, case: str) -> None:
     name, start = old_day()
@@ -450,6 +450,9 @@ def test_an_old_day_with_one_unprocessed_point_stays(
     record = run(database_url, None, settings)
     assert record.status == "success", record.error
     assert exists(conn, name)
+    # A late point the batcher has not seen yet keeps the points its batch read too: the batch
+    # goes back to pending at the next pass and is matched again, which replaces its
+    # polylines; had they gone, a match of the late point alone would have replaced them.
     assert points_of(conn, "u") == unprocessed and points_of(conn, "a") == 0
     assert dry.counts == record.counts
     assert record.counts["gps_points"] == 5
