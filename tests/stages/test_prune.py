@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from devtools.services import S3Endpoint
+from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.gps import batches, partitions
@@ -483,3 +484,23 @@ def test_a_day_is_a_utc_day_and_a_point_at_the_cutoff_stays(
     with Database(database_url).connect(autocommit=True) as local:  # one second later
         pruned = partitions.prune(local, midnight + timedelta(seconds=1), chunk_rows=10)
     assert pruned.points_deleted == 1 and points_of(conn, "b") == 1
+
+
+@pytest.mark.parametrize("stage", ["sync-odata", "gen-virtual", "build-graph"])
+def test_no_dataset_goes_while_a_stage_reading_datasets_runs(
+        database_url: str, conn: Conn, backups: BackupStore, stage: str) -> None:
+    # A restore (under sync-odata's lock) of a version past retention replays its raw pages
+    # and records a new active version that reads them from its source's prefix from then on;
+    # a build-graph started on the dataset a sync has since replaced records (and activates)
+    # its graph against it. prune deleted such a version, and its objects, under them.
+    old, _ = (add_dataset(conn, backups, i, active=i == 2) for i in (1, 2))
+    settings = RetentionSettings(gps_days=0, runs_days=0, datasets=1)
+    with db.connect(database_url) as running:  # holds the stage lock, as its runner does
+        running.execute(db.query("runner", "try_lock"), {"key": db.advisory_key(stage)})
+        record = run(database_url, backups, settings)
+        assert record.status == "noop", record.error
+        assert list(backups.list(backup_prefix(old)))
+        assert conn.execute("SELECT count(*) AS n FROM datasets").fetchone() == {"n": 2}
+    record = run(database_url, backups, settings)  # the stage is done: the next run prunes
+    assert record.extra["datasets_deleted"] == [old]
+    assert not list(backups.list(backup_prefix(old)))
