@@ -18,6 +18,9 @@ from . import batches
 
 DAYS_AHEAD = 7  # partitions exist this many days ahead, so the listener never waits on DDL
 PARTITION_LOCK = "gps:partitions"
+# How long prune waits for the locks a drop takes (every writer and reader of gps_points
+# waits behind it meanwhile); an open transaction still there keeps the day to the chunks.
+DROP_LOCK_TIMEOUT_MS = 2000
 
 
 class PartitionsBusy(Exception):
@@ -67,6 +70,9 @@ class PruneResult:
     partitions_dropped: list[str] = field(default_factory=list)
     points_dropped: int = 0  # in dropped partitions
     points_deleted: int = 0  # row by row, in chunks
+    # Days listed as droppable that were not dropped: a point came in, or an open transaction
+    # still held gps_points after DROP_LOCK_TIMEOUT_MS. Pruned in chunks instead.
+    partitions_kept: list[str] = field(default_factory=list)
 
 
 def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 10_000,
@@ -80,30 +86,58 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
     transactions (a stop request ends the pass between them)."""
     out = PruneResult()
     with db.wrap_errors("listing GPS partitions"):
+        seen = batches.cursor(conn)  # read once: a cursor moved since only says less is new
         parts = conn.execute(db.query("match_gps", "prunable_partitions"),
-                             {"cutoff": cutoff, **batches.cursor(conn)}).fetchall()
+                             {"cutoff": cutoff, "only": None, **seen}).fetchall()
     if not conn.autocommit:
         conn.commit()
     for p in parts:
         ident = sql.Identifier(p["name"])
         if p["whole"] and p["done"]:
             check_stop()
-            out.partitions_dropped.append(p["name"])
-            with db.wrap_errors(f"dropping {p['name']}"), conn.transaction():
-                row = conn.execute(db.query("match_gps", "partition_points").format(
-                    part=ident)).fetchone()
-                out.points_dropped += int(row["n"]) if row else 0
-                if not dry_run:
-                    conn.execute(db.query("match_gps", "drop_partition").format(part=ident))
-            continue
+            dropped = _drop(conn, p["name"], cutoff, dry_run=dry_run)
+            if dropped is not None:
+                out.partitions_dropped.append(p["name"])
+                out.points_dropped += dropped
+                continue
+            out.partitions_kept.append(p["name"])
         while True:
             check_stop()
             with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():
                 query = db.query("match_gps", "prune_count" if dry_run else "prune_chunk")
                 row = conn.execute(query.format(part=ident),
-                                   {"cutoff": cutoff, "chunk": chunk_rows}).fetchone()
+                                   {"cutoff": cutoff, "chunk": chunk_rows, **seen}).fetchone()
             n = int(row["n"]) if row else 0
             out.points_deleted += n
             if dry_run or n < chunk_rows:
                 break
     return out
+
+
+def _drop(conn: psycopg.Connection[Any], name: str, cutoff: datetime, *, dry_run: bool
+          ) -> int | None:
+    """Drop the day ``name`` (a dry run: count it) and return its points, or None if it cannot
+    go now. The listing saw only committed points: a listener's open transaction may hold one
+    more, committed while prune waits for its locks. So the day is checked again once prune
+    holds them and no point can enter."""
+    ident = sql.Identifier(name)
+    with db.wrap_errors(f"dropping {name}"):
+        try:
+            with conn.transaction():
+                row = conn.execute(db.query("match_gps", "partition_points").format(
+                    part=ident)).fetchone()
+                if dry_run:
+                    return int(row["n"]) if row else 0
+                db.set_local(conn, "lock_timeout", f"{DROP_LOCK_TIMEOUT_MS}ms")
+                conn.execute(db.query("match_gps", "lock_partition").format(part=ident))
+                again = conn.execute(db.query("match_gps", "prunable_partitions"),
+                                     {"cutoff": cutoff, "only": name, **batches.cursor(conn)}
+                                     ).fetchone()
+                if again is None or not (again["whole"] and again["done"]):
+                    return None
+                # Counted before the locks, so readers wait only for the drop: a point that
+                # came in between would have failed the check (new to the batcher).
+                conn.execute(db.query("match_gps", "drop_partition").format(part=ident))
+                return int(row["n"]) if row else 0
+        except psycopg.errors.LockNotAvailable:
+            return None

@@ -20,13 +20,18 @@ from .. import db
 from ..adapters.backups import BackupStore
 from ..errors import PipelineError
 from ..gps import partitions
-from ..runner import DRY_RUN, FAILED, NOOP, SUCCESS, RunContext, StageResult
+from ..runner import DRY_RUN, FAILED, NOOP, SUCCESS, RunContext, StageResult, lock_holders
 from ..settings import RetentionSettings
 from .build_graph import delete_export
 
 KINDS = ("gps_points", "gps_batches", "polylines", "stage_runs", "datasets",
          "virtual_generations", "virtual_stops", "virtual_routes", "graph_versions",
          "s3_objects")
+# The stages that read a dataset version through their run: a restore replays an old one's raw
+# pages (the new version reads them from there on), gen-virtual and build-graph record their
+# generation or graph against the dataset they started on. prune deletes no dataset version
+# while one runs, and holds their locks while it deletes.
+DATASET_READERS = ("sync-odata", "gen-virtual", "build-graph")
 
 
 @dataclass
@@ -81,7 +86,7 @@ def prune(database: db.Database, backups: BackupStore | None, settings: Retentio
             if settings.runs_days:
                 _prune_runs(p, settings.runs_days)
             if settings.datasets:
-                _prune_datasets(p, backups, settings.datasets, datasets)
+                _prune_datasets(p, database, backups, settings.datasets, datasets)
     except PipelineError as exc:
         # What was deleted before the failure stays deleted: the failed run reports it.
         if exc.partial is None:
@@ -107,6 +112,9 @@ def _prune_gps(p: _Pass, days: int) -> None:
     pruned = partitions.prune(p.conn, cutoff, chunk_rows=p.chunk, dry_run=p.dry_run,
                               check_stop=p.ctx.check_stop)
     p.counts["gps_points"] = pruned.points_dropped + pruned.points_deleted
+    for name in pruned.partitions_kept:
+        p.ctx.log.info("%s not dropped (a point came in, or an open transaction held "
+                       "gps_points): its processed points were deleted in chunks", name)
     params = {"cutoff": cutoff}
     if p.dry_run:
         p.counts["gps_batches"] = int(p.count("gps_batches_due", params)["n"])
@@ -132,8 +140,23 @@ def _prune_runs(p: _Pass, days: int) -> None:
         p.delete_chunks("stage_runs", "runs_delete_chunk", params)
 
 
-def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list[str]
-                    ) -> None:
+def _lock_readers(locks: psycopg.Connection[Any]) -> str:
+    """Take the locks of DATASET_READERS in ``locks``' transaction (held until it ends), or
+    say who holds one (then none is held)."""
+    with db.wrap_errors("taking the locks of the stages that read datasets"):
+        for stage in DATASET_READERS:
+            row = locks.execute(db.query("runner", "try_lock"),
+                                {"key": db.advisory_key(stage)}).fetchone()
+            if not (row and row["locked"]):
+                locks.rollback()
+                holder = lock_holders(locks, (stage,)).get(stage)
+                locks.rollback()
+                return f"{stage} is running" + (f" ({holder.describe()})" if holder else "")
+    return ""
+
+
+def _prune_datasets(p: _Pass, database: db.Database, backups: BackupStore | None, keep: int,
+                    done: list[str]) -> None:
     """Dataset versions beyond the ``keep`` newest, with their generations, graph versions,
     the S3 objects of all three and, in the same transaction as the rows, their virtual
     entities if the virtual tables still hold them; never the active dataset or the active
@@ -141,9 +164,27 @@ def _prune_datasets(p: _Pass, backups: BackupStore | None, keep: int, done: list
     version deleted (or, in a dry run, due) is appended to ``done``.
 
     S3 goes first, then the rows in one transaction: a failure in between leaves the rows,
-    and the next run deletes what is left of the objects, so no object is ever orphaned."""
+    and the next run deletes what is left of the objects, so no object is ever orphaned.
+    Only while no stage of DATASET_READERS runs, and holding their locks (taken only when a
+    version is due: most runs have none)."""
     with db.wrap_errors("reading the dataset versions"):
         due = p.conn.execute(db.query("prune", "datasets_due"), {"keep": keep}).fetchall()
+    if not due:
+        return
+    with database.connect(name="pipeline prune (dataset locks)") as locks:
+        busy = _lock_readers(locks)
+        if busy:
+            p.ctx.log.warning("no dataset version pruned this run: %s; the next run prunes "
+                              "them", busy)
+            return
+        # Again under the locks: a restore that ended meanwhile keeps its source version.
+        with db.wrap_errors("reading the dataset versions"):
+            due = p.conn.execute(db.query("prune", "datasets_due"), {"keep": keep}).fetchall()
+        _delete_datasets(p, backups, due, done)
+
+
+def _delete_datasets(p: _Pass, backups: BackupStore | None, due: list[dict[str, Any]],
+                     done: list[str]) -> None:
     identity = db.require_deployment_id(p.conn) if due else ""
     for d in due:
         p.ctx.check_stop()

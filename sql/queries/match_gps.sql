@@ -481,7 +481,7 @@ SELECT gps_add_partition(%(day)s::date);
 -- Daily partitions that begin before the cutoff, then the default partition. A day is done
 -- when no open batch overlaps it, no arrival there is new to the batcher, and no device with
 -- an open run has points there after its last batch: then every point of it lies in a
--- finished batch that read it.
+-- finished batch that read it. With %(only)s, that day alone (prune's check under the lock).
 WITH parts AS (
     SELECT c.relname::text AS name, c.reltuples,
            to_date(substr(c.relname, 13), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' AS lo
@@ -489,7 +489,7 @@ WITH parts AS (
     WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8}$'
 ), due AS (
     SELECT name, reltuples, lo, lo + interval '1 day' AS hi FROM parts
-    WHERE lo < %(cutoff)s
+    WHERE lo < %(cutoff)s AND (%(only)s::text IS NULL OR name = %(only)s::text)
 )
 -- A day is never dropped before yesterday is over: the days ahead are kept for new points.
 SELECT name,
@@ -513,27 +513,47 @@ SELECT name,
                             ORDER BY b.start_time DESC LIMIT 1), '-infinity')) AS done
 FROM due
 UNION ALL
-SELECT 'gps_points_default', false, 0, false
+SELECT 'gps_points_default', false, 0, false WHERE %(only)s::text IS NULL
 ORDER BY name;
 
 -- name: partition_points
 -- Exact, for prune's counts: one index-only pass over the day.
 SELECT count(*) AS n FROM {part};
 
+-- name: lock_partition
+-- Before a day is dropped, so that no point enters it between the check and the drop: the
+-- parent first (ONLY: not every day), as an INSERT routed through it locks them, then the day.
+LOCK TABLE ONLY gps_points, {part} IN ACCESS EXCLUSIVE MODE;
+
 -- name: drop_partition
 ALTER TABLE gps_points DETACH PARTITION {part};
 DROP TABLE {part};
 
 -- name: prune_chunk
--- Up to %(chunk)s processed points of one partition recorded before the cutoff.
-WITH doomed AS (
+-- Up to %(chunk)s processed points of one partition recorded before the cutoff. Not those of a
+-- batch that an arrival new to the batcher falls into (`reopening`): the batcher sends it
+-- back to be matched again, and a match of the late points alone would replace the
+-- polylines of the points pruned meanwhile. New arrivals are few (since the last pass) and
+-- found through the BRIN index on arrival, as the batcher finds them.
+WITH reopening AS MATERIALIZED (
+    SELECT cb.batch_id FROM gps_points l
+    CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time, b.points_snapshot
+                        FROM processing_batches b
+                        WHERE b.device_id = l.device_id AND b.start_time <= l.recorded_at
+                        ORDER BY b.start_time DESC LIMIT 1) cb
+    WHERE (l.arrival >= %(seen_xmax)s::bigint OR l.arrival = ANY(%(seen_xip)s::bigint[]))
+      AND cb.end_time >= l.recorded_at
+      AND NOT txid_visible_in_snapshot(l.arrival, cb.points_snapshot)
+), doomed AS (
     SELECT p.ctid
     FROM {part} p
-    JOIN LATERAL (SELECT b.status, b.end_time, b.points_snapshot FROM processing_batches b
+    JOIN LATERAL (SELECT b.batch_id, b.status, b.end_time, b.points_snapshot
+                  FROM processing_batches b
                   WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
                   ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
     WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
       AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
+      AND b.batch_id <> ALL(ARRAY(SELECT batch_id FROM reopening))
     LIMIT %(chunk)s
 ), gone AS (
     DELETE FROM {part} p WHERE p.ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
@@ -541,13 +561,25 @@ WITH doomed AS (
 SELECT count(*) AS n FROM gone;
 
 -- name: prune_count
+WITH reopening AS MATERIALIZED (
+    SELECT cb.batch_id FROM gps_points l
+    CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time, b.points_snapshot
+                        FROM processing_batches b
+                        WHERE b.device_id = l.device_id AND b.start_time <= l.recorded_at
+                        ORDER BY b.start_time DESC LIMIT 1) cb
+    WHERE (l.arrival >= %(seen_xmax)s::bigint OR l.arrival = ANY(%(seen_xip)s::bigint[]))
+      AND cb.end_time >= l.recorded_at
+      AND NOT txid_visible_in_snapshot(l.arrival, cb.points_snapshot)
+)
 SELECT count(*) AS n
 FROM {part} p
-JOIN LATERAL (SELECT b.status, b.end_time, b.points_snapshot FROM processing_batches b
+JOIN LATERAL (SELECT b.batch_id, b.status, b.end_time, b.points_snapshot
+              FROM processing_batches b
               WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
               ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
 WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
   AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
+  AND b.batch_id <> ALL(ARRAY(SELECT batch_id FROM reopening))
   AND %(chunk)s > 0;
 
 -- ---------------------------------------------------------------- ingest-gps

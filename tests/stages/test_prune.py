@@ -3,6 +3,8 @@ rerun is a noop, and a dry run deletes nothing and records no run."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +13,7 @@ import psycopg
 import pytest
 
 from devtools.services import S3Endpoint
+from pipeline_cli import db
 from pipeline_cli.adapters.backups import BackupStore
 from pipeline_cli.db import Database
 from pipeline_cli.gps import batches, partitions
@@ -361,3 +364,143 @@ def test_objects_another_database_wrote_at_the_same_keys_stay(
     assert record.counts == dry.counts
     assert sorted(backups.list("")) == sorted(stay)
     assert conn.execute("SELECT count(*) AS n FROM graph_versions").fetchone() == {"n": 0}
+
+
+def old_day() -> tuple[str, datetime]:
+    """An old day's partition name and its 06:00 UTC."""
+    day = (OLD - timedelta(days=1)).date()
+    return f"gps_points_p{day:%Y%m%d}", datetime(day.year, day.month, day.day, 6, tzinfo=UTC)
+
+
+def exists(conn: Conn, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) AS t", (table,)).fetchone()["t"] is not None
+
+
+def points_of(conn: Conn, device: str) -> int:
+    return int(conn.execute("SELECT count(*) AS n FROM gps_points WHERE device_id = %s",
+                            (device,)).fetchone()["n"])
+
+
+def wait_for_lock_wait(conn: Conn, app: str = "pipeline prune") -> None:
+    """Until a session named ``app`` waits for a lock (at most 10 s)."""
+    for _ in range(200):
+        if conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event_type = 'Lock'", (app,)).fetchone()["n"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{app} never waited for a lock")
+
+
+@pytest.mark.parametrize("commit_while_waiting", [True, False])
+def test_a_listener_writing_into_a_day_prune_drops_loses_nothing(
+        database_url: str, conn: Conn, commit_while_waiting: bool) -> None:
+    # A listener's open transaction holds an old-dated point in a day that is done by every
+    # committed row: prune listed the day as droppable, waited for the listener's locks,
+    # then dropped the partition with the point committed meanwhile. Now it re-checks the day
+    # once it holds the locks (the point is new to the batcher: the day stays), or gives up
+    # the drop after its lock timeout and deletes the processed points in chunks.
+    name, start = old_day()
+    partitions.ensure(conn, [start.date()])
+    add_batch(conn, "a", start, 5, "completed")
+    batches.make_batches(conn, MatchSettings())
+    with psycopg.connect(database_url) as listener:  # a transaction of its own, left open
+        listener.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                         " VALUES ('late', %s, 60.17, 24.94)", (start + timedelta(hours=1),))
+        done: list[RunRecord] = []
+        pruning = threading.Thread(target=lambda: done.append(
+            run(database_url, None, RetentionSettings(runs_days=0, datasets=0))))
+        pruning.start()
+        if commit_while_waiting:
+            wait_for_lock_wait(conn)
+            listener.commit()
+        pruning.join(timeout=30)
+        assert not pruning.is_alive(), "prune waited for the listener without end"
+        listener.commit()
+    assert done[0].status == "success", done[0].error
+    assert points_of(conn, "late") == 1 and points_of(conn, "a") == 0
+    assert done[0].counts["gps_points"] == 5
+    assert exists(conn, name)  # the late point is in its day, for match-gps
+
+
+def late_point(conn: Conn, device: str, at: datetime) -> None:
+    """A point inserted after its device's batch covering ``at`` finished (no pass since)."""
+    add_unbatched(conn, device, at, 1)
+
+
+@pytest.mark.parametrize("case", ["unbatched", "pending", "failed", "dead", "processing",
+                                  "late", "late-reopened"])
+def test_an_old_day_with_one_unprocessed_point_stays(
+        database_url: str, conn: Conn, case: str) -> None:
+    name, start = old_day()
+    partitions.ensure(conn, [start.date()])
+    add_batch(conn, "a", start, 5, "completed")  # processed: goes, in chunks
+    if case == "unbatched":
+        add_unbatched(conn, "u", start + timedelta(hours=2), 1)
+    elif case.startswith("late"):
+        add_batch(conn, "u", start + timedelta(hours=2), 3, "completed")
+        late_point(conn, "u", start + timedelta(hours=2, seconds=1, milliseconds=500))
+        if case == "late-reopened":
+            batches.make_batches(conn, MatchSettings())
+            assert gps_state(conn)[1] == ["completed", "pending"]
+    else:
+        add_batch(conn, "u", start + timedelta(hours=2), 1, case)
+    unprocessed = points_of(conn, "u")
+    settings = RetentionSettings(chunk_size=2, runs_days=0, datasets=0)
+
+    dry = run(database_url, None, settings, dry_run=True)
+    record = run(database_url, None, settings)
+    assert record.status == "success", record.error
+    assert exists(conn, name)
+    # A late point the batcher has not seen yet keeps the points its batch read too: the batch
+    # goes back to pending at the next pass and is matched again, which replaces its
+    # polylines; had they gone, a match of the late point alone would have replaced them.
+    assert points_of(conn, "u") == unprocessed and points_of(conn, "a") == 0
+    assert dry.counts == record.counts
+    assert record.counts["gps_points"] == 5
+    assert run(database_url, None, settings).status == "noop"
+
+
+@pytest.mark.parametrize("zone", ["America/Los_Angeles", "Pacific/Kiritimati"])
+def test_a_day_is_a_utc_day_and_a_point_at_the_cutoff_stays(
+        database_url: str, conn: Conn, zone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The session's TimeZone (PGTZ here; a host's or the database's default alike) must not
+    # move a day's bounds or the cutoff: a daily partition is a UTC day.
+    day = (OLD - timedelta(days=2)).date()
+    midnight = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+    partitions.ensure(conn, [day, midnight.date()])
+    add_batch(conn, "a", midnight - timedelta(seconds=2), 2, "completed")  # 23:59:58, :59
+    add_batch(conn, "b", midnight, 2, "completed")  # 00:00:00 (at the cutoff) and 00:00:01
+    add_batch(conn, "c", midnight + timedelta(hours=12), 1, "pending")  # keeps the day
+    batches.make_batches(conn, MatchSettings())
+    monkeypatch.setenv("PGTZ", zone)
+    with Database(database_url).connect(autocommit=True) as local:
+        assert local.execute("SHOW TimeZone").fetchone()["TimeZone"] == zone
+        pruned = partitions.prune(local, midnight, chunk_rows=10)
+    assert pruned.partitions_dropped == [f"gps_points_p{day:%Y%m%d}"]
+    assert pruned.points_dropped == 2 and pruned.points_deleted == 0
+    assert [r["recorded_at"] for r in conn.execute(
+        "SELECT recorded_at FROM gps_points ORDER BY recorded_at")] == [
+        midnight, midnight + timedelta(seconds=1), midnight + timedelta(hours=12)]
+    with Database(database_url).connect(autocommit=True) as local:  # one second later
+        pruned = partitions.prune(local, midnight + timedelta(seconds=1), chunk_rows=10)
+    assert pruned.points_deleted == 1 and points_of(conn, "b") == 1
+
+
+@pytest.mark.parametrize("stage", ["sync-odata", "gen-virtual", "build-graph"])
+def test_no_dataset_goes_while_a_stage_reading_datasets_runs(
+        database_url: str, conn: Conn, backups: BackupStore, stage: str) -> None:
+    # A restore (under sync-odata's lock) of a version past retention replays its raw pages
+    # and records a new active version that reads them from its source's prefix from then on;
+    # a build-graph started on the dataset a sync has since replaced records (and activates)
+    # its graph against it. prune deleted such a version, and its objects, under them.
+    old, _ = (add_dataset(conn, backups, i, active=i == 2) for i in (1, 2))
+    settings = RetentionSettings(gps_days=0, runs_days=0, datasets=1)
+    with db.connect(database_url) as running:  # holds the stage lock, as its runner does
+        running.execute(db.query("runner", "try_lock"), {"key": db.advisory_key(stage)})
+        record = run(database_url, backups, settings)
+        assert record.status == "noop", record.error
+        assert list(backups.list(backup_prefix(old)))
+        assert conn.execute("SELECT count(*) AS n FROM datasets").fetchone() == {"n": 2}
+    record = run(database_url, backups, settings)  # the stage is done: the next run prunes
+    assert record.extra["datasets_deleted"] == [old]
+    assert not list(backups.list(backup_prefix(old)))
