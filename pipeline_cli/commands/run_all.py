@@ -59,8 +59,9 @@ def show(app: App, record: RunRecord) -> int:
 def run_all_cmd(app: App, wait: float | None, gps_max_runtime: float | None,
                 dry_run: bool) -> None:
     """Run sync-odata, gen-virtual, build-graph and match-gps in order, each under its own
-    lock; a stage runs only when its upstream produced something new (match-gps: when its
-    backlog has work). Stops at the first failure and exits with that stage's code."""
+    lock; a stage runs only when its upstream produced something new or it has work left
+    (match-gps: when its backlog has work). A failed or busy stage does not stop the stages
+    after it; the run exits with the first failed stage's code (75 if stages were only busy)."""
     app.settings.runner.check_budget("--gps-max-runtime", gps_max_runtime, "match-gps",
                                      "run-all")
     runner = app.runner()

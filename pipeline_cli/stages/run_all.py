@@ -4,8 +4,10 @@ Each stage function runs through the same :class:`StageRunner` as its own comman
 its own lock and records its own run, nested inside the outer ``run-all`` run (which holds the
 ``run-all`` lock). A downstream stage runs only when its upstream produced something new in this
 run, or left work it has not consumed yet (a cheap probe of the stages' status sections); for
-match-gps, only when its backlog has work. The chain stops at the first failure, and run-all
-fails with that stage's exit code.
+match-gps, only when its backlog has work. A failed or busy stage counts as having produced
+nothing new: the stages after it still run on the work they have (match-gps needs none of the
+others). run-all then fails with the first failed stage's exit code (75 when stages were only
+busy); a stop signal or run-all's own hard limit ends the chain where it stands.
 """
 
 from __future__ import annotations
@@ -52,19 +54,40 @@ class Clients:
 
 
 class StageFailed(PipelineError):
-    """A stage of the chain failed, or was busy (exit 75: the runner records the run-all as
-    skipped, not failed: another run is doing that work); run-all exits with that code."""
+    """Stages of the chain failed or were busy (exit 75: the runner records the run-all as
+    skipped, not failed: another run is doing that work). ``lead`` is the stage whose exit
+    code run-all exits with; the message names every failed or busy stage, in chain order."""
 
-    def __init__(self, stage: str, error: str, exit_code: int, stages: dict[str, Any]) -> None:
-        busy = stages.get(stage, {}).get("status") == BUSY
-        extra: dict[str, Any] = {"stages": stages, "failed_stage": stage}
-        problems = stages.get(stage, {}).get("problems")
-        if problems:  # shown under the error line, as the stage on its own shows them
+    def __init__(self, lead: str, stages: dict[str, Any]) -> None:
+        failures = {s: r for s, r in stages.items() if r["status"] in (FAILED, BUSY)}
+        extra: dict[str, Any] = {"stages": stages, "failed_stage": lead}
+        # shown under the error line, as each stage on its own shows them
+        problems = [p for r in failures.values() for p in r.get("problems") or []]
+        if problems:
             extra["problems"] = problems
-        super().__init__(f"{'stopped at' if busy else stage + ' failed'}"
-                         f"{' ' + stage if busy else ''}: {error}", partial=StageResult(
-            counts=_counts(stages), extra=extra))
-        self.exit_code = exit_code
+        super().__init__("; ".join(
+            f"{s} {'busy' if r['status'] == BUSY else 'failed'}: {r.get('error') or 'failed'}"
+            for s, r in failures.items()), partial=StageResult(counts=_counts(stages),
+                                                               extra=extra))
+        self.exit_code = stages[lead]["exit_code"]
+
+
+def _raise_failures(stages: dict[str, Any]) -> None:
+    """StageFailed led by the first failed stage (busy ones give way to a real failure)."""
+    for wanted in (FAILED, BUSY):
+        lead = next((s for s, r in stages.items() if r["status"] == wanted), None)
+        if lead is not None:
+            raise StageFailed(lead, stages)
+
+
+def _stopping(ctx: RunContext) -> bool:
+    """A stop signal arrived or run-all's hard limit passed: no later stage may start."""
+    return ctx.stop.requested or ctx.limits.expired() is not None
+
+
+def _busy(exc: LockBusy, **more: Any) -> dict[str, Any]:
+    return {"status": BUSY, "run_id": None, "duration_ms": 0, "counts": {}, "error": str(exc),
+            "exit_code": exc.exit_code, **more}
 
 
 def _counts(stages: dict[str, Any]) -> dict[str, int]:
@@ -190,15 +213,15 @@ def run_all(
             try:
                 record = runner.run(stage, stage_fns[stage], wait=wait,
                                     options={"run_all": ctx.run_id})
-            except LockBusy as exc:
-                results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
-                                  "counts": {}, "error": str(exc), "exit_code": exc.exit_code,
-                                  "reason": reason}
-                raise StageFailed(stage, str(exc), exc.exit_code, results) from None
+            except LockBusy as exc:  # another run does this stage's work: go on without it
+                results[stage] = _busy(exc, reason=reason)
+                produced = False
+                continue
             results[stage] = _record_json(record, reason)
-            if record.status == FAILED:
-                raise StageFailed(stage, record.error or "failed", record.exit_code, results)
-            produced = record.status == SUCCESS
+            if record.status == FAILED and _stopping(ctx):
+                raise StageFailed(stage, results)  # its code (143, 130, 124), no later stage
+            produced = record.status == SUCCESS  # a failure made nothing new downstream
+    _raise_failures(results)
     did_work = any(r["status"] == SUCCESS for r in results.values())
     summary = ", ".join(f"{s} {r['status']}" for s, r in results.items())
     return StageResult(status=SUCCESS if did_work else NOOP, counts=_counts(results),
@@ -257,20 +280,21 @@ def _dry_run(runner: StageRunner, settings: Settings, clients: Clients, ctx: Run
                 record = runner.run(stage, fns[stage], wait=wait, dry_run=True,
                                     options={"run_all": ctx.run_id, "dry_run": True})
             except LockBusy as exc:
-                results[stage] = {"status": BUSY, "run_id": None, "duration_ms": 0,
-                                  "counts": {}, "error": str(exc), "exit_code": exc.exit_code}
-                raise StageFailed(stage, str(exc), exc.exit_code, results) from None
-            results[stage] = _record_json(record, "dry run")
-            if record.status == FAILED:
-                raise StageFailed(stage, record.error or "failed", record.exit_code, results)
-            would = _would_produce(stage, record)
+                results[stage] = _busy(exc)
+                would = False
+            else:
+                results[stage] = _record_json(record, "dry run")
+                if record.status == FAILED and _stopping(ctx):
+                    raise StageFailed(stage, results)
+                would = record.status != FAILED and _would_produce(stage, record)
             results[stage]["would_run"] = would
             if stage == "sync-odata":
                 new = "the new dataset sync-odata would make" if would else None
-                unknown = record.extra.get("unknown_modes") or {}
+                unknown = (record.extra.get("unknown_modes") or {}) if would else {}
             elif stage == "gen-virtual":
                 new = ("the new virtual generation gen-virtual would make"
                        if would else None)
+    _raise_failures(results)
     summary = "; ".join(f"{s}: {r.get('message') or r['status']}" for s, r in results.items())
     return StageResult(status=DRY_RUN, counts=_counts(results),
                        extra={"stages": results, "dry_run": True}, message=summary)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools import traces
 from devtools.odata_server import ODataServer, delay, sample_network
 from pipeline_cli import db
+from pipeline_cli.adapters.osrm import OsrmClient
 from tests.support.clirunner import Cli
 
 pytestmark = [pytest.mark.osrm, pytest.mark.s3]
@@ -68,11 +70,44 @@ def test_failure_exits_with_the_stage_code_and_mails_the_table(cli: Cli) -> None
     assert result.returncode == 1
     assert result.stdout == ""
     assert "\npipeline run-all: error: sync-odata failed:" in result.stderr
-    assert "not reached" in result.stderr and "Traceback" not in result.stderr
+    # every stage has its row: the ones after the failure ran on what they had (nothing)
+    assert "nothing new upstream" in result.stderr and "no GPS backlog" in result.stderr
+    assert "Traceback" not in result.stderr
     with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
         rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
     assert [(r["stage"], r["status"]) for r in rows] == [("run-all", "failed"),
                                                          ("sync-odata", "failed")]
+
+
+def test_json_with_the_source_down_has_every_stage_and_no_secret(
+        cli: Cli, osrm_url: str) -> None:
+    with OsrmClient(osrm_url) as client:
+        rows = [row for t in traces.make_traces(client, 1, seed=3) for row in t.rows("bus-1")]
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        traces.insert_points(conn, rows)
+    with ODataServer(sample_network(5)) as stopped:
+        url = stopped.url
+    cli.env["PIPELINE_ODATA_URL"] = url + "?api_key=Ap1KeyN0tForLogs"
+    cli.env["PIPELINE_ODATA_RETRIES"] = "1"
+    cli.env["PIPELINE_DATABASE_URL"] += " password=Pg1PassN0tForLogs"  # trust auth ignores it
+    result = cli.subprocess("run-all", "--json")
+    assert result.returncode == 1, result.stderr
+    obj = json.loads(result.stdout)
+    assert obj["failed_stage"] == "sync-odata" and obj["exit_code"] == 1
+    assert obj["error"].startswith("sync-odata failed: OData ")
+    stages = obj["stages"]
+    assert {s: r["status"] for s, r in stages.items()} == {
+        "sync-odata": "failed", "gen-virtual": "noop", "build-graph": "noop",
+        "match-gps": "success"}  # the GPS points did not wait for the source
+    assert stages["sync-odata"]["exit_code"] == 1 and stages["sync-odata"]["error"]
+    assert stages["match-gps"]["counts"]["points_processed"] == len(rows)
+    with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
+        history = conn.execute("SELECT stage, status, error, result::text AS result "
+                               "FROM stage_runs ORDER BY started_at").fetchall()
+    assert [(r["stage"], r["status"]) for r in history] == [
+        ("run-all", "failed"), ("sync-odata", "failed"), ("match-gps", "success")]
+    for text in (result.stdout, result.stderr, json.dumps(history)):
+        assert "Ap1KeyN0tForLogs" not in text and "Pg1PassN0tForLogs" not in text
 
 
 def test_busy_run_all_lock_exits_75(cli: Cli) -> None:
@@ -118,7 +153,7 @@ def test_a_failed_stage_problems_are_mailed_with_the_error(run_cli: Cli,
     assert "\n  - Stops[ID=7] latitude: 95.0 is outside -90..90\n" in result.stderr
 
 
-@pytest.mark.parametrize(("how", "code"), [("SIGTERM", 143), ("SIGHUP", 129),
+@pytest.mark.parametrize(("how", "code"), [("SIGTERM", 143), ("SIGINT", 130), ("SIGHUP", 129),
                                            ("timeout", 124)])
 def test_a_stop_signal_from_cron_or_a_hung_up_session_is_one_line_and_releases_the_lock(
         run_cli: Cli, full_env: dict[str, str], osrm_url: str, how: str, code: int) -> None:

@@ -20,6 +20,7 @@ from pipeline_cli.app import App
 from pipeline_cli.commands.build_graph import graph_store
 from pipeline_cli.db import Database
 from pipeline_cli.errors import EXIT_LOCK_BUSY
+from pipeline_cli.gps import batches as gps_batches
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.settings import load_settings
 from pipeline_cli.stages.run_all import CHAIN, Clients, run_all
@@ -114,17 +115,20 @@ def test_a_downstream_stage_behind_its_upstream_is_caught_up(app: App, database_
     assert "no virtual entities yet" in record.extra["stages"]["gen-virtual"]["reason"]
 
 
-def test_stops_at_the_first_failure_with_its_exit_code(app: App, database_url: str,
-                                                       conn: psycopg.Connection[Any]) -> None:
+def test_a_busy_stage_exits_75_and_the_stages_after_it_still_run(
+        app: App, database_url: str, conn: psycopg.Connection[Any], gps_rows: list[Any]) -> None:
+    traces.insert_points(conn, gps_rows)
     with db.connect(database_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
         record = chain(app)
     # Busy is not a failure: another run does that work (status counted these as failures).
     assert record.status == "skipped" and record.exit_code == EXIT_LOCK_BUSY
-    assert record.error and record.error.startswith("stopped at build-graph: build-graph is "
-                                                    "already running")
+    assert record.error and record.error.startswith("build-graph busy: build-graph is already "
+                                                    "running")
+    # match-gps needs no graph: it matched the backlog (it was "not reached", points waited).
     assert statuses(record) == {"sync-odata": "success", "gen-virtual": "success",
-                                "build-graph": "busy"}  # match-gps not reached
+                                "build-graph": "busy", "match-gps": "success"}
+    assert record.extra["stages"]["match-gps"]["counts"]["points_processed"] == len(gps_rows)
     assert record.extra["failed_stage"] == "build-graph"
     assert (record.counts["skipped"], record.counts["failed"]) == (1, 0)  # it said failed 1
     assert "pid None" not in record.error
@@ -133,6 +137,42 @@ def test_stops_at_the_first_failure_with_its_exit_code(app: App, database_url: s
     # The next run picks up where it stopped.
     again = chain(app)
     assert statuses(again)["build-graph"] == "success"
+
+
+def test_a_failed_stage_does_not_stop_the_stages_that_do_not_need_it(
+        app: App, conn: psycopg.Connection[Any], server: ODataServer, gps_rows: list[Any]
+) -> None:
+    assert chain(app).status == "success"  # a dataset, its virtual entities and graph
+    traces.insert_points(conn, gps_rows)
+    server.stop()  # the OData source is down tonight
+    record = chain(app)
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.extra["failed_stage"] == "sync-odata"
+    assert record.error and record.error.startswith("sync-odata failed: OData ")
+    # The GPS points waited for a source match-gps does not read.
+    assert statuses(record) == {"sync-odata": "failed", "gen-virtual": "noop",
+                                "build-graph": "noop", "match-gps": "success"}
+    assert record.extra["stages"]["match-gps"]["counts"]["points_processed"] == len(gps_rows)
+    assert (record.counts["failed"], record.counts["success"]) == (1, 1)
+
+
+def test_a_real_failure_after_a_busy_stage_gives_the_exit_code(
+        app: App, database_url: str, conn: psycopg.Connection[Any], gps_rows: list[Any]) -> None:
+    traces.insert_points(conn, gps_rows)
+    runner = app.runner()
+    down = Clients(odata=app.odata, backups=app.backups, graph_store=lambda: graph_store(app),
+                   osrm=lambda: OsrmClient("http://127.0.0.1:9", retries=0))  # nothing listens
+    with db.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("sync-odata"),))
+        record = runner.run("run-all", lambda ctx: run_all(runner, app.settings, down, ctx))
+    # 75 means "harmless, another run has it": it must not hide that match-gps failed.
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.extra["failed_stage"] == "match-gps"
+    assert statuses(record) == {"sync-odata": "busy", "gen-virtual": "noop",
+                                "build-graph": "noop", "match-gps": "failed"}
+    assert record.error and record.error.startswith(
+        "sync-odata busy: sync-odata is already running: lock held by ")
+    assert "; match-gps failed: stopped: OSRM http://127.0.0.1:9 unavailable" in record.error
 
 
 def test_run_all_holds_its_own_lock(app: App, database_url: str) -> None:
@@ -206,7 +246,9 @@ def test_dry_run_counts_dry_runs_as_such_and_fails_where_build_graph_would(
     assert dry.error and dry.error.startswith(
         "build-graph failed: no speed for route mode 'hovercraft' (1 route)")
     assert dry.extra["stages"]["sync-odata"]["unknown_modes"] == {"hovercraft": 1}
-    assert (dry.counts["failed"], dry.counts["dry_run"]) == (1, 1)
+    # match-gps's dry run still says what it would do
+    assert (dry.counts["failed"], dry.counts["dry_run"]) == (1, 2)
+    assert dry.extra["stages"]["match-gps"]["status"] == "dry-run"
 
 
 def test_a_stop_signal_between_stages_keeps_what_they_did(app: App,
@@ -229,6 +271,49 @@ def test_a_stop_signal_between_stages_keeps_what_they_did(app: App,
     row = conn.execute("SELECT counts, result FROM stage_runs WHERE stage = 'run-all'").fetchone()
     assert row and row["counts"]["success"] == 2
     assert list(row["result"]["stages"]) == ["sync-odata", "gen-virtual"]
+
+
+class SignalIn(StageRunner):
+    """A SIGTERM (cron's timeout, a deploy) as ``stage`` starts its work."""
+
+    def __init__(self, database: Database, stage: str) -> None:
+        super().__init__(database)
+        self.signalled = stage
+
+    def run(self, stage: str, fn: Any, **kw: Any) -> RunRecord:
+        def signalled(ctx: Any) -> Any:
+            if stage == self.signalled:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return fn(ctx)
+        return super().run(stage, signalled, **kw)
+
+
+@pytest.mark.parametrize("stage", ["build-graph", "match-gps"])
+def test_a_stop_signal_in_a_stage_ends_the_chain_with_143_after_earlier_failures(
+        app: App, conn: psycopg.Connection[Any], server: ODataServer, gps_rows: list[Any],
+        stage: str) -> None:
+    assert chain(app).status == "success"
+    traces.insert_points(conn, gps_rows)
+    server.update_row("Stops", 7, latitude=95.0)  # sync-odata fails validation: exit 1
+    if stage == "build-graph":  # a graph to repair, so build-graph runs after the failure
+        app.redis().delete(*app.redis().keys(f"{app.settings.redis.prefix}:*"))
+    inner = SignalIn(app.runner().database, stage)
+    clients = Clients(odata=app.odata, backups=app.backups,
+                      graph_store=lambda: graph_store(app), osrm=app.osrm)
+    record = app.runner().run("run-all", lambda ctx: run_all(inner, app.settings, clients, ctx))
+    # The signal's code, not the earlier failure's; no stage starts after the signalled one.
+    assert record.exit_code == 143 and record.status == "failed"
+    assert record.extra["failed_stage"] == stage
+    assert list(record.extra["stages"]) == list(CHAIN[:CHAIN.index(stage) + 1])
+    assert record.extra["stages"][stage]["status"] == "failed"
+    assert record.error and record.error.startswith("sync-odata failed: validation failed")
+    assert f"; {stage} failed: interrupted by signal 15" in record.error
+    assert gps_batches.status_section(conn)["unprocessed_points"] == len(gps_rows)
+    rows = conn.execute("SELECT stage, status FROM stage_runs WHERE run_id = %(id)s "
+                        "OR options ->> 'run_all' = %(id)s::text ORDER BY started_at",
+                        {"id": record.run_id}).fetchall()
+    assert [(r["stage"], r["status"]) for r in rows] == [
+        ("run-all", "failed"), ("sync-odata", "failed"), (stage, "failed")]
 
 
 def test_a_failed_stage_problems_come_with_the_run_all_error(app: App,
