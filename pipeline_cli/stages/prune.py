@@ -19,7 +19,7 @@ import psycopg
 from .. import db
 from ..adapters.backups import BackupStore
 from ..errors import PipelineError
-from ..gps import partitions
+from ..gps import batches, partitions
 from ..runner import DRY_RUN, FAILED, NOOP, SUCCESS, RunContext, StageResult, lock_holders
 from ..settings import RetentionSettings
 from .build_graph import delete_export
@@ -54,12 +54,17 @@ class _Pass:
         assert row is not None
         return dict(row)
 
-    def delete_chunks(self, kind: str, name: str, params: dict[str, Any]) -> None:
+    def delete_chunks(self, kind: str, name: str, params: dict[str, Any],
+                      lock: str | None = None) -> None:
         """Run a chunked delete until it deletes nothing, adding each committed chunk to
-        ``counts[kind]`` at once (a later failure still reports it)."""
+        ``counts[kind]`` at once (a later failure still reports it). ``lock``: an advisory
+        lock each chunk's transaction takes first, so the delete's snapshot comes after it."""
         while True:
             self.ctx.check_stop()  # between chunks: each one is committed on its own
             with db.wrap_errors(f"pruning ({name})"), self.conn.transaction():
+                if lock is not None:
+                    self.conn.execute(db.query("match_gps", "batching_lock"),
+                                      {"key": db.advisory_key(lock)})
                 n = self.conn.execute(db.query("prune", name),
                                       params | {"chunk": self.chunk}).rowcount
             self.counts[kind] += n
@@ -119,7 +124,12 @@ def _prune_gps(p: _Pass, days: int) -> None:
     if p.dry_run:
         p.counts["gps_batches"] = int(p.count("gps_batches_due", params)["n"])
     else:
-        p.delete_chunks("gps_batches", "gps_batches_delete_chunk", params)
+        # Under the batcher's lock: a pass that read a late point in a batch's range (to
+        # reopen it) commits first, or reads the point after the batch is gone and gives it a
+        # batch of its own. Without it a batch could go under a pass that planned the point
+        # into it, leaving the point in no batch, its day then dropped as done.
+        p.delete_chunks("gps_batches", "gps_batches_delete_chunk", params,
+                        lock=batches.BATCHING_LOCK)
 
 
 def _prune_polylines(p: _Pass, days: int) -> None:

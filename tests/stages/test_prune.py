@@ -422,6 +422,29 @@ def test_a_listener_writing_into_a_day_prune_drops_loses_nothing(
     assert exists(conn, name)  # the late point is in its day, for match-gps
 
 
+def test_a_batch_goes_only_under_the_batchers_lock(database_url: str, conn: Conn) -> None:
+    # A finished old batch whose points are pruned is deleted. Were it deleted while a batcher
+    # pass had planned a late point into its range (to reopen it), the point would be left in
+    # no batch and its day dropped as done. prune deletes batches under the batcher's lock:
+    # here a late point committed while prune waits keeps the batch, for the pass to reopen.
+    conn.execute("INSERT INTO processing_batches (device_id, start_time, end_time, status, "
+                 "coordinate_count, points_snapshot) VALUES ('a', %s, %s, 'completed', 0, "
+                 "txid_current_snapshot())", (OLD, OLD + timedelta(minutes=5)))
+    with psycopg.connect(database_url) as batcher:  # a pass, mid-slice
+        batcher.execute(db.query("match_gps", "batching_lock"),
+                        {"key": db.advisory_key(batches.BATCHING_LOCK)})
+        done: list[RunRecord] = []
+        pruning = threading.Thread(target=lambda: done.append(
+            run(database_url, None, RetentionSettings(runs_days=0, datasets=0))))
+        pruning.start()
+        wait_for_lock_wait(conn)
+        late_point(conn, "a", OLD + timedelta(minutes=1))
+        batcher.commit()
+        pruning.join(timeout=30)
+    assert done[0].status in ("success", "noop"), done[0].error
+    assert gps_state(conn) == ([("a", "completed", False)], ["completed"])
+
+
 def late_point(conn: Conn, device: str, at: datetime) -> None:
     """A point inserted after its device's batch covering ``at`` finished (no pass since)."""
     add_unbatched(conn, device, at, 1)
