@@ -755,9 +755,16 @@ def _duration_cap(key: str) -> tuple[int, str] | None:
         return 36_500, "100 years"
     if key.endswith("_h"):
         return 87_600, "10 years"
-    if key.endswith(("_s", "_seconds", "timeout")) or key.startswith("timeout_"):
+    # The retry waits too: a larger one overflowed time.sleep ("internal error: OverflowError")
+    if key.endswith(("_s", "_seconds", "timeout", "wait_max")) or key.startswith(
+            ("timeout_", "backoff_")):
         return 315_360_000, "10 years in seconds"
     return None
+
+
+# Every count reaches PostgreSQL somewhere (a LIMIT, a comparison): a larger one failed every
+# run with "bigint out of range", as a database error that named no setting.
+BIGINT_MAX = 2**63 - 1
 
 
 def _validate(s: Settings) -> None:
@@ -948,6 +955,9 @@ def _validate(s: Settings) -> None:
                 raise bad(part.name, f.name, "must not be negative")
             if cap is not None and isinstance(value, int | float) and abs(value) > cap[0]:
                 raise bad(part.name, f.name, f"must be at most {cap[0]:,} ({cap[1]})")
+            if isinstance(value, int) and not isinstance(value, bool) and value > BIGINT_MAX:
+                raise bad(part.name, f.name, f"must be at most {BIGINT_MAX:,} (PostgreSQL's "
+                          "bigint)")
 
 
 def markdown_reference() -> str:
