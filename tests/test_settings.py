@@ -207,6 +207,9 @@ def test_a_malformed_url_is_named_without_its_content(env: dict[str, str], secre
      "[odata] backoff_base: must be at most 315,360,000"),
     ({"PIPELINE_ODATA_BACKOFF_MAX": "1e300"}, "[odata] backoff_max: must be at most 315,360,000"),
     ({"PIPELINE_OSRM_RETRY_WAIT_MAX": "1e300"}, "[osrm] retry_wait_max: must be at most"),
+    # urllib3 fills a pool of this many slots before the first OSRM request (10**7: 15 s)
+    ({"PIPELINE_MATCH_CONCURRENCY": "1000000000"},
+     "[match] concurrency: must be at most 256 (as --concurrency)"),
 ])
 def test_unusable_text_and_numbers_are_refused(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
