@@ -31,6 +31,7 @@ from .modes import DEFAULT_SPEEDS_KMH, duplicate_names
 
 ENV_PREFIX = "PIPELINE_"
 POOLERS = ("none", "transaction")
+MAX_CONCURRENCY = 256  # OSRM requests in flight per match-gps process ([match] concurrency)
 CONFIG_ENV = "PIPELINE_CONFIG"
 
 
@@ -152,7 +153,7 @@ class MatchSettings:
     too_short_after_seconds: int = setting(
         3600, "a one-point batch older than this closes as too_short"
     )
-    concurrency: int = setting(4, "OSRM requests in flight per process")
+    concurrency: int = setting(4, "OSRM requests in flight per process (1 to 256)")
     backoff_base_seconds: float = setting(30.0, "first retry delay of a failed batch")
     backoff_max_seconds: float = setting(3600.0, "longest retry delay of a failed batch")
 
@@ -755,9 +756,16 @@ def _duration_cap(key: str) -> tuple[int, str] | None:
         return 36_500, "100 years"
     if key.endswith("_h"):
         return 87_600, "10 years"
-    if key.endswith(("_s", "_seconds", "timeout")) or key.startswith("timeout_"):
+    # The retry waits too: a larger one overflowed time.sleep ("internal error: OverflowError")
+    if key.endswith(("_s", "_seconds", "timeout", "wait_max")) or key.startswith(
+            ("timeout_", "backoff_")):
         return 315_360_000, "10 years in seconds"
     return None
+
+
+# Every count reaches PostgreSQL somewhere (a LIMIT, a comparison): a larger one failed every
+# run with "bigint out of range", as a database error that named no setting.
+BIGINT_MAX = 2**63 - 1
 
 
 def _validate(s: Settings) -> None:
@@ -848,6 +856,8 @@ def _validate(s: Settings) -> None:
                 "chunk_size", "concurrency"):
         if getattr(s.match, key) <= 0:
             raise bad("match", key, "must be positive")
+    if s.match.concurrency > MAX_CONCURRENCY:  # urllib3 fills a pool of that many slots first
+        raise bad("match", "concurrency", f"must be at most {MAX_CONCURRENCY} (as --concurrency)")
     if not 0 <= s.match.chunk_overlap < s.match.chunk_size // 2 + 1:
         raise bad("match", "chunk_overlap", "must be >= 0 and at most half of chunk_size")
     if s.match.chunk_size < 3:
@@ -948,6 +958,9 @@ def _validate(s: Settings) -> None:
                 raise bad(part.name, f.name, "must not be negative")
             if cap is not None and isinstance(value, int | float) and abs(value) > cap[0]:
                 raise bad(part.name, f.name, f"must be at most {cap[0]:,} ({cap[1]})")
+            if isinstance(value, int) and not isinstance(value, bool) and value > BIGINT_MAX:
+                raise bad(part.name, f.name, f"must be at most {BIGINT_MAX:,} (PostgreSQL's "
+                          "bigint)")
 
 
 def markdown_reference() -> str:

@@ -197,6 +197,19 @@ def test_a_malformed_url_is_named_without_its_content(env: dict[str, str], secre
     ({"PIPELINE_HEALTH_OVERDUE_GRACE_S": "-1"}, "[health] overdue_grace_s: must not be negative"),
     ({"PIPELINE_HEALTH_OVERDUE_CRITICAL_S": "-5"}, "[health] overdue_critical_s: must not be"),
     ({"PIPELINE_HEALTH_RUNNING_WARNING_S": "-5"}, "[health] running_warning_s: must not be"),
+    # Beyond a bigint: prune failed in every run with "database error ... bigint out of range"
+    ({"PIPELINE_RETENTION_DATASETS": "99999999999999999999"},
+     "[retention] datasets: must be at most 9,223,372,036,854,775,807"),
+    ({"PIPELINE_RETENTION_CHUNK_SIZE": "9223372036854775808"},
+     "[retention] chunk_size: must be at most 9,223,372,036,854,775,807"),
+    # A wait beyond time.sleep's range: "internal error: OverflowError" at the first retry
+    ({"PIPELINE_ODATA_BACKOFF_BASE": "1e300", "PIPELINE_ODATA_BACKOFF_MAX": "1e300"},
+     "[odata] backoff_base: must be at most 315,360,000"),
+    ({"PIPELINE_ODATA_BACKOFF_MAX": "1e300"}, "[odata] backoff_max: must be at most 315,360,000"),
+    ({"PIPELINE_OSRM_RETRY_WAIT_MAX": "1e300"}, "[osrm] retry_wait_max: must be at most"),
+    # urllib3 fills a pool of this many slots before the first OSRM request (10**7: 15 s)
+    ({"PIPELINE_MATCH_CONCURRENCY": "1000000000"},
+     "[match] concurrency: must be at most 256 (as --concurrency)"),
 ])
 def test_unusable_text_and_numbers_are_refused(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 from xml.etree import ElementTree
@@ -163,7 +163,8 @@ class ODataClient:
         if self.proxy:
             self.session.proxies = {"http": self.proxy, "https": self.proxy}
         if s.ca_file:  # a private CA (trust_env ignores REQUESTS_CA_BUNDLE)
-            if not Path(s.ca_file).is_file():
+            # os.path: Path.is_file() raised "File name too long" (a traceback); this says no
+            if not os.path.isfile(s.ca_file):
                 raise ConfigError(f"[odata] ca_file {s.ca_file!r} is not a readable file"
                                   f"{path_hint(s.ca_file)}", key="odata.ca_file")
             self.session.verify = s.ca_file

@@ -17,9 +17,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def output_option(fn: F) -> F:
     return click.option("--output", "-o", metavar="FILE",
-                        type=NonEmpty(click.Path(dir_okay=False)),
+                        type=NonEmpty(click.Path(dir_okay=False, allow_dash=True)),
                         help="Write to FILE (atomically: a failed export leaves no file) "
-                             "instead of stdout.")(fn)
+                             "instead of stdout ('-': stdout).")(fn)
 
 
 def bbox_option(fn: F) -> F:
@@ -29,7 +29,7 @@ def bbox_option(fn: F) -> F:
 
 
 def _write(features: Iterable[export.Feature], output: str | None) -> None:
-    if output:
+    if output and output != "-":  # `-o -` wrote a file named "-", and nothing to the pipe
         export.write_file(features, output)
     else:
         export.write_collection(features, sys.stdout)

@@ -7,7 +7,7 @@ import click
 from .. import render
 from ..app import App
 from ..gps import batches as gps_batches
-from ..settings import printable_path
+from ..settings import MAX_CONCURRENCY, printable_path
 from ..stages import match_gps as stage
 from ..stages.ingest_gps import ingest_gps
 from . import LIMIT, NonEmpty, Seconds, json_option, pass_app, run_stage
@@ -49,7 +49,8 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
 
 
 @click.command("match-gps")
-@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=None, metavar="N",
+@click.option("--concurrency", type=click.IntRange(min=1, max=MAX_CONCURRENCY), default=None,
+              metavar="N",
               help="OSRM requests in flight (default [match] concurrency).")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, metavar="N",
               help="Stop claiming after N batches.")

@@ -857,6 +857,14 @@ def test_a_private_ca_is_trusted_from_ca_file(tls_server: str, tmp_path: Path) -
         ODataClient(ODataSettings(url=tls_server, ca_file="etc/nowhere.pem"))
 
 
+@pytest.mark.parametrize("ca_file", ["x" * 10_000, "/etc/passwd/x.pem"])
+def test_a_ca_file_that_no_file_can_be_is_a_config_error(ca_file: str) -> None:
+    """A name longer than the system takes gave doctor and sync-odata an OSError traceback
+    ("File name too long"), found by tests/reliability/test_fuzz_cli.py."""
+    with pytest.raises(ConfigError, match=r"\[odata\] ca_file '.*' is not a readable file"):
+        ODataClient(ODataSettings(url="http://127.0.0.1:9/odata/", ca_file=ca_file))
+
+
 class _Redirects(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(307)

@@ -110,6 +110,18 @@ def test_a_failure_known_at_the_start_writes_nothing_to_stdout(cli: Cli) -> None
     assert result.stdout == ""
 
 
+def test_output_dash_is_stdout(cli: Cli, conn: Conn, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-o - | jq` exited 0 with nothing on stdout: the export went to a file named "-"
+    (found by tests/reliability/test_fuzz_cli.py)."""
+    add_polylines(conn)
+    monkeypatch.chdir(tmp_path)
+    result = cli("export", "geojson", "polylines", "-o", "-")
+    assert result.exit_code == 0, result.output
+    assert len(collection(result.stdout)) == 3
+    assert not (tmp_path / "-").exists()
+
+
 def test_output_files_as_operators_name_them(cli: Cli, conn: Conn, tmp_path: Path) -> None:
     add_polylines(conn)
     export = ("export", "geojson", "polylines", "--output")
