@@ -318,7 +318,7 @@ def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: d
         return out
     try:
         stat = backups._call(f"stat of {key}", lambda: backups.client.stat_object(
-            backups.bucket, key))
+            backups.bucket, key), "s3:GetObject")
         at = stat.last_modified
         out["last_backup"] = {"key": key, "dataset": row["version"], "at": at}
         out["last_backup_age_s"] = int((now - at).total_seconds()) if at else None
