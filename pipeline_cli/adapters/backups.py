@@ -12,6 +12,7 @@ import io
 import json
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, TypeVar
 
 import urllib3
@@ -202,6 +203,11 @@ class BackupStore:
                 raise
 
         return self._call(f"stat of {self._key(key)}", stat, "s3:GetObject")
+
+    def last_modified(self, key: str) -> datetime | None:
+        """When ``key`` was written (the server's clock); a missing one is a BackupError."""
+        return self._call(f"stat of {self._key(key)}", lambda: self.client.stat_object(
+            self.bucket, self._key(key)).last_modified, "s3:GetObject")
 
     def list(self, prefix: str) -> Iterator[str]:
         """The keys under ``prefix`` (relative to the store's prefix, as the others take);
