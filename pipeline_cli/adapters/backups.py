@@ -80,9 +80,11 @@ class BackupStore:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 detail) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            # Without retries urllib3 raises MaxRetryError, the timeout as its reason.
-            timed_out = isinstance(exc, urllib3.exceptions.TimeoutError) or isinstance(
-                getattr(exc, "reason", None), urllib3.exceptions.TimeoutError)
+            # Without retries urllib3 raises MaxRetryError, the timeout as its reason. A
+            # refused connection is a NewConnectionError, which urllib3 makes a timeout too.
+            reason = getattr(exc, "reason", None) or exc
+            timed_out = isinstance(reason, urllib3.exceptions.TimeoutError) and not isinstance(
+                reason, urllib3.exceptions.NewConnectionError)
             if timed_out and self.timeout is not None:
                 raise service_error(BackupError, "S3", self.endpoint,
                                     f"did not answer the {what} within "
