@@ -163,3 +163,18 @@ def test_an_endpoint_pasted_with_its_scheme(s3: S3Endpoint, s3_bucket: str) -> N
     store.put_bytes("x", b"x")
     assert store.get_bytes("x") == b"x"
     assert store.endpoint == s3.endpoint + "/"
+
+
+def test_listing_and_deleting_see_past_the_first_page_of_1000(s3: S3Endpoint,
+                                                              s3_bucket: str) -> None:
+    # ListObjects answers at most 1000 keys a page (SeaweedFS, as AWS): prune's listing of a
+    # dataset prefix must follow the continuation, or it would leave objects behind.
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, prefix="city-a")
+    store.put_bytes("datasets/ds-v2/manifest.json", b"{}")
+    keys = [f"datasets/ds-v1/virtual/gen-1/part-{i:05d}" for i in range(1005)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.put_bytes(key, b""), keys))
+    assert sorted(store.list("datasets/ds-v1/")) == keys
+    assert store.delete_prefix("datasets/ds-v1/") == 1005
+    assert list(store.list("datasets/")) == ["datasets/ds-v2/manifest.json"]
