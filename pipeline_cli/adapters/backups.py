@@ -93,7 +93,7 @@ class BackupStore:
                                 exc) from None
 
     def _denied(self, exc: S3Error, action: str) -> str:
-        """Why the server refused: a wrong access key, a wrong secret, a skewed clock, or
+        """Why the server refused: a wrong access key, a wrong secret, a clock far off, or
         credentials without ``action``. A 403 to a HEAD (stat, bucket check) has no body to
         say which, so a GET of the bucket list asks again (only on this failure path)."""
         code, message = exc.code, exc.message
@@ -109,10 +109,13 @@ class BackupStore:
         if code == "SignatureDoesNotMatch":
             return ("SignatureDoesNotMatch: the secret key does not belong to the access key "
                     "(check [s3] secret_key)")
+        if code == "RequestTimeTooSkewed":  # the request's signed time: this host's clock
+            return ("RequestTimeTooSkewed: this host's clock and the S3 server's differ by "
+                    "more than 15 minutes: check NTP on both")
         if code in ("AccessDenied", "AllAccessDisabled"):
             return (f"AccessDenied: the credentials of [s3] access_key may not {action} in "
                     f"{self.location} (the S3 user's or bucket's policy)")
-        return f"{code}: {message}"  # RequestTimeTooSkewed and the like say it themselves
+        return f"{code}: {message}"
 
     def ensure_bucket(self) -> None:
         if self._bucket_checked:
@@ -265,4 +268,5 @@ def normalize_prefix(prefix: str) -> str:
 
 
 # What a refused request answers: which it was, _denied finds out.
-_DENIED = ("AccessDenied", "AllAccessDisabled", "SignatureDoesNotMatch", "InvalidAccessKeyId")
+_DENIED = ("AccessDenied", "AllAccessDisabled", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+           "RequestTimeTooSkewed")

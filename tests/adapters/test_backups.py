@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,22 @@ def test_listing_and_deleting_see_past_the_first_page_of_1000(s3: S3Endpoint,
     assert sorted(store.list("datasets/ds-v1/")) == keys
     assert store.delete_prefix("datasets/ds-v1/") == 1005
     assert list(store.list("datasets/")) == ["datasets/ds-v2/manifest.json"]
+
+
+@pytest.mark.parametrize("call", ["stat", "put"])
+def test_a_clock_far_off_the_servers_says_so(s3: S3Endpoint, s3_bucket: str, call: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # SeaweedFS, as AWS, refuses a request signed more than 15 minutes off its clock. To a
+    # HEAD (stat, bucket check) that was "AccessDenied (check [s3] access_key/secret_key)".
+    # The client signs with this host's clock, set an hour back here; the server is real.
+    import minio.time
+
+    real = minio.time.utcnow
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, retries=0)
+    with monkeypatch.context() as patch, pytest.raises(BackupError) as err:
+        patch.setattr(minio.time, "utcnow", lambda: real() - timedelta(hours=1))
+        store.exists("x") if call == "stat" else store.put_bytes("x", b"x")
+    message = str(err.value)
+    assert message.endswith(": RequestTimeTooSkewed: this host's clock and the S3 server's "
+                            "differ by more than 15 minutes: check NTP on both"), message
