@@ -317,13 +317,12 @@ def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: d
         out["error"] = str(exc)
         return out
     try:
-        stat = backups._call(f"stat of {key}", lambda: backups.client.stat_object(
-            backups.bucket, key))
-        at = stat.last_modified
-        out["last_backup"] = {"key": key, "dataset": row["version"], "at": at}
+        at = backups.last_modified(key)
+        out["last_backup"] = {"key": backups.prefix + key, "dataset": row["version"], "at": at}
         out["last_backup_age_s"] = int((now - at).total_seconds()) if at else None
     except PipelineError as exc:
-        out["last_backup"] = {"key": key, "dataset": row["version"], "at": None}
+        out["last_backup"] = {"key": backups.prefix + key, "dataset": row["version"],
+                              "at": None}
         out["error"] = f"the newest dataset backup is missing or unreadable: {exc}"
     return out
 

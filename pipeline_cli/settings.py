@@ -807,6 +807,11 @@ def _validate(s: Settings) -> None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.s3.bucket or "a.b"):
         raise bad("s3", "bucket", "an S3 bucket name is 3-63 lowercase letters, digits, dots "
                   "and hyphens, starting and ending with a letter or digit")
+    if any(pair in s.s3.bucket for pair in ("..", ".-", "-.")):  # the minio client's rules
+        raise bad("s3", "bucket", "no two dots in a row, nor a dot next to a hyphen, in an S3 "
+                  "bucket name")
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", s.s3.bucket):
+        raise bad("s3", "bucket", "must not look like an IP address (S3 bucket naming rules)")
     for section, key in (("odata", "url"), ("odata", "proxy"), ("odata", "token_url"),
                          ("osrm", "url"), ("notify", "ping_url")):
         value = getattr(getattr(s, section), key)

@@ -7,9 +7,10 @@ S3 bucket, so tests never see each other's data.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,30 @@ def s3_bucket(s3: S3Endpoint) -> Iterator[str]:
     client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
                    secure=s3.secure, region=s3.region)
     drop_bucket(client, name)
+
+
+@pytest.fixture
+def s3_deny(s3: S3Endpoint, s3_bucket: str) -> Iterator[Callable[..., None]]:
+    """``s3_deny("s3:DeleteObject", ..., key="*")``: a bucket policy refusing those actions on
+    the objects ``key`` matches in ``s3_bucket`` to everyone (the test's credentials too), as
+    an operator's S3 user without them; replaces the last one; removed before the bucket is."""
+    from minio import Minio
+
+    client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
+                   secure=s3.secure, region=s3.region)
+    denied: list[str] = []
+
+    def deny(*actions: str, key: str = "*") -> None:
+        denied.extend(actions)
+        if not client.bucket_exists(s3_bucket):
+            client.make_bucket(s3_bucket)
+        client.set_bucket_policy(s3_bucket, json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": list(actions),
+             "Resource": [f"arn:aws:s3:::{s3_bucket}/{key}"]}]}))
+
+    yield deny
+    if denied:
+        client.delete_bucket_policy(s3_bucket)
 
 
 @pytest.fixture(scope="session")

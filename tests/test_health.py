@@ -325,6 +325,23 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
                                   "ds-v1 and every version before it are not there")
 
 
+@pytest.mark.s3
+def test_the_newest_backup_is_found_under_the_key_prefix(conn: Conn, s3: S3Endpoint,
+                                                         s3_bucket: str) -> None:
+    # With [s3] prefix set, status looked for datasets/ds-v1/manifest.json at the bucket's
+    # root and warned that the newest backup was missing (NoSuchKey).
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, timeout=3,
+                                prefix="city-a/x.y_(1)")
+    conn.execute("INSERT INTO datasets (version, seq, hash, backup_prefix, active) "
+                 "VALUES ('ds-v1', 1, 'h', 'datasets/ds-v1/', true)")
+    store.put_json("datasets/ds-v1/manifest.json", {"format": "test"})
+    report = collect_status(conn, backups=lambda seconds: store, sections=quiet_sections())
+    assert "error" not in report.s3, report.s3
+    assert report.s3["last_backup"]["key"] == "city-a/x.y_(1)/datasets/ds-v1/manifest.json"
+    assert 0 <= report.s3["last_backup_age_s"] < 120
+
+
 def test_prometheus_text_is_well_formed(conn: Conn, database_url: str) -> None:
     run(database_url, "sync-odata", "success")
     report = collect_status(conn, sections=quiet_sections(gps=lambda env: {

@@ -116,6 +116,11 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
         ("", {"PIPELINE_REDIS_URL": "redis://h:6379/abc"}, "[redis] url: the database must"),
         ("", {"PIPELINE_S3_ENDPOINT": "127.0.0.1:abc"}, "[s3] endpoint: port could not be"),
         ("", {"PIPELINE_S3_BUCKET": "Bad_Bucket!"}, "[s3] bucket: an S3 bucket name is"),
+        ("", {"PIPELINE_S3_BUCKET": "Pipeline"}, "[s3] bucket: an S3 bucket name is 3-63 lower"),
+        # What the minio client refuses when called: "internal error: ValueError", exit 1.
+        ("", {"PIPELINE_S3_BUCKET": "pipe..line"}, "[s3] bucket: no two dots in a row, nor"),
+        ("", {"PIPELINE_S3_BUCKET": "pipe.-line"}, "[s3] bucket: no two dots in a row, nor"),
+        ("", {"PIPELINE_S3_BUCKET": "192.168.1.10"}, "[s3] bucket: must not look like an IP"),
         ("", {"PIPELINE_S3_PREFIX": "city a"}, "[s3] prefix: expected segments of letters"),
         ("", {"PIPELINE_S3_PREFIX": "a//b"}, "[s3] prefix: expected segments"),
         ("", {"PIPELINE_S3_PREFIX": "a/../b"}, "[s3] prefix: expected segments"),

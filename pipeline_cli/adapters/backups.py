@@ -12,6 +12,7 @@ import io
 import json
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, TypeVar
 
 import urllib3
@@ -64,20 +65,26 @@ class BackupStore:
     def _key(self, key: str) -> str:
         return self.prefix + key
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], action: str) -> T:
+        """``fn()``, its errors wrapped into one BackupError line; ``action`` is the S3
+        permission it needs (s3:PutObject...), named when the server denies it."""
         try:
             return fn()
         except S3Error as exc:
-            detail = f"{exc.code}{_hint(exc)}: {exc.message}"
+            detail = f"{exc.code}: {exc.message}"
             if exc.code == "NoSuchBucket":  # the server's message names no bucket
                 detail = (f"NoSuchBucket: bucket {self.bucket!r} does not exist: check [s3] "
                           "bucket and endpoint (a stage that writes creates it)")
+            elif exc.code in _DENIED:
+                detail = self._denied(exc, action)
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 detail) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            # Without retries urllib3 raises MaxRetryError, the timeout as its reason.
-            timed_out = isinstance(exc, urllib3.exceptions.TimeoutError) or isinstance(
-                getattr(exc, "reason", None), urllib3.exceptions.TimeoutError)
+            # Without retries urllib3 raises MaxRetryError, the timeout as its reason. A
+            # refused connection is a NewConnectionError, which urllib3 makes a timeout too.
+            reason = getattr(exc, "reason", None) or exc
+            timed_out = isinstance(reason, urllib3.exceptions.TimeoutError) and not isinstance(
+                reason, urllib3.exceptions.NewConnectionError)
             if timed_out and self.timeout is not None:
                 raise service_error(BackupError, "S3", self.endpoint,
                                     f"did not answer the {what} within "
@@ -85,34 +92,60 @@ class BackupStore:
             raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
                                 exc) from None
 
+    def _denied(self, exc: S3Error, action: str) -> str:
+        """Why the server refused: a wrong access key, a wrong secret, a clock far off, or
+        credentials without ``action``. A 403 to a HEAD (stat, bucket check) has no body to
+        say which, so a GET of the bucket list asks again (only on this failure path)."""
+        code, message = exc.code, exc.message
+        if code == "AccessDenied" and not exc.response.data:  # minio's own code for a 403
+            try:
+                self.client.list_buckets()
+            except S3Error as again:
+                code, message = again.code, again.message
+            except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                pass  # no better answer: the denial stands
+        if code == "InvalidAccessKeyId":
+            return "InvalidAccessKeyId: the server knows no such access key (check [s3] access_key)"
+        if code == "SignatureDoesNotMatch":
+            return ("SignatureDoesNotMatch: the secret key does not belong to the access key "
+                    "(check [s3] secret_key)")
+        if code == "RequestTimeTooSkewed":  # the request's signed time: this host's clock
+            return ("RequestTimeTooSkewed: this host's clock and the S3 server's differ by "
+                    "more than 15 minutes: check NTP on both")
+        if code in ("AccessDenied", "AllAccessDisabled"):
+            return (f"AccessDenied: the credentials of [s3] access_key may not {action} in "
+                    f"{self.location} (the S3 user's or bucket's policy)")
+        return f"{code}: {message}"
+
     def ensure_bucket(self) -> None:
         if self._bucket_checked:
             return
 
         def make() -> None:
-            if not self.client.bucket_exists(self.bucket):
-                try:
-                    self.client.make_bucket(self.bucket)
-                except S3Error as exc:
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
         with self._bucket_lock:
             if not self._bucket_checked:
-                self._call(f"bucket check of {self.bucket}", make)
+                if not self.bucket_exists():
+                    self._call(f"creation of bucket {self.bucket}", make, "s3:CreateBucket")
                 self._bucket_checked = True
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"
                   ) -> None:
         self.ensure_bucket()
         self._call(f"upload of {self._key(key)}", lambda: self.client.put_object(
-            self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type))
+            self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type),
+            "s3:PutObject")
 
     def put_file(self, key: str, path: str, content_type: str = "application/octet-stream"
                  ) -> None:
         self.ensure_bucket()
         self._call(f"upload of {self._key(key)}", lambda: self.client.fput_object(
-            self.bucket, self._key(key), path, content_type=content_type))
+            self.bucket, self._key(key), path, content_type=content_type), "s3:PutObject")
 
     def put_json(self, key: str, obj: Any, *, gzipped: bool = False) -> None:
         data = json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str).encode()
@@ -136,7 +169,7 @@ class BackupStore:
                 resp.close()
                 resp.release_conn()
 
-        return self._call(f"download of {self._key(key)}", get)
+        return self._call(f"download of {self._key(key)}", get, "s3:GetObject")
 
     def get_bytes(self, key: str) -> bytes:
         data = self._download(key)
@@ -161,21 +194,25 @@ class BackupStore:
 
     def get_file(self, key: str, path: str) -> None:
         self._call(f"download of {self._key(key)}",
-                   lambda: self.client.fget_object(self.bucket, self._key(key), path))
+                   lambda: self.client.fget_object(self.bucket, self._key(key), path),
+                   "s3:GetObject")
 
     def exists(self, key: str) -> bool:
-        try:
-            self.client.stat_object(self.bucket, self._key(key))
-            return True
-        except S3Error as exc:
-            if exc.code in _MISSING:
-                return False
-            raise service_error(BackupError, "S3", self.endpoint,
-                                f"stat of {self._key(key)} failed",
-                                f"{exc.code}{_hint(exc)}") from None
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise service_error(BackupError, "S3", self.endpoint,
-                                f"stat of {self._key(key)} failed", exc) from None
+        def stat() -> bool:
+            try:
+                self.client.stat_object(self.bucket, self._key(key))
+                return True
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    return False
+                raise
+
+        return self._call(f"stat of {self._key(key)}", stat, "s3:GetObject")
+
+    def last_modified(self, key: str) -> datetime | None:
+        """When ``key`` was written (the server's clock); a missing one is a BackupError."""
+        return self._call(f"stat of {self._key(key)}", lambda: self.client.stat_object(
+            self.bucket, self._key(key)).last_modified, "s3:GetObject")
 
     def list(self, prefix: str) -> Iterator[str]:
         """The keys under ``prefix`` (relative to the store's prefix, as the others take);
@@ -189,7 +226,7 @@ class BackupStore:
                     return []
                 raise
 
-        objects = self._call(f"listing of {self._key(prefix)}", listing)
+        objects = self._call(f"listing of {self._key(prefix)}", listing, "s3:ListBucket")
         for obj in objects:
             if obj.object_name:
                 yield obj.object_name[len(self.prefix):]
@@ -199,24 +236,25 @@ class BackupStore:
         for key in keys:
             self._call(f"delete of {self._key(key)}",
                        lambda k=key: self.client.remove_object(  # type: ignore[misc]
-                           self.bucket, self._key(k)))
+                           self.bucket, self._key(k)), "s3:DeleteObject")
         return len(keys)
 
     def bucket_exists(self) -> bool:
         return self._call(f"bucket check of {self.bucket}",
-                          lambda: self.client.bucket_exists(self.bucket))
+                          lambda: self.client.bucket_exists(self.bucket), "s3:ListBucket")
 
     def delete(self, key: str) -> None:
         self._call(f"delete of {self._key(key)}",
-                   lambda: self.client.remove_object(self.bucket, self._key(key)))
+                   lambda: self.client.remove_object(self.bucket, self._key(key)),
+                   "s3:DeleteObject")
 
     def may_create_buckets(self, probe_bucket: str) -> None:
         """Create and at once remove ``probe_bucket``: raises BackupError unless the
         credentials may create buckets (the honest answer; S3 has no "may I" call)."""
         self._call(f"creation of probe bucket {probe_bucket}",
-                   lambda: self.client.make_bucket(probe_bucket))
+                   lambda: self.client.make_bucket(probe_bucket), "s3:CreateBucket")
         self._call(f"removal of probe bucket {probe_bucket}",
-                   lambda: self.client.remove_bucket(probe_bucket))
+                   lambda: self.client.remove_bucket(probe_bucket), "s3:DeleteBucket")
 
 
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
@@ -229,9 +267,6 @@ def normalize_prefix(prefix: str) -> str:
     return stripped + "/" if stripped else ""
 
 
-# A wrong secret key reads only "AccessDenied" (or a signature mismatch): say which settings.
-_CREDENTIAL_CODES = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
-
-
-def _hint(exc: S3Error) -> str:
-    return " (check [s3] access_key/secret_key)" if exc.code in _CREDENTIAL_CODES else ""
+# What a refused request answers: which it was, _denied finds out.
+_DENIED = ("AccessDenied", "AllAccessDisabled", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+           "RequestTimeTooSkewed")

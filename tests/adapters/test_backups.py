@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,13 +46,47 @@ def test_s3_down_is_one_short_line_naming_the_endpoint(s3: S3Endpoint, s3_bucket
     assert s3.secret_key not in message and "X-Amz" not in message and "?" not in message
 
 
-def test_a_wrong_secret_names_the_settings_to_check(s3: S3Endpoint, s3_bucket: str) -> None:
-    # "AccessDenied" alone left the operator guessing which setting was wrong.
-    store = BackupStore.connect(s3.endpoint, s3.access_key, "wrong-" + s3.secret_key,
-                                s3_bucket, retries=0)
+@pytest.mark.parametrize("call", ["put", "stat", "get"])
+@pytest.mark.parametrize("wrong", ["access_key", "secret_key"])
+def test_wrong_credentials_name_the_setting_to_check(s3: S3Endpoint, s3_bucket: str,
+                                                     wrong: str, call: str) -> None:
+    # "AccessDenied (check [s3] access_key/secret_key)" left the operator guessing which one:
+    # a stat or bucket check is a HEAD, whose 403 carries no code saying why.
+    secret = "wrong-Secret-77"
+    access, key = ("nosuchkey", s3.secret_key) if wrong == "access_key" else (
+        s3.access_key, secret)
+    store = BackupStore.connect(s3.endpoint, access, key, s3_bucket, retries=0)
+    calls = {"put": lambda: store.put_bytes("x", b"x"),
+             "stat": lambda: store.exists("x"), "get": lambda: store.get_bytes("x")}
     with pytest.raises(BackupError) as err:
-        store.put_bytes("x", b"x")
-    assert "(check [s3] access_key/secret_key)" in str(err.value), str(err.value)
+        calls[call]()
+    message = str(err.value)
+    code = "InvalidAccessKeyId" if wrong == "access_key" else "SignatureDoesNotMatch"
+    assert f": {code}: " in message and message.endswith(f"(check [s3] {wrong})"), message
+    assert "\n" not in message and secret not in message and s3.secret_key not in message
+
+
+@pytest.mark.parametrize(("action", "call"), [
+    ("s3:PutObject", lambda store: store.put_bytes("datasets/ds-v1/manifest.json", b"{}")),
+    ("s3:DeleteObject", lambda store: store.delete_prefix("datasets/ds-v1/")),
+    ("s3:GetObject", lambda store: store.exists("datasets/ds-v1/manifest.json")),
+])
+def test_an_action_the_credentials_may_not_do_is_named(
+        s3: S3Endpoint, s3_bucket: str, s3_deny: Callable[..., None], action: str,
+        call: Callable[[BackupStore], object]) -> None:
+    # Credentials that may write but not delete (or read only) read "AccessDenied (check
+    # [s3] access_key/secret_key)": the keys were right, a permission was missing.
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, retries=0, prefix="city-a")
+    store.put_bytes("datasets/ds-v1/manifest.json", b"{}")
+    s3_deny(action)
+    with pytest.raises(BackupError) as err:
+        call(store)
+    message = str(err.value)
+    assert message.endswith(
+        f"AccessDenied: the credentials of [s3] access_key may not {action} in bucket "
+        f"'{s3_bucket}', prefix 'city-a/' (the S3 user's or bucket's policy)"), message
+    assert "\n" not in message and "secret_key" not in message
 
 
 def test_a_key_prefix_keeps_every_key_under_it(s3: S3Endpoint, s3_bucket: str) -> None:
@@ -128,3 +164,37 @@ def test_an_endpoint_pasted_with_its_scheme(s3: S3Endpoint, s3_bucket: str) -> N
     store.put_bytes("x", b"x")
     assert store.get_bytes("x") == b"x"
     assert store.endpoint == s3.endpoint + "/"
+
+
+def test_listing_and_deleting_see_past_the_first_page_of_1000(s3: S3Endpoint,
+                                                              s3_bucket: str) -> None:
+    # ListObjects answers at most 1000 keys a page (SeaweedFS, as AWS): prune's listing of a
+    # dataset prefix must follow the continuation, or it would leave objects behind.
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, prefix="city-a")
+    store.put_bytes("datasets/ds-v2/manifest.json", b"{}")
+    keys = [f"datasets/ds-v1/virtual/gen-1/part-{i:05d}" for i in range(1005)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.put_bytes(key, b""), keys))
+    assert sorted(store.list("datasets/ds-v1/")) == keys
+    assert store.delete_prefix("datasets/ds-v1/") == 1005
+    assert list(store.list("datasets/")) == ["datasets/ds-v2/manifest.json"]
+
+
+@pytest.mark.parametrize("call", ["stat", "put"])
+def test_a_clock_far_off_the_servers_says_so(s3: S3Endpoint, s3_bucket: str, call: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # SeaweedFS, as AWS, refuses a request signed more than 15 minutes off its clock. To a
+    # HEAD (stat, bucket check) that was "AccessDenied (check [s3] access_key/secret_key)".
+    # The client signs with this host's clock, set an hour back here; the server is real.
+    import minio.time
+
+    real = minio.time.utcnow
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region, retries=0)
+    with monkeypatch.context() as patch, pytest.raises(BackupError) as err:
+        patch.setattr(minio.time, "utcnow", lambda: real() - timedelta(hours=1))
+        store.exists("x") if call == "stat" else store.put_bytes("x", b"x")
+    message = str(err.value)
+    assert message.endswith(": RequestTimeTooSkewed: this host's clock and the S3 server's "
+                            "differ by more than 15 minutes: check NTP on both"), message

@@ -4,12 +4,14 @@ streak visible, status shows the last prune, a bad setting, and the installed sc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
+from devtools.odata_server import ODataServer, sample_network
 from tests.support.clirunner import Cli
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -87,3 +89,25 @@ def test_without_dataset_retention_s3_is_not_needed(run_cli: Cli, conn: Conn) ->
     run_cli.env["PIPELINE_RETENTION_DATASETS"] = "0"  # no [s3] settings at all
     out = json.loads(run_cli("prune", "--json").stdout)
     assert out["status"] == "success" and out["counts"]["gps_points"] == 2
+
+
+def test_credentials_that_may_not_delete_fail_prune_and_keep_everything(
+        cli: Cli, conn: Conn, s3_deny: Callable[..., None]) -> None:
+    """S3 credentials with Read/Write but no Delete: prune fails on its first delete with one
+    line naming the action, exit 1, and keeps every dataset row (S3 goes first)."""
+    with ODataServer(sample_network(30), page_size=20) as server:
+        cli.env.update({"PIPELINE_ODATA_URL": server.url, "PIPELINE_RETENTION_DATASETS": "1"})
+        assert cli("sync-odata").exit_code == 0
+        s3_deny("s3:DeleteObject")
+        server.update_row("Stops", 2, name="Other name")
+        assert cli("sync-odata").exit_code == 0
+        proc = cli.subprocess("prune")
+    assert proc.returncode == 1, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("pipeline prune: error: S3 ") and "delete of datasets/ds-v1/" in error
+    assert error.endswith("AccessDenied: the credentials of [s3] access_key may not "
+                          f"s3:DeleteObject in bucket '{cli.env['PIPELINE_S3_BUCKET']}' (the "
+                          "S3 user's or bucket's policy)"), error
+    assert [r["version"] for r in conn.execute("SELECT version FROM datasets ORDER BY seq")] \
+        == ["ds-v1", "ds-v2"]
+    assert runs(conn)[-1] == ("prune", "failed")

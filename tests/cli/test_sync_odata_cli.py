@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +297,36 @@ def test_a_service_that_does_not_page_points_at_client_paging(
         "malformed setting [odata] paging: 'client' needs [odata] orderby = true: $skip "
         "needs a stable order"), bad.stderr
     assert server.request_count() == requests
+
+
+def test_read_only_s3_credentials_fail_the_sync_before_it_commits(
+        cli: Cli, conn: psycopg.Connection[dict[str, Any]],
+        s3_deny: Callable[..., None]) -> None:
+    # A version never exists without its backup; the line names the action refused, not
+    # the keys (they were right).
+    s3_deny("s3:PutObject")
+    result = cli.subprocess("sync-odata")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert " upload of datasets/ds-v1/" in error and error.endswith(
+        "AccessDenied: the credentials of [s3] access_key may not s3:PutObject in bucket "
+        f"'{cli.env['PIPELINE_S3_BUCKET']}' (the S3 user's or bucket's policy)"), error
+    assert conn.execute("SELECT count(*) AS n FROM datasets").fetchone() == {"n": 0}
+    run = conn.execute("SELECT status, error FROM stage_runs").fetchone()
+    assert run is not None and run["status"] == "failed" and "s3:PutObject" in run["error"]
+    doctor = cli("doctor", "--json")
+    s3 = next(c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "s3")
+    assert s3["ok"] is False and "may not s3:PutObject" in s3["detail"], s3
+
+
+def test_an_orphan_upload_is_overwritten_without_delete_rights(
+        cli: Cli, conn: psycopg.Connection[dict[str, Any]],
+        s3_deny: Callable[..., None]) -> None:
+    # A run that failed after its raw uploads leaves them under ds-v1/; the next run writes
+    # over them, which S3 allows with PutObject alone.
+    s3_deny("s3:PutObject", key="datasets/ds-v1/manifest.json")
+    assert cli("sync-odata").exit_code == 1
+    s3_deny("s3:DeleteObject")
+    result = cli("sync-odata", "--json")
+    assert result.exit_code == 0, result.output
+    assert as_json(result.stdout)["dataset_version"] == "ds-v1"
