@@ -206,7 +206,7 @@ def _database(s: Settings) -> str:
 def _redis(s: Settings) -> str:
     import redis
 
-    from .adapters.graph_store import wrap_errors
+    from .adapters.graph_store import eviction_risk, wrap_errors
 
     try:  # a plain client even for a cluster: INFO answers on the node of the URL
         client = redis.Redis.from_url(str(s.require("redis", "url")),
@@ -240,13 +240,9 @@ def _redis(s: Settings) -> str:
                       "set [redis] cluster = false")
     if enabled and state != "ok":
         raise _Failed(f"Redis Cluster state is {state or '?'}: some slots are not served")
-    policy, limit = str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0))
-    if limit and policy.startswith("allkeys-"):  # graph keys have no TTL: volatile-* spares them
-        raise _Failed(f"Redis {version} has maxmemory-policy {policy} with maxmemory "
-                      f"{limit / 2**20:.0f} MiB: when it fills up it evicts any key, a graph's "
-                      "included, and the routing API misses stops in silence; set "
-                      "maxmemory-policy noeviction (build-graph then fails loudly) or maxmemory 0 "
-                      "(no limit)")
+    risk = eviction_risk(info)
+    if risk:
+        raise _Failed(f"Redis {version} {risk}")
     return (f"Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}; "
             f"{_prefix_owner(s)}")
 

@@ -204,6 +204,19 @@ def _explain(client: redis.Redis, exc: Exception, what: str) -> RedisError | Non
     return None
 
 
+def eviction_risk(info: dict[str, Any]) -> str | None:
+    """What an ``INFO memory`` answer means for graph keys: a sentence when Redis may evict
+    them (a memory limit with an ``allkeys-*`` policy; graph keys have no TTL, so volatile-*
+    spares them), else None. Doctor fails on it, status warns."""
+    policy, limit = str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0) or 0)
+    if not (limit and policy.startswith("allkeys-")):
+        return None
+    return (f"has maxmemory-policy {policy} with maxmemory {limit / 2**20:.0f} MiB: when it "
+            "fills up it evicts any key, a graph's included, and the routing API misses stops "
+            "in silence; set maxmemory-policy noeviction (build-graph then fails loudly) or "
+            "maxmemory 0 (no limit)")
+
+
 def _info(client: redis.Redis, section: str) -> dict[str, Any]:
     """INFO ``section`` for an error message; empty when the server refuses it (an ACL
     without @dangerous) or cannot answer."""
@@ -302,6 +315,17 @@ class GraphReader:
         afterwards (eviction, a stray DEL) need :meth:`is_complete`."""
         with wrap_errors(self.client, f"checking graph {version}"):
             return bool(self.client.exists(self.meta_key(version)))
+
+    def eviction_risk(self) -> str | None:
+        """:func:`eviction_risk` of this server (on a cluster, the node of the URL); None
+        when the ACL user may not read INFO (build-graph needs none: nothing to warn of)."""
+        try:
+            with wrap_errors(self.client, "reading INFO memory"):
+                info = self.client.info("memory")
+        except RedisRefused:
+            return None
+        risk = eviction_risk(info) if isinstance(info, dict) else None
+        return None if risk is None else f"Redis {endpoint(self.client)} {risk}"
 
     def missing_keys(self, version: str) -> int | None:
         """How many adjacency keys ``version`` lacks against the ``nodes`` its meta records

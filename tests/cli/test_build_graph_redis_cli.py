@@ -88,3 +88,29 @@ def test_out_of_memory_midway_keeps_the_active_graph(
     graph = json.loads(cli("status", "--json").stdout)["graph"]
     assert graph["redis_pointer"] == "graph-v1" and graph["consistent"], graph
     admin.close()
+
+
+def test_status_warns_of_a_policy_that_evicts_graph_keys(
+        cli: Cli, conn: Conn, services: LocalServices) -> None:
+    """maxmemory with an allkeys-* policy evicts graph keys (the pointer included) in silence
+    when Redis fills up: status warns before any is lost, not only after; volatile-* spares
+    them (graph keys have no TTL), and no limit evicts nothing."""
+    seed_network(conn, n_real=8, n_virtual=4, n_routes=12)
+    url = services.start_redis_server()
+    cli.env["PIPELINE_REDIS_URL"] = url
+    assert cli("build-graph").exit_code == 0
+    admin = redis.Redis.from_url(url)
+    admin.config_set("maxmemory", str(64 * 2**20))
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    obj = json.loads(cli("status", "--json").stdout)
+    assert obj["graph"]["consistent"], obj["graph"]  # nothing lost yet
+    warning = next(p for p in obj["problems"] if p["area"] == "graph")
+    assert warning["level"] == "warning", warning
+    assert "maxmemory-policy allkeys-lru" in warning["message"], warning
+    assert "noeviction" in warning["message"]
+    for policy, limit in (("volatile-lru", 64 * 2**20), ("allkeys-lru", 0)):
+        admin.config_set("maxmemory-policy", policy)
+        admin.config_set("maxmemory", str(limit))
+        obj = json.loads(cli("status", "--json").stdout)
+        assert not [p for p in obj["problems"] if p["area"] == "graph"], obj["problems"]
+    admin.close()
