@@ -173,8 +173,8 @@ def _explain(client: redis.Redis, exc: Exception, what: str) -> RedisError | Non
     server = f"Redis {endpoint(client)}"
     if isinstance(exc, redis.exceptions.AuthenticationError) and code == "NOAUTH":
         return RedisRefused(f"{server} requires a password and [redis] url gives none (NOAUTH) "
-                            f"while {what}: put it in the URL, "
-                            "redis://USER:PASSWORD@host:port/db")
+                            f"while {what}: put user:password@ in the URL before the host "
+                            "(user 'default' for requirepass)")
     if isinstance(exc, redis.exceptions.AuthenticationError) and code == "WRONGPASS":
         return RedisRefused(f"{server} refused the user name or password of [redis] url "
                             "(WRONGPASS: a wrong password, or the user is unknown or disabled) "

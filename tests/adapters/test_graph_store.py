@@ -26,6 +26,7 @@ from pipeline_cli.adapters.graph_store import (
     encode_adjacency,
 )
 from pipeline_cli.errors import RedisError
+from pipeline_cli.settings import mask_passwords
 
 
 @pytest.fixture
@@ -356,6 +357,7 @@ def test_a_password_missing_or_wrong_is_one_line_naming_the_url(
         text = str(err.value)
         assert expect in text and "HELLO" not in text, text
         assert "Secret-pw-1" not in text and "Wrong-pw-2" not in text and "\n" not in text
+        assert mask_passwords(text) == text, text  # no hint the log masks into ***
         assert err.value.exit_code == 78
     admin.close()
 
