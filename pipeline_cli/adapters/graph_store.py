@@ -32,6 +32,7 @@ node's memory) is in docs/build-graph.md "Redis Cluster".
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from typing import Any
 
 import redis
 
-from ..errors import ConfigError, PipelineError, RedisError, service_error
+from ..errors import EXIT_CONFIG, ConfigError, PipelineError, RedisError, service_error
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
@@ -61,6 +62,14 @@ class PrefixOwned(ConfigError):
             f"{owner}; this database is {identity}): give each database a prefix of its own, "
             "[redis] prefix (PIPELINE_REDIS_PREFIX)")
         self.owner = owner
+
+
+class RedisRefused(RedisError):
+    """Redis refuses what every run of this configuration asks: a password missing or wrong,
+    a read-only replica, a command renamed away or not granted to the ACL user. A setting to
+    fix, not an outage the next run outlives (exit 78)."""
+
+    exit_code = EXIT_CONFIG
 
 
 class GraphVersionGone(RedisError):
@@ -146,8 +155,76 @@ def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
         raise service_error(RedisError, "Redis", endpoint(client),
                             f"did not answer within {seconds:g} s while {what}") from None
     except _DRIVER_ERRORS as exc:
-        raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
-                            exc) from None
+        explained = _explain(client, exc, what)
+        if explained is None:
+            raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
+                                exc) from None
+        logging.getLogger("pipeline.services").debug(
+            "Redis %s failed while %s: %s: %s", endpoint(client), what, type(exc).__name__, exc)
+        raise explained from None
+
+
+def _explain(client: redis.Redis, exc: Exception, what: str) -> RedisError | None:
+    """What a Redis set up by someone else refused while ``what``, and the setting to change,
+    in place of the driver's text (which names HELLO, a script's source or the pipeline's
+    MSET); None for anything else."""
+    text = str(exc).split(" of pipeline caused error: ")[-1]  # redis-py's pipeline preamble
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    server = f"Redis {endpoint(client)}"
+    if isinstance(exc, redis.exceptions.AuthenticationError) and code == "NOAUTH":
+        return RedisRefused(f"{server} requires a password and [redis] url gives none (NOAUTH) "
+                            f"while {what}: put user:password@ in the URL before the host "
+                            "(user 'default' for requirepass)")
+    if isinstance(exc, redis.exceptions.AuthenticationError) and code == "WRONGPASS":
+        return RedisRefused(f"{server} refused the user name or password of [redis] url "
+                            "(WRONGPASS: a wrong password, or the user is unknown or disabled) "
+                            f"while {what}")
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        info = _info(client, "replication")
+        primary = (f" of {info['master_host']}:{info['master_port']}"
+                   if "master_host" in info else "")
+        return RedisRefused(f"{server} is a read-only replica{primary} (READONLY) and refused a "
+                            f"write while {what}: point [redis] url at the primary")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return RedisRefused(f"{server} refused the ACL user of [redis] url (NOPERM: "
+                            f"{text.rstrip('.')}) while {what}: grant it ~<prefix>:* +@read "
+                            "+@write +@scripting, and +select for a database other than 0 "
+                            "(docs/build-graph.md)")
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        info = _info(client, "memory")
+        limit = (f" (maxmemory {info.get('maxmemory_human', '?')}, policy "
+                 f"{info.get('maxmemory_policy', '?')})" if info else "")
+        return RedisError(f"{server} is out of memory{limit} while {what}: raise maxmemory, or "
+                          "lower [graph] retention (each kept version holds memory)")
+    if text.startswith("unknown command"):  # rename-command NAME "" on a managed Redis
+        name = text.split(",")[0].removeprefix("unknown command").strip()
+        return RedisRefused(f"{server} does not know the command {name} (renamed or disabled "
+                            f"on the server) while {what}: the pipeline needs it "
+                            "(docs/build-graph.md)")
+    return None
+
+
+def eviction_risk(info: dict[str, Any]) -> str | None:
+    """What an ``INFO memory`` answer means for graph keys: a sentence when Redis may evict
+    them (a memory limit with an ``allkeys-*`` policy; graph keys have no TTL, so volatile-*
+    spares them), else None. Doctor fails on it, status warns."""
+    policy, limit = str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0) or 0)
+    if not (limit and policy.startswith("allkeys-")):
+        return None
+    return (f"has maxmemory-policy {policy} with maxmemory {limit / 2**20:.0f} MiB: when it "
+            "fills up it evicts any key, a graph's included, and the routing API misses stops "
+            "in silence; set maxmemory-policy noeviction (build-graph then fails loudly) or "
+            "maxmemory 0 (no limit)")
+
+
+def _info(client: redis.Redis, section: str) -> dict[str, Any]:
+    """INFO ``section`` for an error message; empty when the server refuses it (an ACL
+    without @dangerous) or cannot answer."""
+    try:
+        info: dict[str, Any] = client.info(section)
+    except _DRIVER_ERRORS:
+        return {}
+    return info
 
 
 def _socket_timeout(client: redis.Redis) -> float | None:
@@ -238,6 +315,17 @@ class GraphReader:
         afterwards (eviction, a stray DEL) need :meth:`is_complete`."""
         with wrap_errors(self.client, f"checking graph {version}"):
             return bool(self.client.exists(self.meta_key(version)))
+
+    def eviction_risk(self) -> str | None:
+        """:func:`eviction_risk` of this server (on a cluster, the node of the URL); None
+        when the ACL user may not read INFO (build-graph needs none: nothing to warn of)."""
+        try:
+            with wrap_errors(self.client, "reading INFO memory"):
+                info = self.client.info("memory")
+        except RedisRefused:
+            return None
+        risk = eviction_risk(info) if isinstance(info, dict) else None
+        return None if risk is None else f"Redis {endpoint(self.client)} {risk}"
 
     def missing_keys(self, version: str) -> int | None:
         """How many adjacency keys ``version`` lacks against the ``nodes`` its meta records

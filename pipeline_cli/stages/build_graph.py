@@ -1034,8 +1034,8 @@ def shortest_path(reader: GraphReader, source: str, target: str, *,
 def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = None
                    ) -> dict[str, Any]:
     """The active graph for ``pipeline status``: its PostgreSQL record, the Redis pointer and
-    whether they agree, and whether the prefix belongs to this database. Three indexed
-    lookups and three Redis calls."""
+    whether they agree, whether the prefix belongs to this database, and whether Redis may
+    evict graph keys. Three indexed lookups and four Redis calls."""
     with db.wrap_errors("reading the active graph"):
         row = conn.execute(db.query("build_graph", "active_graph")).fetchone()
         identity = db.deployment_id(conn)
@@ -1052,6 +1052,7 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         "activated_at": row["activated_at"] if row else None,
         "deployment_id": identity, "redis_owner": None,
         "redis_pointer": None, "redis_complete": None, "consistent": None, "problem": None,
+        "redis_eviction": None,
     }
     if reader is None:
         return out
@@ -1065,6 +1066,7 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
             out["problem"] = str(PrefixOwned(reader.prefix, owner, identity))
             return out
         missing = reader.missing_keys(pointer) if pointer else None
+        out["redis_eviction"] = reader.eviction_risk()
     except RedisError as exc:
         out["problem"] = f"Redis unreachable: {exc}"
         out["consistent"] = False

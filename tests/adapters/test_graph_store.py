@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devtools.cleanup import drop_prefix
+from devtools.services import LocalServices
 from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.graph_store import (
     Edge,
@@ -25,6 +26,7 @@ from pipeline_cli.adapters.graph_store import (
     encode_adjacency,
 )
 from pipeline_cli.errors import RedisError
+from pipeline_cli.settings import mask_passwords
 
 
 @pytest.fixture
@@ -261,7 +263,7 @@ def test_an_acl_user_and_a_database_number_in_the_url(redis_url: str,
         with pytest.raises(RedisError) as err:
             GraphStore(wrong, redis_prefix).owner()
         wrong.close()
-        assert "invalid username-password pair" in str(err.value)
+        assert "WRONGPASS" in str(err.value) and err.value.exit_code == 78
         assert "Secret" not in str(err.value) and "\n" not in str(err.value)
     finally:
         client.close()
@@ -312,3 +314,107 @@ def test_a_unix_socket_url(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+# --------------------------------------- Redis set up by someone else (managed, ACL, replica)
+# Each test starts a redis-server of its own with the option under test.
+
+
+def _own_redis(services: LocalServices, *args: str) -> tuple[str, redis.Redis]:
+    url = services.start_redis_server(args=args)
+    return url, redis.Redis.from_url(url)
+
+
+def test_a_managed_redis_without_config_keys_flushdb_script_debug(
+        services: LocalServices) -> None:
+    """A managed Redis renames CONFIG, KEYS, FLUSHDB, SCRIPT and DEBUG away: publishing,
+    switching, reading, retention and deletion use none of them."""
+    args = [a for c in ("CONFIG", "KEYS", "FLUSHDB", "SCRIPT", "DEBUG")
+            for a in ("--rename-command", c, "")]
+    url, admin = _own_redis(services, *args)
+    store = GraphStore(graph_store.connect(url), "p", chunk_size=3)
+    store.claim_before_writing("deployment-a")
+    for version in ("graph-v1", "graph-v2", "graph-v3"):
+        write(store, version)
+        store.switch_active(version)
+    assert store.retain(2) == ["graph-v1"]
+    assert store.is_complete("graph-v3") and store.neighbors("N1")[0] == "graph-v3"
+    assert store.delete_version("graph-v2") == 11
+    admin.close()
+
+
+def test_a_password_missing_or_wrong_is_one_line_naming_the_url(
+        services: LocalServices) -> None:
+    """requirepass: a URL without the password (NOAUTH) and one with a wrong password
+    (WRONGPASS) fail with one line that says which, never the password, exit 78: a setting
+    to fix, not an outage (the driver's text was about HELLO)."""
+    url, admin = _own_redis(services)
+    admin.config_set("requirepass", "Secret-pw-1")
+    for given, expect in ((url, "requires a password and [redis] url gives none"),
+                          (url.replace("redis://", "redis://:Wrong-pw-2@"), "WRONGPASS")):
+        with pytest.raises(RedisError) as err:
+            GraphStore(graph_store.connect(given), "p").owner()
+        text = str(err.value)
+        assert expect in text and "HELLO" not in text, text
+        assert "Secret-pw-1" not in text and "Wrong-pw-2" not in text and "\n" not in text
+        assert mask_passwords(text) == text, text  # no hint the log masks into ***
+        assert err.value.exit_code == 78
+    admin.close()
+
+
+def test_a_read_only_replica_is_named_with_its_primary(services: LocalServices) -> None:
+    """[redis] url naming a replica (replica-read-only yes, the default): the first write
+    fails with one line that says the server is a replica and names its primary, exit 78."""
+    primary, _ = _own_redis(services)
+    replica_url, replica = _own_redis(services, "--repl-diskless-load", "swapdb")  # no file
+    port = int(primary.rsplit(":", 1)[1].split("/")[0])
+    replica.replicaof("127.0.0.1", port)
+    with pytest.raises(RedisError) as err:
+        GraphStore(graph_store.connect(replica_url), "p").claim("deployment-a")
+    text = str(err.value)
+    assert "is a read-only replica of 127.0.0.1:" + str(port) in text, text
+    assert "[redis] url" in text and "script" not in text and "\n" not in text
+    assert err.value.exit_code == 78
+    replica.close()
+
+
+def test_eval_renamed_or_not_granted_names_the_command(services: LocalServices) -> None:
+    """The owner claim and the pointer switch are Lua scripts: a Redis with EVAL renamed
+    away, or an ACL user without it, fails with one line naming EVAL (not the script's
+    text), exit 78."""
+    url, admin = _own_redis(services, "--rename-command", "EVAL", "")
+    with pytest.raises(RedisError) as err:
+        GraphStore(graph_store.connect(url), "p").claim("deployment-a")
+    text = str(err.value)
+    assert "does not know the command 'EVAL'" in text and "redis.call" not in text, text
+    assert err.value.exit_code == 78
+    admin.close()
+
+    url, admin = _own_redis(services)
+    admin.acl_setuser("pipe", enabled=True, passwords=["+Secret-pw-3"], keys=["p:*"],
+                      commands=["+@read", "+@write"])
+    limited = graph_store.connect(url.replace("redis://", "redis://pipe:Secret-pw-3@"))
+    with pytest.raises(RedisError) as err:
+        GraphStore(limited, "p").claim("deployment-a")
+    text = str(err.value)
+    assert "NOPERM" in text and "'eval'" in text and "+@scripting" in text, text
+    assert "Secret-pw-3" not in text and err.value.exit_code == 78
+    admin.acl_setuser("pipe", commands=["+@scripting"])  # the documented grant: it works
+    GraphStore(limited, "p").claim("deployment-a")
+    admin.close()
+
+
+def test_out_of_memory_names_the_limit_and_what_to_do(services: LocalServices) -> None:
+    """maxmemory with noeviction: a write past the limit is one line naming Redis, the
+    limit and the settings to change (not the pipeline's MSET), exit 1."""
+    url, admin = _own_redis(services)
+    store = GraphStore(graph_store.connect(url), "p", chunk_size=500)
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", str(used + 100_000))
+    with pytest.raises(RedisError) as err:
+        store.write_version("graph-v1", [(f"N{i}", "x" * 200) for i in range(5000)], {})
+    text = str(err.value)
+    assert "out of memory (maxmemory " in text and "policy noeviction" in text, text
+    assert "raise maxmemory" in text and "MSET" not in text and "\n" not in text
+    assert err.value.exit_code == 1
+    admin.close()

@@ -509,3 +509,45 @@ def test_the_endpoint_is_the_server_libpq_and_redis_take(
     assert endpoint_of(cli, "database") == f"postgresql://{info.get('host')}:{port}/{name}"
     cli.env.update({"PIPELINE_REDIS_URL": "unix:///run/nowhere/redis.sock?db=2"})
     assert endpoint_of(cli, "redis") == "unix:///run/nowhere/redis.sock"
+
+
+def test_a_read_only_replica_fails_redis_naming_its_primary(
+        cli: Cli, services: LocalServices, redis_prefix: str) -> None:
+    """[redis] url naming a replica: PING and reads pass, every build-graph then fails; the
+    check fails and names the primary to point at."""
+    import redis
+
+    primary = services.start_redis_server()
+    replica = services.start_redis_server(args=["--repl-diskless-load", "swapdb"])
+    port = primary.rsplit(":", 1)[1].split("/")[0]
+    with redis.Redis.from_url(replica) as client:
+        client.replicaof("127.0.0.1", port)
+    cli.env.update({"PIPELINE_REDIS_URL": replica, "PIPELINE_REDIS_PREFIX": redis_prefix})
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["redis"], obj
+    detail = by_name(obj)["redis"]["detail"]
+    assert f"is a replica of 127.0.0.1:{port}" in detail, detail
+    assert "point [redis] url at the primary" in detail
+
+
+def test_acl_users_without_info_or_ping_pass_redis(
+        cli: Cli, services: LocalServices, redis_prefix: str) -> None:
+    """A managed Redis's user without @dangerous (no INFO), and the smallest user
+    docs/build-graph.md gives (no PING either): build-graph works with both, so the check
+    passes and says what it could not read."""
+    import redis
+
+    url = services.start_redis_server()
+    with redis.Redis.from_url(url) as admin:
+        admin.acl_setuser("managed", enabled=True, passwords=[f"+{SECRET}"], keys=["*"],
+                          channels=["*"], commands=["+@all", "-@dangerous"])
+        admin.acl_setuser("pipe", enabled=True, passwords=[f"+{SECRET}"],
+                          keys=[f"{redis_prefix}:*"],
+                          commands=["+@read", "+@write", "+@scripting", "+select"])
+    cli.env["PIPELINE_REDIS_PREFIX"] = redis_prefix
+    for user in ("managed", "pipe"):
+        cli.env["PIPELINE_REDIS_URL"] = url.replace("redis://", f"redis://{user}:{SECRET}@")
+        code, obj = doctor(cli)
+        assert failed(obj) == [], (user, obj)
+        detail = by_name(obj)["redis"]["detail"]
+        assert "INFO refused to this user" in detail and "is unclaimed" in detail, detail
