@@ -225,7 +225,7 @@ class LocalServices:
         self._redis_cluster: str | None = None
         self._pgbouncer: str | None = None
         self._s3: S3Endpoint | None = None
-        self._osrm: dict[tuple[str, int | None, int | None], str] = {}
+        self._osrm: dict[tuple[str, int | None, float | None, int | None], str] = {}
         self._atexit = False
         self._pruned = False
 
