@@ -149,7 +149,9 @@ def wrap_errors(client: redis.Redis, what: str) -> Iterator[None]:
         yield
     except redis.exceptions.TimeoutError as exc:  # a server that accepts and never answers
         seconds = _socket_timeout(client)
-        if seconds is None:
+        # Connecting (rediss:// to a plain server times out in the TLS handshake, which
+        # service_error names from the cause), or no limit: the driver's words.
+        if seconds is None or "connecting" in str(exc):
             raise service_error(RedisError, "Redis", endpoint(client), f"failed while {what}",
                                 exc) from None
         raise service_error(RedisError, "Redis", endpoint(client),
