@@ -104,9 +104,9 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
         while True:
             check_stop()
             with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():
-                query = db.query("match_gps", "prune_count" if dry_run else "prune_chunk")
-                row = conn.execute(query.format(part=ident),
-                                   {"cutoff": cutoff, "chunk": chunk_rows, **seen}).fetchone()
+                row = conn.execute(db.query("match_gps", "prune_chunk").format(part=ident), {
+                    "cutoff": cutoff, "chunk": chunk_rows, "dry_run": dry_run, **seen}
+                ).fetchone()
             n = int(row["n"]) if row else 0
             out.points_deleted += n
             if dry_run or n < chunk_rows:
