@@ -555,8 +555,8 @@ WITH reopening AS MATERIALIZED (
     WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
       AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
       AND b.batch_id <> ALL(ARRAY(SELECT batch_id FROM reopening))
-      AND %(chunk)s::integer > 0
-    LIMIT CASE WHEN %(dry_run)s::boolean THEN NULL ELSE %(chunk)s::integer END
+      AND %(chunk)s::bigint > 0
+    LIMIT CASE WHEN %(dry_run)s::boolean THEN NULL ELSE %(chunk)s::bigint END
 ), gone AS (
     DELETE FROM {part} p WHERE NOT %(dry_run)s::boolean
                            AND p.ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
