@@ -35,7 +35,10 @@ SELECT device_id, NULL FROM gps_waiting_devices;
 -- groups use a per-slice device number, not device_id, so the sort compares integers, not
 -- text under the database's collation. Points dated more than gap_seconds ahead wait
 -- (future_points): a device clock's glitch would otherwise close the live run at once, and
--- every run after it until that time came.
+-- every run after it until that time came. Each device's points are read through the primary
+-- key, one range scan per device (OFFSET 0 keeps the planner from flattening the LATERAL into
+-- a hash join): without fresh statistics, as after a bulk load, it read every new point of
+-- every device twice per slice of 50 devices.
 WITH chosen AS MATERIALIZED (
     SELECT c.device_id, c.dev, c.earliest,
            (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
@@ -45,16 +48,20 @@ WITH chosen AS MATERIALIZED (
 ), pts AS (
     SELECT c.dev, p.recorded_at, 'infinity'::timestamptz AS run
     FROM chosen c
-    JOIN gps_points p ON p.device_id = c.device_id
-                     AND p.recorded_at > coalesce(c.until, '-infinity')
-                     AND p.recorded_at <= now() + make_interval(secs => %(gap_seconds)s)
+    CROSS JOIN LATERAL (SELECT p.recorded_at FROM gps_points p
+                        WHERE p.device_id = c.device_id
+                          AND p.recorded_at > coalesce(c.until, '-infinity')
+                          AND p.recorded_at <= now() + make_interval(secs => %(gap_seconds)s)
+                        OFFSET 0) p
     UNION ALL
     SELECT c.dev, p.recorded_at, nb.start_time
     FROM chosen c
-    JOIN gps_points p ON p.device_id = c.device_id
-                     AND p.recorded_at BETWEEN c.earliest AND c.until
-                     AND (p.arrival >= %(seen_xmax)s::bigint
-                          OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+    CROSS JOIN LATERAL (SELECT p.recorded_at FROM gps_points p
+                        WHERE p.device_id = c.device_id
+                          AND p.recorded_at BETWEEN c.earliest AND c.until
+                          AND (p.arrival >= %(seen_xmax)s::bigint
+                               OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+                        OFFSET 0) p
     LEFT JOIN LATERAL (SELECT b.end_time FROM processing_batches b
                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
                        ORDER BY b.start_time DESC LIMIT 1) pb ON true
@@ -117,6 +124,9 @@ SELECT device_id FROM gps_waiting_devices ORDER BY device_id;
 -- name: late_arrivals
 -- The batches that arrivals the cursor does not see (of these devices, from their earliest
 -- time on) fall into, each with those arrivals. Part of reopen_batches and reopen_preview.
+-- Only devices whose last batch ends at or after that earliest time can have any (batches
+-- never overlap, so the last one ends last): a device whose new points all follow its batches,
+-- as a live device's do, costs one index probe here, not one per new point.
 SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
 FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
 JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
@@ -126,6 +136,8 @@ CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time FROM processing_batches b
                     WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
                     ORDER BY b.start_time DESC LIMIT 1) cb
 WHERE cb.end_time >= p.recorded_at
+  AND (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
+       ORDER BY b.start_time DESC LIMIT 1) >= c.earliest
 GROUP BY cb.batch_id
 
 -- name: reopen_batches
