@@ -463,6 +463,10 @@ def test_a_hung_redis_or_s3_costs_the_budget_not_its_own_timeout(conn: Conn,
     assert re.fullmatch(rf"S3 {where} did not answer the bucket check of status-bucket within "
                         r"[\d.]+ s", s3["error"]), s3
     assert s3["reachable"] is False and reports[1].health == WARNING
+    # Redis that does not answer was critical ("BROKEN"), S3 and PostgreSQL that do not answer
+    # a warning: status could not look, it did not see the graph broken.
+    assert graph["consistent"] is None, graph
+    assert reports[0].health == WARNING, reports[0].problems
 
 
 def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,

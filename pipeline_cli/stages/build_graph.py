@@ -1035,7 +1035,9 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
                    ) -> dict[str, Any]:
     """The active graph for ``pipeline status``: its PostgreSQL record, the Redis pointer and
     whether they agree, whether the prefix belongs to this database, and whether Redis may
-    evict graph keys. Three indexed lookups and four Redis calls."""
+    evict graph keys. Three indexed lookups and four Redis calls. Redis unreachable or not
+    answering leaves ``consistent`` null (not checked) with the ``problem``: status saw
+    nothing broken, it could not look."""
     with db.wrap_errors("reading the active graph"):
         row = conn.execute(db.query("build_graph", "active_graph")).fetchone()
         identity = db.deployment_id(conn)
@@ -1067,9 +1069,8 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
             return out
         missing = reader.missing_keys(pointer) if pointer else None
         out["redis_eviction"] = reader.eviction_risk()
-    except RedisError as exc:
+    except RedisError as exc:  # the graph was not checked: consistent stays null
         out["problem"] = f"Redis unreachable: {exc}"
-        out["consistent"] = False
         return out
     complete = missing == 0
     out["redis_pointer"], out["redis_complete"] = pointer, complete
