@@ -252,7 +252,7 @@ def _virtual(v: dict[str, Any], now: datetime) -> str:
 
 
 def _graph(g: dict[str, Any], now: datetime) -> str:
-    # consistent null with a problem: Redis could not be asked (unreachable, no answer).
+    # consistent null with a problem: Redis could not be asked (unreachable, refused).
     unchecked = f"not checked: {g['problem']}" if g.get("problem") else "not checked (no Redis)"
     if not g["version"]:
         return "no active graph" + (f"; Redis points at {g['redis_pointer']}"
