@@ -279,11 +279,15 @@ def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: d
                 budget: Budget) -> dict[str, Any]:
     """Reachability of the bucket and the age of the newest dataset backup: the same keys in
     every state (null when unknown), and ``error`` when there is one. Each S3 call gets at
-    most the time left."""
+    most the time left. ``reachable`` is whether the server answered, ``refused`` whether it
+    refused a call (the keys, this host's clock, a policy): reachable, yet unusable."""
     out: dict[str, Any] = {"configured": connect is not None, "bucket": None, "reachable": None,
-                           "bucket_exists": None, "last_backup": None, "last_backup_age_s": None}
+                           "refused": None, "bucket_exists": None, "last_backup": None,
+                           "last_backup_age_s": None}
     if connect is None:
         return out
+    from .adapters.backups import BackupRefused  # minio: only when S3 is configured
+
     try:
         budget.arm(conn)
         backups = connect(budget.left())
@@ -294,8 +298,10 @@ def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: d
     out["reachable"] = False
     try:
         out["bucket_exists"] = backups.bucket_exists()
-        out["reachable"] = True
+        out["reachable"], out["refused"] = True, False
     except PipelineError as exc:
+        if isinstance(exc, BackupRefused):  # an answer: S3 is up, a setting or policy is not
+            out["reachable"], out["refused"] = True, True
         out["error"] = str(exc)
         return out
     try:
@@ -321,6 +327,7 @@ def _s3_section(conn: psycopg.Connection[Any], connect: Connector | None, now: d
         out["last_backup"] = {"key": backups.prefix + key, "dataset": row["version"], "at": at}
         out["last_backup_age_s"] = int((now - at).total_seconds()) if at else None
     except PipelineError as exc:
+        out["refused"] = isinstance(exc, BackupRefused)  # may list the bucket, not read
         out["last_backup"] = {"key": backups.prefix + key, "dataset": row["version"],
                               "at": None}
         out["error"] = f"the newest dataset backup is missing or unreadable: {exc}"
@@ -404,6 +411,8 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     graph = report.sections.get("graph", {})
     if graph.get("consistent") is False:
         add(CRITICAL, "graph", f"graph: {graph.get('problem') or 'PostgreSQL and Redis disagree'}")
+    elif graph.get("problem"):  # Redis unreachable, not answering or refusing: not checked
+        add(WARNING, "graph", f"graph: {graph['problem']}")
     if graph.get("redis_eviction"):  # before any key is lost: consistent tells after
         add(WARNING, "graph", f"graph: {graph['redis_eviction']}")
     gps = report.sections.get("gps", {})
@@ -425,8 +434,12 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
             f"per partition and the server's lock table holds {slots:.0f} for all sessions "
             "(\"out of shared memory\" when it runs out); raise max_locks_per_transaction "
             "or drop old days with `pipeline prune`")
+    # A service status could not ask (unreachable, no answer, a refusal) is a warning, as a
+    # PostgreSQL section that timed out: critical is for what status saw broken.
     if report.s3.get("configured") and report.s3.get("reachable") is False:
         add(WARNING, "s3", f"S3 unreachable: {report.s3.get('error', '')}".rstrip(": "))
+    elif report.s3.get("refused") and report.s3.get("bucket_exists") is None:  # the check
+        add(WARNING, "s3", f"S3 refused: {report.s3.get('error', '')}".rstrip(": "))
     elif report.s3.get("error"):
         add(WARNING, "s3", report.s3["error"])
     problems.sort(key=lambda p: -LEVELS[p.level])

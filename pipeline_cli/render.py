@@ -275,8 +275,18 @@ def prometheus_text(report: StatusReport | None) -> str:
           "stage locks held now")
     for lock in report.locks:
         m.add("pipeline_lock_held", 1, "1 while the stage lock is held", {"stage": lock})
+    # up: the service answered and let status's calls through; a refusal is 0, and _refused 1.
+    graph = report.sections.get("graph", {})
+    if graph.get("redis_reachable") is not None:  # Redis configured and asked
+        m.add("pipeline_redis_up", bool(graph["redis_reachable"])
+              and not graph.get("redis_refused"), "1 if Redis answers the graph reads")
+        m.add("pipeline_redis_refused", bool(graph.get("redis_refused")),
+              "1 if Redis refused the password, user or commands of [redis] url")
     if report.s3.get("configured"):
-        m.add("pipeline_s3_up", bool(report.s3.get("reachable")), "1 if the S3 bucket answers")
+        m.add("pipeline_s3_up", bool(report.s3.get("reachable"))
+              and not report.s3.get("refused"), "1 if the S3 bucket answers")
+        m.add("pipeline_s3_refused", bool(report.s3.get("refused")),
+              "1 if S3 refused the credentials of [s3] (keys, clock, policy)")
         m.add("pipeline_s3_last_backup_age_seconds", report.s3.get("last_backup_age_s"),
               "age of the newest dataset backup")
     return m.text()

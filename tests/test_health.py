@@ -17,7 +17,7 @@ import pytest
 import redis as redis_lib
 
 from devtools import traces
-from devtools.services import S3Endpoint
+from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
 from pipeline_cli.adapters import graph_store
 from pipeline_cli.adapters.backups import BackupStore
@@ -305,7 +305,7 @@ def test_s3_reachable_and_backup_age(conn: Conn, database_url: str, s3: S3Endpoi
     assert report.s3["last_backup"]["dataset"] == "ds-v1"
     assert 0 <= report.s3["last_backup_age_s"] < 120
     assert report.health == OK
-    keys = {"configured", "bucket", "reachable", "bucket_exists", "last_backup",
+    keys = {"configured", "bucket", "reachable", "refused", "bucket_exists", "last_backup",
             "last_backup_age_s"}
     assert report.s3.keys() == keys
     down = BackupStore.connect("127.0.0.1:9", "k", "s", s3_bucket, timeout=1)
@@ -463,6 +463,47 @@ def test_a_hung_redis_or_s3_costs_the_budget_not_its_own_timeout(conn: Conn,
     assert re.fullmatch(rf"S3 {where} did not answer the bucket check of status-bucket within "
                         r"[\d.]+ s", s3["error"]), s3
     assert s3["reachable"] is False and reports[1].health == WARNING
+    # Redis that does not answer was critical ("BROKEN"), S3 and PostgreSQL that do not answer
+    # a warning: status could not look, it did not see the graph broken.
+    assert graph["consistent"] is None and graph["redis_reachable"] is False, graph
+    assert reports[0].health == WARNING, reports[0].problems
+    assert "\npipeline_redis_up 0\n" in prometheus_text(reports[0])
+
+
+@pytest.mark.s3
+def test_a_refusing_redis_or_s3_is_named_refused_not_unreachable(
+        conn: Conn, database_url: str, services: LocalServices, s3: S3Endpoint,
+        s3_bucket: str) -> None:
+    # A wrong password or secret key was "Redis unreachable" (critical) and "S3 unreachable":
+    # the server answered; it refused the credentials.
+    run(database_url, "sync-odata", "success")
+    url = services.start_redis_server()
+    admin = redis_lib.Redis.from_url(url)
+    admin.config_set("requirepass", "Secret-pw-1")
+    client = graph_store.connect(url.replace("redis://", "redis://:Wrong-pw-2@"))
+    store = BackupStore.connect(s3.endpoint, s3.access_key, "wrongwrong", s3_bucket,
+                                secure=s3.secure, region=s3.region, timeout=3, retries=0)
+    try:
+        report = collect_status(conn, redis=lambda seconds: client, backups=lambda seconds: store,
+                                redis_prefix="status-refused")
+    finally:
+        client.close()
+        admin.close()
+    graph, s3_section = report.sections["graph"], report.s3
+    assert graph["consistent"] is None and graph["redis_reachable"] is True, graph
+    assert graph["redis_refused"] is True
+    assert s3_section["reachable"] is True and s3_section["refused"] is True, s3_section
+    messages = [p.message for p in report.problems]
+    where = url.split("//")[1].split("/")[0]
+    assert f"graph: Redis refused: Redis {where} refused the user name or password" in \
+        " ".join(messages), messages
+    assert any(m.startswith(f"S3 refused: S3 {s3.endpoint} bucket check of {s3_bucket} failed: "
+                            "SignatureDoesNotMatch") for m in messages), messages
+    assert "unreachable" not in " ".join(messages) and report.health == WARNING, messages
+    metrics = prometheus_text(report)
+    for line in ("pipeline_redis_up 0", "pipeline_redis_refused 1", "pipeline_s3_up 0",
+                 "pipeline_s3_refused 1"):
+        assert f"\n{line}\n" in metrics, line
 
 
 def test_through_a_transaction_pooler_the_budget_sets_no_timeout(conn: Conn,

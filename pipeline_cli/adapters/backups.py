@@ -24,6 +24,12 @@ from ..errors import BackupError, service_error
 T = TypeVar("T")
 
 
+class BackupRefused(BackupError):
+    """The server answered and refused the request: the access key, the secret key, this
+    host's clock or the credentials' permissions (:data:`_DENIED`). It is up; a setting or a
+    policy is wrong."""
+
+
 class BackupStore:
     def __init__(self, client: Minio, bucket: str, endpoint: str = "", prefix: str = "",
                  timeout: float | None = None) -> None:
@@ -71,13 +77,13 @@ class BackupStore:
         try:
             return fn()
         except S3Error as exc:
-            detail = f"{exc.code}: {exc.message}"
+            detail, kind = f"{exc.code}: {exc.message}", BackupError
             if exc.code == "NoSuchBucket":  # the server's message names no bucket
                 detail = (f"NoSuchBucket: bucket {self.bucket!r} does not exist: check [s3] "
                           "bucket and endpoint (a stage that writes creates it)")
             elif exc.code in _DENIED:
-                detail = self._denied(exc, action)
-            raise service_error(BackupError, "S3", self.endpoint, f"{what} failed",
+                detail, kind = self._denied(exc, action), BackupRefused
+            raise service_error(kind, "S3", self.endpoint, f"{what} failed",
                                 detail) from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             # Without retries urllib3 raises MaxRetryError, the timeout as its reason. A

@@ -252,12 +252,15 @@ def _virtual(v: dict[str, Any], now: datetime) -> str:
 
 
 def _graph(g: dict[str, Any], now: datetime) -> str:
+    # consistent null with a problem: Redis could not be asked (unreachable, refused).
+    unchecked = f"not checked: {g['problem']}" if g.get("problem") else "not checked (no Redis)"
     if not g["version"]:
         return "no active graph" + (f"; Redis points at {g['redis_pointer']}"
                                     if g.get("redis_pointer") else "") + (
-            f": BROKEN: {g['problem']}" if g.get("consistent") is False else "")
+            f": BROKEN: {g['problem']}" if g.get("consistent") is False else
+            f": {unchecked}" if g.get("problem") else "")
     state = "consistent" if g["consistent"] else (
-        "not checked (no Redis)" if g["consistent"] is None else f"BROKEN: {g['problem']}")
+        unchecked if g["consistent"] is None else f"BROKEN: {g['problem']}")
     return (f"{g['version']} for {g['dataset_version']} (generation "
             f"{g['virtual_generation_id']}): {g['nodes']} nodes, {g['edges']} edges; "
             f"Redis pointer {g['redis_pointer'] or '-'}: {state}")

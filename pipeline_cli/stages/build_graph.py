@@ -48,6 +48,7 @@ from ..adapters.graph_store import (
     GraphReader,
     GraphStore,
     PrefixOwned,
+    RedisRefused,
     encode_adjacency,
 )
 from ..errors import BackupError, ConfigError, PipelineError, RedisError, ValidationError
@@ -1035,7 +1036,9 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
                    ) -> dict[str, Any]:
     """The active graph for ``pipeline status``: its PostgreSQL record, the Redis pointer and
     whether they agree, whether the prefix belongs to this database, and whether Redis may
-    evict graph keys. Three indexed lookups and four Redis calls."""
+    evict graph keys. Three indexed lookups and four Redis calls. Redis unreachable, not
+    answering or refusing leaves ``consistent`` null (not checked) with the ``problem``:
+    status saw nothing broken, it could not look."""
     with db.wrap_errors("reading the active graph"):
         row = conn.execute(db.query("build_graph", "active_graph")).fetchone()
         identity = db.deployment_id(conn)
@@ -1052,12 +1055,13 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         "activated_at": row["activated_at"] if row else None,
         "deployment_id": identity, "redis_owner": None,
         "redis_pointer": None, "redis_complete": None, "consistent": None, "problem": None,
-        "redis_eviction": None,
+        "redis_eviction": None, "redis_reachable": None, "redis_refused": None,
     }
     if reader is None:
         return out
     try:
         out["redis_owner"] = owner = reader.owner()
+        out["redis_reachable"], out["redis_refused"] = True, False
         pointer = reader.active_version()
         if owner is not None and identity is not None and owner != identity:
             # The pointer and versions are another database's: comparing them with this
@@ -1068,8 +1072,11 @@ def status_section(conn: psycopg.Connection[Any], reader: GraphReader | None = N
         missing = reader.missing_keys(pointer) if pointer else None
         out["redis_eviction"] = reader.eviction_risk()
     except RedisError as exc:
-        out["problem"] = f"Redis unreachable: {exc}"
-        out["consistent"] = False
+        # A refusal (a password, an ACL, a renamed command) is an answer: Redis is up and a
+        # setting is wrong. Either way the graph was not checked, so consistent stays null.
+        refused = isinstance(exc, RedisRefused)
+        out["redis_reachable"] = out["redis_refused"] = refused
+        out["problem"] = f"Redis {'refused' if refused else 'unreachable'}: {exc}"
         return out
     complete = missing == 0
     out["redis_pointer"], out["redis_complete"] = pointer, complete

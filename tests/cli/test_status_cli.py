@@ -10,7 +10,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+import redis
+
 from devtools import traces
+from devtools.services import LocalServices
 from pipeline_cli import db, render
 from pipeline_cli.commands.status import check_line
 from pipeline_cli.db import Database
@@ -177,6 +181,34 @@ def test_a_hung_s3_is_asked_once(run_cli: Cli) -> None:
         for conn in accepted:
             conn.close()
         server.close()
+
+
+@pytest.mark.s3
+def test_refused_credentials_are_named_refused_in_every_output(
+        full_env: dict[str, str], services: LocalServices, tmp_path: Path) -> None:
+    """A wrong S3 secret key or Redis password: the text view, --json, --check and the
+    metrics say the server refused, never that it is unreachable, and show no secret."""
+    url = services.start_redis_server()
+    admin = redis.Redis.from_url(url)
+    admin.config_set("requirepass", "Secret-pw-1")
+    admin.close()
+    good_runs(full_env["PIPELINE_DATABASE_URL"])
+    cli = Cli({**full_env, "PIPELINE_S3_SECRET_KEY": "wrongwrong",
+               "PIPELINE_REDIS_URL": url.replace("redis://", "redis://:Wrong-pw-2@")})
+    prom = tmp_path / "pipeline.prom"
+    obj = json.loads(cli("status", "--json", "--prometheus", str(prom)).output)
+    assert obj["s3"]["reachable"] is True and obj["s3"]["refused"] is True, obj["s3"]
+    assert obj["graph"]["redis_refused"] is True and obj["graph"]["consistent"] is None
+    problems = {p["area"]: p for p in obj["problems"]}
+    assert problems["s3"]["message"].startswith("S3 refused: ") and \
+        "SignatureDoesNotMatch" in problems["s3"]["message"], problems
+    assert problems["graph"]["message"].startswith("graph: Redis refused: "), problems
+    assert {p["level"] for p in obj["problems"]} == {"warning"}, problems
+    assert "pipeline_s3_refused 1" in prom.read_text()
+    text = cli("status").output + cli("status", "--check").output
+    assert "S3 refused: " in text and "Redis refused: " in text, text
+    assert "unreachable" not in text.lower() and "BROKEN" not in text, text
+    assert "wrongwrong" not in text and "Wrong-pw-2" not in text
 
 
 def test_a_database_that_does_not_exist_is_named_whole(run_cli: Cli) -> None:
