@@ -411,8 +411,9 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
     graph = report.sections.get("graph", {})
     if graph.get("consistent") is False:
         add(CRITICAL, "graph", f"graph: {graph.get('problem') or 'PostgreSQL and Redis disagree'}")
-    elif graph.get("problem"):  # Redis unreachable, not answering or refusing: not checked
-        add(WARNING, "graph", f"graph: {graph['problem']}")
+    elif graph.get("problem"):  # Redis unreachable, hung or refusing: the graph not checked,
+        # and the routing API reads it there: as critical as a graph seen broken
+        add(CRITICAL, "graph", f"graph: {graph['problem']}")
     if graph.get("redis_eviction"):  # before any key is lost: consistent tells after
         add(WARNING, "graph", f"graph: {graph['redis_eviction']}")
     gps = report.sections.get("gps", {})
@@ -434,8 +435,8 @@ def assess(report: StatusReport, h: HealthSettings) -> list[Problem]:
             f"per partition and the server's lock table holds {slots:.0f} for all sessions "
             "(\"out of shared memory\" when it runs out); raise max_locks_per_transaction "
             "or drop old days with `pipeline prune`")
-    # A service status could not ask (unreachable, no answer, a refusal) is a warning, as a
-    # PostgreSQL section that timed out: critical is for what status saw broken.
+    # S3 status could not ask (unreachable, no answer, refused) is a warning: it holds the
+    # backups, and no reader waits on it.
     if report.s3.get("configured") and report.s3.get("reachable") is False:
         add(WARNING, "s3", f"S3 unreachable: {report.s3.get('error', '')}".rstrip(": "))
     elif report.s3.get("refused") and report.s3.get("bucket_exists") is None:  # the check

@@ -463,10 +463,10 @@ def test_a_hung_redis_or_s3_costs_the_budget_not_its_own_timeout(conn: Conn,
     assert re.fullmatch(rf"S3 {where} did not answer the bucket check of status-bucket within "
                         r"[\d.]+ s", s3["error"]), s3
     assert s3["reachable"] is False and reports[1].health == WARNING
-    # Redis that does not answer was critical ("BROKEN"), S3 and PostgreSQL that do not answer
-    # a warning: status could not look, it did not see the graph broken.
+    # Redis that does not answer stays critical (the routing API reads the graph there), but
+    # the graph is not checked, not "BROKEN"; S3 that does not answer is a warning.
     assert graph["consistent"] is None and graph["redis_reachable"] is False, graph
-    assert reports[0].health == WARNING, reports[0].problems
+    assert reports[0].health == CRITICAL, reports[0].problems
     assert "\npipeline_redis_up 0\n" in prometheus_text(reports[0])
 
 
@@ -499,7 +499,8 @@ def test_a_refusing_redis_or_s3_is_named_refused_not_unreachable(
         " ".join(messages), messages
     assert any(m.startswith(f"S3 refused: S3 {s3.endpoint} bucket check of {s3_bucket} failed: "
                             "SignatureDoesNotMatch") for m in messages), messages
-    assert "unreachable" not in " ".join(messages) and report.health == WARNING, messages
+    assert "unreachable" not in " ".join(messages) and report.health == CRITICAL, messages
+    assert [p.level for p in report.problems if p.message.startswith("S3")] == [WARNING]
     metrics = prometheus_text(report)
     for line in ("pipeline_redis_up 0", "pipeline_redis_refused 1", "pipeline_s3_up 0",
                  "pipeline_s3_refused 1"):
