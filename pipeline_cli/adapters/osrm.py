@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from .. import polyline
-from ..errors import EXIT_CONFIG, OsrmError, service_error
+from ..errors import EXIT_CONFIG, OsrmError, cause, public_url, service_error
 
 LatLon = tuple[float, float]
 
@@ -40,9 +40,11 @@ class OsrmTooBig(OsrmError):
 
 
 class OsrmRefused(OsrmError):
-    """The server's limits refuse what every request of this configuration sends (``TooBig``
-    for the radiuses, above its ``--max-matching-radius``): no trace would fare better, so a
-    run stops rather than fail batch after batch."""
+    """The server refuses what every request of this configuration sends: ``TooBig`` for the
+    radiuses (above its ``--max-matching-radius``), a URL that is not osrm-routed's API
+    (``InvalidUrl``/``InvalidService``/``InvalidVersion``, or a proxy's 401/403/404/405), or a
+    request too large for it (413/414/431). No trace would fare better, so a run stops and
+    gives its batches back rather than fail batch after batch."""
 
     exit_code = EXIT_CONFIG
 
@@ -54,6 +56,14 @@ class OsrmNoMatch(OsrmError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message, code=code)
         self.code = code
+
+
+# osrm-routed's answers to a path it has no service for: a wrong [osrm] url path or prefix.
+_URL_CODES = frozenset({"InvalidUrl", "InvalidService", "InvalidVersion"})
+# A proxy's answers (HTML or empty) to a path it does not serve, or may not: the same setting.
+_URL_STATUSES = frozenset({401, 403, 404, 405})
+# Payload, URI or header too large: a server or proxy limit on the request's size.
+_SIZE_STATUSES = frozenset({413, 414, 431})
 
 
 class _Transient(Exception):
@@ -246,11 +256,24 @@ class OsrmClient:
             raise service_error(OsrmError, "OSRM", self.base_url, "request failed",
                                 exc) from None
         with response:
-            if response.status_code >= 500:
-                raise _Transient(f"HTTP {response.status_code} {response.text[:200]}")
+            status = response.status_code
+            if status >= 500:
+                raise _Transient(f"HTTP {status} {response.text[:200]}")
+            if status in _SIZE_STATUSES:
+                size = len(response.request.path_url or "") if response.request else 0
+                raise self._refused(
+                    f"refuses a {size}-byte request: HTTP {status} {response.reason or ''}",
+                    "raise the server's limit (osrm-routed --max-header-size, a proxy's "
+                    "large_client_header_buffers) or lower [match] chunk_size", code=str(status))
             try:
                 body = response.json()
             except ValueError:
+                if status in _URL_STATUSES:
+                    kind = response.headers.get("Content-Type", "").split(";")[0] or "empty"
+                    raise self._refused(
+                        f"answered HTTP {status} with a non-JSON body ({kind})",
+                        "check the path in [osrm] url and [osrm] profile",
+                        code=str(status)) from None
                 raise service_error(
                     OsrmError, "OSRM", self.base_url,
                     f"answered HTTP {response.status_code} with a non-JSON body",
@@ -266,8 +289,20 @@ class OsrmClient:
             raise OsrmTooBig(f"OSRM TooBig: {message}", code=code)
         if code in ("NoMatch", "NoSegment"):
             raise OsrmNoMatch(f"OSRM {code}: {message}", code)
+        if code in _URL_CODES or (not code and status in _URL_STATUSES):
+            said = str(body.get("message", "")) or str(body.get("error", ""))
+            raise self._refused(f"answered {code or f'HTTP {status}'}"
+                                + (f" ({cause(said)})" if said else ""),
+                                "check the path in [osrm] url and [osrm] profile",
+                                code=code or str(status))
         raise service_error(OsrmError, "OSRM", self.base_url, f"answered {code or 'an error'}",
                             message, code=code)
+
+
+    def _refused(self, said: str, fix: str, *, code: str) -> OsrmRefused:
+        # The URL with its path: a wrong path is what this names. Never its credentials.
+        return OsrmRefused(" ".join(f"OSRM {public_url(self.base_url)} {said}: {fix}".split()),
+                           code=code)
 
 
 def _parse_match(body: dict[str, Any]) -> MatchResult:
