@@ -43,7 +43,8 @@ class OsrmRefused(OsrmError):
     """The server refuses what every request of this configuration sends: ``TooBig`` for the
     radiuses (above its ``--max-matching-radius``), a URL that is not osrm-routed's API
     (``InvalidUrl``/``InvalidService``/``InvalidVersion``, or a proxy's 401/403/404/405), or a
-    request too large for it (413/414/431). No trace would fare better, so a run stops and
+    request too large for it (413/414/431, or osrm-routed's closed connection past its
+    ``--max-header-size``). No trace would fare better, so a run stops and
     gives its batches back rather than fail batch after batch."""
 
     exit_code = EXIT_CONFIG
@@ -237,6 +238,13 @@ class OsrmClient:
                 with attempt:
                     return self._once(url, params)
         except _Transient as exc:
+            size = self._too_large(url, params, exc.args[0])
+            if size:
+                raise self._refused(
+                    f"closed the connection without answering a {size}-byte request, and "
+                    "answers a short one of no other difference",
+                    "raise osrm-routed's --max-header-size (or a proxy's limit on the request "
+                    "line) or lower [match] chunk_size", code="closed") from None
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
             raise service_error(OsrmUnavailable, "OSRM", self.base_url,
                                 f"unavailable{tries}", exc.args[0]) from None
@@ -244,6 +252,34 @@ class OsrmClient:
             raise service_error(OsrmUnavailable, "OSRM", self.base_url, "unavailable",
                                 exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _too_large(self, url: str, params: dict[str, str], error: object) -> int:
+        """The request's size in bytes when the server closed the connection without an
+        answer only because of it (osrm-routed past its --max-header-size answers nothing and
+        closes), else 0. Told apart by two probes: a short ``/nearest`` must be answered and
+        the same one padded to the request's size must not, so a server that is down, or
+        that drops this one trace, still counts as unavailable."""
+        if not _closed(error):
+            return 0
+        prepared = self.session.prepare_request(requests.Request("GET", url, params=params))
+        size = len(prepared.path_url or "")
+        short = f"{self.base_url}/nearest/v1/{self.profile}/0,0"
+        probe = {"number": "1"}
+        try:
+            with self.session.get(short, params=probe, timeout=self.timeout):
+                pass
+        except requests.RequestException:
+            return 0  # down, or gone: an outage after all
+        shown = self.session.prepare_request(requests.Request("GET", short, params=probe))
+        padding = size - len(shown.path_url or "") - len("&pad=")
+        if padding <= 0:
+            return 0
+        try:
+            with self.session.get(short, params={**probe, "pad": "x" * padding},
+                                  timeout=self.timeout):
+                return 0  # answered (an error about "pad" is an answer): size is no problem
+        except requests.RequestException as exc:
+            return size if _closed(exc) else 0
 
     def _once(self, url: str, params: dict[str, str]) -> dict[str, Any]:
         with self._lock:
@@ -303,6 +339,14 @@ class OsrmClient:
         # The URL with its path: a wrong path is what this names. Never its credentials.
         return OsrmRefused(" ".join(f"OSRM {public_url(self.base_url)} {said}: {fix}".split()),
                            code=code)
+
+
+def _closed(error: object) -> bool:
+    """Whether the server took the connection down without an answer (not a refused
+    connection or a timeout)."""
+    return isinstance(error, requests.ConnectionError) and not isinstance(
+        error, requests.ConnectTimeout) and cause(error) in (
+        "connection closed by the server", "connection reset", "connection aborted")
 
 
 def _parse_match(body: dict[str, Any]) -> MatchResult:

@@ -507,6 +507,29 @@ def test_a_request_too_large_for_the_server_stops_the_run_naming_chunk_size(
     assert_given_back(conn, before)
 
 
+def test_a_request_past_osrm_routed_max_header_size_stops_the_run_naming_chunk_size(
+        conn: psycopg.Connection[Any], database_url: str, services: LocalServices,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed --max-header-size closes the connection without an answer to a longer
+    request: that read as an outage (retried, then every batch failed with an attempt
+    counted, exit 1). A short request still answered, so it is the request's size: exit 78,
+    naming the option and [match] chunk_size; with a chunk size that fits, the batches match."""
+    small = services.osrm(max_header_size=900)
+    before = claimable_batches(conn, trace_pool, 3)
+    with OsrmClient(small, retries=2, retry_wait_max=0.05) as client:
+        record = run(database_url, client, MatchSettings(concurrency=1))
+        error = record.error or ""
+        assert record.exit_code == EXIT_CONFIG, error
+        assert "\n" not in error
+        assert error.startswith(f"stopped: OSRM {small} closed the connection without "
+                                "answering a "), error
+        assert "--max-header-size" in error and "[match] chunk_size" in error, error
+        assert_given_back(conn, before)
+        fits = run(database_url, client, MatchSettings(chunk_size=12, chunk_overlap=3))
+    assert fits.exit_code == 0, fits.error
+    assert_all_processed(conn)
+
+
 def test_failures_become_dead_after_max_attempts_and_requeue(
         conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
         proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
