@@ -241,8 +241,8 @@ class OsrmClient:
             size = self._too_large(url, params, exc.args[0])
             if size:
                 raise self._refused(
-                    f"closed the connection without answering a {size}-byte request, and "
-                    "answers a short one of no other difference",
+                    f"closed the connection without answering a {size}-byte request (a "
+                    "short one it answers)",
                     "raise osrm-routed's --max-header-size (or a proxy's limit on the request "
                     "line) or lower [match] chunk_size", code="closed") from None
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
@@ -333,7 +333,6 @@ class OsrmClient:
                                 code=code or str(status))
         raise service_error(OsrmError, "OSRM", self.base_url, f"answered {code or 'an error'}",
                             message, code=code)
-
 
     def _refused(self, said: str, fix: str, *, code: str) -> OsrmRefused:
         # The URL with its path: a wrong path is what this names. Never its credentials.
