@@ -225,7 +225,7 @@ class LocalServices:
         self._redis_cluster: str | None = None
         self._pgbouncer: str | None = None
         self._s3: S3Endpoint | None = None
-        self._osrm: dict[tuple[str, int | None, float | None, int | None], str] = {}
+        self._osrm: dict[tuple[str, int | None, float | None, int | None, int | None], str] = {}
         self._atexit = False
         self._pruned = False
 
@@ -580,6 +580,7 @@ class LocalServices:
         *,
         max_matching_size: int | None = None,
         max_matching_radius: float | None = None,
+        max_header_size: int | None = None,
         port: int | None = None,
         dataset: str = "helsinki",
     ) -> str:
@@ -592,7 +593,7 @@ class LocalServices:
         if configured:
             self.sources["osrm"] = "env"
             return configured.rstrip("/")
-        key = (dataset, max_matching_size, max_matching_radius, port)
+        key = (dataset, max_matching_size, max_matching_radius, max_header_size, port)
         if key in self._osrm:
             return self._osrm[key]
         if dataset == "helsinki":
@@ -606,11 +607,13 @@ class LocalServices:
                 r.params.get("prefix") == str(prefix)
                 and r.params.get("max_matching_size") == max_matching_size
                 and r.params.get("max_matching_radius") == max_matching_radius
+                and r.params.get("max_header_size") == max_header_size
                 and (port is None or r.params.get("port") == port)
                 and http_answers(r.url + OSRM_PROBE_PATH)
             ),
         ) or self.start_osrm_routed(prefix, port=port, max_matching_size=max_matching_size,
-                                    max_matching_radius=max_matching_radius)
+                                    max_matching_radius=max_matching_radius,
+                                    max_header_size=max_header_size)
         self._osrm[key] = url
         return url
 
@@ -623,10 +626,12 @@ class LocalServices:
 
     def start_osrm_routed(
         self, prefix: Path, *, port: int | None = None, max_matching_size: int | None = None,
-        max_matching_radius: float | None = None,
+        max_matching_radius: float | None = None, max_header_size: int | None = None,
     ) -> str:
         """osrm-routed on ``prefix`` (a ``.osrm`` path), on ``port`` or a free one;
-        ``max_matching_radius`` caps the /match radiuses it accepts (metres)."""
+        ``max_matching_radius`` caps the /match radiuses it accepts (metres),
+        ``max_header_size`` its request line and headers (bytes: a longer request has its
+        connection closed with no answer)."""
         if max_matching_size is not None and max_matching_size < 3:
             # osrm-routed exits with status 1 and no message at all for values below 3.
             raise ServiceError(f"max_matching_size must be >= 3, got {max_matching_size}")
@@ -641,13 +646,16 @@ class LocalServices:
                 cmd += ["--max-matching-size", str(max_matching_size)]
             if max_matching_radius is not None:
                 cmd += ["--max-matching-radius", f"{max_matching_radius:g}"]
+            if max_header_size is not None:
+                cmd += ["--max-header-size", str(max_header_size)]
             cmd.append(str(prefix))
             return _Launch(
                 ident=f"osrm-{chosen}", cmd=cmd, url=url,
                 probe=lambda: http_answers(url + OSRM_PROBE_PATH), env=tools.env(),
                 cwd=Path(prefix).parent,
                 params={"prefix": str(prefix), "max_matching_size": max_matching_size,
-                        "max_matching_radius": max_matching_radius, "port": chosen},
+                        "max_matching_radius": max_matching_radius,
+                        "max_header_size": max_header_size, "port": chosen},
             )
 
         return self._start("osrm", 0 if port else 1, make).url

@@ -162,6 +162,16 @@ def endpoint(url: str) -> str:
     return f"{parts.scheme}://{host}"
 
 
+def public_url(url: str) -> str:
+    """A URL with its path but without credentials, query or fragment, for a message that
+    must name the path (a wrong ``[osrm] url`` prefix)."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return endpoint(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
+
+
 def cause(exc: BaseException | str) -> str:
     """A short phrase for a driver error (``connection refused``, ``timed out``), or the first
     line of its text (or of a given text) without URLs, cut to MAX_CAUSE characters."""

@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from .. import polyline
-from ..errors import EXIT_CONFIG, OsrmError, service_error
+from ..errors import EXIT_CONFIG, OsrmError, cause, public_url, service_error
 
 LatLon = tuple[float, float]
 
@@ -40,9 +40,12 @@ class OsrmTooBig(OsrmError):
 
 
 class OsrmRefused(OsrmError):
-    """The server's limits refuse what every request of this configuration sends (``TooBig``
-    for the radiuses, above its ``--max-matching-radius``): no trace would fare better, so a
-    run stops rather than fail batch after batch."""
+    """The server refuses what every request of this configuration sends: ``TooBig`` for the
+    radiuses (above its ``--max-matching-radius``), a URL that is not osrm-routed's API
+    (``InvalidUrl``/``InvalidService``/``InvalidVersion``, or a proxy's 401/403/404/405), or a
+    request too large for it (413/414/431, or osrm-routed's closed connection past its
+    ``--max-header-size``). No trace would fare better, so a run stops and
+    gives its batches back rather than fail batch after batch."""
 
     exit_code = EXIT_CONFIG
 
@@ -54,6 +57,14 @@ class OsrmNoMatch(OsrmError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message, code=code)
         self.code = code
+
+
+# osrm-routed's answers to a path it has no service for: a wrong [osrm] url path or prefix.
+_URL_CODES = frozenset({"InvalidUrl", "InvalidService", "InvalidVersion"})
+# A proxy's answers (HTML or empty) to a path it does not serve, or may not: the same setting.
+_URL_STATUSES = frozenset({401, 403, 404, 405})
+# Payload, URI or header too large: a server or proxy limit on the request's size.
+_SIZE_STATUSES = frozenset({413, 414, 431})
 
 
 class _Transient(Exception):
@@ -227,6 +238,13 @@ class OsrmClient:
                 with attempt:
                     return self._once(url, params)
         except _Transient as exc:
+            size = self._too_large(url, params, exc.args[0])
+            if size:
+                raise self._refused(
+                    f"closed the connection without answering a {size}-byte request (a "
+                    "short one it answers)",
+                    "raise osrm-routed's --max-header-size (or a proxy's limit on the request "
+                    "line) or lower [match] chunk_size", code="closed") from None
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
             raise service_error(OsrmUnavailable, "OSRM", self.base_url,
                                 f"unavailable{tries}", exc.args[0]) from None
@@ -234,6 +252,34 @@ class OsrmClient:
             raise service_error(OsrmUnavailable, "OSRM", self.base_url, "unavailable",
                                 exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _too_large(self, url: str, params: dict[str, str], error: object) -> int:
+        """The request's size in bytes when the server closed the connection without an
+        answer only because of it (osrm-routed past its --max-header-size answers nothing and
+        closes), else 0. Told apart by two probes: a short ``/nearest`` must be answered and
+        the same one padded to the request's size must not, so a server that is down, or
+        that drops this one trace, still counts as unavailable."""
+        if not _closed(error):
+            return 0
+        prepared = self.session.prepare_request(requests.Request("GET", url, params=params))
+        size = len(prepared.path_url or "")
+        short = f"{self.base_url}/nearest/v1/{self.profile}/0,0"
+        probe = {"number": "1"}
+        try:
+            with self.session.get(short, params=probe, timeout=self.timeout):
+                pass
+        except requests.RequestException:
+            return 0  # down, or gone: an outage after all
+        shown = self.session.prepare_request(requests.Request("GET", short, params=probe))
+        padding = size - len(shown.path_url or "") - len("&pad=")
+        if padding <= 0:
+            return 0
+        try:
+            with self.session.get(short, params={**probe, "pad": "x" * padding},
+                                  timeout=self.timeout):
+                return 0  # answered (an error about "pad" is an answer): size is no problem
+        except requests.RequestException as exc:
+            return size if _closed(exc) else 0
 
     def _once(self, url: str, params: dict[str, str]) -> dict[str, Any]:
         with self._lock:
@@ -246,11 +292,24 @@ class OsrmClient:
             raise service_error(OsrmError, "OSRM", self.base_url, "request failed",
                                 exc) from None
         with response:
-            if response.status_code >= 500:
-                raise _Transient(f"HTTP {response.status_code} {response.text[:200]}")
+            status = response.status_code
+            if status >= 500:
+                raise _Transient(f"HTTP {status} {response.text[:200]}")
+            if status in _SIZE_STATUSES:
+                size = len(response.request.path_url or "") if response.request else 0
+                raise self._refused(
+                    f"refuses a {size}-byte request: HTTP {status} {response.reason or ''}",
+                    "raise the server's limit (osrm-routed --max-header-size, a proxy's "
+                    "large_client_header_buffers) or lower [match] chunk_size", code=str(status))
             try:
                 body = response.json()
             except ValueError:
+                if status in _URL_STATUSES:
+                    kind = response.headers.get("Content-Type", "").split(";")[0] or "empty"
+                    raise self._refused(
+                        f"answered HTTP {status} with a non-JSON body ({kind})",
+                        "check the path in [osrm] url and [osrm] profile",
+                        code=str(status)) from None
                 raise service_error(
                     OsrmError, "OSRM", self.base_url,
                     f"answered HTTP {response.status_code} with a non-JSON body",
@@ -266,8 +325,27 @@ class OsrmClient:
             raise OsrmTooBig(f"OSRM TooBig: {message}", code=code)
         if code in ("NoMatch", "NoSegment"):
             raise OsrmNoMatch(f"OSRM {code}: {message}", code)
+        if code in _URL_CODES or (not code and status in _URL_STATUSES):
+            said = str(body.get("message", "")) or str(body.get("error", ""))
+            raise self._refused(f"answered {code or f'HTTP {status}'}"
+                                + (f" ({cause(said)})" if said else ""),
+                                "check the path in [osrm] url and [osrm] profile",
+                                code=code or str(status))
         raise service_error(OsrmError, "OSRM", self.base_url, f"answered {code or 'an error'}",
                             message, code=code)
+
+    def _refused(self, said: str, fix: str, *, code: str) -> OsrmRefused:
+        # The URL with its path: a wrong path is what this names. Never its credentials.
+        return OsrmRefused(" ".join(f"OSRM {public_url(self.base_url)} {said}: {fix}".split()),
+                           code=code)
+
+
+def _closed(error: object) -> bool:
+    """Whether the server took the connection down without an answer (not a refused
+    connection or a timeout)."""
+    return isinstance(error, requests.ConnectionError) and not isinstance(
+        error, requests.ConnectTimeout) and cause(error) in (
+        "connection closed by the server", "connection reset", "connection aborted")
 
 
 def _parse_match(body: dict[str, Any]) -> MatchResult:

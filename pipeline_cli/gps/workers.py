@@ -179,7 +179,7 @@ class MatchWorker:
     def _process(self, conn: psycopg.Connection[Any], batch: _Claimed) -> None:
         log = self.pool.ctx.log
         started = time.monotonic()
-        if self.pool.hard_stop:
+        if self.pool.hard_stop or isinstance(self.pool.tripped, OsrmRefused):
             self._release(conn, batch)
             return
         times = batch.times
@@ -187,6 +187,14 @@ class MatchWorker:
             match = match_trace(self.client, batch.coordinates, times,
                                 radius_m=self.settings.radius_m, chunk_size=self.chunk_size,
                                 in_flight=self.pool.in_flight)
+        except OsrmRefused as exc:
+            # The configuration is at fault, not the batch: every batch would fail alike.
+            # Give it back as it was (no attempt counted, no backoff) and stop claiming.
+            self._release(conn, batch)
+            with self.pool.lock:
+                self.pool.tripped = self.pool.tripped or exc
+            self.pool.ctx.log.warning("batch %s given back untouched: %s", batch.batch_id, exc)
+            return
         except OsrmError as exc:
             self._fail(conn, batch, exc, unavailable=isinstance(exc, OsrmUnavailable))
             return
@@ -259,9 +267,7 @@ class MatchWorker:
         with self.pool.lock:
             self.pool.last_error = exc
             self.pool.failed[str(batch.batch_id)] = status
-            if isinstance(exc, OsrmRefused):  # every other batch would fail the same way
-                self.pool.tripped = self.pool.tripped or exc
-            elif unavailable:
+            if unavailable:
                 self.pool.unavailable_streak += 1
                 if self.pool.unavailable_streak >= self.pool.breaker and isinstance(
                         exc, OsrmError):

@@ -110,7 +110,8 @@ def match_gps(
     # [osrm] url path): a run that matched nothing is no success; or when a batch became dead
     # even beside completed ones: its points wait for an operator. A batch that will be
     # retried beside completed ones is transient: the next run takes it, exit 0. A server that
-    # refuses this configuration (OsrmRefused) stopped the run at once: exit 78, as settings.
+    # refuses this configuration (OsrmRefused: a radius cap, a wrong [osrm] url path, a size
+    # limit) stopped the run at once: exit 78, as settings; its batches were given back.
     fate = Counter(pool.failed.values())  # a batch may fail twice in one run
     done = counts["batches_completed"]
     halted = pool.tripped or (pool.last_error if pool.failed and not done else None)
@@ -120,10 +121,13 @@ def match_gps(
                  else []) + ([f"{fate['dead']} batch(es) failed for the last time ([match] "
                               "max_attempts; `pipeline batches requeue` retries them)"]
                              if fate["dead"] else [])
+        if isinstance(cause, OsrmRefused) and counts["batches_released"]:
+            fates.append(f"{counts['batches_released']} batch(es) given back untouched "
+                         "(no attempt counted)")
         head = f"stopped: {cause}" if halted else \
             f"{done} batch(es) completed; last error: {cause}"
         kind = type(cause) if isinstance(cause, (OsrmUnavailable, OsrmRefused)) else OsrmError
-        raise kind(f"{head}; {'; '.join(fates)}", partial=result)
+        raise kind("; ".join([head, *fates]), partial=result)
     return result
 
 

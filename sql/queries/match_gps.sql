@@ -346,7 +346,8 @@ SELECT EXISTS (SELECT 1 FROM processing_batches
        OR EXISTS (SELECT 1 FROM gps_waiting_devices) AS points;
 
 -- name: release_batch
--- Give a claimed batch back untouched (stop requested before it was finished).
+-- Give a claimed batch back untouched, no attempt counted: a stop was requested before it
+-- was finished, or the OSRM server refuses this configuration (the batch is not at fault).
 UPDATE processing_batches
 SET status = CASE WHEN retry_count = 0 THEN 'pending' ELSE 'failed' END,
     lease_expires_at = NULL,

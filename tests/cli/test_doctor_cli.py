@@ -213,6 +213,18 @@ def test_closed_port_fails_only_its_check(cli: Cli, system: str) -> None:
     assert by_name(obj)[system]["detail"]
 
 
+def test_a_wrong_osrm_url_path_names_the_url_and_the_setting(cli: Cli, osrm_url: str) -> None:
+    """osrm-routed answers InvalidUrl under a wrong path: the detail names the URL with that
+    path (never its password) and [osrm] url, as match-gps does."""
+    scheme, rest = osrm_url.split("://", 1)
+    cli.env["PIPELINE_OSRM_URL"] = f"{scheme}://etl:{SECRET}@{rest}/wrong/path"
+    code, obj = doctor(cli)
+    assert code == 1 and failed(obj) == ["osrm"], obj
+    detail = by_name(obj)["osrm"]["detail"]
+    assert detail.startswith(f"OSRM {osrm_url}/wrong/path answered InvalidUrl ("), detail
+    assert "check the path in [osrm] url" in detail, detail
+
+
 def test_a_hung_s3_is_asked_once(cli: Cli) -> None:
     # The S3 check retried a server that accepts and never answers three times (21 s).
     seen: list[socket.socket] = []

@@ -219,6 +219,30 @@ def test_a_server_radius_cap_is_one_line_naming_the_settings(
     assert "[match] radius_m" in lines[-1] and "--max-matching-radius" in lines[-1]
 
 
+def test_a_wrong_osrm_url_path_is_one_line_and_costs_no_attempt(
+        gps_cli: Cli, conn: psycopg.Connection[Any], osrm_url: str,
+        road_points: list[tuple[float, float]]) -> None:
+    """Repeated runs under a wrong [osrm] url path walked good batches to dead; now each run
+    stops at once, exit 78, and gives the batches back as they were."""
+    small_batches(conn, road_points, devices=2, per_device=2)
+    scheme, rest = osrm_url.split("://", 1)
+    gps_cli.env.update({"PIPELINE_OSRM_URL": f"{scheme}://u:s3cret-pw@{rest}/v5/osrm",
+                        "PIPELINE_MATCH_MAX_ATTEMPTS": "1"})
+    for _ in range(2):
+        result = gps_cli("match-gps")
+        assert result.exit_code == 78, result.output
+        assert "Traceback" not in result.output and "s3cret-pw" not in result.output
+        lines = result.output.strip().splitlines()
+        assert lines[-1].startswith(f"pipeline match-gps: error: stopped: OSRM {osrm_url}/v5/"
+                                    "osrm answered Invalid"), lines[-1]
+        assert "check the path in [osrm] url" in lines[-1], lines[-1]
+        assert states(conn) == {"pending": 4}
+    row = conn.execute("SELECT max(retry_count) AS r, count(*) FILTER (WHERE NOT processed)"
+                       " AS left FROM processing_batches JOIN gps_point_status USING (batch_id)"
+                       ).fetchone()
+    assert (row["r"], row["left"]) == (0, 12)
+
+
 def test_match_gps_needs_an_osrm_url(run_cli: Cli) -> None:
     result = run_cli("match-gps")
     assert result.exit_code == 78 and "PIPELINE_OSRM_URL" in result.output

@@ -342,18 +342,19 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
 
 
 def test_a_run_whose_every_batch_failed_is_no_success(
-        conn: psycopg.Connection[Any], database_url: str, osrm_url: str,
+        conn: psycopg.Connection[Any], database_url: str, proxy: CountingHttpProxy,
         trace_pool: list[traces.Trace]) -> None:
-    """A wrong [osrm] url path (osrm-routed answers 400 InvalidUrl), like a proxy's error
-    page, is no outage: the run said success, exit 0, with every batch failed."""
+    """A proxy's 400 error page to every request is no outage: the run said success, exit 0,
+    with every batch failed."""
     for i, trace in enumerate(trace_pool[:2]):
         add_trace(conn, f"d{i}", trace)
     settings = MatchSettings(max_attempts=2, backoff_base_seconds=4.0,
                              backoff_max_seconds=4.0)  # no second attempt within a run
-    with OsrmClient(f"{osrm_url}/wrong/path", retries=1) as wrong:
+    proxy.answer(400, "<html><body>400 Bad Request</body></html>")
+    with OsrmClient(proxy.url, retries=1) as wrong:
         first = run(database_url, wrong, settings)
         assert first.exit_code == 1 and first.counts["batches_failed"] == 2, first.error
-        assert "answered InvalidUrl" in (first.error or "")
+        assert "answered HTTP 400 with a non-JSON body" in (first.error or "")
         assert (first.error or "").endswith("; 2 batch(es) failed and will be retried")
         time.sleep(4.1)
         last = run(database_url, wrong, settings)
@@ -386,6 +387,146 @@ def test_a_server_radius_cap_below_radius_m_stops_the_run_naming_both_settings(
         last = run(database_url, client, replace(settings, radius_m=3.0))
     assert last.exit_code == 0, last.error
     assert batch_states(conn) == {"completed": 6}
+    assert_all_processed(conn)
+
+
+def claimable_batches(conn: psycopg.Connection[Any], trace_pool: list[traces.Trace],
+                      n: int) -> list[tuple[Any, ...]]:
+    """``n`` batches ready to be claimed, the first one failed once already; their
+    (batch_id, status, retry_count, next_attempt_at) in batch order."""
+    for i, trace in enumerate(trace_pool[:n]):
+        add_trace(conn, f"c{i}", trace)
+    assert batches.make_batches(conn, MatchSettings()).created == n
+    conn.execute("UPDATE processing_batches SET status = 'failed', retry_count = 1,"
+                 " next_attempt_at = now() - interval '1 minute', error_message = 'earlier'"
+                 " WHERE batch_id = (SELECT batch_id FROM processing_batches"
+                 " ORDER BY start_time, device_id LIMIT 1)")
+    return batch_rows(conn)
+
+
+def batch_rows(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    rows = conn.execute("SELECT batch_id, status, retry_count, next_attempt_at, error_message"
+                        " FROM processing_batches ORDER BY start_time, device_id").fetchall()
+    return [tuple(r.values()) for r in rows]
+
+
+def assert_given_back(conn: psycopg.Connection[Any], before: list[tuple[Any, ...]]) -> None:
+    """Every batch as it was before the run: no attempt counted, none left processing, and
+    every point still waiting to be matched."""
+    assert batch_rows(conn) == before
+    assert reliability.check_gps(conn) == []
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    left = conn.execute("SELECT count(*) FILTER (WHERE NOT processed) AS n, count(*) AS total"
+                        " FROM gps_point_status").fetchone()
+    assert left["n"] == left["total"] > 0
+
+
+@pytest.mark.parametrize("suffix", ["/wrong/path", "/route", "/osrm/match/v1/driving"])
+def test_a_wrong_osrm_url_path_stops_the_run_and_gives_the_batches_back(
+        conn: psycopg.Connection[Any], database_url: str, osrm_url: str,
+        trace_pool: list[traces.Trace], suffix: str) -> None:
+    """osrm-routed answers 400 InvalidUrl/InvalidService/InvalidVersion to every request under
+    a wrong [osrm] url path: a setting, not the batches' fault. The run stops with exit 78 and
+    one line naming the URL and the setting; no batch counts an attempt."""
+    before = claimable_batches(conn, trace_pool, 4)
+    with OsrmClient(f"{osrm_url}{suffix}", retries=1) as wrong:
+        record = run(database_url, wrong, MatchSettings(concurrency=2))
+    error = record.error or ""
+    assert record.exit_code == EXIT_CONFIG, error
+    assert "\n" not in error
+    assert f"OSRM {osrm_url}{suffix} answered Invalid" in error, error
+    assert "check the path in [osrm] url" in error, error
+    assert "given back untouched (no attempt counted)" in error, error
+    assert record.counts["batches_failed"] == record.counts["batches_dead"] == 0
+    assert_given_back(conn, before)
+
+
+@pytest.mark.parametrize(("status", "body", "content_type", "said"), [
+    (404, "<html><body><h1>404 Not Found</h1></body></html>", "text/html",
+     "answered HTTP 404 with a non-JSON body (text/html)"),
+    (401, "", "", "answered HTTP 401 with a non-JSON body (empty)"),
+    (403, "<html>Forbidden</html>", "text/html; charset=utf-8",
+     "answered HTTP 403 with a non-JSON body (text/html)"),
+    (405, '{"error": "method not allowed"}', "application/json",
+     "answered HTTP 405 (method not allowed)"),
+])
+def test_a_proxy_that_does_not_serve_the_url_stops_the_run(
+        conn: psycopg.Connection[Any], database_url: str, proxy: CountingHttpProxy,
+        trace_pool: list[traces.Trace], status: int, body: str, content_type: str,
+        said: str) -> None:
+    """A reverse proxy's 404/401/403/405 to every request (an HTML page, an empty body) is
+    [osrm] url, not an outage and not the batches' fault."""
+    before = claimable_batches(conn, trace_pool, 3)
+    proxy.answer(status, body, content_type)
+    with OsrmClient(f"{proxy.url}/osrm", retries=2) as wrong:
+        record = run(database_url, wrong, MatchSettings(concurrency=1))
+    error = record.error or ""
+    assert record.exit_code == EXIT_CONFIG, error
+    assert "\n" not in error
+    assert error.startswith(f"stopped: OSRM {proxy.url}/osrm {said}"), error
+    assert "check the path in [osrm] url" in error, error
+    assert proxy.count("/") <= 2  # one per worker: not retried, no other batch sent
+    assert_given_back(conn, before)
+
+
+def test_a_proxy_prefix_missing_from_the_url_stops_the_run(
+        conn: psycopg.Connection[Any], database_url: str, osrm_url: str,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed behind a reverse proxy under /osrm/, [osrm] url without the prefix."""
+    before = claimable_batches(conn, trace_pool, 3)
+    with CountingHttpProxy(osrm_url, prefix="/osrm") as prefixed, \
+            OsrmClient(prefixed.url, retries=1) as wrong:
+        record = run(database_url, wrong, MatchSettings(concurrency=2))
+        error = record.error or ""
+        assert record.exit_code == EXIT_CONFIG, error
+        assert f"OSRM {prefixed.url} answered HTTP 404 with a non-JSON body (text/html)" \
+            in error, error
+        assert_given_back(conn, before)
+        with OsrmClient(f"{prefixed.url}/osrm", retries=1) as right:
+            assert run(database_url, right).exit_code == 0
+    assert_all_processed(conn)
+
+
+@pytest.mark.parametrize("status", [413, 414, 431])
+def test_a_request_too_large_for_the_server_stops_the_run_naming_chunk_size(
+        conn: psycopg.Connection[Any], database_url: str, proxy: CountingHttpProxy,
+        trace_pool: list[traces.Trace], status: int) -> None:
+    """A server or proxy limit on the request's size (nginx's large_client_header_buffers:
+    414; 431 headers; 413 body) is neither an outage nor a batch's fault."""
+    before = claimable_batches(conn, trace_pool, 3)
+    proxy.answer(status, "<html>too large</html>")
+    with OsrmClient(proxy.url, retries=3, retry_wait_max=0.05) as client:
+        record = run(database_url, client, MatchSettings(concurrency=1))
+    error = record.error or ""
+    assert record.exit_code == EXIT_CONFIG, error
+    assert "\n" not in error
+    assert error.startswith(f"stopped: OSRM {proxy.url} refuses a "), error
+    assert f"-byte request: HTTP {status} " in error, error
+    assert "--max-header-size" in error and "[match] chunk_size" in error, error
+    assert proxy.count("/") <= 2  # one per worker: not retried, no other batch sent
+    assert_given_back(conn, before)
+
+
+def test_a_request_past_osrm_routed_max_header_size_stops_the_run_naming_chunk_size(
+        conn: psycopg.Connection[Any], database_url: str, services: LocalServices,
+        trace_pool: list[traces.Trace]) -> None:
+    """osrm-routed --max-header-size closes the connection without an answer to a longer
+    request: that read as an outage (retried, then every batch failed with an attempt
+    counted, exit 1). A short request still answered, so it is the request's size: exit 78,
+    naming the option and [match] chunk_size; with a chunk size that fits, the batches match."""
+    small = services.osrm(max_header_size=900)
+    before = claimable_batches(conn, trace_pool, 3)
+    with OsrmClient(small, retries=2, retry_wait_max=0.05) as client:
+        record = run(database_url, client, MatchSettings(concurrency=1))
+        error = record.error or ""
+        assert record.exit_code == EXIT_CONFIG, error
+        assert "\n" not in error
+        assert error.startswith(f"stopped: OSRM {small} closed the connection without "
+                                "answering a "), error
+        assert "--max-header-size" in error and "[match] chunk_size" in error, error
+        assert_given_back(conn, before)
+        fits = run(database_url, client, MatchSettings(chunk_size=12, chunk_overlap=3))
+    assert fits.exit_code == 0, fits.error
     assert_all_processed(conn)
 
 

@@ -278,6 +278,18 @@ class _HttpHandler(BaseHTTPRequestHandler):
             _reset(self.connection)
             self.close_connection = True
             return
+        answer = proxy._answer
+        if answer is not None:
+            status, content_type, body = answer
+            proxy._record(self.path)
+            self.send_response(status)
+            if content_type:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return
         if proxy._prefix:
             if not self.path.startswith(proxy._prefix + "/"):
                 self.send_error(404, "not under " + proxy._prefix)
@@ -337,7 +349,9 @@ class CountingHttpProxy(_Served):
     one connection each. While blocked, requests get their connection reset, no response;
     after ``refuse(fragment)``, only the requests whose unquoted path contains ``fragment``.
     With ``prefix`` (``/osrm``) it is a reverse proxy that serves the target under that path:
-    the prefix is cut off before forwarding, and a path outside it gets a 404.
+    the prefix is cut off before forwarding, and a path outside it gets a 404. After
+    ``answer(status, ...)`` it answers every request itself, as a misconfigured proxy would
+    (a 401 with an empty body, a 414 for a long request line).
     """
 
     def __init__(self, target_base_url: str, *, prefix: str = "") -> None:
@@ -351,6 +365,7 @@ class CountingHttpProxy(_Served):
         self._prefix = prefix.rstrip("/")
         self._counts: Counter[str] = Counter()
         self._refused: str | None = None
+        self._answer: tuple[int, str, bytes] | None = None
         super().__init__()
         self.url = ""
 
@@ -373,6 +388,10 @@ class CountingHttpProxy(_Served):
         encoded first point, say) and forward the others: a fault for some batches only."""
         with self._lock:
             self._refused = fragment
+
+    def answer(self, status: int, body: str = "", content_type: str = "text/html") -> None:
+        """Answer every request with ``status`` and ``body`` (counted, not forwarded)."""
+        self._answer = (status, content_type, body.encode())
 
     def _refuses(self, raw_path: str) -> bool:
         with self._lock:
