@@ -898,6 +898,10 @@ def _validate(s: Settings) -> None:
         from .adapters.odata_format import resolve_mapping  # lazy: configs with a mapping pay
 
         resolve_mapping(s.odata.mapping)
+    if s.schedule.entries:  # status and doctor read them; every command refuses them now
+        from .schedule import check_entries  # lazy: croniter for configs with entries only
+
+        check_entries(s.schedule.entries)
     for key in ("gap_seconds", "max_batch_seconds", "lease_seconds", "max_attempts",
                 "chunk_size", "concurrency"):
         if getattr(s.match, key) <= 0:

@@ -230,6 +230,14 @@ def test_a_usage_error_quotes_a_long_value_shortened(run_cli: Cli) -> None:
     assert len(result.stderr) < 300
 
 
+def test_config_show_refuses_a_schedule_entry_in_one_line(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_SCHEDULE_ENTRIES"] = '{"prune": "not cron"}'
+    result = run_cli("config", "show")
+    assert result.exit_code == 78 and result.stdout == ""
+    assert result.stderr == ("pipeline config show: error: [schedule] entries: invalid cron "
+                             "expression 'not cron' for prune\n")
+
+
 def test_a_secret_given_as_another_value_stays_masked_when_cut_short(run_cli: Cli) -> None:
     # An error quotes a long value by its first 60 characters, which the redaction of the
     # whole secret did not find.
