@@ -82,13 +82,17 @@ class PipelineGroup(LazyGroup):
         ctx = getattr(exc, "ctx", None) or outer
         app = (ctx.find_object(App) if ctx else None) or App()
         where = command_path(ctx)
-        message = shorten_values(app.redact(exc.format_message()))
+        help_text = isinstance(exc, _NO_ARGS_IS_HELP)  # a bare `pipeline graph`: its help
+        message = app.redact(exc.format_message())
+        message = message if help_text else shorten_values(message)
         if app.json or "--json" in self.raw_args:  # one JSON object on stdout, as for others
             render.print_json({"status": "error", "error": message, "exit_code": exc.exit_code})
+        json_logs = app.log_format == "json" or self._json_logs()
+        if help_text and not json_logs:
+            raise exc  # Click prints the help, as it did
         line = f"{where}: error: {message}"
         if isinstance(exc, click.UsageError):
             line += f" (see '{where} --help')"
-        json_logs = app.log_format == "json" or self._json_logs()
         render.stderr_error(App(log_format="json" if json_logs else "text"), line,
                             stage=where.split(" ")[1] if " " in where else None,
                             exit_code=exc.exit_code)
@@ -131,6 +135,10 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     ctx.obj = app
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
+
+
+# Click 8.2+ raises this for a group given no command (8.1 printed the help and exit 0).
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _json_hint(exc: click.ClickException) -> None:

@@ -217,6 +217,16 @@ def test_a_usage_error_is_one_line_naming_the_command(run_cli: Cli, args: tuple[
     assert result.stderr == line + "\n" and result.stdout == ""
 
 
+@pytest.mark.parametrize("args", [(), ("graph",), ("db",)])
+def test_a_group_without_a_command_still_prints_its_help(run_cli: Cli,
+                                                         args: tuple[str, ...]) -> None:
+    # The one-line usage errors made this help one line with its newlines escaped.
+    result = run_cli.subprocess(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Usage: {' '.join(('pipeline', *args))} [OPTIONS] COMMAND")
+    assert "\nCommands:\n" in result.stderr
+
+
 def test_an_error_in_a_subgroup_command_names_the_whole_command(run_cli: Cli) -> None:
     result = run_cli("graph", "activate", "nosuchversion")
     assert result.exit_code == 2
