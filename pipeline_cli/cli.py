@@ -11,14 +11,15 @@ import errno
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from . import __version__, render
 from .app import App
-from .commands import COMMANDS, LazyGroup, NonEmpty
+from .commands import COMMAND_PATH, COMMANDS, LazyGroup, NonEmpty, command_path
 from .errors import EXIT_CODES, PipelineError
+from .settings import shorten_values
 
 EPILOG = (
     "Settings come from --config FILE (or PIPELINE_CONFIG) and are overridden by environment "
@@ -69,37 +70,44 @@ class PipelineGroup(LazyGroup):
             render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
                                 "pipeline: interrupted", exit_code=130)
             sys.exit(130)
+        except click.ClickException as exc:  # a usage error in the options before a command
+            self._usage_error(exc, None)
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.NoSuchOption as exc:
-            _json_hint(exc)
-            raise
+    def _usage_error(self, exc: click.ClickException, outer: click.Context | None) -> NoReturn:
+        """Click's usage error as one line, ``pipeline graph activate: error: Missing argument
+        'VERSION'. (see 'pipeline graph activate --help')``, on stderr (a JSON log object
+        under --log-format json; and one JSON object on stdout with --json), exit 2: Click
+        printed its usage, a "Try" line, a blank and "Error: ...", four lines for one fault."""
+        _json_hint(exc)
+        ctx = getattr(exc, "ctx", None) or outer
+        app = (ctx.find_object(App) if ctx else None) or App()
+        where = command_path(ctx)
+        help_text = isinstance(exc, _NO_ARGS_IS_HELP)  # a bare `pipeline graph`: its help
+        message = app.redact(exc.format_message())
+        message = message if help_text else shorten_values(message)
+        if app.json or "--json" in self.raw_args:  # one JSON object on stdout, as for others
+            render.print_json({"status": "error", "error": message, "exit_code": exc.exit_code})
+        json_logs = app.log_format == "json" or self._json_logs()
+        if help_text and not json_logs:
+            raise exc  # Click prints the help, as it did
+        line = f"{where}: error: {message}"
+        if isinstance(exc, click.UsageError):
+            line += f" (see '{where} --help')"
+        render.stderr_error(App(log_format="json" if json_logs else "text"), line,
+                            stage=where.split(" ")[1] if " " in where else None,
+                            exit_code=exc.exit_code)
+        sys.exit(exc.exit_code)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
             app = ctx.find_object(App) or App()
-            render.error(app, exc, command=ctx.invoked_subcommand)
+            render.error(app, exc, command=ctx.invoked_subcommand,
+                         where=ctx.meta.get(COMMAND_PATH))
             ctx.exit(exc.exit_code)
         except click.ClickException as exc:  # a usage error, before the options were read
-            _json_hint(exc)
-            app = ctx.find_object(App) or App()
-            raw = self.raw_args
-            json_logs = app.log_format == "json" or self._json_logs()
-            where = f"pipeline {ctx.invoked_subcommand}" if ctx.invoked_subcommand \
-                else "pipeline"
-            if app.json or "--json" in raw:  # one JSON object on stdout, as for other errors
-                render.print_json({"status": "error", "error": exc.format_message(),
-                                   "exit_code": exc.exit_code})
-            if not json_logs:
-                raise
-            render.stderr_error(App(log_format="json"), f"{where}: error: "
-                                f"{exc.format_message()}", stage=ctx.invoked_subcommand,
-                                exit_code=exc.exit_code)
-            ctx.exit(exc.exit_code)
+            self._usage_error(exc, ctx)
         except KeyboardInterrupt:
             render.stderr_error(ctx.find_object(App) or App(), "pipeline: interrupted",
                                 exit_code=130)
@@ -127,6 +135,10 @@ def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: st
     ctx.obj = app
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
+
+
+# Click 8.2+ raises this for a group given no command (8.1 printed the help and exit 0).
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _json_hint(exc: click.ClickException) -> None:

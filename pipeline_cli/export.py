@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from . import db, polyline
 from .adapters.graph_store import GraphLookupError, GraphReader
 from .errors import PipelineError, UsageError
+from .settings import quoted
 
 log = logging.getLogger("pipeline.export")
 
@@ -49,13 +50,14 @@ class BBox:
                 raise ValueError
             west, south, east, north = (float(p) for p in parts)
         except ValueError:
-            raise UsageError(f"malformed --bbox {text!r}: expected W,S,E,N in degrees") from None
+            raise UsageError(f"malformed --bbox {quoted(text)}: expected W,S,E,N in "
+                             "degrees") from None
         if not all(-180 <= v <= 180 for v in (west, east)) or not all(
                 -90 <= v <= 90 for v in (south, north)):
-            raise UsageError(f"malformed --bbox {text!r}: longitudes must be in [-180, 180] "
+            raise UsageError(f"malformed --bbox {quoted(text)}: longitudes must be in [-180, 180] "
                              "and latitudes in [-90, 90]")
         if south > north:
-            raise UsageError(f"malformed --bbox {text!r}: south is above north")
+            raise UsageError(f"malformed --bbox {quoted(text)}: south is above north")
         return cls(west, south, east, north)
 
     def contains(self, lon: float, lat: float) -> bool:
@@ -75,7 +77,7 @@ def parse_time(text: str | None, option: str) -> datetime | None:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"malformed {option} {text!r}: expected an ISO 8601 time, "
+        raise UsageError(f"malformed {option} {quoted(text)}: expected an ISO 8601 time, "
                          "e.g. 2026-12-01T08:00:00Z") from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
@@ -86,7 +88,7 @@ def parse_range(since: str | None, until: str | None
     that is empty by definition."""
     start, end = parse_time(since, "--since"), parse_time(until, "--until")
     if start is not None and end is not None and start > end:
-        raise UsageError(f"--since {since!r} is after --until {until!r}")
+        raise UsageError(f"--since {quoted(since)} is after --until {quoted(until)}")
     return start, end
 
 

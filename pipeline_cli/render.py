@@ -138,8 +138,10 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def error(app: App, exc: PipelineError, *, command: str | None = None) -> None:
-    """One line on stderr, or one JSON object on stdout with --json."""
+def error(app: App, exc: PipelineError, *, command: str | None = None,
+          where: str | None = None) -> None:
+    """One line on stderr, or one JSON object on stdout with --json; ``command``: the stage
+    (top-level command), ``where``: the full command (``pipeline graph activate``)."""
     message = app.redact(str(exc))
     if app.json:
         status = "busy" if isinstance(exc, LockBusy) else "error"
@@ -150,7 +152,7 @@ def error(app: App, exc: PipelineError, *, command: str | None = None) -> None:
             obj["problems"] = [app.redact(p) for p in exc.problems]
         print_json(obj)
         return
-    where = f"pipeline {command}" if command else "pipeline"
+    where = where or (f"pipeline {command}" if command else "pipeline")
     problems = [app.redact(p) for p in exc.problems] if isinstance(exc, ValidationError) else []
     stderr_error(app, f"{where}: error: {message}", problems, stage=command,
                  exit_code=exc.exit_code)

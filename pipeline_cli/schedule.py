@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterBadDateError, croniter
 
 from .errors import ConfigError
-from .settings import path_hint
+from .settings import path_hint, quoted
 
 # Subcommands whose runs are recorded in stage_runs and can therefore be overdue.
 SCHEDULED_STAGES = ("sync-odata", "gen-virtual", "build-graph", "match-gps", "ingest-gps",
@@ -180,6 +180,8 @@ def _cron_problem(expr: str) -> str | None:
     """Why ``expr`` cannot schedule a stage: not cron, or no slot ever (``0 0 31 2 *``)."""
     if not croniter.is_valid(expr):
         return "invalid cron expression"
+    if len(expr.split()) != 5 and expr not in _NICKNAMES:  # croniter reads a 6th as seconds
+        return "not 5 time fields in the cron expression"
     try:
         croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
     except CroniterBadDateError:
@@ -240,6 +242,20 @@ def parse_crontab(text: str, source: str = "crontab",
     return found
 
 
+def check_entries(entries: Mapping[str, str]) -> None:
+    """ConfigError naming the first ``[schedule] entries`` entry that is no stage or no cron
+    expression that fires (the settings loader calls this: status failed on it, config show
+    did not)."""
+    for stage, expr in entries.items():
+        if stage not in SCHEDULED_STAGES:
+            raise ConfigError(f"[schedule] entries: unknown stage {quoted(stage)} "
+                              f"(expected one of {', '.join(SCHEDULED_STAGES)})",
+                              key="schedule.entries")
+        if (why := _cron_problem(expr)) is not None:
+            raise ConfigError(f"[schedule] entries: {why} {quoted(expr)} for {stage}",
+                              key="schedule.entries")
+
+
 def build_schedule(crontab: str | os.PathLike[str] | None,
                    entries: Mapping[str, str] | None = None) -> Schedule:
     """The schedule from an optional crontab file plus per-stage overrides."""
@@ -257,14 +273,8 @@ def build_schedule(crontab: str | os.PathLike[str] | None,
         for entry in parse_crontab(text, str(path), schedule.warnings):
             if entry.command in SCHEDULED_STAGES:
                 schedule.entries.setdefault(entry.command, []).append(entry)
+    check_entries(entries or {})
     for stage, expr in (entries or {}).items():
-        if stage not in SCHEDULED_STAGES:
-            raise ConfigError(f"[schedule] entries: unknown stage {stage!r} "
-                              f"(expected one of {', '.join(SCHEDULED_STAGES)})",
-                              key="schedule.entries")
-        if (why := _cron_problem(expr)) is not None:
-            raise ConfigError(f"[schedule] entries: {why} {expr!r} for {stage}",
-                              key="schedule.entries")
         schedule.entries[stage] = [CronEntry(expr=expr, command=stage)]
     if entries:
         schedule.sources.append("[schedule] entries")

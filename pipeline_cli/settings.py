@@ -369,6 +369,38 @@ def add_runtime_secret(value: str) -> None:
             _RUNTIME_SECRETS.append(value)
 
 
+# An error message quotes at most this much of a value given by the operator: a 10 kB value
+# (a pasted file, a runaway variable) made a 10 kB "one line" error.
+SHOWN_MAX = 60
+
+
+def shorten(text: str, limit: int = SHOWN_MAX) -> str:
+    """``text``, or its first ``limit`` characters and how long it is: ``abc…(10000
+    characters)``."""
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
+
+
+def quoted(value: Any) -> str:
+    """``repr(value)`` for an error message, a long string cut by :func:`shorten`."""
+    if isinstance(value, str) and len(value) > SHOWN_MAX:
+        return f"{value[:SHOWN_MAX]!r}…({len(value)} characters)"
+    return repr(value)
+
+
+_QUOTED = re.compile(rf"'([^'\n]{{{SHOWN_MAX + 1},}})'|\(([^()\n]{{{SHOWN_MAX + 1},}})\)")
+
+
+def shorten_values(message: str) -> str:
+    """A message from elsewhere (Click's "Invalid value for '--x': '...'") with each quoted
+    or parenthesized value longer than SHOWN_MAX cut by :func:`shorten`."""
+    def cut(m: re.Match[str]) -> str:
+        if m.group(1) is not None:
+            return f"'{m.group(1)[:SHOWN_MAX]}'…({len(m.group(1))} characters)"
+        return f"({shorten(m.group(2))})"
+
+    return _QUOTED.sub(cut, message)
+
+
 def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
 
@@ -443,6 +475,9 @@ def redact(text: str, secrets: list[str]) -> str:
     def sub(text: str, values: list[str]) -> str:
         for secret in values:
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+            if len(secret) > SHOWN_MAX:  # quoted cut short (quoted, shorten): not its length
+                text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret[:SHOWN_MAX])}(['\)]?)…"
+                              r"\(\d+ characters\)", r"***\1", text)
         return text
 
     # A plain secret (a password) first and whole: mask_passwords stops a password at a ','
@@ -527,17 +562,23 @@ def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"expected true or false, got {raw!r}")
+            raise ValueError(f"expected true or false, got {quoted(raw)}")
         if annotation is int:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(f"expected an integer, got {raw!r}")
-            return int(raw)
+                raise ValueError(f"expected an integer, got {quoted(raw)}")
+            try:
+                return int(raw)
+            except ValueError:  # Python's message quotes the whole value
+                raise ValueError(f"expected an integer, got {quoted(raw)}") from None
         if annotation is float:
             if isinstance(raw, bool):
-                raise ValueError(f"expected a number, got {raw!r}")
-            value = float(raw)
+                raise ValueError(f"expected a number, got {quoted(raw)}")
+            try:
+                value = float(raw)
+            except ValueError:  # Python's message quotes the whole value
+                raise ValueError(f"expected a number, got {quoted(raw)}") from None
             if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"expected a finite number, got {raw!r}")
+                raise ValueError(f"expected a finite number, got {quoted(raw)}")
             return value
         if annotation is str:
             if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
@@ -585,10 +626,11 @@ def load_settings(
     unknown = sorted(set(data) - set(sections))
     for name in unknown:
         if not isinstance(data[name], dict):
-            raise ConfigError(f"setting {name} in {shown} is outside any section (put it "
+            raise ConfigError(f"setting {shorten(name)} in {shown} is outside any section (put it "
                               "below its [section] line)", key=name)
     if unknown:
-        raise ConfigError(f"unknown config section [{unknown[0]}] in {shown}", key=unknown[0])
+        raise ConfigError(f"unknown config section [{shorten(unknown[0])}] in {shown}",
+                          key=unknown[0])
     built: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, cls in sections.items():
@@ -599,9 +641,8 @@ def load_settings(
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(table) - names)
         if extra:
-            raise ConfigError(
-                f"unknown setting [{section}] {extra[0]} in {shown}", key=f"{section}.{extra[0]}"
-            )
+            raise ConfigError(f"unknown setting [{section}] {shorten(extra[0])} in {shown}",
+                              key=f"{section}.{extra[0]}")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f"{section}.{f.name}"
@@ -857,6 +898,10 @@ def _validate(s: Settings) -> None:
         from .adapters.odata_format import resolve_mapping  # lazy: configs with a mapping pay
 
         resolve_mapping(s.odata.mapping)
+    if s.schedule.entries:  # status and doctor read them; every command refuses them now
+        from .schedule import check_entries  # lazy: croniter for configs with entries only
+
+        check_entries(s.schedule.entries)
     for key in ("gap_seconds", "max_batch_seconds", "lease_seconds", "max_attempts",
                 "chunk_size", "concurrency"):
         if getattr(s.match, key) <= 0:
@@ -913,17 +958,18 @@ def _validate(s: Settings) -> None:
     for mode, speed in s.virtual.speeds_kmh.items():
         if not 0.1 <= speed <= 10_000:  # 1e-310 km/h gave routes an infinite weight
             raise bad("virtual", "speeds_kmh",
-                      f"the speed of mode {mode!r} must be 0.1 to 10000 km/h, got {speed:g}")
+                      f"the speed of mode {quoted(mode)} must be 0.1 to 10000 km/h, got {speed:g}")
     twice = duplicate_names(s.virtual.speeds_kmh)
     if twice:
-        raise bad("virtual", "speeds_kmh", f"{twice[0]!r} and {twice[1]!r} name the same mode")
+        raise bad("virtual", "speeds_kmh",
+                  f"{quoted(twice[0])} and {quoted(twice[1])} name the same mode")
     window = []
     for key in ("service_start", "service_end"):
         value = getattr(s.virtual, key)
         hh, _, mm = value.partition(":")
         if not (hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24
                 and int(mm) < 60):
-            raise bad("virtual", key, f"expected HH:MM, got {value!r}")
+            raise bad("virtual", key, f"expected HH:MM, got {quoted(value)}")
         window.append(int(hh) * 60 + int(mm))
     if window[0] >= window[1]:
         raise bad("virtual", "service_end", "must be after service_start")

@@ -222,6 +222,41 @@ def test_unusable_text_and_numbers_are_refused(env: dict[str, str], needle: str)
     assert needle in str(err.value)
 
 
+LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize(("text", "env"), [
+    ("", {"PIPELINE_MATCH_CONCURRENCY": LONG}), ("", {"PIPELINE_MATCH_RADIUS_M": LONG}),
+    ("", {"PIPELINE_REDIS_CLUSTER": LONG}), (f'[virtual]\nservice_start = "{LONG}"\n', {}),
+    (f"[match]\n{LONG} = 1\n", {}), (f'[virtual]\nspeeds_kmh = {{"{LONG}" = 0}}\n', {}),
+])
+def test_a_long_value_is_quoted_cut_short(tmp_path: Path, text: str,
+                                          env: dict[str, str]) -> None:
+    # A 10 kB value (a pasted file, a runaway variable) made a 10 kB one-line error.
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env)
+    assert "x" * 60 + "…" in str(err.value) or "x" * 60 + "'…" in str(err.value)
+    assert "(10000 characters)" in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(("text", "env", "needle"), [
+    ('[schedule]\nentries = {"sync-odata" = "every day"}\n', {},
+     "[schedule] entries: invalid cron expression 'every day' for sync-odata"),
+    ('[schedule]\nentries = {"sync-data" = "0 3 * * *"}\n', {},
+     "[schedule] entries: unknown stage 'sync-data' (expected one of sync-odata, "),
+    ("", {"PIPELINE_SCHEDULE_ENTRIES": '{"prune": "0 0 31 2 *"}'},
+     "[schedule] entries: a cron expression that never fires '0 0 31 2 *' for prune"),
+    ("", {"PIPELINE_SCHEDULE_ENTRIES": '{"prune": "0 3 * * * 30"}'},
+     "[schedule] entries: not 5 time fields in the cron expression '0 3 * * * 30' for prune"),
+])
+def test_a_schedule_entry_status_cannot_use_is_refused_at_load(
+        tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
+    # `config show` and every stage accepted it; `status` then exited 78 on it.
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env)
+    assert needle in str(err.value) and err.value.exit_code == 78
+
+
 def test_a_control_character_in_the_file_is_refused_but_not_in_a_mapping(
         tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[s3\] region: holds the control character"):

@@ -26,7 +26,7 @@ from ..app import App
 from ..db import deployment_id  # not `db.`: this package's `db` commands shadow that name
 from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
-from ..settings import is_utf8
+from ..settings import is_utf8, quoted
 
 if TYPE_CHECKING:  # imported where it is built: `pipeline status` does not pay for it
     from ..adapters.graph_store import GraphStore
@@ -143,6 +143,19 @@ def global_options(cmd: C) -> C:
     return cmd
 
 
+COMMAND_PATH = "pipeline.command_path"  # ctx.meta key: the command running (shared meta)
+
+
+def command_path(ctx: click.Context | None) -> str:
+    """``pipeline graph activate`` for the context of that command, whatever name the root
+    was invoked by (CliRunner calls it "cli")."""
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["pipeline", *names])
+
+
 def _check_utf8(cmd: click.Command) -> None:
     """A usage error (exit 2) naming the option whose value holds bytes that are not UTF-8:
     `restore dataset $'x\\xe9'` or `--device` ended in a traceback when the value reached
@@ -154,6 +167,7 @@ def _check_utf8(cmd: click.Command) -> None:
     @functools.wraps(callback)
     def checked(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
+        ctx.meta[COMMAND_PATH] = command_path(ctx)  # for an error's line, once out of here
         for param in ctx.command.params:
             kind = param.type.inner if isinstance(param.type, NonEmpty) else param.type
             if isinstance(kind, (click.Path, click.File)) or param.name is None:
@@ -182,7 +196,7 @@ class Seconds(click.FloatRange):
                 ) -> Any:
         seconds = super().convert(value, param, ctx)
         if not math.isfinite(seconds):
-            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+            self.fail(f"{quoted(value)} is not a finite number of seconds", param, ctx)
         return seconds
 
 

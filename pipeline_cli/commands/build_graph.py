@@ -10,6 +10,7 @@ from .. import render
 from ..app import App
 from ..errors import UsageError
 from ..health import human_duration
+from ..settings import quoted
 from ..stages.build_graph import (
     activate_version,
     build_graph,
@@ -88,7 +89,7 @@ def activate_cmd(app: App, version: str, wait: float | None) -> None:
     """Make VERSION the active graph again (rollback), reloading it from S3 if needed."""
     conn = app.connect(autocommit=True, name="pipeline graph activate", migrated=True)
     if not version_exists(conn, version):  # a typo: no run recorded, no failure streak
-        raise UsageError(f"unknown graph version {version!r} (see `pipeline graph list`)")
+        raise UsageError(f"unknown graph version {quoted(version)} (see `pipeline graph list`)")
     store, backups = graph_store(app), app.backups()
     run_stage(app, "build-graph",
               lambda ctx: activate_version(app.database, store, backups,

@@ -10,6 +10,7 @@ from .. import render
 from ..app import App
 from ..doctor import DoctorReport, run_doctor, settings_failure
 from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, UsageError
+from ..settings import quoted
 from . import json_option, pass_app
 
 
@@ -19,9 +20,9 @@ def _point(text: str | None) -> tuple[float, float] | None:
     try:
         lon, lat = (float(v) for v in text.split(","))
     except ValueError:
-        raise UsageError(f"malformed --point {text!r}: expected LON,LAT") from None
+        raise UsageError(f"malformed --point {quoted(text)}: expected LON,LAT") from None
     if not (-180 <= lon <= 180 and -90 <= lat <= 90):
-        raise UsageError(f"malformed --point {text!r}: LON in [-180, 180], LAT in [-90, 90]")
+        raise UsageError(f"malformed --point {quoted(text)}: LON in [-180, 180], LAT in [-90, 90]")
     return lon, lat
 
 

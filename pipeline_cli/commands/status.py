@@ -106,12 +106,18 @@ def check_line(report: StatusReport | None, error: str | None = None) -> tuple[s
                    "3 UNKNOWN (e.g. the database is unreachable). Silent on OK under -q.")
 @click.option("--prometheus", "prometheus", metavar="FILE",
               type=NonEmpty(click.Path(dir_okay=False)),
-              help="Also write node_exporter textfile metrics to FILE, atomically.")
+              help="Also write node_exporter textfile metrics to FILE, atomically; '-' "
+                   "prints them alone on stdout, instead of the report.")
 @json_option
 @pass_app
 def status(app: App, check: bool, prometheus: str | None) -> None:
     """Show the health of every stage and area: last runs, overdue stages, dataset, virtual
     entities, graph, GPS backlog, locks and S3, with a verdict (ok, warning, critical)."""
+    to_stdout = prometheus == "-"  # as `export -o -`: it wrote a file named "-"
+    if to_stdout and (check or app.json):
+        raise click.UsageError("--prometheus - prints the metrics alone on stdout: it does not "
+                               f"combine with {'--check' if check else '--json'}",
+                               ctx=click.get_current_context())
     try:
         report: StatusReport | None = gather(app)
         error = None
@@ -119,7 +125,9 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
         if not (check or prometheus):
             raise
         report, error = None, app.redact(str(exc))
-    if prometheus:
+    if to_stdout:
+        click.echo(prometheus_text(report), nl=False)
+    elif prometheus:
         try:
             write_prometheus(prometheus, prometheus_text(report))
         except PipelineError as exc:
@@ -141,7 +149,7 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
         raise click.exceptions.Exit(LEVELS[UNKNOWN])
     if app.json:
         render.print_json(report.to_json())
-    elif app.verbosity >= 0:
+    elif app.verbosity >= 0 and not to_stdout:
         show(report)
 
 

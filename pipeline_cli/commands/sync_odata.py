@@ -7,6 +7,7 @@ import click
 from .. import render
 from ..app import App
 from ..errors import UsageError
+from ..settings import quoted
 from ..stages.sync_odata import dataset_exists, list_datasets, restore_dataset, sync_odata
 from . import LIMIT, json_option, pass_app, run_stage, wait_option
 
@@ -80,7 +81,8 @@ def restore_dataset_cmd(app: App, version: str, wait: float | None) -> None:
     """
     conn = app.connect(autocommit=True, name="pipeline restore dataset", migrated=True)
     if not dataset_exists(conn, version):  # a typo: no run recorded, no failure streak
-        raise UsageError(f"unknown dataset version {version!r} (see `pipeline datasets list`)")
+        raise UsageError(f"unknown dataset version {quoted(version)} "
+                         "(see `pipeline datasets list`)")
     backups = app.backups()
     run_stage(app, "sync-odata",
               lambda ctx: restore_dataset(app.database, backups, ctx, version),

@@ -191,6 +191,76 @@ def test_usage_errors_follow_log_format_and_json_wherever_given(
         assert json.loads(result.stdout)["exit_code"] == 2
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (("--bogus",), "pipeline: error: No such option '--bogus'. Did you mean '--verbose'? "
+                   "(see 'pipeline --help')"),
+    (("nosuchcmd",), "pipeline: error: No such command 'nosuchcmd'. (see 'pipeline --help')"),
+    (("sync-odata", "--bogus"), "pipeline sync-odata: error: No such option '--bogus'. Did you "
+                                "mean '--verbose'? (see 'pipeline sync-odata --help')"),
+    (("graph", "nosuch"), "pipeline graph: error: No such command 'nosuch'. "
+                          "(see 'pipeline graph --help')"),
+    (("graph", "activate"), "pipeline graph activate: error: Missing argument 'VERSION'. "
+                            "(see 'pipeline graph activate --help')"),
+    (("graph", "activate", "a", "b"), "pipeline graph activate: error: Got unexpected extra "
+                                      "argument (b) (see 'pipeline graph activate --help')"),
+    (("match-gps", "--concurrency", "abc"), "pipeline match-gps: error: Invalid value for "
+     "'--concurrency': 'abc' is not a valid integer range. (see 'pipeline match-gps --help')"),
+    (("db", "migrate", "--bogus"), "pipeline db migrate: error: No such option '--bogus'. Did "
+                                   "you mean '--verbose'? (see 'pipeline db migrate --help')"),
+])
+def test_a_usage_error_is_one_line_naming_the_command(run_cli: Cli, args: tuple[str, ...],
+                                                      line: str) -> None:
+    # Click printed four lines (usage, "Try ... --help", a blank, "Error: ..."), unlike every
+    # other error; in a subgroup the project's own errors named the group, not the command.
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr == line + "\n" and result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [(), ("graph",), ("db",)])
+def test_a_group_without_a_command_still_prints_its_help(run_cli: Cli,
+                                                         args: tuple[str, ...]) -> None:
+    # The one-line usage errors made this help one line with its newlines escaped.
+    result = run_cli.subprocess(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Usage: {' '.join(('pipeline', *args))} [OPTIONS] COMMAND")
+    assert "\nCommands:\n" in result.stderr
+
+
+def test_an_error_in_a_subgroup_command_names_the_whole_command(run_cli: Cli) -> None:
+    result = run_cli("graph", "activate", "nosuchversion")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("pipeline graph activate: error: unknown graph version ")
+
+
+def test_a_usage_error_quotes_a_long_value_shortened(run_cli: Cli) -> None:
+    result = run_cli("match-gps", "--concurrency", "x" * 10_000)
+    assert result.exit_code == 2
+    assert f"'{'x' * 60}'…(10000 characters) is not a valid" in result.stderr
+    assert len(result.stderr) < 300
+
+
+def test_config_show_refuses_a_schedule_entry_in_one_line(run_cli: Cli) -> None:
+    run_cli.env["PIPELINE_SCHEDULE_ENTRIES"] = '{"prune": "not cron"}'
+    result = run_cli("config", "show")
+    assert result.exit_code == 78 and result.stdout == ""
+    assert result.stderr == ("pipeline config show: error: [schedule] entries: invalid cron "
+                             "expression 'not cron' for prune\n")
+
+
+def test_a_secret_given_as_another_value_stays_masked_when_cut_short(run_cli: Cli) -> None:
+    # An error quotes a long value by its first 60 characters, which the redaction of the
+    # whole secret did not find.
+    secret = "Zq8vN3" * 20
+    run_cli.env.update({"PIPELINE_S3_SECRET_KEY": secret, "PIPELINE_MATCH_CONCURRENCY": secret})
+    result = run_cli("config", "show")
+    assert result.exit_code == 78 and "[match] concurrency" not in result.stderr
+    assert result.stderr.endswith("PIPELINE_MATCH_CONCURRENCY: expected an integer, got '***'\n")
+    assert "Zq8vN3" not in result.output
+    result = run_cli("match-gps", "--concurrency", secret)  # Click's message, cut short
+    assert result.exit_code == 2 and "Zq8vN3" not in result.output, result.output
+
+
 @pytest.mark.parametrize("args", [
     ("export", "geojson", "graph", "--version", ""),
     ("graph", "neighbors", "S1", "--version", ""),

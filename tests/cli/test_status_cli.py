@@ -105,6 +105,30 @@ def test_prometheus_file_is_written_atomically(run_cli: Cli, tmp_path: Path) -> 
     assert text.count("# TYPE ") == len(set(families)) and text.isascii()
 
 
+def test_prometheus_dash_prints_the_metrics_alone_on_stdout(
+        run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--prometheus -` wrote a file named "-" in the working directory, as `export -o -` did.
+    good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    monkeypatch.chdir(tmp_path)
+    for args in (("status", "--prometheus", "-"), ("-q", "status", "--prometheus", "-")):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("# HELP pipeline_status_up ")  # no report before it
+        assert "pipeline_status_up 1\n" in result.stdout and "health:" not in result.stdout
+        assert result.stderr == "" and os.listdir(tmp_path) == []
+    for other in ("--check", "--json"):  # each has its own stdout
+        result = run_cli("status", other, "--prometheus", "-")
+        assert result.exit_code == 2
+        assert (json.loads(result.stdout)["exit_code"] == 2) if other == "--json" \
+            else result.stdout == ""
+        assert f"does not combine with {other}" in result.stderr
+    run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:9/nope"
+    result = run_cli("status", "--prometheus", "-")
+    assert result.exit_code == 3 and "pipeline_status_up 0\n" in result.stdout
+    assert result.stderr.startswith("pipeline status: error: ")
+    assert os.listdir(tmp_path) == []
+
+
 def test_metric_names_and_nagios_lines_stay_in_their_syntax() -> None:
     # A mode named "métro" made node_exporter refuse the whole file; a "|" in a message (a
     # file name's) started the perfdata early.

@@ -30,9 +30,9 @@ from tests.support.reliability import Sandbox
 
 SandboxFactory = Callable[..., Sandbox]
 DOCUMENTED = {0, 1, 2, 75, 78, 124, 130}  # docs/operations.md, "Exit codes"
-# One line: ours (`pipeline X: error: ...`) or Click's usage error (`Error: ...`, under the
-# usage and "Try ... --help" lines that Click prints with it).
-ERROR_LINE = re.compile(r"^(?:pipeline [a-z -]+: error: |Error: )\S.*$", re.M)
+# One line, `pipeline X: error: ...` (`pipeline: error: ...` before a command), Click's usage
+# errors included.
+ERROR_LINE = re.compile(r"^pipeline(?: [a-z -]+)?: error: \S.*$", re.M)
 # Tables that hold what a run writes (stage_runs: a recorded run).
 WRITTEN = ("datasets", "stops", "virtual_generations", "graph_versions", "gps_points",
            "processing_batches", "stage_runs")
