@@ -890,6 +890,35 @@ def test_late_points_after_prune_keep_the_batch_and_its_polylines(
     assert polyline_rows(conn, "d") == before
 
 
+def test_late_points_after_their_batch_was_pruned_away_keep_its_polylines(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """Once prune deleted all of a batch's points it deletes the batch too, so late points
+    there get a batch of their own (as the start of a trip uploaded late). Matching it must
+    not delete the polylines of the pruned batch that start inside its time range."""
+    trace = trace_pool[14]
+    days = 3
+    trace.start = datetime.now(UTC) - timedelta(days=days, hours=1)
+    rows = trace.rows("d")
+    held = [rows[0], *rows[10:40:5]]  # the trip's start arrives after the prune
+    traces.insert_points(conn, [r for r in rows if r not in held])
+    assert run(database_url, client).counts["batches_completed"] == 1
+    before = polyline_rows(conn, "d")
+    assert before and before[0][0] < held[-1][1]
+    database = Database(database_url)
+    retention = RetentionSettings(gps_days=days, polyline_days=0, runs_days=0, datasets=0)
+    pruned = StageRunner(database).run(
+        "prune", lambda ctx: prune_stage(database, None, retention, ctx))
+    assert pruned.counts["gps_batches"] == 1
+    traces.insert_points(conn, held)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["batches_completed"] == 1  # the late points, on their own
+    after = polyline_rows(conn, "d")
+    assert set(before) <= set(after)
+    assert batches.status_section(conn)["unprocessed_points"] == 0
+
+
 def test_a_dead_batch_counts_the_points_that_arrive_late(
         conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
         proxy: CountingHttpProxy, trace_pool: list[traces.Trace]) -> None:
