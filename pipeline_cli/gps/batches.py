@@ -43,6 +43,9 @@ class BatchingResult:
     points: int = 0
     waiting: int = 0  # open runs and single points that may still grow
     reopened: int = 0  # batches that late points sent back to pending or recounted
+    # Finished batches whose points prune had deleted: late points there are counted
+    # processed, not matched (a match of what is left would replace the pruned lines).
+    kept_after_prune: int = 0
     # Devices with points dated more than gap_seconds ahead: (how many, the latest time).
     # They wait unbatched (a clock glitch must not close the live run) until that time.
     future: dict[str, tuple[int, datetime]] = field(default_factory=dict)
@@ -82,6 +85,7 @@ def make_batches(conn: psycopg.Connection[Any], settings: MatchSettings, *,
         total.points += part.points
         total.waiting += part.waiting
         total.reopened += part.reopened
+        total.kept_after_prune += part.kept_after_prune
         total.future |= part.future
     with db.wrap_errors("advancing the GPS batching cursor"):
         conn.execute(db.query("match_gps", "advance_cursor"), {"upto": start["upto"]})
@@ -140,7 +144,9 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
             "max_batch_seconds": settings.max_batch_seconds,
         }).fetchall()
         out.future = _future(conn, settings, devices)
-        out.reopened = len(conn.execute(_late("reopen_batches"), params).fetchall())
+        late = conn.execute(_late("reopen_batches"), params).fetchall()
+        out.kept_after_prune = sum(1 for r in late if r["pruned"])
+        out.reopened = len(late) - out.kept_after_prune
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting = set(out.future)
@@ -183,8 +189,8 @@ def _future(conn: psycopg.Connection[Any], settings: MatchSettings, devices: lis
 def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, Any]:
     """What a batcher pass would do now, in a read-only transaction that writes nothing: the
     batches it would make (and the points in them), the runs still open, the batches late
-    points would send back to pending, and the batches ready to be claimed (``match-gps
-    --dry-run``)."""
+    points would send back to pending (or keep finished: their points pruned), and the
+    batches ready to be claimed (``match-gps --dry-run``)."""
     out: dict[str, Any] = {"batches_to_make": 0, "too_short_to_close": 0, "points_to_batch": 0,
                            "open_runs": 0, "future_points": 0}
     with db.wrap_errors("planning GPS batches"), conn.transaction():
@@ -201,6 +207,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         reopen = conn.execute(_late("reopen_preview"), params).fetchone()
         assert reopen is not None
         out["batches_to_reopen"] = reopen["batches"]
+        out["batches_kept_after_prune"] = reopen["kept"]
         for r, status in _run_statuses(rows, settings):
             if status is None:
                 out["open_runs"] += 1

@@ -82,7 +82,14 @@ def match_gps(
             made = run_round(conn, database, client, settings, pool, chunk_size, worker)
             # A too_short batch (one point) is finished when made: its point is processed.
             counts.update(batches_created=made.created, batches_too_short=made.too_short,
-                          points_processed=made.too_short, leases_rescued=len(rescued))
+                          points_processed=made.too_short, leases_rescued=len(rescued),
+                          batches_kept_after_prune=made.kept_after_prune)
+            if made.kept_after_prune:
+                ctx.log.warning(
+                    "%d finished GPS batch(es) got late points after prune had deleted some "
+                    "of their points: kept as matched, the late points counted processed but "
+                    "not matched (a match of what is left would replace the pruned lines; "
+                    "`pipeline batches list` shows them)", made.kept_after_prune)
             if made.future and not warned_future:  # once a run
                 warned_future = True
                 ctx.log.warning(future_text(made.future))
@@ -137,7 +144,8 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
     full: dict[str, Any] = {k: counts.get(k, 0) for k in (
         "batches_created", "batches_too_short", "leases_rescued", "batches_completed",
         "batches_stationary", "batches_failed", "batches_dead", "batches_released",
-        "batches_lease_lost", "points_matched", "points_processed", "polylines")}
+        "batches_lease_lost", "batches_kept_after_prune", "points_matched",
+        "points_processed", "polylines")}
     full["osrm_requests"] = osrm_requests
     if pool.chunk_errors:
         full["chunk_errors"] = dict(pool.chunk_errors)
@@ -145,13 +153,17 @@ def _result(counts: Counter[str], pool: Pool, osrm_requests: int, started: float
     extra = {"points_per_second": pps, "worker": worker, "concurrency": concurrency,
              "chunk_size": chunk_size}
     did = sum(full[k] for k in ("batches_created", "batches_too_short", "leases_rescued",
-                                "batches_completed", "batches_failed", "batches_dead"))
+                                "batches_completed", "batches_failed", "batches_dead",
+                                "batches_kept_after_prune"))
     message = (f"{full['batches_completed']} batch(es) completed, "
                f"{full['points_matched']} points matched at {pps:g} points/s")
     if full["batches_stationary"]:
         message += f" ({full['batches_stationary']} stationary: did not move)"
     if full["batches_failed"] or full["batches_dead"]:
         message += f"; {full['batches_failed']} failed, {full['batches_dead']} dead"
+    if full["batches_kept_after_prune"]:
+        message += (f"; {full['batches_kept_after_prune']} batch(es) kept as matched: "
+                    "late points after prune")
     return StageResult(status=SUCCESS if did else NOOP, counts=full, extra=extra,
                        message=message if did else "no GPS batches to match")
 
@@ -181,14 +193,17 @@ def preview(database: db.Database, settings: MatchSettings | None = None) -> Sta
               "dead_batches": b["dead"],
               "batches_to_make": planned["batches_to_make"],
               "batches_to_reopen": planned["batches_to_reopen"],
+              "batches_kept_after_prune": planned["batches_kept_after_prune"],
               "too_short_to_close": planned["too_short_to_close"],
               "points_to_batch": planned["points_to_batch"], "open_runs": planned["open_runs"],
               "future_points": planned["future_points"],
               "batches_ready": len(ready),
               "points_ready": sum(r["coordinate_count"] for r in ready)}
+    kept = (f"{planned['batches_kept_after_prune']} to keep as matched (late points after "
+            "prune), " if planned["batches_kept_after_prune"] else "")
     message = (f"would match: {gps['unbatched_points']} points to batch "
                f"({planned['batches_to_make']} new batches), "
-               f"{planned['batches_to_reopen']} batch(es) to reopen for late points, "
+               f"{planned['batches_to_reopen']} batch(es) to reopen for late points, {kept}"
                f"{b['pending']} pending and "
                f"{b['failed']} failed batches ({gps['unprocessed_points']} points waiting), "
                f"{gps['expired_leases']} expired leases"

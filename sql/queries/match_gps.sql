@@ -127,6 +127,19 @@ SELECT device_id FROM gps_waiting_devices ORDER BY device_id;
 -- Only devices whose last batch ends at or after that earliest time can have any (batches
 -- never overlap, so the last one ends last): a device whose new points all follow its batches,
 -- as a live device's do, costs one index probe here, not one per new point.
+-- `pruned`: a finished batch that holds fewer of the points it read than it was finished
+-- with (coordinate_count): prune deleted some. Matched again, it would read the late points
+-- and what is left, and replace the polylines of the pruned points with lines of those alone.
+-- A finished batch row cannot change under the batcher's lock (only a `processing` one can,
+-- by a completion: then `pruned` is false and it is reopened as before).
+SELECT l.batch_id, l.arrivals,
+       pb.status IN ('completed', 'too_short') AND pb.points_snapshot IS NOT NULL
+       AND (SELECT count(*) FROM gps_points p
+            WHERE p.device_id = pb.device_id
+              AND p.recorded_at BETWEEN pb.start_time AND pb.end_time
+              AND txid_visible_in_snapshot(p.arrival, pb.points_snapshot))
+           < pb.coordinate_count AS pruned
+FROM (
 SELECT cb.batch_id, array_agg(p.arrival) AS arrivals
 FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
 JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at >= c.earliest
@@ -139,6 +152,8 @@ WHERE cb.end_time >= p.recorded_at
   AND (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
        ORDER BY b.start_time DESC LIMIT 1) >= c.earliest
 GROUP BY cb.batch_id
+) l
+JOIN processing_batches pb USING (batch_id)
 
 -- name: reopen_batches
 -- Late arrivals inside a batch's time range that the batch did not read: a finished or
@@ -147,19 +162,34 @@ GROUP BY cb.batch_id
 -- its count updated: the first two read them when claimed, a dead one waits for a requeue
 -- (and `batches list`, `status` and the requeue show its points). The snapshot test is on the
 -- batch row itself, so a claim or completion committing meanwhile is re-checked.
+-- A finished batch whose points prune deleted (late.pruned) is not matched again: it stays
+-- finished with its polylines, and reads the late points now (a fresh points_snapshot, so
+-- they are processed and pruned with the rest of their day); coordinate_count adds them, so
+-- it stays above what the batch holds and a later late point is kept out the same way.
 UPDATE processing_batches b
-SET status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
+SET status = CASE WHEN late.pruned THEN b.status
+                  WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
                   ELSE b.status END,
-    retry_count = CASE WHEN b.status IN ('completed', 'too_short') THEN 0
+    retry_count = CASE WHEN b.status IN ('completed', 'too_short') AND NOT late.pruned THEN 0
                        ELSE b.retry_count END,
-    next_attempt_at = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+    next_attempt_at = CASE WHEN late.pruned THEN b.next_attempt_at
+                           WHEN b.status IN ('completed', 'too_short', 'processing')
                            THEN now() ELSE b.next_attempt_at END,
     lease_expires_at = NULL,
     lease_token = NULL,
-    coordinate_count = (SELECT count(*) FROM gps_points p
-                        WHERE p.device_id = b.device_id
-                          AND p.recorded_at BETWEEN b.start_time AND b.end_time),
-    error_message = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+    points_snapshot = CASE WHEN late.pruned THEN txid_current_snapshot()
+                           ELSE b.points_snapshot END,
+    coordinate_count = CASE
+        WHEN late.pruned
+        THEN b.coordinate_count + (SELECT count(*) FROM unnest(late.arrivals) a
+                                   WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot))
+        ELSE (SELECT count(*) FROM gps_points p
+              WHERE p.device_id = b.device_id
+                AND p.recorded_at BETWEEN b.start_time AND b.end_time) END,
+    error_message = CASE WHEN late.pruned
+                         THEN 'late points after prune: not matched again (the batch''s '
+                              || 'other points are pruned)'
+                         WHEN b.status IN ('completed', 'too_short', 'processing')
                          THEN 'reopened: points arrived late' ELSE b.error_message END,
     updated_at = now()
 FROM ({late_arrivals}) late
@@ -167,11 +197,13 @@ WHERE b.batch_id = late.batch_id
   AND (b.points_snapshot IS NULL
        OR EXISTS (SELECT 1 FROM unnest(late.arrivals) a
                   WHERE NOT txid_visible_in_snapshot(a, b.points_snapshot)))
-RETURNING b.batch_id, b.status;
+RETURNING b.batch_id, b.status, late.pruned;
 
 -- name: reopen_preview
--- The batches reopen_batches would send back to pending now (match-gps --dry-run): it reads.
-SELECT count(*)::integer AS batches
+-- The batches reopen_batches would send back to pending now, and those it would keep
+-- finished (their points pruned) (match-gps --dry-run): it reads.
+SELECT count(*) FILTER (WHERE NOT late.pruned)::integer AS batches,
+       count(*) FILTER (WHERE late.pruned)::integer AS kept
 FROM processing_batches b
 JOIN ({late_arrivals}) late USING (batch_id)
 WHERE b.status IN ('completed', 'too_short', 'processing')
@@ -273,7 +305,10 @@ WHERE device_id = %(device_id)s AND recorded_at BETWEEN %(start_time)s AND %(end
 -- name: complete_batch
 -- One statement, so one transaction: the batch row and its polylines change together or not
 -- at all, and no point row is written. Matching a batch again (late points) replaces the
--- polylines of its time range. Nothing happens unless this worker still holds the lease.
+-- polylines of its time range that it wrote itself: a line in its range of another batch is
+-- one of a batch prune deleted with all its points (late points there got a batch of their
+-- own, which would have deleted that trip's line). Nothing happens unless this worker still
+-- holds the lease.
 WITH b AS (
     UPDATE processing_batches
     SET status = 'completed',
@@ -293,6 +328,7 @@ WITH b AS (
     DELETE FROM cached_polylines c
     USING b
     WHERE c.device_id = b.device_id AND c.start_time BETWEEN b.start_time AND b.end_time
+      AND c.batch_id = b.batch_id
       AND c.start_time NOT IN (SELECT to_timestamp(t)
                                FROM unnest(%(starts)s::double precision[]) t)
     RETURNING 1

@@ -25,8 +25,9 @@ from pipeline_cli.db import Database
 from pipeline_cli.errors import EXIT_CONFIG
 from pipeline_cli.gps import batches, partitions, stitching
 from pipeline_cli.runner import RunRecord, StageRunner
-from pipeline_cli.settings import MatchSettings
+from pipeline_cli.settings import MatchSettings, RetentionSettings
 from pipeline_cli.stages import match_gps as stage
+from pipeline_cli.stages.prune import prune as prune_stage
 from tests.support import reliability
 from tests.support.proxy import CountingHttpProxy, TcpProxy
 
@@ -817,6 +818,105 @@ def test_dry_run_counts_the_batches_late_points_would_reopen(
     assert preview.counts["batches_to_reopen"] == 1
     assert "1 batch(es) to reopen" in preview.message
     assert batches.make_batches(conn, MatchSettings()).reopened == 1  # as the run would
+
+
+def polyline_rows(conn: psycopg.Connection[Any], device: str) -> list[tuple[Any, ...]]:
+    return [(r["start_time"], r["end_time"], r["encoded_polyline"]) for r in conn.execute(
+        "SELECT start_time, end_time, encoded_polyline FROM cached_polylines"
+        " WHERE device_id = %s ORDER BY start_time", (device,))]
+
+
+@pytest.mark.parametrize("pruned", [True, False])
+def test_late_points_after_prune_keep_the_batch_and_its_polylines(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace], pruned: bool) -> None:
+    """A late point in a finished batch whose points prune deleted (the cutoff falls inside
+    the batch: its older half is gone) must not send it back: a match of what is left would
+    replace the polylines of the pruned half. The batch stays completed with its lines and
+    reads the late point, which the next prune deletes. Without prune it is matched again."""
+    trace = trace_pool[13]
+    days = 3
+    mid = len(trace.offsets) // 2
+    trace.start = (datetime.now(UTC) - timedelta(days=days)
+                   - timedelta(seconds=trace.offsets[mid]))
+    rows = trace.rows("d")
+    held = rows[3:mid - 10:6]  # before the cutoff; they arrive after the prune
+    traces.insert_points(conn, [r for r in rows if r not in held])
+    assert run(database_url, client).counts["batches_completed"] == 1
+    before = polyline_rows(conn, "d")
+    assert before
+    batch = conn.execute("SELECT batch_id, processing_completed_at FROM processing_batches"
+                         ).fetchone()
+    database = Database(database_url)
+    retention = RetentionSettings(gps_days=days, polyline_days=0, runs_days=0, datasets=0)
+
+    def prune() -> RunRecord:
+        return StageRunner(database).run(
+            "prune", lambda ctx: prune_stage(database, None, retention, ctx))
+
+    if pruned:
+        gone = prune().counts["gps_points"]
+        assert 0 < gone < len(rows) - len(held)  # the older half: the batch stays
+    traces.insert_points(conn, held)
+    preview = stage.preview(database, MatchSettings())
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT batch_id, status, error_message, processing_completed_at"
+                       " FROM processing_batches").fetchone()
+    assert (row["batch_id"], row["status"]) == (batch["batch_id"], "completed")
+    assert batches.status_section(conn)["unprocessed_points"] == 0
+    if not pruned:
+        assert (preview.counts["batches_to_reopen"],
+                preview.counts["batches_kept_after_prune"]) == (1, 0)
+        assert record.counts["batches_completed"] == 1  # matched again, with the late points
+        assert record.counts["batches_kept_after_prune"] == 0
+        assert row["processing_completed_at"] > batch["processing_completed_at"]
+        assert reliability.check_gps(conn) == []
+        return
+    assert polyline_rows(conn, "d") == before
+    assert row["processing_completed_at"] == batch["processing_completed_at"]
+    assert (preview.counts["batches_to_reopen"],
+            preview.counts["batches_kept_after_prune"]) == (0, 1)
+    assert record.counts["batches_completed"] == 0
+    assert record.counts["batches_kept_after_prune"] == 1
+    assert "1 batch(es) kept as matched" in record.message
+    assert row["error_message"] == ("late points after prune: not matched again (the batch's"
+                                    " other points are pruned)")
+    assert run(database_url, client).status == "noop"  # nothing left to match
+    # The late points are processed now: the next prune deletes them with their day's rest.
+    assert prune().counts["gps_points"] >= len(held)  # (and any point the cutoff passed)
+    assert conn.execute("SELECT count(*) AS n FROM gps_points WHERE recorded_at <= %s",
+                        (held[-1][1],)).fetchone()["n"] == 0
+    assert polyline_rows(conn, "d") == before
+
+
+def test_late_points_after_their_batch_was_pruned_away_keep_its_polylines(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """Once prune deleted all of a batch's points it deletes the batch too, so late points
+    there get a batch of their own (as the start of a trip uploaded late). Matching it must
+    not delete the polylines of the pruned batch that start inside its time range."""
+    trace = trace_pool[14]
+    days = 3
+    trace.start = datetime.now(UTC) - timedelta(days=days, hours=1)
+    rows = trace.rows("d")
+    held = [rows[0], *rows[10:40:5]]  # the trip's start arrives after the prune
+    traces.insert_points(conn, [r for r in rows if r not in held])
+    assert run(database_url, client).counts["batches_completed"] == 1
+    before = polyline_rows(conn, "d")
+    assert before and before[0][0] < held[-1][1]
+    database = Database(database_url)
+    retention = RetentionSettings(gps_days=days, polyline_days=0, runs_days=0, datasets=0)
+    pruned = StageRunner(database).run(
+        "prune", lambda ctx: prune_stage(database, None, retention, ctx))
+    assert pruned.counts["gps_batches"] == 1
+    traces.insert_points(conn, held)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["batches_completed"] == 1  # the late points, on their own
+    after = polyline_rows(conn, "d")
+    assert set(before) <= set(after)
+    assert batches.status_section(conn)["unprocessed_points"] == 0
 
 
 def test_a_dead_batch_counts_the_points_that_arrive_late(
