@@ -8,6 +8,7 @@ matcher handles differently (``TooBig``, ``NoMatch``, ``NoSegment``) are distinc
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -304,12 +305,18 @@ class OsrmClient:
             try:
                 body = response.json()
             except ValueError:
-                if status in _URL_STATUSES:
-                    kind = response.headers.get("Content-Type", "").split(";")[0] or "empty"
+                kind = response.headers.get("Content-Type", "").split(";")[0].strip()
+                if status in _URL_STATUSES or "json" not in kind:
+                    # osrm-routed answers JSON to every request: a page of another kind (a
+                    # web server's, a proxy's error page) says [osrm] url reaches something
+                    # else, for every batch alike.
                     raise self._refused(
-                        f"answered HTTP {status} with a non-JSON body ({kind})",
-                        "check the path in [osrm] url and [osrm] profile",
-                        code=str(status)) from None
+                        f"answered HTTP {status} with a non-JSON body ({kind or 'empty'})"
+                        + (f" reading {_text(response.text)!r}" if response.text.strip() else ""),
+                        "check the path in [osrm] url and [osrm] profile"
+                        if status in _URL_STATUSES else
+                        "check that [osrm] url reaches osrm-routed (or a proxy that passes "
+                        "its answers)", code=str(status)) from None
                 raise service_error(
                     OsrmError, "OSRM", self.base_url,
                     f"answered HTTP {response.status_code} with a non-JSON body",
@@ -338,6 +345,13 @@ class OsrmClient:
         # The URL with its path: a wrong path is what this names. Never its credentials.
         return OsrmRefused(" ".join(f"OSRM {public_url(self.base_url)} {said}: {fix}".split()),
                            code=code)
+
+
+def _text(page: str) -> str:
+    """A page's title or first words, for a one-line message."""
+    title = re.search(r"<title[^>]*>([^<]*)</title>", page, re.IGNORECASE)
+    words = " ".join((title.group(1) if title else re.sub(r"<[^>]*>", " ", page)).split())
+    return words[:80]
 
 
 def _closed(error: object) -> bool:

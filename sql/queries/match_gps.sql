@@ -305,9 +305,10 @@ WHERE device_id = %(device_id)s AND recorded_at BETWEEN %(start_time)s AND %(end
 -- name: complete_batch
 -- One statement, so one transaction: the batch row and its polylines change together or not
 -- at all, and no point row is written. Matching a batch again (late points) replaces the
--- polylines of its time range that it wrote itself: a line in its range of another batch is
--- one of a batch prune deleted with all its points (late points there got a batch of their
--- own, which would have deleted that trip's line). Nothing happens unless this worker still
+-- polylines of its time range, except those of a batch that no longer exists: prune deleted
+-- it with all its points, and late points there got a batch of their own, which must not
+-- take that trip's line with it. (A line of another batch that exists is replaced: batches
+-- cut apart by 024 share their lines' batch_id.) Nothing happens unless this worker still
 -- holds the lease.
 WITH b AS (
     UPDATE processing_batches
@@ -328,7 +329,8 @@ WITH b AS (
     DELETE FROM cached_polylines c
     USING b
     WHERE c.device_id = b.device_id AND c.start_time BETWEEN b.start_time AND b.end_time
-      AND c.batch_id = b.batch_id
+      AND (c.batch_id IS NULL
+           OR EXISTS (SELECT 1 FROM processing_batches x WHERE x.batch_id = c.batch_id))
       AND c.start_time NOT IN (SELECT to_timestamp(t)
                                FROM unnest(%(starts)s::double precision[]) t)
     RETURNING 1

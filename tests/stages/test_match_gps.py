@@ -345,17 +345,18 @@ def test_osrm_down_then_back(conn: psycopg.Connection[Any], database_url: str,
 def test_a_run_whose_every_batch_failed_is_no_success(
         conn: psycopg.Connection[Any], database_url: str, proxy: CountingHttpProxy,
         trace_pool: list[traces.Trace]) -> None:
-    """A proxy's 400 error page to every request is no outage: the run said success, exit 0,
-    with every batch failed."""
+    """An OSRM error that is the batch's (InvalidValue, here to every request) is no outage,
+    and a run that matched nothing is no success: exit 1, every batch failed."""
     for i, trace in enumerate(trace_pool[:2]):
         add_trace(conn, f"d{i}", trace)
     settings = MatchSettings(max_attempts=2, backoff_base_seconds=4.0,
                              backoff_max_seconds=4.0)  # no second attempt within a run
-    proxy.answer(400, "<html><body>400 Bad Request</body></html>")
+    proxy.answer(400, '{"code": "InvalidValue", "message": "Timestamps are not monotonic"}',
+                 "application/json")
     with OsrmClient(proxy.url, retries=1) as wrong:
         first = run(database_url, wrong, settings)
         assert first.exit_code == 1 and first.counts["batches_failed"] == 2, first.error
-        assert "answered HTTP 400 with a non-JSON body" in (first.error or "")
+        assert "answered InvalidValue" in (first.error or ""), first.error
         assert (first.error or "").endswith("; 2 batch(es) failed and will be retried")
         time.sleep(4.1)
         last = run(database_url, wrong, settings)
@@ -467,6 +468,30 @@ def test_a_proxy_that_does_not_serve_the_url_stops_the_run(
     assert error.startswith(f"stopped: OSRM {proxy.url}/osrm {said}"), error
     assert "check the path in [osrm] url" in error, error
     assert proxy.count("/") <= 2  # one per worker: not retried, no other batch sent
+    assert_given_back(conn, before)
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (200, "<html><head><title>Welcome to nginx!</title></head><body>It works</body></html>"),
+    (400, "<html><head><title>400 Request Header Or Cookie Too Large</title></head></html>"),
+])
+def test_a_web_page_in_place_of_osrm_stops_the_run(
+        conn: psycopg.Connection[Any], database_url: str, proxy: CountingHttpProxy,
+        trace_pool: list[traces.Trace], status: int, body: str) -> None:
+    """osrm-routed answers JSON to every request: an HTML page, even with 200 (a web server's
+    own page at [osrm] url) or 400 (nginx's header limit), comes from something else, for
+    every batch alike. It counted an attempt of every batch claimed, run after run."""
+    before = claimable_batches(conn, trace_pool, 3)
+    proxy.answer(status, body)
+    with OsrmClient(proxy.url, retries=2) as wrong:
+        record = run(database_url, wrong, MatchSettings(concurrency=1))
+    error = record.error or ""
+    assert record.exit_code == EXIT_CONFIG, error
+    assert "\n" not in error
+    title = body.split("<title>")[1].split("</title>")[0]
+    assert f"answered HTTP {status} with a non-JSON body (text/html) reading {title!r}" in \
+        error, error
+    assert "check that [osrm] url reaches osrm-routed" in error, error
     assert_given_back(conn, before)
 
 
