@@ -19,7 +19,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
-from ..errors import BackupError, service_error
+from ..errors import EXIT_CONFIG, BackupError, service_error
 
 T = TypeVar("T")
 
@@ -27,7 +27,10 @@ T = TypeVar("T")
 class BackupRefused(BackupError):
     """The server answered and refused the request: the access key, the secret key, this
     host's clock or the credentials' permissions (:data:`_DENIED`). It is up; a setting or a
-    policy is wrong."""
+    policy is wrong, which the next run does not outlive: exit 78, as Redis's and OSRM's
+    refusals."""
+
+    exit_code = EXIT_CONFIG
 
 
 class BackupStore:

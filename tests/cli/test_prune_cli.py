@@ -94,7 +94,8 @@ def test_without_dataset_retention_s3_is_not_needed(run_cli: Cli, conn: Conn) ->
 def test_credentials_that_may_not_delete_fail_prune_and_keep_everything(
         cli: Cli, conn: Conn, s3_deny: Callable[..., None]) -> None:
     """S3 credentials with Read/Write but no Delete: prune fails on its first delete with one
-    line naming the action, exit 1, and keeps every dataset row (S3 goes first)."""
+    line naming the action, exit 78 (a policy to fix), and keeps every dataset row (S3 goes
+    first)."""
     with ODataServer(sample_network(30), page_size=20) as server:
         cli.env.update({"PIPELINE_ODATA_URL": server.url, "PIPELINE_RETENTION_DATASETS": "1"})
         assert cli("sync-odata").exit_code == 0
@@ -102,7 +103,7 @@ def test_credentials_that_may_not_delete_fail_prune_and_keep_everything(
         server.update_row("Stops", 2, name="Other name")
         assert cli("sync-odata").exit_code == 0
         proc = cli.subprocess("prune")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 78, proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("pipeline prune: error: S3 ") and "delete of datasets/ds-v1/" in error
     assert error.endswith("AccessDenied: the credentials of [s3] access_key may not "
