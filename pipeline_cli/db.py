@@ -149,20 +149,46 @@ def target(url: str) -> dict[str, str]:
     return info
 
 
+@dataclass(frozen=True)
+class Server:
+    """The server libpq is asked to connect to for a URL, told without connecting and never
+    with its password: the URL's own parts, else the PG* environment's and libpq's defaults
+    (see :func:`target`). The one reading behind error lines and doctor's endpoint column."""
+
+    host: str = ""  # a name, an address or a socket directory; "" is libpq's default socket
+    port: str = ""
+    dbname: str = ""  # the database, else the user (libpq's default database)
+    service: str = ""  # a service the URL names: its parts are read only when connecting
+    malformed: bool = False
+
+
+def server(url: str) -> Server:
+    """The :class:`Server` of a libpq URL or conninfo string."""
+    info = target(url)
+    if not info:
+        return Server(malformed=True)
+    host = info.get("host") or info.get("hostaddr") or ""
+    if not host and "service" in info:
+        return Server(service=info["service"])
+    return Server(host=host, port=info.get("port") or "",
+                  dbname=info.get("dbname") or info.get("user") or "")
+
+
 def _endpoint(url: str, pgconn: pq.abc.PGconn | None = None) -> str:
     """``host:port/dbname`` of a libpq URL or conninfo string (never its password), as libpq
-    resolved them when ``pgconn`` (a failed attempt's connection) knows them."""
+    resolved them when ``pgconn`` (a failed attempt's connection) knows them. A timeout
+    leaves no ``pgconn``: then what the URL asked for, and with no host, libpq's default
+    socket directory, not localhost (which libpq does not try on Unix)."""
     if pgconn is not None and pgconn.host:
         return (f"{pgconn.host.decode(errors='replace')}:{pgconn.port.decode()}/"
                 f"{pgconn.db.decode(errors='replace')}")
-    info = target(url)
-    if not info:
+    where = server(url)
+    if where.malformed:
         return "(malformed [database] url)"
-    host = info.get("host") or info.get("hostaddr")
-    if host is None and "service" in info:
-        return f"service {info['service']}"
-    return (f"{host or 'localhost'}:{info.get('port') or 5432}/"
-            f"{info.get('dbname') or info.get('user') or ''}")
+    if where.service:
+        return f"service {where.service}"
+    return (f"{where.host or '(default socket directory)'}:{where.port or 5432}/"
+            f"{where.dbname}")
 
 
 POOLER_NONE, POOLER_TRANSACTION = "none", "transaction"

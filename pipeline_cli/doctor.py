@@ -106,16 +106,15 @@ def _endpoint(s: Settings, name: str) -> str:
     if not url:
         return "(unset)"
     if name == "database":  # libpq's reading: a '#' or '?' in a URL's password is the password
-        info = db.target(url)  # and the parts it left to PGHOST, PGSERVICE and the like
-        if not info:
+        where = db.server(url)  # and the parts it left to PGHOST, PGSERVICE and the like
+        if where.malformed:
             return "(unparsable conninfo)"
-        host = info.get("host") or info.get("hostaddr") or ""
-        if not host and "service" in info:
-            return f"service {info['service']}"
-        port = f":{info['port']}" if info.get("port") else ""
+        if where.service:
+            return f"service {where.service}"
+        host, port = where.host, f":{where.port}" if where.port else ""
         # a socket directory is the host, written percent-encoded as libpq reads it
         return f"postgresql://{quote(host, safe='') if host.startswith('/') else host}{port}" \
-               f"/{info.get('dbname') or info.get('user') or ''}"
+               f"/{where.dbname}"
     scheme, _, rest = url.partition("://")
     # the user and password end at the last '@' ('#', '?' or '/' can be in a password)
     rest = rest.rsplit("@", 1)[-1]

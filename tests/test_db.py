@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -646,3 +652,49 @@ def test_the_listener_forms_of_insert(conn: psycopg.Connection[Any]) -> None:
         conn.execute(insert + " RETURNING device_id")
     n = conn.execute("SELECT count(*) AS n FROM gps_points WHERE device_id = 'l'").fetchone()
     assert n == {"n": 2}
+
+
+@contextmanager
+def _hung(family: int, address: str | tuple[str, int]) -> Iterator[socket.socket]:
+    """A PostgreSQL that accepts connections and never answers (hung, or behind a firewall
+    that drops the replies): libpq's connect_timeout ends the attempt."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind(address)
+        sock.listen(16)
+        try:
+            yield sock
+        finally:
+            if family == socket.AF_UNIX:
+                os.unlink(str(address))
+
+
+def test_a_connect_timeout_names_the_server_the_url_asked_for() -> None:
+    """psycopg's timeout carries no connection to read the host from: a URL without a host
+    part (a socket directory, host= as a parameter, libpq's default socket) was named
+    localhost:5432. Never the password."""
+    from devtools.procs import free_port
+
+    with contextlib.ExitStack() as stack:
+        tcp = stack.enter_context(_hung(socket.AF_INET, ("127.0.0.1", 0)))
+        port = tcp.getsockname()[1]
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="pg"))
+        stack.enter_context(_hung(socket.AF_UNIX, f"{folder}/.s.PGSQL.{port}"))
+        cases = {
+            f"postgresql:///x?host=127.0.0.1&port={port}": f"127.0.0.1:{port}/x",
+            f"postgresql://u:pwSecret1@/x?host=127.0.0.1&port={port}": f"127.0.0.1:{port}/x",
+            f"dbname=x host=127.0.0.1 port={port} password=pwSecret1": f"127.0.0.1:{port}/x",
+            f"postgresql:///x?host={folder}&port={port}": f"{folder}:{port}/x",
+        }
+        # libpq's default: its socket directory (a refused attempt names it), not localhost
+        closed = free_port()
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(f"dbname=x port={closed}", connect_timeout=2)
+        default = (refused.value.pgconn.host or b"").decode() if refused.value.pgconn else ""
+        if default.startswith("/") and os.access(default, os.W_OK):
+            stack.enter_context(_hung(socket.AF_UNIX, f"{default}/.s.PGSQL.{closed}"))
+            cases[f"postgresql:///x?port={closed}"] = f"(default socket directory):{closed}/x"
+        for url, where in cases.items():
+            with pytest.raises(DatabaseError) as failed:
+                db.connect(url, connect_timeout=2)
+            assert str(failed.value) == (
+                f"PostgreSQL {where} connection failed: connection timeout expired"), url

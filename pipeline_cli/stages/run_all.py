@@ -126,7 +126,8 @@ def _record_json(record: RunRecord, reason: str) -> dict[str, Any]:
 
 
 def _not_run(reason: str) -> dict[str, Any]:
-    """A stage run-all did not start because there was nothing new for it."""
+    """A stage run-all did not start: nothing new for it, or the stage before failed (or was
+    busy) and left nothing over from earlier runs; ``reason`` says which."""
     return {"status": NOOP, "run_id": None, "duration_ms": 0, "counts": {}, "message": "",
             "reason": reason}
 
@@ -193,6 +194,9 @@ def run_all(
     }
     results: dict[str, dict[str, Any]] = {}
     produced = True  # sync-odata always runs: it is the only way to learn the feed changed
+    # The failed or busy stage that made nothing new for the next one, so that a stage left
+    # out names it: "nothing new upstream" hid that the source was down.
+    blocked_by: str | None = None
     with _keeping(results), database.connect("pipeline run-all probe", autocommit=True) as conn:
         for stage in CHAIN:
             ctx.check_stop()
@@ -205,22 +209,28 @@ def run_all(
             else:
                 reason = _probe(conn, stage, clients)
             if reason is None:
-                results[stage] = _not_run("nothing new upstream" if stage != "match-gps"
-                                          else "no GPS backlog")
+                if stage == "match-gps":  # it needs nothing from the stages before it
+                    why = "no GPS backlog"
+                elif blocked_by is not None:
+                    why = f"skipped: {blocked_by}"
+                else:
+                    why = "nothing new upstream"
+                results[stage] = _not_run(why)
                 produced = False
-                ctx.log.info("%s: nothing new, not run", stage)
+                ctx.log.info("%s: not run (%s)", stage, why)
                 continue
             try:
                 record = runner.run(stage, stage_fns[stage], wait=wait,
                                     options={"run_all": ctx.run_id})
             except LockBusy as exc:  # another run does this stage's work: go on without it
                 results[stage] = _busy(exc, reason=reason)
-                produced = False
+                produced, blocked_by = False, f"{stage} busy"
                 continue
             results[stage] = _record_json(record, reason)
             if record.status == FAILED and _stopping(ctx):
                 raise StageFailed(stage, results)  # its code (143, 130, 124), no later stage
             produced = record.status == SUCCESS  # a failure made nothing new downstream
+            blocked_by = f"{stage} failed" if record.status == FAILED else None
     _raise_failures(results)
     did_work = any(r["status"] == SUCCESS for r in results.values())
     summary = ", ".join(f"{s} {r['status']}" for s, r in results.items())

@@ -70,8 +70,10 @@ def test_failure_exits_with_the_stage_code_and_mails_the_table(cli: Cli) -> None
     assert result.returncode == 1
     assert result.stdout == ""
     assert "\npipeline run-all: error: sync-odata failed:" in result.stderr
-    # every stage has its row: the ones after the failure ran on what they had (nothing)
-    assert "nothing new upstream" in result.stderr and "no GPS backlog" in result.stderr
+    # every stage has its row: the ones after the failure ran on what they had (nothing), and
+    # say which stage left them out
+    assert "skipped: sync-odata failed" in result.stderr and "no GPS backlog" in result.stderr
+    assert "nothing new upstream" not in result.stderr
     assert "Traceback" not in result.stderr
     with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
         rows = conn.execute("SELECT stage, status FROM stage_runs ORDER BY stage").fetchall()
@@ -100,6 +102,8 @@ def test_json_with_the_source_down_has_every_stage_and_no_secret(
         "sync-odata": "failed", "gen-virtual": "noop", "build-graph": "noop",
         "match-gps": "success"}  # the GPS points did not wait for the source
     assert stages["sync-odata"]["exit_code"] == 1 and stages["sync-odata"]["error"]
+    assert stages["gen-virtual"]["reason"] == stages["build-graph"]["reason"] == (
+        "skipped: sync-odata failed")
     assert stages["match-gps"]["counts"]["points_processed"] == len(rows)
     with db.connect(cli.env["PIPELINE_DATABASE_URL"], autocommit=True) as conn:
         history = conn.execute("SELECT stage, status, error, result::text AS result "

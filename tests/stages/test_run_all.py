@@ -153,6 +153,9 @@ def test_a_failed_stage_does_not_stop_the_stages_that_do_not_need_it(
     assert statuses(record) == {"sync-odata": "failed", "gen-virtual": "noop",
                                 "build-graph": "noop", "match-gps": "success"}
     assert record.extra["stages"]["match-gps"]["counts"]["points_processed"] == len(gps_rows)
+    # The stages left out name the failure, not "nothing new upstream".
+    assert [record.extra["stages"][s]["reason"] for s in ("gen-virtual", "build-graph")] == [
+        "skipped: sync-odata failed"] * 2
     assert (record.counts["failed"], record.counts["success"]) == (1, 1)
 
 
@@ -170,6 +173,8 @@ def test_a_real_failure_after_a_busy_stage_gives_the_exit_code(
     assert record.extra["failed_stage"] == "match-gps"
     assert statuses(record) == {"sync-odata": "busy", "gen-virtual": "noop",
                                 "build-graph": "noop", "match-gps": "failed"}
+    assert [record.extra["stages"][s]["reason"] for s in ("gen-virtual", "build-graph")] == [
+        "skipped: sync-odata busy"] * 2
     assert record.error and record.error.startswith(
         "sync-odata busy: sync-odata is already running: lock held by ")
     assert "; match-gps failed: stopped: OSRM http://127.0.0.1:9 unavailable" in record.error
