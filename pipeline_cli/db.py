@@ -390,6 +390,7 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
         _check_search_path(conn)  # else a second, empty schema where the search_path points
         conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
+        _refuse_newer(done)  # an older release must not touch a newer schema (a rollback)
         for m in migrations():
             if m.version in done or (target is not None and m.version > target):
                 continue
@@ -487,9 +488,16 @@ def check_schema(conn: psycopg.Connection[Any]) -> int:
             f"the database schema is outdated (pending migrations {pending}); "
             "run `pipeline db migrate`"
         )
+    _refuse_newer(have)
+    return max(have)
+
+
+def _refuse_newer(have: set[int]) -> None:
+    """SchemaError when migrations this code does not know are applied: a newer release
+    migrated the database, and going back needs a restore from before it."""
+    known = {m.version for m in migrations()}
     if have - known:
         raise SchemaError(
             f"the database schema (version {max(have)}) is newer than this pipeline knows "
             f"({max(known)}); upgrade pipeline before running stages"
         )
-    return max(have)

@@ -109,13 +109,14 @@ def key_values(title: str, items: Mapping[str, Any]) -> None:
     table(title, ("key", "value"), items.items())
 
 
-def stage_record(app: App, record: RunRecord) -> int:
-    """Print a finished run; return its exit code for the command to exit with."""
+def stage_record(app: App, record: RunRecord, where: str | None = None) -> int:
+    """Print a finished run; return its exit code for the command to exit with. ``where``:
+    the command run (``pipeline restore dataset``) when it is not the stage's own."""
     if app.json:
         print_json(record.to_json())
     elif record.error:
         problems = record.extra.get("problems")
-        stderr_error(app, f"pipeline {record.stage}: error: {record.error}",
+        stderr_error(app, f"{where or 'pipeline ' + record.stage}: error: {record.error}",
                      problems if isinstance(problems, list) else [], stage=record.stage,
                      run_id=record.run_id if record.recorded else None,
                      exit_code=record.exit_code)

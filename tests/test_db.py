@@ -106,6 +106,12 @@ def test_db_status_check_gates_a_deploy_and_status_shows_versions(
     assert "upgrade pipeline" in res.stderr
     check = run_cli("status", "--check")
     assert check.exit_code == 2 and "PIPELINE CRITICAL - schema 999" in check.stdout
+    # The older release's `db migrate` (the rollback runbook's first step) refuses too, and
+    # leaves the schema alone: "nothing to do" with exit 0 read as a healthy rollback.
+    res = run_cli("db", "migrate")
+    assert res.exit_code == 78 and res.stdout == ""
+    assert "newer than this pipeline knows" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     with db.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM schema_migrations WHERE version = 999")
     # A database two migrations behind: the deploy gate fails and both views name them.

@@ -242,7 +242,7 @@ def run_stage(
     wait: float | None = None,
     options: dict[str, Any] | None = None,
     singleton: bool | None = None,
-    show: Callable[[App, RunRecord], int] = render.stage_record,
+    show: Callable[[App, RunRecord], int] | None = None,
     dry_run: bool = False,
 ) -> RunRecord:
     """Run one stage through the runner, render the record (``show``), ping the heartbeat
@@ -262,7 +262,10 @@ def run_stage(
         beat.failure(stage, f"pipeline {stage}: {app.redact(str(exc))}")
         raise
     try:
-        code = show(app, record)
+        # an error line names the command run (`pipeline restore dataset`), as every error
+        # does, not only the stage it runs as (docs/operations.md, exit codes)
+        code = show(app, record) if show else render.stage_record(
+            app, record, where=command_path(click.get_current_context(silent=True)))
     except BrokenPipeError:  # `| head`: the reader left; the run's own exit code stands
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
         code = record.exit_code

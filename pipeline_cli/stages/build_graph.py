@@ -407,21 +407,20 @@ def build_graph(
             conn.execute(db.query("build_graph", "lock_virtual"))
             inputs = _read_decision(conn)
             if inputs.dataset_version is None:
-                return StageResult(status=SKIPPED, message="no active dataset; run "
-                                   "`pipeline sync-odata` first")
+                return _unless_repaired(repaired, StageResult(
+                    status=SKIPPED, message="no active dataset; run `pipeline sync-odata` "
+                                            "first"))
             if inputs.generation_id is None:
-                return StageResult(
+                return _unless_repaired(repaired, StageResult(
                     status=SKIPPED,
                     extra={"dataset_version": inputs.dataset_version},
                     message=f"dataset {inputs.dataset_version} has no virtual entities yet; "
-                            "run `pipeline gen-virtual` first")
+                            "run `pipeline gen-virtual` first"))
             reason = _reason_to_build(inputs, store, force, speeds_kmh, complete=counted)
             if reason is None:
                 extra, message = _nothing_to_build(inputs, store.active_version())
-                if repaired:  # the run did work: a repair is no noop
-                    return StageResult(status=SUCCESS, extra=extra | {"repaired": repaired},
-                                       message=f"repaired: {'; '.join(repaired)}; {message}")
-                return StageResult(status=NOOP, extra=extra, message=message)
+                return _unless_repaired(repaired, StageResult(
+                    status=NOOP, extra=extra, message=message))
             ctx.log.info("building: %s", reason)
             graph = read_graph(conn, inputs.dataset_version, speeds_kmh)
         ctx.check_stop()
@@ -435,6 +434,15 @@ def build_graph(
     if repaired:
         result.extra["repaired"] = repaired
     return result
+
+
+def _unless_repaired(repaired: list[str], result: StageResult) -> StageResult:
+    """A run that built nothing but repaired the active graph did work: a repair is no noop
+    or skip, and its message starts ``repaired:`` (docs/operations.md, the runbook)."""
+    if not repaired:
+        return result
+    return StageResult(status=SUCCESS, extra=result.extra | {"repaired": repaired},
+                       message=f"repaired: {'; '.join(repaired)}; {result.message}")
 
 
 def plan(

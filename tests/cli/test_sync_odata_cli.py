@@ -12,6 +12,7 @@ import pytest
 
 from devtools.odata_server import ODataServer, delay, sample_network, trippin_airports
 from devtools.procs import free_port
+from devtools.services import S3Endpoint
 from pipeline_cli import db
 from tests.support.clirunner import Cli
 from tests.support.proxy import ForwardHttpProxy
@@ -76,6 +77,23 @@ def test_human_output_and_datasets_list_and_restore(cli: Cli, server: ODataServe
     assert bad.exit_code == 2 and "unknown dataset version 'ds-v42'" in bad.output
     assert as_json(cli("status", "--json").stdout)["stages"]["sync-odata"] == runs
 
+
+def test_a_failed_restore_names_the_command_the_operator_ran(
+        cli: Cli, s3: S3Endpoint, s3_bucket: str) -> None:
+    """docs/operations.md: every error is one line naming the command. A restore whose backup
+    is gone said `pipeline sync-odata: error: ...` (the stage it is recorded as), so the line
+    an operator greps for after `pipeline restore dataset` was not there."""
+    from pipeline_cli.adapters.backups import BackupStore
+
+    assert cli("sync-odata").exit_code == 0
+    store = BackupStore.connect(s3.endpoint, s3.access_key, s3.secret_key, s3_bucket,
+                                secure=s3.secure, region=s3.region)
+    store.delete("datasets/ds-v1/manifest.json")
+    res = cli("restore", "dataset", "ds-v1")
+    assert res.exit_code == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline restore dataset: error: S3 "), res.stderr
+    assert "datasets/ds-v1/manifest.json" in last
 
 def test_strict_validation_failure(cli: Cli, server: ODataServer, database_url: str) -> None:
     server.update_row("Stops", 4, latitude=123.0)

@@ -45,6 +45,7 @@ from pipeline_cli.stages.build_graph import (
 from tests.support.graph_fixtures import (
     SPEEDS_KMH,
     Network,
+    add_dataset,
     add_generation,
     add_virtual_route,
     expected_weight,
@@ -253,6 +254,23 @@ def test_active_graph_missing_from_redis_is_served_again(
     assert store.is_complete(first)  # reloaded from its S3 export
     assert graph_rows(conn)[0]["version"] == first and graph_rows(conn)[0]["active"]
 
+
+def test_a_repair_is_reported_when_the_new_dataset_has_no_virtual_entities_yet(
+        builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
+        conn: Conn) -> None:
+    """The runbook's "run build-graph: it repairs first and reports `repaired:`" held only
+    when there was nothing to build: with a new dataset still waiting for gen-virtual it
+    repaired, said "skipped: ... run gen-virtual first" and named the repair only in the log."""
+    first = builder.ok()
+    client.delete(store.pointer_key)
+    add_dataset(conn, "ds-v2", seq=2)  # synced; gen-virtual has not run for it yet
+    record = builder.build()
+    assert store.active_version() == first
+    assert record.status == "success" and record.exit_code == 0
+    assert record.message.startswith(f"repaired: Redis had lost the pointer to the active "
+                                     f"graph {first}")
+    assert "ds-v2 has no virtual entities yet" in record.message and record.extra["repaired"]
+    assert builder.build().status == "skipped"
 
 def test_lost_adjacency_keys_of_the_active_graph_are_reported_and_reloaded(
         builder: Builder, net: Network, store: GraphStore, client: redis.Redis,
