@@ -390,8 +390,10 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
         _check_search_path(conn)  # else a second, empty schema where the search_path points
         conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
-        _refuse_newer(done)  # an older release must not touch a newer schema (a rollback)
-        for m in migrations():
+        known = migrations()
+        # an older release must not touch a newer schema (a rollback)
+        _refuse_newer(done, {m.version for m in known})
+        for m in known:
             if m.version in done or (target is not None and m.version > target):
                 continue
             conn.execute(m.path.read_text(encoding="utf-8").encode())
@@ -488,14 +490,14 @@ def check_schema(conn: psycopg.Connection[Any]) -> int:
             f"the database schema is outdated (pending migrations {pending}); "
             "run `pipeline db migrate`"
         )
-    _refuse_newer(have)
+    _refuse_newer(have, known)
     return max(have)
 
 
-def _refuse_newer(have: set[int]) -> None:
-    """SchemaError when migrations this code does not know are applied: a newer release
-    migrated the database, and going back needs a restore from before it."""
-    known = {m.version for m in migrations()}
+def _refuse_newer(have: set[int], known: set[int]) -> None:
+    """SchemaError when migrations this code does not know (``known``: its versions) are
+    applied: a newer release migrated the database, and going back needs a restore from
+    before it."""
     if have - known:
         raise SchemaError(
             f"the database schema (version {max(have)}) is newer than this pipeline knows "
