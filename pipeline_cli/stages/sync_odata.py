@@ -156,10 +156,11 @@ class _Set:
         return sql.Identifier(f"stage_{self.entity}")
 
     @cached_property
-    def page_insert(self) -> sql.Composed:
+    def page_insert(self) -> bytes:
         """INSERT one page (``%(page)s``, its rows numbered from ``%(base)s``) into the stage.
         A row's number ``n`` is its place in the feed: page number << 32 plus its place in the
-        page, so it needs no count of the rows before it (a restore has none)."""
+        page, so it needs no count of the rows before it (a restore has none). Composed once,
+        as the bytes sent: psycopg would compose it again for each page."""
         m = self.mapping
         f = {name: sql.Identifier(f"f{i}") for i, name in enumerate(m.sources)}
         rows = (sql.SQL("p -> 'value'") if self.protocol == "v4"
@@ -208,7 +209,8 @@ class _Set:
                   raw=sql.SQL(", ").join(f.values()), bad=sql.SQL(" OR ").join(bad),
                   rows=rows, props=sql.SQL(", ").join(t.values()), lateral=lateral,
                   defs=sql.SQL(", ").join(sql.SQL("{} json" if n in nested else "{} text"
-                                                  ).format(sql.Identifier(n)) for n in m.select))
+                                                  ).format(sql.Identifier(n)) for n in m.select)
+                  ).as_bytes(None)
 
     def checks(self) -> dict[str, Any]:
         """Parameters of the ``problems`` query: the checked columns with their fields."""
