@@ -1,11 +1,11 @@
 """ingest-gps: load GPS files (CSV, GPX, GeoJSON) into ``gps_points`` with COPY.
 
 All files of one run load in one transaction. A CSV file goes to PostgreSQL as it is, one
-COPY of its raw lines, and SQL splits, checks and casts the fields; GPX and GeoJSON are read
-in Python and their fields COPYed, as text, to the same checks. Invalid rows are reported
-with file and line and skipped; with ``strict`` any invalid row, and without it any
-unreadable file or any file without one valid row, rejects the run with nothing loaded. The
-same device and time is stored once.
+COPY of its raw lines, and one SQL statement splits, checks and casts the fields; GPX and
+GeoJSON are read in Python and their fields COPYed, as text, to the same checks. Invalid
+rows are reported with file and line and skipped; with ``strict`` any invalid row, and
+without it any unreadable file or any file without one valid row, rejects the run with
+nothing loaded. The same device and time is stored once.
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ def _quoted(line: re.Match[bytes]) -> bytes:
 
 def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
                device_id: str | None) -> None:
-    """COPY the raw lines, then let SQL split them by the layout of the first line (see
-    ``gpsfiles.csv_layout``); ``device_id`` is the device of a file without a device column."""
+    """COPY the raw lines, and record the layout of the first line (``gpsfiles.csv_layout``),
+    by which the checks split them (the view ``gps_ingest_fields``); ``device_id`` is the
+    device of a file without a device column."""
     nul = False  # a NUL byte (a logger's power-loss padding) makes its line a bad row
     with gpsfiles.open_binary(path) as raw:
         try:
@@ -203,7 +204,7 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
     cols, sep = layout.columns, layout.delimiter
     device_col = cols.get("device_id")
-    conn.execute(db.query("match_gps", "ingest_csv_fields"), {
+    conn.execute(db.query("match_gps", "ingest_csv_layout"), {
         "file": index, "skip": max(layout.header_line, hint), "width": max(cols.values()) + 1,
         "delimiter": sep, "blank": f"^[\\s{sep}]*$", "decimal_comma": sep != ",",
         "device": device_id, "device_col": None if device_col is None else device_col + 1,

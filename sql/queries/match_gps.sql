@@ -618,14 +618,31 @@ SELECT CASE WHEN %(dry_run)s::boolean THEN (SELECT count(*) FROM doomed)
 -- ---------------------------------------------------------------- ingest-gps
 
 -- name: ingest_staging
--- The raw lines of a CSV file, the fields of any file, and the fields after the checks.
--- Times without a zone are UTC.
+-- The raw lines of a CSV file and how they split (its layout, one row while the file is read),
+-- the fields of a GPX or GeoJSON file, and every file's rows after the checks. The fields
+-- of either kind are the view gps_ingest_fields: a CSV file's lines are split in the
+-- statement that checks them, not stored a second time as fields. Times without a zone are
+-- UTC. Run without parameters: a % here is itself.
 SET LOCAL TimeZone = 'UTC';
 CREATE TEMP TABLE gps_ingest_raw (
     line integer GENERATED ALWAYS AS IDENTITY,
     raw  text
 ) ON COMMIT DROP;
-CREATE TEMP TABLE gps_ingest_fields (
+CREATE TEMP TABLE gps_ingest_csv (
+    file          integer,
+    skip          integer,  -- lines up to here are above the header or first row
+    width         integer,  -- fields a row must have
+    delimiter     text,
+    blank         text,     -- a pattern: a line of blanks and delimiters is no row
+    decimal_comma boolean,  -- "60,17" is 60.17 (the delimiter is not a comma)
+    device        text,     -- the device of a file without a device column (--device)
+    device_col    integer,
+    time_col      integer,
+    lat_col       integer,
+    lon_col       integer,
+    had_nul       boolean   -- the file had a NUL byte, sent as U+FFFD
+) ON COMMIT DROP;
+CREATE TEMP TABLE gps_ingest_parsed (
     seq       bigint GENERATED ALWAYS AS IDENTITY,  -- file order where lines repeat (GeoJSON)
     file      integer,
     line      integer,
@@ -636,6 +653,34 @@ CREATE TEMP TABLE gps_ingest_fields (
     lon       text,
     problem   text
 ) ON COMMIT DROP;
+-- gps_csv_fields handles the (rare) lines with quotes; a line with an odd number of quotes
+-- has a quoted field that goes on past the line end: the lines are read one by one, so such
+-- a row is refused and named, never guessed at. OFFSET 0 splits each line once: flattened,
+-- every use of f would split it again. (The view goes with the tables at commit.)
+CREATE TEMP VIEW gps_ingest_fields AS
+SELECT line::bigint AS seq, file, line, NULL::text AS place,
+       coalesce(f[device_col], device) AS device_id,
+       f[time_col] AS recorded,
+       CASE WHEN decimal_comma
+            THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+            ELSE f[lat_col] END AS lat,
+       CASE WHEN decimal_comma
+            THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+            ELSE f[lon_col] END AS lon,
+       CASE WHEN nul THEN 'a NUL byte (no text holds one)'
+            WHEN f IS NULL THEN 'unbalanced quotes (a quoted field must not span lines)'
+            WHEN cardinality(f) < width
+            THEN format('expected %s fields, got %s', width, cardinality(f)) END AS problem
+FROM (SELECT c.*, r.line,
+             CASE WHEN strpos(r.raw, '"') = 0 THEN string_to_array(r.raw, c.delimiter)
+                  WHEN (length(r.raw) - length(replace(r.raw, '"', ''))) % 2 = 1 THEN NULL
+                  ELSE gps_csv_fields(r.raw, c.delimiter) END AS f,
+             c.had_nul AND strpos(r.raw, U&'\FFFD') > 0 AS nul
+      FROM gps_ingest_raw r CROSS JOIN gps_ingest_csv c
+      WHERE r.raw !~ c.blank AND r.line > c.skip
+      OFFSET 0) lines
+UNION ALL
+SELECT seq, file, line, place, device_id, recorded, lat, lon, problem FROM gps_ingest_parsed;
 CREATE TEMP TABLE gps_ingest_checked (
     seq         bigint,
     file        integer,
@@ -654,7 +699,7 @@ CREATE TEMP TABLE gps_ingest_checked (
 COPY gps_ingest_raw (raw) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x02');
 
 -- name: ingest_copy_fields
-COPY gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
+COPY gps_ingest_parsed (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
 
 -- name: ingest_first_line
 -- The first line after %(after)s with more than blanks and separators: a header, or the
@@ -662,43 +707,17 @@ COPY gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, proble
 SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,;]*$' AND line > %(after)s
 ORDER BY line LIMIT 1;
 
--- name: ingest_csv_fields
--- The fields of the CSV lines, split at %(delimiter)s (a comma, semicolon or tab);
--- gps_csv_fields handles the (rare) lines with quotes. A file without a device column takes
--- %(device)s (--device). Where the delimiter is not a comma (a spreadsheet's export where
--- the comma is the decimal mark), "60,17" is a latitude of 60.17. OFFSET 0 splits each line
--- once: flattened, every use of f below would split it again.
-INSERT INTO gps_ingest_fields (file, line, place, device_id, recorded, lat, lon, problem)
-SELECT %(file)s::integer AS file, line, NULL::text AS place,
-       coalesce(f[%(device_col)s::integer], %(device)s::text) AS device_id,
-       f[%(time_col)s] AS recorded,
-       CASE WHEN %(decimal_comma)s
-            THEN regexp_replace(f[%(lat_col)s], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-            ELSE f[%(lat_col)s] END AS lat,
-       CASE WHEN %(decimal_comma)s
-            THEN regexp_replace(f[%(lon_col)s], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-            ELSE f[%(lon_col)s] END AS lon,
-       CASE WHEN nul THEN 'a NUL byte (no text holds one)'
-            WHEN f IS NULL
-            THEN 'unbalanced quotes (a quoted field must not span lines)'
-            WHEN cardinality(f) < %(width)s
-            THEN format('expected %%s fields, got %%s', %(width)s, cardinality(f)) END
-           AS problem
-FROM (SELECT line,
-             -- An odd number of quotes: a quoted field that goes on past the line end. The
-             -- lines are read one by one, so such a row is refused and named, never guessed
-             -- at.
-             CASE WHEN strpos(raw, '"') = 0 THEN string_to_array(raw, %(delimiter)s)
-                  WHEN (length(raw) - length(replace(raw, '"', ''))) %% 2 = 1 THEN NULL
-                  ELSE gps_csv_fields(raw, %(delimiter)s) END AS f,
-             -- A NUL byte came as U+FFFD (%(nul)s: the file had one): that line is a bad row.
-             %(nul)s AND strpos(raw, U&'\FFFD') > 0 AS nul
-      FROM gps_ingest_raw
-      WHERE raw !~ %(blank)s AND line > %(skip)s
-      OFFSET 0) r;
+-- name: ingest_csv_layout
+-- How the CSV file's lines split (see gps_ingest_fields): split at %(delimiter)s (a comma,
+-- semicolon or tab), with the columns counted from 1; where the delimiter is not a comma (a
+-- spreadsheet's export where the comma is the decimal mark), "60,17" is a latitude of 60.17.
+INSERT INTO gps_ingest_csv (file, skip, width, delimiter, blank, decimal_comma, device,
+                            device_col, time_col, lat_col, lon_col, had_nul)
+VALUES (%(file)s, %(skip)s, %(width)s, %(delimiter)s, %(blank)s, %(decimal_comma)s,
+        %(device)s, %(device_col)s, %(time_col)s, %(lat_col)s, %(lon_col)s, %(nul)s);
 
 -- name: ingest_next_file
-TRUNCATE gps_ingest_raw, gps_ingest_fields RESTART IDENTITY
+TRUNCATE gps_ingest_raw, gps_ingest_csv, gps_ingest_parsed RESTART IDENTITY
 
 -- name: ingest_check
 -- The checks of every row, whatever the file format: fields come in as text, a row leaves
