@@ -197,9 +197,11 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 # time. Within a tier the first column wins ("time" ISO before an app's "timestamp" in ms).
 _ALIASES = {
     "device_id": (("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
-                   "unit_id", "imei"),),
+                   "unit_id", "imei"),
+                  ("device_name", "devicename")),  # beside an id, the id
     "recorded_at": (("recorded_at",),
-                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # Traccar
+                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time",  # Traccar
+                     "utc", "utc_time", "datetime_utc", "date_time_utc"),
                     ("time", "timestamp", "datetime", "date_time")),
     "latitude": (("latitude", "lat"),),
     "longitude": (("longitude", "lon", "lng", "long"),),
@@ -274,10 +276,15 @@ def above_csv_header(line: str) -> bool:
         for d in CSV_DELIMITERS)
 
 
+def _header_name(cell: str) -> str:
+    """A column's name as compared: no case, spaces or punctuation (``Device ID``)."""
+    return re.sub(r"[^0-9a-z]+", "_", cell.strip().lower()).strip("_")
+
+
 def _named(line: str, delimiter: str) -> dict[str, int]:
     """The column of each field that a cell of ``line``, split at ``delimiter``, names."""
     cells = next(csv.reader([line], delimiter=delimiter), [])
-    names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
+    names = [_header_name(c) for c in cells]
     found: dict[str, int] = {}
     for column, tiers in _ALIASES.items():
         for tier in tiers:
@@ -417,10 +424,18 @@ def _times(props: dict[str, Any]) -> Any:
     return None
 
 
-def _point_time(props: dict[str, Any]) -> Any:
-    for key in ("recorded_at", "time", "timestamp"):
-        if key in props:
-            return props[key]
+def _property(props: dict[str, Any], field: str, blank: bool = True) -> Any:
+    """The value of the property naming ``field`` as a CSV header's cell would (Traccar's
+    ``deviceId`` and ``fixTime``, ``Device ID``): of the best-ranked alias, then in the order
+    the aliases are listed. With ``blank`` false, a null or blank value names nothing."""
+    named: dict[str, Any] = {}
+    for key, value in props.items():
+        if blank or not (value is None or isinstance(value, str) and not value.strip()):
+            named.setdefault(_header_name(str(key)), value)
+    for tier in _ALIASES[field]:
+        for alias in tier:
+            if alias in named:
+                return named[alias]
     return None
 
 
@@ -428,8 +443,8 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     """Point features with a time property, and LineStrings with a ``times`` array, of a
     FeatureCollection, one Feature, Features one a line, or Overland's ``{"locations": [...]}``.
 
-    The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
-    else the file name up to its first dot.
+    The device is the feature's property naming it (as a CSV header would: ``device_id``,
+    ``device``, ``deviceId``, ...), else ``device_id``, else the file name up to its first dot.
     """
     text = _decode(_read_all(path))
     if not text.strip():
@@ -508,9 +523,9 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
         props = {}
     # A null or blank property is no device (Overland's device_id is "" until one is set):
     # --device or the file's name is used.
-    device = next((v for v in (props.get("device_id"), props.get("device"))
-                   if v is not None and not (isinstance(v, str) and not v.strip())),
-                  default_device)
+    device = _property(props, "device_id", blank=False)
+    if device is None:
+        device = default_device
     if device is None:
         yield RowProblem(line, _NO_DEVICE, where)
         return
@@ -520,7 +535,7 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
         if not isinstance(coords, list) or len(coords) < 2:
             yield RowProblem(line, "Point without [lon, lat] coordinates", where)
             return
-        when = _point_time(props)
+        when = _property(props, "recorded_at")
         if when is None:
             yield RowProblem(line, "Point has no time property", where)
             return

@@ -563,3 +563,45 @@ def test_a_point_another_load_commits_meanwhile_is_a_duplicate_not_an_error(
     assert record.status == "success", record.error
     assert record.counts["rows_loaded"] == 1 and record.counts["duplicates"] == 1
     assert count(conn) == 2
+
+
+def test_geojson_of_traccar_positions_takes_the_fix_time_and_device_id(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Traccar's positions as GeoJSON properties (its API's names): "Point has no time
+    # property" though it had three, and the device was the file's name, not deviceId. A
+    # property is named as a CSV column is (the same aliases and ranks): the fix time wins
+    # over the device's and the server's, whatever their order.
+    path = tmp_path / "export.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940001, 60.170001,
+                                                                          12.5]},
+         "properties": {"deviceId": 7, "serverTime": "2024-01-06T08:00:09.000+00:00",
+                        "deviceTime": "2024-01-06T08:00:05.000+00:00",
+                        "fixTime": "2024-01-06T08:00:00.250+00:00"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940002, 60.170002]},
+         "properties": {"Device ID": "bus-3", "Time": "2024-01-06T10:00:01+02:00"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940003, 60.170003]},
+         "properties": {"imei": "356938035643809", "gps_time": 1704528002,
+                        "timestamp": "2024-01-06T08:00:09Z"}}]}))
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("356938035643809", datetime(2024, 1, 6, 8, 0, 2, tzinfo=UTC), 60.170003, 24.940003),
+        ("7", datetime(2024, 1, 6, 8, 0, 0, 250000, tzinfo=UTC), 60.170001, 24.940001),
+        ("bus-3", datetime(2024, 1, 6, 8, 0, 1, tzinfo=UTC), 60.170002, 24.940002)]
+
+
+def test_a_csv_time_column_named_utc_and_a_device_name_beside_the_id(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # A logger's "UTC" column (beside its local "Time") was no time column at all: "header
+    # lacks column(s) recorded_at".
+    logger = tmp_path / "logger.csv"
+    logger.write_text("Index;Time;UTC;Latitude;Longitude;Device Name;DeviceId\n"
+                      "1;2024-01-06 10:00:00;2024-01-06 08:00:00;60,170001;24,940001;Van 3;v3\n")
+    named = tmp_path / "named.csv"  # a name alone is the device
+    named.write_text("Device Name,UTC Time,lat,lng\nVan 4,2024-01-06T08:00:01.5Z,60.1,24.9\n")
+    record = ingest(database_url, [logger, named], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("Van 4", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.1, 24.9),
+        ("v3", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001)]
