@@ -209,6 +209,8 @@ _ALIASES = {
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
 _NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
+# phyphox's "Time (s)", an app's "elapsed_s": a time that counts from the recording's start.
+_ELAPSED = re.compile(r"(time|t|elapsed|elapsed_time)_(s|sec|secs|seconds)|elapsed(_s)?")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -259,6 +261,11 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     if missing:
         hint = " (--device names the device of a file without one)" \
             if "device_id" in missing else ""
+        elapsed = next((c.strip() for c in next(csv.reader([first], delimiter=delimiter), [])
+                        if _ELAPSED.fullmatch(_header_name(c))), None)
+        if "recorded_at" in missing and elapsed:
+            hint += (f" ({elapsed!r} counts seconds from the start of the recording, not a "
+                     "date and time)")
         raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
     return CsvLayout(delimiter, columns, line)
 

@@ -605,3 +605,21 @@ def test_a_csv_time_column_named_utc_and_a_device_name_beside_the_id(
     assert stored(conn) == [
         ("Van 4", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.1, 24.9),
         ("v3", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001)]
+
+
+def test_phyphox_seconds_since_the_start_are_refused_by_name(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # phyphox's "Location (GPS)" export counts time from the start of the measurement (the
+    # clock time is in another file of its export): "header lacks column(s) recorded_at"
+    # named no column, though the file has a "Time (s)".
+    path = tmp_path / "Location.csv"
+    path.write_text('"Time (s)","Latitude (°)","Longitude (°)","Height (m)","Velocity (m/s)",'
+                    '"Direction (°)","Distance (km)","Horizontal Accuracy (m)",'
+                    '"Vertical Accuracy (m)","Satellites"\n'
+                    "0.000000000E0,6.017000100E1,2.494000100E1,1.2E1,0,0,0,5,5,9\n")
+    record = ingest(database_url, [path], device_id="phone")
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.error == (
+        f"{path}: line 1: header lacks column(s) recorded_at ('Time (s)' counts seconds from "
+        "the start of the recording, not a date and time); nothing loaded")
+    assert count(conn) == 0
