@@ -305,6 +305,12 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
 # ---------------------------------------------------------------- GPX
 
 
+# Why a point without a time is no point of a trace: a track's has lost its time; a
+# waypoint and a route point never had one, being a place marked or planned.
+_UNTIMED = {"wpt": ": a marked place, not a recorded position",
+            "rtept": ": a planned route's point, not a recorded position"}
+
+
 def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
     ``<trk><name>``, else the file name up to its first dot."""
@@ -347,7 +353,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
             device = device_id or (state["trk_name"] if name == "trkpt" else None) \
                 or default_device
             if point["time"] is None:
-                items.append(RowProblem(point["line"], f"<{name}> has no <time>"))
+                items.append(RowProblem(point["line"], f"<{name}> has no <time>"
+                                        + _UNTIMED.get(name, "")))
             elif device is None:
                 items.append(RowProblem(point["line"], _NO_DEVICE))
             else:

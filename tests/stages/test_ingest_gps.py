@@ -623,3 +623,34 @@ def test_phyphox_seconds_since_the_start_are_refused_by_name(
         f"{path}: line 1: header lacks column(s) recorded_at ('Time (s)' counts seconds from "
         "the start of the recording, not a date and time); nothing loaded")
     assert count(conn) == 0
+
+
+def test_gpx_waypoints_and_route_points_without_a_time_say_what_they_are(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Garmin's and OsmAnd's files keep marked places (<wpt>) and a planned route (<rte>) beside
+    # the recorded track. Without a <time> they are no recorded position: invalid rows, so
+    # --strict refuses the file, and the problem says why ("<wpt> has no <time>" alone read
+    # as a damaged recording).
+    path = tmp_path / "ride.gpx"
+    path.write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<gpx version="1.1" creator="Garmin Desktop App" xmlns="http://www.topografix.com/GPX/1/1">
+  <wpt lat="60.1" lon="24.9"><name>Depot</name></wpt>
+  <rte><name>Plan</name><rtept lat="60.2" lon="24.8"/></rte>
+  <trk><name>bus-12</name><trkseg>
+    <trkpt lat="60.170001" lon="24.940001"><time>2024-01-06T08:00:00Z</time></trkpt>
+    <trkpt lat="60.170002" lon="24.940002"></trkpt>
+  </trkseg></trk>
+</gpx>
+""")
+    record = ingest(database_url, [path])
+    assert record.status == "success" and record.counts["invalid_rows"] == 3
+    assert record.extra["problems"] == [
+        f"{path}:3: <wpt> has no <time>: a marked place, not a recorded position",
+        f"{path}:4: <rtept> has no <time>: a planned route's point, not a recorded position",
+        f"{path}:7: <trkpt> has no <time>"]
+    assert stored(conn) == [("bus-12", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001,
+                             24.940001)]
+    strict = ingest(database_url, [path], strict=True)
+    assert strict.status == "failed" and strict.error == (
+        f"3 invalid row(s) (--strict): nothing loaded; first: {path}:3: <wpt> has no <time>: "
+        "a marked place, not a recorded position")
