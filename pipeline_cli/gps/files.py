@@ -18,8 +18,9 @@ import json
 import re
 import xml.parsers.expat
 import zlib
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
     stack: list[str] = []
+    # Where a point is, for the problems of a file that puts several on one line.
+    counts = {"trk": 0, "trkseg": 0, "trkpt": 0, "rte": 0, "rtept": 0, "wpt": 0}
     default_device = file_device(path)
 
     def local(tag: str) -> str:
@@ -333,11 +336,22 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
                                f"is <{name}>; {READ_FORMATS}")
         stack.append(name)
         state["text"] = []
+        if name in counts:
+            counts[name] += 1
         if name == "trk":
             state["trk_name"] = None
-        elif name in ("trkpt", "rtept", "wpt"):
+            counts["trkseg"] = 0
+        elif name == "trkseg":
+            counts["trkpt"] = 0
+        elif name == "rte":
+            counts["rtept"] = 0
+        if name in ("trkpt", "rtept", "wpt"):
+            where = {"trkpt": f"track {counts['trk']}, segment {counts['trkseg']}, point "
+                              f"{counts['trkpt']}",
+                     "rtept": f"route {counts['rte']}, point {counts['rtept']}",
+                     "wpt": f"waypoint {counts['wpt']}"}[name]
             state["point"] = {"lat": attrs.get("lat"), "lon": attrs.get("lon"), "time": None,
-                              "line": parser.CurrentLineNumber}
+                              "line": parser.CurrentLineNumber, "where": where}
 
     def end(tag: str) -> None:
         name = local(tag)
@@ -354,12 +368,12 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
                 or default_device
             if point["time"] is None:
                 items.append(RowProblem(point["line"], f"<{name}> has no <time>"
-                                        + _UNTIMED.get(name, "")))
+                                        + _UNTIMED.get(name, ""), point["where"]))
             elif device is None:
-                items.append(RowProblem(point["line"], _NO_DEVICE))
+                items.append(RowProblem(point["line"], _NO_DEVICE, point["where"]))
             else:
                 items.append(text_point(device, point["time"], point["lat"], point["lon"],
-                                           point["line"]))
+                                        point["line"], point["where"]))
             state["point"] = None
         state["text"] = []
 
@@ -375,7 +389,11 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
         raise GpsFileError(
             f"line {exc.lineno}: malformed GPX: {xml.parsers.expat.ErrorString(exc.code)}"
         ) from None
-    yield from items
+    # A point's line says where it is, unless the file puts several on one line (a GPX
+    # written without line breaks named line 1 for each of them): those also name the point.
+    per_line = Counter(item.line for item in items)
+    for item in items:
+        yield item if per_line[item.line] > 1 else replace(item, where="")
 
 
 # ---------------------------------------------------------------- GeoJSON

@@ -654,3 +654,23 @@ def test_gpx_waypoints_and_route_points_without_a_time_say_what_they_are(
     assert strict.status == "failed" and strict.error == (
         f"3 invalid row(s) (--strict): nothing loaded; first: {path}:3: <wpt> has no <time>: "
         "a marked place, not a recorded position")
+
+
+def test_gpx_points_of_one_line_are_told_apart_in_problems(
+        tmp_path: Path, database_url: str) -> None:
+    # A GPX written without line breaks: every problem named line 1, whichever of thousands
+    # of points it was. Such points also name their track, segment and number.
+    path = tmp_path / "oneline.gpx"
+    path.write_text('<gpx version="1.1" xmlns="http://www.topografix.com/GPX/1/1">'
+                    '<wpt lat="60.1" lon="24.9"/><trk><name>van</name><trkseg>'
+                    '<trkpt lat="60.1" lon="24.9"><time>2024-01-06T08:00:00Z</time></trkpt>'
+                    '</trkseg><trkseg><trkpt lat="60.1" lon="24.9"><time>2024-01-06T08:00:01Z'
+                    '</time></trkpt><trkpt lat="91" lon="24.9"><time>2024-01-06T08:00:02Z'
+                    '</time></trkpt></trkseg></trk>\n'
+                    '<trk><trkseg><trkpt lat="60.1" lon="24.9"></trkpt></trkseg></trk></gpx>\n')
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == 2
+    assert record.extra["problems"] == [
+        f"{path}:1 (waypoint 1): <wpt> has no <time>: a marked place, not a recorded position",
+        f"{path}:1 (track 1, segment 2, point 2): latitude 91 out of range (-90..90)",
+        f"{path}:2: <trkpt> has no <time>"]
