@@ -674,3 +674,21 @@ def test_gpx_points_of_one_line_are_told_apart_in_problems(
         f"{path}:1 (waypoint 1): <wpt> has no <time>: a marked place, not a recorded position",
         f"{path}:1 (track 1, segment 2, point 2): latitude 91 out of range (-90..90)",
         f"{path}:2: <trkpt> has no <time>"]
+
+
+@pytest.mark.xfail(strict=True, reason="needs ingest_csv_fields to join a date column and a "
+                   "time-of-day column (sql/queries/match_gps.sql, owned by the CSV rewrite)")
+def test_a_date_and_a_time_of_day_in_two_columns_are_one_time(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # GPSBabel's unicsv, i-gotU and Qstarz loggers write the date and the time of day in two
+    # columns: the "Time" column alone was taken, and every row refused as "unparseable time
+    # '08:00:00'", the file rejected without a word about its date column.
+    path = tmp_path / "unicsv.csv"
+    path.write_text("No,Latitude,Longitude,Name,Altitude,Date,Time\n"
+                    "1,60.170001,24.940001,,12.0,2024/01/06,08:00:00\n"
+                    "2,60.170002,24.940002,,12.0,2024-01-06,08:00:01.5\n")
+    record = ingest(database_url, [path], device_id="logger", strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("logger", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001),
+        ("logger", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.170002, 24.940002)]
