@@ -318,6 +318,13 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     data = _read_all(path)
     if not data.removeprefix(b"\xef\xbb\xbf").strip():
         return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
+    # Blank lines before the XML declaration (a web export's stray line break) are no XML
+    # error worth refusing a file for; lines are still counted from the file's first.
+    lead = re.match(rb"(\xef\xbb\xbf)?[ \t\r\n]+(?=<\?xml[ \t\r\n])", data)
+    skipped = 0
+    if lead:
+        skipped = len(re.findall(rb"\r\n|\r|\n", lead.group(0)))
+        data = data[lead.end():]
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
@@ -332,8 +339,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     def start(tag: str, attrs: dict[str, str]) -> None:
         name = local(tag)
         if not stack and name != "gpx":  # KML or other XML: it read as a GPX without points
-            raise GpsFileError(f"line {parser.CurrentLineNumber}: not GPX: its root element "
-                               f"is <{name}>; {READ_FORMATS}")
+            raise GpsFileError(f"line {parser.CurrentLineNumber + skipped}: not GPX: its root "
+                               f"element is <{name}>; {READ_FORMATS}")
         stack.append(name)
         state["text"] = []
         if name in counts:
@@ -351,7 +358,7 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
                      "rtept": f"route {counts['rte']}, point {counts['rtept']}",
                      "wpt": f"waypoint {counts['wpt']}"}[name]
             state["point"] = {"lat": attrs.get("lat"), "lon": attrs.get("lon"), "time": None,
-                              "line": parser.CurrentLineNumber, "where": where}
+                              "line": parser.CurrentLineNumber + skipped, "where": where}
 
     def end(tag: str) -> None:
         name = local(tag)
@@ -387,7 +394,8 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
         parser.Parse(data, True)
     except xml.parsers.expat.ExpatError as exc:
         raise GpsFileError(
-            f"line {exc.lineno}: malformed GPX: {xml.parsers.expat.ErrorString(exc.code)}"
+            f"line {exc.lineno + skipped}: malformed GPX: "
+            f"{xml.parsers.expat.ErrorString(exc.code)}"
         ) from None
     # A point's line says where it is, unless the file puts several on one line (a GPX
     # written without line breaks named line 1 for each of them): those also name the point.

@@ -692,3 +692,25 @@ def test_a_date_and_a_time_of_day_in_two_columns_are_one_time(
     assert stored(conn) == [
         ("logger", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001),
         ("logger", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.170002, 24.940002)]
+
+
+def test_a_gpx_with_blank_lines_before_its_xml_declaration(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # A web export that printed a line break before the declaration: refused as "malformed
+    # GPX: XML or text declaration not at start of entity", a file every point of which was
+    # good. Lines are still counted from the file's first.
+    path = tmp_path / "web.gpx"
+    path.write_bytes(b"\xef\xbb\xbf\r\n\n  <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+                     b"<gpx version=\"1.1\"><trk><name>van</name><trkseg>\n"
+                     b"<trkpt lat=\"60.170001\" lon=\"24.940001\"><time>2024-01-06T08:00:00Z"
+                     b"</time></trkpt>\n<trkpt lat=\"91\" lon=\"24.9\"><time>2024-01-06T08:00:01Z"
+                     b"</time></trkpt></trkseg></trk></gpx>\n")
+    record = ingest(database_url, [path])
+    assert record.status == "success", record.error
+    assert record.extra["problems"] == [f"{path}:6: latitude 91 out of range (-90..90)"]
+    assert stored(conn) == [("van", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001)]
+    broken = tmp_path / "broken.gpx"
+    broken.write_text("\n\n<?xml version=\"1.0\"?>\n<gpx><trk>\n</gpx>\n")
+    failed = ingest(database_url, [broken])
+    assert failed.error == (f"{broken}: line 5: malformed GPX: mismatched tag; "
+                            "nothing loaded")
