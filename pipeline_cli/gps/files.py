@@ -512,8 +512,16 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features, lines = [doc], [1]
     elif isinstance(doc, dict) and "type" not in doc and isinstance(doc.get("locations"), list):
-        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key.
+        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key. Google
+        # Takeout's location history has that key too, of objects of its own (latitudeE7).
         features, lines = doc["locations"], _feature_lines(text, "locations")
+        if features and not any(isinstance(f, dict) and f.get("type") == "Feature"
+                                for f in features):
+            google = " (Google's location history?)" if isinstance(features[0], dict) and \
+                "latitudeE7" in features[0] else ""
+            raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
+                               f"an object whose locations are not GeoJSON Features{google}; "
+                               f"{READ_FORMATS}")
     else:
         raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
                            f"{_found(doc)}; {READ_FORMATS}")

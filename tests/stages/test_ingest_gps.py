@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from pipeline_cli.db import Database
+from pipeline_cli.gps.files import READ_FORMATS
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.stages import ingest_gps as ingest_module
 from pipeline_cli.stages.ingest_gps import ingest_gps
@@ -714,3 +715,19 @@ def test_a_gpx_with_blank_lines_before_its_xml_declaration(
     failed = ingest(database_url, [broken])
     assert failed.error == (f"{broken}: line 5: malformed GPX: mismatched tag; "
                             "nothing loaded")
+
+
+def test_google_location_history_is_refused_as_not_geojson(
+        tmp_path: Path, database_url: str) -> None:
+    # Google Takeout's Records.json holds {"locations": [...]} as Overland's batches do, but
+    # of its own objects: each was "not a Feature with a geometry", as if the file were
+    # GeoJSON with bad rows.
+    path = tmp_path / "Records.json"
+    path.write_text(json.dumps({"locations": [
+        {"latitudeE7": 601700000, "longitudeE7": 249400000, "timestamp": "2024-01-06T08:00:00Z"},
+        {"latitudeE7": 601700010, "longitudeE7": 249400010, "timestamp": "2024-01-06T08:00:01Z"}]}))
+    record = ingest(database_url, [path])
+    assert record.status == "failed" and record.error == (
+        f"{path}: line 1: expected a GeoJSON FeatureCollection or Feature, found an object "
+        "whose locations are not GeoJSON Features (Google's location history?); "
+        f"{READ_FORMATS}; nothing loaded")
