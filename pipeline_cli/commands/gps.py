@@ -24,8 +24,10 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "too_short")
                    "too).")
 @click.option("--device", "device_id", default=None, metavar="ID", type=NonEmpty(),
               help="Device id of every GPX point (over its track's name, which is often a "
-                   "device's generic 'ACTIVE LOG'), and of GeoJSON features and CSV rows that "
-                   "name none. Without it a file's name up to its first dot names its device.")
+                   "device's generic 'ACTIVE LOG' or an activity's 'Morning Ride'), and of "
+                   "GeoJSON features and CSV rows that name none. Without it a GPX or GeoJSON "
+                   "file's name up to its first dot names its device; a CSV file without a "
+                   "device column needs it.")
 @click.option("--strict", is_flag=True,
               help="Reject everything if any row is invalid (default: report and skip).")
 @json_option

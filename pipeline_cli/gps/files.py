@@ -18,8 +18,9 @@ import json
 import re
 import xml.parsers.expat
 import zlib
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +198,11 @@ def text_point(device: Any, when: Any, lat: Any, lon: Any, line: int, where: str
 # time. Within a tier the first column wins ("time" ISO before an app's "timestamp" in ms).
 _ALIASES = {
     "device_id": (("device_id", "device", "deviceid", "vehicle", "vehicle_id", "vehicleid",
-                   "unit_id", "imei"),),
+                   "unit_id", "imei"),
+                  ("device_name", "devicename")),  # beside an id, the id
     "recorded_at": (("recorded_at",),
-                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time"),  # Traccar
+                    ("time_utc", "timestamp_utc", "gps_time", "fixtime", "fix_time",  # Traccar
+                     "utc", "utc_time", "datetime_utc", "date_time_utc"),
                     ("time", "timestamp", "datetime", "date_time")),
     "latitude": (("latitude", "lat"),),
     "longitude": (("longitude", "lon", "lng", "long"),),
@@ -207,6 +210,8 @@ _ALIASES = {
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
 _NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
+# phyphox's "Time (s)", an app's "elapsed_s": a time that counts from the recording's start.
+_ELAPSED = re.compile(r"(time|t|elapsed|elapsed_time)_(s|sec|secs|seconds)|elapsed(_s)?")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -257,6 +262,11 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     if missing:
         hint = " (--device names the device of a file without one)" \
             if "device_id" in missing else ""
+        elapsed = next((c.strip() for c in next(csv.reader([first], delimiter=delimiter), [])
+                        if _ELAPSED.fullmatch(_header_name(c))), None)
+        if "recorded_at" in missing and elapsed:
+            hint += (f" ({elapsed!r} counts seconds from the start of the recording, not a "
+                     "date and time)")
         raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
     return CsvLayout(delimiter, columns, line)
 
@@ -274,10 +284,15 @@ def above_csv_header(line: str) -> bool:
         for d in CSV_DELIMITERS)
 
 
+def _header_name(cell: str) -> str:
+    """A column's name as compared: no case, spaces or punctuation (``Device ID``)."""
+    return re.sub(r"[^0-9a-z]+", "_", cell.strip().lower()).strip("_")
+
+
 def _named(line: str, delimiter: str) -> dict[str, int]:
     """The column of each field that a cell of ``line``, split at ``delimiter``, names."""
     cells = next(csv.reader([line], delimiter=delimiter), [])
-    names = [re.sub(r"[^0-9a-z]+", "_", c.strip().lower()).strip("_") for c in cells]
+    names = [_header_name(c) for c in cells]
     found: dict[str, int] = {}
     for column, tiers in _ALIASES.items():
         for tier in tiers:
@@ -291,16 +306,31 @@ def _named(line: str, delimiter: str) -> dict[str, int]:
 # ---------------------------------------------------------------- GPX
 
 
+# Why a point without a time is no point of a trace: a track's has lost its time; a
+# waypoint and a route point never had one, being a place marked or planned.
+_UNTIMED = {"wpt": ": a marked place, not a recorded position",
+            "rtept": ": a planned route's point, not a recorded position"}
+
+
 def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     """Track, route and way points with a ``<time>``; the device is ``device_id``, else the
     ``<trk><name>``, else the file name up to its first dot."""
     data = _read_all(path)
     if not data.removeprefix(b"\xef\xbb\xbf").strip():
         return  # an empty file (an exporter's quiet hour), as an empty CSV file: no points
+    # Blank lines before the XML declaration (a web export's stray line break) are no XML
+    # error worth refusing a file for; lines are still counted from the file's first.
+    lead = re.match(rb"(\xef\xbb\xbf)?[ \t\r\n]+(?=<\?xml[ \t\r\n])", data)
+    skipped = 0
+    if lead:
+        skipped = len(re.findall(rb"\r\n|\r|\n", lead.group(0)))
+        data = data[lead.end():]
     parser = xml.parsers.expat.ParserCreate()
     items: list[Item] = []
     state: dict[str, Any] = {"text": [], "point": None, "trk_name": None}
     stack: list[str] = []
+    # Where a point is, for the problems of a file that puts several on one line.
+    counts = {"trk": 0, "trkseg": 0, "trkpt": 0, "rte": 0, "rtept": 0, "wpt": 0}
     default_device = file_device(path)
 
     def local(tag: str) -> str:
@@ -309,15 +339,26 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     def start(tag: str, attrs: dict[str, str]) -> None:
         name = local(tag)
         if not stack and name != "gpx":  # KML or other XML: it read as a GPX without points
-            raise GpsFileError(f"line {parser.CurrentLineNumber}: not GPX: its root element "
-                               f"is <{name}>; {READ_FORMATS}")
+            raise GpsFileError(f"line {parser.CurrentLineNumber + skipped}: not GPX: its root "
+                               f"element is <{name}>; {READ_FORMATS}")
         stack.append(name)
         state["text"] = []
+        if name in counts:
+            counts[name] += 1
         if name == "trk":
             state["trk_name"] = None
-        elif name in ("trkpt", "rtept", "wpt"):
+            counts["trkseg"] = 0
+        elif name == "trkseg":
+            counts["trkpt"] = 0
+        elif name == "rte":
+            counts["rtept"] = 0
+        if name in ("trkpt", "rtept", "wpt"):
+            where = {"trkpt": f"track {counts['trk']}, segment {counts['trkseg']}, point "
+                              f"{counts['trkpt']}",
+                     "rtept": f"route {counts['rte']}, point {counts['rtept']}",
+                     "wpt": f"waypoint {counts['wpt']}"}[name]
             state["point"] = {"lat": attrs.get("lat"), "lon": attrs.get("lon"), "time": None,
-                              "line": parser.CurrentLineNumber}
+                              "line": parser.CurrentLineNumber + skipped, "where": where}
 
     def end(tag: str) -> None:
         name = local(tag)
@@ -333,12 +374,13 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
             device = device_id or (state["trk_name"] if name == "trkpt" else None) \
                 or default_device
             if point["time"] is None:
-                items.append(RowProblem(point["line"], f"<{name}> has no <time>"))
+                items.append(RowProblem(point["line"], f"<{name}> has no <time>"
+                                        + _UNTIMED.get(name, ""), point["where"]))
             elif device is None:
-                items.append(RowProblem(point["line"], _NO_DEVICE))
+                items.append(RowProblem(point["line"], _NO_DEVICE, point["where"]))
             else:
                 items.append(text_point(device, point["time"], point["lat"], point["lon"],
-                                           point["line"]))
+                                        point["line"], point["where"]))
             state["point"] = None
         state["text"] = []
 
@@ -352,9 +394,14 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
         parser.Parse(data, True)
     except xml.parsers.expat.ExpatError as exc:
         raise GpsFileError(
-            f"line {exc.lineno}: malformed GPX: {xml.parsers.expat.ErrorString(exc.code)}"
+            f"line {exc.lineno + skipped}: malformed GPX: "
+            f"{xml.parsers.expat.ErrorString(exc.code)}"
         ) from None
-    yield from items
+    # A point's line says where it is, unless the file puts several on one line (a GPX
+    # written without line breaks named line 1 for each of them): those also name the point.
+    per_line = Counter(item.line for item in items)
+    for item in items:
+        yield item if per_line[item.line] > 1 else replace(item, where="")
 
 
 # ---------------------------------------------------------------- GeoJSON
@@ -417,10 +464,18 @@ def _times(props: dict[str, Any]) -> Any:
     return None
 
 
-def _point_time(props: dict[str, Any]) -> Any:
-    for key in ("recorded_at", "time", "timestamp"):
-        if key in props:
-            return props[key]
+def _property(props: dict[str, Any], field: str, blank: bool = True) -> Any:
+    """The value of the property naming ``field`` as a CSV header's cell would (Traccar's
+    ``deviceId`` and ``fixTime``, ``Device ID``): of the best-ranked alias, then in the order
+    the aliases are listed. With ``blank`` false, a null or blank value names nothing."""
+    named: dict[str, Any] = {}
+    for key, value in props.items():
+        if blank or not (value is None or isinstance(value, str) and not value.strip()):
+            named.setdefault(_header_name(str(key)), value)
+    for tier in _ALIASES[field]:
+        for alias in tier:
+            if alias in named:
+                return named[alias]
     return None
 
 
@@ -428,8 +483,8 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     """Point features with a time property, and LineStrings with a ``times`` array, of a
     FeatureCollection, one Feature, Features one a line, or Overland's ``{"locations": [...]}``.
 
-    The device is the feature's ``device_id`` (or ``device``) property, else ``device_id``,
-    else the file name up to its first dot.
+    The device is the feature's property naming it (as a CSV header would: ``device_id``,
+    ``device``, ``deviceId``, ...), else ``device_id``, else the file name up to its first dot.
     """
     text = _decode(_read_all(path))
     if not text.strip():
@@ -457,8 +512,16 @@ def read_geojson(path: str | Path, device_id: str | None = None) -> Iterator[Ite
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features, lines = [doc], [1]
     elif isinstance(doc, dict) and "type" not in doc and isinstance(doc.get("locations"), list):
-        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key.
+        # Overland's batches: {"locations": [Feature, ...]}, GeoJSON under another key. Google
+        # Takeout's location history has that key too, of objects of its own (latitudeE7).
         features, lines = doc["locations"], _feature_lines(text, "locations")
+        if features and not any(isinstance(f, dict) and f.get("type") == "Feature"
+                                for f in features):
+            google = " (Google's location history?)" if isinstance(features[0], dict) and \
+                "latitudeE7" in features[0] else ""
+            raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
+                               f"an object whose locations are not GeoJSON Features{google}; "
+                               f"{READ_FORMATS}")
     else:
         raise GpsFileError("line 1: expected a GeoJSON FeatureCollection or Feature, found "
                            f"{_found(doc)}; {READ_FORMATS}")
@@ -508,9 +571,9 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
         props = {}
     # A null or blank property is no device (Overland's device_id is "" until one is set):
     # --device or the file's name is used.
-    device = next((v for v in (props.get("device_id"), props.get("device"))
-                   if v is not None and not (isinstance(v, str) and not v.strip())),
-                  default_device)
+    device = _property(props, "device_id", blank=False)
+    if device is None:
+        device = default_device
     if device is None:
         yield RowProblem(line, _NO_DEVICE, where)
         return
@@ -520,7 +583,7 @@ def _feature_items(feature: Any, n: int, line: int, default_device: str | None
         if not isinstance(coords, list) or len(coords) < 2:
             yield RowProblem(line, "Point without [lon, lat] coordinates", where)
             return
-        when = _point_time(props)
+        when = _property(props, "recorded_at")
         if when is None:
             yield RowProblem(line, "Point has no time property", where)
             return

@@ -90,6 +90,18 @@ def test_ingest_gps_json_text_and_strict(gps_cli: Cli, tmp_path: Path,
     assert "skipped" in text.output and "0 point(s) loaded" in text.output
 
 
+def test_ingest_gps_help_says_what_names_the_device_as_it_is_done(
+        run_cli: Cli, tmp_path: Path) -> None:
+    # The help said a file's name names its device without --device: a CSV file without a
+    # device column is refused instead, and a GPX track's name wins over the file's.
+    help_text = " ".join(run_cli("ingest-gps", "--help").output.split())
+    assert "a CSV file without a device column needs it" in help_text
+    path = tmp_path / "bus-7.csv"
+    path.write_text("time,lat,lon\n2024-05-01T08:00:00Z,60.17,24.94\n")
+    refused = run_cli("ingest-gps", str(path))
+    assert refused.exit_code == 1 and "(--device names the device" in refused.output
+
+
 def test_a_file_name_that_is_not_utf8_loads_and_is_recorded_escaped(
         gps_cli: Cli, tmp_path: Path, conn: psycopg.Connection[Any]) -> None:
     # It failed with "invalid input syntax for type json": nothing loaded, no run recorded.

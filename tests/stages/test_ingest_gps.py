@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from pipeline_cli.db import Database
+from pipeline_cli.gps.files import READ_FORMATS
 from pipeline_cli.runner import RunRecord, StageRunner
 from pipeline_cli.stages import ingest_gps as ingest_module
 from pipeline_cli.stages.ingest_gps import ingest_gps
@@ -563,3 +564,170 @@ def test_a_point_another_load_commits_meanwhile_is_a_duplicate_not_an_error(
     assert record.status == "success", record.error
     assert record.counts["rows_loaded"] == 1 and record.counts["duplicates"] == 1
     assert count(conn) == 2
+
+
+def test_geojson_of_traccar_positions_takes_the_fix_time_and_device_id(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Traccar's positions as GeoJSON properties (its API's names): "Point has no time
+    # property" though it had three, and the device was the file's name, not deviceId. A
+    # property is named as a CSV column is (the same aliases and ranks): the fix time wins
+    # over the device's and the server's, whatever their order.
+    path = tmp_path / "export.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940001, 60.170001,
+                                                                          12.5]},
+         "properties": {"deviceId": 7, "serverTime": "2024-01-06T08:00:09.000+00:00",
+                        "deviceTime": "2024-01-06T08:00:05.000+00:00",
+                        "fixTime": "2024-01-06T08:00:00.250+00:00"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940002, 60.170002]},
+         "properties": {"Device ID": "bus-3", "Time": "2024-01-06T10:00:01+02:00"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [24.940003, 60.170003]},
+         "properties": {"imei": "356938035643809", "gps_time": 1704528002,
+                        "timestamp": "2024-01-06T08:00:09Z"}}]}))
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("356938035643809", datetime(2024, 1, 6, 8, 0, 2, tzinfo=UTC), 60.170003, 24.940003),
+        ("7", datetime(2024, 1, 6, 8, 0, 0, 250000, tzinfo=UTC), 60.170001, 24.940001),
+        ("bus-3", datetime(2024, 1, 6, 8, 0, 1, tzinfo=UTC), 60.170002, 24.940002)]
+
+
+def test_a_csv_time_column_named_utc_and_a_device_name_beside_the_id(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # A logger's "UTC" column (beside its local "Time") was no time column at all: "header
+    # lacks column(s) recorded_at".
+    logger = tmp_path / "logger.csv"
+    logger.write_text("Index;Time;UTC;Latitude;Longitude;Device Name;DeviceId\n"
+                      "1;2024-01-06 10:00:00;2024-01-06 08:00:00;60,170001;24,940001;Van 3;v3\n")
+    named = tmp_path / "named.csv"  # a name alone is the device
+    named.write_text("Device Name,UTC Time,lat,lng\nVan 4,2024-01-06T08:00:01.5Z,60.1,24.9\n")
+    record = ingest(database_url, [logger, named], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("Van 4", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.1, 24.9),
+        ("v3", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001)]
+
+
+def test_phyphox_seconds_since_the_start_are_refused_by_name(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # phyphox's "Location (GPS)" export counts time from the start of the measurement (the
+    # clock time is in another file of its export): "header lacks column(s) recorded_at"
+    # named no column, though the file has a "Time (s)".
+    path = tmp_path / "Location.csv"
+    path.write_text('"Time (s)","Latitude (°)","Longitude (°)","Height (m)","Velocity (m/s)",'
+                    '"Direction (°)","Distance (km)","Horizontal Accuracy (m)",'
+                    '"Vertical Accuracy (m)","Satellites"\n'
+                    "0.000000000E0,6.017000100E1,2.494000100E1,1.2E1,0,0,0,5,5,9\n")
+    record = ingest(database_url, [path], device_id="phone")
+    assert record.status == "failed" and record.exit_code == 1
+    assert record.error == (
+        f"{path}: line 1: header lacks column(s) recorded_at ('Time (s)' counts seconds from "
+        "the start of the recording, not a date and time); nothing loaded")
+    assert count(conn) == 0
+
+
+def test_gpx_waypoints_and_route_points_without_a_time_say_what_they_are(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Garmin's and OsmAnd's files keep marked places (<wpt>) and a planned route (<rte>) beside
+    # the recorded track. Without a <time> they are no recorded position: invalid rows, so
+    # --strict refuses the file, and the problem says why ("<wpt> has no <time>" alone read
+    # as a damaged recording).
+    path = tmp_path / "ride.gpx"
+    path.write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<gpx version="1.1" creator="Garmin Desktop App" xmlns="http://www.topografix.com/GPX/1/1">
+  <wpt lat="60.1" lon="24.9"><name>Depot</name></wpt>
+  <rte><name>Plan</name><rtept lat="60.2" lon="24.8"/></rte>
+  <trk><name>bus-12</name><trkseg>
+    <trkpt lat="60.170001" lon="24.940001"><time>2024-01-06T08:00:00Z</time></trkpt>
+    <trkpt lat="60.170002" lon="24.940002"></trkpt>
+  </trkseg></trk>
+</gpx>
+""")
+    record = ingest(database_url, [path])
+    assert record.status == "success" and record.counts["invalid_rows"] == 3
+    assert record.extra["problems"] == [
+        f"{path}:3: <wpt> has no <time>: a marked place, not a recorded position",
+        f"{path}:4: <rtept> has no <time>: a planned route's point, not a recorded position",
+        f"{path}:7: <trkpt> has no <time>"]
+    assert stored(conn) == [("bus-12", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001,
+                             24.940001)]
+    strict = ingest(database_url, [path], strict=True)
+    assert strict.status == "failed" and strict.error == (
+        f"3 invalid row(s) (--strict): nothing loaded; first: {path}:3: <wpt> has no <time>: "
+        "a marked place, not a recorded position")
+
+
+def test_gpx_points_of_one_line_are_told_apart_in_problems(
+        tmp_path: Path, database_url: str) -> None:
+    # A GPX written without line breaks: every problem named line 1, whichever of thousands
+    # of points it was. Such points also name their track, segment and number.
+    path = tmp_path / "oneline.gpx"
+    path.write_text('<gpx version="1.1" xmlns="http://www.topografix.com/GPX/1/1">'
+                    '<wpt lat="60.1" lon="24.9"/><trk><name>van</name><trkseg>'
+                    '<trkpt lat="60.1" lon="24.9"><time>2024-01-06T08:00:00Z</time></trkpt>'
+                    '</trkseg><trkseg><trkpt lat="60.1" lon="24.9"><time>2024-01-06T08:00:01Z'
+                    '</time></trkpt><trkpt lat="91" lon="24.9"><time>2024-01-06T08:00:02Z'
+                    '</time></trkpt></trkseg></trk>\n'
+                    '<trk><trkseg><trkpt lat="60.1" lon="24.9"></trkpt></trkseg></trk></gpx>\n')
+    record = ingest(database_url, [path])
+    assert record.counts["rows_loaded"] == 2
+    assert record.extra["problems"] == [
+        f"{path}:1 (waypoint 1): <wpt> has no <time>: a marked place, not a recorded position",
+        f"{path}:1 (track 1, segment 2, point 2): latitude 91 out of range (-90..90)",
+        f"{path}:2: <trkpt> has no <time>"]
+
+
+@pytest.mark.xfail(strict=True, reason="needs ingest_csv_fields to join a date column and a "
+                   "time-of-day column (sql/queries/match_gps.sql, owned by the CSV rewrite)")
+def test_a_date_and_a_time_of_day_in_two_columns_are_one_time(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # GPSBabel's unicsv, i-gotU and Qstarz loggers write the date and the time of day in two
+    # columns: the "Time" column alone was taken, and every row refused as "unparseable time
+    # '08:00:00'", the file rejected without a word about its date column.
+    path = tmp_path / "unicsv.csv"
+    path.write_text("No,Latitude,Longitude,Name,Altitude,Date,Time\n"
+                    "1,60.170001,24.940001,,12.0,2024/01/06,08:00:00\n"
+                    "2,60.170002,24.940002,,12.0,2024-01-06,08:00:01.5\n")
+    record = ingest(database_url, [path], device_id="logger", strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [
+        ("logger", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001),
+        ("logger", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.170002, 24.940002)]
+
+
+def test_a_gpx_with_blank_lines_before_its_xml_declaration(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # A web export that printed a line break before the declaration: refused as "malformed
+    # GPX: XML or text declaration not at start of entity", a file every point of which was
+    # good. Lines are still counted from the file's first.
+    path = tmp_path / "web.gpx"
+    path.write_bytes(b"\xef\xbb\xbf\r\n\n  <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+                     b"<gpx version=\"1.1\"><trk><name>van</name><trkseg>\n"
+                     b"<trkpt lat=\"60.170001\" lon=\"24.940001\"><time>2024-01-06T08:00:00Z"
+                     b"</time></trkpt>\n<trkpt lat=\"91\" lon=\"24.9\"><time>2024-01-06T08:00:01Z"
+                     b"</time></trkpt></trkseg></trk></gpx>\n")
+    record = ingest(database_url, [path])
+    assert record.status == "success", record.error
+    assert record.extra["problems"] == [f"{path}:6: latitude 91 out of range (-90..90)"]
+    assert stored(conn) == [("van", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001)]
+    broken = tmp_path / "broken.gpx"
+    broken.write_text("\n\n<?xml version=\"1.0\"?>\n<gpx><trk>\n</gpx>\n")
+    failed = ingest(database_url, [broken])
+    assert failed.error == (f"{broken}: line 5: malformed GPX: mismatched tag; "
+                            "nothing loaded")
+
+
+def test_google_location_history_is_refused_as_not_geojson(
+        tmp_path: Path, database_url: str) -> None:
+    # Google Takeout's Records.json holds {"locations": [...]} as Overland's batches do, but
+    # of its own objects: each was "not a Feature with a geometry", as if the file were
+    # GeoJSON with bad rows.
+    path = tmp_path / "Records.json"
+    path.write_text(json.dumps({"locations": [
+        {"latitudeE7": 601700000, "longitudeE7": 249400000, "timestamp": "2024-01-06T08:00:00Z"},
+        {"latitudeE7": 601700010, "longitudeE7": 249400010, "timestamp": "2024-01-06T08:00:01Z"}]}))
+    record = ingest(database_url, [path])
+    assert record.status == "failed" and record.error == (
+        f"{path}: line 1: expected a GeoJSON FeatureCollection or Feature, found an object "
+        "whose locations are not GeoJSON Features (Google's location history?); "
+        f"{READ_FORMATS}; nothing loaded")
