@@ -69,6 +69,28 @@ def test_a_database_error_carries_the_servers_hint(empty_database_url: str) -> N
         conn.execute("SELECT no_such_fn(1)")
 
 
+def test_a_libpq_connection_error_says_connection_failed_once(database_url: str) -> None:
+    """libpq's own text starts with psycopg's 'connection failed:' and the server it tried,
+    which the line already names: 'connection failed: connection failed: connection to server
+    at ... failed: ...'. Only the reason follows the endpoint."""
+    with tempfile.TemporaryDirectory(prefix="pg") as folder:
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(f"host={folder} port=5432 dbname=x", connect_timeout=2)
+        assert str(failed.value) == (
+            f"PostgreSQL {folder}:5432/x connection failed: No such file or directory")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SHOW ssl").fetchone()
+    if row and row[0] == "off":  # a server without TLS refuses sslmode=require
+        info = _parts(database_url)
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(f"{database_url} sslmode=require" if "://" not in database_url
+                       else f"{database_url}{'&' if '?' in database_url else '?'}"
+                            "sslmode=require", connect_timeout=2)
+        assert str(failed.value) == (
+            f"PostgreSQL {info.get('host')}:{info.get('port') or 5432}/{info['dbname']} "
+            "connection failed: server does not support SSL, but SSL was required")
+
+
 def test_named_queries_parse() -> None:
     assert "pg_try_advisory_xact_lock" in db.query("runner", "try_lock").as_string(None)
     with pytest.raises(KeyError):
