@@ -91,6 +91,24 @@ def test_a_libpq_connection_error_says_connection_failed_once(database_url: str)
             "connection failed: server does not support SSL, but SSL was required")
 
 
+def test_a_multi_host_url_names_each_server_with_its_port() -> None:
+    """'h1:5432, h2:5433' for the hosts libpq tries in turn; it read 'h1,h2:5432,5433/db',
+    or only the last host tried after the first one's failure."""
+    from devtools.procs import free_port
+
+    one, two = free_port(), free_port()
+    where = f"127.0.0.1:{one}, 127.0.0.2:{two}/x"
+    for url in (f"postgresql://127.0.0.1:{one},127.0.0.2:{two}/x",
+                f"host=127.0.0.1,127.0.0.2 port={one},{two} dbname=x"):
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(url, connect_timeout=2)
+        assert str(failed.value) == f"PostgreSQL {where} connection failed: connection refused"
+        assert repr(db.Database(url)) == f"Database({where!r})"
+    with pytest.raises(DatabaseError) as failed:  # one port for every host
+        db.connect(f"host=127.0.0.1,127.0.0.2 port={one} dbname=x", connect_timeout=2)
+    assert str(failed.value).startswith(f"PostgreSQL 127.0.0.1:{one}, 127.0.0.2:{one}/x ")
+
+
 def test_named_queries_parse() -> None:
     assert "pg_try_advisory_xact_lock" in db.query("runner", "try_lock").as_string(None)
     with pytest.raises(KeyError):
