@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,15 @@ class Server:
     service: str = ""  # a service the URL names: its parts are read only when connecting
     malformed: bool = False
 
+    @property
+    def addresses(self) -> list[tuple[str, str]]:
+        """(host, port) of each server: libpq tries the hosts of ``host=h1,h2 port=5432,5433``
+        (``postgresql://h1:5432,h2:5433/db``) in turn, and one port is every host's."""
+        hosts, ports = self.host.split(","), self.port.split(",")
+        if len(ports) == 1:
+            ports *= len(hosts)
+        return list(zip_longest(hosts, ports, fillvalue=""))
+
 
 def server(url: str) -> Server:
     """The :class:`Server` of a libpq URL or conninfo string."""
@@ -179,16 +189,18 @@ def _endpoint(url: str, pgconn: pq.abc.PGconn | None = None) -> str:
     resolved them when ``pgconn`` (a failed attempt's connection) knows them. A timeout
     leaves no ``pgconn``: then what the URL asked for, and with no host, libpq's default
     socket directory, not localhost (which libpq does not try on Unix)."""
-    if pgconn is not None and pgconn.host:
+    where = server(url)
+    # Of several hosts, pgconn knows only the last one tried, and the error's text is the
+    # first one's failure: name them all.
+    if pgconn is not None and pgconn.host and len(where.addresses) == 1:
         return (f"{pgconn.host.decode(errors='replace')}:{pgconn.port.decode()}/"
                 f"{pgconn.db.decode(errors='replace')}")
-    where = server(url)
     if where.malformed:
         return "(malformed [database] url)"
     if where.service:
         return f"service {where.service}"
-    return (f"{where.host or '(default socket directory)'}:{where.port or 5432}/"
-            f"{where.dbname}")
+    return ", ".join(f"{host or '(default socket directory)'}:{port or 5432}"
+                     for host, port in where.addresses) + f"/{where.dbname}"
 
 
 POOLER_NONE, POOLER_TRANSACTION = "none", "transaction"

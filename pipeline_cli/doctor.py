@@ -111,10 +111,11 @@ def _endpoint(s: Settings, name: str) -> str:
             return "(unparsable conninfo)"
         if where.service:
             return f"service {where.service}"
-        host, port = where.host, f":{where.port}" if where.port else ""
-        # a socket directory is the host, written percent-encoded as libpq reads it
-        return f"postgresql://{quote(host, safe='') if host.startswith('/') else host}{port}" \
-               f"/{where.dbname}"
+        # a socket directory is the host, written percent-encoded as libpq reads it; each
+        # host of several with its port, as libpq pairs them (h1:5432,h2:5433)
+        hosts = ",".join(f"{quote(host, safe='') if host.startswith('/') else host}"
+                         f"{f':{port}' if port else ''}" for host, port in where.addresses)
+        return f"postgresql://{hosts}/{where.dbname}"
     scheme, _, rest = url.partition("://")
     # the user and password end at the last '@' ('#', '?' or '/' can be in a password)
     rest = rest.rsplit("@", 1)[-1]

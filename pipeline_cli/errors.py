@@ -7,6 +7,7 @@ turns them into an exit code through :data:`EXIT_CODES`. docs/architecture.md re
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -149,6 +150,11 @@ _CAUSES = (
     ("timeout reading", "timed out"),
     ("timeout connecting", "timed out"),
 )
+# psycopg's 'connection failed: ' / 'connection is bad: ' and libpq's 'connection to server at
+# "h", port p failed: ' (or 'on socket "..." failed: '): said twice after 'PostgreSQL h:p/db
+# connection failed'.
+_LIBPQ_PREFIX = re.compile(r'^(?:connection (?:failed|is bad): )?connection to server '
+                           r'(?:at "[^"]*", port \d+|on socket "[^"]*") failed: ')
 MAX_CAUSE = 200  # whole sentences: S3 SignatureDoesNotMatch is 130
 
 
@@ -188,6 +194,8 @@ def cause(exc: BaseException | str) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "FATAL:" in first:  # libpq: 'connection failed: connection to server at ... failed:
         first = first[first.index("FATAL:"):]  # FATAL: database "x" does not exist'
+    else:  # the server tried, which the line names already: only libpq's reason
+        first = _LIBPQ_PREFIX.sub("", first, count=1)
     if isinstance(exc, BaseException):  # drop the request's URL and query string
         first = " ".join(w for w in first.split() if "://" not in w and "?" not in w)
         first = first or type(exc).__name__

@@ -567,7 +567,9 @@ class StageRunner:
                                exit_code=exit_code if error else EXIT_OK, recorded=record_run)
             if record_run:
                 self._finish(conn, record)
-            if error:
+            if error and status == SKIPPED:  # only busy stages: another run does the work
+                adapter.warning("skipped: %s", error)
+            elif error:
                 adapter.error("failed: %s", error)
             else:
                 adapter.info("%s in %d ms %s", status, duration_ms, result.message)

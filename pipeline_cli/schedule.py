@@ -189,6 +189,25 @@ def _cron_problem(expr: str) -> str | None:
     return None
 
 
+_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
+           ("day-of-week", 0, 6))
+
+
+def _step_problem(expr: str) -> str | None:
+    """A step larger than its field's range (``*/1000`` minutes, ``*/31`` days): croniter
+    reads it as the range's first value alone (``0``, once an hour), not what the entry
+    meant."""
+    if expr.startswith("@"):
+        return None
+    for (name, low, high), text in zip(_FIELDS, expr.split(), strict=False):
+        for part in text.split(","):
+            step = part.partition("/")[2]
+            if step.isdigit() and int(step) > high - low:
+                return (f"step {int(step)} too large for the {name} field ({low}-{high}) "
+                        "in the cron expression")
+    return None
+
+
 def parse_crontab(text: str, source: str = "crontab",
                   warnings: list[str] | None = None) -> list[CronEntry]:
     """Every line of ``text`` that runs ``pipeline``; ConfigError names a bad line.
@@ -251,7 +270,7 @@ def check_entries(entries: Mapping[str, str]) -> None:
             raise ConfigError(f"[schedule] entries: unknown stage {quoted(stage)} "
                               f"(expected one of {', '.join(SCHEDULED_STAGES)})",
                               key="schedule.entries")
-        if (why := _cron_problem(expr)) is not None:
+        if (why := _cron_problem(expr) or _step_problem(expr)) is not None:
             raise ConfigError(f"[schedule] entries: {why} {quoted(expr)} for {stage}",
                               key="schedule.entries")
 

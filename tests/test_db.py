@@ -69,6 +69,46 @@ def test_a_database_error_carries_the_servers_hint(empty_database_url: str) -> N
         conn.execute("SELECT no_such_fn(1)")
 
 
+def test_a_libpq_connection_error_says_connection_failed_once(database_url: str) -> None:
+    """libpq's own text starts with psycopg's 'connection failed:' and the server it tried,
+    which the line already names: 'connection failed: connection failed: connection to server
+    at ... failed: ...'. Only the reason follows the endpoint."""
+    with tempfile.TemporaryDirectory(prefix="pg") as folder:
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(f"host={folder} port=5432 dbname=x", connect_timeout=2)
+        assert str(failed.value) == (
+            f"PostgreSQL {folder}:5432/x connection failed: No such file or directory")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SHOW ssl").fetchone()
+    if row and row[0] == "off":  # a server without TLS refuses sslmode=require
+        info = _parts(database_url)
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(f"{database_url} sslmode=require" if "://" not in database_url
+                       else f"{database_url}{'&' if '?' in database_url else '?'}"
+                            "sslmode=require", connect_timeout=2)
+        assert str(failed.value) == (
+            f"PostgreSQL {info.get('host')}:{info.get('port') or 5432}/{info['dbname']} "
+            "connection failed: server does not support SSL, but SSL was required")
+
+
+def test_a_multi_host_url_names_each_server_with_its_port() -> None:
+    """'h1:5432, h2:5433' for the hosts libpq tries in turn; it read 'h1,h2:5432,5433/db',
+    or only the last host tried after the first one's failure."""
+    from devtools.procs import free_port
+
+    one, two = free_port(), free_port()
+    where = f"127.0.0.1:{one}, 127.0.0.2:{two}/x"
+    for url in (f"postgresql://127.0.0.1:{one},127.0.0.2:{two}/x",
+                f"host=127.0.0.1,127.0.0.2 port={one},{two} dbname=x"):
+        with pytest.raises(DatabaseError) as failed:
+            db.connect(url, connect_timeout=2)
+        assert str(failed.value) == f"PostgreSQL {where} connection failed: connection refused"
+        assert repr(db.Database(url)) == f"Database({where!r})"
+    with pytest.raises(DatabaseError) as failed:  # one port for every host
+        db.connect(f"host=127.0.0.1,127.0.0.2 port={one} dbname=x", connect_timeout=2)
+    assert str(failed.value).startswith(f"PostgreSQL 127.0.0.1:{one}, 127.0.0.2:{one}/x ")
+
+
 def test_named_queries_parse() -> None:
     assert "pg_try_advisory_xact_lock" in db.query("runner", "try_lock").as_string(None)
     with pytest.raises(KeyError):

@@ -248,6 +248,13 @@ def test_a_long_value_is_quoted_cut_short(tmp_path: Path, text: str,
      "[schedule] entries: a cron expression that never fires '0 0 31 2 *' for prune"),
     ("", {"PIPELINE_SCHEDULE_ENTRIES": '{"prune": "0 3 * * * 30"}'},
      "[schedule] entries: not 5 time fields in the cron expression '0 3 * * * 30' for prune"),
+    # croniter reads them as '0 * * * *' and '0 3 * * 1': once, whatever the step said
+    ('[schedule]\nentries = {"sync-odata" = "*/1000 * * * *"}\n', {},
+     "[schedule] entries: step 1000 too large for the minute field (0-59) in the cron "
+     "expression '*/1000 * * * *' for sync-odata"),
+    ("", {"PIPELINE_SCHEDULE_ENTRIES": '{"prune": "0 3 * * 1,1-5/7"}'},
+     "[schedule] entries: step 7 too large for the day-of-week field (0-6) in the cron "
+     "expression '0 3 * * 1,1-5/7' for prune"),
 ])
 def test_a_schedule_entry_status_cannot_use_is_refused_at_load(
         tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:

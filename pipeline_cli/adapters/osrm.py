@@ -28,6 +28,7 @@ from tenacity import (
 
 from .. import polyline
 from ..errors import EXIT_CONFIG, OsrmError, cause, public_url, service_error
+from ..logs import one_line
 
 LatLon = tuple[float, float]
 
@@ -295,7 +296,8 @@ class OsrmClient:
         with response:
             status = response.status_code
             if status >= 500:
-                raise _Transient(f"HTTP {status} {response.text[:200]}")
+                raise _Transient(f"HTTP {status}" + (f" {_text(response.text)}"
+                                                     if response.text.strip() else ""))
             if status in _SIZE_STATUSES:
                 size = len(response.request.path_url or "") if response.request else 0
                 raise self._refused(
@@ -312,7 +314,7 @@ class OsrmClient:
                     # else, for every batch alike.
                     raise self._refused(
                         f"answered HTTP {status} with a non-JSON body ({kind or 'empty'})"
-                        + (f" reading {_text(response.text)!r}" if response.text.strip() else ""),
+                        + (f" reading {_text(response.text)}" if response.text.strip() else ""),
                         "check the path in [osrm] url and [osrm] profile"
                         if status in _URL_STATUSES else
                         "check that [osrm] url reaches osrm-routed (or a proxy that passes "
@@ -320,7 +322,7 @@ class OsrmClient:
                 raise service_error(
                     OsrmError, "OSRM", self.base_url,
                     f"answered HTTP {response.status_code} with a non-JSON body",
-                    response.text[:2000]) from None
+                    _text(response.text) if response.text.strip() else None) from None
         if not isinstance(body, dict):
             raise service_error(OsrmError, "OSRM", self.base_url, "answered with unexpected JSON",
                                 str(body)[:2000])
@@ -348,10 +350,13 @@ class OsrmClient:
 
 
 def _text(page: str) -> str:
-    """A page's title or first words, for a one-line message."""
+    """A page's title or first words, quoted for a one-line message. A proxy's page is text
+    from outside: its control characters (an ANSI escape's ESC, a NUL PostgreSQL cannot store
+    with the batch's error) are escaped as in a log line, other unprintable ones (a bidi
+    override) left out."""
     title = re.search(r"<title[^>]*>([^<]*)</title>", page, re.IGNORECASE)
     words = " ".join((title.group(1) if title else re.sub(r"<[^>]*>", " ", page)).split())
-    return words[:80]
+    return "'" + "".join(filter(str.isprintable, one_line(words[:80]))) + "'"
 
 
 def _closed(error: object) -> bool:

@@ -269,9 +269,12 @@ def _graph(g: dict[str, Any], now: datetime) -> str:
             f": {unchecked}" if g.get("problem") else "")
     state = "consistent" if g["consistent"] else (
         unchecked if g["consistent"] is None else f"BROKEN: {g['problem']}")
+    # the pointer Redis holds, none, or (Redis not asked) no word on it
+    pointer = (f"Redis pointer {g['redis_pointer']}" if g.get("redis_pointer") else
+               "Redis pointer" if g["consistent"] is None else "no Redis pointer")
     return (f"{g['version']} for {g['dataset_version']} (generation "
             f"{g['virtual_generation_id']}): {g['nodes']} nodes, {g['edges']} edges; "
-            f"Redis pointer {g['redis_pointer'] or '-'}: {state}")
+            f"{pointer}: {state}")
 
 
 def _gps(g: dict[str, Any], now: datetime) -> str:

@@ -96,6 +96,31 @@ def test_blocked_proxy_then_back(osrm_url: str) -> None:
         assert proxy.count("/match/") >= 1
 
 
+HOSTILE = ("<html><head><title>\x1b[2J\x1b]0;owned\x07Bad\u202e\x00 gateway</title></head>"
+           "</html>")
+
+
+@pytest.mark.parametrize(("status", "said"), [
+    (200, "answered HTTP 200 with a non-JSON body (text/html) reading "),
+    (502, "unavailable after 2 attempts: HTTP 502 "),
+])
+def test_a_page_in_place_of_osrm_is_quoted_printable(osrm_url: str, status: int,
+                                                     said: str) -> None:
+    """A proxy's page is quoted by its title, its control characters escaped as in a log line
+    and other unprintable ones (a bidi override) left out: a 5xx page went into the line whole,
+    an ANSI escape to the operator's terminal and a NUL into the failed batch's error, which
+    PostgreSQL then refused to store."""
+    with CountingHttpProxy(osrm_url) as proxy, OsrmClient(proxy.url, retries=2,
+                                                          retry_wait_max=0.05) as c:
+        proxy.answer(status, HOSTILE, "text/html; charset=utf-8")
+        with pytest.raises(OsrmError) as err:
+            c.nearest((60.17, 24.94))
+    message = str(err.value)
+    assert message.startswith(f"OSRM {proxy.url} {said}"
+                              "'\\x1b[2J\\x1b]0;owned\\x07Bad\\x00 gateway'"), message
+    assert message.isprintable() and "<title>" not in message, message
+
+
 def test_route_decodes_geometry(client: OsrmClient) -> None:
     route = client.route([(60.168, 24.940), (60.175, 24.950)])
     assert route["distance"] > 0 and len(route["coordinates"]) >= 2

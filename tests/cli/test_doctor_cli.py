@@ -563,3 +563,23 @@ def test_acl_users_without_info_or_ping_pass_redis(
         assert failed(obj) == [], (user, obj)
         detail = by_name(obj)["redis"]["detail"]
         assert "INFO refused to this user" in detail and "is unclaimed" in detail, detail
+
+
+def test_a_multi_host_database_url_pairs_each_host_with_its_port(cli: Cli,
+                                                                  database_url: str) -> None:
+    """libpq tries the hosts of 'h1:5432,h2:5433' in turn: the endpoint was shown as
+    postgresql://h1,h2:5432,5433/db, a URL that means something else."""
+    from devtools.procs import free_port
+
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    port, name, closed = info.get("port") or 5432, info["dbname"], free_port()
+    user = info.get("user") or "postgres"
+    shown = f"postgresql://{info.get('host')}:{port},127.0.0.1:{closed}/{name}"
+    for url in (f"postgresql://{user}@{info.get('host')}:{port},127.0.0.1:{closed}/{name}",
+                f"host={info.get('host')},127.0.0.1 port={port},{closed} dbname={name} "
+                f"user={user}"):
+        cli.env["PIPELINE_DATABASE_URL"] = url
+        assert endpoint_of(cli, "database") == shown, url
+    cli.env["PIPELINE_DATABASE_URL"] = f"host=127.0.0.1,127.0.0.2 port={closed} dbname={name}"
+    assert endpoint_of(cli, "database") == (
+        f"postgresql://127.0.0.1:{closed},127.0.0.2:{closed}/{name}")

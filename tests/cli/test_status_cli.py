@@ -9,7 +9,9 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import redis
 
@@ -349,3 +351,24 @@ def test_points_dated_ahead_are_named_in_the_gps_line(run_cli: Cli) -> None:
     assert result.exit_code == 0, result.output
     gps = result.output.split("\ngps ", 1)[1].split("\nprune ", 1)[0]
     assert " 1 point(s) dated ahead wait until their time comes" in " ".join(gps.split()), gps
+
+
+def test_the_graph_line_says_in_words_when_redis_has_no_pointer_or_was_not_asked(
+        run_cli: Cli, full_env: dict[str, str], conn: psycopg.Connection[Any]) -> None:
+    """It read 'Redis pointer -: not checked: ...', a dash for a pointer nobody read."""
+    from devtools.procs import free_port
+    from tests.support.graph_fixtures import add_dataset, add_generation
+
+    run_cli.env.update(full_env)
+    generation = add_generation(conn, add_dataset(conn))
+    conn.execute("INSERT INTO graph_versions (version, seq, dataset_version, "
+                 "virtual_generation_id, nodes, edges, build_ms, checksum, export_key, active) "
+                 "VALUES ('graph-v1', 1, 'ds-v1', %s, 1, 0, 1, 'c', "
+                 "'graphs/graph-v1/graph.jsonl.gz', true)", (generation,))
+    shown = " ".join(run_cli("status").output.split())  # the table wraps the line
+    assert "1 nodes, 0 edges; no Redis pointer: BROKEN: PostgreSQL's active graph is graph-v1 " \
+        "but Redis points at nothing" in shown, shown
+    run_cli.env["PIPELINE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    shown = " ".join(run_cli("status").output.split())
+    assert "1 nodes, 0 edges; Redis pointer: not checked: Redis unreachable: " in shown, shown
+    assert "Redis pointer -" not in shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -116,7 +117,9 @@ def test_a_downstream_stage_behind_its_upstream_is_caught_up(app: App, database_
 
 
 def test_a_busy_stage_exits_75_and_the_stages_after_it_still_run(
-        app: App, database_url: str, conn: psycopg.Connection[Any], gps_rows: list[Any]) -> None:
+        app: App, database_url: str, conn: psycopg.Connection[Any], gps_rows: list[Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline")
     traces.insert_points(conn, gps_rows)
     with db.connect(database_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (db.advisory_key("build-graph"),))
@@ -132,6 +135,9 @@ def test_a_busy_stage_exits_75_and_the_stages_after_it_still_run(
     assert record.extra["failed_stage"] == "build-graph"
     assert (record.counts["skipped"], record.counts["failed"]) == (1, 0)  # it said failed 1
     assert "pid None" not in record.error
+    # its log line is a warning that says busy: it read 'error [run-all] failed: ... busy'
+    ended = [r for r in caplog.records if r.name == "pipeline.run-all"][-1]
+    assert (ended.levelname, ended.getMessage()) == ("WARNING", f"skipped: {record.error}")
     row = conn.execute("SELECT status, result FROM stage_runs WHERE stage = 'run-all'").fetchone()
     assert row and row["status"] == "skipped" and "stages" in row["result"]
     # The next run picks up where it stopped.
