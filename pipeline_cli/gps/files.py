@@ -206,6 +206,9 @@ _ALIASES = {
                     ("time", "timestamp", "datetime", "date_time")),
     "latitude": (("latitude", "lat"),),
     "longitude": (("longitude", "lon", "lng", "long"),),
+    # GPSBabel's unicsv, i-gotU and Qstarz loggers: the date in a column of its own, beside a
+    # time of day (the SQL joins them; see gps_ingest_fields)
+    "date": (("date", "utc_date", "date_utc", "gps_date"),),
 }
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
@@ -218,7 +221,8 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 @dataclass(frozen=True)
 class CsvLayout:
     delimiter: str
-    columns: dict[str, int]  # field -> column, from 0; no device_id: the file has none
+    columns: dict[str, int]  # field -> column, from 0; no device_id: the file has none; a
+    # "date": the date of a time column that holds a time of day
     header_line: int  # 0: no header
 
 

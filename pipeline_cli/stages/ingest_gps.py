@@ -203,11 +203,12 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         return
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
     cols, sep = layout.columns, layout.delimiter
-    device_col = cols.get("device_id")
+    device_col, date_col = cols.get("device_id"), cols.get("date")
     conn.execute(db.query("match_gps", "ingest_csv_layout"), {
         "file": index, "skip": max(layout.header_line, hint), "width": max(cols.values()) + 1,
         "delimiter": sep, "blank": f"^[\\s{sep}]*$", "decimal_comma": sep != ",",
         "device": device_id, "device_col": None if device_col is None else device_col + 1,
+        "date_col": None if date_col is None else date_col + 1,
         "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,
         "lon_col": cols["longitude"] + 1, "nul": nul})
 

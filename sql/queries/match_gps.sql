@@ -637,6 +637,7 @@ CREATE TEMP TABLE gps_ingest_csv (
     decimal_comma boolean,  -- "60,17" is 60.17 (the delimiter is not a comma)
     device        text,     -- the device of a file without a device column (--device)
     device_col    integer,
+    date_col      integer,  -- the date of a time column that holds a time of day
     time_col      integer,
     lat_col       integer,
     lon_col       integer,
@@ -660,7 +661,11 @@ CREATE TEMP TABLE gps_ingest_parsed (
 CREATE TEMP VIEW gps_ingest_fields AS
 SELECT line::bigint AS seq, file, line, NULL::text AS place,
        coalesce(f[device_col], device) AS device_id,
-       f[time_col] AS recorded,
+       -- a date column beside a time of day (08:00:00): one time, the date's slashes as
+       -- dashes (2024/01/06); a time column that holds more is taken as it is
+       CASE WHEN date_col IS NOT NULL AND f[time_col] ~ '^\s*[0-9]{1,2}:[0-9]{2}'
+            THEN replace(btrim(f[date_col]), '/', '-') || ' ' || btrim(f[time_col])
+            ELSE f[time_col] END AS recorded,
        CASE WHEN decimal_comma
             THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
             ELSE f[lat_col] END AS lat,
@@ -712,9 +717,10 @@ ORDER BY line LIMIT 1;
 -- semicolon or tab), with the columns counted from 1; where the delimiter is not a comma (a
 -- spreadsheet's export where the comma is the decimal mark), "60,17" is a latitude of 60.17.
 INSERT INTO gps_ingest_csv (file, skip, width, delimiter, blank, decimal_comma, device,
-                            device_col, time_col, lat_col, lon_col, had_nul)
+                            device_col, date_col, time_col, lat_col, lon_col, had_nul)
 VALUES (%(file)s, %(skip)s, %(width)s, %(delimiter)s, %(blank)s, %(decimal_comma)s,
-        %(device)s, %(device_col)s, %(time_col)s, %(lat_col)s, %(lon_col)s, %(nul)s);
+        %(device)s, %(device_col)s, %(date_col)s, %(time_col)s, %(lat_col)s, %(lon_col)s,
+        %(nul)s);
 
 -- name: ingest_next_file
 TRUNCATE gps_ingest_raw, gps_ingest_csv, gps_ingest_parsed RESTART IDENTITY

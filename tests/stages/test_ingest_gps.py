@@ -677,8 +677,6 @@ def test_gpx_points_of_one_line_are_told_apart_in_problems(
         f"{path}:2: <trkpt> has no <time>"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs ingest_csv_fields to join a date column and a "
-                   "time-of-day column (sql/queries/match_gps.sql, owned by the CSV rewrite)")
 def test_a_date_and_a_time_of_day_in_two_columns_are_one_time(
         tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
     # GPSBabel's unicsv, i-gotU and Qstarz loggers write the date and the time of day in two
@@ -693,6 +691,12 @@ def test_a_date_and_a_time_of_day_in_two_columns_are_one_time(
     assert stored(conn) == [
         ("logger", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.170001, 24.940001),
         ("logger", datetime(2024, 1, 6, 8, 0, 1, 500000, tzinfo=UTC), 60.170002, 24.940002)]
+    # A time column that holds a whole time is taken as it is, a date column beside it or not.
+    whole = tmp_path / "whole.csv"
+    whole.write_text("device,date,time,lat,lon\n"
+                     "van,2024-01-07,2024-01-06T09:00:00Z,60.1,24.9\n")
+    assert ingest(database_url, [whole], strict=True).status == "success"
+    assert stored(conn)[-1] == ("van", datetime(2024, 1, 6, 9, tzinfo=UTC), 60.1, 24.9)
 
 
 def test_a_gpx_with_blank_lines_before_its_xml_declaration(
