@@ -91,12 +91,15 @@ class Fault:
 
     @classmethod
     def status(
-        cls, code: int, *, retry_after: int | str | None = None, message: str | None = None
+        cls, code: int, *, retry_after: int | str | None = None, message: str | None = None,
+        body: bytes | None = None,
     ) -> Fault:
-        """Answer with this HTTP status and an OData error body (plus ``Retry-After``)."""
+        """Answer with this HTTP status and an OData error body (plus ``Retry-After``), or
+        with ``body`` as it is: the JSON of a gateway in front (Azure API Management's
+        ``{"statusCode": 401, "message": ...}``)."""
         if not 400 <= code <= 599:
             raise ValueError("status faults are 4xx/5xx codes")
-        return cls("status", code=code, retry_after=retry_after, message=message)
+        return cls("status", code=code, retry_after=retry_after, message=message, payload=body)
 
     @classmethod
     def truncated_json(cls, *, content_length: bool = True) -> Fault:
@@ -957,6 +960,9 @@ class ODataServer:
                 headers.append(("Retry-After", str(fault.retry_after)))
             if fault.code == 401:
                 headers.extend(self._challenges(bearer_presented=False))
+            if isinstance(fault.payload, bytes):
+                return _Response(fault.code, fault.payload, "application/json; charset=utf-8",
+                                 headers)
             message = fault.message or f"injected fault: HTTP {fault.code}"
             return self._error(fault.code, f"Injected{fault.code}", message, headers)
         if fault.kind == "html":

@@ -91,11 +91,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def error_line(status: int, body: bytes, content_type: str = "") -> str:
-    """An OData error body (V4 ``error.message``, V2 ``error.message.value``) as one line."""
+    """An OData error body (V4 ``error.message``, V2 ``error.message.value``) as one line;
+    another body as its start."""
     code = message = ""
     try:
         doc = json.loads(body)
-        err = doc.get("error") or doc.get("odata.error") or {}
+        err = doc.get("error") or doc.get("odata.error")
+        if not isinstance(err, dict):  # a gateway's own JSON (Azure APIM's): shown as sent
+            raise ValueError
         code = str(err.get("code") or "")
         msg = err.get("message")
         message = str(msg.get("value", "") if isinstance(msg, dict) else (msg or ""))

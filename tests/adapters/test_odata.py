@@ -301,6 +301,24 @@ def test_error_line_of_non_odata_bodies() -> None:
         "HTTP 401 Unauthorized"
 
 
+def test_a_gateways_own_json_error_is_shown(v4: ODataServer) -> None:
+    """A gateway in front of the service answers in JSON of its own, not OData's (Azure API
+    Management, ASP.NET Core's problem details, Kong): its message says what is wrong (a
+    subscription key, not the password), so it is shown as sent."""
+    apim = (b'{ "statusCode": 401, "message": "Access denied due to missing subscription key.'
+            b' Make sure to include subscription key when making requests to an API." }')
+    v4.add_fault(status(401, body=apim), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (
+        f"OData {endpoint(v4.url)} Stops page 1 (check [odata] username/password/token): HTTP "
+        '401 { "statusCode": 401, "message": "Access denied due to missing subscription key. '
+        'Make sure to include subscription key when making requests to an API." }')
+    assert error_line(400, b'{"title": "One or more validation errors occurred.", '
+                           b'"status": 400}') == \
+        'HTTP 400 {"title": "One or more validation errors occurred.", "status": 400}'
+
+
 @pytest.mark.parametrize("same_link", [False, True])
 def test_never_ending_next_link_is_capped(v4: ODataServer, same_link: bool) -> None:
     v4.add_fault(never_ending_next_link(same_link=same_link), entity_set="Stops")
