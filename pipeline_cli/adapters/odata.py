@@ -443,7 +443,7 @@ class ODataClient:
             body = self._read(resp, "token", error=True)  # an answer of a few hundred bytes
         code = resp.status_code
         if code in (408, 429) or code >= 500 and code not in (501, 505):
-            raise _Retryable(f"HTTP {code}", _retry_after(resp.headers.get("Retry-After")))
+            raise self._retryable(where, f"HTTP {code}", resp)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
@@ -476,6 +476,15 @@ class ODataClient:
         log.debug("fetched an access token from %s (expires in %s s)", endpoint(
             str(s.token_url)), lifetime)
         return token, lifetime
+
+    def _retryable(self, where: str, line: str, resp: requests.Response) -> _Retryable:
+        """A retry after the server's ``Retry-After``; SourceError when it asks for longer
+        than backoff_max (rather than sleep past the cron slot)."""
+        after = _retry_after(resp.headers.get("Retry-After"))
+        if after is not None and after > self.settings.backoff_max:
+            raise SourceError(f"{where}: {line}; the server asks to retry after {after:.0f} s, "
+                              f"longer than [odata] backoff_max ({self.settings.backoff_max:g} s)")
+        return _Retryable(line, after, resp.url)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -536,13 +545,7 @@ class ODataClient:
                     line = f"{self.via}: {line}"
                 if resp.status_code in (408, 429) or resp.status_code >= 500 and \
                         resp.status_code not in (501, 505):  # not implemented: no retry
-                    after = _retry_after(resp.headers.get("Retry-After"))
-                    if after is not None and after > self.settings.backoff_max:
-                        raise SourceError(
-                            f"OData {what}: {line}; the server asks to retry after "
-                            f"{after:.0f} s, longer than [odata] backoff_max "
-                            f"({self.settings.backoff_max:g} s)")
-                    raise _Retryable(line, after, resp.url)
+                    raise self._retryable(f"OData {what}", line, resp)
                 auth = _AUTH if bearer is None else _OAUTH_REFUSED
                 hint = {401: auth, 403: auth, 400: names, 404: names}.get(resp.status_code, "")
                 if resp.status_code in (400, 501):
