@@ -1038,6 +1038,24 @@ def test_client_paging_still_checks_the_count(
         None, "40"]
 
 
+def test_route_modes_as_enum_members_have_their_speeds(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """A mode that is an OData enum comes as its member's name: ASP.NET Core OData writes the
+    CLR name (CableCar), NeTEx's submodes are camelCase (urbanRailway), Business Central's
+    API v2.0 XML-encodes a blank (Light_x0020_Rail). Each is a known mode, not a note."""
+    modes = ["CableCar", "LightRail", "Light_x0020_Rail", "urbanRailway", "trolleyBus",
+             "SBahn", "Water_x0020_Taxi"]
+    data = network()
+    for route, mode in zip(data["Routes"][1:], modes, strict=False):
+        route["mode"] = mode
+    with ODataServer(data, page_size=15) as srv:
+        rec = sync(srv)
+    assert rec.status == "success", rec.error
+    assert rec.extra["unknown_modes"] == {}
+    stored = {r["id"]: r["mode"] for r in table(conn, "routes")}
+    assert [stored[str(i)] for i in range(2, 9)] == modes  # stored as sent
+
+
 def test_mapping_renames_sets_and_fields_and_filters(
         database_url: str, backups: BackupStore, conn: psycopg.Connection[Any]) -> None:
     data = sample_network(30)
