@@ -83,10 +83,10 @@ class _TokenRejected(Exception):
 
 
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date (urllib3 reads both)."""
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date (urllib3 reads both), else None."""
     try:
         return float(Retry().parse_retry_after(value)) if value else None
-    except InvalidHeader:
+    except (InvalidHeader, ValueError, OverflowError):
         return None
 
 

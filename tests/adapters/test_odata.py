@@ -136,6 +136,15 @@ def test_429_with_retry_after_is_honoured(v4: ODataServer) -> None:
     assert slept == [1.0]
 
 
+def test_a_retry_after_that_is_no_date_takes_the_usual_backoff(v4: ODataServer) -> None:
+    slept: list[float] = []
+    for value in ("Fri, 31 Dec 99999 23:59:59 GMT", "soon", "1.5"):
+        v4.add_fault(status(503, retry_after=value), entity_set="Stops")
+    with client(v4, sleep=slept.append) as c:
+        assert len(fetch(c)) == 40
+    assert len(slept) == 3 and max(slept) < 1
+
+
 def test_retry_after_longer_than_backoff_max_fails_at_once(v4: ODataServer) -> None:
     v4.add_fault(status(503, retry_after=3600), entity_set="Stops")
     with client(v4) as c, pytest.raises(SourceError, match="retry after 3600 s, longer than "
