@@ -336,9 +336,12 @@ class ODataClient:
                 continue
             if link is None:
                 return
-            resolved = urljoin(_link_base(next_url, doc), link)
-            if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
-                resolved = self._on_service_origin(resolved, entity_set, what)
+            try:  # a port past 65535 or a broken IPv6 host is a ValueError of urllib
+                resolved = urljoin(_link_base(next_url, doc), link)
+                if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
+                    resolved = self._on_service_origin(resolved, entity_set, what)
+            except ValueError:
+                raise SourceError(f"OData {what}: malformed nextLink {link!r}") from None
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
                                   "(a paging loop)")

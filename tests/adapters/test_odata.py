@@ -102,6 +102,22 @@ def test_a_null_next_link_ends_the_set(key: str) -> None:
         [{"ID": 1}], None, None)
 
 
+@pytest.mark.parametrize(("link", "context"), [
+    ("http://erp:99999/odata/Stops?$skiptoken=5", None),
+    ("http://[::1/odata/Stops?$skiptoken=5", None),
+    ("Stops?$skiptoken=5", "http://[gw/odata/$metadata#Stops"),
+], ids=["port", "ipv6", "context"])
+def test_a_malformed_next_link_is_named(v4: ODataServer, link: str, context: str | None
+                                        ) -> None:
+    page: dict[str, Any] = {"value": DATA["Stops"][:5], "@odata.nextLink": link}
+    if context:
+        page["@odata.context"] = context
+    v4.add_fault(wrong_shape(page), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == f"OData Stops page 1: malformed nextLink {link!r}"
+
+
 def test_empty_last_page_is_normal() -> None:
     with ODataServer(DATA, page_size=10, empty_last_page=True) as srv, client(srv) as c:
         pages = list(c.pages("Stops", orderby="ID"))
