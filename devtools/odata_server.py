@@ -153,10 +153,14 @@ class Fault:
         return cls("atom")
 
     @classmethod
-    def mislabelled(cls, content_type: str = "text/xml", encoding: str = "utf-8") -> Fault:
+    def mislabelled(cls, content_type: str = "text/xml", encoding: str = "utf-8",
+                    content_encoding: str | None = None) -> Fault:
         """The real answer under another ``Content-Type`` (services that label their JSON
-        ``text/xml`` or ``text/plain`` exist), its body encoded in ``encoding``."""
-        return cls("mislabelled", content_type=content_type, message=encoding)
+        ``text/xml`` or ``text/plain`` exist), its body encoded in ``encoding``; with
+        ``content_encoding``, under that ``Content-Encoding`` too, the body left as it is (a
+        proxy that decompressed it and kept the header)."""
+        return cls("mislabelled", content_type=content_type, message=encoding,
+                   payload=content_encoding)
 
     @classmethod
     def no_content(cls, code: int = 204) -> Fault:
@@ -878,6 +882,8 @@ class ODataServer:
                 if fault is not None and fault.kind == "mislabelled":
                     response.content_type = fault.content_type
                     response.body = response.body.decode().encode(fault.message or "utf-8")
+                    if fault.payload:
+                        response.headers.append(("Content-Encoding", fault.payload))
         except _ODataError as err:
             response = self._error(err.http_status, err.code, err.message, err.headers)
         except Exception:  # a bug in this fixture: answer 500 and keep it for the test to see

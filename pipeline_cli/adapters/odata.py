@@ -611,9 +611,12 @@ class ODataClient:
                     raise SourceError(f"OData {what}: response larger than [odata] "
                                       f"max_response_bytes ({limit})", too_large=True)
                 chunks.append(chunk)
+        except requests.exceptions.ContentDecodingError:  # not cut short: no retry reads it
+            raise SourceError(f"OData {what}: the body is not encoded as its header Content-"
+                              f"Encoding: {resp.headers.get('Content-Encoding')} says (a proxy "
+                              "that decoded it?)") from None
         except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError) as exc:
+                requests.exceptions.ChunkedEncodingError) as exc:
             raise _Retryable(f"response cut short: {_transport_text(exc)}") from None
         return b"".join(chunks)
 

@@ -454,6 +454,17 @@ def test_a_page_not_in_utf8_fails_at_once(v4: ODataServer) -> None:
     assert v4.request_count("Stops") == 1
 
 
+def test_a_body_not_in_its_content_encoding_fails_at_once(v4: ODataServer) -> None:
+    """A gateway that decompresses the service's answer and keeps its Content-Encoding: gzip
+    header: no retry would read it, and it is no body cut short."""
+    v4.add_fault(mislabelled("application/json", content_encoding="gzip"), times=None)
+    with client(v4, version="v4") as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: the body is not encoded as its header "
+                              "Content-Encoding: gzip says (a proxy that decoded it?)")
+    assert v4.request_count("Stops") == 1
+
+
 def test_read_timeout_is_retried(v4: ODataServer) -> None:
     v4.add_fault(delay(2), entity_set="Stops")
     with client(v4, read_timeout=0.5) as c:
