@@ -91,12 +91,15 @@ class Fault:
 
     @classmethod
     def status(
-        cls, code: int, *, retry_after: int | str | None = None, message: str | None = None
+        cls, code: int, *, retry_after: int | str | None = None, message: str | None = None,
+        body: bytes | None = None,
     ) -> Fault:
-        """Answer with this HTTP status and an OData error body (plus ``Retry-After``)."""
+        """Answer with this HTTP status and an OData error body (plus ``Retry-After``), or
+        with ``body`` as it is: the JSON of a gateway in front (Azure API Management's
+        ``{"statusCode": 401, "message": ...}``)."""
         if not 400 <= code <= 599:
             raise ValueError("status faults are 4xx/5xx codes")
-        return cls("status", code=code, retry_after=retry_after, message=message)
+        return cls("status", code=code, retry_after=retry_after, message=message, payload=body)
 
     @classmethod
     def truncated_json(cls, *, content_length: bool = True) -> Fault:
@@ -150,10 +153,14 @@ class Fault:
         return cls("atom")
 
     @classmethod
-    def mislabelled(cls, content_type: str = "text/xml", encoding: str = "utf-8") -> Fault:
+    def mislabelled(cls, content_type: str = "text/xml", encoding: str = "utf-8",
+                    content_encoding: str | None = None) -> Fault:
         """The real answer under another ``Content-Type`` (services that label their JSON
-        ``text/xml`` or ``text/plain`` exist), its body encoded in ``encoding``."""
-        return cls("mislabelled", content_type=content_type, message=encoding)
+        ``text/xml`` or ``text/plain`` exist), its body encoded in ``encoding``; with
+        ``content_encoding``, under that ``Content-Encoding`` too, the body left as it is (a
+        proxy that decompressed it and kept the header)."""
+        return cls("mislabelled", content_type=content_type, message=encoding,
+                   payload=content_encoding)
 
     @classmethod
     def no_content(cls, code: int = 204) -> Fault:
@@ -875,6 +882,8 @@ class ODataServer:
                 if fault is not None and fault.kind == "mislabelled":
                     response.content_type = fault.content_type
                     response.body = response.body.decode().encode(fault.message or "utf-8")
+                    if fault.payload:
+                        response.headers.append(("Content-Encoding", fault.payload))
         except _ODataError as err:
             response = self._error(err.http_status, err.code, err.message, err.headers)
         except Exception:  # a bug in this fixture: answer 500 and keep it for the test to see
@@ -957,6 +966,9 @@ class ODataServer:
                 headers.append(("Retry-After", str(fault.retry_after)))
             if fault.code == 401:
                 headers.extend(self._challenges(bearer_presented=False))
+            if isinstance(fault.payload, bytes):
+                return _Response(fault.code, fault.payload, "application/json; charset=utf-8",
+                                 headers)
             message = fault.message or f"injected fault: HTTP {fault.code}"
             return self._error(fault.code, f"Injected{fault.code}", message, headers)
         if fault.kind == "html":

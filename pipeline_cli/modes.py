@@ -33,7 +33,7 @@ ALIASES: dict[str, str] = {
     "metro": "subway", "underground": "subway", "u_bahn": "subway", "urban_railway": "subway",
     "train": "rail", "railway": "rail", "railroad": "rail", "commuter_rail": "rail",
     "suburban_railway": "rail", "regional_rail": "rail", "s_bahn": "rail",
-    "coach": "bus", "trolleybus": "bus", "minibus": "bus", "brt": "bus",
+    "coach": "bus", "trolleybus": "bus", "trolley_bus": "bus", "minibus": "bus", "brt": "bus",
     "bus_rapid_transit": "bus",
     "boat": "ferry", "ship": "ferry", "water": "ferry", "water_transport": "ferry",
     "water_taxi": "ferry",
@@ -44,8 +44,12 @@ ALIASES: dict[str, str] = {
 
 
 def normalise(mode: str | None) -> str:
-    """``' Light-Rail '`` -> ``'light_rail'``; None -> ``''``."""
-    return re.sub(r"[-\s]+", "_", (mode or "").strip().lower())
+    """``' Light-Rail '`` -> ``'light_rail'``; None -> ``''``. An OData enum member's name
+    too: ``LightRail`` (ASP.NET Core's CLR names, NeTEx's camelCase) and ``Light_x0020_Rail``
+    (XML-encoded, as Business Central's API v2.0 writes a blank)."""
+    name = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), mode or "")
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name.strip())
+    return re.sub(r"[-\s]+", "_", name.lower())
 
 
 def canonical(mode: str | None) -> str:

@@ -83,19 +83,22 @@ class _TokenRejected(Exception):
 
 
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date (urllib3 reads both)."""
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date (urllib3 reads both), else None."""
     try:
         return float(Retry().parse_retry_after(value)) if value else None
-    except InvalidHeader:
+    except (InvalidHeader, ValueError, OverflowError):
         return None
 
 
 def error_line(status: int, body: bytes, content_type: str = "") -> str:
-    """An OData error body (V4 ``error.message``, V2 ``error.message.value``) as one line."""
+    """An OData error body (V4 ``error.message``, V2 ``error.message.value``) as one line;
+    another body as its start."""
     code = message = ""
     try:
         doc = json.loads(body)
-        err = doc.get("error") or doc.get("odata.error") or {}
+        err = doc.get("error") or doc.get("odata.error")
+        if not isinstance(err, dict):  # a gateway's own JSON (Azure APIM's): shown as sent
+            raise ValueError
         code = str(err.get("code") or "")
         msg = err.get("message")
         message = str(msg.get("value", "") if isinstance(msg, dict) else (msg or ""))
@@ -333,9 +336,12 @@ class ODataClient:
                 continue
             if link is None:
                 return
-            resolved = urljoin(_link_base(next_url, doc), link)
-            if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
-                resolved = self._on_service_origin(resolved, entity_set, what)
+            try:  # a port past 65535 or a broken IPv6 host is a ValueError of urllib
+                resolved = urljoin(_link_base(next_url, doc), link)
+                if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
+                    resolved = self._on_service_origin(resolved, entity_set, what)
+            except ValueError:
+                raise SourceError(f"OData {what}: malformed nextLink {link!r}") from None
             if resolved in seen:
                 raise SourceError(f"OData {what}: nextLink repeats an earlier page "
                                   "(a paging loop)")
@@ -440,7 +446,7 @@ class ODataClient:
             body = self._read(resp, "token", error=True)  # an answer of a few hundred bytes
         code = resp.status_code
         if code in (408, 429) or code >= 500 and code not in (501, 505):
-            raise _Retryable(f"HTTP {code}", _retry_after(resp.headers.get("Retry-After")))
+            raise self._retryable(where, f"HTTP {code}", resp)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
@@ -473,6 +479,15 @@ class ODataClient:
         log.debug("fetched an access token from %s (expires in %s s)", endpoint(
             str(s.token_url)), lifetime)
         return token, lifetime
+
+    def _retryable(self, where: str, line: str, resp: requests.Response) -> _Retryable:
+        """A retry after the server's ``Retry-After``; SourceError when it asks for longer
+        than backoff_max (rather than sleep past the cron slot)."""
+        after = _retry_after(resp.headers.get("Retry-After"))
+        if after is not None and after > self.settings.backoff_max:
+            raise SourceError(f"{where}: {line}; the server asks to retry after {after:.0f} s, "
+                              f"longer than [odata] backoff_max ({self.settings.backoff_max:g} s)")
+        return _Retryable(line, after, resp.url)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -533,13 +548,7 @@ class ODataClient:
                     line = f"{self.via}: {line}"
                 if resp.status_code in (408, 429) or resp.status_code >= 500 and \
                         resp.status_code not in (501, 505):  # not implemented: no retry
-                    after = _retry_after(resp.headers.get("Retry-After"))
-                    if after is not None and after > self.settings.backoff_max:
-                        raise SourceError(
-                            f"OData {what}: {line}; the server asks to retry after "
-                            f"{after:.0f} s, longer than [odata] backoff_max "
-                            f"({self.settings.backoff_max:g} s)")
-                    raise _Retryable(line, after, resp.url)
+                    raise self._retryable(f"OData {what}", line, resp)
                 auth = _AUTH if bearer is None else _OAUTH_REFUSED
                 hint = {401: auth, 403: auth, 400: names, 404: names}.get(resp.status_code, "")
                 if resp.status_code in (400, 501):
@@ -602,9 +611,12 @@ class ODataClient:
                     raise SourceError(f"OData {what}: response larger than [odata] "
                                       f"max_response_bytes ({limit})", too_large=True)
                 chunks.append(chunk)
+        except requests.exceptions.ContentDecodingError:  # not cut short: no retry reads it
+            raise SourceError(f"OData {what}: the body is not encoded as its header Content-"
+                              f"Encoding: {resp.headers.get('Content-Encoding')} says (a proxy "
+                              "that decoded it?)") from None
         except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError) as exc:
+                requests.exceptions.ChunkedEncodingError) as exc:
             raise _Retryable(f"response cut short: {_transport_text(exc)}") from None
         return b"".join(chunks)
 

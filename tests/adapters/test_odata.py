@@ -102,6 +102,22 @@ def test_a_null_next_link_ends_the_set(key: str) -> None:
         [{"ID": 1}], None, None)
 
 
+@pytest.mark.parametrize(("link", "context"), [
+    ("http://erp:99999/odata/Stops?$skiptoken=5", None),
+    ("http://[::1/odata/Stops?$skiptoken=5", None),
+    ("Stops?$skiptoken=5", "http://[gw/odata/$metadata#Stops"),
+], ids=["port", "ipv6", "context"])
+def test_a_malformed_next_link_is_named(v4: ODataServer, link: str, context: str | None
+                                        ) -> None:
+    page: dict[str, Any] = {"value": DATA["Stops"][:5], "@odata.nextLink": link}
+    if context:
+        page["@odata.context"] = context
+    v4.add_fault(wrong_shape(page), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == f"OData Stops page 1: malformed nextLink {link!r}"
+
+
 def test_empty_last_page_is_normal() -> None:
     with ODataServer(DATA, page_size=10, empty_last_page=True) as srv, client(srv) as c:
         pages = list(c.pages("Stops", orderby="ID"))
@@ -134,6 +150,15 @@ def test_429_with_retry_after_is_honoured(v4: ODataServer) -> None:
     with client(v4, sleep=slept.append) as c:
         assert len(fetch(c)) == 40
     assert slept == [1.0]
+
+
+def test_a_retry_after_that_is_no_date_takes_the_usual_backoff(v4: ODataServer) -> None:
+    slept: list[float] = []
+    for value in ("Fri, 31 Dec 99999 23:59:59 GMT", "soon", "1.5"):
+        v4.add_fault(status(503, retry_after=value), entity_set="Stops")
+    with client(v4, sleep=slept.append) as c:
+        assert len(fetch(c)) == 40
+    assert len(slept) == 3 and max(slept) < 1
 
 
 def test_retry_after_longer_than_backoff_max_fails_at_once(v4: ODataServer) -> None:
@@ -301,6 +326,24 @@ def test_error_line_of_non_odata_bodies() -> None:
         "HTTP 401 Unauthorized"
 
 
+def test_a_gateways_own_json_error_is_shown(v4: ODataServer) -> None:
+    """A gateway in front of the service answers in JSON of its own, not OData's (Azure API
+    Management, ASP.NET Core's problem details, Kong): its message says what is wrong (a
+    subscription key, not the password), so it is shown as sent."""
+    apim = (b'{ "statusCode": 401, "message": "Access denied due to missing subscription key.'
+            b' Make sure to include subscription key when making requests to an API." }')
+    v4.add_fault(status(401, body=apim), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == (
+        f"OData {endpoint(v4.url)} Stops page 1 (check [odata] username/password/token): HTTP "
+        '401 { "statusCode": 401, "message": "Access denied due to missing subscription key. '
+        'Make sure to include subscription key when making requests to an API." }')
+    assert error_line(400, b'{"title": "One or more validation errors occurred.", '
+                           b'"status": 400}') == \
+        'HTTP 400 {"title": "One or more validation errors occurred.", "status": 400}'
+
+
 @pytest.mark.parametrize("same_link", [False, True])
 def test_never_ending_next_link_is_capped(v4: ODataServer, same_link: bool) -> None:
     v4.add_fault(never_ending_next_link(same_link=same_link), entity_set="Stops")
@@ -408,6 +451,17 @@ def test_a_page_not_in_utf8_fails_at_once(v4: ODataServer) -> None:
         fetch(c)
     assert str(err.value) == ("OData Stops page 1: a page is not UTF-8 (Content-Type: "
                               "application/json; charset=iso-8859-1)")
+    assert v4.request_count("Stops") == 1
+
+
+def test_a_body_not_in_its_content_encoding_fails_at_once(v4: ODataServer) -> None:
+    """A gateway that decompresses the service's answer and keeps its Content-Encoding: gzip
+    header: no retry would read it, and it is no body cut short."""
+    v4.add_fault(mislabelled("application/json", content_encoding="gzip"), times=None)
+    with client(v4, version="v4") as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: the body is not encoded as its header "
+                              "Content-Encoding: gzip says (a proxy that decoded it?)")
     assert v4.request_count("Stops") == 1
 
 

@@ -30,12 +30,12 @@ def server() -> Iterator[ODataServer]:
         yield srv
 
 
-def client(srv: ODataServer, **kw: Any) -> ODataClient:
+def client(srv: ODataServer, sleep: Any = time.sleep, **kw: Any) -> ODataClient:
     opts: dict[str, Any] = {"url": srv.url, "token_url": srv.token_url,
                             "client_id": "sb-app!b12|xsuaa!b4", "client_secret": SECRET,
                             "connect_timeout": 2, "read_timeout": 5, "backoff_base": 0.01,
                             "backoff_max": 1.0}
-    return ODataClient(ODataSettings(**{**opts, **kw}))
+    return ODataClient(ODataSettings(**{**opts, **kw}), sleep=sleep)
 
 
 def fetch(c: ODataClient) -> list[dict[str, Any]]:
@@ -125,6 +125,19 @@ def test_server_errors_of_the_token_endpoint_are_retried(server: ODataServer) ->
         c.probe("Stops")
     assert str(err.value) == (f"OData token endpoint http://127.0.0.1:{server.port}: "
                               "HTTP 503 after 2 attempts")
+
+
+def test_a_token_endpoint_asking_for_a_long_wait_fails_at_once(server: ODataServer) -> None:
+    """Entra ID throttles with 429 and Retry-After: a wait past [odata] backoff_max fails the
+    run at once, as for the service, instead of sleeping past the cron slot."""
+    slept: list[float] = []
+    server.add_fault(status(429, retry_after=3600), match="/token", times=None)
+    with client(server, sleep=slept.append) as c, pytest.raises(SourceError) as err:
+        c.probe("Stops")
+    assert str(err.value) == (f"OData token endpoint http://127.0.0.1:{server.port}: HTTP 429; "
+                              "the server asks to retry after 3600 s, longer than [odata] "
+                              "backoff_max (1 s)")
+    assert slept == [] and len(server.token_requests()) == 1
 
 
 def test_an_answer_without_access_token_is_named(server: ODataServer) -> None:

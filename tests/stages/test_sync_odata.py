@@ -446,9 +446,10 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     times = {"8:05": "08:05:00", "23:59:59.000": "23:59:59", "PT08H30M00S": "08:30:00",
              "/Date(30600000)/": "08:30:00", "/Date(1700000000000+0000)/": "22:13:20",
              "2024-05-01T06:15:00Z": "06:15:00",
-             # A V2 offset is in minutes (datajs, Olingo): +0120 is two hours east of UTC.
-             "/Date(30600000+0120)/": "10:30:00", "/Date(30600000-0330)/": "03:00:00",
-             "/Date(30600000+60)/": "09:30:00", "/Date(1700000000000+0060)/": "23:13:20",
+             # A V2 offset is in minutes, and the milliseconds are of the local clock
+             # (WCF Data Services writes them so, datajs and Olingo read them so, sql/033).
+             "/Date(30600000+0120)/": "08:30:00", "/Date(30600000-0330)/": "08:30:00",
+             "/Date(30600000+60)/": "08:30:00", "/Date(1700000000000+0060)/": "22:13:20",
              "P0DT8H0M0S": "08:00:00", "P00DT08H30M00S": "08:30:00",  # Edm.Duration, 0 days
              # .NET services (Business Central, Dataverse): 7 fractional digits, and
              # XmlConvert's shortest duration
@@ -524,6 +525,21 @@ def test_other_spellings_of_days_and_times_load_through_a_real_sync(
         *DAY_SPELLINGS.values(), "135"]
     first = next(r for r in table(conn, "flights") if r["id"] == "1")
     assert (str(first["departure"]), str(first["arrival"])) == ("08:30:00", "21:45:00")
+
+
+def test_a_v2_date_time_offset_is_read_as_its_local_time(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """WCF Data Services (ODataLib 5.x) writes an Edm.DateTimeOffset as /Date(ticks+offset)/
+    with the ticks of the local clock and the offset in minutes; datajs, SAPUI5 and Olingo V2
+    read it so (UTC is ticks - offset). A flight leaving Helsinki at 08:30 (+03:00) on
+    1 June 2024 is /Date(1717230600000+0180)/: it leaves at 08:30, not at 11:30."""
+    with ODataServer(network(), version="v2", page_size=15) as v2:
+        v2.update_row("Flights", 1, departure="/Date(1717230600000+0180)/",
+                      arrival="/Date(1717236000000-0210)/")  # -03:30
+        rec = sync(v2)
+    assert rec.status == "success", rec.error
+    first = next(r for r in table(conn, "flights") if r["id"] == "1")
+    assert (str(first["departure"]), str(first["arrival"])) == ("08:30:00", "10:00:00")
 
 
 def test_refused_days_are_named_with_the_forms_that_are_read(
@@ -1036,6 +1052,24 @@ def test_client_paging_still_checks_the_count(
                                 f"but its pages held {len(stops)}")
     assert [r.query.get("$skip") for r in server.requests if r.entity_set == "Stops"] == [
         None, "40"]
+
+
+def test_route_modes_as_enum_members_have_their_speeds(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """A mode that is an OData enum comes as its member's name: ASP.NET Core OData writes the
+    CLR name (CableCar), NeTEx's submodes are camelCase (urbanRailway), Business Central's
+    API v2.0 XML-encodes a blank (Light_x0020_Rail). Each is a known mode, not a note."""
+    modes = ["CableCar", "LightRail", "Light_x0020_Rail", "urbanRailway", "trolleyBus",
+             "SBahn", "Water_x0020_Taxi"]
+    data = network()
+    for route, mode in zip(data["Routes"][1:], modes, strict=False):
+        route["mode"] = mode
+    with ODataServer(data, page_size=15) as srv:
+        rec = sync(srv)
+    assert rec.status == "success", rec.error
+    assert rec.extra["unknown_modes"] == {}
+    stored = {r["id"]: r["mode"] for r in table(conn, "routes")}
+    assert [stored[str(i)] for i in range(2, 9)] == modes  # stored as sent
 
 
 def test_mapping_renames_sets_and_fields_and_filters(
