@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, SourceError
-from ..read_model import COLUMNS, OPTIONAL_COLUMNS
+from ..read_model import COLUMNS, KINDS, OPTIONAL_COLUMNS
 
 # ------------------------------------------------------------------------------ mapping
 
@@ -127,6 +127,13 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             if not name and column not in OPTIONAL_COLUMNS:
                 raise bad(f".{entity}.fields", f"{column} is required and cannot be \"\"")
             fields[column] = name
+        read: dict[str, str] = {}  # a name may be the key or a city too, not a second position
+        for column, name in fields.items():
+            if name and column != "id" and KINDS[entity][column][0] != "text":
+                if name in read:
+                    raise bad(f".{entity}.fields", f"{read[name]} and {column} both read "
+                              f"{name!r}; each needs its own field")
+                read[name] = column
         out[entity] = EntityMapping(entity, entity_set, fields, filter_)
     return out
 

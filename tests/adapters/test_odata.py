@@ -791,6 +791,23 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
             resolve_mapping(raw)
 
 
+def test_two_columns_reading_one_field_are_refused_unless_one_is_text_or_the_key() -> None:
+    # A typo that maps longitude to the latitude's field, or a route's ends to one field,
+    # stored every stop on the diagonal or every route as a loop, in silence.
+    cases = {("stops", "longitude", "latitude"): "latitude and longitude both read 'latitude'",
+             ("routes", "from_stop_id", "toStop_ID"):
+                 "from_stop_id and to_stop_id both read 'toStop_ID'",
+             ("flights", "arrival", "departure"): "departure and arrival both read 'departure'"}
+    for (entity, column, name), why in cases.items():
+        with pytest.raises(ConfigError, match=rf"\[odata.mapping.{entity}.fields\]: {why}"):
+            resolve_mapping({entity: {"fields": {column: name}}})
+    # a name that is also the key or the city, a schedule keyed by its route: as mapped
+    m = resolve_mapping({"stops": {"fields": {"name": "ID", "city": "ID"}},
+                         "flights": {"fields": {"id": "route_ID"}}})
+    assert m["stops"].sources == ["ID", "isAirport", "latitude", "longitude"]
+    assert m["flights"].fields["id"] == m["flights"].fields["route_id"] == "route_ID"
+
+
 def test_a_set_given_with_its_path_points_at_the_url() -> None:
     # Business Central's OData web services address a set below its company:
     # .../ODataV4/Company('CRONUS USA, Inc.')/Customers. The path belongs in [odata] url.
