@@ -188,6 +188,7 @@ class ODataClient:
                 username.encode(), (s.password or unquote(parts.password or "")).encode())
         self._detected: str | None = None if s.version == "auto" else s.version
         self._v3 = False
+        self._service_doc: Any = None
 
     def close(self) -> None:
         self.session.close()
@@ -204,7 +205,8 @@ class ODataClient:
     def protocol(self) -> str:
         """``v4`` or ``v2``: forced by settings, else detected from the service document."""
         if self._detected is None:
-            doc = self._get(self.service_url, "the service document", names=_URL)[1]
+            doc = self._service_doc = self._get(self.service_url, "the service document",
+                                                names=_URL)[1]
             self._detected = self._shape_version(doc, "the service document")
             # OData V3 JSON light (WCF Data Services 5.x) pages like V4, but counts with
             # $inlinecount: it refused $count=true with HTTP 400.
@@ -272,7 +274,10 @@ class ODataClient:
         each of ``fields`` (names or paths; default ``select``)."""
         url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter,
                                   top=1)
-        doc = self._get(url, f"{entity_set} $top=1")[1]
+        try:
+            doc = self._get(url, f"{entity_set} $top=1")[1]
+        except SourceError as exc:
+            raise self._unlisted(exc, entity_set) from None
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
@@ -319,7 +324,7 @@ class ODataClient:
                 if number == 1 and not client and exc.details.get("too_large"):
                     raise SourceError(f"{exc}; a service that sends the whole set at once "
                                       "needs [odata] paging = \"client\"") from None
-                raise
+                raise self._unlisted(exc, entity_set) if number == 1 else exc from None
             page_version = self._shape_version(doc, what)
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
@@ -347,6 +352,27 @@ class ODataClient:
                                   "(a paging loop)")
             seen.add(resolved)
             next_url = resolved
+
+    def _unlisted(self, exc: SourceError, entity_set: str) -> SourceError:
+        """A 400/404 for a set the service document does not list (a typo in [odata.mapping]
+        set): with the sets it lists, and the one closest."""
+        if exc.details.get("status") not in (400, 404):
+            return exc
+        with contextlib.suppress(SourceError):  # a version forced: the document not read yet
+            self._service_doc = self._service_doc or self._get(
+                self.service_url, "the service document", names=_URL)[1]
+        doc = self._service_doc if isinstance(self._service_doc, dict) else {}
+        d = doc.get("d")  # V2: {"d": {"EntitySets": [...]}}; V4: {"value": [{"name": ...}]}
+        names = d.get("EntitySets") if isinstance(d, dict) else [
+            e.get("name") for e in doc.get("value") or () if isinstance(e, dict)
+            and e.get("kind", "EntitySet") == "EntitySet"]
+        names = sorted(n for n in names or () if isinstance(n, str))
+        if not names or entity_set in names:
+            return exc
+        close = close_name(entity_set, names)
+        return SourceError(f"{exc}; the service document lists no set {entity_set!r} (" + (
+            f"did you mean {close!r}? " if close else "") + f"it lists {', '.join(names[:12])}"
+            + (", ..." if len(names) > 12 else "") + ")", **exc.details)
 
     def _on_service_origin(self, link: str, entity_set: str, what: str) -> str:
         """A nextLink naming another host (an internal host name behind a reverse proxy,
@@ -554,7 +580,8 @@ class ODataClient:
                 if resp.status_code in (400, 501):
                     hint = _refused_option(hint, line, url,
                                            client_paging=self.settings.paging == "client")
-                raise service_error(SourceError, "OData", resp.url, what + hint, line)
+                raise service_error(SourceError, "OData", resp.url, what + hint, line,
+                                    status=resp.status_code)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
                                  resp.headers.get("Content-Length") == "0"):

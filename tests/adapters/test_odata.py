@@ -315,7 +315,31 @@ def test_v2_error_body_is_one_line() -> None:
         fetch(c, "NoSuchSet")
     assert str(err.value) == (f"OData {endpoint(srv.url)} NoSuchSet page 1 (check the names in "
                               "[odata.mapping]): HTTP 404 NotFound: Resource not found for the "
-                              "segment 'NoSuchSet'")
+                              "segment 'NoSuchSet'; the service document lists no set "
+                              "'NoSuchSet' (it lists Flights, Routes, Stops)")
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+@pytest.mark.parametrize("setting", ["auto", "forced"])
+def test_a_set_the_service_does_not_list_is_named_with_the_sets_it_does(
+        version: str, setting: str) -> None:
+    # A typo in [odata.mapping.stops] set: the server's 404 names the segment only; the
+    # service document says which sets there are (read for it when the version is forced).
+    with ODataServer(DATA, version=version) as srv, \
+            client(srv, version=version if setting == "forced" else "auto") as c:
+        for name, suggestion in (("stops", "did you mean 'Stops'? "), ("Stop", "did you mean "
+                                 "'Stops'? "), ("Container.Flights", "")):
+            with pytest.raises(SourceError) as err:
+                fetch(c, name)
+            assert str(err.value).endswith(f"; the service document lists no set {name!r} "
+                                           f"({suggestion}it lists Flights, Routes, Stops)")
+            with pytest.raises(SourceError) as err:
+                c.probe(name, orderby="ID")
+            assert f"lists no set {name!r} ({suggestion}it lists" in str(err.value)
+        srv.add_fault(status(404, message="Not Found"), entity_set="Stops")  # a listed set
+        with pytest.raises(SourceError) as err:
+            fetch(c)
+        assert "lists no set" not in str(err.value)
 
 
 def test_error_line_of_non_odata_bodies() -> None:
