@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -863,6 +863,11 @@ def _validate(s: Settings) -> None:
         _host_port(value, section, key, bad)
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
+    if option := next((k for k, _ in parse_qsl(urlsplit(s.odata.url or "").query)
+                       if k.startswith("$") and k != "$format"), None):  # SAP's sap-client: yes
+        raise bad("odata", "url", f"its query holds the system query option {option!r}, which "
+                  "would go with every request; a filter goes in [odata.mapping.<table>] "
+                  "filter, and paging is the sync's")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):
         raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
     if s.odata.token and not (s.odata.token.isascii() and s.odata.token.isprintable()):
