@@ -358,6 +358,9 @@ class ODataClient:
         set): with the sets it lists, and the one closest."""
         if exc.details.get("status") not in (400, 404):
             return exc
+        if urlsplit(self.service_url).path.endswith(f"/{entity_set}/"):
+            return SourceError(f"{exc}; [odata] url ends with the set {entity_set!r}: give the "
+                               "service root, without the set", **exc.details)
         with contextlib.suppress(SourceError):  # a version forced: the document not read yet
             self._service_doc = self._service_doc or self._get(
                 self.service_url, "the service document", names=_URL)[1]
@@ -365,7 +368,7 @@ class ODataClient:
         d = doc.get("d")  # V2: {"d": {"EntitySets": [...]}}; V4: {"value": [{"name": ...}]}
         names = d.get("EntitySets") if isinstance(d, dict) else [
             e.get("name") for e in doc.get("value") or () if isinstance(e, dict)
-            and e.get("kind", "EntitySet") == "EntitySet"]
+            and "url" in e and e.get("kind", "EntitySet") == "EntitySet"]  # not an entity
         names = sorted(n for n in names or () if isinstance(n, str))
         if not names or entity_set in names:
             return exc

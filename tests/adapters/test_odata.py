@@ -342,6 +342,19 @@ def test_a_set_the_service_does_not_list_is_named_with_the_sets_it_does(
         assert "lists no set" not in str(err.value)
 
 
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_url_that_ends_with_the_set_is_named_as_such(version: str) -> None:
+    # [odata] url = .../odata/Stops: its "service document" is the set; the entities' names
+    # were listed as the sets the service has.
+    with ODataServer(DATA, version=version) as srv, \
+            ODataClient(ODataSettings(url=srv.url + "Stops", retries=1)) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).endswith(
+        "HTTP 404 NotFound: No resource for the segment 'Stops'; [odata] url ends with the set "
+        "'Stops': give the service root, without the set")
+
+
 def test_error_line_of_non_odata_bodies() -> None:
     assert error_line(502, b"<html><body>Bad gateway</body></html>", "text/html") == "HTTP 502"
     assert error_line(500, b"  upstream\n failed ") == "HTTP 500 upstream failed"
