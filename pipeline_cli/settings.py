@@ -116,6 +116,8 @@ class ODataSettings:
     )
     orderby: bool = setting(True, "ask for $orderby=<key field>, a stable paging order; false "
                             "for a service that refuses $orderby")
+    select: bool = setting(True, "ask for $select=<mapped fields>; false for a service that "
+                           "refuses $select (the whole entities are read)")
     proxy: str | None = setting(
         None, "HTTP proxy URL for the OData server, over HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/"
         "NO_PROXY of the environment (used when unset); \"\" = no proxy", empty=True

@@ -248,7 +248,7 @@ class ODataClient:
         options: list[tuple[str, str]] = []
         if filter:
             options.append(("$filter", filter))
-        if select:
+        if select and self.settings.select:
             options.append(("$select", ",".join(select)))
         if orderby and self.settings.orderby:
             options.append(("$orderby", orderby))
@@ -665,8 +665,8 @@ def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> s
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
     supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby,
-    V2's $format (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not
-    paging, and client paging needs $orderby)."""
+    V2's $format, $select (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's
+    $top=1 is not paging, and client paging needs $orderby)."""
     options = [(r"(?<![a-z])(?:inline)?count", "count=", "count = false if it refuses a count")]
     if client_paging:
         options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
@@ -674,6 +674,8 @@ def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> s
     else:
         options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
     options.append((r"\$format", "$format=", 'version = "auto" leaves $format out'))
+    options.append((r"select'? (is )?not (allowed|supported)", "$select=",
+                    "select = false leaves $select out"))  # not a name $select could not find
     for named, sent, setting in options:
         if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"

@@ -1046,6 +1046,26 @@ def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
         assert feed_key(ordered, mappings) != feed_key(unordered, mappings)
 
 
+def test_a_service_that_refuses_select_syncs_with_select_false(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    # ASP.NET Core OData allows only the query options its service enables; a service that
+    # refused $select could not be read at all.
+    server.add_fault(status(400, message="Query option 'Select' is not allowed. To allow it, "
+                            "set the 'AllowedQueryOptions' property on EnableQueryAttribute"),
+                     match="select=", times=None)
+    rec = sync()
+    assert rec.status == "failed" and "[odata] select = false leaves $select out)" in str(
+        rec.error)
+    first = sync(odata={"select": False})
+    assert first.status == "success", first.error
+    assert first.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+    assert sync(odata={"select": False}).status == "noop"
+    server.clear_faults()
+    server.add_fault(status(400, message="Could not find a property named 'isAirprt' for "
+                            "$select"), entity_set="Stops")  # a name, not the option
+    assert "select = false" not in str(sync().error)
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_client_paging_syncs_a_service_that_does_not_page(
         sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str) -> None:
