@@ -65,7 +65,7 @@ class EntityMapping:
 # An OData name: a letter of any script or "_", then letters, digits or "_" (CSDL's
 # SimpleIdentifier; 1C:Enterprise services name sets and fields in Cyrillic); "." for a
 # qualified name.
-_NAME_RE = re.compile(r"^[^\W\d][\w.]*$")
+_NAME_RE = re.compile(r"[^\W\d][\w.]*\Z")
 # A field of the mapping: a name, or a path into complex values (OData's own syntax,
 # Location/Loc/coordinates/1), whose later segments may be array indexes.
 _FIELD_RE = re.compile(r"[^\W\d][\w.]*(/([^\W\d][\w.]*|0|[1-9][0-9]{0,8}))*")

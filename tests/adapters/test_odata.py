@@ -821,6 +821,7 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
         {"buses": {}}, {"stops": {"sets": "X"}}, {"stops": {"fields": {"lat": "L"}}},
         {"stops": {"fields": {"latitude": ""}}}, {"stops": {"set": "bad name"}},
         {"flights": {"filter": ""}}, {"stops": {"set": "1Stops"}},
+        {"stops": {"set": "Stops\n"}},  # was sent as Stops%0A
         {"stops": {"fields": {"name": "Д" * 32}}},  # 64 bytes: PostgreSQL would cut it
     ]
     for raw in bad:
