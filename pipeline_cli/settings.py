@@ -870,6 +870,9 @@ def _validate(s: Settings) -> None:
         raise bad("odata", "url", f"its query holds the system query option {option!r}, which "
                   "would go with every request; a filter goes in [odata.mapping.<table>] "
                   "filter, and paging is the sync's")
+    if unquote(urlsplit(s.odata.url or "").path).rstrip("/").endswith("/$metadata"):
+        raise bad("odata", "url", "ends with $metadata, the service's schema: give the service "
+                  "root, without it")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):
         raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
     if s.odata.token and not (s.odata.token.isascii() and s.odata.token.isprintable()):

@@ -172,6 +172,10 @@ def test_a_system_query_option_in_the_odata_url_is_refused() -> None:
             f"malformed setting [odata] url: its query holds the system query option {name!r}, "
             "which would go with every request; a filter goes in [odata.mapping.<table>] "
             "filter, and paging is the sync's")
+    for url in ("https://h/odata/$metadata", "https://h/odata/%24metadata/?sap-client=100"):
+        with pytest.raises(ConfigError, match=r"\[odata\] url: ends with \$metadata, the "
+                           r"service's schema: give the service root, without it$"):
+            load_settings(None, {"PIPELINE_ODATA_URL": url})
     for url in ("https://h/odata/?sap-client=100&$format=json", "https://h/odata/?company=X"):
         assert load_settings(None, {"PIPELINE_ODATA_URL": url}).odata.url == url
 
