@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -116,6 +116,8 @@ class ODataSettings:
     )
     orderby: bool = setting(True, "ask for $orderby=<key field>, a stable paging order; false "
                             "for a service that refuses $orderby")
+    select: bool = setting(True, "ask for $select=<mapped fields>; false for a service that "
+                           "refuses $select (the whole entities are read)")
     proxy: str | None = setting(
         None, "HTTP proxy URL for the OData server, over HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/"
         "NO_PROXY of the environment (used when unset); \"\" = no proxy", empty=True
@@ -863,6 +865,14 @@ def _validate(s: Settings) -> None:
         _host_port(value, section, key, bad)
     if s.odata.version not in ("auto", "v4", "v2"):
         raise bad("odata", "version", "expected auto, v4 or v2")
+    if option := next((k for k, _ in parse_qsl(urlsplit(s.odata.url or "").query)
+                       if k.startswith("$") and k != "$format"), None):  # SAP's sap-client: yes
+        raise bad("odata", "url", f"its query holds the system query option {option!r}, which "
+                  "would go with every request; a filter goes in [odata.mapping.<table>] "
+                  "filter, and paging is the sync's")
+    if unquote(urlsplit(s.odata.url or "").path).rstrip("/").endswith("/$metadata"):
+        raise bad("odata", "url", "ends with $metadata, the service's schema: give the service "
+                  "root, without it")
     if s.odata.foreign_next_link not in ("rewrite", "refuse"):
         raise bad("odata", "foreign_next_link", "expected rewrite or refuse")
     if s.odata.token and not (s.odata.token.isascii() and s.odata.token.isprintable()):

@@ -160,6 +160,26 @@ def test_url_schemes_are_case_insensitive() -> None:
     assert load_settings(None, {"PIPELINE_ODATA_URL": "HTTP://h:8080/odata/"}).odata.url
 
 
+def test_a_system_query_option_in_the_odata_url_is_refused() -> None:
+    # The URL's query goes with every request: a $top there cut every set at 5 rows (with
+    # count = false in silence, the rest deleted from the read model); a $filter or $skip
+    # was "specified more than once" beside the sync's own.
+    for option in ("$top=5", "%24skip=10", "$filter=Active%20eq%20true", "$orderby=ID"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, {"PIPELINE_ODATA_URL": f"https://h/odata/?sap-client=100&{option}"})
+        name = option.split("=")[0].replace("%24", "$")
+        assert str(err.value) == (
+            f"malformed setting [odata] url: its query holds the system query option {name!r}, "
+            "which would go with every request; a filter goes in [odata.mapping.<table>] "
+            "filter, and paging is the sync's")
+    for url in ("https://h/odata/$metadata", "https://h/odata/%24metadata/?sap-client=100"):
+        with pytest.raises(ConfigError, match=r"\[odata\] url: ends with \$metadata, the "
+                           r"service's schema: give the service root, without it$"):
+            load_settings(None, {"PIPELINE_ODATA_URL": url})
+    for url in ("https://h/odata/?sap-client=100&$format=json", "https://h/odata/?company=X"):
+        assert load_settings(None, {"PIPELINE_ODATA_URL": url}).odata.url == url
+
+
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_bytes(b"\xff\xfe bad\n")

@@ -188,6 +188,7 @@ class ODataClient:
                 username.encode(), (s.password or unquote(parts.password or "")).encode())
         self._detected: str | None = None if s.version == "auto" else s.version
         self._v3 = False
+        self._service_doc: Any = None
 
     def close(self) -> None:
         self.session.close()
@@ -204,7 +205,8 @@ class ODataClient:
     def protocol(self) -> str:
         """``v4`` or ``v2``: forced by settings, else detected from the service document."""
         if self._detected is None:
-            doc = self._get(self.service_url, "the service document", names=_URL)[1]
+            doc = self._service_doc = self._get(self.service_url, "the service document",
+                                                names=_URL)[1]
             self._detected = self._shape_version(doc, "the service document")
             # OData V3 JSON light (WCF Data Services 5.x) pages like V4, but counts with
             # $inlinecount: it refused $count=true with HTTP 400.
@@ -246,7 +248,7 @@ class ODataClient:
         options: list[tuple[str, str]] = []
         if filter:
             options.append(("$filter", filter))
-        if select:
+        if select and self.settings.select:
             options.append(("$select", ",".join(select)))
         if orderby and self.settings.orderby:
             options.append(("$orderby", orderby))
@@ -272,7 +274,10 @@ class ODataClient:
         each of ``fields`` (names or paths; default ``select``)."""
         url = self.collection_url(entity_set, orderby=orderby, select=select, filter=filter,
                                   top=1)
-        doc = self._get(url, f"{entity_set} $top=1")[1]
+        try:
+            doc = self._get(url, f"{entity_set} $top=1")[1]
+        except SourceError as exc:
+            raise self._unlisted(exc, entity_set) from None
         rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
                                           False)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
@@ -319,7 +324,7 @@ class ODataClient:
                 if number == 1 and not client and exc.details.get("too_large"):
                     raise SourceError(f"{exc}; a service that sends the whole set at once "
                                       "needs [odata] paging = \"client\"") from None
-                raise
+                raise self._unlisted(exc, entity_set) if number == 1 else exc from None
             page_version = self._shape_version(doc, what)
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
@@ -347,6 +352,30 @@ class ODataClient:
                                   "(a paging loop)")
             seen.add(resolved)
             next_url = resolved
+
+    def _unlisted(self, exc: SourceError, entity_set: str) -> SourceError:
+        """A 400/404 for a set the service document does not list (a typo in [odata.mapping]
+        set): with the sets it lists, and the one closest."""
+        if exc.details.get("status") not in (400, 404):
+            return exc
+        if urlsplit(self.service_url).path.endswith(f"/{entity_set}/"):
+            return SourceError(f"{exc}; [odata] url ends with the set {entity_set!r}: give the "
+                               "service root, without the set", **exc.details)
+        with contextlib.suppress(SourceError):  # a version forced: the document not read yet
+            self._service_doc = self._service_doc or self._get(
+                self.service_url, "the service document", names=_URL)[1]
+        doc = self._service_doc if isinstance(self._service_doc, dict) else {}
+        d = doc.get("d")  # V2: {"d": {"EntitySets": [...]}}; V4: {"value": [{"name": ...}]}
+        names = d.get("EntitySets") if isinstance(d, dict) else [
+            e.get("name") for e in doc.get("value") or () if isinstance(e, dict)
+            and "url" in e and e.get("kind", "EntitySet") == "EntitySet"]  # not an entity
+        names = sorted(n for n in names or () if isinstance(n, str))
+        if not names or entity_set in names:
+            return exc
+        close = close_name(entity_set, names)
+        return SourceError(f"{exc}; the service document lists no set {entity_set!r} (" + (
+            f"did you mean {close!r}? " if close else "") + f"it lists {', '.join(names[:12])}"
+            + (", ..." if len(names) > 12 else "") + ")", **exc.details)
 
     def _on_service_origin(self, link: str, entity_set: str, what: str) -> str:
         """A nextLink naming another host (an internal host name behind a reverse proxy,
@@ -554,7 +583,8 @@ class ODataClient:
                 if resp.status_code in (400, 501):
                     hint = _refused_option(hint, line, url,
                                            client_paging=self.settings.paging == "client")
-                raise service_error(SourceError, "OData", resp.url, what + hint, line)
+                raise service_error(SourceError, "OData", resp.url, what + hint, line,
+                                    status=resp.status_code)
             body = self._read(resp, what)
         if not body.strip() and (resp.status_code == 204 or  # nothing sent, nothing cut short
                                  resp.headers.get("Content-Length") == "0"):
@@ -635,8 +665,8 @@ def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> s
     """``hint`` with the setting that leaves out a query option the server's 400/501 names
     (ASP.NET Core OData's "Query option 'Count' is not allowed", a gateway's "$orderby is not
     supported") and that we sent: $count/$inlinecount, client paging's $top/$skip, $orderby,
-    V2's $format (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's $top=1 is not
-    paging, and client paging needs $orderby)."""
+    V2's $format, $select (not the 'count' of 'account' or the 'top' of 'Stops'; doctor's
+    $top=1 is not paging, and client paging needs $orderby)."""
     options = [(r"(?<![a-z])(?:inline)?count", "count=", "count = false if it refuses a count")]
     if client_paging:
         options.append((r"(?<![a-z])(?:top|skip)(?![a-z])", "$top=",
@@ -644,6 +674,8 @@ def _refused_option(hint: str, line: str, url: str, *, client_paging: bool) -> s
     else:
         options.append(("orderby", "orderby=", "orderby = false leaves $orderby out"))
     options.append((r"\$format", "$format=", 'version = "auto" leaves $format out'))
+    options.append((r"select'? (is )?not (allowed|supported)", "$select=",
+                    "select = false leaves $select out"))  # not a name $select could not find
     for named, sent, setting in options:
         if re.search(named, line.lower()) and sent in url:
             return f"{hint[:-1]}, or [odata] {setting})" if hint else f" ([odata] {setting})"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, SourceError
-from ..read_model import COLUMNS, OPTIONAL_COLUMNS
+from ..read_model import COLUMNS, KINDS, OPTIONAL_COLUMNS
 
 # ------------------------------------------------------------------------------ mapping
 
@@ -65,7 +65,7 @@ class EntityMapping:
 # An OData name: a letter of any script or "_", then letters, digits or "_" (CSDL's
 # SimpleIdentifier; 1C:Enterprise services name sets and fields in Cyrillic); "." for a
 # qualified name.
-_NAME_RE = re.compile(r"^[^\W\d][\w.]*$")
+_NAME_RE = re.compile(r"[^\W\d][\w.]*\Z")
 # A field of the mapping: a name, or a path into complex values (OData's own syntax,
 # Location/Loc/coordinates/1), whose later segments may be array indexes.
 _FIELD_RE = re.compile(r"[^\W\d][\w.]*(/([^\W\d][\w.]*|0|[1-9][0-9]{0,8}))*")
@@ -127,6 +127,13 @@ def resolve_mapping(raw: Mapping[str, Any] | None) -> dict[str, EntityMapping]:
             if not name and column not in OPTIONAL_COLUMNS:
                 raise bad(f".{entity}.fields", f"{column} is required and cannot be \"\"")
             fields[column] = name
+        read: dict[str, str] = {}  # a name may be the key or a city too, not a second position
+        for column, name in fields.items():
+            if name and column != "id" and KINDS[entity][column][0] != "text":
+                if name in read:
+                    raise bad(f".{entity}.fields", f"{read[name]} and {column} both read "
+                              f"{name!r}; each needs its own field")
+                read[name] = column
         out[entity] = EntityMapping(entity, entity_set, fields, filter_)
     return out
 

@@ -756,9 +756,15 @@ def _invalid(problems: Problems, loader: _Loader) -> ValidationError:
         raise DatabaseError("database error while writing the read model: its keys or "
                             "references refuse the feed, which has no duplicate key and no "
                             "unknown reference")
+    dup = next((s.mapping for s in loader.sets.values()
+                if (s.mapping.entity_set, "duplicate") in problems.counts), None)
     return ValidationError(
         f"validation failed: {problems.total} problem(s) ({problems.summary()}); "
-        "nothing was written", first, partial=StageResult(
+        "nothing was written" + (
+            f"; {dup.key_field} is not unique in {dup.entity_set}: if it is only part of the "
+            "set's key (SAP's StopSet(Plant='1000',Id='A')), [odata.mapping."
+            f"{dup.entity}] filter must pick one value of the other part" if dup else ""),
+        first, partial=StageResult(
             counts={e: s.rows for e, s in loader.sets.items()},
             extra={"problems": first, "problem_counts": problems.by_set()}))
 

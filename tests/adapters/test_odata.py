@@ -315,7 +315,44 @@ def test_v2_error_body_is_one_line() -> None:
         fetch(c, "NoSuchSet")
     assert str(err.value) == (f"OData {endpoint(srv.url)} NoSuchSet page 1 (check the names in "
                               "[odata.mapping]): HTTP 404 NotFound: Resource not found for the "
-                              "segment 'NoSuchSet'")
+                              "segment 'NoSuchSet'; the service document lists no set "
+                              "'NoSuchSet' (it lists Flights, Routes, Stops)")
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+@pytest.mark.parametrize("setting", ["auto", "forced"])
+def test_a_set_the_service_does_not_list_is_named_with_the_sets_it_does(
+        version: str, setting: str) -> None:
+    # A typo in [odata.mapping.stops] set: the server's 404 names the segment only; the
+    # service document says which sets there are (read for it when the version is forced).
+    with ODataServer(DATA, version=version) as srv, \
+            client(srv, version=version if setting == "forced" else "auto") as c:
+        for name, suggestion in (("stops", "did you mean 'Stops'? "), ("Stop", "did you mean "
+                                 "'Stops'? "), ("Container.Flights", "")):
+            with pytest.raises(SourceError) as err:
+                fetch(c, name)
+            assert str(err.value).endswith(f"; the service document lists no set {name!r} "
+                                           f"({suggestion}it lists Flights, Routes, Stops)")
+            with pytest.raises(SourceError) as err:
+                c.probe(name, orderby="ID")
+            assert f"lists no set {name!r} ({suggestion}it lists" in str(err.value)
+        srv.add_fault(status(404, message="Not Found"), entity_set="Stops")  # a listed set
+        with pytest.raises(SourceError) as err:
+            fetch(c)
+        assert "lists no set" not in str(err.value)
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_url_that_ends_with_the_set_is_named_as_such(version: str) -> None:
+    # [odata] url = .../odata/Stops: its "service document" is the set; the entities' names
+    # were listed as the sets the service has.
+    with ODataServer(DATA, version=version) as srv, \
+            ODataClient(ODataSettings(url=srv.url + "Stops", retries=1)) as c, \
+            pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value).endswith(
+        "HTTP 404 NotFound: No resource for the segment 'Stops'; [odata] url ends with the set "
+        "'Stops': give the service root, without the set")
 
 
 def test_error_line_of_non_odata_bodies() -> None:
@@ -784,11 +821,29 @@ def test_mapping_merges_over_defaults_and_names_bad_keys() -> None:
         {"buses": {}}, {"stops": {"sets": "X"}}, {"stops": {"fields": {"lat": "L"}}},
         {"stops": {"fields": {"latitude": ""}}}, {"stops": {"set": "bad name"}},
         {"flights": {"filter": ""}}, {"stops": {"set": "1Stops"}},
+        {"stops": {"set": "Stops\n"}},  # was sent as Stops%0A
         {"stops": {"fields": {"name": "Д" * 32}}},  # 64 bytes: PostgreSQL would cut it
     ]
     for raw in bad:
         with pytest.raises(ConfigError, match=r"\[odata.mapping"):
             resolve_mapping(raw)
+
+
+def test_two_columns_reading_one_field_are_refused_unless_one_is_text_or_the_key() -> None:
+    # A typo that maps longitude to the latitude's field, or a route's ends to one field,
+    # stored every stop on the diagonal or every route as a loop, in silence.
+    cases = {("stops", "longitude", "latitude"): "latitude and longitude both read 'latitude'",
+             ("routes", "from_stop_id", "toStop_ID"):
+                 "from_stop_id and to_stop_id both read 'toStop_ID'",
+             ("flights", "arrival", "departure"): "departure and arrival both read 'departure'"}
+    for (entity, column, name), why in cases.items():
+        with pytest.raises(ConfigError, match=rf"\[odata.mapping.{entity}.fields\]: {why}"):
+            resolve_mapping({entity: {"fields": {column: name}}})
+    # a name that is also the key or the city, a schedule keyed by its route: as mapped
+    m = resolve_mapping({"stops": {"fields": {"name": "ID", "city": "ID"}},
+                         "flights": {"fields": {"id": "route_ID"}}})
+    assert m["stops"].sources == ["ID", "isAirport", "latitude", "longitude"]
+    assert m["flights"].fields["id"] == m["flights"].fields["route_id"] == "route_ID"
 
 
 def test_a_set_given_with_its_path_points_at_the_url() -> None:

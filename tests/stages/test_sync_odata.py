@@ -682,6 +682,31 @@ def test_skip_invalid_keeps_one_copy_of_a_row_sent_twice(
     assert conn.execute("SELECT count(*) AS n FROM stops WHERE id = '1'").fetchone() == {"n": 0}
 
 
+def test_an_id_that_is_only_part_of_a_composite_key_is_refused_and_says_so(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """SAP's StopSet(Plant='1000',Id='A'): mapped by its Id alone, the stops of two plants
+    share ids. They are never merged: strict names the keys and what to map, --skip-invalid
+    fails on the count."""
+    data = network()
+    stops = [{"Plant": "1000", "Id": str(s.pop("ID")), **s} for s in data["Stops"]]
+    stops += [{**stops[0], "Plant": "2000"}, {**stops[1], "Plant": "2000", "name": "Other"}]
+    mapping = {"stops": {"set": "StopSet", "fields": {"id": "Id"}}}
+    with ODataServer({**data, "StopSet": stops}, keys={"StopSet": "Id"}, page_size=15) as srv:
+        rec = sync(srv, mapping=mapping)
+        assert rec.status == "failed" and rec.extra["problems"] == [
+            "StopSet[Id=1] Id: key occurs 2 times, the same row each time",
+            "StopSet[Id=2] Id: key occurs 2 times"]
+        assert rec.error == (
+            "validation failed: 2 problem(s) (StopSet: 2 duplicate); nothing was written; Id "
+            "is not unique in StopSet: if it is only part of the set's key (SAP's "
+            "StopSet(Plant='1000',Id='A')), [odata.mapping.stops] filter must pick one value "
+            "of the other part")
+        rec = sync(srv, mapping=mapping, skip_invalid=True)
+        assert rec.status == "failed" and "a mapped id that is not the set's key" in str(
+            rec.error)
+    assert table(conn, "stops") == []
+
+
 def test_strict_mode_reports_the_first_20_problems_and_all_counts(
         sync: Callable[..., RunRecord], server: ODataServer) -> None:
     for key in range(10, 36):
@@ -1019,6 +1044,26 @@ def test_a_service_that_refuses_orderby_syncs_with_orderby_false(
     with client_for(server) as ordered, client_for(server, orderby=False) as unordered:
         # the page digests of one are no use to the other: the server orders them otherwise
         assert feed_key(ordered, mappings) != feed_key(unordered, mappings)
+
+
+def test_a_service_that_refuses_select_syncs_with_select_false(
+        sync: Callable[..., RunRecord], server: ODataServer) -> None:
+    # ASP.NET Core OData allows only the query options its service enables; a service that
+    # refused $select could not be read at all.
+    server.add_fault(status(400, message="Query option 'Select' is not allowed. To allow it, "
+                            "set the 'AllowedQueryOptions' property on EnableQueryAttribute"),
+                     match="select=", times=None)
+    rec = sync()
+    assert rec.status == "failed" and "[odata] select = false leaves $select out)" in str(
+        rec.error)
+    first = sync(odata={"select": False})
+    assert first.status == "success", first.error
+    assert first.counts == {"stops": 40, "routes": 80, "flights": 12, "rejected": 0}
+    assert sync(odata={"select": False}).status == "noop"
+    server.clear_faults()
+    server.add_fault(status(400, message="Could not find a property named 'isAirprt' for "
+                            "$select"), entity_set="Stops")  # a name, not the option
+    assert "select = false" not in str(sync().error)
 
 
 @pytest.mark.parametrize("version", ["v4", "v2"])
