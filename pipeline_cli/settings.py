@@ -674,10 +674,42 @@ def load_settings(
             close = difflib.get_close_matches(var, known, n=1)
             raise ConfigError(f"unknown setting {var} in the environment" + (
                 f" (did you mean {close[0]}?)" if close else ""), key=var)
+    _misspelt_variables(environ, sections)
     built["s3"] = _s3_scheme(built["s3"], sources)
     settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def _misspelt_variables(environ: Mapping[str, str], sections: dict[str, type]) -> None:
+    """A ``PIPELINE_*`` variable outside every section that is one or two letters from a
+    setting's (PIPELINE_DATABSE_URL, PIPELINE_database_url) is an error, as a typo inside a
+    section is: the job ran on the defaults in silence. Others are left alone: other tools
+    use the prefix too (Azure Pipelines' PIPELINE_WORKSPACE)."""
+    known = {env_name(section, f.name): f for section, cls in sections.items()
+             for f in dataclasses.fields(cls) if f.metadata.get("env", True)}
+    prefixes = tuple(env_name(section, "") for section in sections)
+    for var in sorted(environ):
+        if not var.startswith("PIPELINE_") or var in known or var.startswith(prefixes):
+            continue
+        close = [name for name in sorted(known) if _edits(var.upper(), name) <= 2]
+        if close:
+            raise ConfigError(f"unknown setting {var} in the environment (did you mean "
+                              f"{close[0]}?)", key=var)
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance with transpositions (optimal string alignment)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _s3_scheme(s3: S3Settings, sources: dict[str, str]) -> S3Settings:

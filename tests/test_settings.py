@@ -82,6 +82,11 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
          "unknown setting PIPELINE_MATCH_GAP_SECOND in the environment (did you mean "
          "PIPELINE_MATCH_GAP_SECONDS?)"),
         ("", {"PIPELINE_ODATA_MAPPING": "{}"}, "[odata] mapping can be set only in the config"),
+        # ... and so was one in the section's name, or in the case: the job ran on defaults.
+        ("", {"PIPELINE_DATABSE_URL": "postgresql://h/x"}, "unknown setting "
+         "PIPELINE_DATABSE_URL in the environment (did you mean PIPELINE_DATABASE_URL?)"),
+        ("", {"PIPELINE_SE_BUCKET": "b01"}, "(did you mean PIPELINE_S3_BUCKET?)"),
+        ("", {"PIPELINE_database_url": "x"}, "(did you mean PIPELINE_DATABASE_URL?)"),
         # Infinite or oversized values failed the run after all its work, or as a traceback.
         ("[virtual]\nmax_route_km = inf\n", {}, "[virtual] max_route_km: expected a finite"),
         ("", {"PIPELINE_VIRTUAL_SPEEDS_KMH": '{"bus": 1e999}'}, "SPEEDS_KMH.bus: expected a "
@@ -153,6 +158,15 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
     assert err.value.exit_code == 78
+
+
+def test_other_pipeline_variables_are_not_taken_for_typos() -> None:
+    # A variable of another tool (Azure Pipelines' PIPELINE_WORKSPACE) or of the test harness
+    # is far from every setting's name: only a near miss is an error.
+    env = {"PIPELINE_WORKSPACE": "/w", "PIPELINE_ID": "7", "PIPELINE_CONFIG": "",
+           "PIPELINE_TEST_S3_SECRET_KEY": "k", "PIPELINE_TEST_DATABASE_URL": "x",
+           "PIPELINE_LOCAL_DIR": "/l"}
+    assert load_settings(None, env).s3.bucket
 
 
 def test_url_schemes_are_case_insensitive() -> None:
