@@ -648,11 +648,12 @@ def load_settings(
             name = f"{section}.{f.name}"
             env = env_name(section, f.name)
             if f.metadata.get("env", True) and env in environ:
-                if not is_utf8(environ[env]):
+                raw = os_text(environ[env])
+                if not is_utf8(raw):
                     raise ConfigError(f"malformed setting {env}: not valid UTF-8 (an env file "
                                       "in Latin-1?)", key=env)
-                values[f.name] = "" if f.metadata.get("empty") and not environ[env] else _coerce(
-                    environ[env], hints[f.name], env, True)
+                values[f.name] = "" if f.metadata.get("empty") and not raw else _coerce(
+                    raw, hints[f.name], env, True)
                 sources[name] = f"env {env}"
             elif f.name in table:
                 values[f.name] = _coerce(table[f.name], hints[f.name], f"[{section}] {f.name}",
@@ -753,6 +754,18 @@ def printable_path(path: str | os.PathLike[str]) -> str:
     """A file name as text: bytes that are not UTF-8 (a legitimate Latin-1 file name) escaped
     as \\xe9, so that it can go into a message, JSON or the database."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def os_text(text: str) -> str:
+    """An argument or environment value read as UTF-8: Python decoded its bytes with the
+    locale's encoding, so under LC_ALL=C with PYTHONUTF8=0 (ASCII) a UTF-8 "Jyväskylä" came
+    as escapes and was refused as not UTF-8 (a Latin-1 locale made it mojibake). Bytes that
+    are not UTF-8 keep the locale's reading: a Latin-1 locale's "é", or escapes that
+    :func:`is_utf8` refuses."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 def is_utf8(text: str) -> bool:

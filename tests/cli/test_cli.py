@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -417,6 +418,22 @@ def test_output_is_utf8_whatever_the_locale_says(run_cli: Cli, encoding: str,
     result = run_cli.subprocess(*args, encoding="utf-8")  # strict: Latin-1 bytes fail here
     assert result.returncode == 0, result.stderr
     assert "Jyväskylä→" in result.stdout
+
+
+def test_utf8_arguments_and_variables_are_read_as_utf8_in_an_ascii_locale(run_cli: Cli) -> None:
+    # cron with LC_ALL=C and PYTHONUTF8=0: Python read argv and the environment as ASCII, and
+    # `--device Москва-1` or a prefix "jyväskylä" was refused as "not valid UTF-8" (exit 2,
+    # exit 78) though every byte was UTF-8.
+    env = run_cli.cron_env(LC_ALL="C", PYTHONUTF8="0", PIPELINE_REDIS_PREFIX="jyväskylä")
+    listed = run_cli.cron("--json", "batches", "list", "--device", "Москва-1", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["batches"] == []
+    shown = run_cli.cron("--json", "config", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["redis.prefix"]["value"] == "jyväskylä"
+    # bytes that are not UTF-8 are still refused, naming the option
+    latin1 = run_cli.cron("batches", "list", "--device", os.fsdecode(b"Jyv\xe4"), env=env)
+    assert latin1.returncode == 2 and "'--device': not valid UTF-8" in latin1.stderr
 
 
 def test_ctrl_c_while_the_modules_load_is_one_line_not_a_traceback(run_cli: Cli) -> None:
