@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
+import pytest
 
 from tests.support.clirunner import Cli
 from tests.support.graph_fixtures import add_dataset
@@ -130,10 +131,13 @@ def test_completion_is_documented() -> None:
         assert "pipeline completion" in (root / doc).read_text(), doc
 
 
-def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli) -> None:
+@pytest.mark.parametrize("term", ["xterm", "dumb"])
+def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli, term: str) -> None:
     # COLUMNS=20 (a split tmux pane): rich squeezed every column below its narrowest, and
-    # `datasets list` showed a grid of empty cells, every value lost.
-    run_cli.env.update({"FORCE_COLOR": "1", "COLUMNS": "20"})  # a terminal 20 wide
+    # `datasets list` showed a grid of empty cells, every value lost. TERM=dumb (an Emacs
+    # shell): rich took every dumb terminal for 80 columns, the whole width too, and folded
+    # each value a few letters a line.
+    run_cli.env.update({"FORCE_COLOR": "1", "COLUMNS": "20", "TERM": term})  # 20 wide
     result = run_cli.subprocess("config", "show")
     assert result.returncode == 0, result.stderr
     assert "database.connect_timeout" in result.stdout
