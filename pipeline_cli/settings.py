@@ -744,9 +744,11 @@ def path_hint(path: str | os.PathLike[str]) -> str:
     if not os.path.isabs(text):
         try:
             where = printable_path(os.getcwd())
-        except OSError:  # the working directory was removed
-            where = "?"
-        return f" (relative to the working directory {where}: give the full path)"
+        except OSError:  # removed under the process (a deploy swapped the release directory)
+            where = ", which was removed"
+        else:
+            where = " " + where
+        return f" (relative to the working directory{where}: give the full path)"
     return ""
 
 

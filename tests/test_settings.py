@@ -169,6 +169,20 @@ def test_other_pipeline_variables_are_not_taken_for_typos() -> None:
     assert load_settings(None, env).s3.bucket
 
 
+def test_a_relative_config_path_in_a_removed_working_directory_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job whose directory was removed under it (a deploy swapped it) read "(relative to
+    # the working directory ?: give the full path)".
+    gone = tmp_path / "release-41"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ConfigError) as err:
+        load_settings("etc/pipeline.toml", {})
+    assert str(err.value) == ("config file not found: etc/pipeline.toml (relative to the "
+                              "working directory, which was removed: give the full path)")
+
+
 def test_url_schemes_are_case_insensitive() -> None:
     # HTTP://host/... was refused with exit 78.
     assert load_settings(None, {"PIPELINE_ODATA_URL": "HTTP://h:8080/odata/"}).odata.url
