@@ -617,7 +617,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"malformed config file {shown}: {exc}", key="config") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"malformed config file {shown}: not UTF-8 (byte {exc.start})",
+            raise ConfigError(f"malformed config file {shown}: not UTF-8 {_where(exc)}",
                               key="config") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {shown}: {exc.strerror}",
@@ -680,6 +680,16 @@ def load_settings(
     settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def _where(exc: UnicodeDecodeError) -> str:
+    """Where a config file stops being UTF-8, as an editor counts: line and column, the
+    byte, and the likely encoding (a byte offset alone had the operator counting)."""
+    data, start = bytes(exc.object), exc.start
+    line = data.count(b"\n", 0, start) + 1
+    column = start - data.rfind(b"\n", 0, start)
+    saved = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "Latin-1"
+    return f"at line {line}, column {column} (byte 0x{data[start]:02x}; saved in {saved}?)"
 
 
 def _misspelt_variables(environ: Mapping[str, str], sections: dict[str, type]) -> None:

@@ -195,6 +195,16 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
         load_settings(path, {})
 
 
+def test_a_config_file_not_in_utf8_names_the_line(tmp_path: Path) -> None:
+    # "not UTF-8 (byte 43)": an operator counts lines, not bytes.
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[redis]\nprefix = "x"\n\n[s3]\nregion = "S\xe4o Paulo"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    assert str(err.value).endswith("latin1.toml: not UTF-8 at line 5, column 12 (byte 0xe4; "
+                                   "saved in Latin-1?)")
+
+
 def test_secrets_stay_out_of_malformed_url_messages() -> None:
     for url in ("postgres://u:QSEC@RET6@127.0.0.1/x", "postgresql://u:QSEC@[::1:5999/x"):
         with pytest.raises(ConfigError) as err:
