@@ -17,7 +17,15 @@ import click
 
 from . import __version__, render
 from .app import App
-from .commands import COMMAND_PATH, COMMANDS, LazyGroup, NonEmpty, command_path
+from .commands import (
+    COMMAND_PATH,
+    COMMANDS,
+    LazyGroup,
+    NonEmpty,
+    command_path,
+    set_quiet,
+    set_verbose,
+)
 from .errors import EXIT_CODES, PipelineError
 from .settings import shorten_values
 
@@ -122,17 +130,18 @@ class PipelineGroup(LazyGroup):
               help="Print one JSON object on stdout instead of tables.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines on stderr as text or one JSON object each.")
-@click.option("-v", "--verbose", count=True, help="Debug logging.")
-@click.option("-q", "--quiet", is_flag=True,
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=set_verbose,
+              help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_quiet,
               help="Only errors: nothing on success (for cron).")
 @click.version_option(__version__, prog_name="pipeline")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: str,
-        verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: str) -> None:
     """Keep a transport-routing backend's data fresh, one cron-safe stage at a time."""
-    app = App(config_path=config_path, json=json_, log_format=log_format,
-              verbosity=-1 if quiet else verbose)
-    ctx.obj = app
+    # -q and -v set the verbosity as they come, as after the command: the last one wins
+    # (`pipeline -q -v run-all`, a -v added to a cron line, stayed quiet)
+    app = ctx.ensure_object(App)
+    app.config_path, app.json, app.log_format = config_path, json_, log_format
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
 

@@ -105,12 +105,12 @@ def _set_app(ctx: click.Context, **changes: Any) -> None:
     app.configure_logging()  # the group configured it before this command's options were read
 
 
-def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+def set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         _set_app(ctx, verbosity=-1)
 
 
-def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+def set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
     if value:
         _set_app(ctx, verbosity=max(ctx.ensure_object(App).verbosity, 0) + value)
 
@@ -126,9 +126,9 @@ def global_options(cmd: C) -> C:
     commands of a registered subgroup, so no command declares them itself."""
     have = {p.name for p in cmd.params}
     for option in (
-        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=set_quiet,
                      help="Only errors; nothing on success (as before the command)."),
-        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbose,
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=set_verbose,
                      help="Debug logging (as before the command)."),
         click.Option(["--log-format"], type=click.Choice(["text", "json"]), default=None,
                      expose_value=False, callback=_set_log_format,

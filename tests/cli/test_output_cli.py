@@ -94,6 +94,21 @@ def test_global_options_after_the_subcommand(run_cli: Cli, tmp_path: Path) -> No
     assert nested.exit_code == 0 and "database.url" in nested.output
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (("-q", "-v", "db", "migrate"), True), (("-v", "-q", "db", "migrate"), False),
+    (("-vv", "-q", "db", "migrate"), False), (("-q", "-vv", "db", "migrate"), True),
+    (("db", "migrate", "-q", "-v"), True), (("db", "migrate", "-v", "-q"), False),
+    (("-v", "db", "migrate", "-q"), False), (("-q", "db", "migrate", "-v"), True),
+])
+def test_the_last_of_quiet_and_verbose_wins(run_cli: Cli, args: tuple[str, ...],
+                                            says: bool) -> None:
+    # `pipeline -q -v run-all` (a -v added to a cron line to debug it) stayed quiet: before
+    # the command -q won whatever the order, after it the last one given did.
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert ("schema version" in result.output) == says, result.output
+
+
 def test_quiet_ingest_that_skips_rows_is_a_silent_success(run_cli: Cli, tmp_path: Path) -> None:
     points = tmp_path / "points.csv"
     points.write_text("device_id,recorded_at,latitude,longitude\n"
