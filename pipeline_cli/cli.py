@@ -8,6 +8,7 @@ the runner and renders the result with :mod:`pipeline_cli.render`. This module a
 from __future__ import annotations
 
 import errno
+import io
 import os
 import sys
 import traceback
@@ -158,14 +159,17 @@ def _json_hint(exc: click.ClickException) -> None:
 
 
 def _writing_stdout(exc: OSError) -> bool:
-    """True when ``exc`` came from writing stdout (click.echo's or rich's ``file``)."""
+    """True when ``exc`` came from writing stdout: a stream in the failing frames' locals
+    whatever its name (click.echo's and rich's ``file``, the GeoJSON export's ``out``:
+    looking for ``file`` only, `export geojson stops > /dev/full` was a traceback)."""
     for frame, _line in traceback.walk_tb(exc.__traceback__):
-        for stream in (frame.f_locals.get("file"),
+        for stream in (*frame.f_locals.values(),
                        getattr(frame.f_locals.get("self"), "file", None)):
             try:
-                if stream is sys.stdout or (stream is not None and stream.fileno() == 1):
+                if stream is sys.stdout or (isinstance(stream, io.IOBase)
+                                            and stream.fileno() == 1):
                     return True
-            except (AttributeError, OSError, ValueError):
+            except (OSError, ValueError):
                 continue
     return False
 
