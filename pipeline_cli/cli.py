@@ -7,9 +7,11 @@ the runner and renders the result with :mod:`pipeline_cli.render`. This module a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
+import signal
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -28,6 +30,7 @@ from .commands import (
     set_verbose,
 )
 from .errors import EXIT_CODES, PipelineError
+from .logs import json_line
 from .settings import shorten_values
 
 EPILOG = (
@@ -178,7 +181,31 @@ def main() -> None:
     """Console-script entry point."""
     _closed_streams()
     _utf8_streams()
+    _say_when_terminated()
     cli(prog_name="pipeline")
+
+
+def _say_when_terminated() -> None:
+    """SIGTERM outside a stage's run (``timeout 60 pipeline status``, a deploy stopping
+    ``db migrate``) killed the process with nothing said, and cron mailed nothing: one line
+    on stderr now, then the signal's own action, so the process still dies of it (143 to a
+    shell) with nothing unwound (an open transaction rolls back as its connection drops). A
+    stage's run has its own handlers (``runner.StopFlag``), and puts this one back after."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # ignored or handled by whoever started us
+
+    def terminated(signum: int, _frame: Any) -> None:
+        ctx = click.get_current_context(silent=True)
+        line = f"{command_path(ctx)}: stopped by SIGTERM before it finished"
+        app = ctx.find_object(App) if ctx else None
+        if app is not None and app.log_format == "json":
+            line = json_line("error", line, logger="pipeline.cli")
+        with contextlib.suppress(OSError):
+            os.write(2, (line + "\n").encode("ascii", "backslashreplace"))
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def _closed_streams() -> None:

@@ -334,6 +334,41 @@ def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
     assert row == {"status": "noop"}
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (("status",), "pipeline status: stopped by SIGTERM before it finished"),
+    (("--log-format", "json", "db", "migrate"),
+     "pipeline db migrate: stopped by SIGTERM before it finished"),
+])
+def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
+                                             args: tuple[str, ...], line: str) -> None:
+    # `timeout 60 pipeline status` or a deploy stopping `db migrate`: the process died with
+    # nothing said, and cron mailed nothing. It still dies of the signal (exit 143 to a
+    # shell; an open transaction rolls back with the connection), after one line.
+    import signal
+    import time
+
+    from tests.support.proxy import TcpProxy
+
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    with TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432),
+                  delay=0.5) as slow:  # every exchange with PostgreSQL takes half a second
+        run_cli.env["PIPELINE_DATABASE_URL"] = psycopg.conninfo.make_conninfo(
+            database_url, host=slow.address[0], port=str(slow.address[1]))
+        proc = run_cli.popen(*args)
+        while slow.connections == 0 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (out, err)
+    said = err.strip()
+    if "--log-format" in args:
+        obj = json.loads(said)
+        assert obj["level"] == "error"
+        said = obj["msg"]
+    assert said == line
+
+
 def test_an_empty_config_option_is_a_usage_error(run_cli: Cli) -> None:
     # `--config "$CFG"` with CFG unset ran on the defaults (a prune with default retention).
     result = run_cli("--config", "", "config", "show")
