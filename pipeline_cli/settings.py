@@ -697,13 +697,13 @@ def _misspelt_variables(environ: Mapping[str, str], sections: dict[str, type]) -
     setting's (PIPELINE_DATABSE_URL, PIPELINE_database_url) is an error, as a typo inside a
     section is: the job ran on the defaults in silence. Others are left alone: other tools
     use the prefix too (Azure Pipelines' PIPELINE_WORKSPACE)."""
-    known = {env_name(section, f.name): f for section, cls in sections.items()
-             for f in dataclasses.fields(cls) if f.metadata.get("env", True)}
+    known = sorted(env_name(section, f.name) for section, cls in sections.items()
+                   for f in dataclasses.fields(cls) if f.metadata.get("env", True))
     prefixes = tuple(env_name(section, "") for section in sections)
     for var in sorted(environ):
         if not var.startswith("PIPELINE_") or var in known or var.startswith(prefixes):
             continue
-        close = [name for name in sorted(known) if _edits(var.upper(), name) <= 2]
+        close = [name for name in known if _edits(var.upper(), name) <= 2]
         if close:
             raise ConfigError(f"unknown setting {var} in the environment (did you mean "
                               f"{close[0]}?)", key=var)
