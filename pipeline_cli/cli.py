@@ -7,8 +7,11 @@ the runner and renders the result with :mod:`pipeline_cli.render`. This module a
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
+import signal
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -17,8 +20,17 @@ import click
 
 from . import __version__, render
 from .app import App
-from .commands import COMMAND_PATH, COMMANDS, LazyGroup, NonEmpty, command_path
+from .commands import (
+    COMMAND_PATH,
+    COMMANDS,
+    LazyGroup,
+    NonEmpty,
+    command_path,
+    set_quiet,
+    set_verbose,
+)
 from .errors import EXIT_CODES, PipelineError
+from .logs import json_line
 from .settings import shorten_values
 
 EPILOG = (
@@ -122,17 +134,18 @@ class PipelineGroup(LazyGroup):
               help="Print one JSON object on stdout instead of tables.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines on stderr as text or one JSON object each.")
-@click.option("-v", "--verbose", count=True, help="Debug logging.")
-@click.option("-q", "--quiet", is_flag=True,
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=set_verbose,
+              help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_quiet,
               help="Only errors: nothing on success (for cron).")
 @click.version_option(__version__, prog_name="pipeline")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: str,
-        verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, config_path: str | None, json_: bool, log_format: str) -> None:
     """Keep a transport-routing backend's data fresh, one cron-safe stage at a time."""
-    app = App(config_path=config_path, json=json_, log_format=log_format,
-              verbosity=-1 if quiet else verbose)
-    ctx.obj = app
+    # -q and -v set the verbosity as they come, as after the command: the last one wins
+    # (`pipeline -q -v run-all`, a -v added to a cron line, stayed quiet)
+    app = ctx.ensure_object(App)
+    app.config_path, app.json, app.log_format = config_path, json_, log_format
     ctx.call_on_close(app.resources.close)
     app.configure_logging()
 
@@ -149,14 +162,17 @@ def _json_hint(exc: click.ClickException) -> None:
 
 
 def _writing_stdout(exc: OSError) -> bool:
-    """True when ``exc`` came from writing stdout (click.echo's or rich's ``file``)."""
+    """True when ``exc`` came from writing stdout: a stream in the failing frames' locals
+    whatever its name (click.echo's and rich's ``file``, the GeoJSON export's ``out``:
+    looking for ``file`` only, `export geojson stops > /dev/full` was a traceback)."""
     for frame, _line in traceback.walk_tb(exc.__traceback__):
-        for stream in (frame.f_locals.get("file"),
+        for stream in (*frame.f_locals.values(),
                        getattr(frame.f_locals.get("self"), "file", None)):
             try:
-                if stream is sys.stdout or (stream is not None and stream.fileno() == 1):
+                if stream is sys.stdout or (isinstance(stream, io.IOBase)
+                                            and stream.fileno() == 1):
                     return True
-            except (AttributeError, OSError, ValueError):
+            except (OSError, ValueError):
                 continue
     return False
 
@@ -165,7 +181,31 @@ def main() -> None:
     """Console-script entry point."""
     _closed_streams()
     _utf8_streams()
+    _say_when_terminated()
     cli(prog_name="pipeline")
+
+
+def _say_when_terminated() -> None:
+    """SIGTERM outside a stage's run (``timeout 60 pipeline status``, a deploy stopping
+    ``db migrate``) killed the process with nothing said, and cron mailed nothing: one line
+    on stderr now, then the signal's own action, so the process still dies of it (143 to a
+    shell) with nothing unwound (an open transaction rolls back as its connection drops). A
+    stage's run has its own handlers (``runner.StopFlag``), and puts this one back after."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # ignored or handled by whoever started us
+
+    def terminated(signum: int, _frame: Any) -> None:
+        ctx = click.get_current_context(silent=True)
+        line = f"{command_path(ctx)}: stopped by SIGTERM before it finished"
+        app = ctx.find_object(App) if ctx else None
+        if app is not None and app.log_format == "json":
+            line = json_line("error", line, logger="pipeline.cli")
+        with contextlib.suppress(OSError):
+            os.write(2, (line + "\n").encode("ascii", "backslashreplace"))
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def _closed_streams() -> None:

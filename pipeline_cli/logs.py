@@ -6,6 +6,7 @@ password, a token in an error body) is masked before it reaches a log file or a 
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import sys
@@ -67,7 +68,16 @@ def json_line(level: str, msg: str, *, logger: str = "pipeline", stage: str | No
     }
     if exc:
         out["exc"] = exc
-    return json.dumps(out, default=str, ensure_ascii=False)
+    # On a stderr that is not UTF-8 (LC_ALL=C with PYTHONUTF8=0) Python escapes what it
+    # cannot encode, and "ä" became \xe4, which is not JSON: JSON's own escapes instead.
+    return json.dumps(out, default=str, ensure_ascii=not _utf8(sys.stderr))
+
+
+def _utf8(stream: Any) -> bool:
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "ascii").name == "utf-8"
+    except LookupError:
+        return False
 
 
 class TextFormatter(logging.Formatter):

@@ -7,9 +7,11 @@ Stage commands call :func:`stage_record`; errors raised before a run starts go t
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,10 +59,16 @@ def console(*, stderr: bool = False, whole: bool = False) -> Console:
     with ``whole``). No markup and no emoji codes: "missing setting [odata] url", a stop
     named "Kamppi [M]" or a route VR:V:MAIN:1>... (":v:" would become an emoji) print as
     written."""
-    c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False, emoji=False)
+    make = functools.partial(_Console, stderr=stderr, soft_wrap=False, highlight=False,
+                             markup=False, emoji=False)
+    c = make()
+    # Both width and height: given a width alone, rich takes a dumb terminal (TERM=dumb, as
+    # in an Emacs shell, which sets COLUMNS) for 80x25 and folded every value at 80 columns.
     if whole or not c.is_terminal:
-        c = _Console(stderr=stderr, soft_wrap=False, highlight=False, markup=False,
-                    emoji=False, width=PIPE_WIDTH)
+        return make(width=PIPE_WIDTH, height=c.height)
+    if c.is_dumb_terminal:
+        size = shutil.get_terminal_size()  # COLUMNS, else the terminal's own size
+        return make(width=size.columns, height=size.lines)
     return c
 
 

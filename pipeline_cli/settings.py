@@ -619,7 +619,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"malformed config file {shown}: {exc}", key="config") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"malformed config file {shown}: not UTF-8 (byte {exc.start})",
+            raise ConfigError(f"malformed config file {shown}: not UTF-8 {_where(exc)}",
                               key="config") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {shown}: {exc.strerror}",
@@ -650,11 +650,12 @@ def load_settings(
             name = f"{section}.{f.name}"
             env = env_name(section, f.name)
             if f.metadata.get("env", True) and env in environ:
-                if not is_utf8(environ[env]):
+                raw = os_text(environ[env])
+                if not is_utf8(raw):
                     raise ConfigError(f"malformed setting {env}: not valid UTF-8 (an env file "
                                       "in Latin-1?)", key=env)
-                values[f.name] = "" if f.metadata.get("empty") and not environ[env] else _coerce(
-                    environ[env], hints[f.name], env, True)
+                values[f.name] = "" if f.metadata.get("empty") and not raw else _coerce(
+                    raw, hints[f.name], env, True)
                 sources[name] = f"env {env}"
             elif f.name in table:
                 values[f.name] = _coerce(table[f.name], hints[f.name], f"[{section}] {f.name}",
@@ -676,10 +677,52 @@ def load_settings(
             close = difflib.get_close_matches(var, known, n=1)
             raise ConfigError(f"unknown setting {var} in the environment" + (
                 f" (did you mean {close[0]}?)" if close else ""), key=var)
+    _misspelt_variables(environ, sections)
     built["s3"] = _s3_scheme(built["s3"], sources)
     settings = Settings(**built, config_file=shown or None, sources=sources)
     _validate(settings)
     return settings
+
+
+def _where(exc: UnicodeDecodeError) -> str:
+    """Where a config file stops being UTF-8, as an editor counts: line and column, the
+    byte, and the likely encoding (a byte offset alone had the operator counting)."""
+    data, start = bytes(exc.object), exc.start
+    line = data.count(b"\n", 0, start) + 1
+    column = start - data.rfind(b"\n", 0, start)
+    saved = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "Latin-1"
+    return f"at line {line}, column {column} (byte 0x{data[start]:02x}; saved in {saved}?)"
+
+
+def _misspelt_variables(environ: Mapping[str, str], sections: dict[str, type]) -> None:
+    """A ``PIPELINE_*`` variable outside every section that is one or two letters from a
+    setting's (PIPELINE_DATABSE_URL, PIPELINE_database_url) is an error, as a typo inside a
+    section is: the job ran on the defaults in silence. Others are left alone: other tools
+    use the prefix too (Azure Pipelines' PIPELINE_WORKSPACE)."""
+    known = sorted(env_name(section, f.name) for section, cls in sections.items()
+                   for f in dataclasses.fields(cls) if f.metadata.get("env", True))
+    prefixes = tuple(env_name(section, "") for section in sections)
+    for var in sorted(environ):
+        if not var.startswith("PIPELINE_") or var in known or var.startswith(prefixes):
+            continue
+        close = [name for name in known if _edits(var.upper(), name) <= 2]
+        if close:
+            raise ConfigError(f"unknown setting {var} in the environment (did you mean "
+                              f"{close[0]}?)", key=var)
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance with transpositions (optimal string alignment)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _s3_scheme(s3: S3Settings, sources: dict[str, str]) -> S3Settings:
@@ -713,9 +756,11 @@ def path_hint(path: str | os.PathLike[str]) -> str:
     if not os.path.isabs(text):
         try:
             where = printable_path(os.getcwd())
-        except OSError:  # the working directory was removed
-            where = "?"
-        return f" (relative to the working directory {where}: give the full path)"
+        except OSError:  # removed under the process (a deploy swapped the release directory)
+            where = ", which was removed"
+        else:
+            where = " " + where
+        return f" (relative to the working directory{where}: give the full path)"
     return ""
 
 
@@ -723,6 +768,18 @@ def printable_path(path: str | os.PathLike[str]) -> str:
     """A file name as text: bytes that are not UTF-8 (a legitimate Latin-1 file name) escaped
     as \\xe9, so that it can go into a message, JSON or the database."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def os_text(text: str) -> str:
+    """An argument or environment value read as UTF-8: Python decoded its bytes with the
+    locale's encoding, so under LC_ALL=C with PYTHONUTF8=0 (ASCII) a UTF-8 "Jyväskylä" came
+    as escapes and was refused as not UTF-8 (a Latin-1 locale made it mojibake). Bytes that
+    are not UTF-8 keep the locale's reading: a Latin-1 locale's "é", or escapes that
+    :func:`is_utf8` refuses."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 def is_utf8(text: str) -> bool:

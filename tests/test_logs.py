@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline_cli.logs import TextFormatter
 from tests.support.clirunner import Cli
@@ -67,3 +68,17 @@ def test_text_logs_show_control_characters_escaped() -> None:
     record = logging.makeLogRecord({"msg": "stop %s", "args": ("S2\nFAKE\x1b[2J",),
                                     "levelname": "WARNING"})
     assert TextFormatter().format(record).endswith(" stop S2\\nFAKE\\x1b[2J")
+
+
+def test_json_log_lines_parse_on_an_ascii_stderr(run_cli: Cli, tmp_path: Path) -> None:
+    # cron with LC_ALL=C and PYTHONUTF8=0: stderr is ASCII and escapes what it cannot show,
+    # and "ä" became \xe4 inside a JSON string, which no JSON parser reads.
+    points = tmp_path / "Jyväskylä-Москва.csv"
+    points.write_text("device_id,recorded_at,latitude,longitude\n"
+                      "dev-1,2024-05-01T08:00:00Z,60.17,24.94\n"
+                      "dev-1,2024-05-01T08:00:02Z,999,24.94\n")
+    proc = run_cli.cron("--log-format", "json", "ingest-gps", "--strict", str(points),
+                        env=run_cli.cron_env(LC_ALL="C", PYTHONUTF8="0"))
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert any("Jyväskylä-Москва.csv" in obj["msg"] for obj in lines), proc.stderr

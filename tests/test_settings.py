@@ -82,6 +82,11 @@ def test_toml_examples_in_the_docs_load(doc: str, tmp_path: Path) -> None:
          "unknown setting PIPELINE_MATCH_GAP_SECOND in the environment (did you mean "
          "PIPELINE_MATCH_GAP_SECONDS?)"),
         ("", {"PIPELINE_ODATA_MAPPING": "{}"}, "[odata] mapping can be set only in the config"),
+        # ... and so was one in the section's name, or in the case: the job ran on defaults.
+        ("", {"PIPELINE_DATABSE_URL": "postgresql://h/x"}, "unknown setting "
+         "PIPELINE_DATABSE_URL in the environment (did you mean PIPELINE_DATABASE_URL?)"),
+        ("", {"PIPELINE_SE_BUCKET": "b01"}, "(did you mean PIPELINE_S3_BUCKET?)"),
+        ("", {"PIPELINE_database_url": "x"}, "(did you mean PIPELINE_DATABASE_URL?)"),
         # Infinite or oversized values failed the run after all its work, or as a traceback.
         ("[virtual]\nmax_route_km = inf\n", {}, "[virtual] max_route_km: expected a finite"),
         ("", {"PIPELINE_VIRTUAL_SPEEDS_KMH": '{"bus": 1e999}'}, "SPEEDS_KMH.bus: expected a "
@@ -155,6 +160,29 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str
     assert err.value.exit_code == 78
 
 
+def test_other_pipeline_variables_are_not_taken_for_typos() -> None:
+    # A variable of another tool (Azure Pipelines' PIPELINE_WORKSPACE) or of the test harness
+    # is far from every setting's name: only a near miss is an error.
+    env = {"PIPELINE_WORKSPACE": "/w", "PIPELINE_ID": "7", "PIPELINE_CONFIG": "",
+           "PIPELINE_TEST_S3_SECRET_KEY": "k", "PIPELINE_TEST_DATABASE_URL": "x",
+           "PIPELINE_LOCAL_DIR": "/l"}
+    assert load_settings(None, env).s3.bucket
+
+
+def test_a_relative_config_path_in_a_removed_working_directory_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job whose directory was removed under it (a deploy swapped it) read "(relative to
+    # the working directory ?: give the full path)".
+    gone = tmp_path / "release-41"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ConfigError) as err:
+        load_settings("etc/pipeline.toml", {})
+    assert str(err.value) == ("config file not found: etc/pipeline.toml (relative to the "
+                              "working directory, which was removed: give the full path)")
+
+
 def test_url_schemes_are_case_insensitive() -> None:
     # HTTP://host/... was refused with exit 78.
     assert load_settings(None, {"PIPELINE_ODATA_URL": "HTTP://h:8080/odata/"}).odata.url
@@ -185,6 +213,16 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe bad\n")
     with pytest.raises(ConfigError, match="malformed config file .*bad.toml: not UTF-8"):
         load_settings(path, {})
+
+
+def test_a_config_file_not_in_utf8_names_the_line(tmp_path: Path) -> None:
+    # "not UTF-8 (byte 43)": an operator counts lines, not bytes.
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[redis]\nprefix = "x"\n\n[s3]\nregion = "S\xe4o Paulo"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    assert str(err.value).endswith("latin1.toml: not UTF-8 at line 5, column 12 (byte 0xe4; "
+                                   "saved in Latin-1?)")
 
 
 def test_secrets_stay_out_of_malformed_url_messages() -> None:

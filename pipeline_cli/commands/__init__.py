@@ -26,7 +26,7 @@ from ..app import App
 from ..db import deployment_id  # not `db.`: this package's `db` commands shadow that name
 from ..errors import LockBusy, PipelineError
 from ..runner import RunContext, RunRecord, StageResult, ignore_late_signals
-from ..settings import is_utf8, quoted
+from ..settings import is_utf8, os_text, quoted
 
 if TYPE_CHECKING:  # imported where it is built: `pipeline status` does not pay for it
     from ..adapters.graph_store import GraphStore
@@ -105,12 +105,12 @@ def _set_app(ctx: click.Context, **changes: Any) -> None:
     app.configure_logging()  # the group configured it before this command's options were read
 
 
-def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+def set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         _set_app(ctx, verbosity=-1)
 
 
-def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+def set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
     if value:
         _set_app(ctx, verbosity=max(ctx.ensure_object(App).verbosity, 0) + value)
 
@@ -126,9 +126,9 @@ def global_options(cmd: C) -> C:
     commands of a registered subgroup, so no command declares them itself."""
     have = {p.name for p in cmd.params}
     for option in (
-        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=set_quiet,
                      help="Only errors; nothing on success (as before the command)."),
-        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbose,
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=set_verbose,
                      help="Debug logging (as before the command)."),
         click.Option(["--log-format"], type=click.Choice(["text", "json"]), default=None,
                      expose_value=False, callback=_set_log_format,
@@ -159,7 +159,8 @@ def command_path(ctx: click.Context | None) -> str:
 def _check_utf8(cmd: click.Command) -> None:
     """A usage error (exit 2) naming the option whose value holds bytes that are not UTF-8:
     `restore dataset $'x\\xe9'` or `--device` ended in a traceback when the value reached
-    the database. File names are exempt: a Latin-1 file name is legitimate."""
+    the database. File names are exempt: a Latin-1 file name is legitimate. A value is read
+    as UTF-8 first, whatever the locale (:func:`settings.os_text`)."""
     callback = cmd.callback
     if callback is None or getattr(callback, "utf8_checked", False):
         return
@@ -173,10 +174,18 @@ def _check_utf8(cmd: click.Command) -> None:
             if isinstance(kind, (click.Path, click.File)) or param.name is None:
                 continue
             value = ctx.params.get(param.name)
+            if isinstance(value, str):
+                value = os_text(value)
+            elif isinstance(value, (tuple, list)):
+                value = type(value)(os_text(v) if isinstance(v, str) else v for v in value)
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(item, str) and not is_utf8(item):
                     raise click.BadParameter("not valid UTF-8 (only a file name may hold "
                                              "other bytes)", ctx=ctx, param=param)
+            if param.name in ctx.params:
+                ctx.params[param.name] = value
+            if param.name in kwargs:
+                kwargs[param.name] = value
         return callback(*args, **kwargs)
 
     checked.utf8_checked = True  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,41 @@ def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
     assert row == {"status": "noop"}
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (("status",), "pipeline status: stopped by SIGTERM before it finished"),
+    (("--log-format", "json", "db", "migrate"),
+     "pipeline db migrate: stopped by SIGTERM before it finished"),
+])
+def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
+                                             args: tuple[str, ...], line: str) -> None:
+    # `timeout 60 pipeline status` or a deploy stopping `db migrate`: the process died with
+    # nothing said, and cron mailed nothing. It still dies of the signal (exit 143 to a
+    # shell; an open transaction rolls back with the connection), after one line.
+    import signal
+    import time
+
+    from tests.support.proxy import TcpProxy
+
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    with TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432),
+                  delay=0.5) as slow:  # every exchange with PostgreSQL takes half a second
+        run_cli.env["PIPELINE_DATABASE_URL"] = psycopg.conninfo.make_conninfo(
+            database_url, host=slow.address[0], port=str(slow.address[1]))
+        proc = run_cli.popen(*args)
+        while slow.connections == 0 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (out, err)
+    said = err.strip()
+    if "--log-format" in args:
+        obj = json.loads(said)
+        assert obj["level"] == "error"
+        said = obj["msg"]
+    assert said == line
+
+
 def test_an_empty_config_option_is_a_usage_error(run_cli: Cli) -> None:
     # `--config "$CFG"` with CFG unset ran on the defaults (a prune with default retention).
     result = run_cli("--config", "", "config", "show")
@@ -417,6 +453,22 @@ def test_output_is_utf8_whatever_the_locale_says(run_cli: Cli, encoding: str,
     result = run_cli.subprocess(*args, encoding="utf-8")  # strict: Latin-1 bytes fail here
     assert result.returncode == 0, result.stderr
     assert "Jyväskylä→" in result.stdout
+
+
+def test_utf8_arguments_and_variables_are_read_as_utf8_in_an_ascii_locale(run_cli: Cli) -> None:
+    # cron with LC_ALL=C and PYTHONUTF8=0: Python read argv and the environment as ASCII, and
+    # `--device Москва-1` or a prefix "jyväskylä" was refused as "not valid UTF-8" (exit 2,
+    # exit 78) though every byte was UTF-8.
+    env = run_cli.cron_env(LC_ALL="C", PYTHONUTF8="0", PIPELINE_REDIS_PREFIX="jyväskylä")
+    listed = run_cli.cron("--json", "batches", "list", "--device", "Москва-1", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["batches"] == []
+    shown = run_cli.cron("--json", "config", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["redis.prefix"]["value"] == "jyväskylä"
+    # bytes that are not UTF-8 are still refused, naming the option
+    latin1 = run_cli.cron("batches", "list", "--device", os.fsdecode(b"Jyv\xe4"), env=env)
+    assert latin1.returncode == 2 and "'--device': not valid UTF-8" in latin1.stderr
 
 
 def test_ctrl_c_while_the_modules_load_is_one_line_not_a_traceback(run_cli: Cli) -> None:

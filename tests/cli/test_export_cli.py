@@ -110,6 +110,16 @@ def test_a_failure_known_at_the_start_writes_nothing_to_stdout(cli: Cli) -> None
     assert result.stdout == ""
 
 
+def test_a_full_disk_on_stdout_is_one_line_not_a_traceback(cli: Cli, conn: Conn) -> None:
+    # `pipeline export geojson stops > /dev/full`: an OSError traceback, where every other
+    # command says "cannot write the output" (the stream was named `out`, not `file`).
+    add_dataset(conn)
+    with open("/dev/full", "w") as full:
+        proc = cli.subprocess("export", "geojson", "stops", stdout=full, stderr=-1)
+    assert (proc.returncode, proc.stderr) == (
+        1, "pipeline: cannot write the output: No space left on device\n")
+
+
 def test_output_dash_is_stdout(cli: Cli, conn: Conn, tmp_path: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     """`-o - | jq` exited 0 with nothing on stdout: the export went to a file named "-"

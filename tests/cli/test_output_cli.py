@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
+import pytest
 
 from tests.support.clirunner import Cli
 from tests.support.graph_fixtures import add_dataset
@@ -93,6 +94,21 @@ def test_global_options_after_the_subcommand(run_cli: Cli, tmp_path: Path) -> No
     assert nested.exit_code == 0 and "database.url" in nested.output
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (("-q", "-v", "db", "migrate"), True), (("-v", "-q", "db", "migrate"), False),
+    (("-vv", "-q", "db", "migrate"), False), (("-q", "-vv", "db", "migrate"), True),
+    (("db", "migrate", "-q", "-v"), True), (("db", "migrate", "-v", "-q"), False),
+    (("-v", "db", "migrate", "-q"), False), (("-q", "db", "migrate", "-v"), True),
+])
+def test_the_last_of_quiet_and_verbose_wins(run_cli: Cli, args: tuple[str, ...],
+                                            says: bool) -> None:
+    # `pipeline -q -v run-all` (a -v added to a cron line to debug it) stayed quiet: before
+    # the command -q won whatever the order, after it the last one given did.
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert ("schema version" in result.output) == says, result.output
+
+
 def test_quiet_ingest_that_skips_rows_is_a_silent_success(run_cli: Cli, tmp_path: Path) -> None:
     points = tmp_path / "points.csv"
     points.write_text("device_id,recorded_at,latitude,longitude\n"
@@ -130,10 +146,13 @@ def test_completion_is_documented() -> None:
         assert "pipeline completion" in (root / doc).read_text(), doc
 
 
-def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli) -> None:
+@pytest.mark.parametrize("term", ["xterm", "dumb"])
+def test_a_table_too_wide_for_the_terminal_is_printed_whole(run_cli: Cli, term: str) -> None:
     # COLUMNS=20 (a split tmux pane): rich squeezed every column below its narrowest, and
-    # `datasets list` showed a grid of empty cells, every value lost.
-    run_cli.env.update({"FORCE_COLOR": "1", "COLUMNS": "20"})  # a terminal 20 wide
+    # `datasets list` showed a grid of empty cells, every value lost. TERM=dumb (an Emacs
+    # shell): rich took every dumb terminal for 80 columns, the whole width too, and folded
+    # each value a few letters a line.
+    run_cli.env.update({"FORCE_COLOR": "1", "COLUMNS": "20", "TERM": term})  # 20 wide
     result = run_cli.subprocess("config", "show")
     assert result.returncode == 0, result.stderr
     assert "database.connect_timeout" in result.stdout
