@@ -40,7 +40,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
-from .. import db
+from .. import db, geo
 from ..adapters.backups import BackupStore
 from ..adapters.graph_store import (
     Edge,
@@ -151,6 +151,9 @@ class GraphData:
     speeds_kmh: dict[str, float]  # the speed of each mode a route without flights used
     # (route id, stop) of the routes left out because they lead from a stop to itself
     self_loops: list[tuple[str, str]] = field(default_factory=list)
+    # (route id, from, to, distance_km, straight-line km) of the routes weighed by a distance
+    # shorter than the great circle between their stops
+    short_routes: list[tuple[str, str, str, float, float]] = field(default_factory=list)
 
     @property
     def nodes(self) -> int:
@@ -198,7 +201,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     """
     params = {"dataset_version": dataset_version}
     cur = conn.cursor(row_factory=tuple_row)
-    real = [r[0] for r in cur.execute(db.query("build_graph", "real_stops"))]
+    stops = cur.execute(db.query("build_graph", "real_stops")).fetchall()
+    real = [r[0] for r in stops]
     virtual = [r[0] for r in cur.execute(db.query("build_graph", "virtual_stops"), params)]
     routes = cur.execute(db.query("build_graph", "real_routes")).fetchall()
     vroutes = cur.execute(db.query("build_graph", "virtual_routes"), params).fetchall()
@@ -240,6 +244,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     weight = np.round(np.concatenate([real_w, virtual_w]), 3)
     route_ids = [r[0] for r in routes] + [r[0] for r in vroutes]
     modes += [r[3] for r in vroutes]
+    short_routes = _short_routes(stops, routes, src[:len(routes)], dst[:len(routes)], dist_km,
+                                 flight_s)
     # A route from a stop to itself leads nowhere: the routing API never gets it.
     loops = np.flatnonzero((src == dst) & (src >= 0)).tolist()
     self_loops = [(route_ids[i], from_ids[i]) for i in loops]
@@ -254,8 +260,26 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
         node_ids=node_ids, n_real=len(real), src=src, dst=dst, weight=weight,
         route_ids=route_ids, modes=modes, from_ids=from_ids, to_ids=to_ids,
         speeds_kmh={m: table[m] for m in sorted(used)},
-        self_loops=self_loops,
+        self_loops=self_loops, short_routes=short_routes,
     )
+
+
+def _short_routes(stops: list[tuple[Any, ...]], routes: list[tuple[Any, ...]], src: np.ndarray,
+                  dst: np.ndarray, dist_km: np.ndarray, flight_s: np.ndarray
+                  ) -> list[tuple[str, str, str, float, float]]:
+    """The real routes weighed by a distance shorter than the great circle between their
+    stops, by more than 10 % and 1 km: a feed's 0 for "unknown", or miles for kilometres. A
+    route of 0 km between stops 60 km apart is an edge of 0 s that every shortest path takes.
+    Great-circle km go the short way round, across the antimeridian too."""
+    lat = np.array([r[1] for r in stops], dtype=np.float64)
+    lon = np.array([r[2] for r in stops], dtype=np.float64)
+    known = (src >= 0) & (src < lat.size) & (dst >= 0) & (dst < lat.size)  # real stops
+    weighed = np.flatnonzero(np.isnan(flight_s) & ~np.isnan(dist_km) & known)
+    a, b = src[weighed], dst[weighed]
+    straight = geo.haversine_km(lat[a], lon[a], lat[b], lon[b])
+    short = straight - dist_km[weighed] > np.maximum(1.0, 0.1 * straight)
+    return [(routes[i][0], routes[i][1], routes[i][2], float(dist_km[i]), float(km))
+            for i, km in zip(weighed[short].tolist(), straight[short].tolist(), strict=True)]
 
 
 # ---------------------------------------------------------------- validation
@@ -268,11 +292,13 @@ class Checks:
     self_loops: int
     zero_weight_edges: int
     warnings: list[str]
+    short_routes: int = 0
 
     def counts(self) -> dict[str, int]:
         return {"components": self.components,
                 "unreachable_real_stops": self.unreachable_real_stops,
-                "self_loops": self.self_loops, "zero_weight_edges": self.zero_weight_edges}
+                "self_loops": self.self_loops, "zero_weight_edges": self.zero_weight_edges,
+                "short_routes": self.short_routes}
 
 
 def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
@@ -338,6 +364,12 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         sample = ", ".join(graph.node_ids[i] for i in one_way[:_SAMPLES])
         warnings.append(f"{one_way.size} real stop(s) joined to the main network one way only "
                         f"(e.g. {sample}): a route back or there is missing")
+    if graph.short_routes:  # published as the feed says: a guessed distance would be no better
+        route, a, b, km, straight = graph.short_routes[0]
+        warnings.append(f"{len(graph.short_routes)} route(s) shorter than the straight line "
+                        f"between their stops (e.g. {route}: {a} -> {b}, {km:g} km for "
+                        f"{straight:.1f} km): their distance_km is wrong, or in another unit; "
+                        "published")
     free = np.flatnonzero(graph.weight == 0)
     if free.size:  # two stops at one place (platforms of a station): legitimate, but worth a look
         i = int(free[0])
@@ -346,7 +378,7 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
                         "published")
     return Checks(components=int(count), unreachable_real_stops=int(outside.size),
                   self_loops=len(graph.self_loops), zero_weight_edges=int(free.size),
-                  warnings=warnings)
+                  warnings=warnings, short_routes=len(graph.short_routes))
 
 
 # ---------------------------------------------------------------- encoding and export

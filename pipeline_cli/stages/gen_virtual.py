@@ -146,7 +146,8 @@ class VirtualPlan:
 def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     """Named cities with at least ``city_min_stops`` stops and one within ``city_radius_km``
     of their centre, then dense clusters of city-less stops (grid cells ``city_radius_km``
-    wide holding that many stops), both at their spherical centroid. A cluster is named
+    wide holding that many stops, or stops of sparser cells with that many such stops within
+    half a cell), both at their spherical centroid. A cluster is named
     ``cluster:<row>:<col>`` after its cell. Names are compared ignoring case and spacing; a
     city is named as its first stop spells it. A name is a city per place it is used in: its
     stops chained by steps of ``2 × city_radius_km`` at most (Springfield in two states is two
@@ -185,17 +186,31 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
         loose[np.flatnonzero(named)[~big[group]]] = True
     if loose.any():
         grid = geo.Grid(max(s.city_radius_km, s.city_spacing_km))
-        rows, cols = grid.nearest_cells(real.lat[loose], real.lon[loose])
-        _keys, first, inverse, counts = np.unique(
-            geo.cell_keys(rows, cols), return_index=True, return_inverse=True,
-            return_counts=True)
-        clat, clon = geo.group_centroids(inverse.ravel(), real.lat[loose], real.lon[loose],
-                                         len(counts))
-        dense = counts >= s.city_min_stops
-        names += [f"cluster:{r}:{c}" for r, c in zip(rows[first][dense].tolist(),
-                                                      cols[first][dense].tolist(), strict=True)]
-        lats.append(clat[dense])
-        lons.append(clon[dense])
+        llat, llon = real.lat[loose], real.lon[loose]
+        rows, cols = grid.nearest_cells(llat, llon)
+        keys = geo.cell_keys(rows, cols)
+        _keys, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        member = counts[inverse.ravel()] >= s.city_min_stops
+        # A cell boundary can cut a dense place in parts, none of them dense (12 stops within
+        # 100 m, 6 in each cell): a stop of a sparse cell with city_min_stops stops of sparse
+        # cells within half a cell joins the cluster of its cell. Dense cells stay as they are.
+        sparse = np.flatnonzero(~member)
+        if sparse.size >= s.city_min_stops:
+            from scipy.spatial import cKDTree
+
+            xyz = geo.unit_vectors(llat[sparse], llon[sparse]).reshape(-1, 3)
+            near = cKDTree(xyz).query_ball_point(
+                xyz, float(geo.km_to_chord(grid.spacing_km / 2)), return_length=True)
+            member[sparse[np.asarray(near) >= s.city_min_stops]] = True
+        _keys, first, inverse = np.unique(keys[member], return_index=True,
+                                          return_inverse=True)
+        rows, cols = rows[member], cols[member]
+        clat, clon = geo.group_centroids(inverse.ravel(), llat[member], llon[member],
+                                         len(first))
+        names += [f"cluster:{r}:{c}" for r, c in zip(rows[first].tolist(),
+                                                      cols[first].tolist(), strict=True)]
+        lats.append(clat)
+        lons.append(clon)
     if not names:
         return Anchors([], np.zeros(0), np.zeros(0))
     return Anchors(names, np.concatenate(lats), np.concatenate(lons))

@@ -30,7 +30,9 @@ ORDER BY seq DESC
 LIMIT 1;
 
 -- name: real_stops
-SELECT id FROM stops ORDER BY id;
+-- The positions measure the routes weighed by their distance (a 0 km route between
+-- distant stops is named).
+SELECT id, latitude, longitude FROM stops ORDER BY id;
 
 -- name: virtual_stops
 SELECT id FROM virtual_stops WHERE dataset_version = %(dataset_version)s ORDER BY id;

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -474,6 +475,49 @@ def test_self_loops_are_left_out_and_zero_weight_edges_counted(
     row = graph_rows(conn)[-1]
     assert row["edges"] == edges and row["warnings"]["self_loops"] == 2
     assert store.meta(version)["edges"] == str(edges)
+
+
+def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle km on the sphere of the pipeline, written apart from pipeline_cli.geo."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = (math.sin((p2 - p1) / 2) ** 2
+         + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2)
+    return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(a)))
+
+
+def test_routes_shorter_than_the_straight_line_between_their_stops_are_named(
+        builder: Builder, conn: Conn, store: GraphStore) -> None:
+    """A route of 0 km (a feed's "unknown") between stops 60 km apart became an edge of 0 s,
+    a teleport every shortest path took, noted as "two stops at one place". Routes across the
+    antimeridian are measured the short way round; longer routes than the straight line are
+    normal (roads wind), and so are 0 km between the platforms of one station."""
+    add_dataset(conn, "ds-v1")
+    stops = {"HEL": (60.17, 24.94), "TKU": (60.45, 22.27), "P1": (60.1710, 24.9410),
+             "P2": (60.1711, 24.9411), "FJW": (-16.8, 179.9), "FJE": (-16.8, -179.9),
+             "NP": (90.0, 0.0), "SP": (-90.0, 0.0), "Z": (0.0, 0.0), "ZM": (-0.0, -0.0)}
+    for sid, (lat, lon) in stops.items():
+        conn.execute("INSERT INTO stops (id, latitude, longitude) VALUES (%s, %s, %s)",
+                     (sid, lat, lon))
+    across = _haversine_km(*stops["FJW"], *stops["FJE"])
+    assert 20 < across < 22  # the short way round, not 40,000 km
+    poles = _haversine_km(*stops["NP"], *stops["SP"])
+    routes = [("TELEPORT", "HEL", "TKU", 0.0), ("MILES", "TKU", "HEL", 99.0),
+              ("ROAD", "HEL", "TKU", 170.0), ("PLATFORMS", "P1", "P2", 0.0),
+              ("DATELINE", "FJW", "FJE", round(across, 1)), ("DATELINE-0", "FJE", "FJW", 0.0),
+              ("POLES", "NP", "SP", round(poles)), ("NULL", "Z", "ZM", 0.0)]
+    for rid, a, b, km in routes:
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, 'bus', %s)", (rid, a, b, km))
+    add_generation(conn, "ds-v1")
+    record = builder.build()
+    assert record.status == "success", record.error
+    assert _haversine_km(*stops["HEL"], *stops["TKU"]) > 150
+    assert record.extra["short_routes"] == record.counts["short_routes"] == 3
+    assert "3 route(s) shorter than the straight line between their stops (e.g. DATELINE-0: " \
+        f"FJE -> FJW, 0 km for {across:.1f} km)" in " ".join(record.extra["warnings"])
+    assert graph_rows(conn)[-1]["warnings"]["short_routes"] == 3
+    # Published as the feed says: a note, not a guess at the distance.
+    _, out = store.neighbors("HEL")
+    assert [e.weight_s for e in out if e.route_id == "TELEPORT"] == [0.0]
 
 
 # ---------------------------------------------------------------- failures

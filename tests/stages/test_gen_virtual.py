@@ -428,6 +428,30 @@ def test_stops_of_small_named_places_count_towards_a_dense_cluster(
     assert rec.counts["by_kind"]["CITY_GRID"] > 0
 
 
+@pytest.mark.parametrize("offset_km", [0.0, 5.0])
+@pytest.mark.parametrize("lon", [10.0, 179.999])
+def test_a_dense_place_on_a_cluster_cell_boundary_is_a_cluster(
+        conn: Conn, run: Callable[..., RunRecord], offset_km: float, lon: float) -> None:
+    # 12 stops without a city within 120 m of each other, on the line between two cells of
+    # the 30 km cluster grid: 6 fell in each cell, neither reached city_min_stops, and the
+    # place got no CITY_GRID, while the same stops 5 km north got one. At 180 degrees too.
+    edge = geo.Grid(30.0).dlat_deg / 2 + offset_km / 111.2
+    stops: list[Stop] = [(f"s{i:02d}", edge + (0.0005 if i % 2 else -0.0005),
+                          lon + 0.00001 * i, False, None) for i in range(12)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["clusters"] >= 1
+    city = conn.execute("SELECT latitude, longitude FROM virtual_stops "
+                        "WHERE kind = 'CITY_GRID'").fetchall()
+    assert city
+    # The grid surrounds the place: within city_radius_km (30) of it, on all sides.
+    km = [float(geo.haversine_km(c["latitude"], c["longitude"], edge, lon)) for c in city]
+    assert max(km) <= 30.0 + 1e-6 and len(city) > 20
+    assert min(c["latitude"] for c in city) < edge - 0.15 < edge + 0.15 < max(
+        c["latitude"] for c in city)
+
+
 @pytest.mark.parametrize("spread", [0.0, 0.03])
 def test_every_real_stop_gets_a_virtual_route(
         conn: Conn, run: Callable[..., RunRecord], spread: float) -> None:
