@@ -539,7 +539,9 @@ WITH parts AS (
     FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
     WHERE i.inhparent = 'gps_points'::regclass AND c.relname ~ '^gps_points_p[0-9]{8}$'
 ), due AS (
-    SELECT name, reltuples, lo, lo + interval '1 day' AS hi FROM parts
+    -- 24 hours, not '1 day': a day added to a timestamptz is one of the session's TimeZone,
+    -- 23 hours on a daylight-saving day there, and the day's last hour went unchecked.
+    SELECT name, reltuples, lo, lo + interval '24 hours' AS hi FROM parts
     WHERE lo < %(cutoff)s AND (%(only)s::text IS NULL OR name = %(only)s::text)
 )
 -- A day is never dropped before yesterday is over: the days ahead are kept for new points.

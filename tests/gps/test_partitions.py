@@ -108,3 +108,22 @@ def test_a_point_out_of_range_is_refused_in_every_partition(
                                                        tzinfo=UTC), lat, lon)])
     traces.insert_points(conn, [("d", datetime(2031, 3, 4, tzinfo=UTC), 90.0, -180.0)])
     assert where(conn) == {"gps_points_p20310304": 1}
+
+
+def test_prune_checks_the_whole_utc_day_in_a_zone_with_daylight_saving(
+        conn: psycopg.Connection[Any]) -> None:
+    """A database whose TimeZone springs forward on the day (America/New_York, 2021-03-14):
+    the day's end was taken as its start plus a day of that zone, 23 hours, and a point
+    not yet matched in the last hour went with the dropped partition."""
+    conn.execute("SET TimeZone = 'America/New_York'")
+    day = date(2021, 3, 14)
+    partitions.ensure(conn, [day])
+    traces.insert_points(conn, day_points("a", day, range(0, 3600, 60)))
+    batches.make_batches(conn, MatchSettings(max_batch_seconds=3600, gap_seconds=60))
+    conn.execute("UPDATE processing_batches SET status = 'completed',"
+                 " points_snapshot = txid_current_snapshot()")
+    late = day_points("b", day, range(23 * 3600 + 1800, 23 * 3600 + 1860, 30))
+    traces.insert_points(conn, late)  # new to the batcher: the day is not done
+    done = partitions.prune(conn, datetime(2021, 4, 1, tzinfo=UTC), chunk_rows=100)
+    assert "gps_points_p20210314" not in done.partitions_dropped
+    assert where(conn)["gps_points_p20210314"] == len(late)
