@@ -11,7 +11,7 @@ dry run counts the same predicates and deletes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -46,7 +46,9 @@ class _Pass:
     counts: dict[str, int]
 
     def cutoff(self, days: int) -> datetime:
-        return self.now - timedelta(days=days)
+        # In UTC: ``now`` carries the session's TimeZone, and days subtracted from it were
+        # counted on that zone's wall clock, an hour off across a daylight-saving change.
+        return self.now.astimezone(UTC) - timedelta(days=days)
 
     def count(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         with db.wrap_errors(f"counting what prune would delete ({name})"):

@@ -8,9 +8,11 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools.services import S3Endpoint
 from pipeline_cli import db
@@ -121,6 +123,31 @@ def test_polylines_and_run_history(database_url: str, conn: Conn) -> None:
     assert sorted((r["stage"], r["status"]) for r in conn.execute(
         "SELECT stage, status FROM stage_runs")) == [
         ("build-graph", "noop"), ("prune", "success"), ("sync-odata", "success")]
+
+
+def test_days_are_counted_in_hours_whatever_the_database_time_zone(
+        database_url: str, conn: Conn) -> None:
+    """A database whose TimeZone changes its offset inside the retention window: 'N days ago'
+    was counted on that zone's wall clock, an hour off, and prune deleted an hour early (or
+    kept an hour too long)."""
+    zone = ZoneInfo("America/New_York")
+    days = next(n for n in range(1, 367)
+                if NOW.astimezone(zone).utcoffset() != (NOW - timedelta(days=n)).astimezone(
+                    zone).utcoffset())
+    conn.execute(sql.SQL("ALTER DATABASE {} SET TimeZone = 'America/New_York'").format(
+        sql.Identifier(conn.info.dbname)))
+    edge = NOW - timedelta(days=days)
+    for device, created in (("younger", edge + timedelta(minutes=30)),
+                            ("older", edge - timedelta(minutes=30))):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "point_count, source_coordinates_count, created_at) "
+            "VALUES (%s, %s, %s, '_p~iF~ps|U', 2, 2, %s)", (device, created, created, created))
+    settings = RetentionSettings(gps_days=0, polyline_days=days, runs_days=0, datasets=0)
+    record = run(database_url, None, settings)
+    assert record.counts["polylines"] == 1
+    assert [r["device_id"] for r in conn.execute(
+        "SELECT device_id FROM cached_polylines")] == ["younger"]
 
 
 def add_run(conn: Conn, stage: str, status: str, started: datetime) -> None:
