@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from .errors import (
     DatabaseError,
     Interrupted,
+    MissingPrivilege,
     ReadOnlyDatabase,
     SchemaError,
     TimedOut,
@@ -310,6 +311,10 @@ def wrap_errors(what: str) -> Iterator[None]:
             raise ReadOnlyDatabase(f"PostgreSQL refused a write while {what}: {READ_ONLY}"
                                    ) from exc
         line = _first_line(exc)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            # A grant to fix, not an outage the next run outlives.
+            raise MissingPrivilege(f"PostgreSQL refused a privilege while {what}: {line} "
+                                   "(grant it to the role of [database] url)") from exc
         if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in line:
             # Whose? A run's hard limit cancels with 'user request'; status sets 5 s itself.
             line += (" (if the database or role sets statement_timeout, raise it or set it to "
@@ -400,15 +405,28 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
     with wrap_errors("migrating"), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATE_LOCK),))
         _check_search_path(conn)  # else a second, empty schema where the search_path points
-        conn.execute(query("runner", "create_schema_migrations"))
+        # Only when missing: CREATE ... IF NOT EXISTS still needs CREATE on the schema, and a
+        # role without it failed a migrate that had nothing to do.
+        row = conn.execute(query("runner", "has_schema_migrations")).fetchone()
+        if not (row and row["present"]):
+            _check_may_create(conn)
+            conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}
         known = migrations()
         # an older release must not touch a newer schema (a rollback)
         _refuse_newer(done, {m.version for m in known})
-        for m in known:
-            if m.version in done or (target is not None and m.version > target):
-                continue
-            conn.execute(m.path.read_text(encoding="utf-8").encode())
+        pending = [m for m in known
+                   if m.version not in done and (target is None or m.version <= target)]
+        if pending:
+            _check_may_create(conn)
+        for m in pending:
+            try:
+                conn.execute(m.path.read_text(encoding="utf-8").encode())
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise MissingPrivilege(
+                    f"role {conn.info.user} may not apply migration {m.version:03d}_{m.name}: "
+                    f"{_first_line(exc)} (run pipeline db migrate as the role that owns the "
+                    "pipeline's tables)") from exc
             conn.execute(
                 query("runner", "record_migration"),
                 {"version": m.version, "name": m.name, "checksum": m.checksum},
@@ -443,6 +461,29 @@ def describe_schema(applied: set[int]) -> str:
     if applied - known:
         return f"{text} (newer than this pipeline: {max(known):03d})"
     return f"{text} (current)"
+
+
+def _check_may_create(conn: psycopg.Connection[Any]) -> None:
+    """MissingPrivilege, naming the role, the schema and the two remedies, when the role may
+    not create tables where the migrations would make them: PostgreSQL 15 no longer grants
+    CREATE on schema public to every role, and migrate failed with 'permission denied for
+    schema public', exit 1."""
+    row = conn.execute(query("runner", "may_create")).fetchone() or {}
+    if row.get("may_create"):
+        return
+    role, schema = row.get("role") or conn.info.user, row.get("schema")
+    if schema is None:
+        raise MissingPrivilege(
+            f"the search_path ({row.get('search_path')}) names no schema that exists, so "
+            "pipeline db migrate has nowhere to create the tables: create the schema, or reset "
+            "the database's or role's search_path")
+    remedy = (f"make it the database's owner (ALTER DATABASE ... OWNER TO {role}), or "
+              if schema == "public" else "")
+    raise MissingPrivilege(
+        f"role {role} may not create tables in schema {schema}"
+        + (" (PostgreSQL 15 no longer lets every role create there)" if schema == "public"
+           else "")
+        + f": {remedy}GRANT CREATE ON SCHEMA {schema} TO {role}")
 
 
 def _check_search_path(conn: psycopg.Connection[Any]) -> None:

@@ -76,6 +76,13 @@ class ReadOnlyDatabase(DatabaseError):
     exit_code = EXIT_CONFIG
 
 
+class MissingPrivilege(DatabaseError):
+    """The role of [database] url lacks a privilege the command needs (CREATE on the schema
+    for db migrate, SELECT for status, writes for the stages): a grant to fix."""
+
+    exit_code = EXIT_CONFIG
+
+
 class RedisError(ServiceError):
     pass
 

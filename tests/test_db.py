@@ -682,6 +682,51 @@ def test_a_database_owner_that_is_no_superuser_migrates_it(pg_admin_url: str,
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+def test_a_role_that_may_not_create_in_the_schema_is_told_what_migrate_needs(
+        pg_admin_url: str, empty_database_url: str, database_url: str, run_cli: Cli) -> None:
+    """A role that neither owns the database nor may create in schema public (PostgreSQL 15
+    no longer grants that to every role): db migrate said 'database error while migrating:
+    permission denied for schema public', exit 1. A reader for status alone, without SELECT
+    on the tables, got the same shape of line. Both are settings to fix (exit 78)."""
+    role = f"pipeline_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER").format(sql.Identifier(role)))
+    try:
+        info = _parts(pg_admin_url)
+        host, port = info.get("host"), info.get("port") or 5432
+        run_cli.env["PIPELINE_DATABASE_URL"] = (
+            f"host={host} port={port} user={role} dbname={_parts(empty_database_url)['dbname']}")
+        result = run_cli("db", "migrate")
+        assert result.exit_code == 78, result.output
+        assert result.output.strip().splitlines() == [
+            f"pipeline db migrate: error: role {role} may not create tables in schema public "
+            "(PostgreSQL 15 no longer lets every role create there): make it the database's "
+            f"owner (ALTER DATABASE ... OWNER TO {role}), or GRANT CREATE ON SCHEMA public TO "
+            f"{role}"]
+        with db.connect(empty_database_url, autocommit=True) as conn:
+            assert db.applied_versions(conn) == set()
+
+        reader = f"host={host} port={port} user={role} dbname={_parts(database_url)['dbname']}"
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(
+                sql.Identifier(role)))
+        with db.connect(reader, autocommit=True) as conn:  # nothing to do needs no CREATE
+            assert db.migrate(conn).applied == []
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(sql.SQL("REVOKE SELECT ON schema_migrations FROM {}").format(
+                sql.Identifier(role)))
+        run_cli.env["PIPELINE_DATABASE_URL"] = reader
+        result = run_cli("status")
+        assert result.exit_code == 78, result.output
+        assert result.output.strip().splitlines() == [
+            "pipeline status: error: PostgreSQL refused a privilege while reading the schema "
+            "version: permission denied for table schema_migrations (grant it to the role of "
+            "[database] url)"]
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
 def test_the_listener_forms_of_insert(conn: psycopg.Connection[Any]) -> None:
     """docs/match-gps.md, "Duplicates": a repeated plain INSERT is stored once; a batched
     INSERT that repeats a point within itself needs ON CONFLICT DO NOTHING, which the rule

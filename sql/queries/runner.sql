@@ -1,6 +1,16 @@
 -- Queries of the stage runner (pipeline_cli/runner.py), of `pipeline db migrate` and of the
 -- database's identity (pipeline_cli/db.py).
 
+-- name: has_schema_migrations
+SELECT to_regclass('schema_migrations') IS NOT NULL AS present;
+
+-- name: may_create
+-- Where the migrations create their tables (the search_path's first schema that exists),
+-- and whether the role may.
+SELECT current_user AS role, current_schema() AS schema,
+       current_setting('search_path') AS search_path,
+       coalesce(has_schema_privilege(current_schema(), 'CREATE'), false) AS may_create;
+
 -- name: create_schema_migrations
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    integer PRIMARY KEY,
