@@ -320,6 +320,12 @@ def wrap_errors(what: str) -> Iterator[None]:
             line += (" (if the database or role sets statement_timeout, raise it or set it to "
                      "0 for the pipeline's role: each run is bounded by [runner] "
                      "timeout_<stage>)")
+        elif isinstance(exc, psycopg.errors.LockNotAvailable) and "lock timeout" in line:
+            # The pipeline's own lock waits catch this where they set it; here it is a
+            # database's or role's default.
+            line += (" (another session held a lock this run needed; if the database or role "
+                     "sets lock_timeout, raise it or set it to 0 for the pipeline's role: each "
+                     "run is bounded by [runner] timeout_<stage>)")
         raise DatabaseError(f"database error while {what}: {line}") from exc
 
 

@@ -549,6 +549,27 @@ def test_a_statement_timeout_of_the_database_is_named_with_the_remedy(
         " pipeline's role: each run is bounded by [runner] timeout_<stage>)")
 
 
+def test_a_lock_timeout_of_the_database_is_named_with_the_remedy(
+        empty_database_url: str) -> None:
+    """ALTER DATABASE ... SET lock_timeout = '1s': a sync waiting on a lock another session
+    held failed with 'canceling statement due to lock timeout', whose timeout unsaid."""
+    with db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE held (id integer)")
+        conn.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = '100ms'").format(
+            sql.Identifier(conn.info.dbname)))
+    with db.connect(empty_database_url) as holder, \
+            db.connect(empty_database_url, autocommit=True) as conn:
+        holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(DatabaseError) as raised, db.wrap_errors("staging the feed"):
+            conn.execute("SELECT count(*) FROM held")
+        holder.rollback()
+    assert str(raised.value) == (
+        "database error while staging the feed: canceling statement due to lock timeout"
+        " (another session held a lock this run needed; if the database or role sets"
+        " lock_timeout, raise it or set it to 0 for the pipeline's role: each run is bounded"
+        " by [runner] timeout_<stage>)")
+
+
 def test_a_search_path_that_misses_the_tables_is_named_not_migrated_again(
         database_url: str) -> None:
     """ALTER DATABASE ... SET search_path = other, after the tables were made in public: every
