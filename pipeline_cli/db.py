@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from .errors import (
+    ConfigError,
     DatabaseError,
     Interrupted,
     MissingPrivilege,
@@ -408,6 +409,7 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
     concurrent runs serialise: the second waits, then finds nothing to do.
     """
     applied: list[str] = []
+    check_encoding(conn)
     with wrap_errors("migrating"), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATE_LOCK),))
         _check_search_path(conn)  # else a second, empty schema where the search_path points
@@ -467,6 +469,18 @@ def describe_schema(applied: set[int]) -> str:
     if applied - known:
         return f"{text} (newer than this pipeline: {max(known):03d})"
     return f"{text} (current)"
+
+
+def check_encoding(conn: psycopg.Connection[Any]) -> None:
+    """ConfigError unless the database is in UTF8: a LATIN1 one refuses a Cyrillic stop name,
+    and a SQL_ASCII one stores bytes without checking them (other clients read mojibake);
+    migrate failed half-way into its SQL with the server's conversion error, exit 1."""
+    encoding = conn.info.parameter_status("server_encoding") or "UTF8"
+    if encoding != "UTF8":
+        raise ConfigError(
+            f"database {conn.info.dbname} is in encoding {encoding}, which cannot hold every "
+            "stop and device name (Cyrillic, emoji): the pipeline needs a UTF8 database "
+            "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
 
 
 def _check_may_create(conn: psycopg.Connection[Any]) -> None:

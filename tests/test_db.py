@@ -748,6 +748,35 @@ def test_a_role_that_may_not_create_in_the_schema_is_told_what_migrate_needs(
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_database_not_in_utf8_is_refused_by_name(pg_admin_url: str, run_cli: Cli,
+                                                   encoding: str) -> None:
+    """A database created in LATIN1 or SQL_ASCII (an old server's default) holds no stop or
+    device named in Cyrillic: db migrate failed half-way into its SQL with 'character with byte
+    sequence 0xef 0xbf 0xbf in encoding "UTF8" has no equivalent in encoding "LATIN1"' (or
+    'conversion between UTF8 and SQL_ASCII is not supported'), exit 1."""
+    name = f"pipeline_enc_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' "
+                              "TEMPLATE template0").format(sql.Identifier(name),
+                                                           sql.Literal(encoding)))
+    try:
+        run_cli.env["PIPELINE_DATABASE_URL"] = psycopg.conninfo.make_conninfo(
+            pg_admin_url, dbname=name)
+        result = run_cli("db", "migrate")
+        assert result.exit_code == 78, result.output
+        assert result.output.strip().splitlines() == [
+            f"pipeline db migrate: error: database {name} is in encoding {encoding}, which "
+            "cannot hold every stop and device name (Cyrillic, emoji): the pipeline needs a "
+            "UTF8 database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"]
+        with psycopg.connect(run_cli.env["PIPELINE_DATABASE_URL"]) as conn:
+            assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
 def test_the_listener_forms_of_insert(conn: psycopg.Connection[Any]) -> None:
     """docs/match-gps.md, "Duplicates": a repeated plain INSERT is stored once; a batched
     INSERT that repeats a point within itself needs ON CONFLICT DO NOTHING, which the rule
