@@ -415,8 +415,10 @@ def migrate(conn: psycopg.Connection[Any], target: int | None = None) -> Migrate
         _check_search_path(conn)  # else a second, empty schema where the search_path points
         # Only when missing: CREATE ... IF NOT EXISTS still needs CREATE on the schema, and a
         # role without it failed a migrate that had nothing to do.
-        row = conn.execute(query("runner", "has_schema_migrations")).fetchone()
-        if not (row and row["present"]):
+        row = conn.execute(query("runner", "has_schema_migrations")).fetchone() or {}
+        if row.get("read_only"):  # a standby given by mistake, even with nothing to do
+            raise ReadOnlyDatabase(f"PostgreSQL refused a write while migrating: {READ_ONLY}")
+        if not row.get("present"):
             _check_may_create(conn)
             conn.execute(query("runner", "create_schema_migrations"))
         done = {r["version"] for r in conn.execute(query("runner", "applied_migrations"))}

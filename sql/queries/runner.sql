@@ -2,7 +2,8 @@
 -- database's identity (pipeline_cli/db.py).
 
 -- name: has_schema_migrations
-SELECT to_regclass('schema_migrations') IS NOT NULL AS present;
+SELECT to_regclass('schema_migrations') IS NOT NULL AS present,
+       current_setting('transaction_read_only') = 'on' AS read_only;
 
 -- name: may_create
 -- Where the migrations create their tables (the search_path's first schema that exists),
