@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 
 from pipeline_cli import db
-from pipeline_cli.errors import DatabaseError, Interrupted, SchemaError
+from pipeline_cli.errors import DatabaseError, Interrupted, MissingPrivilege, SchemaError
 from pipeline_cli.gps import batches, partitions
 from pipeline_cli.health import collect_status
 from pipeline_cli.settings import MatchSettings
@@ -746,6 +746,34 @@ def test_a_role_that_may_not_create_in_the_schema_is_told_what_migrate_needs(
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_a_migration_another_role_must_apply_names_it(pg_admin_url: str,
+                                                      empty_database_url: str) -> None:
+    """A role that may create in the schema but does not own the tables an earlier release's
+    migrate made: the migration that alters them is named, with whose role it needs."""
+    role = f"pipeline_app_{uuid.uuid4().hex[:8]}"
+    with db.connect(empty_database_url, autocommit=True) as admin:
+        db.migrate(admin, target=30)
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {0}; "
+                              "GRANT SELECT ON schema_migrations TO {0}").format(
+            sql.Identifier(role)))
+    try:
+        url = psycopg.conninfo.make_conninfo(empty_database_url, user=role)
+        with db.connect(url, autocommit=True) as conn, pytest.raises(MissingPrivilege) as raised:
+            db.migrate(conn)
+        assert str(raised.value) == (
+            f"role {role} may not apply migration 031_sync_problem_messages: must be owner of "
+            "function sync_problem (run pipeline db migrate as the role that owns the "
+            "pipeline's tables)")
+        assert raised.value.exit_code == 78
+        with db.connect(empty_database_url, autocommit=True) as admin:
+            assert db.schema_version(admin) == 30
+    finally:
+        with db.connect(empty_database_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(
+                sql.Identifier(role)))
 
 
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
