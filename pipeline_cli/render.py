@@ -105,7 +105,10 @@ def utc_minute(value: datetime) -> str:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
+        # In UTC with a Z, as utc_minute: a timestamptz comes in the session's time zone.
+        if value.tzinfo is None:
+            return value.isoformat(timespec="seconds")
+        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     if isinstance(value, float):
         return f"{value:,.3f}".rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):

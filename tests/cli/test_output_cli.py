@@ -180,3 +180,10 @@ def test_list_tables_show_times_in_utc_whatever_the_database_time_zone(
         shown = run_cli.cron(*args, env=run_cli.cron_env(TZ="America/New_York"))
         assert shown.returncode == 0, shown.stderr
         assert "2026-01-02 03:04Z" in shown.stdout and "08:34" not in shown.stdout, shown.stdout
+    # `batches list` showed its start times so too, with the session's offset.
+    conn.execute("INSERT INTO processing_batches (device_id, start_time, end_time, status, "
+                 "coordinate_count) VALUES ('bus-1', '2026-01-02 03:04:05+00', "
+                 "'2026-01-02 03:05:05+00', 'pending', 2)")
+    shown = run_cli.cron("batches", "list", env=run_cli.cron_env(TZ="America/New_York"))
+    assert shown.returncode == 0, shown.stderr
+    assert "2026-01-02T03:04:05Z" in shown.stdout and "08:34" not in shown.stdout, shown.stdout
