@@ -182,6 +182,7 @@ def _database(s: Settings) -> str:
         version = row["server_version"] if row else "?"
         if row and row["read_only"]:  # a replica passed, and every stage then failed
             raise _Failed(f"PostgreSQL {version}: {db.READ_ONLY}")
+        db.check_encoding(conn)  # else 'not migrated', and migrate cannot
         schema = db.check_schema(conn)  # SchemaError for a pending (or unknown) migration
         with db.wrap_errors("checking table privileges"):
             denied = [r["name"] for r in conn.execute(db.query("doctor", "unwritable_tables"))]

@@ -799,6 +799,9 @@ def test_a_database_not_in_utf8_is_refused_by_name(pg_admin_url: str, run_cli: C
             "UTF8 database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"]
         with psycopg.connect(run_cli.env["PIPELINE_DATABASE_URL"]) as conn:
             assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+        checks = {c["name"]: c for c in json.loads(run_cli("--json", "doctor").stdout)["checks"]}
+        assert not checks["database"]["ok"]
+        assert f"is in encoding {encoding}" in checks["database"]["detail"]
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
