@@ -19,6 +19,9 @@ from ..errors import OsrmError
 MIN_CHUNK = 3  # osrm-routed refuses a --max-matching-size below 3
 NO_FIX = (0.0, 0.0)  # what many trackers send without a GPS fix
 _EARTH_M = 6371008.8
+# A trace whose points, read as (lon, lat), lie this close to a road of the map while read as
+# (lat, lon) they are far from every road was written longitude first.
+SWAPPED_NEAR_M = 1000.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TraceMatch:
     chunk_errors: Counter[str] = field(default_factory=Counter)
     chunk_size: int = 0  # after any TooBig shrinking
     stationary: bool = False  # every point within radius_m of the first: not sent to OSRM
+    off_map: str = ""  # why no point was near a road, when every chunk answered NoSegment
 
     @property
     def matched_points(self) -> int:
@@ -340,8 +344,40 @@ def match_trace(
             raise
         break
     pieces = stitch(chunks, geo)
+    if not pieces and set(result.chunk_errors) == {"NoSegment"}:
+        result.off_map = _off_map(client, coords[0], radius_m, result, gate)
     # Map indices back from sent points to the input points.
     for p in pieces:
         p.first, p.last = kept[p.first], kept[p.last]
     result.pieces = pieces
     return result
+
+
+def _distance_text(metres: float) -> str:
+    return f"{metres / 1000:.0f} km" if metres >= 10_000 else f"{metres:.0f} m"
+
+
+def _off_map(client: OsrmClient, point: LatLon, radius_m: float, result: TraceMatch,
+             gate: AbstractContextManager[Any]) -> str:
+    """Why no point of a trace was near a road (every chunk answered NoSegment), from two
+    ``/nearest`` probes of its first point: far outside the map, off the road, or written
+    longitude first (lat 24.9, lon 60.1 for Helsinki: a valid place, in the sea). Only a
+    trace that matched nothing pays for them; "" when the probes fail."""
+    lat, lon = point
+    try:
+        with gate:
+            result.osrm_calls += 1
+            here = float(client.nearest(point)["distance"])
+            swapped = math.inf
+            if abs(lon) <= 90:
+                result.osrm_calls += 1
+                swapped = float(client.nearest((lon, lat))["distance"])
+    except (OsrmError, KeyError, TypeError, ValueError):
+        return ""
+    where = f"({lat:.5f}, {lon:.5f})"
+    if swapped <= SWAPPED_NEAR_M and swapped * 10 < here:
+        return (f"latitude and longitude swapped? {where} is {_distance_text(here)} from the "
+                f"map's nearest road, ({lon:.5f}, {lat:.5f}) {_distance_text(swapped)}")
+    hint = " (outside the map)" if here > SWAPPED_NEAR_M else ""
+    return (f"no road within {radius_m:g} m: {where} is {_distance_text(here)} from the map's "
+            f"nearest road{hint}")

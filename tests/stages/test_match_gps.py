@@ -294,7 +294,28 @@ def test_no_segment_chunk_is_recorded_not_fatal(conn: psycopg.Connection[Any],
                        " FROM processing_batches").fetchone()
     assert row["status"] == "completed" and row["chunk_errors"] == {"NoSegment": 1}
     assert row["matched_count"] == 0 and "NoSegment" in row["error_message"]
+    assert "outside the map" in row["error_message"]
+    assert "swapped" not in row["error_message"]
     assert record.counts["chunk_errors"] == {"NoSegment": 1}
+
+
+def test_a_device_with_latitude_and_longitude_swapped_is_named(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A tracker that writes longitude first (every point at lat 24.9, lon 60.1: a valid place
+    in the Indian Ocean) matches nothing; the batch's note says the points look swapped, where
+    `pipeline batches list` shows it, not only NoSegment."""
+    trace = trace_pool[5]
+    trace.start = OLD
+    traces.insert_points(conn, [(d, t, lon, lat) for d, t, lat, lon in trace.rows("swapped")])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT status, matched_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["status"] == "completed" and row["matched_count"] == 0
+    assert "NoSegment" in row["error_message"]
+    assert "latitude and longitude swapped" in row["error_message"]
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
 
 
 def test_sql_injection_device_ids_are_literal(conn: psycopg.Connection[Any], database_url: str,
