@@ -834,3 +834,18 @@ SELECT DISTINCT ON (device_id, recorded_at) device_id, recorded_at, latitude, lo
 FROM gps_ingest_checked
 WHERE problem IS NULL
 ORDER BY device_id, recorded_at, file, line, seq;
+
+-- name: ingest_conflicts
+-- After the insert, the valid rows whose device and time is stored with other coordinates:
+-- a second fix in one second (a tracker's time in whole seconds), in the file or against a
+-- point stored before. Each is a position dropped, not a repeat: named, the first %(limit)s
+-- listed, with the total. Run only when the load skipped duplicates.
+SELECT c.file, c.line, c.place, c.device_id, c.recorded_at, c.latitude, c.longitude,
+       p.latitude::float8 AS kept_latitude, p.longitude::float8 AS kept_longitude,
+       count(*) OVER () AS total
+FROM gps_ingest_checked c
+JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at = c.recorded_at
+WHERE c.problem IS NULL
+  AND (p.latitude::float8 <> c.latitude OR p.longitude::float8 <> c.longitude)
+ORDER BY c.file, c.line, c.seq
+LIMIT %(limit)s;
