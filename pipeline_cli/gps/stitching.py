@@ -57,7 +57,7 @@ class TraceMatch:
     chunk_errors: Counter[str] = field(default_factory=Counter)
     chunk_size: int = 0  # after any TooBig shrinking
     stationary: bool = False  # every point within radius_m of the first: not sent to OSRM
-    off_map: str = ""  # why no point was near a road, when every chunk answered NoSegment
+    reason: str = ""  # why nothing could match, beyond chunk_errors: no fix, off the map
 
     @property
     def matched_points(self) -> int:
@@ -317,6 +317,10 @@ def match_trace(
         return result
     if len(kept) < 2:
         result.chunk_errors["too_few_points"] += 1
+        no_fix = len(coordinates) - len(fixed)
+        if no_fix:
+            many = "all" if not fixed else f"{no_fix} of"
+            result.reason = f"no GPS fix: {many} {len(coordinates)} points at (0, 0)"
         return result
     coords = [coordinates[i] for i in kept]
     geo = _Geo(coords[0][0])
@@ -345,7 +349,7 @@ def match_trace(
         break
     pieces = stitch(chunks, geo)
     if not pieces and set(result.chunk_errors) == {"NoSegment"}:
-        result.off_map = _off_map(client, coords[0], radius_m, result, gate)
+        result.reason = _off_map(client, coords[0], radius_m, result, gate)
     # Map indices back from sent points to the input points.
     for p in pieces:
         p.first, p.last = kept[p.first], kept[p.last]

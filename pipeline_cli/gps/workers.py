@@ -218,10 +218,10 @@ class MatchWorker:
                     " nothing to match")
         elif not pieces:
             note = "no matching: " + (", ".join(sorted(match.chunk_errors)) or "empty")
-            if match.off_map:
-                note += f"; {match.off_map}"
+            if match.reason:
+                note += f"; {match.reason}"
                 self.pool.ctx.log.warning("batch %s of device %r matched nothing: %s",
-                                          batch.batch_id, batch.device_id, match.off_map)
+                                          batch.batch_id, batch.device_id, match.reason)
         params = {
             "batch_id": batch.batch_id, "token": batch.token,
             "points": len(times), "matched": match.matched_points,

@@ -1183,3 +1183,19 @@ def test_no_fix_points_are_not_sent_to_osrm(conn: psycopg.Connection[Any], datab
     assert row["polyline_count"] == 1 and row["chunk_errors"] == {}
     assert traces.judge(trace.truth, polylines(conn, "d")).passed
     assert_all_processed(conn)
+
+
+def test_a_device_without_a_fix_says_so(conn: psycopg.Connection[Any], database_url: str,
+                                        client: OsrmClient, proxy: CountingHttpProxy) -> None:
+    """A tracker without a GPS fix sends (0, 0) for a whole trip: the batch said only
+    'no matching: too_few_points' of its 20 points, which names no cause."""
+    traces.insert_points(conn, [("nofix", OLD + timedelta(seconds=i), 0.0, 0.0)
+                                for i in range(20)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT status, matched_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["status"] == "completed" and row["matched_count"] == 0
+    assert "no GPS fix: all 20 points at (0, 0)" in row["error_message"]
+    assert proxy.count("/match/") == 0
+    assert_all_processed(conn)
