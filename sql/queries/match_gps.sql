@@ -505,11 +505,17 @@ WHERE status IN ('pending', 'processing', 'failed', 'dead')
 GROUP BY status;
 
 -- name: recent_batches
-SELECT (SELECT count(*) FROM processing_batches
-        WHERE status = 'completed' AND processing_completed_at > now() - interval '1 hour'
-       )::bigint AS completed_last_hour,
+-- Of the completed ones, those that matched nothing (the note of workers._complete: every
+-- chunk NoSegment, no fix, ...); a stationary batch is not counted, it did not move.
+SELECT h.completed_last_hour, h.unmatched_last_hour,
        (SELECT max(processing_completed_at) FROM processing_batches
-        WHERE status = 'completed') AS last_completed_at;
+        WHERE status = 'completed') AS last_completed_at
+FROM (SELECT count(*)::bigint AS completed_last_hour,
+             count(*) FILTER (WHERE polyline_count = 0
+                              AND error_message LIKE 'no matching:%')::bigint
+                 AS unmatched_last_hour
+      FROM processing_batches
+      WHERE status = 'completed' AND processing_completed_at > now() - interval '1 hour') h;
 
 -- name: expired_leases
 SELECT count(*)::bigint AS n FROM processing_batches

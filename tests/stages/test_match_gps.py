@@ -21,6 +21,7 @@ from devtools import traces
 from devtools.services import LocalServices
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.commands import status as status_command
 from pipeline_cli.db import Database
 from pipeline_cli.errors import EXIT_CONFIG
 from pipeline_cli.gps import batches, partitions, stitching
@@ -316,6 +317,10 @@ def test_a_device_with_latitude_and_longitude_swapped_is_named(
     assert "NoSegment" in row["error_message"]
     assert "latitude and longitude swapped" in row["error_message"]
     assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    # `pipeline status` counts it apart from the batches that drew lines.
+    section = batches.status_section(conn)
+    assert (section["completed_last_hour"], section["unmatched_last_hour"]) == (1, 1)
+    assert "1 matched nothing" in status_command._gps(section, datetime.now(UTC))
 
 
 def test_sql_injection_device_ids_are_literal(conn: psycopg.Connection[Any], database_url: str,
