@@ -321,6 +321,8 @@ def match_trace(
         if no_fix:
             many = "all" if not fixed else f"{no_fix} of"
             result.reason = f"no GPS fix: {many} {len(coordinates)} points at (0, 0)"
+        elif len(fixed) > 1:  # OSRM takes whole seconds, strictly increasing
+            result.reason = f"all {len(fixed)} points within one second"
         return result
     coords = [coordinates[i] for i in kept]
     geo = _Geo(coords[0][0])

@@ -1204,3 +1204,18 @@ def test_a_device_without_a_fix_says_so(conn: psycopg.Connection[Any], database_
     assert "no GPS fix: all 20 points at (0, 0)" in row["error_message"]
     assert proxy.count("/match/") == 0
     assert_all_processed(conn)
+
+
+def test_a_burst_within_one_second_says_so(conn: psycopg.Connection[Any], database_url: str,
+                                           client: OsrmClient) -> None:
+    """500 points of one device within one second (a tracker flushing its buffer with one
+    time): OSRM takes whole seconds, so one point is left to send; the note said only
+    'too_few_points'."""
+    traces.insert_points(conn, [("burst", OLD + timedelta(milliseconds=i),
+                                 60.1700 + (i % 7) * 1e-4, 24.9400) for i in range(500)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT matched_count, error_message FROM processing_batches").fetchone()
+    assert row["matched_count"] == 0
+    assert "all 500 points within one second" in row["error_message"]
+    assert_all_processed(conn)
