@@ -349,7 +349,16 @@ def match_trace(
             exc.osrm_calls = result.osrm_calls
             raise
         break
-    pieces = stitch(chunks, geo)
+    # A parked vehicle whose trace one glitch (a fix far away) kept from being stationary:
+    # OSRM leaves the glitch out and matches the rest to one spot. Such a "line" draws
+    # nothing; a trace that is nothing else did not move.
+    matched = stitch(chunks, geo)
+    pieces = [p for p in matched if not _one_spot(p, chunks, radius_m, geo)]
+    if matched and not pieces:
+        result.stationary = True
+        result.reason = (f"OSRM matched its {sum(p.points for p in matched)} matched points "
+                         f"to one spot (within {radius_m:g} m); nothing to draw")
+        return result
     if not pieces and set(result.chunk_errors) == {"NoSegment"}:
         result.reason = _off_map(client, coords[0], radius_m, result, gate)
     # Map indices back from sent points to the input points.
@@ -357,6 +366,24 @@ def match_trace(
         p.first, p.last = kept[p.first], kept[p.last]
     result.pieces = pieces
     return result
+
+
+def _one_spot(piece: Piece, chunks: list[_Chunk], radius_m: float, geo: _Geo) -> bool:
+    """Whether every point of a piece was snapped within ``radius_m`` of its first: a line of
+    one spot (its geometry, back and forth along the road, may add up to tens of metres).
+    Reads the tracepoints, not the geometry: a moving piece is told at its second or third
+    point, without decoding anything."""
+    first: LatLon | None = None
+    for i in range(piece.first, piece.last + 1):
+        snapped = next((tp.location for c in chunks if (tp := c.tracepoint(i)) is not None),
+                       None)
+        if snapped is None:
+            continue
+        if first is None:
+            first = snapped
+        elif geo.distance(first, snapped) > radius_m:
+            return False
+    return True
 
 
 def _distance_text(metres: float) -> str:

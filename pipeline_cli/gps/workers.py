@@ -214,8 +214,8 @@ class MatchWorker:
         times = batch.times
         note = None
         if match.stationary:
-            note = (f"stationary: all {len(times)} points within {self.settings.radius_m:g} m;"
-                    " nothing to match")
+            note = "stationary: " + (match.reason or (
+                f"all {len(times)} points within {self.settings.radius_m:g} m; nothing to match"))
         elif not pieces:
             note = "no matching: " + (", ".join(sorted(match.chunk_errors)) or "empty")
             if match.reason:

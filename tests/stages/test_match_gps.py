@@ -1219,3 +1219,25 @@ def test_a_burst_within_one_second_says_so(conn: psycopg.Connection[Any], databa
     assert row["matched_count"] == 0
     assert "all 500 points within one second" in row["error_message"]
     assert_all_processed(conn)
+
+
+@pytest.mark.parametrize("glitch", [(60.6, 25.5), (60.1760, 24.9500)],
+                         ids=["off-the-map", "on-the-map"])
+def test_a_parked_vehicle_with_one_gps_glitch_draws_no_line(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        glitch: tuple[float, float]) -> None:
+    """One fix 50 km away (or a few streets away) among a parked vehicle's points made the
+    batch not stationary: sent to OSRM, which left the glitch out and drew a "line" of one
+    spot, what the stationary rule is there to prevent."""
+    rows = [("parked", OLD + timedelta(seconds=5 * i), 60.16990 + (i % 2) * 1e-5, 24.93840)
+            for i in range(60)]
+    rows[30] = (*rows[30][:2], *glitch)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert (record.counts["batches_stationary"], record.counts["points_processed"]) == (1, 60)
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    row = conn.execute("SELECT polyline_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["polyline_count"] == 0 and row["error_message"].startswith("stationary: ")
+    assert_all_processed(conn)
