@@ -852,6 +852,8 @@ SELECT c.file, c.line, c.place, c.device_id, c.recorded_at, c.latitude, c.longit
 FROM gps_ingest_checked c
 JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at = c.recorded_at
 WHERE c.problem IS NULL
-  AND (p.latitude::float8 <> c.latitude OR p.longitude::float8 <> c.longitude)
+  -- Beyond a float's last digits (another writer's rounding of the same fix): 1e-9 degrees.
+  AND (abs(p.latitude::float8 - c.latitude) > 1e-9
+       OR abs(p.longitude::float8 - c.longitude) > 1e-9)
 ORDER BY c.file, c.line, c.seq
 LIMIT %(limit)s;
