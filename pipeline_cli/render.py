@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -103,6 +104,16 @@ def utc_minute(value: datetime) -> str:
     return f"{value.astimezone(UTC):%Y-%m-%d %H:%M}Z"
 
 
+# Control characters and bidirectional overrides in a cell: text from outside (a fleet's
+# device id "bus\n12", "\u202e...") broke a table row over two lines or turned the rest of
+# the operator's line around. Shown as Python escapes; --json keeps the text as it is.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, datetime):
         # In UTC with a Z, as utc_minute: a timestamptz comes in the session's time zone.
@@ -113,7 +124,7 @@ def _fmt(value: Any) -> str:
         return f"{value:,.3f}".rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):
         return dump_json(value)
-    return str(value)
+    return _UNPRINTABLE.sub(_escape, str(value))
 
 
 def key_values(title: str, items: Mapping[str, Any]) -> None:

@@ -42,7 +42,7 @@ def ingest(app: App, files: tuple[str, ...], fmt: str | None, device_id: str | N
         options={"files": [printable_path(f) for f in files], "format": fmt, "strict": strict},
         singleton=False)
     if not app.json and app.verbosity >= 0:  # -q: the run record keeps them; cron stays silent
-        for problem in record.extra.get("problems", []):
+        for problem in [*record.extra.get("problems", []), *record.extra.get("conflicts", [])]:
             if app.log_format == "json":
                 render.stderr_error(app, f"skipped {problem}", stage="ingest-gps",
                                     run_id=record.run_id, level="warning")

@@ -286,10 +286,12 @@ def _gps(g: dict[str, Any], now: datetime) -> str:
               if g.get("default_partition_points") else "")
     future = (f"; {g['future_points']} point(s) dated ahead wait until their time comes "
               "(a device clock ahead?)" if g.get("future_points") else "")
+    unmatched = (f" ({g['unmatched_last_hour']} matched nothing: `pipeline batches list "
+                 "--status completed` says why)" if g.get("unmatched_last_hour") else "")
     return (f"{g['unprocessed_points']} "
             f"unprocessed points{oldest}; batches: {b['pending']} pending, "
             f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
-            f"{g['completed_last_hour']} completed in the last hour{parked}{future}")
+            f"{g['completed_last_hour']} completed in the last hour{unmatched}{parked}{future}")
 
 
 def _s3(s: dict[str, Any], now: datetime) -> str:

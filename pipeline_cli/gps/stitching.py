@@ -19,6 +19,9 @@ from ..errors import OsrmError
 MIN_CHUNK = 3  # osrm-routed refuses a --max-matching-size below 3
 NO_FIX = (0.0, 0.0)  # what many trackers send without a GPS fix
 _EARTH_M = 6371008.8
+# A trace whose points, read as (lon, lat), lie this close to a road of the map while read as
+# (lat, lon) they are far from every road was written longitude first.
+SWAPPED_NEAR_M = 1000.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TraceMatch:
     chunk_errors: Counter[str] = field(default_factory=Counter)
     chunk_size: int = 0  # after any TooBig shrinking
     stationary: bool = False  # every point within radius_m of the first: not sent to OSRM
+    reason: str = ""  # why nothing could match, beyond chunk_errors: no fix, off the map
 
     @property
     def matched_points(self) -> int:
@@ -313,6 +317,12 @@ def match_trace(
         return result
     if len(kept) < 2:
         result.chunk_errors["too_few_points"] += 1
+        no_fix = len(coordinates) - len(fixed)
+        if no_fix:
+            many = "all" if not fixed else f"{no_fix} of"
+            result.reason = f"no GPS fix: {many} {len(coordinates)} points at (0, 0)"
+        elif len(fixed) > 1:  # OSRM takes whole seconds, strictly increasing
+            result.reason = f"all {len(fixed)} points within one second"
         return result
     coords = [coordinates[i] for i in kept]
     geo = _Geo(coords[0][0])
@@ -339,9 +349,68 @@ def match_trace(
             exc.osrm_calls = result.osrm_calls
             raise
         break
-    pieces = stitch(chunks, geo)
+    # A parked vehicle whose trace one glitch (a fix far away) kept from being stationary:
+    # OSRM leaves the glitch out and matches the rest to one spot. Such a "line" draws
+    # nothing; a trace that is nothing else did not move.
+    matched = stitch(chunks, geo)
+    pieces = [p for p in matched if not _one_spot(p, chunks, radius_m, geo)]
+    if matched and not pieces:
+        result.stationary = True
+        result.reason = (f"OSRM matched its {sum(p.points for p in matched)} matched points "
+                         f"to one spot (within {radius_m:g} m); nothing to draw")
+        return result
+    if not pieces and set(result.chunk_errors) == {"NoSegment"}:
+        result.reason = _off_map(client, coords[0], radius_m, result, gate)
     # Map indices back from sent points to the input points.
     for p in pieces:
         p.first, p.last = kept[p.first], kept[p.last]
     result.pieces = pieces
     return result
+
+
+def _one_spot(piece: Piece, chunks: list[_Chunk], radius_m: float, geo: _Geo) -> bool:
+    """Whether every point of a piece was snapped within ``radius_m`` of its first: a line of
+    one spot (its geometry, back and forth along the road, may add up to tens of metres).
+    Reads the tracepoints, not the geometry: a moving piece is told at its second or third
+    point, without decoding anything."""
+    first: LatLon | None = None
+    for i in range(piece.first, piece.last + 1):
+        snapped = next((tp.location for c in chunks if (tp := c.tracepoint(i)) is not None),
+                       None)
+        if snapped is None:
+            continue
+        if first is None:
+            first = snapped
+        elif geo.distance(first, snapped) > radius_m:
+            return False
+    return True
+
+
+def _distance_text(metres: float) -> str:
+    return f"{metres / 1000:.0f} km" if metres >= 10_000 else f"{metres:.0f} m"
+
+
+def _off_map(client: OsrmClient, point: LatLon, radius_m: float, result: TraceMatch,
+             gate: AbstractContextManager[Any]) -> str:
+    """Why no point of a trace was near a road (every chunk answered NoSegment), from two
+    ``/nearest`` probes of its first point: far outside the map, off the road, or written
+    longitude first (lat 24.9, lon 60.1 for Helsinki: a valid place, in the sea). Only a
+    trace that matched nothing pays for them; "" when the probes fail."""
+    lat, lon = point
+    try:
+        with gate:
+            result.osrm_calls += 1
+            here = float(client.nearest(point)["distance"])
+            swapped = math.inf
+            if abs(lon) <= 90:
+                result.osrm_calls += 1
+                swapped = float(client.nearest((lon, lat))["distance"])
+    except (OsrmError, KeyError, TypeError, ValueError):
+        return ""
+    where = f"({lat:.5f}, {lon:.5f})"
+    if swapped <= SWAPPED_NEAR_M and swapped * 10 < here:
+        return (f"latitude and longitude swapped? {where} is {_distance_text(here)} from the "
+                f"map's nearest road, ({lon:.5f}, {lat:.5f}) {_distance_text(swapped)}")
+    hint = " (outside the map)" if here > SWAPPED_NEAR_M else ""
+    return (f"no road within {radius_m:g} m: {where} is {_distance_text(here)} from the map's "
+            f"nearest road{hint}")

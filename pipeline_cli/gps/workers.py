@@ -214,10 +214,14 @@ class MatchWorker:
         times = batch.times
         note = None
         if match.stationary:
-            note = (f"stationary: all {len(times)} points within {self.settings.radius_m:g} m;"
-                    " nothing to match")
+            note = "stationary: " + (match.reason or (
+                f"all {len(times)} points within {self.settings.radius_m:g} m; nothing to match"))
         elif not pieces:
             note = "no matching: " + (", ".join(sorted(match.chunk_errors)) or "empty")
+            if match.reason:
+                note += f"; {match.reason}"
+                self.pool.ctx.log.warning("batch %s of device %r matched nothing: %s",
+                                          batch.batch_id, batch.device_id, match.reason)
         params = {
             "batch_id": batch.batch_id, "token": batch.token,
             "points": len(times), "matched": match.matched_points,

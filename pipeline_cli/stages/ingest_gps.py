@@ -113,16 +113,33 @@ def ingest_gps(
         with database.connect(name="pipeline ingest-gps partitions") as own:
             partitions.ensure(own, days)
         loaded = _insert(conn)
+        # A duplicate with other coordinates is a position dropped, not a repeat: named.
+        clashes = conn.execute(db.query("match_gps", "ingest_conflicts"),
+                               {"limit": MAX_REPORTED}).fetchall() if valid > loaded else []
+    conflicts = [gpsfiles.RowProblem(r["line"], (
+        f"device {r['device_id']!r} at {r['recorded_at'].isoformat()}: other coordinates "
+        f"({r['latitude']:g}, {r['longitude']:g}) than the point kept "
+        f"({r['kept_latitude']:g}, {r['kept_longitude']:g})"), r["place"] or "").describe(
+        names[r["file"]]) for r in clashes]
+    conflicting = int(clashes[0]["total"]) if clashes else 0
+    if conflicting:
+        ctx.log.warning("%d point(s) skipped with the device and time of a point kept but "
+                        "other coordinates; first: %s", conflicting, conflicts[0])
     counts: dict[str, Any] = {
         "files": len(files), "rows_read": valid + invalid, "rows_loaded": loaded,
-        "duplicates": valid - loaded, "invalid_rows": invalid,
+        "duplicates": valid - loaded, "conflicting_duplicates": conflicting,
+        "invalid_rows": invalid,
     }
     message = f"{loaded} point(s) loaded, {valid - loaded} duplicate(s) skipped"
+    if conflicting:
+        message += f" ({conflicting} with other coordinates)"
     if invalid:
         message += f", {invalid} invalid row(s) skipped"
     extra: dict[str, Any] = {"files": per_file}
     if problems:
         extra["problems"] = problems
+    if conflicts:
+        extra["conflicts"] = conflicts
     return StageResult(status=SUCCESS if loaded else NOOP, counts=counts, extra=extra,
                        message=message)
 

@@ -505,11 +505,17 @@ WHERE status IN ('pending', 'processing', 'failed', 'dead')
 GROUP BY status;
 
 -- name: recent_batches
-SELECT (SELECT count(*) FROM processing_batches
-        WHERE status = 'completed' AND processing_completed_at > now() - interval '1 hour'
-       )::bigint AS completed_last_hour,
+-- Of the completed ones, those that matched nothing (the note of workers._complete: every
+-- chunk NoSegment, no fix, ...); a stationary batch is not counted, it did not move.
+SELECT h.completed_last_hour, h.unmatched_last_hour,
        (SELECT max(processing_completed_at) FROM processing_batches
-        WHERE status = 'completed') AS last_completed_at;
+        WHERE status = 'completed') AS last_completed_at
+FROM (SELECT count(*)::bigint AS completed_last_hour,
+             count(*) FILTER (WHERE polyline_count = 0
+                              AND error_message LIKE 'no matching:%')::bigint
+                 AS unmatched_last_hour
+      FROM processing_batches
+      WHERE status = 'completed' AND processing_completed_at > now() - interval '1 hour') h;
 
 -- name: expired_leases
 SELECT count(*)::bigint AS n FROM processing_batches
@@ -836,3 +842,20 @@ SELECT DISTINCT ON (device_id, recorded_at) device_id, recorded_at, latitude, lo
 FROM gps_ingest_checked
 WHERE problem IS NULL
 ORDER BY device_id, recorded_at, file, line, seq;
+
+-- name: ingest_conflicts
+-- After the insert, the valid rows whose device and time is stored with other coordinates:
+-- a second fix in one second (a tracker's time in whole seconds), in the file or against a
+-- point stored before. Each is a position dropped, not a repeat: named, the first %(limit)s
+-- listed, with the total. Run only when the load skipped duplicates.
+SELECT c.file, c.line, c.place, c.device_id, c.recorded_at, c.latitude, c.longitude,
+       p.latitude::float8 AS kept_latitude, p.longitude::float8 AS kept_longitude,
+       count(*) OVER () AS total
+FROM gps_ingest_checked c
+JOIN gps_points p ON p.device_id = c.device_id AND p.recorded_at = c.recorded_at
+WHERE c.problem IS NULL
+  -- Beyond a float's last digits (another writer's rounding of the same fix): 1e-9 degrees.
+  AND (abs(p.latitude::float8 - c.latitude) > 1e-9
+       OR abs(p.longitude::float8 - c.longitude) > 1e-9)
+ORDER BY c.file, c.line, c.seq
+LIMIT %(limit)s;

@@ -407,3 +407,18 @@ def test_a_reader_that_stops_reading_leaves_the_runs_exit_code(
     assert "Traceback" not in err and "Broken pipe" not in err
     run = conn.execute("SELECT status FROM stage_runs WHERE stage = 'ingest-gps'").fetchone()
     assert run == {"status": "success"}
+
+
+def test_a_device_id_with_control_characters_is_listed_escaped(
+        gps_cli: Cli, conn: psycopg.Connection[Any]) -> None:
+    """A fleet's device id holding a line break, a tab or a right-to-left override (U+202E)
+    is stored literally; in a table it broke the row over two lines, or turned the rest of
+    the line around on the operator's terminal. JSON keeps it as it is."""
+    device = "bus\n12\t\u202eevil"
+    traces.insert_points(conn, [(device, datetime(2024, 5, 1, 8, tzinfo=UTC), 60.17, 24.94)])
+    gps_cli("match-gps")  # a lone point: too_short, no OSRM needed
+    table = gps_cli("batches", "list")
+    assert table.exit_code == 0
+    assert "bus\\n12\\t\\u202eevil" in table.output and "\u202e" not in table.output
+    listed = json.loads(gps_cli("batches", "list", "--json").stdout)
+    assert listed["batches"][0]["device_id"] == device

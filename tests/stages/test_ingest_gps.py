@@ -41,7 +41,7 @@ def test_csv_loads_and_duplicates_are_stored_once(tmp_path: Path, database_url: 
     first = ingest(database_url, [path])
     assert first.exit_code == 0
     assert first.counts == {"files": 1, "rows_read": 3, "rows_loaded": 2, "duplicates": 1,
-                            "invalid_rows": 0}
+                            "conflicting_duplicates": 1, "invalid_rows": 0}
     row = conn.execute("SELECT latitude, source, processed FROM gps_point_status"
                        " ORDER BY recorded_at LIMIT 1").fetchone()
     assert (row["latitude"], row["source"], row["processed"]) == (60.17, "file:a.csv", False)
@@ -51,7 +51,33 @@ def test_csv_loads_and_duplicates_are_stored_once(tmp_path: Path, database_url: 
     # Overlapping globs name a file twice: read once (the counts were of one entry per name).
     twice = ingest(database_url, [path, tmp_path / "." / "a.csv", path])
     assert twice.counts == {"files": 1, "rows_read": 3, "rows_loaded": 0, "duplicates": 3,
-                            "invalid_rows": 0}
+                            "conflicting_duplicates": 1, "invalid_rows": 0}
+
+
+def test_a_point_of_a_stored_device_and_time_with_other_coordinates_is_named(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    """Two fixes of one device in one second (a tracker's time in whole seconds), in the file or
+    against a stored point: the first is kept, and the other position is named, not only
+    counted with the repeats of the same point."""
+    conn.execute("INSERT INTO gps_points (device_id, recorded_at, latitude, longitude)"
+                 " VALUES ('bus 7', '2024-05-01T08:00:09Z', 60.17, 24.94)")
+    path = tmp_path / "c.csv"
+    path.write_text(HEADER + "bus 7,2024-05-01T08:00:00Z,60.17,24.94\n"
+                    "bus 7,2024-05-01T08:00:00Z,60.17,24.94\n"  # the same point again
+                    "bus 7,2024-05-01T08:00:00Z,60.175,24.945\n"  # another place
+                    "bus 7,2024-05-01T08:00:09Z,60.18,24.95\n")  # another than stored
+    record = ingest(database_url, [path])
+    assert record.exit_code == 0, record.error
+    assert record.counts["rows_loaded"] == 1 and record.counts["duplicates"] == 3
+    assert record.counts["conflicting_duplicates"] == 2
+    assert "2 with other coordinates" in record.message
+    conflicts = record.extra["conflicts"]
+    assert conflicts[0].startswith("c.csv:4: ") or f"{path}:4: " in conflicts[0]
+    assert "other coordinates (60.175, 24.945) than the point kept (60.17, 24.94)" in \
+        conflicts[0]
+    assert ":5: " in conflicts[1] and "(60.18, 24.95)" in conflicts[1]
+    stored = conn.execute("SELECT latitude FROM gps_points ORDER BY recorded_at").fetchall()
+    assert [r["latitude"] for r in stored] == [60.17, 60.17]
 
 
 def test_invalid_rows_are_reported_and_skipped(tmp_path: Path, database_url: str,
@@ -188,7 +214,8 @@ def test_csv_line_ends_split_across_copy_blocks(tmp_path: Path, database_url: st
                      .encode())
     record = ingest(database_url, [path])
     assert record.counts == {"files": 1, "rows_read": 40, "rows_loaded": 40,
-                             "duplicates": 0, "invalid_rows": 0}, record.extra
+                             "duplicates": 0, "conflicting_duplicates": 0,
+                             "invalid_rows": 0}, record.extra
 
 
 @pytest.mark.parametrize("block", [7, 1 << 20])

@@ -21,6 +21,7 @@ from devtools import traces
 from devtools.services import LocalServices
 from pipeline_cli import db, polyline
 from pipeline_cli.adapters.osrm import OsrmClient
+from pipeline_cli.commands import status as status_command
 from pipeline_cli.db import Database
 from pipeline_cli.errors import EXIT_CONFIG
 from pipeline_cli.gps import batches, partitions, stitching
@@ -294,7 +295,32 @@ def test_no_segment_chunk_is_recorded_not_fatal(conn: psycopg.Connection[Any],
                        " FROM processing_batches").fetchone()
     assert row["status"] == "completed" and row["chunk_errors"] == {"NoSegment": 1}
     assert row["matched_count"] == 0 and "NoSegment" in row["error_message"]
+    assert "outside the map" in row["error_message"]
+    assert "swapped" not in row["error_message"]
     assert record.counts["chunk_errors"] == {"NoSegment": 1}
+
+
+def test_a_device_with_latitude_and_longitude_swapped_is_named(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A tracker that writes longitude first (every point at lat 24.9, lon 60.1: a valid place
+    in the Indian Ocean) matches nothing; the batch's note says the points look swapped, where
+    `pipeline batches list` shows it, not only NoSegment."""
+    trace = trace_pool[5]
+    trace.start = OLD
+    traces.insert_points(conn, [(d, t, lon, lat) for d, t, lat, lon in trace.rows("swapped")])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT status, matched_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["status"] == "completed" and row["matched_count"] == 0
+    assert "NoSegment" in row["error_message"]
+    assert "latitude and longitude swapped" in row["error_message"]
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    # `pipeline status` counts it apart from the batches that drew lines.
+    section = batches.status_section(conn)
+    assert (section["completed_last_hour"], section["unmatched_last_hour"]) == (1, 1)
+    assert "1 matched nothing" in status_command._gps(section, datetime.now(UTC))
 
 
 def test_sql_injection_device_ids_are_literal(conn: psycopg.Connection[Any], database_url: str,
@@ -1161,4 +1187,57 @@ def test_no_fix_points_are_not_sent_to_osrm(conn: psycopg.Connection[Any], datab
     row = conn.execute("SELECT polyline_count, chunk_errors FROM processing_batches").fetchone()
     assert row["polyline_count"] == 1 and row["chunk_errors"] == {}
     assert traces.judge(trace.truth, polylines(conn, "d")).passed
+    assert_all_processed(conn)
+
+
+def test_a_device_without_a_fix_says_so(conn: psycopg.Connection[Any], database_url: str,
+                                        client: OsrmClient, proxy: CountingHttpProxy) -> None:
+    """A tracker without a GPS fix sends (0, 0) for a whole trip: the batch said only
+    'no matching: too_few_points' of its 20 points, which names no cause."""
+    traces.insert_points(conn, [("nofix", OLD + timedelta(seconds=i), 0.0, 0.0)
+                                for i in range(20)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT status, matched_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["status"] == "completed" and row["matched_count"] == 0
+    assert "no GPS fix: all 20 points at (0, 0)" in row["error_message"]
+    assert proxy.count("/match/") == 0
+    assert_all_processed(conn)
+
+
+def test_a_burst_within_one_second_says_so(conn: psycopg.Connection[Any], database_url: str,
+                                           client: OsrmClient) -> None:
+    """500 points of one device within one second (a tracker flushing its buffer with one
+    time): OSRM takes whole seconds, so one point is left to send; the note said only
+    'too_few_points'."""
+    traces.insert_points(conn, [("burst", OLD + timedelta(milliseconds=i),
+                                 60.1700 + (i % 7) * 1e-4, 24.9400) for i in range(500)])
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    row = conn.execute("SELECT matched_count, error_message FROM processing_batches").fetchone()
+    assert row["matched_count"] == 0
+    assert "all 500 points within one second" in row["error_message"]
+    assert_all_processed(conn)
+
+
+@pytest.mark.parametrize("glitch", [(60.6, 25.5), (60.1760, 24.9500)],
+                         ids=["off-the-map", "on-the-map"])
+def test_a_parked_vehicle_with_one_gps_glitch_draws_no_line(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        glitch: tuple[float, float]) -> None:
+    """One fix 50 km away (or a few streets away) among a parked vehicle's points made the
+    batch not stationary: sent to OSRM, which left the glitch out and drew a "line" of one
+    spot, what the stationary rule is there to prevent."""
+    rows = [("parked", OLD + timedelta(seconds=5 * i), 60.16990 + (i % 2) * 1e-5, 24.93840)
+            for i in range(60)]
+    rows[30] = (*rows[30][:2], *glitch)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert (record.counts["batches_stationary"], record.counts["points_processed"]) == (1, 60)
+    assert conn.execute("SELECT count(*) AS n FROM cached_polylines").fetchone()["n"] == 0
+    row = conn.execute("SELECT polyline_count, error_message FROM processing_batches"
+                       ).fetchone()
+    assert row["polyline_count"] == 0 and row["error_message"].startswith("stationary: ")
     assert_all_processed(conn)
