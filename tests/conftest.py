@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,12 @@ from devtools.cleanup import drop_bucket, drop_prefix
 from devtools.services import LocalServices, S3Endpoint
 from pipeline_cli import db
 from tests.support.clirunner import Cli
+
+# A suite started under nohup (or by a CI runner that ignores SIGHUP) passed the ignored SIGHUP
+# on to every pipeline process it starts, and the pipeline keeps an ignored SIGHUP ignored, as
+# nohup asks: the tests of a hung-up session then waited in vain. The suite's own processes
+# get SIGHUP's default, as a login shell's would.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 REPO = Path(__file__).resolve().parents[1]
 
