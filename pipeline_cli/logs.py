@@ -17,12 +17,12 @@ from typing import Any
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "stage", "run_id"}
 # A control character in text from outside (a feed's key holding a newline) would forge lines
 # of its own in a text log or error line: it is shown escaped.
-_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
+ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
             | {9: "\\t", 10: "\\n", 13: "\\r"})
 
 
 def one_line(text: str) -> str:
-    return text.translate(_ESCAPES)
+    return text.translate(ESCAPES)
 
 
 class RedactFilter(logging.Filter):

@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from rich.table import Table
 from .app import App
 from .errors import LockBusy, PipelineError, ValidationError
 from .health import CRITICAL, LEVELS, SECTIONS, UNKNOWN, WARNING, StatusReport
-from .logs import json_line, one_line
+from .logs import ESCAPES, json_line, one_line
 from .runner import RunRecord
 
 
@@ -106,12 +105,10 @@ def utc_minute(value: datetime) -> str:
 
 # Control characters and bidirectional overrides in a cell: text from outside (a fleet's
 # device id "bus\n12", "\u202e...") broke a table row over two lines or turned the rest of
-# the operator's line around. Shown as Python escapes; --json keeps the text as it is.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode("ascii")
+# the operator's line around. Escaped as in a log line (logs.ESCAPES), the overrides too;
+# --json keeps the text as it is.
+_CELL_ESCAPES = ESCAPES | {c: f"\\u{c:04x}" for c in (*range(0x202a, 0x202f),
+                                                       *range(0x2066, 0x206a))}
 
 
 def _fmt(value: Any) -> str:
@@ -124,7 +121,7 @@ def _fmt(value: Any) -> str:
         return f"{value:,.3f}".rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):
         return dump_json(value)
-    return _UNPRINTABLE.sub(_escape, str(value))
+    return str(value).translate(_CELL_ESCAPES)
 
 
 def key_values(title: str, items: Mapping[str, Any]) -> None:
