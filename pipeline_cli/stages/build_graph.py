@@ -151,9 +151,10 @@ class GraphData:
     speeds_kmh: dict[str, float]  # the speed of each mode a route without flights used
     # (route id, stop) of the routes left out because they lead from a stop to itself
     self_loops: list[tuple[str, str]] = field(default_factory=list)
-    # (route id, from, to, distance_km, straight-line km) of the routes weighed by a distance
-    # shorter than the great circle between their stops
-    short_routes: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+    # Real routes whose weight the straight line between their stops belies (_odd_routes):
+    # (route id, from, to, distance km or flight minutes, straight-line km) per kind
+    odd_routes: dict[str, list[tuple[str, str, str, float, float]]] = field(
+        default_factory=dict)
 
     @property
     def nodes(self) -> int:
@@ -244,8 +245,8 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
     weight = np.round(np.concatenate([real_w, virtual_w]), 3)
     route_ids = [r[0] for r in routes] + [r[0] for r in vroutes]
     modes += [r[3] for r in vroutes]
-    short_routes = _short_routes(stops, routes, src[:len(routes)], dst[:len(routes)], dist_km,
-                                 flight_s)
+    odd_routes = _odd_routes(stops, routes, src[:len(routes)], dst[:len(routes)], dist_km,
+                             flight_s)
     # A route from a stop to itself leads nowhere: the routing API never gets it.
     loops = np.flatnonzero((src == dst) & (src >= 0)).tolist()
     self_loops = [(route_ids[i], from_ids[i]) for i in loops]
@@ -260,29 +261,57 @@ def read_graph(conn: psycopg.Connection[Any], dataset_version: str,
         node_ids=node_ids, n_real=len(real), src=src, dst=dst, weight=weight,
         route_ids=route_ids, modes=modes, from_ids=from_ids, to_ids=to_ids,
         speeds_kmh={m: table[m] for m in sorted(used)},
-        self_loops=self_loops, short_routes=short_routes,
+        self_loops=self_loops, odd_routes=odd_routes,
     )
 
 
-def _short_routes(stops: list[tuple[Any, ...]], routes: list[tuple[Any, ...]], src: np.ndarray,
-                  dst: np.ndarray, dist_km: np.ndarray, flight_s: np.ndarray
-                  ) -> list[tuple[str, str, str, float, float]]:
-    """The real routes weighed by a distance shorter than the great circle between their
-    stops, by more than 10 % and 1 km: a feed's 0 for "unknown", or miles for kilometres. A
-    route of 0 km between stops 60 km apart is an edge of 0 s that every shortest path takes.
-    Great-circle km go the short way round, across the antimeridian too."""
+def _odd_routes(stops: list[tuple[Any, ...]], routes: list[tuple[Any, ...]], src: np.ndarray,
+                dst: np.ndarray, dist_km: np.ndarray, flight_s: np.ndarray
+                ) -> dict[str, list[tuple[str, str, str, float, float]]]:
+    """The real routes whose weight the great circle between their stops belies (measured the
+    short way round, across the antimeridian too):
+    - ``short_routes``: weighed by a distance shorter than it by more than 10 % and 1 km (a
+      feed's 0 for "unknown", or miles for kilometres; 0 km between stops 60 km apart is an
+      edge of 0 s that every shortest path takes);
+    - ``long_routes``: by a distance more than 5 times it and 100 km longer (metres for
+      kilometres: an edge 1,000 times too slow, which every shortest path avoids); roads wind,
+      and a ring line's last stop may be next to its first, so the bounds are wide;
+    - ``fast_routes``: by a fastest flight faster than 1,200 km/h over it (times in each end's
+      own time zone, or a wrong stop), which every shortest path takes."""
     lat = np.array([r[1] for r in stops], dtype=np.float64)
     lon = np.array([r[2] for r in stops], dtype=np.float64)
     known = (src >= 0) & (src < lat.size) & (dst >= 0) & (dst < lat.size)  # real stops
-    weighed = np.flatnonzero(np.isnan(flight_s) & ~np.isnan(dist_km) & known)
-    a, b = src[weighed], dst[weighed]
-    straight = geo.haversine_km(lat[a], lon[a], lat[b], lon[b])
-    short = straight - dist_km[weighed] > np.maximum(1.0, 0.1 * straight)
-    return [(routes[i][0], routes[i][1], routes[i][2], float(dist_km[i]), float(km))
-            for i, km in zip(weighed[short].tolist(), straight[short].tolist(), strict=True)]
+    found: dict[str, list[tuple[str, str, str, float, float]]] = {}
+    for kind, weighed in (("distance", ~np.isnan(dist_km) & np.isnan(flight_s)),
+                          ("flight", ~np.isnan(flight_s))):
+        at = np.flatnonzero(weighed & known)
+        a, b = src[at], dst[at]
+        straight = geo.haversine_km(lat[a], lon[a], lat[b], lon[b])
+        if kind == "flight":
+            tests = {"fast_routes": (flight_s[at] / 60.0, straight > flight_s[at] / 3.0)}
+        else:
+            km = dist_km[at]
+            tests = {"short_routes": (km, straight - km > np.maximum(1.0, 0.1 * straight)),
+                     "long_routes": (km, km - straight > np.maximum(100.0, 4.0 * straight))}
+        for name, (value, odd) in tests.items():
+            found[name] = [(routes[i][0], routes[i][1], routes[i][2], float(v), float(d))
+                           for i, v, d in zip(at[odd].tolist(), value[odd].tolist(),
+                                              straight[odd].tolist(), strict=True)]
+    return found
 
 
 # ---------------------------------------------------------------- validation
+
+
+# The notes of _odd_routes: what the routes are, the unit of the feed's value, what is wrong.
+_ODD_ROUTES = {
+    "short_routes": ("shorter than the straight line between their stops", "km",
+                     "their distance_km is wrong, or in another unit"),
+    "long_routes": ("more than 5 times longer than the straight line between their stops",
+                    "km", "their distance_km is wrong, or in metres"),
+    "fast_routes": ("faster than 1,200 km/h by their fastest flight over the straight line",
+                    "min", "their flight times are wrong (each end's own time zone?)"),
+}
 
 
 @dataclass
@@ -292,13 +321,13 @@ class Checks:
     self_loops: int
     zero_weight_edges: int
     warnings: list[str]
-    short_routes: int = 0
+    odd_routes: dict[str, int] = field(default_factory=dict)  # see _odd_routes
 
     def counts(self) -> dict[str, int]:
         return {"components": self.components,
                 "unreachable_real_stops": self.unreachable_real_stops,
                 "self_loops": self.self_loops, "zero_weight_edges": self.zero_weight_edges,
-                "short_routes": self.short_routes}
+                **{kind: self.odd_routes.get(kind, 0) for kind in _ODD_ROUTES}}
 
 
 def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
@@ -364,12 +393,12 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
         sample = ", ".join(graph.node_ids[i] for i in one_way[:_SAMPLES])
         warnings.append(f"{one_way.size} real stop(s) joined to the main network one way only "
                         f"(e.g. {sample}): a route back or there is missing")
-    if graph.short_routes:  # published as the feed says: a guessed distance would be no better
-        route, a, b, km, straight = graph.short_routes[0]
-        warnings.append(f"{len(graph.short_routes)} route(s) shorter than the straight line "
-                        f"between their stops (e.g. {route}: {a} -> {b}, {km:g} km for "
-                        f"{straight:.1f} km): their distance_km is wrong, or in another unit; "
-                        "published")
+    for kind, (says, unit, what) in _ODD_ROUTES.items():  # published as the feed says:
+        if graph.odd_routes.get(kind):                     # a guess would be no better
+            route, a, b, value, straight = graph.odd_routes[kind][0]
+            warnings.append(f"{len(graph.odd_routes[kind])} route(s) {says} (e.g. {route}: "
+                            f"{a} -> {b}, {value:g} {unit} for {straight:.1f} km): {what}; "
+                            "published")
     free = np.flatnonzero(graph.weight == 0)
     if free.size:  # two stops at one place (platforms of a station): legitimate, but worth a look
         i = int(free[0])
@@ -378,7 +407,8 @@ def validate(graph: GraphData, *, fatal_warnings: bool) -> Checks:
                         "published")
     return Checks(components=int(count), unreachable_real_stops=int(outside.size),
                   self_loops=len(graph.self_loops), zero_weight_edges=int(free.size),
-                  warnings=warnings, short_routes=len(graph.short_routes))
+                  warnings=warnings,
+                  odd_routes={k: len(v) for k, v in graph.odd_routes.items()})
 
 
 # ---------------------------------------------------------------- encoding and export

@@ -520,6 +520,41 @@ def test_routes_shorter_than_the_straight_line_between_their_stops_are_named(
     assert [e.weight_s for e in out if e.route_id == "TELEPORT"] == [0.0]
 
 
+def test_routes_far_longer_or_faster_than_the_straight_line_are_named(
+        builder: Builder, conn: Conn, store: GraphStore) -> None:
+    """A feed in metres (11,000 "km" for HEL -> TKU) made every such route 1,000 times too
+    slow, and a flight timed in each end's own zone (NRT -> HEL in 4 h) too fast; both were
+    published in silence. Winding roads, a ring line's neighbouring ends and real flights are
+    not named."""
+    add_dataset(conn, "ds-v1")
+    stops = {"HEL": (60.17, 24.94), "TKU": (60.45, 22.27), "NRT": (35.77, 140.39),
+             "R1": (60.170, 24.940), "R2": (60.171, 24.945)}
+    for sid, (lat, lon) in stops.items():
+        conn.execute("INSERT INTO stops (id, latitude, longitude) VALUES (%s, %s, %s)",
+                     (sid, lat, lon))
+    straight = _haversine_km(*stops["HEL"], *stops["TKU"])
+    routes = [("METRES", "HEL", "TKU", round(straight * 1000)), ("ROAD", "TKU", "HEL", 400.0),
+              ("RING", "R1", "R2", 60.0), ("LOCAL", "NRT", "HEL", None),
+              ("AY74", "HEL", "NRT", None)]
+    for rid, a, b, km in routes:
+        conn.execute("INSERT INTO routes VALUES (%s, %s, %s, 'air', %s)", (rid, a, b, km))
+    conn.execute("INSERT INTO flights VALUES ('L1', 'LOCAL', '11:00', '15:00', '1'), "
+                 "('A1', 'AY74', '17:00', '02:30', '1')")
+    add_generation(conn, "ds-v1")
+    record = builder.build()
+    assert record.status == "success", record.error
+    counts = {k: record.counts[k] for k in ("short_routes", "long_routes", "fast_routes")}
+    assert counts == {"short_routes": 0, "long_routes": 1, "fast_routes": 1}
+    warnings = " ".join(record.extra["warnings"])
+    assert ("1 route(s) more than 5 times longer than the straight line between their stops "
+            f"(e.g. METRES: HEL -> TKU, {round(straight * 1000)} km for {straight:.1f} km): "
+            "their distance_km is wrong, or in metres; published") in warnings
+    far = _haversine_km(*stops["NRT"], *stops["HEL"])
+    assert ("1 route(s) faster than 1,200 km/h by their fastest flight over the straight line "
+            f"(e.g. LOCAL: NRT -> HEL, 240 min for {far:.1f} km)") in warnings
+    assert {k: graph_rows(conn)[-1]["warnings"][k] for k in counts} == counts
+
+
 # ---------------------------------------------------------------- failures
 
 
