@@ -381,7 +381,8 @@ def test_a_config_path_that_is_a_directory_exits_78_either_way(run_cli: Cli,
     run_cli.env["PIPELINE_CONFIG"] = str(tmp_path)
     by_env = run_cli("config", "show")
     for result in (by_option, by_env):
-        assert result.exit_code == 78 and "Is a directory" in result.output, result.output
+        assert result.exit_code == 78, result.output
+        assert "not a regular file (a directory)" in result.output, result.output
 
 
 @pytest.mark.parametrize("args", [
@@ -497,6 +498,24 @@ def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
 
 
 CLOSED = ("sh", "-c", 'exec "$@" >&-', "sh")  # cron lines and scripts that close stdout
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "directory", "character device"])
+@pytest.mark.parametrize("given", ["--config", "PIPELINE_CONFIG"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(
+        run_cli: Cli, tmp_path: Path, kind: str, given: str) -> None:
+    # A named pipe with nobody writing to it hung at open, under cron until the next run
+    # piled up behind it; /dev/stdin on a terminal waited for the operator to type a config.
+    path = {"named pipe": tmp_path / "fifo", "directory": tmp_path,
+            "character device": Path("/dev/null")}[kind]
+    if kind == "named pipe":
+        os.mkfifo(path)
+    args = ("--config", str(path), "status") if given == "--config" else ("status",)
+    env = run_cli.cron_env(**({"PIPELINE_CONFIG": str(path)} if given != "--config" else {}))
+    proc = run_cli.cron(*args, env=env, timeout=20)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr == (f"pipeline status: error: cannot read config file {path}: not a "
+                           f"regular file (a {kind})\n")
 
 
 @pytest.mark.parametrize(("args", "code", "line"), [
