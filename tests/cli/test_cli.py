@@ -334,18 +334,24 @@ def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
     assert row == {"status": "noop"}
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize(("args", "line"), [
-    (("status",), "pipeline status: stopped by SIGTERM before it finished"),
+    (("status",), "pipeline status: stopped by {} before it finished"),
     (("--log-format", "json", "db", "migrate"),
-     "pipeline db migrate: stopped by SIGTERM before it finished"),
+     "pipeline db migrate: stopped by {} before it finished"),
 ])
 def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
-                                             args: tuple[str, ...], line: str) -> None:
+                                             args: tuple[str, ...], line: str,
+                                             name: str) -> None:
     # `timeout 60 pipeline status` or a deploy stopping `db migrate`: the process died with
     # nothing said, and cron mailed nothing. It still dies of the signal (exit 143 to a
-    # shell; an open transaction rolls back with the connection), after one line.
+    # shell; an open transaction rolls back with the connection), after one line. A Ctrl-C
+    # says the same, naming its command (it said "pipeline: interrupted"), and exits 130.
     import signal
     import time
+
+    sig = getattr(signal, name)
+    line = line.format(name)
 
     from tests.support.proxy import TcpProxy
 
@@ -358,9 +364,9 @@ def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
         while slow.connections == 0 and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM, (out, err)
+    assert proc.returncode == (-sig if sig == signal.SIGTERM else 130), (out, err)
     said = err.strip()
     if "--log-format" in args:
         obj = json.loads(said)
