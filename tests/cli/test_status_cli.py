@@ -79,6 +79,22 @@ def test_check_unknown_when_the_database_is_unreachable(run_cli: Cli) -> None:
     assert plain.exit_code == 1 and "connection failed" in plain.output
 
 
+@pytest.mark.parametrize(("health", "code"), [("ok", 0), ("warning", 1), ("unknown", 3)])
+def test_check_into_a_closed_pipe_keeps_its_nagios_code(run_cli: Cli, health: str,
+                                                        code: int) -> None:
+    # `pipeline status --check | head -c0`, a monitor that reads the exit code and closes
+    # the pipe: the closed pipe made every verdict exit 1, WARNING, whatever the health.
+    if health == "ok":
+        good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    elif health == "unknown":
+        run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://pipeline@127.0.0.1:9/nope"
+    proc = run_cli.popen("status", "--check")
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the line is written
+    _out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (code, "")
+
+
 def test_check_unknown_when_unconfigured(run_cli: Cli) -> None:
     del run_cli.env["PIPELINE_DATABASE_URL"]
     result = run_cli("status", "--check")
