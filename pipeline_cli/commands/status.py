@@ -275,8 +275,11 @@ def _graph(g: dict[str, Any], now: datetime) -> str:
     # the pointer Redis holds, none, or (Redis not asked) no word on it
     pointer = (f"Redis pointer {g['redis_pointer']}" if g.get("redis_pointer") else
                "Redis pointer" if g["consistent"] is None else "no Redis pointer")
+    # a version recorded without its generation: "unknown", as a lock's unnamed application
+    generation = g["virtual_generation_id"]
     return (f"{g['version']} for {g['dataset_version']} (generation "
-            f"{g['virtual_generation_id']}): {g['nodes']} nodes, {g['edges']} edges; "
+            f"{'unknown' if generation is None else generation}): {g['nodes']} nodes, "
+            f"{g['edges']} edges; "
             f"{pointer}: {state}")
 
 

@@ -388,3 +388,19 @@ def test_the_graph_line_says_in_words_when_redis_has_no_pointer_or_was_not_asked
     shown = " ".join(run_cli("status").output.split())
     assert "1 nodes, 0 edges; Redis pointer: not checked: Redis unreachable: " in shown, shown
     assert "Redis pointer -" not in shown
+
+
+def test_a_graph_of_an_unknown_generation_says_unknown_not_none(
+        run_cli: Cli, conn: psycopg.Connection[Any]) -> None:
+    # A graph version recorded without its virtual generation read "(generation None)":
+    # Python's word for it, where the rest of the status text says "unknown".
+    conn.execute("INSERT INTO graph_versions (version, seq, dataset_version, "
+                 "virtual_generation_id, nodes, edges, build_ms, checksum, export_key, active) "
+                 "VALUES ('graph-v1', 1, 'ds-v1', NULL, 1, 0, 1, 'c', "
+                 "'graphs/graph-v1/graph.jsonl.gz', true)")
+    result = run_cli("status")
+    shown = " ".join(result.output.split())  # the table wraps the line
+    assert "graph graph-v1 for ds-v1 (generation unknown): 1 nodes, 0 edges;" in shown, shown
+    assert "None" not in result.output
+    assert json.loads(run_cli("status", "--json").output)["graph"]["virtual_generation_id"] \
+        is None
