@@ -488,7 +488,8 @@ class StageRunner:
         lock: psycopg.Connection[Any] | None = None
         try:
             db.check_schema(control)
-            reap_crashed(control)
+            if not dry_run:  # a dry run writes nothing: it works on a standby too
+                reap_crashed(control)
             lock = self._connection(stage, autocommit=False)
             if singleton:
                 self._acquire(lock, stage, wait)
