@@ -17,7 +17,7 @@ def main() -> None:
     def interrupted(signum: int, frame: object) -> None:
         # Nothing is open or written yet, and an exception raised inside an import can come
         # out as another one (a RuntimeError from __set_name__): leave at once.
-        os.write(2, b"pipeline: interrupted\n")
+        os.write(2, b"pipeline: stopped by SIGINT before it finished\n")  # cli.stopped_line
         os._exit(130)
 
     ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not if ignored

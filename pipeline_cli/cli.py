@@ -80,7 +80,7 @@ class PipelineGroup(LazyGroup):
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:  # Click said "Aborted!" and exit 1 for a Ctrl-C here
             render.stderr_error(App(log_format="json" if self._json_logs() else "text"),
-                                "pipeline: interrupted", exit_code=130)
+                                stopped_line("pipeline", "SIGINT"), exit_code=130)
             sys.exit(130)
         except click.ClickException as exc:  # a usage error in the options before a command
             self._usage_error(exc, None)
@@ -120,8 +120,9 @@ class PipelineGroup(LazyGroup):
             ctx.exit(exc.exit_code)
         except click.ClickException as exc:  # a usage error, before the options were read
             self._usage_error(exc, ctx)
-        except KeyboardInterrupt:
-            render.stderr_error(ctx.find_object(App) or App(), "pipeline: interrupted",
+        except KeyboardInterrupt:  # outside a stage's run (the runner handles it there)
+            where = ctx.meta.get(COMMAND_PATH) or command_path(ctx)
+            render.stderr_error(ctx.find_object(App) or App(), stopped_line(where, "SIGINT"),
                                 exit_code=130)
             ctx.exit(130)
 
@@ -185,6 +186,13 @@ def main() -> None:
     cli(prog_name="pipeline")
 
 
+def stopped_line(where: str, signal_name: str) -> str:
+    """The one line a command that is not in a stage's run says when a signal stops it,
+    naming the command (``pipeline`` alone when none is known yet): a Ctrl-C said only
+    "pipeline: interrupted" where SIGTERM named the command."""
+    return f"{where}: stopped by {signal_name} before it finished"
+
+
 def _say_when_terminated() -> None:
     """SIGTERM outside a stage's run (``timeout 60 pipeline status``, a deploy stopping
     ``db migrate``) killed the process with nothing said, and cron mailed nothing: one line
@@ -196,7 +204,7 @@ def _say_when_terminated() -> None:
 
     def terminated(signum: int, _frame: Any) -> None:
         ctx = click.get_current_context(silent=True)
-        line = f"{command_path(ctx)}: stopped by SIGTERM before it finished"
+        line = stopped_line(command_path(ctx), "SIGTERM")
         app = ctx.find_object(App) if ctx else None
         if app is not None and app.log_format == "json":
             line = json_line("error", line, logger="pipeline.cli")

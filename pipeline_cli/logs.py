@@ -25,6 +25,15 @@ def one_line(text: str) -> str:
     return text.translate(ESCAPES)
 
 
+def utc_seconds(value: datetime) -> str:
+    """A time in text as the log lines give it, in UTC with a Z (``2026-12-07T02:21:03Z``):
+    a timestamptz comes in the database session's zone (the server's, or PGTZ), which is not
+    the reader's. A naive time is shown as it is."""
+    if value.tzinfo is None:
+        return value.isoformat(timespec="seconds")
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 class RedactFilter(logging.Filter):
     def __init__(self, redact: Callable[[str], str]) -> None:
         super().__init__()

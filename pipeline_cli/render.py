@@ -28,7 +28,7 @@ from rich.table import Table
 from .app import App
 from .errors import LockBusy, PipelineError, ValidationError
 from .health import CRITICAL, LEVELS, SECTIONS, UNKNOWN, WARNING, StatusReport
-from .logs import ESCAPES, json_line, one_line
+from .logs import ESCAPES, json_line, one_line, utc_seconds
 from .runner import RunRecord
 
 
@@ -113,10 +113,7 @@ _CELL_ESCAPES = ESCAPES | {c: f"\\u{c:04x}" for c in (*range(0x202a, 0x202f),
 
 def _fmt(value: Any) -> str:
     if isinstance(value, datetime):
-        # In UTC with a Z, as utc_minute: a timestamptz comes in the session's time zone.
-        if value.tzinfo is None:
-            return value.isoformat(timespec="seconds")
-        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return utc_seconds(value)  # a timestamptz comes in the session's time zone
     if isinstance(value, float):
         return f"{value:,.3f}".rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):

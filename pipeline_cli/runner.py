@@ -43,6 +43,7 @@ from .errors import (
     TimedOut,
     exit_code_for,
 )
+from .logs import utc_seconds
 
 log = logging.getLogger("pipeline.runner")
 
@@ -328,7 +329,7 @@ class LockHolder:
 
     def describe(self) -> str:
         if self.host is not None:
-            since = self.since.isoformat(timespec="seconds") if self.since else "?"
+            since = utc_seconds(self.since) if self.since else "?"  # as the log lines
             pid = f" pid {self.pid}" if self.pid is not None else ""
             return f"host {self.host}{pid} since {since}"
         return f"session {self.backend_pid} ({self.application_name or 'unknown'})"
@@ -487,7 +488,8 @@ class StageRunner:
         lock: psycopg.Connection[Any] | None = None
         try:
             db.check_schema(control)
-            reap_crashed(control)
+            if not dry_run:  # a dry run writes nothing: it works on a standby too
+                reap_crashed(control)
             lock = self._connection(stage, autocommit=False)
             if singleton:
                 self._acquire(lock, stage, wait)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
 import re
+import stat
 import threading
 import tomllib
 import types
@@ -611,7 +613,7 @@ def load_settings(
     shown = printable_path(path) if path else ""
     if path:
         try:
-            with open(path, "rb") as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
+            with _open_regular(path) as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
                 data = tomllib.loads(fh.read().decode("utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {shown}{path_hint(path)}",
@@ -744,6 +746,28 @@ def _s3_scheme(s3: S3Settings, sources: dict[str, str]) -> S3Settings:
     sources.setdefault("s3.secure",
                        f"{sources['s3.endpoint']} (the {scheme.lower()}:// of [s3] endpoint)")
     return dataclasses.replace(s3, endpoint=rest, secure=secure)
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a directory"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular(path: str | os.PathLike[str]) -> typing.BinaryIO:
+    """The config file opened for reading, if it is a regular file. Opened without blocking
+    and checked on the descriptor (no race with a stat first): a named pipe nobody writes to
+    hung at open, and /dev/stdin on a terminal waited for someone to type a config."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "another kind")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def path_hint(path: str | os.PathLike[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,12 +120,18 @@ def test_busy_lock_exits_at_once_and_touches_nothing(database_url: str,
     assert conn.execute("SELECT count(*) AS n FROM stage_runs").fetchone() == {"n": 0}
 
 
-def test_busy_lock_names_the_holder_run(database_url: str) -> None:
+def test_busy_lock_names_the_holder_run(database_url: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     proc = start_child(database_url)
+    # The holder's start time is in UTC with a Z, as log lines and tables give times: it came
+    # in the database session's zone, "since 2026-12-07T17:21:03+02:00" (PGTZ, the server's).
+    monkeypatch.setenv("PGTZ", "Europe/Helsinki")
     try:
         with pytest.raises(LockBusy) as err:
             StageRunner(Database(database_url)).run("sync-odata", lambda ctx: StageResult())
         assert f"pid {proc.pid}" in str(err.value) and "host " in str(err.value)
+        assert re.search(r" since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", str(err.value)), \
+            str(err.value)
     finally:
         proc.kill()
         proc.wait()

@@ -243,6 +243,15 @@ def _keep_the_result(app: App) -> None:
     app.resources.enter_context(clients)
 
 
+def reader_left() -> None:
+    """stdout's reader closed the pipe (`| head`): what is still to be written goes nowhere,
+    so that nothing fails again at exit, and the caller keeps the exit code its work earned
+    (a stage's run, `status --check`'s verdict) instead of Click's exit 1."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 def run_stage(
     app: App,
     stage: str,
@@ -276,7 +285,7 @@ def run_stage(
         code = show(app, record) if show else render.stage_record(
             app, record, where=command_path(click.get_current_context(silent=True)))
     except BrokenPipeError:  # `| head`: the reader left; the run's own exit code stands
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+        reader_left()
         code = record.exit_code
     summary = (f"pipeline {stage}: {record.status} in {record.duration_ms} ms, run "
                f"{record.run_id}" + (f": {record.error}" if record.error else ""))

@@ -25,7 +25,7 @@ from ..health import (
 from ..logs import one_line
 from ..render import prometheus_text, write_prometheus
 from ..schedule import build_schedule
-from . import NonEmpty, json_option, pass_app
+from . import NonEmpty, json_option, pass_app, reader_left
 
 # Status must answer fast even when a service hangs: monitors time out after ~10 s (NRPE).
 S3_TIMEOUT = 3.0  # per request, without retries
@@ -137,7 +137,10 @@ def status(app: App, check: bool, prometheus: str | None) -> None:
     if check:
         line, code = check_line(report, error)
         if code or app.verbosity >= 0:
-            click.echo(app.redact(line))
+            try:
+                click.echo(app.redact(line))
+            except BrokenPipeError:  # the monitor reads the exit code: the verdict stands
+                reader_left()
         raise click.exceptions.Exit(code)
     if report is None:  # only --prometheus: the metrics say "down"; the exit code says why
         if app.json:  # stdout stays one JSON object, as without --prometheus
@@ -272,8 +275,11 @@ def _graph(g: dict[str, Any], now: datetime) -> str:
     # the pointer Redis holds, none, or (Redis not asked) no word on it
     pointer = (f"Redis pointer {g['redis_pointer']}" if g.get("redis_pointer") else
                "Redis pointer" if g["consistent"] is None else "no Redis pointer")
+    # a version recorded without its generation: "unknown", as a lock's unnamed application
+    generation = g["virtual_generation_id"]
     return (f"{g['version']} for {g['dataset_version']} (generation "
-            f"{g['virtual_generation_id']}): {g['nodes']} nodes, {g['edges']} edges; "
+            f"{'unknown' if generation is None else generation}): {g['nodes']} nodes, "
+            f"{g['edges']} edges; "
             f"{pointer}: {state}")
 
 

@@ -101,15 +101,24 @@ def prune(conn: psycopg.Connection[Any], cutoff: datetime, *, chunk_rows: int = 
                 out.points_dropped += dropped
                 continue
             out.partitions_kept.append(p["name"])
-        while True:
+        doomed = db.query("match_gps", "prune_doomed").format(part=ident)
+        if dry_run:  # a count that only reads: a dry run works on a standby
+            check_stop()
+            with db.wrap_errors(f"counting what prune would delete in {p['name']}"), \
+                    conn.transaction():
+                row = conn.execute(db.query("match_gps", "prune_due").format(doomed=doomed),
+                                   {"cutoff": cutoff, "limit": None, **seen}).fetchone()
+            out.points_deleted += int(row["n"]) if row else 0
+            continue
+        while chunk_rows > 0:
             check_stop()
             with db.wrap_errors(f"pruning {p['name']}"), conn.transaction():
-                row = conn.execute(db.query("match_gps", "prune_chunk").format(part=ident), {
-                    "cutoff": cutoff, "chunk": chunk_rows, "dry_run": dry_run, **seen}
+                row = conn.execute(db.query("match_gps", "prune_chunk").format(
+                    part=ident, doomed=doomed), {"cutoff": cutoff, "limit": chunk_rows, **seen}
                 ).fetchone()
             n = int(row["n"]) if row else 0
             out.points_deleted += n
-            if dry_run or n < chunk_rows:
+            if n < chunk_rows:
                 break
     return out
 

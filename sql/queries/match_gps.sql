@@ -588,13 +588,13 @@ LOCK TABLE ONLY gps_points, {part} IN ACCESS EXCLUSIVE MODE;
 ALTER TABLE gps_points DETACH PARTITION {part};
 DROP TABLE {part};
 
--- name: prune_chunk
--- Up to %(chunk)s processed points of one partition recorded before the cutoff; with
--- %(dry_run)s, how many there are in all, deleting none. Not those of a batch that an arrival
--- new to the batcher falls into (`reopening`): the batcher sends it back to be matched again,
--- and a match of the late points alone would replace the polylines of the points pruned
--- meanwhile. New arrivals are few (since the last pass) and found through the BRIN index on
--- arrival, as the batcher finds them.
+-- name: prune_doomed
+-- The processed points of one partition recorded before the cutoff, at most %(limit)s of
+-- them (null: all), by ctid: the subquery of prune_chunk and prune_due. Not those
+-- of a batch that an arrival new to the batcher falls into (`reopening`): the batcher sends
+-- it back to be matched again, and a match of the late points alone would replace the
+-- polylines of the points pruned meanwhile. New arrivals are few (since the last pass) and
+-- found through the BRIN index on arrival, as the batcher finds them.
 WITH reopening AS MATERIALIZED (
     SELECT cb.batch_id FROM gps_points l
     CROSS JOIN LATERAL (SELECT b.batch_id, b.end_time, b.points_snapshot
@@ -604,24 +604,30 @@ WITH reopening AS MATERIALIZED (
     WHERE (l.arrival >= %(seen_xmax)s::bigint OR l.arrival = ANY(%(seen_xip)s::bigint[]))
       AND cb.end_time >= l.recorded_at
       AND NOT txid_visible_in_snapshot(l.arrival, cb.points_snapshot)
-), doomed AS MATERIALIZED (
-    SELECT p.ctid
-    FROM {part} p
-    JOIN LATERAL (SELECT b.batch_id, b.status, b.end_time, b.points_snapshot
-                  FROM processing_batches b
-                  WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
-                  ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
-    WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
-      AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
-      AND b.batch_id <> ALL(ARRAY(SELECT batch_id FROM reopening))
-      AND %(chunk)s::bigint > 0
-    LIMIT CASE WHEN %(dry_run)s::boolean THEN NULL ELSE %(chunk)s::bigint END
-), gone AS (
-    DELETE FROM {part} p WHERE NOT %(dry_run)s::boolean
-                           AND p.ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
 )
-SELECT CASE WHEN %(dry_run)s::boolean THEN (SELECT count(*) FROM doomed)
-            ELSE (SELECT count(*) FROM gone) END AS n;
+SELECT p.ctid
+FROM {part} p
+JOIN LATERAL (SELECT b.batch_id, b.status, b.end_time, b.points_snapshot
+              FROM processing_batches b
+              WHERE b.device_id = p.device_id AND b.start_time <= p.recorded_at
+              ORDER BY b.start_time DESC LIMIT 1) b ON b.end_time >= p.recorded_at
+WHERE p.recorded_at < %(cutoff)s AND b.status IN ('completed', 'too_short')
+  AND txid_visible_in_snapshot(p.arrival, b.points_snapshot)
+  AND b.batch_id <> ALL(ARRAY(SELECT batch_id FROM reopening))
+LIMIT %(limit)s::bigint;
+
+-- name: prune_chunk
+-- Deletes up to %(limit)s of prune_doomed's points of one partition; how many.
+WITH gone AS (
+    DELETE FROM {part} p WHERE p.ctid = ANY(ARRAY({doomed})) RETURNING 1
+)
+SELECT count(*) AS n FROM gone;
+
+-- name: prune_due
+-- How many points prune_chunk would delete in all (prune --dry-run): a statement that only
+-- reads, as a standby or a read-only database allows (a DELETE in it is refused even when
+-- it would delete nothing).
+SELECT count(*) AS n FROM ({doomed}) d;
 
 -- ---------------------------------------------------------------- ingest-gps
 

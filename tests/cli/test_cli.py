@@ -334,18 +334,24 @@ def test_a_signal_after_the_result_is_recorded_leaves_its_exit_code(
     assert row == {"status": "noop"}
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize(("args", "line"), [
-    (("status",), "pipeline status: stopped by SIGTERM before it finished"),
+    (("status",), "pipeline status: stopped by {} before it finished"),
     (("--log-format", "json", "db", "migrate"),
-     "pipeline db migrate: stopped by SIGTERM before it finished"),
+     "pipeline db migrate: stopped by {} before it finished"),
 ])
 def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
-                                             args: tuple[str, ...], line: str) -> None:
+                                             args: tuple[str, ...], line: str,
+                                             name: str) -> None:
     # `timeout 60 pipeline status` or a deploy stopping `db migrate`: the process died with
     # nothing said, and cron mailed nothing. It still dies of the signal (exit 143 to a
-    # shell; an open transaction rolls back with the connection), after one line.
+    # shell; an open transaction rolls back with the connection), after one line. A Ctrl-C
+    # says the same, naming its command (it said "pipeline: interrupted"), and exits 130.
     import signal
     import time
+
+    sig = getattr(signal, name)
+    line = line.format(name)
 
     from tests.support.proxy import TcpProxy
 
@@ -358,9 +364,9 @@ def test_sigterm_outside_a_stage_run_says_so(run_cli: Cli, database_url: str,
         while slow.connections == 0 and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM, (out, err)
+    assert proc.returncode == (-sig if sig == signal.SIGTERM else 130), (out, err)
     said = err.strip()
     if "--log-format" in args:
         obj = json.loads(said)
@@ -381,7 +387,8 @@ def test_a_config_path_that_is_a_directory_exits_78_either_way(run_cli: Cli,
     run_cli.env["PIPELINE_CONFIG"] = str(tmp_path)
     by_env = run_cli("config", "show")
     for result in (by_option, by_env):
-        assert result.exit_code == 78 and "Is a directory" in result.output, result.output
+        assert result.exit_code == 78, result.output
+        assert "not a regular file (a directory)" in result.output, result.output
 
 
 @pytest.mark.parametrize("args", [
@@ -497,6 +504,24 @@ def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
 
 
 CLOSED = ("sh", "-c", 'exec "$@" >&-', "sh")  # cron lines and scripts that close stdout
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "directory", "character device"])
+@pytest.mark.parametrize("given", ["--config", "PIPELINE_CONFIG"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(
+        run_cli: Cli, tmp_path: Path, kind: str, given: str) -> None:
+    # A named pipe with nobody writing to it hung at open, under cron until the next run
+    # piled up behind it; /dev/stdin on a terminal waited for the operator to type a config.
+    path = {"named pipe": tmp_path / "fifo", "directory": tmp_path,
+            "character device": Path("/dev/null")}[kind]
+    if kind == "named pipe":
+        os.mkfifo(path)
+    args = ("--config", str(path), "status") if given == "--config" else ("status",)
+    env = run_cli.cron_env(**({"PIPELINE_CONFIG": str(path)} if given != "--config" else {}))
+    proc = run_cli.cron(*args, env=env, timeout=20)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr == (f"pipeline status: error: cannot read config file {path}: not a "
+                           f"regular file (a {kind})\n")
 
 
 @pytest.mark.parametrize(("args", "code", "line"), [

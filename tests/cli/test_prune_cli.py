@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from devtools.odata_server import ODataServer, sample_network
@@ -112,3 +113,35 @@ def test_credentials_that_may_not_delete_fail_prune_and_keep_everything(
     assert [r["version"] for r in conn.execute("SELECT version FROM datasets ORDER BY seq")] \
         == ["ds-v1", "ds-v2"]
     assert runs(conn)[-1] == ("prune", "failed")
+
+
+def test_a_dry_run_counts_on_a_read_only_database(cli: Cli, conn: Conn,
+                                                   database_url: str) -> None:
+    """A dry run only reads: on a standby, or with default_transaction_read_only = on, it
+    counts what the primary would delete. It failed "the database is read-only" (exit 78):
+    the GPS count ran as the chunk delete with a flag, and a DELETE in a statement is refused
+    in a read-only transaction even when it deletes nothing."""
+    old_batch(conn)
+    with ODataServer(sample_network(30), page_size=20) as server:
+        cli.env.update({"PIPELINE_ODATA_URL": server.url, "PIPELINE_RETENTION_DATASETS": "1"})
+        assert cli("sync-odata").exit_code == 0
+        server.update_row("Stops", 2, name="Other name")
+        assert cli("sync-odata").exit_code == 0
+    writable = json.loads(cli("prune", "--dry-run", "--json").stdout)
+    assert writable["counts"]["gps_points"] == 2 and writable["counts"]["datasets"] == 1
+    # A run in progress on the primary, as a standby sees it (no lock of its own here): the
+    # dry run's runner marked it crashed, an UPDATE, refused too (and wrong on a standby).
+    conn.execute("INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, "
+                 "backend_start, status) VALUES (gen_random_uuid(), 'match-gps', 'primary', 1,"
+                 " 1, now(), 'running')")
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
+                 .format(psycopg.sql.Identifier(name)))
+    dry = cli.subprocess("prune", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["counts"] == writable["counts"]
+    assert ("match-gps", "running") in runs(conn)
+    real = cli.subprocess("prune")  # a real prune still says why it cannot
+    assert real.returncode == 78
+    assert "the database is read-only" in real.stderr.strip().splitlines()[-1]
+    assert conn.execute("SELECT count(*) AS n FROM gps_points").fetchone() == {"n": 2}

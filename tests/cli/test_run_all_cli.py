@@ -185,7 +185,7 @@ def test_a_stop_signal_from_cron_or_a_hung_up_session_is_one_line_and_releases_t
                 proc.communicate()
     assert second.returncode == 75 and second.stdout == ""
     assert re.fullmatch(r"pipeline run-all: error: run-all is already running: lock held by "
-                        rf"host {re.escape(socket.gethostname())} pid \d+ since \S+\+00:00\n",
+                        rf"host {re.escape(socket.gethostname())} pid \d+ since \S+:\d\dZ\n",
                         second.stderr), second.stderr
     signum = signal.SIGTERM if how == "timeout" else getattr(signal, how)
     assert proc.returncode == code, err

@@ -79,6 +79,22 @@ def test_check_unknown_when_the_database_is_unreachable(run_cli: Cli) -> None:
     assert plain.exit_code == 1 and "connection failed" in plain.output
 
 
+@pytest.mark.parametrize(("health", "code"), [("ok", 0), ("warning", 1), ("unknown", 3)])
+def test_check_into_a_closed_pipe_keeps_its_nagios_code(run_cli: Cli, health: str,
+                                                        code: int) -> None:
+    # `pipeline status --check | head -c0`, a monitor that reads the exit code and closes
+    # the pipe: the closed pipe made every verdict exit 1, WARNING, whatever the health.
+    if health == "ok":
+        good_runs(run_cli.env["PIPELINE_DATABASE_URL"])
+    elif health == "unknown":
+        run_cli.env["PIPELINE_DATABASE_URL"] = "postgresql://pipeline@127.0.0.1:9/nope"
+    proc = run_cli.popen("status", "--check")
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the line is written
+    _out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (code, "")
+
+
 def test_check_unknown_when_unconfigured(run_cli: Cli) -> None:
     del run_cli.env["PIPELINE_DATABASE_URL"]
     result = run_cli("status", "--check")
@@ -372,3 +388,19 @@ def test_the_graph_line_says_in_words_when_redis_has_no_pointer_or_was_not_asked
     shown = " ".join(run_cli("status").output.split())
     assert "1 nodes, 0 edges; Redis pointer: not checked: Redis unreachable: " in shown, shown
     assert "Redis pointer -" not in shown
+
+
+def test_a_graph_of_an_unknown_generation_says_unknown_not_none(
+        run_cli: Cli, conn: psycopg.Connection[Any]) -> None:
+    # A graph version recorded without its virtual generation read "(generation None)":
+    # Python's word for it, where the rest of the status text says "unknown".
+    conn.execute("INSERT INTO graph_versions (version, seq, dataset_version, "
+                 "virtual_generation_id, nodes, edges, build_ms, checksum, export_key, active) "
+                 "VALUES ('graph-v1', 1, 'ds-v1', NULL, 1, 0, 1, 'c', "
+                 "'graphs/graph-v1/graph.jsonl.gz', true)")
+    result = run_cli("status")
+    shown = " ".join(result.output.split())  # the table wraps the line
+    assert "graph graph-v1 for ds-v1 (generation unknown): 1 nodes, 0 edges;" in shown, shown
+    assert "None" not in result.output
+    assert json.loads(run_cli("status", "--json").output)["graph"]["virtual_generation_id"] \
+        is None

@@ -376,6 +376,9 @@ def broken_files(tmp: Path) -> Iterator[tuple[str, Path]]:
         else:
             path.write_bytes(content)
         yield name, path
+    fifo = tmp / "fifo.toml"  # nobody writes to it: opening it for reading hung
+    os.mkfifo(fifo)
+    yield "a named pipe", fifo
     yield "a missing file", tmp / "missing.toml"
     yield "a path through a file", tmp / "empty.toml" / "x.toml"
     yield "a relative missing path", Path("missing.toml")
