@@ -613,8 +613,8 @@ def load_settings(
     shown = printable_path(path) if path else ""
     if path:
         try:
-            with _open_regular(path) as fh:  # utf-8-sig: a BOM (Windows editors) is no statement
-                data = tomllib.loads(fh.read().decode("utf-8-sig"))
+            # utf-8-sig: a BOM (Windows editors) is no statement
+            data = tomllib.loads(_read_config(path).decode("utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {shown}{path_hint(path)}",
                               key="config") from None
@@ -748,26 +748,29 @@ def _s3_scheme(s3: S3Settings, sources: dict[str, str]) -> S3Settings:
     return dataclasses.replace(s3, endpoint=rest, secure=secure)
 
 
-_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a directory"),
-                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                (stat.S_ISSOCK, "a socket"))
+_UNREADABLE = ((stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISBLK, "a block device"))
 
 
-def _open_regular(path: str | os.PathLike[str]) -> typing.BinaryIO:
-    """The config file opened for reading, if it is a regular file. Opened without blocking
-    and checked on the descriptor (no race with a stat first): a named pipe nobody writes to
-    hung at open, and /dev/stdin on a terminal waited for someone to type a config."""
+def _read_config(path: str | os.PathLike[str]) -> bytes:
+    """The config file's bytes: a file, a pipe (``--config <(sops -d pipeline.toml)``) or
+    ``/dev/null`` (no file: the environment only). Opened without blocking, so that a named
+    pipe nobody writes to fails at once instead of hanging the job at open; checked on the
+    descriptor (no race with a stat first): a terminal (``/dev/stdin`` typed at) and a
+    directory are refused."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "another kind")
-            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
+    mode = os.fstat(fd).st_mode
+    kind = "a terminal" if os.isatty(fd) else next(
+        (name for test, name in _UNREADABLE if test(mode)), None)
+    if kind:
         os.close(fd)
-        raise
+        raise OSError(errno.EINVAL, f"not a file to read ({kind})")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read()
+    if not data and stat.S_ISFIFO(mode):  # its writer gave nothing, or there is none
+        raise OSError(errno.ENODATA, "a pipe that gave nothing (does anything write to it?)")
+    return data
 
 
 def path_hint(path: str | os.PathLike[str]) -> str:

@@ -344,7 +344,7 @@ def test_a_key_outside_any_section_and_a_bom(tmp_path: Path) -> None:
 
 def test_a_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError,
-                       match=r"cannot read config file .*: not a regular file \(a directory\)"):
+                       match=r"cannot read config file .*: not a file to read \(a directory\)"):
         load_settings(None, {"PIPELINE_CONFIG": str(tmp_path)})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -388,7 +389,7 @@ def test_a_config_path_that_is_a_directory_exits_78_either_way(run_cli: Cli,
     by_env = run_cli("config", "show")
     for result in (by_option, by_env):
         assert result.exit_code == 78, result.output
-        assert "not a regular file (a directory)" in result.output, result.output
+        assert "not a file to read (a directory)" in result.output, result.output
 
 
 @pytest.mark.parametrize("args", [
@@ -506,22 +507,42 @@ def test_format_json_points_at_json_not_at_log_format(run_cli: Cli,
 CLOSED = ("sh", "-c", 'exec "$@" >&-', "sh")  # cron lines and scripts that close stdout
 
 
-@pytest.mark.parametrize("kind", ["named pipe", "directory", "character device"])
+@pytest.mark.parametrize("kind", ["named pipe", "directory", "terminal"])
 @pytest.mark.parametrize("given", ["--config", "PIPELINE_CONFIG"])
-def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(
+def test_a_config_path_that_cannot_give_a_config_is_refused_at_once(
         run_cli: Cli, tmp_path: Path, kind: str, given: str) -> None:
     # A named pipe with nobody writing to it hung at open, under cron until the next run
     # piled up behind it; /dev/stdin on a terminal waited for the operator to type a config.
+    primary, secondary = pty.openpty()
     path = {"named pipe": tmp_path / "fifo", "directory": tmp_path,
-            "character device": Path("/dev/null")}[kind]
+            "terminal": Path(os.ttyname(secondary))}[kind]
     if kind == "named pipe":
         os.mkfifo(path)
     args = ("--config", str(path), "status") if given == "--config" else ("status",)
     env = run_cli.cron_env(**({"PIPELINE_CONFIG": str(path)} if given != "--config" else {}))
-    proc = run_cli.cron(*args, env=env, timeout=20)
+    try:
+        proc = run_cli.cron(*args, env=env, timeout=20)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    why = ("a pipe that gave nothing (does anything write to it?)" if kind == "named pipe"
+           else f"not a file to read (a {kind})")
     assert (proc.returncode, proc.stdout) == (78, "")
-    assert proc.stderr == (f"pipeline status: error: cannot read config file {path}: not a "
-                           f"regular file (a {kind})\n")
+    assert proc.stderr == f"pipeline status: error: cannot read config file {path}: {why}\n"
+
+
+@pytest.mark.parametrize("source", ["pipe", "/dev/null"])
+def test_a_config_from_a_pipe_or_dev_null_is_read(run_cli: Cli, source: str) -> None:
+    """``--config <(sops -d pipeline.toml)`` hands over a pipe, and ``--config /dev/null``
+    says "no file, the environment only": both are read, not refused as not regular files."""
+    config = ("<(printf '[redis]\\nprefix = \"from-a-pipe\"\\n')" if source == "pipe"
+              else "/dev/null")
+    wrapper = ("bash", "-c", f'exe="$1"; shift; exec "$exe" --config {config} "$@"', "bash")
+    proc = run_cli.cron("config", "show", "--json", wrapper=wrapper)
+    assert proc.returncode == 0, proc.stderr
+    prefix = json.loads(proc.stdout)["redis.prefix"]
+    assert prefix["source"] == ("default" if source == "/dev/null" else prefix["source"])
+    assert source == "/dev/null" or prefix["value"] == "from-a-pipe", prefix
 
 
 @pytest.mark.parametrize(("args", "code", "line"), [
