@@ -529,7 +529,9 @@ def collect_status(
         report.collect_ms = int((time.monotonic() - started) * 1000)
         return report
     budget.arm(conn)
-    reap_crashed(conn)
+    read_only = conn.execute(db.query("status", "read_only")).fetchone()
+    if not (read_only and read_only["read_only"]):  # on a standby, runs show as recorded:
+        reap_crashed(conn)                           # their locks are the primary's
     names = list(dict.fromkeys([*STAGES, *ALL_STAGES, *schedule.entries]))
     budget.arm(conn)
     rows = _stage_rows(conn, names)

@@ -59,6 +59,11 @@ LEFT JOIN LATERAL (
     WHERE r.stage = s.stage AND r.status = 'running'
 ) run ON true;
 
+-- name: read_only
+-- A standby, or default_transaction_read_only: nothing may be written, and the locks of
+-- the primary's runs are not seen here.
+SELECT current_setting('transaction_read_only') = 'on' AS read_only;
+
 -- name: installed_at
 -- When the schema was first installed: the baseline for "overdue" of a stage that never ran.
 SELECT min(applied_at) AS installed_at FROM schema_migrations;

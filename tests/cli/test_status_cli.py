@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 import redis
 
@@ -93,6 +94,25 @@ def test_check_into_a_closed_pipe_keeps_its_nagios_code(run_cli: Cli, health: st
     proc.stdout.close()  # the reader is gone before the line is written
     _out, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (code, "")
+
+
+def test_status_reads_a_read_only_database(run_cli: Cli, conn: psycopg.Connection[Any],
+                                           database_url: str) -> None:
+    """On a standby, or with default_transaction_read_only = on, status failed as soon as a
+    run was in progress: it marked the run crashed (no lock of it is seen there), an UPDATE
+    that is refused, and wrong, as the run lives on the primary. It now shows it running."""
+    good_runs(database_url)
+    conn.execute("INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, "
+                 "backend_start, status) VALUES (gen_random_uuid(), 'match-gps', 'primary', 1,"
+                 " 1, now(), 'running')")
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
+                 .format(psycopg.sql.Identifier(name)))
+    result = run_cli.subprocess("status", "--json")
+    assert result.returncode in (0, 1, 2), result.stderr
+    assert json.loads(result.stdout)["stages"]["match-gps"]["last_status"] == "running"
+    assert conn.execute("SELECT status FROM stage_runs WHERE stage = 'match-gps'"
+                        ).fetchone() == {"status": "running"}
 
 
 def test_check_unknown_when_unconfigured(run_cli: Cli) -> None:
