@@ -210,6 +210,38 @@ _ALIASES = {
     # time of day (the SQL joins them; see gps_ingest_fields)
     "date": (("date", "utc_date", "date_utc", "gps_date"),),
 }
+_FIELD_OF = {alias: field for field, tiers in _ALIASES.items() for tier in tiers
+             for alias in tier}
+# A unit in parentheses or brackets after a header's name ("Latitude (deg)", "lat [°]"):
+# those below read as the plain name; any other (radians, a local time, milliseconds, a
+# southern or western hemisphere) makes the column no field's, named if the field is missing.
+# A device's "unit" is the kind of id (IMEI, serial): any.
+_UNIT = re.compile(r"(.*?[^\s(\[])\s*[(\[]([^()\[\]]*)[)\]]")
+_DEGREES = {"", "°", "º", "deg", "degs", "degree", "degrees", "decimaldegree", "decimaldegrees",
+            "dd", "wgs84", "°wgs84", "degwgs84", "ddwgs84", "epsg4326"}
+_UTC_UNITS = {"utc", "gmt", "z", "zulu", "utc+0", "utc+00", "utc+0000", "utc+00:00", "utc±0",
+              "gmt+0", "gmt+00:00"}
+_NEUTRAL_UNITS = {
+    "latitude": _DEGREES | {d + h for d in ("°", "º", "deg", "degree", "degrees")
+                            for h in ("n", "north", "_north")},
+    "longitude": _DEGREES | {d + h for d in ("°", "º", "deg", "degree", "degrees")
+                             for h in ("e", "east", "_east")},
+    # ISO-8601 times carry their offset (none is UTC); epoch seconds are UTC by definition
+    "recorded_at": _UTC_UNITS | {"iso", "iso8601", "iso_8601", "unix", "epoch", "posix"},
+    "date": _UTC_UNITS | {"iso", "iso8601", "iso_8601"},
+}
+# What each field's values are read as, for the message refusing another unit.
+_UNIT_READ = {"latitude": "decimal degrees, north positive",
+              "longitude": "decimal degrees, east positive",
+              "recorded_at": "UTC, an ISO-8601 offset or epoch seconds",
+              "date": "UTC"}
+
+
+def _unit_key(unit: str) -> str:
+    """A unit as compared: no case, spaces or dots (``Decimal Degrees``, ``deg.``)."""
+    return re.sub(r"[\s.]+", "", unit.lower())
+
+
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
 _NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
@@ -271,6 +303,15 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
         if "recorded_at" in missing and elapsed:
             hint += (f" ({elapsed!r} counts seconds from the start of the recording, not a "
                      "date and time)")
+        units = []
+        for cell in next(csv.reader([first], delimiter=delimiter), []):
+            refused = _refused_unit(cell)
+            if refused and refused[0] in missing and not (elapsed and refused[0] ==
+                                                           "recorded_at"):
+                units.append(f"{cell.strip()!r}: unit {refused[1]!r} is not one ingest-gps "
+                             f"reads for {refused[0]}: {_UNIT_READ[refused[0]]}")
+        if units:
+            hint += f" ({'; '.join(units)})"
         raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
     return CsvLayout(delimiter, columns, line)
 
@@ -288,9 +329,36 @@ def above_csv_header(line: str) -> bool:
         for d in CSV_DELIMITERS)
 
 
-def _header_name(cell: str) -> str:
-    """A column's name as compared: no case, spaces or punctuation (``Device ID``)."""
+def _plain_name(cell: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", cell.strip().lower()).strip("_")
+
+
+def _header_name(cell: str) -> str:
+    """A column's name as compared: no case, spaces or punctuation (``Device ID``); a unit
+    that keeps the field's meaning is dropped (``Latitude (deg)`` is ``latitude``), and UTC
+    ranks a time as ``time_utc`` does (``Time (GMT)``). Another unit stays in the name
+    (``latitude_rad``), which names no field: see :func:`_refused_unit`."""
+    plain = _plain_name(cell)
+    unit = _UNIT.fullmatch(cell.strip())
+    if unit and plain not in _FIELD_OF:  # "Device (name)" is device_name, of its own rank
+        base = _plain_name(unit.group(1))
+        field, key = _FIELD_OF.get(base), _unit_key(unit.group(2))
+        if field == "device_id" or field is not None and key in _NEUTRAL_UNITS[field]:
+            utc = f"{base}_utc"
+            return utc if key in _UTC_UNITS and _FIELD_OF.get(utc) == field else base
+    return plain
+
+
+def _refused_unit(cell: str) -> tuple[str, str] | None:
+    """The field a header cell names with a unit that changes its meaning (``Latitude
+    (rad)``, ``Time (local)``), and the unit; None for any other cell."""
+    unit = _UNIT.fullmatch(cell.strip())
+    if not unit:
+        return None
+    field = _FIELD_OF.get(_plain_name(unit.group(1)))
+    if field is None or _header_name(cell) in _FIELD_OF:
+        return None
+    return field, unit.group(2).strip()
 
 
 def _named(line: str, delimiter: str) -> dict[str, int]:

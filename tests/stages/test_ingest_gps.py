@@ -762,3 +762,29 @@ def test_google_location_history_is_refused_as_not_geojson(
         f"{path}: line 1: expected a GeoJSON FeatureCollection or Feature, found an object "
         "whose locations are not GeoJSON Features (Google's location history?); "
         f"{READ_FORMATS}; nothing loaded")
+
+
+def test_headers_with_units_load_and_a_unit_that_changes_the_meaning_is_refused(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # "Latitude (deg)", "Time (GMT)": "header lacks column(s) recorded_at, latitude, longitude"
+    # for a file that names them all.
+    units = tmp_path / "units.csv"
+    units.write_text("device,Time (GMT),Latitude (deg),Longitude (deg),Speed (km/h)\n"
+                     "u1,2024-01-06T10:00:00,60.17,24.94,12\n")
+    brackets = tmp_path / "brackets.csv"
+    brackets.write_text('"Device";"Time (UTC)";"lat [°]";"lon [°]"\n'
+                        "u2;2024-01-06 10:00:01;60,17;24,94\n")
+    record = ingest(database_url, [units, brackets], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [("u1", datetime(2024, 1, 6, 10, tzinfo=UTC), 60.17, 24.94),
+                            ("u2", datetime(2024, 1, 6, 10, 0, 1, tzinfo=UTC), 60.17, 24.94)]
+    radians = tmp_path / "radians.csv"
+    radians.write_text("device,time,Latitude (rad),Longitude (deg)\nu3,2024-01-06T10:00:02Z,"
+                       "1.0502,24.94\n")
+    refused = ingest(database_url, [radians])
+    assert refused.status == "failed" and refused.exit_code == 1
+    assert refused.error == (
+        f"{radians}: line 1: header lacks column(s) latitude ('Latitude (rad)': unit 'rad' is "
+        "not one ingest-gps reads for latitude: decimal degrees, north positive); "
+        "nothing loaded")
+    assert count(conn) == 2
