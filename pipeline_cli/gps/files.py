@@ -209,6 +209,12 @@ _ALIASES = {
     # GPSBabel's unicsv, i-gotU and Qstarz loggers: the date in a column of its own, beside a
     # time of day (the SQL joins them; see gps_ingest_fields)
     "date": (("date", "utc_date", "date_utc", "gps_date"),),
+    # Qstarz's QTravel, NMEA-like logs, exiftool: unsigned coordinates, the hemisphere beside
+    # them (N/S, E/W); ignored, a point west or south was stored east or north
+    "lat_hemisphere": (("n_s", "ns", "lat_hemisphere", "latitude_hemisphere", "lat_dir",
+                        "lat_ref", "latitude_ref", "gpslatituderef"),),
+    "lon_hemisphere": (("e_w", "ew", "lon_hemisphere", "longitude_hemisphere", "lon_dir",
+                        "lon_ref", "longitude_ref", "gpslongituderef"),),
 }
 _FIELD_OF = {alias: field for field, tiers in _ALIASES.items() for tier in tiers
              for alias in tier}
@@ -254,7 +260,8 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 class CsvLayout:
     delimiter: str
     columns: dict[str, int]  # field -> column, from 0; no device_id: the file has none; a
-    # "date": the date of a time column that holds a time of day
+    # "date": the date of a time column that holds a time of day; "lat_hemisphere",
+    # "lon_hemisphere": the N/S, E/W of unsigned coordinates
     header_line: int  # 0: no header
 
 

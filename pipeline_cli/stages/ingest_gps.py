@@ -227,7 +227,9 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         "device": device_id, "device_col": None if device_col is None else device_col + 1,
         "date_col": None if date_col is None else date_col + 1,
         "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,
-        "lon_col": cols["longitude"] + 1, "nul": nul})
+        "lon_col": cols["longitude"] + 1, "nul": nul,
+        **{f"{h}_col": None if cols.get(f"{field}_hemisphere") is None
+           else cols[f"{field}_hemisphere"] + 1 for h, field in (("ns", "lat"), ("ew", "lon"))}})
 
 
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,

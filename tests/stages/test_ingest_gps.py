@@ -788,3 +788,30 @@ def test_headers_with_units_load_and_a_unit_that_changes_the_meaning_is_refused(
         "not one ingest-gps reads for latitude: decimal degrees, north positive); "
         "nothing loaded")
     assert count(conn) == 2
+
+
+def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
+                                          conn: psycopg.Connection[Any]) -> None:
+    # Qstarz's QTravel writes unsigned coordinates and the hemisphere in a column of its own
+    # (N/S, E/W): a point in Madrid, 3.69 W, was stored at 3.69 E, with exit 0.
+    path = tmp_path / "qstarz.csv"
+    path.write_text("INDEX,RCR,DATE,TIME,VALID,LATITUDE,N/S,LONGITUDE,E/W,HEIGHT,SPEED,\n"
+                    "1,T,2010/06/11,09:01:13,SPS,40.453932,N,3.688268,W,679.436 M,0.000 km/h,\n"
+                    "2,T,2010/06/11,09:01:14,SPS,33.9,S,151.2,E,12 M,0.000 km/h,\n"
+                    "3,T,2010/06/11,09:01:15,SPS,33.9,s,151.2,east,12 M,0.000 km/h,\n"
+                    "4,T,2010/06/11,09:01:16,SPS,40.45,X,3.69,W,679.436 M,0.000 km/h,\n"
+                    "5,T,2010/06/11,09:01:17,SPS,40.45,N,3.69,,679.436 M,0.000 km/h,\n"
+                    "6,T,2010/06/11,09:01:18,SPS,-40.45,S,3.69,W,679.436 M,0.000 km/h,\n")
+    semi = tmp_path / "semi.csv"  # with decimal commas
+    semi.write_text("time;lat;ns;lon;ew\n2010-06-11T09:01:19Z;40,45;N;3,69;W\n")
+    record = ingest(database_url, [path, semi], device_id="q")
+    assert record.status == "success", record.error
+    assert record.extra["problems"] == [
+        f"{path}:5: hemisphere 'X' is not N or S",
+        f"{path}:6: hemisphere '' is not E or W",
+        f"{path}:7: latitude '--40.45' is not a number"]
+    assert [r[2:] for r in stored(conn)] == [(40.453932, -3.688268), (-33.9, 151.2),
+                                             (-33.9, 151.2), (40.45, -3.69)]
+    strict = ingest(database_url, [path], device_id="r", strict=True)
+    assert strict.status == "failed" and "--strict" in (strict.error or "")
+    assert count(conn) == 4
