@@ -336,6 +336,13 @@ def above_csv_header(line: str) -> bool:
         for d in CSV_DELIMITERS)
 
 
+def title_line(line: str) -> bool:
+    """A line of one cell (an exporter's title, "GPS export 2024"), which is neither a header
+    nor a row: every row has at least a time and two coordinates. Read as the first row, it
+    put the file in the default column order, which could swap latitude and longitude."""
+    return all(len(next(csv.reader([line], delimiter=d), [])) <= 1 for d in CSV_DELIMITERS)
+
+
 def _plain_name(cell: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", cell.strip().lower()).strip("_")
 

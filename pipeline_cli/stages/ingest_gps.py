@@ -28,6 +28,7 @@ from ..settings import printable_path
 INSERT_ATTEMPTS = 5  # each waits for a concurrent load to commit: more is a busy race
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted
 COPY_BLOCK = 1 << 20
+TITLE_LINES = 5  # lines of one cell skipped above a CSV header or first row, at most
 _COPY_LINE = re.compile(r"line (\d+)")
 
 
@@ -211,11 +212,20 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             raise gpsfiles.GpsFileError(
                 "not UTF-16 text, though it starts as UTF-16 does") from None
     first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
-    hint = 0  # a spreadsheet's "sep=;" line and "#" comments above the header or first row
-    while first is not None and gpsfiles.above_csv_header(first["raw"]):
+    # Above the header or first row: a spreadsheet's "sep=;" line, "#" comments, and a few
+    # title lines of one cell (more: a file in another separator, refused as it was).
+    hint, titles, title = 0, 0, None
+    while first is not None:
+        if not gpsfiles.above_csv_header(first["raw"]):
+            if titles == TITLE_LINES or not gpsfiles.title_line(first["raw"]):
+                break
+            titles += 1
+            title = title or (first, hint)
         hint = first["line"]
         first = conn.execute(db.query("match_gps", "ingest_first_line"),
                              {"after": hint}).fetchone()
+    if first is None and title is not None:  # nothing but lines of one cell: rows, each bad
+        first, hint = title
     if first is None:
         return
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)

@@ -815,3 +815,29 @@ def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
     strict = ingest(database_url, [path], device_id="r", strict=True)
     assert strict.status == "failed" and "--strict" in (strict.error or "")
     assert count(conn) == 4
+
+
+def test_a_title_line_above_the_header_is_skipped_not_read_as_the_first_row(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # "GPS export 2024" above a lon,lat header was read as the first row: the file went in the
+    # default column order, its header became a bad row, and every point was stored with its
+    # latitude and longitude swapped, exit 0.
+    path = tmp_path / "titled.csv"
+    path.write_text("GPS export 2024\n\n\"Tracker: van, 3\"\ndevice,time,lon,lat\n"
+                    "t,2024-01-06T10:00:00Z,24.94,60.17\n")
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [("t", datetime(2024, 1, 6, 10, tzinfo=UTC), 60.17, 24.94)]
+    # A file in a separator ingest-gps does not split at is one cell a line: still refused.
+    pipes = tmp_path / "pipes.csv"
+    pipes.write_text("".join(f"p|2024-01-06T10:00:{s:02d}Z|60.17|24.94\n" for s in range(30)))
+    refused = ingest(database_url, [pipes])
+    assert refused.status == "failed" and refused.error is not None
+    assert "none of its" in refused.error and "expected 4 fields, got 1" in refused.error
+    few = tmp_path / "few.csv"  # as few lines as a title may have: not a file without rows
+    few.write_text("p|2024-01-06T10:00:00Z|60.17|24.94\np|2024-01-06T10:00:01Z|60.17|24.94\n")
+    refused = ingest(database_url, [few])
+    assert refused.status == "failed" and refused.error == (
+        f"{few}: none of its 2 row(s) is valid (first: line 1: expected 4 fields, got 1); "
+        "nothing loaded")
+    assert count(conn) == 1
