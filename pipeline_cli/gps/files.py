@@ -339,8 +339,11 @@ def above_csv_header(line: str) -> bool:
 def title_line(line: str) -> bool:
     """A line of one cell (an exporter's title, "GPS export 2024"), which is neither a header
     nor a row: every row has at least a time and two coordinates. Read as the first row, it
-    put the file in the default column order, which could swap latitude and longitude."""
-    return all(len(next(csv.reader([line], delimiter=d), [])) <= 1 for d in CSV_DELIMITERS)
+    put the file in the default column order, which could swap latitude and longitude. A line
+    with an odd number of quotes is a row's quoted field going on past the line end: a bad row,
+    reported, not a title."""
+    return line.count('"') % 2 == 0 and all(
+        len(next(csv.reader([line], delimiter=d), [])) <= 1 for d in CSV_DELIMITERS)
 
 
 def _plain_name(cell: str) -> str:

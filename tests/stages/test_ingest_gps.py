@@ -834,10 +834,16 @@ def test_a_title_line_above_the_header_is_skipped_not_read_as_the_first_row(
     refused = ingest(database_url, [pipes])
     assert refused.status == "failed" and refused.error is not None
     assert "none of its" in refused.error and "expected 4 fields, got 1" in refused.error
+    # The start of a quoted field that goes on past the line end is a bad row, not a title.
+    spans = tmp_path / "spans.csv"
+    spans.write_text('"a\nb",2024-01-06T10:00:00Z,60.17,24.94\ns,2024-01-06T10:00:01Z,60.17,24.94\n')
+    record = ingest(database_url, [spans])
+    assert record.status == "success" and record.counts["invalid_rows"] == 2, record.error
+    assert record.extra["problems"][0].startswith(f"{spans}:1: unbalanced quotes")
     few = tmp_path / "few.csv"  # as few lines as a title may have: not a file without rows
     few.write_text("p|2024-01-06T10:00:00Z|60.17|24.94\np|2024-01-06T10:00:01Z|60.17|24.94\n")
     refused = ingest(database_url, [few])
     assert refused.status == "failed" and refused.error == (
         f"{few}: none of its 2 row(s) is valid (first: line 1: expected 4 fields, got 1); "
         "nothing loaded")
-    assert count(conn) == 1
+    assert count(conn) == 2
