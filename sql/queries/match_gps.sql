@@ -676,8 +676,8 @@ SELECT line::bigint AS seq, file, line, NULL::text AS place,
        CASE WHEN date_col IS NOT NULL AND f[time_col] ~ '^\s*[0-9]{1,2}:[0-9]{2}'
             THEN replace(btrim(f[date_col]), '/', '-') || ' ' || btrim(f[time_col])
             ELSE f[time_col] END AS recorded,
-       -- south and west of a hemisphere column negate the number (a signed one, "--40.4",
-       -- is then no number: refused); files without one pay an IS NULL a field
+       -- south and west of a hemisphere column negate the number (a signed one beside a
+       -- hemisphere is refused below); files without one pay an IS NULL a field
        CASE WHEN ns_col IS NOT NULL AND upper(btrim(f[ns_col])) IN ('S', 'SOUTH')
             THEN '-' || btrim(CASE WHEN decimal_comma
                  THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
@@ -701,7 +701,13 @@ SELECT line::bigint AS seq, file, line, NULL::text AS place,
             THEN format('hemisphere %L is not N or S', btrim(f[ns_col]))
             WHEN ew_col IS NOT NULL
                  AND upper(btrim(f[ew_col])) NOT IN ('E', 'W', 'EAST', 'WEST')
-            THEN format('hemisphere %L is not E or W', btrim(f[ew_col])) END AS problem
+            THEN format('hemisphere %L is not E or W', btrim(f[ew_col]))
+            WHEN ns_col IS NOT NULL AND f[lat_col] ~ '^\s*[+-]'
+            THEN format('latitude %L is signed beside its hemisphere %L', btrim(f[lat_col]),
+                        btrim(f[ns_col]))
+            WHEN ew_col IS NOT NULL AND f[lon_col] ~ '^\s*[+-]'
+            THEN format('longitude %L is signed beside its hemisphere %L', btrim(f[lon_col]),
+                        btrim(f[ew_col])) END AS problem
 FROM (SELECT c.*, r.line,
              CASE WHEN strpos(r.raw, '"') = 0 THEN string_to_array(r.raw, c.delimiter)
                   WHEN (length(r.raw) - length(replace(r.raw, '"', ''))) % 2 = 1 THEN NULL

@@ -801,7 +801,8 @@ def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
                     "3,T,2010/06/11,09:01:15,SPS,33.9,s,151.2,east,12 M,0.000 km/h,\n"
                     "4,T,2010/06/11,09:01:16,SPS,40.45,X,3.69,W,679.436 M,0.000 km/h,\n"
                     "5,T,2010/06/11,09:01:17,SPS,40.45,N,3.69,,679.436 M,0.000 km/h,\n"
-                    "6,T,2010/06/11,09:01:18,SPS,-40.45,S,3.69,W,679.436 M,0.000 km/h,\n")
+                    "6,T,2010/06/11,09:01:18,SPS,-40.45,S,3.69,W,679.436 M,0.000 km/h,\n"
+                    "7,T,2010/06/11,09:01:19,SPS,40.45,N,-3.69,E,679.436 M,0.000 km/h,\n")
     semi = tmp_path / "semi.csv"  # with decimal commas
     semi.write_text("time;lat;ns;lon;ew\n2010-06-11T09:01:19Z;40,45;N;3,69;W\n")
     record = ingest(database_url, [path, semi], device_id="q")
@@ -809,7 +810,8 @@ def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
     assert record.extra["problems"] == [
         f"{path}:5: hemisphere 'X' is not N or S",
         f"{path}:6: hemisphere '' is not E or W",
-        f"{path}:7: latitude '--40.45' is not a number"]
+        f"{path}:7: latitude '-40.45' is signed beside its hemisphere 'S'",
+        f"{path}:8: longitude '-3.69' is signed beside its hemisphere 'E'"]
     assert [r[2:] for r in stored(conn)] == [(40.453932, -3.688268), (-33.9, 151.2),
                                              (-33.9, 151.2), (40.45, -3.69)]
     strict = ingest(database_url, [path], device_id="r", strict=True)
