@@ -224,7 +224,8 @@ _FIELD_OF = {alias: field for field, tiers in _ALIASES.items() for tier in tiers
 # A device's "unit" is the kind of id (IMEI, serial): any.
 _UNIT = re.compile(r"(.*?[^\s(\[])\s*[(\[]([^()\[\]]*)[)\]]")
 _DEGREES = {"", "°", "º", "deg", "degs", "degree", "degrees", "decimaldegree", "decimaldegrees",
-            "dd", "wgs84", "°wgs84", "degwgs84", "ddwgs84", "epsg4326"}
+            "dd", "decimal", "dec", "decdeg", "wgs84", "°wgs84", "degwgs84", "ddwgs84",
+            "epsg4326"}
 _UTC_UNITS = {"utc", "gmt", "z", "zulu", "utc+0", "utc+00", "utc+0000", "utc+00:00", "utc±0",
               "gmt+0", "gmt+00:00"}
 _NEUTRAL_UNITS = {
