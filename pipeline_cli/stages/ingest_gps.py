@@ -214,10 +214,14 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
     first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
     # Above the header or first row: a spreadsheet's "sep=;" line, "#" comments, and a few
     # title lines of one cell (more: a file in another separator, refused as it was).
-    hint, titles, title = 0, 0, None
+    hint, titles = 0, 0
+    title: tuple[Any, int] | None = None  # the first title line, and the line above it
     while first is not None:
         if not gpsfiles.above_csv_header(first["raw"]):
-            if titles == TITLE_LINES or not gpsfiles.title_line(first["raw"]):
+            if not gpsfiles.title_line(first["raw"]):
+                break
+            if title is not None and titles == TITLE_LINES:  # one cell a line on and on: rows
+                first, hint = title
                 break
             titles += 1
             title = title or (first, hint)
