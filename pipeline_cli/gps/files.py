@@ -245,8 +245,9 @@ _UNIT_READ = {"latitude": "decimal degrees, north positive",
 
 
 def _unit_key(unit: str) -> str:
-    """A unit as compared: no case, spaces or dots (``Decimal Degrees``, ``deg.``)."""
-    return re.sub(r"[\s.]+", "", unit.lower())
+    """A unit as compared: no case, spaces, dots or commas (``Decimal Degrees``, ``deg.``,
+    ``deg, WGS84``)."""
+    return re.sub(r"[\s.,]+", "", unit.lower())
 
 
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie

@@ -341,6 +341,8 @@ def test_geojson_not_utf8_says_what_to_do(tmp_path: Path) -> None:
      {"device_id": 0, "recorded_at": 1, "latitude": 2, "longitude": 3}),
     ("Device\tLatitude(WGS84)\tLongitude(WGS84)\tTime (local)\tTime (UTC+00:00)",
      {"device_id": 0, "latitude": 1, "longitude": 2, "recorded_at": 4}),
+    ("Time (UTC);Lat (deg, WGS84);Lon (deg., WGS 84);Unit ID",
+     {"recorded_at": 0, "latitude": 1, "longitude": 2, "device_id": 3}),
     ("lat (decimal),lon (Decimal Degrees),date (UTC),time (UTC),imei",
      {"latitude": 0, "longitude": 1, "date": 2, "recorded_at": 3, "device_id": 4}),
     # a device's "unit" is the kind of id; "Device (name)" stays device_name, below an id
