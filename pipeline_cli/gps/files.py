@@ -210,11 +210,13 @@ _ALIASES = {
     # time of day (the SQL joins them; see gps_ingest_fields)
     "date": (("date", "utc_date", "date_utc", "gps_date"),),
     # Qstarz's QTravel, NMEA-like logs, exiftool: unsigned coordinates, the hemisphere beside
-    # them (N/S, E/W); ignored, a point west or south was stored east or north
-    "lat_hemisphere": (("n_s", "ns", "lat_hemisphere", "latitude_hemisphere", "lat_dir",
-                        "lat_ref", "latitude_ref", "gpslatituderef"),),
-    "lon_hemisphere": (("e_w", "ew", "lon_hemisphere", "longitude_hemisphere", "lon_dir",
-                        "lon_ref", "longitude_ref", "gpslongituderef"),),
+    # them (N/S, E/W); ignored, a point west or south was stored east or north. No shorter
+    # names: "ns" (nanoseconds?) or "lat_ref" (a reference position?) made a file's every row
+    # a bad one.
+    "lat_hemisphere": (("n_s", "lat_hemisphere", "latitude_hemisphere", "lat_dir",
+                        "gpslatituderef"),),
+    "lon_hemisphere": (("e_w", "lon_hemisphere", "longitude_hemisphere", "lon_dir",
+                        "gpslongituderef"),),
 }
 _FIELD_OF = {alias: field for field, tiers in _ALIASES.items() for tier in tiers
              for alias in tier}

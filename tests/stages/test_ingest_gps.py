@@ -804,7 +804,7 @@ def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
                     "6,T,2010/06/11,09:01:18,SPS,-40.45,S,3.69,W,679.436 M,0.000 km/h,\n"
                     "7,T,2010/06/11,09:01:19,SPS,40.45,N,-3.69,E,679.436 M,0.000 km/h,\n")
     semi = tmp_path / "semi.csv"  # with decimal commas
-    semi.write_text("time;lat;ns;lon;ew\n2010-06-11T09:01:19Z;40,45;N;3,69;W\n")
+    semi.write_text("time;lat;Lat Dir;lon;GPSLongitudeRef\n2010-06-11T09:01:19Z;40,45;N;3,69;W\n")
     record = ingest(database_url, [path, semi], device_id="q")
     assert record.status == "success", record.error
     assert record.extra["problems"] == [
