@@ -209,7 +209,49 @@ _ALIASES = {
     # GPSBabel's unicsv, i-gotU and Qstarz loggers: the date in a column of its own, beside a
     # time of day (the SQL joins them; see gps_ingest_fields)
     "date": (("date", "utc_date", "date_utc", "gps_date"),),
+    # Qstarz's QTravel, NMEA-like logs, exiftool: unsigned coordinates, the hemisphere beside
+    # them (N/S, E/W); ignored, a point west or south was stored east or north. No shorter
+    # names: "ns" (nanoseconds?) or "lat_ref" (a reference position?) made a file's every row
+    # a bad one.
+    "lat_hemisphere": (("n_s", "lat_hemisphere", "latitude_hemisphere", "lat_dir",
+                        "gpslatituderef"),),
+    "lon_hemisphere": (("e_w", "lon_hemisphere", "longitude_hemisphere", "lon_dir",
+                        "gpslongituderef"),),
 }
+_FIELD_OF = {alias: field for field, tiers in _ALIASES.items() for tier in tiers
+             for alias in tier}
+# A unit in parentheses or brackets after a header's name ("Latitude (deg)", "lat [°]"):
+# those below read as the plain name; any other (radians, a local time, milliseconds, a
+# southern or western hemisphere) makes the column no field's, named if the field is missing.
+# A device's "unit" is the kind of id (IMEI, serial): any.
+_UNIT = re.compile(r"(.*?[^\s(\[])\s*[(\[]([^()\[\]]*)[)\]]")
+_DEGREES = {"", "°", "º", "deg", "degs", "degree", "degrees", "decimaldegree", "decimaldegrees",
+            "dd", "decimal", "dec", "decdeg", "wgs84", "°wgs84", "degwgs84", "ddwgs84",
+            "epsg4326"}
+_UTC_UNITS = {"utc", "gmt", "z", "zulu", "utc+0", "utc+00", "utc+0000", "utc+00:00", "utc±0",
+              "gmt+0", "gmt+00:00"}
+_NEUTRAL_UNITS = {
+    "latitude": _DEGREES | {d + h for d in ("°", "º", "deg", "degree", "degrees")
+                            for h in ("n", "north", "_north")},
+    "longitude": _DEGREES | {d + h for d in ("°", "º", "deg", "degree", "degrees")
+                             for h in ("e", "east", "_east")},
+    # ISO-8601 times carry their offset (none is UTC); epoch seconds are UTC by definition
+    "recorded_at": _UTC_UNITS | {"iso", "iso8601", "iso_8601", "unix", "epoch", "posix"},
+    "date": _UTC_UNITS | {"iso", "iso8601", "iso_8601"},
+}
+# What each field's values are read as, for the message refusing another unit.
+_UNIT_READ = {"latitude": "decimal degrees, north positive",
+              "longitude": "decimal degrees, east positive",
+              "recorded_at": "UTC, an ISO-8601 offset or epoch seconds",
+              "date": "UTC"}
+
+
+def _unit_key(unit: str) -> str:
+    """A unit as compared: no case, spaces, dots or commas (``Decimal Degrees``, ``deg.``,
+    ``deg, WGS84``)."""
+    return re.sub(r"[\s.,]+", "", unit.lower())
+
+
 CSV_DELIMITERS = (",", ";", "\t")  # a comma first: it wins every tie
 # $GPRMC, $GNGGA, $PGRMZ (talker and sentence), ending in the checksum: no device's name
 _NMEA = re.compile(r"(\$[A-Z]{5}),.*\*[0-9A-Fa-f]{2}")
@@ -222,7 +264,8 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 class CsvLayout:
     delimiter: str
     columns: dict[str, int]  # field -> column, from 0; no device_id: the file has none; a
-    # "date": the date of a time column that holds a time of day
+    # "date": the date of a time column that holds a time of day; "lat_hemisphere",
+    # "lon_hemisphere": the N/S, E/W of unsigned coordinates
     header_line: int  # 0: no header
 
 
@@ -271,6 +314,15 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
         if "recorded_at" in missing and elapsed:
             hint += (f" ({elapsed!r} counts seconds from the start of the recording, not a "
                      "date and time)")
+        units = []
+        for cell in next(csv.reader([first], delimiter=delimiter), []):
+            refused = _refused_unit(cell)
+            if refused and refused[0] in missing and not (elapsed and refused[0] ==
+                                                           "recorded_at"):
+                units.append(f"{cell.strip()!r}: unit {refused[1]!r} is not one ingest-gps "
+                             f"reads for {refused[0]}: {_UNIT_READ[refused[0]]}")
+        if units:
+            hint += f" ({'; '.join(units)})"
         raise GpsFileError(f"line {line}: header lacks column(s) {', '.join(missing)}{hint}")
     return CsvLayout(delimiter, columns, line)
 
@@ -288,9 +340,46 @@ def above_csv_header(line: str) -> bool:
         for d in CSV_DELIMITERS)
 
 
-def _header_name(cell: str) -> str:
-    """A column's name as compared: no case, spaces or punctuation (``Device ID``)."""
+def title_line(line: str) -> bool:
+    """A line of one cell (an exporter's title, "GPS export 2024"), which is neither a header
+    nor a row: every row has at least a time and two coordinates. Read as the first row, it
+    put the file in the default column order, which could swap latitude and longitude. A line
+    with an odd number of quotes is a row's quoted field going on past the line end: a bad row,
+    reported, not a title."""
+    return line.count('"') % 2 == 0 and all(
+        len(next(csv.reader([line], delimiter=d), [])) <= 1 for d in CSV_DELIMITERS)
+
+
+def _plain_name(cell: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", cell.strip().lower()).strip("_")
+
+
+def _header_name(cell: str) -> str:
+    """A column's name as compared: no case, spaces or punctuation (``Device ID``); a unit
+    that keeps the field's meaning is dropped (``Latitude (deg)`` is ``latitude``), and UTC
+    ranks a time as ``time_utc`` does (``Time (GMT)``). Another unit stays in the name
+    (``latitude_rad``), which names no field: see :func:`_refused_unit`."""
+    plain = _plain_name(cell)
+    unit = _UNIT.fullmatch(cell.strip())
+    if unit and plain not in _FIELD_OF:  # "Device (name)" is device_name, of its own rank
+        base = _plain_name(unit.group(1))
+        field, key = _FIELD_OF.get(base), _unit_key(unit.group(2))
+        if field == "device_id" or field is not None and key in _NEUTRAL_UNITS[field]:
+            utc = f"{base}_utc"
+            return utc if key in _UTC_UNITS and _FIELD_OF.get(utc) == field else base
+    return plain
+
+
+def _refused_unit(cell: str) -> tuple[str, str] | None:
+    """The field a header cell names with a unit that changes its meaning (``Latitude
+    (rad)``, ``Time (local)``), and the unit; None for any other cell."""
+    unit = _UNIT.fullmatch(cell.strip())
+    if not unit:
+        return None
+    field = _FIELD_OF.get(_plain_name(unit.group(1)))
+    if field is None or _header_name(cell) in _FIELD_OF:
+        return None
+    return field, unit.group(2).strip()
 
 
 def _named(line: str, delimiter: str) -> dict[str, int]:

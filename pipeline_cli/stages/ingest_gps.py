@@ -28,6 +28,7 @@ from ..settings import printable_path
 INSERT_ATTEMPTS = 5  # each waits for a concurrent load to commit: more is a busy race
 MAX_REPORTED = 100  # problems listed in the result; all of them are counted
 COPY_BLOCK = 1 << 20
+TITLE_LINES = 5  # lines of one cell skipped above a CSV header or first row, at most
 _COPY_LINE = re.compile(r"line (\d+)")
 
 
@@ -211,11 +212,24 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
             raise gpsfiles.GpsFileError(
                 "not UTF-16 text, though it starts as UTF-16 does") from None
     first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
-    hint = 0  # a spreadsheet's "sep=;" line and "#" comments above the header or first row
-    while first is not None and gpsfiles.above_csv_header(first["raw"]):
+    # Above the header or first row: a spreadsheet's "sep=;" line, "#" comments, and a few
+    # title lines of one cell (more: a file in another separator, refused as it was).
+    hint, titles = 0, 0
+    title: tuple[Any, int] | None = None  # the first title line, and the line above it
+    while first is not None:
+        if not gpsfiles.above_csv_header(first["raw"]):
+            if not gpsfiles.title_line(first["raw"]):
+                break
+            if title is not None and titles == TITLE_LINES:  # one cell a line on and on: rows
+                first, hint = title
+                break
+            titles += 1
+            title = title or (first, hint)
         hint = first["line"]
         first = conn.execute(db.query("match_gps", "ingest_first_line"),
                              {"after": hint}).fetchone()
+    if first is None and title is not None:  # nothing but lines of one cell: rows, each bad
+        first, hint = title
     if first is None:
         return
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
@@ -227,7 +241,9 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         "device": device_id, "device_col": None if device_col is None else device_col + 1,
         "date_col": None if date_col is None else date_col + 1,
         "time_col": cols["recorded_at"] + 1, "lat_col": cols["latitude"] + 1,
-        "lon_col": cols["longitude"] + 1, "nul": nul})
+        "lon_col": cols["longitude"] + 1, "nul": nul,
+        **{f"{h}_col": None if cols.get(f"{field}_hemisphere") is None
+           else cols[f"{field}_hemisphere"] + 1 for h, field in (("ns", "lat"), ("ew", "lon"))}})
 
 
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,

@@ -655,7 +655,9 @@ CREATE TEMP TABLE gps_ingest_csv (
     time_col      integer,
     lat_col       integer,
     lon_col       integer,
-    had_nul       boolean   -- the file had a NUL byte, sent as U+FFFD
+    had_nul       boolean,  -- the file had a NUL byte, sent as U+FFFD
+    ns_col        integer,  -- the hemisphere (N/S, E/W) of unsigned coordinates (Qstarz)
+    ew_col        integer
 ) ON COMMIT DROP;
 CREATE TEMP TABLE gps_ingest_parsed (
     seq       bigint GENERATED ALWAYS AS IDENTITY,  -- file order where lines repeat (GeoJSON)
@@ -680,16 +682,38 @@ SELECT line::bigint AS seq, file, line, NULL::text AS place,
        CASE WHEN date_col IS NOT NULL AND f[time_col] ~ '^\s*[0-9]{1,2}:[0-9]{2}'
             THEN replace(btrim(f[date_col]), '/', '-') || ' ' || btrim(f[time_col])
             ELSE f[time_col] END AS recorded,
-       CASE WHEN decimal_comma
+       -- south and west of a hemisphere column negate the number (a signed one beside a
+       -- hemisphere is refused below); files without one pay an IS NULL a field
+       CASE WHEN ns_col IS NOT NULL AND upper(btrim(f[ns_col])) IN ('S', 'SOUTH')
+            THEN '-' || btrim(CASE WHEN decimal_comma
+                 THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+                 ELSE f[lat_col] END)
+            WHEN decimal_comma
             THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
             ELSE f[lat_col] END AS lat,
-       CASE WHEN decimal_comma
+       CASE WHEN ew_col IS NOT NULL AND upper(btrim(f[ew_col])) IN ('W', 'WEST')
+            THEN '-' || btrim(CASE WHEN decimal_comma
+                 THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+                 ELSE f[lon_col] END)
+            WHEN decimal_comma
             THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
             ELSE f[lon_col] END AS lon,
        CASE WHEN nul THEN 'a NUL byte (no text holds one)'
             WHEN f IS NULL THEN 'unbalanced quotes (a quoted field must not span lines)'
             WHEN cardinality(f) < width
-            THEN format('expected %s fields, got %s', width, cardinality(f)) END AS problem
+            THEN format('expected %s fields, got %s', width, cardinality(f))
+            WHEN ns_col IS NOT NULL
+                 AND upper(btrim(f[ns_col])) NOT IN ('N', 'S', 'NORTH', 'SOUTH')
+            THEN format('hemisphere %L is not N or S', btrim(f[ns_col]))
+            WHEN ew_col IS NOT NULL
+                 AND upper(btrim(f[ew_col])) NOT IN ('E', 'W', 'EAST', 'WEST')
+            THEN format('hemisphere %L is not E or W', btrim(f[ew_col]))
+            WHEN ns_col IS NOT NULL AND f[lat_col] ~ '^\s*[+-]'
+            THEN format('latitude %L is signed beside its hemisphere %L', btrim(f[lat_col]),
+                        btrim(f[ns_col]))
+            WHEN ew_col IS NOT NULL AND f[lon_col] ~ '^\s*[+-]'
+            THEN format('longitude %L is signed beside its hemisphere %L', btrim(f[lon_col]),
+                        btrim(f[ew_col])) END AS problem
 FROM (SELECT c.*, r.line,
              CASE WHEN strpos(r.raw, '"') = 0 THEN string_to_array(r.raw, c.delimiter)
                   WHEN (length(r.raw) - length(replace(r.raw, '"', ''))) % 2 = 1 THEN NULL
@@ -731,10 +755,11 @@ ORDER BY line LIMIT 1;
 -- semicolon or tab), with the columns counted from 1; where the delimiter is not a comma (a
 -- spreadsheet's export where the comma is the decimal mark), "60,17" is a latitude of 60.17.
 INSERT INTO gps_ingest_csv (file, skip, width, delimiter, blank, decimal_comma, device,
-                            device_col, date_col, time_col, lat_col, lon_col, had_nul)
+                            device_col, date_col, time_col, lat_col, lon_col, had_nul, ns_col,
+                            ew_col)
 VALUES (%(file)s, %(skip)s, %(width)s, %(delimiter)s, %(blank)s, %(decimal_comma)s,
         %(device)s, %(device_col)s, %(date_col)s, %(time_col)s, %(lat_col)s, %(lon_col)s,
-        %(nul)s);
+        %(nul)s, %(ns_col)s, %(ew_col)s);
 
 -- name: ingest_next_file
 TRUNCATE gps_ingest_raw, gps_ingest_csv, gps_ingest_parsed RESTART IDENTITY

@@ -330,3 +330,53 @@ def test_geojson_not_utf8_says_what_to_do(tmp_path: Path) -> None:
     path.write_bytes('{"type": "Feature", "properties": {"device": "Gerät"}}'.encode("latin-1"))
     with pytest.raises(GpsFileError, match=r"^not UTF-8 text \(save it as UTF-8\)$"):
         list(gpsfiles.read(path))
+
+
+@pytest.mark.parametrize(("header", "columns"), [
+    ("device,Time (GMT),Latitude (deg),Longitude (deg),Speed (km/h)",
+     {"device_id": 0, "recorded_at": 1, "latitude": 2, "longitude": 3}),
+    ('"Device","Time (UTC)","lat [°]","lon [°]"',
+     {"device_id": 0, "recorded_at": 1, "latitude": 2, "longitude": 3}),
+    ("Device;Timestamp [Z];Latitude (degrees_north);Longitude (degrees_east)",
+     {"device_id": 0, "recorded_at": 1, "latitude": 2, "longitude": 3}),
+    ("Device\tLatitude(WGS84)\tLongitude(WGS84)\tTime (local)\tTime (UTC+00:00)",
+     {"device_id": 0, "latitude": 1, "longitude": 2, "recorded_at": 4}),
+    ("Time (UTC);Lat (deg, WGS84);Lon (deg., WGS 84);Unit ID",
+     {"recorded_at": 0, "latitude": 1, "longitude": 2, "device_id": 3}),
+    ("lat (decimal),lon (Decimal Degrees),date (UTC),time (UTC),imei",
+     {"latitude": 0, "longitude": 1, "date": 2, "recorded_at": 3, "device_id": 4}),
+    # a device's "unit" is the kind of id; "Device (name)" stays device_name, below an id
+    ("Device (name),Vehicle (IMEI),Time,Lat,Lon",
+     {"device_id": 1, "recorded_at": 2, "latitude": 3, "longitude": 4}),
+])
+def test_a_unit_that_keeps_the_meaning_is_the_plain_name(header: str,
+                                                         columns: dict[str, int]) -> None:
+    # "Latitude (deg)" and "Time (GMT)" were no column at all: "header lacks column(s)
+    # recorded_at, latitude, longitude" for a file that names all of them.
+    assert gpsfiles.csv_layout(header, 1).columns == columns
+
+
+def test_a_unit_in_the_time_column_ranks_it_as_utc() -> None:
+    # Beside a plain "Time" (a logger's local time), "Time (GMT)" is the UTC one, as time_utc.
+    assert gpsfiles.csv_layout("device,Time,Time (GMT),lat,lon", 1).columns["recorded_at"] == 2
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("device,Time (local),Latitude,Longitude",
+     r"^line 1: header lacks column\(s\) recorded_at \('Time \(local\)': unit 'local' is not "
+     r"one ingest-gps reads for recorded_at: UTC, an ISO-8601 offset or epoch seconds\)$"),
+    ("device,Time,Latitude (rad),Longitude (rad)",
+     r"^line 1: header lacks column\(s\) latitude, longitude \('Latitude \(rad\)': unit 'rad' "
+     r"is not one ingest-gps reads for latitude: decimal degrees, north positive; "
+     r"'Longitude \(rad\)': unit 'rad' is not one ingest-gps reads for longitude: decimal "
+     r"degrees, east positive\)$"),
+    ("device,Time (ms),lat,lon", r"^line 1: header lacks column\(s\) recorded_at \('Time "
+     r"\(ms\)': unit 'ms' is not one"),
+    ("device,time,Latitude [°S],Longitude [°W]", r"'Latitude \[°S\]': unit '°S' is not one"),
+    ("device,Time (UTC+2),lat,lon", r"'Time \(UTC\+2\)': unit 'UTC\+2' is not one"),
+])
+def test_a_unit_that_changes_the_meaning_is_refused_by_name(header: str, message: str) -> None:
+    # Read as the plain name, radians or a local time would load wrong points with exit 0;
+    # refused, the message named no column of a header that has one.
+    with pytest.raises(GpsFileError, match=message):
+        gpsfiles.csv_layout(header, 1)

@@ -762,3 +762,91 @@ def test_google_location_history_is_refused_as_not_geojson(
         f"{path}: line 1: expected a GeoJSON FeatureCollection or Feature, found an object "
         "whose locations are not GeoJSON Features (Google's location history?); "
         f"{READ_FORMATS}; nothing loaded")
+
+
+def test_headers_with_units_load_and_a_unit_that_changes_the_meaning_is_refused(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # "Latitude (deg)", "Time (GMT)": "header lacks column(s) recorded_at, latitude, longitude"
+    # for a file that names them all.
+    units = tmp_path / "units.csv"
+    units.write_text("device,Time (GMT),Latitude (deg),Longitude (deg),Speed (km/h)\n"
+                     "u1,2024-01-06T10:00:00,60.17,24.94,12\n")
+    brackets = tmp_path / "brackets.csv"
+    brackets.write_text('"Device";"Time (UTC)";"lat [°]";"lon [°]"\n'
+                        "u2;2024-01-06 10:00:01;60,17;24,94\n")
+    record = ingest(database_url, [units, brackets], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [("u1", datetime(2024, 1, 6, 10, tzinfo=UTC), 60.17, 24.94),
+                            ("u2", datetime(2024, 1, 6, 10, 0, 1, tzinfo=UTC), 60.17, 24.94)]
+    radians = tmp_path / "radians.csv"
+    radians.write_text("device,time,Latitude (rad),Longitude (deg)\nu3,2024-01-06T10:00:02Z,"
+                       "1.0502,24.94\n")
+    refused = ingest(database_url, [radians])
+    assert refused.status == "failed" and refused.exit_code == 1
+    assert refused.error == (
+        f"{radians}: line 1: header lacks column(s) latitude ('Latitude (rad)': unit 'rad' is "
+        "not one ingest-gps reads for latitude: decimal degrees, north positive); "
+        "nothing loaded")
+    assert count(conn) == 2
+
+
+def test_hemisphere_columns_give_the_sign(tmp_path: Path, database_url: str,
+                                          conn: psycopg.Connection[Any]) -> None:
+    # Qstarz's QTravel writes unsigned coordinates and the hemisphere in a column of its own
+    # (N/S, E/W): a point in Madrid, 3.69 W, was stored at 3.69 E, with exit 0.
+    path = tmp_path / "qstarz.csv"
+    path.write_text("INDEX,RCR,DATE,TIME,VALID,LATITUDE,N/S,LONGITUDE,E/W,HEIGHT,SPEED,\n"
+                    "1,T,2010/06/11,09:01:13,SPS,40.453932,N,3.688268,W,679.436 M,0.000 km/h,\n"
+                    "2,T,2010/06/11,09:01:14,SPS,33.9,S,151.2,E,12 M,0.000 km/h,\n"
+                    "3,T,2010/06/11,09:01:15,SPS,33.9,s,151.2,east,12 M,0.000 km/h,\n"
+                    "4,T,2010/06/11,09:01:16,SPS,40.45,X,3.69,W,679.436 M,0.000 km/h,\n"
+                    "5,T,2010/06/11,09:01:17,SPS,40.45,N,3.69,,679.436 M,0.000 km/h,\n"
+                    "6,T,2010/06/11,09:01:18,SPS,-40.45,S,3.69,W,679.436 M,0.000 km/h,\n"
+                    "7,T,2010/06/11,09:01:19,SPS,40.45,N,-3.69,E,679.436 M,0.000 km/h,\n")
+    semi = tmp_path / "semi.csv"  # with decimal commas
+    semi.write_text("time;lat;Lat Dir;lon;GPSLongitudeRef\n2010-06-11T09:01:19Z;40,45;N;3,69;W\n")
+    record = ingest(database_url, [path, semi], device_id="q")
+    assert record.status == "success", record.error
+    assert record.extra["problems"] == [
+        f"{path}:5: hemisphere 'X' is not N or S",
+        f"{path}:6: hemisphere '' is not E or W",
+        f"{path}:7: latitude '-40.45' is signed beside its hemisphere 'S'",
+        f"{path}:8: longitude '-3.69' is signed beside its hemisphere 'E'"]
+    assert [r[2:] for r in stored(conn)] == [(40.453932, -3.688268), (-33.9, 151.2),
+                                             (-33.9, 151.2), (40.45, -3.69)]
+    strict = ingest(database_url, [path], device_id="r", strict=True)
+    assert strict.status == "failed" and "--strict" in (strict.error or "")
+    assert count(conn) == 4
+
+
+def test_a_title_line_above_the_header_is_skipped_not_read_as_the_first_row(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # "GPS export 2024" above a lon,lat header was read as the first row: the file went in the
+    # default column order, its header became a bad row, and every point was stored with its
+    # latitude and longitude swapped, exit 0.
+    path = tmp_path / "titled.csv"
+    path.write_text("GPS export 2024\n\n\"Tracker: van, 3\"\ndevice,time,lon,lat\n"
+                    "t,2024-01-06T10:00:00Z,24.94,60.17\n")
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    assert stored(conn) == [("t", datetime(2024, 1, 6, 10, tzinfo=UTC), 60.17, 24.94)]
+    # A file in a separator ingest-gps does not split at is one cell a line: still refused.
+    pipes = tmp_path / "pipes.csv"
+    pipes.write_text("".join(f"p|2024-01-06T10:00:{s:02d}Z|60.17|24.94\n" for s in range(30)))
+    refused = ingest(database_url, [pipes])
+    assert refused.status == "failed" and refused.error is not None
+    assert refused.error == (f"{pipes}: none of its 30 row(s) is valid (first: line 1: "
+                             "expected 4 fields, got 1); nothing loaded")
+    # The start of a quoted field that goes on past the line end is a bad row, not a title.
+    spans = tmp_path / "spans.csv"
+    spans.write_text('"a\nb",2024-01-06T10:00:00Z,60.17,24.94\ns,2024-01-06T10:00:01Z,60.17,24.94\n')
+    record = ingest(database_url, [spans])
+    assert record.status == "success" and record.counts["invalid_rows"] == 2, record.error
+    assert record.extra["problems"][0].startswith(f"{spans}:1: unbalanced quotes")
+    few = tmp_path / "few.csv"  # as few lines as a title may have: not a file without rows
+    few.write_text("p|2024-01-06T10:00:00Z|60.17|24.94\np|2024-01-06T10:00:01Z|60.17|24.94\n")
+    refused = ingest(database_url, [few])
+    assert refused.status == "failed" and refused.error == (
+        f"{few}: none of its 2 row(s) is valid (first: line 1: expected 4 fields, got 1); "
+        "nothing loaded")
+    assert count(conn) == 2
