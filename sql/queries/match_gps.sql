@@ -683,21 +683,15 @@ SELECT line::bigint AS seq, file, line, NULL::text AS place,
             THEN replace(btrim(f[date_col]), '/', '-') || ' ' || btrim(f[time_col])
             ELSE f[time_col] END AS recorded,
        -- south and west of a hemisphere column negate the number (a signed one beside a
-       -- hemisphere is refused below); files without one pay an IS NULL a field
-       CASE WHEN ns_col IS NOT NULL AND upper(btrim(f[ns_col])) IN ('S', 'SOUTH')
-            THEN '-' || btrim(CASE WHEN decimal_comma
-                 THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-                 ELSE f[lat_col] END)
-            WHEN decimal_comma
-            THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-            ELSE f[lat_col] END AS lat,
-       CASE WHEN ew_col IS NOT NULL AND upper(btrim(f[ew_col])) IN ('W', 'WEST')
-            THEN '-' || btrim(CASE WHEN decimal_comma
-                 THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-                 ELSE f[lon_col] END)
-            WHEN decimal_comma
-            THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
-            ELSE f[lon_col] END AS lon,
+       -- hemisphere is refused below); without one, f[NULL] is NULL and the sign ''
+       CASE WHEN upper(btrim(f[ns_col])) IN ('S', 'SOUTH') THEN '-' ELSE '' END
+       || btrim(CASE WHEN decimal_comma
+                     THEN regexp_replace(f[lat_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+                     ELSE f[lat_col] END) AS lat,
+       CASE WHEN upper(btrim(f[ew_col])) IN ('W', 'WEST') THEN '-' ELSE '' END
+       || btrim(CASE WHEN decimal_comma
+                     THEN regexp_replace(f[lon_col], '^(\s*[+-]?[0-9]*),([0-9]+\s*)$', '\1.\2')
+                     ELSE f[lon_col] END) AS lon,
        CASE WHEN nul THEN 'a NUL byte (no text holds one)'
             WHEN f IS NULL THEN 'unbalanced quotes (a quoted field must not span lines)'
             WHEN cardinality(f) < width
