@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-import psycopg.sql
 import pytest
 
 from devtools.odata_server import ODataServer, sample_network
 from tests.support.clirunner import Cli
+from tests.support.standby import as_a_standby
 
 Conn = psycopg.Connection[dict[str, Any]]
 pytestmark = pytest.mark.s3
@@ -131,12 +131,7 @@ def test_a_dry_run_counts_on_a_read_only_database(cli: Cli, conn: Conn,
     assert writable["counts"]["gps_points"] == 2 and writable["counts"]["datasets"] == 1
     # A run in progress on the primary, as a standby sees it (no lock of its own here): the
     # dry run's runner marked it crashed, an UPDATE, refused too (and wrong on a standby).
-    conn.execute("INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, "
-                 "backend_start, status) VALUES (gen_random_uuid(), 'match-gps', 'primary', 1,"
-                 " 1, now(), 'running')")
-    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
-                 .format(psycopg.sql.Identifier(name)))
+    as_a_standby(conn, database_url)
     dry = cli.subprocess("prune", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["counts"] == writable["counts"]

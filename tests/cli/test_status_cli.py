@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import psycopg.sql
 import pytest
 import redis
 
@@ -25,6 +24,7 @@ from pipeline_cli.gps import batches
 from pipeline_cli.runner import StageResult, StageRunner
 from pipeline_cli.settings import MatchSettings
 from tests.support.clirunner import Cli
+from tests.support.standby import as_a_standby
 
 
 def good_runs(url: str, *stages: str) -> None:
@@ -102,12 +102,7 @@ def test_status_reads_a_read_only_database(run_cli: Cli, conn: psycopg.Connectio
     run was in progress: it marked the run crashed (no lock of it is seen there), an UPDATE
     that is refused, and wrong, as the run lives on the primary. It now shows it running."""
     good_runs(database_url)
-    conn.execute("INSERT INTO stage_runs (run_id, stage, host, pid, backend_pid, "
-                 "backend_start, status) VALUES (gen_random_uuid(), 'match-gps', 'primary', 1,"
-                 " 1, now(), 'running')")
-    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
-                 .format(psycopg.sql.Identifier(name)))
+    as_a_standby(conn, database_url)
     result = run_cli.subprocess("status", "--json")
     assert result.returncode in (0, 1, 2), result.stderr
     assert json.loads(result.stdout)["stages"]["match-gps"]["last_status"] == "running"
