@@ -329,7 +329,8 @@ class ODataClient:
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
-            rows, link, count = unwrap_page(doc, page_version, what, self.settings.count)
+            rows, link, count = unwrap_page(doc, page_version, what, self.settings.count,
+                                            next_url)
             if client and rows and rows[0] == previous:  # keys differ from page to page
                 raise SourceError(f"OData {what}: the rows of page {number - 1} again (the "
                                   "server ignores $skip; [odata] paging = \"server\")")

@@ -1382,3 +1382,22 @@ def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection
     assert section["active"]["version"] == "ds-v1"
     assert section["active"]["counts"]["stops"] == 40
     assert section["versions"] == 1 and section["last_backup_age_s"] >= 0
+
+
+@pytest.mark.parametrize(("version", "page", "where"), [
+    ("v4", {"value": None}, "'value'"), ("v2", {"d": {"results": None}}, "'d.results'")])
+def test_a_page_whose_entities_are_null_names_the_set_and_page_url(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str,
+        page: dict[str, Any], where: str) -> None:
+    # {"value": null} on a later page failed as "expected a list of entities, got NoneType".
+    with ODataServer(network(), version=version, page_size=15) as srv:
+        assert sync(srv).status == "success"
+        before = snapshot(conn)
+        srv.update_row("Stops", 1, name="changed")
+        srv.add_fault(wrong_shape(page), entity_set="Stops", match="skiptoken=15.")
+        rec = sync(srv)
+        url = next(r.target for r in srv.requests[::-1] if "skiptoken=15." in r.target)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == (f"OData Stops page 2: expected a list of entities in {where}, got "
+                         f"null ({srv.url.removesuffix('/odata/')}{url})")
+    assert snapshot(conn) == before
