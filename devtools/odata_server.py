@@ -527,7 +527,9 @@ class ODataServer:
     context URL names, when ``root`` lies deeper (a Business Central company:
     ``root="/api/v2.0/companies(7)", context_root="/api/v2.0"``); relative nextLinks are then
     relative to the context URL, as OData JSON 4.0 says (``companies(7)/Stops?...``), or with
-    ``next_link="request"`` to the request URL (``Stops?...``). Set ``skiptoken_suffix`` to
+    ``next_link="request"`` to the request URL (``Stops?...``). ``service_names`` lists a set
+    in the V4 service document under another name than its URL (``{"StopSet": "Stops"}``).
+    Set ``skiptoken_suffix`` to
     end every ``$skiptoken`` with those characters (written form-encoded, checked when read
     back), ``next_link_fragment`` to end every nextLink with it (``#page``), and
     ``case_insensitive`` to resolve ``$select`` and ``$orderby`` names in any case and answer
@@ -591,6 +593,7 @@ class ODataServer:
         self.skiptoken_suffix = ""
         self.next_link_fragment = ""
         self.case_insensitive = False
+        self.service_names: dict[str, str] = {}  # set -> another name in the service document
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1141,7 +1144,8 @@ class ODataServer:
         if self.version == "v4":
             body: dict[str, Any] = {
                 "odata.metadata" if self.v3 else "@odata.context": f"{self.url}$metadata",
-                "value": [{"name": n, "kind": "EntitySet", "url": n} for n in names],
+                "value": [{"name": self.service_names.get(n, n), "kind": "EntitySet", "url": n}
+                          for n in names],
             }
         else:
             body = {"d": {"EntitySets": names}}

@@ -265,7 +265,17 @@ class ODataClient:
         if self.protocol == "v2" and self.settings.version == "v2":
             options = [*options, ("$format", "json")]
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
-        return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
+        return f"{self.service_url}{self._path(entity_set)}" + (f"?{query}" if query else "")
+
+    def _path(self, entity_set: str) -> str:
+        """The set's URL under the service root: the ``url`` of its entry in a V4 service
+        document read (name Stops, url StopSet), else its name. Messages keep the name."""
+        doc = self._service_doc if isinstance(self._service_doc, dict) else {}
+        url = next((e["url"] for e in doc.get("value") or () if isinstance(e, dict)
+                    and e.get("name") == entity_set and isinstance(e.get("url"), str)), "")
+        resolved = urljoin(self.service_url, url)  # not another host, nor above the root
+        return resolved[len(self.service_url):] if url and resolved.startswith(
+            self.service_url) and len(resolved) > len(self.service_url) else quote(entity_set)
 
     def probe(self, entity_set: str, *, orderby: str | None = None,
               filter: str | None = None, select: list[str] | None = None,
@@ -394,9 +404,9 @@ class ODataClient:
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
-        path = parts.path  # the set's name as sent: raw UTF-8, or %-encoded in either case
-        spellings = {entity_set, quote(entity_set), re.sub(
-            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(entity_set))}
+        path, name = parts.path, unquote(self._path(entity_set))  # raw, or %-encoded in any case
+        spellings = {name, quote(name), re.sub(
+            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(name))}
         at = max(path.rfind("/" + name) for name in spellings)
         if not path.startswith(base.path) and at >= 0:
             path = base.path + path[at + 1:]

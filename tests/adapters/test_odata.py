@@ -1055,3 +1055,19 @@ def test_a_raw_control_character_is_named_once(v4: ODataServer) -> None:
     with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
         fetch(c)
     assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)
+
+
+def test_a_set_is_requested_by_the_url_its_service_document_entry_gives() -> None:
+    # A V4 service document may list a set under a name other than its URL (name "Stops",
+    # url "StopSet"): requested by its name, the set was a 404 blamed on the mapping.
+    data = {"StopSet": DATA["Stops"]}
+    with ODataServer(data, root="/gw/odata", page_size=10,
+                     next_link_base="http://sapgw01.corp.internal:8000/odata/") as srv, \
+            client(srv) as c:
+        srv.service_names = {"StopSet": "Stops"}
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+        assert c.probe("Stops", orderby="ID", select=["ID"]) == 1
+        srv.add_fault(status(404, message="gone"), entity_set="StopSet", match="skiptoken")
+        with pytest.raises(SourceError, match=r"OData .* Stops page 2: HTTP 404"):
+            fetch(c)
+    assert {r.path for r in srv.requests[1:]} == {"/gw/odata/StopSet"}
