@@ -1071,3 +1071,13 @@ def test_a_set_is_requested_by_the_url_its_service_document_entry_gives() -> Non
         with pytest.raises(SourceError, match=r"OData .* Stops page 2: HTTP 404"):
             fetch(c)
     assert {r.path for r in srv.requests[1:]} == {"/gw/odata/StopSet"}
+
+
+def test_probe_reads_a_property_left_out_as_null_when_metadata_declares_it() -> None:
+    # doctor's $top=1 row of a service that leaves nulls out: "the entity has no field 'city'"
+    data = {"Stops": [{**DATA["Stops"][0], "city": None}, *DATA["Stops"][1:]]}
+    with ODataServer(data) as srv, client(srv) as c:
+        srv.omit_nulls = True
+        assert c.probe("Stops", orderby="ID", select=["ID", "city"]) == 1
+        with pytest.raises(SourceError, match="the entity has no field 'cty'"):
+            c.probe("Stops", orderby="ID", fields=["ID", "cty"])
