@@ -274,8 +274,9 @@ class ODataClient:
         url = next((e["url"] for e in doc.get("value") or () if isinstance(e, dict)
                     and e.get("name") == entity_set and isinstance(e.get("url"), str)), "")
         resolved = urljoin(self.service_url, url)  # not another host, nor above the root
-        return resolved[len(self.service_url):] if url and resolved.startswith(
-            self.service_url) and len(resolved) > len(self.service_url) else quote(entity_set)
+        inside = resolved.startswith(self.service_url) and resolved != self.service_url
+        return resolved[len(self.service_url):] if inside and url != entity_set \
+            else quote(entity_set)
 
     def probe(self, entity_set: str, *, orderby: str | None = None,
               filter: str | None = None, select: list[str] | None = None,
