@@ -187,7 +187,7 @@ def unwrap_page(doc: Any, version: str, what: str, counted: bool = True, url: st
         # OData 4.0 names them @odata.nextLink (odata.nextLink in its first JSON drafts);
         # 4.01 services may drop the prefix. Another spelling would end the feed at this
         # page and delete the rest of the read model: it is refused instead.
-        rows = doc.get("value")
+        rows = doc.get("value", ...)  # ...: not there at all
         link = next((doc[k] for k in _NEXT_LINKS if k in doc), None)
         count = next((doc[k] for k in _COUNTS if k in doc), None)
         odd = None if link is not None else next(  # a null link is the end, as in V2
@@ -200,12 +200,12 @@ def unwrap_page(doc: Any, version: str, what: str, counted: bool = True, url: st
         if isinstance(d, list):
             rows, link, count = d, None, None
         else:
-            rows, link, count = d.get("results"), d.get("__next"), d.get("__count")
+            rows, link, count = d.get("results", ...), d.get("__next"), d.get("__count")
     if not isinstance(rows, list):  # JSON's names: null, not Python's NoneType
-        got = {type(None): "null", bool: "a boolean", str: "a string", dict: "an object"}.get(
-            type(rows), "a number")
-        raise SourceError(f"OData {what}: expected a list of entities in "
-                          f"{'value' if version == 'v4' else 'd.results'!r}, got {got}"
+        where = "'value'" if version == "v4" else "'d.results'"
+        got = {type(None): "null", bool: "a boolean", str: "a string", dict: "an object",
+               type(...): f"no {where}"}.get(type(rows), "a number")
+        raise SourceError(f"OData {what}: expected a list of entities in {where}, got {got}"
                           + (f" ({url[:300]})" if url else ""))
     if rows and not all(isinstance(r, dict) for r in rows):
         raise SourceError(f"OData {what}: an entity is not a JSON object")

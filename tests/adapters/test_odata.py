@@ -1081,3 +1081,17 @@ def test_probe_reads_a_property_left_out_as_null_when_metadata_declares_it() -> 
         assert c.probe("Stops", orderby="ID", select=["ID", "city"]) == 1
         with pytest.raises(SourceError, match="the entity has no field 'cty'"):
             c.probe("Stops", orderby="ID", fields=["ID", "cty"])
+
+
+@pytest.mark.parametrize(("doc", "version", "got"), [
+    ({"@odata.context": "x"}, "v4", "no 'value'"), ({"value": None}, "v4", "null"),
+    ({"value": "x"}, "v4", "a string"), ({"d": {"__count": "3"}}, "v2", "no 'd.results'"),
+    ({"d": {"results": {"a": 1}}}, "v2", "an object")])
+def test_a_page_without_a_list_of_entities_says_what_it_has(doc: Any, version: str, got: str
+                                                             ) -> None:
+    # a missing 'value' was 'got NoneType', as a null one
+    where = "'value'" if version == "v4" else "'d.results'"
+    with pytest.raises(SourceError) as err:
+        unwrap_page(doc, version, "Stops page 1")
+    assert str(err.value) == (f"OData Stops page 1: expected a list of entities in {where}, "
+                              f"got {got}")
