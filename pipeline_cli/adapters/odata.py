@@ -428,9 +428,9 @@ class ODataClient:
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
-        path, name = parts.path, unquote(self._path(entity_set))  # raw, or %-encoded in any case
-        spellings = {name, quote(name), re.sub(
-            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(name))}
+        path, own = parts.path, unquote(self._path(entity_set))  # raw, or %-encoded in any case
+        spellings = {own, quote(own), re.sub(
+            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(own))}
         at = max(path.rfind("/" + name) for name in spellings)
         if not path.startswith(base.path) and at >= 0:
             path = base.path + path[at + 1:]
