@@ -598,6 +598,7 @@ class ODataServer:
         self.case_insensitive = False
         self.service_names: dict[str, str] = {}  # set -> another name in the service document
         self.omit_nulls = False  # leave a null property out of the entity (omit-values=nulls)
+        self.metadata: bytes | None = None  # $metadata as it is, in place of the generated one
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1159,7 +1160,10 @@ class ODataServer:
                          self._version_headers())  # fmt: skip
 
     def _metadata(self) -> _Response:
-        """CSDL XML: an entity type per set (its properties and their types), one container."""
+        """CSDL XML: an entity type per set (its properties and their types), one container;
+        or ``metadata`` as it is."""
+        if self.metadata is not None:
+            return _Response(200, self.metadata, "application/xml;charset=utf-8")
         with self._lock:
             sets = {name: dict(state.types) for name, state in self._sets.items()}
         v4 = self.version == "v4"

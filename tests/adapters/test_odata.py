@@ -1095,3 +1095,42 @@ def test_a_page_without_a_list_of_entities_says_what_it_has(doc: Any, version: s
         unwrap_page(doc, version, "Stops page 1")
     assert str(err.value) == (f"OData Stops page 1: expected a list of entities in {where}, "
                               f"got {got}")
+
+
+SAP_METADATA = b"""<?xml version="1.0" encoding="utf-8"?>
+<edmx:Edmx Version="1.0" xmlns:edmx="http://schemas.microsoft.com/ado/2007/06/edmx"
+    xmlns:sap="http://www.sap.com/Protocols/SAPData"><edmx:DataServices>
+<Schema Namespace="ZPIPE_SRV" Alias="Z" xmlns="http://schemas.microsoft.com/ado/2008/09/edm">
+ <EntityType Name="Base"><Key><PropertyRef Name="ID"/></Key>
+  <Property Name="ID" Type="Edm.String" sap:label="Id"/></EntityType>
+ <EntityType Name="Stop" BaseType="Z.Base"><Property Name="city" Type="Edm.String"/>
+  <NavigationProperty Name="toRoutes" Relationship="Z.R" FromRole="A" ToRole="B"/></EntityType>
+ <EntityType Name="Loop" BaseType="ZPIPE_SRV.Loop"><Property Name="x" Type="Edm.String"/>
+ </EntityType>
+ <EntityContainer Name="ZPIPE_SRV_Entities" m:IsDefaultEntityContainer="true"
+   xmlns:m="http://schemas.microsoft.com/ado/2007/08/dataservices/metadata">
+  <EntitySet Name="StopSet" EntityType="ZPIPE_SRV.Stop"/>
+  <EntitySet Name="Loops" EntityType="Z.Loop"/></EntityContainer>
+</Schema></edmx:DataServices></edmx:Edmx>"""
+
+
+@pytest.mark.parametrize(("metadata", "entity_set", "declared"), [
+    (SAP_METADATA, "StopSet", {"ID", "city"}),  # with its base type's, not navigation ones
+    (SAP_METADATA, "Loops", {"x"}),  # a type its own base: read once
+    (SAP_METADATA, "Stops", set()),  # no such set
+    (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><x/>', "StopSet", set()),
+    (b"<edmx:Edmx", "StopSet", set()),  # not XML
+    (b'{"$Version": "4.01"}', "StopSet", set()),  # CSDL JSON, though XML was asked for
+])
+def test_declared_reads_the_entity_type_of_a_set_from_metadata(
+        v4: ODataServer, metadata: bytes, entity_set: str, declared: set[str]) -> None:
+    v4.metadata = metadata
+    with client(v4) as c:
+        assert c.declared(entity_set) == declared
+    assert v4.requests[-1].headers["accept"] == "application/xml"
+
+
+def test_declared_is_empty_when_metadata_fails(v4: ODataServer) -> None:
+    v4.add_fault(status(404), match="$metadata")
+    with client(v4, retries=1) as c:
+        assert c.declared("Stops") == set()
