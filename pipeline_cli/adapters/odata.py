@@ -289,8 +289,8 @@ class ODataClient:
             doc = self._get(url, f"{entity_set} $top=1")[1]
         except SourceError as exc:
             raise self._unlisted(exc, entity_set) from None
-        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
-                                          False)
+        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set),
+                                          f"{entity_set} $top=1", False, url)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
         if missing:  # a null left out, if $metadata declares it
             declared = self.declared(entity_set) - rows[0].keys()

@@ -1134,3 +1134,11 @@ def test_declared_is_empty_when_metadata_fails(v4: ODataServer) -> None:
     v4.add_fault(status(404), match="$metadata")
     with client(v4, retries=1) as c:
         assert c.declared("Stops") == set()
+
+
+def test_probe_names_the_url_of_a_page_without_entities(v4: ODataServer) -> None:
+    v4.add_fault(wrong_shape({"value": None}), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        c.probe("Stops", orderby="ID", select=["ID"])
+    assert str(err.value) == ("OData Stops $top=1: expected a list of entities in 'value', got "
+                              f"null ({v4.url}Stops?$select=ID&$orderby=ID&$count=true&$top=1)")
