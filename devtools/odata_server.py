@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
+from xml.sax.saxutils import quoteattr
 
 from devtools.odata_data import (
     GeneratedRows,
@@ -527,7 +528,11 @@ class ODataServer:
     context URL names, when ``root`` lies deeper (a Business Central company:
     ``root="/api/v2.0/companies(7)", context_root="/api/v2.0"``); relative nextLinks are then
     relative to the context URL, as OData JSON 4.0 says (``companies(7)/Stops?...``), or with
-    ``next_link="request"`` to the request URL (``Stops?...``). Set ``skiptoken_suffix`` to
+    ``next_link="request"`` to the request URL (``Stops?...``). ``service_names`` lists a set
+    in the V4 service document under another name than its URL (``{"StopSet": "Stops"}``).
+    ``omit_nulls`` leaves a property whose value is null out of the entity, as OData 4.01's
+    ``omit-values=nulls`` and Dataverse do; ``$metadata`` (CSDL XML) declares every property.
+    Set ``skiptoken_suffix`` to
     end every ``$skiptoken`` with those characters (written form-encoded, checked when read
     back), ``next_link_fragment`` to end every nextLink with it (``#page``), and
     ``case_insensitive`` to resolve ``$select`` and ``$orderby`` names in any case and answer
@@ -591,6 +596,9 @@ class ODataServer:
         self.skiptoken_suffix = ""
         self.next_link_fragment = ""
         self.case_insensitive = False
+        self.service_names: dict[str, str] = {}  # set -> another name in the service document
+        self.omit_nulls = False  # leave a null property out of the entity (omit-values=nulls)
+        self.metadata: bytes | None = None  # $metadata as it is, in place of the generated one
         self.empty_last_page = empty_last_page
         self.username = username
         self.password = password
@@ -1117,6 +1125,8 @@ class ODataServer:
         rest = path[len(self.root) :].strip("/")
         if rest == "":
             return self._service_document()
+        if rest == "$metadata":
+            return self._metadata()
         segments = rest.split("/")
         name = segments[0]
         if "(" in name:
@@ -1141,12 +1151,37 @@ class ODataServer:
         if self.version == "v4":
             body: dict[str, Any] = {
                 "odata.metadata" if self.v3 else "@odata.context": f"{self.url}$metadata",
-                "value": [{"name": n, "kind": "EntitySet", "url": n} for n in names],
+                "value": [{"name": self.service_names.get(n, n), "kind": "EntitySet", "url": n}
+                          for n in names],
             }
         else:
             body = {"d": {"EntitySets": names}}
         return _Response(200, json.dumps(body).encode(), self._json_content_type(False),
                          self._version_headers())  # fmt: skip
+
+    def _metadata(self) -> _Response:
+        """CSDL XML: an entity type per set (its properties and their types), one container;
+        or ``metadata`` as it is."""
+        if self.metadata is not None:
+            return _Response(200, self.metadata, "application/xml;charset=utf-8")
+        with self._lock:
+            sets = {name: dict(state.types) for name, state in self._sets.items()}
+        v4 = self.version == "v4"
+        edm = ("http://docs.oasis-open.org/odata/ns/edm" if v4
+               else "http://schemas.microsoft.com/ado/2008/09/edm")
+        types = "".join(f"<EntityType Name={quoteattr(_type_name(n))}>" + "".join(
+            f"<Property Name={quoteattr(p)} Type={quoteattr(t)}/>" for p, t in props.items())
+            + "</EntityType>" for n, props in sets.items())
+        container = "".join(f"<EntitySet Name={quoteattr(n)} EntityType="
+                            f"{quoteattr(_NAMESPACE + '.' + _type_name(n))}/>" for n in sets)
+        body = ('<?xml version="1.0" encoding="utf-8"?><edmx:Edmx '
+                f'Version="{"4.0" if v4 else "1.0"}"'
+                ' xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>'
+                f'<Schema Namespace="{_NAMESPACE}" xmlns="{edm}">{types}<EntityContainer '
+                f'Name="Container">{container}</EntityContainer></Schema></edmx:DataServices>'
+                "</edmx:Edmx>")
+        return _Response(200, body.encode(), "application/xml;charset=utf-8",
+                         self._version_headers())
 
     def _parse_options(self, pairs: list[tuple[str, str]], state: _SetState) -> _Options:
         v4 = self.version == "v4"
@@ -1390,7 +1425,7 @@ class ODataServer:
         if select is not None:
             converters = [(f, c) for f, c in converters if f in select]
         v2_meta = self.version == "v2" and self.v2_metadata
-        if not converters and select is None and not v2_meta:
+        if not converters and select is None and not v2_meta and not self.omit_nulls:
             return _dumps(page if isinstance(page, list) else list(page))  # the fast path
         out: list[dict[str, Any]] = []
         type_name = f"{_NAMESPACE}.{_type_name(name)}"
@@ -1400,6 +1435,8 @@ class ODataServer:
                 value = item.get(fld)
                 if value is not None:
                     item[fld] = convert(value)
+            if self.omit_nulls:
+                item = {f: v for f, v in item.items() if v is not None}
             if v2_meta:
                 key = row.get(state.key)
                 literal = quote(f"'{key}'" if isinstance(key, str) else str(key), safe="'")

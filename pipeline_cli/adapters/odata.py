@@ -265,7 +265,18 @@ class ODataClient:
         if self.protocol == "v2" and self.settings.version == "v2":
             options = [*options, ("$format", "json")]
         query = "&".join(f"{k}={quote(v, safe=',()*:/')}" for k, v in options)
-        return f"{self.service_url}{quote(entity_set)}" + (f"?{query}" if query else "")
+        return f"{self.service_url}{self._path(entity_set)}" + (f"?{query}" if query else "")
+
+    def _path(self, entity_set: str) -> str:
+        """The set's URL under the service root: the ``url`` of its entry in a V4 service
+        document read (name Stops, url StopSet), else its name. Messages keep the name."""
+        doc = self._service_doc if isinstance(self._service_doc, dict) else {}
+        url = next((e["url"] for e in doc.get("value") or () if isinstance(e, dict)
+                    and e.get("name") == entity_set and isinstance(e.get("url"), str)), "")
+        resolved = urljoin(self.service_url, url)  # not another host, nor above the root
+        inside = resolved.startswith(self.service_url) and resolved != self.service_url
+        return resolved[len(self.service_url):] if inside and url != entity_set \
+            else quote(entity_set)
 
     def probe(self, entity_set: str, *, orderby: str | None = None,
               filter: str | None = None, select: list[str] | None = None,
@@ -278,14 +289,37 @@ class ODataClient:
             doc = self._get(url, f"{entity_set} $top=1")[1]
         except SourceError as exc:
             raise self._unlisted(exc, entity_set) from None
-        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set), entity_set,
-                                          False)
+        rows, _link, _count = unwrap_page(doc, self._shape_version(doc, entity_set),
+                                          f"{entity_set} $top=1", False, url)
         missing = [f for f in fields or select or () if rows and not has_field(rows[0], f)]
+        if missing:  # a null left out, if $metadata declares it
+            declared = self.declared(entity_set) - rows[0].keys()
+            missing = [f for f in missing if f.partition("/")[0] not in declared]
         if missing:  # the server ignored $select, or a path is not the entity's
             close = close_name(missing[0], rows[0])  # as the sync says it
             raise SourceError(f"OData {entity_set} $top=1: the entity has no field {missing[0]!r}"
                               + (f" (did you mean {close!r}? {_NAMES[2:]}" if close else _NAMES))
         return len(rows)
+
+    def declared(self, entity_set: str) -> set[str]:
+        """The properties $metadata (CSDL XML) declares on the set's entity type and its base
+        types: a service may leave a null property out of an entity (OData 4.01's
+        omit-values=nulls, Dataverse). Empty when it cannot be read or names no such set."""
+        try:
+            body = self._get(f"{self.service_url}$metadata", "$metadata", xml=True)[0]
+            root = ElementTree.fromstring(body) if b"<!" not in body else None  # no DTD
+        except (SourceError, ElementTree.ParseError):
+            return set()
+        elements = [(e.tag.rpartition("}")[2], e) for e in (
+            () if root is None else root.iter())]
+        types = {e.get("Name"): e for tag, e in elements if tag == "EntityType"}
+        name = next((e.get("EntityType", "") for tag, e in elements
+                     if tag == "EntitySet" and e.get("Name") == entity_set), "")
+        props: set[str] = set()
+        while (kind := types.pop(name.rpartition(".")[2], None)) is not None:  # pop: no cycles
+            props |= {str(p.get("Name")) for p in kind if p.tag.endswith("}Property")}
+            name = kind.get("BaseType", "")
+        return props
 
     # -------------------------------------------------------------------- paging
 
@@ -329,7 +363,8 @@ class ODataClient:
             if page_version != self.protocol:
                 raise SourceError(f"OData {what}: got a {page_version.upper()} response from "
                                   f"a {self.protocol.upper()} service")
-            rows, link, count = unwrap_page(doc, page_version, what, self.settings.count)
+            rows, link, count = unwrap_page(doc, page_version, what, self.settings.count,
+                                            next_url)
             if client and rows and rows[0] == previous:  # keys differ from page to page
                 raise SourceError(f"OData {what}: the rows of page {number - 1} again (the "
                                   "server ignores $skip; [odata] paging = \"server\")")
@@ -393,9 +428,9 @@ class ODataClient:
             log.info("the OData nextLinks name %s://%s:%s; following them on %s://%s "
                      "([odata] foreign_next_link = rewrite)", scheme, host, port, base.scheme,
                      base.netloc)
-        path = parts.path  # the set's name as sent: raw UTF-8, or %-encoded in either case
-        spellings = {entity_set, quote(entity_set), re.sub(
-            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(entity_set))}
+        path, own = parts.path, unquote(self._path(entity_set))  # raw, or %-encoded in any case
+        spellings = {own, quote(own), re.sub(
+            "%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(own))}
         at = max(path.rfind("/" + name) for name in spellings)
         if not path.startswith(base.path) and at >= 0:
             path = base.path + path[at + 1:]
@@ -403,22 +438,23 @@ class ODataClient:
 
     # -------------------------------------------------------------------- HTTP
 
-    def _get(self, url: str, what: str, *, names: str = _NAMES) -> tuple[bytes, Any]:
-        """GET with retries; returns (body, parsed JSON) or raises SourceError. ``names``: the
-        setting a 400/404 blames ("" for a server's nextLink, not built from settings)."""
+    def _get(self, url: str, what: str, *, names: str = _NAMES, xml: bool = False
+             ) -> tuple[bytes, Any]:
+        """GET with retries; returns (body, parsed JSON; with ``xml``, None) or raises
+        SourceError. ``names``: the setting a 400/404 blames ("" for a server's nextLink)."""
         parts = urlsplit(url)  # the URL's own query, once for all attempts
         if missing := [(k, v) for k, v in self._query if k not in dict(parse_qsl(parts.query))]:
             url = urlunsplit(parts._replace(query="&".join(filter(None, (
                 parts.query, urlencode(missing, quote_via=quote))))))
         try:
             try:
-                return self._retrying()(self._get_once, url, what, names, False)
+                return self._retrying()(self._get_once, url, what, names, False, xml)
             except _TokenRejected as rejected:  # revoked, or expired early: once more
                 with self._token_lock:
                     if self._access == rejected.token:
                         self._access = None
                 log.info("the OData service refused the access token; fetching a new one")
-                return self._retrying()(self._get_once, url, what, names, True)
+                return self._retrying()(self._get_once, url, what, names, True, xml)
         except _Retryable as exc:
             tries = f" after {self.retries} attempts" if self.retries > 1 else ""
             line = service_error(SourceError, "OData", exc.where or self.service_url, what,
@@ -539,9 +575,9 @@ class ODataClient:
             log.info("the OData service redirects to %s; following it ([odata] "
                      "foreign_next_link = rewrite)", endpoint(target))
 
-    def _get_once(self, url: str, what: str, names: str, renewed: bool
+    def _get_once(self, url: str, what: str, names: str, renewed: bool, xml: bool = False
                   ) -> tuple[bytes, Any]:
-        headers = self._headers()
+        headers = self._headers() | ({"Accept": "application/xml"} if xml else {})
         bearer = self._bearer() if self.settings.token_url else None
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
@@ -590,6 +626,8 @@ class ODataClient:
                                  resp.headers.get("Content-Length") == "0"):
             raise SourceError(f"OData {what}: HTTP {resp.status_code} with an empty body")
         kind = content_type.split(";")[0].strip().lower()
+        if xml:
+            return body, None
         if "html" in kind:
             raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "
                               "in the way?)")

@@ -178,15 +178,16 @@ _NEXT_LINKS = ("@odata.nextLink", "odata.nextLink", "@nextLink")
 _COUNTS = ("@odata.count", "odata.count", "@count")
 
 
-def unwrap_page(doc: Any, version: str, what: str, counted: bool = True
+def unwrap_page(doc: Any, version: str, what: str, counted: bool = True, url: str = ""
                 ) -> tuple[list[dict[str, Any]], str | None, int | None]:
-    """(rows, nextLink, count) of a collection page; SourceError for a wrong shape. Unless
-    ``counted`` (a count asked for), a count the server sends anyway is ignored."""
+    """(rows, nextLink, count) of a collection page; SourceError for a wrong shape (naming
+    ``url``, the page's). Unless ``counted`` (a count asked for), a count the server sends
+    anyway is ignored."""
     if version == "v4":
         # OData 4.0 names them @odata.nextLink (odata.nextLink in its first JSON drafts);
         # 4.01 services may drop the prefix. Another spelling would end the feed at this
         # page and delete the rest of the read model: it is refused instead.
-        rows = doc.get("value")
+        rows = doc.get("value", ...)  # ...: not there at all
         link = next((doc[k] for k in _NEXT_LINKS if k in doc), None)
         count = next((doc[k] for k in _COUNTS if k in doc), None)
         odd = None if link is not None else next(  # a null link is the end, as in V2
@@ -199,10 +200,13 @@ def unwrap_page(doc: Any, version: str, what: str, counted: bool = True
         if isinstance(d, list):
             rows, link, count = d, None, None
         else:
-            rows, link, count = d.get("results"), d.get("__next"), d.get("__count")
-    if not isinstance(rows, list):
-        raise SourceError(f"OData {what}: expected a list of entities, got "
-                          f"{type(rows).__name__}")
+            rows, link, count = d.get("results", ...), d.get("__next"), d.get("__count")
+    if not isinstance(rows, list):  # JSON's names: null, not Python's NoneType
+        where = "'value'" if version == "v4" else "'d.results'"
+        got = {type(None): "null", bool: "a boolean", str: "a string", dict: "an object",
+               type(...): f"no {where}"}.get(type(rows), "a number")
+        raise SourceError(f"OData {what}: expected a list of entities in {where}, got {got}"
+                          + (f" ({url[:300]})" if url else ""))
     if rows and not all(isinstance(r, dict) for r in rows):
         raise SourceError(f"OData {what}: an entity is not a JSON object")
     if link is not None and (not isinstance(link, str) or not link):

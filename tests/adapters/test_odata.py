@@ -1055,3 +1055,90 @@ def test_a_raw_control_character_is_named_once(v4: ODataServer) -> None:
     with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
         fetch(c)
     assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)
+
+
+def test_a_set_is_requested_by_the_url_its_service_document_entry_gives() -> None:
+    # A V4 service document may list a set under a name other than its URL (name "Stops",
+    # url "StopSet"): requested by its name, the set was a 404 blamed on the mapping.
+    data = {"StopSet": DATA["Stops"]}
+    with ODataServer(data, root="/gw/odata", page_size=10,
+                     next_link_base="http://sapgw01.corp.internal:8000/odata/") as srv, \
+            client(srv) as c:
+        srv.service_names = {"StopSet": "Stops"}
+        assert [r["ID"] for r in fetch(c)] == list(range(1, 41))
+        assert c.probe("Stops", orderby="ID", select=["ID"]) == 1
+        srv.add_fault(status(404, message="gone"), entity_set="StopSet", match="skiptoken")
+        with pytest.raises(SourceError, match=r"OData .* Stops page 2: HTTP 404"):
+            fetch(c)
+    assert {r.path for r in srv.requests[1:]} == {"/gw/odata/StopSet"}
+
+
+def test_probe_reads_a_property_left_out_as_null_when_metadata_declares_it() -> None:
+    # doctor's $top=1 row of a service that leaves nulls out: "the entity has no field 'city'"
+    data = {"Stops": [{**DATA["Stops"][0], "city": None}, *DATA["Stops"][1:]]}
+    with ODataServer(data) as srv, client(srv) as c:
+        srv.omit_nulls = True
+        assert c.probe("Stops", orderby="ID", select=["ID", "city"]) == 1
+        with pytest.raises(SourceError, match="the entity has no field 'cty'"):
+            c.probe("Stops", orderby="ID", fields=["ID", "cty"])
+
+
+@pytest.mark.parametrize(("doc", "version", "got"), [
+    ({"@odata.context": "x"}, "v4", "no 'value'"), ({"value": None}, "v4", "null"),
+    ({"value": "x"}, "v4", "a string"), ({"d": {"__count": "3"}}, "v2", "no 'd.results'"),
+    ({"d": {"results": {"a": 1}}}, "v2", "an object")])
+def test_a_page_without_a_list_of_entities_says_what_it_has(doc: Any, version: str, got: str
+                                                             ) -> None:
+    # a missing 'value' was 'got NoneType', as a null one
+    where = "'value'" if version == "v4" else "'d.results'"
+    with pytest.raises(SourceError) as err:
+        unwrap_page(doc, version, "Stops page 1")
+    assert str(err.value) == (f"OData Stops page 1: expected a list of entities in {where}, "
+                              f"got {got}")
+
+
+SAP_METADATA = b"""<?xml version="1.0" encoding="utf-8"?>
+<edmx:Edmx Version="1.0" xmlns:edmx="http://schemas.microsoft.com/ado/2007/06/edmx"
+    xmlns:sap="http://www.sap.com/Protocols/SAPData"><edmx:DataServices>
+<Schema Namespace="ZPIPE_SRV" Alias="Z" xmlns="http://schemas.microsoft.com/ado/2008/09/edm">
+ <EntityType Name="Base"><Key><PropertyRef Name="ID"/></Key>
+  <Property Name="ID" Type="Edm.String" sap:label="Id"/></EntityType>
+ <EntityType Name="Stop" BaseType="Z.Base"><Property Name="city" Type="Edm.String"/>
+  <NavigationProperty Name="toRoutes" Relationship="Z.R" FromRole="A" ToRole="B"/></EntityType>
+ <EntityType Name="Loop" BaseType="ZPIPE_SRV.Loop"><Property Name="x" Type="Edm.String"/>
+ </EntityType>
+ <EntityContainer Name="ZPIPE_SRV_Entities" m:IsDefaultEntityContainer="true"
+   xmlns:m="http://schemas.microsoft.com/ado/2007/08/dataservices/metadata">
+  <EntitySet Name="StopSet" EntityType="ZPIPE_SRV.Stop"/>
+  <EntitySet Name="Loops" EntityType="Z.Loop"/></EntityContainer>
+</Schema></edmx:DataServices></edmx:Edmx>"""
+
+
+@pytest.mark.parametrize(("metadata", "entity_set", "declared"), [
+    (SAP_METADATA, "StopSet", {"ID", "city"}),  # with its base type's, not navigation ones
+    (SAP_METADATA, "Loops", {"x"}),  # a type its own base: read once
+    (SAP_METADATA, "Stops", set()),  # no such set
+    (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><x/>', "StopSet", set()),
+    (b"<edmx:Edmx", "StopSet", set()),  # not XML
+    (b'{"$Version": "4.01"}', "StopSet", set()),  # CSDL JSON, though XML was asked for
+])
+def test_declared_reads_the_entity_type_of_a_set_from_metadata(
+        v4: ODataServer, metadata: bytes, entity_set: str, declared: set[str]) -> None:
+    v4.metadata = metadata
+    with client(v4) as c:
+        assert c.declared(entity_set) == declared
+    assert v4.requests[-1].headers["accept"] == "application/xml"
+
+
+def test_declared_is_empty_when_metadata_fails(v4: ODataServer) -> None:
+    v4.add_fault(status(404), match="$metadata")
+    with client(v4, retries=1) as c:
+        assert c.declared("Stops") == set()
+
+
+def test_probe_names_the_url_of_a_page_without_entities(v4: ODataServer) -> None:
+    v4.add_fault(wrong_shape({"value": None}), entity_set="Stops")
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        c.probe("Stops", orderby="ID", select=["ID"])
+    assert str(err.value) == ("OData Stops $top=1: expected a list of entities in 'value', got "
+                              f"null ({v4.url}Stops?$select=ID&$orderby=ID&$count=true&$top=1)")

@@ -1382,3 +1382,44 @@ def test_status_section(sync: Callable[..., RunRecord], conn: psycopg.Connection
     assert section["active"]["version"] == "ds-v1"
     assert section["active"]["counts"]["stops"] == 40
     assert section["versions"] == 1 and section["last_backup_age_s"] >= 0
+
+
+@pytest.mark.parametrize(("version", "page", "where"), [
+    ("v4", {"value": None}, "'value'"), ("v2", {"d": {"results": None}}, "'d.results'")])
+def test_a_page_whose_entities_are_null_names_the_set_and_page_url(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str,
+        page: dict[str, Any], where: str) -> None:
+    # {"value": null} on a later page failed as "expected a list of entities, got NoneType".
+    with ODataServer(network(), version=version, page_size=15) as srv:
+        assert sync(srv).status == "success"
+        before = snapshot(conn)
+        srv.update_row("Stops", 1, name="changed")
+        srv.add_fault(wrong_shape(page), entity_set="Stops", match="skiptoken=15.")
+        rec = sync(srv)
+        url = next(r.target for r in srv.requests[::-1] if "skiptoken=15." in r.target)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == (f"OData Stops page 2: expected a list of entities in {where}, got "
+                         f"null ({srv.url.removesuffix('/odata/')}{url})")
+    assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_property_left_out_when_null_reads_as_null_when_metadata_declares_it(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any], version: str) -> None:
+    # A service that leaves nulls out (OData 4.01 omit-values=nulls, Dataverse): a city null
+    # in every stop failed as "no entity has the field 'city'", a typo's error.
+    data = network()
+    for row in data["Stops"]:
+        row["city"] = None
+    with ODataServer(data, version=version, page_size=15) as srv:
+        srv.omit_nulls = True
+        rec = sync(srv)
+        assert rec.status == "success", rec.error
+        assert {r["city"] for r in table(conn, "stops")} == {None}
+        before = snapshot(conn)
+        srv.set_rows("Flights", [{**r, "daysOfWeek": None} for r in data["Flights"]])
+        rec = sync(srv)  # a required column left out everywhere: null, named by key
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.extra["problem_counts"] == {"Flights": {"missing": 12}}
+    assert rec.extra["problems"][0].startswith("Flights[ID=1] daysOfWeek: ")
+    assert snapshot(conn) == before
