@@ -1241,3 +1241,83 @@ def test_a_parked_vehicle_with_one_gps_glitch_draws_no_line(
                        ).fetchone()
     assert row["polyline_count"] == 0 and row["error_message"].startswith("stationary: ")
     assert_all_processed(conn)
+
+
+# ----------------------------------------------------------------- real-world trace pathologies
+
+
+@pytest.fixture(scope="module")
+def one_hz_trace(osrm_url: str) -> traces.Trace:
+    """Over 1,000 points a second apart: ten and more chunks of the default 100."""
+    with OsrmClient(osrm_url) as plain:
+        return traces.make_trace(plain, random.Random(7), min_points=350,
+                                 interval_s=(1.0, 1.0), waypoints=3)
+
+
+def shifted(rows: list[tuple[str, datetime, float, float]], seconds: float
+            ) -> list[tuple[str, datetime, float, float]]:
+    return [(d, t + timedelta(seconds=seconds), lat, lon) for d, t, lat, lon in rows]
+
+
+def test_a_vehicle_parked_for_minutes_inside_a_chunked_trace(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        one_hz_trace: traces.Trace) -> None:
+    """400 exact repeats of one position at 1 Hz (a parked vehicle) in the middle of a drive:
+    whole chunks of one spot, and chunk boundaries inside the stop. One batch, matched as the
+    drive; no line of one spot is kept, no point lost or matched twice."""
+    rows = one_hz_trace.rows("d")
+    k, park = 150, 400
+    stop = [("d", rows[k][1] + timedelta(seconds=i + 1), rows[k][2], rows[k][3])
+            for i in range(park)]
+    rows = rows[:k + 1] + stop + shifted(rows[k + 1:], park)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert record.counts["batches_completed"] == 1
+    assert record.counts["points_processed"] == len(rows)
+    assert record.counts["osrm_requests"] >= len(rows) // 100
+    assert traces.judge(one_hz_trace.truth, polylines(conn, "d")).passed
+    assert_all_processed(conn)
+
+
+def test_a_gap_inside_a_batch_is_not_drawn_across(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        one_hz_trace: traces.Trace) -> None:
+    """A 4-minute silence (below gap_seconds) inside a 1 Hz drive keeps one batch; OSRM is
+    sent the real timestamps with gaps=split, so no line is guessed across the silence."""
+    rows = one_hz_trace.rows("d")
+    k = 150
+    rows = rows[:k] + shifted(rows[k:], 240)
+    traces.insert_points(conn, rows)
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert batch_states(conn) == {"completed": 1}
+    across = conn.execute("SELECT count(*) AS n FROM cached_polylines"
+                          " WHERE start_time < %s AND end_time > %s",
+                          (rows[k - 1][1], rows[k][1])).fetchone()["n"]
+    assert across == 0
+    assert traces.judge(one_hz_trace.truth, polylines(conn, "d")).passed
+    assert_all_processed(conn)
+
+
+@pytest.mark.parametrize("jump", [-59, -4])
+def test_a_device_clock_set_back_mid_drive(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        one_hz_trace: traces.Trace, jump: int) -> None:
+    """A tracker sampling every 2 s sets its clock back mid-drive: by 59 s its later points
+    fall between the earlier ones (interleaved), by 4 s onto their very seconds (the listener's
+    duplicate rule drops them: a (device, time) is stored once). The batch completes from the
+    points stored, in time order; nothing fails, is lost or is matched twice."""
+    rows = one_hz_trace.rows("d")[::2]
+    k = len(rows) // 2
+    rows = rows[:k] + shifted(rows[k:], jump)
+    partitions.ensure(conn, [OLD.date()])
+    listener_insert(conn, rows)
+    stored = conn.execute("SELECT count(*) AS n FROM gps_points").fetchone()["n"]
+    assert stored == len({r[1] for r in rows})
+    record = run(database_url, client)
+    assert record.exit_code == 0, record.error
+    assert batch_states(conn) == {"completed": 1}
+    assert record.counts["points_processed"] == stored
+    assert traces.judge(one_hz_trace.truth, polylines(conn, "d")).passed
+    assert_all_processed(conn)
