@@ -294,10 +294,13 @@ def _gps(g: dict[str, Any], now: datetime) -> str:
               "(a device clock ahead?)" if g.get("future_points") else "")
     unmatched = (f" ({g['unmatched_last_hour']} matched nothing: `pipeline batches list "
                  "--status completed` says why)" if g.get("unmatched_last_hour") else "")
+    alone = (f", {g['too_short_last_hour']} of a point alone, not matched ([match] "
+             "gap_seconds below the trackers' interval?)" if g.get("too_short_last_hour") else "")
     return (f"{g['unprocessed_points']} "
             f"unprocessed points{oldest}; batches: {b['pending']} pending, "
             f"{b['processing']} processing, {b['failed']} failed, {b['dead']} dead; "
-            f"{g['completed_last_hour']} completed in the last hour{unmatched}{parked}{future}")
+            f"{g['completed_last_hour']} completed in the last hour{unmatched}{alone}{parked}"
+            f"{future}")
 
 
 def _s3(s: dict[str, Any], now: datetime) -> str:

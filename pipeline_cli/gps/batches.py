@@ -287,6 +287,8 @@ def status_section(conn: psycopg.Connection[Any], settings: MatchSettings | None
         "completed_last_hour": int(recent["completed_last_hour"]),
         # Of them, those that matched nothing: off the map, swapped coordinates, no fix.
         "unmatched_last_hour": int(recent["unmatched_last_hour"]),
+        # A point alone, more than gap_seconds from its device's others: never matched.
+        "too_short_last_hour": int(recent["too_short_last_hour"]),
         "last_completed_at": recent["last_completed_at"],
         # Information, not a warning: the next match-gps run gives them a partition.
         "default_partition_points": min(int(default["n"]), DEFAULT_PARTITION_CAP),

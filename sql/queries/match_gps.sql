@@ -506,8 +506,12 @@ GROUP BY status;
 
 -- name: recent_batches
 -- Of the completed ones, those that matched nothing (the note of workers._complete: every
--- chunk NoSegment, no fix, ...); a stationary batch is not counted, it did not move.
+-- chunk NoSegment, no fix, ...); a stationary batch is not counted, it did not move. Beside
+-- them, the batches of a point alone (too_short), which are never matched.
 SELECT h.completed_last_hour, h.unmatched_last_hour,
+       (SELECT count(*) FROM processing_batches
+        WHERE status = 'too_short' AND processing_completed_at > now() - interval '1 hour'
+       )::bigint AS too_short_last_hour,
        (SELECT max(processing_completed_at) FROM processing_batches
         WHERE status = 'completed') AS last_completed_at
 FROM (SELECT count(*)::bigint AS completed_last_hour,

@@ -131,7 +131,13 @@ def test_a_lone_point_before_a_trace_is_closed_not_left_behind(
     assert (made.created, made.too_short) == (1, 1)
     unbatched = conn.execute("SELECT count(*) AS n FROM gps_point_status WHERE batch_id IS NULL")
     assert unbatched.fetchone()["n"] == 0
-    assert batches.status_section(conn)["unprocessed_points"] == 20  # the trace, pending
+    section = batches.status_section(conn)
+    assert section["unprocessed_points"] == 20  # the trace, pending
+    # Closed, and never matched: status counts it, which it did not (a tracker reporting
+    # less often than gap_seconds made every point such a batch, in silence).
+    assert section["too_short_last_hour"] == 1
+    assert "1 of a point alone, not matched ([match] gap_seconds below the trackers' " \
+        "interval?)" in status_command._gps(section, datetime.now(UTC))
 
 
 def test_a_point_dated_ahead_does_not_close_the_live_run(conn: psycopg.Connection[Any]) -> None:
