@@ -30,6 +30,9 @@ from .settings import quoted
 log = logging.getLogger("pipeline.export")
 
 CHUNK = 2000  # rows per server-side cursor fetch, and source nodes per Redis MGET
+# Decimals of a coordinate written (RFC 7946 11.2): 6 are about 10 cm, finer than a stop's
+# position or a GPS fix needs, and polylines hold 5; 15 to 17 digits made documents larger.
+DECIMALS = 6
 Feature = dict[str, Any]
 
 
@@ -103,8 +106,12 @@ def _rows(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
         yield cur
 
 
+def _position(lon: float, lat: float) -> list[float]:
+    return [round(lon, DECIMALS), round(lat, DECIMALS)]
+
+
 def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Feature:
-    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": _position(lon, lat)},
             "properties": properties}
 
 
@@ -112,8 +119,10 @@ def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) ->
     """A LineString, or a MultiLineString cut at the antimeridian where a segment crosses it
     (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map).
     A point on it (longitude 180 or -180, one meridian) is written on the side of the segment
-    that reaches it, so no part of zero length is drawn along the map's edge."""
-    parts = [[list(coordinates[0])]] if coordinates else [[]]
+    that reaches it, so no part of zero length is drawn along the map's edge. Positions are
+    rounded to DECIMALS first, so one that rounds to 180 is on the antimeridian."""
+    coordinates = [_position(lon, lat) for lon, lat in coordinates]
+    parts = [[coordinates[0]]] if coordinates else [[]]
     for lon1, lat1 in coordinates[1:]:
         lon0, lat0 = parts[-1][-1]
         if abs(lon1) == 180 and abs(lon1 - lon0) > 180:
@@ -127,7 +136,7 @@ def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) ->
             else:
                 edge = 180.0 if lon0 > 0 else -180.0
                 span = lon1 - lon0 + (360 if lon0 > 0 else -360)
-                lat = lat0 + (lat1 - lat0) * (edge - lon0) / span
+                lat = round(lat0 + (lat1 - lat0) * (edge - lon0) / span, DECIMALS)
                 parts[-1].append([edge, lat])
                 parts.append([[-edge, lat]])
         parts[-1].append([lon1, lat1])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from typing import Any
 import redis
 
 from ..errors import EXIT_CONFIG, ConfigError, PipelineError, RedisError, service_error
+from ..settings import quoted
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
@@ -96,7 +98,16 @@ def encode_adjacency(edges: list[list[Any]]) -> str:
 
 
 def decode_adjacency(raw: bytes | str) -> list[Edge]:
-    return [Edge(str(e[0]), float(e[1]), str(e[2]), str(e[3])) for e in json.loads(raw)]
+    """ValueError unless ``raw`` is the stored form with finite weights of at least 0: Python's
+    json reads NaN and Infinity, which no JSON output (``--json``, the GeoJSON export) may hold
+    and which Dijkstra cannot weigh."""
+    try:
+        edges = [Edge(str(e[0]), float(e[1]), str(e[2]), str(e[3])) for e in json.loads(raw)]
+    except (TypeError, IndexError, KeyError) as exc:
+        raise ValueError(str(exc)) from None
+    if not all(math.isfinite(e.weight_s) and e.weight_s >= 0 for e in edges):
+        raise ValueError("a weight that is not a finite number of seconds")
+    return edges
 
 
 def _text(value: Any) -> str:
@@ -371,8 +382,16 @@ class GraphReader:
             raise GraphVersionGone(
                 f"graph version {version} is not in Redis (never written, or collected by "
                 "retention); resolve the active version again")
-        return {s: None if v is None else decode_adjacency(v)
-                for s, v in zip(stop_ids, values, strict=True)}
+        found: dict[str, list[Edge] | None] = {}
+        for s, v in zip(stop_ids, values, strict=True):
+            try:
+                found[s] = None if v is None else decode_adjacency(v)
+            except ValueError:
+                raise RedisError(f"graph version {version} is damaged: the edges of stop "
+                                 f"{quoted(s)} are not [[to, weight_s, route_id, mode], ...] "
+                                 "with finite weights >= 0; activate or build another "
+                                 "version") from None
+        return found
 
     def neighbors(self, stop_id: str, version: str | None = None) -> tuple[str, list[Edge]]:
         """(version, edges) of one stop in ``version`` (default: the active one)."""

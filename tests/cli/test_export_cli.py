@@ -223,7 +223,7 @@ def test_graph_edges_after_build_graph(cli: Cli, conn: Conn) -> None:
     built = json.loads(cli("build-graph", "--json").stdout)
     features = collection(cli("export", "geojson", "graph").stdout)
     assert len(features) == built["edges"]
-    coords = {r["id"]: [r["longitude"], r["latitude"]] for r in conn.execute(
+    coords = {r["id"]: [round(r["longitude"], 6), round(r["latitude"], 6)] for r in conn.execute(
         "SELECT id, longitude, latitude FROM stops UNION ALL "
         "SELECT id, longitude, latitude FROM virtual_stops")}
     pairs = {(a, b) for _, a, b, *_ in net.routes} | {(a, b) for _, a, b, *_ in
@@ -328,3 +328,46 @@ def test_a_graph_of_another_dataset_says_whose_positions_it_is_drawn_at(
             ) in result.stderr
     current = cli("export", "geojson", "graph", "--version", "graph-v2")
     assert current.exit_code == 0 and "was built from" not in current.stderr
+
+
+def test_coordinates_have_at_most_six_decimals(cli: Cli, conn: Conn) -> None:
+    # RFC 7946 11.2: 6 decimals are about 10 cm. A stop stored at full double precision and
+    # the point where a line is cut at the antimeridian were written with 15 to 17 digits.
+    version = add_dataset(conn)
+    conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES "
+                 "('P', 'P', 60.123456789012345, 24.98765432109876), "
+                 "('E', 'E', -17.0, 179.93), ('W', 'W', -17.7, -179.81)")
+    conn.execute("INSERT INTO routes (id, from_stop_id, to_stop_id, mode, distance_km) "
+                 "VALUES ('R1', 'E', 'W', 'ferry', 30)")
+    conn.execute("INSERT INTO virtual_stops (id, latitude, longitude, kind, dataset_version) "
+                 "VALUES ('V:1', 60.5, 24.5, 'MAIN_GRID', %s)", (version,))
+    add_generation(conn, version)
+    [p] = [f for f in collection(cli("export", "geojson", "stops").stdout)
+           if f["properties"]["id"] == "P"]
+    assert p["geometry"]["coordinates"] == [24.987654, 60.123457]
+    assert cli("build-graph").exit_code == 0
+    [edge] = collection(cli("export", "geojson", "graph").stdout)
+    cut = -17.0 + (-17.7 + 17.0) * 0.07 / 0.26
+    assert edge["geometry"] == {"type": "MultiLineString", "coordinates": [
+        [[179.93, -17.0], [180.0, round(cut, 6)]], [[-180.0, round(cut, 6)], [-179.81, -17.7]]]}
+
+
+def test_a_weight_that_is_not_a_number_never_reaches_the_document(
+        cli: Cli, conn: Conn, redis_url: str, redis_prefix: str) -> None:
+    # json.dumps wrote NaN and Infinity as they are: no JSON parser reads the document. A
+    # graph in Redis holds whatever was written there (by hand, by an older release).
+    import redis
+
+    net = seed_network(conn)
+    assert cli("build-graph").exit_code == 0
+    stop = net.routes[0][1]
+    redis.Redis.from_url(redis_url).set(f"{redis_prefix}:graph:graph-v1:adj:{stop}",
+                                        '[["S001", NaN, "R000", "bus"]]')
+    for args in (("export", "geojson", "graph"), ("graph", "neighbors", stop, "--json"),
+                 ("graph", "route", stop, "S001")):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        said = result.stderr or json.loads(result.stdout)["error"]  # --json: on stdout
+        assert "NaN" not in result.stdout and len(said.strip().splitlines()) == 1, args
+        assert (f"graph version graph-v1 is damaged: the edges of stop '{stop}' are not "
+                "[[to, weight_s, route_id, mode], ...] with finite weights >= 0") in said
