@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -393,13 +394,24 @@ class GraphReader:
                                  "version") from None
         return found
 
+    def find_stop(self, version: str, stop_id: str) -> tuple[str, list[Edge]]:
+        """(the id as the graph holds it, its edges); GraphLookupError if it is not there.
+        An id typed in another Unicode normalization form than the feed wrote ('é' as e and
+        a combining accent) finds the stop when only that form is in the graph: they are one
+        text, and the exact id, when present, always comes first."""
+        forms = list(dict.fromkeys(
+            (stop_id, *(unicodedata.normalize(f, stop_id) for f in ("NFC", "NFD")))))
+        found = self.neighbors_many(version, forms)
+        for form in forms:
+            edges = found[form]
+            if edges is not None:
+                return form, edges
+        raise GraphLookupError(f"stop {quoted(stop_id)} is not in graph version {version}")
+
     def neighbors(self, stop_id: str, version: str | None = None) -> tuple[str, list[Edge]]:
         """(version, edges) of one stop in ``version`` (default: the active one)."""
         version = version or self.require_active()
-        edges = self.neighbors_many(version, [stop_id])[stop_id]
-        if edges is None:
-            raise GraphLookupError(f"stop {stop_id!r} is not in graph version {version}")
-        return version, edges
+        return version, self.find_stop(version, stop_id)[1]
 
 
 class GraphStore(GraphReader):
