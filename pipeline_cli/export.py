@@ -120,9 +120,14 @@ def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) ->
     (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map).
     A point on it (longitude 180 or -180, one meridian) is written on the side of the segment
     that reaches it, so no part of zero length is drawn along the map's edge. Positions are
-    rounded to DECIMALS first, so one that rounds to 180 is on the antimeridian."""
+    rounded to DECIMALS first, so one that rounds to 180 is on the antimeridian. A line has two
+    positions or more (3.1.4): one point is a line of length 0, and none no geometry (3.2)."""
     coordinates = [_position(lon, lat) for lon, lat in coordinates]
-    parts = [[coordinates[0]]] if coordinates else [[]]
+    if len(coordinates) < 2:
+        return {"type": "Feature", "geometry": {
+            "type": "LineString", "coordinates": coordinates * 2} if coordinates else None,
+            "properties": properties}
+    parts = [[coordinates[0]]]
     for lon1, lat1 in coordinates[1:]:
         lon0, lat0 = parts[-1][-1]
         if abs(lon1) == 180 and abs(lon1 - lon0) > 180:

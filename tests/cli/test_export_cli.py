@@ -371,3 +371,20 @@ def test_a_weight_that_is_not_a_number_never_reaches_the_document(
         assert "NaN" not in result.stdout and len(said.strip().splitlines()) == 1, args
         assert (f"graph version graph-v1 is damaged: the edges of stop '{stop}' are not "
                 "[[to, weight_s, route_id, mode], ...] with finite weights >= 0") in said
+
+
+def test_a_polyline_of_one_point_or_none_is_still_valid_geojson(cli: Cli, conn: Conn) -> None:
+    # RFC 7946 3.1.4: a LineString has two or more positions. A cached polyline of one point
+    # (a device that stood still) or none ('') was written as [[lon, lat]] or [], which
+    # geojson.io and QGIS refuse: the one point is a line of length 0, and no point no
+    # geometry (null, 3.2).
+    for i, points in enumerate(([(60.17, 24.94)], [])):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+            "VALUES (%s, %s, %s, %s, 0.9, 1, 1, gen_random_uuid())",
+            (f"d{i}", T0, T0 + timedelta(minutes=5), polyline.encode(points)))
+    got = {f["properties"]["device"]: f["geometry"]
+           for f in collection(cli("export", "geojson", "polylines").stdout)}
+    assert got == {"d0": {"type": "LineString", "coordinates": [[24.94, 60.17], [24.94, 60.17]]},
+                   "d1": None}
