@@ -159,6 +159,12 @@ def polyline_features(conn: psycopg.Connection[Any], *, device: str | None = Non
         for r in rows:
             try:
                 points = polyline.decode(r["encoded_polyline"])
+                # any characters decode to numbers: ones off the globe were drawn as they were
+                bad = next((i for i, (lat, lon) in enumerate(points, 1)
+                            if not (-90 <= lat <= 90 and -180 <= lon <= 180)), None)
+                if bad is not None:
+                    raise ValueError(f"point {bad} {points[bad - 1]} is not a latitude and "
+                                     "longitude")
             except ValueError as exc:
                 raise PipelineError(f"cached polyline {r['id']} is malformed: {exc}") from None
             yield _line_feature([[lon, lat] for lat, lon in points], {

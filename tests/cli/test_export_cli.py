@@ -423,3 +423,18 @@ def test_a_large_export_streams_and_a_reader_that_leaves_ends_it_quietly(
     proc.stdout.close()
     assert proc.wait(60) == 1 and proc.stderr.read() == ""
     proc.stderr.close()
+
+
+def test_a_cached_polyline_off_the_globe_is_a_one_line_error(cli: Cli, conn: Conn) -> None:
+    # A polyline's characters decode to any number: one written by another tool (or precision
+    # 6 read as 5) gave longitude 241.9 and latitude 171.0, written to the map as they were.
+    conn.execute(
+        "INSERT INTO cached_polylines (id, device_id, start_time, end_time, encoded_polyline, "
+        "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+        "VALUES (7, 'd', %s, %s, %s, 0.9, 2, 2, gen_random_uuid())",
+        (T0, T0 + timedelta(minutes=5), polyline.encode([(60.17, 24.94), (171.0, 241.9)])))
+    result = cli("export", "geojson", "polylines")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == ("pipeline export geojson polylines: error: cached polyline 7 is "
+                             "malformed: point 2 (171.0, 241.9) is not a latitude and longitude"
+                             "\n")
