@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from . import db, polyline
-from .adapters.graph_store import GraphLookupError, GraphReader
+from .adapters.graph_store import GraphReader
 from .errors import PipelineError, UsageError
 from .settings import quoted
 
@@ -191,10 +191,7 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
                    version: str | None = None, bbox: BBox | None = None) -> Iterator[Feature]:
     """The edges of graph ``version`` (default: the active one) as LineStrings from stop to
     stop, with weight (seconds), mode and route; with ``bbox``, edges with an endpoint in it."""
-    version = version or reader.require_active()
-    if not reader.has_meta(version):
-        raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
-                               "collected by retention)")
+    version = reader.require_version(version)
     _say_whose_stops(conn, reader, version)
     left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)
     with _rows(conn, "graph_nodes", {}) as rows:

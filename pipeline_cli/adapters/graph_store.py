@@ -316,6 +316,17 @@ class GraphReader:
                 "run `pipeline build-graph`")
         return version
 
+    def require_version(self, version: str | None) -> str:
+        """``version`` if Redis holds it (its meta), else the active one: what an operator's
+        query reads. GraphLookupError names a version that is not there."""
+        if version is None:
+            return self.require_active()
+        if not self.has_meta(version):
+            raise GraphLookupError(f"graph version {quoted(version)} is not in Redis (never "
+                                   "written, or collected by retention: `pipeline graph list` "
+                                   "says which are)")
+        return version
+
     def meta(self, version: str) -> dict[str, str] | None:
         with wrap_errors(self.client, f"reading the metadata of graph {version}"):
             raw = self.client.hgetall(self.meta_key(version))
@@ -410,7 +421,7 @@ class GraphReader:
 
     def neighbors(self, stop_id: str, version: str | None = None) -> tuple[str, list[Edge]]:
         """(version, edges) of one stop in ``version`` (default: the active one)."""
-        version = version or self.require_active()
+        version = self.require_version(version)
         return version, self.find_stop(version, stop_id)[1]
 
 

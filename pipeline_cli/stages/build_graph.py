@@ -1055,7 +1055,7 @@ def shortest_path(reader: GraphReader, source: str, target: str, *,
                   version: str | None = None, batch: int = 64) -> Route:
     """Dijkstra over one graph version in Redis, reading adjacency lazily: each round trip
     fetches the popped node plus up to ``batch - 1`` frontier nodes likely to be popped next."""
-    version = version or reader.require_active()
+    version = reader.require_version(version)
     # the ids as the graph spells them (another Unicode form: find_stop)
     (source, from_edges), (target, to_edges) = (reader.find_stop(version, s)
                                                 for s in (source, target))

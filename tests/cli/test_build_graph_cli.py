@@ -360,3 +360,27 @@ def test_stop_ids_as_other_sources_write_them(cli: Cli, conn: Conn) -> None:
     long = cli("graph", "neighbors", "X" * 5000)
     assert long.exit_code == 1 and "…(5000 characters) is not in graph version" in long.stderr
     assert len(long.stderr) < 300
+
+
+def test_a_version_named_and_an_id_read_as_the_operator_gave_them(cli: Cli, net: Network,
+                                                                   conn: Conn) -> None:
+    # `--version graph-v99` said "resolve the active version again", the routing API's
+    # advice; and an id with a line break or a bidi override broke the title and the header
+    # line (the table's cells were escaped already).
+    assert cli("build-graph").exit_code == 0
+    a, b = net.real_stops[:2]
+    for args in (("neighbors", a), ("route", a, b)):
+        result = cli("graph", *args, "--version", "graph-v99")
+        assert (result.exit_code, result.stderr) == (
+            1, f"pipeline graph {args[0]}: error: graph version 'graph-v99' is not in Redis "
+               "(never written, or collected by retention: `pipeline graph list` says which "
+               "are)\n")
+    odd = "bad\nid\u202eX"
+    conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES (%s, 'x', 1, 1)",
+                 (odd,))
+    assert cli("build-graph", "--force").exit_code == 0
+    shown = "bad\\nid\\u202eX"
+    listed = cli("graph", "neighbors", odd).stdout  # rich wraps a title at the table's width
+    assert listed.startswith(f"{shown} in graph-v2") and "\u202e" not in listed
+    routed = cli("graph", "route", odd, odd).stdout
+    assert routed.startswith(f"{shown} -> {shown}: 0 s") and "\u202e" not in routed
