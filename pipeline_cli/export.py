@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from . import db, polyline
 from .adapters.graph_store import GraphReader
 from .errors import PipelineError, UsageError
-from .settings import quoted
+from .settings import quoted, shorten
 
 log = logging.getLogger("pipeline.export")
 
@@ -262,9 +262,17 @@ def write_collection(features: Iterable[Feature], out: IO[str]) -> int:
     out.write('{"type":"FeatureCollection","features":[\n')
     n = 0
     for feature in itertools.chain([] if first is None else [first], items):
+        try:
+            text = json.dumps(feature, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False)
+        except ValueError:  # NaN or Infinity: the document would be no JSON any more
+            raise PipelineError(f"feature {n + 1} (properties "
+                                f"{shorten(str(feature.get('properties')), 200)}) "
+                                "holds a number JSON cannot hold (NaN or Infinity); "
+                                "nothing more was written") from None
         if n:
             out.write(",\n")
-        out.write(json.dumps(feature, ensure_ascii=False, separators=(",", ":")))
+        out.write(text)
         n += 1
     out.write("\n]}\n")
     return n

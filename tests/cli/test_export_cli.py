@@ -3,7 +3,9 @@ edges of a built graph, as RFC 7946 FeatureCollections."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import stat
 import threading
@@ -15,7 +17,8 @@ import psycopg
 import pytest
 
 from pipeline_cli import polyline
-from pipeline_cli.export import BBox
+from pipeline_cli.errors import PipelineError
+from pipeline_cli.export import BBox, write_collection
 from tests.support.clirunner import Cli
 from tests.support.graph_fixtures import add_dataset, add_generation, seed_network
 
@@ -438,3 +441,15 @@ def test_a_cached_polyline_off_the_globe_is_a_one_line_error(cli: Cli, conn: Con
     assert result.stderr == ("pipeline export geojson polylines: error: cached polyline 7 is "
                              "malformed: point 2 (171.0, 241.9) is not a latitude and longitude"
                              "\n")
+
+
+def test_the_writer_refuses_a_number_json_cannot_hold() -> None:
+    # The last guard behind the checks of PostgreSQL and the graph's reader: json.dumps wrote
+    # NaN as it is, and the document was no JSON any more.
+    out = io.StringIO()
+    features = [{"type": "Feature", "geometry": None, "properties": {"id": "a", "w": 1.0}},
+                {"type": "Feature", "geometry": None, "properties": {"id": "b", "w": math.inf}}]
+    with pytest.raises(PipelineError, match=r"^feature 2 \(properties \{'id': 'b', 'w': inf\}\) "
+                                            r"holds a number JSON cannot hold"):
+        write_collection(features, out)
+    assert "Infinity" not in out.getvalue()
