@@ -97,6 +97,10 @@ class PipelineGroup(LazyGroup):
         help_text = isinstance(exc, _NO_ARGS_IS_HELP)  # a bare `pipeline graph`: its help
         message = app.redact(exc.format_message())
         message = message if help_text else shorten_values(message)
+        if isinstance(exc, click.NoSuchOption) and not exc.possibilities and ctx and any(
+                isinstance(p, click.Argument) for p in ctx.command.params):
+            # a stop id or version "-1" is a value, not a misspelt option
+            message = message.rstrip(".") + "; an argument that starts with '-' goes after '--'"
         if app.json or "--json" in self.raw_args:  # one JSON object on stdout, as for others
             render.print_json({"status": "error", "error": message, "exit_code": exc.exit_code})
         json_logs = app.log_format == "json" or self._json_logs()

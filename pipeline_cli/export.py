@@ -23,13 +23,16 @@ import psycopg
 from psycopg.rows import dict_row
 
 from . import db, polyline
-from .adapters.graph_store import GraphLookupError, GraphReader
+from .adapters.graph_store import GraphReader
 from .errors import PipelineError, UsageError
-from .settings import quoted
+from .settings import quoted, shorten
 
 log = logging.getLogger("pipeline.export")
 
 CHUNK = 2000  # rows per server-side cursor fetch, and source nodes per Redis MGET
+# Decimals of a coordinate written (RFC 7946 11.2): 6 are about 10 cm, finer than a stop's
+# position or a GPS fix needs, and polylines hold 5; 15 to 17 digits made documents larger.
+DECIMALS = 6
 Feature = dict[str, Any]
 
 
@@ -103,8 +106,12 @@ def _rows(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
         yield cur
 
 
+def _position(lon: float, lat: float) -> list[float]:
+    return [round(lon, DECIMALS), round(lat, DECIMALS)]
+
+
 def _point_feature(lon: float, lat: float, properties: dict[str, Any]) -> Feature:
-    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": _position(lon, lat)},
             "properties": properties}
 
 
@@ -112,8 +119,15 @@ def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) ->
     """A LineString, or a MultiLineString cut at the antimeridian where a segment crosses it
     (RFC 7946 3.1.9: drawn as written, [179.9, -17] to [-179.9, -17] spans the whole map).
     A point on it (longitude 180 or -180, one meridian) is written on the side of the segment
-    that reaches it, so no part of zero length is drawn along the map's edge."""
-    parts = [[list(coordinates[0])]] if coordinates else [[]]
+    that reaches it, so no part of zero length is drawn along the map's edge. Positions are
+    rounded to DECIMALS first, so one that rounds to 180 is on the antimeridian. A line has two
+    positions or more (3.1.4): one point is a line of length 0, and none no geometry (3.2)."""
+    coordinates = [_position(lon, lat) for lon, lat in coordinates]
+    if len(coordinates) < 2:
+        return {"type": "Feature", "geometry": {
+            "type": "LineString", "coordinates": coordinates * 2} if coordinates else None,
+            "properties": properties}
+    parts = [[coordinates[0]]]
     for lon1, lat1 in coordinates[1:]:
         lon0, lat0 = parts[-1][-1]
         if abs(lon1) == 180 and abs(lon1 - lon0) > 180:
@@ -127,7 +141,7 @@ def _line_feature(coordinates: list[list[float]], properties: dict[str, Any]) ->
             else:
                 edge = 180.0 if lon0 > 0 else -180.0
                 span = lon1 - lon0 + (360 if lon0 > 0 else -360)
-                lat = lat0 + (lat1 - lat0) * (edge - lon0) / span
+                lat = round(lat0 + (lat1 - lat0) * (edge - lon0) / span, DECIMALS)
                 parts[-1].append([edge, lat])
                 parts.append([[-edge, lat]])
         parts[-1].append([lon1, lat1])
@@ -145,6 +159,12 @@ def polyline_features(conn: psycopg.Connection[Any], *, device: str | None = Non
         for r in rows:
             try:
                 points = polyline.decode(r["encoded_polyline"])
+                # any characters decode to numbers: ones off the globe were drawn as they were
+                bad = next((i for i, (lat, lon) in enumerate(points, 1)
+                            if not (-90 <= lat <= 90 and -180 <= lon <= 180)), None)
+                if bad is not None:
+                    raise ValueError(f"point {bad} {points[bad - 1]} is not a latitude and "
+                                     "longitude")
             except ValueError as exc:
                 raise PipelineError(f"cached polyline {r['id']} is malformed: {exc}") from None
             yield _line_feature([[lon, lat] for lat, lon in points], {
@@ -171,10 +191,7 @@ def graph_features(conn: psycopg.Connection[Any], reader: GraphReader, *,
                    version: str | None = None, bbox: BBox | None = None) -> Iterator[Feature]:
     """The edges of graph ``version`` (default: the active one) as LineStrings from stop to
     stop, with weight (seconds), mode and route; with ``bbox``, edges with an endpoint in it."""
-    version = version or reader.require_active()
-    if not reader.has_meta(version):
-        raise GraphLookupError(f"graph version {version} is not in Redis (never written, or "
-                               "collected by retention)")
+    version = reader.require_version(version)
     _say_whose_stops(conn, reader, version)
     left_out = [0]  # edges to a stop the active dataset lacks (a graph of an older one)
     with _rows(conn, "graph_nodes", {}) as rows:
@@ -245,9 +262,17 @@ def write_collection(features: Iterable[Feature], out: IO[str]) -> int:
     out.write('{"type":"FeatureCollection","features":[\n')
     n = 0
     for feature in itertools.chain([] if first is None else [first], items):
+        try:
+            text = json.dumps(feature, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False)
+        except ValueError:  # NaN or Infinity: the document would be no JSON any more
+            raise PipelineError(f"feature {n + 1} (properties "
+                                f"{shorten(str(feature.get('properties')), 200)}) "
+                                "holds a number JSON cannot hold (NaN or Infinity); "
+                                "nothing more was written") from None
         if n:
             out.write(",\n")
-        out.write(json.dumps(feature, ensure_ascii=False, separators=(",", ":")))
+        out.write(text)
         n += 1
     out.write("\n]}\n")
     return n

@@ -111,6 +111,11 @@ _CELL_ESCAPES = ESCAPES | {c: f"\\u{c:04x}" for c in (*range(0x202a, 0x202f),
                                                        *range(0x2066, 0x206a))}
 
 
+def escaped(text: str) -> str:
+    """Text from outside (a stop id) in a title or a line, escaped as in a table cell."""
+    return text.translate(_CELL_ESCAPES)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, datetime):
         return utc_seconds(value)  # a timestamptz comes in the session's time zone

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from typing import Any
 import redis
 
 from ..errors import EXIT_CONFIG, ConfigError, PipelineError, RedisError, service_error
+from ..settings import quoted
 
 FORMAT = "adjacency-json/1"
 _UNLINK_BATCH = 1000
@@ -96,7 +99,16 @@ def encode_adjacency(edges: list[list[Any]]) -> str:
 
 
 def decode_adjacency(raw: bytes | str) -> list[Edge]:
-    return [Edge(str(e[0]), float(e[1]), str(e[2]), str(e[3])) for e in json.loads(raw)]
+    """ValueError unless ``raw`` is the stored form with finite weights of at least 0: Python's
+    json reads NaN and Infinity, which no JSON output (``--json``, the GeoJSON export) may hold
+    and which Dijkstra cannot weigh."""
+    try:
+        edges = [Edge(str(e[0]), float(e[1]), str(e[2]), str(e[3])) for e in json.loads(raw)]
+    except (TypeError, IndexError, KeyError) as exc:
+        raise ValueError(str(exc)) from None
+    if not all(math.isfinite(e.weight_s) and e.weight_s >= 0 for e in edges):
+        raise ValueError("a weight that is not a finite number of seconds")
+    return edges
 
 
 def _text(value: Any) -> str:
@@ -304,6 +316,17 @@ class GraphReader:
                 "run `pipeline build-graph`")
         return version
 
+    def require_version(self, version: str | None) -> str:
+        """``version`` if Redis holds it (its meta), else the active one: what an operator's
+        query reads. GraphLookupError names a version that is not there."""
+        if version is None:
+            return self.require_active()
+        if not self.has_meta(version):
+            raise GraphLookupError(f"graph version {quoted(version)} is not in Redis (never "
+                                   "written, or collected by retention: `pipeline graph list` "
+                                   "says which are)")
+        return version
+
     def meta(self, version: str) -> dict[str, str] | None:
         with wrap_errors(self.client, f"reading the metadata of graph {version}"):
             raw = self.client.hgetall(self.meta_key(version))
@@ -371,16 +394,35 @@ class GraphReader:
             raise GraphVersionGone(
                 f"graph version {version} is not in Redis (never written, or collected by "
                 "retention); resolve the active version again")
-        return {s: None if v is None else decode_adjacency(v)
-                for s, v in zip(stop_ids, values, strict=True)}
+        found: dict[str, list[Edge] | None] = {}
+        for s, v in zip(stop_ids, values, strict=True):
+            try:
+                found[s] = None if v is None else decode_adjacency(v)
+            except ValueError:
+                raise RedisError(f"graph version {version} is damaged: the edges of stop "
+                                 f"{quoted(s)} are not [[to, weight_s, route_id, mode], ...] "
+                                 "with finite weights >= 0; activate or build another "
+                                 "version") from None
+        return found
+
+    def find_stop(self, version: str, stop_id: str) -> tuple[str, list[Edge]]:
+        """(the id as the graph holds it, its edges); GraphLookupError if it is not there.
+        An id typed in another Unicode normalization form than the feed wrote ('é' as e and
+        a combining accent) finds the stop when only that form is in the graph: they are one
+        text, and the exact id, when present, always comes first."""
+        forms = list(dict.fromkeys(
+            (stop_id, *(unicodedata.normalize(f, stop_id) for f in ("NFC", "NFD")))))
+        found = self.neighbors_many(version, forms)
+        for form in forms:
+            edges = found[form]
+            if edges is not None:
+                return form, edges
+        raise GraphLookupError(f"stop {quoted(stop_id)} is not in graph version {version}")
 
     def neighbors(self, stop_id: str, version: str | None = None) -> tuple[str, list[Edge]]:
         """(version, edges) of one stop in ``version`` (default: the active one)."""
-        version = version or self.require_active()
-        edges = self.neighbors_many(version, [stop_id])[stop_id]
-        if edges is None:
-            raise GraphLookupError(f"stop {stop_id!r} is not in graph version {version}")
-        return version, edges
+        version = self.require_version(version)
+        return version, self.find_stop(version, stop_id)[1]
 
 
 class GraphStore(GraphReader):

@@ -111,7 +111,7 @@ def neighbors_cmd(app: App, stop_id: str, version: str | None) -> None:
         render.print_json({"graph_version": version, "stop": stop_id,
                            "neighbors": [e.to_json() for e in edges]})
         return
-    render.table(f"{stop_id} in {version}: {len(edges)} edges",
+    render.table(f"{render.escaped(stop_id)} in {version}: {len(edges)} edges",
                  ("to", "weight s", "route", "mode"),
                  [(e.to, e.weight_s, e.route_id, e.mode) for e in edges])
 
@@ -130,7 +130,8 @@ def route_cmd(app: App, source: str, target: str, version: str | None) -> None:
     if app.json:
         render.print_json(route.to_json())
         return
-    click.echo(f"{source} -> {target}: {route.total_s:g} s ({human_duration(route.total_s)}), "
+    click.echo(f"{render.escaped(route.source)} -> {render.escaped(route.target)}: "
+               f"{route.total_s:g} s ({human_duration(route.total_s)}), "
                f"{len(route.stops)} stops, graph {route.version}")
     elapsed = 0.0
     rows: list[tuple[Any, ...]] = [(route.stops[0], "", "", "", 0.0)]

@@ -54,7 +54,7 @@ from ..adapters.graph_store import (
 from ..errors import BackupError, ConfigError, PipelineError, RedisError, ValidationError
 from ..modes import canonical, describe_unknown, speed_table, unknown_modes
 from ..runner import DRY_RUN, NOOP, SKIPPED, SUCCESS, RunContext, StageResult
-from ..settings import GraphSettings
+from ..settings import GraphSettings, quoted
 
 EXPORT_FORMAT = "pipeline-graph-jsonl/1"
 _SAMPLES = 5  # ids named in a validation message
@@ -1055,11 +1055,11 @@ def shortest_path(reader: GraphReader, source: str, target: str, *,
                   version: str | None = None, batch: int = 64) -> Route:
     """Dijkstra over one graph version in Redis, reading adjacency lazily: each round trip
     fetches the popped node plus up to ``batch - 1`` frontier nodes likely to be popped next."""
-    version = version or reader.require_active()
-    cache: dict[str, list[Edge] | None] = dict(reader.neighbors_many(version, [source, target]))
-    for stop in (source, target):
-        if cache[stop] is None:
-            raise GraphLookupError(f"stop {stop!r} is not in graph version {version}")
+    version = reader.require_version(version)
+    # the ids as the graph spells them (another Unicode form: find_stop)
+    (source, from_edges), (target, to_edges) = (reader.find_stop(version, s)
+                                                for s in (source, target))
+    cache: dict[str, list[Edge] | None] = {source: from_edges, target: to_edges}
     dist: dict[str, float] = {source: 0.0}
     prev: dict[str, tuple[str, Edge]] = {}
     heap: list[tuple[float, str]] = [(0.0, source)]
@@ -1087,8 +1087,8 @@ def shortest_path(reader: GraphReader, source: str, target: str, *,
                 prev[e.to] = (u, e)
                 heapq.heappush(heap, (nd, e.to))
     if target not in dist:
-        raise GraphLookupError(f"no path from {source!r} to {target!r} in graph version "
-                               f"{version}")
+        raise GraphLookupError(f"no path from {quoted(source)} to {quoted(target)} in graph "
+                               f"version {version}")
     stops, legs = [target], []
     while stops[-1] != source:
         u, e = prev[stops[-1]]

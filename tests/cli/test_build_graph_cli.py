@@ -3,7 +3,9 @@ the lock, and the installed script."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import unicodedata
 from typing import Any
 
 import psycopg
@@ -13,7 +15,13 @@ from devtools.odata_server import ODataServer, sample_network
 from pipeline_cli import db
 from pipeline_cli.modes import canonical
 from tests.support.clirunner import Cli
-from tests.support.graph_fixtures import Network, add_dataset, add_generation, seed_network
+from tests.support.graph_fixtures import (
+    Network,
+    add_dataset,
+    add_generation,
+    add_virtual_route,
+    seed_network,
+)
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -308,3 +316,71 @@ def test_a_second_database_on_the_bucket_exits_78_until_it_has_a_key_prefix(
     built = json.loads(cli("build-graph", "--json").stdout)
     assert built["status"] == "success" and built["graph_version"] == "graph-v2", built
     assert built["export_key"] == "graphs/graph-v2/graph.jsonl.gz"  # relative to the prefix
+
+
+def test_stop_ids_as_other_sources_write_them(cli: Cli, conn: Conn) -> None:
+    """Ids with spaces, quotes, Cyrillic, emoji, a combining accent, a leading '-', a long one,
+    and a virtual stop, as an OData feed may send them and an operator types them."""
+    nfc, nfd = unicodedata.normalize("NFC", "Café"), unicodedata.normalize("NFD", "Café")
+    ids = ["A B", "it's", 'say "hi"', "Москва", "🚌 1", nfc, "-1", "--x", "L" * 2000, "ISO"]
+    version = add_dataset(conn)
+    for i, sid in enumerate(ids):
+        conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES (%s, %s, %s, %s)",
+                     (sid, sid, 60 + i / 100, 24 + i / 100))
+    for i, (a, b) in enumerate(itertools.pairwise(ids[:-1])):
+        conn.execute("INSERT INTO routes (id, from_stop_id, to_stop_id, mode, distance_km) "
+                     "VALUES (%s, %s, %s, 'bus', 10)", (f"R{i}", a, b))
+    conn.execute("INSERT INTO virtual_stops (id, latitude, longitude, kind, dataset_version) "
+                 "VALUES ('V:MAIN:1:1', 60.5, 24.5, 'MAIN_GRID', %s)", (version,))
+    add_virtual_route(conn, "VR1", "V:MAIN:1:1", "A B", 5, 360, version)
+    add_generation(conn, version)
+    assert cli("build-graph").exit_code == 0
+
+    route = json.loads(cli("graph", "route", "V:MAIN:1:1", "L" * 2000, "--json").stdout)
+    assert route["stops"] == ["V:MAIN:1:1", *ids[:-1]]
+    # 'é' typed as e + combining accent (NFD, as some terminals and files write it) is the
+    # stop the feed wrote as one character (NFC): it was "not in graph version graph-v1".
+    for typed in (nfd, nfc):
+        got = json.loads(cli("graph", "neighbors", typed, "--json").stdout)
+        assert [e["to"] for e in got["neighbors"]] == ["-1"], typed.encode()
+        assert json.loads(cli("graph", "route", "🚌 1", typed, "--json").stdout)["total_s"] > 0
+    # An id that looks like an option goes after `--`; without it, the error says so.
+    assert json.loads(cli("graph", "route", "--json", "--", "-1", "--x").stdout)["stops"] == [
+        "-1", "--x"]
+    bare = cli("graph", "neighbors", "-1")
+    assert bare.exit_code == 2
+    assert "No such option '-1'; an argument that starts with '-' goes after '--'" in bare.stderr
+    # To itself: no leg; no path: one line, exit 1; a long unknown id is shortened.
+    itself = json.loads(cli("graph", "route", "Москва", "Москва", "--json").stdout)
+    assert (itself["stops"], itself["total_s"], itself["legs"]) == (["Москва"], 0, [])
+    none = cli("graph", "route", "A B", "ISO")
+    assert (none.exit_code, none.stderr) == (
+        1, "pipeline graph route: error: no path from 'A B' to 'ISO' in graph version "
+           "graph-v1\n")
+    long = cli("graph", "neighbors", "X" * 5000)
+    assert long.exit_code == 1 and "…(5000 characters) is not in graph version" in long.stderr
+    assert len(long.stderr) < 300
+
+
+def test_a_version_named_and_an_id_read_as_the_operator_gave_them(cli: Cli, net: Network,
+                                                                   conn: Conn) -> None:
+    # `--version graph-v99` said "resolve the active version again", the routing API's
+    # advice; and an id with a line break or a bidi override broke the title and the header
+    # line (the table's cells were escaped already).
+    assert cli("build-graph").exit_code == 0
+    a, b = net.real_stops[:2]
+    for args in (("neighbors", a), ("route", a, b)):
+        result = cli("graph", *args, "--version", "graph-v99")
+        assert (result.exit_code, result.stderr) == (
+            1, f"pipeline graph {args[0]}: error: graph version 'graph-v99' is not in Redis "
+               "(never written, or collected by retention: `pipeline graph list` says which "
+               "are)\n")
+    odd = "bad\nid\u202eX"
+    conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES (%s, 'x', 1, 1)",
+                 (odd,))
+    assert cli("build-graph", "--force").exit_code == 0
+    shown = "bad\\nid\\u202eX"
+    listed = cli("graph", "neighbors", odd).stdout  # rich wraps a title at the table's width
+    assert listed.startswith(f"{shown} in graph-v2") and "\u202e" not in listed
+    routed = cli("graph", "route", odd, odd).stdout
+    assert routed.startswith(f"{shown} -> {shown}: 0 s") and "\u202e" not in routed

@@ -3,7 +3,9 @@ edges of a built graph, as RFC 7946 FeatureCollections."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import stat
 import threading
@@ -15,7 +17,8 @@ import psycopg
 import pytest
 
 from pipeline_cli import polyline
-from pipeline_cli.export import BBox
+from pipeline_cli.errors import PipelineError
+from pipeline_cli.export import BBox, write_collection
 from tests.support.clirunner import Cli
 from tests.support.graph_fixtures import add_dataset, add_generation, seed_network
 
@@ -223,7 +226,7 @@ def test_graph_edges_after_build_graph(cli: Cli, conn: Conn) -> None:
     built = json.loads(cli("build-graph", "--json").stdout)
     features = collection(cli("export", "geojson", "graph").stdout)
     assert len(features) == built["edges"]
-    coords = {r["id"]: [r["longitude"], r["latitude"]] for r in conn.execute(
+    coords = {r["id"]: [round(r["longitude"], 6), round(r["latitude"], 6)] for r in conn.execute(
         "SELECT id, longitude, latitude FROM stops UNION ALL "
         "SELECT id, longitude, latitude FROM virtual_stops")}
     pairs = {(a, b) for _, a, b, *_ in net.routes} | {(a, b) for _, a, b, *_ in
@@ -328,3 +331,125 @@ def test_a_graph_of_another_dataset_says_whose_positions_it_is_drawn_at(
             ) in result.stderr
     current = cli("export", "geojson", "graph", "--version", "graph-v2")
     assert current.exit_code == 0 and "was built from" not in current.stderr
+
+
+def test_coordinates_have_at_most_six_decimals(cli: Cli, conn: Conn) -> None:
+    # RFC 7946 11.2: 6 decimals are about 10 cm. A stop stored at full double precision and
+    # the point where a line is cut at the antimeridian were written with 15 to 17 digits.
+    version = add_dataset(conn)
+    conn.execute("INSERT INTO stops (id, name, latitude, longitude) VALUES "
+                 "('P', 'P', 60.123456789012345, 24.98765432109876), "
+                 "('E', 'E', -17.0, 179.93), ('W', 'W', -17.7, -179.81)")
+    conn.execute("INSERT INTO routes (id, from_stop_id, to_stop_id, mode, distance_km) "
+                 "VALUES ('R1', 'E', 'W', 'ferry', 30)")
+    conn.execute("INSERT INTO virtual_stops (id, latitude, longitude, kind, dataset_version) "
+                 "VALUES ('V:1', 60.5, 24.5, 'MAIN_GRID', %s)", (version,))
+    add_generation(conn, version)
+    [p] = [f for f in collection(cli("export", "geojson", "stops").stdout)
+           if f["properties"]["id"] == "P"]
+    assert p["geometry"]["coordinates"] == [24.987654, 60.123457]
+    assert cli("build-graph").exit_code == 0
+    [edge] = collection(cli("export", "geojson", "graph").stdout)
+    cut = -17.0 + (-17.7 + 17.0) * 0.07 / 0.26
+    assert edge["geometry"] == {"type": "MultiLineString", "coordinates": [
+        [[179.93, -17.0], [180.0, round(cut, 6)]], [[-180.0, round(cut, 6)], [-179.81, -17.7]]]}
+
+
+def test_a_weight_that_is_not_a_number_never_reaches_the_document(
+        cli: Cli, conn: Conn, redis_url: str, redis_prefix: str) -> None:
+    # json.dumps wrote NaN and Infinity as they are: no JSON parser reads the document. A
+    # graph in Redis holds whatever was written there (by hand, by an older release).
+    import redis
+
+    net = seed_network(conn)
+    assert cli("build-graph").exit_code == 0
+    stop = net.routes[0][1]
+    redis.Redis.from_url(redis_url).set(f"{redis_prefix}:graph:graph-v1:adj:{stop}",
+                                        '[["S001", NaN, "R000", "bus"]]')
+    for args in (("export", "geojson", "graph"), ("graph", "neighbors", stop, "--json"),
+                 ("graph", "route", stop, "S001")):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        said = result.stderr or json.loads(result.stdout)["error"]  # --json: on stdout
+        assert "NaN" not in result.stdout and len(said.strip().splitlines()) == 1, args
+        assert (f"graph version graph-v1 is damaged: the edges of stop '{stop}' are not "
+                "[[to, weight_s, route_id, mode], ...] with finite weights >= 0") in said
+
+
+def test_a_polyline_of_one_point_or_none_is_still_valid_geojson(cli: Cli, conn: Conn) -> None:
+    # RFC 7946 3.1.4: a LineString has two or more positions. A cached polyline of one point
+    # (a device that stood still) or none ('') was written as [[lon, lat]] or [], which
+    # geojson.io and QGIS refuse: the one point is a line of length 0, and no point no
+    # geometry (null, 3.2).
+    for i, points in enumerate(([(60.17, 24.94)], [])):
+        conn.execute(
+            "INSERT INTO cached_polylines (device_id, start_time, end_time, encoded_polyline, "
+            "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+            "VALUES (%s, %s, %s, %s, 0.9, 1, 1, gen_random_uuid())",
+            (f"d{i}", T0, T0 + timedelta(minutes=5), polyline.encode(points)))
+    got = {f["properties"]["device"]: f["geometry"]
+           for f in collection(cli("export", "geojson", "polylines").stdout)}
+    assert got == {"d0": {"type": "LineString", "coordinates": [[24.94, 60.17], [24.94, 60.17]]},
+                   "d1": None}
+
+
+def _peak_rss_kib(cli: Cli, *args: str) -> int:
+    """The peak RSS of the installed `pipeline` running ``args``, its output read and dropped."""
+    proc = cli.popen(*args)
+    assert proc.stdout is not None and proc.stderr is not None
+    while proc.stdout.read(1 << 20):
+        pass
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return usage.ru_maxrss
+
+
+def test_a_large_export_streams_and_a_reader_that_leaves_ends_it_quietly(
+        cli: Cli, conn: Conn) -> None:
+    # Memory stays flat with the table's size: 200 000 stops (about 30 MB of GeoJSON) peak
+    # within a few MB of 2 000. And `| head -c 100` ends it as every command: exit 1, silent.
+    add_dataset(conn)
+    peaks = []
+    for n in (2_000, 200_000):
+        conn.execute("TRUNCATE stops CASCADE")
+        conn.execute("INSERT INTO stops (id, name, latitude, longitude) SELECT 'S' || g, "
+                     "'stop ' || g, random() * 180 - 90, random() * 360 - 180 "
+                     "FROM generate_series(1, %s) g", (n,))
+        peaks.append(_peak_rss_kib(cli, "export", "geojson", "stops"))
+    assert peaks[1] - peaks[0] < 16 * 1024, peaks
+    proc = cli.popen("export", "geojson", "stops")
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(100)) == 100
+    proc.stdout.close()
+    assert proc.wait(60) == 1 and proc.stderr.read() == ""
+    proc.stderr.close()
+
+
+def test_a_cached_polyline_off_the_globe_is_a_one_line_error(cli: Cli, conn: Conn) -> None:
+    # A polyline's characters decode to any number: one written by another tool (or precision
+    # 6 read as 5) gave longitude 241.9 and latitude 171.0, written to the map as they were.
+    conn.execute(
+        "INSERT INTO cached_polylines (id, device_id, start_time, end_time, encoded_polyline, "
+        "osrm_confidence, point_count, source_coordinates_count, batch_id) "
+        "VALUES (7, 'd', %s, %s, %s, 0.9, 2, 2, gen_random_uuid())",
+        (T0, T0 + timedelta(minutes=5), polyline.encode([(60.17, 24.94), (171.0, 241.9)])))
+    result = cli("export", "geojson", "polylines")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == ("pipeline export geojson polylines: error: cached polyline 7 is "
+                             "malformed: point 2 (171.0, 241.9) is not a latitude and longitude"
+                             "\n")
+
+
+def test_the_writer_refuses_a_number_json_cannot_hold() -> None:
+    # The last guard behind the checks of PostgreSQL and the graph's reader: json.dumps wrote
+    # NaN as it is, and the document was no JSON any more.
+    out = io.StringIO()
+    features = [{"type": "Feature", "geometry": None, "properties": {"id": "a", "w": 1.0}},
+                {"type": "Feature", "geometry": None, "properties": {"id": "b", "w": math.inf}}]
+    with pytest.raises(PipelineError, match=r"^feature 2 \(properties \{'id': 'b', 'w': inf\}\) "
+                                            r"holds a number JSON cannot hold"):
+        write_collection(features, out)
+    assert "Infinity" not in out.getvalue()
