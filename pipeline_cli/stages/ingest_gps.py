@@ -11,7 +11,7 @@ nothing loaded. The same device and time is stored once.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,25 +211,25 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         except UnicodeDecodeError:  # only UTF-16 is decoded here (gpsfiles.utf8)
             raise gpsfiles.GpsFileError(
                 "not UTF-16 text, though it starts as UTF-16 does") from None
-    first = conn.execute(db.query("match_gps", "ingest_first_line"), {"after": 0}).fetchone()
     # Above the header or first row: a spreadsheet's "sep=;" line, "#" comments, and a few
     # title lines of one cell (more: a file in another separator, refused as it was).
     hint, titles = 0, 0
+    first: Any = None
     title: tuple[Any, int] | None = None  # the first title line, and the line above it
-    while first is not None:
-        if not gpsfiles.above_csv_header(first["raw"]):
-            if not gpsfiles.title_line(first["raw"]):
+    for line in _first_lines(conn):
+        if not gpsfiles.above_csv_header(line["raw"]):
+            if not gpsfiles.title_line(line["raw"]):
+                first = line
                 break
             if title is not None and titles == TITLE_LINES:  # one cell a line on and on: rows
                 first, hint = title
                 break
             titles += 1
-            title = title or (first, hint)
-        hint = first["line"]
-        first = conn.execute(db.query("match_gps", "ingest_first_line"),
-                             {"after": hint}).fetchone()
-    if first is None and title is not None:  # nothing but lines of one cell: rows, each bad
-        first, hint = title
+            title = title or (line, hint)
+        hint = line["line"]
+    else:
+        if title is not None:  # nothing but lines of one cell: rows, each bad
+            first, hint = title
     if first is None:
         return
     layout = gpsfiles.csv_layout(first["raw"], first["line"], device_id is not None)
@@ -244,6 +244,16 @@ def _stage_csv(conn: psycopg.Connection[Any], path: str | Path, index: int,
         "lon_col": cols["longitude"] + 1, "nul": nul,
         **{f"{h}_col": None if cols.get(f"{field}_hemisphere") is None
            else cols[f"{field}_hemisphere"] + 1 for h, field in (("ns", "lat"), ("ew", "lon"))}})
+
+
+def _first_lines(conn: psycopg.Connection[Any]) -> Iterator[Any]:
+    """The staged CSV file's lines that hold more than blanks and separators, in order,
+    asked for a few at a time (``ingest_first_lines`` reads every line each time)."""
+    after = 0
+    while rows := conn.execute(db.query("match_gps", "ingest_first_lines"),
+                               {"after": after, "limit": TITLE_LINES + 3}).fetchall():
+        yield from rows
+        after = rows[-1]["line"]
 
 
 def _stage_parsed(conn: psycopg.Connection[Any], path: str | Path, kind: str, index: int,

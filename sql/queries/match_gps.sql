@@ -742,11 +742,12 @@ COPY gps_ingest_raw (raw) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x0
 -- name: ingest_copy_fields
 COPY gps_ingest_parsed (file, line, place, device_id, recorded, lat, lon, problem) FROM STDIN;
 
--- name: ingest_first_line
--- The first line after %(after)s with more than blanks and separators: a header, or the
--- first row.
+-- name: ingest_first_lines
+-- The first %(limit)s lines after %(after)s with more than blanks and separators: a header or
+-- the first row, and what may stand above it (comments, titles). Each call reads every line:
+-- asked for a few at once, a file with comments above its header is read once, not per line.
 SELECT line, raw FROM gps_ingest_raw WHERE raw !~ '^[\s,;]*$' AND line > %(after)s
-ORDER BY line LIMIT 1;
+ORDER BY line LIMIT %(limit)s;
 
 -- name: ingest_csv_layout
 -- How the CSV file's lines split (see gps_ingest_fields): split at %(delimiter)s (a comma,
