@@ -189,6 +189,7 @@ class ODataClient:
         self._detected: str | None = None if s.version == "auto" else s.version
         self._v3 = False
         self._service_doc: Any = None
+        self._metadata: list[tuple[str, ElementTree.Element]] | None = None  # declared()
 
     def close(self) -> None:
         self.session.close()
@@ -305,13 +306,15 @@ class ODataClient:
         """The properties $metadata (CSDL XML) declares on the set's entity type and its base
         types: a service may leave a null property out of an entity (OData 4.01's
         omit-values=nulls, Dataverse). Empty when it cannot be read or names no such set."""
-        try:
-            body = self._get(f"{self.service_url}$metadata", "$metadata", xml=True)[0]
-            root = ElementTree.fromstring(body) if b"<!" not in body else None  # no DTD
-        except (SourceError, ElementTree.ParseError):
-            return set()
-        elements = [(e.tag.rpartition("}")[2], e) for e in (
-            () if root is None else root.iter())]
+        if self._metadata is None:  # read once per client: Dataverse's is megabytes
+            try:
+                body = self._get(f"{self.service_url}$metadata", "$metadata", xml=True)[0]
+                root = ElementTree.fromstring(body) if b"<!" not in body else None  # no DTD
+            except (SourceError, ElementTree.ParseError):
+                root = None
+            self._metadata = [] if root is None else [
+                (e.tag.rpartition("}")[2], e) for e in root.iter()]
+        elements = self._metadata
         types = {e.get("Name"): e for tag, e in elements if tag == "EntityType"}
         name = next((e.get("EntityType", "") for tag, e in elements
                      if tag == "EntitySet" and e.get("Name") == entity_set), "")
