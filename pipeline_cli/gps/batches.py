@@ -111,14 +111,17 @@ def _late(name: str) -> sql.Composed:
 
 
 def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> str | None:
-    """What a planned run of points becomes: a ``pending`` batch, a ``too_short`` one closed
-    at once, or None while it may still grow. Only the device's last run may wait: a single
-    point with a later run (or between two batches) cannot grow, and once a batch is made
-    after it, no later pass would look at it again."""
+    """What a planned run of points becomes: a ``pending`` batch, ``grows`` the batch next to
+    its one point (``r["grows"]``), a ``too_short`` one closed at once, or None while it may
+    still grow. Only the device's last run may wait: a single point with a later run (or
+    between two batches) cannot grow, and once a batch is made after it, no later pass would
+    look at it again."""
     if not r["closed"]:
         return None
     if r["n"] >= 2:
         return "pending"
+    if r["grows"] is not None:
+        return "grows"
     if r["between_batches"] or not last or r["age_s"] >= settings.too_short_after_seconds:
         return "too_short"
     return None
@@ -150,10 +153,19 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
         plan: dict[str, list[Any]] = {k: [] for k in
                                       ("device_ids", "starts", "ends", "counts", "statuses")}
         waiting = set(out.future)
-        for r, status in _run_statuses(rows, settings):
+        runs = list(_run_statuses(rows, settings))
+        alone = [r for r, status in runs if status == "grows"]
+        if alone:
+            conn.execute(db.query("match_gps", "grow_batches"), {
+                "batch_ids": [r["grows"] for r in alone],
+                "times": [r["start_time"] for r in alone]})
+            out.reopened += len({r["grows"] for r in alone})
+        for r, status in runs:
             if status is None:
                 out.waiting += 1
                 waiting.add(r["device_id"])
+                continue
+            if status == "grows":
                 continue
             plan["device_ids"].append(r["device_id"])
             plan["starts"].append(r["start_time"])
@@ -208,9 +220,13 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         assert reopen is not None
         out["batches_to_reopen"] = reopen["batches"]
         out["batches_kept_after_prune"] = reopen["kept"]
-        for r, status in _run_statuses(rows, settings):
+        runs = list(_run_statuses(rows, settings))
+        out["batches_to_reopen"] += len({r["grows"] for r, status in runs if status == "grows"})
+        for r, status in runs:
             if status is None:
                 out["open_runs"] += 1
+                continue
+            if status == "grows":
                 continue
             out["batches_to_make" if status == "pending" else "too_short_to_close"] += 1
             out["points_to_batch"] += r["n"]

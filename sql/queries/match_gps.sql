@@ -102,8 +102,40 @@ SELECT c.device_id, m.start_time, m.end_time, m.n::integer AS n,
            OR m.seg < m.last_seg
            OR m.bucket < m.last_bucket
            OR m.seg_end < now() - make_interval(secs => %(gap_seconds)s) AS closed,
-       extract(epoch FROM now() - m.end_time)::double precision AS age_s
+       extract(epoch FROM now() - m.end_time)::double precision AS age_s,
+       g.batch_id AS grows
 FROM marked m JOIN chosen c USING (dev)
+LEFT JOIN LATERAL (
+    -- A point alone within gap_seconds of the batch before it (the first of its run) or after
+    -- it (the last of a run between batches) grows that batch, if the batch stays within
+    -- max_batch_seconds, instead of closing as too_short: a backlog arriving a point or a few
+    -- at a time is matched. Not a dead batch (it waits for a requeue), nor a finished one that
+    -- prune deleted points of (see late_arrivals: a new match would replace their lines).
+    SELECT b.batch_id
+    FROM ((SELECT b.batch_id, 1 AS side FROM processing_batches b
+           WHERE b.device_id = c.device_id AND b.start_time < m.start_time
+             AND m.seg = 1 AND m.bucket = 0
+           ORDER BY b.start_time DESC LIMIT 1)
+          UNION ALL
+          (SELECT b.batch_id, 2 FROM processing_batches b
+           WHERE b.device_id = c.device_id AND b.start_time > m.end_time
+             AND m.run <> 'infinity' AND m.seg = m.last_seg AND m.bucket = m.last_bucket
+           ORDER BY b.start_time LIMIT 1)) near
+    JOIN processing_batches b USING (batch_id)
+    WHERE m.n = 1 AND b.status <> 'dead'
+      AND greatest(m.start_time - b.end_time, b.start_time - m.end_time)
+          <= make_interval(secs => %(gap_seconds)s)
+      AND greatest(b.end_time, m.end_time) - least(b.start_time, m.start_time)
+          < make_interval(secs => %(max_batch_seconds)s)
+      AND NOT (b.status IN ('completed', 'too_short') AND b.points_snapshot IS NOT NULL
+               AND (SELECT count(*) FROM gps_points p
+                    WHERE p.device_id = b.device_id
+                      AND p.recorded_at BETWEEN b.start_time AND b.end_time
+                      AND txid_visible_in_snapshot(p.arrival, b.points_snapshot))
+                   < b.coordinate_count)
+    ORDER BY near.side
+    LIMIT 1
+) g ON true
 ORDER BY c.device_id, m.start_time;
 
 -- name: future_points
@@ -223,6 +255,36 @@ SELECT device_id, start_time, end_time, coordinate_count, status,
 FROM unnest(%(device_ids)s::text[], %(starts)s::timestamptz[], %(ends)s::timestamptz[],
             %(counts)s::integer[], %(statuses)s::text[])
      AS p(device_id, start_time, end_time, coordinate_count, status);
+
+-- name: grow_batches
+-- Points alone (plan_batches' `grows`) join the batch next to them: its range takes them in,
+-- and a finished or running batch goes back to pending to be matched again with them (a
+-- running worker loses its lease), as late points inside its range would send it. Its
+-- points_snapshot is this statement's, which sees them: reopen_batches then leaves it alone.
+UPDATE processing_batches b
+SET start_time = least(b.start_time, g.start_time),
+    end_time = greatest(b.end_time, g.end_time),
+    status = CASE WHEN b.status IN ('completed', 'too_short', 'processing') THEN 'pending'
+                  ELSE b.status END,
+    retry_count = CASE WHEN b.status IN ('completed', 'too_short') THEN 0
+                       ELSE b.retry_count END,
+    next_attempt_at = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+                           THEN now() ELSE b.next_attempt_at END,
+    lease_expires_at = NULL,
+    lease_token = NULL,
+    points_snapshot = txid_current_snapshot(),
+    coordinate_count = (SELECT count(*) FROM gps_points p
+                        WHERE p.device_id = b.device_id
+                          AND p.recorded_at BETWEEN least(b.start_time, g.start_time)
+                                                AND greatest(b.end_time, g.end_time)),
+    error_message = CASE WHEN b.status IN ('completed', 'too_short', 'processing')
+                         THEN 'reopened: a point alone arrived next to it'
+                         ELSE b.error_message END,
+    updated_at = now()
+FROM (SELECT batch_id, min(t) AS start_time, max(t) AS end_time
+      FROM unnest(%(batch_ids)s::uuid[], %(times)s::timestamptz[]) AS x(batch_id, t)
+      GROUP BY batch_id) g
+WHERE b.batch_id = g.batch_id;
 
 -- name: set_waiting
 -- The devices of a slice whose newest run is still open are looked at again next pass.

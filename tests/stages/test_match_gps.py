@@ -1327,3 +1327,32 @@ def test_a_device_clock_set_back_mid_drive(
     assert record.counts["points_processed"] == stored
     assert traces.judge(one_hz_trace.truth, polylines(conn, "d")).passed
     assert_all_processed(conn)
+
+
+def test_a_backlog_arriving_a_point_at_a_time_is_matched(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace]) -> None:
+    """A tracker uploads a drive's backlog a point per batcher pass, oldest first (before a
+    drive already matched) or newest first (after it): each point alone joins the batch next
+    to it instead of closing as too_short, never matched."""
+    forward, live, backward = trace_pool[9], trace_pool[10], trace_pool[11]
+    forward.start, live.start, backward.start = OLD, OLD + timedelta(hours=1), \
+        OLD + timedelta(hours=2)
+    traces.insert_points(conn, live.rows("d"))
+    assert run(database_url, client).counts["batches_completed"] == 1
+    settings = MatchSettings()
+    for row in forward.rows("d")[:40] + backward.rows("d")[::-1][:40]:
+        traces.insert_points(conn, [row])
+        made = batches.make_batches(conn, settings)
+        assert made.too_short <= 1, row  # the first point of each backlog, alone
+    record = run(database_url, client, settings)
+    assert record.exit_code == 0, record.error
+    assert batch_states(conn) == {"completed": 3}
+    assert_all_processed(conn)
+    for trace, rows in ((forward, forward.rows("d")[:40]),
+                        (backward, backward.rows("d")[-40:])):
+        lines = [polyline.decode(r["encoded_polyline"]) for r in conn.execute(
+            "SELECT encoded_polyline FROM cached_polylines WHERE start_time BETWEEN %s AND %s"
+            " ORDER BY start_time", (rows[0][1], rows[-1][1]))]
+        truth = traces.judge(trace.truth, lines, min_coverage=0.0)
+        assert lines and truth.passed, truth
