@@ -877,12 +877,12 @@ FROM (
                -- An ISO time, or else an epoch number (the two patterns exclude each
                -- other; the cheaper one runs only on the few rows the other refused).
                CASE WHEN tiso THEN
-                        CASE WHEN substr(tv, 9, 2)::integer <= 28
-                                  OR substr(tv, 9, 2)::integer <= date_part('day',
-                                      make_date(substr(tv, 1, 4)::integer,
-                                                substr(tv, 6, 2)::integer, 1)
+                        CASE WHEN substr(ti, 9, 2)::integer <= 28
+                                  OR substr(ti, 9, 2)::integer <= date_part('day',
+                                      make_date(substr(ti, 1, 4)::integer,
+                                                substr(ti, 6, 2)::integer, 1)
                                       + interval '1 month - 1 day')
-                             THEN tv::timestamptz END
+                             THEN ti::timestamptz END
                     -- At most 64 characters: numeric overflows on a million digits.
                     WHEN octet_length(tv) <= 64
                          AND tv ~ '^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$' THEN
@@ -901,13 +901,25 @@ FROM (
             SELECT *,
                    -- Every field in range (the day against its month above); no capture
                    -- groups, which would make the match many times slower.
-                   tv ~ ('^[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])'
+                   ti ~ ('^[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])'
                          '(?:[Tt ](?:[01][0-9]|2[0-3]):[0-5][0-9]'
                          '(?::[0-5][0-9](?:\.[0-9]+)?)?)?'
                          '(?:[Zz]|[+-](?:0[0-9]|1[0-5])(?::?[0-5][0-9])?)?$') AS tiso
-            FROM (SELECT f.*, btrim(f.recorded) AS tv, btrim(f.lat) AS lav,
-                         btrim(f.lon) AS lov
-                  FROM gps_ingest_fields f OFFSET 0) a
+            FROM (SELECT *,
+                         -- A date written day first with dots (6.1.2024, 06.01.2024 08:00,
+                         -- as German, Nordic and Russian tools write it; no country writes
+                         -- the month first with dots) is read as its ISO form; messages
+                         -- quote the time as the file gives it (tv).
+                         CASE WHEN strpos(left(tv, 3), '.') > 0 THEN coalesce(
+                             (SELECT format('%%s-%%s-%%s%%s%%s%%s', d[3], lpad(d[2], 2, '0'),
+                                            lpad(d[1], 2, '0'), d[4], lpad(d[5], 2, '0'), d[6])
+                              FROM regexp_match(tv, '^([0-9]{1,2})\.([0-9]{1,2})\.([0-9]{4})'
+                                                    '(?:( )([0-9]{1,2})(:.*))?$') d), tv)
+                              ELSE tv END AS ti
+                  FROM (SELECT f.*, btrim(f.recorded) AS tv, btrim(f.lat) AS lav,
+                               btrim(f.lon) AS lov
+                        FROM gps_ingest_fields f OFFSET 0) a0
+                  OFFSET 0) a
             OFFSET 0) b
         OFFSET 0) c
     OFFSET 0) d;

@@ -850,3 +850,31 @@ def test_a_title_line_above_the_header_is_skipped_not_read_as_the_first_row(
         f"{few}: none of its 2 row(s) is valid (first: line 1: expected 4 fields, got 1); "
         "nothing loaded")
     assert count(conn) == 2
+
+
+def test_dates_written_day_first_with_dots_are_read(
+        tmp_path: Path, database_url: str, conn: psycopg.Connection[Any]) -> None:
+    # German, Nordic and Russian tools write 06.01.2024 (the day first: no country writes the
+    # month first with dots); every row was refused as an unparseable time.
+    path = tmp_path / "fahrtenbuch.csv"
+    path.write_text("device;time;lat;lon\n"
+                    "bus;06.01.2024 08:00:00;60,17;24,94\n"
+                    "bus;6.1.2024 8:00:05;60,171;24,941\n")
+    record = ingest(database_url, [path], strict=True)
+    assert record.status == "success", record.error
+    split = tmp_path / "split.csv"
+    split.write_text("device,date,time,lat,lon\n"
+                     "van,31.12.2023,23:59:59.5,60.1,24.9\n")
+    assert ingest(database_url, [split], strict=True).status == "success"
+    assert stored(conn) == [
+        ("bus", datetime(2024, 1, 6, 8, tzinfo=UTC), 60.17, 24.94),
+        ("bus", datetime(2024, 1, 6, 8, 0, 5, tzinfo=UTC), 60.171, 24.941),
+        ("van", datetime(2023, 12, 31, 23, 59, 59, 500000, tzinfo=UTC), 60.1, 24.9)]
+    # A day its month has not, or a year of two digits, is refused quoting the file's text.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("device,time,lat,lon\nbus,31.02.2024 08:00,60.1,24.9\n"
+                   "bus,06.01.24 08:00,60.1,24.9\nbus,07.01.2024 08:00,60.1,24.9\n")
+    record = ingest(database_url, [bad])
+    assert record.counts["invalid_rows"] == 2 and record.counts["rows_loaded"] == 1
+    assert record.extra["problems"] == [f"{bad}:2: unparseable time '31.02.2024 08:00'",
+                                        f"{bad}:3: unparseable time '06.01.24 08:00'"]
