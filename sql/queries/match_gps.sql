@@ -114,15 +114,16 @@ LEFT JOIN LATERAL (
     SELECT b.batch_id
     FROM ((SELECT b.batch_id, 1 AS side FROM processing_batches b
            WHERE b.device_id = c.device_id AND b.start_time < m.start_time
-             AND m.seg = 1 AND m.bucket = 0
+             AND m.n = 1 AND m.seg = 1 AND m.bucket = 0
            ORDER BY b.start_time DESC LIMIT 1)
           UNION ALL
           (SELECT b.batch_id, 2 FROM processing_batches b
            WHERE b.device_id = c.device_id AND b.start_time > m.end_time
-             AND m.run <> 'infinity' AND m.seg = m.last_seg AND m.bucket = m.last_bucket
+             AND m.n = 1 AND m.run <> 'infinity' AND m.seg = m.last_seg
+             AND m.bucket = m.last_bucket
            ORDER BY b.start_time LIMIT 1)) near
     JOIN processing_batches b USING (batch_id)
-    WHERE m.n = 1 AND b.status <> 'dead'
+    WHERE b.status <> 'dead'
       AND greatest(m.start_time - b.end_time, b.start_time - m.end_time)
           <= make_interval(secs => %(gap_seconds)s)
       AND greatest(b.end_time, m.end_time) - least(b.start_time, m.start_time)
