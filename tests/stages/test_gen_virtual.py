@@ -428,6 +428,37 @@ def test_stops_of_small_named_places_count_towards_a_dense_cluster(
     assert rec.counts["by_kind"]["CITY_GRID"] > 0
 
 
+_EACH_STOP_ITS_OWN_CITY = """
+import numpy as np
+from pipeline_cli.settings import VirtualSettings
+from pipeline_cli.stages.gen_virtual import RealStops, major_cities
+rng = np.random.default_rng(0)
+n = 20_000
+lat, lon = 52.5 + rng.normal(0, 0.1, n), 13.4 + rng.normal(0, 0.15, n)
+real = RealStops.from_rows([(f"s{i:05d}", float(lat[i]), float(lon[i]), False, f"Stop {i}")
+                            for i in range(n)])
+print(major_cities(real, VirtualSettings()).size)
+"""
+
+
+def test_a_city_column_holding_each_stops_own_name_stays_linear() -> None:
+    # `city` may read the stop's name (docs/sync-odata.md): 20,000 stops of a metro, each its
+    # own "city", were paired every one with every other within 60 km before the pairs of
+    # other names were thrown away: 200 M pairs, a MemoryError or the OOM killer. Run under a
+    # 1.2 GB address-space limit, in a child, so a regression cannot take the machine down.
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1_200_000_000, resource.RLIM_INFINITY))
+
+    done = subprocess.run([sys.executable, "-c", _EACH_STOP_ITS_OWN_CITY], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert int(done.stdout) > 0  # the metro is a dense cluster all the same
+
+
 @pytest.mark.parametrize("offset_km", [0.0, 5.0])
 @pytest.mark.parametrize("lon", [10.0, 179.999])
 def test_a_dense_place_on_a_cluster_cell_boundary_is_a_cluster(
