@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -148,7 +149,8 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     of their centre, then dense clusters of city-less stops (grid cells ``city_radius_km``
     wide holding that many stops, or stops of sparser cells with that many such stops within
     half a cell), both at their spherical centroid. A cluster is named
-    ``cluster:<row>:<col>`` after its cell. Names are compared ignoring case and spacing; a
+    ``cluster:<row>:<col>`` after its cell. Names are compared ignoring case, spacing and
+    Unicode form; a
     city is named as its first stop spells it. A name is a city per place it is used in: its
     stops chained by steps of ``2 × city_radius_km`` at most (Springfield in two states is two
     cities; their centroid lies in no city). The stops of a place that is no city join the
@@ -161,9 +163,12 @@ def major_cities(real: RealStops, s: VirtualSettings) -> Anchors:
     loose = ~named
     if named.any() and s.city_radius_km > 0:
         lat, lon = real.lat[named], real.lon[named]
-        # One city per name whatever its case and spacing: a feed that spells it
-        # 'Helsinki' and 'HELSINKI' would otherwise split it below city_min_stops.
-        key = np.asarray([" ".join(c.split()).casefold() for c in city[named]], dtype=object)
+        # One city per name whatever its case, spacing and Unicode form: a feed that spells
+        # it 'Helsinki' and 'HELSINKI', or 'Zürich' with a precomposed ü and with u and a
+        # combining diaeresis, would otherwise split it below city_min_stops. (Unicode's
+        # canonical caseless match: NFD, casefold, NFD.)
+        key = np.asarray([unicodedata.normalize("NFD", unicodedata.normalize(
+            "NFD", " ".join(c.split())).casefold()) for c in city[named]], dtype=object)
         inverse = np.unique(key, return_inverse=True)[1].ravel()
         place = geo.chained(inverse, lat, lon, 2 * s.city_radius_km)
         _, first, group, counts = np.unique(place, return_index=True, return_inverse=True,

@@ -397,6 +397,25 @@ def test_a_city_spelled_in_several_cases_is_one_city(
         "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
 
 
+def test_a_city_spelled_in_two_unicode_forms_is_one_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # A feed merged from two sources writes 'Zürich' as one code point for ü (NFC) and as u
+    # plus a combining diaeresis (NFD, as macOS files do): two names of 8 stops each, neither
+    # a major city.
+    rng = np.random.default_rng(8)
+    spellings = ["Z\u00fcrich", "Zu\u0308rich"]
+    stops: list[Stop] = [(f"zrh-{i:02d}", 47.37 + rng.normal(0, 0.02),
+                          8.54 + rng.normal(0, 0.03), False, spellings[i % 2])
+                         for i in range(16)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 1
+    assert {r["anchor_id"] for r in conn.execute(
+        "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {
+            "Z\u00fcrich"}
+
+
 def test_a_region_name_along_a_coast_is_no_city(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     # 40 stops named after their region along a 1,200 km arc of coast, a stop every 30 km:
