@@ -100,8 +100,13 @@ def chained(group: IntArray, lat_deg: FloatArray, lon_deg: FloatArray, link_km: 
     cells, first, back = np.unique(np.column_stack([group, cell_keys(rows, cols)]), axis=0,
                                    return_index=True, return_inverse=True)
     xyz = unit_vectors(*grid.points(rows[first], cols[first])).reshape(-1, 3)
-    pairs = cKDTree(xyz).query_pairs(float(km_to_chord(link_km)), output_type="ndarray")
-    pairs = pairs[cells[pairs[:, 0], 0] == cells[pairs[:, 1], 0]]
+    # A 4th coordinate 4 apart per group (a chord is at most 2): the tree pairs only cells of
+    # one group. Pairing every cell with every other one and keeping those of one group cost
+    # the square of the names in reach: a city column that holds each stop's own name in a
+    # metro of 20,000 stops asked for 200 M pairs (MemoryError, or the OOM killer).
+    rank = np.unique(cells[:, 0], return_inverse=True)[1].ravel()
+    xyzg = np.column_stack([xyz, 4.0 * rank])
+    pairs = cKDTree(xyzg).query_pairs(float(km_to_chord(link_km)), output_type="ndarray")
     links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
                        shape=(len(cells), len(cells)))
     label: IntArray = connected_components(links, directed=False)[1]

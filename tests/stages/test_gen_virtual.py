@@ -397,6 +397,25 @@ def test_a_city_spelled_in_several_cases_is_one_city(
         "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {"Helsinki"}
 
 
+def test_a_city_spelled_in_two_unicode_forms_is_one_city(
+        conn: Conn, run: Callable[..., RunRecord]) -> None:
+    # A feed merged from two sources writes 'Zürich' as one code point for ü (NFC) and as u
+    # plus a combining diaeresis (NFD, as macOS files do): two names of 8 stops each, neither
+    # a major city.
+    rng = np.random.default_rng(8)
+    spellings = ["Z\u00fcrich", "Zu\u0308rich"]
+    stops: list[Stop] = [(f"zrh-{i:02d}", 47.37 + rng.normal(0, 0.02),
+                          8.54 + rng.normal(0, 0.03), False, spellings[i % 2])
+                         for i in range(16)]
+    add_dataset(conn, stops)
+    rec = run(VirtualSettings(city_min_stops=10))
+    assert rec.status == "success", rec.error
+    assert rec.extra["anchors"]["cities"] == 1
+    assert {r["anchor_id"] for r in conn.execute(
+        "SELECT DISTINCT anchor_id FROM virtual_stops WHERE kind = 'CITY_GRID'")} == {
+            "Z\u00fcrich"}
+
+
 def test_a_region_name_along_a_coast_is_no_city(
         conn: Conn, run: Callable[..., RunRecord]) -> None:
     # 40 stops named after their region along a 1,200 km arc of coast, a stop every 30 km:
@@ -426,6 +445,62 @@ def test_stops_of_small_named_places_count_towards_a_dense_cluster(
     assert rec.status == "success", rec.error
     assert rec.extra["anchors"] == {"cities": 0, "clusters": 1, "airports": 0}
     assert rec.counts["by_kind"]["CITY_GRID"] > 0
+
+
+def _run_in_little_memory(code: str) -> str:
+    """Run ``code`` in a child under a 1.2 GB address-space limit and return its output: a
+    regression that asks for gigabytes fails the test instead of taking the machine down."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1_200_000_000, resource.RLIM_INFINITY))
+
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=limit, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-500:]
+    return done.stdout
+
+
+def test_a_city_column_holding_each_stops_own_name_stays_linear() -> None:
+    # `city` may read the stop's name (docs/sync-odata.md): 20,000 stops of a metro, each its
+    # own "city", were paired every one with every other within 60 km before the pairs of
+    # other names were thrown away: 200 M pairs, a MemoryError or the OOM killer.
+    out = _run_in_little_memory("""
+import numpy as np
+from pipeline_cli.settings import VirtualSettings
+from pipeline_cli.stages.gen_virtual import RealStops, major_cities
+rng = np.random.default_rng(0)
+n = 20_000
+lat, lon = 52.5 + rng.normal(0, 0.1, n), 13.4 + rng.normal(0, 0.15, n)
+real = RealStops.from_rows([(f"s{i:05d}", float(lat[i]), float(lon[i]), False, f"Stop {i}")
+                            for i in range(n)])
+print(major_cities(real, VirtualSettings()).size)
+""")
+    assert int(out) > 0  # the metro is a dense cluster all the same
+
+
+def test_one_long_stop_id_costs_its_own_length() -> None:
+    # Stop ids of up to 2,000 bytes are accepted. Sorting the route ids in a numpy string
+    # array gave each of the 48,613 stops the width of that one id: 371 MiB per array, and
+    # the run died with a MemoryError (or the OOM killer, on a larger network).
+    out = _run_in_little_memory("""
+from pipeline_cli.settings import VirtualSettings
+from pipeline_cli.stages.gen_virtual import RealStops, plan_virtual
+long_id = "S" + "x" * 1999
+real = RealStops.from_rows([(long_id, 50.0, 10.0, False, ""), ("T1", 50.1, 10.1, False, "")])
+plan = plan_virtual(real, VirtualSettings(main_spacing_km=20.0, grid_reach_km=2500.0,
+                                          max_route_km=30.0))
+ids = plan.real.ids + plan.ids
+route_ids = [f"VR:{ids[f]}>{ids[t]}" for f, t in zip(plan.route_from.tolist(),
+                                                      plan.route_to.tolist(), strict=True)]
+assert route_ids == sorted(route_ids) and len(set(route_ids)) == len(route_ids)
+assert sum(long_id in (ids[f], ids[t]) for f, t in zip(plan.route_from.tolist(),
+                                                      plan.route_to.tolist(), strict=True)) > 0
+print(len(plan.ids))
+""")
+    assert int(out) > 40_000
 
 
 @pytest.mark.parametrize("offset_km", [0.0, 5.0])
