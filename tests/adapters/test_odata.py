@@ -801,6 +801,22 @@ def test_client_paging_of_a_server_that_ignores_skip_fails_at_once() -> None:
     assert srv.request_count("Stops") == 2
 
 
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_server_that_sends_its_first_page_for_every_next_link_fails_at_once(
+        version: str) -> None:
+    """A service whose paging code writes a new $skiptoken on each page but never reads it
+    (a hand-written SAP gateway or Web API paging) sends its first rows again and again: the
+    links never repeat, so it ran to max_pages, and the repeats were taken for duplicate
+    keys (or, with --skip-invalid and count = false, dropped: only the first page loaded)."""
+    with ODataServer(DATA, version=version, page_size=7) as srv, client(srv) as c:
+        srv.ignore_skiptoken = True
+        with pytest.raises(SourceError) as err:
+            list(c.pages("Stops", orderby="ID"))
+    assert str(err.value) == ("OData Stops page 2: the rows of page 1 again (the server's "
+                              "nextLink led back to them: a paging loop)")
+    assert srv.request_count("Stops") == 2
+
+
 def test_client_paging_is_capped_by_max_pages(v4: ODataServer) -> None:
     with client(v4, paging="client", page_size=7, max_pages=3) as c, \
             pytest.raises(SourceError) as err:

@@ -769,6 +769,22 @@ def test_paging_that_repeats_rows_in_place_of_others_fails_even_with_skip_invali
     assert snapshot(conn) == before
 
 
+def test_a_server_that_repeats_its_first_page_never_loads_it_alone(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """Every nextLink answered with the first page again: with --skip-invalid and count =
+    false the repeats were dropped as duplicates and the sync succeeded with the first page's
+    stops alone, deleting the others from the read model."""
+    assert sync().status == "success"
+    before = snapshot(conn)
+    with ODataServer(network(), page_size=15) as srv:
+        srv.ignore_skiptoken = True
+        rec = sync(srv, odata={"count": False}, skip_invalid=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == ("OData Stops page 2: the rows of page 1 again (the server's "
+                         "nextLink led back to them: a paging loop)")
+    assert snapshot(conn) == before
+
+
 def test_a_count_that_is_no_number_fails_instead_of_switching_the_check_off(
         sync: Callable[..., RunRecord], server: ODataServer) -> None:
     page = {"value": network()["Stops"][:15], "@odata.count": "forty"}
