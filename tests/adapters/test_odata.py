@@ -491,6 +491,20 @@ def test_a_page_not_in_utf8_fails_at_once(v4: ODataServer) -> None:
     assert v4.request_count("Stops") == 1
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])
+def test_a_page_in_utf16_or_utf32_fails_at_once(v4: ODataServer, encoding: str) -> None:
+    """Python's JSON parser reads UTF-16 and UTF-32 too, so such a page was taken and then
+    failed in PostgreSQL: `database error while staging the feed: PostgreSQL text fields
+    cannot contain NUL (0x00) bytes` for one of ASCII text."""
+    v4.add_fault(mislabelled("application/json; charset=utf-16", encoding),
+                 entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: a page is not UTF-8 (Content-Type: "
+                              "application/json; charset=utf-16)")
+    assert v4.request_count("Stops") == 1
+
+
 def test_a_body_not_in_its_content_encoding_fails_at_once(v4: ODataServer) -> None:
     """A gateway that decompresses the service's answer and keeps its Content-Encoding: gzip
     header: no retry would read it, and it is no body cut short."""
