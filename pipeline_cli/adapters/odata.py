@@ -384,7 +384,10 @@ class ODataClient:
             if link is None:
                 return
             try:  # a port past 65535 or a broken IPv6 host is a ValueError of urllib
-                resolved = urljoin(_link_base(next_url, doc), link)
+                # a link that is only a query (SAP Datasphere's "?$skip=10") is the set's: the
+                # context URL would make it $metadata's
+                resolved = urljoin(next_url if link.startswith("?") else
+                                   _link_base(next_url, doc), link)
                 if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
                     resolved = self._on_service_origin(resolved, entity_set, what)
             except ValueError:

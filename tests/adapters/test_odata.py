@@ -701,6 +701,22 @@ def test_a_relative_context_url_and_next_link_page_on() -> None:
             "Stops?$skiptoken=20"
 
 
+@pytest.mark.parametrize("context", ["$metadata#Stops", "absolute"])
+def test_a_next_link_that_is_only_a_query_reads_the_set_on(context: str) -> None:
+    # SAP Datasphere's consumption API writes "@odata.nextLink": "?$skip=10" under the context
+    # "$metadata#...": against the context URL that is $metadata?$skip=10, the schema, which
+    # failed as "expected JSON, got application/xml (the service answers in XML ...)".
+    with ODataServer(DATA) as srv:
+        page = {"@odata.context": (f"{srv.url}$metadata#Stops" if context == "absolute"
+                                   else context)}
+        srv.add_fault(wrong_shape({**page, "value": DATA["Stops"][20:]}), match="skip=20")
+        srv.add_fault(wrong_shape({**page, "value": DATA["Stops"][:20],
+                                   "@odata.nextLink": "?$skip=20"}), entity_set="Stops")
+        with client(srv) as c:
+            assert fetch(c) == DATA["Stops"]
+        assert srv.requests[-1].target == "/odata/Stops?$skip=20"
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_a_skiptoken_and_a_fragment_reach_the_server_as_written(version: str) -> None:
     # '+' for a blank, %2B for a plus, quotes, '=' and '/' of a base64 token: sent as the
