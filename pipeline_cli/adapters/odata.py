@@ -641,7 +641,7 @@ class ODataClient:
         if "html" in kind:
             raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "
                               "in the way?)")
-        if b"\0" in body:  # UTF-16 or -32, which json reads; UTF-8 JSON never holds a NUL
+        if b"\0" in body[:4]:  # UTF-16 or -32, which json reads: NUL in the first character
             raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
                               f"{content_type or 'none'})")
         try:

@@ -1103,6 +1103,14 @@ def test_a_raw_control_character_is_named_once(v4: ODataServer) -> None:
     assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)
 
 
+def test_a_raw_nul_in_a_utf8_page_is_malformed_json_not_another_encoding(
+        v4: ODataServer) -> None:
+    v4.add_fault(wrong_shape(b'{"value": [{"ID": 1, "name": "a\0b"}]}'), entity_set="Stops")
+    with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)
+
+
 def test_a_set_is_requested_by_the_url_its_service_document_entry_gives() -> None:
     # A V4 service document may list a set under a name other than its URL (name "Stops",
     # url "StopSet"): requested by its name, the set was a 404 blamed on the mapping.
