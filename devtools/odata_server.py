@@ -522,7 +522,9 @@ class ODataServer:
     honoured (pages within them follow ``page_size``); set ``server_paging`` to False to answer
     every request whole in one page (no nextLink, no ``odata.maxpagesize``), as SEGW-generated
     SAP services do, ``max_top`` to cap ``$top`` there in silence, and ``ignore_skip`` to
-    answer as if no ``$skip`` were asked.
+    answer as if no ``$skip`` were asked. ``ignore_skiptoken`` answers every page from the
+    first row while its nextLinks still move on (a new token each page), as a service whose
+    paging code writes tokens it never reads does.
 
     Names and links: ``context_root`` is the path of the service root whose ``$metadata`` the
     context URL names, when ``root`` lies deeper (a Business Central company:
@@ -593,6 +595,7 @@ class ODataServer:
         self.server_paging = True  # False: every answer whole, without nextLinks
         self.max_top = 0  # > 0: a larger $top gets this many rows, in silence
         self.ignore_skip = False
+        self.ignore_skiptoken = False
         self.skiptoken_suffix = ""
         self.next_link_fragment = ""
         self.case_insensitive = False
@@ -1333,6 +1336,8 @@ class ODataServer:
         start = min(max(offset, window_start), window_end)
         end = min(start + page_size, window_end)
         page = result[start:end]
+        if self.ignore_skiptoken:  # the first rows again; the link still moves on
+            page = result[window_start:min(window_start + page_size, window_end)]
 
         next_offset: int | None = None
         if end < window_end:

@@ -346,7 +346,7 @@ class ODataClient:
         seen: set[str] = {url}
         number = received = 0
         next_url: str | None = url
-        previous: object = None  # the first row of the page before
+        previous: list[dict[str, Any]] = []  # the rows of the page before
         while next_url is not None:
             number += 1
             if number > self.settings.max_pages:
@@ -368,11 +368,15 @@ class ODataClient:
                                   f"a {self.protocol.upper()} service")
             rows, link, count = unwrap_page(doc, page_version, what, self.settings.count,
                                             next_url)
-            if client and rows and rows[0] == previous:  # keys differ from page to page
+            # keys differ from page to page; under server paging the whole page must repeat
+            # (a server that writes tokens it never reads), not a row that shifted onto it
+            if rows and previous and (rows[0] == previous[0] if client else rows == previous):
                 raise SourceError(f"OData {what}: the rows of page {number - 1} again (the "
-                                  "server ignores $skip; [odata] paging = \"server\")")
+                                  + ("server ignores $skip; [odata] paging = \"server\")"
+                                     if client else "server's nextLink led back to them: a "
+                                     "paging loop)"))
             yield Page(number, rows, body, count)
-            previous = rows[0] if rows else None
+            previous = rows
             if client:  # by rows received: right under a server's cap; its nextLink is moot
                 received += len(rows)
                 next_url = f"{later}&$skip={received}" if rows else None
@@ -380,7 +384,10 @@ class ODataClient:
             if link is None:
                 return
             try:  # a port past 65535 or a broken IPv6 host is a ValueError of urllib
-                resolved = urljoin(_link_base(next_url, doc), link)
+                # a link that is only a query (SAP Datasphere's "?$skip=10") is the set's: the
+                # context URL would make it $metadata's
+                resolved = urljoin(next_url if link.startswith("?") else
+                                   _link_base(next_url, doc), link)
                 if _origin(resolved) != origin or not urlsplit(resolved).path.startswith(root):
                     resolved = self._on_service_origin(resolved, entity_set, what)
             except ValueError:
@@ -634,6 +641,9 @@ class ODataClient:
         if "html" in kind:
             raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "
                               "in the way?)")
+        if b"\0" in body[:4]:  # UTF-16 or -32, which json reads: NUL in the first character
+            raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
+                              f"{content_type or 'none'})")
         try:
             return body, json.loads(body)
         except RecursionError:

@@ -45,16 +45,16 @@ from ..read_model import COLUMNS, ENTITIES, KINDS, OPTIONAL_COLUMNS, REFERENCES
 from ..runner import NOOP, SKIPPED, SUCCESS, RunContext, StageResult
 
 BACKUP_FORMAT = "pipeline-dataset/2"  # /1: the row worker's; its raw pages replay the same way
-# Bump whenever the sync_* rules of sql/ change: stored page digests then no longer vouch for
-# a feed (1 was the row worker's Python rules; 3: V2 /Date offsets in minutes, sql/019; 4:
-# reserved ids, length limits, no hexadecimal, real dates, sql/021; 5: distance_km at most
-# 100,000; 6: a V2 /Date's milliseconds are local, sql/033). A change that only reads values
-# refused before (sql/022's durations, sql/027's booleans) needs no bump: a version with
-# refused rows records no digests, so every digest stored is of pages whose values the new
-# rules read the same. A bump costs more than one full check: an unchanged feed's run is a
-# noop that rolls back, so the digests stay stale and every run checks the whole feed again
-# until the feed changes.
-CHECKS = 6
+# Bump whenever the sync_* rules of sql/ change: stored page digests then no longer vouch for a
+# feed (1 was the row worker's Python rules; 3: V2 /Date offsets in minutes, sql/019; 4: reserved
+# ids, length limits, no hexadecimal, real dates, sql/021; 5: distance_km at most 100,000; 6: a V2
+# /Date's milliseconds are local, sql/033; 7: a number's suffix is one letter right after it,
+# sql/035). A change that only reads values refused before (sql/022's durations, sql/027's
+# booleans) needs no bump: a version with refused rows records no digests, so every digest stored
+# is of pages whose values the new rules read the same. A bump costs more than one full check: an
+# unchanged feed's run is a noop that rolls back, so the digests stay stale and every run checks
+# the whole feed again until the feed changes.
+CHECKS = 7
 MAX_PROBLEMS = 20
 _DIGEST_HEX = 32  # blake2b, 16 bytes, of a raw page body
 _RS = b"\x1e"  # RFC 7464 JSON text sequence: the spool and its backup hold one record per page

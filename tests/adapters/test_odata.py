@@ -491,6 +491,20 @@ def test_a_page_not_in_utf8_fails_at_once(v4: ODataServer) -> None:
     assert v4.request_count("Stops") == 1
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])
+def test_a_page_in_utf16_or_utf32_fails_at_once(v4: ODataServer, encoding: str) -> None:
+    """Python's JSON parser reads UTF-16 and UTF-32 too, so such a page was taken and then
+    failed in PostgreSQL: `database error while staging the feed: PostgreSQL text fields
+    cannot contain NUL (0x00) bytes` for one of ASCII text."""
+    v4.add_fault(mislabelled("application/json; charset=utf-16", encoding),
+                 entity_set="Stops", times=None)
+    with client(v4) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert str(err.value) == ("OData Stops page 1: a page is not UTF-8 (Content-Type: "
+                              "application/json; charset=utf-16)")
+    assert v4.request_count("Stops") == 1
+
+
 def test_a_body_not_in_its_content_encoding_fails_at_once(v4: ODataServer) -> None:
     """A gateway that decompresses the service's answer and keeps its Content-Encoding: gzip
     header: no retry would read it, and it is no body cut short."""
@@ -687,6 +701,22 @@ def test_a_relative_context_url_and_next_link_page_on() -> None:
             "Stops?$skiptoken=20"
 
 
+@pytest.mark.parametrize("context", ["$metadata#Stops", "absolute"])
+def test_a_next_link_that_is_only_a_query_reads_the_set_on(context: str) -> None:
+    # SAP Datasphere's consumption API writes "@odata.nextLink": "?$skip=10" under the context
+    # "$metadata#...": against the context URL that is $metadata?$skip=10, the schema, which
+    # failed as "expected JSON, got application/xml (the service answers in XML ...)".
+    with ODataServer(DATA) as srv:
+        page = {"@odata.context": (f"{srv.url}$metadata#Stops" if context == "absolute"
+                                   else context)}
+        srv.add_fault(wrong_shape({**page, "value": DATA["Stops"][20:]}), match="skip=20")
+        srv.add_fault(wrong_shape({**page, "value": DATA["Stops"][:20],
+                                   "@odata.nextLink": "?$skip=20"}), entity_set="Stops")
+        with client(srv) as c:
+            assert fetch(c) == DATA["Stops"]
+        assert srv.requests[-1].target == "/odata/Stops?$skip=20"
+
+
 @pytest.mark.parametrize("version", ["v4", "v2"])
 def test_a_skiptoken_and_a_fragment_reach_the_server_as_written(version: str) -> None:
     # '+' for a blank, %2B for a plus, quotes, '=' and '/' of a base64 token: sent as the
@@ -798,6 +828,22 @@ def test_client_paging_of_a_server_that_ignores_skip_fails_at_once() -> None:
             list(c.pages("Stops", orderby="ID"))
     assert str(err.value) == ('OData Stops page 2: the rows of page 1 again (the server '
                               'ignores $skip; [odata] paging = "server")')
+    assert srv.request_count("Stops") == 2
+
+
+@pytest.mark.parametrize("version", ["v4", "v2"])
+def test_a_server_that_sends_its_first_page_for_every_next_link_fails_at_once(
+        version: str) -> None:
+    """A service whose paging code writes a new $skiptoken on each page but never reads it
+    (a hand-written SAP gateway or Web API paging) sends its first rows again and again: the
+    links never repeat, so it ran to max_pages, and the repeats were taken for duplicate
+    keys (or, with --skip-invalid and count = false, dropped: only the first page loaded)."""
+    with ODataServer(DATA, version=version, page_size=7) as srv, client(srv) as c:
+        srv.ignore_skiptoken = True
+        with pytest.raises(SourceError) as err:
+            list(c.pages("Stops", orderby="ID"))
+    assert str(err.value) == ("OData Stops page 2: the rows of page 1 again (the server's "
+                              "nextLink led back to them: a paging loop)")
     assert srv.request_count("Stops") == 2
 
 
@@ -1052,6 +1098,14 @@ def test_markup_labelled_json_fails_at_once_showing_its_start(v4: ODataServer) -
 
 def test_a_raw_control_character_is_named_once(v4: ODataServer) -> None:
     v4.add_fault(wrong_shape(b'{"value": [{"ID": 1, "name": "a\tb"}]}'), entity_set="Stops")
+    with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
+        fetch(c)
+    assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)
+
+
+def test_a_raw_nul_in_a_utf8_page_is_malformed_json_not_another_encoding(
+        v4: ODataServer) -> None:
+    v4.add_fault(wrong_shape(b'{"value": [{"ID": 1, "name": "a\0b"}]}'), entity_set="Stops")
     with client(v4, retries=1) as c, pytest.raises(SourceError) as err:
         fetch(c)
     assert "malformed JSON (Invalid control character at byte 31; truncated?)" in str(err.value)

@@ -427,6 +427,12 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
     for bad in ("NaN", "INF", "", "true", "abc", "1e999", "[1]", "1.2.3",
                 "0x10", "0X5A", "0x1p3", "0x1f"):  # the float input reads hexadecimal
         assert value("number", bad) is None, bad
+    # A V2 literal's suffix (1.5d, 2.5M, 3f) is one letter right after the number; a unit
+    # is no suffix: "500 m" (metres) was read as 500 (km), "10mm" as 10 (sql/035)
+    for raw, want in {"1.5d": 1.5, "2.5M": 2.5, "3f": 3.0, " 1e3D ": 1000.0, "7.m": 7.0}.items():
+        assert value("number", raw) == want, raw
+    for bad in ("500 m", "10mm", "5ff", "12 d", "0.5 M", "1.5dm"):
+        assert value("number", bad) is None, bad
     for spelling, want in BOOL_SPELLINGS.items():
         assert value("bool", spelling) is want, spelling
     for bad in BOOL_REFUSED:
@@ -469,6 +475,22 @@ def test_value_rules(conn: psycopg.Connection[Any]) -> None:
         assert value("days", spelling) == want, spelling
     for bad in DAYS_REFUSED:
         assert value("days", bad) is None, bad
+
+
+def test_a_distance_with_a_unit_is_refused_not_read_as_kilometres(
+        sync: Callable[..., RunRecord], server: ODataServer,
+        conn: psycopg.Connection[Any]) -> None:
+    """"500 m" lost its m as a V2 suffix and was stored as 500 km (sql/035)."""
+    server.update_row("Routes", 2, distanceKm="500 m")
+    server.update_row("Routes", 3, distanceKm="12.5m")  # a V2 Edm.Decimal literal's suffix
+    rec = sync()
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.extra["problems"] == ["Routes[ID=2] distanceKm: expected a number, got '500 m'"]
+    assert table(conn, "routes") == []
+    server.update_row("Routes", 2, distanceKm="0.5")
+    assert sync().status == "success"
+    distances = {r["id"]: r["distance_km"] for r in table(conn, "routes")}
+    assert (distances["2"], distances["3"]) == (0.5, 12.5)
 
 
 def test_a_non_finite_number_is_named_under_a_turkish_collation(
@@ -766,6 +788,22 @@ def test_paging_that_repeats_rows_in_place_of_others_fails_even_with_skip_invali
         "row(s) came again: paging that repeated rows in place of others, or a mapped id that "
         "is not the set's key); --skip-invalid does not drop them, so nothing was written "
         "([odata] count = false skips this check)")
+    assert snapshot(conn) == before
+
+
+def test_a_server_that_repeats_its_first_page_never_loads_it_alone(
+        sync: Callable[..., RunRecord], conn: psycopg.Connection[Any]) -> None:
+    """Every nextLink answered with the first page again: with --skip-invalid and count =
+    false the repeats were dropped as duplicates and the sync succeeded with the first page's
+    stops alone, deleting the others from the read model."""
+    assert sync().status == "success"
+    before = snapshot(conn)
+    with ODataServer(network(), page_size=15) as srv:
+        srv.ignore_skiptoken = True
+        rec = sync(srv, odata={"count": False}, skip_invalid=True)
+    assert rec.status == "failed" and rec.exit_code == 1
+    assert rec.error == ("OData Stops page 2: the rows of page 1 again (the server's "
+                         "nextLink led back to them: a paging loop)")
     assert snapshot(conn) == before
 
 
