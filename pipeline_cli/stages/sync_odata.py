@@ -301,11 +301,15 @@ class _Loader:
                 if st.announced is not None and st.rows < st.announced:
                     # Rows the pages never held would be deleted from the read model. (More
                     # is no loss: a row added meanwhile, or a server that caps its count.)
+                    one = len(st.pages) == 1 and client.settings.paging != "client"
                     raise SourceError(
                         f"OData {m.entity_set}: the server counted {st.announced} entities "
-                        f"but its pages held {st.rows} (the set changed while it was read, or "
-                        "its paging skipped rows); nothing was written ([odata] count = "
-                        "false skips this check)")
+                        f"but its pages held {st.rows} (" + (
+                            "one page without a nextLink: a server that caps its answers in "
+                            "silence is read whole with [odata] paging = \"client\"" if one
+                            else "the set changed while it was read, or its paging skipped "
+                            "rows") + "); nothing was written ([odata] count = false skips "
+                        "this check)")
                 if st.announced is None and client.settings.count:
                     self.ctx.log.warning(
                         "OData %s: the server sent no count, so rows its paging skips cannot "

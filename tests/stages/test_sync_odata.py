@@ -176,14 +176,26 @@ def test_fewer_rows_than_the_server_counted_fail_the_sync(
     sync()
     before = snapshot(conn)
     stops = network()["Stops"]
-    server.add_fault(wrong_shape({"@odata.count": len(stops) + 1, "value": stops}),
+    server.add_fault(wrong_shape({"@odata.count": len(stops) + 1, "value": stops[:20],
+                                  "@odata.nextLink": "Stops?$skiptoken=20"}),
                      entity_set="Stops", match="orderby")
+    server.add_fault(wrong_shape({"value": stops[21:]}), entity_set="Stops", match="skiptoken")
     rec = sync()
     assert rec.status == "failed" and rec.exit_code == 1
     assert rec.error == (f"OData Stops: the server counted {len(stops) + 1} entities but its "
-                         f"pages held {len(stops)} (the set changed while it was read, or its "
-                         "paging skipped rows); nothing was written ([odata] count = false "
+                         f"pages held {len(stops) - 1} (the set changed while it was read, or "
+                         "its paging skipped rows); nothing was written ([odata] count = false "
                          "skips this check)")
+    assert snapshot(conn) == before
+    # One page, no nextLink, fewer rows than counted: a server capping its answer in silence
+    # (SAP Gateway's); count = false would load the capped set, client paging reads it whole.
+    server.add_fault(wrong_shape({"@odata.count": len(stops), "value": stops[:25]}),
+                     entity_set="Stops", match="orderby")
+    rec = sync()
+    assert rec.error == (f"OData Stops: the server counted {len(stops)} entities but its pages "
+                         "held 25 (one page without a nextLink: a server that caps its answers "
+                         "in silence is read whole with [odata] paging = \"client\"); nothing "
+                         "was written ([odata] count = false skips this check)")
     assert snapshot(conn) == before
 
 
