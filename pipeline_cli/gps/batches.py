@@ -129,9 +129,19 @@ def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> st
 
 def _run_statuses(rows: list[dict[str, Any]], settings: MatchSettings
                   ) -> Iterator[tuple[dict[str, Any], str | None]]:
-    """Each planned run (ordered by device, then time) with what it becomes."""
+    """Each planned run (ordered by device, then time) with what it becomes. A batch that
+    two points alone grow (one before it, one after) must stay within max_batch_seconds with
+    both: the later point alone is then treated as if no batch were next to it."""
+    grown: dict[Any, tuple[datetime, datetime]] = {}
     for i, r in enumerate(rows):
         last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
+        if r["grows"] is not None:
+            lo, hi = grown.get(r["grows"], (r["grows_start"], r["grows_end"]))
+            lo, hi = min(lo, r["start_time"]), max(hi, r["end_time"])
+            if (hi - lo).total_seconds() < settings.max_batch_seconds:
+                grown[r["grows"]] = (lo, hi)
+            else:
+                r = {**r, "grows": None}
         yield r, _run_status(r, settings, last=last)
 
 

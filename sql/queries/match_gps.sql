@@ -103,7 +103,7 @@ SELECT c.device_id, m.start_time, m.end_time, m.n::integer AS n,
            OR m.bucket < m.last_bucket
            OR m.seg_end < now() - make_interval(secs => %(gap_seconds)s) AS closed,
        extract(epoch FROM now() - m.end_time)::double precision AS age_s,
-       g.batch_id AS grows
+       g.batch_id AS grows, g.start_time AS grows_start, g.end_time AS grows_end
 FROM marked m JOIN chosen c USING (dev)
 LEFT JOIN LATERAL (
     -- A point alone within gap_seconds of the batch before it (the first of its run) or after
@@ -111,7 +111,8 @@ LEFT JOIN LATERAL (
     -- max_batch_seconds, instead of closing as too_short: a backlog arriving a point or a few
     -- at a time is matched. Not a dead batch (it waits for a requeue), nor a finished one that
     -- prune deleted points of (see late_arrivals: a new match would replace their lines).
-    SELECT b.batch_id
+    -- Its range comes along: two points alone, one each side, must fit together (batches.py).
+    SELECT b.batch_id, b.start_time, b.end_time
     FROM ((SELECT b.batch_id, 1 AS side FROM processing_batches b
            WHERE b.device_id = c.device_id AND b.start_time < m.start_time
              AND m.seg = 1 AND m.bucket = 0

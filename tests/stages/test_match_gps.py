@@ -1356,3 +1356,29 @@ def test_a_backlog_arriving_a_point_at_a_time_is_matched(
             " ORDER BY start_time", (rows[0][1], rows[-1][1]))]
         truth = traces.judge(trace.truth, lines, min_coverage=0.0)
         assert lines and truth.passed, truth
+
+
+def test_two_points_alone_either_side_of_a_batch_grow_it_only_within_max_batch_seconds(
+        conn: psycopg.Connection[Any]) -> None:
+    """A point alone before a batch and one after it arrive in one pass; each alone keeps
+    the batch within max_batch_seconds, both together would not: the first grows it, the
+    second closes as too_short (and the dry run says so)."""
+    settings = MatchSettings(gap_seconds=300, max_batch_seconds=600)
+
+    def at(*seconds: int) -> list[tuple[str, datetime, float, float]]:
+        return [("d", OLD + timedelta(seconds=s), 60.17, 24.94) for s in seconds]
+
+    traces.insert_points(conn, at(0, 100, 200, 300, 400))
+    assert batches.make_batches(conn, settings).created == 1
+    traces.insert_points(conn, at(-150, 550))
+    preview = batches.plan(conn, settings)
+    made = batches.make_batches(conn, settings)
+    assert (made.reopened, made.too_short, made.created) == (1, 1, 0)
+    assert (preview["batches_to_reopen"], preview["too_short_to_close"],
+            preview["batches_to_make"]) == (1, 1, 0)
+    got = conn.execute("SELECT start_time, end_time, coordinate_count, status"
+                       " FROM processing_batches ORDER BY start_time").fetchall()
+    assert [tuple(r.values()) for r in got] == [
+        (OLD - timedelta(seconds=150), OLD + timedelta(seconds=400), 6, "pending"),
+        (OLD + timedelta(seconds=550), OLD + timedelta(seconds=550), 1, "too_short")]
+    assert reliability.check_gps(conn) == []
