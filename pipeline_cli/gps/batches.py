@@ -152,10 +152,8 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
         conn.execute(db.query("match_gps", "batching_lock"),
                      {"key": db.advisory_key(BATCHING_LOCK)})
         params = {"devices": devices, "earliest": earliest, **unseen(seen)}
-        rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            **params, "gap_seconds": settings.gap_seconds,
-            "max_batch_seconds": settings.max_batch_seconds,
-        }).fetchall()
+        freed, rows = _plan_rows(conn, settings, params)
+        conn.execute(db.query("match_gps", "drop_batches"), {"freed": freed})
         out.future = _future(conn, settings, devices)
         late = conn.execute(_late("reopen_batches"), params).fetchall()
         out.kept_after_prune = sum(1 for r in late if r["pruned"])
@@ -201,6 +199,18 @@ def future_text(future: dict[str, tuple[int, datetime]]) -> str:
             f"comes (is a device clock wrong?): {named}{more}")
 
 
+def _plan_rows(conn: psycopg.Connection[Any], settings: MatchSettings, params: dict[str, Any]
+               ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The too_short batches whose point now has company (freed: cut again with it), and the
+    runs plan_batches cuts."""
+    gaps = {"gap_seconds": settings.gap_seconds, "max_batch_seconds": settings.max_batch_seconds}
+    freed = [r["batch_id"] for r in conn.execute(
+        db.query("match_gps", "freed_batches"), {**params, **gaps})]
+    rows = conn.execute(db.query("match_gps", "plan_batches"),
+                        {**params, **gaps, "freed": freed}).fetchall()
+    return freed, rows
+
+
 def _future(conn: psycopg.Connection[Any], settings: MatchSettings, devices: list[str]
             ) -> dict[str, tuple[int, datetime]]:
     rows = conn.execute(db.query("match_gps", "future_points"),
@@ -223,9 +233,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         devices = sorted(earliest)
         params = {"devices": devices, "earliest": [earliest[d] for d in devices],
                   **unseen(start["seen"])}
-        rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            **params, "gap_seconds": settings.gap_seconds,
-            "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
+        rows = _plan_rows(conn, settings, params)[1] if devices else []
         reopen = conn.execute(_late("reopen_preview"), params).fetchone()
         assert reopen is not None
         out["batches_to_reopen"] = reopen["batches"]
