@@ -129,9 +129,19 @@ def _run_status(r: dict[str, Any], settings: MatchSettings, *, last: bool) -> st
 
 def _run_statuses(rows: list[dict[str, Any]], settings: MatchSettings
                   ) -> Iterator[tuple[dict[str, Any], str | None]]:
-    """Each planned run (ordered by device, then time) with what it becomes."""
+    """Each planned run (ordered by device, then time) with what it becomes. A batch that
+    two points alone grow (one before it, one after) must stay within max_batch_seconds with
+    both: the later point alone is then treated as if no batch were next to it."""
+    grown: dict[Any, tuple[datetime, datetime]] = {}
     for i, r in enumerate(rows):
         last = i + 1 == len(rows) or rows[i + 1]["device_id"] != r["device_id"]
+        if r["grows"] is not None:
+            lo, hi = grown.get(r["grows"], (r["grows_start"], r["grows_end"]))
+            lo, hi = min(lo, r["start_time"]), max(hi, r["end_time"])
+            if (hi - lo).total_seconds() < settings.max_batch_seconds:
+                grown[r["grows"]] = (lo, hi)
+            else:
+                r = {**r, "grows": None}
         yield r, _run_status(r, settings, last=last)
 
 
@@ -142,10 +152,8 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
         conn.execute(db.query("match_gps", "batching_lock"),
                      {"key": db.advisory_key(BATCHING_LOCK)})
         params = {"devices": devices, "earliest": earliest, **unseen(seen)}
-        rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            **params, "gap_seconds": settings.gap_seconds,
-            "max_batch_seconds": settings.max_batch_seconds,
-        }).fetchall()
+        freed, rows = _plan_rows(conn, settings, params)
+        conn.execute(db.query("match_gps", "drop_batches"), {"freed": freed})
         out.future = _future(conn, settings, devices)
         late = conn.execute(_late("reopen_batches"), params).fetchall()
         out.kept_after_prune = sum(1 for r in late if r["pruned"])
@@ -191,6 +199,18 @@ def future_text(future: dict[str, tuple[int, datetime]]) -> str:
             f"comes (is a device clock wrong?): {named}{more}")
 
 
+def _plan_rows(conn: psycopg.Connection[Any], settings: MatchSettings, params: dict[str, Any]
+               ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The too_short batches whose point now has company (freed: cut again with it), and the
+    runs plan_batches cuts."""
+    gaps = {"gap_seconds": settings.gap_seconds, "max_batch_seconds": settings.max_batch_seconds}
+    freed = [r["batch_id"] for r in conn.execute(
+        db.query("match_gps", "freed_batches"), {**params, **gaps})]
+    rows = conn.execute(db.query("match_gps", "plan_batches"),
+                        {**params, **gaps, "freed": freed}).fetchall()
+    return freed, rows
+
+
 def _future(conn: psycopg.Connection[Any], settings: MatchSettings, devices: list[str]
             ) -> dict[str, tuple[int, datetime]]:
     rows = conn.execute(db.query("match_gps", "future_points"),
@@ -213,9 +233,7 @@ def plan(conn: psycopg.Connection[Any], settings: MatchSettings) -> dict[str, An
         devices = sorted(earliest)
         params = {"devices": devices, "earliest": [earliest[d] for d in devices],
                   **unseen(start["seen"])}
-        rows = conn.execute(db.query("match_gps", "plan_batches"), {
-            **params, "gap_seconds": settings.gap_seconds,
-            "max_batch_seconds": settings.max_batch_seconds}).fetchall() if devices else []
+        rows = _plan_rows(conn, settings, params)[1] if devices else []
         reopen = conn.execute(_late("reopen_preview"), params).fetchone()
         assert reopen is not None
         out["batches_to_reopen"] = reopen["batches"]

@@ -38,10 +38,12 @@ SELECT device_id, NULL FROM gps_waiting_devices;
 -- every run after it until that time came. Each device's points are read through the primary
 -- key, one range scan per device (OFFSET 0 keeps the planner from flattening the LATERAL into
 -- a hash join): without fresh statistics, as after a bulk load, it read every new point of
--- every device twice per slice of 50 devices.
+-- every device twice per slice of 50 devices. The `freed` batches (freed_batches) count as
+-- gone and their points as new arrivals: they are cut again with the arrivals next to them.
 WITH chosen AS MATERIALIZED (
     SELECT c.device_id, c.dev, c.earliest,
            (SELECT b.end_time FROM processing_batches b WHERE b.device_id = c.device_id
+              AND b.batch_id <> ALL(%(freed)s::uuid[])
             ORDER BY b.start_time DESC LIMIT 1) AS until
     FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[])
          WITH ORDINALITY AS c(device_id, earliest, dev)
@@ -58,15 +60,22 @@ WITH chosen AS MATERIALIZED (
     FROM chosen c
     CROSS JOIN LATERAL (SELECT p.recorded_at FROM gps_points p
                         WHERE p.device_id = c.device_id
-                          AND p.recorded_at BETWEEN c.earliest AND c.until
+                          AND p.recorded_at BETWEEN c.earliest
+                                                    - make_interval(secs => %(gap_seconds)s)
+                                                AND c.until
                           AND (p.arrival >= %(seen_xmax)s::bigint
-                               OR p.arrival = ANY(%(seen_xip)s::bigint[]))
+                               OR p.arrival = ANY(%(seen_xip)s::bigint[])
+                               OR (p.device_id, p.recorded_at) IN (
+                                   SELECT f.device_id, f.start_time FROM processing_batches f
+                                   WHERE f.batch_id = ANY(%(freed)s::uuid[])))
                         OFFSET 0) p
     LEFT JOIN LATERAL (SELECT b.end_time FROM processing_batches b
                        WHERE b.device_id = c.device_id AND b.start_time <= p.recorded_at
+                         AND b.batch_id <> ALL(%(freed)s::uuid[])
                        ORDER BY b.start_time DESC LIMIT 1) pb ON true
     CROSS JOIN LATERAL (SELECT b.start_time FROM processing_batches b
                         WHERE b.device_id = c.device_id AND b.start_time > p.recorded_at
+                          AND b.batch_id <> ALL(%(freed)s::uuid[])
                         ORDER BY b.start_time LIMIT 1) nb
     WHERE pb.end_time IS NULL OR pb.end_time < p.recorded_at
 ), starts AS (
@@ -103,7 +112,7 @@ SELECT c.device_id, m.start_time, m.end_time, m.n::integer AS n,
            OR m.bucket < m.last_bucket
            OR m.seg_end < now() - make_interval(secs => %(gap_seconds)s) AS closed,
        extract(epoch FROM now() - m.end_time)::double precision AS age_s,
-       g.batch_id AS grows
+       g.batch_id AS grows, g.start_time AS grows_start, g.end_time AS grows_end
 FROM marked m JOIN chosen c USING (dev)
 LEFT JOIN LATERAL (
     -- A point alone within gap_seconds of the batch before it (the first of its run) or after
@@ -111,16 +120,18 @@ LEFT JOIN LATERAL (
     -- max_batch_seconds, instead of closing as too_short: a backlog arriving a point or a few
     -- at a time is matched. Not a dead batch (it waits for a requeue), nor a finished one that
     -- prune deleted points of (see late_arrivals: a new match would replace their lines).
-    SELECT b.batch_id
+    -- Its range comes along: two points alone, one each side, must fit together (batches.py).
+    SELECT b.batch_id, b.start_time, b.end_time
     FROM ((SELECT b.batch_id, 1 AS side FROM processing_batches b
            WHERE b.device_id = c.device_id AND b.start_time < m.start_time
              AND m.n = 1 AND m.seg = 1 AND m.bucket = 0
+             AND b.batch_id <> ALL(%(freed)s::uuid[])
            ORDER BY b.start_time DESC LIMIT 1)
           UNION ALL
           (SELECT b.batch_id, 2 FROM processing_batches b
            WHERE b.device_id = c.device_id AND b.start_time > m.end_time
              AND m.n = 1 AND m.run <> 'infinity' AND m.seg = m.last_seg
-             AND m.bucket = m.last_bucket
+             AND m.bucket = m.last_bucket AND b.batch_id <> ALL(%(freed)s::uuid[])
            ORDER BY b.start_time LIMIT 1)) near
     JOIN processing_batches b USING (batch_id)
     WHERE b.status <> 'dead'
@@ -138,6 +149,31 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) g ON true
 ORDER BY c.device_id, m.start_time;
+
+-- name: freed_batches
+-- The too_short batches of these devices whose point now has company: an arrival the cursor
+-- does not see lies within gap_seconds of it. plan_batches cuts that point again with its
+-- neighbours (the batch is dropped in the same transaction, drop_batches): a trace that
+-- arrives a point or a few at a time, in any order, is not left with points closed alone.
+-- An arrival lies at or after its device's earliest, so the batch at most gap_seconds before:
+-- a probe of the device's batches from there on, then of the points around each one.
+SELECT b.batch_id
+FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS c(device_id, earliest)
+JOIN processing_batches b
+  ON b.device_id = c.device_id
+ AND b.start_time >= c.earliest - make_interval(secs => %(gap_seconds)s)
+WHERE b.status = 'too_short' AND b.coordinate_count = 1
+  AND EXISTS (SELECT 1 FROM gps_points p
+              WHERE p.device_id = b.device_id
+                AND p.recorded_at BETWEEN b.start_time - make_interval(secs => %(gap_seconds)s)
+                                      AND b.end_time + make_interval(secs => %(gap_seconds)s)
+                AND p.recorded_at <> b.start_time
+                AND (p.arrival >= %(seen_xmax)s::bigint
+                     OR p.arrival = ANY(%(seen_xip)s::bigint[])));
+
+-- name: drop_batches
+-- The freed batches (freed_batches) go: their points are in the batches this pass makes.
+DELETE FROM processing_batches WHERE batch_id = ANY(%(freed)s::uuid[]) AND status = 'too_short';
 
 -- name: future_points
 -- The points of these devices dated more than gap_seconds ahead, which plan_batches leaves

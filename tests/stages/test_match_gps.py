@@ -1356,3 +1356,95 @@ def test_a_backlog_arriving_a_point_at_a_time_is_matched(
             " ORDER BY start_time", (rows[0][1], rows[-1][1]))]
         truth = traces.judge(trace.truth, lines, min_coverage=0.0)
         assert lines and truth.passed, truth
+
+
+def test_two_points_alone_either_side_of_a_batch_grow_it_only_within_max_batch_seconds(
+        conn: psycopg.Connection[Any]) -> None:
+    """A point alone before a batch and one after it arrive in one pass; each alone keeps
+    the batch within max_batch_seconds, both together would not: the first grows it, the
+    second closes as too_short (and the dry run says so)."""
+    settings = MatchSettings(gap_seconds=300, max_batch_seconds=600)
+
+    def at(*seconds: int) -> list[tuple[str, datetime, float, float]]:
+        return [("d", OLD + timedelta(seconds=s), 60.17, 24.94) for s in seconds]
+
+    traces.insert_points(conn, at(0, 100, 200, 300, 400))
+    assert batches.make_batches(conn, settings).created == 1
+    traces.insert_points(conn, at(-150, 550))
+    preview = batches.plan(conn, settings)
+    made = batches.make_batches(conn, settings)
+    assert (made.reopened, made.too_short, made.created) == (1, 1, 0)
+    assert (preview["batches_to_reopen"], preview["too_short_to_close"],
+            preview["batches_to_make"]) == (1, 1, 0)
+    got = conn.execute("SELECT start_time, end_time, coordinate_count, status"
+                       " FROM processing_batches ORDER BY start_time").fetchall()
+    assert [tuple(r.values()) for r in got] == [
+        (OLD - timedelta(seconds=150), OLD + timedelta(seconds=400), 6, "pending"),
+        (OLD + timedelta(seconds=550), OLD + timedelta(seconds=550), 1, "too_short")]
+    assert reliability.check_gps(conn) == []
+
+
+def test_a_point_closed_alone_is_cut_again_with_the_points_that_arrive_next_to_it(
+        conn: psycopg.Connection[Any]) -> None:
+    """Two points 400 s apart arrive first, each closed as too_short (gap_seconds is 300);
+    the point between them, within 300 s of both, arrives next. Growing one of them left the
+    other closed alone, never matched, though a point of its trace lies 200 s away."""
+    settings = MatchSettings(gap_seconds=300)
+    for s in (0, 400, 200):
+        traces.insert_points(conn, [("d", OLD + timedelta(seconds=s), 60.17, 24.94)])
+        preview = batches.plan(conn, settings)
+        made = batches.make_batches(conn, settings)
+        assert (preview["batches_to_make"], preview["too_short_to_close"]) == (
+            made.created, made.too_short)
+    got = conn.execute("SELECT start_time, end_time, coordinate_count, status"
+                       " FROM processing_batches").fetchall()
+    assert [tuple(r.values()) for r in got] == [
+        (OLD, OLD + timedelta(seconds=400), 3, "pending")]
+    assert_all_processed(conn, unprocessed=3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_traces_arriving_a_point_or_a_few_at_a_time_in_any_order(
+        conn: psycopg.Connection[Any], database_url: str, client: OsrmClient,
+        trace_pool: list[traces.Trace], seed: int) -> None:
+    """Three drives of a device (gaps of 2 s to an hour between them) arrive shuffled, one to
+    three points a batcher pass, with match runs in between. After each pass the dry run
+    predicted it and batches do not overlap; after each run every point is counted alike by
+    status and gps_point_status; in the end every point is processed, and none with a
+    neighbour within gap_seconds is in a batch alone."""
+    rng = random.Random(seed)
+    settings = MatchSettings()
+    rows: list[tuple[str, datetime, float, float]] = []
+    at = OLD
+    for k in range(3):
+        trace = trace_pool[(seed + k) % len(trace_pool)]
+        step = rng.choice([1, 5, 15])
+        kept = list(zip(trace.offsets, trace.points, strict=True))[::step][:25]
+        rows += [("d", at + timedelta(seconds=s - kept[0][0]), lat, lon)
+                 for s, (lat, lon) in kept]
+        at = rows[-1][1] + timedelta(seconds=rng.choice([2, 100, 250, 400, 4000]))
+    rng.shuffle(rows)
+    while rows:
+        part = rows[:rng.choice([1, 1, 2, 3])]
+        rows = rows[len(part):]
+        traces.insert_points(conn, part)
+        preview = batches.plan(conn, settings)
+        made = batches.make_batches(conn, settings)
+        assert (preview["batches_to_make"], preview["too_short_to_close"],
+                preview["points_to_batch"]) == (made.created, made.too_short, made.points)
+        assert not [p for p in reliability.check_gps(conn) if "overlap" in p]
+        if rng.random() < 0.25:
+            assert run(database_url, client, settings).exit_code == 0
+            assert reliability.check_gps(conn) == []
+            left = conn.execute("SELECT count(*) FILTER (WHERE NOT processed) AS n"
+                                " FROM gps_point_status").fetchone()["n"]
+            assert left == batches.status_section(conn)["unprocessed_points"]
+    assert run(database_url, client, settings).exit_code == 0
+    assert_all_processed(conn)
+    alone = conn.execute(
+        "SELECT p.recorded_at FROM gps_point_status p JOIN processing_batches b USING (batch_id)"
+        " WHERE b.coordinate_count = 1 AND EXISTS (SELECT 1 FROM gps_points q"
+        "   WHERE q.device_id = p.device_id AND q.recorded_at <> p.recorded_at"
+        "     AND q.recorded_at BETWEEN p.recorded_at - %(gap)s AND p.recorded_at + %(gap)s)",
+        {"gap": timedelta(seconds=settings.gap_seconds)}).fetchall()
+    assert alone == []
