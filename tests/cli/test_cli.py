@@ -109,6 +109,34 @@ def test_unreachable_database_masks_password(run_cli: Cli) -> None:
     assert "PostgreSQL 127.0.0.1:1/x connection failed: connection refused" in result.stderr
 
 
+@pytest.mark.parametrize("nologin", [False, True])
+def test_a_login_the_database_refuses_exits_78(run_cli: Cli, pg_admin_url: str,
+                                              nologin: bool) -> None:
+    # A misspelt user, a NOLOGIN role (as a wrong password or no pg_hba.conf entry) exited 1,
+    # "the next run retries", where Redis's and S3's refused credentials exit 78: no rerun
+    # gets in until [database] url is fixed.
+    from psycopg.conninfo import make_conninfo
+
+    role = f"pipeline_nl_{os.getpid()}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        if nologin:
+            admin.execute(psycopg.sql.SQL("CREATE ROLE {} NOLOGIN").format(
+                psycopg.sql.Identifier(role)))
+    try:
+        run_cli.env["PIPELINE_DATABASE_URL"] = make_conninfo(
+            run_cli.env["PIPELINE_DATABASE_URL"], user=role, password="Sekr1t-pw")
+        for args in (("status",), ("db", "migrate"), ("batches", "list")):
+            result = run_cli.subprocess(*args)
+            assert result.returncode == 78, (args, result.stderr)
+            assert f'FATAL: role "{role}"' in result.stderr, result.stderr
+            assert "Sekr1t" not in result.stderr + result.stdout
+        assert run_cli.subprocess("status", "--check").returncode == 3  # Nagios: UNKNOWN
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(
+                psycopg.sql.Identifier(role)))
+
+
 @pytest.mark.parametrize("args", [("--json", "status"), ("status", "--json")])
 def test_json_before_or_after_subcommand(run_cli: Cli, args: tuple[str, ...]) -> None:
     result = run_cli(*args)
