@@ -20,7 +20,7 @@ import threading
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -602,6 +602,12 @@ def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
     raise ConfigError(f"setting {name} has an unsupported type", key=name)
 
 
+def _did_you_mean(word: str, known: Iterable[str], shape: str) -> str:
+    """`` (did you mean [redis] prefix?)`` for a misspelt key of the file, as for a variable."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean {shape.format(close[0])}?)" if close else ""
+
+
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -633,8 +639,8 @@ def load_settings(
             raise ConfigError(f"setting {shorten(name)} in {shown} is outside any section (put it "
                               "below its [section] line)", key=name)
     if unknown:
-        raise ConfigError(f"unknown config section [{shorten(unknown[0])}] in {shown}",
-                          key=unknown[0])
+        raise ConfigError(f"unknown config section [{shorten(unknown[0])}] in {shown}"
+                          + _did_you_mean(unknown[0], sections, "[{}]"), key=unknown[0])
     built: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, cls in sections.items():
@@ -645,7 +651,8 @@ def load_settings(
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(table) - names)
         if extra:
-            raise ConfigError(f"unknown setting [{section}] {shorten(extra[0])} in {shown}",
+            raise ConfigError(f"unknown setting [{section}] {shorten(extra[0])} in {shown}"
+                              + _did_you_mean(extra[0], names, f"[{section}] {{}}"),
                               key=f"{section}.{extra[0]}")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

@@ -109,6 +109,23 @@ def test_unreachable_database_masks_password(run_cli: Cli) -> None:
     assert "PostgreSQL 127.0.0.1:1/x connection failed: connection refused" in result.stderr
 
 
+@pytest.mark.parametrize(("toml", "hint"), [
+    ("[redis]\nprefx = 'p'\n", "unknown setting [redis] prefx in {f} (did you mean "
+     "[redis] prefix?)"),
+    ("[databse]\nurl = 'postgresql://h/x'\n", "unknown config section [databse] in {f} "
+     "(did you mean [database]?)"),
+])
+def test_a_misspelt_key_in_the_file_names_the_one_meant(run_cli: Cli, tmp_path: Path,
+                                                        toml: str, hint: str) -> None:
+    # A misspelt variable said "did you mean PIPELINE_REDIS_PREFIX?"; the same typo in the
+    # file named only the typo.
+    config = tmp_path / "pipeline.toml"
+    config.write_text(toml, encoding="utf-8")
+    result = run_cli("--config", str(config), "status")
+    assert result.exit_code == 78
+    assert result.output.strip() == f"pipeline status: error: {hint.format(f=config)}"
+
+
 @pytest.mark.parametrize("nologin", [False, True])
 def test_a_login_the_database_refuses_exits_78(run_cli: Cli, pg_admin_url: str,
                                               nologin: bool) -> None:
