@@ -126,6 +126,24 @@ def test_a_misspelt_key_in_the_file_names_the_one_meant(run_cli: Cli, tmp_path: 
     assert result.output.strip() == f"pipeline status: error: {hint.format(f=config)}"
 
 
+@pytest.mark.parametrize(("var", "value", "key"), [
+    ("PIPELINE_S3_ENDPOINT", " 127.0.0.1:9000", "[s3] endpoint"),
+    ("PIPELINE_S3_ENDPOINT", "127.0.0.1 :9000", "[s3] endpoint"),
+    ("PIPELINE_OSRM_URL", "http://127.0.0.1:5000 ", "[osrm] url"),
+])
+def test_a_space_around_a_host_and_port_is_named(run_cli: Cli, var: str, value: str,
+                                                 key: str) -> None:
+    # An env file's stray space: before the S3 endpoint it loaded, and every S3 call failed
+    # as "S3 unreachable" (exit 1); after a port it said "port could not be cast to integer
+    # value (write ... in a password percent-encoded)", of a setting that holds no password.
+    run_cli.env[var] = value
+    result = run_cli("config", "show")
+    assert result.exit_code == 78, result.output
+    assert result.output.strip() == (
+        f"pipeline config show: error: malformed setting {key}: a space or tab in the host "
+        "or port (a stray one in the env file?)")
+
+
 @pytest.mark.parametrize("nologin", [False, True])
 def test_a_login_the_database_refuses_exits_78(run_cli: Cli, pg_admin_url: str,
                                               nologin: bool) -> None:
@@ -175,6 +193,20 @@ def test_config_show_masks_secrets(run_cli: Cli) -> None:
     assert result.exit_code == 0
     assert "verysecret" not in result.output
     assert json.loads(result.output)["s3.secret_key"]["value"] == "***"
+
+
+@pytest.mark.parametrize("var", ["PIPELINE_OSRM_URL", "PIPELINE_ODATA_URL",
+                                 "PIPELINE_REDIS_URL"])
+def test_config_show_masks_a_url_password_with_a_space(run_cli: Cli, var: str) -> None:
+    # The HTTP clients send 'Sek ret-pw' as it is, but config show printed the whole URL:
+    # the password mask stopped at the space and found no '@'.
+    scheme = "redis" if var == "PIPELINE_REDIS_URL" else "http"
+    run_cli.env[var] = f"{scheme}://u:Sek ret-pw@127.0.0.1:5000/" + (
+        "0" if scheme == "redis" else "")
+    for args in (("config", "show"), ("config", "show", "--json")):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+        assert "ret-pw" not in result.output and "127.0.0.1:5000" in result.output
 
 
 def test_config_show_json_keeps_types(run_cli: Cli) -> None:
