@@ -27,6 +27,7 @@ from .errors import (
     ConfigError,
     DatabaseError,
     Interrupted,
+    LoginRefused,
     MissingPrivilege,
     ReadOnlyDatabase,
     SchemaError,
@@ -64,6 +65,13 @@ def advisory_key(name: str) -> int:
                           signed=True)
 
 
+# The login refused, not the server down: libpq gives no SQLSTATE for a failed connection, so
+# the server's English text says it (or libpq's own, for a password it was not given).
+_LOGIN_REFUSED = re.compile(r'password authentication failed|no password supplied|'
+                            r'(?:Peer|Ident) authentication failed|pg_hba\.conf|'
+                            r'is not permitted to log in|role "[^"]*" does not exist')
+
+
 def connect(
     url: str,
     *,
@@ -90,8 +98,9 @@ def connect(
             client_encoding="UTF8",
         )
     except psycopg.Error as exc:
-        raise service_error(DatabaseError, "PostgreSQL", _endpoint(url, exc.pgconn),
-                            "connection failed", exc) from None
+        refused = _LOGIN_REFUSED.search(str(exc)) is not None
+        raise service_error(LoginRefused if refused else DatabaseError, "PostgreSQL",
+                            _endpoint(url, exc.pgconn), "connection failed", exc) from None
     if not prepare:
         conn.prepare_threshold = None
     if not (conn.info.parameter_status("DateStyle") or "ISO").startswith("ISO"):

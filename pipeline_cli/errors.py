@@ -83,6 +83,14 @@ class MissingPrivilege(DatabaseError):
     exit_code = EXIT_CONFIG
 
 
+class LoginRefused(DatabaseError):
+    """PostgreSQL refuses the login of [database] url: a wrong or missing password, an unknown
+    or NOLOGIN role, no pg_hba.conf entry. A setting to fix, as Redis's and S3's refused
+    credentials, not an outage the next run outlives (exit 78)."""
+
+    exit_code = EXIT_CONFIG
+
+
 class RedisError(ServiceError):
     pass
 

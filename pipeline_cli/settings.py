@@ -20,7 +20,7 @@ import threading
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -420,13 +420,26 @@ def is_conninfo(text: str) -> bool:
     return bool(params.keys() & {"host", "hostaddr", "dbname", "service"})
 
 
+def _mask_userinfo(url: str) -> str:
+    """A URL setting with its password as ``***``, where the clients read it: up to the last
+    '@' of the host part, a space included (mask_passwords, for free text, stops at one)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
 def display_value(value: Any, secret: bool) -> str:
     if value is None:
         return "(unset)"
     if secret and isinstance(value, str) and libpq_passwords(value):
         return mask_libpq(value)  # host and dbname stay visible: which database it is
     if isinstance(value, str) and "://" in value:
-        masked = mask_passwords(value)
+        masked = mask_passwords(_mask_userinfo(value))
         if secret and masked == value and not value.startswith(("postgres", "redis")):
             return "***"  # a URL that is itself the secret (e.g. a heartbeat token URL)
         return masked
@@ -602,6 +615,12 @@ def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
     raise ConfigError(f"setting {name} has an unsupported type", key=name)
 
 
+def _did_you_mean(word: str, known: Iterable[str], shape: str) -> str:
+    """`` (did you mean [redis] prefix?)`` for a misspelt key of the file, as for a variable."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean {shape.format(close[0])}?)" if close else ""
+
+
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -633,8 +652,8 @@ def load_settings(
             raise ConfigError(f"setting {shorten(name)} in {shown} is outside any section (put it "
                               "below its [section] line)", key=name)
     if unknown:
-        raise ConfigError(f"unknown config section [{shorten(unknown[0])}] in {shown}",
-                          key=unknown[0])
+        raise ConfigError(f"unknown config section [{shorten(unknown[0])}] in {shown}"
+                          + _did_you_mean(unknown[0], sections, "[{}]"), key=unknown[0])
     built: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, cls in sections.items():
@@ -645,7 +664,8 @@ def load_settings(
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(table) - names)
         if extra:
-            raise ConfigError(f"unknown setting [{section}] {shorten(extra[0])} in {shown}",
+            raise ConfigError(f"unknown setting [{section}] {shorten(extra[0])} in {shown}"
+                              + _did_you_mean(extra[0], names, f"[{section}] {{}}"),
                               key=f"{section}.{extra[0]}")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -849,6 +869,12 @@ def _host_port(url: str, section: str, key: str, bad: Any) -> Any:
     out of range, a broken IPv6 address or no host."""
     try:
         parts = urlsplit(url)
+        # Only after the '@': a password may hold a space. An env file's stray one was "port
+        # could not be cast" (with a password hint), or, before an S3 endpoint, no error
+        # until every S3 call failed as "unreachable".
+        if any(c.isspace() for c in parts.netloc.rpartition("@")[2]):
+            raise bad(section, key, "a space or tab in the host or port (a stray one in the "
+                      "env file?)")
         parts.port  # noqa: B018  (raises for a port that is no number or out of range)
     except ValueError as exc:
         raise bad(section, key, _without_values(str(exc).lower())) from None
