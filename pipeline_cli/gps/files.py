@@ -260,6 +260,15 @@ _ELAPSED = re.compile(r"(time|t|elapsed|elapsed_time)_(s|sec|secs|seconds)|elaps
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+def _cells(line: str, delimiter: str) -> list[str]:
+    """``line`` split at ``delimiter`` as CSV. The csv module refuses a field above its limit
+    (128 KiB): a first line with a long note failed the run as an internal error. The line is
+    in memory already, so the limit protects nothing here."""
+    if len(line) > csv.field_size_limit():
+        csv.field_size_limit(len(line))
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
 @dataclass(frozen=True)
 class CsvLayout:
     delimiter: str
@@ -289,12 +298,12 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     named = {d: _named(first, d) for d in CSV_DELIMITERS}
     delimiter = max(CSV_DELIMITERS, key=lambda d: len(named[d]))
     columns = named[delimiter]
-    if sum(bool(_NUMBER.fullmatch(c.strip().replace(",", "."))) for c in next(
-            csv.reader([first], delimiter=delimiter), [])) >= 2:
+    if sum(bool(_NUMBER.fullmatch(c.strip().replace(",", ".")))
+           for c in _cells(first, delimiter)) >= 2:
         columns = {}  # numbers: a row whose device is named like a column ("lat", "long")
     if not columns:
         delimiter = max(CSV_DELIMITERS, key=first.count)
-        cells = next(csv.reader([first], delimiter=delimiter), [])
+        cells = _cells(first, delimiter)
         if len(cells) > 1 and not any(_NUMBER.fullmatch(c.strip().replace(",", "."))
                                       for c in cells):
             # Cells, not one of them a number: a header in names this reader does not know
@@ -309,13 +318,13 @@ def csv_layout(first: str, line: int, device_given: bool = False) -> CsvLayout:
     if missing:
         hint = " (--device names the device of a file without one)" \
             if "device_id" in missing else ""
-        elapsed = next((c.strip() for c in next(csv.reader([first], delimiter=delimiter), [])
+        elapsed = next((c.strip() for c in _cells(first, delimiter)
                         if _ELAPSED.fullmatch(_header_name(c))), None)
         if "recorded_at" in missing and elapsed:
             hint += (f" ({elapsed!r} counts seconds from the start of the recording, not a "
                      "date and time)")
         units = []
-        for cell in next(csv.reader([first], delimiter=delimiter), []):
+        for cell in _cells(first, delimiter):
             refused = _refused_unit(cell)
             if refused and refused[0] in missing and not (elapsed and refused[0] ==
                                                            "recorded_at"):
@@ -347,7 +356,7 @@ def title_line(line: str) -> bool:
     with an odd number of quotes is a row's quoted field going on past the line end: a bad row,
     reported, not a title."""
     return line.count('"') % 2 == 0 and all(
-        len(next(csv.reader([line], delimiter=d), [])) <= 1 for d in CSV_DELIMITERS)
+        len(_cells(line, d)) <= 1 for d in CSV_DELIMITERS)
 
 
 def _plain_name(cell: str) -> str:
@@ -384,7 +393,7 @@ def _refused_unit(cell: str) -> tuple[str, str] | None:
 
 def _named(line: str, delimiter: str) -> dict[str, int]:
     """The column of each field that a cell of ``line``, split at ``delimiter``, names."""
-    cells = next(csv.reader([line], delimiter=delimiter), [])
+    cells = _cells(line, delimiter)
     names = [_header_name(c) for c in cells]
     found: dict[str, int] = {}
     for column, tiers in _ALIASES.items():

@@ -247,6 +247,18 @@ def test_a_number_of_a_million_digits_is_a_bad_row(tmp_path: Path, database_url:
                                                 "range (1980-01-06..2099; milliseconds?)")
 
 
+def test_a_first_line_with_a_cell_above_128_kib_is_read(tmp_path: Path,
+                                                       database_url: str) -> None:
+    # The header was split by Python's csv module, whose field limit (128 KiB) failed the run
+    # as "internal error: Error: field larger than field limit (131072)", naming no file.
+    note = "x" * 200_000
+    headed, bare = tmp_path / "headed.csv", tmp_path / "bare.csv"
+    headed.write_text(f"device,time,lat,lon,{note}\nd,2024-05-01T08:00:00Z,60.1,24.9,n\n")
+    bare.write_text(f"e,2024-05-01T08:00:00Z,60.1,24.9,{note}\n")
+    record = ingest(database_url, [headed, bare])
+    assert (record.counts["rows_loaded"], record.counts["invalid_rows"]) == (2, 0), record.error
+
+
 def test_a_date_written_yyyymmdd_is_not_read_as_epoch_seconds(tmp_path: Path,
                                                                database_url: str) -> None:
     # 20240109 was stored as 1970-08-23T06:01:49Z, with exit 0.
