@@ -239,6 +239,9 @@ _NEUTRAL_UNITS = {
     "recorded_at": _UTC_UNITS | {"iso", "iso8601", "iso_8601", "unix", "epoch", "posix"},
     "date": _UTC_UNITS | {"iso", "iso8601", "iso_8601"},
 }
+# A time's unit written into its name (an app's "timestamp_ms", Google's "timestampMs").
+_TIME_UNIT_SUFFIX = re.compile(r"(.+?)[\s_-]?(ms|msec|millis|milliseconds|us|usec|micros|ns|"
+                               r"nanos)", re.IGNORECASE)
 # What each field's values are read as, for the message refusing another unit.
 _UNIT_READ = {"latitude": "decimal degrees, north positive",
               "longitude": "decimal degrees, east positive",
@@ -384,7 +387,9 @@ def _refused_unit(cell: str) -> tuple[str, str] | None:
     (rad)``, ``Time (local)``), and the unit; None for any other cell."""
     unit = _UNIT.fullmatch(cell.strip())
     if not unit:
-        return None
+        unit = _TIME_UNIT_SUFFIX.fullmatch(cell.strip())
+        if not unit or _FIELD_OF.get(_plain_name(unit.group(1))) != "recorded_at":
+            return None
     field = _FIELD_OF.get(_plain_name(unit.group(1)))
     if field is None or _header_name(cell) in _FIELD_OF:
         return None

@@ -374,6 +374,12 @@ def test_a_unit_in_the_time_column_ranks_it_as_utc() -> None:
      r"\(ms\)': unit 'ms' is not one"),
     ("device,time,Latitude [°S],Longitude [°W]", r"'Latitude \[°S\]': unit '°S' is not one"),
     ("device,Time (UTC+2),lat,lon", r"'Time \(UTC\+2\)': unit 'UTC\+2' is not one"),
+    # A unit written into the name (an app's timestamp_ms, Google's timestampMs): the
+    # message named no column of a header that has one.
+    ("device_id,timestamp_ms,lat,lon", r"^line 1: header lacks column\(s\) recorded_at "
+     r"\('timestamp_ms': unit 'ms' is not one ingest-gps reads for recorded_at: UTC, an "
+     r"ISO-8601 offset or epoch seconds\)$"),
+    ("device,timestampMs,lat,lon", r"'timestampMs': unit 'Ms' is not one"),
 ])
 def test_a_unit_that_changes_the_meaning_is_refused_by_name(header: str, message: str) -> None:
     # Read as the plain name, radians or a local time would load wrong points with exit 0;
