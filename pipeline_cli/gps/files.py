@@ -500,15 +500,33 @@ def read_gpx(path: str | Path, device_id: str | None = None) -> Iterator[Item]:
     try:
         parser.Parse(data, True)
     except xml.parsers.expat.ExpatError as exc:
-        raise GpsFileError(
-            f"line {exc.lineno + skipped}: malformed GPX: "
-            f"{xml.parsers.expat.ErrorString(exc.code)}"
-        ) from None
+        reason = f"malformed GPX: {xml.parsers.expat.ErrorString(exc.code)}"
+        if _not_utf8(data, exc.code):
+            reason = ("not UTF-8 text (save it as UTF-8, or name its encoding in the XML "
+                      'declaration: encoding="windows-1252")')
+        raise GpsFileError(f"line {exc.lineno + skipped}: {reason}") from None
     # A point's line says where it is, unless the file puts several on one line (a GPX
     # written without line breaks named line 1 for each of them): those also name the point.
     per_line = Counter(item.line for item in items)
     for item in items:
         yield item if per_line[item.line] > 1 else replace(item, where="")
+
+
+def _not_utf8(data: bytes, code: int) -> bool:
+    """Whether expat's ``code`` on ``data`` is text in another encoding than the UTF-8 XML
+    assumes when none is declared (a Windows tool's windows-1252): an "invalid token" to it,
+    which read as a broken tag."""
+    errors = xml.parsers.expat.errors
+    if code != errors.codes[errors.XML_ERROR_INVALID_TOKEN] or data[:2] in _UTF16_BOMS:
+        return False
+    declared = re.match(rb"\s*<\?xml[^>]*encoding\s*=\s*[\"']([^\"']*)", data)
+    if declared and declared.group(1).lower().replace(b"-", b"") != b"utf8":
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- GeoJSON

@@ -69,6 +69,21 @@ def test_gpx_malformed_is_a_file_error_with_line(tmp_path: Path) -> None:
         list(gpsfiles.read(path))
 
 
+def test_gpx_not_utf8_without_its_encoding_declared_says_so(tmp_path: Path) -> None:
+    # A Windows tool's GPX in windows-1252 without saying so: refused as "malformed GPX: not
+    # well-formed (invalid token)", which sent the operator looking for a broken tag.
+    path = tmp_path / "bus.gpx"
+    path.write_bytes(b'<?xml version="1.0"?>\n<gpx version="1.1"><trk>\n<name>M\xfcller</name>'
+                     b'<trkseg><trkpt lat="60.1" lon="24.9"><time>2024-05-01T08:00:00Z</time>'
+                     b'</trkpt></trkseg></trk></gpx>\n')
+    with pytest.raises(GpsFileError, match=r"^line 3: not UTF-8 text \(save it as UTF-8, or "
+                       r"name its encoding in the XML declaration: encoding=\"windows-1252\"\)$"):
+        list(gpsfiles.read(path))
+    declared = tmp_path / "declared.gpx"
+    declared.write_bytes(path.read_bytes().replace(b'"1.0"?', b'"1.0" encoding="windows-1252"?'))
+    assert [item.device_id for item in gpsfiles.read(declared)] == ["M\xfcller"]
+
+
 def test_geojson_points_and_linestring(tmp_path: Path) -> None:
     doc = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {"device_id": "p1", "time": "2024-05-01T08:00:00Z"},
