@@ -616,7 +616,7 @@ def _coerce(raw: Any, annotation: Any, name: str, from_env: bool) -> Any:
 
 
 def _did_you_mean(word: str, known: Iterable[str], shape: str) -> str:
-    """`` (did you mean [redis] prefix?)`` for a misspelt key of the file, as for a variable."""
+    """`` (did you mean [redis] prefix?)`` for a misspelt key, section or variable."""
     close = difflib.get_close_matches(word, sorted(known), n=1)
     return f" (did you mean {shape.format(close[0])}?)" if close else ""
 
@@ -696,9 +696,8 @@ def load_settings(
             if var.removeprefix(prefix).lower() in names:
                 raise ConfigError(f"{var}: [{section}] {var.removeprefix(prefix).lower()} can "
                                   "be set only in the config file", key=var)
-            close = difflib.get_close_matches(var, known, n=1)
-            raise ConfigError(f"unknown setting {var} in the environment" + (
-                f" (did you mean {close[0]}?)" if close else ""), key=var)
+            raise ConfigError(f"unknown setting {var} in the environment"
+                              + _did_you_mean(var, known, "{}"), key=var)
     _misspelt_variables(environ, sections)
     built["s3"] = _s3_scheme(built["s3"], sources)
     settings = Settings(**built, config_file=shown or None, sources=sources)
