@@ -874,6 +874,9 @@ def _host_port(url: str, section: str, key: str, bad: Any) -> Any:
         if any(c.isspace() for c in parts.netloc.rpartition("@")[2]):
             raise bad(section, key, "a space or tab in the host or port (a stray one in the "
                       "env file?)")
+        if url != url.strip():  # after a path: sent, and a 404 quoting it
+            raise bad(section, key, "a space or tab at its end (a stray one in the env "
+                      "file?)")
         parts.port  # noqa: B018  (raises for a port that is no number or out of range)
     except ValueError as exc:
         raise bad(section, key, _without_values(str(exc).lower())) from None

@@ -144,6 +144,18 @@ def test_a_space_around_a_host_and_port_is_named(run_cli: Cli, var: str, value: 
         "or port (a stray one in the env file?)")
 
 
+@pytest.mark.parametrize("value", ["http://127.0.0.1:8080/odata/ ",
+                                   "http://127.0.0.1/sap/odata/?sap-client=100 "])
+def test_a_space_after_a_url_path_is_named(run_cli: Cli, value: str) -> None:
+    # It was sent: every sync failed with an HTTP 404 quoting the space.
+    run_cli.env["PIPELINE_ODATA_URL"] = value
+    result = run_cli("config", "show")
+    assert result.exit_code == 78, result.output
+    assert result.output.strip() == (
+        "pipeline config show: error: malformed setting [odata] url: a space or tab at its "
+        "end (a stray one in the env file?)")
+
+
 @pytest.mark.parametrize("nologin", [False, True])
 def test_a_login_the_database_refuses_exits_78(run_cli: Cli, pg_admin_url: str,
                                               nologin: bool) -> None:
