@@ -641,16 +641,15 @@ class ODataClient:
         if "html" in kind:
             raise SourceError(f"OData {what}: expected JSON, got {kind} (a login page or proxy "
                               "in the way?)")
+        not_utf8 = f"OData {what}: a page is not UTF-8 (Content-Type: {content_type or 'none'})"
         if b"\0" in body[:4]:  # UTF-16 or -32, which json reads: NUL in the first character
-            raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
-                              f"{content_type or 'none'})")
+            raise SourceError(not_utf8)
         try:
             return body, json.loads(body)
         except RecursionError:
             raise SourceError(f"OData {what}: JSON nested too deeply to read") from None
         except UnicodeDecodeError:  # not a body cut short: no retry
-            raise SourceError(f"OData {what}: a page is not UTF-8 (Content-Type: "
-                              f"{content_type or 'none'})") from None
+            raise SourceError(not_utf8) from None
         except ValueError as exc:
             if "xml" in kind:  # an XML answer, not a JSON body cut short: no retry
                 raise SourceError(f"OData {what}: expected JSON, got {kind} (the service "
