@@ -153,7 +153,8 @@ def _make_slice(conn: psycopg.Connection[Any], settings: MatchSettings, seen: st
                      {"key": db.advisory_key(BATCHING_LOCK)})
         params = {"devices": devices, "earliest": earliest, **unseen(seen)}
         freed, rows = _plan_rows(conn, settings, params)
-        conn.execute(db.query("match_gps", "drop_batches"), {"freed": freed})
+        if freed:
+            conn.execute(db.query("match_gps", "drop_batches"), {"freed": freed})
         out.future = _future(conn, settings, devices)
         late = conn.execute(_late("reopen_batches"), params).fetchall()
         out.kept_after_prune = sum(1 for r in late if r["pruned"])
